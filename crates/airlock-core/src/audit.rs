@@ -1,0 +1,311 @@
+//! The hash-chained audit record shared by the control plane and the appliance.
+//!
+//! Each record commits to its chain, its sequence number and the hash of the record before
+//! it, so an edit, a deletion or a reordering breaks the chain at the first affected record.
+//! Truncation of the tail is caught by comparing the last record with a head anchor the
+//! writer keeps elsewhere ([`verify_chain`] takes it as an optional argument).
+//!
+//! Hash = SHA-256(`airlock-audit-v1\n` || canonical JSON of the record without `hash`).
+//! Canonical JSON is serde_json of [`RecordBody`]: fields in declaration order, `detail`
+//! objects with sorted keys (serde_json's default map). This encoding is a wire contract.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::Timestamp;
+
+const DOMAIN: &[u8] = b"airlock-audit-v1\n";
+
+/// A SHA-256 digest shown as lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ChainHash(pub [u8; 32]);
+
+impl ChainHash {
+    pub const GENESIS: ChainHash = ChainHash([0; 32]);
+
+    pub fn to_hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = data_encoding::HEXLOWER.decode(s.as_bytes()).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for ChainHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChainHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_hex(&s).ok_or_else(|| serde::de::Error::custom("expected 64 lowercase hex digits"))
+    }
+}
+
+/// How the audited action ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    /// Refused for lack of authority (bad credential, revoked, wrong tenant).
+    Denied,
+    /// Refused because the input was malformed or the action failed.
+    Error,
+}
+
+/// What a writer supplies: everything but the chain position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Who acted: `token:tok_…`, `appliance:apl_…`, `anonymous`, `system`.
+    pub actor: String,
+    /// What was attempted, dotted: `environment.create`, `appliance.join`.
+    pub action: String,
+    pub workspace: Option<String>,
+    /// The object acted on, by id.
+    pub target: Option<String>,
+    pub outcome: Outcome,
+    /// Small, non-secret context (a reason, a certificate serial). Never a token or key.
+    pub detail: serde_json::Value,
+}
+
+/// The part of a record its hash covers.
+#[derive(Serialize)]
+struct RecordBody<'a> {
+    chain: &'a str,
+    seq: u64,
+    at: Timestamp,
+    event: &'a Event,
+    prev: ChainHash,
+}
+
+/// One stored audit record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Which chain this belongs to: a tenant id, or `system` for events before any tenant is known.
+    pub chain: String,
+    /// 1-based position in the chain.
+    pub seq: u64,
+    pub at: Timestamp,
+    #[serde(flatten)]
+    pub event: Event,
+    pub prev: ChainHash,
+    pub hash: ChainHash,
+}
+
+/// The last record of a chain, kept by the writer so truncation is detectable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: ChainHash,
+}
+
+impl Head {
+    pub const EMPTY: Head = Head { seq: 0, hash: ChainHash::GENESIS };
+}
+
+impl Record {
+    /// Appends `event` after `head`, producing the record to store and the new head.
+    pub fn append(chain: &str, head: Head, at: Timestamp, event: Event) -> Record {
+        let seq = head.seq + 1;
+        let hash = hash_body(&RecordBody { chain, seq, at, event: &event, prev: head.hash });
+        Record { chain: chain.to_owned(), seq, at, event, prev: head.hash, hash }
+    }
+
+    pub fn head(&self) -> Head {
+        Head { seq: self.seq, hash: self.hash }
+    }
+
+    fn recomputed_hash(&self) -> ChainHash {
+        hash_body(&RecordBody {
+            chain: &self.chain,
+            seq: self.seq,
+            at: self.at,
+            event: &self.event,
+            prev: self.prev,
+        })
+    }
+}
+
+fn hash_body(body: &RecordBody<'_>) -> ChainHash {
+    let mut h = Sha256::new();
+    h.update(DOMAIN);
+    // Serializing a struct of plain data into a Vec cannot fail.
+    let json = serde_json::to_vec(body).unwrap_or_default();
+    h.update(&json);
+    ChainHash(h.finalize().into())
+}
+
+/// Where and why a chain stopped verifying.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainBreak {
+    #[error("record {position} (seq {seq}) belongs to chain `{found}`, expected `{expected}`")]
+    WrongChain { position: u64, seq: u64, expected: String, found: String },
+    #[error("record {position} has seq {seq}, expected {expected}: a record was deleted, inserted or reordered")]
+    Sequence { position: u64, seq: u64, expected: u64 },
+    #[error("record seq {seq}: its hash does not match its content: the record was edited")]
+    Edited { seq: u64 },
+    #[error("record seq {seq}: it does not follow the record before it: a record was deleted or reordered")]
+    Link { seq: u64 },
+    #[error("chain ends at seq {found} but the writer's head is seq {expected}: records were removed from the end")]
+    Truncated { found: u64, expected: u64 },
+    #[error("chain head mismatch at seq {seq}: the last record was replaced")]
+    HeadMismatch { seq: u64 },
+}
+
+impl ChainBreak {
+    /// The sequence number of the first record found broken (for truncation: the first missing one).
+    pub fn first_bad_seq(&self) -> u64 {
+        match self {
+            ChainBreak::WrongChain { seq, .. }
+            | ChainBreak::Edited { seq }
+            | ChainBreak::Link { seq }
+            | ChainBreak::HeadMismatch { seq } => *seq,
+            ChainBreak::Sequence { expected, .. } => *expected,
+            ChainBreak::Truncated { found, .. } => found + 1,
+        }
+    }
+}
+
+/// Verifies records in stored order. Returns the chain head on success.
+///
+/// `anchor`, when given, is the head the writer recorded; a shorter or different chain fails.
+pub fn verify_chain<'a, I>(chain: &str, records: I, anchor: Option<Head>) -> Result<Head, ChainBreak>
+where
+    I: IntoIterator<Item = &'a Record>,
+{
+    let mut head = Head::EMPTY;
+    for (i, rec) in records.into_iter().enumerate() {
+        let position = i as u64 + 1;
+        if rec.chain != chain {
+            return Err(ChainBreak::WrongChain {
+                position,
+                seq: rec.seq,
+                expected: chain.to_owned(),
+                found: rec.chain.clone(),
+            });
+        }
+        if rec.recomputed_hash() != rec.hash {
+            return Err(ChainBreak::Edited { seq: rec.seq });
+        }
+        if rec.seq != head.seq + 1 {
+            return Err(ChainBreak::Sequence { position, seq: rec.seq, expected: head.seq + 1 });
+        }
+        if rec.prev != head.hash {
+            return Err(ChainBreak::Link { seq: rec.seq });
+        }
+        head = rec.head();
+    }
+    if let Some(anchor) = anchor {
+        if head.seq < anchor.seq {
+            return Err(ChainBreak::Truncated { found: head.seq, expected: anchor.seq });
+        }
+        if head.seq == anchor.seq && head.hash != anchor.hash {
+            return Err(ChainBreak::HeadMismatch { seq: head.seq });
+        }
+    }
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u32) -> Event {
+        Event {
+            actor: "token:tok_x".into(),
+            action: format!("test.action{n}"),
+            workspace: None,
+            target: Some(format!("t{n}")),
+            outcome: Outcome::Success,
+            detail: serde_json::json!({"n": n}),
+        }
+    }
+
+    fn chain(n: u32) -> Vec<Record> {
+        let mut head = Head::EMPTY;
+        (0..n)
+            .map(|i| {
+                let r = Record::append("c", head, Timestamp::from_unix_millis(i64::from(i)), event(i));
+                head = r.head();
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let recs = chain(5);
+        let head = verify_chain("c", &recs, Some(recs[4].head())).unwrap();
+        assert_eq!(head.seq, 5);
+    }
+
+    #[test]
+    fn audit_chain_detects_edited_record() {
+        let mut recs = chain(5);
+        recs[2].event.outcome = Outcome::Denied;
+        assert_eq!(verify_chain("c", &recs, None), Err(ChainBreak::Edited { seq: 3 }));
+    }
+
+    #[test]
+    fn audit_chain_detects_removed_entry() {
+        let mut recs = chain(5);
+        recs.remove(1);
+        let err = verify_chain("c", &recs, None).unwrap_err();
+        assert_eq!(err.first_bad_seq(), 2, "{err}");
+    }
+
+    #[test]
+    fn audit_chain_detects_reordering() {
+        let mut recs = chain(5);
+        recs.swap(1, 3);
+        let err = verify_chain("c", &recs, None).unwrap_err();
+        assert_eq!(err.first_bad_seq(), 2, "{err}");
+    }
+
+    #[test]
+    fn audit_chain_detects_renumbered_records() {
+        // Swapping content but keeping seq numbers in place breaks the hash of the first one.
+        let mut recs = chain(5);
+        let (a, b) = (recs[1].clone(), recs[2].clone());
+        recs[1] = Record { seq: 2, ..b };
+        recs[2] = Record { seq: 3, ..a };
+        assert_eq!(verify_chain("c", &recs, None).unwrap_err().first_bad_seq(), 2);
+    }
+
+    #[test]
+    fn audit_chain_detects_truncation_against_anchor() {
+        let recs = chain(5);
+        let anchor = recs[4].head();
+        assert_eq!(
+            verify_chain("c", &recs[..3], Some(anchor)),
+            Err(ChainBreak::Truncated { found: 3, expected: 5 })
+        );
+    }
+
+    #[test]
+    fn audit_chain_refuses_records_from_another_chain() {
+        let recs = chain(2);
+        assert!(matches!(verify_chain("other", &recs, None), Err(ChainBreak::WrongChain { .. })));
+    }
+
+    #[test]
+    fn record_json_round_trips() {
+        let recs = chain(2);
+        let line = serde_json::to_string(&recs[1]).unwrap();
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, recs[1]);
+        verify_chain("c", &[recs[0].clone(), back], None).unwrap();
+    }
+}

@@ -1,0 +1,145 @@
+//! Typed identifiers: a bare string or byte array never crosses a crate boundary.
+//!
+//! Every id is 128 random bits shown as `<prefix>_<26 lowercase base32 chars>`, so an id
+//! says what it names and one kind can never be passed where another is expected.
+
+use std::fmt;
+use std::str::FromStr;
+
+use data_encoding::BASE32_NOPAD;
+
+/// Why a string is not a valid id of the expected kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected {expected} id (`{prefix}_…`), got `{got}`")]
+pub struct IdParseError {
+    expected: &'static str,
+    prefix: &'static str,
+    got: String,
+}
+
+macro_rules! typed_id {
+    ($(#[$meta:meta])* $name:ident, $prefix:literal, $what:literal) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name([u8; 16]);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            /// Builds an id from 16 random bytes the caller drew from a CSPRNG.
+            pub const fn from_random(bytes: [u8; 16]) -> Self {
+                Self(bytes)
+            }
+
+            pub const fn as_bytes(&self) -> &[u8; 16] {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}_{}", $prefix, BASE32_NOPAD.encode(&self.0).to_ascii_lowercase())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(self, f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let err = || IdParseError { expected: $what, prefix: $prefix, got: truncate(s) };
+                let body = s
+                    .strip_prefix($prefix)
+                    .and_then(|rest| rest.strip_prefix('_'))
+                    .ok_or_else(err)?;
+                if body.len() != 26 || body.bytes().any(|b| b.is_ascii_uppercase()) {
+                    return Err(err());
+                }
+                let bytes = BASE32_NOPAD
+                    .decode(body.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| err())?;
+                let arr: [u8; 16] = bytes.try_into().map_err(|_| err())?;
+                Ok(Self(arr))
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+typed_id!(
+    /// A vendor organisation on the control plane; the unit of isolation.
+    TenantId, "ten", "a tenant"
+);
+typed_id!(
+    /// A group of environments inside a tenant (one product, one team).
+    WorkspaceId, "wsp", "a workspace"
+);
+typed_id!(
+    /// One customer deployment: the place appliances join.
+    EnvironmentId, "env", "an environment"
+);
+typed_id!(
+    /// One appliance process identity, stable across certificate rotations.
+    ApplianceId, "apl", "an appliance"
+);
+typed_id!(
+    /// A stored credential (API token or join token), never the secret itself.
+    TokenId, "tok", "a token"
+);
+
+/// Keeps attacker-controlled input out of error messages beyond a short prefix.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 40;
+    if s.len() <= MAX {
+        s.to_owned()
+    } else {
+        let mut end = MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &s[..end])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips_through_display() {
+        let id = ApplianceId::from_random([7; 16]);
+        let text = id.to_string();
+        assert!(text.starts_with("apl_"));
+        assert_eq!(text.parse::<ApplianceId>().unwrap(), id);
+    }
+
+    #[test]
+    fn id_refuses_other_kind() {
+        let tenant = TenantId::from_random([1; 16]).to_string();
+        let err = tenant.parse::<ApplianceId>().unwrap_err();
+        assert!(err.to_string().contains("expected an appliance id (`apl_…`)"), "{err}");
+    }
+
+    #[test]
+    fn id_refuses_malformed_body() {
+        for bad in ["apl_", "apl_short", "apl_AAAAAAAAAAAAAAAAAAAAAAAAAA", "apl-aaaaaaaaaaaaaaaaaaaaaaaaaa", ""] {
+            assert!(bad.parse::<ApplianceId>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Pure domain types and logic shared by the control plane and the appliance.
+//!
+//! This crate is the common ground of both trust domains, so it stays small and auditable:
+//! it never reads the clock, the filesystem, the network or the OS random generator.
+//! Callers pass time in as a [`Timestamp`] and randomness in as bytes.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod fingerprint;
+pub mod id;
+pub mod identity;
+pub mod time;
+pub mod token;
+
+pub use fingerprint::Fingerprint;
+pub use id::{ApplianceId, EnvironmentId, TenantId, WorkspaceId};
+pub use identity::ApplianceIdentity;
+pub use time::Timestamp;

@@ -1,0 +1,133 @@
+//! TLS 1.3 for both ends, and trust in the control plane by pinned CA fingerprint.
+//!
+//! The appliance and the CLI are installed with the SHA-256 fingerprint of the control plane
+//! CA. [`PinnedCaVerifier`] accepts a server only if the chain it presents contains a
+//! certificate with exactly that fingerprint and the leaf verifies against it as the sole
+//! trust anchor (signature, validity, server name). There is no trust-on-first-use path.
+
+use std::sync::Arc;
+
+use airlock_core::Fingerprint;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, Error, OtherError, RootCertStore, SignatureScheme};
+
+/// The crypto provider every Airlock TLS endpoint uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Only TLS 1.3 is ever negotiated.
+pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+#[derive(Debug, thiserror::Error)]
+#[error("the control plane's certificate chain does not include the pinned CA {pinned}; check the CA fingerprint you were given (`airlock server init` prints it)")]
+pub struct PinMismatch {
+    pub pinned: Fingerprint,
+}
+
+/// Verifies a server certificate against a CA identified only by its fingerprint.
+#[derive(Debug)]
+pub struct PinnedCaVerifier {
+    pin: Fingerprint,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedCaVerifier {
+    pub fn new(pin: Fingerprint) -> Arc<Self> {
+        Arc::new(Self { pin, provider: provider() })
+    }
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        // The presented chain came off the network: only a certificate whose hash we pinned
+        // can become a trust anchor.
+        let anchor = intermediates
+            .iter()
+            .find(|c| Fingerprint::of_der(c.as_ref()) == self.pin)
+            .ok_or_else(|| {
+                Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(PinMismatch {
+                    pinned: self.pin,
+                }))))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(anchor.clone().into_owned())?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| Error::General(format!("building verifier for pinned CA: {e}")))?;
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // PROTOCOL_VERSIONS excludes TLS 1.2, so rustls never gets here.
+        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS 1.3 client config that trusts only the pinned CA and presents no client certificate.
+pub fn pinned_client_config(pin: Fingerprint) -> rustls::ClientConfig {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .expect("ring supports TLS 1.3") // A static, valid combination.
+        .dangerous()
+        .with_custom_certificate_verifier(PinnedCaVerifier::new(pin))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg
+}
+
+/// Walks an error's source chain looking for a pin mismatch, so callers can say so plainly.
+pub fn find_pin_mismatch(err: &(dyn std::error::Error + 'static)) -> Option<Fingerprint> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(p) = e.downcast_ref::<PinMismatch>() {
+            return Some(p.pin_value());
+        }
+        if let Some(Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) = e.downcast_ref::<Error>() {
+            if let Some(p) = inner.downcast_ref::<PinMismatch>() {
+                return Some(p.pin_value());
+            }
+        }
+        cur = e.source();
+    }
+    None
+}
+
+impl PinMismatch {
+    fn pin_value(&self) -> Fingerprint {
+        self.pinned
+    }
+}

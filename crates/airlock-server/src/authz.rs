@@ -1,0 +1,122 @@
+//! Who may act on which tenant's data.
+//!
+//! A [`TenantScope`] is proof that a principal was authenticated for one tenant. Only this
+//! module constructs one; it is neither `Clone` nor `Deserialize`, so it cannot be copied
+//! across requests or forged from input. Every tenant-data store call demands one.
+
+use std::str::FromStr;
+
+use airlock_core::id::TokenId;
+use airlock_core::{ApplianceIdentity, ApplianceId, TenantId};
+
+use crate::store::ApiTokenRow;
+
+/// Roles an API token can carry. Default deny: anything not granted here is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Full control of one tenant.
+    TenantAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::TenantAdmin => "tenant_admin",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tenant_admin" => Ok(Role::TenantAdmin),
+            other => Err(format!("unknown role `{other}`")),
+        }
+    }
+}
+
+/// An authenticated actor.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Principal {
+    ApiToken { id: TokenId, role: Role },
+    Appliance(ApplianceId),
+}
+
+impl Principal {
+    /// How the audit log names this principal.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::ApiToken { id, .. } => format!("token:{id}"),
+            Principal::Appliance(id) => format!("appliance:{id}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TenantScope {
+    tenant: TenantId,
+    principal: Principal,
+}
+
+impl TenantScope {
+    pub fn tenant(&self) -> TenantId {
+        self.tenant
+    }
+
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// The audit chain this scope's events belong to.
+    pub fn chain(&self) -> String {
+        self.tenant.to_string()
+    }
+
+    /// An API token found in the store, not revoked.
+    pub(crate) fn for_api_token(row: ApiTokenRow) -> Self {
+        Self { tenant: row.tenant, principal: Principal::ApiToken { id: row.id, role: row.role } }
+    }
+
+    /// An appliance whose certificate chained to our CA and is neither expired nor revoked.
+    pub(crate) fn for_appliance(identity: &ApplianceIdentity) -> Self {
+        Self { tenant: identity.tenant, principal: Principal::Appliance(identity.appliance) }
+    }
+
+    /// The operator at the console of the data directory (`airlock server init`, `tenant create`).
+    pub(crate) fn for_local_operator(tenant: TenantId, token: TokenId) -> Self {
+        Self { tenant, principal: Principal::ApiToken { id: token, role: Role::TenantAdmin } }
+    }
+
+    /// Whether this principal may perform `action` in its tenant.
+    pub fn permits(&self, action: Action) -> bool {
+        match (&self.principal, action) {
+            (Principal::ApiToken { role: Role::TenantAdmin, .. }, _) => true,
+            (Principal::Appliance(_), _) => false,
+        }
+    }
+}
+
+/// Every API action, named; routes map onto these one to one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    ListWorkspaces,
+    ListEnvironments,
+    CreateEnvironment,
+    CreateJoinToken,
+    ListAppliances,
+    RevokeAppliance,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::ListWorkspaces => "workspace.list",
+            Action::ListEnvironments => "environment.list",
+            Action::CreateEnvironment => "environment.create",
+            Action::CreateJoinToken => "join_token.create",
+            Action::ListAppliances => "appliance.list",
+            Action::RevokeAppliance => "appliance.revoke",
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The appliance gateway: a mutual-TLS gRPC listener where appliances hold one stream each.
+//!
+//! Trust boundary: a connection reaches [`GatewayService`] only after the TLS handshake
+//! verified a client certificate issued by our CA for a non-revoked appliance (see
+//! [`crate::tls`]). The service re-checks revocation and expiry per stream and ends a stream
+//! when its certificate expires or its appliance is revoked.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::audit::Outcome;
+use airlock_proto::gateway::appliance_gateway_server::{ApplianceGateway, ApplianceGatewayServer};
+use airlock_proto::gateway::{
+    ApplianceMessage, ControlMessage, HealthStatus, HeartbeatAck, RenewRefused, RenewResponse, Welcome,
+    appliance_message, control_message,
+};
+use futures_util::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::authz::TenantScope;
+use crate::metrics::ReasonLabels;
+use crate::registry::LiveStatus;
+use crate::state::{AppState, SYSTEM_CHAIN, event};
+use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A verified appliance connection, handed to tonic with its peer facts.
+pub struct GatewayConn {
+    io: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: PeerCert,
+}
+
+impl Connected for GatewayConn {
+    type ConnectInfo = PeerCert;
+    fn connect_info(&self) -> PeerCert {
+        self.peer.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for GatewayConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for GatewayConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections, completes TLS handshakes and feeds verified connections to tonic.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let (conn_tx, conn_rx) = mpsc::channel::<Result<GatewayConn, std::io::Error>>(256);
+    let accept_state = state.clone();
+    let mut accept_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = tokio::select! {
+                _ = accept_shutdown.changed() => break,
+                res = listener.accept() => match res {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Typically EMFILE under load: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "gateway accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, state, conn_tx) = (acceptor.clone(), accept_state.clone(), conn_tx.clone());
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return handshake_refused(&state, addr, handshake_failure_reason(&e)).await,
+                    Err(_) => return handshake_refused(&state, addr, "handshake_timeout").await,
+                };
+                let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+                let Some(peer) = leaf.and_then(|der| parse_peer_cert(der.as_ref(), state.ca.trust_domain()).ok()) else {
+                    return handshake_refused(&state, addr, "not_an_appliance").await;
+                };
+                let _ = conn_tx.send(Ok(GatewayConn { io: tls, peer })).await;
+            });
+        }
+    });
+
+    let mut shutdown = shutdown;
+    tonic::transport::Server::builder()
+        // Small HTTP/2 windows and frames keep per-stream buffers near the TLS floor; appliance
+        // messages are a few hundred bytes.
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(32 * 1024))
+        .max_frame_size(Some(16 * 1024))
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(ApplianceGatewayServer::new(GatewayService { state }))
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+}
+
+async fn handshake_refused(state: &AppState, addr: std::net::SocketAddr, reason: &'static str) {
+    state.metrics.handshake_failures.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    tracing::info!(%addr, reason, "gateway refused a TLS handshake");
+    let mut ev = event("anonymous", "gateway.handshake_rejected", Outcome::Denied);
+    ev.detail = serde_json::json!({ "reason": reason, "peer": addr.to_string() });
+    state.audit_refusal(SYSTEM_CHAIN, ev).await;
+}
+
+pub struct GatewayService {
+    state: Arc<AppState>,
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ApplianceGateway for GatewayService {
+    type SessionStream = SessionStream;
+
+    async fn session(&self, req: Request<Streaming<ApplianceMessage>>) -> Result<Response<SessionStream>, Status> {
+        let peer = req
+            .extensions()
+            .get::<PeerCert>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
+        let state = self.state.clone();
+        let now = state.now();
+        let id = peer.identity.appliance;
+        // The handshake checked these, but the connection may have outlived them.
+        if state.revoked.contains(&id) {
+            return Err(Status::permission_denied(format!("{}: {id}", airlock_proto::REVOKED_STATUS_PREFIX)));
+        }
+        if now >= peer.not_after {
+            return Err(Status::unauthenticated("certificate expired; reconnect with a renewed certificate"));
+        }
+        let scope = TenantScope::for_appliance(&peer.identity);
+        match state.store.get_appliance(&scope, id).await {
+            Ok(Some(row)) if row.revoked_at.is_none() && row.environment_id == peer.identity.environment => {}
+            Ok(_) => return Err(Status::permission_denied("unknown or revoked appliance")),
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup failed");
+                return Err(Status::unavailable("control plane store unavailable; retry"));
+            }
+        }
+
+        let status = LiveStatus {
+            connected_at: now,
+            last_heartbeat: now,
+            version: String::new(),
+            healthy: true,
+            cert_serial: peer.serial.clone(),
+            cert_not_after: peer.not_after,
+        };
+        let (registration, mut kicked) = state.registry.join(id, status);
+        state.metrics.appliances_connected.inc();
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(4);
+        let until_expiry = peer.not_after.since(now);
+
+        tokio::spawn(async move {
+            let expiry = tokio::time::sleep(until_expiry);
+            tokio::pin!(expiry);
+            let mut version = String::new();
+            loop {
+                tokio::select! {
+                    _ = &mut kicked => {
+                        let why = if state.revoked.contains(&id) {
+                            format!("{}: {id}", airlock_proto::REVOKED_STATUS_PREFIX)
+                        } else {
+                            "replaced by a newer stream from the same appliance".to_owned()
+                        };
+                        let _ = tx.send(Err(Status::permission_denied(why))).await;
+                        break;
+                    }
+                    _ = &mut expiry => {
+                        let _ = tx.send(Err(Status::unauthenticated("certificate expired; reconnect with the renewed certificate"))).await;
+                        break;
+                    }
+                    msg = inbound.message() => {
+                        let msg = match msg {
+                            Ok(Some(m)) => m,
+                            Ok(None) | Err(_) => break,
+                        };
+                        let reply = handle_message(&state, &registration, &peer, &scope, msg, &mut version).await;
+                        if let Some(reply) = reply {
+                            if tx.send(Ok(reply)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            state.metrics.appliances_connected.dec();
+            if let Some(last) = state.registry.leave(registration) {
+                let mut w = match state.store.write().await {
+                    Ok(w) => w,
+                    Err(e) => return tracing::error!(error = %e, "cannot record last-seen"),
+                };
+                let res = w.record_seen(&scope, id, &last.version, last.last_heartbeat).await;
+                if let Err(e) = match res {
+                    Ok(()) => w.commit().await,
+                    Err(e) => Err(e),
+                } {
+                    tracing::error!(error = %e, "cannot record last-seen");
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn handle_message(
+    state: &AppState,
+    reg: &crate::registry::Registration,
+    peer: &PeerCert,
+    scope: &TenantScope,
+    msg: ApplianceMessage,
+    version: &mut String,
+) -> Option<ControlMessage> {
+    let now = state.now();
+    let body = match msg.body? {
+        appliance_message::Body::Hello(hello) => {
+            // Off the network: keep the reported version short and printable.
+            *version = hello.version.chars().filter(|c| !c.is_control()).take(64).collect();
+            let healthy = hello.health.is_none_or(|h| h.status() != HealthStatus::Degraded);
+            let v = version.clone();
+            state.registry.update(reg, |s| {
+                s.version = v;
+                s.healthy = healthy;
+                s.last_heartbeat = now;
+            });
+            control_message::Body::Welcome(Welcome {
+                appliance_id: peer.identity.appliance.to_string(),
+                heartbeat_interval_seconds: u32::try_from(state.heartbeat_interval.as_secs()).unwrap_or(30),
+            })
+        }
+        appliance_message::Body::Heartbeat(hb) => {
+            state.metrics.heartbeats.inc();
+            let healthy = hb.health.is_none_or(|h| h.status() != HealthStatus::Degraded);
+            state.registry.update(reg, |s| {
+                s.last_heartbeat = now;
+                s.healthy = healthy;
+            });
+            control_message::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq })
+        }
+        appliance_message::Body::Renew(renew) => renew_certificate(state, reg, peer, scope, &renew.csr_pem).await,
+    };
+    Some(ControlMessage { body: Some(body) })
+}
+
+async fn renew_certificate(
+    state: &AppState,
+    reg: &crate::registry::Registration,
+    peer: &PeerCert,
+    scope: &TenantScope,
+    csr_pem: &str,
+) -> control_message::Body {
+    let now = state.now();
+    let actor = scope.principal().actor();
+    let target = Some(peer.identity.appliance.to_string());
+    let issued = match state.ca.sign_renewal_csr(csr_pem, &peer.identity, &peer.spki, now, state.appliance_cert_lifetime) {
+        Ok(i) => i,
+        Err(e) => {
+            let mut ev = event(actor, "appliance.certificate_renew", Outcome::Denied);
+            ev.target = target;
+            ev.detail = serde_json::json!({ "reason": e.to_string() });
+            state.audit_refusal(&scope.chain(), ev).await;
+            return control_message::Body::RenewRefused(RenewRefused { reason: e.to_string() });
+        }
+    };
+    let committed = async {
+        let mut tx = state.store.write().await?;
+        tx.record_renewal(scope, peer.identity.appliance, &issued.serial, issued.not_after).await?;
+        let mut ev = event(actor, "appliance.certificate_renew", Outcome::Success);
+        ev.target = target;
+        ev.detail = serde_json::json!({
+            "serial": issued.serial, "not_after": issued.not_after.to_string(), "previous_serial": peer.serial,
+        });
+        tx.audit(&scope.chain(), now, ev).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = committed {
+        tracing::error!(error = %e, "cannot record renewal");
+        return control_message::Body::RenewRefused(RenewRefused {
+            reason: "control plane could not record the renewal; retry later".into(),
+        });
+    }
+    state.metrics.renewals.inc();
+    let (serial, not_after) = (issued.serial.clone(), issued.not_after);
+    state.registry.update(reg, |s| {
+        s.cert_serial = serial;
+        s.cert_not_after = not_after;
+    });
+    tracing::info!(appliance = %peer.identity.appliance, serial = %issued.serial, "renewed appliance certificate");
+    control_message::Body::Renewed(RenewResponse {
+        certificate_pem: issued.pem,
+        serial: issued.serial,
+        not_after_unix_ms: issued.not_after.unix_millis(),
+    })
+}

@@ -1,0 +1,47 @@
+//! Serves the axum router over TLS 1.3 (tokio-rustls + hyper), HTTP/1.1 and HTTP/2.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+pub(crate) async fn serve(listener: TcpListener, tls: rustls::ServerConfig, router: Router, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = shutdown.changed() => return,
+            res = listener.accept() => match res {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router, mut shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%addr, error = %e, "API TLS handshake failed"),
+                Err(_) => return tracing::debug!(%addr, "API TLS handshake timed out"),
+            };
+            let service = TowerToHyperService::new(router);
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(%addr, error = %e, "API connection ended with error");
+                    }
+                }
+                _ = shutdown.changed() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}

@@ -1,0 +1,372 @@
+//! The Airlock control plane: HTTPS API, appliance gateway, built-in CA, store and audit.
+//!
+//! Entry points: [`init`] prepares a data directory, [`serve`] runs both listeners,
+//! [`verify_audit`] checks every audit chain offline.
+
+pub mod api;
+pub mod authz;
+pub mod ca;
+pub mod clock;
+pub mod gateway;
+mod https;
+pub mod keys;
+pub mod metrics;
+pub mod registry;
+pub mod state;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::audit::Outcome;
+use airlock_core::id::TokenId;
+use airlock_core::token::{Secret, TokenKind};
+use airlock_core::{Fingerprint, TenantId, WorkspaceId};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::authz::{Role, TenantScope};
+use crate::ca::CertificateAuthority;
+use crate::clock::Clock;
+use crate::keys::{Kek, KekSource};
+use crate::state::{AppState, event, random};
+use crate::store::{Store, StoreError, StoredCa};
+
+const CA_KEY_AAD: &[u8] = b"airlock ca private key v1";
+/// Lifetime of the control plane's own TLS certificates, re-issued at every start.
+const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error("data directory {0} is already initialised; use it with `airlock server --data-dir`")]
+    AlreadyInitialised(PathBuf),
+    #[error("data directory {0} is not initialised; run `airlock server init --data-dir {0}` first")]
+    NotInitialised(PathBuf),
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Everything `airlock server` needs, resolved from defaults, file, environment and flags.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub kek: KekSource,
+    pub api_listen: SocketAddr,
+    pub gateway_listen: SocketAddr,
+    /// DNS names and IPs the server certificates carry, and the first is what appliances dial.
+    pub hostnames: Vec<String>,
+    /// `host:port` appliances should dial for the gateway, when it differs from the bound one.
+    pub gateway_advertise: Option<String>,
+    pub appliance_cert_lifetime: Duration,
+    pub heartbeat_interval: Duration,
+    pub join_token_ttl: Duration,
+    /// Operator-supplied certificate chain and key (PEM) for the HTTPS API.
+    pub api_tls_files: Option<(PathBuf, PathBuf)>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            kek: KekSource::default_for(&data_dir),
+            data_dir,
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            gateway_listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            hostnames: vec!["localhost".into()],
+            gateway_advertise: None,
+            appliance_cert_lifetime: Duration::from_secs(30 * 86_400),
+            heartbeat_interval: Duration::from_secs(15),
+            join_token_ttl: Duration::from_secs(15 * 60),
+            api_tls_files: None,
+            clock: Arc::new(clock::SystemClock),
+        }
+    }
+}
+
+/// What `airlock server init` and `tenant create` report once.
+#[derive(Debug)]
+pub struct Bootstrap {
+    pub tenant: TenantId,
+    pub workspace: WorkspaceId,
+    /// Printed once; only its hash is stored.
+    pub admin_token: Secret,
+    pub ca_fingerprint: Fingerprint,
+}
+
+/// Prepares a new data directory: KEK, database, CA, first tenant, workspace and admin token.
+pub async fn init(
+    data_dir: &Path,
+    kek: &KekSource,
+    trust_domain: &str,
+    tenant_name: &str,
+    workspace_name: &str,
+    clock: &dyn Clock,
+) -> Result<Bootstrap, ServerError> {
+    if !airlock_core::identity::is_valid_trust_domain(trust_domain) {
+        return Err(ServerError::Config(format!(
+            "trust domain `{trust_domain}` must be lowercase letters, digits, `.`, `-` or `_`"
+        )));
+    }
+    std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir { path: data_dir.into(), source })?;
+    if data_dir.join(store::DB_FILE_NAME).exists() {
+        return Err(ServerError::AlreadyInitialised(data_dir.into()));
+    }
+    restrict_dir(data_dir)?;
+    let kek_key = kek.create_if_missing()?;
+    let store = Store::open(data_dir, true, kek_key.audit_mac_key()).await?;
+    let now = clock.now();
+    let (ca, ca_key_pem) = CertificateAuthority::generate(trust_domain, now)?;
+    let sealed = kek_key.seal(ca_key_pem.as_bytes(), CA_KEY_AAD)?;
+    let mut tx = store.write().await?;
+    tx.put_ca(&StoredCa { trust_domain: trust_domain.into(), cert_pem: ca.cert_pem().into(), key_sealed: sealed }, now)
+        .await?;
+    tx.commit().await?;
+    let out = add_tenant(&store, ca.fingerprint(), tenant_name, workspace_name, now).await?;
+    store.close().await;
+    Ok(out)
+}
+
+/// Adds a tenant with one workspace and an admin token to an initialised data directory.
+pub async fn create_tenant(
+    data_dir: &Path,
+    kek: &KekSource,
+    tenant_name: &str,
+    workspace_name: &str,
+    clock: &dyn Clock,
+) -> Result<Bootstrap, ServerError> {
+    let (store, kek_key) = open_existing(data_dir, kek).await?;
+    let ca = load_ca(&store, &kek_key).await?;
+    let out = add_tenant(&store, ca.fingerprint(), tenant_name, workspace_name, clock.now()).await?;
+    store.close().await;
+    Ok(out)
+}
+
+async fn add_tenant(
+    store: &Store,
+    ca_fingerprint: Fingerprint,
+    tenant_name: &str,
+    workspace_name: &str,
+    now: airlock_core::Timestamp,
+) -> Result<Bootstrap, ServerError> {
+    let tenant = TenantId::from_random(random());
+    let workspace = WorkspaceId::from_random(random());
+    let token_id = TokenId::from_random(random());
+    let admin_token = Secret::from_random(TokenKind::Api, random());
+    let mut tx = store.write().await?;
+    tx.create_tenant(tenant, tenant_name, now).await?;
+    tx.create_workspace(tenant, workspace, workspace_name, now).await?;
+    tx.create_api_token(tenant, token_id, &admin_token.hash(), "initial admin", Role::TenantAdmin, now).await?;
+    let scope = TenantScope::for_local_operator(tenant, token_id);
+    let mut ev = event("local-operator", "tenant.create", Outcome::Success);
+    ev.target = Some(tenant.to_string());
+    ev.workspace = Some(workspace.to_string());
+    ev.detail = serde_json::json!({ "tenant_name": tenant_name, "workspace_name": workspace_name, "admin_token": token_id.to_string() });
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    Ok(Bootstrap { tenant, workspace, admin_token, ca_fingerprint })
+}
+
+async fn open_existing(data_dir: &Path, kek: &KekSource) -> Result<(Store, Kek), ServerError> {
+    if !data_dir.join(store::DB_FILE_NAME).exists() {
+        return Err(ServerError::NotInitialised(data_dir.into()));
+    }
+    let kek_key = kek.load()?;
+    let store = Store::open(data_dir, false, kek_key.audit_mac_key()).await?;
+    Ok((store, kek_key))
+}
+
+async fn load_ca(store: &Store, kek: &Kek) -> Result<CertificateAuthority, ServerError> {
+    let stored = store.load_ca().await?.ok_or_else(|| ServerError::Config("the database holds no CA".into()))?;
+    let key_pem = kek.open(&stored.key_sealed, CA_KEY_AAD)?;
+    let key_pem = String::from_utf8(key_pem).map_err(|_| ca::CaError::Stored("CA key is not PEM".into()))?;
+    Ok(CertificateAuthority::load(&stored.trust_domain, &stored.cert_pem, &key_pem)?)
+}
+
+/// The outcome of verifying every audit chain in a data directory.
+#[derive(Debug)]
+pub struct AuditReport {
+    pub chains: Vec<ChainReport>,
+}
+
+#[derive(Debug)]
+pub struct ChainReport {
+    pub chain: String,
+    /// Number of records on success, or the first break.
+    pub result: Result<u64, String>,
+}
+
+impl AuditReport {
+    pub fn ok(&self) -> bool {
+        self.chains.iter().all(|c| c.result.is_ok())
+    }
+}
+
+/// Verifies every audit chain in `data_dir` (read-only apart from SQLite's own WAL files).
+pub async fn verify_audit(data_dir: &Path, kek: &KekSource) -> Result<AuditReport, ServerError> {
+    let (store, _) = open_existing(data_dir, kek).await?;
+    let chains = store::verify_all_chains(&store)
+        .await?
+        .into_iter()
+        .map(|(chain, r)| ChainReport { chain, result: r.map(|h| h.seq) })
+        .collect();
+    store.close().await;
+    Ok(AuditReport { chains })
+}
+
+/// A control plane that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
+#[derive(Debug)]
+pub struct RunningServer {
+    pub api_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub gateway_endpoint: String,
+    pub ca_fingerprint: Fingerprint,
+    pub ca_pem: String,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    state: Arc<AppState>,
+}
+
+impl RunningServer {
+    pub fn api_url(&self) -> String {
+        format!("https://{}", host_port(&self.state.gateway_server_name, self.api_addr.port()))
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.state.store.close().await;
+    }
+}
+
+/// Opens the data directory, binds both listeners and serves until shut down.
+pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let (store, kek) = open_existing(&config.data_dir, &config.kek).await?;
+    let ca = load_ca(&store, &kek).await?;
+    let now = config.clock.now();
+    let revoked = Arc::new(tls::RevokedSet::default());
+    for id in store.revoked_appliances().await? {
+        revoked.insert(id);
+    }
+    let mut names = config.hostnames.clone();
+    for extra in ["localhost", "127.0.0.1", "::1"] {
+        if !names.iter().any(|n| n == extra) {
+            names.push(extra.to_owned());
+        }
+    }
+    let (server_cert, server_key) = ca.issue_server_cert(&names, now, SERVER_CERT_LIFETIME)?;
+    let gateway_chain = vec![server_cert.der.clone(), ca.cert_der().clone()];
+
+    let api_listener = bind(config.api_listen).await?;
+    let gateway_listener = bind(config.gateway_listen).await?;
+    let api_addr = local_addr(&api_listener, config.api_listen)?;
+    let gateway_addr = local_addr(&gateway_listener, config.gateway_listen)?;
+    let host = names.first().cloned().unwrap_or_else(|| "localhost".into());
+    let gateway_endpoint = config.gateway_advertise.clone().unwrap_or_else(|| host_port(&host, gateway_addr.port()));
+    let gateway_server_name = gateway_endpoint
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        .unwrap_or_else(|| host.clone());
+
+    let api_tls = match &config.api_tls_files {
+        Some((cert, key)) => {
+            let (chain, key) = read_tls_files(cert, key)?;
+            tls::api_server_config(chain, key, config.clock.clone())
+        }
+        None => tls::api_server_config(gateway_chain.clone(), server_key.clone_key(), config.clock.clone()),
+    }
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let gateway_tls = tls::gateway_server_config(
+        ca.cert_der(),
+        gateway_chain,
+        server_key,
+        ca.trust_domain(),
+        revoked.clone(),
+        config.clock.clone(),
+    )
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+
+    let ca_fingerprint = ca.fingerprint();
+    let ca_pem = ca.cert_pem().to_owned();
+    let state = Arc::new(AppState {
+        store,
+        ca,
+        clock: config.clock.clone(),
+        registry: registry::Registry::default(),
+        revoked,
+        metrics: metrics::Metrics::default(),
+        appliance_cert_lifetime: config.appliance_cert_lifetime,
+        heartbeat_interval: config.heartbeat_interval,
+        join_token_ttl: config.join_token_ttl,
+        gateway_endpoint: gateway_endpoint.clone(),
+        gateway_server_name,
+    });
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let router = api::router(state.clone());
+    let api_task = tokio::spawn(https::serve(api_listener, api_tls, router, shutdown_rx.clone()));
+    let gw_state = state.clone();
+    let gateway_task = tokio::spawn(async move {
+        if let Err(e) = gateway::serve(gw_state, gateway_listener, gateway_tls, shutdown_rx).await {
+            tracing::error!(error = %e, "gateway stopped");
+        }
+    });
+    tracing::info!(%api_addr, %gateway_addr, %gateway_endpoint, %ca_fingerprint, "control plane serving");
+    Ok(RunningServer {
+        api_addr,
+        gateway_addr,
+        gateway_endpoint,
+        ca_fingerprint,
+        ca_pem,
+        shutdown,
+        tasks: vec![api_task, gateway_task],
+        state,
+    })
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+}
+
+fn local_addr(l: &tokio::net::TcpListener, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+    l.local_addr().map_err(|source| ServerError::Bind { addr, source })
+}
+
+fn read_tls_files(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServerError::Tls(format!("reading certificate chain {}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ServerError::Tls(format!("reading private key {}: {e}", key.display())))?;
+    Ok((chain, key))
+}
+
+#[cfg(unix)]
+fn restrict_dir(dir: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|source| ServerError::DataDir { path: dir.into(), source })
+}
+
+#[cfg(not(unix))]
+fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Live appliance connections, in memory.
+//!
+//! Heartbeats update this map and not the database: at fleet scale a write per heartbeat
+//! would dominate the store. The database learns version and last-seen time when a stream
+//! ends; the API merges both views.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use airlock_core::{ApplianceId, Timestamp};
+use tokio::sync::oneshot;
+
+#[derive(Clone, Debug)]
+pub struct LiveStatus {
+    pub connected_at: Timestamp,
+    pub last_heartbeat: Timestamp,
+    pub version: String,
+    pub healthy: bool,
+    pub cert_serial: String,
+    pub cert_not_after: Timestamp,
+}
+
+struct Entry {
+    conn: u64,
+    status: LiveStatus,
+    /// Fired to end the stream at once (revocation).
+    kick: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<HashMap<ApplianceId, Entry>>,
+    next_conn: AtomicU64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("connected", &self.len()).finish()
+    }
+}
+
+/// Proof of registration; dropping it does nothing, [`Registry::leave`] consumes it.
+#[derive(Debug)]
+pub struct Registration {
+    pub appliance: ApplianceId,
+    conn: u64,
+}
+
+impl Registry {
+    /// Registers a new stream, replacing (and ending) any older stream of the same appliance.
+    pub fn join(&self, appliance: ApplianceId, status: LiveStatus) -> (Registration, oneshot::Receiver<()>) {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let old = self
+            .lock()
+            .insert(appliance, Entry { conn, status, kick: Some(tx) });
+        if let Some(mut old) = old {
+            if let Some(kick) = old.kick.take() {
+                let _ = kick.send(());
+            }
+        }
+        (Registration { appliance, conn }, rx)
+    }
+
+    /// Removes this stream's entry unless a newer stream replaced it. Returns its last status.
+    pub fn leave(&self, reg: Registration) -> Option<LiveStatus> {
+        let mut map = self.lock();
+        match map.get(&reg.appliance) {
+            Some(e) if e.conn == reg.conn => map.remove(&reg.appliance).map(|e| e.status),
+            _ => None,
+        }
+    }
+
+    pub fn update(&self, reg: &Registration, f: impl FnOnce(&mut LiveStatus)) {
+        if let Some(e) = self.lock().get_mut(&reg.appliance) {
+            if e.conn == reg.conn {
+                f(&mut e.status);
+            }
+        }
+    }
+
+    /// Ends the live stream of `appliance`, if any. Returns whether one was live.
+    pub fn kick(&self, appliance: ApplianceId) -> bool {
+        let entry = self.lock().remove(&appliance);
+        match entry.and_then(|mut e| e.kick.take()) {
+            Some(kick) => kick.send(()).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn status(&self, appliance: &ApplianceId) -> Option<LiveStatus> {
+        self.lock().get(appliance).map(|e| e.status.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ApplianceId, Entry>> {
+        // A panic while holding this lock cannot leave the map half-updated (single inserts
+        // and removes), so a poisoned lock is still safe to use.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,696 @@
+//! Persistence: one interface over the embedded SQLite database.
+//!
+//! Every call that touches tenant data takes a [`TenantScope`] and binds its tenant id in
+//! the query, so a caller cannot forget the filter. The SQL is kept portable (numbered
+//! placeholders, BIGINT/TEXT/BLOB, no SQLite-only functions) so a PostgreSQL backend can slot
+//! in behind the same methods.
+//!
+//! Writes go through [`WriteTx`]: one transaction that holds the process-wide write lock, so
+//! a mutation and its audit record commit together or not at all, and audit chains never fork.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use airlock_core::audit::{self, ChainHash, Event, Head, Record};
+use airlock_core::id::TokenId;
+use airlock_core::token::TokenHash;
+use airlock_core::{ApplianceId, EnvironmentId, TenantId, Timestamp, WorkspaceId};
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::authz::{Role, TenantScope};
+
+pub const DB_FILE_NAME: &str = "airlock.db";
+
+/// Versioned migrations, applied in order inside one transaction each. Embedded so the binary
+/// carries its schema. (Hand-rolled rather than `sqlx::migrate!` to avoid building sqlx's
+/// proc-macro stack and a second SQLite for the host; the bookkeeping is a dozen lines.)
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("{what} `{name}` already exists")]
+    Conflict { what: &'static str, name: String },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the database schema is version {found}, newer than this build understands ({known}); upgrade airlock")]
+    SchemaTooNew { found: i64, known: i64 },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Environment {
+    pub id: EnvironmentId,
+    pub workspace_id: WorkspaceId,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+#[derive(Clone, Debug)]
+pub struct ApplianceRow {
+    pub id: ApplianceId,
+    pub environment_id: EnvironmentId,
+    pub joined_at: Timestamp,
+    pub version: String,
+    pub cert_serial: String,
+    pub cert_not_after: Timestamp,
+    pub last_seen_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// What an authenticated API token stands for, before authorization builds a scope from it.
+#[derive(Clone, Debug)]
+pub struct ApiTokenRow {
+    pub id: TokenId,
+    pub tenant: TenantId,
+    pub role: Role,
+}
+
+/// A join token just spent: the environment it admits to.
+#[derive(Clone, Debug)]
+pub struct RedeemedJoin {
+    pub token: TokenId,
+    pub tenant: TenantId,
+    pub environment: EnvironmentId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedeemRefusal {
+    Unknown,
+    AlreadyUsed { tenant: TenantId },
+    Expired { tenant: TenantId, expired_at: Timestamp },
+}
+
+pub struct StoredCa {
+    pub trust_domain: String,
+    pub cert_pem: String,
+    pub key_sealed: Vec<u8>,
+}
+
+pub struct Store {
+    pool: SqlitePool,
+    write_lock: tokio::sync::Mutex<()>,
+    head_mac: ring::hmac::Key,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if asked) the database in `data_dir` and applies pending migrations.
+    pub async fn open(data_dir: &Path, create: bool, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(data_dir.join(DB_FILE_NAME))
+            .create_if_missing(create)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Every acknowledged write, audit records included, survives power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
+        let store = Self { pool, write_lock: tokio::sync::Mutex::new(()), head_mac };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().await;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("v")?;
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if current > known {
+            return Err(StoreError::SchemaTooNew { found: current, known });
+        }
+        for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let mut tx = self.pool.begin().await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)")
+                .bind(version)
+                .bind(description)
+                .bind(0_i64)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a write transaction; it holds the write lock until committed or dropped.
+    pub async fn write(&self) -> Result<WriteTx<'_>, StoreError> {
+        let guard = self.write_lock.lock().await;
+        let tx = self.pool.begin().await?;
+        Ok(WriteTx { _guard: guard, tx, store: self })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- authentication lookups (run before a scope exists) ----
+
+    pub async fn api_token_by_hash(&self, hash: &TokenHash) -> Result<Option<ApiTokenRow>, StoreError> {
+        let row = sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
+            .bind(hash.0.as_slice())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(ApiTokenRow {
+                id: parse_col(&r, "id")?,
+                tenant: parse_col(&r, "tenant_id")?,
+                role: parse_col(&r, "role")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn load_ca(&self) -> Result<Option<StoredCa>, StoreError> {
+        let row = sqlx::query("SELECT trust_domain, cert_pem, key_sealed FROM ca WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(StoredCa {
+                trust_domain: r.try_get("trust_domain")?,
+                cert_pem: r.try_get("cert_pem")?,
+                key_sealed: r.try_get("key_sealed")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Every revoked appliance, across tenants: the gateway refuses their handshakes.
+    pub async fn revoked_appliances(&self) -> Result<Vec<ApplianceId>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM appliances WHERE revoked_at IS NOT NULL").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| parse_col(r, "id")).collect()
+    }
+
+    // ---- tenant-scoped reads ----
+
+    pub async fn list_workspaces(&self, scope: &TenantScope) -> Result<Vec<Workspace>, StoreError> {
+        let rows = sqlx::query("SELECT id, name, created_at FROM workspaces WHERE tenant_id = $1 ORDER BY created_at, id")
+            .bind(scope.tenant().to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Workspace {
+                    id: parse_col(r, "id")?,
+                    name: r.try_get("name")?,
+                    created_at: ts_col(r, "created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn workspace_exists(&self, scope: &TenantScope, ws: WorkspaceId) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 AS one FROM workspaces WHERE tenant_id = $1 AND id = $2")
+            .bind(scope.tenant().to_string())
+            .bind(ws.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    pub async fn list_environments(&self, scope: &TenantScope, ws: WorkspaceId) -> Result<Vec<Environment>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, workspace_id, name, created_at FROM environments WHERE tenant_id = $1 AND workspace_id = $2 ORDER BY created_at, id",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
+    pub async fn get_environment(&self, scope: &TenantScope, env: EnvironmentId) -> Result<Option<Environment>, StoreError> {
+        let row = sqlx::query("SELECT id, workspace_id, name, created_at FROM environments WHERE tenant_id = $1 AND id = $2")
+            .bind(scope.tenant().to_string())
+            .bind(env.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(env_from_row).transpose()
+    }
+
+    pub async fn list_appliances(
+        &self,
+        scope: &TenantScope,
+        env: Option<EnvironmentId>,
+    ) -> Result<Vec<ApplianceRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at
+             FROM appliances WHERE tenant_id = $1 AND ($2 IS NULL OR environment_id = $2) ORDER BY joined_at, id",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(env.map(|e| e.to_string()))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(appliance_from_row).collect()
+    }
+
+    pub async fn get_appliance(&self, scope: &TenantScope, id: ApplianceId) -> Result<Option<ApplianceRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at
+             FROM appliances WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(appliance_from_row).transpose()
+    }
+
+    // ---- audit ----
+
+    /// The names of all audit chains.
+    pub async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT chain FROM audit_events UNION SELECT chain FROM audit_heads ORDER BY chain")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("chain")?)).collect()
+    }
+
+    /// One chain's records in stored order. A row whose JSON does not parse is reported as an
+    /// edit of that sequence number.
+    pub async fn audit_records(&self, chain: &str) -> Result<Vec<Result<Record, i64>>, StoreError> {
+        let rows = sqlx::query("SELECT seq, record FROM audit_events WHERE chain = $1 ORDER BY seq")
+            .bind(chain)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get("seq")?;
+                let text: String = r.try_get("record")?;
+                Ok(serde_json::from_str::<Record>(&text).map_err(|_| seq))
+            })
+            .collect()
+    }
+
+    /// The head the writer recorded, if its MAC checks out.
+    pub async fn audit_head(&self, chain: &str) -> Result<Option<Result<Head, HeadTampered>>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash, mac FROM audit_heads WHERE chain = $1")
+            .bind(chain)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let seq: i64 = row.try_get("seq")?;
+        let hash: String = row.try_get("hash")?;
+        let mac: String = row.try_get("mac")?;
+        let (Some(hash), Ok(seq)) = (ChainHash::from_hex(&hash), u64::try_from(seq)) else {
+            return Ok(Some(Err(HeadTampered)));
+        };
+        let head = Head { seq, hash };
+        let ok = data_encoding::HEXLOWER
+            .decode(mac.as_bytes())
+            .ok()
+            .is_some_and(|m| ring::hmac::verify(&self.head_mac, &head_mac_input(chain, &head), &m).is_ok());
+        Ok(Some(if ok { Ok(head) } else { Err(HeadTampered) }))
+    }
+}
+
+/// The recorded chain head's MAC does not verify: the head row was rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadTampered;
+
+/// A write transaction holding the store's write lock.
+pub struct WriteTx<'a> {
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    store: &'a Store,
+}
+
+impl WriteTx<'_> {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Appends `event` to `chain` in this transaction.
+    pub async fn audit(&mut self, chain: &str, at: Timestamp, event: Event) -> Result<Record, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_heads WHERE chain = $1")
+            .bind(chain)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        let head = match row {
+            None => Head::EMPTY,
+            Some(r) => {
+                let seq: i64 = r.try_get("seq")?;
+                let hash: String = r.try_get("hash")?;
+                Head {
+                    seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt("audit head seq".into()))?,
+                    hash: ChainHash::from_hex(&hash).ok_or_else(|| StoreError::Corrupt("audit head hash".into()))?,
+                }
+            }
+        };
+        let record = Record::append(chain, head, at, event);
+        let json = serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let new_head = record.head();
+        let seq = i64::try_from(record.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
+        sqlx::query("INSERT INTO audit_events (chain, seq, at, record) VALUES ($1, $2, $3, $4)")
+            .bind(chain)
+            .bind(seq)
+            .bind(at.unix_millis())
+            .bind(json)
+            .execute(&mut *self.tx)
+            .await?;
+        let mac = ring::hmac::sign(&self.store.head_mac, &head_mac_input(chain, &new_head));
+        sqlx::query(
+            "INSERT INTO audit_heads (chain, seq, hash, mac) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
+        )
+        .bind(chain)
+        .bind(seq)
+        .bind(new_head.hash.to_hex())
+        .bind(data_encoding::HEXLOWER.encode(mac.as_ref()))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(record)
+    }
+
+    // ---- bootstrap (offline administration, before any principal exists) ----
+
+    pub async fn put_ca(&mut self, ca: &StoredCa, now: Timestamp) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO ca (id, trust_domain, cert_pem, key_sealed, created_at) VALUES (1, $1, $2, $3, $4)")
+            .bind(&ca.trust_domain)
+            .bind(&ca.cert_pem)
+            .bind(&ca.key_sealed)
+            .bind(now.unix_millis())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn create_tenant(&mut self, id: TenantId, name: &str, now: Timestamp) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(id.to_string())
+            .bind(name)
+            .bind(now.unix_millis())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(|e| conflict(e, "tenant", name))?;
+        Ok(())
+    }
+
+    pub async fn create_workspace(
+        &mut self,
+        tenant: TenantId,
+        id: WorkspaceId,
+        name: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO workspaces (id, tenant_id, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(id.to_string())
+            .bind(tenant.to_string())
+            .bind(name)
+            .bind(now.unix_millis())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(|e| conflict(e, "workspace", name))?;
+        Ok(())
+    }
+
+    pub async fn create_api_token(
+        &mut self,
+        tenant: TenantId,
+        id: TokenId,
+        hash: &TokenHash,
+        name: &str,
+        role: Role,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO api_tokens (id, tenant_id, token_hash, name, role, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(id.to_string())
+            .bind(tenant.to_string())
+            .bind(hash.0.as_slice())
+            .bind(name)
+            .bind(role.as_str())
+            .bind(now.unix_millis())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    // ---- tenant-scoped writes ----
+
+    pub async fn create_environment(
+        &mut self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+        id: EnvironmentId,
+        name: &str,
+        now: Timestamp,
+    ) -> Result<Environment, StoreError> {
+        sqlx::query("INSERT INTO environments (id, tenant_id, workspace_id, name, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id.to_string())
+            .bind(scope.tenant().to_string())
+            .bind(ws.to_string())
+            .bind(name)
+            .bind(now.unix_millis())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(|e| conflict(e, "environment", name))?;
+        Ok(Environment { id, workspace_id: ws, name: name.to_owned(), created_at: now })
+    }
+
+    pub async fn create_join_token(
+        &mut self,
+        scope: &TenantScope,
+        env: EnvironmentId,
+        id: TokenId,
+        hash: &TokenHash,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (id, tenant_id, environment_id, token_hash, created_by, created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id.to_string())
+        .bind(scope.tenant().to_string())
+        .bind(env.to_string())
+        .bind(hash.0.as_slice())
+        .bind(scope.principal().actor())
+        .bind(now.unix_millis())
+        .bind(expires_at.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Spends a join token. The token row is the scope here: it names the tenant and environment.
+    pub async fn redeem_join_token(
+        &mut self,
+        hash: &TokenHash,
+        appliance: ApplianceId,
+        now: Timestamp,
+    ) -> Result<Result<RedeemedJoin, RedeemRefusal>, StoreError> {
+        let row = sqlx::query("SELECT id, tenant_id, environment_id, expires_at, used_at FROM join_tokens WHERE token_hash = $1")
+            .bind(hash.0.as_slice())
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        let Some(row) = row else { return Ok(Err(RedeemRefusal::Unknown)) };
+        let tenant: TenantId = parse_col(&row, "tenant_id")?;
+        let used_at: Option<i64> = row.try_get("used_at")?;
+        if used_at.is_some() {
+            return Ok(Err(RedeemRefusal::AlreadyUsed { tenant }));
+        }
+        let expires_at = ts_col(&row, "expires_at")?;
+        if now >= expires_at {
+            return Ok(Err(RedeemRefusal::Expired { tenant, expired_at: expires_at }));
+        }
+        let token: TokenId = parse_col(&row, "id")?;
+        let done = sqlx::query("UPDATE join_tokens SET used_at = $1, used_by = $2 WHERE id = $3 AND used_at IS NULL")
+            .bind(now.unix_millis())
+            .bind(appliance.to_string())
+            .bind(token.to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Ok(Err(RedeemRefusal::AlreadyUsed { tenant }));
+        }
+        Ok(Ok(RedeemedJoin {
+            token,
+            tenant,
+            environment: parse_col(&row, "environment_id")?,
+        }))
+    }
+
+    pub async fn insert_appliance(
+        &mut self,
+        tenant: TenantId,
+        env: EnvironmentId,
+        id: ApplianceId,
+        version: &str,
+        serial: &str,
+        not_after: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO appliances (id, tenant_id, environment_id, joined_at, version, cert_serial, cert_not_after)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .bind(env.to_string())
+        .bind(now.unix_millis())
+        .bind(version)
+        .bind(serial)
+        .bind(not_after.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_renewal(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        serial: &str,
+        not_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE appliances SET cert_serial = $1, cert_not_after = $2 WHERE tenant_id = $3 AND id = $4")
+            .bind(serial)
+            .bind(not_after.unix_millis())
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn record_seen(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        version: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE appliances SET version = $1, last_seen_at = $2 WHERE tenant_id = $3 AND id = $4")
+            .bind(version)
+            .bind(at.unix_millis())
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks an appliance revoked. Returns false if it does not exist in this tenant.
+    pub async fn revoke_appliance(&mut self, scope: &TenantScope, id: ApplianceId, now: Timestamp) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE appliances SET revoked_at = COALESCE(revoked_at, $1) WHERE tenant_id = $2 AND id = $3",
+        )
+        .bind(now.unix_millis())
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn head_mac_input(chain: &str, head: &Head) -> Vec<u8> {
+    format!("airlock-audit-head-v1\n{chain}\n{}\n{}", head.seq, head.hash.to_hex()).into_bytes()
+}
+
+fn conflict(e: sqlx::Error, what: &'static str, name: &str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict { what, name: name.to_owned() },
+        _ => StoreError::Db(e),
+    }
+}
+
+fn parse_col<T: FromStr>(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e: T::Err| StoreError::Corrupt(format!("column {col}: {e}")))
+}
+
+fn ts_col(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Timestamp, StoreError> {
+    Ok(Timestamp::from_unix_millis(row.try_get(col)?))
+}
+
+fn opt_ts_col(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<Timestamp>, StoreError> {
+    let v: Option<i64> = row.try_get(col)?;
+    Ok(v.map(Timestamp::from_unix_millis))
+}
+
+fn env_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Environment, StoreError> {
+    Ok(Environment {
+        id: parse_col(r, "id")?,
+        workspace_id: parse_col(r, "workspace_id")?,
+        name: r.try_get("name")?,
+        created_at: ts_col(r, "created_at")?,
+    })
+}
+
+fn appliance_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApplianceRow, StoreError> {
+    Ok(ApplianceRow {
+        id: parse_col(r, "id")?,
+        environment_id: parse_col(r, "environment_id")?,
+        joined_at: ts_col(r, "joined_at")?,
+        version: r.try_get("version")?,
+        cert_serial: r.try_get("cert_serial")?,
+        cert_not_after: ts_col(r, "cert_not_after")?,
+        last_seen_at: opt_ts_col(r, "last_seen_at")?,
+        revoked_at: opt_ts_col(r, "revoked_at")?,
+    })
+}
+
+/// Verifies every audit chain in the store. Returns per-chain results.
+pub async fn verify_all_chains(store: &Store) -> Result<Vec<(String, Result<Head, String>)>, StoreError> {
+    let mut out = Vec::new();
+    for chain in store.audit_chains().await? {
+        let rows = store.audit_records(&chain).await?;
+        let mut records = Vec::with_capacity(rows.len());
+        let mut bad_row = None;
+        for row in rows {
+            match row {
+                Ok(r) => records.push(r),
+                Err(seq) => {
+                    bad_row = Some(seq);
+                    break;
+                }
+            }
+        }
+        let result = if let Some(seq) = bad_row {
+            match audit::verify_chain(&chain, &records, None) {
+                Err(e) => Err(e.to_string()),
+                Ok(_) => Err(format!("record seq {seq}: stored record is not valid JSON: the record was edited")),
+            }
+        } else {
+            match store.audit_head(&chain).await? {
+                Some(Err(HeadTampered)) => Err("the recorded chain head fails its MAC: the head was rewritten".into()),
+                Some(Ok(anchor)) => audit::verify_chain(&chain, &records, Some(anchor)).map_err(|e| e.to_string()),
+                None => audit::verify_chain(&chain, &records, None).map_err(|e| e.to_string()),
+            }
+        };
+        out.push((chain, result));
+    }
+    Ok(out)
+}
