@@ -1,1 +1,108 @@
-//! placeholder
+//! The Airlock appliance: runs in the customer's environment and dials out to the control plane.
+//!
+//! It never listens on a network socket. It holds one outbound mutual-TLS stream, pins the
+//! control plane CA by fingerprint, keeps its private key in its state directory, rotates its
+//! certificate at two thirds of its lifetime and stops for good when revoked.
+//!
+//! This crate, with `airlock-core` and `airlock-proto`, is everything that runs on the
+//! customer's side; it never depends on the control plane's code.
+
+pub mod backoff;
+pub mod config;
+pub mod join;
+pub mod session;
+pub mod state_dir;
+
+use std::time::Duration;
+
+use airlock_core::{Fingerprint, Timestamp};
+
+pub use config::ApplianceConfig;
+use session::{Session, SessionEnd};
+use state_dir::{StateDir, inspect_cert};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplianceError {
+    #[error("the control plane is not trusted: its certificate chain does not include the pinned CA {pinned}; check --ca-fingerprint (printed by `airlock server init`)")]
+    UntrustedControlPlane { pinned: Fingerprint },
+    #[error("join refused by the control plane (HTTP {status}): {message}")]
+    JoinRefused { status: u16, message: String },
+    #[error("this appliance has no identity yet and no join token was given; pass --join-token (from `airlock env join-token`)")]
+    NoJoinToken,
+    #[error("cannot reach the control plane: {0}")]
+    Unreachable(String),
+    #[error("this appliance was revoked by the control plane ({0}); it will not retry. To enrol again, move the state directory aside and join with a new join token")]
+    Revoked(String),
+    #[error("the appliance certificate expired at {0} while it could not renew; move the state directory aside and join with a new join token")]
+    CertificateExpired(Timestamp),
+    #[error("the state directory was enrolled with CA {stored}, but the configured CA fingerprint is {configured}")]
+    PinChanged { stored: String, configured: Fingerprint },
+    #[error("unexpected answer from the control plane: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    State(#[from] state_dir::StateError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Wall-clock time. The appliance checks its own certificate's validity with it.
+pub fn now() -> Timestamp {
+    Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc())
+}
+
+/// Runs the appliance until `shutdown` turns true, or until it must stop for good.
+pub async fn run(config: ApplianceConfig, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), ApplianceError> {
+    let state = StateDir::open(&config.state_dir)?;
+    if state.is_revoked() {
+        return Err(ApplianceError::Revoked("recorded in the state directory".into()));
+    }
+    if !state.is_enrolled() {
+        let token = config.join_token.as_ref().ok_or(ApplianceError::NoJoinToken)?;
+        tracing::info!(control_plane = %config.control_plane, "joining with a join token");
+        let (enrolment, ca_pem, creds) = join::join(&config.control_plane, config.ca_fingerprint, token).await?;
+        state.save_enrolment(&enrolment, &ca_pem, &creds)?;
+        tracing::info!(identity = %enrolment.identity, "joined; identity saved in the state directory");
+    } else if config.join_token.is_some() {
+        tracing::info!("state directory already holds an identity; the join token is not used");
+    }
+    let (enrolment, ca_pem, creds) = state.load()?;
+    if enrolment.ca_fingerprint != config.ca_fingerprint.to_string() {
+        return Err(ApplianceError::PinChanged { stored: enrolment.ca_fingerprint, configured: config.ca_fingerprint });
+    }
+    let (identity, _, _) = inspect_cert(&creds.cert_pem)
+        .ok_or_else(|| ApplianceError::Protocol("stored certificate names no appliance identity".into()))?;
+    tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
+
+    let session = Session { state: &state, enrolment: &enrolment, ca_pem: &ca_pem, identity: &identity, started: std::time::Instant::now() };
+    let mut backoff = backoff::Backoff::new(Duration::from_millis(250), config.max_backoff);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        match session.run(&mut shutdown).await {
+            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Revoked(why) => {
+                tracing::error!(reason = %why, "appliance revoked by the control plane; stopping");
+                state.mark_revoked(&why)?;
+                return Err(ApplianceError::Revoked(why));
+            }
+            SessionEnd::Dropped { reason, established } => {
+                if established {
+                    backoff.reset();
+                }
+                let (_, _, creds) = state.load()?;
+                if let Some((_, validity, _)) = inspect_cert(&creds.cert_pem) {
+                    if now() >= validity.not_after {
+                        return Err(ApplianceError::CertificateExpired(validity.not_after));
+                    }
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "connection to control plane lost");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,602 @@
-fn main() {}
+//! The `airlock` binary: parses arguments, resolves configuration and calls the libraries.
+// Printing results to stdout is this binary's job; logs go to stderr.
+#![allow(clippy::print_stdout)]
+
+mod client;
+#[cfg(all(feature = "server", feature = "appliance"))]
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use airlock_core::Fingerprint;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "airlock", version, about = "Run your product in your customers' environments while they keep the keys.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "AIRLOCK_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane, or prepare its data directory.
+    #[cfg(feature = "server")]
+    Server(ServerCmd),
+    /// Run an appliance, or list and revoke appliances through the API.
+    Appliance(ApplianceCmd),
+    /// Manage environments through the API.
+    Env(EnvCmd),
+    /// Verify audit logs.
+    Audit(AuditCmd),
+    /// Run a local control plane, environment and appliance together.
+    #[cfg(all(feature = "server", feature = "appliance"))]
+    Dev(dev::DevArgs),
+}
+
+// ---------------- server ----------------
+
+#[cfg(feature = "server")]
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ServerCmd {
+    #[command(subcommand)]
+    command: Option<ServerSub>,
+    #[command(flatten)]
+    run: ServerRunArgs,
+}
+
+#[cfg(feature = "server")]
+#[derive(Subcommand)]
+enum ServerSub {
+    /// Create the data directory: CA, first tenant and workspace, and an admin API token.
+    Init(InitArgs),
+    /// Administer tenants directly on the data directory.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantSub,
+    },
+}
+
+#[cfg(feature = "server")]
+#[derive(Subcommand)]
+enum TenantSub {
+    /// Add a tenant with one workspace and print its admin API token once.
+    Create {
+        name: String,
+        #[arg(long, default_value = "default")]
+        workspace: String,
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct DataDirArgs {
+    /// The control plane's data directory.
+    #[arg(long, env = "AIRLOCK_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Key-encryption key file (default: <data-dir>/kek.key). AIRLOCK_KEK (64 hex digits) overrides.
+    #[arg(long, env = "AIRLOCK_KEK_FILE")]
+    kek_file: Option<PathBuf>,
+}
+
+#[cfg(feature = "server")]
+impl DataDirArgs {
+    fn kek(&self) -> airlock_server::keys::KekSource {
+        use airlock_server::keys::KekSource;
+        if let Some(hex) = std::env::var("AIRLOCK_KEK").ok().filter(|v| !v.is_empty()) {
+            return KekSource::Env(hex);
+        }
+        match &self.kek_file {
+            Some(p) => KekSource::File(p.clone()),
+            None => KekSource::default_for(&self.data_dir),
+        }
+    }
+}
+
+#[cfg(feature = "server")]
+#[derive(Args)]
+struct InitArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    #[arg(long, default_value = "default")]
+    workspace: String,
+    /// SPIFFE trust domain for appliance identities.
+    #[arg(long, default_value = "airlock.local")]
+    trust_domain: String,
+}
+
+#[cfg(feature = "server")]
+#[derive(Args)]
+struct ServerRunArgs {
+    /// The control plane's data directory (see `airlock server init`).
+    #[arg(long, env = "AIRLOCK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "AIRLOCK_KEK_FILE")]
+    kek_file: Option<PathBuf>,
+    /// TOML file with any of these settings (flags and AIRLOCK_* variables win).
+    #[arg(long, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTPS API address [default: 127.0.0.1:8443].
+    #[arg(long, env = "AIRLOCK_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Appliance gateway (mTLS) address [default: 127.0.0.1:8444].
+    #[arg(long, env = "AIRLOCK_GATEWAY_LISTEN")]
+    gateway_listen: Option<std::net::SocketAddr>,
+    /// Names for the server certificates; the first is what appliances dial [default: localhost].
+    #[arg(long = "hostname", env = "AIRLOCK_HOSTNAMES", value_delimiter = ',')]
+    hostnames: Vec<String>,
+    /// host:port appliances should dial for the gateway, if not the bound one.
+    #[arg(long, env = "AIRLOCK_GATEWAY_ADVERTISE")]
+    gateway_advertise: Option<String>,
+    /// Appliance certificate lifetime, e.g. 30d, 1h, 6s [default: 30d].
+    #[arg(long, env = "AIRLOCK_APPLIANCE_CERT_LIFETIME", value_parser = parse_duration)]
+    appliance_cert_lifetime: Option<std::time::Duration>,
+    /// Interval appliances should heartbeat at [default: 15s].
+    #[arg(long, env = "AIRLOCK_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    heartbeat_interval: Option<std::time::Duration>,
+    /// Operator-supplied certificate chain (PEM) for the HTTPS API.
+    #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Operator-supplied private key (PEM) for the HTTPS API.
+    #[arg(long, env = "AIRLOCK_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Write {api_url, gateway_endpoint, ca_fingerprint} as JSON here once listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[cfg(feature = "server")]
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerFileConfig {
+    data_dir: Option<PathBuf>,
+    kek_file: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    gateway_listen: Option<std::net::SocketAddr>,
+    hostnames: Option<Vec<String>>,
+    gateway_advertise: Option<String>,
+    appliance_cert_lifetime: Option<String>,
+    heartbeat_interval: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    airlock_core::time::parse_duration(s)
+}
+
+// ---------------- appliance ----------------
+
+#[derive(Args)]
+struct ApplianceCmd {
+    #[command(subcommand)]
+    command: ApplianceSub,
+}
+
+#[derive(Subcommand)]
+enum ApplianceSub {
+    /// Run the appliance: join once, then hold an outbound mTLS stream to the control plane.
+    #[cfg(feature = "appliance")]
+    Run(ApplianceRunArgs),
+    /// List appliances and their status.
+    List {
+        /// Only this environment (env_…).
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke an appliance: its stream closes and its certificates are refused.
+    Revoke {
+        appliance: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[cfg(feature = "appliance")]
+#[derive(Args)]
+struct ApplianceRunArgs {
+    /// TOML file with control_plane, ca_fingerprint, join_token, state_dir.
+    #[arg(long, env = "AIRLOCK_APPLIANCE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The control plane API URL (https://…).
+    #[arg(long)]
+    control_plane: Option<String>,
+    /// SHA-256 fingerprint of the control plane CA.
+    #[arg(long)]
+    ca_fingerprint: Option<String>,
+    /// Single-use join token, needed only the first time.
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Where the appliance keeps its key, certificate and state.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+// ---------------- API client commands ----------------
+
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// Control plane API URL.
+    #[arg(long, env = "AIRLOCK_URL")]
+    url: String,
+    /// API token (airlock_at_…).
+    #[arg(long, env = "AIRLOCK_TOKEN", hide_env_values = true)]
+    token: String,
+    /// SHA-256 fingerprint of the control plane CA to pin.
+    #[arg(long, env = "AIRLOCK_CA_FINGERPRINT")]
+    ca_fingerprint: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ApiArgs {
+    fn client(&self) -> anyhow::Result<client::ApiClient> {
+        let pin: Fingerprint = self.ca_fingerprint.parse()?;
+        client::ApiClient::new(&self.url, &self.token, pin)
+    }
+}
+
+#[derive(Args)]
+struct EnvCmd {
+    #[command(subcommand)]
+    command: EnvSub,
+}
+
+#[derive(Subcommand)]
+enum EnvSub {
+    /// Create an environment (one customer deployment).
+    Create {
+        name: String,
+        /// Workspace id (wsp_…); may be omitted when the tenant has one workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List environments.
+    List {
+        #[arg(long)]
+        workspace: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Create a single-use join token for an environment; prints the token.
+    JoinToken {
+        environment: String,
+        /// Lifetime, e.g. 15m (default), 1h.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Args)]
+struct AuditCmd {
+    #[command(subcommand)]
+    command: AuditSub,
+}
+
+#[derive(Subcommand)]
+enum AuditSub {
+    /// Verify every audit chain in a control plane data directory.
+    Verify {
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        #[cfg(feature = "server")]
+        Command::Server(cmd) => server(cmd).await,
+        Command::Appliance(cmd) => appliance(cmd).await,
+        Command::Env(cmd) => env(cmd).await,
+        Command::Audit(cmd) => audit(cmd).await,
+        #[cfg(all(feature = "server", feature = "appliance"))]
+        Command::Dev(args) => dev::run(args).await,
+    }
+}
+
+#[cfg(feature = "server")]
+async fn server(cmd: ServerCmd) -> anyhow::Result<ExitCode> {
+    use airlock_server::clock::SystemClock;
+    match cmd.command {
+        Some(ServerSub::Init(args)) => {
+            let out = airlock_server::init(
+                &args.data.data_dir,
+                &args.data.kek(),
+                &args.trust_domain,
+                &args.tenant,
+                &args.workspace,
+                &SystemClock,
+            )
+            .await?;
+            print_bootstrap(&out, "Initialised");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(ServerSub::Tenant { command: TenantSub::Create { name, workspace, data } }) => {
+            let out = airlock_server::create_tenant(&data.data_dir, &data.kek(), &name, &workspace, &SystemClock).await?;
+            print_bootstrap(&out, "Created tenant");
+            Ok(ExitCode::SUCCESS)
+        }
+        None => serve(cmd.run).await,
+    }
+}
+
+#[cfg(feature = "server")]
+fn print_bootstrap(out: &airlock_server::Bootstrap, what: &str) {
+    println!("{what}.");
+    println!("tenant:          {}", out.tenant);
+    println!("workspace:       {}", out.workspace);
+    println!("ca fingerprint:  {}", out.ca_fingerprint);
+    println!("admin token:     {}", out.admin_token.expose());
+    println!();
+    println!("The admin token is shown once and stored only as a hash. Keep it safe.");
+}
+
+#[cfg(feature = "server")]
+async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
+    let file: ServerFileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => ServerFileConfig::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .context("missing --data-dir (or AIRLOCK_DATA_DIR, or data_dir in the config file)")?;
+    let data = DataDirArgs { data_dir: data_dir.clone(), kek_file: args.kek_file.or(file.kek_file) };
+    let mut cfg = airlock_server::ServerConfig::new(data_dir);
+    cfg.kek = data.kek();
+    if let Some(a) = args.listen.or(file.listen) {
+        cfg.api_listen = a;
+    }
+    if let Some(a) = args.gateway_listen.or(file.gateway_listen) {
+        cfg.gateway_listen = a;
+    }
+    let hostnames = if args.hostnames.is_empty() { file.hostnames.unwrap_or_default() } else { args.hostnames };
+    if !hostnames.is_empty() {
+        cfg.hostnames = hostnames;
+    }
+    cfg.gateway_advertise = args.gateway_advertise.or(file.gateway_advertise);
+    let file_duration = |v: Option<String>| v.map(|s| parse_duration(&s)).transpose().map_err(anyhow::Error::msg);
+    if let Some(d) = args.appliance_cert_lifetime.or(file_duration(file.appliance_cert_lifetime)?) {
+        anyhow::ensure!(d.as_secs() >= 2, "appliance certificate lifetime must be at least 2s");
+        cfg.appliance_cert_lifetime = d;
+    }
+    if let Some(d) = args.heartbeat_interval.or(file_duration(file.heartbeat_interval)?) {
+        anyhow::ensure!(d.as_secs() >= 1, "heartbeat interval must be at least 1s");
+        cfg.heartbeat_interval = d;
+    }
+    cfg.api_tls_files = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => anyhow::bail!("give both tls_cert and tls_key, or neither"),
+    };
+    let running = airlock_server::serve(cfg).await?;
+    let info = serde_json::json!({
+        "api_url": running.api_url(),
+        "gateway_endpoint": running.gateway_endpoint,
+        "ca_fingerprint": running.ca_fingerprint.to_string(),
+        "pid": std::process::id(),
+    });
+    if let Some(path) = &args.ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&info)?)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
+    match cmd.command {
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Run(args) => {
+            use airlock_appliance::config::{ApplianceConfig, FileConfig, Flags, ProcessEnv};
+            let file = args.config.as_deref().map(FileConfig::load).transpose()?;
+            let flags = Flags {
+                control_plane: args.control_plane,
+                ca_fingerprint: args.ca_fingerprint,
+                join_token: args.join_token,
+                state_dir: args.state_dir,
+            };
+            let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                let _ = tx.send(true);
+            });
+            airlock_appliance::run(config, rx).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ApplianceSub::List { env, api } => {
+            let path = match &env {
+                Some(e) => format!("/v1/appliances?environment={e}"),
+                None => "/v1/appliances".to_owned(),
+            };
+            let list: serde_json::Value = api.client()?.get(&path).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<32} {:<10} {:<8} {:<25} {:<34} CERT EXPIRES", "APPLIANCE", "STATUS", "VERSION", "LAST HEARTBEAT", "CERT SERIAL");
+                for a in list["appliances"].as_array().into_iter().flatten() {
+                    let status = if a["revoked"] == true {
+                        "revoked"
+                    } else if a["connected"] == true {
+                        "connected"
+                    } else {
+                        "offline"
+                    };
+                    println!(
+                        "{:<32} {:<10} {:<8} {:<25} {:<34} {}",
+                        a["id"].as_str().unwrap_or(""),
+                        status,
+                        a["version"].as_str().unwrap_or(""),
+                        a["last_heartbeat"].as_str().unwrap_or("-"),
+                        a["cert_serial"].as_str().unwrap_or(""),
+                        a["cert_not_after"].as_str().unwrap_or(""),
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ApplianceSub::Revoke { appliance, api } => {
+            let out: serde_json::Value =
+                api.client()?.post(&format!("/v1/appliances/{appliance}/revoke"), &serde_json::json!({})).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("revoked {appliance}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn resolve_workspace(c: &client::ApiClient, given: Option<String>) -> anyhow::Result<String> {
+    if let Some(w) = given {
+        return Ok(w);
+    }
+    let list: Vec<serde_json::Value> = c.get("/v1/workspaces").await?;
+    match list.as_slice() {
+        [one] => Ok(one["id"].as_str().unwrap_or_default().to_owned()),
+        [] => anyhow::bail!("your tenant has no workspace"),
+        _ => anyhow::bail!("your tenant has several workspaces; pass --workspace"),
+    }
+}
+
+async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
+    match cmd.command {
+        EnvSub::Create { name, workspace, api } => {
+            let c = api.client()?;
+            let ws = resolve_workspace(&c, workspace).await?;
+            let env: serde_json::Value =
+                c.post(&format!("/v1/workspaces/{ws}/environments"), &serde_json::json!({ "name": name })).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&env)?);
+            } else {
+                println!("{}", env["id"].as_str().unwrap_or_default());
+            }
+        }
+        EnvSub::List { workspace, api } => {
+            let c = api.client()?;
+            let ws = resolve_workspace(&c, workspace).await?;
+            let envs: serde_json::Value = c.get(&format!("/v1/workspaces/{ws}/environments")).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&envs)?);
+            } else {
+                for e in envs.as_array().into_iter().flatten() {
+                    println!("{}  {}", e["id"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        EnvSub::JoinToken { environment, ttl, api } => {
+            let body = serde_json::json!({ "ttl_seconds": ttl.map(|d| d.as_secs()) });
+            let out: serde_json::Value = api.client()?.post(&format!("/v1/environments/{environment}/join-tokens"), &body).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                eprintln!("single-use join token, expires {}:", out["expires_at"].as_str().unwrap_or("?"));
+                println!("{}", out["token"].as_str().unwrap_or_default());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
+    match cmd.command {
+        #[cfg(feature = "server")]
+        AuditSub::Verify { data } => {
+            let report = airlock_server::verify_audit(&data.data_dir, &data.kek()).await?;
+            for c in &report.chains {
+                match &c.result {
+                    Ok(n) => println!("OK     chain {}: {n} records", c.chain),
+                    Err(e) => println!("BROKEN chain {}: {e}", c.chain),
+                }
+            }
+            if report.ok() {
+                println!("audit log intact ({} chains)", report.chains.len());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("audit log has been tampered with");
+                Ok(ExitCode::from(2))
+            }
+        }
+        #[cfg(not(feature = "server"))]
+        AuditSub::Verify { .. } => anyhow::bail!("this build has no control plane support; rebuild with the `server` feature"),
+    }
+}

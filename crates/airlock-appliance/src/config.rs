@@ -1,0 +1,150 @@
+//! Appliance configuration: defaults, then a TOML file, then `AIRLOCK_*` environment, then flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use airlock_core::Fingerprint;
+use airlock_core::token::{Secret, TokenKind};
+use serde::Deserialize;
+
+/// The file form. Unknown keys are an error: a typo in a security setting must stop startup.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub control_plane: Option<String>,
+    pub ca_fingerprint: Option<String>,
+    pub join_token: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub max_backoff_seconds: Option<u64>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.into(), e.to_string()))?;
+        toml::from_str(&text).map_err(|e| ConfigError::File(path.into(), e.to_string()))
+    }
+}
+
+/// Values given on the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub control_plane: Option<String>,
+    pub ca_fingerprint: Option<String>,
+    pub join_token: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Where environment variables come from; tests pass a map instead of mutating the process.
+pub trait EnvSource {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl EnvSource for std::collections::HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        std::collections::HashMap::get(self, key).cloned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0}: {1}")]
+    File(PathBuf, String),
+    #[error("missing `{0}`: give it as a flag, in the config file, or as {1}")]
+    Missing(&'static str, &'static str),
+    #[error("`control_plane` must be an https:// URL, got `{0}`")]
+    BadUrl(String),
+    #[error(transparent)]
+    Fingerprint(#[from] airlock_core::fingerprint::FingerprintParseError),
+    #[error("join token: {0}")]
+    Token(#[from] airlock_core::token::TokenParseError),
+}
+
+/// The resolved configuration the appliance runs with.
+#[derive(Debug, Clone)]
+pub struct ApplianceConfig {
+    pub control_plane: String,
+    pub ca_fingerprint: Fingerprint,
+    /// Needed only for the first join; ignored once the state directory holds an identity.
+    pub join_token: Option<Secret>,
+    pub state_dir: PathBuf,
+    pub max_backoff: Duration,
+}
+
+impl ApplianceConfig {
+    pub fn resolve(file: Option<FileConfig>, env: &dyn EnvSource, flags: &Flags) -> Result<Self, ConfigError> {
+        let file = file.unwrap_or_default();
+        let pick = |flag: &Option<String>, key: &str, file: &Option<String>| {
+            flag.clone().or_else(|| env.get(key)).or_else(|| file.clone())
+        };
+        let control_plane = pick(&flags.control_plane, "AIRLOCK_CONTROL_PLANE", &file.control_plane)
+            .ok_or(ConfigError::Missing("control_plane", "AIRLOCK_CONTROL_PLANE"))?;
+        let control_plane = control_plane.trim_end_matches('/').to_owned();
+        if !control_plane.starts_with("https://") {
+            return Err(ConfigError::BadUrl(control_plane));
+        }
+        let ca_fingerprint = pick(&flags.ca_fingerprint, "AIRLOCK_CA_FINGERPRINT", &file.ca_fingerprint)
+            .ok_or(ConfigError::Missing("ca_fingerprint", "AIRLOCK_CA_FINGERPRINT"))?
+            .parse()?;
+        let join_token = pick(&flags.join_token, "AIRLOCK_JOIN_TOKEN", &file.join_token)
+            .map(|t| Secret::parse(TokenKind::Join, &t))
+            .transpose()?;
+        let state_dir = flags
+            .state_dir
+            .clone()
+            .or_else(|| env.get("AIRLOCK_STATE_DIR").map(PathBuf::from))
+            .or(file.state_dir)
+            .ok_or(ConfigError::Missing("state_dir", "AIRLOCK_STATE_DIR"))?;
+        let max_backoff = Duration::from_secs(file.max_backoff_seconds.unwrap_or(60).clamp(1, 3600));
+        Ok(Self { control_plane, ca_fingerprint, join_token, state_dir, max_backoff })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const FP: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let file = FileConfig {
+            control_plane: Some("https://file".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/file".into()),
+            ..Default::default()
+        };
+        let env: HashMap<String, String> = [("AIRLOCK_CONTROL_PLANE".to_owned(), "https://env".to_owned())].into();
+        let flags = Flags { state_dir: Some("/flag".into()), ..Default::default() };
+        let cfg = ApplianceConfig::resolve(Some(file), &env, &flags).unwrap();
+        assert_eq!(cfg.control_plane, "https://env");
+        assert_eq!(cfg.state_dir, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn config_file_refuses_unknown_keys() {
+        let err = toml::from_str::<FileConfig>("control_plane = 'https://x'\nca_fingerprnt = 'x'").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_control_plane_is_refused() {
+        let flags = Flags {
+            control_plane: Some("http://x".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/s".into()),
+            ..Default::default()
+        };
+        let err = ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap_err();
+        assert!(matches!(err, ConfigError::BadUrl(_)));
+    }
+}

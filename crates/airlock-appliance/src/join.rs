@@ -1,0 +1,120 @@
+//! First contact: exchange a join token and a CSR for a certificate over CA-pinned HTTPS.
+
+use airlock_core::Fingerprint;
+use airlock_core::token::Secret;
+use airlock_proto::join::{JOIN_PATH, JoinRequest, JoinResponse};
+use rcgen::{CertificateParams, KeyPair};
+
+use crate::ApplianceError;
+use crate::state_dir::{Credentials, Enrolment, inspect_cert};
+
+/// A fresh key pair and a CSR for it. The key never leaves this process except to the state dir.
+pub fn new_key_and_csr(identity_uri: Option<&str>) -> Result<(KeyPair, String), ApplianceError> {
+    let key = KeyPair::generate().map_err(|e| ApplianceError::Internal(format!("key generation: {e}")))?;
+    let mut params = CertificateParams::default();
+    if let Some(uri) = identity_uri {
+        let uri = uri.to_owned().try_into().map_err(|e| ApplianceError::Internal(format!("identity URI: {e}")))?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+    }
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| ApplianceError::Internal(format!("CSR: {e}")))?;
+    Ok((key, csr))
+}
+
+pub async fn join(
+    control_plane: &str,
+    pin: Fingerprint,
+    token: &Secret,
+) -> Result<(Enrolment, String, Credentials), ApplianceError> {
+    let (key, csr_pem) = new_key_and_csr(None)?;
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| ApplianceError::Internal(format!("HTTP client: {e}")))?;
+    let body = JoinRequest {
+        join_token: token.expose().to_owned(),
+        csr_pem,
+        version: airlock_proto::VERSION.to_owned(),
+    };
+    let resp = client
+        .post(format!("{control_plane}{JOIN_PATH}"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| match airlock_proto::tls::find_pin_mismatch(&e) {
+            Some(pinned) => ApplianceError::UntrustedControlPlane { pinned },
+            None => ApplianceError::Unreachable(describe(&e)),
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        // Off the network: the message is shown to the operator, never interpreted.
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| text.chars().take(300).collect());
+        return Err(ApplianceError::JoinRefused { status: status.as_u16(), message });
+    }
+    let joined: JoinResponse = resp
+        .json()
+        .await
+        .map_err(|e| ApplianceError::Protocol(format!("join response: {e}")))?;
+    check_join_response(&joined, pin, &key)?;
+    let enrolment = Enrolment {
+        identity: joined.identity,
+        control_plane: control_plane.to_owned(),
+        gateway_endpoint: joined.gateway_endpoint,
+        gateway_server_name: joined.gateway_server_name,
+        ca_fingerprint: pin.to_string(),
+    };
+    let creds = Credentials { cert_pem: joined.certificate_pem, key_pem: key.serialize_pem() };
+    Ok((enrolment, joined.ca_certificate_pem, creds))
+}
+
+/// The response came over a pinned channel, but check it is internally consistent before
+/// writing it down: the CA is the pinned one and the certificate is for our key.
+fn check_join_response(joined: &JoinResponse, pin: Fingerprint, key: &KeyPair) -> Result<(), ApplianceError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ca_der = CertificateDer::from_pem_slice(joined.ca_certificate_pem.as_bytes())
+        .map_err(|_| ApplianceError::Protocol("join response CA is not a PEM certificate".into()))?;
+    if Fingerprint::of_der(ca_der.as_ref()) != pin {
+        return Err(ApplianceError::UntrustedControlPlane { pinned: pin });
+    }
+    let (identity, _, _) = inspect_cert(&joined.certificate_pem)
+        .ok_or_else(|| ApplianceError::Protocol("join response certificate names no appliance identity".into()))?;
+    if identity.uri() != joined.identity {
+        return Err(ApplianceError::Protocol("join response identity does not match its certificate".into()));
+    }
+    if !cert_matches_key(&joined.certificate_pem, key) {
+        return Err(ApplianceError::Protocol("join response certificate is not for our key".into()));
+    }
+    Ok(())
+}
+
+pub(crate) fn cert_matches_key(cert_pem: &str, key: &KeyPair) -> bool {
+    use rcgen::PublicKeyData;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok(der) = CertificateDer::from_pem_slice(cert_pem.as_bytes()) else { return false };
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else { return false };
+    cert.tbs_certificate.subject_pki.subject_public_key.data.as_ref() == key.der_bytes()
+}
+
+/// Flattens an error chain into one line for the operator.
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}

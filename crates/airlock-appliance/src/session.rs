@@ -1,0 +1,245 @@
+//! The appliance's one outbound stream to the gateway: mutual TLS 1.3, gRPC over HTTP/2.
+//!
+//! Trust: the gateway must present a certificate chaining to the CA stored at join (whose
+//! fingerprint was pinned at install). We present our own certificate; the private key stays
+//! in this process and the state directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::{ApplianceIdentity, Timestamp};
+use airlock_proto::gateway::appliance_gateway_client::ApplianceGatewayClient;
+use airlock_proto::gateway::{
+    ApplianceMessage, Health, HealthStatus, Heartbeat, Hello, RenewRequest, appliance_message, control_message,
+};
+use hyper_util::rt::TokioIo;
+use rcgen::KeyPair;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::join::{cert_matches_key, describe, new_key_and_csr};
+use crate::state_dir::{Credentials, Enrolment, StateDir, inspect_cert};
+use crate::{ApplianceError, now};
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The control plane revoked this appliance: do not retry on this identity.
+    Revoked(String),
+    /// Anything else: retry with backoff. `established` says the stream got as far as Welcome.
+    Dropped { reason: String, established: bool },
+    Shutdown,
+}
+
+pub struct Session<'a> {
+    pub state: &'a StateDir,
+    pub enrolment: &'a Enrolment,
+    pub ca_pem: &'a str,
+    pub identity: &'a ApplianceIdentity,
+    pub started: std::time::Instant,
+}
+
+impl Session<'_> {
+    pub async fn run(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> SessionEnd {
+        match self.run_inner(shutdown).await {
+            Ok(end) => end,
+            Err(end) => end,
+        }
+    }
+
+    async fn run_inner(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> Result<SessionEnd, SessionEnd> {
+        let dropped = |reason: String| SessionEnd::Dropped { reason, established: false };
+        let (_, _, creds) = self.state.load().map_err(|e| dropped(e.to_string()))?;
+        let tls = client_tls(self.ca_pem, &creds).map_err(dropped)?;
+        let channel = connect(&self.enrolment.gateway_endpoint, &self.enrolment.gateway_server_name, tls)
+            .await
+            .map_err(|e| classify_transport(&e))?;
+        let mut client = ApplianceGatewayClient::new(channel);
+        let (tx, rx) = mpsc::channel::<ApplianceMessage>(8);
+        let hello = ApplianceMessage {
+            body: Some(appliance_message::Body::Hello(Hello {
+                version: airlock_proto::VERSION.to_owned(),
+                health: Some(self.health()),
+            })),
+        };
+        // The channel has room: this is its first message.
+        let _ = tx.try_send(hello);
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| classify_status(&s, false))?
+            .into_inner();
+
+        let mut established = false;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
+        heartbeat.reset();
+        let mut seq = 0u64;
+        let mut pending_key: Option<KeyPair> = None;
+        let mut renew_at = self.renew_deadline(&creds.cert_pem);
+        loop {
+            let renew_sleep = tokio::time::sleep(renew_at.map_or(Duration::from_secs(3600), |t| t.since(now())));
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+                _ = renew_sleep, if pending_key.is_none() && renew_at.is_some() => {
+                    let (key, csr_pem) = new_key_and_csr(Some(&self.identity.uri())).map_err(|e| dropped(e.to_string()))?;
+                    tracing::info!("requesting certificate renewal with a new key pair");
+                    pending_key = Some(key);
+                    let msg = ApplianceMessage { body: Some(appliance_message::Body::Renew(RenewRequest { csr_pem })) };
+                    if tx.send(msg).await.is_err() {
+                        return Ok(SessionEnd::Dropped { reason: "stream closed".into(), established });
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    let msg = ApplianceMessage {
+                        body: Some(appliance_message::Body::Heartbeat(Heartbeat { seq, health: Some(self.health()) })),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return Ok(SessionEnd::Dropped { reason: "stream closed".into(), established });
+                    }
+                }
+                msg = inbound.message() => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok(SessionEnd::Dropped { reason: "control plane closed the stream".into(), established }),
+                        Err(status) => return Ok(classify_status(&status, established)),
+                    };
+                    match msg.body {
+                        Some(control_message::Body::Welcome(w)) => {
+                            established = true;
+                            let every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.clamp(1, 3600)));
+                            heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            tracing::info!(appliance = %w.appliance_id, heartbeat_seconds = every.as_secs(), "connected to control plane");
+                        }
+                        Some(control_message::Body::HeartbeatAck(_)) => {}
+                        Some(control_message::Body::Renewed(r)) => {
+                            let Some(key) = pending_key.take() else {
+                                tracing::warn!("ignoring a renewed certificate we did not ask for");
+                                continue;
+                            };
+                            match self.accept_renewal(&r.certificate_pem, &key) {
+                                Ok(next) => {
+                                    tracing::info!(serial = %r.serial, not_after = %Timestamp::from_unix_millis(r.not_after_unix_ms), "certificate renewed");
+                                    renew_at = Some(next);
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "refusing renewed certificate");
+                                    renew_at = Some(now().saturating_add(Duration::from_secs(5)));
+                                }
+                            }
+                        }
+                        Some(control_message::Body::RenewRefused(r)) => {
+                            pending_key = None;
+                            tracing::warn!(reason = %r.reason, "certificate renewal refused; will retry");
+                            renew_at = Some(now().saturating_add(Duration::from_secs(30)));
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn health(&self) -> Health {
+        Health { status: HealthStatus::Healthy as i32, uptime_seconds: self.started.elapsed().as_secs() }
+    }
+
+    fn renew_deadline(&self, cert_pem: &str) -> Option<Timestamp> {
+        inspect_cert(cert_pem).map(|(_, v, _)| v.renew_at())
+    }
+
+    /// Checks a renewed certificate is for our new key and identity, then replaces the old pair.
+    fn accept_renewal(&self, cert_pem: &str, key: &KeyPair) -> Result<Timestamp, ApplianceError> {
+        let (identity, validity, _) =
+            inspect_cert(cert_pem).ok_or_else(|| ApplianceError::Protocol("renewed certificate does not parse".into()))?;
+        if &identity != self.identity {
+            return Err(ApplianceError::Protocol("renewed certificate names another identity".into()));
+        }
+        if !cert_matches_key(cert_pem, key) {
+            return Err(ApplianceError::Protocol("renewed certificate is not for our new key".into()));
+        }
+        self.state.save_credentials(&Credentials { cert_pem: cert_pem.to_owned(), key_pem: key.serialize_pem() })?;
+        Ok(validity.renew_at())
+    }
+}
+
+fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| format!("stored CA: {e}"))?;
+    roots.add(ca).map_err(|e| format!("stored CA: {e}"))?;
+    let chain = vec![CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).map_err(|e| format!("certificate: {e}"))?];
+    let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).map_err(|e| format!("private key: {e}"))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
+        .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("client certificate: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Dials the gateway. The connector is ours so TLS is exactly the config above.
+async fn connect(
+    endpoint: &str,
+    server_name: &str,
+    tls: rustls::ClientConfig,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = ServerName::try_from(server_name.to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("static name is valid")); // The fallback fails verification, as it should.
+    let addr = endpoint.to_owned();
+    // The URI only carries the authority to tonic; TLS is done by the connector below.
+    tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(60))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+fn classify_status(status: &tonic::Status, established: bool) -> SessionEnd {
+    if status.code() == tonic::Code::PermissionDenied && status.message().starts_with(airlock_proto::REVOKED_STATUS_PREFIX) {
+        return SessionEnd::Revoked(status.message().to_owned());
+    }
+    if let Some(end) = tls_alert(status) {
+        return end;
+    }
+    SessionEnd::Dropped { reason: format!("{}: {}", status.code(), status.message()), established }
+}
+
+fn classify_transport(e: &(dyn std::error::Error + 'static)) -> SessionEnd {
+    tls_alert(e).unwrap_or_else(|| SessionEnd::Dropped { reason: describe(e), established: false })
+}
+
+/// A TLS 1.3 client learns its certificate was refused only from the server's alert, which
+/// may surface during the handshake or on the first read; look for it anywhere in the chain.
+fn tls_alert(e: &(dyn std::error::Error + 'static)) -> Option<SessionEnd> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(rustls::Error::AlertReceived(alert)) = err.downcast_ref::<rustls::Error>() {
+            if *alert == rustls::AlertDescription::CertificateRevoked {
+                return Some(SessionEnd::Revoked("the gateway refused our certificate as revoked".into()));
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)) =
+                io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+            {
+                return Some(SessionEnd::Revoked("the gateway refused our certificate as revoked".into()));
+            }
+        }
+        cur = err.source();
+    }
+    None
+}

@@ -1,0 +1,172 @@
+//! The appliance's state directory: its identity, private key and the pinned CA.
+//!
+//! The private key is generated here and never leaves: it is written with mode 0600 together
+//! with its certificate in one file replaced atomically, so a crash mid-rotation leaves the
+//! previous pair intact. The directory itself is mode 0700.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use airlock_core::{ApplianceIdentity, Fingerprint, Timestamp};
+use serde::{Deserialize, Serialize};
+
+const META: &str = "appliance.json";
+const CA: &str = "ca.pem";
+const CREDENTIALS: &str = "credentials.pem";
+const REVOKED: &str = "REVOKED";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("state directory {0} is damaged: {1}; move it aside and re-join with a new join token")]
+    Damaged(PathBuf, String),
+}
+
+/// What the appliance remembers about its enrolment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub identity: String,
+    pub control_plane: String,
+    pub gateway_endpoint: String,
+    pub gateway_server_name: String,
+    pub ca_fingerprint: String,
+}
+
+/// A certificate and the key it certifies.
+#[derive(Clone)]
+pub struct Credentials {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(<key redacted>)")
+    }
+}
+
+/// Validity of the current certificate.
+#[derive(Clone, Copy, Debug)]
+pub struct Validity {
+    pub not_before: Timestamp,
+    pub not_after: Timestamp,
+}
+
+impl Validity {
+    /// Renew at two thirds of the certificate's lifetime.
+    pub fn renew_at(&self) -> Timestamp {
+        let life = self.not_after.unix_millis() - self.not_before.unix_millis();
+        Timestamp::from_unix_millis(self.not_before.unix_millis() + life * 2 / 3)
+    }
+}
+
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(root: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(root).map_err(|source| StateError::Io { path: root.into(), source })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+                .map_err(|source| StateError::Io { path: root.into(), source })?;
+        }
+        Ok(Self { root: root.into() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn is_enrolled(&self) -> bool {
+        self.root.join(META).exists() && self.root.join(CREDENTIALS).exists()
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.root.join(REVOKED).exists()
+    }
+
+    pub fn mark_revoked(&self, why: &str) -> Result<(), StateError> {
+        self.write_atomic(REVOKED, why.as_bytes(), false)
+    }
+
+    pub fn load(&self) -> Result<(Enrolment, String, Credentials), StateError> {
+        let meta = self.read(META)?;
+        let enrolment: Enrolment =
+            serde_json::from_str(&meta).map_err(|e| StateError::Damaged(self.root.clone(), format!("{META}: {e}")))?;
+        let ca_pem = self.read(CA)?;
+        let creds = split_credentials(&self.read(CREDENTIALS)?)
+            .ok_or_else(|| StateError::Damaged(self.root.clone(), format!("{CREDENTIALS} lacks a certificate or key")))?;
+        Ok((enrolment, ca_pem, creds))
+    }
+
+    pub fn save_enrolment(&self, e: &Enrolment, ca_pem: &str, creds: &Credentials) -> Result<(), StateError> {
+        self.write_atomic(CA, ca_pem.as_bytes(), false)?;
+        self.save_credentials(creds)?;
+        let json = serde_json::to_vec_pretty(e).map_err(|err| StateError::Damaged(self.root.clone(), err.to_string()))?;
+        self.write_atomic(META, &json, false)
+    }
+
+    pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
+        let both = format!("{}{}", creds.cert_pem, creds.key_pem);
+        self.write_atomic(CREDENTIALS, both.as_bytes(), true)
+    }
+
+    fn read(&self, name: &str) -> Result<String, StateError> {
+        let path = self.root.join(name);
+        std::fs::read_to_string(&path).map_err(|source| StateError::Io { path, source })
+    }
+
+    /// Writes to a temporary file, syncs it, then renames it into place.
+    fn write_atomic(&self, name: &str, data: &[u8], private: bool) -> Result<(), StateError> {
+        let path = self.root.join(name);
+        let tmp = self.root.join(format!(".{name}.tmp"));
+        let io = |source| StateError::Io { path: path.clone(), source };
+        let _ = std::fs::remove_file(&tmp);
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(if private { 0o600 } else { 0o644 });
+        }
+        let mut f = opts.open(&tmp).map_err(io)?;
+        f.write_all(data).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Ok(dir) = std::fs::File::open(&self.root) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+fn split_credentials(text: &str) -> Option<Credentials> {
+    let key_start = text.find("-----BEGIN PRIVATE KEY-----")?;
+    let (cert, key) = text.split_at(key_start);
+    cert.contains("-----BEGIN CERTIFICATE-----").then(|| Credentials { cert_pem: cert.to_owned(), key_pem: key.to_owned() })
+}
+
+/// Reads identity and validity from a certificate this appliance holds.
+pub fn inspect_cert(pem: &str) -> Option<(ApplianceIdentity, Validity, Fingerprint)> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let uri = san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    })?;
+    let identity = uri.parse().ok()?;
+    let v = cert.validity();
+    let validity = Validity {
+        not_before: Timestamp::from_unix_millis(v.not_before.timestamp() * 1000),
+        not_after: Timestamp::from_unix_millis(v.not_after.timestamp() * 1000),
+    };
+    Some((identity, validity, Fingerprint::of_der(der.as_ref())))
+}

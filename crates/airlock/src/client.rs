@@ -1,0 +1,69 @@
+//! The CLI's HTTPS client for the control plane API, trusting only the pinned CA.
+
+use airlock_core::Fingerprint;
+use anyhow::{Context, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub(crate) struct ApiClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub(crate) fn new(base: &str, token: &str, pin: Fingerprint) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .context("building HTTP client")?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http })
+    }
+
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+            if let Some(pinned) = airlock_proto::tls::find_pin_mismatch(&e) {
+                anyhow::anyhow!("the server at {} does not present the pinned CA {pinned}; check AIRLOCK_CA_FINGERPRINT", self.base)
+            } else {
+                anyhow::anyhow!("cannot reach {}: {}", self.base, chain(&e))
+            }
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading response")?;
+        if !status.is_success() {
+            let msg = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            bail!("{} (HTTP {})", msg, status.as_u16());
+        }
+        serde_json::from_str(&text).with_context(|| format!("unexpected response: {}", text.chars().take(200).collect::<String>()))
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
+}
