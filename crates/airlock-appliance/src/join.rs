@@ -34,20 +34,14 @@ pub async fn join(
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| ApplianceError::Internal(format!("HTTP client: {e}")))?;
-    let body = JoinRequest {
-        join_token: token.expose().to_owned(),
-        csr_pem,
-        version: airlock_proto::VERSION.to_owned(),
-    };
-    let resp = client
-        .post(format!("{control_plane}{JOIN_PATH}"))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| match airlock_proto::tls::find_pin_mismatch(&e) {
+    let body =
+        JoinRequest { join_token: token.expose().to_owned(), csr_pem, version: airlock_proto::VERSION.to_owned() };
+    let resp = client.post(format!("{control_plane}{JOIN_PATH}")).json(&body).send().await.map_err(|e| {
+        match airlock_proto::tls::find_pin_mismatch(&e) {
             Some(pinned) => ApplianceError::UntrustedControlPlane { pinned },
             None => ApplianceError::Unreachable(describe(&e)),
-        })?;
+        }
+    })?;
     let status = resp.status();
     if !status.is_success() {
         // Off the network: the message is shown to the operator, never interpreted.
@@ -58,10 +52,8 @@ pub async fn join(
             .unwrap_or_else(|| text.chars().take(300).collect());
         return Err(ApplianceError::JoinRefused { status: status.as_u16(), message });
     }
-    let joined: JoinResponse = resp
-        .json()
-        .await
-        .map_err(|e| ApplianceError::Protocol(format!("join response: {e}")))?;
+    let joined: JoinResponse =
+        resp.json().await.map_err(|e| ApplianceError::Protocol(format!("join response: {e}")))?;
     check_join_response(&joined, pin, &key)?;
     let enrolment = Enrolment {
         identity: joined.identity,
@@ -107,14 +99,12 @@ pub(crate) fn cert_matches_key(cert_pem: &str, key: &KeyPair) -> bool {
 
 /// Flattens an error chain into one line for the operator.
 pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
+    let mut parts: Vec<String> = Vec::new();
+    for err in airlock_proto::tls::error_chain(e) {
+        let text = err.to_string();
         if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
-        cur = s.source();
     }
     parts.join(": ")
 }

@@ -23,17 +23,25 @@ use state_dir::{StateDir, inspect_cert};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplianceError {
-    #[error("the control plane is not trusted: its certificate chain does not include the pinned CA {pinned}; check --ca-fingerprint (printed by `airlock server init`)")]
+    #[error(
+        "the control plane is not trusted: its certificate chain does not include the pinned CA {pinned}; check --ca-fingerprint (printed by `airlock server init`)"
+    )]
     UntrustedControlPlane { pinned: Fingerprint },
     #[error("join refused by the control plane (HTTP {status}): {message}")]
     JoinRefused { status: u16, message: String },
-    #[error("this appliance has no identity yet and no join token was given; pass --join-token (from `airlock env join-token`)")]
+    #[error(
+        "this appliance has no identity yet and no join token was given; pass --join-token (from `airlock env join-token`)"
+    )]
     NoJoinToken,
     #[error("cannot reach the control plane: {0}")]
     Unreachable(String),
-    #[error("this appliance was revoked by the control plane ({0}); it will not retry. To enrol again, move the state directory aside and join with a new join token")]
+    #[error(
+        "this appliance was revoked by the control plane ({0}); it will not retry. To enrol again, move the state directory aside and join with a new join token"
+    )]
     Revoked(String),
-    #[error("the appliance certificate expired at {0} while it could not renew; move the state directory aside and join with a new join token")]
+    #[error(
+        "the appliance certificate expired at {0} while it could not renew; move the state directory aside and join with a new join token"
+    )]
     CertificateExpired(Timestamp),
     #[error("the state directory was enrolled with CA {stored}, but the configured CA fingerprint is {configured}")]
     PinChanged { stored: String, configured: Fingerprint },
@@ -51,7 +59,10 @@ pub fn now() -> Timestamp {
 }
 
 /// Runs the appliance until `shutdown` turns true, or until it must stop for good.
-pub async fn run(config: ApplianceConfig, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), ApplianceError> {
+pub async fn run(
+    config: ApplianceConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ApplianceError> {
     let state = StateDir::open(&config.state_dir)?;
     if state.is_revoked() {
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
@@ -73,7 +84,13 @@ pub async fn run(config: ApplianceConfig, mut shutdown: tokio::sync::watch::Rece
         .ok_or_else(|| ApplianceError::Protocol("stored certificate names no appliance identity".into()))?;
     tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
 
-    let session = Session { state: &state, enrolment: &enrolment, ca_pem: &ca_pem, identity: &identity, started: std::time::Instant::now() };
+    let session = Session {
+        state: &state,
+        enrolment: &enrolment,
+        ca_pem: &ca_pem,
+        identity: &identity,
+        started: std::time::Instant::now(),
+    };
     let mut backoff = backoff::Backoff::new(Duration::from_millis(250), config.max_backoff);
     loop {
         if *shutdown.borrow() {
@@ -91,10 +108,10 @@ pub async fn run(config: ApplianceConfig, mut shutdown: tokio::sync::watch::Rece
                     backoff.reset();
                 }
                 let (_, _, creds) = state.load()?;
-                if let Some((_, validity, _)) = inspect_cert(&creds.cert_pem) {
-                    if now() >= validity.not_after {
-                        return Err(ApplianceError::CertificateExpired(validity.not_after));
-                    }
+                if let Some((_, validity, _)) = inspect_cert(&creds.cert_pem)
+                    && now() >= validity.not_after
+                {
+                    return Err(ApplianceError::CertificateExpired(validity.not_after));
                 }
                 let delay = backoff.next_delay();
                 tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "connection to control plane lost");

@@ -29,7 +29,10 @@ pub enum SessionEnd {
     /// The control plane revoked this appliance: do not retry on this identity.
     Revoked(String),
     /// Anything else: retry with backoff. `established` says the stream got as far as Welcome.
-    Dropped { reason: String, established: bool },
+    Dropped {
+        reason: String,
+        established: bool,
+    },
     Shutdown,
 }
 
@@ -66,11 +69,8 @@ impl Session<'_> {
         };
         // The channel has room: this is its first message.
         let _ = tx.try_send(hello);
-        let mut inbound = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| classify_status(&s, false))?
-            .into_inner();
+        let mut inbound =
+            client.session(ReceiverStream::new(rx)).await.map_err(|s| classify_status(&s, false))?.into_inner();
 
         let mut established = false;
         let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
@@ -152,8 +152,8 @@ impl Session<'_> {
 
     /// Checks a renewed certificate is for our new key and identity, then replaces the old pair.
     fn accept_renewal(&self, cert_pem: &str, key: &KeyPair) -> Result<Timestamp, ApplianceError> {
-        let (identity, validity, _) =
-            inspect_cert(cert_pem).ok_or_else(|| ApplianceError::Protocol("renewed certificate does not parse".into()))?;
+        let (identity, validity, _) = inspect_cert(cert_pem)
+            .ok_or_else(|| ApplianceError::Protocol("renewed certificate does not parse".into()))?;
         if &identity != self.identity {
             return Err(ApplianceError::Protocol("renewed certificate names another identity".into()));
         }
@@ -169,7 +169,8 @@ fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig,
     let mut roots = rustls::RootCertStore::empty();
     let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| format!("stored CA: {e}"))?;
     roots.add(ca).map_err(|e| format!("stored CA: {e}"))?;
-    let chain = vec![CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).map_err(|e| format!("certificate: {e}"))?];
+    let chain =
+        vec![CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).map_err(|e| format!("certificate: {e}"))?];
     let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).map_err(|e| format!("private key: {e}"))?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
         .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
@@ -201,15 +202,103 @@ async fn connect(
             async move {
                 let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
                 tcp.set_nodelay(true)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+                let mut tls = connector.connect(name, tcp).await?;
+                let first = read_first_flight(&mut tls).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(Replay { prefix: first, pos: 0, inner: tls }))
             }
         }))
         .await
 }
 
+/// The gateway refused our certificate after the handshake completed on our side.
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway refused our certificate: {0}")]
+pub struct CertificateRefused(String);
+
+/// In TLS 1.3 the server judges a client certificate after the client has finished its
+/// handshake, so a refusal arrives as an alert on the first read. Reading the server's first
+/// flight (its HTTP/2 SETTINGS) here turns that alert into a typed error before tonic sees
+/// the connection; the bytes read are replayed to tonic.
+async fn read_first_flight<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = match tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await {
+        Err(_) => {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "gateway sent nothing after the handshake"));
+        }
+        Ok(Err(e)) => {
+            // tokio-rustls reports a received alert as text on this path.
+            let text = e.to_string();
+            return Err(match text.strip_prefix("received fatal alert: ") {
+                Some(alert) => {
+                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, CertificateRefused(alert.to_owned()))
+                }
+                None => e,
+            });
+        }
+        Ok(Ok(n)) => n,
+    };
+    if n == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "gateway closed the connection"));
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// A stream that first yields bytes already read from it.
+struct Replay<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 fn classify_status(status: &tonic::Status, established: bool) -> SessionEnd {
-    if status.code() == tonic::Code::PermissionDenied && status.message().starts_with(airlock_proto::REVOKED_STATUS_PREFIX) {
+    if status.code() == tonic::Code::PermissionDenied
+        && status.message().starts_with(airlock_proto::REVOKED_STATUS_PREFIX)
+    {
         return SessionEnd::Revoked(status.message().to_owned());
     }
     if let Some(end) = tls_alert(status) {
@@ -222,24 +311,14 @@ fn classify_transport(e: &(dyn std::error::Error + 'static)) -> SessionEnd {
     tls_alert(e).unwrap_or_else(|| SessionEnd::Dropped { reason: describe(e), established: false })
 }
 
-/// A TLS 1.3 client learns its certificate was refused only from the server's alert, which
-/// may surface during the handshake or on the first read; look for it anywhere in the chain.
+/// Whether the gateway refused our certificate as revoked, anywhere in the error chain.
 fn tls_alert(e: &(dyn std::error::Error + 'static)) -> Option<SessionEnd> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(rustls::Error::AlertReceived(alert)) = err.downcast_ref::<rustls::Error>() {
-            if *alert == rustls::AlertDescription::CertificateRevoked {
-                return Some(SessionEnd::Revoked("the gateway refused our certificate as revoked".into()));
-            }
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)) =
-                io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-            {
-                return Some(SessionEnd::Revoked("the gateway refused our certificate as revoked".into()));
-            }
-        }
-        cur = err.source();
-    }
-    None
+    let revoked = airlock_proto::tls::error_chain(e).any(|err| {
+        matches!(err.downcast_ref::<CertificateRefused>(), Some(CertificateRefused(alert)) if alert == "CertificateRevoked")
+            || matches!(
+                err.downcast_ref::<rustls::Error>(),
+                Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked))
+            )
+    });
+    revoked.then(|| SessionEnd::Revoked("the gateway refused our certificate as revoked".into()))
 }

@@ -98,15 +98,17 @@ impl StateDir {
         let enrolment: Enrolment =
             serde_json::from_str(&meta).map_err(|e| StateError::Damaged(self.root.clone(), format!("{META}: {e}")))?;
         let ca_pem = self.read(CA)?;
-        let creds = split_credentials(&self.read(CREDENTIALS)?)
-            .ok_or_else(|| StateError::Damaged(self.root.clone(), format!("{CREDENTIALS} lacks a certificate or key")))?;
+        let creds = split_credentials(&self.read(CREDENTIALS)?).ok_or_else(|| {
+            StateError::Damaged(self.root.clone(), format!("{CREDENTIALS} lacks a certificate or key"))
+        })?;
         Ok((enrolment, ca_pem, creds))
     }
 
     pub fn save_enrolment(&self, e: &Enrolment, ca_pem: &str, creds: &Credentials) -> Result<(), StateError> {
         self.write_atomic(CA, ca_pem.as_bytes(), false)?;
         self.save_credentials(creds)?;
-        let json = serde_json::to_vec_pretty(e).map_err(|err| StateError::Damaged(self.root.clone(), err.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(e).map_err(|err| StateError::Damaged(self.root.clone(), err.to_string()))?;
         self.write_atomic(META, &json, false)
     }
 
@@ -147,7 +149,8 @@ impl StateDir {
 fn split_credentials(text: &str) -> Option<Credentials> {
     let key_start = text.find("-----BEGIN PRIVATE KEY-----")?;
     let (cert, key) = text.split_at(key_start);
-    cert.contains("-----BEGIN CERTIFICATE-----").then(|| Credentials { cert_pem: cert.to_owned(), key_pem: key.to_owned() })
+    cert.contains("-----BEGIN CERTIFICATE-----")
+        .then(|| Credentials { cert_pem: cert.to_owned(), key_pem: key.to_owned() })
 }
 
 /// Reads identity and validity from a certificate this appliance holds.

@@ -128,13 +128,7 @@ impl Record {
     }
 
     fn recomputed_hash(&self) -> ChainHash {
-        hash_body(&RecordBody {
-            chain: &self.chain,
-            seq: self.seq,
-            at: self.at,
-            event: &self.event,
-            prev: self.prev,
-        })
+        hash_body(&RecordBody { chain: &self.chain, seq: self.seq, at: self.at, event: &self.event, prev: self.prev })
     }
 }
 
@@ -152,7 +146,9 @@ fn hash_body(body: &RecordBody<'_>) -> ChainHash {
 pub enum ChainBreak {
     #[error("record {position} (seq {seq}) belongs to chain `{found}`, expected `{expected}`")]
     WrongChain { position: u64, seq: u64, expected: String, found: String },
-    #[error("record {position} has seq {seq}, expected {expected}: a record was deleted, inserted or reordered")]
+    #[error(
+        "record seq {expected} is missing or out of place (position {position} holds seq {seq}): a record was deleted, inserted or reordered"
+    )]
     Sequence { position: u64, seq: u64, expected: u64 },
     #[error("record seq {seq}: its hash does not match its content: the record was edited")]
     Edited { seq: u64 },
@@ -288,10 +284,7 @@ mod tests {
     fn audit_chain_detects_truncation_against_anchor() {
         let recs = chain(5);
         let anchor = recs[4].head();
-        assert_eq!(
-            verify_chain("c", &recs[..3], Some(anchor)),
-            Err(ChainBreak::Truncated { found: 3, expected: 5 })
-        );
+        assert_eq!(verify_chain("c", &recs[..3], Some(anchor)), Err(ChainBreak::Truncated { found: 3, expected: 5 }));
     }
 
     #[test]

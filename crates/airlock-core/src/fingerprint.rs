@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 pub struct Fingerprint([u8; 32]);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a SHA-256 fingerprint; expected 64 hex digits, optionally prefixed `sha256:` and separated by `:`")]
+#[error(
+    "`{0}` is not a SHA-256 fingerprint; expected 64 hex digits, optionally prefixed `sha256:` and separated by `:`"
+)]
 pub struct FingerprintParseError(String);
 
 impl Fingerprint {
@@ -40,17 +42,12 @@ impl FromStr for Fingerprint {
     type Err = FingerprintParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let trimmed = s.trim();
-        let body = trimmed
-            .strip_prefix("sha256:")
-            .or_else(|| trimmed.strip_prefix("SHA256:"))
-            .unwrap_or(trimmed);
+        let body = trimmed.strip_prefix("sha256:").or_else(|| trimmed.strip_prefix("SHA256:")).unwrap_or(trimmed);
         let hex: String = body.chars().filter(|c| *c != ':').collect();
         let bytes = HEXLOWER_PERMISSIVE
             .decode(hex.as_bytes())
             .map_err(|_| FingerprintParseError(s.chars().take(80).collect()))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| FingerprintParseError(s.chars().take(80).collect()))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| FingerprintParseError(s.chars().take(80).collect()))?;
         Ok(Self(arr))
     }
 }

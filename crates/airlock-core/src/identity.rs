@@ -42,13 +42,8 @@ impl fmt::Display for ApplianceIdentity {
 impl FromStr for ApplianceIdentity {
     type Err = IdentityParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |why: &str| IdentityParseError {
-            uri: s.chars().take(200).collect(),
-            why: why.to_owned(),
-        };
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| err("missing spiffe:// scheme"))?;
+        let err = |why: &str| IdentityParseError { uri: s.chars().take(200).collect(), why: why.to_owned() };
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| err("missing spiffe:// scheme"))?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [domain, "tenant", t, "env", e, "appliance", a] => {
@@ -71,9 +66,7 @@ impl FromStr for ApplianceIdentity {
 pub fn is_valid_trust_domain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
-        && s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 #[cfg(test)]

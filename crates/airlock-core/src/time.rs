@@ -68,9 +68,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Some(i) => (&s[..i], &s[i..]),
         None => (s, "s"),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration; use e.g. 90s, 15m, 4h or 30d"))?;
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration; use e.g. 90s, 15m, 4h or 30d"))?;
     let secs = match unit {
         "s" => n,
         "m" => n.saturating_mul(60),

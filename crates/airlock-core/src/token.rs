@@ -61,9 +61,7 @@ impl Secret {
     /// Checks a presented token's shape without learning anything about its validity.
     pub fn parse(kind: TokenKind, text: &str) -> Result<Self, TokenParseError> {
         let text = text.trim();
-        let body = text
-            .strip_prefix(kind.prefix())
-            .ok_or(TokenParseError::WrongPrefix(kind, kind.prefix()))?;
+        let body = text.strip_prefix(kind.prefix()).ok_or(TokenParseError::WrongPrefix(kind, kind.prefix()))?;
         if body.len() != 52 || !body.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)) {
             return Err(TokenParseError::Malformed);
         }
@@ -105,10 +103,7 @@ mod tests {
     #[test]
     fn token_kinds_do_not_mix() {
         let join = Secret::from_random(TokenKind::Join, [1; 32]);
-        assert!(matches!(
-            Secret::parse(TokenKind::Api, join.expose()),
-            Err(TokenParseError::WrongPrefix(..))
-        ));
+        assert!(matches!(Secret::parse(TokenKind::Api, join.expose()), Err(TokenParseError::WrongPrefix(..))));
         assert_eq!(Secret::parse(TokenKind::Join, "airlock_jt_short"), Err(TokenParseError::Malformed));
     }
 }

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use airlock_core::Fingerprint;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, OtherError, RootCertStore, SignatureScheme};
@@ -23,7 +23,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 #[derive(Debug, thiserror::Error)]
-#[error("the control plane's certificate chain does not include the pinned CA {pinned}; check the CA fingerprint you were given (`airlock server init` prints it)")]
+#[error(
+    "the control plane's certificate chain does not include the pinned CA {pinned}; check the CA fingerprint you were given (`airlock server init` prints it)"
+)]
 pub struct PinMismatch {
     pub pinned: Fingerprint,
 }
@@ -52,14 +54,9 @@ impl ServerCertVerifier for PinnedCaVerifier {
     ) -> Result<ServerCertVerified, Error> {
         // The presented chain came off the network: only a certificate whose hash we pinned
         // can become a trust anchor.
-        let anchor = intermediates
-            .iter()
-            .find(|c| Fingerprint::of_der(c.as_ref()) == self.pin)
-            .ok_or_else(|| {
-                Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(PinMismatch {
-                    pinned: self.pin,
-                }))))
-            })?;
+        let anchor = intermediates.iter().find(|c| Fingerprint::of_der(c.as_ref()) == self.pin).ok_or_else(|| {
+            Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(PinMismatch { pinned: self.pin }))))
+        })?;
         let mut roots = RootCertStore::empty();
         roots.add(anchor.clone().into_owned())?;
         let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
@@ -84,12 +81,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -111,23 +103,31 @@ pub fn pinned_client_config(pin: Fingerprint) -> rustls::ClientConfig {
 
 /// Walks an error's source chain looking for a pin mismatch, so callers can say so plainly.
 pub fn find_pin_mismatch(err: &(dyn std::error::Error + 'static)) -> Option<Fingerprint> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
+    error_chain(err).find_map(|e| {
         if let Some(p) = e.downcast_ref::<PinMismatch>() {
-            return Some(p.pin_value());
+            return Some(p.pinned);
         }
-        if let Some(Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) = e.downcast_ref::<Error>() {
-            if let Some(p) = inner.downcast_ref::<PinMismatch>() {
-                return Some(p.pin_value());
+        match e.downcast_ref::<Error>() {
+            Some(Error::InvalidCertificate(CertificateError::Other(OtherError(other)))) => {
+                other.downcast_ref::<PinMismatch>().map(|p| p.pinned)
             }
+            _ => None,
         }
-        cur = e.source();
-    }
-    None
+    })
 }
 
-impl PinMismatch {
-    fn pin_value(&self) -> Fingerprint {
-        self.pinned
-    }
+/// Finds the first rustls error anywhere in an error's chain.
+pub fn find_tls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Error> {
+    error_chain(err).find_map(|e| e.downcast_ref::<Error>())
+}
+
+/// Every error in a chain. Unlike plain `source()`, this descends into `io::Error`s, whose
+/// `source()` skips the error they wrap (and TLS stacks nest them).
+pub fn error_chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+        None => e.source(),
+    })
 }

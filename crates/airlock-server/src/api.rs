@@ -189,7 +189,12 @@ impl FromRequestParts<Arc<AppState>> for Authed {
 }
 
 /// Checks `action` is allowed and audits the refusal if not.
-async fn authorize(state: &AppState, scope: &TenantScope, action: Action, target: Option<String>) -> Result<(), ApiError> {
+async fn authorize(
+    state: &AppState,
+    scope: &TenantScope,
+    action: Action,
+    target: Option<String>,
+) -> Result<(), ApiError> {
     if scope.permits(action) {
         return Ok(());
     }
@@ -200,7 +205,12 @@ async fn authorize(state: &AppState, scope: &TenantScope, action: Action, target
 }
 
 /// Audits a read or a refused call in the caller's chain and passes the result through.
-async fn audited<T>(state: &AppState, scope: &TenantScope, mut ev: Event, result: Result<T, ApiError>) -> Result<T, ApiError> {
+async fn audited<T>(
+    state: &AppState,
+    scope: &TenantScope,
+    mut ev: Event,
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
     if let Err(e) = &result {
         ev.outcome = e.outcome();
         ev.detail = serde_json::json!({ "error": e.message });
@@ -230,10 +240,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
         .into_response()
 }
 
@@ -270,7 +277,10 @@ async fn get_ca(State(state): State<Arc<AppState>>) -> Json<CaInfo> {
 /// Exchange a single-use join token and a CSR for an appliance certificate.
 #[utoipa::path(post, path = "/v1/join", request_body = JoinRequest,
     responses((status = 200, body = JoinResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-async fn join(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
+async fn join(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
     let now = state.now();
     let refuse = |chain: String, why: String, status: StatusCode| {
         let state = state.clone();
@@ -278,7 +288,11 @@ async fn join(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<JoinRequ
             let mut ev = event("anonymous", "appliance.join", Outcome::Denied);
             ev.detail = serde_json::json!({ "reason": why });
             state.audit_refusal(&chain, ev).await;
-            ApiError::new(status, if status == StatusCode::BAD_REQUEST { "bad_request" } else { "unauthenticated" }, why)
+            ApiError::new(
+                status,
+                if status == StatusCode::BAD_REQUEST { "bad_request" } else { "unauthenticated" },
+                why,
+            )
         }
     };
     let secret = match Secret::parse(TokenKind::Join, &req.join_token) {
@@ -320,8 +334,7 @@ async fn join(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<JoinRequ
         }
     };
     let version: String = req.version.chars().filter(|c| !c.is_control()).take(64).collect();
-    tx.insert_appliance(redeemed.tenant, redeemed.environment, appliance, &version, &issued.serial, issued.not_after, now)
-        .await?;
+    tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), now).await?;
     let mut ev = event(format!("appliance:{appliance}"), "appliance.join", Outcome::Success);
     ev.target = Some(appliance.to_string());
     ev.detail = serde_json::json!({
@@ -357,7 +370,10 @@ pub struct WorkspaceView {
 /// List the workspaces of the caller's tenant.
 #[utoipa::path(get, path = "/v1/workspaces", security(("bearer" = [])),
     responses((status = 200, body = Vec<WorkspaceView>), (status = 401, body = ErrorBody)))]
-async fn list_workspaces(State(state): State<Arc<AppState>>, Authed(scope): Authed) -> Result<Json<Vec<WorkspaceView>>, ApiError> {
+async fn list_workspaces(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+) -> Result<Json<Vec<WorkspaceView>>, ApiError> {
     authorize(&state, &scope, Action::ListWorkspaces, None).await?;
     let result = state.store.list_workspaces(&scope).await.map_err(ApiError::from).map(|ws| {
         ws.into_iter()
@@ -378,7 +394,12 @@ pub struct EnvironmentView {
 
 impl From<crate::store::Environment> for EnvironmentView {
     fn from(e: crate::store::Environment) -> Self {
-        Self { id: e.id.to_string(), workspace_id: e.workspace_id.to_string(), name: e.name, created_at: e.created_at.to_string() }
+        Self {
+            id: e.id.to_string(),
+            workspace_id: e.workspace_id.to_string(),
+            name: e.name,
+            created_at: e.created_at.to_string(),
+        }
     }
 }
 
@@ -610,7 +631,8 @@ async fn revoke_appliance(
     let mut tx = state.store.write().await?;
     if !tx.revoke_appliance(&scope, id, now).await? {
         drop(tx);
-        return audited(&state, &scope, ev, Err(ApiError::not_found(format!("no appliance {id} in your tenant")))).await;
+        return audited(&state, &scope, ev, Err(ApiError::not_found(format!("no appliance {id} in your tenant"))))
+            .await;
     }
     // Refuse new handshakes before the commit returns, and end the live stream right after.
     state.revoked.insert(id);
@@ -632,3 +654,7 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
         Err(ApiError::bad_request("name must be 1–64 characters of letters, digits, `-`, `_` or `.`"))
     }
 }
+
+#[cfg(test)]
+#[path = "api_tests.rs"]
+mod tests;

@@ -7,7 +7,7 @@
 use std::str::FromStr;
 
 use airlock_core::id::TokenId;
-use airlock_core::{ApplianceIdentity, ApplianceId, TenantId};
+use airlock_core::{ApplianceId, ApplianceIdentity, TenantId};
 
 use crate::store::ApiTokenRow;
 

@@ -15,8 +15,10 @@ use rcgen::{
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// How far back `not_before` is set, to tolerate small clock skew between the parties.
-const BACKDATE: Duration = Duration::from_secs(60);
+/// How far back `not_before` is set, to tolerate small clock skew between the parties. For
+/// short test lifetimes it shrinks to a tenth of the lifetime, so the appliance's renewal
+/// point (two thirds of not_before..not_after) stays two thirds of the real lifetime.
+const MAX_BACKDATE: Duration = Duration::from_secs(60);
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +73,9 @@ impl CertificateAuthority {
         params.distinguished_name.push(DnType::CommonName, format!("Airlock CA {trust_domain}"));
         params.distinguished_name.push(DnType::OrganizationName, "Airlock");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        params.not_before = backdated(now);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_before = backdated(now, CA_LIFETIME);
         params.not_after = now.saturating_add(CA_LIFETIME).to_offset_date_time();
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = false;
@@ -159,10 +162,7 @@ impl CertificateAuthority {
         let expected = identity.uri();
         let uris = requested_uris(&csr);
         if uris.len() != 1 || uris[0] != expected {
-            return Err(CaError::IdentityMismatch {
-                requested: truncate(&uris.join(",")),
-                expected,
-            });
+            return Err(CaError::IdentityMismatch { requested: truncate(&uris.join(",")), expected });
         }
         if csr.public_key.der_bytes() == current_spki {
             return Err(CaError::KeyReused);
@@ -185,12 +185,11 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, identity.appliance.to_string());
-        params.subject_alt_names =
-            vec![SanType::URI(identity.uri().try_into().map_err(gen_err)?)];
+        params.subject_alt_names = vec![SanType::URI(identity.uri().try_into().map_err(gen_err)?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        let (not_before, not_after) = (backdated(now), now.saturating_add(lifetime));
+        let (not_before, not_after) = (backdated(now, lifetime), now.saturating_add(lifetime));
         params.not_before = not_before;
         params.not_after = not_after.to_offset_date_time();
         let serial = random_serial()?;
@@ -213,7 +212,7 @@ impl CertificateAuthority {
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
         let not_after = now.saturating_add(lifetime);
-        params.not_before = backdated(now);
+        params.not_before = backdated(now, lifetime);
         params.not_after = not_after.to_offset_date_time();
         let serial = random_serial()?;
         params.serial_number = Some(serial.clone());
@@ -264,8 +263,9 @@ fn random_serial() -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn backdated(now: Timestamp) -> time::OffsetDateTime {
-    Timestamp::from_unix_millis(now.unix_millis() - BACKDATE.as_millis() as i64).to_offset_date_time()
+fn backdated(now: Timestamp, lifetime: Duration) -> time::OffsetDateTime {
+    let back = MAX_BACKDATE.min(lifetime / 10);
+    Timestamp::from_unix_millis(now.unix_millis() - back.as_millis() as i64).to_offset_date_time()
 }
 
 /// X.509 times have second precision; report what the certificate really says.
@@ -315,7 +315,7 @@ mod tests {
         let (ca, _) = CertificateAuthority::generate("airlock.test", now()).unwrap();
         let key = KeyPair::generate().unwrap();
         let issued = ca.sign_join_csr(&csr(&key, vec![]), &identity(), now(), Duration::from_secs(60)).unwrap();
-        let (_, cert) = <x509_parser::certificate::X509Certificate as x509_parser::prelude::FromDer>::from_der(&issued.der).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.der).unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
         assert_eq!(format!("{:?}", san.value.general_names[0]), format!("URI({:?})", identity().uri()));
         assert_eq!(issued.not_after.unix_seconds(), now().unix_seconds() + 60);

@@ -66,7 +66,10 @@ impl tokio::io::AsyncWrite for GatewayConn {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -105,7 +108,8 @@ pub async fn serve(
                     Err(_) => return handshake_refused(&state, addr, "handshake_timeout").await,
                 };
                 let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
-                let Some(peer) = leaf.and_then(|der| parse_peer_cert(der.as_ref(), state.ca.trust_domain()).ok()) else {
+                let Some(peer) = leaf.and_then(|der| parse_peer_cert(der.as_ref(), state.ca.trust_domain()).ok())
+                else {
                     return handshake_refused(&state, addr, "not_an_appliance").await;
                 };
                 let _ = conn_tx.send(Ok(GatewayConn { io: tls, peer })).await;
@@ -212,10 +216,10 @@ impl ApplianceGateway for GatewayService {
                             Ok(None) | Err(_) => break,
                         };
                         let reply = handle_message(&state, &registration, &peer, &scope, msg, &mut version).await;
-                        if let Some(reply) = reply {
-                            if tx.send(Ok(reply)).await.is_err() {
-                                break;
-                            }
+                        if let Some(reply) = reply
+                            && tx.send(Ok(reply)).await.is_err()
+                        {
+                            break;
                         }
                     }
                 }
@@ -288,16 +292,17 @@ async fn renew_certificate(
     let now = state.now();
     let actor = scope.principal().actor();
     let target = Some(peer.identity.appliance.to_string());
-    let issued = match state.ca.sign_renewal_csr(csr_pem, &peer.identity, &peer.spki, now, state.appliance_cert_lifetime) {
-        Ok(i) => i,
-        Err(e) => {
-            let mut ev = event(actor, "appliance.certificate_renew", Outcome::Denied);
-            ev.target = target;
-            ev.detail = serde_json::json!({ "reason": e.to_string() });
-            state.audit_refusal(&scope.chain(), ev).await;
-            return control_message::Body::RenewRefused(RenewRefused { reason: e.to_string() });
-        }
-    };
+    let issued =
+        match state.ca.sign_renewal_csr(csr_pem, &peer.identity, &peer.spki, now, state.appliance_cert_lifetime) {
+            Ok(i) => i,
+            Err(e) => {
+                let mut ev = event(actor, "appliance.certificate_renew", Outcome::Denied);
+                ev.target = target;
+                ev.detail = serde_json::json!({ "reason": e.to_string() });
+                state.audit_refusal(&scope.chain(), ev).await;
+                return control_message::Body::RenewRefused(RenewRefused { reason: e.to_string() });
+            }
+        };
     let committed = async {
         let mut tx = state.store.write().await?;
         tx.record_renewal(scope, peer.identity.appliance, &issued.serial, issued.not_after).await?;

@@ -9,7 +9,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-pub(crate) async fn serve(listener: TcpListener, tls: rustls::ServerConfig, router: Router, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    router: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     loop {
         let (tcp, addr) = tokio::select! {

@@ -58,8 +58,8 @@ impl KekSource {
             KekSource::Env(hex) => parse_hex(hex.trim()).ok_or_else(|| KeyError::Malformed("AIRLOCK_KEK".into())),
             KekSource::File(path) => {
                 check_private(path)?;
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| KeyError::Read { path: path.clone(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.clone(), source })?;
                 parse_hex(text.trim()).ok_or_else(|| KeyError::Malformed(path.display().to_string()))
             }
         }
@@ -67,14 +67,14 @@ impl KekSource {
 
     /// Creates a new random KEK file (mode 0600) if this source is a file that does not exist.
     pub fn create_if_missing(&self) -> Result<Kek, KeyError> {
-        if let KekSource::File(path) = self {
-            if !path.exists() {
-                let mut key = [0u8; 32];
-                SystemRandom::new().fill(&mut key).map_err(|_| KeyError::Random)?;
-                write_private(path, data_encoding::HEXLOWER.encode(&key).as_bytes())
-                    .map_err(|source| KeyError::Write { path: path.clone(), source })?;
-                return Ok(Kek { key });
-            }
+        if let KekSource::File(path) = self
+            && !path.exists()
+        {
+            let mut key = [0u8; 32];
+            SystemRandom::new().fill(&mut key).map_err(|_| KeyError::Random)?;
+            write_private(path, data_encoding::HEXLOWER.encode(&key).as_bytes())
+                .map_err(|source| KeyError::Write { path: path.clone(), source })?;
+            return Ok(Kek { key });
         }
         self.load()
     }

@@ -350,12 +350,16 @@ fn local_addr(l: &tokio::net::TcpListener, addr: SocketAddr) -> Result<SocketAdd
     l.local_addr().map_err(|source| ServerError::Bind { addr, source })
 }
 
-fn read_tls_files(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
+fn read_tls_files(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
     use rustls::pki_types::pem::PemObject;
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| ServerError::Tls(format!("reading certificate chain {}: {e}", cert.display())))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ServerError::Tls(format!("reading private key {}: {e}", key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServerError::Tls(format!("reading private key {}: {e}", key.display())))?;
     Ok((chain, key))
 }
 
@@ -369,4 +373,25 @@ fn restrict_dir(dir: &Path) -> Result<(), ServerError> {
 #[cfg(not(unix))]
 fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
     Ok(())
+}
+
+/// Builds the shared state over an initialised data directory without binding listeners,
+/// for driving [`api::router`] in memory.
+#[cfg(test)]
+pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
+    let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
+    let ca = load_ca(&store, &kek).await.expect("load CA");
+    Arc::new(AppState {
+        store,
+        ca,
+        clock,
+        registry: registry::Registry::default(),
+        revoked: Arc::new(tls::RevokedSet::default()),
+        metrics: metrics::Metrics::default(),
+        appliance_cert_lifetime: Duration::from_secs(3600),
+        heartbeat_interval: Duration::from_secs(15),
+        join_token_ttl: Duration::from_secs(15 * 60),
+        gateway_endpoint: "127.0.0.1:1".into(),
+        gateway_server_name: "127.0.0.1".into(),
+    })
 }

@@ -37,7 +37,11 @@ impl Default for Metrics {
         let renewals = Counter::default();
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         registry.register("http_responses", "API responses by status code", http_responses.clone());
-        registry.register("gateway_appliances_connected", "Appliances with a live stream", appliances_connected.clone());
+        registry.register(
+            "gateway_appliances_connected",
+            "Appliances with a live stream",
+            appliances_connected.clone(),
+        );
         registry.register("gateway_heartbeats", "Heartbeats received", heartbeats.clone());
         registry.register("appliance_joins", "Successful appliance joins", joins.clone());
         registry.register("appliance_renewals", "Appliance certificates renewed", renewals.clone());

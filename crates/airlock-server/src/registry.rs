@@ -52,13 +52,9 @@ impl Registry {
     pub fn join(&self, appliance: ApplianceId, status: LiveStatus) -> (Registration, oneshot::Receiver<()>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let old = self
-            .lock()
-            .insert(appliance, Entry { conn, status, kick: Some(tx) });
-        if let Some(mut old) = old {
-            if let Some(kick) = old.kick.take() {
-                let _ = kick.send(());
-            }
+        let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx) });
+        if let Some(kick) = old.and_then(|mut old| old.kick.take()) {
+            let _ = kick.send(());
         }
         (Registration { appliance, conn }, rx)
     }
@@ -73,10 +69,10 @@ impl Registry {
     }
 
     pub fn update(&self, reg: &Registration, f: impl FnOnce(&mut LiveStatus)) {
-        if let Some(e) = self.lock().get_mut(&reg.appliance) {
-            if e.conn == reg.conn {
-                f(&mut e.status);
-            }
+        if let Some(e) = self.lock().get_mut(&reg.appliance)
+            && e.conn == reg.conn
+        {
+            f(&mut e.status);
         }
     }
 

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_core::audit::{Event, Outcome};
 use airlock_core::Timestamp;
+use airlock_core::audit::{Event, Outcome};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::ca::CertificateAuthority;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use airlock_core::audit::{self, ChainHash, Event, Head, Record};
 use airlock_core::id::TokenId;
 use airlock_core::token::TokenHash;
-use airlock_core::{ApplianceId, EnvironmentId, TenantId, Timestamp, WorkspaceId};
+use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, TenantId, Timestamp, WorkspaceId};
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -174,10 +174,11 @@ impl Store {
     // ---- authentication lookups (run before a scope exists) ----
 
     pub async fn api_token_by_hash(&self, hash: &TokenHash) -> Result<Option<ApiTokenRow>, StoreError> {
-        let row = sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
-            .bind(hash.0.as_slice())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
+                .bind(hash.0.as_slice())
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| {
             Ok(ApiTokenRow {
                 id: parse_col(&r, "id")?,
@@ -211,10 +212,11 @@ impl Store {
     // ---- tenant-scoped reads ----
 
     pub async fn list_workspaces(&self, scope: &TenantScope) -> Result<Vec<Workspace>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, created_at FROM workspaces WHERE tenant_id = $1 ORDER BY created_at, id")
-            .bind(scope.tenant().to_string())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, name, created_at FROM workspaces WHERE tenant_id = $1 ORDER BY created_at, id")
+                .bind(scope.tenant().to_string())
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
                 Ok(Workspace {
@@ -235,7 +237,11 @@ impl Store {
         Ok(row.is_some())
     }
 
-    pub async fn list_environments(&self, scope: &TenantScope, ws: WorkspaceId) -> Result<Vec<Environment>, StoreError> {
+    pub async fn list_environments(
+        &self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+    ) -> Result<Vec<Environment>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, workspace_id, name, created_at FROM environments WHERE tenant_id = $1 AND workspace_id = $2 ORDER BY created_at, id",
         )
@@ -246,12 +252,17 @@ impl Store {
         rows.iter().map(env_from_row).collect()
     }
 
-    pub async fn get_environment(&self, scope: &TenantScope, env: EnvironmentId) -> Result<Option<Environment>, StoreError> {
-        let row = sqlx::query("SELECT id, workspace_id, name, created_at FROM environments WHERE tenant_id = $1 AND id = $2")
-            .bind(scope.tenant().to_string())
-            .bind(env.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+    pub async fn get_environment(
+        &self,
+        scope: &TenantScope,
+        env: EnvironmentId,
+    ) -> Result<Option<Environment>, StoreError> {
+        let row =
+            sqlx::query("SELECT id, workspace_id, name, created_at FROM environments WHERE tenant_id = $1 AND id = $2")
+                .bind(scope.tenant().to_string())
+                .bind(env.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
         row.as_ref().map(env_from_row).transpose()
     }
 
@@ -271,7 +282,11 @@ impl Store {
         rows.iter().map(appliance_from_row).collect()
     }
 
-    pub async fn get_appliance(&self, scope: &TenantScope, id: ApplianceId) -> Result<Option<ApplianceRow>, StoreError> {
+    pub async fn get_appliance(
+        &self,
+        scope: &TenantScope,
+        id: ApplianceId,
+    ) -> Result<Option<ApplianceRow>, StoreError> {
         let row = sqlx::query(
             "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at
              FROM appliances WHERE tenant_id = $1 AND id = $2",
@@ -287,9 +302,10 @@ impl Store {
 
     /// The names of all audit chains.
     pub async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT DISTINCT chain FROM audit_events UNION SELECT chain FROM audit_heads ORDER BY chain")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT DISTINCT chain FROM audit_events UNION SELECT chain FROM audit_heads ORDER BY chain")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(|r| Ok(r.try_get("chain")?)).collect()
     }
 
@@ -463,15 +479,17 @@ impl WriteTx<'_> {
         name: &str,
         now: Timestamp,
     ) -> Result<Environment, StoreError> {
-        sqlx::query("INSERT INTO environments (id, tenant_id, workspace_id, name, created_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id.to_string())
-            .bind(scope.tenant().to_string())
-            .bind(ws.to_string())
-            .bind(name)
-            .bind(now.unix_millis())
-            .execute(&mut *self.tx)
-            .await
-            .map_err(|e| conflict(e, "environment", name))?;
+        sqlx::query(
+            "INSERT INTO environments (id, tenant_id, workspace_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id.to_string())
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .bind(name)
+        .bind(now.unix_millis())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| conflict(e, "environment", name))?;
         Ok(Environment { id, workspace_id: ws, name: name.to_owned(), created_at: now })
     }
 
@@ -507,10 +525,12 @@ impl WriteTx<'_> {
         appliance: ApplianceId,
         now: Timestamp,
     ) -> Result<Result<RedeemedJoin, RedeemRefusal>, StoreError> {
-        let row = sqlx::query("SELECT id, tenant_id, environment_id, expires_at, used_at FROM join_tokens WHERE token_hash = $1")
-            .bind(hash.0.as_slice())
-            .fetch_optional(&mut *self.tx)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, tenant_id, environment_id, expires_at, used_at FROM join_tokens WHERE token_hash = $1",
+        )
+        .bind(hash.0.as_slice())
+        .fetch_optional(&mut *self.tx)
+        .await?;
         let Some(row) = row else { return Ok(Err(RedeemRefusal::Unknown)) };
         let tenant: TenantId = parse_col(&row, "tenant_id")?;
         let used_at: Option<i64> = row.try_get("used_at")?;
@@ -531,30 +551,24 @@ impl WriteTx<'_> {
         if done.rows_affected() != 1 {
             return Ok(Err(RedeemRefusal::AlreadyUsed { tenant }));
         }
-        Ok(Ok(RedeemedJoin {
-            token,
-            tenant,
-            environment: parse_col(&row, "environment_id")?,
-        }))
+        Ok(Ok(RedeemedJoin { token, tenant, environment: parse_col(&row, "environment_id")? }))
     }
 
     pub async fn insert_appliance(
         &mut self,
-        tenant: TenantId,
-        env: EnvironmentId,
-        id: ApplianceId,
+        identity: &ApplianceIdentity,
         version: &str,
-        serial: &str,
-        not_after: Timestamp,
+        cert: (&str, Timestamp),
         now: Timestamp,
     ) -> Result<(), StoreError> {
+        let (serial, not_after) = cert;
         sqlx::query(
             "INSERT INTO appliances (id, tenant_id, environment_id, joined_at, version, cert_serial, cert_not_after)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(id.to_string())
-        .bind(tenant.to_string())
-        .bind(env.to_string())
+        .bind(identity.appliance.to_string())
+        .bind(identity.tenant.to_string())
+        .bind(identity.environment.to_string())
         .bind(now.unix_millis())
         .bind(version)
         .bind(serial)
@@ -599,15 +613,19 @@ impl WriteTx<'_> {
     }
 
     /// Marks an appliance revoked. Returns false if it does not exist in this tenant.
-    pub async fn revoke_appliance(&mut self, scope: &TenantScope, id: ApplianceId, now: Timestamp) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE appliances SET revoked_at = COALESCE(revoked_at, $1) WHERE tenant_id = $2 AND id = $3",
-        )
-        .bind(now.unix_millis())
-        .bind(scope.tenant().to_string())
-        .bind(id.to_string())
-        .execute(&mut *self.tx)
-        .await?;
+    pub async fn revoke_appliance(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE appliances SET revoked_at = COALESCE(revoked_at, $1) WHERE tenant_id = $2 AND id = $3")
+                .bind(now.unix_millis())
+                .bind(scope.tenant().to_string())
+                .bind(id.to_string())
+                .execute(&mut *self.tx)
+                .await?;
         Ok(done.rows_affected() == 1)
     }
 }

@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 use airlock_core::{ApplianceId, ApplianceIdentity, Timestamp};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
 
 use crate::clock::{Clock, RustlsTime};
@@ -61,7 +61,8 @@ pub fn parse_peer_cert(der: &[u8], trust_domain: &str) -> Result<PeerCert, Strin
     let [uri] = uris.as_slice() else {
         return Err("certificate must name exactly one appliance identity".into());
     };
-    let identity: ApplianceIdentity = uri.parse().map_err(|e: airlock_core::identity::IdentityParseError| e.to_string())?;
+    let identity: ApplianceIdentity =
+        uri.parse().map_err(|e: airlock_core::identity::IdentityParseError| e.to_string())?;
     if identity.trust_domain != trust_domain {
         return Err(format!("certificate is for trust domain `{}`, not ours", identity.trust_domain));
     }
@@ -156,9 +157,7 @@ pub fn gateway_server_config(
         .build()
         .map_err(|e| Error::General(format!("client verifier: {e}")))?;
     let verifier = ApplianceCertVerifier { inner, trust_domain: trust_domain.to_owned(), revoked };
-    let mut cfg = base_builder(clock)
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(chain, key)?;
+    let mut cfg = base_builder(clock).with_client_cert_verifier(Arc::new(verifier)).with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     // Resumed sessions would skip the client-certificate check, and with it the revocation
     // and expiry checks, so every appliance connection does a full handshake.
@@ -173,10 +172,12 @@ pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
     match tls {
         Some(Error::NoCertificatesPresented) => "no_client_certificate",
         Some(Error::InvalidCertificate(CertificateError::Revoked)) => "revoked",
-        Some(Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })) => "expired",
-        Some(Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. })) => {
-            "not_yet_valid"
+        Some(Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })) => {
+            "expired"
         }
+        Some(Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        )) => "not_yet_valid",
         Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => "unknown_issuer",
         Some(Error::InvalidCertificate(CertificateError::BadSignature)) => "bad_signature",
         Some(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)) => "not_an_appliance",

@@ -36,7 +36,10 @@ impl ApiClient {
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
         let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
             if let Some(pinned) = airlock_proto::tls::find_pin_mismatch(&e) {
-                anyhow::anyhow!("the server at {} does not present the pinned CA {pinned}; check AIRLOCK_CA_FINGERPRINT", self.base)
+                anyhow::anyhow!(
+                    "the server at {} does not present the pinned CA {pinned}; check AIRLOCK_CA_FINGERPRINT",
+                    self.base
+                )
             } else {
                 anyhow::anyhow!("cannot reach {}: {}", self.base, chain(&e))
             }
@@ -50,20 +53,18 @@ impl ApiClient {
                 .unwrap_or(text);
             bail!("{} (HTTP {})", msg, status.as_u16());
         }
-        serde_json::from_str(&text).with_context(|| format!("unexpected response: {}", text.chars().take(200).collect::<String>()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("unexpected response: {}", text.chars().take(200).collect::<String>()))
     }
 }
 
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !out.contains(&t) {
-            out.push_str(": ");
-            out.push_str(&t);
+    let mut parts: Vec<String> = Vec::new();
+    for err in airlock_proto::tls::error_chain(e) {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
         }
-        cur = s.source();
     }
-    out
+    parts.join(": ")
 }

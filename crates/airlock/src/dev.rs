@@ -43,10 +43,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
     let token = boot.admin_token.expose().to_owned();
     let api = ApiClient::new(&url, &token, boot.ca_fingerprint)?;
 
-    let env: serde_json::Value =
-        api.post(&format!("/v1/workspaces/{}/environments", boot.workspace), &serde_json::json!({ "name": "dev" })).await?;
+    let env: serde_json::Value = api
+        .post(&format!("/v1/workspaces/{}/environments", boot.workspace), &serde_json::json!({ "name": "dev" }))
+        .await?;
     let env_id = env["id"].as_str().context("environment id")?.to_owned();
-    let jt: serde_json::Value = api.post(&format!("/v1/environments/{env_id}/join-tokens"), &serde_json::json!({})).await?;
+    let jt: serde_json::Value =
+        api.post(&format!("/v1/environments/{env_id}/join-tokens"), &serde_json::json!({})).await?;
     let join_token = jt["token"].as_str().context("join token")?;
 
     let appliance_cfg = airlock_appliance::ApplianceConfig {

@@ -14,7 +14,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "airlock", version, about = "Run your product in your customers' environments while they keep the keys.")]
+#[command(
+    name = "airlock",
+    version,
+    about = "Run your product in your customers' environments while they keep the keys."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "AIRLOCK_LOG_FORMAT")]
@@ -33,7 +37,7 @@ enum LogFormat {
 enum Command {
     /// Run the control plane, or prepare its data directory.
     #[cfg(feature = "server")]
-    Server(ServerCmd),
+    Server(Box<ServerCmd>),
     /// Run an appliance, or list and revoke appliances through the API.
     Appliance(ApplianceCmd),
     /// Manage environments through the API.
@@ -336,7 +340,7 @@ fn init_logging(format: LogFormat) {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         #[cfg(feature = "server")]
-        Command::Server(cmd) => server(cmd).await,
+        Command::Server(cmd) => server(*cmd).await,
         Command::Appliance(cmd) => appliance(cmd).await,
         Command::Env(cmd) => env(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
@@ -363,7 +367,8 @@ async fn server(cmd: ServerCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(ServerSub::Tenant { command: TenantSub::Create { name, workspace, data } }) => {
-            let out = airlock_server::create_tenant(&data.data_dir, &data.kek(), &name, &workspace, &SystemClock).await?;
+            let out =
+                airlock_server::create_tenant(&data.data_dir, &data.kek(), &name, &workspace, &SystemClock).await?;
             print_bootstrap(&out, "Created tenant");
             Ok(ExitCode::SUCCESS)
         }
@@ -491,7 +496,10 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             if api.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<32} {:<10} {:<8} {:<25} {:<34} CERT EXPIRES", "APPLIANCE", "STATUS", "VERSION", "LAST HEARTBEAT", "CERT SERIAL");
+                println!(
+                    "{:<32} {:<10} {:<8} {:<25} {:<34} CERT EXPIRES",
+                    "APPLIANCE", "STATUS", "VERSION", "LAST HEARTBEAT", "CERT SERIAL"
+                );
                 for a in list["appliances"].as_array().into_iter().flatten() {
                     let status = if a["revoked"] == true {
                         "revoked"
@@ -565,7 +573,8 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
         }
         EnvSub::JoinToken { environment, ttl, api } => {
             let body = serde_json::json!({ "ttl_seconds": ttl.map(|d| d.as_secs()) });
-            let out: serde_json::Value = api.client()?.post(&format!("/v1/environments/{environment}/join-tokens"), &body).await?;
+            let out: serde_json::Value =
+                api.client()?.post(&format!("/v1/environments/{environment}/join-tokens"), &body).await?;
             if api.json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
@@ -597,6 +606,8 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             }
         }
         #[cfg(not(feature = "server"))]
-        AuditSub::Verify { .. } => anyhow::bail!("this build has no control plane support; rebuild with the `server` feature"),
+        AuditSub::Verify { .. } => {
+            anyhow::bail!("this build has no control plane support; rebuild with the `server` feature")
+        }
     }
 }

@@ -1,0 +1,141 @@
+//! Audit tamper detection on a real data directory, and `airlock dev`.
+// Test helpers panic to report failure.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::{Server, bin};
+
+/// Runs SQL against a copy of the server's database.
+async fn tamper(db: &Path, sql: &str) {
+    use sqlx::ConnectOptions;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(db).connect().await.unwrap();
+    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn verify(data_dir: &Path) -> (bool, String) {
+    let out = Command::new(bin()).args(["audit", "verify", "--data-dir"]).arg(data_dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_verify_detects_edit_delete_reorder_and_truncation() {
+    let mut server = Server::start();
+    for name in ["a", "b", "c"] {
+        let env = server.create_env(name);
+        server.join_token(&env);
+    }
+    server.ok(&["appliance", "list"]);
+    server.stop();
+    let (ok, out) = verify(&server.data_dir);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("OK     chain {}", server.tenant)), "{out}");
+
+    let chain = &server.tenant;
+    let cases = [
+        ("edit", format!("UPDATE audit_events SET record = replace(record, '\"success\"', '\"denied\"') WHERE chain = '{chain}' AND seq = 3"), "seq 3"),
+        ("delete", format!("DELETE FROM audit_events WHERE chain = '{chain}' AND seq = 3"), "seq 3"),
+        (
+            "reorder",
+            format!(
+                "UPDATE audit_events SET record = (SELECT record FROM audit_events WHERE chain = '{chain}' AND seq = 4) WHERE chain = '{chain}' AND seq = 3;
+                 UPDATE audit_events SET record = (SELECT record FROM audit_events e2 WHERE e2.chain = '{chain}' AND e2.seq = 3) WHERE chain = '{chain}' AND seq = 4;"
+            ),
+            "seq 3",
+        ),
+        ("truncate", format!("DELETE FROM audit_events WHERE chain = '{chain}' AND seq = (SELECT MAX(seq) FROM audit_events WHERE chain = '{chain}')"), "removed from the end"),
+        ("rewrite-head", format!("UPDATE audit_heads SET seq = seq - 1 WHERE chain = '{chain}'"), "head"),
+    ];
+    for (what, sql, expect) in cases {
+        let copy = server.dir.path().join(format!("tampered-{what}"));
+        copy_dir(&server.data_dir, &copy);
+        tamper(&copy.join("airlock.db"), &sql).await;
+        let (ok, out) = verify(&copy);
+        assert!(!ok, "{what}: tampering went unnoticed: {out}");
+        assert!(out.contains(&format!("BROKEN chain {chain}")), "{what}: {out}");
+        assert!(out.contains(expect), "{what}: expected `{expect}` in: {out}");
+    }
+}
+
+#[test]
+fn audit_records_security_events_without_secrets() {
+    let mut server = Server::start();
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let state = server.dir.path().join("apl");
+    let mut proc = server.appliance_proc(&state, Some(&token), None);
+    let id = server.wait_connected(&mut proc);
+    let bad = server.cli_as("airlock_at_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &["appliance", "list"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown or revoked API token"));
+    server.ok(&["appliance", "revoke", &id]);
+    server.stop();
+
+    let dump = Command::new(bin()).args(["audit", "verify", "--data-dir"]).arg(&server.data_dir).output().unwrap();
+    assert!(dump.status.success());
+    let db = std::fs::read(server.data_dir.join("airlock.db")).unwrap();
+    let wal = std::fs::read(server.data_dir.join("airlock.db-wal")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&db).into_owned() + &String::from_utf8_lossy(&wal);
+    for action in ["appliance.join", "appliance.revoke", "api.authenticate", "join_token.create", "environment.create"]
+    {
+        assert!(text.contains(action), "audit lacks {action}");
+    }
+    // Neither the admin token, nor the join token, nor the CA key is stored in clear.
+    assert!(!text.contains(&server.token), "admin token stored in clear");
+    assert!(!text.contains(&token), "join token stored in clear");
+    assert!(!text.contains("BEGIN PRIVATE KEY"), "a private key is stored in clear");
+    let logs = server.log() + &proc.log();
+    assert!(!logs.contains(&server.token) && !logs.contains(&token), "a token reached the logs");
+}
+
+#[test]
+fn dev_exits_zero_when_appliance_is_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["dev", "--exit-when-ready", "--data-dir"])
+        .arg(dir.path().join("dev"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("(connected)"), "{stdout}");
+    assert!(stdout.contains("AIRLOCK_CA_FINGERPRINT=sha256:"), "{stdout}");
+}
+
+#[test]
+fn server_init_refuses_an_initialised_directory() {
+    let server = Server::start();
+    let out = Command::new(bin()).args(["server", "init", "--data-dir"]).arg(&server.data_dir).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already initialised"));
+}
+
+#[test]
+fn server_refuses_to_start_with_wrong_key_encryption_key() {
+    let mut server = Server::start();
+    server.stop();
+    let out = Command::new(bin())
+        .args(["server", "--data-dir"])
+        .arg(&server.data_dir)
+        .args(["--listen", "127.0.0.1:0", "--gateway-listen", "127.0.0.1:0"])
+        .env("AIRLOCK_KEK", "11".repeat(32))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not be opened"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
