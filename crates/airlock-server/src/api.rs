@@ -636,7 +636,7 @@ async fn revoke_appliance(
     }
     // Refuse new handshakes before the commit returns, and end the live stream right after.
     state.revoked.insert(id);
-    let was_connected = state.registry.kick(id);
+    let was_connected = state.registry.kick(id, crate::registry::Kick::Revoked);
     ev.detail = serde_json::json!({ "was_connected": was_connected });
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;

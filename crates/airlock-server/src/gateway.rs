@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::authz::TenantScope;
 use crate::metrics::ReasonLabels;
-use crate::registry::LiveStatus;
+use crate::registry::{Kick, LiveStatus};
 use crate::state::{AppState, SYSTEM_CHAIN, event};
 use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
 
@@ -197,13 +197,13 @@ impl ApplianceGateway for GatewayService {
             let mut version = String::new();
             loop {
                 tokio::select! {
-                    _ = &mut kicked => {
-                        let why = if state.revoked.contains(&id) {
-                            format!("{}: {id}", airlock_proto::REVOKED_STATUS_PREFIX)
-                        } else {
-                            "replaced by a newer stream from the same appliance".to_owned()
+                    kick = &mut kicked => {
+                        let status = match kick {
+                            Ok(Kick::ShuttingDown) => Status::unavailable(Kick::ShuttingDown.message(id)),
+                            Ok(k) => Status::permission_denied(k.message(id)),
+                            Err(_) => Status::permission_denied(Kick::Replaced.message(id)),
                         };
-                        let _ = tx.send(Err(Status::permission_denied(why))).await;
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                     _ = &mut expiry => {

@@ -58,6 +58,8 @@ pub enum ServerError {
     Tls(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("another airlock server is already using {0}; one server per data directory")]
+    Locked(PathBuf),
 }
 
 /// Everything `airlock server` needs, resolved from defaults, file, environment and flags.
@@ -238,6 +240,9 @@ pub struct RunningServer {
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     state: Arc<AppState>,
+    /// Held for the server's life: a second server on the same data directory would race
+    /// this one's in-memory state (live streams, revocations).
+    _lock: std::fs::File,
 }
 
 impl RunningServer {
@@ -246,6 +251,8 @@ impl RunningServer {
     }
 
     pub async fn shutdown(self) {
+        let live = self.state.registry.kick_all(registry::Kick::ShuttingDown);
+        tracing::info!(streams = live, "ending appliance streams");
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -257,6 +264,7 @@ impl RunningServer {
 /// Opens the data directory, binds both listeners and serves until shut down.
 pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (store, kek) = open_existing(&config.data_dir, &config.kek).await?;
+    let lock = lock_data_dir(&config.data_dir)?;
     let ca = load_ca(&store, &kek).await?;
     let now = config.clock.now();
     let revoked = Arc::new(tls::RevokedSet::default());
@@ -310,6 +318,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         registry: registry::Registry::default(),
         revoked,
         metrics: metrics::Metrics::default(),
+        unauthenticated_audit: state::RefusalLimiter::default(),
         appliance_cert_lifetime: config.appliance_cert_lifetime,
         heartbeat_interval: config.heartbeat_interval,
         join_token_ttl: config.join_token_ttl,
@@ -335,7 +344,23 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown,
         tasks: vec![api_task, gateway_task],
         state,
+        _lock: lock,
     })
+}
+
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServerError> {
+    let path = data_dir.join("airlock.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServerError::DataDir { path: path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::Locked(data_dir.into())),
+        Err(std::fs::TryLockError::Error(source)) => Err(ServerError::DataDir { path, source }),
+    }
 }
 
 fn host_port(host: &str, port: u16) -> String {
@@ -388,6 +413,7 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         registry: registry::Registry::default(),
         revoked: Arc::new(tls::RevokedSet::default()),
         metrics: metrics::Metrics::default(),
+        unauthenticated_audit: state::RefusalLimiter::default(),
         appliance_cert_lifetime: Duration::from_secs(3600),
         heartbeat_interval: Duration::from_secs(15),
         join_token_ttl: Duration::from_secs(15 * 60),

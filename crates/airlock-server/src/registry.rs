@@ -21,17 +21,36 @@ pub struct LiveStatus {
     pub cert_not_after: Timestamp,
 }
 
+/// Why the control plane ended a live stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    Revoked,
+    /// The same appliance opened a newer stream.
+    Replaced,
+    ShuttingDown,
+}
+
 struct Entry {
     conn: u64,
     status: LiveStatus,
-    /// Fired to end the stream at once (revocation).
-    kick: Option<oneshot::Sender<()>>,
+    /// Fired to end the stream at once.
+    kick: Option<oneshot::Sender<Kick>>,
 }
 
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<HashMap<ApplianceId, Entry>>,
     next_conn: AtomicU64,
+}
+
+impl Kick {
+    pub fn message(self, appliance: ApplianceId) -> String {
+        match self {
+            Kick::Revoked => format!("{}: {appliance}", airlock_proto::REVOKED_STATUS_PREFIX),
+            Kick::Replaced => "replaced by a newer stream from the same appliance".to_owned(),
+            Kick::ShuttingDown => "control plane shutting down; reconnect".to_owned(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -49,12 +68,12 @@ pub struct Registration {
 
 impl Registry {
     /// Registers a new stream, replacing (and ending) any older stream of the same appliance.
-    pub fn join(&self, appliance: ApplianceId, status: LiveStatus) -> (Registration, oneshot::Receiver<()>) {
+    pub fn join(&self, appliance: ApplianceId, status: LiveStatus) -> (Registration, oneshot::Receiver<Kick>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx) });
         if let Some(kick) = old.and_then(|mut old| old.kick.take()) {
-            let _ = kick.send(());
+            let _ = kick.send(Kick::Replaced);
         }
         (Registration { appliance, conn }, rx)
     }
@@ -77,12 +96,19 @@ impl Registry {
     }
 
     /// Ends the live stream of `appliance`, if any. Returns whether one was live.
-    pub fn kick(&self, appliance: ApplianceId) -> bool {
-        let entry = self.lock().remove(&appliance);
-        match entry.and_then(|mut e| e.kick.take()) {
-            Some(kick) => kick.send(()).is_ok(),
+    pub fn kick(&self, appliance: ApplianceId, why: Kick) -> bool {
+        let entry = self.lock().get_mut(&appliance).and_then(|e| e.kick.take());
+        match entry {
+            Some(kick) => kick.send(why).is_ok(),
             None => false,
         }
+    }
+
+    /// Ends every live stream (shutdown), so appliances reconnect promptly and last-seen is
+    /// recorded. Returns how many were live.
+    pub fn kick_all(&self, why: Kick) -> usize {
+        let kicks: Vec<_> = self.lock().values_mut().filter_map(|e| e.kick.take()).collect();
+        kicks.into_iter().map(|k| k.send(why)).filter(Result::is_ok).count()
     }
 
     pub fn status(&self, appliance: &ApplianceId) -> Option<LiveStatus> {

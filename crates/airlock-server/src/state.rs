@@ -25,6 +25,7 @@ pub struct AppState {
     pub registry: Registry,
     pub revoked: Arc<RevokedSet>,
     pub metrics: Metrics,
+    pub unauthenticated_audit: RefusalLimiter,
     pub appliance_cert_lifetime: Duration,
     pub heartbeat_interval: Duration,
     pub join_token_ttl: Duration,
@@ -47,10 +48,74 @@ impl AppState {
 
     /// Like [`AppState::audit`], but a failure to audit is logged rather than returned: used on
     /// paths that are already refusing the request.
-    pub async fn audit_refusal(&self, chain: &str, event: Event) {
+    ///
+    /// Refusals of unauthenticated callers (the system chain) are rate limited: anyone can
+    /// send bad credentials or handshakes, and each record is a durable write. Records past
+    /// the limit are counted, and the next admitted record says how many were folded into it.
+    pub async fn audit_refusal(&self, chain: &str, mut event: Event) {
+        if chain == SYSTEM_CHAIN {
+            match self.unauthenticated_audit.admit(self.now()) {
+                None => return,
+                Some(0) => {}
+                Some(suppressed) => {
+                    if let serde_json::Value::Object(map) = &mut event.detail {
+                        map.insert("similar_events_suppressed".into(), suppressed.into());
+                    }
+                }
+            }
+        }
         if let Err(e) = self.audit(chain, event).await {
             tracing::error!(error = %e, "could not append audit record");
         }
+    }
+}
+
+/// Admits at most [`RefusalLimiter::PER_SECOND`] records per second; counts the rest.
+#[derive(Debug, Default)]
+pub struct RefusalLimiter(std::sync::Mutex<LimiterState>);
+
+#[derive(Debug, Default)]
+pub struct LimiterState {
+    second: i64,
+    admitted: u32,
+    suppressed: u64,
+}
+
+impl RefusalLimiter {
+    pub const PER_SECOND: u32 = 20;
+
+    /// `Some(n)`: write the record, noting `n` suppressed since the last one. `None`: drop it.
+    pub fn admit(&self, now: Timestamp) -> Option<u64> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if s.second != now.unix_seconds() {
+            s.second = now.unix_seconds();
+            s.admitted = 0;
+        }
+        if s.admitted >= Self::PER_SECOND {
+            s.suppressed += 1;
+            return None;
+        }
+        s.admitted += 1;
+        Some(std::mem::take(&mut s.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_limiter_folds_floods_into_a_count() {
+        let l = RefusalLimiter::default();
+        let t = Timestamp::from_unix_millis(10_000);
+        for _ in 0..RefusalLimiter::PER_SECOND {
+            assert_eq!(l.admit(t), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(l.admit(t), None);
+        }
+        assert_eq!(l.admit(Timestamp::from_unix_millis(11_000)), Some(5));
+        assert_eq!(l.admit(Timestamp::from_unix_millis(11_001)), Some(0));
     }
 }
 

@@ -712,3 +712,127 @@ pub async fn verify_all_chains(store: &Store) -> Result<Vec<(String, Result<Head
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use airlock_core::audit::Outcome;
+    use airlock_core::token::{Secret, TokenKind};
+
+    use super::*;
+
+    fn now() -> Timestamp {
+        Timestamp::from_unix_millis(1_800_000_000_000)
+    }
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"test");
+        (Store::open(dir.path(), true, mac).await.unwrap(), dir)
+    }
+
+    /// A tenant with one workspace, one environment and one appliance.
+    async fn tenant(store: &Store, n: u8) -> (TenantScope, WorkspaceId, EnvironmentId, ApplianceId) {
+        let (t, w, e, a) = (
+            TenantId::from_random([n; 16]),
+            WorkspaceId::from_random([n + 1; 16]),
+            EnvironmentId::from_random([n + 2; 16]),
+            ApplianceId::from_random([n + 3; 16]),
+        );
+        let token = TokenId::from_random([n + 4; 16]);
+        let scope = TenantScope::for_local_operator(t, token);
+        let mut tx = store.write().await.unwrap();
+        tx.create_tenant(t, &format!("t{n}"), now()).await.unwrap();
+        tx.create_workspace(t, w, "default", now()).await.unwrap();
+        tx.create_environment(&scope, w, e, "prod", now()).await.unwrap();
+        let identity = ApplianceIdentity { trust_domain: "d".into(), tenant: t, environment: e, appliance: a };
+        tx.insert_appliance(&identity, "1", ("00", now()), now()).await.unwrap();
+        let secret = Secret::from_random(TokenKind::Join, [n; 32]);
+        tx.create_join_token(&scope, e, TokenId::from_random([n + 5; 16]), &secret.hash(), now(), now()).await.unwrap();
+        tx.commit().await.unwrap();
+        (scope, w, e, a)
+    }
+
+    #[tokio::test]
+    async fn store_hides_other_tenants_rows() {
+        let (store, _dir) = store().await;
+        let (a, wa, ea, apl_a) = tenant(&store, 10).await;
+        let (b, wb, eb, apl_b) = tenant(&store, 50).await;
+
+        assert_eq!(store.list_workspaces(&a).await.unwrap().iter().map(|w| w.id).collect::<Vec<_>>(), vec![wa]);
+        assert!(!store.workspace_exists(&a, wb).await.unwrap());
+        assert!(store.list_environments(&a, wb).await.unwrap().is_empty());
+        assert!(store.get_environment(&a, eb).await.unwrap().is_none());
+        assert!(store.get_environment(&a, ea).await.unwrap().is_some());
+        let listed: Vec<_> = store.list_appliances(&a, None).await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(listed, vec![apl_a]);
+        assert!(store.list_appliances(&a, Some(eb)).await.unwrap().is_empty());
+        assert!(store.get_appliance(&a, apl_b).await.unwrap().is_none());
+
+        // Writes through A's scope cannot touch B's rows.
+        let mut tx = store.write().await.unwrap();
+        assert!(!tx.revoke_appliance(&a, apl_b, now()).await.unwrap());
+        tx.record_renewal(&a, apl_b, "ff", now()).await.unwrap();
+        tx.record_seen(&a, apl_b, "evil", now()).await.unwrap();
+        tx.commit().await.unwrap();
+        let row = store.get_appliance(&b, apl_b).await.unwrap().unwrap();
+        assert!(row.revoked_at.is_none());
+        assert_eq!((row.cert_serial.as_str(), row.version.as_str()), ("00", "1"));
+    }
+
+    #[tokio::test]
+    async fn audit_chains_are_per_tenant_and_verify() {
+        let (store, _dir) = store().await;
+        let (a, ..) = tenant(&store, 10).await;
+        let (b, ..) = tenant(&store, 50).await;
+        for scope in [&a, &b, &a] {
+            let mut tx = store.write().await.unwrap();
+            let ev = Event {
+                actor: scope.principal().actor(),
+                action: "test".into(),
+                workspace: None,
+                target: None,
+                outcome: Outcome::Success,
+                detail: serde_json::Value::Null,
+            };
+            tx.audit(&scope.chain(), now(), ev).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        let results = verify_all_chains(&store).await.unwrap();
+        let count =
+            |scope: &TenantScope| results.iter().find(|(c, _)| *c == scope.chain()).unwrap().1.clone().unwrap().seq;
+        assert_eq!((count(&a), count(&b)), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn dropped_write_transaction_changes_nothing() {
+        let (store, _dir) = store().await;
+        let (a, w, ..) = tenant(&store, 10).await;
+        {
+            let mut tx = store.write().await.unwrap();
+            tx.create_environment(&a, w, EnvironmentId::from_random([99; 16]), "staging", now()).await.unwrap();
+            // Dropped without commit, as the API does when a later step refuses the request.
+        }
+        assert_eq!(store.list_environments(&a, w).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn join_token_redeems_once() {
+        let (store, _dir) = store().await;
+        let (a, _, e, _) = tenant(&store, 10).await;
+        let secret = Secret::from_random(TokenKind::Join, [7; 32]);
+        let later = now().saturating_add(Duration::from_secs(60));
+        let mut tx = store.write().await.unwrap();
+        tx.create_join_token(&a, e, TokenId::from_random([8; 16]), &secret.hash(), now(), later).await.unwrap();
+        let apl = ApplianceId::from_random([9; 16]);
+        assert!(tx.redeem_join_token(&secret.hash(), apl, now()).await.unwrap().is_ok());
+        assert_eq!(
+            tx.redeem_join_token(&secret.hash(), apl, now()).await.unwrap().unwrap_err(),
+            RedeemRefusal::AlreadyUsed { tenant: a.tenant() }
+        );
+        let unknown = Secret::from_random(TokenKind::Join, [1; 32]);
+        assert_eq!(
+            tx.redeem_join_token(&unknown.hash(), apl, now()).await.unwrap().unwrap_err(),
+            RedeemRefusal::Unknown
+        );
+    }
+}

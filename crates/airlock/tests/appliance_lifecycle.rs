@@ -236,7 +236,7 @@ fn appliance_reconnects_after_control_plane_restart() {
     wait_for(Duration::from_secs(30), "appliance to reconnect", || {
         (proc.log().matches("connected to control plane").count() > before).then_some(())
     });
-    assert!(proc.log().contains("connection to control plane lost"), "{}", proc.log());
+    assert!(proc.log().contains("control plane shutting down"), "{}", proc.log());
     wait_for(Duration::from_secs(10), "API to show it connected", || {
         (server.appliance(&id)["connected"] == true).then_some(())
     });
@@ -251,4 +251,50 @@ fn appliance_never_listens_on_a_network_socket() {
     assert!(listening.is_empty(), "appliance listens on {listening:?}");
     // The check can fail: the server process does listen.
     assert!(!listening_sockets(server.proc.as_ref().unwrap().pid()).is_empty());
+}
+
+#[test]
+fn appliance_runs_from_a_toml_config_file() {
+    let server = Server::start();
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let state = server.dir.path().join("apl");
+    let config = server.dir.path().join("appliance.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_plane = \"{}\"\nca_fingerprint = \"{}\"\njoin_token = \"{token}\"\nstate_dir = \"{}\"\n",
+            server.url,
+            server.fingerprint,
+            state.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(support::bin());
+    cmd.args(["appliance", "run", "--config"]).arg(&config);
+    let mut proc = support::Proc::spawn(cmd, server.dir.path().join("toml-appliance.log"));
+    server.wait_connected(&mut proc);
+
+    // A typo in a security setting stops startup.
+    std::fs::write(&config, format!("control_plane = \"{}\"\nca_fingerprnt = \"x\"\n", server.url)).unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["appliance", "run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn second_server_on_the_same_data_dir_is_refused() {
+    let server = Server::start();
+    let out = std::process::Command::new(support::bin())
+        .args(["server", "--data-dir"])
+        .arg(&server.data_dir)
+        .args(["--listen", "127.0.0.1:0", "--gateway-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already using"), "{}", String::from_utf8_lossy(&out.stderr));
 }
