@@ -100,6 +100,24 @@ impl RefusalLimiter {
     }
 }
 
+pub fn event(actor: impl Into<String>, action: &str, outcome: Outcome) -> Event {
+    Event {
+        actor: actor.into(),
+        action: action.to_owned(),
+        workspace: None,
+        target: None,
+        outcome,
+        detail: serde_json::Value::Null,
+    }
+}
+
+/// Bytes from the OS CSPRNG. Failure of the system RNG is unrecoverable for a CA.
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    SystemRandom::new().fill(&mut b).expect("the OS random generator failed"); // No safe fallback exists.
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,22 +135,4 @@ mod tests {
         assert_eq!(l.admit(Timestamp::from_unix_millis(11_000)), Some(5));
         assert_eq!(l.admit(Timestamp::from_unix_millis(11_001)), Some(0));
     }
-}
-
-pub fn event(actor: impl Into<String>, action: &str, outcome: Outcome) -> Event {
-    Event {
-        actor: actor.into(),
-        action: action.to_owned(),
-        workspace: None,
-        target: None,
-        outcome,
-        detail: serde_json::Value::Null,
-    }
-}
-
-/// Bytes from the OS CSPRNG. Failure of the system RNG is unrecoverable for a CA.
-pub fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    SystemRandom::new().fill(&mut b).expect("the OS random generator failed"); // No safe fallback exists.
-    b
 }
