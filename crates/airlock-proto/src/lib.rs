@@ -5,6 +5,7 @@
 //! - [`tls`]: TLS 1.3 configuration shared by both ends, and the CA-pinning verifier
 //!   the appliance and CLI use to trust the control plane without trust-on-first-use.
 
+pub mod codec;
 pub mod join;
 pub mod tls;
 

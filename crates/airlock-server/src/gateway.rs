@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::authz::TenantScope;
 use crate::metrics::ReasonLabels;
 use crate::registry::{Kick, LiveStatus};
+use crate::seen::SeenUpdate;
 use crate::state::{AppState, SYSTEM_CHAIN, event};
 use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
 
@@ -124,6 +125,9 @@ pub async fn serve(
         .initial_stream_window_size(Some(16 * 1024))
         .initial_connection_window_size(Some(32 * 1024))
         .max_frame_size(Some(16 * 1024))
+        // An appliance holds one stream; a second is allowed only so a replacement can start
+        // before the old one is torn down.
+        .max_concurrent_streams(Some(2))
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(ApplianceGatewayServer::new(GatewayService { state }))
@@ -190,6 +194,7 @@ impl ApplianceGateway for GatewayService {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(4);
         let until_expiry = peer.not_after.since(now);
+        let session = state.seen.session();
 
         tokio::spawn(async move {
             let expiry = tokio::time::sleep(until_expiry);
@@ -226,18 +231,9 @@ impl ApplianceGateway for GatewayService {
             }
             state.metrics.appliances_connected.dec();
             if let Some(last) = state.registry.leave(registration) {
-                let mut w = match state.store.write().await {
-                    Ok(w) => w,
-                    Err(e) => return tracing::error!(error = %e, "cannot record last-seen"),
-                };
-                let res = w.record_seen(&scope, id, &last.version, last.last_heartbeat).await;
-                if let Err(e) = match res {
-                    Ok(()) => w.commit().await,
-                    Err(e) => Err(e),
-                } {
-                    tracing::error!(error = %e, "cannot record last-seen");
-                }
+                state.seen.record(SeenUpdate { scope, appliance: id, version: last.version, at: last.last_heartbeat });
             }
+            drop(session);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -36,7 +36,10 @@ pub(crate) async fn serve(
                 Err(_) => return tracing::debug!(%addr, "API TLS handshake timed out"),
             };
             let service = TowerToHyperService::new(router);
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that trickles its headers must not hold a connection forever.
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(15));
+            builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(60));
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             tokio::pin!(conn);
             tokio::select! {

@@ -12,6 +12,7 @@ mod https;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
+pub mod seen;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -250,9 +251,16 @@ impl RunningServer {
         format!("https://{}", host_port(&self.state.gateway_server_name, self.api_addr.port()))
     }
 
+    /// Ends every appliance stream, records their last-seen, stops both listeners and closes
+    /// the store, in that order, so nothing accepted is lost.
     pub async fn shutdown(self) {
         let live = self.state.registry.kick_all(registry::Kick::ShuttingDown);
         tracing::info!(streams = live, "ending appliance streams");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.state.seen.live_sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.state.seen.flush().await;
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -311,7 +319,9 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let ca_fingerprint = ca.fingerprint();
     let ca_pem = ca.cert_pem().to_owned();
+    let store = Arc::new(store);
     let state = Arc::new(AppState {
+        seen: seen::SeenWriter::spawn(store.clone()),
         store,
         ca,
         clock: config.clock.clone(),
@@ -406,7 +416,9 @@ fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
 pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
+    let store = Arc::new(store);
     Arc::new(AppState {
+        seen: seen::SeenWriter::spawn(store.clone()),
         store,
         ca,
         clock,

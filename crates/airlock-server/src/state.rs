@@ -19,7 +19,8 @@ pub const SYSTEM_CHAIN: &str = "system";
 
 #[derive(Debug)]
 pub struct AppState {
-    pub store: Store,
+    pub store: Arc<Store>,
+    pub seen: crate::seen::SeenWriter,
     pub ca: CertificateAuthority,
     pub clock: Arc<dyn Clock>,
     pub registry: Registry,

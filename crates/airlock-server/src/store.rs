@@ -602,7 +602,9 @@ impl WriteTx<'_> {
         version: &str,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE appliances SET version = $1, last_seen_at = $2 WHERE tenant_id = $3 AND id = $4")
+        sqlx::query(
+            "UPDATE appliances SET version = COALESCE(NULLIF($1, ''), version), last_seen_at = $2 WHERE tenant_id = $3 AND id = $4",
+        )
             .bind(version)
             .bind(at.unix_millis())
             .bind(scope.tenant().to_string())

@@ -1,0 +1,204 @@
+//! The control plane under test: `airlock server init`, then `airlock server` as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// What `airlock server init` prints.
+#[derive(Debug)]
+pub(crate) struct InitOutput {
+    pub(crate) workspace: String,
+    pub(crate) ca_fingerprint: String,
+    pub(crate) admin_token: String,
+}
+
+/// The JSON `airlock server --ready-file` writes once both listeners are up.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Ready {
+    pub(crate) api_url: String,
+    pub(crate) gateway_endpoint: String,
+    pub(crate) ca_fingerprint: String,
+    pub(crate) pid: u32,
+}
+
+/// The `airlock` binary must not pick up settings from the caller's environment.
+fn clean_command(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AIRLOCK_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd
+}
+
+pub(crate) fn init(bin: &Path, data_dir: &Path) -> anyhow::Result<InitOutput> {
+    let out = clean_command(bin)
+        .args(["server", "init", "--data-dir"])
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} server init", bin.display()))?;
+    if !out.status.success() {
+        bail!("airlock server init failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> anyhow::Result<String> {
+        stdout
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == name).then(|| v.trim().to_owned())
+            })
+            .with_context(|| format!("`airlock server init` printed no `{name}:` line:\n{stdout}"))
+    };
+    Ok(InitOutput {
+        workspace: field("workspace")?,
+        ca_fingerprint: field("ca fingerprint")?,
+        admin_token: field("admin token")?,
+    })
+}
+
+/// A running `airlock server`. Dropping it kills the process if [`Self::stop`] was not called.
+pub(crate) struct ServerProc {
+    child: Child,
+    ready_file: PathBuf,
+    pub(crate) log_file: PathBuf,
+}
+
+impl ServerProc {
+    pub(crate) fn spawn(bin: &Path, data_dir: &Path) -> anyhow::Result<Self> {
+        let ready_file = data_dir.join("ready.json");
+        let log_file = data_dir.join("server.log");
+        let log = std::fs::File::create(&log_file).context("creating server log")?;
+        let child = clean_command(bin)
+            .args(["server", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--gateway-listen",
+                "127.0.0.1:0",
+                "--hostname",
+                "127.0.0.1",
+                // Appliances here heartbeat when told to, not on the server's schedule.
+                "--heartbeat-interval",
+                "3600s",
+                "--ready-file",
+            ])
+            .arg(&ready_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} server", bin.display()))?;
+        Ok(Self { child, ready_file, log_file })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the server has written its ready file.
+    pub(crate) async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Ready> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("airlock server exited during startup ({status}); see {}", self.log_file.display());
+            }
+            if let Ok(text) = std::fs::read_to_string(&self.ready_file)
+                && let Ok(ready) = serde_json::from_str::<Ready>(&text)
+            {
+                return Ok(ready);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("airlock server not ready after {timeout:?}; see {}", self.log_file.display())
+    }
+
+    /// SIGTERM (through `kill(1)`, so this crate needs no unsafe or libc), then SIGKILL after `grace`.
+    /// Returns how long the graceful shutdown took, if it finished in time.
+    pub(crate) async fn stop(&mut self, grace: Duration) -> anyhow::Result<Option<Duration>> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(Some(Duration::ZERO));
+        }
+        let start = Instant::now();
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().context("running kill")?;
+        if status.success() {
+            while start.elapsed() < grace {
+                if self.child.try_wait()?.is_some() {
+                    return Ok(Some(start.elapsed()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(None)
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Summary of the server's stderr log: how many WARN/ERROR lines, and a few of them.
+#[derive(Debug, Default, serde::Serialize)]
+pub(crate) struct LogSummary {
+    pub(crate) lines: usize,
+    pub(crate) warn_lines: usize,
+    pub(crate) error_lines: usize,
+    pub(crate) samples: Vec<String>,
+}
+
+pub(crate) fn summarize_log(path: &Path) -> LogSummary {
+    let Ok(text) = std::fs::read_to_string(path) else { return LogSummary::default() };
+    let mut s = LogSummary::default();
+    for line in text.lines() {
+        let line = strip_ansi(line);
+        s.lines += 1;
+        let warn = line.contains(" WARN ");
+        let error = line.contains(" ERROR ");
+        s.warn_lines += usize::from(warn);
+        s.error_lines += usize::from(error);
+        if (warn || error) && s.samples.len() < 10 {
+            s.samples.push(line.chars().take(400).collect());
+        }
+    }
+    s
+}
+
+/// The server colours its log levels even into a file; strip the escapes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reads one sample (no labels) from the Prometheus/OpenMetrics text at `/metrics`.
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let value = rest.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
