@@ -8,7 +8,8 @@ use airlock_core::token::{Secret, TokenKind};
 use serde::Deserialize;
 
 /// The file form. Unknown keys are an error: a typo in a security setting must stop startup.
-#[derive(Debug, Default, Deserialize)]
+/// No `Debug`: it holds the join token in clear.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub control_plane: Option<String>,
@@ -18,6 +19,15 @@ pub struct FileConfig {
     pub max_backoff_seconds: Option<u64>,
 }
 
+impl std::fmt::Debug for FileConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileConfig")
+            .field("control_plane", &self.control_plane)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.into(), e.to_string()))?;
@@ -25,8 +35,8 @@ impl FileConfig {
     }
 }
 
-/// Values given on the command line.
-#[derive(Debug, Default, Clone)]
+/// Values given on the command line. No `Debug`: it holds the join token in clear.
+#[derive(Default, Clone)]
 pub struct Flags {
     pub control_plane: Option<String>,
     pub ca_fingerprint: Option<String>,
@@ -102,7 +112,13 @@ impl ApplianceConfig {
             .or_else(|| env.get("AIRLOCK_STATE_DIR").map(PathBuf::from))
             .or(file.state_dir)
             .ok_or(ConfigError::Missing("state_dir", "AIRLOCK_STATE_DIR"))?;
-        let max_backoff = Duration::from_secs(file.max_backoff_seconds.unwrap_or(60).clamp(1, 3600));
+        let max_backoff = env
+            .get("AIRLOCK_MAX_BACKOFF_SECONDS")
+            .and_then(|v| v.parse().ok())
+            .or(file.max_backoff_seconds)
+            .unwrap_or(60)
+            .clamp(1, 3600);
+        let max_backoff = Duration::from_secs(max_backoff);
         Ok(Self { control_plane, ca_fingerprint, join_token, state_dir, max_backoff })
     }
 }

@@ -70,7 +70,23 @@ pub async fn run(
     if !state.is_enrolled() {
         let token = config.join_token.as_ref().ok_or(ApplianceError::NoJoinToken)?;
         tracing::info!(control_plane = %config.control_plane, "joining with a join token");
-        let (enrolment, ca_pem, creds) = join::join(&config.control_plane, config.ca_fingerprint, token).await?;
+        let mut backoff = backoff::Backoff::new(Duration::from_millis(500), config.max_backoff);
+        let (enrolment, ca_pem, creds) = loop {
+            match join::join(&config.control_plane, config.ca_fingerprint, token).await {
+                Ok(joined) => break joined,
+                // Only an unreachable control plane is worth retrying: a refusal or a trust
+                // failure will not change by waiting.
+                Err(ApplianceError::Unreachable(why)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(reason = %why, retry_in_ms = delay.as_millis() as u64, "cannot reach the control plane to join");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         state.save_enrolment(&enrolment, &ca_pem, &creds)?;
         tracing::info!(identity = %enrolment.identity, "joined; identity saved in the state directory");
     } else if config.join_token.is_some() {
@@ -79,6 +95,17 @@ pub async fn run(
     let (enrolment, ca_pem, creds) = state.load()?;
     if enrolment.ca_fingerprint != config.ca_fingerprint.to_string() {
         return Err(ApplianceError::PinChanged { stored: enrolment.ca_fingerprint, configured: config.ca_fingerprint });
+    }
+    // The stored CA is what the gateway is verified against: it must still be the pinned one,
+    // whatever happened to the state directory since the join.
+    let stored_ca = rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes())
+        .map(|der: rustls::pki_types::CertificateDer<'_>| Fingerprint::of_der(der.as_ref()))
+        .ok();
+    if stored_ca != Some(config.ca_fingerprint) {
+        return Err(ApplianceError::PinChanged {
+            stored: stored_ca.map_or_else(|| "an unreadable ca.pem".to_owned(), |f| f.to_string()),
+            configured: config.ca_fingerprint,
+        });
     }
     let (identity, _, _) = inspect_cert(&creds.cert_pem)
         .ok_or_else(|| ApplianceError::Protocol("stored certificate names no appliance identity".into()))?;

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::join::{cert_matches_key, describe, new_key_and_csr};
-use crate::state_dir::{Credentials, Enrolment, StateDir, inspect_cert};
+use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
 use crate::{ApplianceError, now};
 
 /// How a session ended.
@@ -77,7 +77,8 @@ impl Session<'_> {
         heartbeat.reset();
         let mut seq = 0u64;
         let mut pending_key: Option<KeyPair> = None;
-        let mut renew_at = self.renew_deadline(&creds.cert_pem);
+        let mut validity = inspect_cert(&creds.cert_pem).map(|(_, v, _)| v);
+        let mut renew_at = validity.map(|v| v.renew_at());
         loop {
             let renew_sleep = tokio::time::sleep(renew_at.map_or(Duration::from_secs(3600), |t| t.since(now())));
             tokio::select! {
@@ -122,18 +123,19 @@ impl Session<'_> {
                             match self.accept_renewal(&r.certificate_pem, &key) {
                                 Ok(next) => {
                                     tracing::info!(serial = %r.serial, not_after = %Timestamp::from_unix_millis(r.not_after_unix_ms), "certificate renewed");
-                                    renew_at = Some(next);
+                                    renew_at = Some(next.renew_at());
+                                    validity = Some(next);
                                 }
                                 Err(e) => {
                                     tracing::error!(error = %e, "refusing renewed certificate");
-                                    renew_at = Some(now().saturating_add(Duration::from_secs(5)));
+                                    renew_at = Some(retry_renewal_at(validity));
                                 }
                             }
                         }
                         Some(control_message::Body::RenewRefused(r)) => {
                             pending_key = None;
                             tracing::warn!(reason = %r.reason, "certificate renewal refused; will retry");
-                            renew_at = Some(now().saturating_add(Duration::from_secs(30)));
+                            renew_at = Some(retry_renewal_at(validity));
                         }
                         None => {}
                     }
@@ -146,12 +148,8 @@ impl Session<'_> {
         Health { status: HealthStatus::Healthy as i32, uptime_seconds: self.started.elapsed().as_secs() }
     }
 
-    fn renew_deadline(&self, cert_pem: &str) -> Option<Timestamp> {
-        inspect_cert(cert_pem).map(|(_, v, _)| v.renew_at())
-    }
-
     /// Checks a renewed certificate is for our new key and identity, then replaces the old pair.
-    fn accept_renewal(&self, cert_pem: &str, key: &KeyPair) -> Result<Timestamp, ApplianceError> {
+    fn accept_renewal(&self, cert_pem: &str, key: &KeyPair) -> Result<Validity, ApplianceError> {
         let (identity, validity, _) = inspect_cert(cert_pem)
             .ok_or_else(|| ApplianceError::Protocol("renewed certificate does not parse".into()))?;
         if &identity != self.identity {
@@ -161,8 +159,14 @@ impl Session<'_> {
             return Err(ApplianceError::Protocol("renewed certificate is not for our new key".into()));
         }
         self.state.save_credentials(&Credentials { cert_pem: cert_pem.to_owned(), key_pem: key.serialize_pem() })?;
-        Ok(validity.renew_at())
+        Ok(validity)
     }
+}
+
+/// When to try a refused renewal again: a quarter of the time left, between 1 and 30 seconds.
+fn retry_renewal_at(validity: Option<Validity>) -> Timestamp {
+    let left = validity.map_or(Duration::from_secs(120), |v| v.not_after.since(now()));
+    now().saturating_add((left / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)))
 }
 
 fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig, String> {

@@ -158,6 +158,10 @@ pub enum ChainBreak {
     Truncated { found: u64, expected: u64 },
     #[error("chain head mismatch at seq {seq}: the last record was replaced")]
     HeadMismatch { seq: u64 },
+    #[error(
+        "chain continues past the writer's head (seq {expected}) to seq {found}: records were appended by someone else"
+    )]
+    Extended { found: u64, expected: u64 },
 }
 
 impl ChainBreak {
@@ -168,6 +172,7 @@ impl ChainBreak {
             | ChainBreak::Edited { seq }
             | ChainBreak::Link { seq }
             | ChainBreak::HeadMismatch { seq } => *seq,
+            ChainBreak::Extended { expected, .. } => expected + 1,
             ChainBreak::Sequence { expected, .. } => *expected,
             ChainBreak::Truncated { found, .. } => found + 1,
         }
@@ -203,11 +208,16 @@ where
         }
         head = rec.head();
     }
+    // The writer moves its head in the same transaction as every append, so the chain must end
+    // exactly there: shorter is truncation, longer is a forged append, different is a rewrite.
     if let Some(anchor) = anchor {
         if head.seq < anchor.seq {
             return Err(ChainBreak::Truncated { found: head.seq, expected: anchor.seq });
         }
-        if head.seq == anchor.seq && head.hash != anchor.hash {
+        if head.seq > anchor.seq {
+            return Err(ChainBreak::Extended { found: head.seq, expected: anchor.seq });
+        }
+        if head.hash != anchor.hash {
             return Err(ChainBreak::HeadMismatch { seq: head.seq });
         }
     }
@@ -285,6 +295,26 @@ mod tests {
         let recs = chain(5);
         let anchor = recs[4].head();
         assert_eq!(verify_chain("c", &recs[..3], Some(anchor)), Err(ChainBreak::Truncated { found: 3, expected: 5 }));
+    }
+
+    #[test]
+    fn audit_chain_detects_rehashed_chain_with_forged_append() {
+        // Edit record 3, recompute every hash after it and append one more: only the
+        // writer's anchor can tell.
+        let recs = chain(5);
+        let anchor = recs[4].head();
+        let mut forged: Vec<Record> = recs[..2].to_vec();
+        let mut head = forged[1].head();
+        for i in 2..6 {
+            let mut ev = event(i);
+            ev.outcome = Outcome::Denied;
+            let r = Record::append("c", head, Timestamp::from_unix_millis(i64::from(i)), ev);
+            head = r.head();
+            forged.push(r);
+        }
+        assert!(verify_chain("c", &forged, None).is_ok(), "a re-hashed chain is self-consistent");
+        assert_eq!(verify_chain("c", &forged, Some(anchor)), Err(ChainBreak::Extended { found: 6, expected: 5 }));
+        assert!(matches!(verify_chain("c", &forged[..5], Some(anchor)), Err(ChainBreak::HeadMismatch { seq: 5 })));
     }
 
     #[test]

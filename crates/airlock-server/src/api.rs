@@ -634,12 +634,22 @@ async fn revoke_appliance(
         return audited(&state, &scope, ev, Err(ApiError::not_found(format!("no appliance {id} in your tenant"))))
             .await;
     }
-    // Refuse new handshakes before the commit returns, and end the live stream right after.
+    // Refuse new handshakes and streams from before the commit returns (so no window opens
+    // between commit and enforcement), but end the live stream only once the revocation is
+    // durably recorded: a revocation that fails to commit must not have taken effect.
     state.revoked.insert(id);
-    let was_connected = state.registry.kick(id, crate::registry::Kick::Revoked);
+    let was_connected = state.registry.status(&id).is_some();
     ev.detail = serde_json::json!({ "was_connected": was_connected });
-    tx.audit(&scope.chain(), now, ev).await?;
-    tx.commit().await?;
+    let committed = async {
+        tx.audit(&scope.chain(), now, ev).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = committed {
+        state.revoked.remove(&id);
+        return Err(e.into());
+    }
+    state.registry.kick(id, crate::registry::Kick::Revoked);
     tracing::info!(appliance = %id, was_connected, "appliance revoked");
     Ok(Json(serde_json::json!({ "id": id.to_string(), "revoked": true, "was_connected": was_connected })))
 }

@@ -32,16 +32,56 @@ use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Replies queued for one stream; a peer this far behind is not reading.
+const REPLY_QUEUE: usize = 16;
+/// How long a final status may take to reach the peer before its connection is cut.
+const KILL_GRACE: Duration = Duration::from_millis(300);
 
 /// A verified appliance connection, handed to tonic with its peer facts.
 pub struct GatewayConn {
     io: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    peer: PeerCert,
+    peer: GatewayPeer,
+}
+
+/// What a stream handler learns about its connection.
+#[derive(Clone)]
+pub struct GatewayPeer {
+    pub cert: PeerCert,
+    pub kill: Arc<ConnKill>,
+}
+
+/// Drops a connection from the server side. Ending a gRPC stream relies on the peer reading
+/// the final status; a peer that stops reading (or advertises a zero HTTP/2 window) would
+/// keep a revoked or expired connection open, so revocation and expiry also cut the socket.
+#[derive(Debug, Default)]
+pub struct ConnKill {
+    killed: std::sync::atomic::AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl ConnKill {
+    pub fn kill(&self) {
+        self.killed.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    fn check(&self, cx: &std::task::Context<'_>) -> std::io::Result<()> {
+        if self.killed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by the control plane"));
+        }
+        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *slot = Some(cx.waker().clone());
+        }
+        Ok(())
+    }
 }
 
 impl Connected for GatewayConn {
-    type ConnectInfo = PeerCert;
-    fn connect_info(&self) -> PeerCert {
+    type ConnectInfo = GatewayPeer;
+    fn connect_info(&self) -> GatewayPeer {
         self.peer.clone()
     }
 }
@@ -52,6 +92,11 @@ impl tokio::io::AsyncRead for GatewayConn {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        // hyper always has a read pending on an idle connection, so registering here is
+        // enough for a kill to wake it.
+        if let Err(e) = self.peer.kill.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -62,6 +107,9 @@ impl tokio::io::AsyncWrite for GatewayConn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.peer.kill.killed.load(std::sync::atomic::Ordering::Acquire) {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
@@ -80,12 +128,13 @@ pub async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
     tls: rustls::ServerConfig,
+    stop_accepting: tokio::sync::watch::Receiver<bool>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let (conn_tx, conn_rx) = mpsc::channel::<Result<GatewayConn, std::io::Error>>(256);
     let accept_state = state.clone();
-    let mut accept_shutdown = shutdown.clone();
+    let mut accept_shutdown = stop_accepting;
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = tokio::select! {
@@ -113,6 +162,7 @@ pub async fn serve(
                 else {
                     return handshake_refused(&state, addr, "not_an_appliance").await;
                 };
+                let peer = GatewayPeer { cert: peer, kill: Arc::new(ConnKill::default()) };
                 let _ = conn_tx.send(Ok(GatewayConn { io: tls, peer })).await;
             });
         }
@@ -156,25 +206,37 @@ impl ApplianceGateway for GatewayService {
     type SessionStream = SessionStream;
 
     async fn session(&self, req: Request<Streaming<ApplianceMessage>>) -> Result<Response<SessionStream>, Status> {
-        let peer = req
+        let GatewayPeer { cert: peer, kill } = req
             .extensions()
-            .get::<PeerCert>()
+            .get::<GatewayPeer>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
         let state = self.state.clone();
         let now = state.now();
         let id = peer.identity.appliance;
+        let scope = TenantScope::for_appliance(&peer.identity);
         // The handshake checked these, but the connection may have outlived them.
         if state.revoked.contains(&id) {
-            return Err(Status::permission_denied(format!("{}: {id}", airlock_proto::REVOKED_STATUS_PREFIX)));
+            return Err(
+                refuse_stream(&state, &scope, "revoked", Status::permission_denied(Kick::Revoked.message(id))).await
+            );
         }
         if now >= peer.not_after {
-            return Err(Status::unauthenticated("certificate expired; reconnect with a renewed certificate"));
+            let status = Status::unauthenticated("certificate expired; reconnect with a renewed certificate");
+            return Err(refuse_stream(&state, &scope, "certificate_expired", status).await);
         }
-        let scope = TenantScope::for_appliance(&peer.identity);
         match state.store.get_appliance(&scope, id).await {
-            Ok(Some(row)) if row.revoked_at.is_none() && row.environment_id == peer.identity.environment => {}
-            Ok(_) => return Err(Status::permission_denied("unknown or revoked appliance")),
+            Ok(Some(row)) if row.revoked_at.is_some() => {
+                let status = Status::permission_denied(Kick::Revoked.message(id));
+                return Err(refuse_stream(&state, &scope, "revoked", status).await);
+            }
+            // The certificate names a tenant and environment; the stored appliance must match
+            // both, so a certificate can never act on another tenant's or environment's rows.
+            Ok(Some(row)) if row.environment_id == peer.identity.environment => {}
+            Ok(_) => {
+                let status = Status::permission_denied("unknown appliance for this certificate");
+                return Err(refuse_stream(&state, &scope, "unknown_appliance", status).await);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "store lookup failed");
                 return Err(Status::unavailable("control plane store unavailable; retry"));
@@ -190,9 +252,15 @@ impl ApplianceGateway for GatewayService {
             cert_not_after: peer.not_after,
         };
         let (registration, mut kicked) = state.registry.join(id, status);
+        // A revocation that landed between the check above and `join` found nothing to kick;
+        // the revoked set is written before any kick, so checking it again closes the gap.
+        if state.revoked.contains(&id) {
+            state.registry.leave(registration);
+            return Err(Status::permission_denied(Kick::Revoked.message(id)));
+        }
         state.metrics.appliances_connected.inc();
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(4);
+        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(REPLY_QUEUE);
         let until_expiry = peer.not_after.since(now);
         let session = state.seen.session();
 
@@ -200,43 +268,63 @@ impl ApplianceGateway for GatewayService {
             let expiry = tokio::time::sleep(until_expiry);
             tokio::pin!(expiry);
             let mut version = String::new();
-            loop {
+            // Replies never wait on the peer: an appliance that stops reading must not stall
+            // this task, which has to stay free to act on revocation and expiry.
+            let ended = loop {
                 tokio::select! {
                     kick = &mut kicked => {
+                        let kick = kick.unwrap_or(Kick::Replaced);
                         let status = match kick {
-                            Ok(Kick::ShuttingDown) => Status::unavailable(Kick::ShuttingDown.message(id)),
-                            Ok(k) => Status::permission_denied(k.message(id)),
-                            Err(_) => Status::permission_denied(Kick::Replaced.message(id)),
+                            Kick::ShuttingDown => Status::unavailable(kick.message(id)),
+                            Kick::Revoked | Kick::Replaced => Status::permission_denied(kick.message(id)),
                         };
-                        let _ = tx.send(Err(status)).await;
-                        break;
+                        let _ = tx.try_send(Err(status));
+                        // A replaced stream may share its connection with its replacement.
+                        break kick != Kick::Replaced;
                     }
                     _ = &mut expiry => {
-                        let _ = tx.send(Err(Status::unauthenticated("certificate expired; reconnect with the renewed certificate"))).await;
-                        break;
+                        let _ = tx.try_send(Err(Status::unauthenticated("certificate expired; reconnect with the renewed certificate")));
+                        break true;
                     }
                     msg = inbound.message() => {
                         let msg = match msg {
                             Ok(Some(m)) => m,
-                            Ok(None) | Err(_) => break,
+                            Ok(None) | Err(_) => break false,
                         };
                         let reply = handle_message(&state, &registration, &peer, &scope, msg, &mut version).await;
-                        if let Some(reply) = reply
-                            && tx.send(Ok(reply)).await.is_err()
-                        {
-                            break;
+                        match reply.map(|r| tx.try_send(Ok(r))) {
+                            None | Some(Ok(())) => {}
+                            Some(Err(mpsc::error::TrySendError::Closed(_))) => break false,
+                            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                                tracing::warn!(appliance = %id, "appliance is not reading its stream; closing the connection");
+                                break true;
+                            }
                         }
                     }
                 }
-            }
+            };
+            drop(tx);
             state.metrics.appliances_connected.dec();
             if let Some(last) = state.registry.leave(registration) {
                 state.seen.record(SeenUpdate { scope, appliance: id, version: last.version, at: last.last_heartbeat });
             }
             drop(session);
+            if ended {
+                // Give the final status a moment to reach a well-behaved peer, then cut the socket.
+                tokio::time::sleep(KILL_GRACE).await;
+                kill.kill();
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Audits a refused stream in the appliance's tenant chain and returns the status to send.
+async fn refuse_stream(state: &AppState, scope: &TenantScope, reason: &str, status: Status) -> Status {
+    let mut ev = event(scope.principal().actor(), "gateway.stream_refused", Outcome::Denied);
+    ev.detail = serde_json::json!({ "reason": reason });
+    state.audit_refusal(&scope.chain(), ev).await;
+    status
 }
 
 async fn handle_message(
@@ -288,35 +376,60 @@ async fn renew_certificate(
     let now = state.now();
     let actor = scope.principal().actor();
     let target = Some(peer.identity.appliance.to_string());
-    let issued =
-        match state.ca.sign_renewal_csr(csr_pem, &peer.identity, &peer.spki, now, state.appliance_cert_lifetime) {
-            Ok(i) => i,
-            Err(e) => {
-                let mut ev = event(actor, "appliance.certificate_renew", Outcome::Denied);
-                ev.target = target;
-                ev.detail = serde_json::json!({ "reason": e.to_string() });
-                state.audit_refusal(&scope.chain(), ev).await;
-                return control_message::Body::RenewRefused(RenewRefused { reason: e.to_string() });
-            }
-        };
-    let committed = async {
+    let refused = |reason: String| {
+        let mut ev = event(actor.clone(), "appliance.certificate_renew", Outcome::Denied);
+        ev.target = target.clone();
+        ev.detail = serde_json::json!({ "reason": reason, "presented_serial": peer.serial });
+        async move {
+            state.audit_refusal(&scope.chain(), ev).await;
+            control_message::Body::RenewRefused(RenewRefused { reason })
+        }
+    };
+    // Renewal is paced by the certificate's own life: before half of it has passed there is
+    // nothing to renew, and refusing keeps a misbehaving appliance from minting certificates.
+    let half_life = peer.not_before.saturating_add(peer.not_after.since(peer.not_before) / 2);
+    if now < half_life {
+        return refused(format!("too early: renew after {half_life}")).await;
+    }
+    let result = async {
         let mut tx = state.store.write().await?;
+        // Only the current certificate, or the one it replaced (the appliance may have missed
+        // the reply), may renew; an older or stolen one would fork the identity.
+        let Some(current) = tx.renewal_state(scope, peer.identity.appliance).await? else {
+            return Ok(Err("unknown appliance".to_owned()));
+        };
+        if current.revoked {
+            return Ok(Err("appliance is revoked".to_owned()));
+        }
+        if peer.serial != current.current_serial && current.previous_serial.as_deref() != Some(peer.serial.as_str()) {
+            return Ok(Err("this certificate has been superseded; use the newest one".to_owned()));
+        }
+        let issued =
+            match state.ca.sign_renewal_csr(csr_pem, &peer.identity, &peer.spki, now, state.appliance_cert_lifetime) {
+                Ok(i) => i,
+                Err(e) => return Ok(Err(e.to_string())),
+            };
         tx.record_renewal(scope, peer.identity.appliance, &issued.serial, issued.not_after).await?;
-        let mut ev = event(actor, "appliance.certificate_renew", Outcome::Success);
-        ev.target = target;
+        let mut ev = event(actor.clone(), "appliance.certificate_renew", Outcome::Success);
+        ev.target = target.clone();
         ev.detail = serde_json::json!({
             "serial": issued.serial, "not_after": issued.not_after.to_string(), "previous_serial": peer.serial,
         });
         tx.audit(&scope.chain(), now, ev).await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok::<_, crate::store::StoreError>(Ok(issued))
     }
     .await;
-    if let Err(e) = committed {
-        tracing::error!(error = %e, "cannot record renewal");
-        return control_message::Body::RenewRefused(RenewRefused {
-            reason: "control plane could not record the renewal; retry later".into(),
-        });
-    }
+    let issued = match result {
+        Ok(Ok(issued)) => issued,
+        Ok(Err(reason)) => return refused(reason).await,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record renewal");
+            return control_message::Body::RenewRefused(RenewRefused {
+                reason: "control plane could not record the renewal; retry later".into(),
+            });
+        }
+    };
     state.metrics.renewals.inc();
     let (serial, not_after) = (issued.serial.clone(), issued.not_after);
     state.registry.update(reg, |s| {

@@ -13,12 +13,13 @@ pub(crate) async fn serve(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     router: Router,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut stop_accepting: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     loop {
         let (tcp, addr) = tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = stop_accepting.changed() => return,
             res = listener.accept() => match res {
                 Ok(x) => x,
                 Err(e) => {

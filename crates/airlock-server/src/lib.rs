@@ -218,9 +218,12 @@ impl AuditReport {
     }
 }
 
-/// Verifies every audit chain in `data_dir` (read-only apart from SQLite's own WAL files).
+/// Verifies every audit chain in `data_dir`, opening the database read-only.
 pub async fn verify_audit(data_dir: &Path, kek: &KekSource) -> Result<AuditReport, ServerError> {
-    let (store, _) = open_existing(data_dir, kek).await?;
+    if !data_dir.join(store::DB_FILE_NAME).exists() {
+        return Err(ServerError::NotInitialised(data_dir.into()));
+    }
+    let store = Store::open_read_only(data_dir, kek.load()?.audit_mac_key()).await?;
     let chains = store::verify_all_chains(&store)
         .await?
         .into_iter()
@@ -238,6 +241,7 @@ pub struct RunningServer {
     pub gateway_endpoint: String,
     pub ca_fingerprint: Fingerprint,
     pub ca_pem: String,
+    stop_accepting: tokio::sync::watch::Sender<bool>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     state: Arc<AppState>,
@@ -254,6 +258,8 @@ impl RunningServer {
     /// Ends every appliance stream, records their last-seen, stops both listeners and closes
     /// the store, in that order, so nothing accepted is lost.
     pub async fn shutdown(self) {
+        // No new connections first, or kicked appliances would reconnect during the drain.
+        let _ = self.stop_accepting.send(true);
         let live = self.state.registry.kick_all(registry::Kick::ShuttingDown);
         tracing::info!(streams = live, "ending appliance streams");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -335,12 +341,13 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         gateway_endpoint: gateway_endpoint.clone(),
         gateway_server_name,
     });
+    let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let router = api::router(state.clone());
-    let api_task = tokio::spawn(https::serve(api_listener, api_tls, router, shutdown_rx.clone()));
+    let api_task = tokio::spawn(https::serve(api_listener, api_tls, router, accepting_rx.clone(), shutdown_rx.clone()));
     let gw_state = state.clone();
     let gateway_task = tokio::spawn(async move {
-        if let Err(e) = gateway::serve(gw_state, gateway_listener, gateway_tls, shutdown_rx).await {
+        if let Err(e) = gateway::serve(gw_state, gateway_listener, gateway_tls, accepting_rx, shutdown_rx).await {
             tracing::error!(error = %e, "gateway stopped");
         }
     });
@@ -351,6 +358,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         gateway_endpoint,
         ca_fingerprint,
         ca_pem,
+        stop_accepting,
         shutdown,
         tasks: vec![api_task, gateway_task],
         state,

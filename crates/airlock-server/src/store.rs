@@ -27,7 +27,10 @@ pub const DB_FILE_NAME: &str = "airlock.db";
 /// Versioned migrations, applied in order inside one transaction each. Embedded so the binary
 /// carries its schema. (Hand-rolled rather than `sqlx::migrate!` to avoid building sqlx's
 /// proc-macro stack and a second SQLite for the host; the bookkeeping is a dozen lines.)
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (2, "previous_serial", include_str!("../migrations/0002_previous_serial.sql")),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,6 +94,13 @@ pub enum RedeemRefusal {
     Expired { tenant: TenantId, expired_at: Timestamp },
 }
 
+#[derive(Clone, Debug)]
+pub struct RenewalState {
+    pub current_serial: String,
+    pub previous_serial: Option<String>,
+    pub revoked: bool,
+}
+
 pub struct StoredCa {
     pub trust_domain: String,
     pub cert_pem: String,
@@ -111,6 +121,13 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating if asked) the database in `data_dir` and applies pending migrations.
+    /// Opens the database read-only and without migrating, for verifying it as evidence.
+    pub async fn open_read_only(data_dir: &Path, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new().filename(data_dir.join(DB_FILE_NAME)).read_only(true);
+        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        Ok(Self { pool, write_lock: tokio::sync::Mutex::new(()), head_mac })
+    }
+
     pub async fn open(data_dir: &Path, create: bool, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::new()
             .filename(data_dir.join(DB_FILE_NAME))
@@ -300,12 +317,15 @@ impl Store {
 
     // ---- audit ----
 
-    /// The names of all audit chains.
+    /// The names of all audit chains: every tenant has one (created with the tenant), plus any
+    /// chain that has records or a head. Deriving the list from `tenants` too means deleting
+    /// a chain's rows and head does not make it vanish from verification.
     pub async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
-        let rows =
-            sqlx::query("SELECT DISTINCT chain FROM audit_events UNION SELECT chain FROM audit_heads ORDER BY chain")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT id AS chain FROM tenants UNION SELECT chain FROM audit_events UNION SELECT chain FROM audit_heads ORDER BY chain",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|r| Ok(r.try_get("chain")?)).collect()
     }
 
@@ -320,7 +340,12 @@ impl Store {
             .map(|r| {
                 let seq: i64 = r.try_get("seq")?;
                 let text: String = r.try_get("record")?;
-                Ok(serde_json::from_str::<Record>(&text).map_err(|_| seq))
+                // The stored text must be exactly the canonical encoding of what it parses to:
+                // otherwise fields could be added that verification (which re-encodes) ignores.
+                let parsed = serde_json::from_str::<Record>(&text)
+                    .ok()
+                    .filter(|rec| serde_json::to_string(rec).is_ok_and(|canon| canon == text));
+                Ok(parsed.ok_or(seq))
             })
             .collect()
     }
@@ -578,6 +603,30 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// The serials a renewal may be presented with, and whether the appliance is revoked.
+    pub async fn renewal_state(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+    ) -> Result<Option<RenewalState>, StoreError> {
+        let row = sqlx::query(
+            "SELECT cert_serial, previous_serial, revoked_at FROM appliances WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| {
+            let revoked_at: Option<i64> = r.try_get("revoked_at")?;
+            Ok(RenewalState {
+                current_serial: r.try_get("cert_serial")?,
+                previous_serial: r.try_get("previous_serial")?,
+                revoked: revoked_at.is_some(),
+            })
+        })
+        .transpose()
+    }
+
     pub async fn record_renewal(
         &mut self,
         scope: &TenantScope,
@@ -585,7 +634,9 @@ impl WriteTx<'_> {
         serial: &str,
         not_after: Timestamp,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE appliances SET cert_serial = $1, cert_not_after = $2 WHERE tenant_id = $3 AND id = $4")
+        sqlx::query(
+            "UPDATE appliances SET previous_serial = cert_serial, cert_serial = $1, cert_not_after = $2 WHERE tenant_id = $3 AND id = $4",
+        )
             .bind(serial)
             .bind(not_after.unix_millis())
             .bind(scope.tenant().to_string())
@@ -701,13 +752,17 @@ pub async fn verify_all_chains(store: &Store) -> Result<Vec<(String, Result<Head
         let result = if let Some(seq) = bad_row {
             match audit::verify_chain(&chain, &records, None) {
                 Err(e) => Err(e.to_string()),
-                Ok(_) => Err(format!("record seq {seq}: stored record is not valid JSON: the record was edited")),
+                Ok(_) => {
+                    Err(format!("record seq {seq}: stored record is not in canonical form: the record was edited"))
+                }
             }
         } else {
             match store.audit_head(&chain).await? {
                 Some(Err(HeadTampered)) => Err("the recorded chain head fails its MAC: the head was rewritten".into()),
                 Some(Ok(anchor)) => audit::verify_chain(&chain, &records, Some(anchor)).map_err(|e| e.to_string()),
-                None => audit::verify_chain(&chain, &records, None).map_err(|e| e.to_string()),
+                // Every append writes the head in the same transaction, so a chain without one
+                // had its head deleted; without the anchor a re-hashed chain would verify.
+                None => Err("the chain's recorded head is missing: it was deleted".into()),
             }
         };
         out.push((chain, result));

@@ -26,6 +26,10 @@ impl RevokedSet {
         self.0.write().unwrap_or_else(|e| e.into_inner()).insert(id);
     }
 
+    pub fn remove(&self, id: &ApplianceId) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
     pub fn contains(&self, id: &ApplianceId) -> bool {
         self.0.read().unwrap_or_else(|e| e.into_inner()).contains(id)
     }
@@ -35,6 +39,7 @@ impl RevokedSet {
 #[derive(Clone, Debug)]
 pub struct PeerCert {
     pub identity: ApplianceIdentity,
+    pub not_before: Timestamp,
     pub not_after: Timestamp,
     pub serial: String,
     pub spki: Vec<u8>,
@@ -67,8 +72,10 @@ pub fn parse_peer_cert(der: &[u8], trust_domain: &str) -> Result<PeerCert, Strin
         return Err(format!("certificate is for trust domain `{}`, not ours", identity.trust_domain));
     }
     let not_after = Timestamp::from_unix_millis(cert.validity().not_after.timestamp() * 1000);
+    let not_before = Timestamp::from_unix_millis(cert.validity().not_before.timestamp() * 1000);
     Ok(PeerCert {
         identity,
+        not_before,
         not_after,
         serial: data_encoding::HEXLOWER.encode(cert.tbs_certificate.raw_serial()),
         spki: cert.tbs_certificate.subject_pki.subject_public_key.data.to_vec(),

@@ -55,6 +55,17 @@ async fn audit_verify_detects_edit_delete_reorder_and_truncation() {
         ),
         ("truncate", format!("DELETE FROM audit_events WHERE chain = '{chain}' AND seq = (SELECT MAX(seq) FROM audit_events WHERE chain = '{chain}')"), "removed from the end"),
         ("rewrite-head", format!("UPDATE audit_heads SET seq = seq - 1 WHERE chain = '{chain}'"), "head"),
+        ("delete-head", format!("DELETE FROM audit_heads WHERE chain = '{chain}'"), "head is missing"),
+        (
+            "delete-chain",
+            format!("DELETE FROM audit_heads WHERE chain = '{chain}'; DELETE FROM audit_events WHERE chain = '{chain}'"),
+            "head is missing",
+        ),
+        (
+            "inject-field",
+            format!("UPDATE audit_events SET record = replace(record, '\"outcome\"', '\"approved_by\":\"mallory\",\"outcome\"') WHERE chain = '{chain}' AND seq = 2"),
+            "seq 2",
+        ),
     ];
     for (what, sql, expect) in cases {
         let copy = server.dir.path().join(format!("tampered-{what}"));
