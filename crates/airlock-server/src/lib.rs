@@ -233,6 +233,37 @@ pub async fn verify_audit(data_dir: &Path, kek: &KekSource) -> Result<AuditRepor
     Ok(AuditReport { chains })
 }
 
+/// Every audit record of every chain (or of one chain), read-only, in chain order.
+pub async fn export_audit(
+    data_dir: &Path,
+    kek: &KekSource,
+    chain: Option<&str>,
+) -> Result<Vec<airlock_core::audit::Record>, ServerError> {
+    if !data_dir.join(store::DB_FILE_NAME).exists() {
+        return Err(ServerError::NotInitialised(data_dir.into()));
+    }
+    let store = Store::open_read_only(data_dir, kek.load()?.audit_mac_key()).await?;
+    let chains = match chain {
+        Some(c) => vec![c.to_owned()],
+        None => store.audit_chains().await?,
+    };
+    let mut out = Vec::new();
+    for c in chains {
+        for r in store.audit_records(&c).await? {
+            match r {
+                Ok(rec) => out.push(rec),
+                Err(seq) => {
+                    return Err(ServerError::Store(StoreError::Corrupt(format!(
+                        "chain {c} record seq {seq} is not canonical; run `airlock audit verify`"
+                    ))));
+                }
+            }
+        }
+    }
+    store.close().await;
+    Ok(out)
+}
+
 /// A control plane that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
 #[derive(Debug)]
 pub struct RunningServer {

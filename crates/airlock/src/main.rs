@@ -150,6 +150,9 @@ struct ServerRunArgs {
     /// Appliance certificate lifetime, e.g. 30d, 1h, 6s [default: 30d].
     #[arg(long, env = "AIRLOCK_APPLIANCE_CERT_LIFETIME", value_parser = parse_duration)]
     appliance_cert_lifetime: Option<std::time::Duration>,
+    /// Default lifetime of join tokens [default: 15m].
+    #[arg(long, env = "AIRLOCK_JOIN_TOKEN_TTL", value_parser = parse_duration)]
+    join_token_ttl: Option<std::time::Duration>,
     /// Interval appliances should heartbeat at [default: 15s].
     #[arg(long, env = "AIRLOCK_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     heartbeat_interval: Option<std::time::Duration>,
@@ -175,6 +178,7 @@ struct ServerFileConfig {
     hostnames: Option<Vec<String>>,
     gateway_advertise: Option<String>,
     appliance_cert_lifetime: Option<String>,
+    join_token_ttl: Option<String>,
     heartbeat_interval: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -306,6 +310,14 @@ enum AuditSub {
         #[command(flatten)]
         data: DataDirArgs,
     },
+    /// Print audit records as JSON lines (all chains, or one).
+    Export {
+        #[command(flatten)]
+        data: DataDirArgs,
+        /// Only this chain: a tenant id, or `system`.
+        #[arg(long)]
+        chain: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -418,6 +430,10 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = args.appliance_cert_lifetime.or(file_duration(file.appliance_cert_lifetime)?) {
         anyhow::ensure!(d.as_secs() >= 2, "appliance certificate lifetime must be at least 2s");
         cfg.appliance_cert_lifetime = d;
+    }
+    if let Some(d) = args.join_token_ttl.or(file_duration(file.join_token_ttl)?) {
+        anyhow::ensure!((1..=86_400).contains(&d.as_secs()), "join token TTL must be between 1s and 24h");
+        cfg.join_token_ttl = d;
     }
     if let Some(d) = args.heartbeat_interval.or(file_duration(file.heartbeat_interval)?) {
         anyhow::ensure!(d.as_secs() >= 1, "heartbeat interval must be at least 1s");
@@ -605,8 +621,15 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         }
+        #[cfg(feature = "server")]
+        AuditSub::Export { data, chain } => {
+            for rec in airlock_server::export_audit(&data.data_dir, &data.kek(), chain.as_deref()).await? {
+                println!("{}", serde_json::to_string(&rec)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(not(feature = "server"))]
-        AuditSub::Verify { .. } => {
+        AuditSub::Verify { .. } | AuditSub::Export { .. } => {
             anyhow::bail!("this build has no control plane support; rebuild with the `server` feature")
         }
     }

@@ -102,9 +102,12 @@ fn gateway_refuses_certificate_from_another_ca() {
     // The real credentials still work, and the refusal is audited.
     let (cert, key) = credentials(&state);
     gateway_handshake(&server.gateway, &support::ca_pem(&state), &cert, &key).unwrap();
-    wait_for(Duration::from_secs(5), "rejected handshake in the log", || {
-        server.log().contains("gateway refused a TLS handshake").then_some(())
+    let rejected = wait_for(Duration::from_secs(5), "rejected handshake in the audit", || {
+        let r = server.audited("gateway.handshake_rejected", "denied");
+        (!r.is_empty()).then_some(r)
     });
+    assert_eq!(rejected[0]["chain"], "system");
+    assert_eq!(rejected[0]["detail"]["reason"], "unknown_issuer", "{rejected:?}");
     assert!(server.appliance(&id)["connected"] == true);
 }
 
@@ -142,6 +145,10 @@ fn appliance_rotates_certificate_twice_with_new_keys() {
     let distinct_keys: std::collections::HashSet<_> = keys.iter().collect();
     assert_eq!(distinct_keys.len(), keys.len(), "each rotation must use a new key pair");
     assert!(proc.log().matches("certificate renewed").count() >= 2, "{}", proc.log());
+    let renewals = server.audited("appliance.certificate_renew", "success");
+    assert!(renewals.len() >= 2, "{renewals:?}");
+    assert_eq!(renewals[0]["chain"], server.tenant);
+    assert_eq!(renewals[1]["detail"]["previous_serial"], renewals[0]["detail"]["serial"]);
     // The appliance outlives its first certificates and stays connected on the renewed one.
     wait_for(Duration::from_secs(10), "appliance connected after rotations", || {
         (server.appliance(&id)["connected"] == true).then_some(())
@@ -297,4 +304,32 @@ fn second_server_on_the_same_data_dir_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already using"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn old_certificate_keeps_working_until_it_expires() {
+    let server = Server::start_with(&["--appliance-cert-lifetime", "12s"]);
+    let state = server.dir.path().join("apl");
+    let (_proc, id) = server.joined_appliance(&state);
+    let first_serial = server.appliance(&id)["cert_serial"].as_str().unwrap().to_owned();
+    let (old_cert, old_key) = credentials(&state);
+    wait_for(Duration::from_secs(15), "first rotation", || {
+        (server.appliance(&id)["cert_serial"].as_str() != Some(&first_serial)).then_some(())
+    });
+    assert_ne!(credentials(&state).0, old_cert);
+    gateway_handshake(&server.gateway, &support::ca_pem(&state), &old_cert, &old_key)
+        .expect("the certificate before rotation is still valid until it expires");
+}
+
+#[test]
+fn heartbeats_advance_last_heartbeat() {
+    let server = Server::start_with(&["--heartbeat-interval", "1s"]);
+    let (_proc, id) = server.joined_appliance(&server.dir.path().join("apl"));
+    let first = server.appliance(&id)["last_heartbeat"].as_str().unwrap().to_owned();
+    let later = wait_for(Duration::from_secs(10), "a later heartbeat", || {
+        let now = server.appliance(&id)["last_heartbeat"].as_str().unwrap().to_owned();
+        (now > first).then_some(now)
+    });
+    assert!(later > first);
+    assert_eq!(server.appliance(&id)["healthy"], true);
 }

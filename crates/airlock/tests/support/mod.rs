@@ -264,6 +264,18 @@ impl Server {
         id
     }
 
+    /// Every audit record, via `airlock audit export`.
+    pub fn audit_records(&self) -> Vec<Value> {
+        let out = Command::new(bin()).args(["audit", "export", "--data-dir"]).arg(&self.data_dir).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Audit records with this action and outcome.
+    pub fn audited(&self, action: &str, outcome: &str) -> Vec<Value> {
+        self.audit_records().into_iter().filter(|r| r["action"] == action && r["outcome"] == outcome).collect()
+    }
+
     pub fn audit_verify(&self) -> Output {
         Command::new(bin()).args(["audit", "verify", "--data-dir"]).arg(&self.data_dir).output().unwrap()
     }
