@@ -168,7 +168,7 @@ impl FromRequestParts<Arc<AppState>> for Authed {
         let path = parts.uri.path().to_owned();
         let refuse = |why: &'static str| async move {
             let mut ev = event("anonymous", "api.authenticate", Outcome::Denied);
-            ev.detail = serde_json::json!({ "reason": why, "path": path });
+            ev.detail = serde_json::json!({ "reason": why, "path": path.chars().take(200).collect::<String>() });
             state.audit_refusal(SYSTEM_CHAIN, ev).await;
             ApiError::unauthorized(format!("{why}; send `Authorization: Bearer airlock_at_…`"))
         };
@@ -213,7 +213,12 @@ async fn audited<T>(
 ) -> Result<T, ApiError> {
     if let Err(e) = &result {
         ev.outcome = e.outcome();
-        ev.detail = serde_json::json!({ "error": e.message });
+        // Messages about malformed input can quote that input; the audit keeps only the kind.
+        ev.detail = if e.code == "bad_request" {
+            serde_json::json!({ "error": e.code })
+        } else {
+            serde_json::json!({ "error": e.code, "message": e.message })
+        };
     }
     state.audit(&scope.chain(), ev).await?;
     result
@@ -299,6 +304,11 @@ async fn join(
         Ok(s) => s,
         Err(e) => return Err(refuse(SYSTEM_CHAIN.into(), e.to_string(), StatusCode::UNAUTHORIZED).await),
     };
+    // An unknown token is refused without taking the write lock, so guessing costs nothing
+    // but a read.
+    if !state.store.join_token_known(&secret.hash()).await? {
+        return Err(refuse(SYSTEM_CHAIN.into(), "unknown join token".into(), StatusCode::UNAUTHORIZED).await);
+    }
     let appliance = ApplianceId::from_random(random());
     let mut tx = state.store.write().await?;
     let redeemed = match tx.redeem_join_token(&secret.hash(), appliance, now).await? {

@@ -32,6 +32,8 @@ use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once (a full handshake is ~0.25 ms of CPU; see BENCHMARKS.md).
+const MAX_HANDSHAKES_IN_FLIGHT: usize = 1024;
 /// Replies queued for one stream; a peer this far behind is not reading.
 const REPLY_QUEUE: usize = 16;
 /// How long a final status may take to reach the peer before its connection is cut.
@@ -124,13 +126,31 @@ impl tokio::io::AsyncWrite for GatewayConn {
 }
 
 /// Accepts TCP connections, completes TLS handshakes and feeds verified connections to tonic.
+/// The two stages of stopping: no new connections, then end the rest.
+pub struct Listeners {
+    pub stop_accepting: tokio::sync::watch::Receiver<bool>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
 pub async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
     tls: rustls::ServerConfig,
-    stop_accepting: tokio::sync::watch::Receiver<bool>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    mut refused_revoked: mpsc::UnboundedReceiver<airlock_core::ApplianceIdentity>,
+    listeners: Listeners,
 ) -> Result<(), tonic::transport::Error> {
+    let Listeners { stop_accepting, shutdown } = listeners;
+    let audit_state = state.clone();
+    tokio::spawn(async move {
+        while let Some(identity) = refused_revoked.recv().await {
+            let scope = TenantScope::for_appliance(&identity);
+            let mut ev = event(scope.principal().actor(), "gateway.handshake_rejected", Outcome::Denied);
+            ev.target = Some(identity.appliance.to_string());
+            ev.detail = serde_json::json!({ "reason": "revoked" });
+            audit_state.audit_refusal(&scope.chain(), ev).await;
+        }
+    });
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let (conn_tx, conn_rx) = mpsc::channel::<Result<GatewayConn, std::io::Error>>(256);
     let accept_state = state.clone();
@@ -149,9 +169,21 @@ pub async fn serve(
                     }
                 },
             };
+            // Handshakes cost CPU and a socket each; past the cap, new connections are dropped at
+            // once rather than queued, so a flood cannot starve established appliances.
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                accept_state
+                    .metrics
+                    .handshake_failures
+                    .get_or_create(&ReasonLabels { reason: "overloaded".into() })
+                    .inc();
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, state, conn_tx) = (acceptor.clone(), accept_state.clone(), conn_tx.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => return handshake_refused(&state, addr, handshake_failure_reason(&e)).await,

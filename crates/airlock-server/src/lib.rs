@@ -344,12 +344,14 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         None => tls::api_server_config(gateway_chain.clone(), server_key.clone_key(), config.clock.clone()),
     }
     .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let (refused_tx, refused_rx) = tokio::sync::mpsc::unbounded_channel();
     let gateway_tls = tls::gateway_server_config(
         ca.cert_der(),
         gateway_chain,
         server_key,
         ca.trust_domain(),
         revoked.clone(),
+        refused_tx,
         config.clock.clone(),
     )
     .map_err(|e| ServerError::Tls(e.to_string()))?;
@@ -365,7 +367,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         registry: registry::Registry::default(),
         revoked,
         metrics: metrics::Metrics::default(),
-        unauthenticated_audit: state::RefusalLimiter::default(),
+        refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: config.appliance_cert_lifetime,
         heartbeat_interval: config.heartbeat_interval,
         join_token_ttl: config.join_token_ttl,
@@ -378,7 +380,8 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let api_task = tokio::spawn(https::serve(api_listener, api_tls, router, accepting_rx.clone(), shutdown_rx.clone()));
     let gw_state = state.clone();
     let gateway_task = tokio::spawn(async move {
-        if let Err(e) = gateway::serve(gw_state, gateway_listener, gateway_tls, accepting_rx, shutdown_rx).await {
+        let listeners = gateway::Listeners { stop_accepting: accepting_rx, shutdown: shutdown_rx };
+        if let Err(e) = gateway::serve(gw_state, gateway_listener, gateway_tls, refused_rx, listeners).await {
             tracing::error!(error = %e, "gateway stopped");
         }
     });
@@ -464,7 +467,7 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         registry: registry::Registry::default(),
         revoked: Arc::new(tls::RevokedSet::default()),
         metrics: metrics::Metrics::default(),
-        unauthenticated_audit: state::RefusalLimiter::default(),
+        refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: Duration::from_secs(3600),
         heartbeat_interval: Duration::from_secs(15),
         join_token_ttl: Duration::from_secs(15 * 60),

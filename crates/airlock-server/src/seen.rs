@@ -91,7 +91,13 @@ async fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Msg>) {
         if !updates.is_empty()
             && let Err(e) = write(&store, &updates).await
         {
-            tracing::error!(error = %e, count = updates.len(), "cannot record last-seen");
+            // One bad update must not cost the whole batch: fall back to one at a time.
+            tracing::warn!(error = %e, count = updates.len(), "batched last-seen write failed; retrying one by one");
+            for u in updates.chunks(1) {
+                if let Err(e) = write(&store, u).await {
+                    tracing::error!(error = %e, appliance = %u[0].appliance, "cannot record last-seen");
+                }
+            }
         }
         for f in flushes {
             let _ = f.send(());

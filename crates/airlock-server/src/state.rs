@@ -26,7 +26,7 @@ pub struct AppState {
     pub registry: Registry,
     pub revoked: Arc<RevokedSet>,
     pub metrics: Metrics,
-    pub unauthenticated_audit: RefusalLimiter,
+    pub refusal_limiter: RefusalLimiter,
     pub appliance_cert_lifetime: Duration,
     pub heartbeat_interval: Duration,
     pub join_token_ttl: Duration,
@@ -50,18 +50,20 @@ impl AppState {
     /// Like [`AppState::audit`], but a failure to audit is logged rather than returned: used on
     /// paths that are already refusing the request.
     ///
-    /// Refusals of unauthenticated callers (the system chain) are rate limited: anyone can
-    /// send bad credentials or handshakes, and each record is a durable write. Records past
-    /// the limit are counted, and the next admitted record says how many were folded into it.
+    /// Refusals are rate limited per chain and action: anyone can send bad credentials or
+    /// handshakes, and each record is a durable write. Records past the limit are counted, and
+    /// the next admitted record of that kind says how many were folded into it. Keying by
+    /// action keeps a flood of one kind from hiding another.
     pub async fn audit_refusal(&self, chain: &str, mut event: Event) {
-        if chain == SYSTEM_CHAIN {
-            match self.unauthenticated_audit.admit(self.now()) {
-                None => return,
-                Some(0) => {}
-                Some(suppressed) => {
-                    if let serde_json::Value::Object(map) = &mut event.detail {
-                        map.insert("similar_events_suppressed".into(), suppressed.into());
-                    }
+        match self.refusal_limiter.admit(chain, &event.action, self.now()) {
+            None => return,
+            Some(0) => {}
+            Some(suppressed) => {
+                if !event.detail.is_object() {
+                    event.detail = serde_json::json!({});
+                }
+                if let serde_json::Value::Object(map) = &mut event.detail {
+                    map.insert("similar_events_suppressed".into(), suppressed.into());
                 }
             }
         }
@@ -71,12 +73,13 @@ impl AppState {
     }
 }
 
-/// Admits at most [`RefusalLimiter::PER_SECOND`] records per second; counts the rest.
+/// Admits at most [`RefusalLimiter::PER_SECOND`] records per second for each (chain, action);
+/// counts the rest.
 #[derive(Debug, Default)]
-pub struct RefusalLimiter(std::sync::Mutex<LimiterState>);
+pub struct RefusalLimiter(std::sync::Mutex<std::collections::HashMap<(String, String), LimiterState>>);
 
 #[derive(Debug, Default)]
-pub struct LimiterState {
+struct LimiterState {
     second: i64,
     admitted: u32,
     suppressed: u64,
@@ -86,8 +89,14 @@ impl RefusalLimiter {
     pub const PER_SECOND: u32 = 20;
 
     /// `Some(n)`: write the record, noting `n` suppressed since the last one. `None`: drop it.
-    pub fn admit(&self, now: Timestamp) -> Option<u64> {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn admit(&self, chain: &str, action: &str, now: Timestamp) -> Option<u64> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Keys are tenants × actions, but an idle key carrying no count is dropped so the map
+        // does not grow with every tenant that ever saw a refusal.
+        if map.len() > 4096 {
+            map.retain(|_, s| s.suppressed > 0 || s.second == now.unix_seconds());
+        }
+        let s = map.entry((chain.to_owned(), action.to_owned())).or_default();
         if s.second != now.unix_seconds() {
             s.second = now.unix_seconds();
             s.admitted = 0;
@@ -128,12 +137,15 @@ mod tests {
         let l = RefusalLimiter::default();
         let t = Timestamp::from_unix_millis(10_000);
         for _ in 0..RefusalLimiter::PER_SECOND {
-            assert_eq!(l.admit(t), Some(0));
+            assert_eq!(l.admit("system", "a", t), Some(0));
         }
         for _ in 0..5 {
-            assert_eq!(l.admit(t), None);
+            assert_eq!(l.admit("system", "a", t), None);
         }
-        assert_eq!(l.admit(Timestamp::from_unix_millis(11_000)), Some(5));
-        assert_eq!(l.admit(Timestamp::from_unix_millis(11_001)), Some(0));
+        // Another kind of event, or another chain, is not drowned out by the flood.
+        assert_eq!(l.admit("system", "b", t), Some(0));
+        assert_eq!(l.admit("ten_x", "a", t), Some(0));
+        assert_eq!(l.admit("system", "a", Timestamp::from_unix_millis(11_000)), Some(5));
+        assert_eq!(l.admit("system", "a", Timestamp::from_unix_millis(11_001)), Some(0));
     }
 }

@@ -206,6 +206,14 @@ impl Store {
         .transpose()
     }
 
+    pub async fn join_token_known(&self, hash: &TokenHash) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 AS one FROM join_tokens WHERE token_hash = $1")
+            .bind(hash.0.as_slice())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn load_ca(&self) -> Result<Option<StoredCa>, StoreError> {
         let row = sqlx::query("SELECT trust_domain, cert_pem, key_sealed FROM ca WHERE id = 1")
             .fetch_optional(&self.pool)

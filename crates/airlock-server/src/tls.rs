@@ -88,6 +88,9 @@ struct ApplianceCertVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
     revoked: Arc<RevokedSet>,
+    /// Identities refused as revoked. Their chains verified, so the tenant is known and the
+    /// refusal belongs in that tenant's audit chain.
+    refused_revoked: tokio::sync::mpsc::UnboundedSender<ApplianceIdentity>,
 }
 
 impl ClientCertVerifier for ApplianceCertVerifier {
@@ -106,6 +109,7 @@ impl ClientCertVerifier for ApplianceCertVerifier {
         let peer = parse_peer_cert(end_entity.as_ref(), &self.trust_domain)
             .map_err(|_| Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))?;
         if self.revoked.contains(&peer.identity.appliance) {
+            let _ = self.refused_revoked.send(peer.identity);
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ClientCertVerified::assertion())
@@ -156,6 +160,7 @@ pub fn gateway_server_config(
     key: PrivateKeyDer<'static>,
     trust_domain: &str,
     revoked: Arc<RevokedSet>,
+    refused_revoked: tokio::sync::mpsc::UnboundedSender<ApplianceIdentity>,
     clock: Arc<dyn Clock>,
 ) -> Result<rustls::ServerConfig, Error> {
     let mut roots = RootCertStore::empty();
@@ -163,7 +168,7 @@ pub fn gateway_server_config(
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), airlock_proto::tls::provider())
         .build()
         .map_err(|e| Error::General(format!("client verifier: {e}")))?;
-    let verifier = ApplianceCertVerifier { inner, trust_domain: trust_domain.to_owned(), revoked };
+    let verifier = ApplianceCertVerifier { inner, trust_domain: trust_domain.to_owned(), revoked, refused_revoked };
     let mut cfg = base_builder(clock).with_client_cert_verifier(Arc::new(verifier)).with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     // Resumed sessions would skip the client-certificate check, and with it the revocation

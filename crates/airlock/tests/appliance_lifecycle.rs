@@ -178,6 +178,17 @@ fn revocation_closes_stream_within_a_second_and_sticks() {
     // Every later handshake with that certificate is refused, even by a fresh client.
     let err = gateway_handshake(&server.gateway, &support::ca_pem(&state), &cert, &key).expect_err("revoked");
     assert!(err.contains("CertificateRevoked") || err.contains("revoked"), "{err}");
+    // The refusal is audited in the tenant's own chain: the certificate chained to our CA.
+    let rejected = wait_for(Duration::from_secs(5), "revoked handshake in the tenant audit", || {
+        let r: Vec<_> = server
+            .audited("gateway.handshake_rejected", "denied")
+            .into_iter()
+            .filter(|r| r["chain"] == server.tenant.as_str() && r["detail"]["reason"] == "revoked")
+            .collect();
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(rejected[0]["target"], id.as_str());
+    assert_eq!(server.audited("appliance.revoke", "success").len(), 1);
     // The appliance does not retry on the revoked identity.
     let mut again = server.appliance_proc(&state, None, None);
     let status = wait_for(Duration::from_secs(10), "restarted appliance to refuse", || again.exited());
