@@ -150,3 +150,15 @@ fn server_refuses_to_start_with_wrong_key_encryption_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn server_logs_json_lines_when_asked() {
+    let server = Server::start_with(&["--log-format", "json"]);
+    let log = server.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.iter().any(|l| l.contains("control plane serving")), "{log}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+    }
+}
