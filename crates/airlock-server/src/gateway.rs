@@ -475,3 +475,7 @@ async fn renew_certificate(
         not_after_unix_ms: issued.not_after.unix_millis(),
     })
 }
+
+#[cfg(test)]
+#[path = "gateway_tests.rs"]
+mod tests;
