@@ -39,7 +39,7 @@ pub async fn join(
     let resp = client.post(format!("{control_plane}{JOIN_PATH}")).json(&body).send().await.map_err(|e| {
         match airlock_proto::tls::find_pin_mismatch(&e) {
             Some(pinned) => ApplianceError::UntrustedControlPlane { pinned },
-            None => ApplianceError::Unreachable(describe(&e)),
+            None => ApplianceError::Unreachable(airlock_proto::tls::describe_error(&e)),
         }
     })?;
     let status = resp.status();
@@ -95,16 +95,4 @@ pub(crate) fn cert_matches_key(cert_pem: &str, key: &KeyPair) -> bool {
     let Ok(der) = CertificateDer::from_pem_slice(cert_pem.as_bytes()) else { return false };
     let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else { return false };
     cert.tbs_certificate.subject_pki.subject_public_key.data.as_ref() == key.der_bytes()
-}
-
-/// Flattens an error chain into one line for the operator.
-pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for err in airlock_proto::tls::error_chain(e) {
-        let text = err.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
 }

@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::join::{cert_matches_key, describe, new_key_and_csr};
+use crate::join::{cert_matches_key, new_key_and_csr};
 use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
 use crate::{ApplianceError, now};
 
@@ -312,7 +312,8 @@ fn classify_status(status: &tonic::Status, established: bool) -> SessionEnd {
 }
 
 fn classify_transport(e: &(dyn std::error::Error + 'static)) -> SessionEnd {
-    tls_alert(e).unwrap_or_else(|| SessionEnd::Dropped { reason: describe(e), established: false })
+    tls_alert(e)
+        .unwrap_or_else(|| SessionEnd::Dropped { reason: airlock_proto::tls::describe_error(e), established: false })
 }
 
 /// Whether the gateway refused our certificate as revoked, anywhere in the error chain.

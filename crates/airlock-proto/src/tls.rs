@@ -131,3 +131,15 @@ pub fn error_chain<'a>(
         None => e.source(),
     })
 }
+
+/// Flattens an error chain into one line for an operator, skipping repeated messages.
+pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for err in error_chain(e) {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}

@@ -41,7 +41,7 @@ impl ApiClient {
                     self.base
                 )
             } else {
-                anyhow::anyhow!("cannot reach {}: {}", self.base, chain(&e))
+                anyhow::anyhow!("cannot reach {}: {}", self.base, airlock_proto::tls::describe_error(&e))
             }
         })?;
         let status = resp.status();
@@ -56,15 +56,4 @@ impl ApiClient {
         serde_json::from_str(&text)
             .with_context(|| format!("unexpected response: {}", text.chars().take(200).collect::<String>()))
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for err in airlock_proto::tls::error_chain(e) {
-        let text = err.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
 }
