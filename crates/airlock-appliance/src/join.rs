@@ -23,12 +23,17 @@ pub fn new_key_and_csr(identity_uri: Option<&str>) -> Result<(KeyPair, String), 
     Ok((key, csr))
 }
 
+/// Joins with `key`, which the caller generated and saved first (see `StateDir::save_pending_join_key`).
 pub async fn join(
     control_plane: &str,
     pin: Fingerprint,
     token: &Secret,
+    key: &KeyPair,
 ) -> Result<(Enrolment, String, Credentials), ApplianceError> {
-    let (key, csr_pem) = new_key_and_csr(None)?;
+    let csr_pem = CertificateParams::default()
+        .serialize_request(key)
+        .and_then(|c| c.pem())
+        .map_err(|e| ApplianceError::Internal(format!("CSR: {e}")))?;
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
         .timeout(std::time::Duration::from_secs(30))
@@ -54,7 +59,7 @@ pub async fn join(
     }
     let joined: JoinResponse =
         resp.json().await.map_err(|e| ApplianceError::Protocol(format!("join response: {e}")))?;
-    check_join_response(&joined, pin, &key)?;
+    check_join_response(&joined, pin, key)?;
     let enrolment = Enrolment {
         identity: joined.identity,
         control_plane: control_plane.to_owned(),

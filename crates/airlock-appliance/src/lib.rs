@@ -70,9 +70,21 @@ pub async fn run(
     if !state.is_enrolled() {
         let token = config.join_token.as_ref().ok_or(ApplianceError::NoJoinToken)?;
         tracing::info!(control_plane = %config.control_plane, "joining with a join token");
+        // The key is on disk before the request leaves: if the response is lost, the retry
+        // (in this run or the next) proves possession of the same key and gets the same identity.
+        let key = match state.pending_join_key() {
+            Some(pem) => rcgen::KeyPair::from_pem(&pem)
+                .map_err(|e| ApplianceError::Internal(format!("pending join key in the state directory: {e}")))?,
+            None => {
+                let key =
+                    rcgen::KeyPair::generate().map_err(|e| ApplianceError::Internal(format!("key generation: {e}")))?;
+                state.save_pending_join_key(&key.serialize_pem())?;
+                key
+            }
+        };
         let mut backoff = backoff::Backoff::new(Duration::from_millis(500), config.max_backoff);
         let (enrolment, ca_pem, creds) = loop {
-            match join::join(&config.control_plane, config.ca_fingerprint, token).await {
+            match join::join(&config.control_plane, config.ca_fingerprint, token, &key).await {
                 Ok(joined) => break joined,
                 // Only an unreachable control plane is worth retrying: a refusal or a trust
                 // failure will not change by waiting.

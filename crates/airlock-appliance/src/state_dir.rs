@@ -14,6 +14,9 @@ const META: &str = "appliance.json";
 const CA: &str = "ca.pem";
 const CREDENTIALS: &str = "credentials.pem";
 const REVOKED: &str = "REVOKED";
+/// The key of a join in progress, written before the join request is sent so a retry after a
+/// lost response (or a crash) proves possession of the same key.
+const PENDING_KEY: &str = "join-key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -109,7 +112,17 @@ impl StateDir {
         self.save_credentials(creds)?;
         let json =
             serde_json::to_vec_pretty(e).map_err(|err| StateError::Damaged(self.root.clone(), err.to_string()))?;
-        self.write_atomic(META, &json, false)
+        self.write_atomic(META, &json, false)?;
+        let _ = std::fs::remove_file(self.root.join(PENDING_KEY));
+        Ok(())
+    }
+
+    pub fn pending_join_key(&self) -> Option<String> {
+        std::fs::read_to_string(self.root.join(PENDING_KEY)).ok()
+    }
+
+    pub fn save_pending_join_key(&self, key_pem: &str) -> Result<(), StateError> {
+        self.write_atomic(PENDING_KEY, key_pem.as_bytes(), true)
     }
 
     pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {

@@ -309,15 +309,37 @@ async fn join(
     if !state.store.join_token_known(&secret.hash()).await? {
         return Err(refuse(SYSTEM_CHAIN.into(), "unknown join token".into(), StatusCode::UNAUTHORIZED).await);
     }
-    let appliance = ApplianceId::from_random(random());
+    // The CSR's self-signature proves possession of its key; checked before anything is spent.
+    let join_key = match crate::ca::csr_public_key(&req.csr_pem) {
+        Ok(k) => k,
+        Err(e) => return Err(refuse(SYSTEM_CHAIN.into(), format!("CSR refused: {e}"), StatusCode::BAD_REQUEST).await),
+    };
+    let fresh = ApplianceId::from_random(random());
     let mut tx = state.store.write().await?;
-    let redeemed = match tx.redeem_join_token(&secret.hash(), appliance, now).await? {
-        Ok(r) => r,
-        Err(refusal) => {
+    let redeemed = tx.redeem_join_token(&secret.hash(), fresh, now).await?;
+    // The same appliance asking again with the same key, while the token would still be
+    // valid, is a join whose response was lost: answer it again instead of stranding it.
+    let retry = match &redeemed {
+        Err(RedeemRefusal::AlreadyUsed { tenant, by: Some(by), expires_at }) if now < *expires_at => {
+            tx.join_retry_environment(*tenant, *by, &join_key).await?.map(|env| (*tenant, env, *by))
+        }
+        _ => None,
+    };
+    let trust_domain = state.ca.trust_domain().to_owned();
+    let (identity, token, retried) = match (redeemed, retry) {
+        (Ok(r), _) => {
+            let identity =
+                ApplianceIdentity { trust_domain, tenant: r.tenant, environment: r.environment, appliance: fresh };
+            (identity, Some(r.token), false)
+        }
+        (Err(_), Some((tenant, environment, appliance))) => {
+            (ApplianceIdentity { trust_domain, tenant, environment, appliance }, None, true)
+        }
+        (Err(refusal), None) => {
             drop(tx);
             let (chain, why) = match refusal {
                 RedeemRefusal::Unknown => (SYSTEM_CHAIN.to_owned(), "unknown join token".to_owned()),
-                RedeemRefusal::AlreadyUsed { tenant } => (
+                RedeemRefusal::AlreadyUsed { tenant, .. } => (
                     tenant.to_string(),
                     "join token was already used; issue a new one with `airlock env join-token`".to_owned(),
                 ),
@@ -329,34 +351,34 @@ async fn join(
             return Err(refuse(chain, why, StatusCode::UNAUTHORIZED).await);
         }
     };
-    let identity = ApplianceIdentity {
-        trust_domain: state.ca.trust_domain().to_owned(),
-        tenant: redeemed.tenant,
-        environment: redeemed.environment,
-        appliance,
-    };
+    let appliance = identity.appliance;
     let issued = match state.ca.sign_join_csr(&req.csr_pem, &identity, now, state.appliance_cert_lifetime) {
         Ok(i) => i,
         Err(e) => {
             // Rolling back leaves the token unspent: a bad CSR should not burn it.
             drop(tx);
-            return Err(refuse(redeemed.tenant.to_string(), format!("CSR refused: {e}"), StatusCode::BAD_REQUEST).await);
+            return Err(refuse(identity.tenant.to_string(), format!("CSR refused: {e}"), StatusCode::BAD_REQUEST).await);
         }
     };
     let version: String = req.version.chars().filter(|c| !c.is_control()).take(64).collect();
-    tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), now).await?;
+    if retried {
+        tx.record_renewal(&TenantScope::for_appliance(&identity), appliance, &issued.serial, issued.not_after).await?;
+    } else {
+        tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), &join_key, now).await?;
+    }
     let mut ev = event(format!("appliance:{appliance}"), "appliance.join", Outcome::Success);
     ev.target = Some(appliance.to_string());
     ev.detail = serde_json::json!({
-        "environment": redeemed.environment.to_string(),
-        "join_token": redeemed.token.to_string(),
+        "environment": identity.environment.to_string(),
+        "join_token": token.map(|t| t.to_string()),
+        "retry_of_lost_response": retried,
         "serial": issued.serial,
         "not_after": issued.not_after.to_string(),
     });
-    tx.audit(&redeemed.tenant.to_string(), now, ev).await?;
+    tx.audit(&identity.tenant.to_string(), now, ev).await?;
     tx.commit().await?;
     state.metrics.joins.inc();
-    tracing::info!(%appliance, environment = %redeemed.environment, "appliance joined");
+    tracing::info!(%appliance, environment = %identity.environment, retried, "appliance joined");
     Ok(Json(JoinResponse {
         appliance_id: appliance.to_string(),
         identity: identity.uri(),

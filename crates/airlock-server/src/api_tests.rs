@@ -271,3 +271,49 @@ async fn health_ready_and_metrics_answer() {
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains("airlock_gateway_appliances_connected"), "{text}");
 }
+
+fn csr_for(key: &rcgen::KeyPair) -> String {
+    rcgen::CertificateParams::default().serialize_request(key).unwrap().pem().unwrap()
+}
+
+#[tokio::test]
+async fn join_retry_with_the_same_key_gets_the_same_identity() {
+    let api = api().await;
+    let env = api.new_env("e").await;
+    let token = api.join_token(&env).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (s, first) = api.join(&token, &csr_for(&key)).await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    // The response was lost: the appliance asks again with the same key (a fresh CSR).
+    let (s, again) = api.join(&token, &csr_for(&key)).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(again["appliance_id"], first["appliance_id"]);
+    assert_ne!(again["certificate_pem"], first["certificate_pem"]);
+    assert_eq!(api.appliance_count().await, 1);
+    let (_, list) = api.get("/v1/appliances").await;
+    assert!(again["certificate_pem"].as_str().unwrap().len() > 100);
+    assert_eq!(list["appliances"][0]["id"], first["appliance_id"]);
+
+    // Anyone else presenting the spent token, even with a valid CSR, is refused.
+    let (s, v) = api.join(&token, &csr()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    // And the retry window closes with the token's own validity.
+    api.clock.advance(Duration::from_secs(15 * 60));
+    let (s, _) = api.join(&token, &csr_for(&key)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.appliance_count().await, 1);
+}
+
+#[tokio::test]
+async fn join_retry_is_refused_once_the_appliance_is_revoked() {
+    let api = api().await;
+    let env = api.new_env("e").await;
+    let token = api.join_token(&env).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (_, first) = api.join(&token, &csr_for(&key)).await;
+    let id = first["appliance_id"].as_str().unwrap();
+    let (s, _) = api.post(&format!("/v1/appliances/{id}/revoke"), json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = api.join(&token, &csr_for(&key)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}

@@ -227,6 +227,11 @@ impl CertificateAuthority {
     }
 }
 
+/// The public key a CSR proves possession of (its self-signature is checked).
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, CaError> {
+    Ok(parse_csr(csr_pem)?.public_key.der_bytes().to_vec())
+}
+
 /// The DER SubjectPublicKeyInfo of a certificate, to compare keys across renewals.
 pub fn cert_spki(der: &[u8]) -> Option<Vec<u8>> {
     use x509_parser::prelude::FromDer;

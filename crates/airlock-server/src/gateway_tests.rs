@@ -43,7 +43,7 @@ async fn fixture() -> Fixture {
     let now = server.state.now();
     let mut tx = server.state.store.write().await.unwrap();
     tx.create_environment(&scope, a.workspace, identity.environment, "prod", now).await.unwrap();
-    tx.insert_appliance(&identity, "test", ("00", now), now).await.unwrap();
+    tx.insert_appliance(&identity, "test", ("00", now), b"key", now).await.unwrap();
     tx.commit().await.unwrap();
     Fixture { server, identity, other_tenant: b.tenant, _dir: dir }
 }

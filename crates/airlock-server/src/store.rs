@@ -30,6 +30,7 @@ pub const DB_FILE_NAME: &str = "airlock.db";
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
     (2, "previous_serial", include_str!("../migrations/0002_previous_serial.sql")),
+    (3, "join_key", include_str!("../migrations/0003_join_key.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +91,16 @@ pub struct RedeemedJoin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RedeemRefusal {
     Unknown,
-    AlreadyUsed { tenant: TenantId },
-    Expired { tenant: TenantId, expired_at: Timestamp },
+    /// `by` is the appliance that spent it; `expires_at` bounds a retry of that same join.
+    AlreadyUsed {
+        tenant: TenantId,
+        by: Option<ApplianceId>,
+        expires_at: Timestamp,
+    },
+    Expired {
+        tenant: TenantId,
+        expired_at: Timestamp,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -559,7 +568,7 @@ impl WriteTx<'_> {
         now: Timestamp,
     ) -> Result<Result<RedeemedJoin, RedeemRefusal>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, environment_id, expires_at, used_at FROM join_tokens WHERE token_hash = $1",
+            "SELECT id, tenant_id, environment_id, expires_at, used_at, used_by FROM join_tokens WHERE token_hash = $1",
         )
         .bind(hash.0.as_slice())
         .fetch_optional(&mut *self.tx)
@@ -567,10 +576,12 @@ impl WriteTx<'_> {
         let Some(row) = row else { return Ok(Err(RedeemRefusal::Unknown)) };
         let tenant: TenantId = parse_col(&row, "tenant_id")?;
         let used_at: Option<i64> = row.try_get("used_at")?;
-        if used_at.is_some() {
-            return Ok(Err(RedeemRefusal::AlreadyUsed { tenant }));
-        }
         let expires_at = ts_col(&row, "expires_at")?;
+        if used_at.is_some() {
+            let by: Option<String> = row.try_get("used_by")?;
+            let by = by.and_then(|b| b.parse().ok());
+            return Ok(Err(RedeemRefusal::AlreadyUsed { tenant, by, expires_at }));
+        }
         if now >= expires_at {
             return Ok(Err(RedeemRefusal::Expired { tenant, expired_at: expires_at }));
         }
@@ -582,9 +593,28 @@ impl WriteTx<'_> {
             .execute(&mut *self.tx)
             .await?;
         if done.rows_affected() != 1 {
-            return Ok(Err(RedeemRefusal::AlreadyUsed { tenant }));
+            return Ok(Err(RedeemRefusal::AlreadyUsed { tenant, by: None, expires_at }));
         }
         Ok(Ok(RedeemedJoin { token, tenant, environment: parse_col(&row, "environment_id")? }))
+    }
+
+    /// The environment of `appliance` if it joined with `join_key` and is not revoked: the
+    /// only case in which a spent join token may be presented again.
+    pub async fn join_retry_environment(
+        &mut self,
+        tenant: TenantId,
+        appliance: ApplianceId,
+        join_key: &[u8],
+    ) -> Result<Option<EnvironmentId>, StoreError> {
+        let row = sqlx::query(
+            "SELECT environment_id FROM appliances WHERE tenant_id = $1 AND id = $2 AND join_key = $3 AND revoked_at IS NULL",
+        )
+        .bind(tenant.to_string())
+        .bind(appliance.to_string())
+        .bind(join_key)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| parse_col(&r, "environment_id")).transpose()
     }
 
     pub async fn insert_appliance(
@@ -592,12 +622,13 @@ impl WriteTx<'_> {
         identity: &ApplianceIdentity,
         version: &str,
         cert: (&str, Timestamp),
+        join_key: &[u8],
         now: Timestamp,
     ) -> Result<(), StoreError> {
         let (serial, not_after) = cert;
         sqlx::query(
-            "INSERT INTO appliances (id, tenant_id, environment_id, joined_at, version, cert_serial, cert_not_after)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO appliances (id, tenant_id, environment_id, joined_at, version, cert_serial, cert_not_after, join_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(identity.appliance.to_string())
         .bind(identity.tenant.to_string())
@@ -606,6 +637,7 @@ impl WriteTx<'_> {
         .bind(version)
         .bind(serial)
         .bind(not_after.unix_millis())
+        .bind(join_key)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -810,7 +842,7 @@ mod tests {
         tx.create_workspace(t, w, "default", now()).await.unwrap();
         tx.create_environment(&scope, w, e, "prod", now()).await.unwrap();
         let identity = ApplianceIdentity { trust_domain: "d".into(), tenant: t, environment: e, appliance: a };
-        tx.insert_appliance(&identity, "1", ("00", now()), now()).await.unwrap();
+        tx.insert_appliance(&identity, "1", ("00", now()), b"key", now()).await.unwrap();
         let secret = Secret::from_random(TokenKind::Join, [n; 32]);
         tx.create_join_token(&scope, e, TokenId::from_random([n + 5; 16]), &secret.hash(), now(), now()).await.unwrap();
         tx.commit().await.unwrap();
@@ -892,7 +924,7 @@ mod tests {
         assert!(tx.redeem_join_token(&secret.hash(), apl, now()).await.unwrap().is_ok());
         assert_eq!(
             tx.redeem_join_token(&secret.hash(), apl, now()).await.unwrap().unwrap_err(),
-            RedeemRefusal::AlreadyUsed { tenant: a.tenant() }
+            RedeemRefusal::AlreadyUsed { tenant: a.tenant(), by: Some(apl), expires_at: later }
         );
         let unknown = Secret::from_random(TokenKind::Join, [1; 32]);
         assert_eq!(

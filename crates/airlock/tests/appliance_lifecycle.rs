@@ -344,3 +344,28 @@ fn heartbeats_advance_last_heartbeat() {
     assert!(later > first);
     assert_eq!(server.appliance(&id)["healthy"], true);
 }
+
+#[test]
+fn appliance_retries_join_until_the_control_plane_is_reachable() {
+    let mut server = Server::start();
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let gateway = server.gateway.clone();
+    let api_port = server.url.rsplit(':').next().unwrap().to_owned();
+    server.stop();
+
+    let state = server.dir.path().join("apl");
+    let mut proc = server.appliance_proc(&state, Some(&token), None);
+    wait_for(Duration::from_secs(20), "appliance to retry its join", || {
+        proc.log().contains("cannot reach the control plane to join").then_some(())
+    });
+    // Its key is already on disk, private, before any answer came back.
+    use std::os::unix::fs::PermissionsExt;
+    let pending = state.join("join-key.pem");
+    assert_eq!(std::fs::metadata(&pending).unwrap().permissions().mode() & 0o777, 0o600);
+
+    server.launch(&["--listen", &format!("127.0.0.1:{api_port}"), "--gateway-listen", &gateway]);
+    server.wait_connected(&mut proc);
+    assert!(!pending.exists(), "the pending key becomes the enrolled key");
+    assert_eq!(server.appliances().len(), 1);
+}
