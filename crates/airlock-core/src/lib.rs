@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod customer_key;
+pub mod dsse;
 pub mod fingerprint;
 pub mod id;
 pub mod identity;

@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout)]
 
 mod client;
+mod customer;
 #[cfg(all(feature = "server", feature = "appliance"))]
 mod dev;
 
@@ -44,6 +45,8 @@ enum Command {
     Env(EnvCmd),
     /// Verify audit logs.
     Audit(AuditCmd),
+    /// Customer-side tools: keys (run on the customer's machine).
+    Customer(CustomerCmd),
     /// Run a local control plane, environment and appliance together.
     #[cfg(all(feature = "server", feature = "appliance"))]
     Dev(dev::DevArgs),
@@ -298,6 +301,21 @@ enum EnvSub {
 }
 
 #[derive(Args)]
+struct CustomerCmd {
+    #[command(subcommand)]
+    command: CustomerSub,
+}
+
+#[derive(Subcommand)]
+enum CustomerSub {
+    /// Create an Ed25519 key pair: DIR/customer.key (0600, never leaves your machine) and DIR/customer.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
 struct AuditCmd {
     #[command(subcommand)]
     command: AuditSub,
@@ -356,6 +374,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Appliance(cmd) => appliance(cmd).await,
         Command::Env(cmd) => env(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
+        Command::Customer(CustomerCmd { command: CustomerSub::Keygen { out } }) => {
+            let key_id = customer::keygen(&out)?;
+            println!("customer key id: {key_id}");
+            println!("private key:     {} (keep it on this machine)", out.join(customer::PRIVATE_KEY_FILE).display());
+            println!(
+                "public key:      {} (install it on the appliance)",
+                out.join(customer::PUBLIC_KEY_FILE).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(all(feature = "server", feature = "appliance"))]
         Command::Dev(args) => dev::run(args).await,
     }

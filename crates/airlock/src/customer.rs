@@ -1,0 +1,46 @@
+//! Customer-side commands. They run on the customer's machine with the customer's key, which
+//! never goes to the control plane.
+
+use std::io::Write;
+use std::path::Path;
+
+use airlock_core::customer_key::CustomerSigningKey;
+use anyhow::Context;
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub(crate) const PRIVATE_KEY_FILE: &str = "customer.key";
+pub(crate) const PUBLIC_KEY_FILE: &str = "customer.pub";
+
+/// Creates a new Ed25519 key pair in `dir`: `customer.key` (mode 0600) and `customer.pub`.
+/// Refuses to overwrite: replacing a pinned customer key must be a deliberate act.
+pub(crate) fn keygen(dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut seed = [0u8; 32];
+    SystemRandom::new().fill(&mut seed).map_err(|_| anyhow::anyhow!("the OS random generator failed"))?;
+    let key = CustomerSigningKey::from_seed(seed);
+    let public = key.public();
+    write_new(&dir.join(PRIVATE_KEY_FILE), key.to_pem()?.as_bytes(), 0o600)?;
+    write_new(&dir.join(PUBLIC_KEY_FILE), public.to_pem()?.as_bytes(), 0o644)?;
+    Ok(public.key_id())
+}
+
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            anyhow::anyhow!("{} already exists; refusing to replace a customer key", path.display())
+        }
+        _ => anyhow::anyhow!("creating {}: {e}", path.display()),
+    })?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    Ok(())
+}
