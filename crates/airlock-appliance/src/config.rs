@@ -17,6 +17,11 @@ pub struct FileConfig {
     pub join_token: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub max_backoff_seconds: Option<u64>,
+    /// Customer public keys (PEM files) to pin at install.
+    #[serde(default)]
+    pub customer_keys: Vec<PathBuf>,
+    /// A customer-signed policy file (from `airlock customer policy sign`).
+    pub policy: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -42,6 +47,8 @@ pub struct Flags {
     pub ca_fingerprint: Option<String>,
     pub join_token: Option<String>,
     pub state_dir: Option<PathBuf>,
+    pub customer_keys: Vec<PathBuf>,
+    pub policy: Option<PathBuf>,
 }
 
 /// Where environment variables come from; tests pass a map instead of mutating the process.
@@ -86,6 +93,8 @@ pub struct ApplianceConfig {
     pub join_token: Option<Secret>,
     pub state_dir: PathBuf,
     pub max_backoff: Duration,
+    pub customer_keys: Vec<PathBuf>,
+    pub policy: Option<PathBuf>,
 }
 
 impl ApplianceConfig {
@@ -119,7 +128,15 @@ impl ApplianceConfig {
             .unwrap_or(60)
             .clamp(1, 3600);
         let max_backoff = Duration::from_secs(max_backoff);
-        Ok(Self { control_plane, ca_fingerprint, join_token, state_dir, max_backoff })
+        let customer_keys = if !flags.customer_keys.is_empty() {
+            flags.customer_keys.clone()
+        } else if let Some(list) = env.get("AIRLOCK_CUSTOMER_KEYS") {
+            list.split(',').map(PathBuf::from).collect()
+        } else {
+            file.customer_keys
+        };
+        let policy = flags.policy.clone().or_else(|| env.get("AIRLOCK_POLICY").map(PathBuf::from)).or(file.policy);
+        Ok(Self { control_plane, ca_fingerprint, join_token, state_dir, max_backoff, customer_keys, policy })
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod customer;
 pub mod join;
 pub mod session;
 pub mod state_dir;
@@ -47,6 +48,8 @@ pub enum ApplianceError {
     PinChanged { stored: String, configured: Fingerprint },
     #[error("unexpected answer from the control plane: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Customer(String),
     #[error(transparent)]
     State(#[from] state_dir::StateError),
     #[error("internal error: {0}")]
@@ -66,6 +69,22 @@ pub async fn run(
     let state = StateDir::open(&config.state_dir)?;
     if state.is_revoked() {
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
+    }
+    // The customer's authority is settled before anything talks to the vendor.
+    let keys = config
+        .customer_keys
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p).map_err(|e| ApplianceError::Customer(format!("reading {}: {e}", p.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let pinned = customer::pin_keys(&state, &keys)?;
+    match customer::load_policy(&state, &pinned, config.policy.as_deref())? {
+        Some(p) => {
+            let phases: Vec<String> = p.document().phases.iter().map(|ph| format!("{ph:?}")).collect();
+            tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?phases, "customer policy in force");
+        }
+        None => tracing::warn!("no customer policy in force: only Observe is allowed"),
     }
     if !state.is_enrolled() {
         let token = config.join_token.as_ref().ok_or(ApplianceError::NoJoinToken)?;

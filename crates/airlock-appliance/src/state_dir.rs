@@ -117,6 +117,20 @@ impl StateDir {
         Ok(())
     }
 
+    /// Reads a file of the state directory, `None` if it does not exist.
+    pub fn read_optional(&self, name: &str) -> Result<Option<String>, StateError> {
+        match std::fs::read_to_string(self.root.join(name)) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path: self.root.join(name), source }),
+        }
+    }
+
+    /// Replaces a file of the state directory atomically, readable only by its owner.
+    pub fn write_private(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
+        self.write_atomic(name, data, true)
+    }
+
     pub fn pending_join_key(&self) -> Option<String> {
         std::fs::read_to_string(self.root.join(PENDING_KEY)).ok()
     }

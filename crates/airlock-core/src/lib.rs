@@ -11,6 +11,7 @@ pub mod dsse;
 pub mod fingerprint;
 pub mod id;
 pub mod identity;
+pub mod policy;
 pub mod time;
 pub mod token;
 

@@ -24,6 +24,26 @@ pub(crate) fn keygen(dir: &Path) -> anyhow::Result<String> {
     Ok(public.key_id())
 }
 
+/// Validates a policy TOML exactly as the appliance will, then signs its bytes with each key.
+pub(crate) fn sign_policy(policy: &Path, keys: &[std::path::PathBuf]) -> anyhow::Result<String> {
+    use airlock_core::dsse::Envelope;
+    use airlock_core::policy::{POLICY_PAYLOAD_TYPE, PolicyDocument};
+    let text = std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
+    let doc = PolicyDocument::parse(&text).with_context(|| format!("checking {}", policy.display()))?;
+    anyhow::ensure!(
+        keys.len() >= doc.approvals_required,
+        "the policy requires {} approvers; give as many --key flags",
+        doc.approvals_required
+    );
+    let mut envelope = Envelope::new(POLICY_PAYLOAD_TYPE, text.into_bytes());
+    for path in keys {
+        let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let key = CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", path.display()))?;
+        envelope = envelope.sign(&key);
+    }
+    Ok(envelope.to_json())
+}
+
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);

@@ -57,6 +57,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         join_token: Some(airlock_core::token::Secret::parse(airlock_core::token::TokenKind::Join, join_token)?),
         state_dir: root.join("appliance"),
         max_backoff: Duration::from_secs(5),
+        customer_keys: Vec::new(),
+        policy: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let appliance = tokio::spawn(airlock_appliance::run(appliance_cfg, stop_rx));

@@ -238,6 +238,12 @@ struct ApplianceRunArgs {
     /// Where the appliance keeps its key, certificate and state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Customer public key to pin at install (repeat for several approvers).
+    #[arg(long = "customer-key")]
+    customer_keys: Vec<PathBuf>,
+    /// Customer-signed policy file (`airlock customer policy sign`).
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 // ---------------- API client commands ----------------
@@ -313,6 +319,24 @@ enum CustomerSub {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Customer policy: what the vendor may do, signed with your key.
+    Policy {
+        #[command(subcommand)]
+        command: PolicySub,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicySub {
+    /// Check a policy TOML and sign it; writes the signed policy (a DSSE envelope) to --out or stdout.
+    Sign {
+        policy: PathBuf,
+        /// Private key (repeat when the policy requires several approvers).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -374,6 +398,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Appliance(cmd) => appliance(cmd).await,
         Command::Env(cmd) => env(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
+        Command::Customer(CustomerCmd {
+            command: CustomerSub::Policy { command: PolicySub::Sign { policy, keys, out } },
+        }) => {
+            let signed = customer::sign_policy(&policy, &keys)?;
+            match out {
+                Some(path) => std::fs::write(&path, &signed).with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{signed}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Customer(CustomerCmd { command: CustomerSub::Keygen { out } }) => {
             let key_id = customer::keygen(&out)?;
             println!("customer key id: {key_id}");
@@ -521,6 +555,8 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 ca_fingerprint: args.ca_fingerprint,
                 join_token: args.join_token,
                 state_dir: args.state_dir,
+                customer_keys: args.customer_keys,
+                policy: args.policy,
             };
             let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
             let (tx, rx) = tokio::sync::watch::channel(false);

@@ -223,6 +223,20 @@ impl Server {
         self.appliances().into_iter().find(|a| a["id"] == id).unwrap_or_else(|| panic!("no appliance {id}"))
     }
 
+    /// Starts an appliance process with extra arguments (customer keys, policy).
+    pub fn appliance_proc_with(&self, state_dir: &Path, join_token: Option<&str>, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(bin());
+        cmd.args(["appliance", "run", "--control-plane", &self.url, "--ca-fingerprint", &self.fingerprint])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(extra);
+        if let Some(t) = join_token {
+            cmd.args(["--join-token", t]);
+        }
+        let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
+        Proc::spawn(cmd, self.dir.path().join(format!("appliance-{n}.log")))
+    }
+
     /// Starts an appliance process with its state in `state_dir`.
     pub fn appliance_proc(&self, state_dir: &Path, join_token: Option<&str>, fingerprint: Option<&str>) -> Proc {
         let mut cmd = Command::new(bin());

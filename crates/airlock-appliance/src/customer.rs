@@ -1,0 +1,96 @@
+//! The customer's authority on the appliance: pinned customer keys and the signed policy.
+//!
+//! Keys are pinned on first start and can never be replaced through configuration (a built-in
+//! deny): a different key set later stops the appliance. A policy is accepted only if it
+//! verifies against the pinned keys and moves forward; otherwise it is refused with its reason
+//! and the last good policy stays in force. With no policy, only Observe is allowed.
+
+use std::path::Path;
+
+use airlock_core::customer_key::CustomerPublicKey;
+use airlock_core::policy::{VerifiedPolicy, verify_signed_policy};
+
+use crate::ApplianceError;
+use crate::state_dir::StateDir;
+
+const PINNED_KEYS: &str = "customer-keys.pem";
+const POLICY: &str = "policy.dsse.json";
+
+/// Pins `configured` keys on first use; afterwards they must equal the pinned set.
+pub fn pin_keys(state: &StateDir, configured: &[String]) -> Result<Vec<CustomerPublicKey>, ApplianceError> {
+    let parse = |pem: &str| {
+        CustomerPublicKey::from_pem(pem).map_err(|e| ApplianceError::Customer(format!("customer public key: {e}")))
+    };
+    let configured: Vec<CustomerPublicKey> = configured.iter().map(|p| parse(p)).collect::<Result<_, _>>()?;
+    let pinned: Vec<CustomerPublicKey> = match state.read_optional(PINNED_KEYS)? {
+        Some(text) => split_pems(&text).iter().map(|p| parse(p)).collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    match (pinned.is_empty(), configured.is_empty()) {
+        (true, true) => Ok(Vec::new()),
+        (true, false) => {
+            let text: String = configured.iter().map(|k| k.to_pem().unwrap_or_default()).collect::<Vec<_>>().concat();
+            state.write_private(PINNED_KEYS, text.as_bytes())?;
+            let ids: Vec<String> = configured.iter().map(CustomerPublicKey::key_id).collect();
+            tracing::info!(keys = ?ids, "customer keys pinned");
+            Ok(configured)
+        }
+        (false, true) => Ok(pinned),
+        (false, false) => {
+            let ids = |ks: &[CustomerPublicKey]| {
+                let mut v: Vec<String> = ks.iter().map(CustomerPublicKey::key_id).collect();
+                v.sort();
+                v
+            };
+            if ids(&pinned) != ids(&configured) {
+                return Err(ApplianceError::Customer(
+                    "the configured customer keys differ from the keys pinned at install; replacing the pinned customer key is never allowed (move the state directory aside to re-install)".into(),
+                ));
+            }
+            Ok(pinned)
+        }
+    }
+}
+
+/// The policy in force after considering `offered` (a signed policy file), if any.
+pub fn load_policy(
+    state: &StateDir,
+    pinned: &[CustomerPublicKey],
+    offered: Option<&Path>,
+) -> Result<Option<VerifiedPolicy>, ApplianceError> {
+    let current = match state.read_optional(POLICY)? {
+        Some(stored) => match verify_signed_policy(stored.as_bytes(), pinned, None) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(reason = %e, "the stored policy no longer verifies; ignoring it");
+                None
+            }
+        },
+        None => None,
+    };
+    let Some(path) = offered else { return Ok(current) };
+    let bytes =
+        std::fs::read(path).map_err(|e| ApplianceError::Customer(format!("reading {}: {e}", path.display())))?;
+    if pinned.is_empty() {
+        tracing::error!(policy = %path.display(), "refusing policy: no customer key is pinned; pass --customer-key");
+        return Ok(current);
+    }
+    match verify_signed_policy(&bytes, pinned, current.as_ref()) {
+        Ok(p) => {
+            if current.as_ref().is_none_or(|c| c.digest_hex() != p.digest_hex()) {
+                state.write_private(POLICY, &bytes)?;
+                tracing::info!(serial = p.serial(), digest = %p.digest_hex(), signed_by = ?p.signed_by(), "accepted a new customer policy");
+            }
+            Ok(Some(p))
+        }
+        Err(e) => {
+            tracing::error!(policy = %path.display(), reason = %e, "refusing policy; the last good policy stays in force");
+            Ok(current)
+        }
+    }
+}
+
+fn split_pems(text: &str) -> Vec<String> {
+    const END: &str = "-----END PUBLIC KEY-----";
+    text.split_inclusive(END).filter(|p| p.contains(END)).map(|p| p.trim_start().to_owned()).collect()
+}

@@ -1,0 +1,333 @@
+//! The customer's policy: what the vendor may do on the appliance, signed by the customer.
+//!
+//! The customer writes it as TOML and signs it (`airlock customer policy sign`), which wraps the
+//! exact TOML bytes in a DSSE envelope. The appliance accepts a policy only through
+//! [`verify_signed_policy`], against the customer keys it pinned at install: the vendor can relay
+//! a policy but never make one. [`VerifiedPolicy`] can only be built there.
+//!
+//! This module defines the document and its verification. Evaluating operations against it
+//! (grants, windows, deny rules) builds on [`VerifiedPolicy`].
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::customer_key::CustomerPublicKey;
+use crate::dsse::{DsseError, Envelope};
+
+pub const POLICY_PAYLOAD_TYPE: &str = "application/vnd.airlock.policy.v1+toml";
+/// Longest elevation a policy may allow (the issue's default maximum is 4 hours).
+pub const DEFAULT_MAX_GRANT_HOURS: u32 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Install,
+    Observe,
+    Deploy,
+    Operate,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+/// The policy as the customer writes it. Unknown keys are refused: a typo in a security
+/// setting must not silently fall back to a default.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Format version; must be 1.
+    pub version: u32,
+    /// Increases with every new policy; the appliance refuses to go back to a lower one.
+    pub serial: u64,
+    /// Phases the vendor may use at all.
+    pub phases: BTreeSet<Phase>,
+    /// Distinct pinned customer keys that must sign approvals and this policy (default 1).
+    #[serde(default = "one")]
+    pub approvals_required: usize,
+    /// Longest validity a grant may have (default 4).
+    #[serde(default = "default_max_grant_hours")]
+    pub max_grant_hours: u32,
+    /// Standing windows in which a phase is allowed without a per-request grant.
+    #[serde(default)]
+    pub windows: Vec<Window>,
+    /// Explicit denies; they beat every grant and window.
+    #[serde(default)]
+    pub deny: Vec<DenyRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    pub phase: Phase,
+    pub days: Vec<Weekday>,
+    /// `HH:MM`, UTC.
+    pub start: String,
+    /// `HH:MM`, UTC, after `start`.
+    pub end: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyRule {
+    /// Named in refusals, so the customer sees which rule denied what.
+    pub id: String,
+    /// Operation kind (template name) this rule matches, or `*`.
+    pub kind: String,
+    /// Variable name → exact value that must match (all of them), if any.
+    #[serde(default)]
+    pub args: std::collections::BTreeMap<String, String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_max_grant_hours() -> u32 {
+    DEFAULT_MAX_GRANT_HOURS
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy is not valid TOML for this format: {0}")]
+    Parse(String),
+    #[error("policy is invalid: {0}")]
+    Invalid(String),
+    #[error("policy signature: {0}")]
+    Signature(#[from] DsseError),
+    #[error("policy is not signed by {required} distinct pinned customer key(s) (it names {signed})")]
+    Threshold { required: usize, signed: usize },
+    #[error("policy serial {offered} is older than the current policy's {current}; a policy can only move forward")]
+    Rollback { offered: u64, current: u64 },
+    #[error("policy serial {serial} is already in force with different content; increase the serial")]
+    SerialReused { serial: u64 },
+}
+
+impl PolicyDocument {
+    /// Parses and validates, for the customer before signing and the appliance after verifying.
+    pub fn parse(toml_text: &str) -> Result<Self, PolicyError> {
+        let doc: PolicyDocument = toml::from_str(toml_text).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    fn validate(&self) -> Result<(), PolicyError> {
+        let invalid = |m: String| Err(PolicyError::Invalid(m));
+        if self.version != 1 {
+            return invalid(format!("version {} is not supported; use version = 1", self.version));
+        }
+        if !(1..=16).contains(&self.approvals_required) {
+            return invalid("approvals_required must be between 1 and 16".into());
+        }
+        if !(1..=24 * 7).contains(&self.max_grant_hours) {
+            return invalid("max_grant_hours must be between 1 and 168".into());
+        }
+        for w in &self.windows {
+            let (start, end) = (parse_hhmm(&w.start)?, parse_hhmm(&w.end)?);
+            if start >= end {
+                return invalid(format!("window {} – {} must end after it starts", w.start, w.end));
+            }
+            if w.days.is_empty() {
+                return invalid("a window needs at least one day".into());
+            }
+            if !self.phases.contains(&w.phase) {
+                return invalid(format!("a window allows {:?}, which `phases` does not enable", w.phase));
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for d in &self.deny {
+            if d.id.is_empty() || d.kind.is_empty() {
+                return invalid("a deny rule needs an `id` and a `kind` (`*` for any)".into());
+            }
+            if !ids.insert(d.id.as_str()) {
+                return invalid(format!("deny rule id `{}` is used twice", d.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Minutes after midnight.
+fn parse_hhmm(s: &str) -> Result<u16, PolicyError> {
+    let bad = || PolicyError::Invalid(format!("`{s}` is not a time of day; use HH:MM (UTC)"));
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 24 || m > 59 || (h == 24 && m != 0) || s.len() != 5 {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+/// A policy that verified against the pinned customer keys. Only [`verify_signed_policy`]
+/// builds one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedPolicy {
+    doc: PolicyDocument,
+    digest: [u8; 32],
+    signed_by: Vec<String>,
+}
+
+impl VerifiedPolicy {
+    pub fn document(&self) -> &PolicyDocument {
+        &self.doc
+    }
+
+    /// SHA-256 of the exact signed TOML, hex.
+    pub fn digest_hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.digest)
+    }
+
+    pub fn signed_by(&self) -> &[String] {
+        &self.signed_by
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.doc.serial
+    }
+}
+
+/// Verifies a signed policy (DSSE envelope JSON) against pinned keys, and that it does not
+/// roll back `current`. The policy states how many distinct keys must sign it.
+pub fn verify_signed_policy(
+    envelope_json: &[u8],
+    pinned: &[CustomerPublicKey],
+    current: Option<&VerifiedPolicy>,
+) -> Result<VerifiedPolicy, PolicyError> {
+    let envelope = Envelope::from_json(envelope_json)?;
+    // One valid signature first, so nothing unsigned is even parsed as TOML...
+    let verified = envelope.verify(POLICY_PAYLOAD_TYPE, pinned, 1)?;
+    let text = std::str::from_utf8(&verified.payload).map_err(|_| PolicyError::Parse("not UTF-8".into()))?;
+    let doc = PolicyDocument::parse(text)?;
+    // ...then the policy's own threshold, which it can only raise above what signed it.
+    if verified.signed_by.len() < doc.approvals_required {
+        return Err(PolicyError::Threshold { required: doc.approvals_required, signed: verified.signed_by.len() });
+    }
+    let digest: [u8; 32] = Sha256::digest(&verified.payload).into();
+    if let Some(cur) = current {
+        if doc.serial < cur.doc.serial {
+            return Err(PolicyError::Rollback { offered: doc.serial, current: cur.doc.serial });
+        }
+        if doc.serial == cur.doc.serial && digest != cur.digest {
+            return Err(PolicyError::SerialReused { serial: doc.serial });
+        }
+    }
+    Ok(VerifiedPolicy { doc, digest, signed_by: verified.signed_by })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::customer_key::CustomerSigningKey;
+
+    const POLICY: &str = r#"
+version = 1
+serial = 3
+phases = ["observe", "deploy"]
+max_grant_hours = 2
+
+[[windows]]
+phase = "deploy"
+days = ["tue"]
+start = "02:00"
+end = "04:00"
+
+[[deny]]
+id = "no-drop-db"
+kind = "db-admin"
+args = { action = "drop" }
+"#;
+
+    fn key(n: u8) -> CustomerSigningKey {
+        CustomerSigningKey::from_seed([n; 32])
+    }
+
+    fn signed(text: &str, keys: &[&CustomerSigningKey]) -> Vec<u8> {
+        let mut env = Envelope::new(POLICY_PAYLOAD_TYPE, text.as_bytes().to_vec());
+        for k in keys {
+            env = env.sign(k);
+        }
+        env.to_json().into_bytes()
+    }
+
+    #[test]
+    fn signed_policy_verifies_against_pinned_key() {
+        let p = verify_signed_policy(&signed(POLICY, &[&key(1)]), &[key(1).public()], None).unwrap();
+        assert_eq!(p.serial(), 3);
+        assert_eq!(p.document().phases, [Phase::Observe, Phase::Deploy].into());
+        assert_eq!(p.document().deny[0].id, "no-drop-db");
+        assert_eq!(p.document().approvals_required, 1);
+        assert_eq!(p.digest_hex().len(), 64);
+    }
+
+    #[test]
+    fn policy_signed_by_another_key_is_refused() {
+        let err = verify_signed_policy(&signed(POLICY, &[&key(2)]), &[key(1).public()], None).unwrap_err();
+        assert!(matches!(err, PolicyError::Signature(DsseError::NotEnoughSignatures { .. })), "{err}");
+    }
+
+    #[test]
+    fn unsigned_or_malformed_policy_is_refused() {
+        let unsigned = Envelope::new(POLICY_PAYLOAD_TYPE, POLICY.as_bytes().to_vec()).to_json();
+        assert!(verify_signed_policy(unsigned.as_bytes(), &[key(1).public()], None).is_err());
+        assert!(verify_signed_policy(POLICY.as_bytes(), &[key(1).public()], None).is_err());
+        let wrong_type = Envelope::new("text/plain", POLICY.as_bytes().to_vec()).sign(&key(1)).to_json();
+        assert!(matches!(
+            verify_signed_policy(wrong_type.as_bytes(), &[key(1).public()], None),
+            Err(PolicyError::Signature(DsseError::WrongType { .. }))
+        ));
+    }
+
+    #[test]
+    fn policy_requiring_two_approvers_needs_two_keys() {
+        let two = POLICY.replace("max_grant_hours = 2", "max_grant_hours = 2\napprovals_required = 2");
+        let pinned = [key(1).public(), key(2).public()];
+        assert_eq!(
+            verify_signed_policy(&signed(&two, &[&key(1)]), &pinned, None),
+            Err(PolicyError::Threshold { required: 2, signed: 1 })
+        );
+        assert!(verify_signed_policy(&signed(&two, &[&key(1), &key(2)]), &pinned, None).is_ok());
+    }
+
+    #[test]
+    fn policy_cannot_roll_back_or_reuse_a_serial() {
+        let pinned = [key(1).public()];
+        let current = verify_signed_policy(&signed(POLICY, &[&key(1)]), &pinned, None).unwrap();
+        let older = POLICY.replace("serial = 3", "serial = 2");
+        assert_eq!(
+            verify_signed_policy(&signed(&older, &[&key(1)]), &pinned, Some(&current)),
+            Err(PolicyError::Rollback { offered: 2, current: 3 })
+        );
+        let same_serial = POLICY.replace("max_grant_hours = 2", "max_grant_hours = 3");
+        assert_eq!(
+            verify_signed_policy(&signed(&same_serial, &[&key(1)]), &pinned, Some(&current)),
+            Err(PolicyError::SerialReused { serial: 3 })
+        );
+        assert!(verify_signed_policy(&signed(POLICY, &[&key(1)]), &pinned, Some(&current)).is_ok());
+    }
+
+    #[test]
+    fn invalid_documents_are_refused_with_a_reason() {
+        for (edit, expect) in [
+            (POLICY.replace("version = 1", "version = 2"), "version"),
+            (POLICY.replace("phases = [\"observe\", \"deploy\"]", "phases = [\"observe\"]"), "does not enable"),
+            (POLICY.replace("end = \"04:00\"", "end = \"01:00\""), "end after"),
+            (POLICY.replace("start = \"02:00\"", "start = \"2am\""), "HH:MM"),
+            (POLICY.replace("max_grant_hours = 2", "max_grant_hours = 0"), "max_grant_hours"),
+            (POLICY.replace("kind = \"db-admin\"", "kind = \"db-admin\"\nkidn = 1"), "unknown field"),
+            (POLICY.replace("phases = [\"observe\", \"deploy\"]", "phases = [\"root\"]"), "unknown variant"),
+        ] {
+            let err = PolicyDocument::parse(&edit).unwrap_err().to_string();
+            assert!(err.contains(expect), "expected `{expect}` in: {err}");
+        }
+    }
+}
