@@ -10,14 +10,21 @@ use std::path::Path;
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::policy::{VerifiedPolicy, verify_signed_policy};
 
+use airlock_core::audit::Outcome;
+
 use crate::ApplianceError;
+use crate::audit_log::AuditLog;
 use crate::state_dir::StateDir;
 
 const PINNED_KEYS: &str = "customer-keys.pem";
 const POLICY: &str = "policy.dsse.json";
 
 /// Pins `configured` keys on first use; afterwards they must equal the pinned set.
-pub fn pin_keys(state: &StateDir, configured: &[String]) -> Result<Vec<CustomerPublicKey>, ApplianceError> {
+pub fn pin_keys(
+    state: &StateDir,
+    configured: &[String],
+    audit: &AuditLog,
+) -> Result<Vec<CustomerPublicKey>, ApplianceError> {
     let parse = |pem: &str| {
         CustomerPublicKey::from_pem(pem).map_err(|e| ApplianceError::Customer(format!("customer public key: {e}")))
     };
@@ -32,6 +39,7 @@ pub fn pin_keys(state: &StateDir, configured: &[String]) -> Result<Vec<CustomerP
             let text: String = configured.iter().map(|k| k.to_pem().unwrap_or_default()).collect::<Vec<_>>().concat();
             state.write_private(PINNED_KEYS, text.as_bytes())?;
             let ids: Vec<String> = configured.iter().map(CustomerPublicKey::key_id).collect();
+            audit.record("customer_keys.pinned", Outcome::Success, serde_json::json!({ "key_ids": ids }))?;
             tracing::info!(keys = ?ids, "customer keys pinned");
             Ok(configured)
         }
@@ -43,6 +51,11 @@ pub fn pin_keys(state: &StateDir, configured: &[String]) -> Result<Vec<CustomerP
                 v
             };
             if ids(&pinned) != ids(&configured) {
+                audit.record(
+                    "customer_keys.replace",
+                    Outcome::Denied,
+                    serde_json::json!({ "rule": "builtin:pinned-customer-key", "offered": ids(&configured) }),
+                )?;
                 return Err(ApplianceError::Customer(
                     "the configured customer keys differ from the keys pinned at install; replacing the pinned customer key is never allowed (move the state directory aside to re-install)".into(),
                 ));
@@ -57,6 +70,7 @@ pub fn load_policy(
     state: &StateDir,
     pinned: &[CustomerPublicKey],
     offered: Option<&Path>,
+    audit: &AuditLog,
 ) -> Result<Option<VerifiedPolicy>, ApplianceError> {
     let current = match state.read_optional(POLICY)? {
         Some(stored) => match verify_signed_policy(stored.as_bytes(), pinned, None) {
@@ -72,6 +86,7 @@ pub fn load_policy(
     let bytes =
         std::fs::read(path).map_err(|e| ApplianceError::Customer(format!("reading {}: {e}", path.display())))?;
     if pinned.is_empty() {
+        audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": "no customer key is pinned" }))?;
         tracing::error!(policy = %path.display(), "refusing policy: no customer key is pinned; pass --customer-key");
         return Ok(current);
     }
@@ -79,11 +94,17 @@ pub fn load_policy(
         Ok(p) => {
             if current.as_ref().is_none_or(|c| c.digest_hex() != p.digest_hex()) {
                 state.write_private(POLICY, &bytes)?;
+                audit.record(
+                    "policy.update",
+                    Outcome::Success,
+                    serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() }),
+                )?;
                 tracing::info!(serial = p.serial(), digest = %p.digest_hex(), signed_by = ?p.signed_by(), "accepted a new customer policy");
             }
             Ok(Some(p))
         }
         Err(e) => {
+            audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": e.to_string() }))?;
             tracing::error!(policy = %path.display(), reason = %e, "refusing policy; the last good policy stays in force");
             Ok(current)
         }

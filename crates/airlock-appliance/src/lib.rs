@@ -7,6 +7,7 @@
 //! This crate, with `airlock-core` and `airlock-proto`, is everything that runs on the
 //! customer's side; it never depends on the control plane's code.
 
+pub mod audit_log;
 pub mod backoff;
 pub mod config;
 pub mod customer;
@@ -16,6 +17,7 @@ pub mod state_dir;
 
 use std::time::Duration;
 
+use airlock_core::audit::Outcome;
 use airlock_core::{Fingerprint, Timestamp};
 
 pub use config::ApplianceConfig;
@@ -70,6 +72,8 @@ pub async fn run(
     if state.is_revoked() {
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
     }
+    let audit = audit_log::AuditLog::open(state.path())?;
+    audit.record("appliance.start", Outcome::Success, serde_json::json!({ "version": airlock_proto::VERSION }))?;
     // The customer's authority is settled before anything talks to the vendor.
     let keys = config
         .customer_keys
@@ -78,8 +82,8 @@ pub async fn run(
             std::fs::read_to_string(p).map_err(|e| ApplianceError::Customer(format!("reading {}: {e}", p.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let pinned = customer::pin_keys(&state, &keys)?;
-    match customer::load_policy(&state, &pinned, config.policy.as_deref())? {
+    let pinned = customer::pin_keys(&state, &keys, &audit)?;
+    match customer::load_policy(&state, &pinned, config.policy.as_deref(), &audit)? {
         Some(p) => {
             let phases: Vec<String> = p.document().phases.iter().map(|ph| format!("{ph:?}")).collect();
             tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?phases, "customer policy in force");

@@ -347,10 +347,16 @@ struct AuditCmd {
 
 #[derive(Subcommand)]
 enum AuditSub {
-    /// Verify every audit chain in a control plane data directory.
+    /// Verify every audit chain in a control plane data directory, or an appliance's audit file.
     Verify {
-        #[command(flatten)]
-        data: DataDirArgs,
+        /// The control plane's data directory.
+        #[arg(long, env = "AIRLOCK_DATA_DIR", required_unless_present = "file", conflicts_with = "file")]
+        data_dir: Option<PathBuf>,
+        #[arg(long, env = "AIRLOCK_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+        /// An appliance's audit log (`<state-dir>/audit.jsonl`).
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Print audit records as JSON lines (all chains, or one).
     Export {
@@ -668,8 +674,10 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
 
 async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     match cmd.command {
+        AuditSub::Verify { file: Some(file), .. } => verify_appliance_audit(&file),
         #[cfg(feature = "server")]
-        AuditSub::Verify { data } => {
+        AuditSub::Verify { data_dir: Some(data_dir), kek_file, .. } => {
+            let data = DataDirArgs { data_dir, kek_file };
             let report = airlock_server::verify_audit(&data.data_dir, &data.kek()).await?;
             for c in &report.chains {
                 match &c.result {
@@ -686,6 +694,8 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             }
         }
         #[cfg(feature = "server")]
+        AuditSub::Verify { .. } => anyhow::bail!("give --data-dir or --file"),
+        #[cfg(feature = "server")]
         AuditSub::Export { data, chain } => {
             for rec in airlock_server::export_audit(&data.data_dir, &data.kek(), chain.as_deref()).await? {
                 println!("{}", serde_json::to_string(&rec)?);
@@ -697,4 +707,23 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             anyhow::bail!("this build has no control plane support; rebuild with the `server` feature")
         }
     }
+}
+
+#[cfg(feature = "appliance")]
+fn verify_appliance_audit(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match airlock_appliance::audit_log::verify_file(file) {
+        Ok(head) => {
+            println!("OK     {}: {} records", file.display(), head.seq);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            println!("BROKEN {}: {why}", file.display());
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+#[cfg(not(feature = "appliance"))]
+fn verify_appliance_audit(_file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("this build has no appliance support; rebuild with the `appliance` feature")
 }

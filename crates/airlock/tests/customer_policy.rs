@@ -121,6 +121,78 @@ fn appliance_pins_customer_key_and_enforces_signed_policy_updates() {
     let status = wait_for(Duration::from_secs(10), "appliance to refuse the new key", || proc.exited());
     assert!(!status.success());
     assert!(proc.log().contains("never allowed"), "{}", proc.log());
+
+    // Every decision is in the appliance's own audit log, which verifies.
+    let log = state.join("audit.jsonl");
+    let out = airlock(&["audit", "verify", "--file", log.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let count = |action: &str, outcome: &str| {
+        records.iter().filter(|r| r["action"] == action && r["outcome"] == outcome).count()
+    };
+    assert_eq!(count("customer_keys.pinned", "success"), 1);
+    assert_eq!(count("policy.update", "success"), 2);
+    assert_eq!(count("policy.update", "denied"), 3);
+    assert_eq!(count("customer_keys.replace", "denied"), 1);
+    let replace = records.iter().find(|r| r["action"] == "customer_keys.replace").unwrap();
+    assert_eq!(replace["detail"]["rule"], "builtin:pinned-customer-key");
+}
+
+#[test]
+fn appliance_audit_log_detects_tampering_and_blocks_start() {
+    let server = Server::start();
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let state = server.dir.path().join("apl");
+    for round in 0..4 {
+        let mut proc = server.appliance_proc(&state, (round == 0).then_some(token.as_str()), None);
+        server.wait_connected(&mut proc);
+        proc.stop();
+    }
+    let log = state.join("audit.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(str::to_owned).collect();
+    assert!(lines.len() >= 4, "{lines:?}");
+    let verify = |dir: &Path| {
+        let out = airlock(&["audit", "verify", "--file", dir.join("audit.jsonl").to_str().unwrap()]);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(verify(&state).0, Some(0));
+
+    let write_copy = |name: &str, body: Vec<String>| {
+        let dir = server.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("audit.jsonl"), body.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::copy(state.join("audit.jsonl.head"), dir.join("audit.jsonl.head")).unwrap();
+        dir
+    };
+    let mut edited = lines.clone();
+    edited[1] = edited[1].replace("\"success\"", "\"denied\"");
+    let mut deleted = lines.clone();
+    deleted.remove(1);
+    let mut reordered = lines.clone();
+    reordered.swap(1, 2);
+    let truncated = lines[..lines.len() - 1].to_vec();
+    for (name, body, expect) in [
+        ("edited", edited, "seq 2"),
+        ("deleted", deleted, "seq 2"),
+        ("reordered", reordered, "seq 2"),
+        ("truncated", truncated, "removed from the end"),
+    ] {
+        let dir = write_copy(name, body);
+        let (code, out) = verify(&dir);
+        assert_eq!(code, Some(2), "{name}: {out}");
+        assert!(out.contains("BROKEN") && out.contains(expect), "{name}: expected `{expect}` in {out}");
+    }
+
+    // The appliance itself refuses to run on a tampered log.
+    let mut bad = lines.clone();
+    bad.remove(1);
+    std::fs::write(&log, bad.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let mut proc = server.appliance_proc(&state, None, None);
+    let status = wait_for(Duration::from_secs(10), "appliance to refuse its tampered log", || proc.exited());
+    assert!(!status.success());
+    assert!(proc.log().contains("refusing to run on a tampered audit log"), "{}", proc.log());
 }
 
 #[test]
