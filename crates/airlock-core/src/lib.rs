@@ -9,6 +9,7 @@ pub mod audit;
 pub mod customer_key;
 pub mod dsse;
 pub mod fingerprint;
+pub mod grant;
 pub mod id;
 pub mod identity;
 pub mod policy;

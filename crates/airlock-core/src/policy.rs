@@ -20,7 +20,7 @@ pub const POLICY_PAYLOAD_TYPE: &str = "application/vnd.airlock.policy.v1+toml";
 /// Longest elevation a policy may allow (the default maximum is 4 hours).
 pub const DEFAULT_MAX_GRANT_HOURS: u32 = 4;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Install,
