@@ -7,8 +7,8 @@
 
 use std::fmt;
 
+use ed25519_dalek::Signer;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signer, Verifier};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,9 +25,13 @@ pub enum KeyError {
 /// only way out, for writing it to the customer's own file.
 pub struct CustomerSigningKey(ed25519_dalek::SigningKey);
 
-/// A pinned customer public key.
+/// A pinned customer public key. Its id is computed once: verification looks it up per
+/// signature, and hashing it each time cost a measurable share of a grant check.
 #[derive(Clone, PartialEq, Eq)]
-pub struct CustomerPublicKey(ed25519_dalek::VerifyingKey);
+pub struct CustomerPublicKey {
+    key: ed25519_dalek::VerifyingKey,
+    id: String,
+}
 
 impl CustomerSigningKey {
     /// Builds a key from 32 bytes the caller drew from a CSPRNG.
@@ -49,7 +53,7 @@ impl CustomerSigningKey {
     }
 
     pub fn public(&self) -> CustomerPublicKey {
-        CustomerPublicKey(self.0.verifying_key())
+        CustomerPublicKey::new(self.0.verifying_key())
     }
 
     /// Ed25519 is deterministic: signing needs no randomness, so core can do it.
@@ -65,23 +69,32 @@ impl fmt::Debug for CustomerSigningKey {
 }
 
 impl CustomerPublicKey {
+    fn new(key: ed25519_dalek::VerifyingKey) -> Self {
+        let id = data_encoding::HEXLOWER.encode(&Sha256::digest(key.as_bytes()));
+        Self { key, id }
+    }
+
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
-        ed25519_dalek::VerifyingKey::from_public_key_pem(pem).map(Self).map_err(|_| KeyError::PublicPem)
+        ed25519_dalek::VerifyingKey::from_public_key_pem(pem).map(Self::new).map_err(|_| KeyError::PublicPem)
     }
 
     pub fn to_pem(&self) -> Result<String, KeyError> {
-        self.0.to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF).map_err(|_| KeyError::Encode)
+        self.key.to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF).map_err(|_| KeyError::Encode)
     }
 
     pub fn key_id(&self) -> String {
-        data_encoding::HEXLOWER.encode(&Sha256::digest(self.0.as_bytes()))
+        self.id.clone()
+    }
+
+    pub fn key_id_str(&self) -> &str {
+        &self.id
     }
 
     /// Strict verification (rejects small-order keys and non-canonical signatures), so a
     /// signature cannot be malleated into a second valid one.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
         let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else { return false };
-        self.0.verify_strict(message, &sig).is_ok() && self.0.verify(message, &sig).is_ok()
+        self.key.verify_strict(message, &sig).is_ok()
     }
 }
 

@@ -100,8 +100,8 @@ impl Envelope {
         let message = pae(&self.payload_type, &self.payload);
         let mut signed_by: Vec<String> = Vec::new();
         for key in pinned {
-            let id = key.key_id();
-            if signed_by.contains(&id) {
+            let id = key.key_id_str();
+            if signed_by.iter().any(|s| s == id) {
                 continue;
             }
             // The keyid is only a hint (the spec makes it optional), so a signature without
@@ -112,7 +112,7 @@ impl Envelope {
                 .filter(|s| s.keyid.is_empty() || s.keyid == id)
                 .any(|s| key.verify(&message, &s.sig));
             if good {
-                signed_by.push(id);
+                signed_by.push(id.to_owned());
             }
         }
         if signed_by.len() < threshold {
