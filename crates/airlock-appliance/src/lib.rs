@@ -7,6 +7,7 @@
 //! This crate, with `airlock-core` and `airlock-proto`, is everything that runs on the
 //! customer's side; it never depends on the control plane's code.
 
+pub mod admin;
 pub mod audit_log;
 pub mod backoff;
 pub mod config;
@@ -58,6 +59,15 @@ pub enum ApplianceError {
     Internal(String),
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), ApplianceError>>, std::path::PathBuf);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
 /// Wall-clock time. The appliance checks its own certificate's validity with it.
 pub fn now() -> Timestamp {
     Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc())
@@ -72,7 +82,7 @@ pub async fn run(
     if state.is_revoked() {
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
     }
-    let audit = audit_log::AuditLog::open(state.path())?;
+    let audit = std::sync::Arc::new(audit_log::AuditLog::open(state.path())?);
     audit.record("appliance.start", Outcome::Success, serde_json::json!({ "version": airlock_proto::VERSION }))?;
     // The customer's authority is settled before anything talks to the vendor.
     let keys = config
@@ -83,13 +93,21 @@ pub async fn run(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let pinned = customer::pin_keys(&state, &keys, &audit)?;
-    match customer::load_policy(&state, &pinned, config.policy.as_deref(), &audit)? {
+    let policy = customer::load_policy(&state, &pinned, config.policy.as_deref(), &audit)?;
+    match &policy {
         Some(p) => {
             let phases: Vec<String> = p.document().phases.iter().map(|ph| format!("{ph:?}")).collect();
             tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?phases, "customer policy in force");
         }
         None => tracing::warn!("no customer policy in force: only Observe is allowed"),
     }
+    let control = std::sync::Arc::new(admin::LocalControl::new(state.path(), policy, audit.clone())?);
+    let socket = state.path().join(admin::SOCKET_FILE);
+    let admin_task = tokio::spawn(admin::serve(control.clone(), socket.clone()));
+    // Ends the admin socket with the appliance, however `run` returns.
+    let _admin = AbortOnDrop(admin_task, socket);
+    tracing::info!(effective_phases = ?control.effective_phases(), "local admin socket ready");
+
     if !state.is_enrolled() {
         let token = config.join_token.as_ref().ok_or(ApplianceError::NoJoinToken)?;
         tracing::info!(control_plane = %config.control_plane, "joining with a join token");

@@ -204,6 +204,15 @@ enum ApplianceSub {
     /// Run the appliance: join once, then hold an outbound mTLS stream to the control plane.
     #[cfg(feature = "appliance")]
     Run(ApplianceRunArgs),
+    /// On the appliance host: switch a phase on or off, or show what is in force.
+    #[cfg(feature = "appliance")]
+    Phase {
+        #[command(subcommand)]
+        command: PhaseSub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// List appliances and their status.
     List {
         /// Only this environment (env_…).
@@ -244,6 +253,17 @@ struct ApplianceRunArgs {
     /// Customer-signed policy file (`airlock customer policy sign`).
     #[arg(long)]
     policy: Option<PathBuf>,
+}
+
+#[cfg(feature = "appliance")]
+#[derive(Subcommand)]
+enum PhaseSub {
+    /// Show the policy in force, phases disabled on this host, and what is effective.
+    Status,
+    /// Allow a phase again (within what the customer policy enables).
+    Enable { phase: String },
+    /// Switch a phase off on this host, at once.
+    Disable { phase: String },
 }
 
 // ---------------- API client commands ----------------
@@ -571,6 +591,34 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 let _ = tx.send(true);
             });
             airlock_appliance::run(config, rx).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Phase { command, state_dir } => {
+            use airlock_appliance::admin::{Request, SOCKET_FILE, call};
+            let state_dir = state_dir.context("give --state-dir (or AIRLOCK_STATE_DIR)")?;
+            let parse = |p: &str| -> anyhow::Result<airlock_core::policy::Phase> {
+                serde_json::from_value(serde_json::Value::String(p.to_ascii_lowercase()))
+                    .map_err(|_| anyhow::anyhow!("unknown phase `{p}`; use install, observe, deploy or operate"))
+            };
+            let request = match command {
+                PhaseSub::Status => Request::Status,
+                PhaseSub::Enable { phase } => Request::Phase { phase: parse(&phase)?, enabled: true },
+                PhaseSub::Disable { phase } => Request::Phase { phase: parse(&phase)?, enabled: false },
+            };
+            let status = call(&state_dir.join(SOCKET_FILE), &request).await?;
+            let names = |v: &[airlock_core::policy::Phase]| {
+                v.iter().map(|p| format!("{p:?}").to_ascii_lowercase()).collect::<Vec<_>>().join(", ")
+            };
+            match status.policy_serial {
+                Some(serial) => {
+                    println!("policy:    serial {serial}, sha256 {}", status.policy_digest.as_deref().unwrap_or("?"))
+                }
+                None => println!("policy:    none (only observe is allowed)"),
+            }
+            println!("enabled:   {}", names(&status.policy_phases));
+            println!("disabled:  {}", names(&status.disabled));
+            println!("effective: {}", names(&status.effective));
             Ok(ExitCode::SUCCESS)
         }
         ApplianceSub::List { env, api } => {

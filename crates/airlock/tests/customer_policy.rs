@@ -211,3 +211,56 @@ fn policy_sign_checks_the_policy_before_signing() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("requires 2 approvers"));
 }
+
+#[test]
+fn customer_switches_phases_on_the_appliance_host() {
+    let server = Server::start();
+    let tmp = server.dir.path();
+    let customer = tmp.join("customer");
+    keygen(&customer);
+    let signed = tmp.join("policy.json");
+    sign(&POLICY.replace("\"observe\", \"deploy\"", "\"observe\", \"deploy\", \"operate\""), &customer, &signed);
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let state = tmp.join("apl");
+    let pubkey = customer.join("customer.pub");
+    let args = ["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()];
+    let mut proc = server.appliance_proc_with(&state, Some(&token), &args);
+    server.wait_connected(&mut proc);
+
+    let phase = |args: &[&str]| {
+        let mut all = vec!["appliance", "phase"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--state-dir", state.to_str().unwrap()]);
+        let out = airlock(&all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = phase(&["status"]);
+    assert!(ok && out.contains("effective: observe, deploy, operate") && out.contains("serial 1"), "{out}");
+
+    let (ok, out) = phase(&["disable", "operate"]);
+    assert!(ok && out.contains("effective: observe, deploy") && out.contains("disabled:  operate"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(state.join("admin.sock")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The switch survives a restart of the appliance.
+    proc.stop();
+    let mut proc = server.appliance_proc(&state, None, None);
+    server.wait_connected(&mut proc);
+    let (ok, out) = phase(&["status"]);
+    assert!(ok && out.contains("disabled:  operate"), "{out}");
+    let (ok, out) = phase(&["enable", "Operate"]);
+    assert!(ok && out.contains("effective: observe, deploy, operate"), "{out}");
+    let (ok, out) = phase(&["disable", "root"]);
+    assert!(!ok && out.contains("unknown phase"), "{out}");
+
+    let audit = std::fs::read_to_string(state.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"action\":\"phase.disable\"") && audit.contains("\"action\":\"phase.enable\""));
+    proc.stop();
+    let (ok, out) = phase(&["status"]);
+    assert!(!ok && out.contains("is it running"), "{out}");
+}
