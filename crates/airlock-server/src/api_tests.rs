@@ -96,8 +96,7 @@ impl Api {
 }
 
 fn csr() -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
+    csr_for(&rcgen::KeyPair::generate().unwrap())
 }
 
 fn assert_error_shape(v: &Value) {
