@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("not an Ed25519 private key in PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`)")]
+    #[error("not an Ed25519 private key in PKCS#8 PEM, as `airlock customer keygen` writes it")]
     PrivatePem,
     #[error("not an Ed25519 public key in PEM (`-----BEGIN PUBLIC KEY-----`)")]
     PublicPem,
