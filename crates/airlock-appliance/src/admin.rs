@@ -6,7 +6,7 @@
 //! at once for every later decision.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use airlock_core::audit::Outcome;
@@ -89,35 +89,44 @@ impl LocalControl {
         }
     }
 
-    /// Switches a phase on this host. Persisted before it is acknowledged.
+    /// Switches a phase on this host. The new set is saved and audited before it takes effect,
+    /// so what is in force is always what is on disk and in the audit.
     pub fn set_phase(&self, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
         {
             let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
-            let changed = if enabled { disabled.remove(&phase) } else { disabled.insert(phase) };
+            let mut next = disabled.clone();
+            let changed = if enabled { next.remove(&phase) } else { next.insert(phase) };
             if changed {
-                let json = serde_json::to_vec(&*disabled).map_err(|e| ApplianceError::Internal(e.to_string()))?;
+                let json = serde_json::to_vec(&next).map_err(|e| ApplianceError::Internal(e.to_string()))?;
                 self.state.write_private(DISABLED_FILE, &json)?;
             }
             let action = if enabled { "phase.enable" } else { "phase.disable" };
             self.audit.record(action, Outcome::Success, serde_json::json!({ "phase": phase, "changed": changed }))?;
+            *disabled = next;
         }
         tracing::info!(?phase, enabled, "phase switched by the customer on this host");
         Ok(self.status())
     }
 }
 
-/// Serves the admin socket until the task is dropped.
-pub async fn serve(control: Arc<LocalControl>, socket: PathBuf) -> Result<(), ApplianceError> {
+/// Binds the admin socket (owner-only). Done before the appliance reports itself ready, so a
+/// failure to offer the customer's controls stops it.
+pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, ApplianceError> {
     let io = |e: std::io::Error| ApplianceError::Customer(format!("admin socket {}: {e}", socket.display()));
-    // A socket file left by a previous run would make bind fail; nobody can be serving it,
-    // since the state directory belongs to this one appliance.
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket).map_err(io)?;
+    // A socket file left by a previous run would make bind fail; the state directory lock
+    // guarantees no other appliance process is serving it.
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).map_err(io)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     }
+    Ok(listener)
+}
+
+/// Serves the admin socket until the task is dropped.
+pub async fn serve(control: Arc<LocalControl>, listener: tokio::net::UnixListener) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,

@@ -30,7 +30,15 @@ pub fn pin_keys(
     };
     let configured: Vec<CustomerPublicKey> = configured.iter().map(|p| parse(p)).collect::<Result<_, _>>()?;
     let pinned: Vec<CustomerPublicKey> = match state.read_optional(PINNED_KEYS)? {
-        Some(text) => split_pems(&text).iter().map(|p| parse(p)).collect::<Result<_, _>>()?,
+        Some(text) => {
+            let keys: Vec<CustomerPublicKey> = split_pems(&text).iter().map(|p| parse(p)).collect::<Result<_, _>>()?;
+            if keys.is_empty() {
+                return Err(ApplianceError::Customer(format!(
+                    "{PINNED_KEYS} in the state directory holds no key: it was damaged; move the state directory aside to re-install"
+                )));
+            }
+            keys
+        }
         None => Vec::new(),
     };
     match (pinned.is_empty(), configured.is_empty()) {
@@ -76,6 +84,11 @@ pub fn load_policy(
         Some(stored) => match verify_signed_policy(stored.as_bytes(), pinned, None) {
             Ok(p) => Some(p),
             Err(e) => {
+                audit.record(
+                    "policy.stored_invalid",
+                    Outcome::Error,
+                    serde_json::json!({ "reason": e.to_string() }),
+                )?;
                 tracing::error!(reason = %e, "the stored policy no longer verifies; ignoring it");
                 None
             }
@@ -83,8 +96,14 @@ pub fn load_policy(
         None => None,
     };
     let Some(path) = offered else { return Ok(current) };
-    let bytes =
-        std::fs::read(path).map_err(|e| ApplianceError::Customer(format!("reading {}: {e}", path.display())))?;
+    let bytes = match read_capped(path) {
+        Ok(b) => b,
+        Err(why) => {
+            audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why }))?;
+            tracing::error!(policy = %path.display(), reason = %why, "refusing policy; the last good policy stays in force");
+            return Ok(current);
+        }
+    };
     if pinned.is_empty() {
         audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": "no customer key is pinned" }))?;
         tracing::error!(policy = %path.display(), "refusing policy: no customer key is pinned; pass --customer-key");
@@ -109,6 +128,22 @@ pub fn load_policy(
             Ok(current)
         }
     }
+}
+
+/// A policy is a few KiB; a larger file is not one.
+const MAX_POLICY_BYTES: u64 = 1 << 20;
+
+fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_POLICY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_POLICY_BYTES {
+        return Err(format!("{} is larger than 1 MiB; it is not a policy", path.display()));
+    }
+    Ok(bytes)
 }
 
 fn split_pems(text: &str) -> Vec<String> {

@@ -59,7 +59,7 @@ pub enum ApplianceError {
     Internal(String),
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), ApplianceError>>, std::path::PathBuf);
+struct AbortOnDrop(tokio::task::JoinHandle<()>, std::path::PathBuf);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -79,6 +79,8 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ApplianceError> {
     let state = StateDir::open(&config.state_dir)?;
+    // One appliance process per state directory: two would interleave the audit log.
+    let _lock = state.lock()?;
     if state.is_revoked() {
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
     }
@@ -103,7 +105,8 @@ pub async fn run(
     }
     let control = std::sync::Arc::new(admin::LocalControl::new(state.path(), policy, audit.clone())?);
     let socket = state.path().join(admin::SOCKET_FILE);
-    let admin_task = tokio::spawn(admin::serve(control.clone(), socket.clone()));
+    let listener = admin::bind(&socket)?;
+    let admin_task = tokio::spawn(admin::serve(control.clone(), listener));
     // Ends the admin socket with the appliance, however `run` returns.
     let _admin = AbortOnDrop(admin_task, socket);
     tracing::info!(effective_phases = ?control.effective_phases(), "local admin socket ready");

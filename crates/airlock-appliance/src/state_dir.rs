@@ -26,6 +26,8 @@ pub enum StateError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("state directory {0} is damaged: {1}; move it aside and re-join with a new join token")]
     Damaged(PathBuf, String),
+    #[error("another appliance process is already using state directory {0}; one process per state directory")]
+    Busy(PathBuf),
 }
 
 /// What the appliance remembers about its enrolment.
@@ -80,6 +82,22 @@ impl StateDir {
                 .map_err(|source| StateError::Io { path: root.into(), source })?;
         }
         Ok(Self { root: root.into() })
+    }
+
+    /// Takes the state directory for this process; held for its life.
+    pub fn lock(&self) -> Result<std::fs::File, StateError> {
+        let path = self.root.join("appliance.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StateError::Io { path: path.clone(), source })?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StateError::Busy(self.root.clone())),
+            Err(std::fs::TryLockError::Error(source)) => Err(StateError::Io { path, source }),
+        }
     }
 
     pub fn path(&self) -> &Path {

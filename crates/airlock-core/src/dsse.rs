@@ -14,6 +14,10 @@ use crate::customer_key::{CustomerPublicKey, CustomerSigningKey};
 
 /// The spec's pre-authentication encoding:
 /// `"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`, lengths in ASCII decimal bytes.
+/// More signatures than any policy can require; envelopes arrive from the vendor's side, so the
+/// work spent verifying one is bounded.
+pub const MAX_SIGNATURES: usize = 32;
+
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload_type.len() + payload.len() + 32);
     out.extend_from_slice(b"DSSEv1 ");
@@ -97,6 +101,9 @@ impl Envelope {
         if self.payload_type != expected_type {
             return Err(DsseError::WrongType { expected: expected_type.to_owned(), found: self.payload_type.clone() });
         }
+        if self.signatures.len() > MAX_SIGNATURES {
+            return Err(DsseError::Malformed(format!("more than {MAX_SIGNATURES} signatures")));
+        }
         let message = pae(&self.payload_type, &self.payload);
         let mut signed_by: Vec<String> = Vec::new();
         for key in pinned {
@@ -104,12 +111,13 @@ impl Envelope {
             if signed_by.iter().any(|s| s == id) {
                 continue;
             }
-            // The keyid is only a hint (the spec makes it optional), so a signature without
-            // one is tried against every pinned key.
+            // The keyid is only a hint (the spec makes it optional, and other tools compute it
+            // their own way): a signature is tried against this key unless its keyid names a
+            // *different* pinned key.
             let good = self
                 .signatures
                 .iter()
-                .filter(|s| s.keyid.is_empty() || s.keyid == id)
+                .filter(|s| s.keyid == id || !pinned.iter().any(|k| k.key_id_str() == s.keyid))
                 .any(|s| key.verify(&message, &s.sig));
             if good {
                 signed_by.push(id.to_owned());
@@ -215,13 +223,25 @@ mod tests {
     }
 
     #[test]
-    fn signature_without_keyid_is_tried_against_every_pinned_key() {
+    fn keyid_is_only_a_hint() {
         let mut env = Envelope::new(TYPE, b"p".to_vec()).sign(&key(2));
         env.signatures[0].keyid.clear();
         assert!(env.verify(TYPE, &[key(1).public(), key(2).public()], 1).is_ok());
-        // A keyid naming a different key does not let its signature count for this one.
+        // A keyid computed by another tool names no pinned key: the signature is still tried.
+        env.signatures[0].keyid = "some-other-tools-key-id".into();
+        assert!(env.verify(TYPE, &[key(1).public(), key(2).public()], 1).is_ok());
+        // A keyid naming a different pinned key does not let its signature count for this one.
         env.signatures[0].keyid = key(1).public().key_id();
         assert!(env.verify(TYPE, &[key(1).public(), key(2).public()], 1).is_err());
+    }
+
+    #[test]
+    fn too_many_signatures_are_refused_before_verifying() {
+        let mut env = Envelope::new(TYPE, b"p".to_vec());
+        for n in 0..=MAX_SIGNATURES as u8 {
+            env = env.sign(&key(n));
+        }
+        assert!(matches!(env.verify(TYPE, &[key(1).public()], 1), Err(DsseError::Malformed(_))));
     }
 
     #[test]

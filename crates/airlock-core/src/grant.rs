@@ -6,9 +6,14 @@
 //! arguments, including `now` and the record of used nonces, and returns a [`Permit`] (which
 //! only it can build) or the reason for refusal.
 //!
-//! Order of checks, so the strongest rule always wins: built-in denies, then the customer's
-//! deny rules, then the phase switch, then Observe (allowed), then a standing window, then
-//! the grant.
+//! Order of checks, so the strongest rule always wins: the request is for this appliance,
+//! built-in denies, the customer's deny rules, the phase (policy and host switches), the
+//! appliance's own read-only probes (allowed), a standing window, then the grant.
+//!
+//! What the vendor labels a request is not trusted to lift anything: Observe without a grant
+//! covers only the appliance's built-in probes, never a vendor template that calls itself
+//! Observe; built-in denies match the declared data-access tags as well as the kind, and the
+//! customer's signature covers both (they are in the request digest).
 
 use std::collections::BTreeMap;
 
@@ -21,6 +26,20 @@ use crate::policy::{Phase, VerifiedPolicy, Weekday};
 use crate::{ApplianceId, Timestamp};
 
 pub const GRANT_PAYLOAD_TYPE: &str = "application/vnd.airlock.grant.v1+json";
+
+/// The appliance's own read-only probes: the only operations Observe allows without a grant.
+pub const BUILTIN_OBSERVE_KINDS: &[&str] = &["status", "health", "versions", "secret-exists"];
+
+/// Data-access tags no policy can allow.
+pub const BUILTIN_DENIED_TAGS: &[(&str, &str)] = &[
+    ("secret:read", "builtin:no-secret-values"),
+    ("secret:send", "builtin:no-secret-values"),
+    ("audit:write", "builtin:audit-always-on"),
+    ("customer-key:write", "builtin:pinned-customer-key"),
+];
+
+/// Longest nonce a grant may carry.
+pub const MAX_NONCE_BYTES: usize = 128;
 
 /// Operation kinds no policy can allow.
 pub const BUILTIN_DENIED_KINDS: &[(&str, &str)] = &[
@@ -39,6 +58,9 @@ pub struct OperationRequest {
     /// The template the command was rendered from.
     pub kind: String,
     pub phase: Phase,
+    /// What customer data the template declares it may touch (shown to the customer).
+    #[serde(default)]
+    pub data_tags: std::collections::BTreeSet<String>,
     pub args: BTreeMap<String, String>,
     /// SHA-256 (hex) of the exact rendered command.
     pub command_sha256: String,
@@ -137,6 +159,17 @@ impl Permit {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DenyReason {
+    /// The request names another appliance.
+    AnotherAppliance,
+    /// The grant is signed by fewer distinct pinned keys than the policy requires.
+    NotEnoughApprovers {
+        required: usize,
+        signed: usize,
+    },
+    /// The grant's window ends before it starts.
+    GrantWindowInvalid,
+    /// The grant's nonce is empty or too long.
+    NonceMalformed,
     /// A built-in deny no policy can lift.
     BuiltIn {
         rule: &'static str,
@@ -171,6 +204,12 @@ pub enum DenyReason {
 impl std::fmt::Display for DenyReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            DenyReason::AnotherAppliance => f.write_str("the request is for another appliance"),
+            DenyReason::NotEnoughApprovers { required, signed } => {
+                write!(f, "the grant has {signed} of the {required} customer approvals the policy requires")
+            }
+            DenyReason::GrantWindowInvalid => f.write_str("the grant's window ends before it starts"),
+            DenyReason::NonceMalformed => f.write_str("the grant's nonce is empty or too long"),
             DenyReason::BuiltIn { rule } => write!(f, "denied by built-in rule {rule}"),
             DenyReason::DeniedByRule { rule } => write!(f, "denied by customer rule `{rule}`"),
             DenyReason::NoPolicy => f.write_str("no customer policy is in force; only Observe is allowed"),
@@ -195,49 +234,66 @@ pub enum Decision {
     Deny(DenyReason),
 }
 
-/// Decides whether `req` may run on `appliance` now. `nonce_used` answers from the appliance's
-/// durable record of spent nonces.
+/// Everything a decision depends on besides the request and its grant, from the appliance.
+pub struct Context<'a> {
+    pub policy: Option<&'a VerifiedPolicy>,
+    /// Phases the customer switched off on this host.
+    pub disabled: &'a std::collections::BTreeSet<Phase>,
+    pub appliance: ApplianceId,
+    pub now: Timestamp,
+    /// Answers from the appliance's durable record of spent nonces.
+    pub nonce_used: &'a dyn Fn(&str) -> bool,
+}
+
+/// Decides whether `req` may run now.
 #[must_use]
-pub fn evaluate(
-    policy: Option<&VerifiedPolicy>,
-    appliance: ApplianceId,
-    req: &OperationRequest,
-    grant: Option<&VerifiedGrant>,
-    nonce_used: &dyn Fn(&str) -> bool,
-    now: Timestamp,
-) -> Decision {
+pub fn evaluate(ctx: &Context<'_>, req: &OperationRequest, grant: Option<&VerifiedGrant>) -> Decision {
     use Decision::Deny;
-    if let Some((_, rule)) = BUILTIN_DENIED_KINDS.iter().find(|(kind, _)| *kind == req.kind) {
+    if req.appliance != ctx.appliance {
+        return Deny(DenyReason::AnotherAppliance);
+    }
+    let kind = req.kind.to_ascii_lowercase();
+    if let Some((_, rule)) = BUILTIN_DENIED_KINDS.iter().find(|(k, _)| *k == kind) {
         return Deny(DenyReason::BuiltIn { rule });
     }
-    let Some(policy) = policy else {
-        return if req.phase == Phase::Observe {
-            allow(req, None, Basis::ObservePhase)
-        } else {
-            Deny(DenyReason::NoPolicy)
-        };
+    if let Some((_, rule)) =
+        BUILTIN_DENIED_TAGS.iter().find(|(tag, _)| req.data_tags.iter().any(|t| t.eq_ignore_ascii_case(tag)))
+    {
+        return Deny(DenyReason::BuiltIn { rule });
+    }
+    let builtin_probe = req.phase == Phase::Observe && BUILTIN_OBSERVE_KINDS.contains(&kind.as_str());
+    if ctx.disabled.contains(&req.phase) {
+        return Deny(DenyReason::PhaseDisabled { phase: req.phase });
+    }
+    let Some(policy) = ctx.policy else {
+        return if builtin_probe { allow(req, None, Basis::ObservePhase) } else { Deny(DenyReason::NoPolicy) };
     };
     let doc = policy.document();
-    if let Some(rule) = doc
-        .deny
-        .iter()
-        .find(|r| (r.kind == "*" || r.kind == req.kind) && r.args.iter().all(|(k, v)| req.args.get(k) == Some(v)))
-    {
+    if let Some(rule) = doc.deny.iter().find(|r| {
+        (r.kind == "*" || r.kind.eq_ignore_ascii_case(&req.kind))
+            && r.args.iter().all(|(k, v)| req.args.get(k) == Some(v))
+    }) {
         return Deny(DenyReason::DeniedByRule { rule: rule.id.clone() });
     }
     if !doc.phases.contains(&req.phase) {
         return Deny(DenyReason::PhaseDisabled { phase: req.phase });
     }
-    if matches!(req.phase, Phase::Observe) {
+    if builtin_probe {
         return allow(req, None, Basis::ObservePhase);
     }
-    if doc.windows.iter().any(|w| w.phase == req.phase && window_contains(w, now)) {
+    if req.phase != Phase::Observe && doc.windows.iter().any(|w| w.phase == req.phase && window_contains(w, ctx.now)) {
         return allow(req, None, Basis::StandingWindow);
     }
     let Some(grant) = grant else { return Deny(DenyReason::NoMatchingGrant) };
     let g = &grant.body;
-    if g.appliance != appliance || req.appliance != appliance {
+    if g.appliance != ctx.appliance {
         return Deny(DenyReason::GrantForAnotherAppliance);
+    }
+    if grant.signed_by.len() < doc.approvals_required {
+        return Deny(DenyReason::NotEnoughApprovers {
+            required: doc.approvals_required,
+            signed: grant.signed_by.len(),
+        });
     }
     if g.request_digest != req.digest_hex() {
         return Deny(DenyReason::GrantForAnotherRequest);
@@ -245,17 +301,23 @@ pub fn evaluate(
     if g.phase != req.phase {
         return Deny(DenyReason::GrantForAnotherPhase { granted: g.phase });
     }
+    if g.not_after <= g.not_before {
+        return Deny(DenyReason::GrantWindowInvalid);
+    }
     let max = std::time::Duration::from_secs(u64::from(doc.max_grant_hours) * 3600);
-    if g.not_after <= g.not_before || g.not_after.since(g.not_before) > max {
+    if g.not_after.since(g.not_before) > max {
         return Deny(DenyReason::GrantTooLong { max_hours: doc.max_grant_hours });
     }
-    if now < g.not_before {
+    if ctx.now < g.not_before {
         return Deny(DenyReason::GrantNotYetValid { not_before: g.not_before });
     }
-    if now >= g.not_after {
+    if ctx.now >= g.not_after {
         return Deny(DenyReason::GrantExpired { expired_at: g.not_after });
     }
-    if nonce_used(&g.nonce) {
+    if g.nonce.is_empty() || g.nonce.len() > MAX_NONCE_BYTES {
+        return Deny(DenyReason::NonceMalformed);
+    }
+    if (ctx.nonce_used)(&g.nonce) {
         return Deny(DenyReason::NonceReplayed);
     }
     allow(req, Some(g.nonce.clone()), Basis::Grant { signed_by: grant.signed_by.clone() })
@@ -289,6 +351,8 @@ fn window_contains(w: &crate::policy::Window, now: Timestamp) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::customer_key::CustomerSigningKey;
     use crate::policy::{POLICY_PAYLOAD_TYPE, verify_signed_policy};
@@ -296,15 +360,24 @@ mod tests {
     // 2026-11-24 is a Tuesday.
     const TUESDAY_NOON: i64 = 1_795_521_600_000;
     const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+    const ALL: &str = "\"observe\", \"deploy\", \"operate\"";
 
-    fn key() -> CustomerSigningKey {
-        CustomerSigningKey::from_seed([1; 32])
+    fn key(n: u8) -> CustomerSigningKey {
+        CustomerSigningKey::from_seed([n; 32])
+    }
+
+    fn policy_signed(phases: &str, extra: &str, keys: &[u8]) -> VerifiedPolicy {
+        let text = format!("version = 1\nserial = 1\nphases = [{phases}]\n{extra}");
+        let mut env = Envelope::new(POLICY_PAYLOAD_TYPE, text.into_bytes());
+        for k in keys {
+            env = env.sign(&key(*k));
+        }
+        let pinned: Vec<_> = (1..=3).map(|n| key(n).public()).collect();
+        verify_signed_policy(env.to_json().as_bytes(), &pinned, None).unwrap()
     }
 
     fn policy(phases: &str, extra: &str) -> VerifiedPolicy {
-        let text = format!("version = 1\nserial = 1\nphases = [{phases}]\n{extra}");
-        let env = Envelope::new(POLICY_PAYLOAD_TYPE, text.into_bytes()).sign(&key());
-        verify_signed_policy(env.to_json().as_bytes(), &[key().public()], None).unwrap()
+        policy_signed(phases, extra, &[1])
     }
 
     fn apl() -> ApplianceId {
@@ -317,12 +390,13 @@ mod tests {
             appliance: apl(),
             kind: kind.into(),
             phase,
+            data_tags: BTreeSet::new(),
             args: [("action".to_owned(), "restart".to_owned())].into(),
             command_sha256: "ab".repeat(32),
         }
     }
 
-    fn grant_for(req: &OperationRequest, edit: impl FnOnce(&mut GrantBody)) -> VerifiedGrant {
+    fn grant_signed(req: &OperationRequest, keys: &[u8], edit: impl FnOnce(&mut GrantBody)) -> VerifiedGrant {
         let now = Timestamp::from_unix_millis(TUESDAY_NOON);
         let mut body = GrantBody {
             appliance: apl(),
@@ -333,34 +407,58 @@ mod tests {
             nonce: "n-1".into(),
         };
         edit(&mut body);
-        let env = Envelope::new(GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key());
-        verify_grant(env.to_json().as_bytes(), &[key().public()], 1).unwrap()
+        let mut env = Envelope::new(GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap());
+        for k in keys {
+            env = env.sign(&key(*k));
+        }
+        let pinned: Vec<_> = (1..=3).map(|n| key(n).public()).collect();
+        verify_grant(env.to_json().as_bytes(), &pinned, 1).unwrap()
+    }
+
+    fn grant_for(req: &OperationRequest, edit: impl FnOnce(&mut GrantBody)) -> VerifiedGrant {
+        grant_signed(req, &[1], edit)
     }
 
     /// Runs one decision and renders it compactly, so each case reads as one line.
+    fn decide(
+        policy: Option<&VerifiedPolicy>,
+        disabled: &[Phase],
+        req: &OperationRequest,
+        grant: Option<&VerifiedGrant>,
+        used: bool,
+    ) -> String {
+        let disabled: BTreeSet<Phase> = disabled.iter().copied().collect();
+        let ctx = Context {
+            policy,
+            disabled: &disabled,
+            appliance: apl(),
+            now: Timestamp::from_unix_millis(TUESDAY_NOON),
+            nonce_used: &|_| used,
+        };
+        match evaluate(&ctx, req, grant) {
+            Decision::Allow(p) => format!("allow {:?}", p.basis()).split(" {").next().unwrap_or_default().to_owned(),
+            Decision::Deny(r) => format!("deny: {r}"),
+        }
+    }
+
     fn check(
         policy: Option<&VerifiedPolicy>,
         req: &OperationRequest,
         grant: Option<&VerifiedGrant>,
         used: bool,
     ) -> String {
-        let now = Timestamp::from_unix_millis(TUESDAY_NOON);
-        match evaluate(policy, apl(), req, grant, &|_| used, now) {
-            Decision::Allow(p) => format!("allow {:?}", p.basis()).split(" {").next().unwrap_or_default().to_owned(),
-            Decision::Deny(r) => format!("deny: {r}"),
-        }
+        decide(policy, &[], req, grant, used)
     }
 
     #[test]
     fn phase_grant_deny_matrix() {
-        let all = policy("\"observe\", \"deploy\", \"operate\"", "");
+        let all = policy(ALL, "");
         let observe_only = policy("\"observe\"", "");
-        let deny = policy(
-            "\"observe\", \"deploy\", \"operate\"",
-            "[[deny]]\nid = \"no-restart\"\nkind = \"*\"\nargs = { action = \"restart\" }\n",
-        );
-        for phase in [Phase::Observe, Phase::Deploy, Phase::Operate] {
-            let req = request("svc", phase);
+        let deny = policy(ALL, "[[deny]]\nid = \"no-restart\"\nkind = \"*\"\nargs = { action = \"restart\" }\n");
+        // Observe is exercised through the appliance's own probe; Deploy and Operate through a
+        // vendor template.
+        for (kind, phase) in [("status", Phase::Observe), ("svc", Phase::Deploy), ("svc", Phase::Operate)] {
+            let req = request(kind, phase);
             let grant = grant_for(&req, |_| {});
             let elevated = phase != Phase::Observe;
             let expect_no_grant =
@@ -370,9 +468,11 @@ mod tests {
             assert_eq!(check(Some(&all), &req, Some(&grant), false), expect_grant, "{phase:?} with grant");
             // Explicit deny beats everything, grants included.
             assert_eq!(check(Some(&deny), &req, Some(&grant), false), "deny: denied by customer rule `no-restart`");
+            // A phase switched off on the host beats everything but the built-in denies.
+            let off = format!("deny: the customer has not enabled the {phase:?} phase");
+            assert_eq!(decide(Some(&all), &[phase], &req, Some(&grant), false), off);
             if elevated {
-                let disabled = format!("deny: the customer has not enabled the {phase:?} phase");
-                assert_eq!(check(Some(&observe_only), &req, Some(&grant), false), disabled);
+                assert_eq!(check(Some(&observe_only), &req, Some(&grant), false), off);
                 assert_eq!(
                     check(None, &req, Some(&grant), false),
                     "deny: no customer policy is in force; only Observe is allowed"
@@ -383,15 +483,34 @@ mod tests {
     }
 
     #[test]
+    fn vendor_template_labelled_observe_still_needs_a_grant() {
+        let all = policy(ALL, "");
+        let req = request("drop-tables", Phase::Observe);
+        assert_eq!(check(Some(&all), &req, None, false), "deny: no customer grant covers this request");
+        assert_eq!(check(None, &req, None, false), "deny: no customer policy is in force; only Observe is allowed");
+        assert_eq!(check(Some(&all), &req, Some(&grant_for(&req, |_| {})), false), "allow Grant");
+    }
+
+    #[test]
     fn grant_must_match_appliance_request_phase_and_window() {
-        let all = policy("\"observe\", \"deploy\", \"operate\"", "");
+        let all = policy(ALL, "");
         let req = request("svc", Phase::Operate);
         let other_apl = grant_for(&req, |g| g.appliance = ApplianceId::from_random([8; 16]));
         assert_eq!(check(Some(&all), &req, Some(&other_apl), false), "deny: the grant is for another appliance");
+        let mut elsewhere = req.clone();
+        elsewhere.appliance = ApplianceId::from_random([8; 16]);
+        assert_eq!(check(Some(&all), &elsewhere, None, false), "deny: the request is for another appliance");
         let mut changed = req.clone();
         changed.args.insert("action".into(), "stop".into());
         assert_eq!(
             check(Some(&all), &changed, Some(&grant_for(&req, |_| {})), false),
+            "deny: the grant is for another request"
+        );
+        // Tags are part of what the customer signed.
+        let mut retagged = req.clone();
+        retagged.data_tags.insert("customer-db:read".into());
+        assert_eq!(
+            check(Some(&all), &retagged, Some(&grant_for(&req, |_| {})), false),
             "deny: the grant is for another request"
         );
         let mut as_deploy = req.clone();
@@ -408,24 +527,63 @@ mod tests {
             g.not_after = Timestamp::from_unix_millis(TUESDAY_NOON + 120_000);
         });
         assert!(check(Some(&all), &req, Some(&future), false).starts_with("deny: the grant is not valid before"));
-        let too_long =
-            grant_for(&req, |g| g.not_after = Timestamp::from_unix_millis(TUESDAY_NOON).saturating_add(HOUR * 5));
+        let too_long = grant_for(&req, |g| {
+            g.not_after = g.not_before.saturating_add(HOUR * 4 + std::time::Duration::from_millis(1))
+        });
         assert_eq!(
             check(Some(&all), &req, Some(&too_long), false),
             "deny: the grant's window exceeds the policy's maximum of 4 hours"
         );
+        let exactly_four = grant_for(&req, |g| g.not_after = g.not_before.saturating_add(HOUR * 4));
+        assert_eq!(check(Some(&all), &req, Some(&exactly_four), false), "allow Grant");
+        let inverted = grant_for(&req, |g| std::mem::swap(&mut g.not_before, &mut g.not_after));
+        assert_eq!(check(Some(&all), &req, Some(&inverted), false), "deny: the grant's window ends before it starts");
+        let forever = grant_for(&req, |g| {
+            g.not_before = Timestamp::from_unix_millis(i64::MIN);
+            g.not_after = Timestamp::from_unix_millis(i64::MAX);
+        });
+        assert!(check(Some(&all), &req, Some(&forever), false).contains("exceeds the policy's maximum"));
+        let empty_nonce = grant_for(&req, |g| g.nonce.clear());
+        assert_eq!(check(Some(&all), &req, Some(&empty_nonce), false), "deny: the grant's nonce is empty or too long");
+    }
+
+    #[test]
+    fn customer_set_grant_limit_is_enforced() {
+        let one_hour = policy(ALL, "max_grant_hours = 1\n");
+        let req = request("svc", Phase::Deploy);
+        let two_hours = grant_for(&req, |g| g.not_after = g.not_before.saturating_add(HOUR * 2));
+        assert_eq!(
+            check(Some(&one_hour), &req, Some(&two_hours), false),
+            "deny: the grant's window exceeds the policy's maximum of 1 hours"
+        );
+    }
+
+    #[test]
+    fn grant_needs_as_many_approvers_as_the_policy() {
+        let two = policy_signed(ALL, "approvals_required = 2\n", &[1, 2]);
+        let req = request("svc", Phase::Operate);
+        let one = grant_signed(&req, &[1], |_| {});
+        assert_eq!(
+            check(Some(&two), &req, Some(&one), false),
+            "deny: the grant has 1 of the 2 customer approvals the policy requires"
+        );
+        let same_key_twice = grant_signed(&req, &[1, 1], |_| {});
+        assert!(check(Some(&two), &req, Some(&same_key_twice), false).contains("1 of the 2"));
+        assert_eq!(check(Some(&two), &req, Some(&grant_signed(&req, &[1, 3], |_| {})), false), "allow Grant");
     }
 
     #[test]
     fn standing_window_allows_only_its_phase_and_hours() {
-        let windowed = policy(
-            "\"observe\", \"deploy\", \"operate\"",
-            "[[windows]]\nphase = \"deploy\"\ndays = [\"tue\"]\nstart = \"11:00\"\nend = \"13:00\"\n",
-        );
+        let windowed =
+            policy(ALL, "[[windows]]\nphase = \"deploy\"\ndays = [\"tue\"]\nstart = \"11:00\"\nend = \"13:00\"\n");
         assert_eq!(check(Some(&windowed), &request("svc", Phase::Deploy), None, false), "allow StandingWindow");
         assert_eq!(
             check(Some(&windowed), &request("svc", Phase::Operate), None, false),
             "deny: no customer grant covers this request"
+        );
+        assert!(
+            decide(Some(&windowed), &[Phase::Deploy], &request("svc", Phase::Deploy), None, false)
+                .contains("not enabled")
         );
         let later = policy(
             "\"observe\", \"deploy\"",
@@ -439,15 +597,27 @@ mod tests {
 
     #[test]
     fn builtin_denies_cannot_be_lifted() {
-        let all = policy("\"observe\", \"deploy\", \"operate\"", "");
+        let all = policy(ALL, "");
         for (kind, rule) in BUILTIN_DENIED_KINDS {
-            let req = request(kind, Phase::Operate);
-            let grant = grant_for(&req, |_| {});
-            assert_eq!(check(Some(&all), &req, Some(&grant), false), format!("deny: denied by built-in rule {rule}"));
+            for spelling in [kind.to_string(), kind.to_ascii_uppercase()] {
+                let req = request(&spelling, Phase::Operate);
+                let grant = grant_for(&req, |_| {});
+                assert_eq!(
+                    check(Some(&all), &req, Some(&grant), false),
+                    format!("deny: denied by built-in rule {rule}")
+                );
+            }
             assert_eq!(
                 check(None, &request(kind, Phase::Observe), None, false),
                 format!("deny: denied by built-in rule {rule}")
             );
+        }
+        // Renaming the operation does not help: its declared tags are checked too.
+        for (tag, rule) in BUILTIN_DENIED_TAGS {
+            let mut req = request("innocent-looking", Phase::Operate);
+            req.data_tags.insert(tag.to_ascii_uppercase());
+            let grant = grant_for(&req, |_| {});
+            assert_eq!(check(Some(&all), &req, Some(&grant), false), format!("deny: denied by built-in rule {rule}"));
         }
     }
 
@@ -455,12 +625,18 @@ mod tests {
     fn forged_grant_is_refused_at_verification() {
         let req = request("svc", Phase::Operate);
         let body = serde_json::to_vec(&grant_for(&req, |_| {}).body).unwrap();
-        let forged = Envelope::new(GRANT_PAYLOAD_TYPE, body).sign(&CustomerSigningKey::from_seed([2; 32]));
-        assert!(verify_grant(forged.to_json().as_bytes(), &[key().public()], 1).is_err());
-        let garbage = Envelope::new(GRANT_PAYLOAD_TYPE, b"{}".to_vec()).sign(&key());
+        let forged = Envelope::new(GRANT_PAYLOAD_TYPE, body).sign(&CustomerSigningKey::from_seed([7; 32]));
+        assert!(verify_grant(forged.to_json().as_bytes(), &[key(1).public()], 1).is_err());
+        let garbage = Envelope::new(GRANT_PAYLOAD_TYPE, b"{}".to_vec()).sign(&key(1));
         assert!(matches!(
-            verify_grant(garbage.to_json().as_bytes(), &[key().public()], 1),
+            verify_grant(garbage.to_json().as_bytes(), &[key(1).public()], 1),
             Err(GrantError::Malformed(_))
+        ));
+        // A policy envelope is not a grant, even when signed by the right key.
+        let policy = Envelope::new(POLICY_PAYLOAD_TYPE, b"{}".to_vec()).sign(&key(1));
+        assert!(matches!(
+            verify_grant(policy.to_json().as_bytes(), &[key(1).public()], 1),
+            Err(GrantError::Signature(DsseError::WrongType { .. }))
         ));
     }
 }

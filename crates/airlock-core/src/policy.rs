@@ -208,9 +208,11 @@ pub fn verify_signed_policy(
     let verified = envelope.verify(POLICY_PAYLOAD_TYPE, pinned, 1)?;
     let text = std::str::from_utf8(&verified.payload).map_err(|_| PolicyError::Parse("not UTF-8".into()))?;
     let doc = PolicyDocument::parse(text)?;
-    // ...then the policy's own threshold, which it can only raise above what signed it.
-    if verified.signed_by.len() < doc.approvals_required {
-        return Err(PolicyError::Threshold { required: doc.approvals_required, signed: verified.signed_by.len() });
+    // ...then the threshold: the new policy's own, and never fewer than the policy in force
+    // requires, so one approver cannot sign away the others.
+    let required = doc.approvals_required.max(current.map_or(1, |c| c.doc.approvals_required));
+    if verified.signed_by.len() < required {
+        return Err(PolicyError::Threshold { required, signed: verified.signed_by.len() });
     }
     let digest: [u8; 32] = Sha256::digest(&verified.payload).into();
     if let Some(cur) = current {
@@ -296,6 +298,19 @@ args = { action = "drop" }
             Err(PolicyError::Threshold { required: 2, signed: 1 })
         );
         assert!(verify_signed_policy(&signed(&two, &[&key(1), &key(2)]), &pinned, None).is_ok());
+    }
+
+    #[test]
+    fn one_approver_cannot_lower_the_threshold() {
+        let pinned = [key(1).public(), key(2).public()];
+        let two = POLICY.replace("max_grant_hours = 2", "max_grant_hours = 2\napprovals_required = 2");
+        let current = verify_signed_policy(&signed(&two, &[&key(1), &key(2)]), &pinned, None).unwrap();
+        let downgrade = POLICY.replace("serial = 3", "serial = 4");
+        assert_eq!(
+            verify_signed_policy(&signed(&downgrade, &[&key(1)]), &pinned, Some(&current)),
+            Err(PolicyError::Threshold { required: 2, signed: 1 })
+        );
+        assert!(verify_signed_policy(&signed(&downgrade, &[&key(1), &key(2)]), &pinned, Some(&current)).is_ok());
     }
 
     #[test]

@@ -29,7 +29,9 @@ impl Timestamp {
 
     /// Time from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> std::time::Duration {
-        std::time::Duration::from_millis(u64::try_from(self.0 - earlier.0).unwrap_or(0))
+        // i128: two attacker-chosen i64 values must not overflow into a small duration.
+        let ms = i128::from(self.0) - i128::from(earlier.0);
+        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(if ms < 0 { 0 } else { u64::MAX }))
     }
 
     pub fn to_offset_date_time(self) -> ::time::OffsetDateTime {
@@ -87,6 +89,13 @@ mod tests {
     fn formats_rfc3339_utc() {
         assert_eq!(Timestamp::from_unix_millis(0).to_string(), "1970-01-01T00:00:00Z");
         assert_eq!(Timestamp::from_unix_millis(1_500).to_string(), "1970-01-01T00:00:01.5Z");
+    }
+
+    #[test]
+    fn since_does_not_overflow_on_extreme_values() {
+        let (min, max) = (Timestamp::from_unix_millis(i64::MIN), Timestamp::from_unix_millis(i64::MAX));
+        assert_eq!(max.since(min), std::time::Duration::from_millis(u64::MAX));
+        assert_eq!(min.since(max), std::time::Duration::ZERO);
     }
 
     #[test]

@@ -369,3 +369,14 @@ fn appliance_retries_join_until_the_control_plane_is_reachable() {
     assert!(!pending.exists(), "the pending key becomes the enrolled key");
     assert_eq!(server.appliances().len(), 1);
 }
+
+#[test]
+fn second_appliance_on_the_same_state_dir_is_refused() {
+    let server = Server::start();
+    let state = server.dir.path().join("apl");
+    let (_first, _id) = server.joined_appliance(&state);
+    let mut second = server.appliance_proc(&state, None, None);
+    let status = wait_for(Duration::from_secs(10), "second appliance to refuse", || second.exited());
+    assert!(!status.success());
+    assert!(second.log().contains("already using state directory"), "{}", second.log());
+}
