@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod config;
 pub mod customer;
 pub mod join;
+pub mod nonces;
 pub mod session;
 pub mod state_dir;
 
