@@ -13,6 +13,7 @@ pub mod grant;
 pub mod id;
 pub mod identity;
 pub mod policy;
+pub mod template;
 pub mod time;
 pub mod token;
 

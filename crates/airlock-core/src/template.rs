@@ -1,0 +1,260 @@
+//! Operation templates: the only way the vendor can ask an appliance to run something.
+//!
+//! A template is a script plus typed variables with constraints, the data-access tags the
+//! customer is shown, and the phase it needs. Rendering never splices values into the script:
+//! each value is checked against its type and anchored pattern, then handed to the script as
+//! an environment variable (`AIRLOCK_VAR_<NAME>`), so no value can change what the script is.
+//! The customer approves the SHA-256 of the exact [`RenderedCommand`]: script and environment.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::policy::Phase;
+
+/// Longest value a variable may take.
+pub const MAX_VALUE_BYTES: usize = 4096;
+
+/// `template.toml`, as the vendor writes it next to the script it names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateManifest {
+    /// Lowercase letters, digits and `-`; this is the operation's kind.
+    pub name: String,
+    pub description: String,
+    pub phase: Phase,
+    /// What customer data this may touch, e.g. `service:restart`, `customer-db:read`.
+    #[serde(default)]
+    pub data_tags: BTreeSet<String>,
+    /// File name of the script, beside `template.toml`.
+    pub body: String,
+    #[serde(default)]
+    pub variables: Vec<Variable>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variable {
+    /// Lowercase letters, digits and `_`; exported as `AIRLOCK_VAR_<NAME>`.
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub kind: VarType,
+    /// A regular expression the whole value must match (anchoring is added).
+    pub pattern: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VarType {
+    #[default]
+    String,
+    Integer,
+    Boolean,
+}
+
+/// A template ready to render: its manifest, its script, and the hash that names this exact content.
+#[derive(Clone, Debug)]
+pub struct Template {
+    manifest: TemplateManifest,
+    script: String,
+    patterns: BTreeMap<String, regex::Regex>,
+    content_sha256: String,
+}
+
+/// What runs, exactly: the customer approves its digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenderedCommand {
+    pub template: String,
+    pub template_sha256: String,
+    pub script: String,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template.toml: {0}")]
+    Manifest(String),
+    #[error("template is invalid: {0}")]
+    Invalid(String),
+    #[error("variable `{0}` is required")]
+    Missing(String),
+    #[error("the template has no variable `{0}`")]
+    Unknown(String),
+    #[error("variable `{name}`: {why}")]
+    BadValue { name: String, why: String },
+}
+
+impl Template {
+    /// Parses and checks a manifest and its script.
+    pub fn new(manifest_toml: &str, script: &str) -> Result<Self, TemplateError> {
+        let manifest: TemplateManifest =
+            toml::from_str(manifest_toml).map_err(|e| TemplateError::Manifest(e.to_string()))?;
+        let invalid = |m: String| Err(TemplateError::Invalid(m));
+        let ident = |s: &str, extra: u8| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == extra)
+        };
+        if !ident(&manifest.name, b'-') {
+            return invalid(format!("name `{}` must be 1-64 lowercase letters, digits or `-`", manifest.name));
+        }
+        if script.trim().is_empty() {
+            return invalid("the script is empty".into());
+        }
+        let mut patterns = BTreeMap::new();
+        let mut names = BTreeSet::new();
+        for v in &manifest.variables {
+            if !ident(&v.name, b'_') {
+                return invalid(format!("variable name `{}` must be 1-64 lowercase letters, digits or `_`", v.name));
+            }
+            if !names.insert(v.name.clone()) {
+                return invalid(format!("variable `{}` is declared twice", v.name));
+            }
+            if let Some(p) = &v.pattern {
+                let re = regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| TemplateError::Invalid(format!("variable `{}` pattern: {e}", v.name)))?;
+                patterns.insert(v.name.clone(), re);
+            }
+        }
+        let content = serde_json::to_vec(&(&manifest, script)).map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        let content_sha256 = data_encoding::HEXLOWER.encode(&Sha256::digest(&content));
+        Ok(Self { manifest, script: script.to_owned(), patterns, content_sha256 })
+    }
+
+    pub fn manifest(&self) -> &TemplateManifest {
+        &self.manifest
+    }
+
+    /// SHA-256 of the manifest and script: an edited template is a different template.
+    pub fn content_sha256(&self) -> &str {
+        &self.content_sha256
+    }
+
+    /// Checks every value and produces the exact command. Values become environment variables.
+    pub fn render(&self, values: &BTreeMap<String, String>) -> Result<RenderedCommand, TemplateError> {
+        if let Some(unknown) = values.keys().find(|k| !self.manifest.variables.iter().any(|v| &v.name == *k)) {
+            return Err(TemplateError::Unknown(unknown.clone()));
+        }
+        let mut env = BTreeMap::new();
+        for var in &self.manifest.variables {
+            let value = values.get(&var.name).ok_or_else(|| TemplateError::Missing(var.name.clone()))?;
+            let bad = |why: &str| TemplateError::BadValue { name: var.name.clone(), why: why.to_owned() };
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(bad("longer than 4096 bytes"));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(bad("contains control characters"));
+            }
+            match var.kind {
+                VarType::String => {}
+                VarType::Integer if value.parse::<i64>().is_ok() => {}
+                VarType::Integer => return Err(bad("must be an integer")),
+                VarType::Boolean if matches!(value.as_str(), "true" | "false") => {}
+                VarType::Boolean => return Err(bad("must be true or false")),
+            }
+            if let Some(re) = self.patterns.get(&var.name)
+                && !re.is_match(value)
+            {
+                return Err(bad("does not match the template's pattern"));
+            }
+            env.insert(format!("AIRLOCK_VAR_{}", var.name.to_ascii_uppercase()), value.clone());
+        }
+        Ok(RenderedCommand {
+            template: self.manifest.name.clone(),
+            template_sha256: self.content_sha256.clone(),
+            script: self.script.clone(),
+            env,
+        })
+    }
+}
+
+impl RenderedCommand {
+    /// SHA-256 (hex) of the canonical JSON of script and environment: what the customer signs.
+    pub fn sha256(&self) -> String {
+        // Plain data with sorted maps: serialization cannot fail and is stable.
+        data_encoding::HEXLOWER.encode(&Sha256::digest(serde_json::to_vec(self).unwrap_or_default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+name = "restart-service"
+description = "Restart one service"
+phase = "operate"
+data_tags = ["service:restart"]
+body = "restart.sh"
+
+[[variables]]
+name = "service"
+pattern = "[a-z][a-z0-9-]{0,40}"
+
+[[variables]]
+name = "grace_seconds"
+type = "integer"
+"#;
+    const SCRIPT: &str = "#!/bin/sh\nsystemctl restart \"$AIRLOCK_VAR_SERVICE\"\n";
+
+    fn values(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn renders_values_as_environment_never_into_the_script() {
+        let t = Template::new(MANIFEST, SCRIPT).unwrap();
+        let r = t.render(&values(&[("service", "api"), ("grace_seconds", "30")])).unwrap();
+        assert_eq!(r.script, SCRIPT);
+        assert_eq!(r.env["AIRLOCK_VAR_SERVICE"], "api");
+        assert_eq!(r.env["AIRLOCK_VAR_GRACE_SECONDS"], "30");
+        assert_eq!(r.template_sha256, t.content_sha256());
+        assert_eq!(r.sha256().len(), 64);
+    }
+
+    #[test]
+    fn values_outside_their_constraints_are_refused() {
+        let t = Template::new(MANIFEST, SCRIPT).unwrap();
+        for (pairs, expect) in [
+            (vec![("service", "api; rm -rf /"), ("grace_seconds", "1")], "does not match"),
+            (vec![("service", "api\nx"), ("grace_seconds", "1")], "control characters"),
+            (vec![("service", "api"), ("grace_seconds", "soon")], "must be an integer"),
+            (vec![("service", "api")], "required"),
+            (vec![("service", "api"), ("grace_seconds", "1"), ("extra", "x")], "no variable `extra`"),
+            // The pattern is anchored: a matching prefix is not enough.
+            (vec![("service", "api$(id)"), ("grace_seconds", "1")], "does not match"),
+        ] {
+            let err = t.render(&values(&pairs)).unwrap_err().to_string();
+            assert!(err.contains(expect), "{pairs:?}: expected `{expect}` in {err}");
+        }
+    }
+
+    #[test]
+    fn any_edit_changes_the_content_hash_and_the_command_digest() {
+        let t = Template::new(MANIFEST, SCRIPT).unwrap();
+        let edited = Template::new(MANIFEST, &SCRIPT.replace("restart", "stop")).unwrap();
+        let retagged = Template::new(&MANIFEST.replace("service:restart", "customer-db:read"), SCRIPT).unwrap();
+        assert_ne!(t.content_sha256(), edited.content_sha256());
+        assert_ne!(t.content_sha256(), retagged.content_sha256());
+        let v = values(&[("service", "api"), ("grace_seconds", "30")]);
+        let other = values(&[("service", "web"), ("grace_seconds", "30")]);
+        assert_ne!(t.render(&v).unwrap().sha256(), t.render(&other).unwrap().sha256());
+        assert_eq!(t.render(&v).unwrap().sha256(), t.render(&v).unwrap().sha256());
+    }
+
+    #[test]
+    fn malformed_templates_are_refused_with_a_reason() {
+        for (manifest, script, expect) in [
+            (MANIFEST.replace("restart-service", "Restart Service"), SCRIPT, "name"),
+            (MANIFEST.replace("grace_seconds", "service"), SCRIPT, "declared twice"),
+            (MANIFEST.replace("[a-z][a-z0-9-]{0,40}", "[a-z"), SCRIPT, "pattern"),
+            (MANIFEST.replace("phase = \"operate\"", "phase = \"root\""), SCRIPT, "unknown variant"),
+            (MANIFEST.replace("body = ", "shell = true\nbody = "), SCRIPT, "unknown field"),
+            (MANIFEST.to_owned(), "  \n", "empty"),
+        ] {
+            let err = Template::new(&manifest, script).unwrap_err().to_string();
+            assert!(err.contains(expect), "expected `{expect}` in {err}");
+        }
+    }
+}
