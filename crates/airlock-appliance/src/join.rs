@@ -8,19 +8,14 @@ use rcgen::{CertificateParams, KeyPair};
 use crate::ApplianceError;
 use crate::state_dir::{Credentials, Enrolment, inspect_cert};
 
-/// A fresh key pair and a CSR for it. The key never leaves this process except to the state dir.
-pub fn new_key_and_csr(identity_uri: Option<&str>) -> Result<(KeyPair, String), ApplianceError> {
-    let key = KeyPair::generate().map_err(|e| ApplianceError::Internal(format!("key generation: {e}")))?;
+/// A CSR for `key`, naming `identity_uri` when renewing (a join CSR names no identity).
+pub fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, ApplianceError> {
     let mut params = CertificateParams::default();
     if let Some(uri) = identity_uri {
         let uri = uri.to_owned().try_into().map_err(|e| ApplianceError::Internal(format!("identity URI: {e}")))?;
         params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
     }
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| ApplianceError::Internal(format!("CSR: {e}")))?;
-    Ok((key, csr))
+    params.serialize_request(key).and_then(|c| c.pem()).map_err(|e| ApplianceError::Internal(format!("CSR: {e}")))
 }
 
 /// Joins with `key`, which the caller generated and saved first (see `StateDir::save_pending_join_key`).
@@ -30,10 +25,7 @@ pub async fn join(
     token: &Secret,
     key: &KeyPair,
 ) -> Result<(Enrolment, String, Credentials), ApplianceError> {
-    let csr_pem = CertificateParams::default()
-        .serialize_request(key)
-        .and_then(|c| c.pem())
-        .map_err(|e| ApplianceError::Internal(format!("CSR: {e}")))?;
+    let csr_pem = csr_for(key, None)?;
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
         .timeout(std::time::Duration::from_secs(30))

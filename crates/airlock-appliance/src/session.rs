@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::join::{cert_matches_key, new_key_and_csr};
+use crate::join::{cert_matches_key, csr_for};
 use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
 use crate::{ApplianceError, now};
 
@@ -84,7 +84,8 @@ impl Session<'_> {
             tokio::select! {
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                 _ = renew_sleep, if pending_key.is_none() && renew_at.is_some() => {
-                    let (key, csr_pem) = new_key_and_csr(Some(&self.identity.uri())).map_err(|e| dropped(e.to_string()))?;
+                    let key = KeyPair::generate().map_err(|e| dropped(format!("key generation: {e}")))?;
+                    let csr_pem = csr_for(&key, Some(&self.identity.uri())).map_err(|e| dropped(e.to_string()))?;
                     tracing::info!("requesting certificate renewal with a new key pair");
                     pending_key = Some(key);
                     let msg = ApplianceMessage { body: Some(appliance_message::Body::Renew(RenewRequest { csr_pem })) };
