@@ -138,7 +138,8 @@ impl Session<'_> {
                             tracing::warn!(reason = %r.reason, "certificate renewal refused; will retry");
                             renew_at = Some(retry_renewal_at(validity));
                         }
-                        None => {}
+                        // Operations are not wired on the appliance yet.
+                        Some(control_message::Body::Operation(_) | control_message::Body::OperationAck(_)) | None => {}
                     }
                 }
             }

@@ -69,22 +69,52 @@ pub struct OperationRequest {
 impl OperationRequest {
     /// SHA-256 of the canonical JSON of the request: what a grant binds to.
     pub fn digest_hex(&self) -> String {
-        // Plain data with string keys and a BTreeMap: serialization cannot fail and is stable.
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        data_encoding::HEXLOWER.encode(&Sha256::digest(&json))
+        sha256_json(self)
     }
 }
 
-/// The signed content of a grant.
+/// The customer's answer to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalDecision {
+    Approve,
+    Deny,
+}
+
+/// The signed content of a grant: the customer's approval (or denial) of one exact request.
+///
+/// `request_id` and `command_sha256` are also inside `request_digest`; they are repeated so a
+/// person reading the envelope sees what was approved without recomputing anything.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantBody {
+    pub request_id: String,
     pub appliance: ApplianceId,
     pub phase: Phase,
     pub request_digest: String,
+    /// SHA-256 (hex) of the exact rendered command the customer reviewed.
+    pub command_sha256: String,
+    pub decision: ApprovalDecision,
+    pub decided_at: Timestamp,
+    /// Who decided, as the customer names them (free text, shown in manifests).
+    pub approver: String,
+    pub reason: String,
     pub not_before: Timestamp,
     pub not_after: Timestamp,
     pub nonce: String,
+}
+
+impl GrantBody {
+    /// SHA-256 (hex) of this body's canonical JSON, which the execution statement binds to.
+    pub fn digest_hex(&self) -> String {
+        sha256_json(self)
+    }
+}
+
+/// SHA-256 (hex) of a value's JSON. Only for plain data (string keys, sorted maps), whose
+/// serialization cannot fail and is stable.
+pub(crate) fn sha256_json<T: Serialize>(value: &T) -> String {
+    data_encoding::HEXLOWER.encode(&Sha256::digest(serde_json::to_vec(value).unwrap_or_default()))
 }
 
 /// A grant whose signatures verified against the pinned keys. Only [`verify_grant`] builds one.
@@ -124,6 +154,102 @@ pub fn verify_grant(
     Ok(VerifiedGrant { body, signed_by: verified.signed_by })
 }
 
+pub const PRE_APPROVAL_PAYLOAD_TYPE: &str = "application/vnd.airlock.pre-approval.v1+json";
+
+/// What a pre-approval covers besides the command itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApprovalLevel {
+    /// Commands run without a per-request approval; each output is still released per run.
+    Commands,
+    /// Commands run, and their output goes to the vendor, without asking again.
+    CommandsAndOutput,
+}
+
+/// The signed content of a pre-approval: routine work on one template on one appliance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreApprovalBody {
+    /// Chosen by the customer when signing; the appliance counts runs and revocation by it.
+    pub id: String,
+    pub appliance: ApplianceId,
+    pub template: String,
+    /// The template's content hash: an edited template falls back to per-request approval.
+    pub template_sha256: String,
+    pub phase: Phase,
+    pub not_before: Timestamp,
+    pub not_after: Timestamp,
+    pub max_runs: u32,
+    pub level: ApprovalLevel,
+    /// Variable name → regular expression its whole value must match.
+    #[serde(default)]
+    pub constraints: BTreeMap<String, String>,
+    pub approver: String,
+    pub issued_at: Timestamp,
+}
+
+impl PreApprovalBody {
+    pub fn digest_hex(&self) -> String {
+        sha256_json(self)
+    }
+}
+
+/// A pre-approval whose signatures verified, with its constraints compiled.
+#[derive(Clone, Debug)]
+pub struct VerifiedPreApproval {
+    body: PreApprovalBody,
+    constraints: Vec<(String, regex::Regex)>,
+    signed_by: Vec<String>,
+}
+
+impl VerifiedPreApproval {
+    pub fn body(&self) -> &PreApprovalBody {
+        &self.body
+    }
+
+    pub fn signed_by(&self) -> &[String] {
+        &self.signed_by
+    }
+
+    /// Whether every constrained variable is present and matches; the first that does not.
+    pub fn constraints_match(&self, args: &BTreeMap<String, String>) -> Result<(), String> {
+        match self.constraints.iter().find(|(name, re)| !args.get(name).is_some_and(|v| re.is_match(v))) {
+            Some((name, _)) => Err(name.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Checks a pre-approval's signatures and shape.
+pub fn verify_pre_approval(
+    envelope_json: &[u8],
+    pinned: &[CustomerPublicKey],
+    threshold: usize,
+) -> Result<VerifiedPreApproval, GrantError> {
+    let verified = Envelope::from_json(envelope_json)?.verify(PRE_APPROVAL_PAYLOAD_TYPE, pinned, threshold)?;
+    let body: PreApprovalBody =
+        serde_json::from_slice(&verified.payload).map_err(|e| GrantError::Malformed(e.to_string()))?;
+    if body.id.is_empty()
+        || body.id.len() > 64
+        || !body.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(GrantError::Malformed("the pre-approval id must be 1-64 letters, digits, `-` or `_`".into()));
+    }
+    if body.not_after <= body.not_before {
+        return Err(GrantError::Malformed("the pre-approval's window ends before it starts".into()));
+    }
+    let constraints = body
+        .constraints
+        .iter()
+        .map(|(name, pattern)| {
+            regex::Regex::new(&format!("^(?:{pattern})$"))
+                .map(|re| (name.clone(), re))
+                .map_err(|e| GrantError::Malformed(format!("constraint on `{name}`: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(VerifiedPreApproval { body, constraints, signed_by: verified.signed_by })
+}
+
 /// Proof that [`evaluate`] allowed an operation; the executor demands one.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Permit {
@@ -131,6 +257,8 @@ pub struct Permit {
     phase: Phase,
     /// The grant's nonce, which the caller must record as used before running.
     nonce: Option<String>,
+    /// The pre-approval whose run counter the caller must advance before running.
+    pre_approval: Option<String>,
     basis: Basis,
 }
 
@@ -140,6 +268,7 @@ pub enum Basis {
     ObservePhase,
     StandingWindow,
     Grant { signed_by: Vec<String> },
+    PreApproval { id: String, signed_by: Vec<String> },
 }
 
 impl Permit {
@@ -151,6 +280,9 @@ impl Permit {
     }
     pub fn nonce(&self) -> Option<&str> {
         self.nonce.as_deref()
+    }
+    pub fn pre_approval(&self) -> Option<&str> {
+        self.pre_approval.as_deref()
     }
     pub fn basis(&self) -> &Basis {
         &self.basis
@@ -199,6 +331,16 @@ pub enum DenyReason {
         max_hours: u32,
     },
     NonceReplayed,
+    /// The customer signed a denial of this request.
+    CustomerDenied,
+    /// A pre-approval was presented but does not cover this request.
+    OutsidePreApproval {
+        id: String,
+        why: String,
+    },
+    PreApprovalRevoked {
+        id: String,
+    },
 }
 
 impl std::fmt::Display for DenyReason {
@@ -224,6 +366,11 @@ impl std::fmt::Display for DenyReason {
                 write!(f, "the grant's window exceeds the policy's maximum of {max_hours} hours")
             }
             DenyReason::NonceReplayed => f.write_str("the grant's nonce was already used"),
+            DenyReason::CustomerDenied => f.write_str("the customer denied this request"),
+            DenyReason::OutsidePreApproval { id, why } => {
+                write!(f, "pre-approval {id} does not cover this request: {why}")
+            }
+            DenyReason::PreApprovalRevoked { id } => write!(f, "pre-approval {id} was revoked by the customer"),
         }
     }
 }
@@ -245,9 +392,31 @@ pub struct Context<'a> {
     pub nonce_used: &'a dyn Fn(&str) -> bool,
 }
 
-/// Decides whether `req` may run now.
+/// What the vendor's side presents as the customer's authority for one request.
+#[derive(Clone, Copy)]
+pub enum Authority<'a> {
+    None,
+    Grant(&'a VerifiedGrant),
+    PreApproval {
+        pre: &'a VerifiedPreApproval,
+        /// Content hash of the template the appliance itself rendered the command from.
+        template_sha256: &'a str,
+        /// Runs already counted against it (the appliance's durable counter).
+        runs_used: u32,
+        /// Revoked by the customer on the appliance host.
+        revoked: bool,
+    },
+}
+
+/// Decides whether `req` may run now, on a per-request grant or none.
 #[must_use]
 pub fn evaluate(ctx: &Context<'_>, req: &OperationRequest, grant: Option<&VerifiedGrant>) -> Decision {
+    evaluate_with(ctx, req, grant.map_or(Authority::None, Authority::Grant))
+}
+
+/// Decides whether `req` may run now.
+#[must_use]
+pub fn evaluate_with(ctx: &Context<'_>, req: &OperationRequest, authority: Authority<'_>) -> Decision {
     use Decision::Deny;
     if req.appliance != ctx.appliance {
         return Deny(DenyReason::AnotherAppliance);
@@ -284,7 +453,22 @@ pub fn evaluate(ctx: &Context<'_>, req: &OperationRequest, grant: Option<&Verifi
     if req.phase != Phase::Observe && doc.windows.iter().any(|w| w.phase == req.phase && window_contains(w, ctx.now)) {
         return allow(req, None, Basis::StandingWindow);
     }
-    let Some(grant) = grant else { return Deny(DenyReason::NoMatchingGrant) };
+    match authority {
+        Authority::None => Deny(DenyReason::NoMatchingGrant),
+        Authority::Grant(grant) => check_grant(ctx, doc, req, grant),
+        Authority::PreApproval { pre, template_sha256, runs_used, revoked } => {
+            check_pre_approval(ctx, doc, req, pre, template_sha256, runs_used, revoked)
+        }
+    }
+}
+
+fn check_grant(
+    ctx: &Context<'_>,
+    doc: &crate::policy::PolicyDocument,
+    req: &OperationRequest,
+    grant: &VerifiedGrant,
+) -> Decision {
+    use Decision::Deny;
     let g = &grant.body;
     if g.appliance != ctx.appliance {
         return Deny(DenyReason::GrantForAnotherAppliance);
@@ -295,8 +479,11 @@ pub fn evaluate(ctx: &Context<'_>, req: &OperationRequest, grant: Option<&Verifi
             signed: grant.signed_by.len(),
         });
     }
-    if g.request_digest != req.digest_hex() {
+    if g.request_digest != req.digest_hex() || g.request_id != req.id || g.command_sha256 != req.command_sha256 {
         return Deny(DenyReason::GrantForAnotherRequest);
+    }
+    if g.decision == ApprovalDecision::Deny {
+        return Deny(DenyReason::CustomerDenied);
     }
     if g.phase != req.phase {
         return Deny(DenyReason::GrantForAnotherPhase { granted: g.phase });
@@ -323,8 +510,59 @@ pub fn evaluate(ctx: &Context<'_>, req: &OperationRequest, grant: Option<&Verifi
     allow(req, Some(g.nonce.clone()), Basis::Grant { signed_by: grant.signed_by.clone() })
 }
 
+fn check_pre_approval(
+    ctx: &Context<'_>,
+    doc: &crate::policy::PolicyDocument,
+    req: &OperationRequest,
+    pre: &VerifiedPreApproval,
+    template_sha256: &str,
+    runs_used: u32,
+    revoked: bool,
+) -> Decision {
+    use Decision::Deny;
+    let p = &pre.body;
+    let outside = |why: &str| Deny(DenyReason::OutsidePreApproval { id: p.id.clone(), why: why.to_owned() });
+    if revoked {
+        return Deny(DenyReason::PreApprovalRevoked { id: p.id.clone() });
+    }
+    if p.appliance != ctx.appliance {
+        return outside("it is for another appliance");
+    }
+    if pre.signed_by.len() < doc.approvals_required {
+        return Deny(DenyReason::NotEnoughApprovers { required: doc.approvals_required, signed: pre.signed_by.len() });
+    }
+    if p.template != req.kind {
+        return outside("it is for another template");
+    }
+    if p.template_sha256 != template_sha256 {
+        return outside("the template changed since it was pre-approved");
+    }
+    if p.phase != req.phase {
+        return outside("it is for another phase");
+    }
+    if ctx.now < p.not_before {
+        return outside("it is not valid yet");
+    }
+    if ctx.now >= p.not_after {
+        return outside("it has expired");
+    }
+    if runs_used >= p.max_runs {
+        return outside("its runs are spent");
+    }
+    if let Err(var) = pre.constraints_match(&req.args) {
+        return outside(&format!("variable `{var}` does not meet its constraint"));
+    }
+    Decision::Allow(Permit {
+        request_id: req.id.clone(),
+        phase: req.phase,
+        nonce: None,
+        pre_approval: Some(p.id.clone()),
+        basis: Basis::PreApproval { id: p.id.clone(), signed_by: pre.signed_by.clone() },
+    })
+}
+
 fn allow(req: &OperationRequest, nonce: Option<String>, basis: Basis) -> Decision {
-    Decision::Allow(Permit { request_id: req.id.clone(), phase: req.phase, nonce, basis })
+    Decision::Allow(Permit { request_id: req.id.clone(), phase: req.phase, nonce, pre_approval: None, basis })
 }
 
 fn window_contains(w: &crate::policy::Window, now: Timestamp) -> bool {
@@ -399,9 +637,15 @@ mod tests {
     fn grant_signed(req: &OperationRequest, keys: &[u8], edit: impl FnOnce(&mut GrantBody)) -> VerifiedGrant {
         let now = Timestamp::from_unix_millis(TUESDAY_NOON);
         let mut body = GrantBody {
+            request_id: req.id.clone(),
             appliance: apl(),
             phase: req.phase,
             request_digest: req.digest_hex(),
+            command_sha256: req.command_sha256.clone(),
+            decision: ApprovalDecision::Approve,
+            decided_at: now,
+            approver: "ops@customer".into(),
+            reason: "ok".into(),
             not_before: Timestamp::from_unix_millis(TUESDAY_NOON - 60_000),
             not_after: now.saturating_add(HOUR),
             nonce: "n-1".into(),

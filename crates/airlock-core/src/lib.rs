@@ -12,6 +12,7 @@ pub mod fingerprint;
 pub mod grant;
 pub mod id;
 pub mod identity;
+pub mod operation;
 pub mod policy;
 pub mod template;
 pub mod time;

@@ -394,6 +394,8 @@ async fn handle_message(
             control_message::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq })
         }
         appliance_message::Body::Renew(renew) => renew_certificate(state, reg, peer, scope, &renew.csr_pem).await,
+        // Operations are not wired on the control plane yet.
+        appliance_message::Body::OperationResult(_) | appliance_message::Body::OutputRelease(_) => return None,
     };
     Some(ControlMessage { body: Some(body) })
 }

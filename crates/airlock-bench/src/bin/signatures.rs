@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
-use airlock_core::grant::{GRANT_PAYLOAD_TYPE, GrantBody, verify_grant};
+use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE, GrantBody, verify_grant};
 use airlock_core::policy::Phase;
 use airlock_core::{ApplianceId, Timestamp};
 
@@ -25,9 +25,15 @@ fn main() {
     let key = CustomerSigningKey::from_seed([7; 32]);
     let public = key.public();
     let body = GrantBody {
+        request_id: "op_0123456789abcdef0123456789abcdef".into(),
         appliance: ApplianceId::from_random([1; 16]),
         phase: Phase::Operate,
         request_digest: "ab".repeat(32),
+        command_sha256: "cd".repeat(32),
+        decision: ApprovalDecision::Approve,
+        decided_at: Timestamp::from_unix_millis(1_800_000_000_000),
+        approver: "ops@customer.example".into(),
+        reason: "restart after the incident".into(),
         not_before: Timestamp::from_unix_millis(1_800_000_000_000),
         not_after: Timestamp::from_unix_millis(1_800_003_600_000),
         nonce: "5f0c8a1e-nonce".into(),

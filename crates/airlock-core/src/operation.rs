@@ -1,0 +1,542 @@
+//! Signed operations: what each party signs about one operation, and the manifest that binds
+//! the signatures together so either party can check the whole story offline.
+//!
+//! One operation produces up to four DSSE envelopes:
+//! 1. the **request** ([`RequestStatement`]), signed by the control plane's operations key
+//!    (a certificate from the built-in CA, URI SAN `spiffe://<trust-domain>/control-plane`);
+//! 2. the customer's **approval** (a [`crate::grant::GrantBody`]) or **pre-approval**
+//!    ([`crate::grant::PreApprovalBody`]), signed by pinned customer keys;
+//! 3. the appliance's **execution** ([`ExecutionStatement`]), signed by the appliance's key
+//!    (its CA-issued certificate names the appliance);
+//! 4. the customer's **release** ([`ReleaseStatement`]) of the output, or its withholding.
+//!
+//! [`verify_manifest`] needs only the CA certificate and the customer's public keys. X.509
+//! signed envelopes use ECDSA P-256 with SHA-256 (DER signatures), the key type of the
+//! certificates our CA issues, so standard DSSE tooling verifies them with the certificate's key.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::customer_key::CustomerPublicKey;
+use crate::dsse::{Envelope, Signature, pae};
+use crate::grant::{
+    ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, OperationRequest, PreApprovalBody, verify_grant,
+    verify_pre_approval,
+};
+use crate::template::RenderedCommand;
+use crate::{ApplianceIdentity, EnvironmentId, TenantId, Timestamp};
+
+pub const REQUEST_PAYLOAD_TYPE: &str = "application/vnd.airlock.operation-request.v1+json";
+pub const EXECUTION_PAYLOAD_TYPE: &str = "application/vnd.airlock.execution.v1+json";
+pub const RELEASE_PAYLOAD_TYPE: &str = "application/vnd.airlock.release.v1+json";
+pub const MANIFEST_FORMAT: &str = "airlock-operation-manifest-v1";
+
+/// A template carrying this data tag produces output that never leaves the customer's
+/// environment: the appliance refuses to release it, whatever the customer signs.
+pub const SECRET_OUTPUT_TAG: &str = "output:secret";
+
+/// The path of the control plane's operations-signing identity under its trust domain.
+pub const CONTROL_PLANE_SPIFFE_PATH: &str = "/control-plane";
+
+/// What the vendor asked for, signed by the control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestStatement {
+    pub request: OperationRequest,
+    /// The exact command; its SHA-256 is `request.command_sha256`.
+    pub command: RenderedCommand,
+    pub reason: String,
+    /// The API principal who asked.
+    pub requested_by: String,
+    pub requested_at: Timestamp,
+    pub tenant: TenantId,
+    pub environment: EnvironmentId,
+}
+
+/// How an operation ended on the appliance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutionStatus {
+    /// The process ran to its end; `exit_code` says how.
+    Completed,
+    /// The customer revoked the phase (or the appliance stopped) while it ran: it was killed.
+    Cancelled,
+    /// The process could not be started.
+    FailedToStart,
+}
+
+/// What authorised an execution.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityRef {
+    /// `grant`, `pre-approval`, `standing-window` or `observe`.
+    pub kind: String,
+    /// SHA-256 of the grant's or pre-approval's signed body, when there is one.
+    pub digest: Option<String>,
+    /// The customer policy in force (its digest), when there is one.
+    pub policy_digest: Option<String>,
+}
+
+/// What the appliance did, signed by the appliance's own key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionStatement {
+    pub request_id: String,
+    pub appliance: crate::ApplianceId,
+    pub request_digest: String,
+    pub command_sha256: String,
+    pub authority: AuthorityRef,
+    pub status: ExecutionStatus,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
+    pub exit_code: Option<i32>,
+    /// SHA-256 (hex) of the output bytes held on the appliance (stdout then stderr, as captured).
+    pub output_sha256: String,
+    pub output_size: u64,
+    /// The output hit the appliance's capture limit; what is held is its first part.
+    pub output_truncated: bool,
+    /// Position in this appliance's chain of manifests, from 1.
+    pub sequence: u64,
+    /// [`ExecutionStatement::manifest_sha256`] of this appliance's previous operation.
+    pub previous_manifest_sha256: Option<String>,
+}
+
+impl ExecutionStatement {
+    /// The link the next manifest points at: SHA-256 of this statement's canonical JSON.
+    /// It is fixed once the operation ran; the later release does not change it.
+    pub fn manifest_sha256(&self) -> String {
+        crate::grant::sha256_json(self)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseDecision {
+    Release,
+    Withhold,
+}
+
+/// The customer's decision about one operation's output, signed with their key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseStatement {
+    pub request_id: String,
+    pub appliance: crate::ApplianceId,
+    pub decision: ReleaseDecision,
+    pub output_sha256: String,
+    pub output_size: u64,
+    pub decided_at: Timestamp,
+    pub approver: String,
+    pub reason: String,
+}
+
+/// Everything about one operation, as both sides keep it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub request_id: String,
+    pub request: Envelope,
+    /// PEM of the certificate whose key signed `request`.
+    pub control_plane_certificate: String,
+    #[serde(default)]
+    pub approval: Option<Envelope>,
+    #[serde(default)]
+    pub pre_approval: Option<Envelope>,
+    #[serde(default)]
+    pub execution: Option<Envelope>,
+    /// PEM of the appliance certificate whose key signed `execution`.
+    #[serde(default)]
+    pub appliance_certificate: Option<String>,
+    #[serde(default)]
+    pub release: Option<Envelope>,
+}
+
+impl Manifest {
+    pub fn new(request_id: &str, request: Envelope, control_plane_certificate: String) -> Self {
+        Self {
+            format: MANIFEST_FORMAT.to_owned(),
+            request_id: request_id.to_owned(),
+            request,
+            control_plane_certificate,
+            approval: None,
+            pre_approval: None,
+            execution: None,
+            appliance_certificate: None,
+            release: None,
+        }
+    }
+}
+
+/// The SHA-256 of a payload, as hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(&Sha256::digest(bytes))
+}
+
+/// The key id we put on envelopes signed by a certificate's key: SHA-256 (hex) of its
+/// SubjectPublicKeyInfo, so any tool can recompute it from the certificate.
+pub fn certificate_key_id(cert_der: &[u8]) -> Result<String, X509SignatureError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| X509SignatureError::Certificate(format!("does not parse: {e}")))?;
+    Ok(sha256_hex(cert.public_key().raw))
+}
+
+/// Adds a signature made elsewhere (by a key this crate never holds) to an envelope.
+pub fn add_signature(mut envelope: Envelope, keyid: String, sig: Vec<u8>) -> Envelope {
+    envelope.signatures.push(Signature { keyid, sig });
+    envelope
+}
+
+/// The bytes an X.509 key signs for `envelope`: the DSSE pre-authentication encoding.
+pub fn signing_input(envelope: &Envelope) -> Vec<u8> {
+    pae(&envelope.payload_type, &envelope.payload)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum X509SignatureError {
+    #[error("certificate {0}")]
+    Certificate(String),
+    #[error("the certificate was not issued by the given CA")]
+    NotIssuedByCa,
+    #[error("the certificate was not valid at {0}")]
+    NotValidAt(Timestamp),
+    #[error("envelope payload type is `{found}`, expected `{expected}`")]
+    WrongType { expected: String, found: String },
+    #[error("no signature on the envelope verifies with the certificate's key")]
+    BadSignature,
+}
+
+/// A payload whose envelope verified against a CA-issued certificate, with the URIs it names.
+#[derive(Debug)]
+pub struct CertifiedPayload {
+    pub payload: Vec<u8>,
+    pub uris: Vec<String>,
+}
+
+/// Parses a PEM certificate (the first one in `pem`) into DER.
+pub fn pem_certificate_der(pem: &str) -> Result<Vec<u8>, X509SignatureError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| X509SignatureError::Certificate(format!("is not PEM: {e}")))?;
+    if pem.label != "CERTIFICATE" {
+        return Err(X509SignatureError::Certificate(format!("PEM holds a {}, not a CERTIFICATE", pem.label)));
+    }
+    Ok(pem.contents)
+}
+
+/// Checks that `cert_pem` was issued by `ca_der`, was valid at `at`, and signed `envelope`.
+pub fn verify_certified_envelope(
+    envelope: &Envelope,
+    expected_type: &str,
+    cert_pem: &str,
+    ca_der: &[u8],
+    at: Timestamp,
+) -> Result<CertifiedPayload, X509SignatureError> {
+    use x509_parser::prelude::*;
+    if envelope.payload_type != expected_type {
+        return Err(X509SignatureError::WrongType {
+            expected: expected_type.to_owned(),
+            found: envelope.payload_type.clone(),
+        });
+    }
+    let der = pem_certificate_der(cert_pem)?;
+    let (_, cert) =
+        parse_x509_certificate(&der).map_err(|e| X509SignatureError::Certificate(format!("does not parse: {e}")))?;
+    let (_, ca) = parse_x509_certificate(ca_der)
+        .map_err(|e| X509SignatureError::Certificate(format!("of the CA does not parse: {e}")))?;
+    if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
+        return Err(X509SignatureError::NotIssuedByCa);
+    }
+    let secs = at.unix_seconds();
+    if secs < cert.validity().not_before.timestamp() || secs > cert.validity().not_after.timestamp() {
+        return Err(X509SignatureError::NotValidAt(at));
+    }
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        cert.public_key().subject_public_key.data.as_ref(),
+    );
+    let message = pae(&envelope.payload_type, &envelope.payload);
+    if envelope.signatures.len() > crate::dsse::MAX_SIGNATURES
+        || !envelope.signatures.iter().any(|s| key.verify(&message, &s.sig).is_ok())
+    {
+        return Err(X509SignatureError::BadSignature);
+    }
+    let uris = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(CertifiedPayload { payload: envelope.payload.clone(), uris })
+}
+
+/// What a verifier brings: trust anchors only.
+pub struct VerifyInputs<'a> {
+    /// DER of the control plane's CA certificate.
+    pub ca_der: &'a [u8],
+    pub customer_keys: &'a [CustomerPublicKey],
+    /// Distinct customer keys an approval needs (the customer policy's `approvals_required`).
+    pub approvals_required: usize,
+}
+
+/// The check that failed, by name, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("check `{check}` failed: {reason}")]
+pub struct ManifestError {
+    pub check: &'static str,
+    pub reason: String,
+}
+
+/// What a manifest proves, once every check passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestReport {
+    pub request: RequestStatement,
+    pub approval: Option<crate::grant::GrantBody>,
+    pub pre_approval: Option<PreApprovalBody>,
+    pub execution: Option<ExecutionStatement>,
+    pub release: Option<ReleaseStatement>,
+    /// Every check that passed, in order.
+    pub checks: Vec<&'static str>,
+}
+
+fn fail<T>(check: &'static str, reason: impl std::fmt::Display) -> Result<T, ManifestError> {
+    Err(ManifestError { check, reason: reason.to_string() })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(check: &'static str, payload: &[u8]) -> Result<T, ManifestError> {
+    serde_json::from_slice(payload).or_else(|e| fail(check, format!("the signed statement is malformed: {e}")))
+}
+
+/// Verifies every signature and binding in a manifest, offline. Stops at the first failing
+/// check and names it.
+pub fn verify_manifest(json: &[u8], inputs: &VerifyInputs<'_>) -> Result<ManifestReport, ManifestError> {
+    let m: Manifest = serde_json::from_slice(json).or_else(|e| fail("manifest.format", e))?;
+    verify_parsed_manifest(&m, inputs)
+}
+
+/// [`verify_manifest`] for a manifest already parsed.
+pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result<ManifestReport, ManifestError> {
+    let mut checks = Vec::new();
+    if m.format != MANIFEST_FORMAT {
+        return fail("manifest.format", format!("format is `{}`, expected `{MANIFEST_FORMAT}`", m.format));
+    }
+    checks.push("manifest.format");
+
+    // 1. The request, as the control plane signed it.
+    let unsigned: RequestStatement = parse("request.signature", &m.request.payload)?;
+    let certified = verify_certified_envelope(
+        &m.request,
+        REQUEST_PAYLOAD_TYPE,
+        &m.control_plane_certificate,
+        inputs.ca_der,
+        unsigned.requested_at,
+    )
+    .or_else(|e| fail("request.signature", e))?;
+    checks.push("request.signature");
+    if !certified.uris.iter().any(|u| u.starts_with("spiffe://") && u.ends_with(CONTROL_PLANE_SPIFFE_PATH)) {
+        return fail("request.signer", "the signing certificate is not the control plane's operations identity");
+    }
+    checks.push("request.signer");
+    let request: RequestStatement = parse("request.signature", &certified.payload)?;
+    let req = &request.request;
+    if req.id != m.request_id {
+        return fail("request.id", format!("the manifest is for {}, the signed request is {}", m.request_id, req.id));
+    }
+    checks.push("request.id");
+    if request.command.sha256() != req.command_sha256 || request.command.template != req.kind {
+        return fail("request.command", "the command does not hash to the request's command_sha256");
+    }
+    checks.push("request.command");
+    let request_digest = req.digest_hex();
+
+    // 2. The customer's authority: an approval or a pre-approval.
+    let mut approval = None;
+    let mut pre_approval = None;
+    if let Some(env) = &m.approval {
+        let g = verify_grant(env.to_json().as_bytes(), inputs.customer_keys, inputs.approvals_required)
+            .or_else(|e| fail("approval.signature", e))?;
+        checks.push("approval.signature");
+        let b = g.body().clone();
+        if b.request_id != req.id
+            || b.request_digest != request_digest
+            || b.command_sha256 != req.command_sha256
+            || b.appliance != req.appliance
+            || b.phase != req.phase
+        {
+            return fail("approval.binding", "the approval is for another request, command, appliance or phase");
+        }
+        checks.push("approval.binding");
+        approval = Some(b);
+    }
+    if let Some(env) = &m.pre_approval {
+        let p = verify_pre_approval(env.to_json().as_bytes(), inputs.customer_keys, inputs.approvals_required)
+            .or_else(|e| fail("pre-approval.signature", e))?;
+        checks.push("pre-approval.signature");
+        let b = p.body();
+        if b.appliance != req.appliance
+            || b.template != req.kind
+            || b.template_sha256 != request.command.template_sha256
+            || b.phase != req.phase
+        {
+            return fail("pre-approval.binding", "the pre-approval is for another appliance, template or phase");
+        }
+        checks.push("pre-approval.binding");
+        if let Err(var) = p.constraints_match(&req.args) {
+            return fail("pre-approval.constraints", format!("variable `{var}` does not meet its constraint"));
+        }
+        checks.push("pre-approval.constraints");
+        pre_approval = Some(b.clone());
+    }
+
+    // 3. The execution, as the appliance signed it.
+    let mut execution = None;
+    if let Some(env) = &m.execution {
+        let cert = m.appliance_certificate.as_deref().ok_or_else(|| ManifestError {
+            check: "execution.signature",
+            reason: "the manifest has an execution but no appliance certificate".into(),
+        })?;
+        let unsigned: ExecutionStatement = parse("execution.signature", &env.payload)?;
+        let certified =
+            verify_certified_envelope(env, EXECUTION_PAYLOAD_TYPE, cert, inputs.ca_der, unsigned.started_at)
+                .or_else(|e| fail("execution.signature", e))?;
+        checks.push("execution.signature");
+        let signer = certified.uris.iter().find_map(|u| u.parse::<ApplianceIdentity>().ok());
+        match signer {
+            Some(id) if id.appliance == req.appliance && id.environment == request.environment => {}
+            _ => {
+                return fail("execution.signer", format!("the execution was not signed by appliance {}", req.appliance));
+            }
+        }
+        checks.push("execution.signer");
+        let e: ExecutionStatement = parse("execution.signature", &certified.payload)?;
+        if e.request_id != req.id
+            || e.request_digest != request_digest
+            || e.command_sha256 != req.command_sha256
+            || e.appliance != req.appliance
+        {
+            return fail("execution.binding", "the execution is for another request or command");
+        }
+        checks.push("execution.binding");
+        match e.authority.kind.as_str() {
+            "grant" => {
+                let Some(a) = &approval else {
+                    return fail("execution.authority", "executed on a grant, but the manifest has no approval");
+                };
+                if e.authority.digest.as_deref() != Some(a.digest_hex().as_str()) {
+                    return fail(
+                        "execution.authority",
+                        "executed on a different approval than the one in the manifest",
+                    );
+                }
+                if a.decision != ApprovalDecision::Approve {
+                    return fail("execution.authority", "the customer denied this request, yet it was executed");
+                }
+                if e.started_at < a.not_before || e.started_at >= a.not_after {
+                    return fail("execution.authority", "executed outside the approval's window");
+                }
+            }
+            "pre-approval" => {
+                let Some(p) = &pre_approval else {
+                    return fail("execution.authority", "executed on a pre-approval, but the manifest has none");
+                };
+                if e.authority.digest.as_deref() != Some(p.digest_hex().as_str()) {
+                    return fail(
+                        "execution.authority",
+                        "executed on a different pre-approval than the one in the manifest",
+                    );
+                }
+                if e.started_at < p.not_before || e.started_at >= p.not_after {
+                    return fail("execution.authority", "executed outside the pre-approval's window");
+                }
+            }
+            // The customer's policy allowed these without a per-request signature; the
+            // execution names the policy, which the customer holds.
+            "standing-window" | "observe" => {}
+            other => return fail("execution.authority", format!("unknown authority `{other}`")),
+        }
+        checks.push("execution.authority");
+        execution = Some(e);
+    } else if m.appliance_certificate.is_some() || m.release.is_some() {
+        return fail("execution.signature", "the manifest has a release or certificate but no execution");
+    }
+
+    // 4. The customer's release of the output.
+    let mut release = None;
+    if let Some(env) = &m.release {
+        let Some(e) = &execution else {
+            return fail("release.binding", "a release without an execution");
+        };
+        let v = env
+            .verify(RELEASE_PAYLOAD_TYPE, inputs.customer_keys, inputs.approvals_required.max(1))
+            .or_else(|e| fail("release.signature", e))?;
+        checks.push("release.signature");
+        let r: ReleaseStatement = parse("release.signature", &v.payload)?;
+        if r.request_id != req.id
+            || r.appliance != req.appliance
+            || r.output_sha256 != e.output_sha256
+            || r.output_size != e.output_size
+        {
+            return fail("release.binding", "the release is for another request or other output");
+        }
+        checks.push("release.binding");
+        release = Some(r);
+    }
+    Ok(ManifestReport { request, approval, pre_approval, execution, release, checks })
+}
+
+/// Whether the output of a verified manifest may go to the vendor: released by the customer,
+/// or covered by a commands-and-output pre-approval; never for secret-tagged output.
+pub fn output_release_allowed(report: &ManifestReport) -> bool {
+    if report.request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG)) {
+        return false;
+    }
+    match (&report.release, &report.pre_approval, &report.execution) {
+        (Some(r), _, Some(_)) => r.decision == ReleaseDecision::Release,
+        (None, Some(p), Some(e)) => p.level == ApprovalLevel::CommandsAndOutput && e.authority.kind == "pre-approval",
+        _ => false,
+    }
+}
+
+/// Checks that manifests, oldest first, form one appliance's chain with no gap.
+pub fn verify_chain(reports: &[ManifestReport]) -> Result<(), ManifestError> {
+    let executions: Vec<&ExecutionStatement> = reports.iter().filter_map(|r| r.execution.as_ref()).collect();
+    for pair in executions.windows(2) {
+        let (prev, next) = (pair[0], pair[1]);
+        if next.appliance != prev.appliance {
+            return fail(
+                "chain.link",
+                format!("{} and {} are from different appliances", prev.request_id, next.request_id),
+            );
+        }
+        if next.previous_manifest_sha256.as_deref() != Some(prev.manifest_sha256().as_str())
+            || next.sequence != prev.sequence + 1
+        {
+            return fail(
+                "chain.link",
+                format!(
+                    "{} does not follow {} (a manifest is missing, edited or out of order)",
+                    next.request_id, prev.request_id
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Variables as a request carries them, for display.
+pub fn describe_args(args: &BTreeMap<String, String>) -> String {
+    args.iter().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join(" ")
+}
+
+/// The payload type an approval envelope carries (a grant).
+pub const APPROVAL_PAYLOAD_TYPE: &str = GRANT_PAYLOAD_TYPE;
