@@ -883,4 +883,137 @@ mod tests {
             Err(GrantError::Signature(DsseError::WrongType { .. }))
         ));
     }
+
+    #[test]
+    fn customer_denial_is_final_even_when_well_formed() {
+        let all = policy(ALL, "");
+        let req = request("svc", Phase::Operate);
+        let denial = grant_for(&req, |g| g.decision = ApprovalDecision::Deny);
+        assert_eq!(check(Some(&all), &req, Some(&denial), false), "deny: the customer denied this request");
+        // An approval naming the right digest but another request id is not for this request.
+        let other = grant_for(&req, |g| g.request_id = "op_2".into());
+        assert_eq!(check(Some(&all), &req, Some(&other), false), "deny: the grant is for another request");
+    }
+
+    fn pre_approval(edit: impl FnOnce(&mut PreApprovalBody)) -> VerifiedPreApproval {
+        let now = Timestamp::from_unix_millis(TUESDAY_NOON);
+        let mut body = PreApprovalBody {
+            id: "pa-restarts".into(),
+            appliance: apl(),
+            template: "svc".into(),
+            template_sha256: "cd".repeat(32),
+            phase: Phase::Operate,
+            not_before: Timestamp::from_unix_millis(TUESDAY_NOON - 60_000),
+            not_after: now.saturating_add(HOUR * 24),
+            max_runs: 3,
+            level: ApprovalLevel::Commands,
+            constraints: [("action".to_owned(), "restart|reload".to_owned())].into(),
+            approver: "ops@customer".into(),
+            issued_at: now,
+        };
+        edit(&mut body);
+        let env = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key(1));
+        verify_pre_approval(env.to_json().as_bytes(), &[key(1).public()], 1).unwrap()
+    }
+
+    fn decide_pre(
+        policy: &VerifiedPolicy,
+        req: &OperationRequest,
+        pre: &VerifiedPreApproval,
+        template_sha256: &str,
+        runs_used: u32,
+        revoked: bool,
+    ) -> String {
+        let disabled = BTreeSet::new();
+        let ctx = Context {
+            policy: Some(policy),
+            disabled: &disabled,
+            appliance: apl(),
+            now: Timestamp::from_unix_millis(TUESDAY_NOON),
+            nonce_used: &|_| false,
+        };
+        match evaluate_with(&ctx, req, Authority::PreApproval { pre, template_sha256, runs_used, revoked }) {
+            Decision::Allow(p) => {
+                assert_eq!(p.pre_approval(), Some("pa-restarts"));
+                assert_eq!(p.nonce(), None);
+                "allow".into()
+            }
+            Decision::Deny(r) => format!("deny: {r}"),
+        }
+    }
+
+    #[test]
+    fn pre_approval_covers_only_its_template_runs_window_and_values() {
+        let all = policy(ALL, "");
+        let req = request("svc", Phase::Operate);
+        let sha = "cd".repeat(32);
+        let pre = pre_approval(|_| {});
+        assert_eq!(decide_pre(&all, &req, &pre, &sha, 0, false), "allow");
+        assert_eq!(decide_pre(&all, &req, &pre, &sha, 2, false), "allow");
+        let outside = |why: &str| format!("deny: pre-approval pa-restarts does not cover this request: {why}");
+        assert_eq!(decide_pre(&all, &req, &pre, &sha, 3, false), outside("its runs are spent"));
+        assert_eq!(
+            decide_pre(&all, &req, &pre, &"00".repeat(32), 0, false),
+            outside("the template changed since it was pre-approved")
+        );
+        assert_eq!(
+            decide_pre(&all, &req, &pre, &sha, 0, true),
+            "deny: pre-approval pa-restarts was revoked by the customer"
+        );
+        let mut stop = req.clone();
+        stop.args.insert("action".into(), "stop".into());
+        assert_eq!(
+            decide_pre(&all, &stop, &pre, &sha, 0, false),
+            outside("variable `action` does not meet its constraint")
+        );
+        let mut missing = req.clone();
+        missing.args.clear();
+        assert_eq!(
+            decide_pre(&all, &missing, &pre, &sha, 0, false),
+            outside("variable `action` does not meet its constraint")
+        );
+        let other_template = pre_approval(|p| p.template = "db-dump".into());
+        assert_eq!(decide_pre(&all, &req, &other_template, &sha, 0, false), outside("it is for another template"));
+        let elsewhere = pre_approval(|p| p.appliance = ApplianceId::from_random([1; 16]));
+        assert_eq!(decide_pre(&all, &req, &elsewhere, &sha, 0, false), outside("it is for another appliance"));
+        let expired = pre_approval(|p| p.not_after = Timestamp::from_unix_millis(TUESDAY_NOON));
+        assert_eq!(decide_pre(&all, &req, &expired, &sha, 0, false), outside("it has expired"));
+        let later = pre_approval(|p| p.not_before = Timestamp::from_unix_millis(TUESDAY_NOON + 1));
+        assert_eq!(decide_pre(&all, &req, &later, &sha, 0, false), outside("it is not valid yet"));
+        let deploy = pre_approval(|p| p.phase = Phase::Deploy);
+        assert_eq!(decide_pre(&all, &req, &deploy, &sha, 0, false), outside("it is for another phase"));
+        // Deny rules still beat a pre-approval.
+        let deny = policy(ALL, "[[deny]]\nid = \"no-restart\"\nkind = \"svc\"\nargs = { action = \"restart\" }\n");
+        assert_eq!(decide_pre(&deny, &req, &pre, &sha, 0, false), "deny: denied by customer rule `no-restart`");
+        // Two approvers required, one signed.
+        let two = policy_signed(ALL, "approvals_required = 2", &[1, 2]);
+        assert_eq!(
+            decide_pre(&two, &req, &pre, &sha, 0, false),
+            "deny: the grant has 1 of the 2 customer approvals the policy requires"
+        );
+    }
+
+    #[test]
+    fn malformed_pre_approvals_are_refused_at_verification() {
+        let sign = |body: serde_json::Value| {
+            Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key(1)).to_json()
+        };
+        let good = serde_json::to_value(pre_approval(|_| {}).body().clone()).unwrap();
+        let mut bad_regex = good.clone();
+        bad_regex["constraints"]["action"] = "(".into();
+        let mut bad_id = good.clone();
+        bad_id["id"] = "../etc".into();
+        let mut backwards = good.clone();
+        backwards["not_after"] = backwards["not_before"].clone();
+        for bad in [bad_regex, bad_id, backwards] {
+            assert!(matches!(
+                verify_pre_approval(sign(bad).as_bytes(), &[key(1).public()], 1),
+                Err(GrantError::Malformed(_))
+            ));
+        }
+        assert!(matches!(
+            verify_pre_approval(sign(good).as_bytes(), &[key(2).public()], 1),
+            Err(GrantError::Signature(DsseError::NotEnoughSignatures { .. }))
+        ));
+    }
 }

@@ -414,7 +414,10 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         match signer {
             Some(id) if id.appliance == req.appliance && id.environment == request.environment => {}
             _ => {
-                return fail("execution.signer", format!("the execution was not signed by appliance {}", req.appliance));
+                return fail(
+                    "execution.signer",
+                    format!("the execution was not signed by appliance {}", req.appliance),
+                );
             }
         }
         checks.push("execution.signer");

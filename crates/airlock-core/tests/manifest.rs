@@ -1,0 +1,216 @@
+//! Offline manifest verification: a good manifest passes every check, and each forged,
+//! edited or mismatched part fails the check that names it.
+
+mod fixture;
+
+use airlock_core::customer_key::CustomerSigningKey;
+use airlock_core::dsse::Envelope;
+use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE};
+use airlock_core::operation::{
+    EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, VerifyInputs,
+    output_release_allowed, verify_chain, verify_manifest,
+};
+use fixture::{Ca, Fixture, Parts};
+
+fn verify(fx: &Fixture, m: &Manifest) -> Result<ManifestReport, String> {
+    let keys = [fx.customer.public()];
+    let ca = fx.ca.der();
+    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1 };
+    verify_manifest(serde_json::to_string(m).unwrap().as_bytes(), &inputs).map_err(|e| e.check.to_owned())
+}
+
+fn failing_check(fx: &Fixture, edit: impl FnOnce(&mut Parts)) -> String {
+    let mut parts = fx.parts();
+    edit(&mut parts);
+    verify(fx, &fx.assemble(&parts)).err().unwrap_or_else(|| "passed".into())
+}
+
+#[test]
+fn complete_manifest_passes_every_check() {
+    let fx = Fixture::new();
+    let report = verify(&fx, &fx.manifest()).unwrap();
+    assert_eq!(
+        report.checks,
+        [
+            "manifest.format",
+            "request.signature",
+            "request.signer",
+            "request.id",
+            "request.command",
+            "approval.signature",
+            "approval.binding",
+            "execution.signature",
+            "execution.signer",
+            "execution.binding",
+            "execution.authority",
+            "release.signature",
+            "release.binding",
+        ]
+    );
+    assert!(output_release_allowed(&report));
+}
+
+#[test]
+fn each_signed_payload_edited_after_signing_is_caught() {
+    let fx = Fixture::new();
+    let edit = |m: &mut Manifest, which: &str| {
+        let env = match which {
+            "request" => &mut m.request,
+            "approval" => m.approval.as_mut().unwrap(),
+            "execution" => m.execution.as_mut().unwrap(),
+            _ => m.release.as_mut().unwrap(),
+        };
+        // Same length, one character changed: only the signature can tell.
+        let text = String::from_utf8(env.payload.clone()).unwrap();
+        env.payload = text.replacen("op_0011", "op_0012", 1).into_bytes();
+        assert_ne!(env.payload, text.into_bytes(), "{which} payload must contain the request id");
+    };
+    for (which, check) in [
+        ("request", "request.signature"),
+        ("approval", "approval.signature"),
+        ("execution", "execution.signature"),
+        ("release", "release.signature"),
+    ] {
+        let mut m = fx.manifest();
+        edit(&mut m, which);
+        assert_eq!(verify(&fx, &m).unwrap_err(), check, "editing the {which}");
+    }
+}
+
+#[test]
+fn each_binding_mismatch_names_its_check() {
+    let fx = Fixture::new();
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut Parts)>)> = vec![
+        ("request.command", Box::new(|p| p.request.command.script.push_str("rm -rf /\n"))),
+        ("approval.binding", Box::new(|p| p.approval.request_digest = "00".repeat(32))),
+        ("approval.binding", Box::new(|p| p.approval.appliance = airlock_core::ApplianceId::from_random([9; 16]))),
+        ("approval.binding", Box::new(|p| p.approval.command_sha256 = "00".repeat(32))),
+        ("execution.binding", Box::new(|p| p.execution.request_digest = "00".repeat(32))),
+        ("execution.binding", Box::new(|p| p.execution.command_sha256 = "00".repeat(32))),
+        ("execution.authority", Box::new(|p| p.execution.authority.digest = Some("00".repeat(32)))),
+        ("execution.authority", Box::new(|p| p.execution.authority.kind = "pre-approval".into())),
+        ("release.binding", Box::new(|p| p.release.output_sha256 = "00".repeat(32))),
+        ("release.binding", Box::new(|p| p.release.output_size += 1)),
+    ];
+    for (check, edit) in cases {
+        assert_eq!(failing_check(&fx, edit), check);
+    }
+}
+
+#[test]
+fn execution_after_a_denial_or_outside_the_window_fails() {
+    let fx = Fixture::new();
+    let denied = failing_check(&fx, |p| {
+        p.approval.decision = ApprovalDecision::Deny;
+        p.execution.authority.digest = Some(p.approval.digest_hex());
+    });
+    assert_eq!(denied, "execution.authority");
+    let late = failing_check(&fx, |p| {
+        p.execution.started_at = p.approval.not_after;
+    });
+    assert_eq!(late, "execution.authority");
+}
+
+#[test]
+fn signatures_by_the_wrong_party_are_refused() {
+    let fx = Fixture::new();
+    // The request signed by the appliance's key (a CA-issued certificate, but not the control plane's).
+    let mut m = fx.manifest();
+    m.request = fx.appliance.sign(Envelope::new(REQUEST_PAYLOAD_TYPE, m.request.payload.clone()));
+    m.control_plane_certificate = fx.appliance.cert_pem.clone();
+    assert_eq!(verify(&fx, &m).unwrap_err(), "request.signer");
+
+    // The execution signed by another appliance of the same CA.
+    let mut m = fx.manifest();
+    let mut other = fx.identity.clone();
+    other.appliance = airlock_core::ApplianceId::from_random([4; 16]);
+    let imposter = fx.ca.issue(&other.uri());
+    m.execution = Some(imposter.sign(Envelope::new(EXECUTION_PAYLOAD_TYPE, m.execution.unwrap().payload)));
+    m.appliance_certificate = Some(imposter.cert_pem.clone());
+    assert_eq!(verify(&fx, &m).unwrap_err(), "execution.signer");
+
+    // Certificates from another CA, naming the right identities.
+    let rogue = Ca::new("Rogue CA");
+    let mut m = fx.manifest();
+    let rogue_cp = rogue.issue(&format!("spiffe://{}/control-plane", fixture::TRUST_DOMAIN));
+    m.request = rogue_cp.sign(Envelope::new(REQUEST_PAYLOAD_TYPE, m.request.payload.clone()));
+    m.control_plane_certificate = rogue_cp.cert_pem.clone();
+    assert_eq!(verify(&fx, &m).unwrap_err(), "request.signature");
+    let mut m = fx.manifest();
+    let rogue_appliance = rogue.issue(&fx.identity.uri());
+    m.execution = Some(rogue_appliance.sign(Envelope::new(EXECUTION_PAYLOAD_TYPE, m.execution.unwrap().payload)));
+    m.appliance_certificate = Some(rogue_appliance.cert_pem.clone());
+    assert_eq!(verify(&fx, &m).unwrap_err(), "execution.signature");
+
+    // Approval and release signed by a key the verifier does not hold.
+    let stranger = CustomerSigningKey::from_seed([8; 32]);
+    let mut m = fx.manifest();
+    m.approval = Some(Envelope::new(GRANT_PAYLOAD_TYPE, m.approval.unwrap().payload).sign(&stranger));
+    assert_eq!(verify(&fx, &m).unwrap_err(), "approval.signature");
+    let mut m = fx.manifest();
+    m.release = Some(Envelope::new(RELEASE_PAYLOAD_TYPE, m.release.unwrap().payload).sign(&stranger));
+    assert_eq!(verify(&fx, &m).unwrap_err(), "release.signature");
+}
+
+#[test]
+fn missing_and_malformed_parts_are_refused() {
+    let fx = Fixture::new();
+    let keys = [fx.customer.public()];
+    let ca = fx.ca.der();
+    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1 };
+    for bad in [&b"{"[..], b"[]", b"{\"format\":\"airlock-operation-manifest-v1\"}"] {
+        assert_eq!(verify_manifest(bad, &inputs).unwrap_err().check, "manifest.format");
+    }
+    let mut m = fx.manifest();
+    m.format = "something-else".into();
+    assert_eq!(verify(&fx, &m).unwrap_err(), "manifest.format");
+
+    // An execution with no approval at all.
+    let mut m = fx.manifest();
+    m.approval = None;
+    assert_eq!(verify(&fx, &m).unwrap_err(), "execution.authority");
+    // An execution without the certificate that signed it.
+    let mut m = fx.manifest();
+    m.appliance_certificate = None;
+    assert_eq!(verify(&fx, &m).unwrap_err(), "execution.signature");
+    // Another manifest's request under this manifest's id.
+    let mut m = fx.manifest();
+    m.request_id = "op_ffffffffffffffffffffffffffffffff".into();
+    assert_eq!(verify(&fx, &m).unwrap_err(), "request.id");
+    // Two approvals required, one given.
+    let keys = [fx.customer.public(), CustomerSigningKey::from_seed([8; 32]).public()];
+    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 2 };
+    let err = verify_manifest(serde_json::to_string(&fx.manifest()).unwrap().as_bytes(), &inputs).unwrap_err();
+    assert_eq!(err.check, "approval.signature");
+}
+
+#[test]
+fn a_pending_manifest_verifies_as_far_as_it_goes() {
+    let fx = Fixture::new();
+    let mut m = fx.manifest();
+    m.release = None;
+    let report = verify(&fx, &m).unwrap();
+    assert!(report.release.is_none());
+    assert!(!output_release_allowed(&report), "no release, no output");
+    m.execution = None;
+    m.appliance_certificate = None;
+    assert!(verify(&fx, &m).unwrap().execution.is_none());
+}
+
+#[test]
+fn manifests_chain_and_a_gap_is_detected() {
+    let fx = Fixture::new();
+    let first = fx.parts();
+    let mut second = fx.parts();
+    second.execution.sequence = 2;
+    second.execution.previous_manifest_sha256 = Some(first.execution.manifest_sha256());
+    let mut third = fx.parts();
+    third.execution.sequence = 3;
+    third.execution.previous_manifest_sha256 = Some(second.execution.manifest_sha256());
+    let reports: Vec<_> = [&first, &second, &third].iter().map(|p| verify(&fx, &fx.assemble(p)).unwrap()).collect();
+    verify_chain(&reports).unwrap();
+    let gap = [reports[0].clone(), reports[2].clone()];
+    assert_eq!(verify_chain(&gap).unwrap_err().check, "chain.link");
+    let reordered = [reports[1].clone(), reports[0].clone()];
+    assert_eq!(verify_chain(&reordered).unwrap_err().check, "chain.link");
+}
