@@ -1,6 +1,8 @@
 //! Offline manifest verification: a good manifest passes every check, and each forged,
 //! edited or mismatched part fails the check that names it.
 
+#![allow(clippy::unwrap_used)]
+
 mod fixture;
 
 use airlock_core::customer_key::CustomerSigningKey;
@@ -11,6 +13,8 @@ use airlock_core::operation::{
     output_release_allowed, verify_chain, verify_manifest,
 };
 use fixture::{Ca, Fixture, Parts};
+
+type Edit = Box<dyn FnOnce(&mut Parts)>;
 
 fn verify(fx: &Fixture, m: &Manifest) -> Result<ManifestReport, String> {
     let keys = [fx.customer.public()];
@@ -80,7 +84,7 @@ fn each_signed_payload_edited_after_signing_is_caught() {
 #[test]
 fn each_binding_mismatch_names_its_check() {
     let fx = Fixture::new();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Parts)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         ("request.command", Box::new(|p| p.request.command.script.push_str("rm -rf /\n"))),
         ("approval.binding", Box::new(|p| p.approval.request_digest = "00".repeat(32))),
         ("approval.binding", Box::new(|p| p.approval.appliance = airlock_core::ApplianceId::from_random([9; 16]))),
