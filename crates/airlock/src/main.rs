@@ -2,6 +2,7 @@
 // Printing results to stdout is this binary's job; logs go to stderr.
 #![allow(clippy::print_stdout)]
 
+mod approvals;
 mod client;
 mod customer;
 #[cfg(all(feature = "server", feature = "appliance"))]
@@ -45,8 +46,10 @@ enum Command {
     Env(EnvCmd),
     /// Verify audit logs.
     Audit(AuditCmd),
-    /// Customer-side tools: keys (run on the customer's machine).
+    /// Customer-side tools: keys, policy, approvals (run on the customer's machine).
     Customer(CustomerCmd),
+    /// Verify operation manifests offline, with public keys and the CA certificate only.
+    Verify(VerifyArgs),
     /// Run a local control plane, environment and appliance together.
     #[cfg(all(feature = "server", feature = "appliance"))]
     Dev(dev::DevArgs),
@@ -344,6 +347,92 @@ enum CustomerSub {
         #[command(subcommand)]
         command: PolicySub,
     },
+    /// Requests waiting for your decision.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsSub,
+    },
+    /// Approve one request: sign its exact command with your key (repeat --key for several approvers).
+    Approve(DecideArgs),
+    /// Deny one request, signed with your key.
+    Deny(DecideArgs),
+    /// Sign a pre-approval for routine runs of one template on one appliance; install it on the
+    /// appliance host with `airlock appliance preapproval add`.
+    Preapprove(PreapproveArgs),
+}
+
+#[derive(Subcommand)]
+enum ApprovalsSub {
+    /// List requests awaiting approval, with the exact command each would run.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Args)]
+struct DecideArgs {
+    /// Operation id (op_…).
+    id: String,
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Why (recorded in the signed decision).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Your name as it should appear in the manifest (default: the key ids).
+    #[arg(long)]
+    approver: Option<String>,
+    /// How long the approval may be used (the policy caps it; default 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    valid_for: std::time::Duration,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Args)]
+struct PreapproveArgs {
+    /// The appliance it is for (apl_…).
+    #[arg(long)]
+    appliance: String,
+    /// The template as you reviewed it: a directory with template.toml and its script.
+    #[arg(long)]
+    template_dir: PathBuf,
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    valid_for: std::time::Duration,
+    #[arg(long)]
+    max_runs: u32,
+    /// `commands` (output still released per run) or `commands-and-output`.
+    #[arg(long, default_value = "commands")]
+    level: String,
+    /// NAME=REGEX: the whole value of variable NAME must match REGEX (repeatable).
+    #[arg(long = "constrain")]
+    constraints: Vec<String>,
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    #[arg(long)]
+    approver: Option<String>,
+    /// An id of your choosing (default: random); runs are counted and revoked by it.
+    #[arg(long)]
+    id: Option<String>,
+    /// Where to write the signed pre-approval (default: stdout).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Manifest files (`airlock op manifest ID > m.json`); several are also checked as one chain, oldest first.
+    #[arg(required = true)]
+    manifests: Vec<PathBuf>,
+    /// A customer public key (repeat for each approver key).
+    #[arg(long = "customer-key", required = true)]
+    customer_keys: Vec<PathBuf>,
+    /// The control plane CA certificate (PEM), e.g. `<appliance-state-dir>/ca.pem`.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Distinct customer keys an approval needs (your policy's approvals_required).
+    #[arg(long, default_value_t = 1)]
+    approvals_required: usize,
 }
 
 #[derive(Subcommand)]
@@ -444,9 +533,86 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Customer(CustomerCmd { command: CustomerSub::Approvals { command: ApprovalsSub::List { api } } }) => {
+            let pending = approvals::list_pending(&api.client()?).await?;
+            if api.json {
+                let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
+                println!("{}", serde_json::json!({ "awaiting_approval": ids }));
+            } else if pending.is_empty() {
+                println!("nothing awaits your approval");
+            } else {
+                for op in &pending {
+                    println!("{}", op.describe());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Customer(CustomerCmd { command: CustomerSub::Approve(args) }) => decide(args, true).await,
+        Command::Customer(CustomerCmd { command: CustomerSub::Deny(args) }) => decide(args, false).await,
+        Command::Customer(CustomerCmd { command: CustomerSub::Preapprove(args) }) => {
+            let constraints = args
+                .constraints
+                .iter()
+                .map(|c| {
+                    c.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| anyhow::anyhow!("--constrain `{c}`: expected NAME=REGEX"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let level = match args.level.as_str() {
+                "commands" => airlock_core::grant::ApprovalLevel::Commands,
+                "commands-and-output" => airlock_core::grant::ApprovalLevel::CommandsAndOutput,
+                other => anyhow::bail!("--level `{other}`: use `commands` or `commands-and-output`"),
+            };
+            let signed = approvals::pre_approve(approvals::PreApprovalSpec {
+                appliance: args.appliance.parse().context("--appliance")?,
+                template_dir: &args.template_dir,
+                valid_for: args.valid_for,
+                max_runs: args.max_runs,
+                level,
+                constraints,
+                keys: &args.keys,
+                approver: args.approver,
+                id: args.id,
+            })?;
+            match args.out {
+                Some(path) => std::fs::write(&path, &signed).with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{signed}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => {
+            let reports = approvals::verify(&args.manifests, &args.customer_keys, &args.ca, args.approvals_required)?;
+            for r in &reports {
+                print!("{}", approvals::describe_report(r));
+            }
+            if reports.len() > 1 {
+                println!("chain: {} manifests, each follows the one before", reports.len());
+            }
+            println!("OK");
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(all(feature = "server", feature = "appliance"))]
         Command::Dev(args) => dev::run(args).await,
     }
+}
+
+async fn decide(args: DecideArgs, approve: bool) -> anyhow::Result<ExitCode> {
+    let op = approvals::decide(
+        &args.api.client()?,
+        &args.id,
+        approvals::Decision {
+            approve,
+            keys: &args.keys,
+            approver: args.approver,
+            reason: args.reason,
+            valid_for: args.valid_for,
+        },
+    )
+    .await?;
+    eprintln!("{}", op.describe());
+    println!("{} {}", if approve { "approved" } else { "denied" }, op.id);
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(feature = "server")]

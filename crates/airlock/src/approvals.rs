@@ -1,0 +1,290 @@
+//! The customer's review of vendor requests: list what waits, approve or deny it with the
+//! customer's key, sign pre-approvals for routine work, and verify manifests offline.
+//!
+//! Everything signed here is computed on the customer's machine from what the customer sees:
+//! the command digest is recomputed from the command text shown, never taken on the control
+//! plane's word, and the private key never leaves this process.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use airlock_core::customer_key::{CustomerPublicKey, CustomerSigningKey};
+use airlock_core::dsse::Envelope;
+use airlock_core::grant::{
+    ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, GrantBody, OperationRequest, PRE_APPROVAL_PAYLOAD_TYPE,
+    PreApprovalBody,
+};
+use airlock_core::operation::{ManifestReport, VerifyInputs, describe_args, pem_certificate_der};
+use airlock_core::template::{RenderedCommand, Template, TemplateManifest};
+use airlock_core::{ApplianceId, Timestamp};
+use anyhow::Context;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Deserialize;
+
+use crate::client::ApiClient;
+
+/// The parts of the control plane's operation view the customer needs to decide.
+#[derive(Debug, Deserialize)]
+pub(crate) struct PendingOperation {
+    pub(crate) id: String,
+    pub(crate) environment: String,
+    pub(crate) template: String,
+    pub(crate) reason: String,
+    pub(crate) requested_by: String,
+    pub(crate) state: String,
+    pub(crate) request: OperationRequest,
+    pub(crate) command: RenderedCommand,
+}
+
+impl PendingOperation {
+    /// Refuses an operation whose command is not the one its request names.
+    fn checked(self) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            self.command.sha256() == self.request.command_sha256 && self.command.template == self.request.kind,
+            "operation {}: the command shown does not match the request's command digest; refusing to sign it",
+            self.id
+        );
+        Ok(self)
+    }
+
+    /// What the customer reads before deciding: every field the signature will cover.
+    pub(crate) fn describe(&self) -> String {
+        let r = &self.request;
+        let tags: Vec<&str> = r.data_tags.iter().map(String::as_str).collect();
+        let mut out = format!(
+            "operation  {}\nenvironment {}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {}\nrequested  by {}\ncommand sha256 {}\n--- script ---\n{}",
+            self.id,
+            self.environment,
+            r.appliance,
+            self.template,
+            self.command.template_sha256,
+            r.phase,
+            if tags.is_empty() { "(none)".to_owned() } else { tags.join(", ") },
+            describe_args(&r.args),
+            self.reason,
+            self.requested_by,
+            r.command_sha256,
+            self.command.script,
+        );
+        if !self.command.script.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str("--- environment ---\n");
+        for (k, v) in &self.command.env {
+            out.push_str(&format!("{k}={v:?}\n"));
+        }
+        out
+    }
+}
+
+#[derive(Deserialize)]
+struct OperationList {
+    operations: Vec<PendingOperation>,
+}
+
+pub(crate) async fn list_pending(client: &ApiClient) -> anyhow::Result<Vec<PendingOperation>> {
+    let list: OperationList = client.get("/v1/operations?state=awaiting_approval").await?;
+    Ok(list.operations)
+}
+
+/// How the customer decides one request.
+pub(crate) struct Decision<'a> {
+    pub(crate) approve: bool,
+    pub(crate) keys: &'a [PathBuf],
+    pub(crate) approver: Option<String>,
+    pub(crate) reason: String,
+    pub(crate) valid_for: std::time::Duration,
+}
+
+/// Fetches the request, checks it, signs the decision with every key and relays it.
+pub(crate) async fn decide(client: &ApiClient, id: &str, d: Decision<'_>) -> anyhow::Result<PendingOperation> {
+    let op: PendingOperation = client.get(&format!("/v1/operations/{id}")).await?;
+    let op = op.checked()?;
+    anyhow::ensure!(op.state == "awaiting_approval", "operation {id} is {}, not awaiting approval", op.state);
+    let keys = load_keys(d.keys)?;
+    let now = now();
+    // A minute of slack for the appliance's clock; the window's length is what the policy caps.
+    let not_before = Timestamp::from_unix_millis(now.unix_millis() - 60_000);
+    let body = GrantBody {
+        request_id: op.id.clone(),
+        appliance: op.request.appliance,
+        phase: op.request.phase,
+        request_digest: op.request.digest_hex(),
+        command_sha256: op.request.command_sha256.clone(),
+        decision: if d.approve { ApprovalDecision::Approve } else { ApprovalDecision::Deny },
+        decided_at: now,
+        approver: d.approver.unwrap_or_else(|| key_names(&keys)),
+        reason: d.reason,
+        not_before,
+        not_after: not_before.saturating_add(d.valid_for),
+        nonce: random_hex(16)?,
+    };
+    let envelope = sign_all(Envelope::new(GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body)?), &keys);
+    let envelope: serde_json::Value = serde_json::from_str(&envelope.to_json())?;
+    let _: serde_json::Value =
+        client.post(&format!("/v1/operations/{id}/approval"), &serde_json::json!({ "envelope": envelope })).await?;
+    Ok(op)
+}
+
+/// What a pre-approval covers.
+pub(crate) struct PreApprovalSpec<'a> {
+    pub(crate) appliance: ApplianceId,
+    pub(crate) template_dir: &'a Path,
+    pub(crate) valid_for: std::time::Duration,
+    pub(crate) max_runs: u32,
+    pub(crate) level: ApprovalLevel,
+    pub(crate) constraints: BTreeMap<String, String>,
+    pub(crate) keys: &'a [PathBuf],
+    pub(crate) approver: Option<String>,
+    pub(crate) id: Option<String>,
+}
+
+/// Signs a pre-approval for the template in `template_dir`, as the customer reviewed it.
+pub(crate) fn pre_approve(spec: PreApprovalSpec<'_>) -> anyhow::Result<String> {
+    let (template, _) = read_template(spec.template_dir)?;
+    let manifest = template.manifest();
+    for (name, pattern) in &spec.constraints {
+        anyhow::ensure!(
+            manifest.variables.iter().any(|v| &v.name == name),
+            "template `{}` has no variable `{name}` to constrain",
+            manifest.name
+        );
+        regex::Regex::new(&format!("^(?:{pattern})$")).with_context(|| format!("constraint on `{name}`"))?;
+    }
+    anyhow::ensure!(spec.max_runs > 0, "--max-runs must be at least 1");
+    let keys = load_keys(spec.keys)?;
+    let now = now();
+    let body = PreApprovalBody {
+        id: match spec.id {
+            Some(id) => id,
+            None => format!("pa-{}", random_hex(8)?),
+        },
+        appliance: spec.appliance,
+        template: manifest.name.clone(),
+        template_sha256: template.content_sha256().to_owned(),
+        phase: manifest.phase,
+        not_before: now,
+        not_after: now.saturating_add(spec.valid_for),
+        max_runs: spec.max_runs,
+        level: spec.level,
+        constraints: spec.constraints,
+        approver: spec.approver.unwrap_or_else(|| key_names(&keys)),
+        issued_at: now,
+    };
+    Ok(sign_all(Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body)?), &keys).to_json())
+}
+
+/// Reads `template.toml` and the script it names from a template directory.
+pub(crate) fn read_template(dir: &Path) -> anyhow::Result<(Template, String)> {
+    let manifest_path = dir.join("template.toml");
+    let manifest_toml =
+        std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
+    let parsed: TemplateManifest =
+        toml::from_str(&manifest_toml).with_context(|| format!("parsing {}", manifest_path.display()))?;
+    anyhow::ensure!(
+        !parsed.body.contains('/') && !parsed.body.starts_with('.'),
+        "{}: `body` must name a file beside template.toml",
+        manifest_path.display()
+    );
+    let script_path = dir.join(&parsed.body);
+    let script =
+        std::fs::read_to_string(&script_path).with_context(|| format!("reading {}", script_path.display()))?;
+    let template = Template::new(&manifest_toml, &script).with_context(|| format!("checking {}", dir.display()))?;
+    Ok((template, manifest_toml))
+}
+
+/// Verifies manifests offline and, given several, that they chain in the order given.
+pub(crate) fn verify(
+    manifests: &[PathBuf],
+    customer_keys: &[PathBuf],
+    ca: &Path,
+    approvals_required: usize,
+) -> anyhow::Result<Vec<ManifestReport>> {
+    let keys = customer_keys
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            CustomerPublicKey::from_pem(&pem).with_context(|| format!("loading {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let ca_der = pem_certificate_der(&ca_pem).with_context(|| format!("loading {}", ca.display()))?;
+    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required };
+    let mut reports = Vec::new();
+    for path in manifests {
+        let json = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let report = airlock_core::operation::verify_manifest(&json, &inputs)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        reports.push(report);
+    }
+    airlock_core::operation::verify_chain(&reports).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(reports)
+}
+
+/// One line per fact a verified manifest proves.
+pub(crate) fn describe_report(r: &ManifestReport) -> String {
+    let req = &r.request.request;
+    let mut out = format!(
+        "operation {} on appliance {}: {} ({:?}), requested by {} at {}\n",
+        req.id, req.appliance, req.kind, req.phase, r.request.requested_by, r.request.requested_at
+    );
+    if let Some(a) = &r.approval {
+        out.push_str(&format!("  {:?} by {} at {}\n", a.decision, a.approver, a.decided_at));
+    }
+    if let Some(p) = &r.pre_approval {
+        out.push_str(&format!("  pre-approved by {} ({}, {:?})\n", p.approver, p.id, p.level));
+    }
+    match &r.execution {
+        Some(e) => out.push_str(&format!(
+            "  {:?} at {}, exit code {}, output sha256 {} ({} bytes), #{} in the appliance's chain\n",
+            e.status,
+            e.started_at,
+            e.exit_code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
+            e.output_sha256,
+            e.output_size,
+            e.sequence
+        )),
+        None => out.push_str("  not executed\n"),
+    }
+    if let Some(rel) = &r.release {
+        out.push_str(&format!("  output {:?} by {} at {}\n", rel.decision, rel.approver, rel.decided_at));
+    }
+    out.push_str(&format!("  checks passed: {}\n", r.checks.join(", ")));
+    out
+}
+
+fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<CustomerSigningKey>> {
+    anyhow::ensure!(!paths.is_empty(), "give at least one --key");
+    paths
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", p.display()))
+        })
+        .collect()
+}
+
+fn sign_all(mut envelope: Envelope, keys: &[CustomerSigningKey]) -> Envelope {
+    for key in keys {
+        envelope = envelope.sign(key);
+    }
+    envelope
+}
+
+/// The default approver name: the signing keys' ids, shortened.
+fn key_names(keys: &[CustomerSigningKey]) -> String {
+    keys.iter().map(|k| format!("key:{}", &k.public().key_id()[..16])).collect::<Vec<_>>().join(",")
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    SystemRandom::new().fill(&mut buf).map_err(|_| anyhow::anyhow!("the OS random generator failed"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub(crate) fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    Timestamp::from_unix_millis(ms)
+}
