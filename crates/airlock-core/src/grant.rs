@@ -148,7 +148,16 @@ pub fn verify_grant(
     pinned: &[CustomerPublicKey],
     threshold: usize,
 ) -> Result<VerifiedGrant, GrantError> {
-    let verified = Envelope::from_json(envelope_json)?.verify(GRANT_PAYLOAD_TYPE, pinned, threshold)?;
+    verify_grant_envelope(&Envelope::from_json(envelope_json)?, pinned, threshold)
+}
+
+/// [`verify_grant`] for an envelope already parsed.
+pub fn verify_grant_envelope(
+    envelope: &Envelope,
+    pinned: &[CustomerPublicKey],
+    threshold: usize,
+) -> Result<VerifiedGrant, GrantError> {
+    let verified = envelope.verify(GRANT_PAYLOAD_TYPE, pinned, threshold)?;
     let body: GrantBody =
         serde_json::from_slice(&verified.payload).map_err(|e| GrantError::Malformed(e.to_string()))?;
     Ok(VerifiedGrant { body, signed_by: verified.signed_by })
@@ -226,7 +235,16 @@ pub fn verify_pre_approval(
     pinned: &[CustomerPublicKey],
     threshold: usize,
 ) -> Result<VerifiedPreApproval, GrantError> {
-    let verified = Envelope::from_json(envelope_json)?.verify(PRE_APPROVAL_PAYLOAD_TYPE, pinned, threshold)?;
+    verify_pre_approval_envelope(&Envelope::from_json(envelope_json)?, pinned, threshold)
+}
+
+/// [`verify_pre_approval`] for an envelope already parsed.
+pub fn verify_pre_approval_envelope(
+    envelope: &Envelope,
+    pinned: &[CustomerPublicKey],
+    threshold: usize,
+) -> Result<VerifiedPreApproval, GrantError> {
+    let verified = envelope.verify(PRE_APPROVAL_PAYLOAD_TYPE, pinned, threshold)?;
     let body: PreApprovalBody =
         serde_json::from_slice(&verified.payload).map_err(|e| GrantError::Malformed(e.to_string()))?;
     if body.id.is_empty()

@@ -22,8 +22,8 @@ use sha2::{Digest, Sha256};
 use crate::customer_key::CustomerPublicKey;
 use crate::dsse::{Envelope, Signature, pae};
 use crate::grant::{
-    ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, OperationRequest, PreApprovalBody, verify_grant,
-    verify_pre_approval,
+    ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, OperationRequest, PreApprovalBody, verify_grant_envelope,
+    verify_pre_approval_envelope,
 };
 use crate::template::RenderedCommand;
 use crate::{ApplianceIdentity, EnvironmentId, TenantId, Timestamp};
@@ -208,10 +208,10 @@ pub enum X509SignatureError {
     BadSignature,
 }
 
-/// A payload whose envelope verified against a CA-issued certificate, with the URIs it names.
+/// What a verified certificate-signed envelope's signer is: the URIs its certificate names.
+/// (The payload is the envelope's own, now known to be signed.)
 #[derive(Debug)]
 pub struct CertifiedPayload {
-    pub payload: Vec<u8>,
     pub uris: Vec<String>,
 }
 
@@ -233,6 +233,18 @@ pub fn verify_certified_envelope(
     ca_der: &[u8],
     at: Timestamp,
 ) -> Result<CertifiedPayload, X509SignatureError> {
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der)
+        .map_err(|e| X509SignatureError::Certificate(format!("of the CA does not parse: {e}")))?;
+    verify_with_ca(envelope, expected_type, cert_pem, &ca, at)
+}
+
+fn verify_with_ca(
+    envelope: &Envelope,
+    expected_type: &str,
+    cert_pem: &str,
+    ca: &x509_parser::certificate::X509Certificate<'_>,
+    at: Timestamp,
+) -> Result<CertifiedPayload, X509SignatureError> {
     use x509_parser::prelude::*;
     if envelope.payload_type != expected_type {
         return Err(X509SignatureError::WrongType {
@@ -243,8 +255,6 @@ pub fn verify_certified_envelope(
     let der = pem_certificate_der(cert_pem)?;
     let (_, cert) =
         parse_x509_certificate(&der).map_err(|e| X509SignatureError::Certificate(format!("does not parse: {e}")))?;
-    let (_, ca) = parse_x509_certificate(ca_der)
-        .map_err(|e| X509SignatureError::Certificate(format!("of the CA does not parse: {e}")))?;
     if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
         return Err(X509SignatureError::NotIssuedByCa);
     }
@@ -277,7 +287,7 @@ pub fn verify_certified_envelope(
                 .collect()
         })
         .unwrap_or_default();
-    Ok(CertifiedPayload { payload: envelope.payload.clone(), uris })
+    Ok(CertifiedPayload { uris })
 }
 
 /// What a verifier brings: trust anchors only.
@@ -331,23 +341,20 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         return fail("manifest.format", format!("format is `{}`, expected `{MANIFEST_FORMAT}`", m.format));
     }
     checks.push("manifest.format");
+    let (_, ca) = x509_parser::parse_x509_certificate(inputs.ca_der)
+        .or_else(|e| fail("request.signature", format!("the CA certificate does not parse: {e}")))?;
 
-    // 1. The request, as the control plane signed it.
-    let unsigned: RequestStatement = parse("request.signature", &m.request.payload)?;
-    let certified = verify_certified_envelope(
-        &m.request,
-        REQUEST_PAYLOAD_TYPE,
-        &m.control_plane_certificate,
-        inputs.ca_der,
-        unsigned.requested_at,
-    )
-    .or_else(|e| fail("request.signature", e))?;
+    // 1. The request, as the control plane signed it. Its payload is parsed once: the time
+    // it names is checked against the certificate in the same step that verifies the bytes.
+    let request: RequestStatement = parse("request.signature", &m.request.payload)?;
+    let certified =
+        verify_with_ca(&m.request, REQUEST_PAYLOAD_TYPE, &m.control_plane_certificate, &ca, request.requested_at)
+            .or_else(|e| fail("request.signature", e))?;
     checks.push("request.signature");
     if !certified.uris.iter().any(|u| u.starts_with("spiffe://") && u.ends_with(CONTROL_PLANE_SPIFFE_PATH)) {
         return fail("request.signer", "the signing certificate is not the control plane's operations identity");
     }
     checks.push("request.signer");
-    let request: RequestStatement = parse("request.signature", &certified.payload)?;
     let req = &request.request;
     if req.id != m.request_id {
         return fail("request.id", format!("the manifest is for {}, the signed request is {}", m.request_id, req.id));
@@ -363,7 +370,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
     let mut approval = None;
     let mut pre_approval = None;
     if let Some(env) = &m.approval {
-        let g = verify_grant(env.to_json().as_bytes(), inputs.customer_keys, inputs.approvals_required)
+        let g = verify_grant_envelope(env, inputs.customer_keys, inputs.approvals_required)
             .or_else(|e| fail("approval.signature", e))?;
         checks.push("approval.signature");
         let b = g.body().clone();
@@ -379,7 +386,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         approval = Some(b);
     }
     if let Some(env) = &m.pre_approval {
-        let p = verify_pre_approval(env.to_json().as_bytes(), inputs.customer_keys, inputs.approvals_required)
+        let p = verify_pre_approval_envelope(env, inputs.customer_keys, inputs.approvals_required)
             .or_else(|e| fail("pre-approval.signature", e))?;
         checks.push("pre-approval.signature");
         let b = p.body();
@@ -405,10 +412,9 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
             check: "execution.signature",
             reason: "the manifest has an execution but no appliance certificate".into(),
         })?;
-        let unsigned: ExecutionStatement = parse("execution.signature", &env.payload)?;
-        let certified =
-            verify_certified_envelope(env, EXECUTION_PAYLOAD_TYPE, cert, inputs.ca_der, unsigned.started_at)
-                .or_else(|e| fail("execution.signature", e))?;
+        let e: ExecutionStatement = parse("execution.signature", &env.payload)?;
+        let certified = verify_with_ca(env, EXECUTION_PAYLOAD_TYPE, cert, &ca, e.started_at)
+            .or_else(|e| fail("execution.signature", e))?;
         checks.push("execution.signature");
         let signer = certified.uris.iter().find_map(|u| u.parse::<ApplianceIdentity>().ok());
         match signer {
@@ -421,7 +427,6 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
             }
         }
         checks.push("execution.signer");
-        let e: ExecutionStatement = parse("execution.signature", &certified.payload)?;
         if e.request_id != req.id
             || e.request_digest != request_digest
             || e.command_sha256 != req.command_sha256

@@ -187,8 +187,7 @@ pub(crate) fn read_template(dir: &Path) -> anyhow::Result<(Template, String)> {
         manifest_path.display()
     );
     let script_path = dir.join(&parsed.body);
-    let script =
-        std::fs::read_to_string(&script_path).with_context(|| format!("reading {}", script_path.display()))?;
+    let script = std::fs::read_to_string(&script_path).with_context(|| format!("reading {}", script_path.display()))?;
     let template = Template::new(&manifest_toml, &script).with_context(|| format!("checking {}", dir.display()))?;
     Ok((template, manifest_toml))
 }

@@ -1,10 +1,16 @@
-//! Signature verification throughput: customer grants against raw Ed25519, in one run.
+//! Signature verification throughput: customer grants against raw Ed25519, and operation
+//! manifests against raw verification of the same signatures, in one run.
 //!
 //! `cargo run --release -p airlock-bench --bin signatures [-- --seconds S]`
 //!
 //! A grant check is envelope JSON parsing + base64 + DSSE PAE + one Ed25519 verification +
-//! the body's JSON parsing; the goal is at least 0.8× raw verification throughput. Rounds of
-//! each measurement alternate, so both see the same machine load; the median round counts.
+//! the body's JSON parsing; the goal is at least 0.8× raw verification throughput.
+//! A manifest check (`airlock verify`) carries six signatures: two Ed25519 (the customer's
+//! approval and release) and four ECDSA P-256 (the control plane's request, the appliance's
+//! execution, and the CA's signature on each of their certificates). Its baseline verifies
+//! exactly those six signatures over the same bytes with the primitives alone; the goal is
+//! again at least 0.8×. Rounds of each measurement alternate, so all see the same machine
+//! load; the median round counts.
 #![allow(clippy::print_stdout)] // A benchmark reports on stdout.
 
 use std::time::{Duration, Instant};
@@ -14,6 +20,9 @@ use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE, GrantBody, verify_grant};
 use airlock_core::policy::Phase;
 use airlock_core::{ApplianceId, Timestamp};
+
+#[path = "../../../airlock-core/tests/fixture/mod.rs"]
+mod fixture;
 
 const ROUNDS: usize = 7;
 
@@ -46,18 +55,87 @@ fn main() {
     assert!(public.verify(&message, &signature), "baseline signature must verify");
     assert!(verify_grant(&envelope, std::slice::from_ref(&public), 1).is_ok(), "grant must verify");
 
-    let mut raw = Vec::new();
-    let mut grant = Vec::new();
+    let manifest = ManifestBench::new();
+    assert!(manifest.raw(), "baseline signatures must verify");
+    assert!(manifest.full(), "manifest must verify");
+
+    let (mut raw, mut grant, mut raw_six, mut full) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         raw.push(rate(per_round, || public.verify(&message, &signature)));
         grant.push(rate(per_round, || verify_grant(&envelope, std::slice::from_ref(&public), 1).is_ok()));
+        raw_six.push(rate(per_round, || manifest.raw()));
+        full.push(rate(per_round, || manifest.full()));
     }
-    let (raw, grant) = (median(raw), median(grant));
+    let (raw, grant, raw_six, full) = (median(raw), median(grant), median(raw_six), median(full));
     println!("signature verification, {ROUNDS} alternating rounds, median");
-    println!("  raw Ed25519 verify (strict)        {raw:>10.0} /s");
-    println!("  customer grant (DSSE + Ed25519)    {grant:>10.0} /s");
-    println!("  ratio grant / raw                  {:>10.2} (goal >= 0.80)", grant / raw);
-    println!("  envelope size                      {:>10} bytes", envelope.len());
+    println!("  raw Ed25519 verify (strict)                 {raw:>10.0} /s");
+    println!("  customer grant (DSSE + Ed25519)             {grant:>10.0} /s");
+    println!("  ratio grant / raw Ed25519                   {:>10.2} (goal >= 0.80)", grant / raw);
+    println!("  grant envelope size                         {:>10} bytes", envelope.len());
+    println!("  raw: a manifest's 6 signatures (2 Ed25519 + 4 ECDSA P-256) {raw_six:>10.0} sets/s");
+    println!("  manifest (airlock verify, all checks)       {full:>10.0} /s");
+    println!("  ratio manifest / its raw signatures         {:>10.2} (goal >= 0.80)", full / raw_six);
+    println!("  manifest in raw Ed25519 verifications       {:>10.1}", raw / full);
+    println!("  manifest size                               {:>10} bytes", manifest.json.len());
+}
+
+/// A complete signed manifest, and the six signatures in it pulled out for the baseline.
+struct ManifestBench {
+    json: Vec<u8>,
+    ca_der: Vec<u8>,
+    keys: Vec<airlock_core::customer_key::CustomerPublicKey>,
+    ed25519: Vec<(Vec<u8>, Vec<u8>)>,
+    /// (SPKI point, message, DER signature)
+    ecdsa: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+}
+
+impl ManifestBench {
+    fn new() -> Self {
+        use airlock_core::operation::pem_certificate_der;
+        use x509_parser::prelude::*;
+        let fx = fixture::Fixture::new();
+        let m = fx.manifest();
+        let pae = |e: &Envelope| airlock_core::dsse::pae(&e.payload_type, &e.payload);
+        let approval = m.approval.clone().unwrap_or_else(|| unreachable!());
+        let release = m.release.clone().unwrap_or_else(|| unreachable!());
+        let execution = m.execution.clone().unwrap_or_else(|| unreachable!());
+        let ed25519 = vec![
+            (pae(&approval), approval.signatures[0].sig.clone()),
+            (pae(&release), release.signatures[0].sig.clone()),
+        ];
+        let ca_der = fx.ca.der();
+        let ca_point = parse_x509_certificate(&ca_der).map(|(_, c)| c.public_key().subject_public_key.data.to_vec());
+        let ca_point = ca_point.unwrap_or_default();
+        let mut ecdsa = Vec::new();
+        for (env, cert_pem) in [(&m.request, &m.control_plane_certificate), (&execution, &fx.appliance.cert_pem)] {
+            let der = pem_certificate_der(cert_pem).unwrap_or_default();
+            let Ok((_, cert)) = parse_x509_certificate(&der) else { unreachable!() };
+            let point = cert.public_key().subject_public_key.data.to_vec();
+            ecdsa.push((point, pae(env), env.signatures[0].sig.clone()));
+            ecdsa.push((ca_point.clone(), cert.tbs_certificate.as_ref().to_vec(), cert.signature_value.data.to_vec()));
+        }
+        let json = serde_json::to_vec(&m).unwrap_or_default();
+        Self { json, ca_der, keys: vec![fx.customer.public()], ed25519, ecdsa }
+    }
+
+    fn raw(&self) -> bool {
+        let ed = self.ed25519.iter().all(|(msg, sig)| self.keys[0].verify(msg, sig));
+        let ec = self.ecdsa.iter().all(|(point, msg, sig)| {
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, point)
+                .verify(msg, sig)
+                .is_ok()
+        });
+        ed && ec
+    }
+
+    fn full(&self) -> bool {
+        let inputs = airlock_core::operation::VerifyInputs {
+            ca_der: &self.ca_der,
+            customer_keys: &self.keys,
+            approvals_required: 1,
+        };
+        airlock_core::operation::verify_manifest(&self.json, &inputs).is_ok()
+    }
 }
 
 fn rate(budget: Duration, mut op: impl FnMut() -> bool) -> f64 {
