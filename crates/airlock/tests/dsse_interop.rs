@@ -8,6 +8,9 @@ use std::process::Command;
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
 
+#[path = "../../airlock-core/tests/fixture/mod.rs"]
+mod fixture;
+
 const TYPE: &str = "application/vnd.airlock.test+json";
 
 fn peer(args: &[&str]) -> std::process::Output {
@@ -93,4 +96,50 @@ fn customer_keygen_writes_a_private_key_only_its_owner_can_read() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
     assert_eq!(std::fs::read_to_string(dir.path().join("customer.key")).unwrap(), private);
+}
+
+#[test]
+fn every_envelope_of_a_manifest_verifies_with_the_reference_implementation() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture::Fixture::new();
+    let m = fx.manifest();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let customer = write("customer.pub", &fx.customer.public().to_pem().unwrap());
+    let control_plane = write("control-plane.pem", &m.control_plane_certificate);
+    let appliance = write("appliance.pem", m.appliance_certificate.as_deref().unwrap());
+    let keyid = |cert: &str| {
+        airlock_core::operation::certificate_key_id(&airlock_core::operation::pem_certificate_der(cert).unwrap())
+            .unwrap()
+    };
+    let customer_id = fx.customer.public().key_id();
+    let cases = [
+        ("request", m.request.clone(), "verify-cert", control_plane.clone(), keyid(&m.control_plane_certificate)),
+        ("approval", m.approval.clone().unwrap(), "verify", customer.clone(), customer_id.clone()),
+        (
+            "execution",
+            m.execution.clone().unwrap(),
+            "verify-cert",
+            appliance.clone(),
+            keyid(m.appliance_certificate.as_deref().unwrap()),
+        ),
+        ("release", m.release.clone().unwrap(), "verify", customer.clone(), customer_id.clone()),
+    ];
+    for (name, env, how, key, id) in cases {
+        let path = write(&format!("{name}.json"), &env.to_json());
+        let out = peer(&[how, &path, &key, &id]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.stdout, env.payload, "{name}");
+
+        let mut tampered = env.clone();
+        tampered.payload.push(b' ');
+        let path = write(&format!("{name}-tampered.json"), &tampered.to_json());
+        assert!(!peer(&[how, &path, &key, &id]).status.success(), "{name}: tampered payload accepted");
+    }
+    // The execution does not verify under the control plane's key, nor the reverse.
+    let path = write("execution-2.json", &m.execution.clone().unwrap().to_json());
+    assert!(!peer(&["verify-cert", &path, &control_plane, &keyid(&m.control_plane_certificate)]).status.success());
 }
