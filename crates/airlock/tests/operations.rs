@@ -1,0 +1,431 @@
+//! Signed operations end to end, through the real CLI, control plane and appliance processes:
+//! request → customer approval → execution on the appliance → output held → customer release
+//! → manifest verified offline; refusals; revocation mid-operation; pre-approval run counts.
+// Test helpers panic to report failure.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{Proc, Server, bin, wait_for};
+
+const POLICY: &str = r#"
+version = 1
+serial = 1
+phases = ["observe", "deploy", "operate"]
+
+[[deny]]
+id = "never-touch-billing"
+kind = "greet"
+args = { name = "billing" }
+"#;
+
+fn airlock(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A customer with a key pair, an appliance that pins it under a signed policy, and templates.
+struct Setup {
+    server: Server,
+    env: String,
+    state: PathBuf,
+    customer: PathBuf,
+    appliance: Proc,
+    appliance_id: String,
+}
+
+impl Setup {
+    fn new(policy: &str) -> Self {
+        let server = Server::start_with(&["--heartbeat-interval", "1s"]);
+        let tmp = server.dir.path().to_owned();
+        let customer = tmp.join("customer");
+        ok(airlock(&["customer", "keygen", "--out", customer.to_str().unwrap()]), "keygen");
+        let policy_toml = tmp.join("policy.toml");
+        std::fs::write(&policy_toml, policy).unwrap();
+        let signed = tmp.join("policy.json");
+        let key = customer.join("customer.key");
+        ok(
+            airlock(&[
+                "customer",
+                "policy",
+                "sign",
+                policy_toml.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+                "--out",
+                signed.to_str().unwrap(),
+            ]),
+            "policy sign",
+        );
+        let env = server.create_env("prod");
+        let token = server.join_token(&env);
+        let state = tmp.join("apl");
+        let pubkey = customer.join("customer.pub");
+        let mut appliance = server.appliance_proc_with(
+            &state,
+            Some(&token),
+            &["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()],
+        );
+        let appliance_id = server.wait_connected(&mut appliance);
+        let setup = Self { server, env, state, customer, appliance, appliance_id };
+        setup.push_template(
+            "greet",
+            "operate",
+            "[\"service:greet\"]",
+            "#!/bin/sh\necho \"hello $AIRLOCK_VAR_NAME\"\necho 'to stderr' >&2\nexit 3\n",
+        );
+        setup
+    }
+
+    fn key(&self) -> String {
+        self.customer.join("customer.key").to_str().unwrap().to_owned()
+    }
+
+    fn state(&self) -> &str {
+        self.state.to_str().unwrap()
+    }
+
+    fn push_template(&self, name: &str, phase: &str, tags: &str, script: &str) {
+        let dir = self.server.dir.path().join(format!("template-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("template.toml"),
+            format!(
+                "name = \"{name}\"\ndescription = \"test {name}\"\nphase = \"{phase}\"\ndata_tags = {tags}\n\
+                 body = \"run.sh\"\n\n[[variables]]\nname = \"name\"\npattern = \"[a-zA-Z0-9/._-]+\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("run.sh"), script).unwrap();
+        self.server.ok(&["template", "push", dir.to_str().unwrap()]);
+    }
+
+    fn template_dir(&self, name: &str) -> PathBuf {
+        self.server.dir.path().join(format!("template-{name}"))
+    }
+
+    /// `airlock op request`; returns the operation id.
+    fn request(&self, template: &str, name: &str) -> String {
+        let out = self.server.ok(&[
+            "op",
+            "request",
+            &self.env,
+            template,
+            "--var",
+            &format!("name={name}"),
+            "--reason",
+            "end-to-end test",
+        ]);
+        let id = out.lines().next().unwrap().trim().to_owned();
+        assert!(id.starts_with("op_"), "{out}");
+        id
+    }
+
+    fn show(&self, id: &str) -> Value {
+        serde_json::from_str(&self.server.ok(&["op", "show", id])).unwrap()
+    }
+
+    fn wait_state(&self, id: &str, state: &str) -> Value {
+        wait_for(Duration::from_secs(20), &format!("operation {id} to be {state}"), || {
+            let op = self.show(id);
+            (op["state"] == state).then_some(op)
+        })
+    }
+
+    fn approve(&self, id: &str) {
+        let out = self.server.cli(&["customer", "approve", id, "--key", &self.key(), "--reason", "looks right"]);
+        ok(out, "customer approve");
+    }
+
+    fn local(&self, args: &[&str]) -> Output {
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--state-dir", self.state()]);
+        airlock(&full)
+    }
+
+    fn audit_actions(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn audited(&self, action: &str) -> Vec<Value> {
+        self.audit_actions().into_iter().filter(|r| r["action"] == action).collect()
+    }
+}
+
+/// Every file under `dir`, concatenated (for "this secret is nowhere" checks).
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(all_bytes(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.extend(bytes);
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn request_approve_execute_release_and_verify_through_the_cli() {
+    let s = Setup::new(POLICY);
+    let id = s.request("greet", "world");
+    let op = s.wait_state(&id, "awaiting_approval");
+    assert_eq!(op["appliance"], s.appliance_id.as_str());
+
+    // The customer sees the exact command before signing anything.
+    let listed = ok(s.server.cli(&["customer", "approvals", "list"]), "approvals list");
+    assert!(listed.contains(&id) && listed.contains("echo \"hello $AIRLOCK_VAR_NAME\""), "{listed}");
+    assert!(listed.contains("service:greet") && listed.contains("end-to-end test"), "{listed}");
+    s.approve(&id);
+
+    // Executed on the appliance; only digest and size reach the control plane.
+    let op = s.wait_state(&id, "executed");
+    assert_eq!(op["exit_code"], 3);
+    let expected = b"hello world\nto stderr\n";
+    assert_eq!(op["output_size"], expected.len());
+    assert!(!s.server.cli(&["op", "output", &id]).status.success(), "output must be held until released");
+    assert!(!contains(&all_bytes(&s.state), b"hello world"), "output must be encrypted at rest on the appliance");
+
+    // The customer reads it locally, then releases it with a second signature.
+    let local = s.local(&["appliance", "ops", "output", &id]);
+    assert_eq!(ok(local, "ops output").as_bytes(), expected);
+    ok(s.local(&["customer", "release", &id, "--key", &s.key(), "--reason", "fine to share"]), "customer release");
+    s.wait_state(&id, "released");
+    let released = s.server.cli(&["op", "output", &id]);
+    assert_eq!(ok(released, "op output").as_bytes(), expected);
+
+    // The manifest verifies offline with public keys and the CA only, and says what fails.
+    let manifest = s.server.ok(&["op", "manifest", &id]);
+    let dir = s.server.dir.path();
+    let m = dir.join("m.json");
+    std::fs::write(&m, &manifest).unwrap();
+    let pubkey = s.customer.join("customer.pub");
+    let ca = s.state.join("ca.pem");
+    let verify = |path: &Path| {
+        airlock(&[
+            "verify",
+            path.to_str().unwrap(),
+            "--customer-key",
+            pubkey.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+        ])
+    };
+    let out = ok(verify(&m), "verify");
+    assert!(out.contains("OK") && out.contains(&id), "{out}");
+
+    let mut tampered: Value = serde_json::from_str(&manifest).unwrap();
+    let release = tampered["release"]["payload"].as_str().unwrap().to_owned();
+    let other_release = release.replace('A', "B");
+    tampered["release"]["payload"] = other_release.into();
+    let t = dir.join("tampered.json");
+    std::fs::write(&t, tampered.to_string()).unwrap();
+    let out = verify(&t);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("release.signature") || err.contains("manifest.format"), "{err}");
+
+    // The appliance keeps its own copy, and its audit tells the whole story.
+    let own = ok(s.local(&["appliance", "ops", "manifest", &id]), "ops manifest");
+    let own_path = dir.join("own.json");
+    std::fs::write(&own_path, own).unwrap();
+    ok(verify(&own_path), "verify the appliance's copy");
+    for action in ["operation.received", "operation.allowed", "operation.executed", "operation.release"] {
+        assert!(!s.audited(action).is_empty(), "appliance audit lacks {action}");
+    }
+    ok(airlock(&["audit", "verify", "--file", s.state.join("audit.jsonl").to_str().unwrap()]), "audit verify");
+    assert!(s.server.audit_verify().status.success());
+
+    // The customer's private key never reached the control plane: not in its files, not in its log.
+    let private = std::fs::read_to_string(s.customer.join("customer.key")).unwrap();
+    let body: String = private.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!contains(&all_bytes(&s.server.data_dir), body.as_bytes()));
+    assert!(!s.server.log().contains(&body));
+    // Released output is stored sealed, and never logged.
+    assert!(!contains(&all_bytes(&s.server.data_dir), b"hello world"));
+    assert!(!s.server.log().contains("hello world"));
+}
+
+#[test]
+fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
+    let s = Setup::new(POLICY);
+    // A customer deny rule beats a valid approval.
+    let id = s.request("greet", "billing");
+    s.wait_state(&id, "awaiting_approval");
+    s.approve(&id);
+    let op = s.wait_state(&id, "refused");
+    assert!(op["refusal_reason"].as_str().unwrap().contains("never-touch-billing"), "{op}");
+    let denied = s.audited("operation.denied");
+    assert!(denied.iter().any(|r| r.to_string().contains("never-touch-billing")), "{denied:?}");
+
+    // The customer's denial is final.
+    let id = s.request("greet", "world");
+    s.wait_state(&id, "awaiting_approval");
+    ok(s.server.cli(&["customer", "deny", &id, "--key", &s.key(), "--reason", "not today"]), "customer deny");
+    s.wait_state(&id, "denied");
+    assert!(s.audited("operation.executed").is_empty(), "nothing may have run");
+
+    // An approval signed by a key the appliance did not pin is refused.
+    let stranger = s.server.dir.path().join("stranger");
+    ok(airlock(&["customer", "keygen", "--out", stranger.to_str().unwrap()]), "keygen");
+    let id = s.request("greet", "world");
+    s.wait_state(&id, "awaiting_approval");
+    let key = stranger.join("customer.key");
+    ok(s.server.cli(&["customer", "approve", &id, "--key", key.to_str().unwrap()]), "approve with a stranger's key");
+    let op = s.wait_state(&id, "refused");
+    assert!(op["refusal_reason"].as_str().unwrap().contains("signature"), "{op}");
+    assert!(s.audited("operation.executed").is_empty(), "nothing may have run");
+}
+
+#[test]
+fn disabling_operate_on_the_host_kills_the_running_operation() {
+    let s = Setup::new(POLICY);
+    s.push_template(
+        "long-task",
+        "operate",
+        "[]",
+        "#!/bin/sh\necho $$ > \"$AIRLOCK_VAR_NAME\"\nsleep 120\necho done\n",
+    );
+    let pid_file = s.server.dir.path().join("task.pid");
+    let id = s.request("long-task", pid_file.to_str().unwrap());
+    s.wait_state(&id, "awaiting_approval");
+    s.approve(&id);
+    let pid: u32 = wait_for(Duration::from_secs(20), "the task to start", || {
+        std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok())
+    });
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    ok(s.local(&["appliance", "phase", "disable", "operate"]), "phase disable");
+    let op = s.wait_state(&id, "cancelled");
+    assert!(op["output_sha256"].is_string(), "{op}");
+    wait_for(Duration::from_secs(5), "the task's process to be gone", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie awaiting its parent's reap.
+        (stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z")).then_some(())
+    });
+    assert!(!s.audited("operation.cancelled").is_empty());
+    // Manifests of cancelled operations verify like any other.
+    let m = s.server.dir.path().join("cancelled.json");
+    std::fs::write(&m, s.server.ok(&["op", "manifest", &id])).unwrap();
+    let pubkey = s.customer.join("customer.pub");
+    let ca = s.state.join("ca.pem");
+    ok(
+        airlock(&["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap(), "--ca", ca.to_str().unwrap()]),
+        "verify cancelled",
+    );
+}
+
+#[test]
+fn pre_approval_runs_are_counted_across_restarts() {
+    let mut s = Setup::new(POLICY);
+    let signed = s.server.dir.path().join("pre.json");
+    let template_dir = s.template_dir("greet");
+    ok(
+        airlock(&[
+            "customer",
+            "preapprove",
+            "--appliance",
+            &s.appliance_id,
+            "--template-dir",
+            template_dir.to_str().unwrap(),
+            "--max-runs",
+            "2",
+            "--constrain",
+            "name=world|moon",
+            "--key",
+            &s.key(),
+            "--out",
+            signed.to_str().unwrap(),
+        ]),
+        "preapprove",
+    );
+    ok(s.local(&["appliance", "preapproval", "add", signed.to_str().unwrap()]), "preapproval add");
+
+    let first = s.request("greet", "world");
+    s.wait_state(&first, "executed");
+    // A value outside the constraint falls back to per-request approval.
+    let outside = s.request("greet", "mars");
+    s.wait_state(&outside, "awaiting_approval");
+
+    // Restart the appliance: the run counter survives.
+    s.appliance.stop();
+    let pubkey = s.customer.join("customer.pub");
+    let mut again = s.server.appliance_proc_with(&s.state, None, &["--customer-key", pubkey.to_str().unwrap()]);
+    s.server.wait_connected(&mut again);
+    s.appliance = again;
+    let second = s.request("greet", "moon");
+    s.wait_state(&second, "executed");
+    let third = s.request("greet", "world");
+    s.wait_state(&third, "awaiting_approval");
+
+    // The manifests chain: the second execution names the first.
+    let pubkey = pubkey.to_str().unwrap().to_owned();
+    let ca = s.state.join("ca.pem");
+    let (m1, m2) = (s.server.dir.path().join("m1.json"), s.server.dir.path().join("m2.json"));
+    std::fs::write(&m1, s.server.ok(&["op", "manifest", &first])).unwrap();
+    std::fs::write(&m2, s.server.ok(&["op", "manifest", &second])).unwrap();
+    let chain = airlock(&[
+        "verify",
+        m1.to_str().unwrap(),
+        m2.to_str().unwrap(),
+        "--customer-key",
+        &pubkey,
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    ok(chain, "verify chain");
+    let reversed = airlock(&[
+        "verify",
+        m2.to_str().unwrap(),
+        m1.to_str().unwrap(),
+        "--customer-key",
+        &pubkey,
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(!reversed.status.success());
+    assert!(String::from_utf8_lossy(&reversed.stderr).contains("chain.link"));
+}
+
+#[test]
+fn secret_output_never_leaves_the_appliance() {
+    let s = Setup::new(POLICY);
+    s.push_template(
+        "show-config",
+        "operate",
+        "[\"output:secret\"]",
+        "#!/bin/sh\necho \"SECRET-MARKER-$AIRLOCK_VAR_NAME\"\n",
+    );
+    let id = s.request("show-config", "x1");
+    s.wait_state(&id, "awaiting_approval");
+    s.approve(&id);
+    s.wait_state(&id, "executed");
+    // The customer can read it locally, but no release can send it.
+    let local = ok(s.local(&["appliance", "ops", "output", &id]), "ops output");
+    assert!(local.contains("SECRET-MARKER-x1"));
+    let out = s.local(&["customer", "release", &id, "--key", &s.key()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("secret"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.show(&id)["state"], "executed");
+    assert!(!contains(&all_bytes(&s.server.data_dir), b"SECRET-MARKER"));
+    assert!(!s.server.log().contains("SECRET-MARKER"));
+    assert!(!s.appliance.log().contains("SECRET-MARKER"), "the appliance must not log output either");
+}
