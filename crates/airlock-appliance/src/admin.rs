@@ -273,6 +273,11 @@ impl LocalControl {
         }
     }
 
+    /// The process group of a running operation.
+    pub fn running_group(&self, id: &str) -> Option<i32> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|r| r.pgid)
+    }
+
     /// Ids of operations whose process runs now.
     pub fn running_ids(&self) -> Vec<String> {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()

@@ -720,3 +720,7 @@ async fn capture<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>) -> (Vec<u8>
 fn short(id: &str) -> String {
     id.chars().filter(|c| !c.is_control()).take(80).collect()
 }
+
+#[cfg(test)]
+#[path = "operations_tests.rs"]
+mod tests;
