@@ -587,6 +587,19 @@ pub async fn call_value(socket: &Path, request: &Request) -> Result<serde_json::
     }
 }
 
+/// Reads one operation's output over the socket, checked against the digest the appliance
+/// signed. Returns the bytes and the reply (digest, size, truncated, data tags).
+pub async fn read_output(socket: &Path, id: &str) -> Result<(Vec<u8>, serde_json::Value), ApplianceError> {
+    let reply = call_value(socket, &Request::Output { id: id.to_owned() }).await?;
+    let bytes = data_encoding::BASE64
+        .decode(reply["output_base64"].as_str().unwrap_or_default().as_bytes())
+        .map_err(|_| ApplianceError::Protocol("the appliance sent output that is not base64".into()))?;
+    if reply["output_sha256"].as_str() != Some(airlock_core::operation::sha256_hex(&bytes).as_str()) {
+        return Err(ApplianceError::Protocol("the output read does not match its digest".into()));
+    }
+    Ok((bytes, reply))
+}
+
 /// The client side of `status` and `phase`, for `airlock appliance phase …`.
 pub async fn call(socket: &Path, request: &Request) -> Result<Status, ApplianceError> {
     let value = call_value(socket, request).await?;

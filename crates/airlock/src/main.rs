@@ -2,6 +2,8 @@
 // Printing results to stdout is this binary's job; logs go to stderr.
 #![allow(clippy::print_stdout)]
 
+#[cfg(feature = "appliance")]
+mod appliance_local;
 mod client;
 mod customer;
 #[cfg(all(feature = "server", feature = "appliance"))]
@@ -213,6 +215,33 @@ enum ApplianceSub {
         #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// On the appliance host: operations this appliance ran, their output and manifests.
+    #[cfg(feature = "appliance")]
+    Ops {
+        #[command(subcommand)]
+        command: appliance_local::OpsSub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// On the appliance host: install, revoke and list the customer's pre-approvals.
+    #[cfg(feature = "appliance")]
+    Preapproval {
+        #[command(subcommand)]
+        command: appliance_local::PreapprovalSub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// On the appliance host: load a newly signed customer policy.
+    #[cfg(feature = "appliance")]
+    Policy {
+        #[command(subcommand)]
+        command: appliance_local::PolicySub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// List appliances and their status.
     List {
         /// Only this environment (env_…).
@@ -344,6 +373,9 @@ enum CustomerSub {
         #[command(subcommand)]
         command: PolicySub,
     },
+    /// On the appliance host: release (or --withhold) one operation's output, signed with your key.
+    #[cfg(feature = "appliance")]
+    Release(appliance_local::ReleaseArgs),
 }
 
 #[derive(Subcommand)]
@@ -444,6 +476,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "appliance")]
+        Command::Customer(CustomerCmd { command: CustomerSub::Release(args) }) => appliance_local::release(args).await,
         #[cfg(all(feature = "server", feature = "appliance"))]
         Command::Dev(args) => dev::run(args).await,
     }
@@ -621,6 +655,12 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             println!("effective: {}", names(&status.effective));
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Ops { command, state_dir } => appliance_local::ops(command, state_dir).await,
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Preapproval { command, state_dir } => appliance_local::preapproval(command, state_dir).await,
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Policy { command, state_dir } => appliance_local::policy(command, state_dir).await,
         ApplianceSub::List { env, api } => {
             let path = match &env {
                 Some(e) => format!("/v1/appliances?environment={e}"),
