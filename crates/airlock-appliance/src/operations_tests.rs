@@ -419,7 +419,13 @@ async fn command_must_be_exactly_what_the_template_renders() {
     let mut stmt = fx.simple("op_value", "api");
     stmt.request.args = vars("api; rm -rf /");
     assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "do not render");
-    for id in ["op_swap", "op_digest", "op_tags", "op_value"] {
+    // A vendor template named like one of the appliance's own probes, labelled Observe, would
+    // otherwise run without any customer signature.
+    let probe = MANIFEST.replace("echo-service", "status").replace("\"operate\"", "\"observe\"");
+    let stmt = fx.statement("op_probe", &probe, SCRIPT, vars("api"));
+    let r = fx.send(fx.instruction(&stmt, &probe, SCRIPT, "")).await;
+    assert_refused(&r, "built-in probe");
+    for id in ["op_swap", "op_digest", "op_tags", "op_value", "op_probe"] {
         assert!(!fx.ran(id), "{id} ran");
         assert_eq!(fx.control.ops.record(id).unwrap().unwrap().state, OpState::Refused);
     }
@@ -761,4 +767,43 @@ async fn an_operation_interrupted_by_a_stop_is_recorded_cancelled_at_restart() {
     // Clean up the process the "previous" run left.
     old.set_phase(Phase::Operate, false).unwrap();
     let _ = handle.await;
+}
+
+#[tokio::test]
+async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
+    use crate::admin::{Request, bind, call, call_value, read_output, serve};
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    fx.run(&stmt, &fx.grant(&stmt)).await;
+    let socket = fx.dir.path().join(crate::admin::SOCKET_FILE);
+    let server = tokio::spawn(serve(fx.control.clone(), bind(&socket).unwrap()));
+
+    let list = call_value(&socket, &Request::Operations).await.unwrap();
+    assert_eq!(list[0]["id"], "op_1");
+    assert_eq!(list[0]["state"], "executed");
+    assert_eq!(list[0]["release"], serde_json::Value::Null);
+    let (bytes, reply) = read_output(&socket, "op_1").await.unwrap();
+    assert_eq!(bytes, fx.control.ops.open_output("op_1").unwrap());
+    assert_eq!(reply["output_size"], bytes.len());
+    assert_eq!(fx.audited("operation.output_read").len(), 1);
+    let manifest = call_value(&socket, &Request::Manifest { id: "op_1".into() }).await.unwrap();
+    assert_eq!(manifest["request_id"], "op_1");
+    assert!(call_value(&socket, &Request::Manifest { id: "../x".into() }).await.is_err());
+
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    let released = call_value(&socket, &Request::Release { envelope }).await.unwrap();
+    assert_eq!(released["release"], "release");
+
+    let envelope: serde_json::Value = serde_json::from_slice(&fx.pre_approval(|_| {})).unwrap();
+    let added = call_value(&socket, &Request::PreApprovalAdd { envelope }).await.unwrap();
+    assert_eq!((added["id"].as_str(), added["runs_used"].as_u64()), (Some("routine"), Some(0)));
+    call_value(&socket, &Request::PreApprovalRevoke { id: "routine".into() }).await.unwrap();
+    let list = call_value(&socket, &Request::PreApprovals).await.unwrap();
+    assert_eq!(list[0]["revoked"], true);
+
+    // The phase commands keep their typed client.
+    let status = call(&socket, &Request::Phase { phase: Phase::Deploy, enabled: false }).await.unwrap();
+    assert_eq!(status.disabled, vec![Phase::Deploy]);
+    server.abort();
 }
