@@ -566,9 +566,7 @@ impl Executor {
         drop(output);
         let (_, _, creds) = self.state.load()?;
         let req = &job.statement.request;
-        let mut sequence_used = 0;
-        let envelope = ops.extend_chain(|sequence, previous_manifest_sha256| {
-            sequence_used = sequence;
+        let (envelope, statement) = ops.extend_chain(|sequence, previous_manifest_sha256| {
             let statement = ExecutionStatement {
                 request_id: id.clone(),
                 appliance: req.appliance,
@@ -586,20 +584,34 @@ impl Executor {
                 previous_manifest_sha256,
             };
             let envelope = sign_execution(&statement, &creds)?;
-            Ok((envelope, statement.manifest_sha256()))
+            let link = statement.manifest_sha256();
+            Ok(((envelope, statement), link))
         })?;
         let mut manifest = job.manifest;
-        manifest.execution = Some(envelope.clone());
-        manifest.appliance_certificate = Some(creds.cert_pem.clone());
+        manifest.execution = Some(envelope);
+        manifest.appliance_certificate = Some(creds.cert_pem);
         ops.save_manifest(&manifest)?;
+        self.complete(&manifest, &job.statement, &statement, job.pre_approval.as_ref())
+    }
 
-        let cancelled = status == ExecutionStatus::Cancelled;
+    /// Once the execution is signed and in the manifest: queues the result (and, under a
+    /// commands-and-output pre-approval, the output), records and audits the outcome.
+    fn complete(
+        &self,
+        manifest: &Manifest,
+        request: &RequestStatement,
+        execution: &ExecutionStatement,
+        pre_approval: Option<&(Envelope, ApprovalLevel)>,
+    ) -> Result<(ResultMsg, Option<ApplianceMessage>), ApplianceError> {
+        let ops = &self.control.ops;
+        let id = execution.request_id.clone();
+        let cancelled = execution.status == ExecutionStatus::Cancelled;
         let mut result = ResultMsg::new(&id, if cancelled { Outcome::Cancelled } else { Outcome::Executed }, "");
-        result.execution_envelope_json = envelope.to_json();
-        result.appliance_certificate_pem = creds.cert_pem.clone();
-        result.pre_approval_envelope_json = job.pre_approval.as_ref().map(|(e, _)| e.to_json()).unwrap_or_default();
-        let secret = req.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG));
-        let auto_release = matches!(job.pre_approval, Some((_, ApprovalLevel::CommandsAndOutput))) && !secret;
+        result.execution_envelope_json = manifest.execution.as_ref().map(Envelope::to_json).unwrap_or_default();
+        result.appliance_certificate_pem = manifest.appliance_certificate.clone().unwrap_or_default();
+        result.pre_approval_envelope_json = pre_approval.map(|(e, _)| e.to_json()).unwrap_or_default();
+        let secret = request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG));
+        let auto_release = matches!(pre_approval, Some((_, ApprovalLevel::CommandsAndOutput))) && !secret;
         ops.queue_result(&result)?;
         let release = if auto_release {
             let item = ReleaseItem { request_id: id.clone(), release_envelope_json: String::new(), with_output: true };
@@ -610,27 +622,23 @@ impl Executor {
         };
         ops.update_record(&id, |r| {
             r.state = if cancelled { OpState::Cancelled } else { OpState::Executed };
-            r.exit_code = exit_code;
-            r.output_sha256 = Some(output_sha256.clone());
-            r.output_size = Some(output_size);
-            r.output_truncated = truncated;
+            r.exit_code = execution.exit_code;
+            r.output_sha256 = Some(execution.output_sha256.clone());
+            r.output_size = Some(execution.output_size);
+            r.output_truncated = execution.output_truncated;
             r.released_by_pre_approval = auto_release;
             r.result = Some(result.clone());
-            r.updated_at = finished_at;
+            r.updated_at = execution.finished_at;
             Ok(())
         })?;
-        let (action, outcome) = if cancelled {
-            ("operation.cancelled", AuditOutcome::Success)
-        } else {
-            ("operation.executed", AuditOutcome::Success)
-        };
+        let action = if cancelled { "operation.cancelled" } else { "operation.executed" };
         self.control.audit.record(
             action,
-            outcome,
+            AuditOutcome::Success,
             serde_json::json!({
-                "request_id": id, "status": status, "exit_code": exit_code,
-                "output_sha256": output_sha256, "output_size": output_size, "output_truncated": truncated,
-                "sequence": sequence_used,
+                "request_id": id, "status": execution.status, "exit_code": execution.exit_code,
+                "output_sha256": execution.output_sha256, "output_size": execution.output_size,
+                "output_truncated": execution.output_truncated, "sequence": execution.sequence,
             }),
         )?;
         if auto_release {
@@ -638,8 +646,9 @@ impl Executor {
                 "operation.release",
                 AuditOutcome::Success,
                 serde_json::json!({
-                    "request_id": id, "output_sha256": output_sha256, "output_size": output_size,
-                    "by": "pre-approval", "digest": job.authority.digest,
+                    "request_id": id, "output_sha256": execution.output_sha256,
+                    "output_size": execution.output_size, "by": "pre-approval",
+                    "digest": execution.authority.digest,
                 }),
             )?;
         }
@@ -647,7 +656,9 @@ impl Executor {
     }
 
     /// Operations left `running` by a previous process (it stopped while they ran): their
-    /// processes are gone, so they are recorded, signed and reported as cancelled.
+    /// processes are gone, so they are recorded, signed and reported as cancelled. One whose
+    /// execution was already signed (the stop came while it was being recorded) is completed
+    /// from its manifest, so the chain has no gap.
     pub fn recover_interrupted(&self) -> Result<usize, ApplianceError> {
         let running = self.control.running_ids();
         let mut recovered = 0;
@@ -661,6 +672,13 @@ impl Executor {
                 let body: PreApprovalBody = serde_json::from_slice(&env.payload).ok()?;
                 Some((env, body.level))
             });
+            let signed =
+                manifest.execution.as_ref().and_then(|e| serde_json::from_slice::<ExecutionStatement>(&e.payload).ok());
+            if let Some(execution) = signed {
+                self.complete(&manifest, &statement, &execution, pre_approval.as_ref())?;
+                recovered += 1;
+                continue;
+            }
             let Some(authority) = record.authority.clone() else { continue };
             let job = Job { id: record.id.clone(), statement, manifest, authority, pre_approval };
             let now = self.control.now();

@@ -807,3 +807,26 @@ async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
     assert_eq!(status.disabled, vec![Phase::Deploy]);
     server.abort();
 }
+
+#[tokio::test]
+async fn an_execution_signed_just_before_a_stop_is_completed_without_a_chain_gap() {
+    let mut fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    // The stop came after the execution was signed and in the manifest, before it was recorded.
+    fx.control
+        .ops
+        .update_record("op_1", |r| {
+            r.state = OpState::Running;
+            r.result = None;
+            Ok(())
+        })
+        .unwrap();
+    fx.control.ops.acknowledge("op_1", false).unwrap();
+    let head = fx.control.ops.chain_head().unwrap();
+    fx.restart();
+    assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
+    assert_eq!(fx.control.ops.chain_head().unwrap(), head, "nothing was signed again");
+    assert_eq!(fx.run(&stmt, "").await, r);
+    assert_eq!(fx.control.ops.pending().unwrap().len(), 1, "the result is queued again");
+}
