@@ -273,6 +273,17 @@ impl LocalControl {
         }
     }
 
+    /// Kills every running operation (the appliance is stopping): none outlives the appliance,
+    /// and the next start records them as cancelled.
+    pub fn kill_all_running(&self) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, r) in running.iter() {
+            r.cancelled.store(true, Ordering::SeqCst);
+            tracing::warn!(request_id = %id, "the appliance is stopping: killing the operation");
+            kill_group(r.pgid);
+        }
+    }
+
     /// The process group of a running operation.
     pub fn running_group(&self, id: &str) -> Option<i32> {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|r| r.pgid)

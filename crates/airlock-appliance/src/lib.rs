@@ -72,6 +72,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Kills the operations still running when `run` returns, however it returns.
+struct KillRunningOnDrop(std::sync::Arc<admin::LocalControl>);
+
+impl Drop for KillRunningOnDrop {
+    fn drop(&mut self) {
+        self.0.kill_all_running();
+    }
+}
+
 /// Wall-clock time. The appliance checks its own certificate's validity with it.
 pub fn now() -> Timestamp {
     Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc())
@@ -108,6 +117,7 @@ pub async fn run(
         None => tracing::warn!("no customer policy in force: only Observe is allowed"),
     }
     let control = std::sync::Arc::new(admin::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
+    let _kill_running = KillRunningOnDrop(control.clone());
     let socket = state.path().join(admin::SOCKET_FILE);
     let listener = admin::bind(&socket)?;
     let admin_task = tokio::spawn(admin::serve(control.clone(), listener));

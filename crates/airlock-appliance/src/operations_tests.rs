@@ -755,18 +755,32 @@ async fn an_operation_interrupted_by_a_stop_is_recorded_cancelled_at_restart() {
         Handled::Started(h) => h,
         other => panic!("{other:?}"),
     };
-    while fx.control.running_group("op_i").is_none() {
+    let pgid = loop {
+        if let Some(g) = fx.control.running_group("op_i") {
+            break g;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // The appliance stops: its tasks are dropped before they record anything, and what it
+    // runs is killed on the way out.
+    handle.abort();
+    assert!(handle.await.unwrap_err().is_cancelled());
+    let old = fx.control.clone();
+    assert!(live_members(pgid) >= 1, "dropping the task does not stop the process");
+    old.kill_all_running();
+    for _ in 0..100 {
+        if live_members(pgid) == 0 {
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let old = fx.control.clone();
+    assert_eq!(live_members(pgid), 0);
     fx.restart();
     assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
     let record = fx.control.ops.record("op_i").unwrap().unwrap();
     assert_eq!(record.state, OpState::Cancelled);
     assert_eq!(fx.run(&stmt, "").await.outcome, Outcome::Cancelled);
-    // Clean up the process the "previous" run left.
-    old.set_phase(Phase::Operate, false).unwrap();
-    let _ = handle.await;
+    assert_eq!(fx.audited("operation.interrupted").len(), 1);
 }
 
 #[tokio::test]
