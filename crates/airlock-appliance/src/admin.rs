@@ -5,27 +5,66 @@
 //! JSON reply. Phase switches are persisted in the state directory, audited, and take effect
 //! at once for every later decision.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use airlock_core::audit::Outcome;
+use airlock_core::customer_key::CustomerPublicKey;
+use airlock_core::dsse::Envelope;
+use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
 use airlock_core::policy::{Phase, VerifiedPolicy};
+use airlock_core::{ApplianceId, Timestamp};
+use airlock_proto::gateway::{ApplianceMessage, OperationAck, OperationAckKind};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::ApplianceError;
 use crate::audit_log::AuditLog;
+use crate::nonces::NonceStore;
+use crate::ops_store::{OpState, OpStore, ReleaseItem};
+use crate::preapprovals::PreApprovalStore;
 use crate::state_dir::StateDir;
 
 pub const SOCKET_FILE: &str = "admin.sock";
 const DISABLED_FILE: &str = "disabled-phases.json";
+/// The largest request the socket reads: envelopes are a few KiB.
+const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Phase { phase: Phase, enabled: bool },
+    Phase {
+        phase: Phase,
+        enabled: bool,
+    },
+    /// Local operations, newest first.
+    Operations,
+    /// One operation's output, decrypted for the customer on this host (audited).
+    Output {
+        id: String,
+    },
+    /// The customer's signed release or withholding of one operation's output.
+    Release {
+        envelope: serde_json::Value,
+    },
+    PreApprovalAdd {
+        envelope: serde_json::Value,
+    },
+    PreApprovalRevoke {
+        id: String,
+    },
+    PreApprovals,
+    /// A newly signed customer policy.
+    Policy {
+        envelope: serde_json::Value,
+    },
+    /// The appliance's own copy of one operation's manifest.
+    Manifest {
+        id: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,8 +82,19 @@ pub struct Status {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Ok(Status),
+    Ok(serde_json::Value),
     Error(String),
+}
+
+/// A clock: the appliance's wall clock, or a test's.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// An operation whose process runs now, so the customer's revocation can kill it.
+struct Running {
+    phase: Phase,
+    /// Its process group (the shell's pid: it leads its own group).
+    pgid: i32,
+    cancelled: Arc<AtomicBool>,
 }
 
 /// The customer-controlled state decisions are made from.
@@ -52,18 +102,88 @@ pub struct LocalControl {
     pub policy: RwLock<Option<VerifiedPolicy>>,
     disabled: RwLock<BTreeSet<Phase>>,
     state: StateDir,
-    audit: Arc<AuditLog>,
+    pub(crate) audit: Arc<AuditLog>,
+    pinned: Vec<CustomerPublicKey>,
+    /// Spent grant nonces (durable).
+    pub nonces: NonceStore,
+    pub pre_approvals: PreApprovalStore,
+    pub ops: OpStore,
+    running: Mutex<HashMap<String, Running>>,
+    /// The current stream to the control plane, while connected.
+    outbound: Mutex<Option<tokio::sync::mpsc::Sender<ApplianceMessage>>>,
+    /// This appliance, once enrolled.
+    appliance: RwLock<Option<ApplianceId>>,
+    clock: Clock,
 }
 
 impl LocalControl {
-    pub fn new(state_dir: &Path, policy: Option<VerifiedPolicy>, audit: Arc<AuditLog>) -> Result<Self, ApplianceError> {
+    pub fn new(
+        state_dir: &Path,
+        policy: Option<VerifiedPolicy>,
+        audit: Arc<AuditLog>,
+        pinned: Vec<CustomerPublicKey>,
+    ) -> Result<Self, ApplianceError> {
+        Self::with_clock(state_dir, policy, audit, pinned, Arc::new(crate::now))
+    }
+
+    pub fn with_clock(
+        state_dir: &Path,
+        policy: Option<VerifiedPolicy>,
+        audit: Arc<AuditLog>,
+        pinned: Vec<CustomerPublicKey>,
+        clock: Clock,
+    ) -> Result<Self, ApplianceError> {
         let state = StateDir::open(state_dir)?;
         let disabled = match state.read_optional(DISABLED_FILE)? {
             Some(text) => serde_json::from_str(&text)
                 .map_err(|e| ApplianceError::Customer(format!("{DISABLED_FILE} in the state directory: {e}")))?,
             None => BTreeSet::new(),
         };
-        Ok(Self { policy: RwLock::new(policy), disabled: RwLock::new(disabled), state, audit })
+        Ok(Self {
+            policy: RwLock::new(policy),
+            disabled: RwLock::new(disabled),
+            nonces: NonceStore::open(state_dir, clock())?,
+            pre_approvals: PreApprovalStore::open(state_dir)?,
+            ops: OpStore::open(state_dir)?,
+            state,
+            audit,
+            pinned,
+            running: Mutex::new(HashMap::new()),
+            outbound: Mutex::new(None),
+            appliance: RwLock::new(None),
+            clock,
+        })
+    }
+
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
+    pub fn pinned(&self) -> &[CustomerPublicKey] {
+        &self.pinned
+    }
+
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    pub(crate) fn set_appliance(&self, id: ApplianceId) {
+        *self.appliance.write().unwrap_or_else(|e| e.into_inner()) = Some(id);
+    }
+
+    fn appliance(&self) -> Option<ApplianceId> {
+        *self.appliance.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Distinct customer signatures an approval, pre-approval or release needs.
+    pub fn threshold(&self) -> usize {
+        let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        policy.as_ref().map_or(1, |p| p.document().approvals_required.max(1))
+    }
+
+    /// Phases switched off on this host.
+    pub fn disabled(&self) -> BTreeSet<Phase> {
+        self.disabled.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Phases the vendor may use now.
@@ -90,7 +210,8 @@ impl LocalControl {
     }
 
     /// Switches a phase on this host. The new set is saved and audited before it takes effect,
-    /// so what is in force is always what is on disk and in the audit.
+    /// so what is in force is always what is on disk and in the audit. Operations of a phase
+    /// switched off are killed at once.
     pub fn set_phase(&self, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
         {
             let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
@@ -105,8 +226,308 @@ impl LocalControl {
             *disabled = next;
         }
         tracing::info!(?phase, enabled, "phase switched by the customer on this host");
+        self.cancel_ineffective();
         Ok(self.status())
     }
+
+    /// Loads a newly signed policy (the checks made at start); running operations of phases it
+    /// no longer enables are killed.
+    pub fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
+        {
+            let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
+            let next =
+                crate::customer::accept_policy(&self.state, &self.pinned, envelope_json, policy.as_ref(), &self.audit)
+                    .map_err(ApplianceError::Customer)?;
+            *policy = Some(next);
+        }
+        self.cancel_ineffective();
+        Ok(self.status())
+    }
+
+    /// Registers a started operation. If its phase is no longer in force (it changed since the
+    /// decision), it is killed at once.
+    pub(crate) fn register_running(&self, id: &str, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), Running { phase, pgid, cancelled });
+        self.cancel_ineffective();
+    }
+
+    /// Forgets a finished operation, killing whatever it left behind in its process group.
+    pub(crate) fn unregister_running(&self, id: &str) {
+        if let Some(r) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(id) {
+            kill_group(r.pgid);
+        }
+    }
+
+    /// Kills every running operation whose phase is not in force now.
+    pub fn cancel_ineffective(&self) {
+        let effective = self.effective_phases();
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, r) in running.iter() {
+            if !effective.contains(&r.phase) && !r.cancelled.swap(true, Ordering::SeqCst) {
+                tracing::warn!(request_id = %id, phase = ?r.phase, "phase revoked by the customer: killing the operation");
+                kill_group(r.pgid);
+            }
+        }
+    }
+
+    /// Kills every running operation (the appliance is stopping): none outlives the appliance,
+    /// and the next start records them as cancelled.
+    pub fn kill_all_running(&self) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, r) in running.iter() {
+            r.cancelled.store(true, Ordering::SeqCst);
+            tracing::warn!(request_id = %id, "the appliance is stopping: killing the operation");
+            kill_group(r.pgid);
+        }
+    }
+
+    /// The process group of a running operation.
+    pub fn running_group(&self, id: &str) -> Option<i32> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|r| r.pgid)
+    }
+
+    /// Ids of operations whose process runs now.
+    pub fn running_ids(&self) -> Vec<String> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    pub(crate) fn set_outbound(&self, tx: Option<tokio::sync::mpsc::Sender<ApplianceMessage>>) {
+        *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+    }
+
+    /// Sends to the control plane if connected; what is in the outbox goes again at reconnect.
+    pub(crate) async fn send(&self, msg: ApplianceMessage) {
+        let tx = self.outbound.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(msg).await;
+        }
+    }
+
+    /// Sends everything the control plane has not acknowledged.
+    pub(crate) async fn resend_outbox(&self) {
+        match self.ops.pending() {
+            Ok(msgs) => {
+                if !msgs.is_empty() {
+                    tracing::info!(count = msgs.len(), "resending unacknowledged operation results and releases");
+                }
+                for m in msgs {
+                    self.send(m).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+        }
+    }
+
+    /// The control plane stored (or refused for good) a result or release.
+    pub fn on_ack(&self, ack: &OperationAck) {
+        let release = ack.kind == OperationAckKind::Release as i32;
+        let kind = if release { "release" } else { "result" };
+        if !ack.error.is_empty() {
+            tracing::error!(request_id = %ack.request_id, kind, error = %ack.error, "the control plane refused an operation message");
+            if let Err(e) = self.audit.record(
+                "operation.ack_refused",
+                Outcome::Error,
+                serde_json::json!({ "request_id": ack.request_id, "kind": kind, "error": ack.error }),
+            ) {
+                tracing::error!(error = %e, "cannot audit a refused acknowledgement; keeping the outbox item");
+                return;
+            }
+        }
+        if let Err(e) = self.ops.acknowledge(&ack.request_id, release) {
+            tracing::error!(error = %e, "cannot drop an acknowledged outbox item");
+        }
+    }
+
+    /// Local operations, newest first.
+    pub fn operations(&self) -> Result<serde_json::Value, ApplianceError> {
+        let list: Vec<serde_json::Value> = self.ops.list()?.iter().map(|r| r.summary()).collect();
+        Ok(serde_json::Value::Array(list))
+    }
+
+    /// One operation's output, for the customer on this host.
+    pub fn output(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+        let record = self.finished(id)?;
+        let output = self.ops.open_output(id)?;
+        self.audit.record(
+            "operation.output_read",
+            Outcome::Success,
+            serde_json::json!({ "request_id": id, "output_sha256": record.output_sha256, "output_size": record.output_size }),
+        )?;
+        Ok(serde_json::json!({
+            "id": id,
+            "output_base64": data_encoding::BASE64.encode(&output),
+            "output_sha256": record.output_sha256,
+            "output_size": record.output_size,
+            "truncated": record.output_truncated,
+            "data_tags": record.data_tags,
+        }))
+    }
+
+    fn finished(&self, id: &str) -> Result<crate::ops_store::OpRecord, ApplianceError> {
+        let record = self
+            .ops
+            .record(id)?
+            .ok_or_else(|| ApplianceError::Customer(format!("no operation {id} on this appliance")))?;
+        if !matches!(record.state, OpState::Executed | OpState::Cancelled) || record.output_sha256.is_none() {
+            return Err(ApplianceError::Customer(format!("operation {id} has no output (it is {:?})", record.state)));
+        }
+        Ok(record)
+    }
+
+    /// Verifies and applies the customer's release or withholding of one output, and queues it
+    /// for the control plane. Returns the message to send.
+    pub fn release(&self, envelope_json: &[u8]) -> Result<(serde_json::Value, ApplianceMessage), ApplianceError> {
+        let refuse = |why: String| {
+            let _ = self.audit.record("operation.release", Outcome::Denied, serde_json::json!({ "reason": why }));
+            ApplianceError::Customer(why)
+        };
+        let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("release envelope: {e}")))?;
+        let verified = envelope
+            .verify(RELEASE_PAYLOAD_TYPE, &self.pinned, self.threshold())
+            .map_err(|e| refuse(format!("the release does not verify with the pinned customer keys: {e}")))?;
+        let statement: ReleaseStatement = serde_json::from_slice(&verified.payload)
+            .map_err(|e| refuse(format!("the release statement is malformed: {e}")))?;
+        let id = statement.request_id.clone();
+        let record = self.finished(&id).map_err(|e| refuse(e.to_string()))?;
+        if statement.appliance != record.appliance {
+            return Err(refuse(format!("the release is for appliance {}, not this one", statement.appliance)));
+        }
+        if Some(&statement.output_sha256) != record.output_sha256.as_ref()
+            || Some(statement.output_size) != record.output_size
+        {
+            return Err(refuse(format!(
+                "the release names output {} ({} bytes), but operation {id} produced {} ({} bytes)",
+                statement.output_sha256,
+                statement.output_size,
+                record.output_sha256.as_deref().unwrap_or("-"),
+                record.output_size.unwrap_or(0)
+            )));
+        }
+        if statement.decision == ReleaseDecision::Release && record.is_secret() {
+            return Err(refuse(format!(
+                "operation {id} is tagged `{}`: its output never leaves this host; you can withhold it, not release it",
+                airlock_core::operation::SECRET_OUTPUT_TAG
+            )));
+        }
+        if let Some(done) = record.release {
+            return Err(refuse(format!("the output of {id} was already decided ({done:?})")));
+        }
+        if record.released_by_pre_approval {
+            return Err(refuse(format!(
+                "the output of {id} was already released under a commands-and-output pre-approval"
+            )));
+        }
+        let mut manifest = self.ops.manifest(&id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
+        manifest.release = Some(envelope.clone());
+        self.ops.save_manifest(&manifest)?;
+        let now = self.now();
+        let record = self.ops.update_record(&id, |r| {
+            r.release = Some(statement.decision);
+            r.updated_at = now;
+            Ok(())
+        })?;
+        let action = match statement.decision {
+            ReleaseDecision::Release => "operation.release",
+            ReleaseDecision::Withhold => "operation.withhold",
+        };
+        self.audit.record(
+            action,
+            Outcome::Success,
+            serde_json::json!({
+                "request_id": id,
+                "output_sha256": statement.output_sha256,
+                "output_size": statement.output_size,
+                "signed_by": verified.signed_by,
+                "approver": statement.approver,
+            }),
+        )?;
+        let item = ReleaseItem {
+            request_id: id.clone(),
+            release_envelope_json: envelope.to_json(),
+            with_output: statement.decision == ReleaseDecision::Release,
+        };
+        self.ops.queue_release(&item)?;
+        let msg = self.ops.release_message(&item)?;
+        Ok((record.summary(), msg))
+    }
+
+    pub fn pre_approval_add(&self, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
+        let refuse = |why: String| {
+            let _ = self.audit.record("pre_approval.add", Outcome::Denied, serde_json::json!({ "reason": why }));
+            ApplianceError::Customer(why)
+        };
+        let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("pre-approval envelope: {e}")))?;
+        let verified = airlock_core::grant::verify_pre_approval(envelope_json, &self.pinned, self.threshold())
+            .map_err(|e| refuse(format!("the pre-approval does not verify with the pinned customer keys: {e}")))?;
+        let body = verified.body().clone();
+        if let Some(me) = self.appliance()
+            && body.appliance != me
+        {
+            return Err(refuse(format!("the pre-approval is for appliance {}, not this one ({me})", body.appliance)));
+        }
+        let entry = self.pre_approvals.add(envelope, body.clone(), self.now()).map_err(|e| refuse(e.to_string()))?;
+        self.audit.record(
+            "pre_approval.add",
+            Outcome::Success,
+            serde_json::json!({
+                "id": body.id, "template": body.template, "phase": body.phase, "level": body.level,
+                "max_runs": body.max_runs, "not_before": body.not_before, "not_after": body.not_after,
+                "digest": body.digest_hex(), "signed_by": verified.signed_by(),
+            }),
+        )?;
+        Ok(entry.summary())
+    }
+
+    pub fn pre_approval_revoke(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+        let entry = self
+            .pre_approvals
+            .revoke(id, self.now())?
+            .ok_or_else(|| ApplianceError::Customer(format!("no pre-approval `{id}` on this appliance")))?;
+        self.audit.record("pre_approval.revoke", Outcome::Success, serde_json::json!({ "id": id }))?;
+        Ok(entry.summary())
+    }
+
+    pub fn pre_approvals(&self) -> serde_json::Value {
+        serde_json::Value::Array(self.pre_approvals.list().iter().map(|e| e.summary()).collect())
+    }
+
+    pub fn manifest(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+        let m = self.ops.manifest(id)?.ok_or_else(|| ApplianceError::Customer(format!("no manifest for {id}")))?;
+        serde_json::to_value(m).map_err(|e| ApplianceError::Internal(e.to_string()))
+    }
+
+    /// Answers one admin request.
+    pub async fn handle(&self, request: Request) -> Result<serde_json::Value, ApplianceError> {
+        let value = |s: Status| serde_json::to_value(s).map_err(|e| ApplianceError::Internal(e.to_string()));
+        let bytes = |v: &serde_json::Value| serde_json::to_vec(v).map_err(|e| ApplianceError::Internal(e.to_string()));
+        match request {
+            Request::Status => value(self.status()),
+            Request::Phase { phase, enabled } => value(self.set_phase(phase, enabled)?),
+            Request::Operations => self.operations(),
+            Request::Output { id } => self.output(&id),
+            Request::Release { envelope } => {
+                let (reply, msg) = self.release(&bytes(&envelope)?)?;
+                self.send(msg).await;
+                Ok(reply)
+            }
+            Request::PreApprovalAdd { envelope } => self.pre_approval_add(&bytes(&envelope)?),
+            Request::PreApprovalRevoke { id } => self.pre_approval_revoke(&id),
+            Request::PreApprovals => Ok(self.pre_approvals()),
+            Request::Policy { envelope } => value(self.load_policy(&bytes(&envelope)?)?),
+            Request::Manifest { id } => self.manifest(&id),
+        }
+    }
+}
+
+/// Kills a whole process group at once.
+fn kill_group(pgid: i32) {
+    if pgid <= 1 {
+        return;
+    }
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
 }
 
 /// Binds the admin socket (owner-only). Done before the appliance reports itself ready, so a
@@ -139,13 +560,12 @@ pub async fn serve(control: Arc<LocalControl>, listener: tokio::net::UnixListene
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
-            // One short request per connection; a client that sends more is cut off.
-            let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, 4096));
+            // One request per connection; a client that sends more is cut off.
+            let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES));
             let reply = match reader.read_line(&mut line).await {
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
-                    Ok(Request::Status) => Reply::Ok(control.status()),
-                    Ok(Request::Phase { phase, enabled }) => match control.set_phase(phase, enabled) {
-                        Ok(s) => Reply::Ok(s),
+                    Ok(request) => match control.handle(request).await {
+                        Ok(v) => Reply::Ok(v),
                         Err(e) => Reply::Error(e.to_string()),
                     },
                     Err(e) => Reply::Error(format!("malformed request: {e}")),
@@ -159,8 +579,8 @@ pub async fn serve(control: Arc<LocalControl>, listener: tokio::net::UnixListene
     }
 }
 
-/// The client side, for `airlock appliance phase …` on the same host.
-pub async fn call(socket: &Path, request: &Request) -> Result<Status, ApplianceError> {
+/// The client side, for `airlock appliance …` on the same host: any request, its JSON answer.
+pub async fn call_value(socket: &Path, request: &Request) -> Result<serde_json::Value, ApplianceError> {
     let io = |e: std::io::Error| {
         ApplianceError::Customer(format!("cannot reach the appliance at {}: {e}; is it running?", socket.display()))
     };
@@ -172,8 +592,27 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Status, ApplianceE
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await.map_err(io)?;
     match serde_json::from_str::<Reply>(&line) {
-        Ok(Reply::Ok(status)) => Ok(status),
+        Ok(Reply::Ok(value)) => Ok(value),
         Ok(Reply::Error(e)) => Err(ApplianceError::Customer(e)),
         Err(e) => Err(ApplianceError::Protocol(format!("admin reply: {e}"))),
     }
+}
+
+/// Reads one operation's output over the socket, checked against the digest the appliance
+/// signed. Returns the bytes and the reply (digest, size, truncated, data tags).
+pub async fn read_output(socket: &Path, id: &str) -> Result<(Vec<u8>, serde_json::Value), ApplianceError> {
+    let reply = call_value(socket, &Request::Output { id: id.to_owned() }).await?;
+    let bytes = data_encoding::BASE64
+        .decode(reply["output_base64"].as_str().unwrap_or_default().as_bytes())
+        .map_err(|_| ApplianceError::Protocol("the appliance sent output that is not base64".into()))?;
+    if reply["output_sha256"].as_str() != Some(airlock_core::operation::sha256_hex(&bytes).as_str()) {
+        return Err(ApplianceError::Protocol("the output read does not match its digest".into()));
+    }
+    Ok((bytes, reply))
+}
+
+/// The client side of `status` and `phase`, for `airlock appliance phase …`.
+pub async fn call(socket: &Path, request: &Request) -> Result<Status, ApplianceError> {
+    let value = call_value(socket, request).await?;
+    serde_json::from_value(value).map_err(|e| ApplianceError::Protocol(format!("admin reply: {e}")))
 }

@@ -130,6 +130,42 @@ pub fn load_policy(
     }
 }
 
+/// Accepts a newly signed policy offered on this host (the admin socket): the same checks as
+/// at start. On success it is stored and audited; on refusal the reason is audited and
+/// returned, and the policy in force stays.
+pub fn accept_policy(
+    state: &StateDir,
+    pinned: &[CustomerPublicKey],
+    envelope_json: &[u8],
+    current: Option<&VerifiedPolicy>,
+    audit: &AuditLog,
+) -> Result<VerifiedPolicy, String> {
+    let refuse = |why: String| {
+        let _ = audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why }));
+        tracing::error!(reason = %why, "refusing policy; the last good policy stays in force");
+        why
+    };
+    if pinned.is_empty() {
+        return Err(refuse("no customer key is pinned; the appliance accepts no policy".into()));
+    }
+    if envelope_json.len() as u64 > MAX_POLICY_BYTES {
+        return Err(refuse("larger than 1 MiB; it is not a policy".into()));
+    }
+    let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| refuse(e.to_string()))?;
+    if current.is_none_or(|c| c.digest_hex() != p.digest_hex()) {
+        state.write_private(POLICY, envelope_json).map_err(|e| refuse(e.to_string()))?;
+        audit
+            .record(
+                "policy.update",
+                Outcome::Success,
+                serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() }),
+            )
+            .map_err(|e| e.to_string())?;
+        tracing::info!(serial = p.serial(), digest = %p.digest_hex(), "accepted a new customer policy from this host");
+    }
+    Ok(p)
+}
+
 /// A policy is a few KiB; a larger file is not one.
 const MAX_POLICY_BYTES: u64 = 1 << 20;
 

@@ -14,6 +14,9 @@ pub mod config;
 pub mod customer;
 pub mod join;
 pub mod nonces;
+pub mod operations;
+pub mod ops_store;
+pub mod preapprovals;
 pub mod session;
 pub mod state_dir;
 
@@ -69,6 +72,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Kills the operations still running when `run` returns, however it returns.
+struct KillRunningOnDrop(std::sync::Arc<admin::LocalControl>);
+
+impl Drop for KillRunningOnDrop {
+    fn drop(&mut self) {
+        self.0.kill_all_running();
+    }
+}
+
 /// Wall-clock time. The appliance checks its own certificate's validity with it.
 pub fn now() -> Timestamp {
     Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc())
@@ -104,7 +116,8 @@ pub async fn run(
         }
         None => tracing::warn!("no customer policy in force: only Observe is allowed"),
     }
-    let control = std::sync::Arc::new(admin::LocalControl::new(state.path(), policy, audit.clone())?);
+    let control = std::sync::Arc::new(admin::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
+    let _kill_running = KillRunningOnDrop(control.clone());
     let socket = state.path().join(admin::SOCKET_FILE);
     let listener = admin::bind(&socket)?;
     let admin_task = tokio::spawn(admin::serve(control.clone(), listener));
@@ -167,6 +180,13 @@ pub async fn run(
     let (identity, _, _) = inspect_cert(&creds.cert_pem)
         .ok_or_else(|| ApplianceError::Protocol("stored certificate names no appliance identity".into()))?;
     tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
+    let executor =
+        std::sync::Arc::new(operations::Executor::new(control.clone(), state.path(), identity.clone(), &ca_pem)?);
+    match executor.recover_interrupted() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(count = n, "operations interrupted by the previous stop were recorded as cancelled"),
+        Err(e) => tracing::error!(error = %e, "cannot record operations interrupted by the previous stop"),
+    }
 
     let session = Session {
         state: &state,
@@ -174,6 +194,7 @@ pub async fn run(
         ca_pem: &ca_pem,
         identity: &identity,
         started: std::time::Instant::now(),
+        executor,
     };
     let mut backoff = backoff::Backoff::new(Duration::from_millis(250), config.max_backoff);
     loop {

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::join::{cert_matches_key, csr_for};
+use crate::operations::{Executor, Handled};
 use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
 use crate::{ApplianceError, now};
 
@@ -42,6 +43,16 @@ pub struct Session<'a> {
     pub ca_pem: &'a str,
     pub identity: &'a ApplianceIdentity,
     pub started: std::time::Instant,
+    pub executor: Arc<Executor>,
+}
+
+/// Detaches the outbox from a stream when its session ends, however it ends.
+struct Outbound<'a>(&'a crate::admin::LocalControl);
+
+impl Drop for Outbound<'_> {
+    fn drop(&mut self) {
+        self.0.set_outbound(None);
+    }
 }
 
 impl Session<'_> {
@@ -73,6 +84,7 @@ impl Session<'_> {
             client.session(ReceiverStream::new(rx)).await.map_err(|s| classify_status(&s, false))?.into_inner();
 
         let mut established = false;
+        let _outbound = Outbound(self.executor.control());
         let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
         heartbeat.reset();
         let mut seq = 0u64;
@@ -114,6 +126,10 @@ impl Session<'_> {
                             let every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.clamp(1, 3600)));
                             heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                             tracing::info!(appliance = %w.appliance_id, heartbeat_seconds = every.as_secs(), "connected to control plane");
+                            // Results and releases not yet acknowledged go again, off the loop.
+                            let control = self.executor.control().clone();
+                            control.set_outbound(Some(tx.clone()));
+                            tokio::spawn(async move { control.resend_outbox().await });
                         }
                         Some(control_message::Body::HeartbeatAck(_)) => {}
                         Some(control_message::Body::Renewed(r)) => {
@@ -138,8 +154,18 @@ impl Session<'_> {
                             tracing::warn!(reason = %r.reason, "certificate renewal refused; will retry");
                             renew_at = Some(retry_renewal_at(validity));
                         }
-                        // Operations are not wired on the appliance yet.
-                        Some(control_message::Body::Operation(_) | control_message::Body::OperationAck(_)) | None => {}
+                        Some(control_message::Body::Operation(instruction)) => {
+                            // Decided and run off the loop: heartbeats go on while it runs.
+                            let executor = self.executor.clone();
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                if let Handled::Reply(result) = executor.handle(instruction).await {
+                                    let _ = tx.send(result.to_message()).await;
+                                }
+                            });
+                        }
+                        Some(control_message::Body::OperationAck(ack)) => self.executor.control().on_ack(&ack),
+                        None => {}
                     }
                 }
             }

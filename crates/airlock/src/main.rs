@@ -2,6 +2,8 @@
 // Printing results to stdout is this binary's job; logs go to stderr.
 #![allow(clippy::print_stdout)]
 
+#[cfg(feature = "appliance")]
+mod appliance_local;
 mod approvals;
 mod client;
 mod customer;
@@ -216,6 +218,33 @@ enum ApplianceSub {
         #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// On the appliance host: operations this appliance ran, their output and manifests.
+    #[cfg(feature = "appliance")]
+    Ops {
+        #[command(subcommand)]
+        command: appliance_local::OpsSub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// On the appliance host: install, revoke and list the customer's pre-approvals.
+    #[cfg(feature = "appliance")]
+    Preapproval {
+        #[command(subcommand)]
+        command: appliance_local::PreapprovalSub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// On the appliance host: load a newly signed customer policy.
+    #[cfg(feature = "appliance")]
+    Policy {
+        #[command(subcommand)]
+        command: appliance_local::PolicySub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// List appliances and their status.
     List {
         /// Only this environment (env_…).
@@ -359,6 +388,9 @@ enum CustomerSub {
     /// Sign a pre-approval for routine runs of one template on one appliance; install it on the
     /// appliance host with `airlock appliance preapproval add`.
     Preapprove(PreapproveArgs),
+    /// On the appliance host: release (or --withhold) one operation's output, signed with your key.
+    #[cfg(feature = "appliance")]
+    Release(appliance_local::ReleaseArgs),
 }
 
 #[derive(Subcommand)]
@@ -592,6 +624,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("OK");
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "appliance")]
+        Command::Customer(CustomerCmd { command: CustomerSub::Release(args) }) => appliance_local::release(args).await,
         #[cfg(all(feature = "server", feature = "appliance"))]
         Command::Dev(args) => dev::run(args).await,
     }
@@ -787,6 +821,12 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             println!("effective: {}", names(&status.effective));
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Ops { command, state_dir } => appliance_local::ops(command, state_dir).await,
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Preapproval { command, state_dir } => appliance_local::preapproval(command, state_dir).await,
+        #[cfg(feature = "appliance")]
+        ApplianceSub::Policy { command, state_dir } => appliance_local::policy(command, state_dir).await,
         ApplianceSub::List { env, api } => {
             let path = match &env {
                 Some(e) => format!("/v1/appliances?environment={e}"),

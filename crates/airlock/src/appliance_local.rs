@@ -1,0 +1,235 @@
+//! Commands run on the appliance host, through the appliance's owner-only admin socket in its
+//! state directory: the customer's local view of operations (list, output, manifest), their
+//! pre-approvals and policy, and `airlock customer release`, which signs a release or
+//! withholding with the customer's key on this host. Nothing here talks to the control plane.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use airlock_appliance::admin::{Request, SOCKET_FILE, call, call_value, read_output};
+use airlock_core::customer_key::CustomerSigningKey;
+use airlock_core::dsse::Envelope;
+use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, SECRET_OUTPUT_TAG};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub(crate) enum OpsSub {
+    /// Operations on this appliance, newest first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one operation's output to stdout (decrypted here; the read is audited).
+    Output { id: String },
+    /// Print the appliance's own copy of one operation's manifest (JSON).
+    Manifest { id: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PreapprovalSub {
+    /// Install a signed pre-approval (a DSSE envelope file).
+    Add { file: PathBuf },
+    /// Revoke a pre-approval at once; it never runs anything again.
+    Revoke { id: String },
+    /// Installed pre-approvals, with runs used and whether revoked.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PolicySub {
+    /// Load a newly signed policy (`airlock customer policy sign`); running operations of
+    /// phases it no longer enables are cancelled.
+    Load { file: PathBuf },
+}
+
+#[derive(Args)]
+pub(crate) struct ReleaseArgs {
+    /// The operation id (op_…).
+    id: String,
+    /// Your private key (`airlock customer keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// The appliance's state directory (its admin socket lives there).
+    #[arg(long, env = "AIRLOCK_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Withhold the output instead of releasing it: only the decision goes to the vendor.
+    #[arg(long)]
+    withhold: bool,
+    /// Why, in your words (kept in the signed statement).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Who decides, as shown in manifests [default: your key id].
+    #[arg(long)]
+    approver: Option<String>,
+}
+
+fn socket(state_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(state_dir.context("give --state-dir (or AIRLOCK_STATE_DIR)")?.join(SOCKET_FILE))
+}
+
+fn read_envelope(file: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a signed envelope (JSON)", file.display()))
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub(crate) async fn ops(command: OpsSub, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let socket = socket(state_dir)?;
+    match command {
+        OpsSub::List { json } => {
+            let list = call_value(&socket, &Request::Operations).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<36} {:<24} {:<8} {:<10} {:>4} {:>9} {:<12} DATA TAGS",
+                "ID", "TEMPLATE", "PHASE", "STATE", "EXIT", "OUTPUT", "RELEASE"
+            );
+            for op in list.as_array().into_iter().flatten() {
+                let tags: Vec<String> = op["data_tags"].as_array().into_iter().flatten().map(text).collect::<Vec<_>>();
+                println!(
+                    "{:<36} {:<24} {:<8} {:<10} {:>4} {:>9} {:<12} {}",
+                    text(&op["id"]),
+                    text(&op["template"]),
+                    text(&op["phase"]),
+                    text(&op["state"]),
+                    text(&op["exit_code"]),
+                    text(&op["output_size"]),
+                    text(&op["release"]),
+                    tags.join(","),
+                );
+            }
+        }
+        OpsSub::Output { id } => {
+            let (bytes, reply) = read_output(&socket, &id).await?;
+            eprintln!(
+                "output of {id}: {} bytes, sha256 {}{}",
+                bytes.len(),
+                text(&reply["output_sha256"]),
+                if reply["truncated"] == true { " (truncated at capture)" } else { "" }
+            );
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes)?;
+            out.flush()?;
+        }
+        OpsSub::Manifest { id } => {
+            let manifest = call_value(&socket, &Request::Manifest { id }).await?;
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn preapproval(command: PreapprovalSub, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let socket = socket(state_dir)?;
+    let print = |p: &serde_json::Value| {
+        println!(
+            "{:<24} {:<24} {:<8} {:<20} runs {}/{} {}  until {}",
+            text(&p["id"]),
+            text(&p["template"]),
+            text(&p["phase"]),
+            text(&p["level"]),
+            text(&p["runs_used"]),
+            text(&p["max_runs"]),
+            if p["revoked"] == true { "REVOKED" } else { "active " },
+            airlock_core::Timestamp::from_unix_millis(p["not_after"].as_i64().unwrap_or_default()),
+        );
+    };
+    match command {
+        PreapprovalSub::Add { file } => {
+            let added = call_value(&socket, &Request::PreApprovalAdd { envelope: read_envelope(&file)? }).await?;
+            print(&added);
+        }
+        PreapprovalSub::Revoke { id } => {
+            let revoked = call_value(&socket, &Request::PreApprovalRevoke { id }).await?;
+            print(&revoked);
+        }
+        PreapprovalSub::List { json } => {
+            let list = call_value(&socket, &Request::PreApprovals).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                list.as_array().into_iter().flatten().for_each(print);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn policy(command: PolicySub, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let socket = socket(state_dir)?;
+    let PolicySub::Load { file } = command;
+    let status = call(&socket, &Request::Policy { envelope: read_envelope(&file)? }).await?;
+    let names = |v: &[airlock_core::policy::Phase]| {
+        v.iter().map(|p| format!("{p:?}").to_ascii_lowercase()).collect::<Vec<_>>().join(", ")
+    };
+    println!(
+        "policy:    serial {}, sha256 {}",
+        status.policy_serial.map_or("-".into(), |s| s.to_string()),
+        status.policy_digest.as_deref().unwrap_or("-")
+    );
+    println!("effective: {}", names(&status.effective));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `airlock customer release`: signs the customer's decision about one output on this host.
+pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
+    let socket = args.state_dir.join(SOCKET_FILE);
+    let pem = std::fs::read_to_string(&args.key).with_context(|| format!("reading {}", args.key.display()))?;
+    let key = CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", args.key.display()))?;
+    let list = call_value(&socket, &Request::Operations).await?;
+    let op = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|o| o["id"].as_str() == Some(args.id.as_str()))
+        .with_context(|| format!("no operation {} on this appliance", args.id))?
+        .clone();
+    let secret = op["data_tags"].as_array().into_iter().flatten().any(|t| t.as_str() == Some(SECRET_OUTPUT_TAG));
+    anyhow::ensure!(
+        args.withhold || !secret,
+        "operation {} is tagged `{SECRET_OUTPUT_TAG}`: its output never leaves this host; use --withhold",
+        args.id
+    );
+    let (output_sha256, output_size) = if args.withhold {
+        let digest = op["output_sha256"].as_str().context("this operation has no output to decide about")?;
+        (digest.to_owned(), op["output_size"].as_u64().unwrap_or_default())
+    } else {
+        let (bytes, reply) = read_output(&socket, &args.id).await?;
+        (text(&reply["output_sha256"]), bytes.len() as u64)
+    };
+    let decision = if args.withhold { ReleaseDecision::Withhold } else { ReleaseDecision::Release };
+    eprintln!(
+        "{} the output of {}: {output_size} bytes, sha256 {output_sha256}",
+        if args.withhold { "withholding" } else { "releasing" },
+        args.id
+    );
+    let statement = ReleaseStatement {
+        request_id: args.id.clone(),
+        appliance: serde_json::from_value(op["appliance"].clone()).context("the appliance named no appliance id")?,
+        decision,
+        output_sha256,
+        output_size,
+        decided_at: airlock_appliance::now(),
+        approver: args.approver.unwrap_or_else(|| key.public().key_id()),
+        reason: args.reason,
+    };
+    let envelope = Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(&statement)?).sign(&key);
+    let reply = call_value(&socket, &Request::Release { envelope: serde_json::from_str(&envelope.to_json())? }).await?;
+    println!("{}: {}", args.id, text(&reply["release"]));
+    Ok(ExitCode::SUCCESS)
+}
