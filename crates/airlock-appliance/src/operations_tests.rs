@@ -422,7 +422,12 @@ async fn command_must_be_exactly_what_the_template_renders() {
     // A vendor template named like one of the appliance's own probes, labelled Observe, would
     // otherwise run without any customer signature.
     let probe = MANIFEST.replace("echo-service", "status").replace("\"operate\"", "\"observe\"");
-    let stmt = fx.statement("op_probe", &probe, SCRIPT, vars("api"));
+    // Core refuses to build such a template, so the vendor's statement is assembled by hand.
+    let mut stmt = fx.statement("op_probe", MANIFEST, SCRIPT, vars("api"));
+    stmt.request.kind = "status".into();
+    stmt.request.phase = Phase::Observe;
+    stmt.command.template = "status".into();
+    stmt.request.command_sha256 = stmt.command.sha256();
     let r = fx.send(fx.instruction(&stmt, &probe, SCRIPT, "")).await;
     assert_refused(&r, "built-in probe");
     for id in ["op_swap", "op_digest", "op_tags", "op_value", "op_probe"] {

@@ -99,6 +99,11 @@ impl Template {
         if !ident(&manifest.name, b'-') {
             return invalid(format!("name `{}` must be 1-64 lowercase letters, digits or `-`", manifest.name));
         }
+        // A template named like one of the appliance's own read-only probes would pass as one
+        // (Observe needs no customer signature for those); the names are reserved.
+        if crate::grant::BUILTIN_OBSERVE_KINDS.contains(&manifest.name.as_str()) {
+            return invalid(format!("name `{}` is reserved for the appliance's built-in probes", manifest.name));
+        }
         if script.trim().is_empty() {
             return invalid("the script is empty".into());
         }
@@ -252,6 +257,7 @@ type = "integer"
             (MANIFEST.replace("phase = \"operate\"", "phase = \"root\""), SCRIPT, "unknown variant"),
             (MANIFEST.replace("body = ", "shell = true\nbody = "), SCRIPT, "unknown field"),
             (MANIFEST.to_owned(), "  \n", "empty"),
+            (MANIFEST.replace("restart-service", "status"), SCRIPT, "reserved"),
         ] {
             let err = Template::new(&manifest, script).unwrap_err().to_string();
             assert!(err.contains(expect), "expected `{expect}` in {err}");
