@@ -175,7 +175,7 @@ mod operations {
 
     const MARKER: &[u8] = b"customer-plaintext-7f3a9c1e-never-at-rest";
 
-    async fn call(f: &Fixture, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Vec<u8>) {
+    pub(super) async fn call(f: &Fixture, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Vec<u8>) {
         let mut req = http::Request::builder()
             .method(method)
             .uri(path)
@@ -189,13 +189,13 @@ mod operations {
         (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
     }
 
-    async fn json_call(f: &Fixture, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub(super) async fn json_call(f: &Fixture, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let (s, bytes) = call(f, method, path, body).await;
         (s, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
     /// Pushes a template with `tags` and requests an operation on the fixture's appliance.
-    async fn request(f: &Fixture, name: &str, tags: &[&str]) -> Value {
+    pub(super) async fn request(f: &Fixture, name: &str, tags: &[&str]) -> Value {
         let manifest = format!(
             "name = \"{name}\"\ndescription = \"d\"\nphase = \"observe\"\ndata_tags = {tags:?}\nbody = \"run.sh\"\n"
         );
@@ -218,20 +218,20 @@ mod operations {
         op
     }
 
-    async fn op_state(f: &Fixture, id: &str) -> Value {
+    pub(super) async fn op_state(f: &Fixture, id: &str) -> Value {
         json_call(f, Method::GET, &format!("/v1/operations/{id}"), None).await.1
     }
 
     /// A live stream as an appliance: messages go up through `tx`, replies come down `rx`.
-    struct Appliance {
-        tx: tokio::sync::mpsc::Sender<ApplianceMessage>,
-        rx: tonic::Streaming<ControlMessage>,
-        key: rcgen::KeyPair,
-        cert: crate::ca::Issued,
+    pub(super) struct Appliance {
+        pub(super) tx: tokio::sync::mpsc::Sender<ApplianceMessage>,
+        pub(super) rx: tonic::Streaming<ControlMessage>,
+        pub(super) key: rcgen::KeyPair,
+        pub(super) cert: crate::ca::Issued,
     }
 
     impl Appliance {
-        async fn connect(f: &Fixture, identity: &ApplianceIdentity) -> Self {
+        pub(super) async fn connect(f: &Fixture, identity: &ApplianceIdentity) -> Self {
             let (channel, key, cert) = channel_as(f, identity).await;
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
@@ -245,19 +245,19 @@ mod operations {
             a
         }
 
-        async fn recv(&mut self) -> control_message::Body {
+        pub(super) async fn recv(&mut self) -> control_message::Body {
             let msg = tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await.expect("a message in time");
             msg.unwrap().and_then(|m| m.body).expect("a message")
         }
 
-        async fn instruction(&mut self) -> OperationInstruction {
+        pub(super) async fn instruction(&mut self) -> OperationInstruction {
             match self.recv().await {
                 control_message::Body::Operation(i) => i,
                 other => panic!("expected an instruction, got {other:?}"),
             }
         }
 
-        async fn send(&mut self, body: appliance_message::Body) -> OperationAck {
+        pub(super) async fn send(&mut self, body: appliance_message::Body) -> OperationAck {
             self.tx.send(ApplianceMessage { body: Some(body) }).await.unwrap();
             loop {
                 match self.recv().await {
@@ -272,13 +272,24 @@ mod operations {
 
     /// An execution statement for `op`, signed with `key` (whose certificate is `cert`).
     fn execution(op: &Value, output: &[u8], key: &rcgen::KeyPair, cert: &crate::ca::Issued) -> Envelope {
+        let authority = AuthorityRef { kind: "standing-window".into(), digest: None, policy_digest: None };
+        execution_by(op, output, key, cert, authority)
+    }
+
+    pub(super) fn execution_by(
+        op: &Value,
+        output: &[u8],
+        key: &rcgen::KeyPair,
+        cert: &crate::ca::Issued,
+        authority: AuthorityRef,
+    ) -> Envelope {
         let now = airlock_core::Timestamp::from_unix_millis(op["requested_at"].as_i64().unwrap());
         let statement = ExecutionStatement {
             request_id: op["id"].as_str().unwrap().to_owned(),
             appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
             request_digest: op["request_digest"].as_str().unwrap().to_owned(),
             command_sha256: op["command_sha256"].as_str().unwrap().to_owned(),
-            authority: AuthorityRef { kind: "standing-window".into(), digest: None, policy_digest: None },
+            authority,
             status: ExecutionStatus::Completed,
             started_at: now,
             finished_at: now,
@@ -510,6 +521,102 @@ mod operations {
             ..Default::default()
         });
         assert!(a.send(unknown).await.error.contains("no operation"));
+        f.server.shutdown().await;
+    }
+}
+
+mod pre_approval {
+    use std::collections::BTreeMap;
+
+    use airlock_core::dsse::Envelope;
+    use airlock_core::grant::{ApprovalLevel, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
+    use airlock_core::operation::AuthorityRef;
+    use airlock_proto::gateway::{OperationOutcome, OperationResult, OutputRelease};
+    use http::{Method, StatusCode};
+
+    use super::operations::*;
+    use super::*;
+
+    fn pre_approval(op: &serde_json::Value, level: ApprovalLevel, template: &str) -> (PreApprovalBody, Envelope) {
+        let body = PreApprovalBody {
+            id: "routine-1".into(),
+            appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
+            template: template.to_owned(),
+            template_sha256: op["template_sha256"].as_str().unwrap().to_owned(),
+            phase: airlock_core::policy::Phase::Observe,
+            not_before: airlock_core::Timestamp::from_unix_millis(0),
+            not_after: airlock_core::Timestamp::from_unix_millis(i64::MAX / 2),
+            max_runs: 5,
+            level,
+            constraints: BTreeMap::new(),
+            approver: "alice".into(),
+            issued_at: airlock_core::Timestamp::from_unix_millis(0),
+        };
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let env = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
+        (body, env)
+    }
+
+    fn result_with(op: &serde_json::Value, exec: &Envelope, cert_pem: &str, pre: &Envelope) -> appliance_message::Body {
+        appliance_message::Body::OperationResult(OperationResult {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            outcome: OperationOutcome::Executed as i32,
+            reason: String::new(),
+            execution_envelope_json: exec.to_json(),
+            appliance_certificate_pem: cert_pem.to_owned(),
+            pre_approval_envelope_json: pre.to_json(),
+        })
+    }
+
+    fn bare_release(op: &serde_json::Value, output: &[u8]) -> appliance_message::Body {
+        appliance_message::Body::OutputRelease(OutputRelease {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            release_envelope_json: String::new(),
+            output: output.to_vec(),
+        })
+    }
+
+    #[tokio::test]
+    async fn pre_approved_output_needs_the_commands_and_output_level() {
+        let f = fixture().await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        for (name, level, released) in
+            [("routine", ApprovalLevel::Commands, false), ("routine-out", ApprovalLevel::CommandsAndOutput, true)]
+        {
+            let op = request(&f, name, &["host:read"]).await;
+            let id = op["id"].as_str().unwrap();
+            assert_eq!(a.instruction().await.request_id, id);
+            let (body, env) = pre_approval(&op, level, name);
+            let by = |digest: String| AuthorityRef {
+                kind: "pre-approval".into(),
+                digest: Some(digest),
+                policy_digest: None,
+            };
+            // A pre-approval for another template, or one the execution does not name: refused.
+            let (other_body, other_env) = pre_approval(&op, level, "something-else");
+            let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(other_body.digest_hex()));
+            let ack = a.send(result_with(&op, &exec, &a.cert.pem, &other_env)).await;
+            assert!(ack.error.contains("another appliance, template or phase"), "{ack:?}");
+            let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by("00".repeat(32)));
+            let ack = a.send(result_with(&op, &exec, &a.cert.pem, &env)).await;
+            assert!(ack.error.contains("another pre-approval"), "{ack:?}");
+            // The real one: awaiting_approval -> executed, the pre-approval kept for the manifest.
+            let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(body.digest_hex()));
+            assert_eq!(a.send(result_with(&op, &exec, &a.cert.pem, &env)).await.error, "");
+            let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
+            assert_eq!(Envelope::from_json(m["pre_approval"].to_string().as_bytes()).unwrap(), env);
+
+            // Output without a signed release: only at the commands-and-output level.
+            let ack = a.send(bare_release(&op, b"routine output")).await;
+            assert_eq!(ack.error.is_empty(), released, "{ack:?}");
+            let (s, bytes) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
+            if released {
+                assert_eq!((s, bytes.as_slice()), (StatusCode::OK, b"routine output".as_slice()));
+            } else {
+                assert_eq!(s, StatusCode::NOT_FOUND);
+                assert_eq!(op_state(&f, id).await["state"], "executed");
+            }
+        }
         f.server.shutdown().await;
     }
 }

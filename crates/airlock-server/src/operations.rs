@@ -36,6 +36,8 @@ use crate::store::{OperationRow, ReleaseUpdate, ResultUpdate, StoreError};
 pub const SIGNER_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 /// Longest refusal reason kept from an appliance (it names a check or rule, never data).
 const MAX_REASON_CHARS: usize = 500;
+/// How far ahead of the control plane's clock an appliance's clock may run.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignerError {
@@ -401,7 +403,7 @@ async fn apply_result(
             return Ok(());
         }
         OperationOutcome::Executed | OperationOutcome::Cancelled => {
-            let v = verify_execution(state, peer, &op, &request, outcome, r)?;
+            let v = verify_execution(state, peer, &op, &request, outcome, r, now)?;
             let execution_json = v.envelope.to_json();
             if !pending {
                 return if op.execution_envelope.as_deref() == Some(execution_json.as_str()) {
@@ -465,13 +467,18 @@ fn verify_execution(
     request: &RequestStatement,
     outcome: OperationOutcome,
     r: &OperationResult,
+    now: Timestamp,
 ) -> Result<VerifiedExecution, Refuse> {
     let envelope = Envelope::from_json(r.execution_envelope_json.as_bytes())
         .or_else(|e| refuse(format!("the execution envelope is malformed: {e}")))?;
     let unsigned: ExecutionStatement = serde_json::from_slice(&envelope.payload)
         .or_else(|e| refuse(format!("the execution statement is malformed: {e}")))?;
     // Checked at the time the appliance says it started, as a manifest verifier will: a
-    // result resent after a renewal still carries the certificate that signed it.
+    // result resent after a renewal still carries the certificate that signed it. That time
+    // may not lie in the future, so a certificate cannot be used beyond its validity.
+    if unsigned.started_at > now.saturating_add(MAX_CLOCK_SKEW) {
+        return refuse(format!("the execution claims to have started in the future ({})", unsigned.started_at));
+    }
     let certified = verify_certified_envelope(
         &envelope,
         EXECUTION_PAYLOAD_TYPE,
