@@ -475,7 +475,7 @@ fn verify_execution(
         .or_else(|e| refuse(format!("the execution statement is malformed: {e}")))?;
     // Checked at the time the appliance says it started, as a manifest verifier will: a
     // result resent after a renewal still carries the certificate that signed it. That time
-    // may not lie in the future, so a certificate cannot be used beyond its validity.
+    // is the appliance's claim; it may at least not lie in the control plane's future.
     if unsigned.started_at > now.saturating_add(MAX_CLOCK_SKEW) {
         return refuse(format!("the execution claims to have started in the future ({})", unsigned.started_at));
     }
