@@ -366,41 +366,23 @@ async fn apply_result(
     };
     let request = stored_request(&op)?;
     let pending = crate::store::PENDING_STATES.contains(&op.state.as_str()) && op.result_at.is_none();
-    let (update, action, detail) = match outcome {
-        OperationOutcome::Unspecified => return refuse("the result has no outcome"),
+    let already = || refuse(format!("operation {request_id} already has a final result ({})", op.state));
+    match outcome {
+        OperationOutcome::Unspecified => refuse("the result has no outcome"),
         // Nothing ran and nothing changes; the instruction is sent again with the approval.
-        OperationOutcome::AwaitingApproval => return Ok(()),
+        OperationOutcome::AwaitingApproval => Ok(()),
         OperationOutcome::Refused => {
             let reason = sanitize(&r.reason, MAX_REASON_CHARS);
             if !pending {
-                return if op.refusal_reason.as_deref() == Some(reason.as_str()) {
-                    Ok(()) // the same result again: already stored
-                } else {
-                    refuse(format!("operation {request_id} already has a final result ({})", op.state))
-                };
+                // The same result again is already stored.
+                return if op.refusal_reason.as_deref() == Some(reason.as_str()) { Ok(()) } else { already() };
             }
             // A denial stays `denied`; the appliance's refusal confirms it audited it.
             let new_state = if op.state == OpState::Denied.as_str() { OpState::Denied } else { OpState::Refused };
-            let detail = serde_json::json!({ "reason": reason });
-            let update = ResultUpdate {
-                state: new_state.as_str(),
-                execution_envelope: None,
-                appliance_cert_pem: None,
-                pre_approval_envelope: None,
-                exit_code: None,
-                output_sha256: None,
-                output_size: None,
-                refusal_reason: Some(&reason),
-            };
-            if !tx.record_result(scope, peer.appliance, request_id, &update, now).await? {
-                return refuse(format!("operation {request_id} already has a final result"));
-            }
-            let mut ev = event(scope.principal().actor(), "operation.refused", Outcome::Success);
-            ev.target = Some(request_id.to_owned());
-            ev.detail = detail;
-            tx.audit(&scope.chain(), now, ev).await?;
-            tx.commit().await?;
-            return Ok(());
+            let update =
+                ResultUpdate { state: new_state.as_str(), refusal_reason: Some(&reason), ..Default::default() };
+            let ev = result_event(scope, "operation.refused", request_id, serde_json::json!({ "reason": reason }));
+            commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
         }
         OperationOutcome::Executed | OperationOutcome::Cancelled => {
             let v = verify_execution(state, peer, &op, &request, outcome, r, now)?;
@@ -409,43 +391,68 @@ async fn apply_result(
                 return if op.execution_envelope.as_deref() == Some(execution_json.as_str()) {
                     Ok(())
                 } else {
-                    refuse(format!("operation {request_id} already has a final result ({})", op.state))
+                    already()
                 };
             }
             if op.state == OpState::Denied.as_str() {
                 return refuse("the customer denied this request; an execution of it is refused");
             }
-            let new_state = if outcome == OperationOutcome::Executed { OpState::Executed } else { OpState::Cancelled };
-            let action = if new_state == OpState::Executed { "operation.executed" } else { "operation.cancelled" };
+            let e = &v.statement;
+            let size = i64::try_from(e.output_size).or_else(|_| refuse("output_size is out of range"))?;
+            let (new_state, action) = if outcome == OperationOutcome::Executed {
+                (OpState::Executed, "operation.executed")
+            } else {
+                (OpState::Cancelled, "operation.cancelled")
+            };
+            let update = ResultUpdate {
+                state: new_state.as_str(),
+                execution_envelope: Some(&execution_json),
+                appliance_cert_pem: Some(&v.cert_pem),
+                pre_approval_envelope: v.pre_approval_json.as_deref(),
+                exit_code: e.exit_code.map(i64::from),
+                output_sha256: Some(&e.output_sha256),
+                output_size: Some(size),
+                refusal_reason: None,
+            };
             let detail = serde_json::json!({
-                "status": v.statement.status,
-                "exit_code": v.statement.exit_code,
-                "output_sha256": v.statement.output_sha256,
-                "output_size": v.statement.output_size,
-                "authority": v.statement.authority.kind,
-                "sequence": v.statement.sequence,
+                "status": e.status,
+                "exit_code": e.exit_code,
+                "output_sha256": e.output_sha256,
+                "output_size": e.output_size,
+                "authority": e.authority.kind,
+                "sequence": e.sequence,
             });
-            ((new_state, execution_json, v.cert_pem, v.pre_approval_json, v.statement), action, detail)
+            let ev = result_event(scope, action, request_id, detail);
+            commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
         }
-    };
-    let (new_state, execution_json, cert_pem, pre_approval_json, statement) = update;
-    let size = i64::try_from(statement.output_size).or_else(|_| refuse("output_size is out of range"))?;
-    let update = ResultUpdate {
-        state: new_state.as_str(),
-        execution_envelope: Some(&execution_json),
-        appliance_cert_pem: Some(&cert_pem),
-        pre_approval_envelope: pre_approval_json.as_deref(),
-        exit_code: statement.exit_code.map(i64::from),
-        output_sha256: Some(&statement.output_sha256),
-        output_size: Some(size),
-        refusal_reason: None,
-    };
-    if !tx.record_result(scope, peer.appliance, request_id, &update, now).await? {
-        return refuse(format!("operation {request_id} already has a final result"));
     }
+}
+
+fn result_event(
+    scope: &TenantScope,
+    action: &str,
+    request_id: &str,
+    detail: serde_json::Value,
+) -> airlock_core::audit::Event {
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
     ev.target = Some(request_id.to_owned());
     ev.detail = detail;
+    ev
+}
+
+/// Records a result and its audit record in one transaction.
+async fn commit_result(
+    mut tx: crate::store::WriteTx<'_>,
+    scope: &TenantScope,
+    appliance: ApplianceId,
+    request_id: &str,
+    update: &ResultUpdate<'_>,
+    ev: airlock_core::audit::Event,
+    now: Timestamp,
+) -> Result<(), Refuse> {
+    if !tx.record_result(scope, appliance, request_id, update, now).await? {
+        return refuse(format!("operation {request_id} already has a final result"));
+    }
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
     Ok(())

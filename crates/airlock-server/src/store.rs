@@ -772,7 +772,7 @@ pub struct OperationRow {
 }
 
 /// What an appliance's verified result changes on an operation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ResultUpdate<'a> {
     pub state: &'a str,
     pub execution_envelope: Option<&'a str>,
