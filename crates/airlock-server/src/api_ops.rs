@@ -174,7 +174,11 @@ pub(super) async fn push_template(
         .await;
         return audited(&state, &scope, ev, result).await;
     }
-    tx.put_template(&scope, ws, &row, now).await?;
+    if !tx.put_template(&scope, ws, &row, now).await? {
+        drop(tx);
+        return audited(&state, &scope, ev, Err(ApiError::not_found(format!("no workspace {ws} in your tenant"))))
+            .await;
+    }
     ev.detail = serde_json::json!({
         "content_sha256": sha,
         "previous_sha256": previous,
@@ -432,7 +436,14 @@ pub(super) async fn request_operation(
         output_stored: false,
     };
     let mut tx = state.store.write().await?;
-    tx.insert_operation(&scope, &row).await?;
+    if !tx.insert_operation(&scope, &row).await? {
+        drop(tx);
+        let e = ApiError::bad_request(format!(
+            "appliance {appliance} is not an active appliance of environment {}",
+            env.id
+        ));
+        return audited(&state, &scope, ev, Err(e)).await;
+    }
     ev.target = Some(id.clone());
     ev.workspace = Some(env.workspace_id.to_string());
     ev.detail = serde_json::json!({

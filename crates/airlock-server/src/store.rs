@@ -949,13 +949,22 @@ impl WriteTx<'_> {
     }
 
     /// Stores a template version (a no-op if this exact content is stored) and makes it current.
+    /// False if the workspace is not the tenant's.
     pub async fn put_template(
         &mut self,
         scope: &TenantScope,
         ws: WorkspaceId,
         t: &TemplateRow,
         now: Timestamp,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let owned = sqlx::query("SELECT 1 AS one FROM workspaces WHERE tenant_id = $1 AND id = $2")
+            .bind(scope.tenant().to_string())
+            .bind(ws.to_string())
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        if owned.is_none() {
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO templates (tenant_id, workspace_id, name, content_sha256, manifest_toml, script, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (workspace_id, name, content_sha256) DO NOTHING",
@@ -982,10 +991,24 @@ impl WriteTx<'_> {
         .bind(now.unix_millis())
         .execute(&mut *self.tx)
         .await?;
-        Ok(())
+        Ok(true)
     }
 
-    pub async fn insert_operation(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<(), StoreError> {
+    /// Inserts an operation. False if its appliance is not the tenant's, in that environment.
+    pub async fn insert_operation(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<bool, StoreError> {
+        let owned = sqlx::query(
+            "SELECT 1 AS one FROM appliances a JOIN environments e ON e.id = a.environment_id
+             WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND a.id = $2 AND e.id = $3 AND e.workspace_id = $4",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(op.appliance_id.to_string())
+        .bind(op.environment_id.to_string())
+        .bind(op.workspace_id.to_string())
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        if owned.is_none() {
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
                 template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
@@ -1010,7 +1033,7 @@ impl WriteTx<'_> {
         .execute(&mut *self.tx)
         .await
         .map_err(|e| conflict(e, "operation", &op.id))?;
-        Ok(())
+        Ok(true)
     }
 
     /// An operation, read under the write lock so a check and its update cannot interleave.
@@ -1294,6 +1317,82 @@ mod tests {
         let row = store.get_appliance(&b, apl_b).await.unwrap().unwrap();
         assert!(row.revoked_at.is_none());
         assert_eq!((row.cert_serial.as_str(), row.version.as_str()), ("00", "1"));
+    }
+
+    fn operation_row(id: &str, w: WorkspaceId, e: EnvironmentId, a: ApplianceId) -> OperationRow {
+        OperationRow {
+            id: id.into(),
+            workspace_id: w,
+            environment_id: e,
+            appliance_id: a,
+            template_name: "t".into(),
+            template_sha256: "aa".into(),
+            state: "awaiting_approval".into(),
+            requested_by: "token:x".into(),
+            requested_at: now(),
+            updated_at: now(),
+            request_digest: "bb".into(),
+            command_sha256: "cc".into(),
+            request_envelope: "{}".into(),
+            control_plane_cert_pem: "pem".into(),
+            approval_envelope: None,
+            pre_approval_envelope: None,
+            execution_envelope: None,
+            appliance_cert_pem: None,
+            release_envelope: None,
+            exit_code: None,
+            output_sha256: None,
+            output_size: None,
+            refusal_reason: None,
+            result_at: None,
+            output_stored: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn store_hides_other_tenants_templates_and_operations() {
+        let (store, _dir) = store().await;
+        let (a, wa, ea, apl_a) = tenant(&store, 10).await;
+        let (b, wb, eb, apl_b) = tenant(&store, 50).await;
+        let template = TemplateRow {
+            workspace_id: wa,
+            name: "t".into(),
+            content_sha256: "aa".into(),
+            manifest_toml: "m".into(),
+            script: "s".into(),
+            created_at: now(),
+        };
+        let mut tx = store.write().await.unwrap();
+        assert!(tx.put_template(&a, wa, &template, now()).await.unwrap());
+        assert!(tx.insert_operation(&a, &operation_row("op_1", wa, ea, apl_a)).await.unwrap());
+        tx.commit().await.unwrap();
+
+        assert_eq!(store.list_current_templates(&a, wa).await.unwrap().len(), 1);
+        assert!(store.list_current_templates(&b, wa).await.unwrap().is_empty());
+        assert!(store.current_template(&b, wa, "t").await.unwrap().is_none());
+        assert!(store.template_version(&b, wa, "t", "aa").await.unwrap().is_none());
+        assert!(store.get_operation(&b, "op_1").await.unwrap().is_none());
+        assert!(store.list_operations(&b, None, None, 10).await.unwrap().is_empty());
+        assert!(store.pending_operations(&b, apl_a).await.unwrap().is_empty());
+        assert_eq!(store.pending_operations(&a, apl_a).await.unwrap().len(), 1);
+
+        // Writes through B's scope cannot touch A's rows, not even by naming A's workspace.
+        let mut tx = store.write().await.unwrap();
+        assert!(!tx.set_approval(&b, "op_1", "{}", "approved", now()).await.unwrap());
+        let update = ResultUpdate { state: "refused", refusal_reason: Some("x"), ..Default::default() };
+        assert!(!tx.record_result(&b, apl_a, "op_1", &update, now()).await.unwrap());
+        let other = TemplateRow { content_sha256: "evil".into(), ..template.clone() };
+        assert!(tx.put_template(&b, wb, &other, now()).await.unwrap());
+        assert!(!tx.put_template(&b, wa, &other, now()).await.unwrap());
+        // An operation in B's tenant naming A's appliance, or A's environment: refused.
+        assert!(!tx.insert_operation(&b, &operation_row("op_2", wb, eb, apl_a)).await.unwrap());
+        assert!(!tx.insert_operation(&b, &operation_row("op_3", wb, ea, apl_b)).await.unwrap());
+        assert!(tx.insert_operation(&b, &operation_row("op_4", wb, eb, apl_b)).await.unwrap());
+        tx.commit().await.unwrap();
+        assert!(store.get_operation(&a, "op_4").await.unwrap().is_none());
+        let op = store.get_operation(&a, "op_1").await.unwrap().unwrap();
+        assert_eq!((op.state.as_str(), op.approval_envelope, op.result_at), ("awaiting_approval", None, None));
+        assert_eq!(store.current_template(&a, wa, "t").await.unwrap().unwrap().content_sha256, "aa");
     }
 
     #[tokio::test]
