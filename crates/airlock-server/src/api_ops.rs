@@ -549,6 +549,12 @@ pub(super) async fn relay_approval(
     let checked = async {
         let ApiJson(body) = body?;
         let op = find(&state, &scope, &id).await?;
+        if body.envelope.to_string().len() > operations::MAX_ENVELOPE_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "the envelope is larger than {} bytes",
+                operations::MAX_ENVELOPE_BYTES
+            )));
+        }
         let envelope: Envelope = serde_json::from_value(body.envelope)
             .map_err(|e| ApiError::bad_request(format!("the envelope is not a DSSE envelope: {e}")))?;
         let request = stored_request(&op)?;

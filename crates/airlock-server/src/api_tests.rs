@@ -586,6 +586,7 @@ async fn approval_relay_checks_structure_binding_and_state() {
         (grant_for(&op, |b| b["phase"] = json!("observe")), "phase"),
         (grant_for(&op, |b| b["decision"] = json!("maybe")), "does not parse"),
         (wrong_type, "not an approval"),
+        (json!({ "payload": "QQ==".repeat(20_000), "payloadType": "x", "signatures": [] }), "larger than"),
         (unsigned, "no signature"),
         (json!({ "payload": 5 }), "not a DSSE envelope"),
     ] {

@@ -36,6 +36,9 @@ use crate::store::{OperationRow, ReleaseUpdate, ResultUpdate, StoreError};
 pub const SIGNER_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 /// Longest refusal reason kept from an appliance (it names a check or rule, never data).
 const MAX_REASON_CHARS: usize = 500;
+/// Largest signed statement (envelope JSON) or certificate PEM stored from an appliance or
+/// relayed for a customer; real ones are a few KiB.
+pub const MAX_ENVELOPE_BYTES: usize = 64 * 1024;
 /// How far ahead of the control plane's clock an appliance's clock may run.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
@@ -476,6 +479,12 @@ fn verify_execution(
     r: &OperationResult,
     now: Timestamp,
 ) -> Result<VerifiedExecution, Refuse> {
+    if [&r.execution_envelope_json, &r.appliance_certificate_pem, &r.pre_approval_envelope_json]
+        .iter()
+        .any(|f| f.len() > MAX_ENVELOPE_BYTES)
+    {
+        return refuse(format!("a signed statement or certificate is larger than {MAX_ENVELOPE_BYTES} bytes"));
+    }
     let envelope = Envelope::from_json(r.execution_envelope_json.as_bytes())
         .or_else(|e| refuse(format!("the execution envelope is malformed: {e}")))?;
     let unsigned: ExecutionStatement = serde_json::from_slice(&envelope.payload)
@@ -594,6 +603,9 @@ async fn apply_release(
     let Some(op) = tx.operation(scope, request_id).await?.filter(|op| op.appliance_id == peer.appliance) else {
         return refuse(format!("no operation {request_id} for this appliance"));
     };
+    if rel.release_envelope_json.len() > MAX_ENVELOPE_BYTES {
+        return refuse(format!("the release envelope is larger than {MAX_ENVELOPE_BYTES} bytes"));
+    }
     let release_env = if rel.release_envelope_json.is_empty() {
         None
     } else {
