@@ -42,6 +42,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/environments/{environment}/join-tokens", post(create_join_token))
         .route("/v1/appliances", get(list_appliances))
         .route("/v1/appliances/{appliance}/revoke", post(revoke_appliance))
+        .route("/v1/workspaces/{workspace}/templates", get(ops::list_templates).post(ops::push_template))
+        .route("/v1/environments/{environment}/operations", post(ops::request_operation))
+        .route("/v1/operations", get(ops::list_operations))
+        .route("/v1/operations/{id}", get(ops::get_operation))
+        .route("/v1/operations/{id}/approval", post(ops::relay_approval))
+        .route("/v1/operations/{id}/manifest", get(ops::get_manifest))
+        .route("/v1/operations/{id}/output", get(ops::get_output))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_responses))
@@ -50,10 +57,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Airlock control plane API", description = "Tenants, workspaces, environments and appliances."),
-    paths(get_ca, join, list_workspaces, list_environments, create_environment, create_join_token, list_appliances, revoke_appliance),
+    info(title = "Airlock control plane API", description = "Tenants, workspaces, environments, appliances, templates and signed operations."),
+    paths(get_ca, join, list_workspaces, list_environments, create_environment, create_join_token, list_appliances, revoke_appliance,
+        ops::push_template, ops::list_templates, ops::request_operation, ops::list_operations, ops::get_operation,
+        ops::relay_approval, ops::get_manifest, ops::get_output),
     components(schemas(ErrorBody, ErrorDetail, CaInfo, JoinRequest, JoinResponse, WorkspaceView, EnvironmentView,
-        CreateEnvironment, CreateJoinToken, JoinTokenView, ApplianceView, ApplianceList)),
+        CreateEnvironment, CreateJoinToken, JoinTokenView, ApplianceView, ApplianceList,
+        ops::PushTemplate, ops::TemplateView, ops::VariableView, ops::TemplateList, ops::RequestOperation,
+        ops::OperationView, ops::OperationList, ops::RelayApproval)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -696,6 +707,9 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
         Err(ApiError::bad_request("name must be 1–64 characters of letters, digits, `-`, `_` or `.`"))
     }
 }
+
+#[path = "api_ops.rs"]
+pub mod ops;
 
 #[cfg(test)]
 #[path = "api_tests.rs"]

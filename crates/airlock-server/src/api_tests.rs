@@ -255,6 +255,13 @@ async fn openapi_documents_every_v1_route() {
         "/v1/environments/{environment}/join-tokens",
         "/v1/appliances",
         "/v1/appliances/{appliance}/revoke",
+        "/v1/workspaces/{workspace}/templates",
+        "/v1/environments/{environment}/operations",
+        "/v1/operations",
+        "/v1/operations/{id}",
+        "/v1/operations/{id}/approval",
+        "/v1/operations/{id}/manifest",
+        "/v1/operations/{id}/output",
     ] {
         assert!(paths.contains(&p), "{p} missing from OpenAPI: {paths:?}");
     }
@@ -315,4 +322,365 @@ async fn join_retry_is_refused_once_the_appliance_is_revoked() {
     assert_eq!(s, StatusCode::OK);
     let (s, _) = api.join(&token, &csr_for(&key)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+// ---------- templates and operations ----------
+
+const TEMPLATE: &str = r#"
+name = "restart-service"
+description = "Restart one service"
+phase = "operate"
+data_tags = ["service:restart"]
+body = "restart.sh"
+
+[[variables]]
+name = "service"
+pattern = "[a-z][a-z0-9-]{0,40}"
+"#;
+const SCRIPT: &str = "#!/bin/sh\nsystemctl restart \"$AIRLOCK_VAR_SERVICE\"\n";
+
+fn customer_key() -> airlock_core::customer_key::CustomerSigningKey {
+    airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32])
+}
+
+impl Api {
+    async fn push_template(&self, manifest: &str, script: &str) -> (StatusCode, Value) {
+        let body = json!({ "manifest_toml": manifest, "script": script });
+        self.post(&format!("/v1/workspaces/{}/templates", self.workspace), body).await
+    }
+
+    /// An environment with one joined appliance: (environment, appliance).
+    async fn env_with_appliance(&self, name: &str) -> (String, String) {
+        let env = self.new_env(name).await;
+        let (s, joined) = self.join(&self.join_token(&env).await, &csr()).await;
+        assert_eq!(s, StatusCode::OK, "{joined}");
+        (env, joined["appliance_id"].as_str().unwrap().to_owned())
+    }
+
+    async fn request_op(&self, env: &str, vars: Value) -> (StatusCode, Value) {
+        let body = json!({ "template": "restart-service", "vars": vars, "reason": "ticket 42: api is stuck" });
+        self.post(&format!("/v1/environments/{env}/operations"), body).await
+    }
+
+    /// A pushed template, an environment with one appliance, and one operation on it.
+    async fn operation(&self) -> Value {
+        let (s, v) = self.push_template(TEMPLATE, SCRIPT).await;
+        assert!(s == StatusCode::CREATED || s == StatusCode::OK, "{v}");
+        let (env, _) = self.env_with_appliance(&format!("e{}", rand_suffix())).await;
+        let (s, op) = self.request_op(&env, json!({ "service": "api" })).await;
+        assert_eq!(s, StatusCode::CREATED, "{op}");
+        op
+    }
+
+    async fn tenant_chain(&self) -> String {
+        self.state.store.audit_chains().await.unwrap().into_iter().find(|c| c.starts_with("ten_")).unwrap()
+    }
+}
+
+fn rand_suffix() -> String {
+    data_encoding::HEXLOWER.encode(&crate::state::random::<4>())
+}
+
+/// The customer's grant for an operation as the API shows it, with `edit` applied to its body.
+fn grant_for(op: &Value, edit: impl FnOnce(&mut Value)) -> Value {
+    let mut body = json!({
+        "request_id": op["id"],
+        "appliance": op["appliance"],
+        "phase": op["phase"],
+        "request_digest": op["request_digest"],
+        "command_sha256": op["command_sha256"],
+        "decision": "approve",
+        "decided_at": 1_800_000_000_000_i64,
+        "approver": "alice@customer",
+        "reason": "ok",
+        "not_before": 1_800_000_000_000_i64,
+        "not_after": 1_800_003_600_000_i64,
+        "nonce": "n-1",
+    });
+    edit(&mut body);
+    let env =
+        airlock_core::dsse::Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap())
+            .sign(&customer_key());
+    serde_json::from_str(&env.to_json()).unwrap()
+}
+
+#[tokio::test]
+async fn template_push_list_versions_and_bad_templates() {
+    let api = api().await;
+    let (s, first) = api.push_template(TEMPLATE, SCRIPT).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!(first["name"], "restart-service");
+    assert_eq!(first["phase"], "operate");
+    assert_eq!(first["data_tags"], json!(["service:restart"]));
+    assert_eq!(
+        first["variables"][0],
+        json!({ "name": "service", "type": "string", "pattern": "[a-z][a-z0-9-]{0,40}" })
+    );
+    assert!(first["created_at"].is_i64(), "{first}");
+    // The same content again: 200, unchanged.
+    let (s, again) = api.push_template(TEMPLATE, SCRIPT).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(again["content_sha256"], first["content_sha256"]);
+
+    // An operation on the first version, then a new version.
+    let (env, _) = api.env_with_appliance("prod").await;
+    let (s, op) = api.request_op(&env, json!({ "service": "api" })).await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let (s, second) = api.push_template(TEMPLATE, &SCRIPT.replace("restart", "reload")).await;
+    assert_eq!(s, StatusCode::CREATED, "{second}");
+    assert_ne!(second["content_sha256"], first["content_sha256"]);
+    let (s, list) = api.get(&format!("/v1/workspaces/{}/templates", api.workspace)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["templates"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["templates"][0]["content_sha256"], second["content_sha256"]);
+    // The older request still names (and resolves) the version it was rendered from.
+    let (_, old) = api.get(&format!("/v1/operations/{}", op["id"].as_str().unwrap())).await;
+    assert_eq!(old["template_sha256"], first["content_sha256"]);
+    let (_, new) = api.request_op(&env, json!({ "service": "api" })).await;
+    assert_eq!(new["template_sha256"], second["content_sha256"]);
+    assert_ne!(new["command_sha256"], old["command_sha256"]);
+
+    // Invalid templates: 400 with the template error; nothing stored.
+    for (manifest, script, expect) in [
+        (TEMPLATE.replace("restart-service", "Restart Service"), SCRIPT, "name"),
+        (TEMPLATE.replace("phase = \"operate\"", "phase = \"root\""), SCRIPT, "unknown variant"),
+        ("not toml [".to_owned(), SCRIPT, "template.toml"),
+        (TEMPLATE.replace("restart-service", "other"), "  ", "empty"),
+    ] {
+        let (s, v) = api.push_template(&manifest, script).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert_error_shape(&v);
+        assert!(v["error"]["message"].as_str().unwrap().contains(expect), "expected `{expect}`: {v}");
+    }
+    let (s, v) = api.post(&format!("/v1/workspaces/{}/templates", api.workspace), json!({ "script": "x" })).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (_, list) = api.get(&format!("/v1/workspaces/{}/templates", api.workspace)).await;
+    assert_eq!(list["templates"].as_array().unwrap().len(), 1);
+    let actions = api.audit_actions(&api.tenant_chain().await).await;
+    assert_eq!(actions.iter().filter(|(a, o)| a == "template.push" && o == "success").count(), 3);
+    assert!(actions.contains(&("template.push".into(), "error".into())));
+}
+
+#[tokio::test]
+async fn operation_request_checks_template_vars_and_appliance() {
+    let api = api().await;
+    api.push_template(TEMPLATE, SCRIPT).await;
+    let empty = api.new_env("empty").await;
+    let (s, v) = api.request_op(&empty, json!({ "service": "api" })).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("no active appliance"), "{v}");
+
+    let (env, appliance) = api.env_with_appliance("prod").await;
+    for (vars, expect) in [
+        (json!({ "service": "api; rm -rf /" }), "does not match"),
+        (json!({}), "required"),
+        (json!({ "service": "api", "extra": "1" }), "no variable `extra`"),
+    ] {
+        let (s, v) = api.request_op(&env, vars).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(expect), "expected `{expect}`: {v}");
+    }
+    let body = json!({ "template": "nope", "vars": {}, "reason": "x" });
+    let (s, _) = api.post(&format!("/v1/environments/{env}/operations"), body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let body = json!({ "template": "restart-service", "vars": { "service": "api" }, "reason": "  " });
+    let (s, _) = api.post(&format!("/v1/environments/{env}/operations"), body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let body = json!({ "template": "restart-service", "vars": { "service": "api" }, "reason": "x",
+        "appliance": "apl_aaaaaaaaaaaaaaaaaaaaaaaaaa" });
+    let (s, v) = api.post(&format!("/v1/environments/{env}/operations"), body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("not an active appliance"), "{v}");
+    let (_, none) = api.get("/v1/operations").await;
+    assert!(none["operations"].as_array().unwrap().is_empty(), "{none}");
+
+    let (s, op) = api.request_op(&env, json!({ "service": "api" })).await;
+    assert_eq!(s, StatusCode::CREATED, "{op}");
+    let id = op["id"].as_str().unwrap();
+    assert!(crate::operations::is_operation_id(id), "{id}");
+    assert_eq!(op["state"], "awaiting_approval");
+    assert_eq!(op["appliance"], appliance.as_str());
+    assert_eq!(op["environment"], env.as_str());
+    assert_eq!(op["vars"], json!({ "service": "api" }));
+    assert_eq!(op["command"]["env"]["AIRLOCK_VAR_SERVICE"], "api");
+    assert_eq!(op["output_released"], false);
+    let request: airlock_core::grant::OperationRequest = serde_json::from_value(op["request"].clone()).unwrap();
+    assert_eq!(op["request_digest"], request.digest_hex());
+    assert_eq!(request.kind, "restart-service");
+    let actions = api.audit_actions(&api.tenant_chain().await).await;
+    assert!(actions.contains(&("operation.request".into(), "success".into())));
+
+    // Filters.
+    let (_, listed) = api.get(&format!("/v1/operations?state=awaiting_approval&environment={env}")).await;
+    assert_eq!(listed["operations"].as_array().unwrap().len(), 1);
+    let (_, listed) = api.get("/v1/operations?state=approved").await;
+    assert!(listed["operations"].as_array().unwrap().is_empty());
+    let (s, _) = api.get("/v1/operations?state=finished").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, v) = api.get(&format!("/v1/operations/{id}/output")).await;
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+}
+
+#[tokio::test]
+async fn other_tenants_operations_and_environments_are_invisible() {
+    let api = api().await;
+    let op = api.operation().await;
+    let id = op["id"].as_str().unwrap();
+    let env = op["environment"].as_str().unwrap();
+    let dir = api._dir.path();
+    let other =
+        crate::create_tenant(dir, &KekSource::default_for(dir), "globex", "default", &*api.clock).await.unwrap();
+    let b = other.admin_token.expose();
+    for path in [
+        format!("/v1/operations/{id}"),
+        format!("/v1/operations/{id}/manifest"),
+        format!("/v1/operations/{id}/output"),
+        format!("/v1/workspaces/{}/templates", api.workspace),
+    ] {
+        let (s, v) = api.call(Method::GET, &path, Some(b), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_error_shape(&v);
+    }
+    // Another tenant's environment is 404, even with a template of the same name of its own.
+    let push = json!({ "manifest_toml": TEMPLATE, "script": SCRIPT }).to_string();
+    let (s, _) =
+        api.call(Method::POST, &format!("/v1/workspaces/{}/templates", other.workspace), Some(b), Some(&push)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let body = json!({ "template": "restart-service", "vars": { "service": "api" }, "reason": "x" }).to_string();
+    let (s, _) = api.call(Method::POST, &format!("/v1/environments/{env}/operations"), Some(b), Some(&body)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let approval = json!({ "envelope": grant_for(&op, |_| {}) }).to_string();
+    let (s, _) = api.call(Method::POST, &format!("/v1/operations/{id}/approval"), Some(b), Some(&approval)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, list) = api.call(Method::GET, "/v1/operations", Some(b), None).await;
+    assert!(list["operations"].as_array().unwrap().is_empty(), "{list}");
+    // Tenant A's operation is untouched.
+    let (_, mine) = api.get(&format!("/v1/operations/{id}")).await;
+    assert_eq!(mine["state"], "awaiting_approval");
+}
+
+#[tokio::test]
+async fn approval_relay_checks_structure_binding_and_state() {
+    let api = api().await;
+    let op = api.operation().await;
+    let id = op["id"].as_str().unwrap();
+    let path = format!("/v1/operations/{id}/approval");
+    let wrong_type = {
+        let env = airlock_core::dsse::Envelope::new(
+            airlock_core::operation::RELEASE_PAYLOAD_TYPE,
+            serde_json::to_vec(&json!({ "request_id": id })).unwrap(),
+        )
+        .sign(&customer_key());
+        serde_json::from_str::<Value>(&env.to_json()).unwrap()
+    };
+    let unsigned = {
+        let mut g = grant_for(&op, |_| {});
+        g["signatures"] = json!([]);
+        g
+    };
+    for (envelope, expect) in [
+        (grant_for(&op, |b| b["request_digest"] = json!("00".repeat(32))), "request digest"),
+        (grant_for(&op, |b| b["command_sha256"] = json!("11".repeat(32))), "command"),
+        (grant_for(&op, |b| b["appliance"] = json!("apl_aaaaaaaaaaaaaaaaaaaaaaaaaa")), "appliance"),
+        (grant_for(&op, |b| b["request_id"] = json!("op_00000000000000000000000000000000")), "request id"),
+        (grant_for(&op, |b| b["phase"] = json!("observe")), "phase"),
+        (grant_for(&op, |b| b["decision"] = json!("maybe")), "does not parse"),
+        (wrong_type, "not an approval"),
+        (json!({ "payload": "QQ==".repeat(20_000), "payloadType": "x", "signatures": [] }), "larger than"),
+        (unsigned, "no signature"),
+        (json!({ "payload": 5 }), "not a DSSE envelope"),
+    ] {
+        let (s, v) = api.post(&path, json!({ "envelope": envelope })).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{expect}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(expect), "expected `{expect}`: {v}");
+    }
+    let (_, still) = api.get(&format!("/v1/operations/{id}")).await;
+    assert_eq!(still["state"], "awaiting_approval");
+    assert!(still["approval"].is_null());
+
+    let good = grant_for(&op, |_| {});
+    let (s, v) = api.post(&path, json!({ "envelope": good })).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "approved");
+    assert_eq!(v["approval"], good);
+    // A second approval, even a valid one, is a conflict.
+    let (s, v) = api.post(&path, json!({ "envelope": grant_for(&op, |b| b["nonce"] = json!("n-2")) })).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error_shape(&v);
+    let (_, after) = api.get(&format!("/v1/operations/{id}")).await;
+    assert_eq!(after["approval"], good);
+
+    // A denial is relayed too and leaves the operation denied.
+    let op2 = api.operation().await;
+    let deny = grant_for(&op2, |b| b["decision"] = json!("deny"));
+    let (s, v) = api
+        .post(&format!("/v1/operations/{}/approval", op2["id"].as_str().unwrap()), json!({ "envelope": deny }))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "denied");
+    let actions = api.audit_actions(&api.tenant_chain().await).await;
+    assert_eq!(actions.iter().filter(|(a, o)| a == "operation.approval_relayed" && o == "success").count(), 2);
+}
+
+#[tokio::test]
+async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
+    use airlock_core::operation::{
+        Manifest, REQUEST_PAYLOAD_TYPE, VerifyInputs, verify_certified_envelope, verify_parsed_manifest,
+    };
+    let api = api().await;
+    let op = api.operation().await;
+    let id = op["id"].as_str().unwrap();
+    let (s, v) =
+        api.post(&format!("/v1/operations/{id}/approval"), json!({ "envelope": grant_for(&op, |_| {}) })).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, m) = api.get(&format!("/v1/operations/{id}/manifest")).await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    let manifest: Manifest = serde_json::from_value(m).unwrap();
+    let ca_der = api.state.ca.cert_der().as_ref().to_vec();
+    let at = Timestamp::from_unix_millis(op["requested_at"].as_i64().unwrap());
+    let certified = verify_certified_envelope(
+        &manifest.request,
+        REQUEST_PAYLOAD_TYPE,
+        &manifest.control_plane_certificate,
+        &ca_der,
+        at,
+    )
+    .unwrap();
+    assert_eq!(certified.uris, vec!["spiffe://airlock.test/control-plane".to_owned()]);
+    let keys = [customer_key().public()];
+    let report = verify_parsed_manifest(
+        &manifest,
+        &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1 },
+    )
+    .unwrap();
+    assert!(report.checks.contains(&"approval.binding"), "{:?}", report.checks);
+    assert_eq!(report.request.request.id, id);
+
+    // A request signed by another CA's key does not verify against this CA.
+    let (other_ca, _) = crate::ca::CertificateAuthority::generate("airlock.test", at).unwrap();
+    assert!(
+        verify_certified_envelope(
+            &manifest.request,
+            REQUEST_PAYLOAD_TYPE,
+            &manifest.control_plane_certificate,
+            other_ca.cert_der(),
+            at
+        )
+        .is_err()
+    );
+
+    // After a restart the signing key is new, but old manifests still verify.
+    let restarted = crate::test_state(api._dir.path(), api.clock.clone()).await;
+    assert_ne!(restarted.ops_signer.cert_pem(), api.state.ops_signer.cert_pem());
+    let req = Request::builder()
+        .uri(format!("/v1/operations/{id}/manifest"))
+        .header("authorization", format!("Bearer {}", api.token))
+        .body(Body::empty())
+        .unwrap();
+    let resp = super::router(restarted).oneshot(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let again: Manifest = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(again, manifest);
+    verify_parsed_manifest(&again, &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1 })
+        .unwrap();
 }

@@ -106,6 +106,14 @@ pub enum Action {
     CreateJoinToken,
     ListAppliances,
     RevokeAppliance,
+    PushTemplate,
+    ListTemplates,
+    RequestOperation,
+    ListOperations,
+    GetOperation,
+    RelayApproval,
+    GetManifest,
+    GetOutput,
 }
 
 impl Action {
@@ -117,6 +125,14 @@ impl Action {
             Action::CreateJoinToken => "join_token.create",
             Action::ListAppliances => "appliance.list",
             Action::RevokeAppliance => "appliance.revoke",
+            Action::PushTemplate => "template.push",
+            Action::ListTemplates => "template.list",
+            Action::RequestOperation => "operation.request",
+            Action::ListOperations => "operation.list",
+            Action::GetOperation => "operation.get",
+            Action::RelayApproval => "operation.approval_relayed",
+            Action::GetManifest => "operation.manifest",
+            Action::GetOutput => "operation.output_download",
         }
     }
 }

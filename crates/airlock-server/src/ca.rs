@@ -134,6 +134,22 @@ impl CertificateAuthority {
         })
     }
 
+    /// The control plane's operations-signing identity: a fresh ECDSA P-256 key (returned as
+    /// PKCS#8 DER, to be held in memory only) and a certificate whose only URI SAN is
+    /// `spiffe://<trust-domain>/control-plane`. It signs operation requests, nothing else:
+    /// no TLS usage.
+    pub fn issue_operations_signer(&self, now: Timestamp, lifetime: Duration) -> Result<(Issued, Vec<u8>), CaError> {
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "Airlock control plane operations");
+        let uri = format!("spiffe://{}{}", self.trust_domain, airlock_core::operation::CONTROL_PLANE_SPIFFE_PATH);
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(gen_err)?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let issued = self.finish(params, &key, now, lifetime)?;
+        Ok((issued, key.serialize_der()))
+    }
+
     /// Signs a join CSR: it must be well formed, self-signed by its key, and name no identity.
     pub fn sign_join_csr(
         &self,

@@ -283,7 +283,8 @@ impl ApplianceGateway for GatewayService {
             cert_serial: peer.serial.clone(),
             cert_not_after: peer.not_after,
         };
-        let (registration, mut kicked) = state.registry.join(id, status);
+        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(REPLY_QUEUE);
+        let (registration, mut kicked) = state.registry.join(id, status, tx.clone());
         // A revocation that landed between the check above and `join` found nothing to kick;
         // the revoked set is written before any kick, so checking it again closes the gap.
         if state.revoked.contains(&id) {
@@ -292,7 +293,6 @@ impl ApplianceGateway for GatewayService {
         }
         state.metrics.appliances_connected.inc();
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(REPLY_QUEUE);
         let until_expiry = peer.not_after.since(now);
         let session = state.seen.session();
 
@@ -323,11 +323,16 @@ impl ApplianceGateway for GatewayService {
                             Ok(Some(m)) => m,
                             Ok(None) | Err(_) => break false,
                         };
+                        let hello = matches!(msg.body, Some(appliance_message::Body::Hello(_)));
                         let reply = handle_message(&state, &registration, &peer, &scope, msg, &mut version).await;
-                        match reply.map(|r| tx.try_send(Ok(r))) {
-                            None | Some(Ok(())) => {}
-                            Some(Err(mpsc::error::TrySendError::Closed(_))) => break false,
-                            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                        let Some(reply) = reply else { continue };
+                        match tx.try_send(Ok(reply)) {
+                            // After the Welcome: every operation still waiting for this
+                            // appliance's result, re-sent on each (re)connect.
+                            Ok(()) if hello => crate::operations::push_pending(&state, &scope, id, None).await,
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => break false,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
                                 tracing::warn!(appliance = %id, "appliance is not reading its stream; closing the connection");
                                 break true;
                             }
@@ -394,8 +399,12 @@ async fn handle_message(
             control_message::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq })
         }
         appliance_message::Body::Renew(renew) => renew_certificate(state, reg, peer, scope, &renew.csr_pem).await,
-        // Operations are not wired on the control plane yet.
-        appliance_message::Body::OperationResult(_) | appliance_message::Body::OutputRelease(_) => return None,
+        appliance_message::Body::OperationResult(result) => {
+            return crate::operations::handle_result(state, &peer.identity, scope, result).await;
+        }
+        appliance_message::Body::OutputRelease(release) => {
+            return crate::operations::handle_release(state, &peer.identity, scope, release).await;
+        }
     };
     Some(ControlMessage { body: Some(body) })
 }

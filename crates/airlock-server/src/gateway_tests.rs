@@ -17,6 +17,9 @@ use crate::{RunningServer, ServerConfig};
 
 struct Fixture {
     server: RunningServer,
+    /// Tenant A's admin token and workspace, for the API.
+    admin_token: String,
+    workspace: airlock_core::WorkspaceId,
     /// An appliance of tenant A, registered in the store.
     identity: ApplianceIdentity,
     other_tenant: airlock_core::TenantId,
@@ -45,15 +48,41 @@ async fn fixture() -> Fixture {
     tx.create_environment(&scope, a.workspace, identity.environment, "prod", now).await.unwrap();
     tx.insert_appliance(&identity, "test", ("00", now), b"key", now).await.unwrap();
     tx.commit().await.unwrap();
-    Fixture { server, identity, other_tenant: b.tenant, _dir: dir }
+    Fixture {
+        server,
+        identity,
+        other_tenant: b.tenant,
+        admin_token: a.admin_token.expose().to_owned(),
+        workspace: a.workspace,
+        _dir: dir,
+    }
 }
 
 /// Opens a session with a certificate our CA issues for `identity`; returns the first reply.
 async fn session_as(f: &Fixture, identity: &ApplianceIdentity) -> Result<control_message::Body, tonic::Status> {
+    let (channel, _, _) = channel_as(f, identity).await;
+    let hello =
+        ApplianceMessage { body: Some(appliance_message::Body::Hello(Hello { version: "test".into(), health: None })) };
+    let mut inbound = ApplianceGatewayClient::new(channel).session(tokio_stream::iter(vec![hello])).await?.into_inner();
+    let reply = inbound.message().await?;
+    Ok(reply.and_then(|m| m.body).expect("a reply"))
+}
+
+/// A key and a certificate our CA issued for `identity`.
+fn credentials(f: &Fixture, identity: &ApplianceIdentity) -> (rcgen::KeyPair, crate::ca::Issued) {
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
     let now = f.server.state.now();
     let issued = f.server.state.ca.sign_join_csr(&csr, identity, now, Duration::from_secs(3600)).unwrap();
+    (key, issued)
+}
+
+/// A gateway channel authenticated as `identity`, with its key and certificate.
+async fn channel_as(
+    f: &Fixture,
+    identity: &ApplianceIdentity,
+) -> (tonic::transport::Channel, rcgen::KeyPair, crate::ca::Issued) {
+    let (key, issued) = credentials(f, identity);
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(f.server.ca_pem.as_bytes()).unwrap()).unwrap();
@@ -61,7 +90,10 @@ async fn session_as(f: &Fixture, identity: &ApplianceIdentity) -> Result<control
         .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
         .unwrap()
         .with_root_certificates(roots)
-        .with_client_auth_cert(vec![issued.der], PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap())
+        .with_client_auth_cert(
+            vec![issued.der.clone()],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+        )
         .unwrap();
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -78,11 +110,7 @@ async fn session_as(f: &Fixture, identity: &ApplianceIdentity) -> Result<control
         }))
         .await
         .unwrap();
-    let hello =
-        ApplianceMessage { body: Some(appliance_message::Body::Hello(Hello { version: "test".into(), health: None })) };
-    let mut inbound = ApplianceGatewayClient::new(channel).session(tokio_stream::iter(vec![hello])).await?.into_inner();
-    let reply = inbound.message().await?;
-    Ok(reply.and_then(|m| m.body).expect("a reply"))
+    (channel, key, issued)
 }
 
 #[tokio::test]
@@ -124,4 +152,471 @@ async fn revoked_appliance_is_refused_even_with_a_fresh_certificate() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(err.message().starts_with(airlock_proto::REVOKED_STATUS_PREFIX), "{err:?}");
     f.server.shutdown().await;
+}
+
+// ---------- operations over the stream ----------
+
+mod operations {
+    use airlock_core::dsse::Envelope;
+    use airlock_core::operation::{
+        AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RELEASE_PAYLOAD_TYPE,
+        ReleaseDecision, ReleaseStatement, add_signature, certificate_key_id, sha256_hex, signing_input,
+    };
+    use airlock_proto::gateway::{
+        ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
+        OutputRelease,
+    };
+    use http::{Method, StatusCode};
+    use http_body_util::BodyExt;
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const MARKER: &[u8] = b"customer-plaintext-7f3a9c1e-never-at-rest";
+
+    pub(super) async fn call(f: &Fixture, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Vec<u8>) {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {}", f.admin_token));
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(axum::body::Body::from(body.map(|b| b.to_string()).unwrap_or_default())).unwrap();
+        let resp = crate::api::router(f.server.state.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+    }
+
+    pub(super) async fn json_call(f: &Fixture, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (s, bytes) = call(f, method, path, body).await;
+        (s, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// Pushes a template with `tags` and requests an operation on the fixture's appliance.
+    pub(super) async fn request(f: &Fixture, name: &str, tags: &[&str]) -> Value {
+        let manifest = format!(
+            "name = \"{name}\"\ndescription = \"d\"\nphase = \"observe\"\ndata_tags = {tags:?}\nbody = \"run.sh\"\n"
+        );
+        let (s, v) = json_call(
+            f,
+            Method::POST,
+            &format!("/v1/workspaces/{}/templates", f.workspace),
+            Some(json!({ "manifest_toml": manifest, "script": "#!/bin/sh\necho hi\n" })),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let (s, op) = json_call(
+            f,
+            Method::POST,
+            &format!("/v1/environments/{}/operations", f.identity.environment),
+            Some(json!({ "template": name, "vars": {}, "reason": "check" })),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{op}");
+        op
+    }
+
+    pub(super) async fn op_state(f: &Fixture, id: &str) -> Value {
+        json_call(f, Method::GET, &format!("/v1/operations/{id}"), None).await.1
+    }
+
+    /// A live stream as an appliance: messages go up through `tx`, replies come down `rx`.
+    pub(super) struct Appliance {
+        pub(super) tx: tokio::sync::mpsc::Sender<ApplianceMessage>,
+        pub(super) rx: tonic::Streaming<ControlMessage>,
+        pub(super) key: rcgen::KeyPair,
+        pub(super) cert: crate::ca::Issued,
+    }
+
+    impl Appliance {
+        pub(super) async fn connect(f: &Fixture, identity: &ApplianceIdentity) -> Self {
+            let (channel, key, cert) = channel_as(f, identity).await;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let hello = ApplianceMessage {
+                body: Some(appliance_message::Body::Hello(Hello { version: "test".into(), health: None })),
+            };
+            tx.send(hello).await.unwrap();
+            let rx = ApplianceGatewayClient::new(channel).session(stream).await.unwrap().into_inner();
+            let mut a = Self { tx, rx, key, cert };
+            assert!(matches!(a.recv().await, control_message::Body::Welcome(_)));
+            a
+        }
+
+        pub(super) async fn recv(&mut self) -> control_message::Body {
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await.expect("a message in time");
+            msg.unwrap().and_then(|m| m.body).expect("a message")
+        }
+
+        pub(super) async fn instruction(&mut self) -> OperationInstruction {
+            match self.recv().await {
+                control_message::Body::Operation(i) => i,
+                other => panic!("expected an instruction, got {other:?}"),
+            }
+        }
+
+        pub(super) async fn send(&mut self, body: appliance_message::Body) -> OperationAck {
+            self.tx.send(ApplianceMessage { body: Some(body) }).await.unwrap();
+            loop {
+                match self.recv().await {
+                    control_message::Body::OperationAck(a) => return a,
+                    // Re-sent instructions are normal.
+                    control_message::Body::Operation(_) => {}
+                    other => panic!("expected an ack, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// An execution statement for `op`, signed with `key` (whose certificate is `cert`).
+    fn execution(op: &Value, output: &[u8], key: &rcgen::KeyPair, cert: &crate::ca::Issued) -> Envelope {
+        let authority = AuthorityRef { kind: "standing-window".into(), digest: None, policy_digest: None };
+        execution_by(op, output, key, cert, authority)
+    }
+
+    pub(super) fn execution_by(
+        op: &Value,
+        output: &[u8],
+        key: &rcgen::KeyPair,
+        cert: &crate::ca::Issued,
+        authority: AuthorityRef,
+    ) -> Envelope {
+        let now = airlock_core::Timestamp::from_unix_millis(op["requested_at"].as_i64().unwrap());
+        let statement = ExecutionStatement {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
+            request_digest: op["request_digest"].as_str().unwrap().to_owned(),
+            command_sha256: op["command_sha256"].as_str().unwrap().to_owned(),
+            authority,
+            status: ExecutionStatus::Completed,
+            started_at: now,
+            finished_at: now,
+            exit_code: Some(0),
+            output_sha256: sha256_hex(output),
+            output_size: output.len() as u64,
+            output_truncated: false,
+            sequence: 1,
+            previous_manifest_sha256: None,
+        };
+        let env = Envelope::new(EXECUTION_PAYLOAD_TYPE, serde_json::to_vec(&statement).unwrap());
+        let rng = ring::rand::SystemRandom::new();
+        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .unwrap();
+        let sig = kp.sign(&rng, &signing_input(&env)).unwrap();
+        add_signature(env, certificate_key_id(cert.der.as_ref()).unwrap(), sig.as_ref().to_vec())
+    }
+
+    fn result(op: &Value, env: &Envelope, cert_pem: &str) -> appliance_message::Body {
+        appliance_message::Body::OperationResult(OperationResult {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            outcome: OperationOutcome::Executed as i32,
+            reason: String::new(),
+            execution_envelope_json: env.to_json(),
+            appliance_certificate_pem: cert_pem.to_owned(),
+            pre_approval_envelope_json: String::new(),
+        })
+    }
+
+    fn release(
+        op: &Value,
+        output_for_digest: &[u8],
+        sent: &[u8],
+        decision: ReleaseDecision,
+    ) -> appliance_message::Body {
+        let statement = ReleaseStatement {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
+            decision,
+            output_sha256: sha256_hex(output_for_digest),
+            output_size: output_for_digest.len() as u64,
+            decided_at: airlock_core::Timestamp::from_unix_millis(0),
+            approver: "alice".into(),
+            reason: "fine".into(),
+        };
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let env = Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(&statement).unwrap()).sign(&key);
+        appliance_message::Body::OutputRelease(OutputRelease {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            release_envelope_json: env.to_json(),
+            output: sent.to_vec(),
+        })
+    }
+
+    /// Every byte under the data directory (database, WAL, anything else).
+    fn data_dir_contains(f: &Fixture, needle: &[u8]) -> bool {
+        std::fs::read_dir(f._dir.path()).unwrap().any(|e| {
+            let bytes = std::fs::read(e.unwrap().path()).unwrap_or_default();
+            bytes.windows(needle.len()).any(|w| w == needle)
+        })
+    }
+
+    #[tokio::test]
+    async fn execution_signed_by_another_appliances_certificate_is_refused() {
+        let f = fixture().await;
+        let op = request(&f, "disk-usage", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        // Pending operations follow the Welcome.
+        let i = a.instruction().await;
+        assert_eq!(i.request_id, id);
+        assert!(i.template_script.contains("echo hi") && i.approval_envelope_json.is_empty());
+
+        // A second, genuine appliance of the same environment signs an execution for ours.
+        let mut other = f.identity.clone();
+        other.appliance = ApplianceId::from_random([8; 16]);
+        let now = f.server.state.now();
+        let mut tx = f.server.state.store.write().await.unwrap();
+        tx.insert_appliance(&other, "test", ("01", now), b"key2", now).await.unwrap();
+        tx.commit().await.unwrap();
+        let (other_key, other_cert) = credentials(&f, &other);
+        let forged = execution(&op, b"out", &other_key, &other_cert);
+        let ack = a.send(result(&op, &forged, &other_cert.pem)).await;
+        assert_eq!(ack.kind, OperationAckKind::Result as i32);
+        assert!(ack.error.contains("not signed by this appliance"), "{ack:?}");
+        // Our certificate with another key's signature: refused too.
+        let mismatched = execution(&op, b"out", &other_key, &a.cert);
+        let ack = a.send(result(&op, &mismatched, &a.cert.pem)).await;
+        assert!(ack.error.contains("signature"), "{ack:?}");
+        assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
+
+        // The appliance's own signature is accepted, and again idempotently.
+        let good = execution(&op, b"out", &a.key, &a.cert);
+        let ack = a.send(result(&op, &good, &a.cert.pem)).await;
+        assert_eq!(ack.error, "", "{ack:?}");
+        let ack = a.send(result(&op, &good, &a.cert.pem)).await;
+        assert_eq!(ack.error, "", "{ack:?}");
+        let shown = op_state(&f, id).await;
+        assert_eq!(shown["state"], "executed");
+        assert_eq!(shown["exit_code"], 0);
+        assert_eq!(shown["output_sha256"], sha256_hex(b"out"));
+        let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
+        assert_eq!(m["appliance_certificate"], a.cert.pem.as_str());
+        let chain = f.identity.tenant.to_string();
+        let records = f.server.state.store.audit_records(&chain).await.unwrap();
+        let actions: Vec<_> = records.into_iter().map(|r| r.unwrap().event.action).collect();
+        assert!(actions.iter().any(|a| a == "operation.executed"), "{actions:?}");
+        assert!(actions.iter().any(|a| a == "operation.result_refused"), "{actions:?}");
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn release_with_other_bytes_is_refused_and_released_output_is_sealed() {
+        let f = fixture().await;
+        let op = request(&f, "report", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let good = execution(&op, MARKER, &a.key, &a.cert);
+        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+
+        // Bytes that are not what the appliance signed: refused, nothing stored.
+        let ack =
+            a.send(release(&op, MARKER, b"customer-plaintext-7f3a9c1e-never-at-resX", ReleaseDecision::Release)).await;
+        assert_eq!(ack.kind, OperationAckKind::Release as i32);
+        assert!(ack.error.contains("does not match"), "{ack:?}");
+        // A release naming other output than the execution: refused.
+        let ack = a.send(release(&op, b"other", b"other", ReleaseDecision::Release)).await;
+        assert!(ack.error.contains("other output"), "{ack:?}");
+        // No release envelope and no commands-and-output pre-approval: refused.
+        let bare = appliance_message::Body::OutputRelease(OutputRelease {
+            request_id: id.to_owned(),
+            release_envelope_json: String::new(),
+            output: MARKER.to_vec(),
+        });
+        assert!(a.send(bare).await.error.contains("pre-approval"));
+        let (s, v) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        assert_eq!(v["error"]["code"], "not_found");
+        assert_eq!(op_state(&f, id).await["state"], "executed");
+
+        let ack = a.send(release(&op, MARKER, MARKER, ReleaseDecision::Release)).await;
+        assert_eq!(ack.error, "", "{ack:?}");
+        let shown = op_state(&f, id).await;
+        assert_eq!((shown["state"].as_str(), shown["output_released"].as_bool()), (Some("released"), Some(true)));
+        let (s, bytes) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(bytes, MARKER);
+
+        // At rest the output is sealed: no file of the data directory holds the plaintext.
+        f.server.state.store.ping().await.unwrap();
+        assert!(!data_dir_contains(&f, MARKER), "released output is stored in clear");
+        // Control: the scan does find what is stored in clear (the digest).
+        assert!(data_dir_contains(&f, sha256_hex(MARKER).as_bytes()));
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn output_of_a_secret_tagged_request_is_refused() {
+        let f = fixture().await;
+        let op = request(&f, "read-config", &["output:secret"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let good = execution(&op, MARKER, &a.key, &a.cert);
+        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        let ack = a.send(release(&op, MARKER, MARKER, ReleaseDecision::Release)).await;
+        assert!(ack.error.contains("output:secret"), "{ack:?}");
+        let (s, _) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(op_state(&f, id).await["state"], "executed");
+        assert!(!data_dir_contains(&f, MARKER));
+        // Withholding it is recorded (no output travels).
+        let ack = a.send(release(&op, MARKER, b"", ReleaseDecision::Withhold)).await;
+        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(op_state(&f, id).await["state"], "withheld");
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn approval_reaches_a_connected_appliance_and_refusals_are_recorded() {
+        let f = fixture().await;
+        let op = request(&f, "restart", &["service:restart"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        assert!(a.instruction().await.approval_envelope_json.is_empty());
+        let body = json!({
+            "request_id": id, "appliance": op["appliance"], "phase": op["phase"],
+            "request_digest": op["request_digest"], "command_sha256": op["command_sha256"], "decision": "deny",
+            "decided_at": 0, "approver": "alice", "reason": "no", "not_before": 0, "not_after": 1, "nonce": "n",
+        });
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let grant =
+            Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
+        let grant_json: Value = serde_json::from_str(&grant.to_json()).unwrap();
+        let (s, v) = json_call(
+            &f,
+            Method::POST,
+            &format!("/v1/operations/{id}/approval"),
+            Some(json!({ "envelope": grant_json })),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        // The denial is pushed at once.
+        let pushed = a.instruction().await;
+        assert_eq!(pushed.request_id, id);
+        assert_eq!(Envelope::from_json(pushed.approval_envelope_json.as_bytes()).unwrap(), grant);
+        // An execution of a denied request is refused; the appliance's refusal is recorded.
+        let good = execution(&op, b"x", &a.key, &a.cert);
+        assert!(a.send(result(&op, &good, &a.cert.pem)).await.error.contains("denied"));
+        let refused = appliance_message::Body::OperationResult(OperationResult {
+            request_id: id.to_owned(),
+            outcome: OperationOutcome::Refused as i32,
+            reason: "the customer denied this request".into(),
+            ..Default::default()
+        });
+        assert_eq!(a.send(refused).await.error, "");
+        let shown = op_state(&f, id).await;
+        assert_eq!(shown["state"], "denied");
+        assert_eq!(shown["refusal_reason"], "the customer denied this request");
+        // A result for an operation that is not this appliance's is refused.
+        let unknown = appliance_message::Body::OperationResult(OperationResult {
+            request_id: "op_00000000000000000000000000000000".into(),
+            outcome: OperationOutcome::AwaitingApproval as i32,
+            ..Default::default()
+        });
+        assert!(a.send(unknown).await.error.contains("no operation"));
+        f.server.shutdown().await;
+    }
+}
+
+mod pre_approval {
+    use std::collections::BTreeMap;
+
+    use airlock_core::dsse::Envelope;
+    use airlock_core::grant::{ApprovalLevel, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
+    use airlock_core::operation::AuthorityRef;
+    use airlock_proto::gateway::{OperationOutcome, OperationResult, OutputRelease};
+    use http::{Method, StatusCode};
+
+    use super::operations::*;
+    use super::*;
+
+    fn pre_approval(op: &serde_json::Value, level: ApprovalLevel, template: &str) -> (PreApprovalBody, Envelope) {
+        let body = PreApprovalBody {
+            id: "routine-1".into(),
+            appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
+            template: template.to_owned(),
+            template_sha256: op["template_sha256"].as_str().unwrap().to_owned(),
+            phase: airlock_core::policy::Phase::Observe,
+            not_before: airlock_core::Timestamp::from_unix_millis(0),
+            not_after: airlock_core::Timestamp::from_unix_millis(i64::MAX / 2),
+            max_runs: 5,
+            level,
+            constraints: BTreeMap::new(),
+            approver: "alice".into(),
+            issued_at: airlock_core::Timestamp::from_unix_millis(0),
+        };
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let env = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
+        (body, env)
+    }
+
+    fn result_with(op: &serde_json::Value, exec: &Envelope, cert_pem: &str, pre: &Envelope) -> appliance_message::Body {
+        appliance_message::Body::OperationResult(OperationResult {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            outcome: OperationOutcome::Executed as i32,
+            reason: String::new(),
+            execution_envelope_json: exec.to_json(),
+            appliance_certificate_pem: cert_pem.to_owned(),
+            pre_approval_envelope_json: pre.to_json(),
+        })
+    }
+
+    fn bare_release(op: &serde_json::Value, output: &[u8]) -> appliance_message::Body {
+        appliance_message::Body::OutputRelease(OutputRelease {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            release_envelope_json: String::new(),
+            output: output.to_vec(),
+        })
+    }
+
+    #[tokio::test]
+    async fn pre_approved_output_needs_the_commands_and_output_level() {
+        let f = fixture().await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        for (name, level, released) in
+            [("routine", ApprovalLevel::Commands, false), ("routine-out", ApprovalLevel::CommandsAndOutput, true)]
+        {
+            let op = request(&f, name, &["host:read"]).await;
+            let id = op["id"].as_str().unwrap();
+            assert_eq!(a.instruction().await.request_id, id);
+            let (body, env) = pre_approval(&op, level, name);
+            let by = |digest: String| AuthorityRef {
+                kind: "pre-approval".into(),
+                digest: Some(digest),
+                policy_digest: None,
+            };
+            // A pre-approval for another template, or one the execution does not name: refused.
+            let (other_body, other_env) = pre_approval(&op, level, "something-else");
+            let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(other_body.digest_hex()));
+            let ack = a.send(result_with(&op, &exec, &a.cert.pem, &other_env)).await;
+            assert!(ack.error.contains("another appliance, template or phase"), "{ack:?}");
+            let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by("00".repeat(32)));
+            let ack = a.send(result_with(&op, &exec, &a.cert.pem, &env)).await;
+            assert!(ack.error.contains("another pre-approval"), "{ack:?}");
+            // The real one: awaiting_approval -> executed, the pre-approval kept for the manifest.
+            let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(body.digest_hex()));
+            assert_eq!(a.send(result_with(&op, &exec, &a.cert.pem, &env)).await.error, "");
+            let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
+            assert_eq!(Envelope::from_json(m["pre_approval"].to_string().as_bytes()).unwrap(), env);
+
+            // Output without a signed release: only at the commands-and-output level.
+            let ack = a.send(bare_release(&op, b"routine output")).await;
+            assert_eq!(ack.error.is_empty(), released, "{ack:?}");
+            let (s, bytes) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
+            if released {
+                assert_eq!((s, bytes.as_slice()), (StatusCode::OK, b"routine output".as_slice()));
+            } else {
+                assert_eq!(s, StatusCode::NOT_FOUND);
+                assert_eq!(op_state(&f, id).await["state"], "executed");
+            }
+        }
+        f.server.shutdown().await;
+    }
 }

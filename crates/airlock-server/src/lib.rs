@@ -11,6 +11,7 @@ pub mod gateway;
 mod https;
 pub mod keys;
 pub mod metrics;
+pub mod operations;
 pub mod registry;
 pub mod seen;
 pub mod state;
@@ -61,6 +62,8 @@ pub enum ServerError {
     Config(String),
     #[error("another airlock server is already using {0}; one server per data directory")]
     Locked(PathBuf),
+    #[error("cannot create the operations-signing identity: {0}")]
+    Signer(#[from] operations::SignerError),
 }
 
 /// Everything `airlock server` needs, resolved from defaults, file, environment and flags.
@@ -358,11 +361,14 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let ca_fingerprint = ca.fingerprint();
     let ca_pem = ca.cert_pem().to_owned();
+    let ops_signer = operations::OperationsSigner::generate(&ca, now)?;
     let store = Arc::new(store);
     let state = Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
         store,
         ca,
+        ops_signer,
+        kek,
         clock: config.clock.clone(),
         registry: registry::Registry::default(),
         revoked,
@@ -458,11 +464,14 @@ fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
 pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
+    let ops_signer = operations::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
     let store = Arc::new(store);
     Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
         store,
         ca,
+        ops_signer,
+        kek,
         clock,
         registry: registry::Registry::default(),
         revoked: Arc::new(tls::RevokedSet::default()),

@@ -9,7 +9,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use airlock_core::{ApplianceId, Timestamp};
-use tokio::sync::oneshot;
+use airlock_proto::gateway::ControlMessage;
+use tokio::sync::{mpsc, oneshot};
+
+/// The queue of messages to one stream (replies and pushed instructions share it).
+pub type StreamSender = mpsc::Sender<Result<ControlMessage, tonic::Status>>;
+
+/// Slots of a stream's queue that pushes leave free for replies, so a push can never make
+/// the session task take a full queue for a peer that stopped reading.
+const RESERVED_FOR_REPLIES: usize = 4;
 
 #[derive(Clone, Debug)]
 pub struct LiveStatus {
@@ -35,6 +43,8 @@ struct Entry {
     status: LiveStatus,
     /// Fired to end the stream at once.
     kick: Option<oneshot::Sender<Kick>>,
+    /// Where messages the control plane originates (operation instructions) go.
+    sender: StreamSender,
 }
 
 #[derive(Default)]
@@ -68,10 +78,15 @@ pub struct Registration {
 
 impl Registry {
     /// Registers a new stream, replacing (and ending) any older stream of the same appliance.
-    pub fn join(&self, appliance: ApplianceId, status: LiveStatus) -> (Registration, oneshot::Receiver<Kick>) {
+    pub fn join(
+        &self,
+        appliance: ApplianceId,
+        status: LiveStatus,
+        sender: StreamSender,
+    ) -> (Registration, oneshot::Receiver<Kick>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx) });
+        let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx), sender });
         if let Some(kick) = old.and_then(|mut old| old.kick.take()) {
             let _ = kick.send(Kick::Replaced);
         }
@@ -93,6 +108,15 @@ impl Registry {
         {
             f(&mut e.status);
         }
+    }
+
+    /// Queues `msg` on the live stream of `appliance` without waiting. False if it is not
+    /// connected or its queue is (nearly) full; the caller sends it again later.
+    pub fn send(&self, appliance: ApplianceId, msg: ControlMessage) -> bool {
+        let Some(sender) = self.lock().get(&appliance).map(|e| e.sender.clone()) else {
+            return false;
+        };
+        sender.capacity() > RESERVED_FOR_REPLIES && sender.try_send(Ok(msg)).is_ok()
     }
 
     /// Ends the live stream of `appliance`, if any. Returns whether one was live.

@@ -22,6 +22,10 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub seen: crate::seen::SeenWriter,
     pub ca: CertificateAuthority,
+    /// Signs operation requests; the key lives only in this process.
+    pub ops_signer: crate::operations::OperationsSigner,
+    /// Seals released operation output at rest.
+    pub kek: crate::keys::Kek,
     pub clock: Arc<dyn Clock>,
     pub registry: Registry,
     pub revoked: Arc<RevokedSet>,

@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
     (2, "previous_serial", include_str!("../migrations/0002_previous_serial.sql")),
     (3, "join_key", include_str!("../migrations/0003_join_key.sql")),
+    (4, "operations", include_str!("../migrations/0004_operations.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +185,11 @@ impl Store {
     /// Starts a write transaction; it holds the write lock until committed or dropped.
     pub async fn write(&self) -> Result<WriteTx<'_>, StoreError> {
         let guard = self.write_lock.lock().await;
-        let tx = self.pool.begin().await?;
+        // IMMEDIATE: the database write lock is taken here, where SQLite's busy timeout
+        // applies. A dropped transaction rolls back on its connection's worker a moment later;
+        // a deferred transaction on another connection that read first and then tried to
+        // write in that moment would fail at once with SQLITE_BUSY instead of waiting.
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok(WriteTx { _guard: guard, tx, store: self })
     }
 
@@ -723,6 +728,444 @@ impl WriteTx<'_> {
     }
 }
 
+// ---------- templates and operations ----------
+
+/// One stored version of a template.
+#[derive(Clone, Debug)]
+pub struct TemplateRow {
+    pub workspace_id: WorkspaceId,
+    pub name: String,
+    pub content_sha256: String,
+    pub manifest_toml: String,
+    pub script: String,
+    pub created_at: Timestamp,
+}
+
+/// An operation as stored. The request's details live in its signed envelope.
+#[derive(Clone, Debug)]
+pub struct OperationRow {
+    pub id: String,
+    pub workspace_id: WorkspaceId,
+    pub environment_id: EnvironmentId,
+    pub appliance_id: ApplianceId,
+    pub template_name: String,
+    pub template_sha256: String,
+    pub state: String,
+    pub requested_by: String,
+    pub requested_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub request_digest: String,
+    pub command_sha256: String,
+    pub request_envelope: String,
+    pub control_plane_cert_pem: String,
+    pub approval_envelope: Option<String>,
+    pub pre_approval_envelope: Option<String>,
+    pub execution_envelope: Option<String>,
+    pub appliance_cert_pem: Option<String>,
+    pub release_envelope: Option<String>,
+    pub exit_code: Option<i64>,
+    pub output_sha256: Option<String>,
+    pub output_size: Option<i64>,
+    pub refusal_reason: Option<String>,
+    pub result_at: Option<Timestamp>,
+    pub output_stored: bool,
+}
+
+/// What an appliance's verified result changes on an operation.
+#[derive(Clone, Debug, Default)]
+pub struct ResultUpdate<'a> {
+    pub state: &'a str,
+    pub execution_envelope: Option<&'a str>,
+    pub appliance_cert_pem: Option<&'a str>,
+    pub pre_approval_envelope: Option<&'a str>,
+    pub exit_code: Option<i64>,
+    pub output_sha256: Option<&'a str>,
+    pub output_size: Option<i64>,
+    pub refusal_reason: Option<&'a str>,
+}
+
+/// What the customer's release decision changes on an operation.
+#[derive(Clone, Debug)]
+pub struct ReleaseUpdate<'a> {
+    pub state: &'a str,
+    pub release_envelope: Option<&'a str>,
+    pub output_sealed: Option<&'a [u8]>,
+}
+
+const TEMPLATE_COLUMNS: &str = "workspace_id, name, content_sha256, manifest_toml, script, created_at";
+const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id, template_name, template_sha256, state,
+    requested_by, requested_at, updated_at, request_digest, command_sha256, request_envelope, control_plane_cert_pem,
+    approval_envelope, pre_approval_envelope, execution_envelope, appliance_cert_pem, release_envelope, exit_code,
+    output_sha256, output_size, refusal_reason, result_at,
+    CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored";
+
+/// The states in which an operation still waits for the appliance's final result.
+pub const PENDING_STATES: [&str; 3] = ["awaiting_approval", "approved", "denied"];
+
+impl Store {
+    /// The current version of every template in a workspace, by name.
+    pub async fn list_current_templates(
+        &self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+    ) -> Result<Vec<TemplateRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.workspace_id, t.name, t.content_sha256, t.manifest_toml, t.script, t.created_at
+             FROM template_current c JOIN templates t
+               ON t.workspace_id = c.workspace_id AND t.name = c.name AND t.content_sha256 = c.content_sha256
+             WHERE c.tenant_id = $1 AND t.tenant_id = $1 AND c.workspace_id = $2 ORDER BY c.name",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(template_from_row).collect()
+    }
+
+    /// The current version of one template.
+    pub async fn current_template(
+        &self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+        name: &str,
+    ) -> Result<Option<TemplateRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT t.workspace_id, t.name, t.content_sha256, t.manifest_toml, t.script, t.created_at
+             FROM template_current c JOIN templates t
+               ON t.workspace_id = c.workspace_id AND t.name = c.name AND t.content_sha256 = c.content_sha256
+             WHERE c.tenant_id = $1 AND t.tenant_id = $1 AND c.workspace_id = $2 AND c.name = $3",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(template_from_row).transpose()
+    }
+
+    /// One stored version of a template, by content hash (old versions stay resolvable).
+    pub async fn template_version(
+        &self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+        name: &str,
+        content_sha256: &str,
+    ) -> Result<Option<TemplateRow>, StoreError> {
+        let sql = format!(
+            "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE tenant_id = $1 AND workspace_id = $2 AND name = $3 AND content_sha256 = $4"
+        );
+        let row = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(ws.to_string())
+            .bind(name)
+            .bind(content_sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(template_from_row).transpose()
+    }
+
+    pub async fn get_operation(&self, scope: &TenantScope, id: &str) -> Result<Option<OperationRow>, StoreError> {
+        let sql = format!("SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2");
+        let row = sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(operation_from_row).transpose()
+    }
+
+    /// Operations of the tenant, newest first, optionally by state and environment.
+    pub async fn list_operations(
+        &self,
+        scope: &TenantScope,
+        state: Option<&str>,
+        env: Option<EnvironmentId>,
+        limit: i64,
+    ) -> Result<Vec<OperationRow>, StoreError> {
+        let sql = format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations
+             WHERE tenant_id = $1 AND ($2 IS NULL OR state = $2) AND ($3 IS NULL OR environment_id = $3)
+             ORDER BY requested_at DESC, id DESC LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(state)
+            .bind(env.map(|e| e.to_string()))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(operation_from_row).collect()
+    }
+
+    /// Operations of one appliance still waiting for its final result, oldest first.
+    pub async fn pending_operations(
+        &self,
+        scope: &TenantScope,
+        appliance: ApplianceId,
+    ) -> Result<Vec<OperationRow>, StoreError> {
+        let sql = format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations
+             WHERE tenant_id = $1 AND appliance_id = $2 AND result_at IS NULL AND state IN ($3, $4, $5)
+             ORDER BY requested_at, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(appliance.to_string())
+            .bind(PENDING_STATES[0])
+            .bind(PENDING_STATES[1])
+            .bind(PENDING_STATES[2])
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(operation_from_row).collect()
+    }
+
+    /// The sealed released output of an operation, if any.
+    pub async fn sealed_output(&self, scope: &TenantScope, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT output_sealed FROM operations WHERE tenant_id = $1 AND id = $2")
+            .bind(scope.tenant().to_string())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(r.try_get("output_sealed")?),
+            None => Ok(None),
+        }
+    }
+}
+
+impl WriteTx<'_> {
+    /// The current version of a template, read under the write lock.
+    pub async fn current_template_sha(
+        &mut self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+        name: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(
+            "SELECT content_sha256 FROM template_current WHERE tenant_id = $1 AND workspace_id = $2 AND name = $3",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .bind(name)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| Ok(r.try_get("content_sha256")?)).transpose()
+    }
+
+    /// Stores a template version (a no-op if this exact content is stored) and makes it current.
+    /// False if the workspace is not the tenant's.
+    pub async fn put_template(
+        &mut self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+        t: &TemplateRow,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let owned = sqlx::query("SELECT 1 AS one FROM workspaces WHERE tenant_id = $1 AND id = $2")
+            .bind(scope.tenant().to_string())
+            .bind(ws.to_string())
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        if owned.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO templates (tenant_id, workspace_id, name, content_sha256, manifest_toml, script, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (workspace_id, name, content_sha256) DO NOTHING",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .bind(&t.name)
+        .bind(&t.content_sha256)
+        .bind(&t.manifest_toml)
+        .bind(&t.script)
+        .bind(now.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO template_current (tenant_id, workspace_id, name, content_sha256, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (workspace_id, name) DO UPDATE SET content_sha256 = excluded.content_sha256, updated_at = excluded.updated_at
+             WHERE template_current.tenant_id = excluded.tenant_id",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .bind(&t.name)
+        .bind(&t.content_sha256)
+        .bind(now.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(true)
+    }
+
+    /// Inserts an operation. False if its appliance is not the tenant's, in that environment.
+    pub async fn insert_operation(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<bool, StoreError> {
+        let owned = sqlx::query(
+            "SELECT 1 AS one FROM appliances a JOIN environments e ON e.id = a.environment_id
+             WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND a.id = $2 AND e.id = $3 AND e.workspace_id = $4",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(op.appliance_id.to_string())
+        .bind(op.environment_id.to_string())
+        .bind(op.workspace_id.to_string())
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        if owned.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
+                template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
+                request_envelope, control_plane_cert_pem)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(&op.id)
+        .bind(scope.tenant().to_string())
+        .bind(op.workspace_id.to_string())
+        .bind(op.environment_id.to_string())
+        .bind(op.appliance_id.to_string())
+        .bind(&op.template_name)
+        .bind(&op.template_sha256)
+        .bind(&op.state)
+        .bind(&op.requested_by)
+        .bind(op.requested_at.unix_millis())
+        .bind(op.updated_at.unix_millis())
+        .bind(&op.request_digest)
+        .bind(&op.command_sha256)
+        .bind(&op.request_envelope)
+        .bind(&op.control_plane_cert_pem)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| conflict(e, "operation", &op.id))?;
+        Ok(true)
+    }
+
+    /// An operation, read under the write lock so a check and its update cannot interleave.
+    pub async fn operation(&mut self, scope: &TenantScope, id: &str) -> Result<Option<OperationRow>, StoreError> {
+        let sql = format!("SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2");
+        let row = sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id).fetch_optional(&mut *self.tx).await?;
+        row.as_ref().map(operation_from_row).transpose()
+    }
+
+    /// Records a relayed approval (or denial). Only from `awaiting_approval`; false otherwise.
+    pub async fn set_approval(
+        &mut self,
+        scope: &TenantScope,
+        id: &str,
+        envelope_json: &str,
+        state: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE operations SET approval_envelope = $1, state = $2, updated_at = $3
+             WHERE tenant_id = $4 AND id = $5 AND state = 'awaiting_approval' AND approval_envelope IS NULL",
+        )
+        .bind(envelope_json)
+        .bind(state)
+        .bind(now.unix_millis())
+        .bind(scope.tenant().to_string())
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the appliance's final result for an operation of this appliance.
+    pub async fn record_result(
+        &mut self,
+        scope: &TenantScope,
+        appliance: ApplianceId,
+        id: &str,
+        r: &ResultUpdate<'_>,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE operations SET state = $1, execution_envelope = $2, appliance_cert_pem = $3,
+                pre_approval_envelope = $4, exit_code = $5, output_sha256 = $6, output_size = $7,
+                refusal_reason = $8, result_at = $9, updated_at = $9
+             WHERE tenant_id = $10 AND appliance_id = $11 AND id = $12 AND result_at IS NULL",
+        )
+        .bind(r.state)
+        .bind(r.execution_envelope)
+        .bind(r.appliance_cert_pem)
+        .bind(r.pre_approval_envelope)
+        .bind(r.exit_code)
+        .bind(r.output_sha256)
+        .bind(r.output_size)
+        .bind(r.refusal_reason)
+        .bind(now.unix_millis())
+        .bind(scope.tenant().to_string())
+        .bind(appliance.to_string())
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the customer's release decision and the sealed output (if released).
+    pub async fn record_release(
+        &mut self,
+        scope: &TenantScope,
+        appliance: ApplianceId,
+        id: &str,
+        release: &ReleaseUpdate<'_>,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE operations SET state = $1, release_envelope = $2, output_sealed = $3, updated_at = $4
+             WHERE tenant_id = $5 AND appliance_id = $6 AND id = $7 AND state IN ('executed', 'cancelled')",
+        )
+        .bind(release.state)
+        .bind(release.release_envelope)
+        .bind(release.output_sealed)
+        .bind(now.unix_millis())
+        .bind(scope.tenant().to_string())
+        .bind(appliance.to_string())
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn template_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TemplateRow, StoreError> {
+    Ok(TemplateRow {
+        workspace_id: parse_col(r, "workspace_id")?,
+        name: r.try_get("name")?,
+        content_sha256: r.try_get("content_sha256")?,
+        manifest_toml: r.try_get("manifest_toml")?,
+        script: r.try_get("script")?,
+        created_at: ts_col(r, "created_at")?,
+    })
+}
+
+fn operation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OperationRow, StoreError> {
+    let stored: i64 = r.try_get("output_stored")?;
+    Ok(OperationRow {
+        id: r.try_get("id")?,
+        workspace_id: parse_col(r, "workspace_id")?,
+        environment_id: parse_col(r, "environment_id")?,
+        appliance_id: parse_col(r, "appliance_id")?,
+        template_name: r.try_get("template_name")?,
+        template_sha256: r.try_get("template_sha256")?,
+        state: r.try_get("state")?,
+        requested_by: r.try_get("requested_by")?,
+        requested_at: ts_col(r, "requested_at")?,
+        updated_at: ts_col(r, "updated_at")?,
+        request_digest: r.try_get("request_digest")?,
+        command_sha256: r.try_get("command_sha256")?,
+        request_envelope: r.try_get("request_envelope")?,
+        control_plane_cert_pem: r.try_get("control_plane_cert_pem")?,
+        approval_envelope: r.try_get("approval_envelope")?,
+        pre_approval_envelope: r.try_get("pre_approval_envelope")?,
+        execution_envelope: r.try_get("execution_envelope")?,
+        appliance_cert_pem: r.try_get("appliance_cert_pem")?,
+        release_envelope: r.try_get("release_envelope")?,
+        exit_code: r.try_get("exit_code")?,
+        output_sha256: r.try_get("output_sha256")?,
+        output_size: r.try_get("output_size")?,
+        refusal_reason: r.try_get("refusal_reason")?,
+        result_at: opt_ts_col(r, "result_at")?,
+        output_stored: stored != 0,
+    })
+}
+
 fn head_mac_input(chain: &str, head: &Head) -> Vec<u8> {
     format!("airlock-audit-head-v1\n{chain}\n{}\n{}", head.seq, head.hash.to_hex()).into_bytes()
 }
@@ -874,6 +1317,82 @@ mod tests {
         let row = store.get_appliance(&b, apl_b).await.unwrap().unwrap();
         assert!(row.revoked_at.is_none());
         assert_eq!((row.cert_serial.as_str(), row.version.as_str()), ("00", "1"));
+    }
+
+    fn operation_row(id: &str, w: WorkspaceId, e: EnvironmentId, a: ApplianceId) -> OperationRow {
+        OperationRow {
+            id: id.into(),
+            workspace_id: w,
+            environment_id: e,
+            appliance_id: a,
+            template_name: "t".into(),
+            template_sha256: "aa".into(),
+            state: "awaiting_approval".into(),
+            requested_by: "token:x".into(),
+            requested_at: now(),
+            updated_at: now(),
+            request_digest: "bb".into(),
+            command_sha256: "cc".into(),
+            request_envelope: "{}".into(),
+            control_plane_cert_pem: "pem".into(),
+            approval_envelope: None,
+            pre_approval_envelope: None,
+            execution_envelope: None,
+            appliance_cert_pem: None,
+            release_envelope: None,
+            exit_code: None,
+            output_sha256: None,
+            output_size: None,
+            refusal_reason: None,
+            result_at: None,
+            output_stored: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn store_hides_other_tenants_templates_and_operations() {
+        let (store, _dir) = store().await;
+        let (a, wa, ea, apl_a) = tenant(&store, 10).await;
+        let (b, wb, eb, apl_b) = tenant(&store, 50).await;
+        let template = TemplateRow {
+            workspace_id: wa,
+            name: "t".into(),
+            content_sha256: "aa".into(),
+            manifest_toml: "m".into(),
+            script: "s".into(),
+            created_at: now(),
+        };
+        let mut tx = store.write().await.unwrap();
+        assert!(tx.put_template(&a, wa, &template, now()).await.unwrap());
+        assert!(tx.insert_operation(&a, &operation_row("op_1", wa, ea, apl_a)).await.unwrap());
+        tx.commit().await.unwrap();
+
+        assert_eq!(store.list_current_templates(&a, wa).await.unwrap().len(), 1);
+        assert!(store.list_current_templates(&b, wa).await.unwrap().is_empty());
+        assert!(store.current_template(&b, wa, "t").await.unwrap().is_none());
+        assert!(store.template_version(&b, wa, "t", "aa").await.unwrap().is_none());
+        assert!(store.get_operation(&b, "op_1").await.unwrap().is_none());
+        assert!(store.list_operations(&b, None, None, 10).await.unwrap().is_empty());
+        assert!(store.pending_operations(&b, apl_a).await.unwrap().is_empty());
+        assert_eq!(store.pending_operations(&a, apl_a).await.unwrap().len(), 1);
+
+        // Writes through B's scope cannot touch A's rows, not even by naming A's workspace.
+        let mut tx = store.write().await.unwrap();
+        assert!(!tx.set_approval(&b, "op_1", "{}", "approved", now()).await.unwrap());
+        let update = ResultUpdate { state: "refused", refusal_reason: Some("x"), ..Default::default() };
+        assert!(!tx.record_result(&b, apl_a, "op_1", &update, now()).await.unwrap());
+        let other = TemplateRow { content_sha256: "evil".into(), ..template.clone() };
+        assert!(tx.put_template(&b, wb, &other, now()).await.unwrap());
+        assert!(!tx.put_template(&b, wa, &other, now()).await.unwrap());
+        // An operation in B's tenant naming A's appliance, or A's environment: refused.
+        assert!(!tx.insert_operation(&b, &operation_row("op_2", wb, eb, apl_a)).await.unwrap());
+        assert!(!tx.insert_operation(&b, &operation_row("op_3", wb, ea, apl_b)).await.unwrap());
+        assert!(tx.insert_operation(&b, &operation_row("op_4", wb, eb, apl_b)).await.unwrap());
+        tx.commit().await.unwrap();
+        assert!(store.get_operation(&a, "op_4").await.unwrap().is_none());
+        let op = store.get_operation(&a, "op_1").await.unwrap().unwrap();
+        assert_eq!((op.state.as_str(), op.approval_envelope, op.result_at), ("awaiting_approval", None, None));
+        assert_eq!(store.current_template(&a, wa, "t").await.unwrap().unwrap().content_sha256, "aa");
     }
 
     #[tokio::test]

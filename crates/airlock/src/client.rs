@@ -29,12 +29,34 @@ impl ApiClient {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
+    /// A GET whose success body is raw bytes (e.g. released operation output).
+    pub(crate) async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let resp = self.send_raw(self.http.get(self.url(path))).await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("reading response")?;
+        if !status.is_success() {
+            bail!("{} (HTTP {})", error_message(&String::from_utf8_lossy(&bytes)), status.as_u16());
+        }
+        Ok(bytes.to_vec())
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+        let resp = self.send_raw(req).await?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading response")?;
+        if !status.is_success() {
+            bail!("{} (HTTP {})", error_message(&text), status.as_u16());
+        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("unexpected response: {}", text.chars().take(200).collect::<String>()))
+    }
+
+    async fn send_raw(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        req.bearer_auth(&self.token).send().await.map_err(|e| {
             if let Some(pinned) = airlock_proto::tls::find_pin_mismatch(&e) {
                 anyhow::anyhow!(
                     "the server at {} does not present the pinned CA {pinned}; check AIRLOCK_CA_FINGERPRINT",
@@ -43,17 +65,14 @@ impl ApiClient {
             } else {
                 anyhow::anyhow!("cannot reach {}: {}", self.base, airlock_proto::tls::describe_error(&e))
             }
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.context("reading response")?;
-        if !status.is_success() {
-            let msg = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-                .unwrap_or(text);
-            bail!("{} (HTTP {})", msg, status.as_u16());
-        }
-        serde_json::from_str(&text)
-            .with_context(|| format!("unexpected response: {}", text.chars().take(200).collect::<String>()))
+        })
     }
+}
+
+/// The message of an API error body, or the body itself.
+fn error_message(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| text.to_owned())
 }

@@ -9,6 +9,7 @@ mod client;
 mod customer;
 #[cfg(all(feature = "server", feature = "appliance"))]
 mod dev;
+mod operations;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,10 @@ enum Command {
     Appliance(ApplianceCmd),
     /// Manage environments through the API.
     Env(EnvCmd),
+    /// Push and list operation templates through the API.
+    Template(operations::TemplateCmd),
+    /// Request signed operations and read their manifests and released output.
+    Op(operations::OpCmd),
     /// Verify audit logs.
     Audit(AuditCmd),
     /// Customer-side tools: keys, policy, approvals (run on the customer's machine).
@@ -544,6 +549,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Server(cmd) => server(*cmd).await,
         Command::Appliance(cmd) => appliance(cmd).await,
         Command::Env(cmd) => env(cmd).await,
+        Command::Template(cmd) => operations::template(cmd).await,
+        Command::Op(cmd) => operations::op(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
         Command::Customer(CustomerCmd {
             command: CustomerSub::Policy { command: PolicySub::Sign { policy, keys, out } },

@@ -1,0 +1,746 @@
+//! Signed operations on the control plane: the operations-signing identity, operation states,
+//! the instructions pushed to appliances, and the checks on what appliances report back.
+//!
+//! Trust boundary: the control plane holds no customer key, so it cannot verify approvals or
+//! releases; it checks their structure and binding only, and relays them unchanged. What it
+//! does verify is the appliance's execution statement: signed by a certificate from our CA
+//! naming exactly the appliance on the stream, and bound to the stored request.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use airlock_core::audit::Outcome;
+use airlock_core::dsse::Envelope;
+use airlock_core::grant::{
+    ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
+};
+use airlock_core::operation::{
+    EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE,
+    ReleaseDecision, ReleaseStatement, RequestStatement, SECRET_OUTPUT_TAG, add_signature, certificate_key_id,
+    sha256_hex, signing_input, verify_certified_envelope,
+};
+use airlock_core::{ApplianceId, ApplianceIdentity, Timestamp};
+use airlock_proto::gateway::{
+    ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
+    OutputRelease, control_message,
+};
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+
+use crate::authz::TenantScope;
+use crate::ca::{CaError, CertificateAuthority};
+use crate::state::{AppState, event};
+use crate::store::{OperationRow, ReleaseUpdate, ResultUpdate, StoreError};
+
+/// Lifetime of the operations-signing certificate, issued afresh at every start.
+pub const SIGNER_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+/// Longest refusal reason kept from an appliance (it names a check or rule, never data).
+const MAX_REASON_CHARS: usize = 500;
+/// Largest signed statement (envelope JSON) or certificate PEM stored from an appliance or
+/// relayed for a customer; real ones are a few KiB.
+pub const MAX_ENVELOPE_BYTES: usize = 64 * 1024;
+/// How far ahead of the control plane's clock an appliance's clock may run.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("the operations-signing key is unusable: {0}")]
+    Key(String),
+    #[error("signing failed")]
+    Sign,
+}
+
+/// The control plane's operations-signing identity. The key exists only in memory, for the
+/// life of the process; each operation stores the certificate that signed its request.
+pub struct OperationsSigner {
+    key: EcdsaKeyPair,
+    cert_pem: String,
+    key_id: String,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for OperationsSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperationsSigner").field("key_id", &self.key_id).finish_non_exhaustive()
+    }
+}
+
+impl OperationsSigner {
+    /// Generates a key and has the CA certify it as `spiffe://<trust-domain>/control-plane`.
+    pub fn generate(ca: &CertificateAuthority, now: Timestamp) -> Result<Self, SignerError> {
+        let (issued, pkcs8) = ca.issue_operations_signer(now, SIGNER_LIFETIME)?;
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng)
+            .map_err(|e| SignerError::Key(e.to_string()))?;
+        let key_id = certificate_key_id(issued.der.as_ref()).map_err(|e| SignerError::Key(e.to_string()))?;
+        Ok(Self { key, cert_pem: issued.pem, key_id, rng })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A DSSE envelope of `payload_type` over `payload`, signed with the operations key.
+    pub fn sign(&self, payload_type: &str, payload: Vec<u8>) -> Result<Envelope, SignerError> {
+        let env = Envelope::new(payload_type, payload);
+        let sig = self.key.sign(&self.rng, &signing_input(&env)).map_err(|_| SignerError::Sign)?;
+        Ok(add_signature(env, self.key_id.clone(), sig.as_ref().to_vec()))
+    }
+
+    /// Signs a request statement.
+    pub fn sign_request(&self, statement: &RequestStatement) -> Result<Envelope, SignerError> {
+        let payload = serde_json::to_vec(statement).map_err(|_| SignerError::Sign)?;
+        self.sign(REQUEST_PAYLOAD_TYPE, payload)
+    }
+}
+
+/// Where an operation stands on the control plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpState {
+    AwaitingApproval,
+    Approved,
+    Denied,
+    Executed,
+    Cancelled,
+    Refused,
+    Released,
+    Withheld,
+}
+
+impl OpState {
+    pub const ALL: [OpState; 8] = [
+        OpState::AwaitingApproval,
+        OpState::Approved,
+        OpState::Denied,
+        OpState::Executed,
+        OpState::Cancelled,
+        OpState::Refused,
+        OpState::Released,
+        OpState::Withheld,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpState::AwaitingApproval => "awaiting_approval",
+            OpState::Approved => "approved",
+            OpState::Denied => "denied",
+            OpState::Executed => "executed",
+            OpState::Cancelled => "cancelled",
+            OpState::Refused => "refused",
+            OpState::Released => "released",
+            OpState::Withheld => "withheld",
+        }
+    }
+}
+
+impl FromStr for OpState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|st| st.as_str()).collect();
+            format!(
+                "unknown operation state `{}`; use one of {}",
+                s.chars().take(40).collect::<String>(),
+                names.join(", ")
+            )
+        })
+    }
+}
+
+/// A fresh operation id: `op_` and 32 hex digits.
+pub fn new_operation_id(random: [u8; 16]) -> String {
+    format!("op_{}", data_encoding::HEXLOWER.encode(&random))
+}
+
+/// Whether `s` has the shape of an operation id (checked before it reaches the store).
+pub fn is_operation_id(s: &str) -> bool {
+    s.strip_prefix("op_")
+        .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+/// The request statement of a stored operation (signed by us, so only corruption fails).
+pub fn stored_request(op: &OperationRow) -> Result<RequestStatement, StoreError> {
+    let env = Envelope::from_json(op.request_envelope.as_bytes())
+        .map_err(|e| StoreError::Corrupt(format!("operation {} request envelope: {e}", op.id)))?;
+    serde_json::from_slice(&env.payload)
+        .map_err(|e| StoreError::Corrupt(format!("operation {} request statement: {e}", op.id)))
+}
+
+/// Parses a stored envelope column.
+pub fn stored_envelope(op: &OperationRow, json: Option<&str>) -> Result<Option<Envelope>, StoreError> {
+    json.map(|j| {
+        Envelope::from_json(j.as_bytes()).map_err(|e| StoreError::Corrupt(format!("operation {} envelope: {e}", op.id)))
+    })
+    .transpose()
+}
+
+/// Why a relayed approval is refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("the envelope is not an approval: its payload type is `{found}`, expected `{expected}`")]
+    NotAGrant { found: String, expected: &'static str },
+    #[error("the envelope carries no signature; have the customer sign it with `airlock customer` tools")]
+    Unsigned,
+    #[error("the envelope carries more than {} signatures", airlock_core::dsse::MAX_SIGNATURES)]
+    TooManySignatures,
+    #[error("the approval body does not parse: {0}")]
+    Body(String),
+    #[error("the approval is for another {0} than this operation's")]
+    Binding(&'static str),
+}
+
+/// Checks an approval's structure and its binding to the stored request. The signatures are
+/// the appliance's to verify against the customer keys it pinned.
+pub fn check_approval(
+    env: &Envelope,
+    op: &OperationRow,
+    request: &RequestStatement,
+) -> Result<GrantBody, ApprovalError> {
+    if env.payload_type != GRANT_PAYLOAD_TYPE {
+        return Err(ApprovalError::NotAGrant {
+            found: env.payload_type.chars().take(100).collect(),
+            expected: GRANT_PAYLOAD_TYPE,
+        });
+    }
+    if env.signatures.is_empty() {
+        return Err(ApprovalError::Unsigned);
+    }
+    if env.signatures.len() > airlock_core::dsse::MAX_SIGNATURES {
+        return Err(ApprovalError::TooManySignatures);
+    }
+    let body: GrantBody = serde_json::from_slice(&env.payload).map_err(|e| ApprovalError::Body(e.to_string()))?;
+    if body.request_id != op.id {
+        return Err(ApprovalError::Binding("request id"));
+    }
+    if body.request_digest != op.request_digest {
+        return Err(ApprovalError::Binding("request digest"));
+    }
+    if body.command_sha256 != op.command_sha256 {
+        return Err(ApprovalError::Binding("command"));
+    }
+    if body.appliance != op.appliance_id {
+        return Err(ApprovalError::Binding("appliance"));
+    }
+    if body.phase != request.request.phase {
+        return Err(ApprovalError::Binding("phase"));
+    }
+    Ok(body)
+}
+
+// ---------- gateway: instructions down ----------
+
+/// Sends `OperationInstruction`s for every operation of `appliance` still waiting for its
+/// final result, `first` (the one that just changed) before the rest, if the appliance is
+/// connected. Never waits on the stream: what does not fit now is sent on the next change or
+/// reconnect (the appliance is idempotent per request id).
+pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: ApplianceId, first: Option<&str>) {
+    if state.registry.status(&appliance).is_none() {
+        return;
+    }
+    let mut pending = match state.store.pending_operations(scope, appliance).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, %appliance, "cannot read pending operations");
+            return;
+        }
+    };
+    if let Some(first) = first
+        && let Some(pos) = pending.iter().position(|op| op.id == first)
+    {
+        let op = pending.remove(pos);
+        pending.insert(0, op);
+    }
+    for op in pending {
+        let template =
+            match state.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    tracing::error!(operation = %op.id, "the template version of this operation is not stored");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read template");
+                    return;
+                }
+            };
+        let instruction = OperationInstruction {
+            request_id: op.id.clone(),
+            request_envelope_json: op.request_envelope.clone(),
+            control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
+            template_manifest_toml: template.manifest_toml,
+            template_script: template.script,
+            approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
+        };
+        let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
+        if !state.registry.send(appliance, msg) {
+            tracing::debug!(%appliance, operation = %op.id, "stream busy; the instruction goes with the next push");
+            return;
+        }
+    }
+}
+
+// ---------- gateway: results and releases up ----------
+
+/// A result or release the control plane will not store; the appliance is told why.
+enum Refuse {
+    /// Refused for good: acknowledged with this error.
+    Because(String),
+    /// The store failed: no acknowledgement, so the appliance sends it again later.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Refuse {
+    fn from(e: StoreError) -> Self {
+        Refuse::Store(e)
+    }
+}
+
+fn refuse<T>(why: impl Into<String>) -> Result<T, Refuse> {
+    Err(Refuse::Because(why.into()))
+}
+
+fn ack(request_id: &str, kind: OperationAckKind, error: String) -> ControlMessage {
+    ControlMessage {
+        body: Some(control_message::Body::OperationAck(OperationAck {
+            request_id: request_id.to_owned(),
+            kind: kind as i32,
+            error,
+        })),
+    }
+}
+
+/// Off the network: short and printable.
+fn sanitize(s: &str, max: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+async fn finish(
+    state: &AppState,
+    scope: &TenantScope,
+    request_id: &str,
+    kind: OperationAckKind,
+    action: &str,
+    result: Result<(), Refuse>,
+) -> Option<ControlMessage> {
+    match result {
+        Ok(()) => Some(ack(request_id, kind, String::new())),
+        Err(Refuse::Because(why)) => {
+            tracing::info!(operation = %request_id, reason = %why, "refused an appliance's {action}");
+            let mut ev = event(scope.principal().actor(), action, Outcome::Denied);
+            ev.target = Some(request_id.to_owned());
+            ev.detail = serde_json::json!({ "reason": why });
+            state.audit_refusal(&scope.chain(), ev).await;
+            Some(ack(request_id, kind, why))
+        }
+        Err(Refuse::Store(e)) => {
+            tracing::error!(error = %e, operation = %request_id, "cannot record an appliance's {action}; it will be resent");
+            None
+        }
+    }
+}
+
+/// Handles an `OperationResult` from `peer`; the reply is an `OperationAck`, or nothing when
+/// the store failed (the appliance keeps it and sends it again).
+pub async fn handle_result(
+    state: &AppState,
+    peer: &ApplianceIdentity,
+    scope: &TenantScope,
+    r: OperationResult,
+) -> Option<ControlMessage> {
+    let request_id = sanitize(&r.request_id, 64);
+    let result = apply_result(state, peer, scope, &request_id, &r).await;
+    finish(state, scope, &request_id, OperationAckKind::Result, "operation.result_refused", result).await
+}
+
+async fn apply_result(
+    state: &AppState,
+    peer: &ApplianceIdentity,
+    scope: &TenantScope,
+    request_id: &str,
+    r: &OperationResult,
+) -> Result<(), Refuse> {
+    let outcome = OperationOutcome::try_from(r.outcome).unwrap_or(OperationOutcome::Unspecified);
+    let now = state.now();
+    let mut tx = state.store.write().await?;
+    let Some(op) = tx.operation(scope, request_id).await?.filter(|op| op.appliance_id == peer.appliance) else {
+        return refuse(format!("no operation {request_id} for this appliance"));
+    };
+    let request = stored_request(&op)?;
+    let pending = crate::store::PENDING_STATES.contains(&op.state.as_str()) && op.result_at.is_none();
+    let already = || refuse(format!("operation {request_id} already has a final result ({})", op.state));
+    match outcome {
+        OperationOutcome::Unspecified => refuse("the result has no outcome"),
+        // Nothing ran and nothing changes; the instruction is sent again with the approval.
+        OperationOutcome::AwaitingApproval => Ok(()),
+        OperationOutcome::Refused => {
+            let reason = sanitize(&r.reason, MAX_REASON_CHARS);
+            if !pending {
+                // The same result again is already stored.
+                return if op.refusal_reason.as_deref() == Some(reason.as_str()) { Ok(()) } else { already() };
+            }
+            // A denial stays `denied`; the appliance's refusal confirms it audited it.
+            let new_state = if op.state == OpState::Denied.as_str() { OpState::Denied } else { OpState::Refused };
+            let update =
+                ResultUpdate { state: new_state.as_str(), refusal_reason: Some(&reason), ..Default::default() };
+            let ev = result_event(scope, "operation.refused", request_id, serde_json::json!({ "reason": reason }));
+            commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
+        }
+        OperationOutcome::Executed | OperationOutcome::Cancelled => {
+            let v = verify_execution(state, peer, &op, &request, outcome, r, now)?;
+            let execution_json = v.envelope.to_json();
+            if !pending {
+                return if op.execution_envelope.as_deref() == Some(execution_json.as_str()) {
+                    Ok(())
+                } else {
+                    already()
+                };
+            }
+            if op.state == OpState::Denied.as_str() {
+                return refuse("the customer denied this request; an execution of it is refused");
+            }
+            let e = &v.statement;
+            let size = i64::try_from(e.output_size).or_else(|_| refuse("output_size is out of range"))?;
+            let (new_state, action) = if outcome == OperationOutcome::Executed {
+                (OpState::Executed, "operation.executed")
+            } else {
+                (OpState::Cancelled, "operation.cancelled")
+            };
+            let update = ResultUpdate {
+                state: new_state.as_str(),
+                execution_envelope: Some(&execution_json),
+                appliance_cert_pem: Some(&v.cert_pem),
+                pre_approval_envelope: v.pre_approval_json.as_deref(),
+                exit_code: e.exit_code.map(i64::from),
+                output_sha256: Some(&e.output_sha256),
+                output_size: Some(size),
+                refusal_reason: None,
+            };
+            let detail = serde_json::json!({
+                "status": e.status,
+                "exit_code": e.exit_code,
+                "output_sha256": e.output_sha256,
+                "output_size": e.output_size,
+                "authority": e.authority.kind,
+                "sequence": e.sequence,
+            });
+            let ev = result_event(scope, action, request_id, detail);
+            commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
+        }
+    }
+}
+
+fn result_event(
+    scope: &TenantScope,
+    action: &str,
+    request_id: &str,
+    detail: serde_json::Value,
+) -> airlock_core::audit::Event {
+    let mut ev = event(scope.principal().actor(), action, Outcome::Success);
+    ev.target = Some(request_id.to_owned());
+    ev.detail = detail;
+    ev
+}
+
+/// Records a result and its audit record in one transaction.
+async fn commit_result(
+    mut tx: crate::store::WriteTx<'_>,
+    scope: &TenantScope,
+    appliance: ApplianceId,
+    request_id: &str,
+    update: &ResultUpdate<'_>,
+    ev: airlock_core::audit::Event,
+    now: Timestamp,
+) -> Result<(), Refuse> {
+    if !tx.record_result(scope, appliance, request_id, update, now).await? {
+        return refuse(format!("operation {request_id} already has a final result"));
+    }
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+struct VerifiedExecution {
+    envelope: Envelope,
+    statement: ExecutionStatement,
+    cert_pem: String,
+    pre_approval_json: Option<String>,
+}
+
+/// Verifies an execution statement: our CA issued the certificate, the certificate names
+/// exactly the appliance on this stream, and the statement is bound to the stored request.
+fn verify_execution(
+    state: &AppState,
+    peer: &ApplianceIdentity,
+    op: &OperationRow,
+    request: &RequestStatement,
+    outcome: OperationOutcome,
+    r: &OperationResult,
+    now: Timestamp,
+) -> Result<VerifiedExecution, Refuse> {
+    if [&r.execution_envelope_json, &r.appliance_certificate_pem, &r.pre_approval_envelope_json]
+        .iter()
+        .any(|f| f.len() > MAX_ENVELOPE_BYTES)
+    {
+        return refuse(format!("a signed statement or certificate is larger than {MAX_ENVELOPE_BYTES} bytes"));
+    }
+    let envelope = Envelope::from_json(r.execution_envelope_json.as_bytes())
+        .or_else(|e| refuse(format!("the execution envelope is malformed: {e}")))?;
+    let unsigned: ExecutionStatement = serde_json::from_slice(&envelope.payload)
+        .or_else(|e| refuse(format!("the execution statement is malformed: {e}")))?;
+    // Checked at the time the appliance says it started, as a manifest verifier will: a
+    // result resent after a renewal still carries the certificate that signed it. That time
+    // is the appliance's claim; it may at least not lie in the control plane's future.
+    if unsigned.started_at > now.saturating_add(MAX_CLOCK_SKEW) {
+        return refuse(format!("the execution claims to have started in the future ({})", unsigned.started_at));
+    }
+    let certified = verify_certified_envelope(
+        &envelope,
+        EXECUTION_PAYLOAD_TYPE,
+        &r.appliance_certificate_pem,
+        state.ca.cert_der().as_ref(),
+        unsigned.started_at,
+    )
+    .or_else(|e| refuse(format!("the execution signature does not verify: {e}")))?;
+    let signers: Vec<ApplianceIdentity> = certified.uris.iter().filter_map(|u| u.parse().ok()).collect();
+    if signers.len() != 1 || signers[0] != *peer {
+        return refuse("the execution was not signed by this appliance's certificate");
+    }
+    let statement: ExecutionStatement = serde_json::from_slice(&certified.payload)
+        .or_else(|e| refuse(format!("the execution statement is malformed: {e}")))?;
+    if statement.request_id != op.id || statement.appliance != op.appliance_id {
+        return refuse("the execution statement is for another request or appliance");
+    }
+    if statement.request_digest != op.request_digest || statement.command_sha256 != op.command_sha256 {
+        return refuse("the execution statement is for another request digest or command");
+    }
+    let status_fits = match outcome {
+        OperationOutcome::Cancelled => statement.status == ExecutionStatus::Cancelled,
+        _ => statement.status != ExecutionStatus::Cancelled,
+    };
+    if !status_fits {
+        return refuse("the outcome does not match the signed execution status");
+    }
+    let mut pre_approval_json = None;
+    match statement.authority.kind.as_str() {
+        "grant" => {
+            let approval = stored_envelope(op, op.approval_envelope.as_deref())?;
+            let body = approval.and_then(|env| serde_json::from_slice::<GrantBody>(&env.payload).ok());
+            match body {
+                Some(b) if statement.authority.digest.as_deref() == Some(b.digest_hex().as_str()) => {
+                    if b.decision != ApprovalDecision::Approve {
+                        return refuse("executed on a grant that denies this request");
+                    }
+                }
+                _ => return refuse("executed on a grant the control plane did not relay for this request"),
+            }
+        }
+        "pre-approval" => {
+            let env = Envelope::from_json(r.pre_approval_envelope_json.as_bytes())
+                .or_else(|_| refuse("executed on a pre-approval, but its envelope is missing or malformed"))?;
+            if env.payload_type != PRE_APPROVAL_PAYLOAD_TYPE || env.signatures.is_empty() {
+                return refuse("the pre-approval envelope is not a signed pre-approval");
+            }
+            let body: PreApprovalBody = serde_json::from_slice(&env.payload)
+                .or_else(|e| refuse(format!("the pre-approval body does not parse: {e}")))?;
+            if statement.authority.digest.as_deref() != Some(body.digest_hex().as_str()) {
+                return refuse("the execution names another pre-approval than the one sent");
+            }
+            if body.appliance != op.appliance_id
+                || body.template != op.template_name
+                || body.template_sha256 != op.template_sha256
+                || body.phase != request.request.phase
+            {
+                return refuse("the pre-approval is for another appliance, template or phase");
+            }
+            pre_approval_json = Some(env.to_json());
+        }
+        // The customer's policy allowed these without a per-request signature.
+        "standing-window" | "observe" => {}
+        other => return refuse(format!("unknown authority `{}`", sanitize(other, 40))),
+    }
+    Ok(VerifiedExecution { envelope, statement, cert_pem: r.appliance_certificate_pem.clone(), pre_approval_json })
+}
+
+/// The additional data output is sealed with: it can only be opened as this operation's output.
+fn output_aad(scope: &TenantScope, request_id: &str) -> Vec<u8> {
+    format!("airlock operation output v1\n{}\n{request_id}", scope.tenant()).into_bytes()
+}
+
+/// Opens an operation's sealed output.
+pub fn open_output(
+    state: &AppState,
+    scope: &TenantScope,
+    request_id: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>, crate::keys::KeyError> {
+    state.kek.open(sealed, &output_aad(scope, request_id))
+}
+
+/// Handles an `OutputRelease` from `peer`. Output is checked against the signed digest and
+/// sealed under the KEK; it is never logged and never audited (only its digest and size).
+pub async fn handle_release(
+    state: &AppState,
+    peer: &ApplianceIdentity,
+    scope: &TenantScope,
+    rel: OutputRelease,
+) -> Option<ControlMessage> {
+    let request_id = sanitize(&rel.request_id, 64);
+    let result = apply_release(state, peer, scope, &request_id, &rel).await;
+    finish(state, scope, &request_id, OperationAckKind::Release, "operation.release_refused", result).await
+}
+
+async fn apply_release(
+    state: &AppState,
+    peer: &ApplianceIdentity,
+    scope: &TenantScope,
+    request_id: &str,
+    rel: &OutputRelease,
+) -> Result<(), Refuse> {
+    let now = state.now();
+    let mut tx = state.store.write().await?;
+    let Some(op) = tx.operation(scope, request_id).await?.filter(|op| op.appliance_id == peer.appliance) else {
+        return refuse(format!("no operation {request_id} for this appliance"));
+    };
+    if rel.release_envelope_json.len() > MAX_ENVELOPE_BYTES {
+        return refuse(format!("the release envelope is larger than {MAX_ENVELOPE_BYTES} bytes"));
+    }
+    let release_env = if rel.release_envelope_json.is_empty() {
+        None
+    } else {
+        Some(
+            Envelope::from_json(rel.release_envelope_json.as_bytes())
+                .or_else(|e| refuse(format!("the release envelope is malformed: {e}")))?,
+        )
+    };
+    let release_json = release_env.as_ref().map(Envelope::to_json);
+    if op.state == OpState::Released.as_str() || op.state == OpState::Withheld.as_str() {
+        return if op.release_envelope == release_json {
+            Ok(())
+        } else {
+            refuse(format!("the output of operation {request_id} was already {}", op.state))
+        };
+    }
+    if op.state != OpState::Executed.as_str() && op.state != OpState::Cancelled.as_str() {
+        return refuse(format!(
+            "operation {request_id} has no execution whose output could be released ({})",
+            op.state
+        ));
+    }
+    let request = stored_request(&op)?;
+    let secret = request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG));
+    let execution: ExecutionStatement = stored_envelope(&op, op.execution_envelope.as_deref())?
+        .and_then(|env| serde_json::from_slice(&env.payload).ok())
+        .ok_or_else(|| Refuse::Store(StoreError::Corrupt(format!("operation {request_id} execution statement"))))?;
+    let (decision, approver) = match &release_env {
+        None => {
+            let pre = stored_envelope(&op, op.pre_approval_envelope.as_deref())?
+                .and_then(|env| serde_json::from_slice::<PreApprovalBody>(&env.payload).ok());
+            match pre {
+                Some(p)
+                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == "pre-approval" =>
+                {
+                    (ReleaseDecision::Release, format!("pre-approval {}", p.id))
+                }
+                _ => return refuse("output without a customer release needs a commands-and-output pre-approval"),
+            }
+        }
+        Some(env) => {
+            if env.payload_type != RELEASE_PAYLOAD_TYPE || env.signatures.is_empty() {
+                return refuse(format!("the release envelope is not a signed release ({RELEASE_PAYLOAD_TYPE})"));
+            }
+            let body: ReleaseStatement = serde_json::from_slice(&env.payload)
+                .or_else(|e| refuse(format!("the release statement is malformed: {e}")))?;
+            if body.request_id != op.id || body.appliance != op.appliance_id {
+                return refuse("the release is for another request or appliance");
+            }
+            if body.output_sha256 != execution.output_sha256 || body.output_size != execution.output_size {
+                return refuse("the release names other output than the signed execution");
+            }
+            (body.decision, sanitize(&body.approver, 100))
+        }
+    };
+    let sealed = match decision {
+        ReleaseDecision::Release => {
+            if secret {
+                return refuse(format!("output of a request tagged `{SECRET_OUTPUT_TAG}` is never accepted"));
+            }
+            if rel.output.len() as u64 != execution.output_size || sha256_hex(&rel.output) != execution.output_sha256 {
+                return refuse("the output does not match the digest and size the appliance signed");
+            }
+            Some(state.kek.seal(&rel.output, &output_aad(scope, request_id)).or_else(|e| refuse(e.to_string()))?)
+        }
+        ReleaseDecision::Withhold => {
+            if !rel.output.is_empty() {
+                return refuse("withheld output must not be sent");
+            }
+            None
+        }
+    };
+    let new_state = if decision == ReleaseDecision::Release { OpState::Released } else { OpState::Withheld };
+    let update = ReleaseUpdate {
+        state: new_state.as_str(),
+        release_envelope: release_json.as_deref(),
+        output_sealed: sealed.as_deref(),
+    };
+    if !tx.record_release(scope, peer.appliance, request_id, &update, now).await? {
+        return refuse(format!("operation {request_id} changed; send the release again"));
+    }
+    let action = if new_state == OpState::Released { "operation.released" } else { "operation.withheld" };
+    let mut ev = event(scope.principal().actor(), action, Outcome::Success);
+    ev.target = Some(request_id.to_owned());
+    // Digest and size only: the output itself never reaches the audit or the logs.
+    ev.detail = serde_json::json!({
+        "output_sha256": execution.output_sha256,
+        "output_size": execution.output_size,
+        "approver": approver,
+        "signed_release": release_env.is_some(),
+    });
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signer_certificate_names_only_the_control_plane_and_verifies() {
+        let now = Timestamp::from_unix_millis(1_800_000_000_000);
+        let (ca, _) = CertificateAuthority::generate("airlock.test", now).unwrap();
+        let signer = OperationsSigner::generate(&ca, now).unwrap();
+        let env = signer.sign(REQUEST_PAYLOAD_TYPE, b"{}".to_vec()).unwrap();
+        let ok = verify_certified_envelope(&env, REQUEST_PAYLOAD_TYPE, signer.cert_pem(), ca.cert_der(), now).unwrap();
+        assert_eq!(ok.uris, vec!["spiffe://airlock.test/control-plane".to_owned()]);
+        // Another CA's signer does not verify against this CA.
+        let (other, _) = CertificateAuthority::generate("airlock.test", now).unwrap();
+        let foreign = OperationsSigner::generate(&other, now).unwrap();
+        let env2 = foreign.sign(REQUEST_PAYLOAD_TYPE, b"{}".to_vec()).unwrap();
+        assert!(
+            verify_certified_envelope(&env2, REQUEST_PAYLOAD_TYPE, foreign.cert_pem(), ca.cert_der(), now).is_err()
+        );
+        // A tampered payload does not verify.
+        let mut tampered = env;
+        tampered.payload = b"{\"a\":1}".to_vec();
+        assert!(
+            verify_certified_envelope(&tampered, REQUEST_PAYLOAD_TYPE, signer.cert_pem(), ca.cert_der(), now).is_err()
+        );
+    }
+
+    #[test]
+    fn states_and_ids_parse_strictly() {
+        for s in OpState::ALL {
+            assert_eq!(s.as_str().parse::<OpState>().unwrap(), s);
+        }
+        assert!("done".parse::<OpState>().is_err());
+        let id = new_operation_id([0xab; 16]);
+        assert!(is_operation_id(&id));
+        for bad in
+            ["op_", "op_ABABABABABABABABABABABABABABABAB", "xx_abababababababababababababababab", &format!("{id}0")]
+        {
+            assert!(!is_operation_id(bad), "{bad}");
+        }
+    }
+}
