@@ -15,7 +15,7 @@ use airlock_core::grant::{
     PreApprovalBody,
 };
 use airlock_core::operation::{ManifestReport, VerifyInputs, describe_args, pem_certificate_der};
-use airlock_core::template::{RenderedCommand, Template, TemplateManifest};
+use airlock_core::template::{RenderedCommand, Template};
 use airlock_core::{ApplianceId, Timestamp};
 use anyhow::Context;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -141,7 +141,7 @@ pub(crate) struct PreApprovalSpec<'a> {
 
 /// Signs a pre-approval for the template in `template_dir`, as the customer reviewed it.
 pub(crate) fn pre_approve(spec: PreApprovalSpec<'_>) -> anyhow::Result<String> {
-    let (template, _) = read_template(spec.template_dir)?;
+    let template = read_template(spec.template_dir)?;
     let manifest = template.manifest();
     for (name, pattern) in &spec.constraints {
         anyhow::ensure!(
@@ -174,22 +174,10 @@ pub(crate) fn pre_approve(spec: PreApprovalSpec<'_>) -> anyhow::Result<String> {
     Ok(sign_all(Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body)?), &keys).to_json())
 }
 
-/// Reads `template.toml` and the script it names from a template directory.
-pub(crate) fn read_template(dir: &Path) -> anyhow::Result<(Template, String)> {
-    let manifest_path = dir.join("template.toml");
-    let manifest_toml =
-        std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
-    let parsed: TemplateManifest =
-        toml::from_str(&manifest_toml).with_context(|| format!("parsing {}", manifest_path.display()))?;
-    anyhow::ensure!(
-        !parsed.body.contains('/') && !parsed.body.starts_with('.'),
-        "{}: `body` must name a file beside template.toml",
-        manifest_path.display()
-    );
-    let script_path = dir.join(&parsed.body);
-    let script = std::fs::read_to_string(&script_path).with_context(|| format!("reading {}", script_path.display()))?;
-    let template = Template::new(&manifest_toml, &script).with_context(|| format!("checking {}", dir.display()))?;
-    Ok((template, manifest_toml))
+/// Reads and checks the template in `dir` as the appliance will render it.
+pub(crate) fn read_template(dir: &Path) -> anyhow::Result<Template> {
+    let (manifest_toml, script) = crate::operations::read_template_dir(dir)?;
+    Template::new(&manifest_toml, &script).with_context(|| format!("checking {}", dir.display()))
 }
 
 /// Verifies manifests offline and, given several, that they chain in the order given.

@@ -758,6 +758,7 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Ctrl-C or SIGTERM.
+#[cfg(any(feature = "server", feature = "appliance"))]
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
