@@ -327,7 +327,7 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     // The appliance's own manifest verifies offline.
     let manifest = fx.control.ops.manifest("op_1").unwrap().unwrap();
     let keys = [customer(1).public()];
-    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1 };
+    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None };
     verify_parsed_manifest(&manifest, &inputs).unwrap();
     let executed = fx.audited("operation.executed");
     assert_eq!(executed[0]["detail"]["output_size"], plain.len());

@@ -583,7 +583,7 @@ fn allow(req: &OperationRequest, nonce: Option<String>, basis: Basis) -> Decisio
     Decision::Allow(Permit { request_id: req.id.clone(), phase: req.phase, nonce, pre_approval: None, basis })
 }
 
-fn window_contains(w: &crate::policy::Window, now: Timestamp) -> bool {
+pub(crate) fn window_contains(w: &crate::policy::Window, now: Timestamp) -> bool {
     let t = now.to_offset_date_time();
     let day = match t.weekday() {
         time::Weekday::Monday => Weekday::Mon,

@@ -297,6 +297,9 @@ pub struct VerifyInputs<'a> {
     pub customer_keys: &'a [CustomerPublicKey],
     /// Distinct customer keys an approval needs (the customer policy's `approvals_required`).
     pub approvals_required: usize,
+    /// The customer's policy, verified by the caller. Needed only to check an execution that a
+    /// standing window allowed (no per-request signature exists then; the policy is the proof).
+    pub policy: Option<&'a crate::policy::VerifiedPolicy>,
 }
 
 /// The check that failed, by name, and why.
@@ -467,9 +470,42 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                     return fail("execution.authority", "executed outside the pre-approval's window");
                 }
             }
-            // The customer's policy allowed these without a per-request signature; the
-            // execution names the policy, which the customer holds.
-            "standing-window" | "observe" => {}
+            // No customer signature is needed for the appliance's own read-only probes; a vendor
+            // template can never be one (core refuses templates with their names).
+            "observe" => {
+                let probe = req.phase == crate::policy::Phase::Observe
+                    && crate::grant::BUILTIN_OBSERVE_KINDS.contains(&req.kind.as_str());
+                if !probe {
+                    return fail(
+                        "execution.authority",
+                        format!("`{}` is not a built-in probe that needs no approval", req.kind),
+                    );
+                }
+            }
+            // The customer's signed policy allowed it in a standing window: check against it.
+            "standing-window" => {
+                let Some(policy) = inputs.policy else {
+                    return fail(
+                        "execution.authority",
+                        "executed in a standing window of the customer's policy; give that signed policy to check it",
+                    );
+                };
+                if e.authority.policy_digest.as_deref() != Some(policy.digest_hex().as_str()) {
+                    return fail("execution.authority", "executed under another policy than the one given");
+                }
+                let doc = policy.document();
+                let inside = doc.phases.contains(&req.phase)
+                    && doc
+                        .windows
+                        .iter()
+                        .any(|w| w.phase == req.phase && crate::grant::window_contains(w, e.started_at));
+                if !inside {
+                    return fail(
+                        "execution.authority",
+                        "the policy has no standing window for this phase at that time",
+                    );
+                }
+            }
             other => return fail("execution.authority", format!("unknown authority `{other}`")),
         }
         checks.push("execution.authority");

@@ -19,7 +19,7 @@ type Edit = Box<dyn FnOnce(&mut Parts)>;
 fn verify(fx: &Fixture, m: &Manifest) -> Result<ManifestReport, String> {
     let keys = [fx.customer.public()];
     let ca = fx.ca.der();
-    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1 };
+    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy: None };
     verify_manifest(serde_json::to_string(m).unwrap().as_bytes(), &inputs).map_err(|e| e.check.to_owned())
 }
 
@@ -161,7 +161,7 @@ fn missing_and_malformed_parts_are_refused() {
     let fx = Fixture::new();
     let keys = [fx.customer.public()];
     let ca = fx.ca.der();
-    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1 };
+    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy: None };
     for bad in [&b"{"[..], b"[]", b"{\"format\":\"airlock-operation-manifest-v1\"}"] {
         assert_eq!(verify_manifest(bad, &inputs).unwrap_err().check, "manifest.format");
     }
@@ -183,7 +183,7 @@ fn missing_and_malformed_parts_are_refused() {
     assert_eq!(verify(&fx, &m).unwrap_err(), "request.id");
     // Two approvals required, one given.
     let keys = [fx.customer.public(), CustomerSigningKey::from_seed([8; 32]).public()];
-    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 2 };
+    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 2, policy: None };
     let err = verify_manifest(serde_json::to_string(&fx.manifest()).unwrap().as_bytes(), &inputs).unwrap_err();
     assert_eq!(err.check, "approval.signature");
 }
@@ -217,4 +217,51 @@ fn manifests_chain_and_a_gap_is_detected() {
     assert_eq!(verify_chain(&gap).unwrap_err().check, "chain.link");
     let reordered = [reports[1].clone(), reports[0].clone()];
     assert_eq!(verify_chain(&reordered).unwrap_err().check, "chain.link");
+}
+
+fn signed_policy(fx: &Fixture, windows: &str) -> airlock_core::policy::VerifiedPolicy {
+    let text = format!("version = 1\nserial = 1\nphases = [\"observe\", \"operate\"]\n{windows}");
+    let env = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, text.into_bytes()).sign(&fx.customer);
+    airlock_core::policy::verify_signed_policy(env.to_json().as_bytes(), &[fx.customer.public()], None).unwrap()
+}
+
+#[test]
+fn executions_without_a_customer_signature_need_the_policy_that_allowed_them() {
+    let fx = Fixture::new();
+    let keys = [fx.customer.public()];
+    let ca = fx.ca.der();
+    // Tuesday 11:00-13:00 UTC covers the fixture's execution (Tuesday 12:01).
+    let policy =
+        signed_policy(&fx, "[[windows]]\nphase = \"operate\"\ndays = [\"tue\"]\nstart = \"11:00\"\nend = \"13:00\"\n");
+    let elsewhere =
+        signed_policy(&fx, "[[windows]]\nphase = \"operate\"\ndays = [\"wed\"]\nstart = \"11:00\"\nend = \"13:00\"\n");
+    let in_window = |policy_digest: String| {
+        let mut parts = fx.parts();
+        parts.execution.authority = airlock_core::operation::AuthorityRef {
+            kind: "standing-window".into(),
+            digest: None,
+            policy_digest: Some(policy_digest),
+        };
+        let mut m = fx.assemble(&parts);
+        m.approval = None;
+        serde_json::to_vec(&m).unwrap()
+    };
+    let check = |json: &[u8], policy| {
+        let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy };
+        verify_manifest(json, &inputs).map(|_| ()).map_err(|e| e.check)
+    };
+    let m = in_window(policy.digest_hex());
+    assert_eq!(check(&m, Some(&policy)), Ok(()));
+    assert_eq!(check(&m, None), Err("execution.authority"), "a standing window needs the policy to check");
+    let other = in_window(elsewhere.digest_hex());
+    assert_eq!(check(&other, Some(&elsewhere)), Err("execution.authority"), "no window at that time");
+    assert_eq!(check(&m, Some(&elsewhere)), Err("execution.authority"), "another policy");
+
+    // A vendor template executed as if it were one of the appliance's own probes.
+    let mut parts = fx.parts();
+    parts.execution.authority =
+        airlock_core::operation::AuthorityRef { kind: "observe".into(), digest: None, policy_digest: None };
+    let mut m = fx.assemble(&parts);
+    m.approval = None;
+    assert_eq!(check(&serde_json::to_vec(&m).unwrap(), Some(&policy)), Err("execution.authority"));
 }

@@ -650,7 +650,7 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
     let keys = [customer_key().public()];
     let report = verify_parsed_manifest(
         &manifest,
-        &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1 },
+        &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None },
     )
     .unwrap();
     assert!(report.checks.contains(&"approval.binding"), "{:?}", report.checks);
@@ -681,6 +681,9 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let again: Manifest = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(again, manifest);
-    verify_parsed_manifest(&again, &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1 })
-        .unwrap();
+    verify_parsed_manifest(
+        &again,
+        &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None },
+    )
+    .unwrap();
 }

@@ -52,8 +52,9 @@ impl PendingOperation {
         let r = &self.request;
         let tags: Vec<&str> = r.data_tags.iter().map(String::as_str).collect();
         let mut out = format!(
-            "operation  {}\nenvironment {}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {}\nrequested  by {}\ncommand sha256 {}\n--- script ---\n{}",
+            "operation  {}\nrequest digest {} (pass it to `airlock customer approve|deny --digest`)\nenvironment {}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {}\nrequested  by {}\ncommand sha256 {}\n--- script ---\n{}",
             self.id,
+            r.digest_hex(),
             self.environment,
             r.appliance,
             self.template,
@@ -82,14 +83,34 @@ struct OperationList {
     operations: Vec<PendingOperation>,
 }
 
-pub(crate) async fn list_pending(client: &ApiClient) -> anyhow::Result<Vec<PendingOperation>> {
+/// Requests awaiting approval, each checked: one whose command does not match its request's
+/// digest comes back as an error to show instead of the request.
+pub(crate) async fn list_pending(client: &ApiClient) -> anyhow::Result<Vec<anyhow::Result<PendingOperation>>> {
     let list: OperationList = client.get("/v1/operations?state=awaiting_approval").await?;
-    Ok(list.operations)
+    Ok(list.operations.into_iter().map(PendingOperation::checked).collect())
+}
+
+/// Shows the request on the terminal and asks for the start of its digest before signing.
+fn confirm(op: &PendingOperation) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    anyhow::ensure!(
+        std::io::stdin().is_terminal(),
+        "give --digest with the request digest you reviewed in `airlock customer approvals list`, or run this on a terminal to review it here"
+    );
+    let digest = op.request.digest_hex();
+    eprint!("{}\nType the first 8 characters of the request digest to sign: ", op.describe());
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    anyhow::ensure!(line.trim().len() >= 8 && digest.starts_with(line.trim()), "not confirmed; nothing was signed");
+    Ok(())
 }
 
 /// How the customer decides one request.
 pub(crate) struct Decision<'a> {
     pub(crate) approve: bool,
+    /// The request digest the customer reviewed (from `approvals list`). Without it the
+    /// request is shown and must be confirmed on a terminal.
+    pub(crate) reviewed_digest: Option<String>,
     pub(crate) keys: &'a [PathBuf],
     pub(crate) approver: Option<String>,
     pub(crate) reason: String,
@@ -101,6 +122,16 @@ pub(crate) async fn decide(client: &ApiClient, id: &str, d: Decision<'_>) -> any
     let op: PendingOperation = client.get(&format!("/v1/operations/{id}")).await?;
     let op = op.checked()?;
     anyhow::ensure!(op.state == "awaiting_approval", "operation {id} is {}, not awaiting approval", op.state);
+    // What is signed must be what the customer reviewed: the control plane could show one
+    // request in the list and serve another here.
+    let digest = op.request.digest_hex();
+    match d.reviewed_digest.as_deref() {
+        Some(reviewed) => anyhow::ensure!(
+            reviewed.eq_ignore_ascii_case(&digest),
+            "operation {id} is not the request you reviewed (its digest is {digest}, you gave {reviewed}); nothing was signed"
+        ),
+        None => confirm(&op)?,
+    }
     let keys = load_keys(d.keys)?;
     let now = now();
     // A minute of slack for the appliance's clock; the window's length is what the policy caps.
@@ -181,11 +212,14 @@ pub(crate) fn read_template(dir: &Path) -> anyhow::Result<Template> {
 }
 
 /// Verifies manifests offline and, given several, that they chain in the order given.
+/// `policy` is the customer's signed policy: it sets the approver threshold (unless
+/// `approvals_required` is given) and is what proves executions in a standing window.
 pub(crate) fn verify(
     manifests: &[PathBuf],
     customer_keys: &[PathBuf],
     ca: &Path,
-    approvals_required: usize,
+    policy: Option<&Path>,
+    approvals_required: Option<usize>,
 ) -> anyhow::Result<Vec<ManifestReport>> {
     let keys = customer_keys
         .iter()
@@ -196,7 +230,19 @@ pub(crate) fn verify(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
     let ca_der = pem_certificate_der(&ca_pem).with_context(|| format!("loading {}", ca.display()))?;
-    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required };
+    let policy = match policy {
+        Some(path) => {
+            let json = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                airlock_core::policy::verify_signed_policy(&json, &keys, None)
+                    .with_context(|| format!("checking the signed policy {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let approvals_required =
+        approvals_required.unwrap_or_else(|| policy.as_ref().map_or(1, |p| p.document().approvals_required));
+    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required, policy: policy.as_ref() };
     let mut reports = Vec::new();
     for path in manifests {
         let json = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -274,4 +320,47 @@ pub(crate) fn now() -> Timestamp {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     Timestamp::from_unix_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(script_shown: &str) -> PendingOperation {
+        let template = Template::new(
+            "name = \"greet\"\ndescription = \"d\"\nphase = \"operate\"\nbody = \"run.sh\"\n",
+            "#!/bin/sh\necho hello\n",
+        )
+        .unwrap();
+        let command = template.render(&BTreeMap::new()).unwrap();
+        let request = OperationRequest {
+            id: "op_1".into(),
+            appliance: ApplianceId::from_random([1; 16]),
+            kind: "greet".into(),
+            phase: airlock_core::policy::Phase::Operate,
+            data_tags: Default::default(),
+            args: BTreeMap::new(),
+            command_sha256: command.sha256(),
+        };
+        let mut shown = command;
+        shown.script = script_shown.to_owned();
+        PendingOperation {
+            id: "op_1".into(),
+            environment: "env_1".into(),
+            template: "greet".into(),
+            reason: "r".into(),
+            requested_by: "v".into(),
+            state: "awaiting_approval".into(),
+            request,
+            command: shown,
+        }
+    }
+
+    #[test]
+    fn a_command_that_is_not_the_requests_is_never_offered_for_signing() {
+        assert!(op("#!/bin/sh\necho hello\n").checked().is_ok());
+        // The control plane shows a harmless script, but the request digest names another.
+        let err = op("#!/bin/sh\necho harmless\n").checked().unwrap_err().to_string();
+        assert!(err.contains("refusing to sign"), "{err}");
+    }
 }

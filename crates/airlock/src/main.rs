@@ -422,6 +422,10 @@ struct DecideArgs {
     /// How long the approval may be used (the policy caps it; default 1h).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     valid_for: std::time::Duration,
+    /// The request digest you reviewed (`airlock customer approvals list`); the request is
+    /// signed only if it is still exactly that one. Without it you confirm on the terminal.
+    #[arg(long)]
+    digest: Option<String>,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -467,9 +471,12 @@ struct VerifyArgs {
     /// The control plane CA certificate (PEM), e.g. `<appliance-state-dir>/ca.pem`.
     #[arg(long)]
     ca: PathBuf,
-    /// Distinct customer keys an approval needs (your policy's approvals_required).
-    #[arg(long, default_value_t = 1)]
-    approvals_required: usize,
+    /// Your signed policy: sets the approver threshold and proves executions in its standing windows.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Distinct customer keys an approval needs (default: the policy's approvals_required, else 1).
+    #[arg(long)]
+    approvals_required: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -575,13 +582,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Customer(CustomerCmd { command: CustomerSub::Approvals { command: ApprovalsSub::List { api } } }) => {
             let pending = approvals::list_pending(&api.client()?).await?;
             if api.json {
-                let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
-                println!("{}", serde_json::json!({ "awaiting_approval": ids }));
+                let ops: Vec<serde_json::Value> = pending
+                    .iter()
+                    .map(|p| match p {
+                        Ok(op) => serde_json::json!({ "id": op.id, "request_digest": op.request.digest_hex() }),
+                        Err(e) => serde_json::json!({ "error": e.to_string() }),
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({ "awaiting_approval": ops }));
             } else if pending.is_empty() {
                 println!("nothing awaits your approval");
             } else {
                 for op in &pending {
-                    println!("{}", op.describe());
+                    match op {
+                        Ok(op) => println!("{}", op.describe()),
+                        Err(e) => println!("DO NOT APPROVE: {e}\n"),
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -621,7 +637,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify(args) => {
-            let reports = approvals::verify(&args.manifests, &args.customer_keys, &args.ca, args.approvals_required)?;
+            let reports = approvals::verify(
+                &args.manifests,
+                &args.customer_keys,
+                &args.ca,
+                args.policy.as_deref(),
+                args.approvals_required,
+            )?;
             for r in &reports {
                 print!("{}", approvals::describe_report(r));
             }
@@ -644,6 +666,7 @@ async fn decide(args: DecideArgs, approve: bool) -> anyhow::Result<ExitCode> {
         &args.id,
         approvals::Decision {
             approve,
+            reviewed_digest: args.digest,
             keys: &args.keys,
             approver: args.approver,
             reason: args.reason,

@@ -141,9 +141,22 @@ impl Setup {
         })
     }
 
+    /// The request digest the customer's own CLI computed while listing what awaits approval.
+    fn reviewed_digest(&self, id: &str) -> String {
+        let listed: Value =
+            serde_json::from_str(&ok(self.server.cli(&["customer", "approvals", "list", "--json"]), "approvals list"))
+                .unwrap();
+        let op = listed["awaiting_approval"].as_array().unwrap().iter().find(|o| o["id"] == id).cloned();
+        op.unwrap_or_else(|| panic!("{id} is not listed: {listed}"))["request_digest"].as_str().unwrap().to_owned()
+    }
+
+    fn decide(&self, verb: &str, id: &str, key: &str) -> Output {
+        let digest = self.reviewed_digest(id);
+        self.server.cli(&["customer", verb, id, "--key", key, "--digest", &digest, "--reason", "reviewed"])
+    }
+
     fn approve(&self, id: &str) {
-        let out = self.server.cli(&["customer", "approve", id, "--key", &self.key(), "--reason", "looks right"]);
-        ok(out, "customer approve");
+        ok(self.decide("approve", id, &self.key()), "customer approve");
     }
 
     fn local(&self, args: &[&str]) -> Output {
@@ -194,6 +207,15 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     let listed = ok(s.server.cli(&["customer", "approvals", "list"]), "approvals list");
     assert!(listed.contains(&id) && listed.contains("echo \"hello $AIRLOCK_VAR_NAME\""), "{listed}");
     assert!(listed.contains("service:greet") && listed.contains("end-to-end test"), "{listed}");
+    // Signing needs the digest of what was reviewed: a wrong one (or none, off a terminal)
+    // signs nothing.
+    let wrong = s.server.cli(&["customer", "approve", &id, "--key", &s.key(), "--digest", &"0".repeat(64)]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not the request you reviewed"));
+    let blind = s.server.cli(&["customer", "approve", &id, "--key", &s.key()]);
+    assert!(!blind.status.success());
+    assert!(String::from_utf8_lossy(&blind.stderr).contains("--digest"));
+    assert_eq!(s.show(&id)["state"], "awaiting_approval", "nothing may have been relayed");
     s.approve(&id);
 
     // Executed on the appliance; only digest and size reach the control plane.
@@ -271,7 +293,7 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
     // with a valid approval in hand is covered in the appliance's own tests).
     let id = s.request("greet", "billing");
     let op = s.wait_state(&id, "refused");
-    let late = s.server.cli(&["customer", "approve", &id, "--key", &s.key()]);
+    let late = s.server.cli(&["customer", "approve", &id, "--key", &s.key(), "--digest", &"0".repeat(64)]);
     assert!(!late.status.success(), "a refused request cannot be approved any more");
     assert!(op["refusal_reason"].as_str().unwrap().contains("never-touch-billing"), "{op}");
     let denied = s.audited("operation.denied");
@@ -280,7 +302,7 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
     // The customer's denial is final.
     let id = s.request("greet", "world");
     s.wait_state(&id, "awaiting_approval");
-    ok(s.server.cli(&["customer", "deny", &id, "--key", &s.key(), "--reason", "not today"]), "customer deny");
+    ok(s.decide("deny", &id, &s.key()), "customer deny");
     s.wait_state(&id, "denied");
     assert!(s.audited("operation.executed").is_empty(), "nothing may have run");
 
@@ -290,7 +312,7 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
     let id = s.request("greet", "world");
     s.wait_state(&id, "awaiting_approval");
     let key = stranger.join("customer.key");
-    ok(s.server.cli(&["customer", "approve", &id, "--key", key.to_str().unwrap()]), "approve with a stranger's key");
+    ok(s.decide("approve", &id, key.to_str().unwrap()), "approve with a stranger's key");
     let op = s.wait_state(&id, "refused");
     assert!(op["refusal_reason"].as_str().unwrap().contains("signature"), "{op}");
     assert!(s.audited("operation.executed").is_empty(), "nothing may have run");

@@ -133,6 +133,7 @@ impl ManifestBench {
             ca_der: &self.ca_der,
             customer_keys: &self.keys,
             approvals_required: 1,
+            policy: None,
         };
         airlock_core::operation::verify_manifest(&self.json, &inputs).is_ok()
     }
