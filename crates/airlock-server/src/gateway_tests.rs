@@ -523,6 +523,71 @@ mod operations {
         assert!(a.send(unknown).await.error.contains("no operation"));
         f.server.shutdown().await;
     }
+
+    /// Sends `body`, then a heartbeat, and returns what came back before the heartbeat's ack
+    /// (replies come in order, so an ack for `body` would come first).
+    pub(super) async fn send_then_heartbeat(
+        a: &mut Appliance,
+        body: appliance_message::Body,
+        seq: u64,
+    ) -> Vec<OperationAck> {
+        a.tx.send(ApplianceMessage { body: Some(body) }).await.unwrap();
+        let hb = airlock_proto::gateway::Heartbeat { seq, health: None };
+        a.tx.send(ApplianceMessage { body: Some(appliance_message::Body::Heartbeat(hb)) }).await.unwrap();
+        let mut acks = Vec::new();
+        loop {
+            match a.recv().await {
+                control_message::Body::HeartbeatAck(h) if h.seq == seq => return acks,
+                control_message::Body::OperationAck(ack) => acks.push(ack),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn release_before_its_result_is_kept_for_later_not_refused() {
+        let f = fixture().await;
+        let op = request(&f, "report", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+
+        // The release overtook the result (or the result's write failed): no ack, so the
+        // appliance keeps it in its outbox, and no refusal is audited.
+        let early = release(&op, MARKER, MARKER, ReleaseDecision::Release);
+        assert_eq!(send_then_heartbeat(&mut a, early.clone(), 1).await, vec![]);
+        assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
+        let chain = f.identity.tenant.to_string();
+        let actions = |records: Vec<Result<airlock_core::audit::Record, i64>>| -> Vec<String> {
+            records.into_iter().map(|r| r.unwrap().event.action).collect()
+        };
+        let audited = actions(f.server.state.store.audit_records(&chain).await.unwrap());
+        assert!(!audited.iter().any(|a| a == "operation.release_refused"), "{audited:?}");
+
+        // What is wrong with the release itself is still refused for good, result or not.
+        let acks = send_then_heartbeat(&mut a, release(&op, MARKER, b"bytes", ReleaseDecision::Withhold), 2).await;
+        assert!(acks.len() == 1 && acks[0].error.contains("withheld output"), "{acks:?}");
+
+        // Once the result is stored, the resent release is taken.
+        let good = execution(&op, MARKER, &a.key, &a.cert);
+        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        let ack = a.send(early).await;
+        assert_eq!((ack.kind, ack.error.as_str()), (OperationAckKind::Release as i32, ""), "{ack:?}");
+        assert_eq!(op_state(&f, id).await["state"], "released");
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn secret_output_is_refused_even_before_its_result() {
+        let f = fixture().await;
+        let op = request(&f, "read-config", &["output:secret"]).await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let acks = send_then_heartbeat(&mut a, release(&op, MARKER, MARKER, ReleaseDecision::Release), 1).await;
+        assert!(acks.len() == 1 && acks[0].error.contains("output:secret"), "{acks:?}");
+        assert!(!data_dir_contains(&f, MARKER));
+        f.server.shutdown().await;
+    }
 }
 
 mod pre_approval {

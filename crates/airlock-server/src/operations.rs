@@ -289,6 +289,10 @@ enum Refuse {
     Because(String),
     /// The store failed: no acknowledgement, so the appliance sends it again later.
     Store(StoreError),
+    /// Not acceptable yet, but it may be later (a release that overtook its operation's
+    /// result): no acknowledgement, so the appliance keeps it and sends it again after its
+    /// results on the next (re)connect. Not a refusal, so not audited as one.
+    NotYet(String),
 }
 
 impl From<StoreError> for Refuse {
@@ -336,6 +340,14 @@ async fn finish(
         }
         Err(Refuse::Store(e)) => {
             tracing::error!(error = %e, operation = %request_id, "cannot record an appliance's {action}; it will be resent");
+            None
+        }
+        Err(Refuse::NotYet(why)) => {
+            // The appliance may send it again on every reconnect until it can be taken: a
+            // note, rate limited like refusals, and nothing durable.
+            if let Some(suppressed) = state.refusal_limiter.admit(&scope.chain(), "operation.deferred", state.now()) {
+                tracing::info!(operation = %request_id, reason = %why, suppressed, "deferred an appliance's {action}; it will be resent");
+            }
             None
         }
     }
@@ -622,30 +634,12 @@ async fn apply_release(
             refuse(format!("the output of operation {request_id} was already {}", op.state))
         };
     }
-    if op.state != OpState::Executed.as_str() && op.state != OpState::Cancelled.as_str() {
-        return refuse(format!(
-            "operation {request_id} has no execution whose output could be released ({})",
-            op.state
-        ));
-    }
     let request = stored_request(&op)?;
     let secret = request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG));
-    let execution: ExecutionStatement = stored_envelope(&op, op.execution_envelope.as_deref())?
-        .and_then(|env| serde_json::from_slice(&env.payload).ok())
-        .ok_or_else(|| Refuse::Store(StoreError::Corrupt(format!("operation {request_id} execution statement"))))?;
-    let (decision, approver) = match &release_env {
-        None => {
-            let pre = stored_envelope(&op, op.pre_approval_envelope.as_deref())?
-                .and_then(|env| serde_json::from_slice::<PreApprovalBody>(&env.payload).ok());
-            match pre {
-                Some(p)
-                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == "pre-approval" =>
-                {
-                    (ReleaseDecision::Release, format!("pre-approval {}", p.id))
-                }
-                _ => return refuse("output without a customer release needs a commands-and-output pre-approval"),
-            }
-        }
+    // What can be checked without the execution is checked first: those refusals are final
+    // whether or not the result has arrived.
+    let signed = match &release_env {
+        None => None,
         Some(env) => {
             if env.payload_type != RELEASE_PAYLOAD_TYPE || env.signatures.is_empty() {
                 return refuse(format!("the release envelope is not a signed release ({RELEASE_PAYLOAD_TYPE})"));
@@ -655,28 +649,60 @@ async fn apply_release(
             if body.request_id != op.id || body.appliance != op.appliance_id {
                 return refuse("the release is for another request or appliance");
             }
+            Some(body)
+        }
+    };
+    // Without a signed release, output goes only under a commands-and-output pre-approval.
+    let decision = signed.as_ref().map_or(ReleaseDecision::Release, |b| b.decision);
+    match decision {
+        ReleaseDecision::Release if secret => {
+            return refuse(format!("output of a request tagged `{SECRET_OUTPUT_TAG}` is never accepted"));
+        }
+        ReleaseDecision::Withhold if !rel.output.is_empty() => return refuse("withheld output must not be sent"),
+        _ => {}
+    }
+    if op.result_at.is_none() && crate::store::PENDING_STATES.contains(&op.state.as_str()) {
+        // The result was not stored yet (its write failed, or the release overtook it): the
+        // appliance resends its results before its releases, so this one can be taken later.
+        return Err(Refuse::NotYet(format!("operation {request_id} has no result yet ({})", op.state)));
+    }
+    if op.state != OpState::Executed.as_str() && op.state != OpState::Cancelled.as_str() {
+        return refuse(format!(
+            "operation {request_id} has no execution whose output could be released ({})",
+            op.state
+        ));
+    }
+    let execution: ExecutionStatement = stored_envelope(&op, op.execution_envelope.as_deref())?
+        .and_then(|env| serde_json::from_slice(&env.payload).ok())
+        .ok_or_else(|| Refuse::Store(StoreError::Corrupt(format!("operation {request_id} execution statement"))))?;
+    let approver = match &signed {
+        None => {
+            let pre = stored_envelope(&op, op.pre_approval_envelope.as_deref())?
+                .and_then(|env| serde_json::from_slice::<PreApprovalBody>(&env.payload).ok());
+            match pre {
+                Some(p)
+                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == "pre-approval" =>
+                {
+                    format!("pre-approval {}", p.id)
+                }
+                _ => return refuse("output without a customer release needs a commands-and-output pre-approval"),
+            }
+        }
+        Some(body) => {
             if body.output_sha256 != execution.output_sha256 || body.output_size != execution.output_size {
                 return refuse("the release names other output than the signed execution");
             }
-            (body.decision, sanitize(&body.approver, 100))
+            sanitize(&body.approver, 100)
         }
     };
     let sealed = match decision {
         ReleaseDecision::Release => {
-            if secret {
-                return refuse(format!("output of a request tagged `{SECRET_OUTPUT_TAG}` is never accepted"));
-            }
             if rel.output.len() as u64 != execution.output_size || sha256_hex(&rel.output) != execution.output_sha256 {
                 return refuse("the output does not match the digest and size the appliance signed");
             }
             Some(state.kek.seal(&rel.output, &output_aad(scope, request_id)).or_else(|e| refuse(e.to_string()))?)
         }
-        ReleaseDecision::Withhold => {
-            if !rel.output.is_empty() {
-                return refuse("withheld output must not be sent");
-            }
-            None
-        }
+        ReleaseDecision::Withhold => None,
     };
     let new_state = if decision == ReleaseDecision::Release { OpState::Released } else { OpState::Withheld };
     let update = ReleaseUpdate {
@@ -685,7 +711,8 @@ async fn apply_release(
         output_sealed: sealed.as_deref(),
     };
     if !tx.record_release(scope, peer.appliance, request_id, &update, now).await? {
-        return refuse(format!("operation {request_id} changed; send the release again"));
+        // Cannot happen under the write lock; if it does, the appliance sends it again.
+        return Err(Refuse::NotYet(format!("operation {request_id} changed while its release was checked")));
     }
     let action = if new_state == OpState::Released { "operation.released" } else { "operation.withheld" };
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
