@@ -29,8 +29,9 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 
 use crate::authz::TenantScope;
 use crate::ca::{CaError, CertificateAuthority};
+use crate::registry::Registration;
 use crate::state::{AppState, event};
-use crate::store::{OperationRow, ReleaseUpdate, ResultUpdate, StoreError};
+use crate::store::{OperationRow, PushFrom, PushKey, ReleaseUpdate, ResultUpdate, StoreError};
 
 /// Lifetime of the operations-signing certificate, issued afresh at every start.
 pub const SIGNER_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
@@ -231,54 +232,104 @@ pub fn check_approval(
 
 // ---------- gateway: instructions down ----------
 
+/// Operations read from the store at a time while pushing instructions.
+const PUSH_PAGE: i64 = 16;
+
 /// Sends `OperationInstruction`s for every operation of `appliance` still waiting for its
-/// final result, `first` (the one that just changed) before the rest, if the appliance is
-/// connected. Never waits on the stream: what does not fit now is sent on the next change or
-/// reconnect (the appliance is idempotent per request id).
+/// final result, if the appliance is connected: `first` (the one that just changed), then in
+/// [`PushKey`] order (decided before awaiting approval, then oldest first). Never waits on
+/// the stream: when the queue is full, where the push stopped is remembered with the stream
+/// and [`resume_pending`] goes on from there at the appliance's next message (the appliance
+/// is idempotent per request id).
 pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: ApplianceId, first: Option<&str>) {
     if state.registry.status(&appliance).is_none() {
         return;
     }
-    let mut pending = match state.store.pending_operations(scope, appliance).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, %appliance, "cannot read pending operations");
-            return;
-        }
-    };
-    if let Some(first) = first
-        && let Some(pos) = pending.iter().position(|op| op.id == first)
-    {
-        let op = pending.remove(pos);
-        pending.insert(0, op);
-    }
-    for op in pending {
-        let template =
-            match state.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    tracing::error!(operation = %op.id, "the template version of this operation is not stored");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read template");
-                    return;
-                }
-            };
-        let instruction = OperationInstruction {
-            request_id: op.id.clone(),
-            request_envelope_json: op.request_envelope.clone(),
-            control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
-            template_manifest_toml: template.manifest_toml,
-            template_script: template.script,
-            approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
+    // This push starts from the beginning, so it covers whatever an interrupted one left.
+    state.registry.take_resume(appliance);
+    if let Some(first) = first {
+        let op = match state.store.get_operation(scope, first).await {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::error!(error = %e, %appliance, "cannot read an operation to push");
+                return state.registry.push_stopped(appliance, PushFrom::Start);
+            }
         };
-        let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
-        if !state.registry.send(appliance, msg) {
-            tracing::debug!(%appliance, operation = %op.id, "stream busy; the instruction goes with the next push");
+        let pending = |op: &OperationRow| {
+            op.appliance_id == appliance
+                && op.result_at.is_none()
+                && crate::store::PENDING_STATES.contains(&op.state.as_str())
+        };
+        if let Some(op) = op.filter(pending)
+            && !send_instruction(state, scope, appliance, &op).await
+        {
+            return state.registry.push_stopped(appliance, PushFrom::Start);
+        }
+    }
+    push_from(state, scope, appliance, PushFrom::Start, first).await;
+}
+
+/// Goes on with a push that stopped on a full queue, after a message from the appliance on
+/// the stream `reg`. Touches memory only when nothing stopped.
+pub async fn resume_pending(state: &AppState, scope: &TenantScope, reg: &Registration) {
+    if let Some(from) = state.registry.take_resume_of(reg) {
+        push_from(state, scope, reg.appliance, from, None).await;
+    }
+}
+
+async fn push_from(
+    state: &AppState,
+    scope: &TenantScope,
+    appliance: ApplianceId,
+    mut from: PushFrom,
+    skip: Option<&str>,
+) {
+    loop {
+        let page = match state.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, %appliance, "cannot read pending operations");
+                return state.registry.push_stopped(appliance, from);
+            }
+        };
+        for op in &page {
+            if skip != Some(op.id.as_str()) && !send_instruction(state, scope, appliance, op).await {
+                tracing::debug!(%appliance, operation = %op.id, "stream busy; the push resumes at its next message");
+                return state.registry.push_stopped(appliance, from);
+            }
+            from = PushFrom::After(PushKey::of(op));
+        }
+        if page.len() < PUSH_PAGE as usize {
             return;
         }
     }
+}
+
+/// Queues one instruction. False if it must be sent again later (queue full, or the store
+/// failed); an operation whose template version is missing is skipped.
+async fn send_instruction(state: &AppState, scope: &TenantScope, appliance: ApplianceId, op: &OperationRow) -> bool {
+    let template =
+        match state.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                tracing::error!(operation = %op.id, "the template version of this operation is not stored");
+                return true;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read template");
+                return false;
+            }
+        };
+    let instruction = OperationInstruction {
+        request_id: op.id.clone(),
+        request_envelope_json: op.request_envelope.clone(),
+        control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
+        template_manifest_toml: template.manifest_toml,
+        template_script: template.script,
+        approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
+    };
+    let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
+    state.registry.send(appliance, msg)
 }
 
 // ---------- gateway: results and releases up ----------
