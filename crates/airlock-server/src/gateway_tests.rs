@@ -501,6 +501,9 @@ mod operations {
         let pushed = a.instruction().await;
         assert_eq!(pushed.request_id, id);
         assert_eq!(Envelope::from_json(pushed.approval_envelope_json.as_bytes()).unwrap(), grant);
+        // No output of a denied request can ever be taken: refused for good, not deferred.
+        let ack = a.send(release(&op, b"x", b"x", ReleaseDecision::Release)).await;
+        assert!(ack.error.contains("no execution") && ack.error.contains("denied"), "{ack:?}");
         // An execution of a denied request is refused; the appliance's refusal is recorded.
         let good = execution(&op, b"x", &a.key, &a.cert);
         assert!(a.send(result(&op, &good, &a.cert.pem)).await.error.contains("denied"));

@@ -712,9 +712,11 @@ async fn apply_release(
         ReleaseDecision::Withhold if !rel.output.is_empty() => return refuse("withheld output must not be sent"),
         _ => {}
     }
-    if op.result_at.is_none() && crate::store::PENDING_STATES.contains(&op.state.as_str()) {
+    let may_execute = op.state == OpState::AwaitingApproval.as_str() || op.state == OpState::Approved.as_str();
+    if op.result_at.is_none() && may_execute {
         // The result was not stored yet (its write failed, or the release overtook it): the
         // appliance resends its results before its releases, so this one can be taken later.
+        // (A denied request's execution is refused, so its release is refused below for good.)
         return Err(Refuse::NotYet(format!("operation {request_id} has no result yet ({})", op.state)));
     }
     if op.state != OpState::Executed.as_str() && op.state != OpState::Cancelled.as_str() {
