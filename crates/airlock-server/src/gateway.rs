@@ -330,7 +330,9 @@ impl ApplianceGateway for GatewayService {
                             // After the Welcome: every operation still waiting for this
                             // appliance's result, re-sent on each (re)connect.
                             Ok(()) if hello => crate::operations::push_pending(&state, &scope, id, None).await,
-                            Ok(()) => {}
+                            // A push that found the queue full goes on now that the peer is
+                            // active (memory only when none did).
+                            Ok(()) => crate::operations::resume_pending(&state, &scope, &registration).await,
                             Err(mpsc::error::TrySendError::Closed(_)) => break false,
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 tracing::warn!(appliance = %id, "appliance is not reading its stream; closing the connection");

@@ -501,6 +501,9 @@ mod operations {
         let pushed = a.instruction().await;
         assert_eq!(pushed.request_id, id);
         assert_eq!(Envelope::from_json(pushed.approval_envelope_json.as_bytes()).unwrap(), grant);
+        // No output of a denied request can ever be taken: refused for good, not deferred.
+        let ack = a.send(release(&op, b"x", b"x", ReleaseDecision::Release)).await;
+        assert!(ack.error.contains("no execution") && ack.error.contains("denied"), "{ack:?}");
         // An execution of a denied request is refused; the appliance's refusal is recorded.
         let good = execution(&op, b"x", &a.key, &a.cert);
         assert!(a.send(result(&op, &good, &a.cert.pem)).await.error.contains("denied"));
@@ -521,6 +524,196 @@ mod operations {
             ..Default::default()
         });
         assert!(a.send(unknown).await.error.contains("no operation"));
+        f.server.shutdown().await;
+    }
+
+    /// Sends `body`, then a heartbeat, and returns what came back before the heartbeat's ack
+    /// (replies come in order, so an ack for `body` would come first).
+    pub(super) async fn send_then_heartbeat(
+        a: &mut Appliance,
+        body: appliance_message::Body,
+        seq: u64,
+    ) -> Vec<OperationAck> {
+        a.tx.send(ApplianceMessage { body: Some(body) }).await.unwrap();
+        let hb = airlock_proto::gateway::Heartbeat { seq, health: None };
+        a.tx.send(ApplianceMessage { body: Some(appliance_message::Body::Heartbeat(hb)) }).await.unwrap();
+        let mut acks = Vec::new();
+        loop {
+            match a.recv().await {
+                control_message::Body::HeartbeatAck(h) if h.seq == seq => return acks,
+                control_message::Body::OperationAck(ack) => acks.push(ack),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn release_before_its_result_is_kept_for_later_not_refused() {
+        let f = fixture().await;
+        let op = request(&f, "report", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+
+        // The release overtook the result (or the result's write failed): no ack, so the
+        // appliance keeps it in its outbox, and no refusal is audited.
+        let early = release(&op, MARKER, MARKER, ReleaseDecision::Release);
+        assert_eq!(send_then_heartbeat(&mut a, early.clone(), 1).await, vec![]);
+        assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
+        let chain = f.identity.tenant.to_string();
+        let actions = |records: Vec<Result<airlock_core::audit::Record, i64>>| -> Vec<String> {
+            records.into_iter().map(|r| r.unwrap().event.action).collect()
+        };
+        let audited = actions(f.server.state.store.audit_records(&chain).await.unwrap());
+        assert!(!audited.iter().any(|a| a == "operation.release_refused"), "{audited:?}");
+
+        // What is wrong with the release itself is still refused for good, result or not.
+        let acks = send_then_heartbeat(&mut a, release(&op, MARKER, b"bytes", ReleaseDecision::Withhold), 2).await;
+        assert!(acks.len() == 1 && acks[0].error.contains("withheld output"), "{acks:?}");
+
+        // Once the result is stored, the resent release is taken.
+        let good = execution(&op, MARKER, &a.key, &a.cert);
+        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        let ack = a.send(early).await;
+        assert_eq!((ack.kind, ack.error.as_str()), (OperationAckKind::Release as i32, ""), "{ack:?}");
+        assert_eq!(op_state(&f, id).await["state"], "released");
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn secret_output_is_refused_even_before_its_result() {
+        let f = fixture().await;
+        let op = request(&f, "read-config", &["output:secret"]).await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let acks = send_then_heartbeat(&mut a, release(&op, MARKER, MARKER, ReleaseDecision::Release), 1).await;
+        assert!(acks.len() == 1 && acks[0].error.contains("output:secret"), "{acks:?}");
+        assert!(!data_dir_contains(&f, MARKER));
+        f.server.shutdown().await;
+    }
+
+    /// Relays a customer's signed approval (or denial) of `op` through the API.
+    pub(super) async fn relay(f: &Fixture, op: &Value, decision: &str) -> Envelope {
+        let body = json!({
+            "request_id": op["id"], "appliance": op["appliance"], "phase": op["phase"],
+            "request_digest": op["request_digest"], "command_sha256": op["command_sha256"], "decision": decision,
+            "decided_at": 0, "approver": "alice", "reason": "ok", "not_before": 0, "not_after": 1, "nonce": "n",
+        });
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let grant =
+            Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
+        let grant_json: Value = serde_json::from_str(&grant.to_json()).unwrap();
+        let id = op["id"].as_str().unwrap();
+        let path = format!("/v1/operations/{id}/approval");
+        let (s, v) = json_call(f, Method::POST, &path, Some(json!({ "envelope": grant_json }))).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        grant
+    }
+
+    /// The instructions queued on `rx` right now.
+    fn queued(
+        rx: &mut tokio::sync::mpsc::Receiver<Result<ControlMessage, tonic::Status>>,
+    ) -> Vec<OperationInstruction> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|m| match m.unwrap().body {
+                Some(control_message::Body::Operation(i)) => i,
+                other => panic!("expected an instruction, got {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_push_stopped_by_a_full_queue_resumes_decided_operations_first() {
+        let f = fixture().await;
+        let state = &f.server.state;
+        // A stream whose queue has room for two pushes beyond the slots kept for replies.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(6);
+        let now = state.now();
+        let status = crate::registry::LiveStatus {
+            connected_at: now,
+            last_heartbeat: now,
+            version: String::new(),
+            healthy: true,
+            cert_serial: "00".into(),
+            cert_not_after: now,
+        };
+        let (reg, _kick) = state.registry.join(f.identity.appliance, status, tx);
+        let scope = TenantScope::for_appliance(&f.identity);
+
+        // Three requests: the third finds the queue full, and so does its approval.
+        let mut ops = Vec::new();
+        for name in ["one", "two", "three"] {
+            ops.push(request(&f, name, &["host:read"]).await);
+        }
+        let approved = ops[2]["id"].as_str().unwrap().to_owned();
+        let grant = relay(&f, &ops[2], "approve").await;
+        let sent: Vec<_> = queued(&mut rx).into_iter().map(|i| i.request_id).collect();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(!sent.contains(&approved), "{sent:?}");
+
+        // The appliance's next message resumes the push: the approved one first, though it
+        // is the newest, then the oldest still awaiting approval, as far as there is room.
+        crate::operations::resume_pending(state, &scope, &reg).await;
+        let got = queued(&mut rx);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].request_id, approved);
+        assert_eq!(Envelope::from_json(got[0].approval_envelope_json.as_bytes()).unwrap(), grant);
+        assert!(got[1].approval_envelope_json.is_empty());
+        // Then on from where it stopped, not from the start again: the backlog drains.
+        crate::operations::resume_pending(state, &scope, &reg).await;
+        let rest = queued(&mut rx);
+        let mut all: Vec<_> = got.iter().chain(&rest).map(|i| i.request_id.clone()).collect();
+        all.sort();
+        let mut want: Vec<_> = ops.iter().map(|o| o["id"].as_str().unwrap().to_owned()).collect();
+        want.sort();
+        assert_eq!(all, want);
+        // Nothing left to resume: a message from the appliance pushes nothing.
+        crate::operations::resume_pending(state, &scope, &reg).await;
+        assert!(queued(&mut rx).is_empty());
+        state.registry.leave(reg);
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn instructions_that_found_the_stream_full_follow_the_next_heartbeat() {
+        let f = fixture().await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        // Instructions larger than the HTTP/2 window: an appliance that does not read stalls
+        // its stream after the first, and the queue fills behind it.
+        let manifest = "name = \"big\"\ndescription = \"d\"\nphase = \"observe\"\ndata_tags = []\nbody = \"run.sh\"\n";
+        let script = format!("#!/bin/sh\n# {}\necho hi\n", "x".repeat(200 * 1024));
+        let path = format!("/v1/workspaces/{}/templates", f.workspace);
+        let (s, v) =
+            json_call(&f, Method::POST, &path, Some(json!({ "manifest_toml": manifest, "script": script }))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let mut want = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let path = format!("/v1/environments/{}/operations", f.identity.environment);
+            let body = json!({ "template": "big", "vars": {}, "reason": "check" });
+            let (s, op) = json_call(&f, Method::POST, &path, Some(body)).await;
+            assert_eq!(s, StatusCode::CREATED, "{op}");
+            want.insert(op["id"].as_str().unwrap().to_owned());
+        }
+        let mut got = std::collections::BTreeSet::new();
+        let drain = async |a: &mut Appliance, got: &mut std::collections::BTreeSet<String>| {
+            while let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), a.rx.message()).await {
+                if let Some(control_message::Body::Operation(i)) = msg.unwrap().and_then(|m| m.body) {
+                    got.insert(i.request_id);
+                }
+            }
+        };
+        drain(&mut a, &mut got).await;
+        assert!(got.len() < want.len(), "the stream never filled, so this test shows nothing");
+        // Each heartbeat lets the push go on where it stopped.
+        for seq in 1..=10 {
+            if got == want {
+                break;
+            }
+            let hb = airlock_proto::gateway::Heartbeat { seq, health: None };
+            a.tx.send(ApplianceMessage { body: Some(appliance_message::Body::Heartbeat(hb)) }).await.unwrap();
+            drain(&mut a, &mut got).await;
+        }
+        assert_eq!(got, want);
         f.server.shutdown().await;
     }
 }

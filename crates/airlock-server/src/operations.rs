@@ -29,8 +29,9 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 
 use crate::authz::TenantScope;
 use crate::ca::{CaError, CertificateAuthority};
+use crate::registry::Registration;
 use crate::state::{AppState, event};
-use crate::store::{OperationRow, ReleaseUpdate, ResultUpdate, StoreError};
+use crate::store::{OperationRow, PushFrom, PushKey, ReleaseUpdate, ResultUpdate, StoreError};
 
 /// Lifetime of the operations-signing certificate, issued afresh at every start.
 pub const SIGNER_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
@@ -231,54 +232,104 @@ pub fn check_approval(
 
 // ---------- gateway: instructions down ----------
 
+/// Operations read from the store at a time while pushing instructions.
+const PUSH_PAGE: i64 = 16;
+
 /// Sends `OperationInstruction`s for every operation of `appliance` still waiting for its
-/// final result, `first` (the one that just changed) before the rest, if the appliance is
-/// connected. Never waits on the stream: what does not fit now is sent on the next change or
-/// reconnect (the appliance is idempotent per request id).
+/// final result, if the appliance is connected: `first` (the one that just changed), then in
+/// [`PushKey`] order (decided before awaiting approval, then oldest first). Never waits on
+/// the stream: when the queue is full, where the push stopped is remembered with the stream
+/// and [`resume_pending`] goes on from there at the appliance's next message (the appliance
+/// is idempotent per request id).
 pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: ApplianceId, first: Option<&str>) {
     if state.registry.status(&appliance).is_none() {
         return;
     }
-    let mut pending = match state.store.pending_operations(scope, appliance).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, %appliance, "cannot read pending operations");
-            return;
-        }
-    };
-    if let Some(first) = first
-        && let Some(pos) = pending.iter().position(|op| op.id == first)
-    {
-        let op = pending.remove(pos);
-        pending.insert(0, op);
-    }
-    for op in pending {
-        let template =
-            match state.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    tracing::error!(operation = %op.id, "the template version of this operation is not stored");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read template");
-                    return;
-                }
-            };
-        let instruction = OperationInstruction {
-            request_id: op.id.clone(),
-            request_envelope_json: op.request_envelope.clone(),
-            control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
-            template_manifest_toml: template.manifest_toml,
-            template_script: template.script,
-            approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
+    // This push starts from the beginning, so it covers whatever an interrupted one left.
+    state.registry.take_resume(appliance);
+    if let Some(first) = first {
+        let op = match state.store.get_operation(scope, first).await {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::error!(error = %e, %appliance, "cannot read an operation to push");
+                return state.registry.push_stopped(appliance, PushFrom::Start);
+            }
         };
-        let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
-        if !state.registry.send(appliance, msg) {
-            tracing::debug!(%appliance, operation = %op.id, "stream busy; the instruction goes with the next push");
+        let pending = |op: &OperationRow| {
+            op.appliance_id == appliance
+                && op.result_at.is_none()
+                && crate::store::PENDING_STATES.contains(&op.state.as_str())
+        };
+        if let Some(op) = op.filter(pending)
+            && !send_instruction(state, scope, appliance, &op).await
+        {
+            return state.registry.push_stopped(appliance, PushFrom::Start);
+        }
+    }
+    push_from(state, scope, appliance, PushFrom::Start, first).await;
+}
+
+/// Goes on with a push that stopped on a full queue, after a message from the appliance on
+/// the stream `reg`. Touches memory only when nothing stopped.
+pub async fn resume_pending(state: &AppState, scope: &TenantScope, reg: &Registration) {
+    if let Some(from) = state.registry.take_resume_of(reg) {
+        push_from(state, scope, reg.appliance, from, None).await;
+    }
+}
+
+async fn push_from(
+    state: &AppState,
+    scope: &TenantScope,
+    appliance: ApplianceId,
+    mut from: PushFrom,
+    skip: Option<&str>,
+) {
+    loop {
+        let page = match state.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, %appliance, "cannot read pending operations");
+                return state.registry.push_stopped(appliance, from);
+            }
+        };
+        for op in &page {
+            if skip != Some(op.id.as_str()) && !send_instruction(state, scope, appliance, op).await {
+                tracing::debug!(%appliance, operation = %op.id, "stream busy; the push resumes at its next message");
+                return state.registry.push_stopped(appliance, from);
+            }
+            from = PushFrom::After(PushKey::of(op));
+        }
+        if page.len() < PUSH_PAGE as usize {
             return;
         }
     }
+}
+
+/// Queues one instruction. False if it must be sent again later (queue full, or the store
+/// failed); an operation whose template version is missing is skipped.
+async fn send_instruction(state: &AppState, scope: &TenantScope, appliance: ApplianceId, op: &OperationRow) -> bool {
+    let template =
+        match state.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                tracing::error!(operation = %op.id, "the template version of this operation is not stored");
+                return true;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read template");
+                return false;
+            }
+        };
+    let instruction = OperationInstruction {
+        request_id: op.id.clone(),
+        request_envelope_json: op.request_envelope.clone(),
+        control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
+        template_manifest_toml: template.manifest_toml,
+        template_script: template.script,
+        approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
+    };
+    let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
+    state.registry.send(appliance, msg)
 }
 
 // ---------- gateway: results and releases up ----------
@@ -289,6 +340,10 @@ enum Refuse {
     Because(String),
     /// The store failed: no acknowledgement, so the appliance sends it again later.
     Store(StoreError),
+    /// Not acceptable yet, but it may be later (a release that overtook its operation's
+    /// result): no acknowledgement, so the appliance keeps it and sends it again after its
+    /// results on the next (re)connect. Not a refusal, so not audited as one.
+    NotYet(String),
 }
 
 impl From<StoreError> for Refuse {
@@ -336,6 +391,14 @@ async fn finish(
         }
         Err(Refuse::Store(e)) => {
             tracing::error!(error = %e, operation = %request_id, "cannot record an appliance's {action}; it will be resent");
+            None
+        }
+        Err(Refuse::NotYet(why)) => {
+            // The appliance may send it again on every reconnect until it can be taken: a
+            // note, rate limited like refusals, and nothing durable.
+            if let Some(suppressed) = state.refusal_limiter.admit(&scope.chain(), "operation.deferred", state.now()) {
+                tracing::info!(operation = %request_id, reason = %why, suppressed, "deferred an appliance's {action}; it will be resent");
+            }
             None
         }
     }
@@ -622,30 +685,12 @@ async fn apply_release(
             refuse(format!("the output of operation {request_id} was already {}", op.state))
         };
     }
-    if op.state != OpState::Executed.as_str() && op.state != OpState::Cancelled.as_str() {
-        return refuse(format!(
-            "operation {request_id} has no execution whose output could be released ({})",
-            op.state
-        ));
-    }
     let request = stored_request(&op)?;
     let secret = request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG));
-    let execution: ExecutionStatement = stored_envelope(&op, op.execution_envelope.as_deref())?
-        .and_then(|env| serde_json::from_slice(&env.payload).ok())
-        .ok_or_else(|| Refuse::Store(StoreError::Corrupt(format!("operation {request_id} execution statement"))))?;
-    let (decision, approver) = match &release_env {
-        None => {
-            let pre = stored_envelope(&op, op.pre_approval_envelope.as_deref())?
-                .and_then(|env| serde_json::from_slice::<PreApprovalBody>(&env.payload).ok());
-            match pre {
-                Some(p)
-                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == "pre-approval" =>
-                {
-                    (ReleaseDecision::Release, format!("pre-approval {}", p.id))
-                }
-                _ => return refuse("output without a customer release needs a commands-and-output pre-approval"),
-            }
-        }
+    // What can be checked without the execution is checked first: those refusals are final
+    // whether or not the result has arrived.
+    let signed = match &release_env {
+        None => None,
         Some(env) => {
             if env.payload_type != RELEASE_PAYLOAD_TYPE || env.signatures.is_empty() {
                 return refuse(format!("the release envelope is not a signed release ({RELEASE_PAYLOAD_TYPE})"));
@@ -655,28 +700,62 @@ async fn apply_release(
             if body.request_id != op.id || body.appliance != op.appliance_id {
                 return refuse("the release is for another request or appliance");
             }
+            Some(body)
+        }
+    };
+    // Without a signed release, output goes only under a commands-and-output pre-approval.
+    let decision = signed.as_ref().map_or(ReleaseDecision::Release, |b| b.decision);
+    match decision {
+        ReleaseDecision::Release if secret => {
+            return refuse(format!("output of a request tagged `{SECRET_OUTPUT_TAG}` is never accepted"));
+        }
+        ReleaseDecision::Withhold if !rel.output.is_empty() => return refuse("withheld output must not be sent"),
+        _ => {}
+    }
+    let may_execute = op.state == OpState::AwaitingApproval.as_str() || op.state == OpState::Approved.as_str();
+    if op.result_at.is_none() && may_execute {
+        // The result was not stored yet (its write failed, or the release overtook it): the
+        // appliance resends its results before its releases, so this one can be taken later.
+        // (A denied request's execution is refused, so its release is refused below for good.)
+        return Err(Refuse::NotYet(format!("operation {request_id} has no result yet ({})", op.state)));
+    }
+    if op.state != OpState::Executed.as_str() && op.state != OpState::Cancelled.as_str() {
+        return refuse(format!(
+            "operation {request_id} has no execution whose output could be released ({})",
+            op.state
+        ));
+    }
+    let execution: ExecutionStatement = stored_envelope(&op, op.execution_envelope.as_deref())?
+        .and_then(|env| serde_json::from_slice(&env.payload).ok())
+        .ok_or_else(|| Refuse::Store(StoreError::Corrupt(format!("operation {request_id} execution statement"))))?;
+    let approver = match &signed {
+        None => {
+            let pre = stored_envelope(&op, op.pre_approval_envelope.as_deref())?
+                .and_then(|env| serde_json::from_slice::<PreApprovalBody>(&env.payload).ok());
+            match pre {
+                Some(p)
+                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == "pre-approval" =>
+                {
+                    format!("pre-approval {}", p.id)
+                }
+                _ => return refuse("output without a customer release needs a commands-and-output pre-approval"),
+            }
+        }
+        Some(body) => {
             if body.output_sha256 != execution.output_sha256 || body.output_size != execution.output_size {
                 return refuse("the release names other output than the signed execution");
             }
-            (body.decision, sanitize(&body.approver, 100))
+            sanitize(&body.approver, 100)
         }
     };
     let sealed = match decision {
         ReleaseDecision::Release => {
-            if secret {
-                return refuse(format!("output of a request tagged `{SECRET_OUTPUT_TAG}` is never accepted"));
-            }
             if rel.output.len() as u64 != execution.output_size || sha256_hex(&rel.output) != execution.output_sha256 {
                 return refuse("the output does not match the digest and size the appliance signed");
             }
             Some(state.kek.seal(&rel.output, &output_aad(scope, request_id)).or_else(|e| refuse(e.to_string()))?)
         }
-        ReleaseDecision::Withhold => {
-            if !rel.output.is_empty() {
-                return refuse("withheld output must not be sent");
-            }
-            None
-        }
+        ReleaseDecision::Withhold => None,
     };
     let new_state = if decision == ReleaseDecision::Release { OpState::Released } else { OpState::Withheld };
     let update = ReleaseUpdate {
@@ -685,7 +764,8 @@ async fn apply_release(
         output_sealed: sealed.as_deref(),
     };
     if !tx.record_release(scope, peer.appliance, request_id, &update, now).await? {
-        return refuse(format!("operation {request_id} changed; send the release again"));
+        // Cannot happen under the write lock; if it does, the appliance sends it again.
+        return Err(Refuse::NotYet(format!("operation {request_id} changed while its release was checked")));
     }
     let action = if new_state == OpState::Released { "operation.released" } else { "operation.withheld" };
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);

@@ -12,6 +12,8 @@ use airlock_core::{ApplianceId, Timestamp};
 use airlock_proto::gateway::ControlMessage;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::store::PushFrom;
+
 /// The queue of messages to one stream (replies and pushed instructions share it).
 pub type StreamSender = mpsc::Sender<Result<ControlMessage, tonic::Status>>;
 
@@ -45,6 +47,10 @@ struct Entry {
     kick: Option<oneshot::Sender<Kick>>,
     /// Where messages the control plane originates (operation instructions) go.
     sender: StreamSender,
+    /// Where to resume pushing instructions: set when a push stopped on a full queue, taken
+    /// on the appliance's next message. Kept here so a heartbeat with nothing to resume
+    /// costs no database read.
+    resume: Option<PushFrom>,
 }
 
 #[derive(Default)]
@@ -86,7 +92,7 @@ impl Registry {
     ) -> (Registration, oneshot::Receiver<Kick>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx), sender });
+        let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx), sender, resume: None });
         if let Some(kick) = old.and_then(|mut old| old.kick.take()) {
             let _ = kick.send(Kick::Replaced);
         }
@@ -117,6 +123,26 @@ impl Registry {
             return false;
         };
         sender.capacity() > RESERVED_FOR_REPLIES && sender.try_send(Ok(msg)).is_ok()
+    }
+
+    /// Remembers that a push to `appliance` stopped before `from` (the earliest of several).
+    pub fn push_stopped(&self, appliance: ApplianceId, from: PushFrom) {
+        if let Some(e) = self.lock().get_mut(&appliance) {
+            e.resume = Some(match e.resume.take() {
+                Some(earlier) => earlier.min(from),
+                None => from,
+            });
+        }
+    }
+
+    /// Takes where an interrupted push to `appliance` should resume, if one stopped.
+    pub fn take_resume(&self, appliance: ApplianceId) -> Option<PushFrom> {
+        self.lock().get_mut(&appliance).and_then(|e| e.resume.take())
+    }
+
+    /// Like [`Registry::take_resume`], for this stream only (not one that replaced it).
+    pub fn take_resume_of(&self, reg: &Registration) -> Option<PushFrom> {
+        self.lock().get_mut(&reg.appliance).filter(|e| e.conn == reg.conn).and_then(|e| e.resume.take())
     }
 
     /// Ends the live stream of `appliance`, if any. Returns whether one was live.

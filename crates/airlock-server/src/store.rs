@@ -802,6 +802,29 @@ const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id,
 /// The states in which an operation still waits for the appliance's final result.
 pub const PENDING_STATES: [&str; 3] = ["awaiting_approval", "approved", "denied"];
 
+/// Where an operation comes in the order instructions are pushed: decided (approved or
+/// denied) before awaiting approval, so a backlog of requests nobody approved yet cannot hold
+/// back an approved one; then oldest first. Must agree with [`Store::pending_operations`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PushKey {
+    pub awaiting: bool,
+    pub requested_at: Timestamp,
+    pub id: String,
+}
+
+impl PushKey {
+    pub fn of(op: &OperationRow) -> Self {
+        Self { awaiting: op.state == PENDING_STATES[0], requested_at: op.requested_at, id: op.id.clone() }
+    }
+}
+
+/// Where a push of pending instructions starts: from the first, or after a given operation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PushFrom {
+    Start,
+    After(PushKey),
+}
+
 impl Store {
     /// The current version of every template in a workspace, by name.
     pub async fn list_current_templates(
@@ -893,23 +916,36 @@ impl Store {
         rows.iter().map(operation_from_row).collect()
     }
 
-    /// Operations of one appliance still waiting for its final result, oldest first.
+    /// Operations of one appliance still waiting for its final result, in push order
+    /// ([`PushKey`]), from `from` on, at most `limit`.
     pub async fn pending_operations(
         &self,
         scope: &TenantScope,
         appliance: ApplianceId,
+        from: &PushFrom,
+        limit: i64,
     ) -> Result<Vec<OperationRow>, StoreError> {
         let sql = format!(
             "SELECT {OPERATION_COLUMNS} FROM operations
              WHERE tenant_id = $1 AND appliance_id = $2 AND result_at IS NULL AND state IN ($3, $4, $5)
-             ORDER BY requested_at, id"
+               AND ($6 = 0 OR (CASE WHEN state = $3 THEN 1 ELSE 0 END, requested_at, id) > ($7, $8, $9))
+             ORDER BY CASE WHEN state = $3 THEN 1 ELSE 0 END, requested_at, id LIMIT $10"
         );
+        let after = match from {
+            PushFrom::Start => None,
+            PushFrom::After(k) => Some(k),
+        };
         let rows = sqlx::query(&sql)
             .bind(scope.tenant().to_string())
             .bind(appliance.to_string())
             .bind(PENDING_STATES[0])
             .bind(PENDING_STATES[1])
             .bind(PENDING_STATES[2])
+            .bind(i64::from(after.is_some()))
+            .bind(after.map_or(0, |k| i64::from(k.awaiting)))
+            .bind(after.map_or(0, |k| k.requested_at.unix_millis()))
+            .bind(after.map_or("", |k| k.id.as_str()))
+            .bind(limit)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(operation_from_row).collect()
@@ -1373,8 +1409,8 @@ mod tests {
         assert!(store.template_version(&b, wa, "t", "aa").await.unwrap().is_none());
         assert!(store.get_operation(&b, "op_1").await.unwrap().is_none());
         assert!(store.list_operations(&b, None, None, 10).await.unwrap().is_empty());
-        assert!(store.pending_operations(&b, apl_a).await.unwrap().is_empty());
-        assert_eq!(store.pending_operations(&a, apl_a).await.unwrap().len(), 1);
+        assert!(store.pending_operations(&b, apl_a, &PushFrom::Start, 10).await.unwrap().is_empty());
+        assert_eq!(store.pending_operations(&a, apl_a, &PushFrom::Start, 10).await.unwrap().len(), 1);
 
         // Writes through B's scope cannot touch A's rows, not even by naming A's workspace.
         let mut tx = store.write().await.unwrap();
