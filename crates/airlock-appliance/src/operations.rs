@@ -243,6 +243,17 @@ impl Executor {
                     self.start(record, manifest, statement, authority, None)
                 }
                 Decision::Deny(DenyReason::CustomerDenied) => self.denied_by_customer(record, &manifest, &g),
+                // Not final: the control plane sends the instruction again (on reconnect), and
+                // from `not_before` on the same approval can hold.
+                Decision::Deny(DenyReason::GrantNotYetValid { not_before }) => {
+                    let reason = format!("the approval is not valid until {not_before}");
+                    audit.record(
+                        "operation.awaiting_approval",
+                        AuditOutcome::Success,
+                        serde_json::json!({ "request_id": id, "template": req.kind, "phase": req.phase, "reason": reason }),
+                    )?;
+                    Ok(Decided::Reply(ResultMsg::new(id, Outcome::AwaitingApproval, reason)))
+                }
                 Decision::Deny(reason) => self.deny(record, &manifest, &reason),
             };
         }

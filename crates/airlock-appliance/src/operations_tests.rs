@@ -458,7 +458,7 @@ async fn approvals_that_do_not_hold_are_refused() {
         g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
         g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
     });
-    assert_refused(&fx.run(&stmt, &future).await, "not valid before");
+    assert_eq!(fx.run(&stmt, &future).await.outcome, Outcome::AwaitingApproval);
     // Garbage in place of an approval.
     let stmt = fx.simple("op_f", "api");
     assert_refused(&fx.run(&stmt, "{\"payload\":1}").await, "approval is malformed");
@@ -477,6 +477,29 @@ async fn approvals_that_do_not_hold_are_refused() {
     assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
     assert!(fx.control.ops.record("op_h").unwrap().is_none());
     assert_eq!(fx.run(&stmt, &fx.grant(&stmt)).await.outcome, Outcome::Executed);
+}
+
+#[tokio::test]
+async fn an_approval_not_valid_yet_awaits_and_runs_once_it_is() {
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_early", "api");
+    let early = fx.grant_with(&stmt, 1, |g| {
+        g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
+        g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
+    });
+    let r = fx.run(&stmt, &early).await;
+    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
+    assert!(r.reason.contains("not valid until"), "{}", r.reason);
+    // Nothing final is stored, nothing ran, nothing waits in the outbox; the wait is audited.
+    assert!(fx.control.ops.record("op_early").unwrap().is_none());
+    assert!(!fx.ran("op_early"));
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+    let awaiting = fx.audited("operation.awaiting_approval");
+    assert_eq!(awaiting.len(), 1);
+    assert!(awaiting[0]["detail"]["reason"].as_str().unwrap().contains("not valid until"));
+    // The control plane sends it again once the approval holds: it runs.
+    fx.clock.store(NOW + 2 * MINUTE, Ordering::SeqCst);
+    assert_eq!(fx.run(&stmt, &early).await.outcome, Outcome::Executed);
 }
 
 #[tokio::test]
