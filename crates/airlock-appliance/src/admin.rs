@@ -523,7 +523,7 @@ impl LocalControl {
 }
 
 /// Kills a whole process group at once.
-fn kill_group(pgid: i32) {
+pub(crate) fn kill_group(pgid: i32) {
     if pgid <= 1 {
         return;
     }
