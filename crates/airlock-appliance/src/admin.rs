@@ -412,19 +412,21 @@ impl LocalControl {
                 airlock_core::operation::SECRET_OUTPUT_TAG
             )));
         }
-        if let Some(done) = record.release {
-            return Err(refuse(format!("the output of {id} was already decided ({done:?})")));
-        }
-        if record.released_by_pre_approval {
-            return Err(refuse(format!(
-                "the output of {id} was already released under a commands-and-output pre-approval"
-            )));
-        }
-        let mut manifest = self.ops.manifest(&id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
-        manifest.release = Some(envelope.clone());
-        self.ops.save_manifest(&manifest)?;
+        // Checked and decided under the store's lock: of two decisions at once, one holds.
         let now = self.now();
         let record = self.ops.update_record(&id, |r| {
+            if let Some(done) = r.release {
+                return Err(refuse(format!("the output of {id} was already decided ({done:?})")));
+            }
+            if r.released_by_pre_approval {
+                return Err(refuse(format!(
+                    "the output of {id} was already released under a commands-and-output pre-approval"
+                )));
+            }
+            let mut manifest =
+                self.ops.manifest(&id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
+            manifest.release = Some(envelope.clone());
+            self.ops.save_manifest(&manifest)?;
             r.release = Some(statement.decision);
             r.updated_at = now;
             Ok(())

@@ -999,3 +999,38 @@ async fn a_script_left_running_by_a_crash_is_killed_at_recovery() {
     assert_eq!(live_members(pgid), 0, "the orphaned script and its children are gone");
     assert_eq!(fx.control.ops.record("op_c").unwrap().unwrap().state, OpState::Cancelled);
 }
+
+#[tokio::test]
+async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
+    let fx = Fx::new(ALL_PHASES);
+    for n in 0..5 {
+        let id = format!("op_race{n}");
+        let stmt = fx.simple(&id, "api");
+        fx.run(&stmt, &fx.grant(&stmt)).await;
+        let release = release_envelope(&fx, &id, ReleaseDecision::Release, |_| {});
+        let withhold = release_envelope(&fx, &id, ReleaseDecision::Withhold, |_| {});
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let calls: Vec<_> = [release, withhold]
+            .into_iter()
+            .map(|env| {
+                let (control, barrier) = (fx.control.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    control.release(&env).map(|(summary, _)| summary)
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = calls.into_iter().map(|t| t.join().unwrap()).collect();
+        let won: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "{outcomes:?}");
+        let lost = outcomes.iter().find_map(|o| o.as_ref().err()).unwrap();
+        assert!(lost.to_string().contains("already decided"), "{lost}");
+        // What is recorded, in the manifest and queued is the one decision that held.
+        let record = fx.control.ops.record(&id).unwrap().unwrap();
+        let decided = if won[0]["release"] == "release" { ReleaseDecision::Release } else { ReleaseDecision::Withhold };
+        assert_eq!(record.release, Some(decided));
+        let manifest = fx.control.ops.manifest(&id).unwrap().unwrap();
+        let signed: ReleaseStatement = serde_json::from_slice(&manifest.release.unwrap().payload).unwrap();
+        assert_eq!(signed.decision, decided);
+    }
+}
