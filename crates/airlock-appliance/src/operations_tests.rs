@@ -42,8 +42,9 @@ fn customer(n: u8) -> CustomerSigningKey {
 }
 
 fn policy(toml: &str) -> VerifiedPolicy {
-    let env = Envelope::new(POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&customer(1));
-    verify_signed_policy(env.to_json().as_bytes(), &[customer(1).public()], None).unwrap()
+    // Signed by both pinned customer keys, so a policy asking for two approvals loads too.
+    let env = Envelope::new(POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&customer(1)).sign(&customer(2));
+    verify_signed_policy(env.to_json().as_bytes(), &[customer(1).public(), customer(2).public()], None).unwrap()
 }
 
 fn vars(service: &str) -> BTreeMap<String, String> {
@@ -1033,4 +1034,22 @@ async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
         let signed: ReleaseStatement = serde_json::from_slice(&manifest.release.unwrap().payload).unwrap();
         assert_eq!(signed.decision, decided);
     }
+}
+
+#[tokio::test]
+async fn a_release_needs_as_many_customer_signatures_as_the_policy_asks() {
+    let fx = Fx::new(&format!("{ALL_PHASES}approvals_required = 2\n"));
+    assert_eq!(fx.control.threshold(), 2);
+    let stmt = fx.simple("op_2of2", "api");
+    let grant = Envelope::from_json(fx.grant(&stmt).as_bytes()).unwrap().sign(&customer(2)).to_json();
+    assert_eq!(fx.run(&stmt, &grant).await.outcome, Outcome::Executed);
+    // One signature is not enough.
+    let one = release_envelope(&fx, "op_2of2", ReleaseDecision::Release, |_| {});
+    let err = fx.control.release(&one).unwrap_err();
+    assert!(err.to_string().contains("does not verify"), "{err}");
+    assert_eq!(fx.control.ops.record("op_2of2").unwrap().unwrap().release, None);
+    // Two distinct pinned keys (what `airlock customer release --key a --key b` signs) are.
+    let two = Envelope::from_json(&one).unwrap().sign(&customer(2)).to_json().into_bytes();
+    let (summary, _) = fx.control.release(&two).unwrap();
+    assert_eq!(summary["release"], "release");
 }
