@@ -1053,3 +1053,64 @@ async fn a_release_needs_as_many_customer_signatures_as_the_policy_asks() {
     let (summary, _) = fx.control.release(&two).unwrap();
     assert_eq!(summary["release"], "release");
 }
+
+fn kinds(msgs: &[ApplianceMessage]) -> Vec<String> {
+    use airlock_proto::gateway::appliance_message::Body;
+    msgs.iter()
+        .map(|m| match &m.body {
+            Some(Body::OperationResult(r)) => format!("result:{}", r.request_id),
+            Some(Body::OutputRelease(r)) => format!("release:{}", r.request_id),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_overtake_them() {
+    use crate::admin::Request;
+    let fx = Fx::new(ALL_PHASES);
+    // Disconnected: three results and one release wait in the outbox.
+    for id in ["op_1", "op_2", "op_3"] {
+        let stmt = fx.simple(id, "api");
+        fx.run(&stmt, &fx.grant(&stmt)).await;
+    }
+    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    // The stream comes up; it takes one message at a time, so the resend is still going when
+    // the customer releases the output of the last operation on this host.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let control = fx.control.clone();
+    let resend = tokio::spawn(async move { control.connected(tx).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&release_envelope(&fx, "op_3", ReleaseDecision::Release, |_| {})).unwrap();
+    let control = fx.control.clone();
+    let local = tokio::spawn(async move { control.handle(Request::Release { envelope }).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        got.push(m);
+    }
+    resend.await.unwrap();
+    local.await.unwrap().unwrap();
+    assert_eq!(kinds(&got), ["result:op_1", "result:op_2", "result:op_3", "release:op_1", "release:op_3"]);
+}
+
+#[tokio::test]
+async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
+    use airlock_proto::gateway::{OperationAck, OperationAckKind};
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    fx.run(&stmt, &fx.grant(&stmt)).await;
+    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    let ack = |kind: OperationAckKind, error: &str| OperationAck {
+        request_id: "op_1".into(),
+        kind: kind as i32,
+        error: error.into(),
+    };
+    fx.control.on_ack(&ack(OperationAckKind::Release, "no execution recorded for op_1 yet"));
+    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_1", "release:op_1"]);
+    fx.control.on_ack(&ack(OperationAckKind::Result, ""));
+    fx.control.on_ack(&ack(OperationAckKind::Release, ""));
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+}

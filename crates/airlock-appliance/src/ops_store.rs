@@ -497,7 +497,8 @@ impl OpStore {
         })
     }
 
-    /// Everything not yet acknowledged, results before releases (a release needs its result).
+    /// Everything not yet acknowledged: every result, then every release (the control plane
+    /// refuses a release it sees before its result).
     pub fn pending(&self) -> Result<Vec<ApplianceMessage>, ApplianceError> {
         let dir = self.root.join(OUTBOX_DIR);
         let mut names: Vec<String> = std::fs::read_dir(&dir)
