@@ -176,7 +176,7 @@ impl Executor {
                     return Ok(Decided::Nothing);
                 }
                 // Left `running` by a failure to record it: finish recording it now.
-                return Ok(match self.recover(id, None)? {
+                return Ok(match self.recover(id, None, false)? {
                     // A release it queued goes with the outbox, after its result.
                     Some((result, _)) => Decided::Reply(result),
                     None => Decided::Nothing,
@@ -547,7 +547,7 @@ impl Executor {
                 self.record_failure(&id, &e.to_string());
             }
         }
-        match self.recover(&id, Some(ran)) {
+        match self.recover(&id, Some(ran), false) {
             Ok(done) => done,
             Err(e) => {
                 self.record_failure(&id, &e.to_string());
@@ -613,6 +613,13 @@ impl Executor {
         let status = child.wait().await;
         // Whatever the script left behind in its group goes with it, so the pipes close.
         self.control.unregister_running(&job.id);
+        // The group is gone and its id free for reuse: no later recovery may kill by it.
+        if let Err(e) = self.control.ops.update_record(&job.id, |r| {
+            r.pgid = None;
+            Ok(())
+        }) {
+            tracing::warn!(request_id = %job.id, error = %e, "cannot clear the operation's process group");
+        }
         let (mut output, out_over) = out.await.unwrap_or_default();
         let (errput, err_over) = err.await.unwrap_or_default();
         output.extend_from_slice(&errput);
@@ -736,7 +743,7 @@ impl Executor {
             if record.state != OpState::Running || running.contains(&record.id) || self.is_active(&record.id) {
                 continue;
             }
-            match self.recover(&record.id, None) {
+            match self.recover(&record.id, None, true) {
                 Ok(Some(_)) => recovered += 1,
                 Ok(None) => {}
                 // One that cannot be recorded now does not keep the others from it.
@@ -750,12 +757,15 @@ impl Executor {
 
     /// Finishes recording one operation left `running` by this process or a previous one: a
     /// signed execution in its manifest is completed (and the chain head brought up to it);
-    /// else it is signed now from `ran`, or, without it (the run is lost), its process group
-    /// is killed and it is signed as cancelled. `None` if its files do not allow it.
+    /// else it is signed now from `ran`, or, without it (the run is lost), it is signed as
+    /// cancelled, after its process group is killed if a previous process (`orphaned`) ran it:
+    /// this process killed its own groups when their runs ended, and their ids may be reused.
+    /// `None` if its files do not allow it.
     fn recover(
         &self,
         id: &str,
         ran: Option<Ran>,
+        orphaned: bool,
     ) -> Result<Option<(ResultMsg, Option<ApplianceMessage>)>, ApplianceError> {
         let ops = &self.control.ops;
         let Some(record) = ops.record(id)? else { return Ok(None) };
@@ -785,7 +795,8 @@ impl Executor {
             Some(ran) => ran,
             None => {
                 // Its script may still run, orphaned: the group goes before it is called cancelled.
-                if let Some(pgid) = record.pgid
+                if orphaned
+                    && let Some(pgid) = record.pgid
                     && record.boot_id == boot_id()
                 {
                     tracing::warn!(request_id = %id, pgid, "killing what an interrupted operation left running");
