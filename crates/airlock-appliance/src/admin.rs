@@ -111,6 +111,10 @@ pub struct LocalControl {
     running: Mutex<HashMap<String, Running>>,
     /// The current stream to the control plane, while connected.
     outbound: Mutex<Option<tokio::sync::mpsc::Sender<ApplianceMessage>>>,
+    /// One sender at a time: the outbox resent at a (re)connect goes out whole, results first,
+    /// before anything sent after it (a release must never reach the control plane before its
+    /// result).
+    sending: tokio::sync::Mutex<()>,
     /// This appliance, once enrolled.
     appliance: RwLock<Option<ApplianceId>>,
     clock: Clock,
@@ -150,6 +154,7 @@ impl LocalControl {
             pinned,
             running: Mutex::new(HashMap::new()),
             outbound: Mutex::new(None),
+            sending: tokio::sync::Mutex::new(()),
             appliance: RwLock::new(None),
             clock,
         })
@@ -298,23 +303,31 @@ impl LocalControl {
         *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = tx;
     }
 
-    /// Sends to the control plane if connected; what is in the outbox goes again at reconnect.
+    /// Sends to the control plane if connected, after any resend in progress; what is in the
+    /// outbox goes again at reconnect.
     pub(crate) async fn send(&self, msg: ApplianceMessage) {
+        let _one_sender = self.sending.lock().await;
         let tx = self.outbound.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(tx) = tx {
             let _ = tx.send(msg).await;
         }
     }
 
-    /// Sends everything the control plane has not acknowledged.
-    pub(crate) async fn resend_outbox(&self) {
+    /// A stream to the control plane is up: it becomes the outbound stream, and everything
+    /// the control plane has not acknowledged goes on it, every result before any release,
+    /// before any other message can be sent.
+    pub(crate) async fn connected(&self, tx: tokio::sync::mpsc::Sender<ApplianceMessage>) {
+        let _one_sender = self.sending.lock().await;
+        self.set_outbound(Some(tx.clone()));
         match self.ops.pending() {
             Ok(msgs) => {
                 if !msgs.is_empty() {
                     tracing::info!(count = msgs.len(), "resending unacknowledged operation results and releases");
                 }
                 for m in msgs {
-                    self.send(m).await;
+                    if tx.send(m).await.is_err() {
+                        break;
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
@@ -325,6 +338,11 @@ impl LocalControl {
     pub fn on_ack(&self, ack: &OperationAck) {
         let release = ack.kind == OperationAckKind::Release as i32;
         let kind = if release { "release" } else { "result" };
+        if release && ack.error.contains("no execution") {
+            // The control plane has not stored the result this release needs yet: not final.
+            tracing::warn!(request_id = %ack.request_id, error = %ack.error, "the control plane cannot take a release yet; keeping it to send again");
+            return;
+        }
         if !ack.error.is_empty() {
             tracing::error!(request_id = %ack.request_id, kind, error = %ack.error, "the control plane refused an operation message");
             if let Err(e) = self.audit.record(
@@ -412,19 +430,21 @@ impl LocalControl {
                 airlock_core::operation::SECRET_OUTPUT_TAG
             )));
         }
-        if let Some(done) = record.release {
-            return Err(refuse(format!("the output of {id} was already decided ({done:?})")));
-        }
-        if record.released_by_pre_approval {
-            return Err(refuse(format!(
-                "the output of {id} was already released under a commands-and-output pre-approval"
-            )));
-        }
-        let mut manifest = self.ops.manifest(&id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
-        manifest.release = Some(envelope.clone());
-        self.ops.save_manifest(&manifest)?;
+        // Checked and decided under the store's lock: of two decisions at once, one holds.
         let now = self.now();
         let record = self.ops.update_record(&id, |r| {
+            if let Some(done) = r.release {
+                return Err(refuse(format!("the output of {id} was already decided ({done:?})")));
+            }
+            if r.released_by_pre_approval {
+                return Err(refuse(format!(
+                    "the output of {id} was already released under a commands-and-output pre-approval"
+                )));
+            }
+            let mut manifest =
+                self.ops.manifest(&id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
+            manifest.release = Some(envelope.clone());
+            self.ops.save_manifest(&manifest)?;
             r.release = Some(statement.decision);
             r.updated_at = now;
             Ok(())
@@ -523,7 +543,7 @@ impl LocalControl {
 }
 
 /// Kills a whole process group at once.
-fn kill_group(pgid: i32) {
+pub(crate) fn kill_group(pgid: i32) {
     if pgid <= 1 {
         return;
     }

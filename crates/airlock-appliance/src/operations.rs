@@ -20,6 +20,7 @@
 //! customer data. A request already finished is answered with its stored result: nothing
 //! runs twice.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,6 +71,16 @@ enum Decided {
     Nothing,
 }
 
+/// How a run ended, kept until it is recorded.
+struct Ran {
+    status: ExecutionStatus,
+    exit_code: Option<i32>,
+    output: Vec<u8>,
+    truncated: bool,
+    started_at: Timestamp,
+    finished_at: Timestamp,
+}
+
 /// An allowed operation, ready to run.
 struct Job {
     id: String,
@@ -86,6 +97,9 @@ pub struct Executor {
     state: StateDir,
     /// Decisions are made one at a time: a nonce or a pre-approval run is spent once.
     decide: Mutex<()>,
+    /// Operations this process started and has not finished recording. One recorded `running`
+    /// but not here was left by a stop or by a failure to record it: it is recovered.
+    active: Mutex<HashSet<String>>,
 }
 
 impl Executor {
@@ -97,7 +111,14 @@ impl Executor {
     ) -> Result<Self, ApplianceError> {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
         control.set_appliance(identity.appliance);
-        Ok(Self { control, identity, ca_der, state: StateDir::open(state_dir)?, decide: Mutex::new(()) })
+        Ok(Self {
+            control,
+            identity,
+            ca_der,
+            state: StateDir::open(state_dir)?,
+            decide: Mutex::new(()),
+            active: Mutex::new(HashSet::new()),
+        })
     }
 
     pub fn control(&self) -> &Arc<LocalControl> {
@@ -151,7 +172,15 @@ impl Executor {
         }
         if let Some(record) = self.control.ops.record(id)? {
             if record.state == OpState::Running {
-                return Ok(Decided::Nothing);
+                if self.is_active(id) {
+                    return Ok(Decided::Nothing);
+                }
+                // Left `running` by a failure to record it: finish recording it now.
+                return Ok(match self.recover(id, None, false)? {
+                    // A release it queued goes with the outbox, after its result.
+                    Some((result, _)) => Decided::Reply(result),
+                    None => Decided::Nothing,
+                });
             }
             if let Some(result) = record.result {
                 tracing::info!(request_id = %id, "operation already finished; sending its stored result again");
@@ -184,6 +213,8 @@ impl Executor {
             release: None,
             released_by_pre_approval: false,
             result: None,
+            pgid: None,
+            boot_id: None,
         };
         let template = match self.check_binding(instruction, &statement) {
             Ok(t) => t,
@@ -243,6 +274,17 @@ impl Executor {
                     self.start(record, manifest, statement, authority, None)
                 }
                 Decision::Deny(DenyReason::CustomerDenied) => self.denied_by_customer(record, &manifest, &g),
+                // Not final: the control plane sends the instruction again (on reconnect), and
+                // from `not_before` on the same approval can hold.
+                Decision::Deny(DenyReason::GrantNotYetValid { not_before }) => {
+                    let reason = format!("the approval is not valid until {not_before}");
+                    audit.record(
+                        "operation.awaiting_approval",
+                        AuditOutcome::Success,
+                        serde_json::json!({ "request_id": id, "template": req.kind, "phase": req.phase, "reason": reason }),
+                    )?;
+                    Ok(Decided::Reply(ResultMsg::new(id, Outcome::AwaitingApproval, reason)))
+                }
                 Decision::Deny(reason) => self.deny(record, &manifest, &reason),
             };
         }
@@ -450,6 +492,7 @@ impl Executor {
         record.authority = Some(authority.clone());
         self.control.ops.save_manifest(&manifest)?;
         self.control.ops.save_record(&record)?;
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).insert(record.id.clone());
         self.control.audit.record(
             "operation.allowed",
             AuditOutcome::Success,
@@ -459,6 +502,10 @@ impl Executor {
             }),
         )?;
         Ok(Decided::Run(Box::new(Job { id: record.id, statement, manifest, authority, pre_approval })))
+    }
+
+    fn is_active(&self, id: &str) -> bool {
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
     }
 
     async fn run(self: Arc<Self>, job: Job) -> ResultMsg {
@@ -472,22 +519,40 @@ impl Executor {
                 (ExecutionStatus::FailedToStart, None, Vec::new(), false)
             }
         };
-        let finished_at = self.control.now();
+        let ran = Ran { status, exit_code, output, truncated, started_at, finished_at: self.control.now() };
         let this = self.clone();
-        let finished = tokio::task::spawn_blocking(move || {
-            this.finish(job, status, exit_code, output, truncated, started_at, finished_at)
-        })
-        .await;
+        let finished = tokio::task::spawn_blocking(move || this.finish_run(job, ran)).await;
+        // From here a record still `running` is recovered by the next instruction for it.
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         match finished {
-            Ok(Ok((result, release))) => {
+            Ok(Some((result, release))) => {
                 self.control.send(result.to_message()).await;
                 if let Some(m) = release {
                     self.control.send(m).await;
                 }
                 result
             }
-            Ok(Err(e)) => self.record_failure(&id, &e.to_string()),
+            Ok(None) => ResultMsg::new(&id, Outcome::Refused, "the appliance could not record the execution"),
             Err(e) => self.record_failure(&id, &e.to_string()),
+        }
+    }
+
+    /// Records a run; if that fails (a full disk), tries once more from what is on disk, as
+    /// a restart would. `None` leaves it `running`, for the next instruction or start to finish.
+    fn finish_run(&self, job: Job, ran: Ran) -> Option<(ResultMsg, Option<ApplianceMessage>)> {
+        let id = job.id.clone();
+        match self.finish(job, &ran) {
+            Ok(done) => return Some(done),
+            Err(e) => {
+                self.record_failure(&id, &e.to_string());
+            }
+        }
+        match self.recover(&id, Some(ran), false) {
+            Ok(done) => done,
+            Err(e) => {
+                self.record_failure(&id, &e.to_string());
+                None
+            }
         }
     }
 
@@ -529,11 +594,32 @@ impl Executor {
         };
         let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
         self.control.register_running(&job.id, job.statement.request.phase, pgid, cancelled.clone());
+        // Recorded, so that if this process dies the next one kills the group before it
+        // records the operation as cancelled. A group that cannot be recorded does not run.
+        let boot = boot_id();
+        if let Err(e) = self.control.ops.update_record(&job.id, |r| {
+            r.pgid = Some(pgid);
+            r.boot_id = boot;
+            Ok(())
+        }) {
+            tracing::error!(request_id = %job.id, error = %e, "cannot record the operation's process group; killing it");
+            cancelled.store(true, Ordering::SeqCst);
+            self.control.unregister_running(&job.id);
+            let _ = child.wait().await;
+            return Ok((ExecutionStatus::Cancelled, None, Vec::new(), false));
+        }
         let out = tokio::spawn(capture(child.stdout.take()));
         let err = tokio::spawn(capture(child.stderr.take()));
         let status = child.wait().await;
         // Whatever the script left behind in its group goes with it, so the pipes close.
         self.control.unregister_running(&job.id);
+        // The group is gone and its id free for reuse: no later recovery may kill by it.
+        if let Err(e) = self.control.ops.update_record(&job.id, |r| {
+            r.pgid = None;
+            Ok(())
+        }) {
+            tracing::warn!(request_id = %job.id, error = %e, "cannot clear the operation's process group");
+        }
         let (mut output, out_over) = out.await.unwrap_or_default();
         let (errput, err_over) = err.await.unwrap_or_default();
         output.extend_from_slice(&errput);
@@ -547,26 +633,17 @@ impl Executor {
 
     /// Seals the output, signs the execution into the chain, stores the manifest and queues
     /// the result (and, under a commands-and-output pre-approval, the output).
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        job: Job,
-        status: ExecutionStatus,
-        exit_code: Option<i32>,
-        output: Vec<u8>,
-        truncated: bool,
-        started_at: Timestamp,
-        finished_at: Timestamp,
-    ) -> Result<(ResultMsg, Option<ApplianceMessage>), ApplianceError> {
+    fn finish(&self, job: Job, ran: &Ran) -> Result<(ResultMsg, Option<ApplianceMessage>), ApplianceError> {
         let ops = &self.control.ops;
         let id = job.id.clone();
-        let output_sha256 = sha256_hex(&output);
+        let Ran { status, exit_code, ref output, truncated, started_at, finished_at } = *ran;
+        let output_sha256 = sha256_hex(output);
         let output_size = output.len() as u64;
-        ops.seal_output(&id, &output)?;
-        drop(output);
+        ops.seal_output(&id, output)?;
         let (_, _, creds) = self.state.load()?;
         let req = &job.statement.request;
-        let (envelope, statement) = ops.extend_chain(|sequence, previous_manifest_sha256| {
+        let mut manifest = job.manifest;
+        let statement = ops.extend_chain(|sequence, previous_manifest_sha256| {
             let statement = ExecutionStatement {
                 request_id: id.clone(),
                 appliance: req.appliance,
@@ -585,12 +662,12 @@ impl Executor {
             };
             let envelope = sign_execution(&statement, &creds)?;
             let link = statement.manifest_sha256();
-            Ok(((envelope, statement), link))
+            // On disk before the head names it.
+            manifest.execution = Some(envelope);
+            manifest.appliance_certificate = Some(creds.cert_pem.clone());
+            ops.save_manifest(&manifest)?;
+            Ok((statement, link))
         })?;
-        let mut manifest = job.manifest;
-        manifest.execution = Some(envelope);
-        manifest.appliance_certificate = Some(creds.cert_pem);
-        ops.save_manifest(&manifest)?;
         self.complete(&manifest, &job.statement, &statement, job.pre_approval.as_ref())
     }
 
@@ -655,43 +732,99 @@ impl Executor {
         Ok((result, release))
     }
 
-    /// Operations left `running` by a previous process (it stopped while they ran): their
-    /// processes are gone, so they are recorded, signed and reported as cancelled. One whose
-    /// execution was already signed (the stop came while it was being recorded) is completed
-    /// from its manifest, so the chain has no gap.
+    /// Operations left `running` by a previous process (it stopped while they ran): what
+    /// their scripts left is killed, and they are recorded, signed and reported as cancelled.
+    /// One whose execution was already signed (the stop came while it was being recorded) is
+    /// completed from its manifest, so the chain has no gap.
     pub fn recover_interrupted(&self) -> Result<usize, ApplianceError> {
         let running = self.control.running_ids();
         let mut recovered = 0;
         for record in self.control.ops.list()? {
-            if record.state != OpState::Running || running.contains(&record.id) {
+            if record.state != OpState::Running || running.contains(&record.id) || self.is_active(&record.id) {
                 continue;
             }
-            let Some(manifest) = self.control.ops.manifest(&record.id)? else { continue };
-            let Ok(statement) = serde_json::from_slice::<RequestStatement>(&manifest.request.payload) else { continue };
-            let pre_approval = manifest.pre_approval.clone().and_then(|env| {
-                let body: PreApprovalBody = serde_json::from_slice(&env.payload).ok()?;
-                Some((env, body.level))
-            });
-            let signed =
-                manifest.execution.as_ref().and_then(|e| serde_json::from_slice::<ExecutionStatement>(&e.payload).ok());
-            if let Some(execution) = signed {
-                self.complete(&manifest, &statement, &execution, pre_approval.as_ref())?;
-                recovered += 1;
-                continue;
+            match self.recover(&record.id, None, true) {
+                Ok(Some(_)) => recovered += 1,
+                Ok(None) => {}
+                // One that cannot be recorded now does not keep the others from it.
+                Err(e) => {
+                    self.record_failure(&record.id, &e.to_string());
+                }
             }
-            let Some(authority) = record.authority.clone() else { continue };
-            let job = Job { id: record.id.clone(), statement, manifest, authority, pre_approval };
-            let now = self.control.now();
-            self.control.audit.record(
-                "operation.interrupted",
-                AuditOutcome::Error,
-                serde_json::json!({ "request_id": record.id, "reason": "the appliance stopped while it ran" }),
-            )?;
-            self.finish(job, ExecutionStatus::Cancelled, None, Vec::new(), false, record.updated_at, now)?;
-            recovered += 1;
         }
         Ok(recovered)
     }
+
+    /// Finishes recording one operation left `running` by this process or a previous one: a
+    /// signed execution in its manifest is completed (and the chain head brought up to it);
+    /// else it is signed now from `ran`, or, without it (the run is lost), it is signed as
+    /// cancelled, after its process group is killed if a previous process (`orphaned`) ran it:
+    /// this process killed its own groups when their runs ended, and their ids may be reused.
+    /// `None` if its files do not allow it.
+    fn recover(
+        &self,
+        id: &str,
+        ran: Option<Ran>,
+        orphaned: bool,
+    ) -> Result<Option<(ResultMsg, Option<ApplianceMessage>)>, ApplianceError> {
+        let ops = &self.control.ops;
+        let Some(record) = ops.record(id)? else { return Ok(None) };
+        if record.state != OpState::Running {
+            return Ok(record.result.map(|r| (r, None)));
+        }
+        let Some(manifest) = ops.manifest(id)? else { return Ok(None) };
+        let Ok(statement) = serde_json::from_slice::<RequestStatement>(&manifest.request.payload) else {
+            return Ok(None);
+        };
+        let pre_approval = manifest.pre_approval.clone().and_then(|env| {
+            let body: PreApprovalBody = serde_json::from_slice(&env.payload).ok()?;
+            Some((env, body.level))
+        });
+        let signed =
+            manifest.execution.as_ref().and_then(|e| serde_json::from_slice::<ExecutionStatement>(&e.payload).ok());
+        if let Some(execution) = signed {
+            ops.advance_chain(
+                execution.sequence,
+                execution.previous_manifest_sha256.as_deref(),
+                &execution.manifest_sha256(),
+            )?;
+            return self.complete(&manifest, &statement, &execution, pre_approval.as_ref()).map(Some);
+        }
+        let Some(authority) = record.authority.clone() else { return Ok(None) };
+        let ran = match ran {
+            Some(ran) => ran,
+            None => {
+                // Its script may still run, orphaned: the group goes before it is called cancelled.
+                if orphaned
+                    && let Some(pgid) = record.pgid
+                    && record.boot_id == boot_id()
+                {
+                    tracing::warn!(request_id = %id, pgid, "killing what an interrupted operation left running");
+                    crate::admin::kill_group(pgid);
+                }
+                self.control.audit.record(
+                    "operation.interrupted",
+                    AuditOutcome::Error,
+                    serde_json::json!({ "request_id": id, "reason": "its run was not recorded: the appliance stopped, or could not write, while it ran" }),
+                )?;
+                Ran {
+                    status: ExecutionStatus::Cancelled,
+                    exit_code: None,
+                    output: Vec::new(),
+                    truncated: false,
+                    started_at: record.updated_at,
+                    finished_at: self.control.now(),
+                }
+            }
+        };
+        let job = Job { id: id.to_owned(), statement, manifest, authority, pre_approval };
+        self.finish(job, &ran).map(Some)
+    }
+}
+
+/// This boot of the host (Linux), so a process group recorded before a reboot is not killed.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
 }
 
 /// What authorised a run, as the execution statement names it.

@@ -42,8 +42,9 @@ fn customer(n: u8) -> CustomerSigningKey {
 }
 
 fn policy(toml: &str) -> VerifiedPolicy {
-    let env = Envelope::new(POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&customer(1));
-    verify_signed_policy(env.to_json().as_bytes(), &[customer(1).public()], None).unwrap()
+    // Signed by both pinned customer keys, so a policy asking for two approvals loads too.
+    let env = Envelope::new(POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&customer(1)).sign(&customer(2));
+    verify_signed_policy(env.to_json().as_bytes(), &[customer(1).public(), customer(2).public()], None).unwrap()
 }
 
 fn vars(service: &str) -> BTreeMap<String, String> {
@@ -458,7 +459,7 @@ async fn approvals_that_do_not_hold_are_refused() {
         g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
         g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
     });
-    assert_refused(&fx.run(&stmt, &future).await, "not valid before");
+    assert_eq!(fx.run(&stmt, &future).await.outcome, Outcome::AwaitingApproval);
     // Garbage in place of an approval.
     let stmt = fx.simple("op_f", "api");
     assert_refused(&fx.run(&stmt, "{\"payload\":1}").await, "approval is malformed");
@@ -477,6 +478,29 @@ async fn approvals_that_do_not_hold_are_refused() {
     assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
     assert!(fx.control.ops.record("op_h").unwrap().is_none());
     assert_eq!(fx.run(&stmt, &fx.grant(&stmt)).await.outcome, Outcome::Executed);
+}
+
+#[tokio::test]
+async fn an_approval_not_valid_yet_awaits_and_runs_once_it_is() {
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_early", "api");
+    let early = fx.grant_with(&stmt, 1, |g| {
+        g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
+        g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
+    });
+    let r = fx.run(&stmt, &early).await;
+    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
+    assert!(r.reason.contains("not valid until"), "{}", r.reason);
+    // Nothing final is stored, nothing ran, nothing waits in the outbox; the wait is audited.
+    assert!(fx.control.ops.record("op_early").unwrap().is_none());
+    assert!(!fx.ran("op_early"));
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+    let awaiting = fx.audited("operation.awaiting_approval");
+    assert_eq!(awaiting.len(), 1);
+    assert!(awaiting[0]["detail"]["reason"].as_str().unwrap().contains("not valid until"));
+    // The control plane sends it again once the approval holds: it runs.
+    fx.clock.store(NOW + 2 * MINUTE, Ordering::SeqCst);
+    assert_eq!(fx.run(&stmt, &early).await.outcome, Outcome::Executed);
 }
 
 #[tokio::test]
@@ -848,4 +872,245 @@ async fn an_execution_signed_just_before_a_stop_is_completed_without_a_chain_gap
     assert_eq!(fx.control.ops.chain_head().unwrap(), head, "nothing was signed again");
     assert_eq!(fx.run(&stmt, "").await, r);
     assert_eq!(fx.control.ops.pending().unwrap().len(), 1, "the result is queued again");
+}
+
+/// Starts an operation whose script sleeps a little, then makes the named writes fail once
+/// each while it runs (the decision's writes are done by then).
+async fn run_with_faults(fx: &Fx, id: &str, faults: &[&'static str]) -> ResultMsg {
+    let script = "sleep 0.2\necho done\n";
+    let stmt = fx.statement(id, MANIFEST, script, vars("api"));
+    let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
+        Handled::Started(h) => h,
+        other => panic!("{other:?}"),
+    };
+    fx.control.ops.faults.lock().unwrap().extend_from_slice(faults);
+    handle.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_failure_to_record_a_run_is_recovered_at_once_and_its_result_queued() {
+    let fx = Fx::new(ALL_PHASES);
+    // The chain head cannot be written once (disk full) after the execution was signed.
+    let r = run_with_faults(&fx, "op_f", &["chain"]).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    let e = fx.execution(&r);
+    assert_eq!((e.status, e.exit_code, e.sequence), (ExecutionStatus::Completed, Some(0), 1));
+    assert_eq!(fx.control.ops.open_output("op_f").unwrap(), b"done\n");
+    assert_eq!(fx.control.ops.record("op_f").unwrap().unwrap().state, OpState::Executed);
+    assert_eq!(fx.control.ops.chain_head().unwrap().sequence, 1);
+    assert_eq!(fx.control.ops.pending().unwrap().len(), 1, "the result is queued");
+    assert_eq!(fx.audited("operation.error").len(), 1);
+    // The chain goes on from it.
+    let stmt = fx.simple("op_g", "api");
+    let e2 = fx.execution(&fx.run(&stmt, &fx.grant(&stmt)).await);
+    assert_eq!((e2.sequence, e2.previous_manifest_sha256), (2, Some(e.manifest_sha256())));
+}
+
+#[tokio::test]
+async fn a_run_left_unrecorded_is_finished_by_the_next_instruction_for_it() {
+    let fx = Fx::new(ALL_PHASES);
+    // Recording fails, and so does the immediate second try.
+    let r = run_with_faults(&fx, "op_u", &["result", "result"]).await;
+    assert_ne!(r.outcome, Outcome::Executed);
+    assert_eq!(fx.control.ops.record("op_u").unwrap().unwrap().state, OpState::Running);
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+    // The control plane asks again (it has no result): it is finished from the signed manifest.
+    let stmt = fx.statement("op_u", MANIFEST, "sleep 0.2\necho done\n", vars("api"));
+    let again = fx.send(fx.instruction(&stmt, MANIFEST, "sleep 0.2\necho done\n", "")).await;
+    assert_eq!(again.outcome, Outcome::Executed, "{again:?}");
+    assert_eq!(fx.execution(&again).sequence, 1, "signed once");
+    assert_eq!(fx.control.ops.chain_head().unwrap().sequence, 1);
+    assert_eq!(fx.control.ops.record("op_u").unwrap().unwrap().state, OpState::Executed);
+    assert_eq!(fx.control.ops.pending().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_manifest_write_never_leaves_the_chain_head_naming_a_lost_statement() {
+    let fx = Fx::new(ALL_PHASES);
+    // The manifest with the signed execution cannot be written once.
+    let r = run_with_faults(&fx, "op_m", &["manifest"]).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    // The statement that could not be stored was never named by the head: the one signed
+    // again takes its place, so the chain has no gap.
+    let e = fx.execution(&r);
+    assert_eq!((e.sequence, e.previous_manifest_sha256.as_deref()), (1, None));
+    let head = fx.control.ops.chain_head().unwrap();
+    assert_eq!((head.sequence, head.manifest_sha256), (1, Some(e.manifest_sha256())));
+    let manifest = fx.control.ops.manifest("op_m").unwrap().unwrap();
+    assert_eq!(manifest.execution.unwrap().to_json(), r.execution_envelope_json);
+}
+
+#[tokio::test]
+async fn a_statement_stored_before_its_chain_head_is_taken_up_at_recovery() {
+    let mut fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    let e = fx.execution(&r);
+    // The stop came after the signed execution was stored, before the head was written.
+    std::fs::remove_file(fx.dir.path().join(crate::ops_store::CHAIN_FILE)).unwrap();
+    fx.control
+        .ops
+        .update_record("op_1", |r| {
+            r.state = OpState::Running;
+            r.result = None;
+            Ok(())
+        })
+        .unwrap();
+    fx.restart();
+    assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
+    let head = fx.control.ops.chain_head().unwrap();
+    assert_eq!((head.sequence, head.manifest_sha256), (1, Some(e.manifest_sha256())));
+    assert_eq!(fx.run(&stmt, "").await, r);
+    let stmt2 = fx.simple("op_2", "api");
+    let e2 = fx.execution(&fx.run(&stmt2, &fx.grant(&stmt2)).await);
+    assert_eq!((e2.sequence, e2.previous_manifest_sha256), (2, Some(e.manifest_sha256())));
+}
+
+#[tokio::test]
+async fn a_script_left_running_by_a_crash_is_killed_at_recovery() {
+    let mut fx = Fx::new(ALL_PHASES);
+    let script = "sleep 60 &\nsleep 60\n";
+    let stmt = fx.statement("op_c", MANIFEST, script, vars("api"));
+    let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
+        Handled::Started(h) => h,
+        other => panic!("{other:?}"),
+    };
+    let mut pgid = None;
+    for _ in 0..100 {
+        pgid = fx.control.ops.record("op_c").unwrap().unwrap().pgid;
+        if pgid.is_some_and(|g| live_members(g) >= 2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pgid = pgid.expect("the process group is recorded");
+    assert_eq!(fx.control.running_group("op_c"), Some(pgid));
+    // The appliance crashes: nothing of it runs on, nothing kills the script.
+    handle.abort();
+    let _ = handle.await;
+    assert!(live_members(pgid) >= 2);
+    fx.restart();
+    assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
+    for _ in 0..100 {
+        if live_members(pgid) == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(live_members(pgid), 0, "the orphaned script and its children are gone");
+    assert_eq!(fx.control.ops.record("op_c").unwrap().unwrap().state, OpState::Cancelled);
+}
+
+#[tokio::test]
+async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
+    let fx = Fx::new(ALL_PHASES);
+    for n in 0..5 {
+        let id = format!("op_race{n}");
+        let stmt = fx.simple(&id, "api");
+        fx.run(&stmt, &fx.grant(&stmt)).await;
+        let release = release_envelope(&fx, &id, ReleaseDecision::Release, |_| {});
+        let withhold = release_envelope(&fx, &id, ReleaseDecision::Withhold, |_| {});
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let calls: Vec<_> = [release, withhold]
+            .into_iter()
+            .map(|env| {
+                let (control, barrier) = (fx.control.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    control.release(&env).map(|(summary, _)| summary)
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = calls.into_iter().map(|t| t.join().unwrap()).collect();
+        let won: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "{outcomes:?}");
+        let lost = outcomes.iter().find_map(|o| o.as_ref().err()).unwrap();
+        assert!(lost.to_string().contains("already decided"), "{lost}");
+        // What is recorded, in the manifest and queued is the one decision that held.
+        let record = fx.control.ops.record(&id).unwrap().unwrap();
+        let decided = if won[0]["release"] == "release" { ReleaseDecision::Release } else { ReleaseDecision::Withhold };
+        assert_eq!(record.release, Some(decided));
+        let manifest = fx.control.ops.manifest(&id).unwrap().unwrap();
+        let signed: ReleaseStatement = serde_json::from_slice(&manifest.release.unwrap().payload).unwrap();
+        assert_eq!(signed.decision, decided);
+    }
+}
+
+#[tokio::test]
+async fn a_release_needs_as_many_customer_signatures_as_the_policy_asks() {
+    let fx = Fx::new(&format!("{ALL_PHASES}approvals_required = 2\n"));
+    assert_eq!(fx.control.threshold(), 2);
+    let stmt = fx.simple("op_2of2", "api");
+    let grant = Envelope::from_json(fx.grant(&stmt).as_bytes()).unwrap().sign(&customer(2)).to_json();
+    assert_eq!(fx.run(&stmt, &grant).await.outcome, Outcome::Executed);
+    // One signature is not enough.
+    let one = release_envelope(&fx, "op_2of2", ReleaseDecision::Release, |_| {});
+    let err = fx.control.release(&one).unwrap_err();
+    assert!(err.to_string().contains("does not verify"), "{err}");
+    assert_eq!(fx.control.ops.record("op_2of2").unwrap().unwrap().release, None);
+    // Two distinct pinned keys (what `airlock customer release --key a --key b` signs) are.
+    let two = Envelope::from_json(&one).unwrap().sign(&customer(2)).to_json().into_bytes();
+    let (summary, _) = fx.control.release(&two).unwrap();
+    assert_eq!(summary["release"], "release");
+}
+
+fn kinds(msgs: &[ApplianceMessage]) -> Vec<String> {
+    use airlock_proto::gateway::appliance_message::Body;
+    msgs.iter()
+        .map(|m| match &m.body {
+            Some(Body::OperationResult(r)) => format!("result:{}", r.request_id),
+            Some(Body::OutputRelease(r)) => format!("release:{}", r.request_id),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_overtake_them() {
+    use crate::admin::Request;
+    let fx = Fx::new(ALL_PHASES);
+    // Disconnected: three results and one release wait in the outbox.
+    for id in ["op_1", "op_2", "op_3"] {
+        let stmt = fx.simple(id, "api");
+        fx.run(&stmt, &fx.grant(&stmt)).await;
+    }
+    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    // The stream comes up; it takes one message at a time, so the resend is still going when
+    // the customer releases the output of the last operation on this host.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let control = fx.control.clone();
+    let resend = tokio::spawn(async move { control.connected(tx).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&release_envelope(&fx, "op_3", ReleaseDecision::Release, |_| {})).unwrap();
+    let control = fx.control.clone();
+    let local = tokio::spawn(async move { control.handle(Request::Release { envelope }).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        got.push(m);
+    }
+    resend.await.unwrap();
+    local.await.unwrap().unwrap();
+    assert_eq!(kinds(&got), ["result:op_1", "result:op_2", "result:op_3", "release:op_1", "release:op_3"]);
+}
+
+#[tokio::test]
+async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
+    use airlock_proto::gateway::{OperationAck, OperationAckKind};
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple("op_1", "api");
+    fx.run(&stmt, &fx.grant(&stmt)).await;
+    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    let ack = |kind: OperationAckKind, error: &str| OperationAck {
+        request_id: "op_1".into(),
+        kind: kind as i32,
+        error: error.into(),
+    };
+    fx.control.on_ack(&ack(OperationAckKind::Release, "no execution recorded for op_1 yet"));
+    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_1", "release:op_1"]);
+    fx.control.on_ack(&ack(OperationAckKind::Result, ""));
+    fx.control.on_ack(&ack(OperationAckKind::Release, ""));
+    assert!(fx.control.ops.pending().unwrap().is_empty());
 }

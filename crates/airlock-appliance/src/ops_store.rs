@@ -148,6 +148,13 @@ pub struct OpRecord {
     /// The final answer, resent as is when the control plane asks again.
     #[serde(default)]
     pub result: Option<ResultMsg>,
+    /// The process group of its script, recorded as it starts, so a restart after a crash can
+    /// kill what the previous process left running.
+    #[serde(default)]
+    pub pgid: Option<i32>,
+    /// The host's boot id when `pgid` was recorded: after a reboot the group id means nothing.
+    #[serde(default)]
+    pub boot_id: Option<String>,
 }
 
 impl OpRecord {
@@ -199,6 +206,9 @@ pub struct OpStore {
     root: PathBuf,
     /// Serialises updates of records and the chain head.
     lock: Mutex<()>,
+    /// Tests: writes made to fail once each, by name (`chain`, `manifest`, `result`).
+    #[cfg(test)]
+    pub(crate) faults: Mutex<Vec<&'static str>>,
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> ApplianceError {
@@ -253,7 +263,31 @@ impl OpStore {
     pub fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
         create_private_dir(&state_dir.join(OPS_DIR))?;
         create_private_dir(&state_dir.join(OUTBOX_DIR))?;
-        Ok(Self { root: state_dir.to_owned(), lock: Mutex::new(()) })
+        Ok(Self {
+            root: state_dir.to_owned(),
+            lock: Mutex::new(()),
+            #[cfg(test)]
+            faults: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A write a test made to fail (once).
+    #[cfg(test)]
+    fn fault(&self, what: &str) -> Result<(), ApplianceError> {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        match faults.iter().position(|f| *f == what) {
+            Some(i) => {
+                faults.remove(i);
+                Err(ApplianceError::Customer(format!("{what}: injected write failure (no space left on device)")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline]
+    fn fault(&self, _what: &str) -> Result<(), ApplianceError> {
+        Ok(())
     }
 
     /// The operation's directory (created).
@@ -315,6 +349,7 @@ impl OpStore {
     }
 
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), ApplianceError> {
+        self.fault("manifest")?;
         write_durable(&self.dir(&manifest.request_id)?.join(MANIFEST), &to_json(manifest)?)
     }
 
@@ -371,6 +406,11 @@ impl OpStore {
     }
 
     /// Runs `sign` with the next link of the chain; records the new head (synced) if it succeeds.
+    ///
+    /// `sign` must store the signed statement durably (in the operation's manifest) before it
+    /// returns: the head only ever names a statement that is on disk, so a stop between the
+    /// two leaves a statement ahead of the head, which [`OpStore::advance_chain`] takes up at
+    /// recovery, never a head naming a lost statement.
     pub fn extend_chain<T>(
         &self,
         sign: impl FnOnce(u64, Option<String>) -> Result<(T, String), ApplianceError>,
@@ -380,8 +420,33 @@ impl OpStore {
         let head: ChainHead = read_json(&path)?.unwrap_or_default();
         let sequence = head.sequence + 1;
         let (out, digest) = sign(sequence, head.manifest_sha256)?;
+        self.fault("chain")?;
         write_durable(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(digest) })?)?;
         Ok(out)
+    }
+
+    /// Makes the head name a statement that was stored but whose head was not written (the
+    /// appliance stopped, or the write failed, in between). A head already at or past it stays.
+    pub fn advance_chain(
+        &self,
+        sequence: u64,
+        previous_manifest_sha256: Option<&str>,
+        manifest_sha256: &str,
+    ) -> Result<(), ApplianceError> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.root.join(CHAIN_FILE);
+        let head: ChainHead = read_json(&path)?.unwrap_or_default();
+        if head.sequence >= sequence {
+            return Ok(());
+        }
+        if head.sequence + 1 != sequence || head.manifest_sha256.as_deref() != previous_manifest_sha256 {
+            return Err(ApplianceError::Internal(format!(
+                "the manifest chain is at {} and cannot take the stored execution {sequence}",
+                head.sequence
+            )));
+        }
+        self.fault("chain")?;
+        write_durable(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(manifest_sha256.to_owned()) })?)
     }
 
     pub fn chain_head(&self) -> Result<ChainHead, ApplianceError> {
@@ -393,6 +458,7 @@ impl OpStore {
     }
 
     pub fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
+        self.fault("result")?;
         if !valid_id(&result.request_id) {
             return Err(ApplianceError::Customer(format!("`{}` is not an operation id", result.request_id)));
         }
@@ -431,7 +497,8 @@ impl OpStore {
         })
     }
 
-    /// Everything not yet acknowledged, results before releases (a release needs its result).
+    /// Everything not yet acknowledged: every result, then every release (the control plane
+    /// refuses a release it sees before its result).
     pub fn pending(&self) -> Result<Vec<ApplianceMessage>, ApplianceError> {
         let dir = self.root.join(OUTBOX_DIR);
         let mut names: Vec<String> = std::fs::read_dir(&dir)

@@ -126,10 +126,11 @@ impl Session<'_> {
                             let every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.clamp(1, 3600)));
                             heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                             tracing::info!(appliance = %w.appliance_id, heartbeat_seconds = every.as_secs(), "connected to control plane");
-                            // Results and releases not yet acknowledged go again, off the loop.
+                            // Results and releases not yet acknowledged go again, off the loop,
+                            // ahead of anything else the appliance sends.
                             let control = self.executor.control().clone();
-                            control.set_outbound(Some(tx.clone()));
-                            tokio::spawn(async move { control.resend_outbox().await });
+                            let tx = tx.clone();
+                            tokio::spawn(async move { control.connected(tx).await });
                         }
                         Some(control_message::Body::HeartbeatAck(_)) => {}
                         Some(control_message::Body::Renewed(r)) => {

@@ -52,9 +52,10 @@ pub(crate) enum PolicySub {
 pub(crate) struct ReleaseArgs {
     /// The operation id (op_…).
     id: String,
-    /// Your private key (`airlock customer keygen`).
-    #[arg(long)]
-    key: PathBuf,
+    /// Your private key (`airlock customer keygen`). Repeat it to sign with several keys when
+    /// your policy's `approvals_required` asks for more than one.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
     /// The appliance's state directory (its admin socket lives there).
     #[arg(long, env = "AIRLOCK_STATE_DIR")]
     state_dir: PathBuf,
@@ -64,7 +65,7 @@ pub(crate) struct ReleaseArgs {
     /// Why, in your words (kept in the signed statement).
     #[arg(long, default_value = "")]
     reason: String,
-    /// Who decides, as shown in manifests [default: your key id].
+    /// Who decides, as shown in manifests [default: the key ids].
     #[arg(long)]
     approver: Option<String>,
 }
@@ -189,8 +190,7 @@ pub(crate) async fn policy(command: PolicySub, state_dir: Option<PathBuf>) -> an
 /// `airlock customer release`: signs the customer's decision about one output on this host.
 pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     let socket = args.state_dir.join(SOCKET_FILE);
-    let pem = std::fs::read_to_string(&args.key).with_context(|| format!("reading {}", args.key.display()))?;
-    let key = CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", args.key.display()))?;
+    let keys = load_keys(&args.keys)?;
     let list = call_value(&socket, &Request::Operations).await?;
     let op = list
         .as_array()
@@ -225,11 +225,59 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         output_sha256,
         output_size,
         decided_at: airlock_appliance::now(),
-        approver: args.approver.unwrap_or_else(|| key.public().key_id()),
+        approver: args
+            .approver
+            .unwrap_or_else(|| keys.iter().map(|k| k.public().key_id()).collect::<Vec<_>>().join(",")),
         reason: args.reason,
     };
-    let envelope = Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(&statement)?).sign(&key);
+    let envelope = sign_release(&statement, &keys)?;
     let reply = call_value(&socket, &Request::Release { envelope: serde_json::from_str(&envelope.to_json())? }).await?;
     println!("{}: {}", args.id, text(&reply["release"]));
     Ok(ExitCode::SUCCESS)
+}
+
+fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<CustomerSigningKey>> {
+    anyhow::ensure!(!paths.is_empty(), "give at least one --key");
+    paths
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", p.display()))
+        })
+        .collect()
+}
+
+/// The release envelope, signed by every key given (the appliance counts distinct pinned keys
+/// against the policy's `approvals_required`).
+fn sign_release(statement: &ReleaseStatement, keys: &[CustomerSigningKey]) -> anyhow::Result<Envelope> {
+    let mut envelope = Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(statement)?);
+    for key in keys {
+        envelope = envelope.sign(key);
+    }
+    Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_is_signed_by_every_key_given() {
+        let keys = [CustomerSigningKey::from_seed([1; 32]), CustomerSigningKey::from_seed([2; 32])];
+        let statement = ReleaseStatement {
+            request_id: "op_1".into(),
+            appliance: airlock_core::ApplianceId::from_random([3; 16]),
+            decision: ReleaseDecision::Release,
+            output_sha256: "ab".repeat(32),
+            output_size: 2,
+            decided_at: airlock_core::Timestamp::from_unix_millis(0),
+            approver: "alice,bob".into(),
+            reason: String::new(),
+        };
+        let pinned = [keys[0].public(), keys[1].public()];
+        let both = sign_release(&statement, &keys).unwrap();
+        both.verify(RELEASE_PAYLOAD_TYPE, &pinned, 2).unwrap();
+        let one = sign_release(&statement, &keys[..1]).unwrap();
+        assert!(one.verify(RELEASE_PAYLOAD_TYPE, &pinned, 2).is_err());
+    }
 }
