@@ -335,13 +335,20 @@ impl LocalControl {
     }
 
     /// The control plane stored (or refused for good) a result or release.
-    pub fn on_ack(&self, ack: &OperationAck) {
+    ///
+    /// Returns what to send now: when a result is stored, the release of the same operation
+    /// waiting in the outbox (the control plane takes no release before its result, so one
+    /// sent early is waiting for this). When a result is refused for good, its release can
+    /// never be accepted: it is parked (kept on disk, out of the outbox) instead of being
+    /// resent on every reconnect.
+    #[must_use = "a release waiting for this result must be sent"]
+    pub fn on_ack(&self, ack: &OperationAck) -> Option<ApplianceMessage> {
         let release = ack.kind == OperationAckKind::Release as i32;
         let kind = if release { "release" } else { "result" };
         if release && ack.error.contains("no execution") {
             // The control plane has not stored the result this release needs yet: not final.
             tracing::warn!(request_id = %ack.request_id, error = %ack.error, "the control plane cannot take a release yet; keeping it to send again");
-            return;
+            return None;
         }
         if !ack.error.is_empty() {
             tracing::error!(request_id = %ack.request_id, kind, error = %ack.error, "the control plane refused an operation message");
@@ -351,11 +358,40 @@ impl LocalControl {
                 serde_json::json!({ "request_id": ack.request_id, "kind": kind, "error": ack.error }),
             ) {
                 tracing::error!(error = %e, "cannot audit a refused acknowledgement; keeping the outbox item");
-                return;
+                return None;
+            }
+            if !release {
+                match self.ops.park(&ack.request_id) {
+                    Ok(true) => self.audit_parked(&ack.request_id, &ack.error),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot park a refused result"),
+                }
+                return None;
             }
         }
         if let Err(e) = self.ops.acknowledge(&ack.request_id, release) {
             tracing::error!(error = %e, "cannot drop an acknowledged outbox item");
+        }
+        if release || !ack.error.is_empty() {
+            return None;
+        }
+        match self.ops.queued_release(&ack.request_id) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(request_id = %ack.request_id, error = %e, "cannot read a queued release");
+                None
+            }
+        }
+    }
+
+    fn audit_parked(&self, id: &str, error: &str) {
+        tracing::warn!(request_id = %id, error, "the control plane refused this operation's result for good; parking its release");
+        if let Err(e) = self.audit.record(
+            "operation.release_parked",
+            Outcome::Error,
+            serde_json::json!({ "request_id": id, "reason": error }),
+        ) {
+            tracing::error!(error = %e, "cannot audit a parked release");
         }
     }
 
@@ -396,8 +432,12 @@ impl LocalControl {
     }
 
     /// Verifies and applies the customer's release or withholding of one output, and queues it
-    /// for the control plane. Returns the message to send.
-    pub fn release(&self, envelope_json: &[u8]) -> Result<(serde_json::Value, ApplianceMessage), ApplianceError> {
+    /// for the control plane. Returns the message to send (none when the release is parked:
+    /// the control plane refused the operation's result for good).
+    pub fn release(
+        &self,
+        envelope_json: &[u8],
+    ) -> Result<(serde_json::Value, Option<ApplianceMessage>), ApplianceError> {
         let refuse = |why: String| {
             let _ = self.audit.record("operation.release", Outcome::Denied, serde_json::json!({ "reason": why }));
             ApplianceError::Customer(why)
@@ -469,9 +509,12 @@ impl LocalControl {
             release_envelope_json: envelope.to_json(),
             with_output: statement.decision == ReleaseDecision::Release,
         };
-        self.ops.queue_release(&item)?;
+        if !self.ops.queue_release(&item)? {
+            self.audit_parked(&id, "the control plane refused this operation's result for good");
+            return Ok((record.summary(), None));
+        }
         let msg = self.ops.release_message(&item)?;
-        Ok((record.summary(), msg))
+        Ok((record.summary(), Some(msg)))
     }
 
     pub fn pre_approval_add(&self, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
@@ -530,7 +573,9 @@ impl LocalControl {
             Request::Output { id } => self.output(&id),
             Request::Release { envelope } => {
                 let (reply, msg) = self.release(&bytes(&envelope)?)?;
-                self.send(msg).await;
+                if let Some(msg) = msg {
+                    self.send(msg).await;
+                }
                 Ok(reply)
             }
             Request::PreApprovalAdd { envelope } => self.pre_approval_add(&bytes(&envelope)?),

@@ -692,8 +692,7 @@ impl Executor {
         ops.queue_result(&result)?;
         let release = if auto_release {
             let item = ReleaseItem { request_id: id.clone(), release_envelope_json: String::new(), with_output: true };
-            ops.queue_release(&item)?;
-            Some(ops.release_message(&item)?)
+            if ops.queue_release(&item)? { Some(ops.release_message(&item)?) } else { None }
         } else {
             None
         };

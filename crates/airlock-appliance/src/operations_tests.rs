@@ -344,12 +344,12 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     assert_eq!(e2.previous_manifest_sha256, Some(e.manifest_sha256()));
     // Results wait in the outbox until acknowledged.
     assert_eq!(fx.control.ops.pending().unwrap().len(), 2);
-    fx.control.on_ack(&airlock_proto::gateway::OperationAck {
+    let _ = fx.control.on_ack(&airlock_proto::gateway::OperationAck {
         request_id: "op_1".into(),
         kind: airlock_proto::gateway::OperationAckKind::Result as i32,
         error: String::new(),
     });
-    fx.control.on_ack(&airlock_proto::gateway::OperationAck {
+    let _ = fx.control.on_ack(&airlock_proto::gateway::OperationAck {
         request_id: "op_2".into(),
         kind: airlock_proto::gateway::OperationAckKind::Result as i32,
         error: "refused for the test".into(),
@@ -668,7 +668,7 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     assert!(fx.control.release(&unpinned).unwrap_err().to_string().contains("does not verify"));
     let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
     assert_eq!(summary["release"], "release");
-    match msg.body {
+    match msg.unwrap().body {
         Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => {
             assert_eq!(r.output, fx.control.ops.open_output("op_1").unwrap());
         }
@@ -689,7 +689,7 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     assert!(err.to_string().contains("never leaves this host"), "{err}");
     let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_s", ReleaseDecision::Withhold, |_| {})).unwrap();
     assert_eq!(summary["release"], "withhold");
-    match msg.body {
+    match msg.unwrap().body {
         Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => assert!(r.output.is_empty()),
         other => panic!("{other:?}"),
     }
@@ -1108,9 +1108,75 @@ async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
         kind: kind as i32,
         error: error.into(),
     };
-    fx.control.on_ack(&ack(OperationAckKind::Release, "no execution recorded for op_1 yet"));
+    let _ = fx.control.on_ack(&ack(OperationAckKind::Release, "no execution recorded for op_1 yet"));
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_1", "release:op_1"]);
-    fx.control.on_ack(&ack(OperationAckKind::Result, ""));
-    fx.control.on_ack(&ack(OperationAckKind::Release, ""));
+    let _ = fx.control.on_ack(&ack(OperationAckKind::Result, ""));
+    let _ = fx.control.on_ack(&ack(OperationAckKind::Release, ""));
     assert!(fx.control.ops.pending().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowledged() {
+    use airlock_proto::gateway::{OperationAck, OperationAckKind};
+    let fx = Fx::new(ALL_PHASES);
+    for id in ["op_1", "op_2"] {
+        let stmt = fx.simple(id, "api");
+        fx.run(&stmt, &fx.grant(&stmt)).await;
+    }
+    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    let ack = |id: &str, kind: OperationAckKind| OperationAck {
+        request_id: id.into(),
+        kind: kind as i32,
+        error: String::new(),
+    };
+    // op_2 has no release waiting: nothing follows its result.
+    assert!(fx.control.on_ack(&ack("op_2", OperationAckKind::Result)).is_none());
+    // op_1's release was sent before its result was stored (the control plane does not answer
+    // such a release): storing the result sends it at once, not at the next reconnect.
+    let next = fx.control.on_ack(&ack("op_1", OperationAckKind::Result)).expect("the waiting release");
+    assert_eq!(kinds(std::slice::from_ref(&next)), ["release:op_1"]);
+    // It goes on the current stream.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    fx.control.connected(tx).await;
+    assert_eq!(kinds(&[rx.recv().await.unwrap()]), ["release:op_1"]);
+    fx.control.send(next).await;
+    assert_eq!(kinds(&[rx.recv().await.unwrap()]), ["release:op_1"]);
+    // Acknowledged: gone, and a second result ack sends nothing.
+    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Release)).is_none());
+    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Result)).is_none());
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
+    use airlock_proto::gateway::{OperationAck, OperationAckKind};
+    let fx = Fx::new(ALL_PHASES);
+    for id in ["op_1", "op_2"] {
+        let stmt = fx.simple(id, "api");
+        fx.run(&stmt, &fx.grant(&stmt)).await;
+    }
+    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    let refused = |id: &str| OperationAck {
+        request_id: id.into(),
+        kind: OperationAckKind::Result as i32,
+        error: "the execution is not signed by this appliance".into(),
+    };
+    assert!(fx.control.on_ack(&refused("op_1")).is_none());
+    // Neither the result nor its release is resent at the next reconnect ...
+    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_2"]);
+    // ... but both are kept on disk, and the parking is audited.
+    assert_eq!(fx.control.ops.parked_releases().unwrap(), ["op_1"]);
+    assert!(fx.dir.path().join("parked/op_1.result.json").exists());
+    let parked = fx.audited("operation.release_parked");
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0]["detail"]["request_id"], "op_1");
+    // A release decided after the result was refused is parked at once and not sent.
+    assert!(fx.control.on_ack(&refused("op_2")).is_none());
+    assert_eq!(fx.audited("operation.release_parked").len(), 1);
+    let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_2", ReleaseDecision::Withhold, |_| {})).unwrap();
+    assert_eq!(summary["release"], "withhold");
+    assert!(msg.is_none());
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+    assert_eq!(fx.control.ops.parked_releases().unwrap(), ["op_1", "op_2"]);
+    assert_eq!(fx.audited("operation.release_parked").len(), 2);
 }

@@ -8,6 +8,9 @@
 //! - `outbox/<id>.result.json`, `outbox/<id>.release.json`: results and releases not yet
 //!   acknowledged by the control plane, written before they are sent and resent on every
 //!   (re)connect. A queued release holds no output: it is read from the sealed file when sent.
+//! - `parked/<id>.result.json`, `parked/<id>.release.json`: a result the control plane refused
+//!   for good, and the release of that operation, which it can then never accept: kept, but
+//!   no longer resent.
 //!
 //! Every file is replaced atomically (temporary file, fsync, rename, directory fsync).
 
@@ -28,6 +31,7 @@ use crate::ApplianceError;
 
 pub const OPS_DIR: &str = "ops";
 pub const OUTBOX_DIR: &str = "outbox";
+pub const PARKED_DIR: &str = "parked";
 pub const OUTPUT_KEY_FILE: &str = "output.key";
 pub const CHAIN_FILE: &str = "manifest-chain.json";
 const RECORD: &str = "record.json";
@@ -263,6 +267,7 @@ impl OpStore {
     pub fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
         create_private_dir(&state_dir.join(OPS_DIR))?;
         create_private_dir(&state_dir.join(OUTBOX_DIR))?;
+        create_private_dir(&state_dir.join(PARKED_DIR))?;
         Ok(Self {
             root: state_dir.to_owned(),
             lock: Mutex::new(()),
@@ -465,11 +470,75 @@ impl OpStore {
         write_durable(&self.outbox_path(&result.request_id, "result"), &to_json(result)?)
     }
 
-    pub fn queue_release(&self, item: &ReleaseItem) -> Result<(), ApplianceError> {
+    fn parked_path(&self, id: &str, kind: &str) -> PathBuf {
+        self.root.join(PARKED_DIR).join(format!("{id}.{kind}.json"))
+    }
+
+    /// Queues a release for the control plane. Returns `false` when it was parked instead: the
+    /// control plane refused the operation's result for good, so it can never accept a release.
+    pub fn queue_release(&self, item: &ReleaseItem) -> Result<bool, ApplianceError> {
         if !valid_id(&item.request_id) {
             return Err(ApplianceError::Customer(format!("`{}` is not an operation id", item.request_id)));
         }
-        write_durable(&self.outbox_path(&item.request_id, "release"), &to_json(item)?)
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.parked_path(&item.request_id, "result").exists() {
+            write_durable(&self.parked_path(&item.request_id, "release"), &to_json(item)?)?;
+            return Ok(false);
+        }
+        write_durable(&self.outbox_path(&item.request_id, "release"), &to_json(item)?)?;
+        Ok(true)
+    }
+
+    /// The control plane refused the result of `id` for good: the result and any queued release
+    /// move out of the outbox into `parked/`. Returns whether a release was parked.
+    pub fn park(&self, id: &str) -> Result<bool, ApplianceError> {
+        if !valid_id(id) {
+            return Ok(false);
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut moved_release = false;
+        for kind in ["result", "release"] {
+            let from = self.outbox_path(id, kind);
+            let to = self.parked_path(id, kind);
+            match std::fs::read(&from) {
+                Ok(bytes) => {
+                    write_durable(&to, &bytes)?;
+                    std::fs::remove_file(&from).map_err(|e| io_err(&from, e))?;
+                    moved_release |= kind == "release";
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if kind == "result" {
+                        // Marks the result refused, so a later release is parked too.
+                        write_durable(&to, b"{}")?;
+                    }
+                }
+                Err(e) => return Err(io_err(&from, e)),
+            }
+        }
+        Ok(moved_release)
+    }
+
+    /// Ids of operations whose release is parked.
+    pub fn parked_releases(&self) -> Result<Vec<String>, ApplianceError> {
+        let dir = self.root.join(PARKED_DIR);
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| io_err(&dir, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".release.json").map(str::to_owned))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The queued release of `id`, ready to send, if one waits in the outbox.
+    pub fn queued_release(&self, id: &str) -> Result<Option<ApplianceMessage>, ApplianceError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        match read_json::<ReleaseItem>(&self.outbox_path(id, "release"))? {
+            Some(item) => self.release_message(&item).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Drops an acknowledged item. `release` picks the release, else the result.

@@ -165,7 +165,13 @@ impl Session<'_> {
                                 }
                             });
                         }
-                        Some(control_message::Body::OperationAck(ack)) => self.executor.control().on_ack(&ack),
+                        Some(control_message::Body::OperationAck(ack)) => {
+                            // A release that waited for this result goes now, off the loop.
+                            if let Some(next) = self.executor.control().on_ack(&ack) {
+                                let control = self.executor.control().clone();
+                                tokio::spawn(async move { control.send(next).await });
+                            }
+                        }
                         None => {}
                     }
                 }
