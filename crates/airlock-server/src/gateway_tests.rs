@@ -27,6 +27,10 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with_clock(Arc::new(SystemClock)).await
+}
+
+async fn fixture_with_clock(clock: Arc<dyn crate::clock::Clock>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kek = KekSource::default_for(dir.path());
     let a = crate::init(dir.path(), &kek, "airlock.test", "acme", "default", &SystemClock).await.unwrap();
@@ -35,6 +39,7 @@ async fn fixture() -> Fixture {
     cfg.api_listen = "127.0.0.1:0".parse().unwrap();
     cfg.gateway_listen = "127.0.0.1:0".parse().unwrap();
     cfg.hostnames = vec!["127.0.0.1".into()];
+    cfg.clock = clock;
     let server = crate::serve(cfg).await.unwrap();
     let identity = ApplianceIdentity {
         trust_domain: "airlock.test".into(),
@@ -577,6 +582,91 @@ mod operations {
         let ack = a.send(early).await;
         assert_eq!((ack.kind, ack.error.as_str()), (OperationAckKind::Release as i32, ""), "{ack:?}");
         assert_eq!(op_state(&f, id).await["state"], "released");
+        f.server.shutdown().await;
+    }
+
+    #[test]
+    fn repush_time_follows_the_approvals_validity_within_bounds() {
+        use crate::operations::repush_time;
+        let now = airlock_core::Timestamp::from_unix_millis(1_800_000_000_000);
+        let at = |secs: u64| now.saturating_add(Duration::from_secs(secs));
+        let reason = |t: airlock_core::Timestamp| format!("the approval is not valid until {t}");
+        assert_eq!(repush_time(&reason(at(10)), now), at(10));
+        assert_eq!(repush_time(&reason(at(3600)), now), at(30));
+        assert_eq!(repush_time(&reason(now), now), at(1));
+        assert_eq!(repush_time("no approval or pre-approval covers this request", now), at(30));
+        assert_eq!(repush_time("the approval is not valid until tomorrow", now), at(30));
+    }
+
+    fn awaiting(op: &Value, reason: &str) -> appliance_message::Body {
+        appliance_message::Body::OperationResult(OperationResult {
+            request_id: op["id"].as_str().unwrap().to_owned(),
+            outcome: OperationOutcome::AwaitingApproval as i32,
+            reason: reason.to_owned(),
+            ..Default::default()
+        })
+    }
+
+    /// Sends a heartbeat and returns the ids of the instructions that came before its ack.
+    async fn heartbeat_pushes(a: &mut Appliance, seq: u64) -> Vec<String> {
+        let hb = airlock_proto::gateway::Heartbeat { seq, health: None };
+        a.tx.send(ApplianceMessage { body: Some(appliance_message::Body::Heartbeat(hb)) }).await.unwrap();
+        let mut ids = Vec::new();
+        loop {
+            match a.recv().await {
+                control_message::Body::HeartbeatAck(h) if h.seq == seq => break,
+                control_message::Body::Operation(i) => ids.push(i.request_id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Instructions pushed after the reply follow it at once.
+        while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_millis(300), a.rx.message()).await {
+            if let Some(control_message::Body::Operation(i)) = m.body {
+                ids.push(i.request_id);
+            }
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn an_approved_operation_the_appliance_cannot_run_yet_is_pushed_again_when_due() {
+        let clock = crate::clock::ManualClock::new(crate::clock::Clock::now(&SystemClock));
+        let f = fixture_with_clock(clock.clone()).await;
+        let early = request(&f, "early", &["host:read"]).await;
+        let waiting = request(&f, "waiting", &["host:read"]).await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        a.instruction().await;
+        relay(&f, &early, "approve").await;
+        assert_eq!(a.instruction().await.request_id, early["id"].as_str().unwrap());
+
+        // The approval is valid 10 s from now: the appliance cannot run it yet.
+        let valid_from = f.server.state.now().saturating_add(Duration::from_secs(10));
+        let reason = format!("the approval is not valid until {valid_from}");
+        assert_eq!(a.send(awaiting(&early, &reason)).await.error, "");
+        // The one with no approval at all is not pushed again on its own.
+        assert_eq!(a.send(awaiting(&waiting, "no approval or pre-approval covers this request")).await.error, "");
+        // Before then, heartbeats push nothing.
+        assert!(heartbeat_pushes(&mut a, 1).await.is_empty());
+        clock.advance(Duration::from_secs(9));
+        assert!(heartbeat_pushes(&mut a, 2).await.is_empty());
+        // From then on, the next message from the appliance brings it again, once.
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(heartbeat_pushes(&mut a, 3).await, [early["id"].as_str().unwrap()]);
+        assert!(heartbeat_pushes(&mut a, 4).await.is_empty());
+
+        // Without a time in the reason, it is pushed again after 30 s at most.
+        assert_eq!(a.send(awaiting(&early, "the approval is not valid yet")).await.error, "");
+        clock.advance(Duration::from_secs(29));
+        assert!(heartbeat_pushes(&mut a, 5).await.is_empty());
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(heartbeat_pushes(&mut a, 6).await, [early["id"].as_str().unwrap()]);
+        // Once it has a result, nothing is pushed again.
+        assert_eq!(a.send(awaiting(&early, "not valid yet")).await.error, "");
+        let good = execution(&early, b"out", &a.key, &a.cert);
+        assert_eq!(a.send(result(&early, &good, &a.cert.pem)).await.error, "");
+        clock.advance(Duration::from_secs(60));
+        assert!(heartbeat_pushes(&mut a, 7).await.is_empty());
         f.server.shutdown().await;
     }
 

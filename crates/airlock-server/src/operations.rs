@@ -269,11 +269,62 @@ pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: Appl
     push_from(state, scope, appliance, PushFrom::Start, first).await;
 }
 
-/// Goes on with a push that stopped on a full queue, after a message from the appliance on
-/// the stream `reg`. Touches memory only when nothing stopped.
+/// Goes on with a push that stopped on a full queue, and pushes approved operations again
+/// when a re-push is due, after a message from the appliance on the stream `reg`. Touches
+/// memory only when neither is.
 pub async fn resume_pending(state: &AppState, scope: &TenantScope, reg: &Registration) {
     if let Some(from) = state.registry.take_resume_of(reg) {
         push_from(state, scope, reg.appliance, from, None).await;
+    }
+    if state.registry.take_repush_due_of(reg, state.now()) {
+        repush_approved(state, scope, reg.appliance).await;
+    }
+}
+
+/// The longest the control plane waits before pushing an approved operation again that the
+/// appliance said it cannot run yet.
+pub const REPUSH_AT_MOST: Duration = Duration::from_secs(30);
+/// The soonest it pushes one again.
+pub const REPUSH_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// When to push an approved operation again that the appliance answered `AWAITING_APPROVAL`
+/// with `reason`: when its approval becomes valid if the reason says so ("not valid until
+/// T"), at most [`REPUSH_AT_MOST`] and at least [`REPUSH_AT_LEAST`] from `now`.
+pub fn repush_time(reason: &str, now: Timestamp) -> Timestamp {
+    let latest = now.saturating_add(REPUSH_AT_MOST);
+    let valid_from = reason.split_once("not valid until ").and_then(|(_, rest)| {
+        let text = rest.split_whitespace().next()?.trim_end_matches(['.', ',', ';', ')']);
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(Timestamp::from_offset_date_time)
+    });
+    valid_from.map_or(latest, |t| t.min(latest)).max(now.saturating_add(REPUSH_AT_LEAST))
+}
+
+/// Pushes again every approved operation of `appliance` with no result yet (decided
+/// operations come first in [`PushKey`] order, so it stops at the first awaiting approval).
+async fn repush_approved(state: &AppState, scope: &TenantScope, appliance: ApplianceId) {
+    let mut from = PushFrom::Start;
+    loop {
+        let page = match state.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, %appliance, "cannot read pending operations");
+                return state.registry.push_stopped(appliance, from);
+            }
+        };
+        for op in &page {
+            if op.state == OpState::AwaitingApproval.as_str() {
+                return;
+            }
+            if op.state == OpState::Approved.as_str() && !send_instruction(state, scope, appliance, op).await {
+                return state.registry.push_stopped(appliance, from);
+            }
+            from = PushFrom::After(PushKey::of(op));
+        }
+        if page.len() < PUSH_PAGE as usize {
+            return;
+        }
     }
 }
 
@@ -436,7 +487,15 @@ async fn apply_result(
     match outcome {
         OperationOutcome::Unspecified => refuse("the result has no outcome"),
         // Nothing ran and nothing changes; the instruction is sent again with the approval.
-        OperationOutcome::AwaitingApproval => Ok(()),
+        // An approved one the appliance cannot run yet (its approval is not valid yet) is
+        // sent again later on this stream, without waiting for a reconnect.
+        OperationOutcome::AwaitingApproval => {
+            if pending && op.state == OpState::Approved.as_str() {
+                let at = repush_time(&sanitize(&r.reason, MAX_REASON_CHARS), now);
+                state.registry.repush_at(peer.appliance, at);
+            }
+            Ok(())
+        }
         OperationOutcome::Refused => {
             let reason = sanitize(&r.reason, MAX_REASON_CHARS);
             if !pending {

@@ -51,6 +51,10 @@ struct Entry {
     /// on the appliance's next message. Kept here so a heartbeat with nothing to resume
     /// costs no database read.
     resume: Option<PushFrom>,
+    /// When approved operations should be pushed again: the appliance answered one with
+    /// `AWAITING_APPROVAL` (its approval not valid yet). Checked on the appliance's next
+    /// message; memory only.
+    repush_at: Option<Timestamp>,
 }
 
 #[derive(Default)]
@@ -92,7 +96,9 @@ impl Registry {
     ) -> (Registration, oneshot::Receiver<Kick>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx), sender, resume: None });
+        let old = self
+            .lock()
+            .insert(appliance, Entry { conn, status, kick: Some(tx), sender, resume: None, repush_at: None });
         if let Some(kick) = old.and_then(|mut old| old.kick.take()) {
             let _ = kick.send(Kick::Replaced);
         }
@@ -143,6 +149,29 @@ impl Registry {
     /// Like [`Registry::take_resume`], for this stream only (not one that replaced it).
     pub fn take_resume_of(&self, reg: &Registration) -> Option<PushFrom> {
         self.lock().get_mut(&reg.appliance).filter(|e| e.conn == reg.conn).and_then(|e| e.resume.take())
+    }
+
+    /// Asks for the approved operations of `appliance` to be pushed again at `at` (the
+    /// earliest of several), on its live stream.
+    pub fn repush_at(&self, appliance: ApplianceId, at: Timestamp) {
+        if let Some(e) = self.lock().get_mut(&appliance) {
+            e.repush_at = Some(e.repush_at.map_or(at, |earlier| earlier.min(at)));
+        }
+    }
+
+    /// Whether a re-push asked for the stream `reg` is due at `now`; if so it is taken.
+    pub fn take_repush_due_of(&self, reg: &Registration, now: Timestamp) -> bool {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(&reg.appliance).filter(|e| e.conn == reg.conn) else {
+            return false;
+        };
+        match e.repush_at {
+            Some(at) if at <= now => {
+                e.repush_at = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Ends the live stream of `appliance`, if any. Returns whether one was live.
