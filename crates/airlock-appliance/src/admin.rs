@@ -22,6 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::ApplianceError;
 use crate::audit_log::AuditLog;
+use crate::customer::PolicySource;
 use crate::nonces::NonceStore;
 use crate::ops_store::{OpState, OpStore, ReleaseItem};
 use crate::preapprovals::PreApprovalStore;
@@ -115,6 +116,9 @@ pub struct LocalControl {
     /// before anything sent after it (a release must never reach the control plane before its
     /// result).
     sending: tokio::sync::Mutex<()>,
+    /// The last policy envelope relayed by the control plane that was refused (its digest),
+    /// with the digest of the policy then in force: the same again is not audited again.
+    refused_relay: Mutex<Option<(String, Option<String>)>>,
     /// This appliance, once enrolled.
     appliance: RwLock<Option<ApplianceId>>,
     clock: Clock,
@@ -155,6 +159,7 @@ impl LocalControl {
             running: Mutex::new(HashMap::new()),
             outbound: Mutex::new(None),
             sending: tokio::sync::Mutex::new(()),
+            refused_relay: Mutex::new(None),
             appliance: RwLock::new(None),
             clock,
         })
@@ -238,15 +243,53 @@ impl LocalControl {
     /// Loads a newly signed policy (the checks made at start); running operations of phases it
     /// no longer enables are killed.
     pub fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
+        self.apply_policy(envelope_json, PolicySource::Host)
+    }
+
+    fn apply_policy(&self, envelope_json: &[u8], source: PolicySource) -> Result<Status, ApplianceError> {
         {
             let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
-            let next =
-                crate::customer::accept_policy(&self.state, &self.pinned, envelope_json, policy.as_ref(), &self.audit)
-                    .map_err(ApplianceError::Customer)?;
+            let next = crate::customer::accept_policy(
+                &self.state,
+                &self.pinned,
+                envelope_json,
+                policy.as_ref(),
+                &self.audit,
+                source,
+            )
+            .map_err(ApplianceError::Customer)?;
             *policy = Some(next);
         }
         self.cancel_ineffective();
         Ok(self.status())
+    }
+
+    /// A signed policy relayed by the control plane (`PolicyUpdate`): applied exactly as one
+    /// loaded on this host. The policy in force again (the control plane sends it after every
+    /// connect) is a no-op, and so is the same refused envelope again while the same policy is
+    /// in force: neither is audited again. Returns the new status if it changed anything.
+    pub fn relayed_policy(&self, envelope_json: &[u8]) -> Result<Option<Status>, ApplianceError> {
+        let current = self.status().policy_digest;
+        if let Ok(envelope) = Envelope::from_json(envelope_json)
+            && current.as_deref() == Some(airlock_core::operation::sha256_hex(&envelope.payload).as_str())
+        {
+            return Ok(None);
+        }
+        let seen = (airlock_core::operation::sha256_hex(envelope_json), current);
+        let mut refused = self.refused_relay.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.as_ref() == Some(&seen) {
+            return Ok(None);
+        }
+        match self.apply_policy(envelope_json, PolicySource::ControlPlane) {
+            Ok(status) => {
+                *refused = None;
+                Ok(Some(status))
+            }
+            Err(e) => {
+                *refused = Some(seen);
+                Err(e)
+            }
+        }
     }
 
     /// Registers a started operation. If its phase is no longer in force (it changed since the

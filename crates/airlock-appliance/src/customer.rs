@@ -130,19 +130,38 @@ pub fn load_policy(
     }
 }
 
-/// Accepts a newly signed policy offered on this host (the admin socket): the same checks as
-/// at start. On success it is stored and audited; on refusal the reason is audited and
-/// returned, and the policy in force stays.
+/// Where a newly signed policy came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The appliance host (the admin socket).
+    Host,
+    /// Relayed by the control plane, which cannot sign one: trusted exactly as much as its
+    /// customer signatures.
+    ControlPlane,
+}
+
+/// Accepts a newly signed policy offered on this host (the admin socket) or relayed by the
+/// control plane: the same checks as at start. On success it is stored and audited; on
+/// refusal the reason is audited (`policy.update` denied for the host, `policy.refused` for
+/// the control plane) and returned, and the policy in force stays.
 pub fn accept_policy(
     state: &StateDir,
     pinned: &[CustomerPublicKey],
     envelope_json: &[u8],
     current: Option<&VerifiedPolicy>,
     audit: &AuditLog,
+    source: PolicySource,
 ) -> Result<VerifiedPolicy, String> {
     let refuse = |why: String| {
-        let _ = audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why }));
-        tracing::error!(reason = %why, "refusing policy; the last good policy stays in force");
+        let _ = match source {
+            PolicySource::Host => audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why })),
+            PolicySource::ControlPlane => audit.record(
+                "policy.refused",
+                Outcome::Denied,
+                serde_json::json!({ "reason": why, "source": "control_plane" }),
+            ),
+        };
+        tracing::error!(reason = %why, ?source, "refusing policy; the last good policy stays in force");
         why
     };
     if pinned.is_empty() {
@@ -154,14 +173,13 @@ pub fn accept_policy(
     let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| refuse(e.to_string()))?;
     if current.is_none_or(|c| c.digest_hex() != p.digest_hex()) {
         state.write_private(POLICY, envelope_json).map_err(|e| refuse(e.to_string()))?;
-        audit
-            .record(
-                "policy.update",
-                Outcome::Success,
-                serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() }),
-            )
-            .map_err(|e| e.to_string())?;
-        tracing::info!(serial = p.serial(), digest = %p.digest_hex(), "accepted a new customer policy from this host");
+        let mut detail =
+            serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() });
+        if source == PolicySource::ControlPlane {
+            detail["source"] = "control_plane".into();
+        }
+        audit.record("policy.update", Outcome::Success, detail).map_err(|e| e.to_string())?;
+        tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?source, "accepted a new customer policy");
     }
     Ok(p)
 }

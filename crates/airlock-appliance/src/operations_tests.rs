@@ -1180,3 +1180,57 @@ async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
     assert_eq!(fx.control.ops.parked_releases().unwrap(), ["op_1", "op_2"]);
     assert_eq!(fx.audited("operation.release_parked").len(), 2);
 }
+
+#[tokio::test]
+async fn a_policy_relayed_by_the_control_plane_is_applied_like_one_loaded_on_the_host() {
+    let fx = Fx::new(ALL_PHASES);
+    let script = "sleep 60\n";
+    let stmt = fx.statement("op_r", MANIFEST, script, vars("api"));
+    let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
+        Handled::Started(h) => h,
+        other => panic!("{other:?}"),
+    };
+    while fx.control.running_group("op_r").is_none() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let observe_only = b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec();
+    let next = Envelope::new(POLICY_PAYLOAD_TYPE, observe_only.clone()).sign(&customer(1)).to_json();
+    let status = fx.control.relayed_policy(next.as_bytes()).unwrap().expect("a change");
+    assert_eq!((status.policy_serial, status.effective.clone()), (Some(2), vec![Phase::Observe]));
+    // Running operations of a phase it no longer enables are cancelled, as for a local one.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled);
+    // Stored like a local one, so it is in force after a restart.
+    let stored = std::fs::read(fx.dir.path().join("policy.dsse.json")).unwrap();
+    assert_eq!(Envelope::from_json(&stored).unwrap().payload, observe_only);
+    let updates = fx.audited("policy.update");
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0]["detail"]["source"], "control_plane");
+    // The policy in force again (sent after every connect): nothing happens, nothing audited.
+    assert!(fx.control.relayed_policy(next.as_bytes()).unwrap().is_none());
+    assert_eq!(fx.audited("policy.update").len(), 1);
+
+    // Signed by a key the customer did not pin (the vendor's own): refused and audited, the
+    // policy in force stays; the same envelope again is not audited again.
+    let vendor = Envelope::new(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 3").into_bytes())
+        .sign(&customer(9))
+        .to_json();
+    let err = fx.control.relayed_policy(vendor.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("signature"), "{err}");
+    assert_eq!(fx.control.status().policy_serial, Some(2));
+    assert_eq!(fx.control.effective_phases(), [Phase::Observe].into());
+    assert!(fx.control.relayed_policy(vendor.as_bytes()).unwrap().is_none());
+    let refused = fx.audited("policy.refused");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["outcome"], "denied");
+    assert!(refused[0]["detail"]["reason"].as_str().unwrap().contains("signature"), "{refused:?}");
+    // An older policy, properly signed: the no-rollback rule holds for relayed ones too.
+    let older = Envelope::new(POLICY_PAYLOAD_TYPE, ALL_PHASES.as_bytes().to_vec()).sign(&customer(1)).to_json();
+    let err = fx.control.relayed_policy(older.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("older"), "{err}");
+    assert_eq!(fx.audited("policy.refused").len(), 2);
+    assert_eq!(fx.control.status().policy_serial, Some(2));
+    // An unsigned envelope or one that is not a policy: refused too.
+    assert!(fx.control.relayed_policy(b"{}").is_err());
+    assert_eq!(fx.audited("policy.refused").len(), 3);
+}

@@ -165,6 +165,15 @@ impl Session<'_> {
                                 }
                             });
                         }
+                        Some(control_message::Body::PolicyUpdate(update)) => {
+                            // Verified against the pinned customer keys like a policy loaded
+                            // on this host; a refusal is audited and changes nothing.
+                            match self.executor.control().relayed_policy(update.policy_envelope_json.as_bytes()) {
+                                Ok(Some(status)) => tracing::info!(serial = ?status.policy_serial, "applied a customer policy relayed by the control plane"),
+                                Ok(None) => {}
+                                Err(e) => tracing::warn!(error = %e, "refused a policy relayed by the control plane; the policy in force stays"),
+                            }
+                        }
                         Some(control_message::Body::OperationAck(ack)) => {
                             // A release that waited for this result goes now, off the loop.
                             if let Some(next) = self.executor.control().on_ack(&ack) {
