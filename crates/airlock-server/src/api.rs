@@ -44,6 +44,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/appliances/{appliance}/revoke", post(revoke_appliance))
         .route("/v1/workspaces/{workspace}/templates", get(ops::list_templates).post(ops::push_template))
         .route("/v1/environments/{environment}/operations", post(ops::request_operation))
+        .route("/v1/environments/{environment}/policy", get(policy::get_policy).put(policy::relay_policy))
         .route("/v1/operations", get(ops::list_operations))
         .route("/v1/operations/{id}", get(ops::get_operation))
         .route("/v1/operations/{id}/approval", post(ops::relay_approval))
@@ -60,11 +61,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     info(title = "Airlock control plane API", description = "Tenants, workspaces, environments, appliances, templates and signed operations."),
     paths(get_ca, join, list_workspaces, list_environments, create_environment, create_join_token, list_appliances, revoke_appliance,
         ops::push_template, ops::list_templates, ops::request_operation, ops::list_operations, ops::get_operation,
-        ops::relay_approval, ops::get_manifest, ops::get_output),
+        ops::relay_approval, ops::get_manifest, ops::get_output, policy::relay_policy, policy::get_policy),
     components(schemas(ErrorBody, ErrorDetail, CaInfo, JoinRequest, JoinResponse, WorkspaceView, EnvironmentView,
         CreateEnvironment, CreateJoinToken, JoinTokenView, ApplianceView, ApplianceList,
         ops::PushTemplate, ops::TemplateView, ops::VariableView, ops::TemplateList, ops::RequestOperation,
-        ops::OperationView, ops::OperationList, ops::RelayApproval)),
+        ops::OperationView, ops::OperationList, ops::RelayApproval, policy::RelayPolicy, policy::PolicyView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -710,6 +711,8 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
 
 #[path = "api_ops.rs"]
 pub mod ops;
+#[path = "api_policy.rs"]
+pub mod policy;
 
 #[cfg(test)]
 #[path = "api_tests.rs"]

@@ -687,3 +687,117 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
     )
     .unwrap();
 }
+
+/// A customer policy with `serial`, as `airlock customer policy sign` writes it.
+fn signed_policy(serial: u64, signers: &[u8]) -> Value {
+    use airlock_core::customer_key::CustomerSigningKey;
+    let toml = format!("version = 1\nserial = {serial}\nphases = [\"observe\", \"deploy\"]\n");
+    let mut env = airlock_core::dsse::Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.into_bytes());
+    for n in signers {
+        env = env.sign(&CustomerSigningKey::from_seed([*n; 32]));
+    }
+    serde_json::from_str(&env.to_json()).unwrap()
+}
+
+#[tokio::test]
+async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
+    let api = api().await;
+    let env = api.new_env("prod").await;
+    let path = format!("/v1/environments/{env}/policy");
+    let put = |body: Value| {
+        let path = path.clone();
+        let api = &api;
+        async move { api.call(Method::PUT, &path, Some(&api.token), Some(&body.to_string())).await }
+    };
+    // Nothing relayed yet.
+    let (s, v) = api.get(&path).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["code"], "not_found");
+
+    // Shape: a policy envelope, signed at least once, whose policy parses.
+    let mut unsigned = signed_policy(3, &[1]);
+    unsigned["signatures"] = json!([]);
+    let mut other_type = signed_policy(3, &[1]);
+    other_type["payloadType"] = json!(airlock_core::grant::GRANT_PAYLOAD_TYPE);
+    let mut not_a_policy = signed_policy(3, &[1]);
+    not_a_policy["payload"] = json!(data_encoding::BASE64.encode(b"version = 1\nserial = 3\nphases = [\"root\"]\n"));
+    let mut huge = signed_policy(3, &[1]);
+    huge["payload"] = json!(data_encoding::BASE64.encode(&vec![b'#'; 300 * 1024]));
+    for (bad, why) in [
+        (json!({ "envelope": unsigned }), "not signed"),
+        (json!({ "envelope": other_type }), "payload type"),
+        (json!({ "envelope": not_a_policy }), "policy"),
+        (json!({ "envelope": huge }), "larger than"),
+        (json!({ "envelope": { "payload": 1 } }), "DSSE"),
+        (json!({ "policy": "x" }), "malformed"),
+    ] {
+        let (s, v) = put(bad).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{why}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{why}: {v}");
+    }
+    let (s, _) = api.get(&path).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Any signature passes here (the control plane has no customer key to check it with):
+    // the appliance is where it is verified.
+    let first = signed_policy(3, &[1]);
+    let (s, v) = put(json!({ "envelope": first })).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["serial"], 3);
+    assert_eq!(v["sent_to"], 0);
+    let (s, shown) = api.get(&path).await;
+    assert_eq!(s, StatusCode::OK, "{shown}");
+    assert_eq!(shown["envelope"], first);
+    assert_eq!(shown["serial"], 3);
+    let payload = data_encoding::BASE64.decode(first["payload"].as_str().unwrap().as_bytes()).unwrap();
+    assert_eq!(shown["policy_sha256"], airlock_core::operation::sha256_hex(&payload));
+
+    // The serial must move forward: the same or an older one is a conflict, and changes nothing.
+    for serial in [3, 2] {
+        let (s, v) = put(json!({ "envelope": signed_policy(serial, &[2]) })).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("serial 3"), "{v}");
+    }
+    assert_eq!(api.get(&path).await.1["envelope"], first);
+    let newer = signed_policy(4, &[1, 2]);
+    let (s, v) = put(json!({ "envelope": newer })).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(api.get(&path).await.1["envelope"], newer);
+
+    let actions = api.audit_actions(&tenant_of(&api).await).await;
+    let relayed: Vec<_> = actions.iter().filter(|(a, _)| a == "policy.relayed").collect();
+    assert_eq!(relayed.iter().filter(|(_, o)| o == "success").count(), 2, "{actions:?}");
+    assert_eq!(relayed.iter().filter(|(_, o)| o != "success").count(), 8, "{actions:?}");
+}
+
+/// The tenant chain of the fixture's admin token.
+async fn tenant_of(api: &Api) -> String {
+    let chains = api.state.store.audit_chains().await.unwrap();
+    chains.into_iter().find(|c| c != crate::state::SYSTEM_CHAIN).unwrap()
+}
+
+#[tokio::test]
+async fn another_tenants_environment_policy_is_invisible_and_unwritable() {
+    let api = api().await;
+    let env_a = api.new_env("a").await;
+    let path = format!("/v1/environments/{env_a}/policy");
+    let (s, v) = api
+        .call(Method::PUT, &path, Some(&api.token), Some(&json!({ "envelope": signed_policy(5, &[1]) }).to_string()))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let dir = api._dir.path();
+    let other =
+        crate::create_tenant(dir, &KekSource::default_for(dir), "globex", "default", &*api.clock).await.unwrap();
+    let b = other.admin_token.expose();
+    let (s, v) = api.call(Method::GET, &path, Some(b), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let body = json!({ "envelope": signed_policy(9, &[7]) }).to_string();
+    let (s, v) = api.call(Method::PUT, &path, Some(b), Some(&body)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // Tenant A's policy is unchanged.
+    assert_eq!(api.get(&path).await.1["serial"], 5);
+    // And an environment that does not exist at all: 404 too.
+    let missing = format!("/v1/environments/{}/policy", airlock_core::EnvironmentId::from_random([9; 16]));
+    let (s, _) = api.call(Method::PUT, &missing, Some(&api.token), Some(&body)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

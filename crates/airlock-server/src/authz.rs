@@ -114,6 +114,8 @@ pub enum Action {
     RelayApproval,
     GetManifest,
     GetOutput,
+    RelayPolicy,
+    GetPolicy,
 }
 
 impl Action {
@@ -133,6 +135,8 @@ impl Action {
             Action::RelayApproval => "operation.approval_relayed",
             Action::GetManifest => "operation.manifest",
             Action::GetOutput => "operation.output_download",
+            Action::RelayPolicy => "policy.relayed",
+            Action::GetPolicy => "policy.get",
         }
     }
 }

@@ -329,7 +329,12 @@ impl ApplianceGateway for GatewayService {
                         match tx.try_send(Ok(reply)) {
                             // After the Welcome: every operation still waiting for this
                             // appliance's result, re-sent on each (re)connect.
-                            Ok(()) if hello => crate::operations::push_pending(&state, &scope, id, None).await,
+                            Ok(()) if hello => {
+                                // The environment's policy first, so operations are decided
+                                // under it.
+                                crate::policy::push_to_appliance(&state, &scope, id, peer.identity.environment).await;
+                                crate::operations::push_pending(&state, &scope, id, None).await
+                            }
                             // A push that found the queue full goes on now that the peer is
                             // active (memory only when none did).
                             Ok(()) => crate::operations::resume_pending(&state, &scope, &registration).await,

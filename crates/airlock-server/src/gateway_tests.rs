@@ -671,6 +671,35 @@ mod operations {
     }
 
     #[tokio::test]
+    async fn a_relayed_policy_reaches_connected_appliances_at_once_and_others_after_their_welcome() {
+        let f = fixture().await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        let toml = "version = 1\nserial = 7\nphases = [\"observe\"]\n";
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
+        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let path = format!("/v1/environments/{}/policy", f.identity.environment);
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["sent_to"], 1);
+        let pushed = match a.recv().await {
+            control_message::Body::PolicyUpdate(p) => p,
+            other => panic!("expected the policy, got {other:?}"),
+        };
+        assert_eq!(Envelope::from_json(pushed.policy_envelope_json.as_bytes()).unwrap(), envelope);
+        drop(a);
+        // A (re)connecting appliance gets it right after its Welcome.
+        let mut again = Appliance::connect(&f, &f.identity).await;
+        match again.recv().await {
+            control_message::Body::PolicyUpdate(p) => {
+                assert_eq!(Envelope::from_json(p.policy_envelope_json.as_bytes()).unwrap(), envelope)
+            }
+            other => panic!("expected the policy, got {other:?}"),
+        }
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn secret_output_is_refused_even_before_its_result() {
         let f = fixture().await;
         let op = request(&f, "read-config", &["output:secret"]).await;

@@ -12,6 +12,7 @@ mod https;
 pub mod keys;
 pub mod metrics;
 pub mod operations;
+pub mod policy;
 pub mod registry;
 pub mod seen;
 pub mod state;

@@ -269,15 +269,18 @@ pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: Appl
     push_from(state, scope, appliance, PushFrom::Start, first).await;
 }
 
-/// Goes on with a push that stopped on a full queue, and pushes approved operations again
-/// when a re-push is due, after a message from the appliance on the stream `reg`. Touches
-/// memory only when neither is.
+/// Goes on with a push (of operations or of the policy) that stopped on a full queue, and
+/// pushes approved operations again when a re-push is due, after a message from the
+/// appliance on the stream `reg`. Touches memory only when none of these is pending.
 pub async fn resume_pending(state: &AppState, scope: &TenantScope, reg: &Registration) {
     if let Some(from) = state.registry.take_resume_of(reg) {
         push_from(state, scope, reg.appliance, from, None).await;
     }
     if state.registry.take_repush_due_of(reg, state.now()) {
         repush_approved(state, scope, reg.appliance).await;
+    }
+    if let Some(environment) = state.registry.take_policy_pending_of(reg) {
+        crate::policy::push_to_appliance(state, scope, reg.appliance, environment).await;
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use airlock_core::{ApplianceId, Timestamp};
+use airlock_core::{ApplianceId, EnvironmentId, Timestamp};
 use airlock_proto::gateway::ControlMessage;
 use tokio::sync::{mpsc, oneshot};
 
@@ -55,6 +55,9 @@ struct Entry {
     /// `AWAITING_APPROVAL` (its approval not valid yet). Checked on the appliance's next
     /// message; memory only.
     repush_at: Option<Timestamp>,
+    /// A policy push to this stream found its queue full: the environment whose policy to
+    /// send again on the appliance's next message.
+    policy_pending: Option<EnvironmentId>,
 }
 
 #[derive(Default)]
@@ -96,9 +99,10 @@ impl Registry {
     ) -> (Registration, oneshot::Receiver<Kick>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let old = self
-            .lock()
-            .insert(appliance, Entry { conn, status, kick: Some(tx), sender, resume: None, repush_at: None });
+        let old = self.lock().insert(
+            appliance,
+            Entry { conn, status, kick: Some(tx), sender, resume: None, repush_at: None, policy_pending: None },
+        );
         if let Some(kick) = old.and_then(|mut old| old.kick.take()) {
             let _ = kick.send(Kick::Replaced);
         }
@@ -172,6 +176,18 @@ impl Registry {
             }
             _ => false,
         }
+    }
+
+    /// Remembers that the policy of `environment` could not be queued for `appliance`.
+    pub fn policy_stopped(&self, appliance: ApplianceId, environment: EnvironmentId) {
+        if let Some(e) = self.lock().get_mut(&appliance) {
+            e.policy_pending = Some(environment);
+        }
+    }
+
+    /// Takes the environment whose policy is still to be sent on the stream `reg`, if any.
+    pub fn take_policy_pending_of(&self, reg: &Registration) -> Option<EnvironmentId> {
+        self.lock().get_mut(&reg.appliance).filter(|e| e.conn == reg.conn).and_then(|e| e.policy_pending.take())
     }
 
     /// Ends the live stream of `appliance`, if any. Returns whether one was live.
