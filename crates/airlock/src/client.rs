@@ -29,6 +29,10 @@ impl ApiClient {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
+    pub(crate) async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send(self.http.put(self.url(path)).json(body)).await
+    }
+
     /// A GET whose success body is raw bytes (e.g. released operation output).
     pub(crate) async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         let resp = self.send_raw(self.http.get(self.url(path))).await?;

@@ -361,6 +361,35 @@ enum EnvSub {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Relay the customer's signed policy to the environment's appliances, or show the one
+    /// relayed last. The control plane cannot sign a policy: each appliance checks the
+    /// customer's signatures against the keys it pinned.
+    Policy(EnvPolicyCmd),
+}
+
+#[derive(Args)]
+struct EnvPolicyCmd {
+    #[command(subcommand)]
+    command: EnvPolicySub,
+}
+
+#[derive(Subcommand)]
+enum EnvPolicySub {
+    /// Relay a signed policy (the file `airlock customer policy sign` writes) to every
+    /// appliance of the environment, at once to connected ones and to others when they connect.
+    Push {
+        environment: String,
+        /// The signed policy (a DSSE envelope, JSON).
+        signed: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show the policy relayed last to the environment.
+    Show {
+        environment: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Args)]
@@ -939,6 +968,47 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
             } else {
                 for e in envs.as_array().into_iter().flatten() {
                     println!("{}  {}", e["id"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        EnvSub::Policy(EnvPolicyCmd { command: EnvPolicySub::Push { environment, signed, api } }) => {
+            let text = std::fs::read_to_string(&signed).with_context(|| format!("reading {}", signed.display()))?;
+            let envelope: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a signed policy (JSON); sign one with `airlock customer policy sign`",
+                    signed.display()
+                )
+            })?;
+            let out: serde_json::Value = api
+                .client()?
+                .put(&format!("/v1/environments/{environment}/policy"), &serde_json::json!({ "envelope": envelope }))
+                .await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "relayed policy serial {} ({}) to environment {environment}: sent to {} connected appliance(s); the others get it when they connect",
+                    out["serial"],
+                    out["policy_sha256"].as_str().unwrap_or("?"),
+                    out["sent_to"]
+                );
+            }
+        }
+        EnvSub::Policy(EnvPolicyCmd { command: EnvPolicySub::Show { environment, api } }) => {
+            let out: serde_json::Value = api.client()?.get(&format!("/v1/environments/{environment}/policy")).await?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("serial:      {}", out["serial"]);
+                println!("sha256:      {}", out["policy_sha256"].as_str().unwrap_or("?"));
+                println!("signatures:  {}", out["envelope"]["signatures"].as_array().map_or(0, Vec::len));
+                println!("relayed by:  {}", out["relayed_by"].as_str().unwrap_or("?"));
+                println!(
+                    "relayed at:  {}",
+                    airlock_core::Timestamp::from_unix_millis(out["relayed_at"].as_i64().unwrap_or(0))
+                );
+                if let Ok(envelope) = serde_json::from_value::<airlock_core::dsse::Envelope>(out["envelope"].clone()) {
+                    println!("\n{}", String::from_utf8_lossy(&envelope.payload).trim_end());
                 }
             }
         }

@@ -264,3 +264,87 @@ fn customer_switches_phases_on_the_appliance_host() {
     let (ok, out) = phase(&["status"]);
     assert!(!ok && out.contains("is it running"), "{out}");
 }
+
+#[test]
+fn a_customer_policy_relayed_through_the_control_plane_takes_effect_and_a_vendor_signed_one_is_refused() {
+    let server = Server::start();
+    let tmp = server.dir.path();
+    let (customer, vendor) = (tmp.join("customer"), tmp.join("vendor"));
+    keygen(&customer);
+    keygen(&vendor);
+    let first = tmp.join("policy-1.json");
+    sign(POLICY, &customer, &first);
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let state = tmp.join("apl");
+    let pubkey = customer.join("customer.pub");
+    let args = ["--customer-key", pubkey.to_str().unwrap(), "--policy", first.to_str().unwrap()];
+    let mut proc = server.appliance_proc_with(&state, Some(&token), &args);
+    server.wait_connected(&mut proc);
+    let status = || {
+        let out = airlock(&["appliance", "phase", "status", "--state-dir", state.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(status().contains("effective: observe, deploy\n"), "{}", status());
+    // Nothing relayed yet.
+    let out = server.cli(&["env", "policy", "show", &env]);
+    assert!(!out.status.success());
+
+    // The customer signs a newer policy on their machine; the vendor relays it.
+    let second = tmp.join("policy-2.json");
+    sign(
+        &POLICY
+            .replace("serial = 1", "serial = 2")
+            .replace("\"observe\", \"deploy\"", "\"observe\", \"deploy\", \"operate\""),
+        &customer,
+        &second,
+    );
+    let pushed = server.ok(&["env", "policy", "push", &env, second.to_str().unwrap()]);
+    assert!(pushed.contains("serial 2") && pushed.contains("sent to 1"), "{pushed}");
+    wait_for(Duration::from_secs(10), "the relayed policy to take effect", || {
+        let s = status();
+        (s.contains("serial 2") && s.contains("effective: observe, deploy, operate")).then_some(())
+    });
+    let shown = server.ok(&["env", "policy", "show", &env]);
+    assert!(shown.contains("serial:      2") && shown.contains("\"operate\""), "{shown}");
+
+    // A policy signed by another key (the vendor's own) passes the control plane, which cannot
+    // check customer signatures, and is refused by the appliance; the last good one stays.
+    let forged = tmp.join("policy-3-vendor.json");
+    sign(
+        &POLICY.replace("serial = 1", "serial = 3").replace("\"observe\", \"deploy\"", "\"observe\""),
+        &vendor,
+        &forged,
+    );
+    server.ok(&["env", "policy", "push", &env, forged.to_str().unwrap()]);
+    let audit = state.join("audit.jsonl");
+    let refused = wait_for(Duration::from_secs(10), "the appliance to refuse the vendor's policy", || {
+        let text = std::fs::read_to_string(&audit).unwrap();
+        let records: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        records.into_iter().find(|r| r["action"] == "policy.refused")
+    });
+    assert_eq!(refused["outcome"], "denied");
+    assert!(refused["detail"]["reason"].as_str().unwrap().contains("signature"), "{refused}");
+    let s = status();
+    assert!(s.contains("serial 2") && s.contains("effective: observe, deploy, operate"), "{s}");
+
+    // After a reconnect the control plane sends the environment's policy again: the appliance
+    // still runs the customer's.
+    proc.stop();
+    let mut proc = server.appliance_proc(&state, None, None);
+    server.wait_connected(&mut proc);
+    std::thread::sleep(Duration::from_millis(500));
+    let s = status();
+    assert!(s.contains("serial 2") && s.contains("effective: observe, deploy, operate"), "{s}");
+    proc.stop();
+
+    let out = airlock(&["audit", "verify", "--file", audit.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&audit).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let relayed: Vec<_> =
+        records.iter().filter(|r| r["action"] == "policy.update" && r["detail"]["source"] == "control_plane").collect();
+    assert_eq!(relayed.len(), 1, "{relayed:?}");
+    assert_eq!(relayed[0]["detail"]["serial"], 2);
+}
