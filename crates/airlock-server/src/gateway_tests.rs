@@ -794,6 +794,54 @@ mod operations {
     }
 
     #[tokio::test]
+    async fn a_policy_that_found_the_stream_full_follows_the_next_message() {
+        let f = fixture().await;
+        let state = &f.server.state;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(6);
+        let now = state.now();
+        let status = crate::registry::LiveStatus {
+            connected_at: now,
+            last_heartbeat: now,
+            version: String::new(),
+            healthy: true,
+            cert_serial: "00".into(),
+            cert_not_after: now,
+        };
+        let (reg, _kick) = state.registry.join(f.identity.appliance, status, tx.clone());
+        let scope = TenantScope::for_appliance(&f.identity);
+        // Two replies the peer has not read: only the slots kept for replies are left.
+        for _ in 0..2 {
+            tx.try_send(Ok(ControlMessage { body: None })).unwrap();
+        }
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let envelope = Envelope::new(
+            airlock_core::policy::POLICY_PAYLOAD_TYPE,
+            b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec(),
+        )
+        .sign(&key);
+        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let path = format!("/v1/environments/{}/policy", f.identity.environment);
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["sent_to"], 0);
+        // The peer reads; its next message brings the policy, once.
+        while rx.try_recv().is_ok() {}
+        crate::operations::resume_pending(state, &scope, &reg).await;
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(got.len(), 1);
+        match got.into_iter().next().unwrap().unwrap().body {
+            Some(control_message::Body::PolicyUpdate(p)) => {
+                assert_eq!(Envelope::from_json(p.policy_envelope_json.as_bytes()).unwrap(), envelope)
+            }
+            other => panic!("expected the policy, got {other:?}"),
+        }
+        crate::operations::resume_pending(state, &scope, &reg).await;
+        assert!(rx.try_recv().is_err());
+        state.registry.leave(reg);
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn instructions_that_found_the_stream_full_follow_the_next_heartbeat() {
         let f = fixture().await;
         let mut a = Appliance::connect(&f, &f.identity).await;

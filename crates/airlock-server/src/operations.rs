@@ -273,14 +273,15 @@ pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: Appl
 /// pushes approved operations again when a re-push is due, after a message from the
 /// appliance on the stream `reg`. Touches memory only when none of these is pending.
 pub async fn resume_pending(state: &AppState, scope: &TenantScope, reg: &Registration) {
-    if let Some(from) = state.registry.take_resume_of(reg) {
+    let due = state.registry.take_due_of(reg, state.now());
+    if let Some(environment) = due.policy {
+        crate::policy::push_to_appliance(state, scope, reg.appliance, environment).await;
+    }
+    if let Some(from) = due.resume {
         push_from(state, scope, reg.appliance, from, None).await;
     }
-    if state.registry.take_repush_due_of(reg, state.now()) {
+    if due.repush {
         repush_approved(state, scope, reg.appliance).await;
-    }
-    if let Some(environment) = state.registry.take_policy_pending_of(reg) {
-        crate::policy::push_to_appliance(state, scope, reg.appliance, environment).await;
     }
 }
 

@@ -60,6 +60,17 @@ struct Entry {
     policy_pending: Option<EnvironmentId>,
 }
 
+/// What is to be pushed to a stream after the appliance's latest message.
+#[derive(Debug, Default)]
+pub struct Due {
+    /// Where an interrupted push of operations resumes.
+    pub resume: Option<PushFrom>,
+    /// Approved operations the appliance could not run yet are to be pushed again.
+    pub repush: bool,
+    /// The environment whose policy could not be queued.
+    pub policy: Option<EnvironmentId>,
+}
+
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<HashMap<ApplianceId, Entry>>,
@@ -150,31 +161,11 @@ impl Registry {
         self.lock().get_mut(&appliance).and_then(|e| e.resume.take())
     }
 
-    /// Like [`Registry::take_resume`], for this stream only (not one that replaced it).
-    pub fn take_resume_of(&self, reg: &Registration) -> Option<PushFrom> {
-        self.lock().get_mut(&reg.appliance).filter(|e| e.conn == reg.conn).and_then(|e| e.resume.take())
-    }
-
     /// Asks for the approved operations of `appliance` to be pushed again at `at` (the
     /// earliest of several), on its live stream.
     pub fn repush_at(&self, appliance: ApplianceId, at: Timestamp) {
         if let Some(e) = self.lock().get_mut(&appliance) {
             e.repush_at = Some(e.repush_at.map_or(at, |earlier| earlier.min(at)));
-        }
-    }
-
-    /// Whether a re-push asked for the stream `reg` is due at `now`; if so it is taken.
-    pub fn take_repush_due_of(&self, reg: &Registration, now: Timestamp) -> bool {
-        let mut map = self.lock();
-        let Some(e) = map.get_mut(&reg.appliance).filter(|e| e.conn == reg.conn) else {
-            return false;
-        };
-        match e.repush_at {
-            Some(at) if at <= now => {
-                e.repush_at = None;
-                true
-            }
-            _ => false,
         }
     }
 
@@ -185,9 +176,20 @@ impl Registry {
         }
     }
 
-    /// Takes the environment whose policy is still to be sent on the stream `reg`, if any.
-    pub fn take_policy_pending_of(&self, reg: &Registration) -> Option<EnvironmentId> {
-        self.lock().get_mut(&reg.appliance).filter(|e| e.conn == reg.conn).and_then(|e| e.policy_pending.take())
+    /// Takes what is due on the stream `reg` (not one that replaced it) at `now`: where an
+    /// interrupted push resumes, whether approved operations are to be pushed again, and the
+    /// environment whose policy is still to be sent. One lock, no I/O: this runs on every
+    /// message from the appliance, heartbeats included.
+    pub fn take_due_of(&self, reg: &Registration, now: Timestamp) -> Due {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(&reg.appliance).filter(|e| e.conn == reg.conn) else {
+            return Due::default();
+        };
+        let repush = e.repush_at.is_some_and(|at| at <= now);
+        if repush {
+            e.repush_at = None;
+        }
+        Due { resume: e.resume.take(), repush, policy: e.policy_pending.take() }
     }
 
     /// Ends the live stream of `appliance`, if any. Returns whether one was live.
