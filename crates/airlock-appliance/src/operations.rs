@@ -277,13 +277,7 @@ impl Executor {
                 // Not final: the control plane sends the instruction again (on reconnect), and
                 // from `not_before` on the same approval can hold.
                 Decision::Deny(DenyReason::GrantNotYetValid { not_before }) => {
-                    let reason = format!("the approval is not valid until {not_before}");
-                    audit.record(
-                        "operation.awaiting_approval",
-                        AuditOutcome::Success,
-                        serde_json::json!({ "request_id": id, "template": req.kind, "phase": req.phase, "reason": reason }),
-                    )?;
-                    Ok(Decided::Reply(ResultMsg::new(id, Outcome::AwaitingApproval, reason)))
+                    self.awaiting(id, &req, format!("the approval is not valid until {not_before}"))
                 }
                 Decision::Deny(reason) => self.deny(record, &manifest, &reason),
             };
@@ -341,12 +335,7 @@ impl Executor {
                     reason.push_str("; ");
                     reason.push_str(m);
                 }
-                audit.record(
-                    "operation.awaiting_approval",
-                    AuditOutcome::Success,
-                    serde_json::json!({ "request_id": id, "template": req.kind, "phase": req.phase, "reason": reason }),
-                )?;
-                Ok(Decided::Reply(ResultMsg::new(id, Outcome::AwaitingApproval, reason)))
+                self.awaiting(id, &req, reason)
             }
             Decision::Deny(reason) => self.deny(record, &manifest, &reason),
         }
@@ -453,6 +442,22 @@ impl Executor {
             }),
         )?;
         Ok(Decided::Reply(result))
+    }
+
+    /// Nothing authorises the request yet; nothing is stored, and the control plane sends it
+    /// again (with an approval, or once one is valid).
+    fn awaiting(
+        &self,
+        id: &str,
+        req: &airlock_core::grant::OperationRequest,
+        reason: String,
+    ) -> Result<Decided, ApplianceError> {
+        self.control.audit.record(
+            "operation.awaiting_approval",
+            AuditOutcome::Success,
+            serde_json::json!({ "request_id": id, "template": req.kind, "phase": req.phase, "reason": reason }),
+        )?;
+        Ok(Decided::Reply(ResultMsg::new(id, Outcome::AwaitingApproval, reason)))
     }
 
     fn deny(&self, record: OpRecord, manifest: &Manifest, reason: &DenyReason) -> Result<Decided, ApplianceError> {

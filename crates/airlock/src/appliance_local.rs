@@ -190,7 +190,7 @@ pub(crate) async fn policy(command: PolicySub, state_dir: Option<PathBuf>) -> an
 /// `airlock customer release`: signs the customer's decision about one output on this host.
 pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     let socket = args.state_dir.join(SOCKET_FILE);
-    let keys = load_keys(&args.keys)?;
+    let keys = crate::approvals::load_keys(&args.keys)?;
     let list = call_value(&socket, &Request::Operations).await?;
     let op = list
         .as_array()
@@ -236,25 +236,10 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<CustomerSigningKey>> {
-    anyhow::ensure!(!paths.is_empty(), "give at least one --key");
-    paths
-        .iter()
-        .map(|p| {
-            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", p.display()))
-        })
-        .collect()
-}
-
 /// The release envelope, signed by every key given (the appliance counts distinct pinned keys
 /// against the policy's `approvals_required`).
 fn sign_release(statement: &ReleaseStatement, keys: &[CustomerSigningKey]) -> anyhow::Result<Envelope> {
-    let mut envelope = Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(statement)?);
-    for key in keys {
-        envelope = envelope.sign(key);
-    }
-    Ok(envelope)
+    Ok(crate::approvals::sign_all(Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(statement)?), keys))
 }
 
 #[cfg(test)]

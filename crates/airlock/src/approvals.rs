@@ -286,7 +286,7 @@ pub(crate) fn describe_report(r: &ManifestReport) -> String {
     out
 }
 
-fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<CustomerSigningKey>> {
+pub(crate) fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<CustomerSigningKey>> {
     anyhow::ensure!(!paths.is_empty(), "give at least one --key");
     paths
         .iter()
@@ -297,7 +297,7 @@ fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<CustomerSigningKey>> {
         .collect()
 }
 
-fn sign_all(mut envelope: Envelope, keys: &[CustomerSigningKey]) -> Envelope {
+pub(crate) fn sign_all(mut envelope: Envelope, keys: &[CustomerSigningKey]) -> Envelope {
     for key in keys {
         envelope = envelope.sign(key);
     }
