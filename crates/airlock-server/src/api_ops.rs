@@ -435,6 +435,8 @@ pub(super) async fn request_operation(
         result_at: None,
         output_stored: false,
     };
+    // Before the commit, so no stream connecting after it can miss the operation.
+    state.push_index.operation_may_be_pending(appliance);
     let mut tx = state.store.write().await?;
     if !tx.insert_operation(&scope, &row).await? {
         drop(tx);
@@ -577,6 +579,7 @@ pub(super) async fn relay_approval(
         ApprovalDecision::Approve => OpState::Approved,
         ApprovalDecision::Deny => OpState::Denied,
     };
+    state.push_index.operation_may_be_pending(op.appliance_id);
     let mut tx = state.store.write().await?;
     if !tx.set_approval(&scope, &id, &envelope.to_json(), new_state.as_str(), now).await? {
         drop(tx);

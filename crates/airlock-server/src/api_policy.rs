@@ -115,6 +115,8 @@ pub(super) async fn relay_policy(
         relayed_by: scope.principal().actor(),
         relayed_at: now,
     };
+    // Before the commit, so no stream connecting after it can miss the policy.
+    state.push_index.policy_relayed(env_id);
     let mut tx = state.store.write().await?;
     match tx.put_policy(&scope, &row).await? {
         PutPolicy::Stored => {}

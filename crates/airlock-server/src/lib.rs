@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod operations;
 pub mod policy;
+pub mod push_index;
 pub mod registry;
 pub mod seen;
 pub mod state;
@@ -320,6 +321,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     for id in store.revoked_appliances().await? {
         revoked.insert(id);
     }
+    let push_index = push_index::PushIndex::load(&store).await?;
     let mut names = config.hostnames.clone();
     for extra in ["localhost", "127.0.0.1", "::1"] {
         if !names.iter().any(|n| n == extra) {
@@ -373,6 +375,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         clock: config.clock.clone(),
         registry: registry::Registry::default(),
         revoked,
+        push_index,
         metrics: metrics::Metrics::default(),
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: config.appliance_cert_lifetime,
@@ -466,6 +469,7 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
     let ops_signer = operations::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
+    let push_index = push_index::PushIndex::load(&store).await.expect("load the push index");
     let store = Arc::new(store);
     Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
@@ -476,6 +480,7 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         clock,
         registry: registry::Registry::default(),
         revoked: Arc::new(tls::RevokedSet::default()),
+        push_index,
         metrics: metrics::Metrics::default(),
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: Duration::from_secs(3600),

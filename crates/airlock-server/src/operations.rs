@@ -245,6 +245,10 @@ pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: Appl
     if state.registry.status(&appliance).is_none() {
         return;
     }
+    // At (re)connect, nothing pending is the normal case: the index says so without a read.
+    if first.is_none() && !state.push_index.may_have_operations(&appliance) {
+        return;
+    }
     // This push starts from the beginning, so it covers whatever an interrupted one left.
     state.registry.take_resume(appliance);
     if let Some(first) = first {
@@ -339,6 +343,9 @@ async fn push_from(
     mut from: PushFrom,
     skip: Option<&str>,
 ) {
+    // A push from the start that finds nothing lets the index forget the appliance; taken
+    // before the read so an operation noted meanwhile keeps it.
+    let seen = (from == PushFrom::Start).then(|| state.push_index.seen(&appliance));
     loop {
         let page = match state.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
             Ok(p) => p,
@@ -353,6 +360,12 @@ async fn push_from(
                 return state.registry.push_stopped(appliance, from);
             }
             from = PushFrom::After(PushKey::of(op));
+        }
+        if let Some(seen) = seen
+            && page.is_empty()
+            && from == PushFrom::Start
+        {
+            state.push_index.nothing_pending(&appliance, seen);
         }
         if page.len() < PUSH_PAGE as usize {
             return;

@@ -89,6 +89,10 @@ pub async fn push_to_appliance(
     appliance: ApplianceId,
     environment: EnvironmentId,
 ) {
+    // Most environments have none: no read for them.
+    if !state.push_index.has_policy(&environment) {
+        return;
+    }
     match state.store.environment_policy(scope, environment).await {
         Ok(Some(policy)) => {
             if !state.registry.send(appliance, message(&policy)) {

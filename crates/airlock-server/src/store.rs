@@ -122,6 +122,8 @@ pub struct Store {
     pool: SqlitePool,
     write_lock: tokio::sync::Mutex<()>,
     head_mac: ring::hmac::Key,
+    pending_reads: std::sync::atomic::AtomicU64,
+    policy_reads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -136,7 +138,13 @@ impl Store {
     pub async fn open_read_only(data_dir: &Path, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::new().filename(data_dir.join(DB_FILE_NAME)).read_only(true);
         let pool = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
-        Ok(Self { pool, write_lock: tokio::sync::Mutex::new(()), head_mac })
+        Ok(Self {
+            pool,
+            write_lock: tokio::sync::Mutex::new(()),
+            head_mac,
+            pending_reads: Default::default(),
+            policy_reads: Default::default(),
+        })
     }
 
     pub async fn open(data_dir: &Path, create: bool, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
@@ -149,7 +157,13 @@ impl Store {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
-        let store = Self { pool, write_lock: tokio::sync::Mutex::new(()), head_mac };
+        let store = Self {
+            pool,
+            write_lock: tokio::sync::Mutex::new(()),
+            head_mac,
+            pending_reads: Default::default(),
+            policy_reads: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -247,6 +261,36 @@ impl Store {
     pub async fn revoked_appliances(&self) -> Result<Vec<ApplianceId>, StoreError> {
         let rows = sqlx::query("SELECT id FROM appliances WHERE revoked_at IS NOT NULL").fetch_all(&self.pool).await?;
         rows.iter().map(|r| parse_col(r, "id")).collect()
+    }
+
+    /// Every appliance, across tenants, with an operation still waiting for its final
+    /// result: the gateway pushes operations at connect only to these.
+    pub async fn appliances_with_pending_operations(&self) -> Result<Vec<ApplianceId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT appliance_id FROM operations WHERE result_at IS NULL AND state IN ($1, $2, $3)",
+        )
+        .bind(PENDING_STATES[0])
+        .bind(PENDING_STATES[1])
+        .bind(PENDING_STATES[2])
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| parse_col(r, "appliance_id")).collect()
+    }
+
+    /// Every environment, across tenants, with a relayed policy.
+    pub async fn environments_with_policy(&self) -> Result<Vec<EnvironmentId>, StoreError> {
+        let rows = sqlx::query("SELECT environment_id FROM environment_policies").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| parse_col(r, "environment_id")).collect()
+    }
+
+    /// How many times pending operations and environment policies were read (tests count
+    /// the reads a connect costs).
+    #[cfg(test)]
+    pub fn push_reads(&self) -> (u64, u64) {
+        (
+            self.pending_reads.load(std::sync::atomic::Ordering::Relaxed),
+            self.policy_reads.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     // ---- tenant-scoped reads ----
@@ -926,6 +970,7 @@ impl Store {
         from: &PushFrom,
         limit: i64,
     ) -> Result<Vec<OperationRow>, StoreError> {
+        self.pending_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let sql = format!(
             "SELECT {OPERATION_COLUMNS} FROM operations
              WHERE tenant_id = $1 AND appliance_id = $2 AND result_at IS NULL AND state IN ($3, $4, $5)
@@ -1336,6 +1381,7 @@ impl Store {
         scope: &TenantScope,
         env: EnvironmentId,
     ) -> Result<Option<PolicyRow>, StoreError> {
+        self.policy_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let sql =
             format!("SELECT {POLICY_COLUMNS} FROM environment_policies WHERE tenant_id = $1 AND environment_id = $2");
         let row =
