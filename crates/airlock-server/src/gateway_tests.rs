@@ -35,12 +35,7 @@ async fn fixture_with_clock(clock: Arc<dyn crate::clock::Clock>) -> Fixture {
     let kek = KekSource::default_for(dir.path());
     let a = crate::init(dir.path(), &kek, "airlock.test", "acme", "default", &SystemClock).await.unwrap();
     let b = crate::create_tenant(dir.path(), &kek, "globex", "default", &SystemClock).await.unwrap();
-    let mut cfg = ServerConfig::new(dir.path().to_owned());
-    cfg.api_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.gateway_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.hostnames = vec!["127.0.0.1".into()];
-    cfg.clock = clock;
-    let server = crate::serve(cfg).await.unwrap();
+    let server = serve_in(dir.path(), clock).await;
     let identity = ApplianceIdentity {
         trust_domain: "airlock.test".into(),
         tenant: a.tenant,
@@ -61,6 +56,24 @@ async fn fixture_with_clock(clock: Arc<dyn crate::clock::Clock>) -> Fixture {
         workspace: a.workspace,
         _dir: dir,
     }
+}
+
+/// Serves the initialised data directory `dir` on ephemeral local ports.
+async fn serve_in(dir: &std::path::Path, clock: Arc<dyn crate::clock::Clock>) -> RunningServer {
+    let mut cfg = ServerConfig::new(dir.to_owned());
+    cfg.api_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.gateway_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.hostnames = vec!["127.0.0.1".into()];
+    cfg.clock = clock;
+    crate::serve(cfg).await.unwrap()
+}
+
+/// Shuts the server down and serves its data directory again: only the store survives.
+async fn restart(f: Fixture) -> Fixture {
+    let Fixture { server, admin_token, workspace, identity, other_tenant, _dir: dir } = f;
+    server.shutdown().await;
+    let server = serve_in(dir.path(), Arc::new(SystemClock)).await;
+    Fixture { server, admin_token, workspace, identity, other_tenant, _dir: dir }
 }
 
 /// Opens a session with a certificate our CA issues for `identity`; returns the first reply.
@@ -977,6 +990,127 @@ mod pre_approval {
                 assert_eq!(op_state(&f, id).await["state"], "executed");
             }
         }
+        f.server.shutdown().await;
+    }
+}
+
+// ---------- what a connect reads ----------
+
+mod connect_reads {
+    use airlock_core::dsse::Envelope;
+    use airlock_proto::gateway::{Heartbeat, control_message};
+    use http::{Method, StatusCode};
+    use serde_json::{Value, json};
+
+    use super::operations::{Appliance, json_call, relay, request};
+    use super::*;
+
+    /// Sends a heartbeat and waits for its ack: whatever followed the Welcome was pushed by
+    /// then. Returns the other messages received meanwhile.
+    async fn settle(a: &mut Appliance) -> Vec<control_message::Body> {
+        let hb =
+            ApplianceMessage { body: Some(appliance_message::Body::Heartbeat(Heartbeat { seq: 1, health: None })) };
+        a.tx.send(hb).await.unwrap();
+        let mut others = Vec::new();
+        loop {
+            match a.recv().await {
+                control_message::Body::HeartbeatAck(_) => return others,
+                other => others.push(other),
+            }
+        }
+    }
+
+    /// (Pending-operation reads, policy reads) the store served so far.
+    fn reads(f: &Fixture) -> (u64, u64) {
+        f.server.state.store.push_reads()
+    }
+
+    #[tokio::test]
+    async fn a_connect_with_nothing_pending_reads_neither_operations_nor_policy() {
+        let f = fixture().await;
+        let before = reads(&f);
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        assert!(settle(&mut a).await.is_empty());
+        assert_eq!(reads(&f), before, "a connect with nothing pending stays in memory");
+        drop(a);
+
+        // A false positive costs one read, then the appliance is forgotten.
+        f.server.state.push_index.operation_may_be_pending(f.identity.appliance);
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        assert!(settle(&mut a).await.is_empty());
+        assert_eq!(reads(&f), (before.0 + 1, before.1));
+        assert!(!f.server.state.push_index.may_have_operations(&f.identity.appliance));
+        drop(a);
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        assert!(settle(&mut a).await.is_empty());
+        assert_eq!(reads(&f), (before.0 + 1, before.1));
+        f.server.shutdown().await;
+    }
+
+    fn instruction_ids(messages: &[control_message::Body]) -> Vec<String> {
+        messages
+            .iter()
+            .map(|m| match m {
+                control_message::Body::Operation(i) => i.request_id.clone(),
+                other => panic!("expected an instruction, got {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn operations_requested_or_decided_while_offline_are_pushed_on_connect_even_after_a_restart() {
+        let f = fixture().await;
+        // Requested while the appliance is offline: pushed at its connect.
+        let op = request(&f, "check", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap().to_owned();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        assert_eq!(instruction_ids(&settle(&mut a).await), [id.clone()]);
+        drop(a);
+
+        // After a restart the index is rebuilt from the store.
+        let f = restart(f).await;
+        assert!(f.server.state.push_index.may_have_operations(&f.identity.appliance));
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        assert_eq!(instruction_ids(&settle(&mut a).await), [id.clone()]);
+        drop(a);
+
+        // Approved while offline, then a restart: pushed with its approval.
+        let grant = relay(&f, &op, "approve").await;
+        let f = restart(f).await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        let pushed = settle(&mut a).await;
+        match pushed.as_slice() {
+            [control_message::Body::Operation(i)] => {
+                assert_eq!(i.request_id, id);
+                assert_eq!(Envelope::from_json(i.approval_envelope_json.as_bytes()).unwrap(), grant);
+            }
+            other => panic!("expected the approved instruction, got {other:?}"),
+        }
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_relayed_policy_reaches_an_appliance_at_its_welcome_after_a_restart() {
+        let f = fixture().await;
+        let toml = "version = 1\nserial = 3\nphases = [\"observe\"]\n";
+        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
+        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
+        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let path = format!("/v1/environments/{}/policy", f.identity.environment);
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        assert_eq!((s, &v["sent_to"]), (StatusCode::OK, &json!(0)), "{v}");
+
+        let f = restart(f).await;
+        let before = reads(&f);
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        match settle(&mut a).await.as_slice() {
+            [control_message::Body::PolicyUpdate(p)] => {
+                assert_eq!(Envelope::from_json(p.policy_envelope_json.as_bytes()).unwrap(), envelope)
+            }
+            other => panic!("expected the policy, got {other:?}"),
+        }
+        // The policy was read; there were no operations to read.
+        assert_eq!(reads(&f), (before.0, before.1 + 1));
         f.server.shutdown().await;
     }
 }
