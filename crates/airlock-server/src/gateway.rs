@@ -19,6 +19,7 @@ use futures_util::Stream;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
@@ -283,7 +284,7 @@ impl ApplianceGateway for GatewayService {
             cert_serial: peer.serial.clone(),
             cert_not_after: peer.not_after,
         };
-        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(REPLY_QUEUE);
+        let (tx, rx) = mpsc::channel::<crate::registry::Queued>(REPLY_QUEUE);
         let (registration, mut kicked) = state.registry.join(id, status, tx.clone());
         // A revocation that landed between the check above and `join` found nothing to kick;
         // the revoked set is written before any kick, so checking it again closes the gap.
@@ -326,14 +327,21 @@ impl ApplianceGateway for GatewayService {
                         let hello = matches!(msg.body, Some(appliance_message::Body::Hello(_)));
                         let reply = handle_message(&state, &registration, &peer, &scope, msg, &mut version).await;
                         let Some(reply) = reply else { continue };
-                        match tx.try_send(Ok(reply)) {
+                        match tx.try_send(Ok(Box::new(reply))) {
                             // After the Welcome: every operation still waiting for this
                             // appliance's result, re-sent on each (re)connect.
                             Ok(()) if hello => {
                                 // The environment's policy first, so operations are decided
                                 // under it.
-                                crate::policy::push_to_appliance(&state, &scope, id, peer.identity.environment).await;
-                                crate::operations::push_pending(&state, &scope, id, None).await
+                                // Boxed, like every path that may read the store: the state
+                                // of a rarely taken await would otherwise enlarge every
+                                // stream's task for its whole life.
+                                Box::pin(async {
+                                    crate::policy::push_to_appliance(&state, &scope, id, peer.identity.environment)
+                                        .await;
+                                    crate::operations::push_pending(&state, &scope, id, None).await
+                                })
+                                .await
                             }
                             // A push that found the queue full goes on now that the peer is
                             // active (memory only when none did).
@@ -359,7 +367,7 @@ impl ApplianceGateway for GatewayService {
                 kill.kill();
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| m.map(|m| *m)))))
     }
 }
 
@@ -405,12 +413,15 @@ async fn handle_message(
             });
             control_message::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq })
         }
-        appliance_message::Body::Renew(renew) => renew_certificate(state, reg, peer, scope, &renew.csr_pem).await,
+        // Boxed: see the push after the Welcome.
+        appliance_message::Body::Renew(renew) => {
+            Box::pin(renew_certificate(state, reg, peer, scope, &renew.csr_pem)).await
+        }
         appliance_message::Body::OperationResult(result) => {
-            return crate::operations::handle_result(state, &peer.identity, scope, result).await;
+            return Box::pin(crate::operations::handle_result(state, &peer.identity, scope, result)).await;
         }
         appliance_message::Body::OutputRelease(release) => {
-            return crate::operations::handle_release(state, &peer.identity, scope, release).await;
+            return Box::pin(crate::operations::handle_release(state, &peer.identity, scope, release)).await;
         }
     };
     Some(ControlMessage { body: Some(body) })

@@ -743,9 +743,7 @@ mod operations {
     }
 
     /// The instructions queued on `rx` right now.
-    fn queued(
-        rx: &mut tokio::sync::mpsc::Receiver<Result<ControlMessage, tonic::Status>>,
-    ) -> Vec<OperationInstruction> {
+    fn queued(rx: &mut tokio::sync::mpsc::Receiver<crate::registry::Queued>) -> Vec<OperationInstruction> {
         std::iter::from_fn(|| rx.try_recv().ok())
             .map(|m| match m.unwrap().body {
                 Some(control_message::Body::Operation(i)) => i,
@@ -824,7 +822,7 @@ mod operations {
         let scope = TenantScope::for_appliance(&f.identity);
         // Two replies the peer has not read: only the slots kept for replies are left.
         for _ in 0..2 {
-            tx.try_send(Ok(ControlMessage { body: None })).unwrap();
+            tx.try_send(Ok(Box::new(ControlMessage { body: None }))).unwrap();
         }
         let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
         let envelope = Envelope::new(

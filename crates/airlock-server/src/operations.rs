@@ -278,6 +278,15 @@ pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: Appl
 /// appliance on the stream `reg`. Touches memory only when none of these is pending.
 pub async fn resume_pending(state: &AppState, scope: &TenantScope, reg: &Registration) {
     let due = state.registry.take_due_of(reg, state.now());
+    if due.policy.is_none() && due.resume.is_none() && !due.repush {
+        return;
+    }
+    // Boxed so that the session task, which awaits this after every message, does not carry
+    // the state of these reads for its whole life.
+    Box::pin(push_due(state, scope, reg, due)).await;
+}
+
+async fn push_due(state: &AppState, scope: &TenantScope, reg: &Registration, due: crate::registry::Due) {
     if let Some(environment) = due.policy {
         crate::policy::push_to_appliance(state, scope, reg.appliance, environment).await;
     }
