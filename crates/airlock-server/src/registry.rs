@@ -52,6 +52,13 @@ struct Entry {
     kick: Option<oneshot::Sender<Kick>>,
     /// Where messages the control plane originates (operation instructions) go.
     sender: StreamSender,
+    /// Pushes to go on with after the appliance's next message; rare, so boxed to keep
+    /// every connected appliance's entry small.
+    later: Option<Box<Later>>,
+}
+
+#[derive(Debug, Default)]
+struct Later {
     /// Where to resume pushing instructions: set when a push stopped on a full queue, taken
     /// on the appliance's next message. Kept here so a heartbeat with nothing to resume
     /// costs no database read.
@@ -63,6 +70,23 @@ struct Entry {
     /// A policy push to this stream found its queue full: the environment whose policy to
     /// send again on the appliance's next message.
     policy_pending: Option<EnvironmentId>,
+}
+
+impl Entry {
+    fn later(&mut self) -> &mut Later {
+        self.later.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the pending pushes' box once nothing is left in it.
+    fn tidy(&mut self) {
+        if self
+            .later
+            .as_ref()
+            .is_some_and(|l| l.resume.is_none() && l.repush_at.is_none() && l.policy_pending.is_none())
+        {
+            self.later = None;
+        }
+    }
 }
 
 /// What is to be pushed to a stream after the appliance's latest message.
@@ -115,10 +139,7 @@ impl Registry {
     ) -> (Registration, oneshot::Receiver<Kick>) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let old = self.lock().insert(
-            appliance,
-            Entry { conn, status, kick: Some(tx), sender, resume: None, repush_at: None, policy_pending: None },
-        );
+        let old = self.lock().insert(appliance, Entry { conn, status, kick: Some(tx), sender, later: None });
         if let Some(kick) = old.and_then(|mut old| old.kick.take()) {
             let _ = kick.send(Kick::Replaced);
         }
@@ -154,7 +175,8 @@ impl Registry {
     /// Remembers that a push to `appliance` stopped before `from` (the earliest of several).
     pub fn push_stopped(&self, appliance: ApplianceId, from: PushFrom) {
         if let Some(e) = self.lock().get_mut(&appliance) {
-            e.resume = Some(match e.resume.take() {
+            let later = e.later();
+            later.resume = Some(match later.resume.take() {
                 Some(earlier) => earlier.min(from),
                 None => from,
             });
@@ -163,21 +185,26 @@ impl Registry {
 
     /// Takes where an interrupted push to `appliance` should resume, if one stopped.
     pub fn take_resume(&self, appliance: ApplianceId) -> Option<PushFrom> {
-        self.lock().get_mut(&appliance).and_then(|e| e.resume.take())
+        let mut map = self.lock();
+        let e = map.get_mut(&appliance)?;
+        let resume = e.later.as_mut().and_then(|l| l.resume.take());
+        e.tidy();
+        resume
     }
 
     /// Asks for the approved operations of `appliance` to be pushed again at `at` (the
     /// earliest of several), on its live stream.
     pub fn repush_at(&self, appliance: ApplianceId, at: Timestamp) {
         if let Some(e) = self.lock().get_mut(&appliance) {
-            e.repush_at = Some(e.repush_at.map_or(at, |earlier| earlier.min(at)));
+            let later = e.later();
+            later.repush_at = Some(later.repush_at.map_or(at, |earlier| earlier.min(at)));
         }
     }
 
     /// Remembers that the policy of `environment` could not be queued for `appliance`.
     pub fn policy_stopped(&self, appliance: ApplianceId, environment: EnvironmentId) {
         if let Some(e) = self.lock().get_mut(&appliance) {
-            e.policy_pending = Some(environment);
+            e.later().policy_pending = Some(environment);
         }
     }
 
@@ -190,11 +217,16 @@ impl Registry {
         let Some(e) = map.get_mut(&reg.appliance).filter(|e| e.conn == reg.conn) else {
             return Due::default();
         };
-        let repush = e.repush_at.is_some_and(|at| at <= now);
+        let Some(later) = e.later.as_mut() else {
+            return Due::default();
+        };
+        let repush = later.repush_at.is_some_and(|at| at <= now);
         if repush {
-            e.repush_at = None;
+            later.repush_at = None;
         }
-        Due { resume: e.resume.take(), repush, policy: e.policy_pending.take() }
+        let due = Due { resume: later.resume.take(), repush, policy: later.policy_pending.take() };
+        e.tidy();
+        due
     }
 
     /// Ends the live stream of `appliance`, if any. Returns whether one was live.
