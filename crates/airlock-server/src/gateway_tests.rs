@@ -1062,14 +1062,14 @@ mod connect_reads {
         let op = request(&f, "check", &["host:read"]).await;
         let id = op["id"].as_str().unwrap().to_owned();
         let mut a = Appliance::connect(&f, &f.identity).await;
-        assert_eq!(instruction_ids(&settle(&mut a).await), [id.clone()]);
+        assert_eq!(instruction_ids(&settle(&mut a).await), [id.as_str()]);
         drop(a);
 
         // After a restart the index is rebuilt from the store.
         let f = restart(f).await;
         assert!(f.server.state.push_index.may_have_operations(&f.identity.appliance));
         let mut a = Appliance::connect(&f, &f.identity).await;
-        assert_eq!(instruction_ids(&settle(&mut a).await), [id.clone()]);
+        assert_eq!(instruction_ids(&settle(&mut a).await), [id.as_str()]);
         drop(a);
 
         // Approved while offline, then a restart: pushed with its approval.
