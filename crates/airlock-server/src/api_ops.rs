@@ -461,6 +461,8 @@ pub(super) async fn request_operation(
     });
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
+    // And after it: a push that read the store before the commit may have dropped the entry.
+    state.push_index.operation_may_be_pending(appliance);
     tracing::info!(operation = %id, %appliance, template = %row.template_name, "operation requested");
     operations::push_pending(&state, &scope, appliance, Some(&id)).await;
     Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
@@ -596,6 +598,8 @@ pub(super) async fn relay_approval(
     });
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
+    // And after it: a push that read the store before the commit may have dropped the entry.
+    state.push_index.operation_may_be_pending(op.appliance_id);
     tracing::info!(operation = %id, decision = ?grant.decision, "approval relayed");
     operations::push_pending(&state, &scope, op.appliance_id, Some(&id)).await;
     let op = find(&state, &scope, &id).await?;

@@ -8,7 +8,11 @@
 //!
 //! A false positive costs one read (after which the appliance is dropped from the index); a
 //! false negative would lose a push, so an entry is always added before the write that makes
-//! it true is committed.
+//! it true is committed. An operation's entry is added again right after the commit: a push
+//! whose read began before the commit (and so found nothing) may drop the entry, but only
+//! if no entry was added since its read began. Between the commit and that second insert a
+//! connecting stream may skip the read; it is registered by then, and the writer pushes to
+//! it right after.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +50,7 @@ impl PushIndex {
     }
 
     /// Notes that `appliance` may have an operation to push. Call before committing the
-    /// write that creates or decides it.
+    /// write that creates or decides it, and again after.
     pub fn operation_may_be_pending(&self, appliance: ApplianceId) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.ops().insert(appliance, generation);
@@ -108,5 +112,23 @@ mod tests {
 
         index.nothing_pending(&a, index.seen(&a));
         assert!(!index.may_have_operations(&a));
+    }
+
+    #[test]
+    fn a_read_that_missed_an_uncommitted_operation_cannot_drop_it_for_good() {
+        let index = PushIndex::default();
+        let a = ApplianceId::from_random([2; 16]);
+        // The writer notes the operation, a push reads the store before the commit and finds
+        // nothing, and drops the entry.
+        index.operation_may_be_pending(a);
+        let seen = index.seen(&a);
+        index.nothing_pending(&a, seen);
+        assert!(!index.may_have_operations(&a));
+        // The writer commits and notes it again.
+        index.operation_may_be_pending(a);
+        assert!(index.may_have_operations(&a));
+        // Or the push finishes only after that: the newer entry stays.
+        index.nothing_pending(&a, seen);
+        assert!(index.may_have_operations(&a));
     }
 }
