@@ -22,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::ApplianceError;
 use crate::audit_log::AuditLog;
-use crate::customer::PolicySource;
+use crate::customer::{PolicyRefused, PolicySource};
 use crate::nonces::NonceStore;
 use crate::ops_store::{OpState, OpStore, ReleaseItem};
 use crate::preapprovals::PreApprovalStore;
@@ -121,6 +121,8 @@ pub struct LocalControl {
     refused_relay: Mutex<Option<(String, Option<String>)>>,
     /// This appliance, once enrolled.
     appliance: RwLock<Option<ApplianceId>>,
+    /// Its environment, once enrolled: a policy must not name another.
+    environment: RwLock<Option<airlock_core::EnvironmentId>>,
     clock: Clock,
 }
 
@@ -161,6 +163,7 @@ impl LocalControl {
             sending: tokio::sync::Mutex::new(()),
             refused_relay: Mutex::new(None),
             appliance: RwLock::new(None),
+            environment: RwLock::new(None),
             clock,
         })
     }
@@ -177,8 +180,13 @@ impl LocalControl {
         &self.audit
     }
 
-    pub(crate) fn set_appliance(&self, id: ApplianceId) {
-        *self.appliance.write().unwrap_or_else(|e| e.into_inner()) = Some(id);
+    pub(crate) fn set_identity(&self, identity: &airlock_core::ApplianceIdentity) {
+        *self.appliance.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.appliance);
+        *self.environment.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.environment);
+    }
+
+    fn environment(&self) -> Option<airlock_core::EnvironmentId> {
+        *self.environment.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn appliance(&self) -> Option<ApplianceId> {
@@ -243,10 +251,10 @@ impl LocalControl {
     /// Loads a newly signed policy (the checks made at start); running operations of phases it
     /// no longer enables are killed.
     pub fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
-        self.apply_policy(envelope_json, PolicySource::Host)
+        self.apply_policy(envelope_json, PolicySource::Host).map_err(|e| ApplianceError::Customer(e.to_string()))
     }
 
-    fn apply_policy(&self, envelope_json: &[u8], source: PolicySource) -> Result<Status, ApplianceError> {
+    fn apply_policy(&self, envelope_json: &[u8], source: PolicySource) -> Result<Status, PolicyRefused> {
         {
             let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
             let next = crate::customer::accept_policy(
@@ -256,8 +264,8 @@ impl LocalControl {
                 policy.as_ref(),
                 &self.audit,
                 source,
-            )
-            .map_err(ApplianceError::Customer)?;
+                self.environment(),
+            )?;
             *policy = Some(next);
         }
         self.cancel_ineffective();
@@ -285,10 +293,13 @@ impl LocalControl {
                 *refused = None;
                 Ok(Some(status))
             }
-            Err(e) => {
+            // Only a policy that can never apply is remembered as refused; one that failed to
+            // be stored is tried again when the control plane sends it again.
+            Err(e @ PolicyRefused::Invalid(_)) => {
                 *refused = Some(seen);
-                Err(e)
+                Err(ApplianceError::Customer(e.to_string()))
             }
+            Err(e @ PolicyRefused::Failed(_)) => Err(ApplianceError::Customer(e.to_string())),
         }
     }
 

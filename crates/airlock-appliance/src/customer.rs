@@ -151,7 +151,8 @@ pub fn accept_policy(
     current: Option<&VerifiedPolicy>,
     audit: &AuditLog,
     source: PolicySource,
-) -> Result<VerifiedPolicy, String> {
+    environment: Option<airlock_core::EnvironmentId>,
+) -> Result<VerifiedPolicy, PolicyRefused> {
     let refuse = |why: String| {
         let _ = match source {
             PolicySource::Host => audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why })),
@@ -164,24 +165,50 @@ pub fn accept_policy(
         tracing::error!(reason = %why, ?source, "refusing policy; the last good policy stays in force");
         why
     };
+    let invalid = |why: String| PolicyRefused::Invalid(refuse(why));
     if pinned.is_empty() {
-        return Err(refuse("no customer key is pinned; the appliance accepts no policy".into()));
+        return Err(invalid("no customer key is pinned; the appliance accepts no policy".into()));
     }
     if envelope_json.len() as u64 > MAX_POLICY_BYTES {
-        return Err(refuse("larger than 1 MiB; it is not a policy".into()));
+        return Err(invalid("larger than 1 MiB; it is not a policy".into()));
     }
-    let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| refuse(e.to_string()))?;
+    let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| invalid(e.to_string()))?;
+    let relayed = source == PolicySource::ControlPlane;
+    match environment {
+        Some(env) => p.document().check_environment(env, relayed).map_err(invalid)?,
+        None if relayed => {
+            return Err(invalid("the appliance is not enrolled yet; a relayed policy cannot be placed".into()));
+        }
+        None => {}
+    }
     if current.is_none_or(|c| c.digest_hex() != p.digest_hex()) {
-        state.write_private(POLICY, envelope_json).map_err(|e| refuse(e.to_string()))?;
+        state.write_private(POLICY, envelope_json).map_err(|e| PolicyRefused::Failed(refuse(e.to_string())))?;
         let mut detail =
             serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() });
         if source == PolicySource::ControlPlane {
             detail["source"] = "control_plane".into();
         }
-        audit.record("policy.update", Outcome::Success, detail).map_err(|e| e.to_string())?;
+        audit.record("policy.update", Outcome::Success, detail).map_err(|e| PolicyRefused::Failed(e.to_string()))?;
         tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?source, "accepted a new customer policy");
     }
     Ok(p)
+}
+
+/// Why a policy was not put in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyRefused {
+    /// It does not verify or does not apply here: offering it again changes nothing.
+    Invalid(String),
+    /// Storing or auditing it failed (a full disk, say): it may succeed if offered again.
+    Failed(String),
+}
+
+impl std::fmt::Display for PolicyRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyRefused::Invalid(why) | PolicyRefused::Failed(why) => f.write_str(why),
+        }
+    }
 }
 
 /// A policy is a few KiB; a larger file is not one.

@@ -180,6 +180,13 @@ pub async fn run(
     let (identity, _, _) = inspect_cert(&creds.cert_pem)
         .ok_or_else(|| ApplianceError::Protocol("stored certificate names no appliance identity".into()))?;
     tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
+    // A policy loaded before the join could only be checked against this now.
+    if let Some(policy) = control.policy.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        policy
+            .document()
+            .check_environment(identity.environment, false)
+            .map_err(|why| ApplianceError::Customer(format!("the customer policy in force does not apply: {why}")))?;
+    }
     let executor =
         std::sync::Arc::new(operations::Executor::new(control.clone(), state.path(), identity.clone(), &ca_pem)?);
     match executor.recover_interrupted() {

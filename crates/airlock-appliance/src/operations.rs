@@ -110,7 +110,7 @@ impl Executor {
         ca_pem: &str,
     ) -> Result<Self, ApplianceError> {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
-        control.set_appliance(identity.appliance);
+        control.set_identity(&identity);
         Ok(Self {
             control,
             identity,

@@ -1193,7 +1193,9 @@ async fn a_policy_relayed_by_the_control_plane_is_applied_like_one_loaded_on_the
     while fx.control.running_group("op_r").is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let observe_only = b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec();
+    let observe_only =
+        format!("version = 1\nserial = 2\nenvironment = \"{}\"\nphases = [\"observe\"]\n", fx.identity.environment)
+            .into_bytes();
     let next = Envelope::new(POLICY_PAYLOAD_TYPE, observe_only.clone()).sign(&customer(1)).to_json();
     let status = fx.control.relayed_policy(next.as_bytes()).unwrap().expect("a change");
     assert_eq!((status.policy_serial, status.effective.clone()), (Some(2), vec![Phase::Observe]));
@@ -1212,9 +1214,10 @@ async fn a_policy_relayed_by_the_control_plane_is_applied_like_one_loaded_on_the
 
     // Signed by a key the customer did not pin (the vendor's own): refused and audited, the
     // policy in force stays; the same envelope again is not audited again.
-    let vendor = Envelope::new(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 3").into_bytes())
-        .sign(&customer(9))
-        .to_json();
+    let with_env = |serial: &str| {
+        ALL_PHASES.replace("serial = 1", &format!("serial = {serial}\nenvironment = \"{}\"", fx.identity.environment))
+    };
+    let vendor = Envelope::new(POLICY_PAYLOAD_TYPE, with_env("3").into_bytes()).sign(&customer(9)).to_json();
     let err = fx.control.relayed_policy(vendor.as_bytes()).unwrap_err();
     assert!(err.to_string().contains("signature"), "{err}");
     assert_eq!(fx.control.status().policy_serial, Some(2));
@@ -1225,7 +1228,7 @@ async fn a_policy_relayed_by_the_control_plane_is_applied_like_one_loaded_on_the
     assert_eq!(refused[0]["outcome"], "denied");
     assert!(refused[0]["detail"]["reason"].as_str().unwrap().contains("signature"), "{refused:?}");
     // An older policy, properly signed: the no-rollback rule holds for relayed ones too.
-    let older = Envelope::new(POLICY_PAYLOAD_TYPE, ALL_PHASES.as_bytes().to_vec()).sign(&customer(1)).to_json();
+    let older = Envelope::new(POLICY_PAYLOAD_TYPE, with_env("1").into_bytes()).sign(&customer(1)).to_json();
     let err = fx.control.relayed_policy(older.as_bytes()).unwrap_err();
     assert!(err.to_string().contains("older"), "{err}");
     assert_eq!(fx.audited("policy.refused").len(), 2);
@@ -1233,4 +1236,23 @@ async fn a_policy_relayed_by_the_control_plane_is_applied_like_one_loaded_on_the
     // An unsigned envelope or one that is not a policy: refused too.
     assert!(fx.control.relayed_policy(b"{}").is_err());
     assert_eq!(fx.audited("policy.refused").len(), 3);
+
+    // A customer-signed policy for another environment, or one naming none, replayed by the
+    // vendor: refused, even though its signature and serial are good.
+    let elsewhere = ALL_PHASES
+        .replace("serial = 1", &format!("serial = 7\nenvironment = \"{}\"", EnvironmentId::from_random([42; 16])));
+    for text in [elsewhere, ALL_PHASES.replace("serial = 1", "serial = 7")] {
+        let replayed = Envelope::new(POLICY_PAYLOAD_TYPE, text.into_bytes()).sign(&customer(1)).to_json();
+        let err = fx.control.relayed_policy(replayed.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("environment"), "{err}");
+    }
+    assert_eq!(fx.control.status().policy_serial, Some(2));
+    assert_eq!(fx.audited("policy.refused").len(), 5);
+    // On the host, the customer may load one naming no environment (their own act), but never
+    // one for another environment.
+    let local = Envelope::new(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 8").into_bytes())
+        .sign(&customer(1))
+        .to_json();
+    fx.control.load_policy(local.as_bytes()).unwrap();
+    assert_eq!(fx.control.status().policy_serial, Some(8));
 }

@@ -50,6 +50,12 @@ pub struct PolicyDocument {
     pub version: u32,
     /// Increases with every new policy; the appliance refuses to go back to a lower one.
     pub serial: u64,
+    /// The environment (`env_…`) this policy is for. The appliance refuses a policy that names
+    /// another environment, and one relayed by the control plane unless it names its own: the
+    /// vendor sees every policy it relays and must not be able to replay one customer
+    /// environment's policy to another. A policy loaded on the appliance host may omit it.
+    #[serde(default)]
+    pub environment: Option<String>,
     /// Phases the vendor may use at all.
     pub phases: BTreeSet<Phase>,
     /// Distinct pinned customer keys that must sign approvals and this policy (default 1).
@@ -126,6 +132,11 @@ impl PolicyDocument {
         if self.version != 1 {
             return invalid(format!("version {} is not supported; use version = 1", self.version));
         }
+        if let Some(env) = &self.environment
+            && env.parse::<crate::EnvironmentId>().is_err()
+        {
+            return invalid(format!("environment `{env}` is not an environment id (env_…)"));
+        }
         if !(1..=16).contains(&self.approvals_required) {
             return invalid("approvals_required must be between 1 and 16".into());
         }
@@ -154,6 +165,22 @@ impl PolicyDocument {
             }
         }
         Ok(())
+    }
+}
+
+impl PolicyDocument {
+    /// Whether this policy may govern an appliance of `environment`; `relayed` says the
+    /// control plane delivered it, in which case it must name the environment.
+    pub fn check_environment(&self, environment: crate::EnvironmentId, relayed: bool) -> Result<(), String> {
+        match &self.environment {
+            Some(named) if *named != environment.to_string() => {
+                Err(format!("the policy is for environment {named}; this appliance is in {environment}"))
+            }
+            None if relayed => Err(format!(
+                "a policy relayed by the control plane must name the environment it is for (environment = \"{environment}\")"
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -98,7 +98,7 @@ pub(super) async fn relay_policy(
         }
         let envelope: Envelope = serde_json::from_value(body.envelope)
             .map_err(|e| ApiError::bad_request(format!("the envelope is not a DSSE envelope: {e}")))?;
-        let checked = check_shape(&envelope).map_err(ApiError::bad_request)?;
+        let checked = check_shape(&envelope, env_id).map_err(ApiError::bad_request)?;
         Ok((env_id, envelope, checked))
     }
     .await;

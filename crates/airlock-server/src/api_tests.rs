@@ -689,9 +689,9 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
 }
 
 /// A customer policy with `serial`, as `airlock customer policy sign` writes it.
-fn signed_policy(serial: u64, signers: &[u8]) -> Value {
+fn signed_policy(env: &str, serial: u64, signers: &[u8]) -> Value {
     use airlock_core::customer_key::CustomerSigningKey;
-    let toml = format!("version = 1\nserial = {serial}\nphases = [\"observe\", \"deploy\"]\n");
+    let toml = format!("version = 1\nserial = {serial}\nenvironment = \"{env}\"\nphases = [\"observe\", \"deploy\"]\n");
     let mut env = airlock_core::dsse::Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.into_bytes());
     for n in signers {
         env = env.sign(&CustomerSigningKey::from_seed([*n; 32]));
@@ -715,13 +715,18 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
     assert_eq!(v["error"]["code"], "not_found");
 
     // Shape: a policy envelope, signed at least once, whose policy parses.
-    let mut unsigned = signed_policy(3, &[1]);
+    let mut unsigned = signed_policy(&env, 3, &[1]);
     unsigned["signatures"] = json!([]);
-    let mut other_type = signed_policy(3, &[1]);
+    let mut other_type = signed_policy(&env, 3, &[1]);
     other_type["payloadType"] = json!(airlock_core::grant::GRANT_PAYLOAD_TYPE);
-    let mut not_a_policy = signed_policy(3, &[1]);
+    let mut not_a_policy = signed_policy(&env, 3, &[1]);
     not_a_policy["payload"] = json!(data_encoding::BASE64.encode(b"version = 1\nserial = 3\nphases = [\"root\"]\n"));
-    let mut huge = signed_policy(3, &[1]);
+    let mut huge = signed_policy(&env, 3, &[1]);
+    // Signed by the customer for another environment, or for none: the vendor must not be able
+    // to replay it here.
+    let other_env = api.new_env("staging").await;
+    let mut nowhere = signed_policy(&env, 3, &[1]);
+    nowhere["payload"] = json!(data_encoding::BASE64.encode(b"version = 1\nserial = 3\nphases = [\"observe\"]\n"));
     huge["payload"] = json!(data_encoding::BASE64.encode(&vec![b'#'; 300 * 1024]));
     for (bad, why) in [
         (json!({ "envelope": unsigned }), "not signed"),
@@ -730,6 +735,8 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
         (json!({ "envelope": huge }), "larger than"),
         (json!({ "envelope": { "payload": 1 } }), "DSSE"),
         (json!({ "policy": "x" }), "malformed"),
+        (json!({ "envelope": signed_policy(&other_env, 3, &[1]) }), "is for environment"),
+        (json!({ "envelope": nowhere }), "must name the environment"),
     ] {
         let (s, v) = put(bad).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{why}: {v}");
@@ -740,7 +747,7 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
 
     // Any signature passes here (the control plane has no customer key to check it with):
     // the appliance is where it is verified.
-    let first = signed_policy(3, &[1]);
+    let first = signed_policy(&env, 3, &[1]);
     let (s, v) = put(json!({ "envelope": first })).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["serial"], 3);
@@ -754,12 +761,12 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
 
     // The serial must move forward: the same or an older one is a conflict, and changes nothing.
     for serial in [3, 2] {
-        let (s, v) = put(json!({ "envelope": signed_policy(serial, &[2]) })).await;
+        let (s, v) = put(json!({ "envelope": signed_policy(&env, serial, &[2]) })).await;
         assert_eq!(s, StatusCode::CONFLICT, "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("serial 3"), "{v}");
     }
     assert_eq!(api.get(&path).await.1["envelope"], first);
-    let newer = signed_policy(4, &[1, 2]);
+    let newer = signed_policy(&env, 4, &[1, 2]);
     let (s, v) = put(json!({ "envelope": newer })).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(api.get(&path).await.1["envelope"], newer);
@@ -767,7 +774,7 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
     let actions = api.audit_actions(&tenant_of(&api).await).await;
     let relayed: Vec<_> = actions.iter().filter(|(a, _)| a == "policy.relayed").collect();
     assert_eq!(relayed.iter().filter(|(_, o)| o == "success").count(), 2, "{actions:?}");
-    assert_eq!(relayed.iter().filter(|(_, o)| o != "success").count(), 8, "{actions:?}");
+    assert_eq!(relayed.iter().filter(|(_, o)| o != "success").count(), 10, "{actions:?}");
 }
 
 /// The tenant chain of the fixture's admin token.
@@ -782,7 +789,12 @@ async fn another_tenants_environment_policy_is_invisible_and_unwritable() {
     let env_a = api.new_env("a").await;
     let path = format!("/v1/environments/{env_a}/policy");
     let (s, v) = api
-        .call(Method::PUT, &path, Some(&api.token), Some(&json!({ "envelope": signed_policy(5, &[1]) }).to_string()))
+        .call(
+            Method::PUT,
+            &path,
+            Some(&api.token),
+            Some(&json!({ "envelope": signed_policy(&env_a.to_string(), 5, &[1]) }).to_string()),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let dir = api._dir.path();
@@ -791,7 +803,7 @@ async fn another_tenants_environment_policy_is_invisible_and_unwritable() {
     let b = other.admin_token.expose();
     let (s, v) = api.call(Method::GET, &path, Some(b), None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    let body = json!({ "envelope": signed_policy(9, &[7]) }).to_string();
+    let body = json!({ "envelope": signed_policy(&env_a.to_string(), 9, &[7]) }).to_string();
     let (s, v) = api.call(Method::PUT, &path, Some(b), Some(&body)).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     // Tenant A's policy is unchanged.

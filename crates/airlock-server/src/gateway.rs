@@ -299,6 +299,7 @@ impl ApplianceGateway for GatewayService {
 
         tokio::spawn(async move {
             let expiry = tokio::time::sleep(until_expiry);
+            let mut welcomed = false;
             tokio::pin!(expiry);
             let mut version = String::new();
             // Replies never wait on the peer: an appliance that stops reading must not stall
@@ -324,7 +325,10 @@ impl ApplianceGateway for GatewayService {
                             Ok(Some(m)) => m,
                             Ok(None) | Err(_) => break false,
                         };
-                        let hello = matches!(msg.body, Some(appliance_message::Body::Hello(_)));
+                        // The first Hello only: a peer repeating Hello must not make the
+                        // store redo the Welcome-time push.
+                        let hello = !welcomed && matches!(msg.body, Some(appliance_message::Body::Hello(_)));
+                        welcomed |= hello;
                         let reply = handle_message(&state, &registration, &peer, &scope, msg, &mut version).await;
                         let Some(reply) = reply else { continue };
                         match tx.try_send(Ok(Box::new(reply))) {

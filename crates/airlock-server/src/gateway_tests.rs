@@ -687,7 +687,8 @@ mod operations {
     async fn a_relayed_policy_reaches_connected_appliances_at_once_and_others_after_their_welcome() {
         let f = fixture().await;
         let mut a = Appliance::connect(&f, &f.identity).await;
-        let toml = "version = 1\nserial = 7\nphases = [\"observe\"]\n";
+        let toml =
+            format!("version = 1\nserial = 7\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment);
         let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
         let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
         let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
@@ -827,7 +828,8 @@ mod operations {
         let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
         let envelope = Envelope::new(
             airlock_core::policy::POLICY_PAYLOAD_TYPE,
-            b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec(),
+            format!("version = 1\nserial = 2\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment)
+                .into_bytes(),
         )
         .sign(&key);
         let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
@@ -1090,7 +1092,8 @@ mod connect_reads {
     #[tokio::test]
     async fn a_relayed_policy_reaches_an_appliance_at_its_welcome_after_a_restart() {
         let f = fixture().await;
-        let toml = "version = 1\nserial = 3\nphases = [\"observe\"]\n";
+        let toml =
+            format!("version = 1\nserial = 3\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment);
         let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
         let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
         let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });

@@ -28,7 +28,7 @@ pub struct CheckedPolicy {
 }
 
 /// Checks the shape of a policy envelope; nothing here can check a signature.
-pub fn check_shape(envelope: &Envelope) -> Result<CheckedPolicy, String> {
+pub fn check_shape(envelope: &Envelope, environment: EnvironmentId) -> Result<CheckedPolicy, String> {
     if envelope.payload_type != POLICY_PAYLOAD_TYPE {
         return Err(format!(
             "the envelope's payload type is `{}`, not a customer policy (`{POLICY_PAYLOAD_TYPE}`)",
@@ -40,6 +40,8 @@ pub fn check_shape(envelope: &Envelope) -> Result<CheckedPolicy, String> {
     }
     let text = std::str::from_utf8(&envelope.payload).map_err(|_| "the policy is not UTF-8".to_owned())?;
     let doc = PolicyDocument::parse(text).map_err(|e| e.to_string())?;
+    // The appliance refuses it otherwise; refusing here tells the caller at once.
+    doc.check_environment(environment, true)?;
     if i64::try_from(doc.serial).is_err() {
         return Err("the policy serial must be below 2^63".into());
     }

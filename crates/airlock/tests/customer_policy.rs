@@ -78,7 +78,7 @@ fn appliance_pins_customer_key_and_enforces_signed_policy_updates() {
     let forged = tmp.join("policy-2-forged.json");
     sign(
         &POLICY
-            .replace("serial = 1", "serial = 2")
+            .replace("serial = 1", &format!("serial = 2\nenvironment = \"{env}\""))
             .replace("\"observe\", \"deploy\"", "\"observe\", \"deploy\", \"operate\""),
         &attacker,
         &forged,
@@ -295,7 +295,7 @@ fn a_customer_policy_relayed_through_the_control_plane_takes_effect_and_a_vendor
     let second = tmp.join("policy-2.json");
     sign(
         &POLICY
-            .replace("serial = 1", "serial = 2")
+            .replace("serial = 1", &format!("serial = 2\nenvironment = \"{env}\""))
             .replace("\"observe\", \"deploy\"", "\"observe\", \"deploy\", \"operate\""),
         &customer,
         &second,
@@ -309,11 +309,31 @@ fn a_customer_policy_relayed_through_the_control_plane_takes_effect_and_a_vendor
     let shown = server.ok(&["env", "policy", "show", &env]);
     assert!(shown.contains("serial:      2") && shown.contains("\"operate\""), "{shown}");
 
+    // A policy the customer signed for another environment cannot be replayed to this one, nor
+    // can one that names no environment be relayed at all.
+    let staging = server.create_env("staging");
+    for (name, text) in [
+        ("for-staging", POLICY.replace("serial = 1", &format!("serial = 9\nenvironment = \"{staging}\""))),
+        ("for-anywhere", POLICY.replace("serial = 1", "serial = 9")),
+    ] {
+        let path = tmp.join(format!("policy-{name}.json"));
+        sign(&text, &customer, &path);
+        let out = server.cli(&["env", "policy", "push", &env, path.to_str().unwrap()]);
+        assert!(!out.status.success(), "{name} was relayed");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("environment"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // A policy signed by another key (the vendor's own) passes the control plane, which cannot
     // check customer signatures, and is refused by the appliance; the last good one stays.
     let forged = tmp.join("policy-3-vendor.json");
     sign(
-        &POLICY.replace("serial = 1", "serial = 3").replace("\"observe\", \"deploy\"", "\"observe\""),
+        &POLICY
+            .replace("serial = 1", &format!("serial = 3\nenvironment = \"{env}\""))
+            .replace("\"observe\", \"deploy\"", "\"observe\""),
         &vendor,
         &forged,
     );
