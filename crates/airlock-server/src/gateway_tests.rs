@@ -491,13 +491,9 @@ mod operations {
         f.server.shutdown().await;
     }
 
-    #[tokio::test]
-    async fn approval_reaches_a_connected_appliance_and_refusals_are_recorded() {
-        let f = fixture().await;
-        let op = request(&f, "restart", &["service:restart"]).await;
+    /// Relays the customer's signed denial of `op`.
+    async fn deny(f: &Fixture, op: &Value) -> Envelope {
         let id = op["id"].as_str().unwrap();
-        let mut a = Appliance::connect(&f, &f.identity).await;
-        assert!(a.instruction().await.approval_envelope_json.is_empty());
         let body = json!({
             "request_id": id, "appliance": op["appliance"], "phase": op["phase"],
             "request_digest": op["request_digest"], "command_sha256": op["command_sha256"], "decision": "deny",
@@ -508,13 +504,45 @@ mod operations {
             Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
         let grant_json: Value = serde_json::from_str(&grant.to_json()).unwrap();
         let (s, v) = json_call(
-            &f,
+            f,
             Method::POST,
             &format!("/v1/operations/{id}/approval"),
             Some(json!({ "envelope": grant_json })),
         )
         .await;
         assert_eq!(s, StatusCode::OK, "{v}");
+        grant
+    }
+
+    #[tokio::test]
+    async fn an_execution_that_crossed_the_denial_is_recorded_as_what_happened() {
+        let f = fixture().await;
+        let op = request(&f, "restart", &["service:restart"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        deny(&f, &op).await;
+        a.instruction().await;
+        // The appliance ran it in the customer's standing window before the denial reached it:
+        // the signed execution is recorded (and flagged), not refused, so nothing stays pending.
+        // A template's execution claiming the appliance's own probe authority is refused.
+        let probe = AuthorityRef { kind: "observe".into(), digest: None, policy_digest: None };
+        let posing = execution_by(&op, b"x", &a.key, &a.cert, probe);
+        assert!(a.send(result(&op, &posing, &a.cert.pem)).await.error.contains("built-in probe"));
+        let good = execution(&op, b"x", &a.key, &a.cert);
+        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(op_state(&f, id).await["state"], "executed");
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn approval_reaches_a_connected_appliance_and_refusals_are_recorded() {
+        let f = fixture().await;
+        let op = request(&f, "restart", &["service:restart"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        assert!(a.instruction().await.approval_envelope_json.is_empty());
+        let grant = deny(&f, &op).await;
         // The denial is pushed at once.
         let pushed = a.instruction().await;
         assert_eq!(pushed.request_id, id);
@@ -522,9 +550,7 @@ mod operations {
         // No output of a denied request can ever be taken: refused for good, not deferred.
         let ack = a.send(release(&op, b"x", b"x", ReleaseDecision::Release)).await;
         assert!(ack.error.contains("no execution") && ack.error.contains("denied"), "{ack:?}");
-        // An execution of a denied request is refused; the appliance's refusal is recorded.
-        let good = execution(&op, b"x", &a.key, &a.cert);
-        assert!(a.send(result(&op, &good, &a.cert.pem)).await.error.contains("denied"));
+        // The appliance's refusal of the denied request is recorded; it stays denied.
         let refused = appliance_message::Body::OperationResult(OperationResult {
             request_id: id.to_owned(),
             outcome: OperationOutcome::Refused as i32,
@@ -701,6 +727,15 @@ mod operations {
             other => panic!("expected the policy, got {other:?}"),
         };
         assert_eq!(Envelope::from_json(pushed.policy_envelope_json.as_bytes()).unwrap(), envelope);
+        // A request still waiting for authority is offered again under the new policy.
+        let op = request(&f, "restart", &["service:restart"]).await;
+        assert_eq!(a.instruction().await.request_id, op["id"].as_str().unwrap());
+        let newer = toml.replace("serial = 7", "serial = 8");
+        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, newer.into_bytes()).sign(&key);
+        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        assert_eq!(json_call(&f, Method::PUT, &path, Some(body)).await.0, StatusCode::OK);
+        assert!(matches!(a.recv().await, control_message::Body::PolicyUpdate(_)));
+        assert_eq!(a.instruction().await.request_id, op["id"].as_str().unwrap());
         drop(a);
         // A (re)connecting appliance gets it right after its Welcome.
         let mut again = Appliance::connect(&f, &f.identity).await;

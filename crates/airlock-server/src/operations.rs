@@ -545,9 +545,10 @@ async fn apply_result(
                     already()
                 };
             }
-            if op.state == OpState::Denied.as_str() {
-                return refuse("the customer denied this request; an execution of it is refused");
-            }
+            // A denial that crossed a pre-approved (or standing-window) run on its way: the
+            // appliance ran it on the customer's own earlier authority, verified above. The
+            // record says what happened rather than leaving the operation pending for ever.
+            let after_denial = op.state == OpState::Denied.as_str();
             let e = &v.statement;
             let size = i64::try_from(e.output_size).or_else(|_| refuse("output_size is out of range"))?;
             let (new_state, action) = if outcome == OperationOutcome::Executed {
@@ -572,6 +573,7 @@ async fn apply_result(
                 "output_size": e.output_size,
                 "authority": e.authority.kind,
                 "sequence": e.sequence,
+                "ran_before_the_denial_arrived": after_denial,
             });
             let ev = result_event(scope, action, request_id, detail);
             commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
@@ -704,8 +706,11 @@ fn verify_execution(
             }
             pre_approval_json = Some(env.to_json());
         }
-        // The customer's policy allowed these without a per-request signature.
-        "standing-window" | "observe" => {}
+        // The customer's policy allowed it without a per-request signature (the control
+        // plane has no customer policy to check it against; `airlock verify --policy` does).
+        "standing-window" => {}
+        // Only the appliance's own probes need no signature, and no template may be one.
+        "observe" => return refuse("an operation template is never a built-in probe; `observe` cannot authorise it"),
         other => return refuse(format!("unknown authority `{}`", sanitize(other, 40))),
     }
     Ok(VerifiedExecution { envelope, statement, cert_pem: r.appliance_certificate_pem.clone(), pre_approval_json })

@@ -76,6 +76,9 @@ pub async fn push_to_environment(state: &AppState, scope: &TenantScope, policy: 
         }
         if state.registry.send(a.id, msg.clone()) {
             sent += 1;
+            // Requests that were waiting for authority may be decided differently under the
+            // new policy (a standing window, say): offer them again now, not at a reconnect.
+            crate::operations::push_pending(state, scope, a.id, None).await;
         } else {
             state.registry.policy_stopped(a.id, policy.environment_id);
         }
