@@ -382,14 +382,9 @@ impl Executor {
         if statement.tenant != self.identity.tenant || statement.environment != self.identity.environment {
             return Err("the request is for another tenant or environment".into());
         }
-        // The policy lets Observe run the appliance's own probes without a signature; a vendor
-        // template must never pass for one by taking its name.
-        if airlock_core::grant::BUILTIN_OBSERVE_KINDS.contains(&req.kind.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "`{}` names a built-in probe of the appliance; no vendor template may take it",
-                req.kind
-            ));
-        }
+        // A template can never pass for one of the appliance's own probes (which Observe runs
+        // without a signature): `Template::new` refuses their names, and the request's kind
+        // must be the template's name (checked below).
         let template = Template::new(&instruction.template_manifest_toml, &instruction.template_script)
             .map_err(|e| format!("the template does not load: {e}"))?;
         let rendered = template.render(&req.args).map_err(|e| format!("the request's variables do not render: {e}"))?;

@@ -11,10 +11,16 @@ use airlock_core::operation::{
 };
 use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase, VerifiedPolicy, verify_signed_policy};
 use airlock_core::{ApplianceId, EnvironmentId, TenantId};
+use airlock_proto::gateway::{OperationAck, OperationAckKind};
 use rcgen::{CertificateParams, Issuer, KeyPair};
 
 use super::*;
 use crate::audit_log::AuditLog;
+
+/// The control plane's acknowledgement of `id`; `error` empty when it took it.
+fn ack(id: &str, kind: OperationAckKind, error: &str) -> OperationAck {
+    OperationAck { request_id: id.into(), kind: kind as i32, error: error.into() }
+}
 use crate::state_dir::Enrolment;
 
 const TD: &str = "airlock.test";
@@ -344,16 +350,8 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     assert_eq!(e2.previous_manifest_sha256, Some(e.manifest_sha256()));
     // Results wait in the outbox until acknowledged.
     assert_eq!(fx.control.ops.pending().unwrap().len(), 2);
-    let _ = fx.control.on_ack(&airlock_proto::gateway::OperationAck {
-        request_id: "op_1".into(),
-        kind: airlock_proto::gateway::OperationAckKind::Result as i32,
-        error: String::new(),
-    });
-    let _ = fx.control.on_ack(&airlock_proto::gateway::OperationAck {
-        request_id: "op_2".into(),
-        kind: airlock_proto::gateway::OperationAckKind::Result as i32,
-        error: "refused for the test".into(),
-    });
+    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Result, ""));
+    let _ = fx.control.on_ack(&ack("op_2", OperationAckKind::Result, "refused for the test"));
     assert!(fx.control.ops.pending().unwrap().is_empty());
     assert_eq!(fx.audited("operation.ack_refused").len(), 1);
 }
@@ -1098,42 +1096,30 @@ async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_ov
 
 #[tokio::test]
 async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
-    use airlock_proto::gateway::{OperationAck, OperationAckKind};
     let fx = Fx::new(ALL_PHASES);
     let stmt = fx.simple("op_1", "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
     fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
-    let ack = |kind: OperationAckKind, error: &str| OperationAck {
-        request_id: "op_1".into(),
-        kind: kind as i32,
-        error: error.into(),
-    };
-    let _ = fx.control.on_ack(&ack(OperationAckKind::Release, "no execution recorded for op_1 yet"));
+    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Release, "no execution recorded for op_1 yet"));
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_1", "release:op_1"]);
-    let _ = fx.control.on_ack(&ack(OperationAckKind::Result, ""));
-    let _ = fx.control.on_ack(&ack(OperationAckKind::Release, ""));
+    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Result, ""));
+    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Release, ""));
     assert!(fx.control.ops.pending().unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowledged() {
-    use airlock_proto::gateway::{OperationAck, OperationAckKind};
     let fx = Fx::new(ALL_PHASES);
     for id in ["op_1", "op_2"] {
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
     fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
-    let ack = |id: &str, kind: OperationAckKind| OperationAck {
-        request_id: id.into(),
-        kind: kind as i32,
-        error: String::new(),
-    };
     // op_2 has no release waiting: nothing follows its result.
-    assert!(fx.control.on_ack(&ack("op_2", OperationAckKind::Result)).is_none());
+    assert!(fx.control.on_ack(&ack("op_2", OperationAckKind::Result, "")).is_none());
     // op_1's release was sent before its result was stored (the control plane does not answer
     // such a release): storing the result sends it at once, not at the next reconnect.
-    let next = fx.control.on_ack(&ack("op_1", OperationAckKind::Result)).expect("the waiting release");
+    let next = fx.control.on_ack(&ack("op_1", OperationAckKind::Result, "")).expect("the waiting release");
     assert_eq!(kinds(std::slice::from_ref(&next)), ["release:op_1"]);
     // It goes on the current stream.
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
@@ -1142,25 +1128,20 @@ async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowle
     fx.control.send(next).await;
     assert_eq!(kinds(&[rx.recv().await.unwrap()]), ["release:op_1"]);
     // Acknowledged: gone, and a second result ack sends nothing.
-    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Release)).is_none());
-    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Result)).is_none());
+    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Release, "")).is_none());
+    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Result, "")).is_none());
     assert!(fx.control.ops.pending().unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
-    use airlock_proto::gateway::{OperationAck, OperationAckKind};
     let fx = Fx::new(ALL_PHASES);
     for id in ["op_1", "op_2"] {
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
     fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
-    let refused = |id: &str| OperationAck {
-        request_id: id.into(),
-        kind: OperationAckKind::Result as i32,
-        error: "the execution is not signed by this appliance".into(),
-    };
+    let refused = |id: &str| ack(id, OperationAckKind::Result, "the execution is not signed by this appliance");
     assert!(fx.control.on_ack(&refused("op_1")).is_none());
     // Neither the result nor its release is resent at the next reconnect ...
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_2"]);

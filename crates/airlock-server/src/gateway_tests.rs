@@ -788,21 +788,26 @@ mod operations {
             .collect()
     }
 
-    #[tokio::test]
-    async fn a_push_stopped_by_a_full_queue_resumes_decided_operations_first() {
-        let f = fixture().await;
-        let state = &f.server.state;
-        // A stream whose queue has room for two pushes beyond the slots kept for replies.
-        let (tx, mut rx) = tokio::sync::mpsc::channel(6);
+    /// The registry status of a stream the test drives by hand (no TLS connection behind it).
+    fn bare_status(state: &crate::state::AppState) -> crate::registry::LiveStatus {
         let now = state.now();
-        let status = crate::registry::LiveStatus {
+        crate::registry::LiveStatus {
             connected_at: now,
             last_heartbeat: now,
             version: String::new(),
             healthy: true,
             cert_serial: "00".into(),
             cert_not_after: now,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_stopped_by_a_full_queue_resumes_decided_operations_first() {
+        let f = fixture().await;
+        let state = &f.server.state;
+        // A stream whose queue has room for two pushes beyond the slots kept for replies.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(6);
+        let status = bare_status(state);
         let (reg, _kick) = state.registry.join(f.identity.appliance, status, tx);
         let scope = TenantScope::for_appliance(&f.identity);
 
@@ -845,15 +850,7 @@ mod operations {
         let f = fixture().await;
         let state = &f.server.state;
         let (tx, mut rx) = tokio::sync::mpsc::channel(6);
-        let now = state.now();
-        let status = crate::registry::LiveStatus {
-            connected_at: now,
-            last_heartbeat: now,
-            version: String::new(),
-            healthy: true,
-            cert_serial: "00".into(),
-            cert_not_after: now,
-        };
+        let status = bare_status(state);
         let (reg, _kick) = state.registry.join(f.identity.appliance, status, tx.clone());
         let scope = TenantScope::for_appliance(&f.identity);
         // Two replies the peer has not read: only the slots kept for replies are left.

@@ -224,7 +224,7 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         decision,
         output_sha256,
         output_size,
-        decided_at: airlock_appliance::now(),
+        decided_at: crate::approvals::now(),
         approver: args
             .approver
             .unwrap_or_else(|| keys.iter().map(|k| k.public().key_id()).collect::<Vec<_>>().join(",")),
