@@ -65,6 +65,202 @@ pub enum Outcome {
     Error,
 }
 
+/// Every action either side writes to an audit chain: one set of names for the control plane
+/// and the appliance, so the same event is spelled the same way in both logs.
+///
+/// A record stores the text ([`AuditAction::as_str`]); writers take this type, so a misspelt
+/// action is a compile error. Old records keep their text and still verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AuditAction {
+    ApiAuthenticate,
+    ApplianceJoin,
+    ApplianceRevoke,
+    ApplianceList,
+    ApplianceCertificateRenew,
+    ApplianceStart,
+    AuditRecovered,
+    CustomerKeysPinned,
+    CustomerKeysReplace,
+    EnvironmentCreate,
+    EnvironmentList,
+    GatewayHandshakeRejected,
+    GatewayStreamRefused,
+    JoinTokenCreate,
+    OperationAckRefused,
+    OperationAllowed,
+    OperationApprovalRelayed,
+    OperationAwaitingApproval,
+    OperationCancelled,
+    OperationCustomerDecision,
+    OperationDeferred,
+    OperationDenied,
+    OperationDeniedByCustomer,
+    OperationError,
+    OperationExecuted,
+    OperationGet,
+    OperationInterrupted,
+    OperationList,
+    OperationManifest,
+    OperationOutputDownload,
+    OperationOutputRead,
+    OperationReceived,
+    OperationRefused,
+    OperationReleaseParked,
+    OperationReleaseRefused,
+    OperationReleased,
+    OperationRequest,
+    OperationResultRefused,
+    OperationWithheld,
+    OutputSealed,
+    PhaseDisable,
+    PhaseEnable,
+    PolicyGet,
+    PolicyRefused,
+    PolicyRelayed,
+    PolicyStoredInvalid,
+    PolicyUpdate,
+    PreApprovalAdd,
+    PreApprovalRevoke,
+    TemplateList,
+    TemplatePush,
+    TenantCreate,
+    WorkspaceList,
+}
+
+impl AuditAction {
+    pub const ALL: &'static [AuditAction] = &[
+        AuditAction::ApiAuthenticate,
+        AuditAction::ApplianceJoin,
+        AuditAction::ApplianceRevoke,
+        AuditAction::ApplianceList,
+        AuditAction::ApplianceCertificateRenew,
+        AuditAction::ApplianceStart,
+        AuditAction::AuditRecovered,
+        AuditAction::CustomerKeysPinned,
+        AuditAction::CustomerKeysReplace,
+        AuditAction::EnvironmentCreate,
+        AuditAction::EnvironmentList,
+        AuditAction::GatewayHandshakeRejected,
+        AuditAction::GatewayStreamRefused,
+        AuditAction::JoinTokenCreate,
+        AuditAction::OperationAckRefused,
+        AuditAction::OperationAllowed,
+        AuditAction::OperationApprovalRelayed,
+        AuditAction::OperationAwaitingApproval,
+        AuditAction::OperationCancelled,
+        AuditAction::OperationCustomerDecision,
+        AuditAction::OperationDeferred,
+        AuditAction::OperationDenied,
+        AuditAction::OperationDeniedByCustomer,
+        AuditAction::OperationError,
+        AuditAction::OperationExecuted,
+        AuditAction::OperationGet,
+        AuditAction::OperationInterrupted,
+        AuditAction::OperationList,
+        AuditAction::OperationManifest,
+        AuditAction::OperationOutputDownload,
+        AuditAction::OperationOutputRead,
+        AuditAction::OperationReceived,
+        AuditAction::OperationRefused,
+        AuditAction::OperationReleaseParked,
+        AuditAction::OperationReleaseRefused,
+        AuditAction::OperationReleased,
+        AuditAction::OperationRequest,
+        AuditAction::OperationResultRefused,
+        AuditAction::OperationWithheld,
+        AuditAction::OutputSealed,
+        AuditAction::PhaseDisable,
+        AuditAction::PhaseEnable,
+        AuditAction::PolicyGet,
+        AuditAction::PolicyRefused,
+        AuditAction::PolicyRelayed,
+        AuditAction::PolicyStoredInvalid,
+        AuditAction::PolicyUpdate,
+        AuditAction::PreApprovalAdd,
+        AuditAction::PreApprovalRevoke,
+        AuditAction::TemplateList,
+        AuditAction::TemplatePush,
+        AuditAction::TenantCreate,
+        AuditAction::WorkspaceList,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::ApiAuthenticate => "api.authenticate",
+            AuditAction::ApplianceJoin => "appliance.join",
+            AuditAction::ApplianceRevoke => "appliance.revoke",
+            AuditAction::ApplianceList => "appliance.list",
+            AuditAction::ApplianceCertificateRenew => "appliance.certificate_renew",
+            AuditAction::ApplianceStart => "appliance.start",
+            AuditAction::AuditRecovered => "audit.recovered",
+            AuditAction::CustomerKeysPinned => "customer_keys.pinned",
+            AuditAction::CustomerKeysReplace => "customer_keys.replace",
+            AuditAction::EnvironmentCreate => "environment.create",
+            AuditAction::EnvironmentList => "environment.list",
+            AuditAction::GatewayHandshakeRejected => "gateway.handshake_rejected",
+            AuditAction::GatewayStreamRefused => "gateway.stream_refused",
+            AuditAction::JoinTokenCreate => "join_token.create",
+            AuditAction::OperationAckRefused => "operation.ack_refused",
+            AuditAction::OperationAllowed => "operation.allowed",
+            AuditAction::OperationApprovalRelayed => "operation.approval_relayed",
+            AuditAction::OperationAwaitingApproval => "operation.awaiting_approval",
+            AuditAction::OperationCancelled => "operation.cancelled",
+            AuditAction::OperationCustomerDecision => "operation.customer_decision",
+            AuditAction::OperationDeferred => "operation.deferred",
+            AuditAction::OperationDenied => "operation.denied",
+            AuditAction::OperationDeniedByCustomer => "operation.denied_by_customer",
+            AuditAction::OperationError => "operation.error",
+            AuditAction::OperationExecuted => "operation.executed",
+            AuditAction::OperationGet => "operation.get",
+            AuditAction::OperationInterrupted => "operation.interrupted",
+            AuditAction::OperationList => "operation.list",
+            AuditAction::OperationManifest => "operation.manifest",
+            AuditAction::OperationOutputDownload => "operation.output_download",
+            AuditAction::OperationOutputRead => "operation.output_read",
+            AuditAction::OperationReceived => "operation.received",
+            AuditAction::OperationRefused => "operation.refused",
+            AuditAction::OperationReleaseParked => "operation.release_parked",
+            AuditAction::OperationReleaseRefused => "operation.release_refused",
+            AuditAction::OperationReleased => "operation.released",
+            AuditAction::OperationRequest => "operation.request",
+            AuditAction::OperationResultRefused => "operation.result_refused",
+            AuditAction::OperationWithheld => "operation.withheld",
+            AuditAction::OutputSealed => "output.sealed",
+            AuditAction::PhaseDisable => "phase.disable",
+            AuditAction::PhaseEnable => "phase.enable",
+            AuditAction::PolicyGet => "policy.get",
+            AuditAction::PolicyRefused => "policy.refused",
+            AuditAction::PolicyRelayed => "policy.relayed",
+            AuditAction::PolicyStoredInvalid => "policy.stored_invalid",
+            AuditAction::PolicyUpdate => "policy.update",
+            AuditAction::PreApprovalAdd => "pre_approval.add",
+            AuditAction::PreApprovalRevoke => "pre_approval.revoke",
+            AuditAction::TemplateList => "template.list",
+            AuditAction::TemplatePush => "template.push",
+            AuditAction::TenantCreate => "tenant.create",
+            AuditAction::WorkspaceList => "workspace.list",
+        }
+    }
+}
+
+impl fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An action name no version of Airlock writes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown audit action `{0}`")]
+pub struct UnknownAction(pub String);
+
+impl std::str::FromStr for AuditAction {
+    type Err = UnknownAction;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AuditAction::ALL.iter().copied().find(|a| a.as_str() == s).ok_or_else(|| UnknownAction(s.chars().take(40).collect()))
+    }
+}
+
 /// What a writer supplies: everything but the chain position.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -226,6 +422,16 @@ where
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_audit_action_has_one_spelling_that_parses_back() {
+        let mut seen = std::collections::BTreeSet::new();
+        for a in AuditAction::ALL {
+            assert!(seen.insert(a.as_str()), "{a} is spelt twice");
+            assert_eq!(a.as_str().parse::<AuditAction>(), Ok(*a));
+        }
+        assert!("operation.release".parse::<AuditAction>().is_err(), "one name per event: operation.released");
+    }
+
     use super::*;
 
     fn event(n: u32) -> Event {

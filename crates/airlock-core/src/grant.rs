@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::customer_key::CustomerPublicKey;
 use crate::dsse::{DsseError, Envelope};
 use crate::policy::{Phase, VerifiedPolicy, Weekday};
-use crate::{ApplianceId, Timestamp};
+use crate::{ApplianceId, OperationId, Timestamp};
 
 pub const GRANT_PAYLOAD_TYPE: &str = "application/vnd.airlock.grant.v1+json";
 
@@ -53,7 +53,7 @@ pub const BUILTIN_DENIED_KINDS: &[(&str, &str)] = &[
 /// What the vendor asks the appliance to do, as the customer sees and signs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationRequest {
-    pub id: String,
+    pub id: OperationId,
     pub appliance: ApplianceId,
     /// The template the command was rendered from.
     pub kind: String,
@@ -70,6 +70,11 @@ impl OperationRequest {
     /// SHA-256 of the canonical JSON of the request: what a grant binds to.
     pub fn digest_hex(&self) -> String {
         sha256_json(self)
+    }
+
+    /// Whether its output must never leave the appliance ([`crate::operation::is_secret_output`]).
+    pub fn output_is_secret(&self) -> bool {
+        crate::operation::is_secret_output(&self.data_tags)
     }
 }
 
@@ -88,7 +93,7 @@ pub enum ApprovalDecision {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantBody {
-    pub request_id: String,
+    pub request_id: OperationId,
     pub appliance: ApplianceId,
     pub phase: Phase,
     pub request_digest: String,
@@ -271,7 +276,7 @@ pub fn verify_pre_approval_envelope(
 /// Proof that [`evaluate`] allowed an operation; the executor demands one.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Permit {
-    request_id: String,
+    request_id: OperationId,
     phase: Phase,
     /// The grant's nonce, which the caller must record as used before running.
     nonce: Option<String>,
@@ -290,8 +295,8 @@ pub enum Basis {
 }
 
 impl Permit {
-    pub fn request_id(&self) -> &str {
-        &self.request_id
+    pub fn request_id(&self) -> OperationId {
+        self.request_id
     }
     pub fn phase(&self) -> Phase {
         self.phase
@@ -359,6 +364,59 @@ pub enum DenyReason {
     PreApprovalRevoked {
         id: String,
     },
+}
+
+/// Which check a [`DenyReason`] comes from, without its details: what crosses the wire, so
+/// the other side can tell denials apart without reading the sentence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyCode {
+    AnotherAppliance,
+    NotEnoughApprovers,
+    GrantWindowInvalid,
+    NonceMalformed,
+    BuiltIn,
+    DeniedByRule,
+    NoPolicy,
+    PhaseDisabled,
+    NoMatchingGrant,
+    GrantForAnotherAppliance,
+    GrantForAnotherRequest,
+    GrantForAnotherPhase,
+    GrantNotYetValid,
+    GrantExpired,
+    GrantTooLong,
+    NonceReplayed,
+    CustomerDenied,
+    OutsidePreApproval,
+    PreApprovalRevoked,
+}
+
+impl DenyReason {
+    /// The check this reason comes from.
+    pub fn code(&self) -> DenyCode {
+        match self {
+            DenyReason::AnotherAppliance => DenyCode::AnotherAppliance,
+            DenyReason::NotEnoughApprovers { .. } => DenyCode::NotEnoughApprovers,
+            DenyReason::GrantWindowInvalid => DenyCode::GrantWindowInvalid,
+            DenyReason::NonceMalformed => DenyCode::NonceMalformed,
+            DenyReason::BuiltIn { .. } => DenyCode::BuiltIn,
+            DenyReason::DeniedByRule { .. } => DenyCode::DeniedByRule,
+            DenyReason::NoPolicy => DenyCode::NoPolicy,
+            DenyReason::PhaseDisabled { .. } => DenyCode::PhaseDisabled,
+            DenyReason::NoMatchingGrant => DenyCode::NoMatchingGrant,
+            DenyReason::GrantForAnotherAppliance => DenyCode::GrantForAnotherAppliance,
+            DenyReason::GrantForAnotherRequest => DenyCode::GrantForAnotherRequest,
+            DenyReason::GrantForAnotherPhase { .. } => DenyCode::GrantForAnotherPhase,
+            DenyReason::GrantNotYetValid { .. } => DenyCode::GrantNotYetValid,
+            DenyReason::GrantExpired { .. } => DenyCode::GrantExpired,
+            DenyReason::GrantTooLong { .. } => DenyCode::GrantTooLong,
+            DenyReason::NonceReplayed => DenyCode::NonceReplayed,
+            DenyReason::CustomerDenied => DenyCode::CustomerDenied,
+            DenyReason::OutsidePreApproval { .. } => DenyCode::OutsidePreApproval,
+            DenyReason::PreApprovalRevoked { .. } => DenyCode::PreApprovalRevoked,
+        }
+    }
 }
 
 impl std::fmt::Display for DenyReason {
@@ -571,7 +629,7 @@ fn check_pre_approval(
         return outside(&format!("variable `{var}` does not meet its constraint"));
     }
     Decision::Allow(Permit {
-        request_id: req.id.clone(),
+        request_id: req.id,
         phase: req.phase,
         nonce: None,
         pre_approval: Some(p.id.clone()),
@@ -580,7 +638,7 @@ fn check_pre_approval(
 }
 
 fn allow(req: &OperationRequest, nonce: Option<String>, basis: Basis) -> Decision {
-    Decision::Allow(Permit { request_id: req.id.clone(), phase: req.phase, nonce, pre_approval: None, basis })
+    Decision::Allow(Permit { request_id: req.id, phase: req.phase, nonce, pre_approval: None, basis })
 }
 
 pub(crate) fn window_contains(w: &crate::policy::Window, now: Timestamp) -> bool {
@@ -642,7 +700,7 @@ mod tests {
 
     fn request(kind: &str, phase: Phase) -> OperationRequest {
         OperationRequest {
-            id: "op_1".into(),
+            id: OperationId::from_random([1; 16]),
             appliance: apl(),
             kind: kind.into(),
             phase,
@@ -655,7 +713,7 @@ mod tests {
     fn grant_signed(req: &OperationRequest, keys: &[u8], edit: impl FnOnce(&mut GrantBody)) -> VerifiedGrant {
         let now = Timestamp::from_unix_millis(TUESDAY_NOON);
         let mut body = GrantBody {
-            request_id: req.id.clone(),
+            request_id: req.id,
             appliance: apl(),
             phase: req.phase,
             request_digest: req.digest_hex(),
@@ -909,7 +967,7 @@ mod tests {
         let denial = grant_for(&req, |g| g.decision = ApprovalDecision::Deny);
         assert_eq!(check(Some(&all), &req, Some(&denial), false), "deny: the customer denied this request");
         // An approval naming the right digest but another request id is not for this request.
-        let other = grant_for(&req, |g| g.request_id = "op_2".into());
+        let other = grant_for(&req, |g| g.request_id = OperationId::from_random([2; 16]));
         assert_eq!(check(Some(&all), &req, Some(&other), false), "deny: the grant is for another request");
     }
 

@@ -103,6 +103,64 @@ typed_id!(
     TokenId, "tok", "a token"
 );
 
+/// One operation: `op_` and 32 lowercase hex digits (128 random bits).
+///
+/// Both sides parse with this one type: the control plane mints them, the appliance names its
+/// per-operation directory after them, so anything else is refused before it reaches a path.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OperationId([u8; 16]);
+
+impl OperationId {
+    pub const PREFIX: &'static str = "op";
+
+    /// Builds an id from 16 random bytes the caller drew from a CSPRNG.
+    pub const fn from_random(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Display for OperationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "op_{}", data_encoding::HEXLOWER.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for OperationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for OperationId {
+    type Err = IdParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || IdParseError { expected: "an operation", prefix: "op", got: truncate(s) };
+        let body = s.strip_prefix("op_").ok_or_else(err)?;
+        if body.len() != 32 || body.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(err());
+        }
+        let bytes = data_encoding::HEXLOWER.decode(body.as_bytes()).map_err(|_| err())?;
+        Ok(Self(bytes.try_into().map_err(|_| err())?))
+    }
+}
+
+impl serde::Serialize for OperationId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for OperationId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Keeps attacker-controlled input out of error messages beyond a short prefix.
 fn truncate(s: &str) -> String {
     const MAX: usize = 40;
@@ -134,6 +192,18 @@ mod tests {
         let tenant = TenantId::from_random([1; 16]).to_string();
         let err = tenant.parse::<ApplianceId>().unwrap_err();
         assert!(err.to_string().contains("expected an appliance id (`apl_…`)"), "{err}");
+    }
+
+    #[test]
+    fn operation_id_is_op_and_32_hex_digits() {
+        let id = OperationId::from_random([0xab; 16]);
+        assert_eq!(id.to_string(), format!("op_{}", "ab".repeat(16)));
+        assert_eq!(id.to_string().parse::<OperationId>().unwrap(), id);
+        assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{id}\""));
+        for bad in ["op_1", "op_", "", "op_../../etc/passwd", &format!("op_{}", "AB".repeat(16)), &format!("apl_{}", "ab".repeat(16))] {
+            assert!(bad.parse::<OperationId>().is_err(), "{bad}");
+            assert!(serde_json::from_str::<OperationId>(&format!("\"{bad}\"")).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod certificate;
 pub mod customer_key;
 pub mod dsse;
 pub mod fingerprint;
@@ -19,6 +20,6 @@ pub mod time;
 pub mod token;
 
 pub use fingerprint::Fingerprint;
-pub use id::{ApplianceId, EnvironmentId, TenantId, WorkspaceId};
+pub use id::{ApplianceId, EnvironmentId, OperationId, TenantId, WorkspaceId};
 pub use identity::ApplianceIdentity;
 pub use time::Timestamp;

@@ -26,7 +26,7 @@ use crate::grant::{
     verify_pre_approval_envelope,
 };
 use crate::template::RenderedCommand;
-use crate::{ApplianceIdentity, EnvironmentId, TenantId, Timestamp};
+use crate::{ApplianceIdentity, EnvironmentId, OperationId, TenantId, Timestamp};
 
 pub const REQUEST_PAYLOAD_TYPE: &str = "application/vnd.airlock.operation-request.v1+json";
 pub const EXECUTION_PAYLOAD_TYPE: &str = "application/vnd.airlock.execution.v1+json";
@@ -35,7 +35,15 @@ pub const MANIFEST_FORMAT: &str = "airlock-operation-manifest-v1";
 
 /// A template carrying this data tag produces output that never leaves the customer's
 /// environment: the appliance refuses to release it, whatever the customer signs.
+/// Compare tags with [`is_secret_output`], never by hand.
 pub const SECRET_OUTPUT_TAG: &str = "output:secret";
+
+/// Whether a request with these data tags has output that must never leave the appliance.
+/// The one predicate both sides (and the CLI) use; tags compare without regard to case, so
+/// `Output:Secret` cannot slip past one side and not the other.
+pub fn is_secret_output<'a>(tags: impl IntoIterator<Item = &'a String>) -> bool {
+    tags.into_iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG))
+}
 
 /// The path of the control plane's operations-signing identity under its trust domain.
 pub const CONTROL_PLANE_SPIFFE_PATH: &str = "/control-plane";
@@ -67,12 +75,159 @@ pub enum ExecutionStatus {
     FailedToStart,
 }
 
+/// What kind of customer authority an execution ran on. Its JSON spelling is part of the
+/// signed execution statement, so it never changes; an unknown spelling does not parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AuthorityKind {
+    /// A customer approval of this one request.
+    #[serde(rename = "grant")]
+    Grant,
+    /// A customer pre-approval of the template on this appliance.
+    #[serde(rename = "pre-approval")]
+    PreApproval,
+    /// A standing window of the customer's signed policy.
+    #[serde(rename = "standing-window")]
+    StandingWindow,
+    /// The appliance's own read-only probes, which Observe allows without a signature.
+    #[serde(rename = "observe")]
+    Probe,
+}
+
+impl AuthorityKind {
+    pub const ALL: [AuthorityKind; 4] =
+        [AuthorityKind::Grant, AuthorityKind::PreApproval, AuthorityKind::StandingWindow, AuthorityKind::Probe];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuthorityKind::Grant => "grant",
+            AuthorityKind::PreApproval => "pre-approval",
+            AuthorityKind::StandingWindow => "standing-window",
+            AuthorityKind::Probe => "observe",
+        }
+    }
+}
+
+impl std::fmt::Display for AuthorityKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an operation stands, as the control plane tracks it (and the API and the CLI show
+/// it). Its text form is stored in the database and served in JSON; an unknown spelling is
+/// refused, never mapped to a default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    AwaitingApproval,
+    Approved,
+    Denied,
+    Executed,
+    Cancelled,
+    Refused,
+    Released,
+    Withheld,
+}
+
+impl OperationState {
+    pub const ALL: [OperationState; 8] = [
+        OperationState::AwaitingApproval,
+        OperationState::Approved,
+        OperationState::Denied,
+        OperationState::Executed,
+        OperationState::Cancelled,
+        OperationState::Refused,
+        OperationState::Released,
+        OperationState::Withheld,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OperationState::AwaitingApproval => "awaiting_approval",
+            OperationState::Approved => "approved",
+            OperationState::Denied => "denied",
+            OperationState::Executed => "executed",
+            OperationState::Cancelled => "cancelled",
+            OperationState::Refused => "refused",
+            OperationState::Released => "released",
+            OperationState::Withheld => "withheld",
+        }
+    }
+}
+
+impl std::fmt::Display for OperationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A state spelling no version of Airlock wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown operation state `{0}`")]
+pub struct UnknownState(pub String);
+
+impl std::str::FromStr for OperationState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        OperationState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownState(s.chars().take(40).collect()))
+    }
+}
+
+/// Why the appliance did not run an operation (yet). Crosses the wire as a code, so neither
+/// side ever reads the other's sentence; the text beside it is for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    // Not final: the appliance may run it once authority arrives (`AWAITING_APPROVAL`).
+    /// Nothing the appliance holds authorises it yet.
+    AwaitingAuthority,
+    /// The customer's approval is valid only from a later time (sent beside the code).
+    ApprovalNotYetValid,
+    // Final (`REFUSED`).
+    /// The instruction is malformed (its id, its approval's encoding).
+    Malformed,
+    /// The request is not signed by the control plane's operations identity.
+    Unauthenticated,
+    /// The request names another appliance, tenant or environment, or its command is not
+    /// what the appliance renders from the template.
+    Misbound,
+    /// The relayed approval does not verify with the pinned customer keys.
+    ApprovalInvalid,
+    /// The customer signed a denial.
+    CustomerDenied,
+    /// The customer's policy (or a built-in rule) refuses it; the [`crate::grant::DenyCode`]
+    /// beside it says which check.
+    Denied,
+    /// The appliance could not record the execution (e.g. a full disk).
+    NotRecorded,
+}
+
+impl RefusalCode {
+    /// Whether the appliance may still run it: the control plane keeps offering it.
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, RefusalCode::AwaitingAuthority | RefusalCode::ApprovalNotYetValid)
+    }
+}
+
+/// The control plane's answer to a result or release the appliance sent up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckCode {
+    /// Stored: the appliance drops it from its outbox.
+    Stored,
+    /// Not stored yet, through no fault of its own (a release that arrived before its
+    /// operation's result): the appliance keeps it and sends it again after its results.
+    Retry,
+    /// Refused, and it will be refused again: the appliance keeps its copy, parks it and
+    /// audits the refusal.
+    Refused,
+}
+
 /// What authorised an execution.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorityRef {
-    /// `grant`, `pre-approval`, `standing-window` or `observe`.
-    pub kind: String,
+    pub kind: AuthorityKind,
     /// SHA-256 of the grant's or pre-approval's signed body, when there is one.
     pub digest: Option<String>,
     /// The customer policy in force (its digest), when there is one.
@@ -83,7 +238,7 @@ pub struct AuthorityRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutionStatement {
-    pub request_id: String,
+    pub request_id: OperationId,
     pub appliance: crate::ApplianceId,
     pub request_digest: String,
     pub command_sha256: String,
@@ -122,7 +277,7 @@ pub enum ReleaseDecision {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseStatement {
-    pub request_id: String,
+    pub request_id: OperationId,
     pub appliance: crate::ApplianceId,
     pub decision: ReleaseDecision,
     pub output_sha256: String,
@@ -137,7 +292,7 @@ pub struct ReleaseStatement {
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub format: String,
-    pub request_id: String,
+    pub request_id: OperationId,
     pub request: Envelope,
     /// PEM of the certificate whose key signed `request`.
     pub control_plane_certificate: String,
@@ -155,10 +310,10 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn new(request_id: &str, request: Envelope, control_plane_certificate: String) -> Self {
+    pub fn new(request_id: OperationId, request: Envelope, control_plane_certificate: String) -> Self {
         Self {
             format: MANIFEST_FORMAT.to_owned(),
-            request_id: request_id.to_owned(),
+            request_id,
             request,
             control_plane_certificate,
             approval: None,
@@ -438,8 +593,8 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
             return fail("execution.binding", "the execution is for another request or command");
         }
         checks.push("execution.binding");
-        match e.authority.kind.as_str() {
-            "grant" => {
+        match e.authority.kind {
+            AuthorityKind::Grant => {
                 let Some(a) = &approval else {
                     return fail("execution.authority", "executed on a grant, but the manifest has no approval");
                 };
@@ -456,7 +611,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                     return fail("execution.authority", "executed outside the approval's window");
                 }
             }
-            "pre-approval" => {
+            AuthorityKind::PreApproval => {
                 let Some(p) = &pre_approval else {
                     return fail("execution.authority", "executed on a pre-approval, but the manifest has none");
                 };
@@ -472,7 +627,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
             }
             // No customer signature is needed for the appliance's own read-only probes; a vendor
             // template can never be one (core refuses templates with their names).
-            "observe" => {
+            AuthorityKind::Probe => {
                 let probe = req.phase == crate::policy::Phase::Observe
                     && crate::grant::BUILTIN_OBSERVE_KINDS.contains(&req.kind.as_str());
                 if !probe {
@@ -483,7 +638,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                 }
             }
             // The customer's signed policy allowed it in a standing window: check against it.
-            "standing-window" => {
+            AuthorityKind::StandingWindow => {
                 let Some(policy) = inputs.policy else {
                     return fail(
                         "execution.authority",
@@ -506,7 +661,6 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                     );
                 }
             }
-            other => return fail("execution.authority", format!("unknown authority `{other}`")),
         }
         checks.push("execution.authority");
         execution = Some(e);
@@ -546,7 +700,7 @@ pub fn output_release_allowed(report: &ManifestReport) -> bool {
     }
     match (&report.release, &report.pre_approval, &report.execution) {
         (Some(r), _, Some(_)) => r.decision == ReleaseDecision::Release,
-        (None, Some(p), Some(e)) => p.level == ApprovalLevel::CommandsAndOutput && e.authority.kind == "pre-approval",
+        (None, Some(p), Some(e)) => p.level == ApprovalLevel::CommandsAndOutput && e.authority.kind == AuthorityKind::PreApproval,
         _ => false,
     }
 }

@@ -3,16 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod fixture;
 
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE};
 use airlock_core::operation::{
-    EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, VerifyInputs,
+    AuthorityKind, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, VerifyInputs,
     output_release_allowed, verify_chain, verify_manifest,
 };
-use fixture::{Ca, Fixture, Parts};
+use airlock_testkit::{Ca, Fixture, Parts};
 
 type Edit = Box<dyn FnOnce(&mut Parts)>;
 
@@ -92,7 +91,7 @@ fn each_binding_mismatch_names_its_check() {
         ("execution.binding", Box::new(|p| p.execution.request_digest = "00".repeat(32))),
         ("execution.binding", Box::new(|p| p.execution.command_sha256 = "00".repeat(32))),
         ("execution.authority", Box::new(|p| p.execution.authority.digest = Some("00".repeat(32)))),
-        ("execution.authority", Box::new(|p| p.execution.authority.kind = "pre-approval".into())),
+        ("execution.authority", Box::new(|p| p.execution.authority.kind = AuthorityKind::PreApproval)),
         ("release.binding", Box::new(|p| p.release.output_sha256 = "00".repeat(32))),
         ("release.binding", Box::new(|p| p.release.output_size += 1)),
     ];
@@ -136,7 +135,7 @@ fn signatures_by_the_wrong_party_are_refused() {
     // Certificates from another CA, naming the right identities.
     let rogue = Ca::new("Rogue CA");
     let mut m = fx.manifest();
-    let rogue_cp = rogue.issue(&format!("spiffe://{}/control-plane", fixture::TRUST_DOMAIN));
+    let rogue_cp = rogue.issue(&format!("spiffe://{}/control-plane", airlock_testkit::TRUST_DOMAIN));
     m.request = rogue_cp.sign(Envelope::new(REQUEST_PAYLOAD_TYPE, m.request.payload.clone()));
     m.control_plane_certificate = rogue_cp.cert_pem.clone();
     assert_eq!(verify(&fx, &m).unwrap_err(), "request.signature");
@@ -179,7 +178,7 @@ fn missing_and_malformed_parts_are_refused() {
     assert_eq!(verify(&fx, &m).unwrap_err(), "execution.signature");
     // Another manifest's request under this manifest's id.
     let mut m = fx.manifest();
-    m.request_id = "op_ffffffffffffffffffffffffffffffff".into();
+    m.request_id = "op_ffffffffffffffffffffffffffffffff".parse().unwrap();
     assert_eq!(verify(&fx, &m).unwrap_err(), "request.id");
     // Two approvals required, one given.
     let keys = [fx.customer.public(), CustomerSigningKey::from_seed([8; 32]).public()];
@@ -238,7 +237,7 @@ fn executions_without_a_customer_signature_need_the_policy_that_allowed_them() {
     let in_window = |policy_digest: String| {
         let mut parts = fx.parts();
         parts.execution.authority = airlock_core::operation::AuthorityRef {
-            kind: "standing-window".into(),
+            kind: AuthorityKind::StandingWindow,
             digest: None,
             policy_digest: Some(policy_digest),
         };
@@ -260,7 +259,7 @@ fn executions_without_a_customer_signature_need_the_policy_that_allowed_them() {
     // A vendor template executed as if it were one of the appliance's own probes.
     let mut parts = fx.parts();
     parts.execution.authority =
-        airlock_core::operation::AuthorityRef { kind: "observe".into(), digest: None, policy_digest: None };
+        airlock_core::operation::AuthorityRef { kind: AuthorityKind::Probe, digest: None, policy_digest: None };
     let mut m = fx.assemble(&parts);
     m.approval = None;
     assert_eq!(check(&serde_json::to_vec(&m).unwrap(), Some(&policy)), Err("execution.authority"));

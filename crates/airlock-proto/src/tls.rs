@@ -101,6 +101,33 @@ pub fn pinned_client_config(pin: Fingerprint) -> rustls::ClientConfig {
     cfg
 }
 
+/// How a mutual-TLS client decides to trust the server it dials.
+pub enum ServerTrust {
+    /// A CA known only by its fingerprint ([`PinnedCaVerifier`]): the appliance's first dial
+    /// and the CLI.
+    Pinned(Fingerprint),
+    /// A CA certificate already held (the one the appliance stored at join).
+    Roots(RootCertStore),
+}
+
+/// The one builder of a TLS 1.3 client config that presents a certificate: the appliance's
+/// gateway stream, and the tests and benchmark that stand in for appliances.
+pub fn mtls_client_config(
+    trust: ServerTrust,
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_protocol_versions(PROTOCOL_VERSIONS)?;
+    let builder = match trust {
+        ServerTrust::Pinned(pin) => builder.dangerous().with_custom_certificate_verifier(PinnedCaVerifier::new(pin)),
+        ServerTrust::Roots(roots) => builder.with_root_certificates(roots),
+    };
+    let mut cfg = builder.with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
 /// Walks an error's source chain looking for a pin mismatch, so callers can say so plainly.
 pub fn find_pin_mismatch(err: &(dyn std::error::Error + 'static)) -> Option<Fingerprint> {
     error_chain(err).find_map(|e| {

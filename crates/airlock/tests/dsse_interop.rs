@@ -15,7 +15,13 @@ const TYPE: &str = "application/vnd.airlock.test+json";
 
 fn peer(args: &[&str]) -> std::process::Output {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/dsse_peer.py");
-    let out = Command::new("python3").arg(script).args(args).output().expect("python3 must be installed (see .ci/run)");
+    // scripts/test installs the peer in its own environment and names its interpreter here.
+    let python = std::env::var("AIRLOCK_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} ({e}); run the tests with scripts/test, which installs the peer"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("ModuleNotFoundError"), "securesystemslib is not installed; run .ci/run: {stderr}");
     out
