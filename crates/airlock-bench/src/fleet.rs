@@ -309,13 +309,13 @@ pub(crate) async fn connect_many(
 
 async fn connect_one(e: &Enrolled, hold: Hold) -> anyhow::Result<Live> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(e.key_pkcs8.clone()));
-    let mut tls = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
-        .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
-        .context("TLS 1.3")?
-        .with_root_certificates(e.roots.clone())
-        .with_client_auth_cert(vec![e.cert.clone()], key)
-        .context("client certificate")?;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = airlock_proto::tls::mtls_client_config(
+        airlock_proto::tls::ServerTrust::Roots((*e.roots).clone()),
+        vec![e.cert.clone()],
+        key,
+        &[b"h2"],
+    )
+    .context("client certificate")?;
     if hold == Hold::Tls {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls_only(&e.gateway_endpoint, &e.gateway_server_name, tls))
             .await

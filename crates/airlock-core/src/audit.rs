@@ -257,7 +257,11 @@ pub struct UnknownAction(pub String);
 impl std::str::FromStr for AuditAction {
     type Err = UnknownAction;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        AuditAction::ALL.iter().copied().find(|a| a.as_str() == s).ok_or_else(|| UnknownAction(s.chars().take(40).collect()))
+        AuditAction::ALL
+            .iter()
+            .copied()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| UnknownAction(s.chars().take(40).collect()))
     }
 }
 

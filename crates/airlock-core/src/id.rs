@@ -200,7 +200,14 @@ mod tests {
         assert_eq!(id.to_string(), format!("op_{}", "ab".repeat(16)));
         assert_eq!(id.to_string().parse::<OperationId>().unwrap(), id);
         assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{id}\""));
-        for bad in ["op_1", "op_", "", "op_../../etc/passwd", &format!("op_{}", "AB".repeat(16)), &format!("apl_{}", "ab".repeat(16))] {
+        for bad in [
+            "op_1",
+            "op_",
+            "",
+            "op_../../etc/passwd",
+            &format!("op_{}", "AB".repeat(16)),
+            &format!("apl_{}", "ab".repeat(16)),
+        ] {
             assert!(bad.parse::<OperationId>().is_err(), "{bad}");
             assert!(serde_json::from_str::<OperationId>(&format!("\"{bad}\"")).is_err(), "{bad}");
         }

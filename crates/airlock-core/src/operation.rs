@@ -169,7 +169,10 @@ pub struct UnknownState(pub String);
 impl std::str::FromStr for OperationState {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        OperationState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownState(s.chars().take(40).collect()))
+        OperationState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.chars().take(40).collect()))
     }
 }
 
@@ -700,7 +703,9 @@ pub fn output_release_allowed(report: &ManifestReport) -> bool {
     }
     match (&report.release, &report.pre_approval, &report.execution) {
         (Some(r), _, Some(_)) => r.decision == ReleaseDecision::Release,
-        (None, Some(p), Some(e)) => p.level == ApprovalLevel::CommandsAndOutput && e.authority.kind == AuthorityKind::PreApproval,
+        (None, Some(p), Some(e)) => {
+            p.level == ApprovalLevel::CommandsAndOutput && e.authority.kind == AuthorityKind::PreApproval
+        }
         _ => false,
     }
 }

@@ -3,13 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE};
 use airlock_core::operation::{
-    AuthorityKind, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, VerifyInputs,
-    output_release_allowed, verify_chain, verify_manifest,
+    AuthorityKind, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE,
+    VerifyInputs, output_release_allowed, verify_chain, verify_manifest,
 };
 use airlock_testkit::{Ca, Fixture, Parts};
 

@@ -3,12 +3,14 @@
 //! Customer key `n` is always the same key (seed `[n; 32]`), so a test names keys by number
 //! and two processes of one test agree on them.
 
+use airlock_core::Timestamp;
 use airlock_core::customer_key::{CustomerPublicKey, CustomerSigningKey};
 use airlock_core::dsse::Envelope;
-use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE, GrantBody, OperationRequest, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
+use airlock_core::grant::{
+    ApprovalDecision, GRANT_PAYLOAD_TYPE, GrantBody, OperationRequest, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
+};
 use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseStatement};
 use airlock_core::policy::POLICY_PAYLOAD_TYPE;
-use airlock_core::Timestamp;
 
 /// Customer key number `n`.
 pub fn key(n: u8) -> CustomerSigningKey {

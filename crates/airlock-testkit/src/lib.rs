@@ -2,10 +2,18 @@
 //!
 //! It is only ever a `[dev-dependency]` (and a dependency of the never-shipped benchmark), so
 //! nothing here reaches a release binary; `scripts/check-crate-graph` checks that.
-//! It depends on core only: server- or appliance-specific harnesses live beside their tests.
+//! It never depends on the server or the appliance crates (their in-crate harnesses live
+//! beside their tests); [`e2e`] drives both through the real `airlock` binary instead.
+//!
+//! - [`signed_operation`]: a CA, certificate signers and a complete, correctly signed operation.
+//! - [`customer`]: numbered customer keys and what they sign.
+//! - [`process`]: child processes killed on drop, polling with a deadline, sockets from `/proc`.
+//! - [`e2e`]: a real server, appliances and customer on loopback, through the CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a failed fixture is a failed test.
 
 pub mod customer;
+pub mod e2e;
+pub mod process;
 pub mod signed_operation;
 
 use airlock_core::OperationId;

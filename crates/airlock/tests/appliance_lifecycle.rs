@@ -2,15 +2,18 @@
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::{Server, credentials, gateway_handshake, listening_sockets, wait_for};
+use airlock_testkit::e2e;
+use airlock_testkit::e2e::{Server, credentials, gateway_handshake};
+use airlock_testkit::process::{listening_sockets, wait_for};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
 
 #[test]
 fn appliance_joins_and_reports_status() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let state = server.dir.path().join("apl");
     let (proc, id) = server.joined_appliance(&state);
     let a = server.appliance(&id);
@@ -46,7 +49,7 @@ fn appliance_joins_and_reports_status() {
 
 #[test]
 fn join_token_reuse_fails_with_clear_error() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let env = server.create_env("prod");
     let token = server.join_token(&env);
     let mut first = server.appliance_proc(&server.dir.path().join("a1"), Some(&token), None);
@@ -60,7 +63,7 @@ fn join_token_reuse_fails_with_clear_error() {
 
 #[test]
 fn appliance_refuses_control_plane_with_other_ca() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let env = server.create_env("prod");
     let token = server.join_token(&env);
     let wrong = format!("sha256:{}", "ab".repeat(32));
@@ -76,7 +79,7 @@ fn appliance_refuses_control_plane_with_other_ca() {
 
 #[test]
 fn gateway_refuses_certificate_from_another_ca() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let state = server.dir.path().join("apl");
     let (_proc, id) = server.joined_appliance(&state);
     // A look-alike CA issues a certificate naming the very same identity.
@@ -96,12 +99,12 @@ fn gateway_refuses_certificate_from_another_ca() {
     let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
     let _ = rogue_ca;
 
-    let err = gateway_handshake(&server.gateway, &support::ca_pem(&state), &leaf_cert.pem(), &leaf_key.serialize_pem())
+    let err = gateway_handshake(&server.gateway, &e2e::ca_pem(&state), &leaf_cert.pem(), &leaf_key.serialize_pem())
         .expect_err("a foreign CA's certificate must be refused");
     assert!(err.contains("UnknownCA") || err.contains("unknown"), "{err}");
     // The real credentials still work, and the refusal is audited.
     let (cert, key) = credentials(&state);
-    gateway_handshake(&server.gateway, &support::ca_pem(&state), &cert, &key).unwrap();
+    gateway_handshake(&server.gateway, &e2e::ca_pem(&state), &cert, &key).unwrap();
     let rejected = wait_for(Duration::from_secs(5), "rejected handshake in the audit", || {
         let r = server.audited("gateway.handshake_rejected", "denied");
         (!r.is_empty()).then_some(r)
@@ -113,11 +116,11 @@ fn gateway_refuses_certificate_from_another_ca() {
 
 #[test]
 fn expired_certificate_is_refused_at_handshake() {
-    let server = Server::start_with(&["--appliance-cert-lifetime", "3s"]);
+    let server = Server::start_with(BIN, &["--appliance-cert-lifetime", "3s"]);
     let state = server.dir.path().join("apl");
     let (_proc, _id) = server.joined_appliance(&state);
     let (cert, key) = credentials(&state);
-    let ca = support::ca_pem(&state);
+    let ca = e2e::ca_pem(&state);
     gateway_handshake(&server.gateway, &ca, &cert, &key).unwrap();
     std::thread::sleep(Duration::from_millis(4200));
     let err = gateway_handshake(&server.gateway, &ca, &cert, &key).expect_err("expired certificate must be refused");
@@ -126,7 +129,7 @@ fn expired_certificate_is_refused_at_handshake() {
 
 #[test]
 fn appliance_rotates_certificate_twice_with_new_keys() {
-    let server = Server::start_with(&["--appliance-cert-lifetime", "6s"]);
+    let server = Server::start_with(BIN, &["--appliance-cert-lifetime", "6s"]);
     let state = server.dir.path().join("apl");
     let (proc, id) = server.joined_appliance(&state);
     let first_serial = server.appliance(&id)["cert_serial"].as_str().unwrap().to_owned();
@@ -159,7 +162,7 @@ fn appliance_rotates_certificate_twice_with_new_keys() {
 
 #[test]
 fn revocation_closes_stream_within_a_second_and_sticks() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let state = server.dir.path().join("apl");
     let (mut proc, id) = server.joined_appliance(&state);
     let (cert, key) = credentials(&state);
@@ -176,7 +179,7 @@ fn revocation_closes_stream_within_a_second_and_sticks() {
     assert_eq!(a["connected"], false);
 
     // Every later handshake with that certificate is refused, even by a fresh client.
-    let err = gateway_handshake(&server.gateway, &support::ca_pem(&state), &cert, &key).expect_err("revoked");
+    let err = gateway_handshake(&server.gateway, &e2e::ca_pem(&state), &cert, &key).expect_err("revoked");
     assert!(err.contains("CertificateRevoked") || err.contains("revoked"), "{err}");
     // The refusal is audited in the tenant's own chain: the certificate chained to our CA.
     let rejected = wait_for(Duration::from_secs(5), "revoked handshake in the tenant audit", || {
@@ -199,13 +202,13 @@ fn revocation_closes_stream_within_a_second_and_sticks() {
     let mut server = server;
     server.stop();
     server.launch(&[]);
-    let err = gateway_handshake(&server.gateway, &support::ca_pem(&state), &cert, &key).expect_err("still revoked");
+    let err = gateway_handshake(&server.gateway, &e2e::ca_pem(&state), &cert, &key).expect_err("still revoked");
     assert!(err.contains("CertificateRevoked") || err.contains("revoked"), "{err}");
 }
 
 #[test]
 fn appliance_revoked_while_offline_stops_at_handshake() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let state = server.dir.path().join("apl");
     let (mut proc, id) = server.joined_appliance(&state);
     assert!(proc.stop().success());
@@ -226,7 +229,7 @@ fn appliance_revoked_while_offline_stops_at_handshake() {
 
 #[test]
 fn appliance_restarts_without_rejoining() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let state = server.dir.path().join("apl");
     let (mut proc, id) = server.joined_appliance(&state);
     assert!(proc.stop().success());
@@ -241,7 +244,7 @@ fn appliance_restarts_without_rejoining() {
 
 #[test]
 fn appliance_reconnects_after_control_plane_restart() {
-    let mut server = Server::start();
+    let mut server = Server::start(BIN);
     let state = server.dir.path().join("apl");
     let (proc, id) = server.joined_appliance(&state);
     let before = proc.log().matches("connected to control plane").count();
@@ -262,9 +265,9 @@ fn appliance_reconnects_after_control_plane_restart() {
 
 #[test]
 fn appliance_never_listens_on_a_network_socket() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let (proc, _id) = server.joined_appliance(&server.dir.path().join("apl"));
-    assert!(support::count_tcp_sockets(proc.pid()) >= 1);
+    assert!(airlock_testkit::process::count_tcp_sockets(proc.pid()) >= 1);
     let listening = listening_sockets(proc.pid());
     assert!(listening.is_empty(), "appliance listens on {listening:?}");
     // The check can fail: the server process does listen.
@@ -273,7 +276,7 @@ fn appliance_never_listens_on_a_network_socket() {
 
 #[test]
 fn appliance_runs_from_a_toml_config_file() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let env = server.create_env("prod");
     let token = server.join_token(&env);
     let state = server.dir.path().join("apl");
@@ -288,14 +291,14 @@ fn appliance_runs_from_a_toml_config_file() {
         ),
     )
     .unwrap();
-    let mut cmd = std::process::Command::new(support::bin());
+    let mut cmd = std::process::Command::new(BIN);
     cmd.args(["appliance", "run", "--config"]).arg(&config);
-    let mut proc = support::Proc::spawn(cmd, server.dir.path().join("toml-appliance.log"));
+    let mut proc = airlock_testkit::process::Proc::spawn(cmd, server.dir.path().join("toml-appliance.log"));
     server.wait_connected(&mut proc);
 
     // A typo in a security setting stops startup.
     std::fs::write(&config, format!("control_plane = \"{}\"\nca_fingerprnt = \"x\"\n", server.url)).unwrap();
-    let out = std::process::Command::new(support::bin())
+    let out = std::process::Command::new(BIN)
         .args(["appliance", "run", "--config"])
         .arg(&config)
         .output()
@@ -306,8 +309,8 @@ fn appliance_runs_from_a_toml_config_file() {
 
 #[test]
 fn second_server_on_the_same_data_dir_is_refused() {
-    let server = Server::start();
-    let out = std::process::Command::new(support::bin())
+    let server = Server::start(BIN);
+    let out = std::process::Command::new(BIN)
         .args(["server", "--data-dir"])
         .arg(&server.data_dir)
         .args(["--listen", "127.0.0.1:0", "--gateway-listen", "127.0.0.1:0"])
@@ -319,7 +322,7 @@ fn second_server_on_the_same_data_dir_is_refused() {
 
 #[test]
 fn old_certificate_keeps_working_until_it_expires() {
-    let server = Server::start_with(&["--appliance-cert-lifetime", "12s"]);
+    let server = Server::start_with(BIN, &["--appliance-cert-lifetime", "12s"]);
     let state = server.dir.path().join("apl");
     let (_proc, id) = server.joined_appliance(&state);
     let first_serial = server.appliance(&id)["cert_serial"].as_str().unwrap().to_owned();
@@ -328,13 +331,13 @@ fn old_certificate_keeps_working_until_it_expires() {
         (server.appliance(&id)["cert_serial"].as_str() != Some(&first_serial)).then_some(())
     });
     assert_ne!(credentials(&state).0, old_cert);
-    gateway_handshake(&server.gateway, &support::ca_pem(&state), &old_cert, &old_key)
+    gateway_handshake(&server.gateway, &e2e::ca_pem(&state), &old_cert, &old_key)
         .expect("the certificate before rotation is still valid until it expires");
 }
 
 #[test]
 fn heartbeats_advance_last_heartbeat() {
-    let server = Server::start_with(&["--heartbeat-interval", "1s"]);
+    let server = Server::start_with(BIN, &["--heartbeat-interval", "1s"]);
     let (_proc, id) = server.joined_appliance(&server.dir.path().join("apl"));
     let first = server.appliance(&id)["last_heartbeat"].as_str().unwrap().to_owned();
     let later = wait_for(Duration::from_secs(10), "a later heartbeat", || {
@@ -347,7 +350,7 @@ fn heartbeats_advance_last_heartbeat() {
 
 #[test]
 fn appliance_retries_join_until_the_control_plane_is_reachable() {
-    let mut server = Server::start();
+    let mut server = Server::start(BIN);
     let env = server.create_env("prod");
     let token = server.join_token(&env);
     let gateway = server.gateway.clone();
@@ -372,7 +375,7 @@ fn appliance_retries_join_until_the_control_plane_is_reachable() {
 
 #[test]
 fn second_appliance_on_the_same_state_dir_is_refused() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let state = server.dir.path().join("apl");
     let (_first, _id) = server.joined_appliance(&state);
     let mut second = server.appliance_proc(&state, None, None);

@@ -2,12 +2,13 @@
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::{Server, bin};
+use airlock_testkit::e2e::Server;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
 
 /// Runs SQL against a copy of the server's database.
 async fn tamper(db: &Path, sql: &str) {
@@ -24,13 +25,13 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn verify(data_dir: &Path) -> (bool, String) {
-    let out = Command::new(bin()).args(["audit", "verify", "--data-dir"]).arg(data_dir).output().unwrap();
+    let out = Command::new(BIN).args(["audit", "verify", "--data-dir"]).arg(data_dir).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_verify_detects_edit_delete_reorder_and_truncation() {
-    let mut server = Server::start();
+    let mut server = Server::start(BIN);
     for name in ["a", "b", "c"] {
         let env = server.create_env(name);
         server.join_token(&env);
@@ -80,7 +81,7 @@ async fn audit_verify_detects_edit_delete_reorder_and_truncation() {
 
 #[test]
 fn audit_records_security_events_without_secrets() {
-    let mut server = Server::start();
+    let mut server = Server::start(BIN);
     let env = server.create_env("prod");
     let token = server.join_token(&env);
     let state = server.dir.path().join("apl");
@@ -92,7 +93,7 @@ fn audit_records_security_events_without_secrets() {
     server.ok(&["appliance", "revoke", &id]);
     server.stop();
 
-    let dump = Command::new(bin()).args(["audit", "verify", "--data-dir"]).arg(&server.data_dir).output().unwrap();
+    let dump = Command::new(BIN).args(["audit", "verify", "--data-dir"]).arg(&server.data_dir).output().unwrap();
     assert!(dump.status.success());
     let db = std::fs::read(server.data_dir.join("airlock.db")).unwrap();
     let wal = std::fs::read(server.data_dir.join("airlock.db-wal")).unwrap_or_default();
@@ -112,7 +113,7 @@ fn audit_records_security_events_without_secrets() {
 #[test]
 fn dev_exits_zero_when_appliance_is_connected() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin())
+    let out = Command::new(BIN)
         .args(["dev", "--exit-when-ready", "--data-dir"])
         .arg(dir.path().join("dev"))
         .env("NO_COLOR", "1")
@@ -126,17 +127,17 @@ fn dev_exits_zero_when_appliance_is_connected() {
 
 #[test]
 fn server_init_refuses_an_initialised_directory() {
-    let server = Server::start();
-    let out = Command::new(bin()).args(["server", "init", "--data-dir"]).arg(&server.data_dir).output().unwrap();
+    let server = Server::start(BIN);
+    let out = Command::new(BIN).args(["server", "init", "--data-dir"]).arg(&server.data_dir).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already initialised"));
 }
 
 #[test]
 fn server_refuses_to_start_with_wrong_key_encryption_key() {
-    let mut server = Server::start();
+    let mut server = Server::start(BIN);
     server.stop();
-    let out = Command::new(bin())
+    let out = Command::new(BIN)
         .args(["server", "--data-dir"])
         .arg(&server.data_dir)
         .args(["--listen", "127.0.0.1:0", "--gateway-listen", "127.0.0.1:0"])
@@ -153,7 +154,7 @@ fn server_refuses_to_start_with_wrong_key_encryption_key() {
 
 #[test]
 fn server_logs_json_lines_when_asked() {
-    let server = Server::start_with(&["--log-format", "json"]);
+    let server = Server::start_with(BIN, &["--log-format", "json"]);
     let log = server.log();
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.iter().any(|l| l.contains("control plane serving")), "{log}");

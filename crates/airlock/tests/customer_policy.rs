@@ -2,13 +2,15 @@
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{Server, bin, wait_for};
+use airlock_testkit::e2e::{self, Server};
+use airlock_testkit::process::wait_for;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
 
 const POLICY: &str = r#"
 version = 1
@@ -22,34 +24,20 @@ args = { action = "drop" }
 "#;
 
 fn airlock(args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).output().unwrap()
+    e2e::run(BIN, args)
 }
 
 fn keygen(dir: &Path) {
-    let out = airlock(&["customer", "keygen", "--out", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    e2e::keygen(BIN, dir)
 }
 
 fn sign(policy_text: &str, key_dir: &Path, out: &Path) {
-    let toml = out.with_extension("toml");
-    std::fs::write(&toml, policy_text).unwrap();
-    let key = key_dir.join("customer.key");
-    let res = airlock(&[
-        "customer",
-        "policy",
-        "sign",
-        toml.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    e2e::sign_policy(BIN, policy_text, key_dir, out)
 }
 
 #[test]
 fn appliance_pins_customer_key_and_enforces_signed_policy_updates() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let tmp = server.dir.path();
     let (customer, attacker) = (tmp.join("customer"), tmp.join("attacker"));
     keygen(&customer);
@@ -141,7 +129,7 @@ fn appliance_pins_customer_key_and_enforces_signed_policy_updates() {
 
 #[test]
 fn appliance_audit_log_detects_tampering_and_blocks_start() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let env = server.create_env("prod");
     let token = server.join_token(&env);
     let state = server.dir.path().join("apl");
@@ -214,7 +202,7 @@ fn policy_sign_checks_the_policy_before_signing() {
 
 #[test]
 fn customer_switches_phases_on_the_appliance_host() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let tmp = server.dir.path();
     let customer = tmp.join("customer");
     keygen(&customer);
@@ -267,7 +255,7 @@ fn customer_switches_phases_on_the_appliance_host() {
 
 #[test]
 fn a_customer_policy_relayed_through_the_control_plane_takes_effect_and_a_vendor_signed_one_is_refused() {
-    let server = Server::start();
+    let server = Server::start(BIN);
     let tmp = server.dir.path();
     let (customer, vendor) = (tmp.join("customer"), tmp.join("vendor"));
     keygen(&customer);

@@ -1,5 +1,5 @@
 //! Our DSSE envelopes against securesystemslib's reference implementation, both ways.
-//! `.ci/run` installs it; if it is missing this test fails rather than skips.
+//! `scripts/test` installs it; if it is missing this test fails rather than skips.
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
@@ -8,8 +8,6 @@ use std::process::Command;
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
 
-#[path = "../../airlock-core/tests/fixture/mod.rs"]
-mod fixture;
 
 const TYPE: &str = "application/vnd.airlock.test+json";
 
@@ -23,7 +21,7 @@ fn peer(args: &[&str]) -> std::process::Output {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python} ({e}); run the tests with scripts/test, which installs the peer"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("ModuleNotFoundError"), "securesystemslib is not installed; run .ci/run: {stderr}");
+    assert!(!stderr.contains("ModuleNotFoundError"), "securesystemslib is not installed; run scripts/test: {stderr}");
     out
 }
 
@@ -107,7 +105,7 @@ fn customer_keygen_writes_a_private_key_only_its_owner_can_read() {
 #[test]
 fn every_envelope_of_a_manifest_verifies_with_the_reference_implementation() {
     let dir = tempfile::tempdir().unwrap();
-    let fx = fixture::Fixture::new();
+    let fx = airlock_testkit::Fixture::new();
     let m = fx.manifest();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);

@@ -4,14 +4,16 @@
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Proc, Server, bin, wait_for};
+use airlock_testkit::e2e::{Deployment, all_bytes, contains_bytes as contains, ok, run};
+use airlock_testkit::process::wait_for;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
 
 const POLICY: &str = r#"
 version = 1
@@ -25,180 +27,24 @@ args = { name = "billing" }
 "#;
 
 fn airlock(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
+    run(BIN, args)
 }
 
-fn ok(out: Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A customer with a key pair, an appliance that pins it under a signed policy, and templates.
-struct Setup {
-    server: Server,
-    env: String,
-    state: PathBuf,
-    customer: PathBuf,
-    appliance: Proc,
-    appliance_id: String,
-}
-
-impl Setup {
-    fn new(policy: &str) -> Self {
-        let server = Server::start_with(&["--heartbeat-interval", "1s"]);
-        let tmp = server.dir.path().to_owned();
-        let customer = tmp.join("customer");
-        ok(airlock(&["customer", "keygen", "--out", customer.to_str().unwrap()]), "keygen");
-        let policy_toml = tmp.join("policy.toml");
-        std::fs::write(&policy_toml, policy).unwrap();
-        let signed = tmp.join("policy.json");
-        let key = customer.join("customer.key");
-        ok(
-            airlock(&[
-                "customer",
-                "policy",
-                "sign",
-                policy_toml.to_str().unwrap(),
-                "--key",
-                key.to_str().unwrap(),
-                "--out",
-                signed.to_str().unwrap(),
-            ]),
-            "policy sign",
-        );
-        let env = server.create_env("prod");
-        let token = server.join_token(&env);
-        let state = tmp.join("apl");
-        let pubkey = customer.join("customer.pub");
-        let mut appliance = server.appliance_proc_with(
-            &state,
-            Some(&token),
-            &["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()],
-        );
-        let appliance_id = server.wait_connected(&mut appliance);
-        let setup = Self { server, env, state, customer, appliance, appliance_id };
-        setup.push_template(
-            "greet",
-            "operate",
-            "[\"service:greet\"]",
-            "#!/bin/sh\necho \"hello $AIRLOCK_VAR_NAME\"\necho 'to stderr' >&2\nexit 3\n",
-        );
-        setup
-    }
-
-    fn key(&self) -> String {
-        self.customer.join("customer.key").to_str().unwrap().to_owned()
-    }
-
-    fn state(&self) -> &str {
-        self.state.to_str().unwrap()
-    }
-
-    fn push_template(&self, name: &str, phase: &str, tags: &str, script: &str) {
-        let dir = self.server.dir.path().join(format!("template-{name}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("template.toml"),
-            format!(
-                "name = \"{name}\"\ndescription = \"test {name}\"\nphase = \"{phase}\"\ndata_tags = {tags}\n\
-                 body = \"run.sh\"\n\n[[variables]]\nname = \"name\"\npattern = \"[a-zA-Z0-9/._-]+\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::write(dir.join("run.sh"), script).unwrap();
-        self.server.ok(&["template", "push", dir.to_str().unwrap()]);
-    }
-
-    fn template_dir(&self, name: &str) -> PathBuf {
-        self.server.dir.path().join(format!("template-{name}"))
-    }
-
-    /// `airlock op request`; returns the operation id.
-    fn request(&self, template: &str, name: &str) -> String {
-        let out = self.server.ok(&[
-            "op",
-            "request",
-            &self.env,
-            template,
-            "--var",
-            &format!("name={name}"),
-            "--reason",
-            "end-to-end test",
-        ]);
-        let id = out.lines().next().unwrap().trim().to_owned();
-        assert!(id.starts_with("op_"), "{out}");
-        id
-    }
-
-    fn show(&self, id: &str) -> Value {
-        serde_json::from_str(&self.server.ok(&["op", "show", id])).unwrap()
-    }
-
-    fn wait_state(&self, id: &str, state: &str) -> Value {
-        wait_for(Duration::from_secs(20), &format!("operation {id} to be {state}"), || {
-            let op = self.show(id);
-            (op["state"] == state).then_some(op)
-        })
-    }
-
-    /// The request digest the customer's own CLI computed while listing what awaits approval.
-    fn reviewed_digest(&self, id: &str) -> String {
-        let listed: Value =
-            serde_json::from_str(&ok(self.server.cli(&["customer", "approvals", "list", "--json"]), "approvals list"))
-                .unwrap();
-        let op = listed["awaiting_approval"].as_array().unwrap().iter().find(|o| o["id"] == id).cloned();
-        op.unwrap_or_else(|| panic!("{id} is not listed: {listed}"))["request_digest"].as_str().unwrap().to_owned()
-    }
-
-    fn decide(&self, verb: &str, id: &str, key: &str) -> Output {
-        let digest = self.reviewed_digest(id);
-        self.server.cli(&["customer", verb, id, "--key", key, "--digest", &digest, "--reason", "reviewed"])
-    }
-
-    fn approve(&self, id: &str) {
-        ok(self.decide("approve", id, &self.key()), "customer approve");
-    }
-
-    fn local(&self, args: &[&str]) -> Output {
-        let mut full: Vec<&str> = args.to_vec();
-        full.extend(["--state-dir", self.state()]);
-        airlock(&full)
-    }
-
-    fn audit_actions(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.state.join("audit.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn audited(&self, action: &str) -> Vec<Value> {
-        self.audit_actions().into_iter().filter(|r| r["action"] == action).collect()
-    }
-}
-
-/// Every file under `dir`, concatenated (for "this secret is nowhere" checks).
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(all_bytes(&path));
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            out.extend(bytes);
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// A deployment under `policy` with the `greet` template pushed.
+fn setup(policy: &str) -> Deployment {
+    let d = Deployment::start(BIN, policy);
+    d.push_template(
+        "greet",
+        "operate",
+        "[\"service:greet\"]",
+        "#!/bin/sh\necho \"hello $AIRLOCK_VAR_NAME\"\necho 'to stderr' >&2\nexit 3\n",
+    );
+    d
 }
 
 #[test]
 fn request_approve_execute_release_and_verify_through_the_cli() {
-    let s = Setup::new(POLICY);
+    let s = setup(POLICY);
     let id = s.request("greet", "world");
     let op = s.wait_state(&id, "awaiting_approval");
     assert_eq!(op["appliance"], s.appliance_id.as_str());
@@ -288,7 +134,7 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
 
 #[test]
 fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
-    let s = Setup::new(POLICY);
+    let s = setup(POLICY);
     // A customer deny rule is final: the appliance refuses before anyone could approve (a deny
     // with a valid approval in hand is covered in the appliance's own tests).
     let id = s.request("greet", "billing");
@@ -320,7 +166,7 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
 
 #[test]
 fn disabling_operate_on_the_host_kills_the_running_operation() {
-    let s = Setup::new(POLICY);
+    let s = setup(POLICY);
     s.push_template("long-task", "operate", "[]", "#!/bin/sh\necho $$ > \"$AIRLOCK_VAR_NAME\"\nsleep 120\necho done\n");
     let pid_file = s.server.dir.path().join("task.pid");
     let id = s.request("long-task", pid_file.to_str().unwrap());
@@ -359,7 +205,7 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
 
 #[test]
 fn pre_approval_runs_are_counted_across_restarts() {
-    let mut s = Setup::new(POLICY);
+    let mut s = setup(POLICY);
     let signed = s.server.dir.path().join("pre.json");
     let template_dir = s.template_dir("greet");
     ok(
@@ -431,7 +277,7 @@ fn pre_approval_runs_are_counted_across_restarts() {
 
 #[test]
 fn secret_output_never_leaves_the_appliance() {
-    let s = Setup::new(POLICY);
+    let s = setup(POLICY);
     s.push_template(
         "show-config",
         "operate",

@@ -21,8 +21,7 @@ use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE, GrantBody, verif
 use airlock_core::policy::Phase;
 use airlock_core::{ApplianceId, Timestamp};
 
-#[path = "../../../airlock-core/tests/fixture/mod.rs"]
-mod fixture;
+use airlock_testkit as fixture;
 
 const ROUNDS: usize = 7;
 
@@ -34,7 +33,7 @@ fn main() {
     let key = CustomerSigningKey::from_seed([7; 32]);
     let public = key.public();
     let body = GrantBody {
-        request_id: "op_0123456789abcdef0123456789abcdef".into(),
+        request_id: "op_0123456789abcdef0123456789abcdef".parse().expect("a valid operation id"),
         appliance: ApplianceId::from_random([1; 16]),
         phase: Phase::Operate,
         request_digest: "ab".repeat(32),

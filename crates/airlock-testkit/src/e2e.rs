@@ -1,103 +1,44 @@
-//! Process harness for end-to-end tests: a real `airlock server` and real appliances, as
-//! separate processes on loopback with temp dirs. Nothing is mocked.
-// A test harness: panicking on an unexpected failure is how it reports one.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+//! End-to-end harness: a real `airlock server` and real appliances as separate processes on
+//! loopback, with temp dirs; the real CLI for everything an operator or customer does.
+//! Nothing is mocked. A test names the binary once (`env!("CARGO_BIN_EXE_airlock")`).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_airlock")
+use crate::process::{Proc, wait_for};
+
+/// Runs `airlock args…` and returns its output.
+pub fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin).args(args).output().unwrap()
 }
 
-/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Asserts a command succeeded (showing its stderr if not) and returns its stdout.
+pub fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }
 
-/// A child process killed on drop, with stderr captured to a file.
-pub struct Proc {
-    pub child: Child,
-    pub log: PathBuf,
+/// `airlock customer keygen --out dir`.
+pub fn keygen(bin: &str, dir: &Path) {
+    ok(run(bin, &["customer", "keygen", "--out", dir.to_str().unwrap()]), "customer keygen");
 }
 
-impl Proc {
-    pub fn spawn(mut cmd: Command, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).env("AIRLOCK_LOG", "info").env("NO_COLOR", "1");
-        let child = cmd.spawn().unwrap();
-        Self { child, log }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        strip_ansi(&s)
-    }
-
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().unwrap()
-    }
-
-    /// SIGTERM, then wait for exit.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = self.exited() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return self.child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// Writes `policy_text` beside `out` and signs it with the key in `key_dir` into `out`.
+pub fn sign_policy(bin: &str, policy_text: &str, key_dir: &Path, out: &Path) {
+    let toml = out.with_extension("toml");
+    std::fs::write(&toml, policy_text).unwrap();
+    let key = key_dir.join("customer.key");
+    let args = ["customer", "policy", "sign", toml.to_str().unwrap(), "--key", key.to_str().unwrap()];
+    let res = Command::new(bin).args(args).arg("--out").arg(out).output().unwrap();
+    assert!(res.status.success(), "policy sign failed: {}", String::from_utf8_lossy(&res.stderr));
 }
 
 pub struct Server {
+    /// The `airlock` binary under test.
+    pub bin: String,
     pub dir: tempfile::TempDir,
     pub data_dir: PathBuf,
     pub proc: Option<Proc>,
@@ -110,15 +51,15 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start() -> Self {
-        Self::start_with(&[])
+    pub fn start(bin: &str) -> Self {
+        Self::start_with(bin, &[])
     }
 
     /// `airlock server init`, then `airlock server` on ephemeral loopback ports.
-    pub fn start_with(extra: &[&str]) -> Self {
+    pub fn start_with(bin: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let out = Command::new(bin())
+        let out = Command::new(bin)
             .args(["server", "init", "--data-dir"])
             .arg(&data_dir)
             .args(["--trust-domain", "airlock.test", "--tenant", "acme"])
@@ -134,6 +75,7 @@ impl Server {
         };
         let (token, workspace, tenant) = (field("admin token:"), field("workspace:"), field("tenant:"));
         let mut s = Self {
+            bin: bin.to_owned(),
             data_dir,
             proc: None,
             url: String::new(),
@@ -152,7 +94,7 @@ impl Server {
     pub fn launch(&mut self, extra: &[&str]) {
         let ready = self.dir.path().join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["server", "--data-dir"]).arg(&self.data_dir).args(["--hostname", "127.0.0.1"]);
         for (flag, default) in [("--listen", "127.0.0.1:0"), ("--gateway-listen", "127.0.0.1:0")] {
             if !extra.contains(&flag) {
@@ -185,7 +127,7 @@ impl Server {
 
     /// Runs the CLI against this server with the given token.
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(bin())
+        Command::new(&self.bin)
             .args(args)
             .env("AIRLOCK_URL", &self.url)
             .env("AIRLOCK_TOKEN", token)
@@ -225,7 +167,7 @@ impl Server {
 
     /// Starts an appliance process with extra arguments (customer keys, policy).
     pub fn appliance_proc_with(&self, state_dir: &Path, join_token: Option<&str>, extra: &[&str]) -> Proc {
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["appliance", "run", "--control-plane", &self.url, "--ca-fingerprint", &self.fingerprint])
             .arg("--state-dir")
             .arg(state_dir)
@@ -239,7 +181,7 @@ impl Server {
 
     /// Starts an appliance process with its state in `state_dir`.
     pub fn appliance_proc(&self, state_dir: &Path, join_token: Option<&str>, fingerprint: Option<&str>) -> Proc {
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["appliance", "run", "--control-plane", &self.url, "--ca-fingerprint"])
             .arg(fingerprint.unwrap_or(&self.fingerprint))
             .arg("--state-dir")
@@ -280,7 +222,7 @@ impl Server {
 
     /// Every audit record, via `airlock audit export`.
     pub fn audit_records(&self) -> Vec<Value> {
-        let out = Command::new(bin()).args(["audit", "export", "--data-dir"]).arg(&self.data_dir).output().unwrap();
+        let out = Command::new(&self.bin).args(["audit", "export", "--data-dir"]).arg(&self.data_dir).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
@@ -291,7 +233,7 @@ impl Server {
     }
 
     pub fn audit_verify(&self) -> Output {
-        Command::new(bin()).args(["audit", "verify", "--data-dir"]).arg(&self.data_dir).output().unwrap()
+        Command::new(&self.bin).args(["audit", "verify", "--data-dir"]).arg(&self.data_dir).output().unwrap()
     }
 }
 
@@ -302,6 +244,152 @@ fn rand_u32() -> u32 {
     h.finish() as u32
 }
 
+/// A customer with a key pair, an appliance that pins it under a signed policy, and templates.
+pub struct Deployment {
+    pub server: Server,
+    /// The environment the appliance joined.
+    pub env: String,
+    /// The appliance's state directory.
+    pub state: PathBuf,
+    /// The customer's key directory (`customer.key`, `customer.pub`).
+    pub customer: PathBuf,
+    pub appliance: Proc,
+    pub appliance_id: String,
+}
+
+impl Deployment {
+    /// A server, a customer key, and an appliance joined to a new environment that pins the
+    /// key and runs under `policy`, signed by it.
+    pub fn start(bin: &str, policy: &str) -> Self {
+        let server = Server::start_with(bin, &["--heartbeat-interval", "1s"]);
+        let tmp = server.dir.path().to_owned();
+        let customer = tmp.join("customer");
+        ok(run(bin, &["customer", "keygen", "--out", customer.to_str().unwrap()]), "keygen");
+        let policy_toml = tmp.join("policy.toml");
+        std::fs::write(&policy_toml, policy).unwrap();
+        let signed = tmp.join("policy.json");
+        let key = customer.join("customer.key");
+        ok(
+            run(
+                bin,
+                &[
+                    "customer",
+                    "policy",
+                    "sign",
+                    policy_toml.to_str().unwrap(),
+                    "--key",
+                    key.to_str().unwrap(),
+                    "--out",
+                    signed.to_str().unwrap(),
+                ],
+            ),
+            "policy sign",
+        );
+        let env = server.create_env("prod");
+        let token = server.join_token(&env);
+        let state = tmp.join("apl");
+        let pubkey = customer.join("customer.pub");
+        let mut appliance = server.appliance_proc_with(
+            &state,
+            Some(&token),
+            &["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()],
+        );
+        let appliance_id = server.wait_connected(&mut appliance);
+        Self { server, env, state, customer, appliance, appliance_id }
+    }
+
+    pub fn key(&self) -> String {
+        self.customer.join("customer.key").to_str().unwrap().to_owned()
+    }
+
+    pub fn state(&self) -> &str {
+        self.state.to_str().unwrap()
+    }
+
+    pub fn push_template(&self, name: &str, phase: &str, tags: &str, script: &str) {
+        let dir = self.server.dir.path().join(format!("template-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("template.toml"),
+            format!(
+                "name = \"{name}\"\ndescription = \"test {name}\"\nphase = \"{phase}\"\ndata_tags = {tags}\n\
+                 body = \"run.sh\"\n\n[[variables]]\nname = \"name\"\npattern = \"[a-zA-Z0-9/._-]+\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("run.sh"), script).unwrap();
+        self.server.ok(&["template", "push", dir.to_str().unwrap()]);
+    }
+
+    pub fn template_dir(&self, name: &str) -> PathBuf {
+        self.server.dir.path().join(format!("template-{name}"))
+    }
+
+    /// `airlock op request`; returns the operation id.
+    pub fn request(&self, template: &str, name: &str) -> String {
+        let out = self.server.ok(&[
+            "op",
+            "request",
+            &self.env,
+            template,
+            "--var",
+            &format!("name={name}"),
+            "--reason",
+            "end-to-end test",
+        ]);
+        let id = out.lines().next().unwrap().trim().to_owned();
+        assert!(id.starts_with("op_"), "{out}");
+        id
+    }
+
+    pub fn show(&self, id: &str) -> Value {
+        serde_json::from_str(&self.server.ok(&["op", "show", id])).unwrap()
+    }
+
+    pub fn wait_state(&self, id: &str, state: &str) -> Value {
+        wait_for(Duration::from_secs(20), &format!("operation {id} to be {state}"), || {
+            let op = self.show(id);
+            (op["state"] == state).then_some(op)
+        })
+    }
+
+    /// The request digest the customer's own CLI computed while listing what awaits approval.
+    pub fn reviewed_digest(&self, id: &str) -> String {
+        let listed: Value =
+            serde_json::from_str(&ok(self.server.cli(&["customer", "approvals", "list", "--json"]), "approvals list"))
+                .unwrap();
+        let op = listed["awaiting_approval"].as_array().unwrap().iter().find(|o| o["id"] == id).cloned();
+        op.unwrap_or_else(|| panic!("{id} is not listed: {listed}"))["request_digest"].as_str().unwrap().to_owned()
+    }
+
+    pub fn decide(&self, verb: &str, id: &str, key: &str) -> Output {
+        let digest = self.reviewed_digest(id);
+        self.server.cli(&["customer", verb, id, "--key", key, "--digest", &digest, "--reason", "reviewed"])
+    }
+
+    pub fn approve(&self, id: &str) {
+        ok(self.decide("approve", id, &self.key()), "customer approve");
+    }
+
+    pub fn local(&self, args: &[&str]) -> Output {
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--state-dir", self.state()]);
+        run(&self.server.bin, &full)
+    }
+
+    pub fn audit_actions(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn audited(&self, action: &str) -> Vec<Value> {
+        self.audit_actions().into_iter().filter(|r| r["action"] == action).collect()
+    }
+}
+
 /// The certificate and key an appliance holds, from its state directory.
 pub fn credentials(state_dir: &Path) -> (String, String) {
     let text = std::fs::read_to_string(state_dir.join("credentials.pem")).unwrap();
@@ -309,9 +397,15 @@ pub fn credentials(state_dir: &Path) -> (String, String) {
     (text[..at].to_owned(), text[at..].to_owned())
 }
 
+/// The control plane CA an appliance stored at join.
+pub fn ca_pem(state_dir: &Path) -> String {
+    std::fs::read_to_string(state_dir.join("ca.pem")).unwrap()
+}
+
 /// Attempts a full mTLS handshake plus one read against the gateway with the given client
 /// credentials; returns the TLS error the server's alert produced, if any.
 pub fn gateway_handshake(gateway: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+    use airlock_proto::tls::{ServerTrust, mtls_client_config};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -320,13 +414,7 @@ pub fn gateway_handshake(gateway: &str, ca_pem: &str, cert_pem: &str, key_pem: &
         roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
         let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
-            .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let cfg = mtls_client_config(ServerTrust::Roots(roots), chain, key, &[b"h2"]).unwrap();
         let tcp = tokio::net::TcpStream::connect(gateway).await.map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
         let name = ServerName::try_from("127.0.0.1").unwrap();
@@ -347,46 +435,21 @@ pub fn gateway_handshake(gateway: &str, ca_pem: &str, cert_pem: &str, key_pem: &
     })
 }
 
-pub fn ca_pem(state_dir: &Path) -> String {
-    std::fs::read_to_string(state_dir.join("ca.pem")).unwrap()
+/// Every file under `dir`, concatenated (for "this secret is nowhere" checks).
+pub fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(all_bytes(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.extend(bytes);
+        }
+    }
+    out
 }
 
-/// Listening TCP/UDP sockets owned by `pid`, from /proc (Linux).
-pub fn listening_sockets(pid: u32) -> Vec<String> {
-    let mut inodes = std::collections::HashSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
-        if let Ok(target) = std::fs::read_link(fd.path()) {
-            let t = target.to_string_lossy().to_string();
-            if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                inodes.insert(inode.to_owned());
-            }
-        }
-    }
-    assert!(!inodes.is_empty(), "process {pid} has no sockets at all; is it connected?");
-    let mut listening = Vec::new();
-    for table in ["tcp", "tcp6", "udp", "udp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || !inodes.contains(cols[9]) {
-                continue;
-            }
-            // TCP state 0A is LISTEN; any UDP socket bound by the process receives datagrams.
-            let listens = if table.starts_with("tcp") { cols[3] == "0A" } else { true };
-            if listens {
-                listening.push(format!("{table} {}", cols[1]));
-            }
-        }
-    }
-    listening
-}
-
-pub fn count_tcp_sockets(pid: u32) -> usize {
-    let mut n = 0;
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
-        if std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")) {
-            n += 1;
-        }
-    }
-    n
+/// Whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
