@@ -10,7 +10,9 @@ use std::process::ExitCode;
 use airlock_appliance::admin::{Request, SOCKET_FILE, call, call_value, read_output};
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
-use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, SECRET_OUTPUT_TAG};
+use airlock_core::operation::{
+    RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, SECRET_OUTPUT_TAG, is_secret_output,
+};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
@@ -51,7 +53,7 @@ pub(crate) enum PolicySub {
 #[derive(Args)]
 pub(crate) struct ReleaseArgs {
     /// The operation id (op_…).
-    id: String,
+    id: airlock_core::OperationId,
     /// Your private key (`airlock customer keygen`). Repeat it to sign with several keys when
     /// your policy's `approvals_required` asks for more than one.
     #[arg(long = "key", required = true)]
@@ -196,10 +198,11 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|o| o["id"].as_str() == Some(args.id.as_str()))
+        .find(|o| o["id"].as_str() == Some(args.id.to_string().as_str()))
         .with_context(|| format!("no operation {} on this appliance", args.id))?
         .clone();
-    let secret = op["data_tags"].as_array().into_iter().flatten().any(|t| t.as_str() == Some(SECRET_OUTPUT_TAG));
+    let tags: Vec<String> = serde_json::from_value(op["data_tags"].clone()).unwrap_or_default();
+    let secret = is_secret_output(&tags);
     anyhow::ensure!(
         args.withhold || !secret,
         "operation {} is tagged `{SECRET_OUTPUT_TAG}`: its output never leaves this host; use --withhold",
@@ -219,7 +222,7 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         args.id
     );
     let statement = ReleaseStatement {
-        request_id: args.id.clone(),
+        request_id: args.id,
         appliance: serde_json::from_value(op["appliance"].clone()).context("the appliance named no appliance id")?,
         decision,
         output_sha256,
@@ -250,7 +253,7 @@ mod tests {
     fn a_release_is_signed_by_every_key_given() {
         let keys = [CustomerSigningKey::from_seed([1; 32]), CustomerSigningKey::from_seed([2; 32])];
         let statement = ReleaseStatement {
-            request_id: "op_1".into(),
+            request_id: airlock_core::OperationId::from_random([1; 16]),
             appliance: airlock_core::ApplianceId::from_random([3; 16]),
             decision: ReleaseDecision::Release,
             output_sha256: "ab".repeat(32),

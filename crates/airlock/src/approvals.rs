@@ -14,9 +14,9 @@ use airlock_core::grant::{
     ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, GrantBody, OperationRequest, PRE_APPROVAL_PAYLOAD_TYPE,
     PreApprovalBody,
 };
-use airlock_core::operation::{ManifestReport, VerifyInputs, describe_args, pem_certificate_der};
+use airlock_core::operation::{ManifestReport, OperationState, VerifyInputs, describe_args, pem_certificate_der};
 use airlock_core::template::{RenderedCommand, Template};
-use airlock_core::{ApplianceId, Timestamp};
+use airlock_core::{ApplianceId, OperationId, Timestamp};
 use anyhow::Context;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;
@@ -26,19 +26,26 @@ use crate::client::ApiClient;
 /// The parts of the control plane's operation view the customer needs to decide.
 #[derive(Debug, Deserialize)]
 pub(crate) struct PendingOperation {
-    pub(crate) id: String,
+    pub(crate) id: OperationId,
     pub(crate) environment: String,
     pub(crate) template: String,
     pub(crate) reason: String,
     pub(crate) requested_by: String,
-    pub(crate) state: String,
+    pub(crate) state: OperationState,
     pub(crate) request: OperationRequest,
     pub(crate) command: RenderedCommand,
 }
 
 impl PendingOperation {
-    /// Refuses an operation whose command is not the one its request names.
+    /// Refuses an operation whose command is not the one its request names, or that is
+    /// shown under another id than its request's.
     fn checked(self) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            self.id == self.request.id,
+            "operation {} is shown with the request of {}; refusing to sign it",
+            self.id,
+            self.request.id
+        );
         anyhow::ensure!(
             self.command.sha256() == self.request.command_sha256 && self.command.template == self.request.kind,
             "operation {}: the command shown does not match the request's command digest; refusing to sign it",
@@ -118,10 +125,15 @@ pub(crate) struct Decision<'a> {
 }
 
 /// Fetches the request, checks it, signs the decision with every key and relays it.
-pub(crate) async fn decide(client: &ApiClient, id: &str, d: Decision<'_>) -> anyhow::Result<PendingOperation> {
+pub(crate) async fn decide(client: &ApiClient, id: OperationId, d: Decision<'_>) -> anyhow::Result<PendingOperation> {
     let op: PendingOperation = client.get(&format!("/v1/operations/{id}")).await?;
     let op = op.checked()?;
-    anyhow::ensure!(op.state == "awaiting_approval", "operation {id} is {}, not awaiting approval", op.state);
+    anyhow::ensure!(op.id == id, "asked for operation {id}, the control plane answered with {}; nothing was signed", op.id);
+    anyhow::ensure!(
+        op.state == OperationState::AwaitingApproval,
+        "operation {id} is {}, not awaiting approval",
+        op.state
+    );
     // What is signed must be what the customer reviewed: the control plane could show one
     // request in the list and serve another here.
     let digest = op.request.digest_hex();
@@ -137,7 +149,7 @@ pub(crate) async fn decide(client: &ApiClient, id: &str, d: Decision<'_>) -> any
     // A minute of slack for the appliance's clock; the window's length is what the policy caps.
     let not_before = Timestamp::from_unix_millis(now.unix_millis() - 60_000);
     let body = GrantBody {
-        request_id: op.id.clone(),
+        request_id: op.id,
         appliance: op.request.appliance,
         phase: op.request.phase,
         request_digest: op.request.digest_hex(),
@@ -334,7 +346,7 @@ mod tests {
         .unwrap();
         let command = template.render(&BTreeMap::new()).unwrap();
         let request = OperationRequest {
-            id: "op_1".into(),
+            id: OperationId::from_random([1; 16]),
             appliance: ApplianceId::from_random([1; 16]),
             kind: "greet".into(),
             phase: airlock_core::policy::Phase::Operate,
@@ -345,12 +357,12 @@ mod tests {
         let mut shown = command;
         shown.script = script_shown.to_owned();
         PendingOperation {
-            id: "op_1".into(),
+            id: OperationId::from_random([1; 16]),
             environment: "env_1".into(),
             template: "greet".into(),
             reason: "r".into(),
             requested_by: "v".into(),
-            state: "awaiting_approval".into(),
+            state: OperationState::AwaitingApproval,
             request,
             command: shown,
         }
@@ -362,5 +374,9 @@ mod tests {
         // The control plane shows a harmless script, but the request digest names another.
         let err = op("#!/bin/sh\necho harmless\n").checked().unwrap_err().to_string();
         assert!(err.contains("refusing to sign"), "{err}");
+        // The control plane shows one operation's id with another operation's request.
+        let mut swapped = op("#!/bin/sh\necho hello\n");
+        swapped.id = OperationId::from_random([2; 16]);
+        assert!(swapped.checked().is_err());
     }
 }

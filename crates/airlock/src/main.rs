@@ -439,7 +439,7 @@ enum ApprovalsSub {
 #[derive(Args)]
 struct DecideArgs {
     /// Operation id (op_…).
-    id: String,
+    id: airlock_core::OperationId,
     #[arg(long = "key", required = true)]
     keys: Vec<PathBuf>,
     /// Why (recorded in the signed decision).
@@ -694,7 +694,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 async fn decide(args: DecideArgs, approve: bool) -> anyhow::Result<ExitCode> {
     let op = approvals::decide(
         &args.api.client()?,
-        &args.id,
+        args.id,
         approvals::Decision {
             approve,
             reviewed_digest: args.digest,

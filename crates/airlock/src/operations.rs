@@ -10,6 +10,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use airlock_core::OperationId;
+use airlock_core::operation::OperationState;
+
 use crate::{ApiArgs, resolve_workspace};
 
 #[derive(Args)]
@@ -66,9 +69,10 @@ enum OpSub {
     },
     /// List operations, newest first.
     List {
-        /// Only this state (awaiting_approval, approved, denied, executed, cancelled, refused, released, withheld).
+        /// Only this state (awaiting_approval, approved, denied, executed, cancelled, refused, released, withheld);
+        /// any other is refused before anything is sent.
         #[arg(long)]
-        state: Option<String>,
+        state: Option<OperationState>,
         /// Only this environment (env_…).
         #[arg(long)]
         env: Option<String>,
@@ -77,19 +81,19 @@ enum OpSub {
     },
     /// Show one operation as JSON.
     Show {
-        id: String,
+        id: OperationId,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Print an operation's manifest (JSON) for offline verification.
     Manifest {
-        id: String,
+        id: OperationId,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Write an operation's released output to --out, or to stdout.
     Output {
-        id: String,
+        id: OperationId,
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -201,7 +205,7 @@ pub(crate) async fn op(cmd: OpCmd) -> anyhow::Result<ExitCode> {
         OpSub::List { state, env, api } => {
             let mut query = Vec::new();
             if let Some(s) = state {
-                query.push(format!("state={}", path_segment("state", &s)?));
+                query.push(format!("state={s}"));
             }
             if let Some(e) = env {
                 query.push(format!("environment={}", path_segment("environment id", &e)?));
@@ -229,17 +233,14 @@ pub(crate) async fn op(cmd: OpCmd) -> anyhow::Result<ExitCode> {
             }
         }
         OpSub::Show { id, api } => {
-            let id = path_segment("operation id", &id)?;
             let op: Value = api.client()?.get(&format!("/v1/operations/{id}")).await?;
             println!("{}", serde_json::to_string_pretty(&op)?);
         }
         OpSub::Manifest { id, api } => {
-            let id = path_segment("operation id", &id)?;
             let m: Value = api.client()?.get(&format!("/v1/operations/{id}/manifest")).await?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
         OpSub::Output { id, out, api } => {
-            let id = path_segment("operation id", &id)?;
             let bytes = api.client()?.get_bytes(&format!("/v1/operations/{id}/output")).await?;
             match out {
                 Some(path) => {
