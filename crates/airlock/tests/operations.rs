@@ -116,7 +116,7 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     let own_path = dir.join("own.json");
     std::fs::write(&own_path, own).unwrap();
     ok(verify(&own_path), "verify the appliance's copy");
-    for action in ["operation.received", "operation.allowed", "operation.executed", "operation.release"] {
+    for action in ["operation.received", "operation.allowed", "operation.executed", "operation.released"] {
         assert!(!s.audited(action).is_empty(), "appliance audit lacks {action}");
     }
     ok(airlock(&["audit", "verify", "--file", s.state.join("audit.jsonl").to_str().unwrap()]), "audit verify");
