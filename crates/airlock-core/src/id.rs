@@ -2,6 +2,8 @@
 //!
 //! Every id is 128 random bits shown as `<prefix>_<26 lowercase base32 chars>`, so an id
 //! says what it names and one kind can never be passed where another is expected.
+//! [`OperationId`] alone is `op_<32 lowercase hex>`, the form signed statements and stored
+//! operations already carry.
 
 use std::fmt;
 use std::str::FromStr;
