@@ -10,12 +10,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::dsse::Envelope;
 use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
 use airlock_core::policy::{Phase, VerifiedPolicy};
-use airlock_core::{ApplianceId, Timestamp};
+use airlock_core::{ApplianceId, OperationId, Timestamp};
 use airlock_proto::gateway::{ApplianceMessage, OperationAck, OperationAckKind};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -45,7 +45,7 @@ pub enum Request {
     Operations,
     /// One operation's output, decrypted for the customer on this host (audited).
     Output {
-        id: String,
+        id: OperationId,
     },
     /// The customer's signed release or withholding of one operation's output.
     Release {
@@ -64,7 +64,7 @@ pub enum Request {
     },
     /// The appliance's own copy of one operation's manifest.
     Manifest {
-        id: String,
+        id: OperationId,
     },
 }
 
@@ -109,7 +109,7 @@ pub struct LocalControl {
     pub nonces: NonceStore,
     pub pre_approvals: PreApprovalStore,
     pub ops: OpStore,
-    running: Mutex<HashMap<String, Running>>,
+    running: Mutex<HashMap<OperationId, Running>>,
     /// The current stream to the control plane, while connected.
     outbound: Mutex<Option<tokio::sync::mpsc::Sender<ApplianceMessage>>>,
     /// One sender at a time: the outbox resent at a (re)connect goes out whole, results first,
@@ -239,7 +239,7 @@ impl LocalControl {
                 let json = serde_json::to_vec(&next).map_err(|e| ApplianceError::Internal(e.to_string()))?;
                 self.state.write_private(DISABLED_FILE, &json)?;
             }
-            let action = if enabled { "phase.enable" } else { "phase.disable" };
+            let action = if enabled { AuditAction::PhaseEnable } else { AuditAction::PhaseDisable };
             self.audit.record(action, Outcome::Success, serde_json::json!({ "phase": phase, "changed": changed }))?;
             *disabled = next;
         }
@@ -305,17 +305,14 @@ impl LocalControl {
 
     /// Registers a started operation. If its phase is no longer in force (it changed since the
     /// decision), it is killed at once.
-    pub(crate) fn register_running(&self, id: &str, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), Running { phase, pgid, cancelled });
+    pub(crate) fn register_running(&self, id: OperationId, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Running { phase, pgid, cancelled });
         self.cancel_ineffective();
     }
 
     /// Forgets a finished operation, killing whatever it left behind in its process group.
-    pub(crate) fn unregister_running(&self, id: &str) {
-        if let Some(r) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(id) {
+    pub(crate) fn unregister_running(&self, id: OperationId) {
+        if let Some(r) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
             kill_group(r.pgid);
         }
     }
@@ -344,13 +341,13 @@ impl LocalControl {
     }
 
     /// The process group of a running operation.
-    pub fn running_group(&self, id: &str) -> Option<i32> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|r| r.pgid)
+    pub fn running_group(&self, id: OperationId) -> Option<i32> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(&id).map(|r| r.pgid)
     }
 
     /// Ids of operations whose process runs now.
-    pub fn running_ids(&self) -> Vec<String> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    pub fn running_ids(&self) -> Vec<OperationId> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
     }
 
     pub(crate) fn set_outbound(&self, tx: Option<tokio::sync::mpsc::Sender<ApplianceMessage>>) {
@@ -399,6 +396,10 @@ impl LocalControl {
     pub fn on_ack(&self, ack: &OperationAck) -> Option<ApplianceMessage> {
         let release = ack.kind == OperationAckKind::Release as i32;
         let kind = if release { "release" } else { "result" };
+        let Ok(id) = ack.request_id.parse::<OperationId>() else {
+            tracing::warn!(request_id = %ack.request_id, "ignoring an acknowledgement of something that is not an operation");
+            return None;
+        };
         if release && ack.error.contains("no execution") {
             // The control plane has not stored the result this release needs yet: not final.
             tracing::warn!(request_id = %ack.request_id, error = %ack.error, "the control plane cannot take a release yet; keeping it to send again");
@@ -407,7 +408,7 @@ impl LocalControl {
         if !ack.error.is_empty() {
             tracing::error!(request_id = %ack.request_id, kind, error = %ack.error, "the control plane refused an operation message");
             if let Err(e) = self.audit.record(
-                "operation.ack_refused",
+                AuditAction::OperationAckRefused,
                 Outcome::Error,
                 serde_json::json!({ "request_id": ack.request_id, "kind": kind, "error": ack.error }),
             ) {
@@ -415,21 +416,21 @@ impl LocalControl {
                 return None;
             }
             if !release {
-                match self.ops.park(&ack.request_id) {
-                    Ok(true) => self.audit_parked(&ack.request_id, &ack.error),
+                match self.ops.park(id) {
+                    Ok(true) => self.audit_parked(id, &ack.error),
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "cannot park a refused result"),
                 }
                 return None;
             }
         }
-        if let Err(e) = self.ops.acknowledge(&ack.request_id, release) {
+        if let Err(e) = self.ops.acknowledge(id, release) {
             tracing::error!(error = %e, "cannot drop an acknowledged outbox item");
         }
         if release || !ack.error.is_empty() {
             return None;
         }
-        match self.ops.queued_release(&ack.request_id) {
+        match self.ops.queued_release(id) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(request_id = %ack.request_id, error = %e, "cannot read a queued release");
@@ -438,10 +439,10 @@ impl LocalControl {
         }
     }
 
-    fn audit_parked(&self, id: &str, error: &str) {
+    fn audit_parked(&self, id: OperationId, error: &str) {
         tracing::warn!(request_id = %id, error, "the control plane refused this operation's result for good; parking its release");
         if let Err(e) = self.audit.record(
-            "operation.release_parked",
+            AuditAction::OperationReleaseParked,
             Outcome::Error,
             serde_json::json!({ "request_id": id, "reason": error }),
         ) {
@@ -456,11 +457,11 @@ impl LocalControl {
     }
 
     /// One operation's output, for the customer on this host.
-    pub fn output(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+    pub fn output(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
         let record = self.finished(id)?;
         let output = self.ops.open_output(id)?;
         self.audit.record(
-            "operation.output_read",
+            AuditAction::OperationOutputRead,
             Outcome::Success,
             serde_json::json!({ "request_id": id, "output_sha256": record.output_sha256, "output_size": record.output_size }),
         )?;
@@ -474,7 +475,7 @@ impl LocalControl {
         }))
     }
 
-    fn finished(&self, id: &str) -> Result<crate::ops_store::OpRecord, ApplianceError> {
+    fn finished(&self, id: OperationId) -> Result<crate::ops_store::OpRecord, ApplianceError> {
         let record = self
             .ops
             .record(id)?
@@ -493,7 +494,11 @@ impl LocalControl {
         envelope_json: &[u8],
     ) -> Result<(serde_json::Value, Option<ApplianceMessage>), ApplianceError> {
         let refuse = |why: String| {
-            let _ = self.audit.record("operation.release", Outcome::Denied, serde_json::json!({ "reason": why }));
+            let _ = self.audit.record(
+                AuditAction::OperationReleaseRefused,
+                Outcome::Denied,
+                serde_json::json!({ "reason": why }),
+            );
             ApplianceError::Customer(why)
         };
         let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("release envelope: {e}")))?;
@@ -502,8 +507,8 @@ impl LocalControl {
             .map_err(|e| refuse(format!("the release does not verify with the pinned customer keys: {e}")))?;
         let statement: ReleaseStatement = serde_json::from_slice(&verified.payload)
             .map_err(|e| refuse(format!("the release statement is malformed: {e}")))?;
-        let id = statement.request_id.clone();
-        let record = self.finished(&id).map_err(|e| refuse(e.to_string()))?;
+        let id = statement.request_id;
+        let record = self.finished(id).map_err(|e| refuse(e.to_string()))?;
         if statement.appliance != record.appliance {
             return Err(refuse(format!("the release is for appliance {}, not this one", statement.appliance)));
         }
@@ -526,7 +531,7 @@ impl LocalControl {
         }
         // Checked and decided under the store's lock: of two decisions at once, one holds.
         let now = self.now();
-        let record = self.ops.update_record(&id, |r| {
+        let record = self.ops.update_record(id, |r| {
             if let Some(done) = r.release {
                 return Err(refuse(format!("the output of {id} was already decided ({done:?})")));
             }
@@ -536,7 +541,7 @@ impl LocalControl {
                 )));
             }
             let mut manifest =
-                self.ops.manifest(&id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
+                self.ops.manifest(id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
             manifest.release = Some(envelope.clone());
             self.ops.save_manifest(&manifest)?;
             r.release = Some(statement.decision);
@@ -544,8 +549,8 @@ impl LocalControl {
             Ok(())
         })?;
         let action = match statement.decision {
-            ReleaseDecision::Release => "operation.release",
-            ReleaseDecision::Withhold => "operation.withhold",
+            ReleaseDecision::Release => AuditAction::OperationReleased,
+            ReleaseDecision::Withhold => AuditAction::OperationWithheld,
         };
         self.audit.record(
             action,
@@ -559,12 +564,12 @@ impl LocalControl {
             }),
         )?;
         let item = ReleaseItem {
-            request_id: id.clone(),
+            request_id: id,
             release_envelope_json: envelope.to_json(),
             with_output: statement.decision == ReleaseDecision::Release,
         };
         if !self.ops.queue_release(&item)? {
-            self.audit_parked(&id, "the control plane refused this operation's result for good");
+            self.audit_parked(id, "the control plane refused this operation's result for good");
             return Ok((record.summary(), None));
         }
         let msg = self.ops.release_message(&item)?;
@@ -573,7 +578,8 @@ impl LocalControl {
 
     pub fn pre_approval_add(&self, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
         let refuse = |why: String| {
-            let _ = self.audit.record("pre_approval.add", Outcome::Denied, serde_json::json!({ "reason": why }));
+            let _ =
+                self.audit.record(AuditAction::PreApprovalAdd, Outcome::Denied, serde_json::json!({ "reason": why }));
             ApplianceError::Customer(why)
         };
         let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("pre-approval envelope: {e}")))?;
@@ -587,7 +593,7 @@ impl LocalControl {
         }
         let entry = self.pre_approvals.add(envelope, body.clone(), self.now()).map_err(|e| refuse(e.to_string()))?;
         self.audit.record(
-            "pre_approval.add",
+            AuditAction::PreApprovalAdd,
             Outcome::Success,
             serde_json::json!({
                 "id": body.id, "template": body.template, "phase": body.phase, "level": body.level,
@@ -603,7 +609,7 @@ impl LocalControl {
             .pre_approvals
             .revoke(id, self.now())?
             .ok_or_else(|| ApplianceError::Customer(format!("no pre-approval `{id}` on this appliance")))?;
-        self.audit.record("pre_approval.revoke", Outcome::Success, serde_json::json!({ "id": id }))?;
+        self.audit.record(AuditAction::PreApprovalRevoke, Outcome::Success, serde_json::json!({ "id": id }))?;
         Ok(entry.summary())
     }
 
@@ -611,7 +617,7 @@ impl LocalControl {
         serde_json::Value::Array(self.pre_approvals.list().iter().map(|e| e.summary()).collect())
     }
 
-    pub fn manifest(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+    pub fn manifest(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
         let m = self.ops.manifest(id)?.ok_or_else(|| ApplianceError::Customer(format!("no manifest for {id}")))?;
         serde_json::to_value(m).map_err(|e| ApplianceError::Internal(e.to_string()))
     }
@@ -624,7 +630,7 @@ impl LocalControl {
             Request::Status => value(self.status()),
             Request::Phase { phase, enabled } => value(self.set_phase(phase, enabled)?),
             Request::Operations => self.operations(),
-            Request::Output { id } => self.output(&id),
+            Request::Output { id } => self.output(id),
             Request::Release { envelope } => {
                 let (reply, msg) = self.release(&bytes(&envelope)?)?;
                 if let Some(msg) = msg {
@@ -636,7 +642,7 @@ impl LocalControl {
             Request::PreApprovalRevoke { id } => self.pre_approval_revoke(&id),
             Request::PreApprovals => Ok(self.pre_approvals()),
             Request::Policy { envelope } => value(self.load_policy(&bytes(&envelope)?)?),
-            Request::Manifest { id } => self.manifest(&id),
+            Request::Manifest { id } => self.manifest(id),
         }
     }
 }
@@ -719,8 +725,8 @@ pub async fn call_value(socket: &Path, request: &Request) -> Result<serde_json::
 
 /// Reads one operation's output over the socket, checked against the digest the appliance
 /// signed. Returns the bytes and the reply (digest, size, truncated, data tags).
-pub async fn read_output(socket: &Path, id: &str) -> Result<(Vec<u8>, serde_json::Value), ApplianceError> {
-    let reply = call_value(socket, &Request::Output { id: id.to_owned() }).await?;
+pub async fn read_output(socket: &Path, id: OperationId) -> Result<(Vec<u8>, serde_json::Value), ApplianceError> {
+    let reply = call_value(socket, &Request::Output { id }).await?;
     let bytes = data_encoding::BASE64
         .decode(reply["output_base64"].as_str().unwrap_or_default().as_bytes())
         .map_err(|_| ApplianceError::Protocol("the appliance sent output that is not base64".into()))?;

@@ -10,7 +10,7 @@ use std::path::Path;
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::policy::{VerifiedPolicy, verify_signed_policy};
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 
 use crate::ApplianceError;
 use crate::audit_log::AuditLog;
@@ -47,7 +47,7 @@ pub fn pin_keys(
             let text: String = configured.iter().map(|k| k.to_pem().unwrap_or_default()).collect::<Vec<_>>().concat();
             state.write_private(PINNED_KEYS, text.as_bytes())?;
             let ids: Vec<String> = configured.iter().map(CustomerPublicKey::key_id).collect();
-            audit.record("customer_keys.pinned", Outcome::Success, serde_json::json!({ "key_ids": ids }))?;
+            audit.record(AuditAction::CustomerKeysPinned, Outcome::Success, serde_json::json!({ "key_ids": ids }))?;
             tracing::info!(keys = ?ids, "customer keys pinned");
             Ok(configured)
         }
@@ -60,7 +60,7 @@ pub fn pin_keys(
             };
             if ids(&pinned) != ids(&configured) {
                 audit.record(
-                    "customer_keys.replace",
+                    AuditAction::CustomerKeysReplace,
                     Outcome::Denied,
                     serde_json::json!({ "rule": "builtin:pinned-customer-key", "offered": ids(&configured) }),
                 )?;
@@ -85,7 +85,7 @@ pub fn load_policy(
             Ok(p) => Some(p),
             Err(e) => {
                 audit.record(
-                    "policy.stored_invalid",
+                    AuditAction::PolicyStoredInvalid,
                     Outcome::Error,
                     serde_json::json!({ "reason": e.to_string() }),
                 )?;
@@ -99,13 +99,17 @@ pub fn load_policy(
     let bytes = match read_capped(path) {
         Ok(b) => b,
         Err(why) => {
-            audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why }))?;
+            audit.record(AuditAction::PolicyUpdate, Outcome::Denied, serde_json::json!({ "reason": why }))?;
             tracing::error!(policy = %path.display(), reason = %why, "refusing policy; the last good policy stays in force");
             return Ok(current);
         }
     };
     if pinned.is_empty() {
-        audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": "no customer key is pinned" }))?;
+        audit.record(
+            AuditAction::PolicyUpdate,
+            Outcome::Denied,
+            serde_json::json!({ "reason": "no customer key is pinned" }),
+        )?;
         tracing::error!(policy = %path.display(), "refusing policy: no customer key is pinned; pass --customer-key");
         return Ok(current);
     }
@@ -114,7 +118,7 @@ pub fn load_policy(
             if current.as_ref().is_none_or(|c| c.digest_hex() != p.digest_hex()) {
                 state.write_private(POLICY, &bytes)?;
                 audit.record(
-                    "policy.update",
+                    AuditAction::PolicyUpdate,
                     Outcome::Success,
                     serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() }),
                 )?;
@@ -123,7 +127,7 @@ pub fn load_policy(
             Ok(Some(p))
         }
         Err(e) => {
-            audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": e.to_string() }))?;
+            audit.record(AuditAction::PolicyUpdate, Outcome::Denied, serde_json::json!({ "reason": e.to_string() }))?;
             tracing::error!(policy = %path.display(), reason = %e, "refusing policy; the last good policy stays in force");
             Ok(current)
         }
@@ -155,9 +159,11 @@ pub fn accept_policy(
 ) -> Result<VerifiedPolicy, PolicyRefused> {
     let refuse = |why: String| {
         let _ = match source {
-            PolicySource::Host => audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why })),
+            PolicySource::Host => {
+                audit.record(AuditAction::PolicyUpdate, Outcome::Denied, serde_json::json!({ "reason": why }))
+            }
             PolicySource::ControlPlane => audit.record(
-                "policy.refused",
+                AuditAction::PolicyRefused,
                 Outcome::Denied,
                 serde_json::json!({ "reason": why, "source": "control_plane" }),
             ),
@@ -188,7 +194,9 @@ pub fn accept_policy(
         if source == PolicySource::ControlPlane {
             detail["source"] = "control_plane".into();
         }
-        audit.record("policy.update", Outcome::Success, detail).map_err(|e| PolicyRefused::Failed(e.to_string()))?;
+        audit
+            .record(AuditAction::PolicyUpdate, Outcome::Success, detail)
+            .map_err(|e| PolicyRefused::Failed(e.to_string()))?;
         tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?source, "accepted a new customer policy");
     }
     Ok(p)

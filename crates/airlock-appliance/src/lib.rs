@@ -22,7 +22,7 @@ pub mod state_dir;
 
 use std::time::Duration;
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{Fingerprint, Timestamp};
 
 pub use config::ApplianceConfig;
@@ -98,7 +98,11 @@ pub async fn run(
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
     }
     let audit = std::sync::Arc::new(audit_log::AuditLog::open(state.path())?);
-    audit.record("appliance.start", Outcome::Success, serde_json::json!({ "version": airlock_proto::VERSION }))?;
+    audit.record(
+        AuditAction::ApplianceStart,
+        Outcome::Success,
+        serde_json::json!({ "version": airlock_proto::VERSION }),
+    )?;
     // The customer's authority is settled before anything talks to the vendor.
     let keys = config
         .customer_keys

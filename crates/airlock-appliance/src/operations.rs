@@ -26,25 +26,27 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use airlock_core::audit::Outcome as AuditOutcome;
+use airlock_core::audit::{AuditAction, Outcome as AuditOutcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{
     ApprovalDecision, ApprovalLevel, Authority, Basis, Context, Decision, DenyReason, PreApprovalBody, evaluate_with,
     verify_grant, verify_pre_approval,
 };
 use airlock_core::operation::{
-    AuthorityRef, CONTROL_PLANE_SPIFFE_PATH, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, Manifest,
-    REQUEST_PAYLOAD_TYPE, RequestStatement, SECRET_OUTPUT_TAG, add_signature, certificate_key_id, pem_certificate_der,
-    sha256_hex, signing_input, verify_certified_envelope,
+    AuthorityKind, AuthorityRef, CONTROL_PLANE_SPIFFE_PATH, EXECUTION_PAYLOAD_TYPE, ExecutionStatement,
+    ExecutionStatus, Manifest, REQUEST_PAYLOAD_TYPE, RequestStatement, add_signature, certificate_key_id,
+    pem_certificate_der, sha256_hex, signing_input, verify_certified_envelope,
 };
 use airlock_core::template::Template;
-use airlock_core::{ApplianceIdentity, Timestamp};
-use airlock_proto::gateway::{ApplianceMessage, OperationInstruction};
+use airlock_core::{ApplianceIdentity, OperationId, Timestamp};
+use airlock_proto::gateway::{
+    ApplianceMessage, OperationInstruction, OperationOutcome, OperationResult, appliance_message,
+};
 use tokio::io::AsyncReadExt;
 
 use crate::ApplianceError;
 use crate::admin::LocalControl;
-use crate::ops_store::{OpRecord, OpState, Outcome, ReleaseItem, ResultMsg, valid_id, write_durable};
+use crate::ops_store::{OpRecord, OpState, Outcome, ReleaseItem, ResultMsg, write_durable};
 use crate::state_dir::{Credentials, StateDir};
 
 /// The most output kept per operation (stdout, then stderr); the rest is dropped and the
@@ -59,14 +61,31 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 pub enum Handled {
     /// The answer to send now.
     Reply(ResultMsg),
+    /// The instruction's id is not an operation id: refused and audited, answered under the
+    /// (bounded) text it gave.
+    MalformedId(OperationResult),
     /// Allowed and started; the task ends with the result, already queued and sent.
     Started(tokio::task::JoinHandle<ResultMsg>),
     /// Nothing to send now: it is running, or a local failure (logged) left it undecided.
     Nothing,
 }
 
+impl Handled {
+    /// What to send the control plane now, if anything.
+    pub fn reply(&self) -> Option<ApplianceMessage> {
+        match self {
+            Handled::Reply(result) => Some(result.to_message()),
+            Handled::MalformedId(result) => {
+                Some(ApplianceMessage { body: Some(appliance_message::Body::OperationResult(result.clone())) })
+            }
+            Handled::Started(_) | Handled::Nothing => None,
+        }
+    }
+}
+
 enum Decided {
     Reply(ResultMsg),
+    MalformedId(OperationResult),
     Run(Box<Job>),
     Nothing,
 }
@@ -83,7 +102,7 @@ struct Ran {
 
 /// An allowed operation, ready to run.
 struct Job {
-    id: String,
+    id: OperationId,
     statement: RequestStatement,
     manifest: Manifest,
     authority: AuthorityRef,
@@ -99,7 +118,7 @@ pub struct Executor {
     decide: Mutex<()>,
     /// Operations this process started and has not finished recording. One recorded `running`
     /// but not here was left by a stop or by a failure to record it: it is recovered.
-    active: Mutex<HashSet<String>>,
+    active: Mutex<HashSet<OperationId>>,
 }
 
 impl Executor {
@@ -130,6 +149,7 @@ impl Executor {
         let this = self.clone();
         match tokio::task::spawn_blocking(move || this.decide(&instruction)).await {
             Ok(Decided::Reply(r)) => Handled::Reply(r),
+            Ok(Decided::MalformedId(r)) => Handled::MalformedId(r),
             Ok(Decided::Nothing) => Handled::Nothing,
             Ok(Decided::Run(job)) => {
                 let this = self.clone();
@@ -150,7 +170,7 @@ impl Executor {
                 // A local failure (disk): decide nothing; the control plane asks again.
                 tracing::error!(request_id = %instruction.request_id, error = %e, "cannot decide about an operation");
                 let _ = self.control.audit.record(
-                    "operation.error",
+                    AuditAction::OperationError,
                     AuditOutcome::Error,
                     serde_json::json!({ "request_id": short(&instruction.request_id), "reason": e.to_string() }),
                 );
@@ -161,15 +181,14 @@ impl Executor {
 
     fn decide_inner(&self, instruction: &OperationInstruction) -> Result<Decided, ApplianceError> {
         let audit = &self.control.audit;
-        let id = instruction.request_id.as_str();
         audit.record(
-            "operation.received",
+            AuditAction::OperationReceived,
             AuditOutcome::Success,
-            serde_json::json!({ "request_id": short(id), "with_approval": !instruction.approval_envelope_json.is_empty() }),
+            serde_json::json!({ "request_id": short(&instruction.request_id), "with_approval": !instruction.approval_envelope_json.is_empty() }),
         )?;
-        if !valid_id(id) {
-            return Ok(self.refuse_unverified(id, "the request id is malformed".into()));
-        }
+        let Ok(id) = instruction.request_id.parse::<OperationId>() else {
+            return Ok(self.refuse_malformed_id(&instruction.request_id));
+        };
         if let Some(record) = self.control.ops.record(id)? {
             if record.state == OpState::Running {
                 if self.is_active(id) {
@@ -188,7 +207,7 @@ impl Executor {
             }
         }
         let now = self.control.now();
-        let (statement, envelope) = match self.verify_request(instruction, now) {
+        let (statement, envelope) = match self.verify_request(id, instruction, now) {
             Ok(v) => v,
             Err(why) => return Ok(self.refuse_unverified(id, why)),
         };
@@ -196,7 +215,7 @@ impl Executor {
         let req = statement.request.clone();
         let mut manifest = Manifest::new(id, envelope, instruction.control_plane_certificate_pem.clone());
         let record = OpRecord {
-            id: id.to_owned(),
+            id,
             appliance: req.appliance,
             template: req.kind.clone(),
             phase: req.phase,
@@ -218,7 +237,7 @@ impl Executor {
         };
         let template = match self.check_binding(instruction, &statement) {
             Ok(t) => t,
-            Err(why) => return self.refuse(record, &manifest, "operation.refused", why, None),
+            Err(why) => return self.refuse(record, &manifest, AuditAction::OperationRefused, why, None),
         };
 
         let policy = self.control.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -244,7 +263,7 @@ impl Executor {
                     return self.refuse(
                         record,
                         &manifest,
-                        "operation.refused",
+                        AuditAction::OperationRefused,
                         format!("the approval is malformed: {e}"),
                         None,
                     );
@@ -255,7 +274,7 @@ impl Executor {
                 Ok(g) => g,
                 Err(e) => {
                     let why = format!("the approval does not verify with the pinned customer keys: {e}");
-                    return self.refuse(record, &manifest, "operation.refused", why, None);
+                    return self.refuse(record, &manifest, AuditAction::OperationRefused, why, None);
                 }
             };
             let g = grant.body().clone();
@@ -315,7 +334,7 @@ impl Executor {
                             }
                             manifest.pre_approval = Some(entry.envelope.clone());
                             let authority = AuthorityRef {
-                                kind: "pre-approval".into(),
+                                kind: AuthorityKind::PreApproval,
                                 digest: Some(body.digest_hex()),
                                 policy_digest,
                             };
@@ -344,6 +363,7 @@ impl Executor {
     /// The request envelope: signed by the control plane's operations identity, for this id.
     fn verify_request(
         &self,
+        id: OperationId,
         instruction: &OperationInstruction,
         now: Timestamp,
     ) -> Result<(RequestStatement, Envelope), String> {
@@ -363,7 +383,7 @@ impl Executor {
         }
         let statement: RequestStatement =
             serde_json::from_slice(&envelope.payload).map_err(|e| format!("the signed request is malformed: {e}"))?;
-        if statement.request.id != instruction.request_id {
+        if statement.request.id != id {
             return Err("the signed request has another id than the instruction".into());
         }
         Ok((statement, envelope))
@@ -402,14 +422,31 @@ impl Executor {
     }
 
     /// A refusal of an instruction that did not authenticate: answered, audited, not stored.
-    fn refuse_unverified(&self, id: &str, why: String) -> Decided {
+    fn refuse_unverified(&self, id: OperationId, why: String) -> Decided {
+        tracing::warn!(request_id = %id, reason = %why, "refusing an operation instruction");
+        let _ = self.control.audit.record(
+            AuditAction::OperationRefused,
+            AuditOutcome::Denied,
+            serde_json::json!({ "request_id": id, "reason": why }),
+        );
+        Decided::Reply(ResultMsg::new(id, Outcome::Refused, why))
+    }
+
+    /// An instruction whose id is not an operation id: answered under the text it gave.
+    fn refuse_malformed_id(&self, id: &str) -> Decided {
+        let why = "the request id is malformed";
         tracing::warn!(request_id = %short(id), reason = %why, "refusing an operation instruction");
         let _ = self.control.audit.record(
-            "operation.refused",
+            AuditAction::OperationRefused,
             AuditOutcome::Denied,
             serde_json::json!({ "request_id": short(id), "reason": why }),
         );
-        Decided::Reply(ResultMsg::new(&short(id), Outcome::Refused, why))
+        Decided::MalformedId(OperationResult {
+            request_id: short(id),
+            outcome: OperationOutcome::Refused as i32,
+            reason: why.into(),
+            ..Default::default()
+        })
     }
 
     /// A refusal of an authenticated request: stored, so the same answer is given again.
@@ -417,12 +454,12 @@ impl Executor {
         &self,
         mut record: OpRecord,
         manifest: &Manifest,
-        action: &str,
+        action: AuditAction,
         why: String,
         rule: Option<String>,
     ) -> Result<Decided, ApplianceError> {
         tracing::warn!(request_id = %record.id, reason = %why, "refusing an operation");
-        let result = ResultMsg::new(&record.id, Outcome::Refused, why.clone());
+        let result = ResultMsg::new(record.id, Outcome::Refused, why.clone());
         record.state = OpState::Refused;
         record.refusal_reason = Some(why.clone());
         record.result = Some(result.clone());
@@ -443,12 +480,12 @@ impl Executor {
     /// again (with an approval, or once one is valid).
     fn awaiting(
         &self,
-        id: &str,
+        id: OperationId,
         req: &airlock_core::grant::OperationRequest,
         reason: String,
     ) -> Result<Decided, ApplianceError> {
         self.control.audit.record(
-            "operation.awaiting_approval",
+            AuditAction::OperationAwaitingApproval,
             AuditOutcome::Success,
             serde_json::json!({ "request_id": id, "template": req.kind, "phase": req.phase, "reason": reason }),
         )?;
@@ -461,7 +498,7 @@ impl Executor {
             DenyReason::DeniedByRule { rule } => Some(rule.clone()),
             _ => None,
         };
-        self.refuse(record, manifest, "operation.denied", reason.to_string(), rule)
+        self.refuse(record, manifest, AuditAction::OperationDenied, reason.to_string(), rule)
     }
 
     fn denied_by_customer(
@@ -472,11 +509,17 @@ impl Executor {
     ) -> Result<Decided, ApplianceError> {
         // The customer's own words stay in the local audit; the control plane gets the reason code.
         let _ = self.control.audit.record(
-            "operation.customer_decision",
+            AuditAction::OperationCustomerDecision,
             AuditOutcome::Success,
             serde_json::json!({ "request_id": record.id, "approver": g.approver, "reason": g.reason, "decided_at": g.decided_at }),
         );
-        self.refuse(record, manifest, "operation.denied_by_customer", DenyReason::CustomerDenied.to_string(), None)
+        self.refuse(
+            record,
+            manifest,
+            AuditAction::OperationDeniedByCustomer,
+            DenyReason::CustomerDenied.to_string(),
+            None,
+        )
     }
 
     /// Records the decision (durably) before anything runs.
@@ -492,9 +535,9 @@ impl Executor {
         record.authority = Some(authority.clone());
         self.control.ops.save_manifest(&manifest)?;
         self.control.ops.save_record(&record)?;
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).insert(record.id.clone());
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).insert(record.id);
         self.control.audit.record(
-            "operation.allowed",
+            AuditAction::OperationAllowed,
             AuditOutcome::Success,
             serde_json::json!({
                 "request_id": record.id, "template": record.template, "phase": record.phase,
@@ -504,12 +547,12 @@ impl Executor {
         Ok(Decided::Run(Box::new(Job { id: record.id, statement, manifest, authority, pre_approval })))
     }
 
-    fn is_active(&self, id: &str) -> bool {
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+    fn is_active(&self, id: OperationId) -> bool {
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).contains(&id)
     }
 
     async fn run(self: Arc<Self>, job: Job) -> ResultMsg {
-        let id = job.id.clone();
+        let id = job.id;
         let started_at = self.control.now();
         let cancelled = Arc::new(AtomicBool::new(false));
         let (status, exit_code, output, truncated) = match self.execute(&job, cancelled).await {
@@ -532,34 +575,34 @@ impl Executor {
                 }
                 result
             }
-            Ok(None) => ResultMsg::new(&id, Outcome::Refused, "the appliance could not record the execution"),
-            Err(e) => self.record_failure(&id, &e.to_string()),
+            Ok(None) => ResultMsg::new(id, Outcome::Refused, "the appliance could not record the execution"),
+            Err(e) => self.record_failure(id, &e.to_string()),
         }
     }
 
     /// Records a run; if that fails (a full disk), tries once more from what is on disk, as
     /// a restart would. `None` leaves it `running`, for the next instruction or start to finish.
     fn finish_run(&self, job: Job, ran: Ran) -> Option<(ResultMsg, Option<ApplianceMessage>)> {
-        let id = job.id.clone();
+        let id = job.id;
         match self.finish(job, &ran) {
             Ok(done) => return Some(done),
             Err(e) => {
-                self.record_failure(&id, &e.to_string());
+                self.record_failure(id, &e.to_string());
             }
         }
-        match self.recover(&id, Some(ran), false) {
+        match self.recover(id, Some(ran), false) {
             Ok(done) => done,
             Err(e) => {
-                self.record_failure(&id, &e.to_string());
+                self.record_failure(id, &e.to_string());
                 None
             }
         }
     }
 
-    fn record_failure(&self, id: &str, why: &str) -> ResultMsg {
+    fn record_failure(&self, id: OperationId, why: &str) -> ResultMsg {
         tracing::error!(request_id = %id, error = %why, "cannot record an execution");
         let _ = self.control.audit.record(
-            "operation.error",
+            AuditAction::OperationError,
             AuditOutcome::Error,
             serde_json::json!({ "request_id": id, "reason": why }),
         );
@@ -572,7 +615,7 @@ impl Executor {
         job: &Job,
         cancelled: Arc<AtomicBool>,
     ) -> Result<(ExecutionStatus, Option<i32>, Vec<u8>, bool), ApplianceError> {
-        let dir = self.control.ops.dir(&job.id)?;
+        let dir = self.control.ops.dir(job.id)?;
         let script = dir.join("script.sh");
         write_durable(&script, job.statement.command.script.as_bytes())?;
         let mut cmd = tokio::process::Command::new("/bin/sh");
@@ -593,18 +636,18 @@ impl Executor {
             }
         };
         let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-        self.control.register_running(&job.id, job.statement.request.phase, pgid, cancelled.clone());
+        self.control.register_running(job.id, job.statement.request.phase, pgid, cancelled.clone());
         // Recorded, so that if this process dies the next one kills the group before it
         // records the operation as cancelled. A group that cannot be recorded does not run.
         let boot = boot_id();
-        if let Err(e) = self.control.ops.update_record(&job.id, |r| {
+        if let Err(e) = self.control.ops.update_record(job.id, |r| {
             r.pgid = Some(pgid);
             r.boot_id = boot;
             Ok(())
         }) {
             tracing::error!(request_id = %job.id, error = %e, "cannot record the operation's process group; killing it");
             cancelled.store(true, Ordering::SeqCst);
-            self.control.unregister_running(&job.id);
+            self.control.unregister_running(job.id);
             let _ = child.wait().await;
             return Ok((ExecutionStatus::Cancelled, None, Vec::new(), false));
         }
@@ -612,9 +655,9 @@ impl Executor {
         let err = tokio::spawn(capture(child.stderr.take()));
         let status = child.wait().await;
         // Whatever the script left behind in its group goes with it, so the pipes close.
-        self.control.unregister_running(&job.id);
+        self.control.unregister_running(job.id);
         // The group is gone and its id free for reuse: no later recovery may kill by it.
-        if let Err(e) = self.control.ops.update_record(&job.id, |r| {
+        if let Err(e) = self.control.ops.update_record(job.id, |r| {
             r.pgid = None;
             Ok(())
         }) {
@@ -635,17 +678,17 @@ impl Executor {
     /// the result (and, under a commands-and-output pre-approval, the output).
     fn finish(&self, job: Job, ran: &Ran) -> Result<(ResultMsg, Option<ApplianceMessage>), ApplianceError> {
         let ops = &self.control.ops;
-        let id = job.id.clone();
+        let id = job.id;
         let Ran { status, exit_code, ref output, truncated, started_at, finished_at } = *ran;
         let output_sha256 = sha256_hex(output);
         let output_size = output.len() as u64;
-        ops.seal_output(&id, output)?;
+        ops.seal_output(id, output)?;
         let (_, _, creds) = self.state.load()?;
         let req = &job.statement.request;
         let mut manifest = job.manifest;
         let statement = ops.extend_chain(|sequence, previous_manifest_sha256| {
             let statement = ExecutionStatement {
-                request_id: id.clone(),
+                request_id: id,
                 appliance: req.appliance,
                 request_digest: req.digest_hex(),
                 command_sha256: req.command_sha256.clone(),
@@ -681,22 +724,22 @@ impl Executor {
         pre_approval: Option<&(Envelope, ApprovalLevel)>,
     ) -> Result<(ResultMsg, Option<ApplianceMessage>), ApplianceError> {
         let ops = &self.control.ops;
-        let id = execution.request_id.clone();
+        let id = execution.request_id;
         let cancelled = execution.status == ExecutionStatus::Cancelled;
-        let mut result = ResultMsg::new(&id, if cancelled { Outcome::Cancelled } else { Outcome::Executed }, "");
+        let mut result = ResultMsg::new(id, if cancelled { Outcome::Cancelled } else { Outcome::Executed }, "");
         result.execution_envelope_json = manifest.execution.as_ref().map(Envelope::to_json).unwrap_or_default();
         result.appliance_certificate_pem = manifest.appliance_certificate.clone().unwrap_or_default();
         result.pre_approval_envelope_json = pre_approval.map(|(e, _)| e.to_json()).unwrap_or_default();
-        let secret = request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG));
+        let secret = request.request.output_is_secret();
         let auto_release = matches!(pre_approval, Some((_, ApprovalLevel::CommandsAndOutput))) && !secret;
         ops.queue_result(&result)?;
         let release = if auto_release {
-            let item = ReleaseItem { request_id: id.clone(), release_envelope_json: String::new(), with_output: true };
+            let item = ReleaseItem { request_id: id, release_envelope_json: String::new(), with_output: true };
             if ops.queue_release(&item)? { Some(ops.release_message(&item)?) } else { None }
         } else {
             None
         };
-        ops.update_record(&id, |r| {
+        ops.update_record(id, |r| {
             r.state = if cancelled { OpState::Cancelled } else { OpState::Executed };
             r.exit_code = execution.exit_code;
             r.output_sha256 = Some(execution.output_sha256.clone());
@@ -707,7 +750,7 @@ impl Executor {
             r.updated_at = execution.finished_at;
             Ok(())
         })?;
-        let action = if cancelled { "operation.cancelled" } else { "operation.executed" };
+        let action = if cancelled { AuditAction::OperationCancelled } else { AuditAction::OperationExecuted };
         self.control.audit.record(
             action,
             AuditOutcome::Success,
@@ -719,7 +762,7 @@ impl Executor {
         )?;
         if auto_release {
             self.control.audit.record(
-                "operation.release",
+                AuditAction::OperationReleased,
                 AuditOutcome::Success,
                 serde_json::json!({
                     "request_id": id, "output_sha256": execution.output_sha256,
@@ -739,15 +782,15 @@ impl Executor {
         let running = self.control.running_ids();
         let mut recovered = 0;
         for record in self.control.ops.list()? {
-            if record.state != OpState::Running || running.contains(&record.id) || self.is_active(&record.id) {
+            if record.state != OpState::Running || running.contains(&record.id) || self.is_active(record.id) {
                 continue;
             }
-            match self.recover(&record.id, None, true) {
+            match self.recover(record.id, None, true) {
                 Ok(Some(_)) => recovered += 1,
                 Ok(None) => {}
                 // One that cannot be recorded now does not keep the others from it.
                 Err(e) => {
-                    self.record_failure(&record.id, &e.to_string());
+                    self.record_failure(record.id, &e.to_string());
                 }
             }
         }
@@ -762,7 +805,7 @@ impl Executor {
     /// `None` if its files do not allow it.
     fn recover(
         &self,
-        id: &str,
+        id: OperationId,
         ran: Option<Ran>,
         orphaned: bool,
     ) -> Result<Option<(ResultMsg, Option<ApplianceMessage>)>, ApplianceError> {
@@ -802,7 +845,7 @@ impl Executor {
                     crate::admin::kill_group(pgid);
                 }
                 self.control.audit.record(
-                    "operation.interrupted",
+                    AuditAction::OperationInterrupted,
                     AuditOutcome::Error,
                     serde_json::json!({ "request_id": id, "reason": "its run was not recorded: the appliance stopped, or could not write, while it ran" }),
                 )?;
@@ -816,7 +859,7 @@ impl Executor {
                 }
             }
         };
-        let job = Job { id: id.to_owned(), statement, manifest, authority, pre_approval };
+        let job = Job { id, statement, manifest, authority, pre_approval };
         self.finish(job, &ran).map(Some)
     }
 }
@@ -829,12 +872,12 @@ fn boot_id() -> Option<String> {
 /// What authorised a run, as the execution statement names it.
 fn authority_ref(basis: &Basis, grant_digest: Option<String>, policy_digest: Option<String>) -> AuthorityRef {
     let (kind, digest) = match basis {
-        Basis::Grant { .. } => ("grant", grant_digest),
-        Basis::PreApproval { .. } => ("pre-approval", None),
-        Basis::StandingWindow => ("standing-window", None),
-        Basis::ObservePhase => ("observe", None),
+        Basis::Grant { .. } => (AuthorityKind::Grant, grant_digest),
+        Basis::PreApproval { .. } => (AuthorityKind::PreApproval, None),
+        Basis::StandingWindow => (AuthorityKind::StandingWindow, None),
+        Basis::ObservePhase => (AuthorityKind::Probe, None),
     };
-    AuthorityRef { kind: kind.into(), digest, policy_digest }
+    AuthorityRef { kind, digest, policy_digest }
 }
 
 /// Signs an execution statement with the appliance's current key (ECDSA P-256, DER).

