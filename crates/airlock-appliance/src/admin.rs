@@ -13,9 +13,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::dsse::Envelope;
+use airlock_core::operation::AckCode;
 use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
 use airlock_core::policy::{Phase, VerifiedPolicy};
 use airlock_core::{ApplianceId, OperationId, Timestamp};
+use airlock_proto::convert::ack_code_from_wire;
 use airlock_proto::gateway::{ApplianceMessage, OperationAck, OperationAckKind};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -385,13 +387,19 @@ impl LocalControl {
         }
     }
 
-    /// The control plane stored (or refused for good) a result or release.
+    /// What the control plane did with a result or release, by its code (the text beside it
+    /// is for people and never read).
     ///
-    /// Returns what to send now: when a result is stored, the release of the same operation
-    /// waiting in the outbox (the control plane takes no release before its result, so one
-    /// sent early is waiting for this). When a result is refused for good, its release can
-    /// never be accepted: it is parked (kept on disk, out of the outbox) instead of being
-    /// resent on every reconnect.
+    /// - Stored: the item leaves the outbox. When a result is stored, the release of the same
+    ///   operation waiting in the outbox is returned, to send now (the control plane takes no
+    ///   release before its result, so one sent early is waiting for this).
+    /// - Retry: not stored yet (a release that reached the control plane before its result):
+    ///   it stays in the outbox and goes again after its result.
+    /// - Refused: final, and audited. A refused result can never be followed by its release:
+    ///   both are parked (kept on disk, out of the outbox) instead of being resent on every
+    ///   reconnect. A refused release is parked too.
+    /// - A code this build does not know, or none: the item stays in the outbox, never taken
+    ///   as stored, and the error is logged and audited.
     #[must_use = "a release waiting for this result must be sent"]
     pub fn on_ack(&self, ack: &OperationAck) -> Option<ApplianceMessage> {
         let release = ack.kind == OperationAckKind::Release as i32;
@@ -400,47 +408,60 @@ impl LocalControl {
             tracing::warn!(request_id = %ack.request_id, "ignoring an acknowledgement of something that is not an operation");
             return None;
         };
-        if release && ack.error.contains("no execution") {
-            // The control plane has not stored the result this release needs yet: not final.
-            tracing::warn!(request_id = %ack.request_id, error = %ack.error, "the control plane cannot take a release yet; keeping it to send again");
-            return None;
-        }
-        if !ack.error.is_empty() {
-            tracing::error!(request_id = %ack.request_id, kind, error = %ack.error, "the control plane refused an operation message");
-            if let Err(e) = self.audit.record(
-                AuditAction::OperationAckRefused,
-                Outcome::Error,
-                serde_json::json!({ "request_id": ack.request_id, "kind": kind, "error": ack.error }),
-            ) {
-                tracing::error!(error = %e, "cannot audit a refused acknowledgement; keeping the outbox item");
-                return None;
-            }
-            if !release {
-                match self.ops.park(id) {
-                    Ok(true) => self.audit_parked(id, &ack.error),
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot park a refused result"),
+        let code = match ack_code_from_wire(ack.code) {
+            Ok(code) => code,
+            Err(unknown) => {
+                tracing::error!(request_id = %id, kind, error = %unknown, "the control plane answered with an ack this appliance does not understand; keeping the item to send again");
+                let detail = serde_json::json!({ "request_id": id, "kind": kind, "reason": unknown.to_string(), "error": ack.error });
+                if let Err(e) = self.audit.record(AuditAction::OperationError, Outcome::Error, detail) {
+                    tracing::error!(error = %e, "cannot audit an unknown acknowledgement");
                 }
                 return None;
             }
-        }
-        if let Err(e) = self.ops.acknowledge(id, release) {
-            tracing::error!(error = %e, "cannot drop an acknowledged outbox item");
-        }
-        if release || !ack.error.is_empty() {
-            return None;
-        }
-        match self.ops.queued_release(id) {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::error!(request_id = %ack.request_id, error = %e, "cannot read a queued release");
+        };
+        match code {
+            AckCode::Retry => {
+                tracing::warn!(request_id = %id, kind, error = %ack.error, "the control plane cannot take this yet; keeping it to send again");
                 None
+            }
+            AckCode::Refused => {
+                tracing::error!(request_id = %id, kind, error = %ack.error, "the control plane refused an operation message for good");
+                if let Err(e) = self.audit.record(
+                    AuditAction::OperationAckRefused,
+                    Outcome::Error,
+                    serde_json::json!({ "request_id": id, "kind": kind, "error": ack.error }),
+                ) {
+                    tracing::error!(error = %e, "cannot audit a refused acknowledgement; keeping the outbox item");
+                    return None;
+                }
+                let parked = if release { self.ops.park_release(id) } else { self.ops.park(id) };
+                match parked {
+                    Ok(true) => self.audit_parked(id, &ack.error),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(request_id = %id, kind, error = %e, "cannot park a refused outbox item"),
+                }
+                None
+            }
+            AckCode::Stored => {
+                if let Err(e) = self.ops.acknowledge(id, release) {
+                    tracing::error!(error = %e, "cannot drop an acknowledged outbox item");
+                }
+                if release {
+                    return None;
+                }
+                match self.ops.queued_release(id) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::error!(request_id = %id, error = %e, "cannot read a queued release");
+                        None
+                    }
+                }
             }
         }
     }
 
     fn audit_parked(&self, id: OperationId, error: &str) {
-        tracing::warn!(request_id = %id, error, "the control plane refused this operation's result for good; parking its release");
+        tracing::warn!(request_id = %id, error, "the control plane refused this operation for good; parking its release");
         if let Err(e) = self.audit.record(
             AuditAction::OperationReleaseParked,
             Outcome::Error,

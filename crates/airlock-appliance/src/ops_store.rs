@@ -19,9 +19,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use airlock_core::operation::{AuthorityRef, Manifest, ReleaseDecision};
+use airlock_core::grant::{DenyCode, DenyReason};
+use airlock_core::operation::{AuthorityRef, Manifest, RefusalCode, ReleaseDecision};
 use airlock_core::policy::Phase;
 use airlock_core::{ApplianceId, OperationId, Timestamp};
+use airlock_proto::convert;
 use airlock_proto::gateway::{ApplianceMessage, OperationOutcome, OperationResult, OutputRelease, appliance_message};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -59,13 +61,56 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// Why the appliance did not run an operation (yet), as the control plane decides on it: a
+/// code, which policy check denied it, and when an approval that is not valid yet becomes
+/// valid. The sentence beside it ([`ResultMsg::reason`]) is for people only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    /// Set when `code` is [`RefusalCode::Denied`]: which check denied it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<DenyCode>,
+    /// Set when `code` is [`RefusalCode::ApprovalNotYetValid`]: when the approval becomes valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_from: Option<Timestamp>,
+}
+
+impl Refusal {
+    /// A refusal with nothing to say beside its code.
+    pub fn new(code: RefusalCode) -> Self {
+        Self { code, deny: None, valid_from: None }
+    }
+
+    /// What evaluating the customer's policy and authority denied. A signed denial by the
+    /// customer has its own code; every other check is [`RefusalCode::Denied`] with the check
+    /// named, and an approval not valid yet is not final.
+    pub fn denied(reason: &DenyReason) -> Self {
+        match reason {
+            DenyReason::CustomerDenied => Self::new(RefusalCode::CustomerDenied),
+            DenyReason::GrantNotYetValid { not_before } => Self::not_yet_valid(*not_before),
+            other => Self { code: RefusalCode::Denied, deny: Some(other.code()), valid_from: None },
+        }
+    }
+
+    /// The customer's approval holds from `valid_from` on: the control plane offers the
+    /// request again then.
+    pub fn not_yet_valid(valid_from: Timestamp) -> Self {
+        Self { code: RefusalCode::ApprovalNotYetValid, deny: None, valid_from: Some(valid_from) }
+    }
+}
+
 /// An `OperationResult`, in a form the state directory can hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultMsg {
     pub request_id: OperationId,
     pub outcome: Outcome,
+    /// Why it did not run, for people only: nothing decides on it.
     #[serde(default)]
     pub reason: String,
+    /// Why it did not run (`AwaitingApproval`, `Refused`), as the control plane decides on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
     #[serde(default)]
     pub execution_envelope_json: String,
     #[serde(default)]
@@ -75,15 +120,23 @@ pub struct ResultMsg {
 }
 
 impl ResultMsg {
-    pub fn new(request_id: OperationId, outcome: Outcome, reason: impl Into<String>) -> Self {
+    /// An operation that ran: `Executed` or `Cancelled`.
+    pub fn ran(request_id: OperationId, outcome: Outcome) -> Self {
         Self {
             request_id,
             outcome,
-            reason: reason.into(),
+            reason: String::new(),
+            refusal: None,
             execution_envelope_json: String::new(),
             appliance_certificate_pem: String::new(),
             pre_approval_envelope_json: String::new(),
         }
+    }
+
+    /// An operation that did not run: awaiting approval if its refusal is not final, else refused.
+    pub fn refused(request_id: OperationId, refusal: Refusal, reason: impl Into<String>) -> Self {
+        let outcome = if refusal.code.is_retryable() { Outcome::AwaitingApproval } else { Outcome::Refused };
+        Self { reason: reason.into(), refusal: Some(refusal), ..Self::ran(request_id, outcome) }
     }
 
     pub fn to_proto(&self) -> OperationResult {
@@ -93,6 +146,7 @@ impl ResultMsg {
             Outcome::Executed => OperationOutcome::Executed,
             Outcome::Cancelled => OperationOutcome::Cancelled,
         };
+        let refusal = self.refusal.as_ref();
         OperationResult {
             request_id: self.request_id.to_string(),
             outcome: outcome as i32,
@@ -100,7 +154,9 @@ impl ResultMsg {
             execution_envelope_json: self.execution_envelope_json.clone(),
             appliance_certificate_pem: self.appliance_certificate_pem.clone(),
             pre_approval_envelope_json: self.pre_approval_envelope_json.clone(),
-            ..Default::default()
+            refusal_code: refusal.map_or(0, |r| convert::refusal_code_to_wire(r.code) as i32),
+            deny_code: refusal.and_then(|r| r.deny).map_or(0, |d| convert::deny_code_to_wire(d) as i32),
+            valid_from_unix_ms: refusal.and_then(|r| r.valid_from).map_or(0, Timestamp::unix_millis),
         }
     }
 
@@ -479,26 +535,32 @@ impl OpStore {
     /// move out of the outbox into `parked/`. Returns whether a release was parked.
     pub fn park(&self, id: OperationId) -> Result<bool, ApplianceError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut moved_release = false;
-        for kind in ["result", "release"] {
-            let from = self.outbox_path(id, kind);
-            let to = self.parked_path(id, kind);
-            match std::fs::read(&from) {
-                Ok(bytes) => {
-                    write_durable(&to, &bytes)?;
-                    std::fs::remove_file(&from).map_err(|e| io_err(&from, e))?;
-                    moved_release |= kind == "release";
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if kind == "result" {
-                        // Marks the result refused, so a later release is parked too.
-                        write_durable(&to, b"{}")?;
-                    }
-                }
-                Err(e) => return Err(io_err(&from, e)),
-            }
+        if !self.move_to_parked(id, "result")? {
+            // Marks the result refused, so a later release is parked too.
+            write_durable(&self.parked_path(id, "result"), b"{}")?;
         }
-        Ok(moved_release)
+        self.move_to_parked(id, "release")
+    }
+
+    /// The control plane refused the release of `id` for good: it moves out of the outbox into
+    /// `parked/`. Returns whether there was one.
+    pub fn park_release(&self, id: OperationId) -> Result<bool, ApplianceError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.move_to_parked(id, "release")
+    }
+
+    /// Moves one outbox item to `parked/`, copied before it is removed. Returns whether there was one.
+    fn move_to_parked(&self, id: OperationId, kind: &str) -> Result<bool, ApplianceError> {
+        let from = self.outbox_path(id, kind);
+        match std::fs::read(&from) {
+            Ok(bytes) => {
+                write_durable(&self.parked_path(id, kind), &bytes)?;
+                std::fs::remove_file(&from).map_err(|e| io_err(&from, e))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&from, e)),
+        }
     }
 
     /// Ids of operations whose release is parked.
@@ -610,7 +672,7 @@ mod tests {
         store
             .queue_release(&ReleaseItem { request_id: a, release_envelope_json: String::new(), with_output: true })
             .unwrap();
-        store.queue_result(&ResultMsg::new(a, Outcome::Executed, "")).unwrap();
+        store.queue_result(&ResultMsg::ran(a, Outcome::Executed)).unwrap();
         let pending = store.pending().unwrap();
         assert_eq!(pending.len(), 2);
         assert!(matches!(pending[0].body, Some(appliance_message::Body::OperationResult(_))));
