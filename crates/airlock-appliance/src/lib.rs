@@ -14,7 +14,7 @@ pub mod config;
 pub mod customer;
 pub mod join;
 pub mod nonces;
-pub mod operations;
+pub mod executor;
 pub mod ops_store;
 pub mod preapprovals;
 pub mod session;
@@ -192,7 +192,7 @@ pub async fn run(
             .map_err(|why| ApplianceError::Customer(format!("the customer policy in force does not apply: {why}")))?;
     }
     let executor =
-        std::sync::Arc::new(operations::Executor::new(control.clone(), state.path(), identity.clone(), &ca_pem)?);
+        std::sync::Arc::new(executor::Executor::new(control.clone(), state.path(), identity.clone(), &ca_pem)?);
     match executor.recover_interrupted() {
         Ok(0) => {}
         Ok(n) => tracing::warn!(count = n, "operations interrupted by the previous stop were recorded as cancelled"),

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::join::{cert_matches_key, csr_for};
-use crate::operations::Executor;
+use crate::executor::Executor;
 use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
 use crate::{ApplianceError, now};
 

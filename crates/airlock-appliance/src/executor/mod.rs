@@ -936,5 +936,4 @@ fn short(id: &str) -> String {
 }
 
 #[cfg(test)]
-#[path = "operations_tests.rs"]
 mod tests;
