@@ -164,7 +164,7 @@ impl AuditLog {
             detail,
         };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let record = Record::append(CHAIN, inner.head, crate::now(), event);
+        let record = Record::append(CHAIN, inner.head, crate::clock::now(), event);
         let line = serde_json::to_string(&record).map_err(|e| ApplianceError::Internal(e.to_string()))?;
         let io = |e: std::io::Error| ApplianceError::Customer(format!("writing the local audit log: {e}"));
         let bytes = format!("{line}\n");

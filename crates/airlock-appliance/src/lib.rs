@@ -10,13 +10,18 @@
 pub mod admin;
 pub mod audit_log;
 pub mod backoff;
+pub mod clock;
 pub mod config;
+pub mod control;
 pub mod customer;
+pub mod executor;
 pub mod join;
 pub mod nonces;
-pub mod executor;
 pub mod ops_store;
+pub mod outbound;
 pub mod preapprovals;
+pub mod result;
+pub mod running;
 pub mod session;
 pub mod state_dir;
 
@@ -24,6 +29,8 @@ use std::time::Duration;
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{Fingerprint, Timestamp};
+
+pub use clock::now;
 
 pub use config::ApplianceConfig;
 use session::{Session, SessionEnd};
@@ -73,17 +80,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// Kills the operations still running when `run` returns, however it returns.
-struct KillRunningOnDrop(std::sync::Arc<admin::LocalControl>);
+struct KillRunningOnDrop(std::sync::Arc<control::LocalControl>);
 
 impl Drop for KillRunningOnDrop {
     fn drop(&mut self) {
         self.0.kill_all_running();
     }
-}
-
-/// Wall-clock time. The appliance checks its own certificate's validity with it.
-pub fn now() -> Timestamp {
-    Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc())
 }
 
 /// Runs the appliance until `shutdown` turns true, or until it must stop for good.
@@ -120,7 +122,7 @@ pub async fn run(
         }
         None => tracing::warn!("no customer policy in force: only Observe is allowed"),
     }
-    let control = std::sync::Arc::new(admin::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
+    let control = std::sync::Arc::new(control::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
     let _kill_running = KillRunningOnDrop(control.clone());
     let socket = state.path().join(admin::SOCKET_FILE);
     let listener = admin::bind(&socket)?;

@@ -19,17 +19,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use airlock_core::grant::{DenyCode, DenyReason};
-use airlock_core::operation::{AuthorityRef, Manifest, RefusalCode, ReleaseDecision};
+use airlock_core::operation::{AuthorityRef, Manifest, ReleaseDecision};
 use airlock_core::policy::Phase;
 use airlock_core::{ApplianceId, OperationId, Timestamp};
-use airlock_proto::convert;
-use airlock_proto::gateway::{ApplianceMessage, OperationOutcome, OperationResult, OutputRelease, appliance_message};
+use airlock_proto::gateway::{ApplianceMessage, OutputRelease, appliance_message};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::ApplianceError;
+use crate::result::ResultMsg;
 
 pub const OPS_DIR: &str = "ops";
 pub const OUTBOX_DIR: &str = "outbox";
@@ -49,120 +48,6 @@ pub enum OpState {
     Executed,
     Cancelled,
     Refused,
-}
-
-/// What the appliance answers about one request, as sent in `OperationResult`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    AwaitingApproval,
-    Refused,
-    Executed,
-    Cancelled,
-}
-
-/// Why the appliance did not run an operation (yet), as the control plane decides on it: a
-/// code, which policy check denied it, and when an approval that is not valid yet becomes
-/// valid. The sentence beside it ([`ResultMsg::reason`]) is for people only.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Refusal {
-    pub code: RefusalCode,
-    /// Set when `code` is [`RefusalCode::Denied`]: which check denied it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deny: Option<DenyCode>,
-    /// Set when `code` is [`RefusalCode::ApprovalNotYetValid`]: when the approval becomes valid.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub valid_from: Option<Timestamp>,
-}
-
-impl Refusal {
-    /// A refusal with nothing to say beside its code.
-    pub fn new(code: RefusalCode) -> Self {
-        Self { code, deny: None, valid_from: None }
-    }
-
-    /// What evaluating the customer's policy and authority denied. A signed denial by the
-    /// customer has its own code; every other check is [`RefusalCode::Denied`] with the check
-    /// named, and an approval not valid yet is not final.
-    pub fn denied(reason: &DenyReason) -> Self {
-        match reason {
-            DenyReason::CustomerDenied => Self::new(RefusalCode::CustomerDenied),
-            DenyReason::GrantNotYetValid { not_before } => Self::not_yet_valid(*not_before),
-            other => Self { code: RefusalCode::Denied, deny: Some(other.code()), valid_from: None },
-        }
-    }
-
-    /// The customer's approval holds from `valid_from` on: the control plane offers the
-    /// request again then.
-    pub fn not_yet_valid(valid_from: Timestamp) -> Self {
-        Self { code: RefusalCode::ApprovalNotYetValid, deny: None, valid_from: Some(valid_from) }
-    }
-}
-
-/// An `OperationResult`, in a form the state directory can hold.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResultMsg {
-    pub request_id: OperationId,
-    pub outcome: Outcome,
-    /// Why it did not run, for people only: nothing decides on it.
-    #[serde(default)]
-    pub reason: String,
-    /// Why it did not run (`AwaitingApproval`, `Refused`), as the control plane decides on it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refusal: Option<Refusal>,
-    #[serde(default)]
-    pub execution_envelope_json: String,
-    #[serde(default)]
-    pub appliance_certificate_pem: String,
-    #[serde(default)]
-    pub pre_approval_envelope_json: String,
-}
-
-impl ResultMsg {
-    /// An operation that ran: `Executed` or `Cancelled`.
-    pub fn ran(request_id: OperationId, outcome: Outcome) -> Self {
-        Self {
-            request_id,
-            outcome,
-            reason: String::new(),
-            refusal: None,
-            execution_envelope_json: String::new(),
-            appliance_certificate_pem: String::new(),
-            pre_approval_envelope_json: String::new(),
-        }
-    }
-
-    /// An operation that did not run: awaiting approval if its refusal is not final, else refused.
-    pub fn refused(request_id: OperationId, refusal: Refusal, reason: impl Into<String>) -> Self {
-        let outcome = if refusal.code.is_retryable() { Outcome::AwaitingApproval } else { Outcome::Refused };
-        Self { reason: reason.into(), refusal: Some(refusal), ..Self::ran(request_id, outcome) }
-    }
-
-    pub fn to_proto(&self) -> OperationResult {
-        let outcome = match self.outcome {
-            Outcome::AwaitingApproval => OperationOutcome::AwaitingApproval,
-            Outcome::Refused => OperationOutcome::Refused,
-            Outcome::Executed => OperationOutcome::Executed,
-            Outcome::Cancelled => OperationOutcome::Cancelled,
-        };
-        let refusal = self.refusal.as_ref();
-        OperationResult {
-            request_id: self.request_id.to_string(),
-            outcome: outcome as i32,
-            reason: self.reason.clone(),
-            execution_envelope_json: self.execution_envelope_json.clone(),
-            appliance_certificate_pem: self.appliance_certificate_pem.clone(),
-            pre_approval_envelope_json: self.pre_approval_envelope_json.clone(),
-            refusal_code: refusal.map_or(0, |r| convert::refusal_code_to_wire(r.code) as i32),
-            deny_code: refusal.and_then(|r| r.deny).map_or(0, |d| convert::deny_code_to_wire(d) as i32),
-            valid_from_unix_ms: refusal.and_then(|r| r.valid_from).map_or(0, Timestamp::unix_millis),
-        }
-    }
-
-    pub fn to_message(&self) -> ApplianceMessage {
-        ApplianceMessage { body: Some(appliance_message::Body::OperationResult(self.to_proto())) }
-    }
 }
 
 /// A queued `OutputRelease`. The output itself stays sealed until the moment it is sent.
@@ -645,6 +530,7 @@ mod tests {
     use airlock_testkit::op_id;
 
     use super::*;
+    use crate::result::Outcome;
 
     #[test]
     fn output_round_trips_sealed_and_is_bound_to_its_id() {

@@ -19,10 +19,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::join::{cert_matches_key, csr_for};
+use crate::ApplianceError;
+use crate::clock::now;
 use crate::executor::Executor;
+use crate::join::{cert_matches_key, csr_for};
+use crate::outbound::Outbound;
 use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
-use crate::{ApplianceError, now};
 
 /// How a session ended.
 #[derive(Debug)]
@@ -47,11 +49,11 @@ pub struct Session<'a> {
 }
 
 /// Detaches the outbox from a stream when its session ends, however it ends.
-struct Outbound<'a>(&'a crate::admin::LocalControl);
+struct Detach<'a>(&'a Outbound);
 
-impl Drop for Outbound<'_> {
+impl Drop for Detach<'_> {
     fn drop(&mut self) {
-        self.0.set_outbound(None);
+        self.0.disconnected();
     }
 }
 
@@ -84,7 +86,7 @@ impl Session<'_> {
             client.session(ReceiverStream::new(rx)).await.map_err(|s| classify_status(&s, false))?.into_inner();
 
         let mut established = false;
-        let _outbound = Outbound(self.executor.control());
+        let _detach = Detach(&self.executor.control().outbound);
         let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
         heartbeat.reset();
         let mut seq = 0u64;
@@ -130,7 +132,7 @@ impl Session<'_> {
                             // ahead of anything else the appliance sends.
                             let control = self.executor.control().clone();
                             let tx = tx.clone();
-                            tokio::spawn(async move { control.connected(tx).await });
+                            tokio::spawn(async move { control.outbound.connected(tx).await });
                         }
                         Some(control_message::Body::HeartbeatAck(_)) => {}
                         Some(control_message::Body::Renewed(r)) => {
@@ -176,9 +178,9 @@ impl Session<'_> {
                         }
                         Some(control_message::Body::OperationAck(ack)) => {
                             // A release that waited for this result goes now, off the loop.
-                            if let Some(next) = self.executor.control().on_ack(&ack) {
+                            if let Some(next) = self.executor.control().outbound.on_ack(&ack) {
                                 let control = self.executor.control().clone();
-                                tokio::spawn(async move { control.send(next).await });
+                                tokio::spawn(async move { control.outbound.send(next).await });
                             }
                         }
                         None => {}

@@ -45,8 +45,10 @@ use airlock_proto::gateway::{
 use tokio::io::AsyncReadExt;
 
 use crate::ApplianceError;
-use crate::admin::LocalControl;
-use crate::ops_store::{OpRecord, OpState, Outcome, Refusal, ReleaseItem, ResultMsg, write_durable};
+use crate::control::LocalControl;
+use crate::ops_store::{OpRecord, OpState, ReleaseItem, write_durable};
+use crate::result::{Outcome, Refusal, ResultMsg};
+use crate::running::{boot_id, kill_group};
 use crate::state_dir::{Credentials, StateDir};
 
 /// The most output kept per operation (stdout, then stderr); the rest is dropped and the
@@ -554,9 +556,9 @@ impl Executor {
         self.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         match finished {
             Ok(Some((result, release))) => {
-                self.control.send(result.to_message()).await;
+                self.control.outbound.send(result.to_message()).await;
                 if let Some(m) = release {
-                    self.control.send(m).await;
+                    self.control.outbound.send(m).await;
                 }
                 result
             }
@@ -717,10 +719,10 @@ impl Executor {
         result.pre_approval_envelope_json = pre_approval.map(|(e, _)| e.to_json()).unwrap_or_default();
         let secret = request.request.output_is_secret();
         let auto_release = matches!(pre_approval, Some((_, ApprovalLevel::CommandsAndOutput))) && !secret;
-        ops.queue_result(&result)?;
+        self.control.outbound.queue_result(&result)?;
         let release = if auto_release {
             let item = ReleaseItem { request_id: id, release_envelope_json: String::new(), with_output: true };
-            if ops.queue_release(&item)? { Some(ops.release_message(&item)?) } else { None }
+            self.control.outbound.queue_release(&item)?
         } else {
             None
         };
@@ -827,7 +829,7 @@ impl Executor {
                     && record.boot_id == boot_id()
                 {
                     tracing::warn!(request_id = %id, pgid, "killing what an interrupted operation left running");
-                    crate::admin::kill_group(pgid);
+                    kill_group(pgid);
                 }
                 self.control.audit.record(
                     AuditAction::OperationInterrupted,
@@ -875,11 +877,6 @@ impl Grounds {
 /// The answer when a run could not be recorded: the control plane asks again later.
 fn not_recorded(id: OperationId) -> ResultMsg {
     ResultMsg::refused(id, Refusal::new(RefusalCode::NotRecorded), "the appliance could not record the execution")
-}
-
-/// This boot of the host (Linux), so a process group recorded before a reboot is not killed.
-fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
 }
 
 /// What authorised a run, as the execution statement names it.

@@ -388,8 +388,9 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     assert_eq!(e2.previous_manifest_sha256, Some(e.manifest_sha256()));
     // Results wait in the outbox until acknowledged.
     assert_eq!(fx.control.ops.pending().unwrap().len(), 2);
-    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result));
-    let _ = fx.control.on_ack(&ack(op_id(2), OperationAckKind::Result, AckCode::Refused, "refused for the test"));
+    let _ = fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Result));
+    let _ =
+        fx.control.outbound.on_ack(&ack(op_id(2), OperationAckKind::Result, AckCode::Refused, "refused for the test"));
     assert!(fx.control.ops.pending().unwrap().is_empty());
     assert_eq!(fx.audited("operation.ack_refused").len(), 1);
 }
@@ -1139,12 +1140,12 @@ async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_ov
     // the customer releases the output of the last operation on this host.
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let control = fx.control.clone();
-    let resend = tokio::spawn(async move { control.connected(tx).await });
+    let resend = tokio::spawn(async move { control.outbound.connected(tx).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let envelope: serde_json::Value =
         serde_json::from_slice(&release_envelope(&fx, op_id(3), ReleaseDecision::Release, |_| {})).unwrap();
     let control = fx.control.clone();
-    let local = tokio::spawn(async move { control.handle(Request::Release { envelope }).await });
+    let local = tokio::spawn(async move { crate::admin::handle(&control, Request::Release { envelope }).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let mut got = Vec::new();
     while got.len() < 5 {
@@ -1171,10 +1172,11 @@ async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
     let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
     fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
-    let _ = fx.control.on_ack(&ack(op_id(1), OperationAckKind::Release, AckCode::Retry, "no result stored yet"));
+    let _ =
+        fx.control.outbound.on_ack(&ack(op_id(1), OperationAckKind::Release, AckCode::Retry, "no result stored yet"));
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("result", op_id(1)), ("release", op_id(1))]);
-    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result));
-    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Release));
+    let _ = fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Result));
+    let _ = fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Release));
     assert!(fx.control.ops.pending().unwrap().is_empty());
 }
 
@@ -1183,13 +1185,13 @@ async fn a_final_release_refusal_and_a_retryable_one_are_told_apart_by_code_not_
     let fx = Fx::new(ALL_PHASES);
     let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
-    let _ = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result));
+    let _ = fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Result));
     fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // The same words, and the words the final refusal of a release on the control plane uses.
     let words = "operation has no execution whose output could be released";
     // Retry: kept, to go again after its result; nothing is audited as refused.
     let retry = ack(op_id(1), OperationAckKind::Release, AckCode::Retry, words);
-    assert!(fx.control.on_ack(&retry).is_none());
+    assert!(fx.control.outbound.on_ack(&retry).is_none());
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("release", op_id(1))]);
     assert!(fx.audited("operation.ack_refused").is_empty());
     assert!(fx.control.ops.parked_releases().unwrap().is_empty());
@@ -1197,13 +1199,13 @@ async fn a_final_release_refusal_and_a_retryable_one_are_told_apart_by_code_not_
     for code in [0, 99] {
         let mut unknown = ack(op_id(1), OperationAckKind::Release, AckCode::Stored, words);
         unknown.code = code;
-        assert!(fx.control.on_ack(&unknown).is_none());
+        assert!(fx.control.outbound.on_ack(&unknown).is_none());
         assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("release", op_id(1))]);
     }
     assert_eq!(fx.audited("operation.error").len(), 2);
     // Refused: final. Out of the outbox, kept in `parked/`, audited.
     let refused = ack(op_id(1), OperationAckKind::Release, AckCode::Refused, words);
-    assert!(fx.control.on_ack(&refused).is_none());
+    assert!(fx.control.outbound.on_ack(&refused).is_none());
     assert!(fx.control.ops.pending().unwrap().is_empty());
     assert_eq!(fx.control.ops.parked_releases().unwrap(), [op_id(1)]);
     assert_eq!(fx.audited("operation.ack_refused").len(), 1);
@@ -1219,20 +1221,20 @@ async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowle
     }
     fx.control.release(&release_envelope(&fx, op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // op_2 has no release waiting: nothing follows its result.
-    assert!(fx.control.on_ack(&stored(op_id(2), OperationAckKind::Result)).is_none());
+    assert!(fx.control.outbound.on_ack(&stored(op_id(2), OperationAckKind::Result)).is_none());
     // op_1's release was sent before its result was stored (the control plane does not answer
     // such a release): storing the result sends it at once, not at the next reconnect.
-    let next = fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result)).expect("the waiting release");
+    let next = fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Result)).expect("the waiting release");
     assert_eq!(kinds(std::slice::from_ref(&next)), [("release", op_id(1))]);
     // It goes on the current stream.
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    fx.control.connected(tx).await;
+    fx.control.outbound.connected(tx).await;
     assert_eq!(kinds(&[rx.recv().await.unwrap()]), [("release", op_id(1))]);
-    fx.control.send(next).await;
+    fx.control.outbound.send(next).await;
     assert_eq!(kinds(&[rx.recv().await.unwrap()]), [("release", op_id(1))]);
     // Acknowledged: gone, and a second result ack sends nothing.
-    assert!(fx.control.on_ack(&stored(op_id(1), OperationAckKind::Release)).is_none());
-    assert!(fx.control.on_ack(&stored(op_id(1), OperationAckKind::Result)).is_none());
+    assert!(fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Release)).is_none());
+    assert!(fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Result)).is_none());
     assert!(fx.control.ops.pending().unwrap().is_empty());
 }
 
@@ -1247,7 +1249,7 @@ async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
     let refused = |id: OperationId| {
         ack(id, OperationAckKind::Result, AckCode::Refused, "the execution is not signed by this appliance")
     };
-    assert!(fx.control.on_ack(&refused(op_id(1))).is_none());
+    assert!(fx.control.outbound.on_ack(&refused(op_id(1))).is_none());
     // Neither the result nor its release is resent at the next reconnect ...
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("result", op_id(2))]);
     // ... but both are kept on disk, and the parking is audited.
@@ -1257,7 +1259,7 @@ async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0]["detail"]["request_id"], op_id(1).to_string());
     // A release decided after the result was refused is parked at once and not sent.
-    assert!(fx.control.on_ack(&refused(op_id(2))).is_none());
+    assert!(fx.control.outbound.on_ack(&refused(op_id(2))).is_none());
     assert_eq!(fx.audited("operation.release_parked").len(), 1);
     let (summary, msg) =
         fx.control.release(&release_envelope(&fx, op_id(2), ReleaseDecision::Withhold, |_| {})).unwrap();
