@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use airlock_core::audit::{self, AuditAction, Event, Head, Outcome, Record};
 
 use crate::ApplianceError;
+use crate::files::{self, Mode};
 
 pub const LOG_FILE: &str = "audit.jsonl";
 pub const CHAIN: &str = "appliance";
@@ -97,15 +98,8 @@ fn read_head(log: &Path) -> Result<Option<Head>, String> {
 }
 
 fn write_head(path: &Path, head: &Head) -> std::io::Result<()> {
-    let tmp = path.with_extension("head.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(head).unwrap_or_default())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
-        dir.sync_all()?;
-    }
-    Ok(())
+    let json = serde_json::to_vec(head).map_err(std::io::Error::other)?;
+    files::replace(path, &json, Mode::Private)
 }
 
 impl AuditLog {

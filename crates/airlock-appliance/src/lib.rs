@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod customer;
 pub mod executor;
+pub mod files;
 pub mod join;
 pub mod nonces;
 pub mod ops_store;

@@ -7,13 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use airlock_core::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::ApplianceError;
+use crate::files::{self, Mode};
 
 pub const NONCE_FILE: &str = "used-nonces.jsonl";
 
@@ -56,7 +57,7 @@ impl NonceStore {
                 serde_json::to_string(&Entry { nonce: nonce.clone(), not_after: *not_after }).unwrap_or_default() + "\n"
             })
             .collect();
-        write_atomic(&path, compact.as_bytes()).map_err(|e| err(e.to_string()))?;
+        files::replace(&path, compact.as_bytes(), Mode::Private).map_err(|e| err(e.to_string()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| err(e.to_string()))?;
         Ok(Self { inner: Mutex::new((file, live)) })
     }
@@ -80,21 +81,6 @@ impl NonceStore {
         live.insert(nonce.to_owned(), not_after);
         Ok(true)
     }
-}
-
-fn write_atomic(path: &PathBuf, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

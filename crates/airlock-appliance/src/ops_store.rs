@@ -12,10 +12,9 @@
 //!   for good, and the release of that operation, which it can then never accept: kept, but
 //!   no longer resent.
 //!
-//! Every file is replaced atomically (temporary file, fsync, rename, directory fsync).
+//! Every file is replaced with [`crate::files::replace`]: whole, synced, owner-only.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -28,6 +27,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::ApplianceError;
+use crate::files::{self, Mode};
 use crate::result::ResultMsg;
 
 pub const OPS_DIR: &str = "ops";
@@ -156,36 +156,13 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> ApplianceError {
     ApplianceError::Customer(format!("{}: {e}", path.display()))
 }
 
-/// Replaces `path` atomically with `data`, mode 0600, synced with its directory.
-pub(crate) fn write_durable(path: &Path, data: &[u8]) -> Result<(), ApplianceError> {
-    let dir = path.parent().ok_or_else(|| io_err(path, "no parent directory"))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).map_err(|e| io_err(&tmp, e))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+/// Replaces one of the store's files (see [`crate::files::replace`]).
+fn write(path: &Path, data: &[u8]) -> Result<(), ApplianceError> {
+    files::replace(path, data, Mode::Private).map_err(|e| io_err(path, e))
 }
 
-pub(crate) fn create_private_dir(path: &Path) -> Result<(), ApplianceError> {
-    std::fs::create_dir_all(path).map_err(|e| io_err(path, e))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| io_err(path, e))?;
-    }
-    Ok(())
+fn create_private_dir(path: &Path) -> Result<(), ApplianceError> {
+    files::create_private_dir(path).map_err(|e| io_err(path, e))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, ApplianceError> {
@@ -245,7 +222,7 @@ impl OpStore {
 
     pub fn save_record(&self, record: &OpRecord) -> Result<(), ApplianceError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        write_durable(&self.dir(record.id)?.join(RECORD), &to_json(record)?)
+        write(&self.dir(record.id)?.join(RECORD), &to_json(record)?)
     }
 
     /// Applies `edit` to a stored record under the store's lock.
@@ -258,7 +235,7 @@ impl OpStore {
         let mut record =
             self.record(id)?.ok_or_else(|| ApplianceError::Customer(format!("no operation {id} on this appliance")))?;
         edit(&mut record)?;
-        write_durable(&self.dir(id)?.join(RECORD), &to_json(&record)?)?;
+        write(&self.dir(id)?.join(RECORD), &to_json(&record)?)?;
         Ok(record)
     }
 
@@ -284,7 +261,7 @@ impl OpStore {
 
     pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), ApplianceError> {
         self.fault("manifest")?;
-        write_durable(&self.dir(manifest.request_id)?.join(MANIFEST), &to_json(manifest)?)
+        write(&self.dir(manifest.request_id)?.join(MANIFEST), &to_json(manifest)?)
     }
 
     fn output_key(&self) -> Result<LessSafeKey, ApplianceError> {
@@ -296,7 +273,7 @@ impl OpStore {
                 SystemRandom::new()
                     .fill(&mut key)
                     .map_err(|_| ApplianceError::Internal("the OS random generator failed".into()))?;
-                write_durable(&path, &key)?;
+                write(&path, &key)?;
                 key.to_vec()
             }
             Err(e) => return Err(io_err(&path, e)),
@@ -322,7 +299,7 @@ impl OpStore {
         .map_err(|_| ApplianceError::Internal("output encryption failed".into()))?;
         let mut data = nonce.to_vec();
         data.extend_from_slice(&sealed);
-        write_durable(&self.dir(id)?.join(OUTPUT), &data)
+        write(&self.dir(id)?.join(OUTPUT), &data)
     }
 
     /// Decrypts an operation's output.
@@ -359,7 +336,7 @@ impl OpStore {
         let sequence = head.sequence + 1;
         let (out, digest) = sign(sequence, head.manifest_sha256)?;
         self.fault("chain")?;
-        write_durable(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(digest) })?)?;
+        write(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(digest) })?)?;
         Ok(out)
     }
 
@@ -384,7 +361,7 @@ impl OpStore {
             )));
         }
         self.fault("chain")?;
-        write_durable(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(manifest_sha256.to_owned()) })?)
+        write(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(manifest_sha256.to_owned()) })?)
     }
 
     pub fn chain_head(&self) -> Result<ChainHead, ApplianceError> {
@@ -397,7 +374,7 @@ impl OpStore {
 
     pub fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
         self.fault("result")?;
-        write_durable(&self.outbox_path(result.request_id, "result"), &to_json(result)?)
+        write(&self.outbox_path(result.request_id, "result"), &to_json(result)?)
     }
 
     fn parked_path(&self, id: OperationId, kind: &str) -> PathBuf {
@@ -409,10 +386,10 @@ impl OpStore {
     pub fn queue_release(&self, item: &ReleaseItem) -> Result<bool, ApplianceError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.parked_path(item.request_id, "result").exists() {
-            write_durable(&self.parked_path(item.request_id, "release"), &to_json(item)?)?;
+            write(&self.parked_path(item.request_id, "release"), &to_json(item)?)?;
             return Ok(false);
         }
-        write_durable(&self.outbox_path(item.request_id, "release"), &to_json(item)?)?;
+        write(&self.outbox_path(item.request_id, "release"), &to_json(item)?)?;
         Ok(true)
     }
 
@@ -422,7 +399,7 @@ impl OpStore {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self.move_to_parked(id, "result")? {
             // Marks the result refused, so a later release is parked too.
-            write_durable(&self.parked_path(id, "result"), b"{}")?;
+            write(&self.parked_path(id, "result"), b"{}")?;
         }
         self.move_to_parked(id, "release")
     }
@@ -439,7 +416,7 @@ impl OpStore {
         let from = self.outbox_path(id, kind);
         match std::fs::read(&from) {
             Ok(bytes) => {
-                write_durable(&self.parked_path(id, kind), &bytes)?;
+                write(&self.parked_path(id, kind), &bytes)?;
                 std::fs::remove_file(&from).map_err(|e| io_err(&from, e))?;
                 Ok(true)
             }

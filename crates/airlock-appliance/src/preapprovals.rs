@@ -15,7 +15,7 @@ use airlock_core::grant::PreApprovalBody;
 use serde::{Deserialize, Serialize};
 
 use crate::ApplianceError;
-use crate::ops_store::write_durable;
+use crate::files::{self, Mode};
 
 pub const PRE_APPROVALS_FILE: &str = "pre-approvals.json";
 
@@ -78,7 +78,8 @@ impl PreApprovalStore {
 
     fn save(&self, entries: &BTreeMap<String, Entry>) -> Result<(), ApplianceError> {
         let json = serde_json::to_vec_pretty(entries).map_err(|e| ApplianceError::Internal(e.to_string()))?;
-        write_durable(&self.path, &json)
+        files::replace(&self.path, &json, Mode::Private)
+            .map_err(|e| ApplianceError::Customer(format!("{}: {e}", self.path.display())))
     }
 
     /// Stores a verified pre-approval. The same one again is a no-op; another under the same

@@ -4,11 +4,12 @@
 //! with its certificate in one file replaced atomically, so a crash mid-rotation leaves the
 //! previous pair intact. The directory itself is mode 0700.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use airlock_core::{ApplianceIdentity, Fingerprint, Timestamp};
 use serde::{Deserialize, Serialize};
+
+use crate::files::{self, Mode};
 
 const META: &str = "appliance.json";
 const CA: &str = "ca.pem";
@@ -74,13 +75,7 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn open(root: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(root).map_err(|source| StateError::Io { path: root.into(), source })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
-                .map_err(|source| StateError::Io { path: root.into(), source })?;
-        }
+        files::create_private_dir(root).map_err(|source| StateError::Io { path: root.into(), source })?;
         Ok(Self { root: root.into() })
     }
 
@@ -113,7 +108,7 @@ impl StateDir {
     }
 
     pub fn mark_revoked(&self, why: &str) -> Result<(), StateError> {
-        self.write_atomic(REVOKED, why.as_bytes(), false)
+        self.write_atomic(REVOKED, why.as_bytes(), Mode::Readable)
     }
 
     pub fn load(&self) -> Result<(Enrolment, String, Credentials), StateError> {
@@ -128,11 +123,11 @@ impl StateDir {
     }
 
     pub fn save_enrolment(&self, e: &Enrolment, ca_pem: &str, creds: &Credentials) -> Result<(), StateError> {
-        self.write_atomic(CA, ca_pem.as_bytes(), false)?;
+        self.write_atomic(CA, ca_pem.as_bytes(), Mode::Readable)?;
         self.save_credentials(creds)?;
         let json =
             serde_json::to_vec_pretty(e).map_err(|err| StateError::Damaged(self.root.clone(), err.to_string()))?;
-        self.write_atomic(META, &json, false)?;
+        self.write_atomic(META, &json, Mode::Readable)?;
         let _ = std::fs::remove_file(self.root.join(PENDING_KEY));
         Ok(())
     }
@@ -148,7 +143,7 @@ impl StateDir {
 
     /// Replaces a file of the state directory atomically, readable only by its owner.
     pub fn write_private(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
-        self.write_atomic(name, data, true)
+        self.write_atomic(name, data, Mode::Private)
     }
 
     pub fn pending_join_key(&self) -> Option<String> {
@@ -156,12 +151,12 @@ impl StateDir {
     }
 
     pub fn save_pending_join_key(&self, key_pem: &str) -> Result<(), StateError> {
-        self.write_atomic(PENDING_KEY, key_pem.as_bytes(), true)
+        self.write_atomic(PENDING_KEY, key_pem.as_bytes(), Mode::Private)
     }
 
     pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
         let both = format!("{}{}", creds.cert_pem, creds.key_pem);
-        self.write_atomic(CREDENTIALS, both.as_bytes(), true)
+        self.write_atomic(CREDENTIALS, both.as_bytes(), Mode::Private)
     }
 
     fn read(&self, name: &str) -> Result<String, StateError> {
@@ -169,27 +164,10 @@ impl StateDir {
         std::fs::read_to_string(&path).map_err(|source| StateError::Io { path, source })
     }
 
-    /// Writes to a temporary file, syncs it, then renames it into place.
-    fn write_atomic(&self, name: &str, data: &[u8], private: bool) -> Result<(), StateError> {
+    /// Replaces a file of the state directory (see [`crate::files::replace`]).
+    fn write_atomic(&self, name: &str, data: &[u8], mode: Mode) -> Result<(), StateError> {
         let path = self.root.join(name);
-        let tmp = self.root.join(format!(".{name}.tmp"));
-        let io = |source| StateError::Io { path: path.clone(), source };
-        let _ = std::fs::remove_file(&tmp);
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(if private { 0o600 } else { 0o644 });
-        }
-        let mut f = opts.open(&tmp).map_err(io)?;
-        f.write_all(data).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        if let Ok(dir) = std::fs::File::open(&self.root) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+        files::replace(&path, data, mode).map_err(|source| StateError::Io { path, source })
     }
 }
 

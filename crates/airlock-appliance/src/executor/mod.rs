@@ -46,7 +46,8 @@ use tokio::io::AsyncReadExt;
 
 use crate::ApplianceError;
 use crate::control::LocalControl;
-use crate::ops_store::{OpRecord, OpState, ReleaseItem, write_durable};
+use crate::files::{self, Mode};
+use crate::ops_store::{OpRecord, OpState, ReleaseItem};
 use crate::result::{Outcome, Refusal, ResultMsg};
 use crate::running::{boot_id, kill_group};
 use crate::state_dir::{Credentials, StateDir};
@@ -604,7 +605,8 @@ impl Executor {
     ) -> Result<(ExecutionStatus, Option<i32>, Vec<u8>, bool), ApplianceError> {
         let dir = self.control.ops.dir(job.id)?;
         let script = dir.join("script.sh");
-        write_durable(&script, job.statement.command.script.as_bytes())?;
+        files::replace(&script, job.statement.command.script.as_bytes(), Mode::Private)
+            .map_err(|e| ApplianceError::Customer(format!("{}: {e}", script.display())))?;
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg(&script)
             .env_clear()
