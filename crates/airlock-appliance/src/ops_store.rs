@@ -18,6 +18,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use airlock_core::grant::OperationRequest;
 use airlock_core::operation::{AuthorityRef, Manifest, ReleaseDecision};
 use airlock_core::policy::Phase;
 use airlock_core::{ApplianceId, OperationId, Timestamp};
@@ -104,6 +105,31 @@ pub struct OpRecord {
 }
 
 impl OpRecord {
+    /// The record of an authenticated request received `now`, in `state`.
+    pub fn new(req: &OperationRequest, state: OpState, now: Timestamp) -> Self {
+        Self {
+            id: req.id,
+            appliance: req.appliance,
+            template: req.kind.clone(),
+            phase: req.phase,
+            data_tags: req.data_tags.clone(),
+            state,
+            received_at: now,
+            updated_at: now,
+            refusal_reason: None,
+            authority: None,
+            exit_code: None,
+            output_sha256: None,
+            output_size: None,
+            output_truncated: false,
+            release: None,
+            released_by_pre_approval: false,
+            result: None,
+            pgid: None,
+            boot_id: None,
+        }
+    }
+
     pub fn is_secret(&self) -> bool {
         airlock_core::operation::is_secret_output(&self.data_tags)
     }

@@ -2,7 +2,8 @@
 //! certificate and the appliance's; customer keys are fixed seeds; time is injected.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicI64;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::grant::{GRANT_PAYLOAD_TYPE, GrantBody, OperationRequest, PRE_APPROVAL_PAYLOAD_TYPE};
@@ -19,10 +20,23 @@ use airlock_core::operation::AckCode;
 use airlock_proto::convert;
 use airlock_testkit::op_id;
 
+use airlock_core::dsse::Envelope;
+use airlock_core::grant::{ApprovalDecision, ApprovalLevel, PreApprovalBody};
+use airlock_core::operation::{
+    AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, REQUEST_PAYLOAD_TYPE, RefusalCode,
+    RequestStatement, add_signature, certificate_key_id, pem_certificate_der, sha256_hex, signing_input,
+    verify_certified_envelope,
+};
+use airlock_core::template::Template;
+use airlock_core::{ApplianceIdentity, OperationId, Timestamp};
+use airlock_proto::gateway::{ApplianceMessage, OperationInstruction, appliance_message};
+
 use super::*;
 use crate::audit_log::AuditLog;
+use crate::ops_store::OpState;
+use crate::result::Outcome;
+use crate::state_dir::{Credentials, Enrolment};
 
-/// The control plane's acknowledgement of `id`; `error` empty when it took it.
 /// The control plane's acknowledgement of `id`: what it did (`code`), and why (`error`, for people).
 fn ack(id: OperationId, kind: OperationAckKind, code: AckCode, error: &str) -> OperationAck {
     let code = convert::ack_code_to_wire(code) as i32;
@@ -33,7 +47,6 @@ fn ack(id: OperationId, kind: OperationAckKind, code: AckCode, error: &str) -> O
 fn stored(id: OperationId, kind: OperationAckKind) -> OperationAck {
     ack(id, kind, AckCode::Stored, "")
 }
-use crate::state_dir::Enrolment;
 
 const TD: &str = "airlock.test";
 /// 2026-11-24 12:00 UTC, a Tuesday.
