@@ -1,6 +1,7 @@
 //! First contact: exchange a join token and a CSR for a certificate over CA-pinned HTTPS.
 
 use airlock_core::Fingerprint;
+use airlock_core::certificate;
 use airlock_core::token::Secret;
 use airlock_proto::join::{JOIN_PATH, JoinRequest, JoinResponse};
 use rcgen::{CertificateParams, KeyPair};
@@ -66,15 +67,13 @@ pub async fn join(
 /// The response came over a pinned channel, but check it is internally consistent before
 /// writing it down: the CA is the pinned one and the certificate is for our key.
 fn check_join_response(joined: &JoinResponse, pin: Fingerprint, key: &KeyPair) -> Result<(), ApplianceError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let ca_der = CertificateDer::from_pem_slice(joined.ca_certificate_pem.as_bytes())
-        .map_err(|_| ApplianceError::Protocol("join response CA is not a PEM certificate".into()))?;
-    if Fingerprint::of_der(ca_der.as_ref()) != pin {
+    let ca = certificate::inspect_pem(&joined.ca_certificate_pem)
+        .map_err(|e| ApplianceError::Protocol(format!("join response CA: {e}")))?;
+    if ca.fingerprint != pin {
         return Err(ApplianceError::UntrustedControlPlane { pinned: pin });
     }
-    let (identity, _, _) = inspect_cert(&joined.certificate_pem)
-        .ok_or_else(|| ApplianceError::Protocol("join response certificate names no appliance identity".into()))?;
+    let (identity, _) = inspect_cert(&joined.certificate_pem)
+        .map_err(|e| ApplianceError::Protocol(format!("join response certificate: {e}")))?;
     if identity.uri() != joined.identity {
         return Err(ApplianceError::Protocol("join response identity does not match its certificate".into()));
     }
@@ -84,12 +83,8 @@ fn check_join_response(joined: &JoinResponse, pin: Fingerprint, key: &KeyPair) -
     Ok(())
 }
 
+/// Whether a certificate certifies `key` (its subject public key is the key's).
 pub(crate) fn cert_matches_key(cert_pem: &str, key: &KeyPair) -> bool {
     use rcgen::PublicKeyData;
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let Ok(der) = CertificateDer::from_pem_slice(cert_pem.as_bytes()) else { return false };
-    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else { return false };
-    cert.tbs_certificate.subject_pki.subject_public_key.data.as_ref() == key.der_bytes()
+    certificate::inspect_pem(cert_pem).is_ok_and(|info| info.public_key == key.der_bytes())
 }

@@ -175,17 +175,15 @@ pub async fn run(
     }
     // The stored CA is what the gateway is verified against: it must still be the pinned one,
     // whatever happened to the state directory since the join.
-    let stored_ca = rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes())
-        .map(|der: rustls::pki_types::CertificateDer<'_>| Fingerprint::of_der(der.as_ref()))
-        .ok();
+    let stored_ca = airlock_core::certificate::inspect_pem(&ca_pem).map(|ca| ca.fingerprint).ok();
     if stored_ca != Some(config.ca_fingerprint) {
         return Err(ApplianceError::PinChanged {
             stored: stored_ca.map_or_else(|| "an unreadable ca.pem".to_owned(), |f| f.to_string()),
             configured: config.ca_fingerprint,
         });
     }
-    let (identity, _, _) = inspect_cert(&creds.cert_pem)
-        .ok_or_else(|| ApplianceError::Protocol("stored certificate names no appliance identity".into()))?;
+    let (identity, _) =
+        inspect_cert(&creds.cert_pem).map_err(|e| ApplianceError::Protocol(format!("the stored certificate: {e}")))?;
     tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
     // A policy loaded before the join could only be checked against this now.
     if let Some(policy) = control.policy.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -227,7 +225,7 @@ pub async fn run(
                     backoff.reset();
                 }
                 let (_, _, creds) = state.load()?;
-                if let Some((_, validity, _)) = inspect_cert(&creds.cert_pem)
+                if let Ok((_, validity)) = inspect_cert(&creds.cert_pem)
                     && now() >= validity.not_after
                 {
                     return Err(ApplianceError::CertificateExpired(validity.not_after));

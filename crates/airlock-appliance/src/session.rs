@@ -7,11 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use airlock_core::certificate;
 use airlock_core::{ApplianceIdentity, Timestamp};
 use airlock_proto::gateway::appliance_gateway_client::ApplianceGatewayClient;
 use airlock_proto::gateway::{
     ApplianceMessage, Health, HealthStatus, Heartbeat, Hello, RenewRequest, appliance_message, control_message,
 };
+use airlock_proto::tls::{ServerTrust, mtls_client_config};
 use hyper_util::rt::TokioIo;
 use rcgen::KeyPair;
 use rustls::pki_types::pem::PemObject;
@@ -91,7 +93,7 @@ impl Session<'_> {
         heartbeat.reset();
         let mut seq = 0u64;
         let mut pending_key: Option<KeyPair> = None;
-        let mut validity = inspect_cert(&creds.cert_pem).map(|(_, v, _)| v);
+        let mut validity = inspect_cert(&creds.cert_pem).ok().map(|(_, v)| v);
         let mut renew_at = validity.map(|v| v.renew_at());
         loop {
             let renew_sleep = tokio::time::sleep(renew_at.map_or(Duration::from_secs(3600), |t| t.since(now())));
@@ -196,8 +198,8 @@ impl Session<'_> {
 
     /// Checks a renewed certificate is for our new key and identity, then replaces the old pair.
     fn accept_renewal(&self, cert_pem: &str, key: &KeyPair) -> Result<Validity, ApplianceError> {
-        let (identity, validity, _) = inspect_cert(cert_pem)
-            .ok_or_else(|| ApplianceError::Protocol("renewed certificate does not parse".into()))?;
+        let (identity, validity) =
+            inspect_cert(cert_pem).map_err(|e| ApplianceError::Protocol(format!("renewed certificate: {e}")))?;
         if &identity != self.identity {
             return Err(ApplianceError::Protocol("renewed certificate names another identity".into()));
         }
@@ -215,21 +217,15 @@ fn retry_renewal_at(validity: Option<Validity>) -> Timestamp {
     now().saturating_add((left / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)))
 }
 
+/// Mutual TLS to the gateway: trusting only the CA stored at join, presenting our certificate.
 fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig, String> {
+    let ca = certificate::pem_to_der(ca_pem).map_err(|e| format!("stored CA: {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| format!("stored CA: {e}"))?;
-    roots.add(ca).map_err(|e| format!("stored CA: {e}"))?;
-    let chain =
-        vec![CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).map_err(|e| format!("certificate: {e}"))?];
+    roots.add(CertificateDer::from(ca)).map_err(|e| format!("stored CA: {e}"))?;
+    let cert = certificate::pem_to_der(&creds.cert_pem).map_err(|e| format!("certificate: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).map_err(|e| format!("private key: {e}"))?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
-        .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| format!("client certificate: {e}"))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
+    mtls_client_config(ServerTrust::Roots(roots), vec![CertificateDer::from(cert)], key, &[b"h2"])
+        .map_err(|e| format!("client certificate: {e}"))
 }
 
 /// Dials the gateway. The connector is ours so TLS is exactly the config above.

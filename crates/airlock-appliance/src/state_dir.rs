@@ -6,7 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use airlock_core::{ApplianceIdentity, Fingerprint, Timestamp};
+use airlock_core::certificate::{self, CertificateError};
+use airlock_core::{ApplianceIdentity, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::files::{self, Mode};
@@ -178,23 +179,9 @@ fn split_credentials(text: &str) -> Option<Credentials> {
         .then(|| Credentials { cert_pem: cert.to_owned(), key_pem: key.to_owned() })
 }
 
-/// Reads identity and validity from a certificate this appliance holds.
-pub fn inspect_cert(pem: &str) -> Option<(ApplianceIdentity, Validity, Fingerprint)> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
-    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let uri = san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => Some(*u),
-        _ => None,
-    })?;
-    let identity = uri.parse().ok()?;
-    let v = cert.validity();
-    let validity = Validity {
-        not_before: Timestamp::from_unix_millis(v.not_before.timestamp() * 1000),
-        not_after: Timestamp::from_unix_millis(v.not_after.timestamp() * 1000),
-    };
-    Some((identity, validity, Fingerprint::of_der(der.as_ref())))
+/// Reads identity and validity from a certificate this appliance holds (or is offered), with
+/// core's one certificate reader. It names exactly one appliance identity.
+pub fn inspect_cert(pem: &str) -> Result<(ApplianceIdentity, Validity), CertificateError> {
+    let info = certificate::inspect_pem(pem)?;
+    Ok((info.appliance_identity()?, Validity { not_before: info.not_before, not_after: info.not_after }))
 }
