@@ -175,3 +175,6 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Status, ApplianceE
     let value = call_value(socket, request).await?;
     serde_json::from_value(value).map_err(|e| ApplianceError::Protocol(format!("admin reply: {e}")))
 }
+
+#[cfg(test)]
+mod tests;

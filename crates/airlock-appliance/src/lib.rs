@@ -25,6 +25,8 @@ pub mod result;
 pub mod running;
 pub mod session;
 pub mod state_dir;
+#[cfg(test)]
+mod testing;
 
 use std::time::Duration;
 

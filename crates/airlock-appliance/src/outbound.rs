@@ -184,3 +184,6 @@ impl Outbound {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

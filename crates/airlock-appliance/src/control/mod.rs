@@ -10,6 +10,8 @@
 //! a phase off, or loading a policy without it, kills every running operation of that phase.
 
 mod release;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -104,3 +104,6 @@ impl LocalControl {
         Ok((record.summary(), msg))
     }
 }
+
+#[cfg(test)]
+mod tests;

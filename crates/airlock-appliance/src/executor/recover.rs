@@ -131,3 +131,6 @@ impl Executor {
         self.record_run(job, &ran).map(Some)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -150,3 +150,6 @@ async fn capture<R: tokio::io::AsyncRead + Unpin>(stream: Option<R>) -> (Vec<u8>
     }
     (kept, over)
 }
+
+#[cfg(test)]
+mod tests;
