@@ -91,7 +91,7 @@ pub(crate) async fn handle(control: &LocalControl, request: Request) -> Result<s
 
 /// Binds the admin socket (owner-only). Done before the appliance reports itself ready, so a
 /// failure to offer the customer's controls stops it.
-pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, ApplianceError> {
+pub(crate) fn bind(socket: &Path) -> Result<tokio::net::UnixListener, ApplianceError> {
     let io = |e: std::io::Error| ApplianceError::Customer(format!("admin socket {}: {e}", socket.display()));
     // A socket file left by a previous run would make bind fail; the state directory lock
     // guarantees no other appliance process is serving it.
@@ -106,7 +106,7 @@ pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, ApplianceError> {
 }
 
 /// Serves the admin socket until the task is dropped.
-pub async fn serve(control: Arc<LocalControl>, listener: tokio::net::UnixListener) {
+pub(crate) async fn serve(control: Arc<LocalControl>, listener: tokio::net::UnixListener) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use airlock_core::Timestamp;
 
 /// A clock: the appliance's wall clock, or a test's.
-pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
 /// Wall-clock time. The appliance checks its own certificate's validity with it.
-pub fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc())
 }

@@ -20,7 +20,7 @@ const PINNED_KEYS: &str = "customer-keys.pem";
 const POLICY: &str = "policy.dsse.json";
 
 /// Pins `configured` keys on first use; afterwards they must equal the pinned set.
-pub fn pin_keys(
+pub(crate) fn pin_keys(
     state: &StateDir,
     configured: &[String],
     audit: &AuditLog,
@@ -74,7 +74,7 @@ pub fn pin_keys(
 }
 
 /// The policy in force after considering `offered` (a signed policy file), if any.
-pub fn load_policy(
+pub(crate) fn load_policy(
     state: &StateDir,
     pinned: &[CustomerPublicKey],
     offered: Option<&Path>,
@@ -136,7 +136,7 @@ pub fn load_policy(
 
 /// Where a newly signed policy came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PolicySource {
+pub(crate) enum PolicySource {
     /// The appliance host (the admin socket).
     Host,
     /// Relayed by the control plane, which cannot sign one: trusted exactly as much as its
@@ -148,7 +148,7 @@ pub enum PolicySource {
 /// control plane: the same checks as at start. On success it is stored and audited; on
 /// refusal the reason is audited (`policy.update` denied for the host, `policy.refused` for
 /// the control plane) and returned, and the policy in force stays.
-pub fn accept_policy(
+pub(crate) fn accept_policy(
     state: &StateDir,
     pinned: &[CustomerPublicKey],
     envelope_json: &[u8],
@@ -204,7 +204,7 @@ pub fn accept_policy(
 
 /// Why a policy was not put in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PolicyRefused {
+pub(crate) enum PolicyRefused {
     /// It does not verify or does not apply here: offering it again changes nothing.
     Invalid(String),
     /// Storing or auditing it failed (a full disk, say): it may succeed if offered again.

@@ -12,7 +12,7 @@ use std::path::Path;
 
 /// Who may read a replaced file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Its owner only (0600): keys, records, anything about operations.
     Private,
     /// Anyone on the host (0644): the CA certificate, the enrolment, the revocation mark.
@@ -20,7 +20,7 @@ pub enum Mode {
 }
 
 /// Replaces `path` with `data` atomically and durably (see the module documentation).
-pub fn replace(path: &Path, data: &[u8], mode: Mode) -> std::io::Result<()> {
+pub(crate) fn replace(path: &Path, data: &[u8], mode: Mode) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| std::io::Error::other("the path has no directory"))?;
     let name = path.file_name().ok_or_else(|| std::io::Error::other("the path names no file"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
@@ -51,7 +51,7 @@ pub fn replace(path: &Path, data: &[u8], mode: Mode) -> std::io::Result<()> {
 }
 
 /// Creates a directory (and its parents) readable by its owner only (0700).
-pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(path)?;
     #[cfg(unix)]
     {

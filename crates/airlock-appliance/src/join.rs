@@ -10,7 +10,7 @@ use crate::ApplianceError;
 use crate::state_dir::{Credentials, Enrolment, inspect_cert};
 
 /// A CSR for `key`, naming `identity_uri` when renewing (a join CSR names no identity).
-pub fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, ApplianceError> {
+pub(crate) fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, ApplianceError> {
     let mut params = CertificateParams::default();
     if let Some(uri) = identity_uri {
         let uri = uri.to_owned().try_into().map_err(|e| ApplianceError::Internal(format!("identity URI: {e}")))?;
@@ -20,7 +20,7 @@ pub fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, Appl
 }
 
 /// Joins with `key`, which the caller generated and saved first (see `StateDir::save_pending_join_key`).
-pub async fn join(
+pub(crate) async fn join(
     control_plane: &str,
     pin: Fingerprint,
     token: &Secret,

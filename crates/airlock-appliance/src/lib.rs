@@ -9,22 +9,22 @@
 
 pub mod admin;
 pub mod audit_log;
-pub mod backoff;
-pub mod clock;
+mod backoff;
+mod clock;
 pub mod config;
-pub mod control;
-pub mod customer;
-pub mod executor;
-pub mod files;
-pub mod join;
-pub mod nonces;
-pub mod ops_store;
-pub mod outbound;
-pub mod preapprovals;
-pub mod result;
-pub mod running;
-pub mod session;
-pub mod state_dir;
+mod control;
+mod customer;
+mod executor;
+mod files;
+mod join;
+mod nonces;
+mod ops_store;
+mod outbound;
+mod preapprovals;
+mod result;
+mod running;
+mod session;
+mod state_dir;
 #[cfg(test)]
 mod testing;
 
@@ -33,10 +33,11 @@ use std::time::Duration;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{Fingerprint, Timestamp};
 
-pub use clock::now;
+use clock::now;
 
 pub use config::ApplianceConfig;
 use session::{Session, SessionEnd};
+pub use state_dir::StateError;
 use state_dir::{StateDir, inspect_cert};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +69,7 @@ pub enum ApplianceError {
     #[error("{0}")]
     Customer(String),
     #[error(transparent)]
-    State(#[from] state_dir::StateError),
+    State(#[from] StateError),
     #[error("internal error: {0}")]
     Internal(String),
 }

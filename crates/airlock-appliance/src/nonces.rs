@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::ApplianceError;
 use crate::files::{self, Mode};
 
-pub const NONCE_FILE: &str = "used-nonces.jsonl";
+pub(crate) const NONCE_FILE: &str = "used-nonces.jsonl";
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -24,13 +24,13 @@ struct Entry {
     not_after: Timestamp,
 }
 
-pub struct NonceStore {
+pub(crate) struct NonceStore {
     inner: Mutex<(std::fs::File, BTreeMap<String, Timestamp>)>,
 }
 
 impl NonceStore {
     /// Opens the store, dropping nonces whose grants expired before `now`.
-    pub fn open(state_dir: &Path, now: Timestamp) -> Result<Self, ApplianceError> {
+    pub(crate) fn open(state_dir: &Path, now: Timestamp) -> Result<Self, ApplianceError> {
         let path = state_dir.join(NONCE_FILE);
         let err = |e: String| ApplianceError::Customer(format!("used-nonce record {}: {e}", path.display()));
         let text = match std::fs::read_to_string(&path) {
@@ -62,12 +62,12 @@ impl NonceStore {
         Ok(Self { inner: Mutex::new((file, live)) })
     }
 
-    pub fn is_used(&self, nonce: &str) -> bool {
+    pub(crate) fn is_used(&self, nonce: &str) -> bool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).1.contains_key(nonce)
     }
 
     /// Records `nonce` as spent. `Ok(false)` if it already was: the caller must not proceed.
-    pub fn consume(&self, nonce: &str, not_after: Timestamp) -> Result<bool, ApplianceError> {
+    pub(crate) fn consume(&self, nonce: &str, not_after: Timestamp) -> Result<bool, ApplianceError> {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (file, live) = &mut *guard;
         if live.contains_key(nonce) {

@@ -27,7 +27,7 @@ use crate::ops_store::{OpStore, ReleaseItem};
 use crate::result::ResultMsg;
 
 /// The appliance's side of the stream for operation results and releases.
-pub struct Outbound {
+pub(crate) struct Outbound {
     ops: Arc<OpStore>,
     audit: Arc<AuditLog>,
     /// The current stream to the control plane, while connected.
@@ -38,19 +38,19 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(ops: Arc<OpStore>, audit: Arc<AuditLog>) -> Self {
+    pub(crate) fn new(ops: Arc<OpStore>, audit: Arc<AuditLog>) -> Self {
         Self { ops, audit, stream: Mutex::new(None), sending: tokio::sync::Mutex::new(()) }
     }
 
     /// Queues a result in the outbox; it is sent by whoever holds it next.
-    pub fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
+    pub(crate) fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
         self.ops.queue_result(result)
     }
 
     /// Queues a release in the outbox and returns the message to send now, or `None` when it
     /// was parked: the control plane refused the operation's result for good, so it can never
     /// accept this release.
-    pub fn queue_release(&self, item: &ReleaseItem) -> Result<Option<ApplianceMessage>, ApplianceError> {
+    pub(crate) fn queue_release(&self, item: &ReleaseItem) -> Result<Option<ApplianceMessage>, ApplianceError> {
         if !self.ops.queue_release(item)? {
             self.audit_parked(item.request_id, "the control plane refused this operation's result for good");
             return Ok(None);
@@ -59,13 +59,13 @@ impl Outbound {
     }
 
     /// The stream ended: messages wait in the outbox until the next one.
-    pub fn disconnected(&self) {
+    pub(crate) fn disconnected(&self) {
         *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Sends to the control plane if connected, after any resend in progress; what is in the
     /// outbox goes again at reconnect.
-    pub async fn send(&self, msg: ApplianceMessage) {
+    pub(crate) async fn send(&self, msg: ApplianceMessage) {
         let _one_sender = self.sending.lock().await;
         let tx = self.stream.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(tx) = tx {
@@ -76,7 +76,7 @@ impl Outbound {
     /// A stream to the control plane is up (its `Welcome` came): it becomes the outbound
     /// stream, and everything the control plane has not acknowledged goes on it, every result
     /// before any release, before any other message can be sent.
-    pub async fn connected(&self, tx: mpsc::Sender<ApplianceMessage>) {
+    pub(crate) async fn connected(&self, tx: mpsc::Sender<ApplianceMessage>) {
         let _one_sender = self.sending.lock().await;
         *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
         match self.ops.pending() {
@@ -104,7 +104,7 @@ impl Outbound {
     /// - A code this build does not know, or none: the item stays in the outbox, never taken
     ///   as stored, and the error is logged and audited.
     #[must_use = "a release waiting for this result must be sent"]
-    pub fn on_ack(&self, ack: &OperationAck) -> Option<ApplianceMessage> {
+    pub(crate) fn on_ack(&self, ack: &OperationAck) -> Option<ApplianceMessage> {
         let release = ack.kind == OperationAckKind::Release as i32;
         let kind = if release { "release" } else { "result" };
         let Ok(id) = ack.request_id.parse::<OperationId>() else {

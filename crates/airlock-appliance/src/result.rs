@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 /// What the appliance answers about one request, as sent in `OperationResult`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     AwaitingApproval,
     Refused,
     Executed,
@@ -28,7 +28,7 @@ pub enum Outcome {
 /// valid. The sentence beside it ([`ResultMsg::reason`]) is for people only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     pub code: RefusalCode,
     /// Set when `code` is [`RefusalCode::Denied`]: which check denied it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,14 +40,14 @@ pub struct Refusal {
 
 impl Refusal {
     /// A refusal with nothing to say beside its code.
-    pub fn new(code: RefusalCode) -> Self {
+    pub(crate) fn new(code: RefusalCode) -> Self {
         Self { code, deny: None, valid_from: None }
     }
 
     /// What evaluating the customer's policy and authority denied. A signed denial by the
     /// customer has its own code; every other check is [`RefusalCode::Denied`] with the check
     /// named, and an approval not valid yet is not final.
-    pub fn denied(reason: &DenyReason) -> Self {
+    pub(crate) fn denied(reason: &DenyReason) -> Self {
         match reason {
             DenyReason::CustomerDenied => Self::new(RefusalCode::CustomerDenied),
             DenyReason::GrantNotYetValid { not_before } => Self::not_yet_valid(*not_before),
@@ -57,14 +57,14 @@ impl Refusal {
 
     /// The customer's approval holds from `valid_from` on: the control plane offers the
     /// request again then.
-    pub fn not_yet_valid(valid_from: Timestamp) -> Self {
+    pub(crate) fn not_yet_valid(valid_from: Timestamp) -> Self {
         Self { code: RefusalCode::ApprovalNotYetValid, deny: None, valid_from: Some(valid_from) }
     }
 }
 
 /// An `OperationResult`, in a form the state directory can hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResultMsg {
+pub(crate) struct ResultMsg {
     pub request_id: OperationId,
     pub outcome: Outcome,
     /// Why it did not run, for people only: nothing decides on it.
@@ -83,7 +83,7 @@ pub struct ResultMsg {
 
 impl ResultMsg {
     /// An operation that ran: `Executed` or `Cancelled`.
-    pub fn ran(request_id: OperationId, outcome: Outcome) -> Self {
+    pub(crate) fn ran(request_id: OperationId, outcome: Outcome) -> Self {
         Self {
             request_id,
             outcome,
@@ -96,12 +96,12 @@ impl ResultMsg {
     }
 
     /// An operation that did not run: awaiting approval if its refusal is not final, else refused.
-    pub fn refused(request_id: OperationId, refusal: Refusal, reason: impl Into<String>) -> Self {
+    pub(crate) fn refused(request_id: OperationId, refusal: Refusal, reason: impl Into<String>) -> Self {
         let outcome = if refusal.code.is_retryable() { Outcome::AwaitingApproval } else { Outcome::Refused };
         Self { reason: reason.into(), refusal: Some(refusal), ..Self::ran(request_id, outcome) }
     }
 
-    pub fn to_proto(&self) -> OperationResult {
+    pub(crate) fn to_proto(&self) -> OperationResult {
         let outcome = match self.outcome {
             Outcome::AwaitingApproval => OperationOutcome::AwaitingApproval,
             Outcome::Refused => OperationOutcome::Refused,
@@ -122,7 +122,7 @@ impl ResultMsg {
         }
     }
 
-    pub fn to_message(&self) -> ApplianceMessage {
+    pub(crate) fn to_message(&self) -> ApplianceMessage {
         ApplianceMessage { body: Some(appliance_message::Body::OperationResult(self.to_proto())) }
     }
 }

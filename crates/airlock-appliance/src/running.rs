@@ -26,24 +26,24 @@ struct Running {
 
 /// The operations running now, by id.
 #[derive(Default)]
-pub struct RunningOps {
+pub(crate) struct RunningOps {
     running: Mutex<HashMap<OperationId, Running>>,
 }
 
 impl RunningOps {
-    pub fn register(&self, id: OperationId, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
+    pub(crate) fn register(&self, id: OperationId, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
         self.lock().insert(id, Running { phase, pgid, cancelled });
     }
 
     /// Forgets a finished operation, killing whatever it left behind in its process group.
-    pub fn unregister(&self, id: OperationId) {
+    pub(crate) fn unregister(&self, id: OperationId) {
         if let Some(r) = self.lock().remove(&id) {
             kill_group(r.pgid);
         }
     }
 
     /// Kills every running operation whose phase is not in `effective`.
-    pub fn cancel_outside(&self, effective: &BTreeSet<Phase>) {
+    pub(crate) fn cancel_outside(&self, effective: &BTreeSet<Phase>) {
         for (id, r) in self.lock().iter() {
             if !effective.contains(&r.phase) && !r.cancelled.swap(true, Ordering::SeqCst) {
                 tracing::warn!(request_id = %id, phase = ?r.phase, "phase revoked by the customer: killing the operation");
@@ -53,7 +53,7 @@ impl RunningOps {
     }
 
     /// Kills every running operation (the appliance is stopping).
-    pub fn kill_all(&self) {
+    pub(crate) fn kill_all(&self) {
         for (id, r) in self.lock().iter() {
             r.cancelled.store(true, Ordering::SeqCst);
             tracing::warn!(request_id = %id, "the appliance is stopping: killing the operation");
@@ -62,12 +62,13 @@ impl RunningOps {
     }
 
     /// The process group of a running operation.
-    pub fn group(&self, id: OperationId) -> Option<i32> {
+    #[cfg(test)]
+    pub(crate) fn group(&self, id: OperationId) -> Option<i32> {
         self.lock().get(&id).map(|r| r.pgid)
     }
 
     /// Ids of operations whose process runs now.
-    pub fn ids(&self) -> Vec<OperationId> {
+    pub(crate) fn ids(&self) -> Vec<OperationId> {
         self.lock().keys().copied().collect()
     }
 
@@ -77,7 +78,7 @@ impl RunningOps {
 }
 
 /// Kills a whole process group at once.
-pub fn kill_group(pgid: i32) {
+pub(crate) fn kill_group(pgid: i32) {
     // 0 and 1 are not a script's group: killpg would signal our own group, or init's.
     if pgid <= 1 {
         return;
@@ -86,6 +87,6 @@ pub fn kill_group(pgid: i32) {
 }
 
 /// This boot of the host (Linux), so a process group recorded before a reboot is not killed.
-pub fn boot_id() -> Option<String> {
+pub(crate) fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
 }

@@ -30,7 +30,7 @@ use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert}
 
 /// How a session ended.
 #[derive(Debug)]
-pub enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// The control plane revoked this appliance: do not retry on this identity.
     Revoked(String),
     /// Anything else: retry with backoff. `established` says the stream got as far as Welcome.
@@ -41,7 +41,7 @@ pub enum SessionEnd {
     Shutdown,
 }
 
-pub struct Session<'a> {
+pub(crate) struct Session<'a> {
     pub state: &'a StateDir,
     pub enrolment: &'a Enrolment,
     pub ca_pem: &'a str,
@@ -60,7 +60,7 @@ impl Drop for Detach<'_> {
 }
 
 impl Session<'_> {
-    pub async fn run(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> SessionEnd {
+    pub(crate) async fn run(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> SessionEnd {
         match self.run_inner(shutdown).await {
             Ok(end) => end,
             Err(end) => end,
@@ -259,7 +259,7 @@ async fn connect(
 /// The gateway refused our certificate after the handshake completed on our side.
 #[derive(Debug, thiserror::Error)]
 #[error("the gateway refused our certificate: {0}")]
-pub struct CertificateRefused(String);
+pub(crate) struct CertificateRefused(String);
 
 /// In TLS 1.3 the server judges a client certificate after the client has finished its
 /// handshake, so a refusal arrives as an alert on the first read. Reading the server's first

@@ -34,7 +34,7 @@ pub enum StateError {
 
 /// What the appliance remembers about its enrolment.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Enrolment {
+pub(crate) struct Enrolment {
     pub identity: String,
     pub control_plane: String,
     pub gateway_endpoint: String,
@@ -44,7 +44,7 @@ pub struct Enrolment {
 
 /// A certificate and the key it certifies.
 #[derive(Clone)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     pub cert_pem: String,
     pub key_pem: String,
 }
@@ -57,31 +57,31 @@ impl std::fmt::Debug for Credentials {
 
 /// Validity of the current certificate.
 #[derive(Clone, Copy, Debug)]
-pub struct Validity {
+pub(crate) struct Validity {
     pub not_before: Timestamp,
     pub not_after: Timestamp,
 }
 
 impl Validity {
     /// Renew at two thirds of the certificate's lifetime.
-    pub fn renew_at(&self) -> Timestamp {
+    pub(crate) fn renew_at(&self) -> Timestamp {
         let life = self.not_after.unix_millis() - self.not_before.unix_millis();
         Timestamp::from_unix_millis(self.not_before.unix_millis() + life * 2 / 3)
     }
 }
 
-pub struct StateDir {
+pub(crate) struct StateDir {
     root: PathBuf,
 }
 
 impl StateDir {
-    pub fn open(root: &Path) -> Result<Self, StateError> {
+    pub(crate) fn open(root: &Path) -> Result<Self, StateError> {
         files::create_private_dir(root).map_err(|source| StateError::Io { path: root.into(), source })?;
         Ok(Self { root: root.into() })
     }
 
     /// Takes the state directory for this process; held for its life.
-    pub fn lock(&self) -> Result<std::fs::File, StateError> {
+    pub(crate) fn lock(&self) -> Result<std::fs::File, StateError> {
         let path = self.root.join("appliance.lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -96,23 +96,23 @@ impl StateDir {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.root
     }
 
-    pub fn is_enrolled(&self) -> bool {
+    pub(crate) fn is_enrolled(&self) -> bool {
         self.root.join(META).exists() && self.root.join(CREDENTIALS).exists()
     }
 
-    pub fn is_revoked(&self) -> bool {
+    pub(crate) fn is_revoked(&self) -> bool {
         self.root.join(REVOKED).exists()
     }
 
-    pub fn mark_revoked(&self, why: &str) -> Result<(), StateError> {
+    pub(crate) fn mark_revoked(&self, why: &str) -> Result<(), StateError> {
         self.write_atomic(REVOKED, why.as_bytes(), Mode::Readable)
     }
 
-    pub fn load(&self) -> Result<(Enrolment, String, Credentials), StateError> {
+    pub(crate) fn load(&self) -> Result<(Enrolment, String, Credentials), StateError> {
         let meta = self.read(META)?;
         let enrolment: Enrolment =
             serde_json::from_str(&meta).map_err(|e| StateError::Damaged(self.root.clone(), format!("{META}: {e}")))?;
@@ -123,7 +123,7 @@ impl StateDir {
         Ok((enrolment, ca_pem, creds))
     }
 
-    pub fn save_enrolment(&self, e: &Enrolment, ca_pem: &str, creds: &Credentials) -> Result<(), StateError> {
+    pub(crate) fn save_enrolment(&self, e: &Enrolment, ca_pem: &str, creds: &Credentials) -> Result<(), StateError> {
         self.write_atomic(CA, ca_pem.as_bytes(), Mode::Readable)?;
         self.save_credentials(creds)?;
         let json =
@@ -134,7 +134,7 @@ impl StateDir {
     }
 
     /// Reads a file of the state directory, `None` if it does not exist.
-    pub fn read_optional(&self, name: &str) -> Result<Option<String>, StateError> {
+    pub(crate) fn read_optional(&self, name: &str) -> Result<Option<String>, StateError> {
         match std::fs::read_to_string(self.root.join(name)) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -143,19 +143,19 @@ impl StateDir {
     }
 
     /// Replaces a file of the state directory atomically, readable only by its owner.
-    pub fn write_private(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
+    pub(crate) fn write_private(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
         self.write_atomic(name, data, Mode::Private)
     }
 
-    pub fn pending_join_key(&self) -> Option<String> {
+    pub(crate) fn pending_join_key(&self) -> Option<String> {
         std::fs::read_to_string(self.root.join(PENDING_KEY)).ok()
     }
 
-    pub fn save_pending_join_key(&self, key_pem: &str) -> Result<(), StateError> {
+    pub(crate) fn save_pending_join_key(&self, key_pem: &str) -> Result<(), StateError> {
         self.write_atomic(PENDING_KEY, key_pem.as_bytes(), Mode::Private)
     }
 
-    pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
+    pub(crate) fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
         let both = format!("{}{}", creds.cert_pem, creds.key_pem);
         self.write_atomic(CREDENTIALS, both.as_bytes(), Mode::Private)
     }
@@ -181,7 +181,7 @@ fn split_credentials(text: &str) -> Option<Credentials> {
 
 /// Reads identity and validity from a certificate this appliance holds (or is offered), with
 /// core's one certificate reader. It names exactly one appliance identity.
-pub fn inspect_cert(pem: &str) -> Result<(ApplianceIdentity, Validity), CertificateError> {
+pub(crate) fn inspect_cert(pem: &str) -> Result<(ApplianceIdentity, Validity), CertificateError> {
     let info = certificate::inspect_pem(pem)?;
     Ok((info.appliance_identity()?, Validity { not_before: info.not_before, not_after: info.not_after }))
 }

@@ -52,7 +52,7 @@ pub struct Status {
 }
 
 /// The customer-controlled state decisions are made from.
-pub struct LocalControl {
+pub(crate) struct LocalControl {
     pub policy: RwLock<Option<VerifiedPolicy>>,
     disabled: RwLock<BTreeSet<Phase>>,
     state: StateDir,
@@ -76,7 +76,7 @@ pub struct LocalControl {
 }
 
 impl LocalControl {
-    pub fn new(
+    pub(crate) fn new(
         state_dir: &Path,
         policy: Option<VerifiedPolicy>,
         audit: Arc<AuditLog>,
@@ -85,7 +85,7 @@ impl LocalControl {
         Self::with_clock(state_dir, policy, audit, pinned, Arc::new(crate::clock::now))
     }
 
-    pub fn with_clock(
+    pub(crate) fn with_clock(
         state_dir: &Path,
         policy: Option<VerifiedPolicy>,
         audit: Arc<AuditLog>,
@@ -117,16 +117,12 @@ impl LocalControl {
         })
     }
 
-    pub fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         (self.clock)()
     }
 
-    pub fn pinned(&self) -> &[CustomerPublicKey] {
+    pub(crate) fn pinned(&self) -> &[CustomerPublicKey] {
         &self.pinned
-    }
-
-    pub fn audit_log(&self) -> &AuditLog {
-        &self.audit
     }
 
     pub(crate) fn set_identity(&self, identity: &airlock_core::ApplianceIdentity) {
@@ -143,18 +139,18 @@ impl LocalControl {
     }
 
     /// Distinct customer signatures an approval, pre-approval or release needs.
-    pub fn threshold(&self) -> usize {
+    pub(crate) fn threshold(&self) -> usize {
         let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
         policy.as_ref().map_or(1, |p| p.document().approvals_required.max(1))
     }
 
     /// Phases switched off on this host.
-    pub fn disabled(&self) -> BTreeSet<Phase> {
+    pub(crate) fn disabled(&self) -> BTreeSet<Phase> {
         self.disabled.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Phases the vendor may use now.
-    pub fn effective_phases(&self) -> BTreeSet<Phase> {
+    pub(crate) fn effective_phases(&self) -> BTreeSet<Phase> {
         let disabled = self.disabled.read().unwrap_or_else(|e| e.into_inner());
         let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
         let enabled: BTreeSet<Phase> = match policy.as_ref() {
@@ -164,7 +160,7 @@ impl LocalControl {
         enabled.difference(&disabled).copied().collect()
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
         let disabled = self.disabled.read().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
         Status {
@@ -179,7 +175,7 @@ impl LocalControl {
     /// Switches a phase on this host. The new set is saved and audited before it takes effect,
     /// so what is in force is always what is on disk and in the audit. Operations of a phase
     /// switched off are killed at once.
-    pub fn set_phase(&self, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
+    pub(crate) fn set_phase(&self, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
         {
             let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
             let mut next = disabled.clone();
@@ -199,7 +195,7 @@ impl LocalControl {
 
     /// Loads a newly signed policy (the checks made at start); running operations of phases it
     /// no longer enables are killed.
-    pub fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
+    pub(crate) fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
         self.apply_policy(envelope_json, PolicySource::Host).map_err(|e| ApplianceError::Customer(e.to_string()))
     }
 
@@ -225,7 +221,7 @@ impl LocalControl {
     /// loaded on this host. The policy in force again (the control plane sends it after every
     /// connect) is a no-op, and so is the same refused envelope again while the same policy is
     /// in force: neither is audited again. Returns the new status if it changed anything.
-    pub fn relayed_policy(&self, envelope_json: &[u8]) -> Result<Option<Status>, ApplianceError> {
+    pub(crate) fn relayed_policy(&self, envelope_json: &[u8]) -> Result<Option<Status>, ApplianceError> {
         let current = self.status().policy_digest;
         if let Ok(envelope) = Envelope::from_json(envelope_json)
             && current.as_deref() == Some(airlock_core::operation::sha256_hex(&envelope.payload).as_str())
@@ -265,34 +261,35 @@ impl LocalControl {
     }
 
     /// Kills every running operation whose phase is not in force now.
-    pub fn cancel_ineffective(&self) {
+    pub(crate) fn cancel_ineffective(&self) {
         self.running.cancel_outside(&self.effective_phases());
     }
 
     /// Kills every running operation (the appliance is stopping): none outlives the appliance,
     /// and the next start records them as cancelled.
-    pub fn kill_all_running(&self) {
+    pub(crate) fn kill_all_running(&self) {
         self.running.kill_all();
     }
 
     /// The process group of a running operation.
-    pub fn running_group(&self, id: OperationId) -> Option<i32> {
+    #[cfg(test)]
+    pub(crate) fn running_group(&self, id: OperationId) -> Option<i32> {
         self.running.group(id)
     }
 
     /// Ids of operations whose process runs now.
-    pub fn running_ids(&self) -> Vec<OperationId> {
+    pub(crate) fn running_ids(&self) -> Vec<OperationId> {
         self.running.ids()
     }
 
     /// Local operations, newest first.
-    pub fn operations(&self) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn operations(&self) -> Result<serde_json::Value, ApplianceError> {
         let list: Vec<serde_json::Value> = self.ops.list()?.iter().map(|r| r.summary()).collect();
         Ok(serde_json::Value::Array(list))
     }
 
     /// One operation's output, for the customer on this host.
-    pub fn output(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn output(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
         let record = self.finished(id)?;
         let output = self.ops.open_output(id)?;
         self.audit.record(
@@ -321,7 +318,7 @@ impl LocalControl {
         Ok(record)
     }
 
-    pub fn pre_approval_add(&self, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn pre_approval_add(&self, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
         let refuse = |why: String| {
             let _ =
                 self.audit.record(AuditAction::PreApprovalAdd, Outcome::Denied, serde_json::json!({ "reason": why }));
@@ -349,7 +346,7 @@ impl LocalControl {
         Ok(entry.summary())
     }
 
-    pub fn pre_approval_revoke(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn pre_approval_revoke(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
         let entry = self
             .pre_approvals
             .revoke(id, self.now())?
@@ -358,11 +355,11 @@ impl LocalControl {
         Ok(entry.summary())
     }
 
-    pub fn pre_approvals(&self) -> serde_json::Value {
+    pub(crate) fn pre_approvals(&self) -> serde_json::Value {
         serde_json::Value::Array(self.pre_approvals.list().iter().map(|e| e.summary()).collect())
     }
 
-    pub fn manifest(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn manifest(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
         let m = self.ops.manifest(id)?.ok_or_else(|| ApplianceError::Customer(format!("no manifest for {id}")))?;
         serde_json::to_value(m).map_err(|e| ApplianceError::Internal(e.to_string()))
     }

@@ -21,7 +21,7 @@ impl LocalControl {
     /// Verifies and applies the customer's release or withholding of one output, and queues it
     /// for the control plane. Returns the message to send (none when the release is parked:
     /// the control plane refused the operation's result for good).
-    pub fn release(
+    pub(crate) fn release(
         &self,
         envelope_json: &[u8],
     ) -> Result<(serde_json::Value, Option<ApplianceMessage>), ApplianceError> {

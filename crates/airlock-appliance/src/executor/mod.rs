@@ -34,8 +34,6 @@ use airlock_proto::gateway::{
     ApplianceMessage, OperationInstruction, OperationOutcome, OperationResult, appliance_message,
 };
 
-pub use run::MAX_OUTPUT_BYTES;
-
 use crate::ApplianceError;
 use crate::control::LocalControl;
 use crate::ops_store::OpRecord;
@@ -46,21 +44,24 @@ use record::not_recorded;
 
 /// What became of an instruction.
 #[derive(Debug)]
-pub enum Handled {
+pub(crate) enum Handled {
     /// The answer to send now.
     Reply(ResultMsg),
     /// The instruction's id is not an operation id: refused and audited, answered under the
     /// (bounded) text it gave.
     MalformedId(OperationResult),
     /// Allowed and started; the task ends with the result, already queued and sent.
-    Started(tokio::task::JoinHandle<ResultMsg>),
+    Started(
+        // The session lets the run finish on its own; tests await it.
+        #[cfg_attr(not(test), allow(dead_code))] tokio::task::JoinHandle<ResultMsg>,
+    ),
     /// Nothing to send now: it is running, or a local failure (logged) left it undecided.
     Nothing,
 }
 
 impl Handled {
     /// What to send the control plane now, if anything.
-    pub fn reply(&self) -> Option<ApplianceMessage> {
+    pub(crate) fn reply(&self) -> Option<ApplianceMessage> {
         match self {
             Handled::Reply(result) => Some(result.to_message()),
             Handled::MalformedId(result) => {
@@ -90,7 +91,7 @@ pub(crate) struct Job {
     pre_approval: Option<(Envelope, ApprovalLevel)>,
 }
 
-pub struct Executor {
+pub(crate) struct Executor {
     control: Arc<LocalControl>,
     identity: ApplianceIdentity,
     ca_der: Vec<u8>,
@@ -103,7 +104,7 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(
+    pub(crate) fn new(
         control: Arc<LocalControl>,
         state_dir: &Path,
         identity: ApplianceIdentity,
@@ -121,12 +122,12 @@ impl Executor {
         })
     }
 
-    pub fn control(&self) -> &Arc<LocalControl> {
+    pub(crate) fn control(&self) -> &Arc<LocalControl> {
         &self.control
     }
 
     /// Decides about one instruction (off the async threads) and starts it if allowed.
-    pub async fn handle(self: &Arc<Self>, instruction: OperationInstruction) -> Handled {
+    pub(crate) async fn handle(self: &Arc<Self>, instruction: OperationInstruction) -> Handled {
         let this = self.clone();
         match tokio::task::spawn_blocking(move || this.act(&instruction)).await {
             Ok(Acted::Reply(r)) => Handled::Reply(r),

@@ -34,7 +34,7 @@ impl Executor {
     /// their scripts left is killed, and they are recorded, signed and reported as cancelled.
     /// One whose execution was already signed (the stop came while it was being recorded) is
     /// completed from its manifest, so the chain has no gap.
-    pub fn recover_interrupted(&self) -> Result<usize, ApplianceError> {
+    pub(crate) fn recover_interrupted(&self) -> Result<usize, ApplianceError> {
         let running = self.control.running_ids();
         let mut recovered = 0;
         for record in self.control.ops.list()? {

@@ -25,7 +25,7 @@ use crate::running::boot_id;
 
 /// The most output kept per operation (stdout, then stderr); the rest is dropped and the
 /// execution says `output_truncated`.
-pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
+pub(crate) const MAX_OUTPUT_BYTES: usize = 1 << 20;
 
 /// The only environment a script gets besides its `AIRLOCK_VAR_*` values.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

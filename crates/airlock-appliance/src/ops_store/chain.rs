@@ -11,14 +11,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{OpStore, read_json, to_json, write};
+use super::{CHAIN_FILE, OpStore, read_json, to_json, write};
 use crate::ApplianceError;
-
-pub const CHAIN_FILE: &str = "manifest-chain.json";
 
 /// The chain of this appliance's signed executions.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChainHead {
+pub(crate) struct ChainHead {
     pub sequence: u64,
     pub manifest_sha256: Option<String>,
 }
@@ -30,7 +28,7 @@ impl OpStore {
     /// returns: the head only ever names a statement that is on disk, so a stop between the
     /// two leaves a statement ahead of the head, which [`OpStore::advance_chain`] takes up at
     /// recovery, never a head naming a lost statement.
-    pub fn extend_chain<T>(
+    pub(crate) fn extend_chain<T>(
         &self,
         sign: impl FnOnce(u64, Option<String>) -> Result<(T, String), ApplianceError>,
     ) -> Result<T, ApplianceError> {
@@ -46,7 +44,7 @@ impl OpStore {
 
     /// Makes the head name a statement that was stored but whose head was not written (the
     /// appliance stopped, or the write failed, in between). A head already at or past it stays.
-    pub fn advance_chain(
+    pub(crate) fn advance_chain(
         &self,
         sequence: u64,
         previous_manifest_sha256: Option<&str>,
@@ -68,7 +66,9 @@ impl OpStore {
         write(&path, &to_json(&ChainHead { sequence, manifest_sha256: Some(manifest_sha256.to_owned()) })?)
     }
 
-    pub fn chain_head(&self) -> Result<ChainHead, ApplianceError> {
+    /// The head as it is on disk.
+    #[cfg(test)]
+    pub(crate) fn chain_head(&self) -> Result<ChainHead, ApplianceError> {
         Ok(read_json(&self.root.join(CHAIN_FILE))?.unwrap_or_default())
     }
 }

@@ -30,18 +30,18 @@ use crate::ApplianceError;
 use crate::files::{self, Mode};
 use crate::result::ResultMsg;
 
-pub use chain::{CHAIN_FILE, ChainHead};
-pub use outbox::{OUTBOX_DIR, PARKED_DIR, ReleaseItem};
-pub use sealed::OUTPUT_KEY_FILE;
+pub(crate) use outbox::{OUTBOX_DIR, PARKED_DIR, ReleaseItem};
 
-pub const OPS_DIR: &str = "ops";
+pub(crate) const OPS_DIR: &str = "ops";
+/// The head of the chain of signed executions (`chain`).
+pub(crate) const CHAIN_FILE: &str = "manifest-chain.json";
 const RECORD: &str = "record.json";
 const MANIFEST: &str = "manifest.json";
 
 /// Where an operation stands on this appliance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OpState {
+pub(crate) enum OpState {
     /// Allowed and started; its process may be running.
     Running,
     Executed,
@@ -51,7 +51,7 @@ pub enum OpState {
 
 /// The local record of one operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpRecord {
+pub(crate) struct OpRecord {
     pub id: OperationId,
     pub appliance: ApplianceId,
     pub template: String,
@@ -94,7 +94,7 @@ pub struct OpRecord {
 
 impl OpRecord {
     /// The record of an authenticated request received `now`, in `state`.
-    pub fn new(req: &OperationRequest, state: OpState, now: Timestamp) -> Self {
+    pub(crate) fn new(req: &OperationRequest, state: OpState, now: Timestamp) -> Self {
         Self {
             id: req.id,
             appliance: req.appliance,
@@ -118,12 +118,12 @@ impl OpRecord {
         }
     }
 
-    pub fn is_secret(&self) -> bool {
+    pub(crate) fn is_secret(&self) -> bool {
         airlock_core::operation::is_secret_output(&self.data_tags)
     }
 
     /// The view `{"cmd":"operations"}` lists.
-    pub fn summary(&self) -> serde_json::Value {
+    pub(crate) fn summary(&self) -> serde_json::Value {
         let release = match (self.release, self.released_by_pre_approval) {
             (Some(ReleaseDecision::Release), _) => Some("release"),
             (Some(ReleaseDecision::Withhold), _) => Some("withhold"),
@@ -150,7 +150,7 @@ impl OpRecord {
     }
 }
 
-pub struct OpStore {
+pub(crate) struct OpStore {
     root: PathBuf,
     /// Serialises updates of records and the chain head.
     lock: Mutex<()>,
@@ -185,7 +185,7 @@ fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, ApplianceError> {
 }
 
 impl OpStore {
-    pub fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
+    pub(crate) fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
         create_private_dir(&state_dir.join(OPS_DIR))?;
         create_private_dir(&state_dir.join(OUTBOX_DIR))?;
         create_private_dir(&state_dir.join(PARKED_DIR))?;
@@ -217,23 +217,23 @@ impl OpStore {
     }
 
     /// The operation's directory (created).
-    pub fn dir(&self, id: OperationId) -> Result<PathBuf, ApplianceError> {
+    pub(crate) fn dir(&self, id: OperationId) -> Result<PathBuf, ApplianceError> {
         let dir = self.root.join(OPS_DIR).join(id.to_string());
         create_private_dir(&dir)?;
         Ok(dir)
     }
 
-    pub fn record(&self, id: OperationId) -> Result<Option<OpRecord>, ApplianceError> {
+    pub(crate) fn record(&self, id: OperationId) -> Result<Option<OpRecord>, ApplianceError> {
         read_json(&self.root.join(OPS_DIR).join(id.to_string()).join(RECORD))
     }
 
-    pub fn save_record(&self, record: &OpRecord) -> Result<(), ApplianceError> {
+    pub(crate) fn save_record(&self, record: &OpRecord) -> Result<(), ApplianceError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         write(&self.dir(record.id)?.join(RECORD), &to_json(record)?)
     }
 
     /// Applies `edit` to a stored record under the store's lock.
-    pub fn update_record(
+    pub(crate) fn update_record(
         &self,
         id: OperationId,
         edit: impl FnOnce(&mut OpRecord) -> Result<(), ApplianceError>,
@@ -247,7 +247,7 @@ impl OpStore {
     }
 
     /// Every operation, newest first.
-    pub fn list(&self) -> Result<Vec<OpRecord>, ApplianceError> {
+    pub(crate) fn list(&self) -> Result<Vec<OpRecord>, ApplianceError> {
         let dir = self.root.join(OPS_DIR);
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
@@ -262,11 +262,11 @@ impl OpStore {
         Ok(out)
     }
 
-    pub fn manifest(&self, id: OperationId) -> Result<Option<Manifest>, ApplianceError> {
+    pub(crate) fn manifest(&self, id: OperationId) -> Result<Option<Manifest>, ApplianceError> {
         read_json(&self.root.join(OPS_DIR).join(id.to_string()).join(MANIFEST))
     }
 
-    pub fn save_manifest(&self, manifest: &Manifest) -> Result<(), ApplianceError> {
+    pub(crate) fn save_manifest(&self, manifest: &Manifest) -> Result<(), ApplianceError> {
         self.fault("manifest")?;
         write(&self.dir(manifest.request_id)?.join(MANIFEST), &to_json(manifest)?)
     }

@@ -21,12 +21,12 @@ use super::{OpStore, io_err, read_json, to_json, write};
 use crate::ApplianceError;
 use crate::result::ResultMsg;
 
-pub const OUTBOX_DIR: &str = "outbox";
-pub const PARKED_DIR: &str = "parked";
+pub(crate) const OUTBOX_DIR: &str = "outbox";
+pub(crate) const PARKED_DIR: &str = "parked";
 
 /// A queued `OutputRelease`. The output itself stays sealed until the moment it is sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReleaseItem {
+pub(crate) struct ReleaseItem {
     pub request_id: OperationId,
     /// Empty when a commands-and-output pre-approval covers the output.
     pub release_envelope_json: String,
@@ -39,7 +39,7 @@ impl OpStore {
         self.root.join(OUTBOX_DIR).join(format!("{id}.{kind}.json"))
     }
 
-    pub fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
+    pub(crate) fn queue_result(&self, result: &ResultMsg) -> Result<(), ApplianceError> {
         self.fault("result")?;
         write(&self.outbox_path(result.request_id, "result"), &to_json(result)?)
     }
@@ -50,7 +50,7 @@ impl OpStore {
 
     /// Queues a release for the control plane. Returns `false` when it was parked instead: the
     /// control plane refused the operation's result for good, so it can never accept a release.
-    pub fn queue_release(&self, item: &ReleaseItem) -> Result<bool, ApplianceError> {
+    pub(crate) fn queue_release(&self, item: &ReleaseItem) -> Result<bool, ApplianceError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.parked_path(item.request_id, "result").exists() {
             write(&self.parked_path(item.request_id, "release"), &to_json(item)?)?;
@@ -62,7 +62,7 @@ impl OpStore {
 
     /// The control plane refused the result of `id` for good: the result and any queued release
     /// move out of the outbox into `parked/`. Returns whether a release was parked.
-    pub fn park(&self, id: OperationId) -> Result<bool, ApplianceError> {
+    pub(crate) fn park(&self, id: OperationId) -> Result<bool, ApplianceError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self.move_to_parked(id, "result")? {
             // Marks the result refused, so a later release is parked too.
@@ -73,7 +73,7 @@ impl OpStore {
 
     /// The control plane refused the release of `id` for good: it moves out of the outbox into
     /// `parked/`. Returns whether there was one.
-    pub fn park_release(&self, id: OperationId) -> Result<bool, ApplianceError> {
+    pub(crate) fn park_release(&self, id: OperationId) -> Result<bool, ApplianceError> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.move_to_parked(id, "release")
     }
@@ -93,7 +93,8 @@ impl OpStore {
     }
 
     /// Ids of operations whose release is parked.
-    pub fn parked_releases(&self) -> Result<Vec<OperationId>, ApplianceError> {
+    #[cfg(test)]
+    pub(crate) fn parked_releases(&self) -> Result<Vec<OperationId>, ApplianceError> {
         let dir = self.root.join(PARKED_DIR);
         let mut ids: Vec<OperationId> = std::fs::read_dir(&dir)
             .map_err(|e| io_err(&dir, e))?
@@ -105,7 +106,7 @@ impl OpStore {
     }
 
     /// The queued release of `id`, ready to send, if one waits in the outbox.
-    pub fn queued_release(&self, id: OperationId) -> Result<Option<ApplianceMessage>, ApplianceError> {
+    pub(crate) fn queued_release(&self, id: OperationId) -> Result<Option<ApplianceMessage>, ApplianceError> {
         match read_json::<ReleaseItem>(&self.outbox_path(id, "release"))? {
             Some(item) => self.release_message(&item).map(Some),
             None => Ok(None),
@@ -113,7 +114,7 @@ impl OpStore {
     }
 
     /// Drops an acknowledged item. `release` picks the release, else the result.
-    pub fn acknowledge(&self, id: OperationId, release: bool) -> Result<bool, ApplianceError> {
+    pub(crate) fn acknowledge(&self, id: OperationId, release: bool) -> Result<bool, ApplianceError> {
         let path = self.outbox_path(id, if release { "release" } else { "result" });
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
@@ -123,7 +124,7 @@ impl OpStore {
     }
 
     /// The message for one queued release, with its output read from the sealed file.
-    pub fn release_message(&self, item: &ReleaseItem) -> Result<ApplianceMessage, ApplianceError> {
+    pub(crate) fn release_message(&self, item: &ReleaseItem) -> Result<ApplianceMessage, ApplianceError> {
         let output = if item.with_output { self.open_output(item.request_id)? } else { Vec::new() };
         Ok(ApplianceMessage {
             body: Some(appliance_message::Body::OutputRelease(OutputRelease {
@@ -136,7 +137,7 @@ impl OpStore {
 
     /// Everything not yet acknowledged: every result, then every release (the control plane
     /// refuses a release it sees before its result).
-    pub fn pending(&self) -> Result<Vec<ApplianceMessage>, ApplianceError> {
+    pub(crate) fn pending(&self) -> Result<Vec<ApplianceMessage>, ApplianceError> {
         let dir = self.root.join(OUTBOX_DIR);
         let mut names: Vec<String> = std::fs::read_dir(&dir)
             .map_err(|e| io_err(&dir, e))?

@@ -13,7 +13,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use super::{OpStore, io_err, write};
 use crate::ApplianceError;
 
-pub const OUTPUT_KEY_FILE: &str = "output.key";
+pub(crate) const OUTPUT_KEY_FILE: &str = "output.key";
 const OUTPUT: &str = "output.sealed";
 
 impl OpStore {
@@ -37,7 +37,7 @@ impl OpStore {
     }
 
     /// Encrypts and stores an operation's output.
-    pub fn seal_output(&self, id: OperationId, output: &[u8]) -> Result<(), ApplianceError> {
+    pub(crate) fn seal_output(&self, id: OperationId, output: &[u8]) -> Result<(), ApplianceError> {
         let key = self.output_key()?;
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
@@ -56,7 +56,7 @@ impl OpStore {
     }
 
     /// Decrypts an operation's output.
-    pub fn open_output(&self, id: OperationId) -> Result<Vec<u8>, ApplianceError> {
+    pub(crate) fn open_output(&self, id: OperationId) -> Result<Vec<u8>, ApplianceError> {
         let path = self.dir(id)?.join(OUTPUT);
         let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
         if data.len() < NONCE_LEN {
