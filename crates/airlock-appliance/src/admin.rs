@@ -3,8 +3,11 @@
 //! Only the appliance's owner can reach it (socket mode 0600 in a 0700 directory); it is not a
 //! network socket, and the vendor has no path to it.
 //! One JSON request per connection, one JSON reply; a request larger than 1 MiB is cut off.
+//! The requests: `status`, `phase`, `operations`, `output` (audited), `release`,
+//! `pre_approval_add`, `pre_approval_revoke`, `pre_approvals`, `policy`, `manifest`.
+//! Operation ids in requests are operation ids (`op_` and 32 hex digits), refused otherwise.
 //! This module is the protocol only: what each request does is
-//! [`crate::control::LocalControl`]'s.
+//! `crate::control::LocalControl`'s.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,11 +1,15 @@
 //! The appliance's local audit log: hash-chained JSON lines in the state directory, each also
 //! echoed to stdout for the customer's own log tools.
 //!
-//! Records use the same chain as the control plane (`airlock_core::audit`). Beside the log,
-//! `audit.jsonl.head` holds the last record's seq and hash, so removing lines from the end is
-//! detected too. The log is opened append-only and verified at start: the appliance refuses to
-//! run on a log that was edited, reordered or truncated (disabling or truncating the local
-//! audit is a built-in deny).
+//! Records use the same chain as the control plane (`airlock_core::audit`), and the same
+//! action names (`AuditAction`).
+//! Beside the log, `audit.jsonl.head` holds the last record's sequence and hash, so removing
+//! lines from the end shows too.
+//! The log is opened append-only and verified at start: the appliance refuses to run on a log
+//! that was edited, reordered or truncated (disabling or truncating the local audit is a
+//! built-in deny).
+//! A record is synced before its head is written; a crash between the two, or in the middle of
+//! a record, is recovered at the next start and recorded as `audit.recovered`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

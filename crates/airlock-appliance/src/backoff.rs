@@ -1,5 +1,7 @@
-//! Jittered exponential backoff for reconnects ("full jitter"): a fleet that lost the control
-//! plane at once does not come back in lockstep, which keeps a reconnect storm CPU-bounded.
+//! Jittered exponential backoff for reconnects ("full jitter").
+//!
+//! A fleet that lost the control plane at once does not come back in lockstep, which keeps a
+//! reconnect storm CPU-bounded.
 
 use std::time::Duration;
 

@@ -1,9 +1,13 @@
 //! The customer's authority on the appliance: pinned customer keys and the signed policy.
 //!
 //! Keys are pinned on first start and can never be replaced through configuration (a built-in
-//! deny): a different key set later stops the appliance. A policy is accepted only if it
-//! verifies against the pinned keys and moves forward; otherwise it is refused with its reason
-//! and the last good policy stays in force. With no policy, only Observe is allowed.
+//! deny): a different key set later stops the appliance.
+//! A policy is accepted only if it verifies against the pinned keys and moves forward;
+//! otherwise it is refused with its reason, and the last good policy stays in force.
+//! With no policy, only Observe is allowed.
+//! A policy relayed by the control plane (which can neither sign nor verify one) passes the same
+//! checks as one loaded on the host, and must name this appliance's environment; its refusal is
+//! audited `policy.refused`.
 
 use std::path::Path;
 

@@ -1,4 +1,8 @@
-//! First contact: exchange a join token and a CSR for a certificate over CA-pinned HTTPS.
+//! First contact: a join token and a CSR exchanged for a certificate, over CA-pinned HTTPS.
+//!
+//! The answer came over a channel that trusts only the pinned CA, and is still checked before
+//! it is written down: its CA is the pinned one, and its certificate names the identity it
+//! claims and certifies our key.
 
 use airlock_core::Fingerprint;
 use airlock_core::certificate;

@@ -1,8 +1,40 @@
-//! The Airlock appliance: runs in the customer's environment and dials out to the control plane.
+//! The Airlock appliance: it runs in the customer's environment, dials out to the control
+//! plane, and runs nothing the customer's own keys and policy did not authorise.
 //!
-//! It never listens on a network socket. It holds one outbound mutual-TLS stream, pins the
-//! control plane CA by fingerprint, keeps its private key in its state directory, rotates its
-//! certificate at two thirds of its lifetime and stops for good when revoked.
+//! It never listens on a network socket; its only listener is the owner-only Unix admin socket
+//! in its state directory (`admin`).
+//! It holds one outbound mutual-TLS stream (`session`), pins the control plane CA by
+//! fingerprint, keeps its private key in its state directory (`state_dir`), renews its
+//! certificate at two thirds of its lifetime, and stops for good when revoked.
+//! One appliance process runs per state directory (`appliance.lock`): two would interleave the
+//! audit log.
+//! At start, before anything talks to the vendor, it verifies its audit log (`audit_log`) and
+//! settles the customer's authority: pinned keys and signed policy (`customer`).
+//! A first start joins with a join token (`join`), retried with backoff while the control plane
+//! is unreachable; the key is on disk before the request leaves, so a retry proves possession
+//! of the same key.
+//! Operations the previous process left running are killed and recorded (`executor`), and
+//! operations still running when the appliance stops are killed on the way out.
+//!
+//! Where each decision lives:
+//! - `control`: the state decisions are made from (policy, phases switched off, nonces,
+//!   pre-approvals, operations, running process groups), and the customer's release of output;
+//! - `executor`: what happens to an operation instruction, decided, then acted on, run and
+//!   recorded;
+//! - `outbound`: what goes to the control plane, in which order, and what each ack does;
+//! - `ops_store`, `nonces`, `preapprovals`, `files`: what is kept on disk, and how.
+//!
+//! What holds, and where it is upheld:
+//! - nothing runs unless the customer's authority is checked here, and the nonce or
+//!   pre-approval run it uses is spent durably first (`executor`);
+//! - a request already decided is answered from its record, never run twice (`executor`);
+//! - output is never in clear on disk (`ops_store`), nor in the audit or the logs; it leaves
+//!   only in an `OutputRelease`, after a verified customer release or under a
+//!   commands-and-output pre-approval, and never when tagged `output:secret`
+//!   (`control::release`, `executor::record`);
+//! - switching a phase off on the host, or a policy without it, kills the whole process group
+//!   of every running operation of that phase at once (`running`);
+//! - decisions cross the wire as codes (`result`, `outbound`); their text is for people.
 //!
 //! This crate, with `airlock-core` and `airlock-proto`, is everything that runs on the
 //! customer's side; it never depends on the control plane's code.

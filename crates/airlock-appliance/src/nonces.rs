@@ -1,9 +1,10 @@
-//! The durable record of spent grant nonces, so a grant can be used once, across restarts.
+//! The durable record of spent grant nonces, so an approval is used once, across restarts.
 //!
-//! `consume` checks and records under one lock and fsyncs before it answers: two concurrent
-//! uses of one grant cannot both succeed, and a nonce acknowledged as spent stays spent after
-//! a crash. Entries are kept until their grant expires (after which the grant is refused by
-//! its window anyway) and pruned when the store is opened.
+//! `consume` checks and records under one lock and syncs before it answers: two concurrent uses
+//! of one approval cannot both succeed, and a nonce answered as spent stays spent after a crash.
+//! Entries are kept until their approval expires (after which its window refuses it anyway),
+//! and pruned when the store is opened; the pruned file replaces the old one with
+//! `crate::files::replace`, directory synced, before anything is appended.
 
 use std::collections::BTreeMap;
 use std::io::Write;

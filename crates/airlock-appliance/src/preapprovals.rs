@@ -1,9 +1,10 @@
 //! Pre-approvals the customer installed on this host, with their durable run counters and
 //! revocations (`pre-approvals.json` in the state directory).
 //!
-//! A run is counted before the operation starts, and the counter is synced to disk before the
-//! executor is told it may go: a crash never gives a run back. A revocation is saved before it
-//! is acknowledged and is final: adding the same pre-approval again does not lift it.
+//! A run is counted, and the counter synced to disk, before the operation runs: a crash never
+//! gives a run back.
+//! A revocation is saved before it is acknowledged and is final: adding the same pre-approval
+//! again does not lift it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,8 +1,18 @@
 //! The appliance's one outbound stream to the gateway: mutual TLS 1.3, gRPC over HTTP/2.
 //!
-//! Trust: the gateway must present a certificate chaining to the CA stored at join (whose
-//! fingerprint was pinned at install). We present our own certificate; the private key stays
-//! in this process and the state directory.
+//! Trust: the gateway must present a certificate chaining to the CA stored at join, whose
+//! fingerprint was pinned at install.
+//! The appliance presents its own certificate; the private key stays in this process and the
+//! state directory.
+//! In TLS 1.3 the gateway judges a client certificate after the client finished its handshake,
+//! so the session reads the gateway's first flight itself: a refused (or revoked) certificate
+//! is a typed error, not a broken stream.
+//! On the stream: heartbeats, certificate renewal with a new key at two thirds of its lifetime,
+//! and the control plane's messages.
+//! After every `Welcome` the outbox is sent again (`crate::outbound`), ahead of anything else.
+//! Operation instructions go to the executor off the loop, so heartbeats go on while they run.
+//! A relayed `PolicyUpdate` is applied exactly like a policy loaded on the host; a refused one
+//! changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,8 +1,12 @@
-//! The appliance's state directory: its identity, private key and the pinned CA.
+//! The appliance's state directory: its identity, private key and the CA it pinned.
 //!
-//! The private key is generated here and never leaves: it is written with mode 0600 together
-//! with its certificate in one file replaced atomically, so a crash mid-rotation leaves the
-//! previous pair intact. The directory itself is mode 0700.
+//! The directory is mode 0700.
+//! The private key is generated here and never leaves.
+//! It is written with mode 0600 together with its certificate in one file (`credentials.pem`),
+//! replaced atomically, so a crash mid-renewal leaves the previous pair intact.
+//! The key of a join in progress is written before the join request leaves, so a retry after a
+//! lost response (or a crash) proves possession of the same key and gets the same identity.
+//! A revocation is written down (`REVOKED`), and the appliance never starts on it again.
 
 use std::path::{Path, PathBuf};
 

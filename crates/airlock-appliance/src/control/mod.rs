@@ -3,8 +3,8 @@
 //! [`LocalControl`] holds the customer's signed policy, the phases switched off on this host,
 //! the spent grant nonces, the installed pre-approvals, the operations' records and the
 //! process groups of the operations running now.
-//! Everything the customer does on the host (through `crate::admin`) changes it, and every
-//! change is saved and audited before it takes effect.
+//! Everything the customer does on the host (through `crate::admin`) changes it; every change
+//! is saved and audited, and a phase switch is on disk and in the audit before it takes effect.
 //! The vendor reaches it only through what the executor verifies.
 //! What the vendor may use now is the policy's phases minus those switched off here; switching
 //! a phase off, or loading a policy without it, kills every running operation of that phase.

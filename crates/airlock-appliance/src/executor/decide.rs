@@ -1,9 +1,10 @@
 //! Deciding about one instruction: what the appliance will do with it, and why.
 //!
 //! Deciding writes nothing: no audit record, no stored refusal, no spent nonce or pre-approval
-//! run. It reads what the appliance holds (the customer's policy, the phases switched off on
-//! this host, spent nonces, installed pre-approvals, the operation's own record) and returns a
-//! [`Verdict`]; `super::act` does what the verdict says.
+//! run.
+//! It reads what the appliance holds (the customer's policy, the phases switched off on this
+//! host, spent nonces, installed pre-approvals, the operation's own record) and returns a
+//! [`Verdict`]; `Executor::act` does what the verdict says.
 //! The checks, in order:
 //! 1. the instruction's id is an operation id, and the operation is not already answered
 //!    (a finished one is answered again from its record: nothing runs twice);
@@ -18,9 +19,10 @@
 //!    `airlock_core::grant::evaluate_with` decides with the host's policy, switched-off
 //!    phases, spent nonces and clock.
 //!
-//! An instruction that does not authenticate is refused and never stored; an authenticated
-//! one refused for good is stored, so the same answer is given again; one that nothing
-//! authorises yet, or whose approval is not valid yet, waits, and the control plane asks again.
+//! An instruction that does not authenticate is refused and never stored.
+//! An authenticated one refused for good is stored, so the same answer is given again.
+//! One that nothing authorises yet, or whose approval is not valid yet, waits: nothing is
+//! stored, and the control plane asks again.
 
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{

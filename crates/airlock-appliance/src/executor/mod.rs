@@ -1,18 +1,19 @@
 //! The executor: what the appliance does with an `OperationInstruction` from the control plane.
 //!
-//! Nothing from the control plane is taken on its word. For each instruction, one at a time:
-//! 1. [`decide`] checks it and returns a [`decide::Verdict`], writing nothing;
+//! Nothing from the control plane is taken on its word.
+//! Instructions are handled one at a time, each in these steps:
+//! 1. `decide` checks it and returns a `Verdict`, writing nothing;
 //! 2. [`Executor::act`] does what the verdict says: it audits the instruction and the
 //!    decision, stores a final refusal (so the same answer is given again), and for an allowed
 //!    operation spends the grant's nonce or counts the pre-approval run, durably, and records
 //!    the operation `running`, all before anything runs;
-//! 3. [`run`] runs the script in its own process group;
-//! 4. [`record`] seals the output, signs the execution into the chain and queues the result;
-//! 5. [`recover`] finishes whatever a stop or a failure to write left half done.
+//! 3. `run` runs the script in its own process group;
+//! 4. `record` seals the output, signs the execution into the chain and queues the result;
+//! 5. `recover` finishes whatever a stop or a failure to write left half done.
 //!
 //! Every step is in the local audit log; refusals carry the failed check or rule, never
-//! customer data. A request already finished is answered with its stored result: nothing
-//! runs twice.
+//! customer data.
+//! A request already finished is answered with its stored result: nothing runs twice.
 
 mod decide;
 mod record;

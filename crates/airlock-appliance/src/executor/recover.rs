@@ -2,8 +2,9 @@
 //! and the chain of signed executions has no gap.
 //!
 //! An operation is recorded `running` before its script starts, and stays so until its run is
-//! recorded. One that is `running` but not being run or recorded by this process was left by a
-//! stop, or by a failure to record it.
+//! recorded.
+//! One that is `running` but not being run or recorded by this process was left by a stop, or
+//! by a failure to record it.
 //! The appliance kills every script it runs when it stops; at the next start
 //! ([`Executor::recover_interrupted`]) the process group recorded for each such operation is
 //! killed again if it is from this boot of the host, since a crash may have left it running.

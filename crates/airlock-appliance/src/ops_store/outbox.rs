@@ -3,8 +3,8 @@
 //!
 //! - `outbox/<id>.result.json`, `outbox/<id>.release.json`: not yet acknowledged; sent again at
 //!   every (re)connect, every result before any release (the control plane takes no release
-//!   before its result). A queued release holds no output: it is read from the sealed file
-//!   when sent.
+//!   before its result).
+//!   A queued release holds no output: it is read from the sealed file when sent.
 //! - `parked/<id>.result.json`, `parked/<id>.release.json`: a result the control plane refused
 //!   for good, and the release of that operation, which it can then never accept (or a release
 //!   it refused): kept, but never sent again.
