@@ -250,7 +250,14 @@ impl Executor {
         let action = match grounds.refusal.code {
             RefusalCode::Denied => AuditAction::OperationDenied,
             RefusalCode::CustomerDenied => AuditAction::OperationDeniedByCustomer,
-            _ => AuditAction::OperationRefused,
+            RefusalCode::Malformed
+            | RefusalCode::Unauthenticated
+            | RefusalCode::Misbound
+            | RefusalCode::ApprovalInvalid
+            | RefusalCode::NotRecorded
+            // Not final, so never stored; named here so a new code is a compile error.
+            | RefusalCode::AwaitingAuthority
+            | RefusalCode::ApprovalNotYetValid => AuditAction::OperationRefused,
         };
         self.control.ops.save_manifest(&manifest)?;
         self.control.ops.save_record(&record)?;
