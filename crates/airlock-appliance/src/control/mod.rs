@@ -53,17 +53,17 @@ pub struct Status {
 
 /// The customer-controlled state decisions are made from.
 pub(crate) struct LocalControl {
-    pub policy: RwLock<Option<VerifiedPolicy>>,
+    pub(crate) policy: RwLock<Option<VerifiedPolicy>>,
     disabled: RwLock<BTreeSet<Phase>>,
     state: StateDir,
     pub(crate) audit: Arc<AuditLog>,
     pinned: Vec<CustomerPublicKey>,
     /// Spent grant nonces (durable).
-    pub nonces: NonceStore,
-    pub pre_approvals: PreApprovalStore,
-    pub ops: Arc<OpStore>,
+    pub(crate) nonces: NonceStore,
+    pub(crate) pre_approvals: PreApprovalStore,
+    pub(crate) ops: Arc<OpStore>,
     /// What goes to the control plane, and what comes of it.
-    pub outbound: Outbound,
+    pub(crate) outbound: Outbound,
     running: RunningOps,
     /// The last policy envelope relayed by the control plane that was refused (its digest),
     /// with the digest of the policy then in force: the same again is not audited again.
