@@ -1,19 +1,24 @@
 //! The appliance's local audit log: hash-chained JSON lines in the state directory, each also
 //! echoed to stdout for the customer's own log tools.
 //!
-//! Records use the same chain as the control plane (`airlock_core::audit`). Beside the log,
-//! `audit.jsonl.head` holds the last record's seq and hash, so removing lines from the end is
-//! detected too. The log is opened append-only and verified at start: the appliance refuses to
-//! run on a log that was edited, reordered or truncated (disabling or truncating the local
-//! audit is a built-in deny).
+//! Records use the same chain as the control plane (`airlock_core::audit`), and the same
+//! action names (`AuditAction`).
+//! Beside the log, `audit.jsonl.head` holds the last record's sequence and hash, so removing
+//! lines from the end shows too.
+//! The log is opened append-only and verified at start: the appliance refuses to run on a log
+//! that was edited, reordered or truncated (disabling or truncating the local audit is a
+//! built-in deny).
+//! A record is synced before its head is written; a crash between the two, or in the middle of
+//! a record, is recovered at the next start and recorded as `audit.recovered`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use airlock_core::audit::{self, Event, Head, Outcome, Record};
+use airlock_core::audit::{self, AuditAction, Event, Head, Outcome, Record};
 
 use crate::ApplianceError;
+use crate::files::{self, Mode};
 
 pub const LOG_FILE: &str = "audit.jsonl";
 pub const CHAIN: &str = "appliance";
@@ -97,15 +102,8 @@ fn read_head(log: &Path) -> Result<Option<Head>, String> {
 }
 
 fn write_head(path: &Path, head: &Head) -> std::io::Result<()> {
-    let tmp = path.with_extension("head.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(head).unwrap_or_default())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
-        dir.sync_all()?;
-    }
-    Ok(())
+    let json = serde_json::to_vec(head).map_err(std::io::Error::other)?;
+    files::replace(path, &json, Mode::Private)
 }
 
 impl AuditLog {
@@ -140,7 +138,7 @@ impl AuditLog {
                 write_head(&inner.head_path, &inner.head).map_err(io)?;
             }
             log.record(
-                "audit.recovered",
+                AuditAction::AuditRecovered,
                 Outcome::Success,
                 serde_json::json!({ "dropped_partial_record": scan.partial_tail, "head_rolled_forward": rolled_forward }),
             )?;
@@ -149,11 +147,22 @@ impl AuditLog {
     }
 
     /// Appends one record durably, then echoes it to stdout.
-    pub fn record(&self, action: &str, outcome: Outcome, detail: serde_json::Value) -> Result<(), ApplianceError> {
-        let event =
-            Event { actor: "appliance".into(), action: action.into(), workspace: None, target: None, outcome, detail };
+    pub fn record(
+        &self,
+        action: AuditAction,
+        outcome: Outcome,
+        detail: serde_json::Value,
+    ) -> Result<(), ApplianceError> {
+        let event = Event {
+            actor: "appliance".into(),
+            action: action.as_str().into(),
+            workspace: None,
+            target: None,
+            outcome,
+            detail,
+        };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let record = Record::append(CHAIN, inner.head, crate::now(), event);
+        let record = Record::append(CHAIN, inner.head, crate::clock::now(), event);
         let line = serde_json::to_string(&record).map_err(|e| ApplianceError::Internal(e.to_string()))?;
         let io = |e: std::io::Error| ApplianceError::Customer(format!("writing the local audit log: {e}"));
         let bytes = format!("{line}\n");
@@ -186,11 +195,14 @@ mod tests {
             .collect()
     }
 
+    /// Distinct actions for the records of a test log, in order.
+    const ACTIONS: [AuditAction; 3] = [AuditAction::PhaseDisable, AuditAction::PhaseEnable, AuditAction::PolicyUpdate];
+
     fn log_with(n: usize) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
-        for i in 0..n {
-            log.record(&format!("test.{i}"), Outcome::Success, serde_json::Value::Null).unwrap();
+        for action in &ACTIONS[..n] {
+            log.record(*action, Outcome::Success, serde_json::Value::Null).unwrap();
         }
         dir
     }
@@ -214,8 +226,11 @@ mod tests {
             std::fs::read_to_string(&log_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         write_head(&head_path(&log_path), &lines[1].head()).unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
-        log.record("test.after", Outcome::Success, serde_json::Value::Null).unwrap();
-        assert_eq!(actions(dir.path()), ["test.0", "test.1", "test.2", "audit.recovered", "test.after"]);
+        log.record(AuditAction::ApplianceStart, Outcome::Success, serde_json::Value::Null).unwrap();
+        assert_eq!(
+            actions(dir.path()),
+            ["phase.disable", "phase.enable", "policy.update", "audit.recovered", "appliance.start"]
+        );
         assert_eq!(verify_file(&log_path).unwrap().seq, 5);
         // Two records past the head is not a crash: refused.
         write_head(&head_path(&log_path), &lines[0].head()).unwrap();
@@ -231,7 +246,7 @@ mod tests {
         assert!(verify_file(&log_path).unwrap_err().contains("incomplete"));
         let log = AuditLog::open(dir.path()).unwrap();
         drop(log);
-        assert_eq!(actions(dir.path()), ["test.0", "test.1", "audit.recovered"]);
+        assert_eq!(actions(dir.path()), ["phase.disable", "phase.enable", "audit.recovered"]);
         assert_eq!(verify_file(&log_path).unwrap().seq, 3);
     }
 }

@@ -1,30 +1,32 @@
-//! Jittered exponential backoff for reconnects ("full jitter"): a fleet that lost the control
-//! plane at once does not come back in lockstep, which keeps a reconnect storm CPU-bounded.
+//! Jittered exponential backoff for reconnects ("full jitter").
+//!
+//! A fleet that lost the control plane at once does not come back in lockstep, which keeps a
+//! reconnect storm CPU-bounded.
 
 use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
 
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     cap: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
+    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
         Self { base, cap, attempt: 0 }
     }
 
     /// The ceiling of the next delay: base × 2^attempt, capped.
-    pub fn ceiling(&self) -> Duration {
+    pub(crate) fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.cap)
     }
 
     /// A delay drawn uniformly from [0, ceiling], then the ceiling grows.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
         let mut b = [0u8; 8];
@@ -36,7 +38,7 @@ impl Backoff {
         ceiling.mul_f64(frac)
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }

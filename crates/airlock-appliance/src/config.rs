@@ -1,4 +1,7 @@
 //! Appliance configuration: defaults, then a TOML file, then `AIRLOCK_*` environment, then flags.
+//!
+//! Unknown keys in the file are an error: a typo in a security setting must stop startup.
+//! Environment is read through `EnvSource`, so tests never change the process's environment.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

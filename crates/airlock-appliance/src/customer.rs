@@ -1,16 +1,20 @@
 //! The customer's authority on the appliance: pinned customer keys and the signed policy.
 //!
 //! Keys are pinned on first start and can never be replaced through configuration (a built-in
-//! deny): a different key set later stops the appliance. A policy is accepted only if it
-//! verifies against the pinned keys and moves forward; otherwise it is refused with its reason
-//! and the last good policy stays in force. With no policy, only Observe is allowed.
+//! deny): a different key set later stops the appliance.
+//! A policy is accepted only if it verifies against the pinned keys and moves forward;
+//! otherwise it is refused with its reason, and the last good policy stays in force.
+//! With no policy, only Observe is allowed.
+//! A policy relayed by the control plane (which can neither sign nor verify one) passes the same
+//! checks as one loaded on the host, and must name this appliance's environment; its refusal is
+//! audited `policy.refused`.
 
 use std::path::Path;
 
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::policy::{VerifiedPolicy, verify_signed_policy};
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 
 use crate::ApplianceError;
 use crate::audit_log::AuditLog;
@@ -20,7 +24,7 @@ const PINNED_KEYS: &str = "customer-keys.pem";
 const POLICY: &str = "policy.dsse.json";
 
 /// Pins `configured` keys on first use; afterwards they must equal the pinned set.
-pub fn pin_keys(
+pub(crate) fn pin_keys(
     state: &StateDir,
     configured: &[String],
     audit: &AuditLog,
@@ -47,7 +51,7 @@ pub fn pin_keys(
             let text: String = configured.iter().map(|k| k.to_pem().unwrap_or_default()).collect::<Vec<_>>().concat();
             state.write_private(PINNED_KEYS, text.as_bytes())?;
             let ids: Vec<String> = configured.iter().map(CustomerPublicKey::key_id).collect();
-            audit.record("customer_keys.pinned", Outcome::Success, serde_json::json!({ "key_ids": ids }))?;
+            audit.record(AuditAction::CustomerKeysPinned, Outcome::Success, serde_json::json!({ "key_ids": ids }))?;
             tracing::info!(keys = ?ids, "customer keys pinned");
             Ok(configured)
         }
@@ -60,7 +64,7 @@ pub fn pin_keys(
             };
             if ids(&pinned) != ids(&configured) {
                 audit.record(
-                    "customer_keys.replace",
+                    AuditAction::CustomerKeysReplace,
                     Outcome::Denied,
                     serde_json::json!({ "rule": "builtin:pinned-customer-key", "offered": ids(&configured) }),
                 )?;
@@ -74,7 +78,7 @@ pub fn pin_keys(
 }
 
 /// The policy in force after considering `offered` (a signed policy file), if any.
-pub fn load_policy(
+pub(crate) fn load_policy(
     state: &StateDir,
     pinned: &[CustomerPublicKey],
     offered: Option<&Path>,
@@ -85,7 +89,7 @@ pub fn load_policy(
             Ok(p) => Some(p),
             Err(e) => {
                 audit.record(
-                    "policy.stored_invalid",
+                    AuditAction::PolicyStoredInvalid,
                     Outcome::Error,
                     serde_json::json!({ "reason": e.to_string() }),
                 )?;
@@ -99,13 +103,17 @@ pub fn load_policy(
     let bytes = match read_capped(path) {
         Ok(b) => b,
         Err(why) => {
-            audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why }))?;
+            audit.record(AuditAction::PolicyUpdate, Outcome::Denied, serde_json::json!({ "reason": why }))?;
             tracing::error!(policy = %path.display(), reason = %why, "refusing policy; the last good policy stays in force");
             return Ok(current);
         }
     };
     if pinned.is_empty() {
-        audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": "no customer key is pinned" }))?;
+        audit.record(
+            AuditAction::PolicyUpdate,
+            Outcome::Denied,
+            serde_json::json!({ "reason": "no customer key is pinned" }),
+        )?;
         tracing::error!(policy = %path.display(), "refusing policy: no customer key is pinned; pass --customer-key");
         return Ok(current);
     }
@@ -114,7 +122,7 @@ pub fn load_policy(
             if current.as_ref().is_none_or(|c| c.digest_hex() != p.digest_hex()) {
                 state.write_private(POLICY, &bytes)?;
                 audit.record(
-                    "policy.update",
+                    AuditAction::PolicyUpdate,
                     Outcome::Success,
                     serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() }),
                 )?;
@@ -123,7 +131,7 @@ pub fn load_policy(
             Ok(Some(p))
         }
         Err(e) => {
-            audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": e.to_string() }))?;
+            audit.record(AuditAction::PolicyUpdate, Outcome::Denied, serde_json::json!({ "reason": e.to_string() }))?;
             tracing::error!(policy = %path.display(), reason = %e, "refusing policy; the last good policy stays in force");
             Ok(current)
         }
@@ -132,7 +140,7 @@ pub fn load_policy(
 
 /// Where a newly signed policy came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PolicySource {
+pub(crate) enum PolicySource {
     /// The appliance host (the admin socket).
     Host,
     /// Relayed by the control plane, which cannot sign one: trusted exactly as much as its
@@ -144,7 +152,7 @@ pub enum PolicySource {
 /// control plane: the same checks as at start. On success it is stored and audited; on
 /// refusal the reason is audited (`policy.update` denied for the host, `policy.refused` for
 /// the control plane) and returned, and the policy in force stays.
-pub fn accept_policy(
+pub(crate) fn accept_policy(
     state: &StateDir,
     pinned: &[CustomerPublicKey],
     envelope_json: &[u8],
@@ -155,9 +163,11 @@ pub fn accept_policy(
 ) -> Result<VerifiedPolicy, PolicyRefused> {
     let refuse = |why: String| {
         let _ = match source {
-            PolicySource::Host => audit.record("policy.update", Outcome::Denied, serde_json::json!({ "reason": why })),
+            PolicySource::Host => {
+                audit.record(AuditAction::PolicyUpdate, Outcome::Denied, serde_json::json!({ "reason": why }))
+            }
             PolicySource::ControlPlane => audit.record(
-                "policy.refused",
+                AuditAction::PolicyRefused,
                 Outcome::Denied,
                 serde_json::json!({ "reason": why, "source": "control_plane" }),
             ),
@@ -188,7 +198,9 @@ pub fn accept_policy(
         if source == PolicySource::ControlPlane {
             detail["source"] = "control_plane".into();
         }
-        audit.record("policy.update", Outcome::Success, detail).map_err(|e| PolicyRefused::Failed(e.to_string()))?;
+        audit
+            .record(AuditAction::PolicyUpdate, Outcome::Success, detail)
+            .map_err(|e| PolicyRefused::Failed(e.to_string()))?;
         tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?source, "accepted a new customer policy");
     }
     Ok(p)
@@ -196,7 +208,7 @@ pub fn accept_policy(
 
 /// Why a policy was not put in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PolicyRefused {
+pub(crate) enum PolicyRefused {
     /// It does not verify or does not apply here: offering it again changes nothing.
     Invalid(String),
     /// Storing or auditing it failed (a full disk, say): it may succeed if offered again.

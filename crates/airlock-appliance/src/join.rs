@@ -1,6 +1,11 @@
-//! First contact: exchange a join token and a CSR for a certificate over CA-pinned HTTPS.
+//! First contact: a join token and a CSR exchanged for a certificate, over CA-pinned HTTPS.
+//!
+//! The answer came over a channel that trusts only the pinned CA, and is still checked before
+//! it is written down: its CA is the pinned one, and its certificate names the identity it
+//! claims and certifies our key.
 
 use airlock_core::Fingerprint;
+use airlock_core::certificate;
 use airlock_core::token::Secret;
 use airlock_proto::join::{JOIN_PATH, JoinRequest, JoinResponse};
 use rcgen::{CertificateParams, KeyPair};
@@ -9,7 +14,7 @@ use crate::ApplianceError;
 use crate::state_dir::{Credentials, Enrolment, inspect_cert};
 
 /// A CSR for `key`, naming `identity_uri` when renewing (a join CSR names no identity).
-pub fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, ApplianceError> {
+pub(crate) fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, ApplianceError> {
     let mut params = CertificateParams::default();
     if let Some(uri) = identity_uri {
         let uri = uri.to_owned().try_into().map_err(|e| ApplianceError::Internal(format!("identity URI: {e}")))?;
@@ -19,7 +24,7 @@ pub fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, Appl
 }
 
 /// Joins with `key`, which the caller generated and saved first (see `StateDir::save_pending_join_key`).
-pub async fn join(
+pub(crate) async fn join(
     control_plane: &str,
     pin: Fingerprint,
     token: &Secret,
@@ -66,15 +71,13 @@ pub async fn join(
 /// The response came over a pinned channel, but check it is internally consistent before
 /// writing it down: the CA is the pinned one and the certificate is for our key.
 fn check_join_response(joined: &JoinResponse, pin: Fingerprint, key: &KeyPair) -> Result<(), ApplianceError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let ca_der = CertificateDer::from_pem_slice(joined.ca_certificate_pem.as_bytes())
-        .map_err(|_| ApplianceError::Protocol("join response CA is not a PEM certificate".into()))?;
-    if Fingerprint::of_der(ca_der.as_ref()) != pin {
+    let ca = certificate::inspect_pem(&joined.ca_certificate_pem)
+        .map_err(|e| ApplianceError::Protocol(format!("join response CA: {e}")))?;
+    if ca.fingerprint != pin {
         return Err(ApplianceError::UntrustedControlPlane { pinned: pin });
     }
-    let (identity, _, _) = inspect_cert(&joined.certificate_pem)
-        .ok_or_else(|| ApplianceError::Protocol("join response certificate names no appliance identity".into()))?;
+    let (identity, _) = inspect_cert(&joined.certificate_pem)
+        .map_err(|e| ApplianceError::Protocol(format!("join response certificate: {e}")))?;
     if identity.uri() != joined.identity {
         return Err(ApplianceError::Protocol("join response identity does not match its certificate".into()));
     }
@@ -84,12 +87,8 @@ fn check_join_response(joined: &JoinResponse, pin: Fingerprint, key: &KeyPair) -
     Ok(())
 }
 
+/// Whether a certificate certifies `key` (its subject public key is the key's).
 pub(crate) fn cert_matches_key(cert_pem: &str, key: &KeyPair) -> bool {
     use rcgen::PublicKeyData;
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let Ok(der) = CertificateDer::from_pem_slice(cert_pem.as_bytes()) else { return false };
-    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else { return false };
-    cert.tbs_certificate.subject_pki.subject_public_key.data.as_ref() == key.der_bytes()
+    certificate::inspect_pem(cert_pem).is_ok_and(|info| info.public_key == key.der_bytes())
 }

@@ -1,32 +1,75 @@
-//! The Airlock appliance: runs in the customer's environment and dials out to the control plane.
+//! The Airlock appliance: it runs in the customer's environment, dials out to the control
+//! plane, and runs nothing the customer's own keys and policy did not authorise.
 //!
-//! It never listens on a network socket. It holds one outbound mutual-TLS stream, pins the
-//! control plane CA by fingerprint, keeps its private key in its state directory, rotates its
-//! certificate at two thirds of its lifetime and stops for good when revoked.
+//! It never listens on a network socket; its only listener is the owner-only Unix admin socket
+//! in its state directory (`admin`).
+//! It holds one outbound mutual-TLS stream (`session`), pins the control plane CA by
+//! fingerprint, keeps its private key in its state directory (`state_dir`), renews its
+//! certificate at two thirds of its lifetime, and stops for good when revoked.
+//! One appliance process runs per state directory (`appliance.lock`): two would interleave the
+//! audit log.
+//! At start, before anything talks to the vendor, it verifies its audit log (`audit_log`) and
+//! settles the customer's authority: pinned keys and signed policy (`customer`).
+//! A first start joins with a join token (`join`), retried with backoff while the control plane
+//! is unreachable; the key is on disk before the request leaves, so a retry proves possession
+//! of the same key.
+//! Operations the previous process left running are killed and recorded (`executor`), and
+//! operations still running when the appliance stops are killed on the way out.
+//!
+//! Where each decision lives:
+//! - `control`: the state decisions are made from (policy, phases switched off, nonces,
+//!   pre-approvals, operations, running process groups), and the customer's release of output;
+//! - `executor`: what happens to an operation instruction, decided, then acted on, run and
+//!   recorded;
+//! - `outbound`: what goes to the control plane, in which order, and what each ack does;
+//! - `ops_store`, `nonces`, `preapprovals`, `files`: what is kept on disk, and how.
+//!
+//! What holds, and where it is upheld:
+//! - nothing runs unless the customer's authority is checked here, and the nonce or
+//!   pre-approval run it uses is spent durably first (`executor`);
+//! - a request already decided is answered from its record, never run twice (`executor`);
+//! - output is never in clear on disk (`ops_store`), nor in the audit or the logs; it leaves
+//!   only in an `OutputRelease`, after a verified customer release or under a
+//!   commands-and-output pre-approval, and never when tagged `output:secret`
+//!   (`control::release`, `executor::record`);
+//! - switching a phase off on the host, or a policy without it, kills the whole process group
+//!   of every running operation of that phase at once (`running`);
+//! - decisions cross the wire as codes (`result`, `outbound`); their text is for people.
 //!
 //! This crate, with `airlock-core` and `airlock-proto`, is everything that runs on the
 //! customer's side; it never depends on the control plane's code.
 
 pub mod admin;
 pub mod audit_log;
-pub mod backoff;
+mod backoff;
+mod clock;
 pub mod config;
-pub mod customer;
-pub mod join;
-pub mod nonces;
-pub mod operations;
-pub mod ops_store;
-pub mod preapprovals;
-pub mod session;
-pub mod state_dir;
+mod control;
+mod customer;
+mod executor;
+mod files;
+mod join;
+mod nonces;
+mod ops_store;
+mod outbound;
+mod preapprovals;
+mod result;
+mod running;
+mod session;
+mod state_dir;
+#[cfg(test)]
+mod testing;
 
 use std::time::Duration;
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{Fingerprint, Timestamp};
+
+use clock::now;
 
 pub use config::ApplianceConfig;
 use session::{Session, SessionEnd};
+pub use state_dir::StateError;
 use state_dir::{StateDir, inspect_cert};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +101,7 @@ pub enum ApplianceError {
     #[error("{0}")]
     Customer(String),
     #[error(transparent)]
-    State(#[from] state_dir::StateError),
+    State(#[from] StateError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -73,17 +116,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// Kills the operations still running when `run` returns, however it returns.
-struct KillRunningOnDrop(std::sync::Arc<admin::LocalControl>);
+struct KillRunningOnDrop(std::sync::Arc<control::LocalControl>);
 
 impl Drop for KillRunningOnDrop {
     fn drop(&mut self) {
         self.0.kill_all_running();
     }
-}
-
-/// Wall-clock time. The appliance checks its own certificate's validity with it.
-pub fn now() -> Timestamp {
-    Timestamp::from_offset_date_time(time::OffsetDateTime::now_utc())
 }
 
 /// Runs the appliance until `shutdown` turns true, or until it must stop for good.
@@ -98,7 +136,11 @@ pub async fn run(
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
     }
     let audit = std::sync::Arc::new(audit_log::AuditLog::open(state.path())?);
-    audit.record("appliance.start", Outcome::Success, serde_json::json!({ "version": airlock_proto::VERSION }))?;
+    audit.record(
+        AuditAction::ApplianceStart,
+        Outcome::Success,
+        serde_json::json!({ "version": airlock_proto::VERSION }),
+    )?;
     // The customer's authority is settled before anything talks to the vendor.
     let keys = config
         .customer_keys
@@ -116,7 +158,7 @@ pub async fn run(
         }
         None => tracing::warn!("no customer policy in force: only Observe is allowed"),
     }
-    let control = std::sync::Arc::new(admin::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
+    let control = std::sync::Arc::new(control::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
     let _kill_running = KillRunningOnDrop(control.clone());
     let socket = state.path().join(admin::SOCKET_FILE);
     let listener = admin::bind(&socket)?;
@@ -168,17 +210,15 @@ pub async fn run(
     }
     // The stored CA is what the gateway is verified against: it must still be the pinned one,
     // whatever happened to the state directory since the join.
-    let stored_ca = rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes())
-        .map(|der: rustls::pki_types::CertificateDer<'_>| Fingerprint::of_der(der.as_ref()))
-        .ok();
+    let stored_ca = airlock_core::certificate::inspect_pem(&ca_pem).map(|ca| ca.fingerprint).ok();
     if stored_ca != Some(config.ca_fingerprint) {
         return Err(ApplianceError::PinChanged {
             stored: stored_ca.map_or_else(|| "an unreadable ca.pem".to_owned(), |f| f.to_string()),
             configured: config.ca_fingerprint,
         });
     }
-    let (identity, _, _) = inspect_cert(&creds.cert_pem)
-        .ok_or_else(|| ApplianceError::Protocol("stored certificate names no appliance identity".into()))?;
+    let (identity, _) =
+        inspect_cert(&creds.cert_pem).map_err(|e| ApplianceError::Protocol(format!("the stored certificate: {e}")))?;
     tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
     // A policy loaded before the join could only be checked against this now.
     if let Some(policy) = control.policy.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -188,7 +228,7 @@ pub async fn run(
             .map_err(|why| ApplianceError::Customer(format!("the customer policy in force does not apply: {why}")))?;
     }
     let executor =
-        std::sync::Arc::new(operations::Executor::new(control.clone(), state.path(), identity.clone(), &ca_pem)?);
+        std::sync::Arc::new(executor::Executor::new(control.clone(), state.path(), identity.clone(), &ca_pem)?);
     match executor.recover_interrupted() {
         Ok(0) => {}
         Ok(n) => tracing::warn!(count = n, "operations interrupted by the previous stop were recorded as cancelled"),
@@ -220,7 +260,7 @@ pub async fn run(
                     backoff.reset();
                 }
                 let (_, _, creds) = state.load()?;
-                if let Some((_, validity, _)) = inspect_cert(&creds.cert_pem)
+                if let Ok((_, validity)) = inspect_cert(&creds.cert_pem)
                     && now() >= validity.not_after
                 {
                     return Err(ApplianceError::CertificateExpired(validity.not_after));

@@ -1,21 +1,23 @@
-//! The durable record of spent grant nonces, so a grant can be used once, across restarts.
+//! The durable record of spent grant nonces, so an approval is used once, across restarts.
 //!
-//! `consume` checks and records under one lock and fsyncs before it answers: two concurrent
-//! uses of one grant cannot both succeed, and a nonce acknowledged as spent stays spent after
-//! a crash. Entries are kept until their grant expires (after which the grant is refused by
-//! its window anyway) and pruned when the store is opened.
+//! `consume` checks and records under one lock and syncs before it answers: two concurrent uses
+//! of one approval cannot both succeed, and a nonce answered as spent stays spent after a crash.
+//! Entries are kept until their approval expires (after which its window refuses it anyway),
+//! and pruned when the store is opened; the pruned file replaces the old one with
+//! `crate::files::replace`, directory synced, before anything is appended.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use airlock_core::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::ApplianceError;
+use crate::files::{self, Mode};
 
-pub const NONCE_FILE: &str = "used-nonces.jsonl";
+pub(crate) const NONCE_FILE: &str = "used-nonces.jsonl";
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -23,13 +25,13 @@ struct Entry {
     not_after: Timestamp,
 }
 
-pub struct NonceStore {
+pub(crate) struct NonceStore {
     inner: Mutex<(std::fs::File, BTreeMap<String, Timestamp>)>,
 }
 
 impl NonceStore {
     /// Opens the store, dropping nonces whose grants expired before `now`.
-    pub fn open(state_dir: &Path, now: Timestamp) -> Result<Self, ApplianceError> {
+    pub(crate) fn open(state_dir: &Path, now: Timestamp) -> Result<Self, ApplianceError> {
         let path = state_dir.join(NONCE_FILE);
         let err = |e: String| ApplianceError::Customer(format!("used-nonce record {}: {e}", path.display()));
         let text = match std::fs::read_to_string(&path) {
@@ -56,17 +58,17 @@ impl NonceStore {
                 serde_json::to_string(&Entry { nonce: nonce.clone(), not_after: *not_after }).unwrap_or_default() + "\n"
             })
             .collect();
-        write_atomic(&path, compact.as_bytes()).map_err(|e| err(e.to_string()))?;
+        files::replace(&path, compact.as_bytes(), Mode::Private).map_err(|e| err(e.to_string()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| err(e.to_string()))?;
         Ok(Self { inner: Mutex::new((file, live)) })
     }
 
-    pub fn is_used(&self, nonce: &str) -> bool {
+    pub(crate) fn is_used(&self, nonce: &str) -> bool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).1.contains_key(nonce)
     }
 
     /// Records `nonce` as spent. `Ok(false)` if it already was: the caller must not proceed.
-    pub fn consume(&self, nonce: &str, not_after: Timestamp) -> Result<bool, ApplianceError> {
+    pub(crate) fn consume(&self, nonce: &str, not_after: Timestamp) -> Result<bool, ApplianceError> {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (file, live) = &mut *guard;
         if live.contains_key(nonce) {
@@ -80,21 +82,6 @@ impl NonceStore {
         live.insert(nonce.to_owned(), not_after);
         Ok(true)
     }
-}
-
-fn write_atomic(path: &PathBuf, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

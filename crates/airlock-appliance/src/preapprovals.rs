@@ -1,9 +1,10 @@
 //! Pre-approvals the customer installed on this host, with their durable run counters and
 //! revocations (`pre-approvals.json` in the state directory).
 //!
-//! A run is counted before the operation starts, and the counter is synced to disk before the
-//! executor is told it may go: a crash never gives a run back. A revocation is saved before it
-//! is acknowledged and is final: adding the same pre-approval again does not lift it.
+//! A run is counted, and the counter synced to disk, before the operation runs: a crash never
+//! gives a run back.
+//! A revocation is saved before it is acknowledged and is final: adding the same pre-approval
+//! again does not lift it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,12 +16,12 @@ use airlock_core::grant::PreApprovalBody;
 use serde::{Deserialize, Serialize};
 
 use crate::ApplianceError;
-use crate::ops_store::write_durable;
+use crate::files::{self, Mode};
 
-pub const PRE_APPROVALS_FILE: &str = "pre-approvals.json";
+pub(crate) const PRE_APPROVALS_FILE: &str = "pre-approvals.json";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The signed pre-approval, as the customer made it.
     pub envelope: Envelope,
     /// Its body as verified when it was added (shown in listings; verified again at each use).
@@ -33,7 +34,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn summary(&self) -> serde_json::Value {
+    pub(crate) fn summary(&self) -> serde_json::Value {
         let b = &self.body;
         serde_json::json!({
             "id": b.id,
@@ -55,13 +56,13 @@ impl Entry {
     }
 }
 
-pub struct PreApprovalStore {
+pub(crate) struct PreApprovalStore {
     path: PathBuf,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
 impl PreApprovalStore {
-    pub fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
+    pub(crate) fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
         let path = state_dir.join(PRE_APPROVALS_FILE);
         let entries = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
@@ -78,12 +79,18 @@ impl PreApprovalStore {
 
     fn save(&self, entries: &BTreeMap<String, Entry>) -> Result<(), ApplianceError> {
         let json = serde_json::to_vec_pretty(entries).map_err(|e| ApplianceError::Internal(e.to_string()))?;
-        write_durable(&self.path, &json)
+        files::replace(&self.path, &json, Mode::Private)
+            .map_err(|e| ApplianceError::Customer(format!("{}: {e}", self.path.display())))
     }
 
     /// Stores a verified pre-approval. The same one again is a no-op; another under the same
     /// id is refused (its counter and revocation belong to the first).
-    pub fn add(&self, envelope: Envelope, body: PreApprovalBody, now: Timestamp) -> Result<Entry, ApplianceError> {
+    pub(crate) fn add(
+        &self,
+        envelope: Envelope,
+        body: PreApprovalBody,
+        now: Timestamp,
+    ) -> Result<Entry, ApplianceError> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = entries.get(&body.id) {
             if existing.body == body {
@@ -104,7 +111,7 @@ impl PreApprovalStore {
     }
 
     /// Revokes at once. `Ok(None)` if there is no such pre-approval.
-    pub fn revoke(&self, id: &str, now: Timestamp) -> Result<Option<Entry>, ApplianceError> {
+    pub(crate) fn revoke(&self, id: &str, now: Timestamp) -> Result<Option<Entry>, ApplianceError> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let Some(current) = entries.get(id) else { return Ok(None) };
         if current.revoked {
@@ -120,21 +127,22 @@ impl PreApprovalStore {
         Ok(entries.get(id).cloned())
     }
 
-    pub fn list(&self) -> Vec<Entry> {
+    pub(crate) fn list(&self) -> Vec<Entry> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 
-    pub fn get(&self, id: &str) -> Option<Entry> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, id: &str) -> Option<Entry> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
     /// Unrevoked pre-approvals for `template`.
-    pub fn candidates(&self, template: &str) -> Vec<Entry> {
+    pub(crate) fn candidates(&self, template: &str) -> Vec<Entry> {
         self.list().into_iter().filter(|e| !e.revoked && e.body.template == template).collect()
     }
 
     /// Counts one run against `id`, durably, if it is still unrevoked and has runs left.
-    pub fn take_run(&self, id: &str) -> Result<bool, ApplianceError> {
+    pub(crate) fn take_run(&self, id: &str) -> Result<bool, ApplianceError> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let Some(current) = entries.get(id) else { return Ok(false) };
         if current.revoked || current.runs_used >= current.body.max_runs {

@@ -1,17 +1,29 @@
 //! The appliance's one outbound stream to the gateway: mutual TLS 1.3, gRPC over HTTP/2.
 //!
-//! Trust: the gateway must present a certificate chaining to the CA stored at join (whose
-//! fingerprint was pinned at install). We present our own certificate; the private key stays
-//! in this process and the state directory.
+//! Trust: the gateway must present a certificate chaining to the CA stored at join, whose
+//! fingerprint was pinned at install.
+//! The appliance presents its own certificate; the private key stays in this process and the
+//! state directory.
+//! In TLS 1.3 the gateway judges a client certificate after the client finished its handshake,
+//! so the session reads the gateway's first flight itself: a refused (or revoked) certificate
+//! is a typed error, not a broken stream.
+//! On the stream: heartbeats, certificate renewal with a new key at two thirds of its lifetime,
+//! and the control plane's messages.
+//! After every `Welcome` the outbox is sent again (`crate::outbound`), ahead of anything else.
+//! Operation instructions go to the executor off the loop, so heartbeats go on while they run.
+//! A relayed `PolicyUpdate` is applied exactly like a policy loaded on the host; a refused one
+//! changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use airlock_core::certificate;
 use airlock_core::{ApplianceIdentity, Timestamp};
 use airlock_proto::gateway::appliance_gateway_client::ApplianceGatewayClient;
 use airlock_proto::gateway::{
     ApplianceMessage, Health, HealthStatus, Heartbeat, Hello, RenewRequest, appliance_message, control_message,
 };
+use airlock_proto::tls::{ServerTrust, mtls_client_config};
 use hyper_util::rt::TokioIo;
 use rcgen::KeyPair;
 use rustls::pki_types::pem::PemObject;
@@ -19,14 +31,16 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::ApplianceError;
+use crate::clock::now;
+use crate::executor::Executor;
 use crate::join::{cert_matches_key, csr_for};
-use crate::operations::{Executor, Handled};
+use crate::outbound::Outbound;
 use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert};
-use crate::{ApplianceError, now};
 
 /// How a session ended.
 #[derive(Debug)]
-pub enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// The control plane revoked this appliance: do not retry on this identity.
     Revoked(String),
     /// Anything else: retry with backoff. `established` says the stream got as far as Welcome.
@@ -37,7 +51,7 @@ pub enum SessionEnd {
     Shutdown,
 }
 
-pub struct Session<'a> {
+pub(crate) struct Session<'a> {
     pub state: &'a StateDir,
     pub enrolment: &'a Enrolment,
     pub ca_pem: &'a str,
@@ -47,16 +61,16 @@ pub struct Session<'a> {
 }
 
 /// Detaches the outbox from a stream when its session ends, however it ends.
-struct Outbound<'a>(&'a crate::admin::LocalControl);
+struct Detach<'a>(&'a Outbound);
 
-impl Drop for Outbound<'_> {
+impl Drop for Detach<'_> {
     fn drop(&mut self) {
-        self.0.set_outbound(None);
+        self.0.disconnected();
     }
 }
 
 impl Session<'_> {
-    pub async fn run(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> SessionEnd {
+    pub(crate) async fn run(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> SessionEnd {
         match self.run_inner(shutdown).await {
             Ok(end) => end,
             Err(end) => end,
@@ -84,12 +98,12 @@ impl Session<'_> {
             client.session(ReceiverStream::new(rx)).await.map_err(|s| classify_status(&s, false))?.into_inner();
 
         let mut established = false;
-        let _outbound = Outbound(self.executor.control());
+        let _detach = Detach(&self.executor.control().outbound);
         let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
         heartbeat.reset();
         let mut seq = 0u64;
         let mut pending_key: Option<KeyPair> = None;
-        let mut validity = inspect_cert(&creds.cert_pem).map(|(_, v, _)| v);
+        let mut validity = inspect_cert(&creds.cert_pem).ok().map(|(_, v)| v);
         let mut renew_at = validity.map(|v| v.renew_at());
         loop {
             let renew_sleep = tokio::time::sleep(renew_at.map_or(Duration::from_secs(3600), |t| t.since(now())));
@@ -130,7 +144,7 @@ impl Session<'_> {
                             // ahead of anything else the appliance sends.
                             let control = self.executor.control().clone();
                             let tx = tx.clone();
-                            tokio::spawn(async move { control.connected(tx).await });
+                            tokio::spawn(async move { control.outbound.connected(tx).await });
                         }
                         Some(control_message::Body::HeartbeatAck(_)) => {}
                         Some(control_message::Body::Renewed(r)) => {
@@ -160,8 +174,8 @@ impl Session<'_> {
                             let executor = self.executor.clone();
                             let tx = tx.clone();
                             tokio::spawn(async move {
-                                if let Handled::Reply(result) = executor.handle(instruction).await {
-                                    let _ = tx.send(result.to_message()).await;
+                                if let Some(reply) = executor.handle(instruction).await.reply() {
+                                    let _ = tx.send(reply).await;
                                 }
                             });
                         }
@@ -176,9 +190,9 @@ impl Session<'_> {
                         }
                         Some(control_message::Body::OperationAck(ack)) => {
                             // A release that waited for this result goes now, off the loop.
-                            if let Some(next) = self.executor.control().on_ack(&ack) {
+                            if let Some(next) = self.executor.control().outbound.on_ack(&ack) {
                                 let control = self.executor.control().clone();
-                                tokio::spawn(async move { control.send(next).await });
+                                tokio::spawn(async move { control.outbound.send(next).await });
                             }
                         }
                         None => {}
@@ -194,8 +208,8 @@ impl Session<'_> {
 
     /// Checks a renewed certificate is for our new key and identity, then replaces the old pair.
     fn accept_renewal(&self, cert_pem: &str, key: &KeyPair) -> Result<Validity, ApplianceError> {
-        let (identity, validity, _) = inspect_cert(cert_pem)
-            .ok_or_else(|| ApplianceError::Protocol("renewed certificate does not parse".into()))?;
+        let (identity, validity) =
+            inspect_cert(cert_pem).map_err(|e| ApplianceError::Protocol(format!("renewed certificate: {e}")))?;
         if &identity != self.identity {
             return Err(ApplianceError::Protocol("renewed certificate names another identity".into()));
         }
@@ -213,21 +227,15 @@ fn retry_renewal_at(validity: Option<Validity>) -> Timestamp {
     now().saturating_add((left / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)))
 }
 
+/// Mutual TLS to the gateway: trusting only the CA stored at join, presenting our certificate.
 fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig, String> {
+    let ca = certificate::pem_to_der(ca_pem).map_err(|e| format!("stored CA: {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| format!("stored CA: {e}"))?;
-    roots.add(ca).map_err(|e| format!("stored CA: {e}"))?;
-    let chain =
-        vec![CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).map_err(|e| format!("certificate: {e}"))?];
+    roots.add(CertificateDer::from(ca)).map_err(|e| format!("stored CA: {e}"))?;
+    let cert = certificate::pem_to_der(&creds.cert_pem).map_err(|e| format!("certificate: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).map_err(|e| format!("private key: {e}"))?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
-        .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| format!("client certificate: {e}"))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
+    mtls_client_config(ServerTrust::Roots(roots), vec![CertificateDer::from(cert)], key, &[b"h2"])
+        .map_err(|e| format!("client certificate: {e}"))
 }
 
 /// Dials the gateway. The connector is ours so TLS is exactly the config above.
@@ -261,7 +269,7 @@ async fn connect(
 /// The gateway refused our certificate after the handshake completed on our side.
 #[derive(Debug, thiserror::Error)]
 #[error("the gateway refused our certificate: {0}")]
-pub struct CertificateRefused(String);
+pub(crate) struct CertificateRefused(String);
 
 /// In TLS 1.3 the server judges a client certificate after the client has finished its
 /// handshake, so a refusal arrives as an alert on the first read. Reading the server's first

@@ -1,14 +1,20 @@
-//! The appliance's state directory: its identity, private key and the pinned CA.
+//! The appliance's state directory: its identity, private key and the CA it pinned.
 //!
-//! The private key is generated here and never leaves: it is written with mode 0600 together
-//! with its certificate in one file replaced atomically, so a crash mid-rotation leaves the
-//! previous pair intact. The directory itself is mode 0700.
+//! The directory is mode 0700.
+//! The private key is generated here and never leaves.
+//! It is written with mode 0600 together with its certificate in one file (`credentials.pem`),
+//! replaced atomically, so a crash mid-renewal leaves the previous pair intact.
+//! The key of a join in progress is written before the join request leaves, so a retry after a
+//! lost response (or a crash) proves possession of the same key and gets the same identity.
+//! A revocation is written down (`REVOKED`), and the appliance never starts on it again.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use airlock_core::{ApplianceIdentity, Fingerprint, Timestamp};
+use airlock_core::certificate::{self, CertificateError};
+use airlock_core::{ApplianceIdentity, Timestamp};
 use serde::{Deserialize, Serialize};
+
+use crate::files::{self, Mode};
 
 const META: &str = "appliance.json";
 const CA: &str = "ca.pem";
@@ -32,7 +38,7 @@ pub enum StateError {
 
 /// What the appliance remembers about its enrolment.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Enrolment {
+pub(crate) struct Enrolment {
     pub identity: String,
     pub control_plane: String,
     pub gateway_endpoint: String,
@@ -42,7 +48,7 @@ pub struct Enrolment {
 
 /// A certificate and the key it certifies.
 #[derive(Clone)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     pub cert_pem: String,
     pub key_pem: String,
 }
@@ -55,37 +61,31 @@ impl std::fmt::Debug for Credentials {
 
 /// Validity of the current certificate.
 #[derive(Clone, Copy, Debug)]
-pub struct Validity {
+pub(crate) struct Validity {
     pub not_before: Timestamp,
     pub not_after: Timestamp,
 }
 
 impl Validity {
     /// Renew at two thirds of the certificate's lifetime.
-    pub fn renew_at(&self) -> Timestamp {
+    pub(crate) fn renew_at(&self) -> Timestamp {
         let life = self.not_after.unix_millis() - self.not_before.unix_millis();
         Timestamp::from_unix_millis(self.not_before.unix_millis() + life * 2 / 3)
     }
 }
 
-pub struct StateDir {
+pub(crate) struct StateDir {
     root: PathBuf,
 }
 
 impl StateDir {
-    pub fn open(root: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(root).map_err(|source| StateError::Io { path: root.into(), source })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
-                .map_err(|source| StateError::Io { path: root.into(), source })?;
-        }
+    pub(crate) fn open(root: &Path) -> Result<Self, StateError> {
+        files::create_private_dir(root).map_err(|source| StateError::Io { path: root.into(), source })?;
         Ok(Self { root: root.into() })
     }
 
     /// Takes the state directory for this process; held for its life.
-    pub fn lock(&self) -> Result<std::fs::File, StateError> {
+    pub(crate) fn lock(&self) -> Result<std::fs::File, StateError> {
         let path = self.root.join("appliance.lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -100,23 +100,23 @@ impl StateDir {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.root
     }
 
-    pub fn is_enrolled(&self) -> bool {
+    pub(crate) fn is_enrolled(&self) -> bool {
         self.root.join(META).exists() && self.root.join(CREDENTIALS).exists()
     }
 
-    pub fn is_revoked(&self) -> bool {
+    pub(crate) fn is_revoked(&self) -> bool {
         self.root.join(REVOKED).exists()
     }
 
-    pub fn mark_revoked(&self, why: &str) -> Result<(), StateError> {
-        self.write_atomic(REVOKED, why.as_bytes(), false)
+    pub(crate) fn mark_revoked(&self, why: &str) -> Result<(), StateError> {
+        self.write_atomic(REVOKED, why.as_bytes(), Mode::Readable)
     }
 
-    pub fn load(&self) -> Result<(Enrolment, String, Credentials), StateError> {
+    pub(crate) fn load(&self) -> Result<(Enrolment, String, Credentials), StateError> {
         let meta = self.read(META)?;
         let enrolment: Enrolment =
             serde_json::from_str(&meta).map_err(|e| StateError::Damaged(self.root.clone(), format!("{META}: {e}")))?;
@@ -127,18 +127,18 @@ impl StateDir {
         Ok((enrolment, ca_pem, creds))
     }
 
-    pub fn save_enrolment(&self, e: &Enrolment, ca_pem: &str, creds: &Credentials) -> Result<(), StateError> {
-        self.write_atomic(CA, ca_pem.as_bytes(), false)?;
+    pub(crate) fn save_enrolment(&self, e: &Enrolment, ca_pem: &str, creds: &Credentials) -> Result<(), StateError> {
+        self.write_atomic(CA, ca_pem.as_bytes(), Mode::Readable)?;
         self.save_credentials(creds)?;
         let json =
             serde_json::to_vec_pretty(e).map_err(|err| StateError::Damaged(self.root.clone(), err.to_string()))?;
-        self.write_atomic(META, &json, false)?;
+        self.write_atomic(META, &json, Mode::Readable)?;
         let _ = std::fs::remove_file(self.root.join(PENDING_KEY));
         Ok(())
     }
 
     /// Reads a file of the state directory, `None` if it does not exist.
-    pub fn read_optional(&self, name: &str) -> Result<Option<String>, StateError> {
+    pub(crate) fn read_optional(&self, name: &str) -> Result<Option<String>, StateError> {
         match std::fs::read_to_string(self.root.join(name)) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -147,21 +147,21 @@ impl StateDir {
     }
 
     /// Replaces a file of the state directory atomically, readable only by its owner.
-    pub fn write_private(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
-        self.write_atomic(name, data, true)
+    pub(crate) fn write_private(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
+        self.write_atomic(name, data, Mode::Private)
     }
 
-    pub fn pending_join_key(&self) -> Option<String> {
+    pub(crate) fn pending_join_key(&self) -> Option<String> {
         std::fs::read_to_string(self.root.join(PENDING_KEY)).ok()
     }
 
-    pub fn save_pending_join_key(&self, key_pem: &str) -> Result<(), StateError> {
-        self.write_atomic(PENDING_KEY, key_pem.as_bytes(), true)
+    pub(crate) fn save_pending_join_key(&self, key_pem: &str) -> Result<(), StateError> {
+        self.write_atomic(PENDING_KEY, key_pem.as_bytes(), Mode::Private)
     }
 
-    pub fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
+    pub(crate) fn save_credentials(&self, creds: &Credentials) -> Result<(), StateError> {
         let both = format!("{}{}", creds.cert_pem, creds.key_pem);
-        self.write_atomic(CREDENTIALS, both.as_bytes(), true)
+        self.write_atomic(CREDENTIALS, both.as_bytes(), Mode::Private)
     }
 
     fn read(&self, name: &str) -> Result<String, StateError> {
@@ -169,27 +169,10 @@ impl StateDir {
         std::fs::read_to_string(&path).map_err(|source| StateError::Io { path, source })
     }
 
-    /// Writes to a temporary file, syncs it, then renames it into place.
-    fn write_atomic(&self, name: &str, data: &[u8], private: bool) -> Result<(), StateError> {
+    /// Replaces a file of the state directory (see [`crate::files::replace`]).
+    fn write_atomic(&self, name: &str, data: &[u8], mode: Mode) -> Result<(), StateError> {
         let path = self.root.join(name);
-        let tmp = self.root.join(format!(".{name}.tmp"));
-        let io = |source| StateError::Io { path: path.clone(), source };
-        let _ = std::fs::remove_file(&tmp);
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(if private { 0o600 } else { 0o644 });
-        }
-        let mut f = opts.open(&tmp).map_err(io)?;
-        f.write_all(data).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        if let Ok(dir) = std::fs::File::open(&self.root) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+        files::replace(&path, data, mode).map_err(|source| StateError::Io { path, source })
     }
 }
 
@@ -200,23 +183,9 @@ fn split_credentials(text: &str) -> Option<Credentials> {
         .then(|| Credentials { cert_pem: cert.to_owned(), key_pem: key.to_owned() })
 }
 
-/// Reads identity and validity from a certificate this appliance holds.
-pub fn inspect_cert(pem: &str) -> Option<(ApplianceIdentity, Validity, Fingerprint)> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
-    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let uri = san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => Some(*u),
-        _ => None,
-    })?;
-    let identity = uri.parse().ok()?;
-    let v = cert.validity();
-    let validity = Validity {
-        not_before: Timestamp::from_unix_millis(v.not_before.timestamp() * 1000),
-        not_after: Timestamp::from_unix_millis(v.not_after.timestamp() * 1000),
-    };
-    Some((identity, validity, Fingerprint::of_der(der.as_ref())))
+/// Reads identity and validity from a certificate this appliance holds (or is offered), with
+/// core's one certificate reader. It names exactly one appliance identity.
+pub(crate) fn inspect_cert(pem: &str) -> Result<(ApplianceIdentity, Validity), CertificateError> {
+    let info = certificate::inspect_pem(pem)?;
+    Ok((info.appliance_identity()?, Validity { not_before: info.not_before, not_after: info.not_after }))
 }

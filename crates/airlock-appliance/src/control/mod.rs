@@ -1,0 +1,366 @@
+//! The customer's control of the appliance on its own host: the state every decision is made from.
+//!
+//! [`LocalControl`] holds the customer's signed policy, the phases switched off on this host,
+//! the spent grant nonces, the installed pre-approvals, the operations' records and the
+//! process groups of the operations running now.
+//! Everything the customer does on the host (through `crate::admin`) changes it; every change
+//! is saved and audited, and a phase switch is on disk and in the audit before it takes effect.
+//! The vendor reaches it only through what the executor verifies.
+//! What the vendor may use now is the policy's phases minus those switched off here; switching
+//! a phase off, or loading a policy without it, kills every running operation of that phase.
+
+mod release;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+
+use airlock_core::audit::{AuditAction, Outcome};
+use airlock_core::customer_key::CustomerPublicKey;
+use airlock_core::dsse::Envelope;
+use airlock_core::policy::{Phase, VerifiedPolicy};
+use airlock_core::{ApplianceId, OperationId, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::ApplianceError;
+use crate::audit_log::AuditLog;
+use crate::clock::Clock;
+use crate::customer::{PolicyRefused, PolicySource};
+use crate::nonces::NonceStore;
+use crate::ops_store::{OpRecord, OpState, OpStore};
+use crate::outbound::Outbound;
+use crate::preapprovals::PreApprovalStore;
+use crate::running::RunningOps;
+use crate::state_dir::StateDir;
+
+const DISABLED_FILE: &str = "disabled-phases.json";
+
+/// What is in force on this host, as `status` and `phase` answer it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub policy_serial: Option<u64>,
+    pub policy_digest: Option<String>,
+    /// Phases the customer's policy enables.
+    pub policy_phases: Vec<Phase>,
+    /// Phases switched off on this host.
+    pub disabled: Vec<Phase>,
+    /// What the vendor may use now: policy phases minus disabled ones.
+    pub effective: Vec<Phase>,
+}
+
+/// The customer-controlled state decisions are made from.
+pub(crate) struct LocalControl {
+    pub(crate) policy: RwLock<Option<VerifiedPolicy>>,
+    disabled: RwLock<BTreeSet<Phase>>,
+    state: StateDir,
+    pub(crate) audit: Arc<AuditLog>,
+    pinned: Vec<CustomerPublicKey>,
+    /// Spent grant nonces (durable).
+    pub(crate) nonces: NonceStore,
+    pub(crate) pre_approvals: PreApprovalStore,
+    pub(crate) ops: Arc<OpStore>,
+    /// What goes to the control plane, and what comes of it.
+    pub(crate) outbound: Outbound,
+    running: RunningOps,
+    /// The last policy envelope relayed by the control plane that was refused (its digest),
+    /// with the digest of the policy then in force: the same again is not audited again.
+    refused_relay: Mutex<Option<(String, Option<String>)>>,
+    /// This appliance, once enrolled.
+    appliance: RwLock<Option<ApplianceId>>,
+    /// Its environment, once enrolled: a policy must not name another.
+    environment: RwLock<Option<airlock_core::EnvironmentId>>,
+    clock: Clock,
+}
+
+impl LocalControl {
+    pub(crate) fn new(
+        state_dir: &Path,
+        policy: Option<VerifiedPolicy>,
+        audit: Arc<AuditLog>,
+        pinned: Vec<CustomerPublicKey>,
+    ) -> Result<Self, ApplianceError> {
+        Self::with_clock(state_dir, policy, audit, pinned, Arc::new(crate::clock::now))
+    }
+
+    pub(crate) fn with_clock(
+        state_dir: &Path,
+        policy: Option<VerifiedPolicy>,
+        audit: Arc<AuditLog>,
+        pinned: Vec<CustomerPublicKey>,
+        clock: Clock,
+    ) -> Result<Self, ApplianceError> {
+        let state = StateDir::open(state_dir)?;
+        let disabled = match state.read_optional(DISABLED_FILE)? {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| ApplianceError::Customer(format!("{DISABLED_FILE} in the state directory: {e}")))?,
+            None => BTreeSet::new(),
+        };
+        let ops = Arc::new(OpStore::open(state_dir)?);
+        Ok(Self {
+            policy: RwLock::new(policy),
+            disabled: RwLock::new(disabled),
+            nonces: NonceStore::open(state_dir, clock())?,
+            pre_approvals: PreApprovalStore::open(state_dir)?,
+            outbound: Outbound::new(ops.clone(), audit.clone()),
+            ops,
+            state,
+            audit,
+            pinned,
+            running: RunningOps::default(),
+            refused_relay: Mutex::new(None),
+            appliance: RwLock::new(None),
+            environment: RwLock::new(None),
+            clock,
+        })
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
+    pub(crate) fn pinned(&self) -> &[CustomerPublicKey] {
+        &self.pinned
+    }
+
+    pub(crate) fn set_identity(&self, identity: &airlock_core::ApplianceIdentity) {
+        *self.appliance.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.appliance);
+        *self.environment.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.environment);
+    }
+
+    fn environment(&self) -> Option<airlock_core::EnvironmentId> {
+        *self.environment.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn appliance(&self) -> Option<ApplianceId> {
+        *self.appliance.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Distinct customer signatures an approval, pre-approval or release needs.
+    pub(crate) fn threshold(&self) -> usize {
+        let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        policy.as_ref().map_or(1, |p| p.document().approvals_required.max(1))
+    }
+
+    /// Phases switched off on this host.
+    pub(crate) fn disabled(&self) -> BTreeSet<Phase> {
+        self.disabled.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Phases the vendor may use now.
+    pub(crate) fn effective_phases(&self) -> BTreeSet<Phase> {
+        let disabled = self.disabled.read().unwrap_or_else(|e| e.into_inner());
+        let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        let enabled: BTreeSet<Phase> = match policy.as_ref() {
+            Some(p) => p.document().phases.clone(),
+            None => [Phase::Observe].into(),
+        };
+        enabled.difference(&disabled).copied().collect()
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        let policy = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        let disabled = self.disabled.read().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
+        Status {
+            policy_serial: policy.as_ref().map(VerifiedPolicy::serial),
+            policy_digest: policy.as_ref().map(VerifiedPolicy::digest_hex),
+            policy_phases: policy.as_ref().map(|p| p.document().phases.iter().copied().collect()).unwrap_or_default(),
+            disabled,
+            effective: self.effective_phases().into_iter().collect(),
+        }
+    }
+
+    /// Switches a phase on this host. The new set is saved and audited before it takes effect,
+    /// so what is in force is always what is on disk and in the audit. Operations of a phase
+    /// switched off are killed at once.
+    pub(crate) fn set_phase(&self, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
+        {
+            let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = disabled.clone();
+            let changed = if enabled { next.remove(&phase) } else { next.insert(phase) };
+            if changed {
+                let json = serde_json::to_vec(&next).map_err(|e| ApplianceError::Internal(e.to_string()))?;
+                self.state.write_private(DISABLED_FILE, &json)?;
+            }
+            let action = if enabled { AuditAction::PhaseEnable } else { AuditAction::PhaseDisable };
+            self.audit.record(action, Outcome::Success, serde_json::json!({ "phase": phase, "changed": changed }))?;
+            *disabled = next;
+        }
+        tracing::info!(?phase, enabled, "phase switched by the customer on this host");
+        self.cancel_ineffective();
+        Ok(self.status())
+    }
+
+    /// Loads a newly signed policy (the checks made at start); running operations of phases it
+    /// no longer enables are killed.
+    pub(crate) fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
+        self.apply_policy(envelope_json, PolicySource::Host).map_err(|e| ApplianceError::Customer(e.to_string()))
+    }
+
+    fn apply_policy(&self, envelope_json: &[u8], source: PolicySource) -> Result<Status, PolicyRefused> {
+        {
+            let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
+            let next = crate::customer::accept_policy(
+                &self.state,
+                &self.pinned,
+                envelope_json,
+                policy.as_ref(),
+                &self.audit,
+                source,
+                self.environment(),
+            )?;
+            *policy = Some(next);
+        }
+        self.cancel_ineffective();
+        Ok(self.status())
+    }
+
+    /// A signed policy relayed by the control plane (`PolicyUpdate`): applied exactly as one
+    /// loaded on this host. The policy in force again (the control plane sends it after every
+    /// connect) is a no-op, and so is the same refused envelope again while the same policy is
+    /// in force: neither is audited again. Returns the new status if it changed anything.
+    pub(crate) fn relayed_policy(&self, envelope_json: &[u8]) -> Result<Option<Status>, ApplianceError> {
+        let current = self.status().policy_digest;
+        if let Ok(envelope) = Envelope::from_json(envelope_json)
+            && current.as_deref() == Some(airlock_core::operation::sha256_hex(&envelope.payload).as_str())
+        {
+            return Ok(None);
+        }
+        let seen = (airlock_core::operation::sha256_hex(envelope_json), current);
+        let mut refused = self.refused_relay.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.as_ref() == Some(&seen) {
+            return Ok(None);
+        }
+        match self.apply_policy(envelope_json, PolicySource::ControlPlane) {
+            Ok(status) => {
+                *refused = None;
+                Ok(Some(status))
+            }
+            // Only a policy that can never apply is remembered as refused; one that failed to
+            // be stored is tried again when the control plane sends it again.
+            Err(e @ PolicyRefused::Invalid(_)) => {
+                *refused = Some(seen);
+                Err(ApplianceError::Customer(e.to_string()))
+            }
+            Err(e @ PolicyRefused::Failed(_)) => Err(ApplianceError::Customer(e.to_string())),
+        }
+    }
+
+    /// Registers a started operation. If its phase is no longer in force (it changed since the
+    /// decision), it is killed at once.
+    pub(crate) fn register_running(&self, id: OperationId, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
+        self.running.register(id, phase, pgid, cancelled);
+        self.cancel_ineffective();
+    }
+
+    /// Forgets a finished operation, killing whatever it left behind in its process group.
+    pub(crate) fn unregister_running(&self, id: OperationId) {
+        self.running.unregister(id);
+    }
+
+    /// Kills every running operation whose phase is not in force now.
+    pub(crate) fn cancel_ineffective(&self) {
+        self.running.cancel_outside(&self.effective_phases());
+    }
+
+    /// Kills every running operation (the appliance is stopping): none outlives the appliance,
+    /// and the next start records them as cancelled.
+    pub(crate) fn kill_all_running(&self) {
+        self.running.kill_all();
+    }
+
+    /// The process group of a running operation.
+    #[cfg(test)]
+    pub(crate) fn running_group(&self, id: OperationId) -> Option<i32> {
+        self.running.group(id)
+    }
+
+    /// Ids of operations whose process runs now.
+    pub(crate) fn running_ids(&self) -> Vec<OperationId> {
+        self.running.ids()
+    }
+
+    /// Local operations, newest first.
+    pub(crate) fn operations(&self) -> Result<serde_json::Value, ApplianceError> {
+        let list: Vec<serde_json::Value> = self.ops.list()?.iter().map(|r| r.summary()).collect();
+        Ok(serde_json::Value::Array(list))
+    }
+
+    /// One operation's output, for the customer on this host.
+    pub(crate) fn output(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
+        let record = self.finished(id)?;
+        let output = self.ops.open_output(id)?;
+        self.audit.record(
+            AuditAction::OperationOutputRead,
+            Outcome::Success,
+            serde_json::json!({ "request_id": id, "output_sha256": record.output_sha256, "output_size": record.output_size }),
+        )?;
+        Ok(serde_json::json!({
+            "id": id,
+            "output_base64": data_encoding::BASE64.encode(&output),
+            "output_sha256": record.output_sha256,
+            "output_size": record.output_size,
+            "truncated": record.output_truncated,
+            "data_tags": record.data_tags,
+        }))
+    }
+
+    fn finished(&self, id: OperationId) -> Result<OpRecord, ApplianceError> {
+        let record = self
+            .ops
+            .record(id)?
+            .ok_or_else(|| ApplianceError::Customer(format!("no operation {id} on this appliance")))?;
+        if !matches!(record.state, OpState::Executed | OpState::Cancelled) || record.output_sha256.is_none() {
+            return Err(ApplianceError::Customer(format!("operation {id} has no output (it is {:?})", record.state)));
+        }
+        Ok(record)
+    }
+
+    pub(crate) fn pre_approval_add(&self, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
+        let refuse = |why: String| {
+            let _ =
+                self.audit.record(AuditAction::PreApprovalAdd, Outcome::Denied, serde_json::json!({ "reason": why }));
+            ApplianceError::Customer(why)
+        };
+        let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("pre-approval envelope: {e}")))?;
+        let verified = airlock_core::grant::verify_pre_approval(envelope_json, &self.pinned, self.threshold())
+            .map_err(|e| refuse(format!("the pre-approval does not verify with the pinned customer keys: {e}")))?;
+        let body = verified.body().clone();
+        if let Some(me) = self.appliance()
+            && body.appliance != me
+        {
+            return Err(refuse(format!("the pre-approval is for appliance {}, not this one ({me})", body.appliance)));
+        }
+        let entry = self.pre_approvals.add(envelope, body.clone(), self.now()).map_err(|e| refuse(e.to_string()))?;
+        self.audit.record(
+            AuditAction::PreApprovalAdd,
+            Outcome::Success,
+            serde_json::json!({
+                "id": body.id, "template": body.template, "phase": body.phase, "level": body.level,
+                "max_runs": body.max_runs, "not_before": body.not_before, "not_after": body.not_after,
+                "digest": body.digest_hex(), "signed_by": verified.signed_by(),
+            }),
+        )?;
+        Ok(entry.summary())
+    }
+
+    pub(crate) fn pre_approval_revoke(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+        let entry = self
+            .pre_approvals
+            .revoke(id, self.now())?
+            .ok_or_else(|| ApplianceError::Customer(format!("no pre-approval `{id}` on this appliance")))?;
+        self.audit.record(AuditAction::PreApprovalRevoke, Outcome::Success, serde_json::json!({ "id": id }))?;
+        Ok(entry.summary())
+    }
+
+    pub(crate) fn pre_approvals(&self) -> serde_json::Value {
+        serde_json::Value::Array(self.pre_approvals.list().iter().map(|e| e.summary()).collect())
+    }
+
+    pub(crate) fn manifest(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
+        let m = self.ops.manifest(id)?.ok_or_else(|| ApplianceError::Customer(format!("no manifest for {id}")))?;
+        serde_json::to_value(m).map_err(|e| ApplianceError::Internal(e.to_string()))
+    }
+}

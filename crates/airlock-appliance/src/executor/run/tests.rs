@@ -1,0 +1,62 @@
+//! Running scripts: the whole process group goes when the customer switches its phase off.
+
+use airlock_core::audit::AuditAction;
+use airlock_core::operation::ExecutionStatus;
+use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase};
+use airlock_testkit::{customer, op_id};
+
+use crate::executor::Handled;
+use crate::ops_store::OpState;
+use crate::result::Outcome;
+use crate::testing::*;
+
+#[tokio::test]
+async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled() {
+    let fx = Fx::new(ALL_PHASES);
+    let script = "echo started\nsleep 60 &\nsleep 60\necho never\n";
+    let stmt = fx.statement(op_id(26), MANIFEST, script, vars("api"));
+    let approval = fx.grant(&stmt);
+    let handle = fx.start(&stmt, script).await;
+    let mut pgid = None;
+    for _ in 0..100 {
+        pgid = fx.control.running_group(op_id(26));
+        if pgid.is_some_and(|g| live_members(g) >= 2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pgid = pgid.expect("the operation is running");
+    assert!(live_members(pgid) >= 2, "the shell and its background sleep");
+    // Asked again while it runs: nothing new starts.
+    assert!(matches!(fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &approval)).await, Handled::Nothing));
+    fx.control.set_phase(Phase::Operate, false).unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    assert_eq!(fx.execution(&r).status, ExecutionStatus::Cancelled);
+    assert_eq!(fx.control.ops.record(op_id(26)).unwrap().unwrap().state, OpState::Cancelled);
+    assert_eq!(fx.audited(AuditAction::OperationCancelled).len(), 1);
+    let output = String::from_utf8(fx.control.ops.open_output(op_id(26)).unwrap()).unwrap();
+    assert_eq!(output, "started\n");
+    eventually(|| live_members(pgid) == 0).await;
+    assert_eq!(live_members(pgid), 0, "the whole process group is gone");
+}
+
+#[tokio::test]
+async fn a_new_policy_without_the_phase_cancels_running_operations() {
+    let fx = Fx::new(ALL_PHASES);
+    let script = "sleep 60\n";
+    let stmt = fx.statement(op_id(30), MANIFEST, script, vars("api"));
+    let handle = fx.start(&stmt, script).await;
+    eventually(|| fx.control.running_group(op_id(30)).is_some()).await;
+    let next = customer::sign(POLICY_PAYLOAD_TYPE, b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec(), &[1])
+        .to_json();
+    let status = fx.control.load_policy(next.as_bytes()).unwrap();
+    assert_eq!(status.effective, vec![Phase::Observe]);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled);
+    // A policy that does not verify is refused and the one in force stays.
+    let forged = customer::sign(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 3").into_bytes(), &[9])
+        .to_json();
+    assert!(fx.control.load_policy(forged.as_bytes()).is_err());
+    assert_eq!(fx.control.status().policy_serial, Some(2));
+}
