@@ -25,9 +25,9 @@ pub(crate) enum OpsSub {
         json: bool,
     },
     /// Write one operation's output to stdout (decrypted here; the read is audited).
-    Output { id: String },
+    Output { id: airlock_core::OperationId },
     /// Print the appliance's own copy of one operation's manifest (JSON).
-    Manifest { id: String },
+    Manifest { id: airlock_core::OperationId },
 }
 
 #[derive(Subcommand)]
@@ -118,7 +118,7 @@ pub(crate) async fn ops(command: OpsSub, state_dir: Option<PathBuf>) -> anyhow::
             }
         }
         OpsSub::Output { id } => {
-            let (bytes, reply) = read_output(&socket, &id).await?;
+            let (bytes, reply) = read_output(&socket, id).await?;
             eprintln!(
                 "output of {id}: {} bytes, sha256 {}{}",
                 bytes.len(),
@@ -212,7 +212,7 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         let digest = op["output_sha256"].as_str().context("this operation has no output to decide about")?;
         (digest.to_owned(), op["output_size"].as_u64().unwrap_or_default())
     } else {
-        let (bytes, reply) = read_output(&socket, &args.id).await?;
+        let (bytes, reply) = read_output(&socket, args.id).await?;
         (text(&reply["output_sha256"]), bytes.len() as u64)
     };
     let decision = if args.withhold { ReleaseDecision::Withhold } else { ReleaseDecision::Release };
