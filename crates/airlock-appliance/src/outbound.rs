@@ -105,13 +105,24 @@ impl Outbound {
     ///   as stored, and the error is logged and audited.
     #[must_use = "a release waiting for this result must be sent"]
     pub(crate) fn on_ack(&self, ack: &OperationAck) -> Option<ApplianceMessage> {
-        let release = ack.kind == OperationAckKind::Release as i32;
-        let kind = if release { "release" } else { "result" };
         let Ok(id) = ack.request_id.parse::<OperationId>() else {
             tracing::warn!(request_id = %ack.request_id, "ignoring an acknowledgement of something that is not an operation");
             return None;
         };
-        let code = match ack_code_from_wire(ack.code) {
+        // What was acknowledged, and how: an unknown kind is as unusable as an unknown code.
+        let release = match OperationAckKind::try_from(ack.kind) {
+            Ok(OperationAckKind::Result) => Ok(false),
+            Ok(OperationAckKind::Release) => Ok(true),
+            Ok(OperationAckKind::Unspecified) | Err(_) => {
+                Err(airlock_proto::convert::UnknownWireValue { field: "ack kind", value: ack.kind })
+            }
+        };
+        let kind = match release {
+            Ok(true) => "release",
+            Ok(false) => "result",
+            Err(_) => "unknown",
+        };
+        let code = match release.and_then(|_| ack_code_from_wire(ack.code)) {
             Ok(code) => code,
             Err(unknown) => {
                 tracing::error!(request_id = %id, kind, error = %unknown, "the control plane answered with an ack this appliance does not understand; keeping the item to send again");
@@ -122,6 +133,7 @@ impl Outbound {
                 return None;
             }
         };
+        let release = kind == "release";
         match code {
             AckCode::Retry => {
                 tracing::warn!(request_id = %id, kind, error = %ack.error, "the control plane cannot take this yet; keeping it to send again");

@@ -122,8 +122,11 @@ impl PreApprovalStore {
             e.revoked = true;
             e.revoked_at = Some(now);
         }
-        self.save(&next)?;
+        // A revocation holds in memory even if saving it fails: the customer's restriction
+        // never waits on the disk (the error is still returned).
+        let saved = self.save(&next);
         *entries = next;
+        saved?;
         Ok(entries.get(id).cloned())
     }
 

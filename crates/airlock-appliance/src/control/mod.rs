@@ -175,14 +175,27 @@ impl LocalControl {
     /// Switches a phase on this host. The new set is saved and audited before it takes effect,
     /// so what is in force is always what is on disk and in the audit. Operations of a phase
     /// switched off are killed at once.
+    ///
+    /// A switch-off holds in memory even when saving or auditing it fails: the customer's
+    /// restriction never waits on the disk (the error is still returned, and the switch is
+    /// saved again at their next one).
     pub(crate) fn set_phase(&self, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
         {
             let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
             let mut next = disabled.clone();
             let changed = if enabled { next.remove(&phase) } else { next.insert(phase) };
             if changed {
-                let json = serde_json::to_vec(&next).map_err(|e| ApplianceError::Internal(e.to_string()))?;
-                self.state.write_private(DISABLED_FILE, &json)?;
+                let saved = serde_json::to_vec(&next)
+                    .map_err(|e| ApplianceError::Internal(e.to_string()))
+                    .and_then(|json| Ok(self.state.write_private(DISABLED_FILE, &json)?));
+                if let Err(e) = saved {
+                    if !enabled {
+                        *disabled = next;
+                        drop(disabled);
+                        self.cancel_ineffective();
+                    }
+                    return Err(e);
+                }
             }
             let action = if enabled { AuditAction::PhaseEnable } else { AuditAction::PhaseDisable };
             self.audit.record(action, Outcome::Success, serde_json::json!({ "phase": phase, "changed": changed }))?;

@@ -346,6 +346,8 @@ pub(crate) fn refusal(
     customer_denial: Option<GrantBody>,
 ) -> Refused {
     record.state = OpState::Refused;
+    // A refused operation ran on no authority, whatever was decided before the refusal.
+    record.authority = None;
     record.refusal_reason = Some(grounds.reason.clone());
     record.result = Some(ResultMsg::refused(record.id, grounds.refusal.clone(), grounds.reason.clone()));
     Refused { record, manifest, grounds, customer_denial }

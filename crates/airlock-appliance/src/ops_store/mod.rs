@@ -154,6 +154,9 @@ pub(crate) struct OpStore {
     root: PathBuf,
     /// Serialises updates of records and the chain head.
     lock: Mutex<()>,
+    /// The key output is sealed under, loaded (or made) once at open: two operations
+    /// recording at once must never each make one and overwrite the other's.
+    output_key: ring::aead::LessSafeKey,
     /// Tests: writes made to fail once each, by name (`chain`, `manifest`, `result`).
     #[cfg(test)]
     pub(crate) faults: Mutex<Vec<&'static str>>,
@@ -192,6 +195,7 @@ impl OpStore {
         Ok(Self {
             root: state_dir.to_owned(),
             lock: Mutex::new(()),
+            output_key: sealed::load_or_create_output_key(state_dir)?,
             #[cfg(test)]
             faults: Mutex::new(Vec::new()),
         })
@@ -252,8 +256,12 @@ impl OpStore {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
             let entry = entry.map_err(|e| io_err(&dir, e))?;
-            // Only directories named by an operation id are operations.
-            let Ok(id) = entry.file_name().to_string_lossy().parse::<OperationId>() else { continue };
+            // Only directories named by an operation id are operations; say so of anything else.
+            let name = entry.file_name();
+            let Ok(id) = name.to_string_lossy().parse::<OperationId>() else {
+                tracing::warn!(path = %entry.path().display(), "ignoring an entry of ops/ that is not named by an operation id");
+                continue;
+            };
             if let Some(r) = self.record(id)? {
                 out.push(r);
             }

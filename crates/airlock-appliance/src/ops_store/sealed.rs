@@ -1,7 +1,7 @@
 //! Operation output at rest: sealed, and bound to its operation.
 //!
 //! `ops/<id>/output.sealed` is the captured output encrypted with AES-256-GCM under `output.key`
-//! (32 random bytes in the state directory, mode 0600, made on first use), with the operation's
+//! (32 random bytes in the state directory, mode 0600, made when the store first opens), with the operation's
 //! id as associated data: moved to another operation's directory, it does not decrypt.
 //! Output is never in clear on disk; it is decrypted only for the customer on this host, or to
 //! be sent in a release.
@@ -16,29 +16,30 @@ use crate::ApplianceError;
 pub(crate) const OUTPUT_KEY_FILE: &str = "output.key";
 const OUTPUT: &str = "output.sealed";
 
-impl OpStore {
-    fn output_key(&self) -> Result<LessSafeKey, ApplianceError> {
-        let path = self.root.join(OUTPUT_KEY_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                SystemRandom::new()
-                    .fill(&mut key)
-                    .map_err(|_| ApplianceError::Internal("the OS random generator failed".into()))?;
-                write(&path, &key)?;
-                key.to_vec()
-            }
-            Err(e) => return Err(io_err(&path, e)),
-        };
-        let key =
-            UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| io_err(&path, "is not a 32-byte key; it was damaged"))?;
-        Ok(LessSafeKey::new(key))
-    }
+/// Reads `output.key`, or makes it if there is none yet. Called once, when the store opens.
+pub(super) fn load_or_create_output_key(state_dir: &std::path::Path) -> Result<LessSafeKey, ApplianceError> {
+    let path = state_dir.join(OUTPUT_KEY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            SystemRandom::new()
+                .fill(&mut key)
+                .map_err(|_| ApplianceError::Internal("the OS random generator failed".into()))?;
+            write(&path, &key)?;
+            key.to_vec()
+        }
+        Err(e) => return Err(io_err(&path, e)),
+    };
+    let key =
+        UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| io_err(&path, "is not a 32-byte key; it was damaged"))?;
+    Ok(LessSafeKey::new(key))
+}
 
+impl OpStore {
     /// Encrypts and stores an operation's output.
     pub(crate) fn seal_output(&self, id: OperationId, output: &[u8]) -> Result<(), ApplianceError> {
-        let key = self.output_key()?;
+        let key = &self.output_key;
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -66,7 +67,7 @@ impl OpStore {
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| io_err(&path, "is damaged"))?;
         let mut buf = sealed.to_vec();
         let plain = self
-            .output_key()?
+            .output_key
             .open_in_place(nonce, Aad::from(id.to_string().as_bytes()), &mut buf)
             .map_err(|_| io_err(&path, "does not decrypt: it was damaged or the key changed"))?
             .to_vec();
