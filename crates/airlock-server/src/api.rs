@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_core::audit::{Event, Outcome};
+use airlock_core::audit::{AuditAction, Event, Outcome};
 use airlock_core::id::TokenId;
 use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, WorkspaceId};
@@ -179,7 +179,7 @@ impl FromRequestParts<Arc<AppState>> for Authed {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let path = parts.uri.path().to_owned();
         let refuse = |why: &'static str| async move {
-            let mut ev = event("anonymous", "api.authenticate", Outcome::Denied);
+            let mut ev = event("anonymous", AuditAction::ApiAuthenticate, Outcome::Denied);
             ev.detail = serde_json::json!({ "reason": why, "path": path.chars().take(200).collect::<String>() });
             state.audit_refusal(SYSTEM_CHAIN, ev).await;
             ApiError::unauthorized(format!("{why}; send `Authorization: Bearer airlock_at_…`"))
@@ -210,7 +210,7 @@ async fn authorize(
     if scope.permits(action) {
         return Ok(());
     }
-    let mut ev = event(scope.principal().actor(), action.as_str(), Outcome::Denied);
+    let mut ev = event(scope.principal().actor(), action.audit_action(), Outcome::Denied);
     ev.target = target;
     state.audit_refusal(&scope.chain(), ev).await;
     Err(ApiError::forbidden(format!("this token may not perform {}", action.as_str())))
@@ -302,7 +302,7 @@ async fn join(
     let refuse = |chain: String, why: String, status: StatusCode| {
         let state = state.clone();
         async move {
-            let mut ev = event("anonymous", "appliance.join", Outcome::Denied);
+            let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
             ev.detail = serde_json::json!({ "reason": why });
             state.audit_refusal(&chain, ev).await;
             ApiError::new(
@@ -378,7 +378,7 @@ async fn join(
     } else {
         tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), &join_key, now).await?;
     }
-    let mut ev = event(format!("appliance:{appliance}"), "appliance.join", Outcome::Success);
+    let mut ev = event(format!("appliance:{appliance}"), AuditAction::ApplianceJoin, Outcome::Success);
     ev.target = Some(appliance.to_string());
     ev.detail = serde_json::json!({
         "environment": identity.environment.to_string(),
@@ -424,7 +424,7 @@ async fn list_workspaces(
             .map(|w| WorkspaceView { id: w.id.to_string(), name: w.name, created_at: w.created_at.to_string() })
             .collect()
     });
-    let ev = event(scope.principal().actor(), Action::ListWorkspaces.as_str(), Outcome::Success);
+    let ev = event(scope.principal().actor(), Action::ListWorkspaces.audit_action(), Outcome::Success);
     audited(&state, &scope, ev, result).await.map(Json)
 }
 
@@ -465,7 +465,7 @@ async fn list_environments(
         Ok(state.store.list_environments(&scope, ws).await?.into_iter().map(EnvironmentView::from).collect())
     }
     .await;
-    let mut ev = event(scope.principal().actor(), Action::ListEnvironments.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::ListEnvironments.audit_action(), Outcome::Success);
     ev.workspace = Some(workspace);
     audited(&state, &scope, ev, result).await.map(Json)
 }
@@ -489,7 +489,7 @@ async fn create_environment(
     body: Result<ApiJson<CreateEnvironment>, ApiError>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
     authorize(&state, &scope, Action::CreateEnvironment, Some(workspace.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::CreateEnvironment.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::CreateEnvironment.audit_action(), Outcome::Success);
     ev.workspace = Some(workspace.clone());
     let checked = async {
         let ApiJson(body) = body?;
@@ -551,7 +551,7 @@ async fn create_join_token(
     body: Result<ApiJson<CreateJoinToken>, ApiError>,
 ) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
     authorize(&state, &scope, Action::CreateJoinToken, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::CreateJoinToken.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::CreateJoinToken.audit_action(), Outcome::Success);
     ev.target = Some(environment.clone());
     let checked = async {
         let ApiJson(body) = body?;
@@ -651,7 +651,7 @@ async fn list_appliances(
         Ok(ApplianceList { appliances })
     }
     .await;
-    let ev = event(scope.principal().actor(), Action::ListAppliances.as_str(), Outcome::Success);
+    let ev = event(scope.principal().actor(), Action::ListAppliances.audit_action(), Outcome::Success);
     audited(&state, &scope, ev, result).await.map(Json)
 }
 
@@ -665,7 +665,7 @@ async fn revoke_appliance(
     Path(appliance): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&state, &scope, Action::RevokeAppliance, Some(appliance.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RevokeAppliance.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::RevokeAppliance.audit_action(), Outcome::Success);
     ev.target = Some(appliance.clone());
     let id: ApplianceId = match parse_id(&appliance) {
         Ok(id) => id,

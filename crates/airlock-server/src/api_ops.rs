@@ -10,10 +10,10 @@ use std::sync::Arc;
 use airlock_core::audit::Outcome;
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalDecision, OperationRequest};
-use airlock_core::operation::{Manifest, RequestStatement};
+use airlock_core::operation::{Manifest, OperationState, RequestStatement};
 use airlock_core::policy::Phase;
 use airlock_core::template::{RenderedCommand, Template, VarType};
-use airlock_core::{ApplianceId, EnvironmentId, Timestamp, WorkspaceId};
+use airlock_core::{ApplianceId, EnvironmentId, OperationId, Timestamp, WorkspaceId};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -23,7 +23,7 @@ use utoipa::ToSchema;
 
 use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id};
 use crate::authz::{Action, TenantScope};
-use crate::operations::{self, OpState, check_approval, is_operation_id, stored_envelope, stored_request};
+use crate::operations::{self, check_approval, stored_envelope, stored_request};
 use crate::state::{AppState, event, random};
 use crate::store::{OperationRow, StoreError, TemplateRow};
 
@@ -129,7 +129,7 @@ pub(super) async fn push_template(
     body: Result<ApiJson<PushTemplate>, ApiError>,
 ) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
     authorize(&state, &scope, Action::PushTemplate, Some(workspace.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::PushTemplate.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::PushTemplate.audit_action(), Outcome::Success);
     ev.workspace = Some(workspace.clone());
     let checked = async {
         let ApiJson(body) = body?;
@@ -212,7 +212,7 @@ pub(super) async fn list_templates(
         Ok(TemplateList { templates: rows.iter().map(TemplateView::from_row).collect::<Result<_, _>>()? })
     }
     .await;
-    let mut ev = event(scope.principal().actor(), Action::ListTemplates.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::ListTemplates.audit_action(), Outcome::Success);
     ev.workspace = Some(workspace);
     audited(&state, &scope, ev, result).await.map(Json)
 }
@@ -234,7 +234,8 @@ pub struct RequestOperation {
 
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct OperationView {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: OperationId,
     pub environment: String,
     pub appliance: String,
     pub template: String,
@@ -248,7 +249,8 @@ pub struct OperationView {
     /// Unix milliseconds.
     #[schema(value_type = i64)]
     pub requested_at: Timestamp,
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: OperationState,
     pub refusal_reason: Option<String>,
     /// What the customer approves (its digest is `request_digest`).
     #[schema(value_type = Object)]
@@ -273,7 +275,7 @@ impl OperationView {
     fn from_row(op: &OperationRow) -> Result<Self, ApiError> {
         let RequestStatement { request, command, reason, requested_by, requested_at, .. } = stored_request(op)?;
         Ok(Self {
-            id: op.id.clone(),
+            id: op.id,
             environment: op.environment_id.to_string(),
             appliance: op.appliance_id.to_string(),
             template: op.template_name.clone(),
@@ -284,7 +286,7 @@ impl OperationView {
             reason,
             requested_by,
             requested_at,
-            state: op.state.clone(),
+            state: op.state,
             refusal_reason: op.refusal_reason.clone(),
             request_digest: request.digest_hex(),
             command_sha256: request.command_sha256.clone(),
@@ -318,7 +320,7 @@ pub(super) async fn request_operation(
     body: Result<ApiJson<RequestOperation>, ApiError>,
 ) -> Result<(StatusCode, Json<OperationView>), ApiError> {
     authorize(&state, &scope, Action::RequestOperation, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RequestOperation.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::RequestOperation.audit_action(), Outcome::Success);
     ev.target = Some(environment.clone());
     let checked = async {
         let ApiJson(body) = body?;
@@ -384,10 +386,10 @@ pub(super) async fn request_operation(
         Err(e) => return audited(&state, &scope, ev, Err(e)).await,
     };
     let now = state.now();
-    let id = operations::new_operation_id(random());
+    let id = OperationId::from_random(random());
     let m = template.manifest();
     let request = OperationRequest {
-        id: id.clone(),
+        id,
         appliance,
         kind: m.name.clone(),
         phase: m.phase,
@@ -409,13 +411,13 @@ pub(super) async fn request_operation(
         internal("the control plane could not sign the request; retry later")
     })?;
     let row = OperationRow {
-        id: id.clone(),
+        id,
         workspace_id: env.workspace_id,
         environment_id: env.id,
         appliance_id: appliance,
         template_name: m.name.clone(),
         template_sha256: template.content_sha256().to_owned(),
-        state: OpState::AwaitingApproval.as_str().to_owned(),
+        state: OperationState::AwaitingApproval,
         requested_by: statement.requested_by.clone(),
         requested_at: now,
         updated_at: now,
@@ -446,7 +448,7 @@ pub(super) async fn request_operation(
         ));
         return audited(&state, &scope, ev, Err(e)).await;
     }
-    ev.target = Some(id.clone());
+    ev.target = Some(id.to_string());
     ev.workspace = Some(env.workspace_id.to_string());
     ev.detail = serde_json::json!({
         "environment": env.id.to_string(),
@@ -464,7 +466,7 @@ pub(super) async fn request_operation(
     // And after it: a push that read the store before the commit may have dropped the entry.
     state.push_index.operation_may_be_pending(appliance);
     tracing::info!(operation = %id, %appliance, template = %row.template_name, "operation requested");
-    operations::push_pending(&state, &scope, appliance, Some(&id)).await;
+    operations::push_pending(&state, &scope, appliance, Some(id)).await;
     Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
 }
 
@@ -487,21 +489,29 @@ pub(super) async fn list_operations(
     authorize(&state, &scope, Action::ListOperations, None).await?;
     let result = async {
         let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let st = q.state.as_deref().map(str::parse::<OpState>).transpose().map_err(ApiError::bad_request)?;
+        let st = q.state.as_deref().map(parse_state).transpose()?;
         let env = q.environment.as_deref().map(parse_id::<EnvironmentId>).transpose()?;
-        let rows = state.store.list_operations(&scope, st.map(OpState::as_str), env, MAX_LIST).await?;
+        let rows = state.store.list_operations(&scope, st, env, MAX_LIST).await?;
         Ok(OperationList { operations: rows.iter().map(OperationView::from_row).collect::<Result<_, _>>()? })
     }
     .await;
-    let ev = event(scope.principal().actor(), Action::ListOperations.as_str(), Outcome::Success);
+    let ev = event(scope.principal().actor(), Action::ListOperations.audit_action(), Outcome::Success);
     audited(&state, &scope, ev, result).await.map(Json)
+}
+
+/// An operation state named in a query.
+fn parse_state(s: &str) -> Result<OperationState, ApiError> {
+    s.parse::<OperationState>().map_err(|e| {
+        let names: Vec<_> = OperationState::ALL.iter().map(|st| st.as_str()).collect();
+        ApiError::bad_request(format!("{e}; use one of {}", names.join(", ")))
+    })
 }
 
 /// The operation, or 404 if it is not in the caller's tenant.
 async fn find(state: &AppState, scope: &TenantScope, id: &str) -> Result<OperationRow, ApiError> {
-    if !is_operation_id(id) {
+    let Ok(id) = id.parse::<OperationId>() else {
         return Err(ApiError::bad_request("an operation id is `op_` followed by 32 hex digits"));
-    }
+    };
     state
         .store
         .get_operation(scope, id)
@@ -520,7 +530,7 @@ pub(super) async fn get_operation(
 ) -> Result<Json<OperationView>, ApiError> {
     authorize(&state, &scope, Action::GetOperation, Some(id.clone())).await?;
     let result = async { OperationView::from_row(&find(&state, &scope, &id).await?) }.await;
-    let mut ev = event(scope.principal().actor(), Action::GetOperation.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::GetOperation.audit_action(), Outcome::Success);
     ev.target = Some(id);
     audited(&state, &scope, ev, result).await.map(Json)
 }
@@ -548,7 +558,7 @@ pub(super) async fn relay_approval(
     body: Result<ApiJson<RelayApproval>, ApiError>,
 ) -> Result<Json<OperationView>, ApiError> {
     authorize(&state, &scope, Action::RelayApproval, Some(id.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RelayApproval.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::RelayApproval.audit_action(), Outcome::Success);
     ev.target = Some(id.clone());
     let checked = async {
         let ApiJson(body) = body?;
@@ -563,7 +573,7 @@ pub(super) async fn relay_approval(
             .map_err(|e| ApiError::bad_request(format!("the envelope is not a DSSE envelope: {e}")))?;
         let request = stored_request(&op)?;
         let grant = check_approval(&envelope, &op, &request).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        if op.state != OpState::AwaitingApproval.as_str() || op.approval_envelope.is_some() {
+        if op.state != OperationState::AwaitingApproval || op.approval_envelope.is_some() {
             return Err(conflict(format!(
                 "operation {id} is {}; an approval is relayed only while it awaits approval",
                 op.state
@@ -578,12 +588,12 @@ pub(super) async fn relay_approval(
     };
     let now = state.now();
     let new_state = match grant.decision {
-        ApprovalDecision::Approve => OpState::Approved,
-        ApprovalDecision::Deny => OpState::Denied,
+        ApprovalDecision::Approve => OperationState::Approved,
+        ApprovalDecision::Deny => OperationState::Denied,
     };
     state.push_index.operation_may_be_pending(op.appliance_id);
     let mut tx = state.store.write().await?;
-    if !tx.set_approval(&scope, &id, &envelope.to_json(), new_state.as_str(), now).await? {
+    if !tx.set_approval(&scope, op.id, &envelope.to_json(), new_state, now).await? {
         drop(tx);
         let e = conflict(format!("operation {id} no longer awaits approval"));
         return audited(&state, &scope, ev, Err(e)).await;
@@ -601,7 +611,7 @@ pub(super) async fn relay_approval(
     // And after it: a push that read the store before the commit may have dropped the entry.
     state.push_index.operation_may_be_pending(op.appliance_id);
     tracing::info!(operation = %id, decision = ?grant.decision, "approval relayed");
-    operations::push_pending(&state, &scope, op.appliance_id, Some(&id)).await;
+    operations::push_pending(&state, &scope, op.appliance_id, Some(op.id)).await;
     let op = find(&state, &scope, &id).await?;
     Ok(Json(OperationView::from_row(&op)?))
 }
@@ -621,7 +631,7 @@ pub(super) async fn get_manifest(
         let op = find(&state, &scope, &id).await?;
         let request = stored_envelope(&op, Some(&op.request_envelope))?
             .ok_or_else(|| StoreError::Corrupt(format!("operation {id} has no request")))?;
-        let mut m = Manifest::new(&op.id, request, op.control_plane_cert_pem.clone());
+        let mut m = Manifest::new(op.id, request, op.control_plane_cert_pem.clone());
         m.approval = stored_envelope(&op, op.approval_envelope.as_deref())?;
         m.pre_approval = stored_envelope(&op, op.pre_approval_envelope.as_deref())?;
         m.execution = stored_envelope(&op, op.execution_envelope.as_deref())?;
@@ -630,7 +640,7 @@ pub(super) async fn get_manifest(
         Ok(m)
     }
     .await;
-    let mut ev = event(scope.principal().actor(), Action::GetManifest.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::GetManifest.audit_action(), Outcome::Success);
     ev.target = Some(id);
     audited(&state, &scope, ev, result).await.map(Json)
 }
@@ -646,16 +656,16 @@ pub(super) async fn get_output(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &scope, Action::GetOutput, Some(id.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::GetOutput.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::GetOutput.audit_action(), Outcome::Success);
     ev.target = Some(id.clone());
     let result = async {
         let op = find(&state, &scope, &id).await?;
         let not_released = || ApiError::not_found(format!("operation {id} has no released output ({})", op.state));
-        if op.state != OpState::Released.as_str() {
+        if op.state != OperationState::Released {
             return Err(not_released());
         }
-        let sealed = state.store.sealed_output(&scope, &id).await?.ok_or_else(not_released)?;
-        let bytes = operations::open_output(&state, &scope, &id, &sealed).map_err(|e| {
+        let sealed = state.store.sealed_output(&scope, op.id).await?.ok_or_else(not_released)?;
+        let bytes = operations::open_output(&state, &scope, op.id, &sealed).map_err(|e| {
             tracing::error!(error = %e, operation = %id, "cannot open sealed output");
             internal("the stored output could not be opened with the key-encryption key")
         })?;

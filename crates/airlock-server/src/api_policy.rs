@@ -81,7 +81,7 @@ pub(super) async fn relay_policy(
     body: Result<ApiJson<RelayPolicy>, ApiError>,
 ) -> Result<Json<PolicyView>, ApiError> {
     authorize(&state, &scope, Action::RelayPolicy, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RelayPolicy.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::RelayPolicy.audit_action(), Outcome::Success);
     ev.target = Some(environment.clone());
     let checked = async {
         let ApiJson(body) = body?;
@@ -159,7 +159,7 @@ pub(super) async fn get_policy(
     Path(environment): Path<String>,
 ) -> Result<Json<PolicyView>, ApiError> {
     authorize(&state, &scope, Action::GetPolicy, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::GetPolicy.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::GetPolicy.audit_action(), Outcome::Success);
     ev.target = Some(environment.clone());
     let result = async {
         let env_id: EnvironmentId = parse_id(&environment)?;

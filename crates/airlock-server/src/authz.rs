@@ -6,6 +6,7 @@
 
 use std::str::FromStr;
 
+use airlock_core::audit::AuditAction;
 use airlock_core::id::TokenId;
 use airlock_core::{ApplianceId, ApplianceIdentity, TenantId};
 
@@ -119,24 +120,29 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn as_str(self) -> &'static str {
+    /// The audit action a call of this kind is recorded as.
+    pub fn audit_action(self) -> AuditAction {
         match self {
-            Action::ListWorkspaces => "workspace.list",
-            Action::ListEnvironments => "environment.list",
-            Action::CreateEnvironment => "environment.create",
-            Action::CreateJoinToken => "join_token.create",
-            Action::ListAppliances => "appliance.list",
-            Action::RevokeAppliance => "appliance.revoke",
-            Action::PushTemplate => "template.push",
-            Action::ListTemplates => "template.list",
-            Action::RequestOperation => "operation.request",
-            Action::ListOperations => "operation.list",
-            Action::GetOperation => "operation.get",
-            Action::RelayApproval => "operation.approval_relayed",
-            Action::GetManifest => "operation.manifest",
-            Action::GetOutput => "operation.output_download",
-            Action::RelayPolicy => "policy.relayed",
-            Action::GetPolicy => "policy.get",
+            Action::ListWorkspaces => AuditAction::WorkspaceList,
+            Action::ListEnvironments => AuditAction::EnvironmentList,
+            Action::CreateEnvironment => AuditAction::EnvironmentCreate,
+            Action::CreateJoinToken => AuditAction::JoinTokenCreate,
+            Action::ListAppliances => AuditAction::ApplianceList,
+            Action::RevokeAppliance => AuditAction::ApplianceRevoke,
+            Action::PushTemplate => AuditAction::TemplatePush,
+            Action::ListTemplates => AuditAction::TemplateList,
+            Action::RequestOperation => AuditAction::OperationRequest,
+            Action::ListOperations => AuditAction::OperationList,
+            Action::GetOperation => AuditAction::OperationGet,
+            Action::RelayApproval => AuditAction::OperationApprovalRelayed,
+            Action::GetManifest => AuditAction::OperationManifest,
+            Action::GetOutput => AuditAction::OperationOutputDownload,
+            Action::RelayPolicy => AuditAction::PolicyRelayed,
+            Action::GetPolicy => AuditAction::PolicyGet,
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.audit_action().as_str()
     }
 }

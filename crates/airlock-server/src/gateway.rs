@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_proto::gateway::appliance_gateway_server::{ApplianceGateway, ApplianceGatewayServer};
 use airlock_proto::gateway::{
     ApplianceMessage, ControlMessage, HealthStatus, HeartbeatAck, RenewRefused, RenewResponse, Welcome,
@@ -145,7 +145,7 @@ pub async fn serve(
     tokio::spawn(async move {
         while let Some(identity) = refused_revoked.recv().await {
             let scope = TenantScope::for_appliance(&identity);
-            let mut ev = event(scope.principal().actor(), "gateway.handshake_rejected", Outcome::Denied);
+            let mut ev = event(scope.principal().actor(), AuditAction::GatewayHandshakeRejected, Outcome::Denied);
             ev.target = Some(identity.appliance.to_string());
             ev.detail = serde_json::json!({ "reason": "revoked" });
             audit_state.audit_refusal(&scope.chain(), ev).await;
@@ -223,7 +223,7 @@ pub async fn serve(
 async fn handshake_refused(state: &AppState, addr: std::net::SocketAddr, reason: &'static str) {
     state.metrics.handshake_failures.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
     tracing::info!(%addr, reason, "gateway refused a TLS handshake");
-    let mut ev = event("anonymous", "gateway.handshake_rejected", Outcome::Denied);
+    let mut ev = event("anonymous", AuditAction::GatewayHandshakeRejected, Outcome::Denied);
     ev.detail = serde_json::json!({ "reason": reason, "peer": addr.to_string() });
     state.audit_refusal(SYSTEM_CHAIN, ev).await;
 }
@@ -377,7 +377,7 @@ impl ApplianceGateway for GatewayService {
 
 /// Audits a refused stream in the appliance's tenant chain and returns the status to send.
 async fn refuse_stream(state: &AppState, scope: &TenantScope, reason: &str, status: Status) -> Status {
-    let mut ev = event(scope.principal().actor(), "gateway.stream_refused", Outcome::Denied);
+    let mut ev = event(scope.principal().actor(), AuditAction::GatewayStreamRefused, Outcome::Denied);
     ev.detail = serde_json::json!({ "reason": reason });
     state.audit_refusal(&scope.chain(), ev).await;
     status
@@ -442,7 +442,7 @@ async fn renew_certificate(
     let actor = scope.principal().actor();
     let target = Some(peer.identity.appliance.to_string());
     let refused = |reason: String| {
-        let mut ev = event(actor.clone(), "appliance.certificate_renew", Outcome::Denied);
+        let mut ev = event(actor.clone(), AuditAction::ApplianceCertificateRenew, Outcome::Denied);
         ev.target = target.clone();
         ev.detail = serde_json::json!({ "reason": reason, "presented_serial": peer.serial });
         async move {
@@ -475,7 +475,7 @@ async fn renew_certificate(
                 Err(e) => return Ok(Err(e.to_string())),
             };
         tx.record_renewal(scope, peer.identity.appliance, &issued.serial, issued.not_after).await?;
-        let mut ev = event(actor.clone(), "appliance.certificate_renew", Outcome::Success);
+        let mut ev = event(actor.clone(), AuditAction::ApplianceCertificateRenew, Outcome::Success);
         ev.target = target.clone();
         ev.detail = serde_json::json!({
             "serial": issued.serial, "not_after": issued.not_after.to_string(), "previous_serial": peer.serial,

@@ -177,7 +177,7 @@ async fn revoked_appliance_is_refused_even_with_a_fresh_certificate() {
 mod operations {
     use airlock_core::dsse::Envelope;
     use airlock_core::operation::{
-        AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RELEASE_PAYLOAD_TYPE,
+        AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RELEASE_PAYLOAD_TYPE,
         ReleaseDecision, ReleaseStatement, add_signature, certificate_key_id, sha256_hex, signing_input,
     };
     use airlock_proto::gateway::{
@@ -290,7 +290,7 @@ mod operations {
 
     /// An execution statement for `op`, signed with `key` (whose certificate is `cert`).
     fn execution(op: &Value, output: &[u8], key: &rcgen::KeyPair, cert: &crate::ca::Issued) -> Envelope {
-        let authority = AuthorityRef { kind: "standing-window".into(), digest: None, policy_digest: None };
+        let authority = AuthorityRef { kind: AuthorityKind::StandingWindow, digest: None, policy_digest: None };
         execution_by(op, output, key, cert, authority)
     }
 
@@ -303,7 +303,7 @@ mod operations {
     ) -> Envelope {
         let now = airlock_core::Timestamp::from_unix_millis(op["requested_at"].as_i64().unwrap());
         let statement = ExecutionStatement {
-            request_id: op["id"].as_str().unwrap().to_owned(),
+            request_id: op["id"].as_str().unwrap().parse().unwrap(),
             appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
             request_digest: op["request_digest"].as_str().unwrap().to_owned(),
             command_sha256: op["command_sha256"].as_str().unwrap().to_owned(),
@@ -338,6 +338,7 @@ mod operations {
             execution_envelope_json: env.to_json(),
             appliance_certificate_pem: cert_pem.to_owned(),
             pre_approval_envelope_json: String::new(),
+            ..Default::default()
         })
     }
 
@@ -348,7 +349,7 @@ mod operations {
         decision: ReleaseDecision,
     ) -> appliance_message::Body {
         let statement = ReleaseStatement {
-            request_id: op["id"].as_str().unwrap().to_owned(),
+            request_id: op["id"].as_str().unwrap().parse().unwrap(),
             appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
             decision,
             output_sha256: sha256_hex(output_for_digest),
@@ -526,7 +527,7 @@ mod operations {
         // The appliance ran it in the customer's standing window before the denial reached it:
         // the signed execution is recorded (and flagged), not refused, so nothing stays pending.
         // A template's execution claiming the appliance's own probe authority is refused.
-        let probe = AuthorityRef { kind: "observe".into(), digest: None, policy_digest: None };
+        let probe = AuthorityRef { kind: AuthorityKind::Probe, digest: None, policy_digest: None };
         let posing = execution_by(&op, b"x", &a.key, &a.cert, probe);
         assert!(a.send(result(&op, &posing, &a.cert.pem)).await.error.contains("built-in probe"));
         let good = execution(&op, b"x", &a.key, &a.cert);
@@ -935,7 +936,7 @@ mod pre_approval {
 
     use airlock_core::dsse::Envelope;
     use airlock_core::grant::{ApprovalLevel, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
-    use airlock_core::operation::AuthorityRef;
+    use airlock_core::operation::{AuthorityKind, AuthorityRef};
     use airlock_proto::gateway::{OperationOutcome, OperationResult, OutputRelease};
     use http::{Method, StatusCode};
 
@@ -970,6 +971,7 @@ mod pre_approval {
             execution_envelope_json: exec.to_json(),
             appliance_certificate_pem: cert_pem.to_owned(),
             pre_approval_envelope_json: pre.to_json(),
+            ..Default::default()
         })
     }
 
@@ -993,7 +995,7 @@ mod pre_approval {
             assert_eq!(a.instruction().await.request_id, id);
             let (body, env) = pre_approval(&op, level, name);
             let by = |digest: String| AuthorityRef {
-                kind: "pre-approval".into(),
+                kind: AuthorityKind::PreApproval,
                 digest: Some(digest),
                 policy_digest: None,
             };

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::id::TokenId;
 use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{Fingerprint, TenantId, WorkspaceId};
@@ -179,7 +179,7 @@ async fn add_tenant(
     tx.create_workspace(tenant, workspace, workspace_name, now).await?;
     tx.create_api_token(tenant, token_id, &admin_token.hash(), "initial admin", Role::TenantAdmin, now).await?;
     let scope = TenantScope::for_local_operator(tenant, token_id);
-    let mut ev = event("local-operator", "tenant.create", Outcome::Success);
+    let mut ev = event("local-operator", AuditAction::TenantCreate, Outcome::Success);
     ev.target = Some(tenant.to_string());
     ev.workspace = Some(workspace.to_string());
     ev.detail = serde_json::json!({ "tenant_name": tenant_name, "workspace_name": workspace_name, "admin_token": token_id.to_string() });

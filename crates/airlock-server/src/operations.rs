@@ -6,24 +6,24 @@
 //! does verify is the appliance's execution statement: signed by a certificate from our CA
 //! naming exactly the appliance on the stream, and bound to the stored request.
 
-use std::str::FromStr;
 use std::time::Duration;
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{
     ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
 };
 use airlock_core::operation::{
-    EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE,
-    ReleaseDecision, ReleaseStatement, RequestStatement, SECRET_OUTPUT_TAG, add_signature, certificate_key_id,
-    sha256_hex, signing_input, verify_certified_envelope,
+    AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, OperationState, RELEASE_PAYLOAD_TYPE,
+    REQUEST_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, RequestStatement, SECRET_OUTPUT_TAG, add_signature,
+    certificate_key_id, sha256_hex, signing_input, verify_certified_envelope,
 };
-use airlock_core::{ApplianceId, ApplianceIdentity, Timestamp};
+use airlock_core::{ApplianceId, ApplianceIdentity, OperationId, Timestamp};
 use airlock_proto::gateway::{
     ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
     OutputRelease, control_message,
 };
+use airlock_proto::convert::ack_code_to_wire;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 
@@ -95,70 +95,6 @@ impl OperationsSigner {
         let payload = serde_json::to_vec(statement).map_err(|_| SignerError::Sign)?;
         self.sign(REQUEST_PAYLOAD_TYPE, payload)
     }
-}
-
-/// Where an operation stands on the control plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OpState {
-    AwaitingApproval,
-    Approved,
-    Denied,
-    Executed,
-    Cancelled,
-    Refused,
-    Released,
-    Withheld,
-}
-
-impl OpState {
-    pub const ALL: [OpState; 8] = [
-        OpState::AwaitingApproval,
-        OpState::Approved,
-        OpState::Denied,
-        OpState::Executed,
-        OpState::Cancelled,
-        OpState::Refused,
-        OpState::Released,
-        OpState::Withheld,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpState::AwaitingApproval => "awaiting_approval",
-            OpState::Approved => "approved",
-            OpState::Denied => "denied",
-            OpState::Executed => "executed",
-            OpState::Cancelled => "cancelled",
-            OpState::Refused => "refused",
-            OpState::Released => "released",
-            OpState::Withheld => "withheld",
-        }
-    }
-}
-
-impl FromStr for OpState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|st| st.as_str()).collect();
-            format!(
-                "unknown operation state `{}`; use one of {}",
-                s.chars().take(40).collect::<String>(),
-                names.join(", ")
-            )
-        })
-    }
-}
-
-/// A fresh operation id: `op_` and 32 hex digits.
-pub fn new_operation_id(random: [u8; 16]) -> String {
-    format!("op_{}", data_encoding::HEXLOWER.encode(&random))
-}
-
-/// Whether `s` has the shape of an operation id (checked before it reaches the store).
-pub fn is_operation_id(s: &str) -> bool {
-    s.strip_prefix("op_")
-        .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 /// The request statement of a stored operation (signed by us, so only corruption fails).
@@ -241,7 +177,7 @@ const PUSH_PAGE: i64 = 16;
 /// the stream: when the queue is full, where the push stopped is remembered with the stream
 /// and [`resume_pending`] goes on from there at the appliance's next message (the appliance
 /// is idempotent per request id).
-pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: ApplianceId, first: Option<&str>) {
+pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: ApplianceId, first: Option<OperationId>) {
     if state.registry.status(&appliance).is_none() {
         return;
     }
@@ -262,7 +198,7 @@ pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: Appl
         let pending = |op: &OperationRow| {
             op.appliance_id == appliance
                 && op.result_at.is_none()
-                && crate::store::PENDING_STATES.contains(&op.state.as_str())
+                && crate::store::PENDING_STATES.contains(&op.state)
         };
         if let Some(op) = op.filter(pending)
             && !send_instruction(state, scope, appliance, &op).await
@@ -331,10 +267,10 @@ async fn repush_approved(state: &AppState, scope: &TenantScope, appliance: Appli
             }
         };
         for op in &page {
-            if op.state == OpState::AwaitingApproval.as_str() {
+            if op.state == OperationState::AwaitingApproval {
                 return;
             }
-            if op.state == OpState::Approved.as_str() && !send_instruction(state, scope, appliance, op).await {
+            if op.state == OperationState::Approved && !send_instruction(state, scope, appliance, op).await {
                 return state.registry.push_stopped(appliance, from);
             }
             from = PushFrom::After(PushKey::of(op));
@@ -350,7 +286,7 @@ async fn push_from(
     scope: &TenantScope,
     appliance: ApplianceId,
     mut from: PushFrom,
-    skip: Option<&str>,
+    skip: Option<OperationId>,
 ) {
     // A push from the start that finds nothing lets the index forget the appliance; taken
     // before the read so an operation noted meanwhile keeps it.
@@ -364,7 +300,7 @@ async fn push_from(
             }
         };
         for op in &page {
-            if skip != Some(op.id.as_str()) && !send_instruction(state, scope, appliance, op).await {
+            if skip != Some(op.id) && !send_instruction(state, scope, appliance, op).await {
                 tracing::debug!(%appliance, operation = %op.id, "stream busy; the push resumes at its next message");
                 return state.registry.push_stopped(appliance, from);
             }
@@ -398,7 +334,7 @@ async fn send_instruction(state: &AppState, scope: &TenantScope, appliance: Appl
             }
         };
     let instruction = OperationInstruction {
-        request_id: op.id.clone(),
+        request_id: op.id.to_string(),
         request_envelope_json: op.request_envelope.clone(),
         control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
         template_manifest_toml: template.manifest_toml,
@@ -433,12 +369,13 @@ fn refuse<T>(why: impl Into<String>) -> Result<T, Refuse> {
     Err(Refuse::Because(why.into()))
 }
 
-fn ack(request_id: &str, kind: OperationAckKind, error: String) -> ControlMessage {
+fn ack(request_id: &str, kind: OperationAckKind, code: AckCode, error: String) -> ControlMessage {
     ControlMessage {
         body: Some(control_message::Body::OperationAck(OperationAck {
             request_id: request_id.to_owned(),
             kind: kind as i32,
             error,
+            code: ack_code_to_wire(code) as i32,
         })),
     }
 }
@@ -453,18 +390,18 @@ async fn finish(
     scope: &TenantScope,
     request_id: &str,
     kind: OperationAckKind,
-    action: &str,
+    action: AuditAction,
     result: Result<(), Refuse>,
 ) -> Option<ControlMessage> {
     match result {
-        Ok(()) => Some(ack(request_id, kind, String::new())),
+        Ok(()) => Some(ack(request_id, kind, AckCode::Stored, String::new())),
         Err(Refuse::Because(why)) => {
             tracing::info!(operation = %request_id, reason = %why, "refused an appliance's {action}");
             let mut ev = event(scope.principal().actor(), action, Outcome::Denied);
             ev.target = Some(request_id.to_owned());
             ev.detail = serde_json::json!({ "reason": why });
             state.audit_refusal(&scope.chain(), ev).await;
-            Some(ack(request_id, kind, why))
+            Some(ack(request_id, kind, AckCode::Refused, why))
         }
         Err(Refuse::Store(e)) => {
             tracing::error!(error = %e, operation = %request_id, "cannot record an appliance's {action}; it will be resent");
@@ -473,7 +410,7 @@ async fn finish(
         Err(Refuse::NotYet(why)) => {
             // The appliance may send it again on every reconnect until it can be taken: a
             // note, rate limited like refusals, and nothing durable.
-            if let Some(suppressed) = state.refusal_limiter.admit(&scope.chain(), "operation.deferred", state.now()) {
+            if let Some(suppressed) = state.refusal_limiter.admit(&scope.chain(), AuditAction::OperationDeferred.as_str(), state.now()) {
                 tracing::info!(operation = %request_id, reason = %why, suppressed, "deferred an appliance's {action}; it will be resent");
             }
             None
@@ -489,16 +426,19 @@ pub async fn handle_result(
     scope: &TenantScope,
     r: OperationResult,
 ) -> Option<ControlMessage> {
-    let request_id = sanitize(&r.request_id, 64);
-    let result = apply_result(state, peer, scope, &request_id, &r).await;
-    finish(state, scope, &request_id, OperationAckKind::Result, "operation.result_refused", result).await
+    let shown = sanitize(&r.request_id, 64);
+    let result = match r.request_id.parse::<OperationId>() {
+        Ok(id) => apply_result(state, peer, scope, id, &r).await,
+        Err(e) => refuse(format!("the result's request id is malformed: {e}")),
+    };
+    finish(state, scope, &shown, OperationAckKind::Result, AuditAction::OperationResultRefused, result).await
 }
 
 async fn apply_result(
     state: &AppState,
     peer: &ApplianceIdentity,
     scope: &TenantScope,
-    request_id: &str,
+    request_id: OperationId,
     r: &OperationResult,
 ) -> Result<(), Refuse> {
     let outcome = OperationOutcome::try_from(r.outcome).unwrap_or(OperationOutcome::Unspecified);
@@ -508,7 +448,7 @@ async fn apply_result(
         return refuse(format!("no operation {request_id} for this appliance"));
     };
     let request = stored_request(&op)?;
-    let pending = crate::store::PENDING_STATES.contains(&op.state.as_str()) && op.result_at.is_none();
+    let pending = crate::store::PENDING_STATES.contains(&op.state) && op.result_at.is_none();
     let already = || refuse(format!("operation {request_id} already has a final result ({})", op.state));
     match outcome {
         OperationOutcome::Unspecified => refuse("the result has no outcome"),
@@ -516,7 +456,7 @@ async fn apply_result(
         // An approved one the appliance cannot run yet (its approval is not valid yet) is
         // sent again later on this stream, without waiting for a reconnect.
         OperationOutcome::AwaitingApproval => {
-            if pending && op.state == OpState::Approved.as_str() {
+            if pending && op.state == OperationState::Approved {
                 let at = repush_time(&sanitize(&r.reason, MAX_REASON_CHARS), now);
                 state.registry.repush_at(peer.appliance, at);
             }
@@ -529,10 +469,9 @@ async fn apply_result(
                 return if op.refusal_reason.as_deref() == Some(reason.as_str()) { Ok(()) } else { already() };
             }
             // A denial stays `denied`; the appliance's refusal confirms it audited it.
-            let new_state = if op.state == OpState::Denied.as_str() { OpState::Denied } else { OpState::Refused };
-            let update =
-                ResultUpdate { state: new_state.as_str(), refusal_reason: Some(&reason), ..Default::default() };
-            let ev = result_event(scope, "operation.refused", request_id, serde_json::json!({ "reason": reason }));
+            let new_state = if op.state == OperationState::Denied { OperationState::Denied } else { OperationState::Refused };
+            let update = ResultUpdate::refusal(new_state, &reason);
+            let ev = result_event(scope, AuditAction::OperationRefused, request_id, serde_json::json!({ "reason": reason }));
             commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
         }
         OperationOutcome::Executed | OperationOutcome::Cancelled => {
@@ -548,16 +487,16 @@ async fn apply_result(
             // A denial that crossed a pre-approved (or standing-window) run on its way: the
             // appliance ran it on the customer's own earlier authority, verified above. The
             // record says what happened rather than leaving the operation pending for ever.
-            let after_denial = op.state == OpState::Denied.as_str();
+            let after_denial = op.state == OperationState::Denied;
             let e = &v.statement;
             let size = i64::try_from(e.output_size).or_else(|_| refuse("output_size is out of range"))?;
             let (new_state, action) = if outcome == OperationOutcome::Executed {
-                (OpState::Executed, "operation.executed")
+                (OperationState::Executed, AuditAction::OperationExecuted)
             } else {
-                (OpState::Cancelled, "operation.cancelled")
+                (OperationState::Cancelled, AuditAction::OperationCancelled)
             };
             let update = ResultUpdate {
-                state: new_state.as_str(),
+                state: new_state,
                 execution_envelope: Some(&execution_json),
                 appliance_cert_pem: Some(&v.cert_pem),
                 pre_approval_envelope: v.pre_approval_json.as_deref(),
@@ -583,12 +522,12 @@ async fn apply_result(
 
 fn result_event(
     scope: &TenantScope,
-    action: &str,
-    request_id: &str,
+    action: AuditAction,
+    request_id: OperationId,
     detail: serde_json::Value,
 ) -> airlock_core::audit::Event {
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
-    ev.target = Some(request_id.to_owned());
+    ev.target = Some(request_id.to_string());
     ev.detail = detail;
     ev
 }
@@ -598,7 +537,7 @@ async fn commit_result(
     mut tx: crate::store::WriteTx<'_>,
     scope: &TenantScope,
     appliance: ApplianceId,
-    request_id: &str,
+    request_id: OperationId,
     update: &ResultUpdate<'_>,
     ev: airlock_core::audit::Event,
     now: Timestamp,
@@ -673,8 +612,8 @@ fn verify_execution(
         return refuse("the outcome does not match the signed execution status");
     }
     let mut pre_approval_json = None;
-    match statement.authority.kind.as_str() {
-        "grant" => {
+    match statement.authority.kind {
+        AuthorityKind::Grant => {
             let approval = stored_envelope(op, op.approval_envelope.as_deref())?;
             let body = approval.and_then(|env| serde_json::from_slice::<GrantBody>(&env.payload).ok());
             match body {
@@ -686,7 +625,7 @@ fn verify_execution(
                 _ => return refuse("executed on a grant the control plane did not relay for this request"),
             }
         }
-        "pre-approval" => {
+        AuthorityKind::PreApproval => {
             let env = Envelope::from_json(r.pre_approval_envelope_json.as_bytes())
                 .or_else(|_| refuse("executed on a pre-approval, but its envelope is missing or malformed"))?;
             if env.payload_type != PRE_APPROVAL_PAYLOAD_TYPE || env.signatures.is_empty() {
@@ -708,16 +647,15 @@ fn verify_execution(
         }
         // The customer's policy allowed it without a per-request signature (the control
         // plane has no customer policy to check it against; `airlock verify --policy` does).
-        "standing-window" => {}
+        AuthorityKind::StandingWindow => {}
         // Only the appliance's own probes need no signature, and no template may be one.
-        "observe" => return refuse("an operation template is never a built-in probe; `observe` cannot authorise it"),
-        other => return refuse(format!("unknown authority `{}`", sanitize(other, 40))),
+        AuthorityKind::Probe => return refuse("an operation template is never a built-in probe; `observe` cannot authorise it"),
     }
     Ok(VerifiedExecution { envelope, statement, cert_pem: r.appliance_certificate_pem.clone(), pre_approval_json })
 }
 
 /// The additional data output is sealed with: it can only be opened as this operation's output.
-fn output_aad(scope: &TenantScope, request_id: &str) -> Vec<u8> {
+fn output_aad(scope: &TenantScope, request_id: OperationId) -> Vec<u8> {
     format!("airlock operation output v1\n{}\n{request_id}", scope.tenant()).into_bytes()
 }
 
@@ -725,7 +663,7 @@ fn output_aad(scope: &TenantScope, request_id: &str) -> Vec<u8> {
 pub fn open_output(
     state: &AppState,
     scope: &TenantScope,
-    request_id: &str,
+    request_id: OperationId,
     sealed: &[u8],
 ) -> Result<Vec<u8>, crate::keys::KeyError> {
     state.kek.open(sealed, &output_aad(scope, request_id))
@@ -739,16 +677,19 @@ pub async fn handle_release(
     scope: &TenantScope,
     rel: OutputRelease,
 ) -> Option<ControlMessage> {
-    let request_id = sanitize(&rel.request_id, 64);
-    let result = apply_release(state, peer, scope, &request_id, &rel).await;
-    finish(state, scope, &request_id, OperationAckKind::Release, "operation.release_refused", result).await
+    let shown = sanitize(&rel.request_id, 64);
+    let result = match rel.request_id.parse::<OperationId>() {
+        Ok(id) => apply_release(state, peer, scope, id, &rel).await,
+        Err(e) => refuse(format!("the release's request id is malformed: {e}")),
+    };
+    finish(state, scope, &shown, OperationAckKind::Release, AuditAction::OperationReleaseRefused, result).await
 }
 
 async fn apply_release(
     state: &AppState,
     peer: &ApplianceIdentity,
     scope: &TenantScope,
-    request_id: &str,
+    request_id: OperationId,
     rel: &OutputRelease,
 ) -> Result<(), Refuse> {
     let now = state.now();
@@ -768,7 +709,7 @@ async fn apply_release(
         )
     };
     let release_json = release_env.as_ref().map(Envelope::to_json);
-    if op.state == OpState::Released.as_str() || op.state == OpState::Withheld.as_str() {
+    if matches!(op.state, OperationState::Released | OperationState::Withheld) {
         return if op.release_envelope == release_json {
             Ok(())
         } else {
@@ -776,7 +717,7 @@ async fn apply_release(
         };
     }
     let request = stored_request(&op)?;
-    let secret = request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG));
+    let secret = request.request.output_is_secret();
     // What can be checked without the execution is checked first: those refusals are final
     // whether or not the result has arrived.
     let signed = match &release_env {
@@ -802,14 +743,14 @@ async fn apply_release(
         ReleaseDecision::Withhold if !rel.output.is_empty() => return refuse("withheld output must not be sent"),
         _ => {}
     }
-    let may_execute = op.state == OpState::AwaitingApproval.as_str() || op.state == OpState::Approved.as_str();
+    let may_execute = matches!(op.state, OperationState::AwaitingApproval | OperationState::Approved);
     if op.result_at.is_none() && may_execute {
         // The result was not stored yet (its write failed, or the release overtook it): the
         // appliance resends its results before its releases, so this one can be taken later.
         // (A denied request's execution is refused, so its release is refused below for good.)
         return Err(Refuse::NotYet(format!("operation {request_id} has no result yet ({})", op.state)));
     }
-    if op.state != OpState::Executed.as_str() && op.state != OpState::Cancelled.as_str() {
+    if !matches!(op.state, OperationState::Executed | OperationState::Cancelled) {
         return refuse(format!(
             "operation {request_id} has no execution whose output could be released ({})",
             op.state
@@ -824,7 +765,7 @@ async fn apply_release(
                 .and_then(|env| serde_json::from_slice::<PreApprovalBody>(&env.payload).ok());
             match pre {
                 Some(p)
-                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == "pre-approval" =>
+                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == AuthorityKind::PreApproval =>
                 {
                     format!("pre-approval {}", p.id)
                 }
@@ -847,9 +788,9 @@ async fn apply_release(
         }
         ReleaseDecision::Withhold => None,
     };
-    let new_state = if decision == ReleaseDecision::Release { OpState::Released } else { OpState::Withheld };
+    let new_state = if decision == ReleaseDecision::Release { OperationState::Released } else { OperationState::Withheld };
     let update = ReleaseUpdate {
-        state: new_state.as_str(),
+        state: new_state,
         release_envelope: release_json.as_deref(),
         output_sealed: sealed.as_deref(),
     };
@@ -857,9 +798,10 @@ async fn apply_release(
         // Cannot happen under the write lock; if it does, the appliance sends it again.
         return Err(Refuse::NotYet(format!("operation {request_id} changed while its release was checked")));
     }
-    let action = if new_state == OpState::Released { "operation.released" } else { "operation.withheld" };
+    let action =
+        if new_state == OperationState::Released { AuditAction::OperationReleased } else { AuditAction::OperationWithheld };
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
-    ev.target = Some(request_id.to_owned());
+    ev.target = Some(request_id.to_string());
     // Digest and size only: the output itself never reaches the audit or the logs.
     ev.detail = serde_json::json!({
         "output_sha256": execution.output_sha256,
@@ -901,16 +843,16 @@ mod tests {
 
     #[test]
     fn states_and_ids_parse_strictly() {
-        for s in OpState::ALL {
-            assert_eq!(s.as_str().parse::<OpState>().unwrap(), s);
+        for s in OperationState::ALL {
+            assert_eq!(s.as_str().parse::<OperationState>().unwrap(), s);
         }
-        assert!("done".parse::<OpState>().is_err());
-        let id = new_operation_id([0xab; 16]);
-        assert!(is_operation_id(&id));
+        assert!("done".parse::<OperationState>().is_err());
+        let id = OperationId::from_random([0xab; 16]);
+        assert_eq!(id.to_string().parse::<OperationId>().unwrap(), id);
         for bad in
             ["op_", "op_ABABABABABABABABABABABABABABABAB", "xx_abababababababababababababababab", &format!("{id}0")]
         {
-            assert!(!is_operation_id(bad), "{bad}");
+            assert!(bad.parse::<OperationId>().is_err(), "{bad}");
         }
     }
 }

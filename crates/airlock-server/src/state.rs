@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::Timestamp;
-use airlock_core::audit::{Event, Outcome};
+use airlock_core::audit::{AuditAction, Event, Outcome};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::ca::CertificateAuthority;
@@ -116,10 +116,12 @@ impl RefusalLimiter {
     }
 }
 
-pub fn event(actor: impl Into<String>, action: &str, outcome: Outcome) -> Event {
+/// An audit event with no target or detail yet. Writers name the action with [`AuditAction`],
+/// so a misspelt action is a compile error; the record keeps its text.
+pub fn event(actor: impl Into<String>, action: AuditAction, outcome: Outcome) -> Event {
     Event {
         actor: actor.into(),
-        action: action.to_owned(),
+        action: action.as_str().to_owned(),
         workspace: None,
         target: None,
         outcome,

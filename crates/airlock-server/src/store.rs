@@ -15,7 +15,8 @@ use std::time::Duration;
 use airlock_core::audit::{self, ChainHash, Event, Head, Record};
 use airlock_core::id::TokenId;
 use airlock_core::token::TokenHash;
-use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, TenantId, Timestamp, WorkspaceId};
+use airlock_core::operation::OperationState;
+use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, OperationId, TenantId, Timestamp, WorkspaceId};
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -269,9 +270,9 @@ impl Store {
         let rows = sqlx::query(
             "SELECT DISTINCT appliance_id FROM operations WHERE result_at IS NULL AND state IN ($1, $2, $3)",
         )
-        .bind(PENDING_STATES[0])
-        .bind(PENDING_STATES[1])
-        .bind(PENDING_STATES[2])
+        .bind(PENDING_STATES[0].as_str())
+        .bind(PENDING_STATES[1].as_str())
+        .bind(PENDING_STATES[2].as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| parse_col(r, "appliance_id")).collect()
@@ -789,13 +790,13 @@ pub struct TemplateRow {
 /// An operation as stored. The request's details live in its signed envelope.
 #[derive(Clone, Debug)]
 pub struct OperationRow {
-    pub id: String,
+    pub id: OperationId,
     pub workspace_id: WorkspaceId,
     pub environment_id: EnvironmentId,
     pub appliance_id: ApplianceId,
     pub template_name: String,
     pub template_sha256: String,
-    pub state: String,
+    pub state: OperationState,
     pub requested_by: String,
     pub requested_at: Timestamp,
     pub updated_at: Timestamp,
@@ -817,9 +818,9 @@ pub struct OperationRow {
 }
 
 /// What an appliance's verified result changes on an operation.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ResultUpdate<'a> {
-    pub state: &'a str,
+    pub state: OperationState,
     pub execution_envelope: Option<&'a str>,
     pub appliance_cert_pem: Option<&'a str>,
     pub pre_approval_envelope: Option<&'a str>,
@@ -829,10 +830,26 @@ pub struct ResultUpdate<'a> {
     pub refusal_reason: Option<&'a str>,
 }
 
+impl<'a> ResultUpdate<'a> {
+    /// A refusal: the new state and why, nothing executed.
+    pub fn refusal(state: OperationState, reason: &'a str) -> Self {
+        Self {
+            state,
+            execution_envelope: None,
+            appliance_cert_pem: None,
+            pre_approval_envelope: None,
+            exit_code: None,
+            output_sha256: None,
+            output_size: None,
+            refusal_reason: Some(reason),
+        }
+    }
+}
+
 /// What the customer's release decision changes on an operation.
 #[derive(Clone, Debug)]
 pub struct ReleaseUpdate<'a> {
-    pub state: &'a str,
+    pub state: OperationState,
     pub release_envelope: Option<&'a str>,
     pub output_sealed: Option<&'a [u8]>,
 }
@@ -845,7 +862,8 @@ const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id,
     CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored";
 
 /// The states in which an operation still waits for the appliance's final result.
-pub const PENDING_STATES: [&str; 3] = ["awaiting_approval", "approved", "denied"];
+pub const PENDING_STATES: [OperationState; 3] =
+    [OperationState::AwaitingApproval, OperationState::Approved, OperationState::Denied];
 
 /// Where an operation comes in the order instructions are pushed: decided (approved or
 /// denied) before awaiting approval, so a backlog of requests nobody approved yet cannot hold
@@ -854,12 +872,12 @@ pub const PENDING_STATES: [&str; 3] = ["awaiting_approval", "approved", "denied"
 pub struct PushKey {
     pub awaiting: bool,
     pub requested_at: Timestamp,
-    pub id: String,
+    pub id: OperationId,
 }
 
 impl PushKey {
     pub fn of(op: &OperationRow) -> Self {
-        Self { awaiting: op.state == PENDING_STATES[0], requested_at: op.requested_at, id: op.id.clone() }
+        Self { awaiting: op.state == OperationState::AwaitingApproval, requested_at: op.requested_at, id: op.id }
     }
 }
 
@@ -932,9 +950,17 @@ impl Store {
         row.as_ref().map(template_from_row).transpose()
     }
 
-    pub async fn get_operation(&self, scope: &TenantScope, id: &str) -> Result<Option<OperationRow>, StoreError> {
+    pub async fn get_operation(
+        &self,
+        scope: &TenantScope,
+        id: OperationId,
+    ) -> Result<Option<OperationRow>, StoreError> {
         let sql = format!("SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2");
-        let row = sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(operation_from_row).transpose()
     }
 
@@ -942,7 +968,7 @@ impl Store {
     pub async fn list_operations(
         &self,
         scope: &TenantScope,
-        state: Option<&str>,
+        state: Option<OperationState>,
         env: Option<EnvironmentId>,
         limit: i64,
     ) -> Result<Vec<OperationRow>, StoreError> {
@@ -953,7 +979,7 @@ impl Store {
         );
         let rows = sqlx::query(&sql)
             .bind(scope.tenant().to_string())
-            .bind(state)
+            .bind(state.map(OperationState::as_str))
             .bind(env.map(|e| e.to_string()))
             .bind(limit)
             .fetch_all(&self.pool)
@@ -984,13 +1010,13 @@ impl Store {
         let rows = sqlx::query(&sql)
             .bind(scope.tenant().to_string())
             .bind(appliance.to_string())
-            .bind(PENDING_STATES[0])
-            .bind(PENDING_STATES[1])
-            .bind(PENDING_STATES[2])
+            .bind(PENDING_STATES[0].as_str())
+            .bind(PENDING_STATES[1].as_str())
+            .bind(PENDING_STATES[2].as_str())
             .bind(i64::from(after.is_some()))
             .bind(after.map_or(0, |k| i64::from(k.awaiting)))
             .bind(after.map_or(0, |k| k.requested_at.unix_millis()))
-            .bind(after.map_or("", |k| k.id.as_str()))
+            .bind(after.map_or(String::new(), |k| k.id.to_string()))
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
@@ -998,10 +1024,10 @@ impl Store {
     }
 
     /// The sealed released output of an operation, if any.
-    pub async fn sealed_output(&self, scope: &TenantScope, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn sealed_output(&self, scope: &TenantScope, id: OperationId) -> Result<Option<Vec<u8>>, StoreError> {
         let row = sqlx::query("SELECT output_sealed FROM operations WHERE tenant_id = $1 AND id = $2")
             .bind(scope.tenant().to_string())
-            .bind(id)
+            .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -1097,14 +1123,14 @@ impl WriteTx<'_> {
                 request_envelope, control_plane_cert_pem)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
-        .bind(&op.id)
+        .bind(op.id.to_string())
         .bind(scope.tenant().to_string())
         .bind(op.workspace_id.to_string())
         .bind(op.environment_id.to_string())
         .bind(op.appliance_id.to_string())
         .bind(&op.template_name)
         .bind(&op.template_sha256)
-        .bind(&op.state)
+        .bind(op.state.as_str())
         .bind(&op.requested_by)
         .bind(op.requested_at.unix_millis())
         .bind(op.updated_at.unix_millis())
@@ -1114,14 +1140,22 @@ impl WriteTx<'_> {
         .bind(&op.control_plane_cert_pem)
         .execute(&mut *self.tx)
         .await
-        .map_err(|e| conflict(e, "operation", &op.id))?;
+        .map_err(|e| conflict(e, "operation", &op.id.to_string()))?;
         Ok(true)
     }
 
     /// An operation, read under the write lock so a check and its update cannot interleave.
-    pub async fn operation(&mut self, scope: &TenantScope, id: &str) -> Result<Option<OperationRow>, StoreError> {
+    pub async fn operation(
+        &mut self,
+        scope: &TenantScope,
+        id: OperationId,
+    ) -> Result<Option<OperationRow>, StoreError> {
         let sql = format!("SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2");
-        let row = sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id).fetch_optional(&mut *self.tx).await?;
+        let row = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .fetch_optional(&mut *self.tx)
+            .await?;
         row.as_ref().map(operation_from_row).transpose()
     }
 
@@ -1129,20 +1163,21 @@ impl WriteTx<'_> {
     pub async fn set_approval(
         &mut self,
         scope: &TenantScope,
-        id: &str,
+        id: OperationId,
         envelope_json: &str,
-        state: &str,
+        state: OperationState,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE operations SET approval_envelope = $1, state = $2, updated_at = $3
-             WHERE tenant_id = $4 AND id = $5 AND state = 'awaiting_approval' AND approval_envelope IS NULL",
+             WHERE tenant_id = $4 AND id = $5 AND state = $6 AND approval_envelope IS NULL",
         )
         .bind(envelope_json)
-        .bind(state)
+        .bind(state.as_str())
         .bind(now.unix_millis())
         .bind(scope.tenant().to_string())
-        .bind(id)
+        .bind(id.to_string())
+        .bind(OperationState::AwaitingApproval.as_str())
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -1153,7 +1188,7 @@ impl WriteTx<'_> {
         &mut self,
         scope: &TenantScope,
         appliance: ApplianceId,
-        id: &str,
+        id: OperationId,
         r: &ResultUpdate<'_>,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
@@ -1163,7 +1198,7 @@ impl WriteTx<'_> {
                 refusal_reason = $8, result_at = $9, updated_at = $9
              WHERE tenant_id = $10 AND appliance_id = $11 AND id = $12 AND result_at IS NULL",
         )
-        .bind(r.state)
+        .bind(r.state.as_str())
         .bind(r.execution_envelope)
         .bind(r.appliance_cert_pem)
         .bind(r.pre_approval_envelope)
@@ -1174,7 +1209,7 @@ impl WriteTx<'_> {
         .bind(now.unix_millis())
         .bind(scope.tenant().to_string())
         .bind(appliance.to_string())
-        .bind(id)
+        .bind(id.to_string())
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -1185,21 +1220,23 @@ impl WriteTx<'_> {
         &mut self,
         scope: &TenantScope,
         appliance: ApplianceId,
-        id: &str,
+        id: OperationId,
         release: &ReleaseUpdate<'_>,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE operations SET state = $1, release_envelope = $2, output_sealed = $3, updated_at = $4
-             WHERE tenant_id = $5 AND appliance_id = $6 AND id = $7 AND state IN ('executed', 'cancelled')",
+             WHERE tenant_id = $5 AND appliance_id = $6 AND id = $7 AND state IN ($8, $9)",
         )
-        .bind(release.state)
+        .bind(release.state.as_str())
         .bind(release.release_envelope)
         .bind(release.output_sealed)
         .bind(now.unix_millis())
         .bind(scope.tenant().to_string())
         .bind(appliance.to_string())
-        .bind(id)
+        .bind(id.to_string())
+        .bind(OperationState::Executed.as_str())
+        .bind(OperationState::Cancelled.as_str())
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -1220,13 +1257,13 @@ fn template_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TemplateRow, StoreEr
 fn operation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OperationRow, StoreError> {
     let stored: i64 = r.try_get("output_stored")?;
     Ok(OperationRow {
-        id: r.try_get("id")?,
+        id: parse_col(r, "id")?,
         workspace_id: parse_col(r, "workspace_id")?,
         environment_id: parse_col(r, "environment_id")?,
         appliance_id: parse_col(r, "appliance_id")?,
         template_name: r.try_get("template_name")?,
         template_sha256: r.try_get("template_sha256")?,
-        state: r.try_get("state")?,
+        state: parse_col(r, "state")?,
         requested_by: r.try_get("requested_by")?,
         requested_at: ts_col(r, "requested_at")?,
         updated_at: ts_col(r, "updated_at")?,
@@ -1442,6 +1479,7 @@ impl WriteTx<'_> {
 mod tests {
     use airlock_core::audit::Outcome;
     use airlock_core::token::{Secret, TokenKind};
+    use airlock_testkit::op_id;
 
     use super::*;
 
@@ -1504,15 +1542,15 @@ mod tests {
         assert_eq!((row.cert_serial.as_str(), row.version.as_str()), ("00", "1"));
     }
 
-    fn operation_row(id: &str, w: WorkspaceId, e: EnvironmentId, a: ApplianceId) -> OperationRow {
+    fn operation_row(id: OperationId, w: WorkspaceId, e: EnvironmentId, a: ApplianceId) -> OperationRow {
         OperationRow {
-            id: id.into(),
+            id,
             workspace_id: w,
             environment_id: e,
             appliance_id: a,
             template_name: "t".into(),
             template_sha256: "aa".into(),
-            state: "awaiting_approval".into(),
+            state: OperationState::AwaitingApproval,
             requested_by: "token:x".into(),
             requested_at: now(),
             updated_at: now(),
@@ -1549,33 +1587,33 @@ mod tests {
         };
         let mut tx = store.write().await.unwrap();
         assert!(tx.put_template(&a, wa, &template, now()).await.unwrap());
-        assert!(tx.insert_operation(&a, &operation_row("op_1", wa, ea, apl_a)).await.unwrap());
+        assert!(tx.insert_operation(&a, &operation_row(op_id(1), wa, ea, apl_a)).await.unwrap());
         tx.commit().await.unwrap();
 
         assert_eq!(store.list_current_templates(&a, wa).await.unwrap().len(), 1);
         assert!(store.list_current_templates(&b, wa).await.unwrap().is_empty());
         assert!(store.current_template(&b, wa, "t").await.unwrap().is_none());
         assert!(store.template_version(&b, wa, "t", "aa").await.unwrap().is_none());
-        assert!(store.get_operation(&b, "op_1").await.unwrap().is_none());
+        assert!(store.get_operation(&b, op_id(1)).await.unwrap().is_none());
         assert!(store.list_operations(&b, None, None, 10).await.unwrap().is_empty());
         assert!(store.pending_operations(&b, apl_a, &PushFrom::Start, 10).await.unwrap().is_empty());
         assert_eq!(store.pending_operations(&a, apl_a, &PushFrom::Start, 10).await.unwrap().len(), 1);
 
         // Writes through B's scope cannot touch A's rows, not even by naming A's workspace.
         let mut tx = store.write().await.unwrap();
-        assert!(!tx.set_approval(&b, "op_1", "{}", "approved", now()).await.unwrap());
-        let update = ResultUpdate { state: "refused", refusal_reason: Some("x"), ..Default::default() };
-        assert!(!tx.record_result(&b, apl_a, "op_1", &update, now()).await.unwrap());
+        assert!(!tx.set_approval(&b, op_id(1), "{}", OperationState::Approved, now()).await.unwrap());
+        let update = ResultUpdate::refusal(OperationState::Refused, "x");
+        assert!(!tx.record_result(&b, apl_a, op_id(1), &update, now()).await.unwrap());
         let other = TemplateRow { content_sha256: "evil".into(), ..template.clone() };
         assert!(tx.put_template(&b, wb, &other, now()).await.unwrap());
         assert!(!tx.put_template(&b, wa, &other, now()).await.unwrap());
         // An operation in B's tenant naming A's appliance, or A's environment: refused.
-        assert!(!tx.insert_operation(&b, &operation_row("op_2", wb, eb, apl_a)).await.unwrap());
-        assert!(!tx.insert_operation(&b, &operation_row("op_3", wb, ea, apl_b)).await.unwrap());
-        assert!(tx.insert_operation(&b, &operation_row("op_4", wb, eb, apl_b)).await.unwrap());
+        assert!(!tx.insert_operation(&b, &operation_row(op_id(2), wb, eb, apl_a)).await.unwrap());
+        assert!(!tx.insert_operation(&b, &operation_row(op_id(3), wb, ea, apl_b)).await.unwrap());
+        assert!(tx.insert_operation(&b, &operation_row(op_id(4), wb, eb, apl_b)).await.unwrap());
         tx.commit().await.unwrap();
-        assert!(store.get_operation(&a, "op_4").await.unwrap().is_none());
-        let op = store.get_operation(&a, "op_1").await.unwrap().unwrap();
+        assert!(store.get_operation(&a, op_id(4)).await.unwrap().is_none());
+        let op = store.get_operation(&a, op_id(1)).await.unwrap().unwrap();
         assert_eq!((op.state.as_str(), op.approval_envelope, op.result_at), ("awaiting_approval", None, None));
         assert_eq!(store.current_template(&a, wa, "t").await.unwrap().unwrap().content_sha256, "aa");
     }
