@@ -469,11 +469,16 @@ async fn renew_certificate(
         if peer.serial != current.current_serial && current.previous_serial.as_deref() != Some(peer.serial.as_str()) {
             return Ok(Err("this certificate has been superseded; use the newest one".to_owned()));
         }
-        let issued =
-            match state.ca.sign_renewal_csr(csr_pem, &peer.identity, &peer.spki, now, state.appliance_cert_lifetime) {
-                Ok(i) => i,
-                Err(e) => return Ok(Err(e.to_string())),
-            };
+        let issued = match state.ca.sign_renewal_csr(
+            csr_pem,
+            &peer.identity,
+            &peer.public_key,
+            now,
+            state.appliance_cert_lifetime,
+        ) {
+            Ok(i) => i,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
         tx.record_renewal(scope, peer.identity.appliance, &issued.serial, issued.not_after).await?;
         let mut ev = event(actor.clone(), AuditAction::ApplianceCertificateRenew, Outcome::Success);
         ev.target = target.clone();

@@ -104,16 +104,13 @@ async fn channel_as(
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(f.server.ca_pem.as_bytes()).unwrap()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
-        .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![issued.der.clone()],
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
-        )
-        .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = airlock_proto::tls::mtls_client_config(
+        airlock_proto::tls::ServerTrust::Roots(roots),
+        vec![issued.der.clone()],
+        PrivateKeyDer::from(rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der())),
+        &[b"h2"],
+    )
+    .unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let addr = f.server.gateway_addr;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -14,16 +14,16 @@ use airlock_core::grant::{
     ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
 };
 use airlock_core::operation::{
-    AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, OperationState, RELEASE_PAYLOAD_TYPE,
-    REQUEST_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, RequestStatement, SECRET_OUTPUT_TAG, add_signature,
-    certificate_key_id, sha256_hex, signing_input, verify_certified_envelope,
+    AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, OperationState,
+    RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, RequestStatement, SECRET_OUTPUT_TAG,
+    add_signature, certificate_key_id, sha256_hex, signing_input, verify_certified_envelope,
 };
 use airlock_core::{ApplianceId, ApplianceIdentity, OperationId, Timestamp};
+use airlock_proto::convert::ack_code_to_wire;
 use airlock_proto::gateway::{
     ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
     OutputRelease, control_message,
 };
-use airlock_proto::convert::ack_code_to_wire;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 
@@ -196,9 +196,7 @@ pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: Appl
             }
         };
         let pending = |op: &OperationRow| {
-            op.appliance_id == appliance
-                && op.result_at.is_none()
-                && crate::store::PENDING_STATES.contains(&op.state)
+            op.appliance_id == appliance && op.result_at.is_none() && crate::store::PENDING_STATES.contains(&op.state)
         };
         if let Some(op) = op.filter(pending)
             && !send_instruction(state, scope, appliance, &op).await
@@ -410,7 +408,9 @@ async fn finish(
         Err(Refuse::NotYet(why)) => {
             // The appliance may send it again on every reconnect until it can be taken: a
             // note, rate limited like refusals, and nothing durable.
-            if let Some(suppressed) = state.refusal_limiter.admit(&scope.chain(), AuditAction::OperationDeferred.as_str(), state.now()) {
+            if let Some(suppressed) =
+                state.refusal_limiter.admit(&scope.chain(), AuditAction::OperationDeferred.as_str(), state.now())
+            {
                 tracing::info!(operation = %request_id, reason = %why, suppressed, "deferred an appliance's {action}; it will be resent");
             }
             None
@@ -469,9 +469,11 @@ async fn apply_result(
                 return if op.refusal_reason.as_deref() == Some(reason.as_str()) { Ok(()) } else { already() };
             }
             // A denial stays `denied`; the appliance's refusal confirms it audited it.
-            let new_state = if op.state == OperationState::Denied { OperationState::Denied } else { OperationState::Refused };
+            let new_state =
+                if op.state == OperationState::Denied { OperationState::Denied } else { OperationState::Refused };
             let update = ResultUpdate::refusal(new_state, &reason);
-            let ev = result_event(scope, AuditAction::OperationRefused, request_id, serde_json::json!({ "reason": reason }));
+            let ev =
+                result_event(scope, AuditAction::OperationRefused, request_id, serde_json::json!({ "reason": reason }));
             commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
         }
         OperationOutcome::Executed | OperationOutcome::Cancelled => {
@@ -649,7 +651,9 @@ fn verify_execution(
         // plane has no customer policy to check it against; `airlock verify --policy` does).
         AuthorityKind::StandingWindow => {}
         // Only the appliance's own probes need no signature, and no template may be one.
-        AuthorityKind::Probe => return refuse("an operation template is never a built-in probe; `observe` cannot authorise it"),
+        AuthorityKind::Probe => {
+            return refuse("an operation template is never a built-in probe; `observe` cannot authorise it");
+        }
     }
     Ok(VerifiedExecution { envelope, statement, cert_pem: r.appliance_certificate_pem.clone(), pre_approval_json })
 }
@@ -765,7 +769,8 @@ async fn apply_release(
                 .and_then(|env| serde_json::from_slice::<PreApprovalBody>(&env.payload).ok());
             match pre {
                 Some(p)
-                    if p.level == ApprovalLevel::CommandsAndOutput && execution.authority.kind == AuthorityKind::PreApproval =>
+                    if p.level == ApprovalLevel::CommandsAndOutput
+                        && execution.authority.kind == AuthorityKind::PreApproval =>
                 {
                     format!("pre-approval {}", p.id)
                 }
@@ -788,18 +793,19 @@ async fn apply_release(
         }
         ReleaseDecision::Withhold => None,
     };
-    let new_state = if decision == ReleaseDecision::Release { OperationState::Released } else { OperationState::Withheld };
-    let update = ReleaseUpdate {
-        state: new_state,
-        release_envelope: release_json.as_deref(),
-        output_sealed: sealed.as_deref(),
-    };
+    let new_state =
+        if decision == ReleaseDecision::Release { OperationState::Released } else { OperationState::Withheld };
+    let update =
+        ReleaseUpdate { state: new_state, release_envelope: release_json.as_deref(), output_sealed: sealed.as_deref() };
     if !tx.record_release(scope, peer.appliance, request_id, &update, now).await? {
         // Cannot happen under the write lock; if it does, the appliance sends it again.
         return Err(Refuse::NotYet(format!("operation {request_id} changed while its release was checked")));
     }
-    let action =
-        if new_state == OperationState::Released { AuditAction::OperationReleased } else { AuditAction::OperationWithheld };
+    let action = if new_state == OperationState::Released {
+        AuditAction::OperationReleased
+    } else {
+        AuditAction::OperationWithheld
+    };
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
     ev.target = Some(request_id.to_string());
     // Digest and size only: the output itself never reaches the audit or the logs.

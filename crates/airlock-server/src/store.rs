@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use airlock_core::audit::{self, ChainHash, Event, Head, Record};
 use airlock_core::id::TokenId;
-use airlock_core::token::TokenHash;
 use airlock_core::operation::OperationState;
+use airlock_core::token::TokenHash;
 use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, OperationId, TenantId, Timestamp, WorkspaceId};
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -956,11 +956,8 @@ impl Store {
         id: OperationId,
     ) -> Result<Option<OperationRow>, StoreError> {
         let sql = format!("SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2");
-        let row = sqlx::query(&sql)
-            .bind(scope.tenant().to_string())
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_optional(&self.pool).await?;
         row.as_ref().map(operation_from_row).transpose()
     }
 

@@ -42,43 +42,24 @@ pub struct PeerCert {
     pub not_before: Timestamp,
     pub not_after: Timestamp,
     pub serial: String,
-    pub spki: Vec<u8>,
+    /// The subject public key, to tell a renewal's new key from the current one.
+    pub public_key: Vec<u8>,
 }
 
-/// Reads identity and validity from a leaf certificate. The caller must only trust the result
-/// if the certificate chained to our CA.
+/// Reads identity and validity from a leaf certificate (with core's one certificate reader).
+/// The caller must only trust the result if the certificate chained to our CA.
 pub fn parse_peer_cert(der: &[u8], trust_domain: &str) -> Result<PeerCert, String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(|_| "certificate does not parse".to_owned())?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| "malformed subject alternative name".to_owned())?
-        .ok_or_else(|| "certificate names no appliance identity".to_owned())?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else {
-        return Err("certificate must name exactly one appliance identity".into());
-    };
-    let identity: ApplianceIdentity =
-        uri.parse().map_err(|e: airlock_core::identity::IdentityParseError| e.to_string())?;
+    let info = airlock_core::certificate::inspect_der(der).map_err(|e| e.to_string())?;
+    let identity = info.appliance_identity().map_err(|e| e.to_string())?;
     if identity.trust_domain != trust_domain {
         return Err(format!("certificate is for trust domain `{}`, not ours", identity.trust_domain));
     }
-    let not_after = Timestamp::from_unix_millis(cert.validity().not_after.timestamp() * 1000);
-    let not_before = Timestamp::from_unix_millis(cert.validity().not_before.timestamp() * 1000);
     Ok(PeerCert {
         identity,
-        not_before,
-        not_after,
-        serial: data_encoding::HEXLOWER.encode(cert.tbs_certificate.raw_serial()),
-        spki: cert.tbs_certificate.subject_pki.subject_public_key.data.to_vec(),
+        not_before: info.not_before,
+        not_after: info.not_after,
+        serial: info.serial,
+        public_key: info.public_key,
     })
 }
 
