@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use airlock_core::audit::Outcome;
 use airlock_core::dsse::Envelope;
-use airlock_core::grant::{ApprovalDecision, OperationRequest};
-use airlock_core::operation::{Manifest, OperationState, RequestStatement};
+use airlock_core::grant::{ApprovalDecision, DenyCode, OperationRequest};
+use airlock_core::operation::{Manifest, OperationState, RefusalCode, RequestStatement};
 use airlock_core::policy::Phase;
 use airlock_core::template::{RenderedCommand, Template, VarType};
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, Timestamp, WorkspaceId};
@@ -251,6 +251,13 @@ pub struct OperationView {
     pub requested_at: Timestamp,
     #[schema(value_type = String)]
     pub state: OperationState,
+    /// Why the appliance did not run it (`airlock_core::operation::RefusalCode`, snake_case).
+    #[schema(value_type = Option<String>)]
+    pub refusal_code: Option<RefusalCode>,
+    /// Which policy check denied it, when `refusal_code` is `denied`.
+    #[schema(value_type = Option<String>)]
+    pub deny_code: Option<DenyCode>,
+    /// The appliance's explanation, for people.
     pub refusal_reason: Option<String>,
     /// What the customer approves (its digest is `request_digest`).
     #[schema(value_type = Object)]
@@ -287,6 +294,8 @@ impl OperationView {
             requested_by,
             requested_at,
             state: op.state,
+            refusal_code: op.refusal_code,
+            deny_code: op.deny_code,
             refusal_reason: op.refusal_reason.clone(),
             request_digest: request.digest_hex(),
             command_sha256: request.command_sha256.clone(),
@@ -433,6 +442,8 @@ pub(super) async fn request_operation(
         exit_code: None,
         output_sha256: None,
         output_size: None,
+        refusal_code: None,
+        deny_code: None,
         refusal_reason: None,
         result_at: None,
         output_stored: false,

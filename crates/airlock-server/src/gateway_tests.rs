@@ -173,9 +173,11 @@ async fn revoked_appliance_is_refused_even_with_a_fresh_certificate() {
 
 mod operations {
     use airlock_core::dsse::Envelope;
+    use airlock_core::grant::DenyCode;
     use airlock_core::operation::{
-        AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RELEASE_PAYLOAD_TYPE,
-        ReleaseDecision, ReleaseStatement, add_signature, certificate_key_id, sha256_hex, signing_input,
+        AckCode, AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus,
+        RELEASE_PAYLOAD_TYPE, RefusalCode, ReleaseDecision, ReleaseStatement, add_signature, certificate_key_id,
+        sha256_hex, signing_input,
     };
     use airlock_proto::gateway::{
         ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
@@ -547,17 +549,14 @@ mod operations {
         assert_eq!(Envelope::from_json(pushed.approval_envelope_json.as_bytes()).unwrap(), grant);
         // No output of a denied request can ever be taken: refused for good, not deferred.
         let ack = a.send(release(&op, b"x", b"x", ReleaseDecision::Release)).await;
-        assert!(ack.error.contains("no execution") && ack.error.contains("denied"), "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Refused, "{ack:?}");
         // The appliance's refusal of the denied request is recorded; it stays denied.
-        let refused = appliance_message::Body::OperationResult(OperationResult {
-            request_id: id.to_owned(),
-            outcome: OperationOutcome::Refused as i32,
-            reason: "the customer denied this request".into(),
-            ..Default::default()
-        });
-        assert_eq!(a.send(refused).await.error, "");
+        let refused =
+            refusal(&op, OperationOutcome::Refused, RefusalCode::CustomerDenied, "the customer denied this request");
+        assert_eq!(code_of(&a.send(refused).await), AckCode::Stored);
         let shown = op_state(&f, id).await;
         assert_eq!(shown["state"], "denied");
+        assert_eq!(shown["refusal_code"], "customer_denied");
         assert_eq!(shown["refusal_reason"], "the customer denied this request");
         // A result for an operation that is not this appliance's is refused.
         let unknown = appliance_message::Body::OperationResult(OperationResult {
@@ -566,6 +565,74 @@ mod operations {
             ..Default::default()
         });
         assert!(a.send(unknown).await.error.contains("no operation"));
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_final_release_refusal_and_a_retryable_one_are_told_apart_by_code() {
+        let f = fixture().await;
+        let early = request(&f, "report", &["host:read"]).await;
+        let denied = request(&f, "restart", &["service:restart"]).await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        a.instruction().await;
+        // A release that arrived before its operation's result: keep it and send it again.
+        let ack = a.send(release(&early, MARKER, MARKER, ReleaseDecision::Release)).await;
+        assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Retry));
+        // A release of an operation the customer denied: no result will ever make it acceptable.
+        deny(&f, &denied).await;
+        a.instruction().await;
+        let ack = a.send(release(&denied, b"x", b"x", ReleaseDecision::Release)).await;
+        assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Refused));
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_result_with_an_unknown_or_contradicting_refusal_code_is_refused() {
+        let f = fixture().await;
+        let op = request(&f, "check", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let with = |outcome: OperationOutcome, code: i32, deny: i32| {
+            appliance_message::Body::OperationResult(OperationResult {
+                request_id: id.to_owned(),
+                outcome: outcome as i32,
+                reason: "not allowed".into(),
+                refusal_code: code,
+                deny_code: deny,
+                ..Default::default()
+            })
+        };
+        let wire = |c: RefusalCode| airlock_proto::convert::refusal_code_to_wire(c) as i32;
+        let no_grant = airlock_proto::convert::deny_code_to_wire(DenyCode::NoMatchingGrant) as i32;
+        for bad in [
+            // Unspecified, or a code from a newer appliance: never read as something milder.
+            with(OperationOutcome::AwaitingApproval, 0, 0),
+            with(OperationOutcome::AwaitingApproval, 99, 0),
+            with(OperationOutcome::Refused, 0, 0),
+            with(OperationOutcome::Refused, 99, 0),
+            // A code that contradicts the outcome.
+            with(OperationOutcome::Refused, wire(RefusalCode::AwaitingAuthority), 0),
+            with(OperationOutcome::AwaitingApproval, wire(RefusalCode::Misbound), 0),
+            // A policy denial that does not say which check, or names one unknown here.
+            with(OperationOutcome::Refused, wire(RefusalCode::Denied), 0),
+            with(OperationOutcome::Refused, wire(RefusalCode::Denied), 999),
+        ] {
+            let ack = a.send(bad).await;
+            assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Result as i32, AckCode::Refused), "{ack:?}");
+        }
+        assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
+        // A well-coded refusal is stored with its codes, and again idempotently.
+        for _ in 0..2 {
+            let ack = a.send(with(OperationOutcome::Refused, wire(RefusalCode::Denied), no_grant)).await;
+            assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
+        }
+        let shown = op_state(&f, id).await;
+        assert_eq!(
+            (&shown["state"], &shown["refusal_code"], &shown["deny_code"]),
+            (&json!("refused"), &json!("denied"), &json!("no_matching_grant"))
+        );
         f.server.shutdown().await;
     }
 
@@ -597,10 +664,11 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
 
-        // The release overtook the result (or the result's write failed): no ack, so the
-        // appliance keeps it in its outbox, and no refusal is audited.
+        // The release overtook the result (or the result's write failed): acknowledged as one
+        // to send again, so the appliance keeps it in its outbox, and no refusal is audited.
         let early = release(&op, MARKER, MARKER, ReleaseDecision::Release);
-        assert_eq!(send_then_heartbeat(&mut a, early.clone(), 1).await, vec![]);
+        let acks = send_then_heartbeat(&mut a, early.clone(), 1).await;
+        assert_eq!(acks.iter().map(code_of).collect::<Vec<_>>(), [AckCode::Retry], "{acks:?}");
         assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
         let chain = f.identity.tenant.to_string();
         let actions = |records: Vec<Result<airlock_core::audit::Record, i64>>| -> Vec<String> {
@@ -611,7 +679,8 @@ mod operations {
 
         // What is wrong with the release itself is still refused for good, result or not.
         let acks = send_then_heartbeat(&mut a, release(&op, MARKER, b"bytes", ReleaseDecision::Withhold), 2).await;
-        assert!(acks.len() == 1 && acks[0].error.contains("withheld output"), "{acks:?}");
+        assert_eq!(acks.iter().map(code_of).collect::<Vec<_>>(), [AckCode::Refused], "{acks:?}");
+        assert!(acks[0].error.contains("withheld output"), "{acks:?}");
 
         // Once the result is stored, the resent release is taken.
         let good = execution(&op, MARKER, &a.key, &a.cert);
@@ -627,21 +696,51 @@ mod operations {
         use crate::operations::repush_time;
         let now = airlock_core::Timestamp::from_unix_millis(1_800_000_000_000);
         let at = |secs: u64| now.saturating_add(Duration::from_secs(secs));
-        let reason = |t: airlock_core::Timestamp| format!("the approval is not valid until {t}");
-        assert_eq!(repush_time(&reason(at(10)), now), at(10));
-        assert_eq!(repush_time(&reason(at(3600)), now), at(30));
-        assert_eq!(repush_time(&reason(now), now), at(1));
-        assert_eq!(repush_time("no approval or pre-approval covers this request", now), at(30));
-        assert_eq!(repush_time("the approval is not valid until tomorrow", now), at(30));
+        assert_eq!(repush_time(Some(at(10)), now), at(10));
+        assert_eq!(repush_time(Some(at(3600)), now), at(30));
+        assert_eq!(repush_time(Some(now), now), at(1));
+        assert_eq!(repush_time(None, now), at(30));
     }
 
-    fn awaiting(op: &Value, reason: &str) -> appliance_message::Body {
+    /// The ack's code, which is all the appliance acts on.
+    pub(super) fn code_of(ack: &OperationAck) -> AckCode {
+        airlock_proto::convert::ack_code_from_wire(ack.code).expect("every ack carries a code")
+    }
+
+    /// A result saying the appliance did not run `op`, with `code` (and a reason for people).
+    pub(super) fn refusal(
+        op: &Value,
+        outcome: OperationOutcome,
+        code: RefusalCode,
+        reason: &str,
+    ) -> appliance_message::Body {
         appliance_message::Body::OperationResult(OperationResult {
             request_id: op["id"].as_str().unwrap().to_owned(),
-            outcome: OperationOutcome::AwaitingApproval as i32,
+            outcome: outcome as i32,
             reason: reason.to_owned(),
+            refusal_code: airlock_proto::convert::refusal_code_to_wire(code) as i32,
             ..Default::default()
         })
+    }
+
+    /// `AWAITING_APPROVAL` because the approval is valid only from `valid_from`.
+    fn not_yet_valid(op: &Value, valid_from: Option<airlock_core::Timestamp>) -> appliance_message::Body {
+        let mut body =
+            refusal(op, OperationOutcome::AwaitingApproval, RefusalCode::ApprovalNotYetValid, "not valid yet");
+        if let (appliance_message::Body::OperationResult(r), Some(t)) = (&mut body, valid_from) {
+            r.valid_from_unix_ms = t.unix_millis();
+        }
+        body
+    }
+
+    /// `AWAITING_APPROVAL` because nothing authorises it yet.
+    fn awaiting_authority(op: &Value) -> appliance_message::Body {
+        refusal(
+            op,
+            OperationOutcome::AwaitingApproval,
+            RefusalCode::AwaitingAuthority,
+            "no approval covers this request",
+        )
     }
 
     /// Sends a heartbeat and returns the ids of the instructions that came before its ack.
@@ -679,10 +778,9 @@ mod operations {
 
         // The approval is valid 10 s from now: the appliance cannot run it yet.
         let valid_from = f.server.state.now().saturating_add(Duration::from_secs(10));
-        let reason = format!("the approval is not valid until {valid_from}");
-        assert_eq!(a.send(awaiting(&early, &reason)).await.error, "");
+        assert_eq!(code_of(&a.send(not_yet_valid(&early, Some(valid_from))).await), AckCode::Stored);
         // The one with no approval at all is not pushed again on its own.
-        assert_eq!(a.send(awaiting(&waiting, "no approval or pre-approval covers this request")).await.error, "");
+        assert_eq!(code_of(&a.send(awaiting_authority(&waiting)).await), AckCode::Stored);
         // Before then, heartbeats push nothing.
         assert!(heartbeat_pushes(&mut a, 1).await.is_empty());
         clock.advance(Duration::from_secs(9));
@@ -692,14 +790,14 @@ mod operations {
         assert_eq!(heartbeat_pushes(&mut a, 3).await, [early["id"].as_str().unwrap()]);
         assert!(heartbeat_pushes(&mut a, 4).await.is_empty());
 
-        // Without a time in the reason, it is pushed again after 30 s at most.
-        assert_eq!(a.send(awaiting(&early, "the approval is not valid yet")).await.error, "");
+        // Without a time beside the code, it is pushed again after 30 s at most.
+        assert_eq!(code_of(&a.send(not_yet_valid(&early, None)).await), AckCode::Stored);
         clock.advance(Duration::from_secs(29));
         assert!(heartbeat_pushes(&mut a, 5).await.is_empty());
         clock.advance(Duration::from_secs(1));
         assert_eq!(heartbeat_pushes(&mut a, 6).await, [early["id"].as_str().unwrap()]);
         // Once it has a result, nothing is pushed again.
-        assert_eq!(a.send(awaiting(&early, "not valid yet")).await.error, "");
+        assert_eq!(code_of(&a.send(not_yet_valid(&early, None)).await), AckCode::Stored);
         let good = execution(&early, b"out", &a.key, &a.cert);
         assert_eq!(a.send(result(&early, &good, &a.cert.pem)).await.error, "");
         clock.advance(Duration::from_secs(60));

@@ -11,15 +11,16 @@ use std::time::Duration;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{
-    ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
+    ApprovalDecision, ApprovalLevel, DenyCode, GRANT_PAYLOAD_TYPE, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE,
+    PreApprovalBody,
 };
 use airlock_core::operation::{
     AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, OperationState,
-    RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, RequestStatement, SECRET_OUTPUT_TAG,
-    add_signature, certificate_key_id, sha256_hex, signing_input, verify_certified_envelope,
+    RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, RefusalCode, ReleaseDecision, ReleaseStatement, RequestStatement,
+    SECRET_OUTPUT_TAG, add_signature, certificate_key_id, sha256_hex, signing_input, verify_certified_envelope,
 };
 use airlock_core::{ApplianceId, ApplianceIdentity, OperationId, Timestamp};
-use airlock_proto::convert::ack_code_to_wire;
+use airlock_proto::convert::{ack_code_to_wire, deny_code_from_wire, refusal_code_from_wire};
 use airlock_proto::gateway::{
     ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
     OutputRelease, control_message,
@@ -238,17 +239,12 @@ pub const REPUSH_AT_MOST: Duration = Duration::from_secs(30);
 /// The soonest it pushes one again.
 pub const REPUSH_AT_LEAST: Duration = Duration::from_secs(1);
 
-/// When to push an approved operation again that the appliance answered `AWAITING_APPROVAL`
-/// with `reason`: when its approval becomes valid if the reason says so ("not valid until
-/// T"), at most [`REPUSH_AT_MOST`] and at least [`REPUSH_AT_LEAST`] from `now`.
-pub fn repush_time(reason: &str, now: Timestamp) -> Timestamp {
+/// When to push an approved operation again that the appliance answered `AWAITING_APPROVAL`:
+/// when its approval becomes valid (`valid_from`, which the appliance sends beside
+/// `APPROVAL_NOT_YET_VALID`), at most [`REPUSH_AT_MOST`] and at least [`REPUSH_AT_LEAST`]
+/// from `now`.
+pub fn repush_time(valid_from: Option<Timestamp>, now: Timestamp) -> Timestamp {
     let latest = now.saturating_add(REPUSH_AT_MOST);
-    let valid_from = reason.split_once("not valid until ").and_then(|(_, rest)| {
-        let text = rest.split_whitespace().next()?.trim_end_matches(['.', ',', ';', ')']);
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-            .ok()
-            .map(Timestamp::from_offset_date_time)
-    });
     valid_from.map_or(latest, |t| t.min(latest)).max(now.saturating_add(REPUSH_AT_LEAST))
 }
 
@@ -347,13 +343,13 @@ async fn send_instruction(state: &AppState, scope: &TenantScope, appliance: Appl
 
 /// A result or release the control plane will not store; the appliance is told why.
 enum Refuse {
-    /// Refused for good: acknowledged with this error.
+    /// Refused for good: acknowledged [`AckCode::Refused`] with this error.
     Because(String),
     /// The store failed: no acknowledgement, so the appliance sends it again later.
     Store(StoreError),
     /// Not acceptable yet, but it may be later (a release that overtook its operation's
-    /// result): no acknowledgement, so the appliance keeps it and sends it again after its
-    /// results on the next (re)connect. Not a refusal, so not audited as one.
+    /// result): acknowledged [`AckCode::Retry`], so the appliance keeps it and sends it again
+    /// after its results. Not a refusal, so not audited as one.
     NotYet(String),
 }
 
@@ -406,14 +402,14 @@ async fn finish(
             None
         }
         Err(Refuse::NotYet(why)) => {
-            // The appliance may send it again on every reconnect until it can be taken: a
-            // note, rate limited like refusals, and nothing durable.
+            // The appliance sends it again after its results, and may on every reconnect until
+            // it can be taken: a note, rate limited like refusals, and nothing durable.
             if let Some(suppressed) =
                 state.refusal_limiter.admit(&scope.chain(), AuditAction::OperationDeferred.as_str(), state.now())
             {
                 tracing::info!(operation = %request_id, reason = %why, suppressed, "deferred an appliance's {action}; it will be resent");
             }
-            None
+            Some(ack(request_id, kind, AckCode::Retry, why))
         }
     }
 }
@@ -456,24 +452,29 @@ async fn apply_result(
         // An approved one the appliance cannot run yet (its approval is not valid yet) is
         // sent again later on this stream, without waiting for a reconnect.
         OperationOutcome::AwaitingApproval => {
+            let reported = reported_refusal(r, outcome)?;
             if pending && op.state == OperationState::Approved {
-                let at = repush_time(&sanitize(&r.reason, MAX_REASON_CHARS), now);
-                state.registry.repush_at(peer.appliance, at);
+                state.registry.repush_at(peer.appliance, repush_time(reported.valid_from, now));
             }
             Ok(())
         }
         OperationOutcome::Refused => {
+            let reported = reported_refusal(r, outcome)?;
             let reason = sanitize(&r.reason, MAX_REASON_CHARS);
             if !pending {
-                // The same result again is already stored.
-                return if op.refusal_reason.as_deref() == Some(reason.as_str()) { Ok(()) } else { already() };
+                // The same result again is already stored (refusals stored before codes were
+                // recorded have no code to compare).
+                let same = op.refusal_reason.as_deref() == Some(reason.as_str())
+                    && op.refusal_code.is_none_or(|c| c == reported.code)
+                    && (op.refusal_code.is_none() || op.deny_code == reported.deny);
+                return if same { Ok(()) } else { already() };
             }
             // A denial stays `denied`; the appliance's refusal confirms it audited it.
             let new_state =
                 if op.state == OperationState::Denied { OperationState::Denied } else { OperationState::Refused };
-            let update = ResultUpdate::refusal(new_state, &reason);
-            let ev =
-                result_event(scope, AuditAction::OperationRefused, request_id, serde_json::json!({ "reason": reason }));
+            let update = ResultUpdate::refusal(new_state, reported.code, reported.deny, &reason);
+            let detail = serde_json::json!({ "code": reported.code, "deny_code": reported.deny, "reason": reason });
+            let ev = result_event(scope, AuditAction::OperationRefused, request_id, detail);
             commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
         }
         OperationOutcome::Executed | OperationOutcome::Cancelled => {
@@ -505,6 +506,8 @@ async fn apply_result(
                 exit_code: e.exit_code.map(i64::from),
                 output_sha256: Some(&e.output_sha256),
                 output_size: Some(size),
+                refusal_code: None,
+                deny_code: None,
                 refusal_reason: None,
             };
             let detail = serde_json::json!({
@@ -520,6 +523,40 @@ async fn apply_result(
             commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
         }
     }
+}
+
+/// Why the appliance did not run an operation, as it coded it.
+struct ReportedRefusal {
+    code: RefusalCode,
+    /// Which policy check denied it, for [`RefusalCode::Denied`].
+    deny: Option<DenyCode>,
+    /// When the approval becomes valid, for [`RefusalCode::ApprovalNotYetValid`] (if sent).
+    valid_from: Option<Timestamp>,
+}
+
+/// Reads the codes of an `AWAITING_APPROVAL` or `REFUSED` result. A code this build does not
+/// know, a missing one, or one that contradicts the outcome is refused, never read as
+/// something milder: the reason text beside it is for people and is never parsed.
+fn reported_refusal(r: &OperationResult, outcome: OperationOutcome) -> Result<ReportedRefusal, Refuse> {
+    let code = refusal_code_from_wire(r.refusal_code)
+        .or_else(|e| refuse(format!("the result's refusal code is missing or unknown to this control plane ({e})")))?;
+    let awaiting = outcome == OperationOutcome::AwaitingApproval;
+    if code.is_retryable() != awaiting {
+        return refuse(format!(
+            "refusal code {code:?} does not go with outcome {}: a retryable code comes with AWAITING_APPROVAL, a final one with REFUSED",
+            outcome.as_str_name()
+        ));
+    }
+    let deny =
+        match code {
+            RefusalCode::Denied => Some(deny_code_from_wire(r.deny_code).or_else(|e| {
+                refuse(format!("a denial's deny code is missing or unknown to this control plane ({e})"))
+            })?),
+            _ => None,
+        };
+    let valid_from = (code == RefusalCode::ApprovalNotYetValid && r.valid_from_unix_ms != 0)
+        .then(|| Timestamp::from_unix_millis(r.valid_from_unix_ms));
+    Ok(ReportedRefusal { code, deny, valid_from })
 }
 
 fn result_event(

@@ -13,8 +13,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use airlock_core::audit::{self, ChainHash, Event, Head, Record};
+use airlock_core::grant::DenyCode;
 use airlock_core::id::TokenId;
-use airlock_core::operation::OperationState;
+use airlock_core::operation::{OperationState, RefusalCode};
 use airlock_core::token::TokenHash;
 use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, OperationId, TenantId, Timestamp, WorkspaceId};
 use serde::Serialize;
@@ -34,6 +35,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "join_key", include_str!("../migrations/0003_join_key.sql")),
     (4, "operations", include_str!("../migrations/0004_operations.sql")),
     (5, "policies", include_str!("../migrations/0005_policies.sql")),
+    (6, "refusal_codes", include_str!("../migrations/0006_refusal_codes.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -812,6 +814,12 @@ pub struct OperationRow {
     pub exit_code: Option<i64>,
     pub output_sha256: Option<String>,
     pub output_size: Option<i64>,
+    /// Why the appliance refused it, as it coded it (absent for refusals recorded before
+    /// codes were kept).
+    pub refusal_code: Option<RefusalCode>,
+    /// Which policy check denied it, when `refusal_code` is `Denied`.
+    pub deny_code: Option<DenyCode>,
+    /// The appliance's explanation, for people.
     pub refusal_reason: Option<String>,
     pub result_at: Option<Timestamp>,
     pub output_stored: bool,
@@ -827,12 +835,14 @@ pub struct ResultUpdate<'a> {
     pub exit_code: Option<i64>,
     pub output_sha256: Option<&'a str>,
     pub output_size: Option<i64>,
+    pub refusal_code: Option<RefusalCode>,
+    pub deny_code: Option<DenyCode>,
     pub refusal_reason: Option<&'a str>,
 }
 
 impl<'a> ResultUpdate<'a> {
     /// A refusal: the new state and why, nothing executed.
-    pub fn refusal(state: OperationState, reason: &'a str) -> Self {
+    pub fn refusal(state: OperationState, code: RefusalCode, deny: Option<DenyCode>, reason: &'a str) -> Self {
         Self {
             state,
             execution_envelope: None,
@@ -841,6 +851,8 @@ impl<'a> ResultUpdate<'a> {
             exit_code: None,
             output_sha256: None,
             output_size: None,
+            refusal_code: Some(code),
+            deny_code: deny,
             refusal_reason: Some(reason),
         }
     }
@@ -858,7 +870,7 @@ const TEMPLATE_COLUMNS: &str = "workspace_id, name, content_sha256, manifest_tom
 const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id, template_name, template_sha256, state,
     requested_by, requested_at, updated_at, request_digest, command_sha256, request_envelope, control_plane_cert_pem,
     approval_envelope, pre_approval_envelope, execution_envelope, appliance_cert_pem, release_envelope, exit_code,
-    output_sha256, output_size, refusal_reason, result_at,
+    output_sha256, output_size, refusal_code, deny_code, refusal_reason, result_at,
     CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored";
 
 /// The states in which an operation still waits for the appliance's final result.
@@ -1192,7 +1204,7 @@ impl WriteTx<'_> {
         let done = sqlx::query(
             "UPDATE operations SET state = $1, execution_envelope = $2, appliance_cert_pem = $3,
                 pre_approval_envelope = $4, exit_code = $5, output_sha256 = $6, output_size = $7,
-                refusal_reason = $8, result_at = $9, updated_at = $9
+                refusal_reason = $8, result_at = $9, updated_at = $9, refusal_code = $13, deny_code = $14
              WHERE tenant_id = $10 AND appliance_id = $11 AND id = $12 AND result_at IS NULL",
         )
         .bind(r.state.as_str())
@@ -1207,6 +1219,8 @@ impl WriteTx<'_> {
         .bind(scope.tenant().to_string())
         .bind(appliance.to_string())
         .bind(id.to_string())
+        .bind(r.refusal_code.map(code_text))
+        .bind(r.deny_code.map(code_text))
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -1276,6 +1290,8 @@ fn operation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OperationRow, Store
         exit_code: r.try_get("exit_code")?,
         output_sha256: r.try_get("output_sha256")?,
         output_size: r.try_get("output_size")?,
+        refusal_code: code_col(r, "refusal_code")?,
+        deny_code: code_col(r, "deny_code")?,
         refusal_reason: r.try_get("refusal_reason")?,
         result_at: opt_ts_col(r, "result_at")?,
         output_stored: stored != 0,
@@ -1299,6 +1315,26 @@ where
 {
     let s: String = row.try_get(col)?;
     s.parse().map_err(|e: T::Err| StoreError::Corrupt(format!("column {col}: {e}")))
+}
+
+/// A code's stored text: its serde (snake_case) name, as the API shows it.
+fn code_text<T: Serialize>(code: T) -> String {
+    match serde_json::to_value(code) {
+        Ok(serde_json::Value::String(s)) => s,
+        // Codes are unit enum variants, which serialize as strings.
+        _ => String::new(),
+    }
+}
+
+/// A stored code; a name this build does not know is corruption, never a default.
+fn code_col<T: serde::de::DeserializeOwned>(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<T>, StoreError> {
+    let text: Option<String> = row.try_get(col)?;
+    text.map(|t| {
+        serde_json::from_value(serde_json::Value::String(t.clone())).map_err(|_| {
+            StoreError::Corrupt(format!("column {col}: unknown code `{}`", t.chars().take(40).collect::<String>()))
+        })
+    })
+    .transpose()
 }
 
 fn ts_col(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Timestamp, StoreError> {
@@ -1563,6 +1599,8 @@ mod tests {
             exit_code: None,
             output_sha256: None,
             output_size: None,
+            refusal_code: None,
+            deny_code: None,
             refusal_reason: None,
             result_at: None,
             output_stored: false,
@@ -1599,7 +1637,7 @@ mod tests {
         // Writes through B's scope cannot touch A's rows, not even by naming A's workspace.
         let mut tx = store.write().await.unwrap();
         assert!(!tx.set_approval(&b, op_id(1), "{}", OperationState::Approved, now()).await.unwrap());
-        let update = ResultUpdate::refusal(OperationState::Refused, "x");
+        let update = ResultUpdate::refusal(OperationState::Refused, RefusalCode::Misbound, None, "x");
         assert!(!tx.record_result(&b, apl_a, op_id(1), &update, now()).await.unwrap());
         let other = TemplateRow { content_sha256: "evil".into(), ..template.clone() };
         assert!(tx.put_template(&b, wb, &other, now()).await.unwrap());
@@ -1613,6 +1651,27 @@ mod tests {
         let op = store.get_operation(&a, op_id(1)).await.unwrap().unwrap();
         assert_eq!((op.state.as_str(), op.approval_envelope, op.result_at), ("awaiting_approval", None, None));
         assert_eq!(store.current_template(&a, wa, "t").await.unwrap().unwrap().content_sha256, "aa");
+    }
+
+    #[tokio::test]
+    async fn an_operation_row_the_server_never_wrote_is_an_error_not_a_default() {
+        let (store, _dir) = store().await;
+        let (a, w, e, apl) = tenant(&store, 10).await;
+        for (column, text) in [("state", "finished"), ("refusal_code", "too_early"), ("id", "op_1")] {
+            let id = op_id(1);
+            let mut tx = store.write().await.unwrap();
+            assert!(tx.insert_operation(&a, &operation_row(id, w, e, apl)).await.unwrap());
+            tx.commit().await.unwrap();
+            let edit = format!("UPDATE operations SET {column} = $1 WHERE id = $2");
+            sqlx::query(&edit).bind(text).bind(id.to_string()).execute(&store.pool).await.unwrap();
+            let listed = store.list_operations(&a, None, None, 10).await;
+            assert!(matches!(&listed, Err(StoreError::Corrupt(m)) if m.contains(column)), "{column}: {listed:?}");
+            if column != "id" {
+                let got = store.get_operation(&a, id).await;
+                assert!(matches!(&got, Err(StoreError::Corrupt(m)) if m.contains(column)), "{column}: {got:?}");
+            }
+            sqlx::query("DELETE FROM operations").execute(&store.pool).await.unwrap();
+        }
     }
 
     #[tokio::test]
