@@ -13,7 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod operations;
 pub mod policy;
-pub mod push_index;
+pub mod push;
 pub mod registry;
 pub mod seen;
 pub mod state;
@@ -321,7 +321,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     for id in store.revoked_appliances().await? {
         revoked.insert(id);
     }
-    let push_index = push_index::PushIndex::load(&store).await?;
+    let push_index = push::index::PushIndex::load(&store).await?;
     let mut names = config.hostnames.clone();
     for extra in ["localhost", "127.0.0.1", "::1"] {
         if !names.iter().any(|n| n == extra) {
@@ -469,7 +469,7 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
     let ops_signer = operations::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
-    let push_index = push_index::PushIndex::load(&store).await.expect("load the push index");
+    let push_index = push::index::PushIndex::load(&store).await.expect("load the push index");
     let store = Arc::new(store);
     Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),

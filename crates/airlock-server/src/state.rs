@@ -30,7 +30,7 @@ pub struct AppState {
     pub registry: Registry,
     pub revoked: Arc<RevokedSet>,
     /// What may be waiting to be pushed to a connecting appliance.
-    pub push_index: crate::push_index::PushIndex,
+    pub push_index: crate::push::index::PushIndex,
     pub metrics: Metrics,
     pub refusal_limiter: RefusalLimiter,
     pub appliance_cert_lifetime: Duration,

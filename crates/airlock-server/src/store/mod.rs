@@ -30,12 +30,12 @@ pub const DB_FILE_NAME: &str = "airlock.db";
 /// carries its schema. (Hand-rolled rather than `sqlx::migrate!` to avoid building sqlx's
 /// proc-macro stack and a second SQLite for the host; the bookkeeping is a dozen lines.)
 const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "init", include_str!("../migrations/0001_init.sql")),
-    (2, "previous_serial", include_str!("../migrations/0002_previous_serial.sql")),
-    (3, "join_key", include_str!("../migrations/0003_join_key.sql")),
-    (4, "operations", include_str!("../migrations/0004_operations.sql")),
-    (5, "policies", include_str!("../migrations/0005_policies.sql")),
-    (6, "refusal_codes", include_str!("../migrations/0006_refusal_codes.sql")),
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "previous_serial", include_str!("../../migrations/0002_previous_serial.sql")),
+    (3, "join_key", include_str!("../../migrations/0003_join_key.sql")),
+    (4, "operations", include_str!("../../migrations/0004_operations.sql")),
+    (5, "policies", include_str!("../../migrations/0005_policies.sql")),
+    (6, "refusal_codes", include_str!("../../migrations/0006_refusal_codes.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -42,14 +42,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/environments/{environment}/join-tokens", post(create_join_token))
         .route("/v1/appliances", get(list_appliances))
         .route("/v1/appliances/{appliance}/revoke", post(revoke_appliance))
-        .route("/v1/workspaces/{workspace}/templates", get(ops::list_templates).post(ops::push_template))
-        .route("/v1/environments/{environment}/operations", post(ops::request_operation))
+        .route("/v1/workspaces/{workspace}/templates", get(operations::list_templates).post(operations::push_template))
+        .route("/v1/environments/{environment}/operations", post(operations::request_operation))
         .route("/v1/environments/{environment}/policy", get(policy::get_policy).put(policy::relay_policy))
-        .route("/v1/operations", get(ops::list_operations))
-        .route("/v1/operations/{id}", get(ops::get_operation))
-        .route("/v1/operations/{id}/approval", post(ops::relay_approval))
-        .route("/v1/operations/{id}/manifest", get(ops::get_manifest))
-        .route("/v1/operations/{id}/output", get(ops::get_output))
+        .route("/v1/operations", get(operations::list_operations))
+        .route("/v1/operations/{id}", get(operations::get_operation))
+        .route("/v1/operations/{id}/approval", post(operations::relay_approval))
+        .route("/v1/operations/{id}/manifest", get(operations::get_manifest))
+        .route("/v1/operations/{id}/output", get(operations::get_output))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_responses))
@@ -60,12 +60,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 #[openapi(
     info(title = "Airlock control plane API", description = "Tenants, workspaces, environments, appliances, templates and signed operations."),
     paths(get_ca, join, list_workspaces, list_environments, create_environment, create_join_token, list_appliances, revoke_appliance,
-        ops::push_template, ops::list_templates, ops::request_operation, ops::list_operations, ops::get_operation,
-        ops::relay_approval, ops::get_manifest, ops::get_output, policy::relay_policy, policy::get_policy),
+        operations::push_template, operations::list_templates, operations::request_operation, operations::list_operations, operations::get_operation,
+        operations::relay_approval, operations::get_manifest, operations::get_output, policy::relay_policy, policy::get_policy),
     components(schemas(ErrorBody, ErrorDetail, CaInfo, JoinRequest, JoinResponse, WorkspaceView, EnvironmentView,
         CreateEnvironment, CreateJoinToken, JoinTokenView, ApplianceView, ApplianceList,
-        ops::PushTemplate, ops::TemplateView, ops::VariableView, ops::TemplateList, ops::RequestOperation,
-        ops::OperationView, ops::OperationList, ops::RelayApproval, policy::RelayPolicy, policy::PolicyView)),
+        operations::PushTemplate, operations::TemplateView, operations::VariableView, operations::TemplateList, operations::RequestOperation,
+        operations::OperationView, operations::OperationList, operations::RelayApproval, policy::RelayPolicy, policy::PolicyView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -709,11 +709,8 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-#[path = "api_ops.rs"]
-pub mod ops;
-#[path = "api_policy.rs"]
+pub mod operations;
 pub mod policy;
 
 #[cfg(test)]
-#[path = "api_tests.rs"]
 mod tests;

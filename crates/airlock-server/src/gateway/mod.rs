@@ -515,5 +515,4 @@ async fn renew_certificate(
 }
 
 #[cfg(test)]
-#[path = "gateway_tests.rs"]
 mod tests;

@@ -1,0 +1,3 @@
+//! Pushing instructions to appliances.
+
+pub mod index;
