@@ -10,7 +10,13 @@ use airlock_core::audit::AuditAction;
 use airlock_core::id::TokenId;
 use airlock_core::{ApplianceId, ApplianceIdentity, TenantId};
 
-use crate::store::ApiTokenRow;
+/// What an authenticated API token stands for, before authorization builds a scope from it.
+#[derive(Clone, Debug)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub tenant: TenantId,
+    pub role: Role,
+}
 
 /// Roles an API token can carry. Default deny: anything not granted here is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +81,7 @@ impl TenantScope {
     }
 
     /// An API token found in the store, not revoked.
-    pub(crate) fn for_api_token(row: ApiTokenRow) -> Self {
+    pub(crate) fn for_api_token(row: ApiToken) -> Self {
         Self { tenant: row.tenant, principal: Principal::ApiToken { id: row.id, role: row.role } }
     }
 

@@ -33,7 +33,7 @@ pub use ca::StoredCa;
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
 pub use templates::TemplateRow;
-pub use tenancy::{ApiTokenRow, Environment, RedeemRefusal, RedeemedJoin, Workspace};
+pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
 
 pub const DB_FILE_NAME: &str = "airlock.db";
 

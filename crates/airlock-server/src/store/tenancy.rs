@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::{Store, StoreError, WriteTx, conflict, parse_col, ts_col};
-use crate::authz::{Role, TenantScope};
+use crate::authz::{ApiToken, Role, TenantScope};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Workspace {
@@ -23,14 +23,6 @@ pub struct Environment {
     pub workspace_id: WorkspaceId,
     pub name: String,
     pub created_at: Timestamp,
-}
-
-/// What an authenticated API token stands for, before authorization builds a scope from it.
-#[derive(Clone, Debug)]
-pub struct ApiTokenRow {
-    pub id: TokenId,
-    pub tenant: TenantId,
-    pub role: Role,
 }
 
 /// A join token just spent: the environment it admits to.
@@ -57,18 +49,14 @@ pub enum RedeemRefusal {
 }
 
 impl Store {
-    pub async fn api_token_by_hash(&self, hash: &TokenHash) -> Result<Option<ApiTokenRow>, StoreError> {
+    pub async fn api_token_by_hash(&self, hash: &TokenHash) -> Result<Option<ApiToken>, StoreError> {
         let row =
             sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
                 .bind(hash.0.as_slice())
                 .fetch_optional(&self.pool)
                 .await?;
         row.map(|r| {
-            Ok(ApiTokenRow {
-                id: parse_col(&r, "id")?,
-                tenant: parse_col(&r, "tenant_id")?,
-                role: parse_col(&r, "role")?,
-            })
+            Ok(ApiToken { id: parse_col(&r, "id")?, tenant: parse_col(&r, "tenant_id")?, role: parse_col(&r, "role")? })
         })
         .transpose()
     }
