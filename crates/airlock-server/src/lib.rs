@@ -16,6 +16,7 @@ pub mod policy;
 pub mod push;
 pub mod registry;
 pub mod seen;
+pub mod signer;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -65,7 +66,7 @@ pub enum ServerError {
     #[error("another airlock server is already using {0}; one server per data directory")]
     Locked(PathBuf),
     #[error("cannot create the operations-signing identity: {0}")]
-    Signer(#[from] operations::SignerError),
+    Signer(#[from] signer::SignerError),
 }
 
 /// Everything `airlock server` needs, resolved from defaults, file, environment and flags.
@@ -364,7 +365,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let ca_fingerprint = ca.fingerprint();
     let ca_pem = ca.cert_pem().to_owned();
-    let ops_signer = operations::OperationsSigner::generate(&ca, now)?;
+    let ops_signer = signer::OperationsSigner::generate(&ca, now)?;
     let store = Arc::new(store);
     let state = Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
@@ -468,7 +469,7 @@ fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
 pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
-    let ops_signer = operations::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
+    let ops_signer = signer::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
     let push_index = push::index::PushIndex::load(&store).await.expect("load the push index");
     let store = Arc::new(store);
     Arc::new(AppState {

@@ -16,8 +16,8 @@ use airlock_core::grant::{
 };
 use airlock_core::operation::{
     AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, OperationState,
-    RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, RefusalCode, ReleaseDecision, ReleaseStatement, RequestStatement,
-    SECRET_OUTPUT_TAG, add_signature, certificate_key_id, sha256_hex, signing_input, verify_certified_envelope,
+    RELEASE_PAYLOAD_TYPE, RefusalCode, ReleaseDecision, ReleaseStatement, RequestStatement, SECRET_OUTPUT_TAG,
+    sha256_hex, verify_certified_envelope,
 };
 use airlock_core::{ApplianceId, ApplianceIdentity, OperationId, Timestamp};
 use airlock_proto::convert::{ack_code_to_wire, deny_code_from_wire, refusal_code_from_wire};
@@ -25,17 +25,12 @@ use airlock_proto::gateway::{
     ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
     OutputRelease, control_message,
 };
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 
 use crate::authz::TenantScope;
-use crate::ca::{CaError, CertificateAuthority};
 use crate::registry::Registration;
 use crate::state::{AppState, event};
 use crate::store::{OperationRow, PushFrom, PushKey, ReleaseUpdate, ResultUpdate, StoreError};
 
-/// Lifetime of the operations-signing certificate, issued afresh at every start.
-pub const SIGNER_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 /// Longest refusal reason kept from an appliance (it names a check or rule, never data).
 const MAX_REASON_CHARS: usize = 500;
 /// Largest signed statement (envelope JSON) or certificate PEM stored from an appliance or
@@ -43,60 +38,6 @@ const MAX_REASON_CHARS: usize = 500;
 pub const MAX_ENVELOPE_BYTES: usize = 64 * 1024;
 /// How far ahead of the control plane's clock an appliance's clock may run.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
-
-#[derive(Debug, thiserror::Error)]
-pub enum SignerError {
-    #[error(transparent)]
-    Ca(#[from] CaError),
-    #[error("the operations-signing key is unusable: {0}")]
-    Key(String),
-    #[error("signing failed")]
-    Sign,
-}
-
-/// The control plane's operations-signing identity. The key exists only in memory, for the
-/// life of the process; each operation stores the certificate that signed its request.
-pub struct OperationsSigner {
-    key: EcdsaKeyPair,
-    cert_pem: String,
-    key_id: String,
-    rng: SystemRandom,
-}
-
-impl std::fmt::Debug for OperationsSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OperationsSigner").field("key_id", &self.key_id).finish_non_exhaustive()
-    }
-}
-
-impl OperationsSigner {
-    /// Generates a key and has the CA certify it as `spiffe://<trust-domain>/control-plane`.
-    pub fn generate(ca: &CertificateAuthority, now: Timestamp) -> Result<Self, SignerError> {
-        let (issued, pkcs8) = ca.issue_operations_signer(now, SIGNER_LIFETIME)?;
-        let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng)
-            .map_err(|e| SignerError::Key(e.to_string()))?;
-        let key_id = certificate_key_id(issued.der.as_ref()).map_err(|e| SignerError::Key(e.to_string()))?;
-        Ok(Self { key, cert_pem: issued.pem, key_id, rng })
-    }
-
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-
-    /// A DSSE envelope of `payload_type` over `payload`, signed with the operations key.
-    pub fn sign(&self, payload_type: &str, payload: Vec<u8>) -> Result<Envelope, SignerError> {
-        let env = Envelope::new(payload_type, payload);
-        let sig = self.key.sign(&self.rng, &signing_input(&env)).map_err(|_| SignerError::Sign)?;
-        Ok(add_signature(env, self.key_id.clone(), sig.as_ref().to_vec()))
-    }
-
-    /// Signs a request statement.
-    pub fn sign_request(&self, statement: &RequestStatement) -> Result<Envelope, SignerError> {
-        let payload = serde_json::to_vec(statement).map_err(|_| SignerError::Sign)?;
-        self.sign(REQUEST_PAYLOAD_TYPE, payload)
-    }
-}
 
 /// The request statement of a stored operation (signed by us, so only corruption fails).
 pub fn stored_request(op: &OperationRow) -> Result<RequestStatement, StoreError> {
@@ -860,29 +801,6 @@ async fn apply_release(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signer_certificate_names_only_the_control_plane_and_verifies() {
-        let now = Timestamp::from_unix_millis(1_800_000_000_000);
-        let (ca, _) = CertificateAuthority::generate("airlock.test", now).unwrap();
-        let signer = OperationsSigner::generate(&ca, now).unwrap();
-        let env = signer.sign(REQUEST_PAYLOAD_TYPE, b"{}".to_vec()).unwrap();
-        let ok = verify_certified_envelope(&env, REQUEST_PAYLOAD_TYPE, signer.cert_pem(), ca.cert_der(), now).unwrap();
-        assert_eq!(ok.uris, vec!["spiffe://airlock.test/control-plane".to_owned()]);
-        // Another CA's signer does not verify against this CA.
-        let (other, _) = CertificateAuthority::generate("airlock.test", now).unwrap();
-        let foreign = OperationsSigner::generate(&other, now).unwrap();
-        let env2 = foreign.sign(REQUEST_PAYLOAD_TYPE, b"{}".to_vec()).unwrap();
-        assert!(
-            verify_certified_envelope(&env2, REQUEST_PAYLOAD_TYPE, foreign.cert_pem(), ca.cert_der(), now).is_err()
-        );
-        // A tampered payload does not verify.
-        let mut tampered = env;
-        tampered.payload = b"{\"a\":1}".to_vec();
-        assert!(
-            verify_certified_envelope(&tampered, REQUEST_PAYLOAD_TYPE, signer.cert_pem(), ca.cert_der(), now).is_err()
-        );
-    }
 
     #[test]
     fn states_and_ids_parse_strictly() {
