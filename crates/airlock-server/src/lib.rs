@@ -322,7 +322,6 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     for id in store.revoked_appliances().await? {
         revoked.insert(id);
     }
-    let push_index = push::index::PushIndex::load(&store).await?;
     let mut names = config.hostnames.clone();
     for extra in ["localhost", "127.0.0.1", "::1"] {
         if !names.iter().any(|n| n == extra) {
@@ -367,6 +366,8 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let ca_pem = ca.cert_pem().to_owned();
     let ops_signer = signer::OperationsSigner::generate(&ca, now)?;
     let store = Arc::new(store);
+    let registry = Arc::new(registry::Registry::default());
+    let push = push::Pusher::load(store.clone(), registry.clone()).await?;
     let state = Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
         store,
@@ -374,9 +375,9 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ops_signer,
         kek,
         clock: config.clock.clone(),
-        registry: registry::Registry::default(),
+        registry,
         revoked,
-        push_index,
+        push,
         metrics: metrics::Metrics::default(),
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: config.appliance_cert_lifetime,
@@ -470,8 +471,9 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
     let ops_signer = signer::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
-    let push_index = push::index::PushIndex::load(&store).await.expect("load the push index");
     let store = Arc::new(store);
+    let registry = Arc::new(registry::Registry::default());
+    let push = push::Pusher::load(store.clone(), registry.clone()).await.expect("load the push index");
     Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
         store,
@@ -479,9 +481,9 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         ops_signer,
         kek,
         clock,
-        registry: registry::Registry::default(),
+        registry,
         revoked: Arc::new(tls::RevokedSet::default()),
-        push_index,
+        push,
         metrics: metrics::Metrics::default(),
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: Duration::from_secs(3600),

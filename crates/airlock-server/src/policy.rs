@@ -6,14 +6,9 @@
 //! forward), keeps the latest one per environment and pushes it to the environment's
 //! appliances, which verify it against the customer keys they pinned.
 
+use airlock_core::EnvironmentId;
 use airlock_core::dsse::Envelope;
 use airlock_core::policy::{POLICY_PAYLOAD_TYPE, PolicyDocument};
-use airlock_core::{ApplianceId, EnvironmentId};
-use airlock_proto::gateway::{ControlMessage, PolicyUpdate, control_message};
-
-use crate::authz::TenantScope;
-use crate::state::AppState;
-use crate::store::PolicyRow;
 
 /// The largest policy envelope relayed (a policy is a few KiB).
 pub const MAX_POLICY_ENVELOPE_BYTES: usize = 256 * 1024;
@@ -50,64 +45,4 @@ pub fn check_shape(envelope: &Envelope, environment: EnvironmentId) -> Result<Ch
         policy_sha256: airlock_core::operation::sha256_hex(&envelope.payload),
         signatures: envelope.signatures.len(),
     })
-}
-
-fn message(policy: &PolicyRow) -> ControlMessage {
-    ControlMessage {
-        body: Some(control_message::Body::PolicyUpdate(PolicyUpdate { policy_envelope_json: policy.envelope.clone() })),
-    }
-}
-
-/// Sends `policy` to every connected, non-revoked appliance of its environment. Returns how
-/// many it reached; one whose queue was full gets it after its next message.
-pub async fn push_to_environment(state: &AppState, scope: &TenantScope, policy: &PolicyRow) -> usize {
-    let appliances = match state.store.list_appliances(scope, Some(policy.environment_id)).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list appliances to push a policy to; they get it when they reconnect");
-            return 0;
-        }
-    };
-    let msg = message(policy);
-    let mut sent = 0;
-    for a in appliances.iter().filter(|a| a.revoked_at.is_none()) {
-        if state.registry.status(&a.id).is_none() {
-            continue;
-        }
-        if state.registry.send(a.id, msg.clone()) {
-            sent += 1;
-            // Requests that were waiting for authority may be decided differently under the
-            // new policy (a standing window, say): offer them again now, not at a reconnect.
-            crate::operations::push_pending(state, scope, a.id, None).await;
-        } else {
-            state.registry.policy_stopped(a.id, policy.environment_id);
-        }
-    }
-    sent
-}
-
-/// Sends the policy of `environment`, if one was relayed, to its `appliance` (after its
-/// Welcome, or after its next message when a push found its queue full).
-pub async fn push_to_appliance(
-    state: &AppState,
-    scope: &TenantScope,
-    appliance: ApplianceId,
-    environment: EnvironmentId,
-) {
-    // Most environments have none: no read for them.
-    if !state.push_index.has_policy(&environment) {
-        return;
-    }
-    match state.store.environment_policy(scope, environment).await {
-        Ok(Some(policy)) => {
-            if !state.registry.send(appliance, message(&policy)) {
-                state.registry.policy_stopped(appliance, environment);
-            }
-        }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::error!(error = %e, %appliance, "cannot read the environment's policy");
-            state.registry.policy_stopped(appliance, environment);
-        }
-    }
 }

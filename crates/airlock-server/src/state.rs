@@ -27,10 +27,10 @@ pub struct AppState {
     /// Seals released operation output at rest.
     pub kek: crate::keys::Kek,
     pub clock: Arc<dyn Clock>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub revoked: Arc<RevokedSet>,
-    /// What may be waiting to be pushed to a connecting appliance.
-    pub push_index: crate::push::index::PushIndex,
+    /// Sends instructions to connected appliances.
+    pub push: crate::push::Pusher,
     pub metrics: Metrics,
     pub refusal_limiter: RefusalLimiter,
     pub appliance_cert_lifetime: Duration,

@@ -448,8 +448,6 @@ pub(super) async fn request_operation(
         result_at: None,
         output_stored: false,
     };
-    // Before the commit, so no stream connecting after it can miss the operation.
-    state.push_index.operation_may_be_pending(appliance);
     let mut tx = state.store.write().await?;
     if !tx.insert_operation(&scope, &row).await? {
         drop(tx);
@@ -475,9 +473,9 @@ pub(super) async fn request_operation(
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
     // And after it: a push that read the store before the commit may have dropped the entry.
-    state.push_index.operation_may_be_pending(appliance);
+    state.push.index().operation_may_be_pending(appliance);
     tracing::info!(operation = %id, %appliance, template = %row.template_name, "operation requested");
-    operations::push_pending(&state, &scope, appliance, Some(id)).await;
+    state.push.operations(&scope, appliance, Some(id)).await;
     Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
 }
 
@@ -602,7 +600,7 @@ pub(super) async fn relay_approval(
         ApprovalDecision::Approve => OperationState::Approved,
         ApprovalDecision::Deny => OperationState::Denied,
     };
-    state.push_index.operation_may_be_pending(op.appliance_id);
+    state.push.index().operation_may_be_pending(op.appliance_id);
     let mut tx = state.store.write().await?;
     if !tx.set_approval(&scope, op.id, &envelope.to_json(), new_state, now).await? {
         drop(tx);
@@ -620,9 +618,9 @@ pub(super) async fn relay_approval(
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
     // And after it: a push that read the store before the commit may have dropped the entry.
-    state.push_index.operation_may_be_pending(op.appliance_id);
+    state.push.index().operation_may_be_pending(op.appliance_id);
     tracing::info!(operation = %id, decision = ?grant.decision, "approval relayed");
-    operations::push_pending(&state, &scope, op.appliance_id, Some(op.id)).await;
+    state.push.operations(&scope, op.appliance_id, Some(op.id)).await;
     let op = find(&state, &scope, &id).await?;
     Ok(Json(OperationView::from_row(&op)?))
 }

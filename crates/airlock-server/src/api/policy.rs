@@ -116,7 +116,7 @@ pub(super) async fn relay_policy(
         relayed_at: now,
     };
     // Before the commit, so no stream connecting after it can miss the policy.
-    state.push_index.policy_relayed(env_id);
+    state.push.index().policy_relayed(env_id);
     let mut tx = state.store.write().await?;
     match tx.put_policy(&scope, &row).await? {
         PutPolicy::Stored => {}
@@ -144,7 +144,7 @@ pub(super) async fn relay_policy(
     });
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
-    let sent = crate::policy::push_to_environment(&state, &scope, &row).await;
+    let sent = state.push.policy(&scope, &row).await;
     tracing::info!(environment = %env_id, serial = checked.serial, sent, "customer policy relayed");
     Ok(Json(PolicyView::from_row(&row, Some(sent))?))
 }

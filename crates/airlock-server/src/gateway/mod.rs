@@ -340,16 +340,11 @@ impl ApplianceGateway for GatewayService {
                                 // Boxed, like every path that may read the store: the state
                                 // of a rarely taken await would otherwise enlarge every
                                 // stream's task for its whole life.
-                                Box::pin(async {
-                                    crate::policy::push_to_appliance(&state, &scope, id, peer.identity.environment)
-                                        .await;
-                                    crate::operations::push_pending(&state, &scope, id, None).await
-                                })
-                                .await
+                                Box::pin(state.push.at_welcome(&scope, id, peer.identity.environment)).await
                             }
                             // A push that found the queue full goes on now that the peer is
                             // active (memory only when none did).
-                            Ok(()) => crate::operations::resume_pending(&state, &scope, &registration).await,
+                            Ok(()) => state.push.after_message(&scope, &registration, state.now()).await,
                             Err(mpsc::error::TrySendError::Closed(_)) => break false,
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 tracing::warn!(appliance = %id, "appliance is not reading its stream; closing the connection");

@@ -691,17 +691,6 @@ mod operations {
         f.server.shutdown().await;
     }
 
-    #[test]
-    fn repush_time_follows_the_approvals_validity_within_bounds() {
-        use crate::operations::repush_time;
-        let now = airlock_core::Timestamp::from_unix_millis(1_800_000_000_000);
-        let at = |secs: u64| now.saturating_add(Duration::from_secs(secs));
-        assert_eq!(repush_time(Some(at(10)), now), at(10));
-        assert_eq!(repush_time(Some(at(3600)), now), at(30));
-        assert_eq!(repush_time(Some(now), now), at(1));
-        assert_eq!(repush_time(None, now), at(30));
-    }
-
     /// The ack's code, which is all the appliance acts on.
     pub(super) fn code_of(ack: &OperationAck) -> AckCode {
         airlock_proto::convert::ack_code_from_wire(ack.code).expect("every ack carries a code")
@@ -920,14 +909,14 @@ mod operations {
 
         // The appliance's next message resumes the push: the approved one first, though it
         // is the newest, then the oldest still awaiting approval, as far as there is room.
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         let got = queued(&mut rx);
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].request_id, approved);
         assert_eq!(Envelope::from_json(got[0].approval_envelope_json.as_bytes()).unwrap(), grant);
         assert!(got[1].approval_envelope_json.is_empty());
         // Then on from where it stopped, not from the start again: the backlog drains.
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         let rest = queued(&mut rx);
         let mut all: Vec<_> = got.iter().chain(&rest).map(|i| i.request_id.clone()).collect();
         all.sort();
@@ -935,7 +924,7 @@ mod operations {
         want.sort();
         assert_eq!(all, want);
         // Nothing left to resume: a message from the appliance pushes nothing.
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         assert!(queued(&mut rx).is_empty());
         state.registry.leave(reg);
         f.server.shutdown().await;
@@ -967,7 +956,7 @@ mod operations {
         assert_eq!(v["sent_to"], 0);
         // The peer reads; its next message brings the policy, once.
         while rx.try_recv().is_ok() {}
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(got.len(), 1);
         match got.into_iter().next().unwrap().unwrap().body {
@@ -976,7 +965,7 @@ mod operations {
             }
             other => panic!("expected the policy, got {other:?}"),
         }
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         assert!(rx.try_recv().is_err());
         state.registry.leave(reg);
         f.server.shutdown().await;
@@ -1164,11 +1153,11 @@ mod connect_reads {
         drop(a);
 
         // A false positive costs one read, then the appliance is forgotten.
-        f.server.state.push_index.operation_may_be_pending(f.identity.appliance);
+        f.server.state.push.index().operation_may_be_pending(f.identity.appliance);
         let mut a = Appliance::connect(&f, &f.identity).await;
         assert!(settle(&mut a).await.is_empty());
         assert_eq!(reads(&f), (before.0 + 1, before.1));
-        assert!(!f.server.state.push_index.may_have_operations(&f.identity.appliance));
+        assert!(!f.server.state.push.index().may_have_operations(&f.identity.appliance));
         drop(a);
         let mut a = Appliance::connect(&f, &f.identity).await;
         assert!(settle(&mut a).await.is_empty());
@@ -1198,7 +1187,7 @@ mod connect_reads {
 
         // After a restart the index is rebuilt from the store.
         let f = restart(f).await;
-        assert!(f.server.state.push_index.may_have_operations(&f.identity.appliance));
+        assert!(f.server.state.push.index().may_have_operations(&f.identity.appliance));
         let mut a = Appliance::connect(&f, &f.identity).await;
         assert_eq!(instruction_ids(&settle(&mut a).await), [id.as_str()]);
         drop(a);

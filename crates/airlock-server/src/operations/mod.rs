@@ -22,14 +22,12 @@ use airlock_core::operation::{
 use airlock_core::{ApplianceId, ApplianceIdentity, OperationId, Timestamp};
 use airlock_proto::convert::{ack_code_to_wire, deny_code_from_wire, refusal_code_from_wire};
 use airlock_proto::gateway::{
-    ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
-    OutputRelease, control_message,
+    ControlMessage, OperationAck, OperationAckKind, OperationOutcome, OperationResult, OutputRelease, control_message,
 };
 
 use crate::authz::TenantScope;
-use crate::registry::Registration;
 use crate::state::{AppState, event};
-use crate::store::{OperationRow, PushFrom, PushKey, ReleaseUpdate, ResultUpdate, StoreError};
+use crate::store::{OperationRow, ReleaseUpdate, ResultUpdate, StoreError};
 
 /// Longest refusal reason kept from an appliance (it names a check or rule, never data).
 const MAX_REASON_CHARS: usize = 500;
@@ -106,178 +104,6 @@ pub fn check_approval(
         return Err(ApprovalError::Binding("phase"));
     }
     Ok(body)
-}
-
-// ---------- gateway: instructions down ----------
-
-/// Operations read from the store at a time while pushing instructions.
-const PUSH_PAGE: i64 = 16;
-
-/// Sends `OperationInstruction`s for every operation of `appliance` still waiting for its
-/// final result, if the appliance is connected: `first` (the one that just changed), then in
-/// [`PushKey`] order (decided before awaiting approval, then oldest first). Never waits on
-/// the stream: when the queue is full, where the push stopped is remembered with the stream
-/// and [`resume_pending`] goes on from there at the appliance's next message (the appliance
-/// is idempotent per request id).
-pub async fn push_pending(state: &AppState, scope: &TenantScope, appliance: ApplianceId, first: Option<OperationId>) {
-    if state.registry.status(&appliance).is_none() {
-        return;
-    }
-    // At (re)connect, nothing pending is the normal case: the index says so without a read.
-    if first.is_none() && !state.push_index.may_have_operations(&appliance) {
-        return;
-    }
-    // This push starts from the beginning, so it covers whatever an interrupted one left.
-    state.registry.take_resume(appliance);
-    if let Some(first) = first {
-        let op = match state.store.get_operation(scope, first).await {
-            Ok(op) => op,
-            Err(e) => {
-                tracing::error!(error = %e, %appliance, "cannot read an operation to push");
-                return state.registry.push_stopped(appliance, PushFrom::Start);
-            }
-        };
-        let pending = |op: &OperationRow| {
-            op.appliance_id == appliance && op.result_at.is_none() && crate::store::PENDING_STATES.contains(&op.state)
-        };
-        if let Some(op) = op.filter(pending)
-            && !send_instruction(state, scope, appliance, &op).await
-        {
-            return state.registry.push_stopped(appliance, PushFrom::Start);
-        }
-    }
-    push_from(state, scope, appliance, PushFrom::Start, first).await;
-}
-
-/// Goes on with a push (of operations or of the policy) that stopped on a full queue, and
-/// pushes approved operations again when a re-push is due, after a message from the
-/// appliance on the stream `reg`. Touches memory only when none of these is pending.
-pub async fn resume_pending(state: &AppState, scope: &TenantScope, reg: &Registration) {
-    let due = state.registry.take_due_of(reg, state.now());
-    if due.policy.is_none() && due.resume.is_none() && !due.repush {
-        return;
-    }
-    // Boxed so that the session task, which awaits this after every message, does not carry
-    // the state of these reads for its whole life.
-    Box::pin(push_due(state, scope, reg, due)).await;
-}
-
-async fn push_due(state: &AppState, scope: &TenantScope, reg: &Registration, due: crate::registry::Due) {
-    if let Some(environment) = due.policy {
-        crate::policy::push_to_appliance(state, scope, reg.appliance, environment).await;
-    }
-    if let Some(from) = due.resume {
-        push_from(state, scope, reg.appliance, from, None).await;
-    }
-    if due.repush {
-        repush_approved(state, scope, reg.appliance).await;
-    }
-}
-
-/// The longest the control plane waits before pushing an approved operation again that the
-/// appliance said it cannot run yet.
-pub const REPUSH_AT_MOST: Duration = Duration::from_secs(30);
-/// The soonest it pushes one again.
-pub const REPUSH_AT_LEAST: Duration = Duration::from_secs(1);
-
-/// When to push an approved operation again that the appliance answered `AWAITING_APPROVAL`:
-/// when its approval becomes valid (`valid_from`, which the appliance sends beside
-/// `APPROVAL_NOT_YET_VALID`), at most [`REPUSH_AT_MOST`] and at least [`REPUSH_AT_LEAST`]
-/// from `now`.
-pub fn repush_time(valid_from: Option<Timestamp>, now: Timestamp) -> Timestamp {
-    let latest = now.saturating_add(REPUSH_AT_MOST);
-    valid_from.map_or(latest, |t| t.min(latest)).max(now.saturating_add(REPUSH_AT_LEAST))
-}
-
-/// Pushes again every approved operation of `appliance` with no result yet (decided
-/// operations come first in [`PushKey`] order, so it stops at the first awaiting approval).
-async fn repush_approved(state: &AppState, scope: &TenantScope, appliance: ApplianceId) {
-    let mut from = PushFrom::Start;
-    loop {
-        let page = match state.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, %appliance, "cannot read pending operations");
-                return state.registry.push_stopped(appliance, from);
-            }
-        };
-        for op in &page {
-            if op.state == OperationState::AwaitingApproval {
-                return;
-            }
-            if op.state == OperationState::Approved && !send_instruction(state, scope, appliance, op).await {
-                return state.registry.push_stopped(appliance, from);
-            }
-            from = PushFrom::After(PushKey::of(op));
-        }
-        if page.len() < PUSH_PAGE as usize {
-            return;
-        }
-    }
-}
-
-async fn push_from(
-    state: &AppState,
-    scope: &TenantScope,
-    appliance: ApplianceId,
-    mut from: PushFrom,
-    skip: Option<OperationId>,
-) {
-    // A push from the start that finds nothing lets the index forget the appliance; taken
-    // before the read so an operation noted meanwhile keeps it.
-    let seen = (from == PushFrom::Start).then(|| state.push_index.seen(&appliance));
-    loop {
-        let page = match state.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, %appliance, "cannot read pending operations");
-                return state.registry.push_stopped(appliance, from);
-            }
-        };
-        for op in &page {
-            if skip != Some(op.id) && !send_instruction(state, scope, appliance, op).await {
-                tracing::debug!(%appliance, operation = %op.id, "stream busy; the push resumes at its next message");
-                return state.registry.push_stopped(appliance, from);
-            }
-            from = PushFrom::After(PushKey::of(op));
-        }
-        if let Some(seen) = seen
-            && page.is_empty()
-            && from == PushFrom::Start
-        {
-            state.push_index.nothing_pending(&appliance, seen);
-        }
-        if page.len() < PUSH_PAGE as usize {
-            return;
-        }
-    }
-}
-
-/// Queues one instruction. False if it must be sent again later (queue full, or the store
-/// failed); an operation whose template version is missing is skipped.
-async fn send_instruction(state: &AppState, scope: &TenantScope, appliance: ApplianceId, op: &OperationRow) -> bool {
-    let template =
-        match state.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                tracing::error!(operation = %op.id, "the template version of this operation is not stored");
-                return true;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read template");
-                return false;
-            }
-        };
-    let instruction = OperationInstruction {
-        request_id: op.id.to_string(),
-        request_envelope_json: op.request_envelope.clone(),
-        control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
-        template_manifest_toml: template.manifest_toml,
-        template_script: template.script,
-        approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
-    };
-    let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
-    state.registry.send(appliance, msg)
 }
 
 // ---------- gateway: results and releases up ----------
@@ -395,7 +221,7 @@ async fn apply_result(
         OperationOutcome::AwaitingApproval => {
             let reported = reported_refusal(r, outcome)?;
             if pending && op.state == OperationState::Approved {
-                state.registry.repush_at(peer.appliance, repush_time(reported.valid_from, now));
+                state.push.repush_when_valid(peer.appliance, reported.valid_from, now);
             }
             Ok(())
         }
