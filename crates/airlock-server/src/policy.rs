@@ -7,11 +7,94 @@
 //! appliances, which verify it against the customer keys they pinned.
 
 use airlock_core::EnvironmentId;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::policy::{POLICY_PAYLOAD_TYPE, PolicyDocument};
 
+use crate::authz::TenantScope;
+use crate::push::Work;
+use crate::state::{AppState, event};
+use crate::store::{PolicyRow, PutPolicy, StoreError};
+
 /// The largest policy envelope relayed (a policy is a few KiB).
 pub const MAX_POLICY_ENVELOPE_BYTES: usize = 256 * 1024;
+
+/// Why a relayed policy was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayPolicyError {
+    #[error("no environment {0} in your tenant")]
+    NoEnvironment(EnvironmentId),
+    #[error("the envelope is larger than {MAX_POLICY_ENVELOPE_BYTES} bytes; it is not a policy")]
+    TooLarge,
+    #[error("the envelope is not a DSSE envelope: {0}")]
+    NotAnEnvelope(String),
+    /// The shape checks failed.
+    #[error("{0}")]
+    Shape(String),
+    #[error(
+        "environment {environment} already has policy serial {stored}; a relayed policy's serial must be greater (appliances refuse a rollback too)"
+    )]
+    NotNewer { environment: EnvironmentId, stored: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A policy as stored, and how many connected appliances it reached at once.
+#[derive(Debug)]
+pub struct Relayed {
+    pub row: PolicyRow,
+    pub sent_to: usize,
+}
+
+/// Relays the customer's signed policy (the JSON of a DSSE envelope) to `environment`:
+/// checks its shape, stores it with its audit record (noted in the push index around the
+/// commit), and pushes it to the environment's connected appliances.
+pub async fn relay(
+    state: &AppState,
+    scope: &TenantScope,
+    environment: EnvironmentId,
+    envelope: serde_json::Value,
+) -> Result<Relayed, RelayPolicyError> {
+    state.store.get_environment(scope, environment).await?.ok_or(RelayPolicyError::NoEnvironment(environment))?;
+    if envelope.to_string().len() > MAX_POLICY_ENVELOPE_BYTES {
+        return Err(RelayPolicyError::TooLarge);
+    }
+    let envelope: Envelope =
+        serde_json::from_value(envelope).map_err(|e| RelayPolicyError::NotAnEnvelope(e.to_string()))?;
+    let checked = check_shape(&envelope, environment).map_err(RelayPolicyError::Shape)?;
+    let now = state.now();
+    let row = PolicyRow {
+        environment_id: environment,
+        serial: checked.serial,
+        policy_sha256: checked.policy_sha256.clone(),
+        envelope: envelope.to_json(),
+        relayed_by: scope.principal().actor(),
+        relayed_at: now,
+    };
+    let mut ev = event(scope.principal().actor(), AuditAction::PolicyRelayed, Outcome::Success);
+    ev.target = Some(environment.to_string());
+    ev.detail = serde_json::json!({
+        "serial": checked.serial,
+        "policy_sha256": checked.policy_sha256,
+        "signatures": checked.signatures,
+    });
+    state
+        .push
+        .noting(Work::Policy(environment), async {
+            let mut tx = state.store.write().await?;
+            match tx.put_policy(scope, &row).await? {
+                PutPolicy::Stored => {}
+                PutPolicy::NoEnvironment => return Err(RelayPolicyError::NoEnvironment(environment)),
+                PutPolicy::NotNewer { stored } => return Err(RelayPolicyError::NotNewer { environment, stored }),
+            }
+            tx.audit(&scope.chain(), now, ev).await?;
+            Ok(tx.commit().await?)
+        })
+        .await?;
+    let sent_to = state.push.policy(scope, &row).await;
+    tracing::info!(%environment, serial = checked.serial, sent_to, "customer policy relayed");
+    Ok(Relayed { row, sent_to })
+}
 
 /// What the shape checks found in a relayed envelope.
 #[derive(Debug)]

@@ -120,6 +120,12 @@ impl ApiError {
     fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
     fn outcome(&self) -> Outcome {
         match self.status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::Denied,
@@ -234,6 +240,20 @@ async fn audited<T>(
     }
     state.audit(&scope.chain(), ev).await?;
     result
+}
+
+/// Passes a mutation's result through, auditing it in the caller's chain if it failed (a
+/// mutation that succeeded committed its own audit record with its effect).
+async fn refused<T>(
+    state: &AppState,
+    scope: &TenantScope,
+    ev: Event,
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) => audited(state, scope, ev, Err(e)).await,
+    }
 }
 
 fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, ApiError>

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use airlock_core::audit::Outcome;
 use airlock_core::dsse::Envelope;
-use airlock_core::grant::{ApprovalDecision, DenyCode, OperationRequest};
+use airlock_core::grant::{DenyCode, OperationRequest};
 use airlock_core::operation::{Manifest, OperationState, RefusalCode, RequestStatement};
 use airlock_core::policy::Phase;
 use airlock_core::template::{RenderedCommand, Template, VarType};
-use airlock_core::{ApplianceId, EnvironmentId, OperationId, Timestamp, WorkspaceId};
+use airlock_core::{EnvironmentId, OperationId, Timestamp, WorkspaceId};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -21,27 +21,67 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id};
+use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
 use crate::authz::{Action, TenantScope};
-use crate::operations::{self, check_approval, stored_envelope, stored_request};
-use crate::state::{AppState, event, random};
+use crate::operations::{
+    self, NewOperation, OutputError, PushTemplateError, RelayError, RequestError, stored_envelope, stored_request,
+};
+use crate::state::{AppState, event};
 use crate::store::{OperationRow, StoreError, TemplateRow};
 
-/// Largest `template.toml` accepted.
-const MAX_MANIFEST_BYTES: usize = 64 * 1024;
-/// Largest script accepted.
-const MAX_SCRIPT_BYTES: usize = 256 * 1024;
-/// Longest reason an operator may give for a request.
-const MAX_REASON_CHARS: usize = 1000;
 /// Most operations one list returns (newest first).
 const MAX_LIST: i64 = 1000;
 
-fn internal(message: &str) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+impl From<PushTemplateError> for ApiError {
+    fn from(e: PushTemplateError) -> Self {
+        match e {
+            PushTemplateError::TooLarge | PushTemplateError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            PushTemplateError::NoWorkspace(_) => ApiError::not_found(e.to_string()),
+            PushTemplateError::Store(e) => e.into(),
+        }
+    }
 }
 
-fn conflict(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, "conflict", message)
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::NoEnvironment(_) => ApiError::not_found(e.to_string()),
+            RequestError::Reason
+            | RequestError::NotActive { .. }
+            | RequestError::NoAppliance(_)
+            | RequestError::SeveralAppliances(_)
+            | RequestError::NoTemplate { .. }
+            | RequestError::Render(_) => ApiError::bad_request(e.to_string()),
+            RequestError::Sign => ApiError::internal(e.to_string()),
+            RequestError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RelayError> for ApiError {
+    fn from(e: RelayError) -> Self {
+        match e {
+            RelayError::NoOperation(_) => ApiError::not_found(e.to_string()),
+            RelayError::TooLarge | RelayError::NotAnEnvelope(_) | RelayError::Approval(_) => {
+                ApiError::bad_request(e.to_string())
+            }
+            RelayError::NotAwaiting { .. } => ApiError::conflict(e.to_string()),
+            RelayError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<OutputError> for ApiError {
+    fn from(e: OutputError) -> Self {
+        match e {
+            OutputError::NoOperation(_) | OutputError::NotReleased { .. } => ApiError::not_found(e.to_string()),
+            OutputError::Unseal(ref why) => {
+                tracing::error!(error = %why, "cannot open sealed output");
+                ApiError::internal(e.to_string())
+            }
+            OutputError::Store(e) => e.into(),
+        }
+    }
 }
 
 // ---------- templates ----------
@@ -129,68 +169,17 @@ pub(super) async fn push_template(
     body: Result<ApiJson<PushTemplate>, ApiError>,
 ) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
     authorize(&state, &scope, Action::PushTemplate, Some(workspace.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::PushTemplate.audit_action(), Outcome::Success);
-    ev.workspace = Some(workspace.clone());
-    let checked = async {
+    let result = async {
         let ApiJson(body) = body?;
         let ws: WorkspaceId = parse_id(&workspace)?;
-        if body.manifest_toml.len() > MAX_MANIFEST_BYTES || body.script.len() > MAX_SCRIPT_BYTES {
-            return Err(ApiError::bad_request(format!(
-                "template.toml may be at most {MAX_MANIFEST_BYTES} bytes and the script {MAX_SCRIPT_BYTES}"
-            )));
-        }
-        let t = Template::new(&body.manifest_toml, &body.script).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        if !state.store.workspace_exists(&scope, ws).await? {
-            return Err(ApiError::not_found(format!("no workspace {ws} in your tenant")));
-        }
-        Ok((ws, t, body))
+        let pushed = operations::push_template(&state, &scope, ws, body.manifest_toml, body.script).await?;
+        let status = if pushed.changed { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((status, Json(TemplateView::from_row(&pushed.row)?)))
     }
     .await;
-    let (ws, t, body) = match checked {
-        Ok(v) => v,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
-    };
-    let now = state.now();
-    let name = t.manifest().name.clone();
-    let sha = t.content_sha256().to_owned();
-    ev.target = Some(name.clone());
-    let row = TemplateRow {
-        workspace_id: ws,
-        name: name.clone(),
-        content_sha256: sha.clone(),
-        manifest_toml: body.manifest_toml,
-        script: body.script,
-        created_at: now,
-    };
-    let mut tx = state.store.write().await?;
-    let previous = tx.current_template_sha(&scope, ws, &name).await?;
-    if previous.as_deref() == Some(sha.as_str()) {
-        drop(tx);
-        ev.detail = serde_json::json!({ "content_sha256": sha, "unchanged": true });
-        let result = async {
-            let stored = state.store.template_version(&scope, ws, &name, &sha).await?.unwrap_or(row);
-            Ok((StatusCode::OK, Json(TemplateView::from_row(&stored)?)))
-        }
-        .await;
-        return audited(&state, &scope, ev, result).await;
-    }
-    if !tx.put_template(&scope, ws, &row, now).await? {
-        drop(tx);
-        return audited(&state, &scope, ev, Err(ApiError::not_found(format!("no workspace {ws} in your tenant"))))
-            .await;
-    }
-    ev.detail = serde_json::json!({
-        "content_sha256": sha,
-        "previous_sha256": previous,
-        "phase": t.manifest().phase,
-        "data_tags": t.manifest().data_tags,
-    });
-    tx.audit(&scope.chain(), now, ev).await?;
-    tx.commit().await?;
-    tracing::info!(template = %name, content_sha256 = %sha, "template pushed");
-    // Content pushed before keeps its first creation time.
-    let stored = state.store.template_version(&scope, ws, &name, &sha).await?.unwrap_or(row);
-    Ok((StatusCode::CREATED, Json(TemplateView::from_row(&stored)?)))
+    let mut ev = event(scope.principal().actor(), Action::PushTemplate.audit_action(), Outcome::Success);
+    ev.workspace = Some(workspace);
+    refused(&state, &scope, ev, result).await
 }
 
 /// List the current version of every template in a workspace.
@@ -329,154 +318,22 @@ pub(super) async fn request_operation(
     body: Result<ApiJson<RequestOperation>, ApiError>,
 ) -> Result<(StatusCode, Json<OperationView>), ApiError> {
     authorize(&state, &scope, Action::RequestOperation, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RequestOperation.audit_action(), Outcome::Success);
-    ev.target = Some(environment.clone());
-    let checked = async {
+    let result = async {
         let ApiJson(body) = body?;
-        let env_id: EnvironmentId = parse_id(&environment)?;
-        let reason = body.reason.trim().to_owned();
-        if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
-            return Err(ApiError::bad_request(format!(
-                "reason must be 1–{MAX_REASON_CHARS} characters without control characters; the customer reads it"
-            )));
-        }
-        let env = state
-            .store
-            .get_environment(&scope, env_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no environment {env_id} in your tenant")))?;
-        let active: Vec<ApplianceId> = state
-            .store
-            .list_appliances(&scope, Some(env.id))
-            .await?
-            .into_iter()
-            .filter(|a| a.revoked_at.is_none())
-            .map(|a| a.id)
-            .collect();
-        let appliance = match &body.appliance {
-            Some(a) => {
-                let id: ApplianceId = parse_id(a)?;
-                if !active.contains(&id) {
-                    return Err(ApiError::bad_request(format!(
-                        "appliance {id} is not an active appliance of environment {env_id}"
-                    )));
-                }
-                id
-            }
-            None => match active.as_slice() {
-                [one] => *one,
-                [] => {
-                    return Err(ApiError::bad_request(format!(
-                        "environment {env_id} has no active appliance; join one first"
-                    )));
-                }
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "environment {env_id} has several appliances; name one with `appliance`"
-                    )));
-                }
-            },
+        let new = NewOperation {
+            environment: parse_id(&environment)?,
+            template: body.template,
+            vars: body.vars,
+            reason: body.reason,
+            appliance: body.appliance.as_deref().map(parse_id).transpose()?,
         };
-        let row = state.store.current_template(&scope, env.workspace_id, &body.template).await?.ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "no template `{}` in workspace {}; push it with `airlock template push`",
-                body.template.chars().take(64).collect::<String>(),
-                env.workspace_id
-            ))
-        })?;
-        let template = Template::new(&row.manifest_toml, &row.script)
-            .map_err(|e| StoreError::Corrupt(format!("template {}: {e}", row.name)))?;
-        let command = template.render(&body.vars).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        Ok((env, appliance, template, command, body.vars, reason))
+        let row = operations::request(&state, &scope, new).await?;
+        Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
     }
     .await;
-    let (env, appliance, template, command, vars, reason) = match checked {
-        Ok(v) => v,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
-    };
-    let now = state.now();
-    let id = OperationId::from_random(random());
-    let m = template.manifest();
-    let request = OperationRequest {
-        id,
-        appliance,
-        kind: m.name.clone(),
-        phase: m.phase,
-        data_tags: m.data_tags.clone(),
-        args: vars,
-        command_sha256: command.sha256(),
-    };
-    let statement = RequestStatement {
-        request: request.clone(),
-        command,
-        reason: reason.clone(),
-        requested_by: scope.principal().actor(),
-        requested_at: now,
-        tenant: scope.tenant(),
-        environment: env.id,
-    };
-    let envelope = state.ops_signer.sign_request(&statement).map_err(|e| {
-        tracing::error!(error = %e, "cannot sign an operation request");
-        internal("the control plane could not sign the request; retry later")
-    })?;
-    let row = OperationRow {
-        id,
-        workspace_id: env.workspace_id,
-        environment_id: env.id,
-        appliance_id: appliance,
-        template_name: m.name.clone(),
-        template_sha256: template.content_sha256().to_owned(),
-        state: OperationState::AwaitingApproval,
-        requested_by: statement.requested_by.clone(),
-        requested_at: now,
-        updated_at: now,
-        request_digest: request.digest_hex(),
-        command_sha256: request.command_sha256.clone(),
-        request_envelope: envelope.to_json(),
-        control_plane_cert_pem: state.ops_signer.cert_pem().to_owned(),
-        approval_envelope: None,
-        pre_approval_envelope: None,
-        execution_envelope: None,
-        appliance_cert_pem: None,
-        release_envelope: None,
-        exit_code: None,
-        output_sha256: None,
-        output_size: None,
-        refusal_code: None,
-        deny_code: None,
-        refusal_reason: None,
-        result_at: None,
-        output_stored: false,
-    };
-    let mut tx = state.store.write().await?;
-    if !tx.insert_operation(&scope, &row).await? {
-        drop(tx);
-        let e = ApiError::bad_request(format!(
-            "appliance {appliance} is not an active appliance of environment {}",
-            env.id
-        ));
-        return audited(&state, &scope, ev, Err(e)).await;
-    }
-    ev.target = Some(id.to_string());
-    ev.workspace = Some(env.workspace_id.to_string());
-    ev.detail = serde_json::json!({
-        "environment": env.id.to_string(),
-        "appliance": appliance.to_string(),
-        "template": row.template_name,
-        "template_sha256": row.template_sha256,
-        "phase": request.phase,
-        "data_tags": request.data_tags,
-        "command_sha256": row.command_sha256,
-        "request_digest": row.request_digest,
-        "reason": reason,
-    });
-    tx.audit(&scope.chain(), now, ev).await?;
-    tx.commit().await?;
-    // And after it: a push that read the store before the commit may have dropped the entry.
-    state.push.index().operation_may_be_pending(appliance);
-    tracing::info!(operation = %id, %appliance, template = %row.template_name, "operation requested");
-    state.push.operations(&scope, appliance, Some(id)).await;
-    Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
+    let mut ev = event(scope.principal().actor(), Action::RequestOperation.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
 }
 
 #[derive(Deserialize)]
@@ -516,11 +373,14 @@ fn parse_state(s: &str) -> Result<OperationState, ApiError> {
     })
 }
 
+/// An operation id from a path.
+fn parse_operation_id(id: &str) -> Result<OperationId, ApiError> {
+    id.parse().map_err(|_| ApiError::bad_request("an operation id is `op_` followed by 32 hex digits"))
+}
+
 /// The operation, or 404 if it is not in the caller's tenant.
 async fn find(state: &AppState, scope: &TenantScope, id: &str) -> Result<OperationRow, ApiError> {
-    let Ok(id) = id.parse::<OperationId>() else {
-        return Err(ApiError::bad_request("an operation id is `op_` followed by 32 hex digits"));
-    };
+    let id = parse_operation_id(id)?;
     state
         .store
         .get_operation(scope, id)
@@ -567,62 +427,15 @@ pub(super) async fn relay_approval(
     body: Result<ApiJson<RelayApproval>, ApiError>,
 ) -> Result<Json<OperationView>, ApiError> {
     authorize(&state, &scope, Action::RelayApproval, Some(id.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RelayApproval.audit_action(), Outcome::Success);
-    ev.target = Some(id.clone());
-    let checked = async {
+    let result = async {
         let ApiJson(body) = body?;
-        let op = find(&state, &scope, &id).await?;
-        if body.envelope.to_string().len() > operations::MAX_ENVELOPE_BYTES {
-            return Err(ApiError::bad_request(format!(
-                "the envelope is larger than {} bytes",
-                operations::MAX_ENVELOPE_BYTES
-            )));
-        }
-        let envelope: Envelope = serde_json::from_value(body.envelope)
-            .map_err(|e| ApiError::bad_request(format!("the envelope is not a DSSE envelope: {e}")))?;
-        let request = stored_request(&op)?;
-        let grant = check_approval(&envelope, &op, &request).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        if op.state != OperationState::AwaitingApproval || op.approval_envelope.is_some() {
-            return Err(conflict(format!(
-                "operation {id} is {}; an approval is relayed only while it awaits approval",
-                op.state
-            )));
-        }
-        Ok((op, envelope, grant))
+        let op = operations::relay_approval(&state, &scope, parse_operation_id(&id)?, body.envelope).await?;
+        Ok(Json(OperationView::from_row(&op)?))
     }
     .await;
-    let (op, envelope, grant) = match checked {
-        Ok(v) => v,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
-    };
-    let now = state.now();
-    let new_state = match grant.decision {
-        ApprovalDecision::Approve => OperationState::Approved,
-        ApprovalDecision::Deny => OperationState::Denied,
-    };
-    state.push.index().operation_may_be_pending(op.appliance_id);
-    let mut tx = state.store.write().await?;
-    if !tx.set_approval(&scope, op.id, &envelope.to_json(), new_state, now).await? {
-        drop(tx);
-        let e = conflict(format!("operation {id} no longer awaits approval"));
-        return audited(&state, &scope, ev, Err(e)).await;
-    }
-    ev.detail = serde_json::json!({
-        "decision": grant.decision,
-        "approver": grant.approver,
-        "grant_digest": grant.digest_hex(),
-        "not_before": grant.not_before,
-        "not_after": grant.not_after,
-        "signatures": envelope.signatures.len(),
-    });
-    tx.audit(&scope.chain(), now, ev).await?;
-    tx.commit().await?;
-    // And after it: a push that read the store before the commit may have dropped the entry.
-    state.push.index().operation_may_be_pending(op.appliance_id);
-    tracing::info!(operation = %id, decision = ?grant.decision, "approval relayed");
-    state.push.operations(&scope, op.appliance_id, Some(op.id)).await;
-    let op = find(&state, &scope, &id).await?;
-    Ok(Json(OperationView::from_row(&op)?))
+    let mut ev = event(scope.principal().actor(), Action::RelayApproval.audit_action(), Outcome::Success);
+    ev.target = Some(id);
+    refused(&state, &scope, ev, result).await
 }
 
 /// The operation's manifest: every signed statement stored for it, with the certificates
@@ -636,19 +449,7 @@ pub(super) async fn get_manifest(
     Path(id): Path<String>,
 ) -> Result<Json<Manifest>, ApiError> {
     authorize(&state, &scope, Action::GetManifest, Some(id.clone())).await?;
-    let result = async {
-        let op = find(&state, &scope, &id).await?;
-        let request = stored_envelope(&op, Some(&op.request_envelope))?
-            .ok_or_else(|| StoreError::Corrupt(format!("operation {id} has no request")))?;
-        let mut m = Manifest::new(op.id, request, op.control_plane_cert_pem.clone());
-        m.approval = stored_envelope(&op, op.approval_envelope.as_deref())?;
-        m.pre_approval = stored_envelope(&op, op.pre_approval_envelope.as_deref())?;
-        m.execution = stored_envelope(&op, op.execution_envelope.as_deref())?;
-        m.appliance_certificate = op.appliance_cert_pem.clone();
-        m.release = stored_envelope(&op, op.release_envelope.as_deref())?;
-        Ok(m)
-    }
-    .await;
+    let result = async { Ok(operations::manifest(&find(&state, &scope, &id).await?)?) }.await;
     let mut ev = event(scope.principal().actor(), Action::GetManifest.audit_action(), Outcome::Success);
     ev.target = Some(id);
     audited(&state, &scope, ev, result).await.map(Json)
@@ -667,20 +468,7 @@ pub(super) async fn get_output(
     authorize(&state, &scope, Action::GetOutput, Some(id.clone())).await?;
     let mut ev = event(scope.principal().actor(), Action::GetOutput.audit_action(), Outcome::Success);
     ev.target = Some(id.clone());
-    let result = async {
-        let op = find(&state, &scope, &id).await?;
-        let not_released = || ApiError::not_found(format!("operation {id} has no released output ({})", op.state));
-        if op.state != OperationState::Released {
-            return Err(not_released());
-        }
-        let sealed = state.store.sealed_output(&scope, op.id).await?.ok_or_else(not_released)?;
-        let bytes = operations::open_output(&state, &scope, op.id, &sealed).map_err(|e| {
-            tracing::error!(error = %e, operation = %id, "cannot open sealed output");
-            internal("the stored output could not be opened with the key-encryption key")
-        })?;
-        Ok((op, bytes))
-    }
-    .await;
+    let result = async { Ok(operations::released_output(&state, &scope, parse_operation_id(&id)?).await?) }.await;
     let (op, bytes) = match result {
         Ok(v) => v,
         Err(e) => return audited(&state, &scope, ev, Err(e)).await,

@@ -9,16 +9,20 @@
 mod approval;
 mod release;
 mod reply;
+mod request;
 mod results;
+mod templates;
 #[cfg(test)]
 mod tests;
 
 use airlock_core::dsse::Envelope;
-use airlock_core::operation::RequestStatement;
+use airlock_core::operation::{Manifest, RequestStatement};
 
-pub use approval::{ApprovalError, check_approval};
-pub use release::{handle_release, open_output};
+pub use approval::{ApprovalError, RelayError, check_approval, relay_approval};
+pub use release::{OutputError, handle_release, released_output};
+pub use request::{MAX_REASON_CHARS, NewOperation, RequestError, request};
 pub use results::handle_result;
+pub use templates::{MAX_MANIFEST_BYTES, MAX_SCRIPT_BYTES, PushTemplateError, PushedTemplate, push_template};
 
 use crate::store::{OperationRow, StoreError};
 
@@ -40,6 +44,20 @@ pub fn stored_envelope(op: &OperationRow, json: Option<&str>) -> Result<Option<E
         Envelope::from_json(j.as_bytes()).map_err(|e| StoreError::Corrupt(format!("operation {} envelope: {e}", op.id)))
     })
     .transpose()
+}
+
+/// The operation's manifest: every signed statement stored for it, with the certificates that
+/// verify them.
+pub fn manifest(op: &OperationRow) -> Result<Manifest, StoreError> {
+    let request = stored_envelope(op, Some(&op.request_envelope))?
+        .ok_or_else(|| StoreError::Corrupt(format!("operation {} has no request", op.id)))?;
+    let mut m = Manifest::new(op.id, request, op.control_plane_cert_pem.clone());
+    m.approval = stored_envelope(op, op.approval_envelope.as_deref())?;
+    m.pre_approval = stored_envelope(op, op.pre_approval_envelope.as_deref())?;
+    m.execution = stored_envelope(op, op.execution_envelope.as_deref())?;
+    m.appliance_certificate = op.appliance_cert_pem.clone();
+    m.release = stored_envelope(op, op.release_envelope.as_deref())?;
+    Ok(m)
 }
 
 /// Off the network: short and printable.

@@ -14,21 +14,41 @@ use super::reply::{Refuse, finish, refuse};
 use super::{MAX_ENVELOPE_BYTES, sanitize, stored_envelope, stored_request};
 use crate::authz::TenantScope;
 use crate::state::{AppState, event};
-use crate::store::{ReleaseUpdate, StoreError};
+use crate::store::{OperationRow, ReleaseUpdate, StoreError};
 
 /// The additional data output is sealed with: it can only be opened as this operation's output.
 fn output_aad(scope: &TenantScope, request_id: OperationId) -> Vec<u8> {
     format!("airlock operation output v1\n{}\n{request_id}", scope.tenant()).into_bytes()
 }
 
-/// Opens an operation's sealed output.
-pub fn open_output(
+/// Why released output cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("no operation {0} in your tenant")]
+    NoOperation(OperationId),
+    #[error("operation {id} has no released output ({state})")]
+    NotReleased { id: OperationId, state: OperationState },
+    /// The key-encryption key does not open what is stored.
+    #[error("the stored output could not be opened with the key-encryption key")]
+    Unseal(crate::keys::KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The released output of operation `id`, opened, with the operation.
+pub async fn released_output(
     state: &AppState,
     scope: &TenantScope,
-    request_id: OperationId,
-    sealed: &[u8],
-) -> Result<Vec<u8>, crate::keys::KeyError> {
-    state.kek.open(sealed, &output_aad(scope, request_id))
+    id: OperationId,
+) -> Result<(OperationRow, Vec<u8>), OutputError> {
+    let op = state.store.get_operation(scope, id).await?.ok_or(OutputError::NoOperation(id))?;
+    let not_released = || OutputError::NotReleased { id, state: op.state };
+    if op.state != OperationState::Released {
+        return Err(not_released());
+    }
+    let sealed = state.store.sealed_output(scope, id).await?.ok_or_else(not_released)?;
+    let bytes = state.kek.open(&sealed, &output_aad(scope, id)).map_err(OutputError::Unseal)?;
+    Ok((op, bytes))
 }
 
 /// Handles an `OutputRelease` from `peer`. Output is checked against the signed digest and
