@@ -4,6 +4,7 @@
 //! [`verify_audit`] checks every audit chain offline.
 
 pub mod api;
+pub mod appliances;
 pub mod authz;
 pub mod ca;
 pub mod clock;
@@ -19,6 +20,7 @@ pub mod seen;
 pub mod signer;
 pub mod state;
 pub mod store;
+pub mod tenancy;
 pub mod tls;
 
 use std::net::SocketAddr;

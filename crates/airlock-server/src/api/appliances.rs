@@ -2,20 +2,18 @@
 
 use std::sync::Arc;
 
-use airlock_core::audit::{AuditAction, Outcome};
-use airlock_core::token::{Secret, TokenKind};
-use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId};
+use airlock_core::audit::Outcome;
+use airlock_core::{ApplianceId, EnvironmentId};
 use airlock_proto::join::{JoinRequest, JoinResponse};
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id};
-use crate::authz::{Action, TenantScope};
-use crate::state::{AppState, SYSTEM_CHAIN, event, random};
-use crate::store::RedeemRefusal;
+use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
+use crate::appliances::{self, JoinError, JoinRefusal, RevokeError};
+use crate::authz::Action;
+use crate::state::{AppState, event};
 
 /// Exchange a single-use join token and a CSR for an appliance certificate.
 #[utoipa::path(post, path = "/v1/join", request_body = JoinRequest,
@@ -24,107 +22,15 @@ pub(super) async fn join(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<JoinRequest>,
 ) -> Result<Json<JoinResponse>, ApiError> {
-    let now = state.now();
-    let refuse = |chain: String, why: String, status: StatusCode| {
-        let state = state.clone();
-        async move {
-            let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
-            ev.detail = serde_json::json!({ "reason": why });
-            state.audit_refusal(&chain, ev).await;
-            ApiError::new(
-                status,
-                if status == StatusCode::BAD_REQUEST { "bad_request" } else { "unauthenticated" },
-                why,
-            )
-        }
-    };
-    let secret = match Secret::parse(TokenKind::Join, &req.join_token) {
-        Ok(s) => s,
-        Err(e) => return Err(refuse(SYSTEM_CHAIN.into(), e.to_string(), StatusCode::UNAUTHORIZED).await),
-    };
-    // An unknown token is refused without taking the write lock, so guessing costs nothing
-    // but a read.
-    if !state.store.join_token_known(&secret.hash()).await? {
-        return Err(refuse(SYSTEM_CHAIN.into(), "unknown join token".into(), StatusCode::UNAUTHORIZED).await);
-    }
-    // The CSR's self-signature proves possession of its key; checked before anything is spent.
-    let join_key = match crate::ca::csr_public_key(&req.csr_pem) {
-        Ok(k) => k,
-        Err(e) => return Err(refuse(SYSTEM_CHAIN.into(), format!("CSR refused: {e}"), StatusCode::BAD_REQUEST).await),
-    };
-    let fresh = ApplianceId::from_random(random());
-    let mut tx = state.store.write().await?;
-    let redeemed = tx.redeem_join_token(&secret.hash(), fresh, now).await?;
-    // The same appliance asking again with the same key, while the token would still be
-    // valid, is a join whose response was lost: answer it again instead of stranding it.
-    let retry = match &redeemed {
-        Err(RedeemRefusal::AlreadyUsed { tenant, by: Some(by), expires_at }) if now < *expires_at => {
-            tx.join_retry_environment(*tenant, *by, &join_key).await?.map(|env| (*tenant, env, *by))
-        }
-        _ => None,
-    };
-    let trust_domain = state.ca.trust_domain().to_owned();
-    let (identity, token, retried) = match (redeemed, retry) {
-        (Ok(r), _) => {
-            let identity =
-                ApplianceIdentity { trust_domain, tenant: r.tenant, environment: r.environment, appliance: fresh };
-            (identity, Some(r.token), false)
-        }
-        (Err(_), Some((tenant, environment, appliance))) => {
-            (ApplianceIdentity { trust_domain, tenant, environment, appliance }, None, true)
-        }
-        (Err(refusal), None) => {
-            drop(tx);
-            let (chain, why) = match refusal {
-                RedeemRefusal::Unknown => (SYSTEM_CHAIN.to_owned(), "unknown join token".to_owned()),
-                RedeemRefusal::AlreadyUsed { tenant, .. } => (
-                    tenant.to_string(),
-                    "join token was already used; issue a new one with `airlock env join-token`".to_owned(),
-                ),
-                RedeemRefusal::Expired { tenant, expired_at } => (
-                    tenant.to_string(),
-                    format!("join token expired at {expired_at}; issue a new one with `airlock env join-token`"),
-                ),
-            };
-            return Err(refuse(chain, why, StatusCode::UNAUTHORIZED).await);
-        }
-    };
-    let appliance = identity.appliance;
-    let issued = match state.ca.sign_join_csr(&req.csr_pem, &identity, now, state.appliance_cert_lifetime) {
-        Ok(i) => i,
-        Err(e) => {
-            // Rolling back leaves the token unspent: a bad CSR should not burn it.
-            drop(tx);
-            return Err(refuse(identity.tenant.to_string(), format!("CSR refused: {e}"), StatusCode::BAD_REQUEST).await);
-        }
-    };
-    let version: String = req.version.chars().filter(|c| !c.is_control()).take(64).collect();
-    if retried {
-        tx.record_renewal(&TenantScope::for_appliance(&identity), appliance, &issued.serial, issued.not_after).await?;
-    } else {
-        tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), &join_key, now).await?;
-    }
-    let mut ev = event(format!("appliance:{appliance}"), AuditAction::ApplianceJoin, Outcome::Success);
-    ev.target = Some(appliance.to_string());
-    ev.detail = serde_json::json!({
-        "environment": identity.environment.to_string(),
-        "join_token": token.map(|t| t.to_string()),
-        "retry_of_lost_response": retried,
-        "serial": issued.serial,
-        "not_after": issued.not_after.to_string(),
-    });
-    tx.audit(&identity.tenant.to_string(), now, ev).await?;
-    tx.commit().await?;
-    state.metrics.joins.inc();
-    tracing::info!(%appliance, environment = %identity.environment, retried, "appliance joined");
+    let joined = appliances::join(&state, &req.join_token, &req.csr_pem, &req.version).await?;
     Ok(Json(JoinResponse {
-        appliance_id: appliance.to_string(),
-        identity: identity.uri(),
-        certificate_pem: issued.pem,
+        appliance_id: joined.identity.appliance.to_string(),
+        identity: joined.identity.uri(),
+        certificate_pem: joined.certificate.pem,
         ca_certificate_pem: state.ca.cert_pem().to_owned(),
         gateway_endpoint: state.gateway_endpoint.clone(),
         gateway_server_name: state.gateway_server_name.clone(),
-        not_after: issued.not_after.to_string(),
+        not_after: joined.certificate.not_after.to_string(),
     }))
 }
 
@@ -201,35 +107,32 @@ pub(super) async fn revoke_appliance(
     Path(appliance): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&state, &scope, Action::RevokeAppliance, Some(appliance.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RevokeAppliance.audit_action(), Outcome::Success);
-    ev.target = Some(appliance.clone());
-    let id: ApplianceId = match parse_id(&appliance) {
-        Ok(id) => id,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
-    };
-    let now = state.now();
-    let mut tx = state.store.write().await?;
-    if !tx.revoke_appliance(&scope, id, now).await? {
-        drop(tx);
-        return audited(&state, &scope, ev, Err(ApiError::not_found(format!("no appliance {id} in your tenant"))))
-            .await;
-    }
-    // Refuse new handshakes and streams from before the commit returns (so no window opens
-    // between commit and enforcement), but end the live stream only once the revocation is
-    // durably recorded: a revocation that fails to commit must not have taken effect.
-    state.revoked.insert(id);
-    let was_connected = state.registry.status(&id).is_some();
-    ev.detail = serde_json::json!({ "was_connected": was_connected });
-    let committed = async {
-        tx.audit(&scope.chain(), now, ev).await?;
-        tx.commit().await
+    let result = async {
+        let id: ApplianceId = parse_id(&appliance)?;
+        let revoked = appliances::revoke(&state, &scope, id).await?;
+        Ok(Json(serde_json::json!({ "id": id.to_string(), "revoked": true, "was_connected": revoked.was_connected })))
     }
     .await;
-    if let Err(e) = committed {
-        state.revoked.remove(&id);
-        return Err(e.into());
+    let mut ev = event(scope.principal().actor(), Action::RevokeAppliance.audit_action(), Outcome::Success);
+    ev.target = Some(appliance);
+    refused(&state, &scope, ev, result).await
+}
+
+impl From<JoinError> for ApiError {
+    fn from(e: JoinError) -> Self {
+        match e {
+            JoinError::Refused { refusal: JoinRefusal::Token, reason } => ApiError::unauthorized(reason),
+            JoinError::Refused { refusal: JoinRefusal::Csr, reason } => ApiError::bad_request(reason),
+            JoinError::Store(e) => e.into(),
+        }
     }
-    state.registry.kick(id, crate::registry::Kick::Revoked);
-    tracing::info!(appliance = %id, was_connected, "appliance revoked");
-    Ok(Json(serde_json::json!({ "id": id.to_string(), "revoked": true, "was_connected": was_connected })))
+}
+
+impl From<RevokeError> for ApiError {
+    fn from(e: RevokeError) -> Self {
+        match e {
+            RevokeError::NoAppliance(_) => ApiError::not_found(e.to_string()),
+            RevokeError::Store(e) => e.into(),
+        }
+    }
 }

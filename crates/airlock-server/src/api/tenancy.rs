@@ -3,19 +3,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use airlock_core::WorkspaceId;
 use airlock_core::audit::Outcome;
-use airlock_core::id::TokenId;
-use airlock_core::token::{Secret, TokenKind};
-use airlock_core::{EnvironmentId, WorkspaceId};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id};
+use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
 use crate::authz::Action;
-use crate::state::{AppState, event, random};
+use crate::state::{AppState, event};
+use crate::tenancy::{self, TenancyError};
 
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct WorkspaceView {
@@ -102,37 +101,15 @@ pub(super) async fn create_environment(
     body: Result<ApiJson<CreateEnvironment>, ApiError>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
     authorize(&state, &scope, Action::CreateEnvironment, Some(workspace.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::CreateEnvironment.audit_action(), Outcome::Success);
-    ev.workspace = Some(workspace.clone());
-    let checked = async {
+    let result = async {
         let ApiJson(body) = body?;
-        let ws: WorkspaceId = parse_id(&workspace)?;
-        validate_name(&body.name)?;
-        if !state.store.workspace_exists(&scope, ws).await? {
-            return Err(ApiError::not_found(format!("no workspace {ws} in your tenant")));
-        }
-        Ok((ws, body.name))
+        let env = tenancy::create_environment(&state, &scope, parse_id(&workspace)?, &body.name).await?;
+        Ok((StatusCode::CREATED, Json(env.into())))
     }
     .await;
-    let (ws, name) = match checked {
-        Ok(v) => v,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
-    };
-    let id = EnvironmentId::from_random(random());
-    let now = state.now();
-    let mut tx = state.store.write().await?;
-    let env = match tx.create_environment(&scope, ws, id, &name, now).await {
-        Ok(env) => env,
-        Err(e) => {
-            drop(tx);
-            return audited(&state, &scope, ev, Err(e.into())).await;
-        }
-    };
-    ev.target = Some(id.to_string());
-    ev.detail = serde_json::json!({ "name": name });
-    tx.audit(&scope.chain(), now, ev).await?;
-    tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(env.into())))
+    let mut ev = event(scope.principal().actor(), Action::CreateEnvironment.audit_action(), Outcome::Success);
+    ev.workspace = Some(workspace);
+    refused(&state, &scope, ev, result).await
 }
 
 #[derive(Deserialize, ToSchema, Default)]
@@ -150,8 +127,6 @@ pub struct JoinTokenView {
     pub expires_at: String,
 }
 
-const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(86_400);
-
 /// Create a single-use join token for an environment.
 #[utoipa::path(post, path = "/v1/environments/{environment}/join-tokens", security(("bearer" = [])),
     params(("environment" = String, Path, description = "environment id (env_…)")),
@@ -164,54 +139,29 @@ pub(super) async fn create_join_token(
     body: Result<ApiJson<CreateJoinToken>, ApiError>,
 ) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
     authorize(&state, &scope, Action::CreateJoinToken, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::CreateJoinToken.audit_action(), Outcome::Success);
-    ev.target = Some(environment.clone());
-    let checked = async {
+    let result = async {
         let ApiJson(body) = body?;
-        let env_id: EnvironmentId = parse_id(&environment)?;
-        let ttl = body.ttl_seconds.map_or(state.join_token_ttl, Duration::from_secs);
-        if ttl.is_zero() || ttl > MAX_JOIN_TOKEN_TTL {
-            return Err(ApiError::bad_request("ttl_seconds must be between 1 and 86400"));
-        }
-        let env = state
-            .store
-            .get_environment(&scope, env_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no environment {env_id} in your tenant")))?;
-        Ok((env, ttl))
+        let ttl = body.ttl_seconds.map(Duration::from_secs);
+        let issued = tenancy::create_join_token(&state, &scope, parse_id(&environment)?, ttl).await?;
+        let view = JoinTokenView {
+            token: issued.secret.expose().to_owned(),
+            environment_id: issued.environment.to_string(),
+            expires_at: issued.expires_at.to_string(),
+        };
+        Ok((StatusCode::CREATED, Json(view)))
     }
     .await;
-    let (env, ttl) = match checked {
-        Ok(v) => v,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
-    };
-    let secret = Secret::from_random(TokenKind::Join, random());
-    let token_id = TokenId::from_random(random());
-    let now = state.now();
-    let expires_at = now.saturating_add(ttl);
-    let mut tx = state.store.write().await?;
-    tx.create_join_token(&scope, env.id, token_id, &secret.hash(), now, expires_at).await?;
-    ev.workspace = Some(env.workspace_id.to_string());
-    ev.detail = serde_json::json!({ "join_token": token_id.to_string(), "expires_at": expires_at.to_string() });
-    tx.audit(&scope.chain(), now, ev).await?;
-    tx.commit().await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(JoinTokenView {
-            token: secret.expose().to_owned(),
-            environment_id: env.id.to_string(),
-            expires_at: expires_at.to_string(),
-        }),
-    ))
+    let mut ev = event(scope.principal().actor(), Action::CreateJoinToken.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
 }
 
-fn validate_name(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request("name must be 1–64 characters of letters, digits, `-`, `_` or `.`"))
+impl From<TenancyError> for ApiError {
+    fn from(e: TenancyError) -> Self {
+        match e {
+            TenancyError::Name | TenancyError::Ttl => ApiError::bad_request(e.to_string()),
+            TenancyError::NoWorkspace(_) | TenancyError::NoEnvironment(_) => ApiError::not_found(e.to_string()),
+            TenancyError::Store(e) => e.into(),
+        }
     }
 }
