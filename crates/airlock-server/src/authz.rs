@@ -1,8 +1,9 @@
 //! Who may act on which tenant's data.
 //!
-//! A [`TenantScope`] is proof that a principal was authenticated for one tenant. Only this
-//! module constructs one; it is neither `Clone` nor `Deserialize`, so it cannot be copied
-//! across requests or forged from input. Every tenant-data store call demands one.
+//! A [`TenantScope`] is proof that a principal was authenticated for one tenant.
+//! Only this module constructs one; it is neither `Clone` nor `Deserialize`, so it cannot be copied across requests or forged from input.
+//! Every tenant-data store call demands one, and binds its tenant id in the SQL.
+//! Authorisation is default deny: [`TenantScope::permits`] allows only what a role is granted, and every API route maps onto one [`Action`].
 
 use std::str::FromStr;
 

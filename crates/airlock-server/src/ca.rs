@@ -1,8 +1,8 @@
-//! The built-in certificate authority. Only this module holds the CA private key.
+//! The built-in certificate authority; only this module holds the CA private key.
 //!
-//! It signs the control plane's own TLS certificates and appliance certificates from CSRs;
-//! appliance private keys never reach the control plane. The key is sealed under the KEK
-//! whenever it is at rest (see [`crate::keys`]).
+//! It signs the control plane's own TLS certificates, its operations-signing certificate and appliance certificates from CSRs; appliance private keys never reach the control plane.
+//! Nothing from a CSR but its public key reaches a certificate: the control plane decides every field, including the appliance identity.
+//! The key exists in clear only in memory; at rest it is sealed under the KEK ([`crate::keys`]), which is never stored in the database.
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -1,10 +1,9 @@
 //! Customer policies relayed to appliances.
 //!
-//! The control plane holds no customer key: it can neither make a policy nor check a policy's
-//! signatures. It checks only the shape of what an operator relays (a DSSE envelope of the
-//! policy payload type, signed at least once, a policy that parses, a serial that moves
-//! forward), keeps the latest one per environment and pushes it to the environment's
-//! appliances, which verify it against the customer keys they pinned.
+//! The control plane holds no customer key: it can neither make a policy nor check a policy's signatures.
+//! It checks only the shape of what an operator relays: a DSSE envelope of the policy payload type, signed at least once, a policy that parses and names this environment, and a serial greater than the one stored.
+//! It keeps the latest one per environment and hands it to [`crate::push`], which sends it to the environment's connected appliances at once and to each other appliance after its `Welcome`, before its operations.
+//! The appliances verify it against the customer keys they pinned.
 
 use airlock_core::EnvironmentId;
 use airlock_core::audit::{AuditAction, Outcome};

@@ -1,9 +1,8 @@
 //! The control plane's operations-signing identity.
 //!
-//! A fresh ECDSA P-256 key at every start, held only in memory, whose certificate from our CA
-//! names only `spiffe://<trust-domain>/control-plane`. It signs operation requests and nothing
-//! else. Each operation stores the certificate that signed its request, so a manifest still
-//! verifies after a restart has replaced the key.
+//! A fresh ECDSA P-256 key at every start, held only in memory, whose certificate from our CA names only `spiffe://<trust-domain>/control-plane`.
+//! It signs operation requests and nothing else, and the key is never stored.
+//! Each operation stores the certificate that signed its request, so a manifest still verifies after a restart has replaced the key.
 
 use std::time::Duration;
 

@@ -1,4 +1,7 @@
-//! Shared state of a running control plane.
+//! What a running control plane shares: the store, the CA and the operations signer, the key-encryption key, the clock, the live streams and the pusher.
+//!
+//! Built once by [`crate::serve`] (and by the tests over a data directory); every handler and domain function takes it by reference.
+//! It also owns the audit of refusals, which anyone on the network can provoke, so those records are rate limited ([`AppState::audit_refusal`]).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,7 @@
-//! Tenancy: the environments of a workspace, and the single-use tokens that join appliances
-//! to them. (Tenants and workspaces are made offline, by `airlock server init` and
-//! `tenant create`.)
+//! Tenancy: the environments of a workspace, and the single-use tokens that join appliances to them.
+//!
+//! Tenants and workspaces are made offline, by `airlock server init` and `tenant create`.
+//! A join token is shown once; only its hash is stored.
 
 use std::time::Duration;
 

@@ -1,9 +1,10 @@
 //! TLS for the control plane's two listeners.
 //!
-//! The HTTPS API presents a certificate from the built-in CA (or the operator's own) and asks
-//! for no client certificate. The appliance gateway requires a client certificate that chains
-//! to the built-in CA, names an appliance of our trust domain, is within its validity period
-//! by the injected clock, and whose appliance is not revoked. Only TLS 1.3 is offered.
+//! The HTTPS API presents a certificate from the built-in CA (or the operator's own) and asks for no client certificate.
+//! The appliance gateway requires a client certificate that chains to the built-in CA, names an appliance of our trust domain, and is within its validity period by the injected clock.
+//! Its appliance must not be revoked ([`RevokedSet`], the first of the three revocation points described in [`crate::appliances`]).
+//! Only TLS 1.3 is offered, and the gateway resumes no sessions, so every connection runs the client-certificate checks.
+//! Certificates are read with core's one certificate reader ([`airlock_core::certificate`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};

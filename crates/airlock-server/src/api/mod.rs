@@ -1,8 +1,9 @@
 //! The HTTPS JSON API under `/v1`, plus health, readiness and metrics.
 //!
-//! Trust boundary: [`Authed`] turns a bearer token into a [`TenantScope`]; handlers check the
-//! scope permits their [`Action`] and pass it to the store. Every call is audited: mutations
-//! in the same transaction as their effect, reads and refusals in their own.
+//! Trust boundary: [`Authed`] turns a bearer token into a [`TenantScope`]; each handler checks that the scope permits its [`Action`] before anything else.
+//! Handlers are thin: they authorise, parse the path and body, call one domain function and map its typed result to a status and a body ([`ApiError`]).
+//! Every call is audited: a mutation in the same transaction as its effect (the domain function writes it), a read or a refusal in its own (`audited`, `refused`).
+//! Build the router with [`router`]; the tests drive it in memory.
 
 pub mod appliances;
 mod error;

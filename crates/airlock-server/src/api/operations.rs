@@ -1,8 +1,7 @@
-//! Templates and signed operations under `/v1`: push and list templates, request operations,
-//! relay the customer's approvals, and read manifests and released output.
+//! Templates and signed operations under `/v1`: push and list templates, request operations, relay the customer's approvals, and read manifests and released output.
 //!
-//! The control plane signs what the vendor asks for and relays what the customer signs; it
-//! cannot approve anything itself (it holds no customer key).
+//! The control plane signs what the vendor asks for and relays what the customer signs; it cannot approve anything itself (it holds no customer key).
+//! The work is done by [`crate::operations`]; these handlers map its typed errors to statuses.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

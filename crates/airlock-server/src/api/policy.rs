@@ -1,8 +1,6 @@
-//! `/v1/environments/{environment}/policy`: relay the customer's signed policy to an
-//! environment's appliances, and read back the one relayed last.
+//! `/v1/environments/{environment}/policy`: relay the customer's signed policy to an environment's appliances, and read back the one relayed last.
 //!
-//! The control plane cannot make or check a policy's signatures (it holds no customer key);
-//! see [`crate::policy`] for what it does check.
+//! The control plane cannot make or check a policy's signatures (it holds no customer key); see [`crate::policy`] for what it does check.
 
 use std::sync::Arc;
 

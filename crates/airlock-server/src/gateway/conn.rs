@@ -1,5 +1,7 @@
-//! A verified appliance connection: the TLS stream handed to tonic with what the handshake
-//! proved, and the switch that cuts it from the server side.
+//! A verified appliance connection: the TLS stream handed to tonic with what the handshake proved, and the switch that cuts it from the server side.
+//!
+//! Ending a gRPC stream relies on the peer reading its final status.
+//! A peer that stops reading (or advertises a zero HTTP/2 window) would keep a revoked or expired connection open, so revocation and expiry also cut the socket.
 
 use std::pin::Pin;
 use std::sync::Arc;

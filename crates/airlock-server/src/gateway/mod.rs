@@ -1,9 +1,13 @@
 //! The appliance gateway: a mutual-TLS gRPC listener where appliances hold one stream each.
 //!
-//! Trust boundary: a connection reaches [`GatewayService`] only after the TLS handshake
-//! verified a client certificate issued by our CA for a non-revoked appliance (see
-//! [`crate::tls`]). The service re-checks revocation and expiry per stream and ends a stream
-//! when its certificate expires or its appliance is revoked.
+//! Trust boundary: a connection reaches [`GatewayService`] only after the TLS handshake verified a client certificate issued by our CA for a non-revoked appliance ([`crate::tls`]).
+//! The scope of every stream comes from its certificate, and the stored appliance must match both the tenant and the environment the certificate names.
+//! The service re-checks revocation and expiry when a stream starts, checks revocation again after registering the stream (closing the race with a concurrent revocation), and ends a stream when its certificate expires or its appliance is revoked.
+//!
+//! The session task never awaits the appliance: replies and pushes are queued with `try_send`, so a peer that stops reading cannot stall the task that must act on revocation and expiry.
+//! A peer whose reply queue is full is disconnected; a kicked or expired one gets a final status and then its socket is cut ([`ConnKill`]).
+//! Handshakes are capped and time out, so a flood cannot starve established appliances.
+//! What is pushed unasked on a stream is [`crate::push`]'s business; results and releases go to [`crate::operations`], renewals to `renew`.
 
 mod conn;
 mod renew;

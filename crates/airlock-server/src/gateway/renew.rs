@@ -1,10 +1,9 @@
 //! Certificate renewal over the stream.
 //!
-//! A certificate renews only if it is the appliance's current one or the one it replaced (the
-//! appliance may have missed the reply), the appliance is not revoked, and half of the
-//! certificate's life has passed: before that there is nothing to renew, and refusing keeps a
-//! misbehaving appliance from minting certificates. The CSR must name exactly the current
-//! identity and carry a new key ([`crate::ca::CertificateAuthority::sign_renewal_csr`]).
+//! A certificate renews only if it is the appliance's current one or the one it replaced (the appliance may have missed the reply), the appliance is not revoked, and half of the certificate's life has passed.
+//! Before that there is nothing to renew, and refusing keeps a misbehaving appliance from minting certificates.
+//! The CSR must name exactly the current identity and carry a new key ([`crate::ca::CertificateAuthority::sign_renewal_csr`]).
+//! The new serial is recorded with its audit record, and the previous one stays acceptable for one more renewal.
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_proto::gateway::{RenewRefused, RenewResponse, control_message};

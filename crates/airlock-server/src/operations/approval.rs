@@ -1,9 +1,8 @@
 //! Relaying the customer's approval (or denial) of a request.
 //!
-//! The control plane holds no customer key, so it cannot check an approval's signatures: it
-//! checks the structure and that the approval binds this request (id, digest, command,
-//! appliance, phase), stores it unchanged and pushes it to the appliance, which verifies the
-//! signatures against the customer keys it pinned.
+//! The control plane holds no customer key, so it cannot check an approval's signatures.
+//! It checks the structure and that the approval binds this request (id, digest, command, appliance, phase), stores it unchanged and pushes it to the appliance, which verifies the signatures against the customer keys it pinned.
+//! An approval is relayed only while the operation awaits one; a second one, even a valid one, is a conflict.
 
 use airlock_core::OperationId;
 use airlock_core::audit::{AuditAction, Outcome};

@@ -1,10 +1,15 @@
-//! Signed operations on the control plane: the operations-signing identity, operation states,
-//! the instructions pushed to appliances, and the checks on what appliances report back.
+//! Signed operations on the control plane: a vendor's request, the customer's approval, the appliance's result and the customer's release of the output.
 //!
-//! Trust boundary: the control plane holds no customer key, so it cannot verify approvals or
-//! releases; it checks their structure and binding only, and relays them unchanged. What it
-//! does verify is the appliance's execution statement: signed by a certificate from our CA
-//! naming exactly the appliance on the stream, and bound to the stored request.
+//! Trust boundary: the control plane holds no customer key, so it cannot verify approvals or releases; it checks their structure and binding only, and relays them unchanged.
+//! What it does verify is the appliance's execution statement: signed by a certificate from our CA naming exactly the appliance on the stream, and bound to the stored request.
+//!
+//! States ([`airlock_core::operation::OperationState`]): `awaiting_approval` → `approved` or `denied` → `executed`, `cancelled` or `refused` → `released` or `withheld`.
+//! `denied` stays `denied` when the appliance confirms its refusal.
+//! It becomes `executed` (flagged in the audit) only when a signed execution shows that the appliance ran it on the customer's own earlier authority before the denial reached it.
+//!
+//! Where each step lives: [`request`](request()) (signing and storing a request), [`approval`](relay_approval) (relaying the customer's decision), [`templates`](push_template).
+//! Coming up the stream: [`results`](handle_result) and [`release`](handle_release), both answered through the coded acks of `reply`.
+//! Whatever is to go down the stream after a change is [`crate::push`]'s business.
 
 mod approval;
 mod release;

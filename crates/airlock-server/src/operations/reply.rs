@@ -1,4 +1,10 @@
-//! Answering what an appliance reported: acks with a code, and the audit of refusals.
+//! Answering what an appliance reported: every ack carries a code, and the appliance acts on the code only.
+//!
+//! `STORED`: taken (or already held); the appliance drops it from its outbox.
+//! `RETRY`: not acceptable yet through no fault of its own (a release before its result); kept and sent again, and not audited as a refusal.
+//! `REFUSED`: refused for good; audited (rate limited) in the tenant's chain, and the appliance parks its copy.
+//! When the store fails there is no ack at all, so the appliance sends it again later.
+//! The `error` text says why, for people only.
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::operation::AckCode;

@@ -1,5 +1,6 @@
-//! Requesting an operation: render the current template version, sign the request with the
-//! operations key, store it with its audit record, and push it to the appliance.
+//! Requesting an operation: render the current template version, sign the request with the operations key, store it with its audit record, and push it to the appliance.
+//!
+//! The request is signed by the operations key ([`crate::signer`]) and stored with that key's certificate, so its manifest verifies after a restart.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,15 @@
-//! Results coming up from appliances.
+//! Results coming up from appliances: what became of an operation.
+//!
+//! An execution statement is accepted only if our CA issued its certificate and the certificate names exactly the stream's appliance.
+//! The statement must bind the stored request (id, digest, command, appliance), its status must fit the outcome, and its authority must be one the control plane can account for.
+//! A grant must be the one relayed for this request; a pre-approval must be sent beside it and name this appliance, template and phase; a standing window needs nothing more here (`airlock verify --policy` checks it against the customer's policy).
+//! An execution claiming probe (`observe`) authority for a template is refused: only the appliance's own probes run without a signature.
+//! The certificate is checked at the time the appliance says it started, which may not lie in the control plane's future.
+//!
+//! A refusal (`AWAITING_APPROVAL`, `REFUSED`) is read from its codes through `airlock_proto::convert`, never from its text.
+//! A code this build does not know, a missing one, or one that contradicts the outcome is refused.
+//! `REFUSED` stores the codes and the reason; `AWAITING_APPROVAL` changes nothing, but for an approved operation it asks [`crate::push`] to push it again when its approval becomes valid.
+//! The same result sent again is acknowledged as stored; a different final result for the same operation is refused.
 
 use std::time::Duration;
 

@@ -1,4 +1,6 @@
 //! Pushing templates: every version is kept by content hash, and the newest is current.
+//!
+//! An older request keeps naming (and resolving) the version it was rendered from.
 
 use airlock_core::WorkspaceId;
 use airlock_core::audit::{AuditAction, Outcome};

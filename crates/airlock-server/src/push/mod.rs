@@ -1,44 +1,28 @@
-//! Pushing instructions to appliances: operations and the customer's policy, down the stream
-//! each connected appliance holds open.
+//! Pushing instructions to appliances: operations and the customer's policy, down the stream each connected appliance holds open.
 //!
-//! Everything about when and in what order the control plane sends something unasked lives
-//! here; the gateway and the domain modules only say that something changed.
+//! Everything about when and in what order the control plane sends something unasked lives here; the gateway and the domain modules only say that something changed.
 //!
 //! When a push happens:
-//! - right after an appliance's `Welcome`: the environment's relayed policy first, so that its
-//!   operations are decided under it, then every operation still waiting for its result
-//!   ([`Pusher::at_welcome`]), once per stream;
-//! - when a request or an approval is committed, to that appliance
-//!   ([`Pusher::operations`]);
-//! - when a policy is relayed, to every connected appliance of the environment, each of which
-//!   is then offered its waiting operations again, since the new policy may decide them
-//!   ([`Pusher::policy`]);
-//! - after any message from an appliance, whatever is due on its stream
-//!   ([`Pusher::after_message`]).
+//! - right after an appliance's `Welcome`: the environment's relayed policy first, so that its operations are decided under it, then every operation still waiting for its result ([`Pusher::at_welcome`]), once per stream;
+//! - when a request or an approval is committed, to that appliance ([`Pusher::operations`]);
+//! - when a policy is relayed, to every connected appliance of the environment, each of which is then offered its waiting operations again, since the new policy may decide them ([`Pusher::policy`]);
+//! - after any message from an appliance, whatever is due on its stream ([`Pusher::after_message`]).
 //!
-//! Push order: the operation that just changed first, then decided operations (approved or
-//! denied) before those awaiting approval, so a backlog nobody approved yet cannot hold back an
-//! approved one, then oldest first ([`crate::store::PushKey`], which the store's query
-//! follows).
+//! Push order: the operation that just changed first, then decided operations (approved or denied) before those awaiting approval, then oldest first.
+//! So a backlog nobody approved yet cannot hold back an approved one ([`crate::store::PushKey`], which the store's query follows).
 //! A re-sent instruction is harmless: the appliance is idempotent per request id.
 //!
-//! Resume after a full queue: a push never waits on a stream; it queues with `try_send` and
-//! leaves slots free for replies.
-//! A push that finds the queue full records where it stopped in the stream's
-//! [`crate::registry`] entry (the earliest of several), and the appliance's next message
-//! (heartbeat or result) resumes it from there, not from the start.
+//! Resume after a full queue: a push never waits on a stream; it queues with `try_send` and leaves slots free for replies.
+//! A push that finds the queue full records where it stopped in the stream's [`crate::registry`] entry (the earliest of several), and the appliance's next message (heartbeat or result) resumes it from there, not from the start.
 //! A policy that found the queue full is sent again the same way.
 //! A message with nothing due touches memory only.
 //!
-//! Re-push timing: an approved operation the appliance answers with `AWAITING_APPROVAL` (its
-//! approval not valid yet) is pushed again on the same stream at [`repush_time`]: when the
-//! approval becomes valid, the time the appliance sends beside its code, at most
-//! [`REPUSH_AT_MOST`] and at least [`REPUSH_AT_LEAST`] ahead.
+//! Re-push timing: an approved operation the appliance answers with `AWAITING_APPROVAL` (its approval not valid yet) is pushed again on the same stream at [`repush_time`].
+//! That is when the approval becomes valid (the time the appliance sends beside its code), at most [`REPUSH_AT_MOST`] and at least [`REPUSH_AT_LEAST`] ahead.
 //! The appliance's next message after that time brings it, without waiting for a reconnect.
 //!
-//! The push index ([`index`]) lets a connect with nothing pending stay in memory.
-//! Every write that gives an appliance something to receive runs through
-//! [`Pusher::noting`], which notes it in the index before the write and again after it.
+//! The push index ([`PushIndex`]) lets a connect with nothing pending stay in memory.
+//! Every write that gives an appliance something to receive runs through [`Pusher::noting`], which notes it in the index before the write and again after it.
 
 mod index;
 mod operations;

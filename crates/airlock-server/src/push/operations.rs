@@ -1,5 +1,4 @@
-//! Pushing operation instructions: in push order, a page at a time, stopping (and recording
-//! where) when the stream's queue is full.
+//! Pushing operation instructions: in push order, a page at a time, stopping (and recording where) when the stream's queue is full.
 
 use airlock_core::operation::OperationState;
 use airlock_core::{ApplianceId, OperationId};

@@ -1,5 +1,4 @@
-//! Pushing the customer's policy relayed to an environment: to its connected appliances when
-//! it is relayed, and to each appliance after its `Welcome`.
+//! Pushing the customer's policy relayed to an environment: to its connected appliances when it is relayed, and to each appliance after its `Welcome`.
 
 use airlock_core::{ApplianceId, EnvironmentId};
 use airlock_proto::gateway::{ControlMessage, PolicyUpdate, control_message};

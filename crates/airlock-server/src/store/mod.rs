@@ -1,12 +1,13 @@
 //! Persistence: one interface over the embedded SQLite database.
 //!
-//! Every call that touches tenant data takes a [`TenantScope`] and binds its tenant id in
-//! the query, so a caller cannot forget the filter. The SQL is kept portable (numbered
-//! placeholders, BIGINT/TEXT/BLOB, no SQLite-only functions) so a PostgreSQL backend can slot
-//! in behind the same methods.
+//! Every call that touches tenant data takes a [`TenantScope`](crate::authz::TenantScope) and binds its tenant id in the query, so a caller cannot forget the filter.
+//! The SQL is kept portable (numbered placeholders, BIGINT/TEXT/BLOB, no SQLite-only functions) so a PostgreSQL backend can slot in behind the same methods.
+//! Values the server reads back are parsed into their types; a row holding something no version of the server wrote (an unknown state or code, a malformed id) is [`StoreError::Corrupt`], never a default.
 //!
-//! Writes go through [`WriteTx`]: one transaction that holds the process-wide write lock, so
-//! a mutation and its audit record commit together or not at all, and audit chains never fork.
+//! The write transaction: every write goes through [`WriteTx`], one transaction begun `IMMEDIATE` under a process-wide write lock.
+//! A mutation and its audit record commit together or not at all, so nothing is done unaudited, and an audit chain never forks.
+//! A dropped transaction rolls back, which is how a domain function refuses half way.
+//! Every acknowledged write, audit records included, survives power loss (`synchronous = FULL`).
 
 mod appliances;
 mod audit;

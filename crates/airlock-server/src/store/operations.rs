@@ -1,5 +1,4 @@
-//! Operations: the signed request, its relayed approval, the appliance's result and the
-//! customer's release, and the order in which the pending ones are pushed.
+//! Operations: the signed request, its relayed approval, the appliance's result and the customer's release, and the order in which the pending ones are pushed.
 
 use airlock_core::grant::DenyCode;
 use airlock_core::operation::{OperationState, RefusalCode};

@@ -1,5 +1,4 @@
-//! Tenants, workspaces, environments and the tokens that act on them: what `airlock server
-//! init` and the API create, and what authentication looks up before a scope exists.
+//! Tenants, workspaces, environments and the tokens that act on them: what `airlock server init` and the API create, and what authentication looks up before a scope exists.
 
 use airlock_core::id::TokenId;
 use airlock_core::token::TokenHash;
