@@ -5,6 +5,7 @@
 //! It depends on core only: server- or appliance-specific harnesses live beside their tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a failed fixture is a failed test.
 
+pub mod certified;
 pub mod customer;
 pub mod signed_operation;
 
