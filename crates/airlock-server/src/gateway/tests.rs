@@ -10,10 +10,15 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use airlock_testkit::{customer, op_id};
+
 use crate::authz::TenantScope;
 use crate::clock::SystemClock;
 use crate::keys::KekSource;
 use crate::{RunningServer, ServerConfig};
+
+/// The customer key ([`customer::key`]) every test signs the customer's statements with.
+const CUSTOMER: u8 = 42;
 
 struct Fixture {
     server: RunningServer,
@@ -173,12 +178,12 @@ async fn revoked_appliance_is_refused_even_with_a_fresh_certificate() {
 
 mod operations {
     use airlock_core::dsse::Envelope;
-    use airlock_core::grant::DenyCode;
+    use airlock_core::grant::{ApprovalDecision, DenyCode, OperationRequest};
     use airlock_core::operation::{
-        AckCode, AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus,
-        RELEASE_PAYLOAD_TYPE, RefusalCode, ReleaseDecision, ReleaseStatement, add_signature, certificate_key_id,
-        sha256_hex, signing_input,
+        AckCode, AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RefusalCode,
+        ReleaseDecision, ReleaseStatement, sha256_hex,
     };
+    use airlock_core::policy::POLICY_PAYLOAD_TYPE;
     use airlock_proto::gateway::{
         ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
         OutputRelease,
@@ -318,15 +323,7 @@ mod operations {
             previous_manifest_sha256: None,
         };
         let env = Envelope::new(EXECUTION_PAYLOAD_TYPE, serde_json::to_vec(&statement).unwrap());
-        let rng = ring::rand::SystemRandom::new();
-        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-            &key.serialize_der(),
-            &rng,
-        )
-        .unwrap();
-        let sig = kp.sign(&rng, &signing_input(&env)).unwrap();
-        add_signature(env, certificate_key_id(cert.der.as_ref()).unwrap(), sig.as_ref().to_vec())
+        airlock_testkit::certified::sign_with_certificate_key(env, cert.der.as_ref(), &key.serialize_der())
     }
 
     fn result(op: &Value, env: &Envelope, cert_pem: &str) -> appliance_message::Body {
@@ -357,11 +354,9 @@ mod operations {
             approver: "alice".into(),
             reason: "fine".into(),
         };
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let env = Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(&statement).unwrap()).sign(&key);
         appliance_message::Body::OutputRelease(OutputRelease {
             request_id: op["id"].as_str().unwrap().to_owned(),
-            release_envelope_json: env.to_json(),
+            release_envelope_json: customer::sign_release(&statement, &[CUSTOMER]),
             output: sent.to_vec(),
         })
     }
@@ -396,19 +391,19 @@ mod operations {
         let forged = execution(&op, b"out", &other_key, &other_cert);
         let ack = a.send(result(&op, &forged, &other_cert.pem)).await;
         assert_eq!(ack.kind, OperationAckKind::Result as i32);
-        assert!(ack.error.contains("not signed by this appliance"), "{ack:?}");
+        assert_refused(&ack, "not signed by this appliance");
         // Our certificate with another key's signature: refused too.
         let mismatched = execution(&op, b"out", &other_key, &a.cert);
         let ack = a.send(result(&op, &mismatched, &a.cert.pem)).await;
-        assert!(ack.error.contains("signature"), "{ack:?}");
+        assert_refused(&ack, "signature");
         assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
 
         // The appliance's own signature is accepted, and again idempotently.
         let good = execution(&op, b"out", &a.key, &a.cert);
         let ack = a.send(result(&op, &good, &a.cert.pem)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         let ack = a.send(result(&op, &good, &a.cert.pem)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         let shown = op_state(&f, id).await;
         assert_eq!(shown["state"], "executed");
         assert_eq!(shown["exit_code"], 0);
@@ -431,30 +426,30 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         let good = execution(&op, MARKER, &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
 
         // Bytes that are not what the appliance signed: refused, nothing stored.
         let ack =
             a.send(release(&op, MARKER, b"customer-plaintext-7f3a9c1e-never-at-resX", ReleaseDecision::Release)).await;
         assert_eq!(ack.kind, OperationAckKind::Release as i32);
-        assert!(ack.error.contains("does not match"), "{ack:?}");
+        assert_refused(&ack, "does not match");
         // A release naming other output than the execution: refused.
         let ack = a.send(release(&op, b"other", b"other", ReleaseDecision::Release)).await;
-        assert!(ack.error.contains("other output"), "{ack:?}");
+        assert_refused(&ack, "other output");
         // No release envelope and no commands-and-output pre-approval: refused.
         let bare = appliance_message::Body::OutputRelease(OutputRelease {
             request_id: id.to_owned(),
             release_envelope_json: String::new(),
             output: MARKER.to_vec(),
         });
-        assert!(a.send(bare).await.error.contains("pre-approval"));
+        assert_refused(&a.send(bare).await, "pre-approval");
         let (s, v) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
         assert_eq!(v["error"]["code"], "not_found");
         assert_eq!(op_state(&f, id).await["state"], "executed");
 
         let ack = a.send(release(&op, MARKER, MARKER, ReleaseDecision::Release)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         let shown = op_state(&f, id).await;
         assert_eq!((shown["state"].as_str(), shown["output_released"].as_bool()), (Some("released"), Some(true)));
         let (s, bytes) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
@@ -477,41 +472,23 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         let good = execution(&op, MARKER, &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
         let ack = a.send(release(&op, MARKER, MARKER, ReleaseDecision::Release)).await;
-        assert!(ack.error.contains("output:secret"), "{ack:?}");
+        assert_refused(&ack, "output:secret");
         let (s, _) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert_eq!(op_state(&f, id).await["state"], "executed");
         assert!(!data_dir_contains(&f, MARKER));
         // Withholding it is recorded (no output travels).
         let ack = a.send(release(&op, MARKER, b"", ReleaseDecision::Withhold)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         assert_eq!(op_state(&f, id).await["state"], "withheld");
         f.server.shutdown().await;
     }
 
     /// Relays the customer's signed denial of `op`.
     async fn deny(f: &Fixture, op: &Value) -> Envelope {
-        let id = op["id"].as_str().unwrap();
-        let body = json!({
-            "request_id": id, "appliance": op["appliance"], "phase": op["phase"],
-            "request_digest": op["request_digest"], "command_sha256": op["command_sha256"], "decision": "deny",
-            "decided_at": 0, "approver": "alice", "reason": "no", "not_before": 0, "not_after": 1, "nonce": "n",
-        });
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let grant =
-            Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
-        let grant_json: Value = serde_json::from_str(&grant.to_json()).unwrap();
-        let (s, v) = json_call(
-            f,
-            Method::POST,
-            &format!("/v1/operations/{id}/approval"),
-            Some(json!({ "envelope": grant_json })),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
-        grant
+        relay(f, op, ApprovalDecision::Deny).await
     }
 
     #[tokio::test]
@@ -528,9 +505,9 @@ mod operations {
         // A template's execution claiming the appliance's own probe authority is refused.
         let probe = AuthorityRef { kind: AuthorityKind::Probe, digest: None, policy_digest: None };
         let posing = execution_by(&op, b"x", &a.key, &a.cert, probe);
-        assert!(a.send(result(&op, &posing, &a.cert.pem)).await.error.contains("built-in probe"));
+        assert_refused(&a.send(result(&op, &posing, &a.cert.pem)).await, "built-in probe");
         let good = execution(&op, b"x", &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
         assert_eq!(op_state(&f, id).await["state"], "executed");
         f.server.shutdown().await;
     }
@@ -560,11 +537,11 @@ mod operations {
         assert_eq!(shown["refusal_reason"], "the customer denied this request");
         // A result for an operation that is not this appliance's is refused.
         let unknown = appliance_message::Body::OperationResult(OperationResult {
-            request_id: "op_00000000000000000000000000000000".into(),
+            request_id: op_id(0).to_string(),
             outcome: OperationOutcome::AwaitingApproval as i32,
             ..Default::default()
         });
-        assert!(a.send(unknown).await.error.contains("no operation"));
+        assert_refused(&a.send(unknown).await, "no operation");
         f.server.shutdown().await;
     }
 
@@ -679,16 +656,24 @@ mod operations {
 
         // What is wrong with the release itself is still refused for good, result or not.
         let acks = send_then_heartbeat(&mut a, release(&op, MARKER, b"bytes", ReleaseDecision::Withhold), 2).await;
-        assert_eq!(acks.iter().map(code_of).collect::<Vec<_>>(), [AckCode::Refused], "{acks:?}");
-        assert!(acks[0].error.contains("withheld output"), "{acks:?}");
+        assert_eq!(acks.len(), 1, "{acks:?}");
+        assert_refused(&acks[0], "withheld output");
 
         // Once the result is stored, the resent release is taken.
         let good = execution(&op, MARKER, &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
         let ack = a.send(early).await;
-        assert_eq!((ack.kind, ack.error.as_str()), (OperationAckKind::Release as i32, ""), "{ack:?}");
+        assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Stored), "{ack:?}");
         assert_eq!(op_state(&f, id).await["state"], "released");
         f.server.shutdown().await;
+    }
+
+    /// Asserts that `ack` refuses for good, and says so with `why` (its text is for people; the
+    /// appliance reads only the code).
+    #[track_caller]
+    pub(super) fn assert_refused(ack: &OperationAck, why: &str) {
+        assert_eq!(code_of(ack), AckCode::Refused, "{ack:?}");
+        assert!(ack.error.contains(why), "expected `{why}`: {ack:?}");
     }
 
     /// The ack's code, which is all the appliance acts on.
@@ -762,7 +747,7 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         a.instruction().await;
-        relay(&f, &early, "approve").await;
+        relay(&f, &early, ApprovalDecision::Approve).await;
         assert_eq!(a.instruction().await.request_id, early["id"].as_str().unwrap());
 
         // The approval is valid 10 s from now: the appliance cannot run it yet.
@@ -788,7 +773,7 @@ mod operations {
         // Once it has a result, nothing is pushed again.
         assert_eq!(code_of(&a.send(not_yet_valid(&early, None)).await), AckCode::Stored);
         let good = execution(&early, b"out", &a.key, &a.cert);
-        assert_eq!(a.send(result(&early, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&early, &good, &a.cert.pem)).await), AckCode::Stored);
         clock.advance(Duration::from_secs(60));
         assert!(heartbeat_pushes(&mut a, 7).await.is_empty());
         f.server.shutdown().await;
@@ -798,13 +783,9 @@ mod operations {
     async fn a_relayed_policy_reaches_connected_appliances_at_once_and_others_after_their_welcome() {
         let f = fixture().await;
         let mut a = Appliance::connect(&f, &f.identity).await;
-        let toml =
-            format!("version = 1\nserial = 7\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment);
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let envelope = policy(&f, 7);
         let path = format!("/v1/environments/{}/policy", f.identity.environment);
-        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["sent_to"], 1);
         let pushed = match a.recv().await {
@@ -815,10 +796,8 @@ mod operations {
         // A request still waiting for authority is offered again under the new policy.
         let op = request(&f, "restart", &["service:restart"]).await;
         assert_eq!(a.instruction().await.request_id, op["id"].as_str().unwrap());
-        let newer = toml.replace("serial = 7", "serial = 8");
-        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, newer.into_bytes()).sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
-        assert_eq!(json_call(&f, Method::PUT, &path, Some(body)).await.0, StatusCode::OK);
+        let envelope = policy(&f, 8);
+        assert_eq!(json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await.0, StatusCode::OK);
         assert!(matches!(a.recv().await, control_message::Body::PolicyUpdate(_)));
         assert_eq!(a.instruction().await.request_id, op["id"].as_str().unwrap());
         drop(a);
@@ -840,27 +819,38 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         let acks = send_then_heartbeat(&mut a, release(&op, MARKER, MARKER, ReleaseDecision::Release), 1).await;
-        assert!(acks.len() == 1 && acks[0].error.contains("output:secret"), "{acks:?}");
+        assert_eq!(acks.len(), 1, "{acks:?}");
+        assert_refused(&acks[0], "output:secret");
         assert!(!data_dir_contains(&f, MARKER));
         f.server.shutdown().await;
     }
 
-    /// Relays a customer's signed approval (or denial) of `op` through the API.
-    pub(super) async fn relay(f: &Fixture, op: &Value, decision: &str) -> Envelope {
-        let body = json!({
-            "request_id": op["id"], "appliance": op["appliance"], "phase": op["phase"],
-            "request_digest": op["request_digest"], "command_sha256": op["command_sha256"], "decision": decision,
-            "decided_at": 0, "approver": "alice", "reason": "ok", "not_before": 0, "not_after": 1, "nonce": "n",
-        });
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let grant =
-            Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
-        let grant_json: Value = serde_json::from_str(&grant.to_json()).unwrap();
-        let id = op["id"].as_str().unwrap();
-        let path = format!("/v1/operations/{id}/approval");
-        let (s, v) = json_call(f, Method::POST, &path, Some(json!({ "envelope": grant_json }))).await;
+    /// Relays the customer's signed approval (or denial) of `op` through the API.
+    pub(super) async fn relay(f: &Fixture, op: &Value, decision: ApprovalDecision) -> Envelope {
+        let request: OperationRequest = serde_json::from_value(op["request"].clone()).unwrap();
+        let t0 = airlock_core::Timestamp::from_unix_millis(0);
+        let mut body = customer::approval(&request, t0, t0.saturating_add(Duration::from_millis(1)));
+        body.decision = decision;
+        let grant = customer::sign_grant(&body, &[CUSTOMER]);
+        let path = format!("/v1/operations/{}/approval", request.id);
+        let envelope: Value = serde_json::from_str(&grant).unwrap();
+        let (s, v) = json_call(f, Method::POST, &path, Some(json!({ "envelope": envelope }))).await;
         assert_eq!(s, StatusCode::OK, "{v}");
-        grant
+        Envelope::from_json(grant.as_bytes()).unwrap()
+    }
+
+    /// The customer's policy for the fixture's environment with `serial`, signed.
+    pub(super) fn policy(f: &Fixture, serial: u64) -> Envelope {
+        let toml = format!(
+            "version = 1\nserial = {serial}\nenvironment = \"{}\"\nphases = [\"observe\"]\n",
+            f.identity.environment
+        );
+        customer::sign(POLICY_PAYLOAD_TYPE, toml.into_bytes(), &[CUSTOMER])
+    }
+
+    /// The request body that relays `policy`.
+    pub(super) fn relay_body(policy: &Envelope) -> Value {
+        json!({ "envelope": serde_json::from_str::<Value>(&policy.to_json()).unwrap() })
     }
 
     /// The instructions queued on `rx` right now.
@@ -902,7 +892,7 @@ mod operations {
             ops.push(request(&f, name, &["host:read"]).await);
         }
         let approved = ops[2]["id"].as_str().unwrap().to_owned();
-        let grant = relay(&f, &ops[2], "approve").await;
+        let grant = relay(&f, &ops[2], ApprovalDecision::Approve).await;
         let sent: Vec<_> = queued(&mut rx).into_iter().map(|i| i.request_id).collect();
         assert_eq!(sent.len(), 2, "{sent:?}");
         assert!(!sent.contains(&approved), "{sent:?}");
@@ -942,16 +932,9 @@ mod operations {
         for _ in 0..2 {
             tx.try_send(Ok(Box::new(ControlMessage { body: None }))).unwrap();
         }
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let envelope = Envelope::new(
-            airlock_core::policy::POLICY_PAYLOAD_TYPE,
-            format!("version = 1\nserial = 2\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment)
-                .into_bytes(),
-        )
-        .sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let envelope = policy(&f, 2);
         let path = format!("/v1/environments/{}/policy", f.identity.environment);
-        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["sent_to"], 0);
         // The peer reads; its next message brings the policy, once.
@@ -1020,7 +1003,7 @@ mod pre_approval {
 
     use airlock_core::dsse::Envelope;
     use airlock_core::grant::{ApprovalLevel, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
-    use airlock_core::operation::{AuthorityKind, AuthorityRef};
+    use airlock_core::operation::{AckCode, AuthorityKind, AuthorityRef};
     use airlock_proto::gateway::{OperationOutcome, OperationResult, OutputRelease};
     use http::{Method, StatusCode};
 
@@ -1042,8 +1025,7 @@ mod pre_approval {
             approver: "alice".into(),
             issued_at: airlock_core::Timestamp::from_unix_millis(0),
         };
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let env = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
+        let env = customer::sign(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap(), &[CUSTOMER]);
         (body, env)
     }
 
@@ -1087,19 +1069,20 @@ mod pre_approval {
             let (other_body, other_env) = pre_approval(&op, level, "something-else");
             let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(other_body.digest_hex()));
             let ack = a.send(result_with(&op, &exec, &a.cert.pem, &other_env)).await;
-            assert!(ack.error.contains("another appliance, template or phase"), "{ack:?}");
+            assert_refused(&ack, "another appliance, template or phase");
             let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by("00".repeat(32)));
             let ack = a.send(result_with(&op, &exec, &a.cert.pem, &env)).await;
-            assert!(ack.error.contains("another pre-approval"), "{ack:?}");
+            assert_refused(&ack, "another pre-approval");
             // The real one: awaiting_approval -> executed, the pre-approval kept for the manifest.
             let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(body.digest_hex()));
-            assert_eq!(a.send(result_with(&op, &exec, &a.cert.pem, &env)).await.error, "");
+            assert_eq!(code_of(&a.send(result_with(&op, &exec, &a.cert.pem, &env)).await), AckCode::Stored);
             let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
             assert_eq!(Envelope::from_json(m["pre_approval"].to_string().as_bytes()).unwrap(), env);
 
             // Output without a signed release: only at the commands-and-output level.
             let ack = a.send(bare_release(&op, b"routine output")).await;
-            assert_eq!(ack.error.is_empty(), released, "{ack:?}");
+            let expected = if released { AckCode::Stored } else { AckCode::Refused };
+            assert_eq!(code_of(&ack), expected, "{ack:?}");
             let (s, bytes) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
             if released {
                 assert_eq!((s, bytes.as_slice()), (StatusCode::OK, b"routine output".as_slice()));
@@ -1116,11 +1099,12 @@ mod pre_approval {
 
 mod connect_reads {
     use airlock_core::dsse::Envelope;
+    use airlock_core::grant::ApprovalDecision;
     use airlock_proto::gateway::{Heartbeat, control_message};
     use http::{Method, StatusCode};
-    use serde_json::{Value, json};
+    use serde_json::json;
 
-    use super::operations::{Appliance, json_call, relay, request};
+    use super::operations::{Appliance, json_call, policy, relay, relay_body, request};
     use super::*;
 
     /// Sends a heartbeat and waits for its ack: whatever followed the Welcome was pushed by
@@ -1193,7 +1177,7 @@ mod connect_reads {
         drop(a);
 
         // Approved while offline, then a restart: pushed with its approval.
-        let grant = relay(&f, &op, "approve").await;
+        let grant = relay(&f, &op, ApprovalDecision::Approve).await;
         let f = restart(f).await;
         let mut a = Appliance::connect(&f, &f.identity).await;
         let pushed = settle(&mut a).await;
@@ -1210,13 +1194,9 @@ mod connect_reads {
     #[tokio::test]
     async fn a_relayed_policy_reaches_an_appliance_at_its_welcome_after_a_restart() {
         let f = fixture().await;
-        let toml =
-            format!("version = 1\nserial = 3\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment);
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let envelope = policy(&f, 3);
         let path = format!("/v1/environments/{}/policy", f.identity.environment);
-        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await;
         assert_eq!((s, &v["sent_to"]), (StatusCode::OK, &json!(0)), "{v}");
 
         let f = restart(f).await;
