@@ -17,8 +17,6 @@ mod reply;
 mod request;
 mod results;
 mod templates;
-#[cfg(test)]
-mod tests;
 
 use airlock_core::dsse::Envelope;
 use airlock_core::operation::{Manifest, RequestStatement};
