@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::Timestamp;
+use airlock_core::audit::AuditAction;
 use axum::body::Body;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -150,7 +151,7 @@ async fn missing_or_forged_token_is_401_and_audited() {
         assert_error_shape(&v);
     }
     let system = api.audit_actions("system").await;
-    assert_eq!(system.iter().filter(|(a, o)| a == "api.authenticate" && o == "denied").count(), 3);
+    assert_eq!(system.iter().filter(|(a, o)| a == AuditAction::ApiAuthenticate.as_str() && o == "denied").count(), 3);
     // The forged token itself never reaches the audit.
     let records = api.state.store.audit_records("system").await.unwrap();
     for r in records {
@@ -203,8 +204,8 @@ async fn join_token_is_single_use_and_reuse_is_audited() {
     let tenant_chain =
         api.state.store.audit_chains().await.unwrap().into_iter().find(|c| c.starts_with("ten_")).unwrap();
     let actions = api.audit_actions(&tenant_chain).await;
-    assert!(actions.contains(&("appliance.join".into(), "success".into())));
-    assert!(actions.contains(&("appliance.join".into(), "denied".into())));
+    assert!(actions.contains(&(AuditAction::ApplianceJoin.as_str().into(), "success".into())));
+    assert!(actions.contains(&(AuditAction::ApplianceJoin.as_str().into(), "denied".into())));
 }
 
 #[tokio::test]
@@ -464,8 +465,8 @@ async fn template_push_list_versions_and_bad_templates() {
     let (_, list) = api.get(&format!("/v1/workspaces/{}/templates", api.workspace)).await;
     assert_eq!(list["templates"].as_array().unwrap().len(), 1);
     let actions = api.audit_actions(&api.tenant_chain().await).await;
-    assert_eq!(actions.iter().filter(|(a, o)| a == "template.push" && o == "success").count(), 3);
-    assert!(actions.contains(&("template.push".into(), "error".into())));
+    assert_eq!(actions.iter().filter(|(a, o)| a == AuditAction::TemplatePush.as_str() && o == "success").count(), 3);
+    assert!(actions.contains(&(AuditAction::TemplatePush.as_str().into(), "error".into())));
 }
 
 #[tokio::test]
@@ -515,7 +516,7 @@ async fn operation_request_checks_template_vars_and_appliance() {
     assert_eq!(op["request_digest"], request.digest_hex());
     assert_eq!(request.kind, "restart-service");
     let actions = api.audit_actions(&api.tenant_chain().await).await;
-    assert!(actions.contains(&("operation.request".into(), "success".into())));
+    assert!(actions.contains(&(AuditAction::OperationRequest.as_str().into(), "success".into())));
 
     // Filters.
     let (_, listed) = api.get(&format!("/v1/operations?state=awaiting_approval&environment={env}")).await;
@@ -650,7 +651,10 @@ async fn approval_relay_checks_structure_binding_and_state() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["state"], "denied");
     let actions = api.audit_actions(&api.tenant_chain().await).await;
-    assert_eq!(actions.iter().filter(|(a, o)| a == "operation.approval_relayed" && o == "success").count(), 2);
+    assert_eq!(
+        actions.iter().filter(|(a, o)| a == AuditAction::OperationApprovalRelayed.as_str() && o == "success").count(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -798,7 +802,7 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
     assert_eq!(api.get(&path).await.1["envelope"], newer);
 
     let actions = api.audit_actions(&tenant_of(&api).await).await;
-    let relayed: Vec<_> = actions.iter().filter(|(a, _)| a == "policy.relayed").collect();
+    let relayed: Vec<_> = actions.iter().filter(|(a, _)| a == AuditAction::PolicyRelayed.as_str()).collect();
     assert_eq!(relayed.iter().filter(|(_, o)| o == "success").count(), 2, "{actions:?}");
     assert_eq!(relayed.iter().filter(|(_, o)| o != "success").count(), 10, "{actions:?}");
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use airlock_core::audit::AuditAction;
 use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId};
 use airlock_proto::gateway::appliance_gateway_client::ApplianceGatewayClient;
 use airlock_proto::gateway::{ApplianceMessage, Hello, appliance_message, control_message};
@@ -155,7 +156,9 @@ async fn certificate_of_another_tenant_cannot_act_as_an_appliance() {
 
     // Both refusals are audited in the chain of the tenant the certificate names.
     let refused = f.server.state.store.audit_records(&f.other_tenant.to_string()).await.unwrap();
-    assert!(refused.iter().any(|r| r.as_ref().is_ok_and(|r| r.event.action == "gateway.stream_refused")));
+    assert!(
+        refused.iter().any(|r| r.as_ref().is_ok_and(|r| r.event.action == AuditAction::GatewayStreamRefused.as_str()))
+    );
     f.server.shutdown().await;
 }
 
@@ -413,8 +416,8 @@ mod operations {
         let chain = f.identity.tenant.to_string();
         let records = f.server.state.store.audit_records(&chain).await.unwrap();
         let actions: Vec<_> = records.into_iter().map(|r| r.unwrap().event.action).collect();
-        assert!(actions.iter().any(|a| a == "operation.executed"), "{actions:?}");
-        assert!(actions.iter().any(|a| a == "operation.result_refused"), "{actions:?}");
+        assert!(actions.iter().any(|a| a == AuditAction::OperationExecuted.as_str()), "{actions:?}");
+        assert!(actions.iter().any(|a| a == AuditAction::OperationResultRefused.as_str()), "{actions:?}");
         f.server.shutdown().await;
     }
 
@@ -652,7 +655,7 @@ mod operations {
             records.into_iter().map(|r| r.unwrap().event.action).collect()
         };
         let audited = actions(f.server.state.store.audit_records(&chain).await.unwrap());
-        assert!(!audited.iter().any(|a| a == "operation.release_refused"), "{audited:?}");
+        assert!(!audited.iter().any(|a| a == AuditAction::OperationReleaseRefused.as_str()), "{audited:?}");
 
         // What is wrong with the release itself is still refused for good, result or not.
         let acks = send_then_heartbeat(&mut a, release(&op, MARKER, b"bytes", ReleaseDecision::Withhold), 2).await;

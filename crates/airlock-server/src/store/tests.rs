@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use airlock_core::audit::{Event, Outcome};
+use airlock_core::audit::{AuditAction, Event, Outcome};
 use airlock_core::id::TokenId;
 use airlock_core::operation::{OperationState, RefusalCode};
 use airlock_core::token::{Secret, TokenKind};
@@ -179,7 +179,7 @@ async fn audit_chains_are_per_tenant_and_verify() {
         let mut tx = store.write().await.unwrap();
         let ev = Event {
             actor: scope.principal().actor(),
-            action: "test".into(),
+            action: AuditAction::TenantCreate.as_str().into(),
             workspace: None,
             target: None,
             outcome: Outcome::Success,
