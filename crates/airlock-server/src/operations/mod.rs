@@ -23,7 +23,7 @@ use airlock_core::operation::{Manifest, RequestStatement};
 
 pub use approval::{ApprovalError, RelayError, check_approval, relay_approval};
 pub use release::{OutputError, handle_release, released_output};
-pub use request::{MAX_REASON_CHARS, NewOperation, RequestError, request};
+pub use request::{NewOperation, RequestError, request};
 pub use results::handle_result;
 pub use templates::{MAX_MANIFEST_BYTES, MAX_SCRIPT_BYTES, PushTemplateError, PushedTemplate, push_template};
 

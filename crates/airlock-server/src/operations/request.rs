@@ -16,7 +16,7 @@ use crate::state::{AppState, event, random};
 use crate::store::{Environment, OperationRow, StoreError};
 
 /// Longest reason an operator may give for a request.
-pub const MAX_REASON_CHARS: usize = 1000;
+const MAX_REASON_CHARS: usize = 1000;
 
 /// What an operator asks for.
 #[derive(Clone, Debug)]

@@ -31,7 +31,7 @@ use crate::state::{AppState, event};
 use crate::store::{OperationRow, PENDING_STATES, ResultUpdate, WriteTx};
 
 /// Longest refusal reason kept from an appliance (it names a check or rule, never data).
-const MAX_REASON_CHARS: usize = 500;
+const MAX_REFUSAL_REASON_CHARS: usize = 500;
 
 /// How far ahead of the control plane's clock an appliance's clock may run.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
@@ -82,7 +82,7 @@ async fn apply_result(
         }
         OperationOutcome::Refused => {
             let reported = reported_refusal(r, outcome)?;
-            let reason = sanitize(&r.reason, MAX_REASON_CHARS);
+            let reason = sanitize(&r.reason, MAX_REFUSAL_REASON_CHARS);
             if !pending {
                 // The same result again is already stored (refusals stored before codes were
                 // recorded have no code to compare).
