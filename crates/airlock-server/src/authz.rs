@@ -1,15 +1,23 @@
 //! Who may act on which tenant's data.
 //!
-//! A [`TenantScope`] is proof that a principal was authenticated for one tenant. Only this
-//! module constructs one; it is neither `Clone` nor `Deserialize`, so it cannot be copied
-//! across requests or forged from input. Every tenant-data store call demands one.
+//! A [`TenantScope`] is proof that a principal was authenticated for one tenant.
+//! Only this module constructs one; it is neither `Clone` nor `Deserialize`, so it cannot be copied across requests or forged from input.
+//! Every tenant-data store call demands one, and binds its tenant id in the SQL.
+//! Authorisation is default deny: [`TenantScope::permits`] allows only what a role is granted, and every API route maps onto one [`Action`].
 
 use std::str::FromStr;
 
+use airlock_core::audit::AuditAction;
 use airlock_core::id::TokenId;
 use airlock_core::{ApplianceId, ApplianceIdentity, TenantId};
 
-use crate::store::ApiTokenRow;
+/// What an authenticated API token stands for, before authorization builds a scope from it.
+#[derive(Clone, Debug)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub tenant: TenantId,
+    pub role: Role,
+}
 
 /// Roles an API token can carry. Default deny: anything not granted here is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +82,7 @@ impl TenantScope {
     }
 
     /// An API token found in the store, not revoked.
-    pub(crate) fn for_api_token(row: ApiTokenRow) -> Self {
+    pub(crate) fn for_api_token(row: ApiToken) -> Self {
         Self { tenant: row.tenant, principal: Principal::ApiToken { id: row.id, role: row.role } }
     }
 
@@ -119,24 +127,29 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn as_str(self) -> &'static str {
+    /// The audit action a call of this kind is recorded as.
+    pub fn audit_action(self) -> AuditAction {
         match self {
-            Action::ListWorkspaces => "workspace.list",
-            Action::ListEnvironments => "environment.list",
-            Action::CreateEnvironment => "environment.create",
-            Action::CreateJoinToken => "join_token.create",
-            Action::ListAppliances => "appliance.list",
-            Action::RevokeAppliance => "appliance.revoke",
-            Action::PushTemplate => "template.push",
-            Action::ListTemplates => "template.list",
-            Action::RequestOperation => "operation.request",
-            Action::ListOperations => "operation.list",
-            Action::GetOperation => "operation.get",
-            Action::RelayApproval => "operation.approval_relayed",
-            Action::GetManifest => "operation.manifest",
-            Action::GetOutput => "operation.output_download",
-            Action::RelayPolicy => "policy.relayed",
-            Action::GetPolicy => "policy.get",
+            Action::ListWorkspaces => AuditAction::WorkspaceList,
+            Action::ListEnvironments => AuditAction::EnvironmentList,
+            Action::CreateEnvironment => AuditAction::EnvironmentCreate,
+            Action::CreateJoinToken => AuditAction::JoinTokenCreate,
+            Action::ListAppliances => AuditAction::ApplianceList,
+            Action::RevokeAppliance => AuditAction::ApplianceRevoke,
+            Action::PushTemplate => AuditAction::TemplatePush,
+            Action::ListTemplates => AuditAction::TemplateList,
+            Action::RequestOperation => AuditAction::OperationRequest,
+            Action::ListOperations => AuditAction::OperationList,
+            Action::GetOperation => AuditAction::OperationGet,
+            Action::RelayApproval => AuditAction::OperationApprovalRelayed,
+            Action::GetManifest => AuditAction::OperationManifest,
+            Action::GetOutput => AuditAction::OperationOutputDownload,
+            Action::RelayPolicy => AuditAction::PolicyRelayed,
+            Action::GetPolicy => AuditAction::PolicyGet,
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.audit_action().as_str()
     }
 }

@@ -1,8 +1,8 @@
-//! The built-in certificate authority. Only this module holds the CA private key.
+//! The built-in certificate authority; only this module holds the CA private key.
 //!
-//! It signs the control plane's own TLS certificates and appliance certificates from CSRs;
-//! appliance private keys never reach the control plane. The key is sealed under the KEK
-//! whenever it is at rest (see [`crate::keys`]).
+//! It signs the control plane's own TLS certificates, its operations-signing certificate and appliance certificates from CSRs; appliance private keys never reach the control plane.
+//! Nothing from a CSR but its public key reaches a certificate: the control plane decides every field, including the appliance identity.
+//! The key exists in clear only in memory; at rest it is sealed under the KEK ([`crate::keys`]), which is never stored in the database.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -170,7 +170,7 @@ impl CertificateAuthority {
         &self,
         csr_pem: &str,
         identity: &ApplianceIdentity,
-        current_spki: &[u8],
+        current_public_key: &[u8],
         now: Timestamp,
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
@@ -180,7 +180,7 @@ impl CertificateAuthority {
         if uris.len() != 1 || uris[0] != expected {
             return Err(CaError::IdentityMismatch { requested: truncate(&uris.join(",")), expected });
         }
-        if csr.public_key.der_bytes() == current_spki {
+        if csr.public_key.der_bytes() == current_public_key {
             return Err(CaError::KeyReused);
         }
         self.sign_appliance(csr, identity, now, lifetime)
@@ -248,16 +248,8 @@ pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, CaError> {
     Ok(parse_csr(csr_pem)?.public_key.der_bytes().to_vec())
 }
 
-/// The DER SubjectPublicKeyInfo of a certificate, to compare keys across renewals.
-pub fn cert_spki(der: &[u8]) -> Option<Vec<u8>> {
-    use x509_parser::prelude::FromDer;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    Some(cert.tbs_certificate.subject_pki.subject_public_key.data.to_vec())
-}
-
 pub fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes()).ok()
+    airlock_core::certificate::pem_to_der(pem).ok().map(CertificateDer::from)
 }
 
 fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CaError> {
@@ -336,9 +328,8 @@ mod tests {
         let (ca, _) = CertificateAuthority::generate("airlock.test", now()).unwrap();
         let key = KeyPair::generate().unwrap();
         let issued = ca.sign_join_csr(&csr(&key, vec![]), &identity(), now(), Duration::from_secs(60)).unwrap();
-        let (_, cert) = x509_parser::parse_x509_certificate(&issued.der).unwrap();
-        let san = cert.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(format!("{:?}", san.value.general_names[0]), format!("URI({:?})", identity().uri()));
+        let info = airlock_core::certificate::inspect_der(&issued.der).unwrap();
+        assert_eq!(info.uris, vec![identity().uri()]);
         assert_eq!(issued.not_after.unix_seconds(), now().unix_seconds() + 60);
     }
 
@@ -384,7 +375,7 @@ mod tests {
         let (ca, _) = CertificateAuthority::generate("airlock.test", now()).unwrap();
         let key = KeyPair::generate().unwrap();
         let current = ca.sign_join_csr(&csr(&key, vec![]), &identity(), now(), Duration::from_secs(60)).unwrap();
-        let spki = cert_spki(&current.der).unwrap();
+        let spki = airlock_core::certificate::inspect_der(&current.der).unwrap().public_key;
         let uri = identity().uri();
         let reuse = {
             let mut p = CertificateParams::default();

@@ -1,4 +1,4 @@
-//! The only place the control plane reads wall-clock time, so tests can inject their own.
+//! The only place the control plane reads wall-clock time, so tests can inject their own (and rustls checks certificate validity by the same clock).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -1,4 +1,4 @@
-//! Serves the axum router over TLS 1.3 (tokio-rustls + hyper), HTTP/1.1 and HTTP/2.
+//! Serves the axum router over TLS 1.3 (tokio-rustls and hyper), HTTP/1.1 and HTTP/2, with the same two-stage stop as the gateway.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,9 +1,8 @@
 //! The key-encryption key (KEK) and sealing of secrets at rest.
 //!
-//! The KEK is 32 bytes from a key file (default `<data-dir>/kek.key`, mode 0600), a path the
-//! operator gives, or the `AIRLOCK_KEK` environment variable (64 hex digits). It seals the CA
-//! private key with AES-256-GCM and keys the MAC over audit chain heads. It is never stored in
-//! the database, so a copied database alone reveals no key material.
+//! The KEK is 32 bytes from a key file (default `<data-dir>/kek.key`, mode 0600), a path the operator gives, or the `AIRLOCK_KEK` environment variable (64 hex digits).
+//! It seals the CA private key and released operation output with AES-256-GCM, and keys the MAC over audit chain heads.
+//! It is never stored in the database, so a copied database alone reveals no key material.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

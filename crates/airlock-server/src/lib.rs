@@ -1,9 +1,18 @@
 //! The Airlock control plane: HTTPS API, appliance gateway, built-in CA, store and audit.
 //!
-//! Entry points: [`init`] prepares a data directory, [`serve`] runs both listeners,
-//! [`verify_audit`] checks every audit chain offline.
+//! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`] and [`export_audit`] read the audit chains offline.
+//!
+//! Map of the crate, from the edge inwards:
+//! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; their handlers authorise, parse, call a domain function and map its result.
+//! - The domain: [`operations`] (requests, approvals, results, releases), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens).
+//! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
+//! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
+//! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands; [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
+//!
+//! No module imports one that imports it back: the edge depends on the domain, the domain on [`state`], [`push`] and [`store`], and none of those on the domain.
 
 pub mod api;
+pub mod appliances;
 pub mod authz;
 pub mod ca;
 pub mod clock;
@@ -13,11 +22,13 @@ pub mod keys;
 pub mod metrics;
 pub mod operations;
 pub mod policy;
-pub mod push_index;
+pub mod push;
 pub mod registry;
 pub mod seen;
+pub mod signer;
 pub mod state;
 pub mod store;
+pub mod tenancy;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -25,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::id::TokenId;
 use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{Fingerprint, TenantId, WorkspaceId};
@@ -65,7 +76,7 @@ pub enum ServerError {
     #[error("another airlock server is already using {0}; one server per data directory")]
     Locked(PathBuf),
     #[error("cannot create the operations-signing identity: {0}")]
-    Signer(#[from] operations::SignerError),
+    Signer(#[from] signer::SignerError),
 }
 
 /// Everything `airlock server` needs, resolved from defaults, file, environment and flags.
@@ -179,7 +190,7 @@ async fn add_tenant(
     tx.create_workspace(tenant, workspace, workspace_name, now).await?;
     tx.create_api_token(tenant, token_id, &admin_token.hash(), "initial admin", Role::TenantAdmin, now).await?;
     let scope = TenantScope::for_local_operator(tenant, token_id);
-    let mut ev = event("local-operator", "tenant.create", Outcome::Success);
+    let mut ev = event("local-operator", AuditAction::TenantCreate, Outcome::Success);
     ev.target = Some(tenant.to_string());
     ev.workspace = Some(workspace.to_string());
     ev.detail = serde_json::json!({ "tenant_name": tenant_name, "workspace_name": workspace_name, "admin_token": token_id.to_string() });
@@ -321,7 +332,6 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     for id in store.revoked_appliances().await? {
         revoked.insert(id);
     }
-    let push_index = push_index::PushIndex::load(&store).await?;
     let mut names = config.hostnames.clone();
     for extra in ["localhost", "127.0.0.1", "::1"] {
         if !names.iter().any(|n| n == extra) {
@@ -364,8 +374,10 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let ca_fingerprint = ca.fingerprint();
     let ca_pem = ca.cert_pem().to_owned();
-    let ops_signer = operations::OperationsSigner::generate(&ca, now)?;
+    let ops_signer = signer::OperationsSigner::generate(&ca, now)?;
     let store = Arc::new(store);
+    let registry = Arc::new(registry::Registry::default());
+    let push = push::Pusher::load(store.clone(), registry.clone()).await?;
     let state = Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
         store,
@@ -373,9 +385,9 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ops_signer,
         kek,
         clock: config.clock.clone(),
-        registry: registry::Registry::default(),
+        registry,
         revoked,
-        push_index,
+        push,
         metrics: metrics::Metrics::default(),
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: config.appliance_cert_lifetime,
@@ -468,9 +480,10 @@ fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
 pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
-    let ops_signer = operations::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
-    let push_index = push_index::PushIndex::load(&store).await.expect("load the push index");
+    let ops_signer = signer::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
     let store = Arc::new(store);
+    let registry = Arc::new(registry::Registry::default());
+    let push = push::Pusher::load(store.clone(), registry.clone()).await.expect("load the push index");
     Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
         store,
@@ -478,9 +491,9 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         ops_signer,
         kek,
         clock,
-        registry: registry::Registry::default(),
+        registry,
         revoked: Arc::new(tls::RevokedSet::default()),
-        push_index,
+        push,
         metrics: metrics::Metrics::default(),
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: Duration::from_secs(3600),

@@ -1,22 +1,99 @@
 //! Customer policies relayed to appliances.
 //!
-//! The control plane holds no customer key: it can neither make a policy nor check a policy's
-//! signatures. It checks only the shape of what an operator relays (a DSSE envelope of the
-//! policy payload type, signed at least once, a policy that parses, a serial that moves
-//! forward), keeps the latest one per environment and pushes it to the environment's
-//! appliances, which verify it against the customer keys they pinned.
+//! The control plane holds no customer key: it can neither make a policy nor check a policy's signatures.
+//! It checks only the shape of what an operator relays: a DSSE envelope of the policy payload type, signed at least once, a policy that parses and names this environment, and a serial greater than the one stored.
+//! It keeps the latest one per environment and hands it to [`crate::push`], which sends it to the environment's connected appliances at once and to each other appliance after its `Welcome`, before its operations.
+//! The appliances verify it against the customer keys they pinned.
 
+use airlock_core::EnvironmentId;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::policy::{POLICY_PAYLOAD_TYPE, PolicyDocument};
-use airlock_core::{ApplianceId, EnvironmentId};
-use airlock_proto::gateway::{ControlMessage, PolicyUpdate, control_message};
 
 use crate::authz::TenantScope;
-use crate::state::AppState;
-use crate::store::PolicyRow;
+use crate::push::Work;
+use crate::state::{AppState, event};
+use crate::store::{PolicyRow, PutPolicy, StoreError};
 
 /// The largest policy envelope relayed (a policy is a few KiB).
 pub const MAX_POLICY_ENVELOPE_BYTES: usize = 256 * 1024;
+
+/// Why a relayed policy was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayPolicyError {
+    #[error("no environment {0} in your tenant")]
+    NoEnvironment(EnvironmentId),
+    #[error("the envelope is larger than {MAX_POLICY_ENVELOPE_BYTES} bytes; it is not a policy")]
+    TooLarge,
+    #[error("the envelope is not a DSSE envelope: {0}")]
+    NotAnEnvelope(String),
+    /// The shape checks failed.
+    #[error("{0}")]
+    Shape(String),
+    #[error(
+        "environment {environment} already has policy serial {stored}; a relayed policy's serial must be greater (appliances refuse a rollback too)"
+    )]
+    NotNewer { environment: EnvironmentId, stored: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A policy as stored, and how many connected appliances it reached at once.
+#[derive(Debug)]
+pub struct Relayed {
+    pub row: PolicyRow,
+    pub sent_to: usize,
+}
+
+/// Relays the customer's signed policy (the JSON of a DSSE envelope) to `environment`:
+/// checks its shape, stores it with its audit record (noted in the push index around the
+/// commit), and pushes it to the environment's connected appliances.
+pub async fn relay(
+    state: &AppState,
+    scope: &TenantScope,
+    environment: EnvironmentId,
+    envelope: serde_json::Value,
+) -> Result<Relayed, RelayPolicyError> {
+    state.store.get_environment(scope, environment).await?.ok_or(RelayPolicyError::NoEnvironment(environment))?;
+    if envelope.to_string().len() > MAX_POLICY_ENVELOPE_BYTES {
+        return Err(RelayPolicyError::TooLarge);
+    }
+    let envelope: Envelope =
+        serde_json::from_value(envelope).map_err(|e| RelayPolicyError::NotAnEnvelope(e.to_string()))?;
+    let checked = check_shape(&envelope, environment).map_err(RelayPolicyError::Shape)?;
+    let now = state.now();
+    let row = PolicyRow {
+        environment_id: environment,
+        serial: checked.serial,
+        policy_sha256: checked.policy_sha256.clone(),
+        envelope: envelope.to_json(),
+        relayed_by: scope.principal().actor(),
+        relayed_at: now,
+    };
+    let mut ev = event(scope.principal().actor(), AuditAction::PolicyRelayed, Outcome::Success);
+    ev.target = Some(environment.to_string());
+    ev.detail = serde_json::json!({
+        "serial": checked.serial,
+        "policy_sha256": checked.policy_sha256,
+        "signatures": checked.signatures,
+    });
+    state
+        .push
+        .noting(Work::Policy(environment), async {
+            let mut tx = state.store.write().await?;
+            match tx.put_policy(scope, &row).await? {
+                PutPolicy::Stored => {}
+                PutPolicy::NoEnvironment => return Err(RelayPolicyError::NoEnvironment(environment)),
+                PutPolicy::NotNewer { stored } => return Err(RelayPolicyError::NotNewer { environment, stored }),
+            }
+            tx.audit(&scope.chain(), now, ev).await?;
+            Ok(tx.commit().await?)
+        })
+        .await?;
+    let sent_to = state.push.policy(scope, &row).await;
+    tracing::info!(%environment, serial = checked.serial, sent_to, "customer policy relayed");
+    Ok(Relayed { row, sent_to })
+}
 
 /// What the shape checks found in a relayed envelope.
 #[derive(Debug)]
@@ -50,64 +127,4 @@ pub fn check_shape(envelope: &Envelope, environment: EnvironmentId) -> Result<Ch
         policy_sha256: airlock_core::operation::sha256_hex(&envelope.payload),
         signatures: envelope.signatures.len(),
     })
-}
-
-fn message(policy: &PolicyRow) -> ControlMessage {
-    ControlMessage {
-        body: Some(control_message::Body::PolicyUpdate(PolicyUpdate { policy_envelope_json: policy.envelope.clone() })),
-    }
-}
-
-/// Sends `policy` to every connected, non-revoked appliance of its environment. Returns how
-/// many it reached; one whose queue was full gets it after its next message.
-pub async fn push_to_environment(state: &AppState, scope: &TenantScope, policy: &PolicyRow) -> usize {
-    let appliances = match state.store.list_appliances(scope, Some(policy.environment_id)).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list appliances to push a policy to; they get it when they reconnect");
-            return 0;
-        }
-    };
-    let msg = message(policy);
-    let mut sent = 0;
-    for a in appliances.iter().filter(|a| a.revoked_at.is_none()) {
-        if state.registry.status(&a.id).is_none() {
-            continue;
-        }
-        if state.registry.send(a.id, msg.clone()) {
-            sent += 1;
-            // Requests that were waiting for authority may be decided differently under the
-            // new policy (a standing window, say): offer them again now, not at a reconnect.
-            crate::operations::push_pending(state, scope, a.id, None).await;
-        } else {
-            state.registry.policy_stopped(a.id, policy.environment_id);
-        }
-    }
-    sent
-}
-
-/// Sends the policy of `environment`, if one was relayed, to its `appliance` (after its
-/// Welcome, or after its next message when a push found its queue full).
-pub async fn push_to_appliance(
-    state: &AppState,
-    scope: &TenantScope,
-    appliance: ApplianceId,
-    environment: EnvironmentId,
-) {
-    // Most environments have none: no read for them.
-    if !state.push_index.has_policy(&environment) {
-        return;
-    }
-    match state.store.environment_policy(scope, environment).await {
-        Ok(Some(policy)) => {
-            if !state.registry.send(appliance, message(&policy)) {
-                state.registry.policy_stopped(appliance, environment);
-            }
-        }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::error!(error = %e, %appliance, "cannot read the environment's policy");
-            state.registry.policy_stopped(appliance, environment);
-        }
-    }
 }

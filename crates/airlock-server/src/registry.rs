@@ -1,8 +1,10 @@
-//! Live appliance connections, in memory.
+//! Live appliance connections, in memory: one entry per connected appliance, with the sender of its stream and what is still to be pushed on it.
 //!
-//! Heartbeats update this map and not the database: at fleet scale a write per heartbeat
-//! would dominate the store. The database learns version and last-seen time when a stream
-//! ends; the API merges both views.
+//! Heartbeats update this map and not the database: at fleet scale a write per heartbeat would dominate the store.
+//! The database learns version and last-seen time when a stream ends (through [`crate::seen`]); the API merges both views.
+//! A newer stream of the same appliance replaces (and ends) the older one.
+//! What is still to be pushed on a stream (where an interrupted push resumes, when approved operations are due again, a policy that found the queue full) rides on its entry, boxed because it is rare.
+//! [`crate::push`] decides what goes in it, and reads it back after every message from the appliance, under one lock and with no I/O.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,10 +1,9 @@
 //! Last-seen bookkeeping, batched.
 //!
-//! When a stream ends, the appliance's version and last heartbeat go to the database. Doing
-//! that as one durable transaction per stream makes a mass disconnect (a control plane
-//! restart, a network partition) a queue of thousands of fsyncs; here one task drains whatever
-//! has queued up into a single transaction. Shutdown flushes it before the store closes, so
-//! nothing queued is lost.
+//! When a stream ends, the appliance's version and last heartbeat go to the database.
+//! Doing that as one durable transaction per stream would make a mass disconnect (a control plane restart, a network partition) a queue of thousands of fsyncs.
+//! Here one task drains whatever has queued up into a single transaction, and falls back to one at a time if the batch fails.
+//! Shutdown waits for the session tasks to finish and flushes the writer before the store closes, so nothing queued is lost.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,10 +1,13 @@
-//! Shared state of a running control plane.
+//! What a running control plane shares: the store, the CA and the operations signer, the key-encryption key, the clock, the live streams and the pusher.
+//!
+//! Built once by [`crate::serve`] (and by the tests over a data directory); every handler and domain function takes it by reference.
+//! It also owns the audit of refusals, which anyone on the network can provoke, so those records are rate limited ([`AppState::audit_refusal`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::Timestamp;
-use airlock_core::audit::{Event, Outcome};
+use airlock_core::audit::{AuditAction, Event, Outcome};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::ca::CertificateAuthority;
@@ -23,14 +26,14 @@ pub struct AppState {
     pub seen: crate::seen::SeenWriter,
     pub ca: CertificateAuthority,
     /// Signs operation requests; the key lives only in this process.
-    pub ops_signer: crate::operations::OperationsSigner,
+    pub ops_signer: crate::signer::OperationsSigner,
     /// Seals released operation output at rest.
     pub kek: crate::keys::Kek,
     pub clock: Arc<dyn Clock>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub revoked: Arc<RevokedSet>,
-    /// What may be waiting to be pushed to a connecting appliance.
-    pub push_index: crate::push_index::PushIndex,
+    /// Sends instructions to connected appliances.
+    pub push: crate::push::Pusher,
     pub metrics: Metrics,
     pub refusal_limiter: RefusalLimiter,
     pub appliance_cert_lifetime: Duration,
@@ -116,10 +119,12 @@ impl RefusalLimiter {
     }
 }
 
-pub fn event(actor: impl Into<String>, action: &str, outcome: Outcome) -> Event {
+/// An audit event with no target or detail yet. Writers name the action with [`AuditAction`],
+/// so a misspelt action is a compile error; the record keeps its text.
+pub fn event(actor: impl Into<String>, action: AuditAction, outcome: Outcome) -> Event {
     Event {
         actor: actor.into(),
-        action: action.to_owned(),
+        action: action.as_str().to_owned(),
         workspace: None,
         target: None,
         outcome,

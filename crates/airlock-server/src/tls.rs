@@ -1,9 +1,10 @@
 //! TLS for the control plane's two listeners.
 //!
-//! The HTTPS API presents a certificate from the built-in CA (or the operator's own) and asks
-//! for no client certificate. The appliance gateway requires a client certificate that chains
-//! to the built-in CA, names an appliance of our trust domain, is within its validity period
-//! by the injected clock, and whose appliance is not revoked. Only TLS 1.3 is offered.
+//! The HTTPS API presents a certificate from the built-in CA (or the operator's own) and asks for no client certificate.
+//! The appliance gateway requires a client certificate that chains to the built-in CA, names an appliance of our trust domain, and is within its validity period by the injected clock.
+//! Its appliance must not be revoked ([`RevokedSet`], the first of the three revocation points described in [`crate::appliances`]).
+//! Only TLS 1.3 is offered, and the gateway resumes no sessions, so every connection runs the client-certificate checks.
+//! Certificates are read with core's one certificate reader ([`airlock_core::certificate`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -42,43 +43,24 @@ pub struct PeerCert {
     pub not_before: Timestamp,
     pub not_after: Timestamp,
     pub serial: String,
-    pub spki: Vec<u8>,
+    /// The subject public key, to tell a renewal's new key from the current one.
+    pub public_key: Vec<u8>,
 }
 
-/// Reads identity and validity from a leaf certificate. The caller must only trust the result
-/// if the certificate chained to our CA.
+/// Reads identity and validity from a leaf certificate (with core's one certificate reader).
+/// The caller must only trust the result if the certificate chained to our CA.
 pub fn parse_peer_cert(der: &[u8], trust_domain: &str) -> Result<PeerCert, String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(|_| "certificate does not parse".to_owned())?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| "malformed subject alternative name".to_owned())?
-        .ok_or_else(|| "certificate names no appliance identity".to_owned())?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else {
-        return Err("certificate must name exactly one appliance identity".into());
-    };
-    let identity: ApplianceIdentity =
-        uri.parse().map_err(|e: airlock_core::identity::IdentityParseError| e.to_string())?;
+    let info = airlock_core::certificate::inspect_der(der).map_err(|e| e.to_string())?;
+    let identity = info.appliance_identity().map_err(|e| e.to_string())?;
     if identity.trust_domain != trust_domain {
         return Err(format!("certificate is for trust domain `{}`, not ours", identity.trust_domain));
     }
-    let not_after = Timestamp::from_unix_millis(cert.validity().not_after.timestamp() * 1000);
-    let not_before = Timestamp::from_unix_millis(cert.validity().not_before.timestamp() * 1000);
     Ok(PeerCert {
         identity,
-        not_before,
-        not_after,
-        serial: data_encoding::HEXLOWER.encode(cert.tbs_certificate.raw_serial()),
-        spki: cert.tbs_certificate.subject_pki.subject_public_key.data.to_vec(),
+        not_before: info.not_before,
+        not_after: info.not_after,
+        serial: info.serial,
+        public_key: info.public_key,
     })
 }
 

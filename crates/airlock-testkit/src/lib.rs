@@ -11,6 +11,7 @@
 //! - [`e2e`]: a real server, appliances and customer on loopback, through the CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a failed fixture is a failed test.
 
+pub mod certified;
 pub mod customer;
 pub mod e2e;
 pub mod process;

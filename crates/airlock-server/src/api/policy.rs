@@ -1,25 +1,21 @@
-//! `/v1/environments/{environment}/policy`: relay the customer's signed policy to an
-//! environment's appliances, and read back the one relayed last.
+//! `/v1/environments/{environment}/policy`: relay the customer's signed policy to an environment's appliances, and read back the one relayed last.
 //!
-//! The control plane cannot make or check a policy's signatures (it holds no customer key);
-//! see [`crate::policy`] for what it does check.
+//! The control plane cannot make or check a policy's signatures (it holds no customer key); see [`crate::policy`] for what it does check.
 
 use std::sync::Arc;
 
 use airlock_core::audit::Outcome;
-use airlock_core::dsse::Envelope;
 use airlock_core::{EnvironmentId, Timestamp};
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id};
+use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
 use crate::authz::Action;
-use crate::policy::{MAX_POLICY_ENVELOPE_BYTES, check_shape};
+use crate::policy::RelayPolicyError;
 use crate::state::{AppState, event};
-use crate::store::{PolicyRow, PutPolicy, StoreError};
+use crate::store::{PolicyRow, StoreError};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -81,72 +77,28 @@ pub(super) async fn relay_policy(
     body: Result<ApiJson<RelayPolicy>, ApiError>,
 ) -> Result<Json<PolicyView>, ApiError> {
     authorize(&state, &scope, Action::RelayPolicy, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::RelayPolicy.as_str(), Outcome::Success);
-    ev.target = Some(environment.clone());
-    let checked = async {
+    let result = async {
         let ApiJson(body) = body?;
-        let env_id: EnvironmentId = parse_id(&environment)?;
-        state
-            .store
-            .get_environment(&scope, env_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no environment {env_id} in your tenant")))?;
-        if body.envelope.to_string().len() > MAX_POLICY_ENVELOPE_BYTES {
-            return Err(ApiError::bad_request(format!(
-                "the envelope is larger than {MAX_POLICY_ENVELOPE_BYTES} bytes; it is not a policy"
-            )));
-        }
-        let envelope: Envelope = serde_json::from_value(body.envelope)
-            .map_err(|e| ApiError::bad_request(format!("the envelope is not a DSSE envelope: {e}")))?;
-        let checked = check_shape(&envelope, env_id).map_err(ApiError::bad_request)?;
-        Ok((env_id, envelope, checked))
+        let relayed = crate::policy::relay(&state, &scope, parse_id(&environment)?, body.envelope).await?;
+        Ok(Json(PolicyView::from_row(&relayed.row, Some(relayed.sent_to))?))
     }
     .await;
-    let (env_id, envelope, checked) = match checked {
-        Ok(v) => v,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
-    };
-    let now = state.now();
-    let row = PolicyRow {
-        environment_id: env_id,
-        serial: checked.serial,
-        policy_sha256: checked.policy_sha256.clone(),
-        envelope: envelope.to_json(),
-        relayed_by: scope.principal().actor(),
-        relayed_at: now,
-    };
-    // Before the commit, so no stream connecting after it can miss the policy.
-    state.push_index.policy_relayed(env_id);
-    let mut tx = state.store.write().await?;
-    match tx.put_policy(&scope, &row).await? {
-        PutPolicy::Stored => {}
-        PutPolicy::NoEnvironment => {
-            drop(tx);
-            let e = ApiError::not_found(format!("no environment {env_id} in your tenant"));
-            return audited(&state, &scope, ev, Err(e)).await;
-        }
-        PutPolicy::NotNewer { stored } => {
-            drop(tx);
-            let e = ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!(
-                    "environment {env_id} already has policy serial {stored}; a relayed policy's serial must be greater (appliances refuse a rollback too)"
-                ),
-            );
-            return audited(&state, &scope, ev, Err(e)).await;
+    let mut ev = event(scope.principal().actor(), Action::RelayPolicy.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
+}
+
+impl From<RelayPolicyError> for ApiError {
+    fn from(e: RelayPolicyError) -> Self {
+        match e {
+            RelayPolicyError::NoEnvironment(_) => ApiError::not_found(e.to_string()),
+            RelayPolicyError::TooLarge | RelayPolicyError::NotAnEnvelope(_) | RelayPolicyError::Shape(_) => {
+                ApiError::bad_request(e.to_string())
+            }
+            RelayPolicyError::NotNewer { .. } => ApiError::conflict(e.to_string()),
+            RelayPolicyError::Store(e) => e.into(),
         }
     }
-    ev.detail = serde_json::json!({
-        "serial": checked.serial,
-        "policy_sha256": checked.policy_sha256,
-        "signatures": checked.signatures,
-    });
-    tx.audit(&scope.chain(), now, ev).await?;
-    tx.commit().await?;
-    let sent = crate::policy::push_to_environment(&state, &scope, &row).await;
-    tracing::info!(environment = %env_id, serial = checked.serial, sent, "customer policy relayed");
-    Ok(Json(PolicyView::from_row(&row, Some(sent))?))
 }
 
 /// The customer policy relayed last to the environment; 404 if none was.
@@ -159,7 +111,7 @@ pub(super) async fn get_policy(
     Path(environment): Path<String>,
 ) -> Result<Json<PolicyView>, ApiError> {
     authorize(&state, &scope, Action::GetPolicy, Some(environment.clone())).await?;
-    let mut ev = event(scope.principal().actor(), Action::GetPolicy.as_str(), Outcome::Success);
+    let mut ev = event(scope.principal().actor(), Action::GetPolicy.audit_action(), Outcome::Success);
     ev.target = Some(environment.clone());
     let result = async {
         let env_id: EnvironmentId = parse_id(&environment)?;

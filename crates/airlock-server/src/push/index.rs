@@ -1,18 +1,14 @@
 //! What may be waiting to be pushed to an appliance when it connects, in memory.
 //!
-//! Every appliance stream pushes the environment's relayed policy and the operations still
-//! waiting for the appliance's result right after its Welcome. Usually there is neither, and
-//! at fleet scale two database reads per connect are most of what a connect costs. These
-//! indexes, loaded from the store at start-up and kept up to date by the writes that create
-//! something to push, let a connect with nothing pending stay in memory.
+//! Every appliance stream pushes the environment's relayed policy and the operations still waiting for the appliance's result right after its `Welcome`.
+//! Usually there is neither, and at fleet scale two database reads per connect are most of what a connect costs.
+//! These indexes, loaded from the store at start-up and kept up to date by the writes that create something to push, let a connect with nothing pending stay in memory.
 //!
-//! A false positive costs one read (after which the appliance is dropped from the index); a
-//! false negative would lose a push, so an entry is always added before the write that makes
-//! it true is committed. An operation's entry is added again right after the commit: a push
-//! whose read began before the commit (and so found nothing) may drop the entry, but only
-//! if no entry was added since its read began. Between the commit and that second insert a
-//! connecting stream may skip the read; it is registered by then, and the writer pushes to
-//! it right after.
+//! A false positive costs one read, after which the appliance is dropped from the index.
+//! A false negative would lose a push, so an entry is always added before the write that makes it true is committed ([`super::Pusher::noting`]).
+//! An operation's entry is added again right after the commit: a push whose read began before the commit (and so found nothing) may drop the entry, but only if no entry was added since its read began.
+//! Between the commit and that second insert a connecting stream may skip the read; it is registered by then, and the writer pushes to it right after.
+//! An appliance is dropped from the index only by a push from the start that found nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,19 +1,27 @@
 //! The appliance gateway: a mutual-TLS gRPC listener where appliances hold one stream each.
 //!
-//! Trust boundary: a connection reaches [`GatewayService`] only after the TLS handshake
-//! verified a client certificate issued by our CA for a non-revoked appliance (see
-//! [`crate::tls`]). The service re-checks revocation and expiry per stream and ends a stream
-//! when its certificate expires or its appliance is revoked.
+//! Trust boundary: a connection reaches [`GatewayService`] only after the TLS handshake verified a client certificate issued by our CA for a non-revoked appliance ([`crate::tls`]).
+//! The scope of every stream comes from its certificate, and the stored appliance must match both the tenant and the environment the certificate names.
+//! The service re-checks revocation and expiry when a stream starts, checks revocation again after registering the stream (closing the race with a concurrent revocation), and ends a stream when its certificate expires or its appliance is revoked.
+//!
+//! The session task never awaits the appliance: replies and pushes are queued with `try_send`, so a peer that stops reading cannot stall the task that must act on revocation and expiry.
+//! A peer whose reply queue is full is disconnected; a kicked or expired one gets a final status and then its socket is cut ([`ConnKill`]).
+//! Handshakes are capped and time out, so a flood cannot starve established appliances.
+//! What is pushed unasked on a stream is [`crate::push`]'s business; results and releases go to [`crate::operations`], renewals to `renew`.
+
+mod conn;
+mod renew;
+#[cfg(test)]
+mod tests;
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_core::audit::Outcome;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_proto::gateway::appliance_gateway_server::{ApplianceGateway, ApplianceGatewayServer};
 use airlock_proto::gateway::{
-    ApplianceMessage, ControlMessage, HealthStatus, HeartbeatAck, RenewRefused, RenewResponse, Welcome,
-    appliance_message, control_message,
+    ApplianceMessage, ControlMessage, HealthStatus, HeartbeatAck, Welcome, appliance_message, control_message,
 };
 use futures_util::Stream;
 use tokio::net::TcpListener;
@@ -21,12 +29,13 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
+
+pub use conn::{ConnKill, GatewayConn, GatewayPeer};
 
 use crate::authz::TenantScope;
 use crate::metrics::ReasonLabels;
-use crate::registry::{Kick, LiveStatus};
+use crate::registry::{Kick, LiveStatus, Registration};
 use crate::seen::SeenUpdate;
 use crate::state::{AppState, SYSTEM_CHAIN, event};
 use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
@@ -40,99 +49,13 @@ const REPLY_QUEUE: usize = 16;
 /// How long a final status may take to reach the peer before its connection is cut.
 const KILL_GRACE: Duration = Duration::from_millis(300);
 
-/// A verified appliance connection, handed to tonic with its peer facts.
-pub struct GatewayConn {
-    io: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    peer: GatewayPeer,
-}
-
-/// What a stream handler learns about its connection.
-#[derive(Clone)]
-pub struct GatewayPeer {
-    pub cert: PeerCert,
-    pub kill: Arc<ConnKill>,
-}
-
-/// Drops a connection from the server side. Ending a gRPC stream relies on the peer reading
-/// the final status; a peer that stops reading (or advertises a zero HTTP/2 window) would
-/// keep a revoked or expired connection open, so revocation and expiry also cut the socket.
-#[derive(Debug, Default)]
-pub struct ConnKill {
-    killed: std::sync::atomic::AtomicBool,
-    waker: std::sync::Mutex<Option<std::task::Waker>>,
-}
-
-impl ConnKill {
-    pub fn kill(&self) {
-        self.killed.store(true, std::sync::atomic::Ordering::Release);
-        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            w.wake();
-        }
-    }
-
-    fn check(&self, cx: &std::task::Context<'_>) -> std::io::Result<()> {
-        if self.killed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by the control plane"));
-        }
-        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            *slot = Some(cx.waker().clone());
-        }
-        Ok(())
-    }
-}
-
-impl Connected for GatewayConn {
-    type ConnectInfo = GatewayPeer;
-    fn connect_info(&self) -> GatewayPeer {
-        self.peer.clone()
-    }
-}
-
-impl tokio::io::AsyncRead for GatewayConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        // hyper always has a read pending on an idle connection, so registering here is
-        // enough for a kill to wake it.
-        if let Err(e) = self.peer.kill.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for GatewayConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if self.peer.kill.killed.load(std::sync::atomic::Ordering::Acquire) {
-            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
-        }
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// Accepts TCP connections, completes TLS handshakes and feeds verified connections to tonic.
 /// The two stages of stopping: no new connections, then end the rest.
 pub struct Listeners {
     pub stop_accepting: tokio::sync::watch::Receiver<bool>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
+/// Accepts TCP connections, completes TLS handshakes and feeds verified connections to tonic.
 pub async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
@@ -145,7 +68,7 @@ pub async fn serve(
     tokio::spawn(async move {
         while let Some(identity) = refused_revoked.recv().await {
             let scope = TenantScope::for_appliance(&identity);
-            let mut ev = event(scope.principal().actor(), "gateway.handshake_rejected", Outcome::Denied);
+            let mut ev = event(scope.principal().actor(), AuditAction::GatewayHandshakeRejected, Outcome::Denied);
             ev.target = Some(identity.appliance.to_string());
             ev.detail = serde_json::json!({ "reason": "revoked" });
             audit_state.audit_refusal(&scope.chain(), ev).await;
@@ -223,7 +146,7 @@ pub async fn serve(
 async fn handshake_refused(state: &AppState, addr: std::net::SocketAddr, reason: &'static str) {
     state.metrics.handshake_failures.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
     tracing::info!(%addr, reason, "gateway refused a TLS handshake");
-    let mut ev = event("anonymous", "gateway.handshake_rejected", Outcome::Denied);
+    let mut ev = event("anonymous", AuditAction::GatewayHandshakeRejected, Outcome::Denied);
     ev.detail = serde_json::json!({ "reason": reason, "peer": addr.to_string() });
     state.audit_refusal(SYSTEM_CHAIN, ev).await;
 }
@@ -340,16 +263,11 @@ impl ApplianceGateway for GatewayService {
                                 // Boxed, like every path that may read the store: the state
                                 // of a rarely taken await would otherwise enlarge every
                                 // stream's task for its whole life.
-                                Box::pin(async {
-                                    crate::policy::push_to_appliance(&state, &scope, id, peer.identity.environment)
-                                        .await;
-                                    crate::operations::push_pending(&state, &scope, id, None).await
-                                })
-                                .await
+                                Box::pin(state.push.at_welcome(&scope, id, peer.identity.environment)).await
                             }
                             // A push that found the queue full goes on now that the peer is
                             // active (memory only when none did).
-                            Ok(()) => crate::operations::resume_pending(&state, &scope, &registration).await,
+                            Ok(()) => state.push.after_message(&scope, &registration, state.now()).await,
                             Err(mpsc::error::TrySendError::Closed(_)) => break false,
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 tracing::warn!(appliance = %id, "appliance is not reading its stream; closing the connection");
@@ -377,7 +295,7 @@ impl ApplianceGateway for GatewayService {
 
 /// Audits a refused stream in the appliance's tenant chain and returns the status to send.
 async fn refuse_stream(state: &AppState, scope: &TenantScope, reason: &str, status: Status) -> Status {
-    let mut ev = event(scope.principal().actor(), "gateway.stream_refused", Outcome::Denied);
+    let mut ev = event(scope.principal().actor(), AuditAction::GatewayStreamRefused, Outcome::Denied);
     ev.detail = serde_json::json!({ "reason": reason });
     state.audit_refusal(&scope.chain(), ev).await;
     status
@@ -385,7 +303,7 @@ async fn refuse_stream(state: &AppState, scope: &TenantScope, reason: &str, stat
 
 async fn handle_message(
     state: &AppState,
-    reg: &crate::registry::Registration,
+    reg: &Registration,
     peer: &PeerCert,
     scope: &TenantScope,
     msg: ApplianceMessage,
@@ -419,7 +337,7 @@ async fn handle_message(
         }
         // Boxed: see the push after the Welcome.
         appliance_message::Body::Renew(renew) => {
-            Box::pin(renew_certificate(state, reg, peer, scope, &renew.csr_pem)).await
+            Box::pin(renew::renew_certificate(state, reg, peer, scope, &renew.csr_pem)).await
         }
         appliance_message::Body::OperationResult(result) => {
             return Box::pin(crate::operations::handle_result(state, &peer.identity, scope, result)).await;
@@ -430,85 +348,3 @@ async fn handle_message(
     };
     Some(ControlMessage { body: Some(body) })
 }
-
-async fn renew_certificate(
-    state: &AppState,
-    reg: &crate::registry::Registration,
-    peer: &PeerCert,
-    scope: &TenantScope,
-    csr_pem: &str,
-) -> control_message::Body {
-    let now = state.now();
-    let actor = scope.principal().actor();
-    let target = Some(peer.identity.appliance.to_string());
-    let refused = |reason: String| {
-        let mut ev = event(actor.clone(), "appliance.certificate_renew", Outcome::Denied);
-        ev.target = target.clone();
-        ev.detail = serde_json::json!({ "reason": reason, "presented_serial": peer.serial });
-        async move {
-            state.audit_refusal(&scope.chain(), ev).await;
-            control_message::Body::RenewRefused(RenewRefused { reason })
-        }
-    };
-    // Renewal is paced by the certificate's own life: before half of it has passed there is
-    // nothing to renew, and refusing keeps a misbehaving appliance from minting certificates.
-    let half_life = peer.not_before.saturating_add(peer.not_after.since(peer.not_before) / 2);
-    if now < half_life {
-        return refused(format!("too early: renew after {half_life}")).await;
-    }
-    let result = async {
-        let mut tx = state.store.write().await?;
-        // Only the current certificate, or the one it replaced (the appliance may have missed
-        // the reply), may renew; an older or stolen one would fork the identity.
-        let Some(current) = tx.renewal_state(scope, peer.identity.appliance).await? else {
-            return Ok(Err("unknown appliance".to_owned()));
-        };
-        if current.revoked {
-            return Ok(Err("appliance is revoked".to_owned()));
-        }
-        if peer.serial != current.current_serial && current.previous_serial.as_deref() != Some(peer.serial.as_str()) {
-            return Ok(Err("this certificate has been superseded; use the newest one".to_owned()));
-        }
-        let issued =
-            match state.ca.sign_renewal_csr(csr_pem, &peer.identity, &peer.spki, now, state.appliance_cert_lifetime) {
-                Ok(i) => i,
-                Err(e) => return Ok(Err(e.to_string())),
-            };
-        tx.record_renewal(scope, peer.identity.appliance, &issued.serial, issued.not_after).await?;
-        let mut ev = event(actor.clone(), "appliance.certificate_renew", Outcome::Success);
-        ev.target = target.clone();
-        ev.detail = serde_json::json!({
-            "serial": issued.serial, "not_after": issued.not_after.to_string(), "previous_serial": peer.serial,
-        });
-        tx.audit(&scope.chain(), now, ev).await?;
-        tx.commit().await?;
-        Ok::<_, crate::store::StoreError>(Ok(issued))
-    }
-    .await;
-    let issued = match result {
-        Ok(Ok(issued)) => issued,
-        Ok(Err(reason)) => return refused(reason).await,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record renewal");
-            return control_message::Body::RenewRefused(RenewRefused {
-                reason: "control plane could not record the renewal; retry later".into(),
-            });
-        }
-    };
-    state.metrics.renewals.inc();
-    let (serial, not_after) = (issued.serial.clone(), issued.not_after);
-    state.registry.update(reg, |s| {
-        s.cert_serial = serial;
-        s.cert_not_after = not_after;
-    });
-    tracing::info!(appliance = %peer.identity.appliance, serial = %issued.serial, "renewed appliance certificate");
-    control_message::Body::Renewed(RenewResponse {
-        certificate_pem: issued.pem,
-        serial: issued.serial,
-        not_after_unix_ms: issued.not_after.unix_millis(),
-    })
-}
-
-#[cfg(test)]
-#[path = "gateway_tests.rs"]
-mod tests;

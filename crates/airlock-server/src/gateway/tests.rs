@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use airlock_core::audit::AuditAction;
 use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId};
 use airlock_proto::gateway::appliance_gateway_client::ApplianceGatewayClient;
 use airlock_proto::gateway::{ApplianceMessage, Hello, appliance_message, control_message};
@@ -10,10 +11,15 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use airlock_testkit::{customer, op_id};
+
 use crate::authz::TenantScope;
 use crate::clock::SystemClock;
 use crate::keys::KekSource;
 use crate::{RunningServer, ServerConfig};
+
+/// The customer key ([`customer::key`]) every test signs the customer's statements with.
+const CUSTOMER: u8 = 42;
 
 struct Fixture {
     server: RunningServer,
@@ -104,16 +110,13 @@ async fn channel_as(
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(f.server.ca_pem.as_bytes()).unwrap()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(airlock_proto::tls::provider())
-        .with_protocol_versions(airlock_proto::tls::PROTOCOL_VERSIONS)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![issued.der.clone()],
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
-        )
-        .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = airlock_proto::tls::mtls_client_config(
+        airlock_proto::tls::ServerTrust::Roots(roots),
+        vec![issued.der.clone()],
+        PrivateKeyDer::from(rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der())),
+        &[b"h2"],
+    )
+    .unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let addr = f.server.gateway_addr;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -153,7 +156,9 @@ async fn certificate_of_another_tenant_cannot_act_as_an_appliance() {
 
     // Both refusals are audited in the chain of the tenant the certificate names.
     let refused = f.server.state.store.audit_records(&f.other_tenant.to_string()).await.unwrap();
-    assert!(refused.iter().any(|r| r.as_ref().is_ok_and(|r| r.event.action == "gateway.stream_refused")));
+    assert!(
+        refused.iter().any(|r| r.as_ref().is_ok_and(|r| r.event.action == AuditAction::GatewayStreamRefused.as_str()))
+    );
     f.server.shutdown().await;
 }
 
@@ -176,10 +181,12 @@ async fn revoked_appliance_is_refused_even_with_a_fresh_certificate() {
 
 mod operations {
     use airlock_core::dsse::Envelope;
+    use airlock_core::grant::{ApprovalDecision, DenyCode, OperationRequest};
     use airlock_core::operation::{
-        AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RELEASE_PAYLOAD_TYPE,
-        ReleaseDecision, ReleaseStatement, add_signature, certificate_key_id, sha256_hex, signing_input,
+        AckCode, AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RefusalCode,
+        ReleaseDecision, ReleaseStatement, sha256_hex,
     };
+    use airlock_core::policy::POLICY_PAYLOAD_TYPE;
     use airlock_proto::gateway::{
         ControlMessage, OperationAck, OperationAckKind, OperationInstruction, OperationOutcome, OperationResult,
         OutputRelease,
@@ -290,7 +297,7 @@ mod operations {
 
     /// An execution statement for `op`, signed with `key` (whose certificate is `cert`).
     fn execution(op: &Value, output: &[u8], key: &rcgen::KeyPair, cert: &crate::ca::Issued) -> Envelope {
-        let authority = AuthorityRef { kind: "standing-window".into(), digest: None, policy_digest: None };
+        let authority = AuthorityRef { kind: AuthorityKind::StandingWindow, digest: None, policy_digest: None };
         execution_by(op, output, key, cert, authority)
     }
 
@@ -303,7 +310,7 @@ mod operations {
     ) -> Envelope {
         let now = airlock_core::Timestamp::from_unix_millis(op["requested_at"].as_i64().unwrap());
         let statement = ExecutionStatement {
-            request_id: op["id"].as_str().unwrap().to_owned(),
+            request_id: op["id"].as_str().unwrap().parse().unwrap(),
             appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
             request_digest: op["request_digest"].as_str().unwrap().to_owned(),
             command_sha256: op["command_sha256"].as_str().unwrap().to_owned(),
@@ -319,15 +326,7 @@ mod operations {
             previous_manifest_sha256: None,
         };
         let env = Envelope::new(EXECUTION_PAYLOAD_TYPE, serde_json::to_vec(&statement).unwrap());
-        let rng = ring::rand::SystemRandom::new();
-        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-            &key.serialize_der(),
-            &rng,
-        )
-        .unwrap();
-        let sig = kp.sign(&rng, &signing_input(&env)).unwrap();
-        add_signature(env, certificate_key_id(cert.der.as_ref()).unwrap(), sig.as_ref().to_vec())
+        airlock_testkit::certified::sign_with_certificate_key(env, cert.der.as_ref(), &key.serialize_der())
     }
 
     fn result(op: &Value, env: &Envelope, cert_pem: &str) -> appliance_message::Body {
@@ -338,6 +337,7 @@ mod operations {
             execution_envelope_json: env.to_json(),
             appliance_certificate_pem: cert_pem.to_owned(),
             pre_approval_envelope_json: String::new(),
+            ..Default::default()
         })
     }
 
@@ -348,7 +348,7 @@ mod operations {
         decision: ReleaseDecision,
     ) -> appliance_message::Body {
         let statement = ReleaseStatement {
-            request_id: op["id"].as_str().unwrap().to_owned(),
+            request_id: op["id"].as_str().unwrap().parse().unwrap(),
             appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
             decision,
             output_sha256: sha256_hex(output_for_digest),
@@ -357,11 +357,9 @@ mod operations {
             approver: "alice".into(),
             reason: "fine".into(),
         };
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let env = Envelope::new(RELEASE_PAYLOAD_TYPE, serde_json::to_vec(&statement).unwrap()).sign(&key);
         appliance_message::Body::OutputRelease(OutputRelease {
             request_id: op["id"].as_str().unwrap().to_owned(),
-            release_envelope_json: env.to_json(),
+            release_envelope_json: customer::sign_release(&statement, &[CUSTOMER]),
             output: sent.to_vec(),
         })
     }
@@ -396,19 +394,19 @@ mod operations {
         let forged = execution(&op, b"out", &other_key, &other_cert);
         let ack = a.send(result(&op, &forged, &other_cert.pem)).await;
         assert_eq!(ack.kind, OperationAckKind::Result as i32);
-        assert!(ack.error.contains("not signed by this appliance"), "{ack:?}");
+        assert_refused(&ack, "not signed by this appliance");
         // Our certificate with another key's signature: refused too.
         let mismatched = execution(&op, b"out", &other_key, &a.cert);
         let ack = a.send(result(&op, &mismatched, &a.cert.pem)).await;
-        assert!(ack.error.contains("signature"), "{ack:?}");
+        assert_refused(&ack, "signature");
         assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
 
         // The appliance's own signature is accepted, and again idempotently.
         let good = execution(&op, b"out", &a.key, &a.cert);
         let ack = a.send(result(&op, &good, &a.cert.pem)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         let ack = a.send(result(&op, &good, &a.cert.pem)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         let shown = op_state(&f, id).await;
         assert_eq!(shown["state"], "executed");
         assert_eq!(shown["exit_code"], 0);
@@ -418,8 +416,8 @@ mod operations {
         let chain = f.identity.tenant.to_string();
         let records = f.server.state.store.audit_records(&chain).await.unwrap();
         let actions: Vec<_> = records.into_iter().map(|r| r.unwrap().event.action).collect();
-        assert!(actions.iter().any(|a| a == "operation.executed"), "{actions:?}");
-        assert!(actions.iter().any(|a| a == "operation.result_refused"), "{actions:?}");
+        assert!(actions.iter().any(|a| a == AuditAction::OperationExecuted.as_str()), "{actions:?}");
+        assert!(actions.iter().any(|a| a == AuditAction::OperationResultRefused.as_str()), "{actions:?}");
         f.server.shutdown().await;
     }
 
@@ -431,30 +429,30 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         let good = execution(&op, MARKER, &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
 
         // Bytes that are not what the appliance signed: refused, nothing stored.
         let ack =
             a.send(release(&op, MARKER, b"customer-plaintext-7f3a9c1e-never-at-resX", ReleaseDecision::Release)).await;
         assert_eq!(ack.kind, OperationAckKind::Release as i32);
-        assert!(ack.error.contains("does not match"), "{ack:?}");
+        assert_refused(&ack, "does not match");
         // A release naming other output than the execution: refused.
         let ack = a.send(release(&op, b"other", b"other", ReleaseDecision::Release)).await;
-        assert!(ack.error.contains("other output"), "{ack:?}");
+        assert_refused(&ack, "other output");
         // No release envelope and no commands-and-output pre-approval: refused.
         let bare = appliance_message::Body::OutputRelease(OutputRelease {
             request_id: id.to_owned(),
             release_envelope_json: String::new(),
             output: MARKER.to_vec(),
         });
-        assert!(a.send(bare).await.error.contains("pre-approval"));
+        assert_refused(&a.send(bare).await, "pre-approval");
         let (s, v) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
         assert_eq!(v["error"]["code"], "not_found");
         assert_eq!(op_state(&f, id).await["state"], "executed");
 
         let ack = a.send(release(&op, MARKER, MARKER, ReleaseDecision::Release)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         let shown = op_state(&f, id).await;
         assert_eq!((shown["state"].as_str(), shown["output_released"].as_bool()), (Some("released"), Some(true)));
         let (s, bytes) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
@@ -477,41 +475,23 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         let good = execution(&op, MARKER, &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
         let ack = a.send(release(&op, MARKER, MARKER, ReleaseDecision::Release)).await;
-        assert!(ack.error.contains("output:secret"), "{ack:?}");
+        assert_refused(&ack, "output:secret");
         let (s, _) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert_eq!(op_state(&f, id).await["state"], "executed");
         assert!(!data_dir_contains(&f, MARKER));
         // Withholding it is recorded (no output travels).
         let ack = a.send(release(&op, MARKER, b"", ReleaseDecision::Withhold)).await;
-        assert_eq!(ack.error, "", "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
         assert_eq!(op_state(&f, id).await["state"], "withheld");
         f.server.shutdown().await;
     }
 
     /// Relays the customer's signed denial of `op`.
     async fn deny(f: &Fixture, op: &Value) -> Envelope {
-        let id = op["id"].as_str().unwrap();
-        let body = json!({
-            "request_id": id, "appliance": op["appliance"], "phase": op["phase"],
-            "request_digest": op["request_digest"], "command_sha256": op["command_sha256"], "decision": "deny",
-            "decided_at": 0, "approver": "alice", "reason": "no", "not_before": 0, "not_after": 1, "nonce": "n",
-        });
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let grant =
-            Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
-        let grant_json: Value = serde_json::from_str(&grant.to_json()).unwrap();
-        let (s, v) = json_call(
-            f,
-            Method::POST,
-            &format!("/v1/operations/{id}/approval"),
-            Some(json!({ "envelope": grant_json })),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
-        grant
+        relay(f, op, ApprovalDecision::Deny).await
     }
 
     #[tokio::test]
@@ -526,11 +506,11 @@ mod operations {
         // The appliance ran it in the customer's standing window before the denial reached it:
         // the signed execution is recorded (and flagged), not refused, so nothing stays pending.
         // A template's execution claiming the appliance's own probe authority is refused.
-        let probe = AuthorityRef { kind: "observe".into(), digest: None, policy_digest: None };
+        let probe = AuthorityRef { kind: AuthorityKind::Probe, digest: None, policy_digest: None };
         let posing = execution_by(&op, b"x", &a.key, &a.cert, probe);
-        assert!(a.send(result(&op, &posing, &a.cert.pem)).await.error.contains("built-in probe"));
+        assert_refused(&a.send(result(&op, &posing, &a.cert.pem)).await, "built-in probe");
         let good = execution(&op, b"x", &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
         assert_eq!(op_state(&f, id).await["state"], "executed");
         f.server.shutdown().await;
     }
@@ -549,25 +529,90 @@ mod operations {
         assert_eq!(Envelope::from_json(pushed.approval_envelope_json.as_bytes()).unwrap(), grant);
         // No output of a denied request can ever be taken: refused for good, not deferred.
         let ack = a.send(release(&op, b"x", b"x", ReleaseDecision::Release)).await;
-        assert!(ack.error.contains("no execution") && ack.error.contains("denied"), "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Refused, "{ack:?}");
         // The appliance's refusal of the denied request is recorded; it stays denied.
-        let refused = appliance_message::Body::OperationResult(OperationResult {
-            request_id: id.to_owned(),
-            outcome: OperationOutcome::Refused as i32,
-            reason: "the customer denied this request".into(),
-            ..Default::default()
-        });
-        assert_eq!(a.send(refused).await.error, "");
+        let refused =
+            refusal(&op, OperationOutcome::Refused, RefusalCode::CustomerDenied, "the customer denied this request");
+        assert_eq!(code_of(&a.send(refused).await), AckCode::Stored);
         let shown = op_state(&f, id).await;
         assert_eq!(shown["state"], "denied");
+        assert_eq!(shown["refusal_code"], "customer_denied");
         assert_eq!(shown["refusal_reason"], "the customer denied this request");
         // A result for an operation that is not this appliance's is refused.
         let unknown = appliance_message::Body::OperationResult(OperationResult {
-            request_id: "op_00000000000000000000000000000000".into(),
+            request_id: op_id(0).to_string(),
             outcome: OperationOutcome::AwaitingApproval as i32,
             ..Default::default()
         });
-        assert!(a.send(unknown).await.error.contains("no operation"));
+        assert_refused(&a.send(unknown).await, "no operation");
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_final_release_refusal_and_a_retryable_one_are_told_apart_by_code() {
+        let f = fixture().await;
+        let early = request(&f, "report", &["host:read"]).await;
+        let denied = request(&f, "restart", &["service:restart"]).await;
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        a.instruction().await;
+        // A release that arrived before its operation's result: keep it and send it again.
+        let ack = a.send(release(&early, MARKER, MARKER, ReleaseDecision::Release)).await;
+        assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Retry));
+        // A release of an operation the customer denied: no result will ever make it acceptable.
+        deny(&f, &denied).await;
+        a.instruction().await;
+        let ack = a.send(release(&denied, b"x", b"x", ReleaseDecision::Release)).await;
+        assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Refused));
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_result_with_an_unknown_or_contradicting_refusal_code_is_refused() {
+        let f = fixture().await;
+        let op = request(&f, "check", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let with = |outcome: OperationOutcome, code: i32, deny: i32| {
+            appliance_message::Body::OperationResult(OperationResult {
+                request_id: id.to_owned(),
+                outcome: outcome as i32,
+                reason: "not allowed".into(),
+                refusal_code: code,
+                deny_code: deny,
+                ..Default::default()
+            })
+        };
+        let wire = |c: RefusalCode| airlock_proto::convert::refusal_code_to_wire(c) as i32;
+        let no_grant = airlock_proto::convert::deny_code_to_wire(DenyCode::NoMatchingGrant) as i32;
+        for bad in [
+            // Unspecified, or a code from a newer appliance: never read as something milder.
+            with(OperationOutcome::AwaitingApproval, 0, 0),
+            with(OperationOutcome::AwaitingApproval, 99, 0),
+            with(OperationOutcome::Refused, 0, 0),
+            with(OperationOutcome::Refused, 99, 0),
+            // A code that contradicts the outcome.
+            with(OperationOutcome::Refused, wire(RefusalCode::AwaitingAuthority), 0),
+            with(OperationOutcome::AwaitingApproval, wire(RefusalCode::Misbound), 0),
+            // A policy denial that does not say which check, or names one unknown here.
+            with(OperationOutcome::Refused, wire(RefusalCode::Denied), 0),
+            with(OperationOutcome::Refused, wire(RefusalCode::Denied), 999),
+        ] {
+            let ack = a.send(bad).await;
+            assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Result as i32, AckCode::Refused), "{ack:?}");
+        }
+        assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
+        // A well-coded refusal is stored with its codes, and again idempotently.
+        for _ in 0..2 {
+            let ack = a.send(with(OperationOutcome::Refused, wire(RefusalCode::Denied), no_grant)).await;
+            assert_eq!(code_of(&ack), AckCode::Stored, "{ack:?}");
+        }
+        let shown = op_state(&f, id).await;
+        assert_eq!(
+            (&shown["state"], &shown["refusal_code"], &shown["deny_code"]),
+            (&json!("refused"), &json!("denied"), &json!("no_matching_grant"))
+        );
         f.server.shutdown().await;
     }
 
@@ -599,51 +644,80 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
 
-        // The release overtook the result (or the result's write failed): no ack, so the
-        // appliance keeps it in its outbox, and no refusal is audited.
+        // The release overtook the result (or the result's write failed): acknowledged as one
+        // to send again, so the appliance keeps it in its outbox, and no refusal is audited.
         let early = release(&op, MARKER, MARKER, ReleaseDecision::Release);
-        assert_eq!(send_then_heartbeat(&mut a, early.clone(), 1).await, vec![]);
+        let acks = send_then_heartbeat(&mut a, early.clone(), 1).await;
+        assert_eq!(acks.iter().map(code_of).collect::<Vec<_>>(), [AckCode::Retry], "{acks:?}");
         assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
         let chain = f.identity.tenant.to_string();
         let actions = |records: Vec<Result<airlock_core::audit::Record, i64>>| -> Vec<String> {
             records.into_iter().map(|r| r.unwrap().event.action).collect()
         };
         let audited = actions(f.server.state.store.audit_records(&chain).await.unwrap());
-        assert!(!audited.iter().any(|a| a == "operation.release_refused"), "{audited:?}");
+        assert!(!audited.iter().any(|a| a == AuditAction::OperationReleaseRefused.as_str()), "{audited:?}");
 
         // What is wrong with the release itself is still refused for good, result or not.
         let acks = send_then_heartbeat(&mut a, release(&op, MARKER, b"bytes", ReleaseDecision::Withhold), 2).await;
-        assert!(acks.len() == 1 && acks[0].error.contains("withheld output"), "{acks:?}");
+        assert_eq!(acks.len(), 1, "{acks:?}");
+        assert_refused(&acks[0], "withheld output");
 
         // Once the result is stored, the resent release is taken.
         let good = execution(&op, MARKER, &a.key, &a.cert);
-        assert_eq!(a.send(result(&op, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
         let ack = a.send(early).await;
-        assert_eq!((ack.kind, ack.error.as_str()), (OperationAckKind::Release as i32, ""), "{ack:?}");
+        assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Stored), "{ack:?}");
         assert_eq!(op_state(&f, id).await["state"], "released");
         f.server.shutdown().await;
     }
 
-    #[test]
-    fn repush_time_follows_the_approvals_validity_within_bounds() {
-        use crate::operations::repush_time;
-        let now = airlock_core::Timestamp::from_unix_millis(1_800_000_000_000);
-        let at = |secs: u64| now.saturating_add(Duration::from_secs(secs));
-        let reason = |t: airlock_core::Timestamp| format!("the approval is not valid until {t}");
-        assert_eq!(repush_time(&reason(at(10)), now), at(10));
-        assert_eq!(repush_time(&reason(at(3600)), now), at(30));
-        assert_eq!(repush_time(&reason(now), now), at(1));
-        assert_eq!(repush_time("no approval or pre-approval covers this request", now), at(30));
-        assert_eq!(repush_time("the approval is not valid until tomorrow", now), at(30));
+    /// Asserts that `ack` refuses for good, and says so with `why` (its text is for people; the
+    /// appliance reads only the code).
+    #[track_caller]
+    pub(super) fn assert_refused(ack: &OperationAck, why: &str) {
+        assert_eq!(code_of(ack), AckCode::Refused, "{ack:?}");
+        assert!(ack.error.contains(why), "expected `{why}`: {ack:?}");
     }
 
-    fn awaiting(op: &Value, reason: &str) -> appliance_message::Body {
+    /// The ack's code, which is all the appliance acts on.
+    pub(super) fn code_of(ack: &OperationAck) -> AckCode {
+        airlock_proto::convert::ack_code_from_wire(ack.code).expect("every ack carries a code")
+    }
+
+    /// A result saying the appliance did not run `op`, with `code` (and a reason for people).
+    pub(super) fn refusal(
+        op: &Value,
+        outcome: OperationOutcome,
+        code: RefusalCode,
+        reason: &str,
+    ) -> appliance_message::Body {
         appliance_message::Body::OperationResult(OperationResult {
             request_id: op["id"].as_str().unwrap().to_owned(),
-            outcome: OperationOutcome::AwaitingApproval as i32,
+            outcome: outcome as i32,
             reason: reason.to_owned(),
+            refusal_code: airlock_proto::convert::refusal_code_to_wire(code) as i32,
             ..Default::default()
         })
+    }
+
+    /// `AWAITING_APPROVAL` because the approval is valid only from `valid_from`.
+    fn not_yet_valid(op: &Value, valid_from: Option<airlock_core::Timestamp>) -> appliance_message::Body {
+        let mut body =
+            refusal(op, OperationOutcome::AwaitingApproval, RefusalCode::ApprovalNotYetValid, "not valid yet");
+        if let (appliance_message::Body::OperationResult(r), Some(t)) = (&mut body, valid_from) {
+            r.valid_from_unix_ms = t.unix_millis();
+        }
+        body
+    }
+
+    /// `AWAITING_APPROVAL` because nothing authorises it yet.
+    fn awaiting_authority(op: &Value) -> appliance_message::Body {
+        refusal(
+            op,
+            OperationOutcome::AwaitingApproval,
+            RefusalCode::AwaitingAuthority,
+            "no approval covers this request",
+        )
     }
 
     /// Sends a heartbeat and returns the ids of the instructions that came before its ack.
@@ -676,15 +750,14 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         a.instruction().await;
-        relay(&f, &early, "approve").await;
+        relay(&f, &early, ApprovalDecision::Approve).await;
         assert_eq!(a.instruction().await.request_id, early["id"].as_str().unwrap());
 
         // The approval is valid 10 s from now: the appliance cannot run it yet.
         let valid_from = f.server.state.now().saturating_add(Duration::from_secs(10));
-        let reason = format!("the approval is not valid until {valid_from}");
-        assert_eq!(a.send(awaiting(&early, &reason)).await.error, "");
+        assert_eq!(code_of(&a.send(not_yet_valid(&early, Some(valid_from))).await), AckCode::Stored);
         // The one with no approval at all is not pushed again on its own.
-        assert_eq!(a.send(awaiting(&waiting, "no approval or pre-approval covers this request")).await.error, "");
+        assert_eq!(code_of(&a.send(awaiting_authority(&waiting)).await), AckCode::Stored);
         // Before then, heartbeats push nothing.
         assert!(heartbeat_pushes(&mut a, 1).await.is_empty());
         clock.advance(Duration::from_secs(9));
@@ -694,16 +767,16 @@ mod operations {
         assert_eq!(heartbeat_pushes(&mut a, 3).await, [early["id"].as_str().unwrap()]);
         assert!(heartbeat_pushes(&mut a, 4).await.is_empty());
 
-        // Without a time in the reason, it is pushed again after 30 s at most.
-        assert_eq!(a.send(awaiting(&early, "the approval is not valid yet")).await.error, "");
+        // Without a time beside the code, it is pushed again after 30 s at most.
+        assert_eq!(code_of(&a.send(not_yet_valid(&early, None)).await), AckCode::Stored);
         clock.advance(Duration::from_secs(29));
         assert!(heartbeat_pushes(&mut a, 5).await.is_empty());
         clock.advance(Duration::from_secs(1));
         assert_eq!(heartbeat_pushes(&mut a, 6).await, [early["id"].as_str().unwrap()]);
         // Once it has a result, nothing is pushed again.
-        assert_eq!(a.send(awaiting(&early, "not valid yet")).await.error, "");
+        assert_eq!(code_of(&a.send(not_yet_valid(&early, None)).await), AckCode::Stored);
         let good = execution(&early, b"out", &a.key, &a.cert);
-        assert_eq!(a.send(result(&early, &good, &a.cert.pem)).await.error, "");
+        assert_eq!(code_of(&a.send(result(&early, &good, &a.cert.pem)).await), AckCode::Stored);
         clock.advance(Duration::from_secs(60));
         assert!(heartbeat_pushes(&mut a, 7).await.is_empty());
         f.server.shutdown().await;
@@ -713,13 +786,9 @@ mod operations {
     async fn a_relayed_policy_reaches_connected_appliances_at_once_and_others_after_their_welcome() {
         let f = fixture().await;
         let mut a = Appliance::connect(&f, &f.identity).await;
-        let toml =
-            format!("version = 1\nserial = 7\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment);
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let envelope = policy(&f, 7);
         let path = format!("/v1/environments/{}/policy", f.identity.environment);
-        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["sent_to"], 1);
         let pushed = match a.recv().await {
@@ -730,10 +799,8 @@ mod operations {
         // A request still waiting for authority is offered again under the new policy.
         let op = request(&f, "restart", &["service:restart"]).await;
         assert_eq!(a.instruction().await.request_id, op["id"].as_str().unwrap());
-        let newer = toml.replace("serial = 7", "serial = 8");
-        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, newer.into_bytes()).sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
-        assert_eq!(json_call(&f, Method::PUT, &path, Some(body)).await.0, StatusCode::OK);
+        let envelope = policy(&f, 8);
+        assert_eq!(json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await.0, StatusCode::OK);
         assert!(matches!(a.recv().await, control_message::Body::PolicyUpdate(_)));
         assert_eq!(a.instruction().await.request_id, op["id"].as_str().unwrap());
         drop(a);
@@ -755,27 +822,38 @@ mod operations {
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
         let acks = send_then_heartbeat(&mut a, release(&op, MARKER, MARKER, ReleaseDecision::Release), 1).await;
-        assert!(acks.len() == 1 && acks[0].error.contains("output:secret"), "{acks:?}");
+        assert_eq!(acks.len(), 1, "{acks:?}");
+        assert_refused(&acks[0], "output:secret");
         assert!(!data_dir_contains(&f, MARKER));
         f.server.shutdown().await;
     }
 
-    /// Relays a customer's signed approval (or denial) of `op` through the API.
-    pub(super) async fn relay(f: &Fixture, op: &Value, decision: &str) -> Envelope {
-        let body = json!({
-            "request_id": op["id"], "appliance": op["appliance"], "phase": op["phase"],
-            "request_digest": op["request_digest"], "command_sha256": op["command_sha256"], "decision": decision,
-            "decided_at": 0, "approver": "alice", "reason": "ok", "not_before": 0, "not_after": 1, "nonce": "n",
-        });
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let grant =
-            Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
-        let grant_json: Value = serde_json::from_str(&grant.to_json()).unwrap();
-        let id = op["id"].as_str().unwrap();
-        let path = format!("/v1/operations/{id}/approval");
-        let (s, v) = json_call(f, Method::POST, &path, Some(json!({ "envelope": grant_json }))).await;
+    /// Relays the customer's signed approval (or denial) of `op` through the API.
+    pub(super) async fn relay(f: &Fixture, op: &Value, decision: ApprovalDecision) -> Envelope {
+        let request: OperationRequest = serde_json::from_value(op["request"].clone()).unwrap();
+        let t0 = airlock_core::Timestamp::from_unix_millis(0);
+        let mut body = customer::approval(&request, t0, t0.saturating_add(Duration::from_millis(1)));
+        body.decision = decision;
+        let grant = customer::sign_grant(&body, &[CUSTOMER]);
+        let path = format!("/v1/operations/{}/approval", request.id);
+        let envelope: Value = serde_json::from_str(&grant).unwrap();
+        let (s, v) = json_call(f, Method::POST, &path, Some(json!({ "envelope": envelope }))).await;
         assert_eq!(s, StatusCode::OK, "{v}");
-        grant
+        Envelope::from_json(grant.as_bytes()).unwrap()
+    }
+
+    /// The customer's policy for the fixture's environment with `serial`, signed.
+    pub(super) fn policy(f: &Fixture, serial: u64) -> Envelope {
+        let toml = format!(
+            "version = 1\nserial = {serial}\nenvironment = \"{}\"\nphases = [\"observe\"]\n",
+            f.identity.environment
+        );
+        customer::sign(POLICY_PAYLOAD_TYPE, toml.into_bytes(), &[CUSTOMER])
+    }
+
+    /// The request body that relays `policy`.
+    pub(super) fn relay_body(policy: &Envelope) -> Value {
+        json!({ "envelope": serde_json::from_str::<Value>(&policy.to_json()).unwrap() })
     }
 
     /// The instructions queued on `rx` right now.
@@ -817,21 +895,21 @@ mod operations {
             ops.push(request(&f, name, &["host:read"]).await);
         }
         let approved = ops[2]["id"].as_str().unwrap().to_owned();
-        let grant = relay(&f, &ops[2], "approve").await;
+        let grant = relay(&f, &ops[2], ApprovalDecision::Approve).await;
         let sent: Vec<_> = queued(&mut rx).into_iter().map(|i| i.request_id).collect();
         assert_eq!(sent.len(), 2, "{sent:?}");
         assert!(!sent.contains(&approved), "{sent:?}");
 
         // The appliance's next message resumes the push: the approved one first, though it
         // is the newest, then the oldest still awaiting approval, as far as there is room.
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         let got = queued(&mut rx);
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].request_id, approved);
         assert_eq!(Envelope::from_json(got[0].approval_envelope_json.as_bytes()).unwrap(), grant);
         assert!(got[1].approval_envelope_json.is_empty());
         // Then on from where it stopped, not from the start again: the backlog drains.
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         let rest = queued(&mut rx);
         let mut all: Vec<_> = got.iter().chain(&rest).map(|i| i.request_id.clone()).collect();
         all.sort();
@@ -839,7 +917,7 @@ mod operations {
         want.sort();
         assert_eq!(all, want);
         // Nothing left to resume: a message from the appliance pushes nothing.
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         assert!(queued(&mut rx).is_empty());
         state.registry.leave(reg);
         f.server.shutdown().await;
@@ -857,21 +935,14 @@ mod operations {
         for _ in 0..2 {
             tx.try_send(Ok(Box::new(ControlMessage { body: None }))).unwrap();
         }
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let envelope = Envelope::new(
-            airlock_core::policy::POLICY_PAYLOAD_TYPE,
-            format!("version = 1\nserial = 2\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment)
-                .into_bytes(),
-        )
-        .sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let envelope = policy(&f, 2);
         let path = format!("/v1/environments/{}/policy", f.identity.environment);
-        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["sent_to"], 0);
         // The peer reads; its next message brings the policy, once.
         while rx.try_recv().is_ok() {}
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(got.len(), 1);
         match got.into_iter().next().unwrap().unwrap().body {
@@ -880,7 +951,7 @@ mod operations {
             }
             other => panic!("expected the policy, got {other:?}"),
         }
-        crate::operations::resume_pending(state, &scope, &reg).await;
+        state.push.after_message(&scope, &reg, state.now()).await;
         assert!(rx.try_recv().is_err());
         state.registry.leave(reg);
         f.server.shutdown().await;
@@ -935,7 +1006,7 @@ mod pre_approval {
 
     use airlock_core::dsse::Envelope;
     use airlock_core::grant::{ApprovalLevel, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
-    use airlock_core::operation::AuthorityRef;
+    use airlock_core::operation::{AckCode, AuthorityKind, AuthorityRef};
     use airlock_proto::gateway::{OperationOutcome, OperationResult, OutputRelease};
     use http::{Method, StatusCode};
 
@@ -957,8 +1028,7 @@ mod pre_approval {
             approver: "alice".into(),
             issued_at: airlock_core::Timestamp::from_unix_millis(0),
         };
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let env = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key);
+        let env = customer::sign(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap(), &[CUSTOMER]);
         (body, env)
     }
 
@@ -970,6 +1040,7 @@ mod pre_approval {
             execution_envelope_json: exec.to_json(),
             appliance_certificate_pem: cert_pem.to_owned(),
             pre_approval_envelope_json: pre.to_json(),
+            ..Default::default()
         })
     }
 
@@ -993,7 +1064,7 @@ mod pre_approval {
             assert_eq!(a.instruction().await.request_id, id);
             let (body, env) = pre_approval(&op, level, name);
             let by = |digest: String| AuthorityRef {
-                kind: "pre-approval".into(),
+                kind: AuthorityKind::PreApproval,
                 digest: Some(digest),
                 policy_digest: None,
             };
@@ -1001,19 +1072,20 @@ mod pre_approval {
             let (other_body, other_env) = pre_approval(&op, level, "something-else");
             let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(other_body.digest_hex()));
             let ack = a.send(result_with(&op, &exec, &a.cert.pem, &other_env)).await;
-            assert!(ack.error.contains("another appliance, template or phase"), "{ack:?}");
+            assert_refused(&ack, "another appliance, template or phase");
             let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by("00".repeat(32)));
             let ack = a.send(result_with(&op, &exec, &a.cert.pem, &env)).await;
-            assert!(ack.error.contains("another pre-approval"), "{ack:?}");
+            assert_refused(&ack, "another pre-approval");
             // The real one: awaiting_approval -> executed, the pre-approval kept for the manifest.
             let exec = execution_by(&op, b"routine output", &a.key, &a.cert, by(body.digest_hex()));
-            assert_eq!(a.send(result_with(&op, &exec, &a.cert.pem, &env)).await.error, "");
+            assert_eq!(code_of(&a.send(result_with(&op, &exec, &a.cert.pem, &env)).await), AckCode::Stored);
             let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
             assert_eq!(Envelope::from_json(m["pre_approval"].to_string().as_bytes()).unwrap(), env);
 
             // Output without a signed release: only at the commands-and-output level.
             let ack = a.send(bare_release(&op, b"routine output")).await;
-            assert_eq!(ack.error.is_empty(), released, "{ack:?}");
+            let expected = if released { AckCode::Stored } else { AckCode::Refused };
+            assert_eq!(code_of(&ack), expected, "{ack:?}");
             let (s, bytes) = call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
             if released {
                 assert_eq!((s, bytes.as_slice()), (StatusCode::OK, b"routine output".as_slice()));
@@ -1030,11 +1102,12 @@ mod pre_approval {
 
 mod connect_reads {
     use airlock_core::dsse::Envelope;
+    use airlock_core::grant::ApprovalDecision;
     use airlock_proto::gateway::{Heartbeat, control_message};
     use http::{Method, StatusCode};
-    use serde_json::{Value, json};
+    use serde_json::json;
 
-    use super::operations::{Appliance, json_call, relay, request};
+    use super::operations::{Appliance, json_call, policy, relay, relay_body, request};
     use super::*;
 
     /// Sends a heartbeat and waits for its ack: whatever followed the Welcome was pushed by
@@ -1067,11 +1140,11 @@ mod connect_reads {
         drop(a);
 
         // A false positive costs one read, then the appliance is forgotten.
-        f.server.state.push_index.operation_may_be_pending(f.identity.appliance);
+        f.server.state.push.index().operation_may_be_pending(f.identity.appliance);
         let mut a = Appliance::connect(&f, &f.identity).await;
         assert!(settle(&mut a).await.is_empty());
         assert_eq!(reads(&f), (before.0 + 1, before.1));
-        assert!(!f.server.state.push_index.may_have_operations(&f.identity.appliance));
+        assert!(!f.server.state.push.index().may_have_operations(&f.identity.appliance));
         drop(a);
         let mut a = Appliance::connect(&f, &f.identity).await;
         assert!(settle(&mut a).await.is_empty());
@@ -1101,13 +1174,13 @@ mod connect_reads {
 
         // After a restart the index is rebuilt from the store.
         let f = restart(f).await;
-        assert!(f.server.state.push_index.may_have_operations(&f.identity.appliance));
+        assert!(f.server.state.push.index().may_have_operations(&f.identity.appliance));
         let mut a = Appliance::connect(&f, &f.identity).await;
         assert_eq!(instruction_ids(&settle(&mut a).await), [id.as_str()]);
         drop(a);
 
         // Approved while offline, then a restart: pushed with its approval.
-        let grant = relay(&f, &op, "approve").await;
+        let grant = relay(&f, &op, ApprovalDecision::Approve).await;
         let f = restart(f).await;
         let mut a = Appliance::connect(&f, &f.identity).await;
         let pushed = settle(&mut a).await;
@@ -1124,13 +1197,9 @@ mod connect_reads {
     #[tokio::test]
     async fn a_relayed_policy_reaches_an_appliance_at_its_welcome_after_a_restart() {
         let f = fixture().await;
-        let toml =
-            format!("version = 1\nserial = 3\nenvironment = \"{}\"\nphases = [\"observe\"]\n", f.identity.environment);
-        let key = airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32]);
-        let envelope = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.as_bytes().to_vec()).sign(&key);
-        let body = json!({ "envelope": serde_json::from_str::<Value>(&envelope.to_json()).unwrap() });
+        let envelope = policy(&f, 3);
         let path = format!("/v1/environments/{}/policy", f.identity.environment);
-        let (s, v) = json_call(&f, Method::PUT, &path, Some(body)).await;
+        let (s, v) = json_call(&f, Method::PUT, &path, Some(relay_body(&envelope))).await;
         assert_eq!((s, &v["sent_to"]), (StatusCode::OK, &json!(0)), "{v}");
 
         let f = restart(f).await;

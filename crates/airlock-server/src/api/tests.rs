@@ -4,11 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::Timestamp;
+use airlock_core::audit::AuditAction;
 use axum::body::Body;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
+
+use airlock_testkit::{customer, op_id};
 
 use crate::clock::ManualClock;
 use crate::keys::KekSource;
@@ -103,6 +106,14 @@ fn assert_error_shape(v: &Value) {
     assert!(v["error"]["code"].is_string() && v["error"]["message"].is_string(), "not an API error body: {v}");
 }
 
+/// Asserts an API error of `code` whose message tells the caller `why` (the message is what
+/// the operator reads; clients decide on the status and the code).
+#[track_caller]
+fn assert_error(v: &Value, code: &str, why: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(why), "expected `{why}`: {v}");
+}
+
 #[tokio::test]
 async fn unknown_route_gets_json_404() {
     let api = api().await;
@@ -140,7 +151,7 @@ async fn missing_or_forged_token_is_401_and_audited() {
         assert_error_shape(&v);
     }
     let system = api.audit_actions("system").await;
-    assert_eq!(system.iter().filter(|(a, o)| a == "api.authenticate" && o == "denied").count(), 3);
+    assert_eq!(system.iter().filter(|(a, o)| a == AuditAction::ApiAuthenticate.as_str() && o == "denied").count(), 3);
     // The forged token itself never reaches the audit.
     let records = api.state.store.audit_records("system").await.unwrap();
     for r in records {
@@ -188,13 +199,13 @@ async fn join_token_is_single_use_and_reuse_is_audited() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = api.join(&token, &csr()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(v["error"]["message"].as_str().unwrap().contains("already used"), "{v}");
+    assert_error(&v, "unauthenticated", "already used");
     assert_eq!(api.appliance_count().await, 1);
     let tenant_chain =
         api.state.store.audit_chains().await.unwrap().into_iter().find(|c| c.starts_with("ten_")).unwrap();
     let actions = api.audit_actions(&tenant_chain).await;
-    assert!(actions.contains(&("appliance.join".into(), "success".into())));
-    assert!(actions.contains(&("appliance.join".into(), "denied".into())));
+    assert!(actions.contains(&(AuditAction::ApplianceJoin.as_str().into(), "success".into())));
+    assert!(actions.contains(&(AuditAction::ApplianceJoin.as_str().into(), "denied".into())));
 }
 
 #[tokio::test]
@@ -205,7 +216,7 @@ async fn expired_join_token_is_refused() {
     api.clock.advance(Duration::from_secs(15 * 60 + 1));
     let (s, v) = api.join(&token, &csr()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(v["error"]["message"].as_str().unwrap().contains("expired"), "{v}");
+    assert_error(&v, "unauthenticated", "expired");
     assert_eq!(api.appliance_count().await, 0);
 }
 
@@ -235,7 +246,7 @@ async fn join_token_for_unknown_environment_is_404() {
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     let (s, v) = api.post("/v1/environments/apl_aaaaaaaaaaaaaaaaaaaaaaaaaa/join-tokens", json!({})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("expected an environment id"), "{v}");
+    assert_error(&v, "bad_request", "expected an environment id");
     let env = api.new_env("e").await;
     let (s, _) = api.post(&format!("/v1/environments/{env}/join-tokens"), json!({ "ttl_seconds": 0 })).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
@@ -339,9 +350,8 @@ pattern = "[a-z][a-z0-9-]{0,40}"
 "#;
 const SCRIPT: &str = "#!/bin/sh\nsystemctl restart \"$AIRLOCK_VAR_SERVICE\"\n";
 
-fn customer_key() -> airlock_core::customer_key::CustomerSigningKey {
-    airlock_core::customer_key::CustomerSigningKey::from_seed([42; 32])
-}
+/// The customer key ([`customer::key`]) the fixture's customer signs with.
+const CUSTOMER: u8 = 42;
 
 impl Api {
     async fn push_template(&self, manifest: &str, script: &str) -> (StatusCode, Value) {
@@ -398,9 +408,7 @@ fn grant_for(op: &Value, edit: impl FnOnce(&mut Value)) -> Value {
         "nonce": "n-1",
     });
     edit(&mut body);
-    let env =
-        airlock_core::dsse::Envelope::new(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap())
-            .sign(&customer_key());
+    let env = customer::sign(airlock_core::grant::GRANT_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap(), &[CUSTOMER]);
     serde_json::from_str(&env.to_json()).unwrap()
 }
 
@@ -450,15 +458,15 @@ async fn template_push_list_versions_and_bad_templates() {
         let (s, v) = api.push_template(&manifest, script).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert_error_shape(&v);
-        assert!(v["error"]["message"].as_str().unwrap().contains(expect), "expected `{expect}`: {v}");
+        assert_error(&v, "bad_request", expect);
     }
     let (s, v) = api.post(&format!("/v1/workspaces/{}/templates", api.workspace), json!({ "script": "x" })).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (_, list) = api.get(&format!("/v1/workspaces/{}/templates", api.workspace)).await;
     assert_eq!(list["templates"].as_array().unwrap().len(), 1);
     let actions = api.audit_actions(&api.tenant_chain().await).await;
-    assert_eq!(actions.iter().filter(|(a, o)| a == "template.push" && o == "success").count(), 3);
-    assert!(actions.contains(&("template.push".into(), "error".into())));
+    assert_eq!(actions.iter().filter(|(a, o)| a == AuditAction::TemplatePush.as_str() && o == "success").count(), 3);
+    assert!(actions.contains(&(AuditAction::TemplatePush.as_str().into(), "error".into())));
 }
 
 #[tokio::test]
@@ -468,7 +476,7 @@ async fn operation_request_checks_template_vars_and_appliance() {
     let empty = api.new_env("empty").await;
     let (s, v) = api.request_op(&empty, json!({ "service": "api" })).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("no active appliance"), "{v}");
+    assert_error(&v, "bad_request", "no active appliance");
 
     let (env, appliance) = api.env_with_appliance("prod").await;
     for (vars, expect) in [
@@ -478,7 +486,7 @@ async fn operation_request_checks_template_vars_and_appliance() {
     ] {
         let (s, v) = api.request_op(&env, vars).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains(expect), "expected `{expect}`: {v}");
+        assert_error(&v, "bad_request", expect);
     }
     let body = json!({ "template": "nope", "vars": {}, "reason": "x" });
     let (s, _) = api.post(&format!("/v1/environments/{env}/operations"), body).await;
@@ -490,14 +498,14 @@ async fn operation_request_checks_template_vars_and_appliance() {
         "appliance": "apl_aaaaaaaaaaaaaaaaaaaaaaaaaa" });
     let (s, v) = api.post(&format!("/v1/environments/{env}/operations"), body).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("not an active appliance"), "{v}");
+    assert_error(&v, "bad_request", "not an active appliance");
     let (_, none) = api.get("/v1/operations").await;
     assert!(none["operations"].as_array().unwrap().is_empty(), "{none}");
 
     let (s, op) = api.request_op(&env, json!({ "service": "api" })).await;
     assert_eq!(s, StatusCode::CREATED, "{op}");
     let id = op["id"].as_str().unwrap();
-    assert!(crate::operations::is_operation_id(id), "{id}");
+    assert!(id.parse::<airlock_core::OperationId>().is_ok(), "{id}");
     assert_eq!(op["state"], "awaiting_approval");
     assert_eq!(op["appliance"], appliance.as_str());
     assert_eq!(op["environment"], env.as_str());
@@ -508,7 +516,7 @@ async fn operation_request_checks_template_vars_and_appliance() {
     assert_eq!(op["request_digest"], request.digest_hex());
     assert_eq!(request.kind, "restart-service");
     let actions = api.audit_actions(&api.tenant_chain().await).await;
-    assert!(actions.contains(&("operation.request".into(), "success".into())));
+    assert!(actions.contains(&(AuditAction::OperationRequest.as_str().into(), "success".into())));
 
     // Filters.
     let (_, listed) = api.get(&format!("/v1/operations?state=awaiting_approval&environment={env}")).await;
@@ -519,6 +527,33 @@ async fn operation_request_checks_template_vars_and_appliance() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (_, v) = api.get(&format!("/v1/operations/{id}/output")).await;
     assert_eq!(v["error"]["code"], "not_found", "{v}");
+}
+
+#[tokio::test]
+async fn states_and_ids_parse_strictly() {
+    let api = api().await;
+    // An operation id is parsed before anything is looked up: anything but `op_` and 32
+    // lowercase hex digits is a 400, a well-formed unknown one a 404.
+    let id = op_id(0xab);
+    for bad in
+        ["op_1", "op_", "op_ABABABABABABABABABABABABABABABAB", "xx_abababababababababababababababab", &format!("{id}0")]
+    {
+        for path in [format!("/v1/operations/{bad}"), format!("/v1/operations/{bad}/manifest")] {
+            let (s, v) = api.get(&path).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+            assert_error(&v, "bad_request", "an operation id");
+        }
+    }
+    let (s, v) = api.get(&format!("/v1/operations/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // Every state the server writes can be asked for; anything else is refused, not ignored.
+    for st in airlock_core::operation::OperationState::ALL {
+        let (s, v) = api.get(&format!("/v1/operations?state={st}")).await;
+        assert_eq!(s, StatusCode::OK, "{st}: {v}");
+    }
+    let (s, v) = api.get("/v1/operations?state=done").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(&v, "bad_request", "unknown operation state `done`");
 }
 
 #[tokio::test]
@@ -566,11 +601,8 @@ async fn approval_relay_checks_structure_binding_and_state() {
     let id = op["id"].as_str().unwrap();
     let path = format!("/v1/operations/{id}/approval");
     let wrong_type = {
-        let env = airlock_core::dsse::Envelope::new(
-            airlock_core::operation::RELEASE_PAYLOAD_TYPE,
-            serde_json::to_vec(&json!({ "request_id": id })).unwrap(),
-        )
-        .sign(&customer_key());
+        let payload = serde_json::to_vec(&json!({ "request_id": id })).unwrap();
+        let env = customer::sign(airlock_core::operation::RELEASE_PAYLOAD_TYPE, payload, &[CUSTOMER]);
         serde_json::from_str::<Value>(&env.to_json()).unwrap()
     };
     let unsigned = {
@@ -582,7 +614,7 @@ async fn approval_relay_checks_structure_binding_and_state() {
         (grant_for(&op, |b| b["request_digest"] = json!("00".repeat(32))), "request digest"),
         (grant_for(&op, |b| b["command_sha256"] = json!("11".repeat(32))), "command"),
         (grant_for(&op, |b| b["appliance"] = json!("apl_aaaaaaaaaaaaaaaaaaaaaaaaaa")), "appliance"),
-        (grant_for(&op, |b| b["request_id"] = json!("op_00000000000000000000000000000000")), "request id"),
+        (grant_for(&op, |b| b["request_id"] = json!(op_id(0))), "request id"),
         (grant_for(&op, |b| b["phase"] = json!("observe")), "phase"),
         (grant_for(&op, |b| b["decision"] = json!("maybe")), "does not parse"),
         (wrong_type, "not an approval"),
@@ -592,7 +624,7 @@ async fn approval_relay_checks_structure_binding_and_state() {
     ] {
         let (s, v) = api.post(&path, json!({ "envelope": envelope })).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{expect}: {v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains(expect), "expected `{expect}`: {v}");
+        assert_error(&v, "bad_request", expect);
     }
     let (_, still) = api.get(&format!("/v1/operations/{id}")).await;
     assert_eq!(still["state"], "awaiting_approval");
@@ -619,7 +651,10 @@ async fn approval_relay_checks_structure_binding_and_state() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["state"], "denied");
     let actions = api.audit_actions(&api.tenant_chain().await).await;
-    assert_eq!(actions.iter().filter(|(a, o)| a == "operation.approval_relayed" && o == "success").count(), 2);
+    assert_eq!(
+        actions.iter().filter(|(a, o)| a == AuditAction::OperationApprovalRelayed.as_str() && o == "success").count(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -647,14 +682,14 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
     )
     .unwrap();
     assert_eq!(certified.uris, vec!["spiffe://airlock.test/control-plane".to_owned()]);
-    let keys = [customer_key().public()];
+    let keys = customer::public_keys(&[CUSTOMER]);
     let report = verify_parsed_manifest(
         &manifest,
         &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None },
     )
     .unwrap();
     assert!(report.checks.contains(&"approval.binding"), "{:?}", report.checks);
-    assert_eq!(report.request.request.id, id);
+    assert_eq!(report.request.request.id.to_string(), id);
 
     // A request signed by another CA's key does not verify against this CA.
     let (other_ca, _) = crate::ca::CertificateAuthority::generate("airlock.test", at).unwrap();
@@ -690,13 +725,8 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
 
 /// A customer policy with `serial`, as `airlock customer policy sign` writes it.
 fn signed_policy(env: &str, serial: u64, signers: &[u8]) -> Value {
-    use airlock_core::customer_key::CustomerSigningKey;
     let toml = format!("version = 1\nserial = {serial}\nenvironment = \"{env}\"\nphases = [\"observe\", \"deploy\"]\n");
-    let mut env = airlock_core::dsse::Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, toml.into_bytes());
-    for n in signers {
-        env = env.sign(&CustomerSigningKey::from_seed([*n; 32]));
-    }
-    serde_json::from_str(&env.to_json()).unwrap()
+    serde_json::from_str(&customer::signed_policy(&toml, signers)).unwrap()
 }
 
 #[tokio::test]
@@ -740,7 +770,7 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
     ] {
         let (s, v) = put(bad).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{why}: {v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{why}: {v}");
+        assert_error(&v, "bad_request", why);
     }
     let (s, _) = api.get(&path).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
@@ -763,7 +793,7 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
     for serial in [3, 2] {
         let (s, v) = put(json!({ "envelope": signed_policy(&env, serial, &[2]) })).await;
         assert_eq!(s, StatusCode::CONFLICT, "{v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains("serial 3"), "{v}");
+        assert_error(&v, "conflict", "serial 3");
     }
     assert_eq!(api.get(&path).await.1["envelope"], first);
     let newer = signed_policy(&env, 4, &[1, 2]);
@@ -772,7 +802,7 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
     assert_eq!(api.get(&path).await.1["envelope"], newer);
 
     let actions = api.audit_actions(&tenant_of(&api).await).await;
-    let relayed: Vec<_> = actions.iter().filter(|(a, _)| a == "policy.relayed").collect();
+    let relayed: Vec<_> = actions.iter().filter(|(a, _)| a == AuditAction::PolicyRelayed.as_str()).collect();
     assert_eq!(relayed.iter().filter(|(_, o)| o == "success").count(), 2, "{actions:?}");
     assert_eq!(relayed.iter().filter(|(_, o)| o != "success").count(), 10, "{actions:?}");
 }

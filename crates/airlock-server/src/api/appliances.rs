@@ -1,0 +1,138 @@
+//! Appliances under `/v1`: join with a single-use token, list with live status, revoke.
+
+use std::sync::Arc;
+
+use airlock_core::audit::Outcome;
+use airlock_core::{ApplianceId, EnvironmentId};
+use airlock_proto::join::{JoinRequest, JoinResponse};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
+use crate::appliances::{self, JoinError, JoinRefusal, RevokeError};
+use crate::authz::Action;
+use crate::state::{AppState, event};
+
+/// Exchange a single-use join token and a CSR for an appliance certificate.
+#[utoipa::path(post, path = "/v1/join", request_body = JoinRequest,
+    responses((status = 200, body = JoinResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub(super) async fn join(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    let joined = appliances::join(&state, &req.join_token, &req.csr_pem, &req.version).await?;
+    Ok(Json(JoinResponse {
+        appliance_id: joined.identity.appliance.to_string(),
+        identity: joined.identity.uri(),
+        certificate_pem: joined.certificate.pem,
+        ca_certificate_pem: state.ca.cert_pem().to_owned(),
+        gateway_endpoint: state.gateway_endpoint.clone(),
+        gateway_server_name: state.gateway_server_name.clone(),
+        not_after: joined.certificate.not_after.to_string(),
+    }))
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Clone)]
+pub struct ApplianceView {
+    pub id: String,
+    pub environment_id: String,
+    pub connected: bool,
+    pub revoked: bool,
+    pub version: String,
+    pub healthy: Option<bool>,
+    pub last_heartbeat: Option<String>,
+    pub cert_serial: String,
+    pub cert_not_after: String,
+    pub joined_at: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ApplianceList {
+    pub appliances: Vec<ApplianceView>,
+}
+
+#[derive(Deserialize)]
+pub struct ApplianceQuery {
+    environment: Option<String>,
+}
+
+/// List appliances, with live status merged from the gateway.
+#[utoipa::path(get, path = "/v1/appliances", security(("bearer" = [])),
+    params(("environment" = Option<String>, Query, description = "only this environment (env_…)")),
+    responses((status = 200, body = ApplianceList)))]
+pub(super) async fn list_appliances(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    query: Result<Query<ApplianceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ApplianceList>, ApiError> {
+    authorize(&state, &scope, Action::ListAppliances, None).await?;
+    let result = async {
+        let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let env = q.environment.as_deref().map(parse_id::<EnvironmentId>).transpose()?;
+        let rows = state.store.list_appliances(&scope, env).await?;
+        let appliances = rows
+            .into_iter()
+            .map(|r| {
+                let live = state.registry.status(&r.id);
+                ApplianceView {
+                    id: r.id.to_string(),
+                    environment_id: r.environment_id.to_string(),
+                    connected: live.is_some(),
+                    revoked: r.revoked_at.is_some(),
+                    version: live.as_ref().map_or(r.version.clone(), |l| l.version.clone()),
+                    healthy: live.as_ref().map(|l| l.healthy),
+                    last_heartbeat: live.as_ref().map(|l| l.last_heartbeat).or(r.last_seen_at).map(|t| t.to_string()),
+                    cert_serial: live.as_ref().map_or(r.cert_serial.clone(), |l| l.cert_serial.clone()),
+                    cert_not_after: live.as_ref().map_or(r.cert_not_after, |l| l.cert_not_after).to_string(),
+                    joined_at: r.joined_at.to_string(),
+                }
+            })
+            .collect();
+        Ok(ApplianceList { appliances })
+    }
+    .await;
+    let ev = event(scope.principal().actor(), Action::ListAppliances.audit_action(), Outcome::Success);
+    audited(&state, &scope, ev, result).await.map(Json)
+}
+
+/// Revoke an appliance: its live stream closes at once and its certificates are refused.
+#[utoipa::path(post, path = "/v1/appliances/{appliance}/revoke", security(("bearer" = [])),
+    params(("appliance" = String, Path, description = "appliance id (apl_…)")),
+    responses((status = 200, body = ApplianceView), (status = 404, body = ErrorBody)))]
+pub(super) async fn revoke_appliance(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(appliance): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &scope, Action::RevokeAppliance, Some(appliance.clone())).await?;
+    let result = async {
+        let id: ApplianceId = parse_id(&appliance)?;
+        let revoked = appliances::revoke(&state, &scope, id).await?;
+        Ok(Json(serde_json::json!({ "id": id.to_string(), "revoked": true, "was_connected": revoked.was_connected })))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::RevokeAppliance.audit_action(), Outcome::Success);
+    ev.target = Some(appliance);
+    refused(&state, &scope, ev, result).await
+}
+
+impl From<JoinError> for ApiError {
+    fn from(e: JoinError) -> Self {
+        match e {
+            JoinError::Refused { refusal: JoinRefusal::Token, reason } => ApiError::unauthorized(reason),
+            JoinError::Refused { refusal: JoinRefusal::Csr, reason } => ApiError::bad_request(reason),
+            JoinError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RevokeError> for ApiError {
+    fn from(e: RevokeError) -> Self {
+        match e {
+            RevokeError::NoAppliance(_) => ApiError::not_found(e.to_string()),
+            RevokeError::Store(e) => e.into(),
+        }
+    }
+}

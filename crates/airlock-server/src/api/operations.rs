@@ -1,0 +1,479 @@
+//! Templates and signed operations under `/v1`: push and list templates, request operations, relay the customer's approvals, and read manifests and released output.
+//!
+//! The control plane signs what the vendor asks for and relays what the customer signs; it cannot approve anything itself (it holds no customer key).
+//! The work is done by [`crate::operations`]; these handlers map its typed errors to statuses.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use airlock_core::audit::Outcome;
+use airlock_core::dsse::Envelope;
+use airlock_core::grant::{DenyCode, OperationRequest};
+use airlock_core::operation::{Manifest, OperationState, RefusalCode, RequestStatement};
+use airlock_core::policy::Phase;
+use airlock_core::template::{RenderedCommand, Template, VarType};
+use airlock_core::{EnvironmentId, OperationId, Timestamp, WorkspaceId};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
+use crate::authz::{Action, TenantScope};
+use crate::operations::{
+    self, NewOperation, OutputError, PushTemplateError, RelayError, RequestError, stored_envelope, stored_request,
+};
+use crate::state::{AppState, event};
+use crate::store::{OperationRow, StoreError, TemplateRow};
+
+/// Most operations one list returns (newest first).
+const MAX_LIST: i64 = 1000;
+
+impl From<PushTemplateError> for ApiError {
+    fn from(e: PushTemplateError) -> Self {
+        match e {
+            PushTemplateError::TooLarge | PushTemplateError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            PushTemplateError::NoWorkspace(_) => ApiError::not_found(e.to_string()),
+            PushTemplateError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::NoEnvironment(_) => ApiError::not_found(e.to_string()),
+            RequestError::Reason
+            | RequestError::NotActive { .. }
+            | RequestError::NoAppliance(_)
+            | RequestError::SeveralAppliances(_)
+            | RequestError::NoTemplate { .. }
+            | RequestError::Render(_) => ApiError::bad_request(e.to_string()),
+            RequestError::Sign => ApiError::internal(e.to_string()),
+            RequestError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RelayError> for ApiError {
+    fn from(e: RelayError) -> Self {
+        match e {
+            RelayError::NoOperation(_) => ApiError::not_found(e.to_string()),
+            RelayError::TooLarge | RelayError::NotAnEnvelope(_) | RelayError::Approval(_) => {
+                ApiError::bad_request(e.to_string())
+            }
+            RelayError::NotAwaiting { .. } => ApiError::conflict(e.to_string()),
+            RelayError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<OutputError> for ApiError {
+    fn from(e: OutputError) -> Self {
+        match e {
+            OutputError::NoOperation(_) | OutputError::NotReleased { .. } => ApiError::not_found(e.to_string()),
+            OutputError::Unseal(ref why) => {
+                tracing::error!(error = %why, "cannot open sealed output");
+                ApiError::internal(e.to_string())
+            }
+            OutputError::Store(e) => e.into(),
+        }
+    }
+}
+
+// ---------- templates ----------
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PushTemplate {
+    /// The template's `template.toml`.
+    pub manifest_toml: String,
+    /// The script its `body` names.
+    pub script: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct VariableView {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub pattern: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TemplateView {
+    pub workspace: String,
+    pub name: String,
+    pub content_sha256: String,
+    #[schema(value_type = String)]
+    pub phase: Phase,
+    pub data_tags: Vec<String>,
+    pub description: String,
+    pub variables: Vec<VariableView>,
+    /// Unix milliseconds.
+    #[schema(value_type = i64)]
+    pub created_at: Timestamp,
+}
+
+impl TemplateView {
+    fn from_row(row: &TemplateRow) -> Result<Self, ApiError> {
+        let t = Template::new(&row.manifest_toml, &row.script)
+            .map_err(|e| StoreError::Corrupt(format!("template {}: {e}", row.name)))?;
+        let m = t.manifest();
+        Ok(Self {
+            workspace: row.workspace_id.to_string(),
+            name: m.name.clone(),
+            content_sha256: t.content_sha256().to_owned(),
+            phase: m.phase,
+            data_tags: m.data_tags.iter().cloned().collect(),
+            description: m.description.clone(),
+            variables: m
+                .variables
+                .iter()
+                .map(|v| VariableView {
+                    name: v.name.clone(),
+                    kind: match v.kind {
+                        VarType::String => "string",
+                        VarType::Integer => "integer",
+                        VarType::Boolean => "boolean",
+                    }
+                    .to_owned(),
+                    pattern: v.pattern.clone(),
+                })
+                .collect(),
+            created_at: row.created_at,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TemplateList {
+    pub templates: Vec<TemplateView>,
+}
+
+/// Push a template (its `template.toml` and script). A new content becomes the current
+/// version; older versions stay stored by content hash. The same content again changes nothing.
+#[utoipa::path(post, path = "/v1/workspaces/{workspace}/templates", security(("bearer" = [])),
+    params(("workspace" = String, Path, description = "workspace id (wsp_…)")),
+    request_body = PushTemplate,
+    responses((status = 201, body = TemplateView, description = "new current version"),
+        (status = 200, body = TemplateView, description = "unchanged"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn push_template(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(workspace): Path<String>,
+    body: Result<ApiJson<PushTemplate>, ApiError>,
+) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
+    authorize(&state, &scope, Action::PushTemplate, Some(workspace.clone())).await?;
+    let result = async {
+        let ApiJson(body) = body?;
+        let ws: WorkspaceId = parse_id(&workspace)?;
+        let pushed = operations::push_template(&state, &scope, ws, body.manifest_toml, body.script).await?;
+        let status = if pushed.changed { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((status, Json(TemplateView::from_row(&pushed.row)?)))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::PushTemplate.audit_action(), Outcome::Success);
+    ev.workspace = Some(workspace);
+    refused(&state, &scope, ev, result).await
+}
+
+/// List the current version of every template in a workspace.
+#[utoipa::path(get, path = "/v1/workspaces/{workspace}/templates", security(("bearer" = [])),
+    params(("workspace" = String, Path, description = "workspace id (wsp_…)")),
+    responses((status = 200, body = TemplateList), (status = 404, body = ErrorBody)))]
+pub(super) async fn list_templates(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(workspace): Path<String>,
+) -> Result<Json<TemplateList>, ApiError> {
+    authorize(&state, &scope, Action::ListTemplates, Some(workspace.clone())).await?;
+    let result = async {
+        let ws: WorkspaceId = parse_id(&workspace)?;
+        if !state.store.workspace_exists(&scope, ws).await? {
+            return Err(ApiError::not_found(format!("no workspace {ws} in your tenant")));
+        }
+        let rows = state.store.list_current_templates(&scope, ws).await?;
+        Ok(TemplateList { templates: rows.iter().map(TemplateView::from_row).collect::<Result<_, _>>()? })
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::ListTemplates.audit_action(), Outcome::Success);
+    ev.workspace = Some(workspace);
+    audited(&state, &scope, ev, result).await.map(Json)
+}
+
+// ---------- operations ----------
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestOperation {
+    /// Template name; its current version is rendered.
+    pub template: String,
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Why, shown to the customer and signed into the request.
+    pub reason: String,
+    /// Appliance id (apl_…); defaults to the environment's only active appliance.
+    pub appliance: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct OperationView {
+    #[schema(value_type = String)]
+    pub id: OperationId,
+    pub environment: String,
+    pub appliance: String,
+    pub template: String,
+    pub template_sha256: String,
+    #[schema(value_type = String)]
+    pub phase: Phase,
+    pub data_tags: Vec<String>,
+    pub vars: BTreeMap<String, String>,
+    pub reason: String,
+    pub requested_by: String,
+    /// Unix milliseconds.
+    #[schema(value_type = i64)]
+    pub requested_at: Timestamp,
+    #[schema(value_type = String)]
+    pub state: OperationState,
+    /// Why the appliance did not run it (`airlock_core::operation::RefusalCode`, snake_case).
+    #[schema(value_type = Option<String>)]
+    pub refusal_code: Option<RefusalCode>,
+    /// Which policy check denied it, when `refusal_code` is `denied`.
+    #[schema(value_type = Option<String>)]
+    pub deny_code: Option<DenyCode>,
+    /// The appliance's explanation, for people.
+    pub refusal_reason: Option<String>,
+    /// What the customer approves (its digest is `request_digest`).
+    #[schema(value_type = Object)]
+    pub request: OperationRequest,
+    pub request_digest: String,
+    #[schema(value_type = Object)]
+    pub command: RenderedCommand,
+    pub command_sha256: String,
+    /// The customer's approval or denial, as relayed (a DSSE envelope).
+    #[schema(value_type = Option<Object>)]
+    pub approval: Option<Envelope>,
+    pub exit_code: Option<i64>,
+    pub output_sha256: Option<String>,
+    pub output_size: Option<i64>,
+    pub output_released: bool,
+    /// Unix milliseconds.
+    #[schema(value_type = i64)]
+    pub updated_at: Timestamp,
+}
+
+impl OperationView {
+    fn from_row(op: &OperationRow) -> Result<Self, ApiError> {
+        let RequestStatement { request, command, reason, requested_by, requested_at, .. } = stored_request(op)?;
+        Ok(Self {
+            id: op.id,
+            environment: op.environment_id.to_string(),
+            appliance: op.appliance_id.to_string(),
+            template: op.template_name.clone(),
+            template_sha256: op.template_sha256.clone(),
+            phase: request.phase,
+            data_tags: request.data_tags.iter().cloned().collect(),
+            vars: request.args.clone(),
+            reason,
+            requested_by,
+            requested_at,
+            state: op.state,
+            refusal_code: op.refusal_code,
+            deny_code: op.deny_code,
+            refusal_reason: op.refusal_reason.clone(),
+            request_digest: request.digest_hex(),
+            command_sha256: request.command_sha256.clone(),
+            request,
+            command,
+            approval: stored_envelope(op, op.approval_envelope.as_deref())?,
+            exit_code: op.exit_code,
+            output_sha256: op.output_sha256.clone(),
+            output_size: op.output_size,
+            output_released: op.output_stored,
+            updated_at: op.updated_at,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct OperationList {
+    pub operations: Vec<OperationView>,
+}
+
+/// Request an operation: renders the current template version with `vars`, signs the request
+/// with the control plane's operations key, and sends it to the appliance if connected.
+#[utoipa::path(post, path = "/v1/environments/{environment}/operations", security(("bearer" = [])),
+    params(("environment" = String, Path, description = "environment id (env_…)")),
+    request_body = RequestOperation,
+    responses((status = 201, body = OperationView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn request_operation(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(environment): Path<String>,
+    body: Result<ApiJson<RequestOperation>, ApiError>,
+) -> Result<(StatusCode, Json<OperationView>), ApiError> {
+    authorize(&state, &scope, Action::RequestOperation, Some(environment.clone())).await?;
+    let result = async {
+        let ApiJson(body) = body?;
+        let new = NewOperation {
+            environment: parse_id(&environment)?,
+            template: body.template,
+            vars: body.vars,
+            reason: body.reason,
+            appliance: body.appliance.as_deref().map(parse_id).transpose()?,
+        };
+        let row = operations::request(&state, &scope, new).await?;
+        Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::RequestOperation.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
+}
+
+#[derive(Deserialize)]
+pub(super) struct OperationQuery {
+    state: Option<String>,
+    environment: Option<String>,
+}
+
+/// List operations, newest first (at most 1000).
+#[utoipa::path(get, path = "/v1/operations", security(("bearer" = [])),
+    params(("state" = Option<String>, Query, description = "only operations in this state"),
+        ("environment" = Option<String>, Query, description = "only this environment (env_…)")),
+    responses((status = 200, body = OperationList), (status = 400, body = ErrorBody)))]
+pub(super) async fn list_operations(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    query: Result<Query<OperationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<OperationList>, ApiError> {
+    authorize(&state, &scope, Action::ListOperations, None).await?;
+    let result = async {
+        let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let st = q.state.as_deref().map(parse_state).transpose()?;
+        let env = q.environment.as_deref().map(parse_id::<EnvironmentId>).transpose()?;
+        let rows = state.store.list_operations(&scope, st, env, MAX_LIST).await?;
+        Ok(OperationList { operations: rows.iter().map(OperationView::from_row).collect::<Result<_, _>>()? })
+    }
+    .await;
+    let ev = event(scope.principal().actor(), Action::ListOperations.audit_action(), Outcome::Success);
+    audited(&state, &scope, ev, result).await.map(Json)
+}
+
+/// An operation state named in a query.
+fn parse_state(s: &str) -> Result<OperationState, ApiError> {
+    s.parse::<OperationState>().map_err(|e| {
+        let names: Vec<_> = OperationState::ALL.iter().map(|st| st.as_str()).collect();
+        ApiError::bad_request(format!("{e}; use one of {}", names.join(", ")))
+    })
+}
+
+/// An operation id from a path.
+fn parse_operation_id(id: &str) -> Result<OperationId, ApiError> {
+    id.parse().map_err(|_| ApiError::bad_request("an operation id is `op_` followed by 32 hex digits"))
+}
+
+/// The operation, or 404 if it is not in the caller's tenant.
+async fn find(state: &AppState, scope: &TenantScope, id: &str) -> Result<OperationRow, ApiError> {
+    let id = parse_operation_id(id)?;
+    state
+        .store
+        .get_operation(scope, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no operation {id} in your tenant")))
+}
+
+/// One operation.
+#[utoipa::path(get, path = "/v1/operations/{id}", security(("bearer" = [])),
+    params(("id" = String, Path, description = "operation id (op_…)")),
+    responses((status = 200, body = OperationView), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_operation(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(id): Path<String>,
+) -> Result<Json<OperationView>, ApiError> {
+    authorize(&state, &scope, Action::GetOperation, Some(id.clone())).await?;
+    let result = async { OperationView::from_row(&find(&state, &scope, &id).await?) }.await;
+    let mut ev = event(scope.principal().actor(), Action::GetOperation.audit_action(), Outcome::Success);
+    ev.target = Some(id);
+    audited(&state, &scope, ev, result).await.map(Json)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RelayApproval {
+    /// The customer's signed grant (a DSSE envelope), as a JSON object.
+    #[schema(value_type = Object)]
+    pub envelope: serde_json::Value,
+}
+
+/// Relay the customer's approval (or denial). The control plane checks its structure and that
+/// it binds this request, stores it unchanged and sends it to the appliance, which verifies
+/// the signatures against the customer keys it pinned.
+#[utoipa::path(post, path = "/v1/operations/{id}/approval", security(("bearer" = [])),
+    params(("id" = String, Path, description = "operation id (op_…)")),
+    request_body = RelayApproval,
+    responses((status = 200, body = OperationView), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn relay_approval(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(id): Path<String>,
+    body: Result<ApiJson<RelayApproval>, ApiError>,
+) -> Result<Json<OperationView>, ApiError> {
+    authorize(&state, &scope, Action::RelayApproval, Some(id.clone())).await?;
+    let result = async {
+        let ApiJson(body) = body?;
+        let op = operations::relay_approval(&state, &scope, parse_operation_id(&id)?, body.envelope).await?;
+        Ok(Json(OperationView::from_row(&op)?))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::RelayApproval.audit_action(), Outcome::Success);
+    ev.target = Some(id);
+    refused(&state, &scope, ev, result).await
+}
+
+/// The operation's manifest: every signed statement stored for it, with the certificates
+/// that verify them (`airlock_core::operation::Manifest`).
+#[utoipa::path(get, path = "/v1/operations/{id}/manifest", security(("bearer" = [])),
+    params(("id" = String, Path, description = "operation id (op_…)")),
+    responses((status = 200, body = Object, description = "the manifest"), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_manifest(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(id): Path<String>,
+) -> Result<Json<Manifest>, ApiError> {
+    authorize(&state, &scope, Action::GetManifest, Some(id.clone())).await?;
+    let result = async { Ok(operations::manifest(&find(&state, &scope, &id).await?)?) }.await;
+    let mut ev = event(scope.principal().actor(), Action::GetManifest.audit_action(), Outcome::Success);
+    ev.target = Some(id);
+    audited(&state, &scope, ev, result).await.map(Json)
+}
+
+/// The released output bytes; 404 until the customer released them.
+#[utoipa::path(get, path = "/v1/operations/{id}/output", security(("bearer" = [])),
+    params(("id" = String, Path, description = "operation id (op_…)")),
+    responses((status = 200, description = "the released output", content_type = "application/octet-stream"),
+        (status = 404, body = ErrorBody)))]
+pub(super) async fn get_output(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &scope, Action::GetOutput, Some(id.clone())).await?;
+    let mut ev = event(scope.principal().actor(), Action::GetOutput.audit_action(), Outcome::Success);
+    ev.target = Some(id.clone());
+    let result = async { Ok(operations::released_output(&state, &scope, parse_operation_id(&id)?).await?) }.await;
+    let (op, bytes) = match result {
+        Ok(v) => v,
+        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
+    };
+    // Digest and size only: never the output.
+    ev.detail = serde_json::json!({ "output_sha256": op.output_sha256, "output_size": op.output_size });
+    audited(&state, &scope, ev, Ok(())).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}

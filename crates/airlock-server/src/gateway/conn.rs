@@ -1,0 +1,97 @@
+//! A verified appliance connection: the TLS stream handed to tonic with what the handshake proved, and the switch that cuts it from the server side.
+//!
+//! Ending a gRPC stream relies on the peer reading its final status.
+//! A peer that stops reading (or advertises a zero HTTP/2 window) would keep a revoked or expired connection open, so revocation and expiry also cut the socket.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tonic::transport::server::Connected;
+
+use crate::tls::PeerCert;
+
+/// A verified appliance connection, handed to tonic with its peer facts.
+pub struct GatewayConn {
+    pub(super) io: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    pub(super) peer: GatewayPeer,
+}
+
+/// What a stream handler learns about its connection.
+#[derive(Clone)]
+pub struct GatewayPeer {
+    pub cert: PeerCert,
+    pub kill: Arc<ConnKill>,
+}
+
+/// Drops a connection from the server side. Ending a gRPC stream relies on the peer reading
+/// the final status; a peer that stops reading (or advertises a zero HTTP/2 window) would
+/// keep a revoked or expired connection open, so revocation and expiry also cut the socket.
+#[derive(Debug, Default)]
+pub struct ConnKill {
+    killed: std::sync::atomic::AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl ConnKill {
+    pub fn kill(&self) {
+        self.killed.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    fn check(&self, cx: &std::task::Context<'_>) -> std::io::Result<()> {
+        if self.killed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by the control plane"));
+        }
+        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *slot = Some(cx.waker().clone());
+        }
+        Ok(())
+    }
+}
+
+impl Connected for GatewayConn {
+    type ConnectInfo = GatewayPeer;
+    fn connect_info(&self) -> GatewayPeer {
+        self.peer.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for GatewayConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // hyper always has a read pending on an idle connection, so registering here is
+        // enough for a kill to wake it.
+        if let Err(e) = self.peer.kill.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for GatewayConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.peer.kill.killed.load(std::sync::atomic::Ordering::Acquire) {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

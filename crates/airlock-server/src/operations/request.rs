@@ -1,0 +1,185 @@
+//! Requesting an operation: render the current template version, sign the request with the operations key, store it with its audit record, and push it to the appliance.
+//!
+//! The request is signed by the operations key ([`crate::signer`]) and stored with that key's certificate, so its manifest verifies after a restart.
+
+use std::collections::BTreeMap;
+
+use airlock_core::audit::{AuditAction, Outcome};
+use airlock_core::grant::OperationRequest;
+use airlock_core::operation::{OperationState, RequestStatement};
+use airlock_core::template::{Template, TemplateError};
+use airlock_core::{ApplianceId, EnvironmentId, OperationId, WorkspaceId};
+
+use crate::authz::TenantScope;
+use crate::push::Work;
+use crate::state::{AppState, event, random};
+use crate::store::{Environment, OperationRow, StoreError};
+
+/// Longest reason an operator may give for a request.
+const MAX_REASON_CHARS: usize = 1000;
+
+/// What an operator asks for.
+#[derive(Clone, Debug)]
+pub struct NewOperation {
+    pub environment: EnvironmentId,
+    /// Template name; its current version is rendered.
+    pub template: String,
+    pub vars: BTreeMap<String, String>,
+    /// Why, shown to the customer and signed into the request.
+    pub reason: String,
+    /// Defaults to the environment's only active appliance.
+    pub appliance: Option<ApplianceId>,
+}
+
+/// Why a request was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("reason must be 1–{MAX_REASON_CHARS} characters without control characters; the customer reads it")]
+    Reason,
+    #[error("no environment {0} in your tenant")]
+    NoEnvironment(EnvironmentId),
+    #[error("appliance {appliance} is not an active appliance of environment {environment}")]
+    NotActive { appliance: ApplianceId, environment: EnvironmentId },
+    #[error("environment {0} has no active appliance; join one first")]
+    NoAppliance(EnvironmentId),
+    #[error("environment {0} has several appliances; name one with `appliance`")]
+    SeveralAppliances(EnvironmentId),
+    #[error("no template `{name}` in workspace {workspace}; push it with `airlock template push`")]
+    NoTemplate { name: String, workspace: WorkspaceId },
+    /// The variables do not fit the template.
+    #[error("{0}")]
+    Render(TemplateError),
+    #[error("the control plane could not sign the request; retry later")]
+    Sign,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Requests an operation: checks it, signs it, stores it with its audit record (noted in the
+/// push index around the commit), and pushes it to the appliance if it is connected.
+pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -> Result<OperationRow, RequestError> {
+    let reason = new.reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
+        return Err(RequestError::Reason);
+    }
+    let env = state
+        .store
+        .get_environment(scope, new.environment)
+        .await?
+        .ok_or(RequestError::NoEnvironment(new.environment))?;
+    let appliance = choose_appliance(state, scope, &env, new.appliance).await?;
+    let template = state.store.current_template(scope, env.workspace_id, &new.template).await?.ok_or_else(|| {
+        RequestError::NoTemplate { name: new.template.chars().take(64).collect(), workspace: env.workspace_id }
+    })?;
+    let template = Template::new(&template.manifest_toml, &template.script)
+        .map_err(|e| StoreError::Corrupt(format!("template {}: {e}", template.name)))?;
+    let command = template.render(&new.vars).map_err(RequestError::Render)?;
+
+    let now = state.now();
+    let id = OperationId::from_random(random());
+    let m = template.manifest();
+    let request = OperationRequest {
+        id,
+        appliance,
+        kind: m.name.clone(),
+        phase: m.phase,
+        data_tags: m.data_tags.clone(),
+        args: new.vars,
+        command_sha256: command.sha256(),
+    };
+    let statement = RequestStatement {
+        request: request.clone(),
+        command,
+        reason: reason.clone(),
+        requested_by: scope.principal().actor(),
+        requested_at: now,
+        tenant: scope.tenant(),
+        environment: env.id,
+    };
+    let envelope = state.ops_signer.sign_request(&statement).map_err(|e| {
+        tracing::error!(error = %e, "cannot sign an operation request");
+        RequestError::Sign
+    })?;
+    let row = OperationRow {
+        id,
+        workspace_id: env.workspace_id,
+        environment_id: env.id,
+        appliance_id: appliance,
+        template_name: m.name.clone(),
+        template_sha256: template.content_sha256().to_owned(),
+        state: OperationState::AwaitingApproval,
+        requested_by: statement.requested_by.clone(),
+        requested_at: now,
+        updated_at: now,
+        request_digest: request.digest_hex(),
+        command_sha256: request.command_sha256.clone(),
+        request_envelope: envelope.to_json(),
+        control_plane_cert_pem: state.ops_signer.cert_pem().to_owned(),
+        approval_envelope: None,
+        pre_approval_envelope: None,
+        execution_envelope: None,
+        appliance_cert_pem: None,
+        release_envelope: None,
+        exit_code: None,
+        output_sha256: None,
+        output_size: None,
+        refusal_code: None,
+        deny_code: None,
+        refusal_reason: None,
+        result_at: None,
+        output_stored: false,
+    };
+    let mut ev = event(scope.principal().actor(), AuditAction::OperationRequest, Outcome::Success);
+    ev.target = Some(id.to_string());
+    ev.workspace = Some(env.workspace_id.to_string());
+    ev.detail = serde_json::json!({
+        "environment": env.id.to_string(),
+        "appliance": appliance.to_string(),
+        "template": row.template_name,
+        "template_sha256": row.template_sha256,
+        "phase": request.phase,
+        "data_tags": request.data_tags,
+        "command_sha256": row.command_sha256,
+        "request_digest": row.request_digest,
+        "reason": reason,
+    });
+    state
+        .push
+        .noting(Work::Operation(appliance), async {
+            let mut tx = state.store.write().await?;
+            if !tx.insert_operation(scope, &row).await? {
+                return Err(RequestError::NotActive { appliance, environment: env.id });
+            }
+            tx.audit(&scope.chain(), now, ev).await?;
+            Ok(tx.commit().await?)
+        })
+        .await?;
+    tracing::info!(operation = %id, %appliance, template = %row.template_name, "operation requested");
+    state.push.operations(scope, appliance, Some(id)).await;
+    Ok(row)
+}
+
+/// The appliance a request goes to: the one named, if it is an active appliance of `env`, or
+/// else the environment's only active one.
+async fn choose_appliance(
+    state: &AppState,
+    scope: &TenantScope,
+    env: &Environment,
+    named: Option<ApplianceId>,
+) -> Result<ApplianceId, RequestError> {
+    let active: Vec<ApplianceId> = state
+        .store
+        .list_appliances(scope, Some(env.id))
+        .await?
+        .into_iter()
+        .filter(|a| a.revoked_at.is_none())
+        .map(|a| a.id)
+        .collect();
+    match (named, active.as_slice()) {
+        (Some(id), _) if active.contains(&id) => Ok(id),
+        (Some(id), _) => Err(RequestError::NotActive { appliance: id, environment: env.id }),
+        (None, [one]) => Ok(*one),
+        (None, []) => Err(RequestError::NoAppliance(env.id)),
+        (None, _) => Err(RequestError::SeveralAppliances(env.id)),
+    }
+}

@@ -1,0 +1,205 @@
+//! Appliances: what joined, with which certificate, when last seen, and whether revoked.
+
+use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, TenantId, Timestamp};
+use sqlx::Row;
+
+use super::{Store, StoreError, WriteTx, opt_ts_col, parse_col, ts_col};
+use crate::authz::TenantScope;
+
+#[derive(Clone, Debug)]
+pub struct ApplianceRow {
+    pub id: ApplianceId,
+    pub environment_id: EnvironmentId,
+    pub joined_at: Timestamp,
+    pub version: String,
+    pub cert_serial: String,
+    pub cert_not_after: Timestamp,
+    pub last_seen_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RenewalState {
+    pub current_serial: String,
+    pub previous_serial: Option<String>,
+    pub revoked: bool,
+}
+
+impl Store {
+    /// Every revoked appliance, across tenants: the gateway refuses their handshakes.
+    pub async fn revoked_appliances(&self) -> Result<Vec<ApplianceId>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM appliances WHERE revoked_at IS NOT NULL").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| parse_col(r, "id")).collect()
+    }
+
+    pub async fn list_appliances(
+        &self,
+        scope: &TenantScope,
+        env: Option<EnvironmentId>,
+    ) -> Result<Vec<ApplianceRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at
+             FROM appliances WHERE tenant_id = $1 AND ($2 IS NULL OR environment_id = $2) ORDER BY joined_at, id",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(env.map(|e| e.to_string()))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(appliance_from_row).collect()
+    }
+
+    pub async fn get_appliance(
+        &self,
+        scope: &TenantScope,
+        id: ApplianceId,
+    ) -> Result<Option<ApplianceRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at
+             FROM appliances WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(appliance_from_row).transpose()
+    }
+}
+
+impl WriteTx<'_> {
+    /// The environment of `appliance` if it joined with `join_key` and is not revoked: the
+    /// only case in which a spent join token may be presented again.
+    pub async fn join_retry_environment(
+        &mut self,
+        tenant: TenantId,
+        appliance: ApplianceId,
+        join_key: &[u8],
+    ) -> Result<Option<EnvironmentId>, StoreError> {
+        let row = sqlx::query(
+            "SELECT environment_id FROM appliances WHERE tenant_id = $1 AND id = $2 AND join_key = $3 AND revoked_at IS NULL",
+        )
+        .bind(tenant.to_string())
+        .bind(appliance.to_string())
+        .bind(join_key)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| parse_col(&r, "environment_id")).transpose()
+    }
+
+    pub async fn insert_appliance(
+        &mut self,
+        identity: &ApplianceIdentity,
+        version: &str,
+        cert: (&str, Timestamp),
+        join_key: &[u8],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let (serial, not_after) = cert;
+        sqlx::query(
+            "INSERT INTO appliances (id, tenant_id, environment_id, joined_at, version, cert_serial, cert_not_after, join_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(identity.appliance.to_string())
+        .bind(identity.tenant.to_string())
+        .bind(identity.environment.to_string())
+        .bind(now.unix_millis())
+        .bind(version)
+        .bind(serial)
+        .bind(not_after.unix_millis())
+        .bind(join_key)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The serials a renewal may be presented with, and whether the appliance is revoked.
+    pub async fn renewal_state(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+    ) -> Result<Option<RenewalState>, StoreError> {
+        let row = sqlx::query(
+            "SELECT cert_serial, previous_serial, revoked_at FROM appliances WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| {
+            let revoked_at: Option<i64> = r.try_get("revoked_at")?;
+            Ok(RenewalState {
+                current_serial: r.try_get("cert_serial")?,
+                previous_serial: r.try_get("previous_serial")?,
+                revoked: revoked_at.is_some(),
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn record_renewal(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        serial: &str,
+        not_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE appliances SET previous_serial = cert_serial, cert_serial = $1, cert_not_after = $2 WHERE tenant_id = $3 AND id = $4",
+        )
+            .bind(serial)
+            .bind(not_after.unix_millis())
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn record_seen(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        version: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE appliances SET version = COALESCE(NULLIF($1, ''), version), last_seen_at = $2 WHERE tenant_id = $3 AND id = $4",
+        )
+            .bind(version)
+            .bind(at.unix_millis())
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks an appliance revoked. Returns false if it does not exist in this tenant.
+    pub async fn revoke_appliance(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE appliances SET revoked_at = COALESCE(revoked_at, $1) WHERE tenant_id = $2 AND id = $3")
+                .bind(now.unix_millis())
+                .bind(scope.tenant().to_string())
+                .bind(id.to_string())
+                .execute(&mut *self.tx)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn appliance_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApplianceRow, StoreError> {
+    Ok(ApplianceRow {
+        id: parse_col(r, "id")?,
+        environment_id: parse_col(r, "environment_id")?,
+        joined_at: ts_col(r, "joined_at")?,
+        version: r.try_get("version")?,
+        cert_serial: r.try_get("cert_serial")?,
+        cert_not_after: ts_col(r, "cert_not_after")?,
+        last_seen_at: opt_ts_col(r, "last_seen_at")?,
+        revoked_at: opt_ts_col(r, "revoked_at")?,
+    })
+}

@@ -1,0 +1,239 @@
+//! Persistence: one interface over the embedded SQLite database.
+//!
+//! Every call that touches tenant data takes a [`TenantScope`](crate::authz::TenantScope) and binds its tenant id in the query, so a caller cannot forget the filter.
+//! The SQL is kept portable (numbered placeholders, BIGINT/TEXT/BLOB, no SQLite-only functions) so a PostgreSQL backend can slot in behind the same methods.
+//! Values the server reads back are parsed into their types; a row holding something no version of the server wrote (an unknown state or code, a malformed id) is [`StoreError::Corrupt`], never a default.
+//!
+//! The write transaction: every write goes through [`WriteTx`], one transaction begun `IMMEDIATE` under a process-wide write lock.
+//! A mutation and its audit record commit together or not at all, so nothing is done unaudited, and an audit chain never forks.
+//! A dropped transaction rolls back, which is how a domain function refuses half way.
+//! Every acknowledged write, audit records included, survives power loss (`synchronous = FULL`).
+
+mod appliances;
+mod audit;
+mod ca;
+mod operations;
+mod policies;
+mod templates;
+mod tenancy;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use airlock_core::Timestamp;
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+pub use appliances::{ApplianceRow, RenewalState};
+pub use audit::{HeadTampered, verify_all_chains};
+pub use ca::StoredCa;
+pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
+pub use policies::{PolicyRow, PutPolicy};
+pub use templates::TemplateRow;
+pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
+
+pub const DB_FILE_NAME: &str = "airlock.db";
+
+/// Versioned migrations, applied in order inside one transaction each. Embedded so the binary
+/// carries its schema. (Hand-rolled rather than `sqlx::migrate!` to avoid building sqlx's
+/// proc-macro stack and a second SQLite for the host; the bookkeeping is a dozen lines.)
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "previous_serial", include_str!("../../migrations/0002_previous_serial.sql")),
+    (3, "join_key", include_str!("../../migrations/0003_join_key.sql")),
+    (4, "operations", include_str!("../../migrations/0004_operations.sql")),
+    (5, "policies", include_str!("../../migrations/0005_policies.sql")),
+    (6, "refusal_codes", include_str!("../../migrations/0006_refusal_codes.sql")),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("{what} `{name}` already exists")]
+    Conflict { what: &'static str, name: String },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the database schema is version {found}, newer than this build understands ({known}); upgrade airlock")]
+    SchemaTooNew { found: i64, known: i64 },
+}
+
+pub struct Store {
+    pool: SqlitePool,
+    write_lock: tokio::sync::Mutex<()>,
+    head_mac: ring::hmac::Key,
+    pending_reads: std::sync::atomic::AtomicU64,
+    policy_reads: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the database read-only and without migrating, for verifying it as evidence.
+    pub async fn open_read_only(data_dir: &Path, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new().filename(data_dir.join(DB_FILE_NAME)).read_only(true);
+        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        Ok(Self {
+            pool,
+            write_lock: tokio::sync::Mutex::new(()),
+            head_mac,
+            pending_reads: Default::default(),
+            policy_reads: Default::default(),
+        })
+    }
+
+    /// Opens (creating if asked) the database in `data_dir` and applies pending migrations.
+    pub async fn open(data_dir: &Path, create: bool, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(data_dir.join(DB_FILE_NAME))
+            .create_if_missing(create)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Every acknowledged write, audit records included, survives power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
+        let store = Self {
+            pool,
+            write_lock: tokio::sync::Mutex::new(()),
+            head_mac,
+            pending_reads: Default::default(),
+            policy_reads: Default::default(),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().await;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("v")?;
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if current > known {
+            return Err(StoreError::SchemaTooNew { found: current, known });
+        }
+        for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let mut tx = self.pool.begin().await?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)")
+                .bind(version)
+                .bind(description)
+                .bind(0_i64)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a write transaction; it holds the write lock until committed or dropped.
+    pub async fn write(&self) -> Result<WriteTx<'_>, StoreError> {
+        let guard = self.write_lock.lock().await;
+        // IMMEDIATE: the database write lock is taken here, where SQLite's busy timeout
+        // applies. A dropped transaction rolls back on its connection's worker a moment later;
+        // a deferred transaction on another connection that read first and then tried to
+        // write in that moment would fail at once with SQLITE_BUSY instead of waiting.
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx { _guard: guard, tx, store: self })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// How many times pending operations and environment policies were read (tests count
+    /// the reads a connect costs).
+    #[cfg(test)]
+    pub fn push_reads(&self) -> (u64, u64) {
+        (
+            self.pending_reads.load(std::sync::atomic::Ordering::Relaxed),
+            self.policy_reads.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
+/// A write transaction holding the store's write lock.
+pub struct WriteTx<'a> {
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    store: &'a Store,
+}
+
+impl WriteTx<'_> {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl Store {}
+
+impl WriteTx<'_> {}
+
+fn conflict(e: sqlx::Error, what: &'static str, name: &str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict { what, name: name.to_owned() },
+        _ => StoreError::Db(e),
+    }
+}
+
+fn parse_col<T: FromStr>(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e: T::Err| StoreError::Corrupt(format!("column {col}: {e}")))
+}
+
+/// A code's stored text: its serde (snake_case) name, as the API shows it.
+fn code_text<T: Serialize>(code: T) -> String {
+    match serde_json::to_value(code) {
+        Ok(serde_json::Value::String(s)) => s,
+        // Codes are unit enum variants, which serialize as strings.
+        _ => String::new(),
+    }
+}
+
+/// A stored code; a name this build does not know is corruption, never a default.
+fn code_col<T: serde::de::DeserializeOwned>(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<T>, StoreError> {
+    let text: Option<String> = row.try_get(col)?;
+    text.map(|t| {
+        serde_json::from_value(serde_json::Value::String(t.clone())).map_err(|_| {
+            StoreError::Corrupt(format!("column {col}: unknown code `{}`", t.chars().take(40).collect::<String>()))
+        })
+    })
+    .transpose()
+}
+
+fn ts_col(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Timestamp, StoreError> {
+    Ok(Timestamp::from_unix_millis(row.try_get(col)?))
+}
+
+fn opt_ts_col(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<Option<Timestamp>, StoreError> {
+    let v: Option<i64> = row.try_get(col)?;
+    Ok(v.map(Timestamp::from_unix_millis))
+}
+
+impl Store {}
+
+impl WriteTx<'_> {}

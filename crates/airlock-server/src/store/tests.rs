@@ -1,0 +1,224 @@
+//! The store against a real SQLite database in a temporary directory.
+
+use std::time::Duration;
+
+use airlock_core::audit::{AuditAction, Event, Outcome};
+use airlock_core::id::TokenId;
+use airlock_core::operation::{OperationState, RefusalCode};
+use airlock_core::token::{Secret, TokenKind};
+use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, OperationId, TenantId, Timestamp, WorkspaceId};
+use airlock_testkit::op_id;
+
+use super::*;
+use crate::authz::TenantScope;
+
+fn now() -> Timestamp {
+    Timestamp::from_unix_millis(1_800_000_000_000)
+}
+
+async fn store() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"test");
+    (Store::open(dir.path(), true, mac).await.unwrap(), dir)
+}
+
+/// A tenant with one workspace, one environment and one appliance.
+async fn tenant(store: &Store, n: u8) -> (TenantScope, WorkspaceId, EnvironmentId, ApplianceId) {
+    let (t, w, e, a) = (
+        TenantId::from_random([n; 16]),
+        WorkspaceId::from_random([n + 1; 16]),
+        EnvironmentId::from_random([n + 2; 16]),
+        ApplianceId::from_random([n + 3; 16]),
+    );
+    let token = TokenId::from_random([n + 4; 16]);
+    let scope = TenantScope::for_local_operator(t, token);
+    let mut tx = store.write().await.unwrap();
+    tx.create_tenant(t, &format!("t{n}"), now()).await.unwrap();
+    tx.create_workspace(t, w, "default", now()).await.unwrap();
+    tx.create_environment(&scope, w, e, "prod", now()).await.unwrap();
+    let identity = ApplianceIdentity { trust_domain: "d".into(), tenant: t, environment: e, appliance: a };
+    tx.insert_appliance(&identity, "1", ("00", now()), b"key", now()).await.unwrap();
+    let secret = Secret::from_random(TokenKind::Join, [n; 32]);
+    tx.create_join_token(&scope, e, TokenId::from_random([n + 5; 16]), &secret.hash(), now(), now()).await.unwrap();
+    tx.commit().await.unwrap();
+    (scope, w, e, a)
+}
+
+#[tokio::test]
+async fn store_hides_other_tenants_rows() {
+    let (store, _dir) = store().await;
+    let (a, wa, ea, apl_a) = tenant(&store, 10).await;
+    let (b, wb, eb, apl_b) = tenant(&store, 50).await;
+
+    assert_eq!(store.list_workspaces(&a).await.unwrap().iter().map(|w| w.id).collect::<Vec<_>>(), vec![wa]);
+    assert!(!store.workspace_exists(&a, wb).await.unwrap());
+    assert!(store.list_environments(&a, wb).await.unwrap().is_empty());
+    assert!(store.get_environment(&a, eb).await.unwrap().is_none());
+    assert!(store.get_environment(&a, ea).await.unwrap().is_some());
+    let listed: Vec<_> = store.list_appliances(&a, None).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(listed, vec![apl_a]);
+    assert!(store.list_appliances(&a, Some(eb)).await.unwrap().is_empty());
+    assert!(store.get_appliance(&a, apl_b).await.unwrap().is_none());
+
+    // Writes through A's scope cannot touch B's rows.
+    let mut tx = store.write().await.unwrap();
+    assert!(!tx.revoke_appliance(&a, apl_b, now()).await.unwrap());
+    tx.record_renewal(&a, apl_b, "ff", now()).await.unwrap();
+    tx.record_seen(&a, apl_b, "evil", now()).await.unwrap();
+    tx.commit().await.unwrap();
+    let row = store.get_appliance(&b, apl_b).await.unwrap().unwrap();
+    assert!(row.revoked_at.is_none());
+    assert_eq!((row.cert_serial.as_str(), row.version.as_str()), ("00", "1"));
+}
+
+fn operation_row(id: OperationId, w: WorkspaceId, e: EnvironmentId, a: ApplianceId) -> OperationRow {
+    OperationRow {
+        id,
+        workspace_id: w,
+        environment_id: e,
+        appliance_id: a,
+        template_name: "t".into(),
+        template_sha256: "aa".into(),
+        state: OperationState::AwaitingApproval,
+        requested_by: "token:x".into(),
+        requested_at: now(),
+        updated_at: now(),
+        request_digest: "bb".into(),
+        command_sha256: "cc".into(),
+        request_envelope: "{}".into(),
+        control_plane_cert_pem: "pem".into(),
+        approval_envelope: None,
+        pre_approval_envelope: None,
+        execution_envelope: None,
+        appliance_cert_pem: None,
+        release_envelope: None,
+        exit_code: None,
+        output_sha256: None,
+        output_size: None,
+        refusal_code: None,
+        deny_code: None,
+        refusal_reason: None,
+        result_at: None,
+        output_stored: false,
+    }
+}
+
+#[tokio::test]
+async fn store_hides_other_tenants_templates_and_operations() {
+    let (store, _dir) = store().await;
+    let (a, wa, ea, apl_a) = tenant(&store, 10).await;
+    let (b, wb, eb, apl_b) = tenant(&store, 50).await;
+    let template = TemplateRow {
+        workspace_id: wa,
+        name: "t".into(),
+        content_sha256: "aa".into(),
+        manifest_toml: "m".into(),
+        script: "s".into(),
+        created_at: now(),
+    };
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.put_template(&a, wa, &template, now()).await.unwrap());
+    assert!(tx.insert_operation(&a, &operation_row(op_id(1), wa, ea, apl_a)).await.unwrap());
+    tx.commit().await.unwrap();
+
+    assert_eq!(store.list_current_templates(&a, wa).await.unwrap().len(), 1);
+    assert!(store.list_current_templates(&b, wa).await.unwrap().is_empty());
+    assert!(store.current_template(&b, wa, "t").await.unwrap().is_none());
+    assert!(store.template_version(&b, wa, "t", "aa").await.unwrap().is_none());
+    assert!(store.get_operation(&b, op_id(1)).await.unwrap().is_none());
+    assert!(store.list_operations(&b, None, None, 10).await.unwrap().is_empty());
+    assert!(store.pending_operations(&b, apl_a, &PushFrom::Start, 10).await.unwrap().is_empty());
+    assert_eq!(store.pending_operations(&a, apl_a, &PushFrom::Start, 10).await.unwrap().len(), 1);
+
+    // Writes through B's scope cannot touch A's rows, not even by naming A's workspace.
+    let mut tx = store.write().await.unwrap();
+    assert!(!tx.set_approval(&b, op_id(1), "{}", OperationState::Approved, now()).await.unwrap());
+    let update = ResultUpdate::refusal(OperationState::Refused, RefusalCode::Misbound, None, "x");
+    assert!(!tx.record_result(&b, apl_a, op_id(1), &update, now()).await.unwrap());
+    let other = TemplateRow { content_sha256: "evil".into(), ..template.clone() };
+    assert!(tx.put_template(&b, wb, &other, now()).await.unwrap());
+    assert!(!tx.put_template(&b, wa, &other, now()).await.unwrap());
+    // An operation in B's tenant naming A's appliance, or A's environment: refused.
+    assert!(!tx.insert_operation(&b, &operation_row(op_id(2), wb, eb, apl_a)).await.unwrap());
+    assert!(!tx.insert_operation(&b, &operation_row(op_id(3), wb, ea, apl_b)).await.unwrap());
+    assert!(tx.insert_operation(&b, &operation_row(op_id(4), wb, eb, apl_b)).await.unwrap());
+    tx.commit().await.unwrap();
+    assert!(store.get_operation(&a, op_id(4)).await.unwrap().is_none());
+    let op = store.get_operation(&a, op_id(1)).await.unwrap().unwrap();
+    assert_eq!((op.state.as_str(), op.approval_envelope, op.result_at), ("awaiting_approval", None, None));
+    assert_eq!(store.current_template(&a, wa, "t").await.unwrap().unwrap().content_sha256, "aa");
+}
+
+#[tokio::test]
+async fn an_operation_row_the_server_never_wrote_is_an_error_not_a_default() {
+    let (store, _dir) = store().await;
+    let (a, w, e, apl) = tenant(&store, 10).await;
+    for (column, text) in [("state", "finished"), ("refusal_code", "too_early"), ("id", "op_1")] {
+        let id = op_id(1);
+        let mut tx = store.write().await.unwrap();
+        assert!(tx.insert_operation(&a, &operation_row(id, w, e, apl)).await.unwrap());
+        tx.commit().await.unwrap();
+        let edit = format!("UPDATE operations SET {column} = $1 WHERE id = $2");
+        sqlx::query(&edit).bind(text).bind(id.to_string()).execute(&store.pool).await.unwrap();
+        let listed = store.list_operations(&a, None, None, 10).await;
+        assert!(matches!(&listed, Err(StoreError::Corrupt(m)) if m.contains(column)), "{column}: {listed:?}");
+        if column != "id" {
+            let got = store.get_operation(&a, id).await;
+            assert!(matches!(&got, Err(StoreError::Corrupt(m)) if m.contains(column)), "{column}: {got:?}");
+        }
+        sqlx::query("DELETE FROM operations").execute(&store.pool).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn audit_chains_are_per_tenant_and_verify() {
+    let (store, _dir) = store().await;
+    let (a, ..) = tenant(&store, 10).await;
+    let (b, ..) = tenant(&store, 50).await;
+    for scope in [&a, &b, &a] {
+        let mut tx = store.write().await.unwrap();
+        let ev = Event {
+            actor: scope.principal().actor(),
+            action: AuditAction::TenantCreate.as_str().into(),
+            workspace: None,
+            target: None,
+            outcome: Outcome::Success,
+            detail: serde_json::Value::Null,
+        };
+        tx.audit(&scope.chain(), now(), ev).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let results = verify_all_chains(&store).await.unwrap();
+    let count = |scope: &TenantScope| results.iter().find(|(c, _)| *c == scope.chain()).unwrap().1.clone().unwrap().seq;
+    assert_eq!((count(&a), count(&b)), (2, 1));
+}
+
+#[tokio::test]
+async fn dropped_write_transaction_changes_nothing() {
+    let (store, _dir) = store().await;
+    let (a, w, ..) = tenant(&store, 10).await;
+    {
+        let mut tx = store.write().await.unwrap();
+        tx.create_environment(&a, w, EnvironmentId::from_random([99; 16]), "staging", now()).await.unwrap();
+        // Dropped without commit, as the API does when a later step refuses the request.
+    }
+    assert_eq!(store.list_environments(&a, w).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn join_token_redeems_once() {
+    let (store, _dir) = store().await;
+    let (a, _, e, _) = tenant(&store, 10).await;
+    let secret = Secret::from_random(TokenKind::Join, [7; 32]);
+    let later = now().saturating_add(Duration::from_secs(60));
+    let mut tx = store.write().await.unwrap();
+    tx.create_join_token(&a, e, TokenId::from_random([8; 16]), &secret.hash(), now(), later).await.unwrap();
+    let apl = ApplianceId::from_random([9; 16]);
+    assert!(tx.redeem_join_token(&secret.hash(), apl, now()).await.unwrap().is_ok());
+    assert_eq!(
+        tx.redeem_join_token(&secret.hash(), apl, now()).await.unwrap().unwrap_err(),
+        RedeemRefusal::AlreadyUsed { tenant: a.tenant(), by: Some(apl), expires_at: later }
+    );
+    let unknown = Secret::from_random(TokenKind::Join, [1; 32]);
+    assert_eq!(tx.redeem_join_token(&unknown.hash(), apl, now()).await.unwrap().unwrap_err(), RedeemRefusal::Unknown);
+}
