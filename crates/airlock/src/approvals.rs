@@ -128,7 +128,11 @@ pub(crate) struct Decision<'a> {
 pub(crate) async fn decide(client: &ApiClient, id: OperationId, d: Decision<'_>) -> anyhow::Result<PendingOperation> {
     let op: PendingOperation = client.get(&format!("/v1/operations/{id}")).await?;
     let op = op.checked()?;
-    anyhow::ensure!(op.id == id, "asked for operation {id}, the control plane answered with {}; nothing was signed", op.id);
+    anyhow::ensure!(
+        op.id == id,
+        "asked for operation {id}, the control plane answered with {}; nothing was signed",
+        op.id
+    );
     anyhow::ensure!(
         op.state == OperationState::AwaitingApproval,
         "operation {id} is {}, not awaiting approval",

@@ -298,11 +298,7 @@ fn appliance_runs_from_a_toml_config_file() {
 
     // A typo in a security setting stops startup.
     std::fs::write(&config, format!("control_plane = \"{}\"\nca_fingerprnt = \"x\"\n", server.url)).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["appliance", "run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(BIN).args(["appliance", "run", "--config"]).arg(&config).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"), "{}", String::from_utf8_lossy(&out.stderr));
 }

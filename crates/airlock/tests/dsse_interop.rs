@@ -8,18 +8,15 @@ use std::process::Command;
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
 
-
 const TYPE: &str = "application/vnd.airlock.test+json";
 
 fn peer(args: &[&str]) -> std::process::Output {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/dsse_peer.py");
     // scripts/test installs the peer in its own environment and names its interpreter here.
     let python = std::env::var("AIRLOCK_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python} ({e}); run the tests with scripts/test, which installs the peer"));
+    let out = Command::new(&python).arg(script).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {python} ({e}); run the tests with scripts/test, which installs the peer")
+    });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("ModuleNotFoundError"), "securesystemslib is not installed; run scripts/test: {stderr}");
     out

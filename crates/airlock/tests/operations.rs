@@ -5,12 +5,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use serde_json::Value;
 use airlock_testkit::e2e::{Deployment, all_bytes, contains_bytes as contains, ok, run};
 use airlock_testkit::process::wait_for;
+use serde_json::Value;
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_airlock");
