@@ -352,9 +352,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<S> {
 }
 
 fn classify_status(status: &tonic::Status, established: bool) -> SessionEnd {
-    if status.code() == tonic::Code::PermissionDenied
-        && status.message().starts_with(airlock_proto::REVOKED_STATUS_PREFIX)
-    {
+    if airlock_proto::stream_end::is_revoked(status) {
         return SessionEnd::Revoked(status.message().to_owned());
     }
     if let Some(end) = tls_alert(status) {

@@ -20,6 +20,39 @@ pub mod gateway {
 /// Version of this build, reported by appliances and served by the control plane.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// gRPC status message prefix the gateway uses when it ends a stream because the appliance
-/// was revoked; the appliance stops retrying when it sees it.
-pub const REVOKED_STATUS_PREFIX: &str = "appliance revoked";
+/// Why the gateway ended a stream, when the appliance must act on it: a typed mark in the gRPC
+/// status's metadata. The appliance decides on the mark, never on the status message, which
+/// is for people.
+pub mod stream_end {
+    use tonic::metadata::MetadataValue;
+
+    /// The metadata key that carries the mark.
+    pub const METADATA_KEY: &str = "airlock-stream-end";
+    const REVOKED: &str = "revoked";
+
+    /// The status that ends a revoked appliance's stream (or refuses to start one): the
+    /// appliance stops for good when it sees it.
+    pub fn revoked(message: impl Into<String>) -> tonic::Status {
+        let mut status = tonic::Status::permission_denied(message);
+        status.metadata_mut().insert(METADATA_KEY, MetadataValue::from_static(REVOKED));
+        status
+    }
+
+    /// Whether the gateway ended the stream because this appliance was revoked.
+    pub fn is_revoked(status: &tonic::Status) -> bool {
+        status.code() == tonic::Code::PermissionDenied
+            && status.metadata().get(METADATA_KEY).is_some_and(|v| v.as_bytes() == REVOKED.as_bytes())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn only_the_mark_says_revoked_not_the_words() {
+            assert!(super::is_revoked(&super::revoked("appliance revoked")));
+            assert!(!super::is_revoked(&tonic::Status::permission_denied("appliance revoked: apl_x")));
+            let mut other_code = tonic::Status::unavailable("x");
+            other_code.metadata_mut().insert(super::METADATA_KEY, super::MetadataValue::from_static(super::REVOKED));
+            assert!(!super::is_revoked(&other_code));
+        }
+    }
+}

@@ -111,7 +111,7 @@ pub struct Registry {
 impl Kick {
     pub fn message(self, appliance: ApplianceId) -> String {
         match self {
-            Kick::Revoked => format!("{}: {appliance}", airlock_proto::REVOKED_STATUS_PREFIX),
+            Kick::Revoked => format!("appliance revoked: {appliance}"),
             Kick::Replaced => "replaced by a newer stream from the same appliance".to_owned(),
             Kick::ShuttingDown => "control plane shutting down; reconnect".to_owned(),
         }

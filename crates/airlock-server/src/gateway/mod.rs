@@ -173,9 +173,13 @@ impl ApplianceGateway for GatewayService {
         let scope = TenantScope::for_appliance(&peer.identity);
         // The handshake checked these, but the connection may have outlived them.
         if state.revoked.contains(&id) {
-            return Err(
-                refuse_stream(&state, &scope, "revoked", Status::permission_denied(Kick::Revoked.message(id))).await
-            );
+            return Err(refuse_stream(
+                &state,
+                &scope,
+                "revoked",
+                airlock_proto::stream_end::revoked(Kick::Revoked.message(id)),
+            )
+            .await);
         }
         if now >= peer.not_after {
             let status = Status::unauthenticated("certificate expired; reconnect with a renewed certificate");
@@ -183,7 +187,7 @@ impl ApplianceGateway for GatewayService {
         }
         match state.store.get_appliance(&scope, id).await {
             Ok(Some(row)) if row.revoked_at.is_some() => {
-                let status = Status::permission_denied(Kick::Revoked.message(id));
+                let status = airlock_proto::stream_end::revoked(Kick::Revoked.message(id));
                 return Err(refuse_stream(&state, &scope, "revoked", status).await);
             }
             // The certificate names a tenant and environment; the stored appliance must match
@@ -213,7 +217,7 @@ impl ApplianceGateway for GatewayService {
         // the revoked set is written before any kick, so checking it again closes the gap.
         if state.revoked.contains(&id) {
             state.registry.leave(registration);
-            return Err(Status::permission_denied(Kick::Revoked.message(id)));
+            return Err(airlock_proto::stream_end::revoked(Kick::Revoked.message(id)));
         }
         state.metrics.appliances_connected.inc();
         let mut inbound = req.into_inner();
@@ -233,7 +237,8 @@ impl ApplianceGateway for GatewayService {
                         let kick = kick.unwrap_or(Kick::Replaced);
                         let status = match kick {
                             Kick::ShuttingDown => Status::unavailable(kick.message(id)),
-                            Kick::Revoked | Kick::Replaced => Status::permission_denied(kick.message(id)),
+                            Kick::Revoked => airlock_proto::stream_end::revoked(kick.message(id)),
+                            Kick::Replaced => Status::permission_denied(kick.message(id)),
                         };
                         let _ = tx.try_send(Err(status));
                         // A replaced stream may share its connection with its replacement.
