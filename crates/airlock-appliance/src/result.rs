@@ -108,7 +108,14 @@ impl ResultMsg {
             Outcome::Executed => OperationOutcome::Executed,
             Outcome::Cancelled => OperationOutcome::Cancelled,
         };
-        let refusal = self.refusal.as_ref();
+        // A refusal stored before refusal codes existed has none: it goes as the final
+        // refusal it was, `Unclassified`, never as an unspecified code the control plane refuses.
+        let legacy = (self.outcome == Outcome::Refused && self.refusal.is_none()).then_some(Refusal {
+            code: RefusalCode::Unclassified,
+            deny: None,
+            valid_from: None,
+        });
+        let refusal = self.refusal.as_ref().or(legacy.as_ref());
         OperationResult {
             request_id: self.request_id.to_string(),
             outcome: outcome as i32,
@@ -124,5 +131,25 @@ impl ResultMsg {
 
     pub(crate) fn to_message(&self) -> ApplianceMessage {
         ApplianceMessage { body: Some(appliance_message::Body::OperationResult(self.to_proto())) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_stored_before_codes_existed_is_sent_as_final_and_unclassified() {
+        // The form an appliance of the previous version stored in `record.json` and the outbox.
+        let id = OperationId::from_random([9; 16]);
+        let legacy =
+            format!(r#"{{"request_id":"{id}","outcome":"refused","reason":"the request is for another appliance"}}"#);
+        let stored: ResultMsg = serde_json::from_str(&legacy).unwrap();
+        let wire = stored.to_proto();
+        assert_eq!(wire.outcome, OperationOutcome::Refused as i32);
+        assert_eq!(convert::refusal_code_from_wire(wire.refusal_code), Ok(RefusalCode::Unclassified));
+        // A refusal decided now keeps its own code.
+        let now = ResultMsg::refused(id, Refusal::denied(&DenyReason::NoPolicy), "no policy");
+        assert_eq!(convert::refusal_code_from_wire(now.to_proto().refusal_code), Ok(RefusalCode::Denied));
     }
 }

@@ -203,6 +203,10 @@ pub enum RefusalCode {
     Denied,
     /// The appliance could not record the execution (e.g. a full disk).
     NotRecorded,
+    /// Refused by an appliance that kept no code (before codes existed); the text says why.
+    /// An appliance sends it only for a refusal it stored then, so the control plane can take
+    /// it as the final refusal it always was.
+    Unclassified,
 }
 
 impl RefusalCode {

@@ -255,6 +255,8 @@ impl Executor {
             | RefusalCode::Misbound
             | RefusalCode::ApprovalInvalid
             | RefusalCode::NotRecorded
+            // Sent only for refusals stored before codes existed, never decided now.
+            | RefusalCode::Unclassified
             // Not final, so never stored; named here so a new code is a compile error.
             | RefusalCode::AwaitingAuthority
             | RefusalCode::ApprovalNotYetValid => AuditAction::OperationRefused,
