@@ -72,10 +72,22 @@ impl OperationRequest {
         sha256_json(self)
     }
 
-    /// Whether its output must never leave the appliance ([`crate::operation::is_secret_output`]).
+    /// Whether its output must never leave the appliance ([`is_secret_output`]).
     pub fn output_is_secret(&self) -> bool {
-        crate::operation::is_secret_output(&self.data_tags)
+        is_secret_output(&self.data_tags)
     }
+}
+
+/// A template carrying this data tag produces output that never leaves the customer's
+/// environment: the appliance refuses to release it, whatever the customer signs.
+/// Compare tags with [`is_secret_output`], never by hand.
+pub const SECRET_OUTPUT_TAG: &str = "output:secret";
+
+/// Whether a request with these data tags has output that must never leave the appliance.
+/// The one predicate both sides (and the CLI) use; tags compare without regard to case, so
+/// `Output:Secret` cannot slip past one side and not the other.
+pub fn is_secret_output<'a>(tags: impl IntoIterator<Item = &'a String>) -> bool {
+    tags.into_iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG))
 }
 
 /// The customer's answer to one request.

@@ -33,18 +33,6 @@ pub const EXECUTION_PAYLOAD_TYPE: &str = "application/vnd.airlock.execution.v1+j
 pub const RELEASE_PAYLOAD_TYPE: &str = "application/vnd.airlock.release.v1+json";
 pub const MANIFEST_FORMAT: &str = "airlock-operation-manifest-v1";
 
-/// A template carrying this data tag produces output that never leaves the customer's
-/// environment: the appliance refuses to release it, whatever the customer signs.
-/// Compare tags with [`is_secret_output`], never by hand.
-pub const SECRET_OUTPUT_TAG: &str = "output:secret";
-
-/// Whether a request with these data tags has output that must never leave the appliance.
-/// The one predicate both sides (and the CLI) use; tags compare without regard to case, so
-/// `Output:Secret` cannot slip past one side and not the other.
-pub fn is_secret_output<'a>(tags: impl IntoIterator<Item = &'a String>) -> bool {
-    tags.into_iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG))
-}
-
 /// The path of the control plane's operations-signing identity under its trust domain.
 pub const CONTROL_PLANE_SPIFFE_PATH: &str = "/control-plane";
 
@@ -702,7 +690,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
 /// Whether the output of a verified manifest may go to the vendor: released by the customer,
 /// or covered by a commands-and-output pre-approval; never for secret-tagged output.
 pub fn output_release_allowed(report: &ManifestReport) -> bool {
-    if report.request.request.data_tags.iter().any(|t| t.eq_ignore_ascii_case(SECRET_OUTPUT_TAG)) {
+    if report.request.request.output_is_secret() {
         return false;
     }
     match (&report.release, &report.pre_approval, &report.execution) {

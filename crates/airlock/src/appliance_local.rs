@@ -10,9 +10,8 @@ use std::process::ExitCode;
 use airlock_appliance::admin::{Request, SOCKET_FILE, call, call_value, read_output};
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
-use airlock_core::operation::{
-    RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement, SECRET_OUTPUT_TAG, is_secret_output,
-};
+use airlock_core::grant::{SECRET_OUTPUT_TAG, is_secret_output};
+use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 

@@ -58,7 +58,7 @@ impl LocalControl {
         if statement.decision == ReleaseDecision::Release && record.is_secret() {
             return Err(refuse(format!(
                 "operation {id} is tagged `{}`: its output never leaves this host; you can withhold it, not release it",
-                airlock_core::operation::SECRET_OUTPUT_TAG
+                airlock_core::grant::SECRET_OUTPUT_TAG
             )));
         }
         // Checked and decided under the store's lock: of two decisions at once, one holds.

@@ -119,7 +119,7 @@ impl OpRecord {
     }
 
     pub(crate) fn is_secret(&self) -> bool {
-        airlock_core::operation::is_secret_output(&self.data_tags)
+        airlock_core::grant::is_secret_output(&self.data_tags)
     }
 
     /// The view `{"cmd":"operations"}` lists.

@@ -1,7 +1,7 @@
 //! Releases coming up from appliances, and the sealed output they bring.
 //!
 //! What can be checked without the execution is checked first, and its refusals are final whether or not the result has arrived.
-//! Those are the envelope's type and binding, withheld output that was sent anyway, and any output of a request tagged `output:secret` (one predicate, [`airlock_core::operation::is_secret_output`]).
+//! Those are the envelope's type and binding, withheld output that was sent anyway, and any output of a request tagged `output:secret` (one predicate, [`airlock_core::grant::is_secret_output`]).
 //! A release that arrives before its operation's result is stored is answered `RETRY`: the appliance keeps it and sends it again after its results.
 //! A release of an operation that has no execution (a denied one, say) is refused for good.
 //! Output is accepted only if it hashes to the digest and size the appliance signed, and only under a signed release or a commands-and-output pre-approval.
@@ -10,10 +10,10 @@
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
-use airlock_core::grant::{ApprovalLevel, PreApprovalBody};
+use airlock_core::grant::{ApprovalLevel, PreApprovalBody, SECRET_OUTPUT_TAG};
 use airlock_core::operation::{
     AuthorityKind, ExecutionStatement, OperationState, RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement,
-    SECRET_OUTPUT_TAG, sha256_hex,
+    sha256_hex,
 };
 use airlock_core::{ApplianceIdentity, OperationId};
 use airlock_proto::gateway::{ControlMessage, OperationAckKind, OutputRelease};
