@@ -319,7 +319,7 @@ async fn handle_message(
         appliance_message::Body::Hello(hello) => {
             // Off the network: keep the reported version short and printable.
             *version = hello.version.chars().filter(|c| !c.is_control()).take(64).collect();
-            let healthy = hello.health.is_none_or(|h| h.status() != HealthStatus::Degraded);
+            let healthy = reported_healthy(peer, hello.health.as_ref());
             let v = version.clone();
             state.registry.update(reg, |s| {
                 s.version = v;
@@ -333,7 +333,7 @@ async fn handle_message(
         }
         appliance_message::Body::Heartbeat(hb) => {
             state.metrics.heartbeats.inc();
-            let healthy = hb.health.is_none_or(|h| h.status() != HealthStatus::Degraded);
+            let healthy = reported_healthy(peer, hb.health.as_ref());
             state.registry.update(reg, |s| {
                 s.last_heartbeat = now;
                 s.healthy = healthy;
@@ -352,4 +352,18 @@ async fn handle_message(
         }
     };
     Some(ControlMessage { body: Some(body) })
+}
+
+/// Whether an appliance reports itself healthy. A status this build does not know (or an
+/// unspecified one) is not taken as healthy: it is shown as unhealthy, and logged.
+fn reported_healthy(peer: &PeerCert, health: Option<&airlock_proto::gateway::Health>) -> bool {
+    let Some(h) = health else { return true };
+    match HealthStatus::try_from(h.status) {
+        Ok(HealthStatus::Healthy) => true,
+        Ok(HealthStatus::Degraded) => false,
+        Ok(HealthStatus::Unspecified) | Err(_) => {
+            tracing::warn!(appliance = %peer.identity.appliance, status = h.status, "unknown health status; showing the appliance as unhealthy");
+            false
+        }
+    }
 }

@@ -527,13 +527,17 @@ mod operations {
         let pushed = a.instruction().await;
         assert_eq!(pushed.request_id, id);
         assert_eq!(Envelope::from_json(pushed.approval_envelope_json.as_bytes()).unwrap(), grant);
-        // No output of a denied request can ever be taken: refused for good, not deferred.
+        // Until the appliance says what became of it, a denied request may yet show an
+        // execution that crossed the denial: its release is kept for later, not refused.
         let ack = a.send(release(&op, b"x", b"x", ReleaseDecision::Release)).await;
-        assert_eq!(code_of(&ack), AckCode::Refused, "{ack:?}");
+        assert_eq!(code_of(&ack), AckCode::Retry, "{ack:?}");
         // The appliance's refusal of the denied request is recorded; it stays denied.
         let refused =
             refusal(&op, OperationOutcome::Refused, RefusalCode::CustomerDenied, "the customer denied this request");
         assert_eq!(code_of(&a.send(refused).await), AckCode::Stored);
+        // Now no output of it can ever be taken: refused for good.
+        let ack = a.send(release(&op, b"x", b"x", ReleaseDecision::Release)).await;
+        assert_eq!(code_of(&ack), AckCode::Refused, "{ack:?}");
         let shown = op_state(&f, id).await;
         assert_eq!(shown["state"], "denied");
         assert_eq!(shown["refusal_code"], "customer_denied");
@@ -559,9 +563,12 @@ mod operations {
         // A release that arrived before its operation's result: keep it and send it again.
         let ack = a.send(release(&early, MARKER, MARKER, ReleaseDecision::Release)).await;
         assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Retry));
-        // A release of an operation the customer denied: no result will ever make it acceptable.
+        // A release of an operation the customer denied and the appliance refused: no result
+        // will ever make it acceptable.
         deny(&f, &denied).await;
         a.instruction().await;
+        let confirmed = refusal(&denied, OperationOutcome::Refused, RefusalCode::CustomerDenied, "denied");
+        assert_eq!(code_of(&a.send(confirmed).await), AckCode::Stored);
         let ack = a.send(release(&denied, b"x", b"x", ReleaseDecision::Release)).await;
         assert_eq!((ack.kind, code_of(&ack)), (OperationAckKind::Release as i32, AckCode::Refused));
         f.server.shutdown().await;

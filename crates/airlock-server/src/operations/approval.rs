@@ -67,7 +67,9 @@ pub async fn relay_approval(
         "not_after": grant.not_after,
         "signatures": envelope.signatures.len(),
     });
-    state
+    // The row is read inside the transaction that changed it: once the change commits,
+    // nothing can fail the call (and audit an error beside the committed success).
+    let relayed = state
         .push
         .noting(Work::Operation(op.appliance_id), async {
             let mut tx = state.store.write().await?;
@@ -77,12 +79,14 @@ pub async fn relay_approval(
                 return Err(RelayError::NotAwaiting { id, state: now_state });
             }
             tx.audit(&scope.chain(), now, ev).await?;
-            Ok(tx.commit().await?)
+            let relayed = tx.operation(scope, id).await?.ok_or(RelayError::NoOperation(id))?;
+            tx.commit().await?;
+            Ok(relayed)
         })
         .await?;
     tracing::info!(operation = %id, decision = ?grant.decision, "approval relayed");
     state.push.operations(scope, op.appliance_id, Some(id)).await;
-    state.store.get_operation(scope, id).await?.ok_or(RelayError::NoOperation(id))
+    Ok(relayed)
 }
 
 /// Why a relayed approval is refused (400).

@@ -133,12 +133,19 @@ async fn apply_release(
         ReleaseDecision::Withhold if !rel.output.is_empty() => return refuse("withheld output must not be sent"),
         _ => {}
     }
-    let may_execute = matches!(op.state, OperationState::AwaitingApproval | OperationState::Approved);
-    if op.result_at.is_none() && may_execute {
-        // The result was not stored yet (its write failed, or the release overtook it): the
-        // appliance resends its results before its releases, so this one can be taken later.
-        // (A denied request's execution is refused, so its release is refused below for good.)
-        return Err(Refuse::NotYet(format!("operation {request_id} has no result yet ({})", op.state)));
+    // Until its result is stored, any pending operation may yet show an execution: even a
+    // denied one, run on the customer's earlier authority before the denial reached the
+    // appliance. The appliance resends its results before its releases, and holds a release
+    // only for a run it executed, so this one is taken (or refused with its result) later.
+    let pending =
+        matches!(op.state, OperationState::AwaitingApproval | OperationState::Approved | OperationState::Denied);
+    if op.result_at.is_none() && pending {
+        // (The words "no execution recorded yet" keep appliances that predate ack codes,
+        // which read them, keeping the release too.)
+        return Err(Refuse::NotYet(format!(
+            "operation {request_id} has no execution recorded yet ({}); send it again after its result",
+            op.state
+        )));
     }
     if !matches!(op.state, OperationState::Executed | OperationState::Cancelled) {
         return refuse(format!(

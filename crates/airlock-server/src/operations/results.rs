@@ -69,7 +69,9 @@ async fn apply_result(
     let pending = PENDING_STATES.contains(&op.state) && op.result_at.is_none();
     let already = || refuse(format!("operation {request_id} already has a final result ({})", op.state));
     match outcome {
-        OperationOutcome::Unspecified => refuse("the result has no outcome"),
+        OperationOutcome::Unspecified => {
+            refuse(format!("the result's outcome {} is unknown or unspecified", r.outcome))
+        }
         // Nothing ran and nothing changes; the instruction is sent again with the approval.
         // An approved one the appliance cannot run yet (its approval is not valid yet) is
         // sent again later on this stream, without waiting for a reconnect.
@@ -82,6 +84,14 @@ async fn apply_result(
         }
         OperationOutcome::Refused => {
             let reported = reported_refusal(r, outcome)?;
+            if reported.code == RefusalCode::NotRecorded {
+                // The appliance ran it but could not record the run yet; it finishes recording
+                // at the next instruction or start and sends the signed execution then. Nothing
+                // is final until that arrives.
+                return Err(Refuse::NotYet(format!(
+                    "operation {request_id}: the appliance has not recorded its execution yet"
+                )));
+            }
             let reason = sanitize(&r.reason, MAX_REFUSAL_REASON_CHARS);
             if !pending {
                 // The same result again is already stored (refusals stored before codes were
@@ -238,7 +248,11 @@ fn verify_execution(
     // result resent after a renewal still carries the certificate that signed it. That time
     // is the appliance's claim; it may at least not lie in the control plane's future.
     if unsigned.started_at > now.saturating_add(MAX_CLOCK_SKEW) {
-        return refuse(format!("the execution claims to have started in the future ({})", unsigned.started_at));
+        // Perhaps only the clocks disagree: it may be taken once ours catches up.
+        return Err(Refuse::NotYet(format!(
+            "the execution claims to have started in the future ({}); check the appliance's clock",
+            unsigned.started_at
+        )));
     }
     let certified = verify_certified_envelope(
         &envelope,
@@ -248,8 +262,12 @@ fn verify_execution(
         unsigned.started_at,
     )
     .or_else(|e| refuse(format!("the execution signature does not verify: {e}")))?;
-    let signers: Vec<ApplianceIdentity> = certified.uris.iter().filter_map(|u| u.parse().ok()).collect();
-    if signers.len() != 1 || signers[0] != *peer {
+    // Exactly one URI, and it names this stream's appliance: junk beside a good one fails too.
+    let signer = match certified.uris.as_slice() {
+        [uri] => uri.parse::<ApplianceIdentity>().ok(),
+        _ => None,
+    };
+    if signer.as_ref() != Some(peer) {
         return refuse("the execution was not signed by this appliance's certificate");
     }
     // The payload parsed above is the one the signature covers.

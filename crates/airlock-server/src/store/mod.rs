@@ -206,11 +206,11 @@ where
 }
 
 /// A code's stored text: its serde (snake_case) name, as the API shows it.
-fn code_text<T: Serialize>(code: T) -> String {
+fn code_text<T: Serialize>(code: T) -> Result<String, StoreError> {
     match serde_json::to_value(code) {
-        Ok(serde_json::Value::String(s)) => s,
-        // Codes are unit enum variants, which serialize as strings.
-        _ => String::new(),
+        Ok(serde_json::Value::String(s)) => Ok(s),
+        // Codes are unit enum variants, which serialize as strings; anything else is a bug.
+        other => Err(StoreError::Corrupt(format!("a code does not serialise as a name: {other:?}"))),
     }
 }
 

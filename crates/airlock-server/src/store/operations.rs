@@ -326,8 +326,8 @@ impl WriteTx<'_> {
         .bind(scope.tenant().to_string())
         .bind(appliance.to_string())
         .bind(id.to_string())
-        .bind(r.refusal_code.map(code_text))
-        .bind(r.deny_code.map(code_text))
+        .bind(r.refusal_code.map(code_text).transpose()?)
+        .bind(r.deny_code.map(code_text).transpose()?)
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)

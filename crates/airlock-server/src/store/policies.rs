@@ -91,7 +91,9 @@ impl WriteTx<'_> {
         if let Some(row) = stored {
             let stored: i64 = row.try_get("serial")?;
             if stored >= serial {
-                return Ok(PutPolicy::NotNewer { stored: u64::try_from(stored).unwrap_or(0) });
+                let stored = u64::try_from(stored)
+                    .map_err(|_| StoreError::Corrupt(format!("column serial: {stored} is negative")))?;
+                return Ok(PutPolicy::NotNewer { stored });
             }
         }
         sqlx::query(

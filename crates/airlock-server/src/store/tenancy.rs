@@ -245,7 +245,10 @@ impl WriteTx<'_> {
         let expires_at = ts_col(&row, "expires_at")?;
         if used_at.is_some() {
             let by: Option<String> = row.try_get("used_by")?;
-            let by = by.and_then(|b| b.parse().ok());
+            let by = by
+                .map(|b| b.parse())
+                .transpose()
+                .map_err(|e: airlock_core::id::IdParseError| StoreError::Corrupt(format!("column used_by: {e}")))?;
             return Ok(Err(RedeemRefusal::AlreadyUsed { tenant, by, expires_at }));
         }
         if now >= expires_at {
