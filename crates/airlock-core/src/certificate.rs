@@ -53,9 +53,25 @@ impl CertificateInfo {
 
 /// Reads a DER certificate.
 pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertificateError> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| CertificateError::Malformed)?;
-    let uris = match cert.subject_alternative_name().map_err(|_| CertificateError::MalformedSan)? {
+    let uris = uris(&cert)?;
+    let validity = cert.validity();
+    Ok(CertificateInfo {
+        uris,
+        not_before: Timestamp::from_unix_millis(validity.not_before.timestamp().saturating_mul(1000)),
+        not_after: Timestamp::from_unix_millis(validity.not_after.timestamp().saturating_mul(1000)),
+        serial: data_encoding::HEXLOWER.encode(cert.tbs_certificate.raw_serial()),
+        spki_der: cert.public_key().raw.to_vec(),
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
+        fingerprint: Fingerprint::of_der(der),
+    })
+}
+
+/// The URI subject alternative names of a parsed certificate, in order.
+pub(crate) fn uris(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Vec<String>, CertificateError> {
+    use x509_parser::prelude::GeneralName;
+    Ok(match cert.subject_alternative_name().map_err(|_| CertificateError::MalformedSan)? {
         Some(san) => san
             .value
             .general_names
@@ -66,16 +82,6 @@ pub fn inspect_der(der: &[u8]) -> Result<CertificateInfo, CertificateError> {
             })
             .collect(),
         None => Vec::new(),
-    };
-    let validity = cert.validity();
-    Ok(CertificateInfo {
-        uris,
-        not_before: Timestamp::from_unix_millis(validity.not_before.timestamp().saturating_mul(1000)),
-        not_after: Timestamp::from_unix_millis(validity.not_after.timestamp().saturating_mul(1000)),
-        serial: data_encoding::HEXLOWER.encode(cert.tbs_certificate.raw_serial()),
-        spki_der: cert.public_key().raw.to_vec(),
-        public_key: cert.public_key().subject_public_key.data.to_vec(),
-        fingerprint: Fingerprint::of_der(der),
     })
 }
 

@@ -328,9 +328,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// The key id we put on envelopes signed by a certificate's key: SHA-256 (hex) of its
 /// SubjectPublicKeyInfo, so any tool can recompute it from the certificate.
 pub fn certificate_key_id(cert_der: &[u8]) -> Result<String, X509SignatureError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-        .map_err(|e| X509SignatureError::Certificate(format!("does not parse: {e}")))?;
-    Ok(sha256_hex(cert.public_key().raw))
+    let info = crate::certificate::inspect_der(cert_der)
+        .map_err(|e| X509SignatureError::Certificate(format!("is unreadable ({e})")))?;
+    Ok(sha256_hex(&info.spki_der))
 }
 
 /// Adds a signature made elsewhere (by a key this crate never holds) to an envelope.
@@ -367,12 +367,7 @@ pub struct CertifiedPayload {
 
 /// Parses a PEM certificate (the first one in `pem`) into DER.
 pub fn pem_certificate_der(pem: &str) -> Result<Vec<u8>, X509SignatureError> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| X509SignatureError::Certificate(format!("is not PEM: {e}")))?;
-    if pem.label != "CERTIFICATE" {
-        return Err(X509SignatureError::Certificate(format!("PEM holds a {}, not a CERTIFICATE", pem.label)));
-    }
-    Ok(pem.contents)
+    crate::certificate::pem_to_der(pem).map_err(|e| X509SignatureError::Certificate(format!("is unreadable ({e})")))
 }
 
 /// Checks that `cert_pem` was issued by `ca_der`, was valid at `at`, and signed `envelope`.
@@ -422,21 +417,8 @@ fn verify_with_ca(
     {
         return Err(X509SignatureError::BadSignature);
     }
-    let uris = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some((*u).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    // A SAN that does not parse names no one: the signer then matches no identity.
+    let uris = crate::certificate::uris(&cert).unwrap_or_default();
     Ok(CertifiedPayload { uris })
 }
 
