@@ -1,6 +1,16 @@
 //! End-to-end harness: a real `airlock server` and real appliances as separate processes on
 //! loopback, with temp dirs; the real CLI for everything an operator or customer does.
 //! Nothing is mocked. A test names the binary once (`env!("CARGO_BIN_EXE_airlock")`).
+//!
+//! A whole operation, request to execution, is a few lines:
+//! ```ignore
+//! const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+//! let d = Deployment::start(BIN, "version = 1\nserial = 1\nphases = [\"observe\", \"operate\"]\n");
+//! d.push_template("greet", "operate", "[]", "#!/bin/sh\necho \"hello $AIRLOCK_VAR_NAME\"\n");
+//! let id = d.request("greet", "world");
+//! d.approve(&d.wait_state(&id, "awaiting_approval")["id"].as_str().unwrap());
+//! d.wait_state(&id, "executed");
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
