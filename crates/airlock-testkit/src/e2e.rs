@@ -3,12 +3,13 @@
 //! Nothing is mocked. A test names the binary once (`env!("CARGO_BIN_EXE_airlock")`).
 //!
 //! A whole operation, request to execution, is a few lines:
-//! ```ignore
+//! ```text
 //! const BIN: &str = env!("CARGO_BIN_EXE_airlock");
 //! let d = Deployment::start(BIN, "version = 1\nserial = 1\nphases = [\"observe\", \"operate\"]\n");
 //! d.push_template("greet", "operate", "[]", "#!/bin/sh\necho \"hello $AIRLOCK_VAR_NAME\"\n");
 //! let id = d.request("greet", "world");
-//! d.approve(&d.wait_state(&id, "awaiting_approval")["id"].as_str().unwrap());
+//! d.wait_state(&id, "awaiting_approval");
+//! d.approve(&id);
 //! d.wait_state(&id, "executed");
 //! ```
 
