@@ -68,6 +68,7 @@ use airlock_core::{Fingerprint, Timestamp};
 use clock::now;
 
 pub use config::ApplianceConfig;
+pub use control::release::ReleaseRefusal;
 use session::{Session, SessionEnd};
 pub use state_dir::StateError;
 use state_dir::{StateDir, inspect_cert};
@@ -100,6 +101,9 @@ pub enum ApplianceError {
     Protocol(String),
     #[error("{0}")]
     Customer(String),
+    /// The customer's release of an output was refused.
+    #[error(transparent)]
+    Release(#[from] ReleaseRefusal),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("internal error: {0}")]

@@ -9,7 +9,7 @@
 //! What the vendor may use now is the policy's phases minus those switched off here; switching
 //! a phase off, or loading a policy without it, kills every running operation of that phase.
 
-mod release;
+pub(crate) mod release;
 #[cfg(test)]
 mod tests;
 

@@ -10,12 +10,45 @@
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
+use airlock_core::grant::SECRET_OUTPUT_TAG;
 use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
+use airlock_core::{ApplianceId, OperationId};
 use airlock_proto::gateway::ApplianceMessage;
 
 use super::LocalControl;
 use crate::ApplianceError;
 use crate::ops_store::ReleaseItem;
+
+/// Why the customer's release (or withholding) of an output was refused. The customer reads
+/// the sentence at the admin socket; code and tests decide on the variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseRefusal {
+    #[error("release envelope: {0}")]
+    Malformed(String),
+    #[error("the release does not verify with the pinned customer keys: {0}")]
+    NotVerified(String),
+    #[error("the release statement is malformed: {0}")]
+    MalformedStatement(String),
+    /// The operation is unknown here, or has not finished.
+    #[error("{0}")]
+    NotFinished(String),
+    #[error("the release is for appliance {0}, not this one")]
+    AnotherAppliance(ApplianceId),
+    #[error(
+        "the release names output {named} ({named_size} bytes), but operation {id} produced {produced} ({produced_size} bytes)"
+    )]
+    OtherOutput { id: OperationId, named: String, named_size: u64, produced: String, produced_size: u64 },
+    #[error(
+        "operation {0} is tagged `{SECRET_OUTPUT_TAG}`: its output never leaves this host; you can withhold it, not release it"
+    )]
+    SecretOutput(OperationId),
+    #[error("the output of {id} was already decided ({decided:?})")]
+    AlreadyDecided { id: OperationId, decided: ReleaseDecision },
+    #[error("the output of {0} was already released under a commands-and-output pre-approval")]
+    ReleasedByPreApproval(OperationId),
+    #[error("operation {0} has no manifest")]
+    NoManifest(OperationId),
+}
 
 impl LocalControl {
     /// Verifies and applies the customer's release or withholding of one output, and queues it
@@ -25,55 +58,50 @@ impl LocalControl {
         &self,
         envelope_json: &[u8],
     ) -> Result<(serde_json::Value, Option<ApplianceMessage>), ApplianceError> {
-        let refuse = |why: String| {
+        let refuse = |why: ReleaseRefusal| {
             let _ = self.audit.record(
                 AuditAction::OperationReleaseRefused,
                 Outcome::Denied,
-                serde_json::json!({ "reason": why }),
+                serde_json::json!({ "reason": why.to_string() }),
             );
-            ApplianceError::Customer(why)
+            ApplianceError::Release(why)
         };
-        let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("release envelope: {e}")))?;
+        let envelope =
+            Envelope::from_json(envelope_json).map_err(|e| refuse(ReleaseRefusal::Malformed(e.to_string())))?;
         let verified = envelope
             .verify(RELEASE_PAYLOAD_TYPE, &self.pinned, self.threshold())
-            .map_err(|e| refuse(format!("the release does not verify with the pinned customer keys: {e}")))?;
+            .map_err(|e| refuse(ReleaseRefusal::NotVerified(e.to_string())))?;
         let statement: ReleaseStatement = serde_json::from_slice(&verified.payload)
-            .map_err(|e| refuse(format!("the release statement is malformed: {e}")))?;
+            .map_err(|e| refuse(ReleaseRefusal::MalformedStatement(e.to_string())))?;
         let id = statement.request_id;
-        let record = self.finished(id).map_err(|e| refuse(e.to_string()))?;
+        let record = self.finished(id).map_err(|e| refuse(ReleaseRefusal::NotFinished(e.to_string())))?;
         if statement.appliance != record.appliance {
-            return Err(refuse(format!("the release is for appliance {}, not this one", statement.appliance)));
+            return Err(refuse(ReleaseRefusal::AnotherAppliance(statement.appliance)));
         }
         if Some(&statement.output_sha256) != record.output_sha256.as_ref()
             || Some(statement.output_size) != record.output_size
         {
-            return Err(refuse(format!(
-                "the release names output {} ({} bytes), but operation {id} produced {} ({} bytes)",
-                statement.output_sha256,
-                statement.output_size,
-                record.output_sha256.as_deref().unwrap_or("-"),
-                record.output_size.unwrap_or(0)
-            )));
+            return Err(refuse(ReleaseRefusal::OtherOutput {
+                id,
+                named: statement.output_sha256.clone(),
+                named_size: statement.output_size,
+                produced: record.output_sha256.clone().unwrap_or_else(|| "-".into()),
+                produced_size: record.output_size.unwrap_or(0),
+            }));
         }
         if statement.decision == ReleaseDecision::Release && record.is_secret() {
-            return Err(refuse(format!(
-                "operation {id} is tagged `{}`: its output never leaves this host; you can withhold it, not release it",
-                airlock_core::grant::SECRET_OUTPUT_TAG
-            )));
+            return Err(refuse(ReleaseRefusal::SecretOutput(id)));
         }
         // Checked and decided under the store's lock: of two decisions at once, one holds.
         let now = self.now();
         let record = self.ops.update_record(id, |r| {
-            if let Some(done) = r.release {
-                return Err(refuse(format!("the output of {id} was already decided ({done:?})")));
+            if let Some(decided) = r.release {
+                return Err(refuse(ReleaseRefusal::AlreadyDecided { id, decided }));
             }
             if r.released_by_pre_approval {
-                return Err(refuse(format!(
-                    "the output of {id} was already released under a commands-and-output pre-approval"
-                )));
+                return Err(refuse(ReleaseRefusal::ReleasedByPreApproval(id)));
             }
-            let mut manifest =
-                self.ops.manifest(id)?.ok_or_else(|| refuse(format!("operation {id} has no manifest")))?;
+            let mut manifest = self.ops.manifest(id)?.ok_or_else(|| refuse(ReleaseRefusal::NoManifest(id)))?;
             manifest.release = Some(envelope.clone());
             self.ops.save_manifest(&manifest)?;
             r.release = Some(statement.decision);

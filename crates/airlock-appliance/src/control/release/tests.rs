@@ -10,6 +10,7 @@ use airlock_testkit::{customer, op_id};
 
 use crate::result::Outcome;
 use crate::testing::*;
+use crate::{ApplianceError, ReleaseRefusal};
 
 #[tokio::test]
 async fn release_is_checked_against_the_signed_output_and_secret_output_stays() {
@@ -20,16 +21,16 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
         .control
         .release(&fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_sha256 = "ab".repeat(32)))
         .unwrap_err();
-    assert!(err.to_string().contains(&format!("but operation {} produced", op_id(1))), "{err}");
+    assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::OtherOutput { id, .. }) if id == op_id(1)), "{err}");
     let err = fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_size += 1)).unwrap_err();
-    assert!(err.to_string().contains("produced"), "{err}");
+    assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::OtherOutput { .. })), "{err}");
     let unpinned = {
         let env = fx.release(op_id(1), ReleaseDecision::Release, |_| {});
         let mut e = Envelope::from_json(&env).unwrap();
         e.signatures.clear();
         e.sign(&customer::key(9)).to_json().into_bytes()
     };
-    assert!(fx.control.release(&unpinned).unwrap_err().to_string().contains("does not verify"));
+    assert!(matches!(fx.control.release(&unpinned), Err(ApplianceError::Release(ReleaseRefusal::NotVerified(_)))));
     let (summary, msg) = fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     assert_eq!(summary["release"], "release");
     match msg.unwrap().body {
@@ -50,7 +51,8 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     let approval = fx.grant(&stmt);
     fx.send(fx.instruction(&stmt, &secret_manifest, SCRIPT, &approval)).await;
     let err = fx.control.release(&fx.release(op_id(33), ReleaseDecision::Release, |_| {})).unwrap_err();
-    assert!(err.to_string().contains("never leaves this host"), "{err}");
+    assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::SecretOutput(id)) if id == op_id(33)), "{err}");
+    assert!(err.to_string().contains("never leaves this host"), "the customer is told why: {err}");
     let (summary, msg) = fx.control.release(&fx.release(op_id(33), ReleaseDecision::Withhold, |_| {})).unwrap();
     assert_eq!(summary["release"], "withhold");
     match msg.unwrap().body {
@@ -83,7 +85,7 @@ async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
         let won: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
         assert_eq!(won.len(), 1, "{outcomes:?}");
         let lost = outcomes.iter().find_map(|o| o.as_ref().err()).unwrap();
-        assert!(lost.to_string().contains("already decided"), "{lost}");
+        assert!(matches!(lost, ApplianceError::Release(ReleaseRefusal::AlreadyDecided { .. })), "{lost}");
         // What is recorded, in the manifest and queued is the one decision that held.
         let record = fx.control.ops.record(id).unwrap().unwrap();
         let decided = if won[0]["release"] == "release" { ReleaseDecision::Release } else { ReleaseDecision::Withhold };
@@ -104,7 +106,7 @@ async fn a_release_needs_as_many_customer_signatures_as_the_policy_asks() {
     // One signature is not enough.
     let one = fx.release(op_id(10), ReleaseDecision::Release, |_| {});
     let err = fx.control.release(&one).unwrap_err();
-    assert!(err.to_string().contains("does not verify"), "{err}");
+    assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::NotVerified(_))), "{err}");
     assert_eq!(fx.control.ops.record(op_id(10)).unwrap().unwrap().release, None);
     // Two distinct pinned keys (what `airlock customer release --key a --key b` signs) are.
     let two = Envelope::from_json(&one).unwrap().sign(&customer::key(2)).to_json().into_bytes();
