@@ -175,20 +175,21 @@ pub(crate) fn accept_policy(
         tracing::error!(reason = %why, ?source, "refusing policy; the last good policy stays in force");
         why
     };
-    let invalid = |why: String| PolicyRefused::Invalid(refuse(why));
+    let invalid = |why: PolicyRejection| {
+        refuse(why.to_string());
+        PolicyRefused::Invalid(why)
+    };
     if pinned.is_empty() {
-        return Err(invalid("no customer key is pinned; the appliance accepts no policy".into()));
+        return Err(invalid(PolicyRejection::NoPinnedKey));
     }
     if envelope_json.len() as u64 > MAX_POLICY_BYTES {
-        return Err(invalid("larger than 1 MiB; it is not a policy".into()));
+        return Err(invalid(PolicyRejection::TooLarge));
     }
-    let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| invalid(e.to_string()))?;
+    let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| invalid(e.into()))?;
     let relayed = source == PolicySource::ControlPlane;
     match environment {
-        Some(env) => p.document().check_environment(env, relayed).map_err(invalid)?,
-        None if relayed => {
-            return Err(invalid("the appliance is not enrolled yet; a relayed policy cannot be placed".into()));
-        }
+        Some(env) => p.document().check_environment(env, relayed).map_err(|e| invalid(e.into()))?,
+        None if relayed => return Err(invalid(PolicyRejection::NotEnrolled)),
         None => {}
     }
     if current.is_none_or(|c| c.digest_hex() != p.digest_hex()) {
@@ -210,17 +211,35 @@ pub(crate) fn accept_policy(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum PolicyRefused {
     /// It does not verify or does not apply here: offering it again changes nothing.
-    Invalid(String),
+    Invalid(PolicyRejection),
     /// Storing or auditing it failed (a full disk, say): it may succeed if offered again.
     Failed(String),
 }
 
-impl std::fmt::Display for PolicyRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PolicyRefused::Invalid(why) | PolicyRefused::Failed(why) => f.write_str(why),
+impl From<PolicyRefused> for ApplianceError {
+    fn from(e: PolicyRefused) -> Self {
+        match e {
+            PolicyRefused::Invalid(why) => ApplianceError::Policy(why),
+            PolicyRefused::Failed(why) => ApplianceError::Customer(why),
         }
     }
+}
+
+/// Why a signed policy can never be put in force here: the customer reads the sentence, code
+/// and tests decide on the variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyRejection {
+    #[error("no customer key is pinned; the appliance accepts no policy")]
+    NoPinnedKey,
+    #[error("larger than 1 MiB; it is not a policy")]
+    TooLarge,
+    /// Its signatures, threshold, serial or content.
+    #[error(transparent)]
+    Verify(#[from] airlock_core::policy::PolicyError),
+    #[error(transparent)]
+    Environment(#[from] airlock_core::policy::EnvironmentMismatch),
+    #[error("the appliance is not enrolled yet; a relayed policy cannot be placed")]
+    NotEnrolled,
 }
 
 /// A policy is a few KiB; a larger file is not one.

@@ -69,6 +69,7 @@ use clock::now;
 
 pub use config::ApplianceConfig;
 pub use control::release::ReleaseRefusal;
+pub use customer::PolicyRejection;
 use session::{Session, SessionEnd};
 pub use state_dir::StateError;
 use state_dir::{StateDir, inspect_cert};
@@ -101,6 +102,9 @@ pub enum ApplianceError {
     Protocol(String),
     #[error("{0}")]
     Customer(String),
+    /// A customer policy was refused.
+    #[error(transparent)]
+    Policy(#[from] PolicyRejection),
     /// The customer's release of an output was refused.
     #[error(transparent)]
     Release(#[from] ReleaseRefusal),

@@ -119,6 +119,15 @@ pub enum PolicyError {
     SerialReused { serial: u64 },
 }
 
+/// Why a policy does not govern this environment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvironmentMismatch {
+    #[error("the policy is for environment {named}; this appliance is in {here}")]
+    Another { named: String, here: crate::EnvironmentId },
+    #[error("a policy relayed by the control plane must name the environment it is for (environment = \"{here}\")")]
+    Unnamed { here: crate::EnvironmentId },
+}
+
 impl PolicyDocument {
     /// Parses and validates, for the customer before signing and the appliance after verifying.
     pub fn parse(toml_text: &str) -> Result<Self, PolicyError> {
@@ -171,14 +180,16 @@ impl PolicyDocument {
 impl PolicyDocument {
     /// Whether this policy may govern an appliance of `environment`; `relayed` says the
     /// control plane delivered it, in which case it must name the environment.
-    pub fn check_environment(&self, environment: crate::EnvironmentId, relayed: bool) -> Result<(), String> {
+    pub fn check_environment(
+        &self,
+        environment: crate::EnvironmentId,
+        relayed: bool,
+    ) -> Result<(), EnvironmentMismatch> {
         match &self.environment {
             Some(named) if *named != environment.to_string() => {
-                Err(format!("the policy is for environment {named}; this appliance is in {environment}"))
+                Err(EnvironmentMismatch::Another { named: named.clone(), here: environment })
             }
-            None if relayed => Err(format!(
-                "a policy relayed by the control plane must name the environment it is for (environment = \"{environment}\")"
-            )),
+            None if relayed => Err(EnvironmentMismatch::Unnamed { here: environment }),
             _ => Ok(()),
         }
     }

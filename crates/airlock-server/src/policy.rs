@@ -118,7 +118,7 @@ pub fn check_shape(envelope: &Envelope, environment: EnvironmentId) -> Result<Ch
     let text = std::str::from_utf8(&envelope.payload).map_err(|_| "the policy is not UTF-8".to_owned())?;
     let doc = PolicyDocument::parse(text).map_err(|e| e.to_string())?;
     // The appliance refuses it otherwise; refusing here tells the caller at once.
-    doc.check_environment(environment, true)?;
+    doc.check_environment(environment, true).map_err(|e| e.to_string())?;
     if i64::try_from(doc.serial).is_err() {
         return Err("the policy serial must be below 2^63".into());
     }

@@ -209,7 +209,7 @@ impl LocalControl {
     /// Loads a newly signed policy (the checks made at start); running operations of phases it
     /// no longer enables are killed.
     pub(crate) fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
-        self.apply_policy(envelope_json, PolicySource::Host).map_err(|e| ApplianceError::Customer(e.to_string()))
+        self.apply_policy(envelope_json, PolicySource::Host).map_err(ApplianceError::from)
     }
 
     fn apply_policy(&self, envelope_json: &[u8], source: PolicySource) -> Result<Status, PolicyRefused> {
@@ -255,9 +255,9 @@ impl LocalControl {
             // be stored is tried again when the control plane sends it again.
             Err(e @ PolicyRefused::Invalid(_)) => {
                 *refused = Some(seen);
-                Err(ApplianceError::Customer(e.to_string()))
+                Err(e.into())
             }
-            Err(e @ PolicyRefused::Failed(_)) => Err(ApplianceError::Customer(e.to_string())),
+            Err(e @ PolicyRefused::Failed(_)) => Err(e.into()),
         }
     }
 
