@@ -277,7 +277,7 @@ pub fn verify_pre_approval_envelope(
         .constraints
         .iter()
         .map(|(name, pattern)| {
-            regex::Regex::new(&format!("^(?:{pattern})$"))
+            crate::pattern::anchored(pattern)
                 .map(|re| (name.clone(), re))
                 .map_err(|e| GrantError::Malformed(format!("constraint on `{name}`: {e}")))
         })
@@ -1028,6 +1028,24 @@ mod tests {
             }
             Decision::Deny(r) => format!("deny: {r}"),
         }
+    }
+
+    #[test]
+    fn secret_output_is_one_predicate_whatever_the_case() {
+        let tags = |t: &[&str]| t.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(is_secret_output(&tags(&["host:read", "output:secret"])));
+        // Templates refuse such spellings; requests and stored rows from elsewhere may not.
+        assert!(is_secret_output(&tags(&["Output:Secret"])));
+        assert!(!is_secret_output(&tags(&["output:secrets", "secret"])));
+    }
+
+    #[test]
+    fn a_constraint_that_closes_its_own_anchoring_is_refused_even_when_the_customer_signed_it() {
+        let mut body = pre_approval(|_| {}).body().clone();
+        body.constraints.insert("action".into(), "restart)|(.*".into());
+        let env = Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&key(1));
+        let err = verify_pre_approval(env.to_json().as_bytes(), &[key(1).public()], 1).unwrap_err();
+        assert!(matches!(err, GrantError::Malformed(_)), "{err}");
     }
 
     #[test]

@@ -107,6 +107,30 @@ impl Template {
         if script.trim().is_empty() {
             return invalid("the script is empty".into());
         }
+        // What the customer reviews is what runs: no byte may hide in a terminal. Only newline
+        // and tab are allowed, and only in the script and the description.
+        if let Some(c) = script.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+            return invalid(format!(
+                "the script contains the control character {:?}; only newline and tab are allowed",
+                c
+            ));
+        }
+        if let Some(c) = manifest.description.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+            return invalid(format!("the description contains the control character {c:?}"));
+        }
+        if manifest.body.is_empty() || manifest.body.chars().any(char::is_control) {
+            return invalid("the body must name the script file, without control characters".into());
+        }
+        // Tags decide what is secret and what built-in denies apply, so they are a small ASCII
+        // vocabulary: `output:secret` with a zero-width space or a Cyrillic `е` would look the
+        // same in review and not be treated as secret.
+        for tag in &manifest.data_tags {
+            if !is_data_tag(tag) {
+                return invalid(format!(
+                    "data tag {tag:?} must be 1-64 of `a-z`, `0-9`, `:`, `_` and `-` (ASCII only)"
+                ));
+            }
+        }
         let mut patterns = BTreeMap::new();
         let mut names = BTreeSet::new();
         for v in &manifest.variables {
@@ -117,7 +141,7 @@ impl Template {
                 return invalid(format!("variable `{}` is declared twice", v.name));
             }
             if let Some(p) = &v.pattern {
-                let re = regex::Regex::new(&format!("^(?:{p})$"))
+                let re = crate::pattern::anchored(p)
                     .map_err(|e| TemplateError::Invalid(format!("variable `{}` pattern: {e}", v.name)))?;
                 patterns.insert(v.name.clone(), re);
             }
@@ -174,6 +198,13 @@ impl Template {
     }
 }
 
+/// Whether `tag` is in the data-tag vocabulary: 1-64 of `a-z`, `0-9`, `:`, `_`, `-`.
+pub fn is_data_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= 64
+        && tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b':' | b'_' | b'-'))
+}
+
 impl RenderedCommand {
     /// SHA-256 (hex) of the canonical JSON of script and environment: what the customer signs.
     pub fn sha256(&self) -> String {
@@ -185,6 +216,25 @@ impl RenderedCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_tags_that_look_alike_in_review_are_refused() {
+        for tag in [
+            "output:secret\u{200b}", // a zero-width space
+            "output:s\u{435}cret",   // a Cyrillic `е`
+            "secret:re\u{430}d",     // a Cyrillic `а`
+            "Output:Secret",         // one spelling per tag
+            "output secret",
+            "",
+        ] {
+            let manifest = MANIFEST.replace("service:restart", tag);
+            let err = Template::new(&manifest, SCRIPT).unwrap_err().to_string();
+            assert!(err.contains("data tag"), "{tag:?}: {err}");
+        }
+        for tag in ["output:secret", "customer-db:read", "host_read"] {
+            assert!(Template::new(&MANIFEST.replace("service:restart", tag), SCRIPT).is_ok(), "{tag}");
+        }
+    }
 
     const MANIFEST: &str = r#"
 name = "restart-service"
@@ -258,6 +308,11 @@ type = "integer"
             (MANIFEST.replace("body = ", "shell = true\nbody = "), SCRIPT, "unknown field"),
             (MANIFEST.to_owned(), "  \n", "empty"),
             (MANIFEST.replace("restart-service", "status"), SCRIPT, "reserved"),
+            // A pattern that closes its own anchoring would accept any value.
+            (MANIFEST.replace("[a-z][a-z0-9-]{0,40}", "[a-z]+)|(.*"), SCRIPT, "not a regular expression on its own"),
+            // Bytes that hide in a terminal: a carriage return and an erase-line sequence.
+            (MANIFEST.to_owned(), "echo harmless\r\u{1b}[2Krm -rf /\n", "control character"),
+            (MANIFEST.replace("Restart one service", "Restart\\u001b[2K"), SCRIPT, "control character"),
         ] {
             let err = Template::new(&manifest, script).unwrap_err().to_string();
             assert!(err.contains(expect), "expected `{expect}` in {err}");

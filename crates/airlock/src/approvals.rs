@@ -196,7 +196,7 @@ pub(crate) fn pre_approve(spec: PreApprovalSpec<'_>) -> anyhow::Result<String> {
             "template `{}` has no variable `{name}` to constrain",
             manifest.name
         );
-        regex::Regex::new(&format!("^(?:{pattern})$")).with_context(|| format!("constraint on `{name}`"))?;
+        airlock_core::pattern::anchored(pattern).with_context(|| format!("constraint on `{name}`"))?;
     }
     anyhow::ensure!(spec.max_runs > 0, "--max-runs must be at least 1");
     let keys = load_keys(spec.keys)?;

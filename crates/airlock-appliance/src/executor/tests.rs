@@ -331,7 +331,7 @@ async fn commands_and_output_pre_approval_releases_output_unless_secret() {
     assert!(releases[0].release_envelope_json.is_empty());
     assert_eq!(releases[0].output, fx.control.ops.open_output(op_id(1)).unwrap());
 
-    let secret_manifest = MANIFEST.replace("service:logs", "Output:Secret"); // tags compare without regard to case;
+    let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
     let t = Template::new(&secret_manifest, SCRIPT).unwrap();
     let fx2 = Fx::new(ALL_PHASES);
     fx2.control

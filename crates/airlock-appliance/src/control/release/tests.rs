@@ -46,7 +46,7 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     assert!(fx.control.release(&fx.release(op_id(1), ReleaseDecision::Withhold, |_| {})).is_err());
 
     // Secret-tagged output: release refused, withholding allowed.
-    let secret_manifest = MANIFEST.replace("service:logs", "OUTPUT:secret"); // tags compare without regard to case;
+    let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
     let stmt = fx.statement(op_id(33), &secret_manifest, SCRIPT, vars("api"));
     let approval = fx.grant(&stmt);
     fx.send(fx.instruction(&stmt, &secret_manifest, SCRIPT, &approval)).await;
