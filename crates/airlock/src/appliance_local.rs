@@ -3,7 +3,6 @@
 //! pre-approvals and policy, and `airlock customer release`, which signs a release or
 //! withholding with the customer's key on this host. Nothing here talks to the control plane.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -80,11 +79,13 @@ fn read_envelope(file: &Path) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not a signed envelope (JSON)", file.display()))
 }
 
+/// A field of the appliance's answer, for a table: vendor-named things (templates, tags) came
+/// from the vendor, so they are escaped for the terminal.
 fn text(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => "-".into(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
+        serde_json::Value::String(s) => crate::terminal::line(s).into_owned(),
+        other => crate::terminal::line(&other.to_string()).into_owned(),
     }
 }
 
@@ -94,7 +95,7 @@ pub(crate) async fn ops(command: OpsSub, state_dir: Option<PathBuf>) -> anyhow::
         OpsSub::List { json } => {
             let list = call_value(&socket, &Request::Operations).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                crate::terminal::print_json(&list)?;
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
@@ -124,13 +125,11 @@ pub(crate) async fn ops(command: OpsSub, state_dir: Option<PathBuf>) -> anyhow::
                 text(&reply["output_sha256"]),
                 if reply["truncated"] == true { " (truncated at capture)" } else { "" }
             );
-            let mut out = std::io::stdout().lock();
-            out.write_all(&bytes)?;
-            out.flush()?;
+            crate::terminal::write_output(&bytes)?;
         }
         OpsSub::Manifest { id } => {
             let manifest = call_value(&socket, &Request::Manifest { id }).await?;
-            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            crate::terminal::print_json(&manifest)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -163,7 +162,7 @@ pub(crate) async fn preapproval(command: PreapprovalSub, state_dir: Option<PathB
         PreapprovalSub::List { json } => {
             let list = call_value(&socket, &Request::PreApprovals).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                crate::terminal::print_json(&list)?;
             } else {
                 list.as_array().into_iter().flatten().for_each(print);
             }

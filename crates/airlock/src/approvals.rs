@@ -28,7 +28,6 @@ use crate::client::ApiClient;
 pub(crate) struct PendingOperation {
     pub(crate) id: OperationId,
     pub(crate) environment: String,
-    pub(crate) template: String,
     pub(crate) reason: String,
     pub(crate) requested_by: String,
     pub(crate) state: OperationState,
@@ -55,31 +54,36 @@ impl PendingOperation {
     }
 
     /// What the customer reads before deciding: every field the signature will cover.
+    ///
+    /// Every string in it came from the control plane, so each is escaped for the terminal
+    /// ([`crate::terminal`]); the fields the customer's signature does not cover say so.
     pub(crate) fn describe(&self) -> String {
+        use crate::terminal::{line, lines};
         let r = &self.request;
         let tags: Vec<&str> = r.data_tags.iter().map(String::as_str).collect();
+        let unsigned = "(not covered by your signature)";
         let mut out = format!(
-            "operation  {}\nrequest digest {} (pass it to `airlock customer approve|deny --digest`)\nenvironment {}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {}\nrequested  by {}\ncommand sha256 {}\n--- script ---\n{}",
+            "operation  {}\nrequest digest {} (pass it to `airlock customer approve|deny --digest`)\nenvironment {} {unsigned}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {} {unsigned}\nrequested  by {} {unsigned}\ncommand sha256 {}\n--- script ---\n{}",
             self.id,
             r.digest_hex(),
-            self.environment,
+            line(&self.environment),
             r.appliance,
-            self.template,
-            self.command.template_sha256,
+            line(&r.kind),
+            line(&self.command.template_sha256),
             r.phase,
-            if tags.is_empty() { "(none)".to_owned() } else { tags.join(", ") },
+            if tags.is_empty() { "(none)".to_owned() } else { line(&tags.join(", ")).into_owned() },
             describe_args(&r.args),
-            self.reason,
-            self.requested_by,
+            line(&self.reason),
+            line(&self.requested_by),
             r.command_sha256,
-            self.command.script,
+            lines(&self.command.script),
         );
         if !self.command.script.ends_with('\n') {
             out.push('\n');
         }
         out.push_str("--- environment ---\n");
         for (k, v) in &self.command.env {
-            out.push_str(&format!("{k}={v:?}\n"));
+            out.push_str(&format!("{}={v:?}\n", line(k)));
         }
         out
     }
@@ -273,15 +277,21 @@ pub(crate) fn verify(
 /// One line per fact a verified manifest proves.
 pub(crate) fn describe_report(r: &ManifestReport) -> String {
     let req = &r.request.request;
+    use crate::terminal::line;
     let mut out = format!(
         "operation {} on appliance {}: {} ({:?}), requested by {} at {}\n",
-        req.id, req.appliance, req.kind, req.phase, r.request.requested_by, r.request.requested_at
+        req.id,
+        req.appliance,
+        line(&req.kind),
+        req.phase,
+        line(&r.request.requested_by),
+        r.request.requested_at
     );
     if let Some(a) = &r.approval {
-        out.push_str(&format!("  {:?} by {} at {}\n", a.decision, a.approver, a.decided_at));
+        out.push_str(&format!("  {:?} by {} at {}\n", a.decision, line(&a.approver), a.decided_at));
     }
     if let Some(p) = &r.pre_approval {
-        out.push_str(&format!("  pre-approved by {} ({}, {:?})\n", p.approver, p.id, p.level));
+        out.push_str(&format!("  pre-approved by {} ({}, {:?})\n", line(&p.approver), line(&p.id), p.level));
     }
     match &r.execution {
         Some(e) => out.push_str(&format!(
@@ -296,7 +306,7 @@ pub(crate) fn describe_report(r: &ManifestReport) -> String {
         None => out.push_str("  not executed\n"),
     }
     if let Some(rel) = &r.release {
-        out.push_str(&format!("  output {:?} by {} at {}\n", rel.decision, rel.approver, rel.decided_at));
+        out.push_str(&format!("  output {:?} by {} at {}\n", rel.decision, line(&rel.approver), rel.decided_at));
     }
     out.push_str(&format!("  checks passed: {}\n", r.checks.join(", ")));
     out
@@ -363,7 +373,6 @@ mod tests {
         PendingOperation {
             id: OperationId::from_random([1; 16]),
             environment: "env_1".into(),
-            template: "greet".into(),
             reason: "r".into(),
             requested_by: "v".into(),
             state: OperationState::AwaitingApproval,
@@ -378,6 +387,14 @@ mod tests {
         // The control plane shows a harmless script, but the request digest names another.
         let err = op("#!/bin/sh\necho harmless\n").checked().unwrap_err().to_string();
         assert!(err.contains("refusing to sign"), "{err}");
+        // A script hiding a command behind a carriage return and an erase-line sequence is
+        // shown with both visible.
+        let hidden = op("#!/bin/sh\necho hello\n");
+        let mut shown = hidden.command.clone();
+        shown.script = "echo harmless\r\u{1b}[2Krm -rf /\n".into();
+        let described = PendingOperation { command: shown, ..hidden }.describe();
+        assert!(described.contains("echo harmless\\u{d}\\u{1b}[2Krm -rf /"), "{described}");
+        assert!(!described.contains('\u{1b}'));
         // The control plane shows one operation's id with another operation's request.
         let mut swapped = op("#!/bin/sh\necho hello\n");
         swapped.id = OperationId::from_random([2; 16]);

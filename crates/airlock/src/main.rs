@@ -10,6 +10,7 @@ mod customer;
 #[cfg(all(feature = "server", feature = "appliance"))]
 mod dev;
 mod operations;
+mod terminal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -896,7 +897,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             };
             let list: serde_json::Value = api.client()?.get(&path).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                terminal::print_json(&list)?;
             } else {
                 println!(
                     "{:<32} {:<10} {:<8} {:<25} {:<34} CERT EXPIRES",
@@ -927,7 +928,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             let out: serde_json::Value =
                 api.client()?.post(&format!("/v1/appliances/{appliance}/revoke"), &serde_json::json!({})).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                terminal::print_json(&out)?;
             } else {
                 println!("revoked {appliance}");
             }
@@ -956,7 +957,7 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
             let env: serde_json::Value =
                 c.post(&format!("/v1/workspaces/{ws}/environments"), &serde_json::json!({ "name": name })).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&env)?);
+                terminal::print_json(&env)?;
             } else {
                 println!("{}", env["id"].as_str().unwrap_or_default());
             }
@@ -966,7 +967,7 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
             let ws = resolve_workspace(&c, workspace).await?;
             let envs: serde_json::Value = c.get(&format!("/v1/workspaces/{ws}/environments")).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&envs)?);
+                terminal::print_json(&envs)?;
             } else {
                 for e in envs.as_array().into_iter().flatten() {
                     println!("{}  {}", e["id"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or(""));
@@ -986,7 +987,7 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
                 .put(&format!("/v1/environments/{environment}/policy"), &serde_json::json!({ "envelope": envelope }))
                 .await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                terminal::print_json(&out)?;
             } else {
                 println!(
                     "relayed policy serial {} ({}) to environment {environment}: sent to {} connected appliance(s); the others get it when they connect",
@@ -999,7 +1000,7 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
         EnvSub::Policy(EnvPolicyCmd { command: EnvPolicySub::Show { environment, api } }) => {
             let out: serde_json::Value = api.client()?.get(&format!("/v1/environments/{environment}/policy")).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                terminal::print_json(&out)?;
             } else {
                 println!("serial:      {}", out["serial"]);
                 println!("sha256:      {}", out["policy_sha256"].as_str().unwrap_or("?"));
@@ -1019,7 +1020,7 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
             let out: serde_json::Value =
                 api.client()?.post(&format!("/v1/environments/{environment}/join-tokens"), &body).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                terminal::print_json(&out)?;
             } else {
                 eprintln!("single-use join token, expires {}:", out["expires_at"].as_str().unwrap_or("?"));
                 println!("{}", out["token"].as_str().unwrap_or_default());

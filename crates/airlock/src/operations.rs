@@ -2,7 +2,6 @@
 //! Thin: they call the control plane API and print what it returns.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -13,6 +12,7 @@ use serde_json::{Value, json};
 use airlock_core::OperationId;
 use airlock_core::operation::OperationState;
 
+use crate::terminal::line;
 use crate::{ApiArgs, resolve_workspace};
 
 #[derive(Args)]
@@ -149,12 +149,12 @@ pub(crate) async fn template(cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&t)?);
+                crate::terminal::print_json(&t)?;
             } else {
                 println!(
                     "{} {}",
-                    t["name"].as_str().unwrap_or_default(),
-                    t["content_sha256"].as_str().unwrap_or_default()
+                    line(t["name"].as_str().unwrap_or_default()),
+                    line(t["content_sha256"].as_str().unwrap_or_default())
                 );
             }
         }
@@ -163,7 +163,7 @@ pub(crate) async fn template(cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
             let ws = path_segment("workspace id", &resolve_workspace(&c, workspace).await?)?;
             let list: Value = c.get(&format!("/v1/workspaces/{ws}/templates")).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                crate::terminal::print_json(&list)?;
             } else {
                 println!("{:<32} {:<8} {:<66} DATA TAGS", "TEMPLATE", "PHASE", "CONTENT SHA256");
                 for t in list["templates"].as_array().into_iter().flatten() {
@@ -171,10 +171,10 @@ pub(crate) async fn template(cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
                         t["data_tags"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
                     println!(
                         "{:<32} {:<8} {:<66} {}",
-                        t["name"].as_str().unwrap_or(""),
-                        t["phase"].as_str().unwrap_or(""),
-                        t["content_sha256"].as_str().unwrap_or(""),
-                        tags.join(",")
+                        line(t["name"].as_str().unwrap_or("")),
+                        line(t["phase"].as_str().unwrap_or("")),
+                        line(t["content_sha256"].as_str().unwrap_or("")),
+                        line(&tags.join(","))
                     );
                 }
             }
@@ -196,10 +196,10 @@ pub(crate) async fn op(cmd: OpCmd) -> anyhow::Result<ExitCode> {
             let body = json!({ "template": template, "vars": map, "reason": reason, "appliance": appliance });
             let op: Value = api.client()?.post(&format!("/v1/environments/{env}/operations"), &body).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&op)?);
+                crate::terminal::print_json(&op)?;
             } else {
-                println!("{}", op["id"].as_str().unwrap_or_default());
-                println!("{}", op["state"].as_str().unwrap_or_default());
+                println!("{}", line(op["id"].as_str().unwrap_or_default()));
+                println!("{}", line(op["state"].as_str().unwrap_or_default()));
             }
         }
         OpSub::List { state, env, api } => {
@@ -217,16 +217,16 @@ pub(crate) async fn op(cmd: OpCmd) -> anyhow::Result<ExitCode> {
             };
             let list: Value = api.client()?.get(&path).await?;
             if api.json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                crate::terminal::print_json(&list)?;
             } else {
                 println!("{:<36} {:<18} {:<24} {:<32} EXIT", "OPERATION", "STATE", "TEMPLATE", "APPLIANCE");
                 for o in list["operations"].as_array().into_iter().flatten() {
                     println!(
                         "{:<36} {:<18} {:<24} {:<32} {}",
-                        o["id"].as_str().unwrap_or(""),
-                        o["state"].as_str().unwrap_or(""),
-                        o["template"].as_str().unwrap_or(""),
-                        o["appliance"].as_str().unwrap_or(""),
+                        line(o["id"].as_str().unwrap_or("")),
+                        line(o["state"].as_str().unwrap_or("")),
+                        line(o["template"].as_str().unwrap_or("")),
+                        line(o["appliance"].as_str().unwrap_or("")),
                         o["exit_code"].as_i64().map_or("-".to_owned(), |c| c.to_string()),
                     );
                 }
@@ -234,11 +234,11 @@ pub(crate) async fn op(cmd: OpCmd) -> anyhow::Result<ExitCode> {
         }
         OpSub::Show { id, api } => {
             let op: Value = api.client()?.get(&format!("/v1/operations/{id}")).await?;
-            println!("{}", serde_json::to_string_pretty(&op)?);
+            crate::terminal::print_json(&op)?;
         }
         OpSub::Manifest { id, api } => {
             let m: Value = api.client()?.get(&format!("/v1/operations/{id}/manifest")).await?;
-            println!("{}", serde_json::to_string_pretty(&m)?);
+            crate::terminal::print_json(&m)?;
         }
         OpSub::Output { id, out, api } => {
             let bytes = api.client()?.get_bytes(&format!("/v1/operations/{id}/output")).await?;
@@ -247,11 +247,7 @@ pub(crate) async fn op(cmd: OpCmd) -> anyhow::Result<ExitCode> {
                     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
                     eprintln!("wrote {} bytes to {}", bytes.len(), path.display());
                 }
-                None => {
-                    let mut stdout = std::io::stdout().lock();
-                    stdout.write_all(&bytes).context("writing output to stdout")?;
-                    stdout.flush().context("writing output to stdout")?;
-                }
+                None => crate::terminal::write_output(&bytes).context("writing output to stdout")?,
             }
         }
     }
