@@ -370,6 +370,54 @@ pub fn pem_certificate_der(pem: &str) -> Result<Vec<u8>, X509SignatureError> {
     crate::certificate::pem_to_der(pem).map_err(|e| X509SignatureError::Certificate(format!("is unreadable ({e})")))
 }
 
+/// Whether `uri` names the control plane's operations identity: `spiffe://<trust domain>/control-plane`,
+/// in `trust_domain` when the caller knows it.
+pub fn is_control_plane_identity(uri: &str, trust_domain: Option<&str>) -> bool {
+    let Some(td) = uri.strip_prefix("spiffe://").and_then(|rest| rest.strip_suffix(CONTROL_PLANE_SPIFFE_PATH)) else {
+        return false;
+    };
+    !td.is_empty() && !td.contains('/') && trust_domain.is_none_or(|want| want == td)
+}
+
+/// Why a request envelope is not the control plane's signed request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestSignatureError {
+    #[error("the request signature does not verify: {0}")]
+    Signature(X509SignatureError),
+    #[error("the request was not signed by the control plane's operations identity")]
+    NotControlPlane,
+    #[error("the signed request is malformed: {0}")]
+    Malformed(String),
+}
+
+/// The request the control plane signed: `envelope` must carry a [`RequestStatement`] signed
+/// with a certificate `ca_der` issued to the operations identity, valid at `at` (the
+/// statement's own `requested_at` when `None`, as an offline verifier checks it).
+/// The one check of a request's signature, for the appliance before it runs anything and for
+/// the customer's CLI before it shows a request for review.
+pub fn verify_signed_request(
+    envelope: &Envelope,
+    cert_pem: &str,
+    ca_der: &[u8],
+    at: Option<Timestamp>,
+    trust_domain: Option<&str>,
+) -> Result<RequestStatement, RequestSignatureError> {
+    let parse = || -> Result<RequestStatement, RequestSignatureError> {
+        serde_json::from_slice(&envelope.payload).map_err(|e| RequestSignatureError::Malformed(e.to_string()))
+    };
+    let at = match at {
+        Some(at) => at,
+        None => parse()?.requested_at,
+    };
+    // The signature first: what an unauthenticated payload says decides nothing.
+    let certified = verify_certified_envelope(envelope, REQUEST_PAYLOAD_TYPE, cert_pem, ca_der, at)
+        .map_err(RequestSignatureError::Signature)?;
+    if !certified.uris.iter().any(|u| is_control_plane_identity(u, trust_domain)) {
+        return Err(RequestSignatureError::NotControlPlane);
+    }
+    parse()
+}
+
 /// Checks that `cert_pem` was issued by `ca_der`, was valid at `at`, and signed `envelope`.
 pub fn verify_certified_envelope(
     envelope: &Envelope,
@@ -486,7 +534,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         verify_with_ca(&m.request, REQUEST_PAYLOAD_TYPE, &m.control_plane_certificate, &ca, request.requested_at)
             .or_else(|e| fail("request.signature", e))?;
     checks.push("request.signature");
-    if !certified.uris.iter().any(|u| u.starts_with("spiffe://") && u.ends_with(CONTROL_PLANE_SPIFFE_PATH)) {
+    if !certified.uris.iter().any(|u| is_control_plane_identity(u, None)) {
         return fail("request.signer", "the signing certificate is not the control plane's operations identity");
     }
     checks.push("request.signer");
@@ -717,3 +765,23 @@ pub fn describe_args(args: &BTreeMap<String, String>) -> String {
 
 /// The payload type an approval envelope carries (a grant).
 pub const APPROVAL_PAYLOAD_TYPE: &str = GRANT_PAYLOAD_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_operations_identity_of_the_trust_domain_is_the_control_plane() {
+        assert!(is_control_plane_identity("spiffe://airlock.test/control-plane", None));
+        assert!(is_control_plane_identity("spiffe://airlock.test/control-plane", Some("airlock.test")));
+        for (uri, td) in [
+            ("spiffe://other.test/control-plane", Some("airlock.test")),
+            ("spiffe://airlock.test/tenant/x/control-plane", None),
+            ("spiffe:///control-plane", None),
+            ("https://airlock.test/control-plane", None),
+            ("spiffe://airlock.test/control-plane/x", None),
+        ] {
+            assert!(!is_control_plane_identity(uri, td), "{uri}");
+        }
+    }
+}

@@ -14,7 +14,9 @@ use airlock_core::grant::{
     ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, GrantBody, OperationRequest, PRE_APPROVAL_PAYLOAD_TYPE,
     PreApprovalBody,
 };
-use airlock_core::operation::{ManifestReport, OperationState, VerifyInputs, describe_args, pem_certificate_der};
+use airlock_core::operation::{
+    ManifestReport, OperationState, VerifyInputs, describe_args, pem_certificate_der, verify_signed_request,
+};
 use airlock_core::template::{RenderedCommand, Template};
 use airlock_core::{ApplianceId, OperationId, Timestamp};
 use anyhow::Context;
@@ -33,12 +35,37 @@ pub(crate) struct PendingOperation {
     pub(crate) state: OperationState,
     pub(crate) request: OperationRequest,
     pub(crate) command: RenderedCommand,
+    /// The request as the control plane signed it; what is reviewed comes from here.
+    pub(crate) signed_request: Envelope,
+    pub(crate) control_plane_certificate: String,
 }
 
 impl PendingOperation {
+    /// Checks the operation against the request the control plane signed (verified against
+    /// the pinned CA), and refuses one whose command is not the one its request names, or that
+    /// is shown under another id than its request's. What is reviewed is the signed request.
+    fn checked(self, ca_der: &[u8]) -> anyhow::Result<Self> {
+        let signed = verify_signed_request(&self.signed_request, &self.control_plane_certificate, ca_der, None, None)
+            .map_err(|e| anyhow::anyhow!("operation {}: {e}; refusing to sign it", self.id))?;
+        anyhow::ensure!(
+            signed.request == self.request && signed.command == self.command,
+            "operation {}: what the control plane shows is not the request it signed; refusing to sign it",
+            self.id
+        );
+        let op = Self {
+            environment: signed.environment.to_string(),
+            reason: signed.reason,
+            requested_by: signed.requested_by,
+            request: signed.request,
+            command: signed.command,
+            ..self
+        };
+        op.consistent()
+    }
+
     /// Refuses an operation whose command is not the one its request names, or that is
     /// shown under another id than its request's.
-    fn checked(self) -> anyhow::Result<Self> {
+    fn consistent(self) -> anyhow::Result<Self> {
         anyhow::ensure!(
             self.id == self.request.id,
             "operation {} is shown with the request of {}; refusing to sign it",
@@ -97,8 +124,9 @@ struct OperationList {
 /// Requests awaiting approval, each checked: one whose command does not match its request's
 /// digest comes back as an error to show instead of the request.
 pub(crate) async fn list_pending(client: &ApiClient) -> anyhow::Result<Vec<anyhow::Result<PendingOperation>>> {
+    let ca = client.pinned_ca_der().await?;
     let list: OperationList = client.get("/v1/operations?state=awaiting_approval").await?;
-    Ok(list.operations.into_iter().map(PendingOperation::checked).collect())
+    Ok(list.operations.into_iter().map(|op| op.checked(&ca)).collect())
 }
 
 /// Shows the request on the terminal and asks for the start of its digest before signing.
@@ -130,8 +158,9 @@ pub(crate) struct Decision<'a> {
 
 /// Fetches the request, checks it, signs the decision with every key and relays it.
 pub(crate) async fn decide(client: &ApiClient, id: OperationId, d: Decision<'_>) -> anyhow::Result<PendingOperation> {
+    let ca = client.pinned_ca_der().await?;
     let op: PendingOperation = client.get(&format!("/v1/operations/{id}")).await?;
-    let op = op.checked()?;
+    let op = op.checked(&ca)?;
     anyhow::ensure!(
         op.id == id,
         "asked for operation {id}, the control plane answered with {}; nothing was signed",
@@ -350,54 +379,62 @@ pub(crate) fn now() -> Timestamp {
 
 #[cfg(test)]
 mod tests {
+    use airlock_core::operation::{REQUEST_PAYLOAD_TYPE, RequestStatement};
+    use airlock_testkit::{Ca, Fixture, Signer};
+
     use super::*;
 
-    fn op(script_shown: &str) -> PendingOperation {
-        let template = Template::new(
-            "name = \"greet\"\ndescription = \"d\"\nphase = \"operate\"\nbody = \"run.sh\"\n",
-            "#!/bin/sh\necho hello\n",
-        )
-        .unwrap();
-        let command = template.render(&BTreeMap::new()).unwrap();
-        let request = OperationRequest {
-            id: OperationId::from_random([1; 16]),
-            appliance: ApplianceId::from_random([1; 16]),
-            kind: "greet".into(),
-            phase: airlock_core::policy::Phase::Operate,
-            data_tags: Default::default(),
-            args: BTreeMap::new(),
-            command_sha256: command.sha256(),
-        };
-        let mut shown = command;
-        shown.script = script_shown.to_owned();
+    /// The operation the control plane serves for `statement`, signed by `signer`.
+    fn served(statement: &RequestStatement, signer: &Signer) -> PendingOperation {
+        let signed = signer.sign_payload(REQUEST_PAYLOAD_TYPE, serde_json::to_vec(statement).unwrap());
         PendingOperation {
-            id: OperationId::from_random([1; 16]),
-            environment: "env_1".into(),
-            reason: "r".into(),
-            requested_by: "v".into(),
+            id: statement.request.id,
+            environment: statement.environment.to_string(),
+            reason: statement.reason.clone(),
+            requested_by: statement.requested_by.clone(),
             state: OperationState::AwaitingApproval,
-            request,
-            command: shown,
+            request: statement.request.clone(),
+            command: statement.command.clone(),
+            signed_request: signed,
+            control_plane_certificate: signer.cert_pem.clone(),
         }
     }
 
     #[test]
-    fn a_command_that_is_not_the_requests_is_never_offered_for_signing() {
-        assert!(op("#!/bin/sh\necho hello\n").checked().is_ok());
-        // The control plane shows a harmless script, but the request digest names another.
-        let err = op("#!/bin/sh\necho harmless\n").checked().unwrap_err().to_string();
-        assert!(err.contains("refusing to sign"), "{err}");
-        // A script hiding a command behind a carriage return and an erase-line sequence is
-        // shown with both visible.
-        let hidden = op("#!/bin/sh\necho hello\n");
-        let mut shown = hidden.command.clone();
-        shown.script = "echo harmless\r\u{1b}[2Krm -rf /\n".into();
-        let described = PendingOperation { command: shown, ..hidden }.describe();
-        assert!(described.contains("echo harmless\\u{d}\\u{1b}[2Krm -rf /"), "{described}");
-        assert!(!described.contains('\u{1b}'));
-        // The control plane shows one operation's id with another operation's request.
-        let mut swapped = op("#!/bin/sh\necho hello\n");
+    fn only_the_request_the_control_plane_signed_is_offered_for_signing() {
+        let fx = Fixture::new();
+        let ca = fx.ca.der();
+        let statement = fx.parts().request;
+        assert!(served(&statement, &fx.control_plane).checked(&ca).is_ok());
+        // The control plane shows a harmless script, but signed another.
+        let mut shown = served(&statement, &fx.control_plane);
+        shown.command.script = "#!/bin/sh\necho harmless\n".into();
+        let err = shown.checked(&ca).unwrap_err().to_string();
+        assert!(err.contains("not the request it signed"), "{err}");
+        // Signed under another CA than the pinned one, or by a certificate that is not the
+        // control plane's operations identity (an appliance's).
+        let rogue = Ca::new("rogue").issue(&format!("spiffe://{}/control-plane", airlock_testkit::TRUST_DOMAIN));
+        assert!(served(&statement, &rogue).checked(&ca).is_err());
+        assert!(served(&statement, &fx.appliance).checked(&ca).is_err());
+        // Shown under another operation's id.
+        let mut swapped = served(&statement, &fx.control_plane);
         swapped.id = OperationId::from_random([2; 16]);
-        assert!(swapped.checked().is_err());
+        assert!(swapped.checked(&ca).is_err());
+    }
+
+    #[test]
+    fn what_is_reviewed_is_the_signed_request_and_no_byte_of_it_acts_on_the_terminal() {
+        let fx = Fixture::new();
+        let mut statement = fx.parts().request;
+        // A signed script hiding a command behind a carriage return and an erase-line sequence.
+        statement.command.script = "echo harmless\r\u{1b}[2Krm -rf /\n".into();
+        statement.request.command_sha256 = statement.command.sha256();
+        let mut op = served(&statement, &fx.control_plane);
+        // Fields the customer's signature does not cover are taken from the signed request too.
+        op.reason = "shown, but not what was signed".into();
+        let described = op.checked(&fx.ca.der()).unwrap().describe();
+        assert!(described.contains("echo harmless\\u{d}\\u{1b}[2Krm -rf /"), "{described}");
+        assert!(!described.contains('\u{1b}') && !described.contains('\r'));
+        assert!(described.contains(&format!("reason     {} (not covered by your signature)", statement.reason)));
     }
 }

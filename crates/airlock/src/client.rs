@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 pub(crate) struct ApiClient {
     base: String,
     token: String,
+    pin: Fingerprint,
     http: reqwest::Client,
 }
 
@@ -18,7 +19,24 @@ impl ApiClient {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .context("building HTTP client")?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), http })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), pin, http })
+    }
+
+    /// The control plane CA certificate (DER), checked against the pinned fingerprint: what
+    /// signatures the control plane made are verified against it.
+    pub(crate) async fn pinned_ca_der(&self) -> anyhow::Result<Vec<u8>> {
+        #[derive(serde::Deserialize)]
+        struct CaInfo {
+            certificate_pem: String,
+        }
+        let ca: CaInfo = self.get("/v1/ca").await?;
+        let der = airlock_core::certificate::pem_to_der(&ca.certificate_pem).context("the control plane's CA")?;
+        anyhow::ensure!(
+            Fingerprint::of_der(&der) == self.pin,
+            "the control plane served a CA certificate other than the pinned one ({}); nothing it signed is trusted",
+            self.pin
+        );
+        Ok(der)
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

@@ -30,8 +30,7 @@ use airlock_core::grant::{
     verify_grant, verify_pre_approval,
 };
 use airlock_core::operation::{
-    AuthorityKind, AuthorityRef, CONTROL_PLANE_SPIFFE_PATH, Manifest, REQUEST_PAYLOAD_TYPE, RefusalCode,
-    RequestStatement, verify_certified_envelope,
+    AuthorityKind, AuthorityRef, Manifest, RefusalCode, RequestSignatureError, RequestStatement, verify_signed_request,
 };
 use airlock_core::template::Template;
 use airlock_core::{OperationId, Timestamp};
@@ -280,23 +279,19 @@ impl Executor {
         let malformed = |why: String| Grounds::new(RefusalCode::Malformed, why);
         let envelope = Envelope::from_json(instruction.request_envelope_json.as_bytes())
             .map_err(|e| malformed(format!("the request envelope is malformed: {e}")))?;
-        let certified = verify_certified_envelope(
+        let statement = verify_signed_request(
             &envelope,
-            REQUEST_PAYLOAD_TYPE,
             &instruction.control_plane_certificate_pem,
             &self.ca_der,
-            now,
+            Some(now),
+            Some(&self.identity.trust_domain),
         )
-        .map_err(|e| {
-            Grounds::new(RefusalCode::Unauthenticated, format!("the request signature does not verify: {e}"))
+        .map_err(|e| match e {
+            RequestSignatureError::Malformed(_) => malformed(e.to_string()),
+            RequestSignatureError::Signature(_) | RequestSignatureError::NotControlPlane => {
+                Grounds::new(RefusalCode::Unauthenticated, e.to_string())
+            }
         })?;
-        let expected = format!("spiffe://{}{CONTROL_PLANE_SPIFFE_PATH}", self.identity.trust_domain);
-        if !certified.uris.contains(&expected) {
-            let why = "the request was not signed by the control plane's operations identity";
-            return Err(Grounds::new(RefusalCode::Unauthenticated, why));
-        }
-        let statement: RequestStatement = serde_json::from_slice(&envelope.payload)
-            .map_err(|e| malformed(format!("the signed request is malformed: {e}")))?;
         if statement.request.id != id {
             return Err(Grounds::new(RefusalCode::Misbound, "the signed request has another id than the instruction"));
         }

@@ -254,6 +254,12 @@ pub struct OperationView {
     #[schema(value_type = Object)]
     pub command: RenderedCommand,
     pub command_sha256: String,
+    /// The request as the control plane signed it (a DSSE envelope of a `RequestStatement`):
+    /// the customer's CLI verifies it against the pinned CA and reviews what it says.
+    #[schema(value_type = Object)]
+    pub signed_request: Envelope,
+    /// The certificate of the operations key that signed `signed_request` (PEM).
+    pub control_plane_certificate: String,
     /// The customer's approval or denial, as relayed (a DSSE envelope).
     #[schema(value_type = Option<Object>)]
     pub approval: Option<Envelope>,
@@ -289,6 +295,9 @@ impl OperationView {
             command_sha256: request.command_sha256.clone(),
             request,
             command,
+            signed_request: stored_envelope(op, Some(op.request_envelope.as_str()))?
+                .ok_or_else(|| StoreError::Corrupt(format!("operation {} has no request envelope", op.id)))?,
+            control_plane_certificate: op.control_plane_cert_pem.clone(),
             approval: stored_envelope(op, op.approval_envelope.as_deref())?,
             exit_code: op.exit_code,
             output_sha256: op.output_sha256.clone(),
