@@ -55,6 +55,7 @@ mod outbound;
 mod preapprovals;
 mod result;
 mod running;
+mod sandbox;
 mod session;
 mod state_dir;
 #[cfg(test)]

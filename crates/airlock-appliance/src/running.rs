@@ -1,9 +1,11 @@
-//! The process groups of the operations running now, so the customer can stop them.
+//! The operations running now, so the customer can stop them.
 //!
-//! Each script runs in its own process group, led by its shell.
-//! Killing the group kills the script and everything it started, at once.
-//! The executor registers a group as its script starts and unregisters it when the script
-//! ends, killing whatever the script left behind in it.
+//! Each script runs in its own cgroup cell ([`crate::sandbox`]), where the host has cgroup v2,
+//! else in its own process group, led by its shell.
+//! Killing the cell kills the script and everything it started, at once, `setsid` and
+//! double-forked children included; a process group holds only those that stayed in it.
+//! The executor registers a run as its script starts and unregisters it when the script
+//! ends, killing whatever the script left behind.
 //! [`crate::control::LocalControl`] kills the groups of every phase the customer switches off,
 //! and of every operation when the appliance stops.
 
@@ -15,13 +17,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use airlock_core::OperationId;
 use airlock_core::policy::Phase;
 
+use crate::sandbox::Cell;
+
 /// An operation whose process runs now.
 struct Running {
     phase: Phase,
     /// Its process group (the shell's pid: it leads its own group).
     pgid: i32,
+    /// Its cgroup, when the host has them: what is killed.
+    cell: Option<Arc<Cell>>,
     /// Set when the appliance killed it, so its run is recorded as cancelled.
     cancelled: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Kills everything the run started.
+    fn kill(&self) {
+        match &self.cell {
+            Some(cell) => cell.kill(),
+            None => kill_group(self.pgid),
+        }
+    }
 }
 
 /// The operations running now, by id.
@@ -31,14 +47,21 @@ pub(crate) struct RunningOps {
 }
 
 impl RunningOps {
-    pub(crate) fn register(&self, id: OperationId, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
-        self.lock().insert(id, Running { phase, pgid, cancelled });
+    pub(crate) fn register(
+        &self,
+        id: OperationId,
+        phase: Phase,
+        pgid: i32,
+        cell: Option<Arc<Cell>>,
+        cancelled: Arc<AtomicBool>,
+    ) {
+        self.lock().insert(id, Running { phase, pgid, cell, cancelled });
     }
 
-    /// Forgets a finished operation, killing whatever it left behind in its process group.
+    /// Forgets a finished operation, killing whatever it left behind.
     pub(crate) fn unregister(&self, id: OperationId) {
         if let Some(r) = self.lock().remove(&id) {
-            kill_group(r.pgid);
+            r.kill();
         }
     }
 
@@ -47,7 +70,7 @@ impl RunningOps {
         for (id, r) in self.lock().iter() {
             if !effective.contains(&r.phase) && !r.cancelled.swap(true, Ordering::SeqCst) {
                 tracing::warn!(request_id = %id, phase = ?r.phase, "phase revoked by the customer: killing the operation");
-                kill_group(r.pgid);
+                r.kill();
             }
         }
     }
@@ -57,7 +80,7 @@ impl RunningOps {
         for (id, r) in self.lock().iter() {
             r.cancelled.store(true, Ordering::SeqCst);
             tracing::warn!(request_id = %id, "the appliance is stopping: killing the operation");
-            kill_group(r.pgid);
+            r.kill();
         }
     }
 

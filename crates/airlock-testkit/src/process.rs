@@ -1,4 +1,4 @@
-//! Child processes for end-to-end tests: killed on drop, stderr kept in a file, polled
+//! Child processes for end-to-end tests: stopped on drop, stderr kept in a file, polled
 //! with a deadline; and what a process has open, read from `/proc`.
 
 use std::io::Read;
@@ -18,7 +18,7 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A child process killed on drop, with stderr captured to a file.
+/// A child process stopped on drop, with stderr captured to a file.
 pub struct Proc {
     pub child: Child,
     pub log: PathBuf,
@@ -50,8 +50,16 @@ impl Proc {
 
     /// SIGTERM, then wait for exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.terminate(Duration::from_secs(10))
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    fn terminate(&mut self, grace: Duration) -> std::process::ExitStatus {
+        if let Some(s) = self.exited() {
+            return s;
+        }
         let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + grace;
         loop {
             if let Some(s) = self.exited() {
                 return s;
@@ -66,7 +74,12 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Stopped as an operator would, so an appliance removes the cgroups it made for its runs;
+    /// killed if it does not stop in time.
     fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.terminate(Duration::from_secs(3));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -263,8 +263,15 @@ impl LocalControl {
 
     /// Registers a started operation. If its phase is no longer in force (it changed since the
     /// decision), it is killed at once.
-    pub(crate) fn register_running(&self, id: OperationId, phase: Phase, pgid: i32, cancelled: Arc<AtomicBool>) {
-        self.running.register(id, phase, pgid, cancelled);
+    pub(crate) fn register_running(
+        &self,
+        id: OperationId,
+        phase: Phase,
+        pgid: i32,
+        cell: Option<Arc<crate::sandbox::Cell>>,
+        cancelled: Arc<AtomicBool>,
+    ) {
+        self.running.register(id, phase, pgid, cell, cancelled);
         self.cancel_ineffective();
     }
 

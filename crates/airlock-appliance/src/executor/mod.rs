@@ -39,6 +39,7 @@ use crate::ApplianceError;
 use crate::control::LocalControl;
 use crate::ops_store::OpRecord;
 use crate::result::ResultMsg;
+use crate::sandbox::Cells;
 use crate::state_dir::StateDir;
 use decide::{Allowed, Grounds, Refused, Spend, Verdict, short};
 use record::not_recorded;
@@ -102,6 +103,8 @@ pub(crate) struct Executor {
     /// Operations this process started and has not finished recording. One recorded `running`
     /// but not here was left by a stop or by a failure to record it: it is recovered.
     active: Mutex<HashSet<OperationId>>,
+    /// Where runs get their cgroup; `None` where the host offers none (process groups then).
+    cells: Option<Cells>,
 }
 
 impl Executor {
@@ -113,6 +116,13 @@ impl Executor {
     ) -> Result<Self, ApplianceError> {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
         control.set_identity(&identity);
+        let cells = match Cells::open(state_dir) {
+            Ok(cells) => Some(cells),
+            Err(why) => {
+                tracing::warn!(reason = %why, "no cgroup for vendor code: each run is contained by its process group only, which setsid escapes");
+                None
+            }
+        };
         Ok(Self {
             control,
             identity,
@@ -120,6 +130,7 @@ impl Executor {
             state: StateDir::open(state_dir)?,
             deciding: Mutex::new(()),
             active: Mutex::new(HashSet::new()),
+            cells,
         })
     }
 

@@ -1,4 +1,4 @@
-//! Running scripts: the whole process group goes when the customer switches its phase off.
+//! Running scripts: everything a run started goes when the customer switches its phase off.
 
 use airlock_core::audit::AuditAction;
 use airlock_core::operation::ExecutionStatus;
@@ -59,4 +59,26 @@ async fn a_new_policy_without_the_phase_cancels_running_operations() {
         .to_json();
     assert!(fx.control.load_policy(forged.as_bytes()).is_err());
     assert_eq!(fx.control.status().policy_serial, Some(2));
+}
+
+#[tokio::test]
+async fn a_process_that_left_its_group_with_setsid_dies_with_its_run() {
+    let fx = Fx::new(ALL_PHASES);
+    // The escape the process-group kill missed: a new session, double-forked, left running.
+    let script = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 60' &\nsleep 60\n";
+    let stmt = fx.statement(op_id(27), MANIFEST, script, vars("api"));
+    let handle = fx.start(&stmt, script).await;
+    let pid_file = fx.control.ops.dir(op_id(27)).unwrap().join("escaped.pid");
+    eventually(|| std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n'))).await;
+    let escaped: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+    };
+    assert!(alive(escaped), "the escaped process runs in a session of its own");
+    fx.control.set_phase(Phase::Operate, false).unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    eventually(|| !alive(escaped)).await;
+    assert!(!alive(escaped), "what left the process group died with its cell");
 }
