@@ -86,11 +86,13 @@ impl StateDir {
 
     /// Takes the state directory for this process; held for its life.
     pub(crate) fn lock(&self) -> Result<std::fs::File, StateError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.root.join("appliance.lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|source| StateError::Io { path: path.clone(), source })?;
         match file.try_lock() {
