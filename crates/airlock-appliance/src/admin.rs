@@ -2,6 +2,8 @@
 //!
 //! Only the appliance's owner can reach it (socket mode 0600 in a 0700 directory); it is not a
 //! network socket, and the vendor has no path to it.
+//! Every change made through it is audited with the peer's uid and pid, as the kernel reported
+//! them when it connected.
 //! One JSON request per connection, one JSON reply; a request larger than 1 MiB is cut off.
 //! The requests: `status`, `phase`, `operations`, `output` (audited), `release`,
 //! `pre_approval_add`, `pre_approval_revoke`, `pre_approvals`, `policy`, `manifest`.
@@ -18,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::ApplianceError;
-use crate::control::LocalControl;
 pub use crate::control::Status;
+use crate::control::{LocalControl, Peer};
 
 /// The socket's file name in the state directory.
 pub const SOCKET_FILE: &str = "admin.sock";
@@ -68,26 +70,30 @@ pub enum Reply {
     Error(String),
 }
 
-/// Answers one admin request.
-pub(crate) async fn handle(control: &LocalControl, request: Request) -> Result<serde_json::Value, ApplianceError> {
+/// Answers one admin request from `by`.
+pub(crate) async fn handle(
+    control: &LocalControl,
+    by: Peer,
+    request: Request,
+) -> Result<serde_json::Value, ApplianceError> {
     let value = |s: Status| serde_json::to_value(s).map_err(|e| ApplianceError::Internal(e.to_string()));
     let bytes = |v: &serde_json::Value| serde_json::to_vec(v).map_err(|e| ApplianceError::Internal(e.to_string()));
     match request {
         Request::Status => value(control.status()),
-        Request::Phase { phase, enabled } => value(control.set_phase(phase, enabled)?),
+        Request::Phase { phase, enabled } => value(control.set_phase(by, phase, enabled)?),
         Request::Operations => control.operations(),
-        Request::Output { id } => control.output(id),
+        Request::Output { id } => control.output(by, id),
         Request::Release { envelope } => {
-            let (reply, msg) = control.release(&bytes(&envelope)?)?;
+            let (reply, msg) = control.release(by, &bytes(&envelope)?)?;
             if let Some(msg) = msg {
                 control.outbound.send(msg).await;
             }
             Ok(reply)
         }
-        Request::PreApprovalAdd { envelope } => control.pre_approval_add(&bytes(&envelope)?),
-        Request::PreApprovalRevoke { id } => control.pre_approval_revoke(&id),
+        Request::PreApprovalAdd { envelope } => control.pre_approval_add(by, &bytes(&envelope)?),
+        Request::PreApprovalRevoke { id } => control.pre_approval_revoke(by, &id),
         Request::PreApprovals => Ok(control.pre_approvals()),
-        Request::Policy { envelope } => value(control.load_policy(&bytes(&envelope)?)?),
+        Request::Policy { envelope } => value(control.load_policy(by, &bytes(&envelope)?)?),
         Request::Manifest { id } => control.manifest(id),
     }
 }
@@ -118,6 +124,16 @@ pub(crate) async fn serve(control: Arc<LocalControl>, listener: tokio::net::Unix
                 continue;
             }
         };
+        // The kernel's word on who connected, read once, right after accept.
+        let by = match stream.peer_cred() {
+            Ok(cred) => {
+                Peer { uid: cred.uid(), pid: cred.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0) }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket peer has no credentials");
+                continue;
+            }
+        };
         let control = control.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
@@ -126,7 +142,7 @@ pub(crate) async fn serve(control: Arc<LocalControl>, listener: tokio::net::Unix
             let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES));
             let reply = match reader.read_line(&mut line).await {
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
-                    Ok(request) => match handle(&control, request).await {
+                    Ok(request) => match handle(&control, by, request).await {
                         Ok(v) => Reply::Ok(v),
                         Err(e) => Reply::Error(e.to_string()),
                     },

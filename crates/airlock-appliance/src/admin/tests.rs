@@ -4,11 +4,16 @@ use std::path::Path;
 
 use airlock_core::audit::AuditAction;
 use airlock_core::operation::ReleaseDecision;
-use airlock_core::policy::Phase;
-use airlock_testkit::op_id;
+use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase};
+use airlock_testkit::{customer, op_id};
 
 use super::{Request, SOCKET_FILE, bind, call, call_value, read_output, serve};
 use crate::testing::*;
+
+/// This process, as the audit records a peer: the kernel's report when it connects.
+fn me() -> serde_json::Value {
+    serde_json::json!({ "uid": nix::unistd::geteuid().as_raw(), "pid": std::process::id() })
+}
 
 #[tokio::test]
 async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
@@ -47,7 +52,25 @@ async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
     // The phase commands keep their typed client.
     let status = call(&socket, &Request::Phase { phase: Phase::Deploy, enabled: false }).await.unwrap();
     assert_eq!(status.disabled, vec![Phase::Deploy]);
+    let next = customer::sign(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 2").into_bytes(), &[1]);
+    let envelope: serde_json::Value = serde_json::from_str(&next.to_json()).unwrap();
+    call_value(&socket, &Request::Policy { envelope }).await.unwrap();
     server.abort();
+
+    // Every change made through the socket is audited with the peer the kernel reported: this
+    // process, which connected.
+    for action in [
+        AuditAction::OperationOutputRead,
+        AuditAction::OperationReleased,
+        AuditAction::PreApprovalAdd,
+        AuditAction::PreApprovalRevoke,
+        AuditAction::PhaseDisable,
+        AuditAction::PolicyUpdate,
+    ] {
+        let records = fx.audited(action);
+        assert_eq!(records.len(), 1, "{action}");
+        assert_eq!(records[0]["detail"]["peer"], me(), "{action}");
+    }
 }
 
 /// Sends one raw line to the admin socket; returns the reply's text.
