@@ -25,6 +25,9 @@ pub struct FileConfig {
     pub customer_keys: Vec<PathBuf>,
     /// A customer-signed policy file (from `airlock customer policy sign`).
     pub policy: Option<PathBuf>,
+    /// The customer's admin group (a name or a numeric gid): its members may use the admin
+    /// socket, besides the appliance's own user and root.
+    pub admin_group: Option<String>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -52,6 +55,7 @@ pub struct Flags {
     pub state_dir: Option<PathBuf>,
     pub customer_keys: Vec<PathBuf>,
     pub policy: Option<PathBuf>,
+    pub admin_group: Option<String>,
 }
 
 /// Where environment variables come from; tests pass a map instead of mutating the process.
@@ -85,6 +89,40 @@ pub enum ConfigError {
     Fingerprint(#[from] airlock_core::fingerprint::FingerprintParseError),
     #[error("join token: {0}")]
     Token(#[from] airlock_core::token::TokenParseError),
+    #[error("`admin_group` must be a group name or a numeric gid, got `{0}`")]
+    AdminGroup(String),
+}
+
+/// The customer's admin group, as configured: resolved to a gid when the appliance starts
+/// (`crate::admin::access`), so a group created later is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminGroup {
+    Name(String),
+    Gid(u32),
+}
+
+impl std::str::FromStr for AdminGroup {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(gid) = s.parse::<u32>() {
+            return Ok(Self::Gid(gid));
+        }
+        // The characters `/etc/group` and useradd allow; anything else is a typo or worse.
+        let valid = !s.is_empty()
+            && s.len() <= 32
+            && !s.starts_with('-')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if valid { Ok(Self::Name(s.to_owned())) } else { Err(ConfigError::AdminGroup(s.chars().take(40).collect())) }
+    }
+}
+
+impl std::fmt::Display for AdminGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Name(name) => f.write_str(name),
+            Self::Gid(gid) => write!(f, "gid {gid}"),
+        }
+    }
 }
 
 /// The resolved configuration the appliance runs with.
@@ -98,6 +136,9 @@ pub struct ApplianceConfig {
     pub max_backoff: Duration,
     pub customer_keys: Vec<PathBuf>,
     pub policy: Option<PathBuf>,
+    /// Whose members may use the admin socket besides the appliance's user and root; none by
+    /// default.
+    pub admin_group: Option<AdminGroup>,
 }
 
 impl ApplianceConfig {
@@ -139,7 +180,18 @@ impl ApplianceConfig {
             file.customer_keys
         };
         let policy = flags.policy.clone().or_else(|| env.get("AIRLOCK_POLICY").map(PathBuf::from)).or(file.policy);
-        Ok(Self { control_plane, ca_fingerprint, join_token, state_dir, max_backoff, customer_keys, policy })
+        let admin_group =
+            pick(&flags.admin_group, "AIRLOCK_ADMIN_GROUP", &file.admin_group).map(|g| g.parse()).transpose()?;
+        Ok(Self {
+            control_plane,
+            ca_fingerprint,
+            join_token,
+            state_dir,
+            max_backoff,
+            customer_keys,
+            policy,
+            admin_group,
+        })
     }
 }
 
@@ -170,6 +222,28 @@ mod tests {
     fn config_file_refuses_unknown_keys() {
         let err = toml::from_str::<FileConfig>("control_plane = 'https://x'\nca_fingerprnt = 'x'").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn admin_group_is_a_name_or_a_gid_from_flag_env_or_file() {
+        let flags = Flags {
+            control_plane: Some("https://x".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/s".into()),
+            ..Default::default()
+        };
+        let file = toml::from_str::<FileConfig>("admin_group = 'airlock-admins'").unwrap();
+        let cfg = ApplianceConfig::resolve(Some(file), &HashMap::new(), &flags).unwrap();
+        assert_eq!(cfg.admin_group, Some(AdminGroup::Name("airlock-admins".into())));
+        let env: HashMap<String, String> = [("AIRLOCK_ADMIN_GROUP".to_owned(), "990".to_owned())].into();
+        let cfg = ApplianceConfig::resolve(None, &env, &flags).unwrap();
+        assert_eq!(cfg.admin_group, Some(AdminGroup::Gid(990)));
+        assert_eq!(ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap().admin_group, None);
+        for bad in ["", "ops admins", "-x", "wheel\n", "adm:x"] {
+            let flags = Flags { admin_group: Some(bad.into()), ..flags.clone() };
+            let err = ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap_err();
+            assert!(matches!(err, ConfigError::AdminGroup(_)), "{bad}: {err}");
+        }
     }
 
     #[test]

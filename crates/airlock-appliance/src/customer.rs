@@ -18,6 +18,7 @@ use airlock_core::audit::{AuditAction, Outcome};
 
 use crate::ApplianceError;
 use crate::audit_log::AuditLog;
+use crate::control::Peer;
 use crate::state_dir::StateDir;
 
 const PINNED_KEYS: &str = "customer-keys.pem";
@@ -141,8 +142,8 @@ pub(crate) fn load_policy(
 /// Where a newly signed policy came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PolicySource {
-    /// The appliance host (the admin socket).
-    Host,
+    /// The appliance host: the admin socket's peer.
+    Host(Peer),
     /// Relayed by the control plane, which cannot sign one: trusted exactly as much as its
     /// customer signatures.
     ControlPlane,
@@ -163,8 +164,8 @@ pub(crate) fn accept_policy(
 ) -> Result<VerifiedPolicy, PolicyRefused> {
     let refuse = |why: String| {
         let _ = match source {
-            PolicySource::Host => {
-                audit.record(AuditAction::PolicyUpdate, Outcome::Denied, serde_json::json!({ "reason": why }))
+            PolicySource::Host(by) => {
+                audit.record(AuditAction::PolicyUpdate, Outcome::Denied, by.stamp(serde_json::json!({ "reason": why })))
             }
             PolicySource::ControlPlane => audit.record(
                 AuditAction::PolicyRefused,
@@ -196,8 +197,9 @@ pub(crate) fn accept_policy(
         state.write_private(POLICY, envelope_json).map_err(|e| PolicyRefused::Failed(refuse(e.to_string())))?;
         let mut detail =
             serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() });
-        if source == PolicySource::ControlPlane {
-            detail["source"] = "control_plane".into();
+        match source {
+            PolicySource::ControlPlane => detail["source"] = "control_plane".into(),
+            PolicySource::Host(by) => detail = by.stamp(detail),
         }
         audit
             .record(AuditAction::PolicyUpdate, Outcome::Success, detail)

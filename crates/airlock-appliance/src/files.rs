@@ -61,6 +61,16 @@ pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Creates the state directory itself: owner-only, as [`create_private_dir`], except that the
+/// group's search bit (0710) is kept. `StateDir::share_with_group` sets it for the customer's
+/// admin group, so its members can reach the admin socket, and clears it when there is none.
+pub(crate) fn create_state_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    let search = std::fs::metadata(path)?.permissions().mode() & 0o010;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700 | search))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

@@ -1,8 +1,9 @@
 //! The Airlock appliance: it runs in the customer's environment, dials out to the control
 //! plane, and runs nothing the customer's own keys and policy did not authorise.
 //!
-//! It never listens on a network socket; its only listener is the owner-only Unix admin socket
-//! in its state directory (`admin`).
+//! It never listens on a network socket; its only listener is the Unix admin socket in its
+//! state directory (`admin`), which admits only its own user, root and the customer's admin
+//! group, by the kernel's credentials for the peer.
 //! It holds one outbound mutual-TLS stream (`session`), pins the control plane CA by
 //! fingerprint, keeps its private key in its state directory (`state_dir`), renews its
 //! certificate at two thirds of its lifetime, and stops for good when revoked.
@@ -170,11 +171,15 @@ pub async fn run(
     let control = std::sync::Arc::new(control::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
     let _kill_running = KillRunningOnDrop(control.clone());
     let socket = state.path().join(admin::SOCKET_FILE);
-    let listener = admin::bind(&socket)?;
-    let admin_task = tokio::spawn(admin::serve(control.clone(), listener));
+    let access = admin::access::AdminAccess::resolve(config.admin_group.as_ref())?;
+    let listener = admin::bind(&socket, &access)?;
+    // The directory opens to the admin group only once the socket in it is the group's.
+    let admin_gid = access.group_gid();
+    state.share_with_group(admin_gid)?;
+    let admin_task = tokio::spawn(admin::serve(control.clone(), access, listener));
     // Ends the admin socket with the appliance, however `run` returns.
     let _admin = AbortOnDrop(admin_task, socket);
-    tracing::info!(effective_phases = ?control.effective_phases(), "local admin socket ready");
+    tracing::info!(effective_phases = ?control.effective_phases(), ?admin_gid, "local admin socket ready");
 
     if !state.is_enrolled() {
         let token = config.join_token.as_ref().ok_or(ApplianceError::NoJoinToken)?;

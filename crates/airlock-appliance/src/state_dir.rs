@@ -1,6 +1,8 @@
 //! The appliance's state directory: its identity, private key and the CA it pinned.
 //!
-//! The directory is mode 0700.
+//! The directory is mode 0700, or 0710 when the customer's admin group must reach the admin
+//! socket in it (see [`StateDir::share_with_group`]); everything under it that is not meant for
+//! anyone on the host is owner-only.
 //! The private key is generated here and never leaves.
 //! It is written with mode 0600 together with its certificate in one file (`credentials.pem`),
 //! replaced atomically, so a crash mid-renewal leaves the previous pair intact.
@@ -80,17 +82,39 @@ pub(crate) struct StateDir {
 
 impl StateDir {
     pub(crate) fn open(root: &Path) -> Result<Self, StateError> {
-        files::create_private_dir(root).map_err(|source| StateError::Io { path: root.into(), source })?;
+        files::create_state_dir(root).map_err(|source| StateError::Io { path: root.into(), source })?;
         Ok(Self { root: root.into() })
+    }
+
+    /// Lets `group` search the state directory (0710, of that group), never list it, so its
+    /// members can reach the admin socket; `None` makes the directory owner-only again.
+    ///
+    /// A member can open only what it names and its mode allows: keys, records, the audit log,
+    /// the output key and sealed output are 0600, in 0700 directories; what it can read is
+    /// what was always meant for anyone on the host (`Mode::Readable`: the CA certificate, the
+    /// enrolment and the revocation mark). Vendor code never needs the group.
+    pub(crate) fn share_with_group(&self, group: Option<u32>) -> Result<(), StateError> {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |source| StateError::Io { path: self.root.clone(), source };
+        let mode = match group {
+            Some(gid) => {
+                std::os::unix::fs::chown(&self.root, None, Some(gid)).map_err(io)?;
+                0o710
+            }
+            None => 0o700,
+        };
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(mode)).map_err(io)
     }
 
     /// Takes the state directory for this process; held for its life.
     pub(crate) fn lock(&self) -> Result<std::fs::File, StateError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.root.join("appliance.lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|source| StateError::Io { path: path.clone(), source })?;
         match file.try_lock() {

@@ -30,7 +30,7 @@ use airlock_proto::gateway::{
 use airlock_testkit::{Fixture, customer};
 
 use crate::audit_log::AuditLog;
-use crate::control::LocalControl;
+use crate::control::{LocalControl, Peer};
 use crate::executor::{Executor, Handled};
 use crate::result::{Outcome, ResultMsg};
 use crate::state_dir::{Credentials, Enrolment, StateDir};
@@ -55,6 +55,9 @@ pattern = "[a-z][a-z0-9-]{0,40}"
 pub(crate) const SCRIPT: &str = "echo \"hello $AIRLOCK_VAR_SERVICE from $PWD\"\necho oops >&2\nexit 3\n";
 /// A customer policy enabling every phase.
 pub(crate) const ALL_PHASES: &str = "version = 1\nserial = 1\nphases = [\"observe\", \"deploy\", \"operate\"]\n";
+
+/// The customer at the appliance host, as the admin socket admits them.
+pub(crate) const HOST_ADMIN: Peer = Peer { uid: 1000, pid: Some(4242) };
 
 /// The customer keys pinned on every test appliance.
 pub(crate) const PINNED: &[u8] = &[1, 2];

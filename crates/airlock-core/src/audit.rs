@@ -72,6 +72,8 @@ pub enum Outcome {
 /// action is a compile error. Old records keep their text and still verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AuditAction {
+    /// A connection to the appliance's admin socket from a peer it does not admit.
+    AdminPeerRefused,
     ApiAuthenticate,
     ApplianceJoin,
     ApplianceRevoke,
@@ -129,6 +131,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     pub const ALL: &'static [AuditAction] = &[
+        AuditAction::AdminPeerRefused,
         AuditAction::ApiAuthenticate,
         AuditAction::ApplianceJoin,
         AuditAction::ApplianceRevoke,
@@ -186,6 +189,7 @@ impl AuditAction {
 
     pub const fn as_str(self) -> &'static str {
         match self {
+            AuditAction::AdminPeerRefused => "admin.peer_refused",
             AuditAction::ApiAuthenticate => "api.authenticate",
             AuditAction::ApplianceJoin => "appliance.join",
             AuditAction::ApplianceRevoke => "appliance.revoke",

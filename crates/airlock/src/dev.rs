@@ -59,6 +59,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         max_backoff: Duration::from_secs(5),
         customer_keys: Vec::new(),
         policy: None,
+        admin_group: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let appliance = tokio::spawn(airlock_appliance::run(appliance_cfg, stop_rx));

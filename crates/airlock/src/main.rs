@@ -291,6 +291,10 @@ struct ApplianceRunArgs {
     /// Customer-signed policy file (`airlock customer policy sign`).
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// The customer's admin group (name or gid): its members may use the admin socket, besides
+    /// the appliance's user and root. Also AIRLOCK_ADMIN_GROUP, or admin_group in the TOML file.
+    #[arg(long)]
+    admin_group: Option<String>,
 }
 
 #[cfg(feature = "appliance")]
@@ -846,6 +850,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 state_dir: args.state_dir,
                 customer_keys: args.customer_keys,
                 policy: args.policy,
+                admin_group: args.admin_group,
             };
             let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
             let (tx, rx) = tokio::sync::watch::channel(false);

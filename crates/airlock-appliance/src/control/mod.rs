@@ -4,7 +4,8 @@
 //! the spent grant nonces, the installed pre-approvals, the operations' records and the
 //! process groups of the operations running now.
 //! Everything the customer does on the host (through `crate::admin`) changes it; every change
-//! is saved and audited, and a phase switch is on disk and in the audit before it takes effect.
+//! is saved and audited with the [`Peer`] that asked, and a phase switch is on disk and in the
+//! audit before it takes effect.
 //! The vendor reaches it only through what the executor verifies.
 //! What the vendor may use now is the policy's phases minus those switched off here; switching
 //! a phase off, or loading a policy without it, kills every running operation of that phase.
@@ -49,6 +50,24 @@ pub struct Status {
     pub disabled: Vec<Phase>,
     /// What the vendor may use now: policy phases minus disabled ones.
     pub effective: Vec<Phase>,
+}
+
+/// Who asked, on this host: the admin socket's peer, as the kernel reported it when it
+/// connected (`crate::admin::access` admits it). Every change made at its request is audited
+/// with it, as `"peer": {"uid": …, "pid": …}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Peer {
+    pub(crate) uid: u32,
+    /// `None` when the peer is in another PID namespace (the kernel reports 0 then).
+    pub(crate) pid: Option<u32>,
+}
+
+impl Peer {
+    /// `detail` with the peer added, for an audit record written at its request.
+    pub(crate) fn stamp(self, mut detail: serde_json::Value) -> serde_json::Value {
+        detail["peer"] = serde_json::json!(self);
+        detail
+    }
 }
 
 /// The customer-controlled state decisions are made from.
@@ -179,7 +198,7 @@ impl LocalControl {
     /// A switch-off holds in memory even when saving or auditing it fails: the customer's
     /// restriction never waits on the disk (the error is still returned, and the switch is
     /// saved again at their next one).
-    pub(crate) fn set_phase(&self, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
+    pub(crate) fn set_phase(&self, by: Peer, phase: Phase, enabled: bool) -> Result<Status, ApplianceError> {
         {
             let mut disabled = self.disabled.write().unwrap_or_else(|e| e.into_inner());
             let mut next = disabled.clone();
@@ -198,7 +217,8 @@ impl LocalControl {
                 }
             }
             let action = if enabled { AuditAction::PhaseEnable } else { AuditAction::PhaseDisable };
-            self.audit.record(action, Outcome::Success, serde_json::json!({ "phase": phase, "changed": changed }))?;
+            let detail = by.stamp(serde_json::json!({ "phase": phase, "changed": changed }));
+            self.audit.record(action, Outcome::Success, detail)?;
             *disabled = next;
         }
         tracing::info!(?phase, enabled, "phase switched by the customer on this host");
@@ -208,8 +228,8 @@ impl LocalControl {
 
     /// Loads a newly signed policy (the checks made at start); running operations of phases it
     /// no longer enables are killed.
-    pub(crate) fn load_policy(&self, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
-        self.apply_policy(envelope_json, PolicySource::Host).map_err(ApplianceError::from)
+    pub(crate) fn load_policy(&self, by: Peer, envelope_json: &[u8]) -> Result<Status, ApplianceError> {
+        self.apply_policy(envelope_json, PolicySource::Host(by)).map_err(ApplianceError::from)
     }
 
     fn apply_policy(&self, envelope_json: &[u8], source: PolicySource) -> Result<Status, PolicyRefused> {
@@ -309,13 +329,15 @@ impl LocalControl {
     }
 
     /// One operation's output, for the customer on this host.
-    pub(crate) fn output(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn output(&self, by: Peer, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
         let record = self.finished(id)?;
         let output = self.ops.open_output(id)?;
         self.audit.record(
             AuditAction::OperationOutputRead,
             Outcome::Success,
-            serde_json::json!({ "request_id": id, "output_sha256": record.output_sha256, "output_size": record.output_size }),
+            by.stamp(serde_json::json!({
+                "request_id": id, "output_sha256": record.output_sha256, "output_size": record.output_size,
+            })),
         )?;
         Ok(serde_json::json!({
             "id": id,
@@ -338,10 +360,10 @@ impl LocalControl {
         Ok(record)
     }
 
-    pub(crate) fn pre_approval_add(&self, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn pre_approval_add(&self, by: Peer, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
         let refuse = |why: String| {
-            let _ =
-                self.audit.record(AuditAction::PreApprovalAdd, Outcome::Denied, serde_json::json!({ "reason": why }));
+            let detail = by.stamp(serde_json::json!({ "reason": why }));
+            let _ = self.audit.record(AuditAction::PreApprovalAdd, Outcome::Denied, detail);
             ApplianceError::Customer(why)
         };
         let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("pre-approval envelope: {e}")))?;
@@ -357,21 +379,22 @@ impl LocalControl {
         self.audit.record(
             AuditAction::PreApprovalAdd,
             Outcome::Success,
-            serde_json::json!({
+            by.stamp(serde_json::json!({
                 "id": body.id, "template": body.template, "phase": body.phase, "level": body.level,
                 "max_runs": body.max_runs, "not_before": body.not_before, "not_after": body.not_after,
                 "digest": body.digest_hex(), "signed_by": verified.signed_by(),
-            }),
+            })),
         )?;
         Ok(entry.summary())
     }
 
-    pub(crate) fn pre_approval_revoke(&self, id: &str) -> Result<serde_json::Value, ApplianceError> {
+    pub(crate) fn pre_approval_revoke(&self, by: Peer, id: &str) -> Result<serde_json::Value, ApplianceError> {
         let entry = self
             .pre_approvals
             .revoke(id, self.now())?
             .ok_or_else(|| ApplianceError::Customer(format!("no pre-approval `{id}` on this appliance")))?;
-        self.audit.record(AuditAction::PreApprovalRevoke, Outcome::Success, serde_json::json!({ "id": id }))?;
+        let detail = by.stamp(serde_json::json!({ "id": id }));
+        self.audit.record(AuditAction::PreApprovalRevoke, Outcome::Success, detail)?;
         Ok(entry.summary())
     }
 

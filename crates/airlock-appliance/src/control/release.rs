@@ -15,7 +15,7 @@ use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStat
 use airlock_core::{ApplianceId, OperationId};
 use airlock_proto::gateway::ApplianceMessage;
 
-use super::LocalControl;
+use super::{LocalControl, Peer};
 use crate::ApplianceError;
 use crate::ops_store::ReleaseItem;
 
@@ -56,13 +56,14 @@ impl LocalControl {
     /// the control plane refused the operation's result for good).
     pub(crate) fn release(
         &self,
+        by: Peer,
         envelope_json: &[u8],
     ) -> Result<(serde_json::Value, Option<ApplianceMessage>), ApplianceError> {
         let refuse = |why: ReleaseRefusal| {
             let _ = self.audit.record(
                 AuditAction::OperationReleaseRefused,
                 Outcome::Denied,
-                serde_json::json!({ "reason": why.to_string() }),
+                by.stamp(serde_json::json!({ "reason": why.to_string() })),
             );
             ApplianceError::Release(why)
         };
@@ -115,13 +116,13 @@ impl LocalControl {
         self.audit.record(
             action,
             Outcome::Success,
-            serde_json::json!({
+            by.stamp(serde_json::json!({
                 "request_id": id,
                 "output_sha256": statement.output_sha256,
                 "output_size": statement.output_size,
                 "signed_by": verified.signed_by,
                 "approver": statement.approver,
-            }),
+            })),
         )?;
         let item = ReleaseItem {
             request_id: id,

@@ -78,6 +78,6 @@ async fn a_policy_relayed_by_the_control_plane_is_applied_like_one_loaded_on_the
     // one for another environment.
     let local = customer::sign(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 8").into_bytes(), &[1])
         .to_json();
-    fx.control.load_policy(local.as_bytes()).unwrap();
+    fx.control.load_policy(HOST_ADMIN, local.as_bytes()).unwrap();
     assert_eq!(fx.control.status().policy_serial, Some(8));
 }

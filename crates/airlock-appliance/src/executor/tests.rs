@@ -245,7 +245,7 @@ async fn deny_rules_and_disabled_phases_beat_a_valid_approval() {
     assert_denied(&fx.run(&stmt, &fx.grant(&stmt)).await, DenyCode::DeniedByRule);
     let denied = fx.audited(AuditAction::OperationDenied);
     assert_eq!(denied[0]["detail"]["rule"], "never-db");
-    fx.control.set_phase(Phase::Operate, false).unwrap();
+    fx.control.set_phase(HOST_ADMIN, Phase::Operate, false).unwrap();
     let stmt = fx.simple(op_id(28), "api");
     assert_denied(&fx.run(&stmt, &fx.grant(&stmt)).await, DenyCode::PhaseDisabled);
     assert!(!fx.ran(op_id(17)) && !fx.ran(op_id(28)));
@@ -255,7 +255,7 @@ async fn deny_rules_and_disabled_phases_beat_a_valid_approval() {
 #[tokio::test]
 async fn pre_approval_runs_are_counted_across_restarts_until_spent() {
     let mut fx = Fx::new(ALL_PHASES);
-    fx.control.pre_approval_add(&fx.pre_approval(|_| {})).unwrap();
+    fx.control.pre_approval_add(HOST_ADMIN, &fx.pre_approval(|_| {})).unwrap();
     let r = fx.run(&fx.simple(op_id(1), "api"), "").await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     assert_eq!(fx.execution(&r).authority.kind, AuthorityKind::PreApproval);
@@ -280,7 +280,7 @@ async fn pre_approval_runs_are_counted_across_restarts_until_spent() {
     );
     // A pre-approval signed by an unpinned key is refused when added.
     let forged = customer::sign(PRE_APPROVAL_PAYLOAD_TYPE, b"{}".to_vec(), &[7]).to_json();
-    assert!(fx.control.pre_approval_add(forged.as_bytes()).is_err());
+    assert!(fx.control.pre_approval_add(HOST_ADMIN, forged.as_bytes()).is_err());
 }
 
 #[tokio::test]
@@ -290,18 +290,18 @@ async fn pre_approval_constraints_and_revocation_hold() {
         p.constraints.insert("service".into(), "api|web".into());
         p.max_runs = 10;
     });
-    fx.control.pre_approval_add(&env).unwrap();
+    fx.control.pre_approval_add(HOST_ADMIN, &env).unwrap();
     let r = fx.run(&fx.simple(op_id(17), "db"), "").await;
     assert_awaiting(&r, RefusalCode::AwaitingAuthority);
     // Why each pre-approval did not apply is for the customer reading the refusal.
     assert!(r.reason.contains("`service` does not meet its constraint"), "{}", r.reason);
     assert!(!fx.ran(op_id(17)));
-    fx.control.pre_approval_revoke("routine").unwrap();
+    fx.control.pre_approval_revoke(HOST_ADMIN, "routine").unwrap();
     let r = fx.run(&fx.simple(op_id(12), "api"), "").await;
     assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
     assert!(!fx.ran(op_id(12)));
     // Adding it again does not lift the revocation.
-    fx.control.pre_approval_add(&env).unwrap();
+    fx.control.pre_approval_add(HOST_ADMIN, &env).unwrap();
     assert!(fx.control.pre_approvals.get("routine").unwrap().revoked);
     assert_eq!(fx.run(&fx.simple(op_id(13), "api"), "").await.outcome, Outcome::AwaitingApproval);
 }
@@ -310,10 +310,13 @@ async fn pre_approval_constraints_and_revocation_hold() {
 async fn commands_and_output_pre_approval_releases_output_unless_secret() {
     let fx = Fx::new(ALL_PHASES);
     fx.control
-        .pre_approval_add(&fx.pre_approval(|p| {
-            p.level = ApprovalLevel::CommandsAndOutput;
-            p.max_runs = 5;
-        }))
+        .pre_approval_add(
+            HOST_ADMIN,
+            &fx.pre_approval(|p| {
+                p.level = ApprovalLevel::CommandsAndOutput;
+                p.max_runs = 5;
+            }),
+        )
         .unwrap();
     assert_eq!(fx.run(&fx.simple(op_id(1), "api"), "").await.outcome, Outcome::Executed);
     let releases: Vec<_> = fx
@@ -335,10 +338,13 @@ async fn commands_and_output_pre_approval_releases_output_unless_secret() {
     let t = Template::new(&secret_manifest, SCRIPT).unwrap();
     let fx2 = Fx::new(ALL_PHASES);
     fx2.control
-        .pre_approval_add(&fx2.pre_approval(|p| {
-            p.level = ApprovalLevel::CommandsAndOutput;
-            p.template_sha256 = t.content_sha256().to_owned();
-        }))
+        .pre_approval_add(
+            HOST_ADMIN,
+            &fx2.pre_approval(|p| {
+                p.level = ApprovalLevel::CommandsAndOutput;
+                p.template_sha256 = t.content_sha256().to_owned();
+            }),
+        )
         .unwrap();
     let stmt = fx2.statement(op_id(33), &secret_manifest, SCRIPT, vars("api"));
     let r = fx2.send(fx2.instruction(&stmt, &secret_manifest, SCRIPT, "")).await;

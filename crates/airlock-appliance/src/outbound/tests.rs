@@ -17,7 +17,7 @@ async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_ov
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
-    fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // The stream comes up; it takes one message at a time, so the resend is still going when
     // the customer releases the output of the last operation on this host.
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
@@ -27,7 +27,8 @@ async fn at_reconnect_results_go_before_releases_and_a_local_release_does_not_ov
     let envelope: serde_json::Value =
         serde_json::from_slice(&fx.release(op_id(3), ReleaseDecision::Release, |_| {})).unwrap();
     let control = fx.control.clone();
-    let local = tokio::spawn(async move { crate::admin::handle(&control, Request::Release { envelope }).await });
+    let local =
+        tokio::spawn(async move { crate::admin::handle(&control, HOST_ADMIN, Request::Release { envelope }).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let mut got = Vec::new();
     while got.len() < 5 {
@@ -53,7 +54,7 @@ async fn a_release_the_control_plane_cannot_take_yet_stays_in_the_outbox() {
     let fx = Fx::new(ALL_PHASES);
     let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
-    fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     let _ =
         fx.control.outbound.on_ack(&ack(op_id(1), OperationAckKind::Release, AckCode::Retry, "no result stored yet"));
     assert_eq!(kinds(&fx.control.ops.pending().unwrap()), [("result", op_id(1)), ("release", op_id(1))]);
@@ -68,7 +69,7 @@ async fn a_final_release_refusal_and_a_retryable_one_are_told_apart_by_code_not_
     let stmt = fx.simple(op_id(1), "api");
     fx.run(&stmt, &fx.grant(&stmt)).await;
     let _ = fx.control.outbound.on_ack(&stored(op_id(1), OperationAckKind::Result));
-    fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // The same words, and the words the final refusal of a release on the control plane uses.
     let words = "operation has no execution whose output could be released";
     // Retry: kept, to go again after its result; nothing is audited as refused.
@@ -101,7 +102,7 @@ async fn a_release_waiting_for_its_result_goes_as_soon_as_the_result_is_acknowle
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
-    fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     // op_2 has no release waiting: nothing follows its result.
     assert!(fx.control.outbound.on_ack(&stored(op_id(2), OperationAckKind::Result)).is_none());
     // op_1's release was sent before its result was stored (the control plane does not answer
@@ -127,7 +128,7 @@ async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
         let stmt = fx.simple(id, "api");
         fx.run(&stmt, &fx.grant(&stmt)).await;
     }
-    fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     let refused = |id: OperationId| {
         ack(id, OperationAckKind::Result, AckCode::Refused, "the execution is not signed by this appliance")
     };
@@ -143,7 +144,8 @@ async fn a_release_whose_result_is_refused_for_good_is_parked_not_resent() {
     // A release decided after the result was refused is parked at once and not sent.
     assert!(fx.control.outbound.on_ack(&refused(op_id(2))).is_none());
     assert_eq!(fx.audited(AuditAction::OperationReleaseParked).len(), 1);
-    let (summary, msg) = fx.control.release(&fx.release(op_id(2), ReleaseDecision::Withhold, |_| {})).unwrap();
+    let (summary, msg) =
+        fx.control.release(HOST_ADMIN, &fx.release(op_id(2), ReleaseDecision::Withhold, |_| {})).unwrap();
     assert_eq!(summary["release"], "withhold");
     assert!(msg.is_none());
     assert!(fx.control.ops.pending().unwrap().is_empty());

@@ -19,10 +19,13 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     fx.run(&stmt, &fx.grant(&stmt)).await;
     let err = fx
         .control
-        .release(&fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_sha256 = "ab".repeat(32)))
+        .release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_sha256 = "ab".repeat(32)))
         .unwrap_err();
     assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::OtherOutput { id, .. }) if id == op_id(1)), "{err}");
-    let err = fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_size += 1)).unwrap_err();
+    let err = fx
+        .control
+        .release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_size += 1))
+        .unwrap_err();
     assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::OtherOutput { .. })), "{err}");
     let unpinned = {
         let env = fx.release(op_id(1), ReleaseDecision::Release, |_| {});
@@ -30,8 +33,12 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
         e.signatures.clear();
         e.sign(&customer::key(9)).to_json().into_bytes()
     };
-    assert!(matches!(fx.control.release(&unpinned), Err(ApplianceError::Release(ReleaseRefusal::NotVerified(_)))));
-    let (summary, msg) = fx.control.release(&fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    assert!(matches!(
+        fx.control.release(HOST_ADMIN, &unpinned),
+        Err(ApplianceError::Release(ReleaseRefusal::NotVerified(_)))
+    ));
+    let (summary, msg) =
+        fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
     assert_eq!(summary["release"], "release");
     match msg.unwrap().body {
         Some(appliance_message::Body::OutputRelease(r)) => {
@@ -43,17 +50,18 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     assert_eq!(fx.audited(AuditAction::OperationReleased).len(), 1);
     assert_eq!(fx.audited(AuditAction::OperationReleaseRefused).len(), 3);
     // Once decided, it stays decided.
-    assert!(fx.control.release(&fx.release(op_id(1), ReleaseDecision::Withhold, |_| {})).is_err());
+    assert!(fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Withhold, |_| {})).is_err());
 
     // Secret-tagged output: release refused, withholding allowed.
     let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
     let stmt = fx.statement(op_id(33), &secret_manifest, SCRIPT, vars("api"));
     let approval = fx.grant(&stmt);
     fx.send(fx.instruction(&stmt, &secret_manifest, SCRIPT, &approval)).await;
-    let err = fx.control.release(&fx.release(op_id(33), ReleaseDecision::Release, |_| {})).unwrap_err();
+    let err = fx.control.release(HOST_ADMIN, &fx.release(op_id(33), ReleaseDecision::Release, |_| {})).unwrap_err();
     assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::SecretOutput(id)) if id == op_id(33)), "{err}");
     assert!(err.to_string().contains("never leaves this host"), "the customer is told why: {err}");
-    let (summary, msg) = fx.control.release(&fx.release(op_id(33), ReleaseDecision::Withhold, |_| {})).unwrap();
+    let (summary, msg) =
+        fx.control.release(HOST_ADMIN, &fx.release(op_id(33), ReleaseDecision::Withhold, |_| {})).unwrap();
     assert_eq!(summary["release"], "withhold");
     match msg.unwrap().body {
         Some(appliance_message::Body::OutputRelease(r)) => assert!(r.output.is_empty()),
@@ -77,7 +85,7 @@ async fn two_decisions_about_one_output_at_once_admit_exactly_one() {
                 let (control, barrier) = (fx.control.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    control.release(&env).map(|(summary, _)| summary)
+                    control.release(HOST_ADMIN, &env).map(|(summary, _)| summary)
                 })
             })
             .collect();
@@ -105,11 +113,11 @@ async fn a_release_needs_as_many_customer_signatures_as_the_policy_asks() {
     assert_eq!(fx.run(&stmt, &grant).await.outcome, Outcome::Executed);
     // One signature is not enough.
     let one = fx.release(op_id(10), ReleaseDecision::Release, |_| {});
-    let err = fx.control.release(&one).unwrap_err();
+    let err = fx.control.release(HOST_ADMIN, &one).unwrap_err();
     assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::NotVerified(_))), "{err}");
     assert_eq!(fx.control.ops.record(op_id(10)).unwrap().unwrap().release, None);
     // Two distinct pinned keys (what `airlock customer release --key a --key b` signs) are.
     let two = Envelope::from_json(&one).unwrap().sign(&customer::key(2)).to_json().into_bytes();
-    let (summary, _) = fx.control.release(&two).unwrap();
+    let (summary, _) = fx.control.release(HOST_ADMIN, &two).unwrap();
     assert_eq!(summary["release"], "release");
 }

@@ -29,7 +29,7 @@ async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled
     assert!(live_members(pgid) >= 2, "the shell and its background sleep");
     // Asked again while it runs: nothing new starts.
     assert!(matches!(fx.exec.handle(fx.instruction(&stmt, MANIFEST, script, &approval)).await, Handled::Nothing));
-    fx.control.set_phase(Phase::Operate, false).unwrap();
+    fx.control.set_phase(HOST_ADMIN, Phase::Operate, false).unwrap();
     let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
     assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
     assert_eq!(fx.execution(&r).status, ExecutionStatus::Cancelled);
@@ -50,14 +50,14 @@ async fn a_new_policy_without_the_phase_cancels_running_operations() {
     eventually(|| fx.control.running_group(op_id(30)).is_some()).await;
     let next = customer::sign(POLICY_PAYLOAD_TYPE, b"version = 1\nserial = 2\nphases = [\"observe\"]\n".to_vec(), &[1])
         .to_json();
-    let status = fx.control.load_policy(next.as_bytes()).unwrap();
+    let status = fx.control.load_policy(HOST_ADMIN, next.as_bytes()).unwrap();
     assert_eq!(status.effective, vec![Phase::Observe]);
     let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
     assert_eq!(r.outcome, Outcome::Cancelled);
     // A policy that does not verify is refused and the one in force stays.
     let forged = customer::sign(POLICY_PAYLOAD_TYPE, ALL_PHASES.replace("serial = 1", "serial = 3").into_bytes(), &[9])
         .to_json();
-    assert!(fx.control.load_policy(forged.as_bytes()).is_err());
+    assert!(fx.control.load_policy(HOST_ADMIN, forged.as_bytes()).is_err());
     assert_eq!(fx.control.status().policy_serial, Some(2));
 }
 
@@ -76,7 +76,7 @@ async fn a_process_that_left_its_group_with_setsid_dies_with_its_run() {
             .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
     };
     assert!(alive(escaped), "the escaped process runs in a session of its own");
-    fx.control.set_phase(Phase::Operate, false).unwrap();
+    fx.control.set_phase(HOST_ADMIN, Phase::Operate, false).unwrap();
     let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
     assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
     eventually(|| !alive(escaped)).await;
