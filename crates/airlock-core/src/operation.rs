@@ -61,6 +61,8 @@ pub enum ExecutionStatus {
     Cancelled,
     /// The process could not be started.
     FailedToStart,
+    /// It ran past its wall-time limit: everything it started was killed.
+    TimedOut,
 }
 
 /// What kind of customer authority an execution ran on. Its JSON spelling is part of the

@@ -167,11 +167,18 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
 #[test]
 fn disabling_operate_on_the_host_kills_the_running_operation() {
     let s = setup(POLICY);
+    // The script may write only in its private working directory, where the test finds it.
     s.push_template("long-task", "operate", "[]", "#!/bin/sh\necho $$ > \"$AIRLOCK_VAR_NAME\"\nsleep 120\necho done\n");
-    let pid_file = s.server.dir.path().join("task.pid");
-    let id = s.request("long-task", pid_file.to_str().unwrap());
+    let id = s.request("long-task", "task.pid");
     s.wait_state(&id, "awaiting_approval");
     s.approve(&id);
+    let workdir = || {
+        std::fs::read_dir(std::env::temp_dir()).ok()?.flatten().find_map(|e| {
+            let dir = e.path().join(&id);
+            (e.file_name().to_string_lossy().starts_with("airlock-box-") && dir.is_dir()).then_some(dir)
+        })
+    };
+    let pid_file = wait_for(Duration::from_secs(20), "the task's working directory", workdir).join("task.pid");
     let pid: u32 = wait_for(Duration::from_secs(20), "the task to start", || {
         std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok())
     });
@@ -185,6 +192,7 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
         (stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z")).then_some(())
     });
     assert!(!s.audited("operation.cancelled").is_empty());
+    assert!(workdir().is_none(), "the run's working directory is removed");
     // Manifests of cancelled operations verify like any other.
     let m = s.server.dir.path().join("cancelled.json");
     std::fs::write(&m, s.server.ok(&["op", "manifest", &id])).unwrap();

@@ -99,6 +99,9 @@ pub(crate) struct PeerCred {
     pub(crate) pid: Option<u32>,
     #[serde(skip)]
     pub(crate) groups: Groups,
+    /// Whether its process runs in a box, as vendor code (`crate::sandbox`): its cgroup is a
+    /// cell. Read from `/proc`; false when unknown (another PID namespace).
+    pub(crate) boxed: bool,
 }
 
 /// The peer's supplementary groups.
@@ -126,7 +129,12 @@ impl PeerCred {
                 Err(e) => Groups::Unreadable(format!("/proc/{pid}/status: {e}")),
             },
         };
-        Ok(Self { uid, gid, pid, groups })
+        // A cell's path names the box: `.../airlock-box-<tag>/<operation id>`.
+        let boxed = pid.is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|cgroups| cgroups.lines().any(|l| l.contains("/airlock-box-")))
+        });
+        Ok(Self { uid, gid, pid, groups, boxed })
     }
 }
 
@@ -142,6 +150,10 @@ pub(crate) enum Refusal {
     NotAllowed { uid: u32, owner: u32, group: Option<Group> },
     /// Not the appliance's user nor root, not in the admin group by its primary gid, and its
     /// supplementary groups could not be read.
+    /// Vendor code, whatever its uid: nothing the appliance runs for the vendor may act for the
+    /// customer.
+    #[error("a process the appliance runs for the vendor may not use its admin socket")]
+    VendorCode { uid: u32 },
     #[error(
         "uid {uid} may use this appliance's admin socket only as a member of admin group {group}, and that cannot be checked: {why}; connect again from a process that waits for the reply, or make {group} its primary group"
     )]
@@ -154,6 +166,7 @@ impl Refusal {
         match self {
             Refusal::Unidentified(_) => "unidentified",
             Refusal::NotAllowed { .. } => "not_allowed",
+            Refusal::VendorCode { .. } => "vendor_code",
             Refusal::GroupsUnknown { .. } => "groups_unknown",
         }
     }
@@ -174,6 +187,9 @@ fn not_allowed(uid: u32, owner: u32, group: Option<&Group>) -> String {
 /// Decides whether `peer` may use the admin socket. Pure: what it needs was read before.
 pub(crate) fn admit(peer: &PeerCred, access: &AdminAccess) -> Result<Peer, Refusal> {
     let admitted = Peer { uid: peer.uid, pid: peer.pid };
+    if peer.boxed {
+        return Err(Refusal::VendorCode { uid: peer.uid });
+    }
     if peer.uid == access.owner || peer.uid == 0 {
         return Ok(admitted);
     }

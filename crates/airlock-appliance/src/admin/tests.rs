@@ -90,7 +90,7 @@ async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
 async fn a_refused_peer_gets_one_error_is_audited_and_nothing_it_sent_is_acted_on() {
     let fx = Fx::new(ALL_PHASES);
     let access = AdminAccess::new(my_uid(), None);
-    let stranger = PeerCred { uid: 4242, gid: 4343, pid: Some(777), groups: Groups::NotRead };
+    let stranger = PeerCred { uid: 4242, gid: 4343, pid: Some(777), groups: Groups::NotRead, boxed: false };
     let why = admit(&stranger, &access).unwrap_err();
     assert!(matches!(why, Refusal::NotAllowed { uid: 4242, .. }), "{why}");
     // A request that would act, one that is not JSON, and one larger than the socket buffers:
@@ -115,7 +115,10 @@ async fn a_refused_peer_gets_one_error_is_audited_and_nothing_it_sent_is_acted_o
     assert_eq!(refusals[0]["outcome"], "denied");
     assert_eq!(refusals[0]["detail"]["interface"], "admin_socket");
     assert_eq!(refusals[0]["detail"]["refusal"], "not_allowed");
-    assert_eq!(refusals[0]["detail"]["peer"], serde_json::json!({ "uid": 4242, "gid": 4343, "pid": 777 }));
+    assert_eq!(
+        refusals[0]["detail"]["peer"],
+        serde_json::json!({ "uid": 4242, "gid": 4343, "pid": 777, "boxed": false })
+    );
     // Nothing changed, and nothing but the refusals was audited.
     assert!(fx.control.disabled().is_empty());
     assert_eq!(fx.control.status().policy_serial, Some(1));
@@ -186,6 +189,50 @@ async fn the_admin_group_reaches_the_socket_and_nothing_else_secret() {
     // Without an admin group, the directory is owner-only again.
     state.share_with_group(None).unwrap();
     assert_eq!(meta(fx.dir.path()).permissions().mode() & 0o777, 0o700);
+}
+
+#[tokio::test]
+async fn vendor_code_cannot_reach_the_admin_socket_the_output_key_or_sealed_output() {
+    for same_user in [false, true] {
+        let mut fx = Fx::new(ALL_PHASES);
+        if same_user {
+            fx.run_vendor_code_as_the_appliance_user();
+        }
+        let earlier = fx.simple(op_id(1), "api");
+        fx.run(&earlier, &fx.grant(&earlier)).await;
+        fx.control.set_phase(HOST_ADMIN, Phase::Deploy, false).unwrap();
+        let socket = fx.dir.path().join(SOCKET_FILE);
+        let access = AdminAccess::resolve(None).unwrap();
+        let server = tokio::spawn(serve(fx.control.clone(), access.clone(), bind(&socket, &access).unwrap()));
+        // What the attacker script did: switch a phase back on through the admin socket, read
+        // the output key and another operation's sealed output.
+        let script = r#"python3 -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"{\"cmd\": \"phase\", \"phase\": \"deploy\", \"enabled\": true}\n")
+print("REPLY", s.recv(4096))' STATE/admin.sock
+cat STATE/output.key && echo KEY
+cat STATE/ops/EARLIER/output.sealed && echo SEALED
+true
+"#
+        .replace("STATE", &fx.dir.path().display().to_string())
+        .replace("EARLIER", &op_id(1).to_string());
+        let stmt = fx.statement(op_id(2), MANIFEST, &script, vars("api"));
+        let r = fx.send(fx.instruction(&stmt, MANIFEST, &script, &fx.grant(&stmt))).await;
+        let output = String::from_utf8_lossy(&fx.control.ops.open_output(op_id(2)).unwrap()).into_owned();
+        assert_eq!(r.outcome, crate::result::Outcome::Executed, "{r:?}");
+        assert!(!output.contains("KEY") && !output.contains("SEALED"), "{output}");
+        assert!(!output.contains("\"ok\""), "{output}");
+        assert_eq!(fx.control.disabled(), [Phase::Deploy].into(), "the phase stays off ({output})");
+        assert!(fx.audited(AuditAction::PhaseEnable).is_empty());
+        if same_user {
+            // It reached the socket as the appliance's own uid: refused as vendor code, audited.
+            let refused = fx.audited(AuditAction::AdminPeerRefused);
+            assert_eq!(refused.len(), 1, "{output}");
+            assert_eq!(refused[0]["detail"]["refusal"], "vendor_code");
+        }
+        server.abort();
+    }
 }
 
 /// Sends one raw line to the admin socket; returns the reply's text.

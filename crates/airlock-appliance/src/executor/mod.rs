@@ -7,7 +7,7 @@
 //!    decision, stores a final refusal (so the same answer is given again), and for an allowed
 //!    operation spends the grant's nonce or counts the pre-approval run, durably, and records
 //!    the operation `running`, all before anything runs;
-//! 3. `run` runs the script in its own process group;
+//! 3. `run` runs the script in its box (`crate::sandbox`);
 //! 4. `record` seals the output, signs the execution into the chain and queues the result;
 //! 5. `recover` finishes whatever a stop or a failure to write left half done.
 //!
@@ -39,7 +39,7 @@ use crate::ApplianceError;
 use crate::control::LocalControl;
 use crate::ops_store::OpRecord;
 use crate::result::ResultMsg;
-use crate::sandbox::Cells;
+use crate::sandbox::{RunLimits, Sandbox};
 use crate::state_dir::StateDir;
 use decide::{Allowed, Grounds, Refused, Spend, Verdict, short};
 use record::not_recorded;
@@ -103,8 +103,10 @@ pub(crate) struct Executor {
     /// Operations this process started and has not finished recording. One recorded `running`
     /// but not here was left by a stop or by a failure to record it: it is recovered.
     active: Mutex<HashSet<OperationId>>,
-    /// Where runs get their cgroup; `None` where the host offers none (process groups then).
-    cells: Option<Cells>,
+    /// The box every run goes in.
+    sandbox: Sandbox,
+    /// What each run may use.
+    pub(crate) run_limits: RunLimits,
 }
 
 impl Executor {
@@ -116,13 +118,7 @@ impl Executor {
     ) -> Result<Self, ApplianceError> {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
         control.set_identity(&identity);
-        let cells = match Cells::open(state_dir) {
-            Ok(cells) => Some(cells),
-            Err(why) => {
-                tracing::warn!(reason = %why, "no cgroup for vendor code: each run is contained by its process group only, which setsid escapes");
-                None
-            }
-        };
+        let sandbox = Sandbox::open(state_dir, None).map_err(ApplianceError::Internal)?;
         Ok(Self {
             control,
             identity,
@@ -130,8 +126,20 @@ impl Executor {
             state: StateDir::open(state_dir)?,
             deciding: Mutex::new(()),
             active: Mutex::new(HashSet::new()),
-            cells,
+            sandbox,
+            run_limits: RunLimits::default(),
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sandbox_mut(&mut self) -> &mut Sandbox {
+        &mut self.sandbox
+    }
+
+    /// Where the run of `id` works, while it runs.
+    #[cfg(test)]
+    pub(crate) fn workdir(&self, id: OperationId) -> std::path::PathBuf {
+        self.sandbox.workdir(id)
     }
 
     pub(crate) fn control(&self) -> &Arc<LocalControl> {

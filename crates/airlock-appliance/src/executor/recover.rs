@@ -6,10 +6,10 @@
 //! One that is `running` but not being run or recorded by this process was left by a stop, or
 //! by a failure to record it.
 //! The appliance kills every script it runs when it stops; at the next start
-//! ([`Executor::recover_interrupted`]) every cgroup cell a previous process left is killed and
-//! removed, since a crash may have left its script running (where the host has no cgroup v2,
-//! the process group recorded for each such operation is killed instead, if it is from this
-//! boot of the host).
+//! ([`Executor::recover_interrupted`]) what a crash may have left running is killed: every cell
+//! a previous process left was killed when the box was opened (`crate::sandbox`); where the
+//! host has no cgroup v2, the process group recorded for each such operation is killed here,
+//! if it is from this boot of the host.
 //! Then each is finished from what is on disk:
 //! - an execution already signed and in its manifest (the stop came while it was being
 //!   recorded) is completed from the manifest, and the chain head brought up to it;
@@ -39,18 +39,6 @@ impl Executor {
     /// completed from its manifest, so the chain has no gap.
     pub(crate) fn recover_interrupted(&self) -> Result<usize, ApplianceError> {
         let running = self.control.running_ids();
-        // What a previous process left running dies by its cell, before anything is recorded.
-        if let Some(cells) = &self.cells {
-            for (id, cell) in cells.leftovers() {
-                if running.contains(&id) || self.is_active(id) {
-                    continue;
-                }
-                if cell.populated() {
-                    tracing::warn!(request_id = %id, "killing what an interrupted operation left running");
-                }
-                cell.kill_and_remove();
-            }
-        }
         let mut recovered = 0;
         for record in self.control.ops.list()? {
             if record.state != OpState::Running || running.contains(&record.id) || self.is_active(record.id) {

@@ -1,10 +1,11 @@
 //! Running an allowed operation's script, and nothing else.
 //!
-//! The script runs as `/bin/sh ops/<id>/script.sh`, in the operation's directory, with only
-//! `PATH` and the request's `AIRLOCK_VAR_*` values in its environment and no standard input.
-//! It runs in a cgroup cell of its own ([`crate::sandbox`]), entered before the script starts,
-//! and registered with `crate::running`, so the customer switching its phase off kills
-//! everything it started; a restart after a crash kills what it left by its cell.
+//! The script runs as `/bin/sh script.sh` in the box ([`crate::sandbox`]): its own cgroup
+//! cell, user, Landlock rules, limits and private working directory, with only `PATH`, `HOME`,
+//! `TMPDIR` and the request's `AIRLOCK_VAR_*` values in its environment and no standard input.
+//! It is registered with `crate::running`, so the customer switching its phase off kills
+//! everything it started; a restart after a crash kills what it left by its cell. Past its
+//! wall-time limit it is killed whole and recorded as timed out.
 //! Where the host has no cgroup v2, it leads its own process group instead, whose id (with the
 //! host's boot id) is saved in the operation's record for recovery; a group that cannot be
 //! recorded does not run on: it is killed at once.
@@ -12,7 +13,6 @@
 //! Standard output, then standard error, are kept up to [`MAX_OUTPUT_BYTES`]; the rest is
 //! dropped and the execution says it was truncated.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,14 +28,6 @@ use crate::running::boot_id;
 /// The most output kept per operation (stdout, then stderr); the rest is dropped and the
 /// execution says `output_truncated`.
 pub(crate) const MAX_OUTPUT_BYTES: usize = 1 << 20;
-
-/// The only environment a script gets besides its `AIRLOCK_VAR_*` values.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// The shell that starts a script in a cell: it waits for the appliance to move it into the
-/// cell (one line on standard input; end of input means it was not moved, so nothing runs),
-/// then becomes the script, with no standard input.
-const ENTER_THEN_RUN: &str = "read -r _ || exit 125; exec /bin/sh \"$0\" </dev/null";
 
 /// How a run ended, kept until it is recorded.
 #[derive(Debug)]
@@ -70,67 +62,36 @@ impl Executor {
         Ran { status, exit_code, output, truncated, started_at, finished_at: self.control.now() }
     }
 
-    /// Runs the script; returns how it ended and its captured output.
+    /// Runs the script in its box; returns how it ended and its captured output.
     async fn execute(
         &self,
         job: &Job,
         cancelled: Arc<AtomicBool>,
     ) -> Result<(ExecutionStatus, Option<i32>, Vec<u8>, bool), ApplianceError> {
+        // The script as it ran stays with the operation's record.
         let dir = self.control.ops.dir(job.id)?;
         let script = dir.join("script.sh");
         files::replace(&script, job.statement.command.script.as_bytes(), Mode::Private)
             .map_err(|e| ApplianceError::Customer(format!("{}: {e}", script.display())))?;
-        let cell = match &self.cells {
-            Some(cells) => Some(Arc::new(cells.create(job.id).map_err(ApplianceError::Internal)?)),
-            None => None,
-        };
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        match cell {
-            Some(_) => cmd.arg("-c").arg(ENTER_THEN_RUN).arg(&script).stdin(Stdio::piped()),
-            None => cmd.arg(&script).stdin(Stdio::null()),
-        };
-        cmd.env_clear()
-            .env("PATH", PATH)
-            .envs(&job.statement.command.env)
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        let limits = self.run_limits;
+        let (mut cmd, boxed) = self
+            .sandbox
+            .prepare(job.id, job.statement.command.script.as_bytes(), &job.statement.command.env, &limits)
+            .map_err(ApplianceError::Internal)?;
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(request_id = %job.id, error = %e, "cannot start /bin/sh");
-                if let Some(cell) = &cell {
-                    cell.kill_and_remove();
-                }
+                tracing::error!(request_id = %job.id, error = %e, "cannot start the script in its box");
+                boxed.dispose();
                 return Ok((ExecutionStatus::FailedToStart, None, Vec::new(), false));
             }
         };
-        let pid = child.id().unwrap_or(0);
-        let pgid = i32::try_from(pid).unwrap_or(0);
-        if let Some(cell) = &cell {
-            // Into its cell before the script starts; if that fails, it never starts.
-            let entered = cell.enter(pid);
-            let released = match (&entered, child.stdin.take()) {
-                (Ok(()), Some(mut stdin)) => {
-                    use tokio::io::AsyncWriteExt;
-                    stdin.write_all(b"\n").await.map_err(|e| e.to_string())
-                }
-                (Ok(()), None) => Err("no standard input to release the script".to_owned()),
-                (Err(e), _) => Err(e.clone()),
-            };
-            if let Err(e) = released {
-                tracing::error!(request_id = %job.id, error = %e, "cannot start the script in its cell");
-                let _ = child.kill().await;
-                cell.kill_and_remove();
-                return Ok((ExecutionStatus::FailedToStart, None, Vec::new(), false));
-            }
-        }
-        self.control.register_running(job.id, job.statement.request.phase, pgid, cell.clone(), cancelled.clone());
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        self.control.register_running(job.id, job.statement.request.phase, pgid, boxed.cell.clone(), cancelled.clone());
         // Without a cell, the group is recorded, so that if this process dies the next one kills
         // it before it records the operation as cancelled. A group that cannot be recorded does
         // not run. (With a cell, the next process finds and kills the cell itself.)
-        if cell.is_none() {
+        if boxed.cell.is_none() {
             let boot = boot_id();
             if let Err(e) = self.control.ops.update_record(job.id, |r| {
                 r.pgid = Some(pgid);
@@ -141,15 +102,23 @@ impl Executor {
                 cancelled.store(true, Ordering::SeqCst);
                 self.control.unregister_running(job.id);
                 let _ = child.wait().await;
+                boxed.dispose();
                 return Ok((ExecutionStatus::Cancelled, None, Vec::new(), false));
             }
         }
         let out = tokio::spawn(capture(child.stdout.take()));
         let err = tokio::spawn(capture(child.stderr.take()));
-        let status = child.wait().await;
-        // Whatever the script left behind in its group goes with it, so the pipes close.
+        let (status, timed_out) = match tokio::time::timeout(limits.wall_time, child.wait()).await {
+            Ok(status) => (status, false),
+            Err(_) => {
+                tracing::warn!(request_id = %job.id, limit = ?limits.wall_time, "the operation ran past its time limit: killing it");
+                boxed.kill(pgid);
+                (child.wait().await, true)
+            }
+        };
+        // Whatever the script left behind in its box goes with it, so the pipes close.
         self.control.unregister_running(job.id);
-        if cell.is_none() {
+        if boxed.cell.is_none() {
             // The group is gone and its id free for reuse: no later recovery may kill by it.
             if let Err(e) = self.control.ops.update_record(job.id, |r| {
                 r.pgid = None;
@@ -160,17 +129,18 @@ impl Executor {
         }
         let (mut output, out_over) = out.await.unwrap_or_default();
         let (errput, err_over) = err.await.unwrap_or_default();
-        if let Some(cell) = &cell {
-            // Everything in it was killed; the pipes have closed, so it is empty or nearly.
-            let cell = cell.clone();
-            let _ = tokio::task::spawn_blocking(move || cell.kill_and_remove()).await;
-        }
+        let _ = tokio::task::spawn_blocking(move || boxed.dispose()).await;
         output.extend_from_slice(&errput);
         let truncated = out_over || err_over || output.len() > MAX_OUTPUT_BYTES;
         output.truncate(MAX_OUTPUT_BYTES);
         let exit_code = status.ok().and_then(|s| s.code());
-        let status =
-            if cancelled.load(Ordering::SeqCst) { ExecutionStatus::Cancelled } else { ExecutionStatus::Completed };
+        let status = if cancelled.load(Ordering::SeqCst) {
+            ExecutionStatus::Cancelled
+        } else if timed_out {
+            ExecutionStatus::TimedOut
+        } else {
+            ExecutionStatus::Completed
+        };
         Ok((status, exit_code, output, truncated))
     }
 }

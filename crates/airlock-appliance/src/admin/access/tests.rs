@@ -10,7 +10,7 @@ fn admins() -> Group {
 }
 
 fn peer(uid: u32, gid: u32, groups: Groups) -> PeerCred {
-    PeerCred { uid, gid, pid: Some(4242), groups }
+    PeerCred { uid, gid, pid: Some(4242), groups, boxed: false }
 }
 
 #[test]
@@ -94,4 +94,14 @@ fn admin_group_names_resolve_through_the_group_database() {
     let err = AdminAccess::resolve(Some(&AdminGroup::Name("airlock-no-such-group".into()))).unwrap_err();
     assert!(err.to_string().contains("groupadd airlock-no-such-group"), "{err}");
     assert_eq!(AdminAccess::resolve(None).unwrap().group_gid(), None);
+}
+
+#[test]
+fn vendor_code_is_refused_whatever_its_uid() {
+    for access in [AdminAccess::new(OWNER, None), AdminAccess::new(OWNER, Some(admins()))] {
+        for (uid, gid) in [(OWNER, OWNER), (0, 0), (1000, ADMINS)] {
+            let boxed = PeerCred { boxed: true, ..peer(uid, gid, Groups::Read(vec![ADMINS])) };
+            assert_eq!(admit(&boxed, &access), Err(Refusal::VendorCode { uid }));
+        }
+    }
 }

@@ -8,6 +8,7 @@ use airlock_testkit::{customer, op_id};
 use crate::executor::Handled;
 use crate::ops_store::OpState;
 use crate::result::Outcome;
+use crate::sandbox::RunLimits;
 use crate::testing::*;
 
 #[tokio::test]
@@ -68,17 +69,38 @@ async fn a_process_that_left_its_group_with_setsid_dies_with_its_run() {
     let script = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 60' &\nsleep 60\n";
     let stmt = fx.statement(op_id(27), MANIFEST, script, vars("api"));
     let handle = fx.start(&stmt, script).await;
-    let pid_file = fx.control.ops.dir(op_id(27)).unwrap().join("escaped.pid");
+    let pid_file = fx.exec.workdir(op_id(27)).join("escaped.pid");
     eventually(|| std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n'))).await;
     let escaped: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
-    };
     assert!(alive(escaped), "the escaped process runs in a session of its own");
     fx.control.set_phase(HOST_ADMIN, Phase::Operate, false).unwrap();
     let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
     assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
     eventually(|| !alive(escaped)).await;
     assert!(!alive(escaped), "what left the process group died with its cell");
+}
+
+#[tokio::test]
+async fn a_run_past_its_time_limit_is_killed_whole_and_recorded_as_timed_out() {
+    let mut fx = Fx::new(ALL_PHASES);
+    fx.set_run_limits(RunLimits { wall_time: std::time::Duration::from_millis(500), ..RunLimits::default() });
+    // It tries to outlive its limit in a session of its own, too.
+    let script = "echo started\nsetsid sh -c 'echo $$ > escaped.pid; exec sleep 60' &\nsleep 60\n";
+    let stmt = fx.statement(op_id(28), MANIFEST, script, vars("api"));
+    let handle = fx.start(&stmt, script).await;
+    let pid_file = fx.exec.workdir(op_id(28)).join("escaped.pid");
+    eventually(|| std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n'))).await;
+    let escaped: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    assert_eq!(fx.execution(&r).status, ExecutionStatus::TimedOut);
+    assert_eq!(String::from_utf8(fx.control.ops.open_output(op_id(28)).unwrap()).unwrap(), "started\n");
+    eventually(|| !alive(escaped)).await;
+    assert!(!alive(escaped), "what it started died with it");
+}
+
+/// Whether process `pid` runs (and is not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
 }

@@ -1,21 +1,16 @@
-//! The box vendor code runs in: a cgroup of its own per run, killed as a whole.
+//! A cgroup of its own per run, killed as a whole.
 //!
-//! Everything the appliance starts for the vendor runs in a cgroup v2 "cell" made for that run,
-//! under one directory per appliance (`airlock-box-<hash of the state directory>`), beside the
-//! appliance's own cgroup.
+//! Each run gets a cgroup v2 "cell" under one directory per appliance
+//! (`airlock-box-<hash of the state directory>`), beside the appliance's own cgroup.
 //! A process cannot leave its cgroup by `setsid` or a double fork, so killing the cell
-//! (`cgroup.kill`) ends everything the run started, and crash recovery kills what a previous
+//! (`cgroup.kill`) ends everything the run started, and a restart kills what a previous
 //! process left by its cell, never by a process id that may have been reused.
-//! A run is moved into its cell before its script starts: the shell that starts it waits on
-//! its standard input until the appliance has written its pid into the cell.
+//! The child enters its cell itself, between fork and exec (see `confine`), so nothing of the
+//! script runs outside it.
 //! The cgroup v2 hierarchy is found through `/proc/self/mountinfo` (on some hosts it is
 //! mounted beside v1 controllers, at `/sys/fs/cgroup/unified`).
-//! Where there is none, or the appliance may not create cgroups (it is not root and nothing
-//! delegated it one), runs fall back to their own process group, and the appliance says so at
-//! start.
-//! Later parts of the box (its own user, Landlock, limits) build on the same cell (issue 12).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use airlock_core::OperationId;
@@ -40,17 +35,16 @@ pub(crate) struct Cell {
 }
 
 impl Cells {
-    /// This appliance's cell directory, made if needed; `Err` says why there is none.
-    pub(crate) fn open(state_dir: &Path) -> Result<Self, String> {
+    /// This appliance's cell directory (named by `tag`), made if needed; `Err` says why there
+    /// is none.
+    pub(crate) fn open(tag: &str) -> Result<Self, String> {
         let mountinfo =
             std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
         let mount = cgroup2_mount(&mountinfo).ok_or("no cgroup v2 hierarchy is mounted")?;
         let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
         let own = own_cgroup(&own).ok_or("this process has no cgroup v2 path")?;
-        let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
-        let tag = airlock_core::operation::sha256_hex(state.as_os_str().as_encoded_bytes());
         let parent = mount.join(own.trim_start_matches('/'));
-        let dir = parent.join(format!("airlock-box-{}", &tag[..16]));
+        let dir = parent.join(format!("airlock-box-{tag}"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         if !dir.join("cgroup.kill").exists() {
             return Err(format!("{} has no cgroup.kill (a kernel before 5.14)", dir.display()));
@@ -64,7 +58,7 @@ impl Cells {
         if cell.dir.exists() {
             cell.kill_and_remove();
         }
-        std::fs::create_dir(&cell.dir).map_err(|e| format!("cannot create {}: {e}", cell.dir.display()))?;
+        std::fs::create_dir_all(&cell.dir).map_err(|e| format!("cannot create {}: {e}", cell.dir.display()))?;
         Ok(cell)
     }
 
@@ -82,10 +76,26 @@ impl Cells {
 }
 
 impl Cell {
-    /// Moves process `pid` (and so everything it will start) into this cell.
-    pub(crate) fn enter(&self, pid: u32) -> Result<(), String> {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
-            .map_err(|e| format!("cannot move process {pid} into {}: {e}", self.dir.display()))
+    /// The cell's `cgroup.procs`, open for writing: a process that writes `0` to it enters
+    /// the cell, with everything it will start.
+    pub(crate) fn procs(&self) -> Result<std::fs::File, String> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("cgroup.procs"))
+            .map_err(|e| format!("cannot open {}/cgroup.procs: {e}", self.dir.display()))
+    }
+
+    /// Caps the cell's processes and memory where the hierarchy has those controllers (on a
+    /// host whose controllers are all on v1, the run's resource limits hold them instead).
+    pub(crate) fn limit(&self, processes: u32, memory_bytes: u64) {
+        for (file, value) in [("pids.max", processes.to_string()), ("memory.max", memory_bytes.to_string())] {
+            let path = self.dir.join(file);
+            if path.exists()
+                && let Err(e) = std::fs::write(&path, value)
+            {
+                tracing::warn!(file = %path.display(), error = %e, "cannot set a cell's limit");
+            }
+        }
     }
 
     /// Kills everything in the cell at once, `setsid` and double-forked children included.
@@ -119,7 +129,7 @@ impl Cell {
     }
 
     #[cfg(test)]
-    pub(crate) fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &std::path::Path {
         &self.dir
     }
 }
@@ -186,15 +196,15 @@ mod tests {
     }
 
     /// Whether this host lets the test create cgroups (CI runs as root with cgroup v2).
-    fn cells() -> (tempfile::TempDir, Cells) {
-        let state = tempfile::tempdir().unwrap();
-        let cells = Cells::open(state.path()).expect("cgroup v2 is available to the tests (run them as root)");
-        (state, cells)
+    fn cells() -> Cells {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let tag = format!("test-{}-{nanos}", std::process::id());
+        Cells::open(&tag).expect("cgroup v2 is available to the tests (run them as root)")
     }
 
     #[test]
     fn a_cell_is_killed_whole_even_after_setsid_and_a_double_fork() {
-        let (_state, cells) = cells();
+        let cells = cells();
         let id = OperationId::from_random([0x5a; 16]);
         let cell = cells.create(id).unwrap();
         // A shell moved into the cell, which starts a session leader that double-forks.
@@ -203,7 +213,7 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        cell.enter(child.id()).unwrap();
+        std::fs::write(cell.dir().join("cgroup.procs"), child.id().to_string()).unwrap();
         drop(child.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(5);
         let procs = || std::fs::read_to_string(cell.dir().join("cgroup.procs")).unwrap().lines().count();

@@ -1,0 +1,64 @@
+//! The Landlock ruleset a run puts itself under.
+//!
+//! Landlock rules allow, they cannot deny, so the ruleset allows only what vendor code needs:
+//! reading and running the system (`/usr`, `/etc`, `/proc`, ...), a few devices, and
+//! everything in the run's own working directory. A system root that holds a protected path
+//! (the state directory) is left out whole. Its scopes keep the run from signalling any
+//! process outside its box and from connecting to abstract Unix sockets made outside it.
+
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, Scope,
+    path_beneath_rules,
+};
+
+/// The Landlock ABI the rules are written for (6 adds the signal and abstract-socket scopes);
+/// an older kernel enforces what it knows.
+const ABI_WANTED: ABI = ABI::V6;
+
+/// What vendor code may read and run.
+const SYSTEM: &[&str] =
+    &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc", "/sys"];
+
+/// The devices it may read and write.
+const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+
+/// Whether this kernel enforces Landlock at all: a ruleset that must be fully supported can
+/// be made.
+pub(super) fn available() -> bool {
+    Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .handle_access(AccessFs::from_all(ABI::V1))
+        .and_then(|r| r.create())
+        .is_ok()
+}
+
+/// The roots among `candidates` under which none of `protected` lies.
+pub(super) fn allowed_roots<'a>(candidates: &[&'a str], protected: &[PathBuf]) -> Vec<&'a str> {
+    candidates
+        .iter()
+        .copied()
+        .filter(|root| {
+            let real = std::fs::canonicalize(root).unwrap_or_else(|_| PathBuf::from(root));
+            !protected.iter().any(|p| p.starts_with(&real) || p.starts_with(root))
+        })
+        .collect()
+}
+
+/// The ruleset for a run whose working directory is `workdir`.
+pub(super) fn ruleset(workdir: &Path, protected: &[PathBuf]) -> Result<RulesetCreated, String> {
+    let all = AccessFs::from_all(ABI_WANTED);
+    let read = AccessFs::from_read(ABI_WANTED);
+    let build = || -> Result<RulesetCreated, landlock::RulesetError> {
+        Ruleset::default()
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(all)?
+            .scope(Scope::from_all(ABI_WANTED))?
+            .create()?
+            .add_rules(path_beneath_rules(allowed_roots(SYSTEM, protected), read))?
+            .add_rules(path_beneath_rules(allowed_roots(DEVICES, protected), all))?
+            .add_rules(path_beneath_rules([workdir], all))
+    };
+    build().map_err(|e| format!("cannot build the run's Landlock rules: {e}"))
+}

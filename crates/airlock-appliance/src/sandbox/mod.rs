@@ -1,0 +1,255 @@
+//! The box vendor code runs in.
+//!
+//! Everything the appliance starts for the vendor (operation scripts now, release services
+//! next) is started from a [`Sandbox::prepare`]d command, and runs:
+//! - in a cgroup cell of its own ([`cell`]), killed whole on cancel, revocation, timeout and,
+//!   after a crash, at the next start;
+//! - as the box user ([`user`]): a dedicated unprivileged uid and gid, never the appliance's;
+//! - with `no_new_privs` and a Landlock ruleset ([`fence`]) that lets it read the system and
+//!   write only its own working directory, and neither signal processes outside the box nor
+//!   connect to abstract sockets: even root-run code cannot open the state directory (the
+//!   admin socket, the output key, sealed output, the audit log) or signal the appliance;
+//! - in a private working directory outside the state directory, removed after the run;
+//! - under limits on wall time, processes, memory and open files ([`RunLimits`]).
+//!
+//! The child puts itself in its box between fork and exec ([`confine`]), so no instruction of
+//! the vendor's runs outside it; if any step fails, the spawn fails and nothing runs.
+//! Where the host lacks a part (no cgroup v2, no Landlock, an appliance that is not root), the
+//! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds.
+
+mod cell;
+mod confine;
+mod fence;
+#[cfg(test)]
+mod tests;
+mod user;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::OperationId;
+
+pub(crate) use cell::Cell;
+use cell::Cells;
+use confine::Confinement;
+pub(crate) use user::RunAs;
+
+/// The only `PATH` vendor code gets.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What one run may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RunLimits {
+    /// Past this, everything the run started is killed and it is recorded as timed out.
+    pub(crate) wall_time: Duration,
+    /// Processes (and threads) at once, a fork bomb's ceiling.
+    pub(crate) processes: u32,
+    /// Bytes of data memory per process (`RLIMIT_DATA`), and of the cell where the host's
+    /// cgroup v2 has a memory controller.
+    pub(crate) memory_bytes: u64,
+    pub(crate) open_files: u32,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self { wall_time: Duration::from_secs(3600), processes: 256, memory_bytes: 4 << 30, open_files: 1024 }
+    }
+}
+
+/// How this appliance boxes vendor code, settled when it starts.
+#[derive(Debug)]
+pub(crate) struct Sandbox {
+    /// `None` where the host offers no cgroup v2: runs are then held by their process group.
+    cells: Option<Cells>,
+    run_as: RunAs,
+    /// Where runs get their working directories, outside the state directory.
+    work_root: PathBuf,
+    /// What vendor code must never reach, so no Landlock rule may cover it.
+    protected: Vec<PathBuf>,
+    /// Whether the kernel enforces Landlock rules.
+    landlock: bool,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Every run removed its working directory; one a run still holds stays for the next start.
+        let _ = std::fs::remove_dir(&self.work_root);
+    }
+}
+
+/// One run's box: its cell and its working directory, disposed of when the run ends.
+#[derive(Debug)]
+pub(crate) struct Boxed {
+    pub(crate) cell: Option<Arc<Cell>>,
+    workdir: PathBuf,
+}
+
+impl Sandbox {
+    /// Settles how runs are boxed on this host, kills what a previous process left running and
+    /// removes its working directories. `box_user` names the user vendor code runs as; by
+    /// default the appliance picks an unused uid of its own.
+    pub(crate) fn open(state_dir: &Path, box_user: Option<&str>) -> Result<Self, String> {
+        let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+        let tag = airlock_core::operation::sha256_hex(state.as_os_str().as_encoded_bytes())[..16].to_owned();
+        let run_as = user::resolve(box_user, &tag)?;
+        let cells = match Cells::open(&tag) {
+            Ok(cells) => Some(cells),
+            Err(why) => {
+                tracing::warn!(reason = %why, "no cgroup for vendor code: each run is held by its process group only, which setsid escapes");
+                None
+            }
+        };
+        let work_root = std::env::temp_dir().join(format!("airlock-box-{tag}"));
+        if work_root.starts_with(&state) {
+            return Err(format!(
+                "the box's working directories ({}) must be outside the state directory",
+                work_root.display()
+            ));
+        }
+        let landlock = fence::available();
+        let sandbox = Self { cells, run_as, work_root, protected: vec![state], landlock };
+        sandbox.clear_leftovers()?;
+        match sandbox.run_as {
+            RunAs::BoxUser { uid, gid } => tracing::info!(uid, gid, landlock, "vendor code runs boxed"),
+            RunAs::Appliance => tracing::warn!(
+                landlock,
+                "the appliance is not root, so vendor code runs as the appliance's own user (boxed by Landlock where the kernel has it)"
+            ),
+        }
+        if !landlock {
+            tracing::warn!(
+                "this kernel does not enforce Landlock: vendor code is kept from the state directory by its permissions only"
+            );
+        }
+        Ok(sandbox)
+    }
+
+    /// Runs vendor code as `run_as` from now on, as an appliance that is not root would.
+    #[cfg(test)]
+    pub(crate) fn set_run_as(&mut self, run_as: RunAs) {
+        self.run_as = run_as;
+    }
+
+    /// Where the run of `id` works, while it runs.
+    pub(crate) fn workdir(&self, id: OperationId) -> PathBuf {
+        self.work_root.join(id.to_string())
+    }
+
+    /// Kills whatever a previous process left running and removes its working directories.
+    fn clear_leftovers(&self) -> Result<(), String> {
+        if let Some(cells) = &self.cells {
+            for (id, cell) in cells.leftovers() {
+                if cell.populated() {
+                    tracing::warn!(request_id = %id, "killing what an interrupted operation left running");
+                }
+                cell.kill_and_remove();
+            }
+        }
+        match std::fs::remove_dir_all(&self.work_root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot clear {}: {e}", self.work_root.display())),
+        }
+        std::fs::create_dir_all(&self.work_root)
+            .and_then(|()| std::fs::set_permissions(&self.work_root, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|e| format!("cannot create {}: {e}", self.work_root.display()))
+    }
+
+    /// A command that runs `script` for operation `id` in a box of its own, with `env` (and
+    /// only `PATH`, `HOME` and `TMPDIR` besides), no standard input, and its output piped.
+    pub(crate) fn prepare(
+        &self,
+        id: OperationId,
+        script: &[u8],
+        env: &std::collections::BTreeMap<String, String>,
+        limits: &RunLimits,
+    ) -> Result<(tokio::process::Command, Boxed), String> {
+        let cell = match &self.cells {
+            Some(cells) => {
+                let cell = cells.create(id)?;
+                cell.limit(limits.processes, limits.memory_bytes);
+                Some(Arc::new(cell))
+            }
+            None => None,
+        };
+        let boxed = Boxed { cell, workdir: self.workdir(id) };
+        let made = self.make_workdir(&boxed.workdir, script).and_then(|()| {
+            let fence = if self.landlock { Some(fence::ruleset(&boxed.workdir, &self.protected)?) } else { None };
+            let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
+            Ok(Confinement::new(procs, self.run_as, limits, fence))
+        });
+        let mut confinement = match made {
+            Ok(c) => c,
+            Err(e) => {
+                boxed.dispose();
+                return Err(e);
+            }
+        };
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("script.sh")
+            .env_clear()
+            .env("PATH", PATH)
+            .env("HOME", &boxed.workdir)
+            .env("TMPDIR", &boxed.workdir)
+            .envs(env)
+            .current_dir(&boxed.workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        // SAFETY: `apply` runs in the forked child before exec and makes only system calls on
+        // values prepared here (see `confine`): no allocation, no locks.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || confinement.apply());
+        }
+        Ok((cmd, boxed))
+    }
+
+    /// The run's private working directory, owned by the box user, with the script in it.
+    fn make_workdir(&self, dir: &Path, script: &[u8]) -> Result<(), String> {
+        let io = |e: std::io::Error| format!("cannot make the working directory {}: {e}", dir.display());
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io)?;
+        }
+        std::fs::create_dir(dir).map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        let file = dir.join("script.sh");
+        std::fs::write(&file, script).map_err(io)?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+        if let RunAs::BoxUser { uid, gid } = self.run_as {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+impl Boxed {
+    /// Kills everything the run started.
+    pub(crate) fn kill(&self, pgid: i32) {
+        match &self.cell {
+            Some(cell) => cell.kill(),
+            None => crate::running::kill_group(pgid),
+        }
+    }
+
+    /// Kills what is left, removes the cell and the working directory.
+    pub(crate) fn dispose(&self) {
+        if let Some(cell) = &self.cell {
+            cell.kill_and_remove();
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.workdir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.workdir.display(), error = %e, "cannot remove a run's working directory");
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+}

@@ -1,0 +1,137 @@
+//! Vendor code tries to escape its box. CI runs as root with cgroup v2 and Landlock, which
+//! these tests need: they fail, never skip, where the box cannot be built.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use airlock_core::OperationId;
+
+use super::*;
+
+struct Run {
+    code: Option<i32>,
+    output: String,
+}
+
+fn state() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(dir.path().join("output.key"), "the appliance's key").unwrap();
+    std::fs::set_permissions(dir.path().join("output.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    dir
+}
+
+fn id(n: u8) -> OperationId {
+    OperationId::from_random([n; 16])
+}
+
+async fn run(sandbox: &Sandbox, n: u8, script: &str, env: &[(&str, String)], limits: &RunLimits) -> Run {
+    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let (mut cmd, boxed) = sandbox.prepare(id(n), script.as_bytes(), &env, limits).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.unwrap().unwrap();
+    boxed.dispose();
+    assert!(!boxed.workdir().exists(), "the working directory is removed after the run");
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    Run { code: out.status.code(), output }
+}
+
+/// The box as an appliance running as root builds it.
+fn boxed(state: &tempfile::TempDir) -> Sandbox {
+    let sandbox = Sandbox::open(state.path(), None).unwrap();
+    assert!(matches!(sandbox.run_as, RunAs::BoxUser { .. }), "the tests run as root");
+    assert!(sandbox.cells.is_some() && sandbox.landlock, "cgroup v2 and Landlock are available to the tests");
+    sandbox
+}
+
+/// Vendor code that runs with root's uid: only Landlock and the cell hold it.
+fn boxed_as_root(state: &tempfile::TempDir) -> Sandbox {
+    let mut sandbox = boxed(state);
+    sandbox.run_as = RunAs::Appliance;
+    sandbox
+}
+
+#[tokio::test]
+async fn vendor_code_runs_as_the_box_user_in_a_private_directory_outside_the_state() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let RunAs::BoxUser { uid, gid } = sandbox.run_as else { unreachable!() };
+    let r = run(&sandbox, 1, "id -u; id -g; id -G; pwd; echo $HOME", &[], &RunLimits::default()).await;
+    let lines: Vec<&str> = r.output.lines().collect();
+    assert_eq!(&lines[..3], &[uid.to_string(), gid.to_string(), gid.to_string()], "{}", r.output);
+    assert_ne!(uid, 0);
+    assert!(!lines[3].starts_with(state.path().to_str().unwrap()), "{}", r.output);
+    assert_eq!(lines[3], lines[4]);
+    assert_eq!(r.code, Some(0));
+}
+
+#[tokio::test]
+async fn vendor_code_cannot_read_the_state_directory_even_with_roots_uid() {
+    let state = state();
+    let key = state.path().join("output.key");
+    for as_root in [false, true] {
+        let sandbox = if as_root { boxed_as_root(&state) } else { boxed(&state) };
+        let script =
+            "cat \"$KEY\" && echo READ; ls \"$STATE\" && echo LISTED; echo x > \"$STATE/planted\" && echo WROTE; true";
+        let env = [("KEY", key.display().to_string()), ("STATE", state.path().display().to_string())];
+        let r = run(&sandbox, 2, script, &env, &RunLimits::default()).await;
+        assert!(!r.output.contains("the appliance's key"), "{}", r.output);
+        assert!(
+            !r.output.contains("READ") && !r.output.contains("LISTED") && !r.output.contains("WROTE"),
+            "{}",
+            r.output
+        );
+        assert!(!state.path().join("planted").exists());
+    }
+}
+
+#[tokio::test]
+async fn vendor_code_cannot_signal_the_appliance() {
+    let state = state();
+    let me = std::process::id().to_string();
+    for as_root in [false, true] {
+        let sandbox = if as_root { boxed_as_root(&state) } else { boxed(&state) };
+        let r = run(
+            &sandbox,
+            3,
+            "kill -0 \"$APPLIANCE\" && echo SIGNALLED; true",
+            &[("APPLIANCE", me.clone())],
+            &RunLimits::default(),
+        )
+        .await;
+        assert!(!r.output.contains("SIGNALLED"), "{}", r.output);
+    }
+}
+
+#[tokio::test]
+async fn a_fork_bomb_stops_at_the_process_limit() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let limits = RunLimits { processes: 16, ..RunLimits::default() };
+    // Fifty processes at once, each saying it started (the shell dies at the first fork
+    // the kernel refuses).
+    let script = "i=0; while [ $i -lt 50 ]; do { echo started; exec sleep 1; } & i=$((i+1)); done";
+    let r = run(&sandbox, 4, script, &[], &limits).await;
+    let started = u32::try_from(r.output.matches("started").count()).unwrap();
+    assert!((1..limits.processes).contains(&started), "{started} started: {}", r.output);
+}
+
+#[tokio::test]
+async fn a_run_that_fails_to_enter_its_box_does_not_run() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let env = BTreeMap::new();
+    let (mut cmd, boxed) = sandbox.prepare(id(5), b"touch ran", &env, &RunLimits::default()).unwrap();
+    // Its cell is gone before it starts: the child cannot enter it, so the spawn fails.
+    boxed.cell.as_ref().unwrap().kill_and_remove();
+    assert!(cmd.output().await.is_err());
+    assert!(!boxed.workdir().join("ran").exists());
+    boxed.dispose();
+}
+
+#[test]
+fn no_landlock_rule_covers_the_state_directory() {
+    let protected = vec![PathBuf::from("/var/lib/airlock"), PathBuf::from("/opt/airlock/state")];
+    assert_eq!(fence::allowed_roots(&["/usr", "/var", "/opt", "/etc"], &protected), vec!["/usr", "/etc"]);
+}

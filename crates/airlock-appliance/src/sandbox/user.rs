@@ -1,0 +1,62 @@
+//! Who vendor code runs as.
+//!
+//! An appliance running as root runs vendor code as a dedicated unprivileged user and group:
+//! the one the configuration names, or else a uid of its own from the range systemd keeps for
+//! dynamic users (61184–65519), picked by the state directory's hash and checked to be in
+//! neither the user nor the group database, so no file on the host belongs to it.
+//! An appliance that is not root cannot switch users: vendor code then runs as the
+//! appliance's own user, and only Landlock keeps it from the appliance's files.
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+/// The first and last uid of the dynamic range.
+const DYNAMIC_FIRST: u32 = 61184;
+const DYNAMIC_LAST: u32 = 65519;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RunAs {
+    /// A dedicated unprivileged user and group the appliance switches to.
+    BoxUser { uid: u32, gid: u32 },
+    /// The appliance's own user: it is not root, so it cannot switch.
+    Appliance,
+}
+
+/// Settles who vendor code runs as; `tag` (hex) picks the dynamic uid.
+pub(crate) fn resolve(configured: Option<&str>, tag: &str) -> Result<RunAs, String> {
+    if !Uid::effective().is_root() {
+        if let Some(name) = configured {
+            return Err(format!(
+                "the box user `{name}` is configured, but only an appliance running as root can switch to it"
+            ));
+        }
+        return Ok(RunAs::Appliance);
+    }
+    match configured {
+        Some(name) => named(name),
+        None => dynamic(tag),
+    }
+}
+
+fn named(name: &str) -> Result<RunAs, String> {
+    let user = User::from_name(name)
+        .map_err(|e| format!("cannot look up the box user `{name}`: {e}"))?
+        .ok_or_else(|| format!("the box user `{name}` does not exist; create it (useradd --system {name})"))?;
+    if user.uid.is_root() || user.gid.as_raw() == 0 {
+        return Err(format!("the box user `{name}` is root or in group root: vendor code must run unprivileged"));
+    }
+    Ok(RunAs::BoxUser { uid: user.uid.as_raw(), gid: user.gid.as_raw() })
+}
+
+fn dynamic(tag: &str) -> Result<RunAs, String> {
+    let span = DYNAMIC_LAST - DYNAMIC_FIRST + 1;
+    let seed = u32::from_str_radix(tag.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    for step in 0..64 {
+        let id = DYNAMIC_FIRST + (seed.wrapping_add(step) % span);
+        let user_free = matches!(User::from_uid(Uid::from_raw(id)), Ok(None));
+        let group_free = matches!(Group::from_gid(Gid::from_raw(id)), Ok(None));
+        if user_free && group_free {
+            return Ok(RunAs::BoxUser { uid: id, gid: id });
+        }
+    }
+    Err("no free uid in 61184-65519 for vendor code; name a box user in the configuration".to_owned())
+}
