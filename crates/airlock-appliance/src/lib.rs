@@ -69,6 +69,10 @@ use airlock_core::{Fingerprint, Timestamp};
 
 use clock::now;
 
+/// For `benches/sandbox.rs` only: what the box costs a run.
+#[doc(hidden)]
+pub use sandbox::bench as sandbox_bench;
+
 pub use config::ApplianceConfig;
 pub use control::release::ReleaseRefusal;
 pub use customer::PolicyRejection;

@@ -17,6 +17,7 @@
 //! Where the host lacks a part (no cgroup v2, no Landlock, an appliance that is not root), the
 //! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds.
 
+pub mod bench;
 mod cell;
 mod confine;
 mod fence;
