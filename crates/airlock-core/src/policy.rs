@@ -102,7 +102,7 @@ impl Window {
     }
 }
 
-/// One exact template: its name and the content hash `airlock template show` prints.
+/// One exact template: its name and the content hash `airlock template list` prints.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateRef {

@@ -165,6 +165,36 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
 }
 
 #[test]
+fn a_new_template_version_that_renames_the_denied_variable_is_still_denied_on_the_appliance() {
+    let s = setup(POLICY);
+    // The vendor pushes a new version of `greet` whose variable is `target`, not `name`: the
+    // customer's rule about `name = "billing"` must not be evaded by the rename.
+    let dir = s.server.dir.path().join("template-greet-v2");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("template.toml"),
+        "name = \"greet\"\ndescription = \"greet, version 2\"\nphase = \"operate\"\n\
+         data_tags = [\"service:greet\"]\nbody = \"run.sh\"\n\n[[variables]]\nname = \"target\"\n\
+         pattern = \"[a-z]+\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("run.sh"), "#!/bin/sh\necho \"hello $AIRLOCK_VAR_TARGET\"\n").unwrap();
+    s.server.ok(&["template", "push", dir.to_str().unwrap()]);
+    for value in ["billing", "world"] {
+        let out =
+            s.server.ok(&["op", "request", &s.env, "greet", "--var", &format!("target={value}"), "--reason", "v2"]);
+        let id = out.lines().next().unwrap().trim().to_owned();
+        let op = s.wait_state(&id, "refused");
+        assert_eq!(op["deny_code"], "rule_variable_missing", "{op}");
+        let reason = op["refusal_reason"].as_str().unwrap();
+        assert!(reason.contains("never-touch-billing") && reason.contains("`name`"), "{op}");
+    }
+    let denied = s.audited("operation.denied");
+    assert!(denied.iter().filter(|r| r.to_string().contains("never-touch-billing")).count() >= 2, "{denied:?}");
+    assert!(s.audited("operation.executed").is_empty(), "nothing may have run");
+}
+
+#[test]
 fn disabling_operate_on_the_host_kills_the_running_operation() {
     let s = setup(POLICY);
     s.push_template("long-task", "operate", "[]", "#!/bin/sh\necho $$ > \"$AIRLOCK_VAR_NAME\"\nsleep 120\necho done\n");
