@@ -99,6 +99,14 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     };
     let out = ok(verify(&m), "verify");
     assert!(out.contains("OK") && out.contains(&id), "{out}");
+    // Without the policy the execution names, its deny rules and caps go unchecked, and the
+    // customer is told; with it, they are checked.
+    assert!(out.contains("deny rules and caps NOT checked"), "{out}");
+    let policy = s.server.dir.path().join("policy.json");
+    let mut with_policy = vec!["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
+    with_policy.extend(["--ca", ca.to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
+    let out = ok(airlock(&with_policy), "verify --policy");
+    assert!(out.contains("execution.policy") && !out.contains("NOT checked"), "{out}");
 
     let mut tampered: Value = serde_json::from_str(&manifest).unwrap();
     let release = tampered["release"]["payload"].as_str().unwrap().to_owned();

@@ -17,7 +17,8 @@
 //! 4. the customer's authority: the relayed approval (verified with the pinned keys), else
 //!    what the policy allows by itself, else an unrevoked pre-approval installed on this host;
 //!    `airlock_core::grant::evaluate_with` decides with the host's policy, switched-off
-//!    phases, spent nonces and clock.
+//!    phases, spent nonces and clock, and the content hash of the template the appliance
+//!    rendered (deny rules and standing windows may name it).
 //!
 //! An instruction that does not authenticate is refused and never stored.
 //! An authenticated one refused for good is stored, so the same answer is given again.
