@@ -10,6 +10,11 @@
 //! built-in denies, the customer's deny rules, the phase (policy and host switches), the
 //! appliance's own read-only probes (allowed), a standing window, then the grant.
 //!
+//! Deny rules and standing windows see what a request is, not only what it is called: its
+//! data tags, the content hash of the template it was rendered from, and its variables'
+//! values. A rule naming a variable the request lacks denies (fail closed), so a new template
+//! version that renames the variable is still denied ([`customer_deny`]).
+//!
 //! What the vendor labels a request is not trusted to lift anything: Observe without a grant
 //! covers only the appliance's built-in probes, never a vendor template that calls itself
 //! Observe; built-in denies match the declared data-access tags as well as the kind, and the
@@ -22,13 +27,11 @@ use sha2::{Digest, Sha256};
 
 use crate::customer_key::CustomerPublicKey;
 use crate::dsse::{DsseError, Envelope};
-use crate::policy::{Phase, VerifiedPolicy, Weekday};
+use crate::policy::{DenyRule, Phase, PolicyDocument, VerifiedPolicy, Weekday, Window};
+use crate::probe::BuiltinProbe;
 use crate::{ApplianceId, OperationId, Timestamp};
 
 pub const GRANT_PAYLOAD_TYPE: &str = "application/vnd.airlock.grant.v1+json";
-
-/// The appliance's own read-only probes: the only operations Observe allows without a grant.
-pub const BUILTIN_OBSERVE_KINDS: &[&str] = &["status", "health", "versions", "secret-exists"];
 
 /// Data-access tags no policy can allow.
 pub const BUILTIN_DENIED_TAGS: &[(&str, &str)] = &[
@@ -376,6 +379,17 @@ pub enum DenyReason {
     PreApprovalRevoked {
         id: String,
     },
+    /// One of the customer's deny rules names a variable the request does not have: it cannot
+    /// be shown not to apply, so it denies.
+    RuleVariableMissing {
+        rule: String,
+        variable: String,
+    },
+    /// Executed as one of the appliance's built-in probes (no customer signature), but it is
+    /// not one: another name, variables, data tags or a script.
+    NotBuiltinProbe {
+        kind: String,
+    },
 }
 
 /// Which check a [`DenyReason`] comes from, without its details: what crosses the wire, so
@@ -402,6 +416,8 @@ pub enum DenyCode {
     CustomerDenied,
     OutsidePreApproval,
     PreApprovalRevoked,
+    RuleVariableMissing,
+    NotBuiltinProbe,
 }
 
 impl DenyReason {
@@ -427,6 +443,8 @@ impl DenyReason {
             DenyReason::CustomerDenied => DenyCode::CustomerDenied,
             DenyReason::OutsidePreApproval { .. } => DenyCode::OutsidePreApproval,
             DenyReason::PreApprovalRevoked { .. } => DenyCode::PreApprovalRevoked,
+            DenyReason::RuleVariableMissing { .. } => DenyCode::RuleVariableMissing,
+            DenyReason::NotBuiltinProbe { .. } => DenyCode::NotBuiltinProbe,
         }
     }
 }
@@ -459,6 +477,13 @@ impl std::fmt::Display for DenyReason {
                 write!(f, "pre-approval {id} does not cover this request: {why}")
             }
             DenyReason::PreApprovalRevoked { id } => write!(f, "pre-approval {id} was revoked by the customer"),
+            DenyReason::RuleVariableMissing { rule, variable } => write!(
+                f,
+                "denied by customer rule `{rule}`: it names variable `{variable}`, which this request does not have"
+            ),
+            DenyReason::NotBuiltinProbe { kind } => {
+                write!(f, "`{kind}` is not one of the appliance's built-in probes, which alone need no approval")
+            }
         }
     }
 }
@@ -476,6 +501,9 @@ pub struct Context<'a> {
     pub disabled: &'a std::collections::BTreeSet<Phase>,
     pub appliance: ApplianceId,
     pub now: Timestamp,
+    /// Content hash of the template the request's command was rendered from, as the deciding
+    /// side knows it: the appliance's own render, or offline the signed command.
+    pub template_sha256: &'a str,
     /// Answers from the appliance's durable record of spent nonces.
     pub nonce_used: &'a dyn Fn(&str) -> bool,
 }
@@ -487,8 +515,6 @@ pub enum Authority<'a> {
     Grant(&'a VerifiedGrant),
     PreApproval {
         pre: &'a VerifiedPreApproval,
-        /// Content hash of the template the appliance itself rendered the command from.
-        template_sha256: &'a str,
         /// Runs already counted against it (the appliance's durable counter).
         runs_used: u32,
         /// Revoked by the customer on the appliance host.
@@ -509,16 +535,10 @@ pub fn evaluate_with(ctx: &Context<'_>, req: &OperationRequest, authority: Autho
     if req.appliance != ctx.appliance {
         return Deny(DenyReason::AnotherAppliance);
     }
-    let kind = req.kind.to_ascii_lowercase();
-    if let Some((_, rule)) = BUILTIN_DENIED_KINDS.iter().find(|(k, _)| *k == kind) {
-        return Deny(DenyReason::BuiltIn { rule });
+    if let Some(reason) = builtin_deny(req) {
+        return Deny(reason);
     }
-    if let Some((_, rule)) =
-        BUILTIN_DENIED_TAGS.iter().find(|(tag, _)| req.data_tags.iter().any(|t| t.eq_ignore_ascii_case(tag)))
-    {
-        return Deny(DenyReason::BuiltIn { rule });
-    }
-    let builtin_probe = req.phase == Phase::Observe && BUILTIN_OBSERVE_KINDS.contains(&kind.as_str());
+    let builtin_probe = BuiltinProbe::of_request(req).is_some();
     if ctx.disabled.contains(&req.phase) {
         return Deny(DenyReason::PhaseDisabled { phase: req.phase });
     }
@@ -526,11 +546,8 @@ pub fn evaluate_with(ctx: &Context<'_>, req: &OperationRequest, authority: Autho
         return if builtin_probe { allow(req, None, Basis::ObservePhase) } else { Deny(DenyReason::NoPolicy) };
     };
     let doc = policy.document();
-    if let Some(rule) = doc.deny.iter().find(|r| {
-        (r.kind == "*" || r.kind.eq_ignore_ascii_case(&req.kind))
-            && r.args.iter().all(|(k, v)| req.args.get(k) == Some(v))
-    }) {
-        return Deny(DenyReason::DeniedByRule { rule: rule.id.clone() });
+    if let Some(reason) = customer_deny(doc, req, ctx.template_sha256) {
+        return Deny(reason);
     }
     if !doc.phases.contains(&req.phase) {
         return Deny(DenyReason::PhaseDisabled { phase: req.phase });
@@ -538,24 +555,19 @@ pub fn evaluate_with(ctx: &Context<'_>, req: &OperationRequest, authority: Autho
     if builtin_probe {
         return allow(req, None, Basis::ObservePhase);
     }
-    if req.phase != Phase::Observe && doc.windows.iter().any(|w| w.phase == req.phase && window_contains(w, ctx.now)) {
+    if req.phase != Phase::Observe && doc.windows.iter().any(|w| window_covers(w, req, ctx.template_sha256, ctx.now)) {
         return allow(req, None, Basis::StandingWindow);
     }
     match authority {
         Authority::None => Deny(DenyReason::NoMatchingGrant),
         Authority::Grant(grant) => check_grant(ctx, doc, req, grant),
-        Authority::PreApproval { pre, template_sha256, runs_used, revoked } => {
-            check_pre_approval(ctx, doc, req, pre, template_sha256, runs_used, revoked)
+        Authority::PreApproval { pre, runs_used, revoked } => {
+            check_pre_approval(ctx, doc, req, pre, runs_used, revoked)
         }
     }
 }
 
-fn check_grant(
-    ctx: &Context<'_>,
-    doc: &crate::policy::PolicyDocument,
-    req: &OperationRequest,
-    grant: &VerifiedGrant,
-) -> Decision {
+fn check_grant(ctx: &Context<'_>, doc: &PolicyDocument, req: &OperationRequest, grant: &VerifiedGrant) -> Decision {
     use Decision::Deny;
     let g = &grant.body;
     if g.appliance != ctx.appliance {
@@ -600,10 +612,9 @@ fn check_grant(
 
 fn check_pre_approval(
     ctx: &Context<'_>,
-    doc: &crate::policy::PolicyDocument,
+    doc: &PolicyDocument,
     req: &OperationRequest,
     pre: &VerifiedPreApproval,
-    template_sha256: &str,
     runs_used: u32,
     revoked: bool,
 ) -> Decision {
@@ -622,7 +633,7 @@ fn check_pre_approval(
     if p.template != req.kind {
         return outside("it is for another template");
     }
-    if p.template_sha256 != template_sha256 {
+    if p.template_sha256 != ctx.template_sha256 {
         return outside("the template changed since it was pre-approved");
     }
     if p.phase != req.phase {
@@ -653,7 +664,79 @@ fn allow(req: &OperationRequest, nonce: Option<String>, basis: Basis) -> Decisio
     Decision::Allow(Permit { request_id: req.id, phase: req.phase, nonce, pre_approval: None, basis })
 }
 
-pub(crate) fn window_contains(w: &crate::policy::Window, now: Timestamp) -> bool {
+/// The built-in deny a request meets, by its kind or its declared data tags, whatever the
+/// spelling; no policy lifts it.
+pub fn builtin_deny(req: &OperationRequest) -> Option<DenyReason> {
+    let kind = req.kind.to_ascii_lowercase();
+    let by_kind = BUILTIN_DENIED_KINDS.iter().find(|(k, _)| *k == kind);
+    let by_tag =
+        || BUILTIN_DENIED_TAGS.iter().find(|(tag, _)| req.data_tags.iter().any(|t| t.eq_ignore_ascii_case(tag)));
+    by_kind.or_else(by_tag).map(|(_, rule)| DenyReason::BuiltIn { rule })
+}
+
+/// The first of the customer's deny rules that denies `req`, rendered from the template whose
+/// content hash is `template_sha256`.
+pub fn customer_deny(doc: &PolicyDocument, req: &OperationRequest, template_sha256: &str) -> Option<DenyReason> {
+    doc.deny.iter().find_map(|rule| match rule_verdict(rule, req, template_sha256) {
+        RuleVerdict::NotApplicable => None,
+        RuleVerdict::Denies => Some(DenyReason::DeniedByRule { rule: rule.id.clone() }),
+        RuleVerdict::VariableMissing(variable) => {
+            Some(DenyReason::RuleVariableMissing { rule: rule.id.clone(), variable })
+        }
+    })
+}
+
+/// What one deny rule says about one request.
+enum RuleVerdict {
+    NotApplicable,
+    Denies,
+    /// Nothing shows the rule does not apply, but a variable it names is missing.
+    VariableMissing(String),
+}
+
+fn rule_verdict(rule: &DenyRule, req: &OperationRequest, template_sha256: &str) -> RuleVerdict {
+    let kind_holds = rule.kind.as_deref().is_none_or(|k| k == "*" || k.eq_ignore_ascii_case(&req.kind));
+    let tags_hold =
+        rule.tags.is_empty() || rule.tags.iter().any(|t| req.data_tags.iter().any(|d| d.eq_ignore_ascii_case(t)));
+    let template_holds = rule.template_sha256.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(template_sha256));
+    if !(kind_holds && tags_hold && template_holds) {
+        return RuleVerdict::NotApplicable;
+    }
+    if let Some(pattern) = &rule.any_value
+        && !req.args.values().any(|v| pattern.is_match(v))
+    {
+        return RuleVerdict::NotApplicable;
+    }
+    let mut missing = None;
+    for (name, value) in &rule.args {
+        match req.args.get(name) {
+            Some(v) if v != value => return RuleVerdict::NotApplicable,
+            Some(_) => {}
+            None => {
+                missing.get_or_insert_with(|| name.clone());
+            }
+        }
+    }
+    match missing {
+        Some(variable) => RuleVerdict::VariableMissing(variable),
+        None => RuleVerdict::Denies,
+    }
+}
+
+/// Whether standing window `w` covers `req` (rendered from the template whose content hash is
+/// `template_sha256`) at `now`: its phase, its hours, and the templates or tags it is limited to.
+pub fn window_covers(w: &Window, req: &OperationRequest, template_sha256: &str, now: Timestamp) -> bool {
+    let template_listed =
+        || w.templates.iter().any(|t| t.name == req.kind && t.sha256.eq_ignore_ascii_case(template_sha256));
+    let tags_listed =
+        || !req.data_tags.is_empty() && req.data_tags.iter().all(|d| w.tags.iter().any(|t| t.eq_ignore_ascii_case(d)));
+    w.phase == req.phase
+        && window_contains(w, now)
+        && (w.templates.is_empty() || template_listed())
+        && (w.tags.is_empty() || tags_listed())
+}
+
+fn window_contains(w: &Window, now: Timestamp) -> bool {
     let t = now.to_offset_date_time();
     let day = match t.weekday() {
         time::Weekday::Monday => Weekday::Mon,
@@ -704,6 +787,11 @@ mod tests {
 
     fn policy(phases: &str, extra: &str) -> VerifiedPolicy {
         policy_signed(phases, extra, &[1])
+    }
+
+    /// The content hash of the template the test requests are rendered from.
+    fn template_sha() -> String {
+        "cd".repeat(32)
     }
 
     fn apl() -> ApplianceId {
@@ -759,17 +847,51 @@ mod tests {
         grant: Option<&VerifiedGrant>,
         used: bool,
     ) -> String {
+        render(decision(policy, disabled, req, &template_sha(), grant, used))
+    }
+
+    fn decision(
+        policy: Option<&VerifiedPolicy>,
+        disabled: &[Phase],
+        req: &OperationRequest,
+        template_sha256: &str,
+        grant: Option<&VerifiedGrant>,
+        used: bool,
+    ) -> Decision {
         let disabled: BTreeSet<Phase> = disabled.iter().copied().collect();
         let ctx = Context {
             policy,
             disabled: &disabled,
             appliance: apl(),
             now: Timestamp::from_unix_millis(TUESDAY_NOON),
+            template_sha256,
             nonce_used: &|_| used,
         };
-        match evaluate(&ctx, req, grant) {
+        evaluate(&ctx, req, grant)
+    }
+
+    fn render(d: Decision) -> String {
+        match d {
             Decision::Allow(p) => format!("allow {:?}", p.basis()).split(" {").next().unwrap_or_default().to_owned(),
             Decision::Deny(r) => format!("deny: {r}"),
+        }
+    }
+
+    /// The decision for `req` rendered from the template whose content hash is `template_sha256`.
+    fn check_rendered(
+        policy: &VerifiedPolicy,
+        req: &OperationRequest,
+        template_sha256: &str,
+        grant: Option<&VerifiedGrant>,
+    ) -> Decision {
+        decision(Some(policy), &[], req, template_sha256, grant, false)
+    }
+
+    /// The typed reason a decision denied with.
+    fn deny_reason(d: Decision) -> Option<DenyReason> {
+        match d {
+            Decision::Allow(_) => None,
+            Decision::Deny(r) => Some(r),
         }
     }
 
@@ -790,7 +912,10 @@ mod tests {
         // Observe is exercised through the appliance's own probe; Deploy and Operate through a
         // vendor template.
         for (kind, phase) in [("status", Phase::Observe), ("svc", Phase::Deploy), ("svc", Phase::Operate)] {
-            let req = request(kind, phase);
+            let mut req = request(kind, phase);
+            if phase == Phase::Observe {
+                req.args.clear();
+            }
             let grant = grant_for(&req, |_| {});
             let elevated = phase != Phase::Observe;
             let expect_no_grant =
@@ -798,8 +923,14 @@ mod tests {
             let expect_grant = if elevated { "allow Grant" } else { "allow ObservePhase" };
             assert_eq!(check(Some(&all), &req, None, false), expect_no_grant, "{phase:?} without grant");
             assert_eq!(check(Some(&all), &req, Some(&grant), false), expect_grant, "{phase:?} with grant");
-            // Explicit deny beats everything, grants included.
-            assert_eq!(check(Some(&deny), &req, Some(&grant), false), "deny: denied by customer rule `no-restart`");
+            // Explicit deny beats everything, grants included; a probe lacks the variable the
+            // rule names, which denies it too (fail closed).
+            let expect_deny = if elevated {
+                "deny: denied by customer rule `no-restart`"
+            } else {
+                "deny: denied by customer rule `no-restart`: it names variable `action`, which this request does not have"
+            };
+            assert_eq!(check(Some(&deny), &req, Some(&grant), false), expect_deny);
             // A phase switched off on the host beats everything but the built-in denies.
             let off = format!("deny: the customer has not enabled the {phase:?} phase");
             assert_eq!(decide(Some(&all), &[phase], &req, Some(&grant), false), off);
@@ -983,6 +1114,178 @@ mod tests {
         assert_eq!(check(Some(&all), &req, Some(&other), false), "deny: the grant is for another request");
     }
 
+    /// A request of `kind` with these variables, as a template version declaring `tags` renders it.
+    fn rendered(kind: &str, vars: &[(&str, &str)], tags: &[&str]) -> OperationRequest {
+        let mut req = request(kind, Phase::Deploy);
+        req.args = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        req.data_tags = tags.iter().map(|t| (*t).to_owned()).collect();
+        req
+    }
+
+    const DEPLOY_SVC_V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const DEPLOY_SVC_V2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn a_renamed_variable_in_a_new_template_version_is_still_denied() {
+        let p = policy(ALL, "[[deny]]\nid = \"no-billing\"\nkind = \"deploy-svc\"\nargs = { service = \"billing\" }\n");
+        let v1 = rendered("deploy-svc", &[("service", "billing")], &[]);
+        let grant = grant_for(&v1, |_| {});
+        assert_eq!(
+            deny_reason(check_rendered(&p, &v1, DEPLOY_SVC_V1, Some(&grant))),
+            Some(DenyReason::DeniedByRule { rule: "no-billing".into() })
+        );
+        let api = rendered("deploy-svc", &[("service", "api")], &[]);
+        assert_eq!(deny_reason(check_rendered(&p, &api, DEPLOY_SVC_V1, Some(&grant_for(&api, |_| {})))), None);
+        // The vendor's new version calls the variable `target`: the rule still holds, whatever
+        // the value, until the customer rewrites it.
+        for value in ["billing", "api"] {
+            let v2 = rendered("deploy-svc", &[("target", value)], &[]);
+            let denied = deny_reason(check_rendered(&p, &v2, DEPLOY_SVC_V2, Some(&grant_for(&v2, |_| {}))));
+            assert_eq!(
+                denied,
+                Some(DenyReason::RuleVariableMissing { rule: "no-billing".into(), variable: "service".into() }),
+                "{value}"
+            );
+            assert_eq!(denied.map(|d| d.code()), Some(DenyCode::RuleVariableMissing));
+        }
+        // Another template is not what the rule is about.
+        let other = rendered("restart-svc", &[("target", "billing")], &[]);
+        assert_eq!(deny_reason(check_rendered(&p, &other, DEPLOY_SVC_V1, Some(&grant_for(&other, |_| {})))), None);
+        // The kind compares without regard to case, as before.
+        let shouting = rendered("DEPLOY-SVC", &[("target", "billing")], &[]);
+        assert!(deny_reason(check_rendered(&p, &shouting, DEPLOY_SVC_V2, None)).is_some());
+    }
+
+    #[test]
+    fn a_rule_is_lifted_only_by_a_value_that_contradicts_it() {
+        let p = policy(
+            ALL,
+            "[[deny]]\nid = \"no-prod-billing\"\nkind = \"*\"\nargs = { service = \"billing\", env = \"prod\" }\n",
+        );
+        // `service` contradicts the rule: the missing `env` does not matter.
+        let api = rendered("deploy-svc", &[("service", "api")], &[]);
+        assert_eq!(deny_reason(check_rendered(&p, &api, DEPLOY_SVC_V1, Some(&grant_for(&api, |_| {})))), None);
+        let billing = rendered("deploy-svc", &[("service", "billing")], &[]);
+        assert_eq!(
+            deny_reason(check_rendered(&p, &billing, DEPLOY_SVC_V1, Some(&grant_for(&billing, |_| {})))),
+            Some(DenyReason::RuleVariableMissing { rule: "no-prod-billing".into(), variable: "env".into() })
+        );
+        let both = rendered("deploy-svc", &[("service", "billing"), ("env", "prod")], &[]);
+        assert_eq!(
+            deny_reason(check_rendered(&p, &both, DEPLOY_SVC_V1, None)),
+            Some(DenyReason::DeniedByRule { rule: "no-prod-billing".into() })
+        );
+        let staging = rendered("deploy-svc", &[("service", "billing"), ("env", "staging")], &[]);
+        assert_eq!(deny_reason(check_rendered(&p, &staging, DEPLOY_SVC_V1, None)), Some(DenyReason::NoMatchingGrant));
+    }
+
+    #[test]
+    fn renamed_templates_are_denied_by_tags_values_and_hashes() {
+        let p = policy(
+            ALL,
+            &format!(
+                "[[deny]]\nid = \"no-billing-writes\"\ntags = [\"billing:write\"]\n\
+                 [[deny]]\nid = \"no-billing-values\"\nany_value = \"billing|billing-[a-z]+\"\n\
+                 [[deny]]\nid = \"bad-version\"\ntemplate_sha256 = \"{DEPLOY_SVC_V1}\"\n"
+            ),
+        );
+        let rule = |id: &str| Some(DenyReason::DeniedByRule { rule: id.into() });
+        // Renamed, but it declares what it touches; the tag compares without regard to case.
+        for tag in ["billing:write", "BILLING:WRITE"] {
+            let renamed = rendered("ship-it", &[("target", "api")], &[tag, "service:restart"]);
+            assert_eq!(deny_reason(check_rendered(&p, &renamed, DEPLOY_SVC_V2, None)), rule("no-billing-writes"));
+        }
+        // Renamed template and variable: the value is still the value.
+        for value in ["billing", "billing-eu"] {
+            let renamed = rendered("ship-it", &[("target", value)], &[]);
+            assert_eq!(deny_reason(check_rendered(&p, &renamed, DEPLOY_SVC_V2, None)), rule("no-billing-values"));
+        }
+        // The pattern matches whole values only.
+        let lookalike = rendered("ship-it", &[("target", "not-billing")], &[]);
+        let grant = grant_for(&lookalike, |_| {});
+        assert_eq!(deny_reason(check_rendered(&p, &lookalike, DEPLOY_SVC_V2, Some(&grant))), None);
+        // One exact version is denied whatever it is called, and a new version is not that one.
+        let v1 = rendered("anything", &[("target", "api")], &[]);
+        assert_eq!(deny_reason(check_rendered(&p, &v1, DEPLOY_SVC_V1, None)), rule("bad-version"));
+        let grant = grant_for(&v1, |_| {});
+        assert_eq!(deny_reason(check_rendered(&p, &v1, DEPLOY_SVC_V2, Some(&grant))), None);
+        // Selectors combine: a tag rule limited to one kind does not touch other kinds.
+        let scoped = policy(ALL, "[[deny]]\nid = \"r\"\nkind = \"deploy-svc\"\ntags = [\"billing:write\"]\n");
+        let elsewhere = rendered("ship-it", &[], &["billing:write"]);
+        assert_eq!(
+            deny_reason(check_rendered(&scoped, &elsewhere, DEPLOY_SVC_V1, None)),
+            Some(DenyReason::NoMatchingGrant)
+        );
+    }
+
+    #[test]
+    fn deny_rules_beat_standing_windows_and_pre_approvals_too() {
+        let p = policy(
+            ALL,
+            "[[windows]]\nphase = \"deploy\"\ndays = [\"tue\"]\nstart = \"11:00\"\nend = \"13:00\"\n\
+             [[deny]]\nid = \"no-billing\"\nany_value = \"billing\"\n",
+        );
+        let billing = rendered("ship-it", &[("target", "billing")], &[]);
+        assert_eq!(
+            render(check_rendered(&p, &billing, DEPLOY_SVC_V1, None)),
+            "deny: denied by customer rule `no-billing`"
+        );
+        let api = rendered("ship-it", &[("target", "api")], &[]);
+        assert_eq!(render(check_rendered(&p, &api, DEPLOY_SVC_V1, None)), "allow StandingWindow");
+    }
+
+    #[test]
+    fn limited_standing_windows_cover_only_their_templates_and_tags() {
+        let window = |limit: &str| {
+            policy(
+                ALL,
+                &format!(
+                    "[[windows]]\nphase = \"deploy\"\ndays = [\"tue\"]\nstart = \"11:00\"\nend = \"13:00\"\n{limit}\n"
+                ),
+            )
+        };
+        let req = rendered("deploy-svc", &[("service", "api")], &["service:restart"]);
+        let outcome = |p: &VerifiedPolicy, req: &OperationRequest, sha: &str| render(check_rendered(p, req, sha, None));
+        let none = "deny: no customer grant covers this request";
+
+        let unlimited = window("");
+        assert_eq!(outcome(&unlimited, &req, DEPLOY_SVC_V2), "allow StandingWindow");
+        assert_eq!(
+            unlimited.document().warnings(),
+            [crate::policy::PolicyWarning::UnlimitedWindow { index: 0, phase: Phase::Deploy }]
+        );
+
+        let by_template = window(&format!("templates = [{{ name = \"deploy-svc\", sha256 = \"{DEPLOY_SVC_V1}\" }}]"));
+        assert!(by_template.document().warnings().is_empty());
+        assert_eq!(outcome(&by_template, &req, DEPLOY_SVC_V1), "allow StandingWindow");
+        // A new version, or another template under the same hash, is not what the customer named.
+        assert_eq!(outcome(&by_template, &req, DEPLOY_SVC_V2), none);
+        assert_eq!(outcome(&by_template, &rendered("ship-it", &[], &["service:restart"]), DEPLOY_SVC_V1), none);
+
+        let by_tags = window("tags = [\"service:restart\", \"service:read\"]");
+        assert!(by_tags.document().warnings().is_empty());
+        assert_eq!(outcome(&by_tags, &req, DEPLOY_SVC_V2), "allow StandingWindow");
+        let more = rendered("deploy-svc", &[], &["service:restart", "customer-db:read"]);
+        assert_eq!(outcome(&by_tags, &more, DEPLOY_SVC_V2), none);
+        // A request that declares nothing is not shown to touch only what the window allows.
+        assert_eq!(outcome(&by_tags, &rendered("deploy-svc", &[], &[]), DEPLOY_SVC_V2), none);
+
+        // Both limits given: both must hold.
+        let both = window(&format!(
+            "templates = [{{ name = \"deploy-svc\", sha256 = \"{DEPLOY_SVC_V1}\" }}]\ntags = [\"service:read\"]"
+        ));
+        assert_eq!(outcome(&both, &req, DEPLOY_SVC_V1), none);
+        // Outside the window's hours a limited window covers nothing either.
+        let later = policy(
+            ALL,
+            &format!(
+                "[[windows]]\nphase = \"deploy\"\ndays = [\"wed\"]\nstart = \"11:00\"\nend = \"13:00\"\n\
+                 templates = [{{ name = \"deploy-svc\", sha256 = \"{DEPLOY_SVC_V1}\" }}]\n"
+            ),
+        );
+        assert_eq!(outcome(&later, &req, DEPLOY_SVC_V1), none);
+    }
+
     fn pre_approval(edit: impl FnOnce(&mut PreApprovalBody)) -> VerifiedPreApproval {
         let now = Timestamp::from_unix_millis(TUESDAY_NOON);
         let mut body = PreApprovalBody {
@@ -1018,9 +1321,10 @@ mod tests {
             disabled: &disabled,
             appliance: apl(),
             now: Timestamp::from_unix_millis(TUESDAY_NOON),
+            template_sha256,
             nonce_used: &|_| false,
         };
-        match evaluate_with(&ctx, req, Authority::PreApproval { pre, template_sha256, runs_used, revoked }) {
+        match evaluate_with(&ctx, req, Authority::PreApproval { pre, runs_used, revoked }) {
             Decision::Allow(p) => {
                 assert_eq!(p.pre_approval(), Some("pa-restarts"));
                 assert_eq!(p.nonce(), None);

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod operation;
 pub mod pattern;
 pub mod policy;
+pub mod probe;
 pub mod template;
 pub mod time;
 pub mod token;

@@ -22,9 +22,11 @@ use sha2::{Digest, Sha256};
 use crate::customer_key::CustomerPublicKey;
 use crate::dsse::{Envelope, Signature, pae};
 use crate::grant::{
-    ApprovalDecision, ApprovalLevel, GRANT_PAYLOAD_TYPE, OperationRequest, PreApprovalBody, verify_grant_envelope,
-    verify_pre_approval_envelope,
+    ApprovalDecision, ApprovalLevel, Authority, Context, Decision, DenyReason, GRANT_PAYLOAD_TYPE, OperationRequest,
+    PreApprovalBody, evaluate_with, verify_grant_envelope, verify_pre_approval_envelope,
 };
+use crate::policy::VerifiedPolicy;
+use crate::probe::BuiltinProbe;
 use crate::template::RenderedCommand;
 use crate::{ApplianceIdentity, EnvironmentId, OperationId, TenantId, Timestamp};
 
@@ -479,9 +481,10 @@ pub struct VerifyInputs<'a> {
     pub customer_keys: &'a [CustomerPublicKey],
     /// Distinct customer keys an approval needs (the customer policy's `approvals_required`).
     pub approvals_required: usize,
-    /// The customer's policy, verified by the caller. Needed only to check an execution that a
-    /// standing window allowed (no per-request signature exists then; the policy is the proof).
-    pub policy: Option<&'a crate::policy::VerifiedPolicy>,
+    /// The customer's policy, verified by the caller: the one an execution names is held against
+    /// its deny rules and caps, and it is the proof of an execution in a standing window (no
+    /// per-request signature exists then).
+    pub policy: Option<&'a VerifiedPolicy>,
 }
 
 /// The check that failed, by name, and why.
@@ -490,6 +493,9 @@ pub struct VerifyInputs<'a> {
 pub struct ManifestError {
     pub check: &'static str,
     pub reason: String,
+    /// The decision the execution contradicts, when one does: a built-in deny, a customer
+    /// deny rule, a policy cap, a probe that is not one. Read this, never `reason`.
+    pub denied: Option<DenyReason>,
 }
 
 /// What a manifest proves, once every check passed.
@@ -502,17 +508,26 @@ pub struct ManifestReport {
     pub release: Option<ReleaseStatement>,
     /// Every check that passed, in order.
     pub checks: Vec<&'static str>,
+    /// Whether the execution was held against the customer's deny rules and caps: the policy
+    /// it names was given (or it names none). Built-in denies are always checked.
+    pub policy_checked: bool,
 }
 
 fn fail<T>(check: &'static str, reason: impl std::fmt::Display) -> Result<T, ManifestError> {
-    Err(ManifestError { check, reason: reason.to_string() })
+    Err(ManifestError { check, reason: reason.to_string(), denied: None })
+}
+
+fn denied<T>(check: &'static str, reason: DenyReason) -> Result<T, ManifestError> {
+    Err(ManifestError { check, reason: reason.to_string(), denied: Some(reason) })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(check: &'static str, payload: &[u8]) -> Result<T, ManifestError> {
     serde_json::from_slice(payload).or_else(|e| fail(check, format!("the signed statement is malformed: {e}")))
 }
 
-/// Verifies every signature and binding in a manifest, offline. Stops at the first failing
+/// Verifies every signature and binding in a manifest, offline, and that the execution was
+/// allowed: the built-in denies, the built-in probes, and (given the policy it names) the
+/// customer's deny rules and caps, whatever authority it ran on. Stops at the first failing
 /// check and names it.
 pub fn verify_manifest(json: &[u8], inputs: &VerifyInputs<'_>) -> Result<ManifestReport, ManifestError> {
     let m: Manifest = serde_json::from_slice(json).or_else(|e| fail("manifest.format", e))?;
@@ -554,6 +569,8 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
     // 2. The customer's authority: an approval or a pre-approval.
     let mut approval = None;
     let mut pre_approval = None;
+    let mut verified_grant = None;
+    let mut verified_pre = None;
     if let Some(env) = &m.approval {
         let g = verify_grant_envelope(env, inputs.customer_keys, inputs.approvals_required)
             .or_else(|e| fail("approval.signature", e))?;
@@ -569,6 +586,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         }
         checks.push("approval.binding");
         approval = Some(b);
+        verified_grant = Some(g);
     }
     if let Some(env) = &m.pre_approval {
         let p = verify_pre_approval_envelope(env, inputs.customer_keys, inputs.approvals_required)
@@ -588,14 +606,17 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         }
         checks.push("pre-approval.constraints");
         pre_approval = Some(b.clone());
+        verified_pre = Some(p);
     }
 
     // 3. The execution, as the appliance signed it.
     let mut execution = None;
+    let mut policy_checked = false;
     if let Some(env) = &m.execution {
         let cert = m.appliance_certificate.as_deref().ok_or_else(|| ManifestError {
             check: "execution.signature",
             reason: "the manifest has an execution but no appliance certificate".into(),
+            denied: None,
         })?;
         let e: ExecutionStatement = parse("execution.signature", &env.payload)?;
         let certified = verify_with_ca(env, EXECUTION_PAYLOAD_TYPE, cert, &ca, e.started_at)
@@ -652,16 +673,12 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                     return fail("execution.authority", "executed outside the pre-approval's window");
                 }
             }
-            // No customer signature is needed for the appliance's own read-only probes; a vendor
-            // template can never be one (core refuses templates with their names).
+            // No customer signature is needed for the appliance's own read-only probes, and
+            // nothing else is one, whatever it is called: the request must be the probe's own
+            // command, with no script, variables or data tags.
             AuthorityKind::Probe => {
-                let probe = req.phase == crate::policy::Phase::Observe
-                    && crate::grant::BUILTIN_OBSERVE_KINDS.contains(&req.kind.as_str());
-                if !probe {
-                    return fail(
-                        "execution.authority",
-                        format!("`{}` is not a built-in probe that needs no approval", req.kind),
-                    );
+                if BuiltinProbe::of_signed(req, &request.command).is_none() {
+                    return denied("execution.authority", DenyReason::NotBuiltinProbe { kind: req.kind.clone() });
                 }
             }
             // The customer's signed policy allowed it in a standing window: check against it.
@@ -680,16 +697,53 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                     && doc
                         .windows
                         .iter()
-                        .any(|w| w.phase == req.phase && crate::grant::window_contains(w, e.started_at));
+                        .any(|w| crate::grant::window_covers(w, req, &request.command.template_sha256, e.started_at));
                 if !inside {
                     return fail(
                         "execution.authority",
-                        "the policy has no standing window for this phase at that time",
+                        "the policy has no standing window for this request's phase, template or tags at that time",
                     );
                 }
             }
         }
         checks.push("execution.authority");
+
+        // The decision the appliance made, made again: no authority lifts a built-in deny, and
+        // none lifts the customer's deny rules or caps, which the policy the execution names
+        // holds.
+        if let Some(reason) = crate::grant::builtin_deny(req) {
+            return denied("execution.built-in-denies", reason);
+        }
+        checks.push("execution.built-in-denies");
+        let in_force = match (&e.authority.policy_digest, inputs.policy) {
+            (None, _) => Some(None),
+            (Some(named), Some(given)) if *named == given.digest_hex() => Some(Some(given)),
+            (Some(named), Some(_)) => {
+                return fail(
+                    "execution.policy",
+                    format!("executed under policy {named}, not the one given; give that signed policy"),
+                );
+            }
+            (Some(_), None) => None,
+        };
+        if let Some(policy) = in_force {
+            let authority = match e.authority.kind {
+                AuthorityKind::Grant => verified_grant.as_ref().map(Authority::Grant),
+                AuthorityKind::PreApproval => {
+                    verified_pre.as_ref().map(|pre| Authority::PreApproval { pre, runs_used: 0, revoked: false })
+                }
+                AuthorityKind::StandingWindow | AuthorityKind::Probe => Some(Authority::None),
+            };
+            // Checked under execution.authority: the authority named is in the manifest.
+            let Some(authority) = authority else {
+                return fail("execution.policy", "the authority the execution names is not in the manifest");
+            };
+            if let Err(reason) = decide_again(policy, &request, &e, authority) {
+                return denied("execution.policy", reason);
+            }
+            checks.push("execution.policy");
+            policy_checked = true;
+        }
         execution = Some(e);
     } else if m.appliance_certificate.is_some() || m.release.is_some() {
         return fail("execution.signature", "the manifest has a release or certificate but no execution");
@@ -716,7 +770,32 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         checks.push("release.binding");
         release = Some(r);
     }
-    Ok(ManifestReport { request, approval, pre_approval, execution, release, checks })
+    Ok(ManifestReport { request, approval, pre_approval, execution, release, checks, policy_checked })
+}
+
+/// Runs the appliance's decision for an executed request again, at its start time, with the
+/// policy that was in force. Offline, the phases switched off on the host, spent nonces and
+/// run counts are unknown: they are the appliance's to check, and count as unused here.
+fn decide_again(
+    policy: Option<&VerifiedPolicy>,
+    request: &RequestStatement,
+    e: &ExecutionStatement,
+    authority: Authority<'_>,
+) -> Result<(), DenyReason> {
+    let req = &request.request;
+    let disabled = std::collections::BTreeSet::new();
+    let ctx = Context {
+        policy,
+        disabled: &disabled,
+        appliance: req.appliance,
+        now: e.started_at,
+        template_sha256: &request.command.template_sha256,
+        nonce_used: &|_| false,
+    };
+    match evaluate_with(&ctx, req, authority) {
+        Decision::Allow(_) => Ok(()),
+        Decision::Deny(reason) => Err(reason),
+    }
 }
 
 /// Whether the output of a verified manifest may go to the vendor: released by the customer,

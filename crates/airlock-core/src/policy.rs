@@ -72,6 +72,11 @@ pub struct PolicyDocument {
     pub deny: Vec<DenyRule>,
 }
 
+/// A standing window: a phase allowed without a per-request grant at these times.
+///
+/// With `templates` or `tags` it allows only what they name; without either it allows every
+/// request of its phase, which `airlock customer policy sign` warns about
+/// ([`PolicyDocument::warnings`]).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
@@ -81,18 +86,79 @@ pub struct Window {
     pub start: String,
     /// `HH:MM`, UTC, after `start`.
     pub end: String,
+    /// Only these exact templates (name and content hash) run in the window; a new version of
+    /// a template is not covered until the customer names it.
+    #[serde(default)]
+    pub templates: Vec<TemplateRef>,
+    /// Only requests that declare data tags, all of them among these, run in the window.
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
 }
 
+impl Window {
+    /// Whether the window is limited to some templates or tags.
+    pub fn is_limited(&self) -> bool {
+        !self.templates.is_empty() || !self.tags.is_empty()
+    }
+}
+
+/// One exact template: its name and the content hash `airlock template list` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateRef {
+    pub name: String,
+    /// SHA-256 (hex) of the template's content.
+    pub sha256: String,
+}
+
+/// An explicit deny. It applies to a request when every selector it has holds (`kind`, `tags`,
+/// `template_sha256`), and then denies it when every value condition holds (`args`,
+/// `any_value`); a rule without value conditions denies all it applies to.
+///
+/// A rule that names a variable the request lacks denies it (fail closed): renaming the
+/// variable in a new template version must not lift the rule. `any_value` matches a value
+/// whatever its variable is called.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DenyRule {
     /// Named in refusals, so the customer sees which rule denied what.
     pub id: String,
-    /// Operation kind (template name) this rule matches, or `*`.
-    pub kind: String,
+    /// Operation kind (template name) this rule matches, or `*` (also when left out).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Data-access tags: the rule applies to a request that declares any of them.
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    /// The content hash of one exact template version the rule applies to.
+    #[serde(default)]
+    pub template_sha256: Option<String>,
     /// Variable name → exact value that must match (all of them), if any.
     #[serde(default)]
     pub args: std::collections::BTreeMap<String, String>,
+    /// A pattern the whole value of some variable, whatever its name, must match.
+    #[serde(default)]
+    pub any_value: Option<crate::pattern::AnchoredPattern>,
+}
+
+/// Something a policy allows that the customer may not have meant; it still signs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyWarning {
+    /// A standing window limited to no templates or tags: any request of its phase runs in it
+    /// without review.
+    UnlimitedWindow { index: usize, phase: Phase },
+}
+
+impl std::fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyWarning::UnlimitedWindow { index, phase } => write!(
+                f,
+                "standing window #{} allows any {phase:?} request without review; limit it with \
+                 `templates = [{{ name = \"…\", sha256 = \"…\" }}]` or `tags = [\"…\"]`",
+                index + 1
+            ),
+        }
+    }
 }
 
 fn one() -> usize {
@@ -163,17 +229,69 @@ impl PolicyDocument {
             if !self.phases.contains(&w.phase) {
                 return invalid(format!("a window allows {:?}, which `phases` does not enable", w.phase));
             }
+            for t in &w.templates {
+                if t.name.is_empty() {
+                    return invalid("a window's template needs a `name`".into());
+                }
+                check_sha256(&t.sha256, "a window's template `sha256`")?;
+            }
+            check_tags(&w.tags, "a window's")?;
         }
         let mut ids = BTreeSet::new();
         for d in &self.deny {
-            if d.id.is_empty() || d.kind.is_empty() {
-                return invalid("a deny rule needs an `id` and a `kind` (`*` for any)".into());
+            if d.id.is_empty() {
+                return invalid("a deny rule needs an `id`".into());
             }
+            if d.kind.as_deref().is_some_and(str::is_empty) {
+                return invalid(format!("deny rule `{}`: `kind` is empty; use `*` for any", d.id));
+            }
+            if d.kind.is_none()
+                && d.tags.is_empty()
+                && d.template_sha256.is_none()
+                && d.args.is_empty()
+                && d.any_value.is_none()
+            {
+                return invalid(format!(
+                    "deny rule `{}` matches nothing in particular; give a `kind` (`*` for any), `tags`, \
+                     `template_sha256`, `args` or `any_value`",
+                    d.id
+                ));
+            }
+            if let Some(sha) = &d.template_sha256 {
+                check_sha256(sha, &format!("deny rule `{}`: `template_sha256`", d.id))?;
+            }
+            check_tags(&d.tags, &format!("deny rule `{}`:", d.id))?;
             if !ids.insert(d.id.as_str()) {
                 return invalid(format!("deny rule id `{}` is used twice", d.id));
             }
         }
         Ok(())
+    }
+
+    /// What the customer should hear about before signing; none of it makes the policy invalid.
+    pub fn warnings(&self) -> Vec<PolicyWarning> {
+        self.windows
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.is_limited())
+            .map(|(index, w)| PolicyWarning::UnlimitedWindow { index, phase: w.phase })
+            .collect()
+    }
+}
+
+fn check_sha256(value: &str, what: &str) -> Result<(), PolicyError> {
+    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(PolicyError::Invalid(format!("{what} must be 64 lowercase hex digits (a SHA-256)")));
+    }
+    Ok(())
+}
+
+fn check_tags(tags: &BTreeSet<String>, whose: &str) -> Result<(), PolicyError> {
+    match tags.iter().find(|t| !crate::template::is_data_tag(t)) {
+        Some(t) => Err(PolicyError::Invalid(format!(
+            "{whose} tag {t:?} is not a data tag (1-64 of `a-z`, `0-9`, `:`, `_`, `-`)"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -378,9 +496,52 @@ args = { action = "drop" }
             (POLICY.replace("max_grant_hours = 2", "max_grant_hours = 0"), "max_grant_hours"),
             (POLICY.replace("kind = \"db-admin\"", "kind = \"db-admin\"\nkidn = 1"), "unknown field"),
             (POLICY.replace("phases = [\"observe\", \"deploy\"]", "phases = [\"root\"]"), "unknown variant"),
+            (POLICY.replace("kind = \"db-admin\"\nargs = { action = \"drop\" }", ""), "matches nothing"),
+            (POLICY.replace("kind = \"db-admin\"", "kind = \"\""), "`kind` is empty"),
+            (POLICY.replace("kind = \"db-admin\"", "template_sha256 = \"ABCD\""), "64 lowercase hex"),
+            (POLICY.replace("kind = \"db-admin\"", "tags = [\"Secret:Read\"]"), "not a data tag"),
+            (POLICY.replace("kind = \"db-admin\"", "any_value = \"[a-z]+)|(.*\""), "not a regular expression"),
+            (POLICY.replace("end = \"04:00\"", "end = \"04:00\"\ntags = [\"a b\"]"), "not a data tag"),
+            (
+                POLICY.replace("end = \"04:00\"", "end = \"04:00\"\ntemplates = [{ name = \"x\", sha256 = \"12\" }]"),
+                "64 lowercase hex",
+            ),
+            (POLICY.replace("end = \"04:00\"", "end = \"04:00\"\ntemplates = [{ name = \"x\" }]"), "missing field"),
         ] {
             let err = PolicyDocument::parse(&edit).unwrap_err().to_string();
             assert!(err.contains(expect), "expected `{expect}` in: {err}");
         }
+    }
+
+    #[test]
+    fn an_old_deny_rule_still_loads_and_means_the_same() {
+        let p = PolicyDocument::parse(POLICY).unwrap();
+        let rule = &p.deny[0];
+        assert_eq!(rule.kind.as_deref(), Some("db-admin"));
+        assert_eq!(rule.args, [("action".to_owned(), "drop".to_owned())].into());
+        assert!(rule.tags.is_empty() && rule.template_sha256.is_none() && rule.any_value.is_none());
+        assert!(p.windows[0].templates.is_empty() && p.windows[0].tags.is_empty());
+    }
+
+    #[test]
+    fn new_deny_rules_and_window_limits_parse() {
+        let sha = "ab".repeat(32);
+        let text = format!(
+            "{POLICY}\n[[deny]]\nid = \"no-billing\"\ntags = [\"billing:write\"]\nany_value = \"billing|billing-.*\"\n\
+             [[deny]]\nid = \"bad-version\"\ntemplate_sha256 = \"{sha}\"\n"
+        )
+        .replace(
+            "end = \"04:00\"",
+            &format!("end = \"04:00\"\ntemplates = [{{ name = \"deploy-svc\", sha256 = \"{sha}\" }}]"),
+        );
+        let p = PolicyDocument::parse(&text).unwrap();
+        assert!(p.deny[1].any_value.as_ref().is_some_and(|v| v.is_match("billing-eu") && !v.is_match("x-billing")));
+        assert_eq!(p.deny[2].template_sha256.as_deref(), Some(sha.as_str()));
+        assert_eq!(p.windows[0].templates[0].name, "deploy-svc");
+        assert!(p.warnings().is_empty());
+        assert_eq!(
+            PolicyDocument::parse(POLICY).unwrap().warnings(),
+            [PolicyWarning::UnlimitedWindow { index: 0, phase: Phase::Deploy }]
+        );
     }
 }

@@ -101,7 +101,7 @@ impl Template {
         }
         // A template named like one of the appliance's own read-only probes would pass as one
         // (Observe needs no customer signature for those); the names are reserved.
-        if crate::grant::BUILTIN_OBSERVE_KINDS.contains(&manifest.name.as_str()) {
+        if crate::probe::BUILTIN_PROBE_NAMES.contains(&manifest.name.as_str()) {
             return invalid(format!("name `{}` is reserved for the appliance's built-in probes", manifest.name));
         }
         if script.trim().is_empty() {

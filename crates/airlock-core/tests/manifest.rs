@@ -3,14 +3,20 @@
 
 #![allow(clippy::unwrap_used)]
 
+use airlock_core::Timestamp;
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
-use airlock_core::grant::{ApprovalDecision, GRANT_PAYLOAD_TYPE};
-use airlock_core::operation::{
-    AuthorityKind, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE,
-    VerifyInputs, output_release_allowed, verify_chain, verify_manifest,
+use airlock_core::grant::{
+    ApprovalDecision, ApprovalLevel, DenyReason, GRANT_PAYLOAD_TYPE, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
 };
-use airlock_testkit::{Ca, Fixture, Parts};
+use airlock_core::operation::{
+    AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE,
+    REQUEST_PAYLOAD_TYPE, VerifyInputs, output_release_allowed, verify_chain, verify_manifest,
+};
+use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase, VerifiedPolicy, verify_signed_policy};
+use airlock_core::probe::BuiltinProbe;
+use airlock_core::template::RenderedCommand;
+use airlock_testkit::{Ca, Fixture, NOW, Parts};
 
 type Edit = Box<dyn FnOnce(&mut Parts)>;
 
@@ -45,11 +51,14 @@ fn complete_manifest_passes_every_check() {
             "execution.signer",
             "execution.binding",
             "execution.authority",
+            "execution.built-in-denies",
             "release.signature",
             "release.binding",
         ]
     );
     assert!(output_release_allowed(&report));
+    // The execution names a policy the verifier was not given: its rules are not checked.
+    assert!(!report.policy_checked);
 }
 
 #[test]
@@ -217,10 +226,10 @@ fn manifests_chain_and_a_gap_is_detected() {
     assert_eq!(verify_chain(&reordered).unwrap_err().check, "chain.link");
 }
 
-fn signed_policy(fx: &Fixture, windows: &str) -> airlock_core::policy::VerifiedPolicy {
+fn signed_policy(fx: &Fixture, windows: &str) -> VerifiedPolicy {
     let text = format!("version = 1\nserial = 1\nphases = [\"observe\", \"operate\"]\n{windows}");
-    let env = Envelope::new(airlock_core::policy::POLICY_PAYLOAD_TYPE, text.into_bytes()).sign(&fx.customer);
-    airlock_core::policy::verify_signed_policy(env.to_json().as_bytes(), &[fx.customer.public()], None).unwrap()
+    let env = Envelope::new(POLICY_PAYLOAD_TYPE, text.into_bytes()).sign(&fx.customer);
+    verify_signed_policy(env.to_json().as_bytes(), &[fx.customer.public()], None).unwrap()
 }
 
 #[test]
@@ -235,11 +244,8 @@ fn executions_without_a_customer_signature_need_the_policy_that_allowed_them() {
         signed_policy(&fx, "[[windows]]\nphase = \"operate\"\ndays = [\"wed\"]\nstart = \"11:00\"\nend = \"13:00\"\n");
     let in_window = |policy_digest: String| {
         let mut parts = fx.parts();
-        parts.execution.authority = airlock_core::operation::AuthorityRef {
-            kind: AuthorityKind::StandingWindow,
-            digest: None,
-            policy_digest: Some(policy_digest),
-        };
+        parts.execution.authority =
+            AuthorityRef { kind: AuthorityKind::StandingWindow, digest: None, policy_digest: Some(policy_digest) };
         let mut m = fx.assemble(&parts);
         m.approval = None;
         serde_json::to_vec(&m).unwrap()
@@ -257,9 +263,251 @@ fn executions_without_a_customer_signature_need_the_policy_that_allowed_them() {
 
     // A vendor template executed as if it were one of the appliance's own probes.
     let mut parts = fx.parts();
-    parts.execution.authority =
-        airlock_core::operation::AuthorityRef { kind: AuthorityKind::Probe, digest: None, policy_digest: None };
+    parts.execution.authority = AuthorityRef { kind: AuthorityKind::Probe, digest: None, policy_digest: None };
     let mut m = fx.assemble(&parts);
     m.approval = None;
     assert_eq!(check(&serde_json::to_vec(&m).unwrap(), Some(&policy)), Err("execution.authority"));
+}
+
+// What the appliance would have refused verifies no more: each authority is held against the
+// built-in denies, the built-in probes, and the customer's deny rules and caps.
+
+const WINDOW: &str = "[[windows]]\nphase = \"operate\"\ndays = [\"tue\"]\nstart = \"11:00\"\nend = \"13:00\"\n";
+
+/// A policy signed by `signers` of the fixture's customer key and a second key (seed 8).
+fn policy_of(fx: &Fixture, extra: &str, signers: usize) -> VerifiedPolicy {
+    let text = format!("version = 1\nserial = 1\nphases = [\"observe\", \"operate\"]\n{extra}");
+    let mut env = Envelope::new(POLICY_PAYLOAD_TYPE, text.into_bytes()).sign(&fx.customer);
+    if signers > 1 {
+        env = env.sign(&second_key());
+    }
+    verify_signed_policy(env.to_json().as_bytes(), &[fx.customer.public(), second_key().public()], None).unwrap()
+}
+
+fn second_key() -> CustomerSigningKey {
+    CustomerSigningKey::from_seed([8; 32])
+}
+
+/// Makes the approval and execution follow an edited request, as honest parties would sign.
+fn rebind(p: &mut Parts) {
+    let req = &p.request.request;
+    p.approval.request_digest = req.digest_hex();
+    p.approval.command_sha256 = req.command_sha256.clone();
+    p.execution.request_digest = req.digest_hex();
+    p.execution.command_sha256 = req.command_sha256.clone();
+    if p.execution.authority.kind == AuthorityKind::Grant {
+        p.execution.authority.digest = Some(p.approval.digest_hex());
+    }
+}
+
+/// The manifest of `parts` run on `kind` of authority under `policy`, with what that authority needs.
+fn run_on(fx: &Fixture, mut parts: Parts, kind: AuthorityKind, policy: Option<&VerifiedPolicy>) -> Manifest {
+    parts.execution.authority = AuthorityRef { kind, digest: None, policy_digest: policy.map(|p| p.digest_hex()) };
+    rebind(&mut parts);
+    let mut pre = None;
+    match kind {
+        AuthorityKind::Grant => parts.execution.authority.digest = Some(parts.approval.digest_hex()),
+        AuthorityKind::PreApproval => {
+            let body = pre_approval_for(&parts);
+            parts.execution.authority.digest = Some(body.digest_hex());
+            pre = Some(Envelope::new(PRE_APPROVAL_PAYLOAD_TYPE, serde_json::to_vec(&body).unwrap()).sign(&fx.customer));
+        }
+        AuthorityKind::StandingWindow | AuthorityKind::Probe => {}
+    }
+    let mut m = fx.assemble(&parts);
+    if kind != AuthorityKind::Grant {
+        m.approval = None;
+    }
+    m.pre_approval = pre;
+    m
+}
+
+fn pre_approval_for(parts: &Parts) -> PreApprovalBody {
+    let req = &parts.request.request;
+    PreApprovalBody {
+        id: "pa-restarts".into(),
+        appliance: req.appliance,
+        template: req.kind.clone(),
+        template_sha256: parts.request.command.template_sha256.clone(),
+        phase: req.phase,
+        not_before: Timestamp::from_unix_millis(NOW),
+        not_after: Timestamp::from_unix_millis(NOW).saturating_add(std::time::Duration::from_secs(3600)),
+        max_runs: 1,
+        level: ApprovalLevel::Commands,
+        constraints: Default::default(),
+        approver: "alice@customer.example".into(),
+        issued_at: Timestamp::from_unix_millis(NOW),
+    }
+}
+
+/// Verifies with `policy` given; the failing check and its typed reason, or the report.
+fn verify_under(
+    fx: &Fixture,
+    m: &Manifest,
+    policy: Option<&VerifiedPolicy>,
+) -> Result<ManifestReport, (&'static str, Option<DenyReason>)> {
+    let keys = [fx.customer.public(), second_key().public()];
+    let ca = fx.ca.der();
+    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy };
+    verify_manifest(serde_json::to_string(m).unwrap().as_bytes(), &inputs).map_err(|e| (e.check, e.denied))
+}
+
+#[test]
+fn every_authority_passes_under_the_policy_that_allowed_it() {
+    let fx = Fixture::new();
+    let policy = policy_of(&fx, WINDOW, 1);
+    for kind in [AuthorityKind::Grant, AuthorityKind::PreApproval, AuthorityKind::StandingWindow] {
+        let report = verify_under(&fx, &run_on(&fx, fx.parts(), kind, Some(&policy)), Some(&policy)).unwrap();
+        assert!(report.policy_checked, "{kind}");
+        let tail = ["execution.authority", "execution.built-in-denies", "execution.policy"];
+        assert!(report.checks.windows(3).any(|w| w == tail), "{kind}: {:?}", report.checks);
+    }
+}
+
+#[test]
+fn a_request_the_customer_denied_fails_whatever_authority_it_ran_on() {
+    let fx = Fixture::new();
+    let by_value = format!("{WINDOW}[[deny]]\nid = \"no-billing\"\nany_value = \"billing\"\n");
+    // The fixture's template names its variable `service`: a rule about `target` denies it too.
+    let missing =
+        format!("{WINDOW}[[deny]]\nid = \"no-target\"\nkind = \"restart-service\"\nargs = {{ target = \"x\" }}\n");
+    for (policy, reason) in [
+        (policy_of(&fx, &by_value, 1), DenyReason::DeniedByRule { rule: "no-billing".into() }),
+        (
+            policy_of(&fx, &missing, 1),
+            DenyReason::RuleVariableMissing { rule: "no-target".into(), variable: "target".into() },
+        ),
+    ] {
+        for kind in [AuthorityKind::Grant, AuthorityKind::PreApproval, AuthorityKind::StandingWindow] {
+            let m = run_on(&fx, fx.parts(), kind, Some(&policy));
+            assert_eq!(
+                verify_under(&fx, &m, Some(&policy)).unwrap_err(),
+                ("execution.policy", Some(reason.clone())),
+                "{kind}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_standing_window_limited_to_other_templates_does_not_cover_an_execution() {
+    let fx = Fixture::new();
+    let limited = policy_of(
+        &fx,
+        &format!("{WINDOW}templates = [{{ name = \"restart-service\", sha256 = \"{}\" }}]\n", "0".repeat(64)),
+        1,
+    );
+    let m = run_on(&fx, fx.parts(), AuthorityKind::StandingWindow, Some(&limited));
+    assert_eq!(verify_under(&fx, &m, Some(&limited)).unwrap_err(), ("execution.authority", None));
+    let this_one = policy_of(
+        &fx,
+        &format!(
+            "{WINDOW}templates = [{{ name = \"restart-service\", sha256 = \"{}\" }}]\n",
+            fx.parts().request.command.template_sha256
+        ),
+        1,
+    );
+    let m = run_on(&fx, fx.parts(), AuthorityKind::StandingWindow, Some(&this_one));
+    assert!(verify_under(&fx, &m, Some(&this_one)).is_ok());
+}
+
+#[test]
+fn a_secret_read_request_fails_even_with_a_grant_and_no_policy() {
+    let fx = Fixture::new();
+    for tag in ["secret:read", "Secret:Read"] {
+        let mut parts = fx.parts();
+        parts.request.request.data_tags.insert(tag.into());
+        let m = run_on(&fx, parts, AuthorityKind::Grant, None);
+        assert_eq!(
+            verify_under(&fx, &m, None).unwrap_err(),
+            ("execution.built-in-denies", Some(DenyReason::BuiltIn { rule: "builtin:no-secret-values" }))
+        );
+    }
+}
+
+#[test]
+fn the_policys_caps_hold_for_grants() {
+    let fx = Fixture::new();
+    // The fixture's approval is valid for an hour; this policy allows at most one.
+    let mut parts = fx.parts();
+    parts.approval.not_after = parts.approval.not_before.saturating_add(std::time::Duration::from_secs(2 * 3600));
+    let one_hour = policy_of(&fx, "max_grant_hours = 1\n", 1);
+    let m = run_on(&fx, parts, AuthorityKind::Grant, Some(&one_hour));
+    assert_eq!(
+        verify_under(&fx, &m, Some(&one_hour)).unwrap_err(),
+        ("execution.policy", Some(DenyReason::GrantTooLong { max_hours: 1 }))
+    );
+    // Two approvers required, one signed (the verifier was told one would do).
+    let two = policy_of(&fx, "approvals_required = 2\n", 2);
+    let m = run_on(&fx, fx.parts(), AuthorityKind::Grant, Some(&two));
+    assert_eq!(
+        verify_under(&fx, &m, Some(&two)).unwrap_err(),
+        ("execution.policy", Some(DenyReason::NotEnoughApprovers { required: 2, signed: 1 }))
+    );
+    // A phase the policy does not enable.
+    let observe_only = {
+        let env = Envelope::new(POLICY_PAYLOAD_TYPE, b"version = 1\nserial = 1\nphases = [\"observe\"]\n".to_vec())
+            .sign(&fx.customer);
+        verify_signed_policy(env.to_json().as_bytes(), &[fx.customer.public()], None).unwrap()
+    };
+    let m = run_on(&fx, fx.parts(), AuthorityKind::Grant, Some(&observe_only));
+    assert_eq!(
+        verify_under(&fx, &m, Some(&observe_only)).unwrap_err(),
+        ("execution.policy", Some(DenyReason::PhaseDisabled { phase: Phase::Operate }))
+    );
+}
+
+#[test]
+fn a_policy_other_than_the_one_the_execution_names_cannot_vouch_for_it() {
+    let fx = Fixture::new();
+    let in_force = policy_of(&fx, "", 1);
+    let other = policy_of(&fx, "max_grant_hours = 3\n", 1);
+    let m = run_on(&fx, fx.parts(), AuthorityKind::Grant, Some(&in_force));
+    assert_eq!(verify_under(&fx, &m, Some(&other)).unwrap_err(), ("execution.policy", None));
+    // Named but not given: verified as far as it goes, and the report says so.
+    assert!(!verify_under(&fx, &m, None).unwrap().policy_checked);
+}
+
+/// The fixture's operation turned into a request for the `status` probe running `command`.
+fn as_probe(fx: &Fixture, command: RenderedCommand, policy: Option<&VerifiedPolicy>) -> Manifest {
+    let mut parts = fx.parts();
+    let req = &mut parts.request.request;
+    req.kind = "status".into();
+    req.phase = Phase::Observe;
+    req.args.clear();
+    req.data_tags.clear();
+    req.command_sha256 = command.sha256();
+    parts.request.command = command;
+    run_on(fx, parts, AuthorityKind::Probe, policy)
+}
+
+#[test]
+fn only_the_appliances_own_probes_run_as_probes() {
+    let fx = Fixture::new();
+    let genuine = as_probe(&fx, BuiltinProbe::Status.command(), None);
+    assert!(verify_under(&fx, &genuine, None).unwrap().policy_checked, "no policy in force: nothing else to check");
+    let not_a_probe =
+        |kind: &str| Err(("execution.authority", Some(DenyReason::NotBuiltinProbe { kind: kind.into() })));
+    // An arbitrary script under the probe's name and template hash.
+    let mut scripted = BuiltinProbe::Status.command();
+    scripted.script = "#!/bin/sh\ncat /etc/shadow\n".into();
+    assert_eq!(verify_under(&fx, &as_probe(&fx, scripted, None), None).map(|_| ()), not_a_probe("status"));
+    // A variable smuggled into the probe's environment.
+    let mut with_env = BuiltinProbe::Status.command();
+    with_env.env.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+    assert_eq!(verify_under(&fx, &as_probe(&fx, with_env, None), None).map(|_| ()), not_a_probe("status"));
+    // Another probe's command under this name.
+    let mut other = BuiltinProbe::Health.command();
+    other.template = "status".into();
+    assert_eq!(verify_under(&fx, &as_probe(&fx, other, None), None).map(|_| ()), not_a_probe("status"));
+    // The fixture's own template, labelled a probe.
+    let m = run_on(&fx, fx.parts(), AuthorityKind::Probe, None);
+    assert_eq!(verify_under(&fx, &m, None).map(|_| ()), not_a_probe("restart-service"));
+    // A genuine probe still meets the customer's deny rules.
+    let deny_all = policy_of(&fx, "[[deny]]\nid = \"quiet\"\nkind = \"*\"\n", 1);
+    let m = as_probe(&fx, BuiltinProbe::Status.command(), Some(&deny_all));
+    assert_eq!(
+        verify_under(&fx, &m, Some(&deny_all)).unwrap_err(),
+        ("execution.policy", Some(DenyReason::DeniedByRule { rule: "quiet".into() }))
+    );
 }

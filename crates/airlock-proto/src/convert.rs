@@ -99,6 +99,8 @@ pub fn deny_code_to_wire(code: DenyCode) -> gateway::DenyCode {
         DenyCode::CustomerDenied => W::CustomerDenied,
         DenyCode::OutsidePreApproval => W::OutsidePreApproval,
         DenyCode::PreApprovalRevoked => W::PreApprovalRevoked,
+        DenyCode::RuleVariableMissing => W::RuleVariableMissing,
+        DenyCode::NotBuiltinProbe => W::NotBuiltinProbe,
     }
 }
 
@@ -125,6 +127,8 @@ pub fn deny_code_from_wire(value: i32) -> Result<DenyCode, UnknownWireValue> {
         W::CustomerDenied => DenyCode::CustomerDenied,
         W::OutsidePreApproval => DenyCode::OutsidePreApproval,
         W::PreApprovalRevoked => DenyCode::PreApprovalRevoked,
+        W::RuleVariableMissing => DenyCode::RuleVariableMissing,
+        W::NotBuiltinProbe => DenyCode::NotBuiltinProbe,
     })
 }
 
@@ -145,10 +149,10 @@ mod tests {
             assert_eq!(refusal_code_to_wire(c) as i32, v);
         }
         assert!(refusal_code_from_wire(0).is_err() && refusal_code_from_wire(11).is_err());
-        for v in 1..=19 {
+        for v in 1..=21 {
             let c = deny_code_from_wire(v).unwrap();
             assert_eq!(deny_code_to_wire(c) as i32, v);
         }
-        assert!(deny_code_from_wire(0).is_err() && deny_code_from_wire(20).is_err());
+        assert!(deny_code_from_wire(0).is_err() && deny_code_from_wire(22).is_err());
     }
 }

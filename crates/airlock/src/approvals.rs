@@ -338,6 +338,11 @@ pub(crate) fn describe_report(r: &ManifestReport) -> String {
         out.push_str(&format!("  output {:?} by {} at {}\n", rel.decision, line(&rel.approver), rel.decided_at));
     }
     out.push_str(&format!("  checks passed: {}\n", r.checks.join(", ")));
+    if r.execution.is_some() && !r.policy_checked {
+        out.push_str(
+            "  customer deny rules and caps NOT checked: give the signed policy the execution names with --policy\n",
+        );
+    }
     out
 }
 

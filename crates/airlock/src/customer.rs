@@ -25,7 +25,11 @@ pub(crate) fn keygen(dir: &Path) -> anyhow::Result<String> {
 }
 
 /// Validates a policy TOML exactly as the appliance will, then signs its bytes with each key.
-pub(crate) fn sign_policy(policy: &Path, keys: &[std::path::PathBuf]) -> anyhow::Result<String> {
+/// Returns the signed policy and what the customer should hear about it (it still signs).
+pub(crate) fn sign_policy(
+    policy: &Path,
+    keys: &[std::path::PathBuf],
+) -> anyhow::Result<(String, Vec<airlock_core::policy::PolicyWarning>)> {
     use airlock_core::dsse::Envelope;
     use airlock_core::policy::{POLICY_PAYLOAD_TYPE, PolicyDocument};
     let text = std::fs::read_to_string(policy).with_context(|| format!("reading {}", policy.display()))?;
@@ -41,7 +45,7 @@ pub(crate) fn sign_policy(policy: &Path, keys: &[std::path::PathBuf]) -> anyhow:
         let key = CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", path.display()))?;
         envelope = envelope.sign(&key);
     }
-    Ok(envelope.to_json())
+    Ok((envelope.to_json(), doc.warnings()))
 }
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {

@@ -505,7 +505,8 @@ struct VerifyArgs {
     /// The control plane CA certificate (PEM), e.g. `<appliance-state-dir>/ca.pem`.
     #[arg(long)]
     ca: PathBuf,
-    /// Your signed policy: sets the approver threshold and proves executions in its standing windows.
+    /// Your signed policy: sets the approver threshold, proves executions in its standing windows,
+    /// and holds every execution under it against its deny rules and caps.
     #[arg(long)]
     policy: Option<PathBuf>,
     /// Distinct customer keys an approval needs (default: the policy's approvals_required, else 1).
@@ -598,7 +599,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Customer(CustomerCmd {
             command: CustomerSub::Policy { command: PolicySub::Sign { policy, keys, out } },
         }) => {
-            let signed = customer::sign_policy(&policy, &keys)?;
+            let (signed, warnings) = customer::sign_policy(&policy, &keys)?;
+            for warning in &warnings {
+                eprintln!("warning: {warning}");
+            }
             match out {
                 Some(path) => std::fs::write(&path, &signed).with_context(|| format!("writing {}", path.display()))?,
                 None => println!("{signed}"),

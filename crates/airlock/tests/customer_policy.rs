@@ -200,6 +200,29 @@ fn policy_sign_checks_the_policy_before_signing() {
 }
 
 #[test]
+fn policy_sign_warns_about_a_standing_window_limited_to_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path());
+    let toml = dir.path().join("p.toml");
+    let key = dir.path().join("customer.key");
+    let window = "\n[[windows]]\nphase = \"deploy\"\ndays = [\"tue\"]\nstart = \"02:00\"\nend = \"04:00\"\n";
+    let sign = |text: &str| {
+        std::fs::write(&toml, text).unwrap();
+        let out = airlock(&["customer", "policy", "sign", toml.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("payloadType"), "the signed policy goes to stdout");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let unlimited = sign(&format!("{POLICY}{window}"));
+    assert!(unlimited.contains("warning: standing window #1 allows any Deploy request"), "{unlimited}");
+    let by_tags = sign(&format!("{POLICY}{window}tags = [\"service:restart\"]\n"));
+    assert!(!by_tags.contains("warning"), "{by_tags}");
+    let by_template =
+        sign(&format!("{POLICY}{window}templates = [{{ name = \"greet\", sha256 = \"{}\" }}]\n", "ab".repeat(32)));
+    assert!(!by_template.contains("warning"), "{by_template}");
+}
+
+#[test]
 fn customer_switches_phases_on_the_appliance_host() {
     let server = Server::start(BIN);
     let tmp = server.dir.path();

@@ -99,6 +99,14 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     };
     let out = ok(verify(&m), "verify");
     assert!(out.contains("OK") && out.contains(&id), "{out}");
+    // Without the policy the execution names, its deny rules and caps go unchecked, and the
+    // customer is told; with it, they are checked.
+    assert!(out.contains("deny rules and caps NOT checked"), "{out}");
+    let policy = s.server.dir.path().join("policy.json");
+    let mut with_policy = vec!["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
+    with_policy.extend(["--ca", ca.to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
+    let out = ok(airlock(&with_policy), "verify --policy");
+    assert!(out.contains("execution.policy") && !out.contains("NOT checked"), "{out}");
 
     let mut tampered: Value = serde_json::from_str(&manifest).unwrap();
     let release = tampered["release"]["payload"].as_str().unwrap().to_owned();
@@ -161,6 +169,36 @@ fn refused_requests_run_nothing_and_are_reported_without_customer_data() {
     ok(s.decide("approve", &id, key.to_str().unwrap()), "approve with a stranger's key");
     let op = s.wait_state(&id, "refused");
     assert!(op["refusal_reason"].as_str().unwrap().contains("signature"), "{op}");
+    assert!(s.audited("operation.executed").is_empty(), "nothing may have run");
+}
+
+#[test]
+fn a_new_template_version_that_renames_the_denied_variable_is_still_denied_on_the_appliance() {
+    let s = setup(POLICY);
+    // The vendor pushes a new version of `greet` whose variable is `target`, not `name`: the
+    // customer's rule about `name = "billing"` must not be evaded by the rename.
+    let dir = s.server.dir.path().join("template-greet-v2");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("template.toml"),
+        "name = \"greet\"\ndescription = \"greet, version 2\"\nphase = \"operate\"\n\
+         data_tags = [\"service:greet\"]\nbody = \"run.sh\"\n\n[[variables]]\nname = \"target\"\n\
+         pattern = \"[a-z]+\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("run.sh"), "#!/bin/sh\necho \"hello $AIRLOCK_VAR_TARGET\"\n").unwrap();
+    s.server.ok(&["template", "push", dir.to_str().unwrap()]);
+    for value in ["billing", "world"] {
+        let out =
+            s.server.ok(&["op", "request", &s.env, "greet", "--var", &format!("target={value}"), "--reason", "v2"]);
+        let id = out.lines().next().unwrap().trim().to_owned();
+        let op = s.wait_state(&id, "refused");
+        assert_eq!(op["deny_code"], "rule_variable_missing", "{op}");
+        let reason = op["refusal_reason"].as_str().unwrap();
+        assert!(reason.contains("never-touch-billing") && reason.contains("`name`"), "{op}");
+    }
+    let denied = s.audited("operation.denied");
+    assert!(denied.iter().filter(|r| r.to_string().contains("never-touch-billing")).count() >= 2, "{denied:?}");
     assert!(s.audited("operation.executed").is_empty(), "nothing may have run");
 }
 

@@ -17,7 +17,8 @@
 //! 4. the customer's authority: the relayed approval (verified with the pinned keys), else
 //!    what the policy allows by itself, else an unrevoked pre-approval installed on this host;
 //!    `airlock_core::grant::evaluate_with` decides with the host's policy, switched-off
-//!    phases, spent nonces and clock.
+//!    phases, spent nonces and clock, and the content hash of the template the appliance
+//!    rendered (deny rules and standing windows may name it).
 //!
 //! An instruction that does not authenticate is refused and never stored.
 //! An authenticated one refused for good is stored, so the same answer is given again.
@@ -80,7 +81,7 @@ impl Grounds {
     pub(crate) fn denied(reason: &DenyReason) -> Self {
         let rule = match reason {
             DenyReason::BuiltIn { rule } => Some((*rule).to_owned()),
-            DenyReason::DeniedByRule { rule } => Some(rule.clone()),
+            DenyReason::DeniedByRule { rule } | DenyReason::RuleVariableMissing { rule, .. } => Some(rule.clone()),
             _ => None,
         };
         Self { refusal: Refusal::denied(reason), reason: reason.to_string(), rule }
@@ -160,6 +161,8 @@ impl Executor {
             disabled: &disabled,
             appliance: self.identity.appliance,
             now,
+            // The appliance's own render: deny rules and windows see the template it loaded.
+            template_sha256: template.content_sha256(),
             nonce_used: &nonce_used,
         };
         let pinned = self.control.pinned();
@@ -236,12 +239,8 @@ impl Executor {
                             continue;
                         }
                     };
-                    let authority = Authority::PreApproval {
-                        pre: &pre,
-                        template_sha256: template.content_sha256(),
-                        runs_used: entry.runs_used,
-                        revoked: entry.revoked,
-                    };
+                    let authority =
+                        Authority::PreApproval { pre: &pre, runs_used: entry.runs_used, revoked: entry.revoked };
                     match evaluate_with(&ctx, &req, authority) {
                         Decision::Allow(_) => {
                             let body = pre.body();
