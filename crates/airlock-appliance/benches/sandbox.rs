@@ -3,6 +3,7 @@
 //! alternately in one run. Run as root, as the appliance is: see BENCHMARKS.md.
 //!
 //! `cargo bench -p airlock-appliance --bench sandbox -- [ROUNDS]`
+#![allow(clippy::print_stdout)] // the report is its output
 
 use std::time::Duration;
 
