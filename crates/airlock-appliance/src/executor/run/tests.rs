@@ -35,7 +35,7 @@ async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled
     assert_eq!(fx.execution(&r).status, ExecutionStatus::Cancelled);
     assert_eq!(fx.control.ops.record(op_id(26)).unwrap().unwrap().state, OpState::Cancelled);
     assert_eq!(fx.audited(AuditAction::OperationCancelled).len(), 1);
-    let output = String::from_utf8(fx.control.ops.open_output(op_id(26)).unwrap()).unwrap();
+    let output = String::from_utf8(fx.control.ops.open_output(op_id(26)).unwrap().bytes).unwrap();
     assert_eq!(output, "started\n");
     eventually(|| live_members(pgid) == 0).await;
     assert_eq!(live_members(pgid), 0, "the whole process group is gone");
