@@ -27,10 +27,7 @@ async fn main() -> Result<(), String> {
     let mut t = spawn_true(state.path(), rounds).await?;
     t.bare.sort_unstable();
     t.boxed.sort_unstable();
-    println!(
-        "rounds {rounds}; box user switch {}, Landlock {}, cgroup cell {}",
-        t.switched_user, t.landlock, t.cgroup
-    );
+    println!("rounds {rounds}; box user switch {}, Landlock {}, cgroup cell {}", t.switched_user, t.landlock, t.cgroup);
     println!("{:<8} {:>10} {:>10} {:>10}", "", "median ms", "p90 ms", "p99 ms");
     for (name, v) in [("bare", &t.bare), ("boxed", &t.boxed)] {
         let (p50, p90, p99) = (percentile(v, 0.5), percentile(v, 0.9), percentile(v, 0.99));

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::OperationId;
+use airlock_core::operation::{OutputCommitment, OutputSalt};
 use airlock_core::policy::Phase;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -212,15 +213,24 @@ pub async fn call_value(socket: &Path, request: &Request) -> Result<serde_json::
     }
 }
 
-/// Reads one operation's output over the socket, checked against the digest the appliance
-/// signed. Returns the bytes and the reply (digest, size, truncated, data tags).
+/// Reads one operation's output over the socket, checked (with its salt) against the
+/// commitment the appliance signed; secret output has none to check against. Returns the bytes
+/// and the reply (commitment, salt, size, truncated, data tags).
 pub async fn read_output(socket: &Path, id: OperationId) -> Result<(Vec<u8>, serde_json::Value), ApplianceError> {
     let reply = call_value(socket, &Request::Output { id }).await?;
     let bytes = data_encoding::BASE64
         .decode(reply["output_base64"].as_str().unwrap_or_default().as_bytes())
         .map_err(|_| ApplianceError::Protocol("the appliance sent output that is not base64".into()))?;
-    if reply["output_sha256"].as_str() != Some(airlock_core::operation::sha256_hex(&bytes).as_str()) {
-        return Err(ApplianceError::Protocol("the output read does not match its digest".into()));
+    let malformed =
+        |what: &str, e: serde_json::Error| ApplianceError::Protocol(format!("the appliance sent {what}: {e}"));
+    let commitment: OutputCommitment =
+        serde_json::from_value(reply["output_commitment"].clone()).map_err(|e| malformed("no output commitment", e))?;
+    let salt: Option<OutputSalt> =
+        serde_json::from_value(reply["output_salt"].clone()).map_err(|e| malformed("a malformed salt", e))?;
+    if commitment != OutputCommitment::Secret && commitment.check(salt.as_ref(), &bytes).is_err() {
+        return Err(ApplianceError::Protocol(
+            "the output read does not match the commitment the appliance signed".into(),
+        ));
     }
     Ok((bytes, reply))
 }

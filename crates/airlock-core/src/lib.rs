@@ -14,6 +14,7 @@ pub mod grant;
 pub mod id;
 pub mod identity;
 pub mod operation;
+pub mod output_commitment;
 pub mod pattern;
 pub mod policy;
 pub mod probe;

@@ -25,6 +25,8 @@ use crate::grant::{
     ApprovalDecision, ApprovalLevel, Authority, Context, Decision, DenyReason, GRANT_PAYLOAD_TYPE, OperationRequest,
     PreApprovalBody, evaluate_with, verify_grant_envelope, verify_pre_approval_envelope,
 };
+pub use crate::output_commitment::{OpenedAs, OutputCommitment, OutputMismatch, OutputSalt, output_commitment};
+use crate::output_commitment::{SignedCommitment, from_signed, to_signed};
 use crate::policy::VerifiedPolicy;
 use crate::probe::BuiltinProbe;
 use crate::template::RenderedCommand;
@@ -234,8 +236,14 @@ pub struct AuthorityRef {
 }
 
 /// What the appliance did, signed by the appliance's own key.
+///
+/// What it says about the output is an [`OutputCommitment`]: salted, or nothing at all for
+/// secret output (see [`crate::output_commitment`]). Statements signed before salts spelled
+/// it as `output_sha256` and `output_size`; they still parse, as
+/// [`OutputCommitment::LegacyUnsalted`], and serialize back to the same bytes, so the chain
+/// links ([`ExecutionStatement::manifest_sha256`]) computed over them do not change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ExecutionStatementJson", into = "ExecutionStatementJson")]
 pub struct ExecutionStatement {
     pub request_id: OperationId,
     pub appliance: crate::ApplianceId,
@@ -246,15 +254,88 @@ pub struct ExecutionStatement {
     pub started_at: Timestamp,
     pub finished_at: Timestamp,
     pub exit_code: Option<i32>,
-    /// SHA-256 (hex) of the output bytes held on the appliance (stdout then stderr, as captured).
-    pub output_sha256: String,
-    pub output_size: u64,
+    /// The commitment to the output held on the appliance (stdout then stderr, as captured).
+    pub output_commitment: OutputCommitment,
     /// The output hit the appliance's capture limit; what is held is its first part.
-    pub output_truncated: bool,
+    /// `None` exactly when the output is secret: not even that leaves the appliance.
+    pub output_truncated: Option<bool>,
     /// Position in this appliance's chain of manifests, from 1.
     pub sequence: u64,
     /// [`ExecutionStatement::manifest_sha256`] of this appliance's previous operation.
     pub previous_manifest_sha256: Option<String>,
+}
+
+/// The signed JSON of an [`ExecutionStatement`], field for field in the order it is signed.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecutionStatementJson {
+    request_id: OperationId,
+    appliance: crate::ApplianceId,
+    request_digest: String,
+    command_sha256: String,
+    authority: AuthorityRef,
+    status: ExecutionStatus,
+    started_at: Timestamp,
+    finished_at: Timestamp,
+    exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_commitment: Option<SignedCommitment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_truncated: Option<bool>,
+    sequence: u64,
+    previous_manifest_sha256: Option<String>,
+}
+
+impl TryFrom<ExecutionStatementJson> for ExecutionStatement {
+    type Error = String;
+    fn try_from(j: ExecutionStatementJson) -> Result<Self, String> {
+        let output_commitment = from_signed(j.output_sha256, j.output_size, j.output_commitment)?;
+        if (output_commitment == OutputCommitment::Secret) != j.output_truncated.is_none() {
+            return Err("output_truncated is given exactly when the output is not secret".into());
+        }
+        Ok(Self {
+            request_id: j.request_id,
+            appliance: j.appliance,
+            request_digest: j.request_digest,
+            command_sha256: j.command_sha256,
+            authority: j.authority,
+            status: j.status,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            exit_code: j.exit_code,
+            output_commitment,
+            output_truncated: j.output_truncated,
+            sequence: j.sequence,
+            previous_manifest_sha256: j.previous_manifest_sha256,
+        })
+    }
+}
+
+impl From<ExecutionStatement> for ExecutionStatementJson {
+    fn from(e: ExecutionStatement) -> Self {
+        let (output_sha256, output_size, output_commitment) = to_signed(&e.output_commitment);
+        Self {
+            request_id: e.request_id,
+            appliance: e.appliance,
+            request_digest: e.request_digest,
+            command_sha256: e.command_sha256,
+            authority: e.authority,
+            status: e.status,
+            started_at: e.started_at,
+            finished_at: e.finished_at,
+            exit_code: e.exit_code,
+            output_sha256,
+            output_size,
+            output_commitment,
+            output_truncated: e.output_truncated,
+            sequence: e.sequence,
+            previous_manifest_sha256: e.previous_manifest_sha256,
+        }
+    }
 }
 
 impl ExecutionStatement {
@@ -272,18 +353,71 @@ pub enum ReleaseDecision {
     Withhold,
 }
 
-/// The customer's decision about one operation's output, signed with their key.
+/// The customer's decision about one operation's output, signed with their key. It names the
+/// execution's [`OutputCommitment`] exactly (statements signed before salts named
+/// `output_sha256` and `output_size`, and still parse as [`OutputCommitment::LegacyUnsalted`]).
+/// It never carries the salt: a withholding must reveal nothing, and a release reveals the salt
+/// beside the output ([`Manifest::output_salt`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ReleaseStatementJson", into = "ReleaseStatementJson")]
 pub struct ReleaseStatement {
     pub request_id: OperationId,
     pub appliance: crate::ApplianceId,
     pub decision: ReleaseDecision,
-    pub output_sha256: String,
-    pub output_size: u64,
+    pub output_commitment: OutputCommitment,
     pub decided_at: Timestamp,
     pub approver: String,
     pub reason: String,
+}
+
+/// The signed JSON of a [`ReleaseStatement`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseStatementJson {
+    request_id: OperationId,
+    appliance: crate::ApplianceId,
+    decision: ReleaseDecision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_commitment: Option<SignedCommitment>,
+    decided_at: Timestamp,
+    approver: String,
+    reason: String,
+}
+
+impl TryFrom<ReleaseStatementJson> for ReleaseStatement {
+    type Error = String;
+    fn try_from(j: ReleaseStatementJson) -> Result<Self, String> {
+        Ok(Self {
+            request_id: j.request_id,
+            appliance: j.appliance,
+            decision: j.decision,
+            output_commitment: from_signed(j.output_sha256, j.output_size, j.output_commitment)?,
+            decided_at: j.decided_at,
+            approver: j.approver,
+            reason: j.reason,
+        })
+    }
+}
+
+impl From<ReleaseStatement> for ReleaseStatementJson {
+    fn from(r: ReleaseStatement) -> Self {
+        let (output_sha256, output_size, output_commitment) = to_signed(&r.output_commitment);
+        Self {
+            request_id: r.request_id,
+            appliance: r.appliance,
+            decision: r.decision,
+            output_sha256,
+            output_size,
+            output_commitment,
+            decided_at: r.decided_at,
+            approver: r.approver,
+            reason: r.reason,
+        }
+    }
 }
 
 /// Everything about one operation, as both sides keep it.
@@ -306,6 +440,10 @@ pub struct Manifest {
     pub appliance_certificate: Option<String>,
     #[serde(default)]
     pub release: Option<Envelope>,
+    /// The salt of the execution's output commitment, revealed with released output (and only
+    /// then): with it anyone holding the output checks it against the signed commitment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_salt: Option<OutputSalt>,
 }
 
 impl Manifest {
@@ -320,6 +458,7 @@ impl Manifest {
             execution: None,
             appliance_certificate: None,
             release: None,
+            output_salt: None,
         }
     }
 }
@@ -506,6 +645,8 @@ pub struct ManifestReport {
     pub pre_approval: Option<PreApprovalBody>,
     pub execution: Option<ExecutionStatement>,
     pub release: Option<ReleaseStatement>,
+    /// The salt the manifest reveals for released output (checked by [`verify_released_output`]).
+    pub output_salt: Option<OutputSalt>,
     /// Every check that passed, in order.
     pub checks: Vec<&'static str>,
     /// Whether the execution was held against the customer's deny rules and caps: the policy
@@ -744,6 +885,14 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
             checks.push("execution.policy");
             policy_checked = true;
         }
+
+        if !e.output_commitment.fits_request(req.output_is_secret()) {
+            return fail(
+                "execution.output",
+                "the execution's output commitment does not fit the request (secret output carries none, other output a salted one)",
+            );
+        }
+        checks.push("execution.output");
         execution = Some(e);
     } else if m.appliance_certificate.is_some() || m.release.is_some() {
         return fail("execution.signature", "the manifest has a release or certificate but no execution");
@@ -760,17 +909,47 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
             .or_else(|e| fail("release.signature", e))?;
         checks.push("release.signature");
         let r: ReleaseStatement = parse("release.signature", &v.payload)?;
-        if r.request_id != req.id
-            || r.appliance != req.appliance
-            || r.output_sha256 != e.output_sha256
-            || r.output_size != e.output_size
-        {
+        if r.request_id != req.id || r.appliance != req.appliance || r.output_commitment != e.output_commitment {
             return fail("release.binding", "the release is for another request or other output");
         }
         checks.push("release.binding");
         release = Some(r);
     }
-    Ok(ManifestReport { request, approval, pre_approval, execution, release, checks, policy_checked })
+    let mut report = ManifestReport {
+        request,
+        approval,
+        pre_approval,
+        execution,
+        release,
+        output_salt: None,
+        checks,
+        policy_checked,
+    };
+
+    // 5. The revealed salt: only beside output that may go to the vendor, of a salted commitment.
+    if let Some(salt) = &m.output_salt {
+        let salted =
+            matches!(report.execution.as_ref().map(|e| &e.output_commitment), Some(OutputCommitment::Salted { .. }));
+        if !salted || !output_release_allowed(&report) {
+            return fail("output.salt", "the manifest reveals a salt for output that is not released or not salted");
+        }
+        report.checks.push("output.salt");
+        report.output_salt = Some(salt.clone());
+    }
+    Ok(report)
+}
+
+/// Checks released output against a verified manifest: the output must be releasable, and hash
+/// (with the manifest's revealed salt, or without one for a legacy unsalted execution) to the
+/// commitment and size the appliance signed. Says which of the two it was.
+pub fn verify_released_output(report: &ManifestReport, output: &[u8]) -> Result<OpenedAs, ManifestError> {
+    let Some(e) = &report.execution else {
+        return fail("output.commitment", "the manifest has no execution, so no output");
+    };
+    if !output_release_allowed(report) {
+        return fail("output.commitment", "the manifest does not release this output to the vendor");
+    }
+    e.output_commitment.check(report.output_salt.as_ref(), output).or_else(|why| fail("output.commitment", why))
 }
 
 /// Runs the appliance's decision for an executed request again, at its start time, with the
@@ -795,6 +974,14 @@ fn decide_again(
     match evaluate_with(&ctx, req, authority) {
         Decision::Allow(_) => Ok(()),
         Decision::Deny(reason) => Err(reason),
+    }
+}
+
+impl ManifestReport {
+    /// Whether the execution committed to its output with a plain, unsalted SHA-256 (signed
+    /// before salted commitments existed): a short output can be recovered from it.
+    pub fn is_legacy_unsalted(&self) -> bool {
+        matches!(self.execution.as_ref().map(|e| &e.output_commitment), Some(OutputCommitment::LegacyUnsalted { .. }))
     }
 }
 

@@ -10,12 +10,14 @@ use airlock_core::grant::{
     ApprovalDecision, ApprovalLevel, DenyReason, GRANT_PAYLOAD_TYPE, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
 };
 use airlock_core::operation::{
-    AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, RELEASE_PAYLOAD_TYPE,
-    REQUEST_PAYLOAD_TYPE, VerifyInputs, output_release_allowed, verify_chain, verify_manifest,
+    AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, OpenedAs, OutputCommitment,
+    OutputSalt, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, ReleaseDecision, VerifyInputs, output_release_allowed,
+    sha256_hex, verify_chain, verify_manifest, verify_released_output,
 };
 use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase, VerifiedPolicy, verify_signed_policy};
 use airlock_core::probe::BuiltinProbe;
 use airlock_core::template::RenderedCommand;
+use airlock_testkit::signed_operation::{OUTPUT, OUTPUT_SALT};
 use airlock_testkit::{Ca, Fixture, NOW, Parts};
 
 type Edit = Box<dyn FnOnce(&mut Parts)>;
@@ -52,8 +54,10 @@ fn complete_manifest_passes_every_check() {
             "execution.binding",
             "execution.authority",
             "execution.built-in-denies",
+            "execution.output",
             "release.signature",
             "release.binding",
+            "output.salt",
         ]
     );
     assert!(output_release_allowed(&report));
@@ -100,8 +104,26 @@ fn each_binding_mismatch_names_its_check() {
         ("execution.binding", Box::new(|p| p.execution.command_sha256 = "00".repeat(32))),
         ("execution.authority", Box::new(|p| p.execution.authority.digest = Some("00".repeat(32)))),
         ("execution.authority", Box::new(|p| p.execution.authority.kind = AuthorityKind::PreApproval)),
-        ("release.binding", Box::new(|p| p.release.output_sha256 = "00".repeat(32))),
-        ("release.binding", Box::new(|p| p.release.output_size += 1)),
+        (
+            "release.binding",
+            Box::new(|p| p.release.output_commitment = OutputCommitment::Salted { digest: "00".repeat(32), size: 18 }),
+        ),
+        (
+            "release.binding",
+            Box::new(|p| {
+                let size = p.execution.output_commitment.size().unwrap() + 1;
+                let digest = p.execution.output_commitment.digest().unwrap().to_owned();
+                p.release.output_commitment = OutputCommitment::Salted { digest, size };
+            }),
+        ),
+        // A release naming the same output by its plain digest: never taken for the salted one.
+        (
+            "release.binding",
+            Box::new(|p| {
+                p.release.output_commitment =
+                    OutputCommitment::LegacyUnsalted { sha256: sha256_hex(OUTPUT), size: OUTPUT.len() as u64 }
+            }),
+        ),
     ];
     for (check, edit) in cases {
         assert_eq!(failing_check(&fx, edit), check);
@@ -200,6 +222,7 @@ fn a_pending_manifest_verifies_as_far_as_it_goes() {
     let fx = Fixture::new();
     let mut m = fx.manifest();
     m.release = None;
+    m.output_salt = None;
     let report = verify(&fx, &m).unwrap();
     assert!(report.release.is_none());
     assert!(!output_release_allowed(&report), "no release, no output");
@@ -510,4 +533,173 @@ fn only_the_appliances_own_probes_run_as_probes() {
         verify_under(&fx, &m, Some(&deny_all)).unwrap_err(),
         ("execution.policy", Some(DenyReason::DeniedByRule { rule: "quiet".into() }))
     );
+}
+
+#[test]
+fn released_output_verifies_with_the_revealed_salt_and_altered_output_or_salt_does_not() {
+    let fx = Fixture::new();
+    let report = verify(&fx, &fx.manifest()).unwrap();
+    assert!(!report.is_legacy_unsalted());
+    assert_eq!(verify_released_output(&report, OUTPUT), Ok(OpenedAs::Salted));
+    let mut altered = OUTPUT.to_vec();
+    altered[0] ^= 1;
+    assert_eq!(verify_released_output(&report, &altered).unwrap_err().check, "output.commitment");
+    assert_eq!(verify_released_output(&report, &OUTPUT[1..]).unwrap_err().check, "output.commitment");
+    // Another salt: the manifest still verifies (the salt is not signed), the output does not.
+    let mut m = fx.manifest();
+    m.output_salt = Some(OutputSalt::from_bytes([0x5b; 32]));
+    let wrong_salt = verify(&fx, &m).unwrap();
+    assert_eq!(verify_released_output(&wrong_salt, OUTPUT).unwrap_err().check, "output.commitment");
+    // No salt revealed: nothing to check the output with.
+    let mut m = fx.manifest();
+    m.output_salt = None;
+    let no_salt = verify(&fx, &m).unwrap();
+    assert_eq!(verify_released_output(&no_salt, OUTPUT).unwrap_err().check, "output.commitment");
+}
+
+#[test]
+fn a_salt_beside_output_that_is_not_released_is_refused() {
+    let fx = Fixture::new();
+    let withheld = failing_check(&fx, |p| p.release.decision = ReleaseDecision::Withhold);
+    assert_eq!(withheld, "output.salt");
+    let mut m = fx.manifest();
+    m.release = None;
+    assert_eq!(verify(&fx, &m).unwrap_err(), "output.salt");
+    m.output_salt = None;
+    let report = verify(&fx, &m).unwrap();
+    assert_eq!(verify_released_output(&report, OUTPUT).unwrap_err().check, "output.commitment");
+}
+
+/// The fixture's operation with its request tagged `output:secret`, every binding redone.
+fn secret_parts(fx: &Fixture) -> Parts {
+    let mut p = fx.parts();
+    p.request.request.data_tags.insert(airlock_core::grant::SECRET_OUTPUT_TAG.to_owned());
+    p.approval.request_digest = p.request.request.digest_hex();
+    p.execution.request_digest = p.request.request.digest_hex();
+    p.execution.authority.digest = Some(p.approval.digest_hex());
+    p.execution.output_commitment = OutputCommitment::Secret;
+    p.execution.output_truncated = None;
+    p.release.decision = ReleaseDecision::Withhold;
+    p.release.output_commitment = OutputCommitment::Secret;
+    p.output_salt = None;
+    p
+}
+
+#[test]
+fn a_secret_execution_signs_neither_digest_nor_size() {
+    let fx = Fixture::new();
+    let parts = secret_parts(&fx);
+    let m = fx.assemble(&parts);
+    let signed = String::from_utf8(m.execution.as_ref().unwrap().payload.clone()).unwrap();
+    let sent = serde_json::from_str::<serde_json::Value>(&signed).unwrap();
+    let fields: Vec<&str> = sent.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(sent["output_commitment"], "secret", "{signed}");
+    for absent in ["output_sha256", "output_size", "output_truncated"] {
+        assert!(!fields.contains(&absent), "{absent} in {signed}");
+    }
+    let salted = OutputCommitment::for_output(false, &OutputSalt::from_bytes(OUTPUT_SALT), OUTPUT);
+    assert!(!signed.contains(salted.digest().unwrap()) && !signed.contains(&sha256_hex(OUTPUT)));
+    let report = verify(&fx, &m).unwrap();
+    assert!(!output_release_allowed(&report));
+    assert_eq!(verify_released_output(&report, OUTPUT).unwrap_err().check, "output.commitment");
+
+    // An execution of secret output that commits to it anyway, and the reverse, are refused.
+    let mut leaky = secret_parts(&fx);
+    leaky.execution.output_commitment = salted.clone();
+    leaky.execution.output_truncated = Some(false);
+    assert_eq!(verify(&fx, &fx.assemble(&leaky)).unwrap_err(), "execution.output");
+    let mut silent = fx.parts();
+    silent.execution.output_commitment = OutputCommitment::Secret;
+    silent.execution.output_truncated = None;
+    assert_eq!(verify(&fx, &fx.assemble(&silent)).unwrap_err(), "execution.output");
+}
+
+#[test]
+fn two_runs_with_the_same_output_commit_differently() {
+    let one = OutputCommitment::for_output(false, &OutputSalt::from_bytes([1; 32]), b"4821\n");
+    let two = OutputCommitment::for_output(false, &OutputSalt::from_bytes([2; 32]), b"4821\n");
+    assert_ne!(one.digest(), two.digest());
+    assert_ne!(one.digest(), Some(sha256_hex(b"4821\n").as_str()));
+}
+
+/// An execution as appliances signed it before salted commitments, byte for byte.
+fn legacy_execution_json(p: &Parts) -> String {
+    let e = &p.execution;
+    format!(
+        concat!(
+            r#"{{"request_id":"{}","appliance":"{}","request_digest":"{}","command_sha256":"{}","#,
+            r#""authority":{},"status":"completed","started_at":{},"finished_at":{},"exit_code":0,"#,
+            r#""output_sha256":"{}","output_size":{},"output_truncated":false,"sequence":1,"#,
+            r#""previous_manifest_sha256":null}}"#
+        ),
+        e.request_id,
+        e.appliance,
+        e.request_digest,
+        e.command_sha256,
+        serde_json::to_string(&e.authority).unwrap(),
+        serde_json::to_string(&e.started_at).unwrap(),
+        serde_json::to_string(&e.finished_at).unwrap(),
+        sha256_hex(OUTPUT),
+        OUTPUT.len()
+    )
+}
+
+#[test]
+fn an_old_unsalted_manifest_still_verifies_and_is_reported_as_legacy() {
+    let fx = Fixture::new();
+    let parts = fx.parts();
+    let execution = legacy_execution_json(&parts);
+    let release = format!(
+        r#"{{"request_id":"{}","appliance":"{}","decision":"release","output_sha256":"{}","output_size":{},"decided_at":{},"approver":"alice","reason":""}}"#,
+        parts.release.request_id,
+        parts.release.appliance,
+        sha256_hex(OUTPUT),
+        OUTPUT.len(),
+        serde_json::to_string(&parts.release.decided_at).unwrap(),
+    );
+    let mut m = fx.assemble(&parts);
+    m.execution = Some(fx.appliance.sign(Envelope::new(EXECUTION_PAYLOAD_TYPE, execution.clone().into_bytes())));
+    m.release = Some(Envelope::new(RELEASE_PAYLOAD_TYPE, release.into_bytes()).sign(&fx.customer));
+    // An old manifest has no salt; a salt beside a legacy digest would be refused.
+    let mut with_salt = m.clone();
+    with_salt.output_salt = Some(OutputSalt::from_bytes(OUTPUT_SALT));
+    assert_eq!(verify(&fx, &with_salt).unwrap_err(), "output.salt");
+    m.output_salt = None;
+    let json = serde_json::to_string(&m).unwrap();
+    assert!(!json.contains("output_salt"));
+    let report = verify(&fx, &m).unwrap();
+    assert!(report.is_legacy_unsalted());
+    let e = report.execution.as_ref().unwrap();
+    assert_eq!(
+        e.output_commitment,
+        OutputCommitment::LegacyUnsalted { sha256: sha256_hex(OUTPUT), size: OUTPUT.len() as u64 }
+    );
+    // Re-serialized as it was signed: the chain link over it is unchanged.
+    assert_eq!(serde_json::to_string(e).unwrap(), execution);
+    assert_eq!(e.manifest_sha256(), sha256_hex(execution.as_bytes()));
+    assert_eq!(verify_released_output(&report, OUTPUT), Ok(OpenedAs::LegacyUnsalted));
+    assert_eq!(verify_released_output(&report, b"other").unwrap_err().check, "output.commitment");
+}
+
+#[test]
+fn a_statement_spelling_its_output_both_ways_or_neither_is_malformed() {
+    let fx = Fixture::new();
+    let parts = fx.parts();
+    let legacy = legacy_execution_json(&parts);
+    let both = legacy.replace(
+        r#""output_truncated""#,
+        r#""output_commitment":{"salted":{"digest":"00000000000000000000000000000000000000000000000000000000000000aa","size":1}},"output_truncated""#,
+    );
+    let neither = legacy.replace(&format!(r#""output_sha256":"{}","output_size":18,"#, sha256_hex(OUTPUT)), "");
+    let short_digest = legacy.replace(&sha256_hex(OUTPUT), "abcd");
+    let secret_with_size = legacy.replace(
+        &format!(r#""output_sha256":"{}","output_size":18,"#, sha256_hex(OUTPUT)),
+        r#""output_commitment":"secret","#,
+    );
+    for bad in [both, neither, short_digest, secret_with_size] {
+        assert_ne!(bad, legacy);
+        let mut m = fx.assemble(&parts);
+        m.execution = Some(fx.appliance.sign(Envelope::new(EXECUTION_PAYLOAD_TYPE, bad.clone().into_bytes())));
+        assert_eq!(verify(&fx, &m).unwrap_err(), "execution.signature", "{bad}");
+    }
 }

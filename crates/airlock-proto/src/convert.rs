@@ -7,6 +7,7 @@
 use airlock_core::OperationId;
 use airlock_core::grant::DenyCode;
 use airlock_core::operation::{AckCode, RefusalCode};
+use airlock_core::output_commitment::{MalformedSalt, OutputSalt};
 
 use crate::gateway;
 
@@ -20,6 +21,16 @@ pub struct UnknownWireValue {
 
 fn unknown(field: &'static str, value: i32) -> UnknownWireValue {
     UnknownWireValue { field, value }
+}
+
+/// Reads the salt of an `OutputRelease`: empty is none (no output attached, or an execution
+/// signed before salts); anything but 32 bytes is refused, never cut or padded.
+pub fn output_salt_from_wire(bytes: &[u8]) -> Result<Option<OutputSalt>, MalformedSalt> {
+    if bytes.is_empty() { Ok(None) } else { OutputSalt::try_from(bytes).map(Some) }
+}
+
+pub fn output_salt_to_wire(salt: Option<&OutputSalt>) -> Vec<u8> {
+    salt.map(|s| s.as_bytes().to_vec()).unwrap_or_default()
 }
 
 /// Parses an operation id that came off the wire.
@@ -154,5 +165,15 @@ mod tests {
             assert_eq!(deny_code_to_wire(c) as i32, v);
         }
         assert!(deny_code_from_wire(0).is_err() && deny_code_from_wire(22).is_err());
+    }
+
+    #[test]
+    fn an_output_salt_is_32_bytes_or_absent() {
+        let salt = OutputSalt::from_bytes([9; 32]);
+        assert_eq!(output_salt_from_wire(&output_salt_to_wire(Some(&salt))), Ok(Some(salt)));
+        assert_eq!(output_salt_from_wire(&output_salt_to_wire(None)), Ok(None));
+        for bad in [&[9u8; 31][..], &[9; 33], &[0]] {
+            assert_eq!(output_salt_from_wire(bad), Err(MalformedSalt));
+        }
     }
 }

@@ -10,7 +10,7 @@ use airlock_appliance::admin::{Request, SOCKET_FILE, call, call_value, read_outp
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{SECRET_OUTPUT_TAG, is_secret_output};
-use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
+use airlock_core::operation::{OutputCommitment, RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
@@ -111,7 +111,7 @@ pub(crate) async fn ops(command: OpsSub, state_dir: Option<PathBuf>) -> anyhow::
                     text(&op["phase"]),
                     text(&op["state"]),
                     text(&op["exit_code"]),
-                    text(&op["output_size"]),
+                    size_shown(&op["output_commitment"]),
                     text(&op["release"]),
                     tags.join(","),
                 );
@@ -120,9 +120,9 @@ pub(crate) async fn ops(command: OpsSub, state_dir: Option<PathBuf>) -> anyhow::
         OpsSub::Output { id } => {
             let (bytes, reply) = read_output(&socket, id).await?;
             eprintln!(
-                "output of {id}: {} bytes, sha256 {}{}",
+                "output of {id}: {} bytes, commitment {}{}",
                 bytes.len(),
-                text(&reply["output_sha256"]),
+                describe_commitment(&reply["output_commitment"]),
                 if reply["truncated"] == true { " (truncated at capture)" } else { "" }
             );
             crate::terminal::write_output(&bytes)?;
@@ -206,25 +206,29 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         "operation {} is tagged `{SECRET_OUTPUT_TAG}`: its output never leaves this host; use --withhold",
         args.id
     );
-    let (output_sha256, output_size) = if args.withhold {
-        let digest = op["output_sha256"].as_str().context("this operation has no output to decide about")?;
-        (digest.to_owned(), op["output_size"].as_u64().unwrap_or_default())
+    // What is signed is the commitment the appliance signed; for a release, `read_output` has
+    // just checked the output and its salt against it, here, on the customer's side.
+    let output_commitment: OutputCommitment = if args.withhold {
+        serde_json::from_value(op["output_commitment"].clone())
+            .ok()
+            .context("this operation has no output to decide about")?
     } else {
-        let (bytes, reply) = read_output(&socket, args.id).await?;
-        (text(&reply["output_sha256"]), bytes.len() as u64)
+        let (_, reply) = read_output(&socket, args.id).await?;
+        serde_json::from_value(reply["output_commitment"].clone())
+            .context("the appliance named no output commitment")?
     };
     let decision = if args.withhold { ReleaseDecision::Withhold } else { ReleaseDecision::Release };
     eprintln!(
-        "{} the output of {}: {output_size} bytes, sha256 {output_sha256}",
+        "{} the output of {}: {}",
         if args.withhold { "withholding" } else { "releasing" },
-        args.id
+        args.id,
+        describe_commitment(&serde_json::to_value(&output_commitment)?)
     );
     let statement = ReleaseStatement {
         request_id: args.id,
         appliance: serde_json::from_value(op["appliance"].clone()).context("the appliance named no appliance id")?,
         decision,
-        output_sha256,
-        output_size,
+        output_commitment,
         decided_at: crate::approvals::now(),
         approver: args
             .approver
@@ -235,6 +239,26 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     let reply = call_value(&socket, &Request::Release { envelope: serde_json::from_str(&envelope.to_json())? }).await?;
     println!("{}: {}", args.id, text(&reply["release"]));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A commitment as the appliance's admin socket shows it, for people.
+fn describe_commitment(v: &serde_json::Value) -> String {
+    match serde_json::from_value::<OutputCommitment>(v.clone()) {
+        Ok(OutputCommitment::Salted { digest, size }) => format!("{size} bytes, salted sha256 {digest}"),
+        Ok(OutputCommitment::Secret) => "secret (nothing about it leaves this host)".to_owned(),
+        Ok(OutputCommitment::LegacyUnsalted { sha256, size }) => {
+            format!("{size} bytes, sha256 {sha256} (legacy: unsalted)")
+        }
+        Err(_) => "-".to_owned(),
+    }
+}
+
+/// The size column of the operations list: unknown for secret output.
+fn size_shown(v: &serde_json::Value) -> String {
+    serde_json::from_value::<OutputCommitment>(v.clone())
+        .ok()
+        .and_then(|c| c.size())
+        .map_or_else(|| "-".to_owned(), |s| s.to_string())
 }
 
 /// The release envelope, signed by every key given (the appliance counts distinct pinned keys
@@ -254,8 +278,7 @@ mod tests {
             request_id: airlock_core::OperationId::from_random([1; 16]),
             appliance: airlock_core::ApplianceId::from_random([3; 16]),
             decision: ReleaseDecision::Release,
-            output_sha256: "ab".repeat(32),
-            output_size: 2,
+            output_commitment: OutputCommitment::Salted { digest: "ab".repeat(32), size: 2 },
             decided_at: airlock_core::Timestamp::from_unix_millis(0),
             approver: "alice,bob".into(),
             reason: String::new(),

@@ -15,7 +15,8 @@ use airlock_core::grant::{
     PreApprovalBody,
 };
 use airlock_core::operation::{
-    ManifestReport, OperationState, VerifyInputs, describe_args, pem_certificate_der, verify_signed_request,
+    ManifestReport, OpenedAs, OperationState, OutputCommitment, VerifyInputs, describe_args, pem_certificate_der,
+    verify_released_output, verify_signed_request,
 };
 use airlock_core::template::{RenderedCommand, Template};
 use airlock_core::{ApplianceId, OperationId, Timestamp};
@@ -269,7 +270,12 @@ pub(crate) fn verify(
     ca: &Path,
     policy: Option<&Path>,
     approvals_required: Option<usize>,
-) -> anyhow::Result<Vec<ManifestReport>> {
+    outputs: &[PathBuf],
+) -> anyhow::Result<Vec<(ManifestReport, Option<OpenedAs>)>> {
+    anyhow::ensure!(
+        outputs.is_empty() || outputs.len() == manifests.len(),
+        "give one --output per manifest, in the same order (or none)"
+    );
     let keys = customer_keys
         .iter()
         .map(|p| {
@@ -300,7 +306,21 @@ pub(crate) fn verify(
         reports.push(report);
     }
     airlock_core::operation::verify_chain(&reports).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(reports)
+    let mut checked = Vec::new();
+    for (i, report) in reports.into_iter().enumerate() {
+        let opened = match outputs.get(i) {
+            Some(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                Some(
+                    verify_released_output(&report, &bytes)
+                        .map_err(|e| anyhow::anyhow!("{} against {}: {e}", path.display(), manifests[i].display()))?,
+                )
+            }
+            None => None,
+        };
+        checked.push((report, opened));
+    }
+    Ok(checked)
 }
 
 /// One line per fact a verified manifest proves.
@@ -324,12 +344,17 @@ pub(crate) fn describe_report(r: &ManifestReport) -> String {
     }
     match &r.execution {
         Some(e) => out.push_str(&format!(
-            "  {:?} at {}, exit code {}, output sha256 {} ({} bytes), #{} in the appliance's chain\n",
+            "  {:?} at {}, exit code {}, output {}, #{} in the appliance's chain\n",
             e.status,
             e.started_at,
             e.exit_code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
-            e.output_sha256,
-            e.output_size,
+            match &e.output_commitment {
+                OutputCommitment::Salted { digest, size } => format!("salted commitment {digest} ({size} bytes)"),
+                OutputCommitment::Secret => "secret (no digest, no size)".to_owned(),
+                OutputCommitment::LegacyUnsalted { sha256, size } => format!(
+                    "LEGACY unsalted sha256 {sha256} ({size} bytes; signed before salted commitments, a short output can be guessed from it)"
+                ),
+            },
             e.sequence
         )),
         None => out.push_str("  not executed\n"),

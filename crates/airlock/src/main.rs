@@ -512,6 +512,10 @@ struct VerifyArgs {
     /// Distinct customer keys an approval needs (default: the policy's approvals_required, else 1).
     #[arg(long)]
     approvals_required: Option<usize>,
+    /// Released output (`airlock op output ID > out.bin`) to check against the manifest's signed
+    /// commitment, with the salt the manifest reveals; one per manifest, in the same order.
+    #[arg(long = "output")]
+    outputs: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -683,9 +687,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 &args.ca,
                 args.policy.as_deref(),
                 args.approvals_required,
+                &args.outputs,
             )?;
-            for r in &reports {
+            for (r, opened) in &reports {
                 print!("{}", approvals::describe_report(r));
+                match opened {
+                    Some(airlock_core::operation::OpenedAs::Salted) => {
+                        println!("  released output matches the salted commitment")
+                    }
+                    Some(airlock_core::operation::OpenedAs::LegacyUnsalted) => {
+                        println!("  released output matches the LEGACY unsalted digest")
+                    }
+                    None => {}
+                }
             }
             if reports.len() > 1 {
                 println!("chain: {} manifests, each follows the one before", reports.len());

@@ -64,11 +64,17 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     assert_eq!(s.show(&id)["state"], "awaiting_approval", "nothing may have been relayed");
     s.approve(&id);
 
-    // Executed on the appliance; only digest and size reach the control plane.
+    // Executed on the appliance; only a salted commitment and the size reach the control plane,
+    // never a plain digest anyone could test guesses against.
     let op = s.wait_state(&id, "executed");
     assert_eq!(op["exit_code"], 3);
     let expected = b"hello world\nto stderr\n";
     assert_eq!(op["output_size"], expected.len());
+    assert_eq!(op["output_commitment"]["salted"]["size"], expected.len());
+    let plain_digest = airlock_core::operation::sha256_hex(expected);
+    assert_ne!(op["output_commitment"]["salted"]["digest"], plain_digest.as_str());
+    let pending_manifest = s.server.ok(&["op", "manifest", &id]);
+    assert!(!pending_manifest.contains("output_salt") && !pending_manifest.contains(&plain_digest));
     assert!(!s.server.cli(&["op", "output", &id]).status.success(), "output must be held until released");
     assert!(!contains(&all_bytes(&s.state), b"hello world"), "output must be encrypted at rest on the appliance");
 
@@ -107,6 +113,40 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     with_policy.extend(["--ca", ca.to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
     let out = ok(airlock(&with_policy), "verify --policy");
     assert!(out.contains("execution.policy") && !out.contains("NOT checked"), "{out}");
+    assert!(out.contains("salted commitment"), "{out}");
+    assert!(!out.contains("LEGACY"), "{out}");
+
+    // The released output verifies against the signed commitment with the revealed salt;
+    // altered bytes, or another salt, do not.
+    let with_output = |manifest: &Path, output: &Path| {
+        airlock(&[
+            "verify",
+            manifest.to_str().unwrap(),
+            "--customer-key",
+            pubkey.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ])
+    };
+    let out_file = dir.join("out.bin");
+    std::fs::write(&out_file, expected).unwrap();
+    let out = ok(with_output(&m, &out_file), "verify with output");
+    assert!(out.contains("released output matches the salted commitment"), "{out}");
+    let altered_file = dir.join("altered.bin");
+    std::fs::write(&altered_file, b"hello World\nto stderr\n").unwrap();
+    let out = with_output(&m, &altered_file);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("output.commitment"));
+    let mut other_salt: Value = serde_json::from_str(&manifest).unwrap();
+    let salt = other_salt["output_salt"].as_str().unwrap().to_owned();
+    other_salt["output_salt"] = format!("{}{}", if salt.starts_with('0') { "1" } else { "0" }, &salt[1..]).into();
+    let other_salt_path = dir.join("other-salt.json");
+    std::fs::write(&other_salt_path, other_salt.to_string()).unwrap();
+    let out = with_output(&other_salt_path, &out_file);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("output.commitment"));
 
     let mut tampered: Value = serde_json::from_str(&manifest).unwrap();
     let release = tampered["release"]["payload"].as_str().unwrap().to_owned();
@@ -223,7 +263,7 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     ok(s.local(&["appliance", "phase", "disable", "operate"]), "phase disable");
     let op = s.wait_state(&id, "cancelled");
-    assert!(op["output_sha256"].is_string(), "{op}");
+    assert!(op["output_commitment"]["salted"]["digest"].is_string(), "{op}");
     wait_for(Duration::from_secs(5), "the task's process to be gone", || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Gone, or a zombie awaiting its parent's reap.

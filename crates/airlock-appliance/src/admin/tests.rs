@@ -40,7 +40,9 @@ async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
     assert_eq!(list[0]["state"], "executed");
     assert_eq!(list[0]["release"], serde_json::Value::Null);
     let (bytes, reply) = read_output(&socket, op_id(1)).await.unwrap();
-    assert_eq!(bytes, fx.control.ops.open_output(op_id(1)).unwrap());
+    let held = fx.control.ops.open_output(op_id(1)).unwrap();
+    assert_eq!(bytes, held.bytes);
+    assert_eq!(reply["output_salt"], held.salt.unwrap().to_hex());
     assert_eq!(reply["output_size"], bytes.len());
     assert_eq!(fx.audited(AuditAction::OperationOutputRead).len(), 1);
     let manifest = call_value(&socket, &Request::Manifest { id: op_id(1) }).await.unwrap();
@@ -219,7 +221,7 @@ true
         .replace("EARLIER", &op_id(1).to_string());
         let stmt = fx.statement(op_id(2), MANIFEST, &script, vars("api"));
         let r = fx.send(fx.instruction(&stmt, MANIFEST, &script, &fx.grant(&stmt))).await;
-        let output = String::from_utf8_lossy(&fx.control.ops.open_output(op_id(2)).unwrap()).into_owned();
+        let output = String::from_utf8_lossy(&fx.control.ops.open_output(op_id(2)).unwrap().bytes).into_owned();
         assert_eq!(r.outcome, crate::result::Outcome::Executed, "{r:?}");
         assert!(!output.contains("KEY") && !output.contains("SEALED"), "{output}");
         assert!(!output.contains("\"ok\""), "{output}");

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::dsse::Envelope;
+use airlock_core::operation::OutputCommitment;
 use airlock_core::policy::{Phase, VerifiedPolicy};
 use airlock_core::{ApplianceId, OperationId, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -328,36 +329,37 @@ impl LocalControl {
         Ok(serde_json::Value::Array(list))
     }
 
-    /// One operation's output, for the customer on this host.
+    /// One operation's output, for the customer on this host, with the salt of its commitment
+    /// so the customer's CLI can check it against what the appliance signed.
     pub(crate) fn output(&self, by: Peer, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
-        let record = self.finished(id)?;
-        let output = self.ops.open_output(id)?;
+        let (record, commitment) = self.finished(id)?;
+        let held = self.ops.open_output(id)?;
         self.audit.record(
             AuditAction::OperationOutputRead,
             Outcome::Success,
-            by.stamp(serde_json::json!({
-                "request_id": id, "output_sha256": record.output_sha256, "output_size": record.output_size,
-            })),
+            by.stamp(serde_json::json!({ "request_id": id, "output_commitment": commitment })),
         )?;
         Ok(serde_json::json!({
             "id": id,
-            "output_base64": data_encoding::BASE64.encode(&output),
-            "output_sha256": record.output_sha256,
-            "output_size": record.output_size,
+            "output_base64": data_encoding::BASE64.encode(&held.bytes),
+            "output_salt": held.salt,
+            "output_commitment": commitment,
+            "output_size": held.bytes.len(),
             "truncated": record.output_truncated,
             "data_tags": record.data_tags,
         }))
     }
 
-    fn finished(&self, id: OperationId) -> Result<OpRecord, ApplianceError> {
+    /// A finished operation, with what its execution committed to about the output.
+    fn finished(&self, id: OperationId) -> Result<(OpRecord, OutputCommitment), ApplianceError> {
         let record = self
             .ops
             .record(id)?
             .ok_or_else(|| ApplianceError::Customer(format!("no operation {id} on this appliance")))?;
-        if !matches!(record.state, OpState::Executed | OpState::Cancelled) || record.output_sha256.is_none() {
-            return Err(ApplianceError::Customer(format!("operation {id} has no output (it is {:?})", record.state)));
+        match record.commitment() {
+            Some(c) if matches!(record.state, OpState::Executed | OpState::Cancelled) => Ok((record, c)),
+            _ => Err(ApplianceError::Customer(format!("operation {id} has no output (it is {:?})", record.state))),
         }
-        Ok(record)
     }
 
     pub(crate) fn pre_approval_add(&self, by: Peer, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {

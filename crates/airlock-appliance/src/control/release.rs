@@ -1,8 +1,9 @@
 //! The customer's decision about one operation's output: release it to the vendor, or withhold it.
 //!
-//! The decision is signed by enough pinned customer keys and names the exact output the
-//! appliance signed (its digest and size); output tagged `output:secret` can be withheld, never
-//! released.
+//! The decision is signed by enough pinned customer keys and names the exact output commitment
+//! the appliance signed; output tagged `output:secret` can be withheld, never released.
+//! A release goes ahead only if the output and salt held here still open that commitment
+//! (`OpStore::revealable_output`); the salt then joins the manifest and goes up with the output.
 //! It is checked and recorded under the operation store's lock, so of two decisions made at
 //! once exactly one holds, and once decided an output stays decided.
 //! The signed decision joins the operation's manifest, and is queued for the control plane,
@@ -11,7 +12,7 @@
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::SECRET_OUTPUT_TAG;
-use airlock_core::operation::{RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
+use airlock_core::operation::{OutputCommitment, RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement};
 use airlock_core::{ApplianceId, OperationId};
 use airlock_proto::gateway::ApplianceMessage;
 
@@ -35,9 +36,12 @@ pub enum ReleaseRefusal {
     #[error("the release is for appliance {0}, not this one")]
     AnotherAppliance(ApplianceId),
     #[error(
-        "the release names output {named} ({named_size} bytes), but operation {id} produced {produced} ({produced_size} bytes)"
+        "the release names other output than operation {id} committed to ({produced:?}); sign a release of its own commitment"
     )]
-    OtherOutput { id: OperationId, named: String, named_size: u64, produced: String, produced_size: u64 },
+    OtherOutput { id: OperationId, produced: OutputCommitment },
+    /// What is held here no longer opens the signed commitment: nothing is revealed.
+    #[error("{0}")]
+    HeldOutputMismatch(String),
     #[error(
         "operation {0} is tagged `{SECRET_OUTPUT_TAG}`: its output never leaves this host; you can withhold it, not release it"
     )]
@@ -75,24 +79,24 @@ impl LocalControl {
         let statement: ReleaseStatement = serde_json::from_slice(&verified.payload)
             .map_err(|e| refuse(ReleaseRefusal::MalformedStatement(e.to_string())))?;
         let id = statement.request_id;
-        let record = self.finished(id).map_err(|e| refuse(ReleaseRefusal::NotFinished(e.to_string())))?;
+        let (record, commitment) = self.finished(id).map_err(|e| refuse(ReleaseRefusal::NotFinished(e.to_string())))?;
         if statement.appliance != record.appliance {
             return Err(refuse(ReleaseRefusal::AnotherAppliance(statement.appliance)));
         }
-        if Some(&statement.output_sha256) != record.output_sha256.as_ref()
-            || Some(statement.output_size) != record.output_size
-        {
-            return Err(refuse(ReleaseRefusal::OtherOutput {
-                id,
-                named: statement.output_sha256.clone(),
-                named_size: statement.output_size,
-                produced: record.output_sha256.clone().unwrap_or_else(|| "-".into()),
-                produced_size: record.output_size.unwrap_or(0),
-            }));
+        if statement.output_commitment != commitment {
+            return Err(refuse(ReleaseRefusal::OtherOutput { id, produced: commitment }));
         }
-        if statement.decision == ReleaseDecision::Release && record.is_secret() {
-            return Err(refuse(ReleaseRefusal::SecretOutput(id)));
-        }
+        let salt = match statement.decision {
+            ReleaseDecision::Release if record.is_secret() => return Err(refuse(ReleaseRefusal::SecretOutput(id))),
+            ReleaseDecision::Release => {
+                self.ops
+                    .revealable_output(id, &commitment)
+                    .map_err(|e| refuse(ReleaseRefusal::HeldOutputMismatch(e.to_string())))?
+                    .salt
+            }
+            // A withholding reveals nothing, not even the salt.
+            ReleaseDecision::Withhold => None,
+        };
         // Checked and decided under the store's lock: of two decisions at once, one holds.
         let now = self.now();
         let record = self.ops.update_record(id, |r| {
@@ -104,6 +108,7 @@ impl LocalControl {
             }
             let mut manifest = self.ops.manifest(id)?.ok_or_else(|| refuse(ReleaseRefusal::NoManifest(id)))?;
             manifest.release = Some(envelope.clone());
+            manifest.output_salt = salt.clone();
             self.ops.save_manifest(&manifest)?;
             r.release = Some(statement.decision);
             r.updated_at = now;
@@ -118,8 +123,7 @@ impl LocalControl {
             Outcome::Success,
             by.stamp(serde_json::json!({
                 "request_id": id,
-                "output_sha256": statement.output_sha256,
-                "output_size": statement.output_size,
+                "output_commitment": statement.output_commitment,
                 "signed_by": verified.signed_by,
                 "approver": statement.approver,
             })),

@@ -1,7 +1,9 @@
 //! Recording a run: sealing its output, signing what happened, chaining it, queuing the result.
 //!
 //! In this order:
-//! 1. the output is sealed at rest (`crate::ops_store`), and only its digest and size go further;
+//! 1. the output is sealed at rest with a fresh salt (`crate::ops_store`), and only the salted
+//!    commitment and size go further, or nothing at all for `output:secret` output
+//!    (`airlock_core::output_commitment`);
 //! 2. an `ExecutionStatement` is signed with the appliance's certificate key (ECDSA P-256),
 //!    chained to the previous one (`sequence`, `previous_manifest_sha256`);
 //! 3. the manifest holding it is stored *before* the chain head (`manifest-chain.json`) names
@@ -18,15 +20,15 @@ use airlock_core::audit::{AuditAction, Outcome as AuditOutcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::ApprovalLevel;
 use airlock_core::operation::{
-    EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, Manifest, RefusalCode, RequestStatement,
-    add_signature, certificate_key_id, pem_certificate_der, sha256_hex, signing_input,
+    EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, Manifest, OutputCommitment, RefusalCode,
+    RequestStatement, add_signature, certificate_key_id, pem_certificate_der, signing_input,
 };
 use airlock_proto::gateway::ApplianceMessage;
 
 use super::run::Ran;
 use super::{Executor, Job};
 use crate::ApplianceError;
-use crate::ops_store::{OpState, ReleaseItem};
+use crate::ops_store::{OpState, ReleaseItem, fresh_salt};
 use crate::result::{Outcome, Refusal, ResultMsg};
 use crate::state_dir::Credentials;
 
@@ -41,11 +43,12 @@ impl Executor {
         let ops = &self.control.ops;
         let id = job.id;
         let Ran { status, exit_code, ref output, truncated, started_at, finished_at } = *ran;
-        let output_sha256 = sha256_hex(output);
-        let output_size = output.len() as u64;
-        ops.seal_output(id, output)?;
-        let (_, _, creds) = self.state.load()?;
         let req = &job.statement.request;
+        let secret = req.output_is_secret();
+        let salt = fresh_salt()?;
+        let output_commitment = OutputCommitment::for_output(secret, &salt, output);
+        ops.seal_output(id, &salt, output)?;
+        let (_, _, creds) = self.state.load()?;
         let mut manifest = job.manifest;
         let statement = ops.extend_chain(|sequence, previous_manifest_sha256| {
             let statement = ExecutionStatement {
@@ -58,9 +61,9 @@ impl Executor {
                 started_at,
                 finished_at,
                 exit_code,
-                output_sha256: output_sha256.clone(),
-                output_size,
-                output_truncated: truncated,
+                output_commitment: output_commitment.clone(),
+                // Not even whether it hit the capture limit is told of secret output.
+                output_truncated: (!secret).then_some(truncated),
                 sequence,
                 previous_manifest_sha256,
             };
@@ -94,6 +97,13 @@ impl Executor {
         let auto_release = matches!(pre_approval, Some((_, ApprovalLevel::CommandsAndOutput))) && !secret;
         self.control.outbound.queue_result(&result)?;
         let release = if auto_release {
+            // The salt joins this host's manifest as it leaves with the output.
+            let held = self.control.ops.revealable_output(id, &execution.output_commitment)?;
+            if held.salt.is_some() && manifest.output_salt != held.salt {
+                let mut revealed = manifest.clone();
+                revealed.output_salt = held.salt;
+                self.control.ops.save_manifest(&revealed)?;
+            }
             let item = ReleaseItem { request_id: id, release_envelope_json: String::new(), with_output: true };
             self.control.outbound.queue_release(&item)?
         } else {
@@ -102,9 +112,8 @@ impl Executor {
         self.control.ops.update_record(id, |r| {
             r.state = if cancelled { OpState::Cancelled } else { OpState::Executed };
             r.exit_code = execution.exit_code;
-            r.output_sha256 = Some(execution.output_sha256.clone());
-            r.output_size = Some(execution.output_size);
-            r.output_truncated = execution.output_truncated;
+            r.output_commitment = Some(execution.output_commitment.clone());
+            r.output_truncated = execution.output_truncated.unwrap_or(false);
             r.released_by_pre_approval = auto_release;
             r.result = Some(result.clone());
             r.updated_at = execution.finished_at;
@@ -116,7 +125,7 @@ impl Executor {
             AuditOutcome::Success,
             serde_json::json!({
                 "request_id": id, "status": execution.status, "exit_code": execution.exit_code,
-                "output_sha256": execution.output_sha256, "output_size": execution.output_size,
+                "output_commitment": execution.output_commitment,
                 "output_truncated": execution.output_truncated, "sequence": execution.sequence,
             }),
         )?;
@@ -125,8 +134,7 @@ impl Executor {
                 AuditAction::OperationReleased,
                 AuditOutcome::Success,
                 serde_json::json!({
-                    "request_id": id, "output_sha256": execution.output_sha256,
-                    "output_size": execution.output_size, "by": "pre-approval",
+                    "request_id": id, "output_commitment": execution.output_commitment, "by": "pre-approval",
                     "digest": execution.authority.digest,
                 }),
             )?;

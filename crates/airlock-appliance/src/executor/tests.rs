@@ -8,8 +8,8 @@ use airlock_core::audit::AuditAction;
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalDecision, ApprovalLevel, DenyCode, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE};
 use airlock_core::operation::{
-    AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatus, REQUEST_PAYLOAD_TYPE, RefusalCode, VerifyInputs,
-    pem_certificate_der, sha256_hex, verify_certified_envelope, verify_parsed_manifest,
+    AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatus, OpenedAs, REQUEST_PAYLOAD_TYPE, RefusalCode,
+    VerifyInputs, pem_certificate_der, sha256_hex, verify_certified_envelope, verify_parsed_manifest,
 };
 use airlock_core::policy::Phase;
 use airlock_core::template::Template;
@@ -40,10 +40,14 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     assert_eq!(e.authority.kind, AuthorityKind::Grant);
     assert_eq!(e.authority.policy_digest, fx.policy.as_ref().map(|p| p.digest_hex()));
     assert_eq!((e.sequence, e.previous_manifest_sha256.as_deref()), (1, None));
-    let plain = fx.control.ops.open_output(op_id(1)).unwrap();
+    let held = fx.control.ops.open_output(op_id(1)).unwrap();
+    let plain = held.bytes.clone();
     let text = String::from_utf8(plain.clone()).unwrap();
     assert!(text.starts_with("hello api from ") && text.ends_with("oops\n"), "{text}");
-    assert_eq!(e.output_sha256, sha256_hex(&plain));
+    // A salted commitment, which opens with the salt sealed beside the output.
+    let salt = held.salt.clone().unwrap();
+    assert_eq!(e.output_commitment.check(Some(&salt), &plain), Ok(OpenedAs::Salted));
+    assert_ne!(e.output_commitment.digest(), Some(sha256_hex(&plain).as_str()));
     // Only the digest and size leave; the plaintext is in no file of the state directory.
     for f in all_files(fx.dir.path()) {
         let bytes = std::fs::read(&f).unwrap();
@@ -55,7 +59,7 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None };
     verify_parsed_manifest(&manifest, &inputs).unwrap();
     let executed = fx.audited(AuditAction::OperationExecuted);
-    assert_eq!(executed[0]["detail"]["output_size"], plain.len());
+    assert_eq!(executed[0]["detail"]["output_commitment"]["salted"]["size"], plain.len());
     // Asked again: the stored result, nothing runs twice.
     let again = fx.run(&stmt, &fx.grant(&stmt)).await;
     assert_eq!(again, r);
@@ -332,7 +336,11 @@ async fn commands_and_output_pre_approval_releases_output_unless_secret() {
         .collect();
     assert_eq!(releases.len(), 1);
     assert!(releases[0].release_envelope_json.is_empty());
-    assert_eq!(releases[0].output, fx.control.ops.open_output(op_id(1)).unwrap());
+    let held = fx.control.ops.open_output(op_id(1)).unwrap();
+    assert_eq!(releases[0].output, held.bytes);
+    assert_eq!(releases[0].output_salt, held.salt.unwrap().as_bytes());
+    // The salt joins the appliance's own manifest as it leaves with the output.
+    assert!(fx.control.ops.manifest(op_id(1)).unwrap().unwrap().output_salt.is_some());
 
     let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
     let t = Template::new(&secret_manifest, SCRIPT).unwrap();

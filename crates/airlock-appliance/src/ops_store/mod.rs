@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use airlock_core::grant::OperationRequest;
-use airlock_core::operation::{AuthorityRef, Manifest, ReleaseDecision};
+use airlock_core::operation::{AuthorityRef, Manifest, OutputCommitment, ReleaseDecision};
 use airlock_core::policy::Phase;
 use airlock_core::{ApplianceId, OperationId, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,7 @@ use crate::files::{self, Mode};
 use crate::result::ResultMsg;
 
 pub(crate) use outbox::{OUTBOX_DIR, PARKED_DIR, ReleaseItem};
+pub(crate) use sealed::fresh_salt;
 
 pub(crate) const OPS_DIR: &str = "ops";
 /// The head of the chain of signed executions (`chain`).
@@ -68,9 +69,14 @@ pub(crate) struct OpRecord {
     pub authority: Option<AuthorityRef>,
     #[serde(default)]
     pub exit_code: Option<i32>,
-    #[serde(default)]
+    /// What the signed execution commits to about the output, once it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_commitment: Option<OutputCommitment>,
+    /// Records of runs signed before salted commitments: their plain digest and size. Read
+    /// only through [`OpRecord::commitment`]; never written for a new run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_sha256: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_size: Option<u64>,
     #[serde(default)]
     pub output_truncated: bool,
@@ -107,6 +113,7 @@ impl OpRecord {
             refusal_reason: None,
             authority: None,
             exit_code: None,
+            output_commitment: None,
             output_sha256: None,
             output_size: None,
             output_truncated: false,
@@ -115,6 +122,16 @@ impl OpRecord {
             result: None,
             pgid: None,
             boot_id: None,
+        }
+    }
+
+    /// What the execution committed to about the output (for a record written before salts,
+    /// the legacy unsalted digest it kept); `None` until it ran.
+    pub(crate) fn commitment(&self) -> Option<OutputCommitment> {
+        match (&self.output_commitment, &self.output_sha256, self.output_size) {
+            (Some(c), _, _) => Some(c.clone()),
+            (None, Some(sha256), Some(size)) => Some(OutputCommitment::LegacyUnsalted { sha256: sha256.clone(), size }),
+            _ => None,
         }
     }
 
@@ -139,8 +156,7 @@ impl OpRecord {
             "authority": self.authority.as_ref().map(|a| a.kind),
             "refusal_reason": self.refusal_reason,
             "exit_code": self.exit_code,
-            "output_sha256": self.output_sha256,
-            "output_size": self.output_size,
+            "output_commitment": self.commitment(),
             "output_truncated": self.output_truncated,
             "release": release,
             "data_tags": self.data_tags,

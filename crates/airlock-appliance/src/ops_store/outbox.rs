@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 
 use airlock_core::OperationId;
+use airlock_proto::convert::output_salt_to_wire;
 use airlock_proto::gateway::{ApplianceMessage, OutputRelease, appliance_message};
 use serde::{Deserialize, Serialize};
 
@@ -125,12 +126,18 @@ impl OpStore {
 
     /// The message for one queued release, with its output read from the sealed file.
     pub(crate) fn release_message(&self, item: &ReleaseItem) -> Result<ApplianceMessage, ApplianceError> {
-        let output = if item.with_output { self.open_output(item.request_id)? } else { Vec::new() };
+        let (output, output_salt) = if item.with_output {
+            let held = self.revealable_output(item.request_id, &self.signed_commitment(item.request_id)?)?;
+            (held.bytes, output_salt_to_wire(held.salt.as_ref()))
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(ApplianceMessage {
             body: Some(appliance_message::Body::OutputRelease(OutputRelease {
                 request_id: item.request_id.to_string(),
                 release_envelope_json: item.release_envelope_json.clone(),
                 output,
+                output_salt,
             })),
         })
     }
@@ -182,9 +189,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = OpStore::open(dir.path()).unwrap();
         let a = op_id(1);
-        store.seal_output(a, b"x").unwrap();
         store
-            .queue_release(&ReleaseItem { request_id: a, release_envelope_json: String::new(), with_output: true })
+            .queue_release(&ReleaseItem { request_id: a, release_envelope_json: String::new(), with_output: false })
             .unwrap();
         store.queue_result(&ResultMsg::ran(a, Outcome::Executed)).unwrap();
         let pending = store.pending().unwrap();

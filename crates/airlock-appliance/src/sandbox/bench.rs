@@ -35,11 +35,8 @@ pub async fn spawn_true(state_dir: &Path, rounds: usize) -> Result<Timings, Stri
     let limits = RunLimits::default();
     for round in 0..rounds {
         let started = Instant::now();
-        let status = tokio::process::Command::new("/bin/sh")
-            .args(["-c", "true"])
-            .status()
-            .await
-            .map_err(|e| e.to_string())?;
+        let status =
+            tokio::process::Command::new("/bin/sh").args(["-c", "true"]).status().await.map_err(|e| e.to_string())?;
         t.bare.push(started.elapsed());
         if !status.success() {
             return Err("/bin/sh -c true failed".into());

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use airlock_core::audit::Outcome;
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{DenyCode, OperationRequest};
-use airlock_core::operation::{Manifest, OperationState, RefusalCode, RequestStatement};
+use airlock_core::operation::{
+    ExecutionStatement, Manifest, OperationState, OutputCommitment, RefusalCode, RequestStatement,
+};
 use airlock_core::policy::Phase;
 use airlock_core::template::{RenderedCommand, Template, VarType};
 use airlock_core::{EnvironmentId, OperationId, Timestamp, WorkspaceId};
@@ -264,7 +266,11 @@ pub struct OperationView {
     #[schema(value_type = Option<Object>)]
     pub approval: Option<Envelope>,
     pub exit_code: Option<i64>,
-    pub output_sha256: Option<String>,
+    /// What the appliance's signed execution commits to about the output: `{"salted": {"digest",
+    /// "size"}}`, `"secret"` (nothing: not even a size), or for executions signed before salts
+    /// `{"legacy_unsalted": {"sha256", "size"}}`.
+    #[schema(value_type = Option<Object>)]
+    pub output_commitment: Option<OutputCommitment>,
     pub output_size: Option<i64>,
     pub output_released: bool,
     /// Unix milliseconds.
@@ -300,7 +306,11 @@ impl OperationView {
             control_plane_certificate: op.control_plane_cert_pem.clone(),
             approval: stored_envelope(op, op.approval_envelope.as_deref())?,
             exit_code: op.exit_code,
-            output_sha256: op.output_sha256.clone(),
+            output_commitment: stored_envelope(op, op.execution_envelope.as_deref())?
+                .map(|env| serde_json::from_slice::<ExecutionStatement>(&env.payload))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("operation {} execution statement: {e}", op.id)))?
+                .map(|e| e.output_commitment),
             output_size: op.output_size,
             output_released: op.output_stored,
             updated_at: op.updated_at,
@@ -457,7 +467,7 @@ pub(super) async fn get_manifest(
     Path(id): Path<String>,
 ) -> Result<Json<Manifest>, ApiError> {
     authorize(&state, &scope, Action::GetManifest, Some(id.clone())).await?;
-    let result = async { Ok(operations::manifest(&find(&state, &scope, &id).await?)?) }.await;
+    let result = async { Ok(operations::manifest(&state.kek, &scope, &find(&state, &scope, &id).await?)?) }.await;
     let mut ev = event(scope.principal().actor(), Action::GetManifest.audit_action(), Outcome::Success);
     ev.target = Some(id);
     audited(&state, &scope, ev, result).await.map(Json)
@@ -482,7 +492,7 @@ pub(super) async fn get_output(
         Err(e) => return audited(&state, &scope, ev, Err(e)).await,
     };
     // Digest and size only: never the output.
-    ev.detail = serde_json::json!({ "output_sha256": op.output_sha256, "output_size": op.output_size });
+    ev.detail = serde_json::json!({ "output_digest": op.output_sha256, "output_size": op.output_size });
     audited(&state, &scope, ev, Ok(())).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }

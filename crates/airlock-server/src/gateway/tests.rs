@@ -183,8 +183,8 @@ mod operations {
     use airlock_core::dsse::Envelope;
     use airlock_core::grant::{ApprovalDecision, DenyCode, OperationRequest};
     use airlock_core::operation::{
-        AckCode, AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, RefusalCode,
-        ReleaseDecision, ReleaseStatement, sha256_hex,
+        AckCode, AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus,
+        OutputCommitment, OutputSalt, RefusalCode, ReleaseDecision, ReleaseStatement, output_commitment, sha256_hex,
     };
     use airlock_core::policy::POLICY_PAYLOAD_TYPE;
     use airlock_proto::gateway::{
@@ -295,6 +295,19 @@ mod operations {
         }
     }
 
+    /// The salt the test appliance commits to every output with.
+    pub(super) const SALT: [u8; 32] = [0x11; 32];
+
+    /// What an appliance commits to for `output` of `op` under [`SALT`]: nothing for secret output.
+    pub(super) fn committed(op: &Value, output: &[u8]) -> OutputCommitment {
+        let tags: Vec<String> = serde_json::from_value(op["data_tags"].clone()).unwrap();
+        OutputCommitment::for_output(
+            airlock_core::grant::is_secret_output(&tags),
+            &OutputSalt::from_bytes(SALT),
+            output,
+        )
+    }
+
     /// An execution statement for `op`, signed with `key` (whose certificate is `cert`).
     fn execution(op: &Value, output: &[u8], key: &rcgen::KeyPair, cert: &crate::ca::Issued) -> Envelope {
         let authority = AuthorityRef { kind: AuthorityKind::StandingWindow, digest: None, policy_digest: None };
@@ -319,9 +332,8 @@ mod operations {
             started_at: now,
             finished_at: now,
             exit_code: Some(0),
-            output_sha256: sha256_hex(output),
-            output_size: output.len() as u64,
-            output_truncated: false,
+            output_truncated: (committed(op, output) != OutputCommitment::Secret).then_some(false),
+            output_commitment: committed(op, output),
             sequence: 1,
             previous_manifest_sha256: None,
         };
@@ -347,12 +359,23 @@ mod operations {
         sent: &[u8],
         decision: ReleaseDecision,
     ) -> appliance_message::Body {
+        let salt = if sent.is_empty() { Vec::new() } else { SALT.to_vec() };
+        release_revealing(op, output_for_digest, sent, &salt, decision)
+    }
+
+    /// A release of `op` naming the commitment to `output_for_digest`, sending `sent` and `salt`.
+    fn release_revealing(
+        op: &Value,
+        output_for_digest: &[u8],
+        sent: &[u8],
+        salt: &[u8],
+        decision: ReleaseDecision,
+    ) -> appliance_message::Body {
         let statement = ReleaseStatement {
             request_id: op["id"].as_str().unwrap().parse().unwrap(),
             appliance: op["appliance"].as_str().unwrap().parse().unwrap(),
             decision,
-            output_sha256: sha256_hex(output_for_digest),
-            output_size: output_for_digest.len() as u64,
+            output_commitment: committed(op, output_for_digest),
             decided_at: airlock_core::Timestamp::from_unix_millis(0),
             approver: "alice".into(),
             reason: "fine".into(),
@@ -361,6 +384,7 @@ mod operations {
             request_id: op["id"].as_str().unwrap().to_owned(),
             release_envelope_json: customer::sign_release(&statement, &[CUSTOMER]),
             output: sent.to_vec(),
+            output_salt: salt.to_vec(),
         })
     }
 
@@ -410,7 +434,8 @@ mod operations {
         let shown = op_state(&f, id).await;
         assert_eq!(shown["state"], "executed");
         assert_eq!(shown["exit_code"], 0);
-        assert_eq!(shown["output_sha256"], sha256_hex(b"out"));
+        let digest = output_commitment(&OutputSalt::from_bytes(SALT), b"out");
+        assert_eq!(shown["output_commitment"], json!({ "salted": { "digest": digest, "size": 3 } }));
         let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
         assert_eq!(m["appliance_certificate"], a.cert.pem.as_str());
         let chain = f.identity.tenant.to_string();
@@ -435,7 +460,14 @@ mod operations {
         let ack =
             a.send(release(&op, MARKER, b"customer-plaintext-7f3a9c1e-never-at-resX", ReleaseDecision::Release)).await;
         assert_eq!(ack.kind, OperationAckKind::Release as i32);
-        assert_refused(&ack, "does not match");
+        assert_refused(&ack, "does not open the commitment");
+        // The signed bytes, with another salt, with no salt, or with a salt that is not 32 bytes.
+        let ack = a.send(release_revealing(&op, MARKER, MARKER, &[0x22; 32], ReleaseDecision::Release)).await;
+        assert_refused(&ack, "does not open the commitment");
+        let ack = a.send(release_revealing(&op, MARKER, MARKER, &[], ReleaseDecision::Release)).await;
+        assert_refused(&ack, "no salt was revealed");
+        let ack = a.send(release_revealing(&op, MARKER, MARKER, &SALT[..31], ReleaseDecision::Release)).await;
+        assert_refused(&ack, "32 bytes");
         // A release naming other output than the execution: refused.
         let ack = a.send(release(&op, b"other", b"other", ReleaseDecision::Release)).await;
         assert_refused(&ack, "other output");
@@ -444,6 +476,7 @@ mod operations {
             request_id: id.to_owned(),
             release_envelope_json: String::new(),
             output: MARKER.to_vec(),
+            output_salt: SALT.to_vec(),
         });
         assert_refused(&a.send(bare).await, "pre-approval");
         let (s, v) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/output"), None).await;
@@ -462,8 +495,15 @@ mod operations {
         // At rest the output is sealed: no file of the data directory holds the plaintext.
         f.server.state.store.ping().await.unwrap();
         assert!(!data_dir_contains(&f, MARKER), "released output is stored in clear");
-        // Control: the scan does find what is stored in clear (the digest).
-        assert!(data_dir_contains(&f, sha256_hex(MARKER).as_bytes()));
+        // Control: the scan does find what is stored in clear (the salted commitment).
+        let digest = output_commitment(&OutputSalt::from_bytes(SALT), MARKER);
+        assert!(data_dir_contains(&f, digest.as_bytes()));
+        assert!(!data_dir_contains(&f, sha256_hex(MARKER).as_bytes()), "no unsalted digest is kept");
+        // The salt is sealed too (with it and the digest, a copy of the database would reveal a
+        // short output), and revealed in the manifest, where the output verifies against it.
+        assert!(!data_dir_contains(&f, &SALT));
+        let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
+        assert_eq!(m["output_salt"], OutputSalt::from_bytes(SALT).to_hex());
         f.server.shutdown().await;
     }
 
@@ -474,7 +514,15 @@ mod operations {
         let id = op["id"].as_str().unwrap();
         let mut a = Appliance::connect(&f, &f.identity).await;
         a.instruction().await;
+        // An execution that commits to secret output (even salted) is refused: nothing about it may leave.
+        let mut as_if_public = op.clone();
+        as_if_public["data_tags"] = json!(["host:read"]);
+        let leaky = execution(&as_if_public, MARKER, &a.key, &a.cert);
+        assert_refused(&a.send(result(&op, &leaky, &a.cert.pem)).await, "does not fit");
         let good = execution(&op, MARKER, &a.key, &a.cert);
+        let signed: Value = serde_json::from_slice(&good.payload).unwrap();
+        assert_eq!(signed["output_commitment"], "secret");
+        assert!(signed.get("output_size").is_none() && signed.get("output_sha256").is_none(), "{signed}");
         assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
         let ack = a.send(release(&op, MARKER, MARKER, ReleaseDecision::Release)).await;
         assert_refused(&ack, "output:secret");
@@ -1056,6 +1104,7 @@ mod pre_approval {
             request_id: op["id"].as_str().unwrap().to_owned(),
             release_envelope_json: String::new(),
             output: output.to_vec(),
+            output_salt: SALT.to_vec(),
         })
     }
 

@@ -22,11 +22,12 @@ use airlock_core::dsse::Envelope;
 use airlock_core::operation::{Manifest, RequestStatement};
 
 pub use approval::{ApprovalError, RelayError, check_approval, relay_approval};
-pub use release::{OutputError, handle_release, released_output};
+pub use release::{OutputError, handle_release, released_output, released_salt};
 pub use request::{NewOperation, RequestError, request};
 pub use results::handle_result;
 pub use templates::{MAX_MANIFEST_BYTES, MAX_SCRIPT_BYTES, PushTemplateError, PushedTemplate, push_template};
 
+use crate::authz::TenantScope;
 use crate::store::{OperationRow, StoreError};
 
 /// Largest signed statement (envelope JSON) or certificate PEM stored from an appliance or
@@ -51,7 +52,9 @@ pub fn stored_envelope(op: &OperationRow, json: Option<&str>) -> Result<Option<E
 
 /// The operation's manifest: every signed statement stored for it, with the certificates that
 /// verify them.
-pub fn manifest(op: &OperationRow) -> Result<Manifest, StoreError> {
+/// The salt of released output is opened (it is sealed under the KEK) and revealed beside it,
+/// so the manifest checks the output offline.
+pub fn manifest(kek: &crate::keys::Kek, scope: &TenantScope, op: &OperationRow) -> Result<Manifest, OutputError> {
     let request = stored_envelope(op, Some(&op.request_envelope))?
         .ok_or_else(|| StoreError::Corrupt(format!("operation {} has no request", op.id)))?;
     let mut m = Manifest::new(op.id, request, op.control_plane_cert_pem.clone());
@@ -60,6 +63,7 @@ pub fn manifest(op: &OperationRow) -> Result<Manifest, StoreError> {
     m.execution = stored_envelope(op, op.execution_envelope.as_deref())?;
     m.appliance_certificate = op.appliance_cert_pem.clone();
     m.release = stored_envelope(op, op.release_envelope.as_deref())?;
+    m.output_salt = released_salt(kek, scope, op)?;
     Ok(m)
 }
 

@@ -4,18 +4,20 @@
 //! Those are the envelope's type and binding, withheld output that was sent anyway, and any output of a request tagged `output:secret` (one predicate, [`airlock_core::grant::is_secret_output`]).
 //! A release that arrives before its operation's result is stored is answered `RETRY`: the appliance keeps it and sends it again after its results.
 //! A release of an operation that has no execution (a denied one, say) is refused for good.
-//! Output is accepted only if it hashes to the digest and size the appliance signed, and only under a signed release or a commands-and-output pre-approval.
-//! It is sealed under the KEK at once, with additional data binding tenant and operation, so it opens only as this operation's output.
-//! Released output exists in clear only in memory: it is never logged, and the audit gets its digest and size only.
+//! Output is accepted only if, with the salt sent beside it, it opens the commitment the appliance signed (`airlock_core::output_commitment`; a plain digest for executions signed before salts), and only under a signed release or a commands-and-output pre-approval.
+//! A signed release must name that commitment exactly; a salt with withheld output, or a malformed one, is refused.
+//! Output and salt are sealed under the KEK at once, with additional data binding tenant and operation, so they open only as this operation's; the manifest reveals the salt ([`released_salt`]).
+//! Released output exists in clear only in memory: it is never logged, and the audit gets its commitment only.
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalLevel, PreApprovalBody, SECRET_OUTPUT_TAG};
 use airlock_core::operation::{
-    AuthorityKind, ExecutionStatement, OperationState, RELEASE_PAYLOAD_TYPE, ReleaseDecision, ReleaseStatement,
-    sha256_hex,
+    AuthorityKind, ExecutionStatement, OperationState, OutputSalt, RELEASE_PAYLOAD_TYPE, ReleaseDecision,
+    ReleaseStatement,
 };
 use airlock_core::{ApplianceIdentity, OperationId};
+use airlock_proto::convert::output_salt_from_wire;
 use airlock_proto::gateway::{ControlMessage, OperationAckKind, OutputRelease};
 
 use super::reply::{Refuse, finish, refuse};
@@ -27,6 +29,25 @@ use crate::store::{OperationRow, ReleaseUpdate, StoreError};
 /// The additional data output is sealed with: it can only be opened as this operation's output.
 fn output_aad(scope: &TenantScope, request_id: OperationId) -> Vec<u8> {
     format!("airlock operation output v1\n{}\n{request_id}", scope.tenant()).into_bytes()
+}
+
+/// The additional data a released output's salt is sealed with.
+fn salt_aad(scope: &TenantScope, request_id: OperationId) -> Vec<u8> {
+    format!("airlock operation output salt v1\n{}\n{request_id}", scope.tenant()).into_bytes()
+}
+
+/// The salt of an operation's released output, opened; `None` when there is none (not released,
+/// or an execution signed before salts).
+pub fn released_salt(
+    kek: &crate::keys::Kek,
+    scope: &TenantScope,
+    op: &OperationRow,
+) -> Result<Option<OutputSalt>, OutputError> {
+    let Some(sealed) = &op.output_salt_sealed else { return Ok(None) };
+    let bytes = kek.open(sealed, &salt_aad(scope, op.id)).map_err(OutputError::Unseal)?;
+    OutputSalt::try_from(bytes.as_slice())
+        .map(Some)
+        .map_err(|_| OutputError::Store(StoreError::Corrupt(format!("operation {} output salt", op.id))))
 }
 
 /// Why released output cannot be read.
@@ -130,9 +151,12 @@ async fn apply_release(
         ReleaseDecision::Release if secret => {
             return refuse(format!("output of a request tagged `{SECRET_OUTPUT_TAG}` is never accepted"));
         }
-        ReleaseDecision::Withhold if !rel.output.is_empty() => return refuse("withheld output must not be sent"),
+        ReleaseDecision::Withhold if !rel.output.is_empty() || !rel.output_salt.is_empty() => {
+            return refuse("withheld output (and its salt) must not be sent");
+        }
         _ => {}
     }
+    let salt = output_salt_from_wire(&rel.output_salt).or_else(|e| refuse(e.to_string()))?;
     // Until its result is stored, any pending operation may yet show an execution: even a
     // denied one, run on the customer's earlier authority before the denial reached the
     // appliance. The appliance resends its results before its releases, and holds a release
@@ -171,25 +195,37 @@ async fn apply_release(
             }
         }
         Some(body) => {
-            if body.output_sha256 != execution.output_sha256 || body.output_size != execution.output_size {
+            if body.output_commitment != execution.output_commitment {
                 return refuse("the release names other output than the signed execution");
             }
             sanitize(&body.approver, 100)
         }
     };
-    let sealed = match decision {
+    let (sealed, sealed_salt) = match decision {
         ReleaseDecision::Release => {
-            if rel.output.len() as u64 != execution.output_size || sha256_hex(&rel.output) != execution.output_sha256 {
-                return refuse("the output does not match the digest and size the appliance signed");
+            if let Err(why) = execution.output_commitment.check(salt.as_ref(), &rel.output) {
+                return refuse(format!("the output does not open the commitment the appliance signed: {why}"));
             }
-            Some(state.kek.seal(&rel.output, &output_aad(scope, request_id)).or_else(|e| refuse(e.to_string()))?)
+            let output =
+                state.kek.seal(&rel.output, &output_aad(scope, request_id)).or_else(|e| refuse(e.to_string()))?;
+            let salt = match &salt {
+                Some(s) => Some(
+                    state.kek.seal(s.as_bytes(), &salt_aad(scope, request_id)).or_else(|e| refuse(e.to_string()))?,
+                ),
+                None => None,
+            };
+            (Some(output), salt)
         }
-        ReleaseDecision::Withhold => None,
+        ReleaseDecision::Withhold => (None, None),
     };
     let new_state =
         if decision == ReleaseDecision::Release { OperationState::Released } else { OperationState::Withheld };
-    let update =
-        ReleaseUpdate { state: new_state, release_envelope: release_json.as_deref(), output_sealed: sealed.as_deref() };
+    let update = ReleaseUpdate {
+        state: new_state,
+        release_envelope: release_json.as_deref(),
+        output_sealed: sealed.as_deref(),
+        output_salt_sealed: sealed_salt.as_deref(),
+    };
     if !tx.record_release(scope, peer.appliance, request_id, &update, now).await? {
         // Cannot happen under the write lock; if it does, the appliance sends it again.
         return Err(Refuse::NotYet(format!("operation {request_id} changed while its release was checked")));
@@ -201,10 +237,9 @@ async fn apply_release(
     };
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
     ev.target = Some(request_id.to_string());
-    // Digest and size only: the output itself never reaches the audit or the logs.
+    // The commitment only: the output itself never reaches the audit or the logs.
     ev.detail = serde_json::json!({
-        "output_sha256": execution.output_sha256,
-        "output_size": execution.output_size,
+        "output_commitment": execution.output_commitment,
         "approver": approver,
         "signed_release": release_env.is_some(),
     });

@@ -128,6 +128,7 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         refusal_reason: None,
         result_at: None,
         output_stored: false,
+        output_salt_sealed: None,
     };
     let mut ev = event(scope.principal().actor(), AuditAction::OperationRequest, Outcome::Success);
     ev.target = Some(id.to_string());

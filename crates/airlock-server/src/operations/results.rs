@@ -124,7 +124,17 @@ async fn apply_result(
             // record says what happened rather than leaving the operation pending for ever.
             let after_denial = op.state == OperationState::Denied;
             let e = &v.statement;
-            let size = i64::try_from(e.output_size).or_else(|_| refuse("output_size is out of range"))?;
+            // Secret output is committed to with nothing (no digest, no size), other output with a
+            // salted commitment; an appliance that says more about secret output is refused.
+            if !e.output_commitment.fits_request(request.request.output_is_secret()) {
+                return refuse("the execution's output commitment does not fit the request's output tags");
+            }
+            let size = e
+                .output_commitment
+                .size()
+                .map(i64::try_from)
+                .transpose()
+                .or_else(|_| refuse("the output size is out of range"))?;
             let (new_state, action) = if outcome == OperationOutcome::Executed {
                 (OperationState::Executed, AuditAction::OperationExecuted)
             } else {
@@ -136,8 +146,8 @@ async fn apply_result(
                 appliance_cert_pem: Some(&v.cert_pem),
                 pre_approval_envelope: v.pre_approval_json.as_deref(),
                 exit_code: e.exit_code.map(i64::from),
-                output_sha256: Some(&e.output_sha256),
-                output_size: Some(size),
+                output_sha256: e.output_commitment.digest(),
+                output_size: size,
                 refusal_code: None,
                 deny_code: None,
                 refusal_reason: None,
@@ -145,8 +155,7 @@ async fn apply_result(
             let detail = serde_json::json!({
                 "status": e.status,
                 "exit_code": e.exit_code,
-                "output_sha256": e.output_sha256,
-                "output_size": e.output_size,
+                "output_commitment": e.output_commitment,
                 "authority": e.authority.kind,
                 "sequence": e.sequence,
                 "ran_before_the_denial_arrived": after_denial,

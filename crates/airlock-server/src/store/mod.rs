@@ -48,6 +48,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "operations", include_str!("../../migrations/0004_operations.sql")),
     (5, "policies", include_str!("../../migrations/0005_policies.sql")),
     (6, "refusal_codes", include_str!("../../migrations/0006_refusal_codes.sql")),
+    (7, "output_salt", include_str!("../../migrations/0007_output_salt.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -31,6 +31,9 @@ pub struct OperationRow {
     pub appliance_cert_pem: Option<String>,
     pub release_envelope: Option<String>,
     pub exit_code: Option<i64>,
+    /// The digest the signed execution names: its salted output commitment or, for one signed
+    /// before salts, the output's plain SHA-256 (the execution envelope says which). None for
+    /// secret output, which is committed to with nothing.
     pub output_sha256: Option<String>,
     pub output_size: Option<i64>,
     /// Why the appliance refused it, as it coded it (absent for refusals recorded before
@@ -42,6 +45,9 @@ pub struct OperationRow {
     pub refusal_reason: Option<String>,
     pub result_at: Option<Timestamp>,
     pub output_stored: bool,
+    /// The released output's salt, sealed under the KEK (absent before release, and for
+    /// executions signed before salts).
+    pub output_salt_sealed: Option<Vec<u8>>,
 }
 
 /// What an appliance's verified result changes on an operation.
@@ -83,13 +89,14 @@ pub struct ReleaseUpdate<'a> {
     pub state: OperationState,
     pub release_envelope: Option<&'a str>,
     pub output_sealed: Option<&'a [u8]>,
+    pub output_salt_sealed: Option<&'a [u8]>,
 }
 
 const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id, template_name, template_sha256, state,
     requested_by, requested_at, updated_at, request_digest, command_sha256, request_envelope, control_plane_cert_pem,
     approval_envelope, pre_approval_envelope, execution_envelope, appliance_cert_pem, release_envelope, exit_code,
     output_sha256, output_size, refusal_code, deny_code, refusal_reason, result_at,
-    CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored";
+    CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored, output_salt_sealed";
 
 /// The states in which an operation still waits for the appliance's final result.
 pub const PENDING_STATES: [OperationState; 3] =
@@ -343,12 +350,14 @@ impl WriteTx<'_> {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE operations SET state = $1, release_envelope = $2, output_sealed = $3, updated_at = $4
-             WHERE tenant_id = $5 AND appliance_id = $6 AND id = $7 AND state IN ($8, $9)",
+            "UPDATE operations SET state = $1, release_envelope = $2, output_sealed = $3, output_salt_sealed = $4,
+             updated_at = $5
+             WHERE tenant_id = $6 AND appliance_id = $7 AND id = $8 AND state IN ($9, $10)",
         )
         .bind(release.state.as_str())
         .bind(release.release_envelope)
         .bind(release.output_sealed)
+        .bind(release.output_salt_sealed)
         .bind(now.unix_millis())
         .bind(scope.tenant().to_string())
         .bind(appliance.to_string())
@@ -391,5 +400,6 @@ fn operation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OperationRow, Store
         refusal_reason: r.try_get("refusal_reason")?,
         result_at: opt_ts_col(r, "result_at")?,
         output_stored: stored != 0,
+        output_salt_sealed: r.try_get("output_salt_sealed")?,
     })
 }

@@ -100,6 +100,7 @@ fn operation_row(id: OperationId, w: WorkspaceId, e: EnvironmentId, a: Appliance
         refusal_reason: None,
         result_at: None,
         output_stored: false,
+        output_salt_sealed: None,
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use airlock_core::audit::AuditAction;
 use airlock_core::dsse::Envelope;
-use airlock_core::operation::{ReleaseDecision, ReleaseStatement};
+use airlock_core::operation::{OutputCommitment, OutputSalt, ReleaseDecision, ReleaseStatement};
 use airlock_proto::gateway::appliance_message;
 use airlock_testkit::{customer, op_id};
 
@@ -19,12 +19,24 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     fx.run(&stmt, &fx.grant(&stmt)).await;
     let err = fx
         .control
-        .release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_sha256 = "ab".repeat(32)))
+        .release(
+            HOST_ADMIN,
+            &fx.release(op_id(1), ReleaseDecision::Release, |s| {
+                s.output_commitment = OutputCommitment::Salted { digest: "ab".repeat(32), size: 1 }
+            }),
+        )
         .unwrap_err();
     assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::OtherOutput { id, .. }) if id == op_id(1)), "{err}");
     let err = fx
         .control
-        .release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |s| s.output_size += 1))
+        .release(
+            HOST_ADMIN,
+            &fx.release(op_id(1), ReleaseDecision::Release, |s| {
+                if let OutputCommitment::Salted { size, .. } = &mut s.output_commitment {
+                    *size += 1;
+                }
+            }),
+        )
         .unwrap_err();
     assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::OtherOutput { .. })), "{err}");
     let unpinned = {
@@ -42,7 +54,9 @@ async fn release_is_checked_against_the_signed_output_and_secret_output_stays() 
     assert_eq!(summary["release"], "release");
     match msg.unwrap().body {
         Some(appliance_message::Body::OutputRelease(r)) => {
-            assert_eq!(r.output, fx.control.ops.open_output(op_id(1)).unwrap());
+            let held = fx.control.ops.open_output(op_id(1)).unwrap();
+            assert_eq!(r.output, held.bytes);
+            assert_eq!(r.output_salt, held.salt.unwrap().as_bytes());
         }
         other => panic!("{other:?}"),
     }
@@ -120,4 +134,98 @@ async fn a_release_needs_as_many_customer_signatures_as_the_policy_asks() {
     let two = Envelope::from_json(&one).unwrap().sign(&customer::key(2)).to_json().into_bytes();
     let (summary, _) = fx.control.release(HOST_ADMIN, &two).unwrap();
     assert_eq!(summary["release"], "release");
+}
+
+/// Every byte this appliance would send the control plane now: its outbox, as encoded on the wire.
+fn outbox_bytes(fx: &Fx) -> Vec<u8> {
+    use prost::Message;
+    fx.control.ops.pending().unwrap().iter().flat_map(|m| m.encode_to_vec()).collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn a_secret_tagged_run_signs_neither_digest_nor_size() {
+    let fx = Fx::new(ALL_PHASES);
+    let secret_manifest = MANIFEST.replace("service:logs", "output:secret");
+    let stmt = fx.statement(op_id(33), &secret_manifest, SCRIPT, vars("api"));
+    let approval = fx.grant(&stmt);
+    let r = fx.send(fx.instruction(&stmt, &secret_manifest, SCRIPT, &approval)).await;
+    assert_eq!(r.outcome, Outcome::Executed);
+    // The signed bytes themselves, as they go up.
+    let signed = Envelope::from_json(r.execution_envelope_json.as_bytes()).unwrap().payload;
+    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&signed).unwrap();
+    assert_eq!(fields["output_commitment"], "secret");
+    for absent in ["output_sha256", "output_size", "output_truncated"] {
+        assert!(!fields.contains_key(absent), "{absent} is signed: {}", String::from_utf8_lossy(&signed));
+    }
+    let held = fx.control.ops.open_output(op_id(33)).unwrap();
+    let sent = outbox_bytes(&fx);
+    assert!(!contains(&sent, airlock_core::operation::sha256_hex(&held.bytes).as_bytes()));
+    assert!(!contains(&sent, held.salt.unwrap().as_bytes()));
+    assert_eq!(fx.execution(&r).output_truncated, None);
+}
+
+#[tokio::test]
+async fn the_salt_leaves_only_with_released_output_and_identical_outputs_commit_differently() {
+    let fx = Fx::new(ALL_PHASES);
+    // A four-digit PIN: trivially guessed from an unsalted digest.
+    let pin = "#!/bin/sh\necho 4821\n";
+    for n in [1, 2] {
+        let stmt = fx.statement(op_id(n), MANIFEST, pin, vars("api"));
+        let approval = fx.grant(&stmt);
+        assert_eq!(fx.send(fx.instruction(&stmt, MANIFEST, pin, &approval)).await.outcome, Outcome::Executed);
+    }
+    let (one, two) = (fx.control.ops.open_output(op_id(1)).unwrap(), fx.control.ops.open_output(op_id(2)).unwrap());
+    assert_eq!((one.bytes.as_slice(), two.bytes.as_slice()), (&b"4821\n"[..], &b"4821\n"[..]));
+    let commitment = |n| fx.control.ops.record(op_id(n)).unwrap().unwrap().commitment().unwrap();
+    assert_ne!(commitment(1), commitment(2));
+    let (salt1, salt2) = (one.salt.clone().unwrap(), two.salt.clone().unwrap());
+    assert_ne!(salt1, salt2);
+    // Before any release, neither salt is in anything sent, nor in clear in any file.
+    let sent = outbox_bytes(&fx);
+    for salt in [&salt1, &salt2] {
+        assert!(!contains(&sent, salt.as_bytes()) && !contains(&sent, salt.to_hex().as_bytes()));
+        for f in all_files(fx.dir.path()) {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(!contains(&bytes, salt.to_hex().as_bytes()), "salt in clear in {}", f.display());
+        }
+    }
+    // A withholding reveals nothing either.
+    let (_, msg) = fx.control.release(HOST_ADMIN, &fx.release(op_id(2), ReleaseDecision::Withhold, |_| {})).unwrap();
+    match msg.unwrap().body {
+        Some(appliance_message::Body::OutputRelease(r)) => assert!(r.output.is_empty() && r.output_salt.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    assert!(fx.control.ops.manifest(op_id(2)).unwrap().unwrap().output_salt.is_none());
+    assert!(!contains(&outbox_bytes(&fx), salt2.as_bytes()));
+    // The release reveals the salt, beside the output and in the manifest.
+    let (_, msg) = fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap();
+    match msg.unwrap().body {
+        Some(appliance_message::Body::OutputRelease(r)) => assert_eq!(r.output_salt, salt1.as_bytes()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fx.control.ops.manifest(op_id(1)).unwrap().unwrap().output_salt, Some(salt1));
+}
+
+#[tokio::test]
+async fn a_release_is_refused_when_the_held_salt_or_bytes_no_longer_open_the_commitment() {
+    let fx = Fx::new(ALL_PHASES);
+    let stmt = fx.simple(op_id(1), "api");
+    fx.run(&stmt, &fx.grant(&stmt)).await;
+    let held = fx.control.ops.open_output(op_id(1)).unwrap();
+    let mut altered = held.bytes.clone();
+    altered[0] ^= 1;
+    let salt = held.salt.unwrap();
+    for (salt, bytes) in [(OutputSalt::from_bytes([7; 32]), held.bytes.as_slice()), (salt, altered.as_slice())] {
+        // Sealed under the appliance's own key: only the commitment can tell.
+        fx.control.ops.seal_output(op_id(1), &salt, bytes).unwrap();
+        let err = fx.control.release(HOST_ADMIN, &fx.release(op_id(1), ReleaseDecision::Release, |_| {})).unwrap_err();
+        assert!(matches!(err, ApplianceError::Release(ReleaseRefusal::HeldOutputMismatch(_))), "{err}");
+        assert_eq!(fx.control.ops.record(op_id(1)).unwrap().unwrap().release, None);
+        assert!(fx.control.ops.manifest(op_id(1)).unwrap().unwrap().output_salt.is_none());
+    }
+    assert!(!contains(&outbox_bytes(&fx), &altered));
 }

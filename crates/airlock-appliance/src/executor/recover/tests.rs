@@ -70,7 +70,7 @@ async fn a_failure_to_record_a_run_is_recovered_at_once_and_its_result_queued() 
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     let e = fx.execution(&r);
     assert_eq!((e.status, e.exit_code, e.sequence), (ExecutionStatus::Completed, Some(0), 1));
-    assert_eq!(fx.control.ops.open_output(op_id(21)).unwrap(), b"done\n");
+    assert_eq!(fx.control.ops.open_output(op_id(21)).unwrap().bytes, b"done\n");
     assert_eq!(fx.control.ops.record(op_id(21)).unwrap().unwrap().state, OpState::Executed);
     assert_eq!(fx.control.ops.chain_head().unwrap().sequence, 1);
     assert_eq!(fx.control.ops.pending().unwrap().len(), 1, "the result is queued");

@@ -36,7 +36,7 @@ async fn disabling_the_phase_kills_the_whole_process_group_and_records_cancelled
     assert_eq!(fx.execution(&r).status, ExecutionStatus::Cancelled);
     assert_eq!(fx.control.ops.record(op_id(26)).unwrap().unwrap().state, OpState::Cancelled);
     assert_eq!(fx.audited(AuditAction::OperationCancelled).len(), 1);
-    let output = String::from_utf8(fx.control.ops.open_output(op_id(26)).unwrap()).unwrap();
+    let output = String::from_utf8(fx.control.ops.open_output(op_id(26)).unwrap().bytes).unwrap();
     assert_eq!(output, "started\n");
     eventually(|| live_members(pgid) == 0).await;
     assert_eq!(live_members(pgid), 0, "the whole process group is gone");
@@ -94,7 +94,7 @@ async fn a_run_past_its_time_limit_is_killed_whole_and_recorded_as_timed_out() {
     let r = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.unwrap().unwrap();
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     assert_eq!(fx.execution(&r).status, ExecutionStatus::TimedOut);
-    assert_eq!(String::from_utf8(fx.control.ops.open_output(op_id(28)).unwrap()).unwrap(), "started\n");
+    assert_eq!(String::from_utf8(fx.control.ops.open_output(op_id(28)).unwrap().bytes).unwrap(), "started\n");
     eventually(|| !alive(escaped)).await;
     assert!(!alive(escaped), "what it started died with it");
 }
