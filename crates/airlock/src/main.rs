@@ -1074,9 +1074,15 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "appliance")]
 fn verify_appliance_audit(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use airlock_appliance::audit_log::HeadMac;
     match airlock_appliance::audit_log::verify_file(file) {
-        Ok(head) => {
-            println!("OK     {}: {} records", file.display(), head.seq);
+        Ok(report) => {
+            let mac = match report.mac {
+                HeadMac::Verified => "head MAC verified",
+                HeadMac::KeyUnreadable => "head MAC not checked: its key beside the log is not readable by you",
+                HeadMac::Unkeyed => "head not keyed yet (an old log; the appliance keys it at its next start)",
+            };
+            println!("OK     {}: {} records; {mac}", file.display(), report.head.seq);
             Ok(ExitCode::SUCCESS)
         }
         Err(why) => {
