@@ -27,6 +27,12 @@ use airlock_core::audit::{self, AuditAction, ChainHash, Event, Head, Outcome, Re
 use crate::ApplianceError;
 use crate::files::{self, Mode};
 
+pub mod checkpoints;
+
+use airlock_core::audit::checkpoint::{CheckpointReason, CheckpointsReport, check_checkpoints};
+use airlock_core::customer_key::CustomerPublicKey;
+pub use checkpoints::{CheckpointConfig, CheckpointSink};
+
 pub const LOG_FILE: &str = "audit.jsonl";
 pub const CHAIN: &str = "appliance";
 /// The head MAC key beside the log: 32 random bytes, hex, owner-only.
@@ -45,6 +51,7 @@ struct Inner {
     head: Head,
     head_path: PathBuf,
     key: ring::hmac::Key,
+    checkpoints: Option<checkpoints::Checkpointer>,
 }
 
 /// The head file: the last record's position, and its MAC (absent in logs written before heads
@@ -248,8 +255,13 @@ fn refusal_notes(state_dir: &Path) -> Vec<serde_json::Value> {
 }
 
 impl AuditLog {
-    /// Opens the log in `state_dir`, verifying what is already there.
+    /// Opens the log in `state_dir`, verifying what is already there; no checkpoints.
     pub fn open(state_dir: &Path) -> Result<Self, ApplianceError> {
+        Self::open_with(state_dir, None)
+    }
+
+    /// Opens the log, verifying it and, with a checkpoint file, that it matches its checkpoints.
+    pub fn open_with(state_dir: &Path, checkpoints: Option<&CheckpointConfig>) -> Result<Self, ApplianceError> {
         let path = state_dir.join(LOG_FILE);
         let refuse = |why: String| {
             tracing::error!(reason = %why, "the local audit log does not verify");
@@ -273,6 +285,13 @@ impl AuditLog {
             None => create_key(&key_path).map_err(refuse)?,
         };
         let (head, rolled_forward) = check(&scan.records, head_file.map(|h| h.head())).map_err(refuse)?;
+        let checkpoints = checkpoints
+            .map(|config| checkpoints::Checkpointer::open(state_dir, config))
+            .transpose()
+            .map_err(|why| ApplianceError::Customer(format!("audit checkpoints: {why}")))?;
+        if let Some(cp) = &checkpoints {
+            cp.check(&scan.records).map_err(refuse)?;
+        }
         let mut opts = std::fs::OpenOptions::new();
         opts.append(true).create(true);
         #[cfg(unix)]
@@ -286,8 +305,16 @@ impl AuditLog {
         if scan.partial_tail {
             file.set_len(scan.complete_len).map_err(io)?;
         }
-        let log =
-            Self { inner: Mutex::new(Inner { file, len: scan.complete_len, head, head_path: head_path(&path), key }) };
+        let log = Self {
+            inner: Mutex::new(Inner {
+                file,
+                len: scan.complete_len,
+                head,
+                head_path: head_path(&path),
+                key,
+                checkpoints,
+            }),
+        };
         if rolled_forward || scan.partial_tail || newly_keyed {
             let inner = log.inner.lock().unwrap_or_else(|e| e.into_inner());
             write_head(&inner.head_path, &inner.head, &inner.key).map_err(io)?;
@@ -355,11 +382,45 @@ impl AuditLog {
         inner.len += bytes.len() as u64;
         inner.head = record.head();
         write_head(&inner.head_path, &inner.head, &inner.key).map_err(io)?;
+        let head = inner.head;
+        if let Some(cp) = inner.checkpoints.as_mut()
+            && cp.count()
+            && let Err(e) = cp.write(head, CheckpointReason::Periodic)
+        {
+            // The record is durable; a checkpoint that could not be sent is the customer's to see.
+            tracing::error!(error = %e, seq = head.seq, "cannot write an audit checkpoint");
+        }
         // The customer's log tools read stdout; logs go to stderr.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         Ok(())
     }
+}
+
+impl AuditLog {
+    /// Writes a checkpoint of the head now (at start and stop), if checkpoints are configured.
+    pub fn checkpoint(&self, reason: CheckpointReason) -> Result<(), ApplianceError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let head = inner.head;
+        match inner.checkpoints.as_mut() {
+            Some(cp) => cp.write(head, reason).map_err(|e| {
+                ApplianceError::Customer(format!("writing an audit checkpoint: {e}; check --audit-checkpoints"))
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Verifies a log file as [`verify_file`] does, then against a checkpoint file signed by `key`.
+pub fn verify_file_with_checkpoints(
+    log: &Path,
+    checkpoint_lines: &str,
+    key: &CustomerPublicKey,
+) -> Result<(FileReport, CheckpointsReport), String> {
+    let report = verify_file(log)?;
+    let records = scan(log)?.records;
+    let checked = check_checkpoints(CHAIN, &records, checkpoint_lines.lines(), key).map_err(|e| e.to_string())?;
+    Ok((report, checked))
 }
 
 #[cfg(test)]
@@ -532,5 +593,101 @@ mod tests {
         // Once: a second start adds nothing.
         drop(AuditLog::open(dir.path()).unwrap());
         assert_eq!(records(dir.path()).len(), 4);
+    }
+
+    use airlock_core::audit::checkpoint::Checkpoint;
+
+    fn checkpointed(dir: &Path, every: u64) -> (CheckpointConfig, tempfile::TempDir) {
+        let outside = tempfile::tempdir().unwrap();
+        let config = CheckpointConfig { sink: CheckpointSink::File(outside.path().join("checkpoints.jsonl")), every };
+        let _ = dir;
+        (config, outside)
+    }
+
+    fn cp_lines(config: &CheckpointConfig) -> String {
+        let CheckpointSink::File(path) = &config.sink else { panic!("a file sink") };
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    /// What an attacker with the appliance's uid (and so, until the box, its key) does: cut the
+    /// log to `keep` records and write a head for it with a valid MAC.
+    fn cut_and_rewrite_head(dir: &Path, keep: usize) {
+        let recs = records(dir);
+        let cut: String = recs[..keep].iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+        std::fs::write(dir.join(LOG_FILE), cut).unwrap();
+        write_head(&head_path(&dir.join(LOG_FILE)), &recs[keep - 1].head(), &key(dir)).unwrap();
+    }
+
+    #[test]
+    fn checkpoints_are_signed_at_start_stop_and_every_n_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _outside) = checkpointed(dir.path(), 2);
+        let log = AuditLog::open_with(dir.path(), Some(&config)).unwrap();
+        log.checkpoint(CheckpointReason::Start).unwrap();
+        for action in ACTIONS {
+            log.record(action, Outcome::Success, serde_json::Value::Null).unwrap();
+        }
+        log.checkpoint(CheckpointReason::Stop).unwrap();
+        drop(log);
+        let key = checkpoints::public_key(dir.path()).unwrap();
+        let text = cp_lines(&config);
+        let seqs: Vec<(u64, CheckpointReason)> =
+            text.lines().map(|l| Checkpoint::from_line(l, &key).unwrap()).map(|c| (c.seq, c.reason)).collect();
+        // Record 1 is audit.head_keyed, written by `open` after the checkpointer exists: it counts.
+        assert_eq!(seqs, [(1, CheckpointReason::Start), (3, CheckpointReason::Periodic), (4, CheckpointReason::Stop)]);
+        let (_, checked) = verify_file_with_checkpoints(&dir.path().join(LOG_FILE), &text, &key).unwrap();
+        assert_eq!(checked.last_seq, 4);
+    }
+
+    #[test]
+    fn a_truncated_log_with_a_rewritten_head_refuses_start_against_its_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _outside) = checkpointed(dir.path(), 1000);
+        let log = AuditLog::open_with(dir.path(), Some(&config)).unwrap();
+        for action in ACTIONS {
+            log.record(action, Outcome::Success, serde_json::Value::Null).unwrap();
+        }
+        log.checkpoint(CheckpointReason::Stop).unwrap();
+        drop(log);
+        cut_and_rewrite_head(dir.path(), 2);
+        // The head and its MAC agree with the cut log: only the checkpoint knows.
+        assert!(verify_file(&dir.path().join(LOG_FILE)).is_ok());
+        let before = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        let err = AuditLog::open_with(dir.path(), Some(&config)).err().unwrap().to_string();
+        assert!(err.contains("truncation") && err.contains("refusing to run"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join(LOG_FILE)).unwrap(), before, "a refusal changes nothing");
+        let key = checkpoints::public_key(dir.path()).unwrap();
+        let err = verify_file_with_checkpoints(&dir.path().join(LOG_FILE), &cp_lines(&config), &key).unwrap_err();
+        assert!(err.contains("truncation"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_file_inside_the_state_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        for inside in [dir.path().join("checkpoints.jsonl"), dir.path().join("sub/../sub/checkpoints.jsonl")] {
+            let config = CheckpointConfig { sink: CheckpointSink::File(inside), every: 10 };
+            let err = AuditLog::open_with(dir.path(), Some(&config)).err().unwrap().to_string();
+            assert!(err.contains("inside the state directory"), "{err}");
+        }
+    }
+
+    #[test]
+    fn checkpoints_can_go_to_syslog() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock_dir = tempfile::tempdir().unwrap();
+        let socket = sock_dir.path().join("log");
+        let syslog = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+        let config = CheckpointConfig { sink: CheckpointSink::Syslog(socket), every: 1000 };
+        let log = AuditLog::open_with(dir.path(), Some(&config)).unwrap();
+        log.checkpoint(CheckpointReason::Start).unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = syslog.recv(&mut buf).unwrap();
+        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(line.starts_with("<13>airlock-appliance["), "{line}");
+        // A syslog line, as the customer's syslog stored it, verifies the log.
+        let key = checkpoints::public_key(dir.path()).unwrap();
+        let stored = format!("Dec  1 05:00:00 host {line}");
+        verify_file_with_checkpoints(&dir.path().join(LOG_FILE), &stored, &key).unwrap();
     }
 }

@@ -64,6 +64,7 @@ mod testing;
 
 use std::time::Duration;
 
+use airlock_core::audit::checkpoint::CheckpointReason;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{Fingerprint, Timestamp};
 
@@ -125,6 +126,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Writes the stop checkpoint when `run` returns.
+struct CheckpointOnDrop(std::sync::Arc<audit_log::AuditLog>);
+
+impl Drop for CheckpointOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.checkpoint(CheckpointReason::Stop) {
+            tracing::error!(error = %e, "cannot write the audit checkpoint at stop");
+        }
+    }
+}
+
 /// Kills the operations still running when `run` returns, however it returns.
 struct KillRunningOnDrop(std::sync::Arc<control::LocalControl>);
 
@@ -145,12 +157,15 @@ pub async fn run(
     if state.is_revoked() {
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
     }
-    let audit = std::sync::Arc::new(audit_log::AuditLog::open(state.path())?);
+    let audit = std::sync::Arc::new(audit_log::AuditLog::open_with(state.path(), config.audit_checkpoints.as_ref())?);
     audit.record(
         AuditAction::ApplianceStart,
         Outcome::Success,
         serde_json::json!({ "version": airlock_proto::VERSION }),
     )?;
+    audit.checkpoint(CheckpointReason::Start)?;
+    // The last checkpoint is of the head as the appliance leaves it, however `run` returns.
+    let _checkpoint_at_stop = CheckpointOnDrop(audit.clone());
     // The customer's authority is settled before anything talks to the vendor.
     let keys = config
         .customer_keys

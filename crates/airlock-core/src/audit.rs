@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 
 use crate::Timestamp;
 
+pub mod checkpoint;
+
 const DOMAIN: &[u8] = b"airlock-audit-v1\n";
 
 /// A SHA-256 digest shown as lowercase hex.

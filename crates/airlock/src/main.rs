@@ -295,6 +295,13 @@ struct ApplianceRunArgs {
     /// the appliance's user and root. Also AIRLOCK_ADMIN_GROUP, or admin_group in the TOML file.
     #[arg(long)]
     admin_group: Option<String>,
+    /// Where signed checkpoints of the audit head go: `syslog`, or an absolute path to an
+    /// append-only file outside the state directory. Also AIRLOCK_AUDIT_CHECKPOINTS.
+    #[arg(long)]
+    audit_checkpoints: Option<String>,
+    /// A checkpoint every this many audit records (default 1000), besides start and stop.
+    #[arg(long)]
+    audit_checkpoint_every: Option<u64>,
 }
 
 #[cfg(feature = "appliance")]
@@ -544,6 +551,14 @@ enum AuditSub {
         /// An appliance's audit log (`<state-dir>/audit.jsonl`).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The appliance's checkpoint file (or your syslog's lines of it): detects truncation,
+        /// re-anchoring and rollback of the log.
+        #[arg(long, requires = "file")]
+        checkpoints: Option<PathBuf>,
+        /// The checkpoint key's public half (PEM) [default: `checkpoint.pub` beside the log;
+        /// keep a copy of your own from install].
+        #[arg(long, requires = "checkpoints")]
+        key: Option<PathBuf>,
     },
     /// Print audit records as JSON lines (all chains, or one).
     Export {
@@ -851,6 +866,8 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 customer_keys: args.customer_keys,
                 policy: args.policy,
                 admin_group: args.admin_group,
+                audit_checkpoints: args.audit_checkpoints,
+                audit_checkpoint_every: args.audit_checkpoint_every,
             };
             let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
             let (tx, rx) = tokio::sync::watch::channel(false);
@@ -1037,7 +1054,9 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
 
 async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     match cmd.command {
-        AuditSub::Verify { file: Some(file), .. } => verify_appliance_audit(&file),
+        AuditSub::Verify { file: Some(file), checkpoints, key, .. } => {
+            verify_appliance_audit(&file, checkpoints.as_deref(), key.as_deref())
+        }
         #[cfg(feature = "server")]
         AuditSub::Verify { data_dir: Some(data_dir), kek_file, .. } => {
             let data = DataDirArgs { data_dir, kek_file };
@@ -1073,10 +1092,34 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(feature = "appliance")]
-fn verify_appliance_audit(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    use airlock_appliance::audit_log::HeadMac;
-    match airlock_appliance::audit_log::verify_file(file) {
-        Ok(report) => {
+fn verify_appliance_audit(
+    file: &std::path::Path,
+    checkpoints: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use airlock_appliance::audit_log::{self, HeadMac};
+    use anyhow::Context;
+    let verified = match checkpoints {
+        None => audit_log::verify_file(file).map(|r| (r, None)),
+        Some(cp_path) => {
+            let lines = std::fs::read_to_string(cp_path).with_context(|| format!("reading {}", cp_path.display()))?;
+            let public = match key {
+                Some(k) => {
+                    let pem = std::fs::read_to_string(k).with_context(|| format!("reading {}", k.display()))?;
+                    airlock_core::customer_key::CustomerPublicKey::from_pem(&pem)
+                        .with_context(|| format!("{} is not the checkpoint key", k.display()))?
+                }
+                None => audit_log::checkpoints::public_key(file.parent().unwrap_or(std::path::Path::new(".")))
+                    .map_err(|e| anyhow::anyhow!("{e}; give --key"))?,
+            };
+            audit_log::verify_file_with_checkpoints(file, &lines, &public).map(|(r, c)| (r, Some(c)))
+        }
+    };
+    match verified {
+        Ok((report, checked)) => {
+            if let Some(c) = checked {
+                println!("OK     {} checkpoints, the last at seq {}", c.count, c.last_seq);
+            }
             let mac = match report.mac {
                 HeadMac::Verified => "head MAC verified",
                 HeadMac::KeyUnreadable => "head MAC not checked: its key beside the log is not readable by you",
@@ -1093,6 +1136,10 @@ fn verify_appliance_audit(file: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(not(feature = "appliance"))]
-fn verify_appliance_audit(_file: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn verify_appliance_audit(
+    _file: &std::path::Path,
+    _checkpoints: Option<&std::path::Path>,
+    _key: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     anyhow::bail!("this build has no appliance support; rebuild with the `appliance` feature")
 }
