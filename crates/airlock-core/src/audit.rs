@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Timestamp;
 
+pub mod anchor;
 pub mod checkpoint;
 
 const DOMAIN: &[u8] = b"airlock-audit-v1\n";
@@ -90,6 +91,7 @@ pub enum AuditAction {
     AuditRecovered,
     CustomerKeysPinned,
     CustomerKeysReplace,
+    CustomerKeysRotate,
     EnvironmentCreate,
     EnvironmentList,
     GatewayHandshakeRejected,
@@ -130,6 +132,13 @@ pub enum AuditAction {
     PolicyUpdate,
     PreApprovalAdd,
     PreApprovalRevoke,
+    /// A file of the customer's authority disagrees with the chain at start; the start is refused.
+    StateDiverged,
+    /// `state.*`: the state the chain anchors (`anchor::Anchor`), recorded as it changes.
+    StatePinnedKeys,
+    StatePolicySerial,
+    StatePreApprovalRevoked,
+    StatePreApprovalRuns,
     TemplateList,
     TemplatePush,
     TenantCreate,
@@ -150,6 +159,7 @@ impl AuditAction {
         AuditAction::AuditRecovered,
         AuditAction::CustomerKeysPinned,
         AuditAction::CustomerKeysReplace,
+        AuditAction::CustomerKeysRotate,
         AuditAction::EnvironmentCreate,
         AuditAction::EnvironmentList,
         AuditAction::GatewayHandshakeRejected,
@@ -190,6 +200,11 @@ impl AuditAction {
         AuditAction::PolicyUpdate,
         AuditAction::PreApprovalAdd,
         AuditAction::PreApprovalRevoke,
+        AuditAction::StateDiverged,
+        AuditAction::StatePinnedKeys,
+        AuditAction::StatePolicySerial,
+        AuditAction::StatePreApprovalRevoked,
+        AuditAction::StatePreApprovalRuns,
         AuditAction::TemplateList,
         AuditAction::TemplatePush,
         AuditAction::TenantCreate,
@@ -210,6 +225,7 @@ impl AuditAction {
             AuditAction::AuditRecovered => "audit.recovered",
             AuditAction::CustomerKeysPinned => "customer_keys.pinned",
             AuditAction::CustomerKeysReplace => "customer_keys.replace",
+            AuditAction::CustomerKeysRotate => "customer_keys.rotate",
             AuditAction::EnvironmentCreate => "environment.create",
             AuditAction::EnvironmentList => "environment.list",
             AuditAction::GatewayHandshakeRejected => "gateway.handshake_rejected",
@@ -250,6 +266,11 @@ impl AuditAction {
             AuditAction::PolicyUpdate => "policy.update",
             AuditAction::PreApprovalAdd => "pre_approval.add",
             AuditAction::PreApprovalRevoke => "pre_approval.revoke",
+            AuditAction::StateDiverged => "state.diverged",
+            AuditAction::StatePinnedKeys => "state.pinned_keys",
+            AuditAction::StatePolicySerial => "state.policy_serial",
+            AuditAction::StatePreApprovalRevoked => "state.pre_approval_revoked",
+            AuditAction::StatePreApprovalRuns => "state.pre_approval_runs",
             AuditAction::TemplateList => "template.list",
             AuditAction::TemplatePush => "template.push",
             AuditAction::TenantCreate => "tenant.create",
