@@ -29,6 +29,7 @@ use crate::files::{self, Mode};
 
 pub mod checkpoints;
 
+use airlock_core::audit::anchor::{Anchor, AnchoredState};
 use airlock_core::audit::checkpoint::{CheckpointReason, CheckpointsReport, check_checkpoints};
 use airlock_core::customer_key::CustomerPublicKey;
 pub use checkpoints::{CheckpointConfig, CheckpointSink};
@@ -42,6 +43,8 @@ const REFUSED_FILE: &str = "audit.refused";
 
 pub struct AuditLog {
     inner: Mutex<Inner>,
+    /// The customer's authority as the chain recorded it when the log was opened.
+    anchored_at_open: AnchoredState,
 }
 
 struct Inner {
@@ -314,6 +317,7 @@ impl AuditLog {
                 key,
                 checkpoints,
             }),
+            anchored_at_open: AnchoredState::replay(&scan.records),
         };
         if rolled_forward || scan.partial_tail || newly_keyed {
             let inner = log.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -398,6 +402,16 @@ impl AuditLog {
 }
 
 impl AuditLog {
+    /// The customer's authority as the chain recorded it when the log was opened.
+    pub(crate) fn anchored_at_open(&self) -> &AnchoredState {
+        &self.anchored_at_open
+    }
+
+    /// Records a change of the customer's authority state (see `airlock_core::audit::anchor`).
+    pub(crate) fn anchor(&self, anchor: &Anchor) -> Result<(), ApplianceError> {
+        self.record(anchor.action(), Outcome::Success, anchor.detail())
+    }
+
     /// Writes a checkpoint of the head now (at start and stop), if checkpoints are configured.
     pub fn checkpoint(&self, reason: CheckpointReason) -> Result<(), ApplianceError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

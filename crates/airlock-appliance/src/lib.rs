@@ -9,8 +9,10 @@
 //! certificate at two thirds of its lifetime, and stops for good when revoked.
 //! One appliance process runs per state directory (`appliance.lock`): two would interleave the
 //! audit log.
-//! At start, before anything talks to the vendor, it verifies its audit log (`audit_log`) and
-//! settles the customer's authority: pinned keys and signed policy (`customer`).
+//! At start, before anything talks to the vendor, it verifies its audit log (`audit_log`: a
+//! keyed head, and signed checkpoints outside the state directory), holds the files of the
+//! customer's authority against what the log recorded (`anchors`), and settles that authority:
+//! pinned keys and signed policy (`customer`).
 //! A first start joins with a join token (`join`), retried with backoff while the control plane
 //! is unreachable; the key is on disk before the request leaves, so a retry proves possession
 //! of the same key.
@@ -41,6 +43,7 @@
 //! customer's side; it never depends on the control plane's code.
 
 pub mod admin;
+mod anchors;
 pub mod audit_log;
 mod backoff;
 mod clock;
@@ -166,6 +169,8 @@ pub async fn run(
     audit.checkpoint(CheckpointReason::Start)?;
     // The last checkpoint is of the head as the appliance leaves it, however `run` returns.
     let _checkpoint_at_stop = CheckpointOnDrop(audit.clone());
+    // The files of the customer's authority must be what the audit log recorded.
+    anchors::check_at_start(&state, &audit)?;
     // The customer's authority is settled before anything talks to the vendor.
     let keys = config
         .customer_keys

@@ -36,7 +36,7 @@ pub struct KeyRotationStatement {
 /// variant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RotationError {
-    #[error("the rotation is not signed by enough of the pinned customer keys: {0}")]
+    #[error("the rotation statement against the pinned customer keys: {0}")]
     Signature(#[from] DsseError),
     #[error("the rotation statement is malformed: {0}")]
     Malformed(String),

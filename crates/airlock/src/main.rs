@@ -251,6 +251,15 @@ enum ApplianceSub {
         #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// On the appliance host: apply a signed rotation of the pinned customer keys.
+    #[cfg(feature = "appliance")]
+    Keys {
+        #[command(subcommand)]
+        command: appliance_local::KeysSub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// List appliances and their status.
     List {
         /// Only this environment (env_…).
@@ -422,6 +431,11 @@ enum CustomerSub {
         #[command(subcommand)]
         command: PolicySub,
     },
+    /// The customer keys an appliance pinned: they change only by a statement the current keys sign.
+    Keys {
+        #[command(subcommand)]
+        command: CustomerKeysSub,
+    },
     /// Requests waiting for your decision.
     Approvals {
         #[command(subcommand)]
@@ -437,6 +451,30 @@ enum CustomerSub {
     /// On the appliance host: release (or --withhold) one operation's output, signed with your key.
     #[cfg(feature = "appliance")]
     Release(appliance_local::ReleaseArgs),
+}
+
+#[derive(Subcommand)]
+enum CustomerKeysSub {
+    /// Sign a rotation of the pinned keys to a new set; apply it on the appliance host with
+    /// `airlock appliance keys rotate FILE`. Signed by as many current keys as your policy's
+    /// `approvals_required`.
+    Rotate {
+        /// A current private key (repeat for several approvers).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The public key of a pinned key that does not sign (repeat): the statement names the
+        /// whole pinned set it replaces.
+        #[arg(long = "pinned-key")]
+        pinned: Vec<PathBuf>,
+        /// A public key of the new set (repeat).
+        #[arg(long = "new-key", required = true)]
+        new_keys: Vec<PathBuf>,
+        /// Why, in your words (kept in the signed statement).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -614,6 +652,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             command: CustomerSub::Policy { command: PolicySub::Sign { policy, keys, out } },
         }) => {
             let signed = customer::sign_policy(&policy, &keys)?;
+            match out {
+                Some(path) => std::fs::write(&path, &signed).with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{signed}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Customer(CustomerCmd {
+            command: CustomerSub::Keys { command: CustomerKeysSub::Rotate { keys, pinned, new_keys, reason, out } },
+        }) => {
+            let signed = customer::sign_key_rotation(&keys, &pinned, &new_keys, reason)?;
             match out {
                 Some(path) => std::fs::write(&path, &signed).with_context(|| format!("writing {}", path.display()))?,
                 None => println!("{signed}"),
@@ -912,6 +960,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
         ApplianceSub::Preapproval { command, state_dir } => appliance_local::preapproval(command, state_dir).await,
         #[cfg(feature = "appliance")]
         ApplianceSub::Policy { command, state_dir } => appliance_local::policy(command, state_dir).await,
+        ApplianceSub::Keys { command, state_dir } => appliance_local::keys(command, state_dir).await,
         ApplianceSub::List { env, api } => {
             let path = match &env {
                 Some(e) => format!("/v1/appliances?environment={e}"),

@@ -214,3 +214,132 @@ fn a_checkpoint_file_in_the_state_directory_is_refused() {
     assert!(!status.success());
     assert!(proc.log().contains("inside the state directory"), "{}", proc.log());
 }
+
+/// Starts an appliance that must refuse, naming `expect`.
+fn refuses_to_start(server: &Server, state: &Path, extra: &[&str], expect: &str) {
+    let mut proc = server.appliance_proc_with(state, None, extra);
+    let status = wait_for(Duration::from_secs(10), "appliance to refuse to start", || proc.exited());
+    assert!(!status.success());
+    assert!(proc.log().contains(expect), "{}", proc.log());
+}
+
+fn count(state: &Path, action: &str, outcome: &str) -> usize {
+    records(state)
+        .iter()
+        .filter(|r| r.event.action == action && serde_json::to_value(r.event.outcome).unwrap() == outcome)
+        .count()
+}
+
+#[test]
+fn pinned_keys_change_only_by_a_signed_rotation_and_an_edited_key_file_refuses_start() {
+    let server = Server::start(BIN);
+    let tmp = server.dir.path();
+    let (customer, successor, vendor) = (tmp.join("customer"), tmp.join("successor"), tmp.join("vendor"));
+    for dir in [&customer, &successor, &vendor] {
+        e2e::keygen(BIN, dir);
+    }
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let state = tmp.join("apl");
+    let pubkey = customer.join("customer.pub");
+    let mut proc = server.appliance_proc_with(&state, Some(&token), &["--customer-key", pubkey.to_str().unwrap()]);
+    server.wait_connected(&mut proc);
+    proc.stop();
+
+    // The vendor's key appended to the pinned keys on disk: start is refused, and audited.
+    let keys_file = state.join("customer-keys.pem");
+    let pinned = std::fs::read_to_string(&keys_file).unwrap();
+    std::fs::write(&keys_file, pinned.clone() + &std::fs::read_to_string(vendor.join("customer.pub")).unwrap())
+        .unwrap();
+    refuses_to_start(&server, &state, &[], "key file was edited");
+    std::fs::write(&keys_file, &pinned).unwrap();
+
+    // A rotation signed by the pinned key is applied on the host; one signed by the vendor is not.
+    let mut proc = server.appliance_proc(&state, None, None);
+    server.wait_connected(&mut proc);
+    let sign_rotation = |key: &Path, out: &Path| {
+        let out_s = out.to_str().unwrap();
+        let new = successor.join("customer.pub");
+        e2e::ok(
+            e2e::run(
+                BIN,
+                &[
+                    "customer",
+                    "keys",
+                    "rotate",
+                    "--key",
+                    key.to_str().unwrap(),
+                    "--new-key",
+                    new.to_str().unwrap(),
+                    "--reason",
+                    "handover",
+                    "--out",
+                    out_s,
+                ],
+            ),
+            "customer keys rotate",
+        );
+    };
+    let forged = tmp.join("rotation-forged.json");
+    sign_rotation(&vendor.join("customer.key"), &forged);
+    let apply = |file: &Path| {
+        e2e::run(BIN, &["appliance", "keys", "rotate", file.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
+    };
+    let out = apply(&forged);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rotation is refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&keys_file).unwrap(), pinned, "a refused rotation changes nothing");
+    let good = tmp.join("rotation.json");
+    sign_rotation(&customer.join("customer.key"), &good);
+    let out = e2e::ok(apply(&good), "appliance keys rotate");
+    assert!(out.contains("pinned customer keys now"), "{out}");
+    // The same statement again finds another key set pinned.
+    assert!(!apply(&good).status.success());
+    proc.stop();
+
+    // The rotated file is what the chain records: the appliance starts on it.
+    let mut proc = server.appliance_proc(&state, None, None);
+    server.wait_connected(&mut proc);
+    proc.stop();
+    assert_eq!(count(&state, "state.diverged", "denied"), 1);
+    assert_eq!(count(&state, "customer_keys.rotate", "success"), 1);
+    assert_eq!(count(&state, "customer_keys.rotate", "denied"), 2);
+    assert!(
+        e2e::run(BIN, &["audit", "verify", "--file", state.join("audit.jsonl").to_str().unwrap()]).status.success()
+    );
+}
+
+#[test]
+fn an_older_signed_policy_put_back_refuses_start() {
+    let server = Server::start(BIN);
+    let tmp = server.dir.path();
+    let customer = tmp.join("customer");
+    e2e::keygen(BIN, &customer);
+    let policy = |serial: u64| {
+        let path = tmp.join(format!("policy-{serial}.json"));
+        e2e::sign_policy(BIN, &format!("version = 1\nserial = {serial}\nphases = [\"observe\"]\n"), &customer, &path);
+        path
+    };
+    let (one, two) = (policy(1), policy(2));
+    let env = server.create_env("prod");
+    let token = server.join_token(&env);
+    let state = tmp.join("apl");
+    let pubkey = customer.join("customer.pub");
+    for (token, file) in [(Some(token.as_str()), &one), (None, &two)] {
+        let mut proc = server.appliance_proc_with(
+            &state,
+            token,
+            &["--customer-key", pubkey.to_str().unwrap(), "--policy", file.to_str().unwrap()],
+        );
+        server.wait_connected(&mut proc);
+        proc.stop();
+    }
+    std::fs::copy(&one, state.join("policy.dsse.json")).unwrap();
+    refuses_to_start(&server, &state, &[], "older policy was put back");
+    assert_eq!(std::fs::read(state.join("policy.dsse.json")).unwrap(), std::fs::read(&one).unwrap());
+    assert_eq!(count(&state, "state.diverged", "denied"), 1);
+}

@@ -162,7 +162,7 @@ impl Executor {
             now,
             nonce_used: &nonce_used,
         };
-        let pinned = self.control.pinned();
+        let pinned = &self.control.pinned()[..];
         let allowed = |mut record: OpRecord, manifest, authority: AuthorityRef, pre_approval, spend| {
             record.state = OpState::Running;
             record.authority = Some(authority.clone());

@@ -77,7 +77,10 @@ impl Anchor {
         value.unwrap_or_default()
     }
 
-    /// The anchor a record holds, if it is one (and a success).
+    /// The anchor a record holds, if it is one (and a success). Records written before anchors
+    /// existed count too: a key set pinned (`customer_keys.pinned`), a policy accepted
+    /// (`policy.update`), a pre-approval revoked (`pre_approval.revoke`), so a state directory
+    /// edited before the upgrade is caught at its first start after it.
     pub fn from_record(record: &Record) -> Option<Self> {
         if record.event.outcome != super::Outcome::Success {
             return None;
@@ -85,11 +88,11 @@ impl Anchor {
         let action: AuditAction = record.event.action.parse().ok()?;
         let detail = record.event.detail.clone();
         match action {
-            AuditAction::StatePinnedKeys => {
+            AuditAction::StatePinnedKeys | AuditAction::CustomerKeysPinned => {
                 let d: KeysDetail = serde_json::from_value(detail).ok()?;
                 Some(Anchor::PinnedKeys { key_ids: d.key_ids })
             }
-            AuditAction::StatePolicySerial => {
+            AuditAction::StatePolicySerial | AuditAction::PolicyUpdate => {
                 let d: PolicyDetail = serde_json::from_value(detail).ok()?;
                 Some(Anchor::PolicySerial { serial: d.serial, digest: d.digest })
             }
@@ -97,7 +100,7 @@ impl Anchor {
                 let d: RunsDetail = serde_json::from_value(detail).ok()?;
                 Some(Anchor::PreApprovalRuns { id: d.id, runs_used: d.runs_used })
             }
-            AuditAction::StatePreApprovalRevoked => {
+            AuditAction::StatePreApprovalRevoked | AuditAction::PreApprovalRevoke => {
                 let d: RevokedDetail = serde_json::from_value(detail).ok()?;
                 Some(Anchor::PreApprovalRevoked { id: d.id })
             }
@@ -311,6 +314,35 @@ mod tests {
             assert_eq!(cmp.diverged.len(), 1, "{expect}: {cmp:?}");
             assert!(cmp.diverged[0].to_string().contains(expect), "{expect}: {}", cmp.diverged[0]);
         }
+    }
+
+    #[test]
+    fn records_from_before_anchors_count() {
+        let legacy = |action: AuditAction, detail: serde_json::Value| Event {
+            actor: "appliance".into(),
+            action: action.as_str().into(),
+            workspace: None,
+            target: None,
+            outcome: Outcome::Success,
+            detail,
+        };
+        let first = Record::append(
+            "appliance",
+            Head::EMPTY,
+            Timestamp::from_unix_millis(0),
+            legacy(AuditAction::CustomerKeysPinned, serde_json::json!({ "key_ids": ["k"] })),
+        );
+        let second = Record::append(
+            "appliance",
+            first.head(),
+            Timestamp::from_unix_millis(0),
+            legacy(AuditAction::PolicyUpdate, serde_json::json!({ "serial": 4, "digest": "d4", "signed_by": ["k"] })),
+        );
+        let state = AnchoredState::replay([&first, &second]);
+        assert_eq!(state.pinned_keys, Some(vec!["k".into()]));
+        assert_eq!(state.policy, Some((4, "d4".into())));
+        let vendor_key_appended = disk(&["k", "vendor"], Some((4, "d4")), &[]);
+        assert!(matches!(state.compare(&vendor_key_appended).diverged[..], [Divergence::PinnedKeysEdited { .. }]));
     }
 
     #[test]
