@@ -102,7 +102,7 @@ pub(crate) fn pin_keys(
                     serde_json::json!({ "rule": "builtin:pinned-customer-key", "offered": ids(&configured) }),
                 )?;
                 return Err(ApplianceError::Customer(
-                    "the configured customer keys differ from the keys pinned at install; replacing the pinned customer key is never allowed (move the state directory aside to re-install)".into(),
+                    "the configured customer keys differ from the keys pinned at install; replacing the pinned customer key is never allowed through configuration: rotate it with `airlock customer keys rotate`, and once rotated, start without --customer-key (or move the state directory aside to re-install)".into(),
                 ));
             }
             Ok(pinned)
