@@ -18,7 +18,7 @@ use crate::state_dir::StateDir;
 /// Checks the files against the chain as it was opened; refuses start if they went back.
 pub(crate) fn check_at_start(state: &StateDir, audit: &AuditLog) -> Result<(), ApplianceError> {
     let on_disk = read(state)?;
-    let comparison = audit.anchored_at_open().compare(&on_disk);
+    let comparison = audit.anchored().compare(&on_disk);
     if !comparison.diverged.is_empty() {
         let reasons: Vec<String> = comparison.diverged.iter().map(ToString::to_string).collect();
         for reason in &reasons {

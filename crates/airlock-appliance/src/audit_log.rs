@@ -43,8 +43,8 @@ const REFUSED_FILE: &str = "audit.refused";
 
 pub struct AuditLog {
     inner: Mutex<Inner>,
-    /// The customer's authority as the chain recorded it when the log was opened.
-    anchored_at_open: AnchoredState,
+    /// The customer's authority as the chain records it: replayed at open, moved by `anchor`.
+    anchored: Mutex<AnchoredState>,
 }
 
 struct Inner {
@@ -317,7 +317,7 @@ impl AuditLog {
                 key,
                 checkpoints,
             }),
-            anchored_at_open: AnchoredState::replay(&scan.records),
+            anchored: Mutex::new(AnchoredState::replay(&scan.records)),
         };
         if rolled_forward || scan.partial_tail || newly_keyed {
             let inner = log.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -402,14 +402,16 @@ impl AuditLog {
 }
 
 impl AuditLog {
-    /// The customer's authority as the chain recorded it when the log was opened.
-    pub(crate) fn anchored_at_open(&self) -> &AnchoredState {
-        &self.anchored_at_open
+    /// The customer's authority as the chain records it.
+    pub(crate) fn anchored(&self) -> AnchoredState {
+        self.anchored.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Records a change of the customer's authority state (see `airlock_core::audit::anchor`).
     pub(crate) fn anchor(&self, anchor: &Anchor) -> Result<(), ApplianceError> {
-        self.record(anchor.action(), Outcome::Success, anchor.detail())
+        self.record(anchor.action(), Outcome::Success, anchor.detail())?;
+        self.anchored.lock().unwrap_or_else(|e| e.into_inner()).apply(anchor);
+        Ok(())
     }
 
     /// Writes a checkpoint of the head now (at start and stop), if checkpoints are configured.

@@ -201,7 +201,7 @@ pub(crate) fn load_policy(
         tracing::error!(policy = %path.display(), "refusing policy: no customer key is pinned; pass --customer-key");
         return Ok(current);
     }
-    match verify_signed_policy(&bytes, pinned, current.as_ref()) {
+    match verify_signed_policy(&bytes, pinned, current.as_ref()).and_then(|p| above_high_water(p, audit)) {
         Ok(p) => {
             if current.as_ref().is_none_or(|c| c.digest_hex() != p.digest_hex()) {
                 state.write_private(POLICY, &bytes)?;
@@ -220,6 +220,17 @@ pub(crate) fn load_policy(
             tracing::error!(policy = %path.display(), reason = %e, "refusing policy; the last good policy stays in force");
             Ok(current)
         }
+    }
+}
+
+/// Refuses a policy below the serial the audit chain recorded as in force, even when the stored
+/// policy no longer verifies (after a key rotation, say) and so cannot speak for itself.
+fn above_high_water(p: VerifiedPolicy, audit: &AuditLog) -> Result<VerifiedPolicy, airlock_core::policy::PolicyError> {
+    match audit.anchored().policy {
+        Some((high, _)) if p.serial() < high => {
+            Err(airlock_core::policy::PolicyError::Rollback { offered: p.serial(), current: high })
+        }
+        _ => Ok(p),
     }
 }
 
@@ -270,7 +281,9 @@ pub(crate) fn accept_policy(
     if envelope_json.len() as u64 > MAX_POLICY_BYTES {
         return Err(invalid(PolicyRejection::TooLarge));
     }
-    let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| invalid(e.into()))?;
+    let p = verify_signed_policy(envelope_json, pinned, current)
+        .and_then(|p| above_high_water(p, audit))
+        .map_err(|e| invalid(e.into()))?;
     let relayed = source == PolicySource::ControlPlane;
     match environment {
         Some(env) => p.document().check_environment(env, relayed).map_err(|e| invalid(e.into()))?,

@@ -81,6 +81,30 @@ fn an_older_signed_policy_put_back_refuses_start() {
     assert_eq!(start_check(dir.path()), Ok(()));
     std::fs::copy(&one, dir.path().join("policy.dsse.json")).unwrap();
     assert_refused_and_unchanged(dir.path(), "policy.dsse.json", "older policy was put back");
+    // With the stored policy gone unverifiable (unpinned keys, say), the chain's high-water mark
+    // still refuses an older one.
+    std::fs::copy(&two, dir.path().join("policy.dsse.json")).unwrap();
+    let audit = AuditLog::open(dir.path()).unwrap();
+    let in_force = crate::customer::load_policy(&state, &customer::public_keys(&[5]), None, &audit).unwrap();
+    assert_eq!(in_force, None);
+    let offered = crate::customer::accept_policy(
+        &state,
+        &pinned,
+        signed(1).as_bytes(),
+        None,
+        &audit,
+        crate::customer::PolicySource::Host(HOST_ADMIN),
+        None,
+    );
+    assert!(
+        matches!(
+            offered,
+            Err(crate::customer::PolicyRefused::Invalid(crate::customer::PolicyRejection::Verify(
+                airlock_core::policy::PolicyError::Rollback { offered: 1, current: 2 }
+            )))
+        ),
+        "the high-water mark holds: {offered:?}"
+    );
 }
 
 #[tokio::test]
