@@ -9,7 +9,8 @@
 //! Every change made through the socket is audited with the peer's uid and pid.
 //! One JSON request per connection, one JSON reply; a request larger than 1 MiB is cut off.
 //! The requests: `status`, `phase`, `operations`, `output` (audited), `release`,
-//! `pre_approval_add`, `pre_approval_revoke`, `pre_approvals`, `policy`, `manifest`.
+//! `pre_approval_add`, `pre_approval_revoke`, `pre_approvals`, `policy`, `manifest`,
+//! `rotate_customer_keys`.
 //! Operation ids in requests are operation ids (`op_` and 32 hex digits), refused otherwise.
 //! This module is the protocol only: what each request does is
 //! `crate::control::LocalControl`'s.
@@ -71,6 +72,10 @@ pub enum Request {
     Manifest {
         id: OperationId,
     },
+    /// A customer-signed rotation of the pinned customer keys (`airlock customer keys rotate`).
+    RotateCustomerKeys {
+        envelope: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -105,6 +110,7 @@ pub(crate) async fn handle(
         Request::PreApprovals => Ok(control.pre_approvals()),
         Request::Policy { envelope } => value(control.load_policy(by, &bytes(&envelope)?)?),
         Request::Manifest { id } => control.manifest(id),
+        Request::RotateCustomerKeys { envelope } => control.rotate_keys(by, &bytes(&envelope)?),
     }
 }
 

@@ -28,6 +28,11 @@ pub struct FileConfig {
     /// The customer's admin group (a name or a numeric gid): its members may use the admin
     /// socket, besides the appliance's own user and root.
     pub admin_group: Option<String>,
+    /// Where signed audit checkpoints go: `syslog`, or an absolute file path outside the state
+    /// directory.
+    pub audit_checkpoints: Option<String>,
+    /// A checkpoint every this many audit records (default 1000), besides start and stop.
+    pub audit_checkpoint_every: Option<u64>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -56,6 +61,8 @@ pub struct Flags {
     pub customer_keys: Vec<PathBuf>,
     pub policy: Option<PathBuf>,
     pub admin_group: Option<String>,
+    pub audit_checkpoints: Option<String>,
+    pub audit_checkpoint_every: Option<u64>,
 }
 
 /// Where environment variables come from; tests pass a map instead of mutating the process.
@@ -91,6 +98,8 @@ pub enum ConfigError {
     Token(#[from] airlock_core::token::TokenParseError),
     #[error("`admin_group` must be a group name or a numeric gid, got `{0}`")]
     AdminGroup(String),
+    #[error("`audit_checkpoints`: {0}")]
+    Checkpoints(String),
 }
 
 /// The customer's admin group, as configured: resolved to a gid when the appliance starts
@@ -139,7 +148,12 @@ pub struct ApplianceConfig {
     /// Whose members may use the admin socket besides the appliance's user and root; none by
     /// default.
     pub admin_group: Option<AdminGroup>,
+    /// Where signed checkpoints of the audit head go; none by default.
+    pub audit_checkpoints: Option<crate::audit_log::CheckpointConfig>,
 }
+
+/// Records between periodic audit checkpoints unless configured.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
 
 impl ApplianceConfig {
     pub fn resolve(file: Option<FileConfig>, env: &dyn EnvSource, flags: &Flags) -> Result<Self, ConfigError> {
@@ -182,6 +196,16 @@ impl ApplianceConfig {
         let policy = flags.policy.clone().or_else(|| env.get("AIRLOCK_POLICY").map(PathBuf::from)).or(file.policy);
         let admin_group =
             pick(&flags.admin_group, "AIRLOCK_ADMIN_GROUP", &file.admin_group).map(|g| g.parse()).transpose()?;
+        let every = flags
+            .audit_checkpoint_every
+            .or_else(|| env.get("AIRLOCK_AUDIT_CHECKPOINT_EVERY").and_then(|v| v.parse().ok()))
+            .or(file.audit_checkpoint_every)
+            .unwrap_or(DEFAULT_CHECKPOINT_EVERY)
+            .max(1);
+        let audit_checkpoints = pick(&flags.audit_checkpoints, "AIRLOCK_AUDIT_CHECKPOINTS", &file.audit_checkpoints)
+            .map(|s| s.parse().map_err(ConfigError::Checkpoints))
+            .transpose()?
+            .map(|sink| crate::audit_log::CheckpointConfig { sink, every });
         Ok(Self {
             control_plane,
             ca_fingerprint,
@@ -191,6 +215,7 @@ impl ApplianceConfig {
             customer_keys,
             policy,
             admin_group,
+            audit_checkpoints,
         })
     }
 }
@@ -244,6 +269,28 @@ mod tests {
             let err = ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap_err();
             assert!(matches!(err, ConfigError::AdminGroup(_)), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn audit_checkpoints_go_to_syslog_or_an_absolute_file() {
+        use crate::audit_log::CheckpointSink;
+        let flags = Flags {
+            control_plane: Some("https://x".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/s".into()),
+            ..Default::default()
+        };
+        assert_eq!(ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap().audit_checkpoints, None);
+        let file = toml::from_str::<FileConfig>("audit_checkpoints = 'syslog'\naudit_checkpoint_every = 10").unwrap();
+        let cfg = ApplianceConfig::resolve(Some(file), &HashMap::new(), &flags).unwrap().audit_checkpoints.unwrap();
+        assert_eq!((cfg.sink, cfg.every), (CheckpointSink::Syslog("/dev/log".into()), 10));
+        let env: HashMap<String, String> =
+            [("AIRLOCK_AUDIT_CHECKPOINTS".to_owned(), "/var/log/airlock/checkpoints.jsonl".to_owned())].into();
+        let cfg = ApplianceConfig::resolve(None, &env, &flags).unwrap().audit_checkpoints.unwrap();
+        assert_eq!(cfg.sink, CheckpointSink::File("/var/log/airlock/checkpoints.jsonl".into()));
+        assert_eq!(cfg.every, DEFAULT_CHECKPOINT_EVERY);
+        let flags = Flags { audit_checkpoints: Some("checkpoints.jsonl".into()), ..flags };
+        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &flags), Err(ConfigError::Checkpoints(_))));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The customer's authority on the appliance: pinned customer keys and the signed policy.
 //!
 //! Keys are pinned on first start and can never be replaced through configuration (a built-in
-//! deny): a different key set later stops the appliance.
+//! deny): a different key set later stops the appliance. They change only by a rotation the
+//! pinned keys signed (`rotate_keys`), and every change is anchored in the audit chain
+//! (`crate::anchors` holds the file against it at start).
 //! A policy is accepted only if it verifies against the pinned keys and moves forward;
 //! otherwise it is refused with its reason, and the last good policy stays in force.
 //! With no policy, only Observe is allowed.
@@ -11,7 +13,9 @@
 
 use std::path::Path;
 
+use airlock_core::audit::anchor::Anchor;
 use airlock_core::customer_key::CustomerPublicKey;
+use airlock_core::key_rotation;
 use airlock_core::policy::{VerifiedPolicy, verify_signed_policy};
 
 use airlock_core::audit::{AuditAction, Outcome};
@@ -23,6 +27,33 @@ use crate::state_dir::StateDir;
 
 const PINNED_KEYS: &str = "customer-keys.pem";
 const POLICY: &str = "policy.dsse.json";
+
+/// The pinned key set's sorted ids as the file holds it, `None` without a file.
+pub(crate) fn pinned_key_ids(state: &StateDir) -> Result<Option<Vec<String>>, ApplianceError> {
+    let Some(text) = state.read_optional(PINNED_KEYS)? else { return Ok(None) };
+    let keys = split_pems(&text)
+        .iter()
+        .map(|p| CustomerPublicKey::from_pem(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApplianceError::Customer(format!("{PINNED_KEYS} in the state directory: {e}")))?;
+    Ok(Some(key_rotation::key_ids(&keys)))
+}
+
+/// The stored policy's serial and content digest, read without verifying it: what matters here
+/// is whether it is the one the audit log recorded. An unreadable file reads as serial 0.
+pub(crate) fn stored_policy_serial(state: &StateDir) -> Result<Option<(u64, String)>, ApplianceError> {
+    let Some(text) = state.read_optional(POLICY)? else { return Ok(None) };
+    let payload = airlock_core::dsse::Envelope::from_json(text.as_bytes()).map(|e| e.payload).ok();
+    let serial = payload
+        .as_deref()
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .and_then(|t| airlock_core::policy::PolicyDocument::parse(t).ok())
+        .map(|d| d.serial);
+    Ok(Some(match (serial, payload) {
+        (Some(serial), Some(payload)) => (serial, airlock_core::operation::sha256_hex(&payload)),
+        _ => (0, airlock_core::operation::sha256_hex(text.as_bytes())),
+    }))
+}
 
 /// Pins `configured` keys on first use; afterwards they must equal the pinned set.
 pub(crate) fn pin_keys(
@@ -53,6 +84,7 @@ pub(crate) fn pin_keys(
             state.write_private(PINNED_KEYS, text.as_bytes())?;
             let ids: Vec<String> = configured.iter().map(CustomerPublicKey::key_id).collect();
             audit.record(AuditAction::CustomerKeysPinned, Outcome::Success, serde_json::json!({ "key_ids": ids }))?;
+            audit.anchor(&Anchor::PinnedKeys { key_ids: key_rotation::key_ids(&configured) })?;
             tracing::info!(keys = ?ids, "customer keys pinned");
             Ok(configured)
         }
@@ -70,12 +102,63 @@ pub(crate) fn pin_keys(
                     serde_json::json!({ "rule": "builtin:pinned-customer-key", "offered": ids(&configured) }),
                 )?;
                 return Err(ApplianceError::Customer(
-                    "the configured customer keys differ from the keys pinned at install; replacing the pinned customer key is never allowed (move the state directory aside to re-install)".into(),
+                    "the configured customer keys differ from the keys pinned at install; replacing the pinned customer key is never allowed through configuration: rotate it with `airlock customer keys rotate`, and once rotated, start without --customer-key (or move the state directory aside to re-install)".into(),
                 ));
             }
             Ok(pinned)
         }
     }
+}
+
+/// Applies a customer-signed rotation of the pinned keys (the admin socket's
+/// `rotate_customer_keys`): it must verify against `pinned` with `threshold` signatures
+/// (`airlock_core::key_rotation`). On success the new set is stored, recorded as
+/// `customer_keys.rotate` and anchored; a refusal is recorded and changes nothing.
+pub(crate) fn rotate_keys(
+    state: &StateDir,
+    pinned: &[CustomerPublicKey],
+    threshold: usize,
+    envelope_json: &[u8],
+    audit: &AuditLog,
+    by: Peer,
+) -> Result<Vec<CustomerPublicKey>, ApplianceError> {
+    let refuse = |why: String| {
+        let _ = audit.record(
+            AuditAction::CustomerKeysRotate,
+            Outcome::Denied,
+            by.stamp(serde_json::json!({ "reason": why })),
+        );
+        tracing::error!(reason = %why, "refusing a customer key rotation; the pinned keys stay");
+        ApplianceError::Customer(format!("the key rotation is refused: {why}"))
+    };
+    if pinned.is_empty() {
+        return Err(refuse("no customer key is pinned yet; pin keys at install with --customer-key".into()));
+    }
+    if envelope_json.len() as u64 > MAX_POLICY_BYTES {
+        return Err(refuse("larger than 1 MiB; it is not a rotation statement".into()));
+    }
+    let rotation =
+        key_rotation::verify_key_rotation(envelope_json, pinned, threshold).map_err(|e| refuse(e.to_string()))?;
+    let new_keys = rotation.new_keys().to_vec();
+    let text = new_keys.iter().map(|k| k.to_pem().unwrap_or_default()).collect::<Vec<_>>().concat();
+    let previous = state.read_optional(PINNED_KEYS)?.unwrap_or_default();
+    state.write_private(PINNED_KEYS, text.as_bytes()).map_err(|e| refuse(e.to_string()))?;
+    let detail = by.stamp(serde_json::json!({
+        "previous_key_ids": key_rotation::key_ids(pinned),
+        "key_ids": key_rotation::key_ids(&new_keys),
+        "signed_by": rotation.signed_by(),
+        "reason": rotation.statement().reason,
+    }));
+    let recorded = audit
+        .record(AuditAction::CustomerKeysRotate, Outcome::Success, detail)
+        .and_then(|()| audit.anchor(&Anchor::PinnedKeys { key_ids: key_rotation::key_ids(&new_keys) }));
+    if let Err(e) = recorded {
+        // Not recorded, not applied: the file goes back to the set the chain names.
+        let _ = state.write_private(PINNED_KEYS, previous.as_bytes());
+        return Err(e);
+    }
+    tracing::info!(keys = ?key_rotation::key_ids(&new_keys), "customer keys rotated");
+    Ok(new_keys)
 }
 
 /// The policy in force after considering `offered` (a signed policy file), if any.
@@ -118,7 +201,7 @@ pub(crate) fn load_policy(
         tracing::error!(policy = %path.display(), "refusing policy: no customer key is pinned; pass --customer-key");
         return Ok(current);
     }
-    match verify_signed_policy(&bytes, pinned, current.as_ref()) {
+    match verify_signed_policy(&bytes, pinned, current.as_ref()).and_then(|p| above_high_water(p, audit)) {
         Ok(p) => {
             if current.as_ref().is_none_or(|c| c.digest_hex() != p.digest_hex()) {
                 state.write_private(POLICY, &bytes)?;
@@ -127,6 +210,7 @@ pub(crate) fn load_policy(
                     Outcome::Success,
                     serde_json::json!({ "serial": p.serial(), "digest": p.digest_hex(), "signed_by": p.signed_by() }),
                 )?;
+                audit.anchor(&Anchor::PolicySerial { serial: p.serial(), digest: p.digest_hex() })?;
                 tracing::info!(serial = p.serial(), digest = %p.digest_hex(), signed_by = ?p.signed_by(), "accepted a new customer policy");
             }
             Ok(Some(p))
@@ -136,6 +220,17 @@ pub(crate) fn load_policy(
             tracing::error!(policy = %path.display(), reason = %e, "refusing policy; the last good policy stays in force");
             Ok(current)
         }
+    }
+}
+
+/// Refuses a policy below the serial the audit chain recorded as in force, even when the stored
+/// policy no longer verifies (after a key rotation, say) and so cannot speak for itself.
+fn above_high_water(p: VerifiedPolicy, audit: &AuditLog) -> Result<VerifiedPolicy, airlock_core::policy::PolicyError> {
+    match audit.anchored().policy {
+        Some((high, _)) if p.serial() < high => {
+            Err(airlock_core::policy::PolicyError::Rollback { offered: p.serial(), current: high })
+        }
+        _ => Ok(p),
     }
 }
 
@@ -186,7 +281,9 @@ pub(crate) fn accept_policy(
     if envelope_json.len() as u64 > MAX_POLICY_BYTES {
         return Err(invalid(PolicyRejection::TooLarge));
     }
-    let p = verify_signed_policy(envelope_json, pinned, current).map_err(|e| invalid(e.into()))?;
+    let p = verify_signed_policy(envelope_json, pinned, current)
+        .and_then(|p| above_high_water(p, audit))
+        .map_err(|e| invalid(e.into()))?;
     let relayed = source == PolicySource::ControlPlane;
     match environment {
         Some(env) => p.document().check_environment(env, relayed).map_err(|e| invalid(e.into()))?,
@@ -203,6 +300,9 @@ pub(crate) fn accept_policy(
         }
         audit
             .record(AuditAction::PolicyUpdate, Outcome::Success, detail)
+            .map_err(|e| PolicyRefused::Failed(e.to_string()))?;
+        audit
+            .anchor(&Anchor::PolicySerial { serial: p.serial(), digest: p.digest_hex() })
             .map_err(|e| PolicyRefused::Failed(e.to_string()))?;
         tracing::info!(serial = p.serial(), digest = %p.digest_hex(), ?source, "accepted a new customer policy");
     }

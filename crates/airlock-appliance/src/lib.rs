@@ -9,8 +9,10 @@
 //! certificate at two thirds of its lifetime, and stops for good when revoked.
 //! One appliance process runs per state directory (`appliance.lock`): two would interleave the
 //! audit log.
-//! At start, before anything talks to the vendor, it verifies its audit log (`audit_log`) and
-//! settles the customer's authority: pinned keys and signed policy (`customer`).
+//! At start, before anything talks to the vendor, it verifies its audit log (`audit_log`: a
+//! keyed head, and signed checkpoints outside the state directory), holds the files of the
+//! customer's authority against what the log recorded (`anchors`), and settles that authority:
+//! pinned keys and signed policy (`customer`).
 //! A first start joins with a join token (`join`), retried with backoff while the control plane
 //! is unreachable; the key is on disk before the request leaves, so a retry proves possession
 //! of the same key.
@@ -41,6 +43,7 @@
 //! customer's side; it never depends on the control plane's code.
 
 pub mod admin;
+mod anchors;
 pub mod audit_log;
 mod backoff;
 mod clock;
@@ -64,6 +67,7 @@ mod testing;
 
 use std::time::Duration;
 
+use airlock_core::audit::checkpoint::CheckpointReason;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{Fingerprint, Timestamp};
 
@@ -129,6 +133,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Writes the stop checkpoint when `run` returns.
+struct CheckpointOnDrop(std::sync::Arc<audit_log::AuditLog>);
+
+impl Drop for CheckpointOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.checkpoint(CheckpointReason::Stop) {
+            tracing::error!(error = %e, "cannot write the audit checkpoint at stop");
+        }
+    }
+}
+
 /// Kills the operations still running when `run` returns, however it returns.
 struct KillRunningOnDrop(std::sync::Arc<control::LocalControl>);
 
@@ -149,12 +164,17 @@ pub async fn run(
     if state.is_revoked() {
         return Err(ApplianceError::Revoked("recorded in the state directory".into()));
     }
-    let audit = std::sync::Arc::new(audit_log::AuditLog::open(state.path())?);
+    let audit = std::sync::Arc::new(audit_log::AuditLog::open_with(state.path(), config.audit_checkpoints.as_ref())?);
     audit.record(
         AuditAction::ApplianceStart,
         Outcome::Success,
         serde_json::json!({ "version": airlock_proto::VERSION }),
     )?;
+    audit.checkpoint(CheckpointReason::Start)?;
+    // The last checkpoint is of the head as the appliance leaves it, however `run` returns.
+    let _checkpoint_at_stop = CheckpointOnDrop(audit.clone());
+    // The files of the customer's authority must be what the audit log recorded.
+    anchors::check_at_start(&state, &audit)?;
     // The customer's authority is settled before anything talks to the vendor.
     let keys = config
         .customer_keys

@@ -145,18 +145,20 @@ impl PreApprovalStore {
     }
 
     /// Counts one run against `id`, durably, if it is still unrevoked and has runs left.
-    pub(crate) fn take_run(&self, id: &str) -> Result<bool, ApplianceError> {
+    /// Returns the runs used now, `None` if no run was left.
+    pub(crate) fn take_run(&self, id: &str) -> Result<Option<u32>, ApplianceError> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(current) = entries.get(id) else { return Ok(false) };
+        let Some(current) = entries.get(id) else { return Ok(None) };
         if current.revoked || current.runs_used >= current.body.max_runs {
-            return Ok(false);
+            return Ok(None);
         }
+        let runs_used = current.runs_used + 1;
         let mut next = entries.clone();
         if let Some(e) = next.get_mut(id) {
-            e.runs_used += 1;
+            e.runs_used = runs_used;
         }
         self.save(&next)?;
         *entries = next;
-        Ok(true)
+        Ok(Some(runs_used))
     }
 }

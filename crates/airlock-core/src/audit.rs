@@ -16,6 +16,9 @@ use sha2::{Digest, Sha256};
 
 use crate::Timestamp;
 
+pub mod anchor;
+pub mod checkpoint;
+
 const DOMAIN: &[u8] = b"airlock-audit-v1\n";
 
 /// A SHA-256 digest shown as lowercase hex.
@@ -80,9 +83,15 @@ pub enum AuditAction {
     ApplianceList,
     ApplianceCertificateRenew,
     ApplianceStart,
+    /// A start refused because the audit log or its head did not verify; recorded at the
+    /// next start that verifies, from the note the refusal left.
+    ApplianceStartRefused,
+    /// The head file is MAC'd from here on: a new log, or an unkeyed one migrated once.
+    AuditHeadKeyed,
     AuditRecovered,
     CustomerKeysPinned,
     CustomerKeysReplace,
+    CustomerKeysRotate,
     EnvironmentCreate,
     EnvironmentList,
     GatewayHandshakeRejected,
@@ -123,6 +132,13 @@ pub enum AuditAction {
     PolicyUpdate,
     PreApprovalAdd,
     PreApprovalRevoke,
+    /// A file of the customer's authority disagrees with the chain at start; the start is refused.
+    StateDiverged,
+    /// `state.*`: the state the chain anchors (`anchor::Anchor`), recorded as it changes.
+    StatePinnedKeys,
+    StatePolicySerial,
+    StatePreApprovalRevoked,
+    StatePreApprovalRuns,
     TemplateList,
     TemplatePush,
     TenantCreate,
@@ -138,9 +154,12 @@ impl AuditAction {
         AuditAction::ApplianceList,
         AuditAction::ApplianceCertificateRenew,
         AuditAction::ApplianceStart,
+        AuditAction::ApplianceStartRefused,
+        AuditAction::AuditHeadKeyed,
         AuditAction::AuditRecovered,
         AuditAction::CustomerKeysPinned,
         AuditAction::CustomerKeysReplace,
+        AuditAction::CustomerKeysRotate,
         AuditAction::EnvironmentCreate,
         AuditAction::EnvironmentList,
         AuditAction::GatewayHandshakeRejected,
@@ -181,6 +200,11 @@ impl AuditAction {
         AuditAction::PolicyUpdate,
         AuditAction::PreApprovalAdd,
         AuditAction::PreApprovalRevoke,
+        AuditAction::StateDiverged,
+        AuditAction::StatePinnedKeys,
+        AuditAction::StatePolicySerial,
+        AuditAction::StatePreApprovalRevoked,
+        AuditAction::StatePreApprovalRuns,
         AuditAction::TemplateList,
         AuditAction::TemplatePush,
         AuditAction::TenantCreate,
@@ -196,9 +220,12 @@ impl AuditAction {
             AuditAction::ApplianceList => "appliance.list",
             AuditAction::ApplianceCertificateRenew => "appliance.certificate_renew",
             AuditAction::ApplianceStart => "appliance.start",
+            AuditAction::ApplianceStartRefused => "appliance.start_refused",
+            AuditAction::AuditHeadKeyed => "audit.head_keyed",
             AuditAction::AuditRecovered => "audit.recovered",
             AuditAction::CustomerKeysPinned => "customer_keys.pinned",
             AuditAction::CustomerKeysReplace => "customer_keys.replace",
+            AuditAction::CustomerKeysRotate => "customer_keys.rotate",
             AuditAction::EnvironmentCreate => "environment.create",
             AuditAction::EnvironmentList => "environment.list",
             AuditAction::GatewayHandshakeRejected => "gateway.handshake_rejected",
@@ -239,6 +266,11 @@ impl AuditAction {
             AuditAction::PolicyUpdate => "policy.update",
             AuditAction::PreApprovalAdd => "pre_approval.add",
             AuditAction::PreApprovalRevoke => "pre_approval.revoke",
+            AuditAction::StateDiverged => "state.diverged",
+            AuditAction::StatePinnedKeys => "state.pinned_keys",
+            AuditAction::StatePolicySerial => "state.policy_serial",
+            AuditAction::StatePreApprovalRevoked => "state.pre_approval_revoked",
+            AuditAction::StatePreApprovalRuns => "state.pre_approval_runs",
             AuditAction::TemplateList => "template.list",
             AuditAction::TemplatePush => "template.push",
             AuditAction::TenantCreate => "tenant.create",
@@ -317,6 +349,25 @@ pub struct Head {
 
 impl Head {
     pub const EMPTY: Head = Head { seq: 0, hash: ChainHash::GENESIS };
+
+    /// The writer's MAC over this head of `chain` (HMAC-SHA256), so a head rewritten by anyone
+    /// without the key shows. Both sides key their heads this way.
+    pub fn mac(&self, key: &ring::hmac::Key, chain: &str) -> [u8; 32] {
+        let tag = ring::hmac::sign(key, &self.mac_input(chain));
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&tag.as_ref()[..32]);
+        out
+    }
+
+    /// Whether `mac` is this head's MAC under `key` (compared in constant time).
+    pub fn mac_verifies(&self, key: &ring::hmac::Key, chain: &str, mac: &[u8]) -> bool {
+        ring::hmac::verify(key, &self.mac_input(chain), mac).is_ok()
+    }
+
+    /// The MAC's input; a wire contract (the control plane's stored heads use it).
+    fn mac_input(&self, chain: &str) -> Vec<u8> {
+        format!("airlock-audit-head-v1\n{chain}\n{}\n{}", self.seq, self.hash.to_hex()).into_bytes()
+    }
 }
 
 impl Record {
@@ -535,6 +586,20 @@ mod tests {
     fn audit_chain_refuses_records_from_another_chain() {
         let recs = chain(2);
         assert!(matches!(verify_chain("other", &recs, None), Err(ChainBreak::WrongChain { .. })));
+    }
+
+    #[test]
+    fn head_mac_binds_chain_seq_and_hash() {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]);
+        let other = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[8; 32]);
+        let recs = chain(3);
+        let head = recs[2].head();
+        let mac = head.mac(&key, "c");
+        assert!(head.mac_verifies(&key, "c", &mac));
+        assert!(!head.mac_verifies(&other, "c", &mac), "another key");
+        assert!(!head.mac_verifies(&key, "d", &mac), "another chain");
+        assert!(!recs[1].head().mac_verifies(&key, "c", &mac), "an earlier head");
+        assert!(!head.mac_verifies(&key, "c", &mac[..31]), "a cut MAC");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod fingerprint;
 pub mod grant;
 pub mod id;
 pub mod identity;
+pub mod key_rotation;
 pub mod operation;
 pub mod output_commitment;
 pub mod pattern;

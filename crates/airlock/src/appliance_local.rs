@@ -48,6 +48,13 @@ pub(crate) enum PolicySub {
     Load { file: PathBuf },
 }
 
+#[derive(Subcommand)]
+pub(crate) enum KeysSub {
+    /// Apply a rotation statement (`airlock customer keys rotate`): the pinned keys become the
+    /// new set if enough current keys signed it.
+    Rotate { file: PathBuf },
+}
+
 #[derive(Args)]
 pub(crate) struct ReleaseArgs {
     /// The operation id (op_…).
@@ -184,6 +191,14 @@ pub(crate) async fn policy(command: PolicySub, state_dir: Option<PathBuf>) -> an
         status.policy_digest.as_deref().unwrap_or("-")
     );
     println!("effective: {}", names(&status.effective));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn keys(command: KeysSub, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let socket = socket(state_dir)?;
+    let KeysSub::Rotate { file } = command;
+    let reply = call_value(&socket, &Request::RotateCustomerKeys { envelope: read_envelope(&file)? }).await?;
+    println!("pinned customer keys now: {}", text(&reply["key_ids"]));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -48,6 +48,36 @@ pub(crate) fn sign_policy(
     Ok((envelope.to_json(), doc.warnings()))
 }
 
+/// Signs a rotation of the pinned key set (the public halves of `keys` and `pinned`) to
+/// `new_keys`, with every key in `keys`.
+pub(crate) fn sign_key_rotation(
+    keys: &[std::path::PathBuf],
+    pinned: &[std::path::PathBuf],
+    new_keys: &[std::path::PathBuf],
+    reason: String,
+) -> anyhow::Result<String> {
+    use airlock_core::customer_key::CustomerPublicKey;
+    use airlock_core::dsse::Envelope;
+    use airlock_core::key_rotation::{KEY_ROTATION_PAYLOAD_TYPE, KeyRotationStatement, key_ids};
+    let signers = crate::approvals::load_keys(keys)?;
+    let read_public = |path: &std::path::PathBuf| -> anyhow::Result<CustomerPublicKey> {
+        let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        CustomerPublicKey::from_pem(&pem).with_context(|| format!("loading {}", path.display()))
+    };
+    let mut previous: Vec<CustomerPublicKey> = signers.iter().map(CustomerSigningKey::public).collect();
+    previous.extend(pinned.iter().map(read_public).collect::<anyhow::Result<Vec<_>>>()?);
+    let new: Vec<CustomerPublicKey> = new_keys.iter().map(read_public).collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(key_ids(&new) != key_ids(&previous), "the new key set is the current one: nothing to rotate");
+    let statement = KeyRotationStatement {
+        previous_key_ids: key_ids(&previous),
+        new_keys: new.iter().map(|k| k.to_pem()).collect::<Result<_, _>>()?,
+        issued_at: crate::approvals::now(),
+        reason,
+    };
+    let envelope = Envelope::new(KEY_ROTATION_PAYLOAD_TYPE, serde_json::to_vec(&statement)?);
+    Ok(crate::approvals::sign_all(envelope, &signers).to_json())
+}
+
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);

@@ -251,6 +251,15 @@ enum ApplianceSub {
         #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// On the appliance host: apply a signed rotation of the pinned customer keys.
+    #[cfg(feature = "appliance")]
+    Keys {
+        #[command(subcommand)]
+        command: appliance_local::KeysSub,
+        /// The appliance's state directory (its admin socket lives there).
+        #[arg(long, global = true, env = "AIRLOCK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// List appliances and their status.
     List {
         /// Only this environment (env_…).
@@ -295,6 +304,13 @@ struct ApplianceRunArgs {
     /// the appliance's user and root. Also AIRLOCK_ADMIN_GROUP, or admin_group in the TOML file.
     #[arg(long)]
     admin_group: Option<String>,
+    /// Where signed checkpoints of the audit head go: `syslog`, or an absolute path to an
+    /// append-only file outside the state directory. Also AIRLOCK_AUDIT_CHECKPOINTS.
+    #[arg(long)]
+    audit_checkpoints: Option<String>,
+    /// A checkpoint every this many audit records (default 1000), besides start and stop.
+    #[arg(long)]
+    audit_checkpoint_every: Option<u64>,
 }
 
 #[cfg(feature = "appliance")]
@@ -415,6 +431,11 @@ enum CustomerSub {
         #[command(subcommand)]
         command: PolicySub,
     },
+    /// The customer keys an appliance pinned: they change only by a statement the current keys sign.
+    Keys {
+        #[command(subcommand)]
+        command: CustomerKeysSub,
+    },
     /// Requests waiting for your decision.
     Approvals {
         #[command(subcommand)]
@@ -430,6 +451,30 @@ enum CustomerSub {
     /// On the appliance host: release (or --withhold) one operation's output, signed with your key.
     #[cfg(feature = "appliance")]
     Release(appliance_local::ReleaseArgs),
+}
+
+#[derive(Subcommand)]
+enum CustomerKeysSub {
+    /// Sign a rotation of the pinned keys to a new set; apply it on the appliance host with
+    /// `airlock appliance keys rotate FILE`. Signed by as many current keys as your policy's
+    /// `approvals_required`.
+    Rotate {
+        /// A current private key (repeat for several approvers).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The public key of a pinned key that does not sign (repeat): the statement names the
+        /// whole pinned set it replaces.
+        #[arg(long = "pinned-key")]
+        pinned: Vec<PathBuf>,
+        /// A public key of the new set (repeat).
+        #[arg(long = "new-key", required = true)]
+        new_keys: Vec<PathBuf>,
+        /// Why, in your words (kept in the signed statement).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -549,6 +594,14 @@ enum AuditSub {
         /// An appliance's audit log (`<state-dir>/audit.jsonl`).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The appliance's checkpoint file (or your syslog's lines of it): detects truncation,
+        /// re-anchoring and rollback of the log.
+        #[arg(long, requires = "file")]
+        checkpoints: Option<PathBuf>,
+        /// The checkpoint key's public half (PEM) [default: `checkpoint.pub` beside the log;
+        /// keep a copy of your own from install].
+        #[arg(long, requires = "checkpoints")]
+        key: Option<PathBuf>,
     },
     /// Print audit records as JSON lines (all chains, or one).
     Export {
@@ -607,6 +660,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             for warning in &warnings {
                 eprintln!("warning: {warning}");
             }
+            match out {
+                Some(path) => std::fs::write(&path, &signed).with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{signed}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Customer(CustomerCmd {
+            command: CustomerSub::Keys { command: CustomerKeysSub::Rotate { keys, pinned, new_keys, reason, out } },
+        }) => {
+            let signed = customer::sign_key_rotation(&keys, &pinned, &new_keys, reason)?;
             match out {
                 Some(path) => std::fs::write(&path, &signed).with_context(|| format!("writing {}", path.display()))?,
                 None => println!("{signed}"),
@@ -869,6 +932,8 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 customer_keys: args.customer_keys,
                 policy: args.policy,
                 admin_group: args.admin_group,
+                audit_checkpoints: args.audit_checkpoints,
+                audit_checkpoint_every: args.audit_checkpoint_every,
             };
             let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
             let (tx, rx) = tokio::sync::watch::channel(false);
@@ -913,6 +978,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
         ApplianceSub::Preapproval { command, state_dir } => appliance_local::preapproval(command, state_dir).await,
         #[cfg(feature = "appliance")]
         ApplianceSub::Policy { command, state_dir } => appliance_local::policy(command, state_dir).await,
+        ApplianceSub::Keys { command, state_dir } => appliance_local::keys(command, state_dir).await,
         ApplianceSub::List { env, api } => {
             let path = match &env {
                 Some(e) => format!("/v1/appliances?environment={e}"),
@@ -1055,7 +1121,9 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
 
 async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     match cmd.command {
-        AuditSub::Verify { file: Some(file), .. } => verify_appliance_audit(&file),
+        AuditSub::Verify { file: Some(file), checkpoints, key, .. } => {
+            verify_appliance_audit(&file, checkpoints.as_deref(), key.as_deref())
+        }
         #[cfg(feature = "server")]
         AuditSub::Verify { data_dir: Some(data_dir), kek_file, .. } => {
             let data = DataDirArgs { data_dir, kek_file };
@@ -1091,10 +1159,40 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(feature = "appliance")]
-fn verify_appliance_audit(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    match airlock_appliance::audit_log::verify_file(file) {
-        Ok(head) => {
-            println!("OK     {}: {} records", file.display(), head.seq);
+fn verify_appliance_audit(
+    file: &std::path::Path,
+    checkpoints: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use airlock_appliance::audit_log::{self, HeadMac};
+    use anyhow::Context;
+    let verified = match checkpoints {
+        None => audit_log::verify_file(file).map(|r| (r, None)),
+        Some(cp_path) => {
+            let lines = std::fs::read_to_string(cp_path).with_context(|| format!("reading {}", cp_path.display()))?;
+            let public = match key {
+                Some(k) => {
+                    let pem = std::fs::read_to_string(k).with_context(|| format!("reading {}", k.display()))?;
+                    airlock_core::customer_key::CustomerPublicKey::from_pem(&pem)
+                        .with_context(|| format!("{} is not the checkpoint key", k.display()))?
+                }
+                None => audit_log::checkpoints::public_key(file.parent().unwrap_or(std::path::Path::new(".")))
+                    .map_err(|e| anyhow::anyhow!("{e}; give --key"))?,
+            };
+            audit_log::verify_file_with_checkpoints(file, &lines, &public).map(|(r, c)| (r, Some(c)))
+        }
+    };
+    match verified {
+        Ok((report, checked)) => {
+            if let Some(c) = checked {
+                println!("OK     {} checkpoints, the last at seq {}", c.count, c.last_seq);
+            }
+            let mac = match report.mac {
+                HeadMac::Verified => "head MAC verified",
+                HeadMac::KeyUnreadable => "head MAC not checked: its key beside the log is not readable by you",
+                HeadMac::Unkeyed => "head not keyed yet (an old log; the appliance keys it at its next start)",
+            };
+            println!("OK     {}: {} records; {mac}", file.display(), report.head.seq);
             Ok(ExitCode::SUCCESS)
         }
         Err(why) => {
@@ -1105,6 +1203,10 @@ fn verify_appliance_audit(file: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(not(feature = "appliance"))]
-fn verify_appliance_audit(_file: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn verify_appliance_audit(
+    _file: &std::path::Path,
+    _checkpoints: Option<&std::path::Path>,
+    _key: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     anyhow::bail!("this build has no appliance support; rebuild with the `appliance` feature")
 }

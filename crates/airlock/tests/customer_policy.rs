@@ -151,6 +151,7 @@ fn appliance_audit_log_detects_tampering_and_blocks_start() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("audit.jsonl"), body.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
         std::fs::copy(state.join("audit.jsonl.head"), dir.join("audit.jsonl.head")).unwrap();
+        std::fs::copy(state.join("audit.key"), dir.join("audit.key")).unwrap();
         dir
     };
     let mut edited = lines.clone();

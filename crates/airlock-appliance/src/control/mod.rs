@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
+use airlock_core::audit::anchor::Anchor;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::dsse::Envelope;
@@ -77,7 +78,8 @@ pub(crate) struct LocalControl {
     disabled: RwLock<BTreeSet<Phase>>,
     state: StateDir,
     pub(crate) audit: Arc<AuditLog>,
-    pinned: Vec<CustomerPublicKey>,
+    /// The pinned customer keys; they change only by a signed rotation (`rotate_keys`).
+    pinned: RwLock<Vec<CustomerPublicKey>>,
     /// Spent grant nonces (durable).
     pub(crate) nonces: NonceStore,
     pub(crate) pre_approvals: PreApprovalStore,
@@ -128,7 +130,7 @@ impl LocalControl {
             ops,
             state,
             audit,
-            pinned,
+            pinned: RwLock::new(pinned),
             running: RunningOps::default(),
             refused_relay: Mutex::new(None),
             appliance: RwLock::new(None),
@@ -141,8 +143,19 @@ impl LocalControl {
         (self.clock)()
     }
 
-    pub(crate) fn pinned(&self) -> &[CustomerPublicKey] {
-        &self.pinned
+    pub(crate) fn pinned(&self) -> Vec<CustomerPublicKey> {
+        self.pinned.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies a customer-signed rotation of the pinned keys (`customer::rotate_keys`).
+    pub(crate) fn rotate_keys(&self, by: Peer, envelope_json: &[u8]) -> Result<serde_json::Value, ApplianceError> {
+        // Held across the check and the write, so two rotations cannot both apply to one set.
+        let mut pinned = self.pinned.write().unwrap_or_else(|e| e.into_inner());
+        let rotated =
+            crate::customer::rotate_keys(&self.state, &pinned, self.threshold(), envelope_json, &self.audit, by)?;
+        let ids = airlock_core::key_rotation::key_ids(&rotated);
+        *pinned = rotated;
+        Ok(serde_json::json!({ "key_ids": ids }))
     }
 
     pub(crate) fn set_identity(&self, identity: &airlock_core::ApplianceIdentity) {
@@ -238,7 +251,7 @@ impl LocalControl {
             let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
             let next = crate::customer::accept_policy(
                 &self.state,
-                &self.pinned,
+                &self.pinned(),
                 envelope_json,
                 policy.as_ref(),
                 &self.audit,
@@ -369,7 +382,7 @@ impl LocalControl {
             ApplianceError::Customer(why)
         };
         let envelope = Envelope::from_json(envelope_json).map_err(|e| refuse(format!("pre-approval envelope: {e}")))?;
-        let verified = airlock_core::grant::verify_pre_approval(envelope_json, &self.pinned, self.threshold())
+        let verified = airlock_core::grant::verify_pre_approval(envelope_json, &self.pinned(), self.threshold())
             .map_err(|e| refuse(format!("the pre-approval does not verify with the pinned customer keys: {e}")))?;
         let body = verified.body().clone();
         if let Some(me) = self.appliance()
@@ -387,6 +400,7 @@ impl LocalControl {
                 "digest": body.digest_hex(), "signed_by": verified.signed_by(),
             })),
         )?;
+        self.audit.anchor(&Anchor::PreApprovalRuns { id: body.id.clone(), runs_used: entry.runs_used })?;
         Ok(entry.summary())
     }
 
@@ -397,6 +411,7 @@ impl LocalControl {
             .ok_or_else(|| ApplianceError::Customer(format!("no pre-approval `{id}` on this appliance")))?;
         let detail = by.stamp(serde_json::json!({ "id": id }));
         self.audit.record(AuditAction::PreApprovalRevoke, Outcome::Success, detail)?;
+        self.audit.anchor(&Anchor::PreApprovalRevoked { id: id.to_owned() })?;
         Ok(entry.summary())
     }
 

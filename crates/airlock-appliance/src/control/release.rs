@@ -74,7 +74,7 @@ impl LocalControl {
         let envelope =
             Envelope::from_json(envelope_json).map_err(|e| refuse(ReleaseRefusal::Malformed(e.to_string())))?;
         let verified = envelope
-            .verify(RELEASE_PAYLOAD_TYPE, &self.pinned, self.threshold())
+            .verify(RELEASE_PAYLOAD_TYPE, &self.pinned(), self.threshold())
             .map_err(|e| refuse(ReleaseRefusal::NotVerified(e.to_string())))?;
         let statement: ReleaseStatement = serde_json::from_slice(&verified.payload)
             .map_err(|e| refuse(ReleaseRefusal::MalformedStatement(e.to_string())))?;

@@ -165,7 +165,7 @@ impl Executor {
             template_sha256: template.content_sha256(),
             nonce_used: &nonce_used,
         };
-        let pinned = self.control.pinned();
+        let pinned = &self.control.pinned()[..];
         let allowed = |mut record: OpRecord, manifest, authority: AuthorityRef, pre_approval, spend| {
             record.state = OpState::Running;
             record.authority = Some(authority.clone());

@@ -26,6 +26,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use airlock_core::audit::anchor::Anchor;
 use airlock_core::audit::{AuditAction, Outcome as AuditOutcome};
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalLevel, DenyReason};
@@ -305,13 +306,15 @@ impl Executor {
                     Spent::Replayed
                 }
             }
-            Spend::PreApprovalRun { id } => {
-                if self.control.pre_approvals.take_run(id)? {
+            Spend::PreApprovalRun { id } => match self.control.pre_approvals.take_run(id)? {
+                Some(runs_used) => {
+                    // Saved first, then recorded: a crash between leaves the file ahead, which
+                    // the next start records (`anchors`).
+                    self.control.audit.anchor(&Anchor::PreApprovalRuns { id: id.clone(), runs_used })?;
                     Spent::Yes
-                } else {
-                    Spent::Gone
                 }
-            }
+                None => Spent::Gone,
+            },
         })
     }
 

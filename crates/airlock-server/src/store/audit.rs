@@ -57,7 +57,7 @@ impl Store {
         let ok = data_encoding::HEXLOWER
             .decode(mac.as_bytes())
             .ok()
-            .is_some_and(|m| ring::hmac::verify(&self.head_mac, &head_mac_input(chain, &head), &m).is_ok());
+            .is_some_and(|m| head.mac_verifies(&self.head_mac, chain, &m));
         Ok(Some(if ok { Ok(head) } else { Err(HeadTampered) }))
     }
 }
@@ -95,7 +95,7 @@ impl WriteTx<'_> {
             .bind(json)
             .execute(&mut *self.tx)
             .await?;
-        let mac = ring::hmac::sign(&self.store.head_mac, &head_mac_input(chain, &new_head));
+        let mac = new_head.mac(&self.store.head_mac, chain);
         sqlx::query(
             "INSERT INTO audit_heads (chain, seq, hash, mac) VALUES ($1, $2, $3, $4)
              ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
@@ -103,15 +103,11 @@ impl WriteTx<'_> {
         .bind(chain)
         .bind(seq)
         .bind(new_head.hash.to_hex())
-        .bind(data_encoding::HEXLOWER.encode(mac.as_ref()))
+        .bind(data_encoding::HEXLOWER.encode(&mac))
         .execute(&mut *self.tx)
         .await?;
         Ok(record)
     }
-}
-
-fn head_mac_input(chain: &str, head: &Head) -> Vec<u8> {
-    format!("airlock-audit-head-v1\n{chain}\n{}\n{}", head.seq, head.hash.to_hex()).into_bytes()
 }
 
 /// Verifies every audit chain in the store. Returns per-chain results.
