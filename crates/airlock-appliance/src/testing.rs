@@ -105,16 +105,12 @@ impl Fx {
         Self { dir, clock, policy, kit, control, exec }
     }
 
-    /// What each run may use from now on.
-    pub(crate) fn set_run_limits(&mut self, limits: crate::sandbox::RunLimits) {
-        Arc::get_mut(&mut self.exec).expect("no run in progress").run_limits = limits;
-    }
-
     /// Vendor code runs as the appliance's own user from now on, as on an appliance that is not
     /// root: only Landlock and its cell hold it.
     pub(crate) fn run_vendor_code_as_the_appliance_user(&mut self) {
         let exec = Arc::get_mut(&mut self.exec).expect("no run in progress");
         exec.sandbox_mut().set_run_as(crate::sandbox::RunAs::Appliance);
+        self.control.set_vendor_code_user(crate::control::VendorCodeUser::ApplianceUser);
     }
 
     /// The appliance process stops and starts again on the same state directory.

@@ -29,6 +29,7 @@ use crate::customer_key::CustomerPublicKey;
 use crate::dsse::{DsseError, Envelope};
 use crate::policy::{DenyRule, Phase, PolicyDocument, VerifiedPolicy, Weekday, Window};
 use crate::probe::BuiltinProbe;
+use crate::run_spec::{OverCap, RunLimits, RunSpec, RunUser, resolve};
 use crate::{ApplianceId, OperationId, Timestamp};
 
 pub const GRANT_PAYLOAD_TYPE: &str = "application/vnd.airlock.grant.v1+json";
@@ -298,6 +299,8 @@ pub struct Permit {
     /// The pre-approval whose run counter the caller must advance before running.
     pre_approval: Option<String>,
     basis: Basis,
+    /// What the run may use: what its template asks, within the customer's caps.
+    limits: RunLimits,
 }
 
 /// Why an operation was allowed.
@@ -324,6 +327,9 @@ impl Permit {
     }
     pub fn basis(&self) -> &Basis {
         &self.basis
+    }
+    pub fn limits(&self) -> RunLimits {
+        self.limits
     }
 }
 
@@ -390,6 +396,20 @@ pub enum DenyReason {
     NotBuiltinProbe {
         kind: String,
     },
+    /// The template asks for more than the customer's policy allows vendor code.
+    OverRunCap {
+        limit: &'static str,
+        asked: u32,
+        cap: u32,
+    },
+    /// The template asks to run as root, which only the customer's signature on the request
+    /// (a grant, or a pre-approval of that template version) covers; a window does not.
+    RootNeedsApproval,
+    /// This appliance cannot switch users (it is not root), and the customer's policy does not
+    /// accept Deploy and Operate work run as the appliance's own user.
+    SameUserNotAccepted,
+    /// The template asks to run as root, and this appliance is not root.
+    RootUnavailable,
 }
 
 /// Which check a [`DenyReason`] comes from, without its details: what crosses the wire, so
@@ -418,6 +438,10 @@ pub enum DenyCode {
     PreApprovalRevoked,
     RuleVariableMissing,
     NotBuiltinProbe,
+    OverRunCap,
+    RootNeedsApproval,
+    SameUserNotAccepted,
+    RootUnavailable,
 }
 
 impl DenyReason {
@@ -445,6 +469,10 @@ impl DenyReason {
             DenyReason::PreApprovalRevoked { .. } => DenyCode::PreApprovalRevoked,
             DenyReason::RuleVariableMissing { .. } => DenyCode::RuleVariableMissing,
             DenyReason::NotBuiltinProbe { .. } => DenyCode::NotBuiltinProbe,
+            DenyReason::OverRunCap { .. } => DenyCode::OverRunCap,
+            DenyReason::RootNeedsApproval => DenyCode::RootNeedsApproval,
+            DenyReason::SameUserNotAccepted => DenyCode::SameUserNotAccepted,
+            DenyReason::RootUnavailable => DenyCode::RootUnavailable,
         }
     }
 }
@@ -484,6 +512,19 @@ impl std::fmt::Display for DenyReason {
             DenyReason::NotBuiltinProbe { kind } => {
                 write!(f, "`{kind}` is not one of the appliance's built-in probes, which alone need no approval")
             }
+            DenyReason::OverRunCap { limit, asked, cap } => write!(
+                f,
+                "the template asks for {limit} = {asked}, above the customer's cap of {cap} (`[vendor_code]` in the policy)"
+            ),
+            DenyReason::RootNeedsApproval => {
+                f.write_str("the template asks to run as root, which needs the customer's approval of this request")
+            }
+            DenyReason::SameUserNotAccepted => f.write_str(
+                "this appliance is not root, so vendor code would run as its own user, and the customer's policy does not accept that for Deploy and Operate (`same_user` in `[vendor_code]`)",
+            ),
+            DenyReason::RootUnavailable => {
+                f.write_str("the template asks to run as root, and this appliance is not root")
+            }
         }
     }
 }
@@ -506,6 +547,11 @@ pub struct Context<'a> {
     pub template_sha256: &'a str,
     /// Answers from the appliance's durable record of spent nonces.
     pub nonce_used: &'a dyn Fn(&str) -> bool,
+    /// What the command asks of its box (from the same render as `template_sha256`).
+    pub run: &'a RunSpec,
+    /// Whether vendor code would run as the appliance's own user (the appliance is not root);
+    /// unknown offline, where it counts as not.
+    pub same_user: bool,
 }
 
 /// What the vendor's side presents as the customer's authority for one request.
@@ -531,6 +577,36 @@ pub fn evaluate(ctx: &Context<'_>, req: &OperationRequest, grant: Option<&Verifi
 /// Decides whether `req` may run now.
 #[must_use]
 pub fn evaluate_with(ctx: &Context<'_>, req: &OperationRequest, authority: Authority<'_>) -> Decision {
+    match evaluate_authority(ctx, req, authority) {
+        Decision::Allow(permit) => check_box(ctx, req, permit),
+        deny => deny,
+    }
+}
+
+/// What an allowed request may ask of its box: root only with the customer's signature on it,
+/// the appliance's own user only where the policy accepts it, limits within the caps.
+fn check_box(ctx: &Context<'_>, req: &OperationRequest, mut permit: Permit) -> Decision {
+    use Decision::Deny;
+    let caps = ctx.policy.map(|p| &p.document().vendor_code);
+    let root = ctx.run.user == RunUser::Root;
+    if ctx.same_user && root {
+        return Deny(DenyReason::RootUnavailable);
+    }
+    if ctx.same_user && matches!(req.phase, Phase::Deploy | Phase::Operate) && !caps.is_some_and(|c| c.same_user) {
+        return Deny(DenyReason::SameUserNotAccepted);
+    }
+    if root && !matches!(permit.basis, Basis::Grant { .. } | Basis::PreApproval { .. }) {
+        return Deny(DenyReason::RootNeedsApproval);
+    }
+    match resolve(ctx.run, caps) {
+        Ok(limits) => permit.limits = limits,
+        Err(OverCap { limit, asked, cap }) => return Deny(DenyReason::OverRunCap { limit, asked, cap }),
+    }
+    Decision::Allow(permit)
+}
+
+/// The decision on the request's authority, before what it asks of its box.
+fn evaluate_authority(ctx: &Context<'_>, req: &OperationRequest, authority: Authority<'_>) -> Decision {
     use Decision::Deny;
     if req.appliance != ctx.appliance {
         return Deny(DenyReason::AnotherAppliance);
@@ -555,10 +631,14 @@ pub fn evaluate_with(ctx: &Context<'_>, req: &OperationRequest, authority: Autho
     if builtin_probe {
         return allow(req, None, Basis::ObservePhase);
     }
-    if req.phase != Phase::Observe && doc.windows.iter().any(|w| window_covers(w, req, ctx.template_sha256, ctx.now)) {
+    let window =
+        req.phase != Phase::Observe && doc.windows.iter().any(|w| window_covers(w, req, ctx.template_sha256, ctx.now));
+    // A window never covers root: that takes the customer's signature on the request.
+    if window && ctx.run.user != RunUser::Root {
         return allow(req, None, Basis::StandingWindow);
     }
     match authority {
+        Authority::None if window => Deny(DenyReason::RootNeedsApproval),
         Authority::None => Deny(DenyReason::NoMatchingGrant),
         Authority::Grant(grant) => check_grant(ctx, doc, req, grant),
         Authority::PreApproval { pre, runs_used, revoked } => {
@@ -657,11 +737,19 @@ fn check_pre_approval(
         nonce: None,
         pre_approval: Some(p.id.clone()),
         basis: Basis::PreApproval { id: p.id.clone(), signed_by: pre.signed_by.clone() },
+        limits: RunLimits::default(),
     })
 }
 
 fn allow(req: &OperationRequest, nonce: Option<String>, basis: Basis) -> Decision {
-    Decision::Allow(Permit { request_id: req.id, phase: req.phase, nonce, pre_approval: None, basis })
+    Decision::Allow(Permit {
+        request_id: req.id,
+        phase: req.phase,
+        nonce,
+        pre_approval: None,
+        basis,
+        limits: RunLimits::default(),
+    })
 }
 
 /// The built-in deny a request meets, by its kind or its declared data tags, whatever the
@@ -839,6 +927,58 @@ mod tests {
         grant_signed(req, &[1], edit)
     }
 
+    /// The decision for `req` asking `run` of its box, on an appliance that can switch users
+    /// or (`same_user`) cannot.
+    fn boxed(policy: &VerifiedPolicy, req: &OperationRequest, run: RunSpec, same_user: bool, grant: bool) -> Decision {
+        let disabled = BTreeSet::new();
+        let template = template_sha();
+        let ctx = Context {
+            policy: Some(policy),
+            disabled: &disabled,
+            appliance: apl(),
+            now: Timestamp::from_unix_millis(TUESDAY_NOON),
+            template_sha256: &template,
+            nonce_used: &|_| false,
+            run: &run,
+            same_user,
+        };
+        let g = grant_for(req, |_| {});
+        evaluate(&ctx, req, grant.then_some(&g))
+    }
+
+    #[test]
+    fn what_a_template_asks_of_its_box_is_held_to_the_customers_policy() {
+        let window = "[[windows]]\nphase = \"deploy\"\ndays = [\"tue\"]\nstart = \"11:00\"\nend = \"13:00\"\n";
+        let p = policy(ALL, window);
+        let deploy = request("deploy-svc", Phase::Deploy);
+        let root = RunSpec { user: RunUser::Root, ..RunSpec::default() };
+        let deny = |d: Decision| match d {
+            Decision::Deny(r) => r,
+            Decision::Allow(p) => panic!("allowed: {p:?}"),
+        };
+        // Root: the customer's grant covers it; a standing window does not.
+        assert!(matches!(boxed(&p, &deploy, root, false, true), Decision::Allow(_)));
+        assert_eq!(deny(boxed(&p, &deploy, root, false, false)), DenyReason::RootNeedsApproval);
+        // An appliance that is not root: no root at all, and its own user only if accepted.
+        assert_eq!(deny(boxed(&p, &deploy, root, true, true)), DenyReason::RootUnavailable);
+        assert_eq!(deny(boxed(&p, &deploy, RunSpec::default(), true, true)), DenyReason::SameUserNotAccepted);
+        let accepting = policy(ALL, &format!("{window}[vendor_code]\nsame_user = true\n"));
+        assert!(matches!(boxed(&accepting, &deploy, RunSpec::default(), true, true), Decision::Allow(_)));
+        // Limits: what the template asks, within the caps; above them, denied.
+        let asks = RunSpec { wall_time_seconds: Some(120), ..RunSpec::default() };
+        let Decision::Allow(permit) = boxed(&p, &deploy, asks, false, true) else { panic!() };
+        assert_eq!(permit.limits().wall_time_seconds, 120);
+        let greedy = RunSpec { memory_mib: Some(1 << 20), ..RunSpec::default() };
+        assert_eq!(
+            deny(boxed(&p, &deploy, greedy, false, true)),
+            DenyReason::OverRunCap { limit: "memory_mib", asked: 1 << 20, cap: 4096 }
+        );
+        let capped = policy(ALL, "[vendor_code]\nmax_wall_time_seconds = 60\n");
+        assert_eq!(deny(boxed(&capped, &deploy, asks, false, true)).code(), DenyCode::OverRunCap);
+        let Decision::Allow(permit) = boxed(&capped, &deploy, RunSpec::default(), false, true) else { panic!() };
+        assert_eq!(permit.limits().wall_time_seconds, 60);
+    }
+
     /// Runs one decision and renders it compactly, so each case reads as one line.
     fn decide(
         policy: Option<&VerifiedPolicy>,
@@ -866,6 +1006,8 @@ mod tests {
             now: Timestamp::from_unix_millis(TUESDAY_NOON),
             template_sha256,
             nonce_used: &|_| used,
+            run: &RunSpec::default(),
+            same_user: false,
         };
         evaluate(&ctx, req, grant)
     }
@@ -1323,6 +1465,8 @@ mod tests {
             now: Timestamp::from_unix_millis(TUESDAY_NOON),
             template_sha256,
             nonce_used: &|_| false,
+            run: &RunSpec::default(),
+            same_user: false,
         };
         match evaluate_with(&ctx, req, Authority::PreApproval { pre, runs_used, revoked }) {
             Decision::Allow(p) => {

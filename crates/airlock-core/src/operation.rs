@@ -970,6 +970,8 @@ fn decide_again(
         now: e.started_at,
         template_sha256: &request.command.template_sha256,
         nonce_used: &|_| false,
+        run: &request.command.run,
+        same_user: false,
     };
     match evaluate_with(&ctx, req, authority) {
         Decision::Allow(_) => Ok(()),

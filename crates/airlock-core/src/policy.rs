@@ -70,6 +70,9 @@ pub struct PolicyDocument {
     /// Explicit denies; they beat every grant and window.
     #[serde(default)]
     pub deny: Vec<DenyRule>,
+    /// Caps on what vendor code may use, and whether it may run as the appliance's own user.
+    #[serde(default)]
+    pub vendor_code: crate::run_spec::VendorCodeCaps,
 }
 
 /// A standing window: a phase allowed without a per-request grant at these times.

@@ -65,6 +65,7 @@ impl BuiltinProbe {
             template_sha256: data_encoding::HEXLOWER.encode(&Sha256::digest(marker.as_bytes())),
             script: String::new(),
             env: BTreeMap::new(),
+            run: Default::default(),
         }
     }
 
@@ -87,6 +88,7 @@ mod tests {
             template_sha256: "00".repeat(32),
             script: String::new(),
             env: BTreeMap::new(),
+            run: Default::default(),
         });
         OperationRequest {
             id: crate::OperationId::from_random([1; 16]),

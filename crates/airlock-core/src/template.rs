@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::policy::Phase;
+use crate::run_spec::RunSpec;
 
 /// Longest value a variable may take.
 pub const MAX_VALUE_BYTES: usize = 4096;
@@ -31,6 +32,9 @@ pub struct TemplateManifest {
     pub body: String,
     #[serde(default)]
     pub variables: Vec<Variable>,
+    /// What it asks of its box (`[run]`): root, limits. Part of the command the customer signs.
+    #[serde(default, skip_serializing_if = "RunSpec::is_default")]
+    pub run: RunSpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,9 @@ pub struct RenderedCommand {
     pub template_sha256: String,
     pub script: String,
     pub env: BTreeMap<String, String>,
+    /// What it asks of its box; absent when it asks nothing, so older commands keep their digest.
+    #[serde(default, skip_serializing_if = "RunSpec::is_default")]
+    pub run: RunSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -194,6 +201,7 @@ impl Template {
             template_sha256: self.content_sha256.clone(),
             script: self.script.clone(),
             env,
+            run: self.manifest.run,
         })
     }
 }

@@ -112,6 +112,10 @@ pub fn deny_code_to_wire(code: DenyCode) -> gateway::DenyCode {
         DenyCode::PreApprovalRevoked => W::PreApprovalRevoked,
         DenyCode::RuleVariableMissing => W::RuleVariableMissing,
         DenyCode::NotBuiltinProbe => W::NotBuiltinProbe,
+        DenyCode::OverRunCap => W::OverRunCap,
+        DenyCode::RootNeedsApproval => W::RootNeedsApproval,
+        DenyCode::SameUserNotAccepted => W::SameUserNotAccepted,
+        DenyCode::RootUnavailable => W::RootUnavailable,
     }
 }
 
@@ -140,6 +144,10 @@ pub fn deny_code_from_wire(value: i32) -> Result<DenyCode, UnknownWireValue> {
         W::PreApprovalRevoked => DenyCode::PreApprovalRevoked,
         W::RuleVariableMissing => DenyCode::RuleVariableMissing,
         W::NotBuiltinProbe => DenyCode::NotBuiltinProbe,
+        W::OverRunCap => DenyCode::OverRunCap,
+        W::RootNeedsApproval => DenyCode::RootNeedsApproval,
+        W::SameUserNotAccepted => DenyCode::SameUserNotAccepted,
+        W::RootUnavailable => DenyCode::RootUnavailable,
     })
 }
 
@@ -160,11 +168,11 @@ mod tests {
             assert_eq!(refusal_code_to_wire(c) as i32, v);
         }
         assert!(refusal_code_from_wire(0).is_err() && refusal_code_from_wire(11).is_err());
-        for v in 1..=21 {
+        for v in 1..=25 {
             let c = deny_code_from_wire(v).unwrap();
             assert_eq!(deny_code_to_wire(c) as i32, v);
         }
-        assert!(deny_code_from_wire(0).is_err() && deny_code_from_wire(22).is_err());
+        assert!(deny_code_from_wire(0).is_err() && deny_code_from_wire(26).is_err());
     }
 
     #[test]

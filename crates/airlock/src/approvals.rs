@@ -113,8 +113,25 @@ impl PendingOperation {
         for (k, v) in &self.command.env {
             out.push_str(&format!("{}={v:?}\n", line(k)));
         }
+        out.push_str(&describe_run(&self.command.run));
         out
     }
+}
+
+/// What the command asks of its box, as the customer signs it.
+fn describe_run(run: &airlock_core::run_spec::RunSpec) -> String {
+    use airlock_core::run_spec::RunUser;
+    let user = match run.user {
+        RunUser::Box => "the appliance's unprivileged box user".to_owned(),
+        RunUser::Root => "ROOT (the template asks for it; your approval covers it)".to_owned(),
+    };
+    let limit = |v: Option<u32>, unit: &str| v.map_or_else(|| "default".to_owned(), |v| format!("{v}{unit}"));
+    format!(
+        "--- box ---\nruns as     {user}\nwall time   {}\nprocesses   {}\nmemory      {}\n",
+        limit(run.wall_time_seconds, " s"),
+        limit(run.processes, ""),
+        limit(run.memory_mib, " MiB"),
+    )
 }
 
 #[derive(Deserialize)]
@@ -466,5 +483,23 @@ mod tests {
         assert!(described.contains("echo harmless\\u{d}\\u{1b}[2Krm -rf /"), "{described}");
         assert!(!described.contains('\u{1b}') && !described.contains('\r'));
         assert!(described.contains(&format!("reason     {} (not covered by your signature)", statement.reason)));
+    }
+
+    #[test]
+    fn a_request_to_run_as_root_and_its_limits_are_shown_for_signing() {
+        let fx = Fixture::new();
+        let mut statement = fx.parts().request;
+        let plain = served(&statement, &fx.control_plane).checked(&fx.ca.der()).unwrap().describe();
+        assert!(
+            plain.contains("runs as     the appliance's unprivileged box user")
+                && plain.contains("wall time   default")
+        );
+        statement.command.run.user = airlock_core::run_spec::RunUser::Root;
+        statement.command.run.wall_time_seconds = Some(90);
+        statement.request.command_sha256 = statement.command.sha256();
+        let described = served(&statement, &fx.control_plane).checked(&fx.ca.der()).unwrap().describe();
+        assert!(described.contains("runs as     ROOT") && described.contains("wall time   90 s"), "{described}");
+        // It is part of what the customer signs: the digest differs from the plain command's.
+        assert_ne!(statement.command.sha256(), fx.parts().request.command.sha256());
     }
 }

@@ -970,6 +970,19 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             println!("enabled:   {}", names(&status.policy_phases));
             println!("disabled:  {}", names(&status.disabled));
             println!("effective: {}", names(&status.effective));
+            use airlock_appliance::admin::VendorCodeUser;
+            match status.vendor_code_user {
+                Some(VendorCodeUser::BoxUser { uid, gid }) => {
+                    println!("vendor code runs as: its box user (uid {uid}, gid {gid})")
+                }
+                Some(VendorCodeUser::ApplianceUser) if status.same_user_accepted => println!(
+                    "vendor code runs as: the appliance's own user (it is not root); the policy accepts this, and every run is audited"
+                ),
+                Some(VendorCodeUser::ApplianceUser) => println!(
+                    "vendor code runs as: the appliance's own user (it is not root); the policy does not accept this, so Deploy and Operate are refused"
+                ),
+                None => println!("vendor code runs as: not known until the appliance has joined"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "appliance")]

@@ -196,7 +196,7 @@ async fn the_admin_group_reaches_the_socket_and_nothing_else_secret() {
 #[tokio::test]
 async fn vendor_code_cannot_reach_the_admin_socket_the_output_key_or_sealed_output() {
     for same_user in [false, true] {
-        let mut fx = Fx::new(ALL_PHASES);
+        let mut fx = Fx::new(&format!("{ALL_PHASES}[vendor_code]\nsame_user = true\n"));
         if same_user {
             fx.run_vendor_code_as_the_appliance_user();
         }

@@ -52,6 +52,23 @@ pub struct Status {
     pub disabled: Vec<Phase>,
     /// What the vendor may use now: policy phases minus disabled ones.
     pub effective: Vec<Phase>,
+    /// Who vendor code runs as here; `None` before the appliance has joined and started.
+    #[serde(default)]
+    pub vendor_code_user: Option<VendorCodeUser>,
+    /// Whether the customer's policy accepts Deploy and Operate work run as the appliance's
+    /// own user (`same_user` in `[vendor_code]`).
+    #[serde(default)]
+    pub same_user_accepted: bool,
+}
+
+/// Who vendor code runs as on this appliance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VendorCodeUser {
+    /// Its dedicated unprivileged user and group.
+    BoxUser { uid: u32, gid: u32 },
+    /// The appliance's own user: the appliance is not root, so it cannot switch users.
+    ApplianceUser,
 }
 
 /// Who asked, on this host: the admin socket's peer, as the kernel reported it when it
@@ -94,6 +111,7 @@ pub(crate) struct LocalControl {
     appliance: RwLock<Option<ApplianceId>>,
     /// Its environment, once enrolled: a policy must not name another.
     environment: RwLock<Option<airlock_core::EnvironmentId>>,
+    vendor_code_user: RwLock<Option<VendorCodeUser>>,
     clock: Clock,
 }
 
@@ -135,6 +153,7 @@ impl LocalControl {
             refused_relay: Mutex::new(None),
             appliance: RwLock::new(None),
             environment: RwLock::new(None),
+            vendor_code_user: RwLock::new(None),
             clock,
         })
     }
@@ -161,6 +180,11 @@ impl LocalControl {
     pub(crate) fn set_identity(&self, identity: &airlock_core::ApplianceIdentity) {
         *self.appliance.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.appliance);
         *self.environment.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.environment);
+    }
+
+    /// Who vendor code runs as, as the box settled it when the appliance started.
+    pub(crate) fn set_vendor_code_user(&self, user: VendorCodeUser) {
+        *self.vendor_code_user.write().unwrap_or_else(|e| e.into_inner()) = Some(user);
     }
 
     fn environment(&self) -> Option<airlock_core::EnvironmentId> {
@@ -202,6 +226,8 @@ impl LocalControl {
             policy_phases: policy.as_ref().map(|p| p.document().phases.iter().copied().collect()).unwrap_or_default(),
             disabled,
             effective: self.effective_phases().into_iter().collect(),
+            vendor_code_user: *self.vendor_code_user.read().unwrap_or_else(|e| e.into_inner()),
+            same_user_accepted: policy.as_ref().is_some_and(|p| p.document().vendor_code.same_user),
         }
     }
 

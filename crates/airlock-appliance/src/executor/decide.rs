@@ -41,6 +41,7 @@ use super::{Executor, Job};
 use crate::ApplianceError;
 use crate::ops_store::{OpRecord, OpState};
 use crate::result::{Refusal, ResultMsg};
+use crate::sandbox::RunAs;
 
 /// What to do with one instruction.
 #[derive(Debug)]
@@ -164,12 +165,15 @@ impl Executor {
             // The appliance's own render: deny rules and windows see the template it loaded.
             template_sha256: template.content_sha256(),
             nonce_used: &nonce_used,
+            // Checked above to be the appliance's own render.
+            run: &statement.command.run,
+            same_user: self.sandbox.run_as() == RunAs::Appliance,
         };
         let pinned = &self.control.pinned()[..];
-        let allowed = |mut record: OpRecord, manifest, authority: AuthorityRef, pre_approval, spend| {
+        let allowed = |mut record: OpRecord, manifest, authority: AuthorityRef, pre_approval, spend, limits| {
             record.state = OpState::Running;
             record.authority = Some(authority.clone());
-            let job = Job { id, statement: statement.clone(), manifest, authority, pre_approval };
+            let job = Job { id, statement: statement.clone(), manifest, authority, pre_approval, limits };
             Ok(Verdict::Allowed(Box::new(Allowed { record, job, spend })))
         };
 
@@ -206,7 +210,7 @@ impl Executor {
                         None => Spend::Nothing,
                     };
                     let authority = authority_ref(permit.basis(), Some(g.digest_hex()), policy_digest);
-                    allowed(record, manifest, authority, None, spend)
+                    allowed(record, manifest, authority, None, spend, permit.limits())
                 }
                 Decision::Deny(DenyReason::CustomerDenied) => customer_denied(record, manifest, g),
                 // Not final: the control plane sends the instruction again (on reconnect), and
@@ -227,9 +231,10 @@ impl Executor {
         match evaluate_with(&ctx, &req, Authority::None) {
             Decision::Allow(permit) => {
                 let authority = authority_ref(permit.basis(), None, policy_digest);
-                allowed(record, manifest, authority, None, Spend::Nothing)
+                allowed(record, manifest, authority, None, Spend::Nothing, permit.limits())
             }
-            Decision::Deny(DenyReason::NoMatchingGrant) => {
+            // A pre-approval may cover it (root too, which no window covers).
+            Decision::Deny(DenyReason::NoMatchingGrant | DenyReason::RootNeedsApproval) => {
                 let mut misses = Vec::new();
                 for entry in self.control.pre_approvals.candidates(&req.kind) {
                     let pre = match verify_pre_approval(entry.envelope.to_json().as_bytes(), pinned, threshold) {
@@ -242,7 +247,7 @@ impl Executor {
                     let authority =
                         Authority::PreApproval { pre: &pre, runs_used: entry.runs_used, revoked: entry.revoked };
                     match evaluate_with(&ctx, &req, authority) {
-                        Decision::Allow(_) => {
+                        Decision::Allow(permit) => {
                             let body = pre.body();
                             manifest.pre_approval = Some(entry.envelope.clone());
                             let authority = AuthorityRef {
@@ -252,7 +257,7 @@ impl Executor {
                             };
                             let pre_approval = Some((entry.envelope.clone(), body.level));
                             let spend = Spend::PreApprovalRun { id: body.id.clone() };
-                            return allowed(record, manifest, authority, pre_approval, spend);
+                            return allowed(record, manifest, authority, pre_approval, spend, permit.limits());
                         }
                         Decision::Deny(reason) => misses.push(reason.to_string()),
                     }

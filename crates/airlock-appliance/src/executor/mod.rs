@@ -40,7 +40,7 @@ use crate::ApplianceError;
 use crate::control::LocalControl;
 use crate::ops_store::OpRecord;
 use crate::result::ResultMsg;
-use crate::sandbox::{RunLimits, Sandbox};
+use crate::sandbox::Sandbox;
 use crate::state_dir::StateDir;
 use decide::{Allowed, Grounds, Refused, Spend, Verdict, short};
 use record::not_recorded;
@@ -92,6 +92,8 @@ pub(crate) struct Job {
     authority: AuthorityRef,
     /// The pre-approval it runs under, if any, and its level.
     pre_approval: Option<(Envelope, ApprovalLevel)>,
+    /// What its run may use, as the decision settled it.
+    limits: airlock_core::run_spec::RunLimits,
 }
 
 pub(crate) struct Executor {
@@ -106,8 +108,6 @@ pub(crate) struct Executor {
     active: Mutex<HashSet<OperationId>>,
     /// The box every run goes in.
     sandbox: Sandbox,
-    /// What each run may use.
-    pub(crate) run_limits: RunLimits,
 }
 
 impl Executor {
@@ -120,6 +120,7 @@ impl Executor {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
         control.set_identity(&identity);
         let sandbox = Sandbox::open(state_dir, None).map_err(ApplianceError::Internal)?;
+        control.set_vendor_code_user(sandbox.vendor_code_user());
         Ok(Self {
             control,
             identity,
@@ -128,7 +129,6 @@ impl Executor {
             deciding: Mutex::new(()),
             active: Mutex::new(HashSet::new()),
             sandbox,
-            run_limits: RunLimits::default(),
         })
     }
 
@@ -329,6 +329,10 @@ impl Executor {
             serde_json::json!({
                 "request_id": record.id, "template": record.template, "phase": record.phase,
                 "data_tags": record.data_tags, "authority": job.authority,
+                // Audited at every run: the customer sees when vendor code runs as root or as
+                // the appliance's own user.
+                "run_as": self.sandbox.run_as_for(job.statement.command.run.user),
+                "limits": job.limits,
             }),
         )?;
         Ok(Acted::Run(Box::new(job)))

@@ -24,6 +24,7 @@ use super::{Executor, Job};
 use crate::ApplianceError;
 use crate::files::{self, Mode};
 use crate::running::boot_id;
+use crate::sandbox::RunLimits;
 
 /// The most output kept per operation (stdout, then stderr); the rest is dropped and the
 /// execution says `output_truncated`.
@@ -73,10 +74,12 @@ impl Executor {
         let script = dir.join("script.sh");
         files::replace(&script, job.statement.command.script.as_bytes(), Mode::Private)
             .map_err(|e| ApplianceError::Customer(format!("{}: {e}", script.display())))?;
-        let limits = self.run_limits;
+        let limits = RunLimits::from(job.limits);
+        let run_as = self.sandbox.run_as_for(job.statement.command.run.user);
+        let command = &job.statement.command;
         let (mut cmd, boxed) = self
             .sandbox
-            .prepare(job.id, job.statement.command.script.as_bytes(), &job.statement.command.env, &limits)
+            .prepare(job.id, command.script.as_bytes(), &command.env, &limits, run_as)
             .map_err(ApplianceError::Internal)?;
         let mut child = match cmd.spawn() {
             Ok(c) => c,

@@ -43,7 +43,7 @@ pub async fn spawn_true(state_dir: &Path, rounds: usize) -> Result<Timings, Stri
         }
         let started = Instant::now();
         let id = OperationId::from_random(u128::try_from(round).unwrap_or(0).to_be_bytes());
-        let (mut cmd, boxed) = sandbox.prepare(id, b"true", &env, &limits)?;
+        let (mut cmd, boxed) = sandbox.prepare(id, b"true", &env, &limits, sandbox.run_as)?;
         let status = cmd.status().await.map_err(|e| e.to_string());
         boxed.dispose();
         t.boxed.push(started.elapsed());

@@ -30,7 +30,7 @@ impl Confinement {
         // box user; for the appliance's own user it would count the appliance too.
         let processes = match run_as {
             RunAs::BoxUser { .. } => rlim_t::from(limits.processes),
-            RunAs::Appliance => nix::sys::resource::RLIM_INFINITY,
+            RunAs::Appliance | RunAs::Root => nix::sys::resource::RLIM_INFINITY,
         };
         Self {
             procs,

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::OperationId;
+use airlock_core::run_spec::RunUser;
 
 pub(crate) use cell::Cell;
 use cell::Cells;
@@ -56,7 +57,19 @@ pub(crate) struct RunLimits {
 
 impl Default for RunLimits {
     fn default() -> Self {
-        Self { wall_time: Duration::from_secs(3600), processes: 256, memory_bytes: 4 << 30, open_files: 1024 }
+        airlock_core::run_spec::RunLimits::default().into()
+    }
+}
+
+impl From<airlock_core::run_spec::RunLimits> for RunLimits {
+    /// The limits the customer's decision settled, as the box applies them.
+    fn from(l: airlock_core::run_spec::RunLimits) -> Self {
+        Self {
+            wall_time: Duration::from_secs(u64::from(l.wall_time_seconds)),
+            processes: l.processes,
+            memory_bytes: u64::from(l.memory_mib) << 20,
+            open_files: 1024,
+        }
     }
 }
 
@@ -115,7 +128,7 @@ impl Sandbox {
         sandbox.clear_leftovers()?;
         match sandbox.run_as {
             RunAs::BoxUser { uid, gid } => tracing::info!(uid, gid, landlock, "vendor code runs boxed"),
-            RunAs::Appliance => tracing::warn!(
+            RunAs::Appliance | RunAs::Root => tracing::warn!(
                 landlock,
                 "the appliance is not root, so vendor code runs as the appliance's own user (boxed by Landlock where the kernel has it)"
             ),
@@ -132,6 +145,28 @@ impl Sandbox {
     #[cfg(test)]
     pub(crate) fn set_run_as(&mut self, run_as: RunAs) {
         self.run_as = run_as;
+    }
+
+    /// Who vendor code runs as on this appliance, unless a template asks for root.
+    pub(crate) fn run_as(&self) -> RunAs {
+        self.run_as
+    }
+
+    /// The same, as `phase status` shows it.
+    pub(crate) fn vendor_code_user(&self) -> crate::control::VendorCodeUser {
+        match self.run_as {
+            RunAs::BoxUser { uid, gid } => crate::control::VendorCodeUser::BoxUser { uid, gid },
+            RunAs::Appliance | RunAs::Root => crate::control::VendorCodeUser::ApplianceUser,
+        }
+    }
+
+    /// Who a run asking for `user` runs as. The decision has already refused root where the
+    /// appliance cannot give it (it is not root).
+    pub(crate) fn run_as_for(&self, user: RunUser) -> RunAs {
+        match (user, self.run_as) {
+            (RunUser::Root, RunAs::BoxUser { .. }) => RunAs::Root,
+            _ => self.run_as,
+        }
     }
 
     /// Where the run of `id` works, while it runs.
@@ -167,6 +202,7 @@ impl Sandbox {
         script: &[u8],
         env: &std::collections::BTreeMap<String, String>,
         limits: &RunLimits,
+        run_as: RunAs,
     ) -> Result<(tokio::process::Command, Boxed), String> {
         let cell = match &self.cells {
             Some(cells) => {
@@ -177,10 +213,10 @@ impl Sandbox {
             None => None,
         };
         let boxed = Boxed { cell, workdir: self.workdir(id) };
-        let made = self.make_workdir(&boxed.workdir, script).and_then(|()| {
+        let made = self.make_workdir(&boxed.workdir, script, run_as).and_then(|()| {
             let fence = if self.landlock { Some(fence::ruleset(&boxed.workdir, &self.protected)?) } else { None };
             let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
-            Ok(Confinement::new(procs, self.run_as, limits, fence))
+            Ok(Confinement::new(procs, run_as, limits, fence))
         });
         let mut confinement = match made {
             Ok(c) => c,
@@ -211,7 +247,7 @@ impl Sandbox {
     }
 
     /// The run's private working directory, owned by the box user, with the script in it.
-    fn make_workdir(&self, dir: &Path, script: &[u8]) -> Result<(), String> {
+    fn make_workdir(&self, dir: &Path, script: &[u8], run_as: RunAs) -> Result<(), String> {
         let io = |e: std::io::Error| format!("cannot make the working directory {}: {e}", dir.display());
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(io)?;
@@ -221,7 +257,7 @@ impl Sandbox {
         let file = dir.join("script.sh");
         std::fs::write(&file, script).map_err(io)?;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
-        if let RunAs::BoxUser { uid, gid } = self.run_as {
+        if let RunAs::BoxUser { uid, gid } = run_as {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io)?;
         }
         Ok(())

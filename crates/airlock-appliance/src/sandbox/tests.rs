@@ -28,7 +28,7 @@ fn id(n: u8) -> OperationId {
 
 async fn run(sandbox: &Sandbox, n: u8, script: &str, env: &[(&str, String)], limits: &RunLimits) -> Run {
     let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
-    let (mut cmd, boxed) = sandbox.prepare(id(n), script.as_bytes(), &env, limits).unwrap();
+    let (mut cmd, boxed) = sandbox.prepare(id(n), script.as_bytes(), &env, limits, sandbox.run_as).unwrap();
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.unwrap().unwrap();
     boxed.dispose();
     assert!(!boxed.workdir().exists(), "the working directory is removed after the run");
@@ -122,7 +122,7 @@ async fn a_run_that_fails_to_enter_its_box_does_not_run() {
     let state = state();
     let sandbox = boxed(&state);
     let env = BTreeMap::new();
-    let (mut cmd, boxed) = sandbox.prepare(id(5), b"touch ran", &env, &RunLimits::default()).unwrap();
+    let (mut cmd, boxed) = sandbox.prepare(id(5), b"touch ran", &env, &RunLimits::default(), sandbox.run_as).unwrap();
     // Its cell is gone before it starts: the child cannot enter it, so the spawn fails.
     boxed.cell.as_ref().unwrap().kill_and_remove();
     assert!(cmd.output().await.is_err());

@@ -13,12 +13,17 @@ use nix::unistd::{Gid, Group, Uid, User};
 const DYNAMIC_FIRST: u32 = 61184;
 const DYNAMIC_LAST: u32 = 65519;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum RunAs {
     /// A dedicated unprivileged user and group the appliance switches to.
     BoxUser { uid: u32, gid: u32 },
     /// The appliance's own user: it is not root, so it cannot switch.
+    #[serde(rename = "appliance_user")]
     Appliance,
+    /// Root, for a template that asks for it with the customer's approval, on an appliance
+    /// that runs as root: still in its cell, under Landlock and its limits.
+    Root,
 }
 
 /// Settles who vendor code runs as; `tag` (hex) picks the dynamic uid.

@@ -8,7 +8,6 @@ use airlock_testkit::{customer, op_id};
 use crate::executor::Handled;
 use crate::ops_store::OpState;
 use crate::result::Outcome;
-use crate::sandbox::RunLimits;
 use crate::testing::*;
 
 #[tokio::test]
@@ -82,12 +81,15 @@ async fn a_process_that_left_its_group_with_setsid_dies_with_its_run() {
 
 #[tokio::test]
 async fn a_run_past_its_time_limit_is_killed_whole_and_recorded_as_timed_out() {
-    let mut fx = Fx::new(ALL_PHASES);
-    fx.set_run_limits(RunLimits { wall_time: std::time::Duration::from_millis(500), ..RunLimits::default() });
-    // It tries to outlive its limit in a session of its own, too.
+    let fx = Fx::new(ALL_PHASES);
+    // The template asks for a second; it tries to outlive it in a session of its own, too.
+    let manifest = format!("{MANIFEST}\n[run]\nwall_time_seconds = 1\n");
     let script = "echo started\nsetsid sh -c 'echo $$ > escaped.pid; exec sleep 60' &\nsleep 60\n";
-    let stmt = fx.statement(op_id(28), MANIFEST, script, vars("api"));
-    let handle = fx.start(&stmt, script).await;
+    let stmt = fx.statement(op_id(28), &manifest, script, vars("api"));
+    let Handled::Started(handle) = fx.exec.handle(fx.instruction(&stmt, &manifest, script, &fx.grant(&stmt))).await
+    else {
+        panic!("not started")
+    };
     let pid_file = fx.exec.workdir(op_id(28)).join("escaped.pid");
     eventually(|| std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n'))).await;
     let escaped: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
@@ -103,4 +105,53 @@ async fn a_run_past_its_time_limit_is_killed_whole_and_recorded_as_timed_out() {
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+}
+
+#[tokio::test]
+async fn root_runs_only_with_the_customers_approval_of_the_request_and_is_audited() {
+    let fx = Fx::new(ALL_PHASES);
+    let manifest = format!("{MANIFEST}\n[run]\nuser = \"root\"\n");
+    let script = "id -u\n";
+    let stmt = fx.statement(op_id(40), &manifest, script, vars("api"));
+    assert!(stmt.command.run.user == airlock_core::run_spec::RunUser::Root, "in the command the customer signs");
+    let r = fx.send(fx.instruction(&stmt, &manifest, script, &fx.grant(&stmt))).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    assert_eq!(String::from_utf8(fx.control.ops.open_output(op_id(40)).unwrap().bytes).unwrap(), "0\n");
+    let allowed = fx.audited(AuditAction::OperationAllowed);
+    assert_eq!(allowed.last().unwrap()["detail"]["run_as"], "root");
+    // Without an approval (a window would otherwise cover it), it does not run.
+    let windowed = Fx::new(&format!(
+        "{ALL_PHASES}[[windows]]\nphase = \"operate\"\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nstart = \"00:00\"\nend = \"23:59\"\n"
+    ));
+    let stmt = windowed.statement(op_id(41), &manifest, script, vars("api"));
+    let r = windowed.send(windowed.instruction(&stmt, &manifest, script, "")).await;
+    assert_eq!(r.outcome, Outcome::AwaitingApproval, "{r:?}");
+    assert!(!windowed.ran(op_id(41)));
+    // The same template without root runs in that window, as the box user.
+    let stmt = windowed.statement(op_id(42), MANIFEST, script, vars("api"));
+    let r = windowed.send(windowed.instruction(&stmt, MANIFEST, script, "")).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    let uid: u32 =
+        String::from_utf8(windowed.control.ops.open_output(op_id(42)).unwrap().bytes).unwrap().trim().parse().unwrap();
+    assert!(uid >= 61184, "{uid}");
+    assert_eq!(
+        windowed.audited(AuditAction::OperationAllowed).last().unwrap()["detail"]["run_as"]["box_user"]["uid"],
+        uid
+    );
+}
+
+#[tokio::test]
+async fn an_appliance_that_cannot_switch_users_runs_deploy_and_operate_only_if_the_policy_accepts_it() {
+    let mut fx = Fx::new(ALL_PHASES);
+    fx.run_vendor_code_as_the_appliance_user();
+    let stmt = fx.simple(op_id(43), "api");
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_denied(&r, airlock_core::grant::DenyCode::SameUserNotAccepted);
+    let mut fx = Fx::new(&format!("{ALL_PHASES}[vendor_code]\nsame_user = true\n"));
+    fx.run_vendor_code_as_the_appliance_user();
+    let stmt = fx.simple(op_id(44), "api");
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    assert_eq!(fx.audited(AuditAction::OperationAllowed).last().unwrap()["detail"]["run_as"], "appliance_user");
+    assert!(fx.control.status().same_user_accepted, "phase status shows it");
 }
