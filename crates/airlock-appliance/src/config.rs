@@ -28,6 +28,9 @@ pub struct FileConfig {
     /// The customer's admin group (a name or a numeric gid): its members may use the admin
     /// socket, besides the appliance's own user and root.
     pub admin_group: Option<String>,
+    /// The unprivileged user vendor code runs as (an appliance running as root switches to
+    /// it); by default an unused uid of the appliance's own.
+    pub box_user: Option<String>,
     /// Where signed audit checkpoints go: `syslog`, or an absolute file path outside the state
     /// directory.
     pub audit_checkpoints: Option<String>,
@@ -61,6 +64,7 @@ pub struct Flags {
     pub customer_keys: Vec<PathBuf>,
     pub policy: Option<PathBuf>,
     pub admin_group: Option<String>,
+    pub box_user: Option<String>,
     pub audit_checkpoints: Option<String>,
     pub audit_checkpoint_every: Option<u64>,
 }
@@ -148,6 +152,8 @@ pub struct ApplianceConfig {
     /// Whose members may use the admin socket besides the appliance's user and root; none by
     /// default.
     pub admin_group: Option<AdminGroup>,
+    /// The user vendor code runs as; `None`: an unused uid the appliance picks.
+    pub box_user: Option<String>,
     /// Where signed checkpoints of the audit head go; none by default.
     pub audit_checkpoints: Option<crate::audit_log::CheckpointConfig>,
 }
@@ -196,6 +202,7 @@ impl ApplianceConfig {
         let policy = flags.policy.clone().or_else(|| env.get("AIRLOCK_POLICY").map(PathBuf::from)).or(file.policy);
         let admin_group =
             pick(&flags.admin_group, "AIRLOCK_ADMIN_GROUP", &file.admin_group).map(|g| g.parse()).transpose()?;
+        let box_user = pick(&flags.box_user, "AIRLOCK_BOX_USER", &file.box_user);
         let every = flags
             .audit_checkpoint_every
             .or_else(|| env.get("AIRLOCK_AUDIT_CHECKPOINT_EVERY").and_then(|v| v.parse().ok()))
@@ -215,6 +222,7 @@ impl ApplianceConfig {
             customer_keys,
             policy,
             admin_group,
+            box_user,
             audit_checkpoints,
         })
     }

@@ -265,8 +265,13 @@ pub async fn run(
             .check_environment(identity.environment, false)
             .map_err(|why| ApplianceError::Customer(format!("the customer policy in force does not apply: {why}")))?;
     }
-    let executor =
-        std::sync::Arc::new(executor::Executor::new(control.clone(), state.path(), identity.clone(), &ca_pem)?);
+    let executor = std::sync::Arc::new(executor::Executor::new(
+        control.clone(),
+        state.path(),
+        identity.clone(),
+        &ca_pem,
+        config.box_user.as_deref(),
+    )?);
     match executor.recover_interrupted() {
         Ok(0) => {}
         Ok(n) => tracing::warn!(count = n, "operations interrupted by the previous stop were recorded as cancelled"),

@@ -294,7 +294,7 @@ fn open(
     let c = clock.clone();
     let now = Arc::new(move || Timestamp::from_unix_millis(c.load(Ordering::SeqCst)));
     let control = Arc::new(LocalControl::with_clock(dir, policy, audit, customer::public_keys(PINNED), now).unwrap());
-    let exec = Arc::new(Executor::new(control.clone(), dir, kit.identity.clone(), kit.ca.pem()).unwrap());
+    let exec = Arc::new(Executor::new(control.clone(), dir, kit.identity.clone(), kit.ca.pem(), None).unwrap());
     (control, exec)
 }
 

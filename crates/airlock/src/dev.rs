@@ -60,6 +60,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         customer_keys: Vec::new(),
         policy: None,
         admin_group: None,
+        box_user: None,
         audit_checkpoints: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

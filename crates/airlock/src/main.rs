@@ -304,6 +304,10 @@ struct ApplianceRunArgs {
     /// the appliance's user and root. Also AIRLOCK_ADMIN_GROUP, or admin_group in the TOML file.
     #[arg(long)]
     admin_group: Option<String>,
+    /// The unprivileged user vendor code runs as (the appliance must run as root to switch to
+    /// it); by default an unused uid of the appliance's own. Also AIRLOCK_BOX_USER, or box_user.
+    #[arg(long)]
+    box_user: Option<String>,
     /// Where signed checkpoints of the audit head go: `syslog`, or an absolute path to an
     /// append-only file outside the state directory. Also AIRLOCK_AUDIT_CHECKPOINTS.
     #[arg(long)]
@@ -932,6 +936,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 customer_keys: args.customer_keys,
                 policy: args.policy,
                 admin_group: args.admin_group,
+                box_user: args.box_user,
                 audit_checkpoints: args.audit_checkpoints,
                 audit_checkpoint_every: args.audit_checkpoint_every,
             };

@@ -116,10 +116,11 @@ impl Executor {
         state_dir: &Path,
         identity: ApplianceIdentity,
         ca_pem: &str,
+        box_user: Option<&str>,
     ) -> Result<Self, ApplianceError> {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
         control.set_identity(&identity);
-        let sandbox = Sandbox::open(state_dir, None).map_err(ApplianceError::Internal)?;
+        let sandbox = Sandbox::open(state_dir, box_user).map_err(ApplianceError::Customer)?;
         control.set_vendor_code_user(sandbox.vendor_code_user());
         Ok(Self {
             control,

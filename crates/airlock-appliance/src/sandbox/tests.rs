@@ -135,3 +135,18 @@ fn no_landlock_rule_covers_the_state_directory() {
     let protected = vec![PathBuf::from("/var/lib/airlock"), PathBuf::from("/opt/airlock/state")];
     assert_eq!(fence::allowed_roots(&["/usr", "/var", "/opt", "/etc"], &protected), vec!["/usr", "/etc"]);
 }
+
+#[tokio::test]
+async fn a_named_box_user_is_used_and_root_or_a_missing_user_is_refused() {
+    let state = state();
+    let sandbox = Sandbox::open(state.path(), Some("nobody")).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(sandbox.run_as, RunAs::BoxUser { uid: nobody.uid.as_raw(), gid: nobody.gid.as_raw() });
+    let r = run(&sandbox, 6, "id -u", &[], &RunLimits::default()).await;
+    assert_eq!(r.output.trim(), nobody.uid.to_string());
+    drop(sandbox);
+    let root = Sandbox::open(state.path(), Some("root")).unwrap_err();
+    assert!(root.contains("must run unprivileged"), "{root}");
+    let missing = Sandbox::open(state.path(), Some("airlock-no-such-user")).unwrap_err();
+    assert!(missing.contains("does not exist") && missing.contains("useradd"), "{missing}");
+}
