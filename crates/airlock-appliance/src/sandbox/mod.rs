@@ -189,9 +189,18 @@ impl Sandbox {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot clear {}: {e}", self.work_root.display())),
         }
-        std::fs::create_dir_all(&self.work_root)
-            .and_then(|()| std::fs::set_permissions(&self.work_root, std::fs::Permissions::from_mode(0o711)))
-            .map_err(|e| format!("cannot create {}: {e}", self.work_root.display()))
+        // Made afresh, never reused: in a shared directory such as /tmp anyone may have put a
+        // symlink or a directory of their own at this (predictable) name, and `mkdir` follows
+        // neither. What is there now is ours.
+        let made = std::fs::create_dir(&self.work_root)
+            .and_then(|()| std::fs::symlink_metadata(&self.work_root))
+            .map_err(|e| format!("cannot create {}: {e}", self.work_root.display()))?;
+        use std::os::unix::fs::MetadataExt;
+        if !made.is_dir() || made.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(format!("{} is not a directory of the appliance's own", self.work_root.display()));
+        }
+        std::fs::set_permissions(&self.work_root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| format!("cannot set the permissions of {}: {e}", self.work_root.display()))
     }
 
     /// A command that runs `script` for operation `id` in a box of its own, with `env` (and

@@ -150,3 +150,21 @@ async fn a_named_box_user_is_used_and_root_or_a_missing_user_is_refused() {
     let missing = Sandbox::open(state.path(), Some("airlock-no-such-user")).unwrap_err();
     assert!(missing.contains("does not exist") && missing.contains("useradd"), "{missing}");
 }
+
+#[test]
+fn a_symlink_planted_at_the_work_roots_name_is_removed_not_followed() {
+    let state = state();
+    let target = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(target.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work_root = Sandbox::open(state.path(), None).unwrap().work_root.clone();
+    // Someone else on the host plants a symlink where the next start makes its work root.
+    std::os::unix::fs::symlink(target.path(), &work_root).unwrap();
+    let sandbox = Sandbox::open(state.path(), None).unwrap();
+    let meta = std::fs::symlink_metadata(&sandbox.work_root).unwrap();
+    assert!(meta.is_dir() && !meta.file_type().is_symlink());
+    assert_eq!(
+        std::fs::metadata(target.path()).unwrap().permissions().mode() & 0o777,
+        0o755,
+        "the target is untouched"
+    );
+}
