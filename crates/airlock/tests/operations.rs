@@ -250,11 +250,9 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
     let id = s.request("long-task", "task.pid");
     s.wait_state(&id, "awaiting_approval");
     s.approve(&id);
+    // Under /run/airlock-box/<appliance>/ for an appliance running as root, as here.
     let workdir = || {
-        std::fs::read_dir(std::env::temp_dir()).ok()?.flatten().find_map(|e| {
-            let dir = e.path().join(&id);
-            (e.file_name().to_string_lossy().starts_with("airlock-box-") && dir.is_dir()).then_some(dir)
-        })
+        std::fs::read_dir("/run/airlock-box").ok()?.flatten().map(|e| e.path().join(&id)).find(|dir| dir.is_dir())
     };
     let pid_file = wait_for(Duration::from_secs(20), "the task's working directory", workdir).join("task.pid");
     let pid: u32 = wait_for(Duration::from_secs(20), "the task to start", || {

@@ -100,8 +100,39 @@ pub(crate) struct PeerCred {
     #[serde(skip)]
     pub(crate) groups: Groups,
     /// Whether its process runs in a box, as vendor code (`crate::sandbox`): its cgroup is a
-    /// cell. Read from `/proc`; false when unknown (another PID namespace).
-    pub(crate) boxed: bool,
+    /// cell. Read from `/proc`.
+    pub(crate) boxed: Boxed,
+}
+
+/// Whether a peer's process is vendor code in its box.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Boxed {
+    Outside,
+    Inside,
+    /// It cannot be told (its process is gone, a zombie, or in another PID namespace): a box
+    /// could have connected and handed the connection on before exiting, so it is refused.
+    Unknown(String),
+}
+
+impl Boxed {
+    /// Reads where process `pid` runs. A cell's cgroup path names the box:
+    /// `.../airlock-box-<tag>/<operation id>`.
+    fn of(pid: Option<u32>) -> Self {
+        let Some(pid) = pid else { return Boxed::Unknown("its process is in another PID namespace".into()) };
+        let status = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            Ok(s) => s,
+            Err(e) => return Boxed::Unknown(format!("/proc/{pid}/status: {e}")),
+        };
+        if status.lines().any(|l| l.starts_with("State:") && l.contains('Z')) {
+            return Boxed::Unknown("its process has exited".into());
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            Ok(cgroups) if cgroups.lines().any(|l| l.contains("/airlock-box-")) => Boxed::Inside,
+            Ok(_) => Boxed::Outside,
+            Err(e) => Boxed::Unknown(format!("/proc/{pid}/cgroup: {e}")),
+        }
+    }
 }
 
 /// The peer's supplementary groups.
@@ -129,12 +160,7 @@ impl PeerCred {
                 Err(e) => Groups::Unreadable(format!("/proc/{pid}/status: {e}")),
             },
         };
-        // A cell's path names the box: `.../airlock-box-<tag>/<operation id>`.
-        let boxed = pid.is_some_and(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                .is_ok_and(|cgroups| cgroups.lines().any(|l| l.contains("/airlock-box-")))
-        });
-        Ok(Self { uid, gid, pid, groups, boxed })
+        Ok(Self { uid, gid, pid, groups, boxed: Boxed::of(pid) })
     }
 }
 
@@ -187,8 +213,12 @@ fn not_allowed(uid: u32, owner: u32, group: Option<&Group>) -> String {
 /// Decides whether `peer` may use the admin socket. Pure: what it needs was read before.
 pub(crate) fn admit(peer: &PeerCred, access: &AdminAccess) -> Result<Peer, Refusal> {
     let admitted = Peer { uid: peer.uid, pid: peer.pid };
-    if peer.boxed {
-        return Err(Refusal::VendorCode { uid: peer.uid });
+    match &peer.boxed {
+        Boxed::Outside => {}
+        Boxed::Inside => return Err(Refusal::VendorCode { uid: peer.uid }),
+        Boxed::Unknown(why) => {
+            return Err(Refusal::Unidentified(format!("it cannot be told apart from vendor code: {why}")));
+        }
     }
     if peer.uid == access.owner || peer.uid == 0 {
         return Ok(admitted);
@@ -211,14 +241,14 @@ pub(crate) fn admit(peer: &PeerCred, access: &AdminAccess) -> Result<Peer, Refus
 /// A refused connection: who it was, as far as known, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refused {
-    pub(crate) peer: Option<PeerCred>,
+    pub(crate) peer: Option<Box<PeerCred>>,
     pub(crate) why: Refusal,
 }
 
 /// Reads the peer of a connection just accepted and decides on it.
 pub(crate) fn check(stream: &tokio::net::UnixStream, access: &AdminAccess) -> Result<Peer, Refused> {
     let peer = PeerCred::of(stream, access).map_err(|why| Refused { peer: None, why })?;
-    admit(&peer, access).map_err(|why| Refused { peer: Some(peer), why })
+    admit(&peer, access).map_err(|why| Refused { peer: Some(Box::new(peer)), why })
 }
 
 impl Refused {

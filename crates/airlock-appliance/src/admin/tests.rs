@@ -10,7 +10,7 @@ use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase};
 use airlock_testkit::{customer, op_id};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::access::{AdminAccess, Group, Groups, PeerCred, Refusal, Refused, admit};
+use super::access::{AdminAccess, Boxed, Group, Groups, PeerCred, Refusal, Refused, admit};
 use super::{Request, SOCKET_FILE, bind, call, call_value, connection, read_output, serve};
 use crate::state_dir::StateDir;
 use crate::testing::*;
@@ -92,7 +92,7 @@ async fn admin_socket_serves_operations_output_release_and_pre_approvals() {
 async fn a_refused_peer_gets_one_error_is_audited_and_nothing_it_sent_is_acted_on() {
     let fx = Fx::new(ALL_PHASES);
     let access = AdminAccess::new(my_uid(), None);
-    let stranger = PeerCred { uid: 4242, gid: 4343, pid: Some(777), groups: Groups::NotRead, boxed: false };
+    let stranger = PeerCred { uid: 4242, gid: 4343, pid: Some(777), groups: Groups::NotRead, boxed: Boxed::Outside };
     let why = admit(&stranger, &access).unwrap_err();
     assert!(matches!(why, Refusal::NotAllowed { uid: 4242, .. }), "{why}");
     // A request that would act, one that is not JSON, and one larger than the socket buffers:
@@ -100,7 +100,7 @@ async fn a_refused_peer_gets_one_error_is_audited_and_nothing_it_sent_is_acted_o
     let big = format!("{{\"cmd\":\"policy\",\"envelope\":\"{}\"}}", "x".repeat(600_000));
     for request in [r#"{"cmd":"phase","phase":"deploy","enabled":false}"#, "not json", big.as_str()] {
         let (client, server) = tokio::net::UnixStream::pair().unwrap();
-        let refused = Refused { peer: Some(stranger.clone()), why: why.clone() };
+        let refused = Refused { peer: Some(Box::new(stranger.clone())), why: why.clone() };
         let served = tokio::spawn(connection(fx.control.clone(), server, Err(refused)));
         let (mut read, mut write) = client.into_split();
         write.write_all(format!("{request}\n").as_bytes()).await.unwrap();
@@ -119,7 +119,7 @@ async fn a_refused_peer_gets_one_error_is_audited_and_nothing_it_sent_is_acted_o
     assert_eq!(refusals[0]["detail"]["refusal"], "not_allowed");
     assert_eq!(
         refusals[0]["detail"]["peer"],
-        serde_json::json!({ "uid": 4242, "gid": 4343, "pid": 777, "boxed": false })
+        serde_json::json!({ "uid": 4242, "gid": 4343, "pid": 777, "boxed": "outside" })
     );
     // Nothing changed, and nothing but the refusals was audited.
     assert!(fx.control.disabled().is_empty());

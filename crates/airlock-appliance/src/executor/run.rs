@@ -130,8 +130,10 @@ impl Executor {
                 tracing::warn!(request_id = %job.id, error = %e, "cannot clear the operation's process group");
             }
         }
-        let (mut output, out_over) = out.await.unwrap_or_default();
-        let (errput, err_over) = err.await.unwrap_or_default();
+        // With a cell, everything holding the pipes is dead by now. Without one, a process that
+        // left the group may hold them for ever: the run is not kept waiting on it.
+        let (mut output, out_over) = drained(out).await;
+        let (errput, err_over) = drained(err).await;
         let _ = tokio::task::spawn_blocking(move || boxed.dispose()).await;
         output.extend_from_slice(&errput);
         let truncated = out_over || err_over || output.len() > MAX_OUTPUT_BYTES;
@@ -145,6 +147,19 @@ impl Executor {
             ExecutionStatus::Completed
         };
         Ok((status, exit_code, output, truncated))
+    }
+}
+
+/// What a capture task read, once its stream closes, or (marked truncated) nothing if it has
+/// not closed a few seconds after the run ended.
+async fn drained(mut capture: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u8>, bool) {
+    match tokio::time::timeout(std::time::Duration::from_secs(5), &mut capture).await {
+        Ok(read) => read.unwrap_or_default(),
+        Err(_) => {
+            tracing::warn!("a process outside the run's group kept its output open; the output is dropped");
+            capture.abort();
+            (Vec::new(), true)
+        }
     }
 }
 

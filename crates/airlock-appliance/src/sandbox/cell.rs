@@ -49,6 +49,16 @@ impl Cells {
         if !dir.join("cgroup.kill").exists() {
             return Err(format!("{} has no cgroup.kill (a kernel before 5.14)", dir.display()));
         }
+        // The pids and memory controllers, where this hierarchy has them, so each cell can be
+        // capped (`Cell::limit`); where they are all on v1 (as on some hosts), rlimits hold.
+        let offered = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+        let wanted: Vec<String> =
+            offered.split_whitespace().filter(|c| matches!(*c, "pids" | "memory")).map(|c| format!("+{c}")).collect();
+        if !wanted.is_empty()
+            && let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "))
+        {
+            tracing::warn!(cell = %dir.display(), error = %e, "cannot enable the pids and memory controllers for cells");
+        }
         Ok(Self { dir })
     }
 

@@ -4,8 +4,10 @@
 //! [`Confinement::apply`] runs in the forked child of a multi-threaded process, so it makes
 //! only system calls (through nix's safe wrappers, which do not allocate) on values prepared
 //! before the fork: no allocation, no locks.
-//! In order: enter the cell (as root, who may), set the resource limits, drop to the box
-//! user, then `no_new_privs` and the Landlock ruleset. Any failure fails the spawn, so
+//! In order: mark every inherited descriptor close-on-exec (the appliance may have been
+//! started with some open that are not), enter the cell (as root, who may), set the resource
+//! limits, drop to the box user (or, for a root run, drop every capability but a few from the
+//! bounding set), then `no_new_privs` and the Landlock ruleset. Any failure fails the spawn, so
 //! nothing runs half boxed.
 
 use std::fs::File;
@@ -47,6 +49,7 @@ impl Confinement {
 
     /// Puts the calling (child) process in its box.
     pub(super) fn apply(&mut self) -> io::Result<()> {
+        close_on_exec_from(3)?;
         if let Some(procs) = &self.procs {
             // Writing 0 to `cgroup.procs` moves the writer.
             if nix::unistd::write(procs, b"0")? != 1 {
@@ -64,6 +67,9 @@ impl Confinement {
             setresgid(gid, gid, gid)?;
             setresuid(uid, uid, uid)?;
         }
+        if self.run_as == RunAs::Root {
+            keep_only_root_capabilities()?;
+        }
         match self.fence.take() {
             // Sets no_new_privs, then restricts itself.
             Some(fence) => match fence.restrict_self() {
@@ -73,4 +79,56 @@ impl Confinement {
             None => Ok(nix::sys::prctl::set_no_new_privs()?),
         }
     }
+}
+
+/// The capabilities a root run keeps: owning and reading files as root, signals (which Landlock
+/// keeps inside the box), switching ids, low ports. Gone are, among others, `CAP_SYS_RESOURCE`,
+/// `CAP_SYS_NICE`, `CAP_MKNOD`, `CAP_SYS_TIME`, `CAP_SYS_MODULE`, `CAP_SYS_RAWIO`,
+/// `CAP_SYS_ADMIN`, `CAP_SYS_PTRACE`, `CAP_NET_ADMIN`, `CAP_BPF` and `CAP_SYS_BOOT`: with them a
+/// root script could reach past its box (a raw disk, the clock that approvals are timed by).
+const ROOT_KEEPS: [u32; 9] = [
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    2,  // CAP_DAC_READ_SEARCH
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    10, // CAP_NET_BIND_SERVICE
+];
+
+/// Drops every other capability from the bounding set; the exec that follows leaves a root
+/// process only what the bounding set holds.
+fn keep_only_root_capabilities() -> io::Result<()> {
+    use nix::libc;
+    for cap in 0..=63u32 {
+        if ROOT_KEEPS.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only. EINVAL marks a capability this kernel
+        // does not know: there is nothing to drop.
+        #[allow(unsafe_code)]
+        let dropped = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+        if dropped != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Marks every descriptor from `first` on close-on-exec: what the appliance holds (or was
+/// started with) never reaches vendor code.
+fn close_on_exec_from(first: u32) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: close_range with integer arguments; CLOSE_RANGE_CLOEXEC closes nothing now.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -2,7 +2,9 @@
 //!
 //! Landlock rules allow, they cannot deny, so the ruleset allows only what vendor code needs:
 //! reading and running the system (`/usr`, `/etc`, `/proc`, ...), a few devices, and
-//! everything in the run's own working directory. A system root that holds a protected path
+//! everything in the run's own working directory but making device files (a block device made
+//! there would read the disk, keys and all, past every rule). A system root that holds a
+//! protected path
 //! (the state directory) is left out whole. Its scopes keep the run from signalling any
 //! process outside its box and from connecting to abstract Unix sockets made outside it.
 
@@ -24,14 +26,26 @@ const SYSTEM: &[&str] =
 /// The devices it may read and write.
 const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
-/// Whether this kernel enforces Landlock at all: a ruleset that must be fully supported can
-/// be made.
-pub(super) fn available() -> bool {
-    Ruleset::default()
-        .set_compatibility(CompatLevel::HardRequirement)
-        .handle_access(AccessFs::from_all(ABI::V1))
-        .and_then(|r| r.create())
-        .is_ok()
+/// How much of Landlock this kernel enforces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Enforced {
+    Nothing,
+    /// Files, but not the scopes (ABI < 6): a box sharing the appliance's uid could signal it.
+    FilesOnly,
+    /// Files and the signal and abstract-socket scopes.
+    FilesAndScopes,
+}
+
+/// What this kernel enforces: the rulesets that must be fully supported that can be made.
+pub(super) fn enforced() -> Enforced {
+    let hard = || Ruleset::default().set_compatibility(CompatLevel::HardRequirement);
+    let files = hard().handle_access(AccessFs::from_all(ABI::V1)).and_then(|r| r.create()).is_ok();
+    let scopes = hard().scope(Scope::from_all(ABI_WANTED)).and_then(|r| r.create()).is_ok();
+    match (files, scopes) {
+        (true, true) => Enforced::FilesAndScopes,
+        (true, false) => Enforced::FilesOnly,
+        (false, _) => Enforced::Nothing,
+    }
 }
 
 /// The roots among `candidates` under which none of `protected` lies.
@@ -58,7 +72,7 @@ pub(super) fn ruleset(workdir: &Path, protected: &[PathBuf]) -> Result<RulesetCr
             .create()?
             .add_rules(path_beneath_rules(allowed_roots(SYSTEM, protected), read))?
             .add_rules(path_beneath_rules(allowed_roots(DEVICES, protected), all))?
-            .add_rules(path_beneath_rules([workdir], all))
+            .add_rules(path_beneath_rules([workdir], all & !(AccessFs::MakeBlock | AccessFs::MakeChar)))
     };
     build().map_err(|e| format!("cannot build the run's Landlock rules: {e}"))
 }

@@ -85,6 +85,49 @@ pub(crate) struct Sandbox {
     protected: Vec<PathBuf>,
     /// Whether the kernel enforces Landlock rules.
     landlock: bool,
+    /// Why vendor code may not run here at all, if so: it would share the appliance's uid
+    /// without the parts of the box that then hold it (`Sandbox::open`).
+    unusable: Option<String>,
+}
+
+/// Why vendor code may not run at all, if so. Sharing the appliance's uid, vendor code is held
+/// only by Landlock (files, signals, abstract sockets) and its cell (by which the admin socket
+/// tells it apart): without either, nothing keeps it from the appliance.
+fn unusable(run_as: RunAs, enforced: fence::Enforced, cells: bool) -> Option<String> {
+    match (run_as, enforced, cells) {
+        (RunAs::BoxUser { .. }, _, _) | (_, fence::Enforced::FilesAndScopes, true) => None,
+        (_, fence::Enforced::FilesAndScopes, false) => Some(
+            "the appliance is not root and has no cgroup v2 cell to hold vendor code in; run it as root, or delegate it a cgroup"
+                .to_owned(),
+        ),
+        _ => Some(
+            "the appliance is not root and this kernel lacks Landlock's signal scope (Linux 6.12); run the appliance as root so vendor code gets a user of its own"
+                .to_owned(),
+        ),
+    }
+}
+
+/// Where runs get their working directories: a root-owned directory under `/run` for an
+/// appliance running as root, else the user's runtime directory, else (with a warning) the
+/// shared temporary directory, where anyone may take the name first.
+fn work_base(tag: &str) -> Result<PathBuf, String> {
+    if nix::unistd::geteuid().is_root() && Path::new("/run").is_dir() {
+        let base = Path::new("/run/airlock-box");
+        std::fs::create_dir_all(base)
+            .and_then(|()| std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+        return Ok(base.join(tag));
+    }
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && runtime.is_absolute()
+        && runtime.is_dir()
+    {
+        return Ok(runtime.join(format!("airlock-box-{tag}")));
+    }
+    tracing::warn!(
+        "no runtime directory of the appliance's own: vendor code works under the shared temporary directory"
+    );
+    Ok(std::env::temp_dir().join(format!("airlock-box-{tag}")))
 }
 
 impl Drop for Sandbox {
@@ -116,15 +159,20 @@ impl Sandbox {
                 None
             }
         };
-        let work_root = std::env::temp_dir().join(format!("airlock-box-{tag}"));
+        let work_root = work_base(&tag)?;
         if work_root.starts_with(&state) {
             return Err(format!(
                 "the box's working directories ({}) must be outside the state directory",
                 work_root.display()
             ));
         }
-        let landlock = fence::available();
-        let sandbox = Self { cells, run_as, work_root, protected: vec![state], landlock };
+        let enforced = fence::enforced();
+        let landlock = enforced != fence::Enforced::Nothing;
+        let unusable = unusable(run_as, enforced, cells.is_some());
+        if let Some(why) = &unusable {
+            tracing::error!(reason = %why, "vendor code will not run on this appliance");
+        }
+        let sandbox = Self { cells, run_as, work_root, protected: vec![state], landlock, unusable };
         sandbox.clear_leftovers()?;
         match sandbox.run_as {
             RunAs::BoxUser { uid, gid } => tracing::info!(uid, gid, landlock, "vendor code runs boxed"),
@@ -213,6 +261,9 @@ impl Sandbox {
         limits: &RunLimits,
         run_as: RunAs,
     ) -> Result<(tokio::process::Command, Boxed), String> {
+        if let Some(why) = &self.unusable {
+            return Err(format!("vendor code does not run here: {why}"));
+        }
         let cell = match &self.cells {
             Some(cells) => {
                 let cell = cells.create(id)?;

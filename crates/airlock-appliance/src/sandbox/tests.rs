@@ -168,3 +168,44 @@ fn a_symlink_planted_at_the_work_roots_name_is_removed_not_followed() {
         "the target is untouched"
     );
 }
+
+#[test]
+fn vendor_code_sharing_the_appliances_uid_runs_only_in_a_full_box() {
+    use fence::Enforced::*;
+    let user = RunAs::BoxUser { uid: 61184, gid: 61184 };
+    assert_eq!(unusable(user, Nothing, false), None, "its own uid holds it");
+    assert_eq!(unusable(RunAs::Appliance, FilesAndScopes, true), None);
+    for (enforced, cells) in [(FilesAndScopes, false), (FilesOnly, true), (Nothing, true)] {
+        assert!(unusable(RunAs::Appliance, enforced, cells).is_some(), "{enforced:?} {cells}");
+    }
+}
+
+#[tokio::test]
+async fn no_descriptor_of_the_appliance_reaches_vendor_code() {
+    let state = state();
+    let sandbox = boxed(&state);
+    // A pipe opened without close-on-exec (pipe(2), not pipe2), as one inherited from whatever
+    // started the appliance.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    use std::os::fd::AsRawFd;
+    let r = run(&sandbox, 7, "ls /proc/self/fd", &[], &RunLimits::default()).await;
+    let fds: Vec<i32> = r.output.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    assert!(!fds.contains(&read.as_raw_fd()) && !fds.contains(&write.as_raw_fd()), "{fds:?}");
+    assert!(fds.iter().all(|fd| *fd <= 3), "only its standard streams and ls's own: {fds:?}");
+}
+
+#[tokio::test]
+async fn a_root_run_keeps_only_a_few_capabilities_and_cannot_make_devices() {
+    let state = state();
+    let sandbox = boxed(&state);
+    assert!(sandbox.work_root.starts_with("/run/airlock-box"), "a root-owned base, not /tmp");
+    let script = "grep CapEff /proc/self/status; mknod disk b 7 0 && echo MADE-A-DEVICE; id -u";
+    let env = BTreeMap::new();
+    let (mut cmd, boxed) = sandbox.prepare(id(8), script.as_bytes(), &env, &RunLimits::default(), RunAs::Root).unwrap();
+    let out = cmd.output().await.unwrap();
+    boxed.dispose();
+    let output = String::from_utf8_lossy(&out.stdout);
+    // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, KILL, SETGID, SETUID, NET_BIND_SERVICE.
+    assert!(output.contains("CapEff:\t00000000000004ff"), "{output}");
+    assert!(!output.contains("MADE-A-DEVICE") && output.trim_end().ends_with('0'), "{output}");
+}

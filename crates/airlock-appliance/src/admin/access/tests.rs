@@ -10,7 +10,7 @@ fn admins() -> Group {
 }
 
 fn peer(uid: u32, gid: u32, groups: Groups) -> PeerCred {
-    PeerCred { uid, gid, pid: Some(4242), groups, boxed: false }
+    PeerCred { uid, gid, pid: Some(4242), groups, boxed: Boxed::Outside }
 }
 
 #[test]
@@ -21,9 +21,14 @@ fn the_appliance_user_and_root_are_admitted_whatever_their_groups() {
             assert_eq!(admit(&unreadable, &access), Ok(Peer { uid, pid: Some(4242) }));
         }
     }
-    // A peer in another PID namespace is admitted by its uid, with no pid to record.
-    let far = PeerCred { pid: None, ..peer(OWNER, OWNER, Groups::NotRead) };
-    assert_eq!(admit(&far, &AdminAccess::new(OWNER, None)), Ok(Peer { uid: OWNER, pid: None }));
+    // A peer in another PID namespace has no process to look at: it cannot be told apart from
+    // vendor code, so even the appliance's own uid is refused.
+    let far = PeerCred {
+        pid: None,
+        boxed: Boxed::Unknown("another PID namespace".into()),
+        ..peer(OWNER, OWNER, Groups::NotRead)
+    };
+    assert!(matches!(admit(&far, &AdminAccess::new(OWNER, None)), Err(Refusal::Unidentified(_))));
 }
 
 #[test]
@@ -100,8 +105,12 @@ fn admin_group_names_resolve_through_the_group_database() {
 fn vendor_code_is_refused_whatever_its_uid() {
     for access in [AdminAccess::new(OWNER, None), AdminAccess::new(OWNER, Some(admins()))] {
         for (uid, gid) in [(OWNER, OWNER), (0, 0), (1000, ADMINS)] {
-            let boxed = PeerCred { boxed: true, ..peer(uid, gid, Groups::Read(vec![ADMINS])) };
+            let boxed = PeerCred { boxed: Boxed::Inside, ..peer(uid, gid, Groups::Read(vec![ADMINS])) };
             assert_eq!(admit(&boxed, &access), Err(Refusal::VendorCode { uid }));
+            // A process gone before it could be looked at may have been vendor code that
+            // handed its connection on.
+            let gone = PeerCred { boxed: Boxed::Unknown("exited".into()), ..peer(uid, gid, Groups::NotRead) };
+            assert!(matches!(admit(&gone, &access), Err(Refusal::Unidentified(_))));
         }
     }
 }
