@@ -50,6 +50,7 @@ mod clock;
 pub mod config;
 mod control;
 mod customer;
+mod execution_key;
 mod executor;
 mod files;
 mod join;
