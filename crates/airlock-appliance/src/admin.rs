@@ -10,7 +10,7 @@
 //! One JSON request per connection, one JSON reply; a request larger than 1 MiB is cut off.
 //! The requests: `status`, `phase`, `operations`, `output` (audited), `release`,
 //! `pre_approval_add`, `pre_approval_revoke`, `pre_approvals`, `policy`, `manifest`,
-//! `rotate_customer_keys`.
+//! `rotate_customer_keys`, `execution_key`, `attest_execution_key`.
 //! Operation ids in requests are operation ids (`op_` and 32 hex digits), refused otherwise.
 //! This module is the protocol only: what each request does is
 //! `crate::control::LocalControl`'s.
@@ -76,6 +76,13 @@ pub enum Request {
     RotateCustomerKeys {
         envelope: serde_json::Value,
     },
+    /// The appliance's identity and execution public key, for the customer to attest
+    /// (`airlock customer attest-appliance`).
+    ExecutionKey,
+    /// The customer's signed attestation of the execution key.
+    AttestExecutionKey {
+        envelope: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -111,6 +118,8 @@ pub(crate) async fn handle(
         Request::Policy { envelope } => value(control.load_policy(by, &bytes(&envelope)?)?),
         Request::Manifest { id } => control.manifest(id),
         Request::RotateCustomerKeys { envelope } => control.rotate_keys(by, &bytes(&envelope)?),
+        Request::ExecutionKey => control.execution_key_info(),
+        Request::AttestExecutionKey { envelope } => control.attest_execution_key(by, &bytes(&envelope)?),
     }
 }
 

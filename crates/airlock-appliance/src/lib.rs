@@ -38,6 +38,9 @@
 //! - switching a phase off on the host, or a policy without it, kills the whole process group
 //!   of every running operation of that phase at once (`running`);
 //! - decisions cross the wire as codes (`result`, `outbound`); their text is for people.
+//! - every execution is signed with the appliance's own execution key as well as its
+//!   certificate's, and carries the customer's attestation of that key once made, so the
+//!   vendor's CA alone cannot forge one (`execution_key`, `executor::record`).
 //!
 //! This crate, with `airlock-core` and `airlock-proto`, is everything that runs on the
 //! customer's side; it never depends on the control plane's code.
@@ -50,6 +53,7 @@ mod clock;
 pub mod config;
 mod control;
 mod customer;
+mod execution_key;
 mod executor;
 mod files;
 mod join;

@@ -79,6 +79,9 @@ pub(crate) struct ResultMsg {
     pub appliance_certificate_pem: String,
     #[serde(default)]
     pub pre_approval_envelope_json: String,
+    /// The customer's attestation of the execution key (empty before they made one).
+    #[serde(default)]
+    pub appliance_attestation_json: String,
 }
 
 impl ResultMsg {
@@ -92,6 +95,7 @@ impl ResultMsg {
             execution_envelope_json: String::new(),
             appliance_certificate_pem: String::new(),
             pre_approval_envelope_json: String::new(),
+            appliance_attestation_json: String::new(),
         }
     }
 
@@ -123,6 +127,7 @@ impl ResultMsg {
             execution_envelope_json: self.execution_envelope_json.clone(),
             appliance_certificate_pem: self.appliance_certificate_pem.clone(),
             pre_approval_envelope_json: self.pre_approval_envelope_json.clone(),
+            appliance_attestation_json: self.appliance_attestation_json.clone(),
             refusal_code: refusal.map_or(0, |r| convert::refusal_code_to_wire(r.code) as i32),
             deny_code: refusal.and_then(|r| r.deny).map_or(0, |d| convert::deny_code_to_wire(d) as i32),
             valid_from_unix_ms: refusal.and_then(|r| r.valid_from).map_or(0, Timestamp::unix_millis),

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use airlock_core::audit::AuditAction;
 use airlock_core::dsse::Envelope;
+use airlock_core::execution_key::ExecutionKeyAttestation;
 use airlock_core::grant::{ApprovalLevel, DenyCode, GrantBody, PreApprovalBody};
 use airlock_core::operation::{
     AckCode, ExecutionStatement, REQUEST_PAYLOAD_TYPE, RefusalCode, ReleaseDecision, ReleaseStatement, RequestStatement,
@@ -278,6 +279,27 @@ impl Fx {
     }
 
     /// The execution statement a result carries.
+    /// The customer's attestation of this appliance's execution key, edited by `edit`, then
+    /// signed by customer keys `ns`, as envelope JSON.
+    pub(crate) fn attestation(&self, ns: &[u8], edit: impl FnOnce(&mut ExecutionKeyAttestation)) -> Vec<u8> {
+        let mut statement = ExecutionKeyAttestation {
+            appliance: self.kit.identity.appliance,
+            environment: self.kit.identity.environment,
+            tenant: self.kit.identity.tenant,
+            execution_key: self.control.execution_key().public().to_pem().unwrap(),
+            attested_at: Timestamp::from_unix_millis(NOW),
+            attested_by: "alice".into(),
+        };
+        edit(&mut statement);
+        let env = statement.envelope();
+        ns.iter().fold(env, |env, n| env.sign(&customer::key(*n))).to_json().into_bytes()
+    }
+
+    /// The customer attests this appliance's execution key on the host.
+    pub(crate) fn attest(&self) {
+        self.control.attest_execution_key(HOST_ADMIN, &self.attestation(&[1], |_| {})).unwrap();
+    }
+
     pub(crate) fn execution(&self, result: &ResultMsg) -> ExecutionStatement {
         let env = Envelope::from_json(result.execution_envelope_json.as_bytes()).unwrap();
         serde_json::from_slice(&env.payload).unwrap()

@@ -94,6 +94,11 @@ pub enum AuditAction {
     CustomerKeysRotate,
     EnvironmentCreate,
     EnvironmentList,
+    /// The appliance made its execution-signing key (first start).
+    ExecutionKeyCreate,
+    /// The customer attested the appliance's execution key over the admin socket (or a
+    /// forged or misdirected attestation was refused).
+    ExecutionKeyAttest,
     GatewayHandshakeRejected,
     GatewayStreamRefused,
     JoinTokenCreate,
@@ -162,6 +167,8 @@ impl AuditAction {
         AuditAction::CustomerKeysRotate,
         AuditAction::EnvironmentCreate,
         AuditAction::EnvironmentList,
+        AuditAction::ExecutionKeyCreate,
+        AuditAction::ExecutionKeyAttest,
         AuditAction::GatewayHandshakeRejected,
         AuditAction::GatewayStreamRefused,
         AuditAction::JoinTokenCreate,
@@ -228,6 +235,8 @@ impl AuditAction {
             AuditAction::CustomerKeysRotate => "customer_keys.rotate",
             AuditAction::EnvironmentCreate => "environment.create",
             AuditAction::EnvironmentList => "environment.list",
+            AuditAction::ExecutionKeyCreate => "execution_key.create",
+            AuditAction::ExecutionKeyAttest => "execution_key.attest",
             AuditAction::GatewayHandshakeRejected => "gateway.handshake_rejected",
             AuditAction::GatewayStreamRefused => "gateway.stream_refused",
             AuditAction::JoinTokenCreate => "join_token.create",

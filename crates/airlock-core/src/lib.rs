@@ -9,6 +9,7 @@ pub mod audit;
 pub mod certificate;
 pub mod customer_key;
 pub mod dsse;
+pub mod execution_key;
 pub mod fingerprint;
 pub mod grant;
 pub mod id;

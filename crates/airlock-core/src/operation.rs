@@ -7,10 +7,14 @@
 //! 2. the customer's **approval** (a [`crate::grant::GrantBody`]) or **pre-approval**
 //!    ([`crate::grant::PreApprovalBody`]), signed by pinned customer keys;
 //! 3. the appliance's **execution** ([`ExecutionStatement`]), signed by the appliance's key
-//!    (its CA-issued certificate names the appliance);
+//!    (its CA-issued certificate names the appliance) and by its execution key, which the
+//!    customer attested ([`crate::execution_key`]; the attestation travels in the manifest);
 //! 4. the customer's **release** ([`ReleaseStatement`]) of the output, or its withholding.
 //!
-//! [`verify_manifest`] needs only the CA certificate and the customer's public keys. X.509
+//! [`verify_manifest`] needs only the CA certificate and the customer's public keys: the CA
+//! alone cannot forge an execution, since the execution key's attestation is the customer's.
+//! An execution with no attestation (signed before attestations) is refused, or reported as
+//! vendor-attested only when the verifier allows it ([`VendorAttested`]). X.509
 //! signed envelopes use ECDSA P-256 with SHA-256 (DER signatures), the key type of the
 //! certificates our CA issues, so standard DSSE tooling verifies them with the certificate's key.
 
@@ -21,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::customer_key::CustomerPublicKey;
 use crate::dsse::{Envelope, Signature, pae};
+use crate::execution_key::{AttestationRefusal, verify_attestation};
 use crate::grant::{
     ApprovalDecision, ApprovalLevel, Authority, Context, Decision, DenyReason, GRANT_PAYLOAD_TYPE, OperationRequest,
     PreApprovalBody, evaluate_with, verify_grant_envelope, verify_pre_approval_envelope,
@@ -440,6 +445,11 @@ pub struct Manifest {
     pub appliance_certificate: Option<String>,
     #[serde(default)]
     pub release: Option<Envelope>,
+    /// The customer's attestation of the execution key that signed `execution`
+    /// ([`crate::execution_key::ExecutionKeyAttestation`]). Absent from manifests made before
+    /// attestations, which then serialize to the same bytes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appliance_attestation: Option<Envelope>,
     /// The salt of the execution's output commitment, revealed with released output (and only
     /// then): with it anyone holding the output checks it against the signed commitment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -458,6 +468,7 @@ impl Manifest {
             execution: None,
             appliance_certificate: None,
             release: None,
+            appliance_attestation: None,
             output_salt: None,
         }
     }
@@ -624,6 +635,33 @@ pub struct VerifyInputs<'a> {
     /// its deny rules and caps, and it is the proof of an execution in a standing window (no
     /// per-request signature exists then).
     pub policy: Option<&'a VerifiedPolicy>,
+    /// What to make of an execution no customer attestation vouches for.
+    pub vendor_attested: VendorAttested,
+}
+
+/// Whether an execution vouched for only by a certificate from the vendor's CA (a manifest
+/// made before execution keys were attested) is accepted. Such a one could have been forged
+/// by whoever holds the CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VendorAttested {
+    /// Refused, with [`AttestationRefusal::VendorAttestedOnly`]: the default.
+    Refuse,
+    /// Accepted, and reported as [`ExecutionTrust::VendorAttestedOnly`].
+    Accept,
+}
+
+/// Who vouches for a verified execution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecutionTrust {
+    /// Signed by the appliance's execution key, which the customer attested.
+    CustomerAttested {
+        /// The execution key's id (SHA-256 of the raw public key, hex).
+        key_id: String,
+        attested_at: Timestamp,
+        attested_by: String,
+    },
+    /// Only a certificate from the vendor's CA: whoever holds the CA could have signed it.
+    VendorAttestedOnly,
 }
 
 /// The check that failed, by name, and why.
@@ -635,6 +673,8 @@ pub struct ManifestError {
     /// The decision the execution contradicts, when one does: a built-in deny, a customer
     /// deny rule, a policy cap, a probe that is not one. Read this, never `reason`.
     pub denied: Option<DenyReason>,
+    /// Why the execution's signer is not one the customer vouched for, when that failed.
+    pub attestation: Option<AttestationRefusal>,
 }
 
 /// What a manifest proves, once every check passed.
@@ -652,14 +692,20 @@ pub struct ManifestReport {
     /// Whether the execution was held against the customer's deny rules and caps: the policy
     /// it names was given (or it names none). Built-in denies are always checked.
     pub policy_checked: bool,
+    /// Who vouches for the execution, when there is one.
+    pub execution_trust: Option<ExecutionTrust>,
 }
 
 fn fail<T>(check: &'static str, reason: impl std::fmt::Display) -> Result<T, ManifestError> {
-    Err(ManifestError { check, reason: reason.to_string(), denied: None })
+    Err(ManifestError { check, reason: reason.to_string(), denied: None, attestation: None })
 }
 
 fn denied<T>(check: &'static str, reason: DenyReason) -> Result<T, ManifestError> {
-    Err(ManifestError { check, reason: reason.to_string(), denied: Some(reason) })
+    Err(ManifestError { check, reason: reason.to_string(), denied: Some(reason), attestation: None })
+}
+
+fn unattested<T>(check: &'static str, refusal: AttestationRefusal) -> Result<T, ManifestError> {
+    Err(ManifestError { check, reason: refusal.to_string(), denied: None, attestation: Some(refusal) })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(check: &'static str, payload: &[u8]) -> Result<T, ManifestError> {
@@ -753,12 +799,11 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
     // 3. The execution, as the appliance signed it.
     let mut execution = None;
     let mut policy_checked = false;
+    let mut execution_trust = None;
     if let Some(env) = &m.execution {
-        let cert = m.appliance_certificate.as_deref().ok_or_else(|| ManifestError {
-            check: "execution.signature",
-            reason: "the manifest has an execution but no appliance certificate".into(),
-            denied: None,
-        })?;
+        let Some(cert) = m.appliance_certificate.as_deref() else {
+            return fail("execution.signature", "the manifest has an execution but no appliance certificate");
+        };
         let e: ExecutionStatement = parse("execution.signature", &env.payload)?;
         let certified = verify_with_ca(env, EXECUTION_PAYLOAD_TYPE, cert, &ca, e.started_at)
             .or_else(|e| fail("execution.signature", e))?;
@@ -774,6 +819,36 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
             }
         }
         checks.push("execution.signer");
+
+        // The CA vouches for the certificate, and whoever holds the CA could mint another: the
+        // customer's attestation of the appliance's own execution key is what proves the
+        // appliance signed it.
+        match &m.appliance_attestation {
+            Some(att) => {
+                let attested = verify_attestation(att, inputs.customer_keys, inputs.approvals_required)
+                    .or_else(|r| unattested("execution.attestation", r))?;
+                attested
+                    .check_names(req.appliance, request.environment, request.tenant)
+                    .or_else(|r| unattested("execution.attestation", r))?;
+                checks.push("execution.attestation");
+                if !attested.key().signed(env, EXECUTION_PAYLOAD_TYPE) {
+                    return unattested("execution.attested-key", AttestationRefusal::NotSignedByAttestedKey);
+                }
+                checks.push("execution.attested-key");
+                let s = attested.statement();
+                execution_trust = Some(ExecutionTrust::CustomerAttested {
+                    key_id: attested.key().key_id().to_owned(),
+                    attested_at: s.attested_at,
+                    attested_by: s.attested_by.clone(),
+                });
+            }
+            None => match inputs.vendor_attested {
+                VendorAttested::Refuse => {
+                    return unattested("execution.attestation", AttestationRefusal::VendorAttestedOnly);
+                }
+                VendorAttested::Accept => execution_trust = Some(ExecutionTrust::VendorAttestedOnly),
+            },
+        }
         if e.request_id != req.id
             || e.request_digest != request_digest
             || e.command_sha256 != req.command_sha256
@@ -894,8 +969,8 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         }
         checks.push("execution.output");
         execution = Some(e);
-    } else if m.appliance_certificate.is_some() || m.release.is_some() {
-        return fail("execution.signature", "the manifest has a release or certificate but no execution");
+    } else if m.appliance_certificate.is_some() || m.release.is_some() || m.appliance_attestation.is_some() {
+        return fail("execution.signature", "the manifest has a release, certificate or attestation but no execution");
     }
 
     // 4. The customer's release of the output.
@@ -924,6 +999,7 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         output_salt: None,
         checks,
         policy_checked,
+        execution_trust,
     };
 
     // 5. The revealed salt: only beside output that may go to the vendor, of a salted commitment.

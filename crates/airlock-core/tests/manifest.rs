@@ -6,13 +6,15 @@
 use airlock_core::Timestamp;
 use airlock_core::customer_key::CustomerSigningKey;
 use airlock_core::dsse::Envelope;
+use airlock_core::execution_key::{AttestationRefusal, ExecutionKeyAttestation, ExecutionSigningKey};
 use airlock_core::grant::{
     ApprovalDecision, ApprovalLevel, DenyReason, GRANT_PAYLOAD_TYPE, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody,
 };
 use airlock_core::operation::{
-    AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, Manifest, ManifestReport, OpenedAs, OutputCommitment,
-    OutputSalt, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, ReleaseDecision, VerifyInputs, output_release_allowed,
-    sha256_hex, verify_chain, verify_manifest, verify_released_output,
+    AuthorityKind, AuthorityRef, EXECUTION_PAYLOAD_TYPE, ExecutionTrust, Manifest, ManifestError, ManifestReport,
+    OpenedAs, OutputCommitment, OutputSalt, RELEASE_PAYLOAD_TYPE, REQUEST_PAYLOAD_TYPE, ReleaseDecision,
+    VendorAttested, VerifyInputs, output_release_allowed, sha256_hex, verify_chain, verify_manifest,
+    verify_released_output,
 };
 use airlock_core::policy::{POLICY_PAYLOAD_TYPE, Phase, VerifiedPolicy, verify_signed_policy};
 use airlock_core::probe::BuiltinProbe;
@@ -23,10 +25,15 @@ use airlock_testkit::{Ca, Fixture, NOW, Parts};
 type Edit = Box<dyn FnOnce(&mut Parts)>;
 
 fn verify(fx: &Fixture, m: &Manifest) -> Result<ManifestReport, String> {
+    verify_with(fx, m, VendorAttested::Refuse).map_err(|e| e.check.to_owned())
+}
+
+fn verify_with(fx: &Fixture, m: &Manifest, vendor_attested: VendorAttested) -> Result<ManifestReport, ManifestError> {
     let keys = [fx.customer.public()];
     let ca = fx.ca.der();
-    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy: None };
-    verify_manifest(serde_json::to_string(m).unwrap().as_bytes(), &inputs).map_err(|e| e.check.to_owned())
+    let inputs =
+        VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy: None, vendor_attested };
+    verify_manifest(serde_json::to_string(m).unwrap().as_bytes(), &inputs)
 }
 
 fn failing_check(fx: &Fixture, edit: impl FnOnce(&mut Parts)) -> String {
@@ -51,6 +58,8 @@ fn complete_manifest_passes_every_check() {
             "approval.binding",
             "execution.signature",
             "execution.signer",
+            "execution.attestation",
+            "execution.attested-key",
             "execution.binding",
             "execution.authority",
             "execution.built-in-denies",
@@ -63,6 +72,115 @@ fn complete_manifest_passes_every_check() {
     assert!(output_release_allowed(&report));
     // The execution names a policy the verifier was not given: its rules are not checked.
     assert!(!report.policy_checked);
+    assert_eq!(
+        report.execution_trust,
+        Some(ExecutionTrust::CustomerAttested {
+            key_id: fx.execution_key.public().key_id().to_owned(),
+            attested_at: Timestamp::from_unix_millis(NOW),
+            attested_by: "alice@customer.example".into(),
+        })
+    );
+}
+
+/// The execution as the vendor forges it: edited, and signed under a certificate its CA minted
+/// for the appliance's identity, without the appliance's execution key.
+fn forged_by_the_ca(fx: &Fixture) -> Manifest {
+    let mut parts = fx.parts();
+    parts.execution.exit_code = Some(1);
+    let mut m = fx.assemble(&parts);
+    let minted = fx.ca.issue(&fx.identity.uri());
+    m.execution = Some(minted.sign(Envelope::new(EXECUTION_PAYLOAD_TYPE, m.execution.unwrap().payload)));
+    m.appliance_certificate = Some(minted.cert_pem.clone());
+    m
+}
+
+#[test]
+fn an_execution_signed_only_under_a_ca_issued_certificate_is_refused() {
+    let fx = Fixture::new();
+    // The customer's attestation copied from a genuine manifest does not cover the forgery.
+    let forged = forged_by_the_ca(&fx);
+    let err = verify_with(&fx, &forged, VendorAttested::Refuse).unwrap_err();
+    assert_eq!(err.check, "execution.attested-key");
+    assert_eq!(err.attestation, Some(AttestationRefusal::NotSignedByAttestedKey));
+    // Nor is one allowed for old manifests.
+    assert_eq!(
+        verify_with(&fx, &forged, VendorAttested::Accept).unwrap_err().attestation,
+        Some(AttestationRefusal::NotSignedByAttestedKey)
+    );
+    // Without the attestation it is vouched for by the CA alone: refused unless asked for.
+    let mut bare = forged;
+    bare.appliance_attestation = None;
+    let err = verify_with(&fx, &bare, VendorAttested::Refuse).unwrap_err();
+    assert_eq!((err.check, err.attestation), ("execution.attestation", Some(AttestationRefusal::VendorAttestedOnly)));
+    // The vendor attesting a key of its own, with its own key: not a customer signature.
+    let vendor_key = ExecutionSigningKey::from_seed([66; 32]);
+    let mut statement = fx.attestation_statement();
+    statement.execution_key = vendor_key.public().to_pem().unwrap();
+    let mut m = fx.manifest();
+    m.execution = Some(vendor_key.sign(m.execution.unwrap()));
+    m.appliance_attestation = Some(statement.envelope().sign(&CustomerSigningKey::from_seed([66; 32])));
+    let err = verify_with(&fx, &m, VendorAttested::Accept).unwrap_err();
+    assert_eq!(err.check, "execution.attestation");
+    assert!(matches!(err.attestation, Some(AttestationRefusal::NotCustomerSigned(_))), "{err:?}");
+}
+
+#[test]
+fn an_attestation_signed_by_a_key_that_is_not_pinned_is_refused() {
+    let fx = Fixture::new();
+    let stranger = CustomerSigningKey::from_seed([8; 32]);
+    let mut m = fx.manifest();
+    m.appliance_attestation = Some(fx.attestation_statement().envelope().sign(&stranger));
+    let err = verify_with(&fx, &m, VendorAttested::Accept).unwrap_err();
+    assert_eq!(err.check, "execution.attestation");
+    assert!(matches!(err.attestation, Some(AttestationRefusal::NotCustomerSigned(_))), "{err:?}");
+    // A payload edited after the customer signed it.
+    let mut m = fx.manifest();
+    let att = m.appliance_attestation.as_mut().unwrap();
+    att.payload = String::from_utf8(att.payload.clone()).unwrap().replacen("alice", "mallo", 1).into_bytes();
+    assert!(matches!(
+        verify_with(&fx, &m, VendorAttested::Accept).unwrap_err().attestation,
+        Some(AttestationRefusal::NotCustomerSigned(_))
+    ));
+}
+
+#[test]
+fn an_attestation_for_another_appliance_is_refused() {
+    let fx = Fixture::new();
+    let edits: [fn(&mut ExecutionKeyAttestation); 3] = [
+        |s| s.appliance = airlock_core::ApplianceId::from_random([4; 16]),
+        |s| s.environment = airlock_core::EnvironmentId::from_random([4; 16]),
+        |s| s.tenant = airlock_core::TenantId::from_random([4; 16]),
+    ];
+    for edit in edits {
+        let mut statement = fx.attestation_statement();
+        edit(&mut statement);
+        let mut m = fx.manifest();
+        m.appliance_attestation = Some(statement.envelope().sign(&fx.customer));
+        let err = verify_with(&fx, &m, VendorAttested::Accept).unwrap_err();
+        assert_eq!((err.check, err.attestation), ("execution.attestation", Some(AttestationRefusal::OtherAppliance)));
+    }
+}
+
+#[test]
+fn an_old_manifest_without_attestation_is_reported_vendor_attested_only() {
+    let fx = Fixture::new();
+    let mut m = fx.manifest();
+    m.appliance_attestation = None;
+    // As it was serialized before attestations: no field at all.
+    assert!(!serde_json::to_string(&m).unwrap().contains("appliance_attestation"));
+    let err = verify_with(&fx, &m, VendorAttested::Refuse).unwrap_err();
+    assert_eq!(err.attestation, Some(AttestationRefusal::VendorAttestedOnly));
+    assert!(err.to_string().contains("--allow-vendor-attested"), "{err}");
+    let report = verify_with(&fx, &m, VendorAttested::Accept).unwrap();
+    assert_eq!(report.execution_trust, Some(ExecutionTrust::VendorAttestedOnly));
+    assert!(!report.checks.contains(&"execution.attestation"));
+    // An attestation with no execution to vouch for is not a manifest anyone made.
+    let mut m = fx.manifest();
+    m.execution = None;
+    m.appliance_certificate = None;
+    m.release = None;
+    m.output_salt = None;
+    assert_eq!(verify(&fx, &m).unwrap_err(), "execution.signature");
 }
 
 #[test]
@@ -190,7 +308,13 @@ fn missing_and_malformed_parts_are_refused() {
     let fx = Fixture::new();
     let keys = [fx.customer.public()];
     let ca = fx.ca.der();
-    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy: None };
+    let inputs = VerifyInputs {
+        ca_der: &ca,
+        customer_keys: &keys,
+        approvals_required: 1,
+        policy: None,
+        vendor_attested: VendorAttested::Refuse,
+    };
     for bad in [&b"{"[..], b"[]", b"{\"format\":\"airlock-operation-manifest-v1\"}"] {
         assert_eq!(verify_manifest(bad, &inputs).unwrap_err().check, "manifest.format");
     }
@@ -212,7 +336,13 @@ fn missing_and_malformed_parts_are_refused() {
     assert_eq!(verify(&fx, &m).unwrap_err(), "request.id");
     // Two approvals required, one given.
     let keys = [fx.customer.public(), CustomerSigningKey::from_seed([8; 32]).public()];
-    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 2, policy: None };
+    let inputs = VerifyInputs {
+        ca_der: &ca,
+        customer_keys: &keys,
+        approvals_required: 2,
+        policy: None,
+        vendor_attested: VendorAttested::Refuse,
+    };
     let err = verify_manifest(serde_json::to_string(&fx.manifest()).unwrap().as_bytes(), &inputs).unwrap_err();
     assert_eq!(err.check, "approval.signature");
 }
@@ -228,7 +358,9 @@ fn a_pending_manifest_verifies_as_far_as_it_goes() {
     assert!(!output_release_allowed(&report), "no release, no output");
     m.execution = None;
     m.appliance_certificate = None;
-    assert!(verify(&fx, &m).unwrap().execution.is_none());
+    m.appliance_attestation = None;
+    let report = verify(&fx, &m).unwrap();
+    assert!(report.execution.is_none() && report.execution_trust.is_none());
 }
 
 #[test]
@@ -274,7 +406,13 @@ fn executions_without_a_customer_signature_need_the_policy_that_allowed_them() {
         serde_json::to_vec(&m).unwrap()
     };
     let check = |json: &[u8], policy| {
-        let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy };
+        let inputs = VerifyInputs {
+            ca_der: &ca,
+            customer_keys: &keys,
+            approvals_required: 1,
+            policy,
+            vendor_attested: VendorAttested::Refuse,
+        };
         verify_manifest(json, &inputs).map(|_| ()).map_err(|e| e.check)
     };
     let m = in_window(policy.digest_hex());
@@ -371,7 +509,13 @@ fn verify_under(
 ) -> Result<ManifestReport, (&'static str, Option<DenyReason>)> {
     let keys = [fx.customer.public(), second_key().public()];
     let ca = fx.ca.der();
-    let inputs = VerifyInputs { ca_der: &ca, customer_keys: &keys, approvals_required: 1, policy };
+    let inputs = VerifyInputs {
+        ca_der: &ca,
+        customer_keys: &keys,
+        approvals_required: 1,
+        policy,
+        vendor_attested: VendorAttested::Refuse,
+    };
     verify_manifest(serde_json::to_string(m).unwrap().as_bytes(), &inputs).map_err(|e| (e.check, e.denied))
 }
 
@@ -660,6 +804,10 @@ fn an_old_unsalted_manifest_still_verifies_and_is_reported_as_legacy() {
     let mut m = fx.assemble(&parts);
     m.execution = Some(fx.appliance.sign(Envelope::new(EXECUTION_PAYLOAD_TYPE, execution.clone().into_bytes())));
     m.release = Some(Envelope::new(RELEASE_PAYLOAD_TYPE, release.into_bytes()).sign(&fx.customer));
+    // Made before execution keys were attested: the CA's certificate alone vouches for it.
+    m.appliance_attestation = None;
+    let verify =
+        |fx: &Fixture, m: &Manifest| verify_with(fx, m, VendorAttested::Accept).map_err(|e| e.check.to_owned());
     // An old manifest has no salt; a salt beside a legacy digest would be refused.
     let mut with_salt = m.clone();
     with_salt.output_salt = Some(OutputSalt::from_bytes(OUTPUT_SALT));
@@ -669,6 +817,7 @@ fn an_old_unsalted_manifest_still_verifies_and_is_reported_as_legacy() {
     assert!(!json.contains("output_salt"));
     let report = verify(&fx, &m).unwrap();
     assert!(report.is_legacy_unsalted());
+    assert_eq!(report.execution_trust, Some(ExecutionTrust::VendorAttestedOnly));
     let e = report.execution.as_ref().unwrap();
     assert_eq!(
         e.output_commitment,

@@ -208,6 +208,13 @@ async fn open_existing(data_dir: &Path, kek: &KekSource) -> Result<(Store, Kek),
     Ok((store, kek_key))
 }
 
+/// The built-in CA of a data directory, as `serve` loads it: for the operator's own tooling on
+/// the control plane host, and for tests that play the vendor forging with its own CA.
+pub async fn open_ca(data_dir: &Path, kek: &KekSource) -> Result<CertificateAuthority, ServerError> {
+    let (store, kek) = open_existing(data_dir, kek).await?;
+    load_ca(&store, &kek).await
+}
+
 async fn load_ca(store: &Store, kek: &Kek) -> Result<CertificateAuthority, ServerError> {
     let stored = store.load_ca().await?.ok_or_else(|| ServerError::Config("the database holds no CA".into()))?;
     let key_pem = kek.open(&stored.key_sealed, CA_KEY_AAD)?;

@@ -306,7 +306,16 @@ impl Deployment {
             &["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()],
         );
         let appliance_id = server.wait_connected(&mut appliance);
-        Self { server, env, state, customer, appliance, appliance_id }
+        let d = Self { server, env, state, customer, appliance, appliance_id };
+        // Once joined, the customer attests the appliance's execution key on its host, as an
+        // install does: `airlock verify` accepts only executions that key signed.
+        ok(d.attest(), "customer attest-appliance");
+        d
+    }
+
+    /// `airlock customer attest-appliance` with the customer's key, on the appliance host.
+    pub fn attest(&self) -> Output {
+        self.local(&["customer", "attest-appliance", "--key", &self.key()])
     }
 
     pub fn key(&self) -> String {

@@ -1,7 +1,9 @@
 //! Commands run on the appliance host, through the appliance's owner-only admin socket in its
 //! state directory: the customer's local view of operations (list, output, manifest), their
 //! pre-approvals and policy, and `airlock customer release`, which signs a release or
-//! withholding with the customer's key on this host. Nothing here talks to the control plane.
+//! withholding with the customer's key on this host, and `airlock customer attest-appliance`,
+//! which signs the customer's attestation of the appliance's execution key. Nothing here talks
+//! to the control plane.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -75,6 +77,23 @@ pub(crate) struct ReleaseArgs {
     /// Who decides, as shown in manifests [default: the key ids].
     #[arg(long)]
     approver: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct AttestArgs {
+    /// Your private key (`airlock customer keygen`); repeat it when your policy's
+    /// `approvals_required` asks for more than one.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// The appliance's state directory (its admin socket lives there).
+    #[arg(long, env = "AIRLOCK_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Also write the signed attestation here (it is public: keep it with your records).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Who attests, as shown by `airlock verify` [default: the key ids].
+    #[arg(long)]
+    attested_by: Option<String>,
 }
 
 fn socket(state_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -253,6 +272,44 @@ pub(crate) async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     let envelope = sign_release(&statement, &keys)?;
     let reply = call_value(&socket, &Request::Release { envelope: serde_json::from_str(&envelope.to_json())? }).await?;
     println!("{}: {}", args.id, text(&reply["release"]));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `airlock customer attest-appliance`: reads the appliance's identity and execution key over
+/// its admin socket (which only this host's customer users reach, never vendor code), shows
+/// them, signs the attestation with the customer's keys and hands it to the appliance.
+pub(crate) async fn attest(args: AttestArgs) -> anyhow::Result<ExitCode> {
+    use airlock_core::execution_key::{ExecutionKeyAttestation, ExecutionPublicKey};
+    let socket = args.state_dir.join(SOCKET_FILE);
+    let keys = crate::approvals::load_keys(&args.keys)?;
+    let info = call_value(&socket, &Request::ExecutionKey).await?;
+    fn field<T: serde::de::DeserializeOwned>(info: &serde_json::Value, name: &str) -> anyhow::Result<T> {
+        serde_json::from_value(info[name].clone()).ok().with_context(|| {
+            format!("the appliance has no {name} yet: it has not joined its control plane; attest it once it has")
+        })
+    }
+    let key_pem: String = serde_json::from_value(info["execution_key"].clone())
+        .context("the appliance sent no execution key; is it older than this CLI?")?;
+    let key = ExecutionPublicKey::from_pem(&key_pem).context("the appliance's execution key")?;
+    let statement = ExecutionKeyAttestation {
+        appliance: field(&info, "appliance")?,
+        environment: field(&info, "environment")?,
+        tenant: field(&info, "tenant")?,
+        execution_key: key_pem,
+        attested_at: crate::approvals::now(),
+        attested_by: args.attested_by.unwrap_or_else(|| {
+            keys.iter().map(|k| format!("key:{}", &k.public().key_id()[..16])).collect::<Vec<_>>().join(",")
+        }),
+    };
+    println!("appliance      {}", text(&info["identity"]));
+    println!("execution key  sha256:{}", key.key_id());
+    let envelope = crate::approvals::sign_all(statement.envelope(), &keys);
+    let json = envelope.to_json();
+    let reply = call_value(&socket, &Request::AttestExecutionKey { envelope: serde_json::from_str(&json)? }).await?;
+    if let Some(path) = &args.out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("attested       key {} of appliance {}", text(&reply["key_id"]), statement.appliance);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,8 +15,8 @@ use airlock_core::grant::{
     PreApprovalBody,
 };
 use airlock_core::operation::{
-    ManifestReport, OpenedAs, OperationState, OutputCommitment, VerifyInputs, describe_args, pem_certificate_der,
-    verify_released_output, verify_signed_request,
+    ExecutionTrust, ManifestReport, OpenedAs, OperationState, OutputCommitment, VendorAttested, VerifyInputs,
+    describe_args, pem_certificate_der, verify_released_output, verify_signed_request,
 };
 use airlock_core::template::{RenderedCommand, Template};
 use airlock_core::{ApplianceId, OperationId, Timestamp};
@@ -288,6 +288,7 @@ pub(crate) fn verify(
     policy: Option<&Path>,
     approvals_required: Option<usize>,
     outputs: &[PathBuf],
+    vendor_attested: VendorAttested,
 ) -> anyhow::Result<Vec<(ManifestReport, Option<OpenedAs>)>> {
     anyhow::ensure!(
         outputs.is_empty() || outputs.len() == manifests.len(),
@@ -314,7 +315,13 @@ pub(crate) fn verify(
     };
     let approvals_required =
         approvals_required.unwrap_or_else(|| policy.as_ref().map_or(1, |p| p.document().approvals_required));
-    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required, policy: policy.as_ref() };
+    let inputs = VerifyInputs {
+        ca_der: &ca_der,
+        customer_keys: &keys,
+        approvals_required,
+        policy: policy.as_ref(),
+        vendor_attested,
+    };
     let mut reports = Vec::new();
     for path in manifests {
         let json = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -375,6 +382,16 @@ pub(crate) fn describe_report(r: &ManifestReport) -> String {
             e.sequence
         )),
         None => out.push_str("  not executed\n"),
+    }
+    match &r.execution_trust {
+        Some(ExecutionTrust::CustomerAttested { key_id, attested_at, attested_by }) => out.push_str(&format!(
+            "  signed by the appliance's execution key sha256:{key_id}, attested by {} at {attested_at}\n",
+            line(attested_by)
+        )),
+        Some(ExecutionTrust::VendorAttestedOnly) => out.push_str(
+            "  VENDOR-ATTESTED ONLY: no customer attestation of the appliance's execution key; only a certificate from the vendor's CA vouches for this execution, and whoever holds the CA could have forged it\n",
+        ),
+        None => {}
     }
     if let Some(rel) = &r.release {
         out.push_str(&format!("  output {:?} by {} at {}\n", rel.decision, line(&rel.approver), rel.decided_at));

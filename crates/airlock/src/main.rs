@@ -455,6 +455,11 @@ enum CustomerSub {
     /// On the appliance host: release (or --withhold) one operation's output, signed with your key.
     #[cfg(feature = "appliance")]
     Release(appliance_local::ReleaseArgs),
+    /// On the appliance host, once after it joined: attest the appliance's own execution key with
+    /// your key, so `airlock verify` accepts only executions it signed (not merely ones under a
+    /// certificate from the vendor's CA).
+    #[cfg(feature = "appliance")]
+    AttestAppliance(appliance_local::AttestArgs),
 }
 
 #[derive(Subcommand)]
@@ -565,6 +570,11 @@ struct VerifyArgs {
     /// commitment, with the salt the manifest reveals; one per manifest, in the same order.
     #[arg(long = "output")]
     outputs: Vec<PathBuf>,
+    /// Accept executions no customer attestation vouches for (manifests made before the
+    /// appliance's execution key was attested): only a certificate from the vendor's CA vouches
+    /// for them, so whoever holds the CA could have forged them. They are reported as such.
+    #[arg(long)]
+    allow_vendor_attested: bool,
 }
 
 #[derive(Subcommand)]
@@ -755,6 +765,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 args.policy.as_deref(),
                 args.approvals_required,
                 &args.outputs,
+                if args.allow_vendor_attested {
+                    airlock_core::operation::VendorAttested::Accept
+                } else {
+                    airlock_core::operation::VendorAttested::Refuse
+                },
             )?;
             for (r, opened) in &reports {
                 print!("{}", approvals::describe_report(r));
@@ -776,6 +791,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "appliance")]
         Command::Customer(CustomerCmd { command: CustomerSub::Release(args) }) => appliance_local::release(args).await,
+        #[cfg(feature = "appliance")]
+        Command::Customer(CustomerCmd { command: CustomerSub::AttestAppliance(args) }) => {
+            appliance_local::attest(args).await
+        }
         #[cfg(all(feature = "server", feature = "appliance"))]
         Command::Dev(args) => dev::run(args).await,
     }

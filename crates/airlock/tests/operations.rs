@@ -251,9 +251,8 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
     s.wait_state(&id, "awaiting_approval");
     s.approve(&id);
     // Under /run/airlock-box/<appliance>/ for an appliance running as root, as here.
-    let workdir = || {
-        std::fs::read_dir("/run/airlock-box").ok()?.flatten().map(|e| e.path().join(&id)).find(|dir| dir.is_dir())
-    };
+    let workdir =
+        || std::fs::read_dir("/run/airlock-box").ok()?.flatten().map(|e| e.path().join(&id)).find(|dir| dir.is_dir());
     let pid_file = wait_for(Duration::from_secs(20), "the task's working directory", workdir).join("task.pid");
     let pid: u32 = wait_for(Duration::from_secs(20), "the task to start", || {
         std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok())

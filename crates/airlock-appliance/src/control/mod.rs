@@ -23,6 +23,7 @@ use airlock_core::audit::anchor::Anchor;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::dsse::Envelope;
+use airlock_core::execution_key::ExecutionSigningKey;
 use airlock_core::operation::OutputCommitment;
 use airlock_core::policy::{Phase, VerifiedPolicy};
 use airlock_core::{ApplianceId, OperationId, Timestamp};
@@ -107,10 +108,13 @@ pub(crate) struct LocalControl {
     /// The last policy envelope relayed by the control plane that was refused (its digest),
     /// with the digest of the policy then in force: the same again is not audited again.
     refused_relay: Mutex<Option<(String, Option<String>)>>,
-    /// This appliance, once enrolled.
-    appliance: RwLock<Option<ApplianceId>>,
-    /// Its environment, once enrolled: a policy must not name another.
-    environment: RwLock<Option<airlock_core::EnvironmentId>>,
+    /// This appliance's identity, once enrolled: a policy must not name another environment,
+    /// a pre-approval or an attestation another appliance.
+    identity: RwLock<Option<airlock_core::ApplianceIdentity>>,
+    /// The appliance's own execution-signing key (`crate::execution_key`).
+    execution_key: ExecutionSigningKey,
+    /// The customer's attestation of it, once made.
+    attestation: RwLock<Option<Envelope>>,
     vendor_code_user: RwLock<Option<VendorCodeUser>>,
     clock: Clock,
 }
@@ -139,6 +143,8 @@ impl LocalControl {
             None => BTreeSet::new(),
         };
         let ops = Arc::new(OpStore::open(state_dir)?);
+        let execution_key = crate::execution_key::load_or_create(&state, &audit)?;
+        let attestation = crate::execution_key::stored_attestation(&state)?;
         Ok(Self {
             policy: RwLock::new(policy),
             disabled: RwLock::new(disabled),
@@ -151,8 +157,9 @@ impl LocalControl {
             pinned: RwLock::new(pinned),
             running: RunningOps::default(),
             refused_relay: Mutex::new(None),
-            appliance: RwLock::new(None),
-            environment: RwLock::new(None),
+            identity: RwLock::new(None),
+            execution_key,
+            attestation: RwLock::new(attestation),
             vendor_code_user: RwLock::new(None),
             clock,
         })
@@ -178,8 +185,11 @@ impl LocalControl {
     }
 
     pub(crate) fn set_identity(&self, identity: &airlock_core::ApplianceIdentity) {
-        *self.appliance.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.appliance);
-        *self.environment.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.environment);
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
+    }
+
+    fn identity(&self) -> Option<airlock_core::ApplianceIdentity> {
+        self.identity.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Who vendor code runs as, as the box settled it when the appliance started.
@@ -188,11 +198,59 @@ impl LocalControl {
     }
 
     fn environment(&self) -> Option<airlock_core::EnvironmentId> {
-        *self.environment.read().unwrap_or_else(|e| e.into_inner())
+        self.identity().map(|i| i.environment)
     }
 
     fn appliance(&self) -> Option<ApplianceId> {
-        *self.appliance.read().unwrap_or_else(|e| e.into_inner())
+        self.identity().map(|i| i.appliance)
+    }
+
+    /// The key every execution is signed with, beside the certificate's.
+    pub(crate) fn execution_key(&self) -> &ExecutionSigningKey {
+        &self.execution_key
+    }
+
+    /// The customer's attestation of the execution key, if they made one.
+    pub(crate) fn attestation(&self) -> Option<Envelope> {
+        self.attestation.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What the customer attests: this appliance's identity and its execution public key.
+    pub(crate) fn execution_key_info(&self) -> Result<serde_json::Value, ApplianceError> {
+        let key = self.execution_key.public();
+        let pem = key.to_pem().map_err(|e| ApplianceError::Internal(e.to_string()))?;
+        let identity = self.identity();
+        Ok(serde_json::json!({
+            "identity": identity.as_ref().map(ToString::to_string),
+            "appliance": identity.as_ref().map(|i| i.appliance),
+            "environment": identity.as_ref().map(|i| i.environment),
+            "tenant": identity.as_ref().map(|i| i.tenant),
+            "execution_key": pem,
+            "key_id": key.key_id(),
+            "attestation": self.attestation().map(|a| serde_json::to_value(a).unwrap_or_default()),
+        }))
+    }
+
+    /// Keeps the customer's signed attestation of the execution key (`crate::execution_key`).
+    pub(crate) fn attest_execution_key(
+        &self,
+        by: Peer,
+        envelope_json: &[u8],
+    ) -> Result<serde_json::Value, ApplianceError> {
+        let key = self.execution_key.public();
+        let identity = self.identity();
+        // Held across the check and the write: what is in force is what is on disk.
+        let mut current = self.attestation.write().unwrap_or_else(|e| e.into_inner());
+        let offered = crate::execution_key::Offered {
+            envelope_json,
+            key: &key,
+            identity: identity.as_ref(),
+            pinned: &self.pinned(),
+            threshold: self.threshold(),
+        };
+        let envelope = crate::execution_key::accept(&self.state, &offered, &self.audit, by)?;
+        *current = Some(envelope);
+        Ok(serde_json::json!({ "key_id": key.key_id(), "attested": true }))
     }
 
     /// Distinct customer signatures an approval, pre-approval or release needs.
@@ -445,8 +503,16 @@ impl LocalControl {
         serde_json::Value::Array(self.pre_approvals.list().iter().map(|e| e.summary()).collect())
     }
 
+    /// The appliance's copy of one manifest. An execution signed before the customer attested
+    /// the execution key gets the attestation now: it covers the key, which signed it all the same.
     pub(crate) fn manifest(&self, id: OperationId) -> Result<serde_json::Value, ApplianceError> {
-        let m = self.ops.manifest(id)?.ok_or_else(|| ApplianceError::Customer(format!("no manifest for {id}")))?;
+        let mut m = self.ops.manifest(id)?.ok_or_else(|| ApplianceError::Customer(format!("no manifest for {id}")))?;
+        if m.appliance_attestation.is_none()
+            && let Some(execution) = &m.execution
+            && self.execution_key.public().signed(execution, airlock_core::operation::EXECUTION_PAYLOAD_TYPE)
+        {
+            m.appliance_attestation = self.attestation();
+        }
         serde_json::to_value(m).map_err(|e| ApplianceError::Internal(e.to_string()))
     }
 }

@@ -4,8 +4,10 @@
 //! 1. the output is sealed at rest with a fresh salt (`crate::ops_store`), and only the salted
 //!    commitment and size go further, or nothing at all for `output:secret` output
 //!    (`airlock_core::output_commitment`);
-//! 2. an `ExecutionStatement` is signed with the appliance's certificate key (ECDSA P-256),
-//!    chained to the previous one (`sequence`, `previous_manifest_sha256`);
+//! 2. an `ExecutionStatement` is signed with the appliance's certificate key (ECDSA P-256) and
+//!    its execution key (Ed25519, `crate::execution_key`), chained to the previous one
+//!    (`sequence`, `previous_manifest_sha256`); the customer's attestation of the execution key
+//!    goes into the manifest beside it;
 //! 3. the manifest holding it is stored *before* the chain head (`manifest-chain.json`) names
 //!    it, so the head never names a statement that is not on disk;
 //! 4. the result is queued in the outbox before it is sent, with the output too under a
@@ -68,10 +70,15 @@ impl Executor {
                 previous_manifest_sha256,
             };
             let envelope = sign_execution(&statement, &creds)?;
+            // Both signatures on one envelope: the control plane checks the certificate's (its
+            // CA, the stream's appliance), a verifier also the customer-attested key's, which
+            // the CA cannot make.
+            let envelope = self.control.execution_key().sign(envelope);
             let link = statement.manifest_sha256();
             // On disk before the head names it.
             manifest.execution = Some(envelope);
             manifest.appliance_certificate = Some(creds.cert_pem.clone());
+            manifest.appliance_attestation = self.control.attestation();
             ops.save_manifest(&manifest)?;
             Ok((statement, link))
         })?;
@@ -93,6 +100,8 @@ impl Executor {
         result.execution_envelope_json = manifest.execution.as_ref().map(Envelope::to_json).unwrap_or_default();
         result.appliance_certificate_pem = manifest.appliance_certificate.clone().unwrap_or_default();
         result.pre_approval_envelope_json = pre_approval.map(|(e, _)| e.to_json()).unwrap_or_default();
+        result.appliance_attestation_json =
+            manifest.appliance_attestation.as_ref().map(Envelope::to_json).unwrap_or_default();
         let secret = request.request.output_is_secret();
         let auto_release = matches!(pre_approval, Some((_, ApprovalLevel::CommandsAndOutput))) && !secret;
         self.control.outbound.queue_result(&result)?;
@@ -160,7 +169,8 @@ pub(crate) fn not_recorded(id: OperationId) -> ResultMsg {
     ResultMsg::refused(id, Refusal::new(RefusalCode::NotRecorded), "the appliance could not record the execution")
 }
 
-/// Signs an execution statement with the appliance's current key (ECDSA P-256, DER).
+/// Signs an execution statement with the key of the appliance's current certificate (ECDSA P-256,
+/// DER); the execution key signs it next.
 fn sign_execution(statement: &ExecutionStatement, creds: &Credentials) -> Result<Envelope, ApplianceError> {
     use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
     let internal = |what: &str| ApplianceError::Internal(format!("signing the execution: {what}"));

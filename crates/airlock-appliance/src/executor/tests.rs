@@ -9,7 +9,7 @@ use airlock_core::dsse::Envelope;
 use airlock_core::grant::{ApprovalDecision, ApprovalLevel, DenyCode, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE};
 use airlock_core::operation::{
     AckCode, AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatus, OpenedAs, REQUEST_PAYLOAD_TYPE, RefusalCode,
-    VerifyInputs, pem_certificate_der, sha256_hex, verify_certified_envelope, verify_parsed_manifest,
+    VendorAttested, VerifyInputs, pem_certificate_der, sha256_hex, verify_certified_envelope, verify_parsed_manifest,
 };
 use airlock_core::policy::Phase;
 use airlock_core::template::Template;
@@ -24,9 +24,12 @@ use crate::testing::*;
 #[tokio::test]
 async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     let fx = Fx::new(ALL_PHASES);
+    fx.attest();
     let stmt = fx.simple(op_id(1), "api");
     let r = fx.run(&stmt, &fx.grant(&stmt)).await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    // The attestation goes up with the result, for the control plane's manifests.
+    assert_eq!(r.appliance_attestation_json.as_bytes(), fx.attestation(&[1], |_| {}).as_slice());
     // The execution verifies against the CA, and names this appliance.
     let env = Envelope::from_json(r.execution_envelope_json.as_bytes()).unwrap();
     let ca_der = pem_certificate_der(fx.kit.ca.pem()).unwrap();
@@ -56,7 +59,13 @@ async fn approved_request_runs_signed_chained_and_its_output_is_sealed() {
     // The appliance's own manifest verifies offline.
     let manifest = fx.control.ops.manifest(op_id(1)).unwrap().unwrap();
     let keys = customer::public_keys(&[1]);
-    let inputs = VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None };
+    let inputs = VerifyInputs {
+        ca_der: &ca_der,
+        customer_keys: &keys,
+        approvals_required: 1,
+        policy: None,
+        vendor_attested: VendorAttested::Refuse,
+    };
     verify_parsed_manifest(&manifest, &inputs).unwrap();
     let executed = fx.audited(AuditAction::OperationExecuted);
     assert_eq!(executed[0]["detail"]["output_commitment"]["salted"]["size"], plain.len());

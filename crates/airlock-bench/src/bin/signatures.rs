@@ -133,6 +133,7 @@ impl ManifestBench {
             customer_keys: &self.keys,
             approvals_required: 1,
             policy: None,
+            vendor_attested: airlock_core::operation::VendorAttested::Refuse,
         };
         airlock_core::operation::verify_manifest(&self.json, &inputs).is_ok()
     }

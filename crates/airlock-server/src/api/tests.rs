@@ -685,7 +685,13 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
     let keys = customer::public_keys(&[CUSTOMER]);
     let report = verify_parsed_manifest(
         &manifest,
-        &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None },
+        &VerifyInputs {
+            ca_der: &ca_der,
+            customer_keys: &keys,
+            approvals_required: 1,
+            policy: None,
+            vendor_attested: airlock_core::operation::VendorAttested::Refuse,
+        },
     )
     .unwrap();
     assert!(report.checks.contains(&"approval.binding"), "{:?}", report.checks);
@@ -718,7 +724,13 @@ async fn manifest_request_verifies_against_the_ca_even_after_a_restart() {
     assert_eq!(again, manifest);
     verify_parsed_manifest(
         &again,
-        &VerifyInputs { ca_der: &ca_der, customer_keys: &keys, approvals_required: 1, policy: None },
+        &VerifyInputs {
+            ca_der: &ca_der,
+            customer_keys: &keys,
+            approvals_required: 1,
+            policy: None,
+            vendor_attested: airlock_core::operation::VendorAttested::Refuse,
+        },
     )
     .unwrap();
 }

@@ -447,6 +447,52 @@ mod operations {
     }
 
     #[tokio::test]
+    async fn an_execution_key_attestation_is_checked_stored_and_served_in_the_manifest() {
+        use airlock_core::execution_key::{ExecutionKeyAttestation, ExecutionSigningKey};
+        let f = fixture().await;
+        let op = request(&f, "disk-usage", &["host:read"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let exec_key = ExecutionSigningKey::from_seed([5; 32]);
+        let attestation = |identity: &ApplianceIdentity, key: &ExecutionSigningKey| {
+            ExecutionKeyAttestation {
+                appliance: identity.appliance,
+                environment: identity.environment,
+                tenant: identity.tenant,
+                execution_key: key.public().to_pem().unwrap(),
+                attested_at: f.server.state.now(),
+                attested_by: "alice".into(),
+            }
+            .envelope()
+            .sign(&customer::key(1))
+        };
+        let signed = exec_key.sign(execution(&op, b"out", &a.key, &a.cert));
+        let cert_pem = a.cert.pem.clone();
+        let with = |att: &Envelope| {
+            let mut body = result(&op, &signed, &cert_pem);
+            if let appliance_message::Body::OperationResult(r) = &mut body {
+                r.appliance_attestation_json = att.to_json();
+            }
+            body
+        };
+        // For another appliance, or naming a key that did not sign the execution: refused.
+        let mut other = f.identity.clone();
+        other.appliance = ApplianceId::from_random([8; 16]);
+        assert_refused(&a.send(with(&attestation(&other, &exec_key))).await, "another appliance");
+        let stranger = ExecutionSigningKey::from_seed([6; 32]);
+        assert_refused(&a.send(with(&attestation(&f.identity, &stranger))).await, "not signed by the execution key");
+        assert_eq!(op_state(&f, id).await["state"], "awaiting_approval");
+        // Its own: stored, and served in the manifest beside the execution.
+        let good = attestation(&f.identity, &exec_key);
+        assert_eq!(code_of(&a.send(with(&good)).await), AckCode::Stored);
+        let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
+        let served: Envelope = serde_json::from_value(m["appliance_attestation"].clone()).unwrap();
+        assert_eq!(served, good);
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn release_with_other_bytes_is_refused_and_released_output_is_sealed() {
         let f = fixture().await;
         let op = request(&f, "report", &["host:read"]).await;

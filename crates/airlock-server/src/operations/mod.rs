@@ -62,6 +62,7 @@ pub fn manifest(kek: &crate::keys::Kek, scope: &TenantScope, op: &OperationRow) 
     m.pre_approval = stored_envelope(op, op.pre_approval_envelope.as_deref())?;
     m.execution = stored_envelope(op, op.execution_envelope.as_deref())?;
     m.appliance_certificate = op.appliance_cert_pem.clone();
+    m.appliance_attestation = stored_envelope(op, op.appliance_attestation.as_deref())?;
     m.release = stored_envelope(op, op.release_envelope.as_deref())?;
     m.output_salt = released_salt(kek, scope, op)?;
     Ok(m)

@@ -119,6 +119,7 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         pre_approval_envelope: None,
         execution_envelope: None,
         appliance_cert_pem: None,
+        appliance_attestation: None,
         release_envelope: None,
         exit_code: None,
         output_sha256: None,

@@ -5,6 +5,8 @@
 //! A grant must be the one relayed for this request; a pre-approval must be sent beside it and name this appliance, template and phase; a standing window needs nothing more here (`airlock verify --policy` checks it against the customer's policy).
 //! An execution claiming probe (`observe`) authority for a template is refused: only the appliance's own probes run without a signature.
 //! The certificate is checked at the time the appliance says it started, which may not lie in the control plane's future.
+//! The appliance also signs each execution with its own execution key; the customer's attestation of that key comes beside it once they made one.
+//! The control plane holds no customer key, so it cannot verify the attestation's signature (`airlock verify` does); it checks that the attestation names this stream's appliance and that its key signed the execution, and stores it for the manifest.
 //!
 //! A refusal (`AWAITING_APPROVAL`, `REFUSED`) is read from its codes through `airlock_proto::convert`, never from its text.
 //! A code this build does not know, a missing one, or one that contradicts the outcome is refused.
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use airlock_core::audit::{AuditAction, Event, Outcome};
 use airlock_core::dsse::Envelope;
+use airlock_core::execution_key::read_attestation;
 use airlock_core::grant::{ApprovalDecision, DenyCode, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
 use airlock_core::operation::{
     AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, OperationState, RefusalCode,
@@ -144,6 +147,7 @@ async fn apply_result(
                 state: new_state,
                 execution_envelope: Some(&execution_json),
                 appliance_cert_pem: Some(&v.cert_pem),
+                appliance_attestation: v.attestation_json.as_deref(),
                 pre_approval_envelope: v.pre_approval_json.as_deref(),
                 exit_code: e.exit_code.map(i64::from),
                 output_sha256: e.output_commitment.digest(),
@@ -230,6 +234,7 @@ struct VerifiedExecution {
     statement: ExecutionStatement,
     cert_pem: String,
     pre_approval_json: Option<String>,
+    attestation_json: Option<String>,
 }
 
 /// Verifies an execution statement: our CA issued the certificate, the certificate names
@@ -243,9 +248,14 @@ fn verify_execution(
     r: &OperationResult,
     now: Timestamp,
 ) -> Result<VerifiedExecution, Refuse> {
-    if [&r.execution_envelope_json, &r.appliance_certificate_pem, &r.pre_approval_envelope_json]
-        .iter()
-        .any(|f| f.len() > MAX_ENVELOPE_BYTES)
+    if [
+        &r.execution_envelope_json,
+        &r.appliance_certificate_pem,
+        &r.pre_approval_envelope_json,
+        &r.appliance_attestation_json,
+    ]
+    .iter()
+    .any(|f| f.len() > MAX_ENVELOPE_BYTES)
     {
         return refuse(format!("a signed statement or certificate is larger than {MAX_ENVELOPE_BYTES} bytes"));
     }
@@ -336,5 +346,35 @@ fn verify_execution(
             return refuse("an operation template is never a built-in probe; `observe` cannot authorise it");
         }
     }
-    Ok(VerifiedExecution { envelope, statement, cert_pem: r.appliance_certificate_pem.clone(), pre_approval_json })
+    let attestation_json = attestation_for(peer, &envelope, &r.appliance_attestation_json)?;
+    Ok(VerifiedExecution {
+        envelope,
+        statement,
+        cert_pem: r.appliance_certificate_pem.clone(),
+        pre_approval_json,
+        attestation_json,
+    })
+}
+
+/// The customer's attestation sent beside an execution (none from an appliance the customer
+/// did not attest, or older ones): it must name the stream's appliance, and its key must have
+/// signed the execution. Who signed the attestation is the customer's to check offline.
+fn attestation_for(peer: &ApplianceIdentity, execution: &Envelope, json: &str) -> Result<Option<String>, Refuse> {
+    if json.is_empty() {
+        return Ok(None);
+    }
+    let envelope = Envelope::from_json(json.as_bytes())
+        .or_else(|e| refuse(format!("the attestation envelope is malformed: {e}")))?;
+    let (statement, key) =
+        read_attestation(&envelope).or_else(|e| refuse(format!("the execution key attestation: {e}")))?;
+    if statement.appliance != peer.appliance
+        || statement.environment != peer.environment
+        || statement.tenant != peer.tenant
+    {
+        return refuse("the execution key attestation is for another appliance");
+    }
+    if !key.signed(execution, EXECUTION_PAYLOAD_TYPE) {
+        return refuse("the execution is not signed by the execution key its attestation names");
+    }
+    Ok(Some(envelope.to_json()))
 }

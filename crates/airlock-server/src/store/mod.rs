@@ -49,6 +49,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "policies", include_str!("../../migrations/0005_policies.sql")),
     (6, "refusal_codes", include_str!("../../migrations/0006_refusal_codes.sql")),
     (7, "output_salt", include_str!("../../migrations/0007_output_salt.sql")),
+    (8, "appliance_attestation", include_str!("../../migrations/0008_appliance_attestation.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,8 @@ pub struct OperationRow {
     pub pre_approval_envelope: Option<String>,
     pub execution_envelope: Option<String>,
     pub appliance_cert_pem: Option<String>,
+    /// The customer's attestation of the execution key that signed `execution_envelope`.
+    pub appliance_attestation: Option<String>,
     pub release_envelope: Option<String>,
     pub exit_code: Option<i64>,
     /// The digest the signed execution names: its salted output commitment or, for one signed
@@ -56,6 +58,7 @@ pub struct ResultUpdate<'a> {
     pub state: OperationState,
     pub execution_envelope: Option<&'a str>,
     pub appliance_cert_pem: Option<&'a str>,
+    pub appliance_attestation: Option<&'a str>,
     pub pre_approval_envelope: Option<&'a str>,
     pub exit_code: Option<i64>,
     pub output_sha256: Option<&'a str>,
@@ -72,6 +75,7 @@ impl<'a> ResultUpdate<'a> {
             state,
             execution_envelope: None,
             appliance_cert_pem: None,
+            appliance_attestation: None,
             pre_approval_envelope: None,
             exit_code: None,
             output_sha256: None,
@@ -96,7 +100,7 @@ const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id,
     requested_by, requested_at, updated_at, request_digest, command_sha256, request_envelope, control_plane_cert_pem,
     approval_envelope, pre_approval_envelope, execution_envelope, appliance_cert_pem, release_envelope, exit_code,
     output_sha256, output_size, refusal_code, deny_code, refusal_reason, result_at,
-    CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored, output_salt_sealed";
+    CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored, output_salt_sealed, appliance_attestation";
 
 /// The states in which an operation still waits for the appliance's final result.
 pub const PENDING_STATES: [OperationState; 3] =
@@ -318,7 +322,8 @@ impl WriteTx<'_> {
         let done = sqlx::query(
             "UPDATE operations SET state = $1, execution_envelope = $2, appliance_cert_pem = $3,
                 pre_approval_envelope = $4, exit_code = $5, output_sha256 = $6, output_size = $7,
-                refusal_reason = $8, result_at = $9, updated_at = $9, refusal_code = $13, deny_code = $14
+                refusal_reason = $8, result_at = $9, updated_at = $9, refusal_code = $13, deny_code = $14,
+                appliance_attestation = $15
              WHERE tenant_id = $10 AND appliance_id = $11 AND id = $12 AND result_at IS NULL",
         )
         .bind(r.state.as_str())
@@ -335,6 +340,7 @@ impl WriteTx<'_> {
         .bind(id.to_string())
         .bind(r.refusal_code.map(code_text).transpose()?)
         .bind(r.deny_code.map(code_text).transpose()?)
+        .bind(r.appliance_attestation)
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -391,6 +397,7 @@ fn operation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OperationRow, Store
         pre_approval_envelope: r.try_get("pre_approval_envelope")?,
         execution_envelope: r.try_get("execution_envelope")?,
         appliance_cert_pem: r.try_get("appliance_cert_pem")?,
+        appliance_attestation: r.try_get("appliance_attestation")?,
         release_envelope: r.try_get("release_envelope")?,
         exit_code: r.try_get("exit_code")?,
         output_sha256: r.try_get("output_sha256")?,

@@ -91,6 +91,7 @@ fn operation_row(id: OperationId, w: WorkspaceId, e: EnvironmentId, a: Appliance
         pre_approval_envelope: None,
         execution_envelope: None,
         appliance_cert_pem: None,
+        appliance_attestation: None,
         release_envelope: None,
         exit_code: None,
         output_sha256: None,
