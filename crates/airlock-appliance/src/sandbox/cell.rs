@@ -138,7 +138,6 @@ impl Cell {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn dir(&self) -> &std::path::Path {
         &self.dir
     }

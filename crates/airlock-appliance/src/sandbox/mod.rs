@@ -79,6 +79,8 @@ pub(crate) struct Sandbox {
     /// `None` where the host offers no cgroup v2: runs are then held by their process group.
     cells: Option<Cells>,
     run_as: RunAs,
+    /// A uid of its own for each run at once, when vendor code runs as a dynamic box user.
+    uids: user::UidPool,
     /// Where runs get their working directories, outside the state directory.
     work_root: PathBuf,
     /// What vendor code must never reach, so no Landlock rule may cover it.
@@ -142,6 +144,8 @@ impl Drop for Sandbox {
 pub(crate) struct Boxed {
     pub(crate) cell: Option<Arc<Cell>>,
     workdir: PathBuf,
+    /// The uid it runs as, given back once everything in its cell is dead.
+    lease: std::sync::Mutex<Option<user::Lease>>,
 }
 
 impl Sandbox {
@@ -172,7 +176,8 @@ impl Sandbox {
         if let Some(why) = &unusable {
             tracing::error!(reason = %why, "vendor code will not run on this appliance");
         }
-        let sandbox = Self { cells, run_as, work_root, protected: vec![state], landlock, unusable };
+        let uids = user::UidPool::for_box(run_as, box_user, &tag);
+        let sandbox = Self { cells, run_as, uids, work_root, protected: vec![state], landlock, unusable };
         sandbox.clear_leftovers()?;
         match sandbox.run_as {
             RunAs::BoxUser { uid, gid } => tracing::info!(uid, gid, landlock, "vendor code runs boxed"),
@@ -264,6 +269,15 @@ impl Sandbox {
         if let Some(why) = &self.unusable {
             return Err(format!("vendor code does not run here: {why}"));
         }
+        // A uid of its own while it runs, where one is free; else the box user's, shared.
+        let lease = match run_as {
+            RunAs::BoxUser { .. } => self.uids.lease(),
+            RunAs::Appliance | RunAs::Root => None,
+        };
+        let run_as = match &lease {
+            Some(lease) => RunAs::BoxUser { uid: lease.id, gid: lease.id },
+            None => run_as,
+        };
         let cell = match &self.cells {
             Some(cells) => {
                 let cell = cells.create(id)?;
@@ -272,7 +286,7 @@ impl Sandbox {
             }
             None => None,
         };
-        let boxed = Boxed { cell, workdir: self.workdir(id) };
+        let boxed = Boxed { cell, workdir: self.workdir(id), lease: std::sync::Mutex::new(lease) };
         let made = self.make_workdir(&boxed.workdir, script, run_as).and_then(|()| {
             let fence = if self.landlock { Some(fence::ruleset(&boxed.workdir, &self.protected)?) } else { None };
             let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
@@ -333,10 +347,19 @@ impl Boxed {
         }
     }
 
-    /// Kills what is left, removes the cell and the working directory.
+    /// Kills what is left, removes the cell and the working directory, and gives its uid back
+    /// (only once the cell is empty: a uid with a process left stays out of the pool).
     pub(crate) fn dispose(&self) {
-        if let Some(cell) = &self.cell {
-            cell.kill_and_remove();
+        let empty = match &self.cell {
+            Some(cell) => {
+                cell.kill_and_remove();
+                !cell.dir().exists()
+            }
+            None => false,
+        };
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (true, Some(lease)) = (empty, lease) {
+            lease.release();
         }
         if let Err(e) = std::fs::remove_dir_all(&self.workdir)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -209,3 +209,28 @@ async fn a_root_run_keeps_only_a_few_capabilities_and_cannot_make_devices() {
     assert!(output.contains("CapEff:\t00000000000004ff"), "{output}");
     assert!(!output.contains("MADE-A-DEVICE") && output.trim_end().ends_with('0'), "{output}");
 }
+
+#[tokio::test]
+async fn concurrent_runs_get_uids_of_their_own_so_one_cannot_starve_another() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let limits = RunLimits { processes: 8, ..RunLimits::default() };
+    let env = BTreeMap::new();
+    // Run A takes every process its uid may have, and holds them.
+    let bomb = b"i=0; while [ $i -lt 20 ]; do sleep 3 & i=$((i+1)); done";
+    let (mut a, boxed_a) = sandbox.prepare(id(9), bomb, &env, &limits, sandbox.run_as).unwrap();
+    let a_uid = boxed_a.lease.lock().unwrap().as_ref().map(|l| l.id).unwrap();
+    let a = a.spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Run B, meanwhile, forks as it needs to.
+    let b = run(&sandbox, 10, "sh -c 'echo forked'; id -u", &[], &limits).await;
+    assert!(b.output.contains("forked"), "{}", b.output);
+    let b_uid: u32 = b.output.lines().last().unwrap().trim().parse().unwrap();
+    assert_ne!(a_uid, b_uid);
+    drop(a);
+    boxed_a.dispose();
+    // Both uids are back in the pool once their cells are gone.
+    let (_, again) = sandbox.prepare(id(11), b"true", &env, &limits, sandbox.run_as).unwrap();
+    assert!(again.lease.lock().unwrap().is_some());
+    again.dispose();
+}

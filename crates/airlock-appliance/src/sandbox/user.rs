@@ -4,6 +4,9 @@
 //! the one the configuration names, or else a uid of its own from the range systemd keeps for
 //! dynamic users (61184–65519), picked by the state directory's hash and checked to be in
 //! neither the user nor the group database, so no file on the host belongs to it.
+//! Each run takes a uid of its own from a pool ([`UidPool`]) while it runs, so one run can
+//! neither use up another's processes (`RLIMIT_NPROC` counts per uid) nor reach its files or
+//! processes by their owner; a named box user is one uid, shared by concurrent runs.
 //! An appliance that is not root cannot switch users: vendor code then runs as the
 //! appliance's own user, and only Landlock keeps it from the appliance's files.
 
@@ -53,15 +56,64 @@ fn named(name: &str) -> Result<RunAs, String> {
 }
 
 fn dynamic(tag: &str) -> Result<RunAs, String> {
+    free_dynamic_ids(tag, 1)
+        .first()
+        .map(|&id| RunAs::BoxUser { uid: id, gid: id })
+        .ok_or_else(|| "no free uid in 61184-65519 for vendor code; name a box user in the configuration".to_owned())
+}
+
+/// How many runs at once get a uid of their own.
+const POOL_SIZE: usize = 16;
+
+/// Up to `n` ids from the dynamic range that are in neither the user nor the group database,
+/// starting where `tag` (hex) points.
+fn free_dynamic_ids(tag: &str, n: usize) -> Vec<u32> {
     let span = DYNAMIC_LAST - DYNAMIC_FIRST + 1;
     let seed = u32::from_str_radix(tag.get(..8).unwrap_or("0"), 16).unwrap_or(0);
-    for step in 0..64 {
-        let id = DYNAMIC_FIRST + (seed.wrapping_add(step) % span);
-        let user_free = matches!(User::from_uid(Uid::from_raw(id)), Ok(None));
-        let group_free = matches!(Group::from_gid(Gid::from_raw(id)), Ok(None));
-        if user_free && group_free {
-            return Ok(RunAs::BoxUser { uid: id, gid: id });
-        }
+    (0..64 + n as u32)
+        .map(|step| DYNAMIC_FIRST + (seed.wrapping_add(step) % span))
+        .filter(|&id| {
+            matches!(User::from_uid(Uid::from_raw(id)), Ok(None))
+                && matches!(Group::from_gid(Gid::from_raw(id)), Ok(None))
+        })
+        .take(n)
+        .collect()
+}
+
+/// The uids runs take, one each while they run.
+#[derive(Debug, Default)]
+pub(crate) struct UidPool {
+    free: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+/// A uid (and the gid of the same number) a run holds until its box is disposed of.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pub(crate) id: u32,
+    free: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl UidPool {
+    /// The pool for a dynamic box user (`run_as`, picked by `tag`); empty for a named one.
+    pub(crate) fn for_box(run_as: RunAs, configured: Option<&str>, tag: &str) -> Self {
+        let ids = match (run_as, configured) {
+            (RunAs::BoxUser { .. }, None) => free_dynamic_ids(tag, POOL_SIZE),
+            _ => Vec::new(),
+        };
+        // Taken from the end: the first id (the box user `phase status` names) goes first.
+        Self { free: std::sync::Arc::new(std::sync::Mutex::new(ids.into_iter().rev().collect())) }
     }
-    Err("no free uid in 61184-65519 for vendor code; name a box user in the configuration".to_owned())
+
+    /// A uid for one run, if one is free.
+    pub(crate) fn lease(&self) -> Option<Lease> {
+        let id = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        Some(Lease { id, free: self.free.clone() })
+    }
+}
+
+impl Lease {
+    /// Gives the uid back: everything that ran as it is dead (its cell was killed).
+    pub(crate) fn release(self) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).push(self.id);
+    }
 }
