@@ -22,7 +22,7 @@ use super::{RunAs, RunLimits};
 pub(super) struct Confinement {
     procs: Option<File>,
     run_as: RunAs,
-    limits: [(Resource, rlim_t); 4],
+    limits: [(Resource, rlim_t); 5],
     fence: Option<RulesetCreated>,
 }
 
@@ -42,6 +42,7 @@ impl Confinement {
                 (Resource::RLIMIT_DATA, limits.memory_bytes),
                 (Resource::RLIMIT_NOFILE, rlim_t::from(limits.open_files)),
                 (Resource::RLIMIT_CORE, 0),
+                (Resource::RLIMIT_FSIZE, limits.file_bytes),
             ],
             fence,
         }

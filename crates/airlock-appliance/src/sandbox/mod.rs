@@ -53,6 +53,8 @@ pub(crate) struct RunLimits {
     /// cgroup v2 has a memory controller.
     pub(crate) memory_bytes: u64,
     pub(crate) open_files: u32,
+    /// The largest file it may write (`RLIMIT_FSIZE`).
+    pub(crate) file_bytes: u64,
 }
 
 impl Default for RunLimits {
@@ -69,6 +71,7 @@ impl From<airlock_core::run_spec::RunLimits> for RunLimits {
             processes: l.processes,
             memory_bytes: u64::from(l.memory_mib) << 20,
             open_files: 1024,
+            file_bytes: 1 << 30,
         }
     }
 }

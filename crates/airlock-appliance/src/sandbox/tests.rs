@@ -234,3 +234,13 @@ async fn concurrent_runs_get_uids_of_their_own_so_one_cannot_starve_another() {
     assert!(again.lease.lock().unwrap().is_some());
     again.dispose();
 }
+
+#[tokio::test]
+async fn a_run_cannot_write_a_file_past_its_size_limit() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let limits = RunLimits { file_bytes: 1 << 20, ..RunLimits::default() };
+    let r = run(&sandbox, 12, "head -c 4194304 /dev/zero > big; wc -c < big", &[], &limits).await;
+    let written = r.output.lines().find_map(|l| l.trim().parse::<u64>().ok());
+    assert_eq!(written, Some(1 << 20), "{}", r.output);
+}
