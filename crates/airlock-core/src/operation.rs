@@ -721,6 +721,14 @@ pub fn verify_manifest(json: &[u8], inputs: &VerifyInputs<'_>) -> Result<Manifes
     verify_parsed_manifest(&m, inputs)
 }
 
+/// The digest of the policy a manifest's execution names, unverified: only for picking which
+/// of the customer's signed policies to verify it with.
+pub fn named_policy_digest(json: &[u8]) -> Option<String> {
+    let m: Manifest = serde_json::from_slice(json).ok()?;
+    let e: ExecutionStatement = serde_json::from_slice(&m.execution?.payload).ok()?;
+    e.authority.policy_digest
+}
+
 /// [`verify_manifest`] for a manifest already parsed.
 pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result<ManifestReport, ManifestError> {
     let mut checks = Vec::new();
@@ -835,6 +843,11 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                     return unattested("execution.attested-key", AttestationRefusal::NotSignedByAttestedKey);
                 }
                 checks.push("execution.attested-key");
+                // The attested key is newer than salted commitments: an execution it signed
+                // with a plain digest was not made by this appliance's code.
+                if matches!(e.output_commitment, OutputCommitment::LegacyUnsalted { .. }) {
+                    return fail("execution.output", "an attested execution carries a legacy unsalted digest");
+                }
                 let s = attested.statement();
                 execution_trust = Some(ExecutionTrust::CustomerAttested {
                     key_id: attested.key().key_id().to_owned(),
@@ -1080,6 +1093,24 @@ pub fn output_release_allowed(report: &ManifestReport) -> bool {
 
 /// Checks that manifests, oldest first, form one appliance's chain with no gap.
 pub fn verify_chain(reports: &[ManifestReport]) -> Result<(), ManifestError> {
+    // Once the customer attested the appliance's execution key, every later execution is
+    // signed with it: one vouched for by the vendor's CA alone after that is a forgery's mark.
+    let mut attested = None;
+    for r in reports {
+        match (&r.execution_trust, attested) {
+            (Some(ExecutionTrust::CustomerAttested { .. }), _) => attested = Some(r.request.request.id),
+            (Some(ExecutionTrust::VendorAttestedOnly), Some(earlier)) => {
+                return fail(
+                    "chain.attestation",
+                    format!(
+                        "{} is vouched for only by the vendor's CA, after {earlier} was signed by the customer-attested key",
+                        r.request.request.id
+                    ),
+                );
+            }
+            _ => {}
+        }
+    }
     let executions: Vec<&ExecutionStatement> = reports.iter().filter_map(|r| r.execution.as_ref()).collect();
     for pair in executions.windows(2) {
         let (prev, next) = (pair[0], pair[1]);

@@ -381,6 +381,30 @@ fn manifests_chain_and_a_gap_is_detected() {
     assert_eq!(verify_chain(&reordered).unwrap_err().check, "chain.link");
 }
 
+#[test]
+fn after_an_attested_execution_one_vouched_for_by_the_ca_alone_breaks_the_chain() {
+    let fx = Fixture::new();
+    let first = fx.parts();
+    let mut second = fx.parts();
+    second.execution.sequence = 2;
+    second.execution.previous_manifest_sha256 = Some(first.execution.manifest_sha256());
+    let attested = verify(&fx, &fx.assemble(&first)).unwrap();
+    // The vendor drops the attestation from the next manifest, as from a forged one.
+    let mut stripped = fx.assemble(&second);
+    stripped.appliance_attestation = None;
+    let vendor_only = verify_with(&fx, &stripped, VendorAttested::Accept).unwrap();
+    assert_eq!(vendor_only.execution_trust, Some(ExecutionTrust::VendorAttestedOnly));
+    assert_eq!(verify_chain(&[attested, vendor_only]).unwrap_err().check, "chain.attestation");
+}
+
+#[test]
+fn an_attested_execution_never_carries_a_legacy_unsalted_digest() {
+    let fx = Fixture::new();
+    let mut parts = fx.parts();
+    parts.execution.output_commitment = OutputCommitment::LegacyUnsalted { sha256: sha256_hex(OUTPUT), size: 12 };
+    assert_eq!(verify(&fx, &fx.assemble(&parts)).unwrap_err(), "execution.output");
+}
+
 fn signed_policy(fx: &Fixture, windows: &str) -> VerifiedPolicy {
     let text = format!("version = 1\nserial = 1\nphases = [\"observe\", \"operate\"]\n{windows}");
     let env = Envelope::new(POLICY_PAYLOAD_TYPE, text.into_bytes()).sign(&fx.customer);

@@ -285,7 +285,7 @@ pub(crate) fn verify(
     manifests: &[PathBuf],
     customer_keys: &[PathBuf],
     ca: &Path,
-    policy: Option<&Path>,
+    policies: &[PathBuf],
     approvals_required: Option<usize>,
     outputs: &[PathBuf],
     vendor_attested: VendorAttested,
@@ -303,28 +303,29 @@ pub(crate) fn verify(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
     let ca_der = pem_certificate_der(&ca_pem).with_context(|| format!("loading {}", ca.display()))?;
-    let policy = match policy {
-        Some(path) => {
+    let policies = policies
+        .iter()
+        .map(|path| {
             let json = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Some(
-                airlock_core::policy::verify_signed_policy(&json, &keys, None)
-                    .with_context(|| format!("checking the signed policy {}", path.display()))?,
-            )
-        }
-        None => None,
-    };
-    let approvals_required =
-        approvals_required.unwrap_or_else(|| policy.as_ref().map_or(1, |p| p.document().approvals_required));
-    let inputs = VerifyInputs {
-        ca_der: &ca_der,
-        customer_keys: &keys,
-        approvals_required,
-        policy: policy.as_ref(),
-        vendor_attested,
-    };
+            airlock_core::policy::verify_signed_policy(&json, &keys, None)
+                .with_context(|| format!("checking the signed policy {}", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut reports = Vec::new();
     for path in manifests {
         let json = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        // Each execution is held against the policy it names, among those given (a chain may
+        // span policy changes); the signatures decide whether that is the one in force.
+        let named = airlock_core::operation::named_policy_digest(&json);
+        let policy = named.as_deref().and_then(|d| policies.iter().find(|p| p.digest_hex() == d));
+        let inputs = VerifyInputs {
+            ca_der: &ca_der,
+            customer_keys: &keys,
+            approvals_required: approvals_required
+                .unwrap_or_else(|| policy.or(policies.first()).map_or(1, |p| p.document().approvals_required)),
+            policy,
+            vendor_attested,
+        };
         let report = airlock_core::operation::verify_manifest(&json, &inputs)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         reports.push(report);
@@ -352,9 +353,11 @@ pub(crate) fn describe_report(r: &ManifestReport) -> String {
     let req = &r.request.request;
     use crate::terminal::line;
     let mut out = format!(
-        "operation {} on appliance {}: {} ({:?}), requested by {} at {}\n",
+        "operation {} on appliance {} in {} ({}): {} ({:?}), requested by {} at {} (the vendor's word: no customer or appliance signature covers who asked, or when)\n",
         req.id,
         req.appliance,
+        r.request.environment,
+        r.request.tenant,
         line(&req.kind),
         req.phase,
         line(&r.request.requested_by),

@@ -559,10 +559,15 @@ struct VerifyArgs {
     /// The control plane CA certificate (PEM), e.g. `<appliance-state-dir>/ca.pem`.
     #[arg(long)]
     ca: PathBuf,
-    /// Your signed policy: sets the approver threshold, proves executions in its standing windows,
-    /// and holds every execution under it against its deny rules and caps.
+    /// Your signed policy (repeat for each, when the manifests span policy changes): sets the
+    /// approver threshold, proves executions in its standing windows, and holds every execution
+    /// under it against its deny rules and caps. Each execution is held against the one it names.
+    #[arg(long = "policy")]
+    policies: Vec<PathBuf>,
+    /// Exit 0 even when an execution names a policy not given, so its deny rules and caps went
+    /// unchecked (it is still reported).
     #[arg(long)]
-    policy: Option<PathBuf>,
+    allow_unchecked_policy: bool,
     /// Distinct customer keys an approval needs (default: the policy's approvals_required, else 1).
     #[arg(long)]
     approvals_required: Option<usize>,
@@ -762,7 +767,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 &args.manifests,
                 &args.customer_keys,
                 &args.ca,
-                args.policy.as_deref(),
+                &args.policies,
                 args.approvals_required,
                 &args.outputs,
                 if args.allow_vendor_attested {
@@ -785,6 +790,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             if reports.len() > 1 {
                 println!("chain: {} manifests, each follows the one before", reports.len());
+            }
+            let unchecked = reports.iter().filter(|(r, _)| r.execution.is_some() && !r.policy_checked).count();
+            if unchecked > 0 && !args.allow_unchecked_policy {
+                eprintln!(
+                    "NOT VERIFIED: the deny rules and caps of {unchecked} execution(s) were not checked; give the signed policies they name with --policy (or accept this with --allow-unchecked-policy)"
+                );
+                return Ok(ExitCode::FAILURE);
             }
             println!("OK");
             Ok(ExitCode::SUCCESS)

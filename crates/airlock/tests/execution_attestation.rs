@@ -67,11 +67,12 @@ fn attested_executions_verify_and_one_re_signed_under_a_fresh_ca_certificate_is_
     let dir = d.server.dir.path();
     let pubkey = d.customer.join("customer.pub");
     let ca = d.state.join("ca.pem");
+    let policy = d.server.dir.path().join("policy.json");
     let verify = |m: &Manifest, name: &str, extra: &[&str]| -> Output {
         let path = dir.join(name);
         std::fs::write(&path, serde_json::to_vec(m).unwrap()).unwrap();
         let mut args = vec!["verify", path.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
-        args.extend(["--ca", ca.to_str().unwrap()]);
+        args.extend(["--ca", ca.to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
         args.extend(extra);
         run(BIN, &args)
     };

@@ -93,6 +93,7 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     std::fs::write(&m, &manifest).unwrap();
     let pubkey = s.customer.join("customer.pub");
     let ca = s.state.join("ca.pem");
+    let policy = s.server.dir.path().join("policy.json");
     let verify = |path: &Path| {
         airlock(&[
             "verify",
@@ -101,14 +102,20 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
             pubkey.to_str().unwrap(),
             "--ca",
             ca.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
         ])
     };
-    let out = ok(verify(&m), "verify");
-    assert!(out.contains("OK") && out.contains(&id), "{out}");
-    // Without the policy the execution names, its deny rules and caps go unchecked, and the
-    // customer is told; with it, they are checked.
-    assert!(out.contains("deny rules and caps NOT checked"), "{out}");
-    let policy = s.server.dir.path().join("policy.json");
+    // Without the policy the execution names, its deny rules and caps go unchecked: the
+    // customer is told, and it is not verified unless they accept that.
+    let mut unchecked = vec!["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
+    unchecked.extend(["--ca", ca.to_str().unwrap()]);
+    let refused = airlock(&unchecked);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("NOT VERIFIED"), "{refused:?}");
+    unchecked.push("--allow-unchecked-policy");
+    let out = ok(airlock(&unchecked), "verify --allow-unchecked-policy");
+    assert!(out.contains("OK") && out.contains(&id) && out.contains("deny rules and caps NOT checked"), "{out}");
     let mut with_policy = vec!["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
     with_policy.extend(["--ca", ca.to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
     let out = ok(airlock(&with_policy), "verify --policy");
@@ -126,6 +133,8 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
             pubkey.to_str().unwrap(),
             "--ca",
             ca.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
             "--output",
             output.to_str().unwrap(),
         ])
@@ -273,6 +282,7 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
     std::fs::write(&m, s.server.ok(&["op", "manifest", &id])).unwrap();
     let pubkey = s.customer.join("customer.pub");
     let ca = s.state.join("ca.pem");
+    let policy = s.server.dir.path().join("policy.json");
     ok(
         airlock(&[
             "verify",
@@ -281,6 +291,8 @@ fn disabling_operate_on_the_host_kills_the_running_operation() {
             pubkey.to_str().unwrap(),
             "--ca",
             ca.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
         ]),
         "verify cancelled",
     );
@@ -335,6 +347,7 @@ fn pre_approval_runs_are_counted_across_restarts() {
     let (m1, m2) = (s.server.dir.path().join("m1.json"), s.server.dir.path().join("m2.json"));
     std::fs::write(&m1, s.server.ok(&["op", "manifest", &first])).unwrap();
     std::fs::write(&m2, s.server.ok(&["op", "manifest", &second])).unwrap();
+    let policy = s.server.dir.path().join("policy.json");
     let chain = airlock(&[
         "verify",
         m1.to_str().unwrap(),
@@ -343,6 +356,8 @@ fn pre_approval_runs_are_counted_across_restarts() {
         &pubkey,
         "--ca",
         ca.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
     ]);
     ok(chain, "verify chain");
     let reversed = airlock(&[
