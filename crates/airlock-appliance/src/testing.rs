@@ -141,6 +141,7 @@ impl Fx {
                 data_tags: m.data_tags.clone(),
                 args,
                 command_sha256: command.sha256(),
+                environment: Some(self.kit.identity.environment),
             },
             command,
             reason: "routine check".into(),

@@ -68,6 +68,11 @@ pub struct OperationRequest {
     pub args: BTreeMap<String, String>,
     /// SHA-256 (hex) of the exact rendered command.
     pub command_sha256: String,
+    /// The customer environment it is for, so what the customer signs names it: an approval
+    /// given for one environment never runs in another, whatever ids the vendor hands out.
+    /// Absent only in requests made before it was signed (and so from their digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<crate::EnvironmentId>,
 }
 
 impl OperationRequest {
@@ -895,6 +900,7 @@ mod tests {
             data_tags: BTreeSet::new(),
             args: [("action".to_owned(), "restart".to_owned())].into(),
             command_sha256: "ab".repeat(32),
+            environment: None,
         }
     }
 

@@ -759,6 +759,11 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
         return fail("request.command", "the command does not hash to the request's command_sha256");
     }
     checks.push("request.command");
+    // What the customer signs names the environment (requests made before it did not): it
+    // must be the one the control plane's statement names.
+    if req.environment.is_some_and(|env| env != request.environment) {
+        return fail("request.environment", "the request the customer signs names another environment");
+    }
     let request_digest = req.digest_hex();
 
     // 2. The customer's authority: an approval or a pre-approval.

@@ -98,6 +98,7 @@ mod tests {
             data_tags: Default::default(),
             args: Default::default(),
             command_sha256: command.sha256(),
+            environment: None,
         }
     }
 

@@ -398,6 +398,15 @@ fn after_an_attested_execution_one_vouched_for_by_the_ca_alone_breaks_the_chain(
 }
 
 #[test]
+fn a_request_signed_for_another_environment_does_not_verify_for_this_one() {
+    let fx = Fixture::new();
+    let mut parts = fx.parts();
+    parts.request.request.environment = Some(airlock_core::EnvironmentId::from_random([7; 16]));
+    parts.request.request.command_sha256 = parts.request.command.sha256();
+    assert_eq!(verify(&fx, &fx.assemble(&parts)).unwrap_err(), "request.environment");
+}
+
+#[test]
 fn an_attested_execution_never_carries_a_legacy_unsalted_digest() {
     let fx = Fixture::new();
     let mut parts = fx.parts();

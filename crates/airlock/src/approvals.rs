@@ -90,8 +90,11 @@ impl PendingOperation {
         let r = &self.request;
         let tags: Vec<&str> = r.data_tags.iter().map(String::as_str).collect();
         let unsigned = "(not covered by your signature)";
+        // Requests name their environment in what the customer signs; older ones did not.
+        let environment_signed = r.environment.is_some_and(|e| e.to_string() == self.environment);
+        let environment_note = if environment_signed { "" } else { unsigned };
         let mut out = format!(
-            "operation  {}\nrequest digest {} (pass it to `airlock customer approve|deny --digest`)\nenvironment {} {unsigned}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {} {unsigned}\nrequested  by {} {unsigned}\ncommand sha256 {}\n--- script ---\n{}",
+            "operation  {}\nrequest digest {} (pass it to `airlock customer approve|deny --digest`)\nenvironment {} {environment_note}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {} {unsigned}\nrequested  by {} {unsigned}\ncommand sha256 {}\n--- script ---\n{}",
             self.id,
             r.digest_hex(),
             line(&self.environment),

@@ -316,6 +316,10 @@ impl Executor {
         if statement.tenant != self.identity.tenant || statement.environment != self.identity.environment {
             return Err(misbound("the request is for another tenant or environment".into()));
         }
+        // The environment the customer's approval names, not only the vendor's statement.
+        if req.environment != Some(self.identity.environment) {
+            return Err(misbound("the request the customer signs does not name this environment".into()));
+        }
         // A template can never pass for one of the appliance's own probes (which Observe runs
         // without a signature): `Template::new` refuses their names, and the request's kind
         // must be the template's name (checked below).

@@ -407,3 +407,20 @@ async fn deciding_writes_nothing_and_acting_spends_the_authority_before_anything
     let executed_at = fx.audit_records().iter().position(|r| r["action"] == "operation.executed").unwrap();
     assert!(allowed_at < executed_at);
 }
+
+#[tokio::test]
+async fn an_approval_given_for_another_environment_never_runs_here() {
+    let fx = Fx::new(ALL_PHASES);
+    // The customer reviewed and approved a request naming another environment; the vendor's
+    // statement says this one, where this appliance (or one given the same id) runs.
+    let mut stmt = fx.simple(op_id(50), "api");
+    stmt.request.environment = Some(airlock_core::EnvironmentId::from_random([7; 16]));
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_refused(&r, RefusalCode::Misbound);
+    assert!(!fx.ran(op_id(50)));
+    // Nor does a request that names no environment in what the customer signs.
+    let mut stmt = fx.simple(op_id(51), "api");
+    stmt.request.environment = None;
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_refused(&r, RefusalCode::Misbound);
+}

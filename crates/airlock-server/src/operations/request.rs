@@ -86,6 +86,7 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         data_tags: m.data_tags.clone(),
         args: new.vars,
         command_sha256: command.sha256(),
+        environment: Some(env.id),
     };
     let statement = RequestStatement {
         request: request.clone(),
