@@ -54,8 +54,10 @@ pub const BUILTIN_DENIED_KINDS: &[(&str, &str)] = &[
     ("replace-customer-key", "builtin:pinned-customer-key"),
 ];
 
-/// What the vendor asks the appliance to do, as the customer sees and signs it.
+/// What the vendor asks the appliance to do, as the customer sees and signs it. A field it does
+/// not know is refused: the digest is of what it parsed, so nothing may ride along unseen.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OperationRequest {
     pub id: OperationId,
     pub appliance: ApplianceId,
@@ -931,6 +933,15 @@ mod tests {
 
     fn grant_for(req: &OperationRequest, edit: impl FnOnce(&mut GrantBody)) -> VerifiedGrant {
         grant_signed(req, &[1], edit)
+    }
+
+    #[test]
+    fn a_request_with_a_field_nobody_reviews_does_not_parse() {
+        let req = request("restart", Phase::Operate);
+        let mut json = serde_json::to_value(&req).unwrap();
+        assert_eq!(serde_json::from_value::<OperationRequest>(json.clone()).unwrap(), req);
+        json["also_run"] = "rm -rf /".into();
+        assert!(serde_json::from_value::<OperationRequest>(json).is_err());
     }
 
     /// The decision for `req` asking `run` of its box, on an appliance that can switch users
