@@ -13,6 +13,8 @@
 //! Operation instructions go to the executor off the loop, so heartbeats go on while they run.
 //! A relayed `PolicyUpdate` is applied exactly like a policy loaded on the host; a refused one
 //! changes nothing.
+//! Every `Hello` carries the customer's attestation of the execution key, if made; one made
+//! while connected ends the session so the next `Hello` carries it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,10 +88,17 @@ impl Session<'_> {
             .map_err(|e| classify_transport(&e))?;
         let mut client = ApplianceGatewayClient::new(channel);
         let (tx, rx) = mpsc::channel::<ApplianceMessage>(8);
+        // The customer's attestation of the execution key goes in every Hello: the control
+        // plane names that key in the requests it makes, so an approval covers this one host.
+        // One made while connected ends the session, and the next Hello carries it.
+        let mut attestation = self.executor.control().attestation_changes();
+        let execution_key_attestation_json =
+            attestation.borrow_and_update().as_ref().map(|a| a.to_json()).unwrap_or_default();
         let hello = ApplianceMessage {
             body: Some(appliance_message::Body::Hello(Hello {
                 version: airlock_proto::VERSION.to_owned(),
                 health: Some(self.health()),
+                execution_key_attestation_json,
             })),
         };
         // The channel has room: this is its first message.
@@ -109,6 +118,10 @@ impl Session<'_> {
             let renew_sleep = tokio::time::sleep(renew_at.map_or(Duration::from_secs(3600), |t| t.since(now())));
             tokio::select! {
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+                Ok(()) = attestation.changed() => {
+                    tracing::info!("reconnecting to present the customer's attestation of the execution key");
+                    return Ok(SessionEnd::Dropped { reason: "the customer attested the execution key; presenting it in a new Hello".into(), established });
+                }
                 _ = renew_sleep, if pending_key.is_none() && renew_at.is_some() => {
                     let key = KeyPair::generate().map_err(|e| dropped(format!("key generation: {e}")))?;
                     let csr_pem = csr_for(&key, Some(&self.identity.uri())).map_err(|e| dropped(e.to_string()))?;

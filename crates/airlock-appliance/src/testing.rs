@@ -142,6 +142,8 @@ impl Fx {
                 args,
                 command_sha256: command.sha256(),
                 environment: Some(self.kit.identity.environment),
+                // As the control plane names it: the key the appliance's Hello attested, if any.
+                execution_key: self.control.attested_key_id(),
             },
             command,
             reason: "routine check".into(),

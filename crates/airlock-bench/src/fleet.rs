@@ -336,6 +336,7 @@ async fn connect_one(e: &Enrolled, hold: Hold) -> anyhow::Result<Live> {
         body: Some(appliance_message::Body::Hello(Hello {
             version: airlock_proto::VERSION.to_owned(),
             health: Some(healthy(0)),
+            ..Default::default()
         })),
     };
     tx.try_send(hello).map_err(|_| anyhow!("cannot queue Hello"))?;

@@ -75,6 +75,13 @@ pub struct OperationRequest {
     /// Absent only in requests made before it was signed (and so from their digest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<crate::EnvironmentId>,
+    /// The host it is for: the id ([`crate::execution_key::ExecutionPublicKey::key_id`]) of
+    /// the execution key the customer attested for the appliance. Appliance ids are the
+    /// vendor's to hand out, so two hosts may share one; an approval names the one host whose
+    /// key it is. Absent for an appliance the customer has not attested, and in requests made
+    /// before it was signed (and so from their digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_key: Option<String>,
 }
 
 impl OperationRequest {
@@ -903,7 +910,21 @@ mod tests {
             args: [("action".to_owned(), "restart".to_owned())].into(),
             command_sha256: "ab".repeat(32),
             environment: None,
+            execution_key: None,
         }
+    }
+
+    #[test]
+    fn a_request_naming_no_host_keeps_the_digest_it_had_before_hosts_were_named() {
+        let req = request("restart", Phase::Operate);
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(!json.contains("execution_key"), "{json}");
+        let parsed: OperationRequest = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed.digest_hex(), req.digest_hex());
+        // Naming a host is part of what the customer signs.
+        let mut named = req.clone();
+        named.execution_key = Some("ab".repeat(32));
+        assert_ne!(named.digest_hex(), req.digest_hex());
     }
 
     fn grant_signed(req: &OperationRequest, keys: &[u8], edit: impl FnOnce(&mut GrantBody)) -> VerifiedGrant {

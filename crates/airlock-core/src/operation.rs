@@ -867,6 +867,30 @@ pub fn verify_parsed_manifest(m: &Manifest, inputs: &VerifyInputs<'_>) -> Result
                 VendorAttested::Accept => execution_trust = Some(ExecutionTrust::VendorAttestedOnly),
             },
         }
+        // The host the customer's signature names, when it names one: the execution must be
+        // vouched for by that key, not by another host given the same appliance id.
+        if let Some(named) = &req.execution_key {
+            match &execution_trust {
+                Some(ExecutionTrust::CustomerAttested { key_id, .. }) if key_id == named => {}
+                Some(ExecutionTrust::CustomerAttested { key_id, .. }) => {
+                    return fail(
+                        "request.execution-key",
+                        format!(
+                            "the request was approved for the host with execution key {named}, but it ran on the host with key {key_id}"
+                        ),
+                    );
+                }
+                _ => {
+                    return fail(
+                        "request.execution-key",
+                        format!(
+                            "the request was approved for the host with execution key {named}, but the execution carries no attestation of that key"
+                        ),
+                    );
+                }
+            }
+            checks.push("request.execution-key");
+        }
         if e.request_id != req.id
             || e.request_digest != request_digest
             || e.command_sha256 != req.command_sha256

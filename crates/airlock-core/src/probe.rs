@@ -99,6 +99,7 @@ mod tests {
             args: Default::default(),
             command_sha256: command.sha256(),
             environment: None,
+            execution_key: None,
         }
     }
 

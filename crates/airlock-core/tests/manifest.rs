@@ -60,6 +60,7 @@ fn complete_manifest_passes_every_check() {
             "execution.signer",
             "execution.attestation",
             "execution.attested-key",
+            "request.execution-key",
             "execution.binding",
             "execution.authority",
             "execution.built-in-denies",
@@ -164,7 +165,11 @@ fn an_attestation_for_another_appliance_is_refused() {
 #[test]
 fn an_old_manifest_without_attestation_is_reported_vendor_attested_only() {
     let fx = Fixture::new();
-    let mut m = fx.manifest();
+    // A request from before attestations names no host either.
+    let mut parts = fx.parts();
+    parts.request.request.execution_key = None;
+    rebind(&mut parts);
+    let mut m = fx.assemble(&parts);
     m.appliance_attestation = None;
     // As it was serialized before attestations: no field at all.
     assert!(!serde_json::to_string(&m).unwrap().contains("appliance_attestation"));
@@ -385,7 +390,11 @@ fn manifests_chain_and_a_gap_is_detected() {
 fn after_an_attested_execution_one_vouched_for_by_the_ca_alone_breaks_the_chain() {
     let fx = Fixture::new();
     let first = fx.parts();
+    // A request naming no host (one naming the attested host's key fails on its own, see
+    // `a_request_approved_for_one_host_does_not_verify_when_another_host_ran_it`).
     let mut second = fx.parts();
+    second.request.request.execution_key = None;
+    rebind(&mut second);
     second.execution.sequence = 2;
     second.execution.previous_manifest_sha256 = Some(first.execution.manifest_sha256());
     let attested = verify(&fx, &fx.assemble(&first)).unwrap();
@@ -404,6 +413,27 @@ fn a_request_signed_for_another_environment_does_not_verify_for_this_one() {
     parts.request.request.environment = Some(airlock_core::EnvironmentId::from_random([7; 16]));
     parts.request.request.command_sha256 = parts.request.command.sha256();
     assert_eq!(verify(&fx, &fx.assemble(&parts)).unwrap_err(), "request.environment");
+}
+
+#[test]
+fn a_request_approved_for_one_host_does_not_verify_when_another_host_ran_it() {
+    let fx = Fixture::new();
+    // Two hosts the vendor gave one appliance id, each attested by the customer: the request
+    // names host A's key, host B's key signed the execution and its attestation rides along.
+    let mut parts = fx.parts();
+    let host_a = ExecutionSigningKey::from_seed([21; 32]);
+    parts.request.request.execution_key = Some(host_a.public().key_id().to_owned());
+    rebind(&mut parts);
+    let err = verify_with(&fx, &fx.assemble(&parts), VendorAttested::Refuse).unwrap_err();
+    assert_eq!(err.check, "request.execution-key");
+    assert!(err.reason.contains(host_a.public().key_id()), "{}", err.reason);
+    // Nor does stripping the attestation help, even where vendor-attested manifests are allowed.
+    let mut stripped = fx.assemble(&parts);
+    stripped.appliance_attestation = None;
+    assert_eq!(verify_with(&fx, &stripped, VendorAttested::Accept).unwrap_err().check, "request.execution-key");
+    // Run on the host it names, it verifies and says so.
+    let report = verify(&fx, &fx.manifest()).unwrap();
+    assert!(report.checks.contains(&"request.execution-key"));
 }
 
 #[test]
@@ -824,7 +854,10 @@ fn legacy_execution_json(p: &Parts) -> String {
 #[test]
 fn an_old_unsalted_manifest_still_verifies_and_is_reported_as_legacy() {
     let fx = Fixture::new();
-    let parts = fx.parts();
+    // Its request is as old: it names no host.
+    let mut parts = fx.parts();
+    parts.request.request.execution_key = None;
+    rebind(&mut parts);
     let execution = legacy_execution_json(&parts);
     let release = format!(
         r#"{{"request_id":"{}","appliance":"{}","decision":"release","output_sha256":"{}","output_size":{},"decided_at":{},"approver":"alice","reason":""}}"#,

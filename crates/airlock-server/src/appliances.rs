@@ -192,3 +192,44 @@ pub async fn revoke(state: &AppState, scope: &TenantScope, id: ApplianceId) -> R
     tracing::info!(appliance = %id, was_connected, "appliance revoked");
     Ok(Revoked { was_connected })
 }
+
+/// Keeps the execution key attestation an appliance sent in its Hello, replacing the one
+/// stored: requests made from now on name the key it attests (`crate::attestation`). One that
+/// is malformed or names another appliance is refused and audited, and clears the stored one
+/// (the appliance holds none the control plane can name). Written only when it changed.
+pub async fn hello_attestation(
+    state: &AppState,
+    scope: &TenantScope,
+    peer: &ApplianceIdentity,
+    json: &str,
+) -> Result<(), StoreError> {
+    let id = peer.appliance;
+    let (offered, refused) = match crate::attestation::naming_peer(peer, json) {
+        Ok(att) => (att, None),
+        Err(why) => (None, Some(why)),
+    };
+    if let Some(why) = &refused {
+        tracing::warn!(appliance = %id, reason = %why, "refusing the execution key attestation an appliance sent");
+        let mut ev = event(scope.principal().actor(), AuditAction::ExecutionKeyAttest, Outcome::Denied);
+        ev.target = Some(id.to_string());
+        ev.detail = serde_json::json!({ "reason": why });
+        state.audit_refusal(&scope.chain(), ev).await;
+    }
+    let stored = state.store.get_appliance(scope, id).await?.and_then(|a| a.execution_key_attestation);
+    let offered_json = offered.as_ref().map(|a| a.envelope.to_json());
+    if stored == offered_json {
+        return Ok(());
+    }
+    let now = state.now();
+    let mut tx = state.store.write().await?;
+    tx.record_execution_key_attestation(scope, id, offered_json.as_deref()).await?;
+    if refused.is_none() {
+        let mut ev = event(scope.principal().actor(), AuditAction::ExecutionKeyAttest, Outcome::Success);
+        ev.target = Some(id.to_string());
+        ev.detail = serde_json::json!({ "key_id": offered.as_ref().map(|a| a.key.key_id()) });
+        tx.audit(&scope.chain(), now, ev).await?;
+    }
+    tx.commit().await?;
+    tracing::info!(appliance = %id, key_id = ?offered.as_ref().map(|a| a.key.key_id()), "stored the appliance's execution key attestation");
+    Ok(())
+}

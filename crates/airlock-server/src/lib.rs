@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod appliances;
+pub mod attestation;
 pub mod authz;
 pub mod ca;
 pub mod clock;

@@ -310,7 +310,19 @@ impl Deployment {
         // Once joined, the customer attests the appliance's execution key on its host, as an
         // install does: `airlock verify` accepts only executions that key signed.
         ok(d.attest(), "customer attest-appliance");
+        // The appliance reconnects to present the attestation in its Hello; requests name the
+        // attested key only once the control plane has it, and the appliance refuses any that
+        // do not, so the first request waits for it.
+        d.wait_attestation_known();
         d
+    }
+
+    /// Waits until the control plane has the appliance's execution key attestation (it names
+    /// the key in every request from then on).
+    pub fn wait_attestation_known(&self) {
+        wait_for(Duration::from_secs(20), "control plane to learn the execution key attestation", || {
+            self.server.appliance(&self.appliance_id)["execution_key"].as_str().map(|_| ())
+        });
     }
 
     /// `airlock customer attest-appliance` with the customer's key, on the appliance host.

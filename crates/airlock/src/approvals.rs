@@ -93,8 +93,14 @@ impl PendingOperation {
         // Requests name their environment in what the customer signs; older ones did not.
         let environment_signed = r.environment.is_some_and(|e| e.to_string() == self.environment);
         let environment_note = if environment_signed { "" } else { unsigned };
+        // The host: the execution key the customer attested for it, which the request names
+        // and the signature covers. Requests for an unattested appliance (or older) name none.
+        let host = match &r.execution_key {
+            Some(key) => format!("sha256:{}", line(key)),
+            None => "(none named: any host given this appliance id may run it)".to_owned(),
+        };
         let mut out = format!(
-            "operation  {}\nrequest digest {} (pass it to `airlock customer approve|deny --digest`)\nenvironment {} {environment_note}\nappliance  {}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {} {unsigned}\nrequested  by {} {unsigned}\ncommand sha256 {}\n--- script ---\n{}",
+            "operation  {}\nrequest digest {} (pass it to `airlock customer approve|deny --digest`)\nenvironment {} {environment_note}\nappliance  {}\nhost (execution key) {host}\ntemplate   {} (sha256 {})\nphase      {:?}\ndata tags  {}\nvariables  {}\nreason     {} {unsigned}\nrequested  by {} {unsigned}\ncommand sha256 {}\n--- script ---\n{}",
             self.id,
             r.digest_hex(),
             line(&self.environment),
@@ -506,6 +512,21 @@ mod tests {
         assert!(described.contains("echo harmless\\u{d}\\u{1b}[2Krm -rf /"), "{described}");
         assert!(!described.contains('\u{1b}') && !described.contains('\r'));
         assert!(described.contains(&format!("reason     {} (not covered by your signature)", statement.reason)));
+    }
+
+    #[test]
+    fn the_host_a_request_names_is_shown_as_covered_by_the_signature() {
+        let fx = Fixture::new();
+        let statement = fx.parts().request;
+        let key = statement.request.execution_key.clone().unwrap();
+        let described = served(&statement, &fx.control_plane).checked(&fx.ca.der()).unwrap().describe();
+        let line = described.lines().find(|l| l.starts_with("host (execution key)")).unwrap();
+        assert_eq!(line, format!("host (execution key) sha256:{key}"));
+        // A request naming no host says so.
+        let mut statement = statement;
+        statement.request.execution_key = None;
+        let described = served(&statement, &fx.control_plane).checked(&fx.ca.der()).unwrap().describe();
+        assert!(described.contains("host (execution key) (none named"), "{described}");
     }
 
     #[test]

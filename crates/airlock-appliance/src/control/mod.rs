@@ -113,8 +113,9 @@ pub(crate) struct LocalControl {
     identity: RwLock<Option<airlock_core::ApplianceIdentity>>,
     /// The appliance's own execution-signing key (`crate::execution_key`).
     execution_key: ExecutionSigningKey,
-    /// The customer's attestation of it, once made.
-    attestation: RwLock<Option<Envelope>>,
+    /// The customer's attestation of it, once made. A watch, so the session hears of a new
+    /// one and reconnects to present it in its Hello (`crate::session`).
+    attestation: tokio::sync::watch::Sender<Option<Envelope>>,
     vendor_code_user: RwLock<Option<VendorCodeUser>>,
     clock: Clock,
 }
@@ -159,7 +160,7 @@ impl LocalControl {
             refused_relay: Mutex::new(None),
             identity: RwLock::new(None),
             execution_key,
-            attestation: RwLock::new(attestation),
+            attestation: tokio::sync::watch::Sender::new(attestation),
             vendor_code_user: RwLock::new(None),
             clock,
         })
@@ -212,7 +213,19 @@ impl LocalControl {
 
     /// The customer's attestation of the execution key, if they made one.
     pub(crate) fn attestation(&self) -> Option<Envelope> {
-        self.attestation.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.attestation.borrow().clone()
+    }
+
+    /// Hears of each attestation the customer makes from now on.
+    pub(crate) fn attestation_changes(&self) -> tokio::sync::watch::Receiver<Option<Envelope>> {
+        self.attestation.subscribe()
+    }
+
+    /// The id of this host's execution key, if the customer attested it: every request the
+    /// customer approves for this appliance must name it, and none may name another
+    /// (`crate::executor`).
+    pub(crate) fn attested_key_id(&self) -> Option<String> {
+        self.attestation.borrow().as_ref().map(|_| self.execution_key.public().key_id().to_owned())
     }
 
     /// What the customer attests: this appliance's identity and its execution public key.
@@ -239,8 +252,6 @@ impl LocalControl {
     ) -> Result<serde_json::Value, ApplianceError> {
         let key = self.execution_key.public();
         let identity = self.identity();
-        // Held across the check and the write: what is in force is what is on disk.
-        let mut current = self.attestation.write().unwrap_or_else(|e| e.into_inner());
         let offered = crate::execution_key::Offered {
             envelope_json,
             key: &key,
@@ -248,8 +259,22 @@ impl LocalControl {
             pinned: &self.pinned(),
             threshold: self.threshold(),
         };
-        let envelope = crate::execution_key::accept(&self.state, &offered, &self.audit, by)?;
-        *current = Some(envelope);
+        // The watch's lock is held across the check and the write: what is in force is what
+        // is on disk. Its watchers hear only of an attestation that was kept.
+        let mut accepted = Ok(());
+        self.attestation.send_if_modified(|current| {
+            match crate::execution_key::accept(&self.state, &offered, &self.audit, by) {
+                Ok(envelope) => {
+                    *current = Some(envelope);
+                    true
+                }
+                Err(e) => {
+                    accepted = Err(e);
+                    false
+                }
+            }
+        });
+        accepted?;
         Ok(serde_json::json!({ "key_id": key.key_id(), "attested": true }))
     }
 

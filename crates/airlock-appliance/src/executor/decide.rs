@@ -320,6 +320,20 @@ impl Executor {
         if req.environment != Some(self.identity.environment) {
             return Err(misbound("the request the customer signs does not name this environment".into()));
         }
+        // The host: appliance ids are the vendor's to hand out, so two hosts may share one.
+        // Once the customer attested this host's execution key, a request must name it; until
+        // then, a request naming any key cannot be for this host.
+        let own = self.control.attested_key_id();
+        if req.execution_key != own {
+            let why = match &req.execution_key {
+                None => "approved for another host: the request names no execution key, but the customer attested this host's (the control plane names it once the appliance has reconnected)".to_owned(),
+                Some(named) => format!(
+                    "approved for another host: the request names execution key {}, which is not this host's attested key",
+                    short(named)
+                ),
+            };
+            return Err(misbound(why));
+        }
         // A template can never pass for one of the appliance's own probes (which Observe runs
         // without a signature): `Template::new` refuses their names, and the request's kind
         // must be the template's name (checked below).

@@ -424,3 +424,45 @@ async fn an_approval_given_for_another_environment_never_runs_here() {
     let r = fx.run(&stmt, &fx.grant(&stmt)).await;
     assert_refused(&r, RefusalCode::Misbound);
 }
+
+#[tokio::test]
+async fn an_approval_for_another_hosts_key_is_refused_and_one_naming_this_hosts_runs() {
+    // Two hosts the vendor gave one appliance id, both attested by the customer: the approval
+    // the customer gave names host B's key; it arrives at this host, A.
+    let fx = Fx::new(ALL_PHASES);
+    let host_b = airlock_core::execution_key::ExecutionSigningKey::from_seed([77; 32]);
+    let other_host = |fx: &Fx, id: u8| {
+        let mut stmt = fx.simple(op_id(id), "api");
+        stmt.request.execution_key = Some(host_b.public().key_id().to_owned());
+        stmt
+    };
+    // Not yet attested here: a request naming any key cannot be this host's.
+    let stmt = other_host(&fx, 60);
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_refused(&r, RefusalCode::Misbound);
+    assert!(!fx.ran(op_id(60)));
+    let own = fx.control.execution_key().public().key_id().to_owned();
+    let mut stmt = fx.simple(op_id(61), "api");
+    stmt.request.execution_key = Some(own.clone());
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_refused(&r, RefusalCode::Misbound);
+    // Attested: another host's key is refused, with a reason that says so, and nothing runs.
+    fx.attest();
+    let stmt = other_host(&fx, 62);
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_refused(&r, RefusalCode::Misbound);
+    assert!(r.reason.contains("approved for another host"), "{r:?}");
+    assert!(!fx.ran(op_id(62)));
+    // So is a request naming no host, made before the control plane learned the attestation.
+    let mut stmt = fx.simple(op_id(63), "api");
+    stmt.request.execution_key = None;
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_refused(&r, RefusalCode::Misbound);
+    assert!(!fx.ran(op_id(63)));
+    // One naming this host's attested key runs.
+    let stmt = fx.simple(op_id(64), "api");
+    assert_eq!(stmt.request.execution_key.as_deref(), Some(own.as_str()));
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    assert!(fx.ran(op_id(64)));
+}

@@ -14,6 +14,7 @@ use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, 
 use crate::appliances::{self, JoinError, JoinRefusal, RevokeError};
 use crate::authz::Action;
 use crate::state::{AppState, event};
+use crate::store::StoreError;
 
 /// Exchange a single-use join token and a CSR for an appliance certificate.
 #[utoipa::path(post, path = "/v1/join", request_body = JoinRequest,
@@ -46,6 +47,9 @@ pub struct ApplianceView {
     pub cert_serial: String,
     pub cert_not_after: String,
     pub joined_at: String,
+    /// The id of the execution key the customer attested for this appliance, as it last sent
+    /// the attestation: requests made for it name this key. Absent until then.
+    pub execution_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -76,7 +80,12 @@ pub(super) async fn list_appliances(
             .into_iter()
             .map(|r| {
                 let live = state.registry.status(&r.id);
-                ApplianceView {
+                let execution_key = r
+                    .execution_key_attestation
+                    .as_deref()
+                    .map(|json| crate::attestation::stored_key_id(&r.id.to_string(), json))
+                    .transpose()?;
+                Ok(ApplianceView {
                     id: r.id.to_string(),
                     environment_id: r.environment_id.to_string(),
                     connected: live.is_some(),
@@ -87,9 +96,10 @@ pub(super) async fn list_appliances(
                     cert_serial: live.as_ref().map_or(r.cert_serial.clone(), |l| l.cert_serial.clone()),
                     cert_not_after: live.as_ref().map_or(r.cert_not_after, |l| l.cert_not_after).to_string(),
                     joined_at: r.joined_at.to_string(),
-                }
+                    execution_key,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(ApplianceList { appliances })
     }
     .await;

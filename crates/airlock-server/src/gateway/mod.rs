@@ -326,6 +326,16 @@ async fn handle_message(
                 s.healthy = healthy;
                 s.last_heartbeat = now;
             });
+            // Before the Welcome, so requests made once the appliance is connected name the
+            // key it holds. A store failure leaves the stored one: requests naming a key the
+            // appliance no longer holds are refused there, which fails closed.
+            // Boxed: see the push after the Welcome.
+            let attestation = &hello.execution_key_attestation_json;
+            if let Err(e) =
+                Box::pin(crate::appliances::hello_attestation(state, scope, &peer.identity, attestation)).await
+            {
+                tracing::error!(appliance = %peer.identity.appliance, error = %e, "cannot store the appliance's execution key attestation");
+            }
             control_message::Body::Welcome(Welcome {
                 appliance_id: peer.identity.appliance.to_string(),
                 heartbeat_interval_seconds: u32::try_from(state.heartbeat_interval.as_secs()).unwrap_or(30),

@@ -85,8 +85,13 @@ async fn restart(f: Fixture) -> Fixture {
 /// Opens a session with a certificate our CA issues for `identity`; returns the first reply.
 async fn session_as(f: &Fixture, identity: &ApplianceIdentity) -> Result<control_message::Body, tonic::Status> {
     let (channel, _, _) = channel_as(f, identity).await;
-    let hello =
-        ApplianceMessage { body: Some(appliance_message::Body::Hello(Hello { version: "test".into(), health: None })) };
+    let hello = ApplianceMessage {
+        body: Some(appliance_message::Body::Hello(Hello {
+            version: "test".into(),
+            health: None,
+            ..Default::default()
+        })),
+    };
     let mut inbound = ApplianceGatewayClient::new(channel).session(tokio_stream::iter(vec![hello])).await?.into_inner();
     let reply = inbound.message().await?;
     Ok(reply.and_then(|m| m.body).expect("a reply"))
@@ -257,11 +262,24 @@ mod operations {
 
     impl Appliance {
         pub(super) async fn connect(f: &Fixture, identity: &ApplianceIdentity) -> Self {
+            Self::connect_attested(f, identity, "").await
+        }
+
+        /// Connects with `attestation_json` in the Hello, as an appliance the customer attested.
+        pub(super) async fn connect_attested(
+            f: &Fixture,
+            identity: &ApplianceIdentity,
+            attestation_json: &str,
+        ) -> Self {
             let (channel, key, cert) = channel_as(f, identity).await;
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
             let hello = ApplianceMessage {
-                body: Some(appliance_message::Body::Hello(Hello { version: "test".into(), health: None })),
+                body: Some(appliance_message::Body::Hello(Hello {
+                    version: "test".into(),
+                    health: None,
+                    execution_key_attestation_json: attestation_json.to_owned(),
+                })),
             };
             tx.send(hello).await.unwrap();
             let rx = ApplianceGatewayClient::new(channel).session(stream).await.unwrap().into_inner();
@@ -489,6 +507,66 @@ mod operations {
         let (_, m) = json_call(&f, Method::GET, &format!("/v1/operations/{id}/manifest"), None).await;
         let served: Envelope = serde_json::from_value(m["appliance_attestation"].clone()).unwrap();
         assert_eq!(served, good);
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_hello_carrying_an_attestation_is_stored_and_new_requests_name_its_key() {
+        use airlock_core::execution_key::{ExecutionKeyAttestation, ExecutionSigningKey};
+        let f = fixture().await;
+        let exec_key = ExecutionSigningKey::from_seed([5; 32]);
+        let attestation = |identity: &ApplianceIdentity| {
+            ExecutionKeyAttestation {
+                appliance: identity.appliance,
+                environment: identity.environment,
+                tenant: identity.tenant,
+                execution_key: exec_key.public().to_pem().unwrap(),
+                attested_at: f.server.state.now(),
+                attested_by: "alice".into(),
+            }
+            .envelope()
+            .sign(&customer::key(1))
+            .to_json()
+        };
+        async fn listed_key(f: &Fixture) -> Value {
+            let (_, list) = json_call(f, Method::GET, "/v1/appliances", None).await;
+            list["appliances"][0]["execution_key"].clone()
+        }
+        let named_key = |op: &Value| op["request"].get("execution_key").cloned();
+        // Before any attestation, requests name no host.
+        let a = Appliance::connect(&f, &f.identity).await;
+        assert_eq!(named_key(&request(&f, "first", &["host:read"]).await), None);
+        drop(a);
+        // Its own: stored, listed, and every new request names the key it attests.
+        let a = Appliance::connect_attested(&f, &f.identity, &attestation(&f.identity)).await;
+        let op = request(&f, "second", &["host:read"]).await;
+        assert_eq!(named_key(&op), Some(json!(exec_key.public().key_id())));
+        assert_eq!(listed_key(&f).await, json!(exec_key.public().key_id()));
+        // What the customer will sign names it too: the request as the control plane signed it.
+        let signed: Envelope = serde_json::from_value(op["signed_request"].clone()).unwrap();
+        let signed: airlock_core::operation::RequestStatement = serde_json::from_slice(&signed.payload).unwrap();
+        assert_eq!(signed.request.execution_key.as_deref(), Some(exec_key.public().key_id()));
+        drop(a);
+        // One naming another appliance is refused and audited, and replaces the stored one: the
+        // control plane names no key it cannot tie to this appliance.
+        let mut other = f.identity.clone();
+        other.appliance = ApplianceId::from_random([8; 16]);
+        let a = Appliance::connect_attested(&f, &f.identity, &attestation(&other)).await;
+        assert_eq!(named_key(&request(&f, "third", &["host:read"]).await), None);
+        assert_eq!(listed_key(&f).await, Value::Null);
+        drop(a);
+        // Nor is a malformed one kept.
+        let _a = Appliance::connect_attested(&f, &f.identity, "{\"payloadType\": 7").await;
+        assert_eq!(named_key(&request(&f, "fourth", &["host:read"]).await), None);
+        let records = f.server.state.store.audit_records(&f.identity.tenant.to_string()).await.unwrap();
+        let attests: Vec<_> = records
+            .into_iter()
+            .map(|r| r.unwrap().event)
+            .filter(|e| e.action == AuditAction::ExecutionKeyAttest.as_str())
+            .map(|e| e.outcome)
+            .collect();
+        use airlock_core::audit::Outcome;
+        assert_eq!(attests, [Outcome::Success, Outcome::Denied, Outcome::Denied]);
         f.server.shutdown().await;
     }
 

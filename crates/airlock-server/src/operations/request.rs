@@ -13,7 +13,7 @@ use airlock_core::{ApplianceId, EnvironmentId, OperationId, WorkspaceId};
 use crate::authz::TenantScope;
 use crate::push::Work;
 use crate::state::{AppState, event, random};
-use crate::store::{Environment, OperationRow, StoreError};
+use crate::store::{ApplianceRow, Environment, OperationRow, StoreError};
 
 /// Longest reason an operator may give for a request.
 const MAX_REASON_CHARS: usize = 1000;
@@ -67,7 +67,14 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         .get_environment(scope, new.environment)
         .await?
         .ok_or(RequestError::NoEnvironment(new.environment))?;
-    let appliance = choose_appliance(state, scope, &env, new.appliance).await?;
+    let chosen = choose_appliance(state, scope, &env, new.appliance).await?;
+    let appliance = chosen.id;
+    // The host the customer's approval will name: the key its stored attestation names.
+    let execution_key = chosen
+        .execution_key_attestation
+        .as_deref()
+        .map(|json| crate::attestation::stored_key_id(&appliance.to_string(), json))
+        .transpose()?;
     let template = state.store.current_template(scope, env.workspace_id, &new.template).await?.ok_or_else(|| {
         RequestError::NoTemplate { name: new.template.chars().take(64).collect(), workspace: env.workspace_id }
     })?;
@@ -87,6 +94,7 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         args: new.vars,
         command_sha256: command.sha256(),
         environment: Some(env.id),
+        execution_key,
     };
     let statement = RequestStatement {
         request: request.clone(),
@@ -169,20 +177,21 @@ async fn choose_appliance(
     scope: &TenantScope,
     env: &Environment,
     named: Option<ApplianceId>,
-) -> Result<ApplianceId, RequestError> {
-    let active: Vec<ApplianceId> = state
+) -> Result<ApplianceRow, RequestError> {
+    let mut active: Vec<ApplianceRow> = state
         .store
         .list_appliances(scope, Some(env.id))
         .await?
         .into_iter()
         .filter(|a| a.revoked_at.is_none())
-        .map(|a| a.id)
         .collect();
-    match (named, active.as_slice()) {
-        (Some(id), _) if active.contains(&id) => Ok(id),
-        (Some(id), _) => Err(RequestError::NotActive { appliance: id, environment: env.id }),
-        (None, [one]) => Ok(*one),
-        (None, []) => Err(RequestError::NoAppliance(env.id)),
-        (None, _) => Err(RequestError::SeveralAppliances(env.id)),
+    match named {
+        Some(id) => active
+            .into_iter()
+            .find(|a| a.id == id)
+            .ok_or(RequestError::NotActive { appliance: id, environment: env.id }),
+        None if active.len() == 1 => Ok(active.remove(0)),
+        None if active.is_empty() => Err(RequestError::NoAppliance(env.id)),
+        None => Err(RequestError::SeveralAppliances(env.id)),
     }
 }

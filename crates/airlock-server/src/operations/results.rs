@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use airlock_core::audit::{AuditAction, Event, Outcome};
 use airlock_core::dsse::Envelope;
-use airlock_core::execution_key::read_attestation;
 use airlock_core::grant::{ApprovalDecision, DenyCode, GrantBody, PRE_APPROVAL_PAYLOAD_TYPE, PreApprovalBody};
 use airlock_core::operation::{
     AuthorityKind, EXECUTION_PAYLOAD_TYPE, ExecutionStatement, ExecutionStatus, OperationState, RefusalCode,
@@ -360,21 +359,9 @@ fn verify_execution(
 /// did not attest, or older ones): it must name the stream's appliance, and its key must have
 /// signed the execution. Who signed the attestation is the customer's to check offline.
 fn attestation_for(peer: &ApplianceIdentity, execution: &Envelope, json: &str) -> Result<Option<String>, Refuse> {
-    if json.is_empty() {
-        return Ok(None);
-    }
-    let envelope = Envelope::from_json(json.as_bytes())
-        .or_else(|e| refuse(format!("the attestation envelope is malformed: {e}")))?;
-    let (statement, key) =
-        read_attestation(&envelope).or_else(|e| refuse(format!("the execution key attestation: {e}")))?;
-    if statement.appliance != peer.appliance
-        || statement.environment != peer.environment
-        || statement.tenant != peer.tenant
-    {
-        return refuse("the execution key attestation is for another appliance");
-    }
-    if !key.signed(execution, EXECUTION_PAYLOAD_TYPE) {
+    let Some(att) = crate::attestation::naming_peer(peer, json).or_else(refuse)? else { return Ok(None) };
+    if !att.key.signed(execution, EXECUTION_PAYLOAD_TYPE) {
         return refuse("the execution is not signed by the execution key its attestation names");
     }
-    Ok(Some(envelope.to_json()))
+    Ok(Some(att.envelope.to_json()))
 }

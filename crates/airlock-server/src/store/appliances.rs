@@ -16,6 +16,9 @@ pub struct ApplianceRow {
     pub cert_not_after: Timestamp,
     pub last_seen_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
+    /// The customer's attestation of its execution key (a DSSE envelope, JSON), as it last
+    /// sent it in its Hello, checked to name it (`crate::attestation`).
+    pub execution_key_attestation: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -38,7 +41,8 @@ impl Store {
         env: Option<EnvironmentId>,
     ) -> Result<Vec<ApplianceRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at
+            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
+                    execution_key_attestation
              FROM appliances WHERE tenant_id = $1 AND ($2 IS NULL OR environment_id = $2) ORDER BY joined_at, id",
         )
         .bind(scope.tenant().to_string())
@@ -54,7 +58,8 @@ impl Store {
         id: ApplianceId,
     ) -> Result<Option<ApplianceRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at
+            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
+                    execution_key_attestation
              FROM appliances WHERE tenant_id = $1 AND id = $2",
         )
         .bind(scope.tenant().to_string())
@@ -173,6 +178,22 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Replaces the appliance's stored execution key attestation (`None` clears it).
+    pub async fn record_execution_key_attestation(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        attestation_json: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE appliances SET execution_key_attestation = $1 WHERE tenant_id = $2 AND id = $3")
+            .bind(attestation_json)
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
     /// Marks an appliance revoked. Returns false if it does not exist in this tenant.
     pub async fn revoke_appliance(
         &mut self,
@@ -201,5 +222,6 @@ fn appliance_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApplianceRow, Store
         cert_not_after: ts_col(r, "cert_not_after")?,
         last_seen_at: opt_ts_col(r, "last_seen_at")?,
         revoked_at: opt_ts_col(r, "revoked_at")?,
+        execution_key_attestation: r.try_get("execution_key_attestation")?,
     })
 }

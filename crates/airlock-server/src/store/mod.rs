@@ -50,6 +50,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "refusal_codes", include_str!("../../migrations/0006_refusal_codes.sql")),
     (7, "output_salt", include_str!("../../migrations/0007_output_salt.sql")),
     (8, "appliance_attestation", include_str!("../../migrations/0008_appliance_attestation.sql")),
+    (9, "appliance_execution_key", include_str!("../../migrations/0009_appliance_execution_key.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
