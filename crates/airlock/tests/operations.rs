@@ -94,31 +94,23 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     let pubkey = s.customer.join("customer.pub");
     let ca = s.state.join("ca.pem");
     let policy = s.server.dir.path().join("policy.json");
-    let verify = |path: &Path| {
-        airlock(&[
-            "verify",
-            path.to_str().unwrap(),
-            "--customer-key",
-            pubkey.to_str().unwrap(),
-            "--ca",
-            ca.to_str().unwrap(),
-            "--policy",
-            policy.to_str().unwrap(),
-        ])
+    // `airlock verify` of one manifest, with the customer's key, the CA, and `extra`.
+    let verify_with = |path: &Path, extra: &[&str]| {
+        let mut args = vec!["verify", path.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
+        args.extend(["--ca", ca.to_str().unwrap()]);
+        args.extend(extra);
+        airlock(&args)
     };
+    let with_policy = ["--policy", policy.to_str().unwrap()];
+    let verify = |path: &Path| verify_with(path, &with_policy);
     // Without the policy the execution names, its deny rules and caps go unchecked: the
     // customer is told, and it is not verified unless they accept that.
-    let mut unchecked = vec!["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
-    unchecked.extend(["--ca", ca.to_str().unwrap()]);
-    let refused = airlock(&unchecked);
+    let refused = verify_with(&m, &[]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("NOT VERIFIED"), "{refused:?}");
-    unchecked.push("--allow-unchecked-policy");
-    let out = ok(airlock(&unchecked), "verify --allow-unchecked-policy");
+    let out = ok(verify_with(&m, &["--allow-unchecked-policy"]), "verify --allow-unchecked-policy");
     assert!(out.contains("OK") && out.contains(&id) && out.contains("deny rules and caps NOT checked"), "{out}");
-    let mut with_policy = vec!["verify", m.to_str().unwrap(), "--customer-key", pubkey.to_str().unwrap()];
-    with_policy.extend(["--ca", ca.to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
-    let out = ok(airlock(&with_policy), "verify --policy");
+    let out = ok(verify(&m), "verify --policy");
     assert!(out.contains("execution.policy") && !out.contains("NOT checked"), "{out}");
     assert!(out.contains("salted commitment"), "{out}");
     assert!(!out.contains("LEGACY"), "{out}");
@@ -126,18 +118,7 @@ fn request_approve_execute_release_and_verify_through_the_cli() {
     // The released output verifies against the signed commitment with the revealed salt;
     // altered bytes, or another salt, do not.
     let with_output = |manifest: &Path, output: &Path| {
-        airlock(&[
-            "verify",
-            manifest.to_str().unwrap(),
-            "--customer-key",
-            pubkey.to_str().unwrap(),
-            "--ca",
-            ca.to_str().unwrap(),
-            "--policy",
-            policy.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ])
+        verify_with(manifest, &["--policy", policy.to_str().unwrap(), "--output", output.to_str().unwrap()])
     };
     let out_file = dir.join("out.bin");
     std::fs::write(&out_file, expected).unwrap();
