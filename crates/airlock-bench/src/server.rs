@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use airlock_testkit::process::strip_ansi;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
@@ -174,24 +175,6 @@ pub(crate) fn summarize_log(path: &Path) -> LogSummary {
         }
     }
     s
-}
-
-/// The server colours its log levels even into a file; strip the escapes.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Reads one sample (no labels) from the Prometheus/OpenMetrics text at `/metrics`.

@@ -115,7 +115,8 @@ impl Executor {
             Ok(status) => (status, false),
             Err(_) => {
                 tracing::warn!(request_id = %job.id, limit = ?limits.wall_time, "the operation ran past its time limit: killing it");
-                boxed.kill(pgid);
+                // Unregistering kills what it started (again below, a no-op).
+                self.control.unregister_running(job.id);
                 (child.wait().await, true)
             }
         };

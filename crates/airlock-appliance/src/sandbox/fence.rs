@@ -60,8 +60,22 @@ pub(super) fn allowed_roots<'a>(candidates: &[&'a str], protected: &[PathBuf]) -
         .collect()
 }
 
+/// The system roots and devices a run may reach: those that hold no protected path, settled
+/// once when the appliance starts.
+#[derive(Debug)]
+pub(super) struct Allowed {
+    system: Vec<&'static str>,
+    devices: Vec<&'static str>,
+}
+
+impl Allowed {
+    pub(super) fn outside(protected: &[PathBuf]) -> Self {
+        Self { system: allowed_roots(SYSTEM, protected), devices: allowed_roots(DEVICES, protected) }
+    }
+}
+
 /// The ruleset for a run whose working directory is `workdir`.
-pub(super) fn ruleset(workdir: &Path, protected: &[PathBuf]) -> Result<RulesetCreated, String> {
+pub(super) fn ruleset(workdir: &Path, allowed: &Allowed) -> Result<RulesetCreated, String> {
     let all = AccessFs::from_all(ABI_WANTED);
     let read = AccessFs::from_read(ABI_WANTED);
     let build = || -> Result<RulesetCreated, landlock::RulesetError> {
@@ -70,8 +84,8 @@ pub(super) fn ruleset(workdir: &Path, protected: &[PathBuf]) -> Result<RulesetCr
             .handle_access(all)?
             .scope(Scope::from_all(ABI_WANTED))?
             .create()?
-            .add_rules(path_beneath_rules(allowed_roots(SYSTEM, protected), read))?
-            .add_rules(path_beneath_rules(allowed_roots(DEVICES, protected), all))?
+            .add_rules(path_beneath_rules(&allowed.system, read))?
+            .add_rules(path_beneath_rules(&allowed.devices, all))?
             .add_rules(path_beneath_rules([workdir], all & !(AccessFs::MakeBlock | AccessFs::MakeChar)))
     };
     build().map_err(|e| format!("cannot build the run's Landlock rules: {e}"))

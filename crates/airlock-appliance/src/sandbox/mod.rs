@@ -86,8 +86,8 @@ pub(crate) struct Sandbox {
     uids: user::UidPool,
     /// Where runs get their working directories, outside the state directory.
     work_root: PathBuf,
-    /// What vendor code must never reach, so no Landlock rule may cover it.
-    protected: Vec<PathBuf>,
+    /// What the Landlock rules let runs read: the system outside the state directory.
+    allowed: fence::Allowed,
     /// Whether the kernel enforces Landlock rules.
     landlock: bool,
     /// Why vendor code may not run here at all, if so: it would share the appliance's uid
@@ -180,7 +180,8 @@ impl Sandbox {
             tracing::error!(reason = %why, "vendor code will not run on this appliance");
         }
         let uids = user::UidPool::for_box(run_as, box_user, &tag);
-        let sandbox = Self { cells, run_as, uids, work_root, protected: vec![state], landlock, unusable };
+        let sandbox =
+            Self { cells, run_as, uids, work_root, allowed: fence::Allowed::outside(&[state]), landlock, unusable };
         sandbox.clear_leftovers()?;
         match sandbox.run_as {
             RunAs::BoxUser { uid, gid } => tracing::info!(uid, gid, landlock, "vendor code runs boxed"),
@@ -291,7 +292,7 @@ impl Sandbox {
         };
         let boxed = Boxed { cell, workdir: self.workdir(id), lease: std::sync::Mutex::new(lease) };
         let made = self.make_workdir(&boxed.workdir, script, run_as).and_then(|()| {
-            let fence = if self.landlock { Some(fence::ruleset(&boxed.workdir, &self.protected)?) } else { None };
+            let fence = if self.landlock { Some(fence::ruleset(&boxed.workdir, &self.allowed)?) } else { None };
             let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
             Ok(Confinement::new(procs, run_as, limits, fence))
         });
@@ -342,14 +343,6 @@ impl Sandbox {
 }
 
 impl Boxed {
-    /// Kills everything the run started.
-    pub(crate) fn kill(&self, pgid: i32) {
-        match &self.cell {
-            Some(cell) => cell.kill(),
-            None => crate::running::kill_group(pgid),
-        }
-    }
-
     /// Kills what is left, removes the cell and the working directory, and gives its uid back
     /// (only once the cell is empty: a uid with a process left stays out of the pool).
     pub(crate) fn dispose(&self) {
