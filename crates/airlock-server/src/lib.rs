@@ -310,8 +310,8 @@ impl RunningServer {
         format!("https://{}", host_port(&self.state.gateway_server_name, self.api_addr.port()))
     }
 
-    /// Ends every appliance stream, records their last-seen, stops both listeners and closes
-    /// the store, in that order, so nothing accepted is lost.
+    /// Ends every appliance stream, records their last-seen, stops both listeners, writes the
+    /// queued audit records and closes the store, in that order, so nothing accepted is lost.
     pub async fn shutdown(self) {
         // No new connections first, or kicked appliances would reconnect during the drain.
         let _ = self.stop_accepting.send(true);
@@ -326,6 +326,8 @@ impl RunningServer {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        // Read records queued by the last requests are written before the store closes.
+        self.state.audit_writer.flush().await;
         self.state.store.close().await;
     }
 }
@@ -386,8 +388,10 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await?;
+    let metrics = metrics::Metrics::default();
     let state = Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
+        audit_writer: store::AuditWriter::spawn(store.clone(), metrics.audit.clone()),
         store,
         ca,
         ops_signer,
@@ -396,7 +400,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         registry,
         revoked,
         push,
-        metrics: metrics::Metrics::default(),
+        metrics,
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: config.appliance_cert_lifetime,
         heartbeat_interval: config.heartbeat_interval,
@@ -492,8 +496,10 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await.expect("load the push index");
+    let metrics = metrics::Metrics::default();
     Arc::new(AppState {
         seen: seen::SeenWriter::spawn(store.clone()),
+        audit_writer: store::AuditWriter::spawn(store.clone(), metrics.audit.clone()),
         store,
         ca,
         ops_signer,
@@ -502,7 +508,7 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         registry,
         revoked: Arc::new(tls::RevokedSet::default()),
         push,
-        metrics: metrics::Metrics::default(),
+        metrics,
         refusal_limiter: state::RefusalLimiter::default(),
         appliance_cert_lifetime: Duration::from_secs(3600),
         heartbeat_interval: Duration::from_secs(15),

@@ -25,6 +25,18 @@ pub struct Metrics {
     pub joins: Counter,
     pub renewals: Counter,
     pub handshake_failures: Family<ReasonLabels, Counter>,
+    pub audit: AuditMetrics,
+}
+
+/// The group-committed audit writer's counters (`store::AuditWriter`).
+#[derive(Clone, Debug, Default)]
+pub struct AuditMetrics {
+    /// Batches committed (one fsync each).
+    pub commits: Counter,
+    /// Records committed through the writer.
+    pub records: Counter,
+    /// Routine read records that were queued but never written (their batch failed, or the writer had stopped).
+    pub queued_records_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -46,7 +58,15 @@ impl Default for Metrics {
         registry.register("appliance_joins", "Successful appliance joins", joins.clone());
         registry.register("appliance_renewals", "Appliance certificates renewed", renewals.clone());
         registry.register("gateway_handshake_failures", "Refused gateway TLS handshakes", handshake_failures.clone());
-        Self { registry, http_responses, appliances_connected, heartbeats, joins, renewals, handshake_failures }
+        let audit = AuditMetrics::default();
+        registry.register("audit_commits", "Group-committed audit batches", audit.commits.clone());
+        registry.register("audit_records", "Audit records committed by the group-commit writer", audit.records.clone());
+        registry.register(
+            "audit_queued_records_lost",
+            "Queued read audit records that could not be written",
+            audit.queued_records_lost.clone(),
+        );
+        Self { registry, http_responses, appliances_connected, heartbeats, joins, renewals, handshake_failures, audit }
     }
 }
 

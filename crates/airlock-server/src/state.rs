@@ -2,6 +2,7 @@
 //!
 //! Built once by [`crate::serve`] (and by the tests over a data directory); every handler and domain function takes it by reference.
 //! It also owns the audit of refusals, which anyone on the network can provoke, so those records are rate limited ([`AppState::audit_refusal`]).
+//! Records with no state change beside them go through the group-commit writer ([`crate::store::AuditWriter`]): [`AppState::audit`] waits until its record is durable, [`AppState::audit_access`] (routine reads) only until it is queued.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use crate::ca::CertificateAuthority;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::store::{Store, StoreError};
+use crate::store::{AuditWriter, Store, StoreError};
 use crate::tls::RevokedSet;
 
 /// The audit chain for events that belong to no known tenant (e.g. a bad credential).
@@ -35,6 +36,8 @@ pub struct AppState {
     /// Sends instructions to connected appliances.
     pub push: crate::push::Pusher,
     pub metrics: Metrics,
+    /// Group-commits the audit records that have no effect to commit with.
+    pub audit_writer: AuditWriter,
     pub refusal_limiter: RefusalLimiter,
     pub appliance_cert_lifetime: Duration,
     pub heartbeat_interval: Duration,
@@ -48,12 +51,20 @@ impl AppState {
         self.clock.now()
     }
 
-    /// Appends one event in its own transaction. For events with no state change to commit
-    /// alongside (reads, refusals).
+    /// Appends one event with no state change to commit alongside (a sensitive read, a
+    /// refusal) and returns once it is durable; concurrent callers share one commit.
     pub async fn audit(&self, chain: &str, event: Event) -> Result<(), StoreError> {
-        let mut tx = self.store.write().await?;
-        tx.audit(chain, self.now(), event).await?;
-        tx.commit().await
+        Ok(self.audit_writer.append(chain, self.now(), event).await?)
+    }
+
+    /// Queues the record of a routine read and returns without waiting for its commit (the
+    /// next group commit writes it). One that cannot be queued is logged and counted, never
+    /// dropped silently.
+    pub async fn audit_access(&self, chain: &str, event: Event) {
+        if let Err(e) = self.audit_writer.enqueue(chain, self.now(), event).await {
+            self.metrics.audit.queued_records_lost.inc();
+            tracing::error!(error = %e, chain, "could not queue a read's audit record");
+        }
     }
 
     /// Like [`AppState::audit`], but a failure to audit is logged rather than returned: used on

@@ -163,3 +163,30 @@ fn server_logs_json_lines_when_asked() {
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
     }
 }
+
+/// A sensitive read is answered only once its audit record is durable: a server killed
+/// (SIGKILL, no shutdown) right after answering still has the record, and every chain
+/// verifies. Routine reads of the same run are not waited for, but a clean stop writes them.
+#[test]
+fn an_acknowledged_durable_read_survives_a_crash_of_the_server() {
+    let mut server = Server::start(BIN);
+    let listed = server.cli(&["op", "list"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    // A manifest read is durable whatever its answer; this one is a 404, recorded as an error.
+    let missing = "op_0123456789abcdef0123456789abcdef";
+    let manifest = server.cli(&["op", "manifest", missing]);
+    assert!(!manifest.status.success());
+    let mut proc = server.proc.take().unwrap();
+    proc.child.kill().unwrap();
+    proc.child.wait().unwrap();
+
+    server.launch(&[]);
+    server.stop();
+    let verify = server.audit_verify();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let reads = server.audited("operation.manifest", "error");
+    assert_eq!(reads.len(), 1, "the acknowledged manifest read was lost: {reads:?}");
+    assert_eq!(reads[0]["target"], missing);
+    // The routine read queued before it went into the same or an earlier commit.
+    assert_eq!(server.audited("operation.list", "success").len(), 1);
+}

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::appliances::{self, JoinError, JoinRefusal, RevokeError};
 use crate::authz::Action;
 use crate::state::{AppState, event};
@@ -104,7 +104,7 @@ pub(super) async fn list_appliances(
     }
     .await;
     let ev = event(scope.principal().actor(), Action::ListAppliances.audit_action(), Outcome::Success);
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }
 
 /// Revoke an appliance: its live stream closes at once and its certificates are refused.

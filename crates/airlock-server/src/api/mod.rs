@@ -2,7 +2,8 @@
 //!
 //! Trust boundary: [`Authed`] turns a bearer token into a [`TenantScope`]; each handler checks that the scope permits its [`Action`] before anything else.
 //! Handlers are thin: they authorise, parse the path and body, call one domain function and map its typed result to a status and a body ([`ApiError`]).
-//! Every call is audited: a mutation in the same transaction as its effect (the domain function writes it), a read or a refusal in its own (`audited`, `refused`).
+//! Every call is audited: a mutation in the same transaction as its effect (the domain function writes it), a read or a refusal through the group-commit writer (`audited`, `refused`).
+//! What a read records is decided at its route, as a [`ReadAudit`]: a read of something sensitive (held output, a manifest) is answered only after its record is durable; a routine list or status read queues its record and is answered at once, and the next group commit writes it.
 //! Build the router with [`router`]; the tests drive it in memory.
 
 pub mod appliances;
@@ -138,10 +139,26 @@ async fn authorize(
     Err(ApiError::forbidden(format!("this token may not perform {}", action.as_str())))
 }
 
+/// How a read route waits on its audit record; each route names one.
+///
+/// A read of sensitive data waits until its record is durable, so no one reads it
+/// unrecorded even across a crash. A routine list or status read, the bulk of API traffic,
+/// queues its record for the next group commit: a crash can lose the records of reads
+/// answered in the last moments before it (the writer commits whatever is queued as soon as
+/// it can, so that is about one batch), never a mutation's nor a sensitive read's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadAudit {
+    /// Held output, manifests: answered after the record's fsync.
+    Durable,
+    /// Lists and status: answered once the record is queued.
+    Access,
+}
+
 /// Audits a read or a refused call in the caller's chain and passes the result through.
 async fn audited<T>(
     state: &AppState,
     scope: &TenantScope,
+    kind: ReadAudit,
     mut ev: Event,
     result: Result<T, ApiError>,
 ) -> Result<T, ApiError> {
@@ -154,7 +171,10 @@ async fn audited<T>(
             serde_json::json!({ "error": e.code, "message": e.message })
         };
     }
-    state.audit(&scope.chain(), ev).await?;
+    match kind {
+        ReadAudit::Durable => state.audit(&scope.chain(), ev).await?,
+        ReadAudit::Access => state.audit_access(&scope.chain(), ev).await,
+    }
     result
 }
 
@@ -168,7 +188,7 @@ async fn refused<T>(
 ) -> Result<T, ApiError> {
     match result {
         Ok(v) => Ok(v),
-        Err(e) => audited(state, scope, ev, Err(e)).await,
+        Err(e) => audited(state, scope, ReadAudit::Durable, ev, Err(e)).await,
     }
 }
 

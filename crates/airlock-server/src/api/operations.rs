@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::authz::{Action, TenantScope};
 use crate::operations::{
     self, NewOperation, OutputError, PushTemplateError, RelayError, RequestError, stored_envelope, stored_request,
@@ -204,7 +204,7 @@ pub(super) async fn list_templates(
     .await;
     let mut ev = event(scope.principal().actor(), Action::ListTemplates.audit_action(), Outcome::Success);
     ev.workspace = Some(workspace);
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }
 
 // ---------- operations ----------
@@ -380,7 +380,7 @@ pub(super) async fn list_operations(
     }
     .await;
     let ev = event(scope.principal().actor(), Action::ListOperations.audit_action(), Outcome::Success);
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }
 
 /// An operation state named in a query.
@@ -419,7 +419,7 @@ pub(super) async fn get_operation(
     let result = async { OperationView::from_row(&find(&state, &scope, &id).await?) }.await;
     let mut ev = event(scope.principal().actor(), Action::GetOperation.audit_action(), Outcome::Success);
     ev.target = Some(id);
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -470,7 +470,7 @@ pub(super) async fn get_manifest(
     let result = async { Ok(operations::manifest(&state.kek, &scope, &find(&state, &scope, &id).await?)?) }.await;
     let mut ev = event(scope.principal().actor(), Action::GetManifest.audit_action(), Outcome::Success);
     ev.target = Some(id);
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Durable, ev, result).await.map(Json)
 }
 
 /// The released output bytes; 404 until the customer released them.
@@ -489,10 +489,10 @@ pub(super) async fn get_output(
     let result = async { Ok(operations::released_output(&state, &scope, parse_operation_id(&id)?).await?) }.await;
     let (op, bytes) = match result {
         Ok(v) => v,
-        Err(e) => return audited(&state, &scope, ev, Err(e)).await,
+        Err(e) => return audited(&state, &scope, ReadAudit::Durable, ev, Err(e)).await,
     };
     // Digest and size only: never the output.
     ev.detail = serde_json::json!({ "output_digest": op.output_sha256, "output_size": op.output_size });
-    audited(&state, &scope, ev, Ok(())).await?;
+    audited(&state, &scope, ReadAudit::Durable, ev, Ok(())).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }

@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::authz::Action;
 use crate::policy::RelayPolicyError;
 use crate::state::{AppState, event};
@@ -121,5 +121,5 @@ pub(super) async fn get_policy(
         PolicyView::from_row(&row, None)
     }
     .await;
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }

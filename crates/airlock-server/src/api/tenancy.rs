@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::authz::Action;
 use crate::state::{AppState, event};
 use crate::tenancy::{self, TenancyError};
@@ -37,7 +37,7 @@ pub(super) async fn list_workspaces(
             .collect()
     });
     let ev = event(scope.principal().actor(), Action::ListWorkspaces.audit_action(), Outcome::Success);
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -79,7 +79,7 @@ pub(super) async fn list_environments(
     .await;
     let mut ev = event(scope.principal().actor(), Action::ListEnvironments.audit_action(), Outcome::Success);
     ev.workspace = Some(workspace);
-    audited(&state, &scope, ev, result).await.map(Json)
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -8,9 +8,11 @@
 //! A mutation and its audit record commit together or not at all, so nothing is done unaudited, and an audit chain never forks.
 //! A dropped transaction rolls back, which is how a domain function refuses half way.
 //! Every acknowledged write, audit records included, survives power loss (`synchronous = FULL`).
+//! Audit records with no effect beside them (reads, refusals) are group committed by [`AuditWriter`]: many records, one transaction, one fsync, each caller answered once its own record is durable.
 
 mod appliances;
 mod audit;
+mod audit_writer;
 mod ca;
 mod operations;
 mod policies;
@@ -30,6 +32,7 @@ use sqlx::{Row, SqlitePool};
 
 pub use appliances::{ApplianceRow, RenewalState};
 pub use audit::{HeadTampered, verify_all_chains};
+pub use audit_writer::{AuditAppendError, AuditWriter};
 pub use ca::StoredCa;
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
@@ -63,6 +66,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the database schema is version {found}, newer than this build understands ({known}); upgrade airlock")]
     SchemaTooNew { found: i64, known: i64 },
+    #[error(transparent)]
+    Audit(#[from] AuditAppendError),
 }
 
 pub struct Store {

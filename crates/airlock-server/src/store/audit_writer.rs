@@ -1,0 +1,150 @@
+//! Group commit for audit records that have no state change to commit with them: reads, refusals and no-op pushes.
+//!
+//! Callers queue `(chain, time, event)`; one task takes whatever has queued up (at most [`MAX_BATCH`]), appends it in queue order in one [`WriteTx`] through [`WriteTx::audit`], and commits once: one fsync for the whole batch.
+//! [`AuditWriter::append`] answers only once its own record's batch has committed, so nothing acknowledged is lost; a batch that fails fails every waiter in it, and none of its records is written.
+//! [`AuditWriter::enqueue`] returns once the record is queued (routine reads, see `api::ReadAudit`): a crash can lose at most the records not yet committed, and a failed batch counts its queued records in `airlock_audit_queued_records_lost_total` and logs them.
+//! Order: the writer appends under the store's write lock, like every mutation, so a chain is strictly ordered; records one task queues in turn are appended in that order.
+//! Back-pressure: the queue holds [`QUEUE_CAPACITY`] records; a caller finding it full waits for room, so the queue never grows without bound (anonymous refusals are rate limited before they get here, `state::RefusalLimiter`).
+
+use std::sync::Arc;
+
+use airlock_core::Timestamp;
+use airlock_core::audit::Event;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Store, StoreError, WriteTx};
+use crate::metrics::AuditMetrics;
+
+/// At most this many records share one transaction.
+pub(crate) const MAX_BATCH: usize = 4096;
+/// Records queued and not yet taken by the writer; a full queue makes callers wait.
+pub(crate) const QUEUE_CAPACITY: usize = 4 * MAX_BATCH;
+
+/// Why a record was not made durable.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum AuditAppendError {
+    /// The batch's transaction failed; nothing in it was written.
+    #[error("the audit batch failed to commit: {0}")]
+    BatchFailed(Arc<str>),
+    /// The writer task is gone (the server is stopping).
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+type Ack = oneshot::Sender<Result<(), AuditAppendError>>;
+
+enum Msg {
+    Append { chain: String, at: Timestamp, event: Event, ack: Option<Ack> },
+    /// Answered once everything queued before it is committed or failed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The queue into the one audit writer task. Cheap to share behind the application state.
+#[derive(Debug)]
+pub struct AuditWriter {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Append { .. } => "Append",
+            Msg::Flush(_) => "Flush",
+        })
+    }
+}
+
+impl AuditWriter {
+    /// Starts the writer task over `store`. It ends when the last `AuditWriter` is dropped.
+    pub fn spawn(store: Arc<Store>, metrics: AuditMetrics) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(run(store, rx, metrics));
+        Self { tx }
+    }
+
+    /// Appends `event` to `chain` and returns once it is durable (committed with its batch).
+    pub async fn append(&self, chain: &str, at: Timestamp, event: Event) -> Result<(), AuditAppendError> {
+        let (ack, done) = oneshot::channel();
+        let msg = Msg::Append { chain: chain.to_owned(), at, event, ack: Some(ack) };
+        self.tx.send(msg).await.map_err(|_| AuditAppendError::Stopped)?;
+        done.await.unwrap_or(Err(AuditAppendError::Stopped))
+    }
+
+    /// Queues `event` for `chain` and returns without waiting for the commit. The error says
+    /// the record could not be queued (the writer stopped); the caller logs and counts it.
+    pub async fn enqueue(&self, chain: &str, at: Timestamp, event: Event) -> Result<(), AuditAppendError> {
+        let msg = Msg::Append { chain: chain.to_owned(), at, event, ack: None };
+        self.tx.send(msg).await.map_err(|_| AuditAppendError::Stopped)
+    }
+
+    /// Returns once everything queued before this call is committed (or failed and counted).
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Msg>, metrics: AuditMetrics) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        commit_batch(&store, batch.drain(..), &metrics).await;
+    }
+}
+
+/// Writes one batch in one transaction and answers everyone in it with the same outcome.
+async fn commit_batch(store: &Store, batch: impl Iterator<Item = Msg>, metrics: &AuditMetrics) {
+    let mut records = Vec::new();
+    let mut waiters = Vec::new();
+    let mut flushes = Vec::new();
+    let mut queued = 0_u64;
+    for msg in batch {
+        match msg {
+            Msg::Append { chain, at, event, ack } => {
+                records.push((chain, at, event));
+                match ack {
+                    Some(ack) => waiters.push(ack),
+                    None => queued += 1,
+                }
+            }
+            Msg::Flush(f) => flushes.push(f),
+        }
+    }
+    let count = records.len();
+    let outcome = if records.is_empty() {
+        Ok(())
+    } else {
+        match write(store, records).await {
+            Ok(()) => {
+                metrics.commits.inc();
+                metrics.records.inc_by(count as u64);
+                Ok(())
+            }
+            Err(e) => {
+                metrics.queued_records_lost.inc_by(queued);
+                tracing::error!(error = %e, records = count, waiting = waiters.len(), queued_lost = queued,
+                    "audit batch failed: its waiting requests are refused and its queued read records are lost");
+                Err(AuditAppendError::BatchFailed(e.to_string().into()))
+            }
+        }
+    };
+    for w in waiters {
+        // A waiter that went away (its request was cancelled) needs no answer.
+        let _ = w.send(outcome.clone());
+    }
+    for f in flushes {
+        let _ = f.send(());
+    }
+}
+
+async fn write(store: &Store, records: Vec<(String, Timestamp, Event)>) -> Result<(), StoreError> {
+    let mut tx: WriteTx<'_> = store.write().await?;
+    for (chain, at, event) in records {
+        tx.audit(&chain, at, event).await?;
+    }
+    tx.commit().await
+}
+
+#[cfg(test)]
+mod tests;
