@@ -127,7 +127,7 @@ fn record(n: usize) -> airlock_core::audit::Event {
 async fn run_appenders<F, Fut>(appenders: usize, each: usize, append: F) -> anyhow::Result<(usize, Duration)>
 where
     F: Fn(String, usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     let start = Instant::now();
     let tasks: Vec<_> = (0..appenders)

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use airlock_core::Timestamp;
-use airlock_core::audit::Event;
+use airlock_core::audit::{Event, Record};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Store, StoreError, WriteTx};
@@ -140,10 +140,80 @@ async fn commit_batch(store: &Store, batch: impl Iterator<Item = Msg>, metrics: 
 
 async fn write(store: &Store, records: Vec<(String, Timestamp, Event)>) -> Result<(), StoreError> {
     let mut tx: WriteTx<'_> = store.write().await?;
-    for (chain, at, event) in records {
-        tx.audit(&chain, at, event).await?;
+    for (chain, run) in by_chain(records) {
+        tx.audit_run(&chain, run).await?;
     }
     tx.commit().await
+}
+
+/// The batch split by chain, each chain's records in queue order, chains in order of first
+/// appearance. Chains are independent, so only the order within each one matters.
+fn by_chain(records: Vec<(String, Timestamp, Event)>) -> Vec<(String, Vec<(Timestamp, Event)>)> {
+    let mut index = std::collections::HashMap::new();
+    let mut runs: Vec<(String, Vec<(Timestamp, Event)>)> = Vec::new();
+    for (chain, at, event) in records {
+        let i = *index.entry(chain.clone()).or_insert_with(|| {
+            runs.push((chain, Vec::new()));
+            runs.len() - 1
+        });
+        runs[i].1.push((at, event));
+    }
+    runs
+}
+
+/// Rows per multi-row INSERT: 4 parameters each, far below SQLite's limit of 32,766.
+const INSERT_ROWS: usize = 512;
+
+impl WriteTx<'_> {
+    /// Appends a run of records to one chain in this transaction, with a few statements for the
+    /// whole run rather than three per record (each statement is a round trip to SQLite's
+    /// worker thread, which is what bounds a batch).
+    ///
+    /// The first and the last record go through [`WriteTx::audit`], which owns the head and its
+    /// MAC: the first creates or reads the head, the last writes the final head and its MAC.
+    /// Those between are chained in memory from the first ([`Record::append`], as `audit`
+    /// does), inserted together, and the head row is moved past them (seq and hash only) for
+    /// the last `audit` to read; the transaction commits all of it or none.
+    async fn audit_run(&mut self, chain: &str, run: Vec<(Timestamp, Event)>) -> Result<(), StoreError> {
+        let mut run = run.into_iter();
+        let (Some((at, first)), last) = (run.next(), run.next_back()) else { return Ok(()) };
+        let mut head = self.audit(chain, at, first).await?.head();
+        let middle: Vec<Record> = run
+            .map(|(at, event)| {
+                let record = Record::append(chain, head, at, event);
+                head = record.head();
+                record
+            })
+            .collect();
+        let rows = middle
+            .iter()
+            .map(|r| {
+                let seq = i64::try_from(r.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
+                let json = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((seq, r.at.unix_millis(), json))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        for chunk in rows.chunks(INSERT_ROWS) {
+            let mut insert = sqlx::QueryBuilder::new("INSERT INTO audit_events (chain, seq, at, record) ");
+            insert.push_values(chunk, |mut row, (seq, at, json)| {
+                row.push_bind(chain).push_bind(*seq).push_bind(*at).push_bind(json.as_str());
+            });
+            insert.build().execute(&mut *self.tx).await?;
+        }
+        if !middle.is_empty() {
+            let seq = i64::try_from(head.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
+            sqlx::query("UPDATE audit_heads SET seq = $1, hash = $2 WHERE chain = $3")
+                .bind(seq)
+                .bind(head.hash.to_hex())
+                .bind(chain)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        if let Some((at, event)) = last {
+            self.audit(chain, at, event).await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ async fn concurrent_appends_are_all_committed_in_order_in_shared_batches() {
     let writer = Arc::new(writer);
     const TASKS: usize = 64;
     const EACH: usize = 40;
+    const CHAINS: [&str; 3] = ["ten_a", "ten_b", "system"];
     let mut handles = Vec::new();
     for task in 0..TASKS {
         let writer = writer.clone();
@@ -52,10 +53,11 @@ async fn concurrent_appends_are_all_committed_in_order_in_shared_batches() {
             for n in 0..EACH {
                 // Every other record is a routine read that does not wait; its order within the
                 // task still holds, because one task's queue sends are ordered.
+                let chain = CHAINS[task % CHAINS.len()];
                 if n % 2 == 0 {
-                    writer.append("ten_a", at(), read(task, n)).await.unwrap();
+                    writer.append(chain, at(), read(task, n)).await.unwrap();
                 } else {
-                    writer.enqueue("ten_a", at(), read(task, n)).await.unwrap();
+                    writer.enqueue(chain, at(), read(task, n)).await.unwrap();
                 }
             }
         }));
@@ -64,12 +66,16 @@ async fn concurrent_appends_are_all_committed_in_order_in_shared_batches() {
         h.await.unwrap();
     }
     writer.flush().await;
-    let records = committed(&store, "ten_a").await;
-    assert_eq!(records.len(), TASKS * EACH);
-    for task in 0..TASKS as u64 {
-        let ns: Vec<u64> = records.iter().filter(|r| r.0 == task).map(|r| r.1).collect();
-        assert_eq!(ns, (0..EACH as u64).collect::<Vec<_>>(), "task {task} out of order");
+    let mut total = 0;
+    for (i, chain) in CHAINS.iter().enumerate() {
+        let records = committed(&store, chain).await;
+        total += records.len();
+        for task in (i..TASKS).step_by(CHAINS.len()) {
+            let ns: Vec<u64> = records.iter().filter(|r| r.0 == task as u64).map(|r| r.1).collect();
+            assert_eq!(ns, (0..EACH as u64).collect::<Vec<_>>(), "task {task} out of order");
+        }
     }
+    assert_eq!(total, TASKS * EACH);
     assert_eq!(metrics.records.get(), (TASKS * EACH) as u64);
     // The point of the writer: far fewer commits than records.
     assert!(metrics.commits.get() < (TASKS * EACH / 4) as u64, "{} commits", metrics.commits.get());
