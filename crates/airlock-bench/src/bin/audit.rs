@@ -7,7 +7,8 @@
 //! 2. Authenticated `GET /v1/appliances` (bearer token, a routine read) against `/healthz` on
 //!    the same real server (`airlock_server::serve`: TLS 1.3, the real router and store), over
 //!    HTTP/1.1 keep-alive with a fixed number of connections, in alternating rounds; the median
-//!    round counts. Goal: ≥ 0.8×. A durable read (a manifest; 404 here) is shown beside them.
+//!    round counts. Goal: ≥ 0.8×. Beside them: `/readyz` (one `SELECT 1`, the cost of one
+//!    database round trip) and a durable read (a manifest; 404 here).
 //!
 //! `cargo run --release -p airlock-bench --bin audit [-- --appenders 256 --records 200]`
 //!
@@ -19,8 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::Fingerprint;
+use airlock_core::audit::{AuditAction, Outcome};
 use airlock_server::clock::{Clock, SystemClock};
 use airlock_server::keys::KekSource;
 use airlock_server::metrics::AuditMetrics;
@@ -176,6 +177,8 @@ async fn reads(args: &Args, addr: SocketAddr, pin: Fingerprint, token: &str) -> 
     let routes = [
         ("GET /healthz", format!("{base}/healthz"), None),
         ("GET /v1/appliances (token)", format!("{base}/v1/appliances"), Some(token)),
+        // One database round trip and nothing else: what a token lookup costs.
+        ("GET /readyz (SELECT 1)", format!("{base}/readyz"), None),
         (
             "GET manifest, durable (404)",
             format!("{base}/v1/operations/op_0123456789abcdef0123456789abcdef/manifest"),

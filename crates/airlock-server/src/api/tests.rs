@@ -864,11 +864,8 @@ async fn another_tenants_environment_policy_is_invisible_and_unwritable() {
 async fn concurrent_reads_are_all_audited_and_sensitive_ones_are_durable_when_answered() {
     let api = api().await;
     let calls = (0..120_u8).map(|i| {
-        let path = if i % 2 == 0 {
-            "/v1/appliances".to_owned()
-        } else {
-            format!("/v1/operations/{}/manifest", op_id(i))
-        };
+        let path =
+            if i % 2 == 0 { "/v1/appliances".to_owned() } else { format!("/v1/operations/{}/manifest", op_id(i)) };
         let api = &api;
         async move { api.get(&path).await.0 }
     });

@@ -34,7 +34,12 @@ pub enum AuditAppendError {
 type Ack = oneshot::Sender<Result<(), AuditAppendError>>;
 
 enum Msg {
-    Append { chain: String, at: Timestamp, event: Event, ack: Option<Ack> },
+    Append {
+        chain: String,
+        at: Timestamp,
+        event: Event,
+        ack: Option<Ack>,
+    },
     /// Answered once everything queued before it is committed or failed.
     Flush(oneshot::Sender<()>),
 }

@@ -86,10 +86,12 @@ async fn a_failing_batch_fails_every_waiter_writes_nothing_and_counts_queued_rea
     let (store, writer, metrics, _dir) = writer().await;
     writer.append("ten_a", at(), read(0, 0)).await.unwrap();
     // A real failure inside the batch's transaction, from the database itself.
-    sqlx::raw_sql("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'injected'); END;")
-        .execute(&store.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+    )
+    .execute(&store.pool)
+    .await
+    .unwrap();
     let writer = Arc::new(writer);
     let waiters: Vec<_> = (1..=32)
         .map(|task| {
