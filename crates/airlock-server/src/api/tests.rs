@@ -890,3 +890,28 @@ async fn concurrent_reads_are_all_audited_and_sensitive_ones_are_durable_when_an
     // Far fewer commits than records: the reads shared transactions.
     assert!(api.state.metrics.audit.commits.get() < 120, "{}", api.state.metrics.audit.commits.get());
 }
+
+/// When the audit cannot be written, a sensitive read is refused rather than answered
+/// unrecorded; a routine read is answered and its lost record is counted.
+#[tokio::test]
+async fn a_failing_audit_commit_refuses_sensitive_reads_and_counts_lost_routine_ones() {
+    use sqlx::ConnectOptions;
+    let api = api().await;
+    let db = api._dir.path().join(crate::store::DB_FILE_NAME);
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(db).connect().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let (s, v) = api.get(&format!("/v1/operations/{}/manifest", op_id(1))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_error(&v, "unavailable", "retry later");
+    let (s, v) = api.get("/v1/appliances").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    api.state.audit_writer.flush().await;
+    assert_eq!(api.state.metrics.audit.queued_records_lost.get(), 1);
+    assert!(api.state.metrics.render().contains("airlock_audit_queued_records_lost_total 1"));
+}
