@@ -4,7 +4,7 @@
 //! Each chain's run in a batch costs a few statements, not three per record (`WriteTx::audit_run`); its first and last record go through [`WriteTx::audit`], which owns the head and its MAC.
 //! [`AuditWriter::append`] answers only once its own record's batch has committed, so nothing acknowledged is lost; a batch that fails fails every waiter in it, and none of its records is written.
 //! [`AuditWriter::enqueue`] returns once the record is queued (routine reads, see `api::ReadAudit`): a crash can lose at most the records not yet committed, and a failed batch counts its queued records in `airlock_audit_queued_records_lost_total` and logs them.
-//! Order: the writer appends under the store's write lock, like every mutation, so a chain is strictly ordered; records are appended in queue order within each chain, so an acknowledged append also means everything queued before it is committed.
+//! Order: the writer appends under the store's write lock, like every mutation, so a chain is strictly ordered; records are appended in queue order within each chain, so by the time an append is acknowledged, everything queued before it was committed (or, in a failed batch, refused and counted).
 //! Back-pressure: the queue holds [`QUEUE_CAPACITY`] records; a caller finding it full waits for room, so the queue never grows without bound (anonymous refusals are rate limited before they get here, `state::RefusalLimiter`).
 
 use std::sync::Arc;
