@@ -95,6 +95,10 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// An authenticated caller. Failed authentication is audited on the system chain.
+///
+/// A valid token costs one indexed read and no write; only a refusal writes (rate limited).
+/// Verified tokens are not cached: no path revokes an API token through the server yet, so
+/// a cache could not be cleared when one is revoked (BENCHMARKS.md measures the read).
 pub struct Authed(pub TenantScope);
 
 impl FromRequestParts<Arc<AppState>> for Authed {
