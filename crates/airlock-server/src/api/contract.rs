@@ -9,9 +9,7 @@ use airlock_core::operation::OperationState;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, WorkspaceId};
 use utoipa::openapi::path::{Operation, Parameter, ParameterIn, PathItem};
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaType, Type};
-use utoipa::openapi::{
-    ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder,
-};
+use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder};
 
 /// The media type of every JSON body, request or response.
 const JSON: &str = "application/json";
