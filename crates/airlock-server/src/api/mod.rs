@@ -4,6 +4,7 @@
 //! Handlers are thin: they authorise, parse the path and body, call one domain function and map its typed result to a status and a body ([`ApiError`]).
 //! Every call is audited: a mutation in the same transaction as its effect (the domain function writes it), a read or a refusal in its own (`audited`, `refused`).
 //! Build the router with [`router`]; the tests drive it in memory.
+//! Routes come from one list (`routes`): a handler's `#[utoipa::path]` both registers and documents it, and [`contract`] completes the [`document`] with what the extractors imply, so the document is exact (schemathesis checks it against a real server).
 
 pub mod appliances;
 mod contract;
