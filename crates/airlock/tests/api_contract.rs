@@ -4,7 +4,7 @@
 //! off their schema, and invalid input refused.
 //!
 //! A real server on loopback, with a tenant, a workspace, an environment, a joined appliance, a
-//! template and operations (one executed and released, one awaiting approval), so authenticated
+//! template, a relayed policy and operations (one executed and released, one awaiting approval), so authenticated
 //! routes are exercised with ids that exist (first run) and with ids that do not (second run).
 //! `scripts/test` installs schemathesis and sets `AIRLOCK_TEST_SCHEMATHESIS`; without it the
 //! test fails, saying so, rather than passing unchecked.
@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use airlock_testkit::e2e::{Deployment, ca_pem, ok};
+use airlock_testkit::e2e::{Deployment, ca_pem, ok, sign_policy};
 use airlock_testkit::process::{Proc, strip_ansi, wait_for};
 
 /// The binary under test.
@@ -48,6 +48,11 @@ fn the_server_answers_exactly_as_its_openapi_document_says() {
     d.wait_state(&executed, "released");
     let awaiting = d.request("greet", "again");
     d.wait_state(&awaiting, "awaiting_approval");
+    // A relayed policy, so reading it back answers 200 too.
+    let signed = d.server.dir.path().join("policy-2.json");
+    let relayed = format!("{}environment = \"{}\"\n", POLICY.replace("serial = 1", "serial = 2"), d.env);
+    sign_policy(BIN, &relayed, &d.customer, &signed);
+    d.server.ok(&["env", "policy", "push", &d.env, signed.to_str().unwrap()]);
 
     let dir = d.server.dir.path();
     let ca = dir.join("api-ca.pem");
@@ -74,7 +79,7 @@ fn the_server_answers_exactly_as_its_openapi_document_says() {
         cmd.arg("--tls-verify").arg(&ca);
         // One worker: hypothesis describes strategies by parsing source, which CPython 3.11
         // does not do safely from two threads at once.
-        cmd.args(["--max-examples", "25", "--request-timeout", "10", "--workers", "1"]);
+        cmd.args(["--max-examples", "50", "--request-timeout", "10", "--workers", "1"]);
         cmd.args(["--seed", "13", "--generation-database", "none", "--phases", "examples,coverage,fuzzing"]);
         // Its report goes to stdout, so both streams go to the log.
         let file = std::fs::File::create(&log).unwrap();

@@ -85,7 +85,8 @@ pub(super) async fn list_environments(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnvironment {
-    /// 1–64 characters: letters, digits, `-`, `_`, `.`.
+    /// 1–64 characters: letters, digits, `-`, `_`, `.` (`tenancy::validate_name`).
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub name: String,
 }
 
@@ -116,7 +117,8 @@ pub(super) async fn create_environment(
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJoinToken {
-    /// Lifetime in seconds; default 900 (15 minutes), at most 86400.
+    /// Lifetime in seconds; default 900 (15 minutes), at most 86400 (`MAX_JOIN_TOKEN_TTL`).
+    #[schema(minimum = 1, maximum = 86400)]
     pub ttl_seconds: Option<u64>,
 }
 

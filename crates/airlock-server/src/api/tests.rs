@@ -367,6 +367,28 @@ async fn document_gives_every_error_id_and_body_its_exact_schema() {
     }
 }
 
+/// The request fields the document constrains are constrained exactly so by the server.
+#[tokio::test]
+async fn documented_field_constraints_are_the_servers() {
+    let api = api().await;
+    let doc = served_document(&api).await;
+    let schemas = &doc["components"]["schemas"];
+    let name =
+        regex::Regex::new(schemas["CreateEnvironment"]["properties"]["name"]["pattern"].as_str().unwrap()).unwrap();
+    let path = format!("/v1/workspaces/{}/environments", api.workspace);
+    for candidate in ["a", "ok-1_2.3", &"n".repeat(64), &"n".repeat(65), "", "bad name!", "é", "a\n"] {
+        let (s, v) = api.post(&path, json!({ "name": candidate })).await;
+        assert_eq!(s == StatusCode::CREATED, name.is_match(candidate), "{candidate:?}: {s} {v}");
+    }
+    let ttl = &schemas["CreateJoinToken"]["properties"]["ttl_seconds"];
+    let (min, max) = (ttl["minimum"].as_u64().unwrap(), ttl["maximum"].as_u64().unwrap());
+    let env = api.new_env("ttl").await;
+    for (seconds, ok) in [(min - 1, false), (min, true), (max, true), (max + 1, false)] {
+        let (s, v) = api.post(&format!("/v1/environments/{env}/join-tokens"), json!({ "ttl_seconds": seconds })).await;
+        assert_eq!(s == StatusCode::CREATED, ok, "{seconds}: {s} {v}");
+    }
+}
+
 /// A body that is not JSON, not declared JSON, or too large gets our error body with the status
 /// the document gives it.
 #[tokio::test]
