@@ -189,32 +189,44 @@ where
 
 // ---------- unauthenticated ----------
 
-/// What `/healthz` and `/readyz` answer when all is well.
+/// What `/healthz` answers: `{"status": "ok"}`.
 #[derive(Serialize, ToSchema)]
-pub struct Status {
+pub struct Health {
     #[schema(inline)]
-    status: StatusWord,
+    status: Alive,
 }
 
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-enum StatusWord {
+enum Alive {
     Ok,
+}
+
+/// What `/readyz` answers when ready: `{"status": "ready"}`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    #[schema(inline)]
+    status: Ready,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Ready {
     Ready,
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Status)))]
-async fn healthz() -> Json<Status> {
-    Json(Status { status: StatusWord::Ok })
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: Alive::Ok })
 }
 
 /// Readiness: the store answers; 503 (`not_ready`) when it does not.
 #[utoipa::path(get, path = "/readyz",
-    responses((status = 200, body = Status), (status = 503, body = ErrorBody, description = "not ready")))]
+    responses((status = 200, body = Readiness), (status = 503, body = ErrorBody, description = "not ready")))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.store.ping().await {
-        Ok(()) => Json(Status { status: StatusWord::Ready }).into_response(),
+        Ok(()) => Json(Readiness { status: Ready::Ready }).into_response(),
         Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "store unavailable").into_response(),
     }
 }
