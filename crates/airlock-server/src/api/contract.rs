@@ -3,7 +3,9 @@
 //! - Statuses: a route with bearer security can answer 401 ([`super::Authed`]), 403 ([`super::authorize`]) and 503 (the store failed while checking the token); a JSON body ([`super::ApiJson`]) 400, 413 and 415; a path or query parameter 400 (it does not parse); a path id 404 (not in your tenant).
 //!   A route's own annotation lists what only its handler decides (201, 409, 500, …); every error has the [`super::ErrorBody`] schema, and a 401 the `WWW-Authenticate` header.
 //! - Parameters: each id parameter carries the exact pattern its type parses (`airlock_core::id`), so a client can tell a malformed id (400) from an unknown one (404); `state` lists the operation states.
-//! - Schemas: a response schema is closed (`additionalProperties: false`), since the server sends exactly its fields; a request body is closed where serde refuses unknown fields (`deny_unknown_fields`, which utoipa reads).
+//! - Schemas: a schema only responses use is closed (`additionalProperties: false`), since the server sends exactly its fields; one a request body reaches is closed where serde refuses unknown fields (`deny_unknown_fields`, which utoipa reads).
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use airlock_core::operation::OperationState;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, WorkspaceId};
@@ -41,13 +43,43 @@ pub(super) fn complete(doc: &mut OpenApi) {
             }));
         }
     }
-    for (name, schema) in doc.components.iter_mut().flat_map(|c| c.schemas.iter_mut()) {
-        let is_request = request_schemas.iter().any(|r| r.rsplit('/').next() == Some(name.as_str()));
-        if let (false, RefOr::T(Schema::Object(obj))) = (is_request, schema)
+    let Some(components) = doc.components.as_mut() else { return };
+    let requests = reachable(&components.schemas, request_schemas);
+    for (_, schema) in components.schemas.iter_mut().filter(|(name, _)| !requests.contains(*name)) {
+        if let RefOr::T(Schema::Object(obj)) = schema
             && obj.schema_type == SchemaType::Type(Type::Object)
         {
             obj.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
         }
+    }
+}
+
+/// The names of the component schemas `roots` refer to, directly or through other components.
+fn reachable(schemas: &BTreeMap<String, RefOr<Schema>>, roots: Vec<String>) -> BTreeSet<String> {
+    let name_of = |location: &str| location.rsplit('/').next().unwrap_or_default().to_owned();
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<String> = roots.iter().map(|r| name_of(r)).collect();
+    while let Some(name) = todo.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let mut refs = Vec::new();
+        collect_refs(&serde_json::to_value(&schemas.get(&name)).unwrap_or_default(), &mut refs);
+        todo.extend(refs.iter().map(|r| name_of(r)));
+    }
+    seen
+}
+
+fn collect_refs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(r)) = map.get("$ref") {
+                out.push(r.clone());
+            }
+            map.values().for_each(|v| collect_refs(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
     }
 }
 

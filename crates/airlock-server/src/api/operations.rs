@@ -257,12 +257,10 @@ pub struct OperationView {
     pub command_sha256: String,
     /// The request as the control plane signed it (a DSSE envelope of a `RequestStatement`):
     /// the customer's CLI verifies it against the pinned CA and reviews what it says.
-    #[schema(value_type = Object)]
     pub signed_request: Envelope,
     /// The certificate of the operations key that signed `signed_request` (PEM).
     pub control_plane_certificate: String,
     /// The customer's approval or denial, as relayed (a DSSE envelope).
-    #[schema(value_type = Option<Object>)]
     pub approval: Option<Envelope>,
     pub exit_code: Option<i64>,
     /// What the appliance's signed execution commits to about the output: `{"salted": {"digest",
@@ -426,7 +424,7 @@ pub(super) async fn get_operation(
 #[serde(deny_unknown_fields)]
 pub struct RelayApproval {
     /// The customer's signed grant (a DSSE envelope), as a JSON object.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Envelope)]
     pub envelope: serde_json::Value,
 }
 

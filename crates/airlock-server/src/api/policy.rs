@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use airlock_core::audit::Outcome;
+use airlock_core::dsse::Envelope;
 use airlock_core::{EnvironmentId, Timestamp};
 use axum::Json;
 use axum::extract::State;
@@ -22,7 +23,7 @@ use crate::store::{PolicyRow, StoreError};
 pub struct RelayPolicy {
     /// The customer's signed policy: a DSSE envelope as a JSON object (what
     /// `airlock customer policy sign` writes).
-    #[schema(value_type = Object)]
+    #[schema(value_type = Envelope)]
     pub envelope: serde_json::Value,
 }
 
@@ -33,7 +34,7 @@ pub struct PolicyView {
     /// SHA-256 of the signed policy TOML (the digest the appliance reports in its status).
     pub policy_sha256: String,
     /// The envelope as relayed, unchanged.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Envelope)]
     pub envelope: serde_json::Value,
     pub relayed_by: String,
     /// Unix milliseconds.
