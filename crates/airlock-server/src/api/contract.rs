@@ -64,7 +64,7 @@ fn reachable(schemas: &BTreeMap<String, RefOr<Schema>>, roots: Vec<String>) -> B
             continue;
         }
         let mut refs = Vec::new();
-        collect_refs(&serde_json::to_value(&schemas.get(&name)).unwrap_or_default(), &mut refs);
+        collect_refs(&serde_json::to_value(schemas.get(&name)).unwrap_or_default(), &mut refs);
         todo.extend(refs.iter().map(|r| name_of(r)));
     }
     seen
