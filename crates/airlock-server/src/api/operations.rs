@@ -109,7 +109,6 @@ pub struct TemplateView {
     pub workspace: String,
     pub name: String,
     pub content_sha256: String,
-    #[schema(value_type = String)]
     pub phase: Phase,
     pub data_tags: Vec<String>,
     pub description: String,
@@ -229,7 +228,6 @@ pub struct OperationView {
     pub appliance: String,
     pub template: String,
     pub template_sha256: String,
-    #[schema(value_type = String)]
     pub phase: Phase,
     pub data_tags: Vec<String>,
     pub vars: BTreeMap<String, String>,
@@ -238,13 +236,10 @@ pub struct OperationView {
     /// Unix milliseconds.
     #[schema(value_type = i64)]
     pub requested_at: Timestamp,
-    #[schema(value_type = String)]
     pub state: OperationState,
     /// Why the appliance did not run it (`airlock_core::operation::RefusalCode`, snake_case).
-    #[schema(value_type = Option<String>)]
     pub refusal_code: Option<RefusalCode>,
     /// Which policy check denied it, when `refusal_code` is `denied`.
-    #[schema(value_type = Option<String>)]
     pub deny_code: Option<DenyCode>,
     /// The appliance's explanation, for people.
     pub refusal_reason: Option<String>,
