@@ -429,6 +429,7 @@ pub enum DenyReason {
 /// Which check a [`DenyReason`] comes from, without its details: what crosses the wire, so
 /// the other side can tell denials apart without reading the sentence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DenyCode {
     AnotherAppliance,

@@ -27,6 +27,10 @@ macro_rules! typed_id {
 
         impl $name {
             pub const PREFIX: &'static str = $prefix;
+            /// Exactly the strings [`FromStr`] accepts, as a regular expression (for the API's
+            /// schema): 26 base32 characters carry 130 bits, so the last one has its low 2 bits
+            /// zero.
+            pub const PATTERN: &'static str = concat!("^", $prefix, "_[a-z2-7]{25}[aeimquy4]$");
 
             /// Builds an id from 16 random bytes the caller drew from a CSPRNG.
             pub const fn from_random(bytes: [u8; 16]) -> Self {
@@ -114,6 +118,8 @@ pub struct OperationId([u8; 16]);
 
 impl OperationId {
     pub const PREFIX: &'static str = "op";
+    /// Exactly the strings [`FromStr`] accepts, as a regular expression (for the API's schema).
+    pub const PATTERN: &'static str = "^op_[0-9a-f]{32}$";
 
     /// Builds an id from 16 random bytes the caller drew from a CSPRNG.
     pub const fn from_random(bytes: [u8; 16]) -> Self {
@@ -213,6 +219,36 @@ mod tests {
             assert!(bad.parse::<OperationId>().is_err(), "{bad}");
             assert!(serde_json::from_str::<OperationId>(&format!("\"{bad}\"")).is_err(), "{bad}");
         }
+    }
+
+    /// The published pattern and the parser agree on every id shape: random ids, each possible
+    /// last character, and near misses (wrong length, case, alphabet, prefix).
+    #[test]
+    fn pattern_accepts_exactly_what_parses() {
+        let appliance = regex::Regex::new(ApplianceId::PATTERN).unwrap();
+        let operation = regex::Regex::new(OperationId::PATTERN).unwrap();
+        let base32 = "abcdefghijklmnopqrstuvwxyz234567";
+        let mut candidates: Vec<String> = Vec::new();
+        for n in 0..=255u8 {
+            candidates.push(ApplianceId::from_random([n; 16]).to_string());
+            candidates.push(OperationId::from_random([n; 16]).to_string());
+        }
+        for last in base32.chars().chain(['A', '0', '8', '_', 'é']) {
+            candidates.push(format!("apl_{}{last}", "a".repeat(25)));
+        }
+        for body in ["a".repeat(25), "a".repeat(27), "A".repeat(26), "0".repeat(26)] {
+            candidates.push(format!("apl_{body}"));
+        }
+        for body in ["a".repeat(31), "a".repeat(33), "A".repeat(32), "g".repeat(32), "f".repeat(32)] {
+            candidates.push(format!("op_{body}"));
+        }
+        candidates.push(format!("env_{}", "a".repeat(26)));
+        candidates.push(format!("apl_{}\n", "a".repeat(26)));
+        for c in &candidates {
+            assert_eq!(appliance.is_match(c), c.parse::<ApplianceId>().is_ok(), "{c}");
+            assert_eq!(operation.is_match(c), c.parse::<OperationId>().is_ok(), "{c}");
+        }
+        assert!(candidates.iter().filter(|c| appliance.is_match(c)).count() > 256);
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl std::fmt::Display for AuthorityKind {
 /// it). Its text form is stored in the database and served in JSON; an unknown spelling is
 /// refused, never mapped to a default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OperationState {
     AwaitingApproval,
@@ -178,6 +179,7 @@ impl std::str::FromStr for OperationState {
 /// Why the appliance did not run an operation (yet). Crosses the wire as a code, so neither
 /// side ever reads the other's sentence; the text beside it is for people.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalCode {
     // Not final: the appliance may run it once authority arrives (`AWAITING_APPROVAL`).

@@ -21,6 +21,7 @@ pub const POLICY_PAYLOAD_TYPE: &str = "application/vnd.airlock.policy.v1+toml";
 pub const DEFAULT_MAX_GRANT_HOURS: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Install,

@@ -6,11 +6,11 @@ use airlock_core::audit::Outcome;
 use airlock_core::{ApplianceId, EnvironmentId};
 use airlock_proto::join::{JoinRequest, JoinResponse};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::appliances::{self, JoinError, JoinRefusal, RevokeError};
 use crate::authz::Action;
 use crate::state::{AppState, event};
@@ -18,7 +18,10 @@ use crate::store::StoreError;
 
 /// Exchange a single-use join token and a CSR for an appliance certificate.
 #[utoipa::path(post, path = "/v1/join", request_body = JoinRequest,
-    responses((status = 200, body = JoinResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = JoinResponse),
+        (status = 400, body = ErrorBody, description = "the CSR is refused"),
+        (status = 401, body = ErrorBody, description = "the join token is unknown, spent or expired"),
+        (status = 503, body = ErrorBody, description = "the store is unavailable; retry later")))]
 pub(super) async fn join(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<JoinRequest>,
@@ -107,20 +110,30 @@ pub(super) async fn list_appliances(
     audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
 }
 
+/// What revoking an appliance did.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RevokedView {
+    pub id: String,
+    /// Always true: the appliance is revoked now, whether or not it was before.
+    pub revoked: bool,
+    /// Whether it had a live stream, which was ended.
+    pub was_connected: bool,
+}
+
 /// Revoke an appliance: its live stream closes at once and its certificates are refused.
 #[utoipa::path(post, path = "/v1/appliances/{appliance}/revoke", security(("bearer" = [])),
     params(("appliance" = String, Path, description = "appliance id (apl_…)")),
-    responses((status = 200, body = ApplianceView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = RevokedView)))]
 pub(super) async fn revoke_appliance(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(appliance): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    ApiPath(appliance): ApiPath<String>,
+) -> Result<Json<RevokedView>, ApiError> {
     authorize(&state, &scope, Action::RevokeAppliance, Some(appliance.clone())).await?;
     let result = async {
         let id: ApplianceId = parse_id(&appliance)?;
         let revoked = appliances::revoke(&state, &scope, id).await?;
-        Ok(Json(serde_json::json!({ "id": id.to_string(), "revoked": true, "was_connected": revoked.was_connected })))
+        Ok(Json(RevokedView { id: id.to_string(), revoked: true, was_connected: revoked.was_connected }))
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::RevokeAppliance.audit_action(), Outcome::Success);

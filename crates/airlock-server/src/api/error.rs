@@ -1,8 +1,8 @@
 //! The API's error shape: `{"error": {"code": "...", "message": "..."}}`, for every failure.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -20,7 +20,12 @@ pub struct ErrorBody {
 
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
+    /// What went wrong, for programs: `bad_request`, `unauthenticated`, `forbidden`,
+    /// `not_found`, `method_not_allowed`, `conflict`, `payload_too_large`,
+    /// `unsupported_media_type`, `internal`, `unavailable`, `not_ready`. Decide on it and the
+    /// status, never on the message.
     code: &'static str,
+    /// For people; it may change.
     message: String,
 }
 
@@ -84,22 +89,41 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body whose rejection is an [`ApiError`], so malformed input gets our error shape.
+/// A JSON body whose rejection is an [`ApiError`], so malformed input gets our error shape: 415
+/// without `content-type: application/json`, 413 past the route's body limit, 400 for
+/// anything else (syntax, types, unknown fields).
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => Err(match rej {
-                JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the body as JSON with `content-type: application/json`",
-                ),
-                other => ApiError::bad_request(format!("malformed request body: {}", other.body_text())),
-            }),
+        let rej = match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => return Ok(ApiJson(v)),
+            Err(rej) => rej,
+        };
+        Err(match rej.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `content-type: application/json`",
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
+            }
+            _ => ApiError::bad_request(format!("malformed request body: {}", rej.body_text())),
+        })
+    }
+}
+
+/// Path parameters whose rejection (say, percent-encoding that is not UTF-8) is our 400.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(rej) => Err(ApiError::bad_request(format!("malformed path: {}", rej.body_text()))),
         }
     }
 }

@@ -5,78 +5,86 @@
 //! Every call is audited: a mutation in the same transaction as its effect (the domain function writes it), a read or a refusal through the group-commit writer (`audited`, `refused`).
 //! What a read records is decided at its route, as a [`ReadAudit`]: a read of something sensitive (held output, a manifest) is answered only after its record is durable; a routine list or status read queues its record and is answered at once, and the next group commit writes it.
 //! Build the router with [`router`]; the tests drive it in memory.
+//! Routes come from one list (`routes`): a handler's `#[utoipa::path]` both registers and documents it, and [`contract`] completes the [`document`] with what the extractors imply, so the document is exact (schemathesis checks it against a real server).
 
 pub mod appliances;
+mod contract;
 mod error;
 pub mod operations;
 pub mod policy;
 pub mod tenancy;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use airlock_core::audit::{AuditAction, Event, Outcome};
 use airlock_core::token::{Secret, TokenKind};
-use airlock_proto::join::{JoinRequest, JoinResponse};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use appliances::{ApplianceList, ApplianceQuery, ApplianceView};
-pub use error::{ApiError, ApiJson, ErrorBody, ErrorDetail};
+pub use error::{ApiError, ApiJson, ApiPath, ErrorBody, ErrorDetail};
 pub use tenancy::{CreateEnvironment, CreateJoinToken, EnvironmentView, JoinTokenView, WorkspaceView};
 
 use crate::authz::{Action, TenantScope};
 use crate::metrics::HttpLabels;
 use crate::state::{AppState, SYSTEM_CHAIN, event};
 
+/// Every route, from one list: each handler's `#[utoipa::path]` both registers it with axum and
+/// documents it, so the router and [`document`] cannot disagree on a path or a method.
+fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi))
+        .routes(routes!(get_ca))
+        .routes(routes!(appliances::join))
+        .routes(routes!(tenancy::list_workspaces))
+        .routes(routes!(tenancy::list_environments, tenancy::create_environment))
+        .routes(routes!(tenancy::create_join_token))
+        .routes(routes!(appliances::list_appliances))
+        .routes(routes!(appliances::revoke_appliance))
+        .routes(routes!(operations::list_templates, operations::push_template))
+        .routes(routes!(operations::request_operation))
+        .routes(routes!(policy::get_policy, policy::relay_policy))
+        .routes(routes!(operations::list_operations))
+        .routes(routes!(operations::get_operation))
+        .routes(routes!(operations::relay_approval))
+        .routes(routes!(operations::get_manifest))
+        .routes(routes!(operations::get_output))
+        .split_for_parts()
+}
+
 /// The API router. Tests drive it in memory with `tower::ServiceExt::oneshot`.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/openapi.json", get(openapi))
-        .route("/v1/ca", get(get_ca))
-        .route(airlock_proto::join::JOIN_PATH, post(appliances::join))
-        .route("/v1/workspaces", get(tenancy::list_workspaces))
-        .route(
-            "/v1/workspaces/{workspace}/environments",
-            get(tenancy::list_environments).post(tenancy::create_environment),
-        )
-        .route("/v1/environments/{environment}/join-tokens", post(tenancy::create_join_token))
-        .route("/v1/appliances", get(appliances::list_appliances))
-        .route("/v1/appliances/{appliance}/revoke", post(appliances::revoke_appliance))
-        .route("/v1/workspaces/{workspace}/templates", get(operations::list_templates).post(operations::push_template))
-        .route("/v1/environments/{environment}/operations", post(operations::request_operation))
-        .route("/v1/environments/{environment}/policy", get(policy::get_policy).put(policy::relay_policy))
-        .route("/v1/operations", get(operations::list_operations))
-        .route("/v1/operations/{id}", get(operations::get_operation))
-        .route("/v1/operations/{id}/approval", post(operations::relay_approval))
-        .route("/v1/operations/{id}/manifest", get(operations::get_manifest))
-        .route("/v1/operations/{id}/output", get(operations::get_output))
+    routes()
+        .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_responses))
         .with_state(state)
 }
 
+/// The OpenAPI document served at `/v1/openapi.json`: the routes' annotations, completed by
+/// [`contract::complete`] with what every route's extractors imply.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = routes().1;
+    contract::complete(&mut doc);
+    doc
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Airlock control plane API", description = "Tenants, workspaces, environments, appliances, templates and signed operations."),
-    paths(get_ca, appliances::join, tenancy::list_workspaces, tenancy::list_environments, tenancy::create_environment,
-        tenancy::create_join_token, appliances::list_appliances, appliances::revoke_appliance,
-        operations::push_template, operations::list_templates, operations::request_operation, operations::list_operations, operations::get_operation,
-        operations::relay_approval, operations::get_manifest, operations::get_output, policy::relay_policy, policy::get_policy),
-    components(schemas(ErrorBody, ErrorDetail, CaInfo, JoinRequest, JoinResponse, WorkspaceView, EnvironmentView,
-        CreateEnvironment, CreateJoinToken, JoinTokenView, ApplianceView, ApplianceList,
-        operations::PushTemplate, operations::TemplateView, operations::VariableView, operations::TemplateList, operations::RequestOperation,
-        operations::OperationView, operations::OperationList, operations::RelayApproval, policy::RelayPolicy, policy::PolicyView)),
+    components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -205,24 +213,66 @@ where
 
 // ---------- unauthenticated ----------
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+/// What `/healthz` answers: `{"status": "ok"}`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    #[schema(inline)]
+    status: Alive,
 }
 
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Alive {
+    Ok,
+}
+
+/// What `/readyz` answers when ready: `{"status": "ready"}`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    #[schema(inline)]
+    status: Ready,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Ready {
+    Ready,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: Alive::Ok })
+}
+
+/// Readiness: the store answers; 503 (`not_ready`) when it does not.
+#[utoipa::path(get, path = "/readyz",
+    responses((status = 200, body = Readiness), (status = 503, body = ErrorBody, description = "not ready")))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.store.ping().await {
-        Ok(()) => Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Ok(()) => Json(Readiness { status: Ready::Ready }).into_response(),
         Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "store unavailable").into_response(),
     }
 }
 
+/// Prometheus metrics in OpenMetrics text.
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, body = String, content_type = "application/openmetrics-text")))]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
         .into_response()
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json",
+    responses((status = 200, body = Object, description = "OpenAPI 3.1"), (status = 500, body = ErrorBody)))]
+async fn openapi() -> Response {
+    // Built once: anyone may ask for it, so each request costs a copy of bytes and no more.
+    static DOCUMENT: LazyLock<Option<Vec<u8>>> = LazyLock::new(|| serde_json::to_vec(&document()).ok());
+    match DOCUMENT.as_ref() {
+        Some(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes.as_slice()).into_response(),
+        None => ApiError::internal("cannot serialise the OpenAPI document").into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {

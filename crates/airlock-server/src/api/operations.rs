@@ -16,13 +16,13 @@ use airlock_core::policy::Phase;
 use airlock_core::template::{RenderedCommand, Template, VarType};
 use airlock_core::{EnvironmentId, OperationId, Timestamp, WorkspaceId};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::authz::{Action, TenantScope};
 use crate::operations::{
     self, NewOperation, OutputError, PushTemplateError, RelayError, RequestError, stored_envelope, stored_request,
@@ -109,7 +109,6 @@ pub struct TemplateView {
     pub workspace: String,
     pub name: String,
     pub content_sha256: String,
-    #[schema(value_type = String)]
     pub phase: Phase,
     pub data_tags: Vec<String>,
     pub description: String,
@@ -161,12 +160,11 @@ pub struct TemplateList {
     params(("workspace" = String, Path, description = "workspace id (wsp_…)")),
     request_body = PushTemplate,
     responses((status = 201, body = TemplateView, description = "new current version"),
-        (status = 200, body = TemplateView, description = "unchanged"),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+        (status = 200, body = TemplateView, description = "unchanged")))]
 pub(super) async fn push_template(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(workspace): Path<String>,
+    ApiPath(workspace): ApiPath<String>,
     body: Result<ApiJson<PushTemplate>, ApiError>,
 ) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
     authorize(&state, &scope, Action::PushTemplate, Some(workspace.clone())).await?;
@@ -186,11 +184,11 @@ pub(super) async fn push_template(
 /// List the current version of every template in a workspace.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/templates", security(("bearer" = [])),
     params(("workspace" = String, Path, description = "workspace id (wsp_…)")),
-    responses((status = 200, body = TemplateList), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = TemplateList)))]
 pub(super) async fn list_templates(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(workspace): Path<String>,
+    ApiPath(workspace): ApiPath<String>,
 ) -> Result<Json<TemplateList>, ApiError> {
     authorize(&state, &scope, Action::ListTemplates, Some(workspace.clone())).await?;
     let result = async {
@@ -230,7 +228,6 @@ pub struct OperationView {
     pub appliance: String,
     pub template: String,
     pub template_sha256: String,
-    #[schema(value_type = String)]
     pub phase: Phase,
     pub data_tags: Vec<String>,
     pub vars: BTreeMap<String, String>,
@@ -239,13 +236,10 @@ pub struct OperationView {
     /// Unix milliseconds.
     #[schema(value_type = i64)]
     pub requested_at: Timestamp,
-    #[schema(value_type = String)]
     pub state: OperationState,
     /// Why the appliance did not run it (`airlock_core::operation::RefusalCode`, snake_case).
-    #[schema(value_type = Option<String>)]
     pub refusal_code: Option<RefusalCode>,
     /// Which policy check denied it, when `refusal_code` is `denied`.
-    #[schema(value_type = Option<String>)]
     pub deny_code: Option<DenyCode>,
     /// The appliance's explanation, for people.
     pub refusal_reason: Option<String>,
@@ -258,12 +252,10 @@ pub struct OperationView {
     pub command_sha256: String,
     /// The request as the control plane signed it (a DSSE envelope of a `RequestStatement`):
     /// the customer's CLI verifies it against the pinned CA and reviews what it says.
-    #[schema(value_type = Object)]
     pub signed_request: Envelope,
     /// The certificate of the operations key that signed `signed_request` (PEM).
     pub control_plane_certificate: String,
     /// The customer's approval or denial, as relayed (a DSSE envelope).
-    #[schema(value_type = Option<Object>)]
     pub approval: Option<Envelope>,
     pub exit_code: Option<i64>,
     /// What the appliance's signed execution commits to about the output: `{"salted": {"digest",
@@ -328,11 +320,12 @@ pub struct OperationList {
 #[utoipa::path(post, path = "/v1/environments/{environment}/operations", security(("bearer" = [])),
     params(("environment" = String, Path, description = "environment id (env_…)")),
     request_body = RequestOperation,
-    responses((status = 201, body = OperationView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 201, body = OperationView),
+        (status = 500, body = ErrorBody, description = "the control plane could not sign the request")))]
 pub(super) async fn request_operation(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(environment): Path<String>,
+    ApiPath(environment): ApiPath<String>,
     body: Result<ApiJson<RequestOperation>, ApiError>,
 ) -> Result<(StatusCode, Json<OperationView>), ApiError> {
     authorize(&state, &scope, Action::RequestOperation, Some(environment.clone())).await?;
@@ -364,7 +357,7 @@ pub(super) struct OperationQuery {
 #[utoipa::path(get, path = "/v1/operations", security(("bearer" = [])),
     params(("state" = Option<String>, Query, description = "only operations in this state"),
         ("environment" = Option<String>, Query, description = "only this environment (env_…)")),
-    responses((status = 200, body = OperationList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = OperationList)))]
 pub(super) async fn list_operations(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
@@ -409,11 +402,11 @@ async fn find(state: &AppState, scope: &TenantScope, id: &str) -> Result<Operati
 /// One operation.
 #[utoipa::path(get, path = "/v1/operations/{id}", security(("bearer" = [])),
     params(("id" = String, Path, description = "operation id (op_…)")),
-    responses((status = 200, body = OperationView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = OperationView)))]
 pub(super) async fn get_operation(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<OperationView>, ApiError> {
     authorize(&state, &scope, Action::GetOperation, Some(id.clone())).await?;
     let result = async { OperationView::from_row(&find(&state, &scope, &id).await?) }.await;
@@ -426,7 +419,7 @@ pub(super) async fn get_operation(
 #[serde(deny_unknown_fields)]
 pub struct RelayApproval {
     /// The customer's signed grant (a DSSE envelope), as a JSON object.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Envelope)]
     pub envelope: serde_json::Value,
 }
 
@@ -436,12 +429,12 @@ pub struct RelayApproval {
 #[utoipa::path(post, path = "/v1/operations/{id}/approval", security(("bearer" = [])),
     params(("id" = String, Path, description = "operation id (op_…)")),
     request_body = RelayApproval,
-    responses((status = 200, body = OperationView), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = OperationView),
+        (status = 409, body = ErrorBody, description = "the operation no longer awaits approval")))]
 pub(super) async fn relay_approval(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: Result<ApiJson<RelayApproval>, ApiError>,
 ) -> Result<Json<OperationView>, ApiError> {
     authorize(&state, &scope, Action::RelayApproval, Some(id.clone())).await?;
@@ -460,11 +453,12 @@ pub(super) async fn relay_approval(
 /// that verify them (`airlock_core::operation::Manifest`).
 #[utoipa::path(get, path = "/v1/operations/{id}/manifest", security(("bearer" = [])),
     params(("id" = String, Path, description = "operation id (op_…)")),
-    responses((status = 200, body = Object, description = "the manifest"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Object, description = "the manifest"),
+        (status = 500, body = ErrorBody, description = "stored output cannot be opened")))]
 pub(super) async fn get_manifest(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Manifest>, ApiError> {
     authorize(&state, &scope, Action::GetManifest, Some(id.clone())).await?;
     let result = async { Ok(operations::manifest(&state.kek, &scope, &find(&state, &scope, &id).await?)?) }.await;
@@ -477,11 +471,11 @@ pub(super) async fn get_manifest(
 #[utoipa::path(get, path = "/v1/operations/{id}/output", security(("bearer" = [])),
     params(("id" = String, Path, description = "operation id (op_…)")),
     responses((status = 200, description = "the released output", content_type = "application/octet-stream"),
-        (status = 404, body = ErrorBody)))]
+        (status = 500, body = ErrorBody, description = "stored output cannot be opened")))]
 pub(super) async fn get_output(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &scope, Action::GetOutput, Some(id.clone())).await?;
     let mut ev = event(scope.principal().actor(), Action::GetOutput.audit_action(), Outcome::Success);

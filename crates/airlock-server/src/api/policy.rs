@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use airlock_core::audit::Outcome;
+use airlock_core::dsse::Envelope;
 use airlock_core::{EnvironmentId, Timestamp};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::authz::Action;
 use crate::policy::RelayPolicyError;
 use crate::state::{AppState, event};
@@ -22,7 +23,7 @@ use crate::store::{PolicyRow, StoreError};
 pub struct RelayPolicy {
     /// The customer's signed policy: a DSSE envelope as a JSON object (what
     /// `airlock customer policy sign` writes).
-    #[schema(value_type = Object)]
+    #[schema(value_type = Envelope)]
     pub envelope: serde_json::Value,
 }
 
@@ -33,7 +34,7 @@ pub struct PolicyView {
     /// SHA-256 of the signed policy TOML (the digest the appliance reports in its status).
     pub policy_sha256: String,
     /// The envelope as relayed, unchanged.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Envelope)]
     pub envelope: serde_json::Value,
     pub relayed_by: String,
     /// Unix milliseconds.
@@ -68,12 +69,12 @@ impl PolicyView {
 #[utoipa::path(put, path = "/v1/environments/{environment}/policy", security(("bearer" = [])),
     params(("environment" = String, Path, description = "environment id (env_…)")),
     request_body = RelayPolicy,
-    responses((status = 200, body = PolicyView), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = PolicyView),
+        (status = 409, body = ErrorBody, description = "its serial is not greater than the one relayed before")))]
 pub(super) async fn relay_policy(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(environment): Path<String>,
+    ApiPath(environment): ApiPath<String>,
     body: Result<ApiJson<RelayPolicy>, ApiError>,
 ) -> Result<Json<PolicyView>, ApiError> {
     authorize(&state, &scope, Action::RelayPolicy, Some(environment.clone())).await?;
@@ -104,11 +105,11 @@ impl From<RelayPolicyError> for ApiError {
 /// The customer policy relayed last to the environment; 404 if none was.
 #[utoipa::path(get, path = "/v1/environments/{environment}/policy", security(("bearer" = [])),
     params(("environment" = String, Path, description = "environment id (env_…)")),
-    responses((status = 200, body = PolicyView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = PolicyView)))]
 pub(super) async fn get_policy(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(environment): Path<String>,
+    ApiPath(environment): ApiPath<String>,
 ) -> Result<Json<PolicyView>, ApiError> {
     authorize(&state, &scope, Action::GetPolicy, Some(environment.clone())).await?;
     let mut ev = event(scope.principal().actor(), Action::GetPolicy.audit_action(), Outcome::Success);

@@ -6,12 +6,12 @@ use std::time::Duration;
 use airlock_core::WorkspaceId;
 use airlock_core::audit::Outcome;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::authz::Action;
 use crate::state::{AppState, event};
 use crate::tenancy::{self, TenancyError};
@@ -25,7 +25,7 @@ pub struct WorkspaceView {
 
 /// List the workspaces of the caller's tenant.
 #[utoipa::path(get, path = "/v1/workspaces", security(("bearer" = [])),
-    responses((status = 200, body = Vec<WorkspaceView>), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = Vec<WorkspaceView>)))]
 pub(super) async fn list_workspaces(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
@@ -62,11 +62,11 @@ impl From<crate::store::Environment> for EnvironmentView {
 /// List the environments of a workspace.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/environments", security(("bearer" = [])),
     params(("workspace" = String, Path, description = "workspace id (wsp_…)")),
-    responses((status = 200, body = Vec<EnvironmentView>), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Vec<EnvironmentView>)))]
 pub(super) async fn list_environments(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(workspace): Path<String>,
+    ApiPath(workspace): ApiPath<String>,
 ) -> Result<Json<Vec<EnvironmentView>>, ApiError> {
     authorize(&state, &scope, Action::ListEnvironments, Some(workspace.clone())).await?;
     let result = async {
@@ -85,7 +85,8 @@ pub(super) async fn list_environments(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnvironment {
-    /// 1–64 characters: letters, digits, `-`, `_`, `.`.
+    /// 1–64 characters: letters, digits, `-`, `_`, `.` (`tenancy::validate_name`).
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub name: String,
 }
 
@@ -93,11 +94,12 @@ pub struct CreateEnvironment {
 #[utoipa::path(post, path = "/v1/workspaces/{workspace}/environments", security(("bearer" = [])),
     params(("workspace" = String, Path, description = "workspace id (wsp_…)")),
     request_body = CreateEnvironment,
-    responses((status = 201, body = EnvironmentView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = EnvironmentView),
+        (status = 409, body = ErrorBody, description = "the workspace has an environment of that name")))]
 pub(super) async fn create_environment(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(workspace): Path<String>,
+    ApiPath(workspace): ApiPath<String>,
     body: Result<ApiJson<CreateEnvironment>, ApiError>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
     authorize(&state, &scope, Action::CreateEnvironment, Some(workspace.clone())).await?;
@@ -115,7 +117,8 @@ pub(super) async fn create_environment(
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJoinToken {
-    /// Lifetime in seconds; default 900 (15 minutes), at most 86400.
+    /// Lifetime in seconds; default 900 (15 minutes), at most 86400 (`MAX_JOIN_TOKEN_TTL`).
+    #[schema(minimum = 1, maximum = 86400)]
     pub ttl_seconds: Option<u64>,
 }
 
@@ -131,11 +134,11 @@ pub struct JoinTokenView {
 #[utoipa::path(post, path = "/v1/environments/{environment}/join-tokens", security(("bearer" = [])),
     params(("environment" = String, Path, description = "environment id (env_…)")),
     request_body = CreateJoinToken,
-    responses((status = 201, body = JoinTokenView), (status = 404, body = ErrorBody)))]
+    responses((status = 201, body = JoinTokenView)))]
 pub(super) async fn create_join_token(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
-    Path(environment): Path<String>,
+    ApiPath(environment): ApiPath<String>,
     body: Result<ApiJson<CreateJoinToken>, ApiError>,
 ) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
     authorize(&state, &scope, Action::CreateJoinToken, Some(environment.clone())).await?;

@@ -254,30 +254,177 @@ async fn join_token_for_unknown_environment_is_404() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn openapi_documents_every_v1_route() {
-    let api = api().await;
-    let (s, doc) = api.call(Method::GET, "/v1/openapi.json", None, None).await;
+/// One raw call through the router: status, headers and body.
+async fn raw(api: &Api, req: Request<Body>) -> (StatusCode, http::HeaderMap, Value) {
+    let resp = super::router(api.state.clone()).oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// The document as served, and a concrete path for each templated one (ids that parse).
+async fn served_document(api: &Api) -> Value {
+    let (s, _, doc) = raw(api, Request::get("/v1/openapi.json").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
-    let paths: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
-    for p in [
-        "/v1/ca",
-        "/v1/join",
-        "/v1/workspaces",
-        "/v1/workspaces/{workspace}/environments",
-        "/v1/environments/{environment}/join-tokens",
-        "/v1/appliances",
-        "/v1/appliances/{appliance}/revoke",
-        "/v1/workspaces/{workspace}/templates",
-        "/v1/environments/{environment}/operations",
-        "/v1/operations",
-        "/v1/operations/{id}",
-        "/v1/operations/{id}/approval",
-        "/v1/operations/{id}/manifest",
-        "/v1/operations/{id}/output",
-    ] {
-        assert!(paths.contains(&p), "{p} missing from OpenAPI: {paths:?}");
+    doc
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{workspace}", &airlock_core::WorkspaceId::from_random([1; 16]).to_string())
+        .replace("{environment}", &airlock_core::EnvironmentId::from_random([2; 16]).to_string())
+        .replace("{appliance}", &airlock_core::ApplianceId::from_random([3; 16]).to_string())
+        .replace("{id}", &op_id(4).to_string())
+}
+
+const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
+
+/// The router and the document agree, both ways: every documented operation reaches its handler
+/// (an anonymous call gets one of the statuses documented for it, never the fallback's), and
+/// every other method on a documented path is a JSON 405 whose `Allow` lists exactly the
+/// documented ones. (No route is added outside `routes()`, so no undocumented path exists.)
+#[tokio::test]
+async fn router_and_document_list_the_same_routes() {
+    let api = api().await;
+    let doc = served_document(&api).await;
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 19, "{:?}", paths.keys());
+    assert!(
+        paths[airlock_proto::join::JOIN_PATH]["post"].is_object(),
+        "the join route is documented where appliances call it"
+    );
+    for (path, item) in paths {
+        let uri = concrete(path);
+        let documented: Vec<&str> = METHODS.into_iter().filter(|m| item.get(*m).is_some()).collect();
+        assert!(!documented.is_empty(), "{path}");
+        for method in METHODS {
+            let req = Request::builder().method(method.to_uppercase().as_str()).uri(&uri).body(Body::empty()).unwrap();
+            let (status, headers, body) = raw(&api, req).await;
+            if let Some(op) = item.get(method) {
+                let statuses = op["responses"].as_object().unwrap();
+                assert!(statuses.contains_key(status.as_str()), "{method} {path}: {status} is not documented: {body}");
+                assert_ne!(body["error"]["message"], "no such route; see /v1/openapi.json", "{method} {path}");
+            } else {
+                assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path} is routed but not documented");
+                assert_error(&body, "method_not_allowed", "not allowed");
+                let allow = headers[http::header::ALLOW].to_str().unwrap().to_ascii_lowercase();
+                let mut allowed: Vec<&str> = allow.split(',').map(str::trim).filter(|m| *m != "head").collect();
+                allowed.sort_unstable();
+                let mut expected = documented.clone();
+                expected.sort_unstable();
+                assert_eq!(allowed, expected, "{path}: Allow is not the documented methods");
+            }
+        }
     }
+}
+
+/// What the contract promises of every route: errors have the error schema, ids their patterns,
+/// request bodies refuse unknown fields (serde's `deny_unknown_fields`) and say so, and
+/// response schemas are closed.
+#[tokio::test]
+async fn document_gives_every_error_id_and_body_its_exact_schema() {
+    let api = api().await;
+    let doc = served_document(&api).await;
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    let schema_of = |content: &Value| -> String {
+        let r = content["application/json"]["schema"]["$ref"].as_str().unwrap_or_default();
+        r.rsplit('/').next().unwrap().to_owned()
+    };
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let at = format!("{method} {path}");
+            for (status, resp) in op["responses"].as_object().unwrap() {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(schema_of(&resp["content"]), "ErrorBody", "{at} {status}");
+                }
+                let name = schema_of(&resp["content"]);
+                if let Some(schema) = schemas.get(&name).filter(|s| s["type"] == "object") {
+                    assert_eq!(schema["additionalProperties"], false, "{at} {status}: response {name} is open");
+                }
+            }
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                if param["in"] == "path" {
+                    let pattern = param["schema"]["pattern"].as_str().unwrap_or_else(|| panic!("{at}: {param}"));
+                    let re = regex::Regex::new(pattern).unwrap();
+                    assert!(re.is_match(&concrete(&format!("{{{}}}", param["name"].as_str().unwrap()))), "{at}");
+                    assert!(op["responses"]["404"].is_object() && op["responses"]["400"].is_object(), "{at}");
+                }
+            }
+            if let Some(body) = op.get("requestBody") {
+                let name = schema_of(&body["content"]);
+                assert_eq!(
+                    schemas[&name]["additionalProperties"], false,
+                    "{at}: request {name} accepts unknown fields"
+                );
+                for status in ["400", "413", "415"] {
+                    assert!(op["responses"][status].is_object(), "{at} lacks {status}");
+                }
+            }
+            if op.get("security").is_some() {
+                for status in ["401", "403", "503"] {
+                    assert!(op["responses"][status].is_object(), "{at} lacks {status}");
+                }
+                assert!(op["responses"]["401"]["headers"]["WWW-Authenticate"].is_object(), "{at}");
+            }
+        }
+    }
+}
+
+/// The request fields the document constrains are constrained exactly so by the server.
+#[tokio::test]
+async fn documented_field_constraints_are_the_servers() {
+    let api = api().await;
+    let doc = served_document(&api).await;
+    let schemas = &doc["components"]["schemas"];
+    let name =
+        regex::Regex::new(schemas["CreateEnvironment"]["properties"]["name"]["pattern"].as_str().unwrap()).unwrap();
+    let path = format!("/v1/workspaces/{}/environments", api.workspace);
+    for candidate in ["a", "ok-1_2.3", &"n".repeat(64), &"n".repeat(65), "", "bad name!", "é", "a\n"] {
+        let (s, v) = api.post(&path, json!({ "name": candidate })).await;
+        assert_eq!(s == StatusCode::CREATED, name.is_match(candidate), "{candidate:?}: {s} {v}");
+    }
+    let ttl = &schemas["CreateJoinToken"]["properties"]["ttl_seconds"];
+    let (min, max) = (ttl["minimum"].as_u64().unwrap(), ttl["maximum"].as_u64().unwrap());
+    let env = api.new_env("ttl").await;
+    for (seconds, ok) in [(min - 1, false), (min, true), (max, true), (max + 1, false)] {
+        let (s, v) = api.post(&format!("/v1/environments/{env}/join-tokens"), json!({ "ttl_seconds": seconds })).await;
+        assert_eq!(s == StatusCode::CREATED, ok, "{seconds}: {s} {v}");
+    }
+}
+
+/// A body that is not JSON, not declared JSON, or too large gets our error body with the status
+/// the document gives it.
+#[tokio::test]
+async fn body_rejections_are_json_errors_with_their_documented_status() {
+    let api = api().await;
+    let path = format!("/v1/workspaces/{}/environments", api.workspace);
+    let post = |content_type: Option<&str>, body: Vec<u8>| {
+        let mut req = Request::post(&path).header("authorization", format!("Bearer {}", api.token));
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        req.body(Body::from(body)).unwrap()
+    };
+    let (s, _, v) = raw(&api, post(Some("text/plain"), b"{\"name\": \"a\"}".to_vec())).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_error(&v, "unsupported_media_type", "application/json");
+    let (s, _, v) = raw(&api, post(None, b"{\"name\": \"a\"}".to_vec())).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_error(&v, "unsupported_media_type", "application/json");
+    let (s, _, v) = raw(&api, post(Some("application/json"), b"{\"name\": ".to_vec())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request", "malformed request body");
+    let huge = format!("{{\"name\": \"{}\"}}", "a".repeat(3 << 20)).into_bytes();
+    let (s, _, v) = raw(&api, post(Some("application/json"), huge)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "payload_too_large", "too large");
+    // A path segment that is not UTF-8 once decoded is our 400, not axum's text.
+    let bad = Request::get("/v1/workspaces/%FF/environments")
+        .header("authorization", format!("Bearer {}", api.token))
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = raw(&api, bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error_shape(&v);
 }
 
 #[tokio::test]
