@@ -80,7 +80,7 @@ pub(super) async fn list_appliances(
         let env = q.environment.as_deref().map(parse_id::<EnvironmentId>).transpose()?;
         let rows = state.store.list_appliances(&scope, env).await?;
         let appliances = rows
-            .into_iter()
+            .iter()
             .map(|r| {
                 let live = state.registry.status(&r.id);
                 let execution_key = r

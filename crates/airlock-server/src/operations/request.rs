@@ -182,8 +182,9 @@ async fn choose_appliance(
         .store
         .list_appliances(scope, Some(env.id))
         .await?
-        .into_iter()
+        .iter()
         .filter(|a| a.revoked_at.is_none())
+        .cloned()
         .collect();
     match named {
         Some(id) => active

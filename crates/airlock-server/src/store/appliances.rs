@@ -39,7 +39,12 @@ impl Store {
         &self,
         scope: &TenantScope,
         env: Option<EnvironmentId>,
-    ) -> Result<Vec<ApplianceRow>, StoreError> {
+    ) -> Result<std::sync::Arc<Vec<ApplianceRow>>, StoreError> {
+        let generation = self.generation.current();
+        let key = (scope.tenant(), env);
+        if let Some(rows) = self.appliance_lists.get(generation, &key) {
+            return Ok(rows);
+        }
         let rows = sqlx::query(
             "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
                     execution_key_attestation
@@ -49,7 +54,9 @@ impl Store {
         .bind(env.map(|e| e.to_string()))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(appliance_from_row).collect()
+        let rows = std::sync::Arc::new(rows.iter().map(appliance_from_row).collect::<Result<Vec<_>, _>>()?);
+        self.appliance_lists.insert(generation, key, rows.clone());
+        Ok(rows)
     }
 
     pub async fn get_appliance(

@@ -149,7 +149,7 @@ async fn write(store: &Store, records: Vec<(String, Timestamp, Event)>) -> Resul
     for (chain, run) in by_chain(records) {
         tx.audit_run(&chain, run).await?;
     }
-    tx.commit().await
+    tx.commit_audit_only().await
 }
 
 /// The batch split by chain, each chain's records in queue order, chains in order of first

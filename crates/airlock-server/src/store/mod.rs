@@ -16,6 +16,7 @@ mod audit_writer;
 mod ca;
 mod operations;
 mod policies;
+mod read_cache;
 mod templates;
 mod tenancy;
 #[cfg(test)]
@@ -40,6 +41,8 @@ pub use templates::TemplateRow;
 pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
 
 pub const DB_FILE_NAME: &str = "airlock.db";
+/// Entries per read cache: tokens and appliance lists are a few hundred bytes to a few KiB each.
+const READ_CACHE_ENTRIES: usize = 4096;
 
 /// Versioned migrations, applied in order inside one transaction each. Embedded so the binary
 /// carries its schema. (Hand-rolled rather than `sqlx::migrate!` to avoid building sqlx's
@@ -76,6 +79,15 @@ pub struct Store {
     head_mac: ring::hmac::Key,
     pending_reads: std::sync::atomic::AtomicU64,
     policy_reads: std::sync::atomic::AtomicU64,
+    /// Bumped by every committed write; the caches below hold reads of one generation.
+    generation: read_cache::Generation,
+    /// Live API tokens by hash: authentication is on every request.
+    api_tokens: read_cache::ReadCache<airlock_core::token::TokenHash, crate::authz::ApiToken>,
+    /// Appliance lists by tenant and environment filter: the fleet view operators poll.
+    appliance_lists: read_cache::ReadCache<
+        (airlock_core::TenantId, Option<airlock_core::EnvironmentId>),
+        std::sync::Arc<Vec<ApplianceRow>>,
+    >,
 }
 
 impl std::fmt::Debug for Store {
@@ -95,6 +107,9 @@ impl Store {
             head_mac,
             pending_reads: Default::default(),
             policy_reads: Default::default(),
+            generation: Default::default(),
+            api_tokens: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
+            appliance_lists: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
         })
     }
 
@@ -115,6 +130,9 @@ impl Store {
             head_mac,
             pending_reads: Default::default(),
             policy_reads: Default::default(),
+            generation: Default::default(),
+            api_tokens: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
+            appliance_lists: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
         };
         store.migrate().await?;
         Ok(store)
@@ -188,15 +206,23 @@ pub struct WriteTx<'a> {
 }
 
 impl WriteTx<'_> {
+    /// Commits, then ends every cached read (`read_cache`) before the caller can answer anyone.
     pub async fn commit(self) -> Result<(), StoreError> {
+        let store = self.store;
+        let committed = self.tx.commit().await;
+        // Bumped whatever the outcome: a commit that failed late may still have landed.
+        store.generation.bump();
+        committed?;
+        Ok(())
+    }
+
+    /// Commits a transaction that appended audit records and nothing else: no cached read
+    /// returns audit records, so the caches stay (the group commit runs on every read).
+    pub(crate) async fn commit_audit_only(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
     }
 }
-
-impl Store {}
-
-impl WriteTx<'_> {}
 
 fn conflict(e: sqlx::Error, what: &'static str, name: &str) -> StoreError {
     match &e {

@@ -48,7 +48,21 @@ pub enum RedeemRefusal {
 }
 
 impl Store {
+    /// The live token with this hash. Found tokens are cached until the next write (a
+    /// revocation is one); unknown ones are not, so guessing cannot fill the cache.
     pub async fn api_token_by_hash(&self, hash: &TokenHash) -> Result<Option<ApiToken>, StoreError> {
+        let generation = self.generation.current();
+        if let Some(token) = self.api_tokens.get(generation, hash) {
+            return Ok(Some(token));
+        }
+        let token = self.api_token_from_db(hash).await?;
+        if let Some(token) = &token {
+            self.api_tokens.insert(generation, *hash, token.clone());
+        }
+        Ok(token)
+    }
+
+    async fn api_token_from_db(&self, hash: &TokenHash) -> Result<Option<ApiToken>, StoreError> {
         let row =
             sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
                 .bind(hash.0.as_slice())

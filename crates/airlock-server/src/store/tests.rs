@@ -55,7 +55,7 @@ async fn store_hides_other_tenants_rows() {
     assert!(store.list_environments(&a, wb).await.unwrap().is_empty());
     assert!(store.get_environment(&a, eb).await.unwrap().is_none());
     assert!(store.get_environment(&a, ea).await.unwrap().is_some());
-    let listed: Vec<_> = store.list_appliances(&a, None).await.unwrap().into_iter().map(|r| r.id).collect();
+    let listed: Vec<_> = store.list_appliances(&a, None).await.unwrap().iter().map(|r| r.id).collect();
     assert_eq!(listed, vec![apl_a]);
     assert!(store.list_appliances(&a, Some(eb)).await.unwrap().is_empty());
     assert!(store.get_appliance(&a, apl_b).await.unwrap().is_none());
@@ -223,4 +223,46 @@ async fn join_token_redeems_once() {
     );
     let unknown = Secret::from_random(TokenKind::Join, [1; 32]);
     assert_eq!(tx.redeem_join_token(&unknown.hash(), apl, now()).await.unwrap().unwrap_err(), RedeemRefusal::Unknown);
+}
+
+/// Cached reads (`read_cache`) never outlive a write: a revocation, a last-seen batch and a
+/// token's revocation are seen by the very next read, and a rolled-back write changes nothing.
+#[tokio::test]
+async fn cached_reads_see_the_next_committed_write() {
+    let (store, _dir) = store().await;
+    let (a, _, e, apl) = tenant(&store, 90).await;
+    assert!(store.list_appliances(&a, Some(e)).await.unwrap()[0].revoked_at.is_none());
+
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.revoke_appliance(&a, apl, now()).await.unwrap());
+    drop(tx);
+    assert!(store.list_appliances(&a, Some(e)).await.unwrap()[0].revoked_at.is_none(), "rolled back");
+
+    let mut tx = store.write().await.unwrap();
+    tx.record_seen(&a, apl, "2.0", now()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(store.list_appliances(&a, Some(e)).await.unwrap()[0].version, "2.0");
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.revoke_appliance(&a, apl, now()).await.unwrap());
+    tx.commit().await.unwrap();
+    assert!(store.list_appliances(&a, Some(e)).await.unwrap()[0].revoked_at.is_some());
+
+    let secret = Secret::from_random(TokenKind::Api, [91; 32]);
+    let mut tx = store.write().await.unwrap();
+    tx.create_api_token(
+        a.tenant(),
+        TokenId::from_random([92; 16]),
+        &secret.hash(),
+        "ci",
+        crate::authz::Role::TenantAdmin,
+        now(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(store.api_token_by_hash(&secret.hash()).await.unwrap().is_some());
+    let mut tx = store.write().await.unwrap();
+    sqlx::query("UPDATE api_tokens SET revoked_at = 1").execute(&mut *tx.tx).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(store.api_token_by_hash(&secret.hash()).await.unwrap().is_none(), "a revoked token is refused at once");
 }
