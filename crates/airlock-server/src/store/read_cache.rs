@@ -4,7 +4,7 @@
 //! So a revocation, a join or a last-seen batch is seen by the very next request, with no per-table invalidation to forget.
 //! The generation is read before the database is, so a write that lands between the two leaves an entry already stale, never a stale entry marked fresh.
 //! Only group-committed audit records skip the bump: they change no table a cached read returns, and bumping on them would empty the cache on every read.
-//! The server holds the data directory's lock, so every write goes through this process; editing the database under a running server is unsupported.
+//! The server holds the data directory's lock, so every write goes through this process, but for `airlock server tenant create`, which only adds rows no cached read can hold (unknown tokens are not cached); editing the database under a running server is unsupported.
 
 use std::collections::HashMap;
 use std::hash::Hash;
