@@ -305,7 +305,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// requests), so any valid API token is required.
 #[utoipa::path(get, path = "/metrics", security(("bearer" = [])),
     responses((status = 200, body = String, content_type = "application/openmetrics-text")))]
-async fn metrics(State(state): State<Arc<AppState>>, Authed(_): Authed) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, _caller: Authed) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
         .into_response()
 }
