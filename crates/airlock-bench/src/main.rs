@@ -582,7 +582,8 @@ async fn run_with_server(
             other => bail!("expected a heartbeat report, got {other:?}"),
         }
     }
-    let hb_counter1 = server::metric(&metrics_text(&http, &api_url, &init.admin_token).await?, "airlock_gateway_heartbeats_total");
+    let hb_counter1 =
+        server::metric(&metrics_text(&http, &api_url, &init.admin_token).await?, "airlock_gateway_heartbeats_total");
     let acks: u64 = beats.iter().map(|b| b.acks).sum();
     let rtt_sum: u64 = beats.iter().map(|b| b.rtt_sum_us).sum();
     let seconds = (heartbeat_seconds as f64).max(1e-9);

@@ -61,7 +61,8 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let (acceptor, router, shutdown, counters) = (acceptor.clone(), router.clone(), shutdown.clone(), counters.clone());
+        let (acceptor, router, shutdown, counters) =
+            (acceptor.clone(), router.clone(), shutdown.clone(), counters.clone());
         tokio::spawn(async move {
             let tls = tokio::select! {
                 res = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)) => match res {

@@ -958,8 +958,18 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
     let deadlines = [
         (args.api_idle_timeout, file.api_idle_timeout, &mut limits.api_idle_timeout, "api_idle_timeout"),
         (args.api_request_timeout, file.api_request_timeout, &mut limits.api_request_timeout, "api_request_timeout"),
-        (args.gateway_hello_timeout, file.gateway_hello_timeout, &mut limits.gateway_hello_timeout, "gateway_hello_timeout"),
-        (args.tls_handshake_timeout, file.tls_handshake_timeout, &mut limits.tls_handshake_timeout, "tls_handshake_timeout"),
+        (
+            args.gateway_hello_timeout,
+            file.gateway_hello_timeout,
+            &mut limits.gateway_hello_timeout,
+            "gateway_hello_timeout",
+        ),
+        (
+            args.tls_handshake_timeout,
+            file.tls_handshake_timeout,
+            &mut limits.tls_handshake_timeout,
+            "tls_handshake_timeout",
+        ),
     ];
     for (flag, in_file, slot, name) in deadlines {
         if let Some(d) = flag.or(file_duration(in_file)?) {

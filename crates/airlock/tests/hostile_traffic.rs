@@ -75,7 +75,13 @@ fn http_client(ca: &str, h2: bool) -> reqwest::Client {
 }
 
 /// Holds `target` idle TLS connections to the API open, re-opening those the server closes, until `stop`.
-async fn idle_flood(api: SocketAddr, cfg: Arc<rustls::ClientConfig>, target: usize, stop: Arc<AtomicBool>, opened: Arc<AtomicUsize>) {
+async fn idle_flood(
+    api: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    target: usize,
+    stop: Arc<AtomicBool>,
+    opened: Arc<AtomicUsize>,
+) {
     let live = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         if live.load(Ordering::Relaxed) >= target {
@@ -119,7 +125,8 @@ async fn tcp_flood(gateway: SocketAddr, stop: Arc<AtomicBool>, connects: Arc<Ato
 /// An HTTP/1 upload that stalls after 100 of its 8,000 declared bytes; returns the time to the server's answer or close, and the status line.
 async fn stalled_h1_upload(api: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> (Duration, String) {
     let mut tls = tls_connect(api, cfg).await.unwrap();
-    let head = "POST /v1/join HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 8000\r\n\r\n";
+    let head =
+        "POST /v1/join HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 8000\r\n\r\n";
     tls.write_all(head.as_bytes()).await.unwrap();
     tls.write_all(&[b' '; 100]).await.unwrap();
     let started = Instant::now();
@@ -168,7 +175,8 @@ async fn stalled_h2_upload(api: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> D
         let mut at = 0;
         while got.len() >= at + 9 {
             let len = usize::from(got[at]) << 16 | usize::from(got[at + 1]) << 8 | usize::from(got[at + 2]);
-            let (kind, stream) = (got[at + 3], u32::from_be_bytes(got[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff);
+            let (kind, stream) =
+                (got[at + 3], u32::from_be_bytes(got[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff);
             if stream == 1 && (kind == 1 || kind == 3) || kind == 7 {
                 return started.elapsed();
             }
@@ -202,7 +210,9 @@ async fn slowloris(api: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Duration 
 /// A gateway handshake with `cfg`: the server's verdict on a TLS 1.3 client certificate arrives on the first read.
 async fn gateway_verdict(gateway: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Result<(), String> {
     let mut tls = tls_connect(gateway, cfg).await.map_err(|e| e.to_string())?;
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.map_err(|e| e.to_string())?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
         Ok(Ok(n)) if n > 0 => Ok(()),
@@ -342,13 +352,23 @@ fn the_control_plane_serves_real_clients_while_hostile_peers_hold_what_they_can(
         }
     });
     stop.store(true, Ordering::Relaxed);
-    assert!(metrics.contains("airlock_closed_connections_total{listener=\"api\",reason=\"request_timeout\"}") || {
-        let m = rt.block_on(async {
-            let client = http_client(&ca, false);
-            client.get(format!("{}/metrics", server.url)).bearer_auth(&server.token).send().await.unwrap().text().await.unwrap()
-        });
-        m.contains("airlock_closed_connections_total{listener=\"api\",reason=\"request_timeout\"}")
-    });
+    assert!(
+        metrics.contains("airlock_closed_connections_total{listener=\"api\",reason=\"request_timeout\"}") || {
+            let m = rt.block_on(async {
+                let client = http_client(&ca, false);
+                client
+                    .get(format!("{}/metrics", server.url))
+                    .bearer_auth(&server.token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+            });
+            m.contains("airlock_closed_connections_total{listener=\"api\",reason=\"request_timeout\"}")
+        }
+    );
 
     // An idle connection, alone, is closed at its idle deadline (none of its own kind to evict it early).
     rt.block_on(async {
@@ -357,7 +377,11 @@ fn the_control_plane_serves_real_clients_while_hostile_peers_hold_what_they_can(
         let started = Instant::now();
         let (_, closed) = read_until_closed(&mut idle, IDLE_TIMEOUT + SLACK).await;
         assert!(closed, "an idle connection was held past {:?}", IDLE_TIMEOUT + SLACK);
-        assert!(started.elapsed() >= IDLE_TIMEOUT - Duration::from_millis(500), "closed early: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= IDLE_TIMEOUT - Duration::from_millis(500),
+            "closed early: {:?}",
+            started.elapsed()
+        );
     });
     assert!(!server.log().contains("accept failed"), "{}", server.log());
     drop(again);

@@ -420,7 +420,8 @@ async fn tcp_flood(gateway: SocketAddr, per_second: usize, stop: Arc<AtomicBool>
                 let mut buf = [0u8; 64];
                 let held = Instant::now();
                 while !stop.load(Ordering::Relaxed) && held.elapsed() < Duration::from_secs(10) {
-                    if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf)).await
+                    if let Ok(Ok(0) | Err(_)) =
+                        tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf)).await
                     {
                         break;
                     }

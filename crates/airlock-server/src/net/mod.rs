@@ -126,7 +126,11 @@ impl Default for AcceptBackoff {
 }
 
 /// The next connection on `listener`, backing off on errors.
-pub async fn accept(listener: &TcpListener, backoff: &mut AcceptBackoff, name: &'static str) -> (TcpStream, SocketAddr) {
+pub async fn accept(
+    listener: &TcpListener,
+    backoff: &mut AcceptBackoff,
+    name: &'static str,
+) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(conn) => {
@@ -173,9 +177,8 @@ mod tests {
     #[test]
     fn pools_fit_the_file_limit_whatever_is_configured() {
         let pools = Pools::new(&ConnectionLimits::default(), 1024);
-        let total = pools.api.limits().total
-            + pools.gateway_handshakes.limits().total
-            + pools.gateway_streams.limits().total;
+        let total =
+            pools.api.limits().total + pools.gateway_handshakes.limits().total + pools.gateway_streams.limits().total;
         assert!(total <= 1024 - 64, "{total}");
         assert!(pools.gateway_handshakes.limits().total < pools.gateway_streams.limits().total);
     }
