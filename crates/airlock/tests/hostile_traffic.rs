@@ -290,6 +290,20 @@ fn the_control_plane_serves_real_clients_while_hostile_peers_hold_what_they_can(
         assert!(refused.contains("ProtocolVersion") || refused.contains("protocol"), "{refused}");
         let refused = gateway_verdict(gateway, client_config(&ca, &[b"h2"])).await.unwrap_err();
         assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+
+        // A bare TCP connection to the gateway that never sends its ClientHello is closed at the 1 s deadline.
+        let mut bare = TcpStream::connect(gateway).await.unwrap();
+        let started = Instant::now();
+        let (_, closed) = read_until_closed(&mut bare, Duration::from_secs(1) + SLACK).await;
+        assert!(closed, "a silent gateway connection was held past its ClientHello deadline");
+        assert!(started.elapsed() >= Duration::from_millis(900), "closed early: {:?}", started.elapsed());
+        let client = http_client(&ca, false);
+        let metrics = client.get(format!("{}/metrics", server.url)).bearer_auth(&server.token).send().await.unwrap();
+        let metrics = metrics.text().await.unwrap();
+        assert!(
+            metrics.contains("airlock_closed_connections_total{listener=\"gateway\",reason=\"hello_timeout\"} 1"),
+            "{metrics}"
+        );
     });
 
     // The hostile load, held from here on.

@@ -359,6 +359,7 @@ async fn document_gives_every_error_id_and_body_its_exact_schema() {
                     assert!(op["responses"][status].is_object(), "{at} lacks {status}");
                 }
             }
+            assert!(op["responses"]["408"].is_object(), "{at} lacks 408");
             if op.get("security").is_some() {
                 for status in ["401", "403", "503"] {
                     assert!(op["responses"][status].is_object(), "{at} lacks {status}");
