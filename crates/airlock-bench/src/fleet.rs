@@ -81,6 +81,7 @@ pub(crate) fn http_client(pin: Fingerprint) -> anyhow::Result<reqwest::Client> {
 }
 
 /// A joined appliance: its credentials and where to dial.
+#[derive(Clone)]
 pub(crate) struct Enrolled {
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,

@@ -380,8 +380,9 @@ fn secs(us: u64) -> f64 {
     us as f64 / 1e6
 }
 
-async fn metrics_text(client: &reqwest::Client, api_url: &str) -> anyhow::Result<String> {
-    let resp = client.get(format!("{api_url}/metrics")).send().await.context("GET /metrics")?;
+/// `/metrics` counts fleet-wide, so it wants an API token (the admin's here).
+async fn metrics_text(client: &reqwest::Client, api_url: &str, token: &str) -> anyhow::Result<String> {
+    let resp = client.get(format!("{api_url}/metrics")).bearer_auth(token).send().await.context("GET /metrics")?;
     anyhow::ensure!(resp.status().is_success(), "GET /metrics: HTTP {}", resp.status());
     Ok(resp.text().await?)
 }
@@ -545,7 +546,7 @@ async fn run_with_server(
     // ---- memory
     tokio::time::sleep(Duration::from_secs(args.settle_seconds)).await;
     let rss_connected = procfs::status_kib(pid, "VmRSS")?;
-    let metrics = metrics_text(&http, &api_url).await?;
+    let metrics = metrics_text(&http, &api_url, &init.admin_token).await?;
     let metrics_connected = server::metric(&metrics, "airlock_gateway_appliances_connected");
     let hb_counter0 = server::metric(&metrics, "airlock_gateway_heartbeats_total");
     let per_appliance_kib =
@@ -581,7 +582,8 @@ async fn run_with_server(
             other => bail!("expected a heartbeat report, got {other:?}"),
         }
     }
-    let hb_counter1 = server::metric(&metrics_text(&http, &api_url).await?, "airlock_gateway_heartbeats_total");
+    let hb_counter1 =
+        server::metric(&metrics_text(&http, &api_url, &init.admin_token).await?, "airlock_gateway_heartbeats_total");
     let acks: u64 = beats.iter().map(|b| b.acks).sum();
     let rtt_sum: u64 = beats.iter().map(|b| b.rtt_sum_us).sum();
     let seconds = (heartbeat_seconds as f64).max(1e-9);

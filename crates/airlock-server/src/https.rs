@@ -1,56 +1,147 @@
 //! Serves the axum router over TLS 1.3 (tokio-rustls and hyper), HTTP/1.1 and HTTP/2, with the same two-stage stop as the gateway.
+//!
+//! Every resource an anonymous peer can hold here is bounded ([`crate::net`]): a connection takes a slot from the API's pool (the oldest idle one is evicted when it is full), the TLS handshake has a deadline, a connection with no request in flight is closed after the idle timeout (the first request included), and reading and answering one request has a deadline too, past which the answer is 408.
+//! HTTP/2 gets limits suited to an API: few concurrent streams, small windows, a 16 KiB header list; HTTP/1 headers past 16 KiB get 431.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::metrics::ConnectionMetrics;
+use crate::net::{AcceptBackoff, ConnectionLimits, SlotPool};
+
+const LISTENER: &str = "api";
+/// Headers (HTTP/1 read buffer, HTTP/2 header list) larger than this are refused with 431.
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Concurrent HTTP/2 streams per connection: an API client rarely needs more, and each holds a request's memory.
+const H2_MAX_STREAMS: u32 = 16;
+/// How long a connection being closed may take to finish what it is writing.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What the API listener needs besides its socket.
+pub(crate) struct Api {
+    pub tls: rustls::ServerConfig,
+    pub router: Router,
+    pub pool: Arc<SlotPool>,
+    pub limits: ConnectionLimits,
+    pub counters: ConnectionMetrics,
+}
 
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: rustls::ServerConfig,
-    router: Router,
+    api: Api,
     mut stop_accepting: tokio::sync::watch::Receiver<bool>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let Api { tls, router, pool, limits, counters } = api;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (tcp, addr) = tokio::select! {
             _ = stop_accepting.changed() => return,
-            res = listener.accept() => match res {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            conn = crate::net::accept(&listener, &mut backoff, LISTENER) => conn,
         };
-        let (acceptor, router, mut shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(%addr, error = %e, "API TLS handshake failed"),
-                Err(_) => return tracing::debug!(%addr, "API TLS handshake timed out"),
-            };
-            let service = TowerToHyperService::new(router);
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // A client that trickles its headers must not hold a connection forever.
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(15));
-            builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(60));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(%addr, error = %e, "API connection ended with error");
-                    }
+        let slot = match pool.acquire(addr.ip()) {
+            Ok((slot, evicted)) => {
+                if let Some(shed) = evicted {
+                    counters.shed(LISTENER, shed.label());
                 }
-                _ = shutdown.changed() => conn.as_mut().graceful_shutdown(),
+                Arc::new(slot)
             }
+            Err(shed) => {
+                counters.shed(LISTENER, shed.label());
+                tracing::debug!(%addr, reason = shed.label(), "API connection refused");
+                continue;
+            }
+        };
+        let (acceptor, router, shutdown, counters) =
+            (acceptor.clone(), router.clone(), shutdown.clone(), counters.clone());
+        tokio::spawn(async move {
+            let tls = tokio::select! {
+                res = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)) => match res {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::debug!(%addr, error = %e, "API TLS handshake failed"),
+                    Err(_) => {
+                        counters.closed(LISTENER, "handshake_timeout");
+                        return tracing::debug!(%addr, "API TLS handshake timed out");
+                    }
+                },
+                () = slot.evicted() => return,
+            };
+            serve_connection(tls, addr, router, slot, limits, counters, shutdown).await;
         });
     }
+}
+
+async fn serve_connection(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    addr: std::net::SocketAddr,
+    router: Router,
+    slot: Arc<crate::net::Slot>,
+    limits: ConnectionLimits,
+    counters: ConnectionMetrics,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let request_slot = slot.clone();
+    let request_counters = counters.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        // A request in flight keeps the connection from being idle (and evicted) until it is answered.
+        let busy = request_slot.busy();
+        let (router, counters) = (router.clone(), request_counters.clone());
+        async move {
+            let _busy = busy;
+            let req = req.map(axum::body::Body::new);
+            match tokio::time::timeout(limits.api_request_timeout, router.oneshot(req)).await {
+                Ok(Ok(resp)) => Ok::<_, Infallible>(resp),
+                Ok(Err(never)) => match never {},
+                Err(_) => {
+                    counters.closed(LISTENER, "request_timeout");
+                    Ok(crate::api::request_timeout())
+                }
+            }
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // A client that trickles its headers must not hold a connection past the request deadline.
+        .header_read_timeout(limits.api_request_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(256 * 1024)
+        .max_send_buf_size(64 * 1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%addr, error = %e, "API connection ended with error");
+            }
+            return;
+        }
+        _ = shutdown.changed() => {}
+        () = slot.evicted() => tracing::debug!(%addr, "idle API connection evicted for a newcomer"),
+        () = crate::net::idle_expired(&slot, limits.api_idle_timeout) => {
+            counters.closed(LISTENER, "idle_timeout");
+            tracing::debug!(%addr, "API connection idle too long; closing");
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    // A peer that does not take part in a graceful close (HTTP/2 GOAWAY) is cut.
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
 }

@@ -21,6 +21,7 @@ pub mod gateway;
 mod https;
 pub mod keys;
 pub mod metrics;
+pub mod net;
 pub mod operations;
 pub mod policy;
 pub mod push;
@@ -96,6 +97,8 @@ pub struct ServerConfig {
     pub join_token_ttl: Duration,
     /// Operator-supplied certificate chain and key (PEM) for the HTTPS API.
     pub api_tls_files: Option<(PathBuf, PathBuf)>,
+    /// Connection caps and deadlines for both listeners.
+    pub limits: net::ConnectionLimits,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -112,6 +115,7 @@ impl ServerConfig {
             heartbeat_interval: Duration::from_secs(15),
             join_token_ttl: Duration::from_secs(15 * 60),
             api_tls_files: None,
+            limits: net::ConnectionLimits::default(),
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -349,6 +353,11 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         }
     }
     let (server_cert, server_key) = ca.issue_server_cert(&names, now, SERVER_CERT_LIFETIME)?;
+    let file_limit = net::files::raise_nofile_limit();
+    if file_limit.soft > file_limit.started_with {
+        tracing::info!(from = file_limit.started_with, to = file_limit.soft, "raised the open-file limit");
+    }
+    let pools = net::Pools::new(&config.limits, file_limit.soft);
     let gateway_chain = vec![server_cert.der.clone(), ca.cert_der().clone()];
 
     let api_listener = bind(config.api_listen).await?;
@@ -411,11 +420,25 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let router = api::router(state.clone());
-    let api_task = tokio::spawn(https::serve(api_listener, api_tls, router, accepting_rx.clone(), shutdown_rx.clone()));
+    let api = https::Api {
+        tls: api_tls,
+        router,
+        pool: pools.api,
+        limits: config.limits,
+        counters: state.metrics.connections.clone(),
+    };
+    let api_task = tokio::spawn(https::serve(api_listener, api, accepting_rx.clone(), shutdown_rx.clone()));
     let gw_state = state.clone();
+    let gateway_limits = gateway::GatewayLimits {
+        handshakes: pools.gateway_handshakes,
+        streams: pools.gateway_streams,
+        hello_timeout: config.limits.gateway_hello_timeout,
+        handshake_timeout: config.limits.tls_handshake_timeout,
+    };
     let gateway_task = tokio::spawn(async move {
         let listeners = gateway::Listeners { stop_accepting: accepting_rx, shutdown: shutdown_rx };
-        if let Err(e) = gateway::serve(gw_state, gateway_listener, gateway_tls, refused_rx, listeners).await {
+        let served = gateway::serve(gw_state, gateway_listener, gateway_tls, refused_rx, listeners, gateway_limits);
+        if let Err(e) = served.await {
             tracing::error!(error = %e, "gateway stopped");
         }
     });

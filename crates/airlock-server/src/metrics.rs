@@ -16,6 +16,62 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// A connection a listener shed or closed, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `api` or `gateway`.
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
+/// What the listeners shed ([`crate::net`]); `/readyz` answers 503 while they are shedding.
+#[derive(Clone, Debug)]
+pub struct ConnectionMetrics {
+    /// Connections refused or evicted because a pool was full (`airlock_shed_connections_total`).
+    pub shed: Family<ConnectionLabels, Counter>,
+    /// Connections closed at a deadline: handshake, ClientHello, idle, request (`airlock_closed_connections_total`).
+    pub closed: Family<ConnectionLabels, Counter>,
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch` at the last shed connection, plus one (0: never).
+    last_shed_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for ConnectionMetrics {
+    fn default() -> Self {
+        Self {
+            shed: Family::default(),
+            closed: Family::default(),
+            epoch: tokio::time::Instant::now(),
+            last_shed_ms: Default::default(),
+        }
+    }
+}
+
+impl ConnectionMetrics {
+    /// Counts a connection refused or evicted for room.
+    pub fn shed(&self, listener: &'static str, reason: &'static str) {
+        self.shed.get_or_create(&ConnectionLabels { listener, reason }).inc();
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        self.last_shed_ms.store(now, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Counts a connection closed at one of its deadlines (normal housekeeping, not shedding).
+    pub fn closed(&self, listener: &'static str, reason: &'static str) {
+        self.closed.get_or_create(&ConnectionLabels { listener, reason }).inc();
+    }
+
+    /// Whether a connection was shed within the last `window`.
+    pub fn shedding_within(&self, window: std::time::Duration) -> bool {
+        match self.last_shed_ms.load(std::sync::atomic::Ordering::Acquire) {
+            0 => false,
+            at => {
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+                now.saturating_sub(at) < u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +82,7 @@ pub struct Metrics {
     pub renewals: Counter,
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub audit: AuditMetrics,
+    pub connections: ConnectionMetrics,
 }
 
 /// The group-committed audit writer's counters (`store::AuditWriter`).
@@ -66,7 +123,28 @@ impl Default for Metrics {
             "Queued read audit records that could not be written",
             audit.queued_records_lost.clone(),
         );
-        Self { registry, http_responses, appliances_connected, heartbeats, joins, renewals, handshake_failures, audit }
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "shed_connections",
+            "Connections refused or evicted because a listener's pool was full",
+            connections.shed.clone(),
+        );
+        registry.register(
+            "closed_connections",
+            "Connections closed at a deadline (handshake, ClientHello, idle, request)",
+            connections.closed.clone(),
+        );
+        Self {
+            registry,
+            http_responses,
+            appliances_connected,
+            heartbeats,
+            joins,
+            renewals,
+            handshake_failures,
+            audit,
+            connections,
+        }
     }
 }
 

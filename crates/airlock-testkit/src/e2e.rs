@@ -59,6 +59,8 @@ pub struct Server {
     pub token: String,
     pub workspace: String,
     pub tenant: String,
+    /// The open-file limit (soft and hard) the server process runs under, if not the test's own.
+    pub nofile: Option<u64>,
 }
 
 impl Server {
@@ -68,6 +70,16 @@ impl Server {
 
     /// `airlock server init`, then `airlock server` on ephemeral loopback ports.
     pub fn start_with(bin: &str, extra: &[&str]) -> Self {
+        Self::start_limited(bin, extra, None)
+    }
+
+    /// Like [`Server::start_with`], the server process under an open-file limit of `nofile` (soft and hard, so
+    /// it cannot raise it), through `prlimit`.
+    pub fn start_with_nofile(bin: &str, extra: &[&str], nofile: u64) -> Self {
+        Self::start_limited(bin, extra, Some(nofile))
+    }
+
+    fn start_limited(bin: &str, extra: &[&str], nofile: Option<u64>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let out = Command::new(bin)
@@ -96,6 +108,7 @@ impl Server {
             workspace,
             tenant,
             dir,
+            nofile,
         };
         s.launch(extra);
         s
@@ -105,7 +118,15 @@ impl Server {
     pub fn launch(&mut self, extra: &[&str]) {
         let ready = self.dir.path().join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.nofile {
+            // prlimit execs the server, so the process it starts is the server itself.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.args(["server", "--data-dir"]).arg(&self.data_dir).args(["--hostname", "127.0.0.1"]);
         for (flag, default) in [("--listen", "127.0.0.1:0"), ("--gateway-listen", "127.0.0.1:0")] {
             if !extra.contains(&flag) {

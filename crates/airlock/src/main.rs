@@ -176,6 +176,27 @@ struct ServerRunArgs {
     /// Operator-supplied private key (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// API connections at once, cut to the API's share of the open-file limit [default: 4096].
+    #[arg(long, env = "AIRLOCK_API_MAX_CONNECTIONS")]
+    api_max_connections: Option<usize>,
+    /// API connections one source address may hold [default: 256].
+    #[arg(long, env = "AIRLOCK_API_CONNECTIONS_PER_ADDRESS")]
+    api_connections_per_address: Option<usize>,
+    /// Close an API connection with no request in flight for this long, the first request included [default: 30s].
+    #[arg(long, env = "AIRLOCK_API_IDLE_TIMEOUT", value_parser = parse_duration)]
+    api_idle_timeout: Option<std::time::Duration>,
+    /// Deadline to receive and answer one API request, headers and body included; past it, 408 [default: 30s].
+    #[arg(long, env = "AIRLOCK_API_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    api_request_timeout: Option<std::time::Duration>,
+    /// Gateway connections at once, cut to the gateway's share of the open-file limit [default: 100000].
+    #[arg(long, env = "AIRLOCK_GATEWAY_MAX_CONNECTIONS")]
+    gateway_max_connections: Option<usize>,
+    /// Deadline for a gateway peer's TLS ClientHello [default: 2s].
+    #[arg(long, env = "AIRLOCK_GATEWAY_HELLO_TIMEOUT", value_parser = parse_duration)]
+    gateway_hello_timeout: Option<std::time::Duration>,
+    /// Deadline for a TLS handshake on either listener [default: 5s].
+    #[arg(long, env = "AIRLOCK_TLS_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
+    tls_handshake_timeout: Option<std::time::Duration>,
     /// Write {api_url, gateway_endpoint, ca_fingerprint} as JSON here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -196,6 +217,13 @@ struct ServerFileConfig {
     heartbeat_interval: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    api_max_connections: Option<usize>,
+    api_connections_per_address: Option<usize>,
+    api_idle_timeout: Option<String>,
+    api_request_timeout: Option<String>,
+    gateway_max_connections: Option<usize>,
+    gateway_hello_timeout: Option<String>,
+    tls_handshake_timeout: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -914,6 +942,41 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
         (None, None) => None,
         _ => anyhow::bail!("give both tls_cert and tls_key, or neither"),
     };
+    let limits = &mut cfg.limits;
+    if let Some(n) = args.api_max_connections.or(file.api_max_connections) {
+        anyhow::ensure!(n >= 1, "api_max_connections must be at least 1");
+        limits.api_max_connections = n;
+    }
+    if let Some(n) = args.api_connections_per_address.or(file.api_connections_per_address) {
+        anyhow::ensure!(n >= 1, "api_connections_per_address must be at least 1");
+        limits.api_connections_per_address = n;
+    }
+    if let Some(n) = args.gateway_max_connections.or(file.gateway_max_connections) {
+        anyhow::ensure!(n >= 2, "gateway_max_connections must be at least 2");
+        limits.gateway_max_connections = n;
+    }
+    let deadlines = [
+        (args.api_idle_timeout, file.api_idle_timeout, &mut limits.api_idle_timeout, "api_idle_timeout"),
+        (args.api_request_timeout, file.api_request_timeout, &mut limits.api_request_timeout, "api_request_timeout"),
+        (
+            args.gateway_hello_timeout,
+            file.gateway_hello_timeout,
+            &mut limits.gateway_hello_timeout,
+            "gateway_hello_timeout",
+        ),
+        (
+            args.tls_handshake_timeout,
+            file.tls_handshake_timeout,
+            &mut limits.tls_handshake_timeout,
+            "tls_handshake_timeout",
+        ),
+    ];
+    for (flag, in_file, slot, name) in deadlines {
+        if let Some(d) = flag.or(file_duration(in_file)?) {
+            anyhow::ensure!(d.as_secs() >= 1, "{name} must be at least 1s");
+            *slot = d;
+        }
+    }
     let running = airlock_server::serve(cfg).await?;
     let info = serde_json::json!({
         "api_url": running.api_url(),

@@ -1,6 +1,6 @@
 //! What the OpenAPI document promises beyond each route's own annotation, derived from the route's shape so it cannot drift from the extractors that produce it.
 //!
-//! - Statuses: a route with bearer security can answer 401 ([`super::Authed`]), 403 ([`super::authorize`]) and 503 (the store failed while checking the token); a JSON body ([`super::ApiJson`]) 400, 413 and 415; a path or query parameter 400 (it does not parse); a path id 404 (not in your tenant).
+//! - Statuses: every route can answer 408 (the request deadline, `crate::https`); a route with bearer security can answer 401 ([`super::Authed`]), 403 ([`super::authorize`]) and 503 (the store failed while checking the token); a JSON body ([`super::ApiJson`]) 400, 413 and 415; a path or query parameter 400 (it does not parse); a path id 404 (not in your tenant).
 //!   A route's own annotation lists what only its handler decides (201, 409, 500, …); every error has the [`super::ErrorBody`] schema, and a 401 the `WWW-Authenticate` header.
 //! - Parameters: each id parameter carries the exact pattern its type parses (`airlock_core::id`), so a client can tell a malformed id (400) from an unknown one (404); `state` lists the operation states.
 //! - Schemas: a schema only responses use is closed (`additionalProperties: false`), since the server sends exactly its fields; one a request body reaches is closed where serde refuses unknown fields (`deny_unknown_fields`, which utoipa reads).
@@ -101,7 +101,8 @@ pub(super) fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut O
 
 /// The error statuses the operation's extractors can answer, from its shape.
 fn implied_statuses(op: &Operation) -> Vec<u16> {
-    let mut statuses = Vec::new();
+    // Any request not received and answered within the request deadline (`crate::https`).
+    let mut statuses = vec![408];
     if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
         statuses.extend([401, 403, 503]);
     }
@@ -126,6 +127,7 @@ fn error_response(status: u16) -> Response {
         404 => "no such resource in your tenant",
         413 => "the request body is too large",
         415 => "the request body is not `application/json`",
+        408 => "the request was not received and answered within the server's request deadline",
         500 => "the server failed",
         503 => "the store is unavailable; retry later",
         _ => "error",

@@ -22,7 +22,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// What went wrong, for programs: `bad_request`, `unauthenticated`, `forbidden`,
     /// `not_found`, `method_not_allowed`, `conflict`, `payload_too_large`,
-    /// `unsupported_media_type`, `internal`, `unavailable`, `not_ready`. Decide on it and the
+    /// `unsupported_media_type`, `request_timeout`, `internal`, `unavailable`, `not_ready`,
+    /// `shedding`. Decide on it and the
     /// status, never on the message.
     code: &'static str,
     /// For people; it may change.

@@ -69,9 +69,50 @@ pub fn router(state: Arc<AppState>) -> Router {
         .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(limit_body))
+        // Replaced by `limit_body`'s per-route limits.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_responses))
         .with_state(state)
 }
+
+/// The largest body `POST /v1/join` takes: a CSR and a join token are a few KiB.
+pub const JOIN_BODY_LIMIT: usize = 16 * 1024;
+/// The largest body any other route takes: a template (64 KiB of script) or a signed policy, with room to spare.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// The body limit of a route; the join route is the one anyone may call, so it takes the least.
+fn body_limit(path: &str) -> usize {
+    if path == "/v1/join" { JOIN_BODY_LIMIT } else { BODY_LIMIT }
+}
+
+/// Refuses a body past its route's limit with 413, before reading it when its length is declared, and
+/// otherwise as soon as the bytes read pass the limit ([`ApiJson`] maps the read error to 413).
+async fn limit_body(req: Request, next: Next) -> Response {
+    let limit = body_limit(req.uri().path());
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
+            .into_response();
+    }
+    let req = req.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
+    next.run(req).await
+}
+
+/// What a request that was not read and answered within the request deadline gets (`crate::https`).
+pub(crate) fn request_timeout() -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        "the request was not received and answered in time",
+    )
+    .into_response();
+    resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    resp
+}
+
+/// How long after the last shed connection `/readyz` still reports shedding.
+const SHEDDING_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The OpenAPI document served at `/v1/openapi.json`: the routes' annotations, completed by
 /// [`contract::complete`] with what every route's extractors imply.
@@ -245,20 +286,26 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: Alive::Ok })
 }
 
-/// Readiness: the store answers; 503 (`not_ready`) when it does not.
+/// Readiness: the store answers and no listener is shedding connections; 503 (`not_ready` when the store
+/// does not answer, `shedding` when a listener refused or evicted a connection for room in the last 10 s).
 #[utoipa::path(get, path = "/readyz",
-    responses((status = 200, body = Readiness), (status = 503, body = ErrorBody, description = "not ready")))]
+    responses((status = 200, body = Readiness), (status = 503, body = ErrorBody, description = "not ready, or shedding load")))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.metrics.connections.shedding_within(SHEDDING_WINDOW) {
+        let message = "shedding connections: a listener is at its connection cap; see airlock_shed_connections_total";
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shedding", message).into_response();
+    }
     match state.store.ping().await {
         Ok(()) => Json(Readiness { status: Ready::Ready }).into_response(),
         Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "store unavailable").into_response(),
     }
 }
 
-/// Prometheus metrics in OpenMetrics text.
-#[utoipa::path(get, path = "/metrics",
+/// Prometheus metrics in OpenMetrics text. They count fleet-wide (every tenant's appliances and
+/// requests), so any valid API token is required.
+#[utoipa::path(get, path = "/metrics", security(("bearer" = [])),
     responses((status = 200, body = String, content_type = "application/openmetrics-text")))]
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, _caller: Authed) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
         .into_response()
 }

@@ -359,6 +359,7 @@ async fn document_gives_every_error_id_and_body_its_exact_schema() {
                     assert!(op["responses"][status].is_object(), "{at} lacks {status}");
                 }
             }
+            assert!(op["responses"]["408"].is_object(), "{at} lacks 408");
             if op.get("security").is_some() {
                 for status in ["401", "403", "503"] {
                     assert!(op["responses"][status].is_object(), "{at} lacks {status}");
@@ -432,10 +433,61 @@ async fn health_ready_and_metrics_answer() {
     let api = api().await;
     assert_eq!(api.call(Method::GET, "/healthz", None, None).await.0, StatusCode::OK);
     assert_eq!(api.call(Method::GET, "/readyz", None, None).await.0, StatusCode::OK);
-    let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
+    // Metrics count fleet-wide, so anonymous callers get 401 and any token holder the text.
+    let (s, _, v) = raw(&api, Request::builder().uri("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_error(&v, "unauthenticated", "bearer");
+    let req = Request::builder()
+        .uri("/metrics")
+        .header("authorization", format!("Bearer {}", api.token))
+        .body(Body::empty())
+        .unwrap();
     let resp = super::router(api.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains("airlock_gateway_appliances_connected"), "{text}");
+
+    // A listener that shed a connection makes /readyz say so, and /metrics count it.
+    api.state.metrics.connections.shed("api", "evicted");
+    let (s, _, v) = raw(&api, Request::builder().uri("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_error(&v, "shedding", "shedding");
+    assert!(
+        api.state.metrics.render().contains("airlock_shed_connections_total{listener=\"api\",reason=\"evicted\"} 1"),
+        "{}",
+        api.state.metrics.render()
+    );
+}
+
+#[tokio::test]
+async fn each_route_takes_bodies_up_to_its_limit_and_413_past_it() {
+    let api = api().await;
+    let post = |path: &str, declared: bool, len: usize| {
+        let body = format!("{{\"pad\": \"{}\"}}", "a".repeat(len));
+        let mut req = Request::post(path)
+            .header("authorization", format!("Bearer {}", api.token))
+            .header("content-type", "application/json");
+        if declared {
+            req = req.header("content-length", body.len());
+        }
+        req.body(Body::from(body)).unwrap()
+    };
+    // The join route: a few KiB is fine (refused for what it says, not its size), 17 KiB is not, whether
+    // the length is declared (refused before reading) or not (refused once the bytes pass the limit).
+    for declared in [true, false] {
+        let (s, _, _) = raw(&api, post("/v1/join", declared, 4 * 1024)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "declared {declared}");
+        let (s, _, v) = raw(&api, post("/v1/join", declared, 17 * 1024)).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "declared {declared}");
+        assert_error(&v, "payload_too_large", "too large");
+    }
+    // Other routes take up to 1 MiB.
+    let path = format!("/v1/workspaces/{}/environments", api.workspace);
+    let (s, _, _) = raw(&api, post(&path, true, 512 * 1024)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _, v) = raw(&api, post(&path, false, (1 << 20) + 1)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "payload_too_large", "too large");
 }
 
 fn csr_for(key: &rcgen::KeyPair) -> String {

@@ -14,6 +14,8 @@ use crate::tls::PeerCert;
 pub struct GatewayConn {
     pub(super) io: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     pub(super) peer: GatewayPeer,
+    /// The connection's place in the gateway's stream pool, freed when tonic drops the connection.
+    pub(super) _slot: crate::net::Slot,
 }
 
 /// What a stream handler learns about its connection.

@@ -6,7 +6,7 @@
 //!
 //! The session task never awaits the appliance: replies and pushes are queued with `try_send`, so a peer that stops reading cannot stall the task that must act on revocation and expiry.
 //! A peer whose reply queue is full is disconnected; a kicked or expired one gets a final status and then its socket is cut ([`ConnKill`]).
-//! Handshakes are capped and time out, so a flood cannot starve established appliances.
+//! A peer must send its ClientHello within a short deadline and finish its handshake within another; pending handshakes have a small pool of their own where a newcomer evicts the oldest, and verified appliance connections a separate one, so a bare TCP flood can neither starve appliances that present certificates nor reach the file limit ([`crate::net`]).
 //! What is pushed unasked on a stream is [`crate::push`]'s business; results and releases go to [`crate::operations`], renewals to `renew`.
 
 mod conn;
@@ -26,7 +26,6 @@ use airlock_proto::gateway::{
 use futures_util::Stream;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -40,10 +39,6 @@ use crate::seen::SeenUpdate;
 use crate::state::{AppState, SYSTEM_CHAIN, event};
 use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
 
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at once (a full handshake is ~0.25 ms of CPU; see BENCHMARKS.md).
-const MAX_HANDSHAKES_IN_FLIGHT: usize = 1024;
 /// Replies queued for one stream; a peer this far behind is not reading.
 const REPLY_QUEUE: usize = 16;
 /// How long a final status may take to reach the peer before its connection is cut.
@@ -55,6 +50,18 @@ pub struct Listeners {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
+/// The gateway's connection pools and deadlines.
+pub struct GatewayLimits {
+    /// Connections still in their handshake; a newcomer evicts the oldest when it is full.
+    pub handshakes: Arc<crate::net::SlotPool>,
+    /// Verified appliance connections; a full pool refuses newcomers.
+    pub streams: Arc<crate::net::SlotPool>,
+    pub hello_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+const LISTENER: &str = "gateway";
+
 /// Accepts TCP connections, completes TLS handshakes and feeds verified connections to tonic.
 pub async fn serve(
     state: Arc<AppState>,
@@ -62,8 +69,10 @@ pub async fn serve(
     tls: rustls::ServerConfig,
     mut refused_revoked: mpsc::UnboundedReceiver<airlock_core::ApplianceIdentity>,
     listeners: Listeners,
+    limits: GatewayLimits,
 ) -> Result<(), tonic::transport::Error> {
     let Listeners { stop_accepting, shutdown } = listeners;
+    let GatewayLimits { handshakes, streams, hello_timeout, handshake_timeout } = limits;
     let audit_state = state.clone();
     tokio::spawn(async move {
         while let Some(identity) = refused_revoked.recv().await {
@@ -74,52 +83,63 @@ pub async fn serve(
             audit_state.audit_refusal(&scope.chain(), ev).await;
         }
     });
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let tls = Arc::new(tls);
     let (conn_tx, conn_rx) = mpsc::channel::<Result<GatewayConn, std::io::Error>>(256);
     let accept_state = state.clone();
     let mut accept_shutdown = stop_accepting;
     tokio::spawn(async move {
+        let mut backoff = crate::net::AcceptBackoff::new();
         loop {
             let (tcp, addr) = tokio::select! {
                 _ = accept_shutdown.changed() => break,
-                res = listener.accept() => match res {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Typically EMFILE under load: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "gateway accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                conn = crate::net::accept(&listener, &mut backoff, LISTENER) => conn,
             };
-            // Handshakes cost CPU and a socket each; past the cap, new connections are dropped at
-            // once rather than queued, so a flood cannot starve established appliances.
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                accept_state
-                    .metrics
-                    .handshake_failures
-                    .get_or_create(&ReasonLabels { reason: "overloaded".into() })
-                    .inc();
-                drop(tcp);
-                continue;
+            let counters = &accept_state.metrics.connections;
+            // A full handshake pool evicts its oldest pending handshake: a flood of bare connects
+            // only displaces itself, while an appliance's handshake completes in milliseconds.
+            let pending = match handshakes.acquire(addr.ip()) {
+                Ok((slot, evicted)) => {
+                    if let Some(shed) = evicted {
+                        counters.shed(LISTENER, shed.label());
+                    }
+                    slot
+                }
+                Err(shed) => {
+                    counters.shed(LISTENER, shed.label());
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, state, conn_tx) = (acceptor.clone(), accept_state.clone(), conn_tx.clone());
+            let (tls, state, conn_tx, streams) = (tls.clone(), accept_state.clone(), conn_tx.clone(), streams.clone());
             tokio::spawn(async move {
-                let _permit = permit;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return handshake_refused(&state, addr, handshake_failure_reason(&e)).await,
-                    Err(_) => return handshake_refused(&state, addr, "handshake_timeout").await,
+                let handshake = handshake(tcp, tls, hello_timeout, handshake_timeout);
+                let tls = tokio::select! {
+                    res = handshake => match res {
+                        Ok(tls) => tls,
+                        Err(Refused::Deadline(reason)) => {
+                            state.metrics.connections.closed(LISTENER, reason);
+                            return handshake_refused(&state, addr, reason).await;
+                        }
+                        Err(Refused::Tls(e)) => return handshake_refused(&state, addr, handshake_failure_reason(&e)).await,
+                    },
+                    // Counted as shed when the newcomer took its place.
+                    () = pending.evicted() => return,
                 };
                 let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
                 let Some(peer) = leaf.and_then(|der| parse_peer_cert(der.as_ref(), state.ca.trust_domain()).ok())
                 else {
                     return handshake_refused(&state, addr, "not_an_appliance").await;
                 };
+                let slot = match streams.acquire(addr.ip()) {
+                    Ok((slot, _)) => slot,
+                    Err(shed) => {
+                        state.metrics.connections.shed(LISTENER, shed.label());
+                        return handshake_refused(&state, addr, "overloaded").await;
+                    }
+                };
+                drop(pending);
                 let peer = GatewayPeer { cert: peer, kill: Arc::new(ConnKill::default()) };
-                let _ = conn_tx.send(Ok(GatewayConn { io: tls, peer })).await;
+                let _ = conn_tx.send(Ok(GatewayConn { io: tls, peer, _slot: slot })).await;
             });
         }
     });
@@ -141,6 +161,33 @@ pub async fn serve(
             let _ = shutdown.changed().await;
         })
         .await
+}
+
+/// Why a gateway handshake did not complete.
+enum Refused {
+    /// A deadline passed: `hello_timeout` or `handshake_timeout`.
+    Deadline(&'static str),
+    Tls(std::io::Error),
+}
+
+/// The ClientHello within `hello_timeout`, then the rest of the handshake within `handshake_timeout`.
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    hello_timeout: Duration,
+    handshake_timeout: Duration,
+) -> Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Refused> {
+    let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match tokio::time::timeout(hello_timeout, hello).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => return Err(Refused::Tls(e)),
+        Err(_) => return Err(Refused::Deadline("hello_timeout")),
+    };
+    match tokio::time::timeout(handshake_timeout, start.into_stream(tls)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(Refused::Tls(e)),
+        Err(_) => Err(Refused::Deadline("handshake_timeout")),
+    }
 }
 
 async fn handshake_refused(state: &AppState, addr: std::net::SocketAddr, reason: &'static str) {
