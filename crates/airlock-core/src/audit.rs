@@ -88,6 +88,10 @@ pub enum AuditAction {
     ApplianceStartRefused,
     /// The head file is MAC'd from here on: a new log, or an unkeyed one migrated once.
     AuditHeadKeyed,
+    /// The control plane made its audit signing key (the key that signs checkpoints).
+    AuditKeyCreate,
+    /// Old records were removed from the start of a chain, behind a signed checkpoint.
+    AuditPruned,
     AuditRecovered,
     CustomerKeysPinned,
     CustomerKeysReplace,
@@ -161,6 +165,8 @@ impl AuditAction {
         AuditAction::ApplianceStart,
         AuditAction::ApplianceStartRefused,
         AuditAction::AuditHeadKeyed,
+        AuditAction::AuditKeyCreate,
+        AuditAction::AuditPruned,
         AuditAction::AuditRecovered,
         AuditAction::CustomerKeysPinned,
         AuditAction::CustomerKeysReplace,
@@ -229,6 +235,8 @@ impl AuditAction {
             AuditAction::ApplianceStart => "appliance.start",
             AuditAction::ApplianceStartRefused => "appliance.start_refused",
             AuditAction::AuditHeadKeyed => "audit.head_keyed",
+            AuditAction::AuditKeyCreate => "audit.key_create",
+            AuditAction::AuditPruned => "audit.pruned",
             AuditAction::AuditRecovered => "audit.recovered",
             AuditAction::CustomerKeysPinned => "customer_keys.pinned",
             AuditAction::CustomerKeysReplace => "customer_keys.replace",
@@ -450,7 +458,16 @@ pub fn verify_chain<'a, I>(chain: &str, records: I, anchor: Option<Head>) -> Res
 where
     I: IntoIterator<Item = &'a Record>,
 {
-    let mut head = Head::EMPTY;
+    verify_chain_from(chain, Head::EMPTY, records, anchor)
+}
+
+/// Verifies records that continue the chain after `start`: the head where a pruned prefix ended,
+/// which the caller has from a signed checkpoint (or [`Head::EMPTY`] for a whole chain).
+pub fn verify_chain_from<'a, I>(chain: &str, start: Head, records: I, anchor: Option<Head>) -> Result<Head, ChainBreak>
+where
+    I: IntoIterator<Item = &'a Record>,
+{
+    let mut head = start;
     for (i, rec) in records.into_iter().enumerate() {
         let position = i as u64 + 1;
         if rec.chain != chain {

@@ -1,10 +1,13 @@
 //! The audit chains: appending in a write transaction, reading back, and verifying.
 
 use airlock_core::Timestamp;
+use airlock_core::audit::checkpoint::{self, Checkpoint};
 use airlock_core::audit::{self, ChainHash, Event, Head, Record};
+use airlock_core::customer_key::CustomerPublicKey;
 use sqlx::Row;
 
 use super::{Store, StoreError, WriteTx};
+use crate::state::SYSTEM_CHAIN;
 
 impl Store {
     /// The names of all audit chains: every tenant has one (created with the tenant), plus any
@@ -12,7 +15,7 @@ impl Store {
     /// a chain's rows and head does not make it vanish from verification.
     pub async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id AS chain FROM tenants UNION SELECT chain FROM audit_events UNION SELECT chain FROM audit_heads ORDER BY chain",
+            "SELECT id AS chain FROM tenants UNION SELECT chain FROM audit_events UNION SELECT chain FROM audit_heads UNION SELECT chain FROM audit_anchors ORDER BY chain",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -40,8 +43,12 @@ impl Store {
             .collect()
     }
 
-    /// The head the writer recorded, if its MAC checks out.
-    pub async fn audit_head(&self, chain: &str) -> Result<Option<Result<Head, HeadTampered>>, StoreError> {
+    /// The head the writer recorded, if its MAC checks out (or unchecked, without `check_mac`).
+    pub async fn audit_head(
+        &self,
+        chain: &str,
+        check_mac: bool,
+    ) -> Result<Option<Result<Head, HeadTampered>>, StoreError> {
         let row = sqlx::query("SELECT seq, hash, mac FROM audit_heads WHERE chain = $1")
             .bind(chain)
             .fetch_optional(&self.pool)
@@ -54,7 +61,8 @@ impl Store {
             return Ok(Some(Err(HeadTampered)));
         };
         let head = Head { seq, hash };
-        let ok = data_encoding::HEXLOWER
+        let ok = !check_mac
+            || data_encoding::HEXLOWER
             .decode(mac.as_bytes())
             .ok()
             .is_some_and(|m| head.mac_verifies(&self.head_mac, chain, &m));
@@ -110,39 +118,93 @@ impl WriteTx<'_> {
     }
 }
 
-/// Verifies every audit chain in the store. Returns per-chain results.
+/// What verification checks beyond the chains themselves.
+#[derive(Debug, Default)]
+pub struct VerifyOptions {
+    /// Check each recorded head's MAC (needs the KEK). Without it a head row is still compared
+    /// with its chain, but a rewritten head row goes unnoticed: give checkpoints.
+    pub head_macs: bool,
+    /// The audit key's public half: checks the anchors of pruned chains, and the `system`
+    /// chain must then exist (the key's creation is its first record).
+    pub audit_key: Option<CustomerPublicKey>,
+    /// Signed checkpoints (1-based line, checkpoint), in file order, for any chains: each
+    /// chain must reach every one of its checkpoints with the checkpointed record.
+    pub checkpoints: Vec<(usize, Checkpoint)>,
+}
+
+/// Verifies every audit chain the store lists, checking head MACs. Returns per-chain results.
 pub async fn verify_all_chains(store: &Store) -> Result<Vec<(String, Result<Head, String>)>, StoreError> {
+    verify_all_chains_with(store, &VerifyOptions { head_macs: true, ..VerifyOptions::default() }).await
+}
+
+/// Verifies every audit chain in the store: those the store lists, `system` (when there is an
+/// audit key), and every chain a checkpoint names. Returns per-chain results.
+pub async fn verify_all_chains_with(
+    store: &Store,
+    options: &VerifyOptions,
+) -> Result<Vec<(String, Result<Head, String>)>, StoreError> {
+    let mut chains: std::collections::BTreeSet<String> = store.audit_chains().await?.into_iter().collect();
+    if options.audit_key.is_some() {
+        chains.insert(SYSTEM_CHAIN.to_owned());
+    }
+    chains.extend(options.checkpoints.iter().map(|(_, cp)| cp.chain.clone()));
     let mut out = Vec::new();
-    for chain in store.audit_chains().await? {
-        let rows = store.audit_records(&chain).await?;
-        let mut records = Vec::with_capacity(rows.len());
-        let mut bad_row = None;
-        for row in rows {
-            match row {
-                Ok(r) => records.push(r),
-                Err(seq) => {
-                    bad_row = Some(seq);
-                    break;
-                }
-            }
-        }
-        let result = if let Some(seq) = bad_row {
-            match audit::verify_chain(&chain, &records, None) {
-                Err(e) => Err(e.to_string()),
-                Ok(_) => {
-                    Err(format!("record seq {seq}: stored record is not in canonical form: the record was edited"))
-                }
-            }
-        } else {
-            match store.audit_head(&chain).await? {
-                Some(Err(HeadTampered)) => Err("the recorded chain head fails its MAC: the head was rewritten".into()),
-                Some(Ok(anchor)) => audit::verify_chain(&chain, &records, Some(anchor)).map_err(|e| e.to_string()),
-                // Every append writes the head in the same transaction, so a chain without one
-                // had its head deleted; without the anchor a re-hashed chain would verify.
-                None => Err("the chain's recorded head is missing: it was deleted".into()),
-            }
-        };
+    for chain in chains {
+        let result = verify_one(store, &chain, options).await?;
         out.push((chain, result));
     }
     Ok(out)
+}
+
+async fn verify_one(store: &Store, chain: &str, options: &VerifyOptions) -> Result<Result<Head, String>, StoreError> {
+    let rows = store.audit_records(chain).await?;
+    let mut records = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Ok(r) => records.push(r),
+            Err(seq) => {
+                return Ok(match audit::verify_chain(chain, &records, None) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(_) => Err(format!(
+                        "record seq {seq}: stored record is not in canonical form: the record was edited"
+                    )),
+                });
+            }
+        }
+    }
+    let anchor_line = store.audit_anchor(chain).await?;
+    let head = store.audit_head(chain, options.head_macs).await?;
+    if records.is_empty() && anchor_line.is_none() && head.is_none() {
+        return Ok(Err(format!("chain `{chain}` is missing: its records were deleted and its head is missing too")));
+    }
+    // A pruned chain starts at its anchor: a checkpoint the audit key signed when it pruned.
+    let start = match anchor_line {
+        None => Head::EMPTY,
+        Some(line) => match anchor_head(chain, &line, options.audit_key.as_ref()) {
+            Ok(start) => start,
+            Err(why) => return Ok(Err(why)),
+        },
+    };
+    let verified = match head {
+        Some(Err(HeadTampered)) => Err("the recorded chain head fails its MAC: the head was rewritten".into()),
+        Some(Ok(anchor)) => audit::verify_chain_from(chain, start, &records, Some(anchor)).map_err(|e| e.to_string()),
+        // Every append writes the head in the same transaction, so a chain without one
+        // had its head deleted; without the anchor a re-hashed chain would verify.
+        None => Err("the chain's recorded head is missing: it was deleted".into()),
+    };
+    let Ok(head) = verified else { return Ok(verified) };
+    let mine: Vec<(usize, Checkpoint)> =
+        options.checkpoints.iter().filter(|(_, cp)| cp.chain == chain).cloned().collect();
+    Ok(checkpoint::check_chain_against(start, &records, &mine).map(|_| head).map_err(|e| e.to_string()))
+}
+
+fn anchor_head(chain: &str, line: &str, key: Option<&CustomerPublicKey>) -> Result<Head, String> {
+    let key = key.ok_or_else(|| {
+        "the chain was pruned, and its anchor cannot be checked without the audit key's public half".to_owned()
+    })?;
+    let cp = Checkpoint::from_line(line, key).map_err(|why| format!("the anchor of the pruned chain: {why}"))?;
+    if cp.chain != chain {
+        return Err(format!("the anchor of the pruned chain is for chain `{}`", cp.chain));
+    }
+    Ok(Head { seq: cp.seq, hash: cp.hash })
 }
