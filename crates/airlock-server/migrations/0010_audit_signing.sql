@@ -16,3 +16,9 @@ CREATE TABLE audit_anchors (
     hash TEXT NOT NULL,
     checkpoint TEXT NOT NULL
 );
+
+-- Each head's MAC now also covers a store-wide epoch (one more than any head's before, at each
+-- write) and the time of the write (airlock_core::audit::EpochHead). 0: a head from before
+-- this column, MAC'd the old way; the store upgrades those in place when it opens.
+ALTER TABLE audit_heads ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE audit_heads ADD COLUMN at BIGINT NOT NULL DEFAULT 0;

@@ -2,7 +2,7 @@
 
 use airlock_core::Timestamp;
 use airlock_core::audit::checkpoint::{self, Checkpoint};
-use airlock_core::audit::{self, ChainHash, Event, Head, Record};
+use airlock_core::audit::{self, ChainHash, EpochHead, Event, Head, Record};
 use airlock_core::customer_key::CustomerPublicKey;
 use sqlx::Row;
 
@@ -49,7 +49,7 @@ impl Store {
         chain: &str,
         check_mac: bool,
     ) -> Result<Option<Result<Head, HeadTampered>>, StoreError> {
-        let row = sqlx::query("SELECT seq, hash, mac FROM audit_heads WHERE chain = $1")
+        let row = sqlx::query("SELECT seq, hash, mac, epoch, at FROM audit_heads WHERE chain = $1")
             .bind(chain)
             .fetch_optional(&self.pool)
             .await?;
@@ -57,16 +57,60 @@ impl Store {
         let seq: i64 = row.try_get("seq")?;
         let hash: String = row.try_get("hash")?;
         let mac: String = row.try_get("mac")?;
-        let (Some(hash), Ok(seq)) = (ChainHash::from_hex(&hash), u64::try_from(seq)) else {
+        let epoch: i64 = row.try_get("epoch")?;
+        let at: i64 = row.try_get("at")?;
+        let (Some(hash), Ok(seq), Ok(epoch)) = (ChainHash::from_hex(&hash), u64::try_from(seq), u64::try_from(epoch))
+        else {
             return Ok(Some(Err(HeadTampered)));
         };
         let head = Head { seq, hash };
-        let ok = !check_mac
-            || data_encoding::HEXLOWER
-            .decode(mac.as_bytes())
-            .ok()
-            .is_some_and(|m| head.mac_verifies(&self.head_mac, chain, &m));
+        if !check_mac {
+            return Ok(Some(Ok(head)));
+        }
+        let Ok(mac) = data_encoding::HEXLOWER.decode(mac.as_bytes()) else { return Ok(Some(Err(HeadTampered))) };
+        let ok = if epoch == 0 {
+            // A head MAC'd the old way (no epoch, no time) is only believed in a store that has
+            // not been opened by this version: opening upgrades every head and makes the audit
+            // key, so afterwards an epoch-0 head was put back from an older copy.
+            self.load_audit_key().await?.is_none() && head.mac_verifies(&self.head_mac, chain, &mac)
+        } else {
+            let stamped = EpochHead { head, epoch, at: Timestamp::from_unix_millis(at) };
+            stamped.mac_verifies(&self.head_mac, chain, &mac)
+        };
         Ok(Some(if ok { Ok(head) } else { Err(HeadTampered) }))
+    }
+
+    /// Re-MACs every head still MAC'd the old way (epoch 0) with an epoch and the time of its
+    /// last record, if its old MAC verifies; one that does not is left for verification to
+    /// report. Runs when the store opens for writing.
+    pub(super) async fn upgrade_head_macs(&self) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "SELECT h.chain, h.seq, h.hash, h.mac, e.at FROM audit_heads h
+             LEFT JOIN audit_events e ON e.chain = h.chain AND e.seq = h.seq
+             WHERE h.epoch = 0 ORDER BY h.chain",
+        )
+        .fetch_all(&mut *tx.tx)
+        .await?;
+        for row in rows {
+            let chain: String = row.try_get("chain")?;
+            let seq: i64 = row.try_get("seq")?;
+            let hash: String = row.try_get("hash")?;
+            let mac: String = row.try_get("mac")?;
+            let at: Option<i64> = row.try_get("at")?;
+            let (Some(hash), Ok(useq), Ok(mac)) =
+                (ChainHash::from_hex(&hash), u64::try_from(seq), data_encoding::HEXLOWER.decode(mac.as_bytes()))
+            else {
+                continue;
+            };
+            let head = Head { seq: useq, hash };
+            if !head.mac_verifies(&self.head_mac, &chain, &mac) {
+                tracing::warn!(chain, "an audit head fails its MAC; left as found for `airlock audit verify` to report");
+                continue;
+            }
+            tx.put_head(&chain, head, Timestamp::from_unix_millis(at.unwrap_or(0))).await?;
+        }
+        tx.commit().await
     }
 }
 
@@ -103,18 +147,37 @@ impl WriteTx<'_> {
             .bind(json)
             .execute(&mut *self.tx)
             .await?;
-        let mac = new_head.mac(&self.store.head_mac, chain);
+        self.put_head(chain, new_head, at).await?;
+        Ok(record)
+    }
+
+    /// Records `head` as `chain`'s head, MAC'd with the next epoch and `at` ([`EpochHead`]).
+    async fn put_head(&mut self, chain: &str, head: Head, at: Timestamp) -> Result<(), StoreError> {
+        let epoch: i64 = sqlx::query("SELECT COALESCE(MAX(epoch), 0) + 1 AS e FROM audit_heads")
+            .fetch_one(&mut *self.tx)
+            .await?
+            .try_get("e")?;
+        let stamped = EpochHead {
+            head,
+            epoch: u64::try_from(epoch).map_err(|_| StoreError::Corrupt("audit head epoch".into()))?,
+            at,
+        };
+        let mac = stamped.mac(&self.store.head_mac, chain);
+        let seq = i64::try_from(head.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
         sqlx::query(
-            "INSERT INTO audit_heads (chain, seq, hash, mac) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
+            "INSERT INTO audit_heads (chain, seq, hash, mac, epoch, at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac,
+               epoch = excluded.epoch, at = excluded.at",
         )
         .bind(chain)
         .bind(seq)
-        .bind(new_head.hash.to_hex())
+        .bind(head.hash.to_hex())
         .bind(data_encoding::HEXLOWER.encode(&mac))
+        .bind(epoch)
+        .bind(at.unix_millis())
         .execute(&mut *self.tx)
         .await?;
-        Ok(record)
+        Ok(())
     }
 }
 

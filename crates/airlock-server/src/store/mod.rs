@@ -138,6 +138,7 @@ impl Store {
             appliance_lists: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
         };
         store.migrate().await?;
+        store.upgrade_head_macs().await?;
         Ok(store)
     }
 
