@@ -1,5 +1,6 @@
 //! The audit key, checkpoints and pruning against a real data directory (SQLite on disk).
 
+use airlock_core::audit::Record;
 use airlock_core::audit::checkpoint::read_lines;
 use airlock_core::customer_key::CustomerSigningKey;
 
