@@ -241,3 +241,38 @@ async fn anonymous_refusals_cannot_grow_the_system_chain_past_the_retention() {
     assert_eq!(anchors, 1, "one anchor per chain, replaced at each prune");
     all_ok(&f.verify(&[], true).await);
 }
+
+#[tokio::test]
+async fn old_head_macs_are_upgraded_at_open_and_a_head_put_back_the_old_way_fails() {
+    let f = fixture().await;
+    f.refusal(1).await;
+    let kek = KekSource::default_for(f.dir.path()).load().unwrap();
+    let key = kek.audit_mac_key();
+    // Make the system head look as a store before epochs left it: MAC'd the v1 way, epoch 0.
+    let Some(Ok(head)) = f.store.audit_head(SYSTEM_CHAIN, true).await.unwrap() else { panic!("a verified head") };
+    let v1 = data_encoding::HEXLOWER.encode(&head.mac(&key, SYSTEM_CHAIN));
+    let put_back = format!("UPDATE audit_heads SET mac = '{v1}', epoch = 0, at = 0 WHERE chain = 'system'");
+    f.sql(&put_back).await;
+    // Once the store has an audit key, it has upgraded its heads: an epoch-0 head was put back.
+    let err = result(&f.verify(&[], true).await, SYSTEM_CHAIN).clone().unwrap_err();
+    assert!(err.contains("fails its MAC"), "{err}");
+    // Opening the store for writing upgrades a head whose old MAC verifies.
+    f.store.close().await;
+    let store = Store::open(f.dir.path(), false, kek.audit_mac_key()).await.unwrap();
+    let (epoch, at): (i64, i64) = sqlx::query_as("SELECT epoch, at FROM audit_heads WHERE chain = 'system'")
+        .fetch_one(&mut f.conn().await)
+        .await
+        .unwrap();
+    assert!(epoch > 0 && at == t0().unix_millis(), "epoch {epoch}, at {at}");
+    assert!(store.audit_head(SYSTEM_CHAIN, true).await.unwrap().unwrap().is_ok());
+    // Epochs only go up: the next write takes one above every head's.
+    let max: i64 = sqlx::query_scalar("SELECT MAX(epoch) FROM audit_heads").fetch_one(&mut f.conn().await).await.unwrap();
+    let mut tx = store.write().await.unwrap();
+    tx.audit(&f.tenant, t0(), event("system", AuditAction::TenantCreate, Outcome::Success)).await.unwrap();
+    tx.commit().await.unwrap();
+    let tenant_epoch: i64 = sqlx::query_scalar(&format!("SELECT epoch FROM audit_heads WHERE chain = '{}'", f.tenant))
+        .fetch_one(&mut f.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(tenant_epoch, max + 1);
+}
