@@ -209,12 +209,12 @@ pub async fn round(
         let cutoff = Timestamp::from_unix_millis(now.unix_millis().saturating_sub(retention_ms));
         match signer.prune(store, SYSTEM_CHAIN, cutoff, now).await {
             Ok(None) => {}
+            // The prune's own checkpoint stays in the store as the chain's anchor, not in the
+            // file: it is usually behind the chain's last checkpoint there (it ends before the
+            // records kept), and a file's checkpoints of one chain only ever go forward.
             Ok(Some(pruned)) => {
                 tracing::info!(chain = SYSTEM_CHAIN, records = pruned.records, through_seq = pruned.through.seq,
                     "pruned audit records past their retention");
-                if let Err(e) = append_lines(&path, &[pruned.checkpoint_line]) {
-                    tracing::error!(error = %e, path = %path.display(), "cannot write the prune's audit checkpoint");
-                }
             }
             Err(e) => tracing::error!(error = %e, chain = SYSTEM_CHAIN, "cannot prune the audit chain"),
         }

@@ -163,8 +163,9 @@ async fn pruning_removes_old_refusals_behind_a_signed_anchor_and_the_chain_still
     let before = f.checkpoint().await;
     f.clock.advance(Duration::from_secs(40 * 86_400));
     f.refusal(100).await;
-    // A round prunes what is past the retention (everything but the last refusal), writes the
-    // prune's checkpoint and every chain's checkpoint to the data directory's file.
+    // A round prunes what is past the retention (everything but the last refusal), keeps the
+    // prune's checkpoint as the chain's anchor, and writes every chain's checkpoint to the
+    // data directory's file.
     round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), Schedule::default().retention, CheckpointReason::Periodic)
         .await;
     let system: Vec<Record> =
@@ -175,7 +176,10 @@ async fn pruning_removes_old_refusals_behind_a_signed_anchor_and_the_chain_still
     assert_eq!(system[1].event.detail["through_seq"], 5);
     let file = std::fs::read_to_string(f.dir.path().join(CHECKPOINT_FILE_NAME)).unwrap();
     let after = read_lines(file.lines(), &f.signer.public()).unwrap();
-    assert!(after.iter().any(|(_, cp)| cp.reason == CheckpointReason::Prune && cp.seq == 5));
+    let anchor = f.store.audit_anchor(SYSTEM_CHAIN).await.unwrap().unwrap();
+    let anchor = Checkpoint::from_line(&anchor, &f.signer.public()).unwrap();
+    assert_eq!((anchor.reason, anchor.seq), (CheckpointReason::Prune, 5));
+    assert_eq!(after.iter().find(|(_, cp)| cp.chain == SYSTEM_CHAIN).unwrap().1.seq, 7);
     // Verifies from the anchor, against checkpoints from before and after the prune.
     let mut all = before.clone();
     all.extend(after.iter().map(|(line, cp)| (line + before.len(), cp.clone())));
