@@ -673,7 +673,10 @@ mod tests {
         let mac = head.mac(&key, "c");
         assert!(head.mac_verifies(&key, "c", &mac));
         assert!(!EpochHead { epoch: 8, ..head }.mac_verifies(&key, "c", &mac), "another epoch");
-        assert!(!EpochHead { at: Timestamp::from_unix_millis(6), ..head }.mac_verifies(&key, "c", &mac), "another time");
+        assert!(
+            !EpochHead { at: Timestamp::from_unix_millis(6), ..head }.mac_verifies(&key, "c", &mac),
+            "another time"
+        );
         assert!(!EpochHead { head: recs[1].head(), ..head }.mac_verifies(&key, "c", &mac), "an earlier head");
         assert!(!head.mac_verifies(&key, "d", &mac), "another chain");
         assert!(!head.head.mac_verifies(&key, "c", &mac), "the v1 MAC is another input");

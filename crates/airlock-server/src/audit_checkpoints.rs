@@ -213,8 +213,12 @@ pub async fn round(
             // file: it is usually behind the chain's last checkpoint there (it ends before the
             // records kept), and a file's checkpoints of one chain only ever go forward.
             Ok(Some(pruned)) => {
-                tracing::info!(chain = SYSTEM_CHAIN, records = pruned.records, through_seq = pruned.through.seq,
-                    "pruned audit records past their retention");
+                tracing::info!(
+                    chain = SYSTEM_CHAIN,
+                    records = pruned.records,
+                    through_seq = pruned.through.seq,
+                    "pruned audit records past their retention"
+                );
             }
             Err(e) => tracing::error!(error = %e, chain = SYSTEM_CHAIN, "cannot prune the audit chain"),
         }

@@ -335,19 +335,16 @@ fn read_checkpoints(
 }
 
 /// Signed checkpoints of every audit chain's head now, one line each, read-only.
-pub async fn checkpoint_audit(
-    data_dir: &Path,
-    kek: &KekSource,
-    clock: &dyn Clock,
-) -> Result<Vec<String>, ServerError> {
+pub async fn checkpoint_audit(data_dir: &Path, kek: &KekSource, clock: &dyn Clock) -> Result<Vec<String>, ServerError> {
     if !data_dir.join(store::DB_FILE_NAME).exists() {
         return Err(ServerError::NotInitialised(data_dir.into()));
     }
     let kek = kek.load()?;
     let store = Store::open_read_only(data_dir, kek.audit_mac_key()).await?;
     let signer = AuditSigner::load(&store, &kek).await?;
-    let lines =
-        signer.checkpoint_all(&store, clock.now(), airlock_core::audit::checkpoint::CheckpointReason::Requested).await?;
+    let lines = signer
+        .checkpoint_all(&store, clock.now(), airlock_core::audit::checkpoint::CheckpointReason::Requested)
+        .await?;
     store.close().await;
     Ok(lines)
 }
@@ -428,8 +425,15 @@ impl RunningServer {
         // The last word of this run: every chain's head, signed.
         let reason = airlock_core::audit::checkpoint::CheckpointReason::Stop;
         let retention = Duration::ZERO; // unused: a stop does not prune
-        audit_checkpoints::round(&self.state.store, &self.audit_signer, self.state.clock.as_ref(), &self.data_dir, retention, reason)
-            .await;
+        audit_checkpoints::round(
+            &self.state.store,
+            &self.audit_signer,
+            self.state.clock.as_ref(),
+            &self.data_dir,
+            retention,
+            reason,
+        )
+        .await;
         self.state.store.close().await;
     }
 }

@@ -1232,8 +1232,9 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
         AuditSub::Verify { .. } => anyhow::bail!("give --data-dir or --file"),
         #[cfg(feature = "server")]
         AuditSub::Checkpoint { data, out } => {
-            let lines = airlock_server::checkpoint_audit(&data.data_dir, &data.kek(), &airlock_server::clock::SystemClock)
-                .await?;
+            let lines =
+                airlock_server::checkpoint_audit(&data.data_dir, &data.kek(), &airlock_server::clock::SystemClock)
+                    .await?;
             match out {
                 Some(path) => {
                     airlock_server::audit_checkpoints::append_lines(&path, &lines)

@@ -47,8 +47,13 @@ fn verify_offline(data_dir: &Path, checkpoints: &Path, key: &Path) -> (bool, Str
 
 /// `airlock audit checkpoint --out FILE` (appends).
 fn checkpoint(data_dir: &Path, out: &Path) {
-    let res =
-        Command::new(BIN).args(["audit", "checkpoint", "--data-dir"]).arg(data_dir).arg("--out").arg(out).output().unwrap();
+    let res = Command::new(BIN)
+        .args(["audit", "checkpoint", "--data-dir"])
+        .arg(data_dir)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
     assert!(res.status.success(), "checkpoint failed: {}", String::from_utf8_lossy(&res.stderr));
 }
 

@@ -293,7 +293,10 @@ mod tests {
         let wrong_start = Head { seq: 3, hash: recs[1].hash };
         assert_eq!(check_chain_against(wrong_start, kept, &cps), Err(CheckpointBreak::Reanchored { line: 2, seq: 3 }));
         // Everything after the anchor was removed: truncation behind the last checkpoint.
-        assert_eq!(check_chain_against(start, &[], &cps), Err(CheckpointBreak::Truncated { line: 3, checkpoint: 5, log: 3 }));
+        assert_eq!(
+            check_chain_against(start, &[], &cps),
+            Err(CheckpointBreak::Truncated { line: 3, checkpoint: 5, log: 3 })
+        );
         // Records before the anchor cannot continue it.
         assert!(crate::audit::verify_chain_from("c", start, &recs[2..], None).is_err());
     }

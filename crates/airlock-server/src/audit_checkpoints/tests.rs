@@ -54,12 +54,17 @@ impl Fixture {
     }
 
     async fn checkpoint(&self) -> Vec<(usize, Checkpoint)> {
-        let lines = self.signer.checkpoint_all(&self.store, self.clock.now(), CheckpointReason::Requested).await.unwrap();
+        let lines =
+            self.signer.checkpoint_all(&self.store, self.clock.now(), CheckpointReason::Requested).await.unwrap();
         read_lines(lines.iter().map(String::as_str), &self.signer.public()).unwrap()
     }
 
     /// Verifies as `airlock audit verify` does: with the audit key, and these checkpoints.
-    async fn verify(&self, checkpoints: &[(usize, Checkpoint)], head_macs: bool) -> Vec<(String, Result<Head, String>)> {
+    async fn verify(
+        &self,
+        checkpoints: &[(usize, Checkpoint)],
+        head_macs: bool,
+    ) -> Vec<(String, Result<Head, String>)> {
         let options =
             VerifyOptions { head_macs, audit_key: Some(self.signer.public()), checkpoints: checkpoints.to_vec() };
         verify_all_chains_with(&self.store, &options).await.unwrap()
@@ -113,8 +118,10 @@ async fn a_deleted_tenant_chain_fails_verification_and_is_named() {
     let f = fixture().await;
     let cps = f.checkpoint().await;
     let chain = f.tenant.clone();
-    f.sql(&format!("DELETE FROM audit_events WHERE chain = '{chain}'; DELETE FROM audit_heads WHERE chain = '{chain}';"))
-        .await;
+    f.sql(&format!(
+        "DELETE FROM audit_events WHERE chain = '{chain}'; DELETE FROM audit_heads WHERE chain = '{chain}';"
+    ))
+    .await;
     for checkpoints in [&[][..], &cps[..]] {
         let results = f.verify(checkpoints, true).await;
         let err = result(&results, &chain).clone().unwrap_err();
@@ -166,8 +173,15 @@ async fn pruning_removes_old_refusals_behind_a_signed_anchor_and_the_chain_still
     // A round prunes what is past the retention (everything but the last refusal), keeps the
     // prune's checkpoint as the chain's anchor, and writes every chain's checkpoint to the
     // data directory's file.
-    round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), Schedule::default().retention, CheckpointReason::Periodic)
-        .await;
+    round(
+        &f.store,
+        &f.signer,
+        f.clock.as_ref(),
+        f.dir.path(),
+        Schedule::default().retention,
+        CheckpointReason::Periodic,
+    )
+    .await;
     let system: Vec<Record> =
         f.store.audit_records(SYSTEM_CHAIN).await.unwrap().into_iter().map(Result::unwrap).collect();
     let actions: Vec<&str> = system.iter().map(|r| r.event.action.as_str()).collect();
@@ -237,11 +251,13 @@ async fn anonymous_refusals_cannot_grow_the_system_chain_past_the_retention() {
             f.refusal(day * 100 + n).await;
         }
         f.clock.advance(Duration::from_secs(86_400 + 1));
-        round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), schedule.retention, CheckpointReason::Periodic).await;
+        round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), schedule.retention, CheckpointReason::Periodic)
+            .await;
     }
     let kept = f.store.audit_records(SYSTEM_CHAIN).await.unwrap().len();
     assert!(kept <= 21, "only the last window and the prune record are kept: {kept}");
-    let anchors: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_anchors").fetch_one(&mut f.conn().await).await.unwrap();
+    let anchors: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM audit_anchors").fetch_one(&mut f.conn().await).await.unwrap();
     assert_eq!(anchors, 1, "one anchor per chain, replaced at each prune");
     all_ok(&f.verify(&[], true).await);
 }
@@ -270,7 +286,8 @@ async fn old_head_macs_are_upgraded_at_open_and_a_head_put_back_the_old_way_fail
     assert!(epoch > 0 && at == t0().unix_millis(), "epoch {epoch}, at {at}");
     assert!(store.audit_head(SYSTEM_CHAIN, true).await.unwrap().unwrap().is_ok());
     // Epochs only go up: the next write takes one above every head's.
-    let max: i64 = sqlx::query_scalar("SELECT MAX(epoch) FROM audit_heads").fetch_one(&mut f.conn().await).await.unwrap();
+    let max: i64 =
+        sqlx::query_scalar("SELECT MAX(epoch) FROM audit_heads").fetch_one(&mut f.conn().await).await.unwrap();
     let mut tx = store.write().await.unwrap();
     tx.audit(&f.tenant, t0(), event("system", AuditAction::TenantCreate, Outcome::Success)).await.unwrap();
     tx.commit().await.unwrap();

@@ -105,7 +105,10 @@ impl Store {
             };
             let head = Head { seq: useq, hash };
             if !head.mac_verifies(&self.head_mac, &chain, &mac) {
-                tracing::warn!(chain, "an audit head fails its MAC; left as found for `airlock audit verify` to report");
+                tracing::warn!(
+                    chain,
+                    "an audit head fails its MAC; left as found for `airlock audit verify` to report"
+                );
                 continue;
             }
             tx.put_head(&chain, head, Timestamp::from_unix_millis(at.unwrap_or(0))).await?;
@@ -228,9 +231,9 @@ async fn verify_one(store: &Store, chain: &str, options: &VerifyOptions) -> Resu
             Err(seq) => {
                 return Ok(match audit::verify_chain(chain, &records, None) {
                     Err(e) => Err(e.to_string()),
-                    Ok(_) => Err(format!(
-                        "record seq {seq}: stored record is not in canonical form: the record was edited"
-                    )),
+                    Ok(_) => {
+                        Err(format!("record seq {seq}: stored record is not in canonical form: the record was edited"))
+                    }
                 });
             }
         }

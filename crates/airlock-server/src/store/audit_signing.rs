@@ -32,9 +32,8 @@ pub struct Pruned {
 
 impl Store {
     pub async fn load_audit_key(&self) -> Result<Option<StoredAuditKey>, StoreError> {
-        let row = sqlx::query("SELECT public_pem, key_sealed FROM audit_key WHERE id = 1")
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT public_pem, key_sealed FROM audit_key WHERE id = 1").fetch_optional(&self.pool).await?;
         row.map(|r| Ok(StoredAuditKey { public_pem: r.try_get("public_pem")?, key_sealed: r.try_get("key_sealed")? }))
             .transpose()
     }
@@ -123,8 +122,9 @@ impl WriteTx<'_> {
                     .map_err(|_| StoreError::Corrupt(format!("audit chain {chain}: a record to prune does not parse")))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let through = audit::verify_chain_from(chain, start, &records, None)
-            .map_err(|e| StoreError::Corrupt(format!("audit chain {chain} does not verify, so it is not pruned: {e}")))?;
+        let through = audit::verify_chain_from(chain, start, &records, None).map_err(|e| {
+            StoreError::Corrupt(format!("audit chain {chain} does not verify, so it is not pruned: {e}"))
+        })?;
         let checkpoint_line = sign(through);
         let seq = i64::try_from(through.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
         sqlx::query(
