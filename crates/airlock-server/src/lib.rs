@@ -1,12 +1,13 @@
 //! The Airlock control plane: HTTPS API, appliance gateway, built-in CA, store and audit.
 //!
-//! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`] and [`export_audit`] read the audit chains offline.
+//! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`] and [`export_audit`] read the audit chains offline, and [`checkpoint_audit`] signs their heads.
 //!
 //! Map of the crate, from the edge inwards:
 //! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; their handlers authorise, parse, call a domain function and map its result.
 //! - The domain: [`operations`] (requests, approvals, results, releases), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens).
 //! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
 //! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
+//! - [`audit_checkpoints`] signs checkpoints of the audit chains and prunes old anonymous refusals behind them.
 //! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands; [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
 //!
 //! No module imports one that imports it back: the edge depends on the domain, the domain on [`state`], [`push`] and [`store`], and none of those on the domain.
