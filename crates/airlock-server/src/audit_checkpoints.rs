@@ -46,11 +46,19 @@ pub struct Schedule {
     pub interval: Duration,
     /// Anonymous refusal records (the `system` chain) older than this are pruned.
     pub retention: Duration,
+    /// And beyond this many, the oldest are pruned whatever their age: the refusal limiter lets
+    /// through at most 20 a second per action, so a window alone would bound the chain only at
+    /// tens of millions of records.
+    pub max_records: u64,
 }
 
 impl Default for Schedule {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(3600), retention: Duration::from_secs(30 * 86_400) }
+        Self {
+            interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(30 * 86_400),
+            max_records: 1_000_000,
+        }
     }
 }
 
@@ -138,13 +146,15 @@ impl AuditSigner {
         Ok(heads.into_iter().map(|(chain, head)| self.sign(&chain, head, at, reason)).collect())
     }
 
-    /// Prunes `chain`'s records written before `cutoff`, behind a signed checkpoint of the last
-    /// one pruned, and records the prune on the chain itself (`audit.pruned`).
+    /// Prunes `chain`'s records written before `cutoff` (and the oldest beyond `keep_at_most`),
+    /// behind a signed checkpoint of the last one pruned, and records the prune on the chain
+    /// itself (`audit.pruned`).
     pub async fn prune(
         &self,
         store: &Store,
         chain: &str,
         cutoff: Timestamp,
+        keep_at_most: u64,
         now: Timestamp,
     ) -> Result<Option<Pruned>, StoreError> {
         let start = match store.audit_anchor(chain).await? {
@@ -157,7 +167,9 @@ impl AuditSigner {
         };
         let mut tx = store.write().await?;
         let sign = |head: Head| self.sign(chain, head, now, CheckpointReason::Prune);
-        let Some(pruned) = tx.prune_audit_before(chain, cutoff, start, sign).await? else { return Ok(None) };
+        let Some(pruned) = tx.prune_audit_before(chain, cutoff, keep_at_most, start, sign).await? else {
+            return Ok(None);
+        };
         let mut ev = event("system", AuditAction::AuditPruned, Outcome::Success);
         ev.detail = serde_json::json!({
             "through_seq": pruned.through.seq,
@@ -199,15 +211,15 @@ pub async fn round(
     signer: &AuditSigner,
     clock: &dyn Clock,
     data_dir: &Path,
-    retention: Duration,
+    schedule: &Schedule,
     reason: CheckpointReason,
 ) {
     let now = clock.now();
     let path = data_dir.join(CHECKPOINT_FILE_NAME);
     if reason == CheckpointReason::Periodic {
-        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let retention_ms = i64::try_from(schedule.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = Timestamp::from_unix_millis(now.unix_millis().saturating_sub(retention_ms));
-        match signer.prune(store, SYSTEM_CHAIN, cutoff, now).await {
+        match signer.prune(store, SYSTEM_CHAIN, cutoff, schedule.max_records, now).await {
             Ok(None) => {}
             // The prune's own checkpoint stays in the store as the chain's anchor, not in the
             // file: it is usually behind the chain's last checkpoint there (it ends before the
@@ -247,7 +259,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ticks.tick() => {
-                round(&store, &signer, clock.as_ref(), &data_dir, schedule.retention, CheckpointReason::Periodic).await;
+                round(&store, &signer, clock.as_ref(), &data_dir, &schedule, CheckpointReason::Periodic).await;
             }
             _ = stop.changed() => return,
         }

@@ -394,6 +394,7 @@ pub struct RunningServer {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     state: Arc<AppState>,
     audit_signer: Arc<AuditSigner>,
+    audit_schedule: audit_checkpoints::Schedule,
     data_dir: PathBuf,
     /// Held for the server's life: a second server on the same data directory would race
     /// this one's in-memory state (live streams, revocations).
@@ -423,15 +424,15 @@ impl RunningServer {
         }
         // Read records queued by the last requests are written before the store closes.
         self.state.audit_writer.flush().await;
-        // The last word of this run: every chain's head, signed.
+        // The last word of this run: every chain's head, signed (a stop does not prune).
         let reason = airlock_core::audit::checkpoint::CheckpointReason::Stop;
-        let retention = Duration::ZERO; // unused: a stop does not prune
+        let (state, signer) = (&self.state, &self.audit_signer);
         audit_checkpoints::round(
-            &self.state.store,
-            &self.audit_signer,
-            self.state.clock.as_ref(),
+            &state.store,
+            signer,
+            state.clock.as_ref(),
             &self.data_dir,
-            retention,
+            &self.audit_schedule,
             reason,
         )
         .await;
@@ -550,6 +551,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tasks: vec![api_task, gateway_task, checkpoint_task],
         state,
         audit_signer,
+        audit_schedule: config.audit_schedule,
         data_dir: config.data_dir.clone(),
         _lock: lock,
     })

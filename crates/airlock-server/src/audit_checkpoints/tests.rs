@@ -173,15 +173,7 @@ async fn pruning_removes_old_refusals_behind_a_signed_anchor_and_the_chain_still
     // A round prunes what is past the retention (everything but the last refusal), keeps the
     // prune's checkpoint as the chain's anchor, and writes every chain's checkpoint to the
     // data directory's file.
-    round(
-        &f.store,
-        &f.signer,
-        f.clock.as_ref(),
-        f.dir.path(),
-        Schedule::default().retention,
-        CheckpointReason::Periodic,
-    )
-    .await;
+    round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), &Schedule::default(), CheckpointReason::Periodic).await;
     let system: Vec<Record> =
         f.store.audit_records(SYSTEM_CHAIN).await.unwrap().into_iter().map(Result::unwrap).collect();
     let actions: Vec<&str> = system.iter().map(|r| r.event.action.as_str()).collect();
@@ -221,7 +213,7 @@ async fn records_removed_after_a_prune_anchor_are_still_caught() {
     for n in 10..13 {
         f.refusal(n).await;
     }
-    f.signer.prune(&f.store, SYSTEM_CHAIN, f.clock.now(), f.clock.now()).await.unwrap().unwrap();
+    f.signer.prune(&f.store, SYSTEM_CHAIN, f.clock.now(), u64::MAX, f.clock.now()).await.unwrap().unwrap();
     all_ok(&f.verify(&[], true).await);
     // Deleting the first record kept after the anchor breaks the link to it.
     f.sql("DELETE FROM audit_events WHERE chain = 'system' AND seq = (SELECT MIN(seq) FROM audit_events WHERE chain = 'system')")
@@ -237,7 +229,7 @@ async fn a_prune_refuses_an_edited_prefix() {
     f.refusal(2).await;
     f.sql("UPDATE audit_events SET record = replace(record, '\"denied\"', '\"success\"') WHERE chain = 'system' AND seq = 2")
         .await;
-    let err = f.signer.prune(&f.store, SYSTEM_CHAIN, f.clock.now(), f.clock.now()).await.unwrap_err();
+    let err = f.signer.prune(&f.store, SYSTEM_CHAIN, f.clock.now(), u64::MAX, f.clock.now()).await.unwrap_err();
     assert!(err.to_string().contains("not pruned"), "{err}");
     assert_eq!(f.store.audit_records(SYSTEM_CHAIN).await.unwrap().len(), 3, "nothing was removed");
 }
@@ -245,14 +237,13 @@ async fn a_prune_refuses_an_edited_prefix() {
 #[tokio::test]
 async fn anonymous_refusals_cannot_grow_the_system_chain_past_the_retention() {
     let f = fixture().await;
-    let schedule = Schedule { interval: Duration::from_secs(3600), retention: Duration::from_secs(86_400) };
+    let schedule = Schedule { retention: Duration::from_secs(86_400), ..Schedule::default() };
     for day in 0..10 {
         for n in 0..20 {
             f.refusal(day * 100 + n).await;
         }
         f.clock.advance(Duration::from_secs(86_400 + 1));
-        round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), schedule.retention, CheckpointReason::Periodic)
-            .await;
+        round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), &schedule, CheckpointReason::Periodic).await;
     }
     let kept = f.store.audit_records(SYSTEM_CHAIN).await.unwrap().len();
     assert!(kept <= 21, "only the last window and the prune record are kept: {kept}");
@@ -296,4 +287,21 @@ async fn old_head_macs_are_upgraded_at_open_and_a_head_put_back_the_old_way_fail
         .await
         .unwrap();
     assert_eq!(tenant_epoch, max + 1);
+}
+
+#[tokio::test]
+async fn a_flood_within_the_retention_is_cut_to_the_newest_records() {
+    let f = fixture().await;
+    for n in 0..30 {
+        f.refusal(n).await;
+    }
+    let schedule = Schedule { max_records: 10, ..Schedule::default() };
+    round(&f.store, &f.signer, f.clock.as_ref(), f.dir.path(), &schedule, CheckpointReason::Periodic).await;
+    let system: Vec<Record> =
+        f.store.audit_records(SYSTEM_CHAIN).await.unwrap().into_iter().map(Result::unwrap).collect();
+    // Seq 1 is the key's creation, 2..=31 the refusals: the newest 10 are kept, then the prune.
+    assert_eq!(system.first().unwrap().seq, 22);
+    assert_eq!(system.len(), 11);
+    assert_eq!(system.last().unwrap().event.action, AuditAction::AuditPruned.as_str());
+    all_ok(&f.verify(&[], true).await);
 }

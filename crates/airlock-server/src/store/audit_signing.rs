@@ -79,13 +79,15 @@ impl WriteTx<'_> {
     }
 
     /// Removes the records at the start of `chain` written before `cutoff` (up to the first one
-    /// at or after it), once `sign` has made the checkpoint of the last one removed; that
-    /// checkpoint becomes the chain's anchor. The records removed are verified first (from the
-    /// previous anchor), so a prune never launders an edit. `None`: nothing to prune.
+    /// at or after it), and any beyond the newest `keep_at_most`, once `sign` has made the
+    /// checkpoint of the last one removed; that checkpoint becomes the chain's anchor. The
+    /// records removed are verified first (from the previous anchor, `start`), so a prune never
+    /// launders an edit. `None`: nothing to prune.
     pub async fn prune_audit_before(
         &mut self,
         chain: &str,
         cutoff: Timestamp,
+        keep_at_most: u64,
         start: Head,
         sign: impl FnOnce(Head) -> String,
     ) -> Result<Option<Pruned>, StoreError> {
@@ -101,11 +103,10 @@ impl WriteTx<'_> {
             .fetch_one(&mut *self.tx)
             .await?
             .try_get("s")?;
-        let through = match (first_kept, last) {
-            (Some(kept), _) => kept - 1,
-            (None, Some(last)) => last,
-            (None, None) => return Ok(None),
-        };
+        let Some(last) = last else { return Ok(None) };
+        let by_time = first_kept.map_or(last, |kept| kept - 1);
+        let by_count = last.saturating_sub(i64::try_from(keep_at_most).unwrap_or(i64::MAX));
+        let through = by_time.max(by_count);
         let rows = sqlx::query("SELECT record FROM audit_events WHERE chain = $1 AND seq <= $2 ORDER BY seq")
             .bind(chain)
             .bind(through)
