@@ -1,6 +1,6 @@
 //! The Airlock control plane: HTTPS API, appliance gateway, built-in CA, store and audit.
 //!
-//! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`] and [`export_audit`] read the audit chains offline, and [`checkpoint_audit`] signs their heads.
+//! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`], [`export_audit`] and [`checkpoint_audit`] read the audit chains offline (the last to sign their heads).
 //!
 //! Map of the crate, from the edge inwards:
 //! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; their handlers authorise, parse, call a domain function and map its result.
