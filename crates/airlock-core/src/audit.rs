@@ -88,6 +88,10 @@ pub enum AuditAction {
     ApplianceStartRefused,
     /// The head file is MAC'd from here on: a new log, or an unkeyed one migrated once.
     AuditHeadKeyed,
+    /// The control plane made its audit signing key (the key that signs checkpoints).
+    AuditKeyCreate,
+    /// Old records were removed from the start of a chain, behind a signed checkpoint.
+    AuditPruned,
     AuditRecovered,
     CustomerKeysPinned,
     CustomerKeysReplace,
@@ -161,6 +165,8 @@ impl AuditAction {
         AuditAction::ApplianceStart,
         AuditAction::ApplianceStartRefused,
         AuditAction::AuditHeadKeyed,
+        AuditAction::AuditKeyCreate,
+        AuditAction::AuditPruned,
         AuditAction::AuditRecovered,
         AuditAction::CustomerKeysPinned,
         AuditAction::CustomerKeysReplace,
@@ -229,6 +235,8 @@ impl AuditAction {
             AuditAction::ApplianceStart => "appliance.start",
             AuditAction::ApplianceStartRefused => "appliance.start_refused",
             AuditAction::AuditHeadKeyed => "audit.head_keyed",
+            AuditAction::AuditKeyCreate => "audit.key_create",
+            AuditAction::AuditPruned => "audit.pruned",
             AuditAction::AuditRecovered => "audit.recovered",
             AuditAction::CustomerKeysPinned => "customer_keys.pinned",
             AuditAction::CustomerKeysReplace => "customer_keys.replace",
@@ -379,6 +387,43 @@ impl Head {
     }
 }
 
+/// A head as the control plane MACs it: with the store-wide epoch of the write that moved it
+/// (one more than any head's before, so a head put back from an older copy carries an epoch
+/// some other head has passed) and the time of that write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochHead {
+    pub head: Head,
+    pub epoch: u64,
+    pub at: Timestamp,
+}
+
+impl EpochHead {
+    /// HMAC-SHA256 over chain, seq, hash, epoch and time.
+    pub fn mac(&self, key: &ring::hmac::Key, chain: &str) -> [u8; 32] {
+        let tag = ring::hmac::sign(key, &self.mac_input(chain));
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&tag.as_ref()[..32]);
+        out
+    }
+
+    /// Whether `mac` is this head's MAC under `key` (compared in constant time).
+    pub fn mac_verifies(&self, key: &ring::hmac::Key, chain: &str, mac: &[u8]) -> bool {
+        ring::hmac::verify(key, &self.mac_input(chain), mac).is_ok()
+    }
+
+    /// The MAC's input; a wire contract (the control plane's stored heads use it).
+    fn mac_input(&self, chain: &str) -> Vec<u8> {
+        format!(
+            "airlock-audit-head-v2\n{chain}\n{}\n{}\n{}\n{}",
+            self.head.seq,
+            self.head.hash.to_hex(),
+            self.epoch,
+            self.at.unix_millis()
+        )
+        .into_bytes()
+    }
+}
+
 impl Record {
     /// Appends `event` after `head`, producing the record to store and the new head.
     pub fn append(chain: &str, head: Head, at: Timestamp, event: Event) -> Record {
@@ -450,7 +495,16 @@ pub fn verify_chain<'a, I>(chain: &str, records: I, anchor: Option<Head>) -> Res
 where
     I: IntoIterator<Item = &'a Record>,
 {
-    let mut head = Head::EMPTY;
+    verify_chain_from(chain, Head::EMPTY, records, anchor)
+}
+
+/// Verifies records that continue the chain after `start`: the head where a pruned prefix ended,
+/// which the caller has from a signed checkpoint (or [`Head::EMPTY`] for a whole chain).
+pub fn verify_chain_from<'a, I>(chain: &str, start: Head, records: I, anchor: Option<Head>) -> Result<Head, ChainBreak>
+where
+    I: IntoIterator<Item = &'a Record>,
+{
+    let mut head = start;
     for (i, rec) in records.into_iter().enumerate() {
         let position = i as u64 + 1;
         if rec.chain != chain {
@@ -609,6 +663,23 @@ mod tests {
         assert!(!head.mac_verifies(&key, "d", &mac), "another chain");
         assert!(!recs[1].head().mac_verifies(&key, "c", &mac), "an earlier head");
         assert!(!head.mac_verifies(&key, "c", &mac[..31]), "a cut MAC");
+    }
+
+    #[test]
+    fn epoch_head_mac_binds_epoch_and_time_too() {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]);
+        let recs = chain(3);
+        let head = EpochHead { head: recs[2].head(), epoch: 9, at: Timestamp::from_unix_millis(5) };
+        let mac = head.mac(&key, "c");
+        assert!(head.mac_verifies(&key, "c", &mac));
+        assert!(!EpochHead { epoch: 8, ..head }.mac_verifies(&key, "c", &mac), "another epoch");
+        assert!(
+            !EpochHead { at: Timestamp::from_unix_millis(6), ..head }.mac_verifies(&key, "c", &mac),
+            "another time"
+        );
+        assert!(!EpochHead { head: recs[1].head(), ..head }.mac_verifies(&key, "c", &mac), "an earlier head");
+        assert!(!head.mac_verifies(&key, "d", &mac), "another chain");
+        assert!(!head.head.mac_verifies(&key, "c", &mac), "the v1 MAC is another input");
     }
 
     #[test]

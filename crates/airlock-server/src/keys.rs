@@ -110,7 +110,7 @@ impl Kek {
     }
 
     /// A key derived for MACs over audit chain heads (distinct from the sealing key).
-    pub(crate) fn audit_mac_key(&self) -> ring::hmac::Key {
+    pub fn audit_mac_key(&self) -> ring::hmac::Key {
         let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key);
         let sub = ring::hmac::sign(&derive, b"airlock audit head mac v1");
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, sub.as_ref())

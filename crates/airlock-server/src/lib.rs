@@ -1,12 +1,13 @@
 //! The Airlock control plane: HTTPS API, appliance gateway, built-in CA, store and audit.
 //!
-//! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`] and [`export_audit`] read the audit chains offline.
+//! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`], [`export_audit`] and [`checkpoint_audit`] read the audit chains offline (the last to sign their heads).
 //!
 //! Map of the crate, from the edge inwards:
 //! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; their handlers authorise, parse, call a domain function and map its result.
 //! - The domain: [`operations`] (requests, approvals, results, releases), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens).
 //! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
 //! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
+//! - [`audit_checkpoints`] signs checkpoints of the audit chains and prunes old anonymous refusals behind them.
 //! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands; [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
 //!
 //! No module imports one that imports it back: the edge depends on the domain, the domain on [`state`], [`push`] and [`store`], and none of those on the domain.
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod appliances;
 pub mod attestation;
+pub mod audit_checkpoints;
 pub mod authz;
 pub mod ca;
 pub mod clock;
@@ -44,6 +46,7 @@ use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{Fingerprint, TenantId, WorkspaceId};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::audit_checkpoints::AuditSigner;
 use crate::authz::{Role, TenantScope};
 use crate::ca::CertificateAuthority;
 use crate::clock::Clock;
@@ -99,6 +102,8 @@ pub struct ServerConfig {
     pub api_tls_files: Option<(PathBuf, PathBuf)>,
     /// Connection caps and deadlines for both listeners.
     pub limits: net::ConnectionLimits,
+    /// When the server checkpoints its audit chains and prunes anonymous refusal records.
+    pub audit_schedule: audit_checkpoints::Schedule,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -116,6 +121,7 @@ impl ServerConfig {
             join_token_ttl: Duration::from_secs(15 * 60),
             api_tls_files: None,
             limits: net::ConnectionLimits::default(),
+            audit_schedule: audit_checkpoints::Schedule::default(),
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -159,6 +165,7 @@ pub async fn init(
     tx.put_ca(&StoredCa { trust_domain: trust_domain.into(), cert_pem: ca.cert_pem().into(), key_sealed: sealed }, now)
         .await?;
     tx.commit().await?;
+    AuditSigner::load_or_create(&store, &kek_key, now).await?.publish(data_dir)?;
     let out = add_tenant(&store, ca.fingerprint(), tenant_name, workspace_name, now).await?;
     store.close().await;
     Ok(out)
@@ -231,6 +238,10 @@ async fn load_ca(store: &Store, kek: &Kek) -> Result<CertificateAuthority, Serve
 #[derive(Debug)]
 pub struct AuditReport {
     pub chains: Vec<ChainReport>,
+    /// Whether head MACs were checked (they need the KEK).
+    pub head_macs_checked: bool,
+    /// How many checkpoints were checked; or why the checkpoint file could not be used.
+    pub checkpoints: Result<usize, String>,
 }
 
 #[derive(Debug)]
@@ -242,23 +253,105 @@ pub struct ChainReport {
 
 impl AuditReport {
     pub fn ok(&self) -> bool {
-        self.chains.iter().all(|c| c.result.is_ok())
+        self.checkpoints.is_ok() && self.chains.iter().all(|c| c.result.is_ok())
     }
 }
 
+/// What `airlock audit verify` checks a data directory against, besides its own chains.
+#[derive(Clone, Debug, Default)]
+pub struct AuditEvidence {
+    /// A file of signed checkpoints (`airlock audit checkpoint`, or the server's own).
+    pub checkpoints: Option<PathBuf>,
+    /// The audit key's public half (PEM) [default: `<data-dir>/audit-key.pub`].
+    pub audit_key: Option<PathBuf>,
+}
+
 /// Verifies every audit chain in `data_dir`, opening the database read-only.
-pub async fn verify_audit(data_dir: &Path, kek: &KekSource) -> Result<AuditReport, ServerError> {
+///
+/// With checkpoints, the KEK is optional: without it head MACs are not checked, and the
+/// checkpoints (checked with the audit key's public half) are what shows deletion,
+/// truncation and rollback.
+pub async fn verify_audit(
+    data_dir: &Path,
+    kek: &KekSource,
+    evidence: &AuditEvidence,
+) -> Result<AuditReport, ServerError> {
     if !data_dir.join(store::DB_FILE_NAME).exists() {
         return Err(ServerError::NotInitialised(data_dir.into()));
     }
-    let store = Store::open_read_only(data_dir, kek.load()?.audit_mac_key()).await?;
-    let chains = store::verify_all_chains(&store)
+    let head_mac = match (kek.load(), &evidence.checkpoints) {
+        (Ok(kek), _) => Some(kek.audit_mac_key()),
+        (Err(_), Some(_)) => None,
+        (Err(e), None) => return Err(e.into()),
+    };
+    let head_macs_checked = head_mac.is_some();
+    // Without the KEK, MACs are not checked: any key will do to open the store.
+    let unchecked = || ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &random::<32>());
+    let store = Store::open_read_only(data_dir, head_mac.unwrap_or_else(unchecked)).await?;
+    let audit_key = audit_public_key(data_dir, evidence.audit_key.as_deref(), &store).await?;
+    let mut options = store::VerifyOptions { head_macs: head_macs_checked, audit_key, checkpoints: Vec::new() };
+    let checkpoints = match &evidence.checkpoints {
+        None => Ok(0),
+        Some(path) => read_checkpoints(path, options.audit_key.as_ref()).map(|cps| {
+            options.checkpoints = cps;
+            options.checkpoints.len()
+        }),
+    };
+    let chains = store::verify_all_chains_with(&store, &options)
         .await?
         .into_iter()
         .map(|(chain, r)| ChainReport { chain, result: r.map(|h| h.seq) })
         .collect();
     store.close().await;
-    Ok(AuditReport { chains })
+    Ok(AuditReport { chains, head_macs_checked, checkpoints })
+}
+
+/// The audit key to verify with: the operator's copy, else the data directory's published
+/// one, else (an older directory) none.
+async fn audit_public_key(
+    data_dir: &Path,
+    given: Option<&Path>,
+    store: &Store,
+) -> Result<Option<airlock_core::customer_key::CustomerPublicKey>, ServerError> {
+    let published = data_dir.join(store::AUDIT_KEY_FILE_NAME);
+    let pem = match given {
+        Some(path) => Some(read_text(path)?),
+        None if published.exists() => Some(read_text(&published)?),
+        None => store.load_audit_key().await?.map(|k| k.public_pem),
+    };
+    pem.map(|pem| {
+        airlock_core::customer_key::CustomerPublicKey::from_pem(&pem)
+            .map_err(|e| ServerError::Config(format!("the audit key is not an Ed25519 public key (PEM): {e}")))
+    })
+    .transpose()
+}
+
+fn read_text(path: &Path) -> Result<String, ServerError> {
+    std::fs::read_to_string(path).map_err(|source| ServerError::DataDir { path: path.into(), source })
+}
+
+fn read_checkpoints(
+    path: &Path,
+    key: Option<&airlock_core::customer_key::CustomerPublicKey>,
+) -> Result<Vec<(usize, airlock_core::audit::checkpoint::Checkpoint)>, String> {
+    let key = key.ok_or("no audit key to check the checkpoints with; give --key")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    airlock_core::audit::checkpoint::read_lines(text.lines(), key).map_err(|e| e.to_string())
+}
+
+/// Signed checkpoints of every audit chain's head now, one line each, read-only.
+pub async fn checkpoint_audit(data_dir: &Path, kek: &KekSource, clock: &dyn Clock) -> Result<Vec<String>, ServerError> {
+    if !data_dir.join(store::DB_FILE_NAME).exists() {
+        return Err(ServerError::NotInitialised(data_dir.into()));
+    }
+    let kek = kek.load()?;
+    let store = Store::open_read_only(data_dir, kek.audit_mac_key()).await?;
+    let signer = AuditSigner::load(&store, &kek).await?;
+    let lines = signer
+        .checkpoint_all(&store, clock.now(), airlock_core::audit::checkpoint::CheckpointReason::Requested)
+        .await?;
+    store.close().await;
+    Ok(lines)
 }
 
 /// Every audit record of every chain (or of one chain), read-only, in chain order.
@@ -304,6 +397,9 @@ pub struct RunningServer {
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     state: Arc<AppState>,
+    audit_signer: Arc<AuditSigner>,
+    audit_schedule: audit_checkpoints::Schedule,
+    data_dir: PathBuf,
     /// Held for the server's life: a second server on the same data directory would race
     /// this one's in-memory state (live streams, revocations).
     _lock: std::fs::File,
@@ -332,6 +428,18 @@ impl RunningServer {
         }
         // Read records queued by the last requests are written before the store closes.
         self.state.audit_writer.flush().await;
+        // The last word of this run: every chain's head, signed (a stop does not prune).
+        let reason = airlock_core::audit::checkpoint::CheckpointReason::Stop;
+        let (state, signer) = (&self.state, &self.audit_signer);
+        audit_checkpoints::round(
+            &state.store,
+            signer,
+            state.clock.as_ref(),
+            &self.data_dir,
+            &self.audit_schedule,
+            reason,
+        )
+        .await;
         self.state.store.close().await;
     }
 }
@@ -342,6 +450,8 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let lock = lock_data_dir(&config.data_dir)?;
     let ca = load_ca(&store, &kek).await?;
     let now = config.clock.now();
+    let audit_signer = Arc::new(AuditSigner::load_or_create(&store, &kek, now).await?);
+    audit_signer.publish(&config.data_dir)?;
     let revoked = Arc::new(tls::RevokedSet::default());
     for id in store.revoked_appliances().await? {
         revoked.insert(id);
@@ -416,9 +526,11 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         join_token_ttl: config.join_token_ttl,
         gateway_endpoint: gateway_endpoint.clone(),
         gateway_server_name,
+        audit_key_pem: audit_signer.public_pem().to_owned(),
     });
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let shutdown_rx_for_audit = shutdown_rx.clone();
     let router = api::router(state.clone());
     let api = https::Api {
         tls: api_tls,
@@ -442,6 +554,14 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
             tracing::error!(error = %e, "gateway stopped");
         }
     });
+    let checkpoint_task = tokio::spawn(audit_checkpoints::run(
+        state.store.clone(),
+        audit_signer.clone(),
+        config.clock.clone(),
+        config.data_dir.clone(),
+        config.audit_schedule,
+        shutdown_rx_for_audit,
+    ));
     tracing::info!(%api_addr, %gateway_addr, %gateway_endpoint, %ca_fingerprint, "control plane serving");
     Ok(RunningServer {
         api_addr,
@@ -451,8 +571,11 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ca_pem,
         stop_accepting,
         shutdown,
-        tasks: vec![api_task, gateway_task],
+        tasks: vec![api_task, gateway_task, checkpoint_task],
         state,
+        audit_signer,
+        audit_schedule: config.audit_schedule,
+        data_dir: config.data_dir.clone(),
         _lock: lock,
     })
 }
@@ -515,6 +638,7 @@ fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
 pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
+    let audit_signer = AuditSigner::load_or_create(&store, &kek, clock.now()).await.expect("audit key");
     let ops_signer = signer::OperationsSigner::generate(&ca, clock.now()).expect("operations signer");
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
@@ -538,5 +662,6 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         join_token_ttl: Duration::from_secs(15 * 60),
         gateway_endpoint: "127.0.0.1:1".into(),
         gateway_server_name: "127.0.0.1".into(),
+        audit_key_pem: audit_signer.public_pem().to_owned(),
     })
 }

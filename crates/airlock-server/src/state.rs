@@ -44,6 +44,8 @@ pub struct AppState {
     pub join_token_ttl: Duration,
     pub gateway_endpoint: String,
     pub gateway_server_name: String,
+    /// The audit signing key's public half (PEM), published beside the CA certificate.
+    pub audit_key_pem: String,
 }
 
 impl AppState {

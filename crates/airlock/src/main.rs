@@ -200,6 +200,13 @@ struct ServerRunArgs {
     /// Write {api_url, gateway_endpoint, ca_fingerprint} as JSON here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// How often the server prunes and checkpoints its audit chains (to
+    /// `<data-dir>/audit-checkpoints.jsonl`; also at shutdown) [default: 1h].
+    #[arg(long, env = "AIRLOCK_AUDIT_CHECKPOINT_INTERVAL", value_parser = parse_duration)]
+    audit_checkpoint_interval: Option<std::time::Duration>,
+    /// How long records of anonymous refusals (the `system` chain) are kept [default: 30d].
+    #[arg(long, env = "AIRLOCK_AUDIT_RETENTION", value_parser = parse_duration)]
+    audit_retention: Option<std::time::Duration>,
 }
 
 #[cfg(feature = "server")]
@@ -215,6 +222,8 @@ struct ServerFileConfig {
     appliance_cert_lifetime: Option<String>,
     join_token_ttl: Option<String>,
     heartbeat_interval: Option<String>,
+    audit_checkpoint_interval: Option<String>,
+    audit_retention: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     api_max_connections: Option<usize>,
@@ -641,14 +650,25 @@ enum AuditSub {
         /// An appliance's audit log (`<state-dir>/audit.jsonl`).
         #[arg(long)]
         file: Option<PathBuf>,
-        /// The appliance's checkpoint file (or your syslog's lines of it): detects truncation,
-        /// re-anchoring and rollback of the log.
-        #[arg(long, requires = "file")]
+        /// Signed checkpoints: the appliance's checkpoint file (or your syslog's lines of it),
+        /// or the control plane's (`airlock audit checkpoint`, `<data-dir>/audit-checkpoints.jsonl`).
+        /// Detects deletion, truncation, re-anchoring and rollback; with it, a data directory
+        /// verifies without the KEK (head MACs are then not checked).
+        #[arg(long)]
         checkpoints: Option<PathBuf>,
-        /// The checkpoint key's public half (PEM) [default: `checkpoint.pub` beside the log;
-        /// keep a copy of your own from install].
-        #[arg(long, requires = "checkpoints")]
+        /// The checkpoint key's public half (PEM) [default: the appliance's `checkpoint.pub`
+        /// beside the log, or the control plane's `<data-dir>/audit-key.pub`; keep a copy of
+        /// your own: `audit_key` in `GET /v1/ca`].
+        #[arg(long, alias = "audit-key")]
         key: Option<PathBuf>,
+    },
+    /// Write a signed checkpoint of every audit chain of a control plane (JSON lines).
+    Checkpoint {
+        #[command(flatten)]
+        data: DataDirArgs,
+        /// Append to this file (created if missing) instead of printing to stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print audit records as JSON lines (all chains, or one).
     Export {
@@ -936,6 +956,14 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = args.heartbeat_interval.or(file_duration(file.heartbeat_interval)?) {
         anyhow::ensure!(d.as_secs() >= 1, "heartbeat interval must be at least 1s");
         cfg.heartbeat_interval = d;
+    }
+    if let Some(d) = args.audit_checkpoint_interval.or(file_duration(file.audit_checkpoint_interval)?) {
+        anyhow::ensure!(d.as_secs() >= 1, "audit checkpoint interval must be at least 1s");
+        cfg.audit_schedule.interval = d;
+    }
+    if let Some(d) = args.audit_retention.or(file_duration(file.audit_retention)?) {
+        anyhow::ensure!(d.as_secs() >= 1, "audit retention must be at least 1s");
+        cfg.audit_schedule.retention = d;
     }
     cfg.api_tls_files = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(c), Some(k)) => Some((c, k)),
@@ -1237,12 +1265,21 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             verify_appliance_audit(&file, checkpoints.as_deref(), key.as_deref())
         }
         #[cfg(feature = "server")]
-        AuditSub::Verify { data_dir: Some(data_dir), kek_file, .. } => {
+        AuditSub::Verify { data_dir: Some(data_dir), kek_file, checkpoints, key, .. } => {
             let data = DataDirArgs { data_dir, kek_file };
-            let report = airlock_server::verify_audit(&data.data_dir, &data.kek()).await?;
+            let evidence = airlock_server::AuditEvidence { checkpoints, audit_key: key };
+            let report = airlock_server::verify_audit(&data.data_dir, &data.kek(), &evidence).await?;
+            match &report.checkpoints {
+                Ok(0) => {}
+                Ok(n) => println!("OK     {n} checkpoints read"),
+                Err(e) => println!("BROKEN checkpoints: {e}"),
+            }
+            if !report.head_macs_checked {
+                println!("NOTE   head MACs not checked: the KEK is not readable; the checkpoints stand in for them");
+            }
             for c in &report.chains {
                 match &c.result {
-                    Ok(n) => println!("OK     chain {}: {n} records", c.chain),
+                    Ok(n) => println!("OK     chain {}: at seq {n}", c.chain),
                     Err(e) => println!("BROKEN chain {}: {e}", c.chain),
                 }
             }
@@ -1257,6 +1294,25 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "server")]
         AuditSub::Verify { .. } => anyhow::bail!("give --data-dir or --file"),
         #[cfg(feature = "server")]
+        AuditSub::Checkpoint { data, out } => {
+            let lines =
+                airlock_server::checkpoint_audit(&data.data_dir, &data.kek(), &airlock_server::clock::SystemClock)
+                    .await?;
+            match out {
+                Some(path) => {
+                    airlock_server::audit_checkpoints::append_lines(&path, &lines)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("{} checkpoints appended to {}", lines.len(), path.display());
+                }
+                None => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "server")]
         AuditSub::Export { data, chain } => {
             for rec in airlock_server::export_audit(&data.data_dir, &data.kek(), chain.as_deref()).await? {
                 println!("{}", serde_json::to_string(&rec)?);
@@ -1264,7 +1320,7 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(not(feature = "server"))]
-        AuditSub::Verify { .. } | AuditSub::Export { .. } => {
+        AuditSub::Verify { .. } | AuditSub::Export { .. } | AuditSub::Checkpoint { .. } => {
             anyhow::bail!("this build has no control plane support; rebuild with the `server` feature")
         }
     }

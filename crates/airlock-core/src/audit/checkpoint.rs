@@ -28,8 +28,12 @@ pub const CHECKPOINT_PAYLOAD_TYPE: &str = "application/vnd.airlock.audit-checkpo
 pub enum CheckpointReason {
     Start,
     Stop,
-    /// Every N records.
+    /// Every N records (the appliance) or every interval (the control plane).
     Periodic,
+    /// Asked for by the operator (`airlock audit checkpoint`).
+    Requested,
+    /// Written before the records up to it were pruned: verification starts from it.
+    Prune,
 }
 
 /// The signed statement: the chain's head at a time. A wire contract.
@@ -104,6 +108,19 @@ pub fn check_checkpoints<'a>(
     lines: impl IntoIterator<Item = &'a str>,
     key: &CustomerPublicKey,
 ) -> Result<CheckpointsReport, CheckpointBreak> {
+    let checkpoints = read_lines(lines, key)?;
+    if let Some((line, cp)) = checkpoints.iter().find(|(_, cp)| cp.chain != chain) {
+        return Err(CheckpointBreak::WrongChain { line: *line, expected: chain.to_owned(), found: cp.chain.clone() });
+    }
+    check_chain_against(Head::EMPTY, records, &checkpoints)
+}
+
+/// Reads every non-blank line of a checkpoint file (1-based line numbers kept), checking each
+/// signature with `key`. Lines may be for several chains.
+pub fn read_lines<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    key: &CustomerPublicKey,
+) -> Result<Vec<(usize, Checkpoint)>, CheckpointBreak> {
     let mut checkpoints = Vec::new();
     for (i, text) in lines.into_iter().enumerate() {
         let line = i + 1;
@@ -111,30 +128,42 @@ pub fn check_checkpoints<'a>(
             continue;
         }
         let cp = Checkpoint::from_line(text, key).map_err(|why| CheckpointBreak::Unreadable { line, why })?;
-        if cp.chain != chain {
-            return Err(CheckpointBreak::WrongChain { line, expected: chain.to_owned(), found: cp.chain });
-        }
         checkpoints.push((line, cp));
     }
+    Ok(checkpoints)
+}
+
+/// Checks one verified chain against its checkpoints (all for this chain, in file order).
+///
+/// `records` continue the chain after `start` (a pruned chain's anchor, or [`Head::EMPTY`]).
+/// A checkpoint behind `start` is about pruned records and cannot be checked here: the
+/// anchor itself is a signed checkpoint, so what it covers was vouched for when it was pruned.
+pub fn check_chain_against(
+    start: Head,
+    records: &[Record],
+    checkpoints: &[(usize, Checkpoint)],
+) -> Result<CheckpointsReport, CheckpointBreak> {
     // Order first: a log put back to an older copy, on which the writer carried on, also fails
     // the hash checks below, but "rollback" is what happened.
     let mut report = CheckpointsReport { count: 0, last_seq: 0 };
-    for (line, cp) in &checkpoints {
+    for (line, cp) in checkpoints {
         if cp.seq < report.last_seq {
             return Err(CheckpointBreak::RolledBack { line: *line, seq: cp.seq, previous: report.last_seq });
         }
         report.last_seq = cp.seq;
         report.count += 1;
     }
-    let log_seq = records.last().map_or(0, |r| r.seq);
+    let log_seq = records.last().map_or(start.seq, |r| r.seq);
     for (line, cp) in checkpoints {
+        let line = *line;
         if cp.seq > log_seq {
             return Err(CheckpointBreak::Truncated { line, checkpoint: cp.seq, log: log_seq });
         }
-        let at = match cp.seq {
-            0 => ChainHash::GENESIS,
-            // The chain verified, so record n sits at index n - 1.
-            n => records.get((n - 1) as usize).map_or(ChainHash::GENESIS, |r| r.hash),
+        let at = match cp.seq.checked_sub(start.seq) {
+            None => continue,
+            Some(0) => start.hash,
+            // The chain verified from `start`, so record n sits at index n - start - 1.
+            Some(n) => usize::try_from(n - 1).ok().and_then(|i| records.get(i)).map_or(ChainHash::GENESIS, |r| r.hash),
         };
         if at != cp.hash {
             return Err(CheckpointBreak::Reanchored { line, seq: cp.seq });
@@ -243,5 +272,32 @@ mod tests {
         let other_chain = Checkpoint::new("d", recs[0].head(), Timestamp::from_unix_millis(0), CheckpointReason::Start)
             .signed_line(&key(1));
         assert!(matches!(check(&[&other_chain]), Err(CheckpointBreak::WrongChain { .. })));
+    }
+
+    #[test]
+    fn a_pruned_chain_is_checked_from_its_anchor() {
+        let recs = chain(6, "a");
+        let start = recs[2].head();
+        let kept = &recs[3..];
+        crate::audit::verify_chain_from("c", start, kept, Some(recs[5].head())).unwrap();
+        let cps: Vec<(usize, Checkpoint)> = [1, 3, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &seq)| {
+                let line = line(&recs, seq, &key(1));
+                (i + 1, Checkpoint::from_line(&line, &key(1).public()).unwrap())
+            })
+            .collect();
+        assert_eq!(check_chain_against(start, kept, &cps), Ok(CheckpointsReport { count: 3, last_seq: 5 }));
+        // The anchor itself must be the checkpointed record.
+        let wrong_start = Head { seq: 3, hash: recs[1].hash };
+        assert_eq!(check_chain_against(wrong_start, kept, &cps), Err(CheckpointBreak::Reanchored { line: 2, seq: 3 }));
+        // Everything after the anchor was removed: truncation behind the last checkpoint.
+        assert_eq!(
+            check_chain_against(start, &[], &cps),
+            Err(CheckpointBreak::Truncated { line: 3, checkpoint: 5, log: 3 })
+        );
+        // Records before the anchor cannot continue it.
+        assert!(crate::audit::verify_chain_from("c", start, &recs[2..], None).is_err());
     }
 }

@@ -340,12 +340,19 @@ async fn count_responses(State(state): State<Arc<AppState>>, req: Request, next:
 pub struct CaInfo {
     certificate_pem: String,
     fingerprint: String,
+    /// The audit signing key's public half (Ed25519, PEM): checks the audit checkpoints
+    /// (`airlock audit verify --checkpoints FILE --key FILE`).
+    audit_key: String,
 }
 
 /// The control plane CA certificate. Public; compare its fingerprint with the one you pinned.
 #[utoipa::path(get, path = "/v1/ca", responses((status = 200, body = CaInfo)))]
 async fn get_ca(State(state): State<Arc<AppState>>) -> Json<CaInfo> {
-    Json(CaInfo { certificate_pem: state.ca.cert_pem().to_owned(), fingerprint: state.ca.fingerprint().to_string() })
+    Json(CaInfo {
+        certificate_pem: state.ca.cert_pem().to_owned(),
+        fingerprint: state.ca.fingerprint().to_string(),
+        audit_key: state.audit_key_pem.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -1114,3 +1114,13 @@ async fn a_failing_audit_commit_refuses_sensitive_reads_and_counts_lost_routine_
     assert_eq!(api.state.metrics.audit.queued_records_lost.get(), 1);
     assert!(api.state.metrics.render().contains("airlock_audit_queued_records_lost_total 1"));
 }
+
+#[tokio::test]
+async fn ca_document_publishes_the_audit_key_beside_the_certificate() {
+    let api = api().await;
+    let (s, v) = api.call(Method::GET, "/v1/ca", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let published = std::fs::read_to_string(api._dir.path().join(crate::store::AUDIT_KEY_FILE_NAME)).unwrap();
+    assert_eq!(v["audit_key"], published.as_str(), "{v}");
+    assert!(airlock_core::customer_key::CustomerPublicKey::from_pem(&published).is_ok());
+}

@@ -12,6 +12,7 @@
 
 mod appliances;
 mod audit;
+mod audit_signing;
 mod audit_writer;
 mod ca;
 mod operations;
@@ -32,7 +33,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub use appliances::{ApplianceRow, RenewalState};
-pub use audit::{HeadTampered, verify_all_chains};
+pub use audit::{HeadTampered, VerifyOptions, verify_all_chains, verify_all_chains_with};
+pub use audit_signing::{AUDIT_KEY_FILE_NAME, CHECKPOINT_FILE_NAME, Pruned, StoredAuditKey};
 pub use audit_writer::{AuditAppendError, AuditWriter};
 pub use ca::StoredCa;
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
@@ -57,6 +59,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "output_salt", include_str!("../../migrations/0007_output_salt.sql")),
     (8, "appliance_attestation", include_str!("../../migrations/0008_appliance_attestation.sql")),
     (9, "appliance_execution_key", include_str!("../../migrations/0009_appliance_execution_key.sql")),
+    (10, "audit_signing", include_str!("../../migrations/0010_audit_signing.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,7 @@ impl Store {
             appliance_lists: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
         };
         store.migrate().await?;
+        store.upgrade_head_macs().await?;
         Ok(store)
     }
 
