@@ -68,6 +68,7 @@ pub fn refusal_code_to_wire(code: RefusalCode) -> gateway::RefusalCode {
         RefusalCode::Denied => W::Denied,
         RefusalCode::NotRecorded => W::NotRecorded,
         RefusalCode::Unclassified => W::Unclassified,
+        RefusalCode::LimitExceeded => W::LimitExceeded,
     }
 }
 
@@ -85,6 +86,7 @@ pub fn refusal_code_from_wire(value: i32) -> Result<RefusalCode, UnknownWireValu
         W::Denied => RefusalCode::Denied,
         W::NotRecorded => RefusalCode::NotRecorded,
         W::Unclassified => RefusalCode::Unclassified,
+        W::LimitExceeded => RefusalCode::LimitExceeded,
     })
 }
 
