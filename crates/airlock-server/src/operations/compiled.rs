@@ -14,9 +14,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 /// Templates kept compiled; the least recently used is dropped first.
-pub const CACHED_TEMPLATES: usize = 64;
+pub(crate) const CACHED_TEMPLATES: usize = 64;
 /// Compiles running at once on the blocking pool.
-pub const COMPILE_PERMITS: usize = 2;
+pub(crate) const COMPILE_PERMITS: usize = 2;
 
 /// Why a template could not be loaded.
 #[derive(Debug, thiserror::Error)]
