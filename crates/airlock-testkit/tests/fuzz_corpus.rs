@@ -42,7 +42,7 @@ const SCRIPT: &str = "#!/bin/sh\nsystemctl restart \"$AIRLOCK_VAR_SERVICE\"\n";
 
 const POLICY: &str = r#"version = 1
 serial = 3
-environment = "env_02020202020202020202020202020202"
+environment = "ENVIRONMENT"
 approvals_required = 1
 phases = ["observe", "operate"]
 max_grant_hours = 4
@@ -168,7 +168,8 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         tagged(11, result.encode_to_vec()),
     ];
 
-    let signed_policy = customer::signed_policy(POLICY, &[7]);
+    let policy = POLICY.replace("ENVIRONMENT", &fx.identity.environment.to_string());
+    let signed_policy = customer::signed_policy(&policy, &[7]);
     BTreeMap::from([
         ("audit_line", vec![records.join("\n").into_bytes(), checkpoint.into_bytes()]),
         ("csr", vec![csr_pem.clone().into_bytes(), fx.appliance.cert_pem.clone().into_bytes()]),
@@ -180,7 +181,7 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         ("grant", vec![json(&parts.approval), manifest.approval.as_ref().unwrap().to_json().into_bytes()]),
         ("join_request", vec![serde_json::to_vec(&join).unwrap()]),
         ("manifest", vec![serde_json::to_vec(&manifest).unwrap()]),
-        ("policy", vec![POLICY.as_bytes().to_vec(), signed_policy.into_bytes()]),
+        ("policy", vec![policy.into_bytes(), signed_policy.into_bytes()]),
         ("pre_approval", vec![json(&pre_approval), customer::sign_pre_approval(&pre_approval, &[7]).into_bytes()]),
         ("signed_statements", vec![json(&rotation), json(&fx.attestation_statement())]),
         ("template", vec![with_nul(MANIFEST, SCRIPT), with_nul(&at_cap_template(), SCRIPT)]),
@@ -211,7 +212,9 @@ fn every_fuzz_target_has_a_corpus_of_real_values() {
         let (m, s) = seed.split_at(seed.iter().position(|b| *b == 0).unwrap());
         Template::new(std::str::from_utf8(m).unwrap(), std::str::from_utf8(&s[1..]).unwrap()).unwrap();
     }
-    airlock_core::policy::PolicyDocument::parse(POLICY).unwrap();
+    for seed in &seeds["policy"][..1] {
+        airlock_core::policy::PolicyDocument::parse(std::str::from_utf8(seed).unwrap()).unwrap();
+    }
     if std::env::var_os("AIRLOCK_WRITE_FUZZ_CORPUS").is_some() {
         for (target, files) in &seeds {
             let dir = corpus_dir().join(target);
