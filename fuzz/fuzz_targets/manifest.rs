@@ -18,8 +18,13 @@ fn ca_der() -> &'static [u8] {
 fuzz_target!(|data: &[u8]| {
     let keys = airlock_fuzz::pinned();
     for vendor_attested in [VendorAttested::Refuse, VendorAttested::Accept] {
-        let inputs =
-            VerifyInputs { ca_der: ca_der(), customer_keys: &keys, approvals_required: 1, policy: None, vendor_attested };
+        let inputs = VerifyInputs {
+            ca_der: ca_der(),
+            customer_keys: &keys,
+            approvals_required: 1,
+            policy: None,
+            vendor_attested,
+        };
         let _ = verify_manifest(data, &inputs);
     }
 });

@@ -533,7 +533,14 @@ mod tests {
     fn a_chain_that_wraps_from_the_largest_sequence_to_zero_never_verifies() {
         // Hand-made records: no writer reaches `u64::MAX`, but a verifier reads what it is given.
         let record = |seq: u64, prev: ChainHash| {
-            let r = Record { chain: "c".into(), seq, at: Timestamp::from_unix_millis(1), event: event(1), prev, hash: prev };
+            let r = Record {
+                chain: "c".into(),
+                seq,
+                at: Timestamp::from_unix_millis(1),
+                event: event(1),
+                prev,
+                hash: prev,
+            };
             Record { hash: r.recomputed_hash(), ..r }
         };
         let last = record(u64::MAX, ChainHash::GENESIS);

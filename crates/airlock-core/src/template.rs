@@ -382,9 +382,10 @@ type = "integer"
             Err(TemplateError::Limit(l)) => l,
             other => panic!("expected a limit, got {other:?}"),
         };
-        assert_eq!(limit(&with_variables(MAX_VARIABLES + 1, "[a-z]+"), SCRIPT), TemplateLimit::Variables {
-            count: MAX_VARIABLES + 1
-        });
+        assert_eq!(
+            limit(&with_variables(MAX_VARIABLES + 1, "[a-z]+"), SCRIPT),
+            TemplateLimit::Variables { count: MAX_VARIABLES + 1 }
+        );
         assert!(matches!(limit(&at_cap, &format!("{script}##")), TemplateLimit::ScriptBytes { .. }));
         let padded = format!("{MANIFEST}\n{}", "#".repeat(MAX_MANIFEST_BYTES));
         assert!(matches!(limit(&padded, SCRIPT), TemplateLimit::ManifestBytes { .. }));

@@ -87,7 +87,8 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         .unwrap()
         .pem()
         .unwrap();
-    let join = serde_json::json!({ "join_token": "airlock_jt_0123456789abcdef", "csr_pem": csr_pem, "version": "0.1.0" });
+    let join =
+        serde_json::json!({ "join_token": "airlock_jt_0123456789abcdef", "csr_pem": csr_pem, "version": "0.1.0" });
 
     let pre_approval = PreApprovalBody {
         id: "nightly-restart".into(),
@@ -175,7 +176,11 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         ("csr", vec![csr_pem.clone().into_bytes(), fx.appliance.cert_pem.clone().into_bytes()]),
         (
             "dsse_envelope",
-            vec![signed_policy.clone().into_bytes(), request_json.into_bytes(), fx.attestation().to_json().into_bytes()],
+            vec![
+                signed_policy.clone().into_bytes(),
+                request_json.into_bytes(),
+                fx.attestation().to_json().into_bytes(),
+            ],
         ),
         ("gateway_messages", gateway),
         ("grant", vec![json(&parts.approval), manifest.approval.as_ref().unwrap().to_json().into_bytes()]),

@@ -204,9 +204,10 @@ pub(super) async fn list_templates(
         let rows = state.store.list_current_templates(&scope, ws).await?;
         // Up to 64 KiB of TOML per template, as many templates as the workspace holds: parsed
         // on the blocking pool, not on the workers that answer everyone else.
-        let templates = tokio::task::spawn_blocking(move || rows.iter().map(TemplateView::from_row).collect::<Result<Vec<_>, _>>())
-            .await
-            .map_err(|_| ApiError::unavailable("listing the templates did not finish; retry"))??;
+        let templates =
+            tokio::task::spawn_blocking(move || rows.iter().map(TemplateView::from_row).collect::<Result<Vec<_>, _>>())
+                .await
+                .map_err(|_| ApiError::unavailable("listing the templates did not finish; retry"))??;
         Ok(TemplateList { templates })
     }
     .await;

@@ -611,8 +611,11 @@ async fn template_push_list_versions_and_bad_templates() {
     }
     // Over a limit: 422 `limit_exceeded`, and refused before any pattern compiles.
     let costly = TEMPLATE.replace("[a-z][a-z0-9-]{0,40}", r"\\w{100}");
-    let many: String = (0..=airlock_core::template::MAX_VARIABLES).map(|i| format!("[[variables]]\nname = \"v{i}\"\n")).collect();
-    for (manifest, expect) in [(costly, "compiles past the limit"), (format!("{TEMPLATE}\n{many}"), "variables; at most")] {
+    let many: String =
+        (0..=airlock_core::template::MAX_VARIABLES).map(|i| format!("[[variables]]\nname = \"v{i}\"\n")).collect();
+    for (manifest, expect) in
+        [(costly, "compiles past the limit"), (format!("{TEMPLATE}\n{many}"), "variables; at most")]
+    {
         let (s, v) = api.push_template(&manifest, SCRIPT).await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
         assert_error(&v, "limit_exceeded", expect);
