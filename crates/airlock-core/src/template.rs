@@ -397,15 +397,14 @@ type = "integer"
     }
 
     #[test]
-    fn the_pathological_template_from_the_issue_is_refused_fast() {
-        // 200 variables of `\w{100}`: 10.4 s and 1.17 GB with the regex crate's defaults.
-        let started = std::time::Instant::now();
+    fn the_pathological_template_from_the_issue_is_refused_by_the_limits() {
+        // 200 variables of `\w{100}`: 10.4 s and 1.17 GB with the regex crate's defaults. How
+        // fast the refusal is, is timed where a clock may be read (`template_limits.rs`).
         let err = Template::new(&with_variables(200, r"\w{100}"), SCRIPT).unwrap_err();
         assert!(matches!(err, TemplateError::Limit(TemplateLimit::Variables { count: 200 })), "{err}");
         // Within the count, the first such pattern is refused for its compiled size.
         let err = Template::new(&with_variables(MAX_VARIABLES, r"\w{100}"), SCRIPT).unwrap_err();
         assert!(matches!(err, TemplateError::Limit(TemplateLimit::Pattern { .. })), "{err}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
     }
 
     #[test]
