@@ -148,7 +148,10 @@ fn check(records: &[Record], anchor: Option<Head>) -> Result<(Head, bool), Strin
         None if records.len() <= 1 => Ok((head, records.len() == 1)),
         None => Err("the head file is missing: it was deleted".into()),
         Some(a) if a == head => Ok((head, false)),
-        Some(a) if head.seq == a.seq + 1 && records.iter().rev().nth(1).map_or(a.seq == 0, |r| r.head() == a) => {
+        Some(a)
+            if a.seq.checked_add(1) == Some(head.seq)
+                && records.iter().rev().nth(1).map_or(a.seq == 0, |r| r.head() == a) =>
+        {
             Ok((head, true))
         }
         Some(a) => audit::verify_chain(CHAIN, records, Some(a)).map(|h| (h, false)).map_err(|e| e.to_string()),

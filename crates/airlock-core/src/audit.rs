@@ -481,9 +481,9 @@ impl ChainBreak {
             | ChainBreak::Edited { seq }
             | ChainBreak::Link { seq }
             | ChainBreak::HeadMismatch { seq } => *seq,
-            ChainBreak::Extended { expected, .. } => expected + 1,
+            ChainBreak::Extended { expected, .. } => expected.saturating_add(1),
             ChainBreak::Sequence { expected, .. } => *expected,
-            ChainBreak::Truncated { found, .. } => found + 1,
+            ChainBreak::Truncated { found, .. } => found.saturating_add(1),
         }
     }
 }
@@ -518,8 +518,13 @@ where
         if rec.recomputed_hash() != rec.hash {
             return Err(ChainBreak::Edited { seq: rec.seq });
         }
-        if rec.seq != head.seq + 1 {
-            return Err(ChainBreak::Sequence { position, seq: rec.seq, expected: head.seq + 1 });
+        // Checked: sequence numbers are input, and a wrap from `u64::MAX` to 0 must not pass
+        // for the next record (it would in a release build).
+        let Some(expected) = head.seq.checked_add(1) else {
+            return Err(ChainBreak::Link { seq: rec.seq });
+        };
+        if rec.seq != expected {
+            return Err(ChainBreak::Sequence { position, seq: rec.seq, expected });
         }
         if rec.prev != head.hash {
             return Err(ChainBreak::Link { seq: rec.seq });
@@ -576,6 +581,29 @@ mod tests {
                 r
             })
             .collect()
+    }
+
+    #[test]
+    fn a_chain_that_wraps_from_the_largest_sequence_to_zero_never_verifies() {
+        // Hand-made records: no writer reaches `u64::MAX`, but a verifier reads what it is given.
+        let record = |seq: u64, prev: ChainHash| {
+            let r = Record {
+                chain: "c".into(),
+                seq,
+                at: Timestamp::from_unix_millis(1),
+                event: event(1),
+                prev,
+                hash: prev,
+            };
+            Record { hash: r.recomputed_hash(), ..r }
+        };
+        let last = record(u64::MAX, ChainHash::GENESIS);
+        let wrapped = record(0, last.hash);
+        assert!(verify_chain("c", [&last, &wrapped], None).is_err());
+        // Sequence numbers named by an anchor are checked too: a report, not an overflow.
+        let err = verify_chain("c", std::iter::empty(), Some(last.head())).unwrap_err();
+        assert_eq!(err.first_bad_seq(), 1);
+        assert_eq!(ChainBreak::Extended { found: 0, expected: u64::MAX }.first_bad_seq(), u64::MAX);
     }
 
     #[test]

@@ -291,6 +291,14 @@ pub fn verify_pre_approval_envelope(
     if body.not_after <= body.not_before {
         return Err(GrantError::Malformed("the pre-approval's window ends before it starts".into()));
     }
+    // One constraint per variable at most, so no more than a template may declare.
+    if body.constraints.len() > crate::template::MAX_VARIABLES {
+        return Err(GrantError::Malformed(format!(
+            "{} constraints; at most {} are accepted",
+            body.constraints.len(),
+            crate::template::MAX_VARIABLES
+        )));
+    }
     let constraints = body
         .constraints
         .iter()

@@ -204,6 +204,9 @@ pub enum RefusalCode {
     Denied,
     /// The appliance could not record the execution (e.g. a full disk).
     NotRecorded,
+    /// The instruction's template is over one of core's limits
+    /// ([`crate::template::TemplateError::Limit`]): refused before any costly work.
+    LimitExceeded,
     /// Refused by an appliance that kept no code (before codes existed); the text says why.
     /// An appliance sends it only for a refusal it stored then, so the control plane can take
     /// it as the final refusal it always was.
@@ -1152,7 +1155,7 @@ pub fn verify_chain(reports: &[ManifestReport]) -> Result<(), ManifestError> {
             );
         }
         if next.previous_manifest_sha256.as_deref() != Some(prev.manifest_sha256().as_str())
-            || next.sequence != prev.sequence + 1
+            || prev.sequence.checked_add(1) != Some(next.sequence)
         {
             return fail(
                 "chain.link",

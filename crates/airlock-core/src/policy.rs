@@ -19,6 +19,12 @@ use crate::dsse::{DsseError, Envelope};
 pub const POLICY_PAYLOAD_TYPE: &str = "application/vnd.airlock.policy.v1+toml";
 /// Longest elevation a policy may allow (the default maximum is 4 hours).
 pub const DEFAULT_MAX_GRANT_HOURS: u32 = 4;
+/// Largest policy text parsed. Its deny rules compile patterns while it parses, so the text's
+/// size bounds that work; each pattern is bounded on its own by [`crate::pattern`].
+pub const MAX_POLICY_BYTES: usize = 64 * 1024;
+/// Most deny rules, and most standing windows, one policy may hold.
+pub const MAX_DENY_RULES: usize = 256;
+pub const MAX_WINDOWS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -179,6 +185,8 @@ pub enum PolicyError {
     Parse(String),
     #[error("policy is invalid: {0}")]
     Invalid(String),
+    #[error("the policy has {actual} {what}; at most {max} are accepted")]
+    Limit { what: &'static str, actual: usize, max: usize },
     #[error("policy signature: {0}")]
     Signature(#[from] DsseError),
     #[error("policy is not signed by {required} distinct pinned customer key(s) (it names {signed})")]
@@ -201,6 +209,9 @@ pub enum EnvironmentMismatch {
 impl PolicyDocument {
     /// Parses and validates, for the customer before signing and the appliance after verifying.
     pub fn parse(toml_text: &str) -> Result<Self, PolicyError> {
+        if toml_text.len() > MAX_POLICY_BYTES {
+            return Err(PolicyError::Limit { what: "bytes", actual: toml_text.len(), max: MAX_POLICY_BYTES });
+        }
         let doc: PolicyDocument = toml::from_str(toml_text).map_err(|e| PolicyError::Parse(e.to_string()))?;
         doc.validate()?;
         Ok(doc)
@@ -215,6 +226,12 @@ impl PolicyDocument {
             && env.parse::<crate::EnvironmentId>().is_err()
         {
             return invalid(format!("environment `{env}` is not an environment id (env_…)"));
+        }
+        if self.deny.len() > MAX_DENY_RULES {
+            return Err(PolicyError::Limit { what: "deny rules", actual: self.deny.len(), max: MAX_DENY_RULES });
+        }
+        if self.windows.len() > MAX_WINDOWS {
+            return Err(PolicyError::Limit { what: "windows", actual: self.windows.len(), max: MAX_WINDOWS });
         }
         if !(1..=16).contains(&self.approvals_required) {
             return invalid("approvals_required must be between 1 and 16".into());
@@ -429,6 +446,19 @@ args = { action = "drop" }
         assert_eq!(p.document().deny[0].id, "no-drop-db");
         assert_eq!(p.document().approvals_required, 1);
         assert_eq!(p.digest_hex().len(), 64);
+    }
+
+    #[test]
+    fn a_policy_over_its_limits_is_refused_before_its_patterns_compile() {
+        let rule = |i: usize| format!("[[deny]]\nid = \"r{i}\"\nany_value = \"x{i}\"\n");
+        let many: String = (0..=MAX_DENY_RULES).map(rule).collect();
+        let err = PolicyDocument::parse(&format!("{POLICY}\n{many}")).unwrap_err();
+        assert!(matches!(err, PolicyError::Limit { what: "deny rules", .. }), "{err}");
+        let padded = format!("{POLICY}\n{}", "#".repeat(MAX_POLICY_BYTES));
+        assert!(matches!(PolicyDocument::parse(&padded), Err(PolicyError::Limit { what: "bytes", .. })));
+        let costly = format!("{POLICY}\n[[deny]]\nid = \"costly\"\nany_value = '\\w{{100}}'\n");
+        let err = PolicyDocument::parse(&costly).unwrap_err().to_string();
+        assert!(err.contains("compiles past the limit"), "{err}");
     }
 
     #[test]

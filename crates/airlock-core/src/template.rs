@@ -16,6 +16,15 @@ use crate::run_spec::RunSpec;
 
 /// Longest value a variable may take.
 pub const MAX_VALUE_BYTES: usize = 4096;
+/// Largest `template.toml` accepted, by the control plane at push and the appliance alike.
+pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
+/// Largest script accepted.
+pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+/// Most variables a template may declare. With [`crate::pattern::MAX_COMPILED_BYTES`] per
+/// pattern, this bounds what one template costs to compile (and so to load, list or render).
+pub const MAX_VARIABLES: usize = 32;
+/// Most data tags a template may declare.
+pub const MAX_DATA_TAGS: usize = 32;
 
 /// `template.toml`, as the vendor writes it next to the script it names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +44,17 @@ pub struct TemplateManifest {
     /// What it asks of its box (`[run]`): root, limits. Part of the command the customer signs.
     #[serde(default, skip_serializing_if = "RunSpec::is_default")]
     pub run: RunSpec,
+}
+
+impl TemplateManifest {
+    /// Parses `template.toml` alone, within its size limit, compiling nothing: for showing a
+    /// stored template. [`Template::new`] checks the rest.
+    pub fn parse(manifest_toml: &str) -> Result<Self, TemplateError> {
+        if manifest_toml.len() > MAX_MANIFEST_BYTES {
+            return Err(TemplateError::Limit(TemplateLimit::ManifestBytes { bytes: manifest_toml.len() }));
+        }
+        toml::from_str(manifest_toml).map_err(|e| TemplateError::Manifest(e.to_string()))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,13 +110,37 @@ pub enum TemplateError {
     Unknown(String),
     #[error("variable `{name}`: {why}")]
     BadValue { name: String, why: String },
+    /// The template is over one of the limits above: refused before any costly work.
+    #[error("the template is over a limit: {0}")]
+    Limit(TemplateLimit),
+}
+
+/// Which limit a template exceeds; a refusal says it as a type, the text is for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateLimit {
+    #[error("template.toml is {bytes} bytes; at most {MAX_MANIFEST_BYTES} are accepted")]
+    ManifestBytes { bytes: usize },
+    #[error("the script is {bytes} bytes; at most {MAX_SCRIPT_BYTES} are accepted")]
+    ScriptBytes { bytes: usize },
+    #[error("{count} variables; at most {MAX_VARIABLES} are accepted")]
+    Variables { count: usize },
+    #[error("{count} data tags; at most {MAX_DATA_TAGS} are accepted")]
+    DataTags { count: usize },
+    #[error("variable `{variable}` pattern: {error}")]
+    Pattern { variable: String, error: crate::pattern::PatternError },
 }
 
 impl Template {
     /// Parses and checks a manifest and its script.
     pub fn new(manifest_toml: &str, script: &str) -> Result<Self, TemplateError> {
-        let manifest: TemplateManifest =
-            toml::from_str(manifest_toml).map_err(|e| TemplateError::Manifest(e.to_string()))?;
+        let limit = |l: TemplateLimit| Err(TemplateError::Limit(l));
+        if manifest_toml.len() > MAX_MANIFEST_BYTES {
+            return limit(TemplateLimit::ManifestBytes { bytes: manifest_toml.len() });
+        }
+        if script.len() > MAX_SCRIPT_BYTES {
+            return limit(TemplateLimit::ScriptBytes { bytes: script.len() });
+        }
+        let manifest = TemplateManifest::parse(manifest_toml)?;
         let invalid = |m: String| Err(TemplateError::Invalid(m));
         let ident = |s: &str, extra: u8| {
             !s.is_empty()
@@ -131,6 +175,13 @@ impl Template {
         // Tags decide what is secret and what built-in denies apply, so they are a small ASCII
         // vocabulary: `output:secret` with a zero-width space or a Cyrillic `е` would look the
         // same in review and not be treated as secret.
+        if manifest.data_tags.len() > MAX_DATA_TAGS {
+            return limit(TemplateLimit::DataTags { count: manifest.data_tags.len() });
+        }
+        // Counted before any pattern compiles: the count bounds the work.
+        if manifest.variables.len() > MAX_VARIABLES {
+            return limit(TemplateLimit::Variables { count: manifest.variables.len() });
+        }
         for tag in &manifest.data_tags {
             if !is_data_tag(tag) {
                 return invalid(format!(
@@ -148,8 +199,13 @@ impl Template {
                 return invalid(format!("variable `{}` is declared twice", v.name));
             }
             if let Some(p) = &v.pattern {
-                let re = crate::pattern::anchored(p)
-                    .map_err(|e| TemplateError::Invalid(format!("variable `{}` pattern: {e}", v.name)))?;
+                let re = crate::pattern::anchored(p).map_err(|error| {
+                    if error.is_limit() {
+                        TemplateError::Limit(TemplateLimit::Pattern { variable: v.name.clone(), error })
+                    } else {
+                        TemplateError::Invalid(format!("variable `{}` pattern: {error}", v.name))
+                    }
+                })?;
                 patterns.insert(v.name.clone(), re);
             }
         }
@@ -304,6 +360,51 @@ type = "integer"
         let other = values(&[("service", "web"), ("grace_seconds", "30")]);
         assert_ne!(t.render(&v).unwrap().sha256(), t.render(&other).unwrap().sha256());
         assert_eq!(t.render(&v).unwrap().sha256(), t.render(&v).unwrap().sha256());
+    }
+
+    /// A manifest with `count` variables, each with `pattern`.
+    fn with_variables(count: usize, pattern: &str) -> String {
+        let mut m = MANIFEST[..MANIFEST.find("[[variables]]").unwrap()].to_owned();
+        for i in 0..count {
+            m.push_str(&format!("[[variables]]\nname = \"v{i}\"\npattern = '{pattern}'\n"));
+        }
+        m
+    }
+
+    #[test]
+    fn a_template_at_every_cap_loads_and_one_past_any_cap_is_refused_as_a_limit() {
+        let at_cap = with_variables(MAX_VARIABLES, &"[a-z0-9]".repeat(crate::pattern::MAX_PATTERN_BYTES / 8));
+        let script = format!("#!/bin/sh\n{}", "#".repeat(MAX_SCRIPT_BYTES - 10));
+        let t = Template::new(&at_cap, &script).unwrap();
+        assert_eq!(t.manifest().variables.len(), MAX_VARIABLES);
+
+        let limit = |manifest: &str, script: &str| match Template::new(manifest, script) {
+            Err(TemplateError::Limit(l)) => l,
+            other => panic!("expected a limit, got {other:?}"),
+        };
+        assert_eq!(
+            limit(&with_variables(MAX_VARIABLES + 1, "[a-z]+"), SCRIPT),
+            TemplateLimit::Variables { count: MAX_VARIABLES + 1 }
+        );
+        assert!(matches!(limit(&at_cap, &format!("{script}##")), TemplateLimit::ScriptBytes { .. }));
+        let padded = format!("{MANIFEST}\n{}", "#".repeat(MAX_MANIFEST_BYTES));
+        assert!(matches!(limit(&padded, SCRIPT), TemplateLimit::ManifestBytes { .. }));
+        let long = with_variables(1, &"a".repeat(crate::pattern::MAX_PATTERN_BYTES + 1));
+        assert!(matches!(limit(&long, SCRIPT), TemplateLimit::Pattern { .. }));
+        let tags: Vec<String> = (0..=MAX_DATA_TAGS).map(|i| format!("\"t{i}\"")).collect();
+        let tagged = MANIFEST.replace("\"service:restart\"", &tags.join(","));
+        assert!(matches!(limit(&tagged, SCRIPT), TemplateLimit::DataTags { .. }));
+    }
+
+    #[test]
+    fn the_pathological_template_from_the_issue_is_refused_by_the_limits() {
+        // 200 variables of `\w{100}`: 10.4 s and 1.17 GB with the regex crate's defaults. How
+        // fast the refusal is, is timed where a clock may be read (`template_limits.rs`).
+        let err = Template::new(&with_variables(200, r"\w{100}"), SCRIPT).unwrap_err();
+        assert!(matches!(err, TemplateError::Limit(TemplateLimit::Variables { count: 200 })), "{err}");
+        // Within the count, the first such pattern is refused for its compiled size.
+        let err = Template::new(&with_variables(MAX_VARIABLES, r"\w{100}"), SCRIPT).unwrap_err();
+        assert!(matches!(err, TemplateError::Limit(TemplateLimit::Pattern { .. })), "{err}");
     }
 
     #[test]

@@ -387,6 +387,19 @@ fn manifests_chain_and_a_gap_is_detected() {
 }
 
 #[test]
+fn a_chain_that_wraps_from_the_largest_sequence_to_zero_is_a_break() {
+    // `u64::MAX + 1` is 0 in a release build: unchecked, this pair would link.
+    let fx = Fixture::new();
+    let mut last = fx.parts();
+    last.execution.sequence = u64::MAX;
+    let mut wrapped = fx.parts();
+    wrapped.execution.sequence = 0;
+    wrapped.execution.previous_manifest_sha256 = Some(last.execution.manifest_sha256());
+    let reports: Vec<_> = [&last, &wrapped].iter().map(|p| verify(&fx, &fx.assemble(p)).unwrap()).collect();
+    assert_eq!(verify_chain(&reports).unwrap_err().check, "chain.link");
+}
+
+#[test]
 fn after_an_attested_execution_one_vouched_for_by_the_ca_alone_breaks_the_chain() {
     let fx = Fixture::new();
     let first = fx.parts();

@@ -68,6 +68,7 @@ pub fn refusal_code_to_wire(code: RefusalCode) -> gateway::RefusalCode {
         RefusalCode::Denied => W::Denied,
         RefusalCode::NotRecorded => W::NotRecorded,
         RefusalCode::Unclassified => W::Unclassified,
+        RefusalCode::LimitExceeded => W::LimitExceeded,
     }
 }
 
@@ -85,6 +86,7 @@ pub fn refusal_code_from_wire(value: i32) -> Result<RefusalCode, UnknownWireValu
         W::Denied => RefusalCode::Denied,
         W::NotRecorded => RefusalCode::NotRecorded,
         W::Unclassified => RefusalCode::Unclassified,
+        W::LimitExceeded => RefusalCode::LimitExceeded,
     })
 }
 
@@ -163,11 +165,11 @@ mod tests {
         for v in [0, 4, 99, -1] {
             assert_eq!(ack_code_from_wire(v), Err(UnknownWireValue { field: "ack code", value: v }));
         }
-        for v in 1..=10 {
+        for v in 1..=11 {
             let c = refusal_code_from_wire(v).unwrap();
             assert_eq!(refusal_code_to_wire(c) as i32, v);
         }
-        assert!(refusal_code_from_wire(0).is_err() && refusal_code_from_wire(11).is_err());
+        assert!(refusal_code_from_wire(0).is_err() && refusal_code_from_wire(12).is_err());
         for v in 1..=25 {
             let c = deny_code_from_wire(v).unwrap();
             assert_eq!(deny_code_to_wire(c) as i32, v);

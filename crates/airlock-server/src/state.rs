@@ -39,6 +39,8 @@ pub struct AppState {
     /// Group-commits the audit records that have no effect to commit with.
     pub audit_writer: AuditWriter,
     pub refusal_limiter: RefusalLimiter,
+    /// Templates compiled off the async workers, kept by content.
+    pub templates: crate::operations::CompiledTemplates,
     pub appliance_cert_lifetime: Duration,
     pub heartbeat_interval: Duration,
     pub join_token_ttl: Duration,

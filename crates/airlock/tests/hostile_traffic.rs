@@ -266,7 +266,7 @@ fn the_control_plane_serves_real_clients_while_hostile_peers_hold_what_they_can(
             assert_eq!(resp.status(), 413, "h2 {h2}");
             let body: serde_json::Value = resp.json().await.unwrap();
             assert_eq!(body["error"]["code"], "payload_too_large");
-            // Other routes read bodies up to 1 MiB (this one is refused for what it says, not for its size).
+            // Other routes read bodies up to about 2 MiB (this one is refused for what it says, not for its size).
             let resp = client
                 .post(format!("{}/v1/workspaces/{}/environments", server.url, server.workspace))
                 .bearer_auth(&server.token)

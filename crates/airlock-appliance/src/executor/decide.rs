@@ -33,7 +33,7 @@ use airlock_core::grant::{
 use airlock_core::operation::{
     AuthorityKind, AuthorityRef, Manifest, RefusalCode, RequestSignatureError, RequestStatement, verify_signed_request,
 };
-use airlock_core::template::Template;
+use airlock_core::template::{Template, TemplateError};
 use airlock_core::{OperationId, Timestamp};
 use airlock_proto::gateway::OperationInstruction;
 
@@ -337,8 +337,13 @@ impl Executor {
         // A template can never pass for one of the appliance's own probes (which Observe runs
         // without a signature): `Template::new` refuses their names, and the request's kind
         // must be the template's name (checked below).
-        let template = Template::new(&instruction.template_manifest_toml, &instruction.template_script)
-            .map_err(|e| misbound(format!("the template does not load: {e}")))?;
+        // Core's limits bound this work; a template over one is refused with its own code, so
+        // the vendor sees why and the appliance never spends more than they allow.
+        let template =
+            Template::new(&instruction.template_manifest_toml, &instruction.template_script).map_err(|e| match e {
+                TemplateError::Limit(_) => Grounds::new(RefusalCode::LimitExceeded, e.to_string()),
+                other => misbound(format!("the template does not load: {other}")),
+            })?;
         let rendered =
             template.render(&req.args).map_err(|e| misbound(format!("the request's variables do not render: {e}")))?;
         if rendered != statement.command {

@@ -276,6 +276,7 @@ impl Executor {
             | RefusalCode::Misbound
             | RefusalCode::ApprovalInvalid
             | RefusalCode::NotRecorded
+            | RefusalCode::LimitExceeded
             // Sent only for refusals stored before codes existed, never decided now.
             | RefusalCode::Unclassified
             // Not final, so never stored; named here so a new code is a compile error.

@@ -409,6 +409,26 @@ async fn deciding_writes_nothing_and_acting_spends_the_authority_before_anything
 }
 
 #[tokio::test]
+async fn a_template_over_a_limit_is_refused_fast_with_its_own_code_and_the_appliance_goes_on() {
+    let fx = Fx::new(ALL_PHASES);
+    // A vendor (or whoever holds the operations key) sends a template that is cheap to write and
+    // costly to compile: with the regex crate's defaults, 200 of these took 10.4 s and 1.17 GB.
+    let costly = MANIFEST.replace("[a-z][a-z0-9-]{0,40}", r"\\w{100}");
+    let stmt = fx.simple(op_id(70), "api");
+    let started = std::time::Instant::now();
+    let r = fx.send(fx.instruction(&stmt, &costly, SCRIPT, &fx.grant(&stmt))).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_refused(&r, RefusalCode::LimitExceeded);
+    assert!(r.reason.contains("compiles past the limit"), "{r:?}");
+    assert!(!fx.ran(op_id(70)));
+    // Refused for good, like any final refusal, and the next good request runs.
+    assert_eq!(fx.control.ops.record(op_id(70)).unwrap().unwrap().state, OpState::Refused);
+    let stmt = fx.simple(op_id(71), "api");
+    let r = fx.run(&stmt, &fx.grant(&stmt)).await;
+    assert!(fx.ran(op_id(71)), "{r:?}");
+}
+
+#[tokio::test]
 async fn an_approval_given_for_another_environment_never_runs_here() {
     let fx = Fx::new(ALL_PHASES);
     // The customer reviewed and approved a request naming another environment; the vendor's

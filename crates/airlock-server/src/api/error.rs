@@ -22,8 +22,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// What went wrong, for programs: `bad_request`, `unauthenticated`, `forbidden`,
     /// `not_found`, `method_not_allowed`, `conflict`, `payload_too_large`,
-    /// `unsupported_media_type`, `request_timeout`, `internal`, `unavailable`, `not_ready`,
-    /// `shedding`. Decide on it and the
+    /// `unsupported_media_type`, `request_timeout`, `limit_exceeded`, `internal`, `unavailable`,
+    /// `not_ready`, `shedding`. Decide on it and the
     /// status, never on the message.
     code: &'static str,
     /// For people; it may change.
@@ -55,6 +55,13 @@ impl ApiError {
     }
     pub(super) fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+    /// Well-formed, but over a limit on what it may hold (a template's variables, its patterns).
+    pub(super) fn limit_exceeded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "limit_exceeded", message)
+    }
+    pub(super) fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
     pub(super) fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)

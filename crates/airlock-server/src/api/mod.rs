@@ -78,8 +78,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// The largest body `POST /v1/join` takes: a CSR and a join token are a few KiB.
 pub const JOIN_BODY_LIMIT: usize = 16 * 1024;
-/// The largest body any other route takes: a template (64 KiB of script) or a signed policy, with room to spare.
-pub const BODY_LIMIT: usize = 1024 * 1024;
+/// The largest body any other route takes: a template at core's caps, even with every byte of its
+/// manifest and script escaped in JSON (`\u00XX`, six bytes each), with room to spare (about 2 MiB).
+pub const BODY_LIMIT: usize =
+    (airlock_core::template::MAX_MANIFEST_BYTES + airlock_core::template::MAX_SCRIPT_BYTES) * 6 + 64 * 1024;
 
 /// The body limit of a route; the join route is the one anyone may call, so it takes the least.
 fn body_limit(path: &str) -> usize {

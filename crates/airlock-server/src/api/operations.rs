@@ -13,7 +13,7 @@ use airlock_core::operation::{
     ExecutionStatement, Manifest, OperationState, OutputCommitment, RefusalCode, RequestStatement,
 };
 use airlock_core::policy::Phase;
-use airlock_core::template::{RenderedCommand, Template, VarType};
+use airlock_core::template::{RenderedCommand, TemplateError, TemplateManifest, VarType};
 use airlock_core::{EnvironmentId, OperationId, Timestamp, WorkspaceId};
 use axum::Json;
 use axum::extract::{Query, State};
@@ -36,8 +36,10 @@ const MAX_LIST: i64 = 1000;
 impl From<PushTemplateError> for ApiError {
     fn from(e: PushTemplateError) -> Self {
         match e {
-            PushTemplateError::TooLarge | PushTemplateError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            PushTemplateError::Invalid(TemplateError::Limit(_)) => ApiError::limit_exceeded(e.to_string()),
+            PushTemplateError::Invalid(_) => ApiError::bad_request(e.to_string()),
             PushTemplateError::NoWorkspace(_) => ApiError::not_found(e.to_string()),
+            PushTemplateError::Interrupted(_) => ApiError::unavailable(e.to_string()),
             PushTemplateError::Store(e) => e.into(),
         }
     }
@@ -47,6 +49,7 @@ impl From<RequestError> for ApiError {
     fn from(e: RequestError) -> Self {
         match e {
             RequestError::NoEnvironment(_) => ApiError::not_found(e.to_string()),
+            RequestError::Render(TemplateError::Limit(_)) => ApiError::limit_exceeded(e.to_string()),
             RequestError::Reason
             | RequestError::NotActive { .. }
             | RequestError::NoAppliance(_)
@@ -119,14 +122,15 @@ pub struct TemplateView {
 }
 
 impl TemplateView {
+    /// The view of a stored template: its manifest only (no pattern is compiled to show it)
+    /// and the content hash stored beside it when it was pushed.
     fn from_row(row: &TemplateRow) -> Result<Self, ApiError> {
-        let t = Template::new(&row.manifest_toml, &row.script)
+        let m = TemplateManifest::parse(&row.manifest_toml)
             .map_err(|e| StoreError::Corrupt(format!("template {}: {e}", row.name)))?;
-        let m = t.manifest();
         Ok(Self {
             workspace: row.workspace_id.to_string(),
             name: m.name.clone(),
-            content_sha256: t.content_sha256().to_owned(),
+            content_sha256: row.content_sha256.clone(),
             phase: m.phase,
             data_tags: m.data_tags.iter().cloned().collect(),
             description: m.description.clone(),
@@ -160,7 +164,8 @@ pub struct TemplateList {
     params(("workspace" = String, Path, description = "workspace id (wsp_…)")),
     request_body = PushTemplate,
     responses((status = 201, body = TemplateView, description = "new current version"),
-        (status = 200, body = TemplateView, description = "unchanged")))]
+        (status = 200, body = TemplateView, description = "unchanged"),
+        (status = 422, body = ErrorBody, description = "over a template limit (`limit_exceeded`): size, variables, data tags or a pattern's length or compiled size")))]
 pub(super) async fn push_template(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
@@ -197,7 +202,13 @@ pub(super) async fn list_templates(
             return Err(ApiError::not_found(format!("no workspace {ws} in your tenant")));
         }
         let rows = state.store.list_current_templates(&scope, ws).await?;
-        Ok(TemplateList { templates: rows.iter().map(TemplateView::from_row).collect::<Result<_, _>>()? })
+        // Up to 64 KiB of TOML per template, as many templates as the workspace holds: parsed
+        // on the blocking pool, not on the workers that answer everyone else.
+        let templates =
+            tokio::task::spawn_blocking(move || rows.iter().map(TemplateView::from_row).collect::<Result<Vec<_>, _>>())
+                .await
+                .map_err(|_| ApiError::unavailable("listing the templates did not finish; retry"))??;
+        Ok(TemplateList { templates })
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::ListTemplates.audit_action(), Outcome::Success);
@@ -321,6 +332,7 @@ pub struct OperationList {
     params(("environment" = String, Path, description = "environment id (env_…)")),
     request_body = RequestOperation,
     responses((status = 201, body = OperationView),
+        (status = 422, body = ErrorBody, description = "the current template version is over a template limit (`limit_exceeded`)"),
         (status = 500, body = ErrorBody, description = "the control plane could not sign the request")))]
 pub(super) async fn request_operation(
     State(state): State<Arc<AppState>>,

@@ -481,11 +481,11 @@ async fn each_route_takes_bodies_up_to_its_limit_and_413_past_it() {
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "declared {declared}");
         assert_error(&v, "payload_too_large", "too large");
     }
-    // Other routes take up to 1 MiB.
+    // Other routes take up to `BODY_LIMIT` (a template at core's caps, escaped: about 2 MiB).
     let path = format!("/v1/workspaces/{}/environments", api.workspace);
     let (s, _, _) = raw(&api, post(&path, true, 512 * 1024)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (s, _, v) = raw(&api, post(&path, false, (1 << 20) + 1)).await;
+    let (s, _, v) = raw(&api, post(&path, false, crate::api::BODY_LIMIT + 1)).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_error(&v, "payload_too_large", "too large");
 }
@@ -660,6 +660,17 @@ async fn template_push_list_versions_and_bad_templates() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert_error_shape(&v);
         assert_error(&v, "bad_request", expect);
+    }
+    // Over a limit: 422 `limit_exceeded`, and refused before any pattern compiles.
+    let costly = TEMPLATE.replace("[a-z][a-z0-9-]{0,40}", r"\\w{100}");
+    let many: String =
+        (0..=airlock_core::template::MAX_VARIABLES).map(|i| format!("[[variables]]\nname = \"v{i}\"\n")).collect();
+    for (manifest, expect) in
+        [(costly, "compiles past the limit"), (format!("{TEMPLATE}\n{many}"), "variables; at most")]
+    {
+        let (s, v) = api.push_template(&manifest, SCRIPT).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_error(&v, "limit_exceeded", expect);
     }
     let (s, v) = api.post(&format!("/v1/workspaces/{}/templates", api.workspace), json!({ "script": "x" })).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");

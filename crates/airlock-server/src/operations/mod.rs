@@ -12,6 +12,7 @@
 //! Whatever is to go down the stream after a change is [`crate::push`]'s business.
 
 mod approval;
+mod compiled;
 mod release;
 mod reply;
 mod request;
@@ -22,10 +23,11 @@ use airlock_core::dsse::Envelope;
 use airlock_core::operation::{Manifest, RequestStatement};
 
 pub use approval::{ApprovalError, RelayError, check_approval, relay_approval};
+pub use compiled::{CompileError, CompiledTemplates};
 pub use release::{OutputError, handle_release, released_output, released_salt};
 pub use request::{NewOperation, RequestError, request};
 pub use results::handle_result;
-pub use templates::{MAX_MANIFEST_BYTES, MAX_SCRIPT_BYTES, PushTemplateError, PushedTemplate, push_template};
+pub use templates::{PushTemplateError, PushedTemplate, push_template};
 
 use crate::authz::TenantScope;
 use crate::store::{OperationRow, StoreError};

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::grant::OperationRequest;
 use airlock_core::operation::{OperationState, RequestStatement};
-use airlock_core::template::{Template, TemplateError};
+use airlock_core::template::TemplateError;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, WorkspaceId};
 
 use crate::authz::TenantScope;
@@ -46,7 +46,7 @@ pub enum RequestError {
     SeveralAppliances(EnvironmentId),
     #[error("no template `{name}` in workspace {workspace}; push it with `airlock template push`")]
     NoTemplate { name: String, workspace: WorkspaceId },
-    /// The variables do not fit the template.
+    /// The variables do not fit the template, or the template is over a limit.
     #[error("{0}")]
     Render(TemplateError),
     #[error("the control plane could not sign the request; retry later")]
@@ -78,8 +78,13 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
     let template = state.store.current_template(scope, env.workspace_id, &new.template).await?.ok_or_else(|| {
         RequestError::NoTemplate { name: new.template.chars().take(64).collect(), workspace: env.workspace_id }
     })?;
-    let template = Template::new(&template.manifest_toml, &template.script)
-        .map_err(|e| StoreError::Corrupt(format!("template {}: {e}", template.name)))?;
+    // Stored templates passed the limits when pushed; one stored before a limit existed is
+    // refused as over it (the caller's to fix), anything else is corruption.
+    let template = match state.templates.load(&template.manifest_toml, &template.script).await {
+        Ok(t) => t,
+        Err(super::CompileError::Template(e @ TemplateError::Limit(_))) => return Err(RequestError::Render(e)),
+        Err(e) => return Err(StoreError::Corrupt(format!("template {}: {e}", template.name)).into()),
+    };
     let command = template.render(&new.vars).map_err(RequestError::Render)?;
 
     let now = state.now();

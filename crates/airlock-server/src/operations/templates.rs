@@ -4,24 +4,20 @@
 
 use airlock_core::WorkspaceId;
 use airlock_core::audit::{AuditAction, Outcome};
-use airlock_core::template::{Template, TemplateError};
+use airlock_core::template::TemplateError;
 
 use crate::authz::TenantScope;
 use crate::state::{AppState, event};
 use crate::store::{StoreError, TemplateRow};
 
-/// Largest `template.toml` accepted.
-pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
-/// Largest script accepted.
-pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
-
 /// Why a template was not stored.
 #[derive(Debug, thiserror::Error)]
 pub enum PushTemplateError {
-    #[error("template.toml may be at most {MAX_MANIFEST_BYTES} bytes and the script {MAX_SCRIPT_BYTES}")]
-    TooLarge,
+    /// Over one of core's limits ([`TemplateError::Limit`]) or invalid.
     #[error("{0}")]
     Invalid(TemplateError),
+    #[error(transparent)]
+    Interrupted(super::compiled::CompileError),
     #[error("no workspace {0} in your tenant")]
     NoWorkspace(WorkspaceId),
     #[error(transparent)]
@@ -45,10 +41,12 @@ pub async fn push_template(
     manifest_toml: String,
     script: String,
 ) -> Result<PushedTemplate, PushTemplateError> {
-    if manifest_toml.len() > MAX_MANIFEST_BYTES || script.len() > MAX_SCRIPT_BYTES {
-        return Err(PushTemplateError::TooLarge);
-    }
-    let t = Template::new(&manifest_toml, &script).map_err(PushTemplateError::Invalid)?;
+    // Core checks sizes first, so an oversized push costs no parsing; the rest runs off the
+    // async workers and is kept for list and request.
+    let t = state.templates.load(&manifest_toml, &script).await.map_err(|e| match e {
+        super::compiled::CompileError::Template(e) => PushTemplateError::Invalid(e),
+        other => PushTemplateError::Interrupted(other),
+    })?;
     if !state.store.workspace_exists(scope, workspace).await? {
         return Err(PushTemplateError::NoWorkspace(workspace));
     }
