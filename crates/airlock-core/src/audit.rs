@@ -370,10 +370,7 @@ impl Head {
     /// The writer's MAC over this head of `chain` (HMAC-SHA256), so a head rewritten by anyone
     /// without the key shows. Both sides key their heads this way.
     pub fn mac(&self, key: &ring::hmac::Key, chain: &str) -> [u8; 32] {
-        let tag = ring::hmac::sign(key, &self.mac_input(chain));
-        let mut out = [0u8; 32];
-        out.copy_from_slice(&tag.as_ref()[..32]);
-        out
+        head_mac(key, &self.mac_input(chain))
     }
 
     /// Whether `mac` is this head's MAC under `key` (compared in constant time).
@@ -385,6 +382,14 @@ impl Head {
     fn mac_input(&self, chain: &str) -> Vec<u8> {
         format!("airlock-audit-head-v1\n{chain}\n{}\n{}", self.seq, self.hash.to_hex()).into_bytes()
     }
+}
+
+/// HMAC-SHA256 of a head's MAC input: the one place both head forms are keyed.
+fn head_mac(key: &ring::hmac::Key, input: &[u8]) -> [u8; 32] {
+    let tag = ring::hmac::sign(key, input);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&tag.as_ref()[..32]);
+    out
 }
 
 /// A head as the control plane MACs it: with the store-wide epoch of the write that moved it
@@ -400,10 +405,7 @@ pub struct EpochHead {
 impl EpochHead {
     /// HMAC-SHA256 over chain, seq, hash, epoch and time.
     pub fn mac(&self, key: &ring::hmac::Key, chain: &str) -> [u8; 32] {
-        let tag = ring::hmac::sign(key, &self.mac_input(chain));
-        let mut out = [0u8; 32];
-        out.copy_from_slice(&tag.as_ref()[..32]);
-        out
+        head_mac(key, &self.mac_input(chain))
     }
 
     /// Whether `mac` is this head's MAC under `key` (compared in constant time).

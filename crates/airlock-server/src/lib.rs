@@ -262,7 +262,8 @@ impl AuditReport {
 pub struct AuditEvidence {
     /// A file of signed checkpoints (`airlock audit checkpoint`, or the server's own).
     pub checkpoints: Option<PathBuf>,
-    /// The audit key's public half (PEM) [default: `<data-dir>/audit-key.pub`].
+    /// The audit key's public half (PEM), as the operator keeps it; required for checkpoints
+    /// without the KEK [default, with the KEK: the key sealed in the store].
     pub audit_key: Option<PathBuf>,
 }
 
@@ -279,16 +280,22 @@ pub async fn verify_audit(
     if !data_dir.join(store::DB_FILE_NAME).exists() {
         return Err(ServerError::NotInitialised(data_dir.into()));
     }
-    let head_mac = match (kek.load(), &evidence.checkpoints) {
-        (Ok(kek), _) => Some(kek.audit_mac_key()),
+    let kek = match (kek.load(), &evidence.checkpoints) {
+        (Ok(kek), _) => Some(kek),
+        (Err(_), Some(_)) if evidence.audit_key.is_none() => {
+            return Err(ServerError::Config(
+                "without the KEK, checkpoints are checked only with the audit key you keep (--audit-key, from `GET /v1/ca`): the data directory's copy is whatever its last editor left".into(),
+            ));
+        }
         (Err(_), Some(_)) => None,
         (Err(e), None) => return Err(e.into()),
     };
-    let head_macs_checked = head_mac.is_some();
+    let head_macs_checked = kek.is_some();
     // Without the KEK, MACs are not checked: any key will do to open the store.
-    let unchecked = || ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &random::<32>());
-    let store = Store::open_read_only(data_dir, head_mac.unwrap_or_else(unchecked)).await?;
-    let audit_key = audit_public_key(data_dir, evidence.audit_key.as_deref(), &store).await?;
+    let head_mac =
+        kek.as_ref().map_or_else(|| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &random::<32>()), Kek::audit_mac_key);
+    let store = Store::open_read_only(data_dir, head_mac).await?;
+    let audit_key = audit_public_key(evidence.audit_key.as_deref(), kek.as_ref(), &store).await?;
     let mut options = store::VerifyOptions { head_macs: head_macs_checked, audit_key, checkpoints: Vec::new() };
     let checkpoints = match &evidence.checkpoints {
         None => Ok(0),
@@ -306,24 +313,23 @@ pub async fn verify_audit(
     Ok(AuditReport { chains, head_macs_checked, checkpoints })
 }
 
-/// The audit key to verify with: the operator's copy, else the data directory's published
-/// one, else (an older directory) none.
+/// The audit key to verify with: the operator's copy, else (with the KEK) the one sealed in the
+/// store, which proves its own public half; never a public half anyone could have rewritten.
 async fn audit_public_key(
-    data_dir: &Path,
     given: Option<&Path>,
+    kek: Option<&Kek>,
     store: &Store,
 ) -> Result<Option<airlock_core::customer_key::CustomerPublicKey>, ServerError> {
-    let published = data_dir.join(store::AUDIT_KEY_FILE_NAME);
-    let pem = match given {
-        Some(path) => Some(read_text(path)?),
-        None if published.exists() => Some(read_text(&published)?),
-        None => store.load_audit_key().await?.map(|k| k.public_pem),
-    };
-    pem.map(|pem| {
-        airlock_core::customer_key::CustomerPublicKey::from_pem(&pem)
-            .map_err(|e| ServerError::Config(format!("the audit key is not an Ed25519 public key (PEM): {e}")))
-    })
-    .transpose()
+    if let Some(path) = given {
+        let pem = read_text(path)?;
+        return airlock_core::customer_key::CustomerPublicKey::from_pem(&pem)
+            .map(Some)
+            .map_err(|e| ServerError::Config(format!("the audit key is not an Ed25519 public key (PEM): {e}")));
+    }
+    match (kek, store.load_audit_key().await?) {
+        (Some(kek), Some(_)) => Ok(Some(AuditSigner::load(store, kek).await?.public())),
+        _ => Ok(None),
+    }
 }
 
 fn read_text(path: &Path) -> Result<String, ServerError> {

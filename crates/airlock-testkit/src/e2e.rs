@@ -460,7 +460,7 @@ pub fn ca_pem(state_dir: &Path) -> String {
 pub fn gateway_handshake(gateway: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<(), String> {
     use airlock_proto::tls::{ServerTrust, mtls_client_config};
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut roots = rustls::RootCertStore::empty();
@@ -468,24 +468,34 @@ pub fn gateway_handshake(gateway: &str, ca_pem: &str, cert_pem: &str, key_pem: &
         let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
         let cfg = mtls_client_config(ServerTrust::Roots(roots), chain, key, &[b"h2"]).unwrap();
-        let tcp = tokio::net::TcpStream::connect(gateway).await.map_err(|e| e.to_string())?;
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-        let name = ServerName::try_from("127.0.0.1").unwrap();
-        let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-        // In TLS 1.3 the server judges our certificate after our Finished: its verdict
-        // arrives as an alert on the first read, or as its first HTTP/2 SETTINGS frame.
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 64];
-        match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => Ok(()),
-            Ok(Ok(_)) => Err("connection closed".into()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+        let addr = gateway.parse().map_err(|e: std::net::AddrParseError| e.to_string())?;
+        gateway_verdict(addr, std::sync::Arc::new(cfg)).await
     })
+}
+
+/// One handshake with `cfg` against the gateway at `addr`, then one read: in TLS 1.3 the server
+/// judges the client's certificate after the client's Finished, so its verdict arrives as an alert on
+/// that read, or as its first HTTP/2 SETTINGS frame.
+pub async fn gateway_verdict(
+    addr: std::net::SocketAddr,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let name = ServerName::from(addr.ip());
+    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err("connection closed".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
 }
 
 /// Every file under `dir`, concatenated (for "this secret is nowhere" checks).

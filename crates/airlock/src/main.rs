@@ -657,8 +657,8 @@ enum AuditSub {
         #[arg(long)]
         checkpoints: Option<PathBuf>,
         /// The checkpoint key's public half (PEM) [default: the appliance's `checkpoint.pub`
-        /// beside the log, or the control plane's `<data-dir>/audit-key.pub`; keep a copy of
-        /// your own: `audit_key` in `GET /v1/ca`].
+        /// beside the log; for a control plane, the key sealed in its store, which needs the KEK:
+        /// without it give the copy you keep, `audit_key` from `GET /v1/ca`].
         #[arg(long, alias = "audit-key")]
         key: Option<PathBuf>,
     },

@@ -6,23 +6,12 @@ use std::path::Path;
 use std::process::Command;
 
 use airlock_testkit::e2e::Server;
+use support::{copy_dir, tamper};
+
+mod support;
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_airlock");
-
-/// Runs SQL against a copy of the server's database.
-async fn tamper(db: &Path, sql: &str) {
-    use sqlx::ConnectOptions;
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(db).connect().await.unwrap();
-    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
 
 fn verify(data_dir: &Path) -> (bool, String) {
     let out = Command::new(BIN).args(["audit", "verify", "--data-dir"]).arg(data_dir).output().unwrap();

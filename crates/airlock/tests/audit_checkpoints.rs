@@ -7,25 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use airlock_testkit::e2e::Server;
+use support::{copy_dir, tamper};
+
+mod support;
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_airlock");
-
-/// Runs SQL against the database of a (stopped) server's data directory.
-async fn tamper(db: &Path, sql: &str) {
-    use sqlx::ConnectOptions;
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(db).connect().await.unwrap();
-    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        if e.path().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// `airlock audit verify --data-dir … --checkpoints … --key …`, without the KEK (it is moved
 /// out of the copy): public keys only. Returns (success, output).

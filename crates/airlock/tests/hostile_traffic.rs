@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use airlock_testkit::e2e::{Server, ca_pem};
+use airlock_testkit::e2e::{Server, ca_pem, gateway_verdict};
 use airlock_testkit::process::{count_tcp_sockets, wait_for};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -205,21 +205,6 @@ async fn slowloris(api: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Duration 
         }
     }
     panic!("a slowloris connection was held past its deadline");
-}
-
-/// A gateway handshake with `cfg`: the server's verdict on a TLS 1.3 client certificate arrives on the first read.
-async fn gateway_verdict(gateway: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Result<(), String> {
-    let mut tls = tls_connect(gateway, cfg).await.map_err(|e| e.to_string())?;
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 64];
-    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
-        Ok(Ok(n)) if n > 0 => Ok(()),
-        Ok(Ok(_)) => Err("connection closed".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
-    }
 }
 
 fn metric(text: &str, prefix: &str) -> f64 {

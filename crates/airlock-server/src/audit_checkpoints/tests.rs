@@ -267,8 +267,23 @@ async fn old_head_macs_are_upgraded_at_open_and_a_head_put_back_the_old_way_fail
     // Once the store has an audit key, it has upgraded its heads: an epoch-0 head was put back.
     let err = result(&f.verify(&[], true).await, SYSTEM_CHAIN).clone().unwrap_err();
     assert!(err.contains("fails its MAC"), "{err}");
-    // Opening the store for writing upgrades a head whose old MAC verifies.
+    // Reopening a store that has its audit key leaves such a head as found: it was put back.
     f.store.close().await;
+    let store = Store::open(f.dir.path(), false, kek.audit_mac_key()).await.unwrap();
+    let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM audit_heads WHERE chain = 'system'")
+        .fetch_one(&mut f.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(epoch, 0, "a put-back head is not upgraded once the store has its audit key");
+    let mut tx = store.write().await.unwrap();
+    let refused = tx.audit(SYSTEM_CHAIN, t0(), event("system", AuditAction::TenantCreate, Outcome::Success)).await;
+    let err = refused.unwrap_err().to_string();
+    assert!(err.contains("fails its MAC"), "nothing is appended over a put-back head: {err}");
+    drop(tx);
+    store.close().await;
+    // A store from before epochs (no audit key yet) upgrades, when opened for writing, every
+    // head whose old MAC verifies.
+    f.sql("DELETE FROM audit_key").await;
     let store = Store::open(f.dir.path(), false, kek.audit_mac_key()).await.unwrap();
     let (epoch, at): (i64, i64) = sqlx::query_as("SELECT epoch, at FROM audit_heads WHERE chain = 'system'")
         .fetch_one(&mut f.conn().await)
@@ -304,4 +319,57 @@ async fn a_flood_within_the_retention_is_cut_to_the_newest_records() {
     assert_eq!(system.len(), 11);
     assert_eq!(system.last().unwrap().event.action, AuditAction::AuditPruned.as_str());
     all_ok(&f.verify(&[], true).await);
+}
+
+#[tokio::test]
+async fn a_periodic_checkpoint_planted_as_an_anchor_does_not_excuse_a_cut_start() {
+    let f = fixture().await;
+    for n in 0..5 {
+        f.refusal(n).await;
+    }
+    // Every chain's latest checkpoint is in the server's file beside the store: whoever can
+    // edit the store can copy one into `audit_anchors` and delete the records behind it.
+    for chain in [f.tenant.clone(), SYSTEM_CHAIN.to_owned()] {
+        let Some(Ok(head)) = f.store.audit_head(&chain, true).await.unwrap() else { panic!("a head for {chain}") };
+        let line = f.signer.sign(&chain, head, f.clock.now(), CheckpointReason::Periodic);
+        f.sql(&format!(
+            "INSERT OR REPLACE INTO audit_anchors (chain, seq, hash, checkpoint) VALUES ('{chain}', {}, '{}', '{line}');
+             DELETE FROM audit_events WHERE chain = '{chain}' AND seq <= {};",
+            head.seq,
+            head.hash.to_hex(),
+            head.seq
+        ))
+        .await;
+        let err = result(&f.verify(&[], true).await, &chain).clone().unwrap_err();
+        assert!(err.contains("not a prune's"), "{chain}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn records_cut_off_the_end_behind_a_rewritten_head_stop_appends_and_checkpoints() {
+    let f = fixture().await;
+    for n in 0..5 {
+        f.refusal(n).await;
+    }
+    // Without the KEK an intruder cannot MAC the head they point back; the next append (which
+    // would MAC it anew) and the next checkpoint (which would vouch for it) both refuse.
+    let Some(Ok(head)) = f.store.audit_head(SYSTEM_CHAIN, true).await.unwrap() else { panic!("a head") };
+    let back = f.store.audit_records(SYSTEM_CHAIN).await.unwrap()[2].clone().unwrap().head();
+    f.sql(&format!(
+        "DELETE FROM audit_events WHERE chain = 'system' AND seq > {};
+         UPDATE audit_heads SET seq = {}, hash = '{}' WHERE chain = 'system';",
+        back.seq,
+        back.seq,
+        back.hash.to_hex()
+    ))
+    .await;
+    assert!(head.seq > back.seq);
+    let mut tx = f.store.write().await.unwrap();
+    let err = tx.audit(SYSTEM_CHAIN, f.clock.now(), event("x", AuditAction::ApiAuthenticate, Outcome::Denied)).await;
+    assert!(err.unwrap_err().to_string().contains("fails its MAC"));
+    drop(tx);
+    let err = f.signer.checkpoint_all(&f.store, f.clock.now(), CheckpointReason::Periodic).await.unwrap_err();
+    assert!(err.to_string().contains("system"), "{err}");
+    let err = result(&f.verify(&[], true).await, SYSTEM_CHAIN).clone().unwrap_err();
+    assert!(err.contains("fails its MAC"), "{err}");
 }

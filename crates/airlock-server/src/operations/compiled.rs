@@ -32,7 +32,7 @@ pub enum CompileError {
 #[derive(Debug)]
 pub struct CompiledTemplates {
     cache: Mutex<Lru>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
 }
 
 impl Default for CompiledTemplates {
@@ -43,7 +43,7 @@ impl Default for CompiledTemplates {
 
 impl CompiledTemplates {
     pub fn new(capacity: usize) -> Self {
-        Self { cache: Mutex::new(Lru::new(capacity)), permits: Semaphore::new(COMPILE_PERMITS) }
+        Self { cache: Mutex::new(Lru::new(capacity)), permits: Arc::new(Semaphore::new(COMPILE_PERMITS)) }
     }
 
     /// The template made of `manifest_toml` and `script`, from the cache or compiled now.
@@ -53,15 +53,20 @@ impl CompiledTemplates {
         if let Some(t) = self.cached(&key) {
             return Ok(t);
         }
-        let _permit = self.permits.acquire().await.map_err(|_| CompileError::Interrupted)?;
+        let permit = self.permits.clone().acquire_owned().await.map_err(|_| CompileError::Interrupted)?;
         // Another caller may have compiled it while this one waited for a permit.
         if let Some(t) = self.cached(&key) {
             return Ok(t);
         }
         let (manifest_toml, script) = (manifest_toml.to_owned(), script.to_owned());
-        let template = tokio::task::spawn_blocking(move || Template::new(&manifest_toml, &script))
-            .await
-            .map_err(|_| CompileError::Interrupted)??;
+        // The permit goes with the compile: a caller that stops waiting (a reset stream) must not
+        // free it while the compile still runs on the blocking pool.
+        let template = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            Template::new(&manifest_toml, &script)
+        })
+        .await
+        .map_err(|_| CompileError::Interrupted)??;
         let template = Arc::new(template);
         self.lock().insert(key, template.clone());
         Ok(template)

@@ -82,7 +82,7 @@ impl Store {
 
     /// Re-MACs every head still MAC'd the old way (epoch 0) with an epoch and the time of its
     /// last record, if its old MAC verifies; one that does not is left for verification to
-    /// report. Runs when the store opens for writing.
+    /// report. Runs when a store without an audit key yet opens for writing.
     pub(super) async fn upgrade_head_macs(&self) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         let rows = sqlx::query(
@@ -124,24 +124,9 @@ pub struct HeadTampered;
 impl WriteTx<'_> {
     /// Appends `event` to `chain` in this transaction.
     pub async fn audit(&mut self, chain: &str, at: Timestamp, event: Event) -> Result<Record, StoreError> {
-        let row = sqlx::query("SELECT seq, hash FROM audit_heads WHERE chain = $1")
-            .bind(chain)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        let head = match row {
-            None => Head::EMPTY,
-            Some(r) => {
-                let seq: i64 = r.try_get("seq")?;
-                let hash: String = r.try_get("hash")?;
-                Head {
-                    seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt("audit head seq".into()))?,
-                    hash: ChainHash::from_hex(&hash).ok_or_else(|| StoreError::Corrupt("audit head hash".into()))?,
-                }
-            }
-        };
+        let head = self.audit_head_for_append(chain).await?;
         let record = Record::append(chain, head, at, event);
         let json = serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let new_head = record.head();
         let seq = i64::try_from(record.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
         sqlx::query("INSERT INTO audit_events (chain, seq, at, record) VALUES ($1, $2, $3, $4)")
             .bind(chain)
@@ -150,12 +135,53 @@ impl WriteTx<'_> {
             .bind(json)
             .execute(&mut *self.tx)
             .await?;
-        self.put_head(chain, new_head, at).await?;
+        self.put_head(chain, record.head(), at).await?;
         Ok(record)
     }
 
+    /// `chain`'s head, to append after: refused if its MAC fails. Appending over a rewritten head
+    /// (records cut off the end, the head pointed back) would re-MAC it and hide the cut.
+    pub(super) async fn audit_head_for_append(&mut self, chain: &str) -> Result<Head, StoreError> {
+        let row = sqlx::query("SELECT seq, hash, mac, epoch, at FROM audit_heads WHERE chain = $1")
+            .bind(chain)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        let Some(r) = row else { return Ok(Head::EMPTY) };
+        let tampered = || {
+            StoreError::Corrupt(format!(
+                "audit chain {chain}: its recorded head fails its MAC (the store was edited); nothing is appended to it"
+            ))
+        };
+        let (seq, hash, mac, epoch, at): (i64, String, String, i64, i64) =
+            (r.try_get("seq")?, r.try_get("hash")?, r.try_get("mac")?, r.try_get("epoch")?, r.try_get("at")?);
+        let (Some(hash), Ok(seq), Ok(epoch), Ok(mac)) = (
+            ChainHash::from_hex(&hash),
+            u64::try_from(seq),
+            u64::try_from(epoch),
+            data_encoding::HEXLOWER.decode(mac.as_bytes()),
+        ) else {
+            return Err(tampered());
+        };
+        let head = Head { seq, hash };
+        // Epoch 0 is a head MAC'd the old way: believed only in a store from before epochs (no
+        // audit key yet); afterwards it was put back from an older copy, and appending over it
+        // would re-MAC the rollback away.
+        let ok = if epoch == 0 {
+            let has_key: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM audit_key)").fetch_one(&mut *self.tx).await?;
+            !has_key && head.mac_verifies(&self.store.head_mac, chain, &mac)
+        } else {
+            EpochHead { head, epoch, at: Timestamp::from_unix_millis(at) }.mac_verifies(
+                &self.store.head_mac,
+                chain,
+                &mac,
+            )
+        };
+        if ok { Ok(head) } else { Err(tampered()) }
+    }
+
     /// Records `head` as `chain`'s head, MAC'd with the next epoch and `at` ([`EpochHead`]).
-    async fn put_head(&mut self, chain: &str, head: Head, at: Timestamp) -> Result<(), StoreError> {
+    pub(super) async fn put_head(&mut self, chain: &str, head: Head, at: Timestamp) -> Result<(), StoreError> {
         let epoch: i64 = sqlx::query("SELECT COALESCE(MAX(epoch), 0) + 1 AS e FROM audit_heads")
             .fetch_one(&mut *self.tx)
             .await?
@@ -246,7 +272,7 @@ async fn verify_one(store: &Store, chain: &str, options: &VerifyOptions) -> Resu
     // A pruned chain starts at its anchor: a checkpoint the audit key signed when it pruned.
     let start = match anchor_line {
         None => Head::EMPTY,
-        Some(line) => match anchor_head(chain, &line, options.audit_key.as_ref()) {
+        Some(line) => match anchor_head(chain, &line, options.audit_key.as_ref(), &records) {
             Ok(start) => start,
             Err(why) => return Ok(Err(why)),
         },
@@ -264,13 +290,34 @@ async fn verify_one(store: &Store, chain: &str, options: &VerifyOptions) -> Resu
     Ok(checkpoint::check_chain_against(start, &records, &mine).map(|_| head).map_err(|e| e.to_string()))
 }
 
-fn anchor_head(chain: &str, line: &str, key: Option<&CustomerPublicKey>) -> Result<Head, String> {
+/// The start of a pruned chain: its anchor, believed only as what a prune leaves. Any other
+/// checkpoint the audit key signed (the server's periodic ones are in a file beside the store)
+/// would otherwise let whoever can write the store cut any chain's start and call it pruned.
+fn anchor_head(chain: &str, line: &str, key: Option<&CustomerPublicKey>, records: &[Record]) -> Result<Head, String> {
     let key = key.ok_or_else(|| {
         "the chain was pruned, and its anchor cannot be checked without the audit key's public half".to_owned()
     })?;
     let cp = Checkpoint::from_line(line, key).map_err(|why| format!("the anchor of the pruned chain: {why}"))?;
     if cp.chain != chain {
         return Err(format!("the anchor of the pruned chain is for chain `{}`", cp.chain));
+    }
+    // Only `system` is pruned, and only behind a checkpoint made for the prune.
+    if chain != SYSTEM_CHAIN || cp.reason != checkpoint::CheckpointReason::Prune {
+        return Err(format!(
+            "chain `{chain}` has an anchor that is not a prune's: its records before seq {} were deleted",
+            cp.seq
+        ));
+    }
+    // The prune records itself after its anchor, in the records kept.
+    let recorded = records.iter().any(|r| {
+        r.event.action == audit::AuditAction::AuditPruned.as_str()
+            && r.event.detail["through_seq"].as_u64() == Some(cp.seq)
+    });
+    if !recorded {
+        return Err(format!(
+            "the anchor at seq {} has no `audit.pruned` record after it: its records were deleted, not pruned",
+            cp.seq
+        ));
     }
     Ok(Head { seq: cp.seq, hash: cp.hash })
 }

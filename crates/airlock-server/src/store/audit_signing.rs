@@ -5,7 +5,7 @@
 //! prune) lives in [`crate::audit_checkpoints`]; this file only reads and writes rows.
 
 use airlock_core::Timestamp;
-use airlock_core::audit::{self, ChainHash, Head, Record};
+use airlock_core::audit::{self, Head, Record};
 use sqlx::Row;
 
 use super::{Store, StoreError, WriteTx};
@@ -47,23 +47,24 @@ impl Store {
         row.map(|r| Ok(r.try_get("checkpoint")?)).transpose()
     }
 
-    /// Every chain's recorded head as it is now (not checked: the checkpoint vouches for the
-    /// store as found, and `airlock audit verify` checks it).
+    /// Every chain's recorded head as it is now, each checked against its MAC: a checkpoint
+    /// signed over a rewritten head would vouch for whatever was cut off behind it.
     pub async fn audit_heads_now(&self) -> Result<Vec<(String, Head)>, StoreError> {
-        let rows = sqlx::query("SELECT chain, seq, hash FROM audit_heads ORDER BY chain").fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                let chain: String = r.try_get("chain")?;
-                let seq: i64 = r.try_get("seq")?;
-                let hash: String = r.try_get("hash")?;
-                let head = Head {
-                    seq: u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("audit head seq of {chain}")))?,
-                    hash: ChainHash::from_hex(&hash)
-                        .ok_or_else(|| StoreError::Corrupt(format!("audit head hash of {chain}")))?,
-                };
-                Ok((chain, head))
-            })
-            .collect()
+        let chains: Vec<String> =
+            sqlx::query_scalar("SELECT chain FROM audit_heads ORDER BY chain").fetch_all(&self.pool).await?;
+        let mut heads = Vec::with_capacity(chains.len());
+        for chain in chains {
+            match self.audit_head(&chain, true).await? {
+                Some(Ok(head)) => heads.push((chain, head)),
+                Some(Err(super::HeadTampered)) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "audit chain {chain}: its recorded head fails its MAC (the store was edited); no checkpoint is signed"
+                    )));
+                }
+                None => {}
+            }
+        }
+        Ok(heads)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Group commit for audit records that have no state change to commit with them: reads, refusals and no-op pushes.
 //!
 //! Callers queue `(chain, time, event)`; one task takes whatever has queued up (at most [`MAX_BATCH`]), appends it in queue order in one [`WriteTx`], and commits once: one fsync for the whole batch.
-//! Each chain's run in a batch costs a few statements, not three per record (`WriteTx::audit_run`); its first and last record go through [`WriteTx::audit`], which owns the head and its MAC.
+//! Each chain's run in a batch costs a few statements, not three per record (`WriteTx::audit_run`); like [`WriteTx::audit`] it appends only after a head whose MAC checks out, and MACs the head it leaves.
 //! [`AuditWriter::append`] answers only once its own record's batch has committed, so nothing acknowledged is lost; a batch that fails fails every waiter in it, and none of its records is written.
 //! [`AuditWriter::enqueue`] returns once the record is queued (routine reads, see `api::ReadAudit`): a crash can lose at most the records not yet committed, and a failed batch counts its queued records in `airlock_audit_queued_records_lost_total` and logs them.
 //! Order: the writer appends under the store's write lock, like every mutation, so a chain is strictly ordered; records are appended in queue order within each chain, so by the time an append is acknowledged, everything queued before it was committed (or, in a failed batch, refused and counted).
@@ -175,23 +175,21 @@ impl WriteTx<'_> {
     /// whole run rather than three per record (each statement is a round trip to SQLite's
     /// worker thread, which is what bounds a batch).
     ///
-    /// The first and the last record go through [`WriteTx::audit`], which owns the head and its
-    /// MAC: the first creates or reads the head, the last writes the final head and its MAC.
-    /// Those between are chained in memory from the first ([`Record::append`], as `audit`
-    /// does), inserted together, and the head row is moved past them (seq and hash only) for
-    /// the last `audit` to read; the transaction commits all of it or none.
+    /// The run is chained in memory from the head ([`WriteTx::audit_head_for_append`], which
+    /// checks its MAC, as [`WriteTx::audit`] does), inserted together, and the head moved past it
+    /// once ([`WriteTx::put_head`], MAC'd); the transaction commits all of it or none.
     async fn audit_run(&mut self, chain: &str, run: Vec<(Timestamp, Event)>) -> Result<(), StoreError> {
-        let mut run = run.into_iter();
-        let (Some((at, first)), last) = (run.next(), run.next_back()) else { return Ok(()) };
-        let mut head = self.audit(chain, at, first).await?.head();
-        let middle: Vec<Record> = run
+        let Some(last_at) = run.last().map(|(at, _)| *at) else { return Ok(()) };
+        let mut head = self.audit_head_for_append(chain).await?;
+        let records: Vec<Record> = run
+            .into_iter()
             .map(|(at, event)| {
                 let record = Record::append(chain, head, at, event);
                 head = record.head();
                 record
             })
             .collect();
-        let rows = middle
+        let rows = records
             .iter()
             .map(|r| {
                 let seq = i64::try_from(r.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
@@ -206,19 +204,7 @@ impl WriteTx<'_> {
             });
             insert.build().execute(&mut *self.tx).await?;
         }
-        if !middle.is_empty() {
-            let seq = i64::try_from(head.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
-            sqlx::query("UPDATE audit_heads SET seq = $1, hash = $2 WHERE chain = $3")
-                .bind(seq)
-                .bind(head.hash.to_hex())
-                .bind(chain)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        if let Some((at, event)) = last {
-            self.audit(chain, at, event).await?;
-        }
-        Ok(())
+        self.put_head(chain, head, last_at).await
     }
 }
 
