@@ -212,6 +212,15 @@ impl PolicyDocument {
         if toml_text.len() > MAX_POLICY_BYTES {
             return Err(PolicyError::Limit { what: "bytes", actual: toml_text.len(), max: MAX_POLICY_BYTES });
         }
+        // Counted before the typed parse, which compiles every rule's pattern.
+        let table: toml::Table = toml::from_str(toml_text).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        let entries = |key: &str| table.get(key).and_then(toml::Value::as_array).map_or(0, Vec::len);
+        if entries("deny") > MAX_DENY_RULES {
+            return Err(PolicyError::Limit { what: "deny rules", actual: entries("deny"), max: MAX_DENY_RULES });
+        }
+        if entries("windows") > MAX_WINDOWS {
+            return Err(PolicyError::Limit { what: "windows", actual: entries("windows"), max: MAX_WINDOWS });
+        }
         let doc: PolicyDocument = toml::from_str(toml_text).map_err(|e| PolicyError::Parse(e.to_string()))?;
         doc.validate()?;
         Ok(doc)

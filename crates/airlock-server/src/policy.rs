@@ -60,7 +60,15 @@ pub async fn relay(
     }
     let envelope: Envelope =
         serde_json::from_value(envelope).map_err(|e| RelayPolicyError::NotAnEnvelope(e.to_string()))?;
-    let checked = check_shape(&envelope, environment).map_err(RelayPolicyError::Shape)?;
+    // Parsing compiles the policy's patterns (up to its caps: milliseconds, not microseconds),
+    // so it runs on the blocking pool, never on the workers that answer everyone else.
+    let (envelope, checked) = tokio::task::spawn_blocking(move || {
+        let checked = check_shape(&envelope, environment);
+        (envelope, checked)
+    })
+    .await
+    .map_err(|_| RelayPolicyError::Shape("the policy check was interrupted".into()))?;
+    let checked = checked.map_err(RelayPolicyError::Shape)?;
     let now = state.now();
     let row = PolicyRow {
         environment_id: environment,
