@@ -1,6 +1,6 @@
 //! Serves the axum router over TLS 1.3 (tokio-rustls and hyper), HTTP/1.1 and HTTP/2, with the same two-stage stop as the gateway.
 //!
-//! Every resource an anonymous peer can hold here is bounded ([`crate::net`]): a connection takes a slot from the API's pool (the oldest idle one is evicted when it is full), the TLS handshake has a deadline, a connection with no request in flight is closed after the idle timeout (the first request included), and reading and answering one request has a deadline too, past which the answer is 408.
+//! Every resource an anonymous peer can hold here is bounded ([`crate::net`]): a connection takes a slot from the API's pool (when it is full, the oldest idle one is evicted, failing that the one whose request has been in flight longest past [`crate::net::API_STALL_GRACE`], so stalled uploads cannot pin it; an evicted connection is cut at once), the TLS handshake has a deadline, a connection with no request in flight is closed after the idle timeout (the first request included), and reading and answering one request has a deadline too, past which the answer is 408.
 //! HTTP/2 gets limits suited to an API: few concurrent streams, small windows, a 16 KiB header list; HTTP/1 headers past 16 KiB get 431.
 
 use std::convert::Infallible;
@@ -51,12 +51,12 @@ pub(crate) async fn serve(
         let slot = match pool.acquire(addr.ip()) {
             Ok((slot, evicted)) => {
                 if let Some(shed) = evicted {
-                    counters.shed(LISTENER, shed.label());
+                    counters.shed(LISTENER, shed);
                 }
                 Arc::new(slot)
             }
             Err(shed) => {
-                counters.shed(LISTENER, shed.label());
+                counters.shed(LISTENER, shed);
                 tracing::debug!(%addr, reason = shed.label(), "API connection refused");
                 continue;
             }
@@ -92,7 +92,7 @@ async fn serve_connection(
     let request_slot = slot.clone();
     let request_counters = counters.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-        // A request in flight keeps the connection from being idle (and evicted) until it is answered.
+        // A request in flight keeps the connection from being idle until it is answered; it is evicted only once in flight past the stall grace, and only from a full pool.
         let busy = request_slot.busy();
         let (router, counters) = (router.clone(), request_counters.clone());
         async move {
@@ -135,7 +135,11 @@ async fn serve_connection(
             return;
         }
         _ = shutdown.changed() => {}
-        () = slot.evicted() => tracing::debug!(%addr, "idle API connection evicted for a newcomer"),
+        () = slot.evicted() => {
+            // Cut at once: its slot has gone to the newcomer, so the socket must not outlive it by a close grace.
+            tracing::debug!(%addr, "idle or stalled API connection evicted for a newcomer");
+            return;
+        }
         () = crate::net::idle_expired(&slot, limits.api_idle_timeout) => {
             counters.closed(LISTENER, "idle_timeout");
             tracing::debug!(%addr, "API connection idle too long; closing");

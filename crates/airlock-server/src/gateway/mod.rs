@@ -100,12 +100,12 @@ pub async fn serve(
             let pending = match handshakes.acquire(addr.ip()) {
                 Ok((slot, evicted)) => {
                     if let Some(shed) = evicted {
-                        counters.shed(LISTENER, shed.label());
+                        counters.shed(LISTENER, shed);
                     }
                     slot
                 }
                 Err(shed) => {
-                    counters.shed(LISTENER, shed.label());
+                    counters.shed(LISTENER, shed);
                     continue;
                 }
             };
@@ -133,7 +133,7 @@ pub async fn serve(
                 let slot = match streams.acquire(addr.ip()) {
                     Ok((slot, _)) => slot,
                     Err(shed) => {
-                        state.metrics.connections.shed(LISTENER, shed.label());
+                        state.metrics.connections.shed(LISTENER, shed);
                         return handshake_refused(&state, addr, "overloaded").await;
                     }
                 };
