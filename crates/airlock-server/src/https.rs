@@ -149,3 +149,59 @@ async fn serve_connection(
     // A peer that does not take part in a graceful close (HTTP/2 GOAWAY) is cut.
     let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::clock::SystemClock;
+    use crate::keys::KekSource;
+
+    #[tokio::test]
+    async fn uploads_that_stall_cannot_pin_a_full_api_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = KekSource::default_for(dir.path());
+        crate::init(dir.path(), &kek, "airlock.test", "acme", "default", &SystemClock).await.unwrap();
+        let mut cfg = crate::ServerConfig::new(dir.path().to_owned());
+        cfg.api_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.gateway_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.hostnames = vec!["127.0.0.1".into()];
+        cfg.limits = crate::net::ConnectionLimits { api_max_connections: 4, ..Default::default() };
+        let server = crate::serve(cfg).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(airlock_proto::tls::pinned_client_config(
+            server.ca_fingerprint.clone(),
+        )));
+        let connect = || async {
+            let tcp = tokio::net::TcpStream::connect(server.api_addr).await?;
+            connector.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await
+        };
+
+        // The whole pool: join uploads whose headers arrived and whose body stalls.
+        let mut stalled = Vec::new();
+        for _ in 0..4 {
+            let mut conn = connect().await.unwrap();
+            let head = "POST /v1/join HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
+            conn.write_all(head.as_bytes()).await.unwrap();
+            conn.flush().await.unwrap();
+            stalled.push(conn);
+        }
+        tokio::time::sleep(crate::net::API_STALL_GRACE + Duration::from_millis(300)).await;
+
+        // Past the grace, a real client gets in, well before the 30 s request deadline, by evicting the
+        // longest stalled upload.
+        let mut real = connect().await.expect("a full pool of stalled uploads locked the API out");
+        real.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), real.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let mut buf = [0u8; 256];
+        let first = tokio::time::timeout(Duration::from_secs(1), stalled[0].read(&mut buf)).await;
+        assert!(matches!(first, Ok(Ok(0) | Err(_))), "the longest stalled upload was evicted: {first:?}");
+        server.shutdown().await;
+    }
+}
