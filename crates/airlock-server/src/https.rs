@@ -184,7 +184,8 @@ mod tests {
         let mut stalled = Vec::new();
         for _ in 0..4 {
             let mut conn = connect().await.unwrap();
-            let head = "POST /v1/join HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
+            let head =
+                "POST /v1/join HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
             conn.write_all(head.as_bytes()).await.unwrap();
             conn.flush().await.unwrap();
             stalled.push(conn);

@@ -193,8 +193,9 @@ async fn a_flood_of_silent_connects_does_not_evict_a_handshake_past_its_client_h
     let limits = crate::net::ConnectionLimits { gateway_max_connections: 40, ..Default::default() };
     let f = fixture_with(Arc::new(SystemClock), limits).await;
     let addr = f.server.gateway_addr;
-    let mut tls = rustls::ClientConnection::new(mtls_client(&f, &f.identity), ServerName::try_from("127.0.0.1").unwrap())
-        .unwrap();
+    let mut tls =
+        rustls::ClientConnection::new(mtls_client(&f, &f.identity), ServerName::try_from("127.0.0.1").unwrap())
+            .unwrap();
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut out, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
     // The ClientHello, and the server's whole flight back: the client now has its own flight to send.
