@@ -172,9 +172,8 @@ mod tests {
         cfg.hostnames = vec!["127.0.0.1".into()];
         cfg.limits = crate::net::ConnectionLimits { api_max_connections: 4, ..Default::default() };
         let server = crate::serve(cfg).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(airlock_proto::tls::pinned_client_config(
-            server.ca_fingerprint.clone(),
-        )));
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(airlock_proto::tls::pinned_client_config(server.ca_fingerprint)));
         let connect = || async {
             let tcp = tokio::net::TcpStream::connect(server.api_addr).await?;
             connector.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await
