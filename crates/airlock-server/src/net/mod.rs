@@ -19,7 +19,7 @@ pub use slots::{Eviction, Limits, Shed, Slot, SlotPool};
 pub struct ConnectionLimits {
     /// API connections at once; cut further to the API's share of the open-file limit.
     pub api_max_connections: usize,
-    /// API connections one source address may hold.
+    /// API connections one source address may hold (an IPv6 /64 counts as one address, see [`slots::address_key`]).
     pub api_connections_per_address: usize,
     /// How long an API connection may go without a request in flight, from its handshake on, before it is closed.
     pub api_idle_timeout: Duration,
