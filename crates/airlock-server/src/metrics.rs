@@ -130,7 +130,7 @@ impl Default for Metrics {
         let connections = ConnectionMetrics::default();
         registry.register(
             "shed_connections",
-            "Connections refused or evicted because a listener's pool was full",
+            "Connections refused or evicted for room: pool_full and evicted when a pool was full, address_full and address_evicted when one address was at its cap",
             connections.shed.clone(),
         );
         registry.register(
