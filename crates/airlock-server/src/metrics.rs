@@ -27,12 +27,12 @@ pub struct ConnectionLabels {
 /// What the listeners shed ([`crate::net`]); `/readyz` answers 503 while they are shedding.
 #[derive(Clone, Debug)]
 pub struct ConnectionMetrics {
-    /// Connections refused or evicted because a pool was full (`airlock_shed_connections_total`).
+    /// Connections refused or evicted for room, by [`crate::net::Shed`] reason (`airlock_shed_connections_total`).
     pub shed: Family<ConnectionLabels, Counter>,
     /// Connections closed at a deadline: handshake, ClientHello, idle, request (`airlock_closed_connections_total`).
     pub closed: Family<ConnectionLabels, Counter>,
     epoch: tokio::time::Instant,
-    /// Milliseconds since `epoch` at the last shed connection, plus one (0: never).
+    /// Milliseconds since `epoch` at the last connection shed because a pool was full, plus one (0: never).
     last_shed_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -48,9 +48,13 @@ impl Default for ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
-    /// Counts a connection refused or evicted for room.
-    pub fn shed(&self, listener: &'static str, reason: &'static str) {
-        self.shed.get_or_create(&ConnectionLabels { listener, reason }).inc();
+    /// Counts a connection refused or evicted for room; only a full pool ([`crate::net::Shed::pool_pressure`])
+    /// counts as shedding for `/readyz`, not an address displacing or refused its own connections.
+    pub fn shed(&self, listener: &'static str, shed: crate::net::Shed) {
+        self.shed.get_or_create(&ConnectionLabels { listener, reason: shed.label() }).inc();
+        if !shed.pool_pressure() {
+            return;
+        }
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
         self.last_shed_ms.store(now, std::sync::atomic::Ordering::Release);
     }
@@ -60,7 +64,7 @@ impl ConnectionMetrics {
         self.closed.get_or_create(&ConnectionLabels { listener, reason }).inc();
     }
 
-    /// Whether a connection was shed within the last `window`.
+    /// Whether a connection was shed because a pool was full within the last `window`.
     pub fn shedding_within(&self, window: std::time::Duration) -> bool {
         match self.last_shed_ms.load(std::sync::atomic::Ordering::Acquire) {
             0 => false,
@@ -126,7 +130,7 @@ impl Default for Metrics {
         let connections = ConnectionMetrics::default();
         registry.register(
             "shed_connections",
-            "Connections refused or evicted because a listener's pool was full",
+            "Connections refused or evicted for room: pool_full and evicted when a pool was full, address_full and address_evicted when one address was at its cap",
             connections.shed.clone(),
         );
         registry.register(

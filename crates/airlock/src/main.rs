@@ -179,7 +179,7 @@ struct ServerRunArgs {
     /// API connections at once, cut to the API's share of the open-file limit [default: 4096].
     #[arg(long, env = "AIRLOCK_API_MAX_CONNECTIONS")]
     api_max_connections: Option<usize>,
-    /// API connections one source address may hold [default: 256].
+    /// API connections one source address (an IPv6 /64 counting as one) may hold [default: 256].
     #[arg(long, env = "AIRLOCK_API_CONNECTIONS_PER_ADDRESS")]
     api_connections_per_address: Option<usize>,
     /// Close an API connection with no request in flight for this long, the first request included [default: 30s].

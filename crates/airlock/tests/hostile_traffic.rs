@@ -1,6 +1,7 @@
 //! The control plane under hostile traffic, on loopback with real sockets: a real `airlock server` at a soft
 //! open-file limit of 1,024 is held by idle TLS connections, stalled uploads (HTTP/1 and HTTP/2), slowloris
-//! headers and a bare TCP flood on the gateway, while real API calls are made and a real appliance reconnects.
+//! headers and a bare TCP flood on the gateway, while real API calls are made and a real appliance reconnects;
+//! that load, from one address, is not reported as shedding, and a second address that fills the pool is.
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
@@ -44,7 +45,23 @@ fn client_config(ca: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
 }
 
 async fn tls_connect(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Tls> {
-    let tcp = TcpStream::connect(addr).await?;
+    tls_connect_from(None, addr, cfg).await
+}
+
+/// As [`tls_connect`], from `source` (another loopback address, to act as another peer) if given.
+async fn tls_connect_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<Tls> {
+    let tcp = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     let name = ServerName::try_from("127.0.0.1").unwrap();
     tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
 }
@@ -82,13 +99,25 @@ async fn idle_flood(
     stop: Arc<AtomicBool>,
     opened: Arc<AtomicUsize>,
 ) {
+    idle_flood_from(None, api, cfg, target, stop, opened).await
+}
+
+/// As [`idle_flood`], from `source` if given.
+async fn idle_flood_from(
+    source: Option<std::net::IpAddr>,
+    api: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    target: usize,
+    stop: Arc<AtomicBool>,
+    opened: Arc<AtomicUsize>,
+) {
     let live = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         if live.load(Ordering::Relaxed) >= target {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        let Ok(mut tls) = tls_connect(api, cfg.clone()).await else { continue };
+        let Ok(mut tls) = tls_connect_from(source, api, cfg.clone()).await else { continue };
         opened.fetch_add(1, Ordering::Relaxed);
         live.fetch_add(1, Ordering::Relaxed);
         let (live, stop) = (live.clone(), stop.clone());
@@ -327,17 +356,24 @@ fn the_control_plane_serves_real_clients_while_hostile_peers_hold_what_they_can(
     server.wait_connected(&mut again);
     assert!(started.elapsed() < Duration::from_secs(15), "reconnecting took {:?}", started.elapsed());
 
-    // Shedding is visible: /readyz says so and /metrics counts it, on both listeners.
-    let (ready, metrics) = rt.block_on(async {
-        let client = http_client(&ca, false);
-        let ready = client.get(format!("{}/readyz", server.url)).send().await.unwrap();
-        let ready = (ready.status(), ready.json::<serde_json::Value>().await.unwrap());
-        let metrics = client.get(format!("{}/metrics", server.url)).bearer_auth(&server.token).send().await.unwrap();
-        (ready, metrics.text().await.unwrap())
-    });
-    assert_eq!(ready.0, 503, "{}", ready.1);
-    assert_eq!(ready.1["error"]["code"], "shedding");
-    assert!(metric(&metrics, "airlock_shed_connections_total{listener=\"api\"") >= 1.0, "{metrics}");
+    // All of that load came from one address (127.0.0.1), which only displaced its own connections: /metrics
+    // counts it on both listeners, but /readyz stays 200, since one peer must not hold it at 503.
+    let ready_and_metrics = || {
+        rt.block_on(async {
+            let client = http_client(&ca, false);
+            let ready = client.get(format!("{}/readyz", server.url)).send().await.unwrap();
+            let ready = (ready.status(), ready.json::<serde_json::Value>().await.unwrap());
+            let metrics =
+                client.get(format!("{}/metrics", server.url)).bearer_auth(&server.token).send().await.unwrap();
+            (ready, metrics.text().await.unwrap())
+        })
+    };
+    let (ready, metrics) = ready_and_metrics();
+    assert_eq!(ready.0, 200, "{}", ready.1);
+    assert!(
+        metric(&metrics, "airlock_shed_connections_total{listener=\"api\",reason=\"address_evicted\"") >= 1.0,
+        "{metrics}"
+    );
     let gateway_shed = metric(&metrics, "airlock_shed_connections_total{listener=\"gateway\"")
         + metric(&metrics, "airlock_closed_connections_total{listener=\"gateway\",reason=\"hello_timeout\"");
     assert!(gateway_shed >= 1.0, "{metrics}");
@@ -360,6 +396,18 @@ fn the_control_plane_serves_real_clients_while_hostile_peers_hold_what_they_can(
             assert!(took <= REQUEST_TIMEOUT + SLACK, "a slowloris connection held {took:?}");
         }
     });
+    // A second address fills what the first left of the API's pool (298 at this file limit): the pool is
+    // genuinely full now, newcomers evict across addresses, and /readyz says it is shedding.
+    let opened_elsewhere = Arc::new(AtomicUsize::new(0));
+    let other = Some(std::net::IpAddr::from([127, 0, 0, 2]));
+    rt.spawn(idle_flood_from(other, api, h1.clone(), 200, stop.clone(), opened_elsewhere.clone()));
+    wait_for(Duration::from_secs(30), "200 idle TLS connections from a second address", || {
+        (opened_elsewhere.load(Ordering::Relaxed) >= 200).then_some(())
+    });
+    let (ready, full) = ready_and_metrics();
+    assert_eq!(ready.0, 503, "{}", ready.1);
+    assert_eq!(ready.1["error"]["code"], "shedding");
+    assert!(metric(&full, "airlock_shed_connections_total{listener=\"api\",reason=\"evicted\"") >= 1.0, "{full}");
     stop.store(true, Ordering::Relaxed);
     assert!(
         metrics.contains("airlock_closed_connections_total{listener=\"api\",reason=\"request_timeout\"}") || {

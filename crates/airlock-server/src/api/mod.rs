@@ -289,7 +289,8 @@ async fn healthz() -> Json<Health> {
 }
 
 /// Readiness: the store answers and no listener is shedding connections; 503 (`not_ready` when the store
-/// does not answer, `shedding` when a listener refused or evicted a connection for room in the last 10 s).
+/// does not answer, `shedding` when a listener's pool was full, refusing or evicting a connection for room, in
+/// the last 10 s; one address at its own cap does not count).
 #[utoipa::path(get, path = "/readyz",
     responses((status = 200, body = Readiness), (status = 503, body = ErrorBody, description = "not ready, or shedding load")))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

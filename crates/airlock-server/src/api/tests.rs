@@ -447,8 +447,16 @@ async fn health_ready_and_metrics_answer() {
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains("airlock_gateway_appliances_connected"), "{text}");
 
-    // A listener that shed a connection makes /readyz say so, and /metrics count it.
-    api.state.metrics.connections.shed("api", "evicted");
+    // An address displacing or refused its own connections is counted but is not shedding: one peer
+    // must not hold /readyz at 503.
+    api.state.metrics.connections.shed("api", crate::net::Shed::AddressEvicted);
+    api.state.metrics.connections.shed("gateway", crate::net::Shed::AddressFull);
+    assert_eq!(raw(&api, Request::builder().uri("/readyz").body(Body::empty()).unwrap()).await.0, StatusCode::OK);
+    let text = api.state.metrics.render();
+    assert!(text.contains("airlock_shed_connections_total{listener=\"api\",reason=\"address_evicted\"} 1"), "{text}");
+    assert!(text.contains("airlock_shed_connections_total{listener=\"gateway\",reason=\"address_full\"} 1"), "{text}");
+    // A listener whose pool is full makes /readyz say so, and /metrics count it.
+    api.state.metrics.connections.shed("api", crate::net::Shed::Evicted);
     let (s, _, v) = raw(&api, Request::builder().uri("/readyz").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_error(&v, "shedding", "shedding");

@@ -16,6 +16,51 @@ pub struct GatewayConn {
     pub(super) peer: GatewayPeer,
     /// The connection's place in the gateway's stream pool, freed when tonic drops the connection.
     pub(super) _slot: crate::net::Slot,
+    /// Its place among its certificate's connections, freed likewise.
+    pub(super) _hold: ApplianceHold,
+}
+
+/// Verified connections per appliance identity, so one certificate cannot fill the stream pool (which never evicts).
+#[derive(Debug)]
+pub struct PerAppliance {
+    cap: usize,
+    counts: std::sync::Mutex<std::collections::HashMap<airlock_core::ApplianceId, usize>>,
+}
+
+impl PerAppliance {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self { cap: cap.max(1), counts: Default::default() })
+    }
+
+    /// A place for one more connection of `id`, or `None` when it holds its cap.
+    pub fn take(self: &Arc<Self>, id: airlock_core::ApplianceId) -> Option<ApplianceHold> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(id).or_default();
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(ApplianceHold { pool: self.clone(), id })
+    }
+}
+
+/// One connection's place among its appliance's, freed on drop.
+#[derive(Debug)]
+pub struct ApplianceHold {
+    pool: Arc<PerAppliance>,
+    id: airlock_core::ApplianceId,
+}
+
+impl Drop for ApplianceHold {
+    fn drop(&mut self) {
+        let mut counts = self.pool.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// What a stream handler learns about its connection.
@@ -31,10 +76,20 @@ pub struct GatewayPeer {
 #[derive(Debug, Default)]
 pub struct ConnKill {
     killed: std::sync::atomic::AtomicBool,
+    /// Whether the connection ever opened a gRPC stream; one that does not within a deadline is cut.
+    stream_opened: std::sync::atomic::AtomicBool,
     waker: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 impl ConnKill {
+    pub fn stream_opened(&self) {
+        self.stream_opened.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn has_opened_a_stream(&self) -> bool {
+        self.stream_opened.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn kill(&self) {
         self.killed.store(true, std::sync::atomic::Ordering::Release);
         if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {

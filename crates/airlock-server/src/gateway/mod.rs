@@ -6,7 +6,8 @@
 //!
 //! The session task never awaits the appliance: replies and pushes are queued with `try_send`, so a peer that stops reading cannot stall the task that must act on revocation and expiry.
 //! A peer whose reply queue is full is disconnected; a kicked or expired one gets a final status and then its socket is cut ([`ConnKill`]).
-//! A peer must send its ClientHello within a short deadline and finish its handshake within another; pending handshakes have a small pool of their own where a newcomer evicts the oldest, and verified appliance connections a separate one, so a bare TCP flood can neither starve appliances that present certificates nor reach the file limit ([`crate::net`]).
+//! A peer must send its ClientHello within a short deadline and finish its handshake within another; pending handshakes have a small pool of their own, capped per address, where a newcomer evicts the oldest peer that has sent nothing yet (one whose ClientHello was read is busy, evictable only once stuck past [`crate::net::HANDSHAKE_STALL_GRACE`]), and verified appliance connections a separate one, so a bare TCP flood can neither starve appliances that present certificates, nor evict their handshakes, nor reach the file limit ([`crate::net`]).
+//! One certificate identity holds at most [`CONNECTIONS_PER_APPLIANCE`] verified connections, and a verified connection that opens no gRPC stream within [`STREAM_OPEN_DEADLINE`] is cut, so one valid certificate cannot fill the stream pool, which never evicts.
 //! What is pushed unasked on a stream is [`crate::push`]'s business; results and releases go to [`crate::operations`], renewals to `renew`.
 
 mod conn;
@@ -30,7 +31,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-pub use conn::{ConnKill, GatewayConn, GatewayPeer};
+pub use conn::{ApplianceHold, ConnKill, GatewayConn, GatewayPeer, PerAppliance};
 
 use crate::authz::TenantScope;
 use crate::metrics::ReasonLabels;
@@ -43,6 +44,10 @@ use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
 const REPLY_QUEUE: usize = 16;
 /// How long a final status may take to reach the peer before its connection is cut.
 const KILL_GRACE: Duration = Duration::from_millis(300);
+/// Verified connections one appliance identity may hold: its stream, a replacement, and slack for reconnect races.
+pub const CONNECTIONS_PER_APPLIANCE: usize = 8;
+/// How long a verified connection may go without opening a gRPC stream before it is cut.
+pub const STREAM_OPEN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The two stages of stopping: no new connections, then end the rest.
 pub struct Listeners {
@@ -52,7 +57,7 @@ pub struct Listeners {
 
 /// The gateway's connection pools and deadlines.
 pub struct GatewayLimits {
-    /// Connections still in their handshake; a newcomer evicts the oldest when it is full.
+    /// Connections still in their handshake; a newcomer evicts the oldest that has sent nothing yet when it is full.
     pub handshakes: Arc<crate::net::SlotPool>,
     /// Verified appliance connections; a full pool refuses newcomers.
     pub streams: Arc<crate::net::SlotPool>,
@@ -84,6 +89,7 @@ pub async fn serve(
         }
     });
     let tls = Arc::new(tls);
+    let per_appliance = PerAppliance::new(CONNECTIONS_PER_APPLIANCE);
     let (conn_tx, conn_rx) = mpsc::channel::<Result<GatewayConn, std::io::Error>>(256);
     let accept_state = state.clone();
     let mut accept_shutdown = stop_accepting;
@@ -100,19 +106,20 @@ pub async fn serve(
             let pending = match handshakes.acquire(addr.ip()) {
                 Ok((slot, evicted)) => {
                     if let Some(shed) = evicted {
-                        counters.shed(LISTENER, shed.label());
+                        counters.shed(LISTENER, shed);
                     }
                     slot
                 }
                 Err(shed) => {
-                    counters.shed(LISTENER, shed.label());
+                    counters.shed(LISTENER, shed);
                     continue;
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (tls, state, conn_tx, streams) = (tls.clone(), accept_state.clone(), conn_tx.clone(), streams.clone());
+            let (tls, state, conn_tx, streams, per_appliance) =
+                (tls.clone(), accept_state.clone(), conn_tx.clone(), streams.clone(), per_appliance.clone());
             tokio::spawn(async move {
-                let handshake = handshake(tcp, tls, hello_timeout, handshake_timeout);
+                let handshake = handshake(tcp, tls, hello_timeout, handshake_timeout, &pending);
                 let tls = tokio::select! {
                     res = handshake => match res {
                         Ok(tls) => tls,
@@ -130,16 +137,29 @@ pub async fn serve(
                 else {
                     return handshake_refused(&state, addr, "not_an_appliance").await;
                 };
+                let Some(hold) = per_appliance.take(peer.identity.appliance) else {
+                    return handshake_refused(&state, addr, "too_many_connections").await;
+                };
                 let slot = match streams.acquire(addr.ip()) {
                     Ok((slot, _)) => slot,
                     Err(shed) => {
-                        state.metrics.connections.shed(LISTENER, shed.label());
+                        state.metrics.connections.shed(LISTENER, shed);
                         return handshake_refused(&state, addr, "overloaded").await;
                     }
                 };
                 drop(pending);
-                let peer = GatewayPeer { cert: peer, kill: Arc::new(ConnKill::default()) };
-                let _ = conn_tx.send(Ok(GatewayConn { io: tls, peer, _slot: slot })).await;
+                let kill = Arc::new(ConnKill::default());
+                let peer = GatewayPeer { cert: peer, kill: kill.clone() };
+                if conn_tx.send(Ok(GatewayConn { io: tls, peer, _slot: slot, _hold: hold })).await.is_err() {
+                    return;
+                }
+                // A certificate holder that never opens its stream would hold a slot that is never evicted.
+                tokio::time::sleep(STREAM_OPEN_DEADLINE).await;
+                if !kill.has_opened_a_stream() {
+                    state.metrics.connections.closed(LISTENER, "stream_open_timeout");
+                    tracing::info!(%addr, "verified gateway connection opened no stream; closing");
+                    kill.kill();
+                }
             });
         }
     });
@@ -170,12 +190,14 @@ enum Refused {
     Tls(std::io::Error),
 }
 
-/// The ClientHello within `hello_timeout`, then the rest of the handshake within `handshake_timeout`.
+/// The ClientHello within `hello_timeout`, then the rest of the handshake within `handshake_timeout`, with
+/// `pending` marked busy from the ClientHello on.
 async fn handshake(
     tcp: tokio::net::TcpStream,
     tls: Arc<rustls::ServerConfig>,
     hello_timeout: Duration,
     handshake_timeout: Duration,
+    pending: &crate::net::Slot,
 ) -> Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Refused> {
     let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let start = match tokio::time::timeout(hello_timeout, hello).await {
@@ -183,6 +205,8 @@ async fn handshake(
         Ok(Err(e)) => return Err(Refused::Tls(e)),
         Err(_) => return Err(Refused::Deadline("hello_timeout")),
     };
+    // A real TLS client: no longer displaced by a flood of peers that have sent nothing.
+    let _busy = pending.busy();
     match tokio::time::timeout(handshake_timeout, start.into_stream(tls)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(Refused::Tls(e)),
@@ -214,6 +238,7 @@ impl ApplianceGateway for GatewayService {
             .get::<GatewayPeer>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
+        kill.stream_opened();
         let state = self.state.clone();
         let now = state.now();
         let id = peer.identity.appliance;

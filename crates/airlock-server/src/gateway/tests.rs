@@ -37,11 +37,15 @@ async fn fixture() -> Fixture {
 }
 
 async fn fixture_with_clock(clock: Arc<dyn crate::clock::Clock>) -> Fixture {
+    fixture_with(clock, crate::net::ConnectionLimits::default()).await
+}
+
+async fn fixture_with(clock: Arc<dyn crate::clock::Clock>, limits: crate::net::ConnectionLimits) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kek = KekSource::default_for(dir.path());
     let a = crate::init(dir.path(), &kek, "airlock.test", "acme", "default", &SystemClock).await.unwrap();
     let b = crate::create_tenant(dir.path(), &kek, "globex", "default", &SystemClock).await.unwrap();
-    let server = serve_in(dir.path(), clock).await;
+    let server = serve_in_with(dir.path(), clock, limits).await;
     let identity = ApplianceIdentity {
         trust_domain: "airlock.test".into(),
         tenant: a.tenant,
@@ -66,7 +70,16 @@ async fn fixture_with_clock(clock: Arc<dyn crate::clock::Clock>) -> Fixture {
 
 /// Serves the initialised data directory `dir` on ephemeral local ports.
 async fn serve_in(dir: &std::path::Path, clock: Arc<dyn crate::clock::Clock>) -> RunningServer {
+    serve_in_with(dir, clock, crate::net::ConnectionLimits::default()).await
+}
+
+async fn serve_in_with(
+    dir: &std::path::Path,
+    clock: Arc<dyn crate::clock::Clock>,
+    limits: crate::net::ConnectionLimits,
+) -> RunningServer {
     let mut cfg = ServerConfig::new(dir.to_owned());
+    cfg.limits = limits;
     cfg.api_listen = "127.0.0.1:0".parse().unwrap();
     cfg.gateway_listen = "127.0.0.1:0".parse().unwrap();
     cfg.hostnames = vec!["127.0.0.1".into()];
@@ -104,6 +117,121 @@ fn credentials(f: &Fixture, identity: &ApplianceIdentity) -> (rcgen::KeyPair, cr
     let now = f.server.state.now();
     let issued = f.server.state.ca.sign_join_csr(&csr, identity, now, Duration::from_secs(3600)).unwrap();
     (key, issued)
+}
+
+/// A TLS client configuration presenting a certificate our CA issued for `identity`.
+fn mtls_client(f: &Fixture, identity: &ApplianceIdentity) -> Arc<rustls::ClientConfig> {
+    let (key, issued) = credentials(f, identity);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(f.server.ca_pem.as_bytes()).unwrap()).unwrap();
+    Arc::new(
+        airlock_proto::tls::mtls_client_config(
+            airlock_proto::tls::ServerTrust::Roots(roots),
+            vec![issued.der.clone()],
+            PrivateKeyDer::from(rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der())),
+            &[b"h2"],
+        )
+        .unwrap(),
+    )
+}
+
+/// Reads `s` until the peer closes it (or errs); whether that happened within `within`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn one_certificate_holds_a_few_gateway_connections_and_each_must_open_a_stream() {
+    let f = fixture().await;
+    let connector = tokio_rustls::TlsConnector::from(mtls_client(&f, &f.identity));
+    let refused = || {
+        let labels = crate::metrics::ReasonLabels { reason: "too_many_connections".into() };
+        f.server.state.metrics.handshake_failures.get_or_create(&labels).get()
+    };
+    let mut held = Vec::new();
+    for _ in 0..super::CONNECTIONS_PER_APPLIANCE + 1 {
+        let tcp = tokio::net::TcpStream::connect(f.server.gateway_addr).await.unwrap();
+        held.push(connector.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap());
+    }
+    let started = tokio::time::Instant::now();
+    while refused() < 1 {
+        assert!(started.elapsed() < Duration::from_secs(5), "a certificate held more than its share");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refused(), 1);
+    // None opened a stream: each is cut at the deadline, and the certificate can connect again.
+    for conn in &mut held {
+        assert!(closed_within(conn, super::STREAM_OPEN_DEADLINE + Duration::from_secs(3)).await);
+    }
+    assert!(started.elapsed() >= super::STREAM_OPEN_DEADLINE - Duration::from_secs(1), "{:?}", started.elapsed());
+    let mut again = session_as(&f, &f.identity).await;
+    for _ in 0..50 {
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = session_as(&f, &f.identity).await;
+    }
+    assert!(matches!(again, Ok(control_message::Body::Welcome(_))), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_flood_of_silent_connects_does_not_evict_a_handshake_past_its_client_hello() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A small gateway: ten pending handshakes.
+    let limits = crate::net::ConnectionLimits { gateway_max_connections: 40, ..Default::default() };
+    let f = fixture_with(Arc::new(SystemClock), limits).await;
+    let addr = f.server.gateway_addr;
+    let mut tls =
+        rustls::ClientConnection::new(mtls_client(&f, &f.identity), ServerName::try_from("127.0.0.1").unwrap())
+            .unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut out, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    // The ClientHello, and the server's whole flight back: the client now has its own flight to send.
+    tls.write_tls(&mut out).unwrap();
+    tcp.write_all(&out).await.unwrap();
+    while !tls.wants_write() {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the server's flight");
+        tls.read_tls(&mut &buf[..n]).unwrap();
+        tls.process_new_packets().unwrap();
+    }
+    // Mid-handshake, a flood of bare connects from the same address, more than the whole pool.
+    let mut flood = Vec::new();
+    for _ in 0..30 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The handshake still completes, and the gateway serves it (its HTTP/2 preface comes back).
+    std::io::Write::write_all(&mut tls.writer(), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
+    let mut plain = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while plain.is_empty() {
+        while tls.wants_write() {
+            out.clear();
+            tls.write_tls(&mut out).unwrap();
+            tcp.write_all(&out).await.expect("the pending handshake was evicted");
+        }
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await.expect("no answer").unwrap_or(0);
+        assert!(n > 0, "the pending handshake was evicted by the flood");
+        tls.read_tls(&mut &buf[..n]).unwrap();
+        tls.process_new_packets().unwrap();
+        let _ = std::io::Read::read_to_end(&mut tls.reader(), &mut plain);
+    }
+    let evicted = f.server.state.metrics.render();
+    assert!(evicted.contains("reason=\"address_evicted\""), "the flood displaced only itself: {evicted}");
+    drop(flood);
 }
 
 /// A gateway channel authenticated as `identity`, with its key and certificate.

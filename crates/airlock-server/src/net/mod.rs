@@ -1,6 +1,6 @@
 //! What an anonymous peer can hold on either listener, bounded: connection slots, deadlines and the file budget.
 //!
-//! [`slots`] caps each listener's connections (in total and per source address) and evicts idle ones fairly; [`files`] raises the open-file limit and splits it between the listeners.
+//! [`slots`] caps each listener's connections (in total and per source address, an IPv6 /64 counting as one) and evicts idle ones fairly, then work stalled past a grace; [`files`] raises the open-file limit and splits it between the listeners.
 //! The listeners themselves ([`crate::https`], [`crate::gateway`]) apply the deadlines in [`ConnectionLimits`] and count what they shed in [`crate::metrics::ConnectionMetrics`].
 
 pub mod files;
@@ -19,7 +19,7 @@ pub use slots::{Eviction, Limits, Shed, Slot, SlotPool};
 pub struct ConnectionLimits {
     /// API connections at once; cut further to the API's share of the open-file limit.
     pub api_max_connections: usize,
-    /// API connections one source address may hold.
+    /// API connections one source address may hold (an IPv6 /64 counts as one address, see [`slots::address_key`]).
     pub api_connections_per_address: usize,
     /// How long an API connection may go without a request in flight, from its handshake on, before it is closed.
     pub api_idle_timeout: Duration,
@@ -51,9 +51,10 @@ impl Default for ConnectionLimits {
 #[derive(Debug)]
 pub struct Pools {
     pub api: std::sync::Arc<SlotPool>,
-    /// Gateway connections that have not finished their handshake: few, short, and the oldest is evicted for a newcomer.
+    /// Gateway connections that have not finished their handshake: few, short, capped per address; a newcomer evicts
+    /// the oldest that has sent nothing yet, failing that the one stuck longest past its ClientHello (past a grace).
     pub gateway_handshakes: std::sync::Arc<SlotPool>,
-    /// Verified appliance connections: never evicted; a full pool refuses newcomers.
+    /// Verified appliance connections: never evicted; a full pool refuses newcomers (the gateway also caps them per certificate).
     pub gateway_streams: std::sync::Arc<SlotPool>,
 }
 
@@ -61,6 +62,14 @@ pub struct Pools {
 const HANDSHAKE_SHARE_DIVISOR: usize = 4;
 /// A full handshake is ~0.25 ms of CPU (BENCHMARKS.md); more in flight only queues CPU work.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// One address may hold this fraction of the pending handshakes: appliances behind one NAT share an address, but a
+/// handshake takes milliseconds, so a fraction is plenty for them and keeps one flooder from evicting everyone's.
+const HANDSHAKE_ADDRESS_DIVISOR: usize = 4;
+/// An API request in flight this long may be evicted for a newcomer when the pool is full and nothing is idle: an
+/// anonymous peer cannot pin the pool with uploads it stalls, while a request that is moving finishes well within it.
+pub const API_STALL_GRACE: Duration = Duration::from_secs(5);
+/// A gateway handshake past its ClientHello this long may be evicted for a newcomer when nothing pending is silent.
+pub const HANDSHAKE_STALL_GRACE: Duration = Duration::from_secs(2);
 
 impl Pools {
     pub fn new(limits: &ConnectionLimits, file_limit: u64) -> Self {
@@ -78,14 +87,14 @@ impl Pools {
             api: SlotPool::new(Limits {
                 total: budgets.api,
                 per_address: limits.api_connections_per_address,
-                eviction: Eviction::Idle,
+                eviction: Eviction::IdleThenStalled(API_STALL_GRACE),
             }),
             gateway_handshakes: SlotPool::new(Limits {
                 total: handshakes,
-                per_address: handshakes,
-                eviction: Eviction::Idle,
+                per_address: (handshakes / HANDSHAKE_ADDRESS_DIVISOR).max(1),
+                eviction: Eviction::IdleThenStalled(HANDSHAKE_STALL_GRACE),
             }),
-            // Appliances behind one NAT share an address, so streams have no per-address cap.
+            // Appliances behind one NAT share an address, so streams are capped per certificate (by the gateway), not per address.
             gateway_streams: SlotPool::new(Limits { total: streams, per_address: streams, eviction: Eviction::Never }),
         }
     }

@@ -1,9 +1,11 @@
 //! Connection slots: a bounded pool per listener, with a cap per source address.
 //!
 //! A [`Slot`] is held for a connection's whole life and frees itself on drop.
+//! Source addresses are grouped as [`address_key`] says: an IPv4 address on its own, an IPv6 address by its /64 (one host usually holds a whole /64), an IPv4-mapped IPv6 address as the IPv4 address.
 //! When a cap is reached, the oldest *evictable* connection in that scope (the whole pool, or the newcomer's address) is told to close and the newcomer takes its place; only when none is evictable is the newcomer refused.
-//! What is evictable is the listener's call: an API connection with no request in flight, a gateway handshake that has not finished, never an authenticated appliance stream.
-//! So a peer that holds idle connections, or floods bare TCP connects, only ever displaces its own kind and cannot lock out a client that is doing something.
+//! What is evictable is the listener's call ([`Eviction`]): a connection with no work in flight (an API connection between requests, a gateway peer that has sent nothing yet); in a pool with a stall grace, failing that, the connection whose work has been in flight longest, once past the grace (an upload that stalls, a handshake that stops halfway); never an authenticated appliance stream.
+//! So a peer that holds idle connections, floods bare TCP connects or stalls its requests only ever displaces its own kind, or work older than the grace, and cannot lock out a client that is doing something.
+//! Evictions are told apart by scope ([`Shed::Evicted`] for the pool's cap, [`Shed::AddressEvicted`] for an address's): only the pool's cap is load worth reporting, an address displacing itself is not.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -20,8 +22,10 @@ pub enum Shed {
     PoolFull,
     /// The source address holds its share and none of its connections could be evicted.
     AddressFull,
-    /// An older idle connection (or pending handshake) closed to make room.
+    /// An older evictable connection closed to make room in a full pool.
     Evicted,
+    /// An address at its share displaced one of its own connections: that address's business, not load on the pool.
+    AddressEvicted,
 }
 
 impl Shed {
@@ -30,7 +34,27 @@ impl Shed {
             Shed::PoolFull => "pool_full",
             Shed::AddressFull => "address_full",
             Shed::Evicted => "evicted",
+            Shed::AddressEvicted => "address_evicted",
         }
+    }
+
+    /// Whether this says the pool itself is full (what `/readyz` reports), rather than one address at its share.
+    pub fn pool_pressure(self) -> bool {
+        matches!(self, Shed::PoolFull | Shed::Evicted)
+    }
+}
+
+/// The key a source address is counted under: IPv4 as is, IPv4-mapped IPv6 as IPv4, other IPv6 by its /64.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -39,6 +63,8 @@ impl Shed {
 pub enum Eviction {
     /// Any connection with no work in flight ([`Slot::busy`]).
     Idle,
+    /// As `Idle`; when none is idle, the connection whose work has been in flight longest, if for at least this long.
+    IdleThenStalled(std::time::Duration),
     /// None: a full pool refuses newcomers.
     Never,
 }
@@ -57,6 +83,8 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Milliseconds since the pool's epoch at the last start or end of work.
     last_active_ms: AtomicU64,
+    /// Milliseconds since the pool's epoch when work last went from none to some.
+    busy_since_ms: AtomicU64,
     evict: Notify,
 }
 
@@ -112,13 +140,14 @@ impl SlotPool {
     /// A slot for a connection from `addr`, evicting the oldest evictable connection in the full scope if
     /// need be. On success, also says whether someone was evicted (to be counted as shed).
     pub fn acquire(self: &Arc<Self>, addr: IpAddr) -> Result<(Slot, Option<Shed>), Shed> {
+        let addr = address_key(addr);
         let mut inner = self.lock();
         let mut evicted = None;
         if inner.per_address.get(&addr).copied().unwrap_or(0) >= self.limits.per_address {
             if !self.evict_oldest(&mut inner, Some(addr)) {
                 return Err(Shed::AddressFull);
             }
-            evicted = Some(Shed::Evicted);
+            evicted = Some(Shed::AddressEvicted);
         }
         if inner.live.len() >= self.limits.total {
             if !self.evict_oldest(&mut inner, None) {
@@ -131,6 +160,7 @@ impl SlotPool {
         let shared = Arc::new(Shared {
             in_flight: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(self.now_ms()),
+            busy_since_ms: AtomicU64::new(0),
             evict: Notify::new(),
         });
         inner.live.insert(id, Entry { addr, shared: shared.clone() });
@@ -140,14 +170,30 @@ impl SlotPool {
 
     /// Removes the oldest evictable connection (of `addr`, if given) and rings its bell.
     fn evict_oldest(&self, inner: &mut Inner, addr: Option<IpAddr>) -> bool {
-        if self.limits.eviction == Eviction::Never {
-            return false;
-        }
-        let victim = inner
+        let grace = match self.limits.eviction {
+            Eviction::Never => return false,
+            Eviction::Idle => None,
+            Eviction::IdleThenStalled(grace) => Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let in_scope = |e: &Entry| addr.is_none_or(|a| e.addr == a);
+        let idle = inner
             .live
             .iter()
-            .find(|(_, e)| addr.is_none_or(|a| e.addr == a) && e.shared.in_flight.load(Ordering::Acquire) == 0)
+            .find(|(_, e)| in_scope(e) && e.shared.in_flight.load(Ordering::Acquire) == 0)
             .map(|(id, _)| *id);
+        let stalled = || {
+            let grace = grace?;
+            let now = self.now_ms();
+            inner
+                .live
+                .iter()
+                .filter(|(_, e)| in_scope(e))
+                .map(|(id, e)| (*id, e.shared.busy_since_ms.load(Ordering::Acquire)))
+                .filter(|(_, since)| now.saturating_sub(*since) >= grace)
+                .min_by_key(|(_, since)| *since)
+                .map(|(id, _)| id)
+        };
+        let victim = idle.or_else(stalled);
         let Some(id) = victim else { return false };
         if let Some(entry) = inner.live.remove(&id) {
             release_address(inner, entry.addr);
@@ -185,7 +231,9 @@ pub struct Slot {
 impl Slot {
     /// Marks work in flight until the guard drops; a connection with work in flight is not evicted.
     pub fn busy(&self) -> Busy {
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.shared.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.shared.busy_since_ms.store(self.pool.now_ms(), Ordering::Release);
+        }
         self.touch();
         Busy { pool: self.pool.clone(), shared: self.shared.clone() }
     }
@@ -275,7 +323,9 @@ mod tests {
         let (mine_old, _) = pool.acquire(ip(1)).unwrap();
         let (_mine, _) = pool.acquire(ip(1)).unwrap();
         let (_newest, shed) = pool.acquire(ip(1)).unwrap();
-        assert_eq!(shed, Some(Shed::Evicted));
+        assert_eq!(shed, Some(Shed::AddressEvicted));
+        assert!(!Shed::AddressEvicted.pool_pressure() && !Shed::AddressFull.pool_pressure());
+        assert!(Shed::Evicted.pool_pressure() && Shed::PoolFull.pool_pressure());
         tokio::time::timeout(std::time::Duration::from_secs(1), mine_old.evicted()).await.expect("own oldest evicted");
         assert!(tokio::time::timeout(std::time::Duration::from_millis(50), other.evicted()).await.is_err());
     }
@@ -291,5 +341,52 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(60)).await;
         drop(work);
         assert!(slot.idle_for().unwrap() < std::time::Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_of_stalled_work_evicts_the_longest_stalled_past_its_grace() {
+        let grace = std::time::Duration::from_millis(100);
+        let pool = SlotPool::new(Limits { total: 2, per_address: 2, eviction: Eviction::IdleThenStalled(grace) });
+        let (oldest_work, _) = pool.acquire(ip(1)).unwrap();
+        let (newer_work, _) = pool.acquire(ip(2)).unwrap();
+        let _a = newer_work.busy();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let _b = oldest_work.busy();
+        // Nothing idle and nothing past its grace: refused.
+        assert_eq!(pool.acquire(ip(3)).unwrap_err(), Shed::PoolFull);
+        tokio::time::sleep(grace + std::time::Duration::from_millis(20)).await;
+        // Both are past the grace: the work that started first goes, whatever the connection's age.
+        let (_third, shed) = pool.acquire(ip(3)).unwrap();
+        assert_eq!(shed, Some(Shed::Evicted));
+        tokio::time::timeout(std::time::Duration::from_secs(1), newer_work.evicted()).await.expect("stalled evicted");
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), oldest_work.evicted()).await.is_err());
+
+        // A plain `Idle` pool never evicts busy work, however old.
+        let strict = SlotPool::new(Limits { total: 1, per_address: 1, eviction: Eviction::Idle });
+        let (slot, _) = strict.acquire(ip(1)).unwrap();
+        let _work = slot.busy();
+        tokio::time::sleep(grace + std::time::Duration::from_millis(20)).await;
+        assert_eq!(strict.acquire(ip(2)).unwrap_err(), Shed::PoolFull);
+    }
+
+    #[test]
+    fn addresses_are_counted_by_ipv4_address_and_ipv6_slash_64() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(address_key(v6("2001:db8:1:2:3:4:5:6")), v6("2001:db8:1:2::"));
+        assert_eq!(address_key(v6("2001:db8:1:2:ffff::1")), v6("2001:db8:1:2::"));
+        assert_ne!(address_key(v6("2001:db8:1:3::1")), v6("2001:db8:1:2::"));
+        assert_eq!(address_key(v6("::ffff:10.0.0.1")), ip(1));
+        assert_eq!(address_key(ip(1)), ip(1));
+    }
+
+    #[tokio::test]
+    async fn one_ipv6_host_cannot_take_more_than_one_share_by_rotating_its_addresses() {
+        let pool = SlotPool::new(Limits { total: 10, per_address: 2, eviction: Eviction::Never });
+        let (_a, _) = pool.acquire("2001:db8::1".parse().unwrap()).unwrap();
+        let (_b, _) = pool.acquire("2001:db8::2".parse().unwrap()).unwrap();
+        assert_eq!(pool.acquire("2001:db8::3".parse().unwrap()).unwrap_err(), Shed::AddressFull);
+        let (_c, _) = pool.acquire("::ffff:10.0.0.1".parse().unwrap()).unwrap();
+        let (_d, _) = pool.acquire(ip(1)).unwrap();
+        assert_eq!(pool.acquire(ip(1)).unwrap_err(), Shed::AddressFull);
     }
 }
