@@ -29,7 +29,7 @@ pub struct ConnectionLabels {
 pub struct ConnectionMetrics {
     /// Connections refused or evicted for room, by [`crate::net::Shed`] reason (`airlock_shed_connections_total`).
     pub shed: Family<ConnectionLabels, Counter>,
-    /// Connections closed at a deadline: handshake, ClientHello, idle, request (`airlock_closed_connections_total`).
+    /// Connections the server closed: at a deadline (handshake, ClientHello, idle, request, stream open), or displaced by their certificate's newer one (`airlock_closed_connections_total`).
     pub closed: Family<ConnectionLabels, Counter>,
     epoch: tokio::time::Instant,
     /// Milliseconds since `epoch` at the last connection shed because a pool was full, plus one (0: never).
@@ -59,7 +59,7 @@ impl ConnectionMetrics {
         self.last_shed_ms.store(now, std::sync::atomic::Ordering::Release);
     }
 
-    /// Counts a connection closed at one of its deadlines (normal housekeeping, not shedding).
+    /// Counts a connection the server closed: at one of its deadlines, or displaced (housekeeping, not shedding).
     pub fn closed(&self, listener: &'static str, reason: &'static str) {
         self.closed.get_or_create(&ConnectionLabels { listener, reason }).inc();
     }
@@ -135,7 +135,7 @@ impl Default for Metrics {
         );
         registry.register(
             "closed_connections",
-            "Connections closed at a deadline (handshake, ClientHello, idle, request)",
+            "Connections the server closed: at a deadline (handshake, ClientHello, idle, request, stream open) or displaced by a newer one of the same certificate",
             connections.closed.clone(),
         );
         Self {

@@ -21,26 +21,38 @@ pub struct GatewayConn {
 }
 
 /// Verified connections per appliance identity, so one certificate cannot fill the stream pool (which never evicts).
+///
+/// At its cap, a certificate's newest connection cuts its oldest rather than being refused: an
+/// appliance that reconnects over a flaky network leaves dead connections behind, and must not be
+/// locked out until keepalive notices them; a holder of the certificate displaces only its own.
+/// One certificate's connections, oldest first: (place, switch).
+type Held = std::collections::VecDeque<(u64, Arc<ConnKill>)>;
+
 #[derive(Debug)]
 pub struct PerAppliance {
     cap: usize,
-    counts: std::sync::Mutex<std::collections::HashMap<airlock_core::ApplianceId, usize>>,
+    next: std::sync::atomic::AtomicU64,
+    conns: std::sync::Mutex<std::collections::HashMap<airlock_core::ApplianceId, Held>>,
 }
 
 impl PerAppliance {
     pub fn new(cap: usize) -> Arc<Self> {
-        Arc::new(Self { cap: cap.max(1), counts: Default::default() })
+        Arc::new(Self { cap: cap.max(1), next: Default::default(), conns: Default::default() })
     }
 
-    /// A place for one more connection of `id`, or `None` when it holds its cap.
-    pub fn take(self: &Arc<Self>, id: airlock_core::ApplianceId) -> Option<ApplianceHold> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(id).or_default();
-        if *n >= self.cap {
-            return None;
-        }
-        *n += 1;
-        Some(ApplianceHold { pool: self.clone(), id })
+    /// A place for one more connection of `id` (cut through `kill`); at the cap, its oldest
+    /// connection is cut to make room. Returns whether one was.
+    pub fn take(self: &Arc<Self>, id: airlock_core::ApplianceId, kill: Arc<ConnKill>) -> (ApplianceHold, bool) {
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let oldest = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = conns.entry(id).or_default();
+            let oldest = if mine.len() >= self.cap { mine.pop_front() } else { None };
+            mine.push_back((seq, kill));
+            oldest
+        };
+        let displaced = oldest.map(|(_, kill)| kill.kill()).is_some();
+        (ApplianceHold { pool: self.clone(), id, seq }, displaced)
     }
 }
 
@@ -49,15 +61,16 @@ impl PerAppliance {
 pub struct ApplianceHold {
     pool: Arc<PerAppliance>,
     id: airlock_core::ApplianceId,
+    seq: u64,
 }
 
 impl Drop for ApplianceHold {
     fn drop(&mut self) {
-        let mut counts = self.pool.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.id);
+        let mut conns = self.pool.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mine) = conns.get_mut(&self.id) {
+            mine.retain(|(seq, _)| *seq != self.seq);
+            if mine.is_empty() {
+                conns.remove(&self.id);
             }
         }
     }

@@ -7,7 +7,7 @@
 //! The session task never awaits the appliance: replies and pushes are queued with `try_send`, so a peer that stops reading cannot stall the task that must act on revocation and expiry.
 //! A peer whose reply queue is full is disconnected; a kicked or expired one gets a final status and then its socket is cut ([`ConnKill`]).
 //! A peer must send its ClientHello within a short deadline and finish its handshake within another; pending handshakes have a small pool of their own, capped per address, where a newcomer evicts the oldest peer that has sent nothing yet (one whose ClientHello was read is busy, evictable only once stuck past [`crate::net::HANDSHAKE_STALL_GRACE`]), and verified appliance connections a separate one, so a bare TCP flood can neither starve appliances that present certificates, nor evict their handshakes, nor reach the file limit ([`crate::net`]).
-//! One certificate identity holds at most [`CONNECTIONS_PER_APPLIANCE`] verified connections, and a verified connection that opens no gRPC stream within [`STREAM_OPEN_DEADLINE`] is cut, so one valid certificate cannot fill the stream pool, which never evicts.
+//! One certificate identity holds at most [`CONNECTIONS_PER_APPLIANCE`] verified connections (its newest cuts its oldest), and a verified connection that opens no gRPC stream within [`STREAM_OPEN_DEADLINE`] is cut, so one valid certificate cannot fill the stream pool, which never evicts.
 //! What is pushed unasked on a stream is [`crate::push`]'s business; results and releases go to [`crate::operations`], renewals to `renew`.
 
 mod conn;
@@ -137,9 +137,11 @@ pub async fn serve(
                 else {
                     return handshake_refused(&state, addr, "not_an_appliance").await;
                 };
-                let Some(hold) = per_appliance.take(peer.identity.appliance) else {
-                    return handshake_refused(&state, addr, "too_many_connections").await;
-                };
+                let kill = Arc::new(ConnKill::default());
+                let (hold, displaced) = per_appliance.take(peer.identity.appliance, kill.clone());
+                if displaced {
+                    state.metrics.connections.closed(LISTENER, "displaced_by_newer");
+                }
                 let slot = match streams.acquire(addr.ip()) {
                     Ok((slot, _)) => slot,
                     Err(shed) => {
@@ -148,7 +150,6 @@ pub async fn serve(
                     }
                 };
                 drop(pending);
-                let kill = Arc::new(ConnKill::default());
                 let peer = GatewayPeer { cert: peer, kill: kill.clone() };
                 if conn_tx.send(Ok(GatewayConn { io: tls, peer, _slot: slot, _hold: hold })).await.is_err() {
                     return;
