@@ -3,7 +3,7 @@
 //! Callers queue `(chain, time, event)`; one task takes whatever has queued up (at most [`MAX_BATCH`]), appends it in queue order in one [`WriteTx`], and commits once: one fsync for the whole batch.
 //! Each chain's run in a batch costs a few statements, not three per record (`WriteTx::audit_run`); like [`WriteTx::audit`] it appends only after a head whose MAC checks out, and MACs the head it leaves.
 //! [`AuditWriter::append`] answers only once its own record's batch has committed, so nothing acknowledged is lost; a batch that fails fails every waiter in it, and none of its records is written.
-//! [`AuditWriter::enqueue`] returns once the record is queued (routine reads, see `api::ReadAudit`): a crash can lose at most the records not yet committed, and a failed batch counts its queued records in `airlock_audit_queued_records_lost_total` and logs them.
+//! [`AuditWriter::enqueue`] returns once the record is queued (routine reads, see `api::ReadAudit`; repeats of one read within a batch become one record that counts them, `RepeatedReads`): a crash can lose at most the records not yet committed, and a failed batch counts its queued records in `airlock_audit_queued_records_lost_total` and logs them.
 //! Order: the writer appends under the store's write lock, like every mutation, so a chain is strictly ordered; records are appended in queue order within each chain, so by the time an append is acknowledged, everything queued before it was committed (or, in a failed batch, refused and counted).
 //! Back-pressure: the queue holds [`QUEUE_CAPACITY`] records; a caller finding it full waits for room, so the queue never grows without bound (anonymous refusals are rate limited before they get here, `state::RefusalLimiter`).
 
@@ -92,9 +92,26 @@ impl AuditWriter {
     }
 }
 
+/// How long a batch of routine reads only waits for more before it commits: a steady stream of
+/// reads then costs a commit (and an fsync) every few milliseconds, not one per read. A durable
+/// append or a flush arriving meanwhile ends the wait at once.
+const ROUTINE_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
 async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Msg>, metrics: AuditMetrics) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let routine = |msgs: &[Msg]| msgs.iter().all(|m| matches!(m, Msg::Append { ack: None, .. }));
+        if routine(&batch) {
+            let deadline = tokio::time::Instant::now() + ROUTINE_LINGER;
+            while batch.len() < MAX_BATCH {
+                let before = batch.len();
+                // `recv_many` is cancel safe: a timeout loses no message.
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, MAX_BATCH - before)).await {
+                    Ok(n) if n > 0 && routine(&batch[before..]) => {}
+                    _ => break,
+                }
+            }
+        }
         commit_batch(&store, batch.drain(..), &metrics).await;
     }
 }
@@ -105,18 +122,21 @@ async fn commit_batch(store: &Store, batch: impl Iterator<Item = Msg>, metrics: 
     let mut waiters = Vec::new();
     let mut flushes = Vec::new();
     let mut queued = 0_u64;
+    let mut reads = RepeatedReads::default();
     for msg in batch {
         match msg {
-            Msg::Append { chain, at, event, ack } => {
+            Msg::Append { chain, at, event, ack: Some(ack) } => {
                 records.push((chain, at, event));
-                match ack {
-                    Some(ack) => waiters.push(ack),
-                    None => queued += 1,
-                }
+                waiters.push(ack);
+            }
+            Msg::Append { chain, at, event, ack: None } => {
+                queued += 1;
+                reads.push(&mut records, chain, at, event);
             }
             Msg::Flush(f) => flushes.push(f),
         }
     }
+    reads.finish(&mut records);
     let count = records.len();
     let outcome = if records.is_empty() {
         Ok(())
@@ -141,6 +161,52 @@ async fn commit_batch(store: &Store, batch: impl Iterator<Item = Msg>, metrics: 
     }
     for f in flushes {
         let _ = f.send(());
+    }
+}
+
+/// Routine reads ([`AuditWriter::enqueue`]) that repeat one another within a batch (the same
+/// chain, actor, action, target, outcome and detail: a dashboard polling a list) become one
+/// record, at the first one's place and time, whose detail says how many it stands for
+/// (`"repeated": n`). Durable reads ([`AuditWriter::append`]) are never folded: each is its own.
+#[derive(Default)]
+struct RepeatedReads {
+    /// Each distinct read's place in the batch's records, and how many times it came.
+    seen: std::collections::HashMap<(String, String), (usize, u64)>,
+}
+
+impl RepeatedReads {
+    fn push(&mut self, records: &mut Vec<(String, Timestamp, Event)>, chain: String, at: Timestamp, event: Event) {
+        let Ok(key) = serde_json::to_string(&event) else {
+            records.push((chain, at, event));
+            return;
+        };
+        match self.seen.entry((chain, key)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().1 += 1,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let chain = e.key().0.clone();
+                e.insert((records.len(), 1));
+                records.push((chain, at, event));
+            }
+        }
+    }
+
+    fn finish(self, records: &mut [(String, Timestamp, Event)]) {
+        for (place, count) in self.seen.into_values() {
+            if count < 2 {
+                continue;
+            }
+            let detail = &mut records[place].2.detail;
+            match detail {
+                serde_json::Value::Object(map) => {
+                    map.insert("repeated".into(), count.into());
+                }
+                serde_json::Value::Null => *detail = serde_json::json!({ "repeated": count }),
+                other => {
+                    let inner = std::mem::take(other);
+                    *other = serde_json::json!({ "detail": inner, "repeated": count });
+                }
+            }
+        }
     }
 }
 

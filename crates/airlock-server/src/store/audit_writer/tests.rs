@@ -124,3 +124,34 @@ async fn a_writer_that_stopped_refuses_rather_than_drops() {
     assert!(matches!(stopped.enqueue("ten_a", at(), read(0, 0)).await, Err(AuditAppendError::Stopped)));
     writer.append("ten_a", at(), read(0, 0)).await.unwrap();
 }
+
+#[tokio::test]
+async fn repeated_routine_reads_in_a_batch_become_one_record_that_counts_them_and_durable_ones_never_do() {
+    let (store, writer, metrics, _dir) = writer().await;
+    let writer = Arc::new(writer);
+    // Queued before the writer runs (one thread): one batch.
+    for _ in 0..10 {
+        writer.enqueue("ten_a", at(), read(7, 7)).await.unwrap();
+    }
+    writer.enqueue("ten_a", at(), read(8, 8)).await.unwrap();
+    writer.enqueue("ten_b", at(), read(7, 7)).await.unwrap();
+    let durable: Vec<_> = (0..3)
+        .map(|_| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.append("ten_a", at(), read(9, 9)).await })
+        })
+        .collect();
+    for d in durable {
+        d.await.unwrap().unwrap();
+    }
+    writer.flush().await;
+    let a = store.audit_records("ten_a").await.unwrap();
+    let details: Vec<serde_json::Value> = a.into_iter().map(|r| r.unwrap().event.detail).collect();
+    assert_eq!(details[0], serde_json::json!({ "task": 7, "n": 7, "repeated": 10 }));
+    assert_eq!(details[1], serde_json::json!({ "task": 8, "n": 8 }));
+    assert_eq!(details.iter().filter(|d| **d == serde_json::json!({ "task": 9, "n": 9 })).count(), 3);
+    assert_eq!(details.len(), 5);
+    // Another chain's identical read is its own record.
+    assert_eq!(committed(&store, "ten_b").await, vec![(7, 7)]);
+    assert_eq!(metrics.queued_records_lost.get(), 0);
+}
