@@ -498,7 +498,10 @@ fn secrets(at: &str, secrets: &BTreeMap<String, SecretRef>) -> Result<(), Releas
     count(at, secrets.len(), MAX_SECRETS)?;
     for name in secrets.keys() {
         if !secret_ref::is_env_name(name) {
-            return Err(invalid(&format!("{at}.{}", name.chars().take(64).collect::<String>()), Problem::NotEnvName(name.clone())));
+            return Err(invalid(
+                &format!("{at}.{}", name.chars().take(64).collect::<String>()),
+                Problem::NotEnvName(name.clone()),
+            ));
         }
     }
     Ok(())

@@ -94,7 +94,9 @@ fn is_aws_secret(s: &str) -> bool {
             parts.len() == 6
                 && parts[0].starts_with("aws")
                 && parts[1] == "secretsmanager"
-                && parts[2..5].iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                && parts[2..5]
+                    .iter()
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
                 && parts[4] == "secret"
                 && chars_ok(parts[5])
         }

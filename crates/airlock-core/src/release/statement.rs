@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Problem, ReleaseError, ReleaseLimit, ReleaseManifest, RelativePath, count, invalid};
+use super::{Problem, RelativePath, ReleaseError, ReleaseLimit, ReleaseManifest, count, invalid};
 use crate::customer_key::{CustomerPublicKey, CustomerSigningKey};
 use crate::dsse::Envelope;
 use crate::operation::sha256_hex;
@@ -40,8 +40,11 @@ impl ReleaseStatement {
     pub fn new(manifest_toml: &str, mut artifacts: Vec<Artifact>) -> Result<Self, ReleaseError> {
         ReleaseManifest::parse(manifest_toml)?;
         artifacts.sort_by(|a, b| a.path.cmp(&b.path));
-        let statement =
-            Self { manifest_sha256: sha256_hex(manifest_toml.as_bytes()), manifest: manifest_toml.to_owned(), artifacts };
+        let statement = Self {
+            manifest_sha256: sha256_hex(manifest_toml.as_bytes()),
+            manifest: manifest_toml.to_owned(),
+            artifacts,
+        };
         statement.validate()?;
         Ok(statement)
     }
@@ -132,7 +135,10 @@ impl VerifiedRelease {
 
 /// Checks the size, the payload type and a signature by one of `accepted_keys`, then the statement's size,
 /// form (canonical, sorted, unique artifacts) and manifest (its digest, then its content).
-pub fn verify_release(envelope: &Envelope, accepted_keys: &[CustomerPublicKey]) -> Result<VerifiedRelease, ReleaseError> {
+pub fn verify_release(
+    envelope: &Envelope,
+    accepted_keys: &[CustomerPublicKey],
+) -> Result<VerifiedRelease, ReleaseError> {
     // Bounded before any work: the signature check hashes the whole payload.
     if envelope.payload.len() > MAX_STATEMENT_BYTES {
         return Err(ReleaseError::Limit(ReleaseLimit::StatementBytes { bytes: envelope.payload.len() }));

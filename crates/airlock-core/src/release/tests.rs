@@ -94,10 +94,7 @@ fn a_good_manifest_parses() {
     assert_eq!(m.tasks[0].name, "migrate");
     assert_eq!(m.dependencies[1], Dependency { name: "queue".into(), url: None, credentials: Default::default() });
     let secrets: Vec<String> = m.required_secrets().iter().map(ToString::to_string).collect();
-    assert_eq!(
-        secrets,
-        ["env:SHOP_API_KEY", "aws-sm:prod/shop/db", "aws-ssm:/shop/db/user", "k8s:shop/db#password"]
-    );
+    assert_eq!(secrets, ["env:SHOP_API_KEY", "aws-sm:prod/shop/db", "aws-ssm:/shop/db/user", "k8s:shop/db#password"]);
 }
 
 #[test]
@@ -240,7 +237,11 @@ fn over_limit_sizes_are_refused() {
     }
     assert_eq!(
         ReleaseManifest::parse(&many),
-        Err(ReleaseError::Limit(ReleaseLimit::Count { at: "service".into(), count: MAX_SERVICES + 1, max: MAX_SERVICES }))
+        Err(ReleaseError::Limit(ReleaseLimit::Count {
+            at: "service".into(),
+            count: MAX_SERVICES + 1,
+            max: MAX_SERVICES
+        }))
     );
     let long = "a".repeat(MAX_STRING_BYTES + 1);
     assert_eq!(
@@ -268,7 +269,8 @@ fn statement_is_sorted_canonical_and_digested() {
     assert_eq!(s.digest(), sha256_hex(json.as_bytes()));
     // The same release built from artifacts in another order has the same digest.
     let again =
-        ReleaseStatement::new(GOOD, vec![artifact("app/web/index.html", b"<html>"), artifact("bin/web", b"web")]).unwrap();
+        ReleaseStatement::new(GOOD, vec![artifact("app/web/index.html", b"<html>"), artifact("bin/web", b"web")])
+            .unwrap();
     assert_eq!(again.digest(), s.digest());
     let other = ReleaseStatement::new(GOOD, vec![artifact("bin/web", b"web2")]).unwrap();
     assert_ne!(other.digest(), s.digest());
