@@ -20,6 +20,7 @@ pub mod output_commitment;
 pub mod pattern;
 pub mod policy;
 pub mod probe;
+pub mod release;
 pub mod run_spec;
 pub mod template;
 pub mod time;
