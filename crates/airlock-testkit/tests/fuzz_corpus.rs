@@ -31,6 +31,7 @@ const TARGETS: &[&str] = &[
     "manifest",
     "policy",
     "pre_approval",
+    "release",
     "signed_statements",
     "template",
 ];
@@ -39,6 +40,12 @@ const MANIFEST: &str = "name = \"restart-service\"\ndescription = \"Restart one 
     data_tags = [\"service:restart\"]\nbody = \"restart.sh\"\n\n[[variables]]\nname = \"service\"\n\
     pattern = \"[a-z][a-z0-9-]{0,40}\"\n\n[[variables]]\nname = \"grace_seconds\"\ntype = \"integer\"\n";
 const SCRIPT: &str = "#!/bin/sh\nsystemctl restart \"$AIRLOCK_VAR_SERVICE\"\n";
+
+const RELEASE: &str = "name = \"shop\"\nversion = \"1.4.2\"\n\n[[service]]\nname = \"web\"\ncommand = \"bin/web\"\n\
+    args = [\"--port\", \"8080\"]\nworkdir = \"app\"\nsecrets = { DATABASE_PASSWORD = \"aws-sm:prod/shop/db\" }\n\n\
+    [[service.health]]\nprobe = { http = { path = \"/healthz\", port = 8080 } }\n\n[[task]]\nname = \"migrate\"\n\
+    command = \"bin/migrate\"\n\n[[dependency]]\nname = \"postgres\"\nurl = \"postgres://db.internal:5432/shop\"\n\
+    credentials = { password = \"k8s:shop/db#password\" }\n";
 
 const POLICY: &str = r#"version = 1
 serial = 3
@@ -188,9 +195,21 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         ("manifest", vec![serde_json::to_vec(&manifest).unwrap()]),
         ("policy", vec![policy.into_bytes(), signed_policy.into_bytes()]),
         ("pre_approval", vec![json(&pre_approval), customer::sign_pre_approval(&pre_approval, &[7]).into_bytes()]),
+        ("release", vec![RELEASE.as_bytes().to_vec(), release_statement().to_canonical_json()]),
         ("signed_statements", vec![json(&rotation), json(&fx.attestation_statement())]),
         ("template", vec![with_nul(MANIFEST, SCRIPT), with_nul(&at_cap_template(), SCRIPT)]),
     ])
+}
+
+/// A release statement over [`RELEASE`] and two artifacts, as a vendor signs it.
+fn release_statement() -> airlock_core::release::ReleaseStatement {
+    use airlock_core::release::{Artifact, RelativePath, ReleaseStatement};
+    let artifact = |path: &str, bytes: &[u8]| Artifact {
+        path: RelativePath::parse(path).unwrap(),
+        sha256: airlock_core::operation::sha256_hex(bytes),
+        size: bytes.len() as u64,
+    };
+    ReleaseStatement::new(RELEASE, vec![artifact("bin/web", b"web"), artifact("bin/migrate", b"migrate")]).unwrap()
 }
 
 mod erased {
@@ -217,6 +236,7 @@ fn every_fuzz_target_has_a_corpus_of_real_values() {
         let (m, s) = seed.split_at(seed.iter().position(|b| *b == 0).unwrap());
         Template::new(std::str::from_utf8(m).unwrap(), std::str::from_utf8(&s[1..]).unwrap()).unwrap();
     }
+    airlock_core::release::ReleaseManifest::parse(std::str::from_utf8(&seeds["release"][0]).unwrap()).unwrap();
     for seed in &seeds["policy"][..1] {
         airlock_core::policy::PolicyDocument::parse(std::str::from_utf8(seed).unwrap()).unwrap();
     }
