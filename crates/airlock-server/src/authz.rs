@@ -124,6 +124,10 @@ pub enum Action {
     GetOutput,
     RelayPolicy,
     GetPolicy,
+    AddReleaseKey,
+    ListReleaseKeys,
+    PushRelease,
+    ListReleases,
 }
 
 impl Action {
@@ -146,6 +150,10 @@ impl Action {
             Action::GetOutput => AuditAction::OperationOutputDownload,
             Action::RelayPolicy => AuditAction::PolicyRelayed,
             Action::GetPolicy => AuditAction::PolicyGet,
+            Action::AddReleaseKey => AuditAction::ReleaseKeyAdd,
+            Action::ListReleaseKeys => AuditAction::ReleaseKeyList,
+            Action::PushRelease => AuditAction::ReleasePush,
+            Action::ListReleases => AuditAction::ReleaseList,
         }
     }
 

@@ -4,7 +4,7 @@
 //!
 //! Map of the crate, from the edge inwards:
 //! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; their handlers authorise, parse, call a domain function and map its result.
-//! - The domain: [`operations`] (requests, approvals, results, releases), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens).
+//! - The domain: [`operations`] (requests, approvals, results, releases of output), [`releases`] (vendor releases and their signing keys), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens).
 //! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
 //! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
 //! - [`audit_checkpoints`] signs checkpoints of the audit chains and prunes old anonymous refusals behind them.
@@ -28,6 +28,7 @@ pub mod operations;
 pub mod policy;
 pub mod push;
 pub mod registry;
+pub mod releases;
 pub mod seen;
 pub mod signer;
 pub mod state;

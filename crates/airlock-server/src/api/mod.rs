@@ -12,6 +12,7 @@ mod contract;
 mod error;
 pub mod operations;
 pub mod policy;
+pub mod releases;
 pub mod tenancy;
 
 use std::sync::{Arc, LazyLock};
@@ -55,6 +56,8 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(operations::list_templates, operations::push_template))
         .routes(routes!(operations::request_operation))
         .routes(routes!(policy::get_policy, policy::relay_policy))
+        .routes(routes!(releases::list_release_keys, releases::add_release_key))
+        .routes(routes!(releases::list_releases, releases::push_release))
         .routes(routes!(operations::list_operations))
         .routes(routes!(operations::get_operation))
         .routes(routes!(operations::relay_approval))

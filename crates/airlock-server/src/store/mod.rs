@@ -18,6 +18,7 @@ mod ca;
 mod operations;
 mod policies;
 mod read_cache;
+mod releases;
 mod templates;
 mod tenancy;
 #[cfg(test)]
@@ -39,6 +40,7 @@ pub use audit_writer::{AuditAppendError, AuditWriter};
 pub use ca::StoredCa;
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
+pub use releases::{ReleaseKeyRow, ReleaseRow};
 pub use templates::TemplateRow;
 pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
 
@@ -60,6 +62,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (8, "appliance_attestation", include_str!("../../migrations/0008_appliance_attestation.sql")),
     (9, "appliance_execution_key", include_str!("../../migrations/0009_appliance_execution_key.sql")),
     (10, "audit_signing", include_str!("../../migrations/0010_audit_signing.sql")),
+    (11, "releases", include_str!("../../migrations/0011_releases.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

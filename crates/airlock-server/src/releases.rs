@@ -1,0 +1,150 @@
+//! Vendor releases (not a customer *releasing output*; that is `operations::release`): a
+//! workspace's release-signing keys, and releases pushed as signed statements.
+//!
+//! A release is checked with core's [`verify_release`] against the workspace's unrevoked keys,
+//! on the blocking pool, and stored as the envelope it arrived in. Releases are immutable: the
+//! same name and version again is accepted unchanged only with the same digest.
+
+use airlock_core::WorkspaceId;
+use airlock_core::audit::{AuditAction, Outcome};
+use airlock_core::customer_key::CustomerPublicKey;
+use airlock_core::dsse::Envelope;
+use airlock_core::release::{ReleaseError, verify_release};
+
+use crate::authz::TenantScope;
+use crate::state::{AppState, event};
+use crate::store::{ReleaseKeyRow, ReleaseRow, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseKeyError {
+    #[error("not an Ed25519 public key in PEM: {0}")]
+    BadKey(String),
+    #[error("no workspace {0} in your tenant")]
+    NoWorkspace(WorkspaceId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Registers a release-signing key (its public half) in a workspace, with its audit record.
+pub async fn add_key(
+    state: &AppState,
+    scope: &TenantScope,
+    workspace: WorkspaceId,
+    public_pem: &str,
+) -> Result<ReleaseKeyRow, ReleaseKeyError> {
+    let key = CustomerPublicKey::from_pem(public_pem).map_err(|e| ReleaseKeyError::BadKey(e.to_string()))?;
+    let now = state.now();
+    let row = ReleaseKeyRow {
+        workspace_id: workspace,
+        key_id: key.key_id(),
+        public_pem: key.to_pem().map_err(|e| ReleaseKeyError::BadKey(e.to_string()))?,
+        created_at: now,
+        revoked_at: None,
+    };
+    let mut ev = event(scope.principal().actor(), AuditAction::ReleaseKeyAdd, Outcome::Success);
+    ev.workspace = Some(workspace.to_string());
+    ev.target = Some(row.key_id.clone());
+    let mut tx = state.store.write().await?;
+    if !tx.add_release_key(scope, &row).await? {
+        return Err(ReleaseKeyError::NoWorkspace(workspace));
+    }
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    tracing::info!(key_id = %row.key_id, %workspace, "release key added");
+    Ok(row)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushReleaseError {
+    #[error("the body is not a DSSE envelope: {0}")]
+    NotAnEnvelope(String),
+    /// No signature by a registered, unrevoked key, or a statement or manifest core refuses.
+    #[error("{0}")]
+    Invalid(ReleaseError),
+    #[error(
+        "release {name} {version} already exists with digest {stored}; releases are immutable, so publish a new version"
+    )]
+    Immutable { name: String, version: String, stored: String },
+    #[error("no workspace {0} in your tenant")]
+    NoWorkspace(WorkspaceId),
+    #[error("verifying the release did not finish; retry")]
+    Interrupted,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A release as stored, and whether this push stored it.
+#[derive(Debug)]
+pub struct PushedRelease {
+    pub row: ReleaseRow,
+    pub created: bool,
+}
+
+/// Verifies a signed release against the workspace's unrevoked keys and stores it, with its audit
+/// record. The same name, version and digest again changes nothing; another digest is refused.
+pub async fn push(
+    state: &AppState,
+    scope: &TenantScope,
+    workspace: WorkspaceId,
+    envelope: serde_json::Value,
+) -> Result<PushedRelease, PushReleaseError> {
+    let envelope_json = serde_json::to_string(&envelope).map_err(|e| PushReleaseError::NotAnEnvelope(e.to_string()))?;
+    let envelope =
+        Envelope::from_json(envelope_json.as_bytes()).map_err(|e| PushReleaseError::NotAnEnvelope(e.to_string()))?;
+    if !state.store.workspace_exists(scope, workspace).await? {
+        return Err(PushReleaseError::NoWorkspace(workspace));
+    }
+    let keys = state
+        .store
+        .list_release_keys(scope, workspace)
+        .await?
+        .into_iter()
+        .filter(|k| k.revoked_at.is_none())
+        .map(|k| {
+            CustomerPublicKey::from_pem(&k.public_pem)
+                .map_err(|e| StoreError::Corrupt(format!("release key {}: {e}", k.key_id)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Hashing and parsing up to the statement's cap: off the async workers.
+    let verified = tokio::task::spawn_blocking(move || verify_release(&envelope, &keys))
+        .await
+        .map_err(|_| PushReleaseError::Interrupted)?
+        .map_err(PushReleaseError::Invalid)?;
+    let manifest = verified.manifest();
+    let now = state.now();
+    let row = ReleaseRow {
+        workspace_id: workspace,
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        digest: verified.digest().to_owned(),
+        artifacts: verified.statement().artifacts.len() as u64,
+        envelope: envelope_json,
+        pushed_by: scope.principal().actor(),
+        pushed_at: now,
+    };
+    let mut ev = event(scope.principal().actor(), AuditAction::ReleasePush, Outcome::Success);
+    ev.workspace = Some(workspace.to_string());
+    ev.target = Some(format!("{}@{}", row.name, row.version));
+    let mut tx = state.store.write().await?;
+    if let Some(stored) = tx.release(scope, workspace, &row.name, &row.version).await? {
+        drop(tx);
+        if stored.digest != row.digest {
+            return Err(PushReleaseError::Immutable { name: row.name, version: row.version, stored: stored.digest });
+        }
+        ev.detail = serde_json::json!({ "digest": row.digest, "unchanged": true });
+        state.audit(&scope.chain(), ev).await?;
+        return Ok(PushedRelease { row: stored, created: false });
+    }
+    if !tx.insert_release(scope, &row).await? {
+        return Err(PushReleaseError::NoWorkspace(workspace));
+    }
+    ev.detail = serde_json::json!({
+        "digest": row.digest,
+        "artifacts": row.artifacts,
+        "signed_by": verified.signed_by(),
+    });
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    tracing::info!(release = %row.name, version = %row.version, digest = %row.digest, "release pushed");
+    Ok(PushedRelease { row, created: true })
+}
