@@ -10,6 +10,7 @@ mod customer;
 #[cfg(all(feature = "server", feature = "appliance"))]
 mod dev;
 mod operations;
+mod releases;
 mod terminal;
 
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ enum Command {
     Env(EnvCmd),
     /// Push and list operation templates through the API.
     Template(operations::TemplateCmd),
+    /// Vendor releases: register release keys, push signed release directories, list releases.
+    Release(releases::ReleaseCmd),
     /// Request signed operations and read their manifests and released output.
     Op(operations::OpCmd),
     /// Verify audit logs.
@@ -718,6 +721,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Appliance(cmd) => appliance(cmd).await,
         Command::Env(cmd) => env(cmd).await,
         Command::Template(cmd) => operations::template(cmd).await,
+        Command::Release(cmd) => releases::release(cmd).await,
         Command::Op(cmd) => operations::op(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
         Command::Customer(CustomerCmd {

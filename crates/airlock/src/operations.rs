@@ -109,7 +109,7 @@ fn parse_var(s: &str) -> Result<(String, String), String> {
 }
 
 /// An id for a URL path: the API's ids are letters, digits and `_`.
-fn path_segment(what: &str, s: &str) -> anyhow::Result<String> {
+pub(crate) fn path_segment(what: &str, s: &str) -> anyhow::Result<String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         bail!("`{s}` is not a valid {what}");
     }
