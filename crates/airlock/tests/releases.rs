@@ -1,0 +1,150 @@
+//! Vendor releases through the real binary and control plane: register a release key, push a
+//! signed release directory, list it; the same push again is unchanged; other content under the
+//! same version is refused (releases are immutable); an unregistered key, a manifest leaving its
+//! directory and another tenant's token are refused.
+// Test helpers panic to report failure.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use airlock_testkit::e2e::{Server, keygen, ok};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+
+const MANIFEST: &str = r#"
+name = "shop"
+version = "1.0.0"
+
+[[service]]
+name = "web"
+command = "bin/web"
+workdir = "app"
+"#;
+
+fn write_release(dir: &Path, manifest: &str, web: &[u8]) {
+    std::fs::create_dir_all(dir.join("app/bin")).unwrap();
+    std::fs::write(dir.join("airlock.toml"), manifest).unwrap();
+    std::fs::write(dir.join("app/bin/web"), web).unwrap();
+    std::fs::write(dir.join("app/config.json"), b"{}").unwrap();
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn refused(out: Output, status: &str, says: &str) {
+    let err = stderr(&out);
+    assert!(!out.status.success(), "expected a refusal, got: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains(status), "expected {status}: {err}");
+    assert!(err.contains(says), "expected `{says}`: {err}");
+}
+
+#[test]
+fn a_signed_release_is_pushed_once_and_is_immutable() {
+    let server = Server::start(BIN);
+    let root = server.dir.path().to_owned();
+    let ws = server.workspace.clone();
+    let keys = root.join("vendor-key");
+    keygen(BIN, &keys);
+    let (public, private) = (keys.join("customer.pub"), keys.join("customer.key"));
+    let (public, private) = (public.to_str().unwrap(), private.to_str().unwrap());
+
+    let added = server.ok(&["release", "key", "add", "--workspace", &ws, public]);
+    assert!(added.starts_with("release key id: "), "{added}");
+    assert_eq!(server.audited("release_key.add", "success").len(), 1);
+
+    let dir = root.join("shop");
+    write_release(&dir, MANIFEST, b"web v1");
+    let d = dir.to_str().unwrap();
+    let pushed = server.ok(&["release", "push", d, "--key", private, "--workspace", &ws]);
+    let fields: Vec<&str> = pushed.split_whitespace().collect();
+    assert_eq!(fields[..2], ["shop", "1.0.0"], "{pushed}");
+    let digest = fields[2].to_owned();
+    assert_eq!(digest.len(), 64);
+
+    let list: Value = serde_json::from_str(&server.ok(&["release", "list", "--workspace", &ws, "--json"])).unwrap();
+    let releases = list["releases"].as_array().unwrap();
+    assert_eq!(releases.len(), 1, "{list}");
+    assert_eq!(releases[0]["name"], "shop");
+    assert_eq!(releases[0]["version"], "1.0.0");
+    assert_eq!(releases[0]["digest"], digest.as_str());
+    assert_eq!(releases[0]["artifacts"], 2);
+    assert!(server.ok(&["release", "list", "--workspace", &ws]).contains(&digest));
+
+    // The same release again: accepted, unchanged.
+    let again: Value =
+        serde_json::from_str(&server.ok(&["release", "push", d, "--key", private, "--workspace", &ws, "--json"]))
+            .unwrap();
+    assert_eq!(again["digest"], digest.as_str());
+
+    // One artifact's bytes changed under the same version: refused, and the stored one stays.
+    std::fs::write(dir.join("app/bin/web"), b"web v1, patched").unwrap();
+    refused(server.cli(&["release", "push", d, "--key", private, "--workspace", &ws]), "HTTP 409", "immutable");
+    let list: Value = serde_json::from_str(&server.ok(&["release", "list", "--workspace", &ws, "--json"])).unwrap();
+    assert_eq!(list["releases"].as_array().unwrap().len(), 1);
+    assert_eq!(list["releases"][0]["digest"], digest.as_str());
+
+    // A new version with the new bytes is a new release.
+    std::fs::write(dir.join("airlock.toml"), MANIFEST.replace("1.0.0", "1.0.1")).unwrap();
+    server.ok(&["release", "push", d, "--key", private, "--workspace", &ws]);
+    assert_eq!(server.audited("release.push", "success").len(), 3);
+
+    // Signed by a key the workspace never registered.
+    let stranger = root.join("stranger-key");
+    keygen(BIN, &stranger);
+    let other_dir = root.join("shop-2");
+    write_release(&other_dir, &MANIFEST.replace("1.0.0", "2.0.0"), b"web v2");
+    let stranger_key = stranger.join("customer.key");
+    refused(
+        server.cli(&[
+            "release",
+            "push",
+            other_dir.to_str().unwrap(),
+            "--key",
+            stranger_key.to_str().unwrap(),
+            "--workspace",
+            &ws,
+        ]),
+        "HTTP 422",
+        "release key",
+    );
+
+    // A working directory leaving the release: refused before anything is sent.
+    let escaping = root.join("escaping");
+    write_release(&escaping, &MANIFEST.replace("workdir = \"app\"", "workdir = \"../etc\""), b"web");
+    let out = server.cli(&["release", "push", escaping.to_str().unwrap(), "--key", private, "--workspace", &ws]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("`..`"), "{}", stderr(&out));
+
+    // A symlink leaving the release directory: refused.
+    let linked = root.join("linked");
+    write_release(&linked, MANIFEST, b"web");
+    std::os::unix::fs::symlink("/etc/hostname", linked.join("app/host")).unwrap();
+    let out = server.cli(&["release", "push", linked.to_str().unwrap(), "--key", private, "--workspace", &ws]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("leaving the release directory"), "{}", stderr(&out));
+
+    // Another tenant's token sees no such workspace, and cannot push into it.
+    let created = Command::new(BIN)
+        .args(["server", "tenant", "create", "globex", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    let created = ok(created, "tenant create");
+    let foreign = created.lines().find_map(|l| l.strip_prefix("admin token:")).unwrap().trim().to_owned();
+    refused(server.cli_as(&foreign, &["release", "list", "--workspace", &ws]), "HTTP 404", "no workspace");
+    refused(
+        server.cli_as(&foreign, &["release", "push", d, "--key", private, "--workspace", &ws]),
+        "HTTP 404",
+        "no workspace",
+    );
+    refused(
+        server.cli_as(&foreign, &["release", "key", "add", "--workspace", &ws, public]),
+        "HTTP 404",
+        "no workspace",
+    );
+
+    assert!(server.audit_verify().status.success());
+}
