@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use airlock_core::audit::Outcome;
-use airlock_core::dsse::Envelope;
+use airlock_core::dsse::{DsseError, Envelope};
 use airlock_core::release::ReleaseError;
 use airlock_core::{Timestamp, WorkspaceId};
 use axum::Json;
@@ -36,10 +36,11 @@ impl From<PushReleaseError> for ApiError {
         match e {
             PushReleaseError::NotAnEnvelope(_) => ApiError::bad_request(e.to_string()),
             PushReleaseError::Invalid(ReleaseError::Limit(_)) => ApiError::limit_exceeded(e.to_string()),
-            PushReleaseError::Invalid(ReleaseError::Signature(_)) => ApiError::new(
+            PushReleaseError::Invalid(ReleaseError::Signature(DsseError::NotEnoughSignatures { .. })) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unverified",
-                format!("{e}; register the release key first (`airlock release key add`)"),
+                "the release is not signed by a release key registered in this workspace; register its public half \
+                 first (`airlock release key add`)",
             ),
             PushReleaseError::Invalid(_) => ApiError::bad_request(e.to_string()),
             PushReleaseError::Immutable { .. } => ApiError::conflict(e.to_string()),
