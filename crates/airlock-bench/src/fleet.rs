@@ -39,19 +39,19 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ERROR_SAMPLES: usize = 10;
 
 /// What the appliances of one process need to join.
-pub(crate) struct EnrolCtx {
-    pub(crate) api_url: String,
-    pub(crate) pin: Fingerprint,
-    pub(crate) admin_token: String,
-    pub(crate) environment: String,
+pub struct EnrolCtx {
+    pub api_url: String,
+    pub pin: Fingerprint,
+    pub admin_token: String,
+    pub environment: String,
     /// Shared by all token requests (admin traffic, HTTP/2 multiplexed).
-    pub(crate) admin: reqwest::Client,
+    pub admin: reqwest::Client,
     /// `Some`: all joins share this client. `None`: each appliance makes its own, as a real one does.
-    pub(crate) shared_join_client: Option<reqwest::Client>,
+    pub shared_join_client: Option<reqwest::Client>,
 }
 
 impl EnrolCtx {
-    pub(crate) fn new(
+    pub fn new(
         api_url: &str,
         pin: Fingerprint,
         admin_token: &str,
@@ -72,7 +72,7 @@ impl EnrolCtx {
 }
 
 /// A CA-pinned HTTPS client, as the CLI and the appliance build it.
-pub(crate) fn http_client(pin: Fingerprint) -> anyhow::Result<reqwest::Client> {
+pub fn http_client(pin: Fingerprint) -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
         .timeout(HTTP_TIMEOUT)
@@ -82,7 +82,7 @@ pub(crate) fn http_client(pin: Fingerprint) -> anyhow::Result<reqwest::Client> {
 
 /// A joined appliance: its credentials and where to dial.
 #[derive(Clone)]
-pub(crate) struct Enrolled {
+pub struct Enrolled {
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
     roots: Arc<RootCertStore>,
@@ -93,7 +93,7 @@ pub(crate) struct Enrolled {
 /// How far each appliance goes, to split the server's per-appliance memory by layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum Hold {
+pub enum Hold {
     /// Mutual-TLS connection only; no HTTP/2 preface is sent.
     Tls,
     /// TLS + HTTP/2 connection (tonic channel), but no `Session` stream.
@@ -106,7 +106,7 @@ pub(crate) enum Hold {
 // Nearly every value is a `Session` (the other variants are for memory breakdowns), so boxing
 // it would only add an allocation per appliance.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum Live {
+pub enum Live {
     Session {
         // Held so the connection's request handle lives as long as the stream.
         _client: ApplianceGatewayClient<Channel>,
@@ -122,41 +122,41 @@ pub(crate) enum Live {
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub(crate) struct EnrolReport {
-    pub(crate) ok: usize,
-    pub(crate) failed: usize,
-    pub(crate) start_unix_us: u64,
-    pub(crate) end_unix_us: u64,
+pub struct EnrolReport {
+    pub ok: usize,
+    pub failed: usize,
+    pub start_unix_us: u64,
+    pub end_unix_us: u64,
     /// Latency of each successful `POST …/join-tokens`, µs.
-    pub(crate) token_us: Vec<u64>,
+    pub token_us: Vec<u64>,
     /// Latency of each successful key generation + `POST /v1/join`, µs.
-    pub(crate) join_us: Vec<u64>,
-    pub(crate) errors: Vec<String>,
+    pub join_us: Vec<u64>,
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub(crate) struct ConnectReport {
-    pub(crate) ok: usize,
-    pub(crate) failed: usize,
-    pub(crate) start_unix_us: u64,
-    pub(crate) end_unix_us: u64,
+pub struct ConnectReport {
+    pub ok: usize,
+    pub failed: usize,
+    pub start_unix_us: u64,
+    pub end_unix_us: u64,
     /// When each appliance received `Welcome`, µs since the Unix epoch (comparable across processes).
-    pub(crate) welcome_unix_us: Vec<u64>,
+    pub welcome_unix_us: Vec<u64>,
     /// Dial + handshake + `Hello` → `Welcome`, per appliance, µs.
-    pub(crate) latency_us: Vec<u64>,
-    pub(crate) errors: Vec<String>,
+    pub latency_us: Vec<u64>,
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub(crate) struct HeartbeatReport {
-    pub(crate) acks: u64,
+pub struct HeartbeatReport {
+    pub acks: u64,
     /// Appliances whose stream failed during the window.
-    pub(crate) failed: usize,
+    pub failed: usize,
     /// Round trip of each acknowledged heartbeat is not kept; this is the sum, µs, for a mean.
-    pub(crate) rtt_sum_us: u64,
+    pub rtt_sum_us: u64,
     /// CPU seconds this bench process used during the window.
-    pub(crate) bench_cpu_s: f64,
-    pub(crate) errors: Vec<String>,
+    pub bench_cpu_s: f64,
+    pub errors: Vec<String>,
 }
 
 /// Keeps the first few distinct error messages.
@@ -173,7 +173,7 @@ impl ErrorSamples {
 }
 
 /// Joins `count` appliances with at most `concurrency` in flight.
-pub(crate) async fn enrol_many(ctx: Arc<EnrolCtx>, count: usize, concurrency: usize) -> (Vec<Enrolled>, EnrolReport) {
+pub async fn enrol_many(ctx: Arc<EnrolCtx>, count: usize, concurrency: usize) -> (Vec<Enrolled>, EnrolReport) {
     let start_unix_us = unix_us();
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
@@ -268,11 +268,7 @@ async fn check<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> anyho
 }
 
 /// Connects every enrolled appliance with at most `concurrency` dials in flight.
-pub(crate) async fn connect_many(
-    enrolled: Vec<Enrolled>,
-    concurrency: usize,
-    hold: Hold,
-) -> (Vec<Live>, ConnectReport) {
+pub async fn connect_many(enrolled: Vec<Enrolled>, concurrency: usize, hold: Hold) -> (Vec<Live>, ConnectReport) {
     let start_unix_us = unix_us();
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
@@ -403,7 +399,7 @@ fn healthy(uptime_seconds: u64) -> Health {
 
 /// Every appliance heartbeats in a closed loop (send, await the ack, repeat) until `deadline`.
 /// Returns the appliances whose streams are still up, so they stay connected afterwards.
-pub(crate) async fn heartbeat_many(lives: Vec<Live>, deadline: tokio::time::Instant) -> (Vec<Live>, HeartbeatReport) {
+pub async fn heartbeat_many(lives: Vec<Live>, deadline: tokio::time::Instant) -> (Vec<Live>, HeartbeatReport) {
     let cpu_before = crate::procfs::self_cpu_seconds().unwrap_or(0.0);
     let acks = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let rtt_sum = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -11,9 +11,7 @@
 // The summary table and the worker protocol go to stdout; diagnostics go to stderr.
 #![allow(clippy::print_stdout)]
 
-mod fleet;
-mod procfs;
-mod server;
+use airlock_bench::{fleet, procfs, server, unix_us};
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -26,7 +24,7 @@ use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::fleet::{ConnectReport, EnrolCtx, EnrolReport, HeartbeatReport, Hold};
+use airlock_bench::fleet::{ConnectReport, EnrolCtx, EnrolReport, HeartbeatReport, Hold};
 
 /// The memory goal: this many connected appliances, each costing the server less than this.
 const GOAL_APPLIANCES: usize = 10_000;
@@ -123,13 +121,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-pub(crate) fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn deadline_from_unix_us(deadline_us: u64) -> tokio::time::Instant {

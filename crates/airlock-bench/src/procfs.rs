@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use anyhow::Context;
 
 /// A `kB` field of `/proc/<pid>/status`, e.g. `VmRSS` or `VmHWM`, in KiB.
-pub(crate) fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     text.lines()
@@ -15,21 +15,21 @@ pub(crate) fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 }
 
 /// `Threads` of `/proc/<pid>/status`.
-pub(crate) fn threads(pid: u32) -> anyhow::Result<u64> {
+pub fn threads(pid: u32) -> anyhow::Result<u64> {
     status_kib(pid, "Threads")
 }
 
 /// Open file descriptors of a process.
-pub(crate) fn open_fds(pid: u32) -> anyhow::Result<usize> {
+pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
 /// CPU seconds (user + system) a process has used so far.
-pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     cpu_seconds_at(&format!("/proc/{pid}/stat"))
 }
 
-pub(crate) fn self_cpu_seconds() -> anyhow::Result<f64> {
+pub fn self_cpu_seconds() -> anyhow::Result<f64> {
     cpu_seconds_at("/proc/self/stat")
 }
 
@@ -47,7 +47,7 @@ fn cpu_seconds_at(path: &str) -> anyhow::Result<f64> {
 }
 
 /// `getconf CLK_TCK`, which is 100 on every Linux we run on.
-pub(crate) fn clock_ticks() -> u64 {
+pub fn clock_ticks() -> u64 {
     static TICKS: OnceLock<u64> = OnceLock::new();
     *TICKS.get_or_init(|| {
         std::process::Command::new("getconf")
@@ -62,7 +62,7 @@ pub(crate) fn clock_ticks() -> u64 {
 }
 
 /// Soft and hard limits on open files for this process (`/proc/self/limits`).
-pub(crate) fn open_files_limit() -> Option<(String, String)> {
+pub fn open_files_limit() -> Option<(String, String)> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     let mut parts = line.trim_start_matches("Max open files").split_whitespace();
@@ -70,7 +70,7 @@ pub(crate) fn open_files_limit() -> Option<(String, String)> {
 }
 
 /// CPU seconds the whole machine spent busy (all CPUs, everything but idle and iowait).
-pub(crate) fn machine_busy_seconds() -> anyhow::Result<f64> {
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
     let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = text.lines().find(|l| l.starts_with("cpu ")).context("no cpu line in /proc/stat")?;
     let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
@@ -82,7 +82,7 @@ pub(crate) fn machine_busy_seconds() -> anyhow::Result<f64> {
 }
 
 /// Write system calls a process has made so far (`syscw` in `/proc/<pid>/io`).
-pub(crate) fn write_syscalls(pid: u32) -> anyhow::Result<u64> {
+pub fn write_syscalls(pid: u32) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/io")).with_context(|| format!("reading /proc/{pid}/io"))?;
     text.lines()
         .find_map(|l| l.strip_prefix("syscw:"))

@@ -10,19 +10,19 @@ use serde::Deserialize;
 
 /// What `airlock server init` prints.
 #[derive(Debug)]
-pub(crate) struct InitOutput {
-    pub(crate) workspace: String,
-    pub(crate) ca_fingerprint: String,
-    pub(crate) admin_token: String,
+pub struct InitOutput {
+    pub workspace: String,
+    pub ca_fingerprint: String,
+    pub admin_token: String,
 }
 
 /// The JSON `airlock server --ready-file` writes once both listeners are up.
 #[derive(Debug, Deserialize)]
-pub(crate) struct Ready {
-    pub(crate) api_url: String,
-    pub(crate) gateway_endpoint: String,
-    pub(crate) ca_fingerprint: String,
-    pub(crate) pid: u32,
+pub struct Ready {
+    pub api_url: String,
+    pub gateway_endpoint: String,
+    pub ca_fingerprint: String,
+    pub pid: u32,
 }
 
 /// The `airlock` binary must not pick up settings from the caller's environment.
@@ -36,7 +36,7 @@ fn clean_command(bin: &Path) -> Command {
     cmd
 }
 
-pub(crate) fn init(bin: &Path, data_dir: &Path) -> anyhow::Result<InitOutput> {
+pub fn init(bin: &Path, data_dir: &Path) -> anyhow::Result<InitOutput> {
     let out = clean_command(bin)
         .args(["server", "init", "--data-dir"])
         .arg(data_dir)
@@ -64,14 +64,14 @@ pub(crate) fn init(bin: &Path, data_dir: &Path) -> anyhow::Result<InitOutput> {
 }
 
 /// A running `airlock server`. Dropping it kills the process if [`Self::stop`] was not called.
-pub(crate) struct ServerProc {
+pub struct ServerProc {
     child: Child,
     ready_file: PathBuf,
-    pub(crate) log_file: PathBuf,
+    pub log_file: PathBuf,
 }
 
 impl ServerProc {
-    pub(crate) fn spawn(bin: &Path, data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(bin: &Path, data_dir: &Path) -> anyhow::Result<Self> {
         let ready_file = data_dir.join("ready.json");
         let log_file = data_dir.join("server.log");
         let log = std::fs::File::create(&log_file).context("creating server log")?;
@@ -99,12 +99,12 @@ impl ServerProc {
         Ok(Self { child, ready_file, log_file })
     }
 
-    pub(crate) fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Waits until the server has written its ready file.
-    pub(crate) async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Ready> {
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Ready> {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Some(status) = self.child.try_wait()? {
@@ -122,7 +122,7 @@ impl ServerProc {
 
     /// SIGTERM (through `kill(1)`, so this crate needs no unsafe or libc), then SIGKILL after `grace`.
     /// Returns how long the graceful shutdown took, if it finished in time.
-    pub(crate) async fn stop(&mut self, grace: Duration) -> anyhow::Result<Option<Duration>> {
+    pub async fn stop(&mut self, grace: Duration) -> anyhow::Result<Option<Duration>> {
         if self.child.try_wait()?.is_some() {
             return Ok(Some(Duration::ZERO));
         }
@@ -153,14 +153,14 @@ impl Drop for ServerProc {
 
 /// Summary of the server's stderr log: how many WARN/ERROR lines, and a few of them.
 #[derive(Debug, Default, serde::Serialize)]
-pub(crate) struct LogSummary {
-    pub(crate) lines: usize,
-    pub(crate) warn_lines: usize,
-    pub(crate) error_lines: usize,
-    pub(crate) samples: Vec<String>,
+pub struct LogSummary {
+    pub lines: usize,
+    pub warn_lines: usize,
+    pub error_lines: usize,
+    pub samples: Vec<String>,
 }
 
-pub(crate) fn summarize_log(path: &Path) -> LogSummary {
+pub fn summarize_log(path: &Path) -> LogSummary {
     let Ok(text) = std::fs::read_to_string(path) else { return LogSummary::default() };
     let mut s = LogSummary::default();
     for line in text.lines() {
@@ -178,7 +178,7 @@ pub(crate) fn summarize_log(path: &Path) -> LogSummary {
 }
 
 /// Reads one sample (no labels) from the Prometheus/OpenMetrics text at `/metrics`.
-pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
+pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?;
         let value = rest.strip_prefix(' ')?;

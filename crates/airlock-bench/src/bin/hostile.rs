@@ -10,16 +10,7 @@
 //! Everything is on loopback; the load runs for a bounded time (the measurements, plus `--ramp`).
 #![allow(clippy::print_stdout)] // A benchmark reports on stdout.
 
-// The fleet benchmark's simulated appliances and its server helpers, shared as source (the bench has no library).
-#[allow(dead_code, unreachable_pub)]
-#[path = "../fleet.rs"]
-mod fleet;
-#[allow(dead_code, unreachable_pub)]
-#[path = "../procfs.rs"]
-mod procfs;
-#[allow(dead_code, unreachable_pub)]
-#[path = "../server.rs"]
-mod server;
+use airlock_bench::{fleet, procfs, server};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,13 +58,6 @@ struct Args {
 
 /// What counts as a success: an answer within this.
 const GOAL: Duration = Duration::from_secs(5);
-
-pub(crate) fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
