@@ -1170,16 +1170,21 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The workspace id to put in a request path: the one given, or the tenant's only one; checked
+/// as a path segment either way.
 async fn resolve_workspace(c: &client::ApiClient, given: Option<String>) -> anyhow::Result<String> {
-    if let Some(w) = given {
-        return Ok(w);
-    }
-    let list: Vec<serde_json::Value> = c.get("/v1/workspaces").await?;
-    match list.as_slice() {
-        [one] => Ok(one["id"].as_str().unwrap_or_default().to_owned()),
-        [] => anyhow::bail!("your tenant has no workspace"),
-        _ => anyhow::bail!("your tenant has several workspaces; pass --workspace"),
-    }
+    let id = match given {
+        Some(w) => w,
+        None => {
+            let list: Vec<serde_json::Value> = c.get("/v1/workspaces").await?;
+            match list.as_slice() {
+                [one] => one["id"].as_str().unwrap_or_default().to_owned(),
+                [] => anyhow::bail!("your tenant has no workspace"),
+                _ => anyhow::bail!("your tenant has several workspaces; pass --workspace"),
+            }
+        }
+    };
+    operations::path_segment("workspace id", &id)
 }
 
 async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {

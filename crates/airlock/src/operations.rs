@@ -141,7 +141,7 @@ pub(crate) async fn template(cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
         TemplateSub::Push { dir, workspace, api } => {
             let (manifest_toml, script) = read_template_dir(&dir)?;
             let c = api.client()?;
-            let ws = path_segment("workspace id", &resolve_workspace(&c, workspace).await?)?;
+            let ws = resolve_workspace(&c, workspace).await?;
             let t: Value = c
                 .post(
                     &format!("/v1/workspaces/{ws}/templates"),
@@ -160,7 +160,7 @@ pub(crate) async fn template(cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
         }
         TemplateSub::List { workspace, api } => {
             let c = api.client()?;
-            let ws = path_segment("workspace id", &resolve_workspace(&c, workspace).await?)?;
+            let ws = resolve_workspace(&c, workspace).await?;
             let list: Value = c.get(&format!("/v1/workspaces/{ws}/templates")).await?;
             if api.json {
                 crate::terminal::print_json(&list)?;

@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::operations::path_segment;
 use crate::terminal::line;
 use crate::{ApiArgs, resolve_workspace};
 
@@ -157,7 +156,7 @@ pub(crate) async fn release(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
         ReleaseSub::Key { command: KeySub::Add { pubkey, workspace, api } } => {
             let pem = std::fs::read_to_string(&pubkey).with_context(|| format!("reading {}", pubkey.display()))?;
             let c = api.client()?;
-            let ws = path_segment("workspace id", &resolve_workspace(&c, workspace).await?)?;
+            let ws = resolve_workspace(&c, workspace).await?;
             let k: Value =
                 c.post(&format!("/v1/workspaces/{ws}/release-keys"), &json!({ "public_key_pem": pem })).await?;
             if api.json {
@@ -168,7 +167,7 @@ pub(crate) async fn release(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
         }
         ReleaseSub::Key { command: KeySub::List { workspace, api } } => {
             let c = api.client()?;
-            let ws = path_segment("workspace id", &resolve_workspace(&c, workspace).await?)?;
+            let ws = resolve_workspace(&c, workspace).await?;
             let list: Value = c.get(&format!("/v1/workspaces/{ws}/release-keys")).await?;
             if api.json {
                 crate::terminal::print_json(&list)?;
@@ -183,7 +182,7 @@ pub(crate) async fn release(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
         ReleaseSub::Push { dir, key, workspace, api } => {
             let envelope = sign_release_dir(&dir, &key)?;
             let c = api.client()?;
-            let ws = path_segment("workspace id", &resolve_workspace(&c, workspace).await?)?;
+            let ws = resolve_workspace(&c, workspace).await?;
             let r: Value = c.post(&format!("/v1/workspaces/{ws}/releases"), &json!({ "envelope": envelope })).await?;
             if api.json {
                 crate::terminal::print_json(&r)?;
@@ -198,7 +197,7 @@ pub(crate) async fn release(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
         }
         ReleaseSub::List { workspace, api } => {
             let c = api.client()?;
-            let ws = path_segment("workspace id", &resolve_workspace(&c, workspace).await?)?;
+            let ws = resolve_workspace(&c, workspace).await?;
             let list: Value = c.get(&format!("/v1/workspaces/{ws}/releases")).await?;
             if api.json {
                 crate::terminal::print_json(&list)?;
