@@ -8,7 +8,9 @@ use crate::customer_key::{CustomerPublicKey, CustomerSigningKey};
 use crate::dsse::Envelope;
 use crate::operation::sha256_hex;
 
-pub const RELEASE_PAYLOAD_TYPE: &str = "application/vnd.airlock.release.v1+json";
+/// Distinct from the customer's output release ([`crate::operation::RELEASE_PAYLOAD_TYPE`]), so
+/// neither envelope can stand for the other.
+pub const RELEASE_PAYLOAD_TYPE: &str = "application/vnd.airlock.vendor-release.v1+json";
 pub const MAX_ARTIFACTS: usize = 10_000;
 /// The manifest, its digest and [`MAX_ARTIFACTS`] entries with long paths fit.
 pub const MAX_STATEMENT_BYTES: usize = 16 * 1024 * 1024;

@@ -146,7 +146,7 @@ pub(super) async fn list_release_keys(
 #[serde(deny_unknown_fields)]
 pub struct PushRelease {
     /// The signed release statement: a DSSE envelope (payload type
-    /// `application/vnd.airlock.release.v1+json`) as a JSON object, what `airlock release push` makes.
+    /// `application/vnd.airlock.vendor-release.v1+json`) as a JSON object, what `airlock release push` makes.
     #[schema(value_type = Envelope)]
     pub envelope: serde_json::Value,
 }
