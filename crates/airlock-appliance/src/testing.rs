@@ -74,6 +74,33 @@ pub(crate) fn policy(toml: &str) -> VerifiedPolicy {
     verify_signed_policy(signed.as_bytes(), &customer::public_keys(PINNED), None).unwrap()
 }
 
+/// Vendor release-signing key `n` (a fixed seed, apart from the customer's).
+pub(crate) fn vendor_key(n: u8) -> airlock_core::customer_key::CustomerSigningKey {
+    airlock_core::customer_key::CustomerSigningKey::from_seed([0xA0 ^ n; 32])
+}
+
+/// A release of `manifest_toml` whose artifacts are `files` (path, bytes), signed by vendor key
+/// `n`: its envelope, and the release as an appliance verifies it.
+pub(crate) fn vendor_release(
+    manifest_toml: &str,
+    files: &[(&str, &[u8])],
+    n: u8,
+) -> (Envelope, airlock_core::release::VerifiedRelease) {
+    use airlock_core::release::{Artifact, RelativePath, ReleaseStatement, sign_release, verify_release};
+    let artifacts = files
+        .iter()
+        .map(|(path, bytes)| Artifact {
+            path: RelativePath::parse(path).unwrap(),
+            sha256: airlock_core::operation::sha256_hex(bytes),
+            size: bytes.len() as u64,
+        })
+        .collect();
+    let statement = ReleaseStatement::new(manifest_toml, artifacts).unwrap();
+    let envelope = sign_release(&statement, &vendor_key(n));
+    let verified = verify_release(&envelope, &[vendor_key(n).public()]).unwrap();
+    (envelope, verified)
+}
+
 /// An enrolled appliance on a temporary state directory, with its executor.
 pub(crate) struct Fx {
     pub(crate) dir: tempfile::TempDir,
@@ -175,6 +202,52 @@ impl Fx {
             template_manifest_toml: manifest.into(),
             template_script: script.into(),
             approval_envelope_json: approval.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The deploy of `release` the control plane signs.
+    pub(crate) fn deploy_statement(
+        &self,
+        id: OperationId,
+        release: &airlock_core::release::VerifiedRelease,
+    ) -> RequestStatement {
+        use airlock_core::deploy;
+        let command = deploy::deploy_command(release);
+        RequestStatement {
+            request: airlock_core::grant::OperationRequest {
+                id,
+                appliance: self.kit.identity.appliance,
+                kind: deploy::DEPLOY_KIND.into(),
+                phase: Phase::Deploy,
+                data_tags: Default::default(),
+                args: deploy::DeployArgs::of(release).to_args(),
+                command_sha256: command.sha256(),
+                environment: Some(self.kit.identity.environment),
+                execution_key: self.control.attested_key_id(),
+            },
+            command,
+            reason: "ship 1.0".into(),
+            requested_by: "vendor-deployer".into(),
+            requested_at: Timestamp::from_unix_millis(NOW),
+            tenant: self.kit.identity.tenant,
+            environment: self.kit.identity.environment,
+        }
+    }
+
+    /// The instruction for a deploy: the signed request, the vendor's signed release and the
+    /// release keys (vendor key seeds) the control plane relays.
+    pub(crate) fn deploy_instruction(
+        &self,
+        stmt: &RequestStatement,
+        release: &Envelope,
+        relayed_keys: &[u8],
+        approval: &str,
+    ) -> OperationInstruction {
+        OperationInstruction {
+            release_envelope_json: release.to_json(),
+            release_key_pems: relayed_keys.iter().map(|n| vendor_key(*n).public().to_pem().unwrap()).collect(),
+            ..self.instruction(stmt, "", "", approval)
         }
     }
 

@@ -96,6 +96,11 @@ pub enum AuditAction {
     CustomerKeysPinned,
     CustomerKeysReplace,
     CustomerKeysRotate,
+    /// A deploy of a vendor release requested (an operation of kind `deploy`).
+    DeploymentGet,
+    DeploymentRequest,
+    /// An appliance reported a new phase of a deploy (fetching, held, deployed, rolled back, ...).
+    DeploymentStatus,
     EnvironmentCreate,
     EnvironmentList,
     /// The appliance made its execution-signing key (first start).
@@ -175,6 +180,9 @@ impl AuditAction {
         AuditAction::CustomerKeysPinned,
         AuditAction::CustomerKeysReplace,
         AuditAction::CustomerKeysRotate,
+        AuditAction::DeploymentGet,
+        AuditAction::DeploymentRequest,
+        AuditAction::DeploymentStatus,
         AuditAction::EnvironmentCreate,
         AuditAction::EnvironmentList,
         AuditAction::ExecutionKeyCreate,
@@ -249,6 +257,9 @@ impl AuditAction {
             AuditAction::CustomerKeysPinned => "customer_keys.pinned",
             AuditAction::CustomerKeysReplace => "customer_keys.replace",
             AuditAction::CustomerKeysRotate => "customer_keys.rotate",
+            AuditAction::DeploymentGet => "deployment.get",
+            AuditAction::DeploymentRequest => "deployment.request",
+            AuditAction::DeploymentStatus => "deployment.status",
             AuditAction::EnvironmentCreate => "environment.create",
             AuditAction::EnvironmentList => "environment.list",
             AuditAction::ExecutionKeyCreate => "execution_key.create",

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod certificate;
 pub mod customer_key;
+pub mod deploy;
 pub mod dsse;
 pub mod execution_key;
 pub mod fingerprint;

@@ -207,6 +207,10 @@ pub enum RefusalCode {
     /// The instruction's template is over one of core's limits
     /// ([`crate::template::TemplateError::Limit`]): refused before any costly work.
     LimitExceeded,
+    /// A deploy's release does not verify with a release key the customer accepts (unsigned,
+    /// signed by a key the vendor did not register or the customer's policy excludes, or not a
+    /// valid release), or its request does not deploy exactly that release.
+    ReleaseUnverified,
     /// Refused by an appliance that kept no code (before codes existed); the text says why.
     /// An appliance sends it only for a refusal it stored then, so the control plane can take
     /// it as the final refusal it always was.

@@ -80,7 +80,15 @@ pub struct PolicyDocument {
     /// Caps on what vendor code may use, and whether it may run as the appliance's own user.
     #[serde(default)]
     pub vendor_code: crate::run_spec::VendorCodeCaps,
+    /// The vendor release-signing keys (hex SHA-256 key ids) whose releases this environment
+    /// installs. Empty: any key the vendor registered for the workspace, as the control plane
+    /// relays them (the customer's authority over each deploy still binds the release digest).
+    #[serde(default)]
+    pub release_keys: BTreeSet<String>,
 }
+
+/// Most release keys a policy names.
+pub const MAX_RELEASE_KEYS: usize = 64;
 
 /// A standing window: a phase allowed without a per-request grant at these times.
 ///
@@ -241,6 +249,16 @@ impl PolicyDocument {
         }
         if self.windows.len() > MAX_WINDOWS {
             return Err(PolicyError::Limit { what: "windows", actual: self.windows.len(), max: MAX_WINDOWS });
+        }
+        if self.release_keys.len() > MAX_RELEASE_KEYS {
+            return Err(PolicyError::Limit {
+                what: "release keys",
+                actual: self.release_keys.len(),
+                max: MAX_RELEASE_KEYS,
+            });
+        }
+        for key in &self.release_keys {
+            check_sha256(key, "a release key id")?;
         }
         if !(1..=16).contains(&self.approvals_required) {
             return invalid("approvals_required must be between 1 and 16".into());

@@ -155,6 +155,10 @@ impl Template {
         if crate::probe::BUILTIN_PROBE_NAMES.contains(&manifest.name.as_str()) {
             return invalid(format!("name `{}` is reserved for the appliance's built-in probes", manifest.name));
         }
+        // A deploy installs a signed release; a script under its name would pass for one.
+        if manifest.name == crate::deploy::DEPLOY_KIND {
+            return invalid(format!("name `{}` is reserved for deploying releases", manifest.name));
+        }
         if script.trim().is_empty() {
             return invalid("the script is empty".into());
         }

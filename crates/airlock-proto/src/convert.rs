@@ -69,6 +69,7 @@ pub fn refusal_code_to_wire(code: RefusalCode) -> gateway::RefusalCode {
         RefusalCode::NotRecorded => W::NotRecorded,
         RefusalCode::Unclassified => W::Unclassified,
         RefusalCode::LimitExceeded => W::LimitExceeded,
+        RefusalCode::ReleaseUnverified => W::ReleaseUnverified,
     }
 }
 
@@ -87,6 +88,7 @@ pub fn refusal_code_from_wire(value: i32) -> Result<RefusalCode, UnknownWireValu
         W::NotRecorded => RefusalCode::NotRecorded,
         W::Unclassified => RefusalCode::Unclassified,
         W::LimitExceeded => RefusalCode::LimitExceeded,
+        W::ReleaseUnverified => RefusalCode::ReleaseUnverified,
     })
 }
 
@@ -165,11 +167,11 @@ mod tests {
         for v in [0, 4, 99, -1] {
             assert_eq!(ack_code_from_wire(v), Err(UnknownWireValue { field: "ack code", value: v }));
         }
-        for v in 1..=11 {
+        for v in 1..=12 {
             let c = refusal_code_from_wire(v).unwrap();
             assert_eq!(refusal_code_to_wire(c) as i32, v);
         }
-        assert!(refusal_code_from_wire(0).is_err() && refusal_code_from_wire(12).is_err());
+        assert!(refusal_code_from_wire(0).is_err() && refusal_code_from_wire(13).is_err());
         for v in 1..=25 {
             let c = deny_code_from_wire(v).unwrap();
             assert_eq!(deny_code_to_wire(c) as i32, v);

@@ -19,6 +19,7 @@ pub mod audit_checkpoints;
 pub mod authz;
 pub mod ca;
 pub mod clock;
+pub mod deployments;
 pub mod gateway;
 mod https;
 pub mod keys;

@@ -9,7 +9,7 @@ use airlock_core::WorkspaceId;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::customer_key::CustomerPublicKey;
 use airlock_core::dsse::Envelope;
-use airlock_core::release::{ReleaseError, verify_release};
+use airlock_core::release::{ReleaseError, VerifiedRelease, verify_release};
 
 use crate::authz::TenantScope;
 use crate::state::{AppState, event};
@@ -147,4 +147,99 @@ pub async fn push(
     tx.commit().await?;
     tracing::info!(release = %row.name, version = %row.version, digest = %row.digest, "release pushed");
     Ok(PushedRelease { row, created: true })
+}
+
+/// Which release a deploy names: `NAME@VERSION`, or the release digest (64 hex digits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseSelector {
+    Digest(String),
+    Version { name: String, version: String },
+}
+
+impl std::str::FromStr for ReleaseSelector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            let shown: String = s.chars().filter(|c| !c.is_control()).take(80).collect();
+            format!("`{shown}` names no release: give NAME@VERSION or the release digest")
+        };
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Ok(Self::Digest(s.to_owned()));
+        }
+        let (name, version) = s.split_once('@').ok_or_else(bad)?;
+        if name.is_empty() || version.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
+            return Err(bad());
+        }
+        Ok(Self::Version { name: name.to_owned(), version: version.to_owned() })
+    }
+}
+
+impl std::fmt::Display for ReleaseSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Digest(d) => f.write_str(d),
+            Self::Version { name, version } => write!(f, "{name}@{version}"),
+        }
+    }
+}
+
+/// Why a stored release cannot be deployed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployableError {
+    #[error("no release {0} in workspace {1}; push it with `airlock release push`")]
+    NoRelease(ReleaseSelector, WorkspaceId),
+    /// Its signing key was revoked since it was pushed (or the stored envelope is damaged).
+    #[error("release {0} no longer verifies with the workspace's unrevoked keys: {1}")]
+    NoLongerVerifies(ReleaseSelector, ReleaseError),
+    #[error("verifying the release did not finish; retry")]
+    Interrupted,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The workspace's unrevoked release keys: what a release must be signed by, and what the
+/// control plane relays to appliances with a deploy.
+pub async fn unrevoked_keys(
+    state: &AppState,
+    scope: &TenantScope,
+    workspace: WorkspaceId,
+) -> Result<Vec<ReleaseKeyRow>, StoreError> {
+    let keys = state.store.list_release_keys(scope, workspace).await?;
+    Ok(keys.into_iter().filter(|k| k.revoked_at.is_none()).collect())
+}
+
+/// A stored release, verified again with the workspace's unrevoked keys (a release whose key
+/// was revoked since is not deployed), on the blocking pool.
+pub async fn deployable(
+    state: &AppState,
+    scope: &TenantScope,
+    workspace: WorkspaceId,
+    selector: &ReleaseSelector,
+) -> Result<(ReleaseRow, VerifiedRelease), DeployableError> {
+    let row = state
+        .store
+        .find_release(scope, workspace, selector)
+        .await?
+        .ok_or_else(|| DeployableError::NoRelease(selector.clone(), workspace))?;
+    let keys = unrevoked_keys(state, scope, workspace)
+        .await?
+        .iter()
+        .map(|k| {
+            CustomerPublicKey::from_pem(&k.public_pem)
+                .map_err(|e| StoreError::Corrupt(format!("release key {}: {e}", k.key_id)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let envelope = Envelope::from_json(row.envelope.as_bytes())
+        .map_err(|e| StoreError::Corrupt(format!("release {}@{}: {e}", row.name, row.version)))?;
+    let verified = tokio::task::spawn_blocking(move || verify_release(&envelope, &keys))
+        .await
+        .map_err(|_| DeployableError::Interrupted)?
+        .map_err(|e| DeployableError::NoLongerVerifies(selector.clone(), e))?;
+    if verified.digest() != row.digest {
+        return Err(
+            StoreError::Corrupt(format!("release {}@{}: digest differs from its row", row.name, row.version)).into()
+        );
+    }
+    Ok((row, verified))
 }

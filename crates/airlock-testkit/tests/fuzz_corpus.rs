@@ -145,6 +145,7 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         template_manifest_toml: MANIFEST.into(),
         template_script: SCRIPT.into(),
         approval_envelope_json: manifest.approval.as_ref().unwrap().to_json(),
+        ..Default::default()
     };
     let result = g::OperationResult {
         request_id: parts.request.request.id.to_string(),

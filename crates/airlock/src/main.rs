@@ -7,6 +7,7 @@ mod appliance_local;
 mod approvals;
 mod client;
 mod customer;
+mod deployments;
 #[cfg(all(feature = "server", feature = "appliance"))]
 mod dev;
 mod operations;
@@ -53,6 +54,8 @@ enum Command {
     Template(operations::TemplateCmd),
     /// Vendor releases: register release keys, push signed release directories, list releases.
     Release(releases::ReleaseCmd),
+    /// Deploy a pushed release to an environment (a Deploy-phase operation).
+    Deploy(deployments::DeployArgs),
     /// Request signed operations and read their manifests and released output.
     Op(operations::OpCmd),
     /// Verify audit logs.
@@ -722,6 +725,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Env(cmd) => env(cmd).await,
         Command::Template(cmd) => operations::template(cmd).await,
         Command::Release(cmd) => releases::release(cmd).await,
+        Command::Deploy(args) => deployments::deploy(args).await,
         Command::Op(cmd) => operations::op(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
         Command::Customer(CustomerCmd {

@@ -25,6 +25,8 @@
 //! One that nothing authorises yet, or whose approval is not valid yet, waits: nothing is
 //! stored, and the control plane asks again.
 
+use airlock_core::customer_key::CustomerPublicKey;
+use airlock_core::deploy;
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::{
     ApprovalDecision, Authority, Basis, Context, Decision, DenyReason, GrantBody, OperationRequest, evaluate_with,
@@ -33,6 +35,7 @@ use airlock_core::grant::{
 use airlock_core::operation::{
     AuthorityKind, AuthorityRef, Manifest, RefusalCode, RequestSignatureError, RequestStatement, verify_signed_request,
 };
+use airlock_core::release::{MAX_STATEMENT_BYTES, VerifiedRelease, verify_release};
 use airlock_core::template::{Template, TemplateError};
 use airlock_core::{OperationId, Timestamp};
 use airlock_proto::gateway::OperationInstruction;
@@ -146,8 +149,8 @@ impl Executor {
         let record = OpRecord::new(&req, OpState::Refused, now);
         let refused =
             |record, manifest, grounds| Ok(Verdict::Refused(Box::new(refusal(record, manifest, grounds, None))));
-        let template = match self.check_binding(instruction, &statement) {
-            Ok(t) => t,
+        let bound = match self.check_binding(instruction, &statement) {
+            Ok(b) => b,
             Err(why) => return refused(record, manifest, why),
         };
 
@@ -163,7 +166,7 @@ impl Executor {
             appliance: self.identity.appliance,
             now,
             // The appliance's own render: deny rules and windows see the template it loaded.
-            template_sha256: template.content_sha256(),
+            template_sha256: bound.template_sha256(),
             nonce_used: &nonce_used,
             // Checked above to be the appliance's own render.
             run: &statement.command.run,
@@ -173,7 +176,8 @@ impl Executor {
         let allowed = |mut record: OpRecord, manifest, authority: AuthorityRef, pre_approval, spend, limits| {
             record.state = OpState::Running;
             record.authority = Some(authority.clone());
-            let job = Job { id, statement: statement.clone(), manifest, authority, pre_approval, limits };
+            let release = bound.release();
+            let job = Job { id, statement: statement.clone(), manifest, authority, pre_approval, limits, release };
             Ok(Verdict::Allowed(Box::new(Allowed { record, job, spend })))
         };
 
@@ -302,12 +306,13 @@ impl Executor {
         Ok((statement, envelope))
     }
 
-    /// The request is for us, and the signed command is exactly what the template renders.
+    /// The request is for us, and the signed command is exactly what the template renders (or,
+    /// for a deploy, exactly the deploy of the release sent with it).
     fn check_binding(
         &self,
         instruction: &OperationInstruction,
         statement: &RequestStatement,
-    ) -> Result<Template, Grounds> {
+    ) -> Result<Bound, Grounds> {
         let misbound = |why: String| Grounds::new(RefusalCode::Misbound, why);
         let req = &statement.request;
         if req.appliance != self.identity.appliance {
@@ -334,6 +339,9 @@ impl Executor {
             };
             return Err(misbound(why));
         }
+        if deploy::is_deploy(req) {
+            return self.check_release(instruction, statement).map(|r| Bound::Release(Box::new(r)));
+        }
         // A template can never pass for one of the appliance's own probes (which Observe runs
         // without a signature): `Template::new` refuses their names, and the request's kind
         // must be the template's name (checked below).
@@ -356,9 +364,71 @@ impl Executor {
         if m.name != req.kind || m.phase != req.phase || m.data_tags != req.data_tags {
             return Err(misbound("the template's name, phase or data tags differ from the request's".into()));
         }
-        Ok(template)
+        Ok(Bound::Template(Box::new(template)))
+    }
+
+    /// A deploy's release: signed by a release key the vendor registered (relayed with it) and
+    /// the customer's policy accepts, valid, and exactly what the signed request deploys.
+    fn check_release(
+        &self,
+        instruction: &OperationInstruction,
+        statement: &RequestStatement,
+    ) -> Result<VerifiedRelease, Grounds> {
+        let unverified = |why: String| Grounds::new(RefusalCode::ReleaseUnverified, why);
+        if instruction.release_envelope_json.len() > MAX_STATEMENT_BYTES * 2 {
+            return Err(unverified("the release envelope is over its size limit".into()));
+        }
+        let envelope = Envelope::from_json(instruction.release_envelope_json.as_bytes())
+            .map_err(|e| unverified(format!("the release envelope is malformed: {e}")))?;
+        let relayed = instruction
+            .release_key_pems
+            .iter()
+            .take(MAX_RELAYED_RELEASE_KEYS)
+            .filter_map(|pem| CustomerPublicKey::from_pem(pem).ok())
+            .collect();
+        let policy = self.control.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let keys = deploy::accepted_release_keys(policy.as_ref().map(|p| p.document()), relayed);
+        if keys.is_empty() {
+            return Err(unverified(
+                "no release key both registered by the vendor and accepted by the customer's policy".into(),
+            ));
+        }
+        let release = verify_release(&envelope, &keys).map_err(|e| unverified(format!("the release: {e}")))?;
+        deploy::check_deploy_binding(&statement.request, &statement.command, &release)
+            .map_err(|e| unverified(e.to_string()))?;
+        Ok(release)
     }
 }
+
+/// What a request was checked against: the template the appliance rendered, or the release a
+/// deploy installs.
+#[derive(Debug)]
+enum Bound {
+    Template(Box<Template>),
+    Release(Box<VerifiedRelease>),
+}
+
+impl Bound {
+    /// What deny rules and windows see as the template's content hash.
+    fn template_sha256(&self) -> &str {
+        match self {
+            Bound::Template(t) => t.content_sha256(),
+            Bound::Release(_) => DEPLOY_TEMPLATE_SHA256.get_or_init(deploy::deploy_template_sha256),
+        }
+    }
+
+    fn release(&self) -> Option<Box<VerifiedRelease>> {
+        match self {
+            Bound::Template(_) => None,
+            Bound::Release(r) => Some(r.clone()),
+        }
+    }
+}
+
+static DEPLOY_TEMPLATE_SHA256: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Most release keys taken from one instruction (a workspace has few).
+const MAX_RELAYED_RELEASE_KEYS: usize = 64;
 
 /// An authenticated request refused for good: its record holds the answer given from now on.
 pub(crate) fn refusal(

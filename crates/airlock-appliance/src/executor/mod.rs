@@ -94,6 +94,8 @@ pub(crate) struct Job {
     pre_approval: Option<(Envelope, ApprovalLevel)>,
     /// What its run may use, as the decision settled it.
     limits: airlock_core::run_spec::RunLimits,
+    /// For a deploy: the release it installs, verified and bound to the signed request.
+    release: Option<Box<airlock_core::release::VerifiedRelease>>,
 }
 
 pub(crate) struct Executor {
@@ -277,6 +279,7 @@ impl Executor {
             | RefusalCode::ApprovalInvalid
             | RefusalCode::NotRecorded
             | RefusalCode::LimitExceeded
+            | RefusalCode::ReleaseUnverified
             // Sent only for refusals stored before codes existed, never decided now.
             | RefusalCode::Unclassified
             // Not final, so never stored; named here so a new code is a compile error.
@@ -348,7 +351,10 @@ impl Executor {
     /// commands-and-output pre-approval, its output).
     async fn run(self: Arc<Self>, job: Job) -> ResultMsg {
         let id = job.id;
-        let ran = self.run_script(&job).await;
+        let ran = match &job.release {
+            Some(release) => self.run_deploy(&job, release).await,
+            None => self.run_script(&job).await,
+        };
         let this = self.clone();
         let recorded = tokio::task::spawn_blocking(move || this.record_or_recover(job, ran)).await;
         // From here a record still `running` is recovered by the next instruction for it.

@@ -130,7 +130,7 @@ impl Executor {
                 Ran::nothing(ExecutionStatus::Cancelled, record.updated_at, self.control.now())
             }
         };
-        let job = Job { id, statement, manifest, authority, pre_approval, limits: Default::default() };
+        let job = Job { id, statement, manifest, authority, pre_approval, limits: Default::default(), release: None };
         self.record_run(job, &ran).map(Some)
     }
 }

@@ -486,3 +486,5 @@ async fn an_approval_for_another_hosts_key_is_refused_and_one_naming_this_hosts_
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
     assert!(fx.ran(op_id(64)));
 }
+
+mod deploy;

@@ -141,6 +141,32 @@ pub(super) async fn revoke_appliance(
     refused(&state, &scope, ev, result).await
 }
 
+/// The latest deployment status the appliance reported: the release running, the deploy in
+/// progress, each service's state and whether each secret reference exists (never a value).
+#[utoipa::path(get, path = "/v1/appliances/{appliance}/deployment", security(("bearer" = [])),
+    params(("appliance" = String, Path, description = "appliance id (apl_…)")),
+    responses((status = 200, body = crate::deployments::DeploymentStatusView),
+        (status = 404, body = ErrorBody, description = "no such appliance in your tenant, or it has not reported yet")))]
+pub(super) async fn get_deployment_status(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    ApiPath(appliance): ApiPath<String>,
+) -> Result<Json<crate::deployments::DeploymentStatusView>, ApiError> {
+    authorize(&state, &scope, Action::GetDeploymentStatus, Some(appliance.clone())).await?;
+    let result = async {
+        let id: ApplianceId = parse_id(&appliance)?;
+        if state.store.get_appliance(&scope, id).await?.is_none() {
+            return Err(ApiError::not_found(format!("no appliance {id} in your tenant")));
+        }
+        let status = state.store.deployment_status(&scope, id).await?;
+        status.ok_or_else(|| ApiError::not_found(format!("appliance {id} has not reported a deployment status yet")))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::GetDeploymentStatus.audit_action(), Outcome::Success);
+    ev.target = Some(appliance);
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
+}
+
 impl From<JoinError> for ApiError {
     fn from(e: JoinError) -> Self {
         match e {

@@ -55,6 +55,8 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(appliances::revoke_appliance))
         .routes(routes!(operations::list_templates, operations::push_template))
         .routes(routes!(operations::request_operation))
+        .routes(routes!(operations::request_deployment))
+        .routes(routes!(appliances::get_deployment_status))
         .routes(routes!(policy::get_policy, policy::relay_policy))
         .routes(routes!(releases::list_release_keys, releases::add_release_key))
         .routes(routes!(releases::list_releases, releases::push_release))

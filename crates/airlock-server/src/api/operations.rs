@@ -25,8 +25,10 @@ use utoipa::ToSchema;
 use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
 use crate::authz::{Action, TenantScope};
 use crate::operations::{
-    self, NewOperation, OutputError, PushTemplateError, RelayError, RequestError, stored_envelope, stored_request,
+    self, NewOperation, OutputError, PushTemplateError, RelayError, RequestError, Requested, stored_envelope,
+    stored_request,
 };
+use crate::releases::DeployableError;
 use crate::state::{AppState, event};
 use crate::store::{OperationRow, StoreError, TemplateRow};
 
@@ -56,6 +58,12 @@ impl From<RequestError> for ApiError {
             | RequestError::SeveralAppliances(_)
             | RequestError::NoTemplate { .. }
             | RequestError::Render(_) => ApiError::bad_request(e.to_string()),
+            RequestError::Release(DeployableError::NoRelease(..)) => ApiError::not_found(e.to_string()),
+            RequestError::Release(DeployableError::NoLongerVerifies(..)) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unverified", e.to_string())
+            }
+            RequestError::Release(DeployableError::Interrupted) => ApiError::unavailable(e.to_string()),
+            RequestError::Release(DeployableError::Store(e)) => e.into(),
             RequestError::Sign => ApiError::internal(e.to_string()),
             RequestError::Store(e) => e.into(),
         }
@@ -231,6 +239,17 @@ pub struct RequestOperation {
     pub appliance: Option<String>,
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestDeployment {
+    /// The release: `NAME@VERSION`, or its digest (64 hex digits).
+    pub release: String,
+    /// Why, shown to the customer and signed into the request.
+    pub reason: String,
+    /// Appliance id (apl_…); defaults to the environment's only active appliance.
+    pub appliance: Option<String>,
+}
+
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct OperationView {
     #[schema(value_type = String)]
@@ -345,8 +364,7 @@ pub(super) async fn request_operation(
         let ApiJson(body) = body?;
         let new = NewOperation {
             environment: parse_id(&environment)?,
-            template: body.template,
-            vars: body.vars,
+            what: Requested::Template { name: body.template, vars: body.vars },
             reason: body.reason,
             appliance: body.appliance.as_deref().map(parse_id).transpose()?,
         };
@@ -501,4 +519,40 @@ pub(super) async fn get_output(
     ev.detail = serde_json::json!({ "output_digest": op.output_sha256, "output_size": op.output_size });
     audited(&state, &scope, ReadAudit::Durable, ev, Ok(())).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// Deploy a release: a Deploy-phase operation of kind `deploy` whose signed arguments bind the
+/// release digest. The release is verified again with the workspace's unrevoked keys; the
+/// customer's approval, a pre-approval or a standing window decides on the appliance, exactly
+/// as for other operations.
+#[utoipa::path(post, path = "/v1/environments/{environment}/deployments", security(("bearer" = [])),
+    params(("environment" = String, Path, description = "environment id (env_…)")),
+    request_body = RequestDeployment,
+    responses((status = 201, body = OperationView),
+        (status = 404, body = ErrorBody, description = "no such environment or release"),
+        (status = 422, body = ErrorBody, description = "the release no longer verifies with the workspace's unrevoked keys"),
+        (status = 500, body = ErrorBody, description = "the control plane could not sign the request")))]
+pub(super) async fn request_deployment(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    ApiPath(environment): ApiPath<String>,
+    body: Result<ApiJson<RequestDeployment>, ApiError>,
+) -> Result<(StatusCode, Json<OperationView>), ApiError> {
+    authorize(&state, &scope, Action::RequestDeployment, Some(environment.clone())).await?;
+    let result = async {
+        let ApiJson(body) = body?;
+        let selector = body.release.parse().map_err(ApiError::bad_request)?;
+        let new = NewOperation {
+            environment: parse_id(&environment)?,
+            what: Requested::Deploy(selector),
+            reason: body.reason,
+            appliance: body.appliance.as_deref().map(parse_id).transpose()?,
+        };
+        let row = operations::request(&state, &scope, new).await?;
+        Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::RequestDeployment.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
 }

@@ -433,6 +433,13 @@ async fn handle_message(
         appliance_message::Body::OutputRelease(release) => {
             return Box::pin(crate::operations::handle_release(state, &peer.identity, scope, release)).await;
         }
+        appliance_message::Body::DeploymentStatus(status) => {
+            // Nothing to answer: the next report replaces this one, so a failure is only logged.
+            if let Err(e) = crate::deployments::handle_status(state, &peer.identity, scope, &status).await {
+                tracing::error!(appliance = %peer.identity.appliance, error = %e, "cannot store a deployment status");
+            }
+            return None;
+        }
     };
     Some(ControlMessage { body: Some(body) })
 }

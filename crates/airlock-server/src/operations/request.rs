@@ -10,8 +10,11 @@ use airlock_core::operation::{OperationState, RequestStatement};
 use airlock_core::template::TemplateError;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, WorkspaceId};
 
+use airlock_core::deploy;
+
 use crate::authz::TenantScope;
 use crate::push::Work;
+use crate::releases::{DeployableError, ReleaseSelector};
 use crate::state::{AppState, event, random};
 use crate::store::{ApplianceRow, Environment, OperationRow, StoreError};
 
@@ -22,13 +25,21 @@ const MAX_REASON_CHARS: usize = 1000;
 #[derive(Clone, Debug)]
 pub struct NewOperation {
     pub environment: EnvironmentId,
-    /// Template name; its current version is rendered.
-    pub template: String,
-    pub vars: BTreeMap<String, String>,
+    pub what: Requested,
     /// Why, shown to the customer and signed into the request.
     pub reason: String,
     /// Defaults to the environment's only active appliance.
     pub appliance: Option<ApplianceId>,
+}
+
+/// What an operation runs: a template's current version, or the deploy of a signed release.
+#[derive(Clone, Debug)]
+pub enum Requested {
+    /// Template name (its current version is rendered) and its variables.
+    Template { name: String, vars: BTreeMap<String, String> },
+    /// The release a deploy installs (core's `deploy`): a Deploy-phase request whose arguments
+    /// bind the release digest.
+    Deploy(ReleaseSelector),
 }
 
 /// Why a request was not made.
@@ -49,6 +60,8 @@ pub enum RequestError {
     /// The variables do not fit the template, or the template is over a limit.
     #[error("{0}")]
     Render(TemplateError),
+    #[error(transparent)]
+    Release(DeployableError),
     #[error("the control plane could not sign the request; retry later")]
     Sign,
     #[error(transparent)]
@@ -75,28 +88,21 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         .as_deref()
         .map(|json| crate::attestation::stored_key_id(&appliance.to_string(), json))
         .transpose()?;
-    let template = state.store.current_template(scope, env.workspace_id, &new.template).await?.ok_or_else(|| {
-        RequestError::NoTemplate { name: new.template.chars().take(64).collect(), workspace: env.workspace_id }
-    })?;
-    // Stored templates passed the limits when pushed; one stored before a limit existed is
-    // refused as over it (the caller's to fix), anything else is corruption.
-    let template = match state.templates.load(&template.manifest_toml, &template.script).await {
-        Ok(t) => t,
-        Err(super::CompileError::Template(e @ TemplateError::Limit(_))) => return Err(RequestError::Render(e)),
-        Err(e) => return Err(StoreError::Corrupt(format!("template {}: {e}", template.name)).into()),
+    let prepared = match new.what {
+        Requested::Template { name, vars } => prepare_template(state, scope, &env, name, vars).await?,
+        Requested::Deploy(selector) => prepare_deploy(state, scope, &env, &selector).await?,
     };
-    let command = template.render(&new.vars).map_err(RequestError::Render)?;
+    let command = prepared.command;
 
     let now = state.now();
     let id = OperationId::from_random(random());
-    let m = template.manifest();
     let request = OperationRequest {
         id,
         appliance,
-        kind: m.name.clone(),
-        phase: m.phase,
-        data_tags: m.data_tags.clone(),
-        args: new.vars,
+        kind: prepared.kind.clone(),
+        phase: prepared.phase,
+        data_tags: prepared.data_tags,
+        args: prepared.args,
         command_sha256: command.sha256(),
         environment: Some(env.id),
         execution_key,
@@ -119,8 +125,8 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         workspace_id: env.workspace_id,
         environment_id: env.id,
         appliance_id: appliance,
-        template_name: m.name.clone(),
-        template_sha256: template.content_sha256().to_owned(),
+        template_name: prepared.kind,
+        template_sha256: prepared.template_sha256,
         state: OperationState::AwaitingApproval,
         requested_by: statement.requested_by.clone(),
         requested_at: now,
@@ -145,7 +151,9 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         output_stored: false,
         output_salt_sealed: None,
     };
-    let mut ev = event(scope.principal().actor(), AuditAction::OperationRequest, Outcome::Success);
+    let action =
+        if deploy::is_deploy(&request) { AuditAction::DeploymentRequest } else { AuditAction::OperationRequest };
+    let mut ev = event(scope.principal().actor(), action, Outcome::Success);
     ev.target = Some(id.to_string());
     ev.workspace = Some(env.workspace_id.to_string());
     ev.detail = serde_json::json!({
@@ -158,6 +166,7 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         "command_sha256": row.command_sha256,
         "request_digest": row.request_digest,
         "reason": reason,
+        "args": request.args,
     });
     state
         .push
@@ -173,6 +182,69 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
     tracing::info!(operation = %id, %appliance, template = %row.template_name, "operation requested");
     state.push.operations(scope, appliance, Some(id)).await;
     Ok(row)
+}
+
+/// A request's command and what the customer's authority judges it by.
+struct Prepared {
+    kind: String,
+    phase: airlock_core::policy::Phase,
+    data_tags: std::collections::BTreeSet<String>,
+    args: BTreeMap<String, String>,
+    command: airlock_core::template::RenderedCommand,
+    /// The template's content hash (a deploy's fixed marker).
+    template_sha256: String,
+}
+
+/// The current version of a template, rendered with `vars`.
+async fn prepare_template(
+    state: &AppState,
+    scope: &TenantScope,
+    env: &Environment,
+    name: String,
+    vars: BTreeMap<String, String>,
+) -> Result<Prepared, RequestError> {
+    let template = state.store.current_template(scope, env.workspace_id, &name).await?.ok_or_else(|| {
+        RequestError::NoTemplate { name: name.chars().take(64).collect(), workspace: env.workspace_id }
+    })?;
+    // Stored templates passed the limits when pushed; one stored before a limit existed is
+    // refused as over it (the caller's to fix), anything else is corruption.
+    let template = match state.templates.load(&template.manifest_toml, &template.script).await {
+        Ok(t) => t,
+        Err(super::CompileError::Template(e @ TemplateError::Limit(_))) => return Err(RequestError::Render(e)),
+        Err(e) => return Err(StoreError::Corrupt(format!("template {}: {e}", template.name)).into()),
+    };
+    let command = template.render(&vars).map_err(RequestError::Render)?;
+    let m = template.manifest();
+    Ok(Prepared {
+        kind: m.name.clone(),
+        phase: m.phase,
+        data_tags: m.data_tags.clone(),
+        args: vars,
+        command,
+        template_sha256: template.content_sha256().to_owned(),
+    })
+}
+
+/// The deploy of a stored release, verified again with the workspace's unrevoked keys.
+async fn prepare_deploy(
+    state: &AppState,
+    scope: &TenantScope,
+    env: &Environment,
+    selector: &ReleaseSelector,
+) -> Result<Prepared, RequestError> {
+    let (_, release) =
+        crate::releases::deployable(state, scope, env.workspace_id, selector).await.map_err(|e| match e {
+            DeployableError::Store(e) => RequestError::Store(e),
+            e => RequestError::Release(e),
+        })?;
+    Ok(Prepared {
+        kind: deploy::DEPLOY_KIND.to_owned(),
+        phase: airlock_core::policy::Phase::Deploy,
+        data_tags: Default::default(),
+        args: deploy::DeployArgs::of(&release).to_args(),
+        command: deploy::deploy_command(&release),
+        template_sha256: deploy::deploy_template_sha256(),
+    })
 }
 
 /// The appliance a request goes to: the one named, if it is an active appliance of `env`, or

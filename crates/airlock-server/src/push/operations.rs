@@ -6,7 +6,7 @@ use airlock_proto::gateway::{ControlMessage, OperationInstruction, control_messa
 
 use super::Pusher;
 use crate::authz::TenantScope;
-use crate::store::{OperationRow, PENDING_STATES, PushFrom, PushKey};
+use crate::store::{OperationRow, PENDING_STATES, PushFrom, PushKey, StoreError};
 
 /// Operations read from the store at a time while pushing instructions.
 const PUSH_PAGE: i64 = 16;
@@ -113,29 +113,60 @@ impl Pusher {
     }
 
     /// Queues one instruction. False if it must be sent again later (queue full, or the store
-    /// failed); an operation whose template version is missing is skipped.
+    /// failed); an operation whose template version (or release) is missing is skipped.
     async fn send_instruction(&self, scope: &TenantScope, appliance: ApplianceId, op: &OperationRow) -> bool {
-        let template =
-            match self.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    tracing::error!(operation = %op.id, "the template version of this operation is not stored");
-                    return true;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read template");
-                    return false;
-                }
-            };
-        let instruction = OperationInstruction {
+        let mut instruction = OperationInstruction {
             request_id: op.id.to_string(),
             request_envelope_json: op.request_envelope.clone(),
             control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
-            template_manifest_toml: template.manifest_toml,
-            template_script: template.script,
             approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
+            ..Default::default()
         };
+        let found = if op.template_name == airlock_core::deploy::DEPLOY_KIND {
+            self.add_release(scope, op, &mut instruction).await
+        } else {
+            self.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await.map(|t| {
+                t.map(|t| {
+                    instruction.template_manifest_toml = t.manifest_toml;
+                    instruction.template_script = t.script;
+                })
+            })
+        };
+        match found {
+            Ok(Some(())) => {}
+            Ok(None) => {
+                tracing::error!(operation = %op.id, "the template version or release of this operation is not stored");
+                return true;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the operation's template or release");
+                return false;
+            }
+        }
         let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
         self.registry.send(appliance, msg)
+    }
+
+    /// A deploy's release (the one its signed request names) and the workspace's unrevoked
+    /// release keys, which the appliance narrows to those its customer accepts.
+    async fn add_release(
+        &self,
+        scope: &TenantScope,
+        op: &OperationRow,
+        instruction: &mut OperationInstruction,
+    ) -> Result<Option<()>, StoreError> {
+        let request = crate::operations::stored_request(op)?;
+        let Some(args) = airlock_core::deploy::DeployArgs::from_args(&request.request.args) else {
+            return Ok(None);
+        };
+        let selector = crate::releases::ReleaseSelector::Digest(args.release);
+        let Some(release) = self.store.find_release(scope, op.workspace_id, &selector).await? else {
+            return Ok(None);
+        };
+        let keys = self.store.list_release_keys(scope, op.workspace_id).await?;
+        instruction.release_envelope_json = release.envelope;
+        instruction.release_key_pems =
+            keys.into_iter().filter(|k| k.revoked_at.is_none()).map(|k| k.public_pem).collect();
+        Ok(Some(()))
     }
 }

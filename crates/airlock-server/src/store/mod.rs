@@ -15,6 +15,7 @@ mod audit;
 mod audit_signing;
 mod audit_writer;
 mod ca;
+mod deployments;
 mod operations;
 mod policies;
 mod read_cache;
@@ -63,6 +64,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, "appliance_execution_key", include_str!("../../migrations/0009_appliance_execution_key.sql")),
     (10, "audit_signing", include_str!("../../migrations/0010_audit_signing.sql")),
     (11, "releases", include_str!("../../migrations/0011_releases.sql")),
+    (13, "deployment_status", include_str!("../../migrations/0013_deployment_status.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -166,3 +166,29 @@ fn release_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ReleaseRow, StoreEr
         pushed_at: ts_col(row, "pushed_at")?,
     })
 }
+
+impl Store {
+    /// The release a deploy names, by digest or by name and version.
+    pub async fn find_release(
+        &self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+        selector: &crate::releases::ReleaseSelector,
+    ) -> Result<Option<ReleaseRow>, StoreError> {
+        use crate::releases::ReleaseSelector;
+        let base = format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE tenant_id = $1 AND workspace_id = $2");
+        let query = match selector {
+            ReleaseSelector::Digest(digest) => {
+                let sql = format!("{base} AND digest = $3");
+                let q = sqlx::query(&sql).bind(scope.tenant().to_string()).bind(ws.to_string()).bind(digest);
+                q.fetch_optional(&self.pool).await?
+            }
+            ReleaseSelector::Version { name, version } => {
+                let sql = format!("{base} AND name = $3 AND version = $4");
+                let q = sqlx::query(&sql).bind(scope.tenant().to_string()).bind(ws.to_string());
+                q.bind(name).bind(version).fetch_optional(&self.pool).await?
+            }
+        };
+        query.as_ref().map(release_from_row).transpose()
+    }
+}

@@ -1,0 +1,208 @@
+//! What appliances report about their release deployments (`DeploymentStatus` on the gateway):
+//! the release running, the deploy in progress, each service's state, and whether each secret
+//! reference exists. The latest report per appliance is stored and served by the API.
+//!
+//! Invariants:
+//! - Only metadata is kept: the wire type carries no secret value, log or metric, and every
+//!   string from the appliance is bounded and stripped of control characters here.
+//! - A code this build does not know is stored as `unknown`, never mapped to a known state.
+//! - A change of the deploy's phase is audited in the tenant's chain; service and secret
+//!   changes alone are not (they would flood the chain), the stored row shows them.
+
+use airlock_core::audit::{AuditAction, Outcome};
+use airlock_core::{ApplianceIdentity, Timestamp};
+use airlock_proto::gateway as wire;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::authz::TenantScope;
+use crate::state::{AppState, event};
+use crate::store::StoreError;
+
+/// Most services, and secret references, kept from one report (a release's own caps).
+const MAX_SERVICES: usize = airlock_core::release::MAX_SERVICES;
+const MAX_SECRETS: usize = 4 * airlock_core::release::MAX_SECRETS;
+const MAX_TEXT: usize = 256;
+
+/// A release, as an appliance names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReleaseRefView {
+    pub digest: String,
+    pub name: String,
+    pub version: String,
+}
+
+/// Where a deploy stands on its appliance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployPhase {
+    Fetching,
+    /// Waiting for required secrets that do not exist yet.
+    Held,
+    Installing,
+    Starting,
+    Deployed,
+    RolledBack,
+    Failed,
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeployProgressView {
+    pub request_id: String,
+    pub release: Option<ReleaseRefView>,
+    pub phase: DeployPhase,
+    pub missing_secrets: Vec<String>,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    Starting,
+    Healthy,
+    Unhealthy,
+    Stopped,
+    RolledBack,
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceStatusView {
+    pub name: String,
+    pub state: ServiceState,
+    pub release_version: String,
+    pub restarts: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretState {
+    Present,
+    Missing,
+    Unknown,
+}
+
+/// Whether a secret reference exists; never its value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretExistenceView {
+    pub reference: String,
+    pub state: SecretState,
+    #[schema(value_type = Option<i64>)]
+    pub last_changed: Option<Timestamp>,
+}
+
+/// An appliance's latest deployment report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentStatusView {
+    pub current: Option<ReleaseRefView>,
+    pub deploy: Option<DeployProgressView>,
+    pub services: Vec<ServiceStatusView>,
+    pub secrets: Vec<SecretExistenceView>,
+    /// When the appliance made the report (its clock).
+    #[schema(value_type = i64)]
+    pub reported_at: Timestamp,
+}
+
+fn text(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(MAX_TEXT).collect()
+}
+
+fn release(r: Option<&wire::ReleaseRef>) -> Option<ReleaseRefView> {
+    let r = r.filter(|r| !r.digest.is_empty())?;
+    Some(ReleaseRefView { digest: text(&r.digest), name: text(&r.name), version: text(&r.version) })
+}
+
+impl DeploymentStatusView {
+    /// The report, bounded and with every code checked (unknown codes stay `unknown`).
+    pub fn from_wire(s: &wire::DeploymentStatus, received_at: Timestamp) -> Self {
+        let phase = |p: i32| match wire::DeployPhase::try_from(p) {
+            Ok(wire::DeployPhase::Fetching) => DeployPhase::Fetching,
+            Ok(wire::DeployPhase::Held) => DeployPhase::Held,
+            Ok(wire::DeployPhase::Installing) => DeployPhase::Installing,
+            Ok(wire::DeployPhase::Starting) => DeployPhase::Starting,
+            Ok(wire::DeployPhase::Deployed) => DeployPhase::Deployed,
+            Ok(wire::DeployPhase::RolledBack) => DeployPhase::RolledBack,
+            Ok(wire::DeployPhase::Failed) => DeployPhase::Failed,
+            Ok(wire::DeployPhase::Unspecified) | Err(_) => DeployPhase::Unknown,
+        };
+        let service = |p: i32| match wire::ServiceState::try_from(p) {
+            Ok(wire::ServiceState::Starting) => ServiceState::Starting,
+            Ok(wire::ServiceState::Healthy) => ServiceState::Healthy,
+            Ok(wire::ServiceState::Unhealthy) => ServiceState::Unhealthy,
+            Ok(wire::ServiceState::Stopped) => ServiceState::Stopped,
+            Ok(wire::ServiceState::RolledBack) => ServiceState::RolledBack,
+            Ok(wire::ServiceState::Unspecified) | Err(_) => ServiceState::Unknown,
+        };
+        let secret = |p: i32| match wire::SecretState::try_from(p) {
+            Ok(wire::SecretState::Present) => SecretState::Present,
+            Ok(wire::SecretState::Missing) => SecretState::Missing,
+            Ok(wire::SecretState::Unknown | wire::SecretState::Unspecified) | Err(_) => SecretState::Unknown,
+        };
+        Self {
+            current: release(s.current.as_ref()),
+            deploy: s.deploy.as_ref().map(|d| DeployProgressView {
+                request_id: text(&d.request_id),
+                release: release(d.release.as_ref()),
+                phase: phase(d.phase),
+                missing_secrets: d.missing_secrets.iter().take(MAX_SECRETS).map(|m| text(m)).collect(),
+                reason: text(&d.reason),
+            }),
+            services: s
+                .services
+                .iter()
+                .take(MAX_SERVICES)
+                .map(|v| ServiceStatusView {
+                    name: text(&v.name),
+                    state: service(v.state),
+                    release_version: text(&v.release_version),
+                    restarts: v.restarts,
+                })
+                .collect(),
+            secrets: s
+                .secrets
+                .iter()
+                .take(MAX_SECRETS)
+                .map(|v| SecretExistenceView {
+                    reference: text(&v.reference),
+                    state: secret(v.state),
+                    last_changed: (v.last_changed_unix_ms > 0)
+                        .then(|| Timestamp::from_unix_millis(v.last_changed_unix_ms)),
+                })
+                .collect(),
+            reported_at: if s.at_unix_ms > 0 { Timestamp::from_unix_millis(s.at_unix_ms) } else { received_at },
+        }
+    }
+}
+
+/// Stores an appliance's report, replacing the one before; a new deploy phase is audited.
+/// Nothing goes back to the appliance (its next report replaces this one anyway).
+pub async fn handle_status(
+    state: &AppState,
+    peer: &ApplianceIdentity,
+    scope: &TenantScope,
+    status: &wire::DeploymentStatus,
+) -> Result<(), StoreError> {
+    let now = state.now();
+    let view = DeploymentStatusView::from_wire(status, now);
+    let json = serde_json::to_string(&view).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let before = state.store.deployment_status(scope, peer.appliance).await?;
+    let changed_phase = view.deploy.as_ref().map(|d| (&d.request_id, d.phase))
+        != before.as_ref().and_then(|b| b.deploy.as_ref()).map(|d| (&d.request_id, d.phase));
+    let mut tx = state.store.write().await?;
+    tx.put_deployment_status(scope, peer.appliance, &json, now).await?;
+    if changed_phase && let Some(d) = &view.deploy {
+        let mut ev = event(scope.principal().actor(), AuditAction::DeploymentStatus, Outcome::Success);
+        ev.target = Some(d.request_id.clone());
+        ev.detail = serde_json::json!({
+            "appliance": peer.appliance.to_string(),
+            "phase": d.phase,
+            "release": d.release,
+            "missing_secrets": d.missing_secrets,
+            "reason": d.reason,
+        });
+        tx.audit(&scope.chain(), now, ev).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
