@@ -361,6 +361,70 @@ async fn unreachable_or_silent_aws_is_unknown_quickly() {
     }
 }
 
+/// A server that answers every request with `status`, `headers` and `body`, after reading it whole.
+async fn canned(status: u16, headers: &str, body: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n{headers}\r\n", body.len());
+    let response = [head.into_bytes(), body].concat();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then as many body bytes as it announces.
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let _ = stream.write_all(&response).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn odd_aws_answers_are_typed_reasons_and_an_error_body_goes_nowhere() {
+    let logs = Logs::capture();
+    let echo = format!(r#"{{"__type":"InternalFailure","message":"the value is {CANARY}"}}"#).into_bytes();
+    let cases = [
+        (canned(500, "", echo.clone()).await, SecretReason::ServiceError),
+        (canned(400, "x-amzn-errortype: ThrottlingException:http://x/\r\n", echo).await, SecretReason::ServiceError),
+        (canned(400, "", br#"{"__type":"AccessDeniedException"}"#.to_vec()).await, SecretReason::AccessDenied),
+        (canned(200, "", vec![b' '; 2 * 1024 * 1024]).await, SecretReason::TooLarge),
+        (canned(200, "", b"<html>not json</html>".to_vec()).await, SecretReason::BadResponse),
+    ];
+    for (url, reason) in cases {
+        let resolver = resolver(&url, 5000);
+        for text in ["aws-sm:prod/db", "aws-ssm:/shop/key"] {
+            let got = resolver.existence(&r(text)).await;
+            assert_eq!((got.state, got.reason), (ExistenceState::Unknown, Some(reason)), "{text} at {url}");
+            let err = resolver.value(&r(text)).await.unwrap_err();
+            assert_eq!(err.reason, reason, "{text} at {url}");
+            assert!(!err.to_string().contains(CANARY) && !format!("{err:?}").contains(CANARY));
+        }
+    }
+    assert!(logs.text().contains("InternalFailure"), "the error's code is logged");
+    assert!(!logs.text().contains(CANARY), "an AWS error body reached the log");
+}
+
 #[tokio::test]
 async fn file_and_env_secrets_are_checked_on_the_host() {
     let dir = tempfile::tempdir().unwrap();
