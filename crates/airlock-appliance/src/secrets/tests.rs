@@ -516,3 +516,73 @@ fn the_secrets_section_is_checked_when_the_config_is_read() {
 fn aws_region(s: &str) -> AwsRegion {
     serde_json::from_value(serde_json::json!(s)).unwrap()
 }
+
+/// Runs `standard_chain_child` in a fresh copy of this test binary with exactly `env`: the
+/// standard chain reads the process's environment and home, which a test must not change.
+fn run_chain_child(moto: &Moto, home: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["secrets::tests::standard_chain_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        // No instance metadata service here: the chain must not wait for one.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AIRLOCK_TEST_SECRETS_CHAIN_ENDPOINT", &moto.url)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[test]
+fn the_standard_chain_supplies_region_and_credentials() {
+    let moto = Moto::start();
+    moto.boto3(serde_json::json!([["secretsmanager", "create_secret", { "Name": "chain/db", "SecretString": "v" }]]));
+    let home = tempfile::tempdir().unwrap();
+    let from_env = run_chain_child(
+        &moto,
+        home.path(),
+        &[("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")],
+    );
+    assert!(from_env.contains("chain: present missing"), "{from_env}");
+    // A profile in the home directory, as `aws configure` writes it.
+    std::fs::create_dir(home.path().join(".aws")).unwrap();
+    std::fs::write(home.path().join(".aws/config"), "[default]\nregion = us-east-1\n").unwrap();
+    std::fs::write(
+        home.path().join(".aws/credentials"),
+        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
+    )
+    .unwrap();
+    let from_profile = run_chain_child(&moto, home.path(), &[]);
+    assert!(from_profile.contains("chain: present missing"), "{from_profile}");
+    let empty_home = tempfile::tempdir().unwrap();
+    let nothing = run_chain_child(&moto, empty_home.path(), &[("AWS_REGION", "us-east-1")]);
+    assert!(nothing.contains("chain: no_credentials"), "{nothing}");
+}
+
+/// The child half of `the_standard_chain_supplies_region_and_credentials`; a no-op on its own.
+#[tokio::test]
+async fn standard_chain_child() {
+    let Some(endpoint) = std::env::var_os("AIRLOCK_TEST_SECRETS_CHAIN_ENDPOINT") else { return };
+    let endpoint = endpoint.into_string().unwrap();
+    // Endpoints only: region and credentials come from the chain.
+    let config: SecretsConfig = toml::from_str(&format!(
+        "[aws]\nsecretsmanager_endpoint = '{endpoint}'\nssm_endpoint = '{endpoint}'\ntimeout_ms = 3000\n"
+    ))
+    .unwrap();
+    let resolver = SecretResolver::new(&config, Arc::new(HashMap::<String, String>::new()));
+    let present = resolver.existence(&r("aws-sm:chain/db")).await;
+    let line = match present.reason {
+        Some(reason) => serde_json::to_value(reason).unwrap().as_str().unwrap().to_owned(),
+        None => {
+            let missing = resolver.existence(&r("aws-sm:chain/absent")).await;
+            format!("{} {}", "present", serde_json::to_value(missing.state).unwrap().as_str().unwrap())
+        }
+    };
+    #[allow(clippy::print_stdout)]
+    {
+        println!("chain: {line}");
+    }
+}
