@@ -36,6 +36,9 @@ pub struct FileConfig {
     pub audit_checkpoints: Option<String>,
     /// A checkpoint every this many audit records (default 1000), besides start and stop.
     pub audit_checkpoint_every: Option<u64>,
+    /// `[secrets.aws]`: region and endpoints for `aws-sm:` and `aws-ssm:` references.
+    #[serde(default)]
+    pub secrets: crate::SecretsConfig,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -156,6 +159,8 @@ pub struct ApplianceConfig {
     pub box_user: Option<String>,
     /// Where signed checkpoints of the audit head go; none by default.
     pub audit_checkpoints: Option<crate::audit_log::CheckpointConfig>,
+    /// Where `aws-sm:` and `aws-ssm:` secrets are asked for (file only).
+    pub secrets: crate::SecretsConfig,
 }
 
 /// Records between periodic audit checkpoints unless configured.
@@ -224,6 +229,7 @@ impl ApplianceConfig {
             admin_group,
             box_user,
             audit_checkpoints,
+            secrets: file.secrets,
         })
     }
 }

@@ -64,6 +64,7 @@ mod preapprovals;
 mod result;
 mod running;
 mod sandbox;
+pub(crate) mod secrets;
 mod session;
 mod state_dir;
 #[cfg(test)]
@@ -84,6 +85,7 @@ pub use sandbox::bench as sandbox_bench;
 pub use config::ApplianceConfig;
 pub use control::release::ReleaseRefusal;
 pub use customer::PolicyRejection;
+pub use secrets::{AwsEndpoint, AwsRegion, AwsSecretsConfig, SecretsConfig};
 use session::{Session, SessionEnd};
 pub use state_dir::StateError;
 use state_dir::{StateDir, inspect_cert};
