@@ -150,6 +150,13 @@ pub enum AuditAction {
     ReleaseKeyList,
     ReleaseList,
     ReleasePush,
+    /// A rollout deployed to every target within its failure threshold.
+    RolloutCompleted,
+    RolloutCreate,
+    RolloutGet,
+    /// A rollout passed its failure threshold (or lost its creator's token): nothing new starts.
+    RolloutHalted,
+    RolloutList,
     /// A file of the customer's authority disagrees with the chain at start; the start is refused.
     StateDiverged,
     /// `state.*`: the state the chain anchors (`anchor::Anchor`), recorded as it changes.
@@ -229,6 +236,11 @@ impl AuditAction {
         AuditAction::ReleaseKeyList,
         AuditAction::ReleaseList,
         AuditAction::ReleasePush,
+        AuditAction::RolloutCompleted,
+        AuditAction::RolloutCreate,
+        AuditAction::RolloutGet,
+        AuditAction::RolloutHalted,
+        AuditAction::RolloutList,
         AuditAction::StateDiverged,
         AuditAction::StatePinnedKeys,
         AuditAction::StatePolicySerial,
@@ -306,6 +318,11 @@ impl AuditAction {
             AuditAction::ReleaseKeyList => "release_key.list",
             AuditAction::ReleaseList => "release.list",
             AuditAction::ReleasePush => "release.push",
+            AuditAction::RolloutCompleted => "rollout.completed",
+            AuditAction::RolloutCreate => "rollout.create",
+            AuditAction::RolloutGet => "rollout.get",
+            AuditAction::RolloutHalted => "rollout.halted",
+            AuditAction::RolloutList => "rollout.list",
             AuditAction::StateDiverged => "state.diverged",
             AuditAction::StatePinnedKeys => "state.pinned_keys",
             AuditAction::StatePolicySerial => "state.policy_serial",

@@ -108,6 +108,10 @@ typed_id!(
     /// A stored credential (API token or join token), never the secret itself.
     TokenId, "tok", "a token"
 );
+typed_id!(
+    /// A rollout: one release deployed to many environments under a concurrency limit.
+    RolloutId, "rol", "a rollout"
+);
 
 /// One operation: `op_` and 32 lowercase hex digits (128 random bits).
 ///

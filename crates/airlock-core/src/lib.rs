@@ -28,6 +28,6 @@ pub mod time;
 pub mod token;
 
 pub use fingerprint::Fingerprint;
-pub use id::{ApplianceId, EnvironmentId, OperationId, TenantId, WorkspaceId};
+pub use id::{ApplianceId, EnvironmentId, OperationId, RolloutId, TenantId, WorkspaceId};
 pub use identity::ApplianceIdentity;
 pub use time::Timestamp;

@@ -47,8 +47,14 @@ impl FromStr for Role {
 /// An authenticated actor.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Principal {
-    ApiToken { id: TokenId, role: Role },
+    ApiToken {
+        id: TokenId,
+        role: Role,
+    },
     Appliance(ApplianceId),
+    /// The control plane itself, for what it records on no one's behalf (a rollout halted
+    /// because its creator's token was revoked). It is permitted no action.
+    System,
 }
 
 impl Principal {
@@ -57,6 +63,7 @@ impl Principal {
         match self {
             Principal::ApiToken { id, .. } => format!("token:{id}"),
             Principal::Appliance(id) => format!("appliance:{id}"),
+            Principal::System => "system".to_owned(),
         }
     }
 }
@@ -91,6 +98,16 @@ impl TenantScope {
         Self { tenant: identity.tenant, principal: Principal::Appliance(identity.appliance) }
     }
 
+    /// A rollout's driver, acting with the authority of the (unrevoked) token that created it.
+    pub(crate) fn for_rollout(creator: ApiToken) -> Self {
+        Self::for_api_token(creator)
+    }
+
+    /// The control plane recording in `tenant` on no one's behalf.
+    pub(crate) fn for_system(tenant: TenantId) -> Self {
+        Self { tenant, principal: Principal::System }
+    }
+
     /// The operator at the console of the data directory (`airlock server init`, `tenant create`).
     pub(crate) fn for_local_operator(tenant: TenantId, token: TokenId) -> Self {
         Self { tenant, principal: Principal::ApiToken { id: token, role: Role::TenantAdmin } }
@@ -100,7 +117,7 @@ impl TenantScope {
     pub fn permits(&self, action: Action) -> bool {
         match (&self.principal, action) {
             (Principal::ApiToken { role: Role::TenantAdmin, .. }, _) => true,
-            (Principal::Appliance(_), _) => false,
+            (Principal::Appliance(_) | Principal::System, _) => false,
         }
     }
 }
@@ -119,6 +136,9 @@ pub enum Action {
     ListTemplates,
     RequestOperation,
     RequestDeployment,
+    CreateRollout,
+    GetRollout,
+    ListRollouts,
     ListOperations,
     GetOperation,
     RelayApproval,
@@ -147,6 +167,9 @@ impl Action {
             Action::ListTemplates => AuditAction::TemplateList,
             Action::RequestOperation => AuditAction::OperationRequest,
             Action::RequestDeployment => AuditAction::DeploymentRequest,
+            Action::CreateRollout => AuditAction::RolloutCreate,
+            Action::GetRollout => AuditAction::RolloutGet,
+            Action::ListRollouts => AuditAction::RolloutList,
             Action::ListOperations => AuditAction::OperationList,
             Action::GetOperation => AuditAction::OperationGet,
             Action::RelayApproval => AuditAction::OperationApprovalRelayed,

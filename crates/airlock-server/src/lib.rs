@@ -30,6 +30,7 @@ pub mod policy;
 pub mod push;
 pub mod registry;
 pub mod releases;
+pub mod rollouts;
 pub mod seen;
 pub mod signer;
 pub mod state;
@@ -106,6 +107,9 @@ pub struct ServerConfig {
     pub limits: net::ConnectionLimits,
     /// When the server checkpoints its audit chains and prunes anonymous refusal records.
     pub audit_schedule: audit_checkpoints::Schedule,
+    /// How often unfinished rollouts are driven (their deploys' results are read, the next
+    /// targets started).
+    pub rollout_interval: Duration,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -124,6 +128,7 @@ impl ServerConfig {
             api_tls_files: None,
             limits: net::ConnectionLimits::default(),
             audit_schedule: audit_checkpoints::Schedule::default(),
+            rollout_interval: Duration::from_secs(1),
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -540,6 +545,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let shutdown_rx_for_audit = shutdown_rx.clone();
+    let shutdown_rx_for_rollouts = shutdown_rx.clone();
     let router = api::router(state.clone());
     let api = https::Api {
         tls: api_tls,
@@ -571,6 +577,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.audit_schedule,
         shutdown_rx_for_audit,
     ));
+    let rollout_task = tokio::spawn(rollouts::run(state.clone(), config.rollout_interval, shutdown_rx_for_rollouts));
     tracing::info!(%api_addr, %gateway_addr, %gateway_endpoint, %ca_fingerprint, "control plane serving");
     Ok(RunningServer {
         api_addr,
@@ -580,7 +587,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ca_pem,
         stop_accepting,
         shutdown,
-        tasks: vec![api_task, gateway_task, checkpoint_task],
+        tasks: vec![api_task, gateway_task, checkpoint_task, rollout_task],
         state,
         audit_signer,
         audit_schedule: config.audit_schedule,

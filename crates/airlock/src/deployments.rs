@@ -2,6 +2,7 @@
 //! Deploy-phase operation like any other: the customer's approval, a pre-approval or a standing
 //! window decides on the appliance; `airlock op show` follows it.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -41,4 +42,108 @@ pub(crate) async fn deploy(args: DeployArgs) -> Result<ExitCode> {
         println!("{}", line(op["state"].as_str().unwrap_or_default()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub(crate) struct RolloutArgs {
+    /// The release: NAME@VERSION, or its digest. Omit it with --follow.
+    #[arg(required_unless_present = "follow")]
+    release: Option<String>,
+    /// Workspace id (wsp_…); may be omitted when the tenant has one workspace.
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Only this environment (env_…); repeat for each. Every environment of the workspace by default.
+    #[arg(long = "env")]
+    environments: Vec<String>,
+    /// Deploys at once (one waiting for its customer's approval holds a slot).
+    #[arg(long, default_value_t = 1)]
+    concurrency: u32,
+    /// Failed deploys tolerated; one more halts the rollout.
+    #[arg(long, default_value_t = 0)]
+    max_failures: u32,
+    /// Why; every customer reads it and it is signed into each deploy.
+    #[arg(long, required_unless_present = "follow")]
+    reason: Option<String>,
+    /// Follow a rollout already started (rol_…) instead of starting one.
+    #[arg(long, conflicts_with_all = ["release", "reason"])]
+    follow: Option<String>,
+    /// Start it and return at once, without following its progress.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Starts a rollout (or takes one already started) and follows it to its end: a progress bar on
+/// a terminal, one JSON line per change otherwise. Exits 0 once it completed, 1 if it halted.
+pub(crate) async fn rollout(args: RolloutArgs) -> Result<ExitCode> {
+    let client = args.api.client()?;
+    let id = match (&args.follow, &args.release) {
+        (Some(id), _) => path_segment("rollout id", id)?,
+        (None, Some(release)) => {
+            let ws = crate::resolve_workspace(&client, args.workspace.clone()).await?;
+            let body = json!({
+                "release": release, "environments": args.environments, "concurrency": args.concurrency,
+                "max_failures": args.max_failures, "reason": args.reason,
+            });
+            let started: Value = client.post(&format!("/v1/workspaces/{ws}/rollouts"), &body).await?;
+            let id = started["id"].as_str().unwrap_or_default().to_owned();
+            if args.no_wait {
+                if args.api.json {
+                    crate::terminal::print_json(&started)?;
+                } else {
+                    println!("{}", line(&id));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            path_segment("rollout id", &id)?
+        }
+        (None, None) => anyhow::bail!("give a release to roll out, or --follow ROLLOUT"),
+    };
+    let bar = std::io::stderr().is_terminal() && !args.api.json;
+    let mut last = String::new();
+    loop {
+        let r: Value = client.get(&format!("/v1/rollouts/{id}")).await?;
+        let state = r["state"].as_str().unwrap_or_default().to_owned();
+        let count = |k: &str| r[k].as_u64().unwrap_or(0);
+        let (total, done, failed) = (count("total"), count("succeeded"), count("failed"));
+        let progress = format!(
+            "{{\"rollout\":{},\"state\":{},\"total\":{total},\"succeeded\":{done},\"failed\":{failed},\"deploying\":{},\"pending\":{}}}",
+            serde_json::to_string(&id)?,
+            serde_json::to_string(&state)?,
+            count("deploying"),
+            count("pending"),
+        );
+        if progress != last {
+            if bar {
+                let width = 30u64;
+                let filled = (done + failed).saturating_mul(width).checked_div(total).unwrap_or(0) as usize;
+                eprint!(
+                    "\r[{}{}] {}/{} succeeded, {} failed, {} deploying ({})   ",
+                    "#".repeat(filled),
+                    ".".repeat(width as usize - filled.min(width as usize)),
+                    done,
+                    total,
+                    failed,
+                    count("deploying"),
+                    line(&state),
+                );
+            } else {
+                println!("{progress}");
+            }
+            last = progress;
+        }
+        match state.as_str() {
+            "completed" | "halted" => {
+                if bar {
+                    eprintln!();
+                    if args.api.json {
+                        crate::terminal::print_json(&r)?;
+                    }
+                }
+                return Ok(if state == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
 }

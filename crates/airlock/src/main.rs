@@ -56,6 +56,8 @@ enum Command {
     Release(releases::ReleaseCmd),
     /// Deploy a pushed release to an environment (a Deploy-phase operation).
     Deploy(deployments::DeployArgs),
+    /// Deploy a release to many environments, a few at a time, halting past a failure threshold.
+    Rollout(deployments::RolloutArgs),
     /// Request signed operations and read their manifests and released output.
     Op(operations::OpCmd),
     /// Verify audit logs.
@@ -726,6 +728,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Template(cmd) => operations::template(cmd).await,
         Command::Release(cmd) => releases::release(cmd).await,
         Command::Deploy(args) => deployments::deploy(args).await,
+        Command::Rollout(args) => deployments::rollout(args).await,
         Command::Op(cmd) => operations::op(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
         Command::Customer(CustomerCmd {
@@ -1176,7 +1179,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
 
 /// The workspace id to put in a request path: the one given, or the tenant's only one; checked
 /// as a path segment either way.
-async fn resolve_workspace(c: &client::ApiClient, given: Option<String>) -> anyhow::Result<String> {
+pub(crate) async fn resolve_workspace(c: &client::ApiClient, given: Option<String>) -> anyhow::Result<String> {
     let id = match given {
         Some(w) => w,
         None => {

@@ -13,6 +13,7 @@ mod error;
 pub mod operations;
 pub mod policy;
 pub mod releases;
+pub mod rollouts;
 pub mod tenancy;
 
 use std::sync::{Arc, LazyLock};
@@ -57,6 +58,8 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(operations::request_operation))
         .routes(routes!(operations::request_deployment))
         .routes(routes!(appliances::get_deployment_status))
+        .routes(routes!(rollouts::list_rollouts, rollouts::create_rollout))
+        .routes(routes!(rollouts::get_rollout))
         .routes(routes!(policy::get_policy, policy::relay_policy))
         .routes(routes!(releases::list_release_keys, releases::add_release_key))
         .routes(routes!(releases::list_releases, releases::push_release))

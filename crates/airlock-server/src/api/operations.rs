@@ -367,6 +367,7 @@ pub(super) async fn request_operation(
             what: Requested::Template { name: body.template, vars: body.vars },
             reason: body.reason,
             appliance: body.appliance.as_deref().map(parse_id).transpose()?,
+            id: None,
         };
         let row = operations::request(&state, &scope, new).await?;
         Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
@@ -547,6 +548,7 @@ pub(super) async fn request_deployment(
             what: Requested::Deploy(selector),
             reason: body.reason,
             appliance: body.appliance.as_deref().map(parse_id).transpose()?,
+            id: None,
         };
         let row = operations::request(&state, &scope, new).await?;
         Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))

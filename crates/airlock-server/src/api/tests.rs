@@ -274,6 +274,7 @@ fn concrete(path: &str) -> String {
         .replace("{environment}", &airlock_core::EnvironmentId::from_random([2; 16]).to_string())
         .replace("{appliance}", &airlock_core::ApplianceId::from_random([3; 16]).to_string())
         .replace("{id}", &op_id(4).to_string())
+        .replace("{rollout}", &airlock_core::RolloutId::from_random([5; 16]).to_string())
 }
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];

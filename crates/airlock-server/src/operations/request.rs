@@ -30,6 +30,9 @@ pub struct NewOperation {
     pub reason: String,
     /// Defaults to the environment's only active appliance.
     pub appliance: Option<ApplianceId>,
+    /// The operation's id, chosen by a caller that records it before asking (a rollout, so a
+    /// request made twice after a restart is one operation); a fresh one by default.
+    pub id: Option<OperationId>,
 }
 
 /// What an operation runs: a template's current version, or the deploy of a signed release.
@@ -95,7 +98,7 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
     let command = prepared.command;
 
     let now = state.now();
-    let id = OperationId::from_random(random());
+    let id = new.id.unwrap_or_else(|| OperationId::from_random(random()));
     let request = OperationRequest {
         id,
         appliance,

@@ -20,6 +20,7 @@ mod operations;
 mod policies;
 mod read_cache;
 mod releases;
+mod rollouts;
 mod templates;
 mod tenancy;
 #[cfg(test)]
@@ -42,6 +43,7 @@ pub use ca::StoredCa;
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
 pub use releases::{ReleaseKeyRow, ReleaseRow};
+pub use rollouts::{RolloutRow, RolloutTargetRow};
 pub use templates::TemplateRow;
 pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
 
@@ -65,6 +67,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (10, "audit_signing", include_str!("../../migrations/0010_audit_signing.sql")),
     (11, "releases", include_str!("../../migrations/0011_releases.sql")),
     (13, "deployment_status", include_str!("../../migrations/0013_deployment_status.sql")),
+    (14, "rollouts", include_str!("../../migrations/0014_rollouts.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -62,6 +62,18 @@ impl Store {
         Ok(token)
     }
 
+    /// An unrevoked API token by its id: what a rollout acts as after a restart.
+    pub async fn api_token_by_id(&self, id: TokenId) -> Result<Option<ApiToken>, StoreError> {
+        let row = sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE id = $1 AND revoked_at IS NULL")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(ApiToken { id: parse_col(&r, "id")?, tenant: parse_col(&r, "tenant_id")?, role: parse_col(&r, "role")? })
+        })
+        .transpose()
+    }
+
     async fn api_token_from_db(&self, hash: &TokenHash) -> Result<Option<ApiToken>, StoreError> {
         let row =
             sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")

@@ -1,0 +1,414 @@
+//! Rollouts: one release deployed to many appliances (every active appliance of the chosen
+//! environments of a workspace), at most `concurrency` at a time, halted once more than
+//! `max_failures` of them failed.
+//!
+//! Each target becomes an ordinary deploy operation (`operations::request` with
+//! `Requested::Deploy`), so every appliance's customer decides about it exactly as about a
+//! single deploy; a target waiting for its customer's approval holds a slot.
+//!
+//! Decide, then act: [`plan`] is pure (the targets' states in, what to start and the rollout's
+//! state out); [`drive`] reads the store, refreshes targets from their operations, plans, and
+//! writes. Everything is in the store, and a target's operation id is chosen and stored before
+//! the deploy is requested, so after a restart the driver carries on where it was and a request
+//! it repeats is the same operation. The driver acts with the authority of the API token that
+//! created the rollout, looked up again at every round: revoking that token halts the rollout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::audit::{AuditAction, Outcome};
+use airlock_core::operation::OperationState;
+use airlock_core::{EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
+use serde::{Deserialize, Serialize};
+
+use crate::authz::TenantScope;
+use crate::operations::{NewOperation, Requested};
+use crate::releases::{DeployableError, ReleaseSelector};
+use crate::state::{AppState, event, random};
+use crate::store::{RolloutRow, RolloutTargetRow, StoreError};
+
+/// Most targets one rollout may have.
+pub const MAX_TARGETS: usize = 10_000;
+
+/// Where a rollout stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Running,
+    /// Past its failure threshold: nothing new starts; deploys in flight finish.
+    Halting,
+    Halted,
+    Completed,
+}
+
+/// Where one target stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetState {
+    Pending,
+    /// Its deploy was requested and has not finished (it may be waiting for approval).
+    Deploying,
+    Succeeded,
+    Failed,
+}
+
+/// What to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Indexes of the targets to start now.
+    pub start: Vec<usize>,
+    pub state: RolloutState,
+}
+
+/// Decides a round: halt past the threshold (in-flight deploys finish), else start pending
+/// targets in order up to the concurrency limit; done when nothing is pending or in flight.
+pub fn plan(targets: &[TargetState], concurrency: u32, max_failures: u32) -> Plan {
+    let count = |s: TargetState| targets.iter().filter(|t| **t == s).count();
+    let (failed, in_flight, pending) =
+        (count(TargetState::Failed), count(TargetState::Deploying), count(TargetState::Pending));
+    if failed > max_failures as usize {
+        let state = if in_flight == 0 { RolloutState::Halted } else { RolloutState::Halting };
+        return Plan { start: Vec::new(), state };
+    }
+    if pending == 0 && in_flight == 0 {
+        return Plan { start: Vec::new(), state: RolloutState::Completed };
+    }
+    let room = (concurrency as usize).saturating_sub(in_flight);
+    let start = targets.iter().enumerate().filter(|(_, t)| **t == TargetState::Pending).map(|(i, _)| i).take(room);
+    Plan { start: start.collect(), state: RolloutState::Running }
+}
+
+/// What a deploy operation's state means for its target.
+pub fn target_state(op: OperationState, exit_code: Option<i64>) -> TargetState {
+    match op {
+        OperationState::AwaitingApproval | OperationState::Approved => TargetState::Deploying,
+        OperationState::Executed | OperationState::Released | OperationState::Withheld if exit_code == Some(0) => {
+            TargetState::Succeeded
+        }
+        OperationState::Executed
+        | OperationState::Released
+        | OperationState::Withheld
+        | OperationState::Denied
+        | OperationState::Cancelled
+        | OperationState::Refused => TargetState::Failed,
+    }
+}
+
+/// What an operator asks for.
+#[derive(Clone, Debug)]
+pub struct NewRollout {
+    pub workspace: WorkspaceId,
+    pub release: ReleaseSelector,
+    /// Only these environments; every environment of the workspace when empty.
+    pub environments: Vec<EnvironmentId>,
+    pub concurrency: u32,
+    pub max_failures: u32,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("concurrency must be between 1 and 1000")]
+    Concurrency,
+    #[error("the reason must be 1–1000 characters without control characters; every customer reads it")]
+    Reason,
+    #[error("no environment {0} in this workspace")]
+    NoEnvironment(EnvironmentId),
+    #[error("no active appliance in the chosen environments: nothing to deploy to")]
+    NoTargets,
+    #[error("a rollout reaches at most {MAX_TARGETS} appliances")]
+    TooManyTargets,
+    #[error("rollouts are started with an API token")]
+    NotAToken,
+    #[error("no workspace {0} in your tenant")]
+    NoWorkspace(WorkspaceId),
+    #[error(transparent)]
+    Release(DeployableError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates a rollout (its targets: every active appliance of the chosen environments, in
+/// environment order) with its audit record; the driver starts it.
+pub async fn create(state: &AppState, scope: &TenantScope, new: NewRollout) -> Result<RolloutRow, RolloutError> {
+    if !(1..=1000).contains(&new.concurrency) {
+        return Err(RolloutError::Concurrency);
+    }
+    let reason = new.reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > 1000 || reason.chars().any(char::is_control) {
+        return Err(RolloutError::Reason);
+    }
+    let crate::authz::Principal::ApiToken { id: created_by, .. } = scope.principal() else {
+        return Err(RolloutError::NotAToken);
+    };
+    if !state.store.workspace_exists(scope, new.workspace).await? {
+        return Err(RolloutError::NoWorkspace(new.workspace));
+    }
+    let (release, _) =
+        crate::releases::deployable(state, scope, new.workspace, &new.release).await.map_err(|e| match e {
+            DeployableError::Store(e) => RolloutError::Store(e),
+            e => RolloutError::Release(e),
+        })?;
+    let all = state.store.list_environments(scope, new.workspace).await?;
+    let chosen: Vec<EnvironmentId> = if new.environments.is_empty() {
+        all.iter().map(|e| e.id).collect()
+    } else {
+        for e in &new.environments {
+            if !all.iter().any(|a| a.id == *e) {
+                return Err(RolloutError::NoEnvironment(*e));
+            }
+        }
+        new.environments.clone()
+    };
+    let now = state.now();
+    let mut targets = Vec::new();
+    for env in chosen {
+        let appliances = state.store.list_appliances(scope, Some(env)).await?;
+        for a in appliances.iter().filter(|a| a.revoked_at.is_none()) {
+            if targets.len() == MAX_TARGETS {
+                return Err(RolloutError::TooManyTargets);
+            }
+            targets.push(RolloutTargetRow {
+                position: u32::try_from(targets.len()).unwrap_or(u32::MAX),
+                environment_id: env,
+                appliance_id: a.id,
+                operation_id: None,
+                state: TargetState::Pending,
+                detail: String::new(),
+                updated_at: now,
+            });
+        }
+    }
+    if targets.is_empty() {
+        return Err(RolloutError::NoTargets);
+    }
+    let row = RolloutRow {
+        id: RolloutId::from_random(random()),
+        tenant_id: scope.tenant(),
+        workspace_id: new.workspace,
+        release_digest: release.digest,
+        release_name: release.name,
+        release_version: release.version,
+        concurrency: new.concurrency,
+        max_failures: new.max_failures,
+        reason,
+        created_by: *created_by,
+        state: RolloutState::Running,
+        created_at: now,
+        updated_at: now,
+    };
+    let mut ev = event(scope.principal().actor(), AuditAction::RolloutCreate, Outcome::Success);
+    ev.workspace = Some(new.workspace.to_string());
+    ev.target = Some(row.id.to_string());
+    ev.detail = serde_json::json!({
+        "release": row.release_digest, "name": row.release_name, "version": row.release_version,
+        "targets": targets.len(), "concurrency": row.concurrency, "max_failures": row.max_failures,
+    });
+    let mut tx = state.store.write().await?;
+    tx.insert_rollout(scope, &row, &targets).await?;
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    tracing::info!(rollout = %row.id, targets = targets.len(), "rollout created");
+    Ok(row)
+}
+
+/// Drives every unfinished rollout, every `every`, until `stop`.
+pub async fn run(state: Arc<AppState>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                if let Err(e) = round(&state).await {
+                    tracing::error!(error = %e, "rollout round failed; retrying at the next");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One round over every unfinished rollout.
+async fn round(state: &AppState) -> Result<(), StoreError> {
+    for (id, token) in state.store.unfinished_rollouts().await? {
+        // The creator's authority, as it is now: a revoked token halts its rollouts.
+        let scope = match state.store.api_token_by_id(token).await? {
+            Some(row) => TenantScope::for_rollout(row),
+            None => {
+                halt_orphan(state, id).await?;
+                continue;
+            }
+        };
+        if let Err(e) = drive(state, &scope, id).await {
+            tracing::error!(rollout = %id, error = %e, "cannot drive a rollout");
+        }
+    }
+    Ok(())
+}
+
+/// Refreshes a rollout's targets from their operations, plans, starts what the plan says.
+pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Result<(), StoreError> {
+    let Some(rollout) = state.store.rollout(scope, id).await? else { return Ok(()) };
+    let mut targets = state.store.rollout_targets(scope, id).await?;
+    let now = state.now();
+    let mut changed = Vec::new();
+    for (i, t) in targets.iter_mut().enumerate() {
+        if t.state != TargetState::Deploying {
+            continue;
+        }
+        let Some(op) = t.operation_id else { continue };
+        let new = match state.store.get_operation(scope, op).await? {
+            Some(row) => target_state(row.state, row.exit_code),
+            // Chosen and stored, then the process stopped before the request: ask again.
+            None => {
+                start_target(state, scope, &rollout, t, now).await;
+                changed.push(i);
+                continue;
+            }
+        };
+        if new != t.state {
+            t.state = new;
+            t.updated_at = now;
+            changed.push(i);
+        }
+    }
+    let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
+    let next = plan(&states, rollout.concurrency, rollout.max_failures);
+    for &i in &next.start {
+        start_target(state, scope, &rollout, &mut targets[i], now).await;
+        changed.push(i);
+    }
+    // A target that could not even be requested failed at once: the next round plans with it.
+    changed.sort_unstable();
+    changed.dedup();
+    if changed.is_empty() && next.state == rollout.state {
+        return Ok(());
+    }
+    let mut tx = state.store.write().await?;
+    for &i in &changed {
+        tx.put_rollout_target(scope, id, &targets[i]).await?;
+    }
+    if next.state != rollout.state {
+        tx.set_rollout_state(scope, id, next.state, now).await?;
+        let action = match next.state {
+            RolloutState::Completed => Some(AuditAction::RolloutCompleted),
+            RolloutState::Halting | RolloutState::Halted if rollout.state == RolloutState::Running => {
+                Some(AuditAction::RolloutHalted)
+            }
+            _ => None,
+        };
+        if let Some(action) = action {
+            let mut ev = event(scope.principal().actor(), action, Outcome::Success);
+            ev.workspace = Some(rollout.workspace_id.to_string());
+            ev.target = Some(id.to_string());
+            let count = |s: TargetState| targets.iter().filter(|t| t.state == s).count();
+            ev.detail = serde_json::json!({
+                "succeeded": count(TargetState::Succeeded), "failed": count(TargetState::Failed),
+                "max_failures": rollout.max_failures,
+            });
+            tx.audit(&scope.chain(), now, ev).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Requests a target's deploy under an id stored first (see the module doc); a request the
+/// control plane refuses (the appliance was revoked, the release's key was revoked) fails the
+/// target.
+async fn start_target(
+    state: &AppState,
+    scope: &TenantScope,
+    rollout: &RolloutRow,
+    t: &mut RolloutTargetRow,
+    now: Timestamp,
+) {
+    let op = *t.operation_id.get_or_insert_with(|| OperationId::from_random(random()));
+    t.state = TargetState::Deploying;
+    t.updated_at = now;
+    // Stored before the request, so a restart in between asks again under the same id.
+    let stored = async {
+        let mut tx = state.store.write().await?;
+        tx.put_rollout_target(scope, rollout.id, t).await?;
+        tx.commit().await
+    };
+    if let Err(e) = stored.await {
+        tracing::error!(rollout = %rollout.id, error = %e, "cannot record a rollout target; retrying at the next round");
+        t.state = TargetState::Pending;
+        t.operation_id = None;
+        return;
+    }
+    let new = NewOperation {
+        environment: t.environment_id,
+        what: Requested::Deploy(ReleaseSelector::Digest(rollout.release_digest.clone())),
+        reason: format!("rollout {}: {}", rollout.id, rollout.reason),
+        appliance: Some(t.appliance_id),
+        id: Some(op),
+    };
+    if let Err(e) = crate::operations::request(state, scope, new).await {
+        if matches!(e, crate::operations::RequestError::Store(StoreError::Db(_))) {
+            // The store, not the request: the next round asks again under the same id.
+            tracing::error!(rollout = %rollout.id, error = %e, "cannot request a rollout target's deploy");
+            return;
+        }
+        t.state = TargetState::Failed;
+        t.detail = e.to_string().chars().take(500).collect();
+    }
+}
+
+/// A rollout whose creator's token is gone: halted, audited in its tenant's chain.
+async fn halt_orphan(state: &AppState, id: RolloutId) -> Result<(), StoreError> {
+    let Some(tenant) = state.store.rollout_tenant(id).await? else { return Ok(()) };
+    let scope = TenantScope::for_system(tenant);
+    let now = state.now();
+    let mut ev = event(scope.principal().actor(), AuditAction::RolloutHalted, Outcome::Success);
+    ev.target = Some(id.to_string());
+    ev.detail = serde_json::json!({ "why": "the API token that created it was revoked" });
+    let mut tx = state.store.write().await?;
+    tx.set_rollout_state(&scope, id, RolloutState::Halted, now).await?;
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    tracing::warn!(rollout = %id, "rollout halted: the token that created it was revoked");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TargetState::*;
+
+    #[test]
+    fn a_plan_starts_up_to_the_concurrency_in_order() {
+        assert_eq!(plan(&[Pending, Pending, Pending], 2, 0), Plan { start: vec![0, 1], state: RolloutState::Running });
+        assert_eq!(plan(&[Deploying, Pending, Pending], 2, 0).start, vec![1]);
+        assert_eq!(plan(&[Deploying, Deploying, Pending], 2, 0).start, Vec::<usize>::new());
+        assert_eq!(plan(&[Succeeded, Succeeded], 2, 0), Plan { start: vec![], state: RolloutState::Completed });
+    }
+
+    #[test]
+    fn past_the_threshold_nothing_starts_and_in_flight_deploys_finish() {
+        // One failure allowed: the first does not halt.
+        assert_eq!(plan(&[Failed, Pending, Pending], 1, 1).start, vec![1]);
+        assert_eq!(
+            plan(&[Failed, Failed, Deploying, Pending], 3, 1),
+            Plan { start: vec![], state: RolloutState::Halting }
+        );
+        assert_eq!(
+            plan(&[Failed, Failed, Succeeded, Pending], 3, 1),
+            Plan { start: vec![], state: RolloutState::Halted }
+        );
+        // Failures within the threshold still complete.
+        assert_eq!(plan(&[Failed, Succeeded], 1, 1).state, RolloutState::Completed);
+    }
+
+    #[test]
+    fn a_deploy_succeeds_only_when_it_ran_and_switched() {
+        assert_eq!(target_state(OperationState::Executed, Some(0)), Succeeded);
+        assert_eq!(target_state(OperationState::Executed, Some(1)), Failed);
+        assert_eq!(target_state(OperationState::Executed, None), Failed);
+        assert_eq!(target_state(OperationState::AwaitingApproval, None), Deploying);
+        for s in [OperationState::Denied, OperationState::Refused, OperationState::Cancelled] {
+            assert_eq!(target_state(s, None), Failed);
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Rollouts and their targets (one per appliance), with every state a rollout's driver needs to
+//! carry on after a restart.
+
+use airlock_core::id::TokenId;
+use airlock_core::{ApplianceId, EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
+use sqlx::Row;
+
+use super::{Store, StoreError, WriteTx, code_col, code_text, parse_col, ts_col};
+use crate::authz::TenantScope;
+use crate::rollouts::{RolloutState, TargetState};
+
+#[derive(Clone, Debug)]
+pub struct RolloutRow {
+    pub id: RolloutId,
+    pub tenant_id: airlock_core::TenantId,
+    pub workspace_id: WorkspaceId,
+    pub release_digest: String,
+    pub release_name: String,
+    pub release_version: String,
+    pub concurrency: u32,
+    pub max_failures: u32,
+    pub reason: String,
+    pub created_by: TokenId,
+    pub state: RolloutState,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Clone, Debug)]
+pub struct RolloutTargetRow {
+    pub position: u32,
+    pub environment_id: EnvironmentId,
+    pub appliance_id: ApplianceId,
+    pub operation_id: Option<OperationId>,
+    pub state: TargetState,
+    pub detail: String,
+    pub updated_at: Timestamp,
+}
+
+const ROLLOUT_COLUMNS: &str = "id, tenant_id, workspace_id, release_digest, release_name, release_version, concurrency, \
+     max_failures, reason, created_by, state, created_at, updated_at";
+const TARGET_COLUMNS: &str = "position, environment_id, appliance_id, operation_id, state, detail, updated_at";
+
+impl Store {
+    /// A rollout of the tenant's.
+    pub async fn rollout(&self, scope: &TenantScope, id: RolloutId) -> Result<Option<RolloutRow>, StoreError> {
+        let sql = format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE tenant_id = $1 AND id = $2");
+        let row =
+            sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(rollout_from_row).transpose()
+    }
+
+    /// A workspace's rollouts, newest first.
+    pub async fn list_rollouts(&self, scope: &TenantScope, ws: WorkspaceId) -> Result<Vec<RolloutRow>, StoreError> {
+        let sql = format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE tenant_id = $1 AND workspace_id = $2 ORDER BY created_at DESC, id"
+        );
+        let rows =
+            sqlx::query(&sql).bind(scope.tenant().to_string()).bind(ws.to_string()).fetch_all(&self.pool).await?;
+        rows.iter().map(rollout_from_row).collect()
+    }
+
+    /// A rollout's targets, in order.
+    pub async fn rollout_targets(
+        &self,
+        scope: &TenantScope,
+        id: RolloutId,
+    ) -> Result<Vec<RolloutTargetRow>, StoreError> {
+        let sql = format!(
+            "SELECT {TARGET_COLUMNS} FROM rollout_targets WHERE tenant_id = $1 AND rollout_id = $2 ORDER BY position"
+        );
+        let rows =
+            sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_all(&self.pool).await?;
+        rows.iter().map(target_from_row).collect()
+    }
+
+    /// The tenant a rollout belongs to (for the driver's own records).
+    pub async fn rollout_tenant(&self, id: RolloutId) -> Result<Option<airlock_core::TenantId>, StoreError> {
+        let row = sqlx::query("SELECT tenant_id FROM rollouts WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse_col(&r, "tenant_id")).transpose()
+    }
+
+    /// Every rollout, in every tenant, that may still have work: what the driver visits. (The
+    /// driver then acts on each through a scope made from its creator's token.)
+    pub async fn unfinished_rollouts(&self) -> Result<Vec<(RolloutId, TokenId)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, created_by FROM rollouts WHERE state IN ('running', 'halting') ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((parse_col(r, "id")?, parse_col(r, "created_by")?))).collect()
+    }
+}
+
+impl WriteTx<'_> {
+    /// Stores a new rollout and its targets.
+    pub async fn insert_rollout(
+        &mut self,
+        scope: &TenantScope,
+        r: &RolloutRow,
+        targets: &[RolloutTargetRow],
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO rollouts (id, tenant_id, workspace_id, release_digest, release_name, release_version,
+                concurrency, max_failures, reason, created_by, state, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(r.id.to_string())
+        .bind(scope.tenant().to_string())
+        .bind(r.workspace_id.to_string())
+        .bind(&r.release_digest)
+        .bind(&r.release_name)
+        .bind(&r.release_version)
+        .bind(i64::from(r.concurrency))
+        .bind(i64::from(r.max_failures))
+        .bind(&r.reason)
+        .bind(r.created_by.to_string())
+        .bind(code_text(r.state)?)
+        .bind(r.created_at.unix_millis())
+        .bind(r.updated_at.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        for t in targets {
+            self.put_rollout_target(scope, r.id, t).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a target (insert or replace).
+    pub async fn put_rollout_target(
+        &mut self,
+        scope: &TenantScope,
+        rollout: RolloutId,
+        t: &RolloutTargetRow,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO rollout_targets (rollout_id, tenant_id, position, environment_id, appliance_id, operation_id,
+                state, detail, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (rollout_id, position) DO UPDATE SET operation_id = excluded.operation_id,
+                state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at",
+        )
+        .bind(rollout.to_string())
+        .bind(scope.tenant().to_string())
+        .bind(i64::from(t.position))
+        .bind(t.environment_id.to_string())
+        .bind(t.appliance_id.to_string())
+        .bind(t.operation_id.map(|o| o.to_string()))
+        .bind(code_text(t.state)?)
+        .bind(&t.detail)
+        .bind(t.updated_at.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Sets a rollout's state.
+    pub async fn set_rollout_state(
+        &mut self,
+        scope: &TenantScope,
+        id: RolloutId,
+        state: RolloutState,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE rollouts SET state = $3, updated_at = $4 WHERE tenant_id = $1 AND id = $2")
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .bind(code_text(state)?)
+            .bind(at.unix_millis())
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+}
+
+fn rollout_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RolloutRow, StoreError> {
+    let small = |col: &str| -> Result<u32, StoreError> {
+        let v: i64 = row.try_get(col)?;
+        u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("rollouts.{col}")))
+    };
+    Ok(RolloutRow {
+        id: parse_col(row, "id")?,
+        tenant_id: parse_col(row, "tenant_id")?,
+        workspace_id: parse_col(row, "workspace_id")?,
+        release_digest: row.try_get("release_digest")?,
+        release_name: row.try_get("release_name")?,
+        release_version: row.try_get("release_version")?,
+        concurrency: small("concurrency")?,
+        max_failures: small("max_failures")?,
+        reason: row.try_get("reason")?,
+        created_by: parse_col(row, "created_by")?,
+        state: code_col(row, "state")?.ok_or_else(|| StoreError::Corrupt("rollouts.state".into()))?,
+        created_at: ts_col(row, "created_at")?,
+        updated_at: ts_col(row, "updated_at")?,
+    })
+}
+
+fn target_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RolloutTargetRow, StoreError> {
+    let position: i64 = row.try_get("position")?;
+    let operation: Option<String> = row.try_get("operation_id")?;
+    Ok(RolloutTargetRow {
+        position: u32::try_from(position).map_err(|_| StoreError::Corrupt("rollout_targets.position".into()))?,
+        environment_id: parse_col(row, "environment_id")?,
+        appliance_id: parse_col(row, "appliance_id")?,
+        operation_id: operation
+            .map(|o| o.parse().map_err(|e| StoreError::Corrupt(format!("rollout_targets.operation_id: {e}"))))
+            .transpose()?,
+        state: code_col(row, "state")?.ok_or_else(|| StoreError::Corrupt("rollout_targets.state".into()))?,
+        detail: row.try_get("detail")?,
+        updated_at: ts_col(row, "updated_at")?,
+    })
+}
