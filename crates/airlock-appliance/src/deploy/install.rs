@@ -135,6 +135,12 @@ impl Releases {
         Ok((statement, manifest))
     }
 
+    /// Whether the installed release `digest` still holds exactly what `statement` signed.
+    pub(crate) fn check(&self, digest: &str, statement: &ReleaseStatement) -> Result<(), DeployError> {
+        check_installed(&self.dir(digest), &statement.artifacts)
+            .map_err(|why| DeployError::Io(format!("the installed release {digest} was altered: {why}")))
+    }
+
     /// Removes every installed release but those in `keep`, and leftovers of interrupted
     /// installs.
     pub(crate) fn prune(&self, keep: &[&str]) {

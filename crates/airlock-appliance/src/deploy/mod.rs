@@ -17,8 +17,11 @@
 //!
 //! A crash at any point leaves a consistent state for [`Deployer::recover`], called at the
 //! appliance's start: the pending switch is resolved by the `current` link (committed, or the
-//! previous release is current), and the current release's services are started again.
+//! previous release is current), the current release's files are checked against its
+//! statement, and its services are started again (the appliance's start killed what a previous
+//! process left running, with every other leftover cell: `Sandbox::open`).
 //! Supervision continues offline: nothing here needs the control plane.
+//! One deploy (or recovery) runs at a time; [`Deployer::status`] answers meanwhile.
 //!
 //! The releases root is outside the state directory (the box may not read that one) and
 //! readable by the box user; logs (`.logs/`) are the appliance's only and never go up.
@@ -247,10 +250,10 @@ impl<E: Executor> Deployer<E> {
         if inner.current.as_ref().is_some_and(|a| a.release.digest == digest) {
             return Ok(DeployOutcome::AlreadyCurrent { digest });
         }
-        self.releases.install(release, blobs)?;
-        progress(DeployEvent::Installed { digest: digest.clone() });
         let new_info = info(manifest, &digest);
         let units = self.units(&new_info, manifest, secrets, bindings).await?;
+        self.releases.install(release, blobs)?;
+        progress(DeployEvent::Installed { digest: digest.clone() });
 
         // Act.
         let mut state = pointer::read(self.releases.root())?;
@@ -387,7 +390,10 @@ impl<E: Executor> Deployer<E> {
         let mut inner = self.inner.lock().await;
         let state = pointer::settle(self.releases.root())?;
         let Some(digest) = state.current.clone() else { return Ok(None) };
-        let (_, manifest) = self.releases.installed(&digest)?;
+        let (statement, manifest) = self.releases.installed(&digest)?;
+        // The release directory is outside the state directory: check it was not edited while
+        // the appliance was down.
+        self.releases.check(&digest, &statement)?;
         if !state.root_allowed.contains(&digest)
             && let Some(s) = manifest.root_services().find(|s| bindings.runs(s))
         {
