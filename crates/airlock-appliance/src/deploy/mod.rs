@@ -86,7 +86,7 @@ pub(crate) enum DeployOutcome {
     Deployed { digest: String },
     /// It was current already: nothing was done.
     AlreadyCurrent { digest: String },
-    /// The previous release (if any) runs again as before.
+    /// The previous release (if any) is current again, and runs again (`restored`) if it ran.
     RolledBack { reason: RollbackReason, restored: Option<String> },
 }
 
@@ -257,7 +257,9 @@ impl<E: Executor> Deployer<E> {
 
         // Act.
         let mut state = pointer::read(self.releases.root())?;
-        let from = inner.current.as_ref().map(|a| a.release.digest.clone());
+        // The release current on disk even if it is not running (`recover` was not called):
+        // it stays the one to roll back to, and is not pruned.
+        let from = inner.current.as_ref().map(|a| a.release.digest.clone()).or_else(|| state.current.clone());
         state.pending = Some(pointer::Pending { from: from.clone(), to: digest.clone() });
         if root_allowed {
             state.root_allowed.insert(digest.clone());
@@ -323,11 +325,11 @@ impl<E: Executor> Deployer<E> {
                 }
                 // The link never left `from` unless the switch itself failed after renaming.
                 let restored = inner.current.as_ref().map(|a| a.release.digest.clone());
-                if let Err(e) = pointer::switch(self.releases.root(), restored.as_deref()) {
+                if let Err(e) = pointer::switch(self.releases.root(), from.as_deref()) {
                     tracing::error!(error = %e, "cannot point `current` back at the previous release");
                 }
                 state.pending = None;
-                state.current = restored.clone();
+                state.current = from.clone();
                 if let Err(e) = pointer::write(self.releases.root(), &state) {
                     tracing::error!(error = %e, "cannot record the rollback");
                 }

@@ -484,3 +484,27 @@ async fn copy_log(mut from: impl tokio::io::AsyncRead + Unpin, to: Arc<std::sync
         to.lock().unwrap_or_else(|e| e.into_inner()).write(&buf[..n]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_past_its_cap_is_rotated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.log");
+        let mut log = LogFile::new(path.clone(), 10);
+        log.write(b"0123456789");
+        log.write(b"abc");
+        log.write(b"0123456789");
+        log.write(b"xyz");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "xyz");
+        assert_eq!(std::fs::read_to_string(dir.path().join("web.log.1")).unwrap(), "abc0123456789");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A new process of the service appends to what is there, within the cap.
+        let mut again = LogFile::new(path.clone(), 10);
+        again.write(b"!");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "xyz!");
+    }
+}

@@ -437,3 +437,56 @@ fn a_releases_root_inside_the_state_directory_is_refused() {
     assert!(matches!(err, DeployError::BadReleasesRoot(_)), "{err}");
     assert!(err.to_string().contains("state directory"), "{err}");
 }
+
+#[tokio::test]
+async fn tcp_and_boxed_exec_checks_decide_health() {
+    let f = fixture();
+    let port = free_port();
+    let manifest = |version: &str, check: &str| {
+        format!(
+            r#"
+name = "shop"
+version = "{version}"
+
+[[service]]
+name = "web"
+command = "bin/web"
+env = {{ PORT = "{port}" }}
+stop_timeout_secs = 2
+
+[[service.health]]
+probe = {{ tcp = {{ port = {port} }} }}
+interval_secs = 1
+timeout_secs = 1
+
+[[service.health]]
+probe = {{ exec = {{ command = "{check}" }} }}
+interval_secs = 1
+timeout_secs = 1
+unhealthy_threshold = 1
+"#
+        )
+    };
+    let web = b"#!/bin/sh\nexec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory www\n";
+    // The check runs boxed in the release: it reads the release and sees the service's env.
+    let good = b"#!/bin/sh\ntest -f www/index.html && [ \"$PORT\" -gt 0 ]\n";
+    let v1 =
+        f.release(&manifest("1.0.0", "bin/check"), &[("bin/web", web), ("bin/check", good), ("www/index.html", b"v1")]);
+    assert_eq!(f.deploy(&v1).await.unwrap(), DeployOutcome::Deployed { digest: v1.digest().to_owned() });
+    let v2 = f
+        .release(&manifest("2.0.0", "/bin/false"), &[("bin/web", web), ("bin/check", good), ("www/index.html", b"v2")]);
+    let out = f.deploy(&v2).await.unwrap();
+    assert_eq!(
+        out,
+        DeployOutcome::RolledBack {
+            reason: RollbackReason::Unhealthy { service: "web".into() },
+            restored: Some(v1.digest().to_owned())
+        }
+    );
+    wait_for("v1 to serve again", || f.status("web").status == ServiceStatus::Healthy).await;
+    assert_eq!(fetch(port).await.as_deref(), Some("v1"));
+    f.deployer.shutdown().await;
+    for digest in [v1.digest(), v2.digest()] {
+        assert!(!cgroup_dir(&f, &format!("chk-{}-web-1", &digest[..12])).exists(), "no check's cell is left");
+    }
+}
