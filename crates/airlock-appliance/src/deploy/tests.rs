@@ -40,6 +40,10 @@ fn config() -> DeployConfig {
 }
 
 fn fixture() -> Fixture {
+    assert!(
+        Path::new("/usr/bin/python3").exists(),
+        "the deploy tests serve HTTP with the system's python3 (/usr/bin/python3, on the box's PATH)"
+    );
     let state = tempfile::tempdir().unwrap();
     std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let sandbox = Arc::new(Sandbox::open(state.path(), None).unwrap());
@@ -489,4 +493,13 @@ unhealthy_threshold = 1
     for digest in [v1.digest(), v2.digest()] {
         assert!(!cgroup_dir(&f, &format!("chk-{}-web-1", &digest[..12])).exists(), "no check's cell is left");
     }
+}
+
+/// The integrator spawns deploys and recoveries: their futures must be `Send`.
+#[allow(dead_code)]
+fn deploy_futures_are_send(f: &Fixture, release: &VerifiedRelease) {
+    fn send<T: Send>(_: T) {}
+    send(f.deployer.deploy(release, Path::new("/"), &FileEnvSecrets, &Bindings::default(), false, &|_| {}));
+    send(f.deployer.recover(&FileEnvSecrets, &Bindings::default()));
+    send(f.deployer.shutdown());
 }
