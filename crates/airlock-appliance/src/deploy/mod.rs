@@ -263,6 +263,8 @@ impl<E: Executor> Deployer<E> {
         state.pending = Some(pointer::Pending { from: from.clone(), to: digest.clone() });
         if root_allowed {
             state.root_allowed.insert(digest.clone());
+        } else {
+            state.root_allowed.remove(&digest);
         }
         pointer::write(self.releases.root(), &state)?;
         inner.rolled_back.clear();
