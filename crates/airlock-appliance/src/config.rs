@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use airlock_core::Fingerprint;
+use airlock_core::release::SecretRef;
 use airlock_core::token::{Secret, TokenKind};
 use serde::Deserialize;
 
@@ -39,6 +42,24 @@ pub struct FileConfig {
     /// `[secrets.aws]`: region and endpoints for `aws-sm:` and `aws-ssm:` references.
     #[serde(default)]
     pub secrets: crate::SecretsConfig,
+    /// Where deployed releases are installed: outside the state directory, readable by the box
+    /// user (default `/var/lib/airlock-releases/<tag>` for root).
+    pub releases_dir: Option<PathBuf>,
+    /// The customer's own services bound in place of a release's bundled dependencies:
+    /// `[dependency.postgres] url = "postgres://…"`, `credentials = { password = "file:/…" }`.
+    #[serde(default)]
+    pub dependency: BTreeMap<String, CustomerDependency>,
+}
+
+/// A customer's own service a release's dependency is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerDependency {
+    pub url: String,
+    /// Credentials by role (e.g. `password`), by reference: values are read only to start a
+    /// service.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, SecretRef>,
 }
 
 impl std::fmt::Debug for FileConfig {
@@ -70,6 +91,7 @@ pub struct Flags {
     pub box_user: Option<String>,
     pub audit_checkpoints: Option<String>,
     pub audit_checkpoint_every: Option<u64>,
+    pub releases_dir: Option<PathBuf>,
 }
 
 /// Where environment variables come from; tests pass a map instead of mutating the process.
@@ -107,6 +129,10 @@ pub enum ConfigError {
     AdminGroup(String),
     #[error("`audit_checkpoints`: {0}")]
     Checkpoints(String),
+    #[error("`releases_dir` must be an absolute path, got `{0}`")]
+    ReleasesDir(PathBuf),
+    #[error("`dependency.{0}`: {1}")]
+    Dependency(String, &'static str),
 }
 
 /// The customer's admin group, as configured: resolved to a gid when the appliance starts
@@ -161,6 +187,11 @@ pub struct ApplianceConfig {
     pub audit_checkpoints: Option<crate::audit_log::CheckpointConfig>,
     /// Where `aws-sm:` and `aws-ssm:` secrets are asked for (file only).
     pub secrets: crate::SecretsConfig,
+    /// Where deployed releases are installed; `None`: the default beside the box's working
+    /// directories (`deploy::default_releases_dir`).
+    pub releases_dir: Option<PathBuf>,
+    /// Dependencies bound to the customer's own services, by name; the rest are bundled.
+    pub dependencies: BTreeMap<String, CustomerDependency>,
 }
 
 /// Records between periodic audit checkpoints unless configured.
@@ -218,6 +249,27 @@ impl ApplianceConfig {
             .map(|s| s.parse().map_err(ConfigError::Checkpoints))
             .transpose()?
             .map(|sink| crate::audit_log::CheckpointConfig { sink, every });
+        let releases_dir = flags
+            .releases_dir
+            .clone()
+            .or_else(|| env.get("AIRLOCK_RELEASES_DIR").map(PathBuf::from))
+            .or(file.releases_dir);
+        if let Some(dir) = &releases_dir
+            && !dir.is_absolute()
+        {
+            return Err(ConfigError::ReleasesDir(dir.clone()));
+        }
+        for (name, dep) in &file.dependency {
+            let slug = !name.is_empty()
+                && name.len() <= 63
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !slug {
+                return Err(ConfigError::Dependency(name.chars().take(64).collect(), "the name must be a slug"));
+            }
+            if dep.url.is_empty() || dep.url.chars().any(char::is_control) {
+                return Err(ConfigError::Dependency(name.clone(), "`url` must be a non-empty URL"));
+            }
+        }
         Ok(Self {
             control_plane,
             ca_fingerprint,
@@ -230,6 +282,8 @@ impl ApplianceConfig {
             box_user,
             audit_checkpoints,
             secrets: file.secrets,
+            releases_dir,
+            dependencies: file.dependency,
         })
     }
 }
@@ -305,6 +359,34 @@ mod tests {
         assert_eq!(cfg.every, DEFAULT_CHECKPOINT_EVERY);
         let flags = Flags { audit_checkpoints: Some("checkpoints.jsonl".into()), ..flags };
         assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &flags), Err(ConfigError::Checkpoints(_))));
+    }
+
+    #[test]
+    fn releases_dir_and_customer_dependencies_come_from_the_file() {
+        let flags = Flags {
+            control_plane: Some("https://x".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/s".into()),
+            ..Default::default()
+        };
+        let text = "releases_dir = '/srv/releases'\n[dependency.postgres]\nurl = 'postgres://db:5432/shop'\ncredentials = { password = 'file:/etc/shop/db' }\n";
+        let cfg = ApplianceConfig::resolve(Some(toml::from_str(text).unwrap()), &HashMap::new(), &flags).unwrap();
+        assert_eq!(cfg.releases_dir, Some(PathBuf::from("/srv/releases")));
+        let pg = &cfg.dependencies["postgres"];
+        assert_eq!(pg.url, "postgres://db:5432/shop");
+        assert_eq!(pg.credentials["password"], "file:/etc/shop/db".parse().unwrap());
+        let env: HashMap<String, String> = [("AIRLOCK_RELEASES_DIR".to_owned(), "releases".to_owned())].into();
+        assert!(matches!(ApplianceConfig::resolve(None, &env, &flags), Err(ConfigError::ReleasesDir(_))));
+        let bad = toml::from_str::<FileConfig>("[dependency.postgres]\nurl = 'x'\npassword = 'hunter2'\n");
+        assert!(bad.is_err(), "an unknown key of a dependency is refused");
+        let bad =
+            toml::from_str::<FileConfig>("[dependency.postgres]\nurl = 'x'\ncredentials = { password = 'hunter2' }\n");
+        assert!(bad.is_err(), "a credential is a reference, never a value");
+        let file = toml::from_str::<FileConfig>("[dependency.Postgres]\nurl = 'x'\n").unwrap();
+        assert!(matches!(
+            ApplianceConfig::resolve(Some(file), &HashMap::new(), &flags),
+            Err(ConfigError::Dependency(..))
+        ));
     }
 
     #[test]

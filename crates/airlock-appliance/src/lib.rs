@@ -53,6 +53,8 @@ mod clock;
 pub mod config;
 mod control;
 mod customer;
+#[allow(dead_code)] // Wired to deploy operations by the integrator.
+pub(crate) mod deploy;
 mod execution_key;
 mod executor;
 mod files;

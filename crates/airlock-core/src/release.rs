@@ -134,6 +134,8 @@ pub enum Problem {
     BadHttpPath,
     #[error("must be lowercase hex SHA-256 (64 characters)")]
     NotSha256,
+    #[error("`{0}` is not a dependency this release declares")]
+    UnknownDependency(String),
 }
 
 /// The parsed and validated `airlock.toml`.
@@ -178,6 +180,10 @@ pub struct Service {
     pub run_as_root: bool,
     #[serde(default)]
     pub health: Vec<HealthCheck>,
+    /// The dependency this service provides (e.g. `postgres`) when the customer binds that
+    /// dependency to the bundled one; it is not started when they bind their own instead.
+    #[serde(default)]
+    pub bundles: Option<String>,
 }
 
 fn default_stop_timeout() -> u64 {
@@ -348,6 +354,14 @@ impl ReleaseManifest {
         unique("dependency", self.dependencies.iter().map(|d| &d.name))?;
         for s in &self.services {
             s.validate(&format!("service[{}]", s.name))?;
+            if let Some(dep) = &s.bundles
+                && !self.dependencies.iter().any(|d| &d.name == dep)
+            {
+                return Err(invalid(
+                    &format!("service[{}].bundles", s.name),
+                    Problem::UnknownDependency(dep.chars().take(64).collect()),
+                ));
+            }
         }
         for t in &self.tasks {
             let at = format!("task[{}]", t.name);

@@ -63,6 +63,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         box_user: None,
         audit_checkpoints: None,
         secrets: Default::default(),
+        releases_dir: None,
+        dependencies: Default::default(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let appliance = tokio::spawn(airlock_appliance::run(appliance_cfg, stop_rx));

@@ -1072,6 +1072,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 box_user: args.box_user,
                 audit_checkpoints: args.audit_checkpoints,
                 audit_checkpoint_every: args.audit_checkpoint_every,
+                releases_dir: None,
             };
             let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
             let (tx, rx) = tokio::sync::watch::channel(false);

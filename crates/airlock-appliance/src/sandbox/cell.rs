@@ -1,6 +1,6 @@
 //! A cgroup of its own per run, killed as a whole.
 //!
-//! Each run gets a cgroup v2 "cell" under one directory per appliance
+//! Each run (an operation, by its id; a release service, by `svc-<release>-<service>`) gets a cgroup v2 "cell" under one directory per appliance
 //! (`airlock-box-<hash of the state directory>`), beside the appliance's own cgroup.
 //! A process cannot leave its cgroup by `setsid` or a double fork, so killing the cell
 //! (`cgroup.kill`) ends everything the run started, and a restart kills what a previous
@@ -12,8 +12,6 @@
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-use airlock_core::OperationId;
 
 /// The directory under which this appliance's cells live; removed (when empty) on drop.
 #[derive(Debug)]
@@ -62,9 +60,10 @@ impl Cells {
         Ok(Self { dir })
     }
 
-    /// A new cell for one run of `id`. A cell left by a previous run of it is killed first.
-    pub(crate) fn create(&self, id: OperationId) -> Result<Cell, String> {
-        let cell = Cell { dir: self.dir.join(id.to_string()) };
+    /// A new cell named `name` (an operation id, or a service's [`super::CellName`]). A cell
+    /// left by a previous run of it is killed first.
+    pub(crate) fn create(&self, name: &str) -> Result<Cell, String> {
+        let cell = Cell { dir: self.dir.join(name) };
         if cell.dir.exists() {
             cell.kill_and_remove();
         }
@@ -72,15 +71,14 @@ impl Cells {
         Ok(cell)
     }
 
-    /// The cells a previous appliance process left, by operation: their runs may still go on.
-    pub(crate) fn leftovers(&self) -> Vec<(OperationId, Cell)> {
+    /// The cells a previous appliance process left, by name (an operation id or a service's
+    /// cell name): what they hold may still run.
+    pub(crate) fn leftovers(&self) -> Vec<(String, Cell)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
         entries
             .flatten()
-            .filter_map(|e| {
-                let id = e.file_name().to_str()?.parse::<OperationId>().ok()?;
-                Some((id, Cell { dir: e.path() }))
-            })
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| Some((e.file_name().to_str()?.to_owned(), Cell { dir: e.path() })))
             .collect()
     }
 }
@@ -114,6 +112,15 @@ impl Cell {
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::error!(cell = %self.dir.display(), error = %e, "cannot kill a cell");
+        }
+    }
+
+    /// Sends `signal` to every process in the cell (a graceful stop's SIGTERM reaches children
+    /// that left the process group too).
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) {
+        let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) else { return };
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
         }
     }
 
@@ -184,6 +191,8 @@ fn unescape(field: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use airlock_core::OperationId;
+
     use super::*;
 
     #[test]
@@ -215,7 +224,7 @@ mod tests {
     fn a_cell_is_killed_whole_even_after_setsid_and_a_double_fork() {
         let cells = cells();
         let id = OperationId::from_random([0x5a; 16]);
-        let cell = cells.create(id).unwrap();
+        let cell = cells.create(&id.to_string()).unwrap();
         // A shell moved into the cell, which starts a session leader that double-forks.
         let mut child = std::process::Command::new("/bin/sh")
             .args(["-c", "read -r _; setsid sh -c 'sleep 60 & sleep 60 &' ; sleep 60"])

@@ -74,8 +74,9 @@ impl Allowed {
     }
 }
 
-/// The ruleset for a run whose working directory is `workdir`.
-pub(super) fn ruleset(workdir: &Path, allowed: &Allowed) -> Result<RulesetCreated, String> {
+/// The ruleset for a run whose working directory is `workdir`, which may also read (and run)
+/// what is under `read_only` (a service's release directory).
+pub(super) fn ruleset(workdir: &Path, read_only: &[&Path], allowed: &Allowed) -> Result<RulesetCreated, String> {
     let all = AccessFs::from_all(ABI_WANTED);
     let read = AccessFs::from_read(ABI_WANTED);
     let build = || -> Result<RulesetCreated, landlock::RulesetError> {
@@ -86,6 +87,7 @@ pub(super) fn ruleset(workdir: &Path, allowed: &Allowed) -> Result<RulesetCreate
             .create()?
             .add_rules(path_beneath_rules(&allowed.system, read))?
             .add_rules(path_beneath_rules(&allowed.devices, all))?
+            .add_rules(path_beneath_rules(read_only, read))?
             .add_rules(path_beneath_rules([workdir], all & !(AccessFs::MakeBlock | AccessFs::MakeChar)))
     };
     build().map_err(|e| format!("cannot build the run's Landlock rules: {e}"))

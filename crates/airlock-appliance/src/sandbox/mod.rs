@@ -1,7 +1,7 @@
 //! The box vendor code runs in.
 //!
-//! Everything the appliance starts for the vendor (operation scripts now, release services
-//! next) is started from a [`Sandbox::prepare`]d command, and runs:
+//! Everything the appliance starts for the vendor (operation scripts, release services) is
+//! started from a [`Sandbox::prepare`]d (or [`Sandbox::prepare_service`]d) command, and runs:
 //! - in a cgroup cell of its own ([`cell`]), killed whole on cancel, revocation, timeout and,
 //!   after a crash, at the next start;
 //! - as the box user ([`user`]): a dedicated unprivileged uid and gid, never the appliance's;
@@ -10,7 +10,9 @@
 //!   connect to abstract sockets: even root-run code cannot open the state directory (the
 //!   admin socket, the output key, sealed output, the audit log) or signal the appliance;
 //! - in a private working directory outside the state directory, removed after the run;
-//! - under limits on wall time, processes, memory and open files ([`RunLimits`]).
+//!   a service also reads (never writes) its installed release directory;
+//! - under limits on wall time (operations only: services run until stopped), processes,
+//!   memory and open files ([`RunLimits`]).
 //!
 //! The child puts itself in its box between fork and exec ([`confine`]), so no instruction of
 //! the vendor's runs outside it; if any step fails, the spawn fails and nothing runs.
@@ -74,6 +76,60 @@ impl From<airlock_core::run_spec::RunLimits> for RunLimits {
             file_bytes: 1 << 30,
         }
     }
+}
+
+/// The name of a release service's cell (and box working directory): `svc-` or `chk-` (its
+/// exec health checks), the release digest's first 12 hex digits, and the service's name, a
+/// slug. Never an operation id (those are plain hex), so the two kinds never share a cell.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct CellName(String);
+
+impl CellName {
+    /// The cell of service `service` (a slug) of the release whose digest is `digest` (hex).
+    pub(crate) fn service(digest: &str, service: &str) -> Result<Self, String> {
+        Self::make("svc", digest, service)
+    }
+
+    /// The cell an exec health check of that service runs in.
+    pub(crate) fn check(digest: &str, service: &str) -> Result<Self, String> {
+        Self::make("chk", digest, service)
+    }
+
+    fn make(kind: &str, digest: &str, service: &str) -> Result<Self, String> {
+        let short = digest.get(..12).filter(|d| d.bytes().all(|b| b.is_ascii_hexdigit()));
+        let slug = !service.is_empty()
+            && service.len() <= 63
+            && service.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        match short {
+            Some(short) if slug => Ok(Self(format!("{kind}-{short}-{service}"))),
+            _ => Err(format!(
+                "no cell name for service `{}` of release `{}`",
+                service.escape_debug(),
+                digest.escape_debug()
+            )),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What [`Sandbox::prepare_service`] starts.
+#[derive(Debug)]
+pub(crate) struct ServiceLaunch<'a> {
+    pub(crate) cell: &'a CellName,
+    /// An absolute path, a path inside the release, or a name looked up on the box's `PATH`.
+    pub(crate) program: &'a std::ffi::OsStr,
+    pub(crate) args: &'a [String],
+    /// Its whole environment besides `PATH`, `HOME` and `TMPDIR` (secret values included).
+    pub(crate) env: &'a [(String, String)],
+    /// The installed release: readable and runnable by the service, not writable.
+    pub(crate) release_dir: &'a Path,
+    /// Where it starts, inside `release_dir`.
+    pub(crate) cwd: &'a Path,
+    pub(crate) limits: &'a RunLimits,
+    pub(crate) run_as: RunAs,
 }
 
 /// How this appliance boxes vendor code, settled when it starts.
@@ -227,16 +283,22 @@ impl Sandbox {
     }
 
     /// Where the run of `id` works, while it runs.
+    #[cfg(test)]
     pub(crate) fn workdir(&self, id: OperationId) -> PathBuf {
         self.work_root.join(id.to_string())
+    }
+
+    /// Where boxes get their working directories: the release root must not be inside it.
+    pub(crate) fn work_root(&self) -> &Path {
+        &self.work_root
     }
 
     /// Kills whatever a previous process left running and removes its working directories.
     fn clear_leftovers(&self) -> Result<(), String> {
         if let Some(cells) = &self.cells {
-            for (id, cell) in cells.leftovers() {
+            for (name, cell) in cells.leftovers() {
                 if cell.populated() {
-                    tracing::warn!(request_id = %id, "killing what an interrupted operation left running");
+                    tracing::warn!(cell = %name, "killing what an interrupted operation or service left running");
                 }
                 cell.kill_and_remove();
             }
@@ -270,39 +332,7 @@ impl Sandbox {
         limits: &RunLimits,
         run_as: RunAs,
     ) -> Result<(tokio::process::Command, Boxed), String> {
-        if let Some(why) = &self.unusable {
-            return Err(format!("vendor code does not run here: {why}"));
-        }
-        // A uid of its own while it runs, where one is free; else the box user's, shared.
-        let lease = match run_as {
-            RunAs::BoxUser { .. } => self.uids.lease(),
-            RunAs::Appliance | RunAs::Root => None,
-        };
-        let run_as = match &lease {
-            Some(lease) => RunAs::BoxUser { uid: lease.id, gid: lease.id },
-            None => run_as,
-        };
-        let cell = match &self.cells {
-            Some(cells) => {
-                let cell = cells.create(id)?;
-                cell.limit(limits.processes, limits.memory_bytes);
-                Some(Arc::new(cell))
-            }
-            None => None,
-        };
-        let boxed = Boxed { cell, workdir: self.workdir(id), lease: std::sync::Mutex::new(lease) };
-        let made = self.make_workdir(&boxed.workdir, script, run_as).and_then(|()| {
-            let fence = if self.landlock { Some(fence::ruleset(&boxed.workdir, &self.allowed)?) } else { None };
-            let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
-            Ok(Confinement::new(procs, run_as, limits, fence))
-        });
-        let mut confinement = match made {
-            Ok(c) => c,
-            Err(e) => {
-                boxed.dispose();
-                return Err(e);
-            }
-        };
+        let (mut confinement, boxed) = self.enter(&id.to_string(), Some(script), &[], limits, run_as)?;
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg("script.sh")
             .env_clear()
@@ -324,17 +354,100 @@ impl Sandbox {
         Ok((cmd, boxed))
     }
 
-    /// The run's private working directory, owned by the box user, with the script in it.
-    fn make_workdir(&self, dir: &Path, script: &[u8], run_as: RunAs) -> Result<(), String> {
+    /// A command that starts a release's service (or one of its exec health checks) in a box
+    /// of its own, cell `launch.cell`: the same box as an operation's, but it runs `program`
+    /// from its working directory inside the release, which it may read and run but not
+    /// write, with a private writable `HOME`/`TMPDIR` of its own (scratch: removed when the
+    /// box is disposed of and at the appliance's start). Its environment is `PATH`, `HOME`,
+    /// `TMPDIR` and `launch.env` only; no standard input; its output piped.
+    pub(crate) fn prepare_service(
+        &self,
+        launch: &ServiceLaunch<'_>,
+    ) -> Result<(tokio::process::Command, Boxed), String> {
+        if !launch.cwd.starts_with(launch.release_dir) {
+            return Err(format!("{} is not inside the release", launch.cwd.display()));
+        }
+        let (mut confinement, boxed) =
+            self.enter(launch.cell.as_str(), None, &[launch.release_dir], launch.limits, launch.run_as)?;
+        let mut cmd = tokio::process::Command::new(launch.program);
+        cmd.args(launch.args)
+            .env_clear()
+            .env("PATH", PATH)
+            .env("HOME", &boxed.workdir)
+            .env("TMPDIR", &boxed.workdir)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(launch.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        // SAFETY: as in `prepare`.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || confinement.apply());
+        }
+        Ok((cmd, boxed))
+    }
+
+    /// The one way into a box: a uid, a cell named `name` under `limits`, a private working
+    /// directory (holding `script`, if any), and the confinement the child applies to itself.
+    fn enter(
+        &self,
+        name: &str,
+        script: Option<&[u8]>,
+        read_only: &[&Path],
+        limits: &RunLimits,
+        run_as: RunAs,
+    ) -> Result<(Confinement, Boxed), String> {
+        if let Some(why) = &self.unusable {
+            return Err(format!("vendor code does not run here: {why}"));
+        }
+        // A uid of its own while it runs, where one is free; else the box user's, shared.
+        let lease = match run_as {
+            RunAs::BoxUser { .. } => self.uids.lease(),
+            RunAs::Appliance | RunAs::Root => None,
+        };
+        let run_as = match &lease {
+            Some(lease) => RunAs::BoxUser { uid: lease.id, gid: lease.id },
+            None => run_as,
+        };
+        let cell = match &self.cells {
+            Some(cells) => {
+                let cell = cells.create(name)?;
+                cell.limit(limits.processes, limits.memory_bytes);
+                Some(Arc::new(cell))
+            }
+            None => None,
+        };
+        let boxed = Boxed { cell, workdir: self.work_root.join(name), lease: std::sync::Mutex::new(lease) };
+        let made = self.make_workdir(&boxed.workdir, script, run_as).and_then(|()| {
+            let fence =
+                if self.landlock { Some(fence::ruleset(&boxed.workdir, read_only, &self.allowed)?) } else { None };
+            let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
+            Ok(Confinement::new(procs, run_as, limits, fence))
+        });
+        match made {
+            Ok(confinement) => Ok((confinement, boxed)),
+            Err(e) => {
+                boxed.dispose();
+                Err(e)
+            }
+        }
+    }
+
+    /// The run's private working directory, owned by the box user, with the script (if any) in it.
+    fn make_workdir(&self, dir: &Path, script: Option<&[u8]>, run_as: RunAs) -> Result<(), String> {
         let io = |e: std::io::Error| format!("cannot make the working directory {}: {e}", dir.display());
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(io)?;
         }
         std::fs::create_dir(dir).map_err(io)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-        let file = dir.join("script.sh");
-        std::fs::write(&file, script).map_err(io)?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+        if let Some(script) = script {
+            let file = dir.join("script.sh");
+            std::fs::write(&file, script).map_err(io)?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+        }
         if let RunAs::BoxUser { uid, gid } = run_as {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io)?;
         }

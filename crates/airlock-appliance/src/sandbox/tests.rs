@@ -244,3 +244,56 @@ async fn a_run_cannot_write_a_file_past_its_size_limit() {
     let written = r.output.lines().find_map(|l| l.trim().parse::<u64>().ok());
     assert_eq!(written, Some(1 << 20), "{}", r.output);
 }
+
+#[tokio::test]
+async fn a_service_reads_and_runs_its_release_but_cannot_write_it_even_with_roots_uid() {
+    let state = state();
+    let releases = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(releases.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let release = releases.path().join("r");
+    std::fs::create_dir_all(release.join("bin")).unwrap();
+    std::fs::write(release.join("bin/svc"), "#!/bin/sh\ncat ./data; echo \"home=$HOME\"; echo x > ./planted && echo WROTE; echo y > \"$HOME/scratch\" && echo SCRATCH; id -u\n").unwrap();
+    std::fs::set_permissions(release.join("bin/svc"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::write(release.join("data"), "release-data\n").unwrap();
+    std::fs::set_permissions(release.join("data"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    for as_root in [false, true] {
+        let sandbox = if as_root { boxed_as_root(&state) } else { boxed(&state) };
+        let cell = CellName::service(&"ab".repeat(32), "svc").unwrap();
+        let program = release.join("bin/svc");
+        let env = vec![("GREETING".to_owned(), "hi".to_owned())];
+        let launch = ServiceLaunch {
+            cell: &cell,
+            program: program.as_os_str(),
+            args: &[],
+            env: &env,
+            release_dir: &release,
+            cwd: &release,
+            limits: &RunLimits::default(),
+            run_as: sandbox.run_as,
+        };
+        let (mut cmd, boxed) = sandbox.prepare_service(&launch).unwrap();
+        assert!(boxed.cell.as_ref().unwrap().dir().ends_with(format!("svc-{}-svc", "ab".repeat(6))));
+        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.unwrap().unwrap();
+        boxed.dispose();
+        let output = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(output.contains("release-data"), "{output}");
+        assert!(output.contains("SCRATCH"), "its HOME is its own to write: {output}");
+        assert!(!output.contains("WROTE") && !release.join("planted").exists(), "{output}");
+        assert!(!output.contains(state.path().to_str().unwrap()), "{output}");
+    }
+    // A working directory outside the release is refused.
+    let sandbox = boxed(&state);
+    let cell = CellName::service(&"ab".repeat(32), "svc").unwrap();
+    let launch = ServiceLaunch {
+        cell: &cell,
+        program: std::ffi::OsStr::new("true"),
+        args: &[],
+        env: &[],
+        release_dir: &release,
+        cwd: Path::new("/"),
+        limits: &RunLimits::default(),
+        run_as: sandbox.run_as,
+    };
+    assert!(sandbox.prepare_service(&launch).is_err());
+    assert!(CellName::service("not hex", "svc").is_err() && CellName::service(&"ab".repeat(32), "../x").is_err());
+}

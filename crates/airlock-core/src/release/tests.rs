@@ -377,3 +377,14 @@ fn non_canonical_and_oversized_statements_are_refused() {
     let env = sign_release(&bad_manifest, &key(1));
     assert!(matches!(verify_release(&env, &[key(1).public()]), Err(ReleaseError::Invalid { .. })));
 }
+
+#[test]
+fn a_service_bundles_only_a_declared_dependency() {
+    let text = GOOD.replacen("name = \"worker\"", "name = \"worker\"\nbundles = \"postgres\"", 1);
+    let m = ReleaseManifest::parse(&text).unwrap();
+    assert_eq!(m.services[1].bundles.as_deref(), Some("postgres"));
+    assert_eq!(m.services[0].bundles, None);
+    let err = bad("name = \"worker\"", "name = \"worker\"\nbundles = \"redis\"");
+    assert_eq!(invalid_at(&err), ("service[worker].bundles", &Problem::UnknownDependency("redis".into())));
+    assert!(err.to_string().contains("`redis` is not a dependency"), "{err}");
+}

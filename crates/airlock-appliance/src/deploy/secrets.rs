@@ -1,0 +1,164 @@
+//! Secret values and dependency bindings: what a service's environment gets besides the
+//! release's plain `env`.
+//!
+//! Values come through [`SecretValues`] (the secrets module implements it for every scheme;
+//! [`FileEnvSecrets`] reads `file:` and `env:` only). A value is asked for only for a service
+//! that declares it (its `secrets`, and the credentials of the dependencies it is bound to),
+//! held in [`Zeroizing`] memory while the service may be restarted, and never logged: errors
+//! name the reference, never the value.
+//!
+//! Every service gets `AIRLOCK_DEPENDENCY_<NAME>_URL` and `AIRLOCK_DEPENDENCY_<NAME>_<ROLE>`
+//! (upper-cased, `-` as `_`) for each dependency, from its [`Binding`]: the release's own URL
+//! and credentials when bundled, the customer's when they bind their own. The release runs
+//! unchanged either way; a service that `bundles` a dependency bound to the customer's own is
+//! not started.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use airlock_core::release::{ReleaseManifest, SecretRef, Service};
+use zeroize::Zeroizing;
+
+/// Why a secret's value could not be had: names the reference, never a value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the value of secret `{reference}` is unavailable: {why}")]
+pub(crate) struct SecretUnavailable {
+    pub(crate) reference: SecretRef,
+    pub(crate) why: String,
+}
+
+/// Where a service's secret values come from.
+pub(crate) trait SecretValues: Send + Sync {
+    /// The value `reference` points at, now.
+    fn value<'a>(
+        &'a self,
+        reference: &'a SecretRef,
+    ) -> Pin<Box<dyn Future<Output = Result<Zeroizing<String>, SecretUnavailable>> + Send + 'a>>;
+}
+
+/// `file:` (the whole file, a trailing newline dropped) and `env:` (the appliance's own
+/// environment) only; any other scheme is unavailable.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FileEnvSecrets;
+
+impl SecretValues for FileEnvSecrets {
+    fn value<'a>(
+        &'a self,
+        reference: &'a SecretRef,
+    ) -> Pin<Box<dyn Future<Output = Result<Zeroizing<String>, SecretUnavailable>> + Send + 'a>> {
+        Box::pin(async move {
+            let unavailable = |why: String| SecretUnavailable { reference: reference.clone(), why };
+            match reference {
+                SecretRef::File(path) => {
+                    let bytes = Zeroizing::new(
+                        tokio::fs::read(path)
+                            .await
+                            .map_err(|e| unavailable(format!("cannot read it: {}", e.kind())))?,
+                    );
+                    let text = std::str::from_utf8(&bytes).map_err(|_| unavailable("it is not UTF-8".into()))?;
+                    Ok(Zeroizing::new(text.strip_suffix('\n').unwrap_or(text).to_owned()))
+                }
+                SecretRef::Env(name) => std::env::var(name)
+                    .map(Zeroizing::new)
+                    .map_err(|_| unavailable("the appliance's environment does not have it".into())),
+                _ => Err(unavailable(format!("`{}:` secrets are not read by this appliance", reference.scheme()))),
+            }
+        })
+    }
+}
+
+/// What one dependency of a release is bound to on this appliance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Binding {
+    /// The release's own: its `url` and `credentials`, served by the service that `bundles` it.
+    Bundled,
+    /// The customer's own service: the bundled one is not started.
+    Customer { url: String, credentials: BTreeMap<String, SecretRef> },
+}
+
+/// Each dependency's binding; one not named is [`Binding::Bundled`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Bindings(pub(crate) BTreeMap<String, Binding>);
+
+impl Bindings {
+    /// The customer's bindings from the appliance configuration (`[dependency.<name>]`).
+    pub(crate) fn from_config(config: &BTreeMap<String, crate::config::CustomerDependency>) -> Self {
+        Self(
+            config
+                .iter()
+                .map(|(name, d)| {
+                    (name.clone(), Binding::Customer { url: d.url.clone(), credentials: d.credentials.clone() })
+                })
+                .collect(),
+        )
+    }
+
+    pub(crate) fn get(&self, dependency: &str) -> &Binding {
+        self.0.get(dependency).unwrap_or(&Binding::Bundled)
+    }
+
+    /// Whether `service` runs: not when it bundles a dependency the customer binds to their own.
+    pub(crate) fn runs(&self, service: &Service) -> bool {
+        service.bundles.as_deref().is_none_or(|d| matches!(self.get(d), Binding::Bundled))
+    }
+}
+
+/// An environment variable name's part for a dependency name or role.
+fn env_part(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+}
+
+/// A service's whole environment (besides `PATH`, `HOME`, `TMPDIR`): its plain `env`, its
+/// secrets' values, and every dependency's URL and credentials from `bindings`.
+pub(crate) async fn service_env(
+    manifest: &ReleaseManifest,
+    service: &Service,
+    bindings: &Bindings,
+    secrets: &dyn SecretValues,
+) -> Result<ServiceEnv, SecretUnavailable> {
+    let mut env: BTreeMap<String, Zeroizing<String>> =
+        service.env.iter().map(|(k, v)| (k.clone(), Zeroizing::new(v.clone()))).collect();
+    for (name, reference) in &service.secrets {
+        env.insert(name.clone(), secrets.value(reference).await?);
+    }
+    for dep in &manifest.dependencies {
+        let prefix = format!("AIRLOCK_DEPENDENCY_{}", env_part(&dep.name));
+        let (url, credentials) = match bindings.get(&dep.name) {
+            Binding::Bundled => (dep.url.clone(), &dep.credentials),
+            Binding::Customer { url, credentials } => (Some(url.clone()), credentials),
+        };
+        if let Some(url) = url {
+            env.insert(format!("{prefix}_URL"), Zeroizing::new(url));
+        }
+        for (role, reference) in credentials {
+            env.insert(format!("{prefix}_{}", env_part(role)), secrets.value(reference).await?);
+        }
+    }
+    Ok(ServiceEnv(env.into_iter().map(|(k, v)| (k, v.as_str().to_owned())).collect()))
+}
+
+/// A service's environment, secret values included: wiped when dropped, never printed.
+#[derive(Clone, Default)]
+pub(crate) struct ServiceEnv(pub(crate) Vec<(String, String)>);
+
+impl ServiceEnv {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Drop for ServiceEnv {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        for (_, value) in &mut self.0 {
+            value.zeroize();
+        }
+    }
+}
+
+impl std::fmt::Debug for ServiceEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(k, _)| k)).finish()
+    }
+}
