@@ -53,7 +53,6 @@ mod clock;
 pub mod config;
 mod control;
 mod customer;
-#[allow(dead_code)] // Wired to deploy operations by the integrator.
 pub(crate) mod deploy;
 mod execution_key;
 mod executor;
@@ -158,6 +157,19 @@ struct KillRunningOnDrop(std::sync::Arc<control::LocalControl>);
 impl Drop for KillRunningOnDrop {
     fn drop(&mut self) {
         self.0.kill_all_running();
+    }
+}
+
+/// Stops the current release's services when `run` returns, however it returns.
+struct StopServicesOnDrop(std::sync::Arc<executor::Executor>);
+
+impl Drop for StopServicesOnDrop {
+    fn drop(&mut self) {
+        let executor = self.0.clone();
+        // `run` is returning on a runtime: stop the services there, and wait for them.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            tokio::task::block_in_place(|| handle.block_on(executor.stop_deployments()));
+        }
     }
 }
 
@@ -279,7 +291,17 @@ pub async fn run(
         identity.clone(),
         &ca_pem,
         config.box_user.as_deref(),
+        executor::DeployOptions {
+            releases_dir: config.releases_dir.clone(),
+            dependencies: config.dependencies.clone(),
+            secrets: config.secrets.clone(),
+            ..Default::default()
+        },
     )?);
+    // The current release runs again (supervised, with or without the control plane), and
+    // stops with the appliance.
+    executor.recover_deployments().await;
+    let _stop_services = StopServicesOnDrop(executor.clone());
     match executor.recover_interrupted() {
         Ok(0) => {}
         Ok(n) => tracing::warn!(count = n, "operations interrupted by the previous stop were recorded as cancelled"),

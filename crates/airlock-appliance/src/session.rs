@@ -155,9 +155,13 @@ impl Session<'_> {
                             tracing::info!(appliance = %w.appliance_id, heartbeat_seconds = every.as_secs(), "connected to control plane");
                             // Results and releases not yet acknowledged go again, off the loop,
                             // ahead of anything else the appliance sends.
-                            let control = self.executor.control().clone();
+                            let executor = self.executor.clone();
                             let tx = tx.clone();
-                            tokio::spawn(async move { control.outbound.connected(tx).await });
+                            tokio::spawn(async move {
+                                executor.control().outbound.connected(tx).await;
+                                // Then where the deployments stand, as they are now.
+                                executor.report_again().await;
+                            });
                         }
                         Some(control_message::Body::HeartbeatAck(_)) => {}
                         Some(control_message::Body::Renewed(r)) => {

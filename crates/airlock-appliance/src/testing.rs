@@ -104,6 +104,8 @@ pub(crate) fn vendor_release(
 /// An enrolled appliance on a temporary state directory, with its executor.
 pub(crate) struct Fx {
     pub(crate) dir: tempfile::TempDir,
+    /// Where deployed releases go (outside the state directory).
+    pub(crate) releases: tempfile::TempDir,
     /// The appliance's clock (Unix milliseconds); tests move it.
     pub(crate) clock: Arc<AtomicI64>,
     pub(crate) policy: Option<VerifiedPolicy>,
@@ -111,6 +113,8 @@ pub(crate) struct Fx {
     pub(crate) kit: Fixture,
     pub(crate) control: Arc<LocalControl>,
     pub(crate) exec: Arc<Executor>,
+    /// What the appliance sent up since `listen`, and what is still to be read.
+    sent: std::sync::Mutex<(Vec<ApplianceMessage>, Option<tokio::sync::mpsc::Receiver<ApplianceMessage>>)>,
 }
 
 impl Fx {
@@ -129,8 +133,10 @@ impl Fx {
         StateDir::open(dir.path()).unwrap().save_enrolment(&enrolment, kit.ca.pem(), &creds).unwrap();
         let clock = Arc::new(AtomicI64::new(NOW));
         let policy = Some(policy(policy_toml));
-        let (control, exec) = open(dir.path(), policy.clone(), &clock, &kit);
-        Self { dir, clock, policy, kit, control, exec }
+        let releases = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let (control, exec) = open(dir.path(), releases.path(), policy.clone(), &clock, &kit);
+        Self { dir, releases, clock, policy, kit, control, exec, sent: Default::default() }
     }
 
     /// Vendor code runs as the appliance's own user from now on, as on an appliance that is not
@@ -143,7 +149,7 @@ impl Fx {
 
     /// The appliance process stops and starts again on the same state directory.
     pub(crate) fn restart(&mut self) {
-        let (control, exec) = open(self.dir.path(), self.policy.clone(), &self.clock, &self.kit);
+        let (control, exec) = open(self.dir.path(), self.releases.path(), self.policy.clone(), &self.clock, &self.kit);
         self.control = control;
         self.exec = exec;
     }
@@ -335,6 +341,26 @@ impl Fx {
         }
     }
 
+    /// From now on, what the appliance sends the control plane is kept (`sent`), as if a
+    /// stream were up.
+    pub(crate) async fn listen(&self) {
+        let (tx, rx) = tokio::sync::mpsc::channel(10_000);
+        self.control.outbound.connected(tx).await;
+        self.sent.lock().unwrap().1 = Some(rx);
+    }
+
+    /// Everything sent up since `listen`, in order.
+    pub(crate) fn sent(&self) -> Vec<ApplianceMessage> {
+        let mut sent = self.sent.lock().unwrap();
+        let (kept, rx) = &mut *sent;
+        if let Some(rx) = rx {
+            while let Ok(m) = rx.try_recv() {
+                kept.push(m);
+            }
+        }
+        kept.clone()
+    }
+
     /// Every record of the local audit log.
     pub(crate) fn audit_records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
@@ -384,6 +410,7 @@ impl Fx {
 
 fn open(
     dir: &Path,
+    releases: &Path,
     policy: Option<VerifiedPolicy>,
     clock: &Arc<AtomicI64>,
     kit: &Fixture,
@@ -392,7 +419,19 @@ fn open(
     let c = clock.clone();
     let now = Arc::new(move || Timestamp::from_unix_millis(c.load(Ordering::SeqCst)));
     let control = Arc::new(LocalControl::with_clock(dir, policy, audit, customer::public_keys(PINNED), now).unwrap());
-    let exec = Arc::new(Executor::new(control.clone(), dir, kit.identity.clone(), kit.ca.pem(), None).unwrap());
+    // Releases go outside the state directory, where the box user can read them.
+    let options = crate::executor::DeployOptions {
+        releases_dir: Some(releases.join("releases")),
+        engine: crate::deploy::DeployConfig {
+            health_deadline: std::time::Duration::from_secs(10),
+            ..Default::default()
+        },
+        hold_poll: Some(std::time::Duration::from_millis(100)),
+        existence_ttl: Some(std::time::Duration::ZERO),
+        ..Default::default()
+    };
+    let exec =
+        Arc::new(Executor::new(control.clone(), dir, kit.identity.clone(), kit.ca.pem(), None, options).unwrap());
     (control, exec)
 }
 

@@ -98,6 +98,8 @@ pub enum AuditAction {
     CustomerKeysRotate,
     /// A deploy of a vendor release requested (an operation of kind `deploy`).
     DeploymentGet,
+    /// A deploy waits for required secrets that do not exist yet (the missing references).
+    DeploymentHeld,
     DeploymentRequest,
     /// An appliance reported a new phase of a deploy (fetching, held, deployed, rolled back, ...).
     DeploymentStatus,
@@ -188,6 +190,7 @@ impl AuditAction {
         AuditAction::CustomerKeysReplace,
         AuditAction::CustomerKeysRotate,
         AuditAction::DeploymentGet,
+        AuditAction::DeploymentHeld,
         AuditAction::DeploymentRequest,
         AuditAction::DeploymentStatus,
         AuditAction::EnvironmentCreate,
@@ -270,6 +273,7 @@ impl AuditAction {
             AuditAction::CustomerKeysReplace => "customer_keys.replace",
             AuditAction::CustomerKeysRotate => "customer_keys.rotate",
             AuditAction::DeploymentGet => "deployment.get",
+            AuditAction::DeploymentHeld => "deployment.held",
             AuditAction::DeploymentRequest => "deployment.request",
             AuditAction::DeploymentStatus => "deployment.status",
             AuditAction::EnvironmentCreate => "environment.create",

@@ -42,8 +42,8 @@ use airlock_core::release::{ReleaseManifest, VerifiedRelease};
 use serde::Serialize;
 
 pub(crate) use install::Releases;
-#[allow(unused_imports)] // `Binding` and `FileEnvSecrets`: for the integrator and the tests.
-pub(crate) use secrets::{Binding, Bindings, FileEnvSecrets, SecretUnavailable, SecretValues};
+#[allow(unused_imports)] // `Binding`: for the tests.
+pub(crate) use secrets::{Binding, Bindings, SecretUnavailable, SecretValues};
 pub(crate) use supervise::{
     Executor, ProcessExecutor, ReleaseInfo, ServiceState, ServiceStatus, ServiceUnit, SuperviseConfig, Supervised,
 };
@@ -152,6 +152,7 @@ pub(crate) struct Deployer<E: Executor = ProcessExecutor> {
 
 #[derive(Debug, Default)]
 struct Shown {
+    current: Option<ReleaseInfo>,
     running: Vec<(ReleaseInfo, String, tokio::sync::watch::Receiver<ServiceState>)>,
     rolled_back: Vec<ServiceReport>,
 }
@@ -171,6 +172,7 @@ impl<E: Executor> Deployer<E> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn releases(&self) -> &Releases {
         &self.releases
     }
@@ -195,8 +197,14 @@ impl<E: Executor> Deployer<E> {
         out
     }
 
+    /// The release running now, if any.
+    pub(crate) fn current(&self) -> Option<ReleaseInfo> {
+        self.shown.lock().unwrap_or_else(|e| e.into_inner()).current.clone()
+    }
+
     fn show(&self, inner: &Inner) {
         let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        shown.current = inner.current.as_ref().map(|a| a.release.clone());
         shown.running = inner
             .current
             .iter()

@@ -37,37 +37,6 @@ pub(crate) trait SecretValues: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<Zeroizing<String>, SecretUnavailable>> + Send + 'a>>;
 }
 
-/// `file:` (the whole file, a trailing newline dropped) and `env:` (the appliance's own
-/// environment) only; any other scheme is unavailable.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct FileEnvSecrets;
-
-impl SecretValues for FileEnvSecrets {
-    fn value<'a>(
-        &'a self,
-        reference: &'a SecretRef,
-    ) -> Pin<Box<dyn Future<Output = Result<Zeroizing<String>, SecretUnavailable>> + Send + 'a>> {
-        Box::pin(async move {
-            let unavailable = |why: String| SecretUnavailable { reference: reference.clone(), why };
-            match reference {
-                SecretRef::File(path) => {
-                    let bytes = Zeroizing::new(
-                        tokio::fs::read(path)
-                            .await
-                            .map_err(|e| unavailable(format!("cannot read it: {}", e.kind())))?,
-                    );
-                    let text = std::str::from_utf8(&bytes).map_err(|_| unavailable("it is not UTF-8".into()))?;
-                    Ok(Zeroizing::new(text.strip_suffix('\n').unwrap_or(text).to_owned()))
-                }
-                SecretRef::Env(name) => std::env::var(name)
-                    .map(Zeroizing::new)
-                    .map_err(|_| unavailable("the appliance's environment does not have it".into())),
-                _ => Err(unavailable(format!("`{}:` secrets are not read by this appliance", reference.scheme()))),
-            }
-        })
-    }
-}
-
 /// What one dependency of a release is bound to on this appliance.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Binding {
@@ -141,12 +110,6 @@ pub(crate) async fn service_env(
 /// A service's environment, secret values included: wiped when dropped, never printed.
 #[derive(Clone, Default)]
 pub(crate) struct ServiceEnv(pub(crate) Vec<(String, String)>);
-
-impl ServiceEnv {
-    pub(crate) fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-}
 
 impl Drop for ServiceEnv {
     fn drop(&mut self) {

@@ -158,10 +158,6 @@ impl ProcessExecutor {
     pub(crate) fn new(sandbox: Arc<Sandbox>, config: SuperviseConfig) -> Self {
         Self { sandbox, config }
     }
-
-    pub(crate) fn sandbox(&self) -> &Sandbox {
-        &self.sandbox
-    }
 }
 
 impl Executor for ProcessExecutor {

@@ -100,7 +100,7 @@ health = [{{ probe = {{ http = {{ path = "{check}", port = {port} }} }}, interva
     }
 
     async fn deploy(&self, release: &VerifiedRelease) -> Result<DeployOutcome, DeployError> {
-        self.deployer.deploy(release, &self.blobs(), &FileEnvSecrets, &Bindings::default(), false, &|_| {}).await
+        self.deployer.deploy(release, &self.blobs(), &resolver(), &Bindings::default(), false, &|_| {}).await
     }
 
     fn status(&self, service: &str) -> ServiceReport {
@@ -181,7 +181,7 @@ async fn upgrade_switches_and_a_failing_upgrade_rolls_back_to_the_one_serving() 
     let events = std::sync::Mutex::new(Vec::new());
     let out = f
         .deployer
-        .deploy(&v3, &f.blobs(), &FileEnvSecrets, &Bindings::default(), false, &|e| events.lock().unwrap().push(e))
+        .deploy(&v3, &f.blobs(), &resolver(), &Bindings::default(), false, &|e| events.lock().unwrap().push(e))
         .await
         .unwrap();
     assert_eq!(
@@ -303,7 +303,7 @@ async fn an_appliance_killed_mid_switch_recovers_one_consistent_release() {
     pointer::write(&root, &state).unwrap();
     std::os::unix::fs::symlink(v2.digest(), root.join("current.new")).unwrap();
     let again = Deployer::open(f.sandbox.clone(), f._state.path(), Some(&root), config()).unwrap();
-    assert_eq!(again.recover(&FileEnvSecrets, &Bindings::default()).await.unwrap().as_deref(), Some(v1.digest()));
+    assert_eq!(again.recover(&resolver(), &Bindings::default()).await.unwrap().as_deref(), Some(v1.digest()));
     assert!(!root.join("current.new").exists());
     assert_eq!(pointer::target(&root).as_deref(), Some(v1.digest()));
     let settled = pointer::read(&root).unwrap();
@@ -317,7 +317,7 @@ async fn an_appliance_killed_mid_switch_recovers_one_consistent_release() {
     pointer::write(&root, &state).unwrap();
     pointer::switch(&root, Some(v2.digest())).unwrap();
     let again = Deployer::open(f.sandbox.clone(), f._state.path(), Some(&root), config()).unwrap();
-    assert_eq!(again.recover(&FileEnvSecrets, &Bindings::default()).await.unwrap().as_deref(), Some(v2.digest()));
+    assert_eq!(again.recover(&resolver(), &Bindings::default()).await.unwrap().as_deref(), Some(v2.digest()));
     let settled = pointer::read(&root).unwrap();
     assert_eq!(
         (settled.current.as_deref(), settled.previous.as_deref(), settled.pending),
@@ -413,7 +413,7 @@ url = "postgres://bundled:5432/app"
             credentials: BTreeMap::from([("password".into(), format!("file:{}", password.display()).parse().unwrap())]),
         },
     )]));
-    let out = f.deployer.deploy(&release, &f.blobs(), &FileEnvSecrets, &bindings, false, &|_| {}).await.unwrap();
+    let out = f.deployer.deploy(&release, &f.blobs(), &resolver(), &bindings, false, &|_| {}).await.unwrap();
     assert!(matches!(out, DeployOutcome::Deployed { .. }), "{out:?}");
     let services: Vec<String> = f.deployer.status().into_iter().map(|r| r.service).collect();
     assert_eq!(services, ["app"], "the bundled database is not started");
@@ -499,7 +499,12 @@ unhealthy_threshold = 1
 #[allow(dead_code)]
 fn deploy_futures_are_send(f: &Fixture, release: &VerifiedRelease) {
     fn send<T: Send>(_: T) {}
-    send(f.deployer.deploy(release, Path::new("/"), &FileEnvSecrets, &Bindings::default(), false, &|_| {}));
-    send(f.deployer.recover(&FileEnvSecrets, &Bindings::default()));
+    send(f.deployer.deploy(release, Path::new("/"), &resolver(), &Bindings::default(), false, &|_| {}));
+    send(f.deployer.recover(&resolver(), &Bindings::default()));
     send(f.deployer.shutdown());
+}
+
+/// The appliance's own secret resolver, as `run` makes it (file and env references here).
+fn resolver() -> crate::secrets::SecretResolver {
+    crate::secrets::SecretResolver::new(&crate::SecretsConfig::default(), Arc::new(crate::config::ProcessEnv))
 }

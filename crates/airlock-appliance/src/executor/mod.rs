@@ -16,6 +16,7 @@
 //! A request already finished is answered with its stored result: nothing runs twice.
 
 mod decide;
+mod deploy;
 mod record;
 mod recover;
 mod run;
@@ -43,6 +44,7 @@ use crate::result::ResultMsg;
 use crate::sandbox::Sandbox;
 use crate::state_dir::StateDir;
 use decide::{Allowed, Grounds, Refused, Spend, Verdict, short};
+pub(crate) use deploy::DeployOptions;
 use record::not_recorded;
 
 /// What became of an instruction.
@@ -108,8 +110,11 @@ pub(crate) struct Executor {
     /// Operations this process started and has not finished recording. One recorded `running`
     /// but not here was left by a stop or by a failure to record it: it is recovered.
     active: Mutex<HashSet<OperationId>>,
-    /// The box every run goes in.
-    sandbox: Sandbox,
+    /// The box every run (and every release's service) goes in.
+    sandbox: Arc<Sandbox>,
+    /// The deploy engine and what it needs; `None` where it cannot open (the releases
+    /// directory is unusable): deploys then fail to start, scripts still run.
+    deployments: Option<deploy::Deployments>,
 }
 
 impl Executor {
@@ -119,11 +124,19 @@ impl Executor {
         identity: ApplianceIdentity,
         ca_pem: &str,
         box_user: Option<&str>,
+        deploy_options: DeployOptions,
     ) -> Result<Self, ApplianceError> {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
         control.set_identity(&identity);
-        let sandbox = Sandbox::open(state_dir, box_user).map_err(ApplianceError::Customer)?;
+        let sandbox = Arc::new(Sandbox::open(state_dir, box_user).map_err(ApplianceError::Customer)?);
         control.set_vendor_code_user(sandbox.vendor_code_user());
+        let deployments = match deploy::Deployments::open(sandbox.clone(), state_dir, deploy_options) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, "releases cannot be deployed on this appliance");
+                None
+            }
+        };
         Ok(Self {
             control,
             identity,
@@ -132,12 +145,15 @@ impl Executor {
             deciding: Mutex::new(()),
             active: Mutex::new(HashSet::new()),
             sandbox,
+            deployments,
         })
     }
 
+    /// The box, to change how it runs vendor code; the deploy engine (which shares it) goes.
     #[cfg(test)]
     pub(crate) fn sandbox_mut(&mut self) -> &mut Sandbox {
-        &mut self.sandbox
+        self.deployments = None;
+        Arc::get_mut(&mut self.sandbox).expect("no run in progress")
     }
 
     /// Where the run of `id` works, while it runs.

@@ -63,14 +63,6 @@ impl Executor {
         Ran { status, exit_code, output, truncated, started_at, finished_at: self.control.now() }
     }
 
-    /// Installs a deploy's release. (The deploy engine lands next: until then a deploy fails to
-    /// start, recorded and signed like any run that could not start.)
-    pub(crate) async fn run_deploy(&self, job: &Job, release: &airlock_core::release::VerifiedRelease) -> Ran {
-        let started_at = self.control.now();
-        tracing::error!(request_id = %job.id, release = %release.digest(), "this appliance cannot install releases yet");
-        Ran::nothing(ExecutionStatus::FailedToStart, started_at, self.control.now())
-    }
-
     /// Runs the script in its box; returns how it ended and its captured output.
     async fn execute(
         &self,

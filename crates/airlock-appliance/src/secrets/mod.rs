@@ -19,7 +19,6 @@
 
 // The deploy engine and the status sender call this; until the integrator wires them in, only
 // the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 mod aws;
 mod local;
@@ -179,6 +178,7 @@ impl SecretResolver {
     }
 
     /// A resolver with the given AWS credentials instead of the standard chain's.
+    #[cfg(test)]
     pub(crate) fn with_credentials(
         config: &SecretsConfig,
         env: Arc<dyn EnvSource + Send + Sync>,
@@ -238,5 +238,22 @@ impl SecretResolver {
     fn cached(&self, reference: &SecretRef) -> Option<SecretExistence> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.get(reference).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, e)| e.clone())
+    }
+}
+
+use std::future::Future;
+
+/// The deploy engine takes a service's secret values from the resolver, at its start.
+impl crate::deploy::SecretValues for SecretResolver {
+    fn value<'a>(
+        &'a self,
+        reference: &'a SecretRef,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<SecretValue, crate::deploy::SecretUnavailable>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            SecretResolver::value(self, reference)
+                .await
+                .map_err(|e| crate::deploy::SecretUnavailable { reference: e.reference, why: e.reason.to_string() })
+        })
     }
 }

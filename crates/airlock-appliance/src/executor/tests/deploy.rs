@@ -5,6 +5,7 @@
 use airlock_core::dsse::Envelope;
 use airlock_core::grant::DenyCode;
 use airlock_core::operation::RefusalCode;
+use airlock_core::release::VerifiedRelease;
 use airlock_testkit::op_id;
 
 use crate::result::Outcome;
@@ -13,20 +14,159 @@ use crate::testing::*;
 const RELEASE: &str = "name = \"shop\"\nversion = \"1.0.0\"\n\n[[service]]\nname = \"web\"\ncommand = \"bin/web\"\n";
 const WEB: &[u8] = b"#!/bin/sh\nexec sleep 600\n";
 
-fn release(manifest: &str, key: u8) -> (Envelope, airlock_core::release::VerifiedRelease) {
+fn release(manifest: &str, key: u8) -> (Envelope, VerifiedRelease) {
     vendor_release(manifest, &[("bin/web", WEB)], key)
 }
 
-#[tokio::test]
-async fn a_deploy_waits_for_the_customers_authority() {
+/// A release whose service `web` serves `content` on `port` (health-checked over HTTP), with
+/// `secrets` in its environment; its artifacts are put in the appliance's blob store.
+fn web(fx: &Fx, version: &str, port: u16, content: &str, check: &str, secrets: &str) -> (Envelope, VerifiedRelease) {
+    let manifest = format!(
+        r#"
+name = "shop"
+version = "{version}"
+
+[[service]]
+name = "web"
+command = "bin/web"
+env = {{ PORT = "{port}" }}
+secrets = {{ {secrets} }}
+stop_timeout_secs = 2
+restart = {{ policy = "on-failure", initial_backoff_ms = 100, max_backoff_ms = 400 }}
+health = [{{ probe = {{ http = {{ path = "{check}", port = {port} }} }}, interval_secs = 1, timeout_secs = 1 }}]
+"#
+    );
+    let script: &[u8] = b"#!/bin/sh\nexec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory www\n";
+    let files: [(&str, &[u8]); 2] = [("bin/web", script), ("www/index.html", content.as_bytes())];
+    let blobs = fx.dir.path().join("artifacts/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for (_, bytes) in files {
+        std::fs::write(blobs.join(airlock_core::operation::sha256_hex(bytes)), bytes).unwrap();
+    }
+    vendor_release(&manifest, &files, 1)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The page the release on `port` serves, once it answers (a release restarted by a rollback
+/// takes a moment to listen again).
+async fn fetch(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tries = 0;
+    let mut s = loop {
+        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(s) => break s,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("nothing listens on {port}: {e}"),
+        }
+    };
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The `DeploymentStatus` messages the appliance sent up, in order.
+fn statuses(fx: &Fx) -> Vec<airlock_proto::gateway::DeploymentStatus> {
+    fx.sent()
+        .into_iter()
+        .filter_map(|m| match m.body {
+            Some(airlock_proto::gateway::appliance_message::Body::DeploymentStatus(s)) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_deploy_installs_serves_and_upgrades_and_a_failed_one_rolls_back() {
     let fx = Fx::new(ALL_PHASES);
-    let (envelope, verified) = release(RELEASE, 1);
-    let stmt = fx.deploy_statement(op_id(1), &verified);
+    fx.listen().await;
+    let port = free_port();
+    let (envelope, v1) = web(&fx, "1.0.0", port, "shop v1", "/", "");
+    let stmt = fx.deploy_statement(op_id(1), &v1);
     let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], "")).await;
     assert_awaiting(&r, RefusalCode::AwaitingAuthority);
-    // Approved, it is allowed and runs under the grant.
+    // Approved: installed, started boxed, healthy, switched; signed like any run.
     let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
     assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    let e = fx.execution(&r);
+    assert_eq!((e.status, e.exit_code), (airlock_core::operation::ExecutionStatus::Completed, Some(0)), "{e:?}");
+    assert!(fetch(port).await.contains("shop v1"));
+    let last = statuses(&fx).pop().unwrap();
+    assert_eq!(last.current.as_ref().unwrap().digest, v1.digest());
+    assert_eq!(last.deploy.as_ref().unwrap().phase, airlock_proto::gateway::DeployPhase::Deployed as i32);
+    assert_eq!(last.services[0].state, airlock_proto::gateway::ServiceState::Healthy as i32);
+
+    // An upgrade whose health check never passes: rolled back, v1 serves again.
+    let (envelope, bad) = web(&fx, "2.0.0", port, "shop v2", "/missing", "");
+    let stmt = fx.deploy_statement(op_id(2), &bad);
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    assert_eq!(fx.execution(&r).exit_code, Some(super::super::deploy::ROLLED_BACK), "{r:?}");
+    assert!(fetch(port).await.contains("shop v1"));
+    let last = statuses(&fx).pop().unwrap();
+    assert_eq!(last.current.as_ref().unwrap().digest, v1.digest());
+    assert_eq!(last.deploy.as_ref().unwrap().phase, airlock_proto::gateway::DeployPhase::RolledBack as i32);
+
+    // A good upgrade switches.
+    let (envelope, v3) = web(&fx, "3.0.0", port, "shop v3", "/", "");
+    let stmt = fx.deploy_statement(op_id(3), &v3);
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
+    assert!(fetch(port).await.contains("shop v3"));
+    fx.exec.stop_deployments().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_missing_a_secret_is_held_until_it_exists_and_its_value_never_goes_up() {
+    let fx = Fx::new(ALL_PHASES);
+    fx.listen().await;
+    let port = free_port();
+    let secret_file = fx.releases.path().join("db-password");
+    let reference = format!("file:{}", secret_file.display());
+    let (envelope, v1) = web(&fx, "1.0.0", port, "shop v1", "/", &format!("DB_PASSWORD = \"{reference}\""));
+    let stmt = fx.deploy_statement(op_id(4), &v1);
+    let running = {
+        let exec = fx.exec.clone();
+        let i = fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt));
+        tokio::spawn(async move {
+            match exec.handle(i).await {
+                crate::executor::Handled::Started(h) => h.await.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    // Held, naming the missing reference, and audited.
+    let held = loop {
+        let held = statuses(&fx)
+            .into_iter()
+            .find(|s| s.deploy.as_ref().is_some_and(|d| d.phase == airlock_proto::gateway::DeployPhase::Held as i32));
+        if let Some(h) = held {
+            break h;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(held.deploy.unwrap().missing_secrets, vec![reference.clone()]);
+    assert_eq!(held.secrets[0].state, airlock_proto::gateway::SecretState::Missing as i32);
+    assert_eq!(fx.audited(airlock_core::audit::AuditAction::DeploymentHeld).len(), 1);
+    assert!(!running.is_finished());
+    // The secret appears: the deploy proceeds, the service gets the value.
+    std::fs::write(&secret_file, "canary-7f3a9c").unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(30), running).await.unwrap().unwrap();
+    assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
+    let last = statuses(&fx).pop().unwrap();
+    assert_eq!(last.secrets[0].state, airlock_proto::gateway::SecretState::Present as i32);
+    // Nothing sent up, nor the audit, holds the value.
+    for m in fx.sent() {
+        assert!(!format!("{m:?}").contains("canary-7f3a9c"));
+    }
+    assert!(!std::fs::read_to_string(fx.dir.path().join("audit.jsonl")).unwrap().contains("canary-7f3a9c"));
+    fx.exec.stop_deployments().await;
 }
 
 #[tokio::test]

@@ -1,0 +1,321 @@
+//! Running an allowed deploy: the release's artifacts into the blob store, its required secrets
+//! checked (held, and reported, until they all exist), then the deploy engine
+//! ([`crate::deploy::Deployer`]) installs beside, starts, health-checks, switches or rolls back.
+//!
+//! A deploy is recorded and signed like any run ([`super::record`]): its exit code says how it
+//! ended ([`DEPLOYED`], [`ROLLED_BACK`], [`REFUSED`]) and its output is the outcome as JSON
+//! (metadata only), held on the appliance until the customer releases it.
+//! What it does as it goes is reported up as a `DeploymentStatus` (the latest replaces the one
+//! before; it goes again after every `Welcome`), which carries states, names, versions and
+//! whether each secret reference exists: never a value, a log line or a metric.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use airlock_core::operation::ExecutionStatus;
+use airlock_core::release::{SecretRef, VerifiedRelease};
+use airlock_core::run_spec::RunUser;
+use airlock_proto::gateway as wire;
+use serde::Serialize;
+
+use super::run::Ran;
+use super::{Executor, Job};
+use crate::deploy::{
+    Bindings, DeployConfig, DeployError, DeployEvent, DeployOutcome, Deployer, ServiceReport, ServiceStatus,
+};
+use crate::secrets::{ExistenceState, SecretResolver};
+
+/// Exit code of a deploy that switched to its release (or found it current already).
+pub(crate) const DEPLOYED: i32 = 0;
+/// Exit code of a deploy rolled back to the release before.
+pub(crate) const ROLLED_BACK: i32 = 1;
+/// Exit code of a deploy refused before anything changed (a tampered or missing artifact, a
+/// secret value unavailable, root not covered, a full disk).
+pub(crate) const REFUSED: i32 = 2;
+
+/// What the appliance needs to deploy releases.
+pub(crate) struct Deployments {
+    pub(crate) deployer: Deployer,
+    pub(crate) secrets: SecretResolver,
+    pub(crate) bindings: Bindings,
+    /// Verified artifacts, each named by its SHA-256 (in the state directory).
+    pub(crate) blobs: PathBuf,
+    /// How often a deploy held for missing secrets looks again.
+    pub(crate) hold_poll: Duration,
+    /// The latest report, sent again after every `Welcome`.
+    status: Mutex<wire::DeploymentStatus>,
+}
+
+/// The appliance's deploy settings, from its configuration.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DeployOptions {
+    pub(crate) releases_dir: Option<PathBuf>,
+    pub(crate) dependencies: std::collections::BTreeMap<String, crate::config::CustomerDependency>,
+    pub(crate) secrets: crate::SecretsConfig,
+    pub(crate) engine: DeployConfig,
+    /// Default 5 s.
+    pub(crate) hold_poll: Option<Duration>,
+    /// How long an existence answer is reused (default: the resolver's).
+    pub(crate) existence_ttl: Option<Duration>,
+}
+
+impl Deployments {
+    pub(crate) fn open(
+        sandbox: std::sync::Arc<crate::sandbox::Sandbox>,
+        state_dir: &std::path::Path,
+        options: DeployOptions,
+    ) -> Result<Self, DeployError> {
+        let deployer = Deployer::open(sandbox, state_dir, options.releases_dir.as_deref(), options.engine)?;
+        let blobs = state_dir.join("artifacts").join("sha256");
+        std::fs::create_dir_all(&blobs).map_err(|e| DeployError::Io(format!("{}: {e}", blobs.display())))?;
+        Ok(Self {
+            deployer,
+            secrets: {
+                let resolver = SecretResolver::new(&options.secrets, std::sync::Arc::new(crate::config::ProcessEnv));
+                match options.existence_ttl {
+                    Some(ttl) => resolver.existence_ttl(ttl),
+                    None => resolver,
+                }
+            },
+            bindings: Bindings::from_config(&options.dependencies),
+            blobs,
+            hold_poll: options.hold_poll.unwrap_or(Duration::from_secs(5)),
+            status: Mutex::new(wire::DeploymentStatus::default()),
+        })
+    }
+}
+
+/// How a deploy ended, as its output (metadata only).
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    release: &'a str,
+    name: &'a str,
+    version: &'a str,
+    #[serde(flatten)]
+    ended: Ended,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+enum Ended {
+    Deployed { outcome: DeployOutcome },
+    RolledBack { outcome: DeployOutcome },
+    Refused { reason: String },
+}
+
+fn release_ref(release: &VerifiedRelease) -> wire::ReleaseRef {
+    wire::ReleaseRef {
+        digest: release.digest().to_owned(),
+        name: release.manifest().name.clone(),
+        version: release.manifest().version.clone(),
+    }
+}
+
+fn service_state(s: ServiceStatus) -> wire::ServiceState {
+    match s {
+        ServiceStatus::Starting => wire::ServiceState::Starting,
+        ServiceStatus::Healthy => wire::ServiceState::Healthy,
+        ServiceStatus::Unhealthy | ServiceStatus::Failed => wire::ServiceState::Unhealthy,
+        ServiceStatus::Stopped => wire::ServiceState::Stopped,
+        ServiceStatus::RolledBack => wire::ServiceState::RolledBack,
+    }
+}
+
+impl Executor {
+    /// Runs an allowed deploy to its end; see the module documentation.
+    pub(crate) async fn run_deploy(&self, job: &Job, release: &VerifiedRelease) -> Ran {
+        let started_at = self.control.now();
+        let Some(d) = &self.deployments else {
+            tracing::error!(request_id = %job.id, "this appliance has no deploy engine");
+            return Ran::nothing(ExecutionStatus::FailedToStart, started_at, self.control.now());
+        };
+        let progress = |phase: wire::DeployPhase, missing: Vec<String>, reason: String| wire::DeployProgress {
+            request_id: job.id.to_string(),
+            release: Some(release_ref(release)),
+            phase: phase as i32,
+            missing_secrets: missing,
+            reason,
+        };
+        let required: Vec<SecretRef> = release.manifest().required_secrets().into_iter().cloned().collect();
+
+        self.report(Some(progress(wire::DeployPhase::Fetching, vec![], String::new())), &required).await;
+        let ended = match self.fetch_artifacts(release).await {
+            Err(why) => Ended::Refused { reason: why },
+            Ok(()) => {
+                if let Err(cancelled) = self.hold_for_secrets(job, d, &required, &progress).await {
+                    self.report(Some(progress(wire::DeployPhase::Failed, vec![], cancelled.clone())), &required).await;
+                    return self.deploy_ran(release, Ended::Refused { reason: cancelled }, started_at, true);
+                }
+                self.report(Some(progress(wire::DeployPhase::Installing, vec![], String::new())), &required).await;
+                let root_allowed = job.statement.command.run.user == RunUser::Root;
+                let on_event = |e: DeployEvent| tracing::info!(request_id = %job.id, event = ?e, "deploy");
+                match d.deployer.deploy(release, &d.blobs, &d.secrets, &d.bindings, root_allowed, &on_event).await {
+                    Ok(outcome @ (DeployOutcome::Deployed { .. } | DeployOutcome::AlreadyCurrent { .. })) => {
+                        Ended::Deployed { outcome }
+                    }
+                    Ok(outcome @ DeployOutcome::RolledBack { .. }) => Ended::RolledBack { outcome },
+                    Err(e) => Ended::Refused { reason: e.to_string() },
+                }
+            }
+        };
+        let (phase, reason) = match &ended {
+            Ended::Deployed { .. } => (wire::DeployPhase::Deployed, String::new()),
+            Ended::RolledBack { outcome: DeployOutcome::RolledBack { reason, .. } } => {
+                (wire::DeployPhase::RolledBack, reason.to_string())
+            }
+            Ended::RolledBack { .. } => (wire::DeployPhase::RolledBack, String::new()),
+            Ended::Refused { reason } => (wire::DeployPhase::Failed, reason.clone()),
+        };
+        self.report(Some(progress(phase, vec![], reason)), &required).await;
+        self.deploy_ran(release, ended, started_at, false)
+    }
+
+    fn deploy_ran(
+        &self,
+        release: &VerifiedRelease,
+        ended: Ended,
+        started_at: airlock_core::Timestamp,
+        cancelled: bool,
+    ) -> Ran {
+        let exit_code = match &ended {
+            Ended::Deployed { .. } => DEPLOYED,
+            Ended::RolledBack { .. } => ROLLED_BACK,
+            Ended::Refused { .. } => REFUSED,
+        };
+        let report = Report {
+            release: release.digest(),
+            name: &release.manifest().name,
+            version: &release.manifest().version,
+            ended,
+        };
+        let output = serde_json::to_vec_pretty(&report).unwrap_or_default();
+        let status = if cancelled { ExecutionStatus::Cancelled } else { ExecutionStatus::Completed };
+        Ran {
+            status,
+            exit_code: (!cancelled).then_some(exit_code),
+            output,
+            truncated: false,
+            started_at,
+            finished_at: self.control.now(),
+        }
+    }
+
+    /// Every artifact into the blob store. (Fetched over the appliance's channel where it is not
+    /// there yet: `crate::artifacts`.)
+    async fn fetch_artifacts(&self, release: &VerifiedRelease) -> Result<(), String> {
+        let Some(d) = &self.deployments else { return Err("no deploy engine".into()) };
+        for a in &release.statement().artifacts {
+            if !d.blobs.join(&a.sha256).is_file() {
+                return Err(format!("artifact `{}` ({}) is not in the blob store", a.path, a.sha256));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every required secret exists, reporting the deploy held (with the missing
+    /// references) meanwhile; gives up when the customer switches Deploy off.
+    async fn hold_for_secrets(
+        &self,
+        job: &Job,
+        d: &Deployments,
+        required: &[SecretRef],
+        progress: &(dyn Fn(wire::DeployPhase, Vec<String>, String) -> wire::DeployProgress + Sync),
+    ) -> Result<(), String> {
+        let mut held_reported: Option<Vec<String>> = None;
+        loop {
+            let mut missing = Vec::new();
+            for r in required {
+                if d.secrets.existence(r).await.state != ExistenceState::Present {
+                    missing.push(r.to_string());
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if held_reported.as_ref() != Some(&missing) {
+                tracing::warn!(request_id = %job.id, ?missing, "deploy held: required secrets do not exist yet");
+                let _ = self.control.audit.record(
+                    airlock_core::audit::AuditAction::DeploymentHeld,
+                    airlock_core::audit::Outcome::Success,
+                    serde_json::json!({ "request_id": job.id, "missing_secrets": missing }),
+                );
+                self.report(Some(progress(wire::DeployPhase::Held, missing.clone(), String::new())), required).await;
+                held_reported = Some(missing);
+            }
+            if self.control.disabled().contains(&airlock_core::policy::Phase::Deploy) {
+                return Err("the customer switched the Deploy phase off while the deploy was held".into());
+            }
+            tokio::time::sleep(d.hold_poll).await;
+        }
+    }
+
+    /// Makes and sends the appliance's deployment status: the current release, `deploy` (or the
+    /// last one), every service, and whether each of `secrets` exists.
+    pub(crate) async fn report(&self, deploy: Option<wire::DeployProgress>, secrets: &[SecretRef]) {
+        let Some(d) = &self.deployments else { return };
+        let services: Vec<ServiceReport> = d.deployer.status();
+        let mut existence = Vec::new();
+        for r in secrets {
+            let e = d.secrets.existence(r).await;
+            existence.push(wire::SecretExistence {
+                reference: r.to_string(),
+                state: match e.state {
+                    ExistenceState::Present => wire::SecretState::Present,
+                    ExistenceState::Missing => wire::SecretState::Missing,
+                    ExistenceState::Unknown => wire::SecretState::Unknown,
+                } as i32,
+                last_changed_unix_ms: e.last_changed.map_or(0, |t| t.unix_millis()),
+            });
+        }
+        let current =
+            d.deployer.current().map(|r| wire::ReleaseRef { digest: r.digest, name: r.name, version: r.version });
+        let msg = {
+            let mut status = d.status.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(p) = deploy {
+                status.deploy = Some(p);
+            }
+            if !secrets.is_empty() {
+                status.secrets = existence;
+            }
+            status.current = current;
+            status.services = services
+                .iter()
+                .map(|s| wire::ServiceStatus {
+                    name: s.service.clone(),
+                    state: service_state(s.status) as i32,
+                    release_version: s.release.version.clone(),
+                    restarts: s.restarts,
+                })
+                .collect();
+            status.at_unix_ms = self.control.now().unix_millis();
+            wire::ApplianceMessage { body: Some(wire::appliance_message::Body::DeploymentStatus(status.clone())) }
+        };
+        self.control.outbound.send(msg).await;
+    }
+
+    /// The latest status again (after a `Welcome`), with the services as they are now.
+    pub(crate) async fn report_again(&self) {
+        if self.deployments.is_some() {
+            self.report(None, &[]).await;
+        }
+    }
+
+    /// At the appliance's start: the current release's services start again (supervision goes
+    /// on across restarts and offline).
+    pub(crate) async fn recover_deployments(&self) {
+        let Some(d) = &self.deployments else { return };
+        match d.deployer.recover(&d.secrets, &d.bindings).await {
+            Ok(Some(digest)) => tracing::info!(release = %digest, "the current release runs again"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot start the current release again"),
+        }
+    }
+
+    /// At the appliance's stop: every service stops (SIGTERM, then SIGKILL after its timeout).
+    pub(crate) async fn stop_deployments(&self) {
+        if let Some(d) = &self.deployments {
+            d.deployer.shutdown().await;
+        }
+    }
+}
