@@ -40,19 +40,25 @@ fn config() -> DeployConfig {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(config(), None)
+}
+
+/// With `box_user`, vendor code runs as that named user (one with a passwd entry) rather than
+/// as dynamic uids.
+fn fixture_with(config: DeployConfig, box_user: Option<&str>) -> Fixture {
     assert!(
         Path::new("/usr/bin/python3").exists(),
         "the deploy tests serve HTTP with the system's python3 (/usr/bin/python3, on the box's PATH)"
     );
     let state = tempfile::tempdir().unwrap();
     std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let sandbox = Arc::new(Sandbox::open(state.path(), None).unwrap());
+    let sandbox = Arc::new(Sandbox::open(state.path(), box_user).unwrap());
     assert!(matches!(sandbox.run_as(), RunAs::BoxUser { .. }), "the tests run as root");
     let top = tempfile::tempdir().unwrap();
     // The box user must reach the releases through this directory.
     std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::create_dir(top.path().join("blobs")).unwrap();
-    let deployer = Deployer::open(sandbox.clone(), state.path(), Some(&top.path().join("releases")), config()).unwrap();
+    let deployer = Deployer::open(sandbox.clone(), state.path(), Some(&top.path().join("releases")), config).unwrap();
     Fixture { _state: state, top, sandbox, deployer, key: CustomerSigningKey::from_seed([7; 32]) }
 }
 
@@ -507,4 +513,94 @@ fn deploy_futures_are_send(f: &Fixture, release: &VerifiedRelease) {
 /// The appliance's own secret resolver, as `run` makes it (file and env references here).
 fn resolver() -> crate::secrets::SecretResolver {
     crate::secrets::SecretResolver::new(&crate::SecretsConfig::default(), Arc::new(crate::config::ProcessEnv))
+}
+
+/// The PostgreSQL this machine runs (trust authentication on loopback), as a customer's own.
+const CUSTOMER_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([url, "-tAc", sql])
+        .output()
+        .expect("psql (the PostgreSQL client) runs");
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One release with a bundled PostgreSQL (`db`, its own server in its scratch directory) and an
+/// app that writes a row through whatever `postgres` is bound to: run bundled, then bound to
+/// the customer's own PostgreSQL (the one this machine runs), unchanged. PostgreSQL looks its
+/// own user up, so vendor code runs as a named box user here (`nobody`), as an appliance
+/// configured with `box_user` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_release_runs_on_its_bundled_postgres_or_the_customers_own() {
+    let bindir = std::process::Command::new("pg_config").arg("--bindir").output().expect("pg_config runs");
+    let bindir = String::from_utf8(bindir.stdout).unwrap().trim().to_owned();
+    assert!(Path::new(&bindir).join("postgres").exists(), "PostgreSQL's server binaries are in {bindir}");
+    psql(CUSTOMER_POSTGRES, "select 1");
+    let port = free_port();
+    let manifest = format!(
+        r#"
+name = "ledger"
+version = "1.0.0"
+
+[[service]]
+name = "db"
+command = "bin/db"
+env = {{ PGBIN = "{bindir}", PGPORT = "{port}" }}
+bundles = "postgres"
+# A first start runs initdb: the vendor gives it a while before failed probes count against it.
+health = [{{ probe = {{ tcp = {{ port = {port} }} }}, interval_secs = 1, timeout_secs = 1, unhealthy_threshold = 100 }}]
+
+[[service]]
+name = "app"
+command = "bin/app"
+env = {{ MARK = "MARK_VALUE" }}
+
+[[dependency]]
+name = "postgres"
+url = "postgres://postgres@127.0.0.1:{port}/postgres"
+"#
+    );
+    let db: &[u8] = b"#!/bin/sh\nset -e\n\"$PGBIN/initdb\" -D \"$HOME/pg\" -U postgres --auth=trust >/dev/null\nexec \"$PGBIN/postgres\" -D \"$HOME/pg\" -p \"$PGPORT\" -k \"$HOME\" -c listen_addresses=127.0.0.1\n";
+    // The app: wait for its database, write its mark, then leave a file saying it is ready.
+    let app: &[u8] = b"#!/bin/sh\nn=0\nuntil psql \"$AIRLOCK_DEPENDENCY_POSTGRES_URL\" -qc 'create table if not exists airlock_deploy_marks (mark text)' 2>/dev/null; do\n  n=$((n+1)); [ $n -gt 150 ] && exit 1; sleep 0.2\ndone\npsql \"$AIRLOCK_DEPENDENCY_POSTGRES_URL\" -qc \"insert into airlock_deploy_marks values ('$MARK')\" || exit 1\necho \"wrote $MARK\"\nexec sleep 600\n";
+    let long = DeployConfig { health_deadline: Duration::from_secs(60), ..config() };
+
+    // Bundled: the release's own database runs, and the app's row lands in it.
+    let f = fixture_with(long.clone(), Some("nobody"));
+    let mark = format!("bundled-{port}");
+    let bundled = f.release(&manifest.replace("MARK_VALUE", &mark), &[("bin/db", db), ("bin/app", app)]);
+    let out = f.deployer.deploy(&bundled, &f.blobs(), &resolver(), &Bindings::default(), false, &|_| {}).await.unwrap();
+    assert!(matches!(out, DeployOutcome::Deployed { .. }), "{out:?}\ndb: {}\napp: {}", f.log("db"), f.log("app"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f.log("app").contains("wrote") {
+        assert!(Instant::now() < deadline, "the app never wrote: {}\n{}", f.log("app"), f.log("db"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bundled_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    assert_eq!(psql(&bundled_url, "select mark from airlock_deploy_marks"), mark);
+    f.deployer.shutdown().await;
+
+    // Bound to the customer's PostgreSQL: the bundled one is not started, the same app writes there.
+    let f = fixture_with(long, Some("nobody"));
+    let mark = format!("customer-{port}");
+    let release = f.release(&manifest.replace("MARK_VALUE", &mark), &[("bin/db", db), ("bin/app", app)]);
+    let bindings = Bindings(BTreeMap::from([(
+        "postgres".to_owned(),
+        Binding::Customer { url: CUSTOMER_POSTGRES.into(), credentials: BTreeMap::new() },
+    )]));
+    let out = f.deployer.deploy(&release, &f.blobs(), &resolver(), &bindings, false, &|_| {}).await.unwrap();
+    assert!(matches!(out, DeployOutcome::Deployed { .. }), "{out:?}");
+    let services: Vec<String> = f.deployer.status().into_iter().map(|r| r.service).collect();
+    assert_eq!(services, ["app"], "the bundled database is not started");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f.log("app").contains("wrote") {
+        assert!(Instant::now() < deadline, "the app never wrote: {}", f.log("app"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows = psql(CUSTOMER_POSTGRES, &format!("select count(*) from airlock_deploy_marks where mark = '{mark}'"));
+    assert_eq!(rows, "1");
+    psql(CUSTOMER_POSTGRES, &format!("delete from airlock_deploy_marks where mark = '{mark}'"));
+    f.deployer.shutdown().await;
 }
