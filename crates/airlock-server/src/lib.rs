@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod appliances;
+pub mod artifacts;
 pub mod attestation;
 pub mod audit_checkpoints;
 pub mod authz;
@@ -105,6 +106,8 @@ pub struct ServerConfig {
     pub limits: net::ConnectionLimits,
     /// When the server checkpoints its audit chains and prunes anonymous refusal records.
     pub audit_schedule: audit_checkpoints::Schedule,
+    /// The largest artifact one upload may carry (`--max-artifact-bytes`).
+    pub max_artifact_bytes: u64,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -123,6 +126,7 @@ impl ServerConfig {
             api_tls_files: None,
             limits: net::ConnectionLimits::default(),
             audit_schedule: audit_checkpoints::Schedule::default(),
+            max_artifact_bytes: artifacts::DEFAULT_MAX_ARTIFACT_BYTES,
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -511,6 +515,8 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let ca_fingerprint = ca.fingerprint();
     let ca_pem = ca.cert_pem().to_owned();
     let ops_signer = signer::OperationsSigner::generate(&ca, now)?;
+    let artifacts = artifacts::ArtifactStore::open(&config.data_dir, config.max_artifact_bytes)
+        .map_err(|source| ServerError::DataDir { path: config.data_dir.join("artifacts"), source })?;
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await?;
@@ -535,6 +541,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         gateway_endpoint: gateway_endpoint.clone(),
         gateway_server_name,
         audit_key_pem: audit_signer.public_pem().to_owned(),
+        artifacts,
     });
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -672,5 +679,6 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         gateway_endpoint: "127.0.0.1:1".into(),
         gateway_server_name: "127.0.0.1".into(),
         audit_key_pem: audit_signer.public_pem().to_owned(),
+        artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024).expect("artifact store"),
     })
 }
