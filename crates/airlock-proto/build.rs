@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // without it this crate needs no tonic transport at all.
         .build_transport(false)
         .codec_path("crate::codec::SmallBufferCodec")
+        // Artifact chunks are large: decoded as a slice of the receive buffer, not copied out.
+        .bytes(".airlock.gateway.v1.ArtifactChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -47,6 +47,7 @@
 
 pub mod admin;
 mod anchors;
+pub mod artifacts;
 pub mod audit_log;
 mod backoff;
 mod clock;
@@ -315,6 +316,8 @@ pub async fn run(
         identity: &identity,
         started: std::time::Instant::now(),
         executor,
+        // The integrator hands a clone to whatever fetches release artifacts.
+        link: artifacts::GatewayLink::default(),
     };
     let mut backoff = backoff::Backoff::new(Duration::from_millis(250), config.max_backoff);
     loop {

@@ -15,6 +15,8 @@
 //! changes nothing.
 //! Every `Hello` carries the customer's attestation of the execution key, if made; one made
 //! while connected ends the session so the next `Hello` carries it.
+//! While connected, the channel is published on a [`crate::artifacts::GatewayLink`], so artifact
+//! fetches ride the same connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +62,17 @@ pub(crate) struct Session<'a> {
     pub identity: &'a ApplianceIdentity,
     pub started: std::time::Instant,
     pub executor: Arc<Executor>,
+    /// Where the connected channel is published, for artifact fetches (`crate::artifacts`).
+    pub link: crate::artifacts::GatewayLink,
+}
+
+/// Withdraws the published channel when a session ends, however it ends.
+struct Unpublish<'a>(&'a crate::artifacts::GatewayLink);
+
+impl Drop for Unpublish<'_> {
+    fn drop(&mut self) {
+        self.0.publish(None);
+    }
 }
 
 /// Detaches the outbox from a stream when its session ends, however it ends.
@@ -86,6 +99,8 @@ impl Session<'_> {
         let channel = connect(&self.enrolment.gateway_endpoint, &self.enrolment.gateway_server_name, tls)
             .await
             .map_err(|e| classify_transport(&e))?;
+        self.link.publish(Some(channel.clone()));
+        let _unpublish = Unpublish(&self.link);
         let mut client = ApplianceGatewayClient::new(channel);
         let (tx, rx) = mpsc::channel::<ApplianceMessage>(8);
         // The customer's attestation of the execution key goes in every Hello: the control
@@ -245,7 +260,7 @@ fn retry_renewal_at(validity: Option<Validity>) -> Timestamp {
 }
 
 /// Mutual TLS to the gateway: trusting only the CA stored at join, presenting our certificate.
-fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig, String> {
     let ca = certificate::pem_to_der(ca_pem).map_err(|e| format!("stored CA: {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca)).map_err(|e| format!("stored CA: {e}"))?;
@@ -255,8 +270,12 @@ fn client_tls(ca_pem: &str, creds: &Credentials) -> Result<rustls::ClientConfig,
         .map_err(|e| format!("client certificate: {e}"))
 }
 
+/// HTTP/2 receive windows: a stream's, and the whole connection's.
+const ARTIFACT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const ARTIFACT_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
 /// Dials the gateway. The connector is ours so TLS is exactly the config above.
-async fn connect(
+pub(crate) async fn connect(
     endpoint: &str,
     server_name: &str,
     tls: rustls::ClientConfig,
@@ -270,6 +289,10 @@ async fn connect(
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20))
+        // What the gateway may send before we take it: room for artifact chunks in flight
+        // (`crate::artifacts`); the session's own messages are small and never fill it.
+        .initial_stream_window_size(ARTIFACT_STREAM_WINDOW)
+        .initial_connection_window_size(ARTIFACT_CONNECTION_WINDOW)
         .connect_with_connector(tower::service_fn(move |_| {
             let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
             async move {

@@ -150,6 +150,9 @@ pub enum Action {
     ListReleaseKeys,
     PushRelease,
     ListReleases,
+    UploadArtifact,
+    GetArtifact,
+    DownloadArtifact,
 }
 
 impl Action {
@@ -181,6 +184,10 @@ impl Action {
             Action::ListReleaseKeys => AuditAction::ReleaseKeyList,
             Action::PushRelease => AuditAction::ReleasePush,
             Action::ListReleases => AuditAction::ReleaseList,
+            // Artifacts belong to releases; core has no audit actions of their own for them yet,
+            // so their records name the artifact in their target (`artifact:<sha256>`).
+            Action::UploadArtifact => AuditAction::ReleasePush,
+            Action::GetArtifact | Action::DownloadArtifact => AuditAction::ReleaseList,
         }
     }
 

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod appliances;
+pub mod artifacts;
 pub mod attestation;
 pub mod audit_checkpoints;
 pub mod authz;
@@ -110,6 +111,8 @@ pub struct ServerConfig {
     /// How often unfinished rollouts are driven (their deploys' results are read, the next
     /// targets started).
     pub rollout_interval: Duration,
+    /// The largest artifact one upload may carry (`--max-artifact-bytes`).
+    pub max_artifact_bytes: u64,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -129,6 +132,7 @@ impl ServerConfig {
             limits: net::ConnectionLimits::default(),
             audit_schedule: audit_checkpoints::Schedule::default(),
             rollout_interval: Duration::from_secs(1),
+            max_artifact_bytes: artifacts::DEFAULT_MAX_ARTIFACT_BYTES,
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -517,6 +521,8 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let ca_fingerprint = ca.fingerprint();
     let ca_pem = ca.cert_pem().to_owned();
     let ops_signer = signer::OperationsSigner::generate(&ca, now)?;
+    let artifacts = artifacts::ArtifactStore::open(&config.data_dir, config.max_artifact_bytes)
+        .map_err(|source| ServerError::DataDir { path: config.data_dir.join("artifacts"), source })?;
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await?;
@@ -541,6 +547,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         gateway_endpoint: gateway_endpoint.clone(),
         gateway_server_name,
         audit_key_pem: audit_signer.public_pem().to_owned(),
+        artifacts,
     });
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -680,5 +687,6 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         gateway_endpoint: "127.0.0.1:1".into(),
         gateway_server_name: "127.0.0.1".into(),
         audit_key_pem: audit_signer.public_pem().to_owned(),
+        artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024).expect("artifact store"),
     })
 }

@@ -3,7 +3,9 @@
 //!
 //! A release is checked with core's [`verify_release`] against the workspace's unrevoked keys,
 //! on the blocking pool, and stored as the envelope it arrived in. Releases are immutable: the
-//! same name and version again is accepted unchanged only with the same digest.
+//! same name and version again is accepted unchanged only with the same digest. Every artifact a
+//! release names must have been uploaded to its workspace first ([`crate::artifacts`]); the
+//! release's artifacts are recorded with it, which is what an appliance may fetch.
 
 use airlock_core::WorkspaceId;
 use airlock_core::audit::{AuditAction, Outcome};
@@ -67,6 +69,12 @@ pub enum PushReleaseError {
     Immutable { name: String, version: String, stored: String },
     #[error("no workspace {0} in your tenant")]
     NoWorkspace(WorkspaceId),
+    /// Artifacts the statement names whose bytes were not uploaded to the workspace.
+    #[error(
+        "upload these artifacts to the workspace first (`airlock release push` does): {}",
+        .0.join(", ")
+    )]
+    MissingArtifacts(Vec<String>),
     #[error("verifying the release did not finish; retry")]
     Interrupted,
     #[error(transparent)]
@@ -111,6 +119,12 @@ pub async fn push(
         .map_err(|_| PushReleaseError::Interrupted)?
         .map_err(PushReleaseError::Invalid)?;
     let manifest = verified.manifest();
+    let digests: Vec<&str> = verified.statement().artifacts.iter().map(|a| a.sha256.as_str()).collect();
+    // Rows are never deleted, so a check before the write lock still holds at the commit.
+    let missing = state.store.missing_artifacts(scope, workspace, &digests).await?;
+    if !missing.is_empty() {
+        return Err(PushReleaseError::MissingArtifacts(missing));
+    }
     let now = state.now();
     let row = ReleaseRow {
         workspace_id: workspace,
@@ -138,6 +152,7 @@ pub async fn push(
     if !tx.insert_release(scope, &row).await? {
         return Err(PushReleaseError::NoWorkspace(workspace));
     }
+    tx.insert_release_artifacts(scope, workspace, &row.name, &row.version, &digests).await?;
     ev.detail = serde_json::json!({
         "digest": row.digest,
         "artifacts": row.artifacts,

@@ -48,6 +48,8 @@ pub struct AppState {
     pub gateway_server_name: String,
     /// The audit signing key's public half (PEM), published beside the CA certificate.
     pub audit_key_pem: String,
+    /// Release artifacts on disk.
+    pub artifacts: crate::artifacts::ArtifactStore,
 }
 
 impl AppState {

@@ -62,6 +62,54 @@ impl ApiClient {
         Ok(bytes.to_vec())
     }
 
+    /// A GET that answers `None` on 404, e.g. whether the control plane holds an artifact.
+    pub(crate) async fn get_opt<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Option<T>> {
+        let resp = self.send_raw(self.http.get(self.url(path))).await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let status = resp.status();
+        let text = resp.text().await.context("reading response")?;
+        if !status.is_success() {
+            bail!("{} (HTTP {})", error_message(&text), status.as_u16());
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .with_context(|| format!("unexpected response: {}", text.chars().take(200).collect::<String>()))
+    }
+
+    /// A PUT of a file's bytes, streamed from the file in pieces, never read whole into memory.
+    /// Its deadline grows with the file (a minute plus one per 64 MiB), not the usual 30 s.
+    pub(crate) async fn put_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+        size: u64,
+    ) -> anyhow::Result<T> {
+        use tokio::io::AsyncReadExt;
+        let f = tokio::fs::File::open(file).await.with_context(|| format!("reading {}", file.display()))?;
+        let chunks = futures_util::stream::unfold(f, |mut f| async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(buf), f))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        let deadline = std::time::Duration::from_secs(60 + size / (64 * 1024 * 1024));
+        let req = self
+            .http
+            .put(self.url(path))
+            .timeout(deadline)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(reqwest::Body::wrap_stream(chunks));
+        self.send(req).await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -178,6 +178,9 @@ struct ServerRunArgs {
     /// Interval appliances should heartbeat at [default: 15s].
     #[arg(long, env = "AIRLOCK_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     heartbeat_interval: Option<std::time::Duration>,
+    /// The largest release artifact one upload may carry, in bytes [default: 2 GiB].
+    #[arg(long, env = "AIRLOCK_MAX_ARTIFACT_BYTES")]
+    max_artifact_bytes: Option<u64>,
     /// Operator-supplied certificate chain (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -963,6 +966,9 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = args.join_token_ttl.or(file_duration(file.join_token_ttl)?) {
         anyhow::ensure!((1..=86_400).contains(&d.as_secs()), "join token TTL must be between 1s and 24h");
         cfg.join_token_ttl = d;
+    }
+    if let Some(n) = args.max_artifact_bytes {
+        cfg.max_artifact_bytes = n;
     }
     if let Some(d) = args.heartbeat_interval.or(file_duration(file.heartbeat_interval)?) {
         anyhow::ensure!(d.as_secs() >= 1, "heartbeat interval must be at least 1s");

@@ -1,6 +1,7 @@
 //! Vendor release commands (`airlock release`): register release-signing keys, push a signed
 //! release directory, list releases. The release key's private half stays on this machine; the
-//! control plane gets the signed statement (manifest and artifact digests), not the artifacts.
+//! control plane gets each artifact the workspace does not hold yet (streamed from its file), then
+//! the signed statement (manifest and artifact digests).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -142,13 +143,40 @@ fn sha256_file(path: &Path) -> anyhow::Result<(String, u64)> {
     Ok((hex, size))
 }
 
-/// Builds and signs the statement for `dir` with the key at `key`; returns the envelope JSON.
-pub(crate) fn sign_release_dir(dir: &Path, key: &Path) -> anyhow::Result<Value> {
-    let statement = read_release_dir(dir)?;
+/// Signs `statement` with the key at `key`; returns the envelope JSON.
+fn sign_statement(statement: &ReleaseStatement, key: &Path) -> anyhow::Result<Value> {
     let pem = std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
     let key = CustomerSigningKey::from_pem(&pem).with_context(|| format!("loading {}", key.display()))?;
-    let envelope = sign_release(&statement, &key);
+    let envelope = sign_release(statement, &key);
     serde_json::from_str(&envelope.to_json()).context("encoding the envelope")
+}
+
+/// Uploads each artifact of `statement` the workspace does not hold yet, from its file under `dir`.
+/// The server checks every upload's SHA-256, so a file changed since it was hashed is refused (422).
+async fn upload_missing(
+    c: &crate::client::ApiClient,
+    ws: &str,
+    dir: &Path,
+    statement: &ReleaseStatement,
+) -> anyhow::Result<()> {
+    let root = dir.canonicalize().with_context(|| format!("opening {}", dir.display()))?;
+    let mut seen = std::collections::HashSet::new();
+    for a in &statement.artifacts {
+        if !seen.insert(a.sha256.as_str()) {
+            continue;
+        }
+        let path = format!("/v1/workspaces/{ws}/artifacts/{}", a.sha256);
+        if c.get_opt::<Value>(&path).await?.is_some() {
+            continue;
+        }
+        let file = root.join(a.path.as_str());
+        let _: Value = c
+            .put_file(&path, &file, a.size)
+            .await
+            .with_context(|| format!("uploading {} ({} bytes)", a.path.as_str(), a.size))?;
+        tracing::info!(artifact = %a.sha256, path = a.path.as_str(), size = a.size, "uploaded");
+    }
+    Ok(())
 }
 
 pub(crate) async fn release(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
@@ -180,9 +208,11 @@ pub(crate) async fn release(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ReleaseSub::Push { dir, key, workspace, api } => {
-            let envelope = sign_release_dir(&dir, &key)?;
+            let statement = read_release_dir(&dir)?;
+            let envelope = sign_statement(&statement, &key)?;
             let c = api.client()?;
             let ws = resolve_workspace(&c, workspace).await?;
+            upload_missing(&c, &ws, &dir, &statement).await?;
             let r: Value = c.post(&format!("/v1/workspaces/{ws}/releases"), &json!({ "envelope": envelope })).await?;
             if api.json {
                 crate::terminal::print_json(&r)?;

@@ -1,7 +1,9 @@
 //! Vendor releases through the real binary and control plane: register a release key, push a
 //! signed release directory, list it; the same push again is unchanged; other content under the
 //! same version is refused (releases are immutable); an unregistered key, a manifest leaving its
-//! directory and another tenant's token are refused.
+//! directory and another tenant's token are refused. Artifacts are uploaded by the push; an
+//! appliance fetches them over its own gateway connection, resuming an interrupted fetch, and a
+//! blob altered on the control plane's disk is refused by digest, leaving nothing behind.
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
@@ -89,7 +91,11 @@ fn a_signed_release_is_pushed_once_and_is_immutable() {
     // A new version with the new bytes is a new release.
     std::fs::write(dir.join("airlock.toml"), MANIFEST.replace("1.0.0", "1.0.1")).unwrap();
     server.ok(&["release", "push", d, "--key", private, "--workspace", &ws]);
-    assert_eq!(server.audited("release.push", "success").len(), 3);
+    // Artifact uploads are recorded as `release.push` too, naming the artifact as their target.
+    let pushes = server.audited("release.push", "success");
+    let releases = pushes.iter().filter(|r| !r["target"].as_str().unwrap_or_default().starts_with("artifact:"));
+    assert_eq!(releases.count(), 3);
+    assert_eq!(pushes.len() - 3, 3, "one upload per distinct artifact: web v1, config, web v1 patched");
 
     // Signed by a key the workspace never registered.
     let stranger = root.join("stranger-key");
@@ -145,6 +151,108 @@ fn a_signed_release_is_pushed_once_and_is_immutable() {
         "HTTP 404",
         "no workspace",
     );
+
+    assert!(server.audit_verify().status.success());
+}
+
+/// Bytes that do not compress into a pattern: a simple xorshift stream.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appliance_fetches_pushed_artifacts_resuming_where_it_stopped_and_refuses_tampered_ones() {
+    use airlock_appliance::artifacts::{ArtifactFetcher, FetchError, dial_gateway};
+    use airlock_core::release::{Artifact, RelativePath};
+
+    let server = Server::start(BIN);
+    let root = server.dir.path().to_owned();
+    let ws = server.workspace.clone();
+    let keys = root.join("vendor-key");
+    keygen(BIN, &keys);
+    let private = keys.join("customer.key");
+    let private = private.to_str().unwrap();
+    server.ok(&["release", "key", "add", "--workspace", &ws, keys.join("customer.pub").to_str().unwrap()]);
+
+    // A few MiB through the CLI: uploaded (streamed) before the release is posted.
+    let web = noise(5 * 1024 * 1024 + 123, 7);
+    let dir = root.join("shop");
+    write_release(&dir, MANIFEST, &web);
+    server.ok(&["release", "push", dir.to_str().unwrap(), "--key", private, "--workspace", &ws]);
+    let digest = sha256_hex(&web);
+    let stored = server.data_dir.join("artifacts/sha256").join(&digest);
+    assert_eq!(std::fs::read(&stored).unwrap(), web, "the control plane holds the bytes under their digest");
+    let uploads = server.audited("release.push", "success");
+    assert!(uploads.iter().any(|r| r["target"] == format!("artifact:{digest}").as_str()), "{uploads:?}");
+
+    // Pushing again uploads nothing new and changes nothing.
+    server.ok(&["release", "push", dir.to_str().unwrap(), "--key", private, "--workspace", &ws]);
+
+    let state_dir = root.join("appliance");
+    let (_appliance, _id) = server.joined_appliance(&state_dir);
+    let artifact =
+        Artifact { path: RelativePath::parse("app/bin/web").unwrap(), sha256: digest.clone(), size: web.len() as u64 };
+
+    // Interrupted after a few chunks: what arrived stays as the partial file.
+    let channel = dial_gateway(&state_dir).await.unwrap();
+    let fetcher = ArtifactFetcher::new(&state_dir).unwrap().with_free_margin(0);
+    let err = fetcher.fetch_with(&channel, &artifact, |held, _| held < 2 * 1024 * 1024).await.unwrap_err();
+    let FetchError::Cancelled { held, .. } = err else { panic!("{err}") };
+    drop(channel);
+    let partial = fetcher.blobs_dir().join(format!("{digest}.partial"));
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), held);
+    assert!(!fetcher.blobs_dir().join(&digest).exists());
+
+    // As after a restart: a new fetcher on a new connection resumes from the partial file's length.
+    let channel = dial_gateway(&state_dir).await.unwrap();
+    let fetcher = ArtifactFetcher::new(&state_dir).unwrap().with_free_margin(0);
+    let mut first = None;
+    let blob = fetcher
+        .fetch_with(&channel, &artifact, |at, _| {
+            first.get_or_insert(at);
+            true
+        })
+        .await
+        .unwrap();
+    let first = first.unwrap();
+    assert!(
+        first > held && first - held <= 1024 * 1024,
+        "resumed at {held}, not from 0 (first chunk ended at {first})"
+    );
+    assert_eq!(std::fs::read(&blob).unwrap(), web);
+    assert!(!partial.exists());
+
+    // Not an artifact of any release here: NOT_FOUND, like a digest that exists nowhere.
+    let unknown = Artifact { sha256: "0".repeat(64), ..artifact.clone() };
+    let err = fetcher.fetch(&channel, &unknown).await.unwrap_err();
+    assert!(matches!(err, FetchError::NotFound { .. }), "{err}");
+
+    // A blob altered on the control plane's disk: the fetch fails by digest and keeps nothing.
+    let other = noise(2 * 1024 * 1024, 11);
+    let dir2 = root.join("shop-2");
+    write_release(&dir2, &MANIFEST.replace("1.0.0", "2.0.0"), &other);
+    server.ok(&["release", "push", dir2.to_str().unwrap(), "--key", private, "--workspace", &ws]);
+    let other_digest = sha256_hex(&other);
+    let mut tampered = other.clone();
+    tampered[1_500_000] ^= 0x40;
+    std::fs::write(server.data_dir.join("artifacts/sha256").join(&other_digest), &tampered).unwrap();
+    let other_artifact = Artifact { sha256: other_digest.clone(), size: other.len() as u64, ..artifact.clone() };
+    let err = fetcher.fetch(&channel, &other_artifact).await.unwrap_err();
+    assert!(matches!(err, FetchError::DigestMismatch { .. }), "{err}");
+    assert!(!fetcher.blobs_dir().join(&other_digest).exists());
+    assert!(!fetcher.blobs_dir().join(format!("{other_digest}.partial")).exists());
 
     assert!(server.audit_verify().status.success());
 }

@@ -8,6 +8,7 @@
 //! Routes come from one list (`routes`): a handler's `#[utoipa::path]` both registers and documents it, and [`contract`] completes the [`document`] with what the extractors imply, so the document is exact (schemathesis checks it against a real server).
 
 pub mod appliances;
+pub mod artifacts;
 mod contract;
 mod error;
 pub mod operations;
@@ -63,6 +64,8 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(policy::get_policy, policy::relay_policy))
         .routes(routes!(releases::list_release_keys, releases::add_release_key))
         .routes(routes!(releases::list_releases, releases::push_release))
+        .routes(routes!(artifacts::get_artifact, artifacts::put_artifact))
+        .routes(routes!(artifacts::download_artifact))
         .routes(routes!(operations::list_operations))
         .routes(routes!(operations::get_operation))
         .routes(routes!(operations::relay_approval))
@@ -92,8 +95,25 @@ pub const BODY_LIMIT: usize =
     (airlock_core::template::MAX_MANIFEST_BYTES + airlock_core::template::MAX_SCRIPT_BYTES) * 6 + 64 * 1024;
 
 /// The body limit of a route; the join route is the one anyone may call, so it takes the least.
+/// An artifact upload is bounded by its handler instead, under the server's own artifact limit
+/// (`crate::artifacts`), since it streams to disk rather than into memory.
 fn body_limit(path: &str) -> usize {
-    if path == "/v1/join" { JOIN_BODY_LIMIT } else { BODY_LIMIT }
+    if path == "/v1/join" {
+        JOIN_BODY_LIMIT
+    } else if is_artifact_upload(path) {
+        usize::MAX
+    } else {
+        BODY_LIMIT
+    }
+}
+
+/// `/v1/workspaces/{workspace}/artifacts/{sha256}`, whatever the method (only `PUT` takes a body).
+fn is_artifact_upload(path: &str) -> bool {
+    let mut parts = path.split('/');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some(""), Some("v1"), Some("workspaces"), Some(_), Some("artifacts"), Some(_), None)
+    )
 }
 
 /// Refuses a body past its route's limit with 413, before reading it when its length is declared, and

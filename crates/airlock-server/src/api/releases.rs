@@ -1,7 +1,7 @@
 //! `/v1/workspaces/{workspace}/release-keys` and `/v1/workspaces/{workspace}/releases`: a
 //! workspace's release-signing keys, and the signed releases pushed into it (see
-//! [`crate::releases`]). Artifact bytes are not uploaded here yet: a release is its signed
-//! statement (manifest and artifact digests).
+//! [`crate::releases`]). A release is its signed statement (manifest and artifact digests); the
+//! artifacts' bytes are uploaded before it (`api::artifacts`).
 
 use std::sync::Arc;
 
@@ -45,6 +45,9 @@ impl From<PushReleaseError> for ApiError {
             PushReleaseError::Invalid(_) => ApiError::bad_request(e.to_string()),
             PushReleaseError::Immutable { .. } => ApiError::conflict(e.to_string()),
             PushReleaseError::NoWorkspace(_) => ApiError::not_found(e.to_string()),
+            PushReleaseError::MissingArtifacts(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_artifacts", e.to_string())
+            }
             PushReleaseError::Interrupted => ApiError::unavailable(e.to_string()),
             PushReleaseError::Store(e) => e.into(),
         }
@@ -194,7 +197,7 @@ pub struct ReleaseList {
     responses((status = 201, body = ReleaseView, description = "stored"),
         (status = 200, body = ReleaseView, description = "unchanged: this name, version and digest are stored"),
         (status = 409, body = ErrorBody, description = "this name and version are stored with another digest (`conflict`): releases are immutable"),
-        (status = 422, body = ErrorBody, description = "not signed by a registered, unrevoked release key of the workspace (`unverified`), or over a release limit (`limit_exceeded`)")))]
+        (status = 422, body = ErrorBody, description = "not signed by a registered, unrevoked release key of the workspace (`unverified`), over a release limit (`limit_exceeded`), or naming artifacts not uploaded to the workspace (`missing_artifacts`, naming their digests)")))]
 pub(super) async fn push_release(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,

@@ -275,6 +275,7 @@ fn concrete(path: &str) -> String {
         .replace("{appliance}", &airlock_core::ApplianceId::from_random([3; 16]).to_string())
         .replace("{id}", &op_id(4).to_string())
         .replace("{rollout}", &airlock_core::RolloutId::from_random([5; 16]).to_string())
+        .replace("{sha256}", &"a".repeat(64))
 }
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
@@ -351,11 +352,14 @@ async fn document_gives_every_error_id_and_body_its_exact_schema() {
                 }
             }
             if let Some(body) = op.get("requestBody") {
-                let name = schema_of(&body["content"]);
-                assert_eq!(
-                    schemas[&name]["additionalProperties"], false,
-                    "{at}: request {name} accepts unknown fields"
-                );
+                // A raw byte body (an artifact upload) has no fields to close.
+                if body["content"].get("application/octet-stream").is_none() {
+                    let name = schema_of(&body["content"]);
+                    assert_eq!(
+                        schemas[&name]["additionalProperties"], false,
+                        "{at}: request {name} accepts unknown fields"
+                    );
+                }
                 for status in ["400", "413", "415"] {
                     assert!(op["responses"][status].is_object(), "{at} lacks {status}");
                 }

@@ -9,8 +9,10 @@
 //! A peer must send its ClientHello within a short deadline and finish its handshake within another; pending handshakes have a small pool of their own, capped per address, where a newcomer evicts the oldest peer that has sent nothing yet (one whose ClientHello was read is busy, evictable only once stuck past [`crate::net::HANDSHAKE_STALL_GRACE`]), and verified appliance connections a separate one, so a bare TCP flood can neither starve appliances that present certificates, nor evict their handshakes, nor reach the file limit ([`crate::net`]).
 //! One certificate identity holds at most [`CONNECTIONS_PER_APPLIANCE`] verified connections (its newest cuts its oldest), and a verified connection that opens no gRPC stream within [`STREAM_OPEN_DEADLINE`] is cut, so one valid certificate cannot fill the stream pool, which never evicts.
 //! What is pushed unasked on a stream is [`crate::push`]'s business; results and releases go to [`crate::operations`], renewals to `renew`.
+//! A release artifact is fetched on the appliance's connection as a stream of its own (`fetch`), under the same checks as a session.
 
 mod conn;
+mod fetch;
 mod renew;
 #[cfg(test)]
 mod tests;
@@ -172,9 +174,9 @@ pub async fn serve(
         .initial_stream_window_size(Some(16 * 1024))
         .initial_connection_window_size(Some(32 * 1024))
         .max_frame_size(Some(16 * 1024))
-        // An appliance holds one stream; a second is allowed only so a replacement can start
-        // before the old one is torn down.
-        .max_concurrent_streams(Some(2))
+        // An appliance holds one session stream; a second is allowed only so a replacement can
+        // start before the old one is torn down, and a third for an artifact fetch (`fetch`).
+        .max_concurrent_streams(Some(3))
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(ApplianceGatewayServer::new(GatewayService { state }))
@@ -232,6 +234,14 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> +
 #[tonic::async_trait]
 impl ApplianceGateway for GatewayService {
     type SessionStream = SessionStream;
+    type FetchArtifactStream = fetch::FetchStream;
+
+    async fn fetch_artifact(
+        &self,
+        req: Request<airlock_proto::gateway::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        fetch::fetch_artifact(&self.state, req).await
+    }
 
     async fn session(&self, req: Request<Streaming<ApplianceMessage>>) -> Result<Response<SessionStream>, Status> {
         let GatewayPeer { cert: peer, kill } = req

@@ -1522,3 +1522,110 @@ mod connect_reads {
         f.server.shutdown().await;
     }
 }
+
+/// Puts `bytes` in the workspace as an uploaded artifact, named by a release when `released`.
+async fn stored_artifact(
+    f: &Fixture,
+    scope: &TenantScope,
+    ws: airlock_core::WorkspaceId,
+    bytes: &[u8],
+    released: bool,
+) -> String {
+    use sha2::Digest;
+    let sha = crate::artifacts::hex(&sha2::Sha256::digest(bytes));
+    let digest = crate::artifacts::Sha256Hex::parse(&sha).unwrap();
+    std::fs::write(f.server.state.artifacts.blob_path(&digest), bytes).unwrap();
+    let now = f.server.state.now();
+    let row =
+        crate::store::ArtifactRow { workspace_id: ws, sha256: sha.clone(), size: bytes.len() as u64, created_at: now };
+    let mut tx = f.server.state.store.write().await.unwrap();
+    assert!(tx.insert_artifact(scope, &row).await.unwrap());
+    if released {
+        tx.insert_release_artifacts(scope, ws, "shop", "1.0.0", &[sha.as_str()]).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    sha
+}
+
+/// Every chunk of a fetch, or its error.
+async fn fetch_as(
+    f: &Fixture,
+    identity: &ApplianceIdentity,
+    sha256: &str,
+    offset: u64,
+) -> Result<Vec<airlock_proto::gateway::ArtifactChunk>, tonic::Status> {
+    let (channel, _, _) = channel_as(f, identity).await;
+    let request = airlock_proto::gateway::FetchArtifactRequest { sha256: sha256.to_owned(), offset };
+    let mut stream = ApplianceGatewayClient::new(channel).fetch_artifact(request).await?.into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        chunks.push(chunk);
+    }
+    Ok(chunks)
+}
+
+#[tokio::test]
+async fn an_appliance_fetches_only_artifacts_released_in_its_own_workspace() {
+    let f = fixture().await;
+    let tenant_a = f.identity.tenant;
+    let scope_a = TenantScope::for_local_operator(tenant_a, airlock_core::id::TokenId::from_random([7; 16]));
+    let bytes: Vec<u8> = (0..1_300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let released = stored_artifact(&f, &scope_a, f.workspace, &bytes, true).await;
+    let unreleased = stored_artifact(&f, &scope_a, f.workspace, b"uploaded, never released", false).await;
+
+    // In order, in bounded chunks, the whole artifact.
+    let chunks = fetch_as(&f, &f.identity, &released, 0).await.unwrap();
+    assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+    let mut got = Vec::new();
+    for c in &chunks {
+        assert_eq!(c.offset, got.len() as u64);
+        assert_eq!(c.size, bytes.len() as u64);
+        assert!(c.data.len() <= crate::artifacts::READ_CHUNK);
+        got.extend_from_slice(&c.data);
+    }
+    assert_eq!(got, bytes);
+    // Resuming from an offset sends only the rest.
+    let rest = fetch_as(&f, &f.identity, &released, 1_000_000).await.unwrap();
+    assert_eq!(rest[0].offset, 1_000_000);
+    assert_eq!(rest.iter().map(|c| c.data.len()).sum::<usize>(), 300_000);
+    let past = fetch_as(&f, &f.identity, &released, 2_000_000).await.unwrap_err();
+    assert_eq!(past.code(), tonic::Code::OutOfRange);
+
+    // Not released, unknown, malformed: one answer, no hint.
+    for digest in [unreleased.as_str(), &"0".repeat(64), "../../ca.key"] {
+        let err = fetch_as(&f, &f.identity, digest, 0).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{digest}: {err:?}");
+        assert_eq!(err.message(), "no such artifact for this appliance");
+    }
+
+    // An appliance of another tenant, registered in its own environment, cannot fetch it.
+    let scope_b = TenantScope::for_local_operator(f.other_tenant, airlock_core::id::TokenId::from_random([8; 16]));
+    let ws_b = f.server.state.store.list_workspaces(&scope_b).await.unwrap()[0].id;
+    let foreign = ApplianceIdentity {
+        trust_domain: "airlock.test".into(),
+        tenant: f.other_tenant,
+        environment: EnvironmentId::from_random([10; 16]),
+        appliance: ApplianceId::from_random([11; 16]),
+    };
+    let now = f.server.state.now();
+    let mut tx = f.server.state.store.write().await.unwrap();
+    tx.create_environment(&scope_b, ws_b, foreign.environment, "prod", now).await.unwrap();
+    tx.insert_appliance(&foreign, "test", ("01", now), b"key", now).await.unwrap();
+    tx.commit().await.unwrap();
+    let err = fetch_as(&f, &foreign, &released, 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert_eq!(err.message(), "no such artifact for this appliance");
+    // A certificate naming the other tenant with A's appliance ids is no appliance at all.
+    let mut forged = f.identity.clone();
+    forged.tenant = f.other_tenant;
+    let err = fetch_as(&f, &forged, &released, 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    // Revoked: refused.
+    let mut tx = f.server.state.store.write().await.unwrap();
+    assert!(tx.revoke_appliance(&scope_a, f.identity.appliance, now).await.unwrap());
+    tx.commit().await.unwrap();
+    let err = fetch_as(&f, &f.identity, &released, 0).await.unwrap_err();
+    assert!(airlock_proto::stream_end::is_revoked(&err), "{err:?}");
+    f.server.shutdown().await;
+}

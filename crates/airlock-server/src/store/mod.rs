@@ -11,6 +11,7 @@
 //! Audit records with no effect beside them (reads, refusals) are group committed by [`AuditWriter`]: many records, one transaction, one fsync, each caller answered once its own record is durable.
 
 mod appliances;
+mod artifacts;
 mod audit;
 mod audit_signing;
 mod audit_writer;
@@ -36,6 +37,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub use appliances::{ApplianceRow, RenewalState};
+pub use artifacts::ArtifactRow;
 pub use audit::{HeadTampered, VerifyOptions, verify_all_chains, verify_all_chains_with};
 pub use audit_signing::{AUDIT_KEY_FILE_NAME, CHECKPOINT_FILE_NAME, Pruned, StoredAuditKey};
 pub use audit_writer::{AuditAppendError, AuditWriter};
@@ -66,6 +68,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, "appliance_execution_key", include_str!("../../migrations/0009_appliance_execution_key.sql")),
     (10, "audit_signing", include_str!("../../migrations/0010_audit_signing.sql")),
     (11, "releases", include_str!("../../migrations/0011_releases.sql")),
+    (12, "artifacts", include_str!("../../migrations/0012_artifacts.sql")),
     (13, "deployment_status", include_str!("../../migrations/0013_deployment_status.sql")),
     (14, "rollouts", include_str!("../../migrations/0014_rollouts.sql")),
 ];
