@@ -315,9 +315,9 @@ pub async fn run(
         ca_pem: &ca_pem,
         identity: &identity,
         started: std::time::Instant::now(),
+        // Deploys fetch their artifacts on the session's own connection.
+        link: executor.gateway_link(),
         executor,
-        // The integrator hands a clone to whatever fetches release artifacts.
-        link: artifacts::GatewayLink::default(),
     };
     let mut backoff = backoff::Backoff::new(Duration::from_millis(250), config.max_backoff);
     loop {

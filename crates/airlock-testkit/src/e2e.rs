@@ -293,6 +293,11 @@ impl Deployment {
     /// A server, a customer key, and an appliance joined to a new environment that pins the
     /// key and runs under `policy`, signed by it.
     pub fn start(bin: &str, policy: &str) -> Self {
+        Self::start_with(bin, policy, &[])
+    }
+
+    /// The same, the appliance run with `extra` arguments.
+    pub fn start_with(bin: &str, policy: &str, extra: &[&str]) -> Self {
         let server = Server::start_with(bin, &["--heartbeat-interval", "1s"]);
         let tmp = server.dir.path().to_owned();
         let customer = tmp.join("customer");
@@ -321,11 +326,9 @@ impl Deployment {
         let token = server.join_token(&env);
         let state = tmp.join("apl");
         let pubkey = customer.join("customer.pub");
-        let mut appliance = server.appliance_proc_with(
-            &state,
-            Some(&token),
-            &["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()],
-        );
+        let mut args = vec!["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut appliance = server.appliance_proc_with(&state, Some(&token), &args);
         let appliance_id = server.wait_connected(&mut appliance);
         let d = Self { server, env, state, customer, appliance, appliance_id };
         // Once joined, the customer attests the appliance's execution key on its host, as an

@@ -322,6 +322,13 @@ enum ApplianceSub {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Where an appliance's deployments stand, as it last reported: the release running, the
+    /// deploy in progress, each service, and which secret references exist (JSON).
+    Deployment {
+        appliance: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[cfg(feature = "appliance")]
@@ -363,6 +370,10 @@ struct ApplianceRunArgs {
     /// A checkpoint every this many audit records (default 1000), besides start and stop.
     #[arg(long)]
     audit_checkpoint_every: Option<u64>,
+    /// Where deployed releases are installed: outside the state directory, readable by the box
+    /// user (default /var/lib/airlock-releases/<tag> as root). Also AIRLOCK_RELEASES_DIR.
+    #[arg(long)]
+    releases_dir: Option<PathBuf>,
 }
 
 #[cfg(feature = "appliance")]
@@ -1078,7 +1089,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 box_user: args.box_user,
                 audit_checkpoints: args.audit_checkpoints,
                 audit_checkpoint_every: args.audit_checkpoint_every,
-                releases_dir: None,
+                releases_dir: args.releases_dir,
             };
             let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
             let (tx, rx) = tokio::sync::watch::channel(false);
@@ -1169,6 +1180,13 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        ApplianceSub::Deployment { appliance, api } => {
+            let appliance = operations::path_segment("appliance id", &appliance)?;
+            let status: serde_json::Value =
+                api.client()?.get(&format!("/v1/appliances/{appliance}/deployment")).await?;
+            terminal::print_json(&status)?;
             Ok(ExitCode::SUCCESS)
         }
         ApplianceSub::Revoke { appliance, api } => {

@@ -34,9 +34,15 @@ pub(crate) const ROLLED_BACK: i32 = 1;
 /// secret value unavailable, root not covered, a full disk).
 pub(crate) const REFUSED: i32 = 2;
 
+/// Interrupted fetches of one deploy's artifacts before it is refused (each resumes).
+const MAX_FETCH_ATTEMPTS: u32 = 100;
+
 /// What the appliance needs to deploy releases.
 pub(crate) struct Deployments {
     pub(crate) deployer: Deployer,
+    /// Artifacts come over the session's connection, into `blobs`.
+    pub(crate) fetcher: crate::artifacts::ArtifactFetcher,
+    pub(crate) link: crate::artifacts::GatewayLink,
     pub(crate) secrets: SecretResolver,
     pub(crate) bindings: Bindings,
     /// Verified artifacts, each named by its SHA-256 (in the state directory).
@@ -67,10 +73,13 @@ impl Deployments {
         options: DeployOptions,
     ) -> Result<Self, DeployError> {
         let deployer = Deployer::open(sandbox, state_dir, options.releases_dir.as_deref(), options.engine)?;
-        let blobs = state_dir.join("artifacts").join("sha256");
-        std::fs::create_dir_all(&blobs).map_err(|e| DeployError::Io(format!("{}: {e}", blobs.display())))?;
+        let fetcher = crate::artifacts::ArtifactFetcher::new(state_dir)
+            .map_err(|e| DeployError::Io(format!("the artifact store: {e}")))?;
+        let blobs = fetcher.blobs_dir().to_owned();
         Ok(Self {
             deployer,
+            fetcher,
+            link: crate::artifacts::GatewayLink::default(),
             secrets: {
                 let resolver = SecretResolver::new(&options.secrets, std::sync::Arc::new(crate::config::ProcessEnv));
                 match options.existence_ttl {
@@ -201,16 +210,28 @@ impl Executor {
         }
     }
 
-    /// Every artifact into the blob store. (Fetched over the appliance's channel where it is not
-    /// there yet: `crate::artifacts`.)
+    /// Every artifact into the blob store, fetched over the session's connection where it is
+    /// not there yet; a dropped connection waits for the next one and resumes where it stopped.
+    /// A digest mismatch or a full disk refuses the deploy.
     async fn fetch_artifacts(&self, release: &VerifiedRelease) -> Result<(), String> {
+        use crate::artifacts::FetchError;
         let Some(d) = &self.deployments else { return Err("no deploy engine".into()) };
-        for a in &release.statement().artifacts {
-            if !d.blobs.join(&a.sha256).is_file() {
-                return Err(format!("artifact `{}` ({}) is not in the blob store", a.path, a.sha256));
+        let artifacts = &release.statement().artifacts;
+        if artifacts.iter().all(|a| d.blobs.join(&a.sha256).is_file()) {
+            return Ok(());
+        }
+        for attempt in 0..MAX_FETCH_ATTEMPTS {
+            let channel = d.link.connected().await;
+            match d.fetcher.fetch_all(&channel, artifacts).await {
+                Ok(_) => return Ok(()),
+                Err(e @ (FetchError::Transport(_) | FetchError::Cancelled { .. })) => {
+                    tracing::warn!(error = %e, attempt, "artifact fetch interrupted; resuming on the next connection");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.to_string()),
             }
         }
-        Ok(())
+        Err(format!("the artifacts could not be fetched after {MAX_FETCH_ATTEMPTS} interrupted attempts"))
     }
 
     /// Waits until every required secret exists, reporting the deploy held (with the missing
@@ -292,6 +313,11 @@ impl Executor {
             wire::ApplianceMessage { body: Some(wire::appliance_message::Body::DeploymentStatus(status.clone())) }
         };
         self.control.outbound.send(msg).await;
+    }
+
+    /// Where the session publishes its connection, for artifact fetches.
+    pub(crate) fn gateway_link(&self) -> crate::artifacts::GatewayLink {
+        self.deployments.as_ref().map(|d| d.link.clone()).unwrap_or_default()
     }
 
     /// The latest status again (after a `Welcome`), with the services as they are now.

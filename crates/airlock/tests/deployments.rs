@@ -1,0 +1,154 @@
+//! Deployments through the real binaries: a vendor pushes a signed release with its artifacts,
+//! asks for its deploy, the customer approves it on the appliance host; the appliance fetches
+//! the artifacts over its own connection, installs beside, starts the service boxed, checks its
+//! health, switches; an upgrade whose health check fails is rolled back; the control plane
+//! learns the status (and that a secret exists, never its value); the service keeps running,
+//! supervised, while the control plane is down and across an appliance restart offline.
+// Test helpers panic to report failure.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use airlock_testkit::e2e::{Deployment, keygen};
+use airlock_testkit::process::wait_for;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+
+const POLICY: &str = "version = 1\nserial = 1\nphases = [\"observe\", \"deploy\", \"operate\"]\n";
+
+/// A canary secret value: it must appear nowhere on the control plane.
+const CANARY: &str = "canary-b7e1f0c2d9";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The page served on `port`, if anything answers.
+fn page(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn serves(port: u16, content: &str) {
+    wait_for(Duration::from_secs(30), &format!("`{content}` on port {port}"), || {
+        page(port).filter(|p| p.contains(content)).map(|_| ())
+    });
+}
+
+/// A release directory: a `web` service serving `content` on `port`, health-checked at `check`,
+/// with a secret from `secret_file` in its environment, and a 3 MiB asset (several chunks).
+fn write_release(dir: &Path, version: &str, port: u16, content: &str, check: &str, secret_file: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(
+        dir.join("airlock.toml"),
+        format!(
+            r#"name = "shop"
+version = "{version}"
+
+[[service]]
+name = "web"
+command = "bin/web"
+env = {{ PORT = "{port}" }}
+secrets = {{ DB_PASSWORD = "file:{secret}" }}
+stop_timeout_secs = 2
+restart = {{ policy = "on-failure", initial_backoff_ms = 100, max_backoff_ms = 1000 }}
+health = [{{ probe = {{ http = {{ path = "{check}", port = {port} }} }}, interval_secs = 1, timeout_secs = 1 }}]
+"#,
+            secret = secret_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bin/web"),
+        "#!/bin/sh\n[ -n \"$DB_PASSWORD\" ] || exit 3\nexec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory www\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("www/index.html"), content).unwrap();
+    let asset: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(dir.join("www/asset.bin"), asset).unwrap();
+}
+
+fn deploy(d: &Deployment, release: &str) -> String {
+    let out = d.server.ok(&["deploy", release, "--env", &d.env, "--reason", "ship it"]);
+    let id = out.lines().next().unwrap().trim().to_owned();
+    assert!(id.starts_with("op_"), "{out}");
+    id
+}
+
+fn status(d: &Deployment) -> Value {
+    serde_json::from_str(&d.server.ok(&["appliance", "deployment", &d.appliance_id])).unwrap()
+}
+
+#[test]
+fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
+    assert!(Path::new("/usr/bin/python3").exists(), "the release's service is python3's http.server");
+    let releases = tempfile::tempdir().unwrap();
+    // The box user reaches the releases through this directory.
+    std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let root = releases.path().join("installed");
+    let mut d = Deployment::start_with(BIN, POLICY, &["--releases-dir", root.to_str().unwrap()]);
+    let tmp = d.server.dir.path().to_owned();
+    let vendor = tmp.join("vendor-key");
+    keygen(BIN, &vendor);
+    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+    let key = vendor.join("customer.key");
+    let secret = releases.path().join("db-password");
+    std::fs::write(&secret, CANARY).unwrap();
+    let port = free_port();
+
+    // 1. Push v1, deploy it: it waits for the customer, who approves on the host.
+    let v1 = tmp.join("shop-v1");
+    write_release(&v1, "1.0.0", port, "shop v1", "/", &secret);
+    d.server.ok(&["release", "push", v1.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    let op = deploy(&d, "shop@1.0.0");
+    d.wait_state(&op, "awaiting_approval");
+    d.approve(&op);
+    let done = d.wait_state(&op, "executed");
+    assert_eq!(done["exit_code"], 0, "{done}");
+    assert_eq!(done["template"], "deploy");
+    serves(port, "shop v1");
+    let s = status(&d);
+    assert_eq!(s["current"]["version"], "1.0.0", "{s}");
+    assert_eq!(s["deploy"]["phase"], "deployed", "{s}");
+    assert_eq!(s["services"][0]["state"], "healthy", "{s}");
+    assert_eq!(s["secrets"][0]["state"], "present", "{s}");
+    assert_eq!(d.server.audited("deployment.request", "success").len(), 1);
+    assert!(!d.server.audited("deployment.status", "success").is_empty());
+
+    // 2. An upgrade whose health check never passes: rolled back, v1 serves again.
+    let v2 = tmp.join("shop-v2");
+    write_release(&v2, "2.0.0", port, "shop v2", "/missing", &secret);
+    d.server.ok(&["release", "push", v2.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    let op = deploy(&d, "shop@2.0.0");
+    d.wait_state(&op, "awaiting_approval");
+    d.approve(&op);
+    let done = d.wait_state(&op, "executed");
+    assert_eq!(done["exit_code"], 1, "rolled back: {done}");
+    serves(port, "shop v1");
+    let s = status(&d);
+    assert_eq!(s["current"]["version"], "1.0.0", "{s}");
+    assert_eq!(s["deploy"]["phase"], "rolled_back", "{s}");
+
+    // 3. The control plane is down: the service runs on, supervised, and comes back with the
+    // appliance after a restart while still offline.
+    d.server.stop();
+    serves(port, "shop v1");
+    d.appliance.stop();
+    let mut again = d.server.appliance_proc_with(&d.state, None, &["--releases-dir", root.to_str().unwrap()]);
+    serves(port, "shop v1");
+    assert!(again.exited().is_none(), "{}", again.log());
+    drop(again);
+
+    // 4. The canary secret value is nowhere the control plane keeps anything.
+    let data = airlock_testkit::e2e::all_bytes(&d.server.data_dir);
+    assert!(!airlock_testkit::e2e::contains_bytes(&data, CANARY.as_bytes()), "the secret's value reached the data dir");
+    assert!(!d.server.log().contains(CANARY));
+}
