@@ -150,6 +150,7 @@ pub enum AuditAction {
     PreApprovalRevoke,
     ReleaseKeyAdd,
     ReleaseKeyList,
+    ReleaseKeyRevoke,
     ReleaseList,
     ReleasePush,
     /// A rollout deployed to every target within its failure threshold.
@@ -237,6 +238,7 @@ impl AuditAction {
         AuditAction::PreApprovalRevoke,
         AuditAction::ReleaseKeyAdd,
         AuditAction::ReleaseKeyList,
+        AuditAction::ReleaseKeyRevoke,
         AuditAction::ReleaseList,
         AuditAction::ReleasePush,
         AuditAction::RolloutCompleted,
@@ -320,6 +322,7 @@ impl AuditAction {
             AuditAction::PreApprovalRevoke => "pre_approval.revoke",
             AuditAction::ReleaseKeyAdd => "release_key.add",
             AuditAction::ReleaseKeyList => "release_key.list",
+            AuditAction::ReleaseKeyRevoke => "release_key.revoke",
             AuditAction::ReleaseList => "release.list",
             AuditAction::ReleasePush => "release.push",
             AuditAction::RolloutCompleted => "rollout.completed",

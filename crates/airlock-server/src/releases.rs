@@ -23,6 +23,8 @@ pub enum ReleaseKeyError {
     BadKey(String),
     #[error("no workspace {0} in your tenant")]
     NoWorkspace(WorkspaceId),
+    #[error("no release key {0} in this workspace")]
+    NoKey(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -53,6 +55,29 @@ pub async fn add_key(
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
     tracing::info!(key_id = %row.key_id, %workspace, "release key added");
+    Ok(row)
+}
+
+/// Revokes a release key of a workspace, with its audit record: from now on no push signed only
+/// by it is accepted, and no release signed only by it is deployed (deploys verify again).
+pub async fn revoke_key(
+    state: &AppState,
+    scope: &TenantScope,
+    workspace: WorkspaceId,
+    key_id: &str,
+) -> Result<ReleaseKeyRow, ReleaseKeyError> {
+    let now = state.now();
+    let mut ev = event(scope.principal().actor(), AuditAction::ReleaseKeyRevoke, Outcome::Success);
+    ev.workspace = Some(workspace.to_string());
+    ev.target = Some(key_id.chars().take(64).collect());
+    let mut tx = state.store.write().await?;
+    let row = tx
+        .revoke_release_key(scope, workspace, key_id, now)
+        .await?
+        .ok_or_else(|| ReleaseKeyError::NoKey(key_id.chars().filter(|c| !c.is_control()).take(64).collect()))?;
+    tx.audit(&scope.chain(), now, ev).await?;
+    tx.commit().await?;
+    tracing::info!(key_id = %row.key_id, %workspace, "release key revoked");
     Ok(row)
 }
 

@@ -71,6 +71,16 @@ enum KeySub {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Revoke a release key: releases it signed are no longer accepted or deployed (rotate by
+    /// adding the new key first, then revoking the old).
+    Revoke {
+        /// The key id (`airlock release key list`).
+        key_id: String,
+        #[arg(long)]
+        workspace: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 /// Reads `dir/airlock.toml` and content-addresses every other file under `dir` into a statement.
@@ -205,6 +215,17 @@ pub(crate) async fn release(cmd: ReleaseCmd) -> anyhow::Result<ExitCode> {
                     let state = if k["revoked_at"].is_null() { "active" } else { "revoked" };
                     println!("{:<66} {state}", line(k["key_id"].as_str().unwrap_or_default()));
                 }
+            }
+        }
+        ReleaseSub::Key { command: KeySub::Revoke { key_id, workspace, api } } => {
+            let c = api.client()?;
+            let ws = resolve_workspace(&c, workspace).await?;
+            let key_id = crate::operations::path_segment("key id", &key_id)?;
+            let k: Value = c.post(&format!("/v1/workspaces/{ws}/release-keys/{key_id}/revoke"), &json!({})).await?;
+            if api.json {
+                crate::terminal::print_json(&k)?;
+            } else {
+                println!("release key {} revoked", line(k["key_id"].as_str().unwrap_or_default()));
             }
         }
         ReleaseSub::Push { dir, key, workspace, api } => {

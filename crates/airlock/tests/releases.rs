@@ -256,3 +256,41 @@ async fn an_appliance_fetches_pushed_artifacts_resuming_where_it_stopped_and_ref
 
     assert!(server.audit_verify().status.success());
 }
+
+#[test]
+fn a_revoked_release_key_signs_nothing_more_and_its_releases_are_not_deployed() {
+    let server = Server::start(BIN);
+    let root = server.dir.path().to_owned();
+    let (old, new) = (root.join("old-key"), root.join("new-key"));
+    keygen(BIN, &old);
+    keygen(BIN, &new);
+    let path = |dir: &Path, f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let added = server.ok(&["release", "key", "add", &path(&old, "customer.pub")]);
+    let old_id = added.trim().strip_prefix("release key id: ").unwrap().to_owned();
+    let dir = root.join("shop");
+    write_release(&dir, MANIFEST, b"web v1");
+    server.ok(&["release", "push", dir.to_str().unwrap(), "--key", &path(&old, "customer.key")]);
+    let env = server.create_env("prod");
+
+    // Rotation: the new key first, then the old one revoked (audited).
+    server.ok(&["release", "key", "add", &path(&new, "customer.pub")]);
+    let revoked = server.ok(&["release", "key", "revoke", &old_id]);
+    assert!(revoked.contains("revoked"), "{revoked}");
+    assert_eq!(server.audited("release_key.revoke", "success").len(), 1);
+    let listed = server.ok(&["release", "key", "list"]);
+    assert!(listed.lines().any(|l| l.starts_with(&old_id) && l.ends_with("revoked")), "{listed}");
+
+    // A push signed by the revoked key is refused; one signed by the new key is accepted.
+    write_release(&dir, &MANIFEST.replace("1.0.0", "1.1.0"), b"web v1.1");
+    refused(
+        server.cli(&["release", "push", dir.to_str().unwrap(), "--key", &path(&old, "customer.key")]),
+        "HTTP 422",
+        "release key",
+    );
+    server.ok(&["release", "push", dir.to_str().unwrap(), "--key", &path(&new, "customer.key")]);
+    // The release the revoked key signed before is no longer deployed.
+    refused(server.cli(&["deploy", "shop@1.0.0", "--env", &env, "--reason", "ship"]), "HTTP 422", "no longer verifies");
+    // An unknown key, and a malformed key id.
+    refused(server.cli(&["release", "key", "revoke", &"c".repeat(64)]), "HTTP 404", "no release key");
+    refused(server.cli(&["release", "key", "revoke", "not-a-key"]), "HTTP 400", "64 lowercase hex");
+}

@@ -148,7 +148,7 @@ fn parameter_schema(param: &Parameter) -> Option<Schema> {
         (ParameterIn::Path, "appliance") => ApplianceId::PATTERN,
         (ParameterIn::Path, "id") => OperationId::PATTERN,
         (ParameterIn::Path, "rollout") => airlock_core::RolloutId::PATTERN,
-        (ParameterIn::Path, "sha256") => "^[0-9a-f]{64}$",
+        (ParameterIn::Path, "sha256" | "key_id") => "^[0-9a-f]{64}$",
         (ParameterIn::Query, "state") => {
             return Some(string.enum_values(Some(OperationState::ALL.map(OperationState::as_str))).build().into());
         }

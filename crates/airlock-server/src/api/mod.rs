@@ -63,6 +63,7 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(rollouts::get_rollout))
         .routes(routes!(policy::get_policy, policy::relay_policy))
         .routes(routes!(releases::list_release_keys, releases::add_release_key))
+        .routes(routes!(releases::revoke_release_key))
         .routes(routes!(releases::list_releases, releases::push_release))
         .routes(routes!(artifacts::get_artifact, artifacts::put_artifact))
         .routes(routes!(artifacts::download_artifact))

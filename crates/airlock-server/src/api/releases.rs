@@ -25,7 +25,7 @@ impl From<ReleaseKeyError> for ApiError {
     fn from(e: ReleaseKeyError) -> Self {
         match e {
             ReleaseKeyError::BadKey(_) => ApiError::bad_request(e.to_string()),
-            ReleaseKeyError::NoWorkspace(_) => ApiError::not_found(e.to_string()),
+            ReleaseKeyError::NoWorkspace(_) | ReleaseKeyError::NoKey(_) => ApiError::not_found(e.to_string()),
             ReleaseKeyError::Store(e) => e.into(),
         }
     }
@@ -115,6 +115,33 @@ pub(super) async fn add_release_key(
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::AddReleaseKey.audit_action(), Outcome::Success);
+    ev.workspace = Some(workspace);
+    refused(&state, &scope, ev, result).await
+}
+
+/// Revoke a release key: pushes signed only by it are refused, and releases signed only by it
+/// are no longer deployed. Revoking a revoked key changes nothing.
+#[utoipa::path(post, path = "/v1/workspaces/{workspace}/release-keys/{key_id}/revoke", security(("bearer" = [])),
+    params(("workspace" = String, Path, description = "workspace id (wsp_…)"),
+        ("key_id" = String, Path, description = "the key's id: hex SHA-256 of its public key")),
+    responses((status = 200, body = ReleaseKeyView),
+        (status = 404, body = ErrorBody, description = "no such key in this workspace")))]
+pub(super) async fn revoke_release_key(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    ApiPath((workspace, key_id)): ApiPath<(String, String)>,
+) -> Result<Json<ReleaseKeyView>, ApiError> {
+    authorize(&state, &scope, Action::RevokeReleaseKey, Some(workspace.clone())).await?;
+    let result = async {
+        let ws: WorkspaceId = parse_id(&workspace)?;
+        if key_id.len() != 64 || !key_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(ApiError::bad_request("a key id is 64 lowercase hex digits (`airlock release key list`)"));
+        }
+        let row = crate::releases::revoke_key(&state, &scope, ws, &key_id).await?;
+        Ok(Json(ReleaseKeyView::from_row(&row)))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::RevokeReleaseKey.audit_action(), Outcome::Success);
     ev.workspace = Some(workspace);
     refused(&state, &scope, ev, result).await
 }

@@ -276,6 +276,7 @@ fn concrete(path: &str) -> String {
         .replace("{id}", &op_id(4).to_string())
         .replace("{rollout}", &airlock_core::RolloutId::from_random([5; 16]).to_string())
         .replace("{sha256}", &"a".repeat(64))
+        .replace("{key_id}", &"b".repeat(64))
 }
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];

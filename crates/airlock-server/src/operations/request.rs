@@ -83,6 +83,12 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         .get_environment(scope, new.environment)
         .await?
         .ok_or(RequestError::NoEnvironment(new.environment))?;
+    // What runs first: a missing template or a release that no longer verifies is the
+    // clearer answer, whatever the environment's appliances.
+    let prepared = match new.what {
+        Requested::Template { name, vars } => prepare_template(state, scope, &env, name, vars).await?,
+        Requested::Deploy(selector) => prepare_deploy(state, scope, &env, &selector).await?,
+    };
     let chosen = choose_appliance(state, scope, &env, new.appliance).await?;
     let appliance = chosen.id;
     // The host the customer's approval will name: the key its stored attestation names.
@@ -91,10 +97,6 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         .as_deref()
         .map(|json| crate::attestation::stored_key_id(&appliance.to_string(), json))
         .transpose()?;
-    let prepared = match new.what {
-        Requested::Template { name, vars } => prepare_template(state, scope, &env, name, vars).await?,
-        Requested::Deploy(selector) => prepare_deploy(state, scope, &env, &selector).await?,
-    };
     let command = prepared.command;
 
     let now = state.now();

@@ -85,6 +85,37 @@ impl WriteTx<'_> {
         Ok(true)
     }
 
+    /// Revokes a release key (once: its first revocation time stays); `None` if the workspace
+    /// has no such key.
+    pub async fn revoke_release_key(
+        &mut self,
+        scope: &TenantScope,
+        ws: WorkspaceId,
+        key_id: &str,
+        at: Timestamp,
+    ) -> Result<Option<ReleaseKeyRow>, StoreError> {
+        sqlx::query(
+            "UPDATE release_keys SET revoked_at = $4
+             WHERE tenant_id = $1 AND workspace_id = $2 AND key_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .bind(key_id)
+        .bind(at.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM release_keys WHERE tenant_id = $1 AND workspace_id = $2 AND key_id = $3"
+        );
+        let row = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(ws.to_string())
+            .bind(key_id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
     /// The release stored under this name and version, read under the write lock.
     pub async fn release(
         &mut self,
