@@ -67,6 +67,9 @@ pub(crate) struct RolloutArgs {
     /// Follow a rollout already started (rol_…) instead of starting one.
     #[arg(long, conflicts_with_all = ["release", "reason"])]
     follow: Option<String>,
+    /// With --follow: print where it stands now (JSON) and return.
+    #[arg(long, requires = "follow")]
+    once: bool,
     /// Start it and return at once, without following its progress.
     #[arg(long)]
     no_wait: bool,
@@ -100,6 +103,11 @@ pub(crate) async fn rollout(args: RolloutArgs) -> Result<ExitCode> {
         }
         (None, None) => anyhow::bail!("give a release to roll out, or --follow ROLLOUT"),
     };
+    if args.once {
+        let r: Value = client.get(&format!("/v1/rollouts/{id}")).await?;
+        crate::terminal::print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let bar = std::io::stderr().is_terminal() && !args.api.json;
     let mut last = String::new();
     loop {
