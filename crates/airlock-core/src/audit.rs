@@ -153,6 +153,8 @@ pub enum AuditAction {
     ReleaseKeyRevoke,
     ReleaseList,
     ReleasePush,
+    /// A task of a release requested (an operation of kind `release-task`).
+    ReleaseTaskRequest,
     /// A rollout deployed to every target within its failure threshold.
     RolloutCompleted,
     RolloutCreate,
@@ -241,6 +243,7 @@ impl AuditAction {
         AuditAction::ReleaseKeyRevoke,
         AuditAction::ReleaseList,
         AuditAction::ReleasePush,
+        AuditAction::ReleaseTaskRequest,
         AuditAction::RolloutCompleted,
         AuditAction::RolloutCreate,
         AuditAction::RolloutGet,
@@ -325,6 +328,7 @@ impl AuditAction {
             AuditAction::ReleaseKeyRevoke => "release_key.revoke",
             AuditAction::ReleaseList => "release.list",
             AuditAction::ReleasePush => "release.push",
+            AuditAction::ReleaseTaskRequest => "release_task.request",
             AuditAction::RolloutCompleted => "rollout.completed",
             AuditAction::RolloutCreate => "rollout.create",
             AuditAction::RolloutGet => "rollout.get",

@@ -13,7 +13,11 @@
 //! deploy of a release it verified: kind, phase, no tags, arguments and command. The digest is
 //! in the signed request, so the customer's approval and the offline manifest bind the release.
 //!
-//! Invariant: no template may take the name `deploy` ([`crate::template::Template::new`]).
+//! A release's task (e.g. `migrate`) runs the same way in the Operate phase: kind
+//! [`TASK_KIND`], the release's arguments plus `task`, checked by [`check_task_binding`].
+//!
+//! Invariant: no template may take the name `deploy` or `release-task`
+//! ([`crate::template::Template::new`]).
 
 use std::collections::BTreeMap;
 
@@ -99,6 +103,87 @@ pub fn deploy_command(release: &VerifiedRelease) -> RenderedCommand {
     }
 }
 
+/// The kind (and template name) of every request to run a release's task.
+pub const TASK_KIND: &str = "release-task";
+/// Argument: the task's name (one of the release's `[[task]]`s).
+pub const ARG_TASK: &str = "task";
+
+/// What a release-task request names: the release (digest, name, version) and the task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskArgs {
+    pub release: DeployArgs,
+    pub task: String,
+}
+
+impl TaskArgs {
+    pub fn to_args(&self) -> BTreeMap<String, String> {
+        let mut args = self.release.to_args();
+        args.insert(ARG_TASK.to_owned(), self.task.clone());
+        args
+    }
+
+    /// The task a request's arguments name, if they are exactly a task request's.
+    pub fn from_args(args: &BTreeMap<String, String>) -> Option<Self> {
+        let task = args.get(ARG_TASK)?.clone();
+        let mut rest = args.clone();
+        rest.remove(ARG_TASK);
+        Some(Self { release: DeployArgs::from_args(&rest)?, task })
+    }
+}
+
+/// Whether a request asks to run a release's task (by its kind alone).
+pub fn is_task(req: &OperationRequest) -> bool {
+    req.kind == TASK_KIND
+}
+
+/// The fixed template hash of every task command: SHA-256 of `airlock-builtin-release-task:v1`.
+pub fn task_template_sha256() -> String {
+    data_encoding::HEXLOWER.encode(&Sha256::digest(b"airlock-builtin-release-task:v1"))
+}
+
+/// What a request to run task `task` of `release` signs as its command: no script; the task's
+/// own command, arguments and secrets are in the signed release, bound by its digest.
+pub fn task_command(release: &VerifiedRelease, task: &str) -> Result<RenderedCommand, DeployBindingError> {
+    if !release.manifest().tasks.iter().any(|t| t.name == task) {
+        return Err(DeployBindingError::NoSuchTask(task.chars().take(64).collect()));
+    }
+    Ok(RenderedCommand {
+        template: TASK_KIND.to_owned(),
+        template_sha256: task_template_sha256(),
+        script: String::new(),
+        env: BTreeMap::new(),
+        run: RunSpec::default(),
+    })
+}
+
+/// Checks that `req` and its signed `command` run exactly task `args.task` of `release`: an
+/// Operate-phase request without data tags.
+pub fn check_task_binding(
+    req: &OperationRequest,
+    command: &RenderedCommand,
+    release: &VerifiedRelease,
+) -> Result<TaskArgs, DeployBindingError> {
+    if !is_task(req) {
+        return Err(DeployBindingError::NotDeploy);
+    }
+    if req.phase != Phase::Operate || !req.data_tags.is_empty() {
+        return Err(DeployBindingError::PhaseOrTags);
+    }
+    let args = TaskArgs::from_args(&req.args).ok_or(DeployBindingError::Args)?;
+    let expected = DeployArgs::of(release);
+    if args.release.release != expected.release {
+        return Err(DeployBindingError::OtherRelease { requested: args.release.release, sent: expected.release });
+    }
+    if args.release != expected {
+        return Err(DeployBindingError::Args);
+    }
+    let rendered = task_command(release, &args.task)?;
+    if *command != rendered || req.command_sha256 != rendered.sha256() {
+        return Err(DeployBindingError::Command);
+    }
+    Ok(args)
+}
+
 /// The vendor keys a release may be signed by on this appliance: those the control plane
 /// relayed for the workspace, narrowed to the customer policy's `release_keys` when it names
 /// any. A key the policy names but the vendor never relayed cannot be used: its public half is
@@ -126,6 +211,8 @@ pub enum DeployBindingError {
     OtherRelease { requested: String, sent: String },
     #[error("the signed command is not the deploy command of this release")]
     Command,
+    #[error("the release has no task `{0}`")]
+    NoSuchTask(String),
 }
 
 /// Checks that `req` and its signed `command` deploy exactly `release`.
@@ -225,6 +312,30 @@ mod tests {
         let mut other_kind = req.clone();
         other_kind.kind = "deploy-now".into();
         assert_eq!(check_deploy_binding(&other_kind, &command, &r1), Err(DeployBindingError::NotDeploy));
+    }
+
+    #[test]
+    fn a_task_request_binds_its_release_and_names_one_of_its_tasks() {
+        let r = release(&format!("{MANIFEST}\n[[task]]\nname = \"migrate\"\ncommand = \"bin/migrate\"\n"));
+        let args = TaskArgs { release: DeployArgs::of(&r), task: "migrate".into() };
+        let command = task_command(&r, "migrate").unwrap();
+        let mut req = request(&r).0;
+        req.kind = TASK_KIND.into();
+        req.phase = Phase::Operate;
+        req.args = args.to_args();
+        req.command_sha256 = command.sha256();
+        assert_eq!(check_task_binding(&req, &command, &r), Ok(args));
+        assert_eq!(task_command(&r, "drop-db"), Err(DeployBindingError::NoSuchTask("drop-db".into())));
+        let mut other = req.clone();
+        other.args.insert(ARG_TASK.into(), "drop-db".into());
+        assert_eq!(check_task_binding(&other, &command, &r), Err(DeployBindingError::NoSuchTask("drop-db".into())));
+        let mut deploy_phase = req.clone();
+        deploy_phase.phase = Phase::Deploy;
+        assert_eq!(check_task_binding(&deploy_phase, &command, &r), Err(DeployBindingError::PhaseOrTags));
+        // A deploy request is not a task request, nor the reverse.
+        assert_eq!(check_deploy_binding(&req, &command, &r), Err(DeployBindingError::NotDeploy));
+        let (deploy_req, deploy_command) = request(&r);
+        assert_eq!(check_task_binding(&deploy_req, &deploy_command, &r), Err(DeployBindingError::NotDeploy));
     }
 
     #[test]

@@ -156,8 +156,8 @@ impl Template {
             return invalid(format!("name `{}` is reserved for the appliance's built-in probes", manifest.name));
         }
         // A deploy installs a signed release; a script under its name would pass for one.
-        if manifest.name == crate::deploy::DEPLOY_KIND {
-            return invalid(format!("name `{}` is reserved for deploying releases", manifest.name));
+        if [crate::deploy::DEPLOY_KIND, crate::deploy::TASK_KIND].contains(&manifest.name.as_str()) {
+            return invalid(format!("name `{}` is reserved for releases' deploys and tasks", manifest.name));
         }
         if script.trim().is_empty() {
             return invalid("the script is empty".into());

@@ -155,3 +155,37 @@ pub(crate) async fn rollout(args: RolloutArgs) -> Result<ExitCode> {
         }
     }
 }
+
+#[derive(Args)]
+pub(crate) struct TaskArgs {
+    /// The release: NAME@VERSION, or its digest (the one running on the appliance).
+    release: String,
+    /// The task, one of the release's `[[task]]` names (e.g. migrate).
+    task: String,
+    /// Environment id (env_…).
+    #[arg(long = "env")]
+    environment: String,
+    /// Why; the customer reads it and it is signed into the request.
+    #[arg(long)]
+    reason: String,
+    /// Appliance id (apl_…), when the environment has several.
+    #[arg(long)]
+    appliance: Option<String>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Requests a release task (an Operate-phase operation); prints its id, then its state.
+pub(crate) async fn task(args: TaskArgs) -> Result<ExitCode> {
+    let env = path_segment("environment id", &args.environment)?;
+    let body =
+        json!({ "release": args.release, "task": args.task, "reason": args.reason, "appliance": args.appliance });
+    let op: Value = args.api.client()?.post(&format!("/v1/environments/{env}/tasks"), &body).await?;
+    if args.api.json {
+        crate::terminal::print_json(&op)?;
+    } else {
+        println!("{}", line(op["id"].as_str().unwrap_or_default()));
+        println!("{}", line(op["state"].as_str().unwrap_or_default()));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -58,6 +58,8 @@ enum Command {
     Deploy(deployments::DeployArgs),
     /// Deploy a release to many environments, a few at a time, halting past a failure threshold.
     Rollout(deployments::RolloutArgs),
+    /// Run a task of the release running in an environment (e.g. migrate): an Operate-phase operation.
+    Task(deployments::TaskArgs),
     /// Request signed operations and read their manifests and released output.
     Op(operations::OpCmd),
     /// Verify audit logs.
@@ -743,6 +745,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Release(cmd) => releases::release(cmd).await,
         Command::Deploy(args) => deployments::deploy(args).await,
         Command::Rollout(args) => deployments::rollout(args).await,
+        Command::Task(args) => deployments::task(args).await,
         Command::Op(cmd) => operations::op(cmd).await,
         Command::Audit(cmd) => audit(cmd).await,
         Command::Customer(CustomerCmd {

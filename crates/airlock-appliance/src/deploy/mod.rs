@@ -43,9 +43,10 @@ use serde::Serialize;
 
 pub(crate) use install::Releases;
 #[allow(unused_imports)] // `Binding`: for the tests.
-pub(crate) use secrets::{Binding, Bindings, SecretUnavailable, SecretValues};
+pub(crate) use secrets::{Binding, Bindings, SecretUnavailable, SecretValues, task_env};
 pub(crate) use supervise::{
     Executor, ProcessExecutor, ReleaseInfo, ServiceState, ServiceStatus, ServiceUnit, SuperviseConfig, Supervised,
+    program,
 };
 
 /// Why a deploy was refused: nothing was changed, the current release runs on.
@@ -200,6 +201,11 @@ impl<E: Executor> Deployer<E> {
     /// The release running now, if any.
     pub(crate) fn current(&self) -> Option<ReleaseInfo> {
         self.shown.lock().unwrap_or_else(|e| e.into_inner()).current.clone()
+    }
+
+    /// The installed directory of the release running now, if it is `digest`.
+    pub(crate) fn current_dir(&self, digest: &str) -> Option<PathBuf> {
+        self.current().filter(|r| r.digest == digest).map(|r| self.releases.dir(&r.digest))
     }
 
     fn show(&self, inner: &Inner) {

@@ -86,9 +86,30 @@ pub(crate) async fn service_env(
     bindings: &Bindings,
     secrets: &dyn SecretValues,
 ) -> Result<ServiceEnv, SecretUnavailable> {
+    process_env(manifest, &service.env, &service.secrets, bindings, secrets).await
+}
+
+/// The environment a release's task runs with: its own secrets and the dependencies' bindings.
+pub(crate) async fn task_env(
+    manifest: &ReleaseManifest,
+    task: &airlock_core::release::Task,
+    bindings: &Bindings,
+    secrets: &dyn SecretValues,
+) -> Result<ServiceEnv, SecretUnavailable> {
+    process_env(manifest, &BTreeMap::new(), &task.secrets, bindings, secrets).await
+}
+
+/// Plain values, then secret values, then every dependency's URL and credentials as bound.
+async fn process_env(
+    manifest: &ReleaseManifest,
+    plain: &BTreeMap<String, String>,
+    declared: &BTreeMap<String, SecretRef>,
+    bindings: &Bindings,
+    secrets: &dyn SecretValues,
+) -> Result<ServiceEnv, SecretUnavailable> {
     let mut env: BTreeMap<String, Zeroizing<String>> =
-        service.env.iter().map(|(k, v)| (k.clone(), Zeroizing::new(v.clone()))).collect();
-    for (name, reference) in &service.secrets {
+        plain.iter().map(|(k, v)| (k.clone(), Zeroizing::new(v.clone()))).collect();
+    for (name, reference) in declared {
         env.insert(name.clone(), secrets.value(reference).await?);
     }
     for dep in &manifest.dependencies {

@@ -177,7 +177,7 @@ impl Executor for ProcessExecutor {
 
 /// What a service's command names: an absolute path, a path inside the release, or a name on
 /// the box's `PATH`.
-fn program(release_dir: &Path, command: &str) -> OsString {
+pub(crate) fn program(release_dir: &Path, command: &str) -> OsString {
     if command.starts_with('/') || !command.contains('/') {
         command.into()
     } else {

@@ -339,8 +339,8 @@ impl Executor {
             };
             return Err(misbound(why));
         }
-        if deploy::is_deploy(req) {
-            return self.check_release(instruction, statement).map(|r| Bound::Release(Box::new(r)));
+        if deploy::is_deploy(req) || deploy::is_task(req) {
+            return self.check_release(instruction, statement);
         }
         // A template can never pass for one of the appliance's own probes (which Observe runs
         // without a signature): `Template::new` refuses their names, and the request's kind
@@ -373,7 +373,7 @@ impl Executor {
         &self,
         instruction: &OperationInstruction,
         statement: &RequestStatement,
-    ) -> Result<VerifiedRelease, Grounds> {
+    ) -> Result<Bound, Grounds> {
         let unverified = |why: String| Grounds::new(RefusalCode::ReleaseUnverified, why);
         if instruction.release_envelope_json.len() > MAX_STATEMENT_BYTES * 2 {
             return Err(unverified("the release envelope is over its size limit".into()));
@@ -394,18 +394,23 @@ impl Executor {
             ));
         }
         let release = verify_release(&envelope, &keys).map_err(|e| unverified(format!("the release: {e}")))?;
-        deploy::check_deploy_binding(&statement.request, &statement.command, &release)
-            .map_err(|e| unverified(e.to_string()))?;
-        Ok(release)
+        let (req, command) = (&statement.request, &statement.command);
+        if deploy::is_task(req) {
+            deploy::check_task_binding(req, command, &release).map_err(|e| unverified(e.to_string()))?;
+            return Ok(Bound::Task(Box::new(release)));
+        }
+        deploy::check_deploy_binding(req, command, &release).map_err(|e| unverified(e.to_string()))?;
+        Ok(Bound::Release(Box::new(release)))
     }
 }
 
-/// What a request was checked against: the template the appliance rendered, or the release a
-/// deploy installs.
+/// What a request was checked against: the template the appliance rendered, the release a
+/// deploy installs, or the release whose task it runs.
 #[derive(Debug)]
 enum Bound {
     Template(Box<Template>),
     Release(Box<VerifiedRelease>),
+    Task(Box<VerifiedRelease>),
 }
 
 impl Bound {
@@ -414,18 +419,20 @@ impl Bound {
         match self {
             Bound::Template(t) => t.content_sha256(),
             Bound::Release(_) => DEPLOY_TEMPLATE_SHA256.get_or_init(deploy::deploy_template_sha256),
+            Bound::Task(_) => TASK_TEMPLATE_SHA256.get_or_init(deploy::task_template_sha256),
         }
     }
 
     fn release(&self) -> Option<Box<VerifiedRelease>> {
         match self {
             Bound::Template(_) => None,
-            Bound::Release(r) => Some(r.clone()),
+            Bound::Release(r) | Bound::Task(r) => Some(r.clone()),
         }
     }
 }
 
 static DEPLOY_TEMPLATE_SHA256: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static TASK_TEMPLATE_SHA256: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Most release keys taken from one instruction (a workspace has few).
 const MAX_RELAYED_RELEASE_KEYS: usize = 64;

@@ -315,6 +315,67 @@ impl Executor {
         self.control.outbound.send(msg).await;
     }
 
+    /// Runs an allowed release task (e.g. `migrate`) boxed in the release's directory, only if
+    /// that release is the one running here, with its own secrets and the dependencies'
+    /// bindings; recorded like a script's run (exit code, output held on the appliance).
+    pub(crate) async fn run_task(&self, job: &Job, release: &VerifiedRelease) -> Ran {
+        let started_at = self.control.now();
+        let not_started = |why: String| {
+            tracing::warn!(request_id = %job.id, reason = %why, "a release task was not started");
+            Ran {
+                status: ExecutionStatus::FailedToStart,
+                exit_code: None,
+                output: why.into_bytes(),
+                truncated: false,
+                started_at,
+                finished_at: self.control.now(),
+            }
+        };
+        let Some(d) = &self.deployments else { return not_started("this appliance has no deploy engine".into()) };
+        let Some(args) = airlock_core::deploy::TaskArgs::from_args(&job.statement.request.args) else {
+            return not_started("the request names no task".into());
+        };
+        let Some(task) = release.manifest().tasks.iter().find(|t| t.name == args.task) else {
+            return not_started(format!("release {} has no task `{}`", release.digest(), args.task));
+        };
+        let Some(dir) = d.deployer.current_dir(release.digest()) else {
+            return not_started(format!(
+                "release {} {} is not the one running here: deploy it first",
+                release.manifest().name,
+                release.manifest().version
+            ));
+        };
+        let env = match crate::deploy::task_env(release.manifest(), task, &d.bindings, &d.secrets).await {
+            Ok(env) => env,
+            Err(e) => return not_started(e.to_string()),
+        };
+        let limits = crate::sandbox::RunLimits::from(job.limits);
+        let cwd = task.workdir.as_ref().map_or_else(|| dir.clone(), |w| dir.join(w.as_str()));
+        let program = crate::deploy::program(&dir, &task.command);
+        let cell = crate::sandbox::CellName::operation(job.id);
+        let launch = crate::sandbox::ServiceLaunch {
+            cell: &cell,
+            program: &program,
+            args: &task.args,
+            env: &env.0,
+            release_dir: &dir,
+            cwd: &cwd,
+            limits: &limits,
+            run_as: self.sandbox.run_as(),
+        };
+        let (cmd, boxed) = match self.sandbox.prepare_service(&launch) {
+            Ok(prepared) => prepared,
+            Err(e) => return not_started(e),
+        };
+        let cancelled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        match self.run_boxed(job, cmd, boxed, &limits, cancelled).await {
+            Ok((status, exit_code, output, truncated)) => {
+                Ran { status, exit_code, output, truncated, started_at, finished_at: self.control.now() }
+            }
+            Err(e) => not_started(e.to_string()),
+        }
+    }
+
     /// Where the session publishes its connection, for artifact fetches.
     pub(crate) fn gateway_link(&self) -> crate::artifacts::GatewayLink {
         self.deployments.as_ref().map(|d| d.link.clone()).unwrap_or_default()

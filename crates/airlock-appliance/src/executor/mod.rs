@@ -96,7 +96,7 @@ pub(crate) struct Job {
     pre_approval: Option<(Envelope, ApprovalLevel)>,
     /// What its run may use, as the decision settled it.
     limits: airlock_core::run_spec::RunLimits,
-    /// For a deploy: the release it installs, verified and bound to the signed request.
+    /// For a deploy (or a release task): its release, verified and bound to the signed request.
     release: Option<Box<airlock_core::release::VerifiedRelease>>,
 }
 
@@ -368,6 +368,9 @@ impl Executor {
     async fn run(self: Arc<Self>, job: Job) -> ResultMsg {
         let id = job.id;
         let ran = match &job.release {
+            Some(release) if airlock_core::deploy::is_task(&job.statement.request) => {
+                self.run_task(&job, release).await
+            }
             Some(release) => self.run_deploy(&job, release).await,
             None => self.run_script(&job).await,
         };

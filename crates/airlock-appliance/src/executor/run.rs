@@ -77,10 +77,24 @@ impl Executor {
         let limits = RunLimits::from(job.limits);
         let run_as = self.sandbox.run_as_for(job.statement.command.run.user);
         let command = &job.statement.command;
-        let (mut cmd, boxed) = self
+        let (cmd, boxed) = self
             .sandbox
             .prepare(job.id, command.script.as_bytes(), &command.env, &limits, run_as)
             .map_err(ApplianceError::Internal)?;
+        self.run_boxed(job, cmd, boxed, &limits, cancelled).await
+    }
+
+    /// Runs a prepared, boxed command of an allowed operation (a script, a release's task) to
+    /// its end: registered so the customer can cancel it, killed whole past its wall time, its
+    /// output captured; returns how it ended.
+    pub(crate) async fn run_boxed(
+        &self,
+        job: &Job,
+        mut cmd: tokio::process::Command,
+        boxed: crate::sandbox::Boxed,
+        limits: &RunLimits,
+        cancelled: Arc<AtomicBool>,
+    ) -> Result<(ExecutionStatus, Option<i32>, Vec<u8>, bool), ApplianceError> {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

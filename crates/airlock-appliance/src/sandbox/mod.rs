@@ -90,6 +90,12 @@ impl CellName {
         Self::make("svc", digest, service)
     }
 
+    /// The cell of an operation's run of a release's task: named by the operation, as a
+    /// script's run is.
+    pub(crate) fn operation(id: OperationId) -> Self {
+        Self(id.to_string())
+    }
+
     /// The cell an exec health check of that service runs in.
     pub(crate) fn check(digest: &str, service: &str) -> Result<Self, String> {
         Self::make("chk", digest, service)

@@ -58,6 +58,7 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(operations::list_templates, operations::push_template))
         .routes(routes!(operations::request_operation))
         .routes(routes!(operations::request_deployment))
+        .routes(routes!(operations::request_task))
         .routes(routes!(appliances::get_deployment_status))
         .routes(routes!(rollouts::list_rollouts, rollouts::create_rollout))
         .routes(routes!(rollouts::get_rollout))

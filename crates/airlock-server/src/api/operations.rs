@@ -58,7 +58,9 @@ impl From<RequestError> for ApiError {
             | RequestError::SeveralAppliances(_)
             | RequestError::NoTemplate { .. }
             | RequestError::Render(_) => ApiError::bad_request(e.to_string()),
-            RequestError::Release(DeployableError::NoRelease(..)) => ApiError::not_found(e.to_string()),
+            RequestError::Release(DeployableError::NoRelease(..)) | RequestError::NoTask { .. } => {
+                ApiError::not_found(e.to_string())
+            }
             RequestError::Release(DeployableError::NoLongerVerifies(..)) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unverified", e.to_string())
             }
@@ -244,6 +246,19 @@ pub struct RequestOperation {
 pub struct RequestDeployment {
     /// The release: `NAME@VERSION`, or its digest (64 hex digits).
     pub release: String,
+    /// Why, shown to the customer and signed into the request.
+    pub reason: String,
+    /// Appliance id (apl_…); defaults to the environment's only active appliance.
+    pub appliance: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestTask {
+    /// The release: `NAME@VERSION`, or its digest; it must be the release running on the appliance.
+    pub release: String,
+    /// One of the release's `[[task]]` names (e.g. `migrate`).
+    pub task: String,
     /// Why, shown to the customer and signed into the request.
     pub reason: String,
     /// Appliance id (apl_…); defaults to the environment's only active appliance.
@@ -555,6 +570,42 @@ pub(super) async fn request_deployment(
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::RequestDeployment.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
+}
+
+/// Run a task of a release (e.g. `migrate`): an Operate-phase operation of kind
+/// `release-task` whose signed arguments bind the release digest and name the task. The
+/// appliance runs it boxed in that release's directory, only if that release runs there.
+#[utoipa::path(post, path = "/v1/environments/{environment}/tasks", security(("bearer" = [])),
+    params(("environment" = String, Path, description = "environment id (env_…)")),
+    request_body = RequestTask,
+    responses((status = 201, body = OperationView),
+        (status = 404, body = ErrorBody, description = "no such environment, release or task"),
+        (status = 422, body = ErrorBody, description = "the release no longer verifies with the workspace's unrevoked keys"),
+        (status = 500, body = ErrorBody, description = "the control plane could not sign the request")))]
+pub(super) async fn request_task(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    ApiPath(environment): ApiPath<String>,
+    body: Result<ApiJson<RequestTask>, ApiError>,
+) -> Result<(StatusCode, Json<OperationView>), ApiError> {
+    authorize(&state, &scope, Action::RequestReleaseTask, Some(environment.clone())).await?;
+    let result = async {
+        let ApiJson(body) = body?;
+        let release = body.release.parse().map_err(ApiError::bad_request)?;
+        let new = NewOperation {
+            environment: parse_id(&environment)?,
+            what: Requested::Task { release, task: body.task },
+            reason: body.reason,
+            appliance: body.appliance.as_deref().map(parse_id).transpose()?,
+            id: None,
+        };
+        let row = operations::request(&state, &scope, new).await?;
+        Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::RequestReleaseTask.audit_action(), Outcome::Success);
     ev.target = Some(environment);
     refused(&state, &scope, ev, result).await
 }

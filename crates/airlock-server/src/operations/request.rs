@@ -43,6 +43,9 @@ pub enum Requested {
     /// The release a deploy installs (core's `deploy`): a Deploy-phase request whose arguments
     /// bind the release digest.
     Deploy(ReleaseSelector),
+    /// A task of a release (e.g. `migrate`): an Operate-phase request whose arguments bind the
+    /// release digest and name the task; the appliance runs it only in the release running there.
+    Task { release: ReleaseSelector, task: String },
 }
 
 /// Why a request was not made.
@@ -65,6 +68,8 @@ pub enum RequestError {
     Render(TemplateError),
     #[error(transparent)]
     Release(DeployableError),
+    #[error("release {release} has no task `{task}`")]
+    NoTask { task: String, release: String },
     #[error("the control plane could not sign the request; retry later")]
     Sign,
     #[error(transparent)]
@@ -88,6 +93,7 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
     let prepared = match new.what {
         Requested::Template { name, vars } => prepare_template(state, scope, &env, name, vars).await?,
         Requested::Deploy(selector) => prepare_deploy(state, scope, &env, &selector).await?,
+        Requested::Task { release, task } => prepare_task(state, scope, &env, &release, &task).await?,
     };
     let chosen = choose_appliance(state, scope, &env, new.appliance).await?;
     let appliance = chosen.id;
@@ -249,6 +255,34 @@ async fn prepare_deploy(
         args: deploy::DeployArgs::of(&release).to_args(),
         command: deploy::deploy_command(&release),
         template_sha256: deploy::deploy_template_sha256(),
+    })
+}
+
+/// A task of a stored release, the release verified again with the workspace's unrevoked keys.
+async fn prepare_task(
+    state: &AppState,
+    scope: &TenantScope,
+    env: &Environment,
+    selector: &ReleaseSelector,
+    task: &str,
+) -> Result<Prepared, RequestError> {
+    let (_, release) =
+        crate::releases::deployable(state, scope, env.workspace_id, selector).await.map_err(|e| match e {
+            DeployableError::Store(e) => RequestError::Store(e),
+            e => RequestError::Release(e),
+        })?;
+    let command = deploy::task_command(&release, task).map_err(|_| RequestError::NoTask {
+        task: task.chars().filter(|c| !c.is_control()).take(64).collect(),
+        release: selector.to_string(),
+    })?;
+    let args = deploy::TaskArgs { release: deploy::DeployArgs::of(&release), task: task.to_owned() };
+    Ok(Prepared {
+        kind: deploy::TASK_KIND.to_owned(),
+        phase: airlock_core::policy::Phase::Operate,
+        data_tags: Default::default(),
+        args: args.to_args(),
+        command,
+        template_sha256: deploy::task_template_sha256(),
     })
 }
 

@@ -122,7 +122,9 @@ impl Pusher {
             approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
             ..Default::default()
         };
-        let found = if op.template_name == airlock_core::deploy::DEPLOY_KIND {
+        let found = if [airlock_core::deploy::DEPLOY_KIND, airlock_core::deploy::TASK_KIND]
+            .contains(&op.template_name.as_str())
+        {
             self.add_release(scope, op, &mut instruction).await
         } else {
             self.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await.map(|t| {
@@ -147,7 +149,7 @@ impl Pusher {
         self.registry.send(appliance, msg)
     }
 
-    /// A deploy's release (the one its signed request names) and the workspace's unrevoked
+    /// A deploy's (or a release task's) release, the one its signed request names, and the workspace's unrevoked
     /// release keys, which the appliance narrows to those its customer accepts.
     async fn add_release(
         &self,
@@ -156,7 +158,10 @@ impl Pusher {
         instruction: &mut OperationInstruction,
     ) -> Result<Option<()>, StoreError> {
         let request = crate::operations::stored_request(op)?;
-        let Some(args) = airlock_core::deploy::DeployArgs::from_args(&request.request.args) else {
+        let args = &request.request.args;
+        let named = airlock_core::deploy::DeployArgs::from_args(args)
+            .or_else(|| airlock_core::deploy::TaskArgs::from_args(args).map(|t| t.release));
+        let Some(args) = named else {
             return Ok(None);
         };
         let selector = crate::releases::ReleaseSelector::Digest(args.release);

@@ -243,3 +243,83 @@ async fn a_release_with_a_root_service_needs_the_customers_signature() {
     let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
     assert_denied(&r, DenyCode::DeniedByRule);
 }
+
+/// A signed release of `manifest` and `files`, its artifacts put in the appliance's blob store.
+fn stored_release(fx: &Fx, manifest: &str, files: &[(&str, &[u8])]) -> (Envelope, VerifiedRelease) {
+    let blobs = fx.dir.path().join("artifacts/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for (_, bytes) in files {
+        std::fs::write(blobs.join(airlock_core::operation::sha256_hex(bytes)), bytes).unwrap();
+    }
+    vendor_release(manifest, files, 1)
+}
+
+/// The request to run task `task` of `release`, as the control plane signs it.
+fn task_statement(
+    fx: &Fx,
+    id: airlock_core::OperationId,
+    release: &VerifiedRelease,
+    task: &str,
+) -> airlock_core::operation::RequestStatement {
+    use airlock_core::deploy;
+    let mut stmt = fx.deploy_statement(id, release);
+    let command =
+        deploy::task_command(release, task).unwrap_or_else(|_| deploy::task_command(release, "migrate").unwrap());
+    stmt.request.kind = deploy::TASK_KIND.into();
+    stmt.request.phase = airlock_core::policy::Phase::Operate;
+    stmt.request.args = deploy::TaskArgs { release: deploy::DeployArgs::of(release), task: task.into() }.to_args();
+    stmt.request.command_sha256 = command.sha256();
+    stmt.command = command;
+    stmt
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_task_runs_boxed_in_the_running_release_under_the_customers_authority() {
+    let fx = Fx::new(ALL_PHASES);
+    let manifest = r#"name = "shop"
+version = "1.0.0"
+
+[[service]]
+name = "web"
+command = "bin/web"
+
+[[task]]
+name = "migrate"
+command = "bin/migrate"
+args = ["--to", "42"]
+
+[[dependency]]
+name = "postgres"
+url = "postgres://db.internal/shop"
+"#;
+    let web: &[u8] = b"#!/bin/sh\nexec sleep 600\n";
+    let migrate: &[u8] =
+        b"#!/bin/sh\necho \"migrating $1 $2 on $AIRLOCK_DEPENDENCY_POSTGRES_URL as $(id -u) in $PWD\"\n";
+    let (envelope, release) = stored_release(&fx, manifest, &[("bin/web", web), ("bin/migrate", migrate)]);
+
+    // Before the release runs here, its task is not started (and says why).
+    let stmt = task_statement(&fx, op_id(20), &release, "migrate");
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    assert_eq!(fx.execution(&r).status, airlock_core::operation::ExecutionStatus::FailedToStart, "{r:?}");
+
+    let stmt = fx.deploy_statement(op_id(21), &release);
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
+
+    // Without authority it waits, like any Operate operation; approved, it runs.
+    let stmt = task_statement(&fx, op_id(22), &release, "migrate");
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], "")).await;
+    assert_awaiting(&r, RefusalCode::AwaitingAuthority);
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    let e = fx.execution(&r);
+    assert_eq!((e.status, e.exit_code), (airlock_core::operation::ExecutionStatus::Completed, Some(0)), "{r:?}");
+    let out = String::from_utf8(fx.control.ops.open_output(op_id(22)).unwrap().bytes.clone()).unwrap();
+    assert!(out.starts_with("migrating --to 42 on postgres://db.internal/shop as "), "{out}");
+    assert!(!out.contains(" as 0 "), "the task runs as the box user, not root: {out}");
+
+    // A task the release does not have is refused before anything runs.
+    let stmt = task_statement(&fx, op_id(23), &release, "drop-everything");
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    assert_refused(&r, RefusalCode::ReleaseUnverified);
+    fx.exec.stop_deployments().await;
+}
