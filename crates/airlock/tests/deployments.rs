@@ -61,6 +61,10 @@ secrets = {{ DB_PASSWORD = "file:{secret}" }}
 stop_timeout_secs = 2
 restart = {{ policy = "on-failure", initial_backoff_ms = 100, max_backoff_ms = 1000 }}
 health = [{{ probe = {{ http = {{ path = "{check}", port = {port} }} }}, interval_secs = 1, timeout_secs = 1 }}]
+
+[[task]]
+name = "migrate"
+command = "bin/migrate"
 "#,
             secret = secret_file.display()
         ),
@@ -71,6 +75,7 @@ health = [{{ probe = {{ http = {{ path = "{check}", port = {port} }} }}, interva
         "#!/bin/sh\n[ -n \"$DB_PASSWORD\" ] || exit 3\nexec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory www\n",
     )
     .unwrap();
+    std::fs::write(dir.join("bin/migrate"), "#!/bin/sh\necho migrated\n").unwrap();
     std::fs::write(dir.join("www/index.html"), content).unwrap();
     let asset: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(dir.join("www/asset.bin"), asset).unwrap();
@@ -122,6 +127,15 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     assert_eq!(s["secrets"][0]["state"], "present", "{s}");
     assert_eq!(d.server.audited("deployment.request", "success").len(), 1);
     assert!(!d.server.audited("deployment.status", "success").is_empty());
+
+    // A task of the running release, approved like any Operate operation.
+    let out = d.server.ok(&["task", "shop@1.0.0", "migrate", "--env", &d.env, "--reason", "schema 42"]);
+    let task = out.lines().next().unwrap().trim().to_owned();
+    d.wait_state(&task, "awaiting_approval");
+    d.approve(&task);
+    let done = d.wait_state(&task, "executed");
+    assert_eq!((done["template"].as_str(), done["exit_code"].as_i64()), (Some("release-task"), Some(0)), "{done}");
+    assert_eq!(d.server.audited("release_task.request", "success").len(), 1);
 
     // 2. An upgrade whose health check never passes: rolled back, v1 serves again.
     let v2 = tmp.join("shop-v2");

@@ -162,8 +162,13 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
         output_stored: false,
         output_salt_sealed: None,
     };
-    let action =
-        if deploy::is_deploy(&request) { AuditAction::DeploymentRequest } else { AuditAction::OperationRequest };
+    let action = if deploy::is_deploy(&request) {
+        AuditAction::DeploymentRequest
+    } else if deploy::is_task(&request) {
+        AuditAction::ReleaseTaskRequest
+    } else {
+        AuditAction::OperationRequest
+    };
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
     ev.target = Some(id.to_string());
     ev.workspace = Some(env.workspace_id.to_string());
