@@ -132,12 +132,14 @@ pub enum ApplianceError {
     Internal(String),
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>, std::path::PathBuf);
+struct AbortOnDrop(tokio::task::JoinHandle<()>, Option<std::path::PathBuf>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-        let _ = std::fs::remove_file(&self.1);
+        if let Some(path) = &self.1 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -223,7 +225,7 @@ pub async fn run(
     state.share_with_group(admin_gid)?;
     let admin_task = tokio::spawn(admin::serve(control.clone(), access, listener));
     // Ends the admin socket with the appliance, however `run` returns.
-    let _admin = AbortOnDrop(admin_task, socket);
+    let _admin = AbortOnDrop(admin_task, Some(socket));
     tracing::info!(effective_phases = ?control.effective_phases(), ?admin_gid, "local admin socket ready");
 
     if !state.is_enrolled() {
@@ -303,6 +305,9 @@ pub async fn run(
     // stops with the appliance.
     executor.recover_deployments().await;
     let _stop_services = StopServicesOnDrop(executor.clone());
+    let watching = executor.clone();
+    let _watch_services =
+        AbortOnDrop(tokio::spawn(async move { watching.watch_services(Duration::from_secs(2)).await }), None);
     match executor.recover_interrupted() {
         Ok(0) => {}
         Ok(n) => tracing::warn!(count = n, "operations interrupted by the previous stop were recorded as cancelled"),

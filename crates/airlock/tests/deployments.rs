@@ -128,6 +128,16 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     assert_eq!(d.server.audited("deployment.request", "success").len(), 1);
     assert!(!d.server.audited("deployment.status", "success").is_empty());
 
+    // The service dies: its supervisor starts it again, and the control plane learns of it.
+    let killed =
+        std::process::Command::new("pkill").args(["-KILL", "-f", &format!("http.server {port}")]).status().unwrap();
+    assert!(killed.success(), "the service was running");
+    serves(port, "shop v1");
+    wait_for(Duration::from_secs(20), "the restart reported", || {
+        let s = status(&d);
+        (s["services"][0]["restarts"].as_u64() >= Some(1)).then_some(())
+    });
+
     // A task of the running release, approved like any Operate operation.
     let out = d.server.ok(&["task", "shop@1.0.0", "migrate", "--env", &d.env, "--reason", "schema 42"]);
     let task = out.lines().next().unwrap().trim().to_owned();

@@ -399,6 +399,23 @@ impl Executor {
         }
     }
 
+    /// Reports the deployments again whenever a service changes state or restarts (checked every
+    /// `every`), so the control plane learns of a service gone unhealthy between deploys. Runs
+    /// until aborted.
+    pub(crate) async fn watch_services(&self, every: Duration) {
+        let Some(d) = &self.deployments else { return };
+        let mut last = Vec::new();
+        loop {
+            tokio::time::sleep(every).await;
+            let now: Vec<(String, ServiceStatus, u32)> =
+                d.deployer.status().into_iter().map(|s| (s.service, s.status, s.restarts)).collect();
+            if now != last {
+                self.report(None, &[]).await;
+                last = now;
+            }
+        }
+    }
+
     /// At the appliance's stop: every service stops (SIGTERM, then SIGKILL after its timeout).
     pub(crate) async fn stop_deployments(&self) {
         if let Some(d) = &self.deployments {
