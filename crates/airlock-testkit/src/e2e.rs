@@ -199,11 +199,23 @@ impl Server {
 
     /// Starts an appliance process with extra arguments (customer keys, policy).
     pub fn appliance_proc_with(&self, state_dir: &Path, join_token: Option<&str>, extra: &[&str]) -> Proc {
+        self.appliance_proc_with_env(state_dir, join_token, extra, &[])
+    }
+
+    /// The same, with variables added to the appliance's environment (e.g. AWS credentials).
+    pub fn appliance_proc_with_env(
+        &self,
+        state_dir: &Path,
+        join_token: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["appliance", "run", "--control-plane", &self.url, "--ca-fingerprint", &self.fingerprint])
             .arg("--state-dir")
             .arg(state_dir)
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         if let Some(t) = join_token {
             cmd.args(["--join-token", t]);
         }
@@ -298,6 +310,11 @@ impl Deployment {
 
     /// The same, the appliance run with `extra` arguments.
     pub fn start_with(bin: &str, policy: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(bin, policy, extra, &[])
+    }
+
+    /// The same, with variables added to the appliance's environment.
+    pub fn start_with_env(bin: &str, policy: &str, extra: &[&str], appliance_env: &[(&str, &str)]) -> Self {
         let server = Server::start_with(bin, &["--heartbeat-interval", "1s"]);
         let tmp = server.dir.path().to_owned();
         let customer = tmp.join("customer");
@@ -328,7 +345,7 @@ impl Deployment {
         let pubkey = customer.join("customer.pub");
         let mut args = vec!["--customer-key", pubkey.to_str().unwrap(), "--policy", signed.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut appliance = server.appliance_proc_with(&state, Some(&token), &args);
+        let mut appliance = server.appliance_proc_with_env(&state, Some(&token), &args, appliance_env);
         let appliance_id = server.wait_connected(&mut appliance);
         let d = Self { server, env, state, customer, appliance, appliance_id };
         // Once joined, the customer attests the appliance's execution key on its host, as an

@@ -14,6 +14,7 @@
 pub mod certified;
 pub mod customer;
 pub mod e2e;
+pub mod moto;
 pub mod process;
 pub mod signed_operation;
 

@@ -176,3 +176,91 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     assert!(!airlock_testkit::e2e::contains_bytes(&data, CANARY.as_bytes()), "the secret's value reached the data dir");
     assert!(!d.server.log().contains(CANARY));
 }
+
+/// A release whose service needs an AWS Secrets Manager secret and an SSM parameter, against
+/// moto's server: the deploy is held while the parameter is missing, proceeds once it exists,
+/// and neither value reaches the control plane (its database, files, log or audit).
+#[test]
+fn a_deploy_is_held_until_its_aws_secrets_exist_and_their_values_stay_home() {
+    let moto = airlock_testkit::moto::Moto::start();
+    let (secret_value, param_value) = ("canary-sm-51c0ffee", "canary-ssm-7e57ab1e");
+    moto.boto3(
+        serde_json::json!([["secretsmanager", "create_secret", {"Name": "shop/db", "SecretString": secret_value}]]),
+    );
+    let releases = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = releases.path().join("appliance.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[secrets.aws]\nregion = \"us-east-1\"\nsecretsmanager_endpoint = \"{0}\"\nssm_endpoint = \"{0}\"\n",
+            moto.url
+        ),
+    )
+    .unwrap();
+    let root = releases.path().join("installed");
+    let aws = [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
+    let d = Deployment::start_with_env(
+        BIN,
+        POLICY,
+        &["--releases-dir", root.to_str().unwrap(), "--config", config.to_str().unwrap()],
+        &aws,
+    );
+    let tmp = d.server.dir.path().to_owned();
+    let vendor = tmp.join("vendor-key");
+    keygen(BIN, &vendor);
+    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+    let dir = tmp.join("svc");
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::write(
+        dir.join("airlock.toml"),
+        r#"name = "svc"
+version = "1.0.0"
+
+[[service]]
+name = "svc"
+command = "bin/svc"
+secrets = { DB_PASSWORD = "aws-sm:shop/db", API_TOKEN = "aws-ssm:/shop/api-token" }
+"#,
+    )
+    .unwrap();
+    // The service proves it got both values, without printing them.
+    std::fs::write(
+        dir.join("bin/svc"),
+        "#!/bin/sh\n[ -n \"$DB_PASSWORD\" ] && [ -n \"$API_TOKEN\" ] || exit 3\necho \"got ${#DB_PASSWORD} and ${#API_TOKEN} bytes\"\nexec sleep 600\n",
+    )
+    .unwrap();
+    d.server.ok(&["release", "push", dir.to_str().unwrap(), "--key", vendor.join("customer.key").to_str().unwrap()]);
+    let op = deploy(&d, "svc@1.0.0");
+    d.wait_state(&op, "awaiting_approval");
+    d.approve(&op);
+
+    // Held: the control plane sees which reference is missing, and that the other exists.
+    let held = wait_for(Duration::from_secs(30), "the deploy held", || {
+        Some(status(&d)).filter(|s| s["deploy"]["phase"] == "held")
+    });
+    assert_eq!(held["deploy"]["missing_secrets"], serde_json::json!(["aws-ssm:/shop/api-token"]), "{held}");
+    let state_of = |s: &Value, r: &str| {
+        s["secrets"].as_array().unwrap().iter().find(|e| e["reference"] == r).map(|e| e["state"].clone())
+    };
+    assert_eq!(state_of(&held, "aws-sm:shop/db"), Some("present".into()), "{held}");
+    assert_eq!(state_of(&held, "aws-ssm:/shop/api-token"), Some("missing".into()), "{held}");
+
+    // The parameter appears: the deploy proceeds.
+    moto.boto3(serde_json::json!([["ssm", "put_parameter", {"Name": "/shop/api-token", "Value": param_value, "Type": "SecureString"}]]));
+    let done = d.wait_state(&op, "executed");
+    assert_eq!(done["exit_code"], 0, "{done}");
+    let s = status(&d);
+    assert_eq!(state_of(&s, "aws-ssm:/shop/api-token"), Some("present".into()), "{s}");
+    assert!(s["secrets"][0]["last_changed"].is_i64(), "{s}");
+
+    // Neither value is anywhere the control plane keeps or says anything.
+    let data = airlock_testkit::e2e::all_bytes(&d.server.data_dir);
+    for value in [secret_value, param_value] {
+        assert!(!airlock_testkit::e2e::contains_bytes(&data, value.as_bytes()), "{value} reached the data dir");
+        assert!(!d.server.log().contains(value));
+        let audit = serde_json::to_string(&d.server.audit_records()).unwrap();
+        assert!(!audit.contains(value));
+        assert!(!d.appliance.log().contains(value), "the appliance logged a value");
+    }
+}

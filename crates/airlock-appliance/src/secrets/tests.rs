@@ -5,8 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,76 +17,10 @@ use super::*;
 
 const CANARY: &str = "canary-4f1d9a7c-do-not-leak";
 
-fn moto_server() -> PathBuf {
-    let path = std::env::var_os("AIRLOCK_TEST_MOTO_SERVER").map(PathBuf::from).unwrap_or_else(|| {
-        panic!("AIRLOCK_TEST_MOTO_SERVER is not set; run the tests with scripts/test, which installs moto[server]")
-    });
-    assert!(path.exists(), "{} does not exist; run scripts/test, which installs moto[server]", path.display());
-    path
-}
-
-/// The Python beside `moto_server` (the venv's), or `python3` with `PYTHONPATH` as scripts/test set it.
-fn python() -> PathBuf {
-    let beside = moto_server().with_file_name("python");
-    if beside.exists() { beside } else { PathBuf::from("python3") }
-}
+use airlock_testkit::moto::Moto;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
-}
-
-/// moto's server on a loopback port, killed on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    fn start() -> Self {
-        let port = free_port();
-        let child = Command::new(moto_server())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", moto_server().display()));
-        let moto = Self { child, url: format!("http://127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen on {port} within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        moto
-    }
-
-    /// Runs boto3 calls against moto: `[["secretsmanager", "create_secret", {kwargs}], …]`.
-    fn boto3(&self, calls: serde_json::Value) {
-        const SCRIPT: &str = r#"
-import json, sys, boto3
-url, calls = sys.argv[1], json.loads(sys.argv[2])
-clients = {}
-for service, method, kwargs in calls:
-    if "SecretBinary" in kwargs:
-        kwargs["SecretBinary"] = bytes(kwargs["SecretBinary"])
-    client = clients.setdefault(service, boto3.client(service, endpoint_url=url, region_name="us-east-1"))
-    getattr(client, method)(**kwargs)
-"#;
-        let out = Command::new(python())
-            .args(["-c", SCRIPT, &self.url, &calls.to_string()])
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .output()
-            .expect("run python with boto3");
-        assert!(out.status.success(), "boto3 failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Everything that crossed a forwarding proxy, both ways.
