@@ -166,22 +166,36 @@ pub fn check_task_binding(
     if !is_task(req) {
         return Err(DeployBindingError::NotDeploy);
     }
-    if req.phase != Phase::Operate || !req.data_tags.is_empty() {
+    let args = TaskArgs::from_args(&req.args).ok_or(DeployBindingError::Args)?;
+    check_release_request(req, command, release, Phase::Operate, &args.release, || task_command(release, &args.task))?;
+    Ok(args)
+}
+
+/// What a deploy and a task request both must be: of `phase`, without data tags, naming
+/// exactly `release`, and signing the command `render` makes.
+fn check_release_request(
+    req: &OperationRequest,
+    command: &RenderedCommand,
+    release: &VerifiedRelease,
+    phase: Phase,
+    named: &DeployArgs,
+    render: impl FnOnce() -> Result<RenderedCommand, DeployBindingError>,
+) -> Result<(), DeployBindingError> {
+    if req.phase != phase || !req.data_tags.is_empty() {
         return Err(DeployBindingError::PhaseOrTags);
     }
-    let args = TaskArgs::from_args(&req.args).ok_or(DeployBindingError::Args)?;
     let expected = DeployArgs::of(release);
-    if args.release.release != expected.release {
-        return Err(DeployBindingError::OtherRelease { requested: args.release.release, sent: expected.release });
+    if named.release != expected.release {
+        return Err(DeployBindingError::OtherRelease { requested: named.release.clone(), sent: expected.release });
     }
-    if args.release != expected {
+    if *named != expected {
         return Err(DeployBindingError::Args);
     }
-    let rendered = task_command(release, &args.task)?;
+    let rendered = render()?;
     if *command != rendered || req.command_sha256 != rendered.sha256() {
         return Err(DeployBindingError::Command);
     }
-    Ok(args)
+    Ok(())
 }
 
 /// The vendor keys a release may be signed by on this appliance: those the control plane
@@ -224,21 +238,8 @@ pub fn check_deploy_binding(
     if !is_deploy(req) {
         return Err(DeployBindingError::NotDeploy);
     }
-    if req.phase != Phase::Deploy || !req.data_tags.is_empty() {
-        return Err(DeployBindingError::PhaseOrTags);
-    }
     let args = DeployArgs::from_args(&req.args).ok_or(DeployBindingError::Args)?;
-    let expected = DeployArgs::of(release);
-    if args.release != expected.release {
-        return Err(DeployBindingError::OtherRelease { requested: args.release, sent: expected.release });
-    }
-    if args != expected {
-        return Err(DeployBindingError::Args);
-    }
-    let rendered = deploy_command(release);
-    if *command != rendered || req.command_sha256 != rendered.sha256() {
-        return Err(DeployBindingError::Command);
-    }
+    check_release_request(req, command, release, Phase::Deploy, &args, || Ok(deploy_command(release)))?;
     Ok(args)
 }
 

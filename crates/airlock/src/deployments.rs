@@ -17,6 +17,13 @@ use crate::terminal::line;
 pub(crate) struct DeployArgs {
     /// The release: NAME@VERSION, or its digest.
     release: String,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Where a deploy or a task goes, and why.
+#[derive(Args)]
+struct Target {
     /// Environment id (env_…).
     #[arg(long = "env")]
     environment: String,
@@ -32,11 +39,17 @@ pub(crate) struct DeployArgs {
 
 /// Requests the deploy; prints the operation id on the first line, then its state.
 pub(crate) async fn deploy(args: DeployArgs) -> Result<ExitCode> {
-    let env = path_segment("environment id", &args.environment)?;
-    let body = json!({ "release": args.release, "reason": args.reason, "appliance": args.appliance });
-    let op: Value = args.api.client()?.post(&format!("/v1/environments/{env}/deployments"), &body).await?;
-    if args.api.json {
-        crate::terminal::print_json(&op)?;
+    let t = args.target;
+    let env = path_segment("environment id", &t.environment)?;
+    let body = json!({ "release": args.release, "reason": t.reason, "appliance": t.appliance });
+    let op: Value = t.api.client()?.post(&format!("/v1/environments/{env}/deployments"), &body).await?;
+    print_operation(&op, t.api.json)
+}
+
+/// A requested operation: its id on the first line, then its state (or all of it as JSON).
+fn print_operation(op: &Value, json: bool) -> Result<ExitCode> {
+    if json {
+        crate::terminal::print_json(op)?;
     } else {
         println!("{}", line(op["id"].as_str().unwrap_or_default()));
         println!("{}", line(op["state"].as_str().unwrap_or_default()));
@@ -162,30 +175,15 @@ pub(crate) struct TaskArgs {
     release: String,
     /// The task, one of the release's `[[task]]` names (e.g. migrate).
     task: String,
-    /// Environment id (env_…).
-    #[arg(long = "env")]
-    environment: String,
-    /// Why; the customer reads it and it is signed into the request.
-    #[arg(long)]
-    reason: String,
-    /// Appliance id (apl_…), when the environment has several.
-    #[arg(long)]
-    appliance: Option<String>,
     #[command(flatten)]
-    api: ApiArgs,
+    target: Target,
 }
 
 /// Requests a release task (an Operate-phase operation); prints its id, then its state.
 pub(crate) async fn task(args: TaskArgs) -> Result<ExitCode> {
-    let env = path_segment("environment id", &args.environment)?;
-    let body =
-        json!({ "release": args.release, "task": args.task, "reason": args.reason, "appliance": args.appliance });
-    let op: Value = args.api.client()?.post(&format!("/v1/environments/{env}/tasks"), &body).await?;
-    if args.api.json {
-        crate::terminal::print_json(&op)?;
-    } else {
-        println!("{}", line(op["id"].as_str().unwrap_or_default()));
-        println!("{}", line(op["state"].as_str().unwrap_or_default()));
-    }
-    Ok(ExitCode::SUCCESS)
+    let t = args.target;
+    let env = path_segment("environment id", &t.environment)?;
+    let body = json!({ "release": args.release, "task": args.task, "reason": t.reason, "appliance": t.appliance });
+    let op: Value = t.api.client()?.post(&format!("/v1/environments/{env}/tasks"), &body).await?;
+    print_operation(&op, t.api.json)
 }

@@ -557,16 +557,8 @@ pub(super) async fn request_deployment(
     authorize(&state, &scope, Action::RequestDeployment, Some(environment.clone())).await?;
     let result = async {
         let ApiJson(body) = body?;
-        let selector = body.release.parse().map_err(ApiError::bad_request)?;
-        let new = NewOperation {
-            environment: parse_id(&environment)?,
-            what: Requested::Deploy(selector),
-            reason: body.reason,
-            appliance: body.appliance.as_deref().map(parse_id).transpose()?,
-            id: None,
-        };
-        let row = operations::request(&state, &scope, new).await?;
-        Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
+        let what = Requested::Deploy(body.release.parse().map_err(ApiError::bad_request)?);
+        request_of(&state, &scope, &environment, what, body.reason, body.appliance.as_deref()).await
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::RequestDeployment.audit_action(), Outcome::Success);
@@ -594,18 +586,31 @@ pub(super) async fn request_task(
     let result = async {
         let ApiJson(body) = body?;
         let release = body.release.parse().map_err(ApiError::bad_request)?;
-        let new = NewOperation {
-            environment: parse_id(&environment)?,
-            what: Requested::Task { release, task: body.task },
-            reason: body.reason,
-            appliance: body.appliance.as_deref().map(parse_id).transpose()?,
-            id: None,
-        };
-        let row = operations::request(&state, &scope, new).await?;
-        Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
+        let what = Requested::Task { release, task: body.task };
+        request_of(&state, &scope, &environment, what, body.reason, body.appliance.as_deref()).await
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::RequestReleaseTask.audit_action(), Outcome::Success);
     ev.target = Some(environment);
     refused(&state, &scope, ev, result).await
+}
+
+/// Requests `what` in `environment` (for `appliance`, or its only one): the operation as created.
+async fn request_of(
+    state: &AppState,
+    scope: &TenantScope,
+    environment: &str,
+    what: Requested,
+    reason: String,
+    appliance: Option<&str>,
+) -> Result<(StatusCode, Json<OperationView>), ApiError> {
+    let new = NewOperation {
+        environment: parse_id(environment)?,
+        what,
+        reason,
+        appliance: appliance.map(parse_id).transpose()?,
+        id: None,
+    };
+    let row = operations::request(state, scope, new).await?;
+    Ok((StatusCode::CREATED, Json(OperationView::from_row(&row)?)))
 }
