@@ -87,7 +87,7 @@ pub use sandbox::bench as sandbox_bench;
 pub use config::ApplianceConfig;
 pub use control::release::ReleaseRefusal;
 pub use customer::PolicyRejection;
-pub use secrets::{AwsEndpoint, AwsRegion, AwsSecretsConfig, SecretsConfig};
+pub use secrets::{AwsEndpoint, AwsRegion, AwsSecretsConfig, SecretAllow, SecretsConfig};
 use session::{Session, SessionEnd};
 pub use state_dir::StateError;
 use state_dir::{StateDir, inspect_cert};

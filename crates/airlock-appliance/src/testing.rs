@@ -428,6 +428,10 @@ fn open(
         },
         hold_poll: Some(std::time::Duration::from_millis(100)),
         existence_ttl: Some(std::time::Duration::ZERO),
+        // No control plane here: a release whose artifacts are not in the store fails quickly.
+        fetch_wait: Some(std::time::Duration::from_millis(200)),
+        // The tests' secret files live in their temporary directories.
+        secrets: toml::from_str(&format!("allow = ['file:{}']", std::env::temp_dir().display())).unwrap(),
         ..Default::default()
     };
     let exec =

@@ -99,7 +99,11 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     // The box user reaches the releases through this directory.
     std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let root = releases.path().join("installed");
-    let mut d = Deployment::start_with(BIN, POLICY, &["--releases-dir", root.to_str().unwrap()]);
+    // The customer lets releases read secrets from this directory only.
+    let config = releases.path().join("appliance.toml");
+    std::fs::write(&config, format!("[secrets]\nallow = [\"file:{}/\"]\n", releases.path().display())).unwrap();
+    let run_args = ["--releases-dir", root.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let mut d = Deployment::start_with(BIN, POLICY, &run_args);
     let tmp = d.server.dir.path().to_owned();
     let vendor = tmp.join("vendor-key");
     keygen(BIN, &vendor);
@@ -166,7 +170,7 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     d.server.stop();
     serves(port, "shop v1");
     d.appliance.stop();
-    let mut again = d.server.appliance_proc_with(&d.state, None, &["--releases-dir", root.to_str().unwrap()]);
+    let mut again = d.server.appliance_proc_with(&d.state, None, &run_args);
     serves(port, "shop v1");
     assert!(again.exited().is_none(), "{}", again.log());
     drop(again);
@@ -193,7 +197,7 @@ fn a_deploy_is_held_until_its_aws_secrets_exist_and_their_values_stay_home() {
     std::fs::write(
         &config,
         format!(
-            "[secrets.aws]\nregion = \"us-east-1\"\nsecretsmanager_endpoint = \"{0}\"\nssm_endpoint = \"{0}\"\n",
+            "[secrets]\nallow = [\"aws-sm:shop/\", \"aws-ssm:/shop/\"]\n\n[secrets.aws]\nregion = \"us-east-1\"\nsecretsmanager_endpoint = \"{0}\"\nssm_endpoint = \"{0}\"\n",
             moto.url
         ),
     )

@@ -67,9 +67,15 @@ fn a_rollout_goes_one_at_a_time_survives_a_restart_and_halts_at_its_threshold() 
     std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let customer = tmp.join("customer");
     keygen(BIN, &customer);
+    let vendor = tmp.join("vendor");
+    keygen(BIN, &vendor);
+    let added = server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+    let vendor_key_id = added.trim().strip_prefix("release key id: ").unwrap().to_owned();
     let deploy_sha = airlock_core::deploy::deploy_template_sha256();
+    // A window covers deploys of releases signed by the vendor key this customer pins.
     let window = format!(
-        "version = 1\nserial = 1\nphases = [\"observe\", \"deploy\"]\n\n[[windows]]\nphase = \"deploy\"\n\
+        "version = 1\nserial = 1\nphases = [\"observe\", \"deploy\"]\nrelease_keys = [\"{vendor_key_id}\"]\n\n\
+         [[windows]]\nphase = \"deploy\"\n\
          days = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nstart = \"00:00\"\nend = \"23:59\"\n\
          templates = [{{ name = \"deploy\", sha256 = \"{deploy_sha}\" }}]\n"
     );
@@ -79,9 +85,6 @@ fn a_rollout_goes_one_at_a_time_survives_a_restart_and_halts_at_its_threshold() 
     let (_b, b, _) = appliance(&server, "b", approve_each, &customer, releases.path());
     let (_c, c, _) = appliance(&server, "c", no_deploy, &customer, releases.path());
 
-    let vendor = tmp.join("vendor");
-    keygen(BIN, &vendor);
-    server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
     let dir = tmp.join("worker");
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::write(dir.join("airlock.toml"), RELEASE).unwrap();

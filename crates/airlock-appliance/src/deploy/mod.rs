@@ -439,6 +439,11 @@ impl<E: Executor> Deployer<E> {
 }
 
 impl Deployer<ProcessExecutor> {
+    /// What services and their exec checks may use from now on (the customer's caps).
+    pub(crate) fn set_limits(&self, limits: crate::sandbox::RunLimits) {
+        self.executor.set_limits(limits);
+    }
+
     /// The engine with the built-in process supervisor, its releases in `releases_dir` (or the
     /// default beside the box's working directories), never inside `state_dir`.
     pub(crate) fn open(

@@ -152,11 +152,24 @@ impl Default for SuperviseConfig {
 pub(crate) struct ProcessExecutor {
     sandbox: Arc<Sandbox>,
     config: SuperviseConfig,
+    /// What each start (and exec check) may use: the customer's caps as the last deploy's
+    /// decision settled them, or as the policy in force gives them at the appliance's start.
+    limits: Arc<std::sync::Mutex<RunLimits>>,
 }
 
 impl ProcessExecutor {
     pub(crate) fn new(sandbox: Arc<Sandbox>, config: SuperviseConfig) -> Self {
-        Self { sandbox, config }
+        let limits = Arc::new(std::sync::Mutex::new(config.limits));
+        Self { sandbox, config, limits }
+    }
+
+    /// The limits every later start and exec check gets.
+    pub(crate) fn set_limits(&self, limits: RunLimits) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    fn limits(&self) -> RunLimits {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -199,6 +212,7 @@ impl ProcessExecutor {
 
     /// Starts one process of `unit`, its output going to its log.
     fn spawn(&self, unit: &ServiceUnit) -> Result<(tokio::process::Child, Boxed), String> {
+        let limits = self.limits();
         let cell = CellName::service(&unit.release.digest, &unit.service.name)?;
         let cwd = cwd(unit);
         let program = program(&unit.release_dir, &unit.service.command);
@@ -209,7 +223,7 @@ impl ProcessExecutor {
             env: &unit.env.0,
             release_dir: &unit.release_dir,
             cwd: &cwd,
-            limits: &self.config.limits,
+            limits: &limits,
             run_as: self.run_as(&unit.service),
         };
         let (mut cmd, boxed) = self.sandbox.prepare_service(&launch)?;
@@ -244,6 +258,7 @@ impl ProcessExecutor {
         };
         let cwd = cwd(unit);
         let program = program(&unit.release_dir, command);
+        let limits = self.limits();
         let launch = ServiceLaunch {
             cell: &cell,
             program: &program,
@@ -251,7 +266,7 @@ impl ProcessExecutor {
             env: &unit.env.0,
             release_dir: &unit.release_dir,
             cwd: &cwd,
-            limits: &self.config.limits,
+            limits: &limits,
             run_as: self.run_as(&unit.service),
         };
         let Ok((mut cmd, boxed)) = self.sandbox.prepare_service(&launch) else { return false };

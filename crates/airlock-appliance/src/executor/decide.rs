@@ -231,7 +231,20 @@ impl Executor {
             };
         }
 
-        // 2. No approval: what the policy allows by itself, else a pre-approval.
+        // 2. No approval: what the policy allows by itself, else a pre-approval. A release the
+        // customer's policy does not pin the signing key of (`release_keys`) was verified only
+        // with keys the control plane relayed: only the customer's approval of this very
+        // request, which names its digest, may deploy it or run its task.
+        let pinned_release = policy.as_ref().is_some_and(|p| !p.document().release_keys.is_empty());
+        if matches!(bound, Bound::Release(_) | Bound::Task(_)) && !pinned_release {
+            let why = "the customer's policy pins no release key (release_keys), so only the customer's approval of this request may deploy a release or run its task";
+            if let Decision::Deny(reason) = evaluate_with(&ctx, &req, Authority::None)
+                && !matches!(reason, DenyReason::NoMatchingGrant | DenyReason::RootNeedsApproval)
+            {
+                return refused(record, manifest, Grounds::denied(&reason));
+            }
+            return Ok(Verdict::Awaiting(req, Grounds::new(RefusalCode::AwaitingAuthority, why)));
+        }
         match evaluate_with(&ctx, &req, Authority::None) {
             Decision::Allow(permit) => {
                 let authority = authority_ref(permit.basis(), None, policy_digest);

@@ -49,6 +49,10 @@ pub(crate) struct Deployments {
     pub(crate) blobs: PathBuf,
     /// How often a deploy held for missing secrets looks again.
     pub(crate) hold_poll: Duration,
+    /// How long a deploy may be held before it is given up.
+    pub(crate) max_hold: Duration,
+    /// How long a fetch waits for a connection to the control plane.
+    pub(crate) fetch_wait: Duration,
     /// The latest report, sent again after every `Welcome`.
     status: Mutex<wire::DeploymentStatus>,
 }
@@ -62,6 +66,10 @@ pub(crate) struct DeployOptions {
     pub(crate) engine: DeployConfig,
     /// Default 5 s.
     pub(crate) hold_poll: Option<Duration>,
+    /// Default 24 h: a deploy held longer is given up (the customer's approval was for then).
+    pub(crate) max_hold: Option<Duration>,
+    /// Default 10 min: how long a fetch waits for the connection to come back.
+    pub(crate) fetch_wait: Option<Duration>,
     /// How long an existence answer is reused (default: the resolver's).
     pub(crate) existence_ttl: Option<Duration>,
 }
@@ -81,7 +89,8 @@ impl Deployments {
             fetcher,
             link: crate::artifacts::GatewayLink::default(),
             secrets: {
-                let resolver = SecretResolver::new(&options.secrets, std::sync::Arc::new(crate::config::ProcessEnv));
+                let resolver = SecretResolver::new(&options.secrets, std::sync::Arc::new(crate::config::ProcessEnv))
+                    .forbid(state_dir);
                 match options.existence_ttl {
                     Some(ttl) => resolver.existence_ttl(ttl),
                     None => resolver,
@@ -90,6 +99,8 @@ impl Deployments {
             bindings: Bindings::from_config(&options.dependencies),
             blobs,
             hold_poll: options.hold_poll.unwrap_or(Duration::from_secs(5)),
+            max_hold: options.max_hold.unwrap_or(Duration::from_secs(24 * 3600)),
+            fetch_wait: options.fetch_wait.unwrap_or(Duration::from_secs(600)),
             status: Mutex::new(wire::DeploymentStatus::default()),
         })
     }
@@ -148,16 +159,41 @@ impl Executor {
         };
         let required: Vec<SecretRef> = release.manifest().required_secrets().into_iter().cloned().collect();
 
+        // A reference the customer's allow list does not cover is refused before anything,
+        // and nothing about it is looked up or reported.
+        if let Some(r) = required.iter().find(|r| !d.secrets.permits(r)) {
+            let why =
+                format!("the release needs secret `{r}`, which this appliance's [secrets] allow list does not cover");
+            self.report(Some(progress(wire::DeployPhase::Failed, vec![], why.clone())), &[]).await;
+            return self.deploy_ran(release, Ended::Refused { reason: why }, started_at, false);
+        }
         self.report(Some(progress(wire::DeployPhase::Fetching, vec![], String::new())), &required).await;
         let ended = match self.fetch_artifacts(release).await {
             Err(why) => Ended::Refused { reason: why },
             Ok(()) => {
+                let before = d.deployer.current();
                 if let Err(cancelled) = self.hold_for_secrets(job, d, &required, &progress).await {
                     self.report(Some(progress(wire::DeployPhase::Failed, vec![], cancelled.clone())), &required).await;
                     return self.deploy_ran(release, Ended::Refused { reason: cancelled }, started_at, true);
                 }
+                // Another release deployed while this one was held: installing this one now could
+                // go back to an older version the customer has moved on from.
+                if d.deployer.current() != before {
+                    let why = "another release was deployed while this one was held; request it again".to_owned();
+                    self.report(Some(progress(wire::DeployPhase::Failed, vec![], why.clone())), &required).await;
+                    return self.deploy_ran(release, Ended::Refused { reason: why }, started_at, false);
+                }
+                // Switched off while it fetched or was held: nothing is installed or stopped.
+                if self.control.disabled().contains(&airlock_core::policy::Phase::Deploy) {
+                    let why = "the customer switched the Deploy phase off before the release was installed".to_owned();
+                    self.report(Some(progress(wire::DeployPhase::Failed, vec![], why.clone())), &required).await;
+                    return self.deploy_ran(release, Ended::Refused { reason: why }, started_at, true);
+                }
                 self.report(Some(progress(wire::DeployPhase::Installing, vec![], String::new())), &required).await;
                 let root_allowed = job.statement.command.run.user == RunUser::Root;
+                // The customer's caps, as this deploy's decision settled them, hold for its
+                // services and their checks (not its wall time: services run on).
+                d.deployer.set_limits(crate::sandbox::RunLimits::from(job.limits));
                 let on_event = |e: DeployEvent| tracing::info!(request_id = %job.id, event = ?e, "deploy");
                 match d.deployer.deploy(release, &d.blobs, &d.secrets, &d.bindings, root_allowed, &on_event).await {
                     Ok(outcome @ (DeployOutcome::Deployed { .. } | DeployOutcome::AlreadyCurrent { .. })) => {
@@ -221,7 +257,13 @@ impl Executor {
             return Ok(());
         }
         for attempt in 0..MAX_FETCH_ATTEMPTS {
-            let channel = d.link.connected().await;
+            // The instruction came over a connection; after a drop, wait a while for the next.
+            let Ok(channel) = tokio::time::timeout(d.fetch_wait, d.link.connected()).await else {
+                return Err(format!(
+                    "no connection to the control plane for {:?} to fetch the artifacts",
+                    d.fetch_wait
+                ));
+            };
             match d.fetcher.fetch_all(&channel, artifacts).await {
                 Ok(_) => return Ok(()),
                 Err(e @ (FetchError::Transport(_) | FetchError::Cancelled { .. })) => {
@@ -244,6 +286,7 @@ impl Executor {
         progress: &(dyn Fn(wire::DeployPhase, Vec<String>, String) -> wire::DeployProgress + Sync),
     ) -> Result<(), String> {
         let mut held_reported: Option<Vec<String>> = None;
+        let deadline = tokio::time::Instant::now() + d.max_hold;
         loop {
             let mut missing = Vec::new();
             for r in required {
@@ -266,6 +309,10 @@ impl Executor {
             }
             if self.control.disabled().contains(&airlock_core::policy::Phase::Deploy) {
                 return Err("the customer switched the Deploy phase off while the deploy was held".into());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let missing = held_reported.unwrap_or_default().join(", ");
+                return Err(format!("required secrets were still missing after {:?}: {missing}", d.max_hold));
             }
             tokio::time::sleep(d.hold_poll).await;
         }
@@ -392,6 +439,12 @@ impl Executor {
     /// on across restarts and offline).
     pub(crate) async fn recover_deployments(&self) {
         let Some(d) = &self.deployments else { return };
+        // The caps of the policy in force (their defaults without one).
+        let policy = self.control.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let caps = policy.as_ref().map(|p| &p.document().vendor_code);
+        if let Ok(limits) = airlock_core::run_spec::resolve(&Default::default(), caps) {
+            d.deployer.set_limits(crate::sandbox::RunLimits::from(limits));
+        }
         match d.deployer.recover(&d.secrets, &d.bindings).await {
             Ok(Some(digest)) => tracing::info!(release = %digest, "the current release runs again"),
             Ok(None) => {}

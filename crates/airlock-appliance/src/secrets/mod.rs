@@ -20,6 +20,7 @@
 // The deploy engine and the status sender call this; until the integrator wires them in, only
 // the tests do.
 
+mod allow;
 mod aws;
 mod local;
 #[cfg(test)]
@@ -36,12 +37,16 @@ use zeroize::Zeroizing;
 
 use crate::config::EnvSource;
 
+pub use allow::SecretAllow;
 pub use aws::{AwsEndpoint, AwsRegion};
 
 /// `[secrets]` in the appliance's TOML configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretsConfig {
+    /// The secret references releases may use here, by prefix (`allow`); none by default.
+    #[serde(default)]
+    pub allow: Vec<SecretAllow>,
     #[serde(default)]
     pub aws: AwsSecretsConfig,
 }
@@ -106,6 +111,8 @@ pub(crate) enum SecretReason {
     NotUtf8,
     #[error("reading it failed")]
     Io,
+    #[error("the appliance's [secrets] allow list does not cover it")]
+    NotAllowed,
 }
 
 impl SecretReason {
@@ -158,6 +165,7 @@ pub(crate) const DEFAULT_EXISTENCE_TTL: Duration = Duration::from_secs(5);
 
 /// Answers existence and value questions for every kind of [`SecretRef`].
 pub(crate) struct SecretResolver {
+    allowed: allow::Allowed,
     env: Arc<dyn EnvSource + Send + Sync>,
     aws: aws::Aws,
     ttl: Duration,
@@ -174,7 +182,24 @@ impl SecretResolver {
     /// A resolver with AWS credentials from the standard chain (environment, profile, instance
     /// role), loaded at the first AWS call.
     pub(crate) fn new(config: &SecretsConfig, env: Arc<dyn EnvSource + Send + Sync>) -> Self {
-        Self { env, aws: aws::Aws::new(&config.aws, None), ttl: DEFAULT_EXISTENCE_TTL, cache: Mutex::default() }
+        Self {
+            allowed: allow::Allowed { allow: config.allow.clone(), forbidden: Vec::new() },
+            env,
+            aws: aws::Aws::new(&config.aws, None),
+            ttl: DEFAULT_EXISTENCE_TTL,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// No `file:` reference may reach `dir` (the state directory), whatever the list allows.
+    pub(crate) fn forbid(mut self, dir: &std::path::Path) -> Self {
+        self.allowed.forbidden.push(dir.to_owned());
+        self
+    }
+
+    /// Whether the customer lets releases use `reference` on this appliance.
+    pub(crate) fn permits(&self, reference: &SecretRef) -> bool {
+        self.allowed.permits(reference)
     }
 
     /// A resolver with the given AWS credentials instead of the standard chain's.
@@ -195,6 +220,10 @@ impl SecretResolver {
 
     /// Whether `reference` exists, from metadata only.
     pub(crate) async fn existence(&self, reference: &SecretRef) -> SecretExistence {
+        if !self.permits(reference) {
+            // Not even its existence: the reference is not the release's to ask about.
+            return SecretExistence::failed(reference, SecretReason::NotAllowed);
+        }
         if let Some(hit) = self.cached(reference) {
             return hit;
         }
@@ -222,6 +251,9 @@ impl SecretResolver {
     /// The value of `reference`, for the environment of the service that declares it. Never
     /// cached: each call asks the store.
     pub(crate) async fn value(&self, reference: &SecretRef) -> Result<SecretValue, SecretError> {
+        if !self.permits(reference) {
+            return Err(SecretError { reference: reference.clone(), reason: SecretReason::NotAllowed });
+        }
         let result = match reference {
             SecretRef::File(path) => local::file_value(path).await,
             SecretRef::Env(name) => local::env_value(self.env.as_ref(), name),

@@ -119,7 +119,7 @@ impl Logs {
 
 fn config(endpoint: &str, timeout_ms: u64) -> SecretsConfig {
     let toml = format!(
-        "[aws]\nregion = 'us-east-1'\nsecretsmanager_endpoint = '{endpoint}'\nssm_endpoint = '{endpoint}'\ntimeout_ms = {timeout_ms}\n"
+        "allow = ['aws-sm:', 'aws-ssm:']\n[aws]\nregion = 'us-east-1'\nsecretsmanager_endpoint = '{endpoint}'\nssm_endpoint = '{endpoint}'\ntimeout_ms = {timeout_ms}\n"
     );
     toml::from_str(&toml).unwrap()
 }
@@ -365,7 +365,9 @@ async fn file_and_env_secrets_are_checked_on_the_host() {
     std::fs::write(&file, format!("{CANARY}\n")).unwrap();
     let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
     let env: HashMap<String, String> = [("DB_PASSWORD".to_owned(), CANARY.to_owned())].into();
-    let resolver = SecretResolver::new(&SecretsConfig::default(), Arc::new(env)).existence_ttl(Duration::ZERO);
+    let allow = format!("allow = ['file:{}', 'env:DB_', 'env:NOT_', 'env:EMPTY']", dir.path().display());
+    let config: SecretsConfig = toml::from_str(&allow).unwrap();
+    let resolver = SecretResolver::new(&config, Arc::new(env)).existence_ttl(Duration::ZERO);
 
     let present = resolver.existence(&r(&format!("file:{}", file.display()))).await;
     assert_eq!(present.state, ExistenceState::Present);
@@ -415,7 +417,8 @@ async fn file_and_env_secrets_are_checked_on_the_host() {
 
 #[tokio::test]
 async fn kubernetes_secrets_wait_for_the_kubernetes_executor() {
-    let resolver = SecretResolver::new(&SecretsConfig::default(), Arc::new(HashMap::<String, String>::new()));
+    let config: SecretsConfig = toml::from_str("allow = ['k8s:shop/']").unwrap();
+    let resolver = SecretResolver::new(&config, Arc::new(HashMap::<String, String>::new()));
     let reference = r("k8s:shop/db#password");
     let got = resolver.existence(&reference).await;
     assert_eq!((got.state, got.reason), (ExistenceState::Unknown, Some(SecretReason::NeedsKubernetesExecutor)));
@@ -502,7 +505,7 @@ async fn standard_chain_child() {
     let endpoint = endpoint.into_string().unwrap();
     // Endpoints only: region and credentials come from the chain.
     let config: SecretsConfig = toml::from_str(&format!(
-        "[aws]\nsecretsmanager_endpoint = '{endpoint}'\nssm_endpoint = '{endpoint}'\ntimeout_ms = 3000\n"
+        "allow = ['aws-sm:chain/']\n[aws]\nsecretsmanager_endpoint = '{endpoint}'\nssm_endpoint = '{endpoint}'\ntimeout_ms = 3000\n"
     ))
     .unwrap();
     let resolver = SecretResolver::new(&config, Arc::new(HashMap::<String, String>::new()));
@@ -518,4 +521,30 @@ async fn standard_chain_child() {
     {
         println!("chain: {line}");
     }
+}
+
+#[tokio::test]
+async fn a_reference_the_allow_list_does_not_cover_is_neither_read_nor_looked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key.pem");
+    std::fs::write(&file, CANARY).unwrap();
+    let env: HashMap<String, String> = [("AIRLOCK_JOIN_TOKEN".to_owned(), CANARY.to_owned())].into();
+    // The default list allows nothing.
+    let resolver = SecretResolver::new(&SecretsConfig::default(), Arc::new(env)).existence_ttl(Duration::ZERO);
+    for reference in [format!("file:{}", file.display()), "env:AIRLOCK_JOIN_TOKEN".into(), "aws-sm:prod/db".into()] {
+        let reference = r(&reference);
+        let got = resolver.existence(&reference).await;
+        assert_eq!(
+            (got.state, got.reason, got.last_changed),
+            (ExistenceState::Unknown, Some(SecretReason::NotAllowed), None)
+        );
+        assert_eq!(resolver.value(&reference).await.unwrap_err().reason, SecretReason::NotAllowed);
+    }
+    // The state directory stays out of reach even under an allowed directory.
+    let config: SecretsConfig = toml::from_str(&format!("allow = ['file:{}']", dir.path().display())).unwrap();
+    let resolver = SecretResolver::new(&config, Arc::new(HashMap::<String, String>::new())).forbid(dir.path());
+    assert_eq!(
+        resolver.value(&r(&format!("file:{}", file.display()))).await.unwrap_err().reason,
+        SecretReason::NotAllowed
+    );
 }

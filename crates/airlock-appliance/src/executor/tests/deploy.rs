@@ -223,9 +223,18 @@ async fn a_tampered_or_swapped_release_is_refused() {
 async fn a_release_with_a_root_service_needs_the_customers_signature() {
     // A standing window for Deploy covers deploys, but never one that asks for root.
     let window = format!(
-        "{ALL_PHASES}\n[[windows]]\nphase = \"deploy\"\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nstart = \"00:00\"\nend = \"23:59\"\ntemplates = [{{ name = \"deploy\", sha256 = \"{}\" }}]\n",
+        "{ALL_PHASES}release_keys = [\"{}\"]\n\n[[windows]]\nphase = \"deploy\"\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nstart = \"00:00\"\nend = \"23:59\"\ntemplates = [{{ name = \"deploy\", sha256 = \"{}\" }}]\n",
+        vendor_key(1).public().key_id(),
         airlock_core::deploy::deploy_template_sha256()
     );
+    // Without the vendor's key pinned in the policy, the window covers no deploy: the release
+    // was verified only with keys the control plane relayed.
+    let unpinned = Fx::new(&window.replace(&format!("release_keys = [\"{}\"]\n", vendor_key(1).public().key_id()), ""));
+    let (envelope, verified) = release(RELEASE, 1);
+    let stmt = unpinned.deploy_statement(op_id(10), &verified);
+    let r = unpinned.send(unpinned.deploy_instruction(&stmt, &envelope, &[1], "")).await;
+    assert_awaiting(&r, RefusalCode::AwaitingAuthority);
+    assert!(r.reason.contains("release_keys"), "{r:?}");
     let fx = Fx::new(&window);
     let (envelope, verified) = release(&format!("{RELEASE}run_as_root = true\n"), 1);
     let stmt = fx.deploy_statement(op_id(7), &verified);
@@ -322,4 +331,29 @@ url = "postgres://db.internal/shop"
     let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
     assert_refused(&r, RefusalCode::ReleaseUnverified);
     fx.exec.stop_deployments().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_naming_a_secret_the_customer_did_not_allow_is_refused_and_nothing_is_read() {
+    let fx = Fx::new(ALL_PHASES);
+    fx.listen().await;
+    // The appliance's own keys and the host's secrets, named by a vendor's release.
+    let own_key = fx.dir.path().join("credentials.pem");
+    let references =
+        [format!("file:{}", own_key.display()), "file:/etc/shadow".into(), "env:AIRLOCK_JOIN_TOKEN".into()];
+    for (i, reference) in (30u8..).zip(references) {
+        let manifest = format!(
+            "name = \"greedy\"\nversion = \"1.0.0\"\n\n[[service]]\nname = \"web\"\ncommand = \"bin/web\"\nsecrets = {{ K = \"{reference}\" }}\n"
+        );
+        let (envelope, release) = stored_release(&fx, &manifest, &[("bin/web", b"#!/bin/sh\nexec sleep 600\n")]);
+        let stmt = fx.deploy_statement(op_id(i), &release);
+        let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+        assert_eq!(fx.execution(&r).exit_code, Some(super::super::deploy::REFUSED), "{reference}: {r:?}");
+        let last = statuses(&fx).pop().unwrap();
+        let deploy = last.deploy.unwrap();
+        assert_eq!(deploy.phase, airlock_proto::gateway::DeployPhase::Failed as i32);
+        assert!(deploy.reason.contains("allow list"), "{}", deploy.reason);
+        // Not even its existence goes up.
+        assert!(last.secrets.is_empty(), "{:?}", last.secrets);
+    }
 }
