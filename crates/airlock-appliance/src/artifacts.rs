@@ -143,7 +143,8 @@ impl ArtifactFetcher {
         self.fetch_with(channel, artifact, |_, _| true).await
     }
 
-    /// As [`Self::fetch`], calling `progress(held, size)` after each chunk is written; returning
+    /// As [`Self::fetch`], calling `progress(held, size)` after each chunk is received (and queued for
+    /// the writer, which finishes it even when the fetch stops); returning
     /// false stops the fetch there ([`FetchError::Cancelled`]), keeping what arrived for a resume.
     pub async fn fetch_with(
         &self,
