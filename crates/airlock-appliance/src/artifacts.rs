@@ -143,7 +143,8 @@ impl ArtifactFetcher {
         self.fetch_with(channel, artifact, |_, _| true).await
     }
 
-    /// As [`Self::fetch`], calling `progress(held, size)` after each chunk is written; returning
+    /// As [`Self::fetch`], calling `progress(held, size)` after each chunk is received (and queued for
+    /// the writer, which finishes it even when the fetch stops); returning
     /// false stops the fetch there ([`FetchError::Cancelled`]), keeping what arrived for a resume.
     pub async fn fetch_with(
         &self,
@@ -327,8 +328,31 @@ fn hex(bytes: &[u8]) -> String {
 pub async fn dial_gateway(state_dir: &Path) -> Result<Channel, crate::ApplianceError> {
     let state = crate::state_dir::StateDir::open(state_dir)?;
     let (enrolment, ca_pem, creds) = state.load()?;
-    let tls = crate::session::client_tls(&ca_pem, &creds).map_err(crate::ApplianceError::Protocol)?;
-    crate::session::connect(&enrolment.gateway_endpoint, &enrolment.gateway_server_name, tls)
+    let gateway = Gateway {
+        endpoint: &enrolment.gateway_endpoint,
+        server_name: &enrolment.gateway_server_name,
+        ca_pem: &ca_pem,
+        cert_pem: &creds.cert_pem,
+        key_pem: &creds.key_pem,
+    };
+    dial_gateway_with(&gateway).await
+}
+
+/// What dialling the gateway takes: where it is, the CA stored at join, our certificate and key (PEM).
+pub struct Gateway<'a> {
+    pub endpoint: &'a str,
+    pub server_name: &'a str,
+    pub ca_pem: &'a str,
+    pub cert_pem: &'a str,
+    pub key_pem: &'a str,
+}
+
+/// Dials the gateway as the session does (same TLS, same HTTP/2 settings) with the given identity.
+pub async fn dial_gateway_with(gateway: &Gateway<'_>) -> Result<Channel, crate::ApplianceError> {
+    let creds =
+        crate::state_dir::Credentials { cert_pem: gateway.cert_pem.to_owned(), key_pem: gateway.key_pem.to_owned() };
+    let tls = crate::session::client_tls(gateway.ca_pem, &creds).map_err(crate::ApplianceError::Protocol)?;
+    crate::session::connect(gateway.endpoint, gateway.server_name, tls)
         .await
         .map_err(|e| crate::ApplianceError::Protocol(format!("dialling the gateway: {e}")))
 }

@@ -185,7 +185,7 @@ fn body_error(message: &str, limit: u64) -> PutError {
 }
 
 /// ENOSPC and EDQUOT are a full disk; anything else is a storage failure.
-fn disk(e: io::Error) -> PutError {
+pub(crate) fn disk(e: io::Error) -> PutError {
     match e.raw_os_error() {
         Some(28 /* ENOSPC */ | 122 /* EDQUOT */) => PutError::DiskFull,
         _ => PutError::Io(e),

@@ -42,6 +42,13 @@ impl From<PutError> for ApiError {
     }
 }
 
+/// An artifact's bytes, as sent: any bytes (the server checks their SHA-256, not their shape).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+// Only documents the body: the handler streams it and never builds one.
+#[allow(dead_code)]
+pub struct ArtifactBytes(Vec<u8>);
+
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct ArtifactView {
     pub workspace: String,
@@ -73,7 +80,7 @@ fn parse_path(workspace: &str, sha256: &str) -> Result<(WorkspaceId, Sha256Hex),
 #[utoipa::path(put, path = "/v1/workspaces/{workspace}/artifacts/{sha256}", security(("bearer" = [])),
     params(("workspace" = String, Path, description = "workspace id (wsp_…)"),
         ("sha256" = String, Path, description = "lowercase hex SHA-256 of the bytes")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the artifact's bytes"),
+    request_body(content = ArtifactBytes, content_type = "application/octet-stream", description = "the artifact's bytes"),
     responses((status = 201, body = ArtifactView, description = "stored"),
         (status = 200, body = ArtifactView, description = "the workspace holds this artifact already"),
         (status = 422, body = ErrorBody, description = "the bytes do not have this SHA-256 (`digest_mismatch`); nothing was kept"),

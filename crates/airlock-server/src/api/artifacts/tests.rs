@@ -241,3 +241,32 @@ async fn a_release_naming_an_artifact_not_uploaded_is_refused_naming_it() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["artifacts"], 2);
 }
+
+#[tokio::test]
+async fn an_upload_that_breaks_off_leaves_nothing() {
+    let api = api().await;
+    let bytes = vec![3u8; 100_000];
+    let digest = sha(&bytes);
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+        vec![Ok(bytes[..50_000].to_vec()), Err(std::io::Error::other("connection reset"))];
+    let body = Body::from_stream(futures_util::stream::iter(pieces));
+    let (s, v) = api.call(Method::PUT, &api.path(&digest), &api.token, body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(api.blobs().is_empty());
+    assert_eq!(api.temporaries(), 0);
+    let (s, _) = api.call(Method::GET, &api.path(&digest), &api.token, Body::empty()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// A full disk (or quota) is its own answer, 507, whatever write hit it.
+#[test]
+fn a_full_disk_is_507_and_other_storage_failures_500() {
+    use crate::api::ApiError;
+    for errno in [28, 122] {
+        let e = crate::artifacts::disk(std::io::Error::from_raw_os_error(errno));
+        assert!(matches!(e, crate::artifacts::PutError::DiskFull), "{errno}: {e}");
+        assert_eq!(ApiError::from(e).status, StatusCode::INSUFFICIENT_STORAGE);
+    }
+    let e = crate::artifacts::disk(std::io::Error::from_raw_os_error(5));
+    assert_eq!(ApiError::from(e).status, StatusCode::INTERNAL_SERVER_ERROR);
+}
