@@ -110,6 +110,8 @@ pub enum Live {
     Session {
         // Held so the connection's request handle lives as long as the stream.
         _client: ApplianceGatewayClient<Channel>,
+        /// The stream's connection, for other RPCs on it (e.g. `FetchArtifact`), as the appliance does.
+        channel: Channel,
         tx: mpsc::Sender<ApplianceMessage>,
         inbound: Streaming<ControlMessage>,
     },
@@ -327,7 +329,7 @@ async fn connect_one(e: &Enrolled, hold: Hold) -> anyhow::Result<Live> {
     if hold == Hold::H2 {
         return Ok(Live::H2 { _channel: channel });
     }
-    let mut client = ApplianceGatewayClient::new(channel);
+    let mut client = ApplianceGatewayClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<ApplianceMessage>(8);
     let hello = ApplianceMessage {
         body: Some(appliance_message::Body::Hello(Hello {
@@ -351,7 +353,7 @@ async fn connect_one(e: &Enrolled, hold: Hold) -> anyhow::Result<Live> {
         }
     };
     let inbound = tokio::time::timeout(WELCOME_TIMEOUT, welcome).await.context("no Welcome in time")??;
-    Ok(Live::Session { _client: client, tx, inbound })
+    Ok(Live::Session { _client: client, channel, tx, inbound })
 }
 
 /// TCP + mutual TLS, nothing more.
