@@ -44,6 +44,8 @@ use tonic::transport::Channel;
 const MAX_ROLLOUT_CONCURRENCY: usize = 1000;
 /// Free space kept beyond N copies of the artifact before `--store auto` writes them to disk.
 const DISK_MARGIN: u64 = 4 * 1024 * 1024 * 1024;
+/// Client timeout for the artifact's `PUT` and the rollout's `POST` (the server's deadline is the same).
+const SLOW_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the server's RSS is sampled during the window.
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
@@ -106,6 +108,10 @@ struct Summary {
     all_instructed_s: Option<f64>,
     first_installed_s: Option<f64>,
     all_installed_s: Option<f64>,
+    /// Instruction received to installed (verify, fetch, check), per appliance: median, 90th, max, seconds.
+    install_p50_s: f64,
+    install_p90_s: f64,
+    install_max_s: f64,
     /// Artifact bytes the appliances received and checked.
     bytes_served: u64,
     server_cpu_s: f64,
@@ -222,6 +228,13 @@ async fn run_with_server(
     let pin: Fingerprint = ready.ca_fingerprint.parse()?;
     let api_url = ready.api_url.trim_end_matches('/').to_owned();
     let http = fleet::http_client(pin)?;
+    // The rollout's `POST` requests every target's deploy before it answers (about 0.1 s each
+    // here), past the fleet client's 60 s timeout at 1,000 targets; and the artifact's `PUT`.
+    let slow_http = reqwest::Client::builder()
+        .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
+        .timeout(SLOW_REQUEST_TIMEOUT)
+        .build()
+        .context("building HTTP client")?;
     let env = post_json(
         &http,
         &format!("{api_url}/v1/workspaces/{}/environments", init.workspace),
@@ -277,7 +290,7 @@ async fn run_with_server(
     let t = Instant::now();
     // The artifact goes up in a `PUT` of its own, so upload and push are timed apart; the push
     // then finds it held and only signs and posts the release.
-    let put = http
+    let put = slow_http
         .put(format!("{api_url}/v1/workspaces/{}/artifacts/{sha256}", init.workspace))
         .bearer_auth(&init.admin_token)
         .header("content-type", "application/octet-stream")
@@ -343,7 +356,7 @@ async fn run_with_server(
     let start = unix_us();
     let t0 = Instant::now();
     let rollout = post_json(
-        &http,
+        &slow_http,
         &format!("{api_url}/v1/workspaces/{}/rollouts", init.workspace),
         &init.admin_token,
         &serde_json::json!({
@@ -357,12 +370,14 @@ async fn run_with_server(
 
     let mut instructed = Vec::new();
     let mut installed = Vec::new();
+    let mut install_us = Vec::new();
     let mut errors = Vec::new();
     while let Some(res) = set.join_next().await {
         match res {
             Ok(Ok(done)) => {
                 instructed.push(done.instructed_unix_us);
                 installed.push(done.installed_unix_us);
+                install_us.push(done.installed_unix_us.saturating_sub(done.instructed_unix_us));
             }
             Ok(Err(f)) => {
                 summary.failed += 1;
@@ -396,6 +411,12 @@ async fn run_with_server(
     summary.first_installed_s = installed.iter().min().map(|&u| since(u));
     summary.all_installed_s =
         (installed.len() == args.appliances).then(|| installed.iter().max().map(|&u| since(u))).flatten();
+    let mut install = install_us;
+    install.sort_unstable();
+    let pct = |p: usize| install.get((install.len() * p / 100).min(install.len().saturating_sub(1)));
+    summary.install_p50_s = pct(50).map_or(0.0, |&u| u as f64 / 1e6);
+    summary.install_p90_s = pct(90).map_or(0.0, |&u| u as f64 / 1e6);
+    summary.install_max_s = install.last().map_or(0.0, |&u| u as f64 / 1e6);
     summary.bytes_served = bytes.load(Ordering::Relaxed);
     let gib = summary.bytes_served as f64 / (1u64 << 30) as f64;
     summary.server_cpu_s_per_gib = if gib > 0.0 { summary.server_cpu_s / gib } else { 0.0 };
@@ -560,6 +581,10 @@ fn print_summary(s: &Summary) {
         s.failed,
         opt(s.first_installed_s),
         opt(s.all_installed_s)
+    );
+    println!(
+        "  instruction to installed: median {:.2} s, p90 {:.2} s, max {:.2} s",
+        s.install_p50_s, s.install_p90_s, s.install_max_s
     );
     println!(
         "  served {:.2} GiB at {:.0} MiB/s; server CPU {:.1} s = {:.2} CPU s/GiB",
