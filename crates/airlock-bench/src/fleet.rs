@@ -35,6 +35,10 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// From opening the stream to receiving `Welcome`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 receive windows, the appliance's own (`airlock-appliance`'s `session.rs`): they bound
+/// what an artifact fetch has in flight.
+const ARTIFACT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const ARTIFACT_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// Keep at most this many distinct error messages per phase.
 const MAX_ERROR_SAMPLES: usize = 10;
 
@@ -110,6 +114,8 @@ pub enum Live {
     Session {
         // Held so the connection's request handle lives as long as the stream.
         _client: ApplianceGatewayClient<Channel>,
+        /// The stream's connection, for other RPCs on it (e.g. `FetchArtifact`), as the appliance does.
+        channel: Channel,
         tx: mpsc::Sender<ApplianceMessage>,
         inbound: Streaming<ControlMessage>,
     },
@@ -327,7 +333,7 @@ async fn connect_one(e: &Enrolled, hold: Hold) -> anyhow::Result<Live> {
     if hold == Hold::H2 {
         return Ok(Live::H2 { _channel: channel });
     }
-    let mut client = ApplianceGatewayClient::new(channel);
+    let mut client = ApplianceGatewayClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<ApplianceMessage>(8);
     let hello = ApplianceMessage {
         body: Some(appliance_message::Body::Hello(Hello {
@@ -351,7 +357,7 @@ async fn connect_one(e: &Enrolled, hold: Hold) -> anyhow::Result<Live> {
         }
     };
     let inbound = tokio::time::timeout(WELCOME_TIMEOUT, welcome).await.context("no Welcome in time")??;
-    Ok(Live::Session { _client: client, tx, inbound })
+    Ok(Live::Session { _client: client, channel, tx, inbound })
 }
 
 /// TCP + mutual TLS, nothing more.
@@ -381,6 +387,8 @@ async fn dial(
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20))
+        .initial_stream_window_size(ARTIFACT_STREAM_WINDOW)
+        .initial_connection_window_size(ARTIFACT_CONNECTION_WINDOW)
         .connect_with_connector(tower::service_fn(move |_| {
             let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
             async move {

@@ -26,7 +26,7 @@ pub struct Ready {
 }
 
 /// The `airlock` binary must not pick up settings from the caller's environment.
-fn clean_command(bin: &Path) -> Command {
+pub fn clean_command(bin: &Path) -> Command {
     let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("AIRLOCK_") {
@@ -72,6 +72,11 @@ pub struct ServerProc {
 
 impl ServerProc {
     pub fn spawn(bin: &Path, data_dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(bin, data_dir, &[])
+    }
+
+    /// As [`Self::spawn`], with more `airlock server` flags (e.g. a longer request deadline).
+    pub fn spawn_with(bin: &Path, data_dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
         let ready_file = data_dir.join("ready.json");
         let log_file = data_dir.join("server.log");
         let log = std::fs::File::create(&log_file).context("creating server log")?;
@@ -91,6 +96,7 @@ impl ServerProc {
                 "--ready-file",
             ])
             .arg(&ready_file)
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

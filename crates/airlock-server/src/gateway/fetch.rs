@@ -5,8 +5,10 @@
 //! must be named by a release of that environment's workspace ([`crate::store::Store::released_artifact`]).
 //! Anything else, a malformed digest included, is `NOT_FOUND` with one message, so an appliance
 //! learns nothing about other tenants' artifacts.
-//! Memory is bounded: chunks of [`READ_CHUNK`] are read with tokio file I/O into a queue of
+//! Memory is bounded: chunks of [`FETCH_CHUNK`] are read with tokio file I/O into a queue of
 //! [`QUEUED_CHUNKS`], which fills only as fast as the appliance's HTTP/2 window lets it drain.
+//! A fetch holds about four chunks at once (queued, being encoded, buffered in HTTP/2), so the
+//! chunk size sets the server's memory per concurrent fetch (BENCHMARKS.md, issue 14).
 //! Revocation and expiry are checked again before every chunk, so a fetch stops with its appliance.
 
 use std::pin::Pin;
@@ -21,13 +23,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{GatewayPeer, refuse_stream};
-use crate::artifacts::{READ_CHUNK, Sha256Hex};
+use crate::artifacts::Sha256Hex;
 use crate::authz::TenantScope;
 use crate::registry::Kick;
 use crate::state::{AppState, event};
 
 /// Chunks read ahead of what the appliance has taken.
 const QUEUED_CHUNKS: usize = 2;
+/// One `ArtifactChunk`. At 512 KiB a release to 1,000 appliances at once held 1.8 GB on the
+/// control plane (about 1.7 MiB a fetch); 128 KiB cuts that by about four, for about 10% more
+/// CPU per GiB served (more messages and file reads).
+pub(super) const FETCH_CHUNK: usize = 128 * 1024;
 
 pub(super) type FetchStream = Pin<Box<dyn Stream<Item = Result<ArtifactChunk, Status>> + Send>>;
 
@@ -117,7 +123,7 @@ pub(super) async fn fetch_artifact(
                     .await;
                 return;
             }
-            let want = usize::try_from(size - at).unwrap_or(usize::MAX).min(READ_CHUNK);
+            let want = usize::try_from(size - at).unwrap_or(usize::MAX).min(FETCH_CHUNK);
             let mut buf = vec![0u8; want];
             let mut filled = 0;
             while filled < want {

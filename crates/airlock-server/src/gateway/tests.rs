@@ -1580,7 +1580,7 @@ async fn an_appliance_fetches_only_artifacts_released_in_its_own_workspace() {
     for c in &chunks {
         assert_eq!(c.offset, got.len() as u64);
         assert_eq!(c.size, bytes.len() as u64);
-        assert!(c.data.len() <= crate::artifacts::READ_CHUNK);
+        assert!(c.data.len() <= super::fetch::FETCH_CHUNK);
         got.extend_from_slice(&c.data);
     }
     assert_eq!(got, bytes);
