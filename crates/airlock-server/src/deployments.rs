@@ -175,6 +175,34 @@ impl DeploymentStatusView {
     }
 }
 
+/// How many reports one stream may have stored per second: a deploy reports a handful of phase
+/// changes in quick succession, a flood of them must not hold the store's write lock.
+const REPORTS_PER_SECOND: u32 = 5;
+
+/// One gateway stream's allowance of stored reports (a fixed one-second window).
+#[derive(Debug, Default)]
+pub struct ReportBudget {
+    window: Option<std::time::Instant>,
+    used: u32,
+}
+
+impl ReportBudget {
+    /// Whether a report arriving at `now` is stored.
+    pub fn admit(&mut self, now: std::time::Instant) -> bool {
+        match self.window {
+            Some(start) if now.duration_since(start) < std::time::Duration::from_secs(1) => {
+                self.used += 1;
+                self.used <= REPORTS_PER_SECOND
+            }
+            _ => {
+                self.window = Some(now);
+                self.used = 1;
+                true
+            }
+        }
+    }
+}
+
 /// Stores an appliance's report, replacing the one before; a new deploy phase is audited.
 /// Nothing goes back to the appliance (its next report replaces this one anyway).
 pub async fn handle_status(
@@ -189,9 +217,17 @@ pub async fn handle_status(
     let before = state.store.deployment_status(scope, peer.appliance).await?;
     let changed_phase = view.deploy.as_ref().map(|d| (&d.request_id, d.phase))
         != before.as_ref().and_then(|b| b.deploy.as_ref()).map(|d| (&d.request_id, d.phase));
+    // Audited only for a deploy of this very appliance: a report naming anything else is stored
+    // (it is the appliance's own word) but adds nothing to the tenant's chain.
+    let own_deploy = match view.deploy.as_ref().and_then(|d| d.request_id.parse::<airlock_core::OperationId>().ok()) {
+        Some(op) if changed_phase => state.store.get_operation(scope, op).await?.is_some_and(|row| {
+            row.appliance_id == peer.appliance && row.template_name == airlock_core::deploy::DEPLOY_KIND
+        }),
+        _ => false,
+    };
     let mut tx = state.store.write().await?;
     tx.put_deployment_status(scope, peer.appliance, &json, now).await?;
-    if changed_phase && let Some(d) = &view.deploy {
+    if own_deploy && let Some(d) = &view.deploy {
         let mut ev = event(scope.principal().actor(), AuditAction::DeploymentStatus, Outcome::Success);
         ev.target = Some(d.request_id.clone());
         ev.detail = serde_json::json!({
@@ -205,4 +241,18 @@ pub async fn handle_status(
     }
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_stores_a_few_reports_a_second() {
+        let mut budget = ReportBudget::default();
+        let t0 = std::time::Instant::now();
+        let admitted = (0..20).filter(|i| budget.admit(t0 + std::time::Duration::from_millis(*i))).count();
+        assert_eq!(admitted, REPORTS_PER_SECOND as usize);
+        assert!(budget.admit(t0 + std::time::Duration::from_millis(1001)));
+    }
 }

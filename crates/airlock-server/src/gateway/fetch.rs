@@ -103,8 +103,11 @@ pub(super) async fn fetch_artifact(
     if let Err(status) = &found {
         ev.outcome = Outcome::Denied;
         ev.detail = serde_json::json!({ "fetch": true, "error": format!("{:?}", status.code()) });
+        // Rate limited: an appliance looping over made-up digests must not grow the chain.
+        state.audit_refusal(&scope.chain(), ev).await;
+    } else {
+        state.audit_access(&scope.chain(), ev).await;
     }
-    state.audit_access(&scope.chain(), ev).await;
     let (size, file) = found?;
 
     let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);

@@ -312,6 +312,7 @@ impl ApplianceGateway for GatewayService {
             let mut welcomed = false;
             tokio::pin!(expiry);
             let mut version = String::new();
+            let mut reports = crate::deployments::ReportBudget::default();
             // Replies never wait on the peer: an appliance that stops reading must not stall
             // this task, which has to stay free to act on revocation and expiry.
             let ended = loop {
@@ -340,7 +341,8 @@ impl ApplianceGateway for GatewayService {
                         // store redo the Welcome-time push.
                         let hello = !welcomed && matches!(msg.body, Some(appliance_message::Body::Hello(_)));
                         welcomed |= hello;
-                        let reply = handle_message(&state, &registration, &peer, &scope, msg, &mut version).await;
+                        let reply =
+                            handle_message(&state, &registration, &peer, &scope, msg, &mut version, &mut reports).await;
                         let Some(reply) = reply else { continue };
                         match tx.try_send(Ok(Box::new(reply))) {
                             // After the Welcome: every operation still waiting for this
@@ -396,6 +398,7 @@ async fn handle_message(
     scope: &TenantScope,
     msg: ApplianceMessage,
     version: &mut String,
+    reports: &mut crate::deployments::ReportBudget,
 ) -> Option<ControlMessage> {
     let now = state.now();
     let body = match msg.body? {
@@ -445,6 +448,10 @@ async fn handle_message(
         }
         appliance_message::Body::DeploymentStatus(status) => {
             // Nothing to answer: the next report replaces this one, so a failure is only logged.
+            if !reports.admit(std::time::Instant::now()) {
+                tracing::debug!(appliance = %peer.identity.appliance, "deployment status over its rate; dropped");
+                return None;
+            }
             if let Err(e) = crate::deployments::handle_status(state, &peer.identity, scope, &status).await {
                 tracing::error!(appliance = %peer.identity.appliance, error = %e, "cannot store a deployment status");
             }
