@@ -2,6 +2,7 @@
 //! carry on after a restart.
 
 use airlock_core::id::TokenId;
+use airlock_core::operation::OperationState;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
 use sqlx::Row;
 
@@ -72,6 +73,25 @@ impl Store {
         let rows =
             sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_all(&self.pool).await?;
         rows.iter().map(target_from_row).collect()
+    }
+
+    /// The state and exit code of every operation a rollout's targets requested, in one read
+    /// (the driver refreshes thousands of targets a round).
+    pub async fn rollout_operation_states(
+        &self,
+        scope: &TenantScope,
+        id: RolloutId,
+    ) -> Result<std::collections::HashMap<OperationId, (OperationState, Option<i64>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.state, o.exit_code FROM rollout_targets t
+             JOIN operations o ON o.tenant_id = t.tenant_id AND o.id = t.operation_id
+             WHERE t.tenant_id = $1 AND t.rollout_id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((parse_col(r, "id")?, (parse_col(r, "state")?, r.try_get("exit_code")?)))).collect()
     }
 
     /// The tenant a rollout belongs to (for the driver's own records).
