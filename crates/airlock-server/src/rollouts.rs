@@ -285,7 +285,9 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
     let next = plan(&states, rollout.concurrency, rollout.max_failures);
     start.extend(&next.start);
     start_targets(state, scope, &rollout, &mut targets, &start, now).await;
-    changed.extend(start);
+    // Started targets were stored as deploying (or left as they were) before their requests;
+    // only those whose request was refused changed since.
+    changed.extend(start.into_iter().filter(|&i| targets[i].state == TargetState::Failed));
     // A target that could not even be requested failed at once: the next round plans with it.
     changed.sort_unstable();
     changed.dedup();
