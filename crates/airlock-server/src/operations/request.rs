@@ -215,34 +215,32 @@ pub async fn request_many(
     }
 
     let envelopes = sign_all(state, statements.iter().map(|(_, _, s)| s.clone()).collect()).await?;
+    let mut slots = Vec::with_capacity(statements.len());
     let mut rows = Vec::with_capacity(statements.len());
     let mut events = Vec::with_capacity(statements.len());
     for ((slot, workspace, statement), envelope) in statements.into_iter().zip(envelopes) {
         let p = &prepared[&workspace];
         let (row, ev) = stored(scope, workspace, p, statement, envelope.to_json(), state.ops_signer.cert_pem(), now);
-        rows.push((slot, row));
+        slots.push(slot);
+        rows.push(row);
         events.push(ev);
     }
 
-    let works: Vec<Work> = rows.iter().map(|(_, r)| Work::Operation(r.appliance_id)).collect();
+    let works: Vec<Work> = rows.iter().map(|r| Work::Operation(r.appliance_id)).collect();
     let inserted = state
         .push
         .noting_all(&works, async {
             let mut tx = state.store.write().await?;
-            let mut inserted = Vec::with_capacity(rows.len());
-            for ((_, row), ev) in rows.iter().zip(&events) {
-                let ok = tx.insert_operation(scope, row).await?;
-                if ok {
-                    tx.audit(&scope.chain(), now, ev.clone()).await?;
-                }
-                inserted.push(ok);
-            }
+            let inserted = tx.insert_operations(scope, &rows).await?;
+            // Exactly one audit record per operation stored, in the same transaction.
+            let audited = events.into_iter().zip(&inserted).filter(|(_, ok)| **ok).map(|(ev, _)| ev).collect();
+            tx.audit_all(&scope.chain(), now, audited).await?;
             tx.commit().await?;
             Ok::<_, RequestError>(inserted)
         })
         .await?;
     let mut pushed = Vec::with_capacity(rows.len());
-    for ((slot, row), ok) in rows.into_iter().zip(inserted) {
+    for ((slot, row), ok) in slots.into_iter().zip(rows).zip(inserted) {
         out[slot] = if ok {
             tracing::debug!(operation = %row.id, appliance = %row.appliance_id, template = %row.template_name, "operation requested");
             pushed.push(row.clone());

@@ -1,5 +1,7 @@
 //! Operations: the signed request, its relayed approval, the appliance's result and the customer's release, and the order in which the pending ones are pushed.
 
+use std::collections::{HashMap, HashSet};
+
 use airlock_core::grant::DenyCode;
 use airlock_core::operation::{OperationState, RefusalCode};
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, Timestamp, WorkspaceId};
@@ -231,6 +233,53 @@ impl Store {
 impl WriteTx<'_> {
     /// Inserts an operation. False if its appliance is not the tenant's, in that environment.
     pub async fn insert_operation(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<bool, StoreError> {
+        Ok(self.insert_operations(scope, std::slice::from_ref(op)).await?.first().copied().unwrap_or(false))
+    }
+
+    /// Inserts operations (a batch of requests), each only if its appliance is the tenant's, in
+    /// that environment of that workspace: false for those that are not (nothing inserted).
+    pub async fn insert_operations(
+        &mut self,
+        scope: &TenantScope,
+        ops: &[OperationRow],
+    ) -> Result<Vec<bool>, StoreError> {
+        /// From this many operations of one environment, its appliances are read at once
+        /// rather than looked up one by one.
+        const READ_ALL_FROM: usize = 32;
+        let mut groups: HashMap<(EnvironmentId, WorkspaceId), usize> = HashMap::new();
+        for op in ops {
+            *groups.entry((op.environment_id, op.workspace_id)).or_default() += 1;
+        }
+        let mut owned: HashMap<(EnvironmentId, WorkspaceId), HashSet<ApplianceId>> = HashMap::new();
+        for (&(env, ws), _) in groups.iter().filter(|(_, n)| **n >= READ_ALL_FROM) {
+            let rows = sqlx::query(
+                "SELECT a.id FROM appliances a JOIN environments e ON e.id = a.environment_id
+                 WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND e.id = $2 AND e.workspace_id = $3",
+            )
+            .bind(scope.tenant().to_string())
+            .bind(env.to_string())
+            .bind(ws.to_string())
+            .fetch_all(&mut *self.tx)
+            .await?;
+            let ids = rows.iter().map(|r| parse_col(r, "id")).collect::<Result<_, StoreError>>()?;
+            owned.insert((env, ws), ids);
+        }
+        let mut inserted = Vec::with_capacity(ops.len());
+        for op in ops {
+            let is_owned = match owned.get(&(op.environment_id, op.workspace_id)) {
+                Some(ids) => ids.contains(&op.appliance_id),
+                None => self.owns(scope, op).await?,
+            };
+            if is_owned {
+                self.insert_row(scope, op).await?;
+            }
+            inserted.push(is_owned);
+        }
+        Ok(inserted)
+    }
+
+    /// Whether `op`'s appliance is the tenant's, in its environment and workspace.
+    async fn owns(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<bool, StoreError> {
         let owned = sqlx::query(
             "SELECT 1 AS one FROM appliances a JOIN environments e ON e.id = a.environment_id
              WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND a.id = $2 AND e.id = $3 AND e.workspace_id = $4",
@@ -241,9 +290,10 @@ impl WriteTx<'_> {
         .bind(op.workspace_id.to_string())
         .fetch_optional(&mut *self.tx)
         .await?;
-        if owned.is_none() {
-            return Ok(false);
-        }
+        Ok(owned.is_some())
+    }
+
+    async fn insert_row(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
                 template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
@@ -268,7 +318,7 @@ impl WriteTx<'_> {
         .execute(&mut *self.tx)
         .await
         .map_err(|e| conflict(e, "operation", &op.id.to_string()))?;
-        Ok(true)
+        Ok(())
     }
 
     /// An operation, read under the write lock so a check and its update cannot interleave.

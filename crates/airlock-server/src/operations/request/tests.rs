@@ -268,3 +268,40 @@ async fn a_rollout_round_requests_every_start_at_once_and_after_a_failed_commit_
     crate::rollouts::drive(&f.state, &f.scope, id).await.unwrap();
     assert_eq!(f.requests_audited().await.len(), 4);
 }
+
+#[tokio::test]
+async fn batch_inserts_check_every_appliance_whether_looked_up_one_by_one_or_all_at_once() {
+    let f = fixture().await;
+    f.push_template().await;
+    let (env, appliances) = f.env_with("prod", 1).await;
+    let (_, other) = f.env_with("stage", 1).await;
+    let made =
+        request_many(&f.state, &f.scope, template(), "ticket 7".into(), &targets(env, &appliances)).await.unwrap();
+    let row = made.into_iter().next().unwrap().unwrap();
+    let dir = f.dir.path();
+    let globex = crate::create_tenant(dir, &KekSource::default_for(dir), "globex", "default", &*f.clock).await.unwrap();
+    let foreign =
+        TenantScope::for_api_token(f.state.store.api_token_by_hash(&globex.admin_token.hash()).await.unwrap().unwrap());
+    // One at a time, and past the size from which the environment's appliances are read at
+    // once: the last names an appliance of another environment and is not inserted.
+    for n in [2_usize, 40] {
+        let rows: Vec<OperationRow> = (0..n)
+            .map(|i| {
+                let mut r = row.clone();
+                r.id = OperationId::from_random(random());
+                if i == n - 1 {
+                    r.appliance_id = other[0];
+                }
+                r
+            })
+            .collect();
+        let mut tx = f.state.store.write().await.unwrap();
+        assert_eq!(tx.insert_operations(&foreign, &rows).await.unwrap(), vec![false; n], "another tenant's");
+        let inserted = tx.insert_operations(&f.scope, &rows).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(inserted, (0..n).map(|i| i != n - 1).collect::<Vec<_>>());
+        for (r, ok) in rows.iter().zip(inserted) {
+            assert_eq!(f.state.store.get_operation(&f.scope, r.id).await.unwrap().is_some(), ok);
+        }
+    }
+}
