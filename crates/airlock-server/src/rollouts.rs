@@ -295,9 +295,7 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
         return Ok(());
     }
     let mut tx = state.store.write().await?;
-    for &i in &changed {
-        tx.put_rollout_target(scope, id, &targets[i]).await?;
-    }
+    tx.put_rollout_targets(scope, id, changed.iter().map(|&i| &targets[i])).await?;
     if next.state != rollout.state {
         tx.set_rollout_state(scope, id, next.state, now).await?;
         let action = match next.state {
@@ -348,9 +346,7 @@ async fn start_targets(
     // Stored before the requests, so a restart in between asks again under the same ids.
     let stored = async {
         let mut tx = state.store.write().await?;
-        for &i in which {
-            tx.put_rollout_target(scope, rollout.id, &targets[i]).await?;
-        }
+        tx.put_rollout_targets(scope, rollout.id, which.iter().map(|&i| &targets[i])).await?;
         tx.commit().await
     };
     if let Err(e) = stored.await {

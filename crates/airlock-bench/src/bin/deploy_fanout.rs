@@ -94,9 +94,11 @@ const ADMIN_TOKEN_ENV: &str = "AIRLOCK_BENCH_ADMIN_TOKEN";
 /// What the appliances of one process saw in a round.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct RoundReport {
-    /// Deploy instructions received.
+    /// Deploy instructions of operations not seen before (this round's).
     received: u64,
-    /// Answers the control plane acknowledged `STORED`.
+    /// Instructions of operations seen before, sent again.
+    received_again: u64,
+    /// Answers to this round's instructions the control plane acknowledged `STORED`.
     acked: u64,
     /// Answers it acknowledged otherwise (refused, retry).
     not_stored: u64,
@@ -118,6 +120,7 @@ enum WorkerReport {
 #[derive(Default)]
 struct Tally {
     received: AtomicU64,
+    received_again: AtomicU64,
     acked: AtomicU64,
     not_stored: AtomicU64,
     first_received_us: AtomicU64,
@@ -129,6 +132,7 @@ impl Tally {
     fn reset(&self) {
         for c in [
             &self.received,
+            &self.received_again,
             &self.acked,
             &self.not_stored,
             &self.first_received_us,
@@ -142,6 +146,7 @@ impl Tally {
     fn report(&self) -> RoundReport {
         RoundReport {
             received: self.received.load(Ordering::SeqCst),
+            received_again: self.received_again.load(Ordering::SeqCst),
             acked: self.acked.load(Ordering::SeqCst),
             not_stored: self.not_stored.load(Ordering::SeqCst),
             first_received_us: self.first_received_us.load(Ordering::SeqCst),
@@ -157,14 +162,23 @@ fn first(at: &AtomicU64, now: u64) {
 }
 
 /// One appliance answering deploy instructions as a real one without approval does, until its
-/// stream ends (or the task is aborted at teardown).
+/// stream ends (or the task is aborted at teardown). An operation it has not seen before is
+/// this round's deploy: its acknowledged answer is what a round waits for. Instructions sent
+/// again (of earlier rounds' deploys, still awaiting approval) are answered too, and counted.
 async fn respond(live: Live, tally: Arc<Tally>) {
     let Live::Session { _client, tx, mut inbound } = live else { return };
+    let mut seen = std::collections::HashSet::new();
+    let mut fresh = std::collections::HashSet::new();
     while let Ok(Some(msg)) = inbound.message().await {
         match msg.body {
             Some(control_message::Body::Operation(instruction)) => {
-                first(&tally.first_received_us, unix_us());
-                tally.received.fetch_add(1, Ordering::SeqCst);
+                if seen.insert(instruction.request_id.clone()) {
+                    first(&tally.first_received_us, unix_us());
+                    tally.received.fetch_add(1, Ordering::SeqCst);
+                    fresh.insert(instruction.request_id.clone());
+                } else {
+                    tally.received_again.fetch_add(1, Ordering::SeqCst);
+                }
                 let answer = ApplianceMessage {
                     body: Some(appliance_message::Body::OperationResult(OperationResult {
                         request_id: instruction.request_id,
@@ -179,13 +193,13 @@ async fn respond(live: Live, tally: Arc<Tally>) {
                 }
             }
             Some(control_message::Body::OperationAck(ack)) if ack.kind == OperationAckKind::Result as i32 => {
-                if ack.code == AckCode::Stored as i32 {
+                if ack.code != AckCode::Stored as i32 {
+                    tally.not_stored.fetch_add(1, Ordering::SeqCst);
+                } else if fresh.remove(&ack.request_id) {
                     let now = unix_us();
                     first(&tally.first_acked_us, now);
                     tally.last_acked_us.fetch_max(now, Ordering::SeqCst);
                     tally.acked.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    tally.not_stored.fetch_add(1, Ordering::SeqCst);
                 }
             }
             _ => {}
@@ -377,6 +391,7 @@ struct Round {
     /// … to the last answer acknowledged: the goal's figure.
     all_acked_s: f64,
     received: u64,
+    received_again: u64,
     acked: u64,
     not_stored: u64,
     server_cpu_s: f64,
@@ -569,14 +584,15 @@ async fn run_with_server(
             first_acked_s: secs_since(t0, min_nonzero(|r| r.first_acked_us)),
             all_acked_s: secs_since(t0, all.iter().map(|r| r.last_acked_us).max().unwrap_or(0)),
             received: all.iter().map(|r| r.received).sum(),
+            received_again: all.iter().map(|r| r.received_again).sum(),
             acked: all.iter().map(|r| r.acked).sum(),
             not_stored: all.iter().map(|r| r.not_stored).sum(),
             server_cpu_s: cpu1 - cpu0,
             server_rss_growth_mib: mib(rss1) - mib(rss0),
         };
         eprintln!(
-            "round {round}: {} of {connected} acknowledged, all in {:.3} s (first {:.3} s; API answered in {:.3} s); server CPU {:.2} s, RSS {:+.1} MiB",
-            r.acked, r.all_acked_s, r.first_acked_s, r.api_s, r.server_cpu_s, r.server_rss_growth_mib
+            "round {round}: {} of {connected} acknowledged, all in {:.3} s (first {:.3} s; API answered in {:.3} s); {} sent again; server CPU {:.2} s, RSS {:+.1} MiB",
+            r.acked, r.all_acked_s, r.first_acked_s, r.api_s, r.received_again, r.server_cpu_s, r.server_rss_growth_mib
         );
         rounds.push(r);
     }

@@ -125,31 +125,6 @@ impl WriteTx<'_> {
     /// Appends `event` to `chain` in this transaction.
     pub async fn audit(&mut self, chain: &str, at: Timestamp, event: Event) -> Result<Record, StoreError> {
         let head = self.audit_head_for_append(chain).await?;
-        let record = self.insert_record(chain, head, at, event).await?;
-        self.put_head(chain, record.head(), at).await?;
-        Ok(record)
-    }
-
-    /// Appends `events` to `chain` in order in this transaction, exactly as [`Self::audit`] one
-    /// by one would, but with the head read and written once (a batch of requests).
-    pub async fn audit_all(&mut self, chain: &str, at: Timestamp, events: Vec<Event>) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut head = self.audit_head_for_append(chain).await?;
-        for event in events {
-            head = self.insert_record(chain, head, at, event).await?.head();
-        }
-        self.put_head(chain, head, at).await
-    }
-
-    async fn insert_record(
-        &mut self,
-        chain: &str,
-        head: Head,
-        at: Timestamp,
-        event: Event,
-    ) -> Result<Record, StoreError> {
         let record = Record::append(chain, head, at, event);
         let json = serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let seq = i64::try_from(record.seq).map_err(|_| StoreError::Corrupt("audit seq overflow".into()))?;
@@ -160,6 +135,7 @@ impl WriteTx<'_> {
             .bind(json)
             .execute(&mut *self.tx)
             .await?;
+        self.put_head(chain, record.head(), at).await?;
         Ok(record)
     }
 

@@ -104,6 +104,9 @@ const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id,
     output_sha256, output_size, refusal_code, deny_code, refusal_reason, result_at,
     CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored, output_salt_sealed, appliance_attestation";
 
+/// Rows per multi-row INSERT: 15 parameters each, far below SQLite's limit of 32,766.
+const INSERT_ROWS: usize = 256;
+
 /// The states in which an operation still waits for the appliance's final result.
 pub const PENDING_STATES: [OperationState; 3] =
     [OperationState::AwaitingApproval, OperationState::Approved, OperationState::Denied];
@@ -270,10 +273,37 @@ impl WriteTx<'_> {
                 Some(ids) => ids.contains(&op.appliance_id),
                 None => self.owns(scope, op).await?,
             };
-            if is_owned {
-                self.insert_row(scope, op).await?;
-            }
             inserted.push(is_owned);
+        }
+        let rows: Vec<&OperationRow> = ops.iter().zip(&inserted).filter(|(_, ok)| **ok).map(|(op, _)| op).collect();
+        // A few multi-row statements rather than one per operation: each statement is a round
+        // trip to SQLite's worker thread, which is what bounds a batch.
+        let tenant = scope.tenant().to_string();
+        for chunk in rows.chunks(INSERT_ROWS) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
+                    template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
+                    request_envelope, control_plane_cert_pem) ",
+            );
+            insert.push_values(chunk, |mut row, op| {
+                row.push_bind(op.id.to_string())
+                    .push_bind(tenant.as_str())
+                    .push_bind(op.workspace_id.to_string())
+                    .push_bind(op.environment_id.to_string())
+                    .push_bind(op.appliance_id.to_string())
+                    .push_bind(op.template_name.as_str())
+                    .push_bind(op.template_sha256.as_str())
+                    .push_bind(op.state.as_str())
+                    .push_bind(op.requested_by.as_str())
+                    .push_bind(op.requested_at.unix_millis())
+                    .push_bind(op.updated_at.unix_millis())
+                    .push_bind(op.request_digest.as_str())
+                    .push_bind(op.command_sha256.as_str())
+                    .push_bind(op.request_envelope.as_str())
+                    .push_bind(op.control_plane_cert_pem.as_str());
+            });
+            let first = chunk.first().map(|op| op.id.to_string()).unwrap_or_default();
+            insert.build().execute(&mut *self.tx).await.map_err(|e| conflict(e, "operation", &first))?;
         }
         Ok(inserted)
     }
@@ -291,34 +321,6 @@ impl WriteTx<'_> {
         .fetch_optional(&mut *self.tx)
         .await?;
         Ok(owned.is_some())
-    }
-
-    async fn insert_row(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
-                template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
-                request_envelope, control_plane_cert_pem)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(op.id.to_string())
-        .bind(scope.tenant().to_string())
-        .bind(op.workspace_id.to_string())
-        .bind(op.environment_id.to_string())
-        .bind(op.appliance_id.to_string())
-        .bind(&op.template_name)
-        .bind(&op.template_sha256)
-        .bind(op.state.as_str())
-        .bind(&op.requested_by)
-        .bind(op.requested_at.unix_millis())
-        .bind(op.updated_at.unix_millis())
-        .bind(&op.request_digest)
-        .bind(&op.command_sha256)
-        .bind(&op.request_envelope)
-        .bind(&op.control_plane_cert_pem)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(|e| conflict(e, "operation", &op.id.to_string()))?;
-        Ok(())
     }
 
     /// An operation, read under the write lock so a check and its update cannot interleave.
