@@ -64,14 +64,15 @@ async fn apply_result(
     let outcome = OperationOutcome::try_from(r.outcome).unwrap_or(OperationOutcome::Unspecified);
     let now = state.now();
     if outcome == OperationOutcome::AwaitingApproval {
-        // Nothing is written, so a plain read rather than the write lock: a rollout's fan-out
-        // brings thousands of these at once. (An approval committed meanwhile pushes itself.)
-        let Some(op) =
-            state.store.get_operation(scope, request_id).await?.filter(|op| op.appliance_id == peer.appliance)
+        // Nothing is written, so a plain read of the operation's state rather than the write
+        // lock and the whole row: a rollout's fan-out brings thousands of these at once. (An
+        // approval committed meanwhile pushes itself.)
+        let Some((_, op_state, has_result)) =
+            state.store.operation_status(scope, request_id).await?.filter(|(a, ..)| *a == peer.appliance)
         else {
             return refuse(format!("no operation {request_id} for this appliance"));
         };
-        return awaiting_approval(state, peer, &op, r, now);
+        return awaiting_approval(state, peer, op_state, has_result, r, now);
     }
     let mut tx = state.store.write().await?;
     let Some(op) = tx.operation(scope, request_id).await?.filter(|op| op.appliance_id == peer.appliance) else {
@@ -85,7 +86,7 @@ async fn apply_result(
             refuse(format!("the result's outcome {} is unknown or unspecified", r.outcome))
         }
         // Answered above without the write lock; the same answer if it were not.
-        OperationOutcome::AwaitingApproval => awaiting_approval(state, peer, &op, r, now),
+        OperationOutcome::AwaitingApproval => awaiting_approval(state, peer, op.state, op.result_at.is_some(), r, now),
         OperationOutcome::Refused => {
             let reported = reported_refusal(r, outcome)?;
             if reported.code == RefusalCode::NotRecorded {
@@ -177,12 +178,13 @@ async fn apply_result(
 fn awaiting_approval(
     state: &AppState,
     peer: &ApplianceIdentity,
-    op: &OperationRow,
+    op_state: OperationState,
+    has_result: bool,
     r: &OperationResult,
     now: Timestamp,
 ) -> Result<(), Refuse> {
     let reported = reported_refusal(r, OperationOutcome::AwaitingApproval)?;
-    if PENDING_STATES.contains(&op.state) && op.result_at.is_none() && op.state == OperationState::Approved {
+    if !has_result && op_state == OperationState::Approved {
         state.push.repush_when_valid(peer.appliance, reported.valid_from, now);
     }
     Ok(())

@@ -160,6 +160,24 @@ impl Store {
         row.as_ref().map(operation_from_row).transpose()
     }
 
+    /// An operation's appliance, state and whether it has its final result: all an answer that
+    /// changes nothing (`AWAITING_APPROVAL`) is checked against, without reading its envelopes.
+    pub async fn operation_status(
+        &self,
+        scope: &TenantScope,
+        id: OperationId,
+    ) -> Result<Option<(ApplianceId, OperationState, bool)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT appliance_id, state, result_at IS NOT NULL AS final FROM operations WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((parse_col(&r, "appliance_id")?, parse_col(&r, "state")?, r.try_get::<bool, _>("final")?)))
+            .transpose()
+    }
+
     /// Operations of the tenant, newest first, optionally by state and environment.
     pub async fn list_operations(
         &self,
