@@ -214,11 +214,11 @@ pub async fn request_many(
         out.push(Err(RequestError::Sign));
     }
 
-    let envelopes = sign_all(state, statements.iter().map(|(_, _, s)| s.clone()).collect()).await?;
-    let mut slots = Vec::with_capacity(statements.len());
-    let mut rows = Vec::with_capacity(statements.len());
-    let mut events = Vec::with_capacity(statements.len());
-    for ((slot, workspace, statement), envelope) in statements.into_iter().zip(envelopes) {
+    let signed = sign_all(state, statements).await?;
+    let mut slots = Vec::with_capacity(signed.len());
+    let mut rows = Vec::with_capacity(signed.len());
+    let mut events = Vec::with_capacity(signed.len());
+    for ((slot, workspace, statement), envelope) in signed {
         let p = &prepared[&workspace];
         let (row, ev) = stored(scope, workspace, p, statement, envelope.to_json(), state.ops_signer.cert_pem(), now);
         slots.push(slot);
@@ -239,18 +239,18 @@ pub async fn request_many(
             Ok::<_, RequestError>(inserted)
         })
         .await?;
-    let mut pushed = Vec::with_capacity(rows.len());
     for ((slot, row), ok) in slots.into_iter().zip(rows).zip(inserted) {
         out[slot] = if ok {
             tracing::debug!(operation = %row.id, appliance = %row.appliance_id, template = %row.template_name, "operation requested");
-            pushed.push(row.clone());
             Ok(row)
         } else {
             Err(RequestError::NotActive { appliance: row.appliance_id, environment: row.environment_id })
         };
     }
-    tracing::info!(operations = pushed.len(), targets = targets.len(), "operations requested");
-    state.push.requested(scope, &pushed).await;
+    // Every stored operation, and only those: the others' slots hold why they were not.
+    let stored: Vec<&OperationRow> = out.iter().filter_map(|r| r.as_ref().ok()).collect();
+    tracing::info!(operations = stored.len(), targets = targets.len(), "operations requested");
+    state.push.requested(scope, &stored).await;
     Ok(out)
 }
 
@@ -263,18 +263,19 @@ fn checked_reason(reason: &str) -> Result<String, RequestError> {
     Ok(reason)
 }
 
-/// Requests signed with the operations key, in order: on the blocking pool, split over the
-/// available cores (a rollout signs thousands at once and must not hold an async worker).
-async fn sign_all(state: &AppState, statements: Vec<RequestStatement>) -> Result<Vec<Envelope>, RequestError> {
+/// Requests signed with the operations key, each returned beside its envelope, in order: on
+/// the blocking pool, split over the available cores (a rollout signs thousands at once and
+/// must not hold an async worker).
+async fn sign_all<T: Send + 'static>(
+    state: &AppState,
+    statements: Vec<(usize, T, RequestStatement)>,
+) -> Result<Vec<((usize, T, RequestStatement), Envelope)>, RequestError> {
     /// Below this, one thread signs them: a hand-off costs more than it saves.
     const PER_THREAD_AT_LEAST: usize = 64;
     let sign_err = |e: &dyn std::fmt::Display| {
         tracing::error!(error = %e, "cannot sign an operation request");
         RequestError::Sign
     };
-    if statements.is_empty() {
-        return Ok(Vec::new());
-    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = statements.len().div_ceil(threads).max(PER_THREAD_AT_LEAST);
     let mut statements = statements;
@@ -288,7 +289,7 @@ async fn sign_all(state: &AppState, statements: Vec<RequestStatement>) -> Result
         .map(|chunk| {
             let signer = state.ops_signer.clone();
             tokio::task::spawn_blocking(move || {
-                chunk.iter().map(|s| signer.sign_request(s)).collect::<Result<Vec<_>, _>>()
+                chunk.into_iter().map(|s| signer.sign_request(&s.2).map(|e| (s, e))).collect::<Result<Vec<_>, _>>()
             })
         })
         .collect();

@@ -55,9 +55,9 @@ impl Pusher {
     /// stream was sent when it was requested, decided or the stream connected, or a push that
     /// stopped on a full queue resumes at the appliance's next message. A new one that finds
     /// the queue full is covered the same way (a resume from the start).
-    pub async fn requested(&self, scope: &TenantScope, ops: &[OperationRow]) {
+    pub async fn requested(&self, scope: &TenantScope, ops: &[&OperationRow]) {
         let mut payloads = Payloads::default();
-        for op in ops {
+        for &op in ops {
             if !self.send_instruction(scope, op.appliance_id, op, &mut payloads).await {
                 // A no-op when the appliance is not connected: its Welcome pushes everything.
                 self.registry.push_stopped(op.appliance_id, PushFrom::Start);
