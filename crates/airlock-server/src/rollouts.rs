@@ -2,9 +2,11 @@
 //! environments of a workspace), at most `concurrency` at a time, halted once more than
 //! `max_failures` of them failed.
 //!
-//! Each target becomes an ordinary deploy operation (`operations::request` with
-//! `Requested::Deploy`), so every appliance's customer decides about it exactly as about a
-//! single deploy; a target waiting for its customer's approval holds a slot.
+//! Each target becomes an ordinary deploy operation (`Requested::Deploy`), so every appliance's
+//! customer decides about it exactly as about a single deploy; a target waiting for its
+//! customer's approval holds a slot. A round's starts are requested as one batch
+//! (`operations::request_many`: the release verified once, one transaction), so a rollout of
+//! thousands at full concurrency reaches every appliance within seconds.
 //!
 //! Decide, then act: [`plan`] is pure (the targets' states in, what to start and the rollout's
 //! state out); [`drive`] reads the store, refreshes targets from their operations, plans, and
@@ -22,7 +24,7 @@ use airlock_core::{EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId
 use serde::{Deserialize, Serialize};
 
 use crate::authz::TenantScope;
-use crate::operations::{NewOperation, Requested};
+use crate::operations::{RequestError, Requested, Target};
 use crate::releases::{DeployableError, ReleaseSelector};
 use crate::state::{AppState, event, random};
 use crate::store::{RolloutRow, RolloutTargetRow, StoreError};
@@ -108,7 +110,7 @@ pub struct NewRollout {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
-    #[error("concurrency must be between 1 and 1000")]
+    #[error("concurrency must be between 1 and {MAX_TARGETS}")]
     Concurrency,
     #[error("the reason must be 1–1000 characters without control characters; every customer reads it")]
     Reason,
@@ -131,7 +133,7 @@ pub enum RolloutError {
 /// Creates a rollout (its targets: every active appliance of the chosen environments, in
 /// environment order) with its audit record; the driver starts it.
 pub async fn create(state: &AppState, scope: &TenantScope, new: NewRollout) -> Result<RolloutRow, RolloutError> {
-    if !(1..=1000).contains(&new.concurrency) {
+    if !(1..=MAX_TARGETS as u32).contains(&new.concurrency) {
         return Err(RolloutError::Concurrency);
     }
     let reason = new.reason.trim().to_owned();
@@ -246,23 +248,30 @@ async fn round(state: &AppState) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Drives are serialized within the process: the API's first round and the periodic one must
+/// not both start the same pending targets under different operation ids.
+static DRIVING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Refreshes a rollout's targets from their operations, plans, starts what the plan says.
 pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Result<(), StoreError> {
+    let _driving = DRIVING.lock().await;
     let Some(rollout) = state.store.rollout(scope, id).await? else { return Ok(()) };
     let mut targets = state.store.rollout_targets(scope, id).await?;
     let now = state.now();
     let mut changed = Vec::new();
+    // Every requested target's operation, in one read.
+    let ops = state.store.rollout_operation_states(scope, id).await?;
+    let mut start = Vec::new();
     for (i, t) in targets.iter_mut().enumerate() {
         if t.state != TargetState::Deploying {
             continue;
         }
         let Some(op) = t.operation_id else { continue };
-        let new = match state.store.get_operation(scope, op).await? {
-            Some(row) => target_state(row.state, row.exit_code),
+        let new = match ops.get(&op) {
+            Some(&(state, exit_code)) => target_state(state, exit_code),
             // Chosen and stored, then the process stopped before the request: ask again.
             None => {
-                start_target(state, scope, &rollout, t, now).await;
-                changed.push(i);
+                start.push(i);
                 continue;
             }
         };
@@ -274,10 +283,11 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
     }
     let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
     let next = plan(&states, rollout.concurrency, rollout.max_failures);
-    for &i in &next.start {
-        start_target(state, scope, &rollout, &mut targets[i], now).await;
-        changed.push(i);
-    }
+    start.extend(&next.start);
+    start_targets(state, scope, &rollout, &mut targets, &start, now).await;
+    // Started targets were stored as deploying (or left as they were) before their requests;
+    // only those whose request was refused changed since.
+    changed.extend(start.into_iter().filter(|&i| targets[i].state == TargetState::Failed));
     // A target that could not even be requested failed at once: the next round plans with it.
     changed.sort_unstable();
     changed.dedup();
@@ -285,9 +295,7 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
         return Ok(());
     }
     let mut tx = state.store.write().await?;
-    for &i in &changed {
-        tx.put_rollout_target(scope, id, &targets[i]).await?;
-    }
+    tx.put_rollout_targets(scope, id, changed.iter().map(|&i| &targets[i])).await?;
     if next.state != rollout.state {
         tx.set_rollout_state(scope, id, next.state, now).await?;
         let action = match next.state {
@@ -313,46 +321,62 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
     Ok(())
 }
 
-/// Requests a target's deploy under an id stored first (see the module doc); a request the
-/// control plane refuses (the appliance was revoked, the release's key was revoked) fails the
-/// target.
-async fn start_target(
+/// Requests the deploys of the targets at `which` under ids stored first (see the module doc),
+/// all in one batch (`operations::request_many`); a request the control plane refuses (the
+/// appliance was revoked, the release's key was revoked) fails its target.
+async fn start_targets(
     state: &AppState,
     scope: &TenantScope,
     rollout: &RolloutRow,
-    t: &mut RolloutTargetRow,
+    targets: &mut [RolloutTargetRow],
+    which: &[usize],
     now: Timestamp,
 ) {
-    let op = *t.operation_id.get_or_insert_with(|| OperationId::from_random(random()));
-    t.state = TargetState::Deploying;
-    t.updated_at = now;
-    // Stored before the request, so a restart in between asks again under the same id.
+    if which.is_empty() {
+        return;
+    }
+    let mut requests = Vec::with_capacity(which.len());
+    for &i in which {
+        let t = &mut targets[i];
+        let id = *t.operation_id.get_or_insert_with(|| OperationId::from_random(random()));
+        t.state = TargetState::Deploying;
+        t.updated_at = now;
+        requests.push(Target { environment: t.environment_id, appliance: t.appliance_id, id });
+    }
+    // Stored before the requests, so a restart in between asks again under the same ids.
     let stored = async {
         let mut tx = state.store.write().await?;
-        tx.put_rollout_target(scope, rollout.id, t).await?;
+        tx.put_rollout_targets(scope, rollout.id, which.iter().map(|&i| &targets[i])).await?;
         tx.commit().await
     };
     if let Err(e) = stored.await {
-        tracing::error!(rollout = %rollout.id, error = %e, "cannot record a rollout target; retrying at the next round");
-        t.state = TargetState::Pending;
-        t.operation_id = None;
+        tracing::error!(rollout = %rollout.id, error = %e, "cannot record rollout targets; retrying at the next round");
+        for &i in which {
+            targets[i].state = TargetState::Pending;
+            targets[i].operation_id = None;
+        }
         return;
     }
-    let new = NewOperation {
-        environment: t.environment_id,
-        what: Requested::Deploy(ReleaseSelector::Digest(rollout.release_digest.clone())),
-        reason: format!("rollout {}: {}", rollout.id, rollout.reason),
-        appliance: Some(t.appliance_id),
-        id: Some(op),
-    };
-    if let Err(e) = crate::operations::request(state, scope, new).await {
-        if matches!(e, crate::operations::RequestError::Store(StoreError::Db(_))) {
-            // The store, not the request: the next round asks again under the same id.
-            tracing::error!(rollout = %rollout.id, error = %e, "cannot request a rollout target's deploy");
-            return;
-        }
+    let what = Requested::Deploy(ReleaseSelector::Digest(rollout.release_digest.clone()));
+    let reason = format!("rollout {}: {}", rollout.id, rollout.reason);
+    let fail = |t: &mut RolloutTargetRow, e: &RequestError| {
         t.state = TargetState::Failed;
         t.detail = e.to_string().chars().take(500).collect();
+    };
+    match crate::operations::request_many(state, scope, what, reason, &requests).await {
+        Ok(results) => {
+            for (&i, r) in which.iter().zip(results) {
+                if let Err(e) = r {
+                    fail(&mut targets[i], &e);
+                }
+            }
+        }
+        // The store, not the requests: nothing was stored, and the next round asks again
+        // under the same ids.
+        Err(e @ RequestError::Store(StoreError::Db(_))) => {
+            tracing::error!(rollout = %rollout.id, error = %e, "cannot request the rollout's deploys");
+        }
+        Err(e) => which.iter().for_each(|&i| fail(&mut targets[i], &e)),
     }
 }
 

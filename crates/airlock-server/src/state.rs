@@ -27,7 +27,7 @@ pub struct AppState {
     pub seen: crate::seen::SeenWriter,
     pub ca: CertificateAuthority,
     /// Signs operation requests; the key lives only in this process.
-    pub ops_signer: crate::signer::OperationsSigner,
+    pub ops_signer: Arc<crate::signer::OperationsSigner>,
     /// Seals released operation output at rest.
     pub kek: crate::keys::Kek,
     pub clock: Arc<dyn Clock>,

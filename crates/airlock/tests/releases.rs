@@ -270,7 +270,9 @@ fn a_revoked_release_key_signs_nothing_more_and_its_releases_are_not_deployed() 
     let dir = root.join("shop");
     write_release(&dir, MANIFEST, b"web v1");
     server.ok(&["release", "push", dir.to_str().unwrap(), "--key", &path(&old, "customer.key")]);
-    let env = server.create_env("prod");
+    // An environment with an appliance the deploy could go to.
+    let (_appliance, id) = server.joined_appliance(&root.join("apl"));
+    let env = server.appliance(&id)["environment_id"].as_str().unwrap().to_owned();
 
     // Rotation: the new key first, then the old one revoked (audited).
     server.ok(&["release", "key", "add", &path(&new, "customer.pub")]);

@@ -47,7 +47,7 @@ pub struct CreateRollout {
     pub environments: Vec<String>,
     /// Deploys at once (a deploy waiting for its customer's approval holds a slot); default 1.
     #[serde(default = "one")]
-    #[schema(minimum = 1, maximum = 1000)]
+    #[schema(minimum = 1, maximum = 10000)]
     pub concurrency: u32,
     /// Failed deploys tolerated; one more halts the rollout. Default 0.
     #[serde(default)]

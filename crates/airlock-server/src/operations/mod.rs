@@ -25,7 +25,7 @@ use airlock_core::operation::{Manifest, RequestStatement};
 pub use approval::{ApprovalError, RelayError, check_approval, relay_approval};
 pub use compiled::{CompileError, CompiledTemplates};
 pub use release::{OutputError, handle_release, released_output, released_salt};
-pub use request::{NewOperation, RequestError, Requested, request};
+pub use request::{NewOperation, RequestError, Requested, Target, request, request_many};
 pub use results::handle_result;
 pub use templates::{PushTemplateError, PushedTemplate, push_template};
 

@@ -63,6 +63,17 @@ async fn apply_result(
 ) -> Result<(), Refuse> {
     let outcome = OperationOutcome::try_from(r.outcome).unwrap_or(OperationOutcome::Unspecified);
     let now = state.now();
+    if outcome == OperationOutcome::AwaitingApproval {
+        // Nothing is written, so a plain read of the operation's state rather than the write
+        // lock and the whole row: a rollout's fan-out brings thousands of these at once. (An
+        // approval committed meanwhile pushes itself.)
+        let Some((_, op_state, has_result)) =
+            state.store.operation_status(scope, request_id).await?.filter(|(a, ..)| *a == peer.appliance)
+        else {
+            return refuse(format!("no operation {request_id} for this appliance"));
+        };
+        return awaiting_approval(state, peer, op_state, has_result, r, now);
+    }
     let mut tx = state.store.write().await?;
     let Some(op) = tx.operation(scope, request_id).await?.filter(|op| op.appliance_id == peer.appliance) else {
         return refuse(format!("no operation {request_id} for this appliance"));
@@ -74,16 +85,8 @@ async fn apply_result(
         OperationOutcome::Unspecified => {
             refuse(format!("the result's outcome {} is unknown or unspecified", r.outcome))
         }
-        // Nothing ran and nothing changes; the instruction is sent again with the approval.
-        // An approved one the appliance cannot run yet (its approval is not valid yet) is
-        // sent again later on this stream, without waiting for a reconnect.
-        OperationOutcome::AwaitingApproval => {
-            let reported = reported_refusal(r, outcome)?;
-            if pending && op.state == OperationState::Approved {
-                state.push.repush_when_valid(peer.appliance, reported.valid_from, now);
-            }
-            Ok(())
-        }
+        // Answered above without the write lock; the same answer if it were not.
+        OperationOutcome::AwaitingApproval => awaiting_approval(state, peer, op.state, op.result_at.is_some(), r, now),
         OperationOutcome::Refused => {
             let reported = reported_refusal(r, outcome)?;
             if reported.code == RefusalCode::NotRecorded {
@@ -167,6 +170,24 @@ async fn apply_result(
             commit_result(tx, scope, peer.appliance, request_id, &update, ev, now).await
         }
     }
+}
+
+/// An `AWAITING_APPROVAL` answer: nothing ran and nothing changes; the instruction is sent again
+/// with the approval. An approved one the appliance cannot run yet (its approval is not valid
+/// yet) is sent again later on this stream, without waiting for a reconnect.
+fn awaiting_approval(
+    state: &AppState,
+    peer: &ApplianceIdentity,
+    op_state: OperationState,
+    has_result: bool,
+    r: &OperationResult,
+    now: Timestamp,
+) -> Result<(), Refuse> {
+    let reported = reported_refusal(r, OperationOutcome::AwaitingApproval)?;
+    if !has_result && op_state == OperationState::Approved {
+        state.push.repush_when_valid(peer.appliance, reported.valid_from, now);
+    }
+    Ok(())
 }
 
 /// Why the appliance did not run an operation, as it coded it.

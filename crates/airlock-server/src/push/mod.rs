@@ -4,7 +4,8 @@
 //!
 //! When a push happens:
 //! - right after an appliance's `Welcome`: the environment's relayed policy first, so that its operations are decided under it, then every operation still waiting for its result ([`Pusher::at_welcome`]), once per stream;
-//! - when a request or an approval is committed, to that appliance ([`Pusher::operations`]);
+//! - when requests are committed, each to its appliance, from the committed rows without reading them back ([`Pusher::requested`]);
+//! - when an approval is committed, to that appliance ([`Pusher::operations`]);
 //! - when a policy is relayed, to every connected appliance of the environment, each of which is then offered its waiting operations again, since the new policy may decide them ([`Pusher::policy`]);
 //! - after any message from an appliance, whatever is due on its stream ([`Pusher::after_message`]).
 //!
@@ -93,9 +94,15 @@ impl Pusher {
     /// dropped the entry; noting it again keeps it.
     /// A note for a write that then failed costs one read at most.
     pub async fn noting<T, E>(&self, work: Work, write: impl Future<Output = Result<T, E>>) -> Result<T, E> {
-        self.note(work);
+        self.noting_all(&[work], write).await
+    }
+
+    /// [`Pusher::noting`] for a write that creates or decides every one of `works` (a batch
+    /// of requests committed together).
+    pub async fn noting_all<T, E>(&self, works: &[Work], write: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+        works.iter().for_each(|w| self.note(*w));
         let done = write.await;
-        self.note(work);
+        works.iter().for_each(|w| self.note(*w));
         done
     }
 

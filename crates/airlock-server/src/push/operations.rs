@@ -1,7 +1,10 @@
 //! Pushing operation instructions: in push order, a page at a time, stopping (and recording where) when the stream's queue is full.
 
 use airlock_core::operation::OperationState;
-use airlock_core::{ApplianceId, OperationId};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use airlock_core::{ApplianceId, OperationId, WorkspaceId};
 use airlock_proto::gateway::{ControlMessage, OperationInstruction, control_message};
 
 use super::Pusher;
@@ -38,7 +41,7 @@ impl Pusher {
                 op.appliance_id == appliance && op.result_at.is_none() && PENDING_STATES.contains(&op.state)
             };
             if let Some(op) = op.filter(pending)
-                && !self.send_instruction(scope, appliance, &op).await
+                && !self.send_instruction(scope, appliance, &op, &mut Payloads::default()).await
             {
                 return self.registry.push_stopped(appliance, PushFrom::Start);
             }
@@ -46,10 +49,27 @@ impl Pusher {
         self.push_from(scope, appliance, PushFrom::Start, first).await;
     }
 
+    /// Sends the instructions of operations just requested (as committed: `ops` are the stored
+    /// rows, not read back), each to its appliance if connected; a release or template is read
+    /// once for all of them. Only the new operation is sent: whatever else is pending on a
+    /// stream was sent when it was requested, decided or the stream connected, or a push that
+    /// stopped on a full queue resumes at the appliance's next message. A new one that finds
+    /// the queue full is covered the same way (a resume from the start).
+    pub async fn requested(&self, scope: &TenantScope, ops: &[&OperationRow]) {
+        let mut payloads = Payloads::default();
+        for &op in ops {
+            if !self.send_instruction(scope, op.appliance_id, op, &mut payloads).await {
+                // A no-op when the appliance is not connected: its Welcome pushes everything.
+                self.registry.push_stopped(op.appliance_id, PushFrom::Start);
+            }
+        }
+    }
+
     /// Pushes again every approved operation of `appliance` with no result yet (decided
     /// operations come first in [`PushKey`] order, so it stops at the first awaiting approval).
     pub(super) async fn repush_approved(&self, scope: &TenantScope, appliance: ApplianceId) {
         let mut from = PushFrom::Start;
+        let mut payloads = Payloads::default();
         loop {
             let page = match self.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
                 Ok(p) => p,
@@ -62,7 +82,9 @@ impl Pusher {
                 if op.state == OperationState::AwaitingApproval {
                     return;
                 }
-                if op.state == OperationState::Approved && !self.send_instruction(scope, appliance, op).await {
+                if op.state == OperationState::Approved
+                    && !self.send_instruction(scope, appliance, op, &mut payloads).await
+                {
                     return self.registry.push_stopped(appliance, from);
                 }
                 from = PushFrom::After(PushKey::of(op));
@@ -85,6 +107,7 @@ impl Pusher {
         // A push from the start that finds nothing lets the index forget the appliance; taken
         // before the read so an operation noted meanwhile keeps it.
         let seen = (from == PushFrom::Start).then(|| self.index.seen(&appliance));
+        let mut payloads = Payloads::default();
         loop {
             let page = match self.store.pending_operations(scope, appliance, &from, PUSH_PAGE).await {
                 Ok(p) => p,
@@ -94,7 +117,7 @@ impl Pusher {
                 }
             };
             for op in &page {
-                if skip != Some(op.id) && !self.send_instruction(scope, appliance, op).await {
+                if skip != Some(op.id) && !self.send_instruction(scope, appliance, op, &mut payloads).await {
                     tracing::debug!(%appliance, operation = %op.id, "stream busy; the push resumes at its next message");
                     return self.registry.push_stopped(appliance, from);
                 }
@@ -114,28 +137,15 @@ impl Pusher {
 
     /// Queues one instruction. False if it must be sent again later (queue full, or the store
     /// failed); an operation whose template version (or release) is missing is skipped.
-    async fn send_instruction(&self, scope: &TenantScope, appliance: ApplianceId, op: &OperationRow) -> bool {
-        let mut instruction = OperationInstruction {
-            request_id: op.id.to_string(),
-            request_envelope_json: op.request_envelope.clone(),
-            control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
-            approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
-            ..Default::default()
-        };
-        let found = if [airlock_core::deploy::DEPLOY_KIND, airlock_core::deploy::TASK_KIND]
-            .contains(&op.template_name.as_str())
-        {
-            self.add_release(scope, op, &mut instruction).await
-        } else {
-            self.store.template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256).await.map(|t| {
-                t.map(|t| {
-                    instruction.template_manifest_toml = t.manifest_toml;
-                    instruction.template_script = t.script;
-                })
-            })
-        };
-        match found {
-            Ok(Some(())) => {}
+    async fn send_instruction(
+        &self,
+        scope: &TenantScope,
+        appliance: ApplianceId,
+        op: &OperationRow,
+        payloads: &mut Payloads,
+    ) -> bool {
+        let payload = match self.payload(scope, op, payloads).await {
+            Ok(Some(p)) => p,
             Ok(None) => {
                 tracing::error!(operation = %op.id, "the template version or release of this operation is not stored");
                 return true;
@@ -144,34 +154,98 @@ impl Pusher {
                 tracing::error!(error = %e, "cannot read the operation's template or release");
                 return false;
             }
+        };
+        let mut instruction = OperationInstruction {
+            request_id: op.id.to_string(),
+            request_envelope_json: op.request_envelope.clone(),
+            control_plane_certificate_pem: op.control_plane_cert_pem.clone(),
+            approval_envelope_json: op.approval_envelope.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        match &*payload {
+            Payload::Template { manifest_toml, script } => {
+                instruction.template_manifest_toml = manifest_toml.clone();
+                instruction.template_script = script.clone();
+            }
+            Payload::Release { envelope, key_pems } => {
+                instruction.release_envelope_json = envelope.clone();
+                instruction.release_key_pems = key_pems.clone();
+            }
         }
         let msg = ControlMessage { body: Some(control_message::Body::Operation(instruction)) };
         self.registry.send(appliance, msg)
     }
 
-    /// A deploy's (or a release task's) release, the one its signed request names, and the workspace's unrevoked
-    /// release keys, which the appliance narrows to those its customer accepts.
-    async fn add_release(
+    /// What `op`'s instruction carries beside its statements, from `payloads` when an earlier
+    /// operation of this push needed the same.
+    async fn payload(
         &self,
         scope: &TenantScope,
         op: &OperationRow,
-        instruction: &mut OperationInstruction,
-    ) -> Result<Option<()>, StoreError> {
-        let request = crate::operations::stored_request(op)?;
-        let args = &request.request.args;
-        let named = airlock_core::deploy::DeployArgs::from_args(args)
-            .or_else(|| airlock_core::deploy::TaskArgs::from_args(args).map(|t| t.release));
-        let Some(args) = named else {
+        payloads: &mut Payloads,
+    ) -> Result<Option<Arc<Payload>>, StoreError> {
+        use airlock_core::deploy::{DEPLOY_KIND, DeployArgs, TASK_KIND, TaskArgs};
+        // A deploy or a release task carries its release; anything else its template.
+        let args = if [DEPLOY_KIND, TASK_KIND].contains(&op.template_name.as_str()) {
+            let request = crate::operations::stored_request(op)?;
+            let args = &request.request.args;
+            match DeployArgs::from_args(args).or_else(|| TaskArgs::from_args(args).map(|t| t.release)) {
+                Some(args) => Some(args),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        let key = (
+            op.workspace_id,
+            op.template_name.clone(),
+            args.as_ref().map_or_else(|| op.template_sha256.clone(), |a| a.release.clone()),
+        );
+        if let Some(found) = payloads.0.get(&key) {
+            return Ok(found.clone());
+        }
+        let found = match args {
+            Some(args) => self.release_payload(scope, op.workspace_id, args.release).await?,
+            None => self
+                .store
+                .template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256)
+                .await?
+                .map(|t| Payload::Template { manifest_toml: t.manifest_toml, script: t.script }),
+        }
+        .map(Arc::new);
+        payloads.0.insert(key, found.clone());
+        Ok(found)
+    }
+
+    /// A deploy's (or a task's) release, the one its signed request names, and the workspace's unrevoked
+    /// release keys, which the appliance narrows to those its customer accepts.
+    async fn release_payload(
+        &self,
+        scope: &TenantScope,
+        workspace: WorkspaceId,
+        release: String,
+    ) -> Result<Option<Payload>, StoreError> {
+        let selector = crate::releases::ReleaseSelector::Digest(release);
+        let Some(release) = self.store.find_release(scope, workspace, &selector).await? else {
             return Ok(None);
         };
-        let selector = crate::releases::ReleaseSelector::Digest(args.release);
-        let Some(release) = self.store.find_release(scope, op.workspace_id, &selector).await? else {
-            return Ok(None);
-        };
-        let keys = self.store.list_release_keys(scope, op.workspace_id).await?;
-        instruction.release_envelope_json = release.envelope;
-        instruction.release_key_pems =
-            keys.into_iter().filter(|k| k.revoked_at.is_none()).map(|k| k.public_pem).collect();
-        Ok(Some(()))
+        let keys = self.store.list_release_keys(scope, workspace).await?;
+        Ok(Some(Payload::Release {
+            envelope: release.envelope,
+            key_pems: keys.into_iter().filter(|k| k.revoked_at.is_none()).map(|k| k.public_pem).collect(),
+        }))
     }
 }
+
+/// What an instruction carries beside the operation's own statements.
+#[derive(Debug)]
+enum Payload {
+    Template { manifest_toml: String, script: String },
+    Release { envelope: String, key_pems: Vec<String> },
+}
+
+/// Payloads read during one push, by workspace, kind and template hash or release digest: a
+/// batch of requests for one release reads it (and the release keys) once. Lives for one push
+/// only, so a release key revoked meanwhile is left out of the next push.
+#[derive(Default)]
+struct Payloads(HashMap<(WorkspaceId, String, String), Option<Arc<Payload>>>);

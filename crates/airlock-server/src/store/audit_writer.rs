@@ -237,6 +237,12 @@ fn by_chain(records: Vec<(String, Timestamp, Event)>) -> Vec<(String, Vec<(Times
 const INSERT_ROWS: usize = 512;
 
 impl WriteTx<'_> {
+    /// Appends `events` to `chain` in order in this transaction, as a run (see
+    /// [`Self::audit_run`]): a batch of requests committed together, one record each.
+    pub async fn audit_all(&mut self, chain: &str, at: Timestamp, events: Vec<Event>) -> Result<(), StoreError> {
+        self.audit_run(chain, events.into_iter().map(|e| (at, e)).collect()).await
+    }
+
     /// Appends a run of records to one chain in this transaction, with a few statements for the
     /// whole run rather than three per record (each statement is a round trip to SQLite's
     /// worker thread, which is what bounds a batch).

@@ -1,5 +1,7 @@
 //! Operations: the signed request, its relayed approval, the appliance's result and the customer's release, and the order in which the pending ones are pushed.
 
+use std::collections::{HashMap, HashSet};
+
 use airlock_core::grant::DenyCode;
 use airlock_core::operation::{OperationState, RefusalCode};
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, Timestamp, WorkspaceId};
@@ -102,6 +104,9 @@ const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id,
     output_sha256, output_size, refusal_code, deny_code, refusal_reason, result_at,
     CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored, output_salt_sealed, appliance_attestation";
 
+/// Rows per multi-row INSERT: 15 parameters each, far below SQLite's limit of 32,766.
+const INSERT_ROWS: usize = 256;
+
 /// The states in which an operation still waits for the appliance's final result.
 pub const PENDING_STATES: [OperationState; 3] =
     [OperationState::AwaitingApproval, OperationState::Approved, OperationState::Denied];
@@ -153,6 +158,24 @@ impl Store {
         let row =
             sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_optional(&self.pool).await?;
         row.as_ref().map(operation_from_row).transpose()
+    }
+
+    /// An operation's appliance, state and whether it has its final result: all an answer that
+    /// changes nothing (`AWAITING_APPROVAL`) is checked against, without reading its envelopes.
+    pub async fn operation_status(
+        &self,
+        scope: &TenantScope,
+        id: OperationId,
+    ) -> Result<Option<(ApplianceId, OperationState, bool)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT appliance_id, state, result_at IS NOT NULL AS final FROM operations WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((parse_col(&r, "appliance_id")?, parse_col(&r, "state")?, r.try_get::<bool, _>("final")?)))
+            .transpose()
     }
 
     /// Operations of the tenant, newest first, optionally by state and environment.
@@ -231,6 +254,80 @@ impl Store {
 impl WriteTx<'_> {
     /// Inserts an operation. False if its appliance is not the tenant's, in that environment.
     pub async fn insert_operation(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<bool, StoreError> {
+        Ok(self.insert_operations(scope, std::slice::from_ref(op)).await?.first().copied().unwrap_or(false))
+    }
+
+    /// Inserts operations (a batch of requests), each only if its appliance is the tenant's, in
+    /// that environment of that workspace: false for those that are not (nothing inserted).
+    pub async fn insert_operations(
+        &mut self,
+        scope: &TenantScope,
+        ops: &[OperationRow],
+    ) -> Result<Vec<bool>, StoreError> {
+        /// From this many operations of one environment, its appliances are read at once
+        /// rather than looked up one by one.
+        const READ_ALL_FROM: usize = 32;
+        let mut groups: HashMap<(EnvironmentId, WorkspaceId), usize> = HashMap::new();
+        for op in ops {
+            *groups.entry((op.environment_id, op.workspace_id)).or_default() += 1;
+        }
+        let mut owned: HashMap<(EnvironmentId, WorkspaceId), HashSet<ApplianceId>> = HashMap::new();
+        for (&(env, ws), _) in groups.iter().filter(|(_, n)| **n >= READ_ALL_FROM) {
+            let rows = sqlx::query(
+                "SELECT a.id FROM appliances a JOIN environments e ON e.id = a.environment_id
+                 WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND e.id = $2 AND e.workspace_id = $3",
+            )
+            .bind(scope.tenant().to_string())
+            .bind(env.to_string())
+            .bind(ws.to_string())
+            .fetch_all(&mut *self.tx)
+            .await?;
+            let ids = rows.iter().map(|r| parse_col(r, "id")).collect::<Result<_, StoreError>>()?;
+            owned.insert((env, ws), ids);
+        }
+        let mut inserted = Vec::with_capacity(ops.len());
+        for op in ops {
+            let is_owned = match owned.get(&(op.environment_id, op.workspace_id)) {
+                Some(ids) => ids.contains(&op.appliance_id),
+                None => self.owns(scope, op).await?,
+            };
+            inserted.push(is_owned);
+        }
+        let rows: Vec<&OperationRow> = ops.iter().zip(&inserted).filter(|(_, ok)| **ok).map(|(op, _)| op).collect();
+        // A few multi-row statements rather than one per operation: each statement is a round
+        // trip to SQLite's worker thread, which is what bounds a batch.
+        let tenant = scope.tenant().to_string();
+        for chunk in rows.chunks(INSERT_ROWS) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
+                    template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
+                    request_envelope, control_plane_cert_pem) ",
+            );
+            insert.push_values(chunk, |mut row, op| {
+                row.push_bind(op.id.to_string())
+                    .push_bind(tenant.as_str())
+                    .push_bind(op.workspace_id.to_string())
+                    .push_bind(op.environment_id.to_string())
+                    .push_bind(op.appliance_id.to_string())
+                    .push_bind(op.template_name.as_str())
+                    .push_bind(op.template_sha256.as_str())
+                    .push_bind(op.state.as_str())
+                    .push_bind(op.requested_by.as_str())
+                    .push_bind(op.requested_at.unix_millis())
+                    .push_bind(op.updated_at.unix_millis())
+                    .push_bind(op.request_digest.as_str())
+                    .push_bind(op.command_sha256.as_str())
+                    .push_bind(op.request_envelope.as_str())
+                    .push_bind(op.control_plane_cert_pem.as_str());
+            });
+            let first = chunk.first().map(|op| op.id.to_string()).unwrap_or_default();
+            insert.build().execute(&mut *self.tx).await.map_err(|e| conflict(e, "operation", &first))?;
+        }
+        Ok(inserted)
+    }
+
+    /// Whether `op`'s appliance is the tenant's, in its environment and workspace.
+    async fn owns(&mut self, scope: &TenantScope, op: &OperationRow) -> Result<bool, StoreError> {
         let owned = sqlx::query(
             "SELECT 1 AS one FROM appliances a JOIN environments e ON e.id = a.environment_id
              WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND a.id = $2 AND e.id = $3 AND e.workspace_id = $4",
@@ -241,34 +338,7 @@ impl WriteTx<'_> {
         .bind(op.workspace_id.to_string())
         .fetch_optional(&mut *self.tx)
         .await?;
-        if owned.is_none() {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
-                template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
-                request_envelope, control_plane_cert_pem)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(op.id.to_string())
-        .bind(scope.tenant().to_string())
-        .bind(op.workspace_id.to_string())
-        .bind(op.environment_id.to_string())
-        .bind(op.appliance_id.to_string())
-        .bind(&op.template_name)
-        .bind(&op.template_sha256)
-        .bind(op.state.as_str())
-        .bind(&op.requested_by)
-        .bind(op.requested_at.unix_millis())
-        .bind(op.updated_at.unix_millis())
-        .bind(&op.request_digest)
-        .bind(&op.command_sha256)
-        .bind(&op.request_envelope)
-        .bind(&op.control_plane_cert_pem)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(|e| conflict(e, "operation", &op.id.to_string()))?;
-        Ok(true)
+        Ok(owned.is_some())
     }
 
     /// An operation, read under the write lock so a check and its update cannot interleave.

@@ -2,6 +2,7 @@
 //! carry on after a restart.
 
 use airlock_core::id::TokenId;
+use airlock_core::operation::OperationState;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
 use sqlx::Row;
 
@@ -36,6 +37,9 @@ pub struct RolloutTargetRow {
     pub detail: String,
     pub updated_at: Timestamp,
 }
+
+/// Rows per multi-row INSERT: 9 parameters each, far below SQLite's limit of 32,766.
+const INSERT_ROWS: usize = 512;
 
 const ROLLOUT_COLUMNS: &str = "id, tenant_id, workspace_id, release_digest, release_name, release_version, concurrency, \
      max_failures, reason, created_by, state, created_at, updated_at";
@@ -72,6 +76,26 @@ impl Store {
         let rows =
             sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_all(&self.pool).await?;
         rows.iter().map(target_from_row).collect()
+    }
+
+    /// The state and exit code of every operation a rollout's targets requested, in one read
+    /// (the driver refreshes thousands of targets a round).
+    pub async fn rollout_operation_states(
+        &self,
+        scope: &TenantScope,
+        id: RolloutId,
+    ) -> Result<std::collections::HashMap<OperationId, (OperationState, Option<i64>)>, StoreError> {
+        let rows = sqlx::query(
+            // CROSS JOIN keeps SQLite's loop order: the rollout's targets, then each one's
+            // operation by primary key (not every operation of the tenant for each target).
+            "SELECT o.id, o.state, o.exit_code FROM rollout_targets t CROSS JOIN operations o
+             WHERE t.tenant_id = $1 AND t.rollout_id = $2 AND o.id = t.operation_id AND o.tenant_id = $1",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((parse_col(r, "id")?, (parse_col(r, "state")?, r.try_get("exit_code")?)))).collect()
     }
 
     /// The tenant a rollout belongs to (for the driver's own records).
@@ -123,10 +147,7 @@ impl WriteTx<'_> {
         .bind(r.updated_at.unix_millis())
         .execute(&mut *self.tx)
         .await?;
-        for t in targets {
-            self.put_rollout_target(scope, r.id, t).await?;
-        }
-        Ok(())
+        self.put_rollout_targets(scope, r.id, targets.iter()).await
     }
 
     /// Writes a target (insert or replace).
@@ -136,24 +157,42 @@ impl WriteTx<'_> {
         rollout: RolloutId,
         t: &RolloutTargetRow,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO rollout_targets (rollout_id, tenant_id, position, environment_id, appliance_id, operation_id,
-                state, detail, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (rollout_id, position) DO UPDATE SET operation_id = excluded.operation_id,
-                state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at",
-        )
-        .bind(rollout.to_string())
-        .bind(scope.tenant().to_string())
-        .bind(i64::from(t.position))
-        .bind(t.environment_id.to_string())
-        .bind(t.appliance_id.to_string())
-        .bind(t.operation_id.map(|o| o.to_string()))
-        .bind(code_text(t.state)?)
-        .bind(&t.detail)
-        .bind(t.updated_at.unix_millis())
-        .execute(&mut *self.tx)
-        .await?;
+        self.put_rollout_targets(scope, rollout, std::iter::once(t)).await
+    }
+
+    /// Writes targets (insert or replace), with a few multi-row statements rather than one per
+    /// target: each statement is a round trip to SQLite's worker thread, and a round of a large
+    /// rollout writes thousands.
+    pub async fn put_rollout_targets<'t>(
+        &mut self,
+        scope: &TenantScope,
+        rollout: RolloutId,
+        targets: impl Iterator<Item = &'t RolloutTargetRow>,
+    ) -> Result<(), StoreError> {
+        let (rollout, tenant) = (rollout.to_string(), scope.tenant().to_string());
+        let rows = targets.map(|t| Ok((t, code_text(t.state)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        for chunk in rows.chunks(INSERT_ROWS) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO rollout_targets (rollout_id, tenant_id, position, environment_id, appliance_id,
+                    operation_id, state, detail, updated_at) ",
+            );
+            insert.push_values(chunk, |mut row, (t, state)| {
+                row.push_bind(rollout.as_str())
+                    .push_bind(tenant.as_str())
+                    .push_bind(i64::from(t.position))
+                    .push_bind(t.environment_id.to_string())
+                    .push_bind(t.appliance_id.to_string())
+                    .push_bind(t.operation_id.map(|o| o.to_string()))
+                    .push_bind(state.clone())
+                    .push_bind(t.detail.as_str())
+                    .push_bind(t.updated_at.unix_millis());
+            });
+            insert.push(
+                " ON CONFLICT (rollout_id, position) DO UPDATE SET operation_id = excluded.operation_id,
+                    state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at",
+            );
+            insert.build().execute(&mut *self.tx).await?;
+        }
         Ok(())
     }
 
