@@ -135,6 +135,17 @@ impl Releases {
         Ok((statement, manifest))
     }
 
+    /// The SHA-256 of every artifact of every installed release: the blobs worth keeping.
+    pub(crate) fn artifacts_in_use(&self) -> std::collections::BTreeSet<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Default::default() };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".statement.json").map(str::to_owned))
+            .filter_map(|digest| self.installed(&digest).ok())
+            .flat_map(|(statement, _)| statement.artifacts.into_iter().map(|a| a.sha256))
+            .collect()
+    }
+
     /// Whether the installed release `digest` still holds exactly what `statement` signed.
     pub(crate) fn check(&self, digest: &str, statement: &ReleaseStatement) -> Result<(), DeployError> {
         check_installed(&self.dir(digest), &statement.artifacts)

@@ -203,6 +203,11 @@ impl<E: Executor> Deployer<E> {
         self.shown.lock().unwrap_or_else(|e| e.into_inner()).current.clone()
     }
 
+    /// The SHA-256 of every artifact the installed releases (current and previous) hold.
+    pub(crate) fn artifacts_in_use(&self) -> std::collections::BTreeSet<String> {
+        self.releases.artifacts_in_use()
+    }
+
     /// The installed directory of the release running now, if it is `digest`.
     pub(crate) fn current_dir(&self, digest: &str) -> Option<PathBuf> {
         self.current().filter(|r| r.digest == digest).map(|r| self.releases.dir(&r.digest))

@@ -55,6 +55,9 @@ pub(crate) struct Deployments {
     pub(crate) fetch_wait: Duration,
     /// The latest report, sent again after every `Welcome`.
     status: Mutex<wire::DeploymentStatus>,
+    /// One deploy at a time, from its fetch to its blob pruning: a fetch's free-space check
+    /// holds, and pruning never removes what another deploy just fetched.
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 /// The appliance's deploy settings, from its configuration.
@@ -102,7 +105,27 @@ impl Deployments {
             max_hold: options.max_hold.unwrap_or(Duration::from_secs(24 * 3600)),
             fetch_wait: options.fetch_wait.unwrap_or(Duration::from_secs(600)),
             status: Mutex::new(wire::DeploymentStatus::default()),
+            one_at_a_time: tokio::sync::Mutex::new(()),
         })
+    }
+}
+
+impl Deployments {
+    /// Removes every blob (and partial fetch) no installed release holds: the store keeps only
+    /// what the current and previous releases need, so releases cannot fill the state
+    /// directory's disk deploy after deploy.
+    fn prune_blobs(&self) {
+        let keep = self.deployer.artifacts_in_use();
+        let Ok(entries) = std::fs::read_dir(&self.blobs) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let sha256 = name.strip_suffix(".partial").unwrap_or(&name);
+            if !keep.contains(sha256)
+                && let Err(e) = std::fs::remove_file(entry.path())
+            {
+                tracing::warn!(blob = %name, error = %e, "cannot remove an artifact no release holds");
+            }
+        }
     }
 }
 
@@ -158,6 +181,7 @@ impl Executor {
             reason,
         };
         let required: Vec<SecretRef> = release.manifest().required_secrets().into_iter().cloned().collect();
+        let _one_at_a_time = d.one_at_a_time.lock().await;
 
         // A reference the customer's allow list does not cover is refused before anything,
         // and nothing about it is looked up or reported.
@@ -204,6 +228,9 @@ impl Executor {
                 }
             }
         };
+        if !matches!(ended, Ended::Refused { .. }) {
+            d.prune_blobs();
+        }
         let (phase, reason) = match &ended {
             Ended::Deployed { .. } => (wire::DeployPhase::Deployed, String::new()),
             Ended::RolledBack { outcome: DeployOutcome::RolledBack { reason, .. } } => {

@@ -119,6 +119,12 @@ async fn an_approved_deploy_installs_serves_and_upgrades_and_a_failed_one_rolls_
     let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
     assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
     assert!(fetch(port).await.contains("shop v3"));
+    // The blob store keeps what the installed releases (v3, and v1 to roll back to) hold: the
+    // rolled-back v2's page is gone, v1's and v3's stay.
+    let blob = |content: &str| {
+        fx.dir.path().join("artifacts/sha256").join(airlock_core::operation::sha256_hex(content.as_bytes()))
+    };
+    assert!(!blob("shop v2").exists() && blob("shop v1").exists() && blob("shop v3").exists());
     fx.exec.stop_deployments().await;
 }
 
