@@ -268,3 +268,70 @@ secrets = { DB_PASSWORD = "aws-sm:shop/db", API_TOKEN = "aws-ssm:/shop/api-token
         assert!(!d.appliance.log().contains(value), "the appliance logged a value");
     }
 }
+
+/// The appliance is killed in the middle of fetching a release: its deploy is recorded as
+/// interrupted at the next start, and the next deploy of the same release resumes the fetch
+/// from the bytes already held, checks the whole artifact, and installs.
+#[test]
+fn a_fetch_cut_by_killing_the_appliance_resumes_where_it_stopped() {
+    let releases = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let root = releases.path().join("installed");
+    let run_args = ["--releases-dir", root.to_str().unwrap()];
+    let mut d = Deployment::start_with(BIN, POLICY, &run_args);
+    let tmp = d.server.dir.path().to_owned();
+    let vendor = tmp.join("vendor-key");
+    keygen(BIN, &vendor);
+    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+    let dir = tmp.join("big");
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::write(
+        dir.join("airlock.toml"),
+        "name = \"big\"\nversion = \"1.0.0\"\n\n[[service]]\nname = \"big\"\ncommand = \"bin/big\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("bin/big"), "#!/bin/sh\nexec sleep 600\n").unwrap();
+    let data: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let sha = airlock_core::operation::sha256_hex(&data);
+    std::fs::write(dir.join("data.bin"), &data).unwrap();
+    drop(data);
+    d.server.ok(&["release", "push", dir.to_str().unwrap(), "--key", vendor.join("customer.key").to_str().unwrap()]);
+
+    let op = deploy(&d, "big@1.0.0");
+    d.wait_state(&op, "awaiting_approval");
+    d.approve(&op);
+    // Frozen as soon as the fetch has some bytes, then killed: no chance to finish it.
+    let partial = d.state.join("artifacts/sha256").join(format!("{sha}.partial"));
+    wait_for(Duration::from_secs(60), "the fetch to start", || {
+        std::fs::metadata(&partial).ok().filter(|m| m.len() > 1 << 20).map(|_| ())
+    });
+    let pid = d.appliance.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let held = std::fs::metadata(&partial).unwrap().len();
+    assert!(held < 256 << 20, "the fetch was cut short: {held} bytes held");
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    let _ = d.appliance.child.wait();
+
+    // The appliance starts again: the interrupted deploy is recorded as such, and the bytes
+    // already fetched stay.
+    d.appliance = d.server.appliance_proc_with(&d.state, None, &run_args);
+    d.server.wait_connected(&mut d.appliance);
+    d.wait_state(&op, "cancelled");
+    assert!(std::fs::metadata(&partial).unwrap().len() >= held);
+
+    // The vendor asks again, the customer approves again: the fetch goes on from where it was.
+    let again = deploy(&d, "big@1.0.0");
+    d.wait_state(&again, "awaiting_approval");
+    d.approve(&again);
+    let done = d.wait_state(&again, "executed");
+    assert_eq!(done["exit_code"], 0, "{done}");
+    let fetches: Vec<Value> = d
+        .server
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["target"] == format!("artifact:{sha}").as_str() && r["detail"]["fetch"] == true)
+        .collect();
+    let offsets: Vec<u64> = fetches.iter().filter_map(|r| r["detail"]["offset"].as_u64()).collect();
+    assert!(offsets.iter().any(|o| *o >= held), "the second fetch resumed past {held}: {offsets:?}");
+    assert!(!partial.exists() && d.state.join("artifacts/sha256").join(&sha).exists());
+}
