@@ -78,6 +78,8 @@ pub(crate) enum RollbackReason {
     Exited { service: String, why: String },
     #[error("the switch could not be recorded: {why}")]
     Switch { why: String },
+    #[error("the customer switched the Deploy phase off while the new release was starting")]
+    SwitchedOff,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -149,6 +151,19 @@ pub(crate) struct Deployer<E: Executor = ProcessExecutor> {
     inner: tokio::sync::Mutex<Inner>,
     /// What `status` reads while a deploy holds `inner`.
     shown: std::sync::Mutex<Shown>,
+    /// Whether a deploy waiting for its services' health must give up and roll back (the
+    /// customer switched the Deploy phase off).
+    abort: std::sync::Mutex<Option<Abort>>,
+}
+
+/// When a deploy waiting for health gives up.
+#[derive(Clone)]
+pub(crate) struct Abort(pub(crate) Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Abort")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -170,7 +185,17 @@ impl<E: Executor> Deployer<E> {
             config,
             inner: tokio::sync::Mutex::new(Inner::default()),
             shown: std::sync::Mutex::new(Shown::default()),
+            abort: std::sync::Mutex::new(None),
         }
+    }
+
+    /// From now on, a deploy waiting for health rolls back as soon as `abort` says so.
+    pub(crate) fn abort_when(&self, abort: Abort) {
+        *self.abort.lock().unwrap_or_else(|e| e.into_inner()) = Some(abort);
+    }
+
+    fn aborted(&self) -> bool {
+        self.abort.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|abort| (abort.0)())
     }
 
     #[cfg(test)]
@@ -389,6 +414,9 @@ impl<E: Executor> Deployer<E> {
             }
             if all {
                 return Ok(());
+            }
+            if self.aborted() {
+                return Err(RollbackReason::SwitchedOff);
             }
             if tokio::time::Instant::now() >= deadline {
                 let services = services

@@ -131,7 +131,13 @@ impl Executor {
         let sandbox = Arc::new(Sandbox::open(state_dir, box_user).map_err(ApplianceError::Customer)?);
         control.set_vendor_code_user(sandbox.vendor_code_user());
         let deployments = match deploy::Deployments::open(sandbox.clone(), state_dir, deploy_options) {
-            Ok(d) => Some(d),
+            Ok(d) => {
+                // Deploy switched off: a deploy still waiting for its services rolls back.
+                let watched = control.clone();
+                let switched_off = move || watched.disabled().contains(&airlock_core::policy::Phase::Deploy);
+                d.deployer.abort_when(crate::deploy::Abort(Arc::new(switched_off)));
+                Some(d)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "releases cannot be deployed on this appliance");
                 None

@@ -363,3 +363,44 @@ async fn a_release_naming_a_secret_the_customer_did_not_allow_is_refused_and_not
         assert!(last.secrets.is_empty(), "{:?}", last.secrets);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_deploy_off_rolls_back_a_deploy_waiting_for_its_services() {
+    let fx = Fx::new(ALL_PHASES);
+    fx.listen().await;
+    let port = free_port();
+    // Its health check never passes: without the switch, it would wait the whole deadline.
+    let (envelope, release) = web(&fx, "1.0.0", port, "shop v1", "/never", "");
+    let stmt = fx.deploy_statement(op_id(40), &release);
+    let i = fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt));
+    let exec = fx.exec.clone();
+    let running = tokio::spawn(async move {
+        match exec.handle(i).await {
+            crate::executor::Handled::Started(h) => h.await.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    });
+    // Once its service is starting, the customer switches Deploy off on the host.
+    let started = std::time::Instant::now();
+    loop {
+        // Where the services stand now (the engine's own report, or this one).
+        fx.exec.report(None, &[]).await;
+        let starting = statuses(&fx)
+            .into_iter()
+            .any(|s| s.services.iter().any(|v| v.state == airlock_proto::gateway::ServiceState::Starting as i32));
+        if starting {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the service never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    fx.control.set_phase(HOST_ADMIN, airlock_core::policy::Phase::Deploy, false).unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(8), running).await.unwrap().unwrap();
+    let e = fx.execution(&r);
+    assert_eq!(e.exit_code, Some(super::super::deploy::ROLLED_BACK), "{e:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(9), "rolled back at once, not at the health deadline");
+    let last = statuses(&fx).pop().unwrap();
+    assert!(last.current.is_none(), "nothing was switched to: {last:?}");
+    assert!(last.deploy.unwrap().reason.contains("switched the Deploy phase off"));
+    fx.exec.stop_deployments().await;
+}
