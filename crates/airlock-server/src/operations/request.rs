@@ -419,6 +419,21 @@ async fn prepare_template(
     })
 }
 
+/// A stored release of the environment's workspace, verified again with its unrevoked keys.
+async fn verified_release(
+    state: &AppState,
+    scope: &TenantScope,
+    env: &Environment,
+    selector: &ReleaseSelector,
+) -> Result<airlock_core::release::VerifiedRelease, RequestError> {
+    let (_, release) =
+        crate::releases::deployable(state, scope, env.workspace_id, selector).await.map_err(|e| match e {
+            DeployableError::Store(e) => RequestError::Store(e),
+            e => RequestError::Release(e),
+        })?;
+    Ok(release)
+}
+
 /// The deploy of a stored release, verified again with the workspace's unrevoked keys.
 async fn prepare_deploy(
     state: &AppState,
@@ -426,11 +441,7 @@ async fn prepare_deploy(
     env: &Environment,
     selector: &ReleaseSelector,
 ) -> Result<Prepared, RequestError> {
-    let (_, release) =
-        crate::releases::deployable(state, scope, env.workspace_id, selector).await.map_err(|e| match e {
-            DeployableError::Store(e) => RequestError::Store(e),
-            e => RequestError::Release(e),
-        })?;
+    let release = verified_release(state, scope, env, selector).await?;
     Ok(Prepared {
         kind: deploy::DEPLOY_KIND.to_owned(),
         phase: airlock_core::policy::Phase::Deploy,
@@ -449,11 +460,7 @@ async fn prepare_task(
     selector: &ReleaseSelector,
     task: &str,
 ) -> Result<Prepared, RequestError> {
-    let (_, release) =
-        crate::releases::deployable(state, scope, env.workspace_id, selector).await.map_err(|e| match e {
-            DeployableError::Store(e) => RequestError::Store(e),
-            e => RequestError::Release(e),
-        })?;
+    let release = verified_release(state, scope, env, selector).await?;
     let command = deploy::task_command(&release, task).map_err(|_| RequestError::NoTask {
         task: task.chars().filter(|c| !c.is_control()).take(64).collect(),
         release: selector.to_string(),
