@@ -4,6 +4,7 @@
 pub mod fleet;
 pub mod procfs;
 pub mod server;
+pub mod worker;
 
 /// Wall-clock microseconds since the Unix epoch: how the bench processes agree on a deadline.
 pub fn unix_us() -> u64 {

@@ -11,10 +11,10 @@
 // The summary table and the worker protocol go to stdout; diagnostics go to stderr.
 #![allow(clippy::print_stdout)]
 
+use airlock_bench::worker::{Worker, emit};
 use airlock_bench::{fleet, procfs, server, unix_us};
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,6 @@ use airlock_core::Fingerprint;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use airlock_bench::fleet::{ConnectReport, EnrolCtx, EnrolReport, HeartbeatReport, Hold};
 
@@ -208,65 +207,31 @@ async fn worker(args: Args) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn emit(report: &WorkerReport) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(report)?);
-    Ok(())
-}
-
-/// A worker process as the main process sees it.
-struct Worker {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
-impl Worker {
-    fn spawn(
-        args: &Args,
-        api_url: &str,
-        pin: &str,
-        environment: &str,
-        admin_token: &str,
-        count: usize,
-    ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("locating this binary")?;
-        let per = |total: usize| (total / args.processes).max(1).to_string();
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.args(["--worker", "--api-url", api_url, "--ca-fingerprint", pin, "--environment", environment])
-            .args(["--count", &count.to_string()])
-            .args(["--join-concurrency", &per(args.join_concurrency)])
-            .args(["--connect-concurrency", &per(args.connect_concurrency)])
-            .args([
-                "--hold",
-                &args.hold.to_possible_value().map_or_else(|| "session".to_owned(), |v| v.get_name().to_owned()),
-            ])
-            .env(ADMIN_TOKEN_ENV, admin_token)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if args.share_join_connection {
-            cmd.arg("--share-join-connection");
-        }
-        let mut child = cmd.spawn().context("starting worker")?;
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = child.stdout.take().context("worker stdout")?;
-        Ok(Self { child, stdin, lines: BufReader::new(stdout).lines() })
+/// Starts a worker process for `count` of the appliances.
+fn spawn_worker(
+    args: &Args,
+    api_url: &str,
+    pin: &str,
+    environment: &str,
+    admin_token: &str,
+    count: usize,
+) -> anyhow::Result<Worker> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let per = |total: usize| (total / args.processes).max(1).to_string();
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["--worker", "--api-url", api_url, "--ca-fingerprint", pin, "--environment", environment])
+        .args(["--count", &count.to_string()])
+        .args(["--join-concurrency", &per(args.join_concurrency)])
+        .args(["--connect-concurrency", &per(args.connect_concurrency)])
+        .args([
+            "--hold",
+            &args.hold.to_possible_value().map_or_else(|| "session".to_owned(), |v| v.get_name().to_owned()),
+        ])
+        .env(ADMIN_TOKEN_ENV, admin_token);
+    if args.share_join_connection {
+        cmd.arg("--share-join-connection");
     }
-
-    async fn send(&mut self, command: &str) -> anyhow::Result<()> {
-        self.stdin.write_all(format!("{command}\n").as_bytes()).await?;
-        self.stdin.flush().await?;
-        Ok(())
-    }
-
-    async fn report(&mut self, limit: Duration) -> anyhow::Result<WorkerReport> {
-        let line = tokio::time::timeout(limit, self.lines.next_line())
-            .await
-            .context("worker did not report in time")??
-            .context("worker exited without reporting")?;
-        serde_json::from_str(&line).with_context(|| format!("bad worker report: {line}"))
-    }
+    Worker::spawn(cmd)
 }
 
 // ---------------------------------------------------------------- main process
@@ -484,7 +449,7 @@ async fn run_with_server(
     let cpu0 = procfs::cpu_seconds(pid)?;
     let mut workers = Vec::new();
     for &count in &shares[1..] {
-        workers.push(Worker::spawn(args, &api_url, &ready.ca_fingerprint, &environment, &init.admin_token, count)?);
+        workers.push(spawn_worker(args, &api_url, &ready.ca_fingerprint, &environment, &init.admin_token, count)?);
     }
     eprintln!("joining {} appliances ({} in flight)…", args.appliances, args.join_concurrency);
     let ctx = Arc::new(EnrolCtx::new(&api_url, pin, &init.admin_token, &environment, args.share_join_connection)?);

@@ -17,12 +17,12 @@
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use airlock_bench::fleet::{self, EnrolCtx, Hold, Live};
+use airlock_bench::worker::{Worker, emit};
 use airlock_bench::{procfs, server, unix_us};
 use airlock_core::Fingerprint;
 use airlock_core::customer_key::CustomerSigningKey;
@@ -35,7 +35,6 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::task::JoinSet;
 
 /// Bounds on every phase.
@@ -322,59 +321,24 @@ async fn worker(args: Args) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn emit(report: &WorkerReport) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(report)?);
-    Ok(())
-}
-
-/// A worker process as the main process sees it.
-struct Worker {
-    _child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
-impl Worker {
-    fn spawn(
-        args: &Args,
-        api_url: &str,
-        pin: &str,
-        environment: &str,
-        token: &str,
-        count: usize,
-    ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("locating this binary")?;
-        let per = |total: usize| (total / args.processes).max(1).to_string();
-        let mut child = tokio::process::Command::new(exe)
-            .args(["--worker", "--api-url", api_url, "--ca-fingerprint", pin, "--environment", environment])
-            .args(["--count", &count.to_string()])
-            .args(["--join-concurrency", &per(args.join_concurrency)])
-            .args(["--connect-concurrency", &per(args.connect_concurrency)])
-            .env(ADMIN_TOKEN_ENV, token)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting worker")?;
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = child.stdout.take().context("worker stdout")?;
-        Ok(Self { _child: child, stdin, lines: BufReader::new(stdout).lines() })
-    }
-
-    async fn send(&mut self, command: &str) -> anyhow::Result<()> {
-        self.stdin.write_all(format!("{command}\n").as_bytes()).await?;
-        self.stdin.flush().await?;
-        Ok(())
-    }
-
-    async fn report(&mut self, limit: Duration) -> anyhow::Result<WorkerReport> {
-        let line = tokio::time::timeout(limit, self.lines.next_line())
-            .await
-            .context("worker did not report in time")??
-            .context("worker exited without reporting")?;
-        serde_json::from_str(&line).with_context(|| format!("bad worker report: {line}"))
-    }
+/// Starts a worker process for `count` of the appliances.
+fn spawn_worker(
+    args: &Args,
+    api_url: &str,
+    pin: &str,
+    environment: &str,
+    token: &str,
+    count: usize,
+) -> anyhow::Result<Worker> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let per = |total: usize| (total / args.processes).max(1).to_string();
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["--worker", "--api-url", api_url, "--ca-fingerprint", pin, "--environment", environment])
+        .args(["--count", &count.to_string()])
+        .args(["--join-concurrency", &per(args.join_concurrency)])
+        .args(["--connect-concurrency", &per(args.connect_concurrency)])
+        .env(ADMIN_TOKEN_ENV, token);
+    Worker::spawn(cmd)
 }
 
 // ---------------------------------------------------------------- main process
@@ -505,7 +469,7 @@ async fn run_with_server(
     // ---- join and connect, every process at once
     let mut workers = Vec::new();
     for &count in &shares[1..] {
-        workers.push(Worker::spawn(args, &api_url, &ready.ca_fingerprint, &environment, token, count)?);
+        workers.push(spawn_worker(args, &api_url, &ready.ca_fingerprint, &environment, token, count)?);
     }
     let ctx = Arc::new(EnrolCtx::new(&api_url, pin, token, &environment, false)?);
     let (mut local, local_report) = Fleet::enrol(ctx, shares[0], args.join_concurrency / args.processes).await;
