@@ -129,6 +129,12 @@ impl Deployments {
     }
 }
 
+/// Whether the customer switched the Deploy phase off on this host: a deploy in progress stops
+/// (held, before install, or waiting for health).
+pub(crate) fn deploy_switched_off(control: &crate::control::LocalControl) -> bool {
+    control.disabled().contains(&airlock_core::policy::Phase::Deploy)
+}
+
 /// How a deploy ended, as its output (metadata only).
 #[derive(Debug, Serialize)]
 struct Report<'a> {
@@ -208,7 +214,7 @@ impl Executor {
                     return self.deploy_ran(release, Ended::Refused { reason: why }, started_at, false);
                 }
                 // Switched off while it fetched or was held: nothing is installed or stopped.
-                if self.control.disabled().contains(&airlock_core::policy::Phase::Deploy) {
+                if deploy_switched_off(&self.control) {
                     let why = "the customer switched the Deploy phase off before the release was installed".to_owned();
                     self.report(Some(progress(wire::DeployPhase::Failed, vec![], why.clone())), &required).await;
                     return self.deploy_ran(release, Ended::Refused { reason: why }, started_at, true);
@@ -334,7 +340,7 @@ impl Executor {
                 self.report(Some(progress(wire::DeployPhase::Held, missing.clone(), String::new())), required).await;
                 held_reported = Some(missing);
             }
-            if self.control.disabled().contains(&airlock_core::policy::Phase::Deploy) {
+            if deploy_switched_off(&self.control) {
                 return Err("the customer switched the Deploy phase off while the deploy was held".into());
             }
             if tokio::time::Instant::now() >= deadline {

@@ -134,7 +134,7 @@ impl Executor {
             Ok(d) => {
                 // Deploy switched off: a deploy still waiting for its services rolls back.
                 let watched = control.clone();
-                let switched_off = move || watched.disabled().contains(&airlock_core::policy::Phase::Deploy);
+                let switched_off = move || deploy::deploy_switched_off(&watched);
                 d.deployer.abort_when(crate::deploy::Abort(Arc::new(switched_off)));
                 Some(d)
             }
