@@ -149,6 +149,9 @@ impl Fx {
 
     /// The appliance process stops and starts again on the same state directory.
     pub(crate) fn restart(&mut self) {
+        if let Some(old) = Arc::get_mut(&mut self.exec) {
+            old.sandbox_mut().leave_shared_dirs();
+        }
         let (control, exec) = open(self.dir.path(), self.releases.path(), self.policy.clone(), &self.clock, &self.kit);
         self.control = control;
         self.exec = exec;

@@ -11,8 +11,11 @@
 //!   grants nothing, even when another tenant's identical bytes are on disk already.
 //! - The body is streamed to disk, never held whole in memory; its size is bounded by
 //!   [`ArtifactStore::max_bytes`] (the server's `--max-artifact-bytes`).
-//! - No per-workspace quota: the upload limit bounds one blob, and the disk bounds them all
-//!   (a full disk is refused cleanly as [`PutError::DiskFull`]).
+//! - A workspace holds at most [`ArtifactStore::workspace_quota`] bytes of artifacts (the
+//!   server's `--max-workspace-artifact-bytes`), counted over its rows: an upload reads no more
+//!   than what is left, and its row is inserted only if the sum still fits, in the same
+//!   statement, so concurrent uploads cannot pass it together ([`PutError::QuotaExceeded`]).
+//!   The disk bounds them all (a full disk is refused cleanly as [`PutError::DiskFull`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,8 @@ use crate::store::{ArtifactRow, StoreError};
 
 /// The default largest artifact one upload may carry: 2 GiB.
 pub const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// The default most bytes of artifacts one workspace may hold: 100 GiB.
+pub const DEFAULT_MAX_WORKSPACE_ARTIFACT_BYTES: u64 = 100 * 1024 * 1024 * 1024;
 
 /// How much of a blob one read takes, when it is downloaded or fetched by an appliance.
 pub const READ_CHUNK: usize = 512 * 1024;
@@ -65,6 +70,7 @@ pub struct ArtifactStore {
     /// `<data-dir>/artifacts/tmp`: uploads in progress, on the same filesystem so a rename is atomic.
     tmp: PathBuf,
     max_bytes: u64,
+    workspace_quota: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +85,11 @@ pub enum PutError {
     TooLarge { limit: u64 },
     #[error("the control plane's disk is full; nothing was kept")]
     DiskFull,
+    #[error(
+        "the workspace would hold more than its quota of {quota} bytes of artifacts (it holds {used}; \
+         `--max-workspace-artifact-bytes`); nothing was kept"
+    )]
+    QuotaExceeded { quota: u64, used: u64 },
     #[error("the upload broke off: {0}")]
     Body(String),
     #[error("artifact storage failed: {0}")]
@@ -96,7 +107,7 @@ pub enum Put {
 
 impl ArtifactStore {
     /// The store under `<data_dir>/artifacts`, created owner-only if missing.
-    pub fn open(data_dir: &Path, max_bytes: u64) -> io::Result<Self> {
+    pub fn open(data_dir: &Path, max_bytes: u64, workspace_quota: u64) -> io::Result<Self> {
         let root = data_dir.join("artifacts");
         let (blobs, tmp) = (root.join("sha256"), root.join("tmp"));
         for dir in [&root, &blobs, &tmp] {
@@ -111,11 +122,15 @@ impl ArtifactStore {
         for entry in std::fs::read_dir(&tmp)?.flatten() {
             let _ = std::fs::remove_file(entry.path());
         }
-        Ok(Self { blobs, tmp, max_bytes })
+        Ok(Self { blobs, tmp, max_bytes, workspace_quota })
     }
 
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
+    }
+
+    pub fn workspace_quota(&self) -> u64 {
+        self.workspace_quota
     }
 
     /// The blob's file (it exists only once a whole, checked upload was renamed there).
@@ -124,21 +139,22 @@ impl ArtifactStore {
     }
 
     /// Streams `body` to a temporary file while hashing it; renames it to the blob's path only
-    /// when its SHA-256 is `expected`. Returns the size.
-    pub async fn receive<S, E>(&self, expected: &Sha256Hex, body: S) -> Result<u64, PutError>
+    /// when its SHA-256 is `expected`. Returns the size; a body over `limit` bytes is
+    /// [`PutError::TooLarge`].
+    pub async fn receive<S, E>(&self, expected: &Sha256Hex, body: S, limit: u64) -> Result<u64, PutError>
     where
         S: Stream<Item = Result<axum::body::Bytes, E>>,
         E: std::fmt::Display,
     {
         let tmp = self.tmp.join(format!("{expected}.{}", unique()));
-        let result = self.receive_into(&tmp, expected, body).await;
+        let result = self.receive_into(&tmp, expected, body, limit).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result
     }
 
-    async fn receive_into<S, E>(&self, tmp: &Path, expected: &Sha256Hex, body: S) -> Result<u64, PutError>
+    async fn receive_into<S, E>(&self, tmp: &Path, expected: &Sha256Hex, body: S, limit: u64) -> Result<u64, PutError>
     where
         S: Stream<Item = Result<axum::body::Bytes, E>>,
         E: std::fmt::Display,
@@ -152,8 +168,8 @@ impl ArtifactStore {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| body_error(&e.to_string(), self.max_bytes))?;
             size += chunk.len() as u64;
-            if size > self.max_bytes {
-                return Err(PutError::TooLarge { limit: self.max_bytes });
+            if size > limit {
+                return Err(PutError::TooLarge { limit });
             }
             hasher.update(&chunk);
             out.write_all(&chunk).await.map_err(disk)?;
@@ -222,7 +238,19 @@ where
     if let Some(row) = state.store.artifact(scope, workspace, digest.as_str()).await? {
         return Ok(Put::Present(row));
     }
-    let size = state.artifacts.receive(digest, body).await?;
+    let quota = state.artifacts.workspace_quota();
+    let used = state.store.workspace_artifact_bytes(scope, workspace).await?;
+    let left = quota.saturating_sub(used);
+    if left == 0 {
+        return Err(PutError::QuotaExceeded { quota, used });
+    }
+    let limit = state.artifacts.max_bytes().min(left);
+    let size = match state.artifacts.receive(digest, body, limit).await {
+        Err(PutError::TooLarge { .. }) if limit < state.artifacts.max_bytes() => {
+            return Err(PutError::QuotaExceeded { quota, used });
+        }
+        other => other?,
+    };
     let now = state.now();
     let row = ArtifactRow { workspace_id: workspace, sha256: digest.to_string(), size, created_at: now };
     let mut ev = event(scope.principal().actor(), AuditAction::ReleasePush, Outcome::Success);
@@ -230,12 +258,18 @@ where
     ev.target = Some(format!("artifact:{digest}"));
     ev.detail = serde_json::json!({ "artifact": digest.as_str(), "size": size });
     let mut tx = state.store.write().await?;
-    if !tx.insert_artifact(scope, &row).await? {
+    if !tx.insert_artifact(scope, &row, quota).await? {
         drop(tx);
-        return match state.store.artifact(scope, workspace, digest.as_str()).await? {
-            Some(row) => Ok(Put::Present(row)),
-            None => Err(PutError::NoWorkspace(workspace)),
-        };
+        // Another upload of the same bytes won, or others filled the quota meanwhile. (The
+        // blob stays on disk: identical bytes of another workspace may share its file.)
+        if let Some(row) = state.store.artifact(scope, workspace, digest.as_str()).await? {
+            return Ok(Put::Present(row));
+        }
+        let used = state.store.workspace_artifact_bytes(scope, workspace).await?;
+        if state.store.workspace_exists(scope, workspace).await? {
+            return Err(PutError::QuotaExceeded { quota, used });
+        }
+        return Err(PutError::NoWorkspace(workspace));
     }
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;

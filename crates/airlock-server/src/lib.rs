@@ -113,6 +113,8 @@ pub struct ServerConfig {
     pub rollout_interval: Duration,
     /// The largest artifact one upload may carry (`--max-artifact-bytes`).
     pub max_artifact_bytes: u64,
+    /// The most bytes of artifacts one workspace may hold (`--max-workspace-artifact-bytes`).
+    pub max_workspace_artifact_bytes: u64,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -133,6 +135,7 @@ impl ServerConfig {
             audit_schedule: audit_checkpoints::Schedule::default(),
             rollout_interval: Duration::from_secs(1),
             max_artifact_bytes: artifacts::DEFAULT_MAX_ARTIFACT_BYTES,
+            max_workspace_artifact_bytes: artifacts::DEFAULT_MAX_WORKSPACE_ARTIFACT_BYTES,
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -521,8 +524,12 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let ca_fingerprint = ca.fingerprint();
     let ca_pem = ca.cert_pem().to_owned();
     let ops_signer = signer::OperationsSigner::generate(&ca, now)?;
-    let artifacts = artifacts::ArtifactStore::open(&config.data_dir, config.max_artifact_bytes)
-        .map_err(|source| ServerError::DataDir { path: config.data_dir.join("artifacts"), source })?;
+    let artifacts = artifacts::ArtifactStore::open(
+        &config.data_dir,
+        config.max_artifact_bytes,
+        config.max_workspace_artifact_bytes,
+    )
+    .map_err(|source| ServerError::DataDir { path: config.data_dir.join("artifacts"), source })?;
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await?;
@@ -687,6 +694,6 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         gateway_endpoint: "127.0.0.1:1".into(),
         gateway_server_name: "127.0.0.1".into(),
         audit_key_pem: audit_signer.public_pem().to_owned(),
-        artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024).expect("artifact store"),
+        artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024, 16 * 1024 * 1024).expect("artifact store"),
     })
 }

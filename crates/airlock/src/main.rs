@@ -183,6 +183,9 @@ struct ServerRunArgs {
     /// The largest release artifact one upload may carry, in bytes [default: 2 GiB].
     #[arg(long, env = "AIRLOCK_MAX_ARTIFACT_BYTES")]
     max_artifact_bytes: Option<u64>,
+    /// The most bytes of release artifacts one workspace may hold [default: 100 GiB].
+    #[arg(long, env = "AIRLOCK_MAX_WORKSPACE_ARTIFACT_BYTES")]
+    max_workspace_artifact_bytes: Option<u64>,
     /// Operator-supplied certificate chain (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -983,6 +986,9 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = args.max_artifact_bytes {
         cfg.max_artifact_bytes = n;
+    }
+    if let Some(n) = args.max_workspace_artifact_bytes {
+        cfg.max_workspace_artifact_bytes = n;
     }
     if let Some(d) = args.heartbeat_interval.or(file_duration(file.heartbeat_interval)?) {
         anyhow::ensure!(d.as_secs() >= 1, "heartbeat interval must be at least 1s");

@@ -40,7 +40,7 @@ fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> DeployError {
 impl Releases {
     /// The releases root `root`, made if needed (0o755: the box user reads releases), refused
     /// inside the state directory (which the box may not read) or the box's working root
-    /// (wiped at every start).
+    /// (wiped at every start), and refused unless the appliance's own user owns it.
     pub(crate) fn open(root: &Path, state_dir: &Path, box_work_root: &Path) -> Result<Self, DeployError> {
         std::fs::create_dir_all(root).map_err(io("cannot create", root))?;
         let real = std::fs::canonicalize(root).map_err(io("cannot resolve", root))?;
@@ -53,6 +53,17 @@ impl Releases {
                     other.display()
                 )));
             }
+        }
+        // Whoever owns the root can swap the releases the appliance runs (as root, with a
+        // release that asked for it): a directory someone else made first is refused.
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&real).map_err(io("cannot read", &real))?);
+        let me = nix::unistd::geteuid().as_raw();
+        if owner != me {
+            return Err(DeployError::BadReleasesRoot(format!(
+                "{} belongs to uid {owner}, not to this appliance's user (uid {me}): another user could replace \
+                 the releases it runs; remove it or set releases_dir elsewhere",
+                real.display()
+            )));
         }
         std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).map_err(io("cannot set", &real))?;
         let logs = real.join(".logs");

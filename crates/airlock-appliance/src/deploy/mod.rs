@@ -487,7 +487,10 @@ impl Deployer<ProcessExecutor> {
     ) -> Result<Self, DeployError> {
         let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
         let tag = airlock_core::operation::sha256_hex(state.as_os_str().as_encoded_bytes())[..16].to_owned();
-        let root = releases_dir.map_or_else(|| default_releases_dir(&tag), Path::to_owned);
+        let root = match releases_dir {
+            Some(dir) => dir.to_owned(),
+            None => default_releases_dir(&tag)?,
+        };
         let releases = Releases::open(&root, &state, sandbox.work_root())?;
         let executor = ProcessExecutor::new(sandbox, config.supervise.clone());
         Ok(Self::new(releases, executor, config))
@@ -503,15 +506,22 @@ async fn stop_all(services: Vec<Supervised>) {
 }
 
 /// Where releases go by default: beside the box's working directories, never in the state
-/// directory; `tag` tells appliances on one host apart.
-pub(crate) fn default_releases_dir(tag: &str) -> PathBuf {
+/// directory; `tag` tells appliances on one host apart. Never a shared temporary directory,
+/// where another user could make the directory first.
+pub(crate) fn default_releases_dir(tag: &str) -> Result<PathBuf, DeployError> {
     if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/airlock-releases").join(tag);
+        return Ok(PathBuf::from("/var/lib/airlock-releases").join(tag));
     }
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join(format!("airlock-releases-{tag}"))
+        .or_else(|| {
+            std::env::var_os("HOME").map(PathBuf::from).filter(|p| p.is_absolute()).map(|h| h.join(".local/state"))
+        })
+        .ok_or_else(|| {
+            DeployError::BadReleasesRoot(
+                "neither XDG_STATE_HOME nor HOME is set to an absolute path: set releases_dir".into(),
+            )
+        })?;
+    Ok(base.join(format!("airlock-releases-{tag}")))
 }

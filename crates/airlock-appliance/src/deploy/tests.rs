@@ -448,6 +448,84 @@ fn a_releases_root_inside_the_state_directory_is_refused() {
     assert!(err.to_string().contains("state directory"), "{err}");
 }
 
+#[test]
+fn a_releases_root_another_user_made_first_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let planted = shared.path().join("releases");
+    std::fs::create_dir(&planted).unwrap();
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    let err = Releases::open(&planted, state.path(), work.path()).unwrap_err();
+    assert!(matches!(err, DeployError::BadReleasesRoot(_)), "{err}");
+    assert!(err.to_string().contains("uid 65534"), "{err}");
+    // Through a symbolic link, the same.
+    let link = shared.path().join("link");
+    std::os::unix::fs::symlink(&planted, &link).unwrap();
+    assert!(matches!(Releases::open(&link, state.path(), work.path()), Err(DeployError::BadReleasesRoot(_))));
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped (even when the test fails).
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("mount(8) runs");
+        assert!(status.success(), "the full-disk test mounts a tmpfs, as root");
+        Self(at)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_the_install_and_the_running_release_keeps_serving() {
+    let state = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sandbox = Arc::new(Sandbox::open(state.path(), None).unwrap());
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(top.path().join("blobs")).unwrap();
+    let disk = SmallDisk::mount(top.path().join("small"), "2m");
+    let deployer = Deployer::open(sandbox.clone(), state.path(), Some(&disk.0), config()).unwrap();
+    let f = Fixture { _state: state, top, sandbox, deployer, key: CustomerSigningKey::from_seed([7; 32]) };
+    let port = free_port();
+    f.deploy(&f.web("1.0.0", port, "shop v1", "/index.html")).await.unwrap();
+    assert_eq!(fetch(port).await.as_deref(), Some("shop v1"));
+
+    // v2 carries 3 MiB the 2 MiB disk cannot hold: refused with the reason, nothing switched.
+    let big = vec![b'x'; 3 << 20];
+    let script: &[u8] = b"#!/bin/sh\nexec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory www\n";
+    let manifest = format!(
+        "name = \"shop\"\nversion = \"2.0.0\"\n\n[[service]]\nname = \"web\"\ncommand = \"bin/web\"\nenv = {{ PORT = \"{port}\" }}\n"
+    );
+    let v2 = f.release(&manifest, &[("bin/web", script), ("www/index.html", b"shop v2"), ("data/big", &big)]);
+    let err = f.deploy(&v2).await.unwrap_err();
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    assert_eq!(fetch(port).await.as_deref(), Some("shop v1"));
+    assert_eq!(f.deployer.current().unwrap().version, "1.0.0");
+    // The half-made copy is gone, so the disk has room again for what fits.
+    let left: Vec<String> = std::fs::read_dir(&disk.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-") || n.starts_with(v2.digest()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    f.deploy(&f.web("3.0.0", port, "shop v3", "/index.html")).await.unwrap();
+    assert_eq!(fetch(port).await.as_deref(), Some("shop v3"));
+    f.deployer.shutdown().await;
+}
+
 #[tokio::test]
 async fn tcp_and_boxed_exec_checks_decide_health() {
     let f = fixture();

@@ -197,6 +197,17 @@ fn work_base(tag: &str) -> Result<PathBuf, String> {
     Ok(std::env::temp_dir().join(format!("airlock-box-{tag}")))
 }
 
+impl Sandbox {
+    /// Tests start a second appliance on a state directory before dropping the first (a
+    /// process restart has no such overlap): the first must then leave the cell and working
+    /// root they share, which its drop would remove, empty, from under the second.
+    #[cfg(test)]
+    pub(crate) fn leave_shared_dirs(&mut self) {
+        self.work_root = PathBuf::new();
+        std::mem::forget(self.cells.take());
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         // Every run removed its working directory; one a run still holds stays for the next start.

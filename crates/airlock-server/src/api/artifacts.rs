@@ -35,6 +35,9 @@ impl From<PutError> for ApiError {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
             }
             PutError::DiskFull => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string()),
+            PutError::QuotaExceeded { .. } => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", e.to_string())
+            }
             PutError::Body(_) => ApiError::bad_request(e.to_string()),
             PutError::Io(_) => ApiError::internal(e.to_string()),
             PutError::Store(e) => e.into(),
@@ -85,7 +88,7 @@ fn parse_path(workspace: &str, sha256: &str) -> Result<(WorkspaceId, Sha256Hex),
         (status = 200, body = ArtifactView, description = "the workspace holds this artifact already"),
         (status = 422, body = ErrorBody, description = "the bytes do not have this SHA-256 (`digest_mismatch`); nothing was kept"),
         (status = 500, body = ErrorBody, description = "storage failed; nothing was kept"),
-        (status = 507, body = ErrorBody, description = "the control plane's disk is full (`disk_full`); nothing was kept")))]
+        (status = 507, body = ErrorBody, description = "the control plane's disk is full (`disk_full`), or the workspace's artifacts would pass its quota (`quota_exceeded`); nothing was kept")))]
 pub(super) async fn put_artifact(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,

@@ -1539,7 +1539,7 @@ async fn stored_artifact(
     let row =
         crate::store::ArtifactRow { workspace_id: ws, sha256: sha.clone(), size: bytes.len() as u64, created_at: now };
     let mut tx = f.server.state.store.write().await.unwrap();
-    assert!(tx.insert_artifact(scope, &row).await.unwrap());
+    assert!(tx.insert_artifact(scope, &row, u64::MAX).await.unwrap());
     if released {
         tx.insert_release_artifacts(scope, ws, "shop", "1.0.0", &[sha.as_str()]).await.unwrap();
     }

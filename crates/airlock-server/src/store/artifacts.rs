@@ -38,6 +38,18 @@ impl Store {
         row.as_ref().map(artifact_from_row).transpose()
     }
 
+    /// How many bytes of artifacts the workspace holds (what its quota counts).
+    pub async fn workspace_artifact_bytes(&self, scope: &TenantScope, ws: WorkspaceId) -> Result<u64, StoreError> {
+        let used: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE tenant_id = $1 AND workspace_id = $2",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(ws.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        u64::try_from(used).map_err(|_| StoreError::Corrupt("artifact sizes".into()))
+    }
+
     /// Of `digests`, those the workspace does not hold, in the order given.
     pub async fn missing_artifacts(
         &self,
@@ -78,12 +90,19 @@ impl Store {
 }
 
 impl WriteTx<'_> {
-    /// Records that the workspace holds an artifact; false if a row was there already (another
-    /// upload of the same bytes won), in which case nothing changed.
-    pub async fn insert_artifact(&mut self, scope: &TenantScope, a: &ArtifactRow) -> Result<bool, StoreError> {
+    /// Records that the workspace holds an artifact, if the workspace's artifacts with it stay
+    /// within `quota` bytes; false if a row was there already (another upload of the same bytes
+    /// won) or it would not fit, in which case nothing changed.
+    pub async fn insert_artifact(
+        &mut self,
+        scope: &TenantScope,
+        a: &ArtifactRow,
+        quota: u64,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "INSERT INTO artifacts (tenant_id, workspace_id, sha256, size, created_at)
              SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM workspaces WHERE tenant_id = $1 AND id = $2)
+               AND (SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE tenant_id = $1 AND workspace_id = $2) + $4 <= $6
              ON CONFLICT DO NOTHING",
         )
         .bind(scope.tenant().to_string())
@@ -91,6 +110,7 @@ impl WriteTx<'_> {
         .bind(&a.sha256)
         .bind(i64::try_from(a.size).map_err(|_| StoreError::Corrupt("artifact size".into()))?)
         .bind(a.created_at.unix_millis())
+        .bind(i64::try_from(quota).unwrap_or(i64::MAX))
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected() == 1)

@@ -175,6 +175,94 @@ async fn a_deploy_missing_a_secret_is_held_until_it_exists_and_its_value_never_g
     fx.exec.stop_deployments().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_held_past_a_day_on_the_appliances_clock_is_given_up_and_nothing_changes() {
+    let fx = Fx::new(ALL_PHASES);
+    fx.listen().await;
+    let port = free_port();
+    let (envelope, v1) = web(&fx, "1.0.0", port, "shop v1", "/", "");
+    let stmt = fx.deploy_statement(op_id(11), &v1);
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
+
+    let reference = format!("file:{}", fx.releases.path().join("never-there").display());
+    let (envelope, v2) = web(&fx, "2.0.0", port, "shop v2", "/", &format!("DB_PASSWORD = \"{reference}\""));
+    let stmt = fx.deploy_statement(op_id(12), &v2);
+    let running = {
+        let exec = fx.exec.clone();
+        let i = fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt));
+        tokio::spawn(async move {
+            match exec.handle(i).await {
+                crate::executor::Handled::Started(h) => h.await.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    while fx.audited(airlock_core::audit::AuditAction::DeploymentHeld).is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // An hour on: still held. A day and a bit on (the host slept, say): given up.
+    fx.clock.fetch_add(3_600_000, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(!running.is_finished());
+    fx.clock.fetch_add(24 * 3_600_000, std::sync::atomic::Ordering::SeqCst);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(30), running).await.unwrap().unwrap();
+    let e = fx.execution(&r);
+    assert_eq!(e.status, airlock_core::operation::ExecutionStatus::Cancelled, "{e:?}");
+    let last = statuses(&fx).pop().unwrap();
+    let progress = last.deploy.unwrap();
+    assert_eq!(progress.phase, airlock_proto::gateway::DeployPhase::Failed as i32);
+    assert!(progress.reason.contains("still missing") && progress.reason.contains(&reference), "{progress:?}");
+    // v1 still current and serving; v2 never installed.
+    assert_eq!(last.current.unwrap().digest, v1.digest());
+    assert!(fetch(port).await.contains("shop v1"));
+    assert!(!fx.releases.path().join("releases").join(v2.digest()).exists());
+    fx.exec.stop_deployments().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_deploy_cannot_downgrade_nor_spend_an_approval_twice() {
+    use airlock_core::grant::GrantBody;
+    let mut fx = Fx::new(ALL_PHASES);
+    fx.listen().await;
+    let port = free_port();
+    let nonce = |g: &mut GrantBody| g.nonce = "deploy-nonce".into();
+    let (env1, v1) = web(&fx, "1.0.0", port, "shop v1", "/", "");
+    let old = fx.deploy_statement(op_id(21), &v1);
+    let old_instruction = fx.deploy_instruction(&old, &env1, &[1], &fx.grant_with(&old, 1, nonce));
+    let first = fx.send(old_instruction.clone()).await;
+    assert_eq!(fx.execution(&first).exit_code, Some(0), "{first:?}");
+    let (env2, v2) = web(&fx, "2.0.0", port, "shop v2", "/", "");
+    let new = fx.deploy_statement(op_id(22), &v2);
+    let r = fx.send(fx.deploy_instruction(&new, &env2, &[1], &fx.grant(&new))).await;
+    assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
+    assert!(fetch(port).await.contains("shop v2"));
+
+    // The vendor replays the old, approved deploy of v1: answered from its record, nothing
+    // is installed, v2 keeps serving; and the same after a restart.
+    assert_eq!(fx.send(old_instruction.clone()).await, first);
+    assert!(fetch(port).await.contains("shop v2"));
+    fx.exec.stop_deployments().await;
+    fx.restart();
+    fx.listen().await;
+    fx.exec.recover_deployments().await;
+    assert_eq!(fx.send(old_instruction).await, first);
+    assert!(fetch(port).await.contains("shop v2"));
+    assert_eq!(fx.audited(airlock_core::audit::AuditAction::OperationExecuted).len(), 2);
+
+    // A new request for v1 under a new approval that reuses the spent nonce: denied.
+    let again = fx.deploy_statement(op_id(23), &v1);
+    let r = fx.send(fx.deploy_instruction(&again, &env1, &[1], &fx.grant_with(&again, 1, nonce))).await;
+    assert_denied(&r, DenyCode::NonceReplayed);
+    // The old approval on the new request: it approves another request, so it is no authority.
+    let r = fx.send(fx.deploy_instruction(&again, &env1, &[1], &fx.grant_with(&old, 1, |_| {}))).await;
+    assert_ne!(r.outcome, Outcome::Executed, "{r:?}");
+    assert!(fetch(port).await.contains("shop v2"));
+    let current = fx.exec.deployments.as_ref().unwrap().deployer.current().unwrap();
+    assert_eq!(current.digest, v2.digest());
+    fx.exec.stop_deployments().await;
+}
+
 #[tokio::test]
 async fn a_release_the_customer_does_not_accept_is_refused() {
     let key_id = |n: u8| vendor_key(n).public().key_id();

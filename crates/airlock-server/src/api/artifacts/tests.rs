@@ -193,6 +193,46 @@ async fn another_tenant_cannot_read_or_claim_an_artifact_by_its_digest() {
     assert_eq!(std::fs::read(api.dir.path().join("artifacts/sha256").join(&digest)).unwrap(), bytes);
 }
 
+#[tokio::test]
+async fn a_workspace_past_its_artifact_quota_is_507_and_others_are_not_held_back() {
+    let api = api().await;
+    // The test state's quota is 16 MiB a workspace; one upload may carry 4 MiB.
+    let piece = |n: u8| vec![n; 4 * 1024 * 1024];
+    for n in 0..3 {
+        let (s, v) = api.upload(&sha(&piece(n)), &piece(n)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    // 4 MiB are left; two uploads of 3 MiB race for them: the quota is checked with the
+    // insert, so one of them is refused.
+    let (a, b) = (vec![10u8; 3 << 20], vec![11u8; 3 << 20]);
+    let (da, db) = (sha(&a), sha(&b));
+    let (ra, rb) = tokio::join!(api.upload(&da, &a), api.upload(&db, &b));
+    let mut statuses = [ra.0, rb.0];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::CREATED, StatusCode::INSUFFICIENT_STORAGE], "{ra:?} {rb:?}");
+    let refused = if ra.0 == StatusCode::CREATED { &rb.1 } else { &ra.1 };
+    assert_eq!(refused["error"]["code"], "quota_exceeded", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("--max-workspace-artifact-bytes"), "{refused}");
+    // 1 MiB left: a 2 MiB upload stops reading at the quota, and keeps nothing.
+    let over = vec![12u8; 2 << 20];
+    let (s, v) = api.upload(&sha(&over), &over).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::INSUFFICIENT_STORAGE, Some("quota_exceeded")), "{v}");
+    assert!(!api.blobs().contains(&sha(&over)));
+    assert_eq!(api.temporaries(), 0);
+    let (s, _) = api.call(Method::GET, &api.path(&sha(&over)), &api.token, Body::empty()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // What it holds is still served, and another tenant's workspace has its own quota.
+    let (s, _) = api.call(Method::GET, &api.path(&sha(&piece(0))), &api.token, Body::empty()).await;
+    assert_eq!(s, StatusCode::OK);
+    let other =
+        crate::create_tenant(api.dir.path(), &KekSource::default_for(api.dir.path()), "globex", "default", &*api.clock)
+            .await
+            .unwrap();
+    let own = format!("/v1/workspaces/{}/artifacts/{}", other.workspace, sha(&over));
+    let (s, v) = api.call(Method::PUT, &own, other.admin_token.expose(), Body::from(over.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
 const MANIFEST: &str = "name = \"shop\"\nversion = \"1.0.0\"\n\n[[service]]\nname = \"web\"\ncommand = \"bin/web\"\n";
 
 #[tokio::test]
