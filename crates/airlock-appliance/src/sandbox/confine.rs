@@ -6,9 +6,14 @@
 //! before the fork: no allocation, no locks.
 //! In order: mark every inherited descriptor close-on-exec (the appliance may have been
 //! started with some open that are not), enter the cell (as root, who may), set the resource
-//! limits, drop to the box user (or, for a root run, drop every capability but a few from the
-//! bounding set), then `no_new_privs` and the Landlock ruleset. Any failure fails the spawn, so
-//! nothing runs half boxed.
+//! limits, enter an IPC namespace of its own (as root, who may), drop to the box user (or, for
+//! a root run, drop every capability but a few from the bounding set), then `no_new_privs` and
+//! the Landlock ruleset. Any failure fails the spawn, so nothing runs half boxed.
+//!
+//! The IPC namespace: System V shared memory, semaphores and message queues, and POSIX message
+//! queues, are not files, so Landlock does not see them, and they outlive the process that
+//! made them. In a namespace of its own, what a box makes is gone with its last process (its
+//! memory too), and it can neither see nor attach what the host or another box made.
 
 use std::fs::File;
 use std::io;
@@ -24,6 +29,9 @@ pub(super) struct Confinement {
     run_as: RunAs,
     limits: [(Resource, rlim_t); 5],
     fence: Option<RulesetCreated>,
+    /// Whether the run gets an IPC namespace of its own: where the appliance is root (making
+    /// one needs `CAP_SYS_ADMIN`).
+    own_ipc: bool,
 }
 
 impl Confinement {
@@ -45,6 +53,7 @@ impl Confinement {
                 (Resource::RLIMIT_FSIZE, limits.file_bytes),
             ],
             fence,
+            own_ipc: nix::unistd::geteuid().is_root(),
         }
     }
 
@@ -61,6 +70,9 @@ impl Confinement {
             if value != nix::sys::resource::RLIM_INFINITY {
                 setrlimit(resource, value, value)?;
             }
+        }
+        if self.own_ipc {
+            own_ipc_namespace()?;
         }
         if let RunAs::BoxUser { uid, gid } = self.run_as {
             setgroups(&[])?;
@@ -117,6 +129,17 @@ fn keep_only_root_capabilities() -> io::Result<()> {
                 return Err(e);
             }
         }
+    }
+    Ok(())
+}
+
+/// Moves the calling process into a new IPC namespace (see the module documentation).
+fn own_ipc_namespace() -> io::Result<()> {
+    // SAFETY: unshare with an integer flag; it changes only the calling (child) process.
+    #[allow(unsafe_code)]
+    let r = unsafe { nix::libc::unshare(nix::libc::CLONE_NEWIPC) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -9,6 +9,8 @@
 //!   write only its own working directory, and neither signal processes outside the box nor
 //!   connect to abstract sockets: even root-run code cannot open the state directory (the
 //!   admin socket, the output key, sealed output, the audit log) or signal the appliance;
+//! - in an IPC namespace of its own where the appliance is root ([`confine`]): what it makes
+//!   with System V IPC or POSIX message queues dies with it, and it sees none of the host's;
 //! - in a private working directory outside the state directory, removed after the run;
 //!   a service also reads (never writes) its installed release directory;
 //! - under limits on wall time (operations only: services run until stopped), processes,
