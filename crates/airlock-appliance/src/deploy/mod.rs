@@ -488,6 +488,12 @@ impl Deployer<ProcessExecutor> {
         let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
         let tag = airlock_core::operation::sha256_hex(state.as_os_str().as_encoded_bytes())[..16].to_owned();
         let root = releases_dir.map_or_else(|| default_releases_dir(&tag), Path::to_owned);
+        if let Some(system) = sandbox.readable_by_every_box(&root) {
+            return Err(DeployError::BadReleasesRoot(format!(
+                "{} is under {system}, which every box may read (other releases, and their logs to a root run): put releases_dir elsewhere, e.g. under /var/lib",
+                root.display()
+            )));
+        }
         let releases = Releases::open(&root, &state, sandbox.work_root())?;
         let executor = ProcessExecutor::new(sandbox, config.supervise.clone());
         Ok(Self::new(releases, executor, config))

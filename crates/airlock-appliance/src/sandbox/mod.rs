@@ -296,6 +296,13 @@ impl Sandbox {
         self.work_root.join(id.to_string())
     }
 
+    /// The system root (`/opt`, `/etc`, ...) under which `path` lies, if every box may read it
+    /// by its Landlock rules: the releases root must not be there, or every box (a template's
+    /// script, another release's service) would read every release, and a root run its logs.
+    pub(crate) fn readable_by_every_box(&self, path: &Path) -> Option<&'static str> {
+        self.allowed.system_root_of(path)
+    }
+
     /// Where boxes get their working directories: the release root must not be inside it.
     pub(crate) fn work_root(&self) -> &Path {
         &self.work_root
