@@ -6,7 +6,7 @@
 //! before the fork: no allocation, no locks.
 //! In order: mark every inherited descriptor close-on-exec (the appliance may have been
 //! started with some open that are not), enter the cell (as root, who may), set the resource
-//! limits, enter an IPC namespace of its own (as root, who may), drop to the box user (or, for
+//! limits, enter an IPC namespace of its own (where the appliance may), drop to the box user (or, for
 //! a root run, drop every capability but a few from the bounding set), then `no_new_privs` and
 //! the Landlock ruleset. Any failure fails the spawn, so nothing runs half boxed.
 //!
@@ -29,13 +29,18 @@ pub(super) struct Confinement {
     run_as: RunAs,
     limits: [(Resource, rlim_t); 5],
     fence: Option<RulesetCreated>,
-    /// Whether the run gets an IPC namespace of its own: where the appliance is root (making
-    /// one needs `CAP_SYS_ADMIN`).
+    /// Whether the run gets an IPC namespace of its own (where the appliance may make one).
     own_ipc: bool,
 }
 
 impl Confinement {
-    pub(super) fn new(procs: Option<File>, run_as: RunAs, limits: &RunLimits, fence: Option<RulesetCreated>) -> Self {
+    pub(super) fn new(
+        procs: Option<File>,
+        run_as: RunAs,
+        limits: &RunLimits,
+        fence: Option<RulesetCreated>,
+        own_ipc: bool,
+    ) -> Self {
         // `RLIMIT_NPROC` counts every process of the uid, so it holds a fork bomb only for the
         // box user; for the appliance's own user it would count the appliance too.
         let processes = match run_as {
@@ -53,7 +58,7 @@ impl Confinement {
                 (Resource::RLIMIT_FSIZE, limits.file_bytes),
             ],
             fence,
-            own_ipc: nix::unistd::geteuid().is_root(),
+            own_ipc,
         }
     }
 
@@ -131,6 +136,12 @@ fn keep_only_root_capabilities() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether this process may make IPC namespaces: tried once, on a thread of its own that ends
+/// right after (a namespace is the calling thread's), so the appliance stays where it was.
+pub(super) fn ipc_namespaces_available() -> bool {
+    std::thread::spawn(|| own_ipc_namespace().is_ok()).join().unwrap_or(false)
 }
 
 /// Moves the calling process into a new IPC namespace (see the module documentation).

@@ -154,6 +154,9 @@ pub(crate) struct Sandbox {
     allowed: fence::Allowed,
     /// Whether the kernel enforces Landlock rules.
     landlock: bool,
+    /// Whether each run gets an IPC namespace of its own ([`confine`]): where the appliance
+    /// may make one (root with `CAP_SYS_ADMIN`; not, say, in a container without it).
+    ipc_namespace: bool,
     /// Why vendor code may not run here at all, if so: it would share the appliance's uid
     /// without the parts of the box that then hold it (`Sandbox::open`).
     unusable: Option<String>,
@@ -239,13 +242,27 @@ impl Sandbox {
         }
         let enforced = fence::enforced();
         let landlock = enforced != fence::Enforced::Nothing;
+        let ipc_namespace = confine::ipc_namespaces_available();
+        if !ipc_namespace {
+            tracing::warn!(
+                "no IPC namespace for vendor code (the appliance is not root, or lacks CAP_SYS_ADMIN): what it makes with System V IPC outlives its box"
+            );
+        }
         let unusable = unusable(run_as, enforced, cells.is_some());
         if let Some(why) = &unusable {
             tracing::error!(reason = %why, "vendor code will not run on this appliance");
         }
         let uids = user::UidPool::for_box(run_as, box_user, &tag);
-        let sandbox =
-            Self { cells, run_as, uids, work_root, allowed: fence::Allowed::outside(&[state]), landlock, unusable };
+        let sandbox = Self {
+            cells,
+            run_as,
+            uids,
+            work_root,
+            allowed: fence::Allowed::outside(&[state]),
+            landlock,
+            ipc_namespace,
+            unusable,
+        };
         sandbox.clear_leftovers()?;
         match sandbox.run_as {
             RunAs::BoxUser { uid, gid } => tracing::info!(uid, gid, landlock, "vendor code runs boxed"),
@@ -439,7 +456,7 @@ impl Sandbox {
             let fence =
                 if self.landlock { Some(fence::ruleset(&boxed.workdir, read_only, &self.allowed)?) } else { None };
             let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
-            Ok(Confinement::new(procs, run_as, limits, fence))
+            Ok(Confinement::new(procs, run_as, limits, fence, self.ipc_namespace))
         });
         match made {
             Ok(confinement) => Ok((confinement, boxed)),

@@ -42,6 +42,7 @@ fn boxed(state: &tempfile::TempDir) -> Sandbox {
     let sandbox = Sandbox::open(state.path(), None).unwrap();
     assert!(matches!(sandbox.run_as, RunAs::BoxUser { .. }), "the tests run as root");
     assert!(sandbox.cells.is_some() && sandbox.landlock, "cgroup v2 and Landlock are available to the tests");
+    assert!(sandbox.ipc_namespace, "the tests run as root, who may make IPC namespaces");
     sandbox
 }
 
