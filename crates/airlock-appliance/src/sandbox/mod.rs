@@ -19,7 +19,9 @@
 //! The child puts itself in its box between fork and exec ([`confine`]), so no instruction of
 //! the vendor's runs outside it; if any step fails, the spawn fails and nothing runs.
 //! Where the host lacks a part (no cgroup v2, no Landlock, an appliance that is not root), the
-//! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds.
+//! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds; but without a
+//! cell, nothing runs as root (its cell alone tells a root run from the customer's root at the
+//! admin socket).
 
 pub mod bench;
 mod cell;
@@ -433,6 +435,14 @@ impl Sandbox {
     ) -> Result<(Confinement, Boxed), String> {
         if let Some(why) = &self.unusable {
             return Err(format!("vendor code does not run here: {why}"));
+        }
+        // Root's uid is the customer's at the admin socket (and `connect` by path is not a
+        // Landlock right): only its cell tells a root run apart there, as for the appliance's uid.
+        if run_as == RunAs::Root && self.cells.is_none() {
+            return Err(
+                "vendor code does not run as root here: without a cgroup v2 cell the admin socket cannot tell it from the customer's root"
+                    .to_owned(),
+            );
         }
         // A uid of its own while it runs, where one is free; else the box user's, shared.
         let lease = match run_as {

@@ -345,3 +345,18 @@ impl Drop for RemoveSegment {
         let _ = std::process::Command::new("ipcrm").args(["-m", &self.0]).status();
     }
 }
+
+#[tokio::test]
+async fn a_root_run_without_a_cell_does_not_start() {
+    let state = state();
+    let mut sandbox = boxed(&state);
+    // A host without cgroup v2: nothing would tell a root run from the customer's root at the
+    // admin socket.
+    sandbox.cells = None;
+    let env = BTreeMap::new();
+    let err = sandbox.prepare(id(15), b"echo RAN", &env, &RunLimits::default(), RunAs::Root).unwrap_err();
+    assert!(err.contains("cgroup v2"), "{err}");
+    // The box user still runs: its uid is refused at the admin socket whatever its cell.
+    let r = run(&sandbox, 16, "echo RAN", &[], &RunLimits::default()).await;
+    assert!(r.output.contains("RAN"), "{}", r.output);
+}
