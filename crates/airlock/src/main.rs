@@ -375,8 +375,9 @@ struct ApplianceRunArgs {
     /// A checkpoint every this many audit records (default 1000), besides start and stop.
     #[arg(long)]
     audit_checkpoint_every: Option<u64>,
-    /// Where deployed releases are installed: outside the state directory, readable by the box
-    /// user (default /var/lib/airlock-releases/<tag> as root). Also AIRLOCK_RELEASES_DIR.
+    /// Where deployed releases are installed: outside the state directory and the system roots
+    /// every box reads (/opt, /etc, /usr...), readable by the box user (default
+    /// /var/lib/airlock-releases/<tag> as root). Also AIRLOCK_RELEASES_DIR.
     #[arg(long)]
     releases_dir: Option<PathBuf>,
 }

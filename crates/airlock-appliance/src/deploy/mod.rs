@@ -491,6 +491,12 @@ impl Deployer<ProcessExecutor> {
             Some(dir) => dir.to_owned(),
             None => default_releases_dir(&tag)?,
         };
+        if let Some(system) = sandbox.readable_by_every_box(&root) {
+            return Err(DeployError::BadReleasesRoot(format!(
+                "{} is under {system}, which every box may read (other releases, and their logs to a root run): put releases_dir elsewhere, e.g. under /var/lib",
+                root.display()
+            )));
+        }
         let releases = Releases::open(&root, &state, sandbox.work_root())?;
         let executor = ProcessExecutor::new(sandbox, config.supervise.clone());
         Ok(Self::new(releases, executor, config))

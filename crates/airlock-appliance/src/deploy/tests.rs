@@ -526,6 +526,18 @@ async fn a_full_disk_refuses_the_install_and_the_running_release_keeps_serving()
     f.deployer.shutdown().await;
 }
 
+#[test]
+fn a_releases_root_every_box_may_read_is_refused_and_not_made() {
+    let state = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(Sandbox::open(state.path(), None).unwrap());
+    for root in ["/opt/airlock-test-releases-refused/releases", "/etc/airlock-test-releases-refused"] {
+        let err = Deployer::open(sandbox.clone(), state.path(), Some(Path::new(root)), config()).unwrap_err();
+        assert!(matches!(err, DeployError::BadReleasesRoot(_)), "{err}");
+        assert!(err.to_string().contains("every box may read"), "{err}");
+        assert!(!Path::new(root).exists(), "nothing is made before the refusal");
+    }
+}
+
 #[tokio::test]
 async fn tcp_and_boxed_exec_checks_decide_health() {
     let f = fixture();

@@ -6,9 +6,14 @@
 //! before the fork: no allocation, no locks.
 //! In order: mark every inherited descriptor close-on-exec (the appliance may have been
 //! started with some open that are not), enter the cell (as root, who may), set the resource
-//! limits, drop to the box user (or, for a root run, drop every capability but a few from the
-//! bounding set), then `no_new_privs` and the Landlock ruleset. Any failure fails the spawn, so
-//! nothing runs half boxed.
+//! limits, enter an IPC namespace of its own (where the appliance may), drop to the box user (or, for
+//! a root run, drop every capability but a few from the bounding set), then `no_new_privs` and
+//! the Landlock ruleset. Any failure fails the spawn, so nothing runs half boxed.
+//!
+//! The IPC namespace: System V shared memory, semaphores and message queues, and POSIX message
+//! queues, are not files, so Landlock does not see them, and they outlive the process that
+//! made them. In a namespace of its own, what a box makes is gone with its last process (its
+//! memory too), and it can neither see nor attach what the host or another box made.
 
 use std::fs::File;
 use std::io;
@@ -24,10 +29,18 @@ pub(super) struct Confinement {
     run_as: RunAs,
     limits: [(Resource, rlim_t); 5],
     fence: Option<RulesetCreated>,
+    /// Whether the run gets an IPC namespace of its own (where the appliance may make one).
+    own_ipc: bool,
 }
 
 impl Confinement {
-    pub(super) fn new(procs: Option<File>, run_as: RunAs, limits: &RunLimits, fence: Option<RulesetCreated>) -> Self {
+    pub(super) fn new(
+        procs: Option<File>,
+        run_as: RunAs,
+        limits: &RunLimits,
+        fence: Option<RulesetCreated>,
+        own_ipc: bool,
+    ) -> Self {
         // `RLIMIT_NPROC` counts every process of the uid, so it holds a fork bomb only for the
         // box user; for the appliance's own user it would count the appliance too.
         let processes = match run_as {
@@ -45,6 +58,7 @@ impl Confinement {
                 (Resource::RLIMIT_FSIZE, limits.file_bytes),
             ],
             fence,
+            own_ipc,
         }
     }
 
@@ -61,6 +75,9 @@ impl Confinement {
             if value != nix::sys::resource::RLIM_INFINITY {
                 setrlimit(resource, value, value)?;
             }
+        }
+        if self.own_ipc {
+            own_ipc_namespace()?;
         }
         if let RunAs::BoxUser { uid, gid } = self.run_as {
             setgroups(&[])?;
@@ -117,6 +134,23 @@ fn keep_only_root_capabilities() -> io::Result<()> {
                 return Err(e);
             }
         }
+    }
+    Ok(())
+}
+
+/// Whether this process may make IPC namespaces: tried once, on a thread of its own that ends
+/// right after (a namespace is the calling thread's), so the appliance stays where it was.
+pub(super) fn ipc_namespaces_available() -> bool {
+    std::thread::spawn(|| own_ipc_namespace().is_ok()).join().unwrap_or(false)
+}
+
+/// Moves the calling process into a new IPC namespace (see the module documentation).
+fn own_ipc_namespace() -> io::Result<()> {
+    // SAFETY: unshare with an integer flag; it changes only the calling (child) process.
+    #[allow(unsafe_code)]
+    let r = unsafe { nix::libc::unshare(nix::libc::CLONE_NEWIPC) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -72,6 +72,18 @@ impl Allowed {
     pub(super) fn outside(protected: &[PathBuf]) -> Self {
         Self { system: allowed_roots(SYSTEM, protected), devices: allowed_roots(DEVICES, protected) }
     }
+
+    /// The allowed system root `path` lies under (as given, or resolved where it exists).
+    pub(super) fn system_root_of(&self, path: &Path) -> Option<&'static str> {
+        let real = std::fs::canonicalize(path).ok();
+        self.system.iter().copied().find(|root| {
+            let root_real = std::fs::canonicalize(root).unwrap_or_else(|_| PathBuf::from(root));
+            [Some(path), real.as_deref()]
+                .into_iter()
+                .flatten()
+                .any(|p| p.starts_with(root) || p.starts_with(&root_real))
+        })
+    }
 }
 
 /// The ruleset for a run whose working directory is `workdir`, which may also read (and run)

@@ -9,6 +9,8 @@
 //!   write only its own working directory, and neither signal processes outside the box nor
 //!   connect to abstract sockets: even root-run code cannot open the state directory (the
 //!   admin socket, the output key, sealed output, the audit log) or signal the appliance;
+//! - in an IPC namespace of its own where the appliance is root ([`confine`]): what it makes
+//!   with System V IPC or POSIX message queues dies with it, and it sees none of the host's;
 //! - in a private working directory outside the state directory, removed after the run;
 //!   a service also reads (never writes) its installed release directory;
 //! - under limits on wall time (operations only: services run until stopped), processes,
@@ -17,7 +19,9 @@
 //! The child puts itself in its box between fork and exec ([`confine`]), so no instruction of
 //! the vendor's runs outside it; if any step fails, the spawn fails and nothing runs.
 //! Where the host lacks a part (no cgroup v2, no Landlock, an appliance that is not root), the
-//! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds.
+//! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds; but without a
+//! cell, nothing runs as root (its cell alone tells a root run from the customer's root at the
+//! admin socket).
 
 pub mod bench;
 mod cell;
@@ -152,6 +156,9 @@ pub(crate) struct Sandbox {
     allowed: fence::Allowed,
     /// Whether the kernel enforces Landlock rules.
     landlock: bool,
+    /// Whether each run gets an IPC namespace of its own ([`confine`]): where the appliance
+    /// may make one (root with `CAP_SYS_ADMIN`; not, say, in a container without it).
+    ipc_namespace: bool,
     /// Why vendor code may not run here at all, if so: it would share the appliance's uid
     /// without the parts of the box that then hold it (`Sandbox::open`).
     unusable: Option<String>,
@@ -248,13 +255,27 @@ impl Sandbox {
         }
         let enforced = fence::enforced();
         let landlock = enforced != fence::Enforced::Nothing;
+        let ipc_namespace = confine::ipc_namespaces_available();
+        if !ipc_namespace {
+            tracing::warn!(
+                "no IPC namespace for vendor code (the appliance is not root, or lacks CAP_SYS_ADMIN): what it makes with System V IPC outlives its box"
+            );
+        }
         let unusable = unusable(run_as, enforced, cells.is_some());
         if let Some(why) = &unusable {
             tracing::error!(reason = %why, "vendor code will not run on this appliance");
         }
         let uids = user::UidPool::for_box(run_as, box_user, &tag);
-        let sandbox =
-            Self { cells, run_as, uids, work_root, allowed: fence::Allowed::outside(&[state]), landlock, unusable };
+        let sandbox = Self {
+            cells,
+            run_as,
+            uids,
+            work_root,
+            allowed: fence::Allowed::outside(&[state]),
+            landlock,
+            ipc_namespace,
+            unusable,
+        };
         sandbox.clear_leftovers()?;
         match sandbox.run_as {
             RunAs::BoxUser { uid, gid } => tracing::info!(uid, gid, landlock, "vendor code runs boxed"),
@@ -303,6 +324,13 @@ impl Sandbox {
     #[cfg(test)]
     pub(crate) fn workdir(&self, id: OperationId) -> PathBuf {
         self.work_root.join(id.to_string())
+    }
+
+    /// The system root (`/opt`, `/etc`, ...) under which `path` lies, if every box may read it
+    /// by its Landlock rules: the releases root must not be there, or every box (a template's
+    /// script, another release's service) would read every release, and a root run its logs.
+    pub(crate) fn readable_by_every_box(&self, path: &Path) -> Option<&'static str> {
+        self.allowed.system_root_of(path)
     }
 
     /// Where boxes get their working directories: the release root must not be inside it.
@@ -419,6 +447,14 @@ impl Sandbox {
         if let Some(why) = &self.unusable {
             return Err(format!("vendor code does not run here: {why}"));
         }
+        // Root's uid is the customer's at the admin socket (and `connect` by path is not a
+        // Landlock right): only its cell tells a root run apart there, as for the appliance's uid.
+        if run_as == RunAs::Root && self.cells.is_none() {
+            return Err(
+                "vendor code does not run as root here: without a cgroup v2 cell the admin socket cannot tell it from the customer's root"
+                    .to_owned(),
+            );
+        }
         // A uid of its own while it runs, where one is free; else the box user's, shared.
         let lease = match run_as {
             RunAs::BoxUser { .. } => self.uids.lease(),
@@ -441,7 +477,7 @@ impl Sandbox {
             let fence =
                 if self.landlock { Some(fence::ruleset(&boxed.workdir, read_only, &self.allowed)?) } else { None };
             let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
-            Ok(Confinement::new(procs, run_as, limits, fence))
+            Ok(Confinement::new(procs, run_as, limits, fence, self.ipc_namespace))
         });
         match made {
             Ok(confinement) => Ok((confinement, boxed)),

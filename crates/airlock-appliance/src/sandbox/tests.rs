@@ -42,6 +42,7 @@ fn boxed(state: &tempfile::TempDir) -> Sandbox {
     let sandbox = Sandbox::open(state.path(), None).unwrap();
     assert!(matches!(sandbox.run_as, RunAs::BoxUser { .. }), "the tests run as root");
     assert!(sandbox.cells.is_some() && sandbox.landlock, "cgroup v2 and Landlock are available to the tests");
+    assert!(sandbox.ipc_namespace, "the tests run as root, who may make IPC namespaces");
     sandbox
 }
 
@@ -296,4 +297,66 @@ async fn a_service_reads_and_runs_its_release_but_cannot_write_it_even_with_root
     };
     assert!(sandbox.prepare_service(&launch).is_err());
     assert!(CellName::service("not hex", "svc").is_err() && CellName::service(&"ab".repeat(32), "../x").is_err());
+}
+
+/// System V shared memory segments in this (the host's) IPC namespace owned by a box uid.
+fn box_owned_shm_segments() -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(7).and_then(|u| u.parse::<u32>().ok()).is_some_and(|u| u >= 61184))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn system_v_ipc_a_run_makes_dies_with_its_box_and_it_sees_none_of_the_hosts() {
+    let state = state();
+    // A segment of the host's, as a database on the host keeps one.
+    let host = std::process::Command::new("ipcmk").args(["-M", "4096", "-p", "0600"]).output().unwrap();
+    let host_id = String::from_utf8_lossy(&host.stdout).split(':').nth(1).map(|s| s.trim().to_owned()).unwrap();
+    let _removed = RemoveSegment(host_id);
+    let own_ns = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    for as_root in [false, true] {
+        let sandbox = if as_root { boxed_as_root(&state) } else { boxed(&state) };
+        // Shared memory, a message queue and a semaphore, left behind on purpose.
+        let script =
+            "ipcmk -M 1048576 && ipcmk -Q && ipcmk -S 1 && echo MADE; ipcs -m | grep -c 0x; readlink /proc/self/ns/ipc";
+        let r = run(&sandbox, 13 + u8::from(as_root), script, &[], &RunLimits::default()).await;
+        assert!(r.output.contains("MADE"), "{}", r.output);
+        let ns = r.output.lines().last().unwrap().trim();
+        assert_ne!(Path::new(ns), own_ns, "the run has an IPC namespace of its own: {}", r.output);
+        // It saw only its own segment, never the host's.
+        assert_eq!(r.output.lines().rev().nth(1).map(str::trim), Some("1"), "{}", r.output);
+    }
+    let left = box_owned_shm_segments();
+    for id in left.iter().filter_map(|l| l.split_whitespace().nth(1)) {
+        let _ = std::process::Command::new("ipcrm").args(["-m", id]).status();
+    }
+    assert!(left.is_empty(), "a box's segment outlived it: {left:?}");
+}
+
+/// Removes a shared memory segment the test made, however the test ends.
+struct RemoveSegment(String);
+
+impl Drop for RemoveSegment {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ipcrm").args(["-m", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+async fn a_root_run_without_a_cell_does_not_start() {
+    let state = state();
+    let mut sandbox = boxed(&state);
+    // A host without cgroup v2: nothing would tell a root run from the customer's root at the
+    // admin socket.
+    sandbox.cells = None;
+    let env = BTreeMap::new();
+    let err = sandbox.prepare(id(15), b"echo RAN", &env, &RunLimits::default(), RunAs::Root).unwrap_err();
+    assert!(err.contains("cgroup v2"), "{err}");
+    // The box user still runs: its uid is refused at the admin socket whatever its cell.
+    let r = run(&sandbox, 16, "echo RAN", &[], &RunLimits::default()).await;
+    assert!(r.output.contains("RAN"), "{}", r.output);
 }
