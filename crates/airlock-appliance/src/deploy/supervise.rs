@@ -3,7 +3,8 @@
 //! Each service runs boxed ([`crate::sandbox::Sandbox::prepare_service`]) in a cell of its own
 //! (`svc-<release>-<service>`), as the box user (root only where the caller allowed it), with
 //! its output appended to an owner-only log file on the appliance (`<releases root>/.logs`,
-//! rotated to `.1` past a size cap; logs never go up).
+//! rotated to `.1` past a size cap; only its redacted tail goes up, and only where the
+//! customer's policy opts in: see `telemetry`).
 //! A supervisor task per service restarts it per its policy (`never`, `on-failure`, `always`),
 //! waiting an exponential backoff between its `initial_backoff_ms` and `max_backoff_ms`, reset
 //! once a run has lasted [`SuperviseConfig::reset_after`]. While a process runs, its health
@@ -51,6 +52,9 @@ pub(crate) struct ServiceState {
     /// Times it was started again after exiting.
     pub(crate) restarts: u32,
     pub(crate) pid: Option<u32>,
+    /// The cgroup of the process running now, where the host gives it one: what its metrics
+    /// are read from (`telemetry`).
+    pub(crate) cell: Option<PathBuf>,
     /// Why it last failed to start or run, if it did (no secret value: a sandbox or exit reason).
     pub(crate) last_error: Option<String>,
     /// Whether the supervisor has ended (stopped, or exited with no restart due).
@@ -179,6 +183,7 @@ impl Executor for ProcessExecutor {
             status: ServiceStatus::Starting,
             restarts: 0,
             pid: None,
+            cell: None,
             last_error: None,
             ended: false,
         });
@@ -220,7 +225,7 @@ impl ProcessExecutor {
             cell: &cell,
             program: &program,
             args: &unit.service.args,
-            env: &unit.env.0,
+            env: &unit.env.vars,
             release_dir: &unit.release_dir,
             cwd: &cwd,
             limits: &limits,
@@ -263,7 +268,7 @@ impl ProcessExecutor {
             cell: &cell,
             program: &program,
             args,
-            env: &unit.env.0,
+            env: &unit.env.vars,
             release_dir: &unit.release_dir,
             cwd: &cwd,
             limits: &limits,
@@ -354,6 +359,7 @@ async fn supervise(
         state.send_modify(|s| {
             s.status = ServiceStatus::Starting;
             s.pid = None;
+            s.cell = None;
         });
         let failed = match exec.spawn(&unit) {
             Err(why) => {
@@ -363,7 +369,10 @@ async fn supervise(
             }
             Ok((mut child, boxed)) => {
                 let started = Instant::now();
-                state.send_modify(|s| s.pid = child.id());
+                state.send_modify(|s| {
+                    s.pid = child.id();
+                    s.cell = boxed.cell.as_ref().map(|c| c.dir().to_owned());
+                });
                 let health = tokio::spawn(exec.clone().watch_health(unit.clone(), state.clone()));
                 let exited = tokio::select! {
                     status = child.wait() => Some(status),
@@ -398,6 +407,7 @@ async fn supervise(
         state.send_modify(|s| {
             s.status = if failed { ServiceStatus::Failed } else { ServiceStatus::Stopped };
             s.pid = None;
+            s.cell = None;
         });
         if !again {
             state.send_modify(|s| s.ended = true);
@@ -413,6 +423,7 @@ async fn supervise(
     state.send_modify(|s| {
         s.status = ServiceStatus::Stopped;
         s.pid = None;
+        s.cell = None;
         s.ended = true;
     });
 }
