@@ -325,9 +325,13 @@ enum ApplianceSub {
         api: ApiArgs,
     },
     /// Where an appliance's deployments stand, as it last reported: the release running, the
-    /// deploy in progress, each service, and which secret references exist (JSON).
+    /// deploy in progress, each service (with its metrics and the tail of its log where the
+    /// customer's policy lets them go up), and which secret references exist (JSON).
     Deployment {
         appliance: String,
+        /// Print each service's state, metrics and log tail as text instead.
+        #[arg(long)]
+        logs: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1185,11 +1189,15 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ApplianceSub::Deployment { appliance, api } => {
+        ApplianceSub::Deployment { appliance, logs, api } => {
             let appliance = operations::path_segment("appliance id", &appliance)?;
             let status: serde_json::Value =
                 api.client()?.get(&format!("/v1/appliances/{appliance}/deployment")).await?;
-            terminal::print_json(&status)?;
+            if logs {
+                print!("{}", deployments::services_text(&status));
+            } else {
+                terminal::print_json(&status)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         ApplianceSub::Revoke { appliance, api } => {
