@@ -1146,6 +1146,14 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 ),
                 None => println!("vendor code runs as: not known until the appliance has joined"),
             }
+            match (status.service_log_tail_bytes, status.service_metrics_sent) {
+                (None, false) => println!("service logs and metrics: stay on this host"),
+                (None, true) => println!("service logs and metrics: metrics go up; logs stay on this host"),
+                (Some(bytes), metrics) => println!(
+                    "service logs and metrics: the last {bytes} bytes of each log go up (secret values redacted){}",
+                    if metrics { ", and metrics" } else { "; metrics stay on this host" }
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "appliance")]

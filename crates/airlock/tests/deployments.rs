@@ -184,6 +184,9 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     assert!(web["metrics"]["memory_current_bytes"].as_u64().is_some_and(|m| m > 0), "{s}");
     let text = d.server.ok(&["appliance", "deployment", &d.appliance_id, "--logs"]);
     assert!(text.contains("web 1.0.0 healthy") && text.contains(&format!("  | {MARKER} db=[redacted]")), "{text}");
+    // The customer sees on the host what goes up.
+    let local = airlock_testkit::e2e::ok(d.local(&["appliance", "phase", "status"]), "phase status");
+    assert!(local.contains("the last 4096 bytes of each log go up (secret values redacted), and metrics"), "{local}");
 
     // 2. An upgrade whose health check never passes: rolled back, v1 serves again.
     let v2 = tmp.join("shop-v2");
