@@ -233,7 +233,10 @@ impl<E: Executor> Deployer<E> {
             .map(|(release, unit, state)| {
                 let s = state.borrow().clone();
                 let metrics = telemetry.service_metrics.then(|| s.cell.as_deref().map(telemetry::read_metrics));
-                let log_tail = tail_bytes.map(|bytes| telemetry::log_tail(&unit.log, bytes, &unit.env.secret_values));
+                let logged =
+                    usize::try_from(unit.logged.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(usize::MAX);
+                let log_tail =
+                    tail_bytes.map(|bytes| telemetry::log_tail(&unit.log, bytes.min(logged), &unit.env.secret_values));
                 ServiceReport {
                     release: release.clone(),
                     service: unit.service.name.clone(),
@@ -293,6 +296,7 @@ impl<E: Executor> Deployer<E> {
                 release_dir: dir.clone(),
                 env,
                 log: self.releases.log(&service.name),
+                logged: Default::default(),
             }));
         }
         Ok(units)

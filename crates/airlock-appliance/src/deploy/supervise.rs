@@ -78,6 +78,10 @@ pub(crate) struct ServiceUnit {
     /// Plain env, secret values and dependency bindings, resolved at deploy.
     pub(crate) env: ServiceEnv,
     pub(crate) log: PathBuf,
+    /// Bytes its processes appended to `log` since the executor last started it: all a log tail
+    /// may show, so a tail holds only output written knowing the secret values in `env` (not a
+    /// previous release's, nor those of a rotated secret).
+    pub(crate) logged: std::sync::atomic::AtomicU64,
 }
 
 /// Starts and stops services; the built-in one supervises boxed processes
@@ -179,6 +183,7 @@ impl ProcessExecutor {
 
 impl Executor for ProcessExecutor {
     fn start(&self, unit: Arc<ServiceUnit>) -> Supervised {
+        unit.logged.store(0, std::sync::atomic::Ordering::Relaxed);
         let (state_tx, state_rx) = watch::channel(ServiceState {
             status: ServiceStatus::Starting,
             restarts: 0,
@@ -216,7 +221,7 @@ impl ProcessExecutor {
     }
 
     /// Starts one process of `unit`, its output going to its log.
-    fn spawn(&self, unit: &ServiceUnit) -> Result<(tokio::process::Child, Boxed), String> {
+    fn spawn(&self, unit: &Arc<ServiceUnit>) -> Result<(tokio::process::Child, Boxed), String> {
         let limits = self.limits();
         let cell = CellName::service(&unit.release.digest, &unit.service.name)?;
         let cwd = cwd(unit);
@@ -241,10 +246,10 @@ impl ProcessExecutor {
         };
         let log = Arc::new(std::sync::Mutex::new(LogFile::new(unit.log.clone(), self.config.log_cap_bytes)));
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(copy_log(out, log.clone()));
+            tokio::spawn(copy_log(out, log.clone(), unit.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(copy_log(err, log));
+            tokio::spawn(copy_log(err, log, unit.clone()));
         }
         Ok((child, boxed))
     }
@@ -479,7 +484,8 @@ impl LogFile {
         Self { path, cap, file: None, written: 0 }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    /// Appends `bytes`; says whether they were.
+    fn write(&mut self, bytes: &[u8]) -> bool {
         if self.file.is_none() || self.written >= self.cap {
             if self.written >= self.cap || std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.cap) {
                 let mut old = self.path.clone().into_os_string();
@@ -493,17 +499,25 @@ impl LogFile {
             && file.write_all(bytes).is_ok()
         {
             self.written += bytes.len() as u64;
+            return true;
         }
+        false
     }
 }
 
-async fn copy_log(mut from: impl tokio::io::AsyncRead + Unpin, to: Arc<std::sync::Mutex<LogFile>>) {
+async fn copy_log(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    to: Arc<std::sync::Mutex<LogFile>>,
+    unit: Arc<ServiceUnit>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     while let Ok(n) = from.read(&mut buf).await {
         if n == 0 {
             break;
         }
-        to.lock().unwrap_or_else(|e| e.into_inner()).write(&buf[..n]);
+        if to.lock().unwrap_or_else(|e| e.into_inner()).write(&buf[..n]) {
+            unit.logged.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -8,6 +8,10 @@
 //! and without surrounding whitespace) is replaced by [`REDACTED`] wherever it appears whole in
 //! the bytes read, one the tail's window cuts in two included (the read reaches back far enough
 //! to see it whole).
+//! A tail shows only what the service wrote since the appliance last started it (the deploy,
+//! the rollback or the appliance's start that did; its own restarts keep counting), so never
+//! output written with values the appliance no longer knows (a previous release's, a rotated
+//! secret's).
 //! Values shorter than [`MIN_REDACTED_BYTES`] are left alone, as they would shred ordinary text.
 //! A value the service transforms (encodes, splits, prints piecemeal) is not recognised: a
 //! customer who opts in to logs relies on the vendor's services not to print secrets that way.

@@ -204,11 +204,14 @@ async fn service_logs_and_metrics_go_up_only_while_the_customers_policy_opts_in_
     let blobs = fx.dir.path().join("artifacts/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     std::fs::write(blobs.join(airlock_core::operation::sha256_hex(script)), script).unwrap();
+    // What an earlier release of the service logged, with a value this one was not given.
+    let log = fx.releases.path().join("releases/.logs/chatty.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(&log, "earlier release: token=canary-0ld0ld0\n").unwrap();
     let (envelope, release) = vendor_release(&manifest, &[("bin/chatty", script)], 1);
     let stmt = fx.deploy_statement(op_id(9), &release);
     let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
     assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
-    let log = fx.releases.path().join("releases/.logs/chatty.log");
     let logged = || std::fs::read_to_string(&log).unwrap_or_default().contains("telemetry-marker");
     for _ in 0..100 {
         if logged() {
@@ -237,6 +240,7 @@ async fn service_logs_and_metrics_go_up_only_while_the_customers_policy_opts_in_
     let on = last_service_report(&fx, true).await;
     let tail = on.log_tail.as_deref().unwrap();
     assert!(tail.contains("telemetry-marker token=[redacted]."), "{tail}");
+    assert!(!tail.contains("earlier release"), "only what this release's service wrote: {tail}");
     let metrics = on.metrics.unwrap();
     assert!(metrics.memory_current_bytes.is_some_and(|m| m > 0), "{metrics:?}");
     assert!(metrics.pids_current.is_some_and(|p| p >= 1), "{metrics:?}");
@@ -247,7 +251,8 @@ async fn service_logs_and_metrics_go_up_only_while_the_customers_policy_opts_in_
     assert!(off.metrics.is_none(), "{off:?}");
     watcher.abort();
     for m in fx.sent() {
-        assert!(!format!("{m:?}").contains("canary-5e1f7a0b"), "a secret value went up");
+        let m = format!("{m:?}");
+        assert!(!m.contains("canary-5e1f7a0b") && !m.contains("canary-0ld0ld0"), "a secret value went up");
     }
     fx.exec.stop_deployments().await;
 }
