@@ -64,13 +64,13 @@ fn resident_bytes(procs: &str) -> u64 {
         .filter_map(|pid| pid.trim().parse::<u32>().ok())
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .filter_map(|status| vm_rss_bytes(&status))
-        .sum()
+        .fold(0, u64::saturating_add)
 }
 
 /// `VmRSS` from a `/proc/<pid>/status`, in bytes.
 fn vm_rss_bytes(status: &str) -> Option<u64> {
     let kib = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?;
-    kib.trim().parse::<u64>().ok().map(|k| k * 1024)
+    kib.trim().parse::<u64>().ok().map(|k| k.saturating_mul(1024))
 }
 
 /// `usage_usec` from a `cpu.stat`.
