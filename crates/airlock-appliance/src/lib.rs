@@ -306,8 +306,10 @@ pub async fn run(
     executor.recover_deployments().await;
     let _stop_services = StopServicesOnDrop(executor.clone());
     let watching = executor.clone();
-    let _watch_services =
-        AbortOnDrop(tokio::spawn(async move { watching.watch_services(Duration::from_secs(2)).await }), None);
+    let _watch_services = AbortOnDrop(
+        tokio::spawn(async move { watching.watch_services(Duration::from_secs(2), executor::TELEMETRY_EVERY).await }),
+        None,
+    );
     match executor.recover_interrupted() {
         Ok(0) => {}
         Ok(n) => tracing::warn!(count = n, "operations interrupted by the previous stop were recorded as cancelled"),

@@ -85,6 +85,54 @@ pub struct PolicyDocument {
     /// relays them (the customer's authority over each deploy still binds the release digest).
     #[serde(default)]
     pub release_keys: BTreeSet<String>,
+    /// What of the services' running state goes up besides status, health, versions and secret
+    /// existence: nothing unless the customer opts in here.
+    #[serde(default)]
+    pub telemetry: Telemetry,
+}
+
+/// Service logs and metrics stay on the appliance unless the customer's signed policy opts in
+/// (`[telemetry]`); the vendor cannot switch them on, since only the customer signs a policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// Whether each running service's last log bytes go up with its status (default false).
+    #[serde(default)]
+    pub service_logs: bool,
+    /// Whether each running service's CPU, memory and process counts go up (default false).
+    #[serde(default)]
+    pub service_metrics: bool,
+    /// How many of a service's last log bytes go up, with `service_logs`; at most
+    /// [`MAX_LOG_TAIL_BYTES`] (default [`DEFAULT_LOG_TAIL_BYTES`]).
+    #[serde(default = "default_log_tail_bytes")]
+    pub log_tail_bytes: u32,
+}
+
+/// A service's log bytes that go up by default once the customer opts in.
+pub const DEFAULT_LOG_TAIL_BYTES: u32 = 4096;
+/// The most of a service's log bytes one report carries.
+pub const MAX_LOG_TAIL_BYTES: u32 = 16384;
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self { service_logs: false, service_metrics: false, log_tail_bytes: DEFAULT_LOG_TAIL_BYTES }
+    }
+}
+
+impl Telemetry {
+    /// How many of each service's last log bytes go up: none unless `service_logs`.
+    pub fn log_tail(&self) -> Option<usize> {
+        self.service_logs.then_some(self.log_tail_bytes as usize)
+    }
+
+    /// Whether anything beyond status goes up.
+    pub fn any(&self) -> bool {
+        self.service_logs || self.service_metrics
+    }
+}
+
+fn default_log_tail_bytes() -> u32 {
+    DEFAULT_LOG_TAIL_BYTES
 }
 
 /// Most release keys a policy names.
@@ -265,6 +313,9 @@ impl PolicyDocument {
         }
         if !(1..=24 * 7).contains(&self.max_grant_hours) {
             return invalid("max_grant_hours must be between 1 and 168".into());
+        }
+        if !(1..=MAX_LOG_TAIL_BYTES).contains(&self.telemetry.log_tail_bytes) {
+            return invalid(format!("[telemetry] log_tail_bytes must be between 1 and {MAX_LOG_TAIL_BYTES}"));
         }
         for w in &self.windows {
             let (start, end) = (parse_hhmm(&w.start)?, parse_hhmm(&w.end)?);
@@ -571,6 +622,41 @@ args = { action = "drop" }
         ] {
             let err = PolicyDocument::parse(&edit).unwrap_err().to_string();
             assert!(err.contains(expect), "expected `{expect}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn service_logs_and_metrics_stay_home_unless_the_policy_opts_in() {
+        let off = PolicyDocument::parse(POLICY).unwrap().telemetry;
+        assert_eq!(off, Telemetry::default());
+        assert!(!off.any() && off.log_tail().is_none());
+        assert_eq!(off.log_tail_bytes, DEFAULT_LOG_TAIL_BYTES);
+
+        let on =
+            PolicyDocument::parse(&format!("{POLICY}\n[telemetry]\nservice_logs = true\nservice_metrics = true\n"))
+                .unwrap()
+                .telemetry;
+        assert!(on.service_metrics && on.any());
+        assert_eq!(on.log_tail(), Some(DEFAULT_LOG_TAIL_BYTES as usize));
+        let metrics_only =
+            PolicyDocument::parse(&format!("{POLICY}\n[telemetry]\nservice_metrics = true\n")).unwrap().telemetry;
+        assert!(metrics_only.any() && metrics_only.log_tail().is_none());
+        let most = PolicyDocument::parse(&format!(
+            "{POLICY}\n[telemetry]\nservice_logs = true\nlog_tail_bytes = {MAX_LOG_TAIL_BYTES}\n"
+        ))
+        .unwrap()
+        .telemetry;
+        assert_eq!(most.log_tail(), Some(MAX_LOG_TAIL_BYTES as usize));
+
+        for (section, expect) in [
+            (format!("log_tail_bytes = {}", MAX_LOG_TAIL_BYTES + 1), "log_tail_bytes must be between"),
+            ("log_tail_bytes = 0".to_owned(), "log_tail_bytes must be between"),
+            ("log_tail_bytes = -1".to_owned(), "invalid value"),
+            ("service_log = true".to_owned(), "unknown field"),
+            ("service_logs = \"yes\"".to_owned(), "invalid type"),
+        ] {
+            let err = PolicyDocument::parse(&format!("{POLICY}\n[telemetry]\n{section}\n")).unwrap_err().to_string();
+            assert!(err.contains(expect), "expected `{expect}` for `{section}` in: {err}");
         }
     }
 

@@ -3,8 +3,10 @@
 //! reference exists. The latest report per appliance is stored and served by the API.
 //!
 //! Invariants:
-//! - Only metadata is kept: the wire type carries no secret value, log or metric, and every
-//!   string from the appliance is bounded and stripped of control characters here.
+//! - Only metadata is kept, besides what the customer's signed policy lets the appliance send
+//!   (`[telemetry]`: each running service's metrics and the redacted tail of its log); the wire
+//!   type carries no secret value, and every string from the appliance is bounded and stripped
+//!   of control characters here (a log tail keeps its line breaks and tabs).
 //! - A code this build does not know is stored as `unknown`, never mapped to a known state.
 //! - A change of the deploy's phase is audited in the tenant's chain; service and secret
 //!   changes alone are not (they would flood the chain), the stored row shows them.
@@ -23,6 +25,8 @@ use crate::store::StoreError;
 const MAX_SERVICES: usize = airlock_core::release::MAX_SERVICES;
 const MAX_SECRETS: usize = 4 * airlock_core::release::MAX_SECRETS;
 const MAX_TEXT: usize = 256;
+/// The longest log tail kept per service: the most a customer's policy lets go up.
+const MAX_LOG_TAIL: usize = airlock_core::policy::MAX_LOG_TAIL_BYTES as usize;
 
 /// A release, as an appliance names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -73,6 +77,23 @@ pub struct ServiceStatusView {
     pub state: ServiceState,
     pub release_version: String,
     pub restarts: u32,
+    /// Only where the customer's policy opts in (`service_metrics`), for a service running now.
+    #[serde(default)]
+    pub metrics: Option<ServiceMetricsView>,
+    /// Only where the customer's policy opts in (`service_logs`), for a service running now: the
+    /// last bytes of its log, secret values the appliance gave it replaced by `[redacted]`.
+    #[serde(default)]
+    pub log_tail: Option<String>,
+}
+
+/// A running service's use of its cgroup, as its appliance read it; each is absent where the
+/// host does not account for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceMetricsView {
+    /// CPU time used since its current process started, in microseconds.
+    pub cpu_usage_usec: Option<u64>,
+    pub memory_current_bytes: Option<u64>,
+    pub pids_current: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -106,6 +127,16 @@ pub struct DeploymentStatusView {
 
 fn text(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(MAX_TEXT).collect()
+}
+
+/// A log tail: at most [`MAX_LOG_TAIL`] bytes (its end), control characters other than line
+/// breaks and tabs removed.
+fn log_text(s: &str) -> String {
+    let mut cut = s.len().saturating_sub(MAX_LOG_TAIL);
+    while !s.is_char_boundary(cut) {
+        cut += 1;
+    }
+    s[cut..].chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t')).collect()
 }
 
 fn release(r: Option<&wire::ReleaseRef>) -> Option<ReleaseRefView> {
@@ -157,6 +188,12 @@ impl DeploymentStatusView {
                     state: service(v.state),
                     release_version: text(&v.release_version),
                     restarts: v.restarts,
+                    metrics: v.metrics.as_ref().map(|m| ServiceMetricsView {
+                        cpu_usage_usec: m.cpu_usage_usec,
+                        memory_current_bytes: m.memory_current_bytes,
+                        pids_current: m.pids_current,
+                    }),
+                    log_tail: v.log_tail.as_deref().map(log_text),
                 })
                 .collect(),
             secrets: s
@@ -246,6 +283,27 @@ pub async fn handle_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_tail_is_bounded_and_keeps_only_line_breaks_and_tabs_of_control_characters() {
+        let long = format!("é{}\x1b[31mred\r\n\tend\0", "x".repeat(MAX_LOG_TAIL));
+        let status = wire::DeploymentStatus {
+            services: vec![
+                wire::ServiceStatus { name: "web".into(), log_tail: Some(long), ..Default::default() },
+                wire::ServiceStatus { name: "db".into(), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let view = DeploymentStatusView::from_wire(&status, Timestamp::from_unix_millis(1));
+        let tail = view.services[0].log_tail.as_deref().unwrap();
+        assert!(tail.len() <= MAX_LOG_TAIL && tail.ends_with("[31mred\n\tend"), "{tail:?}");
+        assert!(!tail.contains('é') && !tail.contains('\x1b') && !tail.contains('\r'));
+        assert_eq!((view.services[1].log_tail.as_deref(), view.services[1].metrics), (None, None));
+        // A row stored before these fields existed still reads.
+        let old = r#"{"name":"web","state":"healthy","release_version":"1","restarts":0}"#;
+        let old: ServiceStatusView = serde_json::from_str(old).unwrap();
+        assert_eq!((old.log_tail, old.metrics), (None, None));
+    }
 
     #[test]
     fn a_stream_stores_a_few_reports_a_second() {

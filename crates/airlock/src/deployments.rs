@@ -187,3 +187,70 @@ pub(crate) async fn task(args: TaskArgs) -> Result<ExitCode> {
     let op: Value = t.api.client()?.post(&format!("/v1/environments/{env}/tasks"), &body).await?;
     print_operation(&op, t.api.json)
 }
+
+/// Each service of a deployment status (`GET /v1/appliances/{a}/deployment`) as text: its
+/// state and restarts, its metrics and the tail of its log where the customer's policy let them
+/// go up, every vendor-supplied string made safe for a terminal.
+pub(crate) fn services_text(status: &Value) -> String {
+    let mut out = String::new();
+    let services = status["services"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if services.is_empty() {
+        out.push_str("no services reported\n");
+    }
+    for s in services {
+        let mut head = format!(
+            "{} {} {} restarts {}",
+            line(s["name"].as_str().unwrap_or("?")),
+            line(s["release_version"].as_str().unwrap_or("?")),
+            line(s["state"].as_str().unwrap_or("?")),
+            s["restarts"].as_u64().unwrap_or(0)
+        );
+        let m = &s["metrics"];
+        if m.is_object() {
+            let or_unknown = |v: Option<String>| v.unwrap_or_else(|| "unknown".into());
+            head.push_str(&format!(
+                ", cpu {}, memory {}, pids {}",
+                or_unknown(m["cpu_usage_usec"].as_u64().map(|u| format!("{:.2} s", u as f64 / 1e6))),
+                or_unknown(m["memory_current_bytes"].as_u64().map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))),
+                or_unknown(m["pids_current"].as_u64().map(|p| p.to_string())),
+            ));
+        }
+        out.push_str(&head);
+        out.push('\n');
+        match s["log_tail"].as_str() {
+            Some(tail) => {
+                for l in crate::terminal::lines(tail).lines() {
+                    out.push_str("  | ");
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+            None if !m.is_object() => {
+                out.push_str("  (no metrics or log: the customer's policy keeps them on the appliance)\n");
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_print_their_metrics_and_a_safe_log_tail_or_say_they_stay_home() {
+        let status = json!({ "services": [
+            { "name": "web", "release_version": "1.0.0", "state": "healthy", "restarts": 1,
+              "metrics": { "cpu_usage_usec": 1_500_000, "memory_current_bytes": 2_097_152, "pids_current": null },
+              "log_tail": "ready\n\u{1b}[2Kbad\n" },
+            { "name": "db", "release_version": "1.0.0", "state": "starting", "restarts": 0 },
+        ]});
+        let text = services_text(&status);
+        assert_eq!(
+            text,
+            "web 1.0.0 healthy restarts 1, cpu 1.50 s, memory 2.0 MiB, pids unknown\n  | ready\n  | \\u{1b}[2Kbad\n\
+             db 1.0.0 starting restarts 0\n  (no metrics or log: the customer's policy keeps them on the appliance)\n"
+        );
+    }
+}

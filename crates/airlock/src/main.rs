@@ -328,9 +328,13 @@ enum ApplianceSub {
         api: ApiArgs,
     },
     /// Where an appliance's deployments stand, as it last reported: the release running, the
-    /// deploy in progress, each service, and which secret references exist (JSON).
+    /// deploy in progress, each service (with its metrics and the tail of its log where the
+    /// customer's policy lets them go up), and which secret references exist (JSON).
     Deployment {
         appliance: String,
+        /// Print each service's state, metrics and log tail as text instead.
+        #[arg(long)]
+        logs: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1149,6 +1153,14 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 ),
                 None => println!("vendor code runs as: not known until the appliance has joined"),
             }
+            match (status.service_log_tail_bytes, status.service_metrics_sent) {
+                (None, false) => println!("service logs and metrics: stay on this host"),
+                (None, true) => println!("service logs and metrics: metrics go up; logs stay on this host"),
+                (Some(bytes), metrics) => println!(
+                    "service logs and metrics: the last {bytes} bytes of each log go up (secret values redacted){}",
+                    if metrics { ", and metrics" } else { "; metrics stay on this host" }
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "appliance")]
@@ -1192,11 +1204,15 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ApplianceSub::Deployment { appliance, api } => {
+        ApplianceSub::Deployment { appliance, logs, api } => {
             let appliance = operations::path_segment("appliance id", &appliance)?;
             let status: serde_json::Value =
                 api.client()?.get(&format!("/v1/appliances/{appliance}/deployment")).await?;
-            terminal::print_json(&status)?;
+            if logs {
+                print!("{}", deployments::services_text(&status));
+            } else {
+                terminal::print_json(&status)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         ApplianceSub::Revoke { appliance, api } => {

@@ -2,8 +2,9 @@
 //! asks for its deploy, the customer approves it on the appliance host; the appliance fetches
 //! the artifacts over its own connection, installs beside, starts the service boxed, checks its
 //! health, switches; an upgrade whose health check fails is rolled back; the control plane
-//! learns the status (and that a secret exists, never its value); the service keeps running,
-//! supervised, while the control plane is down and across an appliance restart offline.
+//! learns the status (and that a secret exists, never its value), and a service's log and
+//! metrics only once the customer's policy opts in; the service keeps running, supervised,
+//! while the control plane is down and across an appliance restart offline.
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
@@ -21,6 +22,9 @@ const POLICY: &str = "version = 1\nserial = 1\nphases = [\"observe\", \"deploy\"
 
 /// A canary secret value: it must appear nowhere on the control plane.
 const CANARY: &str = "canary-b7e1f0c2d9";
+/// What the release's service prints to its log at every start; its script computes the
+/// number, so the marker is in no artifact the control plane stores.
+const MARKER: &str = "shop-web-log-marker-41234";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -72,7 +76,9 @@ command = "bin/migrate"
     .unwrap();
     std::fs::write(
         dir.join("bin/web"),
-        "#!/bin/sh\n[ -n \"$DB_PASSWORD\" ] || exit 3\nexec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory www\n",
+        // It logs a marker and, carelessly, its secret: the value must never go up.
+        "#!/bin/sh\n[ -n \"$DB_PASSWORD\" ] || exit 3\necho \"shop-web-log-marker-$((41000 + 234)) db=$DB_PASSWORD\"\n\
+         exec python3 -m http.server \"$PORT\" --bind 127.0.0.1 --directory www\n",
     )
     .unwrap();
     std::fs::write(dir.join("bin/migrate"), "#!/bin/sh\necho migrated\n").unwrap();
@@ -131,6 +137,13 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     assert_eq!(s["secrets"][0]["state"], "present", "{s}");
     assert_eq!(d.server.audited("deployment.request", "success").len(), 1);
     assert!(!d.server.audited("deployment.status", "success").is_empty());
+    // The customer's policy does not opt in to telemetry: the log stays on the appliance.
+    let log = root.join(".logs/web.log");
+    wait_for(Duration::from_secs(10), "the marker in the service's log", || {
+        std::fs::read_to_string(&log).ok().filter(|l| l.contains(MARKER)).map(|_| ())
+    });
+    assert!(s["services"][0]["log_tail"].is_null() && s["services"][0]["metrics"].is_null(), "{s}");
+    assert!(!s.to_string().contains(MARKER));
 
     // The service dies: its supervisor starts it again, and the control plane learns of it.
     let killed =
@@ -150,6 +163,30 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     let done = d.wait_state(&task, "executed");
     assert_eq!((done["template"].as_str(), done["exit_code"].as_i64()), (Some("release-task"), Some(0)), "{done}");
     assert_eq!(d.server.audited("release_task.request", "success").len(), 1);
+
+    // Until here nothing of the log reached the control plane; the customer then opts in to
+    // service logs and metrics with a signed policy the control plane relays.
+    let data = airlock_testkit::e2e::all_bytes(&d.server.data_dir);
+    assert!(!airlock_testkit::e2e::contains_bytes(&data, MARKER.as_bytes()), "the log reached the data dir");
+    let opted_in = format!(
+        "environment = \"{}\"\n{}[telemetry]\nservice_logs = true\nservice_metrics = true\n",
+        d.env,
+        POLICY.replace("serial = 1", "serial = 2")
+    );
+    let signed = tmp.join("telemetry-policy.json");
+    airlock_testkit::e2e::sign_policy(BIN, &opted_in, &d.customer, &signed);
+    d.server.ok(&["env", "policy", "push", &d.env, signed.to_str().unwrap()]);
+    let s = wait_for(Duration::from_secs(20), "the log tail and metrics reported", || {
+        Some(status(&d)).filter(|s| s["services"][0]["log_tail"].as_str().is_some_and(|t| t.contains(MARKER)))
+    });
+    let web = &s["services"][0];
+    assert!(web["log_tail"].as_str().unwrap().contains(&format!("{MARKER} db=[redacted]")), "{s}");
+    assert!(web["metrics"]["memory_current_bytes"].as_u64().is_some_and(|m| m > 0), "{s}");
+    let text = d.server.ok(&["appliance", "deployment", &d.appliance_id, "--logs"]);
+    assert!(text.contains("web 1.0.0 healthy") && text.contains(&format!("  | {MARKER} db=[redacted]")), "{text}");
+    // The customer sees on the host what goes up.
+    let local = airlock_testkit::e2e::ok(d.local(&["appliance", "phase", "status"]), "phase status");
+    assert!(local.contains("the last 4096 bytes of each log go up (secret values redacted), and metrics"), "{local}");
 
     // 2. An upgrade whose health check never passes: rolled back, v1 serves again.
     let v2 = tmp.join("shop-v2");
@@ -175,7 +212,8 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     assert!(again.exited().is_none(), "{}", again.log());
     drop(again);
 
-    // 4. The canary secret value is nowhere the control plane keeps anything.
+    // 4. The canary secret value is nowhere the control plane keeps anything, though the
+    // service printed it to the log whose tail went up.
     let data = airlock_testkit::e2e::all_bytes(&d.server.data_dir);
     assert!(!airlock_testkit::e2e::contains_bytes(&data, CANARY.as_bytes()), "the secret's value reached the data dir");
     assert!(!d.server.log().contains(CANARY));

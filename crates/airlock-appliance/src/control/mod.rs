@@ -60,6 +60,13 @@ pub struct Status {
     /// own user (`same_user` in `[vendor_code]`).
     #[serde(default)]
     pub same_user_accepted: bool,
+    /// How many of each service's last log bytes go up with its status, if the customer's policy
+    /// opts in (`[telemetry] service_logs`); `None`: the logs stay on this host.
+    #[serde(default)]
+    pub service_log_tail_bytes: Option<u32>,
+    /// Whether the services' metrics go up (`[telemetry] service_metrics`).
+    #[serde(default)]
+    pub service_metrics_sent: bool,
 }
 
 /// Who vendor code runs as on this appliance.
@@ -311,6 +318,11 @@ impl LocalControl {
             effective: self.effective_phases().into_iter().collect(),
             vendor_code_user: *self.vendor_code_user.read().unwrap_or_else(|e| e.into_inner()),
             same_user_accepted: policy.as_ref().is_some_and(|p| p.document().vendor_code.same_user),
+            service_log_tail_bytes: policy
+                .as_ref()
+                .and_then(|p| p.document().telemetry.log_tail())
+                .and_then(|bytes| u32::try_from(bytes).ok()),
+            service_metrics_sent: policy.as_ref().is_some_and(|p| p.document().telemetry.service_metrics),
         }
     }
 

@@ -24,13 +24,15 @@
 //! One deploy (or recovery) runs at a time; [`Deployer::status`] answers meanwhile.
 //!
 //! The releases root is outside the state directory (the box may not read that one) and
-//! readable by the box user; logs (`.logs/`) are the appliance's only and never go up.
+//! readable by the box user; logs (`.logs/`) are the appliance's only: a redacted tail of one,
+//! and its service's metrics, go up only where the customer's policy opts in (`telemetry`).
 
 mod health;
 mod install;
 mod pointer;
 mod secrets;
 mod supervise;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 
@@ -48,6 +50,7 @@ pub(crate) use supervise::{
     Executor, ProcessExecutor, ReleaseInfo, ServiceState, ServiceStatus, ServiceUnit, SuperviseConfig, Supervised,
     program,
 };
+pub(crate) use telemetry::ServiceMetrics;
 
 /// Why a deploy was refused: nothing was changed, the current release runs on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +115,14 @@ pub(crate) struct ServiceReport {
     pub(crate) service: String,
     pub(crate) status: ServiceStatus,
     pub(crate) restarts: u32,
+    /// Only where asked for (the customer's policy opts in), for a service running now.
+    pub(crate) metrics: Option<ServiceMetrics>,
+    /// The same: the redacted last bytes of its log.
+    pub(crate) log_tail: Option<String>,
 }
+
+/// The most log bytes one report carries, all services together.
+const MAX_REPORT_LOG_BYTES: usize = 256 * 1024;
 
 /// The engine's settings.
 #[derive(Debug, Clone)]
@@ -169,7 +179,7 @@ impl std::fmt::Debug for Abort {
 #[derive(Debug, Default)]
 struct Shown {
     current: Option<ReleaseInfo>,
-    running: Vec<(ReleaseInfo, String, tokio::sync::watch::Receiver<ServiceState>)>,
+    running: Vec<(ReleaseInfo, Arc<ServiceUnit>, tokio::sync::watch::Receiver<ServiceState>)>,
     rolled_back: Vec<ServiceReport>,
 }
 
@@ -205,21 +215,39 @@ impl<E: Executor> Deployer<E> {
 
     /// Every service of the current release, and of the last rolled-back deploy.
     pub(crate) fn status(&self) -> Vec<ServiceReport> {
-        let shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<ServiceReport> = shown
-            .running
+        self.status_with(&airlock_core::policy::Telemetry::default())
+    }
+
+    /// The same, with what `telemetry` (the customer's policy) lets go up of each service
+    /// running now: its metrics, and the redacted tail of its log.
+    pub(crate) fn status_with(&self, telemetry: &airlock_core::policy::Telemetry) -> Vec<ServiceReport> {
+        let (running, rolled_back) = {
+            let shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+            (shown.running.clone(), shown.rolled_back.clone())
+        };
+        // One report stays well under the gateway's message size, however many services run.
+        let tail_bytes = telemetry.log_tail().map(|bytes| bytes.min(MAX_REPORT_LOG_BYTES / running.len().max(1)));
+        // Files are read outside the lock `show` takes.
+        let mut out: Vec<ServiceReport> = running
             .iter()
-            .map(|(release, service, state)| {
-                let s = state.borrow();
+            .map(|(release, unit, state)| {
+                let s = state.borrow().clone();
+                let metrics = telemetry.service_metrics.then(|| s.cell.as_deref().map(telemetry::read_metrics));
+                let logged =
+                    usize::try_from(unit.logged.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(usize::MAX);
+                let log_tail =
+                    tail_bytes.map(|bytes| telemetry::log_tail(&unit.log, bytes.min(logged), &unit.env.secret_values));
                 ServiceReport {
                     release: release.clone(),
-                    service: service.clone(),
+                    service: unit.service.name.clone(),
                     status: s.status,
                     restarts: s.restarts,
+                    metrics: metrics.map(Option::unwrap_or_default),
+                    log_tail,
                 }
             })
             .collect();
-        out.extend(shown.rolled_back.iter().cloned());
+        out.extend(rolled_back);
         out
     }
 
@@ -244,7 +272,7 @@ impl<E: Executor> Deployer<E> {
         shown.running = inner
             .current
             .iter()
-            .flat_map(|a| a.services.iter().map(|s| (a.release.clone(), s.unit.service.name.clone(), s.watch())))
+            .flat_map(|a| a.services.iter().map(|s| (a.release.clone(), s.unit.clone(), s.watch())))
             .collect();
         shown.rolled_back = inner.rolled_back.clone();
     }
@@ -268,6 +296,7 @@ impl<E: Executor> Deployer<E> {
                 release_dir: dir.clone(),
                 env,
                 log: self.releases.log(&service.name),
+                logged: Default::default(),
             }));
         }
         Ok(units)
@@ -360,6 +389,8 @@ impl<E: Executor> Deployer<E> {
                         service: s.unit.service.name.clone(),
                         status: ServiceStatus::RolledBack,
                         restarts: st.restarts,
+                        metrics: None,
+                        log_tail: None,
                     });
                 }
                 stop_all(failed).await;

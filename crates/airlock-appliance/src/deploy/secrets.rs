@@ -109,8 +109,10 @@ async fn process_env(
 ) -> Result<ServiceEnv, SecretUnavailable> {
     let mut env: BTreeMap<String, Zeroizing<String>> =
         plain.iter().map(|(k, v)| (k.clone(), Zeroizing::new(v.clone()))).collect();
+    let mut secret_names = Vec::new();
     for (name, reference) in declared {
         env.insert(name.clone(), secrets.value(reference).await?);
+        secret_names.push(name.clone());
     }
     for dep in &manifest.dependencies {
         let prefix = format!("AIRLOCK_DEPENDENCY_{}", env_part(&dep.name));
@@ -122,20 +124,32 @@ async fn process_env(
             env.insert(format!("{prefix}_URL"), Zeroizing::new(url));
         }
         for (role, reference) in credentials {
-            env.insert(format!("{prefix}_{}", env_part(role)), secrets.value(reference).await?);
+            let name = format!("{prefix}_{}", env_part(role));
+            env.insert(name.clone(), secrets.value(reference).await?);
+            secret_names.push(name);
         }
     }
-    Ok(ServiceEnv(env.into_iter().map(|(k, v)| (k, v.as_str().to_owned())).collect()))
+    let secret_values = secret_names.iter().filter_map(|n| env.get(n)).map(|v| v.as_str().to_owned()).collect();
+    Ok(ServiceEnv { vars: env.into_iter().map(|(k, v)| (k, v.as_str().to_owned())).collect(), secret_values })
 }
 
 /// A service's environment, secret values included: wiped when dropped, never printed.
 #[derive(Clone, Default)]
-pub(crate) struct ServiceEnv(pub(crate) Vec<(String, String)>);
+pub(crate) struct ServiceEnv {
+    /// Every variable, by name.
+    pub(crate) vars: Vec<(String, String)>,
+    /// The values among them that came from secrets: what a log tail that goes up must not
+    /// carry (`telemetry::redact`).
+    pub(crate) secret_values: Vec<String>,
+}
 
 impl Drop for ServiceEnv {
     fn drop(&mut self) {
         use zeroize::Zeroize;
-        for (_, value) in &mut self.0 {
+        for (_, value) in &mut self.vars {
+            value.zeroize();
+        }
+        for value in &mut self.secret_values {
             value.zeroize();
         }
     }
@@ -143,6 +157,6 @@ impl Drop for ServiceEnv {
 
 impl std::fmt::Debug for ServiceEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.0.iter().map(|(k, _)| k)).finish()
+        f.debug_list().entries(self.vars.iter().map(|(k, _)| k)).finish()
     }
 }

@@ -3,7 +3,8 @@
 //! Each service runs boxed ([`crate::sandbox::Sandbox::prepare_service`]) in a cell of its own
 //! (`svc-<release>-<service>`), as the box user (root only where the caller allowed it), with
 //! its output appended to an owner-only log file on the appliance (`<releases root>/.logs`,
-//! rotated to `.1` past a size cap; logs never go up).
+//! rotated to `.1` past a size cap; only its redacted tail goes up, and only where the
+//! customer's policy opts in: see `telemetry`).
 //! A supervisor task per service restarts it per its policy (`never`, `on-failure`, `always`),
 //! waiting an exponential backoff between its `initial_backoff_ms` and `max_backoff_ms`, reset
 //! once a run has lasted [`SuperviseConfig::reset_after`]. While a process runs, its health
@@ -51,6 +52,9 @@ pub(crate) struct ServiceState {
     /// Times it was started again after exiting.
     pub(crate) restarts: u32,
     pub(crate) pid: Option<u32>,
+    /// The cgroup of the process running now, where the host gives it one: what its metrics
+    /// are read from (`telemetry`).
+    pub(crate) cell: Option<PathBuf>,
     /// Why it last failed to start or run, if it did (no secret value: a sandbox or exit reason).
     pub(crate) last_error: Option<String>,
     /// Whether the supervisor has ended (stopped, or exited with no restart due).
@@ -74,6 +78,10 @@ pub(crate) struct ServiceUnit {
     /// Plain env, secret values and dependency bindings, resolved at deploy.
     pub(crate) env: ServiceEnv,
     pub(crate) log: PathBuf,
+    /// Bytes its processes appended to `log` since the executor last started it: all a log tail
+    /// may show, so a tail holds only output written knowing the secret values in `env` (not a
+    /// previous release's, nor those of a rotated secret).
+    pub(crate) logged: std::sync::atomic::AtomicU64,
 }
 
 /// Starts and stops services; the built-in one supervises boxed processes
@@ -175,10 +183,12 @@ impl ProcessExecutor {
 
 impl Executor for ProcessExecutor {
     fn start(&self, unit: Arc<ServiceUnit>) -> Supervised {
+        unit.logged.store(0, std::sync::atomic::Ordering::Relaxed);
         let (state_tx, state_rx) = watch::channel(ServiceState {
             status: ServiceStatus::Starting,
             restarts: 0,
             pid: None,
+            cell: None,
             last_error: None,
             ended: false,
         });
@@ -211,7 +221,7 @@ impl ProcessExecutor {
     }
 
     /// Starts one process of `unit`, its output going to its log.
-    fn spawn(&self, unit: &ServiceUnit) -> Result<(tokio::process::Child, Boxed), String> {
+    fn spawn(&self, unit: &Arc<ServiceUnit>) -> Result<(tokio::process::Child, Boxed), String> {
         let limits = self.limits();
         let cell = CellName::service(&unit.release.digest, &unit.service.name)?;
         let cwd = cwd(unit);
@@ -220,7 +230,7 @@ impl ProcessExecutor {
             cell: &cell,
             program: &program,
             args: &unit.service.args,
-            env: &unit.env.0,
+            env: &unit.env.vars,
             release_dir: &unit.release_dir,
             cwd: &cwd,
             limits: &limits,
@@ -236,10 +246,10 @@ impl ProcessExecutor {
         };
         let log = Arc::new(std::sync::Mutex::new(LogFile::new(unit.log.clone(), self.config.log_cap_bytes)));
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(copy_log(out, log.clone()));
+            tokio::spawn(copy_log(out, log.clone(), unit.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(copy_log(err, log));
+            tokio::spawn(copy_log(err, log, unit.clone()));
         }
         Ok((child, boxed))
     }
@@ -263,7 +273,7 @@ impl ProcessExecutor {
             cell: &cell,
             program: &program,
             args,
-            env: &unit.env.0,
+            env: &unit.env.vars,
             release_dir: &unit.release_dir,
             cwd: &cwd,
             limits: &limits,
@@ -354,6 +364,7 @@ async fn supervise(
         state.send_modify(|s| {
             s.status = ServiceStatus::Starting;
             s.pid = None;
+            s.cell = None;
         });
         let failed = match exec.spawn(&unit) {
             Err(why) => {
@@ -363,7 +374,10 @@ async fn supervise(
             }
             Ok((mut child, boxed)) => {
                 let started = Instant::now();
-                state.send_modify(|s| s.pid = child.id());
+                state.send_modify(|s| {
+                    s.pid = child.id();
+                    s.cell = boxed.cell.as_ref().map(|c| c.dir().to_owned());
+                });
                 let health = tokio::spawn(exec.clone().watch_health(unit.clone(), state.clone()));
                 let exited = tokio::select! {
                     status = child.wait() => Some(status),
@@ -398,6 +412,7 @@ async fn supervise(
         state.send_modify(|s| {
             s.status = if failed { ServiceStatus::Failed } else { ServiceStatus::Stopped };
             s.pid = None;
+            s.cell = None;
         });
         if !again {
             state.send_modify(|s| s.ended = true);
@@ -413,6 +428,7 @@ async fn supervise(
     state.send_modify(|s| {
         s.status = ServiceStatus::Stopped;
         s.pid = None;
+        s.cell = None;
         s.ended = true;
     });
 }
@@ -468,7 +484,8 @@ impl LogFile {
         Self { path, cap, file: None, written: 0 }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    /// Appends `bytes`; says whether they were.
+    fn write(&mut self, bytes: &[u8]) -> bool {
         if self.file.is_none() || self.written >= self.cap {
             if self.written >= self.cap || std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.cap) {
                 let mut old = self.path.clone().into_os_string();
@@ -482,17 +499,25 @@ impl LogFile {
             && file.write_all(bytes).is_ok()
         {
             self.written += bytes.len() as u64;
+            return true;
         }
+        false
     }
 }
 
-async fn copy_log(mut from: impl tokio::io::AsyncRead + Unpin, to: Arc<std::sync::Mutex<LogFile>>) {
+async fn copy_log(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    to: Arc<std::sync::Mutex<LogFile>>,
+    unit: Arc<ServiceUnit>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     while let Ok(n) = from.read(&mut buf).await {
         if n == 0 {
             break;
         }
-        to.lock().unwrap_or_else(|e| e.into_inner()).write(&buf[..n]);
+        if to.lock().unwrap_or_else(|e| e.into_inner()).write(&buf[..n]) {
+            unit.logged.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

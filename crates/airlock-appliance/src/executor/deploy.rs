@@ -7,7 +7,10 @@
 //! (metadata only), held on the appliance until the customer releases it.
 //! What it does as it goes is reported up as a `DeploymentStatus` (the latest replaces the one
 //! before; it goes again after every `Welcome`), which carries states, names, versions and
-//! whether each secret reference exists: never a value, a log line or a metric.
+//! whether each secret reference exists, never a value. Each running service's metrics and the
+//! redacted tail of its log go with it only where the customer's policy in force opts in
+//! (`[telemetry]`), read again for every report; then a report also goes every
+//! [`TELEMETRY_EVERY`] and as soon as the policy changes (`watch_services`).
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -33,6 +36,10 @@ pub(crate) const ROLLED_BACK: i32 = 1;
 /// Exit code of a deploy refused before anything changed (a tampered or missing artifact, a
 /// secret value unavailable, root not covered, a full disk).
 pub(crate) const REFUSED: i32 = 2;
+
+/// How often the deployment status goes up, at least, while the customer's policy opts in to
+/// telemetry (it goes whenever a service changes anyway).
+pub(crate) const TELEMETRY_EVERY: Duration = Duration::from_secs(60);
 
 /// Interrupted fetches of one deploy's artifacts before it is refused (each resumes).
 const MAX_FETCH_ATTEMPTS: u32 = 100;
@@ -357,7 +364,7 @@ impl Executor {
     /// last one), every service, and whether each of `secrets` exists.
     pub(crate) async fn report(&self, deploy: Option<wire::DeployProgress>, secrets: &[SecretRef]) {
         let Some(d) = &self.deployments else { return };
-        let services: Vec<ServiceReport> = d.deployer.status();
+        let services: Vec<ServiceReport> = d.deployer.status_with(&self.telemetry());
         let mut existence = Vec::new();
         for r in secrets {
             let e = d.secrets.existence(r).await;
@@ -389,6 +396,12 @@ impl Executor {
                     state: service_state(s.status) as i32,
                     release_version: s.release.version.clone(),
                     restarts: s.restarts,
+                    metrics: s.metrics.map(|m| wire::ServiceMetrics {
+                        cpu_usage_usec: m.cpu_usage_usec,
+                        memory_current_bytes: m.memory_current_bytes,
+                        pids_current: m.pids_current,
+                    }),
+                    log_tail: s.log_tail.clone(),
                 })
                 .collect();
             status.at_unix_ms = self.control.now().unix_millis();
@@ -439,7 +452,7 @@ impl Executor {
             cell: &cell,
             program: &program,
             args: &task.args,
-            env: &env.0,
+            env: &env.vars,
             release_dir: &dir,
             cwd: &cwd,
             limits: &limits,
@@ -487,19 +500,33 @@ impl Executor {
         }
     }
 
+    /// What the customer's policy in force lets go up of the services (nothing without one).
+    fn telemetry(&self) -> airlock_core::policy::Telemetry {
+        let policy = self.control.policy.read().unwrap_or_else(|e| e.into_inner());
+        policy.as_ref().map(|p| p.document().telemetry).unwrap_or_default()
+    }
+
     /// Reports the deployments again whenever a service changes state or restarts (checked every
-    /// `every`), so the control plane learns of a service gone unhealthy between deploys. Runs
-    /// until aborted.
-    pub(crate) async fn watch_services(&self, every: Duration) {
+    /// `every`), so the control plane learns of a service gone unhealthy between deploys; and,
+    /// while the customer's policy opts in to telemetry, every `telemetry_every` and whenever
+    /// that choice changes (so a report carrying a log tail is replaced by one without as soon
+    /// as the customer opts out). Runs until aborted.
+    pub(crate) async fn watch_services(&self, every: Duration, telemetry_every: Duration) {
         let Some(d) = &self.deployments else { return };
         let mut last = Vec::new();
+        let mut last_telemetry = self.telemetry();
+        let mut last_sent = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(every).await;
             let now: Vec<(String, ServiceStatus, u32)> =
                 d.deployer.status().into_iter().map(|s| (s.service, s.status, s.restarts)).collect();
-            if now != last {
+            let telemetry = self.telemetry();
+            let due = telemetry.any() && last_sent.elapsed() >= telemetry_every;
+            if now != last || telemetry != last_telemetry || due {
                 self.report(None, &[]).await;
                 last = now;
+                last_telemetry = telemetry;
+                last_sent = tokio::time::Instant::now();
             }
         }
     }

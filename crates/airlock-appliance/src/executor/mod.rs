@@ -44,7 +44,7 @@ use crate::result::ResultMsg;
 use crate::sandbox::Sandbox;
 use crate::state_dir::StateDir;
 use decide::{Allowed, Grounds, Refused, Spend, Verdict, short};
-pub(crate) use deploy::DeployOptions;
+pub(crate) use deploy::{DeployOptions, TELEMETRY_EVERY};
 use record::not_recorded;
 
 /// What became of an instruction.

@@ -263,6 +263,88 @@ async fn a_replayed_deploy_cannot_downgrade_nor_spend_an_approval_twice() {
     fx.exec.stop_deployments().await;
 }
 
+/// The first service of the latest report, once that one carries a log tail (`with_tail`) or
+/// none.
+async fn last_service_report(fx: &Fx, with_tail: bool) -> airlock_proto::gateway::ServiceStatus {
+    for _ in 0..200 {
+        let last = statuses(fx).pop().map(|s| s.services[0].clone());
+        if let Some(s) = last.filter(|s| s.log_tail.is_some() == with_tail) {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no report {} a log tail", if with_tail { "with" } else { "without" });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_logs_and_metrics_go_up_only_while_the_customers_policy_opts_in_and_secrets_are_redacted() {
+    let fx = Fx::new(ALL_PHASES);
+    fx.listen().await;
+    let secret_file = fx.releases.path().join("api-token");
+    std::fs::write(&secret_file, "canary-5e1f7a0b\n").unwrap();
+    let manifest = format!(
+        "name = \"chatty\"\nversion = \"1.0.0\"\n\n[[service]]\nname = \"chatty\"\ncommand = \"bin/chatty\"\n\
+         secrets = {{ API_TOKEN = \"file:{}\" }}\n",
+        secret_file.display()
+    );
+    // It prints a marker and, as a careless service might, its secret (without the newline).
+    let script: &[u8] = b"#!/bin/sh\necho \"telemetry-marker token=$API_TOKEN.\"\nexec sleep 600\n";
+    let blobs = fx.dir.path().join("artifacts/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join(airlock_core::operation::sha256_hex(script)), script).unwrap();
+    // What an earlier release of the service logged, with a value this one was not given.
+    let log = fx.releases.path().join("releases/.logs/chatty.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(&log, "earlier release: token=canary-0ld0ld0\n").unwrap();
+    let (envelope, release) = vendor_release(&manifest, &[("bin/chatty", script)], 1);
+    let stmt = fx.deploy_statement(op_id(9), &release);
+    let r = fx.send(fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt))).await;
+    assert_eq!(fx.execution(&r).exit_code, Some(0), "{r:?}");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default().contains("telemetry-marker");
+    for _ in 0..100 {
+        if logged() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(logged(), "the service wrote its marker to its log on the appliance");
+
+    // The policy in force does not opt in: no metric, no log line goes up.
+    fx.exec.report_again().await;
+    let last = statuses(&fx).pop().unwrap().services[0].clone();
+    assert!(last.metrics.is_none() && last.log_tail.is_none(), "{last:?}");
+
+    // The customer opts in: the watcher reports at once, with metrics and the redacted tail.
+    let watcher = {
+        let exec = fx.exec.clone();
+        let every = std::time::Duration::from_millis(20);
+        tokio::spawn(async move { exec.watch_services(every, std::time::Duration::from_secs(3600)).await })
+    };
+    let set_policy = |toml: &str| *fx.control.policy.write().unwrap() = Some(policy(toml));
+    set_policy(&format!(
+        "{}[telemetry]\nservice_logs = true\nservice_metrics = true\n",
+        ALL_PHASES.replace("serial = 1", "serial = 2")
+    ));
+    let on = last_service_report(&fx, true).await;
+    let tail = on.log_tail.as_deref().unwrap();
+    assert!(tail.contains("telemetry-marker token=[redacted]."), "{tail}");
+    assert!(!tail.contains("earlier release"), "only what this release's service wrote: {tail}");
+    let metrics = on.metrics.unwrap();
+    assert!(metrics.memory_current_bytes.is_some_and(|m| m > 0), "{metrics:?}");
+    assert!(metrics.pids_current.is_some_and(|p| p >= 1), "{metrics:?}");
+
+    // And out again: the next report carries neither.
+    set_policy(&ALL_PHASES.replace("serial = 1", "serial = 3"));
+    let off = last_service_report(&fx, false).await;
+    assert!(off.metrics.is_none(), "{off:?}");
+    watcher.abort();
+    for m in fx.sent() {
+        let m = format!("{m:?}");
+        assert!(!m.contains("canary-5e1f7a0b") && !m.contains("canary-0ld0ld0"), "a secret value went up");
+    }
+    fx.exec.stop_deployments().await;
+}
+
 #[tokio::test]
 async fn a_release_the_customer_does_not_accept_is_refused() {
     let key_id = |n: u8| vendor_key(n).public().key_id();
