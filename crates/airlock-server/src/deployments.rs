@@ -240,6 +240,34 @@ impl ReportBudget {
     }
 }
 
+/// The additional data an appliance's log tails are sealed with: its tenant and itself.
+fn log_tails_aad(scope: &TenantScope, appliance: airlock_core::ApplianceId) -> Vec<u8> {
+    format!("airlock deployment log tails v1\n{}\n{appliance}", scope.tenant()).into_bytes()
+}
+
+/// The appliance's latest report with its log tails opened, if it is the tenant's and has
+/// reported.
+pub async fn status(
+    state: &AppState,
+    scope: &TenantScope,
+    appliance: airlock_core::ApplianceId,
+) -> Result<Option<DeploymentStatusView>, StoreError> {
+    let Some(stored) = state.store.deployment_status(scope, appliance).await? else { return Ok(None) };
+    let mut view = stored.view;
+    if let Some(sealed) = stored.log_tails_sealed {
+        let plain = state
+            .kek
+            .open(&sealed, &log_tails_aad(scope, appliance))
+            .map_err(|_| StoreError::Corrupt(format!("the log tails of {appliance} cannot be opened")))?;
+        let tails: Vec<Option<String>> = serde_json::from_slice(&plain)
+            .map_err(|e| StoreError::Corrupt(format!("the log tails of {appliance}: {e}")))?;
+        for (service, tail) in view.services.iter_mut().zip(tails) {
+            service.log_tail = tail;
+        }
+    }
+    Ok(Some(view))
+}
+
 /// Stores an appliance's report, replacing the one before; a new deploy phase is audited.
 /// Nothing goes back to the appliance (its next report replaces this one anyway).
 pub async fn handle_status(
@@ -249,9 +277,23 @@ pub async fn handle_status(
     status: &wire::DeploymentStatus,
 ) -> Result<(), StoreError> {
     let now = state.now();
-    let view = DeploymentStatusView::from_wire(status, now);
+    let mut view = DeploymentStatusView::from_wire(status, now);
+    // Log tails are customer data the customer let go up: sealed at rest, apart from the rest.
+    let tails: Vec<Option<String>> = view.services.iter_mut().map(|s| s.log_tail.take()).collect();
+    let sealed = match tails.iter().any(Option::is_some) {
+        true => {
+            let plain = serde_json::to_vec(&tails).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Some(
+                state
+                    .kek
+                    .seal(&plain, &log_tails_aad(scope, peer.appliance))
+                    .map_err(|e| StoreError::Corrupt(format!("cannot seal log tails: {e}")))?,
+            )
+        }
+        false => None,
+    };
     let json = serde_json::to_string(&view).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let before = state.store.deployment_status(scope, peer.appliance).await?;
+    let before = state.store.deployment_status(scope, peer.appliance).await?.map(|s| s.view);
     let changed_phase = view.deploy.as_ref().map(|d| (&d.request_id, d.phase))
         != before.as_ref().and_then(|b| b.deploy.as_ref()).map(|d| (&d.request_id, d.phase));
     // Audited only for a deploy of this very appliance: a report naming anything else is stored
@@ -263,7 +305,7 @@ pub async fn handle_status(
         _ => false,
     };
     let mut tx = state.store.write().await?;
-    tx.put_deployment_status(scope, peer.appliance, &json, now).await?;
+    tx.put_deployment_status(scope, peer.appliance, &json, sealed.as_deref(), now).await?;
     if own_deploy && let Some(d) = &view.deploy {
         let mut ev = event(scope.principal().actor(), AuditAction::DeploymentStatus, Outcome::Success);
         ev.target = Some(d.request_id.clone());

@@ -217,6 +217,8 @@ fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     let data = airlock_testkit::e2e::all_bytes(&d.server.data_dir);
     assert!(!airlock_testkit::e2e::contains_bytes(&data, CANARY.as_bytes()), "the secret's value reached the data dir");
     assert!(!d.server.log().contains(CANARY));
+    // The tail the customer let go up is served, yet sealed at rest: not in clear on disk.
+    assert!(!airlock_testkit::e2e::contains_bytes(&data, MARKER.as_bytes()), "a log tail is in clear at rest");
 }
 
 /// A release whose service needs an AWS Secrets Manager secret and an SSM parameter, against

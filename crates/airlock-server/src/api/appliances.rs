@@ -158,7 +158,7 @@ pub(super) async fn get_deployment_status(
         if state.store.get_appliance(&scope, id).await?.is_none() {
             return Err(ApiError::not_found(format!("no appliance {id} in your tenant")));
         }
-        let status = state.store.deployment_status(&scope, id).await?;
+        let status = crate::deployments::status(&state, &scope, id).await?;
         status.ok_or_else(|| ApiError::not_found(format!("appliance {id} has not reported a deployment status yet")))
     }
     .await;

@@ -42,6 +42,7 @@ pub use audit::{HeadTampered, VerifyOptions, verify_all_chains, verify_all_chain
 pub use audit_signing::{AUDIT_KEY_FILE_NAME, CHECKPOINT_FILE_NAME, Pruned, StoredAuditKey};
 pub use audit_writer::{AuditAppendError, AuditWriter};
 pub use ca::StoredCa;
+pub use deployments::StoredDeploymentStatus;
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
 pub use releases::{ReleaseKeyRow, ReleaseRow};
@@ -71,6 +72,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (12, "artifacts", include_str!("../../migrations/0012_artifacts.sql")),
     (13, "deployment_status", include_str!("../../migrations/0013_deployment_status.sql")),
     (14, "rollouts", include_str!("../../migrations/0014_rollouts.sql")),
+    (15, "deployment_log_tails", include_str!("../../migrations/0015_deployment_log_tails.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
