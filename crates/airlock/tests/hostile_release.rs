@@ -259,7 +259,7 @@ fn a_hostile_release_cannot_reach_past_its_boxes_and_the_appliance_serves_on() {
     std::fs::write(v2.join("targets.json"), serde_json::to_vec_pretty(&targets).unwrap()).unwrap();
     std::fs::write(v2.join("bin/probe"), PROBE).unwrap();
     // Up until the attacker is done with its limits; then it exits at once, every time it is
-    // started again, a millisecond later.
+    // started again, as soon as a release may ask (`MIN_BACKOFF_MS`).
     std::fs::write(
         v2.join("bin/crasher"),
         "#!/bin/sh\nwhile :; do grep -qx hostile-go /proc/[0-9]*/comm 2>/dev/null && exit 1; sleep 0.5; done\n",
@@ -304,7 +304,7 @@ stop_timeout_secs = 2
 name = "crasher"
 command = "bin/crasher"
 stop_timeout_secs = 2
-restart = {{ policy = "always", initial_backoff_ms = 1, max_backoff_ms = 1 }}
+restart = {{ policy = "always", initial_backoff_ms = 100, max_backoff_ms = 100 }}
 
 [[task]]
 name = "probe"
