@@ -19,7 +19,8 @@
 //!   opening one is refused), the directories of [`HIDDEN_DIRS`] under an empty tmpfs. `/root`
 //!   needs no mask: it is under no root Landlock lets a box read;
 //! - the devices a box may use (`fence::DEVICES`) are each bound onto themselves, the only
-//!   mounts where device files open; writing them works on a read-only mount.
+//!   mounts where device files open; writing them works on a read-only mount. Landlock gives a
+//!   box neither `/dev/shm` nor `/dev/pts` (it has no terminal), so they stay as every mount.
 //!
 //! A root run writes only in its working directory (its `HOME` and `TMPDIR`), as Landlock already
 //! has it; a service starts in its release, which it only reads. The namespace dies with the

@@ -15,6 +15,10 @@
 //! - `add_key`, `request_key`, `keyctl`: the kernel's user keyring is uid 0's, shared with
 //!   every root process of the host.
 //!
+//! So a root run logs neither to syslog nor to the journal (its output goes to its log, as any
+//! run's), and NSS modules that ask a daemon over a Unix socket (nscd, sssd, systemd-resolved)
+//! fail, which glibc falls back from to files and DNS.
+//!
 //! The filter is for x86_64 (syscall numbers are per architecture); the x32 numbers of these
 //! calls are refused too, and any other ABI (32-bit `int 0x80`) kills the process, as its calls
 //! would bypass the numbers checked. Elsewhere [`RootFilter::build`] fails, and no root run starts.
