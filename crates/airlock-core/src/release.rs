@@ -61,6 +61,9 @@ pub const MAX_STRING_BYTES: usize = 4096;
 /// A release, service, task or dependency name: a slug.
 pub const MAX_NAME_BYTES: usize = 63;
 pub const MAX_VERSION_BYTES: usize = 128;
+/// The shortest restart backoff a release may ask for: a service that crashes at once, restarted
+/// sooner, costs the appliance a good part of a core in restarts alone.
+pub const MIN_BACKOFF_MS: u64 = 100;
 /// The longest restart backoff and stop timeout a release may ask for.
 pub const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
 pub const MAX_STOP_TIMEOUT_SECS: u64 = 600;
@@ -401,8 +404,8 @@ impl Service {
         }
         secrets(&format!("{at}.secrets"), &self.secrets)?;
         let r = &self.restart;
-        range(&format!("{at}.restart.initial_backoff_ms"), r.initial_backoff_ms, 1, MAX_BACKOFF_MS)?;
-        range(&format!("{at}.restart.max_backoff_ms"), r.max_backoff_ms, 1, MAX_BACKOFF_MS)?;
+        range(&format!("{at}.restart.initial_backoff_ms"), r.initial_backoff_ms, MIN_BACKOFF_MS, MAX_BACKOFF_MS)?;
+        range(&format!("{at}.restart.max_backoff_ms"), r.max_backoff_ms, MIN_BACKOFF_MS, MAX_BACKOFF_MS)?;
         if r.initial_backoff_ms > r.max_backoff_ms {
             return Err(invalid(
                 &format!("{at}.restart.initial_backoff_ms"),

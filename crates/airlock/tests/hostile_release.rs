@@ -259,7 +259,7 @@ fn a_hostile_release_cannot_reach_past_its_boxes_and_the_appliance_serves_on() {
     std::fs::write(v2.join("targets.json"), serde_json::to_vec_pretty(&targets).unwrap()).unwrap();
     std::fs::write(v2.join("bin/probe"), PROBE).unwrap();
     // Up until the attacker is done with its limits; then it exits at once, every time it is
-    // started again, a millisecond later.
+    // started again, as soon as a release may ask (`MIN_BACKOFF_MS`).
     std::fs::write(
         v2.join("bin/crasher"),
         "#!/bin/sh\nwhile :; do grep -qx hostile-go /proc/[0-9]*/comm 2>/dev/null && exit 1; sleep 0.5; done\n",
@@ -289,9 +289,6 @@ name = "rooty"
 command = "bin/link"
 args = ["rooty"]
 run_as_root = true
-# Landlock does not govern chmod, chown, xattrs or times: what root does with them is
-# reproduced by `a_root_service_cannot_change_modes_or_owners_outside_its_box`.
-env = {{ PROBE_SKIP = "chmod,chown,setuid" }}
 stop_timeout_secs = 2
 
 [[service]]
@@ -304,7 +301,7 @@ stop_timeout_secs = 2
 name = "crasher"
 command = "bin/crasher"
 stop_timeout_secs = 2
-restart = {{ policy = "always", initial_backoff_ms = 1, max_backoff_ms = 1 }}
+restart = {{ policy = "always", initial_backoff_ms = 100, max_backoff_ms = 100 }}
 
 [[task]]
 name = "probe"
@@ -452,20 +449,20 @@ fn is_appended(path: &Path) -> bool {
         || name.contains("preapproval")
 }
 
-/// A known hole, reproduced: Landlock governs opening, writing, linking and removing files, not
-/// changing their modes, owners, extended attributes or times, and a root run keeps
-/// `CAP_CHOWN` and `CAP_FOWNER` (and owns every file of root's). So a root service (the
-/// customer approved `run_as_root`) can `chmod` and `chown` what it cannot open: the state
-/// directory and its keys (made readable to every local user), or its own installed release
-/// (a setuid-root program any local user can run). It changes each to what it already is
-/// here, but the call succeeding is the hole. Likewise `connect` on a Unix socket by its path
-/// is not a Landlock right (ABI 6), and `CAP_DAC_OVERRIDE` passes its modes: a root run reaches
-/// any daemon of the host's (the admin socket alone tells boxes apart). And the system roots a
-/// box may read (`/etc`, `/opt`, ...) hold root-only files (`/etc/shadow`, host keys) that
-/// `CAP_DAC_READ_SEARCH` opens. Closing these needs a seccomp filter for root runs, a mount
-/// namespace hiding what is not theirs, or fewer capabilities.
+/// A hole closed: Landlock governs opening, writing, linking and removing files, not changing
+/// their modes, owners, extended attributes or times, and a root run keeps `CAP_CHOWN` and
+/// `CAP_FOWNER` (and owns every file of root's). So a root service (the customer approved
+/// `run_as_root`) could `chmod` and `chown` what it cannot open: the state directory and its
+/// keys (made readable to every local user), or its own installed release (a setuid-root
+/// program any local user can run). It tries to change each to what it already is, since the
+/// call succeeding is the hole. Likewise `connect` on a Unix socket by its path is not a
+/// Landlock right (ABI 6), and `CAP_DAC_OVERRIDE` passes its modes: a root run would reach any
+/// daemon of the host's. And the system roots a box may read (`/etc`, `/opt`, ...) hold
+/// root-only files (`/etc/shadow`, host keys) that `CAP_DAC_READ_SEARCH` opens. A root run's
+/// mount namespace (read-only but its working directory, the state directory and the host's
+/// secrets hidden) and its seccomp filter (no Unix socket) hold each (`sandbox::mounts`,
+/// `sandbox::seccomp`).
 #[test]
-#[ignore = "known hole: a root run changes modes and owners outside its box (Landlock does not govern them)"]
 fn a_root_service_cannot_change_modes_or_owners_outside_its_box() {
     let releases = tempfile::tempdir().unwrap();
     std::fs::set_permissions(releases.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -493,14 +490,14 @@ fn a_root_service_cannot_change_modes_or_owners_outside_its_box() {
         r#"#!/bin/sh
 S={state}
 for f in "$S" "$S/output.key" "$S/audit.key" "$S/credentials.pem" "$S/customer-keys.pem"; do
-  m=$(stat -c %a "$f") && chmod "$m" "$f" 2>/dev/null && echo "GOT-THROUGH chmod $f"
-  o=$(stat -c %u:%g "$f") && chown "$o" "$f" 2>/dev/null && echo "GOT-THROUGH chown $f"
+  m=$(stat -c %a "$f") && chmod "$m" "$f" 2>/dev/null && echo "GOT-THROUGH chmod $f" || echo "BLOCKED chmod $f"
+  o=$(stat -c %u:%g "$f") && chown "$o" "$f" 2>/dev/null && echo "GOT-THROUGH chown $f" || echo "BLOCKED chown $f"
 done
-chmod 4555 bin/rooty 2>/dev/null && echo "GOT-THROUGH setuid root on its installed release"
-head -c 1 /etc/shadow >/dev/null 2>&1 && echo "GOT-THROUGH read the host's /etc/shadow"
+chmod 4555 bin/rooty 2>/dev/null && echo "GOT-THROUGH setuid root on its installed release" || echo "BLOCKED setuid"
+head -c 1 /etc/shadow >/dev/null 2>&1 && echo "GOT-THROUGH read the host's /etc/shadow" || echo "BLOCKED shadow"
 python3 -c 'import socket, sys
-s = socket.socket(socket.AF_UNIX)
 try:
+    s = socket.socket(socket.AF_UNIX)
     s.connect(sys.argv[1])
     print("GOT-THROUGH connected to a root-only socket of the host")
 except OSError as e:
@@ -521,4 +518,5 @@ exec sleep 600
     });
     d.appliance.stop();
     assert!(got_through(&report).is_empty(), "a root service got through:\n{}", got_through(&report).join("\n"));
+    assert_eq!(blocked(&report), 13, "every probe ran and was blocked:\n{report}");
 }

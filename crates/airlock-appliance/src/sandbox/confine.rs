@@ -6,9 +6,17 @@
 //! before the fork: no allocation, no locks.
 //! In order: mark every inherited descriptor close-on-exec (the appliance may have been
 //! started with some open that are not), enter the cell (as root, who may), set the resource
-//! limits, enter an IPC namespace of its own (where the appliance may), drop to the box user (or, for
-//! a root run, drop every capability but a few from the bounding set), then `no_new_privs` and
-//! the Landlock ruleset. Any failure fails the spawn, so nothing runs half boxed.
+//! limits, enter an IPC namespace of its own (where the appliance may); a root run then enters
+//! a mount namespace of its own ([`super::mounts`], while it still holds `CAP_SYS_ADMIN`); drop
+//! to the box user (or, for a root run, drop every capability but a few from the bounding set),
+//! then `no_new_privs` and the Landlock ruleset, and last, for a root run, its seccomp filter
+//! ([`super::seccomp`]). Any failure fails the spawn, so nothing runs half boxed.
+//!
+//! A root run is held by more than a box user's run, since root owns root's files and passes
+//! their modes: Landlock keeps it from opening what is not its own, its mount namespace from
+//! changing modes, owners, attributes and times outside its working directory (and hides the
+//! state directory and the host's root-only secrets), and its seccomp filter from Unix sockets,
+//! by which it would reach the host's daemons.
 //!
 //! The IPC namespace: System V shared memory, semaphores and message queues, and POSIX message
 //! queues, are not files, so Landlock does not see them, and they outlive the process that
@@ -22,7 +30,15 @@ use landlock::RulesetCreated;
 use nix::sys::resource::{Resource, rlim_t, setrlimit};
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 
+use super::mounts::MountPlan;
+use super::seccomp::RootFilter;
 use super::{RunAs, RunLimits};
+
+/// What a root run puts itself under besides the rest of the box.
+pub(super) struct RootOnly {
+    pub(super) mounts: MountPlan,
+    pub(super) filter: std::sync::Arc<RootFilter>,
+}
 
 pub(super) struct Confinement {
     procs: Option<File>,
@@ -31,6 +47,8 @@ pub(super) struct Confinement {
     fence: Option<RulesetCreated>,
     /// Whether the run gets an IPC namespace of its own (where the appliance may make one).
     own_ipc: bool,
+    /// For a root run (and only for one): its mount namespace and seccomp filter.
+    root: Option<RootOnly>,
 }
 
 impl Confinement {
@@ -40,6 +58,7 @@ impl Confinement {
         limits: &RunLimits,
         fence: Option<RulesetCreated>,
         own_ipc: bool,
+        root: Option<RootOnly>,
     ) -> Self {
         // `RLIMIT_NPROC` counts every process of the uid, so it holds a fork bomb only for the
         // box user; for the appliance's own user it would count the appliance too.
@@ -59,6 +78,7 @@ impl Confinement {
             ],
             fence,
             own_ipc,
+            root,
         }
     }
 
@@ -79,6 +99,9 @@ impl Confinement {
         if self.own_ipc {
             own_ipc_namespace()?;
         }
+        if let Some(root) = &self.root {
+            root.mounts.apply()?;
+        }
         if let RunAs::BoxUser { uid, gid } = self.run_as {
             setgroups(&[])?;
             let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
@@ -90,20 +113,29 @@ impl Confinement {
         }
         match self.fence.take() {
             // Sets no_new_privs, then restricts itself.
-            Some(fence) => match fence.restrict_self() {
-                Ok(_) => Ok(()),
-                Err(_) => Err(io::Error::from_raw_os_error(nix::libc::EPERM)),
-            },
-            None => Ok(nix::sys::prctl::set_no_new_privs()?),
+            Some(fence) => {
+                if fence.restrict_self().is_err() {
+                    return Err(io::Error::from_raw_os_error(nix::libc::EPERM));
+                }
+            }
+            None => nix::sys::prctl::set_no_new_privs()?,
+        }
+        match &self.root {
+            Some(root) => root.filter.install(),
+            None => Ok(()),
         }
     }
 }
 
 /// The capabilities a root run keeps: owning and reading files as root, signals (which Landlock
-/// keeps inside the box), switching ids, low ports. Gone are, among others, `CAP_SYS_RESOURCE`,
-/// `CAP_SYS_NICE`, `CAP_MKNOD`, `CAP_SYS_TIME`, `CAP_SYS_MODULE`, `CAP_SYS_RAWIO`,
-/// `CAP_SYS_ADMIN`, `CAP_SYS_PTRACE`, `CAP_NET_ADMIN`, `CAP_BPF` and `CAP_SYS_BOOT`: with them a
-/// root script could reach past its box (a raw disk, the clock that approvals are timed by).
+/// keeps inside the box), switching ids, low ports. What they would reach past the box is held
+/// elsewhere: opening files by Landlock, changing modes and owners by the run's read-only mount
+/// namespace (writable only in its working directory, `nosuid` everywhere), Unix sockets and
+/// `open_by_handle_at` (`CAP_DAC_READ_SEARCH`) by its seccomp filter. Gone are, among others,
+/// `CAP_SYS_RESOURCE`, `CAP_SYS_NICE`, `CAP_MKNOD`, `CAP_SYS_TIME`, `CAP_SYS_MODULE`,
+/// `CAP_SYS_RAWIO`, `CAP_SYS_ADMIN` (so it cannot undo its mounts), `CAP_SYS_PTRACE`,
+/// `CAP_NET_ADMIN`, `CAP_BPF` and `CAP_SYS_BOOT`: with them a root script could reach past its
+/// box (a raw disk, the clock that approvals are timed by).
 const ROOT_KEEPS: [u32; 9] = [
     0,  // CAP_CHOWN
     1,  // CAP_DAC_OVERRIDE

@@ -73,6 +73,11 @@ impl Allowed {
         Self { system: allowed_roots(SYSTEM, protected), devices: allowed_roots(DEVICES, protected) }
     }
 
+    /// The devices a run may read and write.
+    pub(super) fn devices(&self) -> &[&'static str] {
+        &self.devices
+    }
+
     /// The allowed system root `path` lies under (as given, or resolved where it exists).
     pub(super) fn system_root_of(&self, path: &Path) -> Option<&'static str> {
         let real = std::fs::canonicalize(path).ok();

@@ -11,6 +11,10 @@
 //!   admin socket, the output key, sealed output, the audit log) or signal the appliance;
 //! - in an IPC namespace of its own where the appliance is root ([`confine`]): what it makes
 //!   with System V IPC or POSIX message queues dies with it, and it sees none of the host's;
+//! - a root run, also in a mount namespace of its own ([`mounts`]) where every mount is
+//!   read-only, `nosuid` and `nodev` but its working directory, and the state directory and the
+//!   host's root-only secrets are hidden; and under a seccomp filter ([`seccomp`]) that refuses
+//!   it Unix sockets (by which it would reach the host's daemons), among a few other calls;
 //! - in a private working directory outside the state directory, removed after the run;
 //!   a service also reads (never writes) its installed release directory;
 //! - under limits on wall time (operations only: services run until stopped), processes,
@@ -19,14 +23,17 @@
 //! The child puts itself in its box between fork and exec ([`confine`]), so no instruction of
 //! the vendor's runs outside it; if any step fails, the spawn fails and nothing runs.
 //! Where the host lacks a part (no cgroup v2, no Landlock, an appliance that is not root), the
-//! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds; but without a
-//! cell, nothing runs as root (its cell alone tells a root run from the customer's root at the
-//! admin socket).
+//! appliance says so when it starts ([`Sandbox::open`]) and the rest still holds; but nothing
+//! runs as root without a cell (its cell alone tells a root run from the customer's root at the
+//! admin socket), nor without its mount namespace and seccomp filter (where the appliance lacks
+//! `CAP_SYS_ADMIN`, say in a container, or on another architecture than x86_64).
 
 pub mod bench;
 mod cell;
 mod confine;
 mod fence;
+mod mounts;
+mod seccomp;
 #[cfg(test)]
 mod tests;
 mod user;
@@ -42,7 +49,8 @@ use airlock_core::run_spec::RunUser;
 
 pub(crate) use cell::Cell;
 use cell::Cells;
-use confine::Confinement;
+use confine::{Confinement, RootOnly};
+use seccomp::RootFilter;
 pub(crate) use user::RunAs;
 
 /// The only `PATH` vendor code gets.
@@ -159,6 +167,12 @@ pub(crate) struct Sandbox {
     /// Whether each run gets an IPC namespace of its own ([`confine`]): where the appliance
     /// may make one (root with `CAP_SYS_ADMIN`; not, say, in a container without it).
     ipc_namespace: bool,
+    /// The state directory, resolved: a root run's mount namespace hides it.
+    state_dir: PathBuf,
+    /// The seccomp filter root runs install, or why no root run starts here: the appliance
+    /// may not make them a mount namespace ([`mounts::available`]), or has no filter for this
+    /// architecture.
+    root_runs: Result<Arc<RootFilter>, String>,
     /// Why vendor code may not run here at all, if so: it would share the appliance's uid
     /// without the parts of the box that then hold it (`Sandbox::open`).
     unusable: Option<String>,
@@ -179,6 +193,17 @@ fn unusable(run_as: RunAs, enforced: fence::Enforced, cells: bool) -> Option<Str
                 .to_owned(),
         ),
     }
+}
+
+/// The seccomp filter root runs install, or why none may start: only an appliance running as
+/// root (whose box user is its own) runs vendor code as root, in a mount namespace it must be
+/// able to make, under a filter written for its architecture.
+fn root_runs(run_as: RunAs) -> Result<Arc<RootFilter>, String> {
+    if !matches!(run_as, RunAs::BoxUser { .. }) {
+        return Err("the appliance is not root".to_owned());
+    }
+    mounts::available()?;
+    RootFilter::build().map(Arc::new)
 }
 
 /// Where runs get their working directories: a root-owned directory under `/run` for an
@@ -261,6 +286,10 @@ impl Sandbox {
                 "no IPC namespace for vendor code (the appliance is not root, or lacks CAP_SYS_ADMIN): what it makes with System V IPC outlives its box"
             );
         }
+        let root_runs = root_runs(run_as);
+        if let (RunAs::BoxUser { .. }, Err(why)) = (run_as, &root_runs) {
+            tracing::warn!(reason = %why, "no vendor code runs as root on this appliance");
+        }
         let unusable = unusable(run_as, enforced, cells.is_some());
         if let Some(why) = &unusable {
             tracing::error!(reason = %why, "vendor code will not run on this appliance");
@@ -271,9 +300,11 @@ impl Sandbox {
             run_as,
             uids,
             work_root,
-            allowed: fence::Allowed::outside(&[state]),
+            allowed: fence::Allowed::outside(std::slice::from_ref(&state)),
             landlock,
             ipc_namespace,
+            state_dir: state,
+            root_runs,
             unusable,
         };
         sandbox.clear_leftovers()?;
@@ -377,7 +408,7 @@ impl Sandbox {
         limits: &RunLimits,
         run_as: RunAs,
     ) -> Result<(tokio::process::Command, Boxed), String> {
-        let (mut confinement, boxed) = self.enter(&id.to_string(), Some(script), &[], limits, run_as)?;
+        let (mut confinement, boxed) = self.enter(&id.to_string(), Some(script), &[], None, limits, run_as)?;
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg("script.sh")
             .env_clear()
@@ -412,8 +443,14 @@ impl Sandbox {
         if !launch.cwd.starts_with(launch.release_dir) {
             return Err(format!("{} is not inside the release", launch.cwd.display()));
         }
-        let (mut confinement, boxed) =
-            self.enter(launch.cell.as_str(), None, &[launch.release_dir], launch.limits, launch.run_as)?;
+        let (mut confinement, boxed) = self.enter(
+            launch.cell.as_str(),
+            None,
+            &[launch.release_dir],
+            Some(launch.cwd),
+            launch.limits,
+            launch.run_as,
+        )?;
         let mut cmd = tokio::process::Command::new(launch.program);
         cmd.args(launch.args)
             .env_clear()
@@ -435,12 +472,14 @@ impl Sandbox {
     }
 
     /// The one way into a box: a uid, a cell named `name` under `limits`, a private working
-    /// directory (holding `script`, if any), and the confinement the child applies to itself.
+    /// directory (holding `script`, if any; where the run starts unless `cwd` says), and the
+    /// confinement the child applies to itself.
     fn enter(
         &self,
         name: &str,
         script: Option<&[u8]>,
         read_only: &[&Path],
+        cwd: Option<&Path>,
         limits: &RunLimits,
         run_as: RunAs,
     ) -> Result<(Confinement, Boxed), String> {
@@ -455,6 +494,14 @@ impl Sandbox {
                     .to_owned(),
             );
         }
+        // Root owns root's files and passes every mode: without its mount namespace it could
+        // change the modes of what Landlock keeps it from opening, and without its seccomp
+        // filter reach the host's daemons by their Unix sockets.
+        let root_filter = match (run_as, &self.root_runs) {
+            (RunAs::Root, Err(why)) => return Err(format!("vendor code does not run as root here: {why}")),
+            (RunAs::Root, Ok(filter)) => Some(filter.clone()),
+            _ => None,
+        };
         // A uid of its own while it runs, where one is free; else the box user's, shared.
         let lease = match run_as {
             RunAs::BoxUser { .. } => self.uids.lease(),
@@ -477,7 +524,15 @@ impl Sandbox {
             let fence =
                 if self.landlock { Some(fence::ruleset(&boxed.workdir, read_only, &self.allowed)?) } else { None };
             let procs = boxed.cell.as_ref().map(|c| c.procs()).transpose()?;
-            Ok(Confinement::new(procs, run_as, limits, fence, self.ipc_namespace))
+            let root = match root_filter {
+                Some(filter) => {
+                    let cwd = cwd.unwrap_or(&boxed.workdir);
+                    let mounts = mounts::MountPlan::new(&boxed.workdir, cwd, &self.state_dir, self.allowed.devices())?;
+                    Some(RootOnly { mounts, filter })
+                }
+                None => None,
+            };
+            Ok(Confinement::new(procs, run_as, limits, fence, self.ipc_namespace, root))
         });
         match made {
             Ok(confinement) => Ok((confinement, boxed)),

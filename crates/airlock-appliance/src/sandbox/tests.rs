@@ -43,6 +43,7 @@ fn boxed(state: &tempfile::TempDir) -> Sandbox {
     assert!(matches!(sandbox.run_as, RunAs::BoxUser { .. }), "the tests run as root");
     assert!(sandbox.cells.is_some() && sandbox.landlock, "cgroup v2 and Landlock are available to the tests");
     assert!(sandbox.ipc_namespace, "the tests run as root, who may make IPC namespaces");
+    assert!(sandbox.root_runs.is_ok(), "the tests may run vendor code as root: {:?}", sandbox.root_runs);
     sandbox
 }
 
@@ -358,5 +359,192 @@ async fn a_root_run_without_a_cell_does_not_start() {
     assert!(err.contains("cgroup v2"), "{err}");
     // The box user still runs: its uid is refused at the admin socket whatever its cell.
     let r = run(&sandbox, 16, "echo RAN", &[], &RunLimits::default()).await;
+    assert!(r.output.contains("RAN"), "{}", r.output);
+}
+
+/// Runs `script` as root in a box of its own (a script's: its working directory is where it
+/// starts), with `env`.
+async fn run_as_root(sandbox: &Sandbox, n: u8, script: &str, env: &[(&str, String)]) -> Run {
+    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let (mut cmd, boxed) = sandbox.prepare(id(n), script.as_bytes(), &env, &RunLimits::default(), RunAs::Root).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.unwrap().unwrap();
+    boxed.dispose();
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    Run { code: out.status.code(), output }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn a_root_run_cannot_change_modes_owners_or_times_in_the_state_directory() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let key = state.path().join("output.key");
+    let before = std::fs::metadata(&key).unwrap();
+    // Each attempt on the key and on the directory itself; `stat` shows what the run sees there.
+    let script = r#"for f in "$STATE/output.key" "$STATE"; do
+  chmod 644 "$f" && echo "CHMOD $f"
+  chown 65534 "$f" && echo "CHOWN $f"
+  touch -m -d @0 "$f" && echo "TOUCHED $f"
+done
+ls -a "$STATE"; stat -c 'seen %a %F' "$STATE""#;
+    let r = run_as_root(&sandbox, 20, script, &[("STATE", state.path().display().to_string())]).await;
+    assert!(
+        !r.output.contains("CHMOD") && !r.output.contains("CHOWN") && !r.output.contains("TOUCHED"),
+        "{}",
+        r.output
+    );
+    assert!(!r.output.contains("output.key "), "nothing in the state directory is seen: {}", r.output);
+    assert!(r.output.contains("seen 0 directory"), "an empty directory of mode 0 hides it: {}", r.output);
+    let after = std::fs::metadata(&key).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((after.mode(), after.uid(), after.mtime()), (before.mode(), before.uid(), before.mtime()));
+    assert_eq!(mode_of(state.path()), 0o700);
+    // The run's mounts were its own: none is left on the host.
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!host.contains(state.path().to_str().unwrap()) && !host.contains("/run/airlock-box"), "{host}");
+}
+
+#[tokio::test]
+async fn a_root_service_cannot_set_setuid_on_its_release_or_outside_its_working_directory() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let releases = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(releases.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let release = releases.path().join("r");
+    std::fs::create_dir_all(release.join("bin")).unwrap();
+    // Outside both its release and its working directory: a root-owned file, as a host's.
+    let elsewhere = releases.path().join("host-tool");
+    std::fs::write(&elsewhere, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = format!(
+        "#!/bin/sh\nchmod u+s bin/svc && echo SETUID-RELEASE\nchmod 4755 {elsewhere} && echo SETUID-ELSEWHERE\nchown 65534 {elsewhere} && echo CHOWN-ELSEWHERE\necho x > \"$HOME/tool\" && chmod 4755 \"$HOME/tool\" && echo SETUID-IN-HOME\nid -u\n",
+        elsewhere = elsewhere.display()
+    );
+    std::fs::write(release.join("bin/svc"), script).unwrap();
+    std::fs::set_permissions(release.join("bin/svc"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let cell = CellName::service(&"cd".repeat(32), "svc").unwrap();
+    let program = release.join("bin/svc");
+    let launch = ServiceLaunch {
+        cell: &cell,
+        program: program.as_os_str(),
+        args: &[],
+        env: &[],
+        release_dir: &release,
+        cwd: &release,
+        limits: &RunLimits::default(),
+        run_as: RunAs::Root,
+    };
+    let (mut cmd, boxed) = sandbox.prepare_service(&launch).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.unwrap().unwrap();
+    boxed.dispose();
+    let output = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().last(), Some("0"), "it ran as root: {output}");
+    assert!(!output.contains("SETUID-RELEASE") && !output.contains("-ELSEWHERE"), "{output}");
+    // Its working directory is its own, but `nosuid`: the bit it sets there gives nothing.
+    assert!(output.contains("SETUID-IN-HOME"), "{output}");
+    assert_eq!((mode_of(&release.join("bin/svc")), mode_of(&elsewhere)), (0o555, 0o755));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&elsewhere).unwrap().uid(), 0);
+}
+
+#[tokio::test]
+async fn a_root_run_writes_chmods_and_chowns_in_its_working_directory_and_uses_its_devices() {
+    let state = state();
+    let sandbox = boxed(&state);
+    let script = r#"echo data > f && chmod 640 f && chown 65534:65534 f && stat -c 'mine %a %u:%g' f
+mkdir d && echo y > d/g && touch -d @0 d/g && echo DIR-OK
+echo x > "$TMPDIR/t" && echo TMP-OK
+echo quiet > /dev/null && head -c 4 /dev/urandom | wc -c
+echo to-stderr > /dev/stderr"#;
+    let r = run_as_root(&sandbox, 21, script, &[]).await;
+    assert!(r.output.contains("mine 640 65534:65534"), "{}", r.output);
+    assert!(r.output.contains("DIR-OK") && r.output.contains("TMP-OK"), "{}", r.output);
+    assert!(r.output.lines().any(|l| l.trim() == "4") && r.output.contains("to-stderr"), "{}", r.output);
+    assert_eq!(r.code, Some(0), "{}", r.output);
+}
+
+#[tokio::test]
+async fn a_root_run_cannot_read_the_hosts_password_hashes_or_private_keys() {
+    let state = state();
+    let sandbox = boxed(&state);
+    assert!(Path::new("/etc/shadow").exists(), "the test host has a shadow file");
+    let script = "for f in /etc/shadow /etc/gshadow /etc/shadow- /etc/gshadow- /etc/ssh/ssh_host_ed25519_key /etc/ssl/private/*; do
+  [ -e \"$f\" ] || continue
+  head -c 1 \"$f\" > /dev/null && echo \"READ $f\"
+  # To the mode it has: what matters is whether the call is allowed.
+  chmod \"$(stat -c %a \"$f\")\" \"$f\" && echo \"CHMOD $f\"
+done
+ls /etc/ssl/private; head -c 3 /etc/passwd; echo; echo DONE";
+    let r = run_as_root(&sandbox, 22, script, &[]).await;
+    assert!(!r.output.contains("READ ") && !r.output.contains("CHMOD "), "{}", r.output);
+    assert!(r.output.contains("roo") && r.output.contains("DONE"), "the rest of /etc reads: {}", r.output);
+    assert!(!r.output.contains("snakeoil"), "the host's TLS keys are hidden: {}", r.output);
+    assert_eq!(mode_of(Path::new("/etc/shadow")) & 0o004, 0);
+}
+
+#[tokio::test]
+async fn a_root_run_makes_no_unix_socket_but_a_socketpair_and_binds_a_low_port() {
+    let state = state();
+    let sandbox = boxed(&state);
+    // A low port free on the host, for the run to bind (`CAP_NET_BIND_SERVICE` is kept).
+    let port = (80..1024).find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()).unwrap();
+    let script = r#"/usr/bin/python3 - <<'PY'
+import ctypes, errno, os, socket
+def attempt(what, fn):
+    try:
+        fn()
+        print("MADE", what)
+    except OSError as e:
+        print("REFUSED", what, errno.errorcode.get(e.errno))
+attempt("unix-stream", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+attempt("unix-dgram", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+attempt("pair-stream", lambda: socket.socketpair())
+attempt("pair-seqpacket", lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+attempt("pair-dgram", lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM))
+a, b = socket.socketpair()
+a.sendall(b"ping"); print("PAIR", b.recv(4).decode())
+s = socket.socket(); s.bind(("127.0.0.1", int(os.environ["PORT"]))); print("BOUND", s.getsockname()[1])
+libc = ctypes.CDLL(None, use_errno=True)
+# io_uring_setup(1, NULL) and open_by_handle_at(AT_FDCWD, NULL, 0): EFAULT if the kernel looked.
+for name, nr, args in [("io_uring_setup", 425, (1, None)), ("open_by_handle_at", 304, (-100, None, 0)), ("keyctl", 250, (0, -4, 0))]:
+    r = libc.syscall(nr, *args)
+    print("CALL", name, r, errno.errorcode.get(ctypes.get_errno()))
+PY"#;
+    let r = run_as_root(&sandbox, 23, script, &[("PORT", port.to_string())]).await;
+    for refused in ["unix-stream", "unix-dgram", "pair-dgram"] {
+        assert!(r.output.contains(&format!("REFUSED {refused} EACCES")), "{refused}: {}", r.output);
+    }
+    assert!(r.output.contains("MADE pair-stream") && r.output.contains("MADE pair-seqpacket"), "{}", r.output);
+    assert!(r.output.contains("PAIR ping") && r.output.contains(&format!("BOUND {port}")), "{}", r.output);
+    for call in ["io_uring_setup", "open_by_handle_at", "keyctl"] {
+        assert!(r.output.contains(&format!("CALL {call} -1 EACCES")), "{call}: {}", r.output);
+    }
+    // The box user is not filtered: its uid alone keeps it from the host's root-only sockets.
+    let r = run(
+        &sandbox,
+        24,
+        "/usr/bin/python3 -c 'import socket; socket.socket(socket.AF_UNIX); print(\"MADE\")'",
+        &[],
+        &RunLimits::default(),
+    )
+    .await;
+    assert!(r.output.contains("MADE"), "{}", r.output);
+}
+
+#[tokio::test]
+async fn a_root_run_without_its_mount_namespace_or_filter_does_not_start() {
+    let state = state();
+    let mut sandbox = boxed(&state);
+    // An appliance without CAP_SYS_ADMIN (in a container, say), or on another architecture.
+    sandbox.root_runs = Err("the appliance cannot give a root run a mount namespace of its own".to_owned());
+    let env = BTreeMap::new();
+    let err = sandbox.prepare(id(25), b"echo RAN", &env, &RunLimits::default(), RunAs::Root).unwrap_err();
+    assert!(err.contains("does not run as root") && err.contains("mount namespace"), "{err}");
+    assert!(!sandbox.workdir(id(25)).exists());
+    let r = run(&sandbox, 26, "echo RAN", &[], &RunLimits::default()).await;
     assert!(r.output.contains("RAN"), "{}", r.output);
 }

@@ -177,6 +177,12 @@ fn bad_values_say_where() {
             Problem::Exceeds { other: "max_backoff_ms", max: 30000 },
         ),
         (
+            "initial_backoff_ms = 250",
+            "initial_backoff_ms = 1",
+            "service[web].restart.initial_backoff_ms",
+            Problem::OutOfRange { min: MIN_BACKOFF_MS, max: MAX_BACKOFF_MS, found: 1 },
+        ),
+        (
             "stop_timeout_secs = 30",
             "stop_timeout_secs = 0",
             "service[web].stop_timeout_secs",
@@ -208,6 +214,24 @@ fn bad_values_say_where() {
         assert_eq!(invalid_at(&err), (*at, problem), "{to}");
         assert!(err.to_string().contains(at), "{err}");
     }
+}
+
+#[test]
+fn a_restart_backoff_under_the_floor_is_refused_and_the_floor_is_accepted() {
+    // A crash-looping service restarted every millisecond costs the appliance a good part of a core.
+    let err = bad("initial_backoff_ms = 250, max_backoff_ms = 30000", "initial_backoff_ms = 99, max_backoff_ms = 99");
+    assert_eq!(
+        invalid_at(&err),
+        ("service[web].restart.initial_backoff_ms", &Problem::OutOfRange { min: 100, max: MAX_BACKOFF_MS, found: 99 })
+    );
+    assert!(err.to_string().contains("must be between 100 and"), "{err}");
+    let floor = GOOD.replacen(
+        "initial_backoff_ms = 250, max_backoff_ms = 30000",
+        "initial_backoff_ms = 100, max_backoff_ms = 100",
+        1,
+    );
+    let web = ReleaseManifest::parse(&floor).unwrap().services.into_iter().find(|s| s.name == "web").unwrap();
+    assert_eq!((web.restart.initial_backoff_ms, web.restart.max_backoff_ms), (MIN_BACKOFF_MS, MIN_BACKOFF_MS));
 }
 
 #[test]
