@@ -11,6 +11,8 @@
 //!   admin socket, the output key, sealed output, the audit log) or signal the appliance;
 //! - in an IPC namespace of its own where the appliance is root ([`confine`]): what it makes
 //!   with System V IPC or POSIX message queues dies with it, and it sees none of the host's;
+//! - kept from the cloud's instance metadata service ([`netfence`]), so it cannot take the
+//!   host's cloud credentials (where the appliance may attach cgroup BPF programs);
 //! - in a private working directory outside the state directory, removed after the run;
 //!   a service also reads (never writes) its installed release directory;
 //! - under limits on wall time (operations only: services run until stopped), processes,
@@ -27,6 +29,7 @@ pub mod bench;
 mod cell;
 mod confine;
 mod fence;
+mod netfence;
 #[cfg(test)]
 mod tests;
 mod user;
@@ -159,6 +162,8 @@ pub(crate) struct Sandbox {
     /// Whether each run gets an IPC namespace of its own ([`confine`]): where the appliance
     /// may make one (root with `CAP_SYS_ADMIN`; not, say, in a container without it).
     ipc_namespace: bool,
+    /// Whether the metadata fence ([`netfence`]) holds every cell, or why not.
+    cloud_metadata: crate::control::CloudMetadata,
     /// Why vendor code may not run here at all, if so: it would share the appliance's uid
     /// without the parts of the box that then hold it (`Sandbox::open`).
     unusable: Option<String>,
@@ -246,6 +251,19 @@ impl Sandbox {
                 None
             }
         };
+        let cloud_metadata = match cells.as_ref().map(|cells| netfence::fence(cells.dir())) {
+            Some(Ok(())) => crate::control::CloudMetadata::Fenced,
+            Some(Err(why)) => crate::control::CloudMetadata::Reachable { why },
+            None => {
+                crate::control::CloudMetadata::Reachable { why: "no cgroup v2 cell to hold vendor code in".to_owned() }
+            }
+        };
+        if let crate::control::CloudMetadata::Reachable { why } = &cloud_metadata {
+            tracing::warn!(
+                reason = %why,
+                "vendor code can reach the cloud's instance metadata service, where this host has one, and with it the host's cloud credentials"
+            );
+        }
         let work_root = work_base(&tag)?;
         if work_root.starts_with(&state) {
             return Err(format!(
@@ -274,6 +292,7 @@ impl Sandbox {
             allowed: fence::Allowed::outside(&[state]),
             landlock,
             ipc_namespace,
+            cloud_metadata,
             unusable,
         };
         sandbox.clear_leftovers()?;
@@ -309,6 +328,11 @@ impl Sandbox {
             RunAs::BoxUser { uid, gid } => crate::control::VendorCodeUser::BoxUser { uid, gid },
             RunAs::Appliance | RunAs::Root => crate::control::VendorCodeUser::ApplianceUser,
         }
+    }
+
+    /// Whether vendor code can reach the cloud's metadata service, as `phase status` shows it.
+    pub(crate) fn cloud_metadata(&self) -> crate::control::CloudMetadata {
+        self.cloud_metadata.clone()
     }
 
     /// Who a run asking for `user` runs as. The decision has already refused root where the
