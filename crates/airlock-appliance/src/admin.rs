@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::ApplianceError;
+pub use crate::control::{CloudMetadata, Status, VendorCodeUser};
 use crate::control::{LocalControl, Peer};
-pub use crate::control::{Status, VendorCodeUser};
 use access::{AdminAccess, Refused};
 
 /// The socket's file name in the state directory.

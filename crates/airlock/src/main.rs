@@ -1153,6 +1153,14 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 ),
                 None => println!("vendor code runs as: not known until the appliance has joined"),
             }
+            use airlock_appliance::admin::CloudMetadata;
+            match &status.cloud_metadata {
+                Some(CloudMetadata::Fenced) => println!("cloud metadata service: out of vendor code's reach"),
+                Some(CloudMetadata::Reachable { why }) => println!(
+                    "cloud metadata service: REACHABLE by vendor code where this host has one, and with it the host's cloud credentials ({why})"
+                ),
+                None => println!("cloud metadata service: not known until the appliance has joined"),
+            }
             match (status.service_log_tail_bytes, status.service_metrics_sent) {
                 (None, false) => println!("service logs and metrics: stay on this host"),
                 (None, true) => println!("service logs and metrics: metrics go up; logs stay on this host"),

@@ -48,6 +48,17 @@ for f in "$S/output.key" "$S/audit.key" "$S/credentials.pem" "$S"/ops/*/output.s
   cat "$f" >/dev/null 2>&1 && echo "GOT-THROUGH read $f"
 done
 ls "$S" >/dev/null 2>&1 && echo "GOT-THROUGH listed the state directory"
+# 5. Take the host's cloud credentials from the instance metadata service (refused at connect,
+# wherever the host has one or not).
+python3 -c 'import socket
+for address in ("169.254.169.254", "fd00:ec2::254"):
+    try:
+        socket.create_connection((address, 80), timeout=2).close()
+        print("GOT-THROUGH metadata service", address)
+    except PermissionError:
+        pass
+    except OSError as e:
+        print("GOT-THROUGH metadata service", address, e)'
 echo attack-done
 "#;
 
@@ -90,6 +101,7 @@ fn vendor_code_in_a_standing_window_cannot_take_the_customers_authority() {
     // 1. The phase stays off, and no phase.enable was audited.
     let status = ok(d.local(&["appliance", "phase", "status"]), "phase status");
     assert!(status.contains("disabled:  deploy"), "{status}");
+    assert!(status.contains("cloud metadata service: out of vendor code's reach"), "{status}");
     let uid: u32 = status
         .split("box user (uid ")
         .nth(1)

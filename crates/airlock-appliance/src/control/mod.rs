@@ -60,6 +60,10 @@ pub struct Status {
     /// own user (`same_user` in `[vendor_code]`).
     #[serde(default)]
     pub same_user_accepted: bool,
+    /// Whether vendor code can reach the cloud's instance metadata service; `None` before the
+    /// appliance has joined and started.
+    #[serde(default)]
+    pub cloud_metadata: Option<CloudMetadata>,
     /// How many of each service's last log bytes go up with its status, if the customer's policy
     /// opts in (`[telemetry] service_logs`); `None`: the logs stay on this host.
     #[serde(default)]
@@ -77,6 +81,17 @@ pub enum VendorCodeUser {
     BoxUser { uid: u32, gid: u32 },
     /// The appliance's own user: the appliance is not root, so it cannot switch users.
     ApplianceUser,
+}
+
+/// Whether vendor code can reach the cloud's instance metadata service (169.254.169.254 and
+/// the like), which hands the host's cloud credentials to whoever asks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudMetadata {
+    /// Out of every box's reach: refused at connect and send.
+    Fenced,
+    /// Within reach, where the host has one: the fence could not be set up, for `why`.
+    Reachable { why: String },
 }
 
 /// Who asked, on this host: the admin socket's peer, as the kernel reported it when it
@@ -124,6 +139,7 @@ pub(crate) struct LocalControl {
     /// one and reconnects to present it in its Hello (`crate::session`).
     attestation: tokio::sync::watch::Sender<Option<Envelope>>,
     vendor_code_user: RwLock<Option<VendorCodeUser>>,
+    cloud_metadata: RwLock<Option<CloudMetadata>>,
     clock: Clock,
 }
 
@@ -169,6 +185,7 @@ impl LocalControl {
             execution_key,
             attestation: tokio::sync::watch::Sender::new(attestation),
             vendor_code_user: RwLock::new(None),
+            cloud_metadata: RwLock::new(None),
             clock,
         })
     }
@@ -203,6 +220,11 @@ impl LocalControl {
     /// Who vendor code runs as, as the box settled it when the appliance started.
     pub(crate) fn set_vendor_code_user(&self, user: VendorCodeUser) {
         *self.vendor_code_user.write().unwrap_or_else(|e| e.into_inner()) = Some(user);
+    }
+
+    /// Whether vendor code can reach the cloud's metadata service, as the box settled it.
+    pub(crate) fn set_cloud_metadata(&self, reach: CloudMetadata) {
+        *self.cloud_metadata.write().unwrap_or_else(|e| e.into_inner()) = Some(reach);
     }
 
     fn environment(&self) -> Option<airlock_core::EnvironmentId> {
@@ -318,6 +340,7 @@ impl LocalControl {
             effective: self.effective_phases().into_iter().collect(),
             vendor_code_user: *self.vendor_code_user.read().unwrap_or_else(|e| e.into_inner()),
             same_user_accepted: policy.as_ref().is_some_and(|p| p.document().vendor_code.same_user),
+            cloud_metadata: self.cloud_metadata.read().unwrap_or_else(|e| e.into_inner()).clone(),
             service_log_tail_bytes: policy
                 .as_ref()
                 .and_then(|p| p.document().telemetry.log_tail())

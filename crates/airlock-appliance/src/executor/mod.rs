@@ -130,6 +130,7 @@ impl Executor {
         control.set_identity(&identity);
         let sandbox = Arc::new(Sandbox::open(state_dir, box_user).map_err(ApplianceError::Customer)?);
         control.set_vendor_code_user(sandbox.vendor_code_user());
+        control.set_cloud_metadata(sandbox.cloud_metadata());
         let deployments = match deploy::Deployments::open(sandbox.clone(), state_dir, deploy_options) {
             Ok(d) => {
                 // Deploy switched off: a deploy still waiting for its services rolls back.

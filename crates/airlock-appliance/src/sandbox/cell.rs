@@ -60,6 +60,11 @@ impl Cells {
         Ok(Self { dir })
     }
 
+    /// The directory every cell is made in.
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// A new cell named `name` (an operation id, or a service's [`super::CellName`]). A cell
     /// left by a previous run of it is killed first.
     pub(crate) fn create(&self, name: &str) -> Result<Cell, String> {

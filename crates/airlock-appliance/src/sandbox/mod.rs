@@ -15,6 +15,8 @@
 //!   read-only, `nosuid` and `nodev` but its working directory, and the state directory and the
 //!   host's root-only secrets are hidden; and under a seccomp filter ([`seccomp`]) that refuses
 //!   it Unix sockets (by which it would reach the host's daemons), among a few other calls;
+//! - kept from the cloud's instance metadata service ([`netfence`]), so it cannot take the
+//!   host's cloud credentials (where the appliance may attach cgroup BPF programs);
 //! - in a private working directory outside the state directory, removed after the run;
 //!   a service also reads (never writes) its installed release directory;
 //! - under limits on wall time (operations only: services run until stopped), processes,
@@ -34,6 +36,7 @@ mod confine;
 mod fence;
 mod mounts;
 mod seccomp;
+mod netfence;
 #[cfg(test)]
 mod tests;
 mod user;
@@ -173,6 +176,8 @@ pub(crate) struct Sandbox {
     /// may not make them a mount namespace ([`mounts::available`]), or has no filter for this
     /// architecture.
     root_runs: Result<Arc<RootFilter>, String>,
+    /// Whether the metadata fence ([`netfence`]) holds every cell, or why not.
+    cloud_metadata: crate::control::CloudMetadata,
     /// Why vendor code may not run here at all, if so: it would share the appliance's uid
     /// without the parts of the box that then hold it (`Sandbox::open`).
     unusable: Option<String>,
@@ -271,6 +276,19 @@ impl Sandbox {
                 None
             }
         };
+        let cloud_metadata = match cells.as_ref().map(|cells| netfence::fence(cells.dir())) {
+            Some(Ok(())) => crate::control::CloudMetadata::Fenced,
+            Some(Err(why)) => crate::control::CloudMetadata::Reachable { why },
+            None => {
+                crate::control::CloudMetadata::Reachable { why: "no cgroup v2 cell to hold vendor code in".to_owned() }
+            }
+        };
+        if let crate::control::CloudMetadata::Reachable { why } = &cloud_metadata {
+            tracing::warn!(
+                reason = %why,
+                "vendor code can reach the cloud's instance metadata service, where this host has one, and with it the host's cloud credentials"
+            );
+        }
         let work_root = work_base(&tag)?;
         if work_root.starts_with(&state) {
             return Err(format!(
@@ -305,6 +323,7 @@ impl Sandbox {
             ipc_namespace,
             state_dir: state,
             root_runs,
+            cloud_metadata,
             unusable,
         };
         sandbox.clear_leftovers()?;
@@ -340,6 +359,11 @@ impl Sandbox {
             RunAs::BoxUser { uid, gid } => crate::control::VendorCodeUser::BoxUser { uid, gid },
             RunAs::Appliance | RunAs::Root => crate::control::VendorCodeUser::ApplianceUser,
         }
+    }
+
+    /// Whether vendor code can reach the cloud's metadata service, as `phase status` shows it.
+    pub(crate) fn cloud_metadata(&self) -> crate::control::CloudMetadata {
+        self.cloud_metadata.clone()
     }
 
     /// Who a run asking for `user` runs as. The decision has already refused root where the
