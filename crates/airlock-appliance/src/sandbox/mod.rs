@@ -35,8 +35,8 @@ mod cell;
 mod confine;
 mod fence;
 mod mounts;
-mod seccomp;
 mod netfence;
+mod seccomp;
 #[cfg(test)]
 mod tests;
 mod user;
