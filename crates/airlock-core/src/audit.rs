@@ -172,6 +172,13 @@ pub enum AuditAction {
     TemplateList,
     TemplatePush,
     TenantCreate,
+    /// An API token created, listed, rotated (a new secret) or revoked.
+    TokenCreate,
+    TokenList,
+    TokenRevoke,
+    TokenRotate,
+    /// The fleet-wide metrics read.
+    MetricsRead,
     WorkspaceList,
 }
 
@@ -257,6 +264,11 @@ impl AuditAction {
         AuditAction::TemplateList,
         AuditAction::TemplatePush,
         AuditAction::TenantCreate,
+        AuditAction::TokenCreate,
+        AuditAction::TokenList,
+        AuditAction::TokenRevoke,
+        AuditAction::TokenRotate,
+        AuditAction::MetricsRead,
         AuditAction::WorkspaceList,
     ];
 
@@ -342,6 +354,11 @@ impl AuditAction {
             AuditAction::TemplateList => "template.list",
             AuditAction::TemplatePush => "template.push",
             AuditAction::TenantCreate => "tenant.create",
+            AuditAction::TokenCreate => "token.create",
+            AuditAction::TokenList => "token.list",
+            AuditAction::TokenRevoke => "token.revoke",
+            AuditAction::TokenRotate => "token.rotate",
+            AuditAction::MetricsRead => "metrics.read",
             AuditAction::WorkspaceList => "workspace.list",
         }
     }

@@ -249,16 +249,15 @@ async fn cached_reads_see_the_next_committed_write() {
 
     let secret = Secret::from_random(TokenKind::Api, [91; 32]);
     let mut tx = store.write().await.unwrap();
-    tx.create_api_token(
-        a.tenant(),
-        TokenId::from_random([92; 16]),
-        &secret.hash(),
-        "ci",
-        crate::authz::Role::TenantAdmin,
-        now(),
-    )
-    .await
-    .unwrap();
+    let grants = crate::authz::Grants::token(crate::authz::Role::Owner, None, None, None);
+    let token = NewToken {
+        id: TokenId::from_random([92; 16]),
+        hash: &secret.hash(),
+        name: "ci",
+        grants: &grants,
+        created_by: None,
+    };
+    tx.create_api_token(a.tenant(), token, now()).await.unwrap();
     tx.commit().await.unwrap();
     assert!(store.api_token_by_hash(&secret.hash()).await.unwrap().is_some());
     let mut tx = store.write().await.unwrap();
