@@ -265,3 +265,43 @@ async fn cached_reads_see_the_next_committed_write() {
     tx.commit().await.unwrap();
     assert!(store.api_token_by_hash(&secret.hash()).await.unwrap().is_none(), "a revoked token is refused at once");
 }
+
+#[tokio::test]
+async fn tenant_admin_tokens_become_owner_tokens() {
+    // A store at the schema before scoped tokens, holding a tenant-admin token.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SqliteConnectOptions::new().filename(dir.path().join(DB_FILE_NAME)).create_if_missing(true);
+    let pool = SqlitePool::connect_with(opts).await.unwrap();
+    sqlx::query("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 < 15) {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
+            .bind(version)
+            .bind(description)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let secret = Secret::from_random(TokenKind::Api, [5; 32]);
+    let tenant = TenantId::from_random([6; 16]);
+    sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, 'acme', 0)")
+        .bind(tenant.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO api_tokens (id, tenant_id, token_hash, name, role, created_at) VALUES ($1, $2, $3, 'old', 'tenant_admin', 0)")
+        .bind(TokenId::from_random([7; 16]).to_string())
+        .bind(tenant.to_string())
+        .bind(secret.hash().0.as_slice())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let store = Store::open(dir.path(), false, ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k")).await.unwrap();
+    let token = store.api_token_by_hash(&secret.hash()).await.unwrap().unwrap();
+    assert_eq!(token.grants, crate::authz::Grants::token(crate::authz::Role::Owner, None, None, None));
+}
