@@ -305,3 +305,26 @@ async fn tenant_admin_tokens_become_owner_tokens() {
     let token = store.api_token_by_hash(&secret.hash()).await.unwrap().unwrap();
     assert_eq!(token.grants, crate::authz::Grants::token(crate::authz::Role::Owner, None, None, None));
 }
+
+#[test]
+fn an_audit_hash_does_not_depend_on_the_order_details_were_written_in() {
+    // Cedar turns on serde_json's `preserve_order` in this build; the hash is the wire contract's (sorted keys) anyway,
+    // so an appliance-only build, which sorts, verifies the same chain.
+    let mut written_b_first = serde_json::Map::new();
+    written_b_first.insert("b".into(), 1.into());
+    written_b_first.insert("a".into(), serde_json::json!({ "z": 1, "y": [ { "d": 1, "c": 2 } ] }));
+    let sorted: serde_json::Value = serde_json::from_str(r#"{"a":{"y":[{"c":2,"d":1}],"z":1},"b":1}"#).unwrap();
+    let record = |detail: serde_json::Value| {
+        let mut ev = Event {
+            actor: "tok_x".into(),
+            action: "x".into(),
+            workspace: None,
+            target: None,
+            outcome: Outcome::Success,
+            detail: serde_json::Value::Null,
+        };
+        ev.detail = detail;
+        airlock_core::audit::Record::append("c", airlock_core::audit::Head::EMPTY, Timestamp::from_unix_millis(1), ev)
+    };
+    assert_eq!(record(serde_json::Value::Object(written_b_first)).hash, record(sorted).hash);
+}
