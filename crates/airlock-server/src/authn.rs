@@ -1,7 +1,7 @@
 //! Who is calling: a bearer API token turned into a [`TenantScope`], or a typed refusal.
 //!
 //! A token is checked against the clock on every request (expiry, a rotated secret's grace), never only when its row is read, since rows are cached.
-//! Failed authentications are limited per source address and per token ([`FailureLimiter`]): past the limit a failing caller gets 429 with `Retry-After` instead of 401, and a refusal costs no more audit writes (they fold into a count); a valid token still works from a limited address.
+//! Failed token authentications (a well-formed secret that is unknown, revoked, expired or rotated past its grace) are limited per source address and per token ([`FailureLimiter`]): past the limit a failing caller gets 429 with `Retry-After` instead of 401; a valid token still works from a limited address, and a request with no token at all gets 401 (it guesses at nothing).
 //! Last use (time, source address) is noted in memory and written at most once a minute per token ([`TokenUsage`]), so a hot token does not turn reads into writes.
 //! Signed-in users (OIDC, planned) will authenticate here too, into the same [`crate::authz::Grants`].
 
@@ -96,11 +96,14 @@ impl Authenticator {
             };
             Ok(Err(Refused { refusal, token }))
         };
-        let Some(value) = authorization else { return refused(AuthnRefusal::Missing, None) };
+        // No token, or not one in the token format, guesses at no secret: 401, never counted (its audit records are
+        // folded like any refusal's).
+        let anonymous = |refusal| Ok(Err(Refused { refusal, token: None }));
+        let Some(value) = authorization else { return anonymous(AuthnRefusal::Missing) };
         let Some(text) = std::str::from_utf8(value).ok().and_then(|v| v.strip_prefix("Bearer ")) else {
-            return refused(AuthnRefusal::Malformed, None);
+            return anonymous(AuthnRefusal::Malformed);
         };
-        let Ok(secret) = Secret::parse(TokenKind::Api, text) else { return refused(AuthnRefusal::Malformed, None) };
+        let Ok(secret) = Secret::parse(TokenKind::Api, text) else { return anonymous(AuthnRefusal::Malformed) };
         let Some(found) = store.find_api_token(&secret.hash()).await? else {
             return refused(AuthnRefusal::Unknown, None);
         };
