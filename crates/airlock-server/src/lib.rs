@@ -3,12 +3,12 @@
 //! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`], [`export_audit`] and [`checkpoint_audit`] read the audit chains offline (the last to sign their heads).
 //!
 //! Map of the crate, from the edge inwards:
-//! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; their handlers authorise, parse, call a domain function and map its result.
-//! - The domain: [`operations`] (requests, approvals, results, releases of output), [`releases`] (vendor releases and their signing keys), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens).
+//! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; the API's gate ([`api::access`]) authenticates ([`authn`]) and authorises every request before its handler parses, calls a domain function and maps its result.
+//! - The domain: [`operations`] (requests, approvals, results, releases of output), [`releases`] (vendor releases and their signing keys), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens), [`tokens`] (scoped API tokens).
 //! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
 //! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
 //! - [`audit_checkpoints`] signs checkpoints of the audit chains and prunes old anonymous refusals behind them.
-//! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands; [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
+//! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands and holds the one Cedar decision ([`authz::Engine`]); [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
 //!
 //! No module imports one that imports it back: the edge depends on the domain, the domain on [`state`], [`push`] and [`store`], and none of those on the domain.
 
