@@ -276,7 +276,7 @@ async fn tenant_admin_tokens_become_owner_tokens() {
         .execute(&pool)
         .await
         .unwrap();
-    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 < 15) {
+    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 < 16) {
         sqlx::raw_sql(sql).execute(&pool).await.unwrap();
         sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
             .bind(version)
