@@ -578,6 +578,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let shutdown_rx_for_audit = shutdown_rx.clone();
     let shutdown_rx_for_rollouts = shutdown_rx.clone();
+    let shutdown_rx_for_token_usage = shutdown_rx.clone();
     let router = api::router(state.clone());
     let api = https::Api {
         tls: api_tls,
@@ -609,7 +610,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.audit_schedule,
         shutdown_rx_for_audit,
     ));
-    let token_usage_task = tokio::spawn(authn::TokenUsage::run(state.clone(), shutdown_rx_for_rollouts.clone()));
+    let token_usage_task = tokio::spawn(authn::TokenUsage::run(state.clone(), shutdown_rx_for_token_usage));
     let rollout_task = tokio::spawn(rollouts::run(state.clone(), config.rollout_interval, shutdown_rx_for_rollouts));
     tracing::info!(%api_addr, %gateway_addr, %gateway_endpoint, %ca_fingerprint, "control plane serving");
     Ok(RunningServer {
