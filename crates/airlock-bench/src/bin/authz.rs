@@ -5,8 +5,10 @@
 //!    permitted and refused. Goal: p99 ≤ 50 µs.
 //! 2. Authenticated and authorised reads against `/healthz` on the same real server (`airlock_server::serve`: TLS 1.3,
 //!    the real router, gate and store), over HTTP/1.1 keep-alive with a fixed number of connections, in alternating
-//!    rounds; the median round counts. The cheap read route is `GET /v1/workspaces/{ws}/environments` with the scoped
-//!    token (the whole path: token lookup, Cedar, the store read, the queued audit record). Goal: ≥ 0.8× `/healthz`.
+//!    rounds; the median round counts. The cheap read route is `GET /v1/appliances` (a cached list, as in the `audit`
+//!    benchmark) with a scoped token (a viewer whose action list is `appliances:read`): token lookup, the gate's Cedar
+//!    decision, the read, the queued audit record. Goal: ≥ 0.8× `/healthz`. Beside it: a workspace-scoped token listing
+//!    its workspace's environments (a database read each time).
 //!
 //! `cargo run --release -p airlock-bench --bin authz [-- --decisions 200000 --requests 5000]`
 #![allow(clippy::print_stdout)] // A benchmark reports on stdout.
@@ -128,21 +130,31 @@ fn client(connections: usize, pin: Fingerprint) -> anyhow::Result<reqwest::Clien
 async fn reads(args: &Args, addr: SocketAddr, pin: Fingerprint, owner: &str, workspace: &str) -> anyhow::Result<()> {
     let client = client(args.connections, pin)?;
     let base = format!("https://127.0.0.1:{}", addr.port());
-    // The scoped token, made through the API as an integration's would be.
-    let body = serde_json::json!({ "name": "bench", "role": "viewer", "workspace_id": workspace,
-        "actions": ["environments:read"], "expires_in": "1d" });
-    let resp = client.post(format!("{base}/v1/tokens")).bearer_auth(owner).json(&body).send().await?;
-    ensure!(resp.status().is_success(), "creating the scoped token: {}", resp.status());
-    let made: serde_json::Value = resp.json().await?;
-    let scoped = made["token"].as_str().context("no token in the answer")?.to_owned();
+    // The scoped tokens, made through the API as an integration's would be.
+    let scoped = make_token(
+        &client,
+        &base,
+        owner,
+        serde_json::json!({ "name": "bench", "role": "viewer",
+        "actions": ["appliances:read"], "expires_in": "1d" }),
+    )
+    .await?;
+    let in_workspace = make_token(
+        &client,
+        &base,
+        owner,
+        serde_json::json!({ "name": "bench-ws", "role": "viewer",
+        "workspace_id": workspace, "actions": ["environments:read"], "expires_in": "1d" }),
+    )
+    .await?;
     let routes = [
         ("GET /healthz", format!("{base}/healthz"), None),
+        ("GET /v1/appliances (scoped token)", format!("{base}/v1/appliances"), Some(scoped.as_str())),
         (
-            "GET environments (scoped token)",
+            "GET environments (workspace token)",
             format!("{base}/v1/workspaces/{workspace}/environments"),
-            Some(scoped.as_str()),
+            Some(in_workspace.as_str()),
         ),
-        ("GET /v1/workspaces (owner token)", format!("{base}/v1/workspaces"), Some(owner)),
     ];
     for (_, url, auth) in &routes {
         round(&client, url, *auth, args.connections, args.connections).await?;
@@ -163,6 +175,18 @@ async fn reads(args: &Args, addr: SocketAddr, pin: Fingerprint, owner: &str, wor
     }
     println!("  ratio scoped read / /healthz {:>10.2}   (goal >= 0.80)", medians[1] / medians[0]);
     Ok(())
+}
+
+async fn make_token(
+    client: &reqwest::Client,
+    base: &str,
+    owner: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<String> {
+    let resp = client.post(format!("{base}/v1/tokens")).bearer_auth(owner).json(&body).send().await?;
+    ensure!(resp.status().is_success(), "creating a scoped token: {}", resp.status());
+    let made: serde_json::Value = resp.json().await?;
+    Ok(made["token"].as_str().context("no token in the answer")?.to_owned())
 }
 
 /// `requests` GETs of `url` over `connections` workers; returns requests per second.

@@ -1,14 +1,15 @@
 //! The one authorization decision: Cedar policies (`policies/*.cedar`), validated against `policies/airlock.cedarschema`.
 //!
-//! Built once at server start ([`Engine::load`] refuses an invalid policy set); each request costs two small entities and one evaluation.
+//! Built once at server start ([`Engine::load`] refuses an invalid policy set), with the only entities a decision reads (the actions and their groups).
+//! What a principal holds for the request's resource travels in the request's context, so a decision builds no entity: a context of a few values, and one evaluation.
 //! The answer is a [`Decision`], never text: a refusal names its [`DenyReason`], read from the `@reason` annotation of the `forbid` that decided it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, RestrictedExpression,
+    Schema, ValidationMode, Validator,
 };
 
 use super::Grants;
@@ -104,8 +105,8 @@ pub struct Engine {
     reasons: HashMap<PolicyId, DenyReason>,
     /// `Airlock::Action::"<permission>"`, one per permission, built once.
     actions: Vec<EntityUid>,
-    /// The action entities (and their groups) from the schema, which every request's entities include.
-    action_entities: Vec<Entity>,
+    /// The action entities and their groups, from the schema: all a decision reads from the entity store.
+    entities: Entities,
     types: EntityTypes,
 }
 
@@ -154,8 +155,7 @@ impl Engine {
             let errors: Vec<String> = validation.validation_errors().map(|e| e.to_string()).collect();
             return Err(EngineLoadError::Invalid(errors.join("; ")));
         }
-        let action_entities =
-            schema.action_entities().map_err(|e| EngineLoadError::Schema(e.to_string()))?.into_iter().collect();
+        let entities = schema.action_entities().map_err(|e| EngineLoadError::Schema(e.to_string()))?;
         let type_name = |name: &str| EntityTypeName::from_str(name).map_err(|e| EngineLoadError::Schema(e.to_string()));
         let types = EntityTypes {
             tenant: type_name("Airlock::Tenant")?,
@@ -168,7 +168,7 @@ impl Engine {
             .iter()
             .map(|p| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(p.as_str())))
             .collect();
-        Ok(Self { schema, policies, authorizer: Authorizer::new(), reasons, actions, action_entities, types })
+        Ok(Self { schema, policies, authorizer: Authorizer::new(), reasons, actions, entities, types })
     }
 
     pub fn schema(&self) -> &Schema {
@@ -184,7 +184,7 @@ impl Engine {
         target: Target<'_>,
     ) -> Decision {
         match self.request(tenant, principal, permission, target) {
-            Ok((request, entities)) => self.evaluate(&request, &entities),
+            Ok(request) => self.evaluate(&request),
             Err(e) => {
                 tracing::error!(error = %e, "cannot build an authorization request");
                 Decision::Deny(DenyReason::EngineError)
@@ -201,8 +201,8 @@ impl Engine {
             .collect()
     }
 
-    fn evaluate(&self, request: &cedar_policy::Request, entities: &Entities) -> Decision {
-        let response = self.authorizer.is_authorized(request, &self.policies, entities);
+    fn evaluate(&self, request: &cedar_policy::Request) -> Decision {
+        let response = self.authorizer.is_authorized(request, &self.policies, &self.entities);
         match response.decision() {
             cedar_policy::Decision::Allow => Decision::Permit,
             cedar_policy::Decision::Deny => {
@@ -227,59 +227,36 @@ impl Engine {
         principal: &ApiPrincipal<'_>,
         permission: Permission,
         target: Target<'_>,
-    ) -> Result<(cedar_policy::Request, Entities), String> {
-        let tenant_uid = EntityUid::from_type_name_and_id(self.types.tenant.clone(), EntityId::new(tenant.to_string()));
+    ) -> Result<cedar_policy::Request, String> {
         let resource = match target {
-            Target::Tenant => tenant_uid.clone(),
+            Target::Tenant => {
+                EntityUid::from_type_name_and_id(self.types.tenant.clone(), EntityId::new(tenant.to_string()))
+            }
             Target::Workspace(id) => EntityUid::from_type_name_and_id(self.types.workspace.clone(), EntityId::new(id)),
             Target::Environment(id) => {
                 EntityUid::from_type_name_and_id(self.types.environment.clone(), EntityId::new(id))
             }
         };
         let grants = principal.grants;
-        let roles = grants.roles_for(target);
-        let mut attrs = HashMap::with_capacity(4);
-        attrs.insert("tenant".to_owned(), RestrictedExpression::new_entity_uid(tenant_uid.clone()));
-        attrs.insert(
+        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+        let mut context = Vec::with_capacity(4);
+        context.push(("permission".to_owned(), string(permission.as_str())));
+        context.push((
             "roles".to_owned(),
-            RestrictedExpression::new_set(roles.map(|r| RestrictedExpression::new_string(r.as_str().to_owned()))),
-        );
+            RestrictedExpression::new_set(grants.roles_for(target).map(|r| string(r.as_str()))),
+        ));
         if let Some(actions) = grants.actions {
-            attrs.insert(
-                "action_scope".to_owned(),
-                RestrictedExpression::new_set(
-                    actions.iter().map(|p| RestrictedExpression::new_string(p.as_str().to_owned())),
-                ),
-            );
+            let list = RestrictedExpression::new_set(actions.iter().map(|p| string(p.as_str())));
+            context.push(("action_scope".to_owned(), list));
         }
         if let Some(ws) = grants.workspace {
-            attrs.insert(
-                "workspace_scope".to_owned(),
-                RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(
-                    self.types.workspace.clone(),
-                    EntityId::new(ws.to_string()),
-                )),
-            );
+            let uid = EntityUid::from_type_name_and_id(self.types.workspace.clone(), EntityId::new(ws.to_string()));
+            context.push(("workspace_scope".to_owned(), RestrictedExpression::new_entity_uid(uid)));
         }
-        let principal_uid = EntityUid::from_type_name_and_id(self.types.token.clone(), EntityId::new(principal.id));
-        let principal_entity = Entity::new(principal_uid.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
-        let mut entities = Vec::with_capacity(self.action_entities.len() + 3);
-        entities.push(principal_entity);
-        entities.push(Entity::new_no_attrs(resource.clone(), HashSet::new()));
-        if !matches!(target, Target::Tenant) {
-            entities.push(Entity::new_no_attrs(tenant_uid, HashSet::new()));
-        }
-        entities.extend(self.action_entities.iter().cloned());
-        let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
+        let context = Context::from_pairs(context).map_err(|e| e.to_string())?;
+        let principal = EntityUid::from_type_name_and_id(self.types.token.clone(), EntityId::new(principal.id));
         let action = self.actions[permission as usize].clone();
-        let context = Context::from_pairs([(
-            "permission".to_owned(),
-            RestrictedExpression::new_string(permission.as_str().to_owned()),
-        )])
-        .map_err(|e| e.to_string())?;
-        let request =
-            cedar_policy::Request::new(principal_uid, action, resource, context, None).map_err(|e| e.to_string())?;
-        Ok((request, entities))
+        cedar_policy::Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())
     }
 }
 

@@ -96,7 +96,7 @@ fn every_action_is_one_schema_action_whose_request_fits_the_schema() {
     let w = ws(1).to_string();
     let grants = Grants::token(Role::Viewer, Some(ws(1)), Some(PermissionSet::empty()), None);
     for action in ACTIONS {
-        let (request, _) = e
+        let request = e
             .request(
                 tenant(),
                 &ApiPrincipal { id: "tok_test", grants: &grants },
