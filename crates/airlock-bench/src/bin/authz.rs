@@ -150,6 +150,7 @@ async fn reads(args: &Args, addr: SocketAddr, pin: Fingerprint, owner: &str, wor
     let routes = [
         ("GET /healthz", format!("{base}/healthz"), None),
         ("GET /v1/appliances (scoped token)", format!("{base}/v1/appliances"), Some(scoped.as_str())),
+        ("GET /v1/appliances (owner token)", format!("{base}/v1/appliances"), Some(owner)),
         (
             "GET environments (workspace token)",
             format!("{base}/v1/workspaces/{workspace}/environments"),

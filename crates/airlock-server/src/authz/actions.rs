@@ -8,7 +8,7 @@ use std::str::FromStr;
 use airlock_core::audit::AuditAction;
 
 /// What an action acts on, as far as its path says before any handler work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResourceKind {
     /// The tenant as a whole (a list across workspaces, tokens, a resource found by its own id).
     Tenant,

@@ -108,7 +108,21 @@ pub struct Engine {
     /// The action entities and their groups, from the schema: all a decision reads from the entity store.
     entities: Entities,
     types: EntityTypes,
+    /// Recent decisions: a decision is a pure function of its inputs (the policies do not change while the server runs).
+    memo: std::sync::Mutex<HashMap<MemoKey, (Grants, Decision)>>,
 }
+
+/// What a decision is remembered by; the grants are compared on a hit, so a token whose grants changed is decided again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct MemoKey {
+    tenant: TenantId,
+    principal: String,
+    permission: Permission,
+    target: (ResourceKind, String),
+}
+
+/// Decisions remembered at most; a full memo starts over (a miss costs one evaluation).
+const MEMO_ENTRIES: usize = 16 * 1024;
 
 struct EntityTypes {
     tenant: EntityTypeName,
@@ -168,7 +182,16 @@ impl Engine {
             .iter()
             .map(|p| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(p.as_str())))
             .collect();
-        Ok(Self { schema, policies, authorizer: Authorizer::new(), reasons, actions, entities, types })
+        Ok(Self {
+            schema,
+            policies,
+            authorizer: Authorizer::new(),
+            reasons,
+            actions,
+            entities,
+            types,
+            memo: Default::default(),
+        })
     }
 
     pub fn schema(&self) -> &Schema {
@@ -190,6 +213,37 @@ impl Engine {
                 Decision::Deny(DenyReason::EngineError)
             }
         }
+    }
+
+    /// [`Engine::decide`], remembered: the API's gate asks the same question of every request a token makes.
+    pub fn decide_remembered(
+        &self,
+        tenant: TenantId,
+        principal: &ApiPrincipal<'_>,
+        permission: Permission,
+        target: Target<'_>,
+    ) -> Decision {
+        let id = match target {
+            Target::Tenant => "",
+            Target::Workspace(id) | Target::Environment(id) => id,
+        };
+        let key =
+            MemoKey { tenant, principal: principal.id.to_owned(), permission, target: (target.kind(), id.to_owned()) };
+        {
+            let memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((grants, decision)) = memo.get(&key)
+                && grants == principal.grants
+            {
+                return *decision;
+            }
+        }
+        let decision = self.decide(tenant, principal, permission, target);
+        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.len() >= MEMO_ENTRIES {
+            memo.clear();
+        }
+        memo.insert(key, (principal.grants.clone(), decision));
+        decision
     }
 
     /// Every permission `principal` holds on `target`: what a token it creates may list at most.

@@ -209,7 +209,7 @@ impl TenantScope {
         match &self.principal {
             Principal::ApiToken { id, grants } => {
                 let id = id.to_string();
-                engine.decide(self.tenant, &ApiPrincipal { id: &id, grants }, action.permission(), target)
+                engine.decide_remembered(self.tenant, &ApiPrincipal { id: &id, grants }, action.permission(), target)
             }
             Principal::Appliance(_) | Principal::System => Decision::Deny(DenyReason::NotAnApiPrincipal),
         }

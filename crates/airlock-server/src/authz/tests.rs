@@ -220,3 +220,26 @@ fn a_decision_is_fast() {
     }
     assert!(started.elapsed() < Duration::from_secs(2), "1000 decisions took {:?}", started.elapsed());
 }
+
+#[test]
+fn a_remembered_decision_is_taken_again_when_the_grants_change() {
+    let e = engine();
+    let w = ws(1).to_string();
+    let viewer = Grants::token(Role::Viewer, None, None, None);
+    let p = ApiPrincipal { id: "tok_same", grants: &viewer };
+    assert_eq!(
+        e.decide_remembered(tenant(), &p, Permission::ReleasesWrite, Target::Workspace(&w)),
+        Decision::Deny(DenyReason::NotGranted)
+    );
+    let deployer = Grants::token(Role::Deployer, None, None, None);
+    let p = ApiPrincipal { id: "tok_same", grants: &deployer };
+    assert_eq!(e.decide_remembered(tenant(), &p, Permission::ReleasesWrite, Target::Workspace(&w)), Decision::Permit);
+    let other = ws(2).to_string();
+    let confined = Grants::token(Role::Deployer, Some(ws(1)), None, None);
+    let p = ApiPrincipal { id: "tok_same", grants: &confined };
+    assert_eq!(e.decide_remembered(tenant(), &p, Permission::ReleasesWrite, Target::Workspace(&w)), Decision::Permit);
+    assert_eq!(
+        e.decide_remembered(tenant(), &p, Permission::ReleasesWrite, Target::Workspace(&other)),
+        Decision::Deny(DenyReason::OutsideTokenWorkspace)
+    );
+}
