@@ -7,7 +7,8 @@
 //!
 //! Hash = SHA-256(`airlock-audit-v1\n` || canonical JSON of the record without `hash`).
 //! Canonical JSON is serde_json of [`RecordBody`]: fields in declaration order, `detail`
-//! objects with sorted keys (serde_json's default map). This encoding is a wire contract.
+//! objects with sorted keys. This encoding is a wire contract. The keys are sorted here, not left to serde_json's map:
+//! a dependency can turn on its `preserve_order` feature (the control plane's Cedar does), and the hash must not depend on the build.
 
 use std::fmt;
 
@@ -172,6 +173,13 @@ pub enum AuditAction {
     TemplateList,
     TemplatePush,
     TenantCreate,
+    /// An API token created, listed, rotated (a new secret) or revoked.
+    TokenCreate,
+    TokenList,
+    TokenRevoke,
+    TokenRotate,
+    /// The fleet-wide metrics read.
+    MetricsRead,
     WorkspaceList,
 }
 
@@ -257,6 +265,11 @@ impl AuditAction {
         AuditAction::TemplateList,
         AuditAction::TemplatePush,
         AuditAction::TenantCreate,
+        AuditAction::TokenCreate,
+        AuditAction::TokenList,
+        AuditAction::TokenRevoke,
+        AuditAction::TokenRotate,
+        AuditAction::MetricsRead,
         AuditAction::WorkspaceList,
     ];
 
@@ -342,6 +355,11 @@ impl AuditAction {
             AuditAction::TemplateList => "template.list",
             AuditAction::TemplatePush => "template.push",
             AuditAction::TenantCreate => "tenant.create",
+            AuditAction::TokenCreate => "token.create",
+            AuditAction::TokenList => "token.list",
+            AuditAction::TokenRevoke => "token.revoke",
+            AuditAction::TokenRotate => "token.rotate",
+            AuditAction::MetricsRead => "metrics.read",
             AuditAction::WorkspaceList => "workspace.list",
         }
     }
@@ -385,7 +403,7 @@ pub struct Event {
 }
 
 /// The part of a record its hash covers.
-#[derive(Serialize)]
+#[derive(Clone, Copy, Serialize)]
 struct RecordBody<'a> {
     chain: &'a str,
     seq: u64,
@@ -495,12 +513,40 @@ impl Record {
 }
 
 fn hash_body(body: &RecordBody<'_>) -> ChainHash {
+    if !keys_sorted(&body.event.detail) {
+        let event = Event { detail: with_sorted_keys(&body.event.detail), ..body.event.clone() };
+        return hash_body(&RecordBody { event: &event, ..*body });
+    }
     let mut h = Sha256::new();
     h.update(DOMAIN);
     // Serializing a struct of plain data into a Vec cannot fail.
     let json = serde_json::to_vec(body).unwrap_or_default();
     h.update(&json);
     ChainHash(h.finalize().into())
+}
+
+/// Whether every object in `v` lists its keys in sorted order (always so without serde_json's `preserve_order`).
+fn keys_sorted(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Object(map) => {
+            map.keys().zip(map.keys().skip(1)).all(|(a, b)| a < b) && map.values().all(keys_sorted)
+        }
+        serde_json::Value::Array(items) => items.iter().all(keys_sorted),
+        _ => true,
+    }
+}
+
+/// `v` with every object's keys inserted in sorted order, so it serializes sorted whichever map serde_json was built with.
+fn with_sorted_keys(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), with_sorted_keys(v))).collect())
+        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.iter().map(with_sorted_keys).collect()),
+        other => other.clone(),
+    }
 }
 
 /// Where and why a chain stopped verifying.

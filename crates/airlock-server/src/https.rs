@@ -100,7 +100,9 @@ async fn serve_connection(
         let (router, counters) = (router.clone(), request_counters.clone());
         async move {
             let _busy = busy;
-            let req = req.map(axum::body::Body::new);
+            let mut req = req.map(axum::body::Body::new);
+            // Authentication limits failures per source address and records a token's last use from it.
+            req.extensions_mut().insert(crate::api::ClientAddr(addr.ip()));
             match tokio::time::timeout(limits.api_request_timeout, router.oneshot(req)).await {
                 Ok(Ok(resp)) => Ok::<_, Infallible>(resp),
                 Ok(Err(never)) => match never {},

@@ -3,12 +3,12 @@
 //! Entry points: [`init`] prepares a data directory, [`create_tenant`] adds a tenant to one, [`serve`] runs both listeners, and [`verify_audit`], [`export_audit`] and [`checkpoint_audit`] read the audit chains offline (the last to sign their heads).
 //!
 //! Map of the crate, from the edge inwards:
-//! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; their handlers authorise, parse, call a domain function and map its result.
-//! - The domain: [`operations`] (requests, approvals, results, releases of output), [`releases`] (vendor releases and their signing keys), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens).
+//! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; the API's gate ([`api::access`]) authenticates ([`authn`]) and authorises every request before its handler parses, calls a domain function and maps its result.
+//! - The domain: [`operations`] (requests, approvals, results, releases of output), [`releases`] (vendor releases and their signing keys), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens), [`tokens`] (scoped API tokens).
 //! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
 //! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
 //! - [`audit_checkpoints`] signs checkpoints of the audit chains and prunes old anonymous refusals behind them.
-//! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands; [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
+//! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands and holds the one Cedar decision ([`authz::Engine`]); [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
 //!
 //! No module imports one that imports it back: the edge depends on the domain, the domain on [`state`], [`push`] and [`store`], and none of those on the domain.
 
@@ -17,6 +17,7 @@ pub mod appliances;
 pub mod artifacts;
 pub mod attestation;
 pub mod audit_checkpoints;
+pub mod authn;
 pub mod authz;
 pub mod ca;
 pub mod clock;
@@ -38,6 +39,7 @@ pub mod state;
 pub mod store;
 pub mod tenancy;
 pub mod tls;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,6 +88,8 @@ pub enum ServerError {
     Locked(PathBuf),
     #[error("cannot create the operations-signing identity: {0}")]
     Signer(#[from] signer::SignerError),
+    #[error("authorization policies: {0}")]
+    Authz(String),
 }
 
 /// Everything `airlock server` needs, resolved from defaults, file, environment and flags.
@@ -214,7 +218,16 @@ async fn add_tenant(
     let mut tx = store.write().await?;
     tx.create_tenant(tenant, tenant_name, now).await?;
     tx.create_workspace(tenant, workspace, workspace_name, now).await?;
-    tx.create_api_token(tenant, token_id, &admin_token.hash(), "initial admin", Role::TenantAdmin, now).await?;
+    // The console's owner token: no expiry and no action list, since nothing could make another without it.
+    let grants = authz::Grants::token(Role::Owner, None, None, None);
+    let new_token = store::NewToken {
+        id: token_id,
+        hash: &admin_token.hash(),
+        name: "initial admin",
+        grants: &grants,
+        created_by: None,
+    };
+    tx.create_api_token(tenant, new_token, now).await?;
     let scope = TenantScope::for_local_operator(tenant, token_id);
     let mut ev = event("local-operator", AuditAction::TenantCreate, Outcome::Success);
     ev.target = Some(tenant.to_string());
@@ -442,6 +455,7 @@ impl RunningServer {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.state.seen.flush().await;
+        self.state.authn.usage.flush(&self.state.store).await;
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -466,6 +480,8 @@ impl RunningServer {
 
 /// Opens the data directory, binds both listeners and serves until shut down.
 pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    // Refuse to start on a policy set that does not validate against its schema.
+    let authz_engine = Arc::new(authz::Engine::load().map_err(|e| ServerError::Authz(e.to_string()))?);
     let (store, kek) = open_existing(&config.data_dir, &config.kek).await?;
     let lock = lock_data_dir(&config.data_dir)?;
     let ca = load_ca(&store, &kek).await?;
@@ -547,6 +563,8 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         push,
         metrics,
         refusal_limiter: state::RefusalLimiter::default(),
+        authz: authz_engine.clone(),
+        authn: authn::Authenticator::default(),
         templates: operations::CompiledTemplates::default(),
         appliance_cert_lifetime: config.appliance_cert_lifetime,
         heartbeat_interval: config.heartbeat_interval,
@@ -560,6 +578,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let shutdown_rx_for_audit = shutdown_rx.clone();
     let shutdown_rx_for_rollouts = shutdown_rx.clone();
+    let shutdown_rx_for_token_usage = shutdown_rx.clone();
     let router = api::router(state.clone());
     let api = https::Api {
         tls: api_tls,
@@ -591,6 +610,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.audit_schedule,
         shutdown_rx_for_audit,
     ));
+    let token_usage_task = tokio::spawn(authn::TokenUsage::run(state.clone(), shutdown_rx_for_token_usage));
     let rollout_task = tokio::spawn(rollouts::run(state.clone(), config.rollout_interval, shutdown_rx_for_rollouts));
     tracing::info!(%api_addr, %gateway_addr, %gateway_endpoint, %ca_fingerprint, "control plane serving");
     Ok(RunningServer {
@@ -601,7 +621,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ca_pem,
         stop_accepting,
         shutdown,
-        tasks: vec![api_task, gateway_task, checkpoint_task, rollout_task],
+        tasks: vec![api_task, gateway_task, checkpoint_task, rollout_task, token_usage_task],
         state,
         audit_signer,
         audit_schedule: config.audit_schedule,
@@ -666,6 +686,7 @@ fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
 /// for driving [`api::router`] in memory.
 #[cfg(test)]
 pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
+    let authz_engine = Arc::new(authz::Engine::load().expect("the Cedar policies validate"));
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
     let audit_signer = AuditSigner::load_or_create(&store, &kek, clock.now()).await.expect("audit key");
@@ -687,6 +708,8 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         push,
         metrics,
         refusal_limiter: state::RefusalLimiter::default(),
+        authz: authz_engine.clone(),
+        authn: authn::Authenticator::default(),
         templates: operations::CompiledTemplates::default(),
         appliance_cert_lifetime: Duration::from_secs(3600),
         heartbeat_interval: Duration::from_secs(15),

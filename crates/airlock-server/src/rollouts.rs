@@ -233,8 +233,13 @@ pub async fn run(state: Arc<AppState>, every: Duration, mut stop: tokio::sync::w
 /// One round over every unfinished rollout.
 async fn round(state: &AppState) -> Result<(), StoreError> {
     for (id, token) in state.store.unfinished_rollouts().await? {
-        // The creator's authority, as it is now: a revoked token halts its rollouts.
-        let scope = match state.store.api_token_by_id(token).await? {
+        // The creator's authority, as it is now: a revoked or expired token halts its rollouts.
+        let live = state
+            .store
+            .api_token_by_id(token)
+            .await?
+            .filter(|row| row.grants.expires_at.is_none_or(|t| t > state.now()));
+        let scope = match live {
             Some(row) => TenantScope::for_rollout(row),
             None => {
                 halt_orphan(state, id).await?;

@@ -39,6 +39,10 @@ pub struct AppState {
     /// Group-commits the audit records that have no effect to commit with.
     pub audit_writer: AuditWriter,
     pub refusal_limiter: RefusalLimiter,
+    /// The one authorization decision (Cedar), built once at start.
+    pub authz: Arc<crate::authz::Engine>,
+    /// Bearer-token authentication: failure limits and last-use batching.
+    pub authn: crate::authn::Authenticator,
     /// Templates compiled off the async workers, kept by content.
     pub templates: crate::operations::CompiledTemplates,
     pub appliance_cert_lifetime: Duration,

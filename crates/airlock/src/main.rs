@@ -13,6 +13,7 @@ mod dev;
 mod operations;
 mod releases;
 mod terminal;
+mod tokens;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,8 @@ enum Command {
     Task(deployments::TaskArgs),
     /// Request signed operations and read their manifests and released output.
     Op(operations::OpCmd),
+    /// Scoped API tokens: create (the secret printed once), list, rotate, revoke.
+    Token(tokens::TokenCmd),
     /// Verify audit logs.
     Audit(AuditCmd),
     /// Customer-side tools: keys, policy, approvals (run on the customer's machine).
@@ -751,6 +754,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Env(cmd) => env(cmd).await,
         Command::Template(cmd) => operations::template(cmd).await,
         Command::Release(cmd) => releases::release(cmd).await,
+        Command::Token(cmd) => tokens::token(cmd).await,
         Command::Deploy(args) => deployments::deploy(args).await,
         Command::Rollout(args) => deployments::rollout(args).await,
         Command::Task(args) => deployments::task(args).await,

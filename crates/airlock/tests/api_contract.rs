@@ -79,6 +79,10 @@ fn the_server_answers_exactly_as_its_openapi_document_says() {
         cmd.current_dir(dir).env("NO_COLOR", "1").arg("--config-file").arg(config);
         cmd.args(["run", &format!("{}/v1/openapi.json", d.server.url), "--checks", CHECKS]);
         cmd.args(["-H", &format!("Authorization: Bearer {}", d.server.token)]);
+        // Rotating or revoking a token by id: the token schemathesis authenticates with is listed (`GET /v1/tokens`),
+        // so a run could lock itself out and test the rest against 401s and 429s. Both routes are checked in memory
+        // (`api::access::tests`, `api::tests::document_gives_every_error_id_and_body_its_exact_schema`).
+        cmd.args(["--exclude-path-regex", "^/v1/tokens/"]);
         cmd.arg("--tls-verify").arg(&ca);
         // One worker: hypothesis describes strategies by parsing source, which CPython 3.11
         // does not do safely from two threads at once.

@@ -1,6 +1,6 @@
 //! What the OpenAPI document promises beyond each route's own annotation, derived from the route's shape so it cannot drift from the extractors that produce it.
 //!
-//! - Statuses: every route can answer 408 (the request deadline, `crate::https`); a route with bearer security can answer 401 ([`super::Authed`]), 403 ([`super::authorize`]) and 503 (the store failed while checking the token); a JSON body ([`super::ApiJson`]) 400, 413 and 415; a path or query parameter 400 (it does not parse); a path id 404 (not in your tenant).
+//! - Statuses: every route can answer 408 (the request deadline, `crate::https`); a route with bearer security can answer 401 (authentication failed, [`super::access`]), 403 (the decision refused), 429 (too many failed authentications, with `Retry-After`) and 503 (the store failed while checking the token); a JSON body ([`super::ApiJson`]) 400, 413 and 415; a path or query parameter 400 (it does not parse); a path id 404 (not in your tenant).
 //!   A route's own annotation lists what only its handler decides (201, 409, 500, …); every error has the [`super::ErrorBody`] schema, and a 401 the `WWW-Authenticate` header.
 //! - Parameters: each id parameter carries the exact pattern its type parses (`airlock_core::id`), so a client can tell a malformed id (400) from an unknown one (404); `state` lists the operation states.
 //! - Schemas: a schema only responses use is closed (`additionalProperties: false`), since the server sends exactly its fields; one a request body reaches is closed where serde refuses unknown fields (`deny_unknown_fields`, which utoipa reads).
@@ -104,7 +104,7 @@ fn implied_statuses(op: &Operation) -> Vec<u16> {
     // Any request not received and answered within the request deadline (`crate::https`).
     let mut statuses = vec![408];
     if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
-        statuses.extend([401, 403, 503]);
+        statuses.extend([401, 403, 429, 503]);
     }
     if op.request_body.is_some() {
         statuses.extend([400, 413, 415]);
@@ -126,6 +126,9 @@ fn error_response(status: u16) -> Response {
         403 => "this token may not do this",
         404 => "no such resource in your tenant",
         413 => "the request body is too large",
+        429 => {
+            "too many failed authentications from this address or with this token; retry after `Retry-After` seconds"
+        }
         415 => "the request body is not `application/json`",
         408 => "the request was not received and answered within the server's request deadline",
         500 => "the server failed",
@@ -148,6 +151,7 @@ fn parameter_schema(param: &Parameter) -> Option<Schema> {
         (ParameterIn::Path, "appliance") => ApplianceId::PATTERN,
         (ParameterIn::Path, "id") => OperationId::PATTERN,
         (ParameterIn::Path, "rollout") => airlock_core::RolloutId::PATTERN,
+        (ParameterIn::Path, "token") => airlock_core::id::TokenId::PATTERN,
         (ParameterIn::Path, "sha256" | "key_id") => "^[0-9a-f]{64}$",
         (ParameterIn::Query, "state") => {
             return Some(string.enum_values(Some(OperationState::ALL.map(OperationState::as_str))).build().into());

@@ -1,12 +1,13 @@
 //! The HTTPS JSON API under `/v1`, plus health, readiness and metrics.
 //!
-//! Trust boundary: [`Authed`] turns a bearer token into a [`TenantScope`]; each handler checks that the scope permits its [`Action`] before anything else.
-//! Handlers are thin: they authorise, parse the path and body, call one domain function and map its typed result to a status and a body ([`ApiError`]).
+//! Trust boundary: [`access`] matches each request to its route's entry in the one route table, authenticates it and makes the one authorization decision before any handler runs; a handler gets its [`TenantScope`] through [`Authed`].
+//! Handlers are thin: they parse the path and body, call one domain function and map its typed result to a status and a body ([`ApiError`]).
 //! Every call is audited: a mutation in the same transaction as its effect (the domain function writes it), a read or a refusal through the group-commit writer (`audited`, `refused`).
 //! What a read records is decided at its route, as a [`ReadAudit`]: a read of something sensitive (held output, a manifest) is answered only after its record is durable; a routine list or status read queues its record and is answered at once, and the next group commit writes it.
 //! Build the router with [`router`]; the tests drive it in memory.
 //! Routes come from one list (`routes`): a handler's `#[utoipa::path]` both registers and documents it, and [`contract`] completes the [`document`] with what the extractors imply, so the document is exact (schemathesis checks it against a real server).
 
+pub mod access;
 pub mod appliances;
 pub mod artifacts;
 mod contract;
@@ -16,13 +17,12 @@ pub mod policy;
 pub mod releases;
 pub mod rollouts;
 pub mod tenancy;
+pub mod tokens;
 
 use std::sync::{Arc, LazyLock};
 
-use airlock_core::audit::{AuditAction, Event, Outcome};
-use airlock_core::token::{Secret, TokenKind};
-use axum::extract::{FromRequestParts, Request, State};
-use axum::http::request::Parts;
+use airlock_core::audit::Event;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -32,13 +32,14 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub use access::{Authed, ClientAddr};
 pub use appliances::{ApplianceList, ApplianceQuery, ApplianceView};
 pub use error::{ApiError, ApiJson, ApiPath, ErrorBody, ErrorDetail};
 pub use tenancy::{CreateEnvironment, CreateJoinToken, EnvironmentView, JoinTokenView, WorkspaceView};
 
-use crate::authz::{Action, TenantScope};
+use crate::authz::TenantScope;
 use crate::metrics::HttpLabels;
-use crate::state::{AppState, SYSTEM_CHAIN, event};
+use crate::state::AppState;
 
 /// Every route, from one list: each handler's `#[utoipa::path]` both registers it with axum and
 /// documents it, so the router and [`document`] cannot disagree on a path or a method.
@@ -73,6 +74,9 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(operations::relay_approval))
         .routes(routes!(operations::get_manifest))
         .routes(routes!(operations::get_output))
+        .routes(routes!(tokens::list_tokens, tokens::create_token))
+        .routes(routes!(tokens::rotate_token))
+        .routes(routes!(tokens::revoke_token))
         .split_for_parts()
 }
 
@@ -80,6 +84,8 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
 pub fn router(state: Arc<AppState>) -> Router {
     routes()
         .0
+        // Runs on matched routes only, where the route's entry and path parameters are known.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), access::gate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(limit_body))
@@ -173,55 +179,6 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
-}
-
-/// An authenticated caller. Failed authentication is audited on the system chain.
-///
-/// A valid token costs one indexed read and no write; only a refusal writes (rate limited).
-/// Verified tokens are not cached: no path revokes an API token through the server yet, so
-/// a cache could not be cleared when one is revoked (BENCHMARKS.md measures the read).
-pub struct Authed(pub TenantScope);
-
-impl FromRequestParts<Arc<AppState>> for Authed {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let path = parts.uri.path().to_owned();
-        let refuse = |why: &'static str| async move {
-            let mut ev = event("anonymous", AuditAction::ApiAuthenticate, Outcome::Denied);
-            ev.detail = serde_json::json!({ "reason": why, "path": path.chars().take(200).collect::<String>() });
-            state.audit_refusal(SYSTEM_CHAIN, ev).await;
-            ApiError::unauthorized(format!("{why}; send `Authorization: Bearer airlock_at_…`"))
-        };
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Err(refuse("missing bearer token").await);
-        };
-        let Some(text) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
-            return Err(refuse("malformed authorization header").await);
-        };
-        let Ok(secret) = Secret::parse(TokenKind::Api, text) else {
-            return Err(refuse("malformed API token").await);
-        };
-        match state.store.api_token_by_hash(&secret.hash()).await? {
-            Some(row) => Ok(Authed(TenantScope::for_api_token(row))),
-            None => Err(refuse("unknown or revoked API token").await),
-        }
-    }
-}
-
-/// Checks `action` is allowed and audits the refusal if not.
-async fn authorize(
-    state: &AppState,
-    scope: &TenantScope,
-    action: Action,
-    target: Option<String>,
-) -> Result<(), ApiError> {
-    if scope.permits(action) {
-        return Ok(());
-    }
-    let mut ev = event(scope.principal().actor(), action.audit_action(), Outcome::Denied);
-    ev.target = target;
-    state.audit_refusal(&scope.chain(), ev).await;
-    Err(ApiError::forbidden(format!("this token may not perform {}", action.as_str())))
 }
 
 /// How a read route waits on its audit record; each route names one.

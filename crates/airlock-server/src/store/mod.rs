@@ -26,6 +26,7 @@ mod templates;
 mod tenancy;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -49,6 +50,7 @@ pub use releases::{ReleaseKeyRow, ReleaseRow};
 pub use rollouts::{RolloutRow, RolloutTargetRow};
 pub use templates::TemplateRow;
 pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
+pub use tokens::{NewToken, StoredCredential, TokenRow};
 
 pub const DB_FILE_NAME: &str = "airlock.db";
 /// Entries per read cache: tokens and appliance lists are a few hundred bytes to a few KiB each.
@@ -73,6 +75,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (13, "deployment_status", include_str!("../../migrations/0013_deployment_status.sql")),
     (14, "rollouts", include_str!("../../migrations/0014_rollouts.sql")),
     (15, "deployment_log_tails", include_str!("../../migrations/0015_deployment_log_tails.sql")),
+    (16, "token_scopes", include_str!("../../migrations/0016_token_scopes.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +101,7 @@ pub struct Store {
     /// Bumped by every committed write; the caches below hold reads of one generation.
     generation: read_cache::Generation,
     /// Live API tokens by hash: authentication is on every request.
-    api_tokens: read_cache::ReadCache<airlock_core::token::TokenHash, crate::authz::ApiToken>,
+    api_tokens: read_cache::ReadCache<airlock_core::token::TokenHash, StoredCredential>,
     /// Appliance lists by tenant and environment filter: the fleet view operators poll.
     appliance_lists: read_cache::ReadCache<
         (airlock_core::TenantId, Option<airlock_core::EnvironmentId>),
@@ -240,6 +243,12 @@ impl WriteTx<'_> {
     /// Commits a transaction that appended audit records and nothing else: no cached read
     /// returns audit records, so the caches stay (the group commit runs on every read).
     pub(crate) async fn commit_audit_only(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Commits a transaction that changed only what no cached read returns (a token's last use), so the caches stay.
+    pub(crate) async fn commit_uncached(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
     }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::{Store, StoreError, WriteTx, conflict, parse_col, ts_col};
-use crate::authz::{ApiToken, Role, TenantScope};
+use crate::authz::TenantScope;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Workspace {
@@ -48,44 +48,6 @@ pub enum RedeemRefusal {
 }
 
 impl Store {
-    /// The live token with this hash. Found tokens are cached until the next write (a
-    /// revocation is one); unknown ones are not, so guessing cannot fill the cache.
-    pub async fn api_token_by_hash(&self, hash: &TokenHash) -> Result<Option<ApiToken>, StoreError> {
-        let generation = self.generation.current();
-        if let Some(token) = self.api_tokens.get(generation, hash) {
-            return Ok(Some(token));
-        }
-        let token = self.api_token_from_db(hash).await?;
-        if let Some(token) = &token {
-            self.api_tokens.insert(generation, *hash, token.clone());
-        }
-        Ok(token)
-    }
-
-    /// An unrevoked API token by its id: what a rollout acts as after a restart.
-    pub async fn api_token_by_id(&self, id: TokenId) -> Result<Option<ApiToken>, StoreError> {
-        let row = sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE id = $1 AND revoked_at IS NULL")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            Ok(ApiToken { id: parse_col(&r, "id")?, tenant: parse_col(&r, "tenant_id")?, role: parse_col(&r, "role")? })
-        })
-        .transpose()
-    }
-
-    async fn api_token_from_db(&self, hash: &TokenHash) -> Result<Option<ApiToken>, StoreError> {
-        let row =
-            sqlx::query("SELECT id, tenant_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
-                .bind(hash.0.as_slice())
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|r| {
-            Ok(ApiToken { id: parse_col(&r, "id")?, tenant: parse_col(&r, "tenant_id")?, role: parse_col(&r, "role")? })
-        })
-        .transpose()
-    }
-
     pub async fn join_token_known(&self, hash: &TokenHash) -> Result<bool, StoreError> {
         let row = sqlx::query("SELECT 1 AS one FROM join_tokens WHERE token_hash = $1")
             .bind(hash.0.as_slice())
@@ -95,11 +57,14 @@ impl Store {
     }
 
     pub async fn list_workspaces(&self, scope: &TenantScope) -> Result<Vec<Workspace>, StoreError> {
-        let rows =
-            sqlx::query("SELECT id, name, created_at FROM workspaces WHERE tenant_id = $1 ORDER BY created_at, id")
-                .bind(scope.tenant().to_string())
-                .fetch_all(&self.pool)
-                .await?;
+        // A scope confined to one workspace lists that one.
+        let rows = sqlx::query(
+            "SELECT id, name, created_at FROM workspaces WHERE tenant_id = $1 AND ($2 IS NULL OR id = $2) ORDER BY created_at, id",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(Workspace {
@@ -111,7 +76,11 @@ impl Store {
             .collect()
     }
 
+    /// Whether the workspace exists for this scope: in its tenant, and its workspace if it is confined to one.
     pub async fn workspace_exists(&self, scope: &TenantScope, ws: WorkspaceId) -> Result<bool, StoreError> {
+        if scope.workspace().is_some_and(|own| own != ws) {
+            return Ok(false);
+        }
         let row = sqlx::query("SELECT 1 AS one FROM workspaces WHERE tenant_id = $1 AND id = $2")
             .bind(scope.tenant().to_string())
             .bind(ws.to_string())
@@ -140,12 +109,15 @@ impl Store {
         scope: &TenantScope,
         env: EnvironmentId,
     ) -> Result<Option<Environment>, StoreError> {
-        let row =
-            sqlx::query("SELECT id, workspace_id, name, created_at FROM environments WHERE tenant_id = $1 AND id = $2")
-                .bind(scope.tenant().to_string())
-                .bind(env.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
+        // A scope confined to one workspace sees no environment of another: it is not found, so its existence does not leak.
+        let row = sqlx::query(
+            "SELECT id, workspace_id, name, created_at FROM environments WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(env.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(env_from_row).transpose()
     }
 }
@@ -179,27 +151,6 @@ impl WriteTx<'_> {
             .execute(&mut *self.tx)
             .await
             .map_err(|e| conflict(e, "workspace", name))?;
-        Ok(())
-    }
-
-    pub async fn create_api_token(
-        &mut self,
-        tenant: TenantId,
-        id: TokenId,
-        hash: &TokenHash,
-        name: &str,
-        role: Role,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO api_tokens (id, tenant_id, token_hash, name, role, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(id.to_string())
-            .bind(tenant.to_string())
-            .bind(hash.0.as_slice())
-            .bind(name)
-            .bind(role.as_str())
-            .bind(now.unix_millis())
-            .execute(&mut *self.tx)
-            .await?;
         Ok(())
     }
 

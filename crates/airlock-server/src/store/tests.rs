@@ -249,20 +249,82 @@ async fn cached_reads_see_the_next_committed_write() {
 
     let secret = Secret::from_random(TokenKind::Api, [91; 32]);
     let mut tx = store.write().await.unwrap();
-    tx.create_api_token(
-        a.tenant(),
-        TokenId::from_random([92; 16]),
-        &secret.hash(),
-        "ci",
-        crate::authz::Role::TenantAdmin,
-        now(),
-    )
-    .await
-    .unwrap();
+    let grants = crate::authz::Grants::token(crate::authz::Role::Owner, None, None, None);
+    let token = NewToken {
+        id: TokenId::from_random([92; 16]),
+        hash: &secret.hash(),
+        name: "ci",
+        grants: &grants,
+        created_by: None,
+    };
+    tx.create_api_token(a.tenant(), token, now()).await.unwrap();
     tx.commit().await.unwrap();
     assert!(store.api_token_by_hash(&secret.hash()).await.unwrap().is_some());
     let mut tx = store.write().await.unwrap();
     sqlx::query("UPDATE api_tokens SET revoked_at = 1").execute(&mut *tx.tx).await.unwrap();
     tx.commit().await.unwrap();
     assert!(store.api_token_by_hash(&secret.hash()).await.unwrap().is_none(), "a revoked token is refused at once");
+}
+
+#[tokio::test]
+async fn tenant_admin_tokens_become_owner_tokens() {
+    // A store at the schema before scoped tokens, holding a tenant-admin token.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SqliteConnectOptions::new().filename(dir.path().join(DB_FILE_NAME)).create_if_missing(true);
+    let pool = SqlitePool::connect_with(opts).await.unwrap();
+    sqlx::query("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 < 16) {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
+            .bind(version)
+            .bind(description)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let secret = Secret::from_random(TokenKind::Api, [5; 32]);
+    let tenant = TenantId::from_random([6; 16]);
+    sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, 'acme', 0)")
+        .bind(tenant.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO api_tokens (id, tenant_id, token_hash, name, role, created_at) VALUES ($1, $2, $3, 'old', 'tenant_admin', 0)")
+        .bind(TokenId::from_random([7; 16]).to_string())
+        .bind(tenant.to_string())
+        .bind(secret.hash().0.as_slice())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let store = Store::open(dir.path(), false, ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k")).await.unwrap();
+    let token = store.api_token_by_hash(&secret.hash()).await.unwrap().unwrap();
+    assert_eq!(token.grants, crate::authz::Grants::token(crate::authz::Role::Owner, None, None, None));
+}
+
+#[test]
+fn an_audit_hash_does_not_depend_on_the_order_details_were_written_in() {
+    // Cedar turns on serde_json's `preserve_order` in this build; the hash is the wire contract's (sorted keys) anyway,
+    // so an appliance-only build, which sorts, verifies the same chain.
+    let mut written_b_first = serde_json::Map::new();
+    written_b_first.insert("b".into(), 1.into());
+    written_b_first.insert("a".into(), serde_json::json!({ "z": 1, "y": [ { "d": 1, "c": 2 } ] }));
+    let sorted: serde_json::Value = serde_json::from_str(r#"{"a":{"y":[{"c":2,"d":1}],"z":1},"b":1}"#).unwrap();
+    let record = |detail: serde_json::Value| {
+        let mut ev = Event {
+            actor: "tok_x".into(),
+            action: "x".into(),
+            workspace: None,
+            target: None,
+            outcome: Outcome::Success,
+            detail: serde_json::Value::Null,
+        };
+        ev.detail = detail;
+        airlock_core::audit::Record::append("c", airlock_core::audit::Head::EMPTY, Timestamp::from_unix_millis(1), ev)
+    };
+    assert_eq!(record(serde_json::Value::Object(written_b_first)).hash, record(sorted).hash);
 }

@@ -1,0 +1,201 @@
+//! The one authorization path: every request is matched to its route's entry in [`ROUTES`] and, unless the route is public, authenticated and decided before any handler work.
+//!
+//! A route with no entry is refused with 403 and logged as a bug (a test walks the router so none ships).
+//! The decision is Cedar's ([`crate::authz::Engine`]) on the action's permission and the resource its path names; a handler gets its [`TenantScope`] through [`Authed`] only once it is permitted.
+//! Refusals are audited (rate limited, `AppState::audit_refusal`): failed authentication on the token's tenant chain if the secret named a known token, else on the system chain; a denied action on the caller's chain.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use airlock_core::audit::{AuditAction, Outcome};
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::ApiError;
+use crate::authn::{AuthnRefusal, Refused};
+use crate::authz::{Action, Decision, DenyReason, ResourceKind, Target, TenantScope};
+use crate::state::{AppState, SYSTEM_CHAIN, event};
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: health, the CA, the OpenAPI document, an appliance's join (its join token is its credential).
+    Public,
+    /// An authenticated principal permitted the action.
+    Api(Action),
+}
+
+/// Every route: method, path as registered, and who may call it.
+pub const ROUTES: &[(Method, &str, Access)] = &[
+    (Method::GET, "/healthz", Access::Public),
+    (Method::GET, "/readyz", Access::Public),
+    (Method::GET, "/metrics", Access::Api(Action::ReadMetrics)),
+    (Method::GET, "/v1/openapi.json", Access::Public),
+    (Method::GET, "/v1/ca", Access::Public),
+    (Method::POST, "/v1/join", Access::Public),
+    (Method::GET, "/v1/workspaces", Access::Api(Action::ListWorkspaces)),
+    (Method::GET, "/v1/workspaces/{workspace}/environments", Access::Api(Action::ListEnvironments)),
+    (Method::POST, "/v1/workspaces/{workspace}/environments", Access::Api(Action::CreateEnvironment)),
+    (Method::POST, "/v1/environments/{environment}/join-tokens", Access::Api(Action::CreateJoinToken)),
+    (Method::GET, "/v1/appliances", Access::Api(Action::ListAppliances)),
+    (Method::POST, "/v1/appliances/{appliance}/revoke", Access::Api(Action::RevokeAppliance)),
+    (Method::GET, "/v1/appliances/{appliance}/deployment", Access::Api(Action::GetDeploymentStatus)),
+    (Method::GET, "/v1/workspaces/{workspace}/templates", Access::Api(Action::ListTemplates)),
+    (Method::POST, "/v1/workspaces/{workspace}/templates", Access::Api(Action::PushTemplate)),
+    (Method::POST, "/v1/environments/{environment}/operations", Access::Api(Action::RequestOperation)),
+    (Method::POST, "/v1/environments/{environment}/deployments", Access::Api(Action::RequestDeployment)),
+    (Method::POST, "/v1/environments/{environment}/tasks", Access::Api(Action::RequestReleaseTask)),
+    (Method::GET, "/v1/workspaces/{workspace}/rollouts", Access::Api(Action::ListRollouts)),
+    (Method::POST, "/v1/workspaces/{workspace}/rollouts", Access::Api(Action::CreateRollout)),
+    (Method::GET, "/v1/rollouts/{rollout}", Access::Api(Action::GetRollout)),
+    (Method::GET, "/v1/environments/{environment}/policy", Access::Api(Action::GetPolicy)),
+    (Method::PUT, "/v1/environments/{environment}/policy", Access::Api(Action::RelayPolicy)),
+    (Method::GET, "/v1/workspaces/{workspace}/release-keys", Access::Api(Action::ListReleaseKeys)),
+    (Method::POST, "/v1/workspaces/{workspace}/release-keys", Access::Api(Action::AddReleaseKey)),
+    (Method::POST, "/v1/workspaces/{workspace}/release-keys/{key_id}/revoke", Access::Api(Action::RevokeReleaseKey)),
+    (Method::GET, "/v1/workspaces/{workspace}/releases", Access::Api(Action::ListReleases)),
+    (Method::POST, "/v1/workspaces/{workspace}/releases", Access::Api(Action::PushRelease)),
+    (Method::GET, "/v1/workspaces/{workspace}/artifacts/{sha256}", Access::Api(Action::GetArtifact)),
+    (Method::PUT, "/v1/workspaces/{workspace}/artifacts/{sha256}", Access::Api(Action::UploadArtifact)),
+    (Method::GET, "/v1/workspaces/{workspace}/artifacts/{sha256}/bytes", Access::Api(Action::DownloadArtifact)),
+    (Method::GET, "/v1/operations", Access::Api(Action::ListOperations)),
+    (Method::GET, "/v1/operations/{id}", Access::Api(Action::GetOperation)),
+    (Method::POST, "/v1/operations/{id}/approval", Access::Api(Action::RelayApproval)),
+    (Method::GET, "/v1/operations/{id}/manifest", Access::Api(Action::GetManifest)),
+    (Method::GET, "/v1/operations/{id}/output", Access::Api(Action::GetOutput)),
+    (Method::GET, "/v1/tokens", Access::Api(Action::ListTokens)),
+    (Method::POST, "/v1/tokens", Access::Api(Action::CreateToken)),
+    (Method::POST, "/v1/tokens/{token}/rotate", Access::Api(Action::RotateToken)),
+    (Method::DELETE, "/v1/tokens/{token}", Access::Api(Action::RevokeToken)),
+];
+
+/// The entry for `method` on the route registered as `path`. `HEAD` is answered by a `GET` route.
+pub fn route_access(method: &Method, path: &str) -> Option<Access> {
+    let method = if method == Method::HEAD { &Method::GET } else { method };
+    ROUTES.iter().find(|(m, p, _)| m == method && *p == path).map(|(_, _, a)| *a)
+}
+
+/// The source address of a request, put there by the listener (absent in in-memory tests).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub IpAddr);
+
+/// A permitted request's scope, handed once to [`Authed`].
+#[derive(Clone)]
+struct Admitted(Arc<Mutex<Option<TenantScope>>>);
+
+/// The permitted caller's scope. Only [`gate`] admits one, after the decision.
+pub struct Authed(pub TenantScope);
+
+impl FromRequestParts<Arc<AppState>> for Authed {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let scope =
+            parts.extensions.get::<Admitted>().and_then(|a| a.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+        scope.map(Authed).ok_or_else(|| {
+            tracing::error!(path = %parts.uri.path(), "a handler asked for a caller on a request the gate did not admit");
+            ApiError::internal("the request was not authorized")
+        })
+    }
+}
+
+/// Matches, authenticates and decides; see the module documentation.
+pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(route) = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()) else {
+        // No route matched: the 404 fallback answers.
+        return next.run(req).await;
+    };
+    let access = match route_access(req.method(), &route) {
+        Some(access) => access,
+        // Another method of a known route: the 405 fallback answers.
+        None if ROUTES.iter().any(|(_, p, _)| *p == route) => return next.run(req).await,
+        None => {
+            tracing::error!(method = %req.method(), route, "a route has no entry in the action table; refused (a bug)");
+            return forbidden(DenyReason::UnmappedRoute);
+        }
+    };
+    let action = match access {
+        Access::Public => return next.run(req).await,
+        Access::Api(action) => action,
+    };
+    let (mut parts, body) = req.into_parts();
+    let from = parts.extensions.get::<ClientAddr>().map(|a| a.0);
+    let now = state.now();
+    let authorization = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let scope = match state.authn.authenticate(&state.store, authorization, from, now).await {
+        Ok(Ok(scope)) => scope,
+        Ok(Err(refused)) => return refuse_authentication(&state, refused, parts.uri.path()).await,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    // A parameter that is not UTF-8 once decoded names no resource: decided as the empty id (no workspace of a token's),
+    // and the handler answers 400 for it.
+    let params = RawPathParams::from_request_parts(&mut parts, &state).await;
+    let param = |name: &str| match &params {
+        Ok(ps) => ps.iter().find(|(k, _)| *k == name).map(|(_, v)| v),
+        Err(_) => Some(""),
+    };
+    let target = match action.resource_kind() {
+        ResourceKind::Tenant => Some(Target::Tenant),
+        ResourceKind::Workspace => param("workspace").map(Target::Workspace),
+        ResourceKind::Environment => param("environment").map(Target::Environment),
+    };
+    let decision = match target {
+        Some(target) => scope.decide(&state.authz, action, target),
+        None => {
+            tracing::error!(route, ?action, "the action's resource is not in its route's path; refused (a bug)");
+            Decision::Deny(DenyReason::UnmappedRoute)
+        }
+    };
+    if let Decision::Deny(reason) = decision {
+        let mut ev = event(scope.principal().actor(), action.audit_action(), Outcome::Denied);
+        ev.target = Some(parts.uri.path().chars().take(200).collect());
+        ev.detail = serde_json::json!({ "reason": reason.code(), "permission": action.permission().as_str() });
+        state.audit_refusal(&scope.chain(), ev).await;
+        return forbidden(reason);
+    }
+    parts.extensions.insert(Admitted(Arc::new(Mutex::new(Some(scope)))));
+    next.run(Request::from_parts(parts, body)).await
+}
+
+fn forbidden(reason: DenyReason) -> Response {
+    let message = match reason {
+        DenyReason::NotGranted => "no role of this principal grants this action here",
+        DenyReason::OutsideTokenActions => "this token's action list does not include this action",
+        DenyReason::OutsideTokenWorkspace => {
+            "this token is confined to another workspace, or the action is tenant-wide"
+        }
+        DenyReason::NotAnApiPrincipal => "this principal does not act on the API",
+        DenyReason::UnmappedRoute => "this route has no authorization entry (a server bug); refused",
+        DenyReason::EngineError => "the authorization decision failed; refused",
+    };
+    ApiError::new(StatusCode::FORBIDDEN, reason.code(), message).into_response()
+}
+
+async fn refuse_authentication(state: &AppState, refused: Refused, path: &str) -> Response {
+    let mut ev = event("anonymous", AuditAction::ApiAuthenticate, Outcome::Denied);
+    ev.detail =
+        serde_json::json!({ "reason": refused.refusal.code(), "path": path.chars().take(200).collect::<String>() });
+    let chain = match refused.token {
+        Some((tenant, token)) => {
+            ev.actor = format!("token:{token}");
+            tenant.to_string()
+        }
+        None => SYSTEM_CHAIN.to_owned(),
+    };
+    state.audit_refusal(&chain, ev).await;
+    match refused.refusal {
+        AuthnRefusal::RateLimited { retry_after } => {
+            let mut resp =
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", refused.refusal.message()).into_response();
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+            resp
+        }
+        other => ApiError::unauthorized(format!("{}; send `Authorization: Bearer airlock_at_…`", other.message()))
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,253 @@
+//! Who is calling: a bearer API token turned into a [`TenantScope`], or a typed refusal.
+//!
+//! A token is checked against the clock on every request (expiry, a rotated secret's grace), never only when its row is read, since rows are cached.
+//! Failed token authentications (a well-formed secret that is unknown, revoked, expired or rotated past its grace) are limited per source address and per token ([`FailureLimiter`]): past the limit a failing caller gets 429 with `Retry-After` instead of 401; a valid token still works from a limited address, and a request with no token at all gets 401 (it guesses at nothing).
+//! Last use (time, source address) is noted in memory and written at most once a minute per token ([`TokenUsage`]), so a hot token does not turn reads into writes.
+//! Signed-in users (OIDC, planned) will authenticate here too, into the same [`crate::authz::Grants`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use airlock_core::id::TokenId;
+use airlock_core::token::{Secret, TokenKind};
+use airlock_core::{TenantId, Timestamp};
+
+use crate::authz::TenantScope;
+use crate::store::{Store, StoreError};
+
+/// Why a caller was not authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthnRefusal {
+    Missing,
+    Malformed,
+    Unknown,
+    Revoked,
+    Expired,
+    /// A secret a rotation replaced, past the grace the rotation gave it.
+    RotatedPastGrace,
+    /// Too many failures from this address or with this token; try again after `retry_after`.
+    RateLimited {
+        retry_after: Duration,
+    },
+}
+
+impl AuthnRefusal {
+    /// The audit record's reason.
+    pub fn code(self) -> &'static str {
+        match self {
+            AuthnRefusal::Missing => "missing_token",
+            AuthnRefusal::Malformed => "malformed_token",
+            AuthnRefusal::Unknown => "unknown_token",
+            AuthnRefusal::Revoked => "revoked_token",
+            AuthnRefusal::Expired => "expired_token",
+            AuthnRefusal::RotatedPastGrace => "rotated_token",
+            AuthnRefusal::RateLimited { .. } => "rate_limited",
+        }
+    }
+
+    /// What the caller reads.
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthnRefusal::Missing => "missing bearer token",
+            AuthnRefusal::Malformed => "malformed authorization header or API token",
+            AuthnRefusal::Unknown => "unknown API token",
+            AuthnRefusal::Revoked => "this API token was revoked",
+            AuthnRefusal::Expired => "this API token has expired",
+            AuthnRefusal::RotatedPastGrace => "this API token was rotated and its old secret's grace period is over",
+            AuthnRefusal::RateLimited { .. } => "too many failed authentications; retry later",
+        }
+    }
+}
+
+/// A refusal, with the tenant and token it concerns when the secret named a known token.
+#[derive(Clone, Copy, Debug)]
+pub struct Refused {
+    pub refusal: AuthnRefusal,
+    pub token: Option<(TenantId, TokenId)>,
+}
+
+/// The authentication state a server keeps: failure counts and pending last uses.
+#[derive(Debug, Default)]
+pub struct Authenticator {
+    pub failures: FailureLimiter,
+    pub usage: TokenUsage,
+}
+
+impl Authenticator {
+    /// Authenticates `authorization` (the header's value, if any) from `from` at `now`.
+    pub async fn authenticate(
+        &self,
+        store: &Store,
+        authorization: Option<&[u8]>,
+        from: Option<IpAddr>,
+        now: Timestamp,
+    ) -> Result<Result<TenantScope, Refused>, StoreError> {
+        // A blocked address still gets a valid token through (others may share it, behind one NAT); its failures get 429.
+        let address_blocked = from.and_then(|addr| self.failures.blocked(FailureKey::Address(addr), now));
+        let refused = |refusal, token| {
+            if let Some(addr) = from {
+                self.failures.fail(FailureKey::Address(addr), now);
+            }
+            let refusal = match address_blocked {
+                Some(retry_after) => AuthnRefusal::RateLimited { retry_after },
+                None => refusal,
+            };
+            Ok(Err(Refused { refusal, token }))
+        };
+        // No token, or not one in the token format, guesses at no secret: 401, never counted (its audit records are
+        // folded like any refusal's).
+        let anonymous = |refusal| Ok(Err(Refused { refusal, token: None }));
+        let Some(value) = authorization else { return anonymous(AuthnRefusal::Missing) };
+        let Some(text) = std::str::from_utf8(value).ok().and_then(|v| v.strip_prefix("Bearer ")) else {
+            return anonymous(AuthnRefusal::Malformed);
+        };
+        let Ok(secret) = Secret::parse(TokenKind::Api, text) else { return anonymous(AuthnRefusal::Malformed) };
+        let Some(found) = store.find_api_token(&secret.hash()).await? else {
+            return refused(AuthnRefusal::Unknown, None);
+        };
+        let token = Some((found.token.tenant, found.token.id));
+        let why = if found.revoked_at.is_some() {
+            Some(AuthnRefusal::Revoked)
+        } else if found.token.grants.expires_at.is_some_and(|t| now >= t) {
+            Some(AuthnRefusal::Expired)
+        } else if found.matched_previous && found.previous_valid_until.is_none_or(|t| now >= t) {
+            Some(AuthnRefusal::RotatedPastGrace)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let key = FailureKey::Token(found.token.id);
+            self.failures.fail(key, now);
+            if let Some(retry_after) = self.failures.blocked(key, now) {
+                return refused(AuthnRefusal::RateLimited { retry_after }, token);
+            }
+            return refused(why, token);
+        }
+        self.usage.note(found.token.id, now, from);
+        Ok(Ok(TenantScope::for_api_token(found.token)))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKey {
+    Address(IpAddr),
+    /// A known token presented with a secret that no longer works (revoked, expired, rotated past grace).
+    Token(TokenId),
+}
+
+/// Counts failed authentications per key in fixed one-minute windows; past the limit a key is refused until its window ends.
+#[derive(Debug, Default)]
+pub struct FailureLimiter(Mutex<HashMap<FailureKey, Window>>);
+
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    started: Timestamp,
+    failures: u32,
+}
+
+impl FailureLimiter {
+    pub const WINDOW: Duration = Duration::from_secs(60);
+    /// Failures per window from one address: a script retrying a bad token hits it, a person mistyping does not.
+    pub const PER_ADDRESS: u32 = 30;
+    /// Failures per window with one known token's dead secret.
+    pub const PER_TOKEN: u32 = 10;
+    const MAX_KEYS: usize = 16 * 1024;
+
+    fn limit(key: FailureKey) -> u32 {
+        match key {
+            FailureKey::Address(_) => Self::PER_ADDRESS,
+            FailureKey::Token(_) => Self::PER_TOKEN,
+        }
+    }
+
+    /// How long `key` must wait, if it is over its limit.
+    pub fn blocked(&self, key: FailureKey, now: Timestamp) -> Option<Duration> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let w = map.get(&key)?;
+        let ends = w.started.saturating_add(Self::WINDOW);
+        (w.failures >= Self::limit(key) && now < ends).then(|| ends.since(now).max(Duration::from_secs(1)))
+    }
+
+    pub fn fail(&self, key: FailureKey, now: Timestamp) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= Self::MAX_KEYS {
+            // Bounded: windows that ended carry nothing, and dropping them forgets nothing that still counts.
+            map.retain(|_, w| now < w.started.saturating_add(Self::WINDOW));
+            if map.len() >= Self::MAX_KEYS {
+                map.clear();
+            }
+        }
+        let w = map.entry(key).or_insert(Window { started: now, failures: 0 });
+        if now >= w.started.saturating_add(Self::WINDOW) {
+            *w = Window { started: now, failures: 0 };
+        }
+        w.failures = w.failures.saturating_add(1);
+    }
+}
+
+/// Last uses noted since the last flush, by token.
+#[derive(Debug, Default)]
+pub struct TokenUsage(Mutex<HashMap<TokenId, (Timestamp, Option<IpAddr>)>>);
+
+impl TokenUsage {
+    /// How often pending last uses are written: at most one write per token per interval.
+    pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
+    const MAX_PENDING: usize = 64 * 1024;
+
+    pub fn note(&self, token: TokenId, at: Timestamp, from: Option<IpAddr>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() < Self::MAX_PENDING || map.contains_key(&token) {
+            map.insert(token, (at, from));
+        }
+    }
+
+    /// The last use noted and not yet written, for a listing fresher than the store.
+    pub fn pending(&self, token: TokenId) -> Option<(Timestamp, Option<IpAddr>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&token).copied()
+    }
+
+    /// Writes every pending last use in one transaction.
+    pub async fn flush(&self, store: &Store) {
+        let batch: Vec<_> = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.drain().map(|(id, (at, from))| (id, at, from)).collect()
+        };
+        if let Err(e) = store.record_token_uses(&batch).await {
+            tracing::warn!(error = %e, tokens = batch.len(), "could not record API tokens' last use");
+        }
+    }
+
+    /// Flushes every [`TokenUsage::FLUSH_INTERVAL`] until shutdown.
+    pub async fn run(state: std::sync::Arc<crate::state::AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Self::FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => state.authn.usage.flush(&state.store).await,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_past_the_limit_wait_for_the_window_to_end() {
+        let l = FailureLimiter::default();
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        let key = FailureKey::Address("192.0.2.1".parse().unwrap());
+        for _ in 0..FailureLimiter::PER_ADDRESS {
+            assert_eq!(l.blocked(key, t0), None);
+            l.fail(key, t0);
+        }
+        assert_eq!(l.blocked(key, t0), Some(FailureLimiter::WINDOW));
+        let other = FailureKey::Address("192.0.2.2".parse().unwrap());
+        assert_eq!(l.blocked(other, t0), None, "another address is not limited");
+        assert_eq!(l.blocked(key, t0.saturating_add(FailureLimiter::WINDOW)), None, "a new window starts afresh");
+    }
+}

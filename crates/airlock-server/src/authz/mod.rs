@@ -1,0 +1,217 @@
+//! Who may act on which tenant's data, and what they may do there.
+//!
+//! A [`TenantScope`] is proof that a principal was authenticated for one tenant.
+//! Only this module constructs one; it is neither `Clone` nor `Deserialize`, so it cannot be copied across requests or forged from input.
+//! Every tenant-data store call demands one, and binds its tenant id in the SQL; a scope confined to a workspace also confines the store's workspace lookups ([`TenantScope::workspace`]).
+//! What a principal may do is one Cedar decision ([`engine::Engine`], default deny) over the one action table ([`actions::Action::spec`]), made before any handler work (`api::access`).
+
+pub mod actions;
+pub mod engine;
+#[cfg(test)]
+mod tests;
+
+use std::str::FromStr;
+
+use airlock_core::id::TokenId;
+use airlock_core::{ApplianceId, ApplianceIdentity, TenantId, Timestamp, WorkspaceId};
+
+pub use actions::{Action, Permission, PermissionSet, ResourceKind};
+pub use engine::{ApiPrincipal, Decision, DenyReason, Engine, Target};
+
+/// An API token as stored, before authorization builds a scope from it.
+#[derive(Clone, Debug)]
+pub struct ApiToken {
+    pub id: TokenId,
+    pub tenant: TenantId,
+    pub grants: Grants,
+}
+
+/// What a principal holds: roles, and for a scoped token its action list and workspace.
+/// A signed-in user (planned) carries the same, its roles mapped from identity-provider groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grants {
+    /// Each role held, tenant-wide (`None`) or in one workspace.
+    pub roles: Vec<(Role, Option<WorkspaceId>)>,
+    /// A token's explicit permissions; `None` for a principal with no list (it gets what its roles give).
+    pub actions: Option<PermissionSet>,
+    /// A token confined to one workspace.
+    pub workspace: Option<WorkspaceId>,
+    /// When the credential stops working; `None` only for owner tokens made at the console (`server init`, `tenant create`) or before scopes existed.
+    pub expires_at: Option<Timestamp>,
+}
+
+impl Grants {
+    /// A token's grants: one role, in its workspace if it has one.
+    pub fn token(
+        role: Role,
+        workspace: Option<WorkspaceId>,
+        actions: Option<PermissionSet>,
+        expires_at: Option<Timestamp>,
+    ) -> Self {
+        Self { roles: vec![(role, workspace)], actions, workspace, expires_at }
+    }
+
+    /// The roles that apply on `target`: tenant-wide roles, and roles held in its workspace.
+    /// A workspace role counts on an environment too: the store resolves the environment within the scope's workspace.
+    pub fn roles_for<'a>(&'a self, target: Target<'a>) -> impl Iterator<Item = Role> + 'a {
+        self.roles
+            .iter()
+            .filter(move |(_, held_in)| match (held_in, target) {
+                (None, _) => true,
+                (Some(ws), Target::Workspace(id)) => ws.to_string() == id,
+                (Some(_), Target::Environment(_)) => true,
+                (Some(_), Target::Tenant) => false,
+            })
+            .map(|(role, _)| *role)
+    }
+
+    /// The role a token holds (its first; a token holds one).
+    pub fn role(&self) -> Option<Role> {
+        self.roles.first().map(|(r, _)| *r)
+    }
+}
+
+/// Roles. What each may do is decided in `policies/roles.cedar`; default deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Everything in the tenant.
+    Owner,
+    /// Everything in the tenant but making owners.
+    Admin,
+    /// Deploy phase: releases, artifacts, rollouts, deployments; and reads.
+    Deployer,
+    /// Operate phase: operation requests, release tasks, approvals relayed; and reads.
+    Operator,
+    /// Reads, except the audit log.
+    Viewer,
+    /// The audit log only.
+    Auditor,
+}
+
+impl Role {
+    pub const ALL: &'static [Role] =
+        &[Role::Owner, Role::Admin, Role::Deployer, Role::Operator, Role::Viewer, Role::Auditor];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Deployer => "deployer",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL.iter().copied().find(|r| r.as_str() == s).ok_or_else(|| {
+            format!(
+                "unknown role `{}`; roles: owner, admin, deployer, operator, viewer, auditor",
+                s.chars().take(32).collect::<String>()
+            )
+        })
+    }
+}
+
+/// An authenticated actor.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Principal {
+    ApiToken {
+        id: TokenId,
+        grants: Grants,
+    },
+    Appliance(ApplianceId),
+    /// The control plane itself, for what it records on no one's behalf (a rollout halted
+    /// because its creator's token was revoked). It is permitted no action.
+    System,
+}
+
+impl Principal {
+    /// How the audit log names this principal.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::ApiToken { id, .. } => format!("token:{id}"),
+            Principal::Appliance(id) => format!("appliance:{id}"),
+            Principal::System => "system".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TenantScope {
+    tenant: TenantId,
+    principal: Principal,
+}
+
+impl TenantScope {
+    pub fn tenant(&self) -> TenantId {
+        self.tenant
+    }
+
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// The audit chain this scope's events belong to.
+    pub fn chain(&self) -> String {
+        self.tenant.to_string()
+    }
+
+    /// An API token found in the store, not revoked.
+    pub(crate) fn for_api_token(row: ApiToken) -> Self {
+        Self { tenant: row.tenant, principal: Principal::ApiToken { id: row.id, grants: row.grants } }
+    }
+
+    /// An appliance whose certificate chained to our CA and is neither expired nor revoked.
+    pub(crate) fn for_appliance(identity: &ApplianceIdentity) -> Self {
+        Self { tenant: identity.tenant, principal: Principal::Appliance(identity.appliance) }
+    }
+
+    /// A rollout's driver, acting with the authority of the (unrevoked) token that created it.
+    pub(crate) fn for_rollout(creator: ApiToken) -> Self {
+        Self::for_api_token(creator)
+    }
+
+    /// The control plane recording in `tenant` on no one's behalf.
+    pub(crate) fn for_system(tenant: TenantId) -> Self {
+        Self { tenant, principal: Principal::System }
+    }
+
+    /// The operator at the console of the data directory (`airlock server init`, `tenant create`).
+    pub(crate) fn for_local_operator(tenant: TenantId, token: TokenId) -> Self {
+        Self {
+            tenant,
+            principal: Principal::ApiToken { id: token, grants: Grants::token(Role::Owner, None, None, None) },
+        }
+    }
+
+    /// The workspace this scope is confined to, if any: store lookups of workspaces and environments see no other.
+    pub fn workspace(&self) -> Option<WorkspaceId> {
+        match &self.principal {
+            Principal::ApiToken { grants, .. } => grants.workspace,
+            Principal::Appliance(_) | Principal::System => None,
+        }
+    }
+
+    /// The grants of an API principal.
+    pub fn grants(&self) -> Option<&Grants> {
+        match &self.principal {
+            Principal::ApiToken { grants, .. } => Some(grants),
+            Principal::Appliance(_) | Principal::System => None,
+        }
+    }
+
+    /// The one decision: whether this principal may perform `action` on `target` in its tenant.
+    pub fn decide(&self, engine: &Engine, action: Action, target: Target<'_>) -> Decision {
+        match &self.principal {
+            Principal::ApiToken { id, grants } => {
+                let id = id.to_string();
+                engine.decide_remembered(self.tenant, &ApiPrincipal { id: &id, grants }, action.permission(), target)
+            }
+            Principal::Appliance(_) | Principal::System => Decision::Deny(DenyReason::NotAnApiPrincipal),
+        }
+    }
+}
