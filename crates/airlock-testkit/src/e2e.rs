@@ -536,3 +536,26 @@ pub fn all_bytes(dir: &Path) -> Vec<u8> {
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A loopback TCP port free now (for a service a test deploys).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+}
+
+/// The response `GET /` gets on loopback `port`, if anything answers.
+pub fn page(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Waits (30 s at most) until loopback `port` serves a page containing `content`.
+pub fn serves(port: u16, content: &str) {
+    wait_for(Duration::from_secs(30), &format!("`{content}` on port {port}"), || {
+        page(port).filter(|p| p.contains(content)).map(|_| ())
+    });
+}

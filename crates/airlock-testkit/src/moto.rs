@@ -19,10 +19,6 @@ pub fn python() -> PathBuf {
     if beside.exists() { beside } else { PathBuf::from("python3") }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
-}
-
 /// moto's server on a loopback port, killed on drop.
 pub struct Moto {
     child: Child,
@@ -31,7 +27,7 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Self {
-        let port = free_port();
+        let port = crate::e2e::free_port();
         let child = Command::new(moto_server())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())

@@ -8,11 +8,10 @@
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use airlock_testkit::e2e::{Deployment, keygen};
+use airlock_testkit::e2e::{Deployment, free_port, keygen, serves};
 use airlock_testkit::process::wait_for;
 use serde_json::Value;
 
@@ -25,26 +24,6 @@ const CANARY: &str = "canary-b7e1f0c2d9";
 /// What the release's service prints to its log at every start; its script computes the
 /// number, so the marker is in no artifact the control plane stores.
 const MARKER: &str = "shop-web-log-marker-41234";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The page served on `port`, if anything answers.
-fn page(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-fn serves(port: u16, content: &str) {
-    wait_for(Duration::from_secs(30), &format!("`{content}` on port {port}"), || {
-        page(port).filter(|p| p.contains(content)).map(|_| ())
-    });
-}
 
 /// A release directory: a `web` service serving `content` on `port`, health-checked at `check`,
 /// with a secret from `secret_file` in its environment, and a 3 MiB asset (several chunks).

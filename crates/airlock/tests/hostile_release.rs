@@ -13,12 +13,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use airlock_testkit::e2e::{Deployment, keygen, ok};
+use airlock_testkit::e2e::{Deployment, free_port, keygen, ok, serves};
 use airlock_testkit::process::wait_for;
 use serde_json::{Value, json};
 
@@ -34,25 +34,6 @@ const CANARY: &str = "canary-5ec2e7-hostile";
 
 /// The box user uids an appliance running as root picks from (`sandbox::user`).
 const BOX_UIDS: std::ops::RangeInclusive<u32> = 61184..=65519;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn page(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-fn serves(port: u16, content: &str) {
-    wait_for(Duration::from_secs(30), &format!("`{content}` on port {port}"), || {
-        page(port).filter(|p| p.contains(content)).map(|_| ())
-    });
-}
 
 /// The `web` service every release here has: python's http.server on `port`, with a secret.
 fn web_service(port: u16, secret: &Path) -> String {

@@ -72,6 +72,20 @@ async fn fetch(port: u16) -> String {
     out
 }
 
+/// `instruction` handed to the executor, which starts it; the task ends with its result.
+fn started(
+    fx: &Fx,
+    instruction: airlock_proto::gateway::OperationInstruction,
+) -> tokio::task::JoinHandle<crate::result::ResultMsg> {
+    let exec = fx.exec.clone();
+    tokio::spawn(async move {
+        match exec.handle(instruction).await {
+            crate::executor::Handled::Started(h) => h.await.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    })
+}
+
 /// The `DeploymentStatus` messages the appliance sent up, in order.
 fn statuses(fx: &Fx) -> Vec<airlock_proto::gateway::DeploymentStatus> {
     fx.sent()
@@ -137,16 +151,7 @@ async fn a_deploy_missing_a_secret_is_held_until_it_exists_and_its_value_never_g
     let reference = format!("file:{}", secret_file.display());
     let (envelope, v1) = web(&fx, "1.0.0", port, "shop v1", "/", &format!("DB_PASSWORD = \"{reference}\""));
     let stmt = fx.deploy_statement(op_id(4), &v1);
-    let running = {
-        let exec = fx.exec.clone();
-        let i = fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt));
-        tokio::spawn(async move {
-            match exec.handle(i).await {
-                crate::executor::Handled::Started(h) => h.await.unwrap(),
-                other => panic!("{other:?}"),
-            }
-        })
-    };
+    let running = started(&fx, fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt)));
     // Held, naming the missing reference, and audited.
     let held = loop {
         let held = statuses(&fx)
@@ -188,16 +193,7 @@ async fn a_deploy_held_past_a_day_on_the_appliances_clock_is_given_up_and_nothin
     let reference = format!("file:{}", fx.releases.path().join("never-there").display());
     let (envelope, v2) = web(&fx, "2.0.0", port, "shop v2", "/", &format!("DB_PASSWORD = \"{reference}\""));
     let stmt = fx.deploy_statement(op_id(12), &v2);
-    let running = {
-        let exec = fx.exec.clone();
-        let i = fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt));
-        tokio::spawn(async move {
-            match exec.handle(i).await {
-                crate::executor::Handled::Started(h) => h.await.unwrap(),
-                other => panic!("{other:?}"),
-            }
-        })
-    };
+    let running = started(&fx, fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt)));
     while fx.audited(airlock_core::audit::AuditAction::DeploymentHeld).is_empty() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -542,16 +538,9 @@ async fn switching_deploy_off_rolls_back_a_deploy_waiting_for_its_services() {
     // Its health check never passes: without the switch, it would wait the whole deadline.
     let (envelope, release) = web(&fx, "1.0.0", port, "shop v1", "/never", "");
     let stmt = fx.deploy_statement(op_id(40), &release);
-    let i = fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt));
-    let exec = fx.exec.clone();
-    let running = tokio::spawn(async move {
-        match exec.handle(i).await {
-            crate::executor::Handled::Started(h) => h.await.unwrap(),
-            other => panic!("{other:?}"),
-        }
-    });
+    let running = started(&fx, fx.deploy_instruction(&stmt, &envelope, &[1], &fx.grant(&stmt)));
     // Once its service is starting, the customer switches Deploy off on the host.
-    let started = std::time::Instant::now();
+    let since = std::time::Instant::now();
     loop {
         // Where the services stand now (the engine's own report, or this one).
         fx.exec.report(None, &[]).await;
@@ -561,14 +550,14 @@ async fn switching_deploy_off_rolls_back_a_deploy_waiting_for_its_services() {
         if starting {
             break;
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the service never started");
+        assert!(since.elapsed() < std::time::Duration::from_secs(10), "the service never started");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     fx.control.set_phase(HOST_ADMIN, airlock_core::policy::Phase::Deploy, false).unwrap();
     let r = tokio::time::timeout(std::time::Duration::from_secs(8), running).await.unwrap().unwrap();
     let e = fx.execution(&r);
     assert_eq!(e.exit_code, Some(super::super::deploy::ROLLED_BACK), "{e:?}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(9), "rolled back at once, not at the health deadline");
+    assert!(since.elapsed() < std::time::Duration::from_secs(9), "rolled back at once, not at the health deadline");
     let last = statuses(&fx).pop().unwrap();
     assert!(last.current.is_none(), "nothing was switched to: {last:?}");
     assert!(last.deploy.unwrap().reason.contains("switched the Deploy phase off"));
