@@ -302,6 +302,15 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// Makes a vendor release key, registers it in the deployment's workspace, and returns the
+    /// path of its private half (for `release push --key`).
+    pub fn register_release_key(&self, bin: &str) -> PathBuf {
+        let vendor = self.server.dir.path().join("vendor-key");
+        keygen(bin, &vendor);
+        self.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+        vendor.join("customer.key")
+    }
+
     /// A server, a customer key, and an appliance joined to a new environment that pins the
     /// key and runs under `policy`, signed by it.
     pub fn start(bin: &str, policy: &str) -> Self {
@@ -558,4 +567,34 @@ pub fn serves(port: u16, content: &str) {
     wait_for(Duration::from_secs(30), &format!("`{content}` on port {port}"), || {
         page(port).filter(|p| p.contains(content)).map(|_| ())
     });
+}
+
+/// A test's directory for an appliance's releases: the box user reaches `root` through it, and
+/// `config` lets releases read secrets (`file:`) from it alone.
+pub struct ReleasesDir {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub config: PathBuf,
+}
+
+impl ReleasesDir {
+    pub fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.path().join("appliance.toml");
+        std::fs::write(&config, format!("[secrets]\nallow = [\"file:{}/\"]\n", dir.path().display())).unwrap();
+        Self { root: dir.path().join("installed"), config, dir }
+    }
+
+    /// `--releases-dir` and `--config` for `airlock appliance run`.
+    pub fn run_args(&self) -> [&str; 4] {
+        ["--releases-dir", self.root.to_str().unwrap(), "--config", self.config.to_str().unwrap()]
+    }
+}
+
+impl Default for ReleasesDir {
+    fn default() -> Self {
+        Self::new()
+    }
 }

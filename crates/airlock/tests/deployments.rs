@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use airlock_testkit::e2e::{Deployment, free_port, keygen, serves};
+use airlock_testkit::e2e::{Deployment, ReleasesDir, free_port, serves};
 use airlock_testkit::process::wait_for;
 use serde_json::Value;
 
@@ -80,21 +80,12 @@ fn status(d: &Deployment) -> Value {
 #[test]
 fn a_release_is_deployed_upgraded_rolled_back_and_keeps_running_offline() {
     assert!(Path::new("/usr/bin/python3").exists(), "the release's service is python3's http.server");
-    let releases = tempfile::tempdir().unwrap();
-    // The box user reaches the releases through this directory.
-    std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let root = releases.path().join("installed");
-    // The customer lets releases read secrets from this directory only.
-    let config = releases.path().join("appliance.toml");
-    std::fs::write(&config, format!("[secrets]\nallow = [\"file:{}/\"]\n", releases.path().display())).unwrap();
-    let run_args = ["--releases-dir", root.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let releases = ReleasesDir::new();
+    let (root, run_args) = (&releases.root, releases.run_args());
     let mut d = Deployment::start_with(BIN, POLICY, &run_args);
     let tmp = d.server.dir.path().to_owned();
-    let vendor = tmp.join("vendor-key");
-    keygen(BIN, &vendor);
-    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
-    let key = vendor.join("customer.key");
-    let secret = releases.path().join("db-password");
+    let key = d.register_release_key(BIN);
+    let secret = releases.dir.path().join("db-password");
     std::fs::write(&secret, CANARY).unwrap();
     let port = free_port();
 
@@ -230,9 +221,7 @@ fn a_deploy_is_held_until_its_aws_secrets_exist_and_their_values_stay_home() {
         &aws,
     );
     let tmp = d.server.dir.path().to_owned();
-    let vendor = tmp.join("vendor-key");
-    keygen(BIN, &vendor);
-    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+    let key = d.register_release_key(BIN);
     let dir = tmp.join("svc");
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::write(
@@ -253,7 +242,7 @@ secrets = { DB_PASSWORD = "aws-sm:shop/db", API_TOKEN = "aws-ssm:/shop/api-token
         "#!/bin/sh\n[ -n \"$DB_PASSWORD\" ] && [ -n \"$API_TOKEN\" ] || exit 3\necho \"got ${#DB_PASSWORD} and ${#API_TOKEN} bytes\"\nexec sleep 600\n",
     )
     .unwrap();
-    d.server.ok(&["release", "push", dir.to_str().unwrap(), "--key", vendor.join("customer.key").to_str().unwrap()]);
+    d.server.ok(&["release", "push", dir.to_str().unwrap(), "--key", key.to_str().unwrap()]);
     let op = deploy(&d, "svc@1.0.0");
     d.wait_state(&op, "awaiting_approval");
     d.approve(&op);
@@ -293,15 +282,11 @@ secrets = { DB_PASSWORD = "aws-sm:shop/db", API_TOKEN = "aws-ssm:/shop/api-token
 /// from the bytes already held, checks the whole artifact, and installs.
 #[test]
 fn a_fetch_cut_by_killing_the_appliance_resumes_where_it_stopped() {
-    let releases = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let root = releases.path().join("installed");
-    let run_args = ["--releases-dir", root.to_str().unwrap()];
+    let releases = ReleasesDir::new();
+    let run_args = releases.run_args();
     let mut d = Deployment::start_with(BIN, POLICY, &run_args);
     let tmp = d.server.dir.path().to_owned();
-    let vendor = tmp.join("vendor-key");
-    keygen(BIN, &vendor);
-    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+    let key = d.register_release_key(BIN);
     let dir = tmp.join("big");
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::write(
@@ -314,7 +299,7 @@ fn a_fetch_cut_by_killing_the_appliance_resumes_where_it_stopped() {
     let sha = airlock_core::operation::sha256_hex(&data);
     std::fs::write(dir.join("data.bin"), &data).unwrap();
     drop(data);
-    d.server.ok(&["release", "push", dir.to_str().unwrap(), "--key", vendor.join("customer.key").to_str().unwrap()]);
+    d.server.ok(&["release", "push", dir.to_str().unwrap(), "--key", key.to_str().unwrap()]);
 
     let op = deploy(&d, "big@1.0.0");
     d.wait_state(&op, "awaiting_approval");

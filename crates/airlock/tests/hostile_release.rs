@@ -18,7 +18,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use airlock_testkit::e2e::{Deployment, free_port, keygen, ok, serves};
+use airlock_testkit::e2e::{Deployment, ReleasesDir, free_port, ok, serves};
 use airlock_testkit::process::wait_for;
 use serde_json::{Value, json};
 
@@ -161,20 +161,12 @@ fn processes_running(needle: &str) -> Vec<u32> {
 fn a_hostile_release_cannot_reach_past_its_boxes_and_the_appliance_serves_on() {
     assert!(Path::new("/usr/bin/python3").exists(), "the release's services are python3");
     let _sweep = SweepBoxSegments;
-    let releases = tempfile::tempdir().unwrap();
-    // The box user reaches the releases through this directory.
-    std::fs::set_permissions(releases.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let root = releases.path().join("installed");
-    let config = releases.path().join("appliance.toml");
-    std::fs::write(&config, format!("[secrets]\nallow = [\"file:{}/\"]\n", releases.path().display())).unwrap();
-    let run_args = ["--releases-dir", root.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let releases = ReleasesDir::new();
+    let (root, config, run_args) = (&releases.root, &releases.config, releases.run_args());
     let mut d = Deployment::start_with(BIN, POLICY, &run_args);
     let tmp = d.server.dir.path().to_owned();
-    let vendor = tmp.join("vendor-key");
-    keygen(BIN, &vendor);
-    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
-    let key = vendor.join("customer.key");
-    let secret = releases.path().join("web-secret");
+    let key = d.register_release_key(BIN);
+    let secret = releases.dir.path().join("web-secret");
     std::fs::write(&secret, CANARY).unwrap();
     let port = free_port();
 
@@ -445,14 +437,11 @@ fn is_appended(path: &Path) -> bool {
 /// `sandbox::seccomp`).
 #[test]
 fn a_root_service_cannot_change_modes_or_owners_outside_its_box() {
-    let releases = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(releases.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let root = releases.path().join("installed");
-    let mut d = Deployment::start_with(BIN, POLICY, &["--releases-dir", root.to_str().unwrap()]);
+    let releases = ReleasesDir::new();
+    let root = &releases.root;
+    let mut d = Deployment::start_with(BIN, POLICY, &releases.run_args());
     let tmp = d.server.dir.path().to_owned();
-    let vendor = tmp.join("vendor-key");
-    keygen(BIN, &vendor);
-    d.server.ok(&["release", "key", "add", vendor.join("customer.pub").to_str().unwrap()]);
+    let key = d.register_release_key(BIN);
     // A host daemon's socket, root's only (as /var/run/docker.sock or systemd's private one).
     let daemon = tmp.join("daemon");
     std::fs::create_dir(&daemon).unwrap();
@@ -490,7 +479,7 @@ exec sleep 600
         socket = socket.display()
     );
     std::fs::write(dir.join("bin/rooty"), script).unwrap();
-    push(&d, &dir, &vendor.join("customer.key"));
+    push(&d, &dir, &key);
     let done = deploy(&d, "rooty@1.0.0");
     assert_eq!(done["exit_code"], 0, "{done}");
     let log = root.join(".logs/rooty.log");
