@@ -3,6 +3,7 @@
 //! A token never holds more than its creator: its role is one the creator could grant (only an owner makes owners), its permissions (what its role and action list allow) are a subset of the creator's on the same workspace, its workspace is within the creator's, and it expires no later than the creator.
 //! The secret is shown once (`airlock_at_…`, so secret scanners find it); only its SHA-256 is stored.
 //! A rotation issues a new secret and keeps the old one working for the grace it is given (default none); a revocation ends both at once.
+//! Rotating or revoking a token needs at least what it holds (only an owner ends an owner's token).
 
 use std::time::Duration;
 
@@ -34,8 +35,8 @@ pub enum TokenError {
     NoToken(TokenId),
     #[error("the action list names {0}, which role `{1}` does not grant")]
     ActionOutsideRole(String, &'static str),
-    /// The new or rotated token would hold more than its creator; the text says what.
-    #[error("a token cannot hold more than the token that makes it: {0}")]
+    /// The new, rotated or revoked token holds more than the principal acting on it; the text says what.
+    #[error("a token cannot hold more than the principal that makes, rotates or revokes it: {0}")]
     ExceedsCreator(String),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -62,8 +63,21 @@ fn target(workspace: &Option<String>) -> Target<'_> {
     workspace.as_deref().map_or(Target::Tenant, Target::Workspace)
 }
 
-/// Refuses `grants` (on `workspace`) if they exceed what `scope` holds there.
+/// Refuses `grants` (on `workspace`) if they exceed what `scope` holds there, or outlive it.
 fn within_creator(state: &AppState, scope: &TenantScope, grants: &Grants) -> Result<(), TokenError> {
+    holds_at_least(state, scope, grants)?;
+    let creator =
+        scope.grants().ok_or_else(|| TokenError::ExceedsCreator("only an API principal makes tokens".into()))?;
+    if let Some(creator_expiry) = creator.expires_at
+        && grants.expires_at.is_none_or(|t| t > creator_expiry)
+    {
+        return Err(TokenError::ExceedsCreator(format!("it must expire by {creator_expiry}")));
+    }
+    Ok(())
+}
+
+/// Refuses `grants` (on `workspace`) if they exceed what `scope` holds there: its permissions, an owner role, its workspace.
+fn holds_at_least(state: &AppState, scope: &TenantScope, grants: &Grants) -> Result<(), TokenError> {
     let creator =
         scope.grants().ok_or_else(|| TokenError::ExceedsCreator("only an API principal makes tokens".into()))?;
     let tenant = scope.tenant();
@@ -77,17 +91,12 @@ fn within_creator(state: &AppState, scope: &TenantScope, grants: &Grants) -> Res
         return Err(TokenError::ExceedsCreator(format!("it would be permitted {}", extra.join(", "))));
     }
     if grants.role() == Some(Role::Owner) && !creator.roles.iter().any(|(r, ws)| *r == Role::Owner && ws.is_none()) {
-        return Err(TokenError::ExceedsCreator("only an owner makes owner tokens".into()));
+        return Err(TokenError::ExceedsCreator("only an owner makes, rotates or revokes owner tokens".into()));
     }
     if let Some(own) = creator.workspace
         && grants.workspace != Some(own)
     {
         return Err(TokenError::ExceedsCreator(format!("its workspace must be {own}")));
-    }
-    if let Some(creator_expiry) = creator.expires_at
-        && grants.expires_at.is_none_or(|t| t > creator_expiry)
-    {
-        return Err(TokenError::ExceedsCreator(format!("it must expire by {creator_expiry}")));
     }
     Ok(())
 }
@@ -192,7 +201,16 @@ pub async fn rotate(state: &AppState, scope: &TenantScope, id: TokenId, grace: D
 }
 
 /// Revokes a token: the very next request with either of its secrets is refused.
+/// The revoker must hold at least what the token holds (a token may always revoke itself), so an admin ends no owner's
+/// token; unlike rotation, the token may outlive the revoker.
 pub async fn revoke(state: &AppState, scope: &TenantScope, id: TokenId) -> Result<Timestamp, TokenError> {
+    let Some(token) = state.store.get_api_token(scope, id).await?.filter(|t| t.revoked_at.is_none()) else {
+        return Err(TokenError::NoToken(id));
+    };
+    let itself = matches!(scope.principal(), crate::authz::Principal::ApiToken { id: own, .. } if *own == id);
+    if !itself {
+        holds_at_least(state, scope, &token.grants)?;
+    }
     let now = state.now();
     let mut tx = state.store.write().await?;
     if !tx.revoke_api_token(scope, id, now).await? {

@@ -347,3 +347,6 @@ async fn get_ca(State(state): State<Arc<AppState>>) -> Json<CaInfo> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod authz_attacks;

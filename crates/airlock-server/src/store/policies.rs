@@ -59,10 +59,17 @@ impl Store {
         env: EnvironmentId,
     ) -> Result<Option<PolicyRow>, StoreError> {
         self.policy_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let sql =
-            format!("SELECT {POLICY_COLUMNS} FROM environment_policies WHERE tenant_id = $1 AND environment_id = $2");
-        let row =
-            sqlx::query(&sql).bind(scope.tenant().to_string()).bind(env.to_string()).fetch_optional(&self.pool).await?;
+        // A scope confined to one workspace sees no policy of another workspace's environment, as with the environment itself.
+        let sql = format!(
+            "SELECT {POLICY_COLUMNS} FROM environment_policies WHERE tenant_id = $1 AND environment_id = $2
+               AND ($3 IS NULL OR environment_id IN (SELECT id FROM environments WHERE tenant_id = $1 AND workspace_id = $3))"
+        );
+        let row = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(env.to_string())
+            .bind(scope.workspace().map(|w| w.to_string()))
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(policy_from_row).transpose()
     }
 }

@@ -1,0 +1,105 @@
+//! An attacker's tests of the API's authorization (issue 15): each names a way past the gate,
+//! the store's scoping or the token rules, and holds the server to refusing it.
+
+use airlock_testkit::customer;
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::tests::{Api, api, tenant_of};
+
+impl Api {
+    /// A second workspace of the fixture's tenant, with one environment: (workspace, environment).
+    async fn other_workspace_with_env(&self) -> (String, String) {
+        let tenant: airlock_core::TenantId = tenant_of(self).await.parse().unwrap();
+        let ws = airlock_core::WorkspaceId::from_random(crate::state::random());
+        let mut tx = self.state.store.write().await.unwrap();
+        tx.create_workspace(tenant, ws, "other", self.state.now()).await.unwrap();
+        tx.commit().await.unwrap();
+        let (s, v) = self.post(&format!("/v1/workspaces/{ws}/environments"), json!({ "name": "theirs" })).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        (ws.to_string(), v["id"].as_str().unwrap().to_owned())
+    }
+
+    /// A token made by the fixture's owner token: its secret and id.
+    async fn token(&self, body: Value) -> (String, String) {
+        let (s, v) = self.post("/v1/tokens", body).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        (v["token"].as_str().unwrap().to_owned(), v["details"]["id"].as_str().unwrap().to_owned())
+    }
+}
+
+/// A customer policy for `env`, signed by customer key 1.
+fn signed_policy(env: &str) -> Value {
+    let toml = format!("version = 1\nserial = 1\nenvironment = \"{env}\"\nphases = [\"observe\", \"deploy\"]\n");
+    serde_json::from_str(&customer::signed_policy(&toml, &[1])).unwrap()
+}
+
+/// A token confined to workspace A reaches an environment of workspace B only through the environment's own id;
+/// the store must resolve that id within A, as it does for join tokens and operation requests.
+#[tokio::test]
+async fn a_workspace_token_reads_no_policy_of_another_workspaces_environment() {
+    let api = api().await;
+    let (_, theirs) = api.other_workspace_with_env().await;
+    let path = format!("/v1/environments/{theirs}/policy");
+    let (s, v) = api
+        .call(Method::PUT, &path, Some(&api.token), Some(&json!({ "envelope": signed_policy(&theirs) }).to_string()))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let (viewer, _) = api
+        .token(json!({ "name": "ws-a viewer", "role": "viewer", "workspace_id": api.workspace, "expires_in": "1d" }))
+        .await;
+    // The same token on a join token for that environment: not found, as it should be.
+    let (admin, _) = api
+        .token(json!({ "name": "ws-a admin", "role": "admin", "workspace_id": api.workspace, "expires_in": "1d" }))
+        .await;
+    let (s, _) =
+        api.call(Method::POST, &format!("/v1/environments/{theirs}/join-tokens"), Some(&admin), Some("{}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The policy of that environment: must be just as invisible.
+    let (s, v) = api.call(Method::GET, &path, Some(&viewer), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a token of workspace A read workspace B's policy: {v}");
+    assert!(!v.to_string().contains("signatures"), "{v}");
+}
+
+/// Rotation demands that the rotator hold what the token holds; revocation, which ends a credential, demands nothing
+/// beyond `tokens:manage`, so an admin token (even one listing only `tokens:manage`) revokes every owner token.
+#[tokio::test]
+async fn an_admin_token_cannot_revoke_an_owner_token() {
+    let api = api().await;
+    let (narrow_admin, _) = api
+        .token(json!({ "name": "token janitor", "role": "admin", "actions": ["tokens:manage"], "expires_in": "1d" }))
+        .await;
+    let (owner, owner_id) = api.token(json!({ "name": "second owner", "role": "owner", "expires_in": "30d" })).await;
+    // Rotating it is refused, rightly: the admin would learn an owner's secret.
+    let (s, v) =
+        api.call(Method::POST, &format!("/v1/tokens/{owner_id}/rotate"), Some(&narrow_admin), Some("{}")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // Revoking it must be refused the same way.
+    let (s, v) = api.call(Method::DELETE, &format!("/v1/tokens/{owner_id}"), Some(&narrow_admin), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "an admin token listing only tokens:manage revoked an owner token: {v}");
+    assert_eq!(v["error"]["code"], "forbidden", "{v}");
+    let (s, _) = api.call(Method::GET, "/v1/workspaces", Some(&owner), None).await;
+    assert_eq!(s, StatusCode::OK, "the owner token must still work");
+    // A token it holds no less than, and itself: revoked.
+    let (_, viewer_id) = api.token(json!({ "name": "viewer", "role": "viewer", "expires_in": "30d" })).await;
+    let (s, v) = api.call(Method::DELETE, &format!("/v1/tokens/{viewer_id}"), Some(&narrow_admin), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "the viewer reads what the narrow admin cannot: {v}");
+    let (admin, _) = api.token(json!({ "name": "admin", "role": "admin", "expires_in": "1d" })).await;
+    let (s, v) = api.call(Method::DELETE, &format!("/v1/tokens/{viewer_id}"), Some(&admin), None).await;
+    assert_eq!(s, StatusCode::OK, "an admin ends a viewer's token, though the token outlives it: {v}");
+    let narrow_id = api
+        .call(Method::GET, "/v1/tokens", Some(&api.token), None)
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "token janitor")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, v) = api.call(Method::DELETE, &format!("/v1/tokens/{narrow_id}"), Some(&narrow_admin), None).await;
+    assert_eq!(s, StatusCode::OK, "a token revokes itself: {v}");
+}
