@@ -276,7 +276,7 @@ struct ApplianceCmd {
 enum ApplianceSub {
     /// Run the appliance: join once, then hold an outbound mTLS stream to the control plane.
     #[cfg(feature = "appliance")]
-    Run(ApplianceRunArgs),
+    Run(Box<ApplianceRunArgs>),
     /// On the appliance host: switch a phase on or off, or show what is in force.
     #[cfg(feature = "appliance")]
     Phase {

@@ -5,6 +5,8 @@
 //! Proofs the appliance would never make (unsigned challenge, tampered, replayed, aimed at a
 //! dead endpoint) are signed here with botocore's own SigV4 signer, then sent to `/v1/join`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
