@@ -21,6 +21,12 @@ pub struct FileConfig {
     pub control_plane: Option<String>,
     pub ca_fingerprint: Option<String>,
     pub join_token: Option<String>,
+    /// `aws`: join with the host's AWS identity instead of a token.
+    pub join_method: Option<String>,
+    /// The STS endpoint an AWS join signs for (default `https://sts.<region>.amazonaws.com`).
+    pub aws_sts_endpoint: Option<String>,
+    /// The region an AWS join signs for, when the standard chain names none.
+    pub aws_region: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub max_backoff_seconds: Option<u64>,
     /// Customer public keys (PEM files) to pin at install.
@@ -84,6 +90,8 @@ pub struct Flags {
     pub control_plane: Option<String>,
     pub ca_fingerprint: Option<String>,
     pub join_token: Option<String>,
+    pub join_method: Option<String>,
+    pub aws_sts_endpoint: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub customer_keys: Vec<PathBuf>,
     pub policy: Option<PathBuf>,
@@ -133,6 +141,23 @@ pub enum ConfigError {
     ReleasesDir(PathBuf),
     #[error("`dependency.{0}`: {1}")]
     Dependency(String, &'static str),
+    #[error("`join_method` is `aws` (or unset, with a join token), got `{0}`")]
+    JoinMethod(String),
+    #[error("give a join token or `join_method = \"aws\"`, not both")]
+    TwoJoinMethods,
+    #[error("`aws_sts_endpoint`: {0}")]
+    AwsEndpoint(String),
+    #[error("`aws_region` looks like `eu-west-1`, got `{0}`")]
+    AwsRegion(String),
+}
+
+/// How a first start joins with the host's AWS identity (`crate::join::aws`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AwsJoinConfig {
+    /// The STS endpoint signed for; `None`: `https://sts.<region>.amazonaws.com`.
+    pub sts_endpoint: Option<reqwest::Url>,
+    /// The region signed for; `None`: the standard chain's (environment, profile, instance).
+    pub region: Option<String>,
 }
 
 /// The customer's admin group, as configured: resolved to a gid when the appliance starts
@@ -174,6 +199,8 @@ pub struct ApplianceConfig {
     pub ca_fingerprint: Fingerprint,
     /// Needed only for the first join; ignored once the state directory holds an identity.
     pub join_token: Option<Secret>,
+    /// Join with the host's AWS identity instead of a token (never both).
+    pub aws_join: Option<AwsJoinConfig>,
     pub state_dir: PathBuf,
     pub max_backoff: Duration,
     pub customer_keys: Vec<PathBuf>,
@@ -215,6 +242,31 @@ impl ApplianceConfig {
         let join_token = pick(&flags.join_token, "AIRLOCK_JOIN_TOKEN", &file.join_token)
             .map(|t| Secret::parse(TokenKind::Join, &t))
             .transpose()?;
+        let aws_join = match pick(&flags.join_method, "AIRLOCK_JOIN_METHOD", &file.join_method).as_deref() {
+            None | Some("token") => None,
+            Some("aws") => {
+                let sts_endpoint = pick(&flags.aws_sts_endpoint, "AIRLOCK_AWS_STS_ENDPOINT", &file.aws_sts_endpoint)
+                    .map(|e| {
+                        // The same rules as the secrets' endpoints: http(s)://HOST[:PORT][/PATH], nothing else.
+                        e.parse::<crate::AwsEndpoint>().map_err(ConfigError::AwsEndpoint)?;
+                        reqwest::Url::parse(&e).map_err(|err| ConfigError::AwsEndpoint(err.to_string()))
+                    })
+                    .transpose()?;
+                let region = file.aws_region.clone();
+                if let Some(r) = &region
+                    && (r.is_empty()
+                        || r.len() > 32
+                        || !r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+                {
+                    return Err(ConfigError::AwsRegion(r.chars().take(40).collect()));
+                }
+                Some(AwsJoinConfig { sts_endpoint, region })
+            }
+            Some(other) => return Err(ConfigError::JoinMethod(other.chars().take(40).collect())),
+        };
+        if aws_join.is_some() && join_token.is_some() {
+            return Err(ConfigError::TwoJoinMethods);
+        }
         let state_dir = flags
             .state_dir
             .clone()
@@ -274,6 +326,7 @@ impl ApplianceConfig {
             control_plane,
             ca_fingerprint,
             join_token,
+            aws_join,
             state_dir,
             max_backoff,
             customer_keys,
@@ -387,6 +440,30 @@ mod tests {
             ApplianceConfig::resolve(Some(file), &HashMap::new(), &flags),
             Err(ConfigError::Dependency(..))
         ));
+    }
+
+    #[test]
+    fn an_aws_join_is_chosen_by_join_method_and_never_beside_a_token() {
+        let flags = Flags {
+            control_plane: Some("https://x".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/s".into()),
+            join_method: Some("aws".into()),
+            aws_sts_endpoint: Some("http://127.0.0.1:5000".into()),
+            ..Default::default()
+        };
+        let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap();
+        let aws = cfg.aws_join.unwrap();
+        assert_eq!(aws.sts_endpoint.map(String::from).as_deref(), Some("http://127.0.0.1:5000/"));
+        let with_token = Flags { join_token: Some(format!("airlock_jt_{}", "a".repeat(43))), ..flags.clone() };
+        assert!(matches!(
+            ApplianceConfig::resolve(None, &HashMap::new(), &with_token),
+            Err(ConfigError::TwoJoinMethods | ConfigError::Token(_))
+        ));
+        let gcp = Flags { join_method: Some("gcp".into()), ..flags.clone() };
+        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &gcp), Err(ConfigError::JoinMethod(_))));
+        let bad = Flags { aws_sts_endpoint: Some("sts.amazonaws.com".into()), ..flags };
+        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &bad), Err(ConfigError::AwsEndpoint(_))));
     }
 
     #[test]

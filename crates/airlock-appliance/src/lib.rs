@@ -13,8 +13,8 @@
 //! keyed head, and signed checkpoints outside the state directory), holds the files of the
 //! customer's authority against what the log recorded (`anchors`), and settles that authority:
 //! pinned keys and signed policy (`customer`).
-//! A first start joins with a join token (`join`), retried with backoff while the control plane
-//! is unreachable; the key is on disk before the request leaves, so a retry proves possession
+//! A first start joins with a join token or the host's AWS identity (`join`), retried with
+//! backoff while the control plane is unreachable; the key is on disk before the request leaves, so a retry proves possession
 //! of the same key.
 //! Operations the previous process left running are killed and recorded (`executor`), and
 //! operations still running when the appliance stops are killed on the way out.
@@ -101,9 +101,11 @@ pub enum ApplianceError {
     #[error("join refused by the control plane (HTTP {status}): {message}")]
     JoinRefused { status: u16, message: String },
     #[error(
-        "this appliance has no identity yet and no join token was given; pass --join-token (from `airlock env join-token`)"
+        "this appliance has no identity yet and no way to join was given; pass --join-token (from `airlock env join-token`) or --join-method aws"
     )]
     NoJoinToken,
+    #[error("cannot prove this host's platform identity: {0}")]
+    PlatformIdentity(String),
     #[error("cannot reach the control plane: {0}")]
     Unreachable(String),
     #[error(
@@ -229,8 +231,12 @@ pub async fn run(
     tracing::info!(effective_phases = ?control.effective_phases(), ?admin_gid, "local admin socket ready");
 
     if !state.is_enrolled() {
-        let token = config.join_token.as_ref().ok_or(ApplianceError::NoJoinToken)?;
-        tracing::info!(control_plane = %config.control_plane, "joining with a join token");
+        let with = match (&config.join_token, &config.aws_join) {
+            (Some(token), _) => join::JoinWith::Token(token),
+            (None, Some(aws)) => join::JoinWith::Aws(aws),
+            (None, None) => return Err(ApplianceError::NoJoinToken),
+        };
+        tracing::info!(control_plane = %config.control_plane, method = with.method(), "joining");
         // The key is on disk before the request leaves: if the response is lost, the retry
         // (in this run or the next) proves possession of the same key and gets the same identity.
         let key = match state.pending_join_key() {
@@ -245,7 +251,7 @@ pub async fn run(
         };
         let mut backoff = backoff::Backoff::new(Duration::from_millis(500), config.max_backoff);
         let (enrolment, ca_pem, creds) = loop {
-            match join::join(&config.control_plane, config.ca_fingerprint, token, &key).await {
+            match join::join(&config.control_plane, config.ca_fingerprint, with, &key).await {
                 Ok(joined) => break joined,
                 // Only an unreachable control plane is worth retrying: a refusal or a trust
                 // failure will not change by waiting.
@@ -322,6 +328,8 @@ pub async fn run(
         ca_pem: &ca_pem,
         identity: &identity,
         started: std::time::Instant::now(),
+        // An AWS-joined appliance proves its identity again at each renewal.
+        aws_join: config.aws_join.as_ref(),
         // Deploys fetch their artifacts on the session's own connection.
         link: executor.gateway_link(),
         executor,

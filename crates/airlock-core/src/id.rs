@@ -112,6 +112,10 @@ typed_id!(
     /// A rollout: one release deployed to many environments under a concurrency limit.
     RolloutId, "rol", "a rollout"
 );
+typed_id!(
+    /// A rule that lets a platform identity (an AWS account and role) join one environment.
+    JoinRuleId, "jrl", "a join rule"
+);
 
 /// One operation: `op_` and 32 lowercase hex digits (128 random bits).
 ///

@@ -1,5 +1,5 @@
-//! An appliance's life on the control plane: it joins with a single-use token, and it can be
-//! revoked.
+//! An appliance's life on the control plane: it joins with a single-use token or a platform
+//! identity (`crate::platform_join`), and it can be revoked.
 //!
 //! Join: the token is checked without the write lock first (an unknown one costs a read), the
 //! CSR's self-signature proves possession of its key before anything is spent, and the token
@@ -8,6 +8,8 @@
 //! The same appliance asking again with the same key while the token would still be valid is a
 //! join whose response was lost: it is answered again (with a fresh certificate) instead of
 //! stranded.
+//! A platform join asked again with the same key, in the environment its identity matches, is
+//! answered the same way.
 //!
 //! Revocation is enforced at three points.
 //! At the handshake: the gateway's certificate verifier ([`crate::tls`]) consults the
@@ -22,12 +24,15 @@
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{ApplianceId, ApplianceIdentity};
+use airlock_proto::join::{AwsStsProof, JoinProof, JoinRequest};
 
 use crate::authz::TenantScope;
 use crate::ca::Issued;
+use crate::platform_join::PlatformRefusal;
+use crate::platform_join::aws::AwsRefusal;
 use crate::registry::Kick;
 use crate::state::{AppState, SYSTEM_CHAIN, event, random};
-use crate::store::{RedeemRefusal, StoreError};
+use crate::store::{JoinVia, RedeemRefusal, StoreError};
 
 /// An appliance that joined (or whose lost join response was answered again).
 #[derive(Debug)]
@@ -45,6 +50,12 @@ pub enum JoinRefusal {
     Token,
     /// The CSR is malformed, or asks for what the CA does not issue.
     Csr,
+    /// The platform proof, or its challenge, is refused.
+    Proof,
+    /// The platform identity is proved, but no environment, or more than one, accepts it.
+    NoEnvironment,
+    /// The platform could not be asked (STS unreachable); the appliance may try again.
+    PlatformUnavailable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,15 +67,37 @@ pub enum JoinError {
     Store(#[from] StoreError),
 }
 
-/// Exchanges a single-use join token and a CSR (PEM) for an appliance certificate. `version`
-/// is what the appliance reports itself as (off the network; kept short and printable).
-pub async fn join(state: &AppState, token: &str, csr_pem: &str, version: &str) -> Result<Joined, JoinError> {
+/// Exchanges a proof of identity (a join token, or a platform proof) and a CSR (PEM) for an
+/// appliance certificate. `version` is what the appliance reports itself as (off the network;
+/// kept short and printable).
+pub async fn join(state: &AppState, request: &JoinRequest) -> Result<Joined, JoinError> {
+    match &request.proof {
+        JoinProof::JoinToken(token) => join_with_token(state, token, &request.csr_pem, &request.version).await,
+        JoinProof::AwsSts(proof) => join_with_aws(state, proof, &request.csr_pem, &request.version).await,
+    }
+}
+
+/// Records a refused join on `chain` and returns the error.
+async fn refuse(
+    state: &AppState,
+    chain: String,
+    refusal: JoinRefusal,
+    reason: String,
+    detail: serde_json::Value,
+) -> JoinError {
+    let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
+    let mut detail = detail;
+    detail["reason"] = reason.clone().into();
+    ev.detail = detail;
+    state.audit_refusal(&chain, ev).await;
+    JoinError::Refused { refusal, reason }
+}
+
+/// Exchanges a single-use join token and a CSR for an appliance certificate.
+async fn join_with_token(state: &AppState, token: &str, csr_pem: &str, version: &str) -> Result<Joined, JoinError> {
     let now = state.now();
-    let refuse = |chain: String, refusal: JoinRefusal, reason: String| async move {
-        let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
-        ev.detail = serde_json::json!({ "reason": reason });
-        state.audit_refusal(&chain, ev).await;
-        JoinError::Refused { refusal, reason }
+    let refuse = |chain: String, refusal: JoinRefusal, reason: String| {
+        refuse(state, chain, refusal, reason, serde_json::json!({ "method": "join_token" }))
     };
     let secret = match Secret::parse(TokenKind::Join, token) {
         Ok(s) => s,
@@ -117,34 +150,108 @@ pub async fn join(state: &AppState, token: &str, csr_pem: &str, version: &str) -
             return Err(refuse(chain, JoinRefusal::Token, why).await);
         }
     };
+    let detail = serde_json::json!({ "method": "join_token", "join_token": token.map(|t| t.to_string()) });
+    let via = JoinVia { method: "join_token", identity: None, rule: None };
+    issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, retried, via, detail }).await
+}
+
+/// Joins with a SigV4-signed `sts:GetCallerIdentity` request (`crate::platform_join`).
+async fn join_with_aws(
+    state: &AppState,
+    proof: &AwsStsProof,
+    csr_pem: &str,
+    version: &str,
+) -> Result<Joined, JoinError> {
+    // The CSR first: it costs nothing to check, and a bad one should not spend a challenge.
+    let join_key = match crate::ca::csr_public_key(csr_pem) {
+        Ok(k) => k,
+        Err(e) => {
+            let detail = serde_json::json!({ "method": "aws_sts", "code": "bad_csr" });
+            return Err(refuse(state, SYSTEM_CHAIN.into(), JoinRefusal::Csr, format!("CSR refused: {e}"), detail).await);
+        }
+    };
+    let matched = match crate::platform_join::verify_aws(state, proof).await? {
+        Ok(m) => m,
+        Err(r) => {
+            let refusal = match &r {
+                PlatformRefusal::NoRule(_) | PlatformRefusal::SeveralEnvironments(..) => JoinRefusal::NoEnvironment,
+                PlatformRefusal::Aws(AwsRefusal::StsUnreachable) => JoinRefusal::PlatformUnavailable,
+                _ => JoinRefusal::Proof,
+            };
+            let detail = serde_json::json!({
+                "method": "aws_sts",
+                "code": r.code(),
+                "identity": r.identity().map(|i| serde_json::json!({ "account": i.account, "arn": i.caller_arn })),
+            });
+            tracing::info!(code = r.code(), "refused a platform join");
+            return Err(refuse(state, SYSTEM_CHAIN.into(), refusal, r.reason(), detail).await);
+        }
+    };
+    let mut tx = state.store.write().await?;
+    let retry = tx.platform_join_retry(matched.tenant, matched.environment, &join_key).await?;
+    let identity = ApplianceIdentity {
+        trust_domain: state.ca.trust_domain().to_owned(),
+        tenant: matched.tenant,
+        environment: matched.environment,
+        appliance: retry.unwrap_or_else(|| ApplianceId::from_random(random())),
+    };
+    let detail = serde_json::json!({
+        "method": "aws_sts",
+        "identity": { "account": matched.identity.account, "arn": matched.identity.caller_arn, "matched_arn": matched.identity.arn },
+        "join_rule": matched.rule.to_string(),
+    });
+    let via = JoinVia { method: "aws_sts", identity: Some(&matched.identity.arn), rule: Some(matched.rule) };
+    issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, retried: retry.is_some(), via, detail })
+        .await
+}
+
+/// What [`issue`] records.
+struct Issue<'a> {
+    identity: ApplianceIdentity,
+    join_key: &'a [u8],
+    csr_pem: &'a str,
+    version: &'a str,
+    retried: bool,
+    via: JoinVia<'a>,
+    /// The method's part of the audit record.
+    detail: serde_json::Value,
+}
+
+/// Signs the certificate and records the appliance (or the renewal of a lost answer) with its
+/// audit record, in `tx`. A CSR the CA refuses rolls back, so a bad CSR spends no token.
+async fn issue(state: &AppState, mut tx: crate::store::WriteTx<'_>, i: Issue<'_>) -> Result<Joined, JoinError> {
+    let now = state.now();
+    let Issue { identity, join_key, csr_pem, version, retried, via, detail } = i;
     let appliance = identity.appliance;
     let issued = match state.ca.sign_join_csr(csr_pem, &identity, now, state.appliance_cert_lifetime) {
         Ok(i) => i,
         Err(e) => {
-            // Rolling back leaves the token unspent: a bad CSR should not burn it.
             drop(tx);
-            return Err(refuse(identity.tenant.to_string(), JoinRefusal::Csr, format!("CSR refused: {e}")).await);
+            let chain = identity.tenant.to_string();
+            return Err(refuse(state, chain, JoinRefusal::Csr, format!("CSR refused: {e}"), detail).await);
         }
     };
     let version: String = version.chars().filter(|c| !c.is_control()).take(64).collect();
     if retried {
         tx.record_renewal(&TenantScope::for_appliance(&identity), appliance, &issued.serial, issued.not_after).await?;
     } else {
-        tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), &join_key, now).await?;
+        tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), join_key, now).await?;
+        if via.method != "join_token" {
+            tx.record_join_via(&identity, via).await?;
+        }
     }
     let mut ev = event(format!("appliance:{appliance}"), AuditAction::ApplianceJoin, Outcome::Success);
     ev.target = Some(appliance.to_string());
-    ev.detail = serde_json::json!({
-        "environment": identity.environment.to_string(),
-        "join_token": token.map(|t| t.to_string()),
-        "retry_of_lost_response": retried,
-        "serial": issued.serial,
-        "not_after": issued.not_after.to_string(),
-    });
+    let mut detail = detail;
+    detail["environment"] = identity.environment.to_string().into();
+    detail["retry_of_lost_response"] = retried.into();
+    detail["serial"] = issued.serial.clone().into();
+    detail["not_after"] = issued.not_after.to_string().into();
+    ev.detail = detail;
     tx.audit(&identity.tenant.to_string(), now, ev).await?;
     tx.commit().await?;
     state.metrics.joins.inc();
-    tracing::info!(%appliance, environment = %identity.environment, retried, "appliance joined");
+    tracing::info!(%appliance, environment = %identity.environment, method = via.method, retried, "appliance joined");
     Ok(Joined { identity, certificate: issued, retried })
 }
 

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod operations;
+pub mod platform_join;
 pub mod policy;
 pub mod push;
 pub mod registry;
@@ -119,6 +120,8 @@ pub struct ServerConfig {
     pub max_artifact_bytes: u64,
     /// The most bytes of artifacts one workspace may hold (`--max-workspace-artifact-bytes`).
     pub max_workspace_artifact_bytes: u64,
+    /// STS endpoints AWS join proofs may be sent to (`--aws-sts-endpoint`); empty: the public ones.
+    pub aws_sts_endpoints: Vec<String>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -140,6 +143,7 @@ impl ServerConfig {
             rollout_interval: Duration::from_secs(1),
             max_artifact_bytes: artifacts::DEFAULT_MAX_ARTIFACT_BYTES,
             max_workspace_artifact_bytes: artifacts::DEFAULT_MAX_WORKSPACE_ARTIFACT_BYTES,
+            aws_sts_endpoints: Vec::new(),
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -546,6 +550,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.max_workspace_artifact_bytes,
     )
     .map_err(|source| ServerError::DataDir { path: config.data_dir.join("artifacts"), source })?;
+    let platform = platform_join::PlatformJoin::new(&config.aws_sts_endpoints).map_err(ServerError::Config)?;
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await?;
@@ -573,6 +578,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         gateway_server_name,
         audit_key_pem: audit_signer.public_pem().to_owned(),
         artifacts,
+        platform,
     });
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -718,5 +724,6 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         gateway_server_name: "127.0.0.1".into(),
         audit_key_pem: audit_signer.public_pem().to_owned(),
         artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024, 16 * 1024 * 1024).expect("artifact store"),
+        platform: platform_join::PlatformJoin::new(&[]).expect("the STS client builds"),
     })
 }

@@ -54,6 +54,8 @@ pub struct AppState {
     pub audit_key_pem: String,
     /// Release artifacts on disk.
     pub artifacts: crate::artifacts::ArtifactStore,
+    /// Join challenges and the STS endpoints platform proofs may go to.
+    pub platform: crate::platform_join::PlatformJoin,
 }
 
 impl AppState {

@@ -27,9 +27,22 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// moto with its request authentication switched on after the first `free_calls` calls (its
+    /// `INITIAL_NO_AUTH_ACTION_COUNT`): those set up users, roles and keys; from then on every
+    /// call must carry a SigV4 signature by keys moto issued, checked as AWS does, so a forged or
+    /// tampered one fails here.
+    pub fn start_with_iam_auth_after(free_calls: u32) -> Self {
+        Self::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", &free_calls.to_string())])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Self {
         let port = crate::e2e::free_port();
         let child = Command::new(moto_server())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -63,6 +76,30 @@ for service, method, kwargs in calls:
             .output()
             .expect("run python with boto3");
         assert!(out.status.success(), "boto3 failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Like [`Moto::boto3`], returning each call's answer as JSON (dates as text).
+    pub fn boto3_results(&self, calls: serde_json::Value) -> Vec<serde_json::Value> {
+        const SCRIPT: &str = r#"
+import json, sys, boto3
+url, calls = sys.argv[1], json.loads(sys.argv[2])
+out = []
+for service, method, kwargs in calls:
+    client = boto3.client(service, endpoint_url=url, region_name="us-east-1")
+    answer = getattr(client, method)(**kwargs)
+    answer.pop("ResponseMetadata", None)
+    out.append(answer)
+print(json.dumps(out, default=str))
+"#;
+        let out = Command::new(python())
+            .args(["-c", SCRIPT, &self.url, &calls.to_string()])
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .output()
+            .expect("run python with boto3");
+        assert!(out.status.success(), "boto3 failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("boto3 results as JSON")
     }
 }
 

@@ -189,6 +189,11 @@ struct ServerRunArgs {
     /// The most bytes of release artifacts one workspace may hold [default: 100 GiB].
     #[arg(long, env = "AIRLOCK_MAX_WORKSPACE_ARTIFACT_BYTES")]
     max_workspace_artifact_bytes: Option<u64>,
+    /// An STS endpoint appliances' AWS join proofs may be sent to, e.g. a test emulator
+    /// (repeat for several); given, it replaces the default, https://sts.amazonaws.com and
+    /// https://sts.<region>.amazonaws.com.
+    #[arg(long = "aws-sts-endpoint", env = "AIRLOCK_AWS_STS_ENDPOINTS", value_delimiter = ',')]
+    aws_sts_endpoints: Vec<String>,
     /// Operator-supplied certificate chain (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -245,6 +250,7 @@ struct ServerFileConfig {
     audit_retention: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    aws_sts_endpoints: Option<Vec<String>>,
     api_max_connections: Option<usize>,
     api_connections_per_address: Option<usize>,
     api_idle_timeout: Option<String>,
@@ -270,7 +276,7 @@ struct ApplianceCmd {
 enum ApplianceSub {
     /// Run the appliance: join once, then hold an outbound mTLS stream to the control plane.
     #[cfg(feature = "appliance")]
-    Run(ApplianceRunArgs),
+    Run(Box<ApplianceRunArgs>),
     /// On the appliance host: switch a phase on or off, or show what is in force.
     #[cfg(feature = "appliance")]
     Phase {
@@ -358,6 +364,13 @@ struct ApplianceRunArgs {
     /// Single-use join token, needed only the first time.
     #[arg(long)]
     join_token: Option<String>,
+    /// Join with the host's platform identity instead of a token: `aws` (credentials from the
+    /// standard chain: environment, profile, instance role). Needed only the first time.
+    #[arg(long)]
+    join_method: Option<String>,
+    /// The STS endpoint an AWS join signs for [default: https://sts.<region>.amazonaws.com].
+    #[arg(long)]
+    aws_sts_endpoint: Option<String>,
     /// Where the appliance keeps its key, certificate and state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -462,6 +475,46 @@ enum EnvSub {
     /// relayed last. The control plane cannot sign a policy: each appliance checks the
     /// customer's signatures against the keys it pinned.
     Policy(EnvPolicyCmd),
+    /// Rules that let a platform identity (an AWS account and role) join the environment
+    /// without a join token (`airlock appliance run --join-method aws`).
+    JoinRule(EnvJoinRuleCmd),
+}
+
+#[derive(Args)]
+struct EnvJoinRuleCmd {
+    #[command(subcommand)]
+    command: EnvJoinRuleSub,
+}
+
+#[derive(Subcommand)]
+enum EnvJoinRuleSub {
+    /// Let an AWS identity join: the account, and optionally an ARN pattern (`*` matches any
+    /// run of characters; an assumed role's session is matched as its role's ARN). An identity
+    /// that the rules of more than one environment accept joins none.
+    Add {
+        environment: String,
+        /// The AWS account id (12 digits).
+        #[arg(long)]
+        aws_account: String,
+        /// e.g. 'arn:aws:iam::123456789012:role/airlock-*'; without it, any principal of the account.
+        #[arg(long)]
+        aws_role_arn: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the environment's join rules.
+    List {
+        environment: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove a join rule; appliances it let join cannot renew unless another rule accepts them.
+    Remove {
+        environment: String,
+        rule: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Args)]
@@ -1011,6 +1064,11 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(d.as_secs() >= 1, "audit retention must be at least 1s");
         cfg.audit_schedule.retention = d;
     }
+    cfg.aws_sts_endpoints = if args.aws_sts_endpoints.is_empty() {
+        file.aws_sts_endpoints.unwrap_or_default()
+    } else {
+        args.aws_sts_endpoints
+    };
     cfg.api_tls_files = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,
@@ -1100,6 +1158,8 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 control_plane: args.control_plane,
                 ca_fingerprint: args.ca_fingerprint,
                 join_token: args.join_token,
+                join_method: args.join_method,
+                aws_sts_endpoint: args.aws_sts_endpoint,
                 state_dir: args.state_dir,
                 customer_keys: args.customer_keys,
                 policy: args.policy,
@@ -1192,8 +1252,8 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 terminal::print_json(&list)?;
             } else {
                 println!(
-                    "{:<32} {:<10} {:<8} {:<25} {:<34} CERT EXPIRES",
-                    "APPLIANCE", "STATUS", "VERSION", "LAST HEARTBEAT", "CERT SERIAL"
+                    "{:<32} {:<10} {:<8} {:<25} {:<34} {:<25} JOINED BY",
+                    "APPLIANCE", "STATUS", "VERSION", "LAST HEARTBEAT", "CERT SERIAL", "CERT EXPIRES"
                 );
                 for a in list["appliances"].as_array().into_iter().flatten() {
                     let status = if a["revoked"] == true {
@@ -1203,14 +1263,20 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                     } else {
                         "offline"
                     };
+                    let joined_by = match (a["join_method"].as_str(), a["join_identity"].as_str()) {
+                        (Some(method), Some(identity)) => format!("{method} {identity}"),
+                        (Some(method), None) => method.to_owned(),
+                        (None, _) => "-".to_owned(),
+                    };
                     println!(
-                        "{:<32} {:<10} {:<8} {:<25} {:<34} {}",
+                        "{:<32} {:<10} {:<8} {:<25} {:<34} {:<25} {}",
                         a["id"].as_str().unwrap_or(""),
                         status,
                         a["version"].as_str().unwrap_or(""),
                         a["last_heartbeat"].as_str().unwrap_or("-"),
                         a["cert_serial"].as_str().unwrap_or(""),
                         a["cert_not_after"].as_str().unwrap_or(""),
+                        joined_by,
                     );
                 }
             }
@@ -1332,6 +1398,55 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
             } else {
                 eprintln!("single-use join token, expires {}:", out["expires_at"].as_str().unwrap_or("?"));
                 println!("{}", out["token"].as_str().unwrap_or_default());
+            }
+        }
+        EnvSub::JoinRule(cmd) => return env_join_rule(cmd.command).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn env_join_rule(cmd: EnvJoinRuleSub) -> anyhow::Result<ExitCode> {
+    let print_rule = |r: &serde_json::Value| {
+        println!(
+            "{:<32} {:<6} {:<14} {}",
+            r["id"].as_str().unwrap_or(""),
+            r["method"].as_str().unwrap_or(""),
+            r["aws"]["account"].as_str().unwrap_or(""),
+            r["aws"]["arn_pattern"].as_str().unwrap_or("(any principal of the account)"),
+        );
+    };
+    match cmd {
+        EnvJoinRuleSub::Add { environment, aws_account, aws_role_arn, api } => {
+            let environment = operations::path_segment("environment id", &environment)?;
+            let body = serde_json::json!({ "aws": { "account": aws_account, "arn_pattern": aws_role_arn } });
+            let out: serde_json::Value =
+                api.client()?.post(&format!("/v1/environments/{environment}/join-rules"), &body).await?;
+            if api.json {
+                terminal::print_json(&out)?;
+            } else {
+                println!("{}", out["id"].as_str().unwrap_or_default());
+            }
+        }
+        EnvJoinRuleSub::List { environment, api } => {
+            let environment = operations::path_segment("environment id", &environment)?;
+            let out: serde_json::Value =
+                api.client()?.get(&format!("/v1/environments/{environment}/join-rules")).await?;
+            if api.json {
+                terminal::print_json(&out)?;
+            } else {
+                println!("{:<32} {:<6} {:<14} ARN PATTERN", "RULE", "METHOD", "AWS ACCOUNT");
+                out["rules"].as_array().into_iter().flatten().for_each(print_rule);
+            }
+        }
+        EnvJoinRuleSub::Remove { environment, rule, api } => {
+            let environment = operations::path_segment("environment id", &environment)?;
+            let rule = operations::path_segment("join rule id", &rule)?;
+            let out: serde_json::Value =
+                api.client()?.delete(&format!("/v1/environments/{environment}/join-rules/{rule}")).await?;
+            if api.json {
+                terminal::print_json(&out)?;
+            } else {
+                println!("removed {rule}");
             }
         }
     }

@@ -1,32 +1,41 @@
-//! Appliances under `/v1`: join with a single-use token, list with live status, revoke.
+//! Appliances under `/v1`: join (a single-use token, or a platform identity answering a challenge),
+//! the join rules of an environment, list with live status, revoke.
 
 use std::sync::Arc;
 
+use airlock_core::audit::AuditAction;
 use airlock_core::audit::Outcome;
 use airlock_core::{ApplianceId, EnvironmentId};
-use airlock_proto::join::{JoinRequest, JoinResponse};
+use airlock_proto::join::{JoinChallenge, JoinRequest, JoinResponse};
 use axum::Json;
 use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::access::ClientAddr;
 use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, parse_id, refused};
 use crate::appliances::{self, JoinError, JoinRefusal, RevokeError};
 use crate::authz::Action;
-use crate::state::{AppState, event};
+use crate::platform_join::challenges::ChallengeLimit;
+use crate::platform_join::rules::{AwsRule, JoinRule, RuleSpec};
+use crate::platform_join::{self, RuleAdminError};
+use crate::state::{AppState, SYSTEM_CHAIN, event, random};
 use crate::store::StoreError;
 
-/// Exchange a single-use join token and a CSR for an appliance certificate.
-#[utoipa::path(post, path = "/v1/join", request_body = JoinRequest,
+/// Exchange a proof of identity (a single-use join token, or a signed `sts:GetCallerIdentity`
+/// request answering a challenge) and a CSR for an appliance certificate.
+#[utoipa::path(post, path = "/v1/join", request_body = airlock_proto::join::JoinRequestWire,
     responses((status = 200, body = JoinResponse),
         (status = 400, body = ErrorBody, description = "the CSR is refused"),
-        (status = 401, body = ErrorBody, description = "the join token is unknown, spent or expired"),
-        (status = 503, body = ErrorBody, description = "the store is unavailable; retry later")))]
+        (status = 401, body = ErrorBody, description = "the join token or platform proof is refused (unknown, spent, expired, forged, replayed)"),
+        (status = 403, body = ErrorBody, description = "the platform identity is proved but no environment, or more than one, accepts it"),
+        (status = 503, body = ErrorBody, description = "the store or the platform (AWS STS) is unavailable; retry later")))]
 pub(super) async fn join(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<JoinRequest>,
 ) -> Result<Json<JoinResponse>, ApiError> {
-    let joined = appliances::join(&state, &req.join_token, &req.csr_pem, &req.version).await?;
+    let joined = appliances::join(&state, &req).await?;
     Ok(Json(JoinResponse {
         appliance_id: joined.identity.appliance.to_string(),
         identity: joined.identity.uri(),
@@ -36,6 +45,36 @@ pub(super) async fn join(
         gateway_server_name: state.gateway_server_name.clone(),
         not_after: joined.certificate.not_after.to_string(),
     }))
+}
+
+/// A short-lived, single-use challenge for one platform-identity join: its proof must carry
+/// it. Anyone may ask; each source address holds a few at once, and everyone a bounded number.
+#[utoipa::path(post, path = "/v1/join/challenge",
+    responses((status = 200, body = JoinChallenge),
+        (status = 429, body = ErrorBody, description = "too many challenges outstanding; retry in a minute")))]
+pub(super) async fn join_challenge(
+    State(state): State<Arc<AppState>>,
+    from: Option<axum::Extension<ClientAddr>>,
+) -> Result<Json<JoinChallenge>, ApiError> {
+    let now = state.now();
+    let from = from.map(|axum::Extension(ClientAddr(ip))| ip);
+    match state.platform.challenges.issue(from, now, random()) {
+        Ok(c) => Ok(Json(JoinChallenge {
+            challenge: c.nonce,
+            server_id: state.ca.fingerprint().to_string(),
+            expires_at: c.expires_at.to_string(),
+        })),
+        Err(limit) => {
+            let why = match limit {
+                ChallengeLimit::PerAddress => "this address holds too many unanswered join challenges",
+                ChallengeLimit::Global => "too many join challenges are outstanding",
+            };
+            let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
+            ev.detail = serde_json::json!({ "reason": why, "code": "challenge_limit" });
+            state.audit_refusal(SYSTEM_CHAIN, ev).await;
+            Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("{why}; retry in a minute")))
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Clone)]
@@ -53,6 +92,10 @@ pub struct ApplianceView {
     /// The id of the execution key the customer attested for this appliance, as it last sent
     /// the attestation: requests made for it name this key. Absent until then.
     pub execution_key: Option<String>,
+    /// How it joined: `join_token` or `aws_sts`.
+    pub join_method: String,
+    /// The platform identity its join rule matched (for AWS, the role or user ARN).
+    pub join_identity: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -99,6 +142,8 @@ pub(super) async fn list_appliances(
                     cert_not_after: live.as_ref().map_or(r.cert_not_after, |l| l.cert_not_after).to_string(),
                     joined_at: r.joined_at.to_string(),
                     execution_key,
+                    join_method: r.join_method.clone(),
+                    join_identity: r.join_identity.clone(),
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -169,6 +214,9 @@ impl From<JoinError> for ApiError {
         match e {
             JoinError::Refused { refusal: JoinRefusal::Token, reason } => ApiError::unauthorized(reason),
             JoinError::Refused { refusal: JoinRefusal::Csr, reason } => ApiError::bad_request(reason),
+            JoinError::Refused { refusal: JoinRefusal::Proof, reason } => ApiError::unauthorized(reason),
+            JoinError::Refused { refusal: JoinRefusal::NoEnvironment, reason } => ApiError::forbidden(reason),
+            JoinError::Refused { refusal: JoinRefusal::PlatformUnavailable, reason } => ApiError::unavailable(reason),
             JoinError::Store(e) => e.into(),
         }
     }
@@ -179,6 +227,137 @@ impl From<RevokeError> for ApiError {
         match e {
             RevokeError::NoAppliance(_) => ApiError::not_found(e.to_string()),
             RevokeError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// A join rule to add: one method's fields.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddJoinRule {
+    pub aws: AwsRuleView,
+}
+
+/// An AWS rule: the account, and optionally an ARN pattern (`*` matches any run of characters)
+/// the caller's ARN must match, an assumed role's session read as its role
+/// (`arn:aws:iam::ACCOUNT:role/NAME`). Without a pattern, any principal of the account joins.
+#[derive(Serialize, Deserialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AwsRuleView {
+    /// 12 digits.
+    pub account: String,
+    pub arn_pattern: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Clone)]
+pub struct JoinRuleView {
+    pub id: String,
+    pub environment_id: String,
+    /// `aws`.
+    pub method: String,
+    pub aws: AwsRuleView,
+    pub created_at: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct JoinRuleList {
+    pub rules: Vec<JoinRuleView>,
+}
+
+fn rule_view(r: &JoinRule) -> JoinRuleView {
+    let RuleSpec::Aws(aws) = &r.spec;
+    JoinRuleView {
+        id: r.id.to_string(),
+        environment_id: r.environment.to_string(),
+        method: r.spec.method().to_owned(),
+        aws: AwsRuleView { account: aws.account().to_owned(), arn_pattern: aws.arn_pattern().map(str::to_owned) },
+        created_at: r.created_at.to_string(),
+    }
+}
+
+/// Add a rule that lets a platform identity (an AWS account and role) join this environment.
+/// An identity that the rules of more than one environment accept joins none.
+#[utoipa::path(post, path = "/v1/environments/{environment}/join-rules", security(("bearer" = [])),
+    params(("environment" = String, Path, description = "environment id (env_…)")),
+    request_body = AddJoinRule,
+    responses((status = 201, body = JoinRuleView),
+        (status = 422, body = ErrorBody, description = "the environment holds as many join rules as it may")))]
+pub(super) async fn add_join_rule(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    ApiPath(environment): ApiPath<String>,
+    body: Result<ApiJson<AddJoinRule>, ApiError>,
+) -> Result<(StatusCode, Json<JoinRuleView>), ApiError> {
+    let result = async {
+        let ApiJson(body) = body?;
+        let spec = RuleSpec::Aws(
+            AwsRule::new(&body.aws.account, body.aws.arn_pattern.as_deref()).map_err(RuleAdminError::from)?,
+        );
+        let rule = platform_join::add_rule(&state, &scope, parse_id(&environment)?, spec).await?;
+        Ok((StatusCode::CREATED, Json(rule_view(&rule))))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::AddJoinRule.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
+}
+
+/// The join rules of an environment.
+#[utoipa::path(get, path = "/v1/environments/{environment}/join-rules", security(("bearer" = [])),
+    params(("environment" = String, Path, description = "environment id (env_…)")),
+    responses((status = 200, body = JoinRuleList)))]
+pub(super) async fn list_join_rules(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    ApiPath(environment): ApiPath<String>,
+) -> Result<Json<JoinRuleList>, ApiError> {
+    let result = async {
+        let rules = platform_join::list_rules(&state, &scope, parse_id(&environment)?).await?;
+        Ok(JoinRuleList { rules: rules.iter().map(rule_view).collect() })
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::ListJoinRules.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    audited(&state, &scope, ReadAudit::Access, ev, result).await.map(Json)
+}
+
+/// What removing a join rule did.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RemovedJoinRule {
+    pub id: String,
+    /// Always true.
+    pub removed: bool,
+}
+
+/// Remove a join rule: no new appliance joins by it, and appliances it let join cannot renew
+/// unless another rule of their environment still accepts them.
+#[utoipa::path(delete, path = "/v1/environments/{environment}/join-rules/{rule}", security(("bearer" = [])),
+    params(("environment" = String, Path, description = "environment id (env_…)"),
+        ("rule" = String, Path, description = "join rule id (jrl_…)")),
+    responses((status = 200, body = RemovedJoinRule)))]
+pub(super) async fn remove_join_rule(
+    State(state): State<Arc<AppState>>,
+    Authed(scope): Authed,
+    ApiPath((environment, rule)): ApiPath<(String, String)>,
+) -> Result<Json<RemovedJoinRule>, ApiError> {
+    let result = async {
+        let id = parse_id(&rule)?;
+        platform_join::remove_rule(&state, &scope, parse_id(&environment)?, id).await?;
+        Ok(Json(RemovedJoinRule { id: rule.clone(), removed: true }))
+    }
+    .await;
+    let mut ev = event(scope.principal().actor(), Action::RemoveJoinRule.audit_action(), Outcome::Success);
+    ev.target = Some(environment);
+    refused(&state, &scope, ev, result).await
+}
+
+impl From<RuleAdminError> for ApiError {
+    fn from(e: RuleAdminError) -> Self {
+        match e {
+            RuleAdminError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            RuleAdminError::TooMany(_) => ApiError::limit_exceeded(e.to_string()),
+            RuleAdminError::NoEnvironment(_) | RuleAdminError::NoRule(..) => ApiError::not_found(e.to_string()),
+            RuleAdminError::Store(e) => e.into(),
         }
     }
 }

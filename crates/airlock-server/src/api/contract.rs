@@ -152,6 +152,7 @@ fn parameter_schema(param: &Parameter) -> Option<Schema> {
         (ParameterIn::Path, "id") => OperationId::PATTERN,
         (ParameterIn::Path, "rollout") => airlock_core::RolloutId::PATTERN,
         (ParameterIn::Path, "token") => airlock_core::id::TokenId::PATTERN,
+        (ParameterIn::Path, "rule") => airlock_core::id::JoinRuleId::PATTERN,
         (ParameterIn::Path, "sha256" | "key_id") => "^[0-9a-f]{64}$",
         (ParameterIn::Query, "state") => {
             return Some(string.enum_values(Some(OperationState::ALL.map(OperationState::as_str))).build().into());

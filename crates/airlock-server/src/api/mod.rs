@@ -51,6 +51,9 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(openapi))
         .routes(routes!(get_ca))
         .routes(routes!(appliances::join))
+        .routes(routes!(appliances::join_challenge))
+        .routes(routes!(appliances::list_join_rules, appliances::add_join_rule))
+        .routes(routes!(appliances::remove_join_rule))
         .routes(routes!(tenancy::list_workspaces))
         .routes(routes!(tenancy::list_environments, tenancy::create_environment))
         .routes(routes!(tenancy::create_join_token))
@@ -95,7 +98,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// The largest body `POST /v1/join` takes: a CSR and a join token are a few KiB.
+/// The largest body `POST /v1/join` takes: a CSR and a join token, or a signed STS request with
+/// a session token, are a few KiB.
 pub const JOIN_BODY_LIMIT: usize = 16 * 1024;
 /// The largest body any other route takes: a template at core's caps, even with every byte of its
 /// manifest and script escaped in JSON (`\u00XX`, six bytes each), with room to spare (about 2 MiB).
@@ -106,7 +110,7 @@ pub const BODY_LIMIT: usize =
 /// An artifact upload is bounded by its handler instead, under the server's own artifact limit
 /// (`crate::artifacts`), since it streams to disk rather than into memory.
 fn body_limit(path: &str) -> usize {
-    if path == "/v1/join" {
+    if path == "/v1/join" || path == "/v1/join/challenge" {
         JOIN_BODY_LIMIT
     } else if is_artifact_upload(path) {
         usize::MAX

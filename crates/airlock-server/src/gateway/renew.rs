@@ -4,6 +4,7 @@
 //! Before that there is nothing to renew, and refusing keeps a misbehaving appliance from minting certificates.
 //! The CSR must name exactly the current identity and carry a new key ([`crate::ca::CertificateAuthority::sign_renewal_csr`]).
 //! The new serial is recorded with its audit record, and the previous one stays acceptable for one more renewal.
+//! An appliance that joined with its platform identity proves it again, and a join rule of its environment must still accept it ([`crate::platform_join::recheck_at_renewal`]).
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_proto::gateway::{RenewRefused, RenewResponse, control_message};
@@ -19,6 +20,7 @@ pub(super) async fn renew_certificate(
     peer: &PeerCert,
     scope: &TenantScope,
     csr_pem: &str,
+    aws_sts_proof_json: &str,
 ) -> control_message::Body {
     let now = state.now();
     let actor = scope.principal().actor();
@@ -38,6 +40,19 @@ pub(super) async fn renew_certificate(
     if now < half_life {
         return refused(format!("too early: renew after {half_life}")).await;
     }
+    // Outside the write transaction: it may ask STS, which takes a round trip.
+    let platform =
+        match crate::platform_join::recheck_at_renewal(state, scope, &peer.identity, csr_pem, aws_sts_proof_json).await
+        {
+            Ok(Ok(identity)) => identity,
+            Ok(Err(reason)) => return refused(reason).await,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-check a platform identity at renewal");
+                return control_message::Body::RenewRefused(RenewRefused {
+                    reason: "the control plane's store is unavailable; will retry".into(),
+                });
+            }
+        };
     let result = async {
         let mut tx = state.store.write().await?;
         // Only the current certificate, or the one it replaced (the appliance may have missed
@@ -66,6 +81,7 @@ pub(super) async fn renew_certificate(
         ev.target = target.clone();
         ev.detail = serde_json::json!({
             "serial": issued.serial, "not_after": issued.not_after.to_string(), "previous_serial": peer.serial,
+            "platform_identity": platform.as_ref().map(|i| serde_json::json!({ "account": i.account, "arn": i.caller_arn })),
         });
         tx.audit(&scope.chain(), now, ev).await?;
         tx.commit().await?;

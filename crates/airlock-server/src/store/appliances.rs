@@ -19,6 +19,20 @@ pub struct ApplianceRow {
     /// The customer's attestation of its execution key (a DSSE envelope, JSON), as it last
     /// sent it in its Hello, checked to name it (`crate::attestation`).
     pub execution_key_attestation: Option<String>,
+    /// How it joined (`join_token`, `aws_sts`), and the platform identity and rule matched.
+    pub join_method: String,
+    pub join_identity: Option<String>,
+    pub join_rule_id: Option<String>,
+}
+
+/// How an appliance joined, as recorded with it.
+#[derive(Clone, Copy, Debug)]
+pub struct JoinVia<'a> {
+    /// `join_token` or `aws_sts`.
+    pub method: &'static str,
+    /// The platform identity matched (an ARN); none for a token join.
+    pub identity: Option<&'a str>,
+    pub rule: Option<airlock_core::id::JoinRuleId>,
 }
 
 #[derive(Clone, Debug)]
@@ -47,7 +61,7 @@ impl Store {
         }
         let rows = sqlx::query(
             "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
-                    execution_key_attestation
+                    execution_key_attestation, join_method, join_identity, join_rule_id
              FROM appliances WHERE tenant_id = $1 AND ($2 IS NULL OR environment_id = $2) ORDER BY joined_at, id",
         )
         .bind(scope.tenant().to_string())
@@ -66,7 +80,7 @@ impl Store {
     ) -> Result<Option<ApplianceRow>, StoreError> {
         let row = sqlx::query(
             "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
-                    execution_key_attestation
+                    execution_key_attestation, join_method, join_identity, join_rule_id
              FROM appliances WHERE tenant_id = $1 AND id = $2",
         )
         .bind(scope.tenant().to_string())
@@ -118,6 +132,21 @@ impl WriteTx<'_> {
         .bind(serial)
         .bind(not_after.unix_millis())
         .bind(join_key)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records how `identity` joined (a token join is the column's default).
+    pub async fn record_join_via(&mut self, identity: &ApplianceIdentity, via: JoinVia<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE appliances SET join_method = $1, join_identity = $2, join_rule_id = $3 WHERE tenant_id = $4 AND id = $5",
+        )
+        .bind(via.method)
+        .bind(via.identity)
+        .bind(via.rule.map(|r| r.to_string()))
+        .bind(identity.tenant.to_string())
+        .bind(identity.appliance.to_string())
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -230,5 +259,8 @@ fn appliance_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApplianceRow, Store
         last_seen_at: opt_ts_col(r, "last_seen_at")?,
         revoked_at: opt_ts_col(r, "revoked_at")?,
         execution_key_attestation: r.try_get("execution_key_attestation")?,
+        join_method: r.try_get("join_method")?,
+        join_identity: r.try_get("join_identity")?,
+        join_rule_id: r.try_get("join_rule_id")?,
     })
 }

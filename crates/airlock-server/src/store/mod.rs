@@ -17,6 +17,7 @@ mod audit_signing;
 mod audit_writer;
 mod ca;
 mod deployments;
+mod join_rules;
 mod operations;
 mod policies;
 mod read_cache;
@@ -37,7 +38,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-pub use appliances::{ApplianceRow, RenewalState};
+pub use appliances::{ApplianceRow, JoinVia, RenewalState};
 pub use artifacts::ArtifactRow;
 pub use audit::{HeadTampered, VerifyOptions, verify_all_chains, verify_all_chains_with};
 pub use audit_signing::{AUDIT_KEY_FILE_NAME, CHECKPOINT_FILE_NAME, Pruned, StoredAuditKey};
@@ -76,6 +77,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (14, "rollouts", include_str!("../../migrations/0014_rollouts.sql")),
     (15, "deployment_log_tails", include_str!("../../migrations/0015_deployment_log_tails.sql")),
     (16, "token_scopes", include_str!("../../migrations/0016_token_scopes.sql")),
+    (18, "join_rules", include_str!("../../migrations/0018_join_rules.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,330 @@
+//! AWS join: a SigV4-signed `sts:GetCallerIdentity` request, checked, then forwarded to STS.
+//!
+//! The appliance signs the request with its own AWS credentials; the control plane never
+//! sees them, and cannot change a byte of the request without AWS refusing the signature.
+//! Before forwarding, [`check_proof`] decides, without I/O, whether the request is one the
+//! control plane may send: the exact `GetCallerIdentity` body, `POST` to `/` of an endpoint on
+//! the allow list ([`StsAllowList`]: the public STS endpoints by default, never an arbitrary
+//! URL), an `sts` credential scope, and signed headers that cover `host`, the challenge and
+//! this control plane's id, whose values it checks. [`StsClient::call`] then sends it, with no
+//! redirect followed, a time limit and a cap on the answer's size, and reads `Account` and
+//! `Arn` from AWS's answer.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use airlock_proto::join::{AwsStsProof, CHALLENGE_HEADER, GET_CALLER_IDENTITY_BODY, SERVER_ID_HEADER};
+use reqwest::Url;
+
+use super::rules::AwsIdentity;
+
+/// How long STS has to answer.
+pub const STS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of STS's answer read (a `GetCallerIdentity` answer is under 1 KiB).
+pub const MAX_STS_RESPONSE_BYTES: usize = 64 * 1024;
+/// Headers a proof may carry, and the most bytes of any one value (a session token is a few KiB).
+const MAX_HEADERS: usize = 16;
+const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
+
+/// Where proofs may be sent: `https://sts.amazonaws.com` and `https://sts.<region>.amazonaws.com`
+/// by default, or exactly the configured origins (`--aws-sts-endpoint`), which replace them.
+#[derive(Clone, Debug, Default)]
+pub struct StsAllowList {
+    /// Configured origins (`scheme://host[:port]`); empty: the public endpoints.
+    origins: Vec<String>,
+}
+
+impl StsAllowList {
+    /// The configured endpoints, each an `http(s)://HOST[:PORT][/]` URL.
+    pub fn new(endpoints: &[String]) -> Result<Self, String> {
+        let origins = endpoints
+            .iter()
+            .map(|e| {
+                let url = Url::parse(e).map_err(|err| format!("--aws-sts-endpoint `{e}`: {err}"))?;
+                let plain = matches!(url.scheme(), "http" | "https")
+                    && url.host_str().is_some()
+                    && url.username().is_empty()
+                    && url.password().is_none()
+                    && url.path() == "/"
+                    && url.query().is_none()
+                    && url.fragment().is_none();
+                if !plain {
+                    return Err(format!("--aws-sts-endpoint `{e}`: an endpoint is http(s)://HOST[:PORT]"));
+                }
+                Ok(url.origin().ascii_serialization())
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { origins })
+    }
+
+    /// Whether `url` is an allowed endpoint (its path and query checked by the caller).
+    fn allows(&self, url: &Url) -> bool {
+        if !self.origins.is_empty() {
+            return self.origins.contains(&url.origin().ascii_serialization());
+        }
+        let Some(host) = url.host_str() else { return false };
+        let regional = host.strip_prefix("sts.").and_then(|h| h.strip_suffix(".amazonaws.com")).is_some_and(|r| {
+            !r.is_empty()
+                && r.len() <= 32
+                && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+        url.scheme() == "https" && url.port().is_none() && (host == "sts.amazonaws.com" || regional)
+    }
+}
+
+/// Why a proof was refused, as a code (audited and answered) with a reason for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AwsRefusal {
+    /// Not a well-formed `GetCallerIdentity` request (method, body, headers, authorization).
+    Malformed(String),
+    /// The URL is not an allow-listed STS endpoint.
+    EndpointNotAllowed(String),
+    /// A header the control plane requires is not among the signed headers.
+    UnsignedHeader(&'static str),
+    /// The signed server id is another control plane's.
+    OtherServer,
+    /// STS refused the signature or the credentials (its error code).
+    StsRefused(String),
+    /// STS could not be reached in time.
+    StsUnreachable,
+    /// STS answered something that is not a `GetCallerIdentity` result.
+    StsBadAnswer,
+}
+
+impl AwsRefusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed_proof",
+            Self::EndpointNotAllowed(_) => "endpoint_not_allowed",
+            Self::UnsignedHeader(_) => "unsigned_header",
+            Self::OtherServer => "other_server",
+            Self::StsRefused(_) => "sts_refused",
+            Self::StsUnreachable => "sts_unreachable",
+            Self::StsBadAnswer => "sts_bad_answer",
+        }
+    }
+
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Malformed(why) => format!("the AWS proof is malformed: {why}"),
+            Self::EndpointNotAllowed(url) => format!(
+                "the AWS proof is addressed to {url}, which is not an STS endpoint this control plane sends to; sign for https://sts.<region>.amazonaws.com"
+            ),
+            Self::UnsignedHeader(h) => format!("the AWS proof does not sign the `{h}` header"),
+            Self::OtherServer => {
+                "the AWS proof was made for another control plane (its x-airlock-server-id is not this CA's fingerprint)".into()
+            }
+            Self::StsRefused(code) => format!("AWS STS refused the signed request ({code})"),
+            Self::StsUnreachable => "AWS STS could not be reached in time; try again".into(),
+            Self::StsBadAnswer => "AWS STS answered something that is not a GetCallerIdentity result".into(),
+        }
+    }
+}
+
+/// A proof that may be sent: its URL allowed, its challenge to spend.
+#[derive(Debug)]
+pub struct CheckedProof {
+    url: Url,
+    /// Headers to send (lowercase names), `host` and `content-length` left to the client.
+    headers: Vec<(String, String)>,
+    /// The challenge the signed header carries.
+    pub challenge: String,
+}
+
+/// The checks made before anything is sent; `server_id` is this control plane's CA fingerprint.
+pub fn check_proof(proof: &AwsStsProof, allow: &StsAllowList, server_id: &str) -> Result<CheckedProof, AwsRefusal> {
+    let malformed = |why: &str| AwsRefusal::Malformed(why.to_owned());
+    if proof.method != "POST" {
+        return Err(malformed("the method must be POST"));
+    }
+    let url = Url::parse(&proof.url).map_err(|_| malformed("the URL does not parse"))?;
+    if !allow.allows(&url) || !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return Err(AwsRefusal::EndpointNotAllowed(url.origin().ascii_serialization()));
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return Err(malformed("the URL must be the endpoint's `/`, with no query"));
+    }
+    if proof.body != GET_CALLER_IDENTITY_BODY {
+        return Err(malformed("the body must be `Action=GetCallerIdentity&Version=2011-06-15`"));
+    }
+    if proof.headers.len() > MAX_HEADERS {
+        return Err(malformed("too many headers"));
+    }
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in &proof.headers {
+        let lower = name.to_ascii_lowercase();
+        let token = !lower.is_empty() && lower.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let printable =
+            value.len() <= MAX_HEADER_VALUE_BYTES && value.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+        if !token || !printable {
+            return Err(malformed("a header name or value is not plain text"));
+        }
+        if headers.insert(lower, value.clone()).is_some() {
+            return Err(malformed("a header is given twice"));
+        }
+    }
+    let authorization = headers.get("authorization").ok_or_else(|| malformed("no authorization header"))?;
+    let auth = parse_authorization(authorization).ok_or_else(|| malformed("the authorization header is not SigV4"))?;
+    if auth.service != "sts" {
+        return Err(malformed("the credential scope is not for sts"));
+    }
+    for required in ["host", CHALLENGE_HEADER, SERVER_ID_HEADER] {
+        if !auth.signed_headers.iter().any(|h| h == required) {
+            return Err(AwsRefusal::UnsignedHeader(required));
+        }
+    }
+    // The host that was signed must be the one the request goes to, or AWS would refuse it anyway.
+    let authority = match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => return Err(malformed("the URL has no host")),
+    };
+    if headers.get("host").is_some_and(|h| *h != authority) {
+        return Err(malformed("the signed host is not the URL's"));
+    }
+    if headers.get(SERVER_ID_HEADER).map(String::as_str) != Some(server_id) {
+        return Err(AwsRefusal::OtherServer);
+    }
+    let challenge = headers.get(CHALLENGE_HEADER).cloned().ok_or(AwsRefusal::UnsignedHeader(CHALLENGE_HEADER))?;
+    // Only what AWS reads: the signed headers and the signature. Framing is the client's.
+    let send: Vec<(String, String)> = headers
+        .into_iter()
+        .filter(|(n, _)| n == "authorization" || auth.signed_headers.contains(n))
+        .filter(|(n, _)| n != "host" && n != "content-length")
+        .collect();
+    Ok(CheckedProof { url, headers: send, challenge })
+}
+
+struct Authorization {
+    service: String,
+    signed_headers: Vec<String>,
+}
+
+/// `AWS4-HMAC-SHA256 Credential=AKID/DATE/REGION/SERVICE/aws4_request, SignedHeaders=a;b, Signature=hex`.
+fn parse_authorization(value: &str) -> Option<Authorization> {
+    let rest = value.strip_prefix("AWS4-HMAC-SHA256 ")?;
+    let mut credential = None;
+    let mut signed = None;
+    let mut signature = None;
+    for part in rest.split(',') {
+        let (k, v) = part.trim().split_once('=')?;
+        match k {
+            "Credential" => credential = Some(v),
+            "SignedHeaders" => signed = Some(v),
+            "Signature" => signature = Some(v),
+            _ => return None,
+        }
+    }
+    let scope: Vec<&str> = credential?.split('/').collect();
+    let [_key, _date, _region, service, "aws4_request"] = scope.as_slice() else { return None };
+    let signature = signature?;
+    if signature.len() != 64 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let signed_headers = signed?.split(';').map(str::to_owned).collect();
+    Some(Authorization { service: (*service).to_owned(), signed_headers })
+}
+
+/// Sends checked proofs to STS.
+#[derive(Debug, Clone)]
+pub struct StsClient {
+    http: reqwest::Client,
+}
+
+impl StsClient {
+    pub fn new(timeout: Duration) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { http })
+    }
+
+    /// Forwards the proof and reads who signed it.
+    pub async fn call(&self, proof: &CheckedProof) -> Result<AwsIdentity, AwsRefusal> {
+        let mut request = self.http.post(proof.url.clone());
+        for (name, value) in &proof.headers {
+            request = request.header(name, value);
+        }
+        let mut response = request.body(GET_CALLER_IDENTITY_BODY).send().await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot reach AWS STS to check a join");
+            AwsRefusal::StsUnreachable
+        })?;
+        let status = response.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|_| AwsRefusal::StsUnreachable)? {
+            if body.len() + chunk.len() > MAX_STS_RESPONSE_BYTES {
+                return Err(AwsRefusal::StsBadAnswer);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let text = std::str::from_utf8(&body).map_err(|_| AwsRefusal::StsBadAnswer)?;
+        if status.is_success() {
+            return read_caller_identity(text).ok_or(AwsRefusal::StsBadAnswer);
+        }
+        if status.is_client_error() {
+            return Err(AwsRefusal::StsRefused(
+                error_code(text).unwrap_or_else(|| format!("HTTP {}", status.as_u16())),
+            ));
+        }
+        tracing::warn!(status = status.as_u16(), "AWS STS answered a join check with an error");
+        Err(AwsRefusal::StsUnreachable)
+    }
+}
+
+/// `Account` and `Arn` from a `GetCallerIdentityResponse`.
+pub fn read_caller_identity(xml: &str) -> Option<AwsIdentity> {
+    let mut doc = aws_smithy_xml::decode::Document::new(xml);
+    let mut root = doc.root_element().ok()?;
+    if !root.start_el().matches("GetCallerIdentityResponse") {
+        return None;
+    }
+    let (mut account, mut arn) = (None, None);
+    while let Some(mut tag) = root.next_tag() {
+        if !tag.start_el().matches("GetCallerIdentityResult") {
+            continue;
+        }
+        while let Some(mut field) = tag.next_tag() {
+            if field.start_el().matches("Account") {
+                account = Some(aws_smithy_xml::decode::try_data(&mut field).ok()?.trim().to_owned());
+            } else if field.start_el().matches("Arn") {
+                arn = Some(aws_smithy_xml::decode::try_data(&mut field).ok()?.trim().to_owned());
+            }
+        }
+    }
+    let (account, arn) = (account?, arn?);
+    let sane = |s: &str| !s.is_empty() && s.len() <= 2048 && s.bytes().all(|b| b.is_ascii_graphic());
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) && sane(&arn))
+        .then(|| AwsIdentity::from_caller(&account, &arn))
+}
+
+/// The `Code` of an STS error answer, letters and digits only.
+fn error_code(xml: &str) -> Option<String> {
+    let mut doc = aws_smithy_xml::decode::Document::new(xml);
+    let mut root = doc.root_element().ok()?;
+    while let Some(mut tag) = root.next_tag() {
+        if tag.start_el().matches("Error") {
+            while let Some(mut field) = tag.next_tag() {
+                if field.start_el().matches("Code") {
+                    let code = aws_smithy_xml::decode::try_data(&mut field).ok()?;
+                    return Some(code.chars().filter(char::is_ascii_alphanumeric).take(64).collect());
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

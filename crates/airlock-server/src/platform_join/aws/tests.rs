@@ -1,0 +1,118 @@
+use super::*;
+
+const SERVER: &str = "sha256:abcd";
+
+fn proof(url: &str, signed: &str) -> AwsStsProof {
+    let host = Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    let mut headers = BTreeMap::new();
+    headers.insert(
+        "Authorization".to_owned(),
+        format!(
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261202/us-east-1/sts/aws4_request, SignedHeaders={signed}, Signature={}",
+            "a".repeat(64)
+        ),
+    );
+    headers.insert("host".to_owned(), host);
+    headers.insert("x-amz-date".to_owned(), "20261202T180000Z".to_owned());
+    headers.insert(CHALLENGE_HEADER.to_owned(), "nonce".to_owned());
+    headers.insert(SERVER_ID_HEADER.to_owned(), SERVER.to_owned());
+    AwsStsProof { method: "POST".into(), url: url.into(), headers, body: GET_CALLER_IDENTITY_BODY.into() }
+}
+
+const SIGNED: &str = "host;x-airlock-join-challenge;x-airlock-server-id;x-amz-date";
+
+#[test]
+fn only_public_sts_endpoints_are_allowed_by_default() {
+    let allow = StsAllowList::default();
+    for ok in ["https://sts.amazonaws.com/", "https://sts.eu-west-1.amazonaws.com/"] {
+        let checked = check_proof(&proof(ok, SIGNED), &allow, SERVER).unwrap();
+        assert_eq!(checked.challenge, "nonce");
+        assert!(checked.headers.iter().all(|(n, _)| n != "host"));
+    }
+    for bad in [
+        "http://sts.amazonaws.com/",
+        "https://sts.amazonaws.com:8443/",
+        "https://sts.amazonaws.com.evil.example/",
+        "https://evil.example/",
+        "https://sts..amazonaws.com/",
+        "https://iam.amazonaws.com/",
+        "https://169.254.169.254/",
+    ] {
+        let err = check_proof(&proof(bad, SIGNED), &allow, SERVER).unwrap_err();
+        assert!(matches!(err, AwsRefusal::EndpointNotAllowed(_)), "{bad}: {err:?}");
+    }
+}
+
+#[test]
+fn a_configured_endpoint_replaces_the_defaults() {
+    let allow = StsAllowList::new(&["http://127.0.0.1:5000".to_owned()]).unwrap();
+    assert!(check_proof(&proof("http://127.0.0.1:5000/", SIGNED), &allow, SERVER).is_ok());
+    let err = check_proof(&proof("https://sts.amazonaws.com/", SIGNED), &allow, SERVER).unwrap_err();
+    assert!(matches!(err, AwsRefusal::EndpointNotAllowed(_)));
+    assert!(check_proof(&proof("http://127.0.0.1:5001/", SIGNED), &allow, SERVER).is_err());
+    for bad in ["127.0.0.1:5000", "http://u:p@h/", "http://h/sts", "file:///x"] {
+        assert!(StsAllowList::new(&[bad.to_owned()]).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn the_challenge_server_id_and_host_must_be_signed_and_match() {
+    let allow = StsAllowList::default();
+    let url = "https://sts.amazonaws.com/";
+    for (signed, missing) in [
+        ("host;x-airlock-server-id;x-amz-date", CHALLENGE_HEADER),
+        ("host;x-airlock-join-challenge;x-amz-date", SERVER_ID_HEADER),
+        ("x-airlock-join-challenge;x-airlock-server-id;x-amz-date", "host"),
+    ] {
+        assert_eq!(check_proof(&proof(url, signed), &allow, SERVER).unwrap_err(), AwsRefusal::UnsignedHeader(missing));
+    }
+    assert_eq!(check_proof(&proof(url, SIGNED), &allow, "sha256:other").unwrap_err(), AwsRefusal::OtherServer);
+    let mut p = proof(url, SIGNED);
+    p.headers.insert("host".into(), "sts.eu-west-1.amazonaws.com".into());
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+}
+
+#[test]
+fn anything_but_get_caller_identity_is_refused_before_it_is_sent() {
+    let allow = StsAllowList::default();
+    let url = "https://sts.amazonaws.com/";
+    let mut p = proof(url, SIGNED);
+    p.body = "Action=AssumeRole&Version=2011-06-15&RoleArn=x".into();
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+    let mut p = proof(url, SIGNED);
+    p.method = "GET".into();
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+    assert!(matches!(
+        check_proof(&proof("https://sts.amazonaws.com/?Action=GetCallerIdentity", SIGNED), &allow, SERVER),
+        Err(AwsRefusal::Malformed(_))
+    ));
+    let mut p = proof(url, SIGNED);
+    let auth = p.headers["Authorization"].replace("/sts/", "/iam/");
+    p.headers.insert("Authorization".into(), auth);
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+    let mut p = proof(url, SIGNED);
+    p.headers.insert("authorization".into(), "Bearer x".into());
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))), "given twice");
+    let mut p = proof(url, SIGNED);
+    p.headers.insert("x-evil".into(), "a\r\nb".into());
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+}
+
+#[test]
+fn sts_answers_are_read_for_account_and_arn_only() {
+    let ok = r#"<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <GetCallerIdentityResult>
+    <Arn>arn:aws:sts::123456789012:assumed-role/airlock-prod/i-1</Arn>
+    <UserId>AROAEXAMPLE:i-1</UserId>
+    <Account>123456789012</Account>
+  </GetCallerIdentityResult>
+  <ResponseMetadata><RequestId>x</RequestId></ResponseMetadata>
+</GetCallerIdentityResponse>"#;
+    let id = read_caller_identity(ok).unwrap();
+    assert_eq!(id.account, "123456789012");
+    assert_eq!(id.arn, "arn:aws:iam::123456789012:role/airlock-prod");
+    assert!(read_caller_identity("<html>hi</html>").is_none());
+    assert!(read_caller_identity(&ok.replace("123456789012</Account>", "12</Account>")).is_none());
+    let err = r#"<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type><Code>SignatureDoesNotMatch</Code><Message>m</Message></Error></ErrorResponse>"#;
+    assert_eq!(error_code(err).as_deref(), Some("SignatureDoesNotMatch"));
+}
