@@ -231,7 +231,11 @@ async fn enrol_one(ctx: &EnrolCtx) -> anyhow::Result<(Enrolled, u64, u64)> {
     let t = Instant::now();
     let key = KeyPair::generate().context("key generation")?;
     let csr_pem = CertificateParams::default().serialize_request(&key).and_then(|c| c.pem()).context("CSR")?;
-    let body = JoinRequest { join_token: token, csr_pem, version: airlock_proto::VERSION.to_owned() };
+    let body = JoinRequest {
+        proof: airlock_proto::join::JoinProof::JoinToken(token),
+        csr_pem,
+        version: airlock_proto::VERSION.to_owned(),
+    };
     let own_client;
     let client = match &ctx.shared_join_client {
         Some(c) => c,
