@@ -284,6 +284,7 @@ pub(super) fn concrete(path: &str) -> String {
         .replace("{sha256}", &"a".repeat(64))
         .replace("{key_id}", &"b".repeat(64))
         .replace("{token}", &airlock_core::id::TokenId::from_random([6; 16]).to_string())
+        .replace("{rule}", &airlock_core::id::JoinRuleId::from_random([7; 16]).to_string())
 }
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];

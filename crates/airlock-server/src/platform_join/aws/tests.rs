@@ -3,7 +3,11 @@ use super::*;
 const SERVER: &str = "sha256:abcd";
 
 fn proof(url: &str, signed: &str) -> AwsStsProof {
-    let host = Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    // The Host header carries the port when the URL names one, as a signing client sends it.
+    let host = Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| u.port().map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))))
+        .unwrap_or_default();
     let mut headers = BTreeMap::new();
     headers.insert(
         "Authorization".to_owned(),
