@@ -113,6 +113,9 @@ pub enum AuditAction {
     ExecutionKeyAttest,
     GatewayHandshakeRejected,
     GatewayStreamRefused,
+    /// A tenant's identity-provider configuration set or read (never its client secret).
+    IdpSet,
+    IdpGet,
     JoinTokenCreate,
     /// A platform-identity join rule added to an environment, listed, or removed.
     JoinRuleAdd,
@@ -160,6 +163,10 @@ pub enum AuditAction {
     ReleasePush,
     /// A task of a release requested (an operation of kind `release-task`).
     ReleaseTaskRequest,
+    /// An identity-provider group mapped to a role (tenant-wide or in one workspace), listed, or unmapped.
+    RoleMappingAdd,
+    RoleMappingList,
+    RoleMappingRemove,
     /// A rollout deployed to every target within its failure threshold.
     RolloutCompleted,
     RolloutCreate,
@@ -167,6 +174,8 @@ pub enum AuditAction {
     /// A rollout passed its failure threshold (or lost its creator's token): nothing new starts.
     RolloutHalted,
     RolloutList,
+    /// A signed-in user's session ended: logout, idle or absolute timeout, or an admin ending it.
+    SessionEnd,
     /// A file of the customer's authority disagrees with the chain at start; the start is refused.
     StateDiverged,
     /// `state.*`: the state the chain anchors (`anchor::Anchor`), recorded as it changes.
@@ -182,6 +191,12 @@ pub enum AuditAction {
     TokenList,
     TokenRevoke,
     TokenRotate,
+    /// A person's sign-in through the tenant's identity provider (success, or refused with a reason code).
+    UserLogin,
+    /// A signed-in user ended their own session.
+    UserLogout,
+    /// An admin ended every session of one user.
+    UserSessionsEnd,
     /// The fleet-wide metrics read.
     MetricsRead,
     WorkspaceList,
@@ -214,6 +229,8 @@ impl AuditAction {
         AuditAction::ExecutionKeyAttest,
         AuditAction::GatewayHandshakeRejected,
         AuditAction::GatewayStreamRefused,
+        AuditAction::IdpSet,
+        AuditAction::IdpGet,
         AuditAction::JoinTokenCreate,
         AuditAction::JoinRuleAdd,
         AuditAction::JoinRuleList,
@@ -259,11 +276,15 @@ impl AuditAction {
         AuditAction::ReleaseList,
         AuditAction::ReleasePush,
         AuditAction::ReleaseTaskRequest,
+        AuditAction::RoleMappingAdd,
+        AuditAction::RoleMappingList,
+        AuditAction::RoleMappingRemove,
         AuditAction::RolloutCompleted,
         AuditAction::RolloutCreate,
         AuditAction::RolloutGet,
         AuditAction::RolloutHalted,
         AuditAction::RolloutList,
+        AuditAction::SessionEnd,
         AuditAction::StateDiverged,
         AuditAction::StatePinnedKeys,
         AuditAction::StatePolicySerial,
@@ -276,6 +297,9 @@ impl AuditAction {
         AuditAction::TokenList,
         AuditAction::TokenRevoke,
         AuditAction::TokenRotate,
+        AuditAction::UserLogin,
+        AuditAction::UserLogout,
+        AuditAction::UserSessionsEnd,
         AuditAction::MetricsRead,
         AuditAction::WorkspaceList,
     ];
@@ -307,6 +331,8 @@ impl AuditAction {
             AuditAction::ExecutionKeyAttest => "execution_key.attest",
             AuditAction::GatewayHandshakeRejected => "gateway.handshake_rejected",
             AuditAction::GatewayStreamRefused => "gateway.stream_refused",
+            AuditAction::IdpSet => "idp.set",
+            AuditAction::IdpGet => "idp.get",
             AuditAction::JoinTokenCreate => "join_token.create",
             AuditAction::JoinRuleAdd => "join_rule.add",
             AuditAction::JoinRuleList => "join_rule.list",
@@ -352,11 +378,15 @@ impl AuditAction {
             AuditAction::ReleaseList => "release.list",
             AuditAction::ReleasePush => "release.push",
             AuditAction::ReleaseTaskRequest => "release_task.request",
+            AuditAction::RoleMappingAdd => "role_mapping.add",
+            AuditAction::RoleMappingList => "role_mapping.list",
+            AuditAction::RoleMappingRemove => "role_mapping.remove",
             AuditAction::RolloutCompleted => "rollout.completed",
             AuditAction::RolloutCreate => "rollout.create",
             AuditAction::RolloutGet => "rollout.get",
             AuditAction::RolloutHalted => "rollout.halted",
             AuditAction::RolloutList => "rollout.list",
+            AuditAction::SessionEnd => "session.end",
             AuditAction::StateDiverged => "state.diverged",
             AuditAction::StatePinnedKeys => "state.pinned_keys",
             AuditAction::StatePolicySerial => "state.policy_serial",
@@ -369,6 +399,9 @@ impl AuditAction {
             AuditAction::TokenList => "token.list",
             AuditAction::TokenRevoke => "token.revoke",
             AuditAction::TokenRotate => "token.rotate",
+            AuditAction::UserLogin => "user.login",
+            AuditAction::UserLogout => "user.logout",
+            AuditAction::UserSessionsEnd => "user.sessions_end",
             AuditAction::MetricsRead => "metrics.read",
             AuditAction::WorkspaceList => "workspace.list",
         }

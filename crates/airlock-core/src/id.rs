@@ -113,6 +113,14 @@ typed_id!(
     RolloutId, "rol", "a rollout"
 );
 typed_id!(
+    /// A signed-in user's session on the control plane (never its secret).
+    SessionId, "ses", "a session"
+);
+typed_id!(
+    /// A mapping of an identity-provider group to a role, tenant-wide or in one workspace.
+    RoleMappingId, "rmp", "a role mapping"
+);
+typed_id!(
     /// A rule that lets a platform identity (an AWS account and role) join one environment.
     JoinRuleId, "jrl", "a join rule"
 );

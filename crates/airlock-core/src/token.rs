@@ -15,6 +15,8 @@ pub enum TokenKind {
     Api,
     /// Single-use bootstrap credential for one appliance join.
     Join,
+    /// A signed-in user's session: the browser's cookie, or the CLI's bearer credential after `airlock login`.
+    Session,
 }
 
 impl TokenKind {
@@ -22,6 +24,7 @@ impl TokenKind {
         match self {
             TokenKind::Api => "airlock_at_",
             TokenKind::Join => "airlock_jt_",
+            TokenKind::Session => "airlock_ss_",
         }
     }
 }

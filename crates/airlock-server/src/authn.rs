@@ -1,20 +1,24 @@
-//! Who is calling: a bearer API token turned into a [`TenantScope`], or a typed refusal.
+//! Who is calling: a bearer API token, or a signed-in user's session (its cookie, or the CLI's bearer session credential), turned into a [`TenantScope`], or a typed refusal.
 //!
 //! A token is checked against the clock on every request (expiry, a rotated secret's grace), never only when its row is read, since rows are cached.
 //! Failed token authentications (a well-formed secret that is unknown, revoked, expired or rotated past its grace) are limited per source address and per token ([`FailureLimiter`]): past the limit a failing caller gets 429 with `Retry-After` instead of 401; a valid token still works from a limited address, and a request with no token at all gets 401 (it guesses at nothing).
 //! Last use (time, source address) is noted in memory and written at most once a minute per token ([`TokenUsage`]), so a hot token does not turn reads into writes.
-//! Signed-in users (OIDC, planned) will authenticate here too, into the same [`crate::authz::Grants`].
+//! A session ([`Authenticator::authenticate_session`]) authenticates into [`crate::authz::Principal::User`] with the same [`crate::authz::Grants`] a token has, its roles the snapshot taken at sign-in; a session past its idle or absolute timeout (`crate::sso::sessions::check`, on the injected clock) is ended there and then, and audited.
+//! A dead session secret counts as a failure like a dead token's (per address, and per session).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use airlock_core::id::TokenId;
+use airlock_core::id::{SessionId, TokenId};
 use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{TenantId, Timestamp};
 
-use crate::authz::TenantScope;
+use airlock_core::audit::{AuditAction, Outcome};
+
+use crate::authz::{Grants, TenantScope};
+use crate::sso::sessions::{self, SessionEnd, SessionLimits};
 use crate::store::{Store, StoreError};
 
 /// Why a caller was not authenticated.
@@ -27,6 +31,12 @@ pub enum AuthnRefusal {
     Expired,
     /// A secret a rotation replaced, past the grace the rotation gave it.
     RotatedPastGrace,
+    /// A session that was ended (logout, an admin).
+    SessionEnded,
+    /// A session unused for longer than the idle timeout.
+    SessionIdle,
+    /// A session older than the absolute timeout.
+    SessionExpired,
     /// Too many failures from this address or with this token; try again after `retry_after`.
     RateLimited {
         retry_after: Duration,
@@ -43,6 +53,9 @@ impl AuthnRefusal {
             AuthnRefusal::Revoked => "revoked_token",
             AuthnRefusal::Expired => "expired_token",
             AuthnRefusal::RotatedPastGrace => "rotated_token",
+            AuthnRefusal::SessionEnded => "session_ended",
+            AuthnRefusal::SessionIdle => "session_idle",
+            AuthnRefusal::SessionExpired => "session_expired",
             AuthnRefusal::RateLimited { .. } => "rate_limited",
         }
     }
@@ -56,16 +69,19 @@ impl AuthnRefusal {
             AuthnRefusal::Revoked => "this API token was revoked",
             AuthnRefusal::Expired => "this API token has expired",
             AuthnRefusal::RotatedPastGrace => "this API token was rotated and its old secret's grace period is over",
+            AuthnRefusal::SessionEnded => "this session has ended; sign in again",
+            AuthnRefusal::SessionIdle => "this session ended after a period without use; sign in again",
+            AuthnRefusal::SessionExpired => "this session reached its maximum lifetime; sign in again",
             AuthnRefusal::RateLimited { .. } => "too many failed authentications; retry later",
         }
     }
 }
 
-/// A refusal, with the tenant and token it concerns when the secret named a known token.
-#[derive(Clone, Copy, Debug)]
+/// A refusal, with the tenant and the actor (`token:…`, `user:…`) it concerns when the secret named a known credential.
+#[derive(Clone, Debug)]
 pub struct Refused {
     pub refusal: AuthnRefusal,
-    pub token: Option<(TenantId, TokenId)>,
+    pub known: Option<(TenantId, String)>,
 }
 
 /// The authentication state a server keeps: failure counts and pending last uses.
@@ -94,11 +110,11 @@ impl Authenticator {
                 Some(retry_after) => AuthnRefusal::RateLimited { retry_after },
                 None => refusal,
             };
-            Ok(Err(Refused { refusal, token }))
+            Ok(Err(Refused { refusal, known: token.map(|(t, id): (TenantId, TokenId)| (t, format!("token:{id}"))) }))
         };
         // No token, or not one in the token format, guesses at no secret: 401, never counted (its audit records are
         // folded like any refusal's).
-        let anonymous = |refusal| Ok(Err(Refused { refusal, token: None }));
+        let anonymous = |refusal| Ok(Err(Refused { refusal, known: None }));
         let Some(value) = authorization else { return anonymous(AuthnRefusal::Missing) };
         let Some(text) = std::str::from_utf8(value).ok().and_then(|v| v.strip_prefix("Bearer ")) else {
             return anonymous(AuthnRefusal::Malformed);
@@ -130,11 +146,85 @@ impl Authenticator {
     }
 }
 
+impl Authenticator {
+    /// Authenticates a session secret (`airlock_ss_…`, from the session cookie or a bearer header) from `from` at `now`.
+    /// A session past a timeout is ended here (once, audited on its tenant's chain) and refused.
+    pub async fn authenticate_session(
+        &self,
+        store: &Store,
+        text: &str,
+        limits: SessionLimits,
+        from: Option<IpAddr>,
+        now: Timestamp,
+    ) -> Result<Result<TenantScope, Refused>, StoreError> {
+        let address_blocked = from.and_then(|addr| self.failures.blocked(FailureKey::Address(addr), now));
+        let refused = |refusal, known| {
+            if let Some(addr) = from {
+                self.failures.fail(FailureKey::Address(addr), now);
+            }
+            let refusal = match address_blocked {
+                Some(retry_after) => AuthnRefusal::RateLimited { retry_after },
+                None => refusal,
+            };
+            Ok(Err(Refused { refusal, known }))
+        };
+        let Ok(secret) = Secret::parse(TokenKind::Session, text) else {
+            return Ok(Err(Refused { refusal: AuthnRefusal::Malformed, known: None }));
+        };
+        let Some(session) = store.find_session(&secret.hash()).await? else {
+            return refused(AuthnRefusal::Unknown, None);
+        };
+        let known = Some((session.tenant, format!("user:{}", session.subject)));
+        if let Err(end) = sessions::check(&session, limits, now) {
+            if end != SessionEnd::Ended {
+                end_timed_out(store, &session, end, now).await?;
+            }
+            let key = FailureKey::Session(session.id);
+            self.failures.fail(key, now);
+            if let Some(retry_after) = self.failures.blocked(key, now) {
+                return refused(AuthnRefusal::RateLimited { retry_after }, known);
+            }
+            let why = match end {
+                SessionEnd::Ended => AuthnRefusal::SessionEnded,
+                SessionEnd::Idle => AuthnRefusal::SessionIdle,
+                SessionEnd::Absolute => AuthnRefusal::SessionExpired,
+            };
+            return refused(why, known);
+        }
+        if sessions::due_for_touch(&session, now) {
+            store.touch_session(session.id, now).await?;
+        }
+        let grants = Grants::user(session.roles);
+        Ok(Ok(TenantScope::for_session(session.tenant, session.id, session.subject, session.auth_time, grants)))
+    }
+}
+
+/// Ends a session a timeout ended, with its audit record, unless something ended it first.
+async fn end_timed_out(
+    store: &Store,
+    session: &crate::store::SessionRow,
+    end: SessionEnd,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let scope = TenantScope::for_system(session.tenant);
+    let mut tx = store.write().await?;
+    if tx.end_session(&scope, session.id, end.reason(), now).await? {
+        let mut ev = crate::state::event(format!("user:{}", session.subject), AuditAction::SessionEnd, Outcome::Success);
+        ev.target = Some(session.id.to_string());
+        ev.detail = serde_json::json!({ "reason": end.reason() });
+        tx.audit(&scope.chain(), now, ev).await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FailureKey {
     Address(IpAddr),
     /// A known token presented with a secret that no longer works (revoked, expired, rotated past grace).
     Token(TokenId),
+    /// A known session presented after it ended.
+    Session(SessionId),
 }
 
 /// Counts failed authentications per key in fixed one-minute windows; past the limit a key is refused until its window ends.
@@ -158,7 +248,7 @@ impl FailureLimiter {
     fn limit(key: FailureKey) -> u32 {
         match key {
             FailureKey::Address(_) => Self::PER_ADDRESS,
-            FailureKey::Token(_) => Self::PER_TOKEN,
+            FailureKey::Token(_) | FailureKey::Session(_) => Self::PER_TOKEN,
         }
     }
 

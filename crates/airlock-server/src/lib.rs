@@ -4,7 +4,7 @@
 //!
 //! Map of the crate, from the edge inwards:
 //! - [`api`] (HTTPS, axum) and [`gateway`] (mTLS gRPC) are the two doors; the API's gate ([`api::access`]) authenticates ([`authn`]) and authorises every request before its handler parses, calls a domain function and maps its result.
-//! - The domain: [`operations`] (requests, approvals, results, releases of output), [`releases`] (vendor releases and their signing keys), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens), [`tokens`] (scoped API tokens).
+//! - The domain: [`operations`] (requests, approvals, results, releases of output), [`releases`] (vendor releases and their signing keys), [`policy`] (relayed customer policies), [`appliances`] (join, revocation), [`tenancy`] (environments, join tokens), [`tokens`] (scoped API tokens), [`sso`] (identity providers, role mappings, sign-in and sessions).
 //! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
 //! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
 //! - [`audit_checkpoints`] signs checkpoints of the audit chains and prunes old anonymous refusals behind them.
@@ -36,6 +36,7 @@ pub mod releases;
 pub mod rollouts;
 pub mod seen;
 pub mod signer;
+pub mod sso;
 pub mod state;
 pub mod store;
 pub mod tenancy;
@@ -122,6 +123,10 @@ pub struct ServerConfig {
     pub max_workspace_artifact_bytes: u64,
     /// STS endpoints AWS join proofs may be sent to (`--aws-sts-endpoint`); empty: the public ones.
     pub aws_sts_endpoints: Vec<String>,
+    /// The API's public URL (`--public-url`), for sign-in redirects and the CSRF check; default `https://<first hostname>:<API port>`.
+    pub public_url: Option<String>,
+    /// Signed-in users' idle and absolute session timeouts.
+    pub session_limits: sso::SessionLimits,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -144,6 +149,8 @@ impl ServerConfig {
             max_artifact_bytes: artifacts::DEFAULT_MAX_ARTIFACT_BYTES,
             max_workspace_artifact_bytes: artifacts::DEFAULT_MAX_WORKSPACE_ARTIFACT_BYTES,
             aws_sts_endpoints: Vec::new(),
+            public_url: None,
+            session_limits: sso::SessionLimits::default(),
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -551,6 +558,17 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
     )
     .map_err(|source| ServerError::DataDir { path: config.data_dir.join("artifacts"), source })?;
     let platform = platform_join::PlatformJoin::new(&config.aws_sts_endpoints).map_err(ServerError::Config)?;
+    let public_url = match &config.public_url {
+        Some(url) => {
+            let parsed = reqwest::Url::parse(url).map_err(|e| ServerError::Config(format!("--public-url: {e}")))?;
+            if parsed.scheme() != "https" || parsed.path() != "/" || parsed.query().is_some() {
+                return Err(ServerError::Config("--public-url must be https://host[:port], with no path".into()));
+            }
+            url.trim_end_matches('/').to_owned()
+        }
+        // What `RunningServer::api_url` reports.
+        None => format!("https://{}", host_port(&gateway_server_name, api_addr.port())),
+    };
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await?;
@@ -579,6 +597,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         audit_key_pem: audit_signer.public_pem().to_owned(),
         artifacts,
         platform,
+        sso: sso::Sso::new(&public_url, config.session_limits),
     });
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -725,5 +744,6 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         audit_key_pem: audit_signer.public_pem().to_owned(),
         artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024, 16 * 1024 * 1024).expect("artifact store"),
         platform: platform_join::PlatformJoin::new(&[]).expect("the STS client builds"),
+        sso: sso::Sso::new("https://127.0.0.1:1", sso::SessionLimits::default()),
     })
 }

@@ -56,6 +56,8 @@ pub struct AppState {
     pub artifacts: crate::artifacts::ArtifactStore,
     /// Join challenges and the STS endpoints platform proofs may go to.
     pub platform: crate::platform_join::PlatformJoin,
+    /// Signed-in users: the public URL, session limits, logins in progress.
+    pub sso: crate::sso::Sso,
 }
 
 impl AppState {

@@ -10,6 +10,7 @@ mod customer;
 mod deployments;
 #[cfg(all(feature = "server", feature = "appliance"))]
 mod dev;
+mod login;
 mod operations;
 mod releases;
 mod terminal;
@@ -65,6 +66,14 @@ enum Command {
     Op(operations::OpCmd),
     /// Scoped API tokens: create (the secret printed once), list, rotate, revoke.
     Token(tokens::TokenCmd),
+    /// Sign in through your tenant's identity provider (a browser); later commands use the session.
+    Login(login::LoginArgs),
+    /// End the session `airlock login` made, and forget it.
+    Logout,
+    /// The tenant's OpenID identity provider (owners and admins).
+    Idp(login::IdpCmd),
+    /// Map identity-provider groups to roles (owners and admins).
+    RoleMapping(login::RoleMappingCmd),
     /// Verify audit logs.
     Audit(AuditCmd),
     /// Customer-side tools: keys, policy, approvals (run on the customer's machine).
@@ -194,6 +203,16 @@ struct ServerRunArgs {
     /// https://sts.<region>.amazonaws.com.
     #[arg(long = "aws-sts-endpoint", env = "AIRLOCK_AWS_STS_ENDPOINTS", value_delimiter = ',')]
     aws_sts_endpoints: Vec<String>,
+    /// The API's public URL (https://host[:port]): sign-in redirects come back to it, and a browser's unsafe requests
+    /// must carry it as `Origin` [default: https://<first hostname>:<API port>].
+    #[arg(long, env = "AIRLOCK_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// A signed-in user's session ends after this long without a request [default: 30m].
+    #[arg(long, env = "AIRLOCK_SESSION_IDLE_TIMEOUT", value_parser = parse_duration)]
+    session_idle_timeout: Option<std::time::Duration>,
+    /// A signed-in user's session ends this long after sign-in, used or not [default: 12h].
+    #[arg(long, env = "AIRLOCK_SESSION_MAX_LIFETIME", value_parser = parse_duration)]
+    session_max_lifetime: Option<std::time::Duration>,
     /// Operator-supplied certificate chain (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -251,6 +270,9 @@ struct ServerFileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     aws_sts_endpoints: Option<Vec<String>>,
+    public_url: Option<String>,
+    session_idle_timeout: Option<String>,
+    session_max_lifetime: Option<String>,
     api_max_connections: Option<usize>,
     api_connections_per_address: Option<usize>,
     api_idle_timeout: Option<String>,
@@ -417,15 +439,15 @@ enum PhaseSub {
 
 #[derive(Args, Clone)]
 struct ApiArgs {
-    /// Control plane API URL.
+    /// Control plane API URL [default: the one `airlock login` signed in to].
     #[arg(long, env = "AIRLOCK_URL")]
-    url: String,
-    /// API token (airlock_at_…).
+    url: Option<String>,
+    /// API token (airlock_at_…) [default: the session `airlock login` keeps].
     #[arg(long, env = "AIRLOCK_TOKEN", hide_env_values = true)]
-    token: String,
-    /// SHA-256 fingerprint of the control plane CA to pin.
+    token: Option<String>,
+    /// SHA-256 fingerprint of the control plane CA to pin [default: the one `airlock login` pinned].
     #[arg(long, env = "AIRLOCK_CA_FINGERPRINT")]
-    ca_fingerprint: String,
+    ca_fingerprint: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -433,8 +455,28 @@ struct ApiArgs {
 
 impl ApiArgs {
     fn client(&self) -> anyhow::Result<client::ApiClient> {
-        let pin: Fingerprint = self.ca_fingerprint.parse()?;
-        client::ApiClient::new(&self.url, &self.token, pin)
+        // What `airlock login` stored fills in what is not given, its session only for the server it signed in to.
+        let stored = login::stored_credential();
+        let url = match (&self.url, &stored) {
+            (Some(url), _) => url.clone(),
+            (None, Some(s)) => s.url.clone(),
+            (None, None) => anyhow::bail!("no server: give --url (AIRLOCK_URL), or sign in with `airlock login`"),
+        };
+        let same_server = |s: &&login::StoredCredential| s.url.trim_end_matches('/') == url.trim_end_matches('/');
+        let token = match (&self.token, stored.as_ref().filter(same_server)) {
+            (Some(token), _) => token.clone(),
+            (None, Some(s)) => s.session.clone(),
+            (None, None) => {
+                anyhow::bail!("no credential: give --token (AIRLOCK_TOKEN), or sign in with `airlock login`")
+            }
+        };
+        let pin = match (&self.ca_fingerprint, stored.as_ref().filter(same_server)) {
+            (Some(fp), _) => fp.clone(),
+            (None, Some(s)) => s.ca_fingerprint.clone(),
+            (None, None) => anyhow::bail!("no CA fingerprint to pin: give --ca-fingerprint (AIRLOCK_CA_FINGERPRINT)"),
+        };
+        let pin: Fingerprint = pin.parse()?;
+        client::ApiClient::new(&url, &token, pin)
     }
 }
 
@@ -808,6 +850,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Template(cmd) => operations::template(cmd).await,
         Command::Release(cmd) => releases::release(cmd).await,
         Command::Token(cmd) => tokens::token(cmd).await,
+        Command::Login(args) => login::login(args).await,
+        Command::Logout => login::logout().await,
+        Command::Idp(cmd) => login::idp(cmd).await,
+        Command::RoleMapping(cmd) => login::role_mapping(cmd).await,
         Command::Deploy(args) => deployments::deploy(args).await,
         Command::Rollout(args) => deployments::rollout(args).await,
         Command::Task(args) => deployments::task(args).await,
@@ -1069,6 +1115,15 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.aws_sts_endpoints
     };
+    cfg.public_url = args.public_url.or(file.public_url);
+    if let Some(d) = args.session_idle_timeout.or(file_duration(file.session_idle_timeout)?) {
+        anyhow::ensure!(d.as_secs() >= 1, "session idle timeout must be at least 1s");
+        cfg.session_limits.idle = d;
+    }
+    if let Some(d) = args.session_max_lifetime.or(file_duration(file.session_max_lifetime)?) {
+        anyhow::ensure!(d.as_secs() >= 1, "session max lifetime must be at least 1s");
+        cfg.session_limits.absolute = d;
+    }
     cfg.api_tls_files = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,

@@ -2,6 +2,9 @@
 //!
 //! A route with no entry is refused with 403 and logged as a bug (a test walks the router so none ships).
 //! The decision is Cedar's ([`crate::authz::Engine`]) on the action's permission and the resource its path names; a handler gets its [`TenantScope`] through [`Authed`] only once it is permitted.
+//! A caller is an API token (`Authorization: Bearer airlock_at_…`) or a signed-in user's session: the `__Host-airlock_session` cookie, or the CLI's `Authorization: Bearer airlock_ss_…`.
+//! A cookie-authenticated unsafe request (not GET or HEAD) must show it comes from this server's own pages: `Origin` equal to the public URL, or `x-airlock-csrf: 1` (which a cross-site form cannot send); else 403 `csrf_refused`, before the session is even looked up.
+//! Step-up: a session exercising identity or token management needs a sign-in within the tenant's `max_age`, else 401 `reauthentication_required` with `x-airlock-login` naming the login URL.
 //! Refusals are audited (rate limited, `AppState::audit_refusal`): failed authentication on the token's tenant chain if the secret named a known token, else on the system chain; a denied action on the caller's chain.
 
 use std::net::IpAddr;
@@ -16,7 +19,11 @@ use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
 use crate::authn::{AuthnRefusal, Refused};
-use crate::authz::{Action, Decision, DenyReason, ResourceKind, Target, TenantScope};
+use std::time::Duration;
+
+use airlock_core::token::TokenKind;
+
+use crate::authz::{Action, Decision, DenyReason, Principal, ResourceKind, Target, TenantScope};
 use crate::state::{AppState, SYSTEM_CHAIN, event};
 
 /// Who may call a route.
@@ -26,6 +33,8 @@ pub enum Access {
     Public,
     /// An authenticated principal permitted the action.
     Api(Action),
+    /// Any authenticated principal, acting on its own credential only (its session: shown, ended); no action to decide.
+    Own,
 }
 
 /// Every route: method, path as registered, and who may call it.
@@ -74,6 +83,19 @@ pub const ROUTES: &[(Method, &str, Access)] = &[
     (Method::POST, "/v1/tokens", Access::Api(Action::CreateToken)),
     (Method::POST, "/v1/tokens/{token}/rotate", Access::Api(Action::RotateToken)),
     (Method::DELETE, "/v1/tokens/{token}", Access::Api(Action::RevokeToken)),
+    (Method::GET, "/v1/idp", Access::Api(Action::GetIdp)),
+    (Method::PUT, "/v1/idp", Access::Api(Action::SetIdp)),
+    (Method::GET, "/v1/role-mappings", Access::Api(Action::ListRoleMappings)),
+    (Method::POST, "/v1/role-mappings", Access::Api(Action::AddRoleMapping)),
+    (Method::DELETE, "/v1/role-mappings/{mapping}", Access::Api(Action::RemoveRoleMapping)),
+    (Method::POST, "/v1/users/{subject}/end-sessions", Access::Api(Action::EndUserSessions)),
+    // Sign-in: anyone may start one (rate limited, bounded) and come back from the provider; the callback's state and
+    // pre-login cookie are its credential.
+    (Method::GET, "/v1/auth/login", Access::Public),
+    (Method::GET, "/v1/auth/callback", Access::Public),
+    (Method::POST, "/v1/auth/cli/exchange", Access::Public),
+    (Method::GET, "/v1/auth/session", Access::Own),
+    (Method::POST, "/v1/auth/logout", Access::Own),
 ];
 
 /// The entry for `method` on the route registered as `path`. `HEAD` is answered by a `GET` route.
@@ -122,16 +144,34 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
     };
     let action = match access {
         Access::Public => return next.run(req).await,
-        Access::Api(action) => action,
+        Access::Api(action) => Some(action),
+        Access::Own => None,
     };
     let (mut parts, body) = req.into_parts();
     let from = parts.extensions.get::<ClientAddr>().map(|a| a.0);
     let now = state.now();
-    let authorization = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-    let scope = match state.authn.authenticate(&state.store, authorization, from, now).await {
+    let authenticated = match credential(&parts) {
+        Credential::Cookie(secret) => {
+            if !same_origin(&state, &parts) {
+                return csrf_refused(&state, parts.uri.path()).await;
+            }
+            state.authn.authenticate_session(&state.store, secret, state.sso.limits, from, now).await
+        }
+        Credential::SessionBearer(secret) => {
+            state.authn.authenticate_session(&state.store, secret, state.sso.limits, from, now).await
+        }
+        Credential::Header(authorization) => {
+            state.authn.authenticate(&state.store, authorization, from, now).await
+        }
+    };
+    let scope = match authenticated {
         Ok(Ok(scope)) => scope,
         Ok(Err(refused)) => return refuse_authentication(&state, refused, parts.uri.path()).await,
         Err(e) => return ApiError::from(e).into_response(),
+    };
+    let Some(action) = action else {
+        parts.extensions.insert(Admitted(Arc::new(Mutex::new(Some(scope)))));
+        return next.run(Request::from_parts(parts, body)).await;
     };
     // A parameter that is not UTF-8 once decoded names no resource: decided as the empty id (no workspace of a token's),
     // and the handler answers 400 for it.
@@ -159,6 +199,9 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
         state.audit_refusal(&scope.chain(), ev).await;
         return forbidden(reason);
     }
+    if let Some(refusal) = step_up(&state, &scope, action, now).await {
+        return refusal;
+    }
     parts.extensions.insert(Admitted(Arc::new(Mutex::new(Some(scope)))));
     next.run(Request::from_parts(parts, body)).await
 }
@@ -181,9 +224,9 @@ async fn refuse_authentication(state: &AppState, refused: Refused, path: &str) -
     let mut ev = event("anonymous", AuditAction::ApiAuthenticate, Outcome::Denied);
     ev.detail =
         serde_json::json!({ "reason": refused.refusal.code(), "path": path.chars().take(200).collect::<String>() });
-    let chain = match refused.token {
-        Some((tenant, token)) => {
-            ev.actor = format!("token:{token}");
+    let chain = match &refused.known {
+        Some((tenant, actor)) => {
+            ev.actor = actor.clone();
             tenant.to_string()
         }
         None => SYSTEM_CHAIN.to_owned(),
@@ -196,9 +239,80 @@ async fn refuse_authentication(state: &AppState, refused: Refused, path: &str) -
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
             resp
         }
-        other => ApiError::unauthorized(format!("{}; send `Authorization: Bearer airlock_at_…`", other.message()))
-            .into_response(),
+        other => ApiError::unauthorized(format!(
+            "{}; send `Authorization: Bearer airlock_at_…`, or sign in at /v1/auth/login",
+            other.message()
+        ))
+        .into_response(),
     }
+}
+
+/// The credential a request presents: a bearer header (an API token, or anything else, which `authn` refuses), a
+/// session as a bearer (the CLI), or the session cookie (a browser). A bearer header wins over a cookie.
+enum Credential<'a> {
+    Header(Option<&'a [u8]>),
+    SessionBearer(&'a str),
+    Cookie(&'a str),
+}
+
+fn credential(parts: &Parts) -> Credential<'_> {
+    let authorization = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    match authorization {
+        Some(value) => match std::str::from_utf8(value).ok().and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(text) if text.starts_with(TokenKind::Session.prefix()) => Credential::SessionBearer(text),
+            _ => Credential::Header(Some(value)),
+        },
+        None => match crate::sso::cookie(&parts.headers, crate::sso::SESSION_COOKIE) {
+            Some(secret) => Credential::Cookie(secret),
+            None => Credential::Header(None),
+        },
+    }
+}
+
+/// Whether a cookie-authenticated request may proceed: a safe method, or `Origin` is this server, or the CSRF header is set.
+fn same_origin(state: &AppState, parts: &Parts) -> bool {
+    if parts.method == Method::GET || parts.method == Method::HEAD {
+        return true;
+    }
+    let origin = parts.headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if origin.is_some_and(|o| o == state.sso.public_url) {
+        return true;
+    }
+    parts.headers.get(crate::sso::CSRF_HEADER).is_some_and(|v| v.as_bytes() == b"1")
+}
+
+async fn csrf_refused(state: &AppState, path: &str) -> Response {
+    let mut ev = event("anonymous", AuditAction::ApiAuthenticate, Outcome::Denied);
+    ev.detail = serde_json::json!({ "reason": "csrf_refused", "path": path.chars().take(200).collect::<String>() });
+    state.audit_refusal(SYSTEM_CHAIN, ev).await;
+    let message = "a request authenticated by the session cookie must come from this server's pages: send `Origin` (this server's URL) or `x-airlock-csrf: 1`";
+    ApiError::new(StatusCode::FORBIDDEN, "csrf_refused", message).into_response()
+}
+
+/// A session exercising identity or token management whose sign-in is older than the tenant's `max_age`: 401
+/// `reauthentication_required`, and where to sign in again.
+async fn step_up(state: &AppState, scope: &TenantScope, action: Action, now: airlock_core::Timestamp) -> Option<Response> {
+    let Principal::User { auth_time, .. } = scope.principal() else { return None };
+    if !crate::sso::sessions::needs_step_up(action.permission()) {
+        return None;
+    }
+    let max_age = match state.store.idp_config(scope).await {
+        Ok(config) => config.and_then(|c| c.max_age_seconds)?,
+        Err(e) => return Some(ApiError::from(e).into_response()),
+    };
+    if crate::sso::sessions::recent_enough(*auth_time, Duration::from_secs(max_age), now) {
+        return None;
+    }
+    let mut ev = event(scope.principal().actor(), action.audit_action(), Outcome::Denied);
+    ev.detail = serde_json::json!({ "reason": "reauthentication_required", "permission": action.permission().as_str() });
+    state.audit_refusal(&scope.chain(), ev).await;
+    let login = format!("/v1/auth/login?tenant={}&max_age={max_age}", scope.tenant());
+    let message = format!("this action needs a sign-in within the last {max_age} s; sign in again at {login}");
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "reauthentication_required", message).into_response();
+    if let Ok(value) = HeaderValue::from_str(&login) {
+        resp.headers_mut().insert(crate::sso::LOGIN_HEADER, value);
+    }
+    Some(resp)
 }
 
 #[cfg(test)]

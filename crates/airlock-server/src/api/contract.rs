@@ -153,6 +153,10 @@ fn parameter_schema(param: &Parameter) -> Option<Schema> {
         (ParameterIn::Path, "rollout") => airlock_core::RolloutId::PATTERN,
         (ParameterIn::Path, "token") => airlock_core::id::TokenId::PATTERN,
         (ParameterIn::Path, "rule") => airlock_core::id::JoinRuleId::PATTERN,
+        (ParameterIn::Path, "mapping") => airlock_core::id::RoleMappingId::PATTERN,
+        // An identity provider's subject: any printable text (`sso::sessions`).
+        (ParameterIn::Path, "subject") => r"^[^\x00-\x1f\x7f]{1,255}$",
+        (ParameterIn::Query, "tenant") => airlock_core::TenantId::PATTERN,
         (ParameterIn::Path, "sha256" | "key_id") => "^[0-9a-f]{64}$",
         (ParameterIn::Query, "state") => {
             return Some(string.enum_values(Some(OperationState::ALL.map(OperationState::as_str))).build().into());

@@ -16,6 +16,7 @@ pub mod operations;
 pub mod policy;
 pub mod releases;
 pub mod rollouts;
+pub mod sso;
 pub mod tenancy;
 pub mod tokens;
 
@@ -80,6 +81,15 @@ fn routes() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(tokens::list_tokens, tokens::create_token))
         .routes(routes!(tokens::rotate_token))
         .routes(routes!(tokens::revoke_token))
+        .routes(routes!(sso::get_idp, sso::set_idp))
+        .routes(routes!(sso::list_role_mappings, sso::add_role_mapping))
+        .routes(routes!(sso::remove_role_mapping))
+        .routes(routes!(sso::end_user_sessions))
+        .routes(routes!(sso::login))
+        .routes(routes!(sso::callback))
+        .routes(routes!(sso::cli_exchange))
+        .routes(routes!(sso::session))
+        .routes(routes!(sso::logout))
         .split_for_parts()
 }
 

@@ -285,6 +285,8 @@ pub(super) fn concrete(path: &str) -> String {
         .replace("{key_id}", &"b".repeat(64))
         .replace("{token}", &airlock_core::id::TokenId::from_random([6; 16]).to_string())
         .replace("{rule}", &airlock_core::id::JoinRuleId::from_random([7; 16]).to_string())
+        .replace("{mapping}", &airlock_core::id::RoleMappingId::from_random([8; 16]).to_string())
+        .replace("{subject}", "alice")
 }
 
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];

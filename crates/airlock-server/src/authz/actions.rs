@@ -49,6 +49,7 @@ pub enum Permission {
     MetricsRead,
     AuditRead,
     TokensManage,
+    IdentityManage,
 }
 
 impl Permission {
@@ -81,6 +82,7 @@ impl Permission {
         Permission::MetricsRead,
         Permission::AuditRead,
         Permission::TokensManage,
+        Permission::IdentityManage,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -113,6 +115,7 @@ impl Permission {
             Permission::MetricsRead => "metrics:read",
             Permission::AuditRead => "audit:read",
             Permission::TokensManage => "tokens:manage",
+            Permission::IdentityManage => "identity:manage",
         }
     }
 
@@ -232,6 +235,13 @@ pub enum Action {
     CreateToken,
     RotateToken,
     RevokeToken,
+    // Signed-in users: the tenant's identity provider, its group-to-role mappings, a user's sessions.
+    GetIdp,
+    SetIdp,
+    ListRoleMappings,
+    AddRoleMapping,
+    RemoveRoleMapping,
+    EndUserSessions,
 }
 
 impl Action {
@@ -276,6 +286,12 @@ impl Action {
             Action::CreateToken => (P::TokensManage, Tenant),
             Action::RotateToken => (P::TokensManage, Tenant),
             Action::RevokeToken => (P::TokensManage, Tenant),
+            Action::GetIdp
+            | Action::SetIdp
+            | Action::ListRoleMappings
+            | Action::AddRoleMapping
+            | Action::RemoveRoleMapping
+            | Action::EndUserSessions => (P::IdentityManage, Tenant),
         }
     }
 
@@ -329,6 +345,12 @@ impl Action {
             Action::CreateToken => AuditAction::TokenCreate,
             Action::RotateToken => AuditAction::TokenRotate,
             Action::RevokeToken => AuditAction::TokenRevoke,
+            Action::GetIdp => AuditAction::IdpGet,
+            Action::SetIdp => AuditAction::IdpSet,
+            Action::ListRoleMappings => AuditAction::RoleMappingList,
+            Action::AddRoleMapping => AuditAction::RoleMappingAdd,
+            Action::RemoveRoleMapping => AuditAction::RoleMappingRemove,
+            Action::EndUserSessions => AuditAction::UserSessionsEnd,
         }
     }
 

@@ -115,6 +115,7 @@ pub struct Engine {
 /// What a decision is remembered by; the grants are compared on a hit, so a token whose grants changed is decided again.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct MemoKey {
+    kind: PrincipalKind,
     tenant: TenantId,
     principal: String,
     permission: Permission,
@@ -129,6 +130,7 @@ struct EntityTypes {
     workspace: EntityTypeName,
     environment: EntityTypeName,
     token: EntityTypeName,
+    user: EntityTypeName,
 }
 
 impl std::fmt::Debug for Engine {
@@ -176,6 +178,7 @@ impl Engine {
             workspace: type_name("Airlock::Workspace")?,
             environment: type_name("Airlock::Environment")?,
             token: type_name("Airlock::Token")?,
+            user: type_name("Airlock::User")?,
         };
         let action_type = type_name("Airlock::Action")?;
         let actions = Permission::ALL
@@ -223,12 +226,29 @@ impl Engine {
         permission: Permission,
         target: Target<'_>,
     ) -> Decision {
+        self.decide_remembered_as(PrincipalKind::Token, tenant, principal, permission, target)
+    }
+
+    /// [`Engine::decide_remembered`] for a principal of `kind` (a token, or a signed-in user's session).
+    pub fn decide_remembered_as(
+        &self,
+        kind: PrincipalKind,
+        tenant: TenantId,
+        principal: &ApiPrincipal<'_>,
+        permission: Permission,
+        target: Target<'_>,
+    ) -> Decision {
         let id = match target {
             Target::Tenant => "",
             Target::Workspace(id) | Target::Environment(id) => id,
         };
-        let key =
-            MemoKey { tenant, principal: principal.id.to_owned(), permission, target: (target.kind(), id.to_owned()) };
+        let key = MemoKey {
+            kind,
+            tenant,
+            principal: principal.id.to_owned(),
+            permission,
+            target: (target.kind(), id.to_owned()),
+        };
         {
             let memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((grants, decision)) = memo.get(&key)
@@ -237,7 +257,13 @@ impl Engine {
                 return *decision;
             }
         }
-        let decision = self.decide(tenant, principal, permission, target);
+        let decision = match self.request_as(kind, tenant, principal, permission, target) {
+            Ok(request) => self.evaluate(&request),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build an authorization request");
+                Decision::Deny(DenyReason::EngineError)
+            }
+        };
         let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
         if memo.len() >= MEMO_ENTRIES {
             memo.clear();
@@ -282,6 +308,17 @@ impl Engine {
         permission: Permission,
         target: Target<'_>,
     ) -> Result<cedar_policy::Request, String> {
+        self.request_as(PrincipalKind::Token, tenant, principal, permission, target)
+    }
+
+    fn request_as(
+        &self,
+        kind: PrincipalKind,
+        tenant: TenantId,
+        principal: &ApiPrincipal<'_>,
+        permission: Permission,
+        target: Target<'_>,
+    ) -> Result<cedar_policy::Request, String> {
         let resource = match target {
             Target::Tenant => {
                 EntityUid::from_type_name_and_id(self.types.tenant.clone(), EntityId::new(tenant.to_string()))
@@ -308,10 +345,21 @@ impl Engine {
             context.push(("workspace_scope".to_owned(), RestrictedExpression::new_entity_uid(uid)));
         }
         let context = Context::from_pairs(context).map_err(|e| e.to_string())?;
-        let principal = EntityUid::from_type_name_and_id(self.types.token.clone(), EntityId::new(principal.id));
+        let principal_type = match kind {
+            PrincipalKind::Token => &self.types.token,
+            PrincipalKind::User => &self.types.user,
+        };
+        let principal = EntityUid::from_type_name_and_id(principal_type.clone(), EntityId::new(principal.id));
         let action = self.actions[permission as usize].clone();
         cedar_policy::Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())
     }
+}
+
+/// What kind of principal asks: the Cedar entity type of the request's principal (`Token` or `User`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PrincipalKind {
+    Token,
+    User,
 }
 
 /// An API principal as the engine sees it: its id (for logs) and what it holds.

@@ -12,11 +12,11 @@ mod tests;
 
 use std::str::FromStr;
 
-use airlock_core::id::TokenId;
+use airlock_core::id::{SessionId, TokenId};
 use airlock_core::{ApplianceId, ApplianceIdentity, TenantId, Timestamp, WorkspaceId};
 
 pub use actions::{Action, Permission, PermissionSet, ResourceKind};
-pub use engine::{ApiPrincipal, Decision, DenyReason, Engine, Target};
+pub use engine::{ApiPrincipal, Decision, DenyReason, Engine, PrincipalKind, Target};
 
 /// An API token as stored, before authorization builds a scope from it.
 #[derive(Clone, Debug)]
@@ -27,7 +27,7 @@ pub struct ApiToken {
 }
 
 /// What a principal holds: roles, and for a scoped token its action list and workspace.
-/// A signed-in user (planned) carries the same, its roles mapped from identity-provider groups.
+/// A signed-in user carries the same, its roles mapped from identity-provider groups at sign-in ([`Grants::user`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grants {
     /// Each role held, tenant-wide (`None`) or in one workspace.
@@ -51,15 +51,27 @@ impl Grants {
         Self { roles: vec![(role, workspace)], actions, workspace, expires_at }
     }
 
+    /// A signed-in user's grants: the roles its groups map to. Roles all held in one workspace confine the user to it,
+    /// as a workspace token is confined (the store then resolves environments within it).
+    pub fn user(roles: Vec<(Role, Option<WorkspaceId>)>) -> Self {
+        let mut places = roles.iter().map(|(_, ws)| *ws);
+        let workspace = match places.next() {
+            Some(Some(first)) if places.all(|ws| ws == Some(first)) => Some(first),
+            _ => None,
+        };
+        Self { roles, actions: None, workspace, expires_at: None }
+    }
+
     /// The roles that apply on `target`: tenant-wide roles, and roles held in its workspace.
-    /// A workspace role counts on an environment too: the store resolves the environment within the scope's workspace.
+    /// A workspace role counts on an environment only for a principal confined to that workspace, since the store
+    /// resolves the environment within the scope's workspace; the path of an environment names no workspace.
     pub fn roles_for<'a>(&'a self, target: Target<'a>) -> impl Iterator<Item = Role> + 'a {
         self.roles
             .iter()
             .filter(move |(_, held_in)| match (held_in, target) {
                 (None, _) => true,
                 (Some(ws), Target::Workspace(id)) => ws.to_string() == id,
-                (Some(_), Target::Environment(_)) => true,
+                (Some(ws), Target::Environment(_)) => self.workspace == Some(*ws),
                 (Some(_), Target::Tenant) => false,
             })
             .map(|(role, _)| *role)
@@ -124,6 +136,14 @@ pub enum Principal {
         grants: Grants,
     },
     Appliance(ApplianceId),
+    /// A person signed in through the tenant's identity provider: the session, the subject the provider named,
+    /// when they last authenticated there, and the roles mapped from their groups at sign-in.
+    User {
+        subject: String,
+        session: SessionId,
+        auth_time: Timestamp,
+        grants: Grants,
+    },
     /// The control plane itself, for what it records on no one's behalf (a rollout halted
     /// because its creator's token was revoked). It is permitted no action.
     System,
@@ -134,6 +154,7 @@ impl Principal {
     pub fn actor(&self) -> String {
         match self {
             Principal::ApiToken { id, .. } => format!("token:{id}"),
+            Principal::User { subject, .. } => format!("user:{subject}"),
             Principal::Appliance(id) => format!("appliance:{id}"),
             Principal::System => "system".to_owned(),
         }
@@ -165,6 +186,17 @@ impl TenantScope {
         Self { tenant: row.tenant, principal: Principal::ApiToken { id: row.id, grants: row.grants } }
     }
 
+    /// A live session of a signed-in user (not ended, within its idle and absolute timeouts).
+    pub(crate) fn for_session(
+        tenant: TenantId,
+        session: SessionId,
+        subject: String,
+        auth_time: Timestamp,
+        grants: Grants,
+    ) -> Self {
+        Self { tenant, principal: Principal::User { subject, session, auth_time, grants } }
+    }
+
     /// An appliance whose certificate chained to our CA and is neither expired nor revoked.
     pub(crate) fn for_appliance(identity: &ApplianceIdentity) -> Self {
         Self { tenant: identity.tenant, principal: Principal::Appliance(identity.appliance) }
@@ -191,7 +223,7 @@ impl TenantScope {
     /// The workspace this scope is confined to, if any: store lookups of workspaces and environments see no other.
     pub fn workspace(&self) -> Option<WorkspaceId> {
         match &self.principal {
-            Principal::ApiToken { grants, .. } => grants.workspace,
+            Principal::ApiToken { grants, .. } | Principal::User { grants, .. } => grants.workspace,
             Principal::Appliance(_) | Principal::System => None,
         }
     }
@@ -199,7 +231,7 @@ impl TenantScope {
     /// The grants of an API principal.
     pub fn grants(&self) -> Option<&Grants> {
         match &self.principal {
-            Principal::ApiToken { grants, .. } => Some(grants),
+            Principal::ApiToken { grants, .. } | Principal::User { grants, .. } => Some(grants),
             Principal::Appliance(_) | Principal::System => None,
         }
     }
@@ -210,6 +242,11 @@ impl TenantScope {
             Principal::ApiToken { id, grants } => {
                 let id = id.to_string();
                 engine.decide_remembered(self.tenant, &ApiPrincipal { id: &id, grants }, action.permission(), target)
+            }
+            Principal::User { session, grants, .. } => {
+                let id = session.to_string();
+                let principal = ApiPrincipal { id: &id, grants };
+                engine.decide_remembered_as(PrincipalKind::User, self.tenant, &principal, action.permission(), target)
             }
             Principal::Appliance(_) | Principal::System => Decision::Deny(DenyReason::NotAnApiPrincipal),
         }

@@ -17,12 +17,14 @@ mod audit_signing;
 mod audit_writer;
 mod ca;
 mod deployments;
+mod identity;
 mod join_rules;
 mod operations;
 mod policies;
 mod read_cache;
 mod releases;
 mod rollouts;
+mod sessions;
 mod templates;
 mod tenancy;
 #[cfg(test)]
@@ -48,7 +50,9 @@ pub use deployments::StoredDeploymentStatus;
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
 pub use releases::{ReleaseKeyRow, ReleaseRow};
+pub use identity::{IdpConfigRow, RoleMappingRow};
 pub use rollouts::{RolloutRow, RolloutTargetRow};
+pub use sessions::{NewSession, SessionKind, SessionRow, roles_text};
 pub use templates::TemplateRow;
 pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
 pub use tokens::{NewToken, StoredCredential, TokenRow};
@@ -77,7 +81,9 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (14, "rollouts", include_str!("../../migrations/0014_rollouts.sql")),
     (15, "deployment_log_tails", include_str!("../../migrations/0015_deployment_log_tails.sql")),
     (16, "token_scopes", include_str!("../../migrations/0016_token_scopes.sql")),
+    (17, "identity", include_str!("../../migrations/0017_identity.sql")),
     (18, "join_rules", include_str!("../../migrations/0018_join_rules.sql")),
+    (19, "user_sessions", include_str!("../../migrations/0019_user_sessions.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -118,6 +118,86 @@ async fn the_isolation_matrix_every_route_with_another_tenants_token() {
     assert!(tokens.as_array().unwrap().iter().all(|t| t["revoked_at"].is_null()), "{tokens}");
 }
 
+/// Every route × a signed-in owner of another tenant, by cookie (with the CSRF header) and by bearer: refused as the
+/// foreign token is, never an answer naming this tenant's resources, nothing changed.
+#[tokio::test]
+async fn the_isolation_matrix_every_route_with_another_tenants_session() {
+    use crate::api::sso::tests::{Via, call_as, new_session};
+    let api = api().await;
+    let env = api.new_env("prod").await;
+    let (s, joined) = api.join(&api.join_token(&env).await, &csr()).await;
+    assert_eq!(s, StatusCode::OK, "{joined}");
+    let appliance = joined["appliance_id"].as_str().unwrap().to_owned();
+    let (s, mine) = api.post("/v1/tokens", json!({ "name": "ci", "role": "viewer", "expires_in": "1d" })).await;
+    assert_eq!(s, StatusCode::CREATED, "{mine}");
+    let my_token_id = mine["details"]["id"].as_str().unwrap().to_owned();
+    let (s, mapping) = api.post("/v1/role-mappings", json!({ "group": "eng", "role": "viewer" })).await;
+    assert_eq!(s, StatusCode::CREATED, "{mapping}");
+    let mapping_id = mapping["id"].as_str().unwrap().to_owned();
+    let tenant = tenant_of(&api).await;
+    let t: airlock_core::TenantId = tenant.parse().unwrap();
+    let mine = new_session(&api, t, "alice", &[(crate::authz::Role::Viewer, None)], api.state.now()).await;
+
+    let dir = api._dir.path();
+    let other =
+        crate::create_tenant(dir, &KekSource::default_for(dir), "globex", "default", &*api.clock).await.unwrap();
+    let foreign =
+        new_session(&api, other.tenant, "mallory", &[(crate::authz::Role::Owner, None)], api.state.now()).await;
+    let secrets = [
+        api.workspace.as_str(),
+        env.as_str(),
+        appliance.as_str(),
+        my_token_id.as_str(),
+        mapping_id.as_str(),
+        tenant.as_str(),
+        "prod",
+        "alice",
+    ];
+    for (method, path) in document_routes() {
+        let Some(Access::Api(action)) = route_access(&method, &path) else { continue };
+        let filled = concrete(
+            &path
+                .replace("{workspace}", &api.workspace)
+                .replace("{environment}", &env)
+                .replace("{appliance}", &appliance)
+                .replace("{token}", &my_token_id)
+                .replace("{mapping}", &mapping_id),
+        );
+        let body = (method != Method::GET && method != Method::DELETE).then(|| json!({}));
+        for via in [Via::Cookie(&foreign), Via::Bearer(&foreign)] {
+            let (s, _, v) = call_as(&api, via, method.clone(), &filled, body.clone()).await;
+            let at = format!("{method} {path} ({action:?})");
+            if path.contains('{') && !path.contains("{subject}") {
+                let allowed: &[StatusCode] = if method == Method::GET || method == Method::DELETE {
+                    &[StatusCode::NOT_FOUND, StatusCode::FORBIDDEN]
+                } else {
+                    &[StatusCode::NOT_FOUND, StatusCode::FORBIDDEN, StatusCode::BAD_REQUEST]
+                };
+                assert!(allowed.contains(&s), "{at}: {s} {v}");
+            } else {
+                // Tenant-wide routes act on the caller's own tenant: success there, or a refusal of the input.
+                assert!(
+                    s.is_success() || [StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND].contains(&s),
+                    "{at}: {s} {v}"
+                );
+            }
+            let text = v.to_string();
+            for secret in secrets.iter().filter(|s| !filled.contains(**s)) {
+                assert!(!text.contains(secret), "{at} answered with this tenant's {secret}: {text}");
+            }
+        }
+    }
+    // Nothing changed here: this tenant's session, token, mapping and appliance are as they were.
+    let (s, _, _) = call_as(&api, Via::Cookie(&mine), Method::GET, "/v1/workspaces", None).await;
+    assert_eq!(s, StatusCode::OK, "ending the foreign tenant's `alice` ends no session here");
+    let (_, list) = api.get("/v1/appliances").await;
+    assert_eq!(list["appliances"][0]["revoked"], false);
+    let (_, tokens) = api.get("/v1/tokens").await;
+    assert!(tokens.as_array().unwrap().iter().all(|t| t["revoked_at"].is_null()), "{tokens}");
+    let (_, mappings) = api.get("/v1/role-mappings").await;
+    assert_eq!(mappings.as_array().unwrap().len(), 1, "{mappings}");
+}
+
 impl Api {
     async fn create_token(&self, by: &str, body: Value) -> (StatusCode, Value) {
         self.call(Method::POST, "/v1/tokens", Some(by), Some(&body.to_string())).await
