@@ -56,6 +56,8 @@ pub struct AppState {
     pub artifacts: crate::artifacts::ArtifactStore,
     /// Join challenges and the STS endpoints platform proofs may go to.
     pub platform: crate::platform_join::PlatformJoin,
+    /// Identity providers' and platform issuers' discovery documents and signing keys.
+    pub issuers: Arc<crate::issuer::Issuers>,
 }
 
 impl AppState {
