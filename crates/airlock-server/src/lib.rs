@@ -8,6 +8,7 @@
 //! - [`push`] sends instructions down the appliances' streams; [`registry`] holds the live streams; [`seen`] writes last-seen times in batches.
 //! - [`state`] is what a running control plane shares; [`store`] is the database, every write in one transaction with its audit record.
 //! - [`audit_checkpoints`] signs checkpoints of the audit chains and prunes old anonymous refusals behind them.
+//! - [`issuer`] fetches identity providers' and platform issuers' keys (bounded, no private addresses unless allowed) and verifies the tokens they sign.
 //! - [`authz`] makes the [`authz::TenantScope`] every tenant-data call demands and holds the one Cedar decision ([`authz::Engine`]); [`ca`], [`signer`], [`keys`] and [`tls`] hold the keys and the TLS configurations; [`clock`] is the one reader of wall-clock time.
 //!
 //! No module imports one that imports it back: the edge depends on the domain, the domain on [`state`], [`push`] and [`store`], and none of those on the domain.
@@ -24,6 +25,7 @@ pub mod clock;
 pub mod deployments;
 pub mod gateway;
 mod https;
+pub mod issuer;
 pub mod keys;
 pub mod metrics;
 pub mod net;
@@ -127,6 +129,10 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Signed-in users' idle and absolute session timeouts.
     pub session_limits: sso::SessionLimits,
+    /// Extra trust roots for identity providers and platform token issuers (`--issuer-ca-file`).
+    pub issuer_roots: Vec<CertificateDer<'static>>,
+    /// Whether issuers on private, loopback or link-local addresses may be fetched (`--allow-private-issuers`).
+    pub allow_private_issuers: bool,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -151,6 +157,8 @@ impl ServerConfig {
             aws_sts_endpoints: Vec::new(),
             public_url: None,
             session_limits: sso::SessionLimits::default(),
+            issuer_roots: Vec::new(),
+            allow_private_issuers: false,
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -569,6 +577,8 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         // What `RunningServer::api_url` reports.
         None => format!("https://{}", host_port(&gateway_server_name, api_addr.port())),
     };
+    let issuers = issuer::IssuerClient::new(config.issuer_roots.clone(), config.allow_private_issuers)
+        .map_err(ServerError::Config)?;
     let store = Arc::new(store);
     let registry = Arc::new(registry::Registry::default());
     let push = push::Pusher::load(store.clone(), registry.clone()).await?;
@@ -598,6 +608,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         artifacts,
         platform,
         sso: sso::Sso::new(&public_url, config.session_limits),
+        issuers: Arc::new(issuer::Issuers::new(issuers)),
     });
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -745,5 +756,8 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024, 16 * 1024 * 1024).expect("artifact store"),
         platform: platform_join::PlatformJoin::new(&[]).expect("the STS client builds"),
         sso: sso::Sso::new("https://127.0.0.1:1", sso::SessionLimits::default()),
+        issuers: Arc::new(issuer::Issuers::new(
+            issuer::IssuerClient::new(Vec::new(), true).expect("the issuer client builds"),
+        )),
     })
 }

@@ -58,6 +58,8 @@ pub struct AppState {
     pub platform: crate::platform_join::PlatformJoin,
     /// Signed-in users: the public URL, session limits, logins in progress.
     pub sso: crate::sso::Sso,
+    /// Identity providers' and platform issuers' discovery documents and signing keys.
+    pub issuers: Arc<crate::issuer::Issuers>,
 }
 
 impl AppState {

@@ -213,6 +213,15 @@ struct ServerRunArgs {
     /// A signed-in user's session ends this long after sign-in, used or not [default: 12h].
     #[arg(long, env = "AIRLOCK_SESSION_MAX_LIFETIME", value_parser = parse_duration)]
     session_max_lifetime: Option<std::time::Duration>,
+    /// A PEM file of CA certificates to trust, besides the system's, for identity providers and
+    /// platform token issuers (repeat for several).
+    #[arg(long = "issuer-ca-file", env = "AIRLOCK_ISSUER_CA_FILES", value_delimiter = ',')]
+    issuer_ca_files: Vec<PathBuf>,
+    /// Let identity providers and platform token issuers be on private, loopback or link-local
+    /// addresses (an issuer on your own network); off by default, so a tenant's issuer URL cannot
+    /// reach the control plane's network.
+    #[arg(long, env = "AIRLOCK_ALLOW_PRIVATE_ISSUERS")]
+    allow_private_issuers: bool,
     /// Operator-supplied certificate chain (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -273,6 +282,8 @@ struct ServerFileConfig {
     public_url: Option<String>,
     session_idle_timeout: Option<String>,
     session_max_lifetime: Option<String>,
+    issuer_ca_files: Option<Vec<PathBuf>>,
+    allow_private_issuers: Option<bool>,
     api_max_connections: Option<usize>,
     api_connections_per_address: Option<usize>,
     api_idle_timeout: Option<String>,
@@ -1124,6 +1135,15 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(d.as_secs() >= 1, "session max lifetime must be at least 1s");
         cfg.session_limits.absolute = d;
     }
+    let issuer_ca_files =
+        if args.issuer_ca_files.is_empty() { file.issuer_ca_files.unwrap_or_default() } else { args.issuer_ca_files };
+    for path in issuer_ca_files {
+        let pem = std::fs::read(&path).with_context(|| format!("read issuer CA file {}", path.display()))?;
+        let certs = airlock_server::issuer::read_ca_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("issuer CA file {}: {e}", path.display()))?;
+        cfg.issuer_roots.extend(certs);
+    }
+    cfg.allow_private_issuers = args.allow_private_issuers || file.allow_private_issuers.unwrap_or(false);
     cfg.api_tls_files = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,
