@@ -102,7 +102,7 @@ impl Authenticator {
     ) -> Result<Result<TenantScope, Refused>, StoreError> {
         // A blocked address still gets a valid token through (others may share it, behind one NAT); its failures get 429.
         let address_blocked = from.and_then(|addr| self.failures.blocked(FailureKey::Address(addr), now));
-        let refused = |refusal, token| {
+        let refused = |refusal, token: Option<(TenantId, TokenId)>| {
             if let Some(addr) = from {
                 self.failures.fail(FailureKey::Address(addr), now);
             }
@@ -110,7 +110,7 @@ impl Authenticator {
                 Some(retry_after) => AuthnRefusal::RateLimited { retry_after },
                 None => refusal,
             };
-            Ok(Err(Refused { refusal, known: token.map(|(t, id): (TenantId, TokenId)| (t, format!("token:{id}"))) }))
+            Ok(Err(Refused { refusal, known: token.map(|(t, id)| (t, format!("token:{id}"))) }))
         };
         // No token, or not one in the token format, guesses at no secret: 401, never counted (its audit records are
         // folded like any refusal's).
@@ -209,7 +209,8 @@ async fn end_timed_out(
     let scope = TenantScope::for_system(session.tenant);
     let mut tx = store.write().await?;
     if tx.end_session(&scope, session.id, end.reason(), now).await? {
-        let mut ev = crate::state::event(format!("user:{}", session.subject), AuditAction::SessionEnd, Outcome::Success);
+        let mut ev =
+            crate::state::event(format!("user:{}", session.subject), AuditAction::SessionEnd, Outcome::Success);
         ev.target = Some(session.id.to_string());
         ev.detail = serde_json::json!({ "reason": end.reason() });
         tx.audit(&scope.chain(), now, ev).await?;

@@ -722,6 +722,17 @@ fn restrict_dir(_dir: &Path) -> Result<(), ServerError> {
 /// for driving [`api::router`] in memory.
 #[cfg(test)]
 pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<AppState> {
+    let issuers = issuer::IssuerClient::new(Vec::new(), true).expect("the issuer client builds");
+    test_state_with_issuers(data_dir, clock, Arc::new(issuer::Issuers::new(issuers))).await
+}
+
+/// [`test_state`] with these issuers (a test's own identity provider, under its own CA).
+#[cfg(test)]
+pub(crate) async fn test_state_with_issuers(
+    data_dir: &Path,
+    clock: Arc<dyn Clock>,
+    issuers: Arc<issuer::Issuers>,
+) -> Arc<AppState> {
     let authz_engine = Arc::new(authz::Engine::load().expect("the Cedar policies validate"));
     let (store, kek) = open_existing(data_dir, &KekSource::default_for(data_dir)).await.expect("open data dir");
     let ca = load_ca(&store, &kek).await.expect("load CA");
@@ -756,8 +767,6 @@ pub(crate) async fn test_state(data_dir: &Path, clock: Arc<dyn Clock>) -> Arc<Ap
         artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024, 16 * 1024 * 1024).expect("artifact store"),
         platform: platform_join::PlatformJoin::new(&[]).expect("the STS client builds"),
         sso: sso::Sso::new("https://127.0.0.1:1", sso::SessionLimits::default()),
-        issuers: Arc::new(issuer::Issuers::new(
-            issuer::IssuerClient::new(Vec::new(), true).expect("the issuer client builds"),
-        )),
+        issuers,
     })
 }

@@ -34,7 +34,9 @@ pub(crate) struct StoredCredential {
 fn credential_path() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").context("neither XDG_CONFIG_HOME nor HOME is set")?).join(".config"),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").context("neither XDG_CONFIG_HOME nor HOME is set")?).join(".config")
+        }
     };
     Ok(base.join("airlock").join("credentials.json"))
 }
@@ -50,7 +52,11 @@ fn store_credential(c: &StoredCredential) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let path = credential_path()?;
     let dir = path.parent().context("credential path has no directory")?;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join("credentials.json.tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
@@ -259,16 +265,10 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("no sign-in came back in time")??;
     let anonymous = client::ApiClient::new(&server, "", pin)?;
-    let out: Value =
-        anonymous.post("/v1/auth/cli/exchange", &json!({ "code": code, "verifier": verifier })).await?;
+    let out: Value = anonymous.post("/v1/auth/cli/exchange", &json!({ "code": code, "verifier": verifier })).await?;
     let session = out["session"].as_str().context("the server's answer has no session")?.to_owned();
     let who: Value = client::ApiClient::new(&server, &session, pin)?.get("/v1/auth/session").await?;
-    let path = store_credential(&StoredCredential {
-        url: server,
-        ca_fingerprint: pin.to_string(),
-        tenant,
-        session,
-    })?;
+    let path = store_credential(&StoredCredential { url: server, ca_fingerprint: pin.to_string(), tenant, session })?;
     let roles: Vec<String> = who["roles"]
         .as_array()
         .into_iter()
@@ -314,7 +314,9 @@ async fn wait_for_code(listener: &tokio::net::TcpListener) -> anyhow::Result<Str
             parsed.as_ref().and_then(|u| u.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned()))
         };
         let (status, body, code) = match (parsed.as_ref().map(|u| u.path().to_owned()), param("code")) {
-            (Some(p), Some(code)) if p == "/callback" => ("200 OK", "Signed in to Airlock; you can close this page.", Some(code)),
+            (Some(p), Some(code)) if p == "/callback" => {
+                ("200 OK", "Signed in to Airlock; you can close this page.", Some(code))
+            }
             _ => ("404 Not Found", "Not an Airlock sign-in.", None),
         };
         let answer = format!(

@@ -127,12 +127,7 @@ async fn a_person_signs_in_reads_with_the_session_cookie_and_their_groups_decide
     assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("not_granted")), "{v}");
 
     // Without Origin or the CSRF header, a cookie-authenticated write is refused before anything else.
-    let resp = browser
-        .post(format!("{}/v1/auth/logout", s.server.url))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let resp = browser.post(format!("{}/v1/auth/logout", s.server.url)).json(&json!({})).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "csrf_refused");
 
@@ -180,10 +175,7 @@ async fn a_person_signs_in_reads_with_the_session_cookie_and_their_groups_decide
 
     // Audited on the tenant's chain as the user, with no code, token or secret.
     let records = s.server.audit_records();
-    let logins = records
-        .iter()
-        .filter(|r| r["action"] == "user.login" && r["outcome"] == "success")
-        .count();
+    let logins = records.iter().filter(|r| r["action"] == "user.login" && r["outcome"] == "success").count();
     assert_eq!(logins, 3);
     for action in ["user.logout", "user.sessions_end"] {
         assert!(records.iter().any(|r| r["action"] == action), "{action}");
@@ -210,7 +202,9 @@ async fn unmapped_groups_mfa_replayed_and_cookie_less_callbacks_are_refused_with
     assert_eq!(browser.get(&callback).send().await.unwrap().status(), StatusCode::SEE_OTHER);
     let replay = browser.get(&callback).send().await.unwrap();
     assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
-    assert!(replay.headers().get("set-cookie").is_none_or(|c| !c.to_str().unwrap().contains("airlock_session=airlock")));
+    assert!(
+        replay.headers().get("set-cookie").is_none_or(|c| !c.to_str().unwrap().contains("airlock_session=airlock"))
+    );
 
     // The callback from a browser that did not start the login (no pre-login cookie): refused, and the rightful browser still finishes.
     let victim = s.browser();

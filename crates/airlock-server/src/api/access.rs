@@ -160,9 +160,7 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
         Credential::SessionBearer(secret) => {
             state.authn.authenticate_session(&state.store, secret, state.sso.limits, from, now).await
         }
-        Credential::Header(authorization) => {
-            state.authn.authenticate(&state.store, authorization, from, now).await
-        }
+        Credential::Header(authorization) => state.authn.authenticate(&state.store, authorization, from, now).await,
     };
     let scope = match authenticated {
         Ok(Ok(scope)) => scope,
@@ -291,7 +289,12 @@ async fn csrf_refused(state: &AppState, path: &str) -> Response {
 
 /// A session exercising identity or token management whose sign-in is older than the tenant's `max_age`: 401
 /// `reauthentication_required`, and where to sign in again.
-async fn step_up(state: &AppState, scope: &TenantScope, action: Action, now: airlock_core::Timestamp) -> Option<Response> {
+async fn step_up(
+    state: &AppState,
+    scope: &TenantScope,
+    action: Action,
+    now: airlock_core::Timestamp,
+) -> Option<Response> {
     let Principal::User { auth_time, .. } = scope.principal() else { return None };
     if !crate::sso::sessions::needs_step_up(action.permission()) {
         return None;
@@ -304,7 +307,8 @@ async fn step_up(state: &AppState, scope: &TenantScope, action: Action, now: air
         return None;
     }
     let mut ev = event(scope.principal().actor(), action.audit_action(), Outcome::Denied);
-    ev.detail = serde_json::json!({ "reason": "reauthentication_required", "permission": action.permission().as_str() });
+    ev.detail =
+        serde_json::json!({ "reason": "reauthentication_required", "permission": action.permission().as_str() });
     state.audit_refusal(&scope.chain(), ev).await;
     let login = format!("/v1/auth/login?tenant={}&max_age={max_age}", scope.tenant());
     let message = format!("this action needs a sign-in within the last {max_age} s; sign in again at {login}");

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use airlock_core::TenantId;
 use airlock_core::audit::Outcome;
 use airlock_core::id::RoleMappingId;
-use airlock_core::TenantId;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -179,6 +179,7 @@ pub struct CallbackQuery {
     state: Option<String>,
     code: Option<String>,
     error: Option<String>,
+    iss: Option<String>,
 }
 
 /// Show the tenant's identity provider (never its client secret).
@@ -346,7 +347,8 @@ pub(super) async fn login(
 #[utoipa::path(get, path = "/v1/auth/callback",
     params(("state" = String, Query, description = "the login's state"),
         ("code" = Option<String>, Query, description = "the authorization code"),
-        ("error" = Option<String>, Query, description = "the provider's refusal")),
+        ("error" = Option<String>, Query, description = "the provider's refusal"),
+        ("iss" = Option<String>, Query, description = "the provider's issuer (RFC 9207), checked when sent")),
     responses((status = 302, description = "to the CLI's loopback with a one-time code"),
         (status = 303, description = "signed in: to `return_to`, with the session cookie"),
         (status = 400, body = super::ErrorBody, description = "no such login in progress, or not from this browser"),
@@ -368,10 +370,10 @@ pub(super) async fn callback(
     let Some(login_state) = q.state.filter(|s| !s.is_empty() && s.len() <= 128) else {
         return ApiError::bad_request("the callback has no usable state").into_response();
     };
-    if !bounded(&q.code, 4096) || !bounded(&q.error, 256) {
+    if !bounded(&q.code, 4096) || !bounded(&q.error, 256) || !bounded(&q.iss, 512) {
         return ApiError::bad_request("the callback's code or error is too long").into_response();
     }
-    let cb = Callback { state: login_state, code: q.code, error: q.error };
+    let cb = Callback { state: login_state, code: q.code, error: q.error, iss: q.iss };
     let login_cookie = cookie(&headers, LOGIN_COOKIE);
     let finished = login::finish(&state, cb, login_cookie).await;
     let clear_login = set_cookie(LOGIN_COOKIE, "", Duration::ZERO);
@@ -407,8 +409,9 @@ pub(super) async fn cli_exchange(
     if body.code.len() > 128 || body.verifier.len() > 128 {
         return Err(ApiError::bad_request("code and verifier are at most 128 characters"));
     }
-    let secret = login::exchange_cli_code(&state, &body.code, &body.verifier)
-        .ok_or_else(|| ApiError::unauthorized("unknown, used or expired code, or a wrong verifier; run `airlock login` again"))?;
+    let secret = login::exchange_cli_code(&state, &body.code, &body.verifier).ok_or_else(|| {
+        ApiError::unauthorized("unknown, used or expired code, or a wrong verifier; run `airlock login` again")
+    })?;
     Ok(Json(CliSessionView { session: secret.expose().to_owned() }))
 }
 
@@ -488,6 +491,7 @@ impl From<LoginRefusal> for ApiError {
             LoginRefusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
             LoginRefusal::ProviderRefused(_)
             | LoginRefusal::ProviderChanged
+            | LoginRefusal::IssuerMismatch
             | LoginRefusal::CodeRejected
             | LoginRefusal::IdToken(_)
             | LoginRefusal::NonceMismatch

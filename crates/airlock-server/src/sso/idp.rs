@@ -64,7 +64,8 @@ fn secret_aad(tenant: TenantId) -> Vec<u8> {
 
 /// The client secret of `tenant`'s provider, in clear, for one code redemption.
 pub(crate) fn open_secret(state: &AppState, tenant: TenantId, row: &IdpConfigRow) -> Result<String, IdpError> {
-    let plain = state.kek.open(&row.client_secret_sealed, &secret_aad(tenant)).map_err(|e| IdpError::Key(e.to_string()))?;
+    let plain =
+        state.kek.open(&row.client_secret_sealed, &secret_aad(tenant)).map_err(|e| IdpError::Key(e.to_string()))?;
     String::from_utf8(plain).map_err(|_| IdpError::Key("the sealed client secret is not text".into()))
 }
 
@@ -83,10 +84,13 @@ fn check(s: &IdpSettings) -> Result<(), IdpError> {
     if s.client_secret.as_deref().is_some_and(|c| !printable(c, 1024)) {
         return Err(IdpError::Invalid("client secret must be 1–1024 printable characters".into()));
     }
-    let scope_ok =
-        |sc: &String| !sc.is_empty() && sc.len() <= 64 && sc.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    let scope_ok = |sc: &String| {
+        !sc.is_empty() && sc.len() <= 64 && sc.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    };
     if s.scopes.len() > MAX_SCOPES || !s.scopes.iter().all(scope_ok) || !s.scopes.iter().any(|sc| sc == "openid") {
-        return Err(IdpError::Invalid(format!("scopes must include `openid`, at most {MAX_SCOPES} of them, each 1–64 visible characters")));
+        return Err(IdpError::Invalid(format!(
+            "scopes must include `openid`, at most {MAX_SCOPES} of them, each 1–64 visible characters"
+        )));
     }
     if !printable(&s.groups_claim, 64) {
         return Err(IdpError::Invalid("groups claim must be 1–64 printable characters".into()));

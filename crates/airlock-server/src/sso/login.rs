@@ -41,6 +41,9 @@ pub enum LoginRefusal {
     ProviderRefused(String),
     #[error("the tenant's identity provider changed during the login; start again")]
     ProviderChanged,
+    /// The callback's `iss` (RFC 9207) names another issuer than the one the login went to: a mix-up.
+    #[error("the callback comes from another issuer than the one this login went to")]
+    IssuerMismatch,
     #[error("the identity provider cannot be used: {0}")]
     ProviderUnavailable(String),
     #[error("the identity provider refused the authorization code (used already, or not issued for this login)")]
@@ -53,7 +56,9 @@ pub enum LoginRefusal {
     BadClaims(&'static str),
     #[error("this action needs a recent sign-in, and the identity provider's is older")]
     NotRecent,
-    #[error("this tenant requires multi-factor authentication, and the identity provider does not show one for this sign-in")]
+    #[error(
+        "this tenant requires multi-factor authentication, and the identity provider does not show one for this sign-in"
+    )]
     MfaRequired,
     #[error("your groups map to no role in this tenant; ask an admin to map one of your groups")]
     NoRole,
@@ -76,6 +81,7 @@ impl LoginRefusal {
             LoginRefusal::Expired => "login_expired",
             LoginRefusal::ProviderRefused(_) => "provider_refused",
             LoginRefusal::ProviderChanged => "provider_changed",
+            LoginRefusal::IssuerMismatch => "issuer_mismatch",
             LoginRefusal::ProviderUnavailable(_) => "provider_unavailable",
             LoginRefusal::CodeRejected => "code_rejected",
             LoginRefusal::IdToken(r) => r.code(),
@@ -196,6 +202,8 @@ pub struct Callback {
     pub state: String,
     pub code: Option<String>,
     pub error: Option<String>,
+    /// The issuer the provider says it is (RFC 9207), when it says.
+    pub iss: Option<String>,
 }
 
 /// A sign-in that succeeded.
@@ -221,13 +229,15 @@ struct TokenAnswer {
 }
 
 /// `amr` values that show a second factor or a phishing-resistant method (RFC 8176).
-const MFA_AMR: &[&str] = &["mfa", "otp", "hwk", "swk", "sms", "tel", "fpt", "face", "iris", "retina", "vbm", "sc", "pop"];
+const MFA_AMR: &[&str] =
+    &["mfa", "otp", "hwk", "swk", "sms", "tel", "fpt", "face", "iris", "retina", "vbm", "sc", "pop"];
 /// `acr` values that show multi-factor authentication.
 const MFA_ACR: &[&str] = &["http://schemas.openid.net/pape/policies/2007/06/multi-factor", "urn:airlock:test:mfa"];
 
 /// Whether the token's `amr` or `acr` shows a second factor.
 pub fn shows_mfa(amr: &[String], acr: Option<&str>) -> bool {
-    amr.iter().any(|m| MFA_AMR.contains(&m.as_str())) || acr.is_some_and(|a| MFA_ACR.contains(&a) || a.ends_with(":mfa"))
+    amr.iter().any(|m| MFA_AMR.contains(&m.as_str()))
+        || acr.is_some_and(|a| MFA_ACR.contains(&a) || a.ends_with(":mfa"))
 }
 
 fn printable(s: &str, max: usize) -> bool {
@@ -246,7 +256,8 @@ pub async fn finish(state: &AppState, cb: Callback, cookie: Option<&str>) -> Res
         })
     })?;
     let tenant = pending.tenant;
-    let in_tenant = |refusal, subject: Option<&str>| Refused { refusal, tenant: Some(tenant), subject: subject.map(str::to_owned) };
+    let in_tenant =
+        |refusal, subject: Option<&str>| Refused { refusal, tenant: Some(tenant), subject: subject.map(str::to_owned) };
     redeem(state, &pending, &cb, now).await.map_err(|(refusal, subject)| in_tenant(refusal, subject.as_deref()))
 }
 
@@ -257,17 +268,22 @@ async fn redeem(
     now: Timestamp,
 ) -> Result<(Finished, TenantId), (LoginRefusal, Option<String>)> {
     let fail = |r: LoginRefusal| (r, None);
+    if cb.iss.as_deref().is_some_and(|iss| iss != pending.issuer) {
+        return Err(fail(LoginRefusal::IssuerMismatch));
+    }
     if let Some(error) = &cb.error {
         let error: String = error.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
         return Err(fail(LoginRefusal::ProviderRefused(error)));
     }
     let code = cb.code.as_deref().ok_or_else(|| fail(LoginRefusal::BadRequest("the callback has no code".into())))?;
     let scope = TenantScope::for_system(pending.tenant);
-    let config = state.store.idp_config(&scope).await.map_err(|e| fail(e.into()))?.ok_or(fail(LoginRefusal::NoProvider))?;
+    let config =
+        state.store.idp_config(&scope).await.map_err(|e| fail(e.into()))?.ok_or(fail(LoginRefusal::NoProvider))?;
     if config.issuer != pending.issuer || config.client_id != pending.client_id {
         return Err(fail(LoginRefusal::ProviderChanged));
     }
-    let secret = idp::open_secret(state, pending.tenant, &config).map_err(|e| fail(LoginRefusal::Internal(e.to_string())))?;
+    let secret =
+        idp::open_secret(state, pending.tenant, &config).map_err(|e| fail(LoginRefusal::Internal(e.to_string())))?;
     let discovery = state.issuers.discovery(&config.issuer, now).await.map_err(|e| fail(provider_error(e)))?;
     let token_endpoint = discovery
         .token_endpoint
@@ -279,29 +295,31 @@ async fn redeem(
         ("redirect_uri", redirect_uri.as_str()),
         ("code_verifier", pending.verifier.as_str()),
     ];
-    let answer: TokenAnswer = state
-        .issuers
-        .client()
-        .post_form(&token_endpoint, &form, Some((&config.client_id, &secret)))
-        .await
-        .map_err(|e| {
-            fail(match e {
-                // The token endpoint's 400 `invalid_grant`: a replayed, expired or foreign code, or a wrong verifier.
-                IssuerError::BadAnswer(_) => LoginRefusal::CodeRejected,
-                other => provider_error(other),
-            })
-        })?;
+    let answer: TokenAnswer =
+        state.issuers.client().post_form(&token_endpoint, &form, Some((&config.client_id, &secret))).await.map_err(
+            |e| {
+                fail(match e {
+                    // The token endpoint's 400 `invalid_grant`: a replayed, expired or foreign code, or a wrong verifier.
+                    IssuerError::BadAnswer(_) => LoginRefusal::CodeRejected,
+                    other => provider_error(other),
+                })
+            },
+        )?;
     let id_token = answer.id_token.ok_or_else(|| fail(LoginRefusal::BadClaims("id_token in the token answer")))?;
     let expect = Expect { audience: &config.client_id, max_age: None };
-    let claims =
-        state.issuers.verify(&config.issuer, &id_token, &expect, now).await.map_err(|r| fail(LoginRefusal::IdToken(r)))?;
+    let claims = state
+        .issuers
+        .verify(&config.issuer, &id_token, &expect, now)
+        .await
+        .map_err(|r| fail(LoginRefusal::IdToken(r)))?;
     if claims.str("nonce") != Some(pending.nonce.as_str()) {
         return Err(fail(LoginRefusal::NonceMismatch));
     }
     if claims.strings("aud").len() > 1 && claims.str("azp") != Some(config.client_id.as_str()) {
         return Err(fail(LoginRefusal::BadClaims("azp")));
     }
-    let subject = claims.str("sub").filter(|s| printable(s, 255)).ok_or(fail(LoginRefusal::BadClaims("sub")))?.to_owned();
+    let subject =
+        claims.str("sub").filter(|s| printable(s, 255)).ok_or(fail(LoginRefusal::BadClaims("sub")))?.to_owned();
     let with_subject = |r: LoginRefusal| (r, Some(subject.clone()));
     let email = claims.str("email").filter(|e| printable(e, 320)).map(str::to_owned);
     let auth_time = claims

@@ -3,9 +3,9 @@
 //! A mapping never grants more than its maker holds on the same place (as a token never holds more than its creator), and only an owner maps a group to owner; removing a mapping needs the same.
 //! A tenant holds at most [`MAX_MAPPINGS`].
 
+use airlock_core::WorkspaceId;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::id::RoleMappingId;
-use airlock_core::WorkspaceId;
 
 use crate::authz::{ApiPrincipal, Grants, Role, Target, TenantScope};
 use crate::state::{AppState, event, random};

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::Timestamp;
+use airlock_core::audit::{AuditAction, Outcome};
 
 use crate::authz::{Permission, Principal, TenantScope};
 use crate::state::{AppState, event};

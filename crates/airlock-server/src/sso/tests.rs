@@ -102,7 +102,10 @@ fn groups_map_to_each_role_once_and_unmapped_groups_to_none() {
     };
     let mappings = [m("eng", Role::Viewer, None), m("ops", Role::Deployer, Some(ws)), m("eng2", Role::Viewer, None)];
     let groups = |g: &[&str]| g.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    assert_eq!(roles_for_groups(&mappings, &groups(&["eng", "eng2", "ops"])), vec![(Role::Viewer, None), (Role::Deployer, Some(ws))]);
+    assert_eq!(
+        roles_for_groups(&mappings, &groups(&["eng", "eng2", "ops"])),
+        vec![(Role::Viewer, None), (Role::Deployer, Some(ws))]
+    );
     assert!(roles_for_groups(&mappings, &groups(&["nobody", "ENG"])).is_empty());
     let roles = vec![(Role::Viewer, None), (Role::Deployer, Some(ws))];
     assert_eq!(parse_roles(&roles_text(&roles)).unwrap(), roles);
@@ -114,7 +117,11 @@ fn a_user_whose_roles_are_all_in_one_workspace_is_confined_to_it() {
     let other = WorkspaceId::from_random([5; 16]);
     let confined = Grants::user(vec![(Role::Deployer, Some(ws)), (Role::Viewer, Some(ws))]);
     assert_eq!(confined.workspace, Some(ws));
-    assert_eq!(confined.roles_for(Target::Environment("env_x")).count(), 2, "its environments resolve in its workspace");
+    assert_eq!(
+        confined.roles_for(Target::Environment("env_x")).count(),
+        2,
+        "its environments resolve in its workspace"
+    );
     let spread = Grants::user(vec![(Role::Deployer, Some(ws)), (Role::Viewer, Some(other))]);
     assert_eq!(spread.workspace, None);
     // An environment's path names no workspace, so a workspace role does not count on one for an unconfined user.

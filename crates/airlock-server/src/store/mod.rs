@@ -47,12 +47,12 @@ pub use audit_signing::{AUDIT_KEY_FILE_NAME, CHECKPOINT_FILE_NAME, Pruned, Store
 pub use audit_writer::{AuditAppendError, AuditWriter};
 pub use ca::StoredCa;
 pub use deployments::StoredDeploymentStatus;
+pub use identity::{IdpConfigRow, RoleMappingRow};
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
 pub use releases::{ReleaseKeyRow, ReleaseRow};
-pub use identity::{IdpConfigRow, RoleMappingRow};
 pub use rollouts::{RolloutRow, RolloutTargetRow};
-pub use sessions::{NewSession, SessionKind, SessionRow, roles_text};
+pub use sessions::{NewSession, SessionKind, SessionRow, parse_roles, roles_text};
 pub use templates::TemplateRow;
 pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
 pub use tokens::{NewToken, StoredCredential, TokenRow};

@@ -80,7 +80,9 @@ pub fn parse_roles(text: &str) -> Result<Vec<(Role, Option<WorkspaceId>)>, Strin
     text.split(' ')
         .filter(|s| !s.is_empty())
         .map(|item| match item.split_once('@') {
-            Some((role, ws)) => Ok((role.parse()?, Some(ws.parse().map_err(|e: airlock_core::id::IdParseError| e.to_string())?))),
+            Some((role, ws)) => {
+                Ok((role.parse()?, Some(ws.parse().map_err(|e: airlock_core::id::IdParseError| e.to_string())?)))
+            }
             None => Ok((item.parse()?, None)),
         })
         .collect()
@@ -117,11 +119,13 @@ impl Store {
     /// Notes a live session's last use. Nothing cached holds it, so no cache is emptied.
     pub async fn touch_session(&self, id: SessionId, now: Timestamp) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE user_sessions SET last_seen_at = $1 WHERE id = $2 AND ended_at IS NULL AND last_seen_at < $1")
-            .bind(now.unix_millis())
-            .bind(id.to_string())
-            .execute(&mut *tx.tx)
-            .await?;
+        sqlx::query(
+            "UPDATE user_sessions SET last_seen_at = $1 WHERE id = $2 AND ended_at IS NULL AND last_seen_at < $1",
+        )
+        .bind(now.unix_millis())
+        .bind(id.to_string())
+        .execute(&mut *tx.tx)
+        .await?;
         tx.commit_uncached().await
     }
 }

@@ -69,7 +69,9 @@ pub(crate) async fn call_as(
     req = match via {
         Via::Cookie(s) => req.header("cookie", format!("__Host-airlock_session={s}")).header("x-airlock-csrf", "1"),
         Via::BareCookie(s) => req.header("cookie", format!("__Host-airlock_session={s}")),
-        Via::CookieFrom(s, origin) => req.header("cookie", format!("__Host-airlock_session={s}")).header("origin", origin),
+        Via::CookieFrom(s, origin) => {
+            req.header("cookie", format!("__Host-airlock_session={s}")).header("origin", origin)
+        }
         Via::Bearer(s) => req.header("authorization", format!("Bearer {s}")),
     };
     if body.is_some() {
@@ -115,7 +117,8 @@ async fn a_session_reads_what_its_roles_allow_by_cookie_or_bearer_and_shows_itse
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     // An admin creates an environment (with the CSRF header).
     let admin = new_session(&api, t, "ada", &[(Role::Admin, None)], api.state.now()).await;
-    let (s, _, v) = call_as(&api, Via::Cookie(&admin), Method::POST, &path, Some(json!({ "name": "made-by-ada" }))).await;
+    let (s, _, v) =
+        call_as(&api, Via::Cookie(&admin), Method::POST, &path, Some(json!({ "name": "made-by-ada" }))).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let actions = api.audit_actions(&t.to_string()).await;
     assert!(actions.iter().any(|(a, o)| a == AuditAction::EnvironmentCreate.as_str() && o == "success"));
@@ -291,20 +294,27 @@ async fn role_mappings_are_bounded_by_their_maker_and_audited() {
     let id = v["id"].as_str().unwrap().to_owned();
     let (s, v) = api.post("/v1/role-mappings", json!({ "group": "eng", "role": "viewer" })).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    let (s, v) =
-        api.post("/v1/role-mappings", json!({ "group": "ops", "role": "deployer", "workspace_id": api.workspace })).await;
+    let (s, v) = api
+        .post("/v1/role-mappings", json!({ "group": "ops", "role": "deployer", "workspace_id": api.workspace }))
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
-    for bad in [json!({ "group": "", "role": "viewer" }), json!({ "group": "x", "role": "king" }), json!({ "group": "x", "role": "viewer", "extra": 1 })] {
+    for bad in [
+        json!({ "group": "", "role": "viewer" }),
+        json!({ "group": "x", "role": "king" }),
+        json!({ "group": "x", "role": "viewer", "extra": 1 }),
+    ] {
         let (s, v) = api.post("/v1/role-mappings", bad.clone()).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
     }
     let missing = WorkspaceId::from_random([7; 16]);
-    let (s, _) = api.post("/v1/role-mappings", json!({ "group": "x", "role": "viewer", "workspace_id": missing })).await;
+    let (s, _) =
+        api.post("/v1/role-mappings", json!({ "group": "x", "role": "viewer", "workspace_id": missing })).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // An admin maps no group to owner, nor removes an owner mapping.
     let admin = new_session(&api, t, "ada", &[(Role::Admin, None)], api.state.now()).await;
     let owner_mapping = json!({ "group": "root", "role": "owner" });
-    let (s, _, v) = call_as(&api, Via::Cookie(&admin), Method::POST, "/v1/role-mappings", Some(owner_mapping.clone())).await;
+    let (s, _, v) =
+        call_as(&api, Via::Cookie(&admin), Method::POST, "/v1/role-mappings", Some(owner_mapping.clone())).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     let (s, v) = api.post("/v1/role-mappings", owner_mapping).await;
     assert_eq!(s, StatusCode::CREATED, "an owner token may: {v}");
@@ -316,7 +326,8 @@ async fn role_mappings_are_bounded_by_their_maker_and_audited() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, list) = api.get("/v1/role-mappings").await;
     assert_eq!(s, StatusCode::OK);
-    let groups: Vec<_> = list.as_array().unwrap().iter().map(|m| m["group"].as_str().unwrap().to_owned()).collect();
+    let mut groups: Vec<_> = list.as_array().unwrap().iter().map(|m| m["group"].as_str().unwrap().to_owned()).collect();
+    groups.sort();
     assert_eq!(groups, ["ops", "root"]);
     let actions = api.audit_actions(&t.to_string()).await;
     for action in [AuditAction::RoleMappingAdd, AuditAction::RoleMappingRemove, AuditAction::RoleMappingList] {
@@ -409,7 +420,8 @@ mod sign_in {
         if let Some(c) = cookie {
             req = req.header("cookie", format!("__Host-airlock_login={c}"));
         }
-        let resp = super::super::super::router(api.state.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let resp =
+            super::super::super::router(api.state.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
         let (status, headers) = (resp.status(), resp.headers().clone());
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         (status, headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
@@ -418,7 +430,10 @@ mod sign_in {
     fn session_cookie(headers: &HeaderMap) -> Option<String> {
         headers.get_all("set-cookie").iter().find_map(|c| {
             let c = c.to_str().unwrap();
-            c.strip_prefix("__Host-airlock_session=").and_then(|v| v.split(';').next()).filter(|v| !v.is_empty()).map(str::to_owned)
+            c.strip_prefix("__Host-airlock_session=")
+                .and_then(|v| v.split(';').next())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
         })
     }
 
@@ -510,7 +525,10 @@ mod sign_in {
         let refusals = records
             .iter()
             .flatten()
-            .filter(|r| r.event.action == AuditAction::UserLogin.as_str() && r.event.outcome == airlock_core::audit::Outcome::Denied)
+            .filter(|r| {
+                r.event.action == AuditAction::UserLogin.as_str()
+                    && r.event.outcome == airlock_core::audit::Outcome::Denied
+            })
             .count();
         assert_eq!(refusals, 7);
         assert!(records.iter().flatten().any(|r| r.event.detail["reason"] == "nonce_mismatch"));
@@ -614,10 +632,19 @@ mod sign_in {
     async fn setting_a_provider_checks_its_discovery_and_keeps_the_secret_sealed() {
         let (api, provider) = api_with_provider(false, None).await;
         for (body, status) in [
-            (json!({ "issuer": "https://127.0.0.1:1", "client_id": "a", "client_secret": "s" }), StatusCode::UNPROCESSABLE_ENTITY),
-            (json!({ "issuer": "http://idp.example", "client_id": "a", "client_secret": "s" }), StatusCode::BAD_REQUEST),
+            (
+                json!({ "issuer": "https://127.0.0.1:1", "client_id": "a", "client_secret": "s" }),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                json!({ "issuer": "http://idp.example", "client_id": "a", "client_secret": "s" }),
+                StatusCode::BAD_REQUEST,
+            ),
             (json!({ "issuer": provider.issuer, "client_id": "a", "scopes": ["email"] }), StatusCode::BAD_REQUEST),
-            (json!({ "issuer": provider.issuer, "client_id": "a", "client_secret": "s", "max_age": 999_999_999 }), StatusCode::BAD_REQUEST),
+            (
+                json!({ "issuer": provider.issuer, "client_id": "a", "client_secret": "s", "max_age": 999_999_999 }),
+                StatusCode::BAD_REQUEST,
+            ),
         ] {
             let (s, v) = api.call(Method::PUT, "/v1/idp", Some(&api.token), Some(&body.to_string())).await;
             assert_eq!(s, status, "{body}: {v}");

@@ -150,14 +150,17 @@ impl Provider {
         let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let (status, value) = match path.as_str() {
-            "/.well-known/openid-configuration" => (200, json!({
-                "issuer": self.issuer,
-                "authorization_endpoint": format!("{}/authorize", self.issuer),
-                "token_endpoint": format!("{}/token", self.issuer),
-                "jwks_uri": format!("{}/jwks", self.issuer),
-                "response_types_supported": ["code"],
-                "code_challenge_methods_supported": ["S256"],
-            })),
+            "/.well-known/openid-configuration" => (
+                200,
+                json!({
+                    "issuer": self.issuer,
+                    "authorization_endpoint": format!("{}/authorize", self.issuer),
+                    "token_endpoint": format!("{}/token", self.issuer),
+                    "jwks_uri": format!("{}/jwks", self.issuer),
+                    "response_types_supported": ["code"],
+                    "code_challenge_methods_supported": ["S256"],
+                }),
+            ),
             "/jwks" => (200, self.jwks()),
             "/token" => self.token(&body, authorization),
             _ => (404, json!({ "error": "not_found" })),
@@ -170,12 +173,11 @@ impl Provider {
     }
 
     fn token(&self, body: &[u8], authorization: Option<String>) -> (u16, Value) {
-        let form: Vec<(String, String)> =
-            reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(body)))
-                .unwrap()
-                .query_pairs()
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
+        let form: Vec<(String, String)> = reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(body)))
+            .unwrap()
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
         let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let mut seen = self.seen.lock().unwrap();
         seen.requests.push((form.clone(), authorization));
