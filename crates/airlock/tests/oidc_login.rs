@@ -198,6 +198,8 @@ async fn unmapped_groups_mfa_replayed_and_cookie_less_callbacks_are_refused_with
 
     // A callback replayed: its login was consumed, so it is refused and opens no second session.
     s.provider.set_account("alice", Account::new("alice@example.com", &["eng"]));
+    // A browser of its own: the provider would otherwise carry on the session it holds for `nobody`.
+    let browser = s.browser();
     let callback = s.callback(&browser, "alice").await;
     assert_eq!(browser.get(&callback).send().await.unwrap().status(), StatusCode::SEE_OTHER);
     let replay = browser.get(&callback).send().await.unwrap();
@@ -286,7 +288,7 @@ async fn airlock_login_takes_the_session_through_a_loopback_redirect_and_keeps_i
     assert_eq!(resp.status(), StatusCode::FOUND);
     let loopback = resp.headers()["location"].to_str().unwrap().to_owned();
     assert!(loopback.starts_with("http://127.0.0.1:"), "{loopback}");
-    let page = reqwest::get(&loopback).await.unwrap();
+    let page = browser.get(&loopback).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
     let out = tokio::task::spawn_blocking(move || cli.wait_with_output()).await.unwrap().unwrap();
     assert!(out.status.success());
