@@ -184,7 +184,8 @@ pub struct CallbackQuery {
 
 /// Show the tenant's identity provider (never its client secret).
 #[utoipa::path(get, path = "/v1/idp", security(("bearer" = [])),
-    responses((status = 200, body = IdpConfigView)))]
+    responses((status = 200, body = IdpConfigView),
+        (status = 404, body = super::ErrorBody, description = "no identity provider is set for this tenant")))]
 pub(super) async fn get_idp(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
@@ -446,7 +447,8 @@ pub(super) async fn session(Authed(scope): Authed) -> Json<SessionView> {
 
 /// Sign out: the session ends at once, and the cookie is cleared.
 #[utoipa::path(post, path = "/v1/auth/logout", security(("bearer" = [])),
-    responses((status = 200, body = LoggedOutView)))]
+    responses((status = 200, body = LoggedOutView),
+        (status = 400, body = super::ErrorBody, description = "the caller is an API token, not a session")))]
 pub(super) async fn logout(State(state): State<Arc<AppState>>, Authed(scope): Authed) -> Response {
     if !matches!(scope.principal(), Principal::User { .. }) {
         return ApiError::bad_request("only a session signs out; revoke an API token with `airlock token revoke`")
