@@ -126,7 +126,7 @@ pub async fn remove(state: &AppState, scope: &TenantScope, id: RoleMappingId) ->
 pub fn roles_for_groups(mappings: &[RoleMappingRow], groups: &[String]) -> Vec<(Role, Option<WorkspaceId>)> {
     let mut roles = Vec::new();
     for m in mappings {
-        if groups.iter().any(|g| *g == m.group) && !roles.contains(&(m.role, m.workspace)) {
+        if groups.contains(&m.group) && !roles.contains(&(m.role, m.workspace)) {
             roles.push((m.role, m.workspace));
         }
     }

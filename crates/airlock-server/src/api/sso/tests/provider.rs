@@ -24,12 +24,15 @@ pub(crate) enum Answer {
     Unsigned { claims: Value },
 }
 
+/// One redemption at the token endpoint: its form, and its `Authorization` header.
+pub(crate) type Redemption = (Vec<(String, String)>, Option<String>);
+
 #[derive(Default)]
 struct Seen {
     /// Codes redeemed already: a second redemption is `invalid_grant`.
     codes: Vec<String>,
     /// Each redemption's form and `Authorization` header.
-    requests: Vec<(Vec<(String, String)>, Option<String>)>,
+    requests: Vec<Redemption>,
 }
 
 pub(crate) struct Provider {
@@ -108,7 +111,7 @@ impl Provider {
     }
 
     /// The forms and `Authorization` headers the token endpoint received.
-    pub(crate) fn redemptions(&self) -> Vec<(Vec<(String, String)>, Option<String>)> {
+    pub(crate) fn redemptions(&self) -> Vec<Redemption> {
         self.seen.lock().unwrap().requests.clone()
     }
 
