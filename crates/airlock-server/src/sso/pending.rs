@@ -270,6 +270,24 @@ mod tests {
     }
 
     #[test]
+    fn a_cli_code_is_taken_once_only_with_its_verifiers_challenge_and_a_wrong_one_burns_it() {
+        let codes = CliCodes::default();
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let secret = || airlock_core::token::Secret::from_random(airlock_core::token::TokenKind::Session, [5; 32]);
+        let code = codes.insert(secret(), "challenge".into(), t);
+        assert!(codes.take(&code, "another", t).is_none());
+        assert!(codes.take(&code, "challenge", t).is_none(), "a wrong verifier burnt it");
+        let code = codes.insert(secret(), "challenge".into(), t);
+        assert_eq!(codes.take(&code, "challenge", t).map(|s| s.hash()), Some(secret().hash()));
+        assert!(codes.take(&code, "challenge", t).is_none(), "single use");
+        let code = codes.insert(secret(), "challenge".into(), t);
+        assert!(
+            codes.take(&code, "challenge", t.saturating_add(super::super::login::CLI_CODE_TTL)).is_none(),
+            "expired"
+        );
+    }
+
+    #[test]
     fn starts_are_rate_limited_per_address() {
         let p = PendingLogins::default();
         let t = Timestamp::from_unix_millis(1_000_000);

@@ -577,9 +577,25 @@ mod sign_in {
         });
         let (s, _, v) = finish(&api, &third.state, "code-3", Some(&third.cookie)).await;
         assert_eq!(s, StatusCode::SEE_OTHER, "the rightful browser still finishes: {v}");
-        // A state that names no login.
+        // A state that names no login: refused, and audited on the system chain (no tenant is known).
         let (s, _, _) = finish(&api, "made-up", "code-4", Some(&other.cookie)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
+        api.state.audit_writer.flush().await;
+        let system = api.state.store.audit_records(crate::state::SYSTEM_CHAIN).await.unwrap();
+        assert!(
+            system.iter().flatten().any(|r| r.event.action == AuditAction::UserLogin.as_str()
+                && r.event.detail["reason"] == "login_state_unknown")
+        );
+        // A callback naming another issuer (RFC 9207): a mix-up, refused before any code is redeemed.
+        let mixed = begin(&api, "").await;
+        let redemptions = provider.redemptions().len();
+        let req = Request::get(format!("/v1/auth/callback?state={}&code=c&iss=https://evil.example", mixed.state))
+            .header("cookie", format!("__Host-airlock_login={}", mixed.cookie))
+            .body(Body::empty())
+            .unwrap();
+        let resp = super::super::super::router(api.state.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(provider.redemptions().len(), redemptions);
         // A login older than 10 minutes.
         api.clock.advance(crate::sso::LOGIN_TTL);
         let (s, _, v) = finish(&api, &other.state, "code-5", Some(&other.cookie)).await;
