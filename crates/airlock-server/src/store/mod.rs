@@ -78,6 +78,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (15, "deployment_log_tails", include_str!("../../migrations/0015_deployment_log_tails.sql")),
     (16, "token_scopes", include_str!("../../migrations/0016_token_scopes.sql")),
     (18, "join_rules", include_str!("../../migrations/0018_join_rules.sql")),
+    (20, "gcp_k8s_join", include_str!("../../migrations/0020_gcp_k8s_join.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
