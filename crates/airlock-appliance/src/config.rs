@@ -21,8 +21,13 @@ pub struct FileConfig {
     pub control_plane: Option<String>,
     pub ca_fingerprint: Option<String>,
     pub join_token: Option<String>,
-    /// `aws`: join with the host's AWS identity instead of a token.
+    /// `aws`, `gcp` or `k8s`: join with the host's platform identity instead of a token.
     pub join_method: Option<String>,
+    /// The GCE metadata server a GCP join asks (default `http://metadata.google.internal`).
+    pub gcp_metadata_url: Option<String>,
+    /// The projected service-account token a Kubernetes join reads (default
+    /// `/var/run/secrets/tokens/airlock`).
+    pub k8s_token_path: Option<PathBuf>,
     /// The STS endpoint an AWS join signs for (default `https://sts.<region>.amazonaws.com`).
     pub aws_sts_endpoint: Option<String>,
     /// The region an AWS join signs for, when the standard chain names none.
@@ -92,6 +97,8 @@ pub struct Flags {
     pub join_token: Option<String>,
     pub join_method: Option<String>,
     pub aws_sts_endpoint: Option<String>,
+    pub gcp_metadata_url: Option<String>,
+    pub k8s_token_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub customer_keys: Vec<PathBuf>,
     pub policy: Option<PathBuf>,
@@ -141,14 +148,37 @@ pub enum ConfigError {
     ReleasesDir(PathBuf),
     #[error("`dependency.{0}`: {1}")]
     Dependency(String, &'static str),
-    #[error("`join_method` is `aws` (or unset, with a join token), got `{0}`")]
+    #[error("`join_method` is `aws`, `gcp` or `k8s` (or unset, with a join token), got `{0}`")]
     JoinMethod(String),
-    #[error("give a join token or `join_method = \"aws\"`, not both")]
+    #[error("give a join token or a `join_method`, not both")]
     TwoJoinMethods,
+    #[error("`gcp_metadata_url` is http(s)://HOST[:PORT], got `{0}`")]
+    GcpMetadataUrl(String),
+    #[error("`k8s_token_path` must be an absolute path, got `{0}`")]
+    K8sTokenPath(PathBuf),
     #[error("`aws_sts_endpoint`: {0}")]
     AwsEndpoint(String),
     #[error("`aws_region` looks like `eu-west-1`, got `{0}`")]
     AwsRegion(String),
+}
+
+/// The metadata server a GCP join asks unless configured.
+pub const DEFAULT_GCP_METADATA_URL: &str = "http://metadata.google.internal";
+/// Where a Kubernetes join reads its projected service-account token unless configured.
+pub const DEFAULT_K8S_TOKEN_PATH: &str = "/var/run/secrets/tokens/airlock";
+
+/// How an appliance proves its platform identity, at its join and at each renewal (`crate::join`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlatformJoinConfig {
+    Aws(AwsJoinConfig),
+    /// The GCE metadata server to ask for identity tokens (`http://HOST[:PORT]`).
+    Gcp {
+        metadata_url: reqwest::Url,
+    },
+    /// The projected service-account token file the kubelet keeps fresh.
+    K8s {
+        token_path: PathBuf,
+    },
 }
 
 /// How a first start joins with the host's AWS identity (`crate::join::aws`).
@@ -199,8 +229,8 @@ pub struct ApplianceConfig {
     pub ca_fingerprint: Fingerprint,
     /// Needed only for the first join; ignored once the state directory holds an identity.
     pub join_token: Option<Secret>,
-    /// Join with the host's AWS identity instead of a token (never both).
-    pub aws_join: Option<AwsJoinConfig>,
+    /// Join with the host's platform identity instead of a token (never both).
+    pub platform_join: Option<PlatformJoinConfig>,
     pub state_dir: PathBuf,
     pub max_backoff: Duration,
     pub customer_keys: Vec<PathBuf>,
@@ -242,7 +272,7 @@ impl ApplianceConfig {
         let join_token = pick(&flags.join_token, "AIRLOCK_JOIN_TOKEN", &file.join_token)
             .map(|t| Secret::parse(TokenKind::Join, &t))
             .transpose()?;
-        let aws_join = match pick(&flags.join_method, "AIRLOCK_JOIN_METHOD", &file.join_method).as_deref() {
+        let platform_join = match pick(&flags.join_method, "AIRLOCK_JOIN_METHOD", &file.join_method).as_deref() {
             None | Some("token") => None,
             Some("aws") => {
                 let sts_endpoint = pick(&flags.aws_sts_endpoint, "AIRLOCK_AWS_STS_ENDPOINT", &file.aws_sts_endpoint)
@@ -260,11 +290,38 @@ impl ApplianceConfig {
                 {
                     return Err(ConfigError::AwsRegion(r.chars().take(40).collect()));
                 }
-                Some(AwsJoinConfig { sts_endpoint, region })
+                Some(PlatformJoinConfig::Aws(AwsJoinConfig { sts_endpoint, region }))
+            }
+            Some("gcp") => {
+                let url = pick(&flags.gcp_metadata_url, "AIRLOCK_GCP_METADATA_URL", &file.gcp_metadata_url)
+                    .unwrap_or_else(|| DEFAULT_GCP_METADATA_URL.to_owned());
+                let parsed = reqwest::Url::parse(&url).ok().filter(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host_str().is_some()
+                        && u.username().is_empty()
+                        && u.password().is_none()
+                        && u.path() == "/"
+                        && u.query().is_none()
+                        && u.fragment().is_none()
+                });
+                let metadata_url = parsed.ok_or_else(|| ConfigError::GcpMetadataUrl(url.chars().take(80).collect()))?;
+                Some(PlatformJoinConfig::Gcp { metadata_url })
+            }
+            Some("k8s") => {
+                let token_path = flags
+                    .k8s_token_path
+                    .clone()
+                    .or_else(|| env.get("AIRLOCK_K8S_TOKEN_PATH").map(PathBuf::from))
+                    .or_else(|| file.k8s_token_path.clone())
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_K8S_TOKEN_PATH));
+                if !token_path.is_absolute() {
+                    return Err(ConfigError::K8sTokenPath(token_path));
+                }
+                Some(PlatformJoinConfig::K8s { token_path })
             }
             Some(other) => return Err(ConfigError::JoinMethod(other.chars().take(40).collect())),
         };
-        if aws_join.is_some() && join_token.is_some() {
+        if platform_join.is_some() && join_token.is_some() {
             return Err(ConfigError::TwoJoinMethods);
         }
         let state_dir = flags
@@ -326,7 +383,7 @@ impl ApplianceConfig {
             control_plane,
             ca_fingerprint,
             join_token,
-            aws_join,
+            platform_join,
             state_dir,
             max_backoff,
             customer_keys,
@@ -453,15 +510,33 @@ mod tests {
             ..Default::default()
         };
         let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap();
-        let aws = cfg.aws_join.unwrap();
+        let Some(PlatformJoinConfig::Aws(aws)) = cfg.platform_join else { panic!("an AWS join") };
         assert_eq!(aws.sts_endpoint.map(String::from).as_deref(), Some("http://127.0.0.1:5000/"));
         let with_token = Flags { join_token: Some(format!("airlock_jt_{}", "a".repeat(43))), ..flags.clone() };
         assert!(matches!(
             ApplianceConfig::resolve(None, &HashMap::new(), &with_token),
             Err(ConfigError::TwoJoinMethods | ConfigError::Token(_))
         ));
+        let azure = Flags { join_method: Some("azure".into()), ..flags.clone() };
+        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &azure), Err(ConfigError::JoinMethod(_))));
         let gcp = Flags { join_method: Some("gcp".into()), ..flags.clone() };
-        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &gcp), Err(ConfigError::JoinMethod(_))));
+        let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &gcp).unwrap();
+        assert!(
+            matches!(cfg.platform_join, Some(PlatformJoinConfig::Gcp { metadata_url }) if metadata_url.as_str() == "http://metadata.google.internal/")
+        );
+        let odd = Flags { gcp_metadata_url: Some("http://127.0.0.1:9/computeMetadata".into()), ..gcp };
+        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &odd), Err(ConfigError::GcpMetadataUrl(_))));
+        let k8s = Flags { join_method: Some("k8s".into()), ..flags.clone() };
+        let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &k8s).unwrap();
+        assert_eq!(
+            cfg.platform_join,
+            Some(PlatformJoinConfig::K8s { token_path: PathBuf::from("/var/run/secrets/tokens/airlock") })
+        );
+        let relative = Flags { k8s_token_path: Some("token".into()), ..k8s };
+        assert!(matches!(
+            ApplianceConfig::resolve(None, &HashMap::new(), &relative),
+            Err(ConfigError::K8sTokenPath(_))
+        ));
         let bad = Flags { aws_sts_endpoint: Some("sts.amazonaws.com".into()), ..flags };
         assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &bad), Err(ConfigError::AwsEndpoint(_))));
     }

@@ -1,23 +1,35 @@
 //! First contact: a proof of identity and a CSR exchanged for a certificate, over CA-pinned HTTPS.
 //!
-//! The proof is a join token, or the host's platform identity (`aws`): then the control plane's
-//! challenge is fetched first, over the same pinned channel, and the signed proof carries it
-//! with the pinned CA's fingerprint (never the fingerprint the answer names).
+//! The proof is a join token, or the host's platform identity (`aws`, `gcp`, `k8s`): then the
+//! control plane's challenge is fetched first, over the same pinned channel, and the proof
+//! carries it with the pinned CA's fingerprint (never the fingerprint the answer names): in
+//! AWS's signed headers, in a GCP token's audience, beside a Kubernetes token (whose audience
+//! is the pinned CA's fingerprint, fixed when the volume was projected).
 //!
 //! The answer came over a channel that trusts only the pinned CA, and is still checked before
 //! it is written down: its CA is the pinned one, and its certificate names the identity it
 //! claims and certifies our key.
+//!
+//! An appliance whose certificate expired while it could not renew joins again the same way
+//! and keeps its identity ([`join`] with `recover`): it adds its expired certificate and a
+//! signature by that certificate's key over the control plane's id and the new key, and the
+//! answer must name the identity it had.
 
 use airlock_core::Fingerprint;
 use airlock_core::certificate;
 use airlock_core::token::Secret;
-use airlock_proto::join::{JOIN_CHALLENGE_PATH, JOIN_PATH, JoinChallenge, JoinProof, JoinRequest, JoinResponse};
+use airlock_proto::join::{
+    GcpIdentityProof, JOIN_CHALLENGE_PATH, JOIN_PATH, JoinChallenge, JoinProof, JoinRequest, JoinResponse,
+    K8sTokenProof, PlatformProof,
+};
 use rcgen::{CertificateParams, KeyPair};
 
 mod aws;
+mod gcp;
+mod k8s;
 
 use crate::ApplianceError;
-use crate::config::AwsJoinConfig;
+use crate::config::PlatformJoinConfig;
 use crate::state_dir::{Credentials, Enrolment, inspect_cert};
 
 /// A CSR for `key`, naming `identity_uri` when renewing (a join CSR names no identity).
@@ -34,26 +46,55 @@ pub(crate) fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<Strin
 #[derive(Clone, Copy)]
 pub(crate) enum JoinWith<'a> {
     Token(&'a Secret),
-    Aws(&'a AwsJoinConfig),
+    Platform(&'a PlatformJoinConfig),
 }
 
 impl JoinWith<'_> {
     pub(crate) fn method(self) -> &'static str {
         match self {
             Self::Token(_) => "join token",
-            Self::Aws(_) => "AWS identity",
+            Self::Platform(PlatformJoinConfig::Aws(_)) => "AWS identity",
+            Self::Platform(PlatformJoinConfig::Gcp { .. }) => "GCP identity token",
+            Self::Platform(PlatformJoinConfig::K8s { .. }) => "Kubernetes service-account token",
         }
     }
 }
 
+/// A proof of this host's platform identity answering `challenge`, for the control plane whose
+/// CA is `server_id` (the pinned fingerprint).
+async fn platform_proof(
+    cfg: &PlatformJoinConfig,
+    challenge: &str,
+    server_id: &str,
+) -> Result<PlatformProof, ApplianceError> {
+    Ok(match cfg {
+        PlatformJoinConfig::Aws(aws) => PlatformProof::AwsSts(aws::proof(aws, challenge, server_id).await?),
+        PlatformJoinConfig::Gcp { metadata_url } => {
+            let audience = airlock_proto::join::gcp_audience(server_id, challenge);
+            let identity_token = gcp::identity_token(metadata_url, &audience).await?;
+            PlatformProof::Gcp(GcpIdentityProof { identity_token, challenge: challenge.to_owned() })
+        }
+        PlatformJoinConfig::K8s { token_path } => {
+            let path = token_path.clone();
+            let service_account_token = tokio::task::spawn_blocking(move || k8s::read_token(&path))
+                .await
+                .map_err(|e| ApplianceError::Internal(e.to_string()))??;
+            PlatformProof::K8s(K8sTokenProof { service_account_token, challenge: challenge.to_owned() })
+        }
+    })
+}
+
 /// Joins with `key`, which the caller generated and saved first (see `StateDir::save_pending_join_key`).
+/// With `recover` (the expired credentials), keeps their identity or fails.
 pub(crate) async fn join(
     control_plane: &str,
     pin: Fingerprint,
     with: JoinWith<'_>,
     key: &KeyPair,
+    recover: Option<&Credentials>,
 ) -> Result<(Enrolment, String, Credentials), ApplianceError> {
     let csr_pem = csr_for(key, None)?;
+    let recover = recover.map(|old| recovery_proof(old, key, pin)).transpose()?;
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
         .timeout(std::time::Duration::from_secs(30))
@@ -61,20 +102,41 @@ pub(crate) async fn join(
         .map_err(|e| ApplianceError::Internal(format!("HTTP client: {e}")))?;
     let proof = match with {
         JoinWith::Token(token) => JoinProof::JoinToken(token.expose().to_owned()),
-        JoinWith::Aws(cfg) => {
+        JoinWith::Platform(cfg) => {
             let resp = send(client.post(format!("{control_plane}{JOIN_CHALLENGE_PATH}"))).await?;
             let challenge: JoinChallenge =
                 resp.json().await.map_err(|e| ApplianceError::Protocol(format!("join challenge: {e}")))?;
-            // The server id signed is the CA this appliance pinned: a proof made for a control
+            // The server id proved is the CA this appliance pinned: a proof made for a control
             // plane it was not installed for could not be replayed at that one anyway.
-            JoinProof::AwsSts(aws::proof(cfg, &challenge.challenge, &pin.to_string()).await?)
+            match platform_proof(cfg, &challenge.challenge, &pin.to_string()).await? {
+                PlatformProof::AwsSts(p) => JoinProof::AwsSts(p),
+                PlatformProof::Gcp(p) => JoinProof::Gcp(p),
+                PlatformProof::K8s(p) => JoinProof::K8s(p),
+            }
         }
     };
-    let body = JoinRequest { proof, csr_pem, version: airlock_proto::VERSION.to_owned() };
+    let expected = match &recover {
+        Some((_, identity)) => Some(identity.uri()),
+        None => None,
+    };
+    let body = JoinRequest {
+        proof,
+        csr_pem,
+        version: airlock_proto::VERSION.to_owned(),
+        recover: recover.map(|(proof, _)| proof),
+    };
     let resp = send(client.post(format!("{control_plane}{JOIN_PATH}")).json(&body)).await?;
     let joined: JoinResponse =
         resp.json().await.map_err(|e| ApplianceError::Protocol(format!("join response: {e}")))?;
     check_join_response(&joined, pin, key)?;
+    if let Some(uri) = expected
+        && joined.identity != uri
+    {
+        return Err(ApplianceError::Protocol(format!(
+            "the control plane answered a recovery with identity {}, not {uri}",
+            joined.identity
+        )));
+    }
     let enrolment = Enrolment {
         identity: joined.identity,
         control_plane: control_plane.to_owned(),
@@ -86,15 +148,38 @@ pub(crate) async fn join(
     Ok((enrolment, joined.ca_certificate_pem, creds))
 }
 
-/// A fresh AWS proof for a renewal with `key` (JSON), answering the challenge derived from it;
-/// empty when none can be made, which the control plane refuses (and the appliance retries).
-pub(crate) async fn renewal_proof(cfg: &AwsJoinConfig, key: &KeyPair, server_id: &str) -> String {
+/// The expired certificate, and its key's signature handing its identity to `key` at the
+/// control plane `pin` names; with the identity it names.
+fn recovery_proof(
+    old: &Credentials,
+    key: &KeyPair,
+    pin: Fingerprint,
+) -> Result<(airlock_proto::join::RecoveryProof, airlock_core::ApplianceIdentity), ApplianceError> {
+    use rcgen::{PublicKeyData, SigningKey};
+    let (identity, _) =
+        inspect_cert(&old.cert_pem).map_err(|e| ApplianceError::Protocol(format!("the stored certificate: {e}")))?;
+    let old_key =
+        KeyPair::from_pem(&old.key_pem).map_err(|e| ApplianceError::Internal(format!("the stored key: {e}")))?;
+    let message = airlock_proto::join::recovery_message(&pin.to_string(), key.der_bytes());
+    let signature =
+        old_key.sign(&message).map_err(|e| ApplianceError::Internal(format!("signing the recovery: {e}")))?;
+    let proof = airlock_proto::join::RecoveryProof {
+        certificate_pem: old.cert_pem.clone(),
+        signature: data_encoding::BASE64URL_NOPAD.encode(&signature),
+    };
+    Ok((proof, identity))
+}
+
+/// A fresh platform proof for a renewal with `key` (JSON of `PlatformProof`), answering the
+/// challenge derived from it; empty when none can be made, which the control plane refuses
+/// (and the appliance retries).
+pub(crate) async fn renewal_proof(cfg: &PlatformJoinConfig, key: &KeyPair, server_id: &str) -> String {
     use rcgen::PublicKeyData;
     let challenge = airlock_proto::join::renewal_challenge(key.der_bytes());
-    match aws::proof(cfg, &challenge, server_id).await {
+    match platform_proof(cfg, &challenge, server_id).await {
         Ok(proof) => serde_json::to_string(&proof).unwrap_or_default(),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot prove the host's AWS identity for this renewal");
+            tracing::warn!(error = %e, "cannot prove the host's platform identity for this renewal");
             String::new()
         }
     }

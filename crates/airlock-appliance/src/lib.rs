@@ -101,7 +101,7 @@ pub enum ApplianceError {
     #[error("join refused by the control plane (HTTP {status}): {message}")]
     JoinRefused { status: u16, message: String },
     #[error(
-        "this appliance has no identity yet and no way to join was given; pass --join-token (from `airlock env join-token`) or --join-method aws"
+        "this appliance has no identity yet and no way to join was given; pass --join-token (from `airlock env join-token`) or --join-method aws|gcp|k8s"
     )]
     NoJoinToken,
     #[error("cannot prove this host's platform identity: {0}")]
@@ -113,7 +113,7 @@ pub enum ApplianceError {
     )]
     Revoked(String),
     #[error(
-        "the appliance certificate expired at {0} while it could not renew; move the state directory aside and join with a new join token"
+        "the appliance certificate expired at {0} while it could not renew; run it again with a new --join-token (or its --join-method) to recover its identity"
     )]
     CertificateExpired(Timestamp),
     #[error("the state directory was enrolled with CA {stored}, but the configured CA fingerprint is {configured}")]
@@ -178,6 +178,45 @@ impl Drop for StopServicesOnDrop {
     }
 }
 
+/// Joins again, keeping this appliance's identity, after its certificate expired while it
+/// could not renew: with the join token or platform identity it is configured with, and its
+/// expired certificate's key (`join::join` with `recover`). The new certificate replaces the
+/// old one; the state directory, with its audit and execution chains, stays as it is. False
+/// when `shutdown` came first; without a way to join, the expiry is the error.
+async fn recover_identity(
+    config: &ApplianceConfig,
+    state: &StateDir,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    expired_at: Timestamp,
+) -> Result<bool, ApplianceError> {
+    let with = match (&config.join_token, &config.platform_join) {
+        (Some(token), _) => join::JoinWith::Token(token),
+        (None, Some(platform)) => join::JoinWith::Platform(platform),
+        (None, None) => return Err(ApplianceError::CertificateExpired(expired_at)),
+    };
+    let (_, _, old) = state.load()?;
+    tracing::warn!(%expired_at, method = with.method(), "the certificate expired while offline; joining again to keep this identity");
+    let key = rcgen::KeyPair::generate().map_err(|e| ApplianceError::Internal(format!("key generation: {e}")))?;
+    let mut backoff = backoff::Backoff::new(Duration::from_millis(500), config.max_backoff);
+    let (_, _, creds) = loop {
+        match join::join(&config.control_plane, config.ca_fingerprint, with, &key, Some(&old)).await {
+            Ok(joined) => break joined,
+            Err(ApplianceError::Unreachable(why)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(reason = %why, retry_in_ms = delay.as_millis() as u64, "cannot reach the control plane to recover");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return Ok(false),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    state.save_credentials(&creds)?;
+    tracing::info!("recovered: a new certificate for the same identity is in the state directory");
+    Ok(true)
+}
+
 /// Runs the appliance until `shutdown` turns true, or until it must stop for good.
 pub async fn run(
     config: ApplianceConfig,
@@ -231,9 +270,9 @@ pub async fn run(
     tracing::info!(effective_phases = ?control.effective_phases(), ?admin_gid, "local admin socket ready");
 
     if !state.is_enrolled() {
-        let with = match (&config.join_token, &config.aws_join) {
+        let with = match (&config.join_token, &config.platform_join) {
             (Some(token), _) => join::JoinWith::Token(token),
-            (None, Some(aws)) => join::JoinWith::Aws(aws),
+            (None, Some(platform)) => join::JoinWith::Platform(platform),
             (None, None) => return Err(ApplianceError::NoJoinToken),
         };
         tracing::info!(control_plane = %config.control_plane, method = with.method(), "joining");
@@ -251,7 +290,7 @@ pub async fn run(
         };
         let mut backoff = backoff::Backoff::new(Duration::from_millis(500), config.max_backoff);
         let (enrolment, ca_pem, creds) = loop {
-            match join::join(&config.control_plane, config.ca_fingerprint, with, &key).await {
+            match join::join(&config.control_plane, config.ca_fingerprint, with, &key, None).await {
                 Ok(joined) => break joined,
                 // Only an unreachable control plane is worth retrying: a refusal or a trust
                 // failure will not change by waiting.
@@ -284,8 +323,12 @@ pub async fn run(
             configured: config.ca_fingerprint,
         });
     }
-    let (identity, _) =
+    let (identity, validity) =
         inspect_cert(&creds.cert_pem).map_err(|e| ApplianceError::Protocol(format!("the stored certificate: {e}")))?;
+    // Offline past its certificate's end: join again, keeping the identity, or say how to.
+    if now() >= validity.not_after && !recover_identity(&config, &state, &mut shutdown, validity.not_after).await? {
+        return Ok(());
+    }
     tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
     // A policy loaded before the join could only be checked against this now.
     if let Some(policy) = control.policy.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -328,8 +371,8 @@ pub async fn run(
         ca_pem: &ca_pem,
         identity: &identity,
         started: std::time::Instant::now(),
-        // An AWS-joined appliance proves its identity again at each renewal.
-        aws_join: config.aws_join.as_ref(),
+        // A platform-joined appliance proves its identity again at each renewal.
+        platform_join: config.platform_join.as_ref(),
         // Deploys fetch their artifacts on the session's own connection.
         link: executor.gateway_link(),
         executor,
@@ -353,8 +396,9 @@ pub async fn run(
                 let (_, _, creds) = state.load()?;
                 if let Ok((_, validity)) = inspect_cert(&creds.cert_pem)
                     && now() >= validity.not_after
+                    && !recover_identity(&config, &state, &mut shutdown, validity.not_after).await?
                 {
-                    return Err(ApplianceError::CertificateExpired(validity.not_after));
+                    return Ok(());
                 }
                 let delay = backoff.next_delay();
                 tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "connection to control plane lost");

@@ -61,8 +61,8 @@ pub(crate) struct Session<'a> {
     pub ca_pem: &'a str,
     pub identity: &'a ApplianceIdentity,
     pub started: std::time::Instant,
-    /// Set for an appliance that joins with its AWS identity: each renewal carries a fresh proof.
-    pub aws_join: Option<&'a crate::config::AwsJoinConfig>,
+    /// Set for an appliance that joins with its platform identity: each renewal carries a fresh proof.
+    pub platform_join: Option<&'a crate::config::PlatformJoinConfig>,
     pub executor: Arc<Executor>,
     /// Where the connected channel is published, for artifact fetches (`crate::artifacts`).
     pub link: crate::artifacts::GatewayLink,
@@ -143,12 +143,12 @@ impl Session<'_> {
                     let key = KeyPair::generate().map_err(|e| dropped(format!("key generation: {e}")))?;
                     let csr_pem = csr_for(&key, Some(&self.identity.uri())).map_err(|e| dropped(e.to_string()))?;
                     tracing::info!("requesting certificate renewal with a new key pair");
-                    let aws_sts_proof_json = match self.aws_join {
+                    let platform_proof_json = match self.platform_join {
                         Some(cfg) => crate::join::renewal_proof(cfg, &key, &self.enrolment.ca_fingerprint).await,
                         None => String::new(),
                     };
                     pending_key = Some(key);
-                    let renew = RenewRequest { csr_pem, aws_sts_proof_json };
+                    let renew = RenewRequest { csr_pem, platform_proof_json };
                     let msg = ApplianceMessage { body: Some(appliance_message::Body::Renew(renew)) };
                     if tx.send(msg).await.is_err() {
                         return Ok(SessionEnd::Dropped { reason: "stream closed".into(), established });

@@ -235,6 +235,7 @@ async fn enrol_one(ctx: &EnrolCtx) -> anyhow::Result<(Enrolled, u64, u64)> {
         proof: airlock_proto::join::JoinProof::JoinToken(token),
         csr_pem,
         version: airlock_proto::VERSION.to_owned(),
+        recover: None,
     };
     let own_client;
     let client = match &ctx.shared_join_client {

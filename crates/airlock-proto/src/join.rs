@@ -9,12 +9,20 @@
 //!   plane's CA fingerprint ([`SERVER_ID_HEADER`]). The control plane forwards it, unchanged, to
 //!   an STS endpoint on its allow list, and AWS's answer names the caller.
 //!
-//! A platform-joined appliance proves its identity again at each certificate renewal, over
-//! its authenticated stream, with the challenge [`renewal_challenge`] derives from its new key.
+//! - GCP: `gcp`, the instance's identity token from its metadata server, whose audience is
+//!   [`gcp_audience`] (this control plane's id and the challenge), with the challenge beside it.
+//! - Kubernetes: `k8s`, a projected service-account token whose audience is fixed to
+//!   [`server_audience`] (a mounted token cannot carry a challenge), with a challenge beside it;
+//!   the control plane binds freshness by the token's `jti` (single use) and `iat` instead.
 //!
-//! On the wire the proof is one of the keys `join_token` or `aws_sts` beside `csr_pem` and
-//! `version`, so a request from an appliance that knows only tokens reads as it always did; in
-//! code it is the enum [`JoinProof`], and a request with neither or both is refused when read.
+//! A platform-joined appliance proves its identity again at each certificate renewal, over
+//! its authenticated stream, with the challenge [`renewal_challenge`] derives from its new key
+//! (a [`PlatformProof`] in JSON).
+//!
+//! On the wire the proof is one of the keys `join_token`, `aws_sts`, `gcp` or `k8s` beside
+//! `csr_pem` and `version`, so a request from an appliance that knows only tokens reads as it
+//! always did; in code it is the enum [`JoinProof`], and a request with none or several is
+//! refused when read.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +47,37 @@ pub struct JoinRequest {
     pub csr_pem: String,
     /// The appliance build version.
     pub version: String,
+    /// Set by an appliance whose certificate expired while it was offline: it keeps its identity.
+    pub recover: Option<RecoveryProof>,
+}
+
+/// An appliance whose certificate expired asks to keep its identity (its id, and so its audit
+/// and execution chains and its counters): it shows its last certificate and signs
+/// [`recovery_message`] with that certificate's key. It still proves where it belongs as any
+/// join does (a new join token, or a fresh platform proof), and the control plane checks the
+/// certificate is one it issued, is the appliance's current or previous one, is not revoked,
+/// and names the environment that proof names.
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryProof {
+    /// The expired certificate (PEM).
+    pub certificate_pem: String,
+    /// The old key's signature over [`recovery_message`], base64url without padding.
+    pub signature: String,
+}
+
+impl std::fmt::Debug for RecoveryProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecoveryProof").finish_non_exhaustive()
+    }
+}
+
+/// What the old key signs to recover: this control plane (its CA fingerprint) and the new key
+/// the CSR certifies (its public bytes), so the signature hands the identity to that key only,
+/// and only here.
+pub fn recovery_message(server_id: &str, new_key: &[u8]) -> Vec<u8> {
+    format!("airlock-recover-v1\n{server_id}\n{}", airlock_core::Fingerprint::of_der(new_key)).into_bytes()
 }
 
 /// How an appliance proves which environment it belongs to.
@@ -48,14 +87,93 @@ pub enum JoinProof {
     JoinToken(String),
     /// A signed `sts:GetCallerIdentity` request answering a challenge.
     AwsSts(AwsStsProof),
+    /// A GCE instance identity token whose audience carries the challenge.
+    Gcp(GcpIdentityProof),
+    /// A projected Kubernetes service-account token, and a challenge.
+    K8s(K8sTokenProof),
 }
 
 impl JoinProof {
-    /// The method's name as audited and listed (`join_token`, `aws_sts`).
+    /// The method's name as audited and listed (`join_token`, `aws_sts`, `gcp_identity`, `k8s_token`).
     pub fn method(&self) -> &'static str {
         match self {
             Self::JoinToken(_) => "join_token",
             Self::AwsSts(_) => "aws_sts",
+            Self::Gcp(_) => GCP_METHOD,
+            Self::K8s(_) => K8S_METHOD,
+        }
+    }
+}
+
+/// The audited and stored name of the GCP method.
+pub const GCP_METHOD: &str = "gcp_identity";
+/// The audited and stored name of the Kubernetes method.
+pub const K8S_METHOD: &str = "k8s_token";
+
+/// This control plane's id as platform tokens name it: `airlock:<CA fingerprint>`. A projected
+/// Kubernetes token's audience is exactly this (set it as the volume's `audience`).
+pub fn server_audience(server_id: &str) -> String {
+    format!("airlock:{server_id}")
+}
+
+/// The audience a GCP identity token for `challenge` carries:
+/// `airlock:<CA fingerprint>/v1/join#<challenge>`, so it answers one challenge of one control plane.
+pub fn gcp_audience(server_id: &str, challenge: &str) -> String {
+    format!("{}{JOIN_PATH}#{challenge}", server_audience(server_id))
+}
+
+/// A GCE instance identity token (`format=full`) whose audience is [`gcp_audience`] of `challenge`.
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GcpIdentityProof {
+    /// The JWT the metadata server answered.
+    pub identity_token: String,
+    /// The challenge its audience carries.
+    pub challenge: String,
+}
+
+impl std::fmt::Debug for GcpIdentityProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a bearer credential until it expires: not logged.
+        f.debug_struct("GcpIdentityProof").finish_non_exhaustive()
+    }
+}
+
+/// A projected service-account token (audience [`server_audience`]) and the challenge this
+/// attempt was given, which it spends.
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct K8sTokenProof {
+    /// The JWT the kubelet mounted.
+    pub service_account_token: String,
+    pub challenge: String,
+}
+
+impl std::fmt::Debug for K8sTokenProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("K8sTokenProof").finish_non_exhaustive()
+    }
+}
+
+/// A platform proof made again at a renewal, sent as JSON in `RenewRequest.platform_proof_json`:
+/// `{"aws_sts": …}`, `{"gcp": …}` or `{"k8s": …}` (a bare [`AwsStsProof`], as AWS-joined
+/// appliances sent it first, reads as `aws_sts`), its challenge [`renewal_challenge`] of the new key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PlatformProof {
+    AwsSts(AwsStsProof),
+    Gcp(GcpIdentityProof),
+    K8s(K8sTokenProof),
+}
+
+impl PlatformProof {
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::AwsSts(_) => "aws_sts",
+            Self::Gcp(_) => GCP_METHOD,
+            Self::K8s(_) => K8S_METHOD,
         }
     }
 }
@@ -89,38 +207,60 @@ impl std::fmt::Debug for AwsStsProof {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = JoinRequest))]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequestWire {
-    /// The single-use join token (`airlock_jt_…`); exactly one of `join_token` and `aws_sts`.
+    /// The single-use join token (`airlock_jt_…`); exactly one of `join_token`, `aws_sts`, `gcp`, `k8s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token: Option<String>,
-    /// A signed `sts:GetCallerIdentity` request; exactly one of `join_token` and `aws_sts`.
+    /// A signed `sts:GetCallerIdentity` request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_sts: Option<AwsStsProof>,
+    /// A GCE instance identity token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp: Option<GcpIdentityProof>,
+    /// A projected Kubernetes service-account token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8sTokenProof>,
     /// PKCS#10 CSR in PEM for a key pair the appliance generated; it must not name an identity.
     pub csr_pem: String,
     /// The appliance build version.
     pub version: String,
+    /// Set to keep an identity whose certificate expired offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recover: Option<RecoveryProof>,
 }
 
 impl TryFrom<JoinRequestWire> for JoinRequest {
     type Error = &'static str;
     fn try_from(w: JoinRequestWire) -> Result<Self, Self::Error> {
-        let proof = match (w.join_token, w.aws_sts) {
-            (Some(token), None) => JoinProof::JoinToken(token),
-            (None, Some(aws)) => JoinProof::AwsSts(aws),
-            (None, None) => return Err("a join request needs `join_token` or `aws_sts`"),
-            (Some(_), Some(_)) => return Err("a join request carries one of `join_token` and `aws_sts`, not both"),
+        let proof = match (w.join_token, w.aws_sts, w.gcp, w.k8s) {
+            (Some(token), None, None, None) => JoinProof::JoinToken(token),
+            (None, Some(aws), None, None) => JoinProof::AwsSts(aws),
+            (None, None, Some(gcp), None) => JoinProof::Gcp(gcp),
+            (None, None, None, Some(k8s)) => JoinProof::K8s(k8s),
+            (None, None, None, None) => return Err("a join request needs `join_token`, `aws_sts`, `gcp` or `k8s`"),
+            _ => return Err("a join request carries one of `join_token`, `aws_sts`, `gcp` and `k8s`, not several"),
         };
-        Ok(Self { proof, csr_pem: w.csr_pem, version: w.version })
+        Ok(Self { proof, csr_pem: w.csr_pem, version: w.version, recover: w.recover })
     }
 }
 
 impl From<JoinRequest> for JoinRequestWire {
     fn from(r: JoinRequest) -> Self {
-        let (join_token, aws_sts) = match r.proof {
-            JoinProof::JoinToken(t) => (Some(t), None),
-            JoinProof::AwsSts(p) => (None, Some(p)),
+        let mut w = Self {
+            join_token: None,
+            aws_sts: None,
+            gcp: None,
+            k8s: None,
+            csr_pem: r.csr_pem,
+            version: r.version,
+            recover: r.recover,
         };
-        Self { join_token, aws_sts, csr_pem: r.csr_pem, version: r.version }
+        match r.proof {
+            JoinProof::JoinToken(t) => w.join_token = Some(t),
+            JoinProof::AwsSts(p) => w.aws_sts = Some(p),
+            JoinProof::Gcp(p) => w.gcp = Some(p),
+            JoinProof::K8s(p) => w.k8s = Some(p),
+        }
+        w
     }
 }
 
@@ -185,5 +325,21 @@ mod tests {
         assert!(
             serde_json::from_str::<JoinRequest>(r#"{"join_token":"t","csr_pem":"c","version":"1","x":1}"#).is_err()
         );
+        let gcp = r#"{"gcp":{"identity_token":"a.b.c","challenge":"n"},"csr_pem":"c","version":"1"}"#;
+        assert!(matches!(serde_json::from_str::<JoinRequest>(gcp).unwrap().proof, JoinProof::Gcp(_)));
+        let k8s = r#"{"k8s":{"service_account_token":"a.b.c","challenge":"n"},"csr_pem":"c","version":"1"}"#;
+        let req = serde_json::from_str::<JoinRequest>(k8s).unwrap();
+        assert_eq!(req.proof.method(), K8S_METHOD);
+        assert_eq!(serde_json::to_string(&req).unwrap(), k8s);
+        let two = r#"{"gcp":{"identity_token":"t","challenge":"n"},"k8s":{"service_account_token":"t","challenge":"n"},"csr_pem":"c","version":"1"}"#;
+        assert!(serde_json::from_str::<JoinRequest>(two).is_err());
+    }
+
+    #[test]
+    fn a_renewal_proof_names_its_method() {
+        let gcp = r#"{"gcp":{"identity_token":"t","challenge":"renew:x"}}"#;
+        assert_eq!(serde_json::from_str::<PlatformProof>(gcp).unwrap().method(), GCP_METHOD);
+        assert!(serde_json::from_str::<PlatformProof>(r#"{"gcp":{}}"#).is_err());
+        assert_eq!(gcp_audience("sha256:ab", "n"), "airlock:sha256:ab/v1/join#n");
     }
 }

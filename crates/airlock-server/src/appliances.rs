@@ -10,6 +10,8 @@
 //! stranded.
 //! A platform join asked again with the same key, in the environment its identity matches, is
 //! answered the same way.
+//! A join that carries a recovery proof (`crate::platform_join::recovery`) keeps the identity of
+//! the expired certificate it shows, in the environment the join's own proof names.
 //!
 //! Revocation is enforced at three points.
 //! At the handshake: the gateway's certificate verifier ([`crate::tls`]) consults the
@@ -24,12 +26,13 @@
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{ApplianceId, ApplianceIdentity};
-use airlock_proto::join::{AwsStsProof, JoinProof, JoinRequest};
+use airlock_proto::join::{JoinProof, JoinRequest, PlatformProof};
 
 use crate::authz::TenantScope;
 use crate::ca::Issued;
 use crate::platform_join::PlatformRefusal;
-use crate::platform_join::aws::AwsRefusal;
+use crate::platform_join::recovery::{Recovering, RecoveryRefusal};
+use crate::platform_join::tokens::TokenRefusal;
 use crate::registry::Kick;
 use crate::state::{AppState, SYSTEM_CHAIN, event, random};
 use crate::store::{JoinVia, RedeemRefusal, StoreError};
@@ -54,8 +57,10 @@ pub enum JoinRefusal {
     Proof,
     /// The platform identity is proved, but no environment, or more than one, accepts it.
     NoEnvironment,
-    /// The platform could not be asked (STS unreachable); the appliance may try again.
+    /// The platform could not be asked (STS or the token issuer unreachable); the appliance may try again.
     PlatformUnavailable,
+    /// The identity to recover is refused (not ours, not its key, revoked, superseded, elsewhere).
+    Recovery,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +76,24 @@ pub enum JoinError {
 /// appliance certificate. `version` is what the appliance reports itself as (off the network;
 /// kept short and printable).
 pub async fn join(state: &AppState, request: &JoinRequest) -> Result<Joined, JoinError> {
-    match &request.proof {
-        JoinProof::JoinToken(token) => join_with_token(state, token, &request.csr_pem, &request.version).await,
-        JoinProof::AwsSts(proof) => join_with_aws(state, proof, &request.csr_pem, &request.version).await,
-    }
+    let platform = match &request.proof {
+        JoinProof::JoinToken(token) => return join_with_token(state, token, request).await,
+        JoinProof::AwsSts(p) => PlatformProof::AwsSts(p.clone()),
+        JoinProof::Gcp(p) => PlatformProof::Gcp(p.clone()),
+        JoinProof::K8s(p) => PlatformProof::K8s(p.clone()),
+    };
+    join_with_platform(state, &platform, request).await
+}
+
+/// Checks a request's recovery proof, if any, against the CSR's key (no I/O).
+fn recovering(state: &AppState, request: &JoinRequest, join_key: &[u8]) -> Result<Option<Recovering>, RecoveryRefusal> {
+    request.recover.as_ref().map(|r| crate::platform_join::recovery::check(&state.ca, r, join_key)).transpose()
+}
+
+/// Audits a refused recovery on `chain`.
+async fn refuse_recovery(state: &AppState, chain: String, method: &str, r: RecoveryRefusal) -> JoinError {
+    let detail = serde_json::json!({ "method": method, "code": r.code() });
+    refuse(state, chain, JoinRefusal::Recovery, r.reason().to_owned(), detail).await
 }
 
 /// Records a refused join on `chain` and returns the error.
@@ -94,7 +113,8 @@ async fn refuse(
 }
 
 /// Exchanges a single-use join token and a CSR for an appliance certificate.
-async fn join_with_token(state: &AppState, token: &str, csr_pem: &str, version: &str) -> Result<Joined, JoinError> {
+async fn join_with_token(state: &AppState, token: &str, request: &JoinRequest) -> Result<Joined, JoinError> {
+    let (csr_pem, version) = (request.csr_pem.as_str(), request.version.as_str());
     let now = state.now();
     let refuse = |chain: String, refusal: JoinRefusal, reason: String| {
         refuse(state, chain, refusal, reason, serde_json::json!({ "method": "join_token" }))
@@ -113,13 +133,19 @@ async fn join_with_token(state: &AppState, token: &str, csr_pem: &str, version: 
         Ok(k) => k,
         Err(e) => return Err(refuse(SYSTEM_CHAIN.into(), JoinRefusal::Csr, format!("CSR refused: {e}")).await),
     };
-    let fresh = ApplianceId::from_random(random());
+    let recovering = match recovering(state, request, &join_key) {
+        Ok(r) => r,
+        Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), "join_token", r).await),
+    };
+    let fresh = recovering.as_ref().map_or_else(|| ApplianceId::from_random(random()), |r| r.identity.appliance);
     let mut tx = state.store.write().await?;
     let redeemed = tx.redeem_join_token(&secret.hash(), fresh, now).await?;
     // The same appliance asking again with the same key, while the token would still be
     // valid, is a join whose response was lost: answer it again instead of stranding it.
     let retry = match &redeemed {
-        Err(RedeemRefusal::AlreadyUsed { tenant, by: Some(by), expires_at }) if now < *expires_at => {
+        Err(RedeemRefusal::AlreadyUsed { tenant, by: Some(by), expires_at })
+            if now < *expires_at && recovering.is_none() =>
+        {
             tx.join_retry_environment(*tenant, *by, &join_key).await?.map(|env| (*tenant, env, *by))
         }
         _ => None,
@@ -150,59 +176,131 @@ async fn join_with_token(state: &AppState, token: &str, csr_pem: &str, version: 
             return Err(refuse(chain, JoinRefusal::Token, why).await);
         }
     };
+    // A recovery keeps its identity only in the environment the token names, and only while
+    // that identity is the appliance's, unrevoked; otherwise the token is not spent.
+    let recovered = match &recovering {
+        Some(r) if (r.identity.tenant, r.identity.environment) != (identity.tenant, identity.environment) => {
+            drop(tx);
+            let why = RecoveryRefusal::OtherEnvironment;
+            return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why).await);
+        }
+        Some(r) => match crate::platform_join::recovery::check_stored(&mut tx, r).await? {
+            Ok(()) => Some(r.serial.clone()),
+            Err(why) => {
+                drop(tx);
+                return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why).await);
+            }
+        },
+        None => None,
+    };
     let detail = serde_json::json!({ "method": "join_token", "join_token": token.map(|t| t.to_string()) });
     let via = JoinVia { method: "join_token", identity: None, rule: None };
-    issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, retried, via, detail }).await
+    let record = Record::new(retried, recovered);
+    issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, record, via, detail }).await
 }
 
-/// Joins with a SigV4-signed `sts:GetCallerIdentity` request (`crate::platform_join`).
-async fn join_with_aws(
+/// Joins with a platform proof (`crate::platform_join`): AWS, GCP or Kubernetes.
+async fn join_with_platform(
     state: &AppState,
-    proof: &AwsStsProof,
-    csr_pem: &str,
-    version: &str,
+    proof: &PlatformProof,
+    request: &JoinRequest,
 ) -> Result<Joined, JoinError> {
+    let (csr_pem, version) = (request.csr_pem.as_str(), request.version.as_str());
+    let method = proof.method();
+    let refused = |r: PlatformRefusal| async move {
+        let refusal = match &r {
+            PlatformRefusal::NoRule(_) | PlatformRefusal::SeveralEnvironments(..) => JoinRefusal::NoEnvironment,
+            r if r.unavailable() => JoinRefusal::PlatformUnavailable,
+            _ => JoinRefusal::Proof,
+        };
+        let detail = serde_json::json!({
+            "method": method,
+            "code": r.code(),
+            "identity": r.identity().map(|i| i.audit()),
+        });
+        tracing::info!(code = r.code(), method, "refused a platform join");
+        refuse(state, SYSTEM_CHAIN.into(), refusal, r.reason(), detail).await
+    };
     // The CSR first: it costs nothing to check, and a bad one should not spend a challenge.
     let join_key = match crate::ca::csr_public_key(csr_pem) {
         Ok(k) => k,
         Err(e) => {
-            let detail = serde_json::json!({ "method": "aws_sts", "code": "bad_csr" });
+            let detail = serde_json::json!({ "method": method, "code": "bad_csr" });
             return Err(refuse(state, SYSTEM_CHAIN.into(), JoinRefusal::Csr, format!("CSR refused: {e}"), detail).await);
         }
     };
-    let matched = match crate::platform_join::verify_aws(state, proof).await? {
-        Ok(m) => m,
-        Err(r) => {
-            let refusal = match &r {
-                PlatformRefusal::NoRule(_) | PlatformRefusal::SeveralEnvironments(..) => JoinRefusal::NoEnvironment,
-                PlatformRefusal::Aws(AwsRefusal::StsUnreachable) => JoinRefusal::PlatformUnavailable,
-                _ => JoinRefusal::Proof,
-            };
-            let detail = serde_json::json!({
-                "method": "aws_sts",
-                "code": r.code(),
-                "identity": r.identity().map(|i| serde_json::json!({ "account": i.account, "arn": i.caller_arn })),
-            });
-            tracing::info!(code = r.code(), "refused a platform join");
-            return Err(refuse(state, SYSTEM_CHAIN.into(), refusal, r.reason(), detail).await);
-        }
+    let recovering = match recovering(state, request, &join_key) {
+        Ok(r) => r,
+        Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), method, r).await),
     };
+    let matched = match crate::platform_join::verify(state, proof).await? {
+        Ok(m) => m,
+        Err(r) => return Err(refused(r).await),
+    };
+    if let Some(r) = &recovering
+        && (r.identity.tenant, r.identity.environment) != (matched.tenant, matched.environment)
+    {
+        let why = RecoveryRefusal::OtherEnvironment;
+        return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
+    }
     let mut tx = state.store.write().await?;
-    let retry = tx.platform_join_retry(matched.tenant, matched.environment, &join_key).await?;
+    let (retry, recovered) = match &recovering {
+        Some(r) => match crate::platform_join::recovery::check_stored(&mut tx, r).await? {
+            Ok(()) => (None, Some((r.identity.appliance, r.serial.clone()))),
+            Err(why) => {
+                drop(tx);
+                return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
+            }
+        },
+        None => (tx.platform_join_retry(matched.tenant, matched.environment, &join_key).await?, None),
+    };
     let identity = ApplianceIdentity {
         trust_domain: state.ca.trust_domain().to_owned(),
         tenant: matched.tenant,
         environment: matched.environment,
-        appliance: retry.unwrap_or_else(|| ApplianceId::from_random(random())),
+        appliance: recovered
+            .as_ref()
+            .map(|(id, _)| *id)
+            .or(retry)
+            .unwrap_or_else(|| ApplianceId::from_random(random())),
     };
+    // A Kubernetes token joins once: spent with the appliance it makes, in this transaction
+    // (a retry of a lost answer, by the same key, is the same appliance and may show it again).
+    if let Some(token) = &matched.token_id
+        && !tx.spend_platform_token(token, identity.appliance, state.now()).await?
+    {
+        drop(tx);
+        return Err(refused(PlatformRefusal::Token(TokenRefusal::Replayed)).await);
+    }
+    let shown = matched.identity.matched();
     let detail = serde_json::json!({
-        "method": "aws_sts",
-        "identity": { "account": matched.identity.account, "arn": matched.identity.caller_arn, "matched_arn": matched.identity.arn },
+        "method": method,
+        "identity": matched.identity.audit(),
         "join_rule": matched.rule.to_string(),
     });
-    let via = JoinVia { method: "aws_sts", identity: Some(&matched.identity.arn), rule: Some(matched.rule) };
-    issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, retried: retry.is_some(), via, detail })
-        .await
+    let via = JoinVia { method, identity: Some(&shown), rule: Some(matched.rule) };
+    let record = Record::new(retry.is_some(), recovered.map(|(_, serial)| serial));
+    issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, record, via, detail }).await
+}
+
+/// What a join records.
+enum Record {
+    /// A new appliance.
+    New,
+    /// The answer to a join whose response was lost: the same appliance, renewed.
+    LostAnswer,
+    /// An appliance whose certificate (this serial) expired keeps its identity.
+    Recovered(String),
+}
+
+impl Record {
+    fn new(retried: bool, recovered: Option<String>) -> Self {
+        match (recovered, retried) {
+            (Some(serial), _) => Self::Recovered(serial),
+            (None, true) => Self::LostAnswer,
+            (None, false) => Self::New,
+        }
+    }
 }
 
 /// What [`issue`] records.
@@ -211,7 +309,7 @@ struct Issue<'a> {
     join_key: &'a [u8],
     csr_pem: &'a str,
     version: &'a str,
-    retried: bool,
+    record: Record,
     via: JoinVia<'a>,
     /// The method's part of the audit record.
     detail: serde_json::Value,
@@ -221,7 +319,7 @@ struct Issue<'a> {
 /// audit record, in `tx`. A CSR the CA refuses rolls back, so a bad CSR spends no token.
 async fn issue(state: &AppState, mut tx: crate::store::WriteTx<'_>, i: Issue<'_>) -> Result<Joined, JoinError> {
     let now = state.now();
-    let Issue { identity, join_key, csr_pem, version, retried, via, detail } = i;
+    let Issue { identity, join_key, csr_pem, version, record, via, detail } = i;
     let appliance = identity.appliance;
     let issued = match state.ca.sign_join_csr(csr_pem, &identity, now, state.appliance_cert_lifetime) {
         Ok(i) => i,
@@ -232,19 +330,30 @@ async fn issue(state: &AppState, mut tx: crate::store::WriteTx<'_>, i: Issue<'_>
         }
     };
     let version: String = version.chars().filter(|c| !c.is_control()).take(64).collect();
-    if retried {
-        tx.record_renewal(&TenantScope::for_appliance(&identity), appliance, &issued.serial, issued.not_after).await?;
-    } else {
-        tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), join_key, now).await?;
-        if via.method != "join_token" {
+    let scope = TenantScope::for_appliance(&identity);
+    match &record {
+        Record::LostAnswer => tx.record_renewal(&scope, appliance, &issued.serial, issued.not_after).await?,
+        Record::Recovered(_) => {
+            tx.record_renewal(&scope, appliance, &issued.serial, issued.not_after).await?;
+            // It proves itself by the method it recovered with from now on, at each renewal.
             tx.record_join_via(&identity, via).await?;
         }
+        Record::New => {
+            tx.insert_appliance(&identity, &version, (&issued.serial, issued.not_after), join_key, now).await?;
+            if via.method != "join_token" {
+                tx.record_join_via(&identity, via).await?;
+            }
+        }
     }
+    let retried = matches!(record, Record::LostAnswer);
     let mut ev = event(format!("appliance:{appliance}"), AuditAction::ApplianceJoin, Outcome::Success);
     ev.target = Some(appliance.to_string());
     let mut detail = detail;
     detail["environment"] = identity.environment.to_string().into();
     detail["retry_of_lost_response"] = retried.into();
+    if let Record::Recovered(serial) = &record {
+        detail["recovered_serial"] = serial.clone().into();
+    }
     detail["serial"] = issued.serial.clone().into();
     detail["not_after"] = issued.not_after.to_string().into();
     ev.detail = detail;

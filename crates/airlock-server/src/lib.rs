@@ -133,6 +133,10 @@ pub struct ServerConfig {
     pub issuer_roots: Vec<CertificateDer<'static>>,
     /// Whether issuers on private, loopback or link-local addresses may be fetched (`--allow-private-issuers`).
     pub allow_private_issuers: bool,
+    /// The issuer GCP identity tokens must come from (`--gcp-issuer`).
+    pub gcp_issuer: String,
+    /// How old a Kubernetes join token's `iat` may be (`--k8s-max-token-age`).
+    pub k8s_max_token_age: Duration,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -159,6 +163,8 @@ impl ServerConfig {
             session_limits: sso::SessionLimits::default(),
             issuer_roots: Vec::new(),
             allow_private_issuers: false,
+            gcp_issuer: platform_join::DEFAULT_GCP_ISSUER.to_owned(),
+            k8s_max_token_age: platform_join::tokens::DEFAULT_K8S_MAX_TOKEN_AGE,
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -565,7 +571,12 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.max_workspace_artifact_bytes,
     )
     .map_err(|source| ServerError::DataDir { path: config.data_dir.join("artifacts"), source })?;
-    let platform = platform_join::PlatformJoin::new(&config.aws_sts_endpoints).map_err(ServerError::Config)?;
+    let platform = platform_join::PlatformJoin::new(&platform_join::PlatformConfig {
+        sts_endpoints: config.aws_sts_endpoints.clone(),
+        gcp_issuer: config.gcp_issuer.clone(),
+        k8s_max_token_age: config.k8s_max_token_age,
+    })
+    .map_err(ServerError::Config)?;
     let public_url = match &config.public_url {
         Some(url) => {
             let parsed = reqwest::Url::parse(url).map_err(|e| ServerError::Config(format!("--public-url: {e}")))?;
@@ -765,7 +776,8 @@ pub(crate) async fn test_state_with_issuers(
         gateway_server_name: "127.0.0.1".into(),
         audit_key_pem: audit_signer.public_pem().to_owned(),
         artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024, 16 * 1024 * 1024).expect("artifact store"),
-        platform: platform_join::PlatformJoin::new(&[]).expect("the STS client builds"),
+        platform: platform_join::PlatformJoin::new(&platform_join::PlatformConfig::default())
+            .expect("the STS client builds"),
         sso: sso::Sso::new("https://127.0.0.1:1", sso::SessionLimits::default()),
         issuers,
     })

@@ -9,12 +9,14 @@
 //! - [`customer`]: numbered customer keys and what they sign.
 //! - [`process`]: child processes killed on drop, polling with a deadline, sockets from `/proc`.
 //! - [`e2e`]: a real server, appliances and customer on loopback, through the CLI.
+//! - [`jwt_issuer`]: a GCP/Kubernetes token issuer (discovery, JWKS, RS256 keys it makes) and a GCE metadata server.
 //! - [`oidc`]: a real OpenID provider (panva's `oidc-provider`) and a browser that logs in through it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a failed fixture is a failed test.
 
 pub mod certified;
 pub mod customer;
 pub mod e2e;
+pub mod jwt_issuer;
 pub mod moto;
 pub mod oidc;
 pub mod process;

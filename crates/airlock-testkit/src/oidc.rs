@@ -369,7 +369,7 @@ impl Drop for OidcProvider {
 }
 
 /// A test CA and a leaf for `127.0.0.1` it issued: (CA PEM, CA DER, leaf PEM, leaf key PEM).
-fn loopback_certificates() -> (String, CertificateDer<'static>, String, String) {
+pub(crate) fn loopback_certificates() -> (String, CertificateDer<'static>, String, String) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Airlock test identity-provider CA");

@@ -55,7 +55,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         control_plane: url.clone(),
         ca_fingerprint: boot.ca_fingerprint,
         join_token: Some(airlock_core::token::Secret::parse(airlock_core::token::TokenKind::Join, join_token)?),
-        aws_join: None,
+        platform_join: None,
         state_dir: root.join("appliance"),
         max_backoff: Duration::from_secs(5),
         customer_keys: Vec::new(),

@@ -222,6 +222,13 @@ struct ServerRunArgs {
     /// reach the control plane's network.
     #[arg(long, env = "AIRLOCK_ALLOW_PRIVATE_ISSUERS")]
     allow_private_issuers: bool,
+    /// The issuer of GCP instance identity tokens, e.g. a test issuer [default: https://accounts.google.com].
+    #[arg(long, env = "AIRLOCK_GCP_ISSUER")]
+    gcp_issuer: Option<String>,
+    /// How old a Kubernetes service-account token may be at a join (its `iat`); keep the
+    /// projected volume's expirationSeconds at most this [default: 1h].
+    #[arg(long, env = "AIRLOCK_K8S_MAX_TOKEN_AGE", value_parser = parse_duration)]
+    k8s_max_token_age: Option<std::time::Duration>,
     /// Operator-supplied certificate chain (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -284,6 +291,8 @@ struct ServerFileConfig {
     session_max_lifetime: Option<String>,
     issuer_ca_files: Option<Vec<PathBuf>>,
     allow_private_issuers: Option<bool>,
+    gcp_issuer: Option<String>,
+    k8s_max_token_age: Option<String>,
     api_max_connections: Option<usize>,
     api_connections_per_address: Option<usize>,
     api_idle_timeout: Option<String>,
@@ -398,12 +407,20 @@ struct ApplianceRunArgs {
     #[arg(long)]
     join_token: Option<String>,
     /// Join with the host's platform identity instead of a token: `aws` (credentials from the
-    /// standard chain: environment, profile, instance role). Needed only the first time.
+    /// standard chain: environment, profile, instance role), `gcp` (the instance's identity
+    /// token from its metadata server) or `k8s` (a projected service-account token whose
+    /// audience is `airlock:<CA fingerprint>`). The appliance proves it again at each renewal.
     #[arg(long)]
     join_method: Option<String>,
     /// The STS endpoint an AWS join signs for [default: https://sts.<region>.amazonaws.com].
     #[arg(long)]
     aws_sts_endpoint: Option<String>,
+    /// The GCE metadata server a GCP join asks [default: http://metadata.google.internal].
+    #[arg(long)]
+    gcp_metadata_url: Option<String>,
+    /// The projected service-account token a Kubernetes join reads [default: /var/run/secrets/tokens/airlock].
+    #[arg(long)]
+    k8s_token_path: Option<PathBuf>,
     /// Where the appliance keeps its key, certificate and state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -528,8 +545,9 @@ enum EnvSub {
     /// relayed last. The control plane cannot sign a policy: each appliance checks the
     /// customer's signatures against the keys it pinned.
     Policy(EnvPolicyCmd),
-    /// Rules that let a platform identity (an AWS account and role) join the environment
-    /// without a join token (`airlock appliance run --join-method aws`).
+    /// Rules that let a platform identity (an AWS account and role, a GCP project and service
+    /// account, a Kubernetes service account) join the environment without a join token
+    /// (`airlock appliance run --join-method aws|gcp|k8s`).
     JoinRule(EnvJoinRuleCmd),
 }
 
@@ -541,17 +559,32 @@ struct EnvJoinRuleCmd {
 
 #[derive(Subcommand)]
 enum EnvJoinRuleSub {
-    /// Let an AWS identity join: the account, and optionally an ARN pattern (`*` matches any
-    /// run of characters; an assumed role's session is matched as its role's ARN). An identity
-    /// that the rules of more than one environment accept joins none.
+    /// Let a platform identity join; one method per rule. AWS: the account, and optionally an
+    /// ARN pattern (`*` matches any run of characters; an assumed role's session is matched as
+    /// its role's ARN). GCP: a project and a service account email (exact). Kubernetes: the
+    /// cluster's service-account issuer URL and NAMESPACE/NAME; the projected token's audience
+    /// must be `airlock:<CA fingerprint>`. An identity that the rules of more than one
+    /// environment accept joins none.
     Add {
         environment: String,
         /// The AWS account id (12 digits).
-        #[arg(long)]
-        aws_account: String,
+        #[arg(long, conflicts_with_all = ["gcp_project", "k8s_issuer"])]
+        aws_account: Option<String>,
         /// e.g. 'arn:aws:iam::123456789012:role/airlock-*'; without it, any principal of the account.
-        #[arg(long)]
+        #[arg(long, requires = "aws_account")]
         aws_role_arn: Option<String>,
+        /// The GCP project id the instance runs in.
+        #[arg(long, requires = "gcp_service_account", conflicts_with = "k8s_issuer")]
+        gcp_project: Option<String>,
+        /// The service account email the instance runs as, e.g. airlock@my-project.iam.gserviceaccount.com.
+        #[arg(long, requires = "gcp_project")]
+        gcp_service_account: Option<String>,
+        /// The cluster's service-account issuer, e.g. https://oidc.eks.eu-west-1.amazonaws.com/id/ABC.
+        #[arg(long, requires = "k8s_service_account")]
+        k8s_issuer: Option<String>,
+        /// NAMESPACE/NAME of the pod's service account.
+        #[arg(long, requires = "k8s_issuer")]
+        k8s_service_account: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1144,6 +1177,13 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
         cfg.issuer_roots.extend(certs);
     }
     cfg.allow_private_issuers = args.allow_private_issuers || file.allow_private_issuers.unwrap_or(false);
+    if let Some(issuer) = args.gcp_issuer.or(file.gcp_issuer) {
+        cfg.gcp_issuer = issuer;
+    }
+    if let Some(d) = args.k8s_max_token_age.or(file_duration(file.k8s_max_token_age)?) {
+        anyhow::ensure!(d.as_secs() >= 1, "k8s max token age must be at least 1s");
+        cfg.k8s_max_token_age = d;
+    }
     cfg.api_tls_files = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,
@@ -1235,6 +1275,8 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 join_token: args.join_token,
                 join_method: args.join_method,
                 aws_sts_endpoint: args.aws_sts_endpoint,
+                gcp_metadata_url: args.gcp_metadata_url,
+                k8s_token_path: args.k8s_token_path,
                 state_dir: args.state_dir,
                 customer_keys: args.customer_keys,
                 policy: args.policy,
@@ -1482,18 +1524,47 @@ async fn env(cmd: EnvCmd) -> anyhow::Result<ExitCode> {
 
 async fn env_join_rule(cmd: EnvJoinRuleSub) -> anyhow::Result<ExitCode> {
     let print_rule = |r: &serde_json::Value| {
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+        let (scope, who) = match r["method"].as_str() {
+            Some("gcp") => (s(&r["gcp"]["project"]), s(&r["gcp"]["service_account"])),
+            Some("k8s") => (s(&r["k8s"]["issuer"]), s(&r["k8s"]["service_account"])),
+            _ => (
+                s(&r["aws"]["account"]),
+                r["aws"]["arn_pattern"].as_str().unwrap_or("(any principal of the account)").to_owned(),
+            ),
+        };
         println!(
             "{:<32} {:<6} {:<14} {}",
             r["id"].as_str().unwrap_or(""),
             r["method"].as_str().unwrap_or(""),
-            r["aws"]["account"].as_str().unwrap_or(""),
-            r["aws"]["arn_pattern"].as_str().unwrap_or("(any principal of the account)"),
+            scope,
+            who
         );
     };
     match cmd {
-        EnvJoinRuleSub::Add { environment, aws_account, aws_role_arn, api } => {
+        EnvJoinRuleSub::Add {
+            environment,
+            aws_account,
+            aws_role_arn,
+            gcp_project,
+            gcp_service_account,
+            k8s_issuer,
+            k8s_service_account,
+            api,
+        } => {
             let environment = operations::path_segment("environment id", &environment)?;
-            let body = serde_json::json!({ "aws": { "account": aws_account, "arn_pattern": aws_role_arn } });
+            let body = match (aws_account, gcp_project, k8s_issuer) {
+                (Some(account), None, None) => {
+                    serde_json::json!({ "aws": { "account": account, "arn_pattern": aws_role_arn } })
+                }
+                (None, Some(project), None) => serde_json::json!({ "gcp": {
+                    "project": project, "service_account": gcp_service_account.unwrap_or_default() } }),
+                (None, None, Some(issuer)) => serde_json::json!({ "k8s": {
+                    "issuer": issuer, "service_account": k8s_service_account.unwrap_or_default() } }),
+                _ => anyhow::bail!(
+                    "give one method: --aws-account [--aws-role-arn], --gcp-project with --gcp-service-account, or --k8s-issuer with --k8s-service-account"
+                ),
+            };
             let out: serde_json::Value =
                 api.client()?.post(&format!("/v1/environments/{environment}/join-rules"), &body).await?;
             if api.json {
@@ -1509,7 +1580,7 @@ async fn env_join_rule(cmd: EnvJoinRuleSub) -> anyhow::Result<ExitCode> {
             if api.json {
                 terminal::print_json(&out)?;
             } else {
-                println!("{:<32} {:<6} {:<14} ARN PATTERN", "RULE", "METHOD", "AWS ACCOUNT");
+                println!("{:<32} {:<6} {:<14} IDENTITY", "RULE", "METHOD", "ACCOUNT/PROJECT/ISSUER");
                 out["rules"].as_array().into_iter().flatten().for_each(print_rule);
             }
         }

@@ -1,9 +1,13 @@
-//! Joining with the host's AWS identity (issue 16), end to end: a real server, real appliance
-//! processes, and moto's AWS server with its request authentication on, so a forged or tampered
-//! signature is refused by the emulator as AWS would refuse it, not by us.
+//! Joining with the host's platform identity (issue 16), end to end: a real server, real
+//! appliance processes, and for AWS moto's AWS server with its request authentication on, so a
+//! forged or tampered signature is refused by the emulator as AWS would refuse it, not by us.
+//! GCP and Kubernetes tokens come from the test kit's own issuer (`airlock_testkit::jwt_issuer`),
+//! which serves discovery and JWKS over HTTPS as Google and a Kubernetes API server do, and a GCE
+//! metadata server emulator.
 //!
 //! Proofs the appliance would never make (unsigned challenge, tampered, replayed, aimed at a
-//! dead endpoint) are signed here with botocore's own SigV4 signer, then sent to `/v1/join`.
+//! dead endpoint) are signed here with botocore's own SigV4 signer, then sent to `/v1/join`;
+//! bad tokens (expired, foreign, forged) are minted by the test issuer.
 
 #![allow(clippy::unwrap_used)]
 
@@ -156,7 +160,12 @@ impl Anonymous {
     }
 
     fn join(&self, proof: &Value) -> (u16, Value) {
-        self.post("/v1/join", &json!({ "aws_sts": proof, "csr_pem": csr(), "version": "test" }))
+        self.join_by("aws_sts", proof)
+    }
+
+    /// A join with `method`'s proof (`aws_sts`, `gcp`, `k8s`).
+    fn join_by(&self, method: &str, proof: &Value) -> (u16, Value) {
+        self.post("/v1/join", &json!({ method: proof, "csr_pem": csr(), "version": "test" }))
     }
 }
 
@@ -369,4 +378,401 @@ fn an_aws_joined_appliance_proves_its_identity_at_each_renewal_and_is_refused_on
     });
     assert!(refused["detail"]["reason"].as_str().unwrap().contains("airlock-prod"), "{refused}");
     proc.stop();
+}
+
+const PROJECT: &str = "airlock-prod-1";
+const GCP_SA: &str = "appliance@airlock-prod-1.iam.gserviceaccount.com";
+
+fn refusals_of(server: &Server, method: &str) -> Vec<Value> {
+    server.audited("appliance.join", "denied").into_iter().filter(|r| r["detail"]["method"] == method).collect()
+}
+
+/// Every refusal in `refusals` is in the audit with its code.
+fn assert_audited(server: &Server, method: &str, refusals: &[(String, String)]) {
+    let audited = refusals_of(server, method);
+    for (what, code) in refusals {
+        assert!(
+            audited.iter().any(|r| r["detail"]["code"] == code.as_str()),
+            "{what} ({code}) is audited: {audited:#?}"
+        );
+    }
+}
+
+#[test]
+fn an_appliance_joins_with_its_gcp_identity_renews_with_fresh_tokens_and_every_bad_token_is_refused() {
+    use airlock_testkit::jwt_issuer::{Flavor, Forgery, JwtIssuer, google_claims, unix_now};
+    let google = JwtIssuer::start(Flavor::Google);
+    let metadata = google.gcp_metadata(GCP_SA, PROJECT);
+    let ca_file = google.ca_file();
+    let server = Server::start_with(
+        BIN,
+        &[
+            "--gcp-issuer",
+            google.issuer(),
+            "--issuer-ca-file",
+            ca_file.to_str().unwrap(),
+            "--allow-private-issuers",
+            "--appliance-cert-lifetime",
+            "6s",
+        ],
+    );
+    let env = server.create_env("gcp-prod");
+    let rule = server
+        .ok(&["env", "join-rule", "add", &env, "--gcp-project", PROJECT, "--gcp-service-account", GCP_SA])
+        .trim()
+        .to_owned();
+    let listed = server.ok(&["env", "join-rule", "list", &env]);
+    assert!(listed.contains(&rule) && listed.contains(GCP_SA) && listed.contains("gcp"), "{listed}");
+    let wildcard = server.cli(&[
+        "env",
+        "join-rule",
+        "add",
+        &env,
+        "--gcp-project",
+        PROJECT,
+        "--gcp-service-account",
+        "*@airlock-prod-1.iam.gserviceaccount.com",
+    ]);
+    assert!(!wildcard.status.success(), "an email pattern is refused");
+
+    // The metadata server emulator speaks the real protocol: no header, no token.
+    let plain = {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(metadata.url.trim_start_matches("http://")).unwrap();
+        let path = "/computeMetadata/v1/instance/service-accounts/default/identity?audience=x&format=full";
+        write!(tcp, "GET {path} HTTP/1.1\r\nHost: metadata.google.internal\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(plain.starts_with("HTTP/1.1 403"), "{plain}");
+
+    // The happy path: the real appliance asks its metadata server and joins.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut proc = server.appliance_proc_with(
+        &tmp.path().join("apl"),
+        None,
+        &["--join-method", "gcp", "--gcp-metadata-url", &metadata.url],
+    );
+    let id = server.wait_connected(&mut proc);
+    assert_eq!(metadata.refused_without_flavor(), 1, "the appliance sends Metadata-Flavor: Google");
+    let view = server.appliance(&id);
+    assert_eq!(view["join_method"], "gcp_identity");
+    assert_eq!(view["join_identity"], format!("projects/{PROJECT}/serviceAccounts/{GCP_SA}"));
+    let text = server.ok(&["appliance", "list"]);
+    assert!(text.contains(&format!("gcp_identity projects/{PROJECT}/serviceAccounts/{GCP_SA}")), "{text}");
+    let joined = server.audited("appliance.join", "success");
+    let record = joined.iter().find(|r| r["target"] == id.as_str()).expect("the join is audited");
+    assert_eq!(record["detail"]["join_rule"], rule.as_str());
+    assert_eq!(record["detail"]["identity"]["project"], PROJECT);
+    assert_eq!(record["detail"]["identity"]["email"], GCP_SA);
+
+    // Each renewal carries a fresh token for the new key's challenge.
+    let renewals = |outcome: &str| -> Vec<Value> {
+        server
+            .audited("appliance.certificate_renew", outcome)
+            .into_iter()
+            .filter(|r| r["target"] == id.as_str())
+            .collect()
+    };
+    let renewed = wait_for(Duration::from_secs(30), "a renewal with a fresh GCP token", || renewals("success").pop());
+    assert_eq!(renewed["detail"]["platform_identity"]["email"], GCP_SA);
+
+    let api = Anonymous::new(&server);
+    let iss = google.issuer().to_owned();
+    let fp = server.fingerprint.clone();
+    let aud = |c: &str| airlock_proto::join::gcp_audience(&fp, c);
+    let proof = |token: String, c: &str| json!({ "identity_token": token, "challenge": c });
+    let mut refusals = Vec::new();
+
+    // A token minted here for a fresh challenge joins; replayed, it does not.
+    let c = api.challenge();
+    let good = proof(google.mint(&google_claims(&iss, &aud(&c), GCP_SA, PROJECT, unix_now())), &c);
+    let (status, body) = api.join_by("gcp", &good);
+    assert_eq!(status, 200, "{body}");
+    let appliances_before = server.appliances().len();
+    expect(&mut refusals, "replayed token", api.join_by("gcp", &good), 401, "challenge_unknown");
+
+    let mut bad = |what: &str, claims: Value, forgery: Option<Forgery>, challenge: &str, want: u16, code: &str| {
+        let token = match forgery {
+            Some(f) => google.forge(&claims, f),
+            None => google.mint(&claims),
+        };
+        expect(&mut refusals, what, api.join_by("gcp", &proof(token, challenge)), want, code);
+    };
+    let now = unix_now();
+    let c = api.challenge();
+    bad(
+        "wrong project",
+        google_claims(&iss, &aud(&c), GCP_SA, "other-project", now),
+        None,
+        &c,
+        403,
+        "no_matching_rule",
+    );
+    let c = api.challenge();
+    let other_sa = "intruder@airlock-prod-1.iam.gserviceaccount.com";
+    bad(
+        "wrong service account",
+        google_claims(&iss, &aud(&c), other_sa, PROJECT, now),
+        None,
+        &c,
+        403,
+        "no_matching_rule",
+    );
+    let c = api.challenge();
+    bad("expired", google_claims(&iss, &aud(&c), GCP_SA, PROJECT, now - 7200), None, &c, 401, "token_expired");
+    let c = api.challenge();
+    bad(
+        "not yet valid",
+        google_claims(&iss, &aud(&c), GCP_SA, PROJECT, now + 3600),
+        None,
+        &c,
+        401,
+        "token_not_yet_valid",
+    );
+    let c = api.challenge();
+    let other = api.challenge();
+    bad("wrong audience", google_claims(&iss, &aud(&other), GCP_SA, PROJECT, now), None, &c, 401, "token_audience");
+    let c = api.challenge();
+    let foreign = google_claims("https://accounts.google.com", &aud(&c), GCP_SA, PROJECT, now);
+    bad("wrong issuer", foreign, None, &c, 401, "token_issuer");
+    let c = api.challenge();
+    let claims = google_claims(&iss, &aud(&c), GCP_SA, PROJECT, now);
+    bad("unknown kid", claims, Some(Forgery::UnknownKid), &c, 401, "token_unknown_key");
+    let c = api.challenge();
+    let claims = google_claims(&iss, &aud(&c), GCP_SA, PROJECT, now);
+    bad("alg none", claims, Some(Forgery::AlgNone), &c, 401, "token_algorithm");
+    let c = api.challenge();
+    let claims = google_claims(&iss, &aud(&c), GCP_SA, PROJECT, now);
+    bad("HS256 keyed with the public key", claims, Some(Forgery::Hs256WithPublicKey), &c, 401, "token_algorithm");
+    let mut unverified = google_claims(&iss, &aud(&c), GCP_SA, PROJECT, now);
+    unverified["email_verified"] = json!(false);
+    let c = api.challenge();
+    unverified["aud"] = aud(&c).into();
+    bad("email not verified", unverified, None, &c, 401, "missing_claim");
+
+    assert_eq!(server.appliances().len(), appliances_before, "no refusal issued anything");
+    assert_audited(&server, "gcp_identity", &refusals);
+
+    // Once no rule accepts it, the appliance's next renewal is refused and audited.
+    server.ok(&["env", "join-rule", "remove", &env, &rule]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let denied = renewals("denied");
+        if let Some(r) = denied.iter().find(|r| r["detail"]["reason"].as_str().unwrap_or("").contains("no join rule")) {
+            break r.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no renewal refused for want of a rule: {denied:#?}\n{}\n{}",
+            proc.log(),
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(refused["detail"]["reason"].as_str().unwrap().contains(GCP_SA), "{refused}");
+    proc.stop();
+    let out = server.audit_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_appliance_joins_with_its_kubernetes_service_account_once_per_token_and_every_bad_token_is_refused() {
+    use airlock_testkit::jwt_issuer::{Flavor, Forgery, JwtIssuer, k8s_claims, unix_now};
+    let cluster = JwtIssuer::start(Flavor::Kubernetes);
+    let ca_file = cluster.ca_file();
+    let server = Server::start_with(
+        BIN,
+        &["--issuer-ca-file", ca_file.to_str().unwrap(), "--allow-private-issuers", "--appliance-cert-lifetime", "6s"],
+    );
+    let iss = cluster.issuer().to_owned();
+    let env = server.create_env("k8s-prod");
+    let rule = server
+        .ok(&["env", "join-rule", "add", &env, "--k8s-issuer", &iss, "--k8s-service-account", "airlock/appliance"])
+        .trim()
+        .to_owned();
+    let listed = server.ok(&["env", "join-rule", "list", &env, "--json"]);
+    assert!(listed.contains(&rule) && listed.contains("airlock/appliance"), "{listed}");
+    let audience = airlock_proto::join::server_audience(&server.fingerprint);
+
+    // The happy path: the kubelet's projected token, read by the real appliance.
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("token");
+    let mounted = cluster.mint(&k8s_claims(&iss, &audience, "airlock", "appliance", unix_now()));
+    std::fs::write(&token_file, &mounted).unwrap();
+    let mut proc = server.appliance_proc_with(
+        &tmp.path().join("apl"),
+        None,
+        &["--join-method", "k8s", "--k8s-token-path", token_file.to_str().unwrap()],
+    );
+    let id = server.wait_connected(&mut proc);
+    let view = server.appliance(&id);
+    assert_eq!(view["join_method"], "k8s_token");
+    assert_eq!(view["join_identity"], format!("{iss}#system:serviceaccount:airlock:appliance"));
+    let joined = server.audited("appliance.join", "success");
+    let record = joined.iter().find(|r| r["target"] == id.as_str()).expect("the join is audited");
+    assert_eq!(record["detail"]["identity"]["namespace"], "airlock");
+    assert_eq!(record["detail"]["identity"]["pod"], "airlock-appliance-0");
+
+    // Renewals show the same mounted token again (the kubelet has not refreshed it): this
+    // appliance may, since its jti is this appliance's.
+    let renewals = |outcome: &str| -> Vec<Value> {
+        server
+            .audited("appliance.certificate_renew", outcome)
+            .into_iter()
+            .filter(|r| r["target"] == id.as_str())
+            .collect()
+    };
+    let renewed = wait_for(Duration::from_secs(30), "a renewal with the mounted token", || renewals("success").pop());
+    assert_eq!(renewed["detail"]["platform_identity"]["service_account"], "appliance");
+
+    let api = Anonymous::new(&server);
+    let proof = |token: &str, c: &str| json!({ "service_account_token": token, "challenge": c });
+    let appliances_before = server.appliances().len();
+    let mut refusals = Vec::new();
+
+    // The token that joined the appliance joins nothing else: its jti is spent.
+    expect(
+        &mut refusals,
+        "replayed jti",
+        api.join_by("k8s", &proof(&mounted, &api.challenge())),
+        401,
+        "token_replayed",
+    );
+    // A fresh token joins once; its challenge is spent with it.
+    let c = api.challenge();
+    let fresh = cluster.mint(&k8s_claims(&iss, &audience, "airlock", "appliance", unix_now()));
+    let (status, body) = api.join_by("k8s", &proof(&fresh, &c));
+    assert_eq!(status, 200, "{body}");
+    let appliances_before = appliances_before + 1;
+    let another = cluster.mint(&k8s_claims(&iss, &audience, "airlock", "appliance", unix_now()));
+    expect(&mut refusals, "replayed challenge", api.join_by("k8s", &proof(&another, &c)), 401, "challenge_unknown");
+
+    let mut bad = |what: &str, claims: Value, forgery: Option<Forgery>, want: u16, code: &str| {
+        let token = match forgery {
+            Some(f) => cluster.forge(&claims, f),
+            None => cluster.mint(&claims),
+        };
+        expect(&mut refusals, what, api.join_by("k8s", &proof(&token, &api.challenge())), want, code);
+    };
+    let now = unix_now();
+    bad("wrong namespace", k8s_claims(&iss, &audience, "default", "appliance", now), None, 403, "no_matching_rule");
+    bad("wrong service account", k8s_claims(&iss, &audience, "airlock", "default", now), None, 403, "no_matching_rule");
+    let mut old = k8s_claims(&iss, &audience, "airlock", "appliance", now - 7200);
+    old["exp"] = json!(now + 600);
+    bad("iat older than the window", old, None, 401, "token_too_old");
+    bad("expired", k8s_claims(&iss, &audience, "airlock", "appliance", now - 7200), None, 401, "token_expired");
+    bad(
+        "not yet valid",
+        k8s_claims(&iss, &audience, "airlock", "appliance", now + 3600),
+        None,
+        401,
+        "token_not_yet_valid",
+    );
+    let other_plane = airlock_proto::join::server_audience(&format!("sha256:{}", "0".repeat(64)));
+    bad("wrong audience", k8s_claims(&iss, &other_plane, "airlock", "appliance", now), None, 401, "token_audience");
+    bad(
+        "an issuer no rule names",
+        k8s_claims("https://127.0.0.1:1", &audience, "airlock", "appliance", now),
+        None,
+        401,
+        "issuer_not_named",
+    );
+    let claims = k8s_claims(&iss, &audience, "airlock", "appliance", now);
+    bad("unknown kid", claims.clone(), Some(Forgery::UnknownKid), 401, "token_unknown_key");
+    bad("alg none", claims.clone(), Some(Forgery::AlgNone), 401, "token_algorithm");
+    bad("HS256 keyed with the public key", claims, Some(Forgery::Hs256WithPublicKey), 401, "token_algorithm");
+    let mut no_jti = k8s_claims(&iss, &audience, "airlock", "appliance", now);
+    no_jti.as_object_mut().unwrap().remove("jti");
+    bad("no jti", no_jti, None, 401, "missing_claim");
+    // A rule naming an issuer that does not answer: the join is refused as unavailable.
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let other_env = server.create_env("k8s-dead");
+    server.ok(&[
+        "env",
+        "join-rule",
+        "add",
+        &other_env,
+        "--k8s-issuer",
+        &dead,
+        "--k8s-service-account",
+        "airlock/appliance",
+    ]);
+    bad(
+        "unreachable issuer",
+        k8s_claims(&dead, &audience, "airlock", "appliance", now),
+        None,
+        503,
+        "issuer_unreachable",
+    );
+
+    assert_eq!(server.appliances().len(), appliances_before, "no refusal issued anything");
+    assert_audited(&server, "k8s_token", &refusals);
+
+    // Once no rule accepts it, the appliance's next renewal is refused and audited.
+    server.ok(&["env", "join-rule", "remove", &env, &rule]);
+    let refused = wait_for(Duration::from_secs(30), "the renewal to be refused", || {
+        renewals("denied").into_iter().find(|r| r["detail"]["reason"].as_str().unwrap_or("").contains("no join rule"))
+    });
+    // The only rule naming the cluster's issuer is gone, so the issuer is not even asked.
+    assert!(refused["detail"]["reason"].as_str().unwrap().contains(&iss), "{refused}");
+    proc.stop();
+    let out = server.audit_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_appliance_whose_certificate_expired_offline_rejoins_and_keeps_its_identity_and_chains() {
+    let server = Server::start_with(BIN, &["--appliance-cert-lifetime", "4s"]);
+    let env = server.create_env("recovering");
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("apl");
+    let mut proc = server.appliance_proc(&state, Some(&server.join_token(&env)), None);
+    let id = server.wait_connected(&mut proc);
+    proc.stop();
+    // Offline past its certificate's end.
+    std::thread::sleep(Duration::from_secs(5));
+    let appliances_before = server.appliances().len();
+
+    // Without a way to join, the expiry is the error, and says how to recover.
+    let mut stuck = server.appliance_proc(&state, None, None);
+    let status = wait_for(Duration::from_secs(20), "the appliance to stop", || stuck.exited());
+    assert!(!status.success());
+    assert!(stuck.log().contains("to recover its identity"), "{}", stuck.log());
+
+    // A join token of another environment does not recover it, and is not spent.
+    let elsewhere = server.create_env("elsewhere");
+    let other_token = server.join_token(&elsewhere);
+    let mut wrong = server.appliance_proc(&state, Some(&other_token), None);
+    let status = wait_for(Duration::from_secs(20), "the appliance to be refused", || wrong.exited());
+    assert!(!status.success());
+    assert!(wrong.log().contains("another environment"), "{}", wrong.log());
+
+    // With a new join token of its environment, it joins again as itself.
+    let mut proc = server.appliance_proc(&state, Some(&server.join_token(&env)), None);
+    let again = server.wait_connected(&mut proc);
+    assert_eq!(again, id, "the appliance id is kept");
+    assert_eq!(server.appliances().len(), appliances_before, "no new appliance");
+    let joins = server.audited("appliance.join", "success");
+    let recovered = joins.iter().find(|r| r["target"] == id.as_str() && r["detail"]["recovered_serial"].is_string());
+    assert!(recovered.is_some(), "the recovery is audited: {joins:#?}");
+    let refused = server.audited("appliance.join", "denied");
+    assert!(refused.iter().any(|r| r["detail"]["code"] == "recovery_other_environment"), "{refused:#?}");
+    proc.stop();
+
+    // Its own audit chain runs on unbroken across the expiry.
+    let log = state.join("audit.jsonl");
+    let out = server.cli(&["audit", "verify", "--file", log.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    // A revoked appliance cannot come back under its identity.
+    std::thread::sleep(Duration::from_secs(5));
+    server.ok(&["appliance", "revoke", &id]);
+    let mut revoked = server.appliance_proc(&state, Some(&server.join_token(&env)), None);
+    let status = wait_for(Duration::from_secs(20), "the revoked appliance to be refused", || revoked.exited());
+    assert!(!status.success());
+    assert!(revoked.log().contains("revoked"), "{}", revoked.log());
+    let out = server.audit_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

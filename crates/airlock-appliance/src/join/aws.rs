@@ -1,7 +1,8 @@
 //! The AWS proof of a join: a SigV4 header-signed `sts:GetCallerIdentity` request.
 //!
 //! Credentials and region come from `aws-config`'s standard chain (environment, profile,
-//! instance role). The request is signed, not sent: the control plane forwards it to STS,
+//! instance role), loaded where the secrets load it (`crate::secrets::aws::Chain`). The request
+//! is signed, not sent: the control plane forwards it to STS,
 //! which answers with the caller's account and ARN. Its signed headers carry the control
 //! plane's challenge and the CA fingerprint this appliance pinned, so the proof answers one
 //! challenge of one control plane and a captured proof is worth nothing elsewhere or later.
@@ -33,19 +34,9 @@ pub(crate) async fn proof(
     server_id: &str,
 ) -> Result<AwsStsProof, ApplianceError> {
     let load = async {
-        let client = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(client);
-        if let Some(region) = &cfg.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        let sdk = loader.load().await;
-        let region = sdk.region().map_or_else(|| DEFAULT_REGION.to_owned(), |r| r.to_string());
-        let provider =
-            sdk.credentials_provider().ok_or_else(|| failed("no AWS credentials provider in the standard chain"))?;
+        let chain = crate::secrets::aws::Chain::load(cfg.region.as_deref()).await;
+        let region = chain.region.unwrap_or_else(|| DEFAULT_REGION.to_owned());
+        let provider = chain.credentials.ok_or_else(|| failed("no AWS credentials provider in the standard chain"))?;
         // The top-level text only: a cause may quote a profile file's line.
         let creds = provider.provide_credentials().await.map_err(|e| failed(format!("no AWS credentials: {e}")))?;
         Ok::<_, ApplianceError>((region, creds))

@@ -122,10 +122,29 @@ impl CallError {
     }
 }
 
-/// The standard chain's answer, loaded once.
-struct Chain {
-    region: Option<String>,
-    credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+/// The standard chain's answer (environment, profile, instance role): the one home where the
+/// appliance finds AWS credentials and a region, for secrets and for the AWS join (`crate::join`).
+pub(crate) struct Chain {
+    pub(crate) region: Option<String>,
+    pub(crate) credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+}
+
+impl Chain {
+    /// Loads the standard chain, `region` overriding the one it would name. Its HTTP client (for
+    /// the instance metadata service and STS) is the ring-backed rustls one.
+    pub(crate) async fn load(region: Option<&str>) -> Self {
+        let client = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(client);
+        if let Some(region) = region {
+            loader = loader.region(aws_config::Region::new(region.to_owned()));
+        }
+        let sdk = loader.load().await;
+        Chain { region: sdk.region().map(|r| r.to_string()), credentials: sdk.credentials_provider() }
+    }
 }
 
 pub(super) struct Aws {
@@ -212,21 +231,7 @@ impl Aws {
     }
 
     async fn chain(&self) -> &Chain {
-        self.chain
-            .get_or_init(|| async {
-                let client = aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                    ))
-                    .build_https();
-                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(client);
-                if let Some(region) = &self.region {
-                    loader = loader.region(aws_config::Region::new(region.clone()));
-                }
-                let sdk = loader.load().await;
-                Chain { region: sdk.region().map(|r| r.to_string()), credentials: sdk.credentials_provider() }
-            })
-            .await
+        self.chain.get_or_init(|| Chain::load(self.region.as_deref())).await
     }
 
     async fn region(&self) -> Result<String, SecretReason> {

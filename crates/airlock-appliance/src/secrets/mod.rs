@@ -21,7 +21,7 @@
 // the tests do.
 
 mod allow;
-mod aws;
+pub(crate) mod aws;
 mod local;
 #[cfg(test)]
 mod tests;

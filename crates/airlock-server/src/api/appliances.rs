@@ -18,19 +18,20 @@ use super::{ApiError, ApiJson, ApiPath, Authed, ErrorBody, ReadAudit, audited, p
 use crate::appliances::{self, JoinError, JoinRefusal, RevokeError};
 use crate::authz::Action;
 use crate::platform_join::challenges::ChallengeLimit;
-use crate::platform_join::rules::{AwsRule, JoinRule, RuleSpec};
+use crate::platform_join::rules::{AwsRule, GcpRule, JoinRule, K8sRule, RuleError, RuleSpec};
 use crate::platform_join::{self, RuleAdminError};
 use crate::state::{AppState, SYSTEM_CHAIN, event, random};
 use crate::store::StoreError;
 
-/// Exchange a proof of identity (a single-use join token, or a signed `sts:GetCallerIdentity`
-/// request answering a challenge) and a CSR for an appliance certificate.
+/// Exchange a proof of identity (a single-use join token, or a platform proof answering a
+/// challenge: a signed `sts:GetCallerIdentity` request, a GCP identity token, a Kubernetes
+/// service-account token) and a CSR for an appliance certificate.
 #[utoipa::path(post, path = "/v1/join", request_body = airlock_proto::join::JoinRequestWire,
     responses((status = 200, body = JoinResponse),
         (status = 400, body = ErrorBody, description = "the CSR is refused"),
         (status = 401, body = ErrorBody, description = "the join token or platform proof is refused (unknown, spent, expired, forged, replayed)"),
-        (status = 403, body = ErrorBody, description = "the platform identity is proved but no environment, or more than one, accepts it"),
-        (status = 503, body = ErrorBody, description = "the store or the platform (AWS STS) is unavailable; retry later")))]
+        (status = 403, body = ErrorBody, description = "the platform identity is proved but no environment, or more than one, accepts it; or the identity to recover is refused"),
+        (status = 503, body = ErrorBody, description = "the store or the platform (AWS STS, a token issuer) is unavailable; retry later")))]
 pub(super) async fn join(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<JoinRequest>,
@@ -92,9 +93,10 @@ pub struct ApplianceView {
     /// The id of the execution key the customer attested for this appliance, as it last sent
     /// the attestation: requests made for it name this key. Absent until then.
     pub execution_key: Option<String>,
-    /// How it joined: `join_token` or `aws_sts`.
+    /// How it joined: `join_token`, `aws_sts`, `gcp_identity` or `k8s_token`.
     pub join_method: String,
-    /// The platform identity its join rule matched (for AWS, the role or user ARN).
+    /// The platform identity its join rule matched: for AWS the role or user ARN, for GCP
+    /// `projects/P/serviceAccounts/EMAIL`, for Kubernetes `ISSUER#system:serviceaccount:NS:NAME`.
     pub join_identity: Option<String>,
 }
 
@@ -216,6 +218,7 @@ impl From<JoinError> for ApiError {
             JoinError::Refused { refusal: JoinRefusal::Csr, reason } => ApiError::bad_request(reason),
             JoinError::Refused { refusal: JoinRefusal::Proof, reason } => ApiError::unauthorized(reason),
             JoinError::Refused { refusal: JoinRefusal::NoEnvironment, reason } => ApiError::forbidden(reason),
+            JoinError::Refused { refusal: JoinRefusal::Recovery, reason } => ApiError::forbidden(reason),
             JoinError::Refused { refusal: JoinRefusal::PlatformUnavailable, reason } => ApiError::unavailable(reason),
             JoinError::Store(e) => e.into(),
         }
@@ -231,11 +234,49 @@ impl From<RevokeError> for ApiError {
     }
 }
 
-/// A join rule to add: one method's fields.
+/// A join rule to add: one method's fields (exactly one of `aws`, `gcp`, `k8s`).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddJoinRule {
-    pub aws: AwsRuleView,
+    #[serde(default)]
+    pub aws: Option<AwsRuleView>,
+    #[serde(default)]
+    pub gcp: Option<GcpRuleView>,
+    #[serde(default)]
+    pub k8s: Option<K8sRuleView>,
+}
+
+impl AddJoinRule {
+    fn spec(&self) -> Result<RuleSpec, RuleError> {
+        match (&self.aws, &self.gcp, &self.k8s) {
+            (Some(aws), None, None) => Ok(RuleSpec::Aws(AwsRule::new(&aws.account, aws.arn_pattern.as_deref())?)),
+            (None, Some(gcp), None) => Ok(RuleSpec::Gcp(GcpRule::new(&gcp.project, &gcp.service_account)?)),
+            (None, None, Some(k8s)) => Ok(RuleSpec::K8s(K8sRule::new(&k8s.issuer, &k8s.service_account)?)),
+            _ => Err(RuleError::Method),
+        }
+    }
+}
+
+/// A GCP rule: instances of this project running as this service account join (both exact).
+#[derive(Serialize, Deserialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GcpRuleView {
+    /// The project id, e.g. `my-project`.
+    pub project: String,
+    /// The service account's email, e.g. `airlock@my-project.iam.gserviceaccount.com`; no wildcard.
+    pub service_account: String,
+}
+
+/// A Kubernetes rule: pods of this cluster (its service-account issuer) running as this
+/// service account join.
+#[derive(Serialize, Deserialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct K8sRuleView {
+    /// The cluster's service-account issuer (`--service-account-issuer`), an https:// URL
+    /// whose OpenID discovery the control plane can read.
+    pub issuer: String,
+    /// `NAMESPACE/NAME`.
+    pub service_account: String,
 }
 
 /// An AWS rule: the account, and optionally an ARN pattern (`*` matches any run of characters)
@@ -253,9 +294,14 @@ pub struct AwsRuleView {
 pub struct JoinRuleView {
     pub id: String,
     pub environment_id: String,
-    /// `aws`.
+    /// `aws`, `gcp` or `k8s`: the one of the fields below that is present.
     pub method: String,
-    pub aws: AwsRuleView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsRuleView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp: Option<GcpRuleView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<K8sRuleView>,
     pub created_at: String,
 }
 
@@ -265,17 +311,40 @@ pub struct JoinRuleList {
 }
 
 fn rule_view(r: &JoinRule) -> JoinRuleView {
-    let RuleSpec::Aws(aws) = &r.spec;
-    JoinRuleView {
+    let mut view = JoinRuleView {
         id: r.id.to_string(),
         environment_id: r.environment.to_string(),
         method: r.spec.method().to_owned(),
-        aws: AwsRuleView { account: aws.account().to_owned(), arn_pattern: aws.arn_pattern().map(str::to_owned) },
+        aws: None,
+        gcp: None,
+        k8s: None,
         created_at: r.created_at.to_string(),
+    };
+    match &r.spec {
+        RuleSpec::Aws(aws) => {
+            view.aws = Some(AwsRuleView {
+                account: aws.account().to_owned(),
+                arn_pattern: aws.arn_pattern().map(str::to_owned),
+            });
+        }
+        RuleSpec::Gcp(gcp) => {
+            view.gcp = Some(GcpRuleView {
+                project: gcp.project().to_owned(),
+                service_account: gcp.service_account().to_owned(),
+            });
+        }
+        RuleSpec::K8s(k8s) => {
+            view.k8s = Some(K8sRuleView {
+                issuer: k8s.issuer().to_owned(),
+                service_account: format!("{}/{}", k8s.namespace(), k8s.service_account()),
+            });
+        }
     }
+    view
 }
 
-/// Add a rule that lets a platform identity (an AWS account and role) join this environment.
+/// Add a rule that lets a platform identity (an AWS account and role, a GCP project and
+/// service account, a Kubernetes cluster's service account) join this environment.
 /// An identity that the rules of more than one environment accept joins none.
 #[utoipa::path(post, path = "/v1/environments/{environment}/join-rules", security(("bearer" = [])),
     params(("environment" = String, Path, description = "environment id (env_…)")),
@@ -290,9 +359,7 @@ pub(super) async fn add_join_rule(
 ) -> Result<(StatusCode, Json<JoinRuleView>), ApiError> {
     let result = async {
         let ApiJson(body) = body?;
-        let spec = RuleSpec::Aws(
-            AwsRule::new(&body.aws.account, body.aws.arn_pattern.as_deref()).map_err(RuleAdminError::from)?,
-        );
+        let spec = body.spec().map_err(RuleAdminError::from)?;
         let rule = platform_join::add_rule(&state, &scope, parse_id(&environment)?, spec).await?;
         Ok((StatusCode::CREATED, Json(rule_view(&rule))))
     }

@@ -438,7 +438,8 @@ async fn handle_message(
         }
         // Boxed: see the push after the Welcome.
         appliance_message::Body::Renew(renew) => {
-            Box::pin(renew::renew_certificate(state, reg, peer, scope, &renew.csr_pem, &renew.aws_sts_proof_json)).await
+            Box::pin(renew::renew_certificate(state, reg, peer, scope, &renew.csr_pem, &renew.platform_proof_json))
+                .await
         }
         appliance_message::Body::OperationResult(result) => {
             return Box::pin(crate::operations::handle_result(state, &peer.identity, scope, result)).await;

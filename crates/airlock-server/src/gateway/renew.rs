@@ -20,7 +20,7 @@ pub(super) async fn renew_certificate(
     peer: &PeerCert,
     scope: &TenantScope,
     csr_pem: &str,
-    aws_sts_proof_json: &str,
+    platform_proof_json: &str,
 ) -> control_message::Body {
     let now = state.now();
     let actor = scope.principal().actor();
@@ -40,19 +40,25 @@ pub(super) async fn renew_certificate(
     if now < half_life {
         return refused(format!("too early: renew after {half_life}")).await;
     }
-    // Outside the write transaction: it may ask STS, which takes a round trip.
-    let platform =
-        match crate::platform_join::recheck_at_renewal(state, scope, &peer.identity, csr_pem, aws_sts_proof_json).await
-        {
-            Ok(Ok(identity)) => identity,
-            Ok(Err(reason)) => return refused(reason).await,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot re-check a platform identity at renewal");
-                return control_message::Body::RenewRefused(RenewRefused {
-                    reason: "the control plane's store is unavailable; will retry".into(),
-                });
-            }
-        };
+    // Outside the write transaction: it may ask STS or a token issuer, which takes a round trip.
+    let platform = match crate::platform_join::recheck_at_renewal(
+        state,
+        scope,
+        &peer.identity,
+        csr_pem,
+        platform_proof_json,
+    )
+    .await
+    {
+        Ok(Ok(identity)) => identity,
+        Ok(Err(reason)) => return refused(reason).await,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot re-check a platform identity at renewal");
+            return control_message::Body::RenewRefused(RenewRefused {
+                reason: "the control plane's store is unavailable; will retry".into(),
+            });
+        }
+    };
     let result = async {
         let mut tx = state.store.write().await?;
         // Only the current certificate, or the one it replaced (the appliance may have missed
@@ -65,6 +71,12 @@ pub(super) async fn renew_certificate(
         }
         if peer.serial != current.current_serial && current.previous_serial.as_deref() != Some(peer.serial.as_str()) {
             return Ok(Err("this certificate has been superseded; use the newest one".to_owned()));
+        }
+        // A Kubernetes token another appliance used proves nothing for this one.
+        if let Some(token) = platform.as_ref().and_then(|p| p.token_id.as_ref())
+            && !tx.spend_platform_token(token, peer.identity.appliance, now).await?
+        {
+            return Ok(Err(crate::platform_join::tokens::TokenRefusal::Replayed.reason()));
         }
         let issued = match state.ca.sign_renewal_csr(
             csr_pem,
@@ -81,7 +93,7 @@ pub(super) async fn renew_certificate(
         ev.target = target.clone();
         ev.detail = serde_json::json!({
             "serial": issued.serial, "not_after": issued.not_after.to_string(), "previous_serial": peer.serial,
-            "platform_identity": platform.as_ref().map(|i| serde_json::json!({ "account": i.account, "arn": i.caller_arn })),
+            "platform_identity": platform.as_ref().map(|p| p.identity.audit()),
         });
         tx.audit(&scope.chain(), now, ev).await?;
         tx.commit().await?;

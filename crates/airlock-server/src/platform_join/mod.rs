@@ -1,32 +1,52 @@
-//! Joining with platform-native identity instead of a pre-shared token (AWS today).
+//! Joining with platform-native identity instead of a pre-shared token: AWS, GCP, Kubernetes.
 //!
 //! An appliance first asks for a challenge (`POST /v1/join/challenge`, anonymous and bounded:
-//! [`challenges`]), then proves its identity with a platform-signed statement that carries it:
-//! for AWS a SigV4-signed `sts:GetCallerIdentity` request ([`aws`]), whose signed headers hold
-//! the challenge and this control plane's CA fingerprint. [`verify_aws`] checks the request
-//! without I/O, spends the challenge (the first answer takes it, so neither a challenge nor a
-//! proof is accepted twice), forwards the request to an allow-listed STS endpoint, and matches
-//! the identity AWS names against every environment's [`rules`]: exactly one environment must
-//! accept it. `appliances::join` then issues the certificate as for a token join.
+//! [`challenges`]), then proves its identity with a platform-signed statement ([`PlatformProof`]):
+//! - AWS: a SigV4-signed `sts:GetCallerIdentity` request ([`aws`]), whose signed headers hold
+//!   the challenge and this control plane's CA fingerprint; checked without I/O, then forwarded
+//!   to an allow-listed STS endpoint, whose answer names the caller.
+//! - GCP: the instance's identity token, its audience the CA fingerprint and the challenge
+//!   ([`tokens`]), verified against `--gcp-issuer`'s JWKS (`crate::issuer`).
+//! - Kubernetes: a projected service-account token whose audience is the CA fingerprint
+//!   ([`tokens`]), verified through the issuer a rule names (discovery, then JWKS).
 //!
-//! Replay window: a proof is good for one join, within the challenge's 60 s; SigV4's own
-//! 15-minute date window is not relied on.
+//! [`verify`] spends the challenge (the first answer takes it, so neither a challenge nor a
+//! proof carrying it is accepted twice), asks the platform, and matches the identity against
+//! every environment's [`rules`] with the one decision [`rules::match_identity`]: exactly one
+//! environment must accept it. `appliances::join` then issues the certificate as for a token
+//! join, and spends a Kubernetes token's `jti` in the same transaction.
 //!
-//! At each renewal an AWS-joined appliance proves its identity again ([`recheck_at_renewal`]):
-//! the challenge is derived from the CSR's new key (`airlock_proto::join::renewal_challenge`),
-//! and a rule of its own environment must still accept it, or the renewal is refused and audited.
+//! Replay windows: an AWS or GCP proof is good for one join, within the challenge's 60 s
+//! (SigV4's own 15-minute window and the GCP token's hour are not relied on). A Kubernetes
+//! token cannot carry the challenge: it joins once (its `jti`), and only while its `iat` is
+//! younger than `--k8s-max-token-age`; whoever reads it before its pod uses it can join once in
+//! its place within that window (ARCHITECTURE.md says so).
+//!
+//! At each renewal a platform-joined appliance proves its identity again, by the method it
+//! joined with ([`recheck_at_renewal`]): the challenge is derived from the CSR's new key
+//! (`airlock_proto::join::renewal_challenge`), and a rule of its own environment must still
+//! accept it, or the renewal is refused and audited.
 
 pub mod aws;
 pub mod challenges;
+pub mod recovery;
 pub mod rules;
+pub mod tokens;
 
-use airlock_proto::join::AwsStsProof;
+use std::time::Duration;
+
+use airlock_proto::join::{PlatformProof, gcp_audience, server_audience};
 
 use self::aws::{AwsRefusal, StsAllowList, StsClient};
 use self::challenges::{ChallengeRefusal, Challenges};
-use self::rules::{AwsIdentity, RuleMatch};
+use self::rules::{JoinRule, PlatformIdentity, RuleMatch};
+use self::tokens::{TokenId, TokenRefusal};
+use crate::issuer::Expect;
 use crate::state::AppState;
 use crate::store::StoreError;
+
+/// Google's issuer of instance identity tokens (`--gcp-issuer` changes it, for tests).
+pub const DEFAULT_GCP_ISSUER: &str = "https://accounts.google.com";
 
 /// What a running control plane holds for platform joins.
 #[derive(Debug)]
@@ -34,14 +54,45 @@ pub struct PlatformJoin {
     pub challenges: Challenges,
     pub sts_allow: StsAllowList,
     pub sts: StsClient,
+    /// The issuer GCP identity tokens must come from.
+    pub gcp_issuer: String,
+    /// How old a Kubernetes token's `iat` may be.
+    pub k8s_max_token_age: Duration,
+}
+
+/// How platform joins are configured (`airlock server` flags).
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    pub sts_endpoints: Vec<String>,
+    pub gcp_issuer: String,
+    pub k8s_max_token_age: Duration,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        Self {
+            sts_endpoints: Vec::new(),
+            gcp_issuer: DEFAULT_GCP_ISSUER.to_owned(),
+            k8s_max_token_age: tokens::DEFAULT_K8S_MAX_TOKEN_AGE,
+        }
+    }
 }
 
 impl PlatformJoin {
-    pub fn new(sts_endpoints: &[String]) -> Result<Self, String> {
+    pub fn new(config: &PlatformConfig) -> Result<Self, String> {
+        let gcp = reqwest::Url::parse(&config.gcp_issuer).map_err(|e| format!("--gcp-issuer: {e}"))?;
+        if gcp.scheme() != "https" || gcp.query().is_some() || gcp.fragment().is_some() {
+            return Err(format!("--gcp-issuer `{}`: an issuer is an https:// URL", config.gcp_issuer));
+        }
+        if config.k8s_max_token_age.is_zero() {
+            return Err("--k8s-max-token-age must be more than zero".into());
+        }
         Ok(Self {
             challenges: Challenges::default(),
-            sts_allow: StsAllowList::new(sts_endpoints)?,
+            sts_allow: StsAllowList::new(&config.sts_endpoints)?,
             sts: StsClient::new(aws::STS_TIMEOUT)?,
+            gcp_issuer: config.gcp_issuer.clone(),
+            k8s_max_token_age: config.k8s_max_token_age,
         })
     }
 }
@@ -52,7 +103,9 @@ pub struct PlatformMatch {
     pub tenant: airlock_core::TenantId,
     pub environment: airlock_core::EnvironmentId,
     pub rule: airlock_core::id::JoinRuleId,
-    pub identity: AwsIdentity,
+    pub identity: PlatformIdentity,
+    /// A Kubernetes token's single-use id, spent with the join or renewal it allows.
+    pub token_id: Option<TokenId>,
 }
 
 /// Why a platform proof did not join anything: a code for programs and the audit, a reason for people.
@@ -60,10 +113,14 @@ pub struct PlatformMatch {
 pub enum PlatformRefusal {
     Challenge(ChallengeRefusal),
     Aws(AwsRefusal),
-    /// AWS named this identity, and no environment's rule accepts it.
-    NoRule(AwsIdentity),
+    /// A GCP or Kubernetes token refused.
+    Token(TokenRefusal),
+    /// A renewal's proof answers another challenge than its new key's.
+    NotThisRenewal,
+    /// The platform named this identity, and no environment's rule accepts it.
+    NoRule(PlatformIdentity),
     /// Rules of several environments accept it.
-    SeveralEnvironments(AwsIdentity, usize),
+    SeveralEnvironments(PlatformIdentity, usize),
 }
 
 impl PlatformRefusal {
@@ -72,6 +129,8 @@ impl PlatformRefusal {
             Self::Challenge(ChallengeRefusal::Unknown) => "challenge_unknown",
             Self::Challenge(ChallengeRefusal::Expired) => "challenge_expired",
             Self::Aws(a) => a.code(),
+            Self::Token(t) => t.code(),
+            Self::NotThisRenewal => "renewal_challenge",
             Self::NoRule(_) => "no_matching_rule",
             Self::SeveralEnvironments(..) => "several_environments",
         }
@@ -84,47 +143,170 @@ impl PlatformRefusal {
             }
             Self::Challenge(ChallengeRefusal::Expired) => "the join challenge expired; ask for a new one".into(),
             Self::Aws(a) => a.reason(),
-            Self::NoRule(id) => format!(
-                "no environment has a join rule for {} (account {}); add one with `airlock env join-rule add`",
-                id.arn, id.account
-            ),
+            Self::Token(t) => t.reason(),
+            Self::NotThisRenewal => {
+                "the renewal's platform proof does not answer this renewal (its challenge is not the new key's)".into()
+            }
+            Self::NoRule(id) => {
+                format!("no environment has a join rule for {}; add one with `airlock env join-rule add`", describe(id))
+            }
             Self::SeveralEnvironments(id, n) => format!(
                 "join rules of {n} environments accept {}; an identity must match exactly one environment",
-                id.arn
+                describe(id)
             ),
         }
     }
 
-    /// The identity AWS named, when it got that far.
-    pub fn identity(&self) -> Option<&AwsIdentity> {
+    /// The identity the platform named, when it got that far.
+    pub fn identity(&self) -> Option<&PlatformIdentity> {
         match self {
             Self::NoRule(id) | Self::SeveralEnvironments(id, _) => Some(id),
             _ => None,
         }
     }
+
+    /// Whether the platform could not be asked (STS or the issuer unreachable): worth a retry.
+    pub fn unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Aws(AwsRefusal::StsUnreachable)
+                | Self::Token(TokenRefusal::Jwt(crate::issuer::JwtRefusal::IssuerUnreachable))
+        )
+    }
 }
 
-/// Checks an AWS proof, spends its challenge, asks STS who signed it, and finds the one
-/// environment that accepts that identity.
-pub async fn verify_aws(
-    state: &AppState,
-    proof: &AwsStsProof,
-) -> Result<Result<PlatformMatch, PlatformRefusal>, StoreError> {
-    let server_id = state.ca.fingerprint().to_string();
-    let checked = match aws::check_proof(proof, &state.platform.sts_allow, &server_id) {
-        Ok(c) => c,
-        Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
-    };
-    if let Err(r) = state.platform.challenges.spend(&checked.challenge, state.now()) {
-        return Ok(Err(PlatformRefusal::Challenge(r)));
+fn describe(id: &PlatformIdentity) -> String {
+    match id {
+        PlatformIdentity::Aws(a) => format!("{} (account {})", a.arn, a.account),
+        PlatformIdentity::Gcp(g) => format!("service account {} of project {}", g.email, g.project),
+        PlatformIdentity::K8s(k) => {
+            format!("service account {}/{} of issuer {}", k.namespace, k.service_account, k.issuer)
+        }
     }
-    let identity = match state.platform.sts.call(&checked).await {
-        Ok(id) => id,
-        Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
+}
+
+/// How a proof shows it is fresh.
+#[derive(Clone, Copy)]
+enum Freshness<'a> {
+    /// A join: the proof's challenge is spent (the first answer takes it).
+    Join,
+    /// A renewal: the challenge must be the one derived from the CSR's new key.
+    Renewal { key: &'a [u8] },
+}
+
+impl Freshness<'_> {
+    fn check(self, state: &AppState, challenge: &str) -> Result<(), PlatformRefusal> {
+        match self {
+            Freshness::Join => {
+                state.platform.challenges.spend(challenge, state.now()).map_err(PlatformRefusal::Challenge)
+            }
+            Freshness::Renewal { key } => (challenge == airlock_proto::join::renewal_challenge(key))
+                .then_some(())
+                .ok_or(PlatformRefusal::NotThisRenewal),
+        }
+    }
+}
+
+/// What a proof proved: who the platform says signed it, the rules that could accept that
+/// identity, and a Kubernetes token's single-use id.
+struct Proved {
+    identity: PlatformIdentity,
+    candidates: Vec<JoinRule>,
+    token_id: Option<TokenId>,
+}
+
+/// Checks a proof of any method, its freshness, and asks the platform (STS or the issuer) who made it.
+async fn prove(
+    state: &AppState,
+    proof: &PlatformProof,
+    fresh: Freshness<'_>,
+) -> Result<Result<Proved, PlatformRefusal>, StoreError> {
+    let server_id = state.ca.fingerprint().to_string();
+    let now = state.now();
+    match proof {
+        PlatformProof::AwsSts(proof) => {
+            let checked = match aws::check_proof(proof, &state.platform.sts_allow, &server_id) {
+                Ok(c) => c,
+                Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
+            };
+            if let Err(r) = fresh.check(state, &checked.challenge) {
+                return Ok(Err(r));
+            }
+            let identity = match state.platform.sts.call(&checked).await {
+                Ok(id) => id,
+                Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
+            };
+            let candidates = state.store.aws_join_rules_for_account(&identity.account).await?;
+            Ok(Ok(Proved { identity: PlatformIdentity::Aws(identity), candidates, token_id: None }))
+        }
+        PlatformProof::Gcp(proof) => {
+            if proof.identity_token.len() > tokens::MAX_TOKEN_BYTES {
+                return Ok(Err(PlatformRefusal::Token(TokenRefusal::Malformed("longer than 16 KiB"))));
+            }
+            if let Err(r) = fresh.check(state, &proof.challenge) {
+                return Ok(Err(r));
+            }
+            // The audience binds the token to this control plane and this challenge, exactly.
+            let audience = gcp_audience(&server_id, &proof.challenge);
+            let expect = Expect { audience: &audience, max_age: None };
+            let claims =
+                match state.issuers.verify(&state.platform.gcp_issuer, &proof.identity_token, &expect, now).await {
+                    Ok(c) => c,
+                    Err(r) => return Ok(Err(PlatformRefusal::Token(TokenRefusal::Jwt(r)))),
+                };
+            let identity = match tokens::read_gcp(&claims) {
+                Ok(id) => id,
+                Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
+            };
+            let candidates = state.store.gcp_join_rules_for_project(&identity.project).await?;
+            Ok(Ok(Proved { identity: PlatformIdentity::Gcp(identity), candidates, token_id: None }))
+        }
+        PlatformProof::K8s(proof) => {
+            // The challenge proves nothing about a mounted token, but it is spent all the same:
+            // it paces anonymous attempts, as for the other methods.
+            if let Freshness::Join = fresh
+                && let Err(r) = fresh.check(state, &proof.challenge)
+            {
+                return Ok(Err(r));
+            }
+            let issuer = match tokens::unverified_issuer(&proof.service_account_token) {
+                Ok(iss) => iss,
+                Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
+            };
+            // Only an issuer a rule names is ever fetched from.
+            let candidates = state.store.k8s_join_rules_for_issuer(&issuer).await?;
+            if candidates.is_empty() {
+                return Ok(Err(PlatformRefusal::Token(TokenRefusal::IssuerNotNamed(issuer))));
+            }
+            let audience = server_audience(&server_id);
+            let expect = Expect { audience: &audience, max_age: Some(state.platform.k8s_max_token_age) };
+            let claims = match state.issuers.verify(&issuer, &proof.service_account_token, &expect, now).await {
+                Ok(c) => c,
+                Err(r) => return Ok(Err(PlatformRefusal::Token(TokenRefusal::Jwt(r)))),
+            };
+            let (identity, token_id) = match tokens::read_k8s(&issuer, &claims) {
+                Ok(read) => read,
+                Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
+            };
+            Ok(Ok(Proved { identity: PlatformIdentity::K8s(identity), candidates, token_id: Some(token_id) }))
+        }
+    }
+}
+
+/// Checks a join's platform proof, spends its challenge, asks the platform who made it, and
+/// finds the one environment that accepts that identity.
+pub async fn verify(
+    state: &AppState,
+    proof: &PlatformProof,
+) -> Result<Result<PlatformMatch, PlatformRefusal>, StoreError> {
+    let Proved { identity, candidates, token_id } = match prove(state, proof, Freshness::Join).await? {
+        Ok(p) => p,
+        Err(r) => return Ok(Err(r)),
     };
-    let candidates = state.store.aws_join_rules_for_account(&identity.account).await?;
-    Ok(match rules::match_aws(&candidates, &identity) {
-        RuleMatch::One { tenant, environment, rule } => Ok(PlatformMatch { tenant, environment, rule, identity }),
+    Ok(match rules::match_identity(&candidates, &identity) {
+        RuleMatch::One { tenant, environment, rule } => {
+            Ok(PlatformMatch { tenant, environment, rule, identity, token_id })
+        }
         RuleMatch::NoRule => Err(PlatformRefusal::NoRule(identity)),
         RuleMatch::SeveralEnvironments(envs) => Err(PlatformRefusal::SeveralEnvironments(identity, envs.len())),
     })
@@ -145,14 +327,23 @@ pub enum RuleAdminError {
     Store(#[from] StoreError),
 }
 
-fn rule_detail(rule: &rules::JoinRule) -> serde_json::Value {
-    let rules::RuleSpec::Aws(aws) = &rule.spec;
-    serde_json::json!({
-        "join_rule": rule.id.to_string(),
-        "method": rule.spec.method(),
-        "aws_account": aws.account(),
-        "aws_arn_pattern": aws.arn_pattern(),
-    })
+fn rule_detail(rule: &JoinRule) -> serde_json::Value {
+    let mut detail = serde_json::json!({ "join_rule": rule.id.to_string(), "method": rule.spec.method() });
+    match &rule.spec {
+        rules::RuleSpec::Aws(aws) => {
+            detail["aws_account"] = aws.account().into();
+            detail["aws_arn_pattern"] = aws.arn_pattern().into();
+        }
+        rules::RuleSpec::Gcp(gcp) => {
+            detail["gcp_project"] = gcp.project().into();
+            detail["gcp_service_account"] = gcp.service_account().into();
+        }
+        rules::RuleSpec::K8s(k8s) => {
+            detail["k8s_issuer"] = k8s.issuer().into();
+            detail["k8s_service_account"] = format!("{}/{}", k8s.namespace(), k8s.service_account()).into();
+        }
+    }
+    detail
 }
 
 /// Adds a rule to `environment`, audited with it.
@@ -161,12 +352,12 @@ pub async fn add_rule(
     scope: &crate::authz::TenantScope,
     environment: airlock_core::EnvironmentId,
     spec: rules::RuleSpec,
-) -> Result<rules::JoinRule, RuleAdminError> {
+) -> Result<JoinRule, RuleAdminError> {
     use airlock_core::audit::{AuditAction, Outcome};
     let env =
         state.store.get_environment(scope, environment).await?.ok_or(RuleAdminError::NoEnvironment(environment))?;
     let now = state.now();
-    let rule = rules::JoinRule {
+    let rule = JoinRule {
         id: airlock_core::id::JoinRuleId::from_random(crate::state::random()),
         tenant: scope.tenant(),
         environment: env.id,
@@ -192,7 +383,7 @@ pub async fn list_rules(
     state: &AppState,
     scope: &crate::authz::TenantScope,
     environment: airlock_core::EnvironmentId,
-) -> Result<Vec<rules::JoinRule>, RuleAdminError> {
+) -> Result<Vec<JoinRule>, RuleAdminError> {
     let env =
         state.store.get_environment(scope, environment).await?.ok_or(RuleAdminError::NoEnvironment(environment))?;
     Ok(state.store.list_join_rules(scope, env.id).await?)
@@ -224,60 +415,75 @@ pub async fn remove_rule(
 }
 
 /// The longest renewal proof read off a stream (a proof with a session token is a few KiB).
-pub const MAX_RENEWAL_PROOF_BYTES: usize = 16 * 1024;
+pub const MAX_RENEWAL_PROOF_BYTES: usize = 24 * 1024;
 
-/// At a renewal: an appliance that joined with its AWS identity must prove it again, with the
-/// challenge derived from the CSR's new key, and a rule of its own environment must still
-/// accept it (alone: an identity that now also matches another environment is refused too).
-/// Token-joined appliances pass with `None`. The refusal is a reason for the appliance and the audit.
+/// What a renewal's platform proof showed.
+#[derive(Debug)]
+pub struct Reproved {
+    pub identity: PlatformIdentity,
+    /// A Kubernetes token's id, spent with the renewal (this appliance may show it again).
+    pub token_id: Option<TokenId>,
+}
+
+/// At a renewal: an appliance that joined with its platform identity must prove it again, by
+/// the same method, with the challenge derived from the CSR's new key (a Kubernetes token,
+/// which cannot carry one, by a `jti` no other appliance used and a recent `iat`), and a rule
+/// of its own environment must still accept it (alone: an identity that now also matches
+/// another environment is refused too). Token-joined appliances pass with `None`. The refusal
+/// is a reason for the appliance and the audit.
 pub async fn recheck_at_renewal(
     state: &AppState,
     scope: &crate::authz::TenantScope,
     peer: &airlock_core::ApplianceIdentity,
     csr_pem: &str,
     proof_json: &str,
-) -> Result<Result<Option<AwsIdentity>, String>, StoreError> {
+) -> Result<Result<Option<Reproved>, String>, StoreError> {
     let Some(row) = state.store.get_appliance(scope, peer.appliance).await? else { return Ok(Ok(None)) };
-    if row.join_method != "aws_sts" {
-        return Ok(Ok(None));
-    }
+    let flag = match row.join_method.as_str() {
+        "aws_sts" => "aws",
+        airlock_proto::join::GCP_METHOD => "gcp",
+        airlock_proto::join::K8S_METHOD => "k8s",
+        _ => return Ok(Ok(None)),
+    };
     if proof_json.is_empty() {
-        return Ok(Err(
-            "this appliance joined with its AWS identity and must prove it again to renew; run it with --join-method aws".into(),
-        ));
+        return Ok(Err(format!(
+            "this appliance joined with its platform identity ({}) and must prove it again to renew; run it with --join-method {flag}",
+            row.join_method
+        )));
     }
     if proof_json.len() > MAX_RENEWAL_PROOF_BYTES {
-        return Ok(Err(format!("the renewal's AWS proof is larger than {MAX_RENEWAL_PROOF_BYTES} bytes")));
+        return Ok(Err(format!("the renewal's platform proof is larger than {MAX_RENEWAL_PROOF_BYTES} bytes")));
     }
-    let Ok(proof) = serde_json::from_str::<AwsStsProof>(proof_json) else {
-        return Ok(Err("the renewal's AWS proof is malformed".into()));
+    // A bare AWS proof is how AWS-joined appliances sent it first.
+    let parsed = serde_json::from_str::<PlatformProof>(proof_json)
+        .or_else(|_| serde_json::from_str::<airlock_proto::join::AwsStsProof>(proof_json).map(PlatformProof::AwsSts));
+    let Ok(proof) = parsed else {
+        return Ok(Err("the renewal's platform proof is malformed".into()));
     };
+    if proof.method() != row.join_method {
+        return Ok(Err(format!(
+            "this appliance joined with {} and must renew with the same method, not {}",
+            row.join_method,
+            proof.method()
+        )));
+    }
     let Ok(key) = crate::ca::csr_public_key(csr_pem) else { return Ok(Err("the renewal CSR is malformed".into())) };
-    let server_id = state.ca.fingerprint().to_string();
-    let checked = match aws::check_proof(&proof, &state.platform.sts_allow, &server_id) {
-        Ok(c) => c,
+    let Proved { identity, candidates, token_id } = match prove(state, &proof, Freshness::Renewal { key: &key }).await?
+    {
+        Ok(p) => p,
         Err(r) => return Ok(Err(r.reason())),
     };
-    if checked.challenge != airlock_proto::join::renewal_challenge(&key) {
-        return Ok(Err(
-            "the renewal's AWS proof does not answer this renewal (its challenge is not the new key's)".into()
-        ));
-    }
-    let identity = match state.platform.sts.call(&checked).await {
-        Ok(id) => id,
-        Err(r) => return Ok(Err(r.reason())),
-    };
-    let candidates = state.store.aws_join_rules_for_account(&identity.account).await?;
-    Ok(match rules::match_aws(&candidates, &identity) {
+    Ok(match rules::match_identity(&candidates, &identity) {
         RuleMatch::One { tenant, environment, .. } if tenant == peer.tenant && environment == peer.environment => {
-            Ok(Some(identity))
+            Ok(Some(Reproved { identity, token_id }))
         }
         RuleMatch::One { .. } => {
-            Err(format!("{} is now accepted by another environment's join rule only", identity.arn))
+            Err(format!("{} is now accepted by another environment's join rule only", describe(&identity)))
         }
         RuleMatch::NoRule => Err(format!(
             "no join rule of environment {} accepts {} any more; renewal refused",
-            peer.environment, identity.arn
+            peer.environment,
+            describe(&identity)
         )),
         RuleMatch::SeveralEnvironments(envs) => {
             Err(PlatformRefusal::SeveralEnvironments(identity, envs.len()).reason())

@@ -1,8 +1,9 @@
 //! Join rules: which platform identity joins which environment, and the one matching decision.
 //!
 //! A rule belongs to one environment. An identity is matched against every rule of its
-//! method across tenants (the store narrows AWS rules by account); it joins only if the
-//! rules it matches name exactly one environment. No match and several environments are both
+//! method across tenants (the store narrows AWS rules by account, GCP rules by project and
+//! Kubernetes rules by issuer); it joins only if the rules it matches name exactly one
+//! environment ([`match_identity`], the one decision for every method). No match and several environments are both
 //! refusals: an identity that two customers' environments both accept must not be placed in
 //! either by the order of a query.
 
@@ -14,19 +15,181 @@ pub const MAX_ARN_PATTERN_BYTES: usize = 512;
 /// Rules one environment may hold.
 pub const MAX_RULES_PER_ENVIRONMENT: usize = 50;
 
+/// Longest Kubernetes issuer URL accepted.
+pub const MAX_ISSUER_BYTES: usize = 512;
+
 /// What a rule accepts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuleSpec {
     Aws(AwsRule),
+    Gcp(GcpRule),
+    K8s(K8sRule),
 }
 
 impl RuleSpec {
-    /// The method the rule is for, as stored (`aws`).
+    /// The method the rule is for, as stored (`aws`, `gcp`, `k8s`).
     pub fn method(&self) -> &'static str {
         match self {
             RuleSpec::Aws(_) => "aws",
+            RuleSpec::Gcp(_) => "gcp",
+            RuleSpec::K8s(_) => "k8s",
         }
     }
+
+    /// Whether this rule accepts `identity` (a rule of another method never does).
+    pub fn matches(&self, identity: &PlatformIdentity) -> bool {
+        match (self, identity) {
+            (RuleSpec::Aws(rule), PlatformIdentity::Aws(id)) => rule.matches(id),
+            (RuleSpec::Gcp(rule), PlatformIdentity::Gcp(id)) => {
+                id.project == rule.project && id.email == rule.service_account
+            }
+            (RuleSpec::K8s(rule), PlatformIdentity::K8s(id)) => {
+                id.issuer == rule.issuer && id.namespace == rule.namespace && id.service_account == rule.service_account
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A GCP rule: the project the instance runs in and the service account it runs as, both
+/// exact (an email has no wildcard: a pattern over emails would let `evil-airlock@…` in).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GcpRule {
+    project: String,
+    service_account: String,
+}
+
+impl GcpRule {
+    pub fn new(project: &str, service_account: &str) -> Result<Self, RuleError> {
+        // Project ids are 6 to 30 of [a-z0-9-]; old domain-scoped ones are `example.com:name`.
+        let project_ok = (1..=100).contains(&project.len())
+            && project.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b));
+        if !project_ok {
+            return Err(RuleError::GcpProject(project.chars().take(40).collect()));
+        }
+        let email_ok = service_account.len() <= 254
+            && service_account
+                .split_once('@')
+                .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.contains('@'))
+            && service_account.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._@".contains(&b));
+        if !email_ok {
+            return Err(RuleError::GcpServiceAccount(service_account.chars().take(80).collect()));
+        }
+        Ok(Self { project: project.to_owned(), service_account: service_account.to_owned() })
+    }
+
+    pub fn project(&self) -> &str {
+        &self.project
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+}
+
+/// A Kubernetes rule: the cluster's service-account issuer, and a namespace and service account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct K8sRule {
+    issuer: String,
+    namespace: String,
+    service_account: String,
+}
+
+impl K8sRule {
+    /// `service_account` is `namespace/name`.
+    pub fn new(issuer: &str, service_account: &str) -> Result<Self, RuleError> {
+        let url_ok = issuer.len() <= MAX_ISSUER_BYTES
+            && reqwest::Url::parse(issuer).is_ok_and(|u| {
+                u.scheme() == "https"
+                    && u.host_str().is_some()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+            });
+        if !url_ok {
+            return Err(RuleError::K8sIssuer(issuer.chars().take(80).collect()));
+        }
+        let (namespace, name) =
+            service_account.split_once('/').ok_or_else(|| RuleError::K8sServiceAccount(short(service_account)))?;
+        // DNS-1123: a namespace is a label, a service account name a subdomain.
+        let label = |s: &str, max: usize, dots: bool| {
+            (1..=max).contains(&s.len())
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+                && !s.starts_with(['-', '.'])
+                && !s.ends_with(['-', '.'])
+        };
+        if !label(namespace, 63, false) || !label(name, 253, true) {
+            return Err(RuleError::K8sServiceAccount(short(service_account)));
+        }
+        Ok(Self { issuer: issuer.to_owned(), namespace: namespace.to_owned(), service_account: name.to_owned() })
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// Who a platform said the appliance is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlatformIdentity {
+    Aws(AwsIdentity),
+    Gcp(GcpIdentity),
+    K8s(K8sIdentity),
+}
+
+impl PlatformIdentity {
+    /// What rules match, as stored and listed: an ARN, `projects/P/serviceAccounts/EMAIL`, or
+    /// `ISSUER#system:serviceaccount:NS:NAME`.
+    pub fn matched(&self) -> String {
+        match self {
+            Self::Aws(id) => id.arn.clone(),
+            Self::Gcp(id) => format!("projects/{}/serviceAccounts/{}", id.project, id.email),
+            Self::K8s(id) => format!("{}#system:serviceaccount:{}:{}", id.issuer, id.namespace, id.service_account),
+        }
+    }
+
+    /// The audit record's view.
+    pub fn audit(&self) -> serde_json::Value {
+        match self {
+            Self::Aws(id) => serde_json::json!({ "account": id.account, "arn": id.caller_arn, "matched_arn": id.arn }),
+            Self::Gcp(id) => serde_json::json!({ "project": id.project, "email": id.email, "sub": id.sub }),
+            Self::K8s(id) => serde_json::json!({
+                "issuer": id.issuer, "namespace": id.namespace, "service_account": id.service_account, "pod": id.pod,
+            }),
+        }
+    }
+}
+
+/// Who a GCE identity token names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GcpIdentity {
+    pub project: String,
+    pub email: String,
+    /// The service account's unique id.
+    pub sub: String,
+}
+
+/// Who a projected service-account token names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct K8sIdentity {
+    pub issuer: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod the token was mounted in, when the token says.
+    pub pod: Option<String>,
 }
 
 /// An AWS rule: the account, and optionally an ARN pattern the caller's (role) ARN must match.
@@ -48,6 +211,18 @@ pub enum RuleError {
     Pattern(String),
     #[error("the ARN pattern names account {pattern}, but the rule is for account {account}")]
     OtherAccount { pattern: String, account: String },
+    #[error("`{0}` is not a GCP project id (lowercase letters, digits and hyphens)")]
+    GcpProject(String),
+    #[error(
+        "`{0}` is not a service account email (e.g. `airlock@my-project.iam.gserviceaccount.com`, lowercase, no wildcard)"
+    )]
+    GcpServiceAccount(String),
+    #[error("`{0}` is not a Kubernetes service-account issuer: an https:// URL with no query, at most 512 bytes")]
+    K8sIssuer(String),
+    #[error("`{0}` is not NAMESPACE/NAME of a Kubernetes service account")]
+    K8sServiceAccount(String),
+    #[error("a join rule is for one method: give --aws-account, --gcp-project or --k8s-issuer, with its fields")]
+    Method,
 }
 
 impl AwsRule {
@@ -135,9 +310,8 @@ pub enum RuleMatch {
 }
 
 /// Decides which environment `identity` joins, from the candidate `rules`.
-pub fn match_aws(rules: &[JoinRule], identity: &AwsIdentity) -> RuleMatch {
-    let matching: Vec<&JoinRule> =
-        rules.iter().filter(|r| matches!(&r.spec, RuleSpec::Aws(aws) if aws.matches(identity))).collect();
+pub fn match_identity(rules: &[JoinRule], identity: &PlatformIdentity) -> RuleMatch {
+    let matching: Vec<&JoinRule> = rules.iter().filter(|r| r.spec.matches(identity)).collect();
     let Some(first) = matching.first() else { return RuleMatch::NoRule };
     let mut envs: Vec<EnvironmentId> = matching.iter().map(|r| r.environment).collect();
     envs.sort();
@@ -212,6 +386,60 @@ mod tests {
         assert_eq!(user.arn, "arn:aws:iam::123456789012:user/alice");
         let odd = AwsIdentity::from_caller("123456789012", "arn:aws:sts::123456789012:federated-user/bob");
         assert_eq!(odd.arn, odd.caller_arn);
+    }
+
+    fn match_aws(rules: &[JoinRule], id: &AwsIdentity) -> RuleMatch {
+        match_identity(rules, &PlatformIdentity::Aws(id.clone()))
+    }
+
+    fn with_spec(env: EnvironmentId, spec: RuleSpec) -> JoinRule {
+        JoinRule { spec, ..rule(env, "123456789012", None) }
+    }
+
+    #[test]
+    fn gcp_and_k8s_identities_match_their_exact_rules_only() {
+        let (a, b) = (EnvironmentId::from_random(rand()), EnvironmentId::from_random(rand()));
+        let sa = "airlock@prod-1.iam.gserviceaccount.com";
+        let gcp = PlatformIdentity::Gcp(GcpIdentity { project: "prod-1".into(), email: sa.into(), sub: "1".into() });
+        let rules = vec![
+            with_spec(a, RuleSpec::Gcp(GcpRule::new("prod-1", sa).unwrap())),
+            with_spec(b, RuleSpec::Gcp(GcpRule::new("prod-2", sa).unwrap())),
+            rule(b, "123456789012", None),
+        ];
+        assert!(matches!(match_identity(&rules, &gcp), RuleMatch::One { environment, .. } if environment == a));
+        let other = PlatformIdentity::Gcp(GcpIdentity {
+            project: "prod-1".into(),
+            email: "other@prod-1.iam.gserviceaccount.com".into(),
+            sub: "2".into(),
+        });
+        assert_eq!(match_identity(&rules, &other), RuleMatch::NoRule);
+        let iss = "https://oidc.eks.eu-west-1.amazonaws.com/id/ABC";
+        let k8s = |ns: &str, name: &str, issuer: &str| {
+            PlatformIdentity::K8s(K8sIdentity {
+                issuer: issuer.into(),
+                namespace: ns.into(),
+                service_account: name.into(),
+                pod: None,
+            })
+        };
+        let rules = vec![with_spec(a, RuleSpec::K8s(K8sRule::new(iss, "airlock/appliance").unwrap()))];
+        assert!(matches!(match_identity(&rules, &k8s("airlock", "appliance", iss)), RuleMatch::One { .. }));
+        assert_eq!(match_identity(&rules, &k8s("default", "appliance", iss)), RuleMatch::NoRule);
+        assert_eq!(match_identity(&rules, &k8s("airlock", "other", iss)), RuleMatch::NoRule);
+        assert_eq!(match_identity(&rules, &k8s("airlock", "appliance", "https://other.example")), RuleMatch::NoRule);
+    }
+
+    #[test]
+    fn gcp_and_k8s_rules_are_checked_when_made() {
+        assert!(GcpRule::new("prod-1", "airlock-*@prod-1.iam.gserviceaccount.com").is_err(), "no wildcard");
+        assert!(GcpRule::new("Prod", "a@b.c").is_err());
+        assert!(GcpRule::new("prod-1", "not-an-email").is_err());
+        assert!(K8sRule::new("http://cluster.example", "ns/sa").is_err(), "https only");
+        assert!(K8sRule::new("https://cluster.example", "ns").is_err());
+        assert!(K8sRule::new("https://cluster.example", "Ns/sa").is_err());
+        assert!(K8sRule::new("https://cluster.example", "ns/-sa").is_err());
+        assert!(K8sRule::new("https://cluster.example?x=1", "ns/sa").is_err());
+        assert!(K8sRule::new("https://cluster.example", "ns/sa.v1").is_ok());
     }
 
     #[test]

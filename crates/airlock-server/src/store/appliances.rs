@@ -28,9 +28,9 @@ pub struct ApplianceRow {
 /// How an appliance joined, as recorded with it.
 #[derive(Clone, Copy, Debug)]
 pub struct JoinVia<'a> {
-    /// `join_token` or `aws_sts`.
+    /// `join_token`, `aws_sts`, `gcp_identity` or `k8s_token`.
     pub method: &'static str,
-    /// The platform identity matched (an ARN); none for a token join.
+    /// The platform identity matched (`crate::platform_join::rules::PlatformIdentity::matched`); none for a token join.
     pub identity: Option<&'a str>,
     pub rule: Option<airlock_core::id::JoinRuleId>,
 }

@@ -6,13 +6,18 @@ use sqlx::Row;
 
 use super::{Store, StoreError, WriteTx, parse_col, ts_col};
 use crate::authz::TenantScope;
-use crate::platform_join::rules::{AwsRule, JoinRule, RuleSpec};
+use crate::platform_join::rules::{AwsRule, GcpRule, JoinRule, K8sRule, RuleSpec};
+use crate::platform_join::tokens::TokenId;
 
-/// Candidate rules read for one AWS account at a join; more than this is refused as ambiguous
-/// rather than read without bound.
+/// Candidate rules read for one AWS account, GCP project or Kubernetes issuer at a join; more
+/// than this is refused as ambiguous rather than read without bound.
 const MAX_CANDIDATE_RULES: i64 = 1000;
 
-const COLUMNS: &str = "id, tenant_id, environment_id, method, aws_account, aws_arn_pattern, created_at";
+const COLUMNS: &str = "id, tenant_id, environment_id, method, aws_account, aws_arn_pattern, gcp_project, \
+    gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, created_at";
+
+/// Token ids swept per spend: the table shrinks as fast as it grows, without one long delete.
+const TOKEN_ID_SWEEP: i64 = 100;
 
 fn rule_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JoinRule, StoreError> {
     let method: String = r.try_get("method")?;
@@ -24,6 +29,26 @@ fn rule_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JoinRule, StoreError> {
                 account.ok_or_else(|| StoreError::Corrupt("join rule: an AWS rule without an account".into()))?;
             RuleSpec::Aws(
                 AwsRule::new(&account, pattern.as_deref())
+                    .map_err(|e| StoreError::Corrupt(format!("join rule: {e}")))?,
+            )
+        }
+        "gcp" => {
+            let project: Option<String> = r.try_get("gcp_project")?;
+            let account: Option<String> = r.try_get("gcp_service_account")?;
+            let (Some(project), Some(account)) = (project, account) else {
+                return Err(StoreError::Corrupt("join rule: a GCP rule without its project or account".into()));
+            };
+            RuleSpec::Gcp(GcpRule::new(&project, &account).map_err(|e| StoreError::Corrupt(format!("join rule: {e}")))?)
+        }
+        "k8s" => {
+            let issuer: Option<String> = r.try_get("k8s_issuer")?;
+            let namespace: Option<String> = r.try_get("k8s_namespace")?;
+            let account: Option<String> = r.try_get("k8s_service_account")?;
+            let (Some(issuer), Some(namespace), Some(account)) = (issuer, namespace, account) else {
+                return Err(StoreError::Corrupt("join rule: a Kubernetes rule without its issuer or account".into()));
+            };
+            RuleSpec::K8s(
+                K8sRule::new(&issuer, &format!("{namespace}/{account}"))
                     .map_err(|e| StoreError::Corrupt(format!("join rule: {e}")))?,
             )
         }
@@ -62,6 +87,30 @@ impl Store {
         rows.iter().map(rule_from_row).collect()
     }
 
+    /// Every tenant's GCP rules for `project`.
+    pub async fn gcp_join_rules_for_project(&self, project: &str) -> Result<Vec<JoinRule>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM join_rules WHERE method = 'gcp' AND gcp_project = $1 ORDER BY created_at, id LIMIT $2"
+        ))
+        .bind(project)
+        .bind(MAX_CANDIDATE_RULES)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rule_from_row).collect()
+    }
+
+    /// Every tenant's Kubernetes rules naming `issuer`: none means the issuer is not asked at all.
+    pub async fn k8s_join_rules_for_issuer(&self, issuer: &str) -> Result<Vec<JoinRule>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM join_rules WHERE method = 'k8s' AND k8s_issuer = $1 ORDER BY created_at, id LIMIT $2"
+        ))
+        .bind(issuer)
+        .bind(MAX_CANDIDATE_RULES)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rule_from_row).collect()
+    }
+
     /// Rule `id` of the scope's tenant, if it still exists.
     pub async fn join_rule(&self, scope: &TenantScope, id: JoinRuleId) -> Result<Option<JoinRule>, StoreError> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM join_rules WHERE tenant_id = $1 AND id = $2"))
@@ -90,17 +139,32 @@ impl WriteTx<'_> {
         rule: &JoinRule,
         created_by: &str,
     ) -> Result<(), StoreError> {
-        let RuleSpec::Aws(aws) = &rule.spec;
+        let (mut aws_account, mut aws_pattern, mut gcp_project, mut gcp_account) = (None, None, None, None);
+        let (mut k8s_issuer, mut k8s_namespace, mut k8s_account) = (None, None, None);
+        match &rule.spec {
+            RuleSpec::Aws(aws) => (aws_account, aws_pattern) = (Some(aws.account()), aws.arn_pattern()),
+            RuleSpec::Gcp(gcp) => (gcp_project, gcp_account) = (Some(gcp.project()), Some(gcp.service_account())),
+            RuleSpec::K8s(k8s) => {
+                (k8s_issuer, k8s_namespace, k8s_account) =
+                    (Some(k8s.issuer()), Some(k8s.namespace()), Some(k8s.service_account()));
+            }
+        }
         sqlx::query(
-            "INSERT INTO join_rules (id, tenant_id, environment_id, method, aws_account, aws_arn_pattern, created_at, created_by)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO join_rules (id, tenant_id, environment_id, method, aws_account, aws_arn_pattern, gcp_project,
+                 gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, created_at, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(rule.id.to_string())
         .bind(scope.tenant().to_string())
         .bind(rule.environment.to_string())
         .bind(rule.spec.method())
-        .bind(aws.account())
-        .bind(aws.arn_pattern())
+        .bind(aws_account)
+        .bind(aws_pattern)
+        .bind(gcp_project)
+        .bind(gcp_account)
+        .bind(k8s_issuer)
+        .bind(k8s_namespace)
+        .bind(k8s_account)
         .bind(rule.created_at.unix_millis())
         .bind(created_by)
         .execute(&mut *self.tx)
@@ -141,5 +205,42 @@ impl WriteTx<'_> {
         .fetch_optional(&mut *self.tx)
         .await?;
         row.map(|r| parse_col(&r, "id")).transpose()
+    }
+
+    /// Spends a Kubernetes token's id for `appliance`: false when another appliance used it.
+    /// The same appliance may show it again (a retried join, a renewal before the kubelet
+    /// refreshed the token). Expired ids are swept as ids are spent, a few at a time.
+    pub async fn spend_platform_token(
+        &mut self,
+        token: &TokenId,
+        appliance: airlock_core::ApplianceId,
+        now: airlock_core::Timestamp,
+    ) -> Result<bool, StoreError> {
+        sqlx::query(
+            "DELETE FROM platform_token_ids WHERE digest IN
+                 (SELECT digest FROM platform_token_ids WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)",
+        )
+        .bind(now.unix_millis())
+        .bind(TOKEN_ID_SWEEP)
+        .execute(&mut *self.tx)
+        .await?;
+        let used: Option<String> = sqlx::query("SELECT appliance_id FROM platform_token_ids WHERE digest = $1")
+            .bind(&token.digest)
+            .fetch_optional(&mut *self.tx)
+            .await?
+            .map(|r| r.try_get("appliance_id"))
+            .transpose()?;
+        match used {
+            Some(by) => Ok(by == appliance.to_string()),
+            None => {
+                sqlx::query("INSERT INTO platform_token_ids (digest, appliance_id, expires_at) VALUES ($1, $2, $3)")
+                    .bind(&token.digest)
+                    .bind(appliance.to_string())
+                    .bind(token.expires_at.unix_millis())
+                    .execute(&mut *self.tx)
+                    .await?;
+                Ok(true)
+            }
+        }
     }
 }

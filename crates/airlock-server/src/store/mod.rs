@@ -84,6 +84,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (17, "identity", include_str!("../../migrations/0017_identity.sql")),
     (18, "join_rules", include_str!("../../migrations/0018_join_rules.sql")),
     (19, "user_sessions", include_str!("../../migrations/0019_user_sessions.sql")),
+    (20, "gcp_k8s_join", include_str!("../../migrations/0020_gcp_k8s_join.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
