@@ -679,3 +679,23 @@ mod sign_in {
         }
     }
 }
+
+#[tokio::test]
+async fn a_signed_in_admin_makes_tokens_no_wider_than_their_roles_and_is_named_as_their_maker() {
+    let api = api().await;
+    let t = tenant(&api).await;
+    let admin = new_session(&api, t, "ada", &[(Role::Admin, None)], api.state.now()).await;
+    let body = json!({ "name": "ci", "role": "deployer", "expires_in": "1d" });
+    let (s, _, v) = call_as(&api, Via::Cookie(&admin), Method::POST, "/v1/tokens", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["details"]["created_by"], "user:ada");
+    let owner = json!({ "name": "root", "role": "owner", "expires_in": "1d" });
+    let (s, _, v) = call_as(&api, Via::Cookie(&admin), Method::POST, "/v1/tokens", Some(owner)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "an admin makes no owner: {v}");
+    // A user confined to one workspace makes tokens only there.
+    let ws: WorkspaceId = api.workspace.parse().unwrap();
+    let ws_admin = new_session(&api, t, "wanda", &[(Role::Admin, Some(ws))], api.state.now()).await;
+    let tenant_wide = json!({ "name": "wide", "role": "viewer", "expires_in": "1d" });
+    let (s, _, v) = call_as(&api, Via::Cookie(&ws_admin), Method::POST, "/v1/tokens", Some(tenant_wide)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "token management is tenant-wide: {v}");
+}
