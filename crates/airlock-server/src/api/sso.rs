@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiError, ApiJson, ApiPath, Authed, ClientAddr, ReadAudit, audited, parse_id, refused};
+use crate::authn::FailureKey;
 use crate::authz::{Action, Principal, Role};
 use crate::sso::idp::{IdpError, IdpSettings, IdpView};
 use crate::sso::login::{self, Begin, Callback, Finished, LoginRefusal};
@@ -322,6 +323,12 @@ pub(super) async fn login(
 ) -> Response {
     let from = from.map(|a| a.0.0);
     let started = async {
+        // An address whose sign-ins (or token authentications) keep failing starts no more until its window ends.
+        if let Some(retry_after) =
+            from.and_then(|ip| state.authn.failures.blocked(FailureKey::Address(ip), state.now()))
+        {
+            return Err(ApiError::from(LoginRefusal::RateLimited(retry_after)));
+        }
         let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let tenant: TenantId = parse_id(&q.tenant)?;
         let cli = match (q.cli_redirect, q.cli_challenge) {
@@ -360,6 +367,7 @@ pub(super) async fn login(
         (status = 502, body = super::ErrorBody, description = "the identity provider cannot be used")))]
 pub(super) async fn callback(
     State(state): State<Arc<AppState>>,
+    from: Option<axum::Extension<ClientAddr>>,
     headers: HeaderMap,
     query: Result<Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -391,6 +399,10 @@ pub(super) async fn callback(
             resp
         }
         Err(refused) => {
+            // A failed sign-in counts against its address as a failed token authentication does (`authn::FailureLimiter`).
+            if let Some(axum::Extension(ClientAddr(ip))) = from {
+                state.authn.failures.fail(FailureKey::Address(ip), state.now());
+            }
             login::audit_refusal(&state, &refused).await;
             ApiError::from(refused.refusal).into_response()
         }

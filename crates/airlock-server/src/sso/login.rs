@@ -231,13 +231,15 @@ struct TokenAnswer {
 /// `amr` values that show a second factor or a phishing-resistant method (RFC 8176).
 const MFA_AMR: &[&str] =
     &["mfa", "otp", "hwk", "swk", "sms", "tel", "fpt", "face", "iris", "retina", "vbm", "sc", "pop"];
-/// `acr` values that show multi-factor authentication.
-const MFA_ACR: &[&str] = &["http://schemas.openid.net/pape/policies/2007/06/multi-factor", "urn:airlock:test:mfa"];
+/// `acr` values that show multi-factor authentication (OpenID PAPE's multi-factor policies).
+const MFA_ACR: &[&str] = &[
+    "http://schemas.openid.net/pape/policies/2007/06/multi-factor",
+    "http://schemas.openid.net/pape/policies/2007/06/multi-factor-physical",
+];
 
 /// Whether the token's `amr` or `acr` shows a second factor.
 pub fn shows_mfa(amr: &[String], acr: Option<&str>) -> bool {
-    amr.iter().any(|m| MFA_AMR.contains(&m.as_str()))
-        || acr.is_some_and(|a| MFA_ACR.contains(&a) || a.ends_with(":mfa"))
+    amr.iter().any(|m| MFA_AMR.contains(&m.as_str())) || acr.is_some_and(|a| MFA_ACR.contains(&a))
 }
 
 fn printable(s: &str, max: usize) -> bool {

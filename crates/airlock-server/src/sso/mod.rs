@@ -7,6 +7,7 @@
 //! - [`sessions`]: timeouts (idle and absolute, on the injected clock), logout, and an admin ending a user's sessions; `crate::authn` authenticates the session cookie (or the CLI's bearer session credential) into a [`crate::authz::Principal::User`] with the same grants a token has.
 //!
 //! Every sign-in (success or refusal, with a reason code), logout and session end is audited on the tenant's chain as `user:<subject>`; no code, token or secret reaches the audit or a log.
+//! A refused sign-in counts against its source address in `crate::authn::FailureLimiter`, as a failed token does; an address past the limit starts no login until its window ends.
 
 pub mod idp;
 pub mod login;

@@ -632,6 +632,29 @@ mod sign_in {
     }
 
     #[tokio::test]
+    async fn failed_sign_ins_count_against_their_address_and_stop_it_starting_more() {
+        let (api, _provider) = api_with_provider(false, None).await;
+        let t = tenant(&api).await;
+        let from = |req: &mut Request<Body>| {
+            req.extensions_mut().insert(super::super::super::ClientAddr("192.0.2.77".parse().unwrap()));
+        };
+        for n in 0..crate::authn::FailureLimiter::PER_ADDRESS {
+            let mut req =
+                Request::get(format!("/v1/auth/callback?state=guess-{n}&code=c")).body(Body::empty()).unwrap();
+            from(&mut req);
+            let resp = super::super::super::router(api.state.clone()).oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        }
+        let mut req = Request::get(format!("/v1/auth/login?tenant={t}")).body(Body::empty()).unwrap();
+        from(&mut req);
+        let resp = super::super::super::router(api.state.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        // Another address still signs in.
+        let started = begin(&api, "").await;
+        assert!(!started.state.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_step_up_login_asks_the_provider_for_a_fresh_sign_in_and_refuses_an_old_one() {
         let (api, provider) = api_with_provider(false, Some(300)).await;
         let now = now_secs(&api);
@@ -678,4 +701,24 @@ mod sign_in {
             assert!(!contains(&bytes, SECRET.as_bytes()), "the secret is in the database in clear");
         }
     }
+}
+
+#[tokio::test]
+async fn a_signed_in_admin_makes_tokens_no_wider_than_their_roles_and_is_named_as_their_maker() {
+    let api = api().await;
+    let t = tenant(&api).await;
+    let admin = new_session(&api, t, "ada", &[(Role::Admin, None)], api.state.now()).await;
+    let body = json!({ "name": "ci", "role": "deployer", "expires_in": "1d" });
+    let (s, _, v) = call_as(&api, Via::Cookie(&admin), Method::POST, "/v1/tokens", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["details"]["created_by"], "user:ada");
+    let owner = json!({ "name": "root", "role": "owner", "expires_in": "1d" });
+    let (s, _, v) = call_as(&api, Via::Cookie(&admin), Method::POST, "/v1/tokens", Some(owner)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "an admin makes no owner: {v}");
+    // A user confined to one workspace makes tokens only there.
+    let ws: WorkspaceId = api.workspace.parse().unwrap();
+    let ws_admin = new_session(&api, t, "wanda", &[(Role::Admin, Some(ws))], api.state.now()).await;
+    let tenant_wide = json!({ "name": "wide", "role": "viewer", "expires_in": "1d" });
+    let (s, _, v) = call_as(&api, Via::Cookie(&ws_admin), Method::POST, "/v1/tokens", Some(tenant_wide)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "token management is tenant-wide: {v}");
 }
