@@ -232,7 +232,9 @@ pub async fn run(state: Arc<AppState>, every: Duration, mut stop: tokio::sync::w
 
 /// One round over every unfinished rollout.
 async fn round(state: &AppState) -> Result<(), StoreError> {
-    for (id, token) in state.store.unfinished_rollouts().await? {
+    let unfinished = state.store.unfinished_rollouts().await?;
+    DRIVEN.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| unfinished.iter().any(|(u, _)| u == id));
+    for (id, token) in unfinished {
         // The creator's authority, as it is now: a revoked or expired token halts its rollouts.
         let live = state
             .store
@@ -246,6 +248,14 @@ async fn round(state: &AppState) -> Result<(), StoreError> {
                 continue;
             }
         };
+        // Nothing to refresh and nothing the plan could start anew: no operation has changed
+        // state since this rollout's last complete drive. (A rollout whose deploys all wait for
+        // their customers' approval then costs nothing a second, however many targets it has.)
+        let unchanged = DRIVEN.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied()
+            == Some(state.store.operation_states_version());
+        if unchanged {
+            continue;
+        }
         if let Err(e) = drive(state, &scope, id).await {
             tracing::error!(rollout = %id, error = %e, "cannot drive a rollout");
         }
@@ -257,9 +267,18 @@ async fn round(state: &AppState) -> Result<(), StoreError> {
 /// not both start the same pending targets under different operation ids.
 static DRIVING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Each rollout's last complete drive: the store's operation-state version read before it.
+/// A plan is a pure function of the targets' operations' states, so while that version stays
+/// the same another drive would start nothing and change nothing. Memory only: after a restart
+/// every unfinished rollout is driven (and its targets chosen but never requested are asked).
+static DRIVEN: std::sync::Mutex<std::collections::BTreeMap<RolloutId, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 /// Refreshes a rollout's targets from their operations, plans, starts what the plan says.
 pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Result<(), StoreError> {
     let _driving = DRIVING.lock().await;
+    // Read before the store is: a change that lands after it makes the next round drive again.
+    let version = state.store.operation_states_version();
     let Some(rollout) = state.store.rollout(scope, id).await? else { return Ok(()) };
     let mut targets = state.store.rollout_targets(scope, id).await?;
     let now = state.now();
@@ -289,14 +308,22 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
     let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
     let next = plan(&states, rollout.concurrency, rollout.max_failures);
     start.extend(&next.start);
-    start_targets(state, scope, &rollout, &mut targets, &start, now).await;
+    let settled = start_targets(state, scope, &rollout, &mut targets, &start, now).await;
     // Started targets were stored as deploying (or left as they were) before their requests;
     // only those whose request was refused changed since.
     changed.extend(start.into_iter().filter(|&i| targets[i].state == TargetState::Failed));
     // A target that could not even be requested failed at once: the next round plans with it.
     changed.sort_unstable();
     changed.dedup();
+    // Only a drive whose every start was requested or refused for good may be skipped after:
+    // one that met a store error must run again.
+    let done = || {
+        if settled {
+            DRIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(id, version);
+        }
+    };
     if changed.is_empty() && next.state == rollout.state {
+        done();
         return Ok(());
     }
     let mut tx = state.store.write().await?;
@@ -323,12 +350,14 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
         }
     }
     tx.commit().await?;
+    done();
     Ok(())
 }
 
 /// Requests the deploys of the targets at `which` under ids stored first (see the module doc),
 /// all in one batch (`operations::request_many`); a request the control plane refuses (the
 /// appliance was revoked, the release's key was revoked) fails its target.
+/// False if a store error left some of them to be asked again at the next round.
 async fn start_targets(
     state: &AppState,
     scope: &TenantScope,
@@ -336,9 +365,9 @@ async fn start_targets(
     targets: &mut [RolloutTargetRow],
     which: &[usize],
     now: Timestamp,
-) {
+) -> bool {
     if which.is_empty() {
-        return;
+        return true;
     }
     let mut requests = Vec::with_capacity(which.len());
     for &i in which {
@@ -360,7 +389,7 @@ async fn start_targets(
             targets[i].state = TargetState::Pending;
             targets[i].operation_id = None;
         }
-        return;
+        return false;
     }
     let what = Requested::Deploy(ReleaseSelector::Digest(rollout.release_digest.clone()));
     let reason = format!("rollout {}: {}", rollout.id, rollout.reason);
@@ -375,13 +404,18 @@ async fn start_targets(
                     fail(&mut targets[i], &e);
                 }
             }
+            true
         }
         // The store, not the requests: nothing was stored, and the next round asks again
         // under the same ids.
         Err(e @ RequestError::Store(StoreError::Db(_))) => {
             tracing::error!(rollout = %rollout.id, error = %e, "cannot request the rollout's deploys");
+            false
         }
-        Err(e) => which.iter().for_each(|&i| fail(&mut targets[i], &e)),
+        Err(e) => {
+            which.iter().for_each(|&i| fail(&mut targets[i], &e));
+            true
+        }
     }
 }
 

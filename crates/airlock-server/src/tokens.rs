@@ -201,9 +201,11 @@ pub async fn rotate(state: &AppState, scope: &TenantScope, id: TokenId, grace: D
 }
 
 /// Revokes a token: the very next request with either of its secrets is refused.
+/// The tokens it made, and theirs, are revoked with it, each audited: whoever stole a token cannot outlast its
+/// revocation with tokens it minted (they hold no more than it did, so the revoker may end them too).
 /// The revoker must hold at least what the token holds (a token may always revoke itself), so an admin ends no owner's
 /// token; unlike rotation, the token may outlive the revoker.
-pub async fn revoke(state: &AppState, scope: &TenantScope, id: TokenId) -> Result<Timestamp, TokenError> {
+pub async fn revoke(state: &AppState, scope: &TenantScope, id: TokenId) -> Result<Revoked, TokenError> {
     let Some(token) = state.store.get_api_token(scope, id).await?.filter(|t| t.revoked_at.is_none()) else {
         return Err(TokenError::NoToken(id));
     };
@@ -216,9 +218,27 @@ pub async fn revoke(state: &AppState, scope: &TenantScope, id: TokenId) -> Resul
     if !tx.revoke_api_token(scope, id, now).await? {
         return Err(TokenError::NoToken(id));
     }
+    let made = tx.revoke_api_tokens_made_by(scope, id, now).await?;
     let mut ev = event(scope.principal().actor(), AuditAction::TokenRevoke, Outcome::Success);
     ev.target = Some(id.to_string());
+    if !made.is_empty() {
+        ev.detail = serde_json::json!({ "also_revoked": made.len() });
+    }
     tx.audit(&scope.chain(), now, ev).await?;
+    for child in &made {
+        let mut ev = event(scope.principal().actor(), AuditAction::TokenRevoke, Outcome::Success);
+        ev.target = Some(child.to_string());
+        ev.detail = serde_json::json!({ "made_by_revoked": id.to_string() });
+        tx.audit(&scope.chain(), now, ev).await?;
+    }
     tx.commit().await?;
-    Ok(now)
+    Ok(Revoked { at: now, also_revoked: made })
+}
+
+/// A revocation's effect.
+#[derive(Debug)]
+pub struct Revoked {
+    pub at: Timestamp,
+    /// The tokens it made, and theirs, revoked with it.
+    pub also_revoked: Vec<TokenId>,
 }

@@ -109,6 +109,11 @@ pub(crate) async fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
                 terminal::print_json(&out)?;
             } else {
                 println!("revoked {} at {}", id, out["revoked_at"].as_str().unwrap_or("?"));
+                let made: Vec<_> =
+                    out["also_revoked"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                if !made.is_empty() {
+                    println!("also revoked, made by it: {}", line(&made.join(", ")));
+                }
             }
         }
     }

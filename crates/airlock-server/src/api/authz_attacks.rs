@@ -103,3 +103,50 @@ async fn an_admin_token_cannot_revoke_an_owner_token() {
     let (s, v) = api.call(Method::DELETE, &format!("/v1/tokens/{narrow_id}"), Some(&narrow_admin), None).await;
     assert_eq!(s, StatusCode::OK, "a token revokes itself: {v}");
 }
+
+/// A stolen token mints tokens of its own before it is found; revoking it must end those too (and theirs), or the
+/// revocation is a formality. Tokens made by others are untouched.
+#[tokio::test]
+async fn revoking_a_token_revokes_the_tokens_it_made() {
+    let api = api().await;
+    let (stolen, stolen_id) = api.token(json!({ "name": "stolen", "role": "admin", "expires_in": "30d" })).await;
+    let (bystander, _) = api.token(json!({ "name": "bystander", "role": "admin", "expires_in": "30d" })).await;
+    let mint = |by: String, name: &'static str| {
+        let api = &api;
+        async move {
+            let body = json!({ "name": name, "role": "viewer", "expires_in": "7d" }).to_string();
+            let (s, v) = api.call(Method::POST, "/v1/tokens", Some(&by), Some(&body)).await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            (v["token"].as_str().unwrap().to_owned(), v["details"]["id"].as_str().unwrap().to_owned())
+        }
+    };
+    let (child, child_id) = mint(stolen.clone(), "child").await;
+    let admin_child = json!({ "name": "admin child", "role": "admin", "expires_in": "7d" }).to_string();
+    let (s, v) = api.call(Method::POST, "/v1/tokens", Some(&stolen), Some(&admin_child)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (admin_child, admin_child_id) =
+        (v["token"].as_str().unwrap().to_owned(), v["details"]["id"].as_str().unwrap().to_owned());
+    let (grandchild, grandchild_id) = mint(admin_child.clone(), "grandchild").await;
+    let (unrelated, _) = mint(bystander.clone(), "unrelated").await;
+
+    let (s, v) = api.call(Method::DELETE, &format!("/v1/tokens/{stolen_id}"), Some(&api.token), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut also: Vec<&str> = v["also_revoked"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    also.sort_unstable();
+    let mut want = vec![child_id.as_str(), admin_child_id.as_str(), grandchild_id.as_str()];
+    want.sort_unstable();
+    assert_eq!(also, want, "{v}");
+    for (name, secret) in
+        [("stolen", &stolen), ("child", &child), ("admin child", &admin_child), ("grandchild", &grandchild)]
+    {
+        let (s, v) = api.call(Method::GET, "/v1/workspaces", Some(secret), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{name} still works after its maker was revoked: {v}");
+    }
+    for (name, secret) in [("bystander", &bystander), ("unrelated", &unrelated)] {
+        let (s, v) = api.call(Method::GET, "/v1/workspaces", Some(secret), None).await;
+        assert_eq!(s, StatusCode::OK, "{name} was made by another token and must still work: {v}");
+    }
+    // Revoked again: nothing left to revoke, and the answer says so.
+    let (s, _) = api.call(Method::DELETE, &format!("/v1/tokens/{stolen_id}"), Some(&api.token), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

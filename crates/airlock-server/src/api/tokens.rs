@@ -93,6 +93,8 @@ pub struct RotateToken {
 pub struct RevokedTokenView {
     pub id: String,
     pub revoked_at: String,
+    /// The tokens it made, and theirs, revoked with it.
+    pub also_revoked: Vec<String>,
 }
 
 /// List the tenant's API tokens (never their secrets).
@@ -169,7 +171,7 @@ pub(super) async fn rotate_token(
     refused(&state, &scope, ev, result).await
 }
 
-/// Revoke a token: the very next request with it is refused.
+/// Revoke a token, and the tokens it made: the very next request with any of them is refused.
 #[utoipa::path(delete, path = "/v1/tokens/{token}", security(("bearer" = [])),
     params(("token" = String, Path, description = "token id (tok_…)")),
     responses((status = 200, body = RevokedTokenView)))]
@@ -180,8 +182,12 @@ pub(super) async fn revoke_token(
 ) -> Result<Json<RevokedTokenView>, ApiError> {
     let result = async {
         let id: TokenId = parse_id(&token)?;
-        let at = tokens::revoke(&state, &scope, id).await?;
-        Ok(Json(RevokedTokenView { id: id.to_string(), revoked_at: at.to_string() }))
+        let revoked = tokens::revoke(&state, &scope, id).await?;
+        Ok(Json(RevokedTokenView {
+            id: id.to_string(),
+            revoked_at: revoked.at.to_string(),
+            also_revoked: revoked.also_revoked.iter().map(ToString::to_string).collect(),
+        }))
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::RevokeToken.audit_action(), Outcome::Success);

@@ -103,6 +103,9 @@ pub struct Store {
     policy_reads: std::sync::atomic::AtomicU64,
     /// Bumped by every committed write; the caches below hold reads of one generation.
     generation: read_cache::Generation,
+    /// Bumped after every commit that changed an operation's state: the rollout driver skips
+    /// rollouts none of whose operations can have moved since it last looked.
+    operation_states: read_cache::Generation,
     /// Live API tokens by hash: authentication is on every request.
     api_tokens: read_cache::ReadCache<airlock_core::token::TokenHash, StoredCredential>,
     /// Appliance lists by tenant and environment filter: the fleet view operators poll.
@@ -119,6 +122,12 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// Counts commits that changed an operation's state, bumped once each has landed: read it
+    /// before reading operations, and an equal count later means none of them moved since.
+    pub fn operation_states_version(&self) -> u64 {
+        self.operation_states.current()
+    }
+
     /// Opens the database read-only and without migrating, for verifying it as evidence.
     pub async fn open_read_only(data_dir: &Path, head_mac: ring::hmac::Key) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::new().filename(data_dir.join(DB_FILE_NAME)).read_only(true);
@@ -130,6 +139,7 @@ impl Store {
             pending_reads: Default::default(),
             policy_reads: Default::default(),
             generation: Default::default(),
+            operation_states: Default::default(),
             api_tokens: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
             appliance_lists: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
         })
@@ -153,6 +163,7 @@ impl Store {
             pending_reads: Default::default(),
             policy_reads: Default::default(),
             generation: Default::default(),
+            operation_states: Default::default(),
             api_tokens: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
             appliance_lists: read_cache::ReadCache::new(READ_CACHE_ENTRIES),
         };
@@ -202,7 +213,7 @@ impl Store {
         // a deferred transaction on another connection that read first and then tried to
         // write in that moment would fail at once with SQLITE_BUSY instead of waiting.
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Ok(WriteTx { _guard: guard, tx, store: self })
+        Ok(WriteTx { _guard: guard, tx, store: self, operation_states_changed: false })
     }
 
     pub async fn close(&self) {
@@ -230,15 +241,21 @@ pub struct WriteTx<'a> {
     _guard: tokio::sync::MutexGuard<'a, ()>,
     tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     store: &'a Store,
+    /// Whether this transaction changed an operation's state (see [`Store::operation_states_version`]).
+    operation_states_changed: bool,
 }
 
 impl WriteTx<'_> {
     /// Commits, then ends every cached read (`read_cache`) before the caller can answer anyone.
     pub async fn commit(self) -> Result<(), StoreError> {
         let store = self.store;
+        let operation_states_changed = self.operation_states_changed;
         let committed = self.tx.commit().await;
         // Bumped whatever the outcome: a commit that failed late may still have landed.
         store.generation.bump();
+        if operation_states_changed {
+            store.operation_states.bump();
+        }
         committed?;
         Ok(())
     }

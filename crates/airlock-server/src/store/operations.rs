@@ -377,7 +377,9 @@ impl WriteTx<'_> {
         .bind(OperationState::AwaitingApproval.as_str())
         .execute(&mut *self.tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let changed = done.rows_affected() == 1;
+        self.operation_states_changed |= changed;
+        Ok(changed)
     }
 
     /// Records the appliance's final result for an operation of this appliance.
@@ -413,7 +415,9 @@ impl WriteTx<'_> {
         .bind(r.appliance_attestation)
         .execute(&mut *self.tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let changed = done.rows_affected() == 1;
+        self.operation_states_changed |= changed;
+        Ok(changed)
     }
 
     /// Records the customer's release decision and the sealed output (if released).
@@ -442,7 +446,9 @@ impl WriteTx<'_> {
         .bind(OperationState::Cancelled.as_str())
         .execute(&mut *self.tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let changed = done.rows_affected() == 1;
+        self.operation_states_changed |= changed;
+        Ok(changed)
     }
 }
 

@@ -234,4 +234,35 @@ impl WriteTx<'_> {
         .await?;
         Ok(done.rows_affected() == 1)
     }
+
+    /// Revokes every unrevoked token `id` made, and every token those made, transitively; their ids.
+    pub async fn revoke_api_tokens_made_by(
+        &mut self,
+        scope: &TenantScope,
+        id: TokenId,
+        now: Timestamp,
+    ) -> Result<Vec<TokenId>, StoreError> {
+        // `UNION` (not `UNION ALL`) ends the walk even if `created_by` ever formed a cycle.
+        let rows = sqlx::query(
+            "WITH RECURSIVE made(id) AS (
+                 SELECT id FROM api_tokens WHERE tenant_id = $1 AND created_by = 'token:' || $2
+                 UNION
+                 SELECT t.id FROM api_tokens t JOIN made m ON t.created_by = 'token:' || m.id WHERE t.tenant_id = $1
+             )
+             UPDATE api_tokens SET revoked_at = $3
+             WHERE tenant_id = $1 AND revoked_at IS NULL AND id IN (SELECT id FROM made)
+             RETURNING id",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .bind(now.unix_millis())
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let text: String = r.try_get("id")?;
+                text.parse().map_err(|_| StoreError::Corrupt(format!("token id `{text}`")))
+            })
+            .collect()
+    }
 }
