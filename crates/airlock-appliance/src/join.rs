@@ -115,10 +115,7 @@ pub(crate) async fn join(
             }
         }
     };
-    let expected = match &recover {
-        Some((_, identity)) => Some(identity.uri()),
-        None => None,
-    };
+    let expected = recover.as_ref().map(|(_, identity)| identity.uri());
     let body = JoinRequest {
         proof,
         csr_pem,

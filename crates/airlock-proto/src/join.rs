@@ -282,9 +282,12 @@ pub fn renewal_challenge(key: &[u8]) -> String {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JoinChallenge {
-    /// Single use, for one join attempt; goes in the [`CHALLENGE_HEADER`] signed header.
+    /// Single use, for one join attempt; goes in the [`CHALLENGE_HEADER`] signed header (AWS),
+    /// in the token's audience (GCP, [`gcp_audience`]), or beside the token (Kubernetes).
     pub challenge: String,
-    /// The control plane's CA fingerprint; goes in the [`SERVER_ID_HEADER`] signed header.
+    /// The control plane's CA fingerprint; goes in the [`SERVER_ID_HEADER`] signed header (AWS)
+    /// or in the token's audience (GCP, Kubernetes: [`server_audience`]). The appliance uses the
+    /// fingerprint it pinned, not this one.
     pub server_id: String,
     /// After this the challenge is refused (RFC 3339).
     pub expires_at: String,

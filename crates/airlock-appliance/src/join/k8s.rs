@@ -36,3 +36,22 @@ pub(crate) fn read_token(path: &Path) -> Result<String, ApplianceError> {
     }
     Ok(token)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mounted_token_is_read_fresh_and_anything_else_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let missing = read_token(&path).unwrap_err().to_string();
+        assert!(missing.contains("audience `airlock:<CA fingerprint>`"), "{missing}");
+        std::fs::write(&path, "aGVhZA.cGF5bG9hZA.c2ln\n").unwrap();
+        assert_eq!(read_token(&path).unwrap(), "aGVhZA.cGF5bG9hZA.c2ln");
+        std::fs::write(&path, "not a token").unwrap();
+        assert!(read_token(&path).is_err());
+        std::fs::write(&path, format!("a.{}.c", "b".repeat(MAX_TOKEN_BYTES as usize))).unwrap();
+        assert!(read_token(&path).unwrap_err().to_string().contains("longer than a token"));
+    }
+}

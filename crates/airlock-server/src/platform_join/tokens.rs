@@ -99,7 +99,7 @@ pub fn unverified_issuer(token: &str) -> Result<String, TokenRefusal> {
     }
 }
 
-fn short_str<'a>(v: Option<&'a serde_json::Value>) -> Option<&'a str> {
+fn short_str(v: Option<&serde_json::Value>) -> Option<&str> {
     v.and_then(|v| v.as_str()).filter(|s| !s.is_empty() && s.len() <= MAX_CLAIM_BYTES)
 }
 

@@ -328,3 +328,23 @@ fn an_audit_hash_does_not_depend_on_the_order_details_were_written_in() {
     };
     assert_eq!(record(serde_json::Value::Object(written_b_first)).hash, record(sorted).hash);
 }
+
+/// A Kubernetes token's id joins one appliance: that appliance may show it again (a renewal
+/// before the kubelet refreshes the token), no other may; once the token expired the id is swept.
+#[tokio::test]
+async fn a_platform_token_id_is_spent_by_one_appliance_and_swept_once_expired() {
+    use crate::platform_join::tokens::TokenId as PlatformTokenId;
+    let (store, _dir) = store().await;
+    let minute = Duration::from_secs(60);
+    let token = PlatformTokenId { digest: "d1".into(), expires_at: now().saturating_add(minute) };
+    let (a, b) = (ApplianceId::from_random([1; 16]), ApplianceId::from_random([2; 16]));
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.spend_platform_token(&token, a, now()).await.unwrap());
+    assert!(tx.spend_platform_token(&token, a, now()).await.unwrap(), "the same appliance may show it again");
+    assert!(!tx.spend_platform_token(&token, b, now()).await.unwrap(), "another appliance may not");
+    tx.commit().await.unwrap();
+    let later = now().saturating_add(minute * 2);
+    let mut tx = store.write().await.unwrap();
+    // By now the token itself is refused as expired; its id no longer needs keeping.
+    assert!(tx.spend_platform_token(&token, b, later).await.unwrap(), "swept once expired");
+}
