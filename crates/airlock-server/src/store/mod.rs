@@ -189,15 +189,21 @@ impl Store {
         )
         .execute(&self.pool)
         .await?;
-        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
-            .fetch_one(&self.pool)
+        let applied: std::collections::BTreeSet<i64> = sqlx::query("SELECT version FROM schema_migrations")
+            .fetch_all(&self.pool)
             .await?
-            .try_get("v")?;
+            .iter()
+            .map(|r| r.try_get("version"))
+            .collect::<Result<_, _>>()?;
+        let current = applied.last().copied().unwrap_or(0);
         let known = MIGRATIONS.last().map_or(0, |m| m.0);
         if current > known {
             return Err(StoreError::SchemaTooNew { found: current, known });
         }
-        for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        // Every migration not yet applied, not only those past the newest applied: features are
+        // built in parallel and may land out of number order (0018 before 0017), and a store
+        // that reached 18 must still get 17.
+        for (version, description, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
             let mut tx = self.pool.begin().await?;
             sqlx::raw_sql(sql).execute(&mut *tx).await?;
             sqlx::query("INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)")

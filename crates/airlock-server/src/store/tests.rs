@@ -348,3 +348,32 @@ async fn a_platform_token_id_is_spent_by_one_appliance_and_swept_once_expired() 
     // By now the token itself is refused as expired; its id no longer needs keeping.
     assert!(tx.spend_platform_token(&token, b, later).await.unwrap(), "swept once expired");
 }
+
+/// Migrations land out of number order when features are built in parallel (0018 landed before 0017 and 0019):
+/// a store that already reached a higher version must still get the lower one it lacks, exactly once.
+#[tokio::test]
+async fn a_migration_numbered_below_the_newest_applied_one_is_still_applied() {
+    let (store, dir) = store().await;
+    // As a store made by the build that had 0018 but not 0017: without 0017's tables and its record.
+    sqlx::raw_sql("DROP INDEX role_mappings_unique; DROP TABLE role_mappings; DROP TABLE idp_configs; DELETE FROM schema_migrations WHERE version = 17")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    store.close().await;
+    let store = Store::open(dir.path(), false, ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"test")).await.unwrap();
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, MIGRATIONS.iter().map(|m| m.0).collect::<Vec<_>>());
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('idp_configs', 'role_mappings')",
+    )
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 2, "0017 was applied to a store already at a higher version");
+    // And opened again, nothing is applied twice.
+    store.close().await;
+    Store::open(dir.path(), false, ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"test")).await.unwrap();
+}
