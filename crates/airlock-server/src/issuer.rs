@@ -89,16 +89,7 @@ pub struct IssuerClient {
 impl IssuerClient {
     /// A client trusting the system's roots plus `extra_roots` (an issuer with a private CA).
     pub fn new(extra_roots: Vec<CertificateDer<'static>>, allow_private: bool) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        for cert in extra_roots {
-            roots.add(cert).map_err(|e| format!("an issuer CA certificate is not usable: {e}"))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = outbound_tls(extra_roots)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(TIMEOUT)
@@ -162,6 +153,21 @@ impl IssuerClient {
         }
         read_json(request.send().await).await
     }
+}
+
+/// The TLS client configuration of the control plane's outbound calls to public services
+/// (issuers, AWS STS): the system's roots plus `extra_roots`, ring, safe defaults.
+pub(crate) fn outbound_tls(extra_roots: Vec<CertificateDer<'static>>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    for cert in extra_roots {
+        roots.add(cert).map_err(|e| format!("an extra CA certificate is not usable: {e}"))?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 async fn read_json<T: DeserializeOwned>(response: reqwest::Result<reqwest::Response>) -> Result<T, IssuerError> {

@@ -233,14 +233,7 @@ pub struct StsClient {
 
 impl StsClient {
     pub fn new(timeout: Duration) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        let tls =
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let tls = crate::issuer::outbound_tls(Vec::new())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(timeout)
