@@ -135,8 +135,9 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
     };
     let access = match route_access(req.method(), &route) {
         Some(access) => access,
-        // Another method of a known route: the 405 fallback answers.
-        None if ROUTES.iter().any(|(_, p, _)| *p == route) => return next.run(req).await,
+        // Another method of a known route: 405, answered here and not by passing the request on, so a handler
+        // registered under a method the table lacks is never reached unauthenticated.
+        None if ROUTES.iter().any(|(_, p, _)| *p == route) => return super::method_not_allowed_response(),
         None => {
             tracing::error!(method = %req.method(), route, "a route has no entry in the action table; refused (a bug)");
             return forbidden(DenyReason::UnmappedRoute);

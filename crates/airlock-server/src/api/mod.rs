@@ -330,7 +330,16 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see /v1/openapi.json")
 }
 
+/// The 405 answer, for the router's fallback and the gate alike.
+pub(super) fn method_not_allowed_response() -> Response {
+    IntoResponse::into_response(method_not_allowed_error())
+}
+
 async fn method_not_allowed() -> ApiError {
+    method_not_allowed_error()
+}
+
+fn method_not_allowed_error() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
 

@@ -63,6 +63,30 @@ async fn a_route_missing_from_the_table_is_refused_as_a_bug() {
     assert_eq!(body["error"]["code"], "unmapped_route");
 }
 
+/// A handler registered under a method the table does not map for its path (`DELETE /v1/workspaces`, where only
+/// `GET` is mapped) must not be reached, with or without a credential: the gate answers 405 itself.
+#[tokio::test]
+async fn a_handler_under_a_method_the_table_lacks_is_never_reached() {
+    let api = api().await;
+    let router = axum::Router::new()
+        .route(
+            "/v1/workspaces",
+            axum::routing::get(|| async { "listed" }).delete(|| async { "handler work: every workspace deleted" }),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(api.state.clone(), super::gate))
+        .with_state(api.state.clone());
+    for credential in [None, Some(format!("Bearer {}", api.token))] {
+        let mut req = Request::delete("/v1/workspaces");
+        if let Some(c) = &credential {
+            req = req.header("authorization", c);
+        }
+        let resp = router.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "credential: {}", credential.is_some());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(!String::from_utf8_lossy(&body).contains("handler work"), "the handler ran");
+    }
+}
+
 /// Every route × another tenant's owner token, path ids filled with this tenant's real ones: refused (404, or 400 for
 /// a body checked before existence, or 403), never an answer that names this tenant's resources.
 #[tokio::test]
