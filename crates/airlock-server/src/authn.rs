@@ -253,8 +253,18 @@ impl FailureLimiter {
         }
     }
 
+    /// Addresses are counted as the connection pools count them: an IPv6 /64 is one address (one host
+    /// usually holds a whole /64, and would otherwise get a fresh budget per address it picks).
+    fn normalized(key: FailureKey) -> FailureKey {
+        match key {
+            FailureKey::Address(ip) => FailureKey::Address(crate::net::slots::address_key(ip)),
+            other => other,
+        }
+    }
+
     /// How long `key` must wait, if it is over its limit.
     pub fn blocked(&self, key: FailureKey, now: Timestamp) -> Option<Duration> {
+        let key = Self::normalized(key);
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let w = map.get(&key)?;
         let ends = w.started.saturating_add(Self::WINDOW);
@@ -262,12 +272,29 @@ impl FailureLimiter {
     }
 
     pub fn fail(&self, key: FailureKey, now: Timestamp) {
+        let key = Self::normalized(key);
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= Self::MAX_KEYS {
+        if map.len() >= Self::MAX_KEYS && !map.contains_key(&key) {
             // Bounded: windows that ended carry nothing, and dropping them forgets nothing that still counts.
             map.retain(|_, w| now < w.started.saturating_add(Self::WINDOW));
             if map.len() >= Self::MAX_KEYS {
-                map.clear();
+                // Still full of live windows (many addresses failing at once): forget the addresses that are not
+                // blocked, fewest failures first, never a blocked key nor a token's or session's count, so that
+                // flooding the table from many addresses cannot reset the limit on a credential or a blocked address.
+                let mut evictable: Vec<(FailureKey, u32)> = map
+                    .iter()
+                    .filter(|(k, w)| matches!(k, FailureKey::Address(_)) && w.failures < Self::limit(**k))
+                    .map(|(k, w)| (*k, w.failures))
+                    .collect();
+                evictable.sort_unstable_by_key(|(_, failures)| *failures);
+                for (k, _) in evictable.into_iter().take(Self::MAX_KEYS / 4) {
+                    map.remove(&k);
+                }
+            }
+            if map.len() >= Self::MAX_KEYS {
+                // Every key is blocked or a credential's: the newcomer is not counted this window (an address
+                // with nothing recorded is not blocked either way), and nothing that counts is forgotten.
+                return;
             }
         }
         let w = map.entry(key).or_insert(Window { started: now, failures: 0 });
@@ -326,6 +353,43 @@ impl TokenUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_addresses_of_one_ipv6_slash_64_share_one_budget() {
+        let l = FailureLimiter::default();
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        for i in 0..FailureLimiter::PER_ADDRESS {
+            let addr: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            l.fail(FailureKey::Address(addr), t0);
+        }
+        let fresh: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert!(l.blocked(FailureKey::Address(fresh), t0).is_some(), "a new address in the same /64 is limited too");
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(l.blocked(FailureKey::Address(other), t0), None, "another /64 is not");
+    }
+
+    #[test]
+    fn flooding_the_table_from_many_addresses_resets_no_credential_or_blocked_address() {
+        let l = FailureLimiter::default();
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        let token = FailureKey::Token(TokenId::from_random([7; 16]));
+        let blocked: IpAddr = "198.51.100.7".parse().unwrap();
+        for _ in 0..FailureLimiter::PER_TOKEN {
+            l.fail(token, t0);
+        }
+        for _ in 0..FailureLimiter::PER_ADDRESS {
+            l.fail(FailureKey::Address(blocked), t0);
+        }
+        assert!(l.blocked(token, t0).is_some());
+        // Many more distinct /64s than the table holds, each failing once, within the window.
+        for i in 0..(FailureLimiter::MAX_KEYS as u32 * 2) {
+            let addr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, (i >> 16) as u16, i as u16, 0, 0, 0, 1));
+            l.fail(FailureKey::Address(addr), t0);
+        }
+        assert!(l.blocked(token, t0).is_some(), "the token's count survived the flood");
+        assert!(l.blocked(FailureKey::Address(blocked), t0).is_some(), "the blocked address is still blocked");
+        assert!(l.0.lock().unwrap().len() <= FailureLimiter::MAX_KEYS);
+    }
 
     #[test]
     fn failures_past_the_limit_wait_for_the_window_to_end() {
