@@ -147,6 +147,10 @@ fn each_role_gets_its_capability_groups_and_nothing_else() {
     let viewer = permitted(&e, &role(Role::Viewer));
     assert!(viewer.iter().all(|p| p.as_str().ends_with(":read")), "{viewer:?}");
     assert!(viewer.contains(&P::WorkspacesRead) && !viewer.contains(&P::AuditRead));
+    // The server's counters span every tenant: not for a tenant's readers, deployers or operators.
+    for reader in [&viewer, &deployer, &operator] {
+        assert!(!reader.contains(&P::MetricsRead), "{reader:?}");
+    }
 
     // The auditor reads the audit log only: every API action is refused, by default deny.
     let auditor = role(Role::Auditor);
