@@ -67,6 +67,9 @@ pub async fn relay_approval(
         "not_after": grant.not_after,
         "signatures": envelope.signatures.len(),
     });
+    // Before the write: from here on, an answer about this operation is judged from the store, so an
+    // answer to the approved instruction is never taken for one awaiting approval.
+    state.push.forget_awaiting(id);
     // The row is read inside the transaction that changed it: once the change commits,
     // nothing can fail the call (and audit an error beside the committed success).
     let relayed = state

@@ -64,6 +64,12 @@ async fn apply_result(
     let outcome = OperationOutcome::try_from(r.outcome).unwrap_or(OperationOutcome::Unspecified);
     let now = state.now();
     if outcome == OperationOutcome::AwaitingApproval {
+        // Pushed awaiting approval and not decided since: nothing to do, and nothing to read
+        // (the codes are still checked). A decision forgets the entry before it is written.
+        if state.push.known_awaiting(request_id, peer.appliance) {
+            reported_refusal(r, OperationOutcome::AwaitingApproval)?;
+            return Ok(());
+        }
         // Nothing is written, so a plain read of the operation's state rather than the write
         // lock and the whole row: a rollout's fan-out brings thousands of these at once. (An
         // approval committed meanwhile pushes itself.)
@@ -74,6 +80,8 @@ async fn apply_result(
         };
         return awaiting_approval(state, peer, op_state, has_result, r, now);
     }
+    // A final answer: from here on the store speaks for this operation.
+    state.push.forget_awaiting(request_id);
     let mut tx = state.store.write().await?;
     let Some(op) = tx.operation(scope, request_id).await?.filter(|op| op.appliance_id == peer.appliance) else {
         return refuse(format!("no operation {request_id} for this appliance"));

@@ -72,13 +72,53 @@ pub struct Pusher {
     store: Arc<Store>,
     registry: Arc<Registry>,
     index: PushIndex,
+    awaiting: std::sync::Mutex<Awaiting>,
 }
+
+/// Operations requested (and pushed) awaiting approval and not decided since, by id, with their
+/// appliance: an `AWAITING_APPROVAL` answer to one of them needs no read of the store (a
+/// rollout's round brings thousands at once). Only an approved operation's answer can call for
+/// anything (a re-push), and a decision removes its entry before it is written. Bounded: the
+/// oldest entries are forgotten first, and a forgotten one is simply read from the store.
+#[derive(Debug, Default)]
+struct Awaiting {
+    by_id: std::collections::HashMap<airlock_core::OperationId, ApplianceId>,
+    order: std::collections::VecDeque<airlock_core::OperationId>,
+}
+
+/// The most operations [`Awaiting`] holds (about 50 bytes each).
+const MAX_AWAITING: usize = 200_000;
 
 impl Pusher {
     /// A pusher whose index is loaded from what the store holds.
     pub async fn load(store: Arc<Store>, registry: Arc<Registry>) -> Result<Self, StoreError> {
         let index = PushIndex::load(&store).await?;
-        Ok(Self { store, registry, index })
+        Ok(Self { store, registry, index, awaiting: Default::default() })
+    }
+
+    /// Notes operations just committed awaiting approval (see [`Awaiting`]).
+    pub(crate) fn note_awaiting(&self, ops: impl Iterator<Item = (airlock_core::OperationId, ApplianceId)>) {
+        let mut a = self.awaiting.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, appliance) in ops {
+            if a.by_id.insert(id, appliance).is_none() {
+                a.order.push_back(id);
+            }
+        }
+        while a.by_id.len() > MAX_AWAITING || a.order.len() > 2 * MAX_AWAITING {
+            let Some(oldest) = a.order.pop_front() else { break };
+            a.by_id.remove(&oldest);
+        }
+    }
+
+    /// Whether `id` is an operation of `appliance` still awaiting approval as far as memory knows;
+    /// false means "read the store".
+    pub(crate) fn known_awaiting(&self, id: airlock_core::OperationId, appliance: ApplianceId) -> bool {
+        self.awaiting.lock().unwrap_or_else(|e| e.into_inner()).by_id.get(&id) == Some(&appliance)
+    }
+
+    /// `id` is being decided or has a result: its answers are read from the store from now on.
+    pub(crate) fn forget_awaiting(&self, id: airlock_core::OperationId) {
+        self.awaiting.lock().unwrap_or_else(|e| e.into_inner()).by_id.remove(&id);
     }
 
     /// The push index.

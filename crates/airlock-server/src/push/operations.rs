@@ -56,6 +56,9 @@ impl Pusher {
     /// stopped on a full queue resumes at the appliance's next message. A new one that finds
     /// the queue full is covered the same way (a resume from the start).
     pub async fn requested(&self, scope: &TenantScope, ops: &[&OperationRow]) {
+        self.note_awaiting(
+            ops.iter().filter(|op| op.state == OperationState::AwaitingApproval).map(|op| (op.id, op.appliance_id)),
+        );
         let mut payloads = Payloads::default();
         for &op in ops {
             if !self.send_instruction(scope, op.appliance_id, op, &mut payloads).await {
