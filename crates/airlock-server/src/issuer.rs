@@ -36,6 +36,8 @@ pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 pub const CACHE_FOR: Duration = Duration::from_secs(3600);
 /// The least time between two key-set fetches for one issuer caused by unknown `kid`s.
 pub const REFRESH_AFTER_UNKNOWN_KID: Duration = Duration::from_secs(30);
+/// How long a failed fetch of an issuer's documents is answered from memory before it is tried again.
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(60);
 /// Clock skew allowed on `exp`, `nbf` and `iat`.
 pub const LEEWAY: Duration = Duration::from_secs(60);
 /// The most issuers whose keys are kept at once; past it the least recently fetched is dropped.
@@ -95,6 +97,8 @@ impl IssuerClient {
             .timeout(TIMEOUT)
             .connect_timeout(TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy from the environment would resolve issuer names itself, past the resolver below.
+            .no_proxy()
             .dns_resolver(Arc::new(PublicOnlyResolver { allow_private }))
             .build()
             .map_err(|e| e.to_string())?;
@@ -370,13 +374,17 @@ struct Cached {
 pub struct Issuers {
     client: IssuerClient,
     cache: Mutex<HashMap<String, Cached>>,
-    /// One fetch per issuer at a time: concurrent logins wait for it instead of each fetching.
-    fetching: tokio::sync::Mutex<()>,
+    /// One fetch per issuer at a time: concurrent logins wait for it instead of each fetching. Per issuer, so a
+    /// slow or stalling issuer (a tenant's choice) holds up no other.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Issuers whose last fetch failed, and when: asked again within [`RETRY_FAILED_AFTER`], the error is
+    /// answered at once, so a stalling issuer costs one 10 s fetch a minute, not one per anonymous login.
+    failed: Mutex<HashMap<String, (Timestamp, IssuerError)>>,
 }
 
 impl Issuers {
     pub fn new(client: IssuerClient) -> Self {
-        Self { client, cache: Mutex::default(), fetching: tokio::sync::Mutex::new(()) }
+        Self { client, cache: Mutex::default(), fetching: Mutex::default(), failed: Mutex::default() }
     }
 
     pub fn client(&self) -> &IssuerClient {
@@ -445,17 +453,43 @@ impl Issuers {
         now: Timestamp,
         for_unknown_kid: bool,
     ) -> Result<(Discovery, Arc<JwkSet>), IssuerError> {
-        let _one_at_a_time = self.fetching.lock().await;
+        let lock = {
+            let mut locks = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+            if locks.len() >= MAX_ISSUERS {
+                // Bounded: a lock no fetch holds or waits on carries nothing.
+                locks.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            locks.entry(issuer.to_owned()).or_default().clone()
+        };
+        let _one_at_a_time = lock.lock().await;
         // Another caller may have fetched while this one waited.
         if !for_unknown_kid && let Some(c) = self.fresh(issuer, now) {
             return Ok(c);
         }
-        let trimmed = issuer.trim_end_matches('/');
-        let discovery: Discovery = self.client.get_json(&format!("{trimmed}/.well-known/openid-configuration")).await?;
-        if discovery.issuer != issuer {
-            return Err(IssuerError::BadAnswer("the discovery document names another issuer".into()));
+        if let Some((at, e)) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).get(issuer)
+            && now >= *at
+            && now < at.saturating_add(RETRY_FAILED_AFTER)
+        {
+            return Err(e.clone());
         }
-        let keys: JwkSet = self.client.get_json(&discovery.jwks_uri).await?;
+        let fetched = self.fetch_documents(issuer).await;
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let (discovery, keys) = match fetched {
+            Ok(found) => {
+                failed.remove(issuer);
+                found
+            }
+            Err(e) => {
+                if failed.len() >= MAX_ISSUERS {
+                    failed.retain(|_, (at, _)| now < at.saturating_add(RETRY_FAILED_AFTER));
+                }
+                if failed.len() < MAX_ISSUERS {
+                    failed.insert(issuer.to_owned(), (now, e.clone()));
+                }
+                return Err(e);
+            }
+        };
+        drop(failed);
         let keys = Arc::new(keys);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_ISSUERS
@@ -469,6 +503,17 @@ impl Issuers {
             issuer.to_owned(),
             Cached { discovery: discovery.clone(), keys: keys.clone(), fetched_at: now, refreshed_for_kid_at },
         );
+        Ok((discovery, keys))
+    }
+
+    /// The discovery document and key set, fetched.
+    async fn fetch_documents(&self, issuer: &str) -> Result<(Discovery, JwkSet), IssuerError> {
+        let trimmed = issuer.trim_end_matches('/');
+        let discovery: Discovery = self.client.get_json(&format!("{trimmed}/.well-known/openid-configuration")).await?;
+        if discovery.issuer != issuer {
+            return Err(IssuerError::BadAnswer("the discovery document names another issuer".into()));
+        }
+        let keys: JwkSet = self.client.get_json(&discovery.jwks_uri).await?;
         Ok((discovery, keys))
     }
 }

@@ -350,6 +350,7 @@ fn rule_view(r: &JoinRule) -> JoinRuleView {
     params(("environment" = String, Path, description = "environment id (env_…)")),
     request_body = AddJoinRule,
     responses((status = 201, body = JoinRuleView),
+        (status = 409, body = ErrorBody, description = "another tenant's join rules already name this account, project or issuer"),
         (status = 422, body = ErrorBody, description = "the environment holds as many join rules as it may")))]
 pub(super) async fn add_join_rule(
     State(state): State<Arc<AppState>>,
@@ -423,6 +424,9 @@ impl From<RuleAdminError> for ApiError {
         match e {
             RuleAdminError::Invalid(_) => ApiError::bad_request(e.to_string()),
             RuleAdminError::TooMany(_) => ApiError::limit_exceeded(e.to_string()),
+            RuleAdminError::ClaimedElsewhere(_) => {
+                ApiError::new(StatusCode::CONFLICT, "claimed_elsewhere", e.to_string())
+            }
             RuleAdminError::NoEnvironment(_) | RuleAdminError::NoRule(..) => ApiError::not_found(e.to_string()),
             RuleAdminError::Store(e) => e.into(),
         }

@@ -150,3 +150,36 @@ async fn revoking_a_token_revokes_the_tokens_it_made() {
     let (s, _) = api.call(Method::DELETE, &format!("/v1/tokens/{stolen_id}"), Some(&api.token), None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+/// An AWS account id is no secret: a tenant that names another tenant's account in a join rule would make that
+/// tenant's appliances ambiguous (refused at join) or, added first, have them join its own environment. First claim
+/// wins; the same tenant may name its account in several environments.
+#[tokio::test]
+async fn a_tenant_cannot_name_another_tenants_platform_identity_in_its_join_rules() {
+    let api = api().await;
+    let env_a = api.new_env("a").await;
+    let rule = |account: &str| json!({ "aws": { "account": account } }).to_string();
+    let path = |env: &str| format!("/v1/environments/{env}/join-rules");
+    let (s, v) = api.call(Method::POST, &path(&env_a), Some(&api.token), Some(&rule("123456789012"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let env_a2 = api.new_env("a2").await;
+    let (s, v) = api.call(Method::POST, &path(&env_a2), Some(&api.token), Some(&rule("123456789012"))).await;
+    assert_eq!(s, StatusCode::CREATED, "the same tenant names its account again: {v}");
+
+    let dir = api._dir.path();
+    let other = crate::create_tenant(dir, &crate::keys::KekSource::default_for(dir), "globex", "default", &*api.clock)
+        .await
+        .unwrap();
+    let b = other.admin_token.expose();
+    let body = json!({ "name": "b" }).to_string();
+    let (s, v) =
+        api.call(Method::POST, &format!("/v1/workspaces/{}/environments", other.workspace), Some(b), Some(&body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let env_b = v["id"].as_str().unwrap().to_owned();
+    let (s, v) = api.call(Method::POST, &path(&env_b), Some(b), Some(&rule("123456789012"))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "tenant B named tenant A's account: {v}");
+    assert_eq!(v["error"]["code"], "claimed_elsewhere");
+    assert!(!v.to_string().contains(&env_a), "no hint of which environment holds it: {v}");
+    let (s, v) = api.call(Method::POST, &path(&env_b), Some(b), Some(&rule("210987654321"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}

@@ -531,6 +531,7 @@ impl From<IdpError> for ApiError {
     fn from(e: IdpError) -> Self {
         match e {
             IdpError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            IdpError::NotOwner => ApiError::forbidden(e.to_string()),
             IdpError::NotConfigured => ApiError::not_found(e.to_string()),
             IdpError::Discovery(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idp_unusable", e.to_string()),
             IdpError::Key(why) => {

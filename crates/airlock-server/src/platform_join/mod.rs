@@ -323,6 +323,9 @@ pub enum RuleAdminError {
     TooMany(airlock_core::EnvironmentId),
     #[error("no join rule {0} in environment {1}")]
     NoRule(airlock_core::id::JoinRuleId, airlock_core::EnvironmentId),
+    /// Another tenant's rules already name this account, project or issuer.
+    #[error("this {0} is already named by another tenant's join rules; ask the control plane's operator")]
+    ClaimedElsewhere(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -356,6 +359,17 @@ pub async fn add_rule(
     use airlock_core::audit::{AuditAction, Outcome};
     let env =
         state.store.get_environment(scope, environment).await?.ok_or(RuleAdminError::NoEnvironment(environment))?;
+    // First claim wins: an identity another tenant's rules name stays theirs (see `rules::Claim`). Read before the
+    // write lock, so two tenants adding the same claim in the same instant could both pass; the join then refuses
+    // the identity as ambiguous, as before.
+    let (others, what) = match spec.claim() {
+        rules::Claim::AwsAccount(a) => (state.store.aws_join_rules_for_account(a).await?, "AWS account"),
+        rules::Claim::GcpProject(p) => (state.store.gcp_join_rules_for_project(p).await?, "GCP project"),
+        rules::Claim::K8sIssuer(i) => (state.store.k8s_join_rules_for_issuer(i).await?, "Kubernetes issuer"),
+    };
+    if others.iter().any(|r| r.tenant != scope.tenant()) {
+        return Err(RuleAdminError::ClaimedElsewhere(what));
+    }
     let now = state.now();
     let rule = JoinRule {
         id: airlock_core::id::JoinRuleId::from_random(crate::state::random()),
@@ -473,7 +487,11 @@ pub async fn recheck_at_renewal(
         Ok(p) => p,
         Err(r) => return Ok(Err(r.reason())),
     };
-    Ok(match rules::match_identity(&candidates, &identity) {
+    // Only the appliance's own environment's rules decide its renewal: another tenant's rule naming the same
+    // identity (an AWS account id is no secret) must not make a fleet's renewals fail as ambiguous.
+    let own: Vec<_> =
+        candidates.into_iter().filter(|r| r.tenant == peer.tenant && r.environment == peer.environment).collect();
+    Ok(match rules::match_identity(&own, &identity) {
         RuleMatch::One { tenant, environment, .. } if tenant == peer.tenant && environment == peer.environment => {
             Ok(Some(Reproved { identity, token_id }))
         }

@@ -36,6 +36,15 @@ impl RuleSpec {
         }
     }
 
+    /// What the rule lays claim to across tenants: an AWS account, a GCP project, a Kubernetes issuer.
+    pub fn claim(&self) -> Claim<'_> {
+        match self {
+            RuleSpec::Aws(rule) => Claim::AwsAccount(&rule.account),
+            RuleSpec::Gcp(rule) => Claim::GcpProject(&rule.project),
+            RuleSpec::K8s(rule) => Claim::K8sIssuer(&rule.issuer),
+        }
+    }
+
     /// Whether this rule accepts `identity` (a rule of another method never does).
     pub fn matches(&self, identity: &PlatformIdentity) -> bool {
         match (self, identity) {
@@ -49,6 +58,15 @@ impl RuleSpec {
             _ => false,
         }
     }
+}
+
+/// What one tenant's rules claim: no other tenant's rule may name it (first claim wins), so that a tenant cannot
+/// make another's appliances ambiguous, nor have them join its own environments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim<'a> {
+    AwsAccount(&'a str),
+    GcpProject(&'a str),
+    K8sIssuer(&'a str),
 }
 
 /// A GCP rule: the project the instance runs in and the service account it runs as, both

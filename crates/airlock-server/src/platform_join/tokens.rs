@@ -145,7 +145,8 @@ pub fn read_k8s(issuer: &str, claims: &Claims) -> Result<(K8sIdentity, TokenId),
         service_account: name.to_owned(),
         pod,
     };
-    let expires_at = Timestamp::from_unix_millis(exp.saturating_mul(1000));
+    // Kept as long as the token verifies: `exp` plus the clock-skew leeway `issuer` allows.
+    let expires_at = Timestamp::from_unix_millis(exp.saturating_mul(1000)).saturating_add(crate::issuer::LEEWAY);
     Ok((identity, TokenId { digest, expires_at }))
 }
 
@@ -184,7 +185,10 @@ mod tests {
             (id.namespace.as_str(), id.service_account.as_str(), id.pod.as_deref()),
             ("airlock", "appliance", Some("p-0"))
         );
-        assert_eq!(token.expires_at, Timestamp::from_unix_millis(2_000_000_000_000));
+        assert_eq!(
+            token.expires_at,
+            Timestamp::from_unix_millis(2_000_000_000_000).saturating_add(crate::issuer::LEEWAY)
+        );
         let (_, same) = read_k8s("https://k", &claims(good.clone())).unwrap();
         assert_eq!(token, same);
         let (_, other_issuer) = read_k8s("https://other", &claims(good.clone())).unwrap();

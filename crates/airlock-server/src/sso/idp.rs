@@ -7,7 +7,7 @@ use std::time::Duration;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{TenantId, Timestamp};
 
-use crate::authz::TenantScope;
+use crate::authz::{Role, TenantScope};
 use crate::issuer::IssuerError;
 use crate::state::{AppState, event};
 use crate::store::{IdpConfigRow, StoreError};
@@ -27,6 +27,12 @@ pub enum IdpError {
     Discovery(String),
     #[error("cannot seal or open the client secret: {0}")]
     Key(String),
+    /// Only a tenant-wide owner sets the provider: whoever picks the issuer picks who signs in as every mapped
+    /// role, owner included.
+    #[error(
+        "only an owner of the tenant sets its identity provider (whoever chooses the issuer chooses who signs in as an owner)"
+    )]
+    NotOwner,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -112,6 +118,10 @@ fn discovery_error(e: IssuerError) -> IdpError {
 /// Sets the tenant's provider after its discovery answers with an authorization and a token endpoint.
 pub async fn set(state: &AppState, scope: &TenantScope, settings: IdpSettings) -> Result<IdpView, IdpError> {
     check(&settings)?;
+    let owner = scope.grants().is_some_and(|g| g.roles.iter().any(|(r, ws)| *r == Role::Owner && ws.is_none()));
+    if !owner {
+        return Err(IdpError::NotOwner);
+    }
     let now = state.now();
     let discovery = state.issuers.discovery(&settings.issuer, now).await.map_err(discovery_error)?;
     if discovery.authorization_endpoint.is_none() || discovery.token_endpoint.is_none() {
@@ -122,7 +132,16 @@ pub async fn set(state: &AppState, scope: &TenantScope, settings: IdpSettings) -
         (Some(secret), _) => {
             state.kek.seal(secret.as_bytes(), &secret_aad(scope.tenant())).map_err(|e| IdpError::Key(e.to_string()))?
         }
-        (None, Some(existing)) => existing.client_secret_sealed,
+        // The sealed secret stays only with the client it was issued for: sent to another issuer's token endpoint it
+        // would leave with whoever runs that issuer.
+        (None, Some(existing)) if existing.issuer == settings.issuer && existing.client_id == settings.client_id => {
+            existing.client_secret_sealed
+        }
+        (None, Some(_)) => {
+            return Err(IdpError::Invalid(
+                "a new issuer or client id needs its client secret again (the old one is never sent elsewhere)".into(),
+            ));
+        }
         (None, None) => return Err(IdpError::Invalid("a client secret is required the first time".into())),
     };
     let actor = scope.principal().actor();

@@ -324,10 +324,15 @@ async fn redeem(
         claims.str("sub").filter(|s| printable(s, 255)).ok_or(fail(LoginRefusal::BadClaims("sub")))?.to_owned();
     let with_subject = |r: LoginRefusal| (r, Some(subject.clone()));
     let email = claims.str("email").filter(|e| printable(e, 320)).map(str::to_owned);
-    let auth_time = claims
-        .int("auth_time")
-        .or_else(|| claims.int("iat"))
-        .ok_or_else(|| with_subject(LoginRefusal::BadClaims("auth_time or iat")))?;
+    // Only the provider's `auth_time` says when the user last authenticated: `iat` is when this token was issued,
+    // which a provider does silently from its own single sign-on, so it would pass any step-up. Without the claim
+    // the session counts as authenticated long ago (step-up then asks again, with `max_age`, which makes the claim
+    // required: OpenID Connect Core §3.1.2.1).
+    let auth_time = match claims.int("auth_time") {
+        Some(t) => t,
+        None if pending.max_age.is_some() => return Err(with_subject(LoginRefusal::BadClaims("auth_time"))),
+        None => 0,
+    };
     let auth_time = Timestamp::from_unix_millis(auth_time.saturating_mul(1000));
     if let Some(max_age) = pending.max_age
         && !super::sessions::recent_enough(auth_time, Duration::from_secs(max_age), now)

@@ -667,6 +667,31 @@ mod sign_in {
         assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("reauthentication_required")));
     }
 
+    /// Whoever picks the issuer picks who signs in under every mapped role, owner included, and the kept secret would
+    /// be posted to the new issuer's token endpoint: only an owner sets the provider, and a new issuer or client id
+    /// needs its secret again.
+    #[tokio::test]
+    async fn an_admin_cannot_repoint_the_provider_nor_send_its_secret_elsewhere() {
+        let (api, provider) = api_with_provider(false, None).await;
+        let admin = json!({ "name": "admin", "role": "admin", "expires_in": "1d" }).to_string();
+        let (s, v) = api.call(Method::POST, "/v1/tokens", Some(&api.token), Some(&admin)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let admin = v["token"].as_str().unwrap().to_owned();
+        let same = json!({ "issuer": provider.issuer, "client_id": "airlock" }).to_string();
+        let (s, v) = api.call(Method::PUT, "/v1/idp", Some(&admin), Some(&same)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "an admin set the identity provider: {v}");
+        let (s, v) = api.call(Method::GET, "/v1/idp", Some(&admin), None).await;
+        assert_eq!(s, StatusCode::OK, "an admin still reads it: {v}");
+        // The owner: the same client keeps its sealed secret; another client id must bring its own.
+        let (s, v) = api.call(Method::PUT, "/v1/idp", Some(&api.token), Some(&same)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let other = json!({ "issuer": provider.issuer, "client_id": "another" }).to_string();
+        let (s, v) = api.call(Method::PUT, "/v1/idp", Some(&api.token), Some(&other)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let row = api.state.store.idp_config(&TenantScope::for_system(tenant(&api).await)).await.unwrap().unwrap();
+        assert_eq!(row.client_id, "airlock", "nothing changed");
+    }
+
     #[tokio::test]
     async fn setting_a_provider_checks_its_discovery_and_keeps_the_secret_sealed() {
         let (api, provider) = api_with_provider(false, None).await;
