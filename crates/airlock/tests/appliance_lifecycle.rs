@@ -323,8 +323,10 @@ fn old_certificate_keeps_working_until_it_expires() {
     let (_proc, id) = server.joined_appliance(&state);
     let first_serial = server.appliance(&id)["cert_serial"].as_str().unwrap().to_owned();
     let (old_cert, old_key) = credentials(&state);
+    // The server records the new serial before the appliance has written its new certificate: wait for both.
     wait_for(Duration::from_secs(15), "first rotation", || {
-        (server.appliance(&id)["cert_serial"].as_str() != Some(&first_serial)).then_some(())
+        (server.appliance(&id)["cert_serial"].as_str() != Some(&first_serial) && credentials(&state).0 != old_cert)
+            .then_some(())
     });
     assert_ne!(credentials(&state).0, old_cert);
     gateway_handshake(&server.gateway, &e2e::ca_pem(&state), &old_cert, &old_key)
