@@ -10,7 +10,7 @@ use airlock_core::id::TokenId;
 use airlock_core::token::{Secret, TokenKind};
 use airlock_core::{EnvironmentId, Timestamp, WorkspaceId};
 
-use crate::authz::TenantScope;
+use crate::authz::{Target, TenantScope};
 use crate::state::{AppState, event, random};
 use crate::store::{Environment, StoreError};
 
@@ -90,6 +90,24 @@ pub async fn create_join_token(
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
     Ok(IssuedJoinToken { secret, environment: env.id, expires_at })
+}
+
+/// The workspace a request acts in, as far as its path says: the workspace it names, or the environment's (looked up
+/// in the scope's tenant). `None` for a tenant-wide request, or an environment not found (then only tenant-wide roles
+/// apply to it). The API's gate confines a user whose roles span workspaces to it before deciding.
+pub async fn workspace_of(
+    state: &AppState,
+    scope: &TenantScope,
+    target: Target<'_>,
+) -> Result<Option<WorkspaceId>, StoreError> {
+    match target {
+        Target::Tenant => Ok(None),
+        Target::Workspace(id) => Ok(id.parse().ok()),
+        Target::Environment(id) => match id.parse::<EnvironmentId>() {
+            Ok(env) => Ok(state.store.get_environment(scope, env).await?.map(|e| e.workspace_id)),
+            Err(_) => Ok(None),
+        },
+    }
 }
 
 fn validate_name(name: &str) -> Result<(), TenancyError> {

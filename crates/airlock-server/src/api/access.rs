@@ -4,6 +4,7 @@
 //! The decision is Cedar's ([`crate::authz::Engine`]) on the action's permission and the resource its path names; a handler gets its [`TenantScope`] through [`Authed`] only once it is permitted.
 //! A caller is an API token (`Authorization: Bearer airlock_at_…`) or a signed-in user's session: the `__Host-airlock_session` cookie, or the CLI's `Authorization: Bearer airlock_ss_…`.
 //! A cookie-authenticated unsafe request (not GET or HEAD) must show it comes from this server's own pages: `Origin` equal to the public URL, or `x-airlock-csrf: 1` (which a cross-site form cannot send); else 403 `csrf_refused`, before the session is even looked up.
+//! A user whose roles span workspaces is confined, before the decision, to the workspace the request acts in: the one its path names, or its environment's, looked up in the tenant (`TenantScope::within_workspace`); a workspace role then counts there and nowhere else.
 //! Step-up: a session exercising identity or token management needs a sign-in within the tenant's `max_age`, else 401 `reauthentication_required` with `x-airlock-login` naming the login URL.
 //! Refusals are audited (rate limited, `AppState::audit_refusal`): failed authentication on the token's tenant chain if the secret named a known token, else on the system chain; a denied action on the caller's chain.
 
@@ -183,6 +184,15 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
         ResourceKind::Tenant => Some(Target::Tenant),
         ResourceKind::Workspace => param("workspace").map(Target::Workspace),
         ResourceKind::Environment => param("environment").map(Target::Environment),
+    };
+    // A user whose roles span workspaces acts in one per request: the one its path names, or its environment's.
+    let scope = match target {
+        Some(target) if scope.spans_workspaces() => match crate::tenancy::workspace_of(&state, &scope, target).await {
+            Ok(Some(ws)) => scope.within_workspace(ws),
+            Ok(None) => scope,
+            Err(e) => return ApiError::from(e).into_response(),
+        },
+        _ => scope,
     };
     let decision = match target {
         Some(target) => scope.decide(&state.authz, action, target),

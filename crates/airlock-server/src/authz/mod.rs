@@ -62,9 +62,24 @@ impl Grants {
         Self { roles, actions: None, workspace, expires_at: None }
     }
 
+    /// Whether these grants hold roles in particular workspaces without being confined to one: a signed-in user whose
+    /// roles are in several workspaces, or some in one and some tenant-wide. Such a user's request is confined to the
+    /// workspace it acts in before it is decided ([`TenantScope::within_workspace`]).
+    pub fn spans_workspaces(&self) -> bool {
+        self.workspace.is_none() && self.roles.iter().any(|(_, ws)| ws.is_some())
+    }
+
+    /// These grants as they apply in `ws`, confined to it: every role held tenant-wide or in `ws`, now held in `ws`.
+    pub fn within(&self, ws: WorkspaceId) -> Self {
+        let roles =
+            self.roles.iter().filter(|(_, held_in)| held_in.is_none_or(|h| h == ws)).map(|(r, _)| (*r, Some(ws)));
+        Self { roles: roles.collect(), actions: self.actions, workspace: Some(ws), expires_at: self.expires_at }
+    }
+
     /// The roles that apply on `target`: tenant-wide roles, and roles held in its workspace.
     /// A workspace role counts on an environment only for a principal confined to that workspace, since the store
-    /// resolves the environment within the scope's workspace; the path of an environment names no workspace.
+    /// resolves the environment within the scope's workspace; the path of an environment names no workspace, so a
+    /// user whose roles span workspaces is first confined to the environment's (`api::access`).
     pub fn roles_for<'a>(&'a self, target: Target<'a>) -> impl Iterator<Item = Role> + 'a {
         self.roles
             .iter()
@@ -205,6 +220,36 @@ impl TenantScope {
     /// A rollout's driver, acting with the authority of the (unrevoked) token that created it.
     pub(crate) fn for_rollout(creator: ApiToken) -> Self {
         Self::for_api_token(creator)
+    }
+
+    /// A rollout's driver, acting with the roles of the session a user created it in (a snapshot, as they applied in
+    /// its workspace). Its `auth_time` is the rollout's creation: the driver exercises nothing that steps up.
+    pub(crate) fn for_user_rollout(
+        tenant: TenantId,
+        subject: String,
+        session: SessionId,
+        roles: Vec<(Role, Option<WorkspaceId>)>,
+        created_at: Timestamp,
+    ) -> Self {
+        Self::for_session(tenant, session, subject, created_at, Grants::user(roles))
+    }
+
+    /// This scope for one request acting in workspace `ws` (one the path names, or an environment's): a user whose roles
+    /// span workspaces is confined to `ws` with the roles that apply there, so the decision and the store see only it.
+    /// Any other scope is returned as it is.
+    pub(crate) fn within_workspace(self, ws: WorkspaceId) -> Self {
+        match self.principal {
+            Principal::User { subject, session, auth_time, grants } if grants.spans_workspaces() => Self {
+                tenant: self.tenant,
+                principal: Principal::User { subject, session, auth_time, grants: grants.within(ws) },
+            },
+            principal => Self { tenant: self.tenant, principal },
+        }
+    }
+
+    /// Whether this is a user whose roles span workspaces ([`Grants::spans_workspaces`]).
+    pub fn spans_workspaces(&self) -> bool {
+        matches!(&self.principal, Principal::User { grants, .. } if grants.spans_workspaces())
     }
 
     /// The control plane recording in `tenant` on no one's behalf.
