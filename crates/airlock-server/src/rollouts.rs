@@ -12,8 +12,14 @@
 //! state out); [`drive`] reads the store, refreshes targets from their operations, plans, and
 //! writes. Everything is in the store, and a target's operation id is chosen and stored before
 //! the deploy is requested, so after a restart the driver carries on where it was and a request
-//! it repeats is the same operation. The driver acts with the authority of the API token that
-//! created the rollout, looked up again at every round: revoking that token halts the rollout.
+//! it repeats is the same operation.
+//!
+//! The driver acts with its creator's authority ([`RolloutCreator`], checked at every round).
+//! An API token is looked up again each round: revoked or expired, it halts the rollout.
+//! A signed-in user's rollout keeps the roles of the session it was created in, as they applied in
+//! its workspace (a snapshot: the driver needs no live session, so the user's logout or a session
+//! timing out does not stop it); an admin ending the user's sessions after the rollout's creation
+//! (`sso::sessions::end_user_sessions`, which leaves a per-user cut-off) halts it, audited.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +33,7 @@ use crate::authz::TenantScope;
 use crate::operations::{RequestError, Requested, Target};
 use crate::releases::{DeployableError, ReleaseSelector};
 use crate::state::{AppState, event, random};
-use crate::store::{RolloutRow, RolloutTargetRow, StoreError};
+use crate::store::{RolloutCreator, RolloutRow, RolloutTargetRow, StoreError, UnfinishedRollout};
 
 /// Most targets one rollout may have.
 pub const MAX_TARGETS: usize = 10_000;
@@ -120,8 +126,8 @@ pub enum RolloutError {
     NoTargets,
     #[error("a rollout reaches at most {MAX_TARGETS} appliances")]
     TooManyTargets,
-    #[error("rollouts are started with an API token")]
-    NotAToken,
+    #[error("rollouts are started by an API token or a signed-in user")]
+    NotAnApiPrincipal,
     #[error("no workspace {0} in your tenant")]
     NoWorkspace(WorkspaceId),
     #[error(transparent)]
@@ -140,8 +146,16 @@ pub async fn create(state: &AppState, scope: &TenantScope, new: NewRollout) -> R
     if reason.is_empty() || reason.chars().count() > 1000 || reason.chars().any(char::is_control) {
         return Err(RolloutError::Reason);
     }
-    let crate::authz::Principal::ApiToken { id: created_by, .. } = scope.principal() else {
-        return Err(RolloutError::NotAToken);
+    let created_by = match scope.principal() {
+        crate::authz::Principal::ApiToken { id, .. } => RolloutCreator::Token(*id),
+        crate::authz::Principal::User { subject, session, grants, .. } => RolloutCreator::User {
+            subject: subject.clone(),
+            session: *session,
+            roles: grants.within(new.workspace).roles,
+        },
+        crate::authz::Principal::Appliance(_) | crate::authz::Principal::System => {
+            return Err(RolloutError::NotAnApiPrincipal);
+        }
     };
     if !state.store.workspace_exists(scope, new.workspace).await? {
         return Err(RolloutError::NoWorkspace(new.workspace));
@@ -194,7 +208,7 @@ pub async fn create(state: &AppState, scope: &TenantScope, new: NewRollout) -> R
         concurrency: new.concurrency,
         max_failures: new.max_failures,
         reason,
-        created_by: *created_by,
+        created_by,
         state: RolloutState::Running,
         created_at: now,
         updated_at: now,
@@ -231,20 +245,15 @@ pub async fn run(state: Arc<AppState>, every: Duration, mut stop: tokio::sync::w
 }
 
 /// One round over every unfinished rollout.
-async fn round(state: &AppState) -> Result<(), StoreError> {
+pub(crate) async fn round(state: &AppState) -> Result<(), StoreError> {
     let unfinished = state.store.unfinished_rollouts().await?;
-    DRIVEN.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| unfinished.iter().any(|(u, _)| u == id));
-    for (id, token) in unfinished {
-        // The creator's authority, as it is now: a revoked or expired token halts its rollouts.
-        let live = state
-            .store
-            .api_token_by_id(token)
-            .await?
-            .filter(|row| row.grants.expires_at.is_none_or(|t| t > state.now()));
-        let scope = match live {
-            Some(row) => TenantScope::for_rollout(row),
-            None => {
-                halt_orphan(state, id).await?;
+    DRIVEN.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| unfinished.iter().any(|u| u.id == *id));
+    for rollout in unfinished {
+        let id = rollout.id;
+        let scope = match creator_scope(state, rollout).await? {
+            Ok(scope) => scope,
+            Err(why) => {
+                halt_orphan(state, id, why).await?;
                 continue;
             }
         };
@@ -419,19 +428,62 @@ async fn start_targets(
     }
 }
 
-/// A rollout whose creator's token is gone: halted, audited in its tenant's chain.
-async fn halt_orphan(state: &AppState, id: RolloutId) -> Result<(), StoreError> {
+/// Why a rollout's creator no longer lends it authority.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreatorGone {
+    /// The API token that created it was revoked, or expired.
+    TokenRevoked,
+    /// An admin ended the creating user's sessions after the rollout was created.
+    SessionsEnded,
+}
+
+impl CreatorGone {
+    /// The stable code the audit records.
+    pub const fn code(self) -> &'static str {
+        match self {
+            CreatorGone::TokenRevoked => "creator_token_revoked",
+            CreatorGone::SessionsEnded => "creator_sessions_ended",
+        }
+    }
+}
+
+/// The scope a rollout's driver acts in this round: its creator's authority as it is now (see the module doc).
+async fn creator_scope(
+    state: &AppState,
+    rollout: UnfinishedRollout,
+) -> Result<Result<TenantScope, CreatorGone>, StoreError> {
+    match rollout.creator {
+        RolloutCreator::Token(token) => {
+            let live = state
+                .store
+                .api_token_by_id(token)
+                .await?
+                .filter(|row| row.grants.expires_at.is_none_or(|t| t > state.now()));
+            Ok(live.map(TenantScope::for_rollout).ok_or(CreatorGone::TokenRevoked))
+        }
+        RolloutCreator::User { subject, session, roles } => {
+            let scope =
+                TenantScope::for_user_rollout(rollout.tenant, subject.clone(), session, roles, rollout.created_at);
+            // Ended at the very millisecond of the creation counts: the creating request may have been in flight.
+            let cut_off = state.store.session_cut_off(&scope, &subject).await?;
+            Ok(if cut_off.is_some_and(|at| at >= rollout.created_at) { Err(CreatorGone::SessionsEnded) } else { Ok(scope) })
+        }
+    }
+}
+
+/// A rollout whose creator no longer lends it authority: halted, audited in its tenant's chain.
+async fn halt_orphan(state: &AppState, id: RolloutId, why: CreatorGone) -> Result<(), StoreError> {
     let Some(tenant) = state.store.rollout_tenant(id).await? else { return Ok(()) };
     let scope = TenantScope::for_system(tenant);
     let now = state.now();
     let mut ev = event(scope.principal().actor(), AuditAction::RolloutHalted, Outcome::Success);
     ev.target = Some(id.to_string());
-    ev.detail = serde_json::json!({ "why": "the API token that created it was revoked" });
+    ev.detail = serde_json::json!({ "why": why.code() });
     let mut tx = state.store.write().await?;
     tx.set_rollout_state(&scope, id, RolloutState::Halted, now).await?;
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
-    tracing::warn!(rollout = %id, "rollout halted: the token that created it was revoked");
+    tracing::warn!(rollout = %id, why = why.code(), "rollout halted: its creator no longer lends it authority");
     Ok(())
 }
 

@@ -25,7 +25,7 @@ impl From<RolloutError> for ApiError {
             | RolloutError::Reason
             | RolloutError::NoTargets
             | RolloutError::TooManyTargets
-            | RolloutError::NotAToken => ApiError::bad_request(e.to_string()),
+            | RolloutError::NotAnApiPrincipal => ApiError::bad_request(e.to_string()),
             RolloutError::NoEnvironment(_) | RolloutError::NoWorkspace(_) => ApiError::not_found(e.to_string()),
             RolloutError::Release(DeployableError::NoRelease(..)) => ApiError::not_found(e.to_string()),
             RolloutError::Release(DeployableError::NoLongerVerifies(..)) => {

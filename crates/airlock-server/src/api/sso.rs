@@ -149,6 +149,10 @@ pub struct SessionView {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct LoggedOutView {
     pub ended: bool,
+    /// Where to send the browser so the provider's own session ends too (its `end_session_endpoint`, with
+    /// `id_token_hint` and `post_logout_redirect_uri`); absent when the provider names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_logout_url: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -457,7 +461,8 @@ pub(super) async fn session(Authed(scope): Authed) -> Json<SessionView> {
     })
 }
 
-/// Sign out: the session ends at once, and the cookie is cleared.
+/// Sign out: the session ends at once, and the cookie is cleared. When the provider has an `end_session_endpoint`, the
+/// answer names where to send the browser so the provider's session ends too.
 #[utoipa::path(post, path = "/v1/auth/logout", security(("bearer" = [])),
     responses((status = 200, body = LoggedOutView),
         (status = 400, body = super::ErrorBody, description = "the caller is an API token, not a session")))]
@@ -468,7 +473,9 @@ pub(super) async fn logout(State(state): State<Arc<AppState>>, Authed(scope): Au
     }
     match crate::sso::sessions::logout(&state, &scope).await {
         Ok(ended) => {
-            let mut resp = Json(LoggedOutView { ended }).into_response();
+            let provider_logout_url =
+                if ended { crate::sso::sessions::provider_logout_url(&state, &scope).await } else { None };
+            let mut resp = Json(LoggedOutView { ended, provider_logout_url }).into_response();
             add_cookie(&mut resp, &set_cookie(SESSION_COOKIE, "", Duration::ZERO));
             resp
         }

@@ -161,7 +161,17 @@ pub async fn begin(state: &AppState, req: Begin, from: Option<IpAddr>) -> Result
             .append_pair("code_challenge", &sha256_text(&verifier))
             .append_pair("code_challenge_method", "S256");
         if let Some(max_age) = req.max_age {
-            q.append_pair("max_age", &max_age.to_string()).append_pair("prompt", "login");
+            q.append_pair("max_age", &max_age.to_string());
+        }
+        // A CLI sign-in always makes the person authenticate at the provider again (`prompt=login`), as gcloud and az
+        // do. Its link can be sent to someone else (phishing): in a browser already signed in to the provider, the
+        // login would otherwise complete with no action of theirs and hand the one-time code to the loopback port of
+        // whatever process listens on their machine. The provider's own sign-in page, the one place they are used to
+        // checking, then stands between the link and the code, with MFA if the provider asks for it. (An interstitial
+        // page of ours would be a click on a page the link's sender chose to send them to; the provider's credential
+        // prompt is a deliberate act at a page they trust.)
+        if req.max_age.is_some() || req.cli.is_some() {
+            q.append_pair("prompt", "login");
         }
     }
     let pending = PendingLogin {
@@ -350,9 +360,8 @@ async fn redeem(
         return Err(with_subject(LoginRefusal::NoRole));
     }
     let kind = if pending.cli.is_some() { SessionKind::Cli } else { SessionKind::Browser };
-    let secret = open_session(state, &scope, &subject, email.as_deref(), &roles, kind, auth_time, now)
-        .await
-        .map_err(|e| with_subject(e.into()))?;
+    let opened = Opened { subject: &subject, email: email.as_deref(), roles: &roles, kind, auth_time, id_token: &id_token };
+    let secret = open_session(state, &scope, opened, now).await.map_err(with_subject)?;
     let finished = match &pending.cli {
         None => Finished::Browser { secret, return_to: pending.return_to.clone() },
         Some(cli) => {
@@ -366,22 +375,47 @@ async fn redeem(
     Ok((finished, pending.tenant))
 }
 
+/// What a verified sign-in opens a session with.
+struct Opened<'a> {
+    subject: &'a str,
+    email: Option<&'a str>,
+    roles: &'a [(Role, Option<airlock_core::WorkspaceId>)],
+    kind: SessionKind,
+    auth_time: Timestamp,
+    id_token: &'a str,
+}
+
+/// What the ID token kept with a session is sealed to: its tenant and session, so a row copied elsewhere opens nowhere.
+pub fn id_token_aad(tenant: TenantId, session: SessionId) -> Vec<u8> {
+    format!("airlock-session-id-token:{tenant}:{session}").into_bytes()
+}
+
 /// Stores a new session with its audit record (`user.login`, success) in one transaction.
-#[allow(clippy::too_many_arguments)]
+/// Its ID token is kept sealed, for the provider's logout (`id_token_hint`, [`super::sessions::provider_logout_url`]).
 async fn open_session(
     state: &AppState,
     scope: &TenantScope,
-    subject: &str,
-    email: Option<&str>,
-    roles: &[(Role, Option<airlock_core::WorkspaceId>)],
-    kind: SessionKind,
-    auth_time: Timestamp,
+    o: Opened<'_>,
     now: Timestamp,
-) -> Result<Secret, StoreError> {
+) -> Result<Secret, LoginRefusal> {
+    let Opened { subject, email, roles, kind, auth_time, id_token } = o;
     let id = SessionId::from_random(random());
     let secret = Secret::from_random(TokenKind::Session, random());
+    let sealed = state
+        .kek
+        .seal(id_token.as_bytes(), &id_token_aad(scope.tenant(), id))
+        .map_err(|e| LoginRefusal::Internal(format!("cannot seal the ID token: {e}")))?;
     let mut tx = state.store.write().await?;
-    let new = NewSession { id, hash: &secret.hash(), subject, email, roles, kind, auth_time };
+    let new = NewSession {
+        id,
+        hash: &secret.hash(),
+        subject,
+        email,
+        roles,
+        kind,
+        auth_time,
+        id_token_sealed: Some(&sealed),
+    };
     tx.create_session(scope, new, now).await?;
     let mut ev = event(format!("user:{subject}"), AuditAction::UserLogin, Outcome::Success);
     ev.target = Some(id.to_string());

@@ -51,7 +51,7 @@ pub use identity::{IdpConfigRow, RoleMappingRow};
 pub use operations::{OperationRow, PENDING_STATES, PushFrom, PushKey, ReleaseUpdate, ResultUpdate};
 pub use policies::{PolicyRow, PutPolicy};
 pub use releases::{ReleaseKeyRow, ReleaseRow};
-pub use rollouts::{RolloutRow, RolloutTargetRow};
+pub use rollouts::{RolloutCreator, RolloutRow, RolloutTargetRow, UnfinishedRollout};
 pub use sessions::{NewSession, SessionKind, SessionRow, parse_roles, roles_text};
 pub use templates::TemplateRow;
 pub use tenancy::{Environment, RedeemRefusal, RedeemedJoin, Workspace};
@@ -85,6 +85,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (18, "join_rules", include_str!("../../migrations/0018_join_rules.sql")),
     (19, "user_sessions", include_str!("../../migrations/0019_user_sessions.sql")),
     (20, "gcp_k8s_join", include_str!("../../migrations/0020_gcp_k8s_join.sql")),
+    (25, "rollout_creators", include_str!("../../migrations/0025_rollout_creators.sql")),
+    (26, "session_id_tokens", include_str!("../../migrations/0026_session_id_tokens.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

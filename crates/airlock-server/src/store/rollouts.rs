@@ -1,13 +1,14 @@
 //! Rollouts and their targets (one per appliance), with every state a rollout's driver needs to
 //! carry on after a restart.
 
-use airlock_core::id::TokenId;
+use airlock_core::id::{SessionId, TokenId};
 use airlock_core::operation::OperationState;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
 use sqlx::Row;
 
 use super::{Store, StoreError, WriteTx, code_col, code_text, parse_col, ts_col};
-use crate::authz::TenantScope;
+use super::sessions::{parse_roles, roles_text};
+use crate::authz::{Role, TenantScope};
 use crate::rollouts::{RolloutState, TargetState};
 
 #[derive(Clone, Debug)]
@@ -21,10 +22,57 @@ pub struct RolloutRow {
     pub concurrency: u32,
     pub max_failures: u32,
     pub reason: String,
-    pub created_by: TokenId,
+    pub created_by: RolloutCreator,
     pub state: RolloutState,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// Who created a rollout, and so whose authority its driver acts with (`crate::rollouts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RolloutCreator {
+    /// An API token, looked up again at every round: revoked or expired, it halts the rollout.
+    Token(TokenId),
+    /// A signed-in user: the session the rollout was created in and that session's roles as they applied in the
+    /// rollout's workspace, a snapshot; an admin ending the user's sessions after the creation halts it.
+    User { subject: String, session: SessionId, roles: Vec<(Role, Option<WorkspaceId>)> },
+}
+
+impl RolloutCreator {
+    /// The stored columns: `creator_kind`, `created_by`, `creator_session`, `creator_roles`.
+    fn columns(&self) -> (&'static str, String, Option<String>, Option<String>) {
+        match self {
+            RolloutCreator::Token(id) => ("token", id.to_string(), None, None),
+            RolloutCreator::User { subject, session, roles } => {
+                ("user", subject.clone(), Some(session.to_string()), Some(roles_text(roles)))
+            }
+        }
+    }
+
+    /// Read back strictly: a kind this build does not know, or a user without its session and roles, is corrupt.
+    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, StoreError> {
+        let kind: String = row.try_get("creator_kind")?;
+        let session: Option<String> = row.try_get("creator_session")?;
+        let roles: Option<String> = row.try_get("creator_roles")?;
+        match (kind.as_str(), session, roles) {
+            ("token", None, None) => Ok(RolloutCreator::Token(parse_col(row, "created_by")?)),
+            ("user", Some(session), Some(roles)) => Ok(RolloutCreator::User {
+                subject: row.try_get("created_by")?,
+                session: session.parse().map_err(|e| StoreError::Corrupt(format!("rollouts.creator_session: {e}")))?,
+                roles: parse_roles(&roles).map_err(|e| StoreError::Corrupt(format!("rollouts.creator_roles: {e}")))?,
+            }),
+            _ => Err(StoreError::Corrupt("rollouts.creator_kind".into())),
+        }
+    }
+}
+
+/// A rollout the driver visits: enough to make its creator's scope before reading anything else of it.
+#[derive(Clone, Debug)]
+pub struct UnfinishedRollout {
+    pub id: RolloutId,
+    pub tenant: airlock_core::TenantId,
+    pub created_at: Timestamp,
+    pub creator: RolloutCreator,
 }
 
 #[derive(Clone, Debug)]
@@ -42,7 +90,7 @@ pub struct RolloutTargetRow {
 const INSERT_ROWS: usize = 512;
 
 const ROLLOUT_COLUMNS: &str = "id, tenant_id, workspace_id, release_digest, release_name, release_version, concurrency, \
-     max_failures, reason, created_by, state, created_at, updated_at";
+     max_failures, reason, creator_kind, created_by, creator_session, creator_roles, state, created_at, updated_at";
 const TARGET_COLUMNS: &str = "position, environment_id, appliance_id, operation_id, state, detail, updated_at";
 
 impl Store {
@@ -108,14 +156,24 @@ impl Store {
     }
 
     /// Every rollout, in every tenant, that may still have work: what the driver visits. (The
-    /// driver then acts on each through a scope made from its creator's token.)
-    pub async fn unfinished_rollouts(&self) -> Result<Vec<(RolloutId, TokenId)>, StoreError> {
+    /// driver then acts on each through a scope made from its creator.)
+    pub async fn unfinished_rollouts(&self) -> Result<Vec<UnfinishedRollout>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, created_by FROM rollouts WHERE state IN ('running', 'halting') ORDER BY created_at",
+            "SELECT id, tenant_id, created_at, creator_kind, created_by, creator_session, creator_roles FROM rollouts
+             WHERE state IN ('running', 'halting') ORDER BY created_at",
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok((parse_col(r, "id")?, parse_col(r, "created_by")?))).collect()
+        rows.iter()
+            .map(|r| {
+                Ok(UnfinishedRollout {
+                    id: parse_col(r, "id")?,
+                    tenant: parse_col(r, "tenant_id")?,
+                    created_at: ts_col(r, "created_at")?,
+                    creator: RolloutCreator::from_row(r)?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -127,10 +185,12 @@ impl WriteTx<'_> {
         r: &RolloutRow,
         targets: &[RolloutTargetRow],
     ) -> Result<(), StoreError> {
+        let (creator_kind, created_by, creator_session, creator_roles) = r.created_by.columns();
         sqlx::query(
             "INSERT INTO rollouts (id, tenant_id, workspace_id, release_digest, release_name, release_version,
-                concurrency, max_failures, reason, created_by, state, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                concurrency, max_failures, reason, creator_kind, created_by, creator_session, creator_roles, state,
+                created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(r.id.to_string())
         .bind(scope.tenant().to_string())
@@ -141,7 +201,10 @@ impl WriteTx<'_> {
         .bind(i64::from(r.concurrency))
         .bind(i64::from(r.max_failures))
         .bind(&r.reason)
-        .bind(r.created_by.to_string())
+        .bind(creator_kind)
+        .bind(created_by)
+        .bind(creator_session)
+        .bind(creator_roles)
         .bind(code_text(r.state)?)
         .bind(r.created_at.unix_millis())
         .bind(r.updated_at.unix_millis())
@@ -230,7 +293,7 @@ fn rollout_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RolloutRow, StoreEr
         concurrency: small("concurrency")?,
         max_failures: small("max_failures")?,
         reason: row.try_get("reason")?,
-        created_by: parse_col(row, "created_by")?,
+        created_by: RolloutCreator::from_row(row)?,
         state: code_col(row, "state")?.ok_or_else(|| StoreError::Corrupt("rollouts.state".into()))?,
         created_at: ts_col(row, "created_at")?,
         updated_at: ts_col(row, "updated_at")?,

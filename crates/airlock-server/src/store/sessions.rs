@@ -62,6 +62,8 @@ pub struct NewSession<'a> {
     pub roles: &'a [(Role, Option<WorkspaceId>)],
     pub kind: SessionKind,
     pub auth_time: Timestamp,
+    /// The ID token it was opened with, sealed ([`crate::sso::login`]); for the provider's logout.
+    pub id_token_sealed: Option<&'a [u8]>,
 }
 
 /// Roles as stored: `role` or `role@wsp_…`, space separated.
@@ -128,6 +130,26 @@ impl Store {
         .await?;
         tx.commit_uncached().await
     }
+
+    /// The sealed ID token a session of the scope's tenant was opened with, if it kept one.
+    pub async fn session_id_token(&self, scope: &TenantScope, id: SessionId) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT id_token_sealed FROM user_sessions WHERE tenant_id = $1 AND id = $2")
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get::<Option<Vec<u8>>, _>("id_token_sealed")).transpose()?.flatten())
+    }
+
+    /// When an admin last ended `subject`'s sessions in the scope's tenant, if ever.
+    pub async fn session_cut_off(&self, scope: &TenantScope, subject: &str) -> Result<Option<Timestamp>, StoreError> {
+        let row = sqlx::query("SELECT cut_off_at FROM user_session_cutoffs WHERE tenant_id = $1 AND subject = $2")
+            .bind(scope.tenant().to_string())
+            .bind(subject)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| ts_col(&r, "cut_off_at")).transpose()
+    }
 }
 
 impl WriteTx<'_> {
@@ -138,8 +160,9 @@ impl WriteTx<'_> {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO user_sessions (id, tenant_id, secret_hash, subject, email, roles, kind, auth_time, created_at, last_seen_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+            "INSERT INTO user_sessions (id, tenant_id, secret_hash, subject, email, roles, kind, auth_time, created_at, last_seen_at,
+                id_token_sealed)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
         )
         .bind(s.id.to_string())
         .bind(scope.tenant().to_string())
@@ -150,6 +173,7 @@ impl WriteTx<'_> {
         .bind(s.kind.as_str())
         .bind(s.auth_time.unix_millis())
         .bind(now.unix_millis())
+        .bind(s.id_token_sealed)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -193,5 +217,25 @@ impl WriteTx<'_> {
         .execute(&mut *self.tx)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Records that `subject`'s authority was cut off at `now` (an admin ended their sessions), whether or not a session
+    /// was live: what the user set going before then (a rollout) reads it and stops. Never moves back.
+    pub async fn cut_off_user_sessions(
+        &mut self,
+        scope: &TenantScope,
+        subject: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO user_session_cutoffs (tenant_id, subject, cut_off_at) VALUES ($1, $2, $3)
+             ON CONFLICT (tenant_id, subject) DO UPDATE SET cut_off_at = MAX(cut_off_at, excluded.cut_off_at)",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(subject)
+        .bind(now.unix_millis())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
     }
 }

@@ -20,6 +20,8 @@ use crate::state::random;
 use crate::store::{NewSession, SessionKind};
 
 pub(crate) mod provider;
+mod rollouts;
+mod workspaces;
 
 /// A session of `subject` in `tenant` with `roles`, as a sign-in stores it; its secret.
 pub(crate) async fn new_session(
@@ -40,6 +42,7 @@ pub(crate) async fn new_session(
         roles,
         kind: SessionKind::Browser,
         auth_time,
+        id_token_sealed: None,
     };
     tx.create_session(&scope, new, api.state.now()).await.unwrap();
     tx.commit().await.unwrap();
@@ -196,6 +199,7 @@ async fn logout_and_an_admin_ending_a_users_sessions_refuse_the_very_next_reques
     let bob = new_session(&api, t, "bob", &[(Role::Viewer, None)], api.state.now()).await;
     let (s, headers, v) = call_as(&api, Via::Cookie(&bob), Method::POST, "/v1/auth/logout", None).await;
     assert_eq!((s, v["ended"].clone()), (StatusCode::OK, json!(true)), "{v}");
+    assert!(v.get("provider_logout_url").is_none(), "no provider, nothing to end there: {v}");
     let cleared = headers.get_all(http::header::SET_COOKIE).iter().any(|c| {
         let c = c.to_str().unwrap();
         c.starts_with("__Host-airlock_session=;") && c.contains("Max-Age=0")
@@ -665,6 +669,30 @@ mod sign_in {
         provider.answer_next(Answer::Token { claims, forged: false });
         let (s, _, v) = finish(&api, &started.state, "c1", Some(&started.cookie)).await;
         assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("reauthentication_required")));
+    }
+
+    /// A CLI sign-in's link can be sent to someone else: it always makes them sign in at the provider again, so a browser
+    /// already signed in there does not hand their loopback a code without their doing anything.
+    #[tokio::test]
+    async fn a_cli_sign_in_always_asks_the_provider_for_a_fresh_sign_in_and_a_browser_one_does_not() {
+        let (api, _provider) = api_with_provider(false, None).await;
+        let browser = begin(&api, "").await;
+        assert!(!browser.location.contains("prompt="), "{}", browser.location);
+        let challenge = "a".repeat(43);
+        let cli =
+            begin(&api, &format!("&cli_redirect=http%3A%2F%2F127.0.0.1%3A8123%2Fcb&cli_challenge={challenge}")).await;
+        let url = reqwest::Url::parse(&cli.location).unwrap();
+        let prompts: Vec<_> = url.query_pairs().filter(|(k, _)| k == "prompt").map(|(_, v)| v.into_owned()).collect();
+        assert_eq!(prompts, ["login"], "{}", cli.location);
+        assert!(!cli.location.contains("max_age"), "{}", cli.location);
+        // With step-up too, one prompt.
+        let both = begin(
+            &api,
+            &format!("&max_age=60&cli_redirect=http%3A%2F%2F127.0.0.1%3A8123%2Fcb&cli_challenge={challenge}"),
+        )
+        .await;
+        assert_eq!(both.location.matches("prompt=").count(), 1, "{}", both.location);
+        assert!(both.location.contains("max_age=60"));
     }
 
     /// Whoever picks the issuer picks who signs in under every mapped role, owner included, and the kept secret would
