@@ -466,7 +466,11 @@ async fn creator_scope(
                 TenantScope::for_user_rollout(rollout.tenant, subject.clone(), session, roles, rollout.created_at);
             // Ended at the very millisecond of the creation counts: the creating request may have been in flight.
             let cut_off = state.store.session_cut_off(&scope, &subject).await?;
-            Ok(if cut_off.is_some_and(|at| at >= rollout.created_at) { Err(CreatorGone::SessionsEnded) } else { Ok(scope) })
+            Ok(if cut_off.is_some_and(|at| at >= rollout.created_at) {
+                Err(CreatorGone::SessionsEnded)
+            } else {
+                Ok(scope)
+            })
         }
     }
 }

@@ -8,7 +8,8 @@
 // installed oidc-provider into (scripts/test does that). CONFIG holds:
 //   cert, key:   PEM files for HTTPS on 127.0.0.1 (the harness makes a test CA and this leaf)
 //   accounts:    a JSON file, re-read at every login and token, of the form
-//                { "accounts": { "<sub>": { "email", "groups": [..], "amr": [..], "acr" } },
+//                { "accounts": { "<sub>": { "email", "groups": [..], "amr": [..], "acr",
+//                                           "authenticated_seconds_ago"? } },
 //                  "next_login": "<sub>" | null }   (null: the user refuses, access_denied)
 //   clients:     [{ client_id, client_secret, redirect_uris, post_logout_redirect_uris?,
 //                   id_token_signed_response_alg? (RS256 | ES256), token_endpoint_auth_method? }]
@@ -131,8 +132,10 @@ async function interaction(req, res) {
       res.end(`next_login names ${sub}, which is not in the accounts file`);
       return;
     } else {
-      const { amr, acr } = accounts[sub];
+      const { amr, acr, authenticated_seconds_ago: ago } = accounts[sub];
       result = { login: { accountId: sub, amr, acr, remember: true } };
+      // A provider that backdates the login (its `auth_time`), as one answering from an old sign-in would.
+      if (ago) result.login.ts = Math.floor(Date.now() / 1000) - ago;
     }
   } else if (prompt.name === 'consent') {
     const grant = details.grantId

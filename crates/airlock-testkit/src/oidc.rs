@@ -67,6 +67,10 @@ pub struct Account {
     pub amr: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acr: Option<String>,
+    /// A provider that says the user authenticated this long ago even at a login it was asked to make fresh
+    /// (`prompt=login`, `max_age`): its ID tokens' `auth_time`, in seconds before the login.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authenticated_seconds_ago: Option<u64>,
 }
 
 impl Account {
@@ -77,7 +81,14 @@ impl Account {
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
             amr: vec!["pwd".to_owned()],
             acr: Some(ACR_PASSWORD.to_owned()),
+            authenticated_seconds_ago: None,
         }
+    }
+
+    /// The same account, its logins claiming to have happened `ago` earlier (an `auth_time` that old).
+    pub fn authenticated_ago(mut self, ago: Duration) -> Self {
+        self.authenticated_seconds_ago = Some(ago.as_secs());
+        self
     }
 
     /// The same account, logged in with a second factor too.

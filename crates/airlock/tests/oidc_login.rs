@@ -1,8 +1,9 @@
 //! People sign in through a real OpenID provider (panva's `oidc-provider`, `airlock_testkit::oidc`) to a real
 //! `airlock server`: the tenant's provider and group mappings set with the CLI, a browser driven through the login,
 //! the session cookie used for reads and refused for writes its roles do not give; unmapped groups, MFA, a group
-//! change at the provider, an admin ending sessions, logout, CSRF, replayed and cookie-less callbacks; and
-//! `airlock login` through its loopback redirect, its credential kept mode 0600.
+//! change at the provider, an admin ending sessions, logout, CSRF, replayed and cookie-less callbacks; step-up
+//! through the provider; a logout that ends the provider's session too; and `airlock login` through its loopback redirect (a fresh sign-in at the provider each
+//! time), its credential kept mode 0600.
 // Test helpers panic to report failure.
 #![allow(clippy::unwrap_used)]
 
@@ -28,7 +29,11 @@ struct Setup {
 fn setup() -> Setup {
     let port = free_port();
     let redirect = format!("https://127.0.0.1:{port}/v1/auth/callback");
-    let provider = OidcProvider::start(&[OidcClient::new("airlock", CLIENT_SECRET, &redirect)]);
+    let client = OidcClient {
+        post_logout_redirect_uris: vec![format!("https://127.0.0.1:{port}")],
+        ..OidcClient::new("airlock", CLIENT_SECRET, &redirect)
+    };
+    let provider = OidcProvider::start(&[client]);
     let ca = provider.ca_file();
     let listen = format!("127.0.0.1:{port}");
     let server = Server::start_with(
@@ -259,6 +264,108 @@ async fn unmapped_groups_mfa_replayed_and_cookie_less_callbacks_are_refused_with
     }
 }
 
+/// Step-up against the real provider: token management by a session whose provider sign-in is older than the tenant's
+/// `max_age` is refused with where to sign in again; that login asks the provider for a fresh sign-in (`max_age`,
+/// `prompt=login`), and only a fresh one lifts the refusal. (The server's clock is the system's here: the provider
+/// backdates the sign-in instead, as one answering from an old sign-in would.)
+#[tokio::test]
+async fn step_up_sends_the_person_back_to_the_provider_and_only_a_fresh_sign_in_lifts_it() {
+    let s = setup();
+    let out = Command::new(BIN)
+        .args(["idp", "set", "--issuer", s.provider.issuer(), "--client-id", "airlock", "--max-age", "5m"])
+        .env("AIRLOCK_URL", &s.server.url)
+        .env("AIRLOCK_TOKEN", &s.server.token)
+        .env("AIRLOCK_CA_FINGERPRINT", &s.server.fingerprint)
+        .env_remove("AIRLOCK_IDP_CLIENT_SECRET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let two_hours = std::time::Duration::from_secs(7200);
+    s.provider.set_account("ada", Account::new("ada@example.com", &["admins"]).authenticated_ago(two_hours));
+    let browser = s.browser();
+    let (status, v) = s.login(&browser, "ada").await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "an ordinary sign-in takes the provider's word on when: {v}");
+    // Reads need no recent sign-in; token management does.
+    assert_eq!(s.get(&browser, &s.envs_path()).await.0, StatusCode::OK);
+    let resp = browser.get(format!("{}/v1/tokens", s.server.url)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let login = resp.headers()["x-airlock-login"].to_str().unwrap().to_owned();
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "reauthentication_required");
+    assert_eq!(login, format!("/v1/auth/login?tenant={}&max_age=300", s.server.tenant));
+    let login = format!("{}{login}", s.server.url);
+
+    // The login URL asks the provider for a sign-in at most that old, made now.
+    let resp = browser.get(&login).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let authorize = reqwest::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
+    assert!(authorize.as_str().starts_with(s.provider.issuer()), "{authorize}");
+    let param = |n: &str| authorize.query_pairs().find(|(k, _)| k == n).map(|(_, v)| v.into_owned());
+    assert_eq!((param("max_age").as_deref(), param("prompt").as_deref()), (Some("300"), Some("login")));
+
+    // A provider that answers with the old sign-in anyway: refused, and token management stays refused.
+    s.provider.login_as("ada");
+    let callback = s.provider.drive_login(&browser, &login).await;
+    let resp = browser.get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "reauthentication_required");
+    assert_eq!(s.get(&browser, "/v1/tokens").await.0, StatusCode::UNAUTHORIZED);
+    assert!(s.user_login_reasons().iter().any(|r| r == "reauthentication_required"));
+
+    // A fresh sign-in at the provider lifts it.
+    s.provider.set_account("ada", Account::new("ada@example.com", &["admins"]));
+    let callback = s.provider.drive_login(&browser, &login).await;
+    let resp = browser.get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (status, v) = s.get(&browser, "/v1/tokens").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+/// Logging out of a browser session also ends the provider's session: the answer names the provider's
+/// `end_session_endpoint` with the session's ID token and this server as where to come back to.
+#[tokio::test]
+async fn a_browser_logout_sends_the_person_to_the_providers_logout_and_ends_the_session_there_too() {
+    let s = setup();
+    s.provider.set_account("alice", Account::new("alice@example.com", &["eng"]));
+    let browser = s.browser();
+    assert_eq!(s.login(&browser, "alice").await.0, StatusCode::SEE_OTHER);
+    // While the provider's session lives, a sign-in completes there without asking anything (here: a user who would
+    // refuse, were they asked).
+    s.provider.refuse_logins();
+    let callback = s.provider.drive_login(&browser, &s.login_url()).await;
+    assert_eq!(browser.get(&callback).send().await.unwrap().status(), StatusCode::SEE_OTHER, "{callback}");
+
+    let (status, v) = s.post(&browser, "/v1/auth/logout", json!({})).await;
+    assert_eq!((status, &v["ended"]), (StatusCode::OK, &json!(true)), "{v}");
+    let logout = reqwest::Url::parse(v["provider_logout_url"].as_str().unwrap()).unwrap();
+    assert!(logout.as_str().starts_with(s.provider.issuer()), "{logout}");
+    let param = |n: &str| logout.query_pairs().find(|(k, _)| k == n).map(|(_, v)| v.into_owned());
+    assert_eq!(param("id_token_hint").unwrap().split('.').count(), 3, "a JWT");
+    assert_eq!(param("client_id").as_deref(), Some("airlock"));
+    assert_eq!(param("post_logout_redirect_uri"), Some(s.server.url.clone()));
+    assert_eq!(s.get(&browser, "/v1/auth/session").await.0, StatusCode::UNAUTHORIZED, "ended here at once");
+
+    // The provider asks its user to confirm (its own page); they do, and come back here.
+    let page = browser.get(logout.clone()).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let page = page.text().await.unwrap();
+    let attr = |after: &str, name: &str| {
+        let start = page.find(after).unwrap();
+        let rest = &page[start..];
+        let at = rest.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+        rest[at..at + rest[at..].find('"').unwrap()].to_owned()
+    };
+    let action = logout.join(&attr("<form", "action")).unwrap();
+    let xsrf = attr("name=\"xsrf\"", "value");
+    let resp = browser.post(action).form(&[("xsrf", xsrf.as_str()), ("logout", "yes")]).send().await.unwrap();
+    assert!(resp.status().is_redirection(), "{}", resp.status());
+    let back = resp.headers()["location"].to_str().unwrap().to_owned();
+    assert!(back.starts_with(&s.server.url), "{back}");
+
+    // The provider's session is gone: signing in now asks the user, who refuses.
+    let callback = s.provider.drive_login(&browser, &s.login_url()).await;
+    assert_eq!(browser.get(&callback).send().await.unwrap().status(), StatusCode::UNAUTHORIZED, "{callback}");
+}
+
 #[tokio::test]
 async fn airlock_login_takes_the_session_through_a_loopback_redirect_and_keeps_it_mode_0600() {
     let s = setup();
@@ -283,6 +390,12 @@ async fn airlock_login_takes_the_session_through_a_loopback_redirect_and_keeps_i
     .unwrap();
     assert!(url.contains("cli_challenge=") && url.contains("cli_redirect="), "{url}");
     let browser = s.browser();
+    // The link could have been sent to someone else: the provider is asked to have them sign in, even if its session
+    // in this browser would do (`prompt=login`; see `sso::login::begin`).
+    let resp = s.browser().get(&url).send().await.unwrap();
+    let authorize = resp.headers()["location"].to_str().unwrap().to_owned();
+    let authorize = reqwest::Url::parse(&authorize).unwrap();
+    assert!(authorize.query_pairs().any(|(k, v)| k == "prompt" && v == "login"), "{authorize}");
     let callback = s.provider.drive_login(&browser, &url).await;
     let resp = browser.get(&callback).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::FOUND);

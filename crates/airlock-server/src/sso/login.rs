@@ -360,7 +360,8 @@ async fn redeem(
         return Err(with_subject(LoginRefusal::NoRole));
     }
     let kind = if pending.cli.is_some() { SessionKind::Cli } else { SessionKind::Browser };
-    let opened = Opened { subject: &subject, email: email.as_deref(), roles: &roles, kind, auth_time, id_token: &id_token };
+    let opened =
+        Opened { subject: &subject, email: email.as_deref(), roles: &roles, kind, auth_time, id_token: &id_token };
     let secret = open_session(state, &scope, opened, now).await.map_err(with_subject)?;
     let finished = match &pending.cli {
         None => Finished::Browser { secret, return_to: pending.return_to.clone() },
@@ -406,16 +407,8 @@ async fn open_session(
         .seal(id_token.as_bytes(), &id_token_aad(scope.tenant(), id))
         .map_err(|e| LoginRefusal::Internal(format!("cannot seal the ID token: {e}")))?;
     let mut tx = state.store.write().await?;
-    let new = NewSession {
-        id,
-        hash: &secret.hash(),
-        subject,
-        email,
-        roles,
-        kind,
-        auth_time,
-        id_token_sealed: Some(&sealed),
-    };
+    let new =
+        NewSession { id, hash: &secret.hash(), subject, email, roles, kind, auth_time, id_token_sealed: Some(&sealed) };
     tx.create_session(scope, new, now).await?;
     let mut ev = event(format!("user:{subject}"), AuditAction::UserLogin, Outcome::Success);
     ev.target = Some(id.to_string());

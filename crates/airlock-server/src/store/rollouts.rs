@@ -6,8 +6,8 @@ use airlock_core::operation::OperationState;
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
 use sqlx::Row;
 
-use super::{Store, StoreError, WriteTx, code_col, code_text, parse_col, ts_col};
 use super::sessions::{parse_roles, roles_text};
+use super::{Store, StoreError, WriteTx, code_col, code_text, parse_col, ts_col};
 use crate::authz::{Role, TenantScope};
 use crate::rollouts::{RolloutState, TargetState};
 

@@ -46,7 +46,8 @@ fn rollout_body() -> Value {
 
 async fn create_as(api: &Api, via: Via<'_>) -> RolloutId {
     let (s, _, v) =
-        call_as(api, via, Method::POST, &format!("/v1/workspaces/{}/rollouts", api.workspace), Some(rollout_body())).await;
+        call_as(api, via, Method::POST, &format!("/v1/workspaces/{}/rollouts", api.workspace), Some(rollout_body()))
+            .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["deploying"], 1, "{v}");
     v["id"].as_str().unwrap().parse().unwrap()

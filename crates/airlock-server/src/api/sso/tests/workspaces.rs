@@ -54,24 +54,41 @@ async fn roles_in_several_workspaces_apply_each_in_its_own_workspace_and_its_env
         assert_eq!(s, StatusCode::OK, "{v}");
     }
     for env in [&env_a, &env_b] {
-        let (s, _, v) = call_as(&api, Via::Cookie(&mia), Method::GET, &format!("/v1/environments/{env}/policy"), None).await;
+        let (s, _, v) =
+            call_as(&api, Via::Cookie(&mia), Method::GET, &format!("/v1/environments/{env}/policy"), None).await;
         assert_eq!(s, StatusCode::OK, "reads {env}'s policy: {v}");
     }
     // A deploy in A's environment is hers to ask: past the gate, it fails only for want of an appliance there.
-    let (s, _, v) =
-        call_as(&api, Via::Cookie(&mia), Method::POST, &format!("/v1/environments/{env_a}/deployments"), Some(deploy_body()))
-            .await;
+    let (s, _, v) = call_as(
+        &api,
+        Via::Cookie(&mia),
+        Method::POST,
+        &format!("/v1/environments/{env_a}/deployments"),
+        Some(deploy_body()),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_error(&v, "bad_request", "no active appliance");
     // Her deployer role in A lends nothing in B, where she only views.
-    let (s, _, v) =
-        call_as(&api, Via::Cookie(&mia), Method::POST, &format!("/v1/environments/{env_b}/deployments"), Some(deploy_body()))
-            .await;
+    let (s, _, v) = call_as(
+        &api,
+        Via::Cookie(&mia),
+        Method::POST,
+        &format!("/v1/environments/{env_b}/deployments"),
+        Some(deploy_body()),
+    )
+    .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "a viewer in B deployed in B: {v}");
     assert_error(&v, "not_granted", "no role");
-    let (s, _, v) = call_as(&api, Via::Cookie(&mia), Method::POST, &format!("/v1/workspaces/{b}/rollouts"), Some(json!({
-        "release": "shop@9.9.9", "reason": "ticket 7"
-    })))
+    let (s, _, v) = call_as(
+        &api,
+        Via::Cookie(&mia),
+        Method::POST,
+        &format!("/v1/workspaces/{b}/rollouts"),
+        Some(json!({
+            "release": "shop@9.9.9", "reason": "ticket 7"
+        })),
+    )
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     // Nothing tenant-wide.
@@ -90,15 +107,22 @@ async fn a_deployer_of_one_workspace_cannot_act_in_another_and_learns_nothing_of
     let (c, _) = workspace_with_env(&api, t, "c").await;
     relay_policy(&api, &env_b).await;
     // Deployer in A, operator in C: roles in several workspaces, none in B.
-    let dan = new_session(&api, t, "dan", &[(Role::Deployer, Some(a)), (Role::Operator, Some(c))], api.state.now()).await;
+    let dan =
+        new_session(&api, t, "dan", &[(Role::Deployer, Some(a)), (Role::Operator, Some(c))], api.state.now()).await;
     let unknown = airlock_core::EnvironmentId::from_random([7; 16]).to_string();
     let mut answers = Vec::new();
     for env in [&env_b, &unknown, &"not-an-id".to_owned()] {
-        let (s, _, v) =
-            call_as(&api, Via::Cookie(&dan), Method::POST, &format!("/v1/environments/{env}/deployments"), Some(deploy_body()))
-                .await;
+        let (s, _, v) = call_as(
+            &api,
+            Via::Cookie(&dan),
+            Method::POST,
+            &format!("/v1/environments/{env}/deployments"),
+            Some(deploy_body()),
+        )
+        .await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{env}: {v}");
-        let (s, _, read) = call_as(&api, Via::Bearer(&dan), Method::GET, &format!("/v1/environments/{env}/policy"), None).await;
+        let (s, _, read) =
+            call_as(&api, Via::Bearer(&dan), Method::GET, &format!("/v1/environments/{env}/policy"), None).await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{env}: {read}");
         assert!(!read.to_string().contains("signatures"), "{read}");
         answers.push((v, read));
@@ -111,19 +135,28 @@ async fn a_deployer_of_one_workspace_cannot_act_in_another_and_learns_nothing_of
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     // Another tenant's environment is no different.
     let dir = api._dir.path();
-    let globex =
-        crate::create_tenant(dir, &crate::keys::KekSource::default_for(dir), "globex", "default", &*api.clock).await.unwrap();
+    let globex = crate::create_tenant(dir, &crate::keys::KekSource::default_for(dir), "globex", "default", &*api.clock)
+        .await
+        .unwrap();
     let foreign = {
-        let scope = crate::authz::TenantScope::for_local_operator(globex.tenant, airlock_core::id::TokenId::from_random([1; 16]));
+        let scope = crate::authz::TenantScope::for_local_operator(
+            globex.tenant,
+            airlock_core::id::TokenId::from_random([1; 16]),
+        );
         let env = airlock_core::EnvironmentId::from_random(crate::state::random());
         let mut tx = api.state.store.write().await.unwrap();
         tx.create_environment(&scope, globex.workspace, env, "theirs", api.state.now()).await.unwrap();
         tx.commit().await.unwrap();
         env.to_string()
     };
-    let (s, _, v) =
-        call_as(&api, Via::Cookie(&dan), Method::POST, &format!("/v1/environments/{foreign}/deployments"), Some(deploy_body()))
-            .await;
+    let (s, _, v) = call_as(
+        &api,
+        Via::Cookie(&dan),
+        Method::POST,
+        &format!("/v1/environments/{foreign}/deployments"),
+        Some(deploy_body()),
+    )
+    .await;
     assert_eq!((s, &v), (StatusCode::FORBIDDEN, &answers[0].0));
     // Each refusal is audited on her tenant's chain.
     let denied = api
@@ -138,7 +171,8 @@ async fn a_deployer_of_one_workspace_cannot_act_in_another_and_learns_nothing_of
 #[test]
 fn grants_within_a_workspace_keep_only_what_applies_there_and_confine_to_it() {
     let (a, b) = (WorkspaceId::from_random([1; 16]), WorkspaceId::from_random([2; 16]));
-    let spanning = crate::authz::Grants::user(vec![(Role::Deployer, Some(a)), (Role::Viewer, Some(b)), (Role::Auditor, None)]);
+    let spanning =
+        crate::authz::Grants::user(vec![(Role::Deployer, Some(a)), (Role::Viewer, Some(b)), (Role::Auditor, None)]);
     assert!(spanning.spans_workspaces());
     let in_a = spanning.within(a);
     assert_eq!(in_a.roles, vec![(Role::Deployer, Some(a)), (Role::Auditor, Some(a))]);
