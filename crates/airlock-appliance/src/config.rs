@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub join_token: Option<String>,
     /// `aws`, `gcp` or `k8s`: join with the host's platform identity instead of a token.
     pub join_method: Option<String>,
+    /// The environment (`env_…`) to join: only its join rules judge the platform identity, and a join token must be its.
+    pub environment: Option<String>,
     /// The GCE metadata server a GCP join asks (default `http://metadata.google.internal`).
     pub gcp_metadata_url: Option<String>,
     /// The projected service-account token a Kubernetes join reads (default
@@ -96,6 +98,7 @@ pub struct Flags {
     pub ca_fingerprint: Option<String>,
     pub join_token: Option<String>,
     pub join_method: Option<String>,
+    pub environment: Option<String>,
     pub aws_sts_endpoint: Option<String>,
     pub gcp_metadata_url: Option<String>,
     pub k8s_token_path: Option<PathBuf>,
@@ -140,6 +143,8 @@ pub enum ConfigError {
     Fingerprint(#[from] airlock_core::fingerprint::FingerprintParseError),
     #[error("join token: {0}")]
     Token(#[from] airlock_core::token::TokenParseError),
+    #[error("`environment`: {0}")]
+    Environment(#[from] airlock_core::id::IdParseError),
     #[error("`admin_group` must be a group name or a numeric gid, got `{0}`")]
     AdminGroup(String),
     #[error("`audit_checkpoints`: {0}")]
@@ -231,6 +236,8 @@ pub struct ApplianceConfig {
     pub join_token: Option<Secret>,
     /// Join with the host's platform identity instead of a token (never both).
     pub platform_join: Option<PlatformJoinConfig>,
+    /// The environment a join names (`--environment`); `None`: the control plane finds it.
+    pub join_environment: Option<airlock_core::EnvironmentId>,
     pub state_dir: PathBuf,
     pub max_backoff: Duration,
     pub customer_keys: Vec<PathBuf>,
@@ -324,6 +331,9 @@ impl ApplianceConfig {
         if platform_join.is_some() && join_token.is_some() {
             return Err(ConfigError::TwoJoinMethods);
         }
+        let join_environment = pick(&flags.environment, "AIRLOCK_ENVIRONMENT", &file.environment)
+            .map(|e| e.parse::<airlock_core::EnvironmentId>())
+            .transpose()?;
         let state_dir = flags
             .state_dir
             .clone()
@@ -384,6 +394,7 @@ impl ApplianceConfig {
             ca_fingerprint,
             join_token,
             platform_join,
+            join_environment,
             state_dir,
             max_backoff,
             customer_keys,

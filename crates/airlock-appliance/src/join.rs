@@ -85,11 +85,13 @@ async fn platform_proof(
 }
 
 /// Joins with `key`, which the caller generated and saved first (see `StateDir::save_pending_join_key`).
-/// With `recover` (the expired credentials), keeps their identity or fails.
+/// With `environment`, only that environment may take it. With `recover` (the expired credentials), keeps their
+/// identity or fails.
 pub(crate) async fn join(
     control_plane: &str,
     pin: Fingerprint,
     with: JoinWith<'_>,
+    environment: Option<airlock_core::EnvironmentId>,
     key: &KeyPair,
     recover: Option<&Credentials>,
 ) -> Result<(Enrolment, String, Credentials), ApplianceError> {
@@ -121,6 +123,7 @@ pub(crate) async fn join(
         csr_pem,
         version: airlock_proto::VERSION.to_owned(),
         recover: recover.map(|(proof, _)| proof),
+        environment,
     };
     let resp = send(client.post(format!("{control_plane}{JOIN_PATH}")).json(&body)).await?;
     let joined: JoinResponse =

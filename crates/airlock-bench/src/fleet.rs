@@ -236,6 +236,7 @@ async fn enrol_one(ctx: &EnrolCtx) -> anyhow::Result<(Enrolled, u64, u64)> {
         csr_pem,
         version: airlock_proto::VERSION.to_owned(),
         recover: None,
+        environment: None,
     };
     let own_client;
     let client = match &ctx.shared_join_client {

@@ -23,6 +23,10 @@
 //! `csr_pem` and `version`, so a request from an appliance that knows only tokens reads as it
 //! always did; in code it is the enum [`JoinProof`], and a request with none or several is
 //! refused when read.
+//!
+//! An appliance may name the environment it means to join (`environment`): an identity whose
+//! rules name several environments is then placed in that one, and one that only another
+//! environment's rules accept is refused rather than joined elsewhere.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +53,9 @@ pub struct JoinRequest {
     pub version: String,
     /// Set by an appliance whose certificate expired while it was offline: it keeps its identity.
     pub recover: Option<RecoveryProof>,
+    /// The environment the appliance means to join (`--environment`): a platform identity is then judged by that
+    /// environment's join rules only, and a join token must be that environment's.
+    pub environment: Option<airlock_core::EnvironmentId>,
 }
 
 /// An appliance whose certificate expired asks to keep its identity (its id, and so its audit
@@ -226,6 +233,10 @@ pub struct JoinRequestWire {
     /// Set to keep an identity whose certificate expired offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recover: Option<RecoveryProof>,
+    /// The environment (`env_…`) the appliance means to join: only its join rules judge a platform identity, and a
+    /// join token must be its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
 }
 
 impl TryFrom<JoinRequestWire> for JoinRequest {
@@ -239,7 +250,12 @@ impl TryFrom<JoinRequestWire> for JoinRequest {
             (None, None, None, None) => return Err("a join request needs `join_token`, `aws_sts`, `gcp` or `k8s`"),
             _ => return Err("a join request carries one of `join_token`, `aws_sts`, `gcp` and `k8s`, not several"),
         };
-        Ok(Self { proof, csr_pem: w.csr_pem, version: w.version, recover: w.recover })
+        let environment = w
+            .environment
+            .map(|e| e.parse::<airlock_core::EnvironmentId>())
+            .transpose()
+            .map_err(|_| "`environment` is not an environment id (`env_…`)")?;
+        Ok(Self { proof, csr_pem: w.csr_pem, version: w.version, recover: w.recover, environment })
     }
 }
 
@@ -253,6 +269,7 @@ impl From<JoinRequest> for JoinRequestWire {
             csr_pem: r.csr_pem,
             version: r.version,
             recover: r.recover,
+            environment: r.environment.map(|e| e.to_string()),
         };
         match r.proof {
             JoinProof::JoinToken(t) => w.join_token = Some(t),

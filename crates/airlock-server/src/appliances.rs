@@ -55,7 +55,8 @@ pub enum JoinRefusal {
     Csr,
     /// The platform proof, or its challenge, is refused.
     Proof,
-    /// The platform identity is proved, but no environment, or more than one, accepts it.
+    /// The platform identity is proved, but no environment, or more than one, accepts it; or the
+    /// join names an environment that its token or its identity's rules are not for.
     NoEnvironment,
     /// The platform could not be asked (STS or the token issuer unreachable); the appliance may try again.
     PlatformUnavailable,
@@ -176,6 +177,20 @@ async fn join_with_token(state: &AppState, token: &str, request: &JoinRequest) -
             return Err(refuse(chain, JoinRefusal::Token, why).await);
         }
     };
+    // A join that names its environment is for that one only; the token stays unspent for the right appliance.
+    if let Some(named) = request.environment
+        && named != identity.environment
+    {
+        drop(tx);
+        let why = format!(
+            "the join names environment {named}, and this join token is for another; give the token of {named}, \
+             or the right --environment"
+        );
+        let detail = serde_json::json!({ "method": "join_token", "code": "other_environment" });
+        // The module's `refuse`, with a code in the detail (the local closure records the method only).
+        let chain = identity.tenant.to_string();
+        return Err(crate::appliances::refuse(state, chain, JoinRefusal::NoEnvironment, why, detail).await);
+    }
     // A recovery keeps its identity only in the environment the token names, and only while
     // that identity is the appliance's, unrevoked; otherwise the token is not spent.
     let recovered = match &recovering {
@@ -209,7 +224,9 @@ async fn join_with_platform(
     let method = proof.method();
     let refused = |r: PlatformRefusal| async move {
         let refusal = match &r {
-            PlatformRefusal::NoRule(_) | PlatformRefusal::SeveralEnvironments(..) => JoinRefusal::NoEnvironment,
+            PlatformRefusal::NoRule(_)
+            | PlatformRefusal::SeveralEnvironments(..)
+            | PlatformRefusal::NotNamedEnvironment(..) => JoinRefusal::NoEnvironment,
             r if r.unavailable() => JoinRefusal::PlatformUnavailable,
             _ => JoinRefusal::Proof,
         };
@@ -233,7 +250,7 @@ async fn join_with_platform(
         Ok(r) => r,
         Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), method, r).await),
     };
-    let matched = match crate::platform_join::verify(state, proof).await? {
+    let matched = match crate::platform_join::verify(state, proof, request.environment).await? {
         Ok(m) => m,
         Err(r) => return Err(refused(r).await),
     };

@@ -257,7 +257,7 @@ impl FailureLimiter {
     /// usually holds a whole /64, and would otherwise get a fresh budget per address it picks).
     fn normalized(key: FailureKey) -> FailureKey {
         match key {
-            FailureKey::Address(ip) => FailureKey::Address(crate::net::slots::address_key(ip)),
+            FailureKey::Address(ip) => FailureKey::Address(crate::net::prefix::address_key(ip)),
             other => other,
         }
     }

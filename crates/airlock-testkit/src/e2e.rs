@@ -324,7 +324,20 @@ impl Deployment {
 
     /// The same, with variables added to the appliance's environment.
     pub fn start_with_env(bin: &str, policy: &str, extra: &[&str], appliance_env: &[(&str, &str)]) -> Self {
-        let server = Server::start_with(bin, &["--heartbeat-interval", "1s"]);
+        Self::start_with_server_args(bin, policy, &[], extra, appliance_env)
+    }
+
+    /// The same, the server run with `server_extra` arguments too (e.g. a short certificate lifetime).
+    pub fn start_with_server_args(
+        bin: &str,
+        policy: &str,
+        server_extra: &[&str],
+        extra: &[&str],
+        appliance_env: &[(&str, &str)],
+    ) -> Self {
+        let mut server_args = vec!["--heartbeat-interval", "1s"];
+        server_args.extend_from_slice(server_extra);
+        let server = Server::start_with(bin, &server_args);
         let tmp = server.dir.path().to_owned();
         let customer = tmp.join("customer");
         ok(run(bin, &["customer", "keygen", "--out", customer.to_str().unwrap()]), "keygen");

@@ -56,6 +56,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         ca_fingerprint: boot.ca_fingerprint,
         join_token: Some(airlock_core::token::Secret::parse(airlock_core::token::TokenKind::Join, join_token)?),
         platform_join: None,
+        join_environment: None,
         state_dir: root.join("appliance"),
         max_backoff: Duration::from_secs(5),
         customer_keys: Vec::new(),

@@ -412,6 +412,10 @@ struct ApplianceRunArgs {
     /// audience is `airlock:<CA fingerprint>`). The appliance proves it again at each renewal.
     #[arg(long)]
     join_method: Option<String>,
+    /// The environment (`env_…`) to join: a platform identity is judged by its join rules only (another
+    /// environment's rules accepting it is a refusal), and a join token must be its.
+    #[arg(long)]
+    environment: Option<String>,
     /// The STS endpoint an AWS join signs for [default: https://sts.<region>.amazonaws.com].
     #[arg(long)]
     aws_sts_endpoint: Option<String>,
@@ -1274,6 +1278,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 ca_fingerprint: args.ca_fingerprint,
                 join_token: args.join_token,
                 join_method: args.join_method,
+                environment: args.environment,
                 aws_sts_endpoint: args.aws_sts_endpoint,
                 gcp_metadata_url: args.gcp_metadata_url,
                 k8s_token_path: args.k8s_token_path,

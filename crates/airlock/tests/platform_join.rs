@@ -308,6 +308,73 @@ fn an_appliance_joins_with_its_aws_role_and_every_bad_proof_is_refused_audited_a
 }
 
 #[test]
+fn an_appliance_that_names_its_environment_is_judged_by_that_environments_rules_only() {
+    let aws = Aws::start();
+    let server = Server::start_with(BIN, &["--aws-sts-endpoint", &aws.moto.url]);
+    // Two environments accept the `airlock-dup` role; a third accepts nothing it holds.
+    let (a, b, c) = (server.create_env("named-a"), server.create_env("named-b"), server.create_env("named-c"));
+    add_rule(&server, &a, Some(&format!("arn:aws:iam::{ACCOUNT}:role/airlock-dup")));
+    let rule_b = add_rule(&server, &b, None);
+    add_rule(&server, &c, Some(&format!("arn:aws:iam::{ACCOUNT}:role/nothing-here")));
+    let tmp = tempfile::tempdir().unwrap();
+    let with_env = |state: &str, env: Option<&str>| {
+        let creds = aws.dup.env();
+        let creds: Vec<(&str, &str)> = creds.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut args = vec!["--join-method", "aws", "--aws-sts-endpoint", &aws.moto.url];
+        if let Some(env) = env {
+            args.extend(["--environment", env]);
+        }
+        server.appliance_proc_with_env(&tmp.path().join(state), None, &args, &creds)
+    };
+
+    // Unnamed, the identity is ambiguous and joins nowhere, as before.
+    let mut ambiguous = with_env("ambiguous", None);
+    let status = wait_for(Duration::from_secs(20), "the ambiguous join to be refused", || ambiguous.exited());
+    assert!(!status.success());
+    assert!(ambiguous.log().contains("must match exactly one environment"), "{}", ambiguous.log());
+
+    // Named, only that environment's rules are asked, and it joins there.
+    let mut named = with_env("named", Some(&b));
+    let id = server.wait_connected(&mut named);
+    assert_eq!(server.appliance(&id)["environment_id"], b.as_str());
+    let joins = server.audited("appliance.join", "success");
+    let record = joins.iter().find(|r| r["target"] == id.as_str()).expect("the join is audited");
+    assert_eq!(record["detail"]["join_rule"], rule_b.as_str());
+    named.stop();
+
+    // Named, but only other environments accept it: refused with the reason, not joined elsewhere.
+    let appliances_before = server.appliances().len();
+    let mut elsewhere = with_env("elsewhere", Some(&c));
+    let status = wait_for(Duration::from_secs(20), "the join to be refused", || elsewhere.exited());
+    assert!(!status.success());
+    assert!(elsewhere.log().contains(&format!("names environment {c}")), "{}", elsewhere.log());
+    assert_eq!(server.appliances().len(), appliances_before, "nothing was issued");
+    let refused = join_refusals(&server);
+    assert!(refused.iter().any(|r| r["detail"]["code"] == "other_environment"), "{refused:#?}");
+
+    // A join token names its environment: a join that names another is refused and the token stays unspent.
+    let token = server.join_token(&a);
+    let mut wrong = server.appliance_proc_with(&tmp.path().join("token"), Some(&token), &["--environment", &b]);
+    let status = wait_for(Duration::from_secs(20), "the token join to be refused", || wrong.exited());
+    assert!(!status.success());
+    assert!(wrong.log().contains("this join token is for another"), "{}", wrong.log());
+    let mut right = server.appliance_proc_with(&tmp.path().join("token"), Some(&token), &["--environment", &a]);
+    let id = server.wait_connected(&mut right);
+    assert_eq!(server.appliance(&id)["environment_id"], a.as_str());
+    right.stop();
+
+    // An environment that is not an id is refused when the request is read.
+    let api = Anonymous::new(&server);
+    let (status, body) = api.post(
+        "/v1/join",
+        &json!({ "join_token": server.join_token(&a), "environment": "prod", "csr_pem": csr(), "version": "test" }),
+    );
+    assert_eq!(status, 400, "{body}");
+    let out = server.audit_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn join_rules_are_managed_by_owners_and_admins_and_checked() {
     let server = Server::start(BIN);
     let env = server.create_env("rules");

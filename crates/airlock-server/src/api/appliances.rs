@@ -68,6 +68,7 @@ pub(super) async fn join_challenge(
         Err(limit) => {
             let why = match limit {
                 ChallengeLimit::PerAddress => "this address holds too many unanswered join challenges",
+                ChallengeLimit::PerNetwork => "this address's network holds too many unanswered join challenges",
                 ChallengeLimit::Global => "too many join challenges are outstanding",
             };
             let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);

@@ -3,7 +3,9 @@
 //! [`slots`] caps each listener's connections (in total and per source address, an IPv6 /64 counting as one) and evicts idle ones fairly, then work stalled past a grace; [`files`] raises the open-file limit and splits it between the listeners.
 //! The listeners themselves ([`crate::https`], [`crate::gateway`]) apply the deadlines in [`ConnectionLimits`] and count what they shed in [`crate::metrics::ConnectionMetrics`].
 
+pub mod anonymous;
 pub mod files;
+pub mod prefix;
 pub mod slots;
 
 use std::net::SocketAddr;
@@ -19,7 +21,7 @@ pub use slots::{Eviction, Limits, Shed, Slot, SlotPool};
 pub struct ConnectionLimits {
     /// API connections at once; cut further to the API's share of the open-file limit.
     pub api_max_connections: usize,
-    /// API connections one source address may hold (an IPv6 /64 counts as one address, see [`slots::address_key`]).
+    /// API connections one source address may hold (an IPv6 /64 counts as one address, see [`prefix::address_key`]).
     pub api_connections_per_address: usize,
     /// How long an API connection may go without a request in flight, from its handshake on, before it is closed.
     pub api_idle_timeout: Duration,

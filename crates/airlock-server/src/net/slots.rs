@@ -1,7 +1,7 @@
 //! Connection slots: a bounded pool per listener, with a cap per source address.
 //!
 //! A [`Slot`] is held for a connection's whole life and frees itself on drop.
-//! Source addresses are grouped as [`address_key`] says: an IPv4 address on its own, an IPv6 address by its /64 (one host usually holds a whole /64), an IPv4-mapped IPv6 address as the IPv4 address.
+//! Source addresses are grouped as [`super::prefix::address_key`] says (an IPv6 /64 counts as one address).
 //! When a cap is reached, the oldest *evictable* connection in that scope (the whole pool, or the newcomer's address) is told to close and the newcomer takes its place; only when none is evictable is the newcomer refused.
 //! What is evictable is the listener's call ([`Eviction`]): a connection with no work in flight (an API connection between requests, a gateway peer that has sent nothing yet); in a pool with a stall grace, failing that, the connection whose work has been in flight longest, once past the grace (an upload that stalls, a handshake that stops halfway); never an authenticated appliance stream.
 //! So a peer that holds idle connections, floods bare TCP connects or stalls its requests only ever displaces its own kind, or work older than the grace, and cannot lock out a client that is doing something.
@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use super::prefix::address_key;
 
 /// Why a connection did not get a slot, or lost it; the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,20 +43,6 @@ impl Shed {
     /// Whether this says the pool itself is full (what `/readyz` reports), rather than one address at its share.
     pub fn pool_pressure(self) -> bool {
         matches!(self, Shed::PoolFull | Shed::Evicted)
-    }
-}
-
-/// The key a source address is counted under: IPv4 as is, IPv4-mapped IPv6 as IPv4, other IPv6 by its /64.
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
     }
 }
 
@@ -367,16 +355,6 @@ mod tests {
         let _work = slot.busy();
         tokio::time::sleep(grace + std::time::Duration::from_millis(20)).await;
         assert_eq!(strict.acquire(ip(2)).unwrap_err(), Shed::PoolFull);
-    }
-
-    #[test]
-    fn addresses_are_counted_by_ipv4_address_and_ipv6_slash_64() {
-        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(address_key(v6("2001:db8:1:2:3:4:5:6")), v6("2001:db8:1:2::"));
-        assert_eq!(address_key(v6("2001:db8:1:2:ffff::1")), v6("2001:db8:1:2::"));
-        assert_ne!(address_key(v6("2001:db8:1:3::1")), v6("2001:db8:1:2::"));
-        assert_eq!(address_key(v6("::ffff:10.0.0.1")), ip(1));
-        assert_eq!(address_key(ip(1)), ip(1));
     }
 
     #[tokio::test]

@@ -1,11 +1,14 @@
 //! Join challenges: short-lived, single-use nonces a platform proof must carry.
 //!
-//! Anyone may ask for one (an appliance has no credential yet), so what they hold is bounded:
-//! at most [`MAX_PER_ADDRESS`] outstanding per source address (an IPv6 /64 counting as one)
-//! and [`MAX_OUTSTANDING`] in all, about 100 bytes each; expired ones are dropped whenever the
-//! table is full before a request is refused. They live in memory only: a restart forgets them,
-//! which costs an appliance one retry, and nothing an anonymous peer does reaches the store.
-//! The limits are per process, as the store is.
+//! Anyone may ask for one (an appliance has no credential yet), so what they hold is bounded by
+//! [`crate::net::anonymous`]: at most [`BUDGET`]`.per_address` outstanding per source address (an
+//! IPv6 /64 counting as one), `per_network` per IPv6 /48 or IPv4 /24, and `total` in all, about
+//! 100 bytes each; expired ones are dropped whenever a level is full before a request is refused.
+//! A challenge is asked for before anything names a tenant (the proof that names one spends it),
+//! and a name the peer chose would be the attacker's to pick, so challenges are split by network
+//! only: filling the table takes [`crate::net::anonymous::Budget::networks_to_fill`] networks.
+//! They live in memory only: a restart forgets them, which costs an appliance one retry, and
+//! nothing an anonymous peer does reaches the store. The limits are per process, as the store is.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,19 +18,21 @@ use std::time::Duration;
 use airlock_core::Timestamp;
 use data_encoding::BASE64URL_NOPAD;
 
+use crate::net::anonymous::{Budget, Holder, Holdings, Over};
+
 /// How long a challenge may be answered.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(60);
-/// Challenges outstanding at once, across all peers.
-pub const MAX_OUTSTANDING: usize = 10_000;
-/// Challenges one source address may hold at once.
-pub const MAX_PER_ADDRESS: usize = 16;
+/// What challenges anonymous peers may hold at once. No party: see the module's comment.
+pub const BUDGET: Budget = Budget { per_address: 16, per_network: 128, per_party: 10_000, total: 10_000 };
 
 /// Why no challenge was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeLimit {
-    /// This address holds [`MAX_PER_ADDRESS`] unexpired challenges.
+    /// This address (an IPv6 /64) holds its share of unexpired challenges.
     PerAddress,
-    /// [`MAX_OUTSTANDING`] unexpired challenges are out.
+    /// This address's network (an IPv6 /48, an IPv4 /24) holds its share.
+    PerNetwork,
+    /// The table of unexpired challenges is full.
     Global,
 }
 
@@ -49,25 +54,26 @@ pub struct Challenge {
 #[derive(Debug)]
 struct Issued {
     expires_at: Timestamp,
-    /// The address it counts against (`None`: an in-memory caller with no address).
-    from: Option<IpAddr>,
+    /// Where it counts.
+    holder: Holder<()>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
     by_nonce: HashMap<String, Issued>,
-    per_address: HashMap<Option<IpAddr>, usize>,
+    held: Holdings<()>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self { by_nonce: HashMap::new(), held: Holdings::new(BUDGET) }
+    }
 }
 
 impl Table {
     fn remove(&mut self, nonce: &str) -> Option<Issued> {
         let issued = self.by_nonce.remove(nonce)?;
-        if let Some(n) = self.per_address.get_mut(&issued.from) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_address.remove(&issued.from);
-            }
-        }
+        self.held.remove(&issued.holder);
         Some(issued)
     }
 
@@ -87,30 +93,24 @@ pub struct Challenges {
 }
 
 impl Challenges {
-    /// Issues a challenge to `from`, unless it or everyone holds too many.
+    /// Issues a challenge to `from`, unless its address, its network or everyone holds too many.
     pub fn issue(&self, from: Option<IpAddr>, now: Timestamp, random: [u8; 32]) -> Result<Challenge, ChallengeLimit> {
-        let from = from.map(crate::net::slots::address_key);
+        let holder = Holder::new(from, None);
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let full = |t: &Table| {
-            if t.per_address.get(&from).copied().unwrap_or(0) >= MAX_PER_ADDRESS {
-                Some(ChallengeLimit::PerAddress)
-            } else if t.by_nonce.len() >= MAX_OUTSTANDING {
-                Some(ChallengeLimit::Global)
-            } else {
-                None
-            }
-        };
-        if full(&t).is_some() {
-            // Only when full: a sweep of at most MAX_OUTSTANDING entries, not one per request.
+        if t.held.over(&holder).is_some() {
+            // Only when full: a sweep of at most `BUDGET.total` entries, not one per request.
             t.prune(now);
-            if let Some(limit) = full(&t) {
-                return Err(limit);
+            match t.held.over(&holder) {
+                None => {}
+                Some(Over::Address) => return Err(ChallengeLimit::PerAddress),
+                Some(Over::Network) => return Err(ChallengeLimit::PerNetwork),
+                Some(Over::Party | Over::Total) => return Err(ChallengeLimit::Global),
             }
         }
         let nonce = BASE64URL_NOPAD.encode(&random);
         let expires_at = now.saturating_add(CHALLENGE_TTL);
-        t.by_nonce.insert(nonce.clone(), Issued { expires_at, from });
-        *t.per_address.entry(from).or_default() += 1;
+        t.held.add(&holder);
+        t.by_nonce.insert(nonce.clone(), Issued { expires_at, holder });
         Ok(Challenge { nonce, expires_at })
     }
 
@@ -157,21 +157,48 @@ mod tests {
         let t0 = Timestamp::from_unix_millis(1_000_000);
         let peer: IpAddr = "2001:db8::1".parse().unwrap();
         let same_64: IpAddr = "2001:db8::ffff".parse().unwrap();
-        for i in 0..MAX_PER_ADDRESS as u32 {
+        for i in 0..BUDGET.per_address as u32 {
             c.issue(Some(peer), t0, r(i)).unwrap();
         }
         assert_eq!(c.issue(Some(same_64), t0, r(999)).unwrap_err(), ChallengeLimit::PerAddress);
         // Once they expire, the address is served again.
         assert!(c.issue(Some(peer), t0.saturating_add(CHALLENGE_TTL), r(1000)).is_ok());
+        // Many IPv4 networks, each at its share, fill the table.
         let c = Challenges::default();
-        for i in 0..MAX_OUTSTANDING as u32 {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..BUDGET.total as u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + (i / 16) * 256 + i % 16));
             c.issue(Some(ip), t0, r(i)).unwrap();
         }
         let newcomer: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(c.issue(Some(newcomer), t0, r(u32::MAX)).unwrap_err(), ChallengeLimit::Global);
-        assert_eq!(c.outstanding(), MAX_OUTSTANDING);
+        assert_eq!(c.outstanding(), BUDGET.total);
         assert!(c.issue(Some(newcomer), t0.saturating_add(CHALLENGE_TTL), r(u32::MAX)).is_ok(), "expired ones swept");
         assert_eq!(c.outstanding(), 1);
+    }
+
+    #[test]
+    fn a_slash_48_flood_leaves_challenges_for_everyone_else() {
+        let c = Challenges::default();
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        // Every /64 of one /48 asks for its full share: only the network's share is issued.
+        let mut issued = 0;
+        for subnet in 0..=u16::MAX {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x48, subnet, 0, 0, 0, 1));
+            for k in 0..BUDGET.per_address as u32 {
+                match c.issue(Some(ip), t0, r(u32::from(subnet) << 5 | k)) {
+                    Ok(_) => issued += 1,
+                    Err(limit) => {
+                        assert_eq!(limit, ChallengeLimit::PerNetwork);
+                        break;
+                    }
+                }
+            }
+        }
+        assert_eq!(issued, BUDGET.per_network);
+        assert_eq!(c.outstanding(), BUDGET.per_network);
+        // An appliance on another /48, or on IPv4, still gets its challenge and can spend it.
+        let elsewhere = c.issue(Some("2001:db8:49::1".parse().unwrap()), t0, r(u32::MAX)).unwrap();
+        assert_eq!(c.spend(&elsewhere.nonce, t0), Ok(()));
+        assert!(c.issue(Some("198.51.100.7".parse().unwrap()), t0, r(u32::MAX - 1)).is_ok());
     }
 }

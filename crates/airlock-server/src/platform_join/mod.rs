@@ -13,7 +13,9 @@
 //! [`verify`] spends the challenge (the first answer takes it, so neither a challenge nor a
 //! proof carrying it is accepted twice), asks the platform, and matches the identity against
 //! every environment's [`rules`] with the one decision [`rules::match_identity`]: exactly one
-//! environment must accept it. `appliances::join` then issues the certificate as for a token
+//! environment must accept it. An appliance that names its environment (`--environment`) is
+//! judged by that environment's rules alone: several environments' rules cannot make its join
+//! ambiguous, and an identity only another environment accepts is refused, not placed there. `appliances::join` then issues the certificate as for a token
 //! join, and spends a Kubernetes token's `jti` in the same transaction.
 //!
 //! Replay windows: an AWS or GCP proof is good for one join, within the challenge's 60 s
@@ -121,6 +123,8 @@ pub enum PlatformRefusal {
     NoRule(PlatformIdentity),
     /// Rules of several environments accept it.
     SeveralEnvironments(PlatformIdentity, usize),
+    /// The appliance named this environment, whose rules do not accept it; another environment's do.
+    NotNamedEnvironment(PlatformIdentity, airlock_core::EnvironmentId),
 }
 
 impl PlatformRefusal {
@@ -133,6 +137,7 @@ impl PlatformRefusal {
             Self::NotThisRenewal => "renewal_challenge",
             Self::NoRule(_) => "no_matching_rule",
             Self::SeveralEnvironments(..) => "several_environments",
+            Self::NotNamedEnvironment(..) => "other_environment",
         }
     }
 
@@ -154,13 +159,18 @@ impl PlatformRefusal {
                 "join rules of {n} environments accept {}; an identity must match exactly one environment",
                 describe(id)
             ),
+            Self::NotNamedEnvironment(id, named) => format!(
+                "the join names environment {named}, whose join rules do not accept {}; another environment's do, \
+                 so it is not joined there either (fix the rules or the appliance's --environment)",
+                describe(id)
+            ),
         }
     }
 
     /// The identity the platform named, when it got that far.
     pub fn identity(&self) -> Option<&PlatformIdentity> {
         match self {
-            Self::NoRule(id) | Self::SeveralEnvironments(id, _) => Some(id),
+            Self::NoRule(id) | Self::SeveralEnvironments(id, _) | Self::NotNamedEnvironment(id, _) => Some(id),
             _ => None,
         }
     }
@@ -294,22 +304,42 @@ async fn prove(
 }
 
 /// Checks a join's platform proof, spends its challenge, asks the platform who made it, and
-/// finds the one environment that accepts that identity.
+/// finds the one environment that accepts that identity: among all, or only `named`'s rules when
+/// the appliance named its environment.
 pub async fn verify(
     state: &AppState,
     proof: &PlatformProof,
+    named: Option<airlock_core::EnvironmentId>,
 ) -> Result<Result<PlatformMatch, PlatformRefusal>, StoreError> {
     let Proved { identity, candidates, token_id } = match prove(state, proof, Freshness::Join).await? {
         Ok(p) => p,
         Err(r) => return Ok(Err(r)),
     };
-    Ok(match rules::match_identity(&candidates, &identity) {
+    Ok(decide(candidates, identity, token_id, named))
+}
+
+/// The join's decision, once the platform named the identity: exactly one environment, among
+/// `candidates` or among `named`'s rules alone.
+fn decide(
+    candidates: Vec<JoinRule>,
+    identity: PlatformIdentity,
+    token_id: Option<TokenId>,
+    named: Option<airlock_core::EnvironmentId>,
+) -> Result<PlatformMatch, PlatformRefusal> {
+    let (judged, elsewhere): (Vec<JoinRule>, Vec<JoinRule>) =
+        candidates.into_iter().partition(|r| named.is_none_or(|env| r.environment == env));
+    match rules::match_identity(&judged, &identity) {
         RuleMatch::One { tenant, environment, rule } => {
             Ok(PlatformMatch { tenant, environment, rule, identity, token_id })
         }
-        RuleMatch::NoRule => Err(PlatformRefusal::NoRule(identity)),
+        RuleMatch::NoRule => match named {
+            Some(env) if !matches!(rules::match_identity(&elsewhere, &identity), RuleMatch::NoRule) => {
+                Err(PlatformRefusal::NotNamedEnvironment(identity, env))
+            }
+            _ => Err(PlatformRefusal::NoRule(identity)),
+        },
         RuleMatch::SeveralEnvironments(envs) => Err(PlatformRefusal::SeveralEnvironments(identity, envs.len())),
-    })
+    }
 }
 
 /// Why a join rule was not added or removed.
@@ -507,4 +537,57 @@ pub async fn recheck_at_renewal(
             Err(PlatformRefusal::SeveralEnvironments(identity, envs.len()).reason())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use airlock_core::id::JoinRuleId;
+    use airlock_core::{EnvironmentId, TenantId, Timestamp};
+
+    use super::rules::{AwsIdentity, AwsRule, JoinRule, PlatformIdentity, RuleSpec};
+    use super::{PlatformRefusal, decide};
+
+    fn rule(env: EnvironmentId, pattern: &str) -> JoinRule {
+        JoinRule {
+            id: JoinRuleId::from_random(crate::state::random()),
+            tenant: TenantId::from_random([1; 16]),
+            environment: env,
+            spec: RuleSpec::Aws(AwsRule::new("123456789012", Some(pattern)).unwrap()),
+            created_at: Timestamp::from_unix_millis(0),
+        }
+    }
+
+    fn prod() -> PlatformIdentity {
+        PlatformIdentity::Aws(AwsIdentity::from_caller("123456789012", "arn:aws:iam::123456789012:role/airlock-prod"))
+    }
+
+    #[test]
+    fn a_named_environment_is_judged_by_its_own_rules_only() {
+        let (a, b, c) = (
+            EnvironmentId::from_random(crate::state::random()),
+            EnvironmentId::from_random(crate::state::random()),
+            EnvironmentId::from_random(crate::state::random()),
+        );
+        let both = vec![
+            rule(a, "arn:aws:iam::123456789012:role/airlock-*"),
+            rule(b, "arn:aws:iam::123456789012:role/airlock-prod"),
+        ];
+        // Unnamed: two environments accept it, so it is refused as ambiguous.
+        assert!(matches!(decide(both.clone(), prod(), None, None), Err(PlatformRefusal::SeveralEnvironments(_, 2))));
+        // Named: that environment's rules alone decide.
+        let joined = decide(both.clone(), prod(), None, Some(b)).unwrap();
+        assert_eq!((joined.environment, joined.rule), (b, both[1].id));
+        // Named, but only another environment accepts it: refused, not placed there.
+        let only_a = vec![both[0].clone()];
+        let refused = decide(only_a.clone(), prod(), None, Some(b)).unwrap_err();
+        assert!(matches!(refused, PlatformRefusal::NotNamedEnvironment(_, env) if env == b));
+        assert_eq!(refused.code(), "other_environment");
+        assert!(refused.reason().contains(&b.to_string()), "{}", refused.reason());
+        // Unnamed, the one environment that accepts it takes it, as before.
+        assert_eq!(decide(only_a.clone(), prod(), None, None).unwrap().environment, a);
+        // Named, and no environment accepts it: no rule at all.
+        let none = vec![rule(a, "arn:aws:iam::123456789012:role/other")];
+        assert!(matches!(decide(none, prod(), None, Some(c)), Err(PlatformRefusal::NoRule(_))));
+        assert!(matches!(decide(only_a, prod(), None, Some(c)), Err(PlatformRefusal::NotNamedEnvironment(..))));
+    }
 }

@@ -1,6 +1,9 @@
 //! Logins between the redirect to the provider and its callback: in memory, bounded, each for [`super::LOGIN_TTL`].
 //!
-//! Anyone may start a login, so nothing here grows with what an anonymous peer sends: one source address (an IPv6 /64 counts as one) holds at most [`PendingLogins::PER_ADDRESS`] logins and a newcomer from it evicts its own oldest; all addresses together hold at most [`PendingLogins::TOTAL`], past which new logins are refused until some expire (no live login of another address is evicted); and login starts are rate limited per address.
+//! Anyone may start a login, so nothing here grows with what an anonymous peer sends; what logins hold is counted by [`crate::net::anonymous`] under [`PendingLogins::BUDGET`].
+//! One source address (an IPv6 /64 counts as one) holds at most 16 logins and a newcomer from it evicts its own oldest; one network (an IPv6 /48, an IPv4 /24) at most 128, one tenant at most 1,000, and all together 10,000: past those, new logins are refused until some expire (no live login of another address is evicted).
+//! So a peer holding a /48 (65,536 /64s) takes 128 slots, not the table, and a flood aimed at one tenant's sign-in leaves the other tenants 9,000.
+//! Login starts are rate limited per address and per network, so neither can make the table of start counts fill up either.
 //! A callback takes its login only once its pre-login cookie matches ([`PendingLogins::take`]): a callback without it, or with another browser's, consumes nothing.
 
 use std::collections::{HashMap, VecDeque};
@@ -11,6 +14,8 @@ use std::time::Duration;
 use airlock_core::{TenantId, Timestamp};
 
 use super::LOGIN_TTL;
+use crate::net::anonymous::{Budget, Holder, Holdings, Over};
+use crate::net::prefix::{address_key, network_key};
 
 /// Where the CLI waits for its one-time code (`airlock login`): its loopback redirect and its PKCE challenge.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,16 +55,36 @@ pub enum TakeRefusal {
     Expired,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     by_state: HashMap<String, PendingLogin>,
     /// Each address's states, oldest first.
     by_address: HashMap<Option<IpAddr>, VecDeque<String>>,
-    starts: HashMap<Option<IpAddr>, (Timestamp, u32)>,
+    held: Holdings<TenantId>,
+    /// Login starts in the current window, per address and per network.
+    starts: HashMap<StartKey, (Timestamp, u32)>,
 }
 
-#[derive(Debug, Default)]
+/// Where a login start counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum StartKey {
+    Address(Option<IpAddr>),
+    Network(Option<IpAddr>),
+}
+
+#[derive(Debug)]
 pub struct PendingLogins(Mutex<Inner>);
+
+impl Default for PendingLogins {
+    fn default() -> Self {
+        Self(Mutex::new(Inner {
+            by_state: HashMap::new(),
+            by_address: HashMap::new(),
+            held: Holdings::new(Self::BUDGET),
+            starts: HashMap::new(),
+        }))
+    }
+}
 
 /// Why a login could not start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,53 +96,81 @@ pub enum StartRefusal {
 }
 
 impl PendingLogins {
-    pub const PER_ADDRESS: usize = 16;
-    pub const TOTAL: usize = 10_000;
+    /// What logins in progress may hold: per address, per network, per tenant and in all.
+    pub const BUDGET: Budget = Budget { per_address: 16, per_network: 128, per_party: 1_000, total: 10_000 };
     /// Login starts per address per minute: a person retries a few times, a script flooding the provider is stopped.
     pub const STARTS_PER_MINUTE: u32 = 30;
+    /// Login starts per network per minute: an office behind one /24 signs in, a /48 of scripts does not mint start counts.
+    pub const NETWORK_STARTS_PER_MINUTE: u32 = 120;
+    /// Start windows held at most: the network limit bounds how many a network adds a minute, so filling it takes many networks.
+    const MAX_START_WINDOWS: usize = 64 * 1024;
     const STARTS_WINDOW: Duration = Duration::from_secs(60);
 
-    /// Counts a login start from `from`; refused past the rate.
+    /// Counts a login start from `from`; refused past the rate of its address or its network.
     pub fn admit_start(&self, from: Option<IpAddr>, now: Timestamp) -> Result<(), StartRefusal> {
-        let key = from.map(crate::net::slots::address_key);
+        let keys = [StartKey::Network(from.map(network_key)), StartKey::Address(from.map(address_key))];
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.starts.len() >= Self::TOTAL {
+        if inner.starts.len() + keys.len() > Self::MAX_START_WINDOWS {
             inner.starts.retain(|_, (started, _)| now < started.saturating_add(Self::STARTS_WINDOW));
-            if inner.starts.len() >= Self::TOTAL {
+            if inner.starts.len() + keys.len() > Self::MAX_START_WINDOWS {
                 return Err(StartRefusal::Full);
             }
         }
-        let w = inner.starts.entry(key).or_insert((now, 0));
-        if now >= w.0.saturating_add(Self::STARTS_WINDOW) {
-            *w = (now, 0);
+        // Both are checked before either counts, so a refused start costs neither budget.
+        for key in keys {
+            let limit = match key {
+                StartKey::Network(_) => Self::NETWORK_STARTS_PER_MINUTE,
+                StartKey::Address(_) => Self::STARTS_PER_MINUTE,
+            };
+            let w = inner.starts.entry(key).or_insert((now, 0));
+            if now >= w.0.saturating_add(Self::STARTS_WINDOW) {
+                *w = (now, 0);
+            }
+            if w.1 >= limit {
+                let ends = w.0.saturating_add(Self::STARTS_WINDOW);
+                return Err(StartRefusal::RateLimited(ends.since(now).max(Duration::from_secs(1))));
+            }
         }
-        if w.1 >= Self::STARTS_PER_MINUTE {
-            let ends = w.0.saturating_add(Self::STARTS_WINDOW);
-            return Err(StartRefusal::RateLimited(ends.since(now).max(Duration::from_secs(1))));
+        for key in keys {
+            if let Some(w) = inner.starts.get_mut(&key) {
+                w.1 += 1;
+            }
         }
-        w.1 += 1;
         Ok(())
     }
 
-    /// Holds `login` under `state`, evicting this address's oldest login if it holds [`Self::PER_ADDRESS`].
+    /// Holds `login` under `state`, evicting this address's oldest login if it holds its share; refused when its
+    /// network, its tenant or the table holds theirs.
     pub fn insert(&self, state: String, login: PendingLogin, now: Timestamp) -> Result<(), StartRefusal> {
-        let key = login.from.map(crate::net::slots::address_key);
+        let holder = Holder::new(login.from, Some(login.tenant));
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.by_state.len() >= Self::TOTAL {
-            inner.purge_expired(now);
-            if inner.by_state.len() >= Self::TOTAL {
-                return Err(StartRefusal::Full);
+        // A state is random text; were one repeated, the newer login replaces the older, counted once.
+        inner.remove(&state);
+        let mut swept = false;
+        loop {
+            match inner.held.over(&holder) {
+                None => break,
+                Some(Over::Address) => {
+                    let oldest = inner.by_address.get_mut(&holder.address()).and_then(VecDeque::pop_front);
+                    match oldest {
+                        Some(oldest) => {
+                            inner.remove(&oldest);
+                        }
+                        // Counted but listed nowhere cannot happen; refusing is the safe answer if it did.
+                        None => return Err(StartRefusal::Full),
+                    }
+                }
+                Some(Over::Network | Over::Party | Over::Total) if !swept => {
+                    // Only when full: a sweep of at most `BUDGET.total` entries, not one per request.
+                    inner.purge_expired(now);
+                    swept = true;
+                }
+                Some(Over::Network | Over::Party | Over::Total) => return Err(StartRefusal::Full),
             }
         }
-        let Inner { by_state, by_address, .. } = &mut *inner;
-        let own = by_address.entry(key).or_default();
-        while own.len() >= Self::PER_ADDRESS {
-            if let Some(oldest) = own.pop_front() {
-                by_state.remove(&oldest);
-            }
-        }
-        own.push_back(state.clone());
-        by_state.insert(state, login);
+        inner.held.add(&holder);
+        inner.by_address.entry(holder.address()).or_default().push_back(state.clone());
+        inner.by_state.insert(state, login);
         Ok(())
     }
 
@@ -149,7 +202,9 @@ impl PendingLogins {
 impl Inner {
     fn remove(&mut self, state: &str) -> Option<PendingLogin> {
         let login = self.by_state.remove(state)?;
-        let key = login.from.map(crate::net::slots::address_key);
+        let holder = Holder::new(login.from, Some(login.tenant));
+        self.held.remove(&holder);
+        let key = holder.address();
         if let Some(own) = self.by_address.get_mut(&key) {
             own.retain(|s| s != state);
             if own.is_empty() {
@@ -223,8 +278,12 @@ mod tests {
     use super::*;
 
     fn login(from: &str, at: Timestamp) -> PendingLogin {
+        login_for(TenantId::from_random([1; 16]), from, at)
+    }
+
+    fn login_for(tenant: TenantId, from: &str, at: Timestamp) -> PendingLogin {
         PendingLogin {
-            tenant: TenantId::from_random([1; 16]),
+            tenant,
             issuer: "https://idp.example".into(),
             client_id: "airlock".into(),
             nonce: "n".into(),
@@ -243,14 +302,14 @@ mod tests {
         let p = PendingLogins::default();
         let t = Timestamp::from_unix_millis(1_000_000);
         p.insert("other".into(), login("192.0.2.9", t), t).unwrap();
-        for i in 0..PendingLogins::PER_ADDRESS + 3 {
+        for i in 0..PendingLogins::BUDGET.per_address + 3 {
             p.insert(format!("s{i}"), login("192.0.2.1", t), t).unwrap();
         }
-        assert_eq!(p.len(), PendingLogins::PER_ADDRESS + 1);
+        assert_eq!(p.len(), PendingLogins::BUDGET.per_address + 1);
         assert_eq!(p.take("s0", Some("cookie"), t).unwrap_err(), TakeRefusal::UnknownState, "the oldest was evicted");
         assert!(p.take("other", Some("cookie"), t).is_ok(), "another address's login stays");
         // An IPv6 /64 is one address.
-        for i in 0..PendingLogins::PER_ADDRESS + 1 {
+        for i in 0..PendingLogins::BUDGET.per_address + 1 {
             p.insert(format!("v6-{i}"), login(&format!("2001:db8::{i:x}"), t), t).unwrap();
         }
         assert_eq!(p.take("v6-0", Some("cookie"), t).unwrap_err(), TakeRefusal::UnknownState);
@@ -298,5 +357,74 @@ mod tests {
         assert!(matches!(p.admit_start(a, t), Err(StartRefusal::RateLimited(_))));
         assert!(p.admit_start(Some("192.0.2.2".parse().unwrap()), t).is_ok());
         assert!(p.admit_start(a, t.saturating_add(Duration::from_secs(60))).is_ok());
+    }
+
+    #[test]
+    fn a_slash_48_flood_leaves_sign_in_from_another_prefix_working() {
+        let p = PendingLogins::default();
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let tenant = TenantId::from_random([1; 16]);
+        // Every /64 of one /48 starts logins: the network holds its share, and the rest is refused, not evicting.
+        let mut held = 0;
+        for subnet in 0..=u16::MAX {
+            let from = format!("2001:db8:48:{subnet:x}::1");
+            match p.insert(format!("flood-{subnet}"), login_for(tenant, &from, t), t) {
+                Ok(()) => held += 1,
+                Err(refusal) => assert_eq!(refusal, StartRefusal::Full),
+            }
+        }
+        assert_eq!(held, PendingLogins::BUDGET.per_network);
+        assert_eq!(p.len(), PendingLogins::BUDGET.per_network);
+        assert!(p.take("flood-0", Some("cookie"), t).is_ok(), "the flood's first logins were not displaced either");
+        // A person of the same tenant on another network, IPv6 or IPv4, signs in.
+        p.insert("person".into(), login_for(tenant, "2001:db8:49::7", t), t).unwrap();
+        assert!(p.take("person", Some("cookie"), t).is_ok());
+        p.insert("office".into(), login_for(tenant, "198.51.100.7", t), t).unwrap();
+        assert!(p.take("office", Some("cookie"), t).is_ok());
+    }
+
+    #[test]
+    fn one_tenants_sign_ins_take_only_its_share_of_the_table() {
+        let p = PendingLogins::default();
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let (flooded, other) = (TenantId::from_random([1; 16]), TenantId::from_random([2; 16]));
+        // Many networks, each within its share, all aimed at one tenant.
+        let mut held = 0;
+        for i in 0..PendingLogins::BUDGET.total {
+            let from = format!("10.{}.{}.1", i / 256, i % 256);
+            if p.insert(format!("flood-{i}"), login_for(flooded, &from, t), t).is_ok() {
+                held += 1;
+            }
+        }
+        assert_eq!(held, PendingLogins::BUDGET.per_party);
+        assert_eq!(
+            p.insert("late".into(), login_for(flooded, "203.0.113.1", t), t).unwrap_err(),
+            StartRefusal::Full,
+            "the flooded tenant holds its share"
+        );
+        p.insert("other".into(), login_for(other, "203.0.113.1", t), t).unwrap();
+        assert!(p.take("other", Some("cookie"), t).is_ok(), "another tenant signs in");
+        // Once the flood's logins expire, the flooded tenant's people sign in again.
+        let later = t.saturating_add(LOGIN_TTL);
+        p.insert("late".into(), login_for(flooded, "203.0.113.1", later), later).unwrap();
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn starts_are_rate_limited_per_network_too() {
+        let p = PendingLogins::default();
+        let t = Timestamp::from_unix_millis(1_000_000);
+        // Fresh /64s of one /48 each start once: the network's rate stops them, not a new budget per /64.
+        let mut admitted = 0;
+        for subnet in 0..1_000u16 {
+            if p.admit_start(Some(format!("2001:db8:48:{subnet:x}::1").parse().unwrap()), t).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, PendingLogins::NETWORK_STARTS_PER_MINUTE);
+        assert!(p.admit_start(Some("2001:db8:49::1".parse().unwrap()), t).is_ok(), "another /48 starts");
+        assert!(
+            p.admit_start(Some("2001:db8:48::1".parse().unwrap()), t.saturating_add(Duration::from_secs(60))).is_ok()
+        );
     }
 }
