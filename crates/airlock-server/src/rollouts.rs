@@ -5,9 +5,8 @@
 //! Each target becomes an ordinary deploy operation (`Requested::Deploy`), so every appliance's
 //! customer decides about it exactly as about a single deploy; a target waiting for its
 //! customer's approval holds a slot. A round's starts are requested as one batch
-//! (`operations::request_many`: the release verified once, then signed, stored and pushed in
-//! chunks that overlap), so a rollout of thousands at full concurrency reaches every appliance
-//! within seconds, the first within a fraction of one.
+//! (`operations::request_many`: the release verified once, one transaction), so a rollout of
+//! thousands at full concurrency reaches every appliance within seconds.
 //!
 //! Decide, then act: [`plan`] is pure (the targets' states in, what to start and the rollout's
 //! state out); [`drive`] reads the store, refreshes targets from their operations, plans, and
@@ -356,10 +355,8 @@ pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Resu
 }
 
 /// Requests the deploys of the targets at `which` under ids stored first (see the module doc),
-/// all in one batch (`operations::request_many`, which stores and pushes them chunk by chunk:
-/// the first appliances have theirs while the last are signed); a request the control plane
-/// refuses (the appliance was revoked, the release's key was revoked) fails its target.
-/// Returns once every chunk is stored and pushed, so the API's answer shows them all.
+/// all in one batch (`operations::request_many`); a request the control plane refuses (the
+/// appliance was revoked, the release's key was revoked) fails its target.
 /// False if a store error left some of them to be asked again at the next round.
 async fn start_targets(
     state: &AppState,
@@ -402,17 +399,12 @@ async fn start_targets(
     };
     match crate::operations::request_many(state, scope, what, reason, &requests).await {
         Ok(results) => {
-            let mut settled = true;
             for (&i, r) in which.iter().zip(results) {
-                match r {
-                    Ok(_) => {}
-                    // Stored as deploying under its id, never requested: the next round asks
-                    // again (as after a restart).
-                    Err(RequestError::Interrupted) => settled = false,
-                    Err(e) => fail(&mut targets[i], &e),
+                if let Err(e) = r {
+                    fail(&mut targets[i], &e);
                 }
             }
-            settled
+            true
         }
         // The store, not the requests: nothing was stored, and the next round asks again
         // under the same ids.

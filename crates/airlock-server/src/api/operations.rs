@@ -64,9 +64,7 @@ impl From<RequestError> for ApiError {
             RequestError::Release(DeployableError::NoLongerVerifies(..)) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unverified", e.to_string())
             }
-            RequestError::Release(DeployableError::Interrupted) | RequestError::Interrupted => {
-                ApiError::unavailable(e.to_string())
-            }
+            RequestError::Release(DeployableError::Interrupted) => ApiError::unavailable(e.to_string()),
             RequestError::Release(DeployableError::Store(e)) => e.into(),
             RequestError::Sign => ApiError::internal(e.to_string()),
             RequestError::Store(e) => e.into(),

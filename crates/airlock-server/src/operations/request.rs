@@ -1,12 +1,13 @@
 //! Requesting an operation: render the current template version, sign the request with the operations key, store it with its audit record, and push it to the appliance.
 //!
-//! One path for one request and for many ([`request_many`], a rollout's round): what is requested is prepared once, then the requests are signed, stored with their audit records and pushed chunk by chunk, the next chunk signed while one is stored and pushed.
-//! An operation is never stored without its audit record (one transaction per chunk), nor pushed before its commit.
+//! One path for one request and for many ([`request_many`], a rollout's round): what is requested is prepared once, every request is signed, and all of them are stored with their audit records in one write transaction before any is pushed. An operation is never stored without its audit record, nor pushed before its commit.
 //!
 //! The request is signed by the operations key ([`crate::signer`]) and stored with that key's certificate, so its manifest verifies after a restart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+
+use airlock_core::dsse::Envelope;
 
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::grant::OperationRequest;
@@ -21,12 +22,6 @@ use crate::push::Work;
 use crate::releases::{DeployableError, ReleaseSelector};
 use crate::state::{AppState, event, random};
 use crate::store::{ApplianceRow, Environment, OperationRow, StoreError};
-
-/// Requests signed, stored and pushed together in a batch ([`request_many`]): large enough that
-/// a transaction's fixed cost is small beside its rows, small enough that the first appliances
-/// have their instruction while the rest are being signed. Small in unit tests, so that they
-/// cross chunk boundaries.
-const REQUEST_CHUNK: usize = if cfg!(test) { 2 } else { 1_000 };
 
 /// Longest reason an operator may give for a request.
 const MAX_REASON_CHARS: usize = 1000;
@@ -82,10 +77,6 @@ pub enum RequestError {
     NoTask { task: String, release: String },
     #[error("the control plane could not sign the request; retry later")]
     Sign,
-    /// A batch stopped on a store error after earlier chunks were stored; this request was not
-    /// (nor its audit record), and asking again under the same id makes it once.
-    #[error("the control plane stopped before storing this request; ask again")]
-    Interrupted,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -117,16 +108,14 @@ pub async fn request(state: &AppState, scope: &TenantScope, new: NewOperation) -
 }
 
 /// Requests the same operation (`what`, `reason`) of many appliances at once: what is
-/// requested is prepared (a release verified, a template rendered) once; then, in chunks of
-/// [`REQUEST_CHUNK`], the requests are signed in parallel off the async workers, every
-/// operation of the chunk is stored with its audit record in ONE write transaction (noted in
-/// the push index around it), and each is pushed to its appliance if connected. The next chunk
-/// is signed while one is stored and pushed.
+/// requested is prepared (a release verified, a template rendered) once; the requests are
+/// signed in parallel off the async workers; every operation is stored with its audit record
+/// in ONE write transaction (noted in the push index around it); then each is pushed to its
+/// appliance if connected.
 ///
 /// `Err`: nothing was stored (the reason, what is requested, signing or the store failed).
 /// `Ok`: one result per target, in order; a target whose environment or appliance is not
-/// (or no longer) an active one of the tenant's fails alone, and if the store failed after
-/// some chunks were stored, the targets not stored are [`RequestError::Interrupted`].
+/// (or no longer) an active one of the tenant's fails alone.
 pub async fn request_many(
     state: &AppState,
     scope: &TenantScope,
@@ -227,127 +216,22 @@ pub async fn request_many(
                 environment: env.id,
             },
         ));
-        // Replaced once its chunk is stored.
-        out.push(Err(RequestError::Interrupted));
+        // Filled in below once signed.
+        out.push(Err(RequestError::Sign));
     }
 
-    // The pipeline: chunk k+1 is signed on the blocking pool while chunk k is stored and
-    // pushed, so the first appliances have their instruction while the last are being signed.
-    let mut chunks = Vec::new();
-    while !statements.is_empty() {
-        let rest = statements.split_off(REQUEST_CHUNK.min(statements.len()));
-        chunks.push(std::mem::replace(&mut statements, rest));
-    }
-    let mut chunks = chunks.into_iter();
-    let mut signing = chunks.next().map(|c| sign_all(state, c));
-    let mut stored_any = false;
-    while let Some(current) = signing.take() {
-        let signed = current.await;
-        // Started before this chunk is stored, so the two overlap.
-        signing = chunks.next().map(|c| sign_all(state, c));
-        let result = match signed {
-            Ok(signed) => store_and_push(state, scope, &prepared, signed, now, &mut out).await,
-            Err(e) => Err(e),
-        };
-        let Err(e) = result else {
-            stored_any = true;
-            continue;
-        };
-        if !stored_any {
-            // Nothing stored: the whole batch failed, as one request would.
-            return Err(e);
-        }
-        // Earlier chunks are stored and pushed; this one and the rest are not (their slots
-        // still hold `Interrupted`): a store error leaves them to be asked again under the same
-        // ids, a signing error fails them.
-        tracing::error!(error = %e, "a batch of requests stopped part-way");
-        if !matches!(e, RequestError::Store(_)) {
-            for r in out.iter_mut().filter(|r| matches!(r, Err(RequestError::Interrupted))) {
-                *r = Err(RequestError::Sign);
-            }
-        }
-        break;
-    }
-    let stored = out.iter().filter(|r| r.is_ok()).count();
-    tracing::info!(operations = stored, targets = targets.len(), "operations requested");
-    Ok(out)
-}
-
-/// The reason, trimmed, if the customer can read it.
-fn checked_reason(reason: &str) -> Result<String, RequestError> {
-    let reason = reason.trim().to_owned();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
-        return Err(RequestError::Reason);
-    }
-    Ok(reason)
-}
-
-/// A chunk of signed requests: each statement (its slot among the targets and its workspace)
-/// beside its envelope's JSON, in order.
-type Signed = Vec<((usize, WorkspaceId, RequestStatement), String)>;
-
-/// Starts signing requests with the operations key at once, on the blocking pool, split over
-/// the available cores (a rollout signs thousands and must not hold an async worker); the
-/// future returned collects them in order.
-fn sign_all(
-    state: &AppState,
-    statements: Vec<(usize, WorkspaceId, RequestStatement)>,
-) -> impl Future<Output = Result<Signed, RequestError>> + use<> {
-    /// Below this, one thread signs them: a hand-off costs more than it saves.
-    const PER_THREAD_AT_LEAST: usize = 64;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = statements.len().div_ceil(threads).max(PER_THREAD_AT_LEAST);
-    let mut statements = statements;
-    let mut parts = Vec::new();
-    while !statements.is_empty() {
-        let rest = statements.split_off(per.min(statements.len()));
-        parts.push(std::mem::replace(&mut statements, rest));
-    }
-    let handles: Vec<_> = parts
-        .into_iter()
-        .map(|part| {
-            let signer = state.ops_signer.clone();
-            tokio::task::spawn_blocking(move || {
-                part.into_iter()
-                    .map(|s| signer.sign_request(&s.2).map(|e| (s, e.to_json())))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-        })
-        .collect();
-    async move {
-        let sign_err = |e: &dyn std::fmt::Display| {
-            tracing::error!(error = %e, "cannot sign an operation request");
-            RequestError::Sign
-        };
-        let mut out = Vec::new();
-        for h in handles {
-            out.extend(h.await.map_err(|e| sign_err(&e))?.map_err(|e| sign_err(&e))?);
-        }
-        Ok(out)
-    }
-}
-
-/// Stores a chunk of signed requests, each with its audit record, in one write transaction
-/// (noted in the push index around it), then pushes each to its appliance if connected. Fills
-/// the chunk's slots of `out`. `Err`: nothing of this chunk was stored.
-async fn store_and_push(
-    state: &AppState,
-    scope: &TenantScope,
-    prepared: &HashMap<WorkspaceId, Arc<Prepared>>,
-    signed: Signed,
-    now: airlock_core::Timestamp,
-    out: &mut [Result<OperationRow, RequestError>],
-) -> Result<(), RequestError> {
+    let signed = sign_all(state, statements).await?;
     let mut slots = Vec::with_capacity(signed.len());
     let mut rows = Vec::with_capacity(signed.len());
     let mut events = Vec::with_capacity(signed.len());
-    for ((slot, workspace, statement), envelope_json) in signed {
+    for ((slot, workspace, statement), envelope) in signed {
         let p = &prepared[&workspace];
-        let (row, ev) = stored(scope, workspace, p, statement, envelope_json, state.ops_signer.cert_pem(), now);
+        let (row, ev) = stored(scope, workspace, p, statement, envelope.to_json(), state.ops_signer.cert_pem(), now);
         slots.push(slot);
         rows.push(row);
         events.push(ev);
     }
+
     let works: Vec<Work> = rows.iter().map(|r| Work::Operation(r.appliance_id)).collect();
     let inserted = state
         .push
@@ -361,20 +245,65 @@ async fn store_and_push(
             Ok::<_, RequestError>(inserted)
         })
         .await?;
-    let mut pushed = Vec::with_capacity(rows.len());
     for ((slot, row), ok) in slots.into_iter().zip(rows).zip(inserted) {
-        if ok {
+        out[slot] = if ok {
             tracing::debug!(operation = %row.id, appliance = %row.appliance_id, template = %row.template_name, "operation requested");
-            pushed.push(slot);
-            out[slot] = Ok(row);
+            Ok(row)
         } else {
-            out[slot] = Err(RequestError::NotActive { appliance: row.appliance_id, environment: row.environment_id });
-        }
+            Err(RequestError::NotActive { appliance: row.appliance_id, environment: row.environment_id })
+        };
     }
-    // Every operation of this chunk stored, and only those: pushed only after their commit.
-    let stored: Vec<&OperationRow> = pushed.iter().filter_map(|&slot| out[slot].as_ref().ok()).collect();
+    // Every stored operation, and only those: the others' slots hold why they were not.
+    let stored: Vec<&OperationRow> = out.iter().filter_map(|r| r.as_ref().ok()).collect();
+    tracing::info!(operations = stored.len(), targets = targets.len(), "operations requested");
     state.push.requested(scope, &stored).await;
-    Ok(())
+    Ok(out)
+}
+
+/// The reason, trimmed, if the customer can read it.
+fn checked_reason(reason: &str) -> Result<String, RequestError> {
+    let reason = reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
+        return Err(RequestError::Reason);
+    }
+    Ok(reason)
+}
+
+/// Requests signed with the operations key, each returned beside its envelope, in order: on
+/// the blocking pool, split over the available cores (a rollout signs thousands at once and
+/// must not hold an async worker).
+async fn sign_all<T: Send + 'static>(
+    state: &AppState,
+    statements: Vec<(usize, T, RequestStatement)>,
+) -> Result<Vec<((usize, T, RequestStatement), Envelope)>, RequestError> {
+    /// Below this, one thread signs them: a hand-off costs more than it saves.
+    const PER_THREAD_AT_LEAST: usize = 64;
+    let sign_err = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "cannot sign an operation request");
+        RequestError::Sign
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = statements.len().div_ceil(threads).max(PER_THREAD_AT_LEAST);
+    let mut statements = statements;
+    let mut chunks = Vec::new();
+    while !statements.is_empty() {
+        let rest = statements.split_off(per.min(statements.len()));
+        chunks.push(std::mem::replace(&mut statements, rest));
+    }
+    let handles: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let signer = state.ops_signer.clone();
+            tokio::task::spawn_blocking(move || {
+                chunk.into_iter().map(|s| signer.sign_request(&s.2).map(|e| (s, e))).collect::<Result<Vec<_>, _>>()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.extend(h.await.map_err(|e| sign_err(&e))?.map_err(|e| sign_err(&e))?);
+    }
+    Ok(out)
 }
 
 /// The row and audit event of a signed request.

@@ -264,41 +264,26 @@ impl WriteTx<'_> {
         scope: &TenantScope,
         ops: &[OperationRow],
     ) -> Result<Vec<bool>, StoreError> {
-        /// From this many operations of one environment, their appliances are read together
-        /// (by id, so a chunk of a large rollout reads its own appliances, not the whole
-        /// environment's) rather than looked up one by one.
-        const READ_TOGETHER_FROM: usize = 32;
-        /// Appliance ids bound in one read, far below SQLite's limit of 32,766 parameters.
-        const IDS_PER_READ: usize = 500;
-        let mut groups: HashMap<(EnvironmentId, WorkspaceId), Vec<String>> = HashMap::new();
+        /// From this many operations of one environment, its appliances are read at once
+        /// rather than looked up one by one.
+        const READ_ALL_FROM: usize = 32;
+        let mut groups: HashMap<(EnvironmentId, WorkspaceId), usize> = HashMap::new();
         for op in ops {
-            groups.entry((op.environment_id, op.workspace_id)).or_default().push(op.appliance_id.to_string());
+            *groups.entry((op.environment_id, op.workspace_id)).or_default() += 1;
         }
         let mut owned: HashMap<(EnvironmentId, WorkspaceId), HashSet<ApplianceId>> = HashMap::new();
-        for (&(env, ws), ids) in groups.iter_mut().filter(|(_, ids)| ids.len() >= READ_TOGETHER_FROM) {
-            ids.sort_unstable();
-            ids.dedup();
-            let mut found = HashSet::with_capacity(ids.len());
-            for part in ids.chunks(IDS_PER_READ) {
-                let mut read = sqlx::QueryBuilder::new(
-                    "SELECT a.id FROM appliances a JOIN environments e ON e.id = a.environment_id WHERE a.tenant_id = ",
-                );
-                read.push_bind(scope.tenant().to_string())
-                    .push(" AND e.tenant_id = a.tenant_id AND e.id = ")
-                    .push_bind(env.to_string())
-                    .push(" AND e.workspace_id = ")
-                    .push_bind(ws.to_string())
-                    .push(" AND a.id IN (");
-                let mut list = read.separated(", ");
-                for id in part {
-                    list.push_bind(id.as_str());
-                }
-                read.push(")");
-                for r in read.build().fetch_all(&mut *self.tx).await? {
-                    found.insert(parse_col(&r, "id")?);
-                }
-            }
-            owned.insert((env, ws), found);
+        for (&(env, ws), _) in groups.iter().filter(|(_, n)| **n >= READ_ALL_FROM) {
+            let rows = sqlx::query(
+                "SELECT a.id FROM appliances a JOIN environments e ON e.id = a.environment_id
+                 WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND e.id = $2 AND e.workspace_id = $3",
+            )
+            .bind(scope.tenant().to_string())
+            .bind(env.to_string())
+            .bind(ws.to_string())
+            .fetch_all(&mut *self.tx)
+            .await?;
+            let ids = rows.iter().map(|r| parse_col(r, "id")).collect::<Result<_, StoreError>>()?;
+            owned.insert((env, ws), ids);
         }
         let mut inserted = Vec::with_capacity(ops.len());
         for op in ops {

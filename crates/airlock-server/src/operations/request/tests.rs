@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use airlock_core::customer_key::CustomerSigningKey;
-use airlock_core::dsse::Envelope;
 use airlock_core::operation::{REQUEST_PAYLOAD_TYPE, verify_certified_envelope};
 use airlock_core::release::{ReleaseStatement, sign_release};
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, Timestamp};
@@ -129,33 +128,6 @@ impl Fixture {
     }
 }
 
-impl Fixture {
-    /// Fails every insert into `operations` once it holds `n` rows, until the returned
-    /// connection drops the trigger: a batch stops in its chunk that reaches `n`.
-    async fn fail_operations_from(&self, n: usize) -> sqlx::SqliteConnection {
-        use sqlx::ConnectOptions;
-        let db = self.dir.path().join(crate::store::DB_FILE_NAME);
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(db).connect().await.unwrap();
-        let sql = format!(
-            "CREATE TRIGGER fail_operations_from BEFORE INSERT ON operations \
-             WHEN (SELECT count(*) FROM operations) >= {n} BEGIN SELECT RAISE(ABORT, 'injected'); END;"
-        );
-        sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
-        conn
-    }
-
-    /// A release key and a signed release `shop@1.0.0` in the workspace.
-    async fn push_release(&self) {
-        let key = CustomerSigningKey::from_seed([9; 32]);
-        let pem = key.public().to_pem().unwrap();
-        self.post(&format!("/v1/workspaces/{}/release-keys", self.workspace), json!({ "public_key_pem": pem })).await;
-        let manifest = "name = \"shop\"\nversion = \"1.0.0\"\n\n[[service]]\nname = \"web\"\ncommand = \"/bin/sleep\"\nargs = [\"infinity\"]\n";
-        let statement = ReleaseStatement::new(manifest, Vec::new()).unwrap();
-        let envelope: Value = serde_json::from_str(&sign_release(&statement, &key).to_json()).unwrap();
-        self.post(&format!("/v1/workspaces/{}/releases", self.workspace), json!({ "envelope": envelope })).await;
-    }
-}
-
 fn template() -> Requested {
     Requested::Template { name: "restart-service".into(), vars: [("service".to_owned(), "api".to_owned())].into() }
 }
@@ -256,7 +228,13 @@ async fn a_failed_commit_stores_no_operation_nor_audit_record() {
 async fn a_rollout_round_requests_every_start_at_once_and_after_a_failed_commit_asks_again_under_the_same_ids() {
     let f = fixture().await;
     let (env, appliances) = f.env_with("prod", 4).await;
-    f.push_release().await;
+    let key = CustomerSigningKey::from_seed([9; 32]);
+    let pem = key.public().to_pem().unwrap();
+    f.post(&format!("/v1/workspaces/{}/release-keys", f.workspace), json!({ "public_key_pem": pem })).await;
+    let manifest = "name = \"shop\"\nversion = \"1.0.0\"\n\n[[service]]\nname = \"web\"\ncommand = \"/bin/sleep\"\nargs = [\"infinity\"]\n";
+    let statement = ReleaseStatement::new(manifest, Vec::new()).unwrap();
+    let envelope: Value = serde_json::from_str(&sign_release(&statement, &key).to_json()).unwrap();
+    f.post(&format!("/v1/workspaces/{}/releases", f.workspace), json!({ "envelope": envelope })).await;
 
     // The first round's requests cannot be committed: the targets keep their recorded ids and
     // no operation exists.
@@ -326,103 +304,4 @@ async fn batch_inserts_check_every_appliance_whether_looked_up_one_by_one_or_all
             assert_eq!(f.state.store.get_operation(&f.scope, r.id).await.unwrap().is_some(), ok);
         }
     }
-}
-
-#[tokio::test]
-async fn a_batch_is_stored_and_pushed_chunk_by_chunk_and_one_stopped_part_way_keeps_whole_chunks_only() {
-    let f = fixture().await;
-    f.push_template().await;
-    let (env, appliances) = f.env_with("prod", 5).await;
-    assert!(appliances.len() > 2 * REQUEST_CHUNK, "crosses chunk boundaries");
-    let batch = targets(env, &appliances);
-    // The second chunk cannot be committed.
-    let mut conn = f.fail_operations_from(REQUEST_CHUNK).await;
-    let made = request_many(&f.state, &f.scope, template(), "ticket 7".into(), &batch).await.unwrap();
-    for (i, (t, r)) in batch.iter().zip(&made).enumerate() {
-        let stored = f.state.store.get_operation(&f.scope, t.id).await.unwrap();
-        if i < REQUEST_CHUNK {
-            assert_eq!(r.as_ref().unwrap().id, t.id);
-            assert!(stored.is_some(), "the first chunk is committed");
-        } else {
-            assert!(matches!(r, Err(RequestError::Interrupted)), "{i}: {r:?}");
-            assert!(stored.is_none(), "{i}: nothing of a failed or later chunk");
-        }
-    }
-    // An audit record for each stored operation, none for the others; the chain holds.
-    let mut audited = f.requests_audited().await;
-    audited.sort();
-    let mut ids: Vec<String> = batch[..REQUEST_CHUNK].iter().map(|t| t.id.to_string()).collect();
-    ids.sort();
-    assert_eq!(audited, ids);
-    for (chain, verified) in crate::store::verify_all_chains(&f.state.store).await.unwrap() {
-        assert!(verified.is_ok(), "{chain}: {verified:?}");
-    }
-    sqlx::raw_sql("DROP TRIGGER fail_operations_from").execute(&mut conn).await.unwrap();
-
-    // Asked again under the same ids, the rest are made once; the stored ones are not made
-    // again (their ids are taken).
-    let rest = &batch[REQUEST_CHUNK..];
-    let made = request_many(&f.state, &f.scope, template(), "ticket 7".into(), rest).await.unwrap();
-    assert!(made.iter().all(Result::is_ok), "{made:?}");
-    assert_eq!(f.requests_audited().await.len(), batch.len());
-    let again = request_many(&f.state, &f.scope, template(), "ticket 7".into(), &batch[..1]).await;
-    assert!(matches!(again, Err(RequestError::Store(StoreError::Conflict { .. }))), "{again:?}");
-    assert_eq!(f.requests_audited().await.len(), batch.len());
-}
-
-#[tokio::test]
-async fn a_rollout_stopped_part_way_is_resumed_after_a_restart_under_its_recorded_ids_none_twice() {
-    let f = fixture().await;
-    let (env, appliances) = f.env_with("prod", 5).await;
-    f.push_release().await;
-    // The API's round stores its first chunk, then the store fails: the process "stops" there.
-    let mut conn = f.fail_operations_from(REQUEST_CHUNK).await;
-    let body =
-        json!({ "release": "shop@1.0.0", "environments": [env.to_string()], "concurrency": 5, "reason": "ship it" });
-    let rollout = f.post(&format!("/v1/workspaces/{}/rollouts", f.workspace), body).await;
-    assert_eq!(rollout["deploying"], 5, "{rollout}");
-    let id: airlock_core::RolloutId = rollout["id"].as_str().unwrap().parse().unwrap();
-    let first = f.state.store.rollout_targets(&f.scope, id).await.unwrap();
-    let requested: Vec<bool> = {
-        let mut v = Vec::new();
-        for t in &first {
-            assert_eq!(t.state, TargetState::Deploying);
-            let op = t.operation_id.expect("recorded before the request");
-            v.push(f.state.store.get_operation(&f.scope, op).await.unwrap().is_some());
-        }
-        v
-    };
-    assert_eq!(requested.iter().filter(|r| **r).count(), REQUEST_CHUNK, "{requested:?}");
-    sqlx::raw_sql("DROP TRIGGER fail_operations_from").execute(&mut conn).await.unwrap();
-
-    // A restart: a new process state (a new operations key) over the same store drives on.
-    let restarted = crate::test_state(f.dir.path(), f.clock.clone()).await;
-    crate::rollouts::drive(&restarted, &f.scope, id).await.unwrap();
-    let after = f.state.store.rollout_targets(&f.scope, id).await.unwrap();
-    let ca_der = f.state.ca.cert_der().as_ref().to_vec();
-    for (before, t) in first.iter().zip(&after) {
-        assert_eq!(before.operation_id, t.operation_id, "the recorded operation, never a second one");
-        assert_eq!(t.state, TargetState::Deploying);
-        let op = f.state.store.get_operation(&f.scope, t.operation_id.unwrap()).await.unwrap().expect("requested");
-        assert_eq!((op.appliance_id, op.template_name.as_str()), (t.appliance_id, deploy::DEPLOY_KIND));
-        // Signed before or after the restart, each verifies with the certificate stored beside it.
-        let envelope = Envelope::from_json(op.request_envelope.as_bytes()).unwrap();
-        verify_certified_envelope(&envelope, REQUEST_PAYLOAD_TYPE, &op.control_plane_cert_pem, &ca_der, f.clock.now())
-            .unwrap();
-    }
-    // Every appliance has exactly one deploy, each audited once.
-    let ops = f.state.store.list_operations(&f.scope, None, Some(env), 100).await.unwrap();
-    let mut per_appliance: Vec<ApplianceId> = ops.iter().map(|o| o.appliance_id).collect();
-    per_appliance.sort();
-    let mut expected = appliances.clone();
-    expected.sort();
-    assert_eq!(per_appliance, expected);
-    let mut audited = f.requests_audited().await;
-    audited.sort();
-    audited.dedup();
-    assert_eq!((audited.len(), f.requests_audited().await.len()), (5, 5));
-    // Further rounds, in either process, request nothing more.
-    crate::rollouts::drive(&restarted, &f.scope, id).await.unwrap();
-    crate::rollouts::drive(&f.state, &f.scope, id).await.unwrap();
-    assert_eq!(f.requests_audited().await.len(), 5);
 }
