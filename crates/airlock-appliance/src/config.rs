@@ -30,6 +30,13 @@ pub struct FileConfig {
     /// The projected service-account token a Kubernetes join reads (default
     /// `/var/run/secrets/tokens/airlock`).
     pub k8s_token_path: Option<PathBuf>,
+    /// Ask the cluster's TokenRequest API for a token whose audience binds each join's challenge,
+    /// instead of showing the mounted token (which then only authenticates that request).
+    pub k8s_token_request: Option<bool>,
+    /// The Kubernetes API server (default `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`).
+    pub k8s_api_url: Option<String>,
+    /// The CA file that verifies the API server (default the service account's `ca.crt`).
+    pub k8s_ca_path: Option<PathBuf>,
     /// The STS endpoint an AWS join signs for (default `https://sts.<region>.amazonaws.com`).
     pub aws_sts_endpoint: Option<String>,
     /// The region an AWS join signs for, when the standard chain names none.
@@ -102,6 +109,9 @@ pub struct Flags {
     pub aws_sts_endpoint: Option<String>,
     pub gcp_metadata_url: Option<String>,
     pub k8s_token_path: Option<PathBuf>,
+    pub k8s_token_request: bool,
+    pub k8s_api_url: Option<String>,
+    pub k8s_ca_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub customer_keys: Vec<PathBuf>,
     pub policy: Option<PathBuf>,
@@ -161,6 +171,14 @@ pub enum ConfigError {
     GcpMetadataUrl(String),
     #[error("`k8s_token_path` must be an absolute path, got `{0}`")]
     K8sTokenPath(PathBuf),
+    #[error("`k8s_ca_path` must be an absolute path, got `{0}`")]
+    K8sCaPath(PathBuf),
+    #[error("`k8s_api_url` is https://HOST[:PORT], got `{0}`")]
+    K8sApiUrl(String),
+    #[error(
+        "a Kubernetes TokenRequest needs the API server: give `k8s_api_url`, or run in a pod (KUBERNETES_SERVICE_HOST)"
+    )]
+    K8sNoApiServer,
     #[error("`aws_sts_endpoint`: {0}")]
     AwsEndpoint(String),
     #[error("`aws_region` looks like `eu-west-1`, got `{0}`")]
@@ -171,6 +189,10 @@ pub enum ConfigError {
 pub const DEFAULT_GCP_METADATA_URL: &str = "http://metadata.google.internal";
 /// Where a Kubernetes join reads its projected service-account token unless configured.
 pub const DEFAULT_K8S_TOKEN_PATH: &str = "/var/run/secrets/tokens/airlock";
+/// The service account's own token, which authenticates a TokenRequest unless configured.
+pub const DEFAULT_K8S_API_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// The cluster CA that verifies the API server unless configured.
+pub const DEFAULT_K8S_CA_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
 /// How an appliance proves its platform identity, at its join and at each renewal (`crate::join`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,10 +202,22 @@ pub enum PlatformJoinConfig {
     Gcp {
         metadata_url: reqwest::Url,
     },
-    /// The projected service-account token file the kubelet keeps fresh.
+    /// The service-account token file the kubelet keeps fresh: shown as the proof (its audience
+    /// `airlock:<CA fingerprint>`), or with `token_request` only to ask the API server for a
+    /// token bound to each challenge.
     K8s {
         token_path: PathBuf,
+        token_request: Option<K8sTokenRequest>,
     },
+}
+
+/// Where a Kubernetes join asks for a token per challenge (`crate::join::k8s::requested_token`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sTokenRequest {
+    /// The API server, `https://HOST[:PORT]/`.
+    pub api_url: reqwest::Url,
+    /// The PEM file of the CA that verifies it.
+    pub ca_path: PathBuf,
 }
 
 /// How a first start joins with the host's AWS identity (`crate::join::aws`).
@@ -315,16 +349,57 @@ impl ApplianceConfig {
                 Some(PlatformJoinConfig::Gcp { metadata_url })
             }
             Some("k8s") => {
+                let requested = flags.k8s_token_request
+                    || env.get("AIRLOCK_K8S_TOKEN_REQUEST").is_some_and(|v| v == "true" || v == "1")
+                    || file.k8s_token_request.unwrap_or(false);
+                // With a TokenRequest the mounted token is only the API credential: the service account's own.
+                let default_token = if requested { DEFAULT_K8S_API_TOKEN_PATH } else { DEFAULT_K8S_TOKEN_PATH };
                 let token_path = flags
                     .k8s_token_path
                     .clone()
                     .or_else(|| env.get("AIRLOCK_K8S_TOKEN_PATH").map(PathBuf::from))
                     .or_else(|| file.k8s_token_path.clone())
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_K8S_TOKEN_PATH));
+                    .unwrap_or_else(|| PathBuf::from(default_token));
                 if !token_path.is_absolute() {
                     return Err(ConfigError::K8sTokenPath(token_path));
                 }
-                Some(PlatformJoinConfig::K8s { token_path })
+                let token_request = if requested {
+                    let in_cluster = env.get("KUBERNETES_SERVICE_HOST").map(|host| {
+                        let port = env.get("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
+                        // An IPv6 service address is bracketed in a URL.
+                        if host.contains(':') {
+                            format!("https://[{host}]:{port}")
+                        } else {
+                            format!("https://{host}:{port}")
+                        }
+                    });
+                    let url = pick(&flags.k8s_api_url, "AIRLOCK_K8S_API_URL", &file.k8s_api_url)
+                        .or(in_cluster)
+                        .ok_or(ConfigError::K8sNoApiServer)?;
+                    let api_url = reqwest::Url::parse(&url).ok().filter(|u| {
+                        u.scheme() == "https"
+                            && u.host_str().is_some()
+                            && u.username().is_empty()
+                            && u.password().is_none()
+                            && u.path() == "/"
+                            && u.query().is_none()
+                            && u.fragment().is_none()
+                    });
+                    let api_url = api_url.ok_or_else(|| ConfigError::K8sApiUrl(url.chars().take(80).collect()))?;
+                    let ca_path = flags
+                        .k8s_ca_path
+                        .clone()
+                        .or_else(|| env.get("AIRLOCK_K8S_CA_PATH").map(PathBuf::from))
+                        .or_else(|| file.k8s_ca_path.clone())
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_K8S_CA_PATH));
+                    if !ca_path.is_absolute() {
+                        return Err(ConfigError::K8sCaPath(ca_path));
+                    }
+                    Some(K8sTokenRequest { api_url, ca_path })
+                } else {
+                    None
+                };
+                Some(PlatformJoinConfig::K8s { token_path, token_request })
             }
             Some(other) => return Err(ConfigError::JoinMethod(other.chars().take(40).collect())),
         };
@@ -541,8 +616,37 @@ mod tests {
         let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &k8s).unwrap();
         assert_eq!(
             cfg.platform_join,
-            Some(PlatformJoinConfig::K8s { token_path: PathBuf::from("/var/run/secrets/tokens/airlock") })
+            Some(PlatformJoinConfig::K8s {
+                token_path: PathBuf::from("/var/run/secrets/tokens/airlock"),
+                token_request: None
+            })
         );
+        // A TokenRequest: the API server from the pod's environment, the service account's own token and CA.
+        let requested = Flags { k8s_token_request: true, ..k8s.clone() };
+        assert!(matches!(
+            ApplianceConfig::resolve(None, &HashMap::new(), &requested),
+            Err(ConfigError::K8sNoApiServer)
+        ));
+        let pod: HashMap<String, String> =
+            [("KUBERNETES_SERVICE_HOST", "fd00::1"), ("KUBERNETES_SERVICE_PORT", "6443")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+        let cfg = ApplianceConfig::resolve(None, &pod, &requested).unwrap();
+        assert_eq!(
+            cfg.platform_join,
+            Some(PlatformJoinConfig::K8s {
+                token_path: PathBuf::from(DEFAULT_K8S_API_TOKEN_PATH),
+                token_request: Some(K8sTokenRequest {
+                    api_url: reqwest::Url::parse("https://[fd00::1]:6443/").unwrap(),
+                    ca_path: PathBuf::from(DEFAULT_K8S_CA_PATH),
+                }),
+            })
+        );
+        let plain = Flags { k8s_api_url: Some("http://10.0.0.1".into()), ..requested.clone() };
+        assert!(matches!(ApplianceConfig::resolve(None, &pod, &plain), Err(ConfigError::K8sApiUrl(_))));
+        let relative_ca = Flags { k8s_ca_path: Some("ca.crt".into()), ..requested };
+        assert!(matches!(ApplianceConfig::resolve(None, &pod, &relative_ca), Err(ConfigError::K8sCaPath(_))));
         let relative = Flags { k8s_token_path: Some("token".into()), ..k8s };
         assert!(matches!(
             ApplianceConfig::resolve(None, &HashMap::new(), &relative),

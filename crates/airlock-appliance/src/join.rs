@@ -3,8 +3,9 @@
 //! The proof is a join token, or the host's platform identity (`aws`, `gcp`, `k8s`): then the
 //! control plane's challenge is fetched first, over the same pinned channel, and the proof
 //! carries it with the pinned CA's fingerprint (never the fingerprint the answer names): in
-//! AWS's signed headers, in a GCP token's audience, beside a Kubernetes token (whose audience
-//! is the pinned CA's fingerprint, fixed when the volume was projected).
+//! AWS's signed headers (with the environment the appliance names), in a GCP token's audience
+//! and a requested Kubernetes token's, beside a mounted Kubernetes token (whose audience is the
+//! pinned CA's fingerprint, fixed when the volume was projected).
 //!
 //! The answer came over a channel that trusts only the pinned CA, and is still checked before
 //! it is written down: its CA is the pinned one, and its certificate names the identity it
@@ -61,20 +62,29 @@ impl JoinWith<'_> {
 }
 
 /// A proof of this host's platform identity answering `challenge`, for the control plane whose
-/// CA is `server_id` (the pinned fingerprint).
+/// CA is `server_id` (the pinned fingerprint), naming `environment` where the method can sign it (AWS).
 async fn platform_proof(
     cfg: &PlatformJoinConfig,
     challenge: &str,
     server_id: &str,
+    environment: Option<airlock_core::EnvironmentId>,
 ) -> Result<PlatformProof, ApplianceError> {
     Ok(match cfg {
-        PlatformJoinConfig::Aws(aws) => PlatformProof::AwsSts(aws::proof(aws, challenge, server_id).await?),
+        PlatformJoinConfig::Aws(aws) => {
+            PlatformProof::AwsSts(aws::proof(aws, challenge, server_id, environment).await?)
+        }
         PlatformJoinConfig::Gcp { metadata_url } => {
-            let audience = airlock_proto::join::gcp_audience(server_id, challenge);
+            let audience = airlock_proto::join::challenge_audience(server_id, challenge);
             let identity_token = gcp::identity_token(metadata_url, &audience).await?;
             PlatformProof::Gcp(GcpIdentityProof { identity_token, challenge: challenge.to_owned() })
         }
-        PlatformJoinConfig::K8s { token_path } => {
+        PlatformJoinConfig::K8s { token_path, token_request: Some(request) } => {
+            // The same audience as GCP's: the challenge inside the signed token.
+            let audience = airlock_proto::join::challenge_audience(server_id, challenge);
+            let service_account_token = k8s::requested_token(request, token_path, &audience).await?;
+            PlatformProof::K8s(K8sTokenProof { service_account_token, challenge: challenge.to_owned() })
+        }
+        PlatformJoinConfig::K8s { token_path, token_request: None } => {
             let path = token_path.clone();
             let service_account_token = tokio::task::spawn_blocking(move || k8s::read_token(&path))
                 .await
@@ -110,7 +120,7 @@ pub(crate) async fn join(
                 resp.json().await.map_err(|e| ApplianceError::Protocol(format!("join challenge: {e}")))?;
             // The server id proved is the CA this appliance pinned: a proof made for a control
             // plane it was not installed for could not be replayed at that one anyway.
-            match platform_proof(cfg, &challenge.challenge, &pin.to_string()).await? {
+            match platform_proof(cfg, &challenge.challenge, &pin.to_string(), environment).await? {
                 PlatformProof::AwsSts(p) => JoinProof::AwsSts(p),
                 PlatformProof::Gcp(p) => JoinProof::Gcp(p),
                 PlatformProof::K8s(p) => JoinProof::K8s(p),
@@ -176,7 +186,8 @@ fn recovery_proof(
 pub(crate) async fn renewal_proof(cfg: &PlatformJoinConfig, key: &KeyPair, server_id: &str) -> String {
     use rcgen::PublicKeyData;
     let challenge = airlock_proto::join::renewal_challenge(key.der_bytes());
-    match platform_proof(cfg, &challenge, server_id).await {
+    // The renewal is judged by the appliance's own environment; nothing to name.
+    match platform_proof(cfg, &challenge, server_id, None).await {
         Ok(proof) => serde_json::to_string(&proof).unwrap_or_default(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot prove the host's platform identity for this renewal");

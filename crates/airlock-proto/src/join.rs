@@ -10,10 +10,14 @@
 //!   an STS endpoint on its allow list, and AWS's answer names the caller.
 //!
 //! - GCP: `gcp`, the instance's identity token from its metadata server, whose audience is
-//!   [`gcp_audience`] (this control plane's id and the challenge), with the challenge beside it.
-//! - Kubernetes: `k8s`, a projected service-account token whose audience is fixed to
-//!   [`server_audience`] (a mounted token cannot carry a challenge), with a challenge beside it;
-//!   the control plane binds freshness by the token's `jti` (single use) and `iat` instead.
+//!   [`challenge_audience`] (this control plane's id and the challenge), with the challenge beside it.
+//! - Kubernetes: `k8s`, a service-account token with the challenge beside it: either one the
+//!   appliance asked the cluster's TokenRequest API for, whose audience is [`challenge_audience`]
+//!   (fresh, as a GCP token), or a mounted projected token whose audience is fixed to
+//!   [`server_audience`] (it cannot carry a challenge), whose freshness the control plane binds by
+//!   its `jti` (single use) and `iat` instead.
+//!
+//! An AWS proof of an appliance that names its environment signs it too ([`ENVIRONMENT_HEADER`]).
 //!
 //! A platform-joined appliance proves its identity again at each certificate renewal, over
 //! its authenticated stream, with the challenge [`renewal_challenge`] derives from its new key
@@ -39,6 +43,10 @@ pub const CHALLENGE_HEADER: &str = "x-airlock-join-challenge";
 /// The signed header that names the control plane the proof is meant for: its CA fingerprint,
 /// so a proof shown to one control plane cannot be replayed at another.
 pub const SERVER_ID_HEADER: &str = "x-airlock-server-id";
+/// The signed header that names the environment the appliance means to join (`env_…`), when it
+/// names one: the environment is then inside the proof, so whoever replays or relays it cannot
+/// steer the join into another environment, and a request body naming another is refused.
+pub const ENVIRONMENT_HEADER: &str = "x-airlock-environment";
 /// The only body a `GetCallerIdentity` proof may carry.
 pub const GET_CALLER_IDENTITY_BODY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 
@@ -123,13 +131,14 @@ pub fn server_audience(server_id: &str) -> String {
     format!("airlock:{server_id}")
 }
 
-/// The audience a GCP identity token for `challenge` carries:
-/// `airlock:<CA fingerprint>/v1/join#<challenge>`, so it answers one challenge of one control plane.
-pub fn gcp_audience(server_id: &str, challenge: &str) -> String {
+/// The audience a platform token minted for `challenge` carries (a GCP identity token, a
+/// Kubernetes token from the TokenRequest API): `airlock:<CA fingerprint>/v1/join#<challenge>`,
+/// so it answers one challenge of one control plane.
+pub fn challenge_audience(server_id: &str, challenge: &str) -> String {
     format!("{}{JOIN_PATH}#{challenge}", server_audience(server_id))
 }
 
-/// A GCE instance identity token (`format=full`) whose audience is [`gcp_audience`] of `challenge`.
+/// A GCE instance identity token (`format=full`) whose audience is [`challenge_audience`] of `challenge`.
 #[derive(Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
@@ -147,13 +156,14 @@ impl std::fmt::Debug for GcpIdentityProof {
     }
 }
 
-/// A projected service-account token (audience [`server_audience`]) and the challenge this
-/// attempt was given, which it spends.
+/// A service-account token and the challenge this attempt was given, which it spends: a token
+/// from the TokenRequest API whose audience is [`challenge_audience`] of that challenge, or a
+/// mounted projected token whose audience is [`server_audience`].
 #[derive(Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct K8sTokenProof {
-    /// The JWT the kubelet mounted.
+    /// The JWT the API server issued (requested, or mounted by the kubelet).
     pub service_account_token: String,
     pub challenge: String,
 }
@@ -300,7 +310,8 @@ pub fn renewal_challenge(key: &[u8]) -> String {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JoinChallenge {
     /// Single use, for one join attempt; goes in the [`CHALLENGE_HEADER`] signed header (AWS),
-    /// in the token's audience (GCP, [`gcp_audience`]), or beside the token (Kubernetes).
+    /// in the token's audience (GCP and a requested Kubernetes token, [`challenge_audience`]), or
+    /// beside a mounted Kubernetes token.
     pub challenge: String,
     /// The control plane's CA fingerprint; goes in the [`SERVER_ID_HEADER`] signed header (AWS)
     /// or in the token's audience (GCP, Kubernetes: [`server_audience`]). The appliance uses the
@@ -360,6 +371,6 @@ mod tests {
         let gcp = r#"{"gcp":{"identity_token":"t","challenge":"renew:x"}}"#;
         assert_eq!(serde_json::from_str::<PlatformProof>(gcp).unwrap().method(), GCP_METHOD);
         assert!(serde_json::from_str::<PlatformProof>(r#"{"gcp":{}}"#).is_err());
-        assert_eq!(gcp_audience("sha256:ab", "n"), "airlock:sha256:ab/v1/join#n");
+        assert_eq!(challenge_audience("sha256:ab", "n"), "airlock:sha256:ab/v1/join#n");
     }
 }

@@ -137,6 +137,8 @@ pub struct ServerConfig {
     pub gcp_issuer: String,
     /// How old a Kubernetes join token's `iat` may be (`--k8s-max-token-age`).
     pub k8s_max_token_age: Duration,
+    /// Accept only Kubernetes tokens from the TokenRequest API, not mounted ones (`--k8s-require-token-request`).
+    pub k8s_require_token_request: bool,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -165,6 +167,7 @@ impl ServerConfig {
             allow_private_issuers: false,
             gcp_issuer: platform_join::DEFAULT_GCP_ISSUER.to_owned(),
             k8s_max_token_age: platform_join::tokens::DEFAULT_K8S_MAX_TOKEN_AGE,
+            k8s_require_token_request: false,
             clock: Arc::new(clock::SystemClock),
         }
     }
@@ -575,6 +578,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         sts_endpoints: config.aws_sts_endpoints.clone(),
         gcp_issuer: config.gcp_issuer.clone(),
         k8s_max_token_age: config.k8s_max_token_age,
+        k8s_require_token_request: config.k8s_require_token_request,
     })
     .map_err(ServerError::Config)?;
     let public_url = match &config.public_url {

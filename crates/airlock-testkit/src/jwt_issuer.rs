@@ -9,6 +9,13 @@
 //! - [`JwtIssuer::forge`] makes the tokens a verifier must refuse: `alg: none`, HS256 keyed with
 //!   the public key, a `kid` the JWKS does not hold. Wrong `iss`/`aud`, expired and future `iat`
 //!   are only claims: pass them to `mint` ([`google_claims`], [`k8s_claims`] make the real shapes).
+//! - Kubernetes flavor: the API server's TokenRequest endpoint too,
+//!   `POST /api/v1/namespaces/NS/serviceaccounts/NAME/token` speaking `authentication.k8s.io/v1`
+//!   JSON in and out: bearer authentication with a token of this issuer for the API audience
+//!   ([`K8S_API_AUDIENCE`]), a service account may ask only for its own tokens (as RBAC usually
+//!   grants), `expirationSeconds` at least 600, and errors as `Status` objects. It mints tokens
+//!   with the requested audiences; [`JwtIssuer::refuse_token_requests`] makes it answer 403 as an
+//!   API server whose RBAC does not grant `create` on `serviceaccounts/token`.
 //! - [`JwtIssuer::gcp_metadata`]: a GCE metadata server emulator (plain HTTP, as the real one
 //!   is) answering `GET /computeMetadata/v1/instance/service-accounts/default/identity` with a
 //!   Google-shaped ID token signed by this issuer, and refusing requests without
@@ -20,13 +27,14 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use data_encoding::{BASE64URL_NOPAD, HEXLOWER};
+use http_body_util::BodyExt;
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::pkcs1::EncodeRsaPrivateKey;
@@ -132,6 +140,10 @@ struct Shared {
     keys: Mutex<Vec<SigningKey>>,
     discovery_fetches: AtomicUsize,
     jwks_fetches: AtomicUsize,
+    /// TokenRequests answered with a token.
+    tokens_granted: AtomicUsize,
+    /// Answer TokenRequests 403, as without the RBAC grant.
+    refuse_token_requests: AtomicBool,
 }
 
 impl Shared {
@@ -174,6 +186,8 @@ impl JwtIssuer {
             keys: Mutex::new(vec![SigningKey::generate(flavor)]),
             discovery_fetches: AtomicUsize::new(0),
             jwks_fetches: AtomicUsize::new(0),
+            tokens_granted: AtomicUsize::new(0),
+            refuse_token_requests: AtomicBool::new(false),
         });
         let serving = shared.clone();
         let server = Background::serve(listener, Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))), move |req| {
@@ -241,6 +255,16 @@ impl JwtIssuer {
         (self.shared.discovery_fetches.load(Ordering::SeqCst), self.shared.jwks_fetches.load(Ordering::SeqCst))
     }
 
+    /// TokenRequests answered with a token so far.
+    pub fn tokens_granted(&self) -> usize {
+        self.shared.tokens_granted.load(Ordering::SeqCst)
+    }
+
+    /// From now on, answer TokenRequests `403 Forbidden` (or grant them again with `false`).
+    pub fn refuse_token_requests(&self, refuse: bool) {
+        self.shared.refuse_token_requests.store(refuse, Ordering::SeqCst);
+    }
+
     /// A GCE metadata server whose default service account is `email` in `project`, signing
     /// its identity tokens with this issuer's current key.
     pub fn gcp_metadata(&self, email: &str, project: &str) -> GcpMetadata {
@@ -285,6 +309,10 @@ pub fn google_claims(issuer: &str, audience: &str, email: &str, project: &str, i
     })
 }
 
+/// The audience of the tokens a Kubernetes API server accepts as credentials (its
+/// `--api-audiences`, as kubeadm sets it): the service account's own mounted token carries it.
+pub const K8S_API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
 /// The claims of a projected service-account token (Kubernetes 1.30: with `jti` and the node),
 /// issued at `iat` for an hour.
 pub fn k8s_claims(issuer: &str, audience: &str, namespace: &str, service_account: &str, iat: i64) -> Value {
@@ -307,7 +335,7 @@ pub fn k8s_claims(issuer: &str, audience: &str, namespace: &str, service_account
     })
 }
 
-fn issuer_answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn issuer_answer(shared: &Shared, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     let json_response = |content_type: &str, body: Value| {
         Response::builder()
             .status(StatusCode::OK)
@@ -357,11 +385,114 @@ fn issuer_answer(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Byte
             };
             json_response(content_type, json!({ "keys": keys }))
         }
+        ("POST", path) if shared.flavor == Flavor::Kubernetes && token_request_path(path).is_some() => {
+            let (namespace, name) = token_request_path(path).unwrap_or_default();
+            token_request(shared, req, &namespace, &name)
+        }
         _ => Response::builder()
             .status(StatusCode::NOT_FOUND)
             .body(Full::new(Bytes::from("404 page not found")))
             .unwrap(),
     }
+}
+
+/// `/api/v1/namespaces/NS/serviceaccounts/NAME/token`: its namespace and name.
+fn token_request_path(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (namespace, rest) = rest.split_once('/')?;
+    let name = rest.strip_prefix("serviceaccounts/")?.strip_suffix("/token")?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then(|| (namespace.to_owned(), name.to_owned()))
+}
+
+/// A `Status` failure, as the API server answers one.
+fn k8s_status(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16() });
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// The claims of `token` if this issuer signed it, it is unexpired and for the API audience.
+fn api_credential(shared: &Shared, token: &str) -> Option<serde_json::Map<String, Value>> {
+    let keys = shared.keys.lock().unwrap();
+    let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+    let key = keys.iter().find(|k| k.kid == kid)?;
+    let decoding = jsonwebtoken::DecodingKey::from_rsa_components(&key.n, &key.e).ok()?;
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+    validation.set_audience(&[K8S_API_AUDIENCE]);
+    validation.set_issuer(&[&shared.issuer]);
+    jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &decoding, &validation).ok().map(|d| d.claims)
+}
+
+/// `TokenRequest` (authentication.k8s.io/v1) for `namespace/name`.
+fn token_request(shared: &Shared, req: &Request<Bytes>, namespace: &str, name: &str) -> Response<Full<Bytes>> {
+    let bearer = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let Some(caller) = api_credential(shared, bearer) else {
+        return k8s_status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    };
+    let user = caller.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned();
+    // RBAC as an appliance's Role grants it: `create` on its own `serviceaccounts/token` only.
+    let own = user == format!("system:serviceaccount:{namespace}:{name}");
+    if !own || shared.refuse_token_requests.load(Ordering::SeqCst) {
+        return k8s_status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "serviceaccounts \"{name}\" is forbidden: User \"{user}\" cannot create resource \"serviceaccounts/token\" in API group \"\" in the namespace \"{namespace}\""
+            ),
+        );
+    }
+    let Ok(body) = serde_json::from_slice::<Value>(req.body()) else {
+        return k8s_status(StatusCode::BAD_REQUEST, "BadRequest", "the body is not JSON");
+    };
+    if body["apiVersion"] != "authentication.k8s.io/v1" || body["kind"] != "TokenRequest" {
+        return k8s_status(StatusCode::BAD_REQUEST, "BadRequest", "not an authentication.k8s.io/v1 TokenRequest");
+    }
+    let audiences: Vec<String> = match body["spec"]["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => vec![K8S_API_AUDIENCE.to_owned()],
+    };
+    let seconds = body["spec"]["expirationSeconds"].as_i64().unwrap_or(3600);
+    if seconds < 600 {
+        return k8s_status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            &format!(
+                "TokenRequest.authentication.k8s.io \"{name}\" is invalid: spec.expirationSeconds: Invalid value: {seconds}: may not specify a duration less than 10 minutes"
+            ),
+        );
+    }
+    let now = unix_now();
+    let mut claims = k8s_claims(&shared.issuer, "", namespace, name, now);
+    claims["aud"] = json!(audiences);
+    claims["exp"] = json!(now + seconds);
+    // A requested token without a bound object has no pod.
+    claims["kubernetes.io"].as_object_mut().unwrap().remove("pod");
+    let token = shared.mint(&claims);
+    shared.tokens_granted.fetch_add(1, Ordering::SeqCst);
+    let answer = json!({
+        "kind": "TokenRequest",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": { "name": name, "namespace": namespace, "creationTimestamp": null },
+        "spec": { "audiences": audiences, "expirationSeconds": seconds, "boundObjectRef": null },
+        "status": {
+            "token": token,
+            "expirationTimestamp": airlock_core::Timestamp::from_unix_millis((now + seconds) * 1000).rfc3339(),
+        },
+    });
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(answer.to_string())))
+        .unwrap()
 }
 
 struct Instance {
@@ -386,7 +517,7 @@ impl GcpMetadata {
     }
 }
 
-fn metadata_answer(instance: &Instance, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn metadata_answer(instance: &Instance, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
@@ -473,7 +604,7 @@ struct Background {
 impl Background {
     fn serve<F>(listener: std::net::TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, answer: F) -> Self
     where
-        F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+        F: Fn(Request<Bytes>) -> Response<Full<Bytes>> + Send + Sync + 'static,
     {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         listener.set_nonblocking(true).unwrap();
@@ -490,9 +621,14 @@ impl Background {
                     let answer = answer.clone();
                     let tls = tls.clone();
                     tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
+                        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let answer = answer.clone();
-                            async move { Ok::<_, Infallible>((*answer)(req)) }
+                            async move {
+                                // Bodies are small here (a TokenRequest); read whole, then answered.
+                                let (parts, body) = req.into_parts();
+                                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                Ok::<_, Infallible>((*answer)(Request::from_parts(parts, bytes)))
+                            }
                         });
                         let http = hyper::server::conn::http1::Builder::new();
                         match tls {

@@ -229,6 +229,10 @@ struct ServerRunArgs {
     /// projected volume's expirationSeconds at most this [default: 1h].
     #[arg(long, env = "AIRLOCK_K8S_MAX_TOKEN_AGE", value_parser = parse_duration)]
     k8s_max_token_age: Option<std::time::Duration>,
+    /// Accept only Kubernetes tokens the appliance asked the TokenRequest API for (their audience
+    /// binds the join challenge: no replay window), refusing mounted projected tokens.
+    #[arg(long, env = "AIRLOCK_K8S_REQUIRE_TOKEN_REQUEST")]
+    k8s_require_token_request: bool,
     /// Operator-supplied certificate chain (PEM) for the HTTPS API.
     #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -293,6 +297,7 @@ struct ServerFileConfig {
     allow_private_issuers: Option<bool>,
     gcp_issuer: Option<String>,
     k8s_max_token_age: Option<String>,
+    k8s_require_token_request: Option<bool>,
     api_max_connections: Option<usize>,
     api_connections_per_address: Option<usize>,
     api_idle_timeout: Option<String>,
@@ -422,9 +427,21 @@ struct ApplianceRunArgs {
     /// The GCE metadata server a GCP join asks [default: http://metadata.google.internal].
     #[arg(long)]
     gcp_metadata_url: Option<String>,
-    /// The projected service-account token a Kubernetes join reads [default: /var/run/secrets/tokens/airlock].
+    /// The projected service-account token a Kubernetes join reads [default: /var/run/secrets/tokens/airlock;
+    /// with --k8s-token-request, the service account's own token, which authenticates the request].
     #[arg(long)]
     k8s_token_path: Option<PathBuf>,
+    /// Ask the cluster's TokenRequest API for a token whose audience binds each join's challenge (no
+    /// replay window) instead of showing the mounted one; the service account needs `create` on
+    /// its own `serviceaccounts/token`.
+    #[arg(long)]
+    k8s_token_request: bool,
+    /// The Kubernetes API server a TokenRequest goes to [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long)]
+    k8s_api_url: Option<String>,
+    /// The CA file that verifies the API server [default: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt].
+    #[arg(long)]
+    k8s_ca_path: Option<PathBuf>,
     /// Where the appliance keeps its key, certificate and state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -1188,6 +1205,7 @@ async fn serve(args: ServerRunArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(d.as_secs() >= 1, "k8s max token age must be at least 1s");
         cfg.k8s_max_token_age = d;
     }
+    cfg.k8s_require_token_request = args.k8s_require_token_request || file.k8s_require_token_request.unwrap_or(false);
     cfg.api_tls_files = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,
@@ -1282,6 +1300,9 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 aws_sts_endpoint: args.aws_sts_endpoint,
                 gcp_metadata_url: args.gcp_metadata_url,
                 k8s_token_path: args.k8s_token_path,
+                k8s_token_request: args.k8s_token_request,
+                k8s_api_url: args.k8s_api_url,
+                k8s_ca_path: args.k8s_ca_path,
                 state_dir: args.state_dir,
                 customer_keys: args.customer_keys,
                 policy: args.policy,

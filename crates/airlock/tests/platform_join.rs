@@ -548,7 +548,7 @@ fn an_appliance_joins_with_its_gcp_identity_renews_with_fresh_tokens_and_every_b
     let api = Anonymous::new(&server);
     let iss = google.issuer().to_owned();
     let fp = server.fingerprint.clone();
-    let aud = |c: &str| airlock_proto::join::gcp_audience(&fp, c);
+    let aud = |c: &str| airlock_proto::join::challenge_audience(&fp, c);
     let proof = |token: String, c: &str| json!({ "identity_token": token, "challenge": c });
     let mut refusals = Vec::new();
 
@@ -840,6 +840,190 @@ fn an_appliance_whose_certificate_expired_offline_rejoins_and_keeps_its_identity
     let status = wait_for(Duration::from_secs(20), "the revoked appliance to be refused", || revoked.exited());
     assert!(!status.success());
     assert!(revoked.log().contains("revoked"), "{}", revoked.log());
+    let out = server.audit_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_aws_proof_signs_the_environment_it_names_and_cannot_be_turned_to_another() {
+    let aws = Aws::start();
+    let server = Server::start_with(BIN, &["--aws-sts-endpoint", &aws.moto.url]);
+    // Both environments accept the `airlock-dup` role: only the environment named decides.
+    let (a, b) = (server.create_env("signed-a"), server.create_env("signed-b"));
+    add_rule(&server, &a, Some(&format!("arn:aws:iam::{ACCOUNT}:role/airlock-dup")));
+    add_rule(&server, &b, None);
+    let api = Anonymous::new(&server);
+    let url = format!("{}/", aws.moto.url);
+    let signed_for = |env: Option<&str>, challenge: &str| {
+        let mut headers = airlock_headers(&server, challenge);
+        if let Some(env) = env {
+            headers["x-airlock-environment"] = env.into();
+        }
+        botocore_proof(&url, &aws.dup, &headers, &json!({}))
+    };
+    let join_in = |proof: &Value, env: Option<&str>| {
+        let mut body = json!({ "aws_sts": proof, "csr_pem": csr(), "version": "test" });
+        if let Some(env) = env {
+            body["environment"] = env.into();
+        }
+        api.post("/v1/join", &body)
+    };
+    let appliances_before = server.appliances().len();
+    let mut refusals = Vec::new();
+
+    // Signed for B, the body naming A: refused by the control plane before anything is sent.
+    let p = signed_for(Some(&b), &api.challenge());
+    expect(&mut refusals, "signed for another environment", join_in(&p, Some(&a)), 401, "environment_mismatch");
+    // Signed for B, the header changed to A after signing: the emulator refuses the signature.
+    let mut p = signed_for(Some(&b), &api.challenge());
+    p["headers"]["x-airlock-environment"] = a.clone().into();
+    expect(&mut refusals, "environment changed after signing", join_in(&p, Some(&a)), 401, "sts_refused");
+    // The body names an environment the proof does not sign.
+    let p = signed_for(None, &api.challenge());
+    expect(&mut refusals, "environment not signed", join_in(&p, Some(&a)), 401, "environment_unsigned");
+    // The environment sent beside the signature, not in it.
+    let c = api.challenge();
+    let p =
+        botocore_proof(&url, &aws.dup, &airlock_headers(&server, &c), &json!({ "x-airlock-environment": a.clone() }));
+    expect(&mut refusals, "environment header unsigned", join_in(&p, Some(&a)), 401, "unsigned_header");
+    assert_eq!(server.appliances().len(), appliances_before, "no refusal issued anything");
+    assert_audited(&server, "aws_sts", &refusals);
+    let audited = refusals_of(&server, "aws_sts");
+    let mismatch = audited.iter().find(|r| r["detail"]["code"] == "environment_mismatch").unwrap();
+    let reason = mismatch["detail"]["reason"].as_str().unwrap();
+    assert!(reason.contains(a.as_str()) && reason.contains(b.as_str()), "{mismatch}");
+
+    // Signed for B with no environment in the body: the signed one narrows the match as a named one would.
+    let (status, body) = join_in(&signed_for(Some(&b), &api.challenge()), None);
+    assert_eq!(status, 200, "{body}");
+    let id = body["appliance_id"].as_str().unwrap().to_owned();
+    assert_eq!(server.appliance(&id)["environment_id"], b.as_str());
+    // Signed for A and naming A: joins A.
+    let (status, body) = join_in(&signed_for(Some(&a), &api.challenge()), Some(&a));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.appliance(body["appliance_id"].as_str().unwrap())["environment_id"], a.as_str());
+    let out = server.audit_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_kubernetes_appliance_joins_with_a_token_requested_for_its_challenge_and_one_replayed_elsewhere_is_refused() {
+    use airlock_testkit::jwt_issuer::{Flavor, JwtIssuer, K8S_API_AUDIENCE, k8s_claims, unix_now};
+    let cluster = JwtIssuer::start(Flavor::Kubernetes);
+    let ca_file = cluster.ca_file();
+    let ca = ca_file.to_str().unwrap();
+    let server = Server::start_with(
+        BIN,
+        &["--issuer-ca-file", ca, "--allow-private-issuers", "--appliance-cert-lifetime", "6s"],
+    );
+    let iss = cluster.issuer().to_owned();
+    let env = server.create_env("k8s-requested");
+    server.ok(&["env", "join-rule", "add", &env, "--k8s-issuer", &iss, "--k8s-service-account", "airlock/appliance"]);
+
+    // The service account's own mounted token, for the API server's audience: it only
+    // authenticates the TokenRequest and is never shown to the control plane.
+    let tmp = tempfile::tempdir().unwrap();
+    let api_token = tmp.path().join("api-token");
+    std::fs::write(&api_token, cluster.mint(&k8s_claims(&iss, K8S_API_AUDIENCE, "airlock", "appliance", unix_now())))
+        .unwrap();
+    let requesting = |state: &str| {
+        server.appliance_proc_with(
+            &tmp.path().join(state),
+            None,
+            &[
+                "--join-method",
+                "k8s",
+                "--k8s-token-request",
+                "--k8s-token-path",
+                api_token.to_str().unwrap(),
+                "--k8s-api-url",
+                &iss,
+                "--k8s-ca-path",
+                ca,
+            ],
+        )
+    };
+    let mut proc = requesting("apl");
+    let id = server.wait_connected(&mut proc);
+    assert!(cluster.tokens_granted() >= 1, "the token came from the TokenRequest API");
+    assert_eq!(server.appliance(&id)["join_method"], "k8s_token");
+    // A renewal asks for a token bound to the new key's challenge.
+    let renewed = wait_for(Duration::from_secs(30), "a renewal with a requested token", || {
+        server.audited("appliance.certificate_renew", "success").into_iter().find(|r| r["target"] == id.as_str())
+    });
+    assert_eq!(renewed["detail"]["platform_identity"]["service_account"], "appliance");
+    assert!(cluster.tokens_granted() >= 2, "the renewal's token was requested too");
+    proc.stop();
+
+    // A requested token answers its own challenge only.
+    let api = Anonymous::new(&server);
+    let fp = server.fingerprint.clone();
+    let proof = |token: &str, c: &str| json!({ "service_account_token": token, "challenge": c });
+    let requested = |c: &str| {
+        let mut claims =
+            k8s_claims(&iss, &airlock_proto::join::challenge_audience(&fp, c), "airlock", "appliance", unix_now());
+        // Fresh by its audience: no jti is needed (nor spent).
+        claims.as_object_mut().unwrap().remove("jti");
+        cluster.mint(&claims)
+    };
+    let appliances_before = server.appliances().len();
+    let mut refusals = Vec::new();
+    let c = api.challenge();
+    let token = requested(&c);
+    let (status, body) = api.join_by("k8s", &proof(&token, &c));
+    assert_eq!(status, 200, "{body}");
+    let appliances_before = appliances_before + 1;
+    expect(
+        &mut refusals,
+        "replayed with its challenge",
+        api.join_by("k8s", &proof(&token, &c)),
+        401,
+        "challenge_unknown",
+    );
+    // Replayed for another challenge: its audience is not that challenge's, nor the mounted form's.
+    let other = api.challenge();
+    expect(
+        &mut refusals,
+        "replayed for another challenge",
+        api.join_by("k8s", &proof(&token, &other)),
+        401,
+        "token_audience",
+    );
+    assert_eq!(server.appliances().len(), appliances_before, "no refusal issued anything");
+    assert_audited(&server, "k8s_token", &refusals);
+
+    // The API server refuses the TokenRequest: the appliance stops with the reason and what to grant.
+    cluster.refuse_token_requests(true);
+    let mut refused = requesting("refused");
+    let status = wait_for(Duration::from_secs(20), "the appliance to give up", || refused.exited());
+    assert!(!status.success());
+    let log = refused.log();
+    assert!(log.contains("refused a TokenRequest for airlock/appliance (HTTP 403)"), "{log}");
+    assert!(log.contains("cannot create resource") && log.contains("serviceaccounts/token"), "{log}");
+    cluster.refuse_token_requests(false);
+
+    // A control plane that requires requested tokens refuses a mounted one, and takes a requested one.
+    let strict =
+        Server::start_with(BIN, &["--issuer-ca-file", ca, "--allow-private-issuers", "--k8s-require-token-request"]);
+    let env = strict.create_env("k8s-strict");
+    strict.ok(&["env", "join-rule", "add", &env, "--k8s-issuer", &iss, "--k8s-service-account", "airlock/appliance"]);
+    let api = Anonymous::new(&strict);
+    let audience = airlock_proto::join::server_audience(&strict.fingerprint);
+    let mounted = cluster.mint(&k8s_claims(&iss, &audience, "airlock", "appliance", unix_now()));
+    let (status, body) = api.join_by("k8s", &proof(&mounted, &api.challenge()));
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--k8s-token-request"), "{body}");
+    assert_audited(&strict, "k8s_token", &[("mounted token".into(), "token_request_required".into())]);
+    let c = api.challenge();
+    let claims = k8s_claims(
+        &iss,
+        &airlock_proto::join::challenge_audience(&strict.fingerprint, &c),
+        "airlock",
+        "appliance",
+        unix_now(),
+    );
+    let (status, body) = api.join_by("k8s", &proof(&cluster.mint(&claims), &c));
+    assert_eq!(status, 200, "{body}");
     let out = server.audit_verify();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -6,12 +6,16 @@
 //! which answers with the caller's account and ARN. Its signed headers carry the control
 //! plane's challenge and the CA fingerprint this appliance pinned, so the proof answers one
 //! challenge of one control plane and a captured proof is worth nothing elsewhere or later.
+//! An appliance that names its environment (`--environment`) signs that too, so the proof cannot
+//! be presented for another environment.
 //! The credentials themselves never leave the host.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use airlock_proto::join::{AwsStsProof, CHALLENGE_HEADER, GET_CALLER_IDENTITY_BODY, SERVER_ID_HEADER};
+use airlock_proto::join::{
+    AwsStsProof, CHALLENGE_HEADER, ENVIRONMENT_HEADER, GET_CALLER_IDENTITY_BODY, SERVER_ID_HEADER,
+};
 use aws_credential_types::provider::ProvideCredentials;
 
 use crate::ApplianceError;
@@ -27,11 +31,12 @@ fn failed(why: impl std::fmt::Display) -> ApplianceError {
     ApplianceError::PlatformIdentity(why.to_string())
 }
 
-/// Signs a `GetCallerIdentity` request carrying `challenge` and `server_id`.
+/// Signs a `GetCallerIdentity` request carrying `challenge`, `server_id` and the `environment` the join names.
 pub(crate) async fn proof(
     cfg: &AwsJoinConfig,
     challenge: &str,
     server_id: &str,
+    environment: Option<airlock_core::EnvironmentId>,
 ) -> Result<AwsStsProof, ApplianceError> {
     let load = async {
         let chain = crate::secrets::aws::Chain::load(cfg.region.as_deref()).await;
@@ -53,12 +58,16 @@ pub(crate) async fn proof(
         (Some(h), None) => h.to_owned(),
         (None, _) => return Err(failed("the STS endpoint has no host")),
     };
-    let headers = [
+    let environment = environment.map(|e| e.to_string());
+    let mut headers = vec![
         ("host", host.as_str()),
         ("content-type", CONTENT_TYPE),
         (CHALLENGE_HEADER, challenge),
         (SERVER_ID_HEADER, server_id),
     ];
+    if let Some(env) = &environment {
+        headers.push((ENVIRONMENT_HEADER, env.as_str()));
+    }
     let identity = creds.into();
     let params = aws_sigv4::sign::v4::SigningParams::builder()
         .identity(&identity)

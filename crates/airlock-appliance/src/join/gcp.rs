@@ -3,7 +3,7 @@
 //! `GET /computeMetadata/v1/instance/service-accounts/default/identity?audience=A&format=full`
 //! with `Metadata-Flavor: Google`, over plain HTTP to the link-local server (as every Google
 //! client library does), never through a proxy. The audience binds the token to this control
-//! plane's CA and the challenge (`airlock_proto::join::gcp_audience`), so a captured token
+//! plane's CA and the challenge (`airlock_proto::join::challenge_audience`), so a captured token
 //! answers one challenge of one control plane; `format=full` adds the project the control plane
 //! matches rules on. Google signs the token; the control plane checks it against Google's JWKS.
 

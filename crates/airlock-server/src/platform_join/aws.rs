@@ -6,14 +6,18 @@
 //! control plane may send: the exact `GetCallerIdentity` body, `POST` to `/` of an endpoint on
 //! the allow list ([`StsAllowList`]: the public STS endpoints by default, never an arbitrary
 //! URL), an `sts` credential scope, and signed headers that cover `host`, the challenge and
-//! this control plane's id, whose values it checks. [`StsClient::call`] then sends it, with no
+//! this control plane's id, whose values it checks, and the environment the appliance named if it
+//! sent one ([`ENVIRONMENT_HEADER`]; [`check_environment`] holds it to the join's). [`StsClient::call`] then sends it, with no
 //! redirect followed, a time limit and a cap on the answer's size, and reads `Account` and
 //! `Arn` from AWS's answer.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use airlock_proto::join::{AwsStsProof, CHALLENGE_HEADER, GET_CALLER_IDENTITY_BODY, SERVER_ID_HEADER};
+use airlock_core::EnvironmentId;
+use airlock_proto::join::{
+    AwsStsProof, CHALLENGE_HEADER, ENVIRONMENT_HEADER, GET_CALLER_IDENTITY_BODY, SERVER_ID_HEADER,
+};
 use reqwest::Url;
 
 use super::rules::AwsIdentity;
@@ -83,6 +87,10 @@ pub enum AwsRefusal {
     UnsignedHeader(&'static str),
     /// The signed server id is another control plane's.
     OtherServer,
+    /// The join names an environment that the proof does not sign.
+    EnvironmentUnsigned(EnvironmentId),
+    /// The proof signs one environment and the join names another.
+    OtherEnvironment { signed: EnvironmentId, named: EnvironmentId },
     /// STS refused the signature or the credentials (its error code).
     StsRefused(String),
     /// STS could not be reached in time.
@@ -98,6 +106,8 @@ impl AwsRefusal {
             Self::EndpointNotAllowed(_) => "endpoint_not_allowed",
             Self::UnsignedHeader(_) => "unsigned_header",
             Self::OtherServer => "other_server",
+            Self::EnvironmentUnsigned(_) => "environment_unsigned",
+            Self::OtherEnvironment { .. } => "environment_mismatch",
             Self::StsRefused(_) => "sts_refused",
             Self::StsUnreachable => "sts_unreachable",
             Self::StsBadAnswer => "sts_bad_answer",
@@ -114,6 +124,12 @@ impl AwsRefusal {
             Self::OtherServer => {
                 "the AWS proof was made for another control plane (its x-airlock-server-id is not this CA's fingerprint)".into()
             }
+            Self::EnvironmentUnsigned(named) => format!(
+                "the join names environment {named}, but its AWS proof does not sign it (the `{ENVIRONMENT_HEADER}` header)"
+            ),
+            Self::OtherEnvironment { signed, named } => format!(
+                "the AWS proof was signed for environment {signed}, but the join names environment {named}"
+            ),
             Self::StsRefused(code) => format!("AWS STS refused the signed request ({code})"),
             Self::StsUnreachable => "AWS STS could not be reached in time; try again".into(),
             Self::StsBadAnswer => "AWS STS answered something that is not a GetCallerIdentity result".into(),
@@ -129,6 +145,8 @@ pub struct CheckedProof {
     headers: Vec<(String, String)>,
     /// The challenge the signed header carries.
     pub challenge: String,
+    /// The environment the signed [`ENVIRONMENT_HEADER`] names, if the proof signs one.
+    pub environment: Option<EnvironmentId>,
 }
 
 /// The checks made before anything is sent; `server_id` is this control plane's CA fingerprint.
@@ -186,13 +204,39 @@ pub fn check_proof(proof: &AwsStsProof, allow: &StsAllowList, server_id: &str) -
         return Err(AwsRefusal::OtherServer);
     }
     let challenge = headers.get(CHALLENGE_HEADER).cloned().ok_or(AwsRefusal::UnsignedHeader(CHALLENGE_HEADER))?;
+    // Sent but not signed, the environment would be anyone's to change: refused rather than ignored.
+    let environment = match headers.get(ENVIRONMENT_HEADER) {
+        None => None,
+        Some(_) if !auth.signed_headers.iter().any(|h| h == ENVIRONMENT_HEADER) => {
+            return Err(AwsRefusal::UnsignedHeader(ENVIRONMENT_HEADER));
+        }
+        Some(env) => Some(
+            env.parse::<EnvironmentId>()
+                .map_err(|_| malformed("the signed environment is not an environment id (`env_…`)"))?,
+        ),
+    };
     // Only what AWS reads: the signed headers and the signature. Framing is the client's.
     let send: Vec<(String, String)> = headers
         .into_iter()
         .filter(|(n, _)| n == "authorization" || auth.signed_headers.contains(n))
         .filter(|(n, _)| n != "host" && n != "content-length")
         .collect();
-    Ok(CheckedProof { url, headers: send, challenge })
+    Ok(CheckedProof { url, headers: send, challenge, environment })
+}
+
+/// Holds the environment a checked proof signs to the one its join names (`named`): a join that
+/// names one must have it signed (when `must_sign`), and the same; a proof that signs one and a
+/// join that names another are refused. The environment that then narrows the join's matching.
+pub fn check_environment(
+    signed: Option<EnvironmentId>,
+    named: Option<EnvironmentId>,
+    must_sign: bool,
+) -> Result<Option<EnvironmentId>, AwsRefusal> {
+    match (signed, named) {
+        (Some(signed), Some(named)) if signed != named => Err(AwsRefusal::OtherEnvironment { signed, named }),
+        (None, Some(named)) if must_sign => Err(AwsRefusal::EnvironmentUnsigned(named)),
+        (signed, named) => Ok(signed.or(named)),
+    }
 }
 
 struct Authorization {

@@ -7,8 +7,9 @@
 //!   to an allow-listed STS endpoint, whose answer names the caller.
 //! - GCP: the instance's identity token, its audience the CA fingerprint and the challenge
 //!   ([`tokens`]), verified against `--gcp-issuer`'s JWKS (`crate::issuer`).
-//! - Kubernetes: a projected service-account token whose audience is the CA fingerprint
-//!   ([`tokens`]), verified through the issuer a rule names (discovery, then JWKS).
+//! - Kubernetes: a service-account token whose audience binds the challenge (from the
+//!   TokenRequest API) or is the CA fingerprint (mounted) ([`tokens`]), verified through the
+//!   issuer a rule names (discovery, then JWKS).
 //!
 //! [`verify`] spends the challenge (the first answer takes it, so neither a challenge nor a
 //! proof carrying it is accepted twice), asks the platform, and matches the identity against
@@ -18,11 +19,13 @@
 //! ambiguous, and an identity only another environment accepts is refused, not placed there. `appliances::join` then issues the certificate as for a token
 //! join, and spends a Kubernetes token's `jti` in the same transaction.
 //!
-//! Replay windows: an AWS or GCP proof is good for one join, within the challenge's 60 s
-//! (SigV4's own 15-minute window and the GCP token's hour are not relied on). A Kubernetes
-//! token cannot carry the challenge: it joins once (its `jti`), and only while its `iat` is
-//! younger than `--k8s-max-token-age`; whoever reads it before its pod uses it can join once in
-//! its place within that window (ARCHITECTURE.md says so).
+//! Replay windows: an AWS or GCP proof, or a Kubernetes token the appliance asked the cluster's
+//! TokenRequest API for (its audience [`challenge_audience`] of the challenge), is good for one
+//! join, within the challenge's 60 s (SigV4's own 15-minute window and the tokens' lifetimes are
+//! not relied on). A mounted Kubernetes token cannot carry the challenge: it joins once (its
+//! `jti`), and only while its `iat` is younger than `--k8s-max-token-age`; whoever reads it before
+//! its pod uses it can join once in its place within that window (ARCHITECTURE.md says so).
+//! `--k8s-require-token-request` refuses mounted tokens and so closes it.
 //!
 //! At each renewal a platform-joined appliance proves its identity again, by the method it
 //! joined with ([`recheck_at_renewal`]): the challenge is derived from the CSR's new key
@@ -37,7 +40,7 @@ pub mod tokens;
 
 use std::time::Duration;
 
-use airlock_proto::join::{PlatformProof, gcp_audience, server_audience};
+use airlock_proto::join::{PlatformProof, challenge_audience, server_audience};
 
 use self::aws::{AwsRefusal, StsAllowList, StsClient};
 use self::challenges::{ChallengeRefusal, Challenges};
@@ -58,8 +61,10 @@ pub struct PlatformJoin {
     pub sts: StsClient,
     /// The issuer GCP identity tokens must come from.
     pub gcp_issuer: String,
-    /// How old a Kubernetes token's `iat` may be.
+    /// How old a mounted Kubernetes token's `iat` may be.
     pub k8s_max_token_age: Duration,
+    /// Accept only Kubernetes tokens from the TokenRequest API (audience bound to the challenge).
+    pub k8s_require_token_request: bool,
 }
 
 /// How platform joins are configured (`airlock server` flags).
@@ -68,6 +73,8 @@ pub struct PlatformConfig {
     pub sts_endpoints: Vec<String>,
     pub gcp_issuer: String,
     pub k8s_max_token_age: Duration,
+    /// `--k8s-require-token-request`: refuse mounted Kubernetes tokens, whose replay window this closes.
+    pub k8s_require_token_request: bool,
 }
 
 impl Default for PlatformConfig {
@@ -76,6 +83,7 @@ impl Default for PlatformConfig {
             sts_endpoints: Vec::new(),
             gcp_issuer: DEFAULT_GCP_ISSUER.to_owned(),
             k8s_max_token_age: tokens::DEFAULT_K8S_MAX_TOKEN_AGE,
+            k8s_require_token_request: false,
         }
     }
 }
@@ -95,6 +103,7 @@ impl PlatformJoin {
             sts: StsClient::new(aws::STS_TIMEOUT)?,
             gcp_issuer: config.gcp_issuer.clone(),
             k8s_max_token_age: config.k8s_max_token_age,
+            k8s_require_token_request: config.k8s_require_token_request,
         })
     }
 }
@@ -218,18 +227,23 @@ impl Freshness<'_> {
 }
 
 /// What a proof proved: who the platform says signed it, the rules that could accept that
-/// identity, and a Kubernetes token's single-use id.
+/// identity, a mounted Kubernetes token's single-use id, and the environment that judges it (the
+/// one the join names, or the one an AWS proof signs).
 struct Proved {
     identity: PlatformIdentity,
     candidates: Vec<JoinRule>,
     token_id: Option<TokenId>,
+    environment: Option<airlock_core::EnvironmentId>,
 }
 
 /// Checks a proof of any method, its freshness, and asks the platform (STS or the issuer) who made it.
+/// `named` is the environment the join names (or a renewing appliance's own); an AWS proof that
+/// signs an environment must sign that one, and a join's named environment must be signed.
 async fn prove(
     state: &AppState,
     proof: &PlatformProof,
     fresh: Freshness<'_>,
+    named: Option<airlock_core::EnvironmentId>,
 ) -> Result<Result<Proved, PlatformRefusal>, StoreError> {
     let server_id = state.ca.fingerprint().to_string();
     let now = state.now();
@@ -237,6 +251,13 @@ async fn prove(
         PlatformProof::AwsSts(proof) => {
             let checked = match aws::check_proof(proof, &state.platform.sts_allow, &server_id) {
                 Ok(c) => c,
+                Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
+            };
+            // A join that names its environment must have signed it; a renewal is held to its own environment
+            // already, and need not.
+            let must_sign = matches!(fresh, Freshness::Join) && named.is_some();
+            let environment = match aws::check_environment(checked.environment, named, must_sign) {
+                Ok(env) => env,
                 Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
             };
             if let Err(r) = fresh.check(state, &checked.challenge) {
@@ -247,7 +268,7 @@ async fn prove(
                 Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
             };
             let candidates = state.store.aws_join_rules_for_account(&identity.account).await?;
-            Ok(Ok(Proved { identity: PlatformIdentity::Aws(identity), candidates, token_id: None }))
+            Ok(Ok(Proved { identity: PlatformIdentity::Aws(identity), candidates, token_id: None, environment }))
         }
         PlatformProof::Gcp(proof) => {
             if proof.identity_token.len() > tokens::MAX_TOKEN_BYTES {
@@ -257,7 +278,7 @@ async fn prove(
                 return Ok(Err(r));
             }
             // The audience binds the token to this control plane and this challenge, exactly.
-            let audience = gcp_audience(&server_id, &proof.challenge);
+            let audience = challenge_audience(&server_id, &proof.challenge);
             let expect = Expect { audience: &audience, max_age: None };
             let claims =
                 match state.issuers.verify(&state.platform.gcp_issuer, &proof.identity_token, &expect, now).await {
@@ -269,18 +290,18 @@ async fn prove(
                 Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
             };
             let candidates = state.store.gcp_join_rules_for_project(&identity.project).await?;
-            Ok(Ok(Proved { identity: PlatformIdentity::Gcp(identity), candidates, token_id: None }))
+            Ok(Ok(Proved { identity: PlatformIdentity::Gcp(identity), candidates, token_id: None, environment: named }))
         }
         PlatformProof::K8s(proof) => {
-            // The challenge proves nothing about a mounted token, but it is spent all the same:
-            // it paces anonymous attempts, as for the other methods.
+            // A join's challenge is spent whichever form the token takes: for a mounted token it
+            // proves nothing, but it paces anonymous attempts, as for the other methods.
             if let Freshness::Join = fresh
                 && let Err(r) = fresh.check(state, &proof.challenge)
             {
                 return Ok(Err(r));
             }
-            let issuer = match tokens::unverified_issuer(&proof.service_account_token) {
-                Ok(iss) => iss,
+            let (issuer, audiences) = match tokens::unverified_issuer_and_audiences(&proof.service_account_token) {
+                Ok(read) => read,
                 Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
             };
             // Only an issuer a rule names is ever fetched from.
@@ -288,17 +309,36 @@ async fn prove(
             if candidates.is_empty() {
                 return Ok(Err(PlatformRefusal::Token(TokenRefusal::IssuerNotNamed(issuer))));
             }
-            let audience = server_audience(&server_id);
-            let expect = Expect { audience: &audience, max_age: Some(state.platform.k8s_max_token_age) };
+            // A token the appliance asked the TokenRequest API for names this challenge in its
+            // audience: fresh as a GCP token, so no `iat` window and no `jti` to spend. Which form
+            // it is, is read from the unverified token only to choose what to expect of it; the
+            // verification below then holds it to exactly that audience.
+            let bound = challenge_audience(&server_id, &proof.challenge);
+            let requested = audiences.contains(&bound);
+            if requested {
+                if let Freshness::Renewal { .. } = fresh
+                    && let Err(r) = fresh.check(state, &proof.challenge)
+                {
+                    return Ok(Err(r));
+                }
+            } else if state.platform.k8s_require_token_request {
+                return Ok(Err(PlatformRefusal::Token(TokenRefusal::MountedNotAccepted)));
+            }
+            let mounted = server_audience(&server_id);
+            let expect = if requested {
+                Expect { audience: &bound, max_age: None }
+            } else {
+                Expect { audience: &mounted, max_age: Some(state.platform.k8s_max_token_age) }
+            };
             let claims = match state.issuers.verify(&issuer, &proof.service_account_token, &expect, now).await {
                 Ok(c) => c,
                 Err(r) => return Ok(Err(PlatformRefusal::Token(TokenRefusal::Jwt(r)))),
             };
-            let (identity, token_id) = match tokens::read_k8s(&issuer, &claims) {
+            let (identity, token_id) = match tokens::read_k8s(&issuer, &claims, !requested) {
                 Ok(read) => read,
                 Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
             };
-            Ok(Ok(Proved { identity: PlatformIdentity::K8s(identity), candidates, token_id: Some(token_id) }))
+            Ok(Ok(Proved { identity: PlatformIdentity::K8s(identity), candidates, token_id, environment: named }))
         }
     }
 }
@@ -311,11 +351,12 @@ pub async fn verify(
     proof: &PlatformProof,
     named: Option<airlock_core::EnvironmentId>,
 ) -> Result<Result<PlatformMatch, PlatformRefusal>, StoreError> {
-    let Proved { identity, candidates, token_id } = match prove(state, proof, Freshness::Join).await? {
-        Ok(p) => p,
-        Err(r) => return Ok(Err(r)),
-    };
-    Ok(decide(candidates, identity, token_id, named))
+    let Proved { identity, candidates, token_id, environment } =
+        match prove(state, proof, Freshness::Join, named).await? {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+    Ok(decide(candidates, identity, token_id, environment))
 }
 
 /// The join's decision, once the platform named the identity: exactly one environment, among
@@ -512,11 +553,12 @@ pub async fn recheck_at_renewal(
         )));
     }
     let Ok(key) = crate::ca::csr_public_key(csr_pem) else { return Ok(Err("the renewal CSR is malformed".into())) };
-    let Proved { identity, candidates, token_id } = match prove(state, &proof, Freshness::Renewal { key: &key }).await?
-    {
-        Ok(p) => p,
-        Err(r) => return Ok(Err(r.reason())),
-    };
+    let renewal = Freshness::Renewal { key: &key };
+    let Proved { identity, candidates, token_id, .. } =
+        match prove(state, &proof, renewal, Some(peer.environment)).await? {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r.reason())),
+        };
     // Only the appliance's own environment's rules decide its renewal: another tenant's rule naming the same
     // identity (an AWS account id is no secret) must not make a fleet's renewals fail as ambiguous.
     let own: Vec<_> =

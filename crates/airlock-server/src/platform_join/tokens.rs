@@ -3,12 +3,15 @@
 //! here into the identity rules match.
 //!
 //! GCP: the token comes from the instance's metadata server (`format=full`), issued by
-//! `--gcp-issuer` (Google's accounts service), its audience [`airlock_proto::join::gcp_audience`]
+//! `--gcp-issuer` (Google's accounts service), its audience [`airlock_proto::join::challenge_audience`]
 //! of the challenge: the challenge is in the signed token, so a captured token answers one
 //! challenge, which the first answer spends. Its claims name the project
 //! (`google.compute_engine.project_id`) and the service account (`email`, verified).
 //!
-//! Kubernetes: a projected service-account token mounted by the kubelet, its audience fixed to
+//! Kubernetes, requested: a token the appliance asked its cluster's TokenRequest API for, its
+//! audience [`airlock_proto::join::challenge_audience`] of the challenge: fresh as a GCP token.
+//!
+//! Kubernetes, mounted: a projected service-account token mounted by the kubelet, its audience fixed to
 //! [`airlock_proto::join::server_audience`]. A mounted token cannot carry a challenge, so
 //! freshness is bound otherwise: its `jti` joins once ([`TokenId`], kept until the token's `exp`
 //! in the store), and its `iat` is at most `--k8s-max-token-age` old (1 h by default). Only an
@@ -45,6 +48,9 @@ pub enum TokenRefusal {
     Claim(&'static str),
     /// This `jti` has joined or renewed another appliance already.
     Replayed,
+    /// A mounted token (audience fixed, not the challenge's) where `--k8s-require-token-request`
+    /// accepts only tokens from the TokenRequest API.
+    MountedNotAccepted,
 }
 
 impl TokenRefusal {
@@ -55,6 +61,7 @@ impl TokenRefusal {
             Self::IssuerNotNamed(_) => "issuer_not_named",
             Self::Claim(_) => "missing_claim",
             Self::Replayed => "token_replayed",
+            Self::MountedNotAccepted => "token_request_required",
         }
     }
 
@@ -69,6 +76,9 @@ impl TokenRefusal {
             Self::Replayed => {
                 "this service-account token (its jti) was used already; wait for the kubelet to refresh it".into()
             }
+            Self::MountedNotAccepted => "this control plane accepts only Kubernetes tokens from the TokenRequest API \
+                 (their audience binds the join challenge); run the appliance with --k8s-token-request"
+                .into(),
         }
     }
 }
@@ -80,8 +90,9 @@ pub struct TokenId {
     pub expires_at: Timestamp,
 }
 
-/// The `iss` of a token not yet verified: only to find the rules that name it.
-pub fn unverified_issuer(token: &str) -> Result<String, TokenRefusal> {
+/// The `iss` and `aud` of a token not yet verified: only to find the rules that name the issuer,
+/// and to tell a requested Kubernetes token (its audience binds the challenge) from a mounted one.
+pub fn unverified_issuer_and_audiences(token: &str) -> Result<(String, Vec<String>), TokenRefusal> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(TokenRefusal::Malformed("longer than 16 KiB"));
     }
@@ -93,10 +104,17 @@ pub fn unverified_issuer(token: &str) -> Result<String, TokenRefusal> {
         BASE64URL_NOPAD.decode(payload.as_bytes()).map_err(|_| TokenRefusal::Malformed("payload is not base64url"))?;
     let claims: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|_| TokenRefusal::Malformed("payload is not JSON"))?;
-    match claims.get("iss").and_then(|v| v.as_str()) {
-        Some(iss) if !iss.is_empty() && iss.len() <= super::rules::MAX_ISSUER_BYTES => Ok(iss.to_owned()),
-        _ => Err(TokenRefusal::Malformed("no `iss` claim")),
-    }
+    let issuer = match claims.get("iss").and_then(|v| v.as_str()) {
+        Some(iss) if !iss.is_empty() && iss.len() <= super::rules::MAX_ISSUER_BYTES => iss.to_owned(),
+        _ => return Err(TokenRefusal::Malformed("no `iss` claim")),
+    };
+    // `aud` is a string or an array of strings (RFC 7519 §4.1.3).
+    let audiences = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => vec![a.clone()],
+        Some(serde_json::Value::Array(all)) => all.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    };
+    Ok((issuer, audiences))
 }
 
 fn short_str(v: Option<&serde_json::Value>) -> Option<&str> {
@@ -117,9 +135,14 @@ pub fn read_gcp(claims: &Claims) -> Result<GcpIdentity, TokenRefusal> {
     Ok(GcpIdentity { project: project.to_owned(), email: email.to_owned(), sub: sub.to_owned() })
 }
 
-/// The identity a verified projected service-account token names, and its single-use id.
-/// `sub` and the `kubernetes.io` claim must agree on the namespace and service account.
-pub fn read_k8s(issuer: &str, claims: &Claims) -> Result<(K8sIdentity, TokenId), TokenRefusal> {
+/// The identity a verified service-account token names, and with `single_use` (a mounted token,
+/// whose freshness is its `jti`) its single-use id, which it must then carry. `sub` and the
+/// `kubernetes.io` claim must agree on the namespace and service account.
+pub fn read_k8s(
+    issuer: &str,
+    claims: &Claims,
+    single_use: bool,
+) -> Result<(K8sIdentity, Option<TokenId>), TokenRefusal> {
     let c = &claims.0;
     let sub = short_str(c.get("sub")).ok_or(TokenRefusal::Claim("`sub`"))?;
     let Some((namespace, name)) = sub.strip_prefix("system:serviceaccount:").and_then(|r| r.split_once(':')) else {
@@ -131,23 +154,26 @@ pub fn read_k8s(issuer: &str, claims: &Claims) -> Result<(K8sIdentity, TokenId),
     if !agrees {
         return Err(TokenRefusal::Claim("a `kubernetes.io` claim that agrees with `sub`"));
     }
-    let jti = short_str(c.get("jti")).ok_or(TokenRefusal::Claim("a `jti` (Kubernetes 1.29 or later)"))?;
-    let exp = c.get("exp").and_then(serde_json::Value::as_i64).ok_or(TokenRefusal::Claim("`exp`"))?;
     let pod = short_str(k.get("pod").and_then(|p| p.get("name"))).map(str::to_owned);
-    let mut h = sha2::Sha256::default();
-    sha2::Digest::update(&mut h, issuer.as_bytes());
-    sha2::Digest::update(&mut h, [0u8]);
-    sha2::Digest::update(&mut h, jti.as_bytes());
-    let digest = data_encoding::HEXLOWER.encode(&sha2::Digest::finalize(h));
     let identity = K8sIdentity {
         issuer: issuer.to_owned(),
         namespace: namespace.to_owned(),
         service_account: name.to_owned(),
         pod,
     };
+    if !single_use {
+        return Ok((identity, None));
+    }
+    let jti = short_str(c.get("jti")).ok_or(TokenRefusal::Claim("a `jti` (Kubernetes 1.29 or later)"))?;
+    let exp = c.get("exp").and_then(serde_json::Value::as_i64).ok_or(TokenRefusal::Claim("`exp`"))?;
+    let mut h = sha2::Sha256::default();
+    sha2::Digest::update(&mut h, issuer.as_bytes());
+    sha2::Digest::update(&mut h, [0u8]);
+    sha2::Digest::update(&mut h, jti.as_bytes());
+    let digest = data_encoding::HEXLOWER.encode(&sha2::Digest::finalize(h));
     // Kept as long as the token verifies: `exp` plus the clock-skew leeway `issuer` allows.
     let expires_at = Timestamp::from_unix_millis(exp.saturating_mul(1000)).saturating_add(crate::issuer::LEEWAY);
-    Ok((identity, TokenId { digest, expires_at }))
+    Ok((identity, Some(TokenId { digest, expires_at })))
 }
 
 #[cfg(test)]
@@ -180,7 +206,8 @@ mod tests {
     fn a_k8s_token_names_its_service_account_once_by_jti() {
         let good = json!({"sub": "system:serviceaccount:airlock:appliance", "jti": "j1", "exp": 2_000_000_000,
             "kubernetes.io": {"namespace": "airlock", "serviceaccount": {"name": "appliance"}, "pod": {"name": "p-0"}}});
-        let (id, token) = read_k8s("https://k", &claims(good.clone())).unwrap();
+        let (id, token) = read_k8s("https://k", &claims(good.clone()), true).unwrap();
+        let token = token.unwrap();
         assert_eq!(
             (id.namespace.as_str(), id.service_account.as_str(), id.pod.as_deref()),
             ("airlock", "appliance", Some("p-0"))
@@ -189,19 +216,24 @@ mod tests {
             token.expires_at,
             Timestamp::from_unix_millis(2_000_000_000_000).saturating_add(crate::issuer::LEEWAY)
         );
-        let (_, same) = read_k8s("https://k", &claims(good.clone())).unwrap();
-        assert_eq!(token, same);
-        let (_, other_issuer) = read_k8s("https://other", &claims(good.clone())).unwrap();
+        let (_, same) = read_k8s("https://k", &claims(good.clone()), true).unwrap();
+        assert_eq!(Some(&token), same.as_ref());
+        let (_, other_issuer) = read_k8s("https://other", &claims(good.clone()), true).unwrap();
+        let other_issuer = other_issuer.unwrap();
         assert_ne!(token.digest, other_issuer.digest, "a jti is unique per issuer only");
         let mut no_jti = good.clone();
         no_jti.as_object_mut().unwrap().remove("jti");
-        assert!(read_k8s("https://k", &claims(no_jti)).is_err());
+        assert!(read_k8s("https://k", &claims(no_jti.clone()), true).is_err());
+        // A requested token is fresh by its audience: it needs no jti, and none is spent.
+        let (requested, none) = read_k8s("https://k", &claims(no_jti), false).unwrap();
+        assert_eq!((requested, none), (id.clone(), None));
         let mut disagree = good.clone();
         disagree["kubernetes.io"]["namespace"] = json!("default");
-        assert!(read_k8s("https://k", &claims(disagree)).is_err());
+        assert!(read_k8s("https://k", &claims(disagree.clone()), true).is_err());
+        assert!(read_k8s("https://k", &claims(disagree), false).is_err());
         let mut user = good;
         user["sub"] = json!("alice");
-        assert!(read_k8s("https://k", &claims(user)).is_err());
+        assert!(read_k8s("https://k", &claims(user), false).is_err());
     }
 
     /// Through the issuer module, against the test kit's Google-shaped issuer: a key rotated in
@@ -246,12 +278,17 @@ mod tests {
     }
 
     #[test]
-    fn the_unverified_issuer_is_read_boundedly() {
+    fn the_unverified_issuer_and_audiences_are_read_boundedly() {
+        let read = unverified_issuer_and_audiences;
         let payload = BASE64URL_NOPAD.encode(br#"{"iss":"https://k"}"#);
-        assert_eq!(unverified_issuer(&format!("h.{payload}.s")).unwrap(), "https://k");
-        assert!(unverified_issuer("h.p").is_err());
-        assert!(unverified_issuer(&format!("h.{payload}.s.x")).is_err());
-        assert!(unverified_issuer(&"a".repeat(MAX_TOKEN_BYTES + 1)).is_err());
-        assert!(unverified_issuer(&format!("h.{}.s", BASE64URL_NOPAD.encode(b"{}"))).is_err());
+        assert_eq!(read(&format!("h.{payload}.s")).unwrap(), ("https://k".to_owned(), vec![]));
+        let one = BASE64URL_NOPAD.encode(br#"{"iss":"https://k","aud":"a"}"#);
+        assert_eq!(read(&format!("h.{one}.s")).unwrap().1, ["a"]);
+        let two = BASE64URL_NOPAD.encode(br#"{"iss":"https://k","aud":["a","b",3]}"#);
+        assert_eq!(read(&format!("h.{two}.s")).unwrap().1, ["a", "b"]);
+        assert!(read("h.p").is_err());
+        assert!(read(&format!("h.{payload}.s.x")).is_err());
+        assert!(read(&"a".repeat(MAX_TOKEN_BYTES + 1)).is_err());
+        assert!(read(&format!("h.{}.s", BASE64URL_NOPAD.encode(b"{}"))).is_err());
     }
 }

@@ -120,3 +120,37 @@ fn sts_answers_are_read_for_account_and_arn_only() {
     let err = r#"<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type><Code>SignatureDoesNotMatch</Code><Message>m</Message></Error></ErrorResponse>"#;
     assert_eq!(error_code(err).as_deref(), Some("SignatureDoesNotMatch"));
 }
+
+#[test]
+fn a_signed_environment_narrows_the_join_and_must_agree_with_the_one_it_names() {
+    let allow = StsAllowList::default();
+    let url = "https://sts.amazonaws.com/";
+    let (a, b) = (EnvironmentId::from_random([1; 16]), EnvironmentId::from_random([2; 16]));
+    let signed = format!("{SIGNED};{ENVIRONMENT_HEADER}");
+    let mut p = proof(url, &signed);
+    p.headers.insert(ENVIRONMENT_HEADER.into(), a.to_string());
+    assert_eq!(check_proof(&p, &allow, SERVER).unwrap().environment, Some(a));
+    // Sent but not signed: refused, not ignored.
+    let mut unsigned = proof(url, SIGNED);
+    unsigned.headers.insert(ENVIRONMENT_HEADER.into(), a.to_string());
+    assert_eq!(check_proof(&unsigned, &allow, SERVER).unwrap_err(), AwsRefusal::UnsignedHeader(ENVIRONMENT_HEADER));
+    p.headers.insert(ENVIRONMENT_HEADER.into(), "prod".into());
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+    assert_eq!(proof_without_environment(&allow), None);
+
+    // The join's named environment against the signed one.
+    assert_eq!(check_environment(Some(a), Some(a), true), Ok(Some(a)));
+    assert_eq!(check_environment(Some(a), None, false), Ok(Some(a)), "a signed environment narrows as a named one");
+    assert_eq!(check_environment(None, None, false), Ok(None));
+    assert_eq!(check_environment(None, Some(b), true), Err(AwsRefusal::EnvironmentUnsigned(b)));
+    assert_eq!(check_environment(None, Some(b), false), Ok(Some(b)), "a renewal need not sign its own");
+    let err = check_environment(Some(a), Some(b), true).unwrap_err();
+    assert_eq!(err, AwsRefusal::OtherEnvironment { signed: a, named: b });
+    assert_eq!(err.code(), "environment_mismatch");
+    assert!(err.reason().contains(&a.to_string()) && err.reason().contains(&b.to_string()), "{}", err.reason());
+    assert_eq!(check_environment(Some(a), Some(b), false).unwrap_err().code(), "environment_mismatch");
+}
+
+fn proof_without_environment(allow: &StsAllowList) -> Option<EnvironmentId> {
+    check_proof(&proof("https://sts.amazonaws.com/", SIGNED), allow, SERVER).unwrap().environment
+}
