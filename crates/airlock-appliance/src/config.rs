@@ -69,6 +69,13 @@ pub struct FileConfig {
     /// `[dependency.postgres] url = "postgres://…"`, `credentials = { password = "file:/…" }`.
     #[serde(default)]
     pub dependency: BTreeMap<String, CustomerDependency>,
+    /// MiB one box's working directory may hold (default 4096).
+    pub box_disk_mib: Option<u64>,
+    /// Files (entries) one box's working directory may hold (default 100000).
+    pub box_disk_files: Option<u64>,
+    /// MiB kept free on the disk boxes write to: below it, the box holding the most is killed
+    /// (default 1024; 0 keeps no reserve).
+    pub disk_reserve_mib: Option<u64>,
 }
 
 /// A customer's own service a release's dependency is bound to.
@@ -120,6 +127,9 @@ pub struct Flags {
     pub audit_checkpoints: Option<String>,
     pub audit_checkpoint_every: Option<u64>,
     pub releases_dir: Option<PathBuf>,
+    pub box_disk_mib: Option<u64>,
+    pub box_disk_files: Option<u64>,
+    pub disk_reserve_mib: Option<u64>,
 }
 
 /// Where environment variables come from; tests pass a map instead of mutating the process.
@@ -183,6 +193,23 @@ pub enum ConfigError {
     AwsEndpoint(String),
     #[error("`aws_region` looks like `eu-west-1`, got `{0}`")]
     AwsRegion(String),
+    #[error("`{0}` must be a whole number from {1} to 2^44, got `{2}`")]
+    BadNumber(&'static str, u64, String),
+}
+
+/// What one box may hold on disk, and what is kept free for the appliance (see
+/// `sandbox::usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoxDisk {
+    pub box_bytes: u64,
+    pub box_files: u64,
+    pub reserve_bytes: u64,
+}
+
+impl Default for BoxDisk {
+    fn default() -> Self {
+        Self { box_bytes: 4 << 30, box_files: 100_000, reserve_bytes: 1 << 30 }
+    }
 }
 
 /// The metadata server a GCP join asks unless configured.
@@ -290,6 +317,8 @@ pub struct ApplianceConfig {
     pub releases_dir: Option<PathBuf>,
     /// Dependencies bound to the customer's own services, by name; the rest are bundled.
     pub dependencies: BTreeMap<String, CustomerDependency>,
+    /// What one box may hold on disk, and the reserve kept free.
+    pub box_disk: BoxDisk,
 }
 
 /// Records between periodic audit checkpoints unless configured.
@@ -453,6 +482,32 @@ impl ApplianceConfig {
         {
             return Err(ConfigError::ReleasesDir(dir.clone()));
         }
+        // A flag, else the environment (a bad number there is an error, not ignored), else the file.
+        let number =
+            |flag: Option<u64>, key: &'static str, file: Option<u64>, min: u64| -> Result<Option<u64>, ConfigError> {
+                let given = match (flag, env.get(key)) {
+                    (Some(n), _) => Some(n),
+                    (None, Some(v)) => Some(
+                        v.trim()
+                            .parse::<u64>()
+                            .map_err(|_| ConfigError::BadNumber(key, min, v.chars().take(40).collect()))?,
+                    ),
+                    (None, None) => file,
+                };
+                match given {
+                    Some(n) if n < min || n > 1 << 44 => Err(ConfigError::BadNumber(key, min, n.to_string())),
+                    n => Ok(n),
+                }
+            };
+        let defaults = BoxDisk::default();
+        let box_disk = BoxDisk {
+            box_bytes: number(flags.box_disk_mib, "AIRLOCK_BOX_DISK_MIB", file.box_disk_mib, 1)?
+                .map_or(defaults.box_bytes, |m| m << 20),
+            box_files: number(flags.box_disk_files, "AIRLOCK_BOX_DISK_FILES", file.box_disk_files, 1)?
+                .unwrap_or(defaults.box_files),
+            reserve_bytes: number(flags.disk_reserve_mib, "AIRLOCK_DISK_RESERVE_MIB", file.disk_reserve_mib, 0)?
+                .map_or(defaults.reserve_bytes, |m| m << 20),
+        };
         for (name, dep) in &file.dependency {
             let slug = !name.is_empty()
                 && name.len() <= 63
@@ -480,6 +535,7 @@ impl ApplianceConfig {
             secrets: file.secrets,
             releases_dir,
             dependencies: file.dependency,
+            box_disk,
         })
     }
 }
@@ -491,6 +547,35 @@ mod tests {
     use super::*;
 
     const FP: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn box_disk_limits_come_from_flags_env_or_file_and_a_bad_number_is_refused() {
+        let resolve = |env: &[(&str, &str)], flags: &Flags| {
+            let file = FileConfig {
+                control_plane: Some("https://file".into()),
+                ca_fingerprint: Some(FP.into()),
+                state_dir: Some("/file".into()),
+                box_disk_files: Some(50),
+                ..Default::default()
+            };
+            let env: HashMap<String, String> = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+            ApplianceConfig::resolve(Some(file), &env, flags)
+        };
+        let d = resolve(&[], &Flags::default()).unwrap().box_disk;
+        assert_eq!(d, BoxDisk { box_files: 50, ..BoxDisk::default() });
+        assert_eq!((d.box_bytes, d.reserve_bytes), (4 << 30, 1 << 30));
+        let flags = Flags { box_disk_mib: Some(8), ..Default::default() };
+        let d = resolve(&[("AIRLOCK_BOX_DISK_MIB", "16"), ("AIRLOCK_DISK_RESERVE_MIB", "0")], &flags).unwrap().box_disk;
+        assert_eq!((d.box_bytes, d.reserve_bytes), (8 << 20, 0));
+        for (key, bad) in
+            [("AIRLOCK_BOX_DISK_MIB", "4G"), ("AIRLOCK_BOX_DISK_FILES", "0"), ("AIRLOCK_DISK_RESERVE_MIB", "-1")]
+        {
+            let err = resolve(&[(key, bad)], &Flags::default()).expect_err("refused");
+            assert!(matches!(err, ConfigError::BadNumber(k, _, _) if k == key), "{err}");
+        }
+        let huge = Flags { box_disk_mib: Some(u64::MAX), ..Default::default() };
+        assert!(matches!(resolve(&[], &huge), Err(ConfigError::BadNumber("AIRLOCK_BOX_DISK_MIB", 1, _))));
+    }
 
     #[test]
     fn flags_beat_env_beat_file() {

@@ -347,6 +347,7 @@ pub async fn run(
         identity.clone(),
         &ca_pem,
         config.box_user.as_deref(),
+        &config.box_disk,
         executor::DeployOptions {
             releases_dir: config.releases_dir.clone(),
             dependencies: config.dependencies.clone(),

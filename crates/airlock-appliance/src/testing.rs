@@ -113,6 +113,8 @@ pub(crate) struct Fx {
     pub(crate) kit: Fixture,
     pub(crate) control: Arc<LocalControl>,
     pub(crate) exec: Arc<Executor>,
+    /// What each box may hold on disk.
+    pub(crate) disk: crate::config::BoxDisk,
     /// What the appliance sent up since `listen`, and what is still to be read.
     sent: std::sync::Mutex<(Vec<ApplianceMessage>, Option<tokio::sync::mpsc::Receiver<ApplianceMessage>>)>,
 }
@@ -120,6 +122,11 @@ pub(crate) struct Fx {
 impl Fx {
     /// An appliance enrolled with the kit's CA, under a policy signed by the pinned keys.
     pub(crate) fn new(policy_toml: &str) -> Self {
+        Self::with_disk(policy_toml, crate::config::BoxDisk::default())
+    }
+
+    /// With boxes held to `disk` (the appliance's `--box-disk-*` and `--disk-reserve-mib`).
+    pub(crate) fn with_disk(policy_toml: &str, disk: crate::config::BoxDisk) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let kit = Fixture::new();
         let enrolment = Enrolment {
@@ -135,8 +142,8 @@ impl Fx {
         let policy = Some(policy(policy_toml));
         let releases = tempfile::tempdir().unwrap();
         std::fs::set_permissions(releases.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let (control, exec) = open(dir.path(), releases.path(), policy.clone(), &clock, &kit);
-        Self { dir, releases, clock, policy, kit, control, exec, sent: Default::default() }
+        let (control, exec) = open(dir.path(), releases.path(), policy.clone(), &clock, &kit, &disk);
+        Self { dir, releases, clock, policy, kit, control, exec, disk, sent: Default::default() }
     }
 
     /// Vendor code runs as the appliance's own user from now on, as on an appliance that is not
@@ -152,7 +159,8 @@ impl Fx {
         if let Some(old) = Arc::get_mut(&mut self.exec) {
             old.sandbox_mut().leave_shared_dirs();
         }
-        let (control, exec) = open(self.dir.path(), self.releases.path(), self.policy.clone(), &self.clock, &self.kit);
+        let (control, exec) =
+            open(self.dir.path(), self.releases.path(), self.policy.clone(), &self.clock, &self.kit, &self.disk);
         self.control = control;
         self.exec = exec;
     }
@@ -417,6 +425,7 @@ fn open(
     policy: Option<VerifiedPolicy>,
     clock: &Arc<AtomicI64>,
     kit: &Fixture,
+    disk: &crate::config::BoxDisk,
 ) -> (Arc<LocalControl>, Arc<Executor>) {
     let audit = Arc::new(AuditLog::open(dir).unwrap());
     let c = clock.clone();
@@ -438,7 +447,7 @@ fn open(
         ..Default::default()
     };
     let exec =
-        Arc::new(Executor::new(control.clone(), dir, kit.identity.clone(), kit.ca.pem(), None, options).unwrap());
+        Arc::new(Executor::new(control.clone(), dir, kit.identity.clone(), kit.ca.pem(), None, disk, options).unwrap());
     (control, exec)
 }
 
@@ -525,4 +534,29 @@ pub(crate) fn all_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A small disk: a tmpfs of `size` (say `16m`) mounted at a path for one test, as root, and
+/// unmounted (and its mount point removed, if empty) when dropped. What fills it cannot touch
+/// the host's disks.
+pub(crate) struct SmallDisk(pub(crate) PathBuf);
+
+impl SmallDisk {
+    pub(crate) fn mount(at: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("mount(8) runs");
+        assert!(status.success(), "the tests mount a tmpfs as a small disk, as root");
+        Self(at)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }

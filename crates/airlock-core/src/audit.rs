@@ -94,6 +94,9 @@ pub enum AuditAction {
     /// Old records were removed from the start of a chain, behind a signed checkpoint.
     AuditPruned,
     AuditRecovered,
+    /// The appliance killed a box of vendor code over its disk, file, memory or thread limit,
+    /// or holding the most of a disk below its reserve (the box's cell and why).
+    BoxOverLimit,
     CustomerKeysPinned,
     CustomerKeysReplace,
     CustomerKeysRotate,
@@ -216,6 +219,7 @@ impl AuditAction {
         AuditAction::AuditKeyCreate,
         AuditAction::AuditPruned,
         AuditAction::AuditRecovered,
+        AuditAction::BoxOverLimit,
         AuditAction::CustomerKeysPinned,
         AuditAction::CustomerKeysReplace,
         AuditAction::CustomerKeysRotate,
@@ -318,6 +322,7 @@ impl AuditAction {
             AuditAction::AuditKeyCreate => "audit.key_create",
             AuditAction::AuditPruned => "audit.pruned",
             AuditAction::AuditRecovered => "audit.recovered",
+            AuditAction::BoxOverLimit => "box.over_limit",
             AuditAction::CustomerKeysPinned => "customer_keys.pinned",
             AuditAction::CustomerKeysReplace => "customer_keys.replace",
             AuditAction::CustomerKeysRotate => "customer_keys.rotate",

@@ -72,6 +72,9 @@ pub enum ExecutionStatus {
     FailedToStart,
     /// It ran past its wall-time limit: everything it started was killed.
     TimedOut,
+    /// It held more of the appliance's disk (bytes or files), memory or threads than its box
+    /// allows, or the most of a disk short of its reserve: everything it started was killed.
+    OverLimit,
 }
 
 /// What kind of customer authority an execution ran on. Its JSON spelling is part of the

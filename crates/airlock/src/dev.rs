@@ -67,6 +67,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         secrets: Default::default(),
         releases_dir: None,
         dependencies: Default::default(),
+        box_disk: Default::default(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let appliance = tokio::spawn(airlock_appliance::run(appliance_cfg, stop_rx));

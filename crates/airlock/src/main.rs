@@ -471,6 +471,18 @@ struct ApplianceRunArgs {
     /// /var/lib/airlock-releases/<tag> as root). Also AIRLOCK_RELEASES_DIR.
     #[arg(long)]
     releases_dir: Option<PathBuf>,
+    /// MiB one box of vendor code may hold in its working directory before it is killed
+    /// (default 4096). Also AIRLOCK_BOX_DISK_MIB, or box_disk_mib.
+    #[arg(long)]
+    box_disk_mib: Option<u64>,
+    /// Files one box of vendor code may hold before it is killed (default 100000). Also
+    /// AIRLOCK_BOX_DISK_FILES, or box_disk_files.
+    #[arg(long)]
+    box_disk_files: Option<u64>,
+    /// MiB kept free on the disk boxes write to: below it, the box holding the most is killed
+    /// (default 1024; 0 keeps none). Also AIRLOCK_DISK_RESERVE_MIB, or disk_reserve_mib.
+    #[arg(long)]
+    disk_reserve_mib: Option<u64>,
 }
 
 #[cfg(feature = "appliance")]
@@ -1311,6 +1323,9 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 audit_checkpoints: args.audit_checkpoints,
                 audit_checkpoint_every: args.audit_checkpoint_every,
                 releases_dir: args.releases_dir,
+                box_disk_mib: args.box_disk_mib,
+                box_disk_files: args.box_disk_files,
+                disk_reserve_mib: args.disk_reserve_mib,
             };
             let config = ApplianceConfig::resolve(file, &ProcessEnv, &flags)?;
             let (tx, rx) = tokio::sync::watch::channel(false);

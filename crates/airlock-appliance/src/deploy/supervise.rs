@@ -11,6 +11,9 @@
 //! checks run beside it (see `health`) and set its status.
 //! Stopping is graceful: SIGTERM to every process in the cell, SIGKILL after the service's
 //! `stop_timeout_secs`, then the cell and the box's scratch directory are removed.
+//! A service the usage watch kills (`crate::sandbox::usage`) counts as failed, its
+//! `last_error` saying `killed: <why>`; its scratch directory goes with its box, so it
+//! restarts (per its policy) empty.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -388,15 +391,19 @@ async fn supervise(
                     graceful_stop(&mut child, boxed, Duration::from_secs(unit.service.stop_timeout_secs)).await;
                     break;
                 };
+                // Killed by the usage watch: disposing of the box removes its scratch directory,
+                // so the restart starts empty rather than straight back over its limit.
+                let overrun = boxed.overrun();
                 let _ = tokio::task::spawn_blocking(move || boxed.dispose()).await;
                 if started.elapsed() >= exec.config.reset_after {
                     backoff = initial;
                 }
-                let ok = status.as_ref().is_ok_and(|s| s.success());
+                let ok = overrun.is_none() && status.as_ref().is_ok_and(|s| s.success());
                 if !ok {
-                    let why = match status {
-                        Ok(s) => format!("exited: {s}"),
-                        Err(e) => format!("cannot wait for it: {e}"),
+                    let why = match (overrun, status) {
+                        (Some(over), _) => format!("killed: {over}"),
+                        (None, Ok(s)) => format!("exited: {s}"),
+                        (None, Err(e)) => format!("cannot wait for it: {e}"),
                     };
                     tracing::warn!(service = %unit.service.name, reason = %why, "a service exited");
                     state.send_modify(|s| s.last_error = Some(why));

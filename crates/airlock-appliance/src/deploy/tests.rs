@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 use crate::sandbox::{RunAs, Sandbox};
+use crate::testing::SmallDisk;
 
 struct Fixture {
     _state: tempfile::TempDir,
@@ -46,13 +47,18 @@ fn fixture() -> Fixture {
 /// With `box_user`, vendor code runs as that named user (one with a passwd entry) rather than
 /// as dynamic uids.
 fn fixture_with(config: DeployConfig, box_user: Option<&str>) -> Fixture {
+    fixture_on(config, box_user, &crate::config::BoxDisk::default())
+}
+
+/// With boxes held to `disk` by the usage watch.
+fn fixture_on(config: DeployConfig, box_user: Option<&str>, disk: &crate::config::BoxDisk) -> Fixture {
     assert!(
         Path::new("/usr/bin/python3").exists(),
         "the deploy tests serve HTTP with the system's python3 (/usr/bin/python3, on the box's PATH)"
     );
     let state = tempfile::tempdir().unwrap();
     std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let sandbox = Arc::new(Sandbox::open(state.path(), box_user).unwrap());
+    let sandbox = Arc::new(Sandbox::open(state.path(), box_user, disk).unwrap());
     assert!(matches!(sandbox.run_as(), RunAs::BoxUser { .. }), "the tests run as root");
     let top = tempfile::tempdir().unwrap();
     // The box user must reach the releases through this directory.
@@ -266,6 +272,45 @@ restart = { policy = "on-failure", initial_backoff_ms = 100, max_backoff_ms = 40
 }
 
 #[tokio::test]
+async fn a_service_over_its_disk_limit_is_killed_and_restarts_with_its_scratch_emptied() {
+    let disk = crate::config::BoxDisk { box_bytes: 1 << 20, ..Default::default() };
+    let f = fixture_on(config(), None, &disk);
+    let watch = tokio::spawn(f.sandbox.watcher(Duration::from_millis(100), Arc::new(|_, _| {})));
+    let manifest = r#"
+name = "hoard"
+version = "1.0.0"
+
+[[service]]
+name = "hog"
+command = "bin/hog"
+restart = { policy = "on-failure", initial_backoff_ms = 100, max_backoff_ms = 400 }
+"#;
+    // It settles healthy, then fills its scratch directory past 1 MiB; a restart that found its
+    // last run's file there would say so.
+    let script = b"#!/bin/sh\n[ -e \"$HOME/fill\" ] && echo STALE\necho started\nsleep 1\nhead -c 2097152 /dev/zero > \"$HOME/fill\"\nexec sleep 60\n";
+    let release = f.release(manifest, &[("bin/hog", script)]);
+    let out = f.deploy(&release).await.unwrap();
+    assert!(matches!(out, DeployOutcome::Deployed { .. }), "{out:?}");
+    let state = || async {
+        let inner = f.deployer.inner.lock().await;
+        let active = inner.current.as_ref().expect("a release is current");
+        active.services.iter().find(|s| s.unit.service.name == "hog").expect("the service runs").state()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now = state().await;
+    while now.restarts < 2 {
+        assert!(Instant::now() < deadline, "not killed and restarted twice: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = state().await;
+    }
+    let why = now.last_error.unwrap_or_default();
+    assert!(why.starts_with("killed: its disk use") && why.contains("over its limit of 1.0 MiB"), "{why}");
+    assert!(f.log("hog").matches("started").count() >= 2, "{}", f.log("hog"));
+    assert!(!f.log("hog").contains("STALE"), "each run starts with an empty scratch directory: {}", f.log("hog"));
+    watch.abort();
+}
+
+#[tokio::test]
 async fn graceful_stop_sends_term_then_kill_after_the_timeout() {
     let f = fixture();
     let manifest = r#"
@@ -466,32 +511,11 @@ fn a_releases_root_another_user_made_first_is_refused() {
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped (even when the test fails).
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: PathBuf, size: &str) -> Self {
-        std::fs::create_dir_all(&at).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
-            .arg(&at)
-            .status()
-            .expect("mount(8) runs");
-        assert!(status.success(), "the full-disk test mounts a tmpfs, as root");
-        Self(at)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[tokio::test]
 async fn a_full_disk_refuses_the_install_and_the_running_release_keeps_serving() {
     let state = tempfile::tempdir().unwrap();
     std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let sandbox = Arc::new(Sandbox::open(state.path(), None).unwrap());
+    let sandbox = Arc::new(Sandbox::open(state.path(), None, &Default::default()).unwrap());
     let top = tempfile::tempdir().unwrap();
     std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::create_dir(top.path().join("blobs")).unwrap();
@@ -529,7 +553,7 @@ async fn a_full_disk_refuses_the_install_and_the_running_release_keeps_serving()
 #[test]
 fn a_releases_root_every_box_may_read_is_refused_and_not_made() {
     let state = tempfile::tempdir().unwrap();
-    let sandbox = Arc::new(Sandbox::open(state.path(), None).unwrap());
+    let sandbox = Arc::new(Sandbox::open(state.path(), None, &Default::default()).unwrap());
     for root in ["/opt/airlock-test-releases-refused/releases", "/etc/airlock-test-releases-refused"] {
         let err = Deployer::open(sandbox.clone(), state.path(), Some(Path::new(root)), config()).unwrap_err();
         assert!(matches!(err, DeployError::BadReleasesRoot(_)), "{err}");

@@ -117,6 +117,21 @@ pub(crate) struct Executor {
     deployments: Option<deploy::Deployments>,
 }
 
+/// Audits each box the usage watch kills: its cell (an operation's id, or a service's cell
+/// name) and why. A script's execution is recorded `over-limit` besides.
+fn audit_box_kills(control: Arc<LocalControl>) -> crate::sandbox::usage::OnKill {
+    Arc::new(move |cell, why| {
+        let recorded = control.audit.record(
+            AuditAction::BoxOverLimit,
+            AuditOutcome::Success,
+            serde_json::json!({ "cell": cell, "reason": why.to_string() }),
+        );
+        if let Err(e) = recorded {
+            tracing::error!(cell, error = %e, "cannot audit a box killed over its limits");
+        }
+    })
+}
+
 impl Executor {
     pub(crate) fn new(
         control: Arc<LocalControl>,
@@ -124,11 +139,17 @@ impl Executor {
         identity: ApplianceIdentity,
         ca_pem: &str,
         box_user: Option<&str>,
+        disk: &crate::config::BoxDisk,
         deploy_options: DeployOptions,
     ) -> Result<Self, ApplianceError> {
         let ca_der = pem_certificate_der(ca_pem).map_err(|e| ApplianceError::Customer(format!("ca.pem: {e}")))?;
         control.set_identity(&identity);
-        let sandbox = Arc::new(Sandbox::open(state_dir, box_user).map_err(ApplianceError::Customer)?);
+        let sandbox = Arc::new(Sandbox::open(state_dir, box_user, disk).map_err(ApplianceError::Customer)?);
+        // The usage watch, once per appliance; it ends with the sandbox. (No runtime: a test
+        // that only decides, never runs.)
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sandbox.watcher(crate::sandbox::usage::EVERY, audit_box_kills(control.clone())));
+        }
         control.set_vendor_code_user(sandbox.vendor_code_user());
         control.set_cloud_metadata(sandbox.cloud_metadata());
         let deployments = match deploy::Deployments::open(sandbox.clone(), state_dir, deploy_options) {

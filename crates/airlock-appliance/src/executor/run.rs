@@ -5,7 +5,8 @@
 //! `TMPDIR` and the request's `AIRLOCK_VAR_*` values in its environment and no standard input.
 //! It is registered with `crate::running`, so the customer switching its phase off kills
 //! everything it started; a restart after a crash kills what it left by its cell. Past its
-//! wall-time limit it is killed whole and recorded as timed out.
+//! wall-time limit it is killed whole and recorded as timed out; killed by the usage watch
+//! (`crate::sandbox::usage`), as over its limits.
 //! Where the host has no cgroup v2, it leads its own process group instead, whose id (with the
 //! host's boot id) is saved in the operation's record for recovery; a group that cannot be
 //! recorded does not run on: it is killed at once.
@@ -149,6 +150,7 @@ impl Executor {
         // left the group may hold them for ever: the run is not kept waiting on it.
         let (mut output, out_over) = drained(out).await;
         let (errput, err_over) = drained(err).await;
+        let overrun = boxed.overrun();
         let _ = tokio::task::spawn_blocking(move || boxed.dispose()).await;
         output.extend_from_slice(&errput);
         let truncated = out_over || err_over || output.len() > MAX_OUTPUT_BYTES;
@@ -158,6 +160,9 @@ impl Executor {
             ExecutionStatus::Cancelled
         } else if timed_out {
             ExecutionStatus::TimedOut
+        } else if let Some(why) = overrun {
+            tracing::warn!(request_id = %job.id, reason = %why, "the operation was killed over its box's limits");
+            ExecutionStatus::OverLimit
         } else {
             ExecutionStatus::Completed
         };

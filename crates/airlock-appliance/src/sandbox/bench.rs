@@ -24,7 +24,7 @@ pub struct Timings {
 
 /// Times `rounds` bare and boxed spawns for an appliance whose state directory is `state_dir`.
 pub async fn spawn_true(state_dir: &Path, rounds: usize) -> Result<Timings, String> {
-    let sandbox = Sandbox::open(state_dir, None)?;
+    let sandbox = Sandbox::open(state_dir, None, &Default::default())?;
     let mut t = Timings {
         switched_user: matches!(sandbox.run_as, super::RunAs::BoxUser { .. }),
         landlock: sandbox.landlock,

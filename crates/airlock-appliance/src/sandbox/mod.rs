@@ -20,7 +20,9 @@
 //! - in a private working directory outside the state directory, removed after the run;
 //!   a service also reads (never writes) its installed release directory;
 //! - under limits on wall time (operations only: services run until stopped), processes,
-//!   memory and open files ([`RunLimits`]).
+//!   memory and open files ([`RunLimits`]);
+//! - watched ([`usage`]): killed past its own disk or file limit, or when it holds the most of
+//!   a disk whose free space fell below the reserve.
 //!
 //! The child puts itself in its box between fork and exec ([`confine`]), so no instruction of
 //! the vendor's runs outside it; if any step fails, the spawn fails and nothing runs.
@@ -39,6 +41,7 @@ mod netfence;
 mod seccomp;
 #[cfg(test)]
 mod tests;
+pub(crate) mod usage;
 mod user;
 
 use std::os::unix::fs::PermissionsExt;
@@ -181,6 +184,8 @@ pub(crate) struct Sandbox {
     /// Why vendor code may not run here at all, if so: it would share the appliance's uid
     /// without the parts of the box that then hold it (`Sandbox::open`).
     unusable: Option<String>,
+    /// The boxes live now, as the usage watch ([`Sandbox::watcher`]) measures them.
+    boxes: Arc<usage::Boxes>,
 }
 
 /// Why vendor code may not run at all, if so. Sharing the appliance's uid, vendor code is held
@@ -257,6 +262,8 @@ impl Drop for Sandbox {
 pub(crate) struct Boxed {
     pub(crate) cell: Option<Arc<Cell>>,
     workdir: PathBuf,
+    /// Its entry in the usage watch (boxes with a cell only).
+    watched: Option<Arc<usage::Watched>>,
     /// The uid it runs as, given back once everything in its cell is dead.
     lease: std::sync::Mutex<Option<user::Lease>>,
 }
@@ -265,7 +272,12 @@ impl Sandbox {
     /// Settles how runs are boxed on this host, kills what a previous process left running and
     /// removes its working directories. `box_user` names the user vendor code runs as; by
     /// default the appliance picks an unused uid of its own.
-    pub(crate) fn open(state_dir: &Path, box_user: Option<&str>) -> Result<Self, String> {
+    /// `disk` is what the usage watch holds each box to.
+    pub(crate) fn open(
+        state_dir: &Path,
+        box_user: Option<&str>,
+        disk: &crate::config::BoxDisk,
+    ) -> Result<Self, String> {
         let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
         let tag = airlock_core::operation::sha256_hex(state.as_os_str().as_encoded_bytes())[..16].to_owned();
         let run_as = user::resolve(box_user, &tag)?;
@@ -313,6 +325,10 @@ impl Sandbox {
             tracing::error!(reason = %why, "vendor code will not run on this appliance");
         }
         let uids = user::UidPool::for_box(run_as, box_user, &tag);
+        if cells.is_none() {
+            tracing::warn!("without cgroup cells, what vendor code writes to disk is not watched");
+        }
+        let boxes = Arc::new(usage::Boxes::new(disk.into(), work_root.clone()));
         let sandbox = Self {
             cells,
             run_as,
@@ -325,6 +341,7 @@ impl Sandbox {
             root_runs,
             cloud_metadata,
             unusable,
+            boxes,
         };
         sandbox.clear_leftovers()?;
         match sandbox.run_as {
@@ -391,6 +408,12 @@ impl Sandbox {
     /// Where boxes get their working directories: the release root must not be inside it.
     pub(crate) fn work_root(&self) -> &Path {
         &self.work_root
+    }
+
+    /// The usage watch over this sandbox's boxes, a pass every `every` ([`usage::EVERY`] but in
+    /// tests), until the sandbox is dropped; `on_kill` hears of each box it kills.
+    pub(crate) fn watcher(&self, every: Duration, on_kill: usage::OnKill) -> impl Future<Output = ()> + Send + 'static {
+        usage::watch(Arc::downgrade(&self.boxes), every, on_kill)
     }
 
     /// Kills whatever a previous process left running and removes its working directories.
@@ -543,7 +566,18 @@ impl Sandbox {
             }
             None => None,
         };
-        let boxed = Boxed { cell, workdir: self.work_root.join(name), lease: std::sync::Mutex::new(lease) };
+        let workdir = self.work_root.join(name);
+        let watched = cell.as_ref().map(|cell| {
+            // What the cell's hierarchy cannot cap, the watch sums over its processes.
+            let caps = usage::Caps {
+                memory_bytes: (!cell.dir().join("memory.max").exists()).then_some(limits.memory_bytes),
+                threads: (!cell.dir().join("pids.max").exists()).then_some(u64::from(limits.processes)),
+            };
+            let watched = Arc::new(usage::Watched::new(cell.clone(), workdir.clone(), caps));
+            self.boxes.add(&watched);
+            watched
+        });
+        let boxed = Boxed { cell, workdir, watched, lease: std::sync::Mutex::new(lease) };
         let made = self.make_workdir(&boxed.workdir, script, run_as).and_then(|()| {
             let fence =
                 if self.landlock { Some(fence::ruleset(&boxed.workdir, read_only, &self.allowed)?) } else { None };
@@ -591,6 +625,10 @@ impl Boxed {
     /// Kills what is left, removes the cell and the working directory, and gives its uid back
     /// (only once the cell is empty: a uid with a process left stays out of the pool).
     pub(crate) fn dispose(&self) {
+        // First, so the watch never kills the cell once a later run may have made it again.
+        if let Some(watched) = &self.watched {
+            watched.retire();
+        }
         let empty = match &self.cell {
             Some(cell) => {
                 cell.kill_and_remove();
@@ -607,6 +645,11 @@ impl Boxed {
         {
             tracing::warn!(dir = %self.workdir.display(), error = %e, "cannot remove a run's working directory");
         }
+    }
+
+    /// Why the usage watch killed it, if it did.
+    pub(crate) fn overrun(&self) -> Option<usage::Overrun> {
+        self.watched.as_ref().and_then(|w| w.overrun())
     }
 
     #[cfg(test)]

@@ -8,6 +8,8 @@ use std::time::Duration;
 use airlock_core::OperationId;
 
 use super::*;
+use crate::config::BoxDisk;
+use usage::Overrun;
 
 struct Run {
     code: Option<i32>,
@@ -39,7 +41,7 @@ async fn run(sandbox: &Sandbox, n: u8, script: &str, env: &[(&str, String)], lim
 
 /// The box as an appliance running as root builds it.
 fn boxed(state: &tempfile::TempDir) -> Sandbox {
-    let sandbox = Sandbox::open(state.path(), None).unwrap();
+    let sandbox = Sandbox::open(state.path(), None, &Default::default()).unwrap();
     assert!(matches!(sandbox.run_as, RunAs::BoxUser { .. }), "the tests run as root");
     assert!(sandbox.cells.is_some() && sandbox.landlock, "cgroup v2 and Landlock are available to the tests");
     assert!(sandbox.ipc_namespace, "the tests run as root, who may make IPC namespaces");
@@ -141,15 +143,15 @@ fn no_landlock_rule_covers_the_state_directory() {
 #[tokio::test]
 async fn a_named_box_user_is_used_and_root_or_a_missing_user_is_refused() {
     let state = state();
-    let sandbox = Sandbox::open(state.path(), Some("nobody")).unwrap();
+    let sandbox = Sandbox::open(state.path(), Some("nobody"), &Default::default()).unwrap();
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     assert_eq!(sandbox.run_as, RunAs::BoxUser { uid: nobody.uid.as_raw(), gid: nobody.gid.as_raw() });
     let r = run(&sandbox, 6, "id -u", &[], &RunLimits::default()).await;
     assert_eq!(r.output.trim(), nobody.uid.to_string());
     drop(sandbox);
-    let root = Sandbox::open(state.path(), Some("root")).unwrap_err();
+    let root = Sandbox::open(state.path(), Some("root"), &Default::default()).unwrap_err();
     assert!(root.contains("must run unprivileged"), "{root}");
-    let missing = Sandbox::open(state.path(), Some("airlock-no-such-user")).unwrap_err();
+    let missing = Sandbox::open(state.path(), Some("airlock-no-such-user"), &Default::default()).unwrap_err();
     assert!(missing.contains("does not exist") && missing.contains("useradd"), "{missing}");
 }
 
@@ -158,10 +160,10 @@ fn a_symlink_planted_at_the_work_roots_name_is_removed_not_followed() {
     let state = state();
     let target = tempfile::tempdir().unwrap();
     std::fs::set_permissions(target.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let work_root = Sandbox::open(state.path(), None).unwrap().work_root.clone();
+    let work_root = Sandbox::open(state.path(), None, &Default::default()).unwrap().work_root.clone();
     // Someone else on the host plants a symlink where the next start makes its work root.
     std::os::unix::fs::symlink(target.path(), &work_root).unwrap();
-    let sandbox = Sandbox::open(state.path(), None).unwrap();
+    let sandbox = Sandbox::open(state.path(), None, &Default::default()).unwrap();
     let meta = std::fs::symlink_metadata(&sandbox.work_root).unwrap();
     assert!(meta.is_dir() && !meta.file_type().is_symlink());
     assert_eq!(
@@ -547,4 +549,177 @@ async fn a_root_run_without_its_mount_namespace_or_filter_does_not_start() {
     assert!(!sandbox.workdir(id(25)).exists());
     let r = run(&sandbox, 26, "echo RAN", &[], &RunLimits::default()).await;
     assert!(r.output.contains("RAN"), "{}", r.output);
+}
+
+// The usage watch, on real boxes: each pass is run by hand, so the tests need not wait for
+// the watcher's interval.
+
+/// A box as an appliance running as root builds it, held to `disk`.
+fn watched(state: &tempfile::TempDir, disk: BoxDisk) -> Sandbox {
+    let sandbox = Sandbox::open(state.path(), None, &disk).unwrap();
+    assert!(sandbox.cells.is_some(), "cgroup v2 is available to the tests");
+    sandbox
+}
+
+/// Starts `script` in box `n` and waits until it says `ready`.
+async fn start_box(sandbox: &Sandbox, n: u8, script: &str) -> (tokio::process::Child, Boxed) {
+    use tokio::io::AsyncBufReadExt;
+    let (mut cmd, boxed) =
+        sandbox.prepare(id(n), script.as_bytes(), &BTreeMap::new(), &RunLimits::default(), sandbox.run_as).unwrap();
+    let mut child = cmd.spawn().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), out.next_line()).await.unwrap().unwrap();
+    assert_eq!(line.as_deref(), Some("ready"), "box {n}");
+    (child, boxed)
+}
+
+/// Whether the box's process was killed (by SIGKILL, as `cgroup.kill` does), waiting briefly.
+async fn killed(child: &mut tokio::process::Child) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(status) => status.unwrap().signal() == Some(9),
+        Err(_) => false,
+    }
+}
+
+/// Ends a box the watch left alone.
+async fn end(mut child: tokio::process::Child, boxed: Boxed) {
+    assert!(child.try_wait().unwrap().is_none(), "the box still runs");
+    boxed.dispose();
+    let _ = child.wait().await;
+}
+
+#[tokio::test]
+async fn a_box_holding_too_many_files_is_killed_and_one_within_its_limit_runs_on() {
+    let state = state();
+    let sandbox = watched(&state, BoxDisk { box_files: 50, ..BoxDisk::default() });
+    let many = "mkdir d; i=0; while [ $i -lt 100 ]; do : > d/f$i; i=$((i+1)); done; echo ready; sleep 60";
+    let (mut child, boxed) = start_box(&sandbox, 40, many).await;
+    let (calm, calm_box) = start_box(&sandbox, 41, "touch a b c; echo ready; sleep 60").await;
+    // The walk stops one entry past the limit: bounded work, whatever the box holds.
+    let over = Overrun::Files { files: 51, limit: 50 };
+    assert_eq!(sandbox.boxes.pass(), vec![(id(40).to_string(), over.clone())]);
+    assert!(killed(&mut child).await, "killed through its cell");
+    assert_eq!(boxed.overrun(), Some(over));
+    assert_eq!(calm_box.overrun(), None);
+    boxed.dispose();
+    assert!(sandbox.boxes.pass().is_empty(), "a disposed box is not judged again");
+    end(calm, calm_box).await;
+}
+
+#[tokio::test]
+async fn a_deleted_file_a_box_still_holds_open_counts_against_its_disk_limit() {
+    let state = state();
+    let sandbox = watched(&state, BoxDisk { box_bytes: 1 << 20, ..BoxDisk::default() });
+    let script = "exec 3>big; head -c 2097152 /dev/zero >&3; rm big; echo ready; sleep 60";
+    let (mut child, boxed) = start_box(&sandbox, 42, script).await;
+    let (bytes, _) = usage::walk(boxed.workdir(), 1000, u64::MAX, &mut Default::default());
+    assert!(bytes < 1 << 20, "its directory holds almost nothing: {bytes}");
+    let killed_for = sandbox.boxes.pass();
+    let [(cell, Overrun::Disk { bytes, limit })] = killed_for.as_slice() else { panic!("{killed_for:?}") };
+    assert_eq!((cell.as_str(), *limit), (id(42).to_string().as_str(), 1 << 20));
+    assert!(*bytes >= 2 << 20, "the 2 MiB it deleted but holds: {bytes}");
+    assert!(killed(&mut child).await);
+    boxed.dispose();
+}
+
+#[tokio::test]
+async fn below_the_reserve_the_box_holding_the_most_is_killed_and_then_the_rest_runs_on() {
+    let state = state();
+    let disk = BoxDisk { box_bytes: 64 << 20, box_files: 100_000, reserve_bytes: 8 << 20 };
+    let sandbox = watched(&state, disk);
+    // The boxes' working directories on a 16 MiB disk of their own.
+    let _disk = crate::testing::SmallDisk::mount(sandbox.work_root().to_owned(), "16m");
+    let (mut big, big_box) = start_box(&sandbox, 43, "head -c 6291456 /dev/zero > f; echo ready; sleep 60").await;
+    let (small, small_box) = start_box(&sandbox, 44, "head -c 3145728 /dev/zero > f; echo ready; sleep 60").await;
+    // 9 MiB held, 7 MiB free: below the 8 MiB reserve. Only the biggest goes.
+    let killed_for = sandbox.boxes.pass();
+    let [(cell, Overrun::Reserve { free, reserve, bytes })] = killed_for.as_slice() else { panic!("{killed_for:?}") };
+    assert_eq!(*cell, id(43).to_string());
+    assert!(*free < *reserve && *bytes >= 6 << 20, "{killed_for:?}");
+    assert!(killed(&mut big).await);
+    big_box.dispose();
+    // Its space is back: the other box holds 3 MiB, past 1/8 of the reserve, but the reserve is intact.
+    assert!(sandbox.boxes.pass().is_empty());
+    assert_eq!(small_box.overrun(), None);
+    end(small, small_box).await;
+}
+
+#[tokio::test]
+async fn boxes_holding_nothing_significant_are_not_killed_when_the_disk_is_full_for_other_reasons() {
+    let state = state();
+    let disk = BoxDisk { box_bytes: 64 << 20, box_files: 100_000, reserve_bytes: 8 << 20 };
+    let sandbox = watched(&state, disk);
+    let disk = crate::testing::SmallDisk::mount(sandbox.work_root().to_owned(), "16m");
+    // Something else (not vendor code) fills the disk to 12 MiB.
+    std::fs::write(disk.0.join("not-a-box"), vec![7u8; 12 << 20]).unwrap();
+    let (idle, idle_box) = start_box(&sandbox, 45, "echo ready; sleep 60").await;
+    // Half a MiB: under 1/8 of the reserve.
+    let (some, some_box) = start_box(&sandbox, 46, "head -c 524288 /dev/zero > f; echo ready; sleep 60").await;
+    assert!(sandbox.boxes.pass().is_empty(), "the disk is nearly full, but not by a box");
+    end(idle, idle_box).await;
+    end(some, some_box).await;
+}
+
+#[tokio::test]
+async fn where_the_cell_cannot_cap_them_memory_and_threads_are_summed_over_the_boxs_processes() {
+    let state = state();
+    let sandbox = watched(&state, BoxDisk::default());
+    let (mut child, boxed) =
+        start_box(&sandbox, 47, "sleep 60 & sleep 60 & sleep 60 & sleep 60 & echo ready; wait").await;
+    let cell = boxed.cell.clone().unwrap();
+    // This host's cells have the pids and memory controllers; one without them is what the
+    // watch sees when the box is judged with caps.
+    let caps = usage::Caps { memory_bytes: Some(u64::MAX), threads: Some(u64::MAX) };
+    let measured = usage::Watched::new(cell.clone(), boxed.workdir().to_owned(), caps);
+    let usage = usage::measure(&measured, &usage::Watch::from(&BoxDisk::default()));
+    assert!(usage.threads >= 5, "the shell and four sleeps: {usage:?}");
+    let one = std::fs::read_to_string(format!("/proc/{}/status", child.id().unwrap())).unwrap();
+    let rss = one.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap();
+    let rss: u64 = rss.parse::<u64>().unwrap() * 1024;
+    assert!(usage.memory_bytes > rss, "summed, not one process's: {usage:?} vs {rss}");
+    // Held to 3 threads, the box goes.
+    let watched = Arc::new(usage::Watched::new(
+        cell,
+        boxed.workdir().to_owned(),
+        usage::Caps { memory_bytes: None, threads: Some(3) },
+    ));
+    sandbox.boxes.add(&watched);
+    let killed_for = sandbox.boxes.pass();
+    assert!(
+        matches!(killed_for.as_slice(), [(_, Overrun::Threads { threads, limit: 3 })] if *threads >= 5),
+        "{killed_for:?}"
+    );
+    assert!(killed(&mut child).await);
+    assert!(watched.overrun().is_some());
+    watched.retire();
+    // And held to less memory than its processes hold together.
+    boxed.dispose();
+    let (mut child, boxed) = start_box(&sandbox, 48, "sleep 60 & sleep 60 & echo ready; wait").await;
+    let watched = Arc::new(usage::Watched::new(
+        boxed.cell.clone().unwrap(),
+        boxed.workdir().to_owned(),
+        usage::Caps { memory_bytes: Some(rss), threads: None },
+    ));
+    sandbox.boxes.add(&watched);
+    let killed_for = sandbox.boxes.pass();
+    assert!(matches!(killed_for.as_slice(), [(_, Overrun::Memory { .. })]), "{killed_for:?}");
+    assert!(killed(&mut child).await);
+    watched.retire();
+    boxed.dispose();
+}
+
+#[tokio::test]
+async fn the_watch_never_kills_a_cell_its_box_has_left() {
+    let state = state();
+    let sandbox = watched(&state, BoxDisk { box_files: 1, ..BoxDisk::default() });
+    let (child, boxed) = start_box(&sandbox, 49, "touch a b; echo ready; sleep 60").await;
+    let watched = boxed.watched.clone().unwrap();
+    // Its run disposes of it between a pass's measuring and its kill (here, only retired, so
+    // its cell is still there to show the kill does not reach it): the kill is a no-op.
+    watched.retire();
+    assert!(!watched.kill(Overrun::Files { files: 3, limit: 1 }));
+    assert!(sandbox.boxes.pass().is_empty(), "nor is it judged again");
+    assert_eq!(boxed.overrun(), None);
+    end(child, boxed).await;
 }

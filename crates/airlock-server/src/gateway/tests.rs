@@ -465,6 +465,18 @@ mod operations {
         cert: &crate::ca::Issued,
         authority: AuthorityRef,
     ) -> Envelope {
+        execution_as(op, output, key, cert, authority, ExecutionStatus::Completed)
+    }
+
+    /// The same, the run having ended as `status`.
+    fn execution_as(
+        op: &Value,
+        output: &[u8],
+        key: &rcgen::KeyPair,
+        cert: &crate::ca::Issued,
+        authority: AuthorityRef,
+        status: ExecutionStatus,
+    ) -> Envelope {
         let now = airlock_core::Timestamp::from_unix_millis(op["requested_at"].as_i64().unwrap());
         let statement = ExecutionStatement {
             request_id: op["id"].as_str().unwrap().parse().unwrap(),
@@ -472,7 +484,7 @@ mod operations {
             request_digest: op["request_digest"].as_str().unwrap().to_owned(),
             command_sha256: op["command_sha256"].as_str().unwrap().to_owned(),
             authority,
-            status: ExecutionStatus::Completed,
+            status,
             started_at: now,
             finished_at: now,
             exit_code: Some(0),
@@ -809,6 +821,26 @@ mod operations {
         assert_refused(&a.send(result(&op, &posing, &a.cert.pem)).await, "built-in probe");
         let good = execution(&op, b"x", &a.key, &a.cert);
         assert_eq!(code_of(&a.send(result(&op, &good, &a.cert.pem)).await), AckCode::Stored);
+        assert_eq!(op_state(&f, id).await["state"], "executed");
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_execution_killed_over_its_box_limits_is_stored_as_executed_never_as_cancelled() {
+        let f = fixture().await;
+        let op = request(&f, "restart", &["service:restart"]).await;
+        let id = op["id"].as_str().unwrap();
+        let mut a = Appliance::connect(&f, &f.identity).await;
+        a.instruction().await;
+        let window = AuthorityRef { kind: AuthorityKind::StandingWindow, digest: None, policy_digest: None };
+        let over = execution_as(&op, b"x", &a.key, &a.cert, window, ExecutionStatus::OverLimit);
+        assert!(String::from_utf8_lossy(&over.payload).contains(r#""status":"over-limit""#));
+        let mut as_cancelled = result(&op, &over, &a.cert.pem);
+        if let appliance_message::Body::OperationResult(r) = &mut as_cancelled {
+            r.outcome = OperationOutcome::Cancelled as i32;
+        }
+        assert_refused(&a.send(as_cancelled).await, "does not match the signed execution status");
+        assert_eq!(code_of(&a.send(result(&op, &over, &a.cert.pem)).await), AckCode::Stored);
         assert_eq!(op_state(&f, id).await["state"], "executed");
         f.server.shutdown().await;
     }

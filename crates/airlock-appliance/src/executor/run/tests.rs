@@ -155,3 +155,27 @@ async fn an_appliance_that_cannot_switch_users_runs_deploy_and_operate_only_if_t
     assert_eq!(fx.audited(AuditAction::OperationAllowed).last().unwrap()["detail"]["run_as"], "appliance_user");
     assert!(fx.control.status().same_user_accepted, "phase status shows it");
 }
+
+#[tokio::test]
+async fn a_script_writing_past_its_box_disk_limit_is_killed_and_recorded_over_limit() {
+    // --box-disk-mib 1: the script writes 4 MiB into its working directory, then waits.
+    let disk = crate::config::BoxDisk { box_bytes: 1 << 20, ..Default::default() };
+    let fx = Fx::with_disk(ALL_PHASES, disk);
+    let script = "echo started\nhead -c 4194304 /dev/zero > fill\nsleep 60\necho never\n";
+    let stmt = fx.statement(op_id(29), MANIFEST, script, vars("api"));
+    let handle = fx.start(&stmt, script).await;
+    // The watch passes every 3 s.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(15), handle).await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Executed, "{r:?}");
+    let execution = fx.execution(&r);
+    assert_eq!(execution.status, ExecutionStatus::OverLimit);
+    assert_eq!(serde_json::to_value(execution.status).unwrap(), "over-limit");
+    assert_eq!(String::from_utf8(fx.control.ops.open_output(op_id(29)).unwrap().bytes).unwrap(), "started\n");
+    let killed = fx.audited(AuditAction::BoxOverLimit);
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    assert_eq!(killed[0]["detail"]["cell"], op_id(29).to_string(), "{killed:?}");
+    assert!(killed[0]["detail"]["reason"].as_str().unwrap().contains("over its limit of 1.0 MiB"), "{killed:?}");
+    let executed = fx.audited(AuditAction::OperationExecuted);
+    assert_eq!(executed.last().unwrap()["detail"]["status"], "over-limit", "{executed:?}");
+    assert!(!fx.exec.workdir(op_id(29)).exists(), "what it wrote is gone with its box");
+}

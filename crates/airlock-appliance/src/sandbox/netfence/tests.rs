@@ -156,7 +156,7 @@ probe("tcp4-listener", INET, TCP, ("127.0.0.1", int(os.environ["PORT"])))
 #[tokio::test]
 async fn boxed_code_cannot_reach_the_metadata_service_and_the_rest_is_untouched() {
     let state = state();
-    let sandbox = Sandbox::open(state.path(), None).unwrap();
+    let sandbox = Sandbox::open(state.path(), None, &Default::default()).unwrap();
     assert_eq!(sandbox.cloud_metadata(), crate::control::CloudMetadata::Fenced, "the tests run as root");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
@@ -192,16 +192,16 @@ fn attached_counts(dir: &Path) -> Vec<usize> {
 #[test]
 fn a_restart_leaves_one_fence_per_hook() {
     let state = state();
-    let mut first = Sandbox::open(state.path(), None).unwrap();
+    let mut first = Sandbox::open(state.path(), None, &Default::default()).unwrap();
     let cells = first.cells.as_ref().expect("cgroup v2 is available to the tests").dir().to_owned();
     assert_eq!(attached_counts(&cells), [1; HOOKS.len()]);
     // A restart finds the cells directory as the previous process left it.
     first.leave_shared_dirs();
-    let mut second = Sandbox::open(state.path(), None).unwrap();
+    let mut second = Sandbox::open(state.path(), None, &Default::default()).unwrap();
     assert_eq!(second.cloud_metadata(), crate::control::CloudMetadata::Fenced);
     assert_eq!(attached_counts(&cells), [1; HOOKS.len()]);
     second.leave_shared_dirs();
-    let third = Sandbox::open(state.path(), None).unwrap();
+    let third = Sandbox::open(state.path(), None, &Default::default()).unwrap();
     assert_eq!(attached_counts(&cells), [1; HOOKS.len()]);
     drop((first, second, third));
     assert!(!cells.exists(), "the cells directory, and the fence with it, goes with the last sandbox");
