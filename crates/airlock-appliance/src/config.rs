@@ -74,7 +74,7 @@ pub struct FileConfig {
     /// Files (entries) one box's working directory may hold (default 100000).
     pub box_disk_files: Option<u64>,
     /// MiB kept free on the disk boxes write to: below it, the box holding the most is killed
-    /// (default 1024; 0 keeps no reserve).
+    /// (default a tenth of that filesystem, at most 1024; 0 keeps no reserve).
     pub disk_reserve_mib: Option<u64>,
 }
 
@@ -203,12 +203,15 @@ pub enum ConfigError {
 pub struct BoxDisk {
     pub box_bytes: u64,
     pub box_files: u64,
-    pub reserve_bytes: u64,
+    /// Bytes kept free, as configured; `None`: a tenth of the filesystem, at most 1 GiB
+    /// (`sandbox::usage::default_reserve`), since boxes may write to a small tmpfs (`/run`)
+    /// where a fixed 1 GiB could never be free and every box of any size would be killed.
+    pub reserve_bytes: Option<u64>,
 }
 
 impl Default for BoxDisk {
     fn default() -> Self {
-        Self { box_bytes: 4 << 30, box_files: 100_000, reserve_bytes: 1 << 30 }
+        Self { box_bytes: 4 << 30, box_files: 100_000, reserve_bytes: None }
     }
 }
 
@@ -506,7 +509,7 @@ impl ApplianceConfig {
             box_files: number(flags.box_disk_files, "AIRLOCK_BOX_DISK_FILES", file.box_disk_files, 1)?
                 .unwrap_or(defaults.box_files),
             reserve_bytes: number(flags.disk_reserve_mib, "AIRLOCK_DISK_RESERVE_MIB", file.disk_reserve_mib, 0)?
-                .map_or(defaults.reserve_bytes, |m| m << 20),
+                .map_or(defaults.reserve_bytes, |m| Some(m << 20)),
         };
         for (name, dep) in &file.dependency {
             let slug = !name.is_empty()
@@ -563,10 +566,10 @@ mod tests {
         };
         let d = resolve(&[], &Flags::default()).unwrap().box_disk;
         assert_eq!(d, BoxDisk { box_files: 50, ..BoxDisk::default() });
-        assert_eq!((d.box_bytes, d.reserve_bytes), (4 << 30, 1 << 30));
+        assert_eq!((d.box_bytes, d.reserve_bytes), (4 << 30, None));
         let flags = Flags { box_disk_mib: Some(8), ..Default::default() };
         let d = resolve(&[("AIRLOCK_BOX_DISK_MIB", "16"), ("AIRLOCK_DISK_RESERVE_MIB", "0")], &flags).unwrap().box_disk;
-        assert_eq!((d.box_bytes, d.reserve_bytes), (8 << 20, 0));
+        assert_eq!((d.box_bytes, d.reserve_bytes), (8 << 20, Some(0)));
         for (key, bad) in
             [("AIRLOCK_BOX_DISK_MIB", "4G"), ("AIRLOCK_BOX_DISK_FILES", "0"), ("AIRLOCK_DISK_RESERVE_MIB", "-1")]
         {

@@ -480,7 +480,8 @@ struct ApplianceRunArgs {
     #[arg(long)]
     box_disk_files: Option<u64>,
     /// MiB kept free on the disk boxes write to: below it, the box holding the most is killed
-    /// (default 1024; 0 keeps none). Also AIRLOCK_DISK_RESERVE_MIB, or disk_reserve_mib.
+    /// (default a tenth of that disk, at most 1024; 0 keeps none). Also AIRLOCK_DISK_RESERVE_MIB,
+    /// or disk_reserve_mib.
     #[arg(long)]
     disk_reserve_mib: Option<u64>,
 }

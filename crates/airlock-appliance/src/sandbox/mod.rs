@@ -328,7 +328,7 @@ impl Sandbox {
         if cells.is_none() {
             tracing::warn!("without cgroup cells, what vendor code writes to disk is not watched");
         }
-        let boxes = Arc::new(usage::Boxes::new(disk.into(), work_root.clone()));
+        let boxes = Arc::new(usage::Boxes::new(*disk, work_root.clone()));
         let sandbox = Self {
             cells,
             run_as,

@@ -626,7 +626,7 @@ async fn a_deleted_file_a_box_still_holds_open_counts_against_its_disk_limit() {
 #[tokio::test]
 async fn below_the_reserve_the_box_holding_the_most_is_killed_and_then_the_rest_runs_on() {
     let state = state();
-    let disk = BoxDisk { box_bytes: 64 << 20, box_files: 100_000, reserve_bytes: 8 << 20 };
+    let disk = BoxDisk { box_bytes: 64 << 20, box_files: 100_000, reserve_bytes: Some(8 << 20) };
     let sandbox = watched(&state, disk);
     // The boxes' working directories on a 16 MiB disk of their own.
     let _disk = crate::testing::SmallDisk::mount(sandbox.work_root().to_owned(), "16m");
@@ -648,7 +648,7 @@ async fn below_the_reserve_the_box_holding_the_most_is_killed_and_then_the_rest_
 #[tokio::test]
 async fn boxes_holding_nothing_significant_are_not_killed_when_the_disk_is_full_for_other_reasons() {
     let state = state();
-    let disk = BoxDisk { box_bytes: 64 << 20, box_files: 100_000, reserve_bytes: 8 << 20 };
+    let disk = BoxDisk { box_bytes: 64 << 20, box_files: 100_000, reserve_bytes: Some(8 << 20) };
     let sandbox = watched(&state, disk);
     let disk = crate::testing::SmallDisk::mount(sandbox.work_root().to_owned(), "16m");
     // Something else (not vendor code) fills the disk to 12 MiB.
@@ -672,7 +672,7 @@ async fn where_the_cell_cannot_cap_them_memory_and_threads_are_summed_over_the_b
     // watch sees when the box is judged with caps.
     let caps = usage::Caps { memory_bytes: Some(u64::MAX), threads: Some(u64::MAX) };
     let measured = usage::Watched::new(cell.clone(), boxed.workdir().to_owned(), caps);
-    let usage = usage::measure(&measured, &usage::Watch::from(&BoxDisk::default()));
+    let usage = usage::measure(&measured, &usage::Watch::on(&BoxDisk::default(), u64::MAX));
     assert!(usage.threads >= 5, "the shell and four sleeps: {usage:?}");
     let one = std::fs::read_to_string(format!("/proc/{}/status", child.id().unwrap())).unwrap();
     let rss = one.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap();

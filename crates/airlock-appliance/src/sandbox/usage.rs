@@ -40,10 +40,23 @@ pub(crate) struct Watch {
     pub(crate) reserve_bytes: u64,
 }
 
-impl From<&crate::config::BoxDisk> for Watch {
-    fn from(d: &crate::config::BoxDisk) -> Self {
-        Self { box_bytes: d.box_bytes, box_files: d.box_files, reserve_bytes: d.reserve_bytes }
+impl Watch {
+    /// The limits of `disk` on a filesystem of `total` bytes (the reserve, unless configured,
+    /// is [`default_reserve`] of it).
+    pub(crate) fn on(disk: &crate::config::BoxDisk, total: u64) -> Self {
+        Self {
+            box_bytes: disk.box_bytes,
+            box_files: disk.box_files,
+            reserve_bytes: disk.reserve_bytes.unwrap_or_else(|| default_reserve(total)),
+        }
     }
+}
+
+/// The reserve unless configured: a tenth of the filesystem, at most 1 GiB. A fixed 1 GiB
+/// would be always breached on a small filesystem (a root appliance's boxes write to `/run`,
+/// a tmpfs often smaller than that), and every box of an eighth of it would be killed.
+pub(crate) fn default_reserve(total: u64) -> u64 {
+    (total / 10).min(1 << 30)
 }
 
 /// Limits a box's cell cannot enforce itself (its hierarchy lacks `memory.max` or
@@ -210,15 +223,15 @@ impl Watched {
 /// and its watcher (which holds it weakly, so it ends with the sandbox).
 #[derive(Debug)]
 pub(crate) struct Boxes {
-    watch: Watch,
+    disk: crate::config::BoxDisk,
     /// Where every box's working directory is: its filesystem is the one the reserve keeps.
     work_root: PathBuf,
     live: Mutex<Vec<Weak<Watched>>>,
 }
 
 impl Boxes {
-    pub(crate) fn new(watch: Watch, work_root: PathBuf) -> Self {
-        Self { watch, work_root, live: Mutex::default() }
+    pub(crate) fn new(disk: crate::config::BoxDisk, work_root: PathBuf) -> Self {
+        Self { disk, work_root, live: Mutex::default() }
     }
 
     pub(crate) fn add(&self, watched: &Arc<Watched>) {
@@ -243,12 +256,13 @@ impl Boxes {
         if live.is_empty() {
             return Vec::new();
         }
-        let free = free_bytes(&self.work_root).unwrap_or(u64::MAX);
-        let usages: Vec<Usage> = live.iter().map(|w| measure(w, &self.watch)).collect();
+        let (free, total) = space(&self.work_root).unwrap_or((u64::MAX, u64::MAX));
+        let watch = Watch::on(&self.disk, total);
+        let usages: Vec<Usage> = live.iter().map(|w| measure(w, &watch)).collect();
         let big = biggest(&usages);
         let mut killed = Vec::new();
         for (i, (w, usage)) in live.iter().zip(&usages).enumerate() {
-            if let Some(why) = judge(&self.watch, &w.caps, usage, free, big == Some(i))
+            if let Some(why) = judge(&watch, &w.caps, usage, free, big == Some(i))
                 && w.kill(why.clone())
             {
                 let name = w.cell.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -278,10 +292,10 @@ pub(crate) async fn watch(boxes: Weak<Boxes>, every: Duration, on_kill: OnKill) 
     }
 }
 
-/// Free bytes (to an unprivileged writer) on the filesystem holding `path`.
-fn free_bytes(path: &Path) -> Option<u64> {
+/// Free bytes (to an unprivileged writer) and the size of the filesystem holding `path`.
+fn space(path: &Path) -> Option<(u64, u64)> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(s.blocks_available().saturating_mul(s.fragment_size()))
+    Some((s.blocks_available().saturating_mul(s.fragment_size()), s.blocks().saturating_mul(s.fragment_size())))
 }
 
 /// Measures one box: its working directory (bounded by the watch's limits), the deleted files
@@ -408,6 +422,18 @@ mod tests {
             judge(&WATCH, &Caps { memory_bytes: Some(64 * MIB), threads: Some(32) }, &at, u64::MAX, false),
             None
         );
+    }
+
+    #[test]
+    fn the_default_reserve_is_a_tenth_of_the_disk_up_to_a_gib_and_a_configured_one_is_kept() {
+        let default = crate::config::BoxDisk::default();
+        // A 256 MiB /run: a fixed GiB could never be free there.
+        assert_eq!(Watch::on(&default, 256 * MIB).reserve_bytes, 256 * MIB / 10);
+        assert_eq!(Watch::on(&default, 100 << 30).reserve_bytes, 1 << 30);
+        let set = crate::config::BoxDisk { reserve_bytes: Some(8 * MIB), ..default };
+        assert_eq!(Watch::on(&set, 16 * MIB).reserve_bytes, 8 * MIB);
+        let none = crate::config::BoxDisk { reserve_bytes: Some(0), ..default };
+        assert_eq!(Watch::on(&none, 100 << 30).reserve_bytes, 0);
     }
 
     #[test]
