@@ -215,6 +215,20 @@ impl Default for BoxDisk {
     }
 }
 
+/// `url` if it is a bare base URL of one of `schemes`: a host, no credentials, no path, query
+/// or fragment (requests join their own paths to it).
+fn base_url(url: &str, schemes: &[&str]) -> Option<reqwest::Url> {
+    reqwest::Url::parse(url).ok().filter(|u| {
+        schemes.contains(&u.scheme())
+            && u.host_str().is_some()
+            && u.username().is_empty()
+            && u.password().is_none()
+            && u.path() == "/"
+            && u.query().is_none()
+            && u.fragment().is_none()
+    })
+}
+
 /// The metadata server a GCP join asks unless configured.
 pub const DEFAULT_GCP_METADATA_URL: &str = "http://metadata.google.internal";
 /// Where a Kubernetes join reads its projected service-account token unless configured.
@@ -368,16 +382,8 @@ impl ApplianceConfig {
             Some("gcp") => {
                 let url = pick(&flags.gcp_metadata_url, "AIRLOCK_GCP_METADATA_URL", &file.gcp_metadata_url)
                     .unwrap_or_else(|| DEFAULT_GCP_METADATA_URL.to_owned());
-                let parsed = reqwest::Url::parse(&url).ok().filter(|u| {
-                    matches!(u.scheme(), "http" | "https")
-                        && u.host_str().is_some()
-                        && u.username().is_empty()
-                        && u.password().is_none()
-                        && u.path() == "/"
-                        && u.query().is_none()
-                        && u.fragment().is_none()
-                });
-                let metadata_url = parsed.ok_or_else(|| ConfigError::GcpMetadataUrl(url.chars().take(80).collect()))?;
+                let metadata_url = base_url(&url, &["http", "https"])
+                    .ok_or_else(|| ConfigError::GcpMetadataUrl(url.chars().take(80).collect()))?;
                 Some(PlatformJoinConfig::Gcp { metadata_url })
             }
             Some("k8s") => {
@@ -408,16 +414,8 @@ impl ApplianceConfig {
                     let url = pick(&flags.k8s_api_url, "AIRLOCK_K8S_API_URL", &file.k8s_api_url)
                         .or(in_cluster)
                         .ok_or(ConfigError::K8sNoApiServer)?;
-                    let api_url = reqwest::Url::parse(&url).ok().filter(|u| {
-                        u.scheme() == "https"
-                            && u.host_str().is_some()
-                            && u.username().is_empty()
-                            && u.password().is_none()
-                            && u.path() == "/"
-                            && u.query().is_none()
-                            && u.fragment().is_none()
-                    });
-                    let api_url = api_url.ok_or_else(|| ConfigError::K8sApiUrl(url.chars().take(80).collect()))?;
+                    let api_url = base_url(&url, &["https"])
+                        .ok_or_else(|| ConfigError::K8sApiUrl(url.chars().take(80).collect()))?;
                     let ca_path = flags
                         .k8s_ca_path
                         .clone()

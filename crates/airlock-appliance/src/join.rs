@@ -33,6 +33,24 @@ use crate::ApplianceError;
 use crate::config::PlatformJoinConfig;
 use crate::state_dir::{Credentials, Enrolment, inspect_cert};
 
+/// A client for a platform's own identity endpoint (GCE metadata server, Kubernetes API
+/// server): reached directly (no proxy, no redirect), trusting only `roots`, within `timeout`.
+fn platform_client(roots: rustls::RootCertStore, timeout: std::time::Duration) -> Result<reqwest::Client, String> {
+    let tls =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .no_proxy()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// A CSR for `key`, naming `identity_uri` when renewing (a join CSR names no identity).
 pub(crate) fn csr_for(key: &KeyPair, identity_uri: Option<&str>) -> Result<String, ApplianceError> {
     let mut params = CertificateParams::default();

@@ -25,19 +25,7 @@ fn failed(why: impl std::fmt::Display) -> ApplianceError {
 pub(crate) async fn identity_token(metadata_url: &reqwest::Url, audience: &str) -> Result<String, ApplianceError> {
     let mut url = metadata_url.join(IDENTITY_PATH).map_err(failed)?;
     url.query_pairs_mut().append_pair("audience", audience).append_pair("format", "full");
-    let tls =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(failed)?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .no_proxy()
-        .timeout(TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(failed)?;
+    let client = super::platform_client(rustls::RootCertStore::empty(), TIMEOUT).map_err(failed)?;
     let mut resp = client.get(url).header("Metadata-Flavor", "Google").send().await.map_err(|e| {
         failed(format!("the GCE metadata server at {metadata_url} does not answer ({e}); is this a GCE instance?"))
     })?;

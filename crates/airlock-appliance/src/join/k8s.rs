@@ -89,21 +89,9 @@ pub(crate) async fn requested_token(
     if roots.is_empty() {
         return Err(failed(format!("{} holds no certificate", request.ca_path.display())));
     }
-    let tls =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(failed)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
     // The API server is the cluster's own: reached directly, as in-cluster clients reach it by
     // its service address, and only the cluster CA vouches for it.
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .no_proxy()
-        .timeout(TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(failed)?;
+    let client = super::platform_client(roots, TIMEOUT).map_err(failed)?;
     let url =
         request.api_url.join(&format!("api/v1/namespaces/{namespace}/serviceaccounts/{name}/token")).map_err(failed)?;
     let body = serde_json::json!({
