@@ -1,8 +1,9 @@
 //! Logins between the redirect to the provider and its callback: in memory, bounded, each for [`super::LOGIN_TTL`].
 //!
 //! Anyone may start a login, so nothing here grows with what an anonymous peer sends; what logins hold is counted by [`crate::net::anonymous`] under [`PendingLogins::BUDGET`].
-//! One source address (an IPv6 /64 counts as one) holds at most 16 logins and a newcomer from it evicts its own oldest; one network (an IPv6 /48, an IPv4 /24) at most 128, one tenant at most 1,000, and all together 10,000: past those, new logins are refused until some expire (no live login of another address is evicted).
+//! One source address (an IPv6 /64 counts as one) holds at most 16 logins and a newcomer from it evicts its own oldest; one network (an IPv6 /48, an IPv4 /24) at most 128, one tenant at most 1,000, and all together 10,000 (`Config::sign_in_budget`): past those, new logins are refused until some expire, typed by the level that is full ([`StartRefusal::Busy`]) with when its oldest login expires.
 //! So a peer holding a /48 (65,536 /64s) takes 128 slots, not the table, and a flood aimed at one tenant's sign-in leaves the other tenants 9,000.
+//! Within a full tenant the places are shared fairly by network: a newcomer from a network holding less than an equal part evicts the oldest login of the network holding the most, so a flood from a few networks does not lock the tenant's people out (`Inner::evict_for_fair_share`).
 //! Login starts are rate limited per address and per network, so neither can make the table of start counts fill up either.
 //! A callback takes its login only once its pre-login cookie matches ([`PendingLogins::take`]): a callback without it, or with another browser's, consumes nothing.
 
@@ -63,6 +64,10 @@ struct Inner {
     held: Holdings<TenantId>,
     /// Login starts in the current window, per address and per network.
     starts: HashMap<StartKey, (Timestamp, u32)>,
+    /// Each tenant's states per network, oldest first: whom a fair share evicts when the tenant is full.
+    by_tenant_network: HashMap<(TenantId, Option<IpAddr>), VecDeque<String>>,
+    /// Per full level: when a refusal was last logged, and how many since were not.
+    busy_logged: HashMap<Over, (Timestamp, u64)>,
 }
 
 /// Where a login start counts.
@@ -75,14 +80,12 @@ enum StartKey {
 #[derive(Debug)]
 pub struct PendingLogins(Mutex<Inner>);
 
+/// How often a refusal of a full level is logged at most.
+const BUSY_LOG_EVERY: Duration = Duration::from_secs(10);
+
 impl Default for PendingLogins {
     fn default() -> Self {
-        Self(Mutex::new(Inner {
-            by_state: HashMap::new(),
-            by_address: HashMap::new(),
-            held: Holdings::new(Self::BUDGET),
-            starts: HashMap::new(),
-        }))
+        Self::new(Self::BUDGET)
     }
 }
 
@@ -91,8 +94,9 @@ impl Default for PendingLogins {
 pub enum StartRefusal {
     /// This address started too many logins this minute; retry after this long.
     RateLimited(Duration),
-    /// The server holds as many logins in progress as it will.
-    Full,
+    /// The logins in progress of the newcomer's `level` (its network, its tenant, the whole table) hold their share;
+    /// `retry_after` is when the oldest of them expires and frees a place.
+    Busy { level: Over, retry_after: Duration },
 }
 
 impl PendingLogins {
@@ -106,6 +110,18 @@ impl PendingLogins {
     const MAX_START_WINDOWS: usize = 64 * 1024;
     const STARTS_WINDOW: Duration = Duration::from_secs(60);
 
+    /// Logins in progress held under `budget`: [`Self::BUDGET`] in a server (`Config::sign_in_budget`), smaller in tests.
+    pub fn new(budget: Budget) -> Self {
+        Self(Mutex::new(Inner {
+            by_state: HashMap::new(),
+            by_address: HashMap::new(),
+            held: Holdings::new(budget),
+            starts: HashMap::new(),
+            by_tenant_network: HashMap::new(),
+            busy_logged: HashMap::new(),
+        }))
+    }
+
     /// Counts a login start from `from`; refused past the rate of its address or its network.
     pub fn admit_start(&self, from: Option<IpAddr>, now: Timestamp) -> Result<(), StartRefusal> {
         let keys = [StartKey::Network(from.map(network_key)), StartKey::Address(from.map(address_key))];
@@ -113,7 +129,11 @@ impl PendingLogins {
         if inner.starts.len() + keys.len() > Self::MAX_START_WINDOWS {
             inner.starts.retain(|_, (started, _)| now < started.saturating_add(Self::STARTS_WINDOW));
             if inner.starts.len() + keys.len() > Self::MAX_START_WINDOWS {
-                return Err(StartRefusal::Full);
+                // Every window is live: the oldest ends within a minute, and frees its place.
+                let oldest = inner.starts.values().map(|(started, _)| *started).min().unwrap_or(now);
+                let retry_after = oldest.saturating_add(Self::STARTS_WINDOW).since(now).max(Duration::from_secs(1));
+                inner.note_busy(Over::Total, now);
+                return Err(StartRefusal::Busy { level: Over::Total, retry_after });
             }
         }
         // Both are checked before either counts, so a refused start costs neither budget.
@@ -139,8 +159,9 @@ impl PendingLogins {
         Ok(())
     }
 
-    /// Holds `login` under `state`, evicting this address's oldest login if it holds its share; refused when its
-    /// network, its tenant or the table holds theirs.
+    /// Holds `login` under `state`, evicting this address's oldest login if it holds its share, or in a full tenant
+    /// the oldest of the network holding the most if this one holds less than its fair part; refused when its
+    /// network, its tenant or the table holds theirs, naming which.
     pub fn insert(&self, state: String, login: PendingLogin, now: Timestamp) -> Result<(), StartRefusal> {
         let holder = Holder::new(login.from, Some(login.tenant));
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,7 +178,10 @@ impl PendingLogins {
                             inner.remove(&oldest);
                         }
                         // Counted but listed nowhere cannot happen; refusing is the safe answer if it did.
-                        None => return Err(StartRefusal::Full),
+                        None => {
+                            inner.note_busy(Over::Address, now);
+                            return Err(StartRefusal::Busy { level: Over::Address, retry_after: LOGIN_TTL });
+                        }
                     }
                 }
                 Some(Over::Network | Over::Party | Over::Total) if !swept => {
@@ -165,11 +189,17 @@ impl PendingLogins {
                     inner.purge_expired(now);
                     swept = true;
                 }
-                Some(Over::Network | Over::Party | Over::Total) => return Err(StartRefusal::Full),
+                Some(Over::Party) if inner.evict_for_fair_share(login.tenant, holder.network()) => {}
+                Some(level) => {
+                    let retry_after = inner.oldest_expiry(&holder, level, now);
+                    inner.note_busy(level, now);
+                    return Err(StartRefusal::Busy { level, retry_after });
+                }
             }
         }
         inner.held.add(&holder);
         inner.by_address.entry(holder.address()).or_default().push_back(state.clone());
+        inner.by_tenant_network.entry((login.tenant, holder.network())).or_default().push_back(state.clone());
         inner.by_state.insert(state, login);
         Ok(())
     }
@@ -211,7 +241,78 @@ impl Inner {
                 self.by_address.remove(&key);
             }
         }
+        let key = (login.tenant, holder.network());
+        if let Some(own) = self.by_tenant_network.get_mut(&key) {
+            own.retain(|s| s != state);
+            if own.is_empty() {
+                self.by_tenant_network.remove(&key);
+            }
+        }
         Some(login)
+    }
+
+    /// A tenant's logins in progress are shared fairly among the networks they come from: when the tenant holds its
+    /// share, a newcomer from a network holding less than an equal part of it (the share over the networks holding
+    /// some, the newcomer's counted) evicts the oldest login of the network holding the most, if that holds more than
+    /// one more than the newcomer's. So a flood from a few networks cannot lock the tenant's people out; a flood from
+    /// as many networks as the share has places still can, and is what the network and table budgets bound.
+    /// Whether it evicted one. Runs only when the tenant is full, after the sweep: one pass over the tenant-network pairs.
+    fn evict_for_fair_share(&mut self, tenant: TenantId, network: Option<IpAddr>) -> bool {
+        let mut networks = 0usize;
+        let mut biggest: Option<&VecDeque<String>> = None;
+        for ((t, _), states) in &self.by_tenant_network {
+            if *t != tenant {
+                continue;
+            }
+            networks += 1;
+            if biggest.is_none_or(|b| states.len() > b.len()) {
+                biggest = Some(states);
+            }
+        }
+        let mine = self.by_tenant_network.get(&(tenant, network)).map_or(0, VecDeque::len);
+        if mine == 0 {
+            networks += 1;
+        }
+        let fair = (self.held.budget().per_party / networks.max(1)).max(1);
+        let Some(states) = biggest else { return false };
+        if mine >= fair || states.len() <= mine + 1 {
+            return false;
+        }
+        let Some(oldest) = states.front().cloned() else { return false };
+        self.remove(&oldest).is_some()
+    }
+
+    /// Logs a start refused because `level` is full, at most once per [`BUSY_LOG_EVERY`] per level: a flood is
+    /// worth one line saying how big it is, not a line per request.
+    fn note_busy(&mut self, level: Over, now: Timestamp) {
+        let (last, suppressed) = self.busy_logged.entry(level).or_insert((Timestamp::from_unix_millis(0), 0));
+        if now < last.saturating_add(BUSY_LOG_EVERY) {
+            *suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            ?level,
+            similar_refusals_suppressed = *suppressed,
+            "sign-in start refused: logins in progress full"
+        );
+        *last = now;
+        *suppressed = 0;
+    }
+
+    /// How long until the oldest login of `holder`'s full `level` expires (at least a second): when a start may
+    /// succeed again. Read only on a refusal, after the sweep that found the level full, so no dearer than it.
+    fn oldest_expiry(&self, holder: &Holder<TenantId>, level: Over, now: Timestamp) -> Duration {
+        let same_level = |l: &PendingLogin| {
+            let other = Holder::new(l.from, Some(l.tenant));
+            match level {
+                Over::Address => other.address() == holder.address(),
+                Over::Network => other.network() == holder.network(),
+                Over::Party => other.party() == holder.party(),
+                Over::Total => true,
+            }
+        };
+        let oldest = self.by_state.values().filter(|l| same_level(l)).map(|l| l.started).min();
+        oldest.map_or(LOGIN_TTL, |t| t.saturating_add(LOGIN_TTL).since(now)).max(Duration::from_secs(1))
     }
 
     fn purge_expired(&mut self, now: Timestamp) {
@@ -370,7 +471,9 @@ mod tests {
             let from = format!("2001:db8:48:{subnet:x}::1");
             match p.insert(format!("flood-{subnet}"), login_for(tenant, &from, t), t) {
                 Ok(()) => held += 1,
-                Err(refusal) => assert_eq!(refusal, StartRefusal::Full),
+                Err(refusal) => {
+                    assert_eq!(refusal, StartRefusal::Busy { level: Over::Network, retry_after: LOGIN_TTL })
+                }
             }
         }
         assert_eq!(held, PendingLogins::BUDGET.per_network);
@@ -399,7 +502,7 @@ mod tests {
         assert_eq!(held, PendingLogins::BUDGET.per_party);
         assert_eq!(
             p.insert("late".into(), login_for(flooded, "203.0.113.1", t), t).unwrap_err(),
-            StartRefusal::Full,
+            StartRefusal::Busy { level: Over::Party, retry_after: LOGIN_TTL },
             "the flooded tenant holds its share"
         );
         p.insert("other".into(), login_for(other, "203.0.113.1", t), t).unwrap();
@@ -408,6 +511,67 @@ mod tests {
         let later = t.saturating_add(LOGIN_TTL);
         p.insert("late".into(), login_for(flooded, "203.0.113.1", later), later).unwrap();
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn a_full_level_is_refused_by_name_with_the_time_its_oldest_login_expires() {
+        let budget = Budget { per_address: 2, per_network: 3, per_party: 4, total: 6 };
+        let p = PendingLogins::new(budget);
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        let later = |s: u64| t0.saturating_add(Duration::from_secs(s));
+        let (acme, globex, initech) =
+            (TenantId::from_random([1; 16]), TenantId::from_random([2; 16]), TenantId::from_random([3; 16]));
+        // A network's share: three logins from 192.0.2.0/24 (two addresses), the first at t0.
+        p.insert("n1".into(), login_for(acme, "192.0.2.1", t0), t0).unwrap();
+        p.insert("n2".into(), login_for(acme, "192.0.2.1", later(60)), later(60)).unwrap();
+        p.insert("n3".into(), login_for(globex, "192.0.2.2", later(120)), later(120)).unwrap();
+        let at = later(300);
+        let refused = p.insert("n4".into(), login_for(globex, "192.0.2.3", at), at).unwrap_err();
+        let due = |s: u64| LOGIN_TTL - Duration::from_secs(s);
+        assert_eq!(refused, StartRefusal::Busy { level: Over::Network, retry_after: due(300) });
+        // Acme's share: two more from another network fill it; a further one from that network, which holds its fair
+        // part (two networks, two each), is refused, due when acme's oldest expires.
+        p.insert("p3".into(), login_for(acme, "198.51.100.1", at), at).unwrap();
+        p.insert("p4".into(), login_for(acme, "198.51.100.2", at), at).unwrap();
+        let refused = p.insert("p5".into(), login_for(acme, "198.51.100.3", at), at).unwrap_err();
+        assert_eq!(refused, StartRefusal::Busy { level: Over::Party, retry_after: due(300) });
+        // The table: globex's second login is its sixth, initech's is refused for the table as a whole.
+        p.insert("g".into(), login_for(globex, "203.0.113.1", at), at).unwrap();
+        let refused = p.insert("i".into(), login_for(initech, "198.18.0.1", later(400)), later(400)).unwrap_err();
+        assert_eq!(refused, StartRefusal::Busy { level: Over::Total, retry_after: due(400) });
+        // When the oldest expires, its place is free again; only it went.
+        let free = t0.saturating_add(LOGIN_TTL);
+        p.insert("i".into(), login_for(initech, "198.18.0.1", free), free).unwrap();
+        assert_eq!(p.len(), 6);
+    }
+
+    #[test]
+    fn a_flood_from_a_few_networks_fills_a_tenant_and_its_people_from_another_network_still_sign_in() {
+        let p = PendingLogins::default();
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let tenant = TenantId::from_random([1; 16]);
+        // Eight /48s, each from as many /64s as it takes to hold its network's share, all aimed at one tenant.
+        // (The last network to arrive takes places from the others up to its fair part: 1,000 over 8.)
+        for net in 0..8u16 {
+            for subnet in 0..64u16 {
+                let from = format!("2001:db8:{net:x}:{subnet:x}::1");
+                for n in 0..4 {
+                    let _ = p.insert(format!("flood-{net}-{subnet}-{n}"), login_for(tenant, &from, t), t);
+                }
+            }
+        }
+        assert_eq!(p.len(), PendingLogins::BUDGET.per_party, "the flood filled the tenant's share");
+        // The flood's own networks hold more than their fair part: a further start from one is refused, evicting nothing.
+        let later = t.saturating_add(Duration::from_secs(1));
+        let refused = p.insert("more".into(), login_for(tenant, "2001:db8:0:ff::1", later), later).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Party, .. }), "{refused:?}");
+        assert_eq!(p.len(), PendingLogins::BUDGET.per_party);
+        // A person from another network signs in: the oldest login of the biggest flooding network gives way.
+        p.insert("person".into(), login_for(tenant, "198.51.100.7", later), later).unwrap();
+        p.insert("colleague".into(), login_for(tenant, "2001:db8:99::7", later), later).unwrap();
+        assert_eq!(p.len(), PendingLogins::BUDGET.per_party);
+        assert!(p.take("person", Some("cookie"), later).is_ok());
+        assert!(p.take("colleague", Some("cookie"), later).is_ok());
     }
 
     #[test]
