@@ -210,13 +210,21 @@ pub async fn begin(state: &AppState, req: Begin, from: Option<IpAddr>) -> Result
         cli: req.cli,
     };
     if let Err(refused) = state.sso.pending.insert(login_state, pending, now) {
-        // The tenant is known here (it has a provider): a crowded sign-in is audited on its chain (rate limited).
-        audit_refusal(state, &Refused { refusal: start_refusal(refused), tenant: Some(req.tenant), subject: None })
-            .await;
+        // Only the tenant's own share being full is the tenant's news: a full network or server says nothing about it,
+        // and auditing those on its chain would let anyone fill it. Such a record is limited under its own key, so a
+        // flood of them cannot crowd out the records of refused callbacks (MFA missing, issuer mismatch).
+        if let StartRefusal::Busy { level: Over::Party, .. } = refused {
+            let mut ev = event("anonymous", AuditAction::UserLogin, Outcome::Denied);
+            ev.detail = serde_json::json!({ "reason": start_refusal(refused).code() });
+            state.audit_refusal_keyed(&req.tenant.to_string(), TENANT_BUSY_LIMITER_KEY, ev).await;
+        }
         return Err(start_refusal(refused));
     }
     Ok(Started { authorize_url: url.into(), cookie })
 }
+
+/// The refusal limiter's key for a start refused because its tenant is full (not its action's, `user.login`).
+const TENANT_BUSY_LIMITER_KEY: &str = "user.login.tenant_busy";
 
 fn start_refusal(r: StartRefusal) -> LoginRefusal {
     match r {
@@ -297,7 +305,11 @@ pub async fn finish(state: &AppState, cb: Callback, cookie: Option<&str>) -> Res
     let tenant = pending.tenant;
     let in_tenant =
         |refusal, subject: Option<&str>| Refused { refusal, tenant: Some(tenant), subject: subject.map(str::to_owned) };
-    redeem(state, &pending, &cb, now).await.map_err(|(refusal, subject)| in_tenant(refusal, subject.as_deref()))
+    let finished =
+        redeem(state, &pending, &cb, now).await.map_err(|(refusal, subject)| in_tenant(refusal, subject.as_deref()))?;
+    // The session is stored: the network this login started from is proven for its tenant (`pending`'s priority).
+    state.sso.pending.sign_in_completed(tenant, pending.from, now);
+    Ok(finished)
 }
 
 async fn redeem(
