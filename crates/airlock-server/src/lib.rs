@@ -129,6 +129,8 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Signed-in users' idle and absolute session timeouts.
     pub session_limits: sso::SessionLimits,
+    /// What sign-ins in progress may hold per address, network, tenant and in all (`sso::pending`).
+    pub sign_in_budget: net::anonymous::Budget,
     /// Extra trust roots for identity providers and platform token issuers (`--issuer-ca-file`).
     pub issuer_roots: Vec<CertificateDer<'static>>,
     /// Whether issuers on private, loopback or link-local addresses may be fetched (`--allow-private-issuers`).
@@ -163,6 +165,7 @@ impl ServerConfig {
             aws_sts_endpoints: Vec::new(),
             public_url: None,
             session_limits: sso::SessionLimits::default(),
+            sign_in_budget: sso::pending::PendingLogins::BUDGET,
             issuer_roots: Vec::new(),
             allow_private_issuers: false,
             gcp_issuer: platform_join::DEFAULT_GCP_ISSUER.to_owned(),
@@ -622,7 +625,7 @@ pub async fn serve(config: ServerConfig) -> Result<RunningServer, ServerError> {
         audit_key_pem: audit_signer.public_pem().to_owned(),
         artifacts,
         platform,
-        sso: sso::Sso::new(&public_url, config.session_limits),
+        sso: sso::Sso::new(&public_url, config.session_limits, config.sign_in_budget),
         issuers: Arc::new(issuer::Issuers::new(issuers)),
     });
     let (stop_accepting, accepting_rx) = tokio::sync::watch::channel(false);
@@ -782,7 +785,7 @@ pub(crate) async fn test_state_with_issuers(
         artifacts: artifacts::ArtifactStore::open(data_dir, 4 * 1024 * 1024, 16 * 1024 * 1024).expect("artifact store"),
         platform: platform_join::PlatformJoin::new(&platform_join::PlatformConfig::default())
             .expect("the STS client builds"),
-        sso: sso::Sso::new("https://127.0.0.1:1", sso::SessionLimits::default()),
+        sso: sso::Sso::new("https://127.0.0.1:1", sso::SessionLimits::default(), sso::pending::PendingLogins::BUDGET),
         issuers,
     })
 }

@@ -90,8 +90,15 @@ impl AppState {
     /// handshakes, and each record is a durable write. Records past the limit are counted, and
     /// the next admitted record of that kind says how many were folded into it. Keying by
     /// action keeps a flood of one kind from hiding another.
-    pub async fn audit_refusal(&self, chain: &str, mut event: Event) {
-        match self.refusal_limiter.admit(chain, &event.action, self.now()) {
+    pub async fn audit_refusal(&self, chain: &str, event: Event) {
+        let key = event.action.clone();
+        self.audit_refusal_keyed(chain, &key, event).await;
+    }
+
+    /// [`AppState::audit_refusal`], limited under `limiter_key` instead of the event's action: for a kind of refusal
+    /// anyone can provoke in bulk, so it cannot crowd out the records of another kind with the same action.
+    pub async fn audit_refusal_keyed(&self, chain: &str, limiter_key: &str, mut event: Event) {
+        match self.refusal_limiter.admit(chain, limiter_key, self.now()) {
             None => return,
             Some(0) => {}
             Some(suppressed) => {

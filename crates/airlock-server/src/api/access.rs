@@ -4,7 +4,8 @@
 //! The decision is Cedar's ([`crate::authz::Engine`]) on the action's permission and the resource its path names; a handler gets its [`TenantScope`] through [`Authed`] only once it is permitted.
 //! A caller is an API token (`Authorization: Bearer airlock_at_…`) or a signed-in user's session: the `__Host-airlock_session` cookie, or the CLI's `Authorization: Bearer airlock_ss_…`.
 //! A cookie-authenticated unsafe request (not GET or HEAD) must show it comes from this server's own pages: `Origin` equal to the public URL, or `x-airlock-csrf: 1` (which a cross-site form cannot send); else 403 `csrf_refused`, before the session is even looked up.
-//! A user whose roles span workspaces is confined, before the decision, to the workspace the request acts in: the one its path names, or its environment's, looked up in the tenant (`TenantScope::within_workspace`); a workspace role then counts there and nowhere else.
+//! A user whose roles span workspaces is confined, before the decision, to the workspace the request acts in: the one its path names, or that of the environment, operation or rollout it names, looked up in the tenant (`TenantScope::within_workspace`); a workspace role then counts there and nowhere else.
+//! An operation or a rollout named by id is a resource of its workspace: a principal confined to a workspace (a workspace token, a user whose roles are all in one) is decided on it with its workspace roles, and the store resolves the id within that workspace, so another workspace's is answered as a missing one (404).
 //! Step-up: a session exercising identity or token management needs a sign-in within the tenant's `max_age`, else 401 `reauthentication_required` with `x-airlock-login` naming the login URL.
 //! Refusals are audited (rate limited, `AppState::audit_refusal`): failed authentication on the token's tenant chain if the secret named a known token, else on the system chain; a denied action on the caller's chain.
 
@@ -184,8 +185,12 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
         ResourceKind::Tenant => Some(Target::Tenant),
         ResourceKind::Workspace => param("workspace").map(Target::Workspace),
         ResourceKind::Environment => param("environment").map(Target::Environment),
+        ResourceKind::Operation => param("id").map(Target::Operation),
+        ResourceKind::Rollout => param("rollout").map(Target::Rollout),
     };
-    // A user whose roles span workspaces acts in one per request: the one its path names, or its environment's.
+    // A user whose roles span workspaces acts in one per request: the one its path names, or its environment's,
+    // operation's or rollout's (one lookup; a resource not found leaves only tenant-wide roles, so a missing id, a
+    // malformed one, another tenant's and one of a workspace the user holds no role in are answered alike).
     let scope = match target {
         Some(target) if scope.spans_workspaces() => match crate::tenancy::workspace_of(&state, &scope, target).await {
             Ok(Some(ws)) => scope.within_workspace(ws),

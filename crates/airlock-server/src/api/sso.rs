@@ -317,9 +317,10 @@ pub(super) async fn end_user_sessions(
         ("cli_challenge" = Option<String>, Query, description = "the CLI's PKCE S256 challenge")),
     responses((status = 302, description = "to the identity provider"),
         (status = 404, body = super::ErrorBody, description = "no identity provider for this tenant"),
-        (status = 429, body = super::ErrorBody, description = "too many logins from this address"),
+        (status = 429, body = super::ErrorBody, headers(("Retry-After" = u64, description = "seconds until a start may succeed")),
+            description = "too many login starts from this address (`rate_limited`), or too many logins in progress from its network (`sign_in_busy_network`), for the tenant (`sign_in_busy_tenant`) or on the server (`sign_in_busy`)"),
         (status = 502, body = super::ErrorBody, description = "the identity provider cannot be used"),
-        (status = 503, body = super::ErrorBody, description = "too many logins in progress")))]
+        (status = 503, body = super::ErrorBody, description = "the store failed")))]
 pub(super) async fn login(
     State(state): State<Arc<AppState>>,
     from: Option<axum::Extension<ClientAddr>>,
@@ -331,17 +332,17 @@ pub(super) async fn login(
         if let Some(retry_after) =
             from.and_then(|ip| state.authn.failures.blocked(FailureKey::Address(ip), state.now()))
         {
-            return Err(ApiError::from(LoginRefusal::RateLimited(retry_after)));
+            return Err(LoginRefusal::RateLimited(retry_after).into());
         }
         let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let tenant: TenantId = parse_id(&q.tenant)?;
         let cli = match (q.cli_redirect, q.cli_challenge) {
             (Some(redirect), Some(challenge)) => Some(CliLogin { redirect, challenge }),
             (None, None) => None,
-            _ => return Err(ApiError::bad_request("cli_redirect and cli_challenge go together")),
+            _ => return Err(ApiError::bad_request("cli_redirect and cli_challenge go together").into()),
         };
         let begin = Begin { tenant, return_to: q.return_to, max_age: q.max_age, cli };
-        login::begin(&state, begin, from).await.map_err(ApiError::from)
+        login::begin(&state, begin, from).await.map_err(StartError::from)
     }
     .await;
     match started {
@@ -350,7 +351,37 @@ pub(super) async fn login(
             add_cookie(&mut resp, &set_cookie(LOGIN_COOKIE, &started.cookie, LOGIN_TTL));
             resp
         }
-        Err(e) => e.into_response(),
+        Err(StartError::Refused(refusal)) => {
+            let retry_after = match &refusal {
+                LoginRefusal::RateLimited(after) | LoginRefusal::Busy { retry_after: after, .. } => Some(*after),
+                _ => None,
+            };
+            let mut resp = ApiError::from(refusal).into_response();
+            if let Some(after) = retry_after {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            }
+            resp
+        }
+        Err(StartError::Api(e)) => e.into_response(),
+    }
+}
+
+/// Why a sign-in did not start: a typed refusal (its status, code and any `Retry-After` mapped here), or a request the
+/// API refused before it reached the sign-in.
+enum StartError {
+    Refused(LoginRefusal),
+    Api(ApiError),
+}
+
+impl From<LoginRefusal> for StartError {
+    fn from(r: LoginRefusal) -> Self {
+        StartError::Refused(r)
+    }
+}
+
+impl From<ApiError> for StartError {
+    fn from(e: ApiError) -> Self {
+        StartError::Api(e)
     }
 }
 
@@ -508,8 +539,9 @@ impl From<LoginRefusal> for ApiError {
             | LoginRefusal::CookieMismatch
             | LoginRefusal::Expired => StatusCode::BAD_REQUEST,
             LoginRefusal::NoProvider => StatusCode::NOT_FOUND,
-            LoginRefusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            LoginRefusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            // Both say when to retry (`Retry-After`, set by the login handler): a crowded table frees a place when its
+            // oldest login expires, so this is a wait, like a rate limit, not the server failing.
+            LoginRefusal::RateLimited(_) | LoginRefusal::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
             LoginRefusal::ProviderRefused(_)
             | LoginRefusal::ProviderChanged
             | LoginRefusal::IssuerMismatch

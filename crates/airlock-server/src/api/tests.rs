@@ -1165,3 +1165,5 @@ async fn ca_document_publishes_the_audit_key_beside_the_certificate() {
     assert_eq!(v["audit_key"], published.as_str(), "{v}");
     assert!(airlock_core::customer_key::CustomerPublicKey::from_pem(&published).is_ok());
 }
+
+mod workspace_ids;

@@ -16,6 +16,11 @@ pub enum ResourceKind {
     Workspace,
     /// The environment the path names (`{environment}`); the store confines it to the principal's workspace when it resolves it.
     Environment,
+    /// The operation the path names (`{id}`), a resource of its environment's workspace: the gate confines a user whose
+    /// roles span workspaces to the operation's, and the store resolves it within the principal's workspace.
+    Operation,
+    /// The rollout the path names (`{rollout}`), a resource of its workspace, resolved as an operation is.
+    Rollout,
 }
 
 /// Every permission a role can grant or a scoped token can list. The text is the Cedar action id (`policies/airlock.cedarschema`).
@@ -248,7 +253,7 @@ impl Action {
     /// The table: each action's permission and the kind of resource its path names.
     pub const fn spec(self) -> (Permission, ResourceKind) {
         use Permission as P;
-        use ResourceKind::{Environment, Tenant, Workspace};
+        use ResourceKind::{Environment, Operation, Rollout, Tenant, Workspace};
         match self {
             Action::ListWorkspaces => (P::WorkspacesRead, Tenant),
             Action::ListEnvironments => (P::EnvironmentsRead, Workspace),
@@ -264,13 +269,13 @@ impl Action {
             Action::RequestDeployment => (P::DeploymentsCreate, Environment),
             Action::RequestReleaseTask => (P::TasksRequest, Environment),
             Action::CreateRollout => (P::RolloutsWrite, Workspace),
-            Action::GetRollout => (P::RolloutsRead, Tenant),
+            Action::GetRollout => (P::RolloutsRead, Rollout),
             Action::ListRollouts => (P::RolloutsRead, Workspace),
             Action::ListOperations => (P::OperationsRead, Tenant),
-            Action::GetOperation => (P::OperationsRead, Tenant),
-            Action::RelayApproval => (P::OperationsApprove, Tenant),
-            Action::GetManifest => (P::OperationsRead, Tenant),
-            Action::GetOutput => (P::OperationsOutput, Tenant),
+            Action::GetOperation => (P::OperationsRead, Operation),
+            Action::RelayApproval => (P::OperationsApprove, Operation),
+            Action::GetManifest => (P::OperationsRead, Operation),
+            Action::GetOutput => (P::OperationsOutput, Operation),
             Action::RelayPolicy => (P::PoliciesWrite, Environment),
             Action::GetPolicy => (P::PoliciesRead, Environment),
             Action::AddReleaseKey => (P::ReleaseKeysWrite, Workspace),

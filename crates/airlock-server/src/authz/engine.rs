@@ -72,6 +72,10 @@ pub enum Target<'a> {
     /// A workspace id as the path gave it (checked by the handler; a malformed one is simply no workspace of the token's).
     Workspace(&'a str),
     Environment(&'a str),
+    /// An operation id as the path gave it (a malformed or unknown one is simply not found in the principal's workspace).
+    Operation(&'a str),
+    /// A rollout id as the path gave it, likewise.
+    Rollout(&'a str),
 }
 
 impl Target<'_> {
@@ -80,6 +84,8 @@ impl Target<'_> {
             Target::Tenant => ResourceKind::Tenant,
             Target::Workspace(_) => ResourceKind::Workspace,
             Target::Environment(_) => ResourceKind::Environment,
+            Target::Operation(_) => ResourceKind::Operation,
+            Target::Rollout(_) => ResourceKind::Rollout,
         }
     }
 }
@@ -129,6 +135,8 @@ struct EntityTypes {
     tenant: EntityTypeName,
     workspace: EntityTypeName,
     environment: EntityTypeName,
+    operation: EntityTypeName,
+    rollout: EntityTypeName,
     token: EntityTypeName,
     user: EntityTypeName,
 }
@@ -177,6 +185,8 @@ impl Engine {
             tenant: type_name("Airlock::Tenant")?,
             workspace: type_name("Airlock::Workspace")?,
             environment: type_name("Airlock::Environment")?,
+            operation: type_name("Airlock::Operation")?,
+            rollout: type_name("Airlock::Rollout")?,
             token: type_name("Airlock::Token")?,
             user: type_name("Airlock::User")?,
         };
@@ -240,7 +250,7 @@ impl Engine {
     ) -> Decision {
         let id = match target {
             Target::Tenant => "",
-            Target::Workspace(id) | Target::Environment(id) => id,
+            Target::Workspace(id) | Target::Environment(id) | Target::Operation(id) | Target::Rollout(id) => id,
         };
         let key = MemoKey {
             kind,
@@ -327,6 +337,8 @@ impl Engine {
             Target::Environment(id) => {
                 EntityUid::from_type_name_and_id(self.types.environment.clone(), EntityId::new(id))
             }
+            Target::Operation(id) => EntityUid::from_type_name_and_id(self.types.operation.clone(), EntityId::new(id)),
+            Target::Rollout(id) => EntityUid::from_type_name_and_id(self.types.rollout.clone(), EntityId::new(id)),
         };
         let grants = principal.grants;
         let string = |s: &str| RestrictedExpression::new_string(s.to_owned());

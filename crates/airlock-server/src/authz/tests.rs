@@ -63,6 +63,8 @@ fn target_of(action: Action, ws_text: &str) -> Target<'_> {
         ResourceKind::Tenant => Target::Tenant,
         ResourceKind::Workspace => Target::Workspace(ws_text),
         ResourceKind::Environment => Target::Environment("env_x"),
+        ResourceKind::Operation => Target::Operation("op_x"),
+        ResourceKind::Rollout => Target::Rollout("rol_x"),
     }
 }
 
@@ -198,6 +200,15 @@ fn a_scoped_token_gets_its_role_within_its_actions_and_workspace() {
         Decision::Deny(DenyReason::OutsideTokenWorkspace)
     );
     assert_eq!(e.decide(tenant(), &p, Permission::OperationsRequest, Target::Environment("env_x")), Decision::Permit);
+    // An operation or a rollout is a resource of its workspace (the store resolves it within the token's), not
+    // tenant-wide: the workspace token acts on it with its role.
+    for (permission, target) in [
+        (Permission::OperationsApprove, Target::Operation("op_x")),
+        (Permission::OperationsOutput, Target::Operation("op_x")),
+        (Permission::RolloutsRead, Target::Rollout("rol_x")),
+    ] {
+        assert_eq!(e.decide(tenant(), &p, permission, target), Decision::Permit, "{permission}");
+    }
 }
 
 #[test]

@@ -29,7 +29,7 @@ impl Budget {
 }
 
 /// The level that is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Over {
     /// The newcomer's address (an IPv6 /64) holds its share.
     Address,
@@ -58,6 +58,16 @@ impl<P> Holder<P> {
     /// The address key it counts under (an IPv6 /64).
     pub fn address(&self) -> Option<IpAddr> {
         self.address
+    }
+
+    /// The network key it counts under (an IPv6 /48, an IPv4 /24).
+    pub fn network(&self) -> Option<IpAddr> {
+        self.network
+    }
+
+    /// The party it counts under, if any.
+    pub fn party(&self) -> Option<&P> {
+        self.party.as_ref()
     }
 }
 

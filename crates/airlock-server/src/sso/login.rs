@@ -17,6 +17,7 @@ use super::pending::{CliLogin, PendingLogin, StartRefusal, TakeRefusal};
 use super::{LOGIN_TTL, idp, random_text, sha256_text};
 use crate::authz::{Role, TenantScope};
 use crate::issuer::{Expect, IssuerError, JwtRefusal};
+use crate::net::anonymous::Over;
 use crate::state::{AppState, SYSTEM_CHAIN, event, random};
 use crate::store::{NewSession, SessionKind, StoreError};
 
@@ -29,8 +30,10 @@ pub enum LoginRefusal {
     NoProvider,
     #[error("too many logins from this address; retry in {0:?}")]
     RateLimited(Duration),
-    #[error("too many logins are in progress on this server; retry in a few minutes")]
-    Busy,
+    /// The logins in progress of one level hold their share ([`crate::net::anonymous`]): the newcomer's network, the
+    /// tenant it signs in to, or the server. Retry once the oldest of them expires.
+    #[error("{}; retry in {} s", .level.busy_text(), .retry_after.as_secs().max(1))]
+    Busy { level: Over, retry_after: Duration },
     #[error("no login in progress has this state; start again")]
     UnknownState,
     #[error("this browser did not start this login (its pre-login cookie is missing or another's); start again")]
@@ -75,7 +78,10 @@ impl LoginRefusal {
             LoginRefusal::BadRequest(_) => "bad_request",
             LoginRefusal::NoProvider => "not_found",
             LoginRefusal::RateLimited(_) => "rate_limited",
-            LoginRefusal::Busy => "unavailable",
+            LoginRefusal::Busy { level: Over::Address, .. } => "sign_in_busy_address",
+            LoginRefusal::Busy { level: Over::Network, .. } => "sign_in_busy_network",
+            LoginRefusal::Busy { level: Over::Party, .. } => "sign_in_busy_tenant",
+            LoginRefusal::Busy { level: Over::Total, .. } => "sign_in_busy",
             LoginRefusal::UnknownState => "login_state_unknown",
             LoginRefusal::CookieMismatch => "login_cookie_mismatch",
             LoginRefusal::Expired => "login_expired",
@@ -91,6 +97,22 @@ impl LoginRefusal {
             LoginRefusal::MfaRequired => "mfa_required",
             LoginRefusal::NoRole => "no_role",
             LoginRefusal::Internal(_) | LoginRefusal::Store(_) => "internal",
+        }
+    }
+}
+
+/// What a person reads when a level of the logins in progress is full.
+trait BusyText {
+    fn busy_text(&self) -> &'static str;
+}
+
+impl BusyText for Over {
+    fn busy_text(&self) -> &'static str {
+        match self {
+            Over::Address => "too many logins are in progress from this address",
+            Over::Network => "too many logins are in progress from this network",
+            Over::Party => "too many logins are in progress for this tenant",
+            Over::Total => "too many logins are in progress on this server",
         }
     }
 }
@@ -187,14 +209,27 @@ pub async fn begin(state: &AppState, req: Begin, from: Option<IpAddr>) -> Result
         max_age: req.max_age,
         cli: req.cli,
     };
-    state.sso.pending.insert(login_state, pending, now).map_err(start_refusal)?;
+    if let Err(refused) = state.sso.pending.insert(login_state, pending, now) {
+        // Only the tenant's own share being full is the tenant's news: a full network or server says nothing about it,
+        // and auditing those on its chain would let anyone fill it. Such a record is limited under its own key, so a
+        // flood of them cannot crowd out the records of refused callbacks (MFA missing, issuer mismatch).
+        if let StartRefusal::Busy { level: Over::Party, .. } = refused {
+            let mut ev = event("anonymous", AuditAction::UserLogin, Outcome::Denied);
+            ev.detail = serde_json::json!({ "reason": start_refusal(refused).code() });
+            state.audit_refusal_keyed(&req.tenant.to_string(), TENANT_BUSY_LIMITER_KEY, ev).await;
+        }
+        return Err(start_refusal(refused));
+    }
     Ok(Started { authorize_url: url.into(), cookie })
 }
+
+/// The refusal limiter's key for a start refused because its tenant is full (not its action's, `user.login`).
+const TENANT_BUSY_LIMITER_KEY: &str = "user.login.tenant_busy";
 
 fn start_refusal(r: StartRefusal) -> LoginRefusal {
     match r {
         StartRefusal::RateLimited(after) => LoginRefusal::RateLimited(after),
-        StartRefusal::Full => LoginRefusal::Busy,
+        StartRefusal::Busy { level, retry_after } => LoginRefusal::Busy { level, retry_after },
     }
 }
 
@@ -270,7 +305,11 @@ pub async fn finish(state: &AppState, cb: Callback, cookie: Option<&str>) -> Res
     let tenant = pending.tenant;
     let in_tenant =
         |refusal, subject: Option<&str>| Refused { refusal, tenant: Some(tenant), subject: subject.map(str::to_owned) };
-    redeem(state, &pending, &cb, now).await.map_err(|(refusal, subject)| in_tenant(refusal, subject.as_deref()))
+    let finished =
+        redeem(state, &pending, &cb, now).await.map_err(|(refusal, subject)| in_tenant(refusal, subject.as_deref()))?;
+    // The session is stored: the network this login started from is proven for its tenant (`pending`'s priority).
+    state.sso.pending.sign_in_completed(tenant, pending.from, now);
+    Ok(finished)
 }
 
 async fn redeem(

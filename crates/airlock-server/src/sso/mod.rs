@@ -2,7 +2,7 @@
 //!
 //! - [`idp`]: each tenant's provider (issuer, client, scopes, groups claim, MFA, step-up `max_age`), checked by fetching its discovery when set; the client secret sealed under the KEK, bound to the tenant, never shown.
 //! - [`mappings`]: provider groups mapped to roles, tenant-wide or in one workspace; a user's roles are those their groups map to at sign-in, a snapshot kept in the session (a change at the provider counts from the next sign-in).
-//! - [`pending`]: logins between the redirect to the provider and its callback, in memory only: 10 minutes each, at most 16 per source address (a newcomer from that address evicts its own oldest, never another's) and 10,000 in all, with login starts rate limited per address.
+//! - [`pending`]: logins between the redirect to the provider and its callback, in memory only: 10 minutes each, at most 16 per source address (a newcomer from that address evicts its own oldest), 128 per network, 1,000 per tenant and 10,000 in all, a full level refused by name with when to retry (a start from a network where a sign-in of the tenant completed evicts the oldest login from a network the tenant does not know, never one it knows), with login starts rate limited per address and network.
 //! - [`login`]: the two halves of a sign-in. `begin` redirects to the provider with state, nonce and a PKCE S256 challenge, and sets a short-lived pre-login cookie bound to the state; `finish` checks the cookie against the state before it consumes the pending login, exchanges the code with the client secret and the PKCE verifier, verifies the ID token (`crate::issuer`), then the nonce, MFA, step-up, and maps groups to roles.
 //! - [`sessions`]: timeouts (idle and absolute, on the injected clock), logout, and an admin ending a user's sessions; `crate::authn` authenticates the session cookie (or the CLI's bearer session credential) into a [`crate::authz::Principal::User`] with the same grants a token has.
 //!
@@ -41,11 +41,11 @@ pub struct Sso {
 }
 
 impl Sso {
-    pub fn new(public_url: &str, limits: SessionLimits) -> Self {
+    pub fn new(public_url: &str, limits: SessionLimits, sign_in_budget: crate::net::anonymous::Budget) -> Self {
         Self {
             public_url: public_url.trim_end_matches('/').to_owned(),
             limits,
-            pending: pending::PendingLogins::default(),
+            pending: pending::PendingLogins::new(sign_in_budget),
             cli_codes: pending::CliCodes::default(),
         }
     }

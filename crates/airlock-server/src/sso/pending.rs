@@ -1,12 +1,14 @@
 //! Logins between the redirect to the provider and its callback: in memory, bounded, each for [`super::LOGIN_TTL`].
 //!
 //! Anyone may start a login, so nothing here grows with what an anonymous peer sends; what logins hold is counted by [`crate::net::anonymous`] under [`PendingLogins::BUDGET`].
-//! One source address (an IPv6 /64 counts as one) holds at most 16 logins and a newcomer from it evicts its own oldest; one network (an IPv6 /48, an IPv4 /24) at most 128, one tenant at most 1,000, and all together 10,000: past those, new logins are refused until some expire (no live login of another address is evicted).
+//! One source address (an IPv6 /64 counts as one) holds at most 16 logins and a newcomer from it evicts its own oldest; one network (an IPv6 /48, an IPv4 /24) at most 128, one tenant at most 1,000, and all together 10,000 (`Config::sign_in_budget`): past those, new logins are refused until some expire, typed by the level that is full ([`StartRefusal::Busy`]) with when to retry (rounded up to 30 s).
 //! So a peer holding a /48 (65,536 /64s) takes 128 slots, not the table, and a flood aimed at one tenant's sign-in leaves the other tenants 9,000.
+//! A full tenant or table gives way only to a tenant's proven networks (`KnownNetworks`: where a sign-in of that tenant completed in the last 30 days): a start from one evicts the oldest login from a network its tenant does not know.
+//! A login from a known network is never evicted, and a start from an unknown one into a full level evicts nothing: the attacker picks how many networks a flood comes from, so no share by network can protect the people signing in.
 //! Login starts are rate limited per address and per network, so neither can make the table of start counts fill up either.
 //! A callback takes its login only once its pre-login cookie matches ([`PendingLogins::take`]): a callback without it, or with another browser's, consumes nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -55,14 +57,34 @@ pub enum TakeRefusal {
     Expired,
 }
 
+/// A place in the order of starts: when, then a counter, so two starts of the same millisecond are two places.
+type Age = (Timestamp, u64);
+
+#[derive(Debug)]
+struct Held {
+    login: PendingLogin,
+    age: Age,
+}
+
 #[derive(Debug)]
 struct Inner {
-    by_state: HashMap<String, PendingLogin>,
-    /// Each address's states, oldest first.
+    by_state: HashMap<String, Held>,
+    /// Each address's states, oldest first (at most `per_address`).
     by_address: HashMap<Option<IpAddr>, VecDeque<String>>,
+    /// Each network's, each tenant's and all states by age: the oldest of a level is found without a scan, and the
+    /// expired leave from the front.
+    by_network: HashMap<Option<IpAddr>, BTreeMap<Age, String>>,
+    by_tenant: HashMap<TenantId, BTreeMap<Age, String>>,
+    all: BTreeMap<Age, String>,
+    next_age: u64,
     held: Holdings<TenantId>,
     /// Login starts in the current window, per address and per network.
     starts: HashMap<StartKey, (Timestamp, u32)>,
+    /// The windows in the order they began: the ended ones leave from the front.
+    start_order: VecDeque<(Timestamp, StartKey)>,
+    known: KnownNetworks,
+    /// Per full level: when a refusal was last logged, and how many since were not.
+    busy_logged: HashMap<Over, (Timestamp, u64)>,
 }
 
 /// Where a login start counts.
@@ -75,14 +97,16 @@ enum StartKey {
 #[derive(Debug)]
 pub struct PendingLogins(Mutex<Inner>);
 
+/// How often a refusal of a full level is logged at most.
+const BUSY_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A busy refusal's `Retry-After` is rounded up to this step: to the second, it would tell anyone when the oldest
+/// login of a tenant or of the server started.
+const RETRY_STEP: u64 = 30;
+
 impl Default for PendingLogins {
     fn default() -> Self {
-        Self(Mutex::new(Inner {
-            by_state: HashMap::new(),
-            by_address: HashMap::new(),
-            held: Holdings::new(Self::BUDGET),
-            starts: HashMap::new(),
-        }))
+        Self::new(Self::BUDGET)
     }
 }
 
@@ -91,8 +115,9 @@ impl Default for PendingLogins {
 pub enum StartRefusal {
     /// This address started too many logins this minute; retry after this long.
     RateLimited(Duration),
-    /// The server holds as many logins in progress as it will.
-    Full,
+    /// The logins in progress of the newcomer's `level` (its network, its tenant, the whole table) hold their share;
+    /// `retry_after` is about when the oldest of them expires and frees a place (rounded up to 30 s).
+    Busy { level: Over, retry_after: Duration },
 }
 
 impl PendingLogins {
@@ -106,47 +131,79 @@ impl PendingLogins {
     const MAX_START_WINDOWS: usize = 64 * 1024;
     const STARTS_WINDOW: Duration = Duration::from_secs(60);
 
-    /// Counts a login start from `from`; refused past the rate of its address or its network.
+    /// Logins in progress held under `budget`: [`Self::BUDGET`] in a server (`Config::sign_in_budget`), smaller in tests.
+    pub fn new(budget: Budget) -> Self {
+        Self(Mutex::new(Inner {
+            by_state: HashMap::new(),
+            by_address: HashMap::new(),
+            by_network: HashMap::new(),
+            by_tenant: HashMap::new(),
+            all: BTreeMap::new(),
+            next_age: 0,
+            held: Holdings::new(budget),
+            starts: HashMap::new(),
+            start_order: VecDeque::new(),
+            known: KnownNetworks::default(),
+            busy_logged: HashMap::new(),
+        }))
+    }
+
+    /// Counts a login start from `from`; refused past the rate of its address or its network, or when the table of
+    /// start windows is full (then with a constant minute: a window ends within one).
     pub fn admit_start(&self, from: Option<IpAddr>, now: Timestamp) -> Result<(), StartRefusal> {
         let keys = [StartKey::Network(from.map(network_key)), StartKey::Address(from.map(address_key))];
+        let limit = |key: &StartKey| match key {
+            StartKey::Network(_) => Self::NETWORK_STARTS_PER_MINUTE,
+            StartKey::Address(_) => Self::STARTS_PER_MINUTE,
+        };
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.starts.len() + keys.len() > Self::MAX_START_WINDOWS {
-            inner.starts.retain(|_, (started, _)| now < started.saturating_add(Self::STARTS_WINDOW));
-            if inner.starts.len() + keys.len() > Self::MAX_START_WINDOWS {
-                return Err(StartRefusal::Full);
+        // Windows end in the order they began: the ended ones leave from the front, never by a scan of them all.
+        while let Some(&(began, key)) = inner.start_order.front() {
+            if now < began.saturating_add(Self::STARTS_WINDOW) {
+                break;
+            }
+            inner.start_order.pop_front();
+            if inner.starts.get(&key).is_some_and(|w| w.0 == began) {
+                inner.starts.remove(&key);
             }
         }
-        // Both are checked before either counts, so a refused start costs neither budget.
-        for key in keys {
-            let limit = match key {
-                StartKey::Network(_) => Self::NETWORK_STARTS_PER_MINUTE,
-                StartKey::Address(_) => Self::STARTS_PER_MINUTE,
-            };
-            let w = inner.starts.entry(key).or_insert((now, 0));
-            if now >= w.0.saturating_add(Self::STARTS_WINDOW) {
-                *w = (now, 0);
-            }
-            if w.1 >= limit {
-                let ends = w.0.saturating_add(Self::STARTS_WINDOW);
-                return Err(StartRefusal::RateLimited(ends.since(now).max(Duration::from_secs(1))));
+        // The rates first: a peer past its rate is told so whatever the table holds. Both are checked before either
+        // counts, so a refused start costs neither budget.
+        for key in &keys {
+            if let Some(&(began, count)) = inner.starts.get(key) {
+                let ends = began.saturating_add(Self::STARTS_WINDOW);
+                if now < ends && count >= limit(key) {
+                    return Err(StartRefusal::RateLimited(ends.since(now).max(Duration::from_secs(1))));
+                }
             }
         }
+        let new_windows = keys.iter().filter(|k| !inner.starts.contains_key(k)).count();
+        if inner.starts.len() + new_windows > Self::MAX_START_WINDOWS {
+            inner.note_busy(Over::Total, now);
+            return Err(StartRefusal::Busy { level: Over::Total, retry_after: Self::STARTS_WINDOW });
+        }
         for key in keys {
-            if let Some(w) = inner.starts.get_mut(&key) {
-                w.1 += 1;
+            match inner.starts.get_mut(&key) {
+                Some(w) if now < w.0.saturating_add(Self::STARTS_WINDOW) => w.1 += 1,
+                _ => {
+                    inner.starts.insert(key, (now, 1));
+                    inner.start_order.push_back((now, key));
+                }
             }
         }
         Ok(())
     }
 
-    /// Holds `login` under `state`, evicting this address's oldest login if it holds its share; refused when its
-    /// network, its tenant or the table holds theirs.
+    /// Holds `login` under `state`, evicting this address's oldest login if it holds its share; when its tenant or the
+    /// table holds theirs, a start from a network its tenant knows evicts the oldest login from a network unknown to
+    /// its own tenant. Otherwise refused, naming the level that is full.
     pub fn insert(&self, state: String, login: PendingLogin, now: Timestamp) -> Result<(), StartRefusal> {
         let holder = Holder::new(login.from, Some(login.tenant));
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // A state is random text; were one repeated, the newer login replaces the older, counted once.
         inner.remove(&state);
-        let mut swept = false;
+        inner.purge_expired(now);
+        let known = inner.known.knows(login.tenant, holder.network(), now);
         loop {
             match inner.held.over(&holder) {
                 None => break,
@@ -157,29 +214,38 @@ impl PendingLogins {
                             inner.remove(&oldest);
                         }
                         // Counted but listed nowhere cannot happen; refusing is the safe answer if it did.
-                        None => return Err(StartRefusal::Full),
+                        None => {
+                            inner.note_busy(Over::Address, now);
+                            return Err(StartRefusal::Busy { level: Over::Address, retry_after: LOGIN_TTL });
+                        }
                     }
                 }
-                Some(Over::Network | Over::Party | Over::Total) if !swept => {
-                    // Only when full: a sweep of at most `BUDGET.total` entries, not one per request.
-                    inner.purge_expired(now);
-                    swept = true;
+                Some(Over::Party) if known && inner.evict_stranger_of(login.tenant, now) => {}
+                Some(Over::Total) if known && inner.evict_stranger_anywhere(login.tenant, now) => {}
+                Some(level) => {
+                    let retry_after = inner.retry_after(&holder, level, now);
+                    inner.note_busy(level, now);
+                    return Err(StartRefusal::Busy { level, retry_after });
                 }
-                Some(Over::Network | Over::Party | Over::Total) => return Err(StartRefusal::Full),
             }
         }
         inner.held.add(&holder);
+        let age = (login.started, inner.next_age);
+        inner.next_age += 1;
         inner.by_address.entry(holder.address()).or_default().push_back(state.clone());
-        inner.by_state.insert(state, login);
+        inner.by_network.entry(holder.network()).or_default().insert(age, state.clone());
+        inner.by_tenant.entry(login.tenant).or_default().insert(age, state.clone());
+        inner.all.insert(age, state.clone());
+        inner.by_state.insert(state, Held { login, age });
         Ok(())
     }
 
     /// Takes the login of `state` if `cookie` is the pre-login cookie it was started with; a mismatch takes nothing.
     pub fn take(&self, state: &str, cookie: Option<&str>, now: Timestamp) -> Result<PendingLogin, TakeRefusal> {
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let login = inner.by_state.get(state).ok_or(TakeRefusal::UnknownState)?;
+        let held = inner.by_state.get(state).ok_or(TakeRefusal::UnknownState)?;
         // Compared as hashes: the stored value is a hash, and comparing hashes leaks nothing useful about the cookie.
-        if cookie.map(super::sha256_text).as_deref() != Some(login.binding.as_str()) {
+        if cookie.map(super::sha256_text).as_deref() != Some(held.login.binding.as_str()) {
             return Err(TakeRefusal::CookieMismatch);
         }
         let login = inner.remove(state).ok_or(TakeRefusal::UnknownState)?;
@@ -187,6 +253,13 @@ impl PendingLogins {
             return Err(TakeRefusal::Expired);
         }
         Ok(login)
+    }
+
+    /// A sign-in of `tenant` started from `from` completed (its session is stored): its network is proven for the
+    /// tenant, and its starts get a place when the tenant or the table is full.
+    pub fn sign_in_completed(&self, tenant: TenantId, from: Option<IpAddr>, now: Timestamp) {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.known.remember(tenant, from.map(network_key), now);
     }
 
     /// How many logins are in progress (tests).
@@ -201,7 +274,7 @@ impl PendingLogins {
 
 impl Inner {
     fn remove(&mut self, state: &str) -> Option<PendingLogin> {
-        let login = self.by_state.remove(state)?;
+        let Held { login, age } = self.by_state.remove(state)?;
         let holder = Holder::new(login.from, Some(login.tenant));
         self.held.remove(&holder);
         let key = holder.address();
@@ -211,18 +284,145 @@ impl Inner {
                 self.by_address.remove(&key);
             }
         }
+        fn unlist<K: Eq + std::hash::Hash>(map: &mut HashMap<K, BTreeMap<Age, String>>, key: K, age: &Age) {
+            if let Some(own) = map.get_mut(&key) {
+                own.remove(age);
+                if own.is_empty() {
+                    map.remove(&key);
+                }
+            }
+        }
+        unlist(&mut self.by_network, holder.network(), &age);
+        unlist(&mut self.by_tenant, login.tenant, &age);
+        self.all.remove(&age);
         Some(login)
     }
 
+    /// Whether the login of `state` came from a network its tenant does not know: only such a login gives way.
+    fn stranger(&self, state: &str, now: Timestamp) -> bool {
+        self.by_state.get(state).is_some_and(|h| !self.known.knows(h.login.tenant, h.login.from.map(network_key), now))
+    }
+
+    /// Evicts the oldest login of `tenant` from a network it does not know; whether there was one.
+    /// Runs only for a start from a known network into a full level: at most one pass over the tenant's logins.
+    fn evict_stranger_of(&mut self, tenant: TenantId, now: Timestamp) -> bool {
+        let oldest = self.by_tenant.get(&tenant).and_then(|own| own.values().find(|s| self.stranger(s, now)).cloned());
+        oldest.is_some_and(|state| self.remove(&state).is_some())
+    }
+
+    /// With the table full: evicts the oldest stranger of `tenant`, else of the tenant holding the most that has one.
+    fn evict_stranger_anywhere(&mut self, tenant: TenantId, now: Timestamp) -> bool {
+        if self.evict_stranger_of(tenant, now) {
+            return true;
+        }
+        let mut tenants: Vec<(usize, TenantId)> = self.by_tenant.iter().map(|(t, own)| (own.len(), *t)).collect();
+        tenants.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
+        tenants.into_iter().any(|(_, t)| t != tenant && self.evict_stranger_of(t, now))
+    }
+
+    /// Logs a start refused because `level` is full, at most once per [`BUSY_LOG_EVERY`] per level: a flood is
+    /// worth one line saying how big it is, not a line per request.
+    fn note_busy(&mut self, level: Over, now: Timestamp) {
+        let (last, suppressed) = self.busy_logged.entry(level).or_insert((Timestamp::from_unix_millis(0), 0));
+        if now < last.saturating_add(BUSY_LOG_EVERY) {
+            *suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            ?level,
+            similar_refusals_suppressed = *suppressed,
+            "sign-in start refused: logins in progress full"
+        );
+        *last = now;
+        *suppressed = 0;
+    }
+
+    /// When a start may succeed again: the oldest login of `holder`'s full `level` expires, rounded up to
+    /// [`RETRY_STEP`]. The oldest is the first of its level's list: no scan.
+    fn retry_after(&self, holder: &Holder<TenantId>, level: Over, now: Timestamp) -> Duration {
+        let first = |list: Option<&BTreeMap<Age, String>>| list.and_then(|l| l.first_key_value()).map(|(age, _)| age.0);
+        let oldest = match level {
+            Over::Address => holder_oldest(self, holder),
+            Over::Network => first(self.by_network.get(&holder.network())),
+            Over::Party => first(holder.party().and_then(|t| self.by_tenant.get(t))),
+            Over::Total => first(Some(&self.all)),
+        };
+        let wait = oldest.map_or(LOGIN_TTL, |t| t.saturating_add(LOGIN_TTL).since(now));
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Duration::from_secs(secs.div_ceil(RETRY_STEP).max(1) * RETRY_STEP)
+    }
+
+    /// Drops the expired logins: the oldest first, stopping at the first live one.
     fn purge_expired(&mut self, now: Timestamp) {
-        let expired: Vec<String> = self
-            .by_state
-            .iter()
-            .filter(|(_, l)| now >= l.started.saturating_add(LOGIN_TTL))
-            .map(|(s, _)| s.clone())
-            .collect();
-        for state in expired {
+        while let Some((&(started, _), state)) = self.all.first_key_value() {
+            if now < started.saturating_add(LOGIN_TTL) {
+                break;
+            }
+            let state = state.clone();
             self.remove(&state);
+        }
+    }
+}
+
+/// When the oldest login of `holder`'s address started.
+fn holder_oldest(inner: &Inner, holder: &Holder<TenantId>) -> Option<Timestamp> {
+    let state = inner.by_address.get(&holder.address())?.front()?;
+    inner.by_state.get(state).map(|h| h.login.started)
+}
+
+/// The networks (`net::prefix::network_key`) from which a sign-in of each tenant completed, most recently used kept:
+/// at most [`Self::PER_TENANT`] per tenant and [`Self::MAX`] in all, each for [`Self::FOR`] after its last sign-in.
+/// Only a completed sign-in (a session stored) adds one, so an anonymous peer cannot.
+#[derive(Debug, Default)]
+struct KnownNetworks {
+    by_tenant: HashMap<TenantId, HashMap<Option<IpAddr>, Age>>,
+    /// All of them by last sign-in: the least recent leaves first.
+    order: BTreeMap<Age, (TenantId, Option<IpAddr>)>,
+    next_age: u64,
+}
+
+impl KnownNetworks {
+    const PER_TENANT: usize = 64;
+    const MAX: usize = 64 * 1024;
+    const FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+
+    fn knows(&self, tenant: TenantId, network: Option<IpAddr>, now: Timestamp) -> bool {
+        let last = self.by_tenant.get(&tenant).and_then(|own| own.get(&network));
+        last.is_some_and(|(at, _)| now < at.saturating_add(Self::FOR))
+    }
+
+    fn remember(&mut self, tenant: TenantId, network: Option<IpAddr>, now: Timestamp) {
+        while let Some((&(at, _), _)) = self.order.first_key_value() {
+            if now < at.saturating_add(Self::FOR) {
+                break;
+            }
+            self.forget_least_recent();
+        }
+        let age = (now, self.next_age);
+        self.next_age += 1;
+        let own = self.by_tenant.entry(tenant).or_default();
+        if let Some(before) = own.insert(network, age) {
+            self.order.remove(&before);
+        } else if own.len() > Self::PER_TENANT {
+            // At most 65 to look at: the tenant's least recently used network leaves.
+            if let Some((&net, &last)) = own.iter().min_by_key(|(_, age)| **age) {
+                own.remove(&net);
+                self.order.remove(&last);
+            }
+        }
+        self.order.insert(age, (tenant, network));
+        if self.order.len() > Self::MAX {
+            self.forget_least_recent();
+        }
+    }
+
+    fn forget_least_recent(&mut self) {
+        let Some((_, (tenant, network))) = self.order.pop_first() else { return };
+        if let Some(own) = self.by_tenant.get_mut(&tenant) {
+            own.remove(&network);
+            if own.is_empty() {
+                self.by_tenant.remove(&tenant);
+            }
         }
     }
 }
@@ -370,7 +570,9 @@ mod tests {
             let from = format!("2001:db8:48:{subnet:x}::1");
             match p.insert(format!("flood-{subnet}"), login_for(tenant, &from, t), t) {
                 Ok(()) => held += 1,
-                Err(refusal) => assert_eq!(refusal, StartRefusal::Full),
+                Err(refusal) => {
+                    assert_eq!(refusal, StartRefusal::Busy { level: Over::Network, retry_after: LOGIN_TTL })
+                }
             }
         }
         assert_eq!(held, PendingLogins::BUDGET.per_network);
@@ -399,7 +601,7 @@ mod tests {
         assert_eq!(held, PendingLogins::BUDGET.per_party);
         assert_eq!(
             p.insert("late".into(), login_for(flooded, "203.0.113.1", t), t).unwrap_err(),
-            StartRefusal::Full,
+            StartRefusal::Busy { level: Over::Party, retry_after: LOGIN_TTL },
             "the flooded tenant holds its share"
         );
         p.insert("other".into(), login_for(other, "203.0.113.1", t), t).unwrap();
@@ -408,6 +610,188 @@ mod tests {
         let later = t.saturating_add(LOGIN_TTL);
         p.insert("late".into(), login_for(flooded, "203.0.113.1", later), later).unwrap();
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn a_full_level_is_refused_by_name_with_the_time_its_oldest_login_expires() {
+        let budget = Budget { per_address: 2, per_network: 3, per_party: 4, total: 6 };
+        let p = PendingLogins::new(budget);
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        let later = |s: u64| t0.saturating_add(Duration::from_secs(s));
+        let (acme, globex, initech) =
+            (TenantId::from_random([1; 16]), TenantId::from_random([2; 16]), TenantId::from_random([3; 16]));
+        // A network's share: three logins from 192.0.2.0/24 (two addresses), the first at t0.
+        p.insert("n1".into(), login_for(acme, "192.0.2.1", t0), t0).unwrap();
+        p.insert("n2".into(), login_for(acme, "192.0.2.1", later(60)), later(60)).unwrap();
+        p.insert("n3".into(), login_for(globex, "192.0.2.2", later(120)), later(120)).unwrap();
+        let at = later(300);
+        let refused = p.insert("n4".into(), login_for(globex, "192.0.2.3", at), at).unwrap_err();
+        let due = |s: u64| LOGIN_TTL - Duration::from_secs(s);
+        assert_eq!(refused, StartRefusal::Busy { level: Over::Network, retry_after: due(300) });
+        // Acme's share: two more from another network fill it; a further one, from a network acme does not know, is
+        // refused, due when acme's oldest expires.
+        p.insert("p3".into(), login_for(acme, "198.51.100.1", at), at).unwrap();
+        p.insert("p4".into(), login_for(acme, "198.51.100.2", at), at).unwrap();
+        let refused = p.insert("p5".into(), login_for(acme, "198.51.100.3", at), at).unwrap_err();
+        assert_eq!(refused, StartRefusal::Busy { level: Over::Party, retry_after: due(300) });
+        // The table: globex's second login is its sixth, initech's is refused for the table as a whole; its oldest
+        // login expires in 200 s, said as 210 (rounded up to 30 s, not to the second).
+        p.insert("g".into(), login_for(globex, "203.0.113.1", at), at).unwrap();
+        let refused = p.insert("i".into(), login_for(initech, "198.18.0.1", later(400)), later(400)).unwrap_err();
+        assert_eq!(refused, StartRefusal::Busy { level: Over::Total, retry_after: Duration::from_secs(210) });
+        // When the oldest expires, its place is free again; only it went.
+        let free = t0.saturating_add(LOGIN_TTL);
+        p.insert("i".into(), login_for(initech, "198.18.0.1", free), free).unwrap();
+        assert_eq!(p.len(), 6);
+    }
+
+    /// The review's flood: an office network with 16 logins in progress, a tenant filled from 328 /24s, then starts from
+    /// 20 fresh /24s. None of them cancels a login in progress; once a sign-in from the office completed, a start from
+    /// the office gets in by evicting the oldest stranger's login, and the office's own stay.
+    #[test]
+    fn a_flood_from_fresh_networks_cancels_no_login_in_progress_and_a_proven_network_still_gets_in() {
+        let p = PendingLogins::default();
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let later = |s: u64| t.saturating_add(Duration::from_secs(s));
+        let tenant = TenantId::from_random([1; 16]);
+        for i in 0..16 {
+            p.insert(format!("office-{i}"), login_for(tenant, &format!("198.51.100.{i}"), t), t).unwrap();
+        }
+        let mut flood = 0;
+        for net in 0..328u32 {
+            for host in 0..4 {
+                let from = format!("10.{}.{}.{host}", net / 256, net % 256);
+                if p.insert(format!("flood-{net}-{host}"), login_for(tenant, &from, later(1)), later(1)).is_ok() {
+                    flood += 1;
+                }
+            }
+        }
+        assert_eq!(flood, PendingLogins::BUDGET.per_party - 16, "the flood filled the tenant");
+        for net in 0..20u32 {
+            let refused =
+                p.insert(format!("fresh-{net}"), login_for(tenant, &format!("172.16.{net}.1"), later(2)), later(2));
+            assert_eq!(refused.unwrap_err(), StartRefusal::Busy { level: Over::Party, retry_after: LOGIN_TTL });
+        }
+        assert_eq!(p.len(), PendingLogins::BUDGET.per_party, "nothing was evicted");
+        // One of the office's sign-ins completes: its network is proven for the tenant.
+        p.take("office-0", Some("cookie"), later(3)).unwrap();
+        p.sign_in_completed(tenant, Some("198.51.100.0".parse().unwrap()), later(3));
+        p.insert("office-new".into(), login_for(tenant, "198.51.100.200", later(3)), later(3)).unwrap();
+        p.insert("office-again".into(), login_for(tenant, "198.51.100.201", later(3)), later(3)).unwrap();
+        assert_eq!(p.take("flood-0-0", Some("cookie"), later(3)).unwrap_err(), TakeRefusal::UnknownState);
+        // A stranger still evicts nobody, and the flood's networks are not proven by the office's sign-in.
+        let refused = p.insert("fresh".into(), login_for(tenant, "10.0.1.9", later(3)), later(3)).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Party, .. }), "{refused:?}");
+        for i in 1..16 {
+            assert!(p.take(&format!("office-{i}"), Some("cookie"), later(3)).is_ok(), "office-{i} was kept");
+        }
+        assert!(p.take("office-new", Some("cookie"), later(3)).is_ok());
+    }
+
+    #[test]
+    fn a_login_from_a_proven_network_is_never_evicted_and_a_network_proven_elsewhere_or_long_ago_counts_for_nothing() {
+        let budget = Budget { per_address: 4, per_network: 8, per_party: 4, total: 100 };
+        let p = PendingLogins::new(budget);
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let (acme, globex) = (TenantId::from_random([1; 16]), TenantId::from_random([2; 16]));
+        let office: IpAddr = "198.51.100.1".parse().unwrap();
+        p.sign_in_completed(acme, Some(office), t);
+        // Acme is full of logins from its own office: another start from the office evicts none of them.
+        for i in 0..4 {
+            p.insert(format!("office-{i}"), login_for(acme, &format!("198.51.100.{}", 10 + i), t), t).unwrap();
+        }
+        let refused = p.insert("more".into(), login_for(acme, "198.51.100.99", t), t).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Party, .. }), "{refused:?}");
+        assert_eq!(p.len(), 4);
+        // A network proven for globex is a stranger to acme.
+        let p = PendingLogins::new(budget);
+        p.sign_in_completed(globex, Some(office), t);
+        for i in 0..4 {
+            p.insert(format!("s-{i}"), login_for(acme, &format!("10.0.{i}.1"), t), t).unwrap();
+        }
+        let refused = p.insert("office".into(), login_for(acme, "198.51.100.1", t), t).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Party, .. }), "{refused:?}");
+        // A network proven more than 30 days ago is forgotten; proven again, it gets in.
+        let p = PendingLogins::new(budget);
+        p.sign_in_completed(acme, Some(office), t);
+        let month = t.saturating_add(KnownNetworks::FOR);
+        for i in 0..4 {
+            p.insert(format!("s-{i}"), login_for(acme, &format!("10.0.{i}.1"), month), month).unwrap();
+        }
+        let refused = p.insert("office".into(), login_for(acme, "198.51.100.1", month), month).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Party, .. }), "{refused:?}");
+        p.sign_in_completed(acme, Some(office), month);
+        p.insert("office".into(), login_for(acme, "198.51.100.1", month), month).unwrap();
+        assert_eq!(p.take("s-0", Some("cookie"), month).unwrap_err(), TakeRefusal::UnknownState, "the oldest stranger");
+    }
+
+    #[test]
+    fn a_full_table_lets_a_tenants_proven_network_in_and_refuses_a_tenant_with_none() {
+        let budget = Budget { per_address: 4, per_network: 4, per_party: 8, total: 12 };
+        let p = PendingLogins::new(budget);
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let later = |s: u64| t.saturating_add(Duration::from_secs(s));
+        let (flooded, other, fresh, unknown) = (
+            TenantId::from_random([1; 16]),
+            TenantId::from_random([2; 16]),
+            TenantId::from_random([3; 16]),
+            TenantId::from_random([4; 16]),
+        );
+        // `other` holds 4, one from its proven office; the flood holds 8 for `flooded`: the table is full.
+        p.sign_in_completed(other, Some("203.0.113.1".parse().unwrap()), t);
+        p.insert("other-office".into(), login_for(other, "203.0.113.1", t), t).unwrap();
+        for i in 0..3 {
+            p.insert(format!("other-{i}"), login_for(other, &format!("192.0.2.{i}"), later(1)), later(1)).unwrap();
+        }
+        for i in 0..8 {
+            let from = format!("10.0.{}.{}", i / 4, i % 4);
+            p.insert(format!("flood-{i}"), login_for(flooded, &from, later(2)), later(2)).unwrap();
+        }
+        // A tenant with no proven network waits for the flood's logins to expire.
+        let refused = p.insert("u".into(), login_for(unknown, "198.18.0.1", later(3)), later(3)).unwrap_err();
+        assert_eq!(refused, StartRefusal::Busy { level: Over::Total, retry_after: Duration::from_secs(600) });
+        // A fresh tenant's proven network gets in: the oldest stranger of the tenant holding the most gives way.
+        p.sign_in_completed(fresh, Some("198.51.100.1".parse().unwrap()), later(3));
+        p.insert("fresh".into(), login_for(fresh, "198.51.100.7", later(3)), later(3)).unwrap();
+        assert_eq!(p.take("flood-0", Some("cookie"), later(3)).unwrap_err(), TakeRefusal::UnknownState);
+        assert!(p.take("other-0", Some("cookie"), later(3)).is_ok(), "the tenant holding fewer kept its own");
+        assert!(p.take("other-office", Some("cookie"), later(3)).is_ok());
+        assert!(p.take("fresh", Some("cookie"), later(3)).is_ok());
+        // Proven logins only: a proven start is refused, not evicting them.
+        let p = PendingLogins::new(budget);
+        for (i, tenant) in [(0, other), (1, flooded), (2, unknown)] {
+            let from = format!("198.18.{i}.1");
+            p.sign_in_completed(tenant, Some(from.parse().unwrap()), t);
+            for n in 0..4 {
+                p.insert(format!("{i}-{n}"), login_for(tenant, &format!("198.18.{i}.{n}"), t), t).unwrap();
+            }
+        }
+        p.sign_in_completed(fresh, Some("198.51.100.1".parse().unwrap()), t);
+        let refused = p.insert("fresh".into(), login_for(fresh, "198.51.100.7", t), t).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Total, .. }), "{refused:?}");
+        assert_eq!(p.len(), 12);
+    }
+
+    #[test]
+    fn a_full_table_of_start_windows_refuses_with_a_constant_minute_after_checking_the_rates() {
+        let p = PendingLogins::default();
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let from = |i: usize| Some(IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]));
+        // Each start from a fresh /24 opens two windows (its address, its network).
+        let starts = PendingLogins::MAX_START_WINDOWS / 2;
+        for i in 0..starts {
+            p.admit_start(from(i << 8), t).unwrap();
+        }
+        let full = StartRefusal::Busy { level: Over::Total, retry_after: Duration::from_secs(60) };
+        let later = t.saturating_add(Duration::from_secs(30));
+        assert_eq!(p.admit_start(from(starts << 8), later).unwrap_err(), full, "a new window has no room");
+        // An address with its windows open still starts, and one past its rate is told its rate, not the table.
+        for _ in 1..PendingLogins::STARTS_PER_MINUTE {
+            p.admit_start(from(0), later).unwrap();
+        }
+        assert!(matches!(p.admit_start(from(0), later), Err(StartRefusal::RateLimited(_))));
+        // A minute on, the windows have ended.
+        p.admit_start(from(starts << 8), t.saturating_add(Duration::from_secs(60))).unwrap();
     }
 
     #[test]

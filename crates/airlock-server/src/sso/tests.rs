@@ -126,6 +126,10 @@ fn a_user_whose_roles_are_all_in_one_workspace_is_confined_to_it() {
     assert_eq!(spread.workspace, None);
     // An environment's path names no workspace, so a workspace role does not count on one for an unconfined user.
     assert_eq!(spread.roles_for(Target::Environment("env_x")).count(), 0);
+    // Nor on an operation or a rollout, whose paths name none either: the gate first confines the user to theirs.
+    assert_eq!(spread.roles_for(Target::Operation("op_x")).count(), 0);
+    assert_eq!(spread.roles_for(Target::Rollout("rol_x")).count(), 0);
+    assert_eq!(confined.roles_for(Target::Operation("op_x")).count(), 2);
     assert_eq!(spread.roles_for(Target::Workspace(&ws.to_string())).collect::<Vec<_>>(), vec![Role::Deployer]);
     let tenant_wide = Grants::user(vec![(Role::Viewer, None), (Role::Deployer, Some(ws))]);
     assert_eq!(tenant_wide.workspace, None);

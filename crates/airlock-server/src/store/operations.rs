@@ -154,10 +154,35 @@ impl Store {
         scope: &TenantScope,
         id: OperationId,
     ) -> Result<Option<OperationRow>, StoreError> {
-        let sql = format!("SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2");
-        let row =
-            sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        // A scope confined to one workspace sees no operation of another: it is not found, so its existence does not leak.
+        let sql = format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .bind(scope.workspace().map(|w| w.to_string()))
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(operation_from_row).transpose()
+    }
+
+    /// The workspace of an operation the scope sees (its tenant's, within its workspace if confined): what the API's
+    /// gate confines a user whose roles span workspaces to before deciding on an operation.
+    pub async fn operation_workspace(
+        &self,
+        scope: &TenantScope,
+        id: OperationId,
+    ) -> Result<Option<WorkspaceId>, StoreError> {
+        let row = sqlx::query(
+            "SELECT workspace_id FROM operations WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| parse_col(&r, "workspace_id")).transpose()
     }
 
     /// An operation's appliance, state and whether it has its final result: all an answer that
@@ -168,10 +193,12 @@ impl Store {
         id: OperationId,
     ) -> Result<Option<(ApplianceId, OperationState, bool)>, StoreError> {
         let row = sqlx::query(
-            "SELECT appliance_id, state, result_at IS NOT NULL AS final FROM operations WHERE tenant_id = $1 AND id = $2",
+            "SELECT appliance_id, state, result_at IS NOT NULL AS final FROM operations
+             WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)",
         )
         .bind(scope.tenant().to_string())
         .bind(id.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| Ok((parse_col(&r, "appliance_id")?, parse_col(&r, "state")?, r.try_get::<bool, _>("final")?)))
@@ -189,6 +216,7 @@ impl Store {
         let sql = format!(
             "SELECT {OPERATION_COLUMNS} FROM operations
              WHERE tenant_id = $1 AND ($2 IS NULL OR state = $2) AND ($3 IS NULL OR environment_id = $3)
+               AND ($5 IS NULL OR workspace_id = $5)
              ORDER BY requested_at DESC, id DESC LIMIT $4"
         );
         let rows = sqlx::query(&sql)
@@ -196,6 +224,7 @@ impl Store {
             .bind(state.map(OperationState::as_str))
             .bind(env.map(|e| e.to_string()))
             .bind(limit)
+            .bind(scope.workspace().map(|w| w.to_string()))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(operation_from_row).collect()
@@ -239,9 +268,12 @@ impl Store {
 
     /// The sealed released output of an operation, if any.
     pub async fn sealed_output(&self, scope: &TenantScope, id: OperationId) -> Result<Option<Vec<u8>>, StoreError> {
-        let row = sqlx::query("SELECT output_sealed FROM operations WHERE tenant_id = $1 AND id = $2")
-            .bind(scope.tenant().to_string())
-            .bind(id.to_string())
+        let row = sqlx::query(
+            "SELECT output_sealed FROM operations WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -347,10 +379,13 @@ impl WriteTx<'_> {
         scope: &TenantScope,
         id: OperationId,
     ) -> Result<Option<OperationRow>, StoreError> {
-        let sql = format!("SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2");
+        let sql = format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)"
+        );
         let row = sqlx::query(&sql)
             .bind(scope.tenant().to_string())
             .bind(id.to_string())
+            .bind(scope.workspace().map(|w| w.to_string()))
             .fetch_optional(&mut *self.tx)
             .await?;
         row.as_ref().map(operation_from_row).transpose()
@@ -367,7 +402,8 @@ impl WriteTx<'_> {
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE operations SET approval_envelope = $1, state = $2, updated_at = $3
-             WHERE tenant_id = $4 AND id = $5 AND state = $6 AND approval_envelope IS NULL",
+             WHERE tenant_id = $4 AND id = $5 AND state = $6 AND approval_envelope IS NULL
+               AND ($7 IS NULL OR workspace_id = $7)",
         )
         .bind(envelope_json)
         .bind(state.as_str())
@@ -375,6 +411,7 @@ impl WriteTx<'_> {
         .bind(scope.tenant().to_string())
         .bind(id.to_string())
         .bind(OperationState::AwaitingApproval.as_str())
+        .bind(scope.workspace().map(|w| w.to_string()))
         .execute(&mut *self.tx)
         .await?;
         let changed = done.rows_affected() == 1;

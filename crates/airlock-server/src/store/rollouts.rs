@@ -94,12 +94,35 @@ const ROLLOUT_COLUMNS: &str = "id, tenant_id, workspace_id, release_digest, rele
 const TARGET_COLUMNS: &str = "position, environment_id, appliance_id, operation_id, state, detail, updated_at";
 
 impl Store {
-    /// A rollout of the tenant's.
+    /// A rollout of the tenant's, within the scope's workspace if it is confined to one (another's is not found).
     pub async fn rollout(&self, scope: &TenantScope, id: RolloutId) -> Result<Option<RolloutRow>, StoreError> {
-        let sql = format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE tenant_id = $1 AND id = $2");
-        let row =
-            sqlx::query(&sql).bind(scope.tenant().to_string()).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let sql = format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(scope.tenant().to_string())
+            .bind(id.to_string())
+            .bind(scope.workspace().map(|w| w.to_string()))
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(rollout_from_row).transpose()
+    }
+
+    /// The workspace of a rollout the scope sees: what the API's gate confines a user whose roles span workspaces to.
+    pub async fn rollout_workspace(
+        &self,
+        scope: &TenantScope,
+        id: RolloutId,
+    ) -> Result<Option<WorkspaceId>, StoreError> {
+        let row = sqlx::query(
+            "SELECT workspace_id FROM rollouts WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| parse_col(&r, "workspace_id")).transpose()
     }
 
     /// A workspace's rollouts, newest first.

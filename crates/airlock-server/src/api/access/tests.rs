@@ -39,6 +39,8 @@ fn every_route_has_exactly_one_entry_in_the_action_table() {
                 ResourceKind::Tenant => None,
                 ResourceKind::Workspace => Some("{workspace}"),
                 ResourceKind::Environment => Some("{environment}"),
+                ResourceKind::Operation => Some("{id}"),
+                ResourceKind::Rollout => Some("{rollout}"),
             };
             assert!(needs.is_none_or(|p| path.contains(p)), "{method} {path}: {action:?} needs {needs:?}");
         }

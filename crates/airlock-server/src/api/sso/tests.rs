@@ -367,6 +367,15 @@ mod sign_in {
     /// The API over a fresh data directory whose issuer client trusts the provider's CA on loopback; the provider set as
     /// the tenant's, and `eng` mapped to viewer.
     async fn api_with_provider(require_mfa: bool, max_age: Option<u64>) -> (Api, Arc<Provider>) {
+        api_with_provider_and_budget(require_mfa, max_age, crate::sso::pending::PendingLogins::BUDGET).await
+    }
+
+    /// [`api_with_provider`], its sign-ins in progress held under `budget` (`Config::sign_in_budget`).
+    async fn api_with_provider_and_budget(
+        require_mfa: bool,
+        max_age: Option<u64>,
+        budget: crate::net::anonymous::Budget,
+    ) -> (Api, Arc<Provider>) {
         let provider = Provider::start().await;
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(Timestamp::from_unix_millis(1_800_000_000_000));
@@ -375,7 +384,9 @@ mod sign_in {
                 .await
                 .unwrap();
         let issuers = Issuers::new(IssuerClient::new(vec![provider.ca.clone()], true).unwrap());
-        let state = crate::test_state_with_issuers(dir.path(), clock.clone(), Arc::new(issuers)).await;
+        let mut state = crate::test_state_with_issuers(dir.path(), clock.clone(), Arc::new(issuers)).await;
+        let sso = &mut Arc::get_mut(&mut state).expect("nothing holds the new state yet").sso;
+        *sso = crate::sso::Sso::new(&sso.public_url, sso.limits, budget);
         let api = Api {
             state,
             clock,
@@ -656,6 +667,124 @@ mod sign_in {
         // Another address still signs in.
         let started = begin(&api, "").await;
         assert!(!started.state.is_empty());
+    }
+
+    /// A sign-in start from `from` for `tenant`: status, headers, body.
+    async fn start_from(api: &Api, tenant: &str, from: &str) -> (StatusCode, HeaderMap, Value) {
+        let mut req = Request::get(format!("/v1/auth/login?tenant={tenant}")).body(Body::empty()).unwrap();
+        req.extensions_mut().insert(super::super::super::ClientAddr(from.parse().unwrap()));
+        let resp = super::super::super::router(api.state.clone()).oneshot(req).await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn a_full_network_tenant_or_server_refuses_a_start_by_name_with_when_to_retry_and_audits_it() {
+        let budget = crate::net::anonymous::Budget { per_address: 1, per_network: 2, per_party: 3, total: 4 };
+        let (api, provider) = api_with_provider_and_budget(false, None, budget).await;
+        let acme = tenant(&api).await.to_string();
+        let started = |(s, _, v): (StatusCode, HeaderMap, Value)| assert_eq!(s, StatusCode::FOUND, "{v}");
+        let refused = |(s, h, v): (StatusCode, HeaderMap, Value), code: &str, retry: u64| {
+            assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+            assert_eq!(v["error"]["code"], code, "{v}");
+            assert_eq!(h[http::header::RETRY_AFTER].to_str().unwrap(), retry.to_string(), "{v}");
+            assert!(h.get(http::header::SET_COOKIE).is_none(), "a refused start sets no pre-login cookie");
+        };
+        // Its network's share: two addresses of 192.0.2.0/24; the third is refused until the first's login expires.
+        started(start_from(&api, &acme, "192.0.2.1").await);
+        api.clock.advance(Duration::from_secs(100));
+        started(start_from(&api, &acme, "192.0.2.2").await);
+        // (It expires in 500 s, said rounded up to 30 s: the second would tell when the oldest login started.)
+        refused(start_from(&api, &acme, "192.0.2.3").await, "sign_in_busy_network", 510);
+        // The tenant's share: a third login from another network fills it; a fourth, from a network acme does not
+        // know, is refused.
+        started(start_from(&api, &acme, "198.51.100.1").await);
+        refused(start_from(&api, &acme, "198.51.100.2").await, "sign_in_busy_tenant", 510);
+        // Another tenant takes the table's last place; then the server is full for anyone.
+        let dir = api._dir.path();
+        let globex =
+            crate::create_tenant(dir, &KekSource::default_for(dir), "globex", "default", &*api.clock).await.unwrap();
+        let body = json!({ "issuer": provider.issuer, "client_id": "airlock", "client_secret": SECRET });
+        let (s, v) = api.call(Method::PUT, "/v1/idp", Some(globex.admin_token.expose()), Some(&body.to_string())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let globex = globex.tenant.to_string();
+        started(start_from(&api, &globex, "203.0.113.1").await);
+        api.clock.advance(Duration::from_secs(50));
+        refused(start_from(&api, &globex, "198.18.0.1").await, "sign_in_busy", 450);
+        // When the oldest login expires, its place is free again.
+        api.clock.advance(Duration::from_secs(450));
+        started(start_from(&api, &globex, "198.18.0.1").await);
+        // Only the full tenant is audited on the tenant's chain: a full network or server is not the tenant's news,
+        // and anyone could fill its chain with them.
+        api.state.audit_writer.flush().await;
+        let reasons = |chain: String| {
+            let store = api.state.store.clone();
+            async move {
+                let records = store.audit_records(&chain).await.unwrap();
+                records
+                    .into_iter()
+                    .map(Result::unwrap)
+                    .filter(|r| r.event.action == AuditAction::UserLogin.as_str())
+                    .map(|r| r.event.detail["reason"].as_str().unwrap_or_default().to_owned())
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(reasons(acme).await, ["sign_in_busy_tenant"]);
+        assert!(reasons(globex).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_completed_sign_in_proves_its_network_and_a_flood_of_busy_refusals_hides_no_callback_refusal() {
+        let budget = crate::net::anonymous::Budget { per_address: 4, per_network: 8, per_party: 3, total: 100 };
+        let (api, provider) = api_with_provider_and_budget(false, None, budget).await;
+        let acme = tenant(&api).await.to_string();
+        // A sign-in from the office, started from 198.51.100.1, completes.
+        let (s, h, v) = start_from(&api, &acme, "198.51.100.1").await;
+        assert_eq!(s, StatusCode::FOUND, "{v}");
+        let url = reqwest::Url::parse(h["location"].to_str().unwrap()).unwrap();
+        let q = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned()).unwrap();
+        let set_cookie = h["set-cookie"].to_str().unwrap();
+        let cookie = set_cookie.strip_prefix("__Host-airlock_login=").unwrap().split(';').next().unwrap().to_owned();
+        let claims = provider.claims("airlock", &q("nonce"), "alice", &["eng"], now_secs(&api));
+        provider.answer_next(Answer::Token { claims, forged: false });
+        let (s, headers, v) = finish(&api, &q("state"), "code-1", Some(&cookie)).await;
+        assert_eq!(s, StatusCode::SEE_OTHER, "{v}");
+        assert!(session_cookie(&headers).is_some());
+        // Strangers fill the tenant; one more is refused, and evicts nobody.
+        let mut strangers = Vec::new();
+        for i in 0..3 {
+            let (s, h, v) = start_from(&api, &acme, &format!("10.0.{i}.1")).await;
+            assert_eq!(s, StatusCode::FOUND, "{v}");
+            strangers.push(h);
+        }
+        for i in 3..30 {
+            let (s, _, v) = start_from(&api, &acme, &format!("10.0.{i}.1")).await;
+            assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("sign_in_busy_tenant")));
+        }
+        // The office's network is proven: its next start gets in, the oldest stranger's login gives way.
+        let (s, h, v) = start_from(&api, &acme, "198.51.100.77").await;
+        assert_eq!(s, StatusCode::FOUND, "{v}");
+        assert_eq!(api.state.sso.pending.len(), 3);
+        // A refused callback (another issuer than the login's) in the same second as the flood of busy refusals is
+        // still audited: those are limited under their own key.
+        let url = reqwest::Url::parse(h["location"].to_str().unwrap()).unwrap();
+        let state = url.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
+        let cookie = h["set-cookie"].to_str().unwrap().strip_prefix("__Host-airlock_login=").unwrap();
+        let cookie = cookie.split(';').next().unwrap();
+        let (s, _, v) = finish(&api, &state, "c&iss=https://evil.example", Some(cookie)).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("issuer_mismatch")), "{v}");
+        api.state.audit_writer.flush().await;
+        let records = api.state.store.audit_records(&acme).await.unwrap();
+        let reasons: Vec<String> = records
+            .into_iter()
+            .map(Result::unwrap)
+            .filter(|r| r.event.action == AuditAction::UserLogin.as_str())
+            .filter_map(|r| r.event.detail["reason"].as_str().map(str::to_owned))
+            .collect();
+        let busy = reasons.iter().filter(|r| *r == "sign_in_busy_tenant").count();
+        assert_eq!(busy, crate::state::RefusalLimiter::PER_SECOND as usize, "{reasons:?}");
+        assert!(reasons.iter().any(|r| r == "issuer_mismatch"), "{reasons:?}");
     }
 
     #[tokio::test]
