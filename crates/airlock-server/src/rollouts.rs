@@ -257,15 +257,7 @@ pub(crate) async fn round(state: &AppState) -> Result<(), StoreError> {
                 continue;
             }
         };
-        // Nothing to refresh and nothing the plan could start anew: no operation has changed
-        // state since this rollout's last complete drive. (A rollout whose deploys all wait for
-        // their customers' approval then costs nothing a second, however many targets it has.)
-        let unchanged = DRIVEN.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied()
-            == Some(state.store.operation_states_version());
-        if unchanged {
-            continue;
-        }
-        if let Err(e) = drive(state, &scope, id).await {
+        if let Err(e) = drive_if_moved(state, &scope, id).await {
             tracing::error!(rollout = %id, error = %e, "cannot drive a rollout");
         }
     }
@@ -286,6 +278,27 @@ static DRIVEN: std::sync::Mutex<std::collections::BTreeMap<RolloutId, u64>> =
 /// Refreshes a rollout's targets from their operations, plans, starts what the plan says.
 pub async fn drive(state: &AppState, scope: &TenantScope, id: RolloutId) -> Result<(), StoreError> {
     let _driving = DRIVING.lock().await;
+    drive_locked(state, scope, id).await
+}
+
+/// [`drive`], unless no operation has changed state since this rollout's last complete drive:
+/// then there is nothing to refresh and nothing the plan could start anew. (A rollout whose
+/// deploys all wait for their customers' approval then costs nothing a second, however many
+/// targets it has.) Judged once the lock is held: a round that waited behind the API's first
+/// drive would otherwise read all its targets and operations again while their appliances
+/// answer (measured: 1.1-2.2 s of a 10,000-target round's busiest seconds).
+async fn drive_if_moved(state: &AppState, scope: &TenantScope, id: RolloutId) -> Result<(), StoreError> {
+    let _driving = DRIVING.lock().await;
+    let unchanged = DRIVEN.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied()
+        == Some(state.store.operation_states_version());
+    if unchanged {
+        return Ok(());
+    }
+    drive_locked(state, scope, id).await
+}
+
+/// [`drive`]'s work, under [`DRIVING`].
+async fn drive_locked(state: &AppState, scope: &TenantScope, id: RolloutId) -> Result<(), StoreError> {
     // Read before the store is: a change that lands after it makes the next round drive again.
     let version = state.store.operation_states_version();
     let Some(rollout) = state.store.rollout(scope, id).await? else { return Ok(()) };
