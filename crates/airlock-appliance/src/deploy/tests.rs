@@ -308,6 +308,8 @@ restart = { policy = "on-failure", initial_backoff_ms = 100, max_backoff_ms = 40
     assert!(f.log("hog").matches("started").count() >= 2, "{}", f.log("hog"));
     assert!(!f.log("hog").contains("STALE"), "each run starts with an empty scratch directory: {}", f.log("hog"));
     watch.abort();
+    // Its last run still holds its box: stopped, so nothing outlives the test.
+    f.deployer.shutdown().await;
 }
 
 #[tokio::test]
