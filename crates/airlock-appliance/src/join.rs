@@ -36,12 +36,7 @@ use crate::state_dir::{Credentials, Enrolment, inspect_cert};
 /// A client for a platform's own identity endpoint (GCE metadata server, Kubernetes API
 /// server): reached directly (no proxy, no redirect), trusting only `roots`, within `timeout`.
 fn platform_client(roots: rustls::RootCertStore, timeout: std::time::Duration) -> Result<reqwest::Client, String> {
-    let tls =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let tls = airlock_proto::tls::third_party_client_config(roots).map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .no_proxy()

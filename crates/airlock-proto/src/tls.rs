@@ -101,6 +101,16 @@ pub fn pinned_client_config(pin: Fingerprint) -> rustls::ClientConfig {
     cfg
 }
 
+/// A client config for a third party's HTTPS endpoint (AWS, a cloud's metadata server, a
+/// cluster's API server): TLS 1.2 or 1.3, as those still serve 1.2; trusting only `roots`;
+/// no client certificate.
+pub fn third_party_client_config(roots: RootCertStore) -> Result<rustls::ClientConfig, Error> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// How a mutual-TLS client decides to trust the server it dials.
 pub enum ServerTrust {
     /// A CA known only by its fingerprint ([`PinnedCaVerifier`]): the appliance's first dial

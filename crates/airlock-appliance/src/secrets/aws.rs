@@ -176,12 +176,7 @@ fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
     // configured http:// endpoint still works.
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
-    let tls =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let tls = airlock_proto::tls::third_party_client_config(roots).map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(timeout)

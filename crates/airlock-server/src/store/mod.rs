@@ -295,6 +295,40 @@ fn conflict(e: sqlx::Error, what: &'static str, name: &str) -> StoreError {
     }
 }
 
+/// A table whose rows belong to one workspace and are named by id in the API.
+#[derive(Clone, Copy)]
+enum WorkspaceTable {
+    Operations,
+    Rollouts,
+}
+
+impl Store {
+    /// The workspace of the row `id` of `table`, if the scope sees it (its tenant's, within its
+    /// workspace if confined).
+    async fn workspace_of_row(
+        &self,
+        table: WorkspaceTable,
+        scope: &crate::authz::TenantScope,
+        id: &str,
+    ) -> Result<Option<airlock_core::WorkspaceId>, StoreError> {
+        let sql = match table {
+            WorkspaceTable::Operations => {
+                "SELECT workspace_id FROM operations WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)"
+            }
+            WorkspaceTable::Rollouts => {
+                "SELECT workspace_id FROM rollouts WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)"
+            }
+        };
+        let row = sqlx::query(sql)
+            .bind(scope.tenant().to_string())
+            .bind(id)
+            .bind(scope.workspace().map(|w| w.to_string()))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse_col(&r, "workspace_id")).transpose()
+    }
+}
+
 fn parse_col<T: FromStr>(row: &sqlx::sqlite::SqliteRow, col: &str) -> Result<T, StoreError>
 where
     T::Err: std::fmt::Display,

@@ -7,7 +7,7 @@ use airlock_core::operation::{OperationState, RefusalCode};
 use airlock_core::{ApplianceId, EnvironmentId, OperationId, Timestamp, WorkspaceId};
 use sqlx::Row;
 
-use super::{Store, StoreError, WriteTx, code_col, code_text, conflict, opt_ts_col, parse_col, ts_col};
+use super::{Store, StoreError, WorkspaceTable, WriteTx, code_col, code_text, conflict, opt_ts_col, parse_col, ts_col};
 use crate::authz::TenantScope;
 
 /// An operation as stored. The request's details live in its signed envelope.
@@ -174,15 +174,7 @@ impl Store {
         scope: &TenantScope,
         id: OperationId,
     ) -> Result<Option<WorkspaceId>, StoreError> {
-        let row = sqlx::query(
-            "SELECT workspace_id FROM operations WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)",
-        )
-        .bind(scope.tenant().to_string())
-        .bind(id.to_string())
-        .bind(scope.workspace().map(|w| w.to_string()))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| parse_col(&r, "workspace_id")).transpose()
+        self.workspace_of_row(WorkspaceTable::Operations, scope, &id.to_string()).await
     }
 
     /// An operation's appliance, state and whether it has its final result: all an answer that

@@ -114,15 +114,7 @@ impl Store {
         scope: &TenantScope,
         id: RolloutId,
     ) -> Result<Option<WorkspaceId>, StoreError> {
-        let row = sqlx::query(
-            "SELECT workspace_id FROM rollouts WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)",
-        )
-        .bind(scope.tenant().to_string())
-        .bind(id.to_string())
-        .bind(scope.workspace().map(|w| w.to_string()))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| parse_col(&r, "workspace_id")).transpose()
+        self.workspace_of_row(super::WorkspaceTable::Rollouts, scope, &id.to_string()).await
     }
 
     /// A workspace's rollouts, newest first.
