@@ -78,6 +78,8 @@ pub(crate) struct Usage {
     pub(crate) memory_bytes: u64,
     /// Threads summed over its processes (measured only where [`Caps`] asks).
     pub(crate) threads: u64,
+    /// Part of its working directory could not be read ([`Walked::hidden`]).
+    pub(crate) hidden: bool,
 }
 
 /// Why a box was killed.
@@ -105,6 +107,9 @@ pub(crate) enum Overrun {
         threads: u64,
         limit: u64,
     },
+    /// It made part of its working directory unreadable to the watch, which can then not
+    /// tell what it holds.
+    Hidden,
 }
 
 impl std::fmt::Display for Overrun {
@@ -122,6 +127,9 @@ impl std::fmt::Display for Overrun {
             ),
             Self::Memory { bytes, limit } => write!(f, "its memory {} is over its limit of {}", mib(bytes), mib(limit)),
             Self::Threads { threads, limit } => write!(f, "it runs {threads} threads, over its limit of {limit}"),
+            Self::Hidden => {
+                write!(f, "it made part of its working directory unreadable, so its disk use cannot be measured")
+            }
         }
     }
 }
@@ -136,6 +144,9 @@ pub(crate) fn judge(watch: &Watch, caps: &Caps, usage: &Usage, free: u64, bigges
     }
     if usage.files > watch.box_files {
         return Some(Overrun::Files { files: usage.files, limit: watch.box_files });
+    }
+    if usage.hidden {
+        return Some(Overrun::Hidden);
     }
     if let Some(limit) = caps.memory_bytes
         && usage.memory_bytes > limit
@@ -302,12 +313,12 @@ fn space(path: &Path) -> Option<(u64, u64)> {
 /// its processes hold open, and, where its caps ask, their memory and threads.
 pub(crate) fn measure(w: &Watched, watch: &Watch) -> Usage {
     let mut seen = HashSet::new();
-    let (mut bytes, files) = walk(&w.workdir, watch.box_files, watch.box_bytes, &mut seen);
+    let Walked { mut bytes, files, hidden } = walk(&w.workdir, watch.box_files, watch.box_bytes, &mut seen);
     let pids = w.pids();
     if let Ok(dev) = std::fs::symlink_metadata(&w.workdir).map(|m| m.dev()) {
         bytes = bytes.saturating_add(held_deleted(&pids, dev, &mut seen));
     }
-    let mut usage = Usage { bytes, files, ..Usage::default() };
+    let mut usage = Usage { bytes, files, hidden, ..Usage::default() };
     if w.caps.memory_bytes.is_some() || w.caps.threads.is_some() {
         for pid in &pids {
             let (memory, threads) = process_use(*pid);
@@ -318,20 +329,51 @@ pub(crate) fn measure(w: &Watched, watch: &Watch) -> Usage {
     usage
 }
 
+/// What [`walk`] found under a directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Walked {
+    /// Bytes on disk.
+    pub(crate) bytes: u64,
+    /// Entries.
+    pub(crate) files: u64,
+    /// A directory or entry the walk was denied: what is under it is not counted.
+    pub(crate) hidden: bool,
+}
+
+/// Whether an error reading the box's own files means it denied the watch: a box running as
+/// the appliance's own user (a non-root appliance) can `chmod 000` a directory of its working
+/// directory and so hide what it writes there. Anything else (an entry gone meanwhile) is not.
+fn denied(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied
+}
+
 /// Bytes on disk and entries under `dir`, not following symlinks nor crossing into other
 /// filesystems. The work per pass is bounded: it stops once past `max_files` entries or
 /// `max_bytes` (the box is over its limit then, whatever the rest holds). A file linked twice
 /// counts once (`seen`).
-pub(crate) fn walk(dir: &Path, max_files: u64, max_bytes: u64, seen: &mut HashSet<(u64, u64)>) -> (u64, u64) {
-    let Ok(root) = std::fs::symlink_metadata(dir) else { return (0, 0) };
+pub(crate) fn walk(dir: &Path, max_files: u64, max_bytes: u64, seen: &mut HashSet<(u64, u64)>) -> Walked {
+    let Ok(root) = std::fs::symlink_metadata(dir) else { return Walked::default() };
     let dev = root.dev();
-    let (mut bytes, mut files) = (0u64, 0u64);
+    let (mut bytes, mut files, mut hidden) = (0u64, 0u64, false);
     let mut stack = vec![dir.to_owned()];
     while let Some(dir) = stack.pop() {
-        // Entries vanish while the box runs: whatever cannot be read is not there now.
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        // Entries vanish while the box runs: whatever is gone is not there now; what the box
+        // denies the watch is.
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                hidden |= denied(&e);
+                continue;
+            }
+        };
         for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) => {
+                    hidden |= denied(&e);
+                    continue;
+                }
+            };
             files += 1;
             if meta.dev() != dev {
                 // A mount point (there should be none): what is under it is not this disk's.
@@ -344,11 +386,11 @@ pub(crate) fn walk(dir: &Path, max_files: u64, max_bytes: u64, seen: &mut HashSe
                 stack.push(entry.path());
             }
             if files > max_files || bytes > max_bytes {
-                return (bytes, files);
+                return Walked { bytes, files, hidden };
             }
         }
     }
-    (bytes, files)
+    Walked { bytes, files, hidden }
 }
 
 /// Bytes of files on device `dev` that `pids` hold open but have deleted: gone from the
@@ -462,10 +504,58 @@ mod tests {
         std::fs::write(dir.path().join("sub/c"), vec![1u8; 64 << 10]).unwrap();
         // A link to somewhere big: not followed.
         std::os::unix::fs::symlink("/usr", dir.path().join("usr")).unwrap();
-        let (bytes, files) = walk(dir.path(), 1000, u64::MAX, &mut HashSet::new());
+        let Walked { bytes, files, hidden } = walk(dir.path(), 1000, u64::MAX, &mut HashSet::new());
         assert_eq!(files, 5);
         assert!((128 << 10..256 << 10).contains(&bytes), "{bytes}");
-        let (_, files) = walk(dir.path(), 2, u64::MAX, &mut HashSet::new());
+        assert!(!hidden);
+        let Walked { files, .. } = walk(dir.path(), 2, u64::MAX, &mut HashSet::new());
         assert_eq!(files, 3, "it stops one past the limit");
+    }
+
+    #[test]
+    fn a_box_that_hides_part_of_its_directory_from_the_watch_is_killed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (closed, listed) = (dir.path().join("closed"), dir.path().join("listed"));
+        for d in [&closed, &listed] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("big"), vec![1u8; 64 << 10]).unwrap();
+        }
+        let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        // As a box of a non-root appliance does, under its own uid. A root test runs the walk
+        // on a thread of a uid without privileges: the raw syscalls change that thread's
+        // credentials only (and drop its capabilities), not the test process's.
+        let owner = if nix::unistd::geteuid().is_root() { 65534 } else { nix::unistd::geteuid().as_raw() };
+        for p in [dir.path(), &closed, &listed, &closed.join("big"), &listed.join("big")] {
+            std::os::unix::fs::chown(p, Some(owner), Some(owner)).unwrap();
+        }
+        let walk_as_owner = |path: PathBuf| {
+            std::thread::spawn(move || {
+                if nix::unistd::geteuid().is_root() {
+                    use nix::libc::{SYS_setresgid, SYS_setresuid, syscall};
+                    // SAFETY: plain syscalls on this thread's own credentials.
+                    #[allow(unsafe_code)]
+                    let dropped = unsafe {
+                        syscall(SYS_setresgid, owner, owner, owner) == 0
+                            && syscall(SYS_setresuid, owner, owner, owner) == 0
+                    };
+                    assert!(dropped, "{}", std::io::Error::last_os_error());
+                }
+                walk(&path, 1000, u64::MAX, &mut HashSet::new())
+            })
+            .join()
+            .unwrap()
+        };
+        let open = walk_as_owner(dir.path().to_owned());
+        assert!(!open.hidden && open.bytes >= 128 << 10, "{open:?}");
+        mode(&closed, 0o000);
+        // Listed but not searchable: its names show, their sizes do not.
+        mode(&listed, 0o400);
+        let hiding = walk_as_owner(dir.path().to_owned());
+        mode(&closed, 0o700);
+        mode(&listed, 0o700);
+        assert!(hiding.hidden, "{hiding:?}");
+        let usage = Usage { bytes: hiding.bytes, files: hiding.files, hidden: true, ..Usage::default() };
+        assert_eq!(judge(&WATCH, &Caps::default(), &usage, u64::MAX, false), Some(Overrun::Hidden));
     }
 }
