@@ -67,13 +67,44 @@ impl StsAllowList {
             return self.origins.contains(&url.origin().ascii_serialization());
         }
         let Some(host) = url.host_str() else { return false };
-        let regional = host.strip_prefix("sts.").and_then(|h| h.strip_suffix(".amazonaws.com")).is_some_and(|r| {
-            !r.is_empty()
-                && r.len() <= 32
-                && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        });
+        let regional =
+            host.strip_prefix("sts.").and_then(|h| h.strip_suffix(".amazonaws.com")).is_some_and(is_region_name);
         url.scheme() == "https" && url.port().is_none() && (host == "sts.amazonaws.com" || regional)
     }
+}
+
+/// Whether `label` has the shape of an AWS region's name (`us-east-1`, `ap-southeast-2`,
+/// `us-gov-west-1`): two letters, dash-separated words, a number. Any label would also let
+/// `sts.s3.amazonaws.com` through, an S3 bucket's host, not STS.
+fn is_region_name(label: &str) -> bool {
+    let mut parts = label.split('-');
+    let country = parts.next().is_some_and(|c| c.len() == 2 && c.bytes().all(|b| b.is_ascii_lowercase()));
+    let parts: Vec<&str> = parts.collect();
+    let Some((number, words)) = parts.split_last() else { return false };
+    country
+        && label.len() <= 32
+        && !words.is_empty()
+        && words.iter().all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
+        && (1..=2).contains(&number.len())
+        && number.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether a proof may sign header `name`: what a SigV4 `GetCallerIdentity` request needs, and
+/// ours. STS reads other signed headers too (`x-amz-target` switches it to another protocol;
+/// `expect` and `transfer-encoding` change the framing), so a proof signing any other is refused
+/// rather than forwarded.
+fn forwardable(name: &str) -> bool {
+    matches!(
+        name,
+        "host" | "content-type" | "content-length" | "x-amz-date" | "x-amz-security-token" | "x-amz-content-sha256"
+    ) || name.starts_with("x-airlock-")
+}
+
+/// The content types of a form-encoded query request, as SDKs send them.
+fn form_content_type(value: &str) -> bool {
+    let value = value.to_ascii_lowercase();
+    let value = value.trim();
+    value == "application/x-www-form-urlencoded" || value == "application/x-www-form-urlencoded; charset=utf-8"
 }
 
 /// Why a proof was refused, as a code (audited and answered) with a reason for people.
@@ -185,6 +216,16 @@ pub fn check_proof(proof: &AwsStsProof, allow: &StsAllowList, server_id: &str) -
     let auth = parse_authorization(authorization).ok_or_else(|| malformed("the authorization header is not SigV4"))?;
     if auth.service != "sts" {
         return Err(malformed("the credential scope is not for sts"));
+    }
+    if let Some(other) = auth.signed_headers.iter().find(|h| !forwardable(h)) {
+        // The name is the caller's: shown only as far as it is a plain header name.
+        let shown: String = other.chars().take(64).filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+        return Err(AwsRefusal::Malformed(format!(
+            "it signs the `{shown}` header, which a GetCallerIdentity request does not need"
+        )));
+    }
+    if headers.get("content-type").is_some_and(|t| !form_content_type(t)) {
+        return Err(malformed("the content type must be application/x-www-form-urlencoded"));
     }
     for required in ["host", CHALLENGE_HEADER, SERVER_ID_HEADER] {
         if !auth.signed_headers.iter().any(|h| h == required) {

@@ -28,7 +28,12 @@ const SIGNED: &str = "host;x-airlock-join-challenge;x-airlock-server-id;x-amz-da
 #[test]
 fn only_public_sts_endpoints_are_allowed_by_default() {
     let allow = StsAllowList::default();
-    for ok in ["https://sts.amazonaws.com/", "https://sts.eu-west-1.amazonaws.com/"] {
+    for ok in [
+        "https://sts.amazonaws.com/",
+        "https://sts.eu-west-1.amazonaws.com/",
+        "https://sts.ap-southeast-2.amazonaws.com/",
+        "https://sts.us-gov-west-1.amazonaws.com/",
+    ] {
         let checked = check_proof(&proof(ok, SIGNED), &allow, SERVER).unwrap();
         assert_eq!(checked.challenge, "nonce");
         assert!(checked.headers.iter().all(|(n, _)| n != "host"));
@@ -41,6 +46,13 @@ fn only_public_sts_endpoints_are_allowed_by_default() {
         "https://sts..amazonaws.com/",
         "https://iam.amazonaws.com/",
         "https://169.254.169.254/",
+        // S3 hosts of a bucket named `sts`: one label under amazonaws.com, but no region's.
+        "https://sts.s3.amazonaws.com/",
+        "https://sts.s3-accelerate.amazonaws.com/",
+        "https://sts.s3-external-1.amazonaws.com/",
+        "https://sts.us.amazonaws.com/",
+        "https://sts.us-east.amazonaws.com/",
+        "https://sts.us-east-123.amazonaws.com/",
     ] {
         let err = check_proof(&proof(bad, SIGNED), &allow, SERVER).unwrap_err();
         assert!(matches!(err, AwsRefusal::EndpointNotAllowed(_)), "{bad}: {err:?}");
@@ -100,6 +112,35 @@ fn anything_but_get_caller_identity_is_refused_before_it_is_sent() {
     let mut p = proof(url, SIGNED);
     p.headers.insert("x-evil".into(), "a\r\nb".into());
     assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+}
+
+#[test]
+fn a_proof_signing_headers_that_change_what_sts_reads_is_refused_and_others_are_not_forwarded() {
+    let allow = StsAllowList::default();
+    let url = "https://sts.amazonaws.com/";
+    // Another protocol (x-amz-target), other framing (expect, transfer-encoding), anything else.
+    for extra in ["x-amz-target", "expect", "transfer-encoding", "connection", "user-agent"] {
+        let mut p = proof(url, &format!("{SIGNED};{extra}"));
+        p.headers.insert(extra.into(), "x".into());
+        let err = check_proof(&p, &allow, SERVER).unwrap_err();
+        assert!(matches!(&err, AwsRefusal::Malformed(why) if why.contains(extra)), "{extra}: {err:?}");
+    }
+    let mut p = proof(url, &format!("{SIGNED};content-type"));
+    p.headers.insert("content-type".into(), "application/x-amz-json-1.1".into());
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))), "a JSON request");
+    // What a signing SDK sends passes; a header it did not sign is not sent on.
+    let mut p = proof(
+        url,
+        &format!("{SIGNED};content-type;x-amz-security-token").replace("x-amz-date", "content-length;x-amz-date"),
+    );
+    p.headers.insert("content-type".into(), "application/x-www-form-urlencoded; charset=utf-8".into());
+    p.headers.insert("x-amz-security-token".into(), "session".into());
+    p.headers.insert("content-length".into(), GET_CALLER_IDENTITY_BODY.len().to_string());
+    p.headers.insert("x-amz-target".into(), "unsigned".into());
+    let checked = check_proof(&p, &allow, SERVER).unwrap();
+    let sent: Vec<&str> = checked.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(sent.contains(&"x-amz-security-token") && sent.contains(&"content-type"), "{sent:?}");
+    assert!(!sent.contains(&"x-amz-target") && !sent.contains(&"content-length"), "{sent:?}");
 }
 
 #[test]
