@@ -64,6 +64,20 @@ pub enum JoinRefusal {
     Recovery,
 }
 
+impl JoinRefusal {
+    /// Its kind, where a refusal's detail names no finer code.
+    fn code(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Csr => "csr",
+            Self::Proof => "proof",
+            Self::NoEnvironment => "no_environment",
+            Self::PlatformUnavailable => "platform_unavailable",
+            Self::Recovery => "recovery",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     /// Refused, and the refusal audited (in the tenant's chain when the token names one).
@@ -108,8 +122,12 @@ async fn refuse(
     let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
     let mut detail = detail;
     detail["reason"] = reason.clone().into();
+    // Limited per kind of refusal, so a flood of one (an unknown `kid`, a bad CSR) cannot crowd
+    // out the records of another (a replayed token) on the same chain. Codes are our own words.
+    let kind = detail.get("code").and_then(serde_json::Value::as_str).unwrap_or(refusal.code());
+    let limiter_key = format!("{}:{kind}", ev.action);
     ev.detail = detail;
-    state.audit_refusal(&chain, ev).await;
+    state.audit_refusal_keyed(&chain, &limiter_key, ev).await;
     JoinError::Refused { refusal, reason }
 }
 

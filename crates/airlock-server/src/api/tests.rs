@@ -229,6 +229,37 @@ async fn expired_join_token_is_refused() {
 }
 
 #[tokio::test]
+async fn a_flood_of_one_kind_of_join_refusal_does_not_hide_another_from_the_audit() {
+    let api = api().await;
+    let env = api.new_env("e").await;
+    let token = api.join_token(&env).await;
+    // More malformed tokens in one second than the refusal audit takes of one kind.
+    for _ in 0..crate::state::RefusalLimiter::PER_SECOND + 10 {
+        let (s, _) = api.join("not-a-token", &csr()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    // Then, in the same second, a refusal of another kind: a known token with a bad CSR.
+    let (s, _) =
+        api.join(&token, "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    api.state.audit_writer.flush().await;
+    let reasons: Vec<String> = api
+        .state
+        .store
+        .audit_records(crate::state::SYSTEM_CHAIN)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().event)
+        .filter(|e| e.action == AuditAction::ApplianceJoin.as_str())
+        .map(|e| e.detail["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let flooded = reasons.iter().filter(|r| !r.starts_with("CSR refused")).count();
+    assert_eq!(flooded, crate::state::RefusalLimiter::PER_SECOND as usize, "the flood is limited: {reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("CSR refused")), "the other kind is recorded: {reasons:?}");
+}
+
+#[tokio::test]
 async fn bad_csr_is_refused_and_leaves_token_unspent() {
     let api = api().await;
     let env = api.new_env("e").await;
