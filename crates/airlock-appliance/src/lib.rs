@@ -78,7 +78,7 @@ use airlock_core::audit::checkpoint::CheckpointReason;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::{Fingerprint, Timestamp};
 
-use clock::now;
+pub use clock::TimeSource;
 
 /// For `benches/sandbox.rs` only: what the box costs a run.
 #[doc(hidden)]
@@ -220,8 +220,15 @@ async fn recover_identity(
 }
 
 /// Runs the appliance until `shutdown` turns true, or until it must stop for good.
-pub async fn run(
+pub async fn run(config: ApplianceConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), ApplianceError> {
+    run_with_clock(config, TimeSource::system(), shutdown).await
+}
+
+/// [`run`], by the clock `time`: the wall clock in the binary, one a test moves by hand to take
+/// a certificate past its renewal or its end without waiting (no flag or variable sets it).
+pub async fn run_with_clock(
     config: ApplianceConfig,
+    time: TimeSource,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ApplianceError> {
     let state = StateDir::open(&config.state_dir)?;
@@ -258,7 +265,13 @@ pub async fn run(
         }
         None => tracing::warn!("no customer policy in force: only Observe is allowed"),
     }
-    let control = std::sync::Arc::new(control::LocalControl::new(state.path(), policy, audit.clone(), pinned)?);
+    let control = std::sync::Arc::new(control::LocalControl::with_clock(
+        state.path(),
+        policy,
+        audit.clone(),
+        pinned,
+        time.now.clone(),
+    )?);
     let _kill_running = KillRunningOnDrop(control.clone());
     let socket = state.path().join(admin::SOCKET_FILE);
     let access = admin::access::AdminAccess::resolve(config.admin_group.as_ref())?;
@@ -330,7 +343,8 @@ pub async fn run(
     let (identity, validity) =
         inspect_cert(&creds.cert_pem).map_err(|e| ApplianceError::Protocol(format!("the stored certificate: {e}")))?;
     // Offline past its certificate's end: join again, keeping the identity, or say how to.
-    if now() >= validity.not_after && !recover_identity(&config, &state, &mut shutdown, validity.not_after).await? {
+    if time.now() >= validity.not_after && !recover_identity(&config, &state, &mut shutdown, validity.not_after).await?
+    {
         return Ok(());
     }
     tracing::info!(identity = %identity, gateway = %enrolment.gateway_endpoint, "starting");
@@ -376,6 +390,7 @@ pub async fn run(
         ca_pem: &ca_pem,
         identity: &identity,
         started: std::time::Instant::now(),
+        time: &time,
         // A platform-joined appliance proves its identity again at each renewal.
         platform_join: config.platform_join.as_ref(),
         // Deploys fetch their artifacts on the session's own connection.
@@ -400,7 +415,7 @@ pub async fn run(
                 }
                 let (_, _, creds) = state.load()?;
                 if let Ok((_, validity)) = inspect_cert(&creds.cert_pem)
-                    && now() >= validity.not_after
+                    && time.now() >= validity.not_after
                     && !recover_identity(&config, &state, &mut shutdown, validity.not_after).await?
                 {
                     return Ok(());

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::ApplianceError;
-use crate::clock::now;
+use crate::clock::TimeSource;
 use crate::executor::Executor;
 use crate::join::{cert_matches_key, csr_for};
 use crate::outbound::Outbound;
@@ -61,6 +61,8 @@ pub(crate) struct Session<'a> {
     pub ca_pem: &'a str,
     pub identity: &'a ApplianceIdentity,
     pub started: std::time::Instant,
+    /// The clock the certificate's renewal is timed by.
+    pub time: &'a TimeSource,
     /// Set for an appliance that joins with its platform identity: each renewal carries a fresh proof.
     pub platform_join: Option<&'a crate::config::PlatformJoinConfig>,
     pub executor: Arc<Executor>,
@@ -132,7 +134,8 @@ impl Session<'_> {
         let mut validity = inspect_cert(&creds.cert_pem).ok().map(|(_, v)| v);
         let mut renew_at = validity.map(|v| v.renew_at());
         loop {
-            let renew_sleep = tokio::time::sleep(renew_at.map_or(Duration::from_secs(3600), |t| t.since(now())));
+            let renew_sleep =
+                tokio::time::sleep(renew_at.map_or(Duration::from_secs(3600), |t| self.time.sleep_towards(t)));
             tokio::select! {
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                 Ok(()) = attestation.changed() => {
@@ -140,6 +143,10 @@ impl Session<'_> {
                     return Ok(SessionEnd::Dropped { reason: "the customer attested the execution key; presenting it in a new Hello".into(), established });
                 }
                 _ = renew_sleep, if pending_key.is_none() && renew_at.is_some() => {
+                    // The sleep is capped (`TimeSource::sleep_towards`): read the clock again.
+                    if renew_at.is_some_and(|t| self.time.now() < t) {
+                        continue;
+                    }
                     let key = KeyPair::generate().map_err(|e| dropped(format!("key generation: {e}")))?;
                     let csr_pem = csr_for(&key, Some(&self.identity.uri())).map_err(|e| dropped(e.to_string()))?;
                     tracing::info!("requesting certificate renewal with a new key pair");
@@ -199,14 +206,14 @@ impl Session<'_> {
                                 }
                                 Err(e) => {
                                     tracing::error!(error = %e, "refusing renewed certificate");
-                                    renew_at = Some(retry_renewal_at(validity));
+                                    renew_at = Some(retry_renewal_at(validity, self.time.now()));
                                 }
                             }
                         }
                         Some(control_message::Body::RenewRefused(r)) => {
                             pending_key = None;
                             tracing::warn!(reason = %r.reason, "certificate renewal refused; will retry");
-                            renew_at = Some(retry_renewal_at(validity));
+                            renew_at = Some(retry_renewal_at(validity, self.time.now()));
                         }
                         Some(control_message::Body::Operation(instruction)) => {
                             // Decided and run off the loop: heartbeats go on while it runs.
@@ -261,9 +268,9 @@ impl Session<'_> {
 }
 
 /// When to try a refused renewal again: a quarter of the time left, between 1 and 30 seconds.
-fn retry_renewal_at(validity: Option<Validity>) -> Timestamp {
-    let left = validity.map_or(Duration::from_secs(120), |v| v.not_after.since(now()));
-    now().saturating_add((left / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)))
+fn retry_renewal_at(validity: Option<Validity>, now: Timestamp) -> Timestamp {
+    let left = validity.map_or(Duration::from_secs(120), |v| v.not_after.since(now));
+    now.saturating_add((left / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)))
 }
 
 /// Mutual TLS to the gateway: trusting only the CA stored at join, presenting our certificate.

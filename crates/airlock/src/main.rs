@@ -619,6 +619,11 @@ enum EnvJoinRuleSub {
         /// NAMESPACE/NAME of the pod's service account.
         #[arg(long, requires = "k8s_issuer")]
         k8s_service_account: Option<String>,
+        /// Accept only tokens the appliance asks the TokenRequest API for (`appliance run
+        /// --k8s-token-request`), whose audience binds the join's challenge; a mounted token,
+        /// which anyone who reads it can replay once within --k8s-max-token-age, is refused.
+        #[arg(long, requires = "k8s_issuer")]
+        k8s_require_token_request: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1569,6 +1574,9 @@ async fn env_join_rule(cmd: EnvJoinRuleSub) -> anyhow::Result<ExitCode> {
         let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
         let (scope, who) = match r["method"].as_str() {
             Some("gcp") => (s(&r["gcp"]["project"]), s(&r["gcp"]["service_account"])),
+            Some("k8s") if r["k8s"]["require_token_request"] == true => {
+                (s(&r["k8s"]["issuer"]), format!("{} (TokenRequest tokens only)", s(&r["k8s"]["service_account"])))
+            }
             Some("k8s") => (s(&r["k8s"]["issuer"]), s(&r["k8s"]["service_account"])),
             _ => (
                 s(&r["aws"]["account"]),
@@ -1592,6 +1600,7 @@ async fn env_join_rule(cmd: EnvJoinRuleSub) -> anyhow::Result<ExitCode> {
             gcp_service_account,
             k8s_issuer,
             k8s_service_account,
+            k8s_require_token_request,
             api,
         } => {
             let environment = operations::path_segment("environment id", &environment)?;
@@ -1602,7 +1611,8 @@ async fn env_join_rule(cmd: EnvJoinRuleSub) -> anyhow::Result<ExitCode> {
                 (None, Some(project), None) => serde_json::json!({ "gcp": {
                     "project": project, "service_account": gcp_service_account.unwrap_or_default() } }),
                 (None, None, Some(issuer)) => serde_json::json!({ "k8s": {
-                    "issuer": issuer, "service_account": k8s_service_account.unwrap_or_default() } }),
+                    "issuer": issuer, "service_account": k8s_service_account.unwrap_or_default(),
+                    "require_token_request": k8s_require_token_request } }),
                 _ => anyhow::bail!(
                     "give one method: --aws-account [--aws-role-arn], --gcp-project with --gcp-service-account, or --k8s-issuer with --k8s-service-account"
                 ),

@@ -790,61 +790,6 @@ fn an_appliance_joins_with_its_kubernetes_service_account_once_per_token_and_eve
 }
 
 #[test]
-fn an_appliance_whose_certificate_expired_offline_rejoins_and_keeps_its_identity_and_chains() {
-    let server = Server::start_with(BIN, &["--appliance-cert-lifetime", "4s"]);
-    let env = server.create_env("recovering");
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("apl");
-    let mut proc = server.appliance_proc(&state, Some(&server.join_token(&env)), None);
-    let id = server.wait_connected(&mut proc);
-    proc.stop();
-    // Offline past its certificate's end.
-    std::thread::sleep(Duration::from_secs(5));
-    let appliances_before = server.appliances().len();
-
-    // Without a way to join, the expiry is the error, and says how to recover.
-    let mut stuck = server.appliance_proc(&state, None, None);
-    let status = wait_for(Duration::from_secs(20), "the appliance to stop", || stuck.exited());
-    assert!(!status.success());
-    assert!(stuck.log().contains("to recover its identity"), "{}", stuck.log());
-
-    // A join token of another environment does not recover it, and is not spent.
-    let elsewhere = server.create_env("elsewhere");
-    let other_token = server.join_token(&elsewhere);
-    let mut wrong = server.appliance_proc(&state, Some(&other_token), None);
-    let status = wait_for(Duration::from_secs(20), "the appliance to be refused", || wrong.exited());
-    assert!(!status.success());
-    assert!(wrong.log().contains("another environment"), "{}", wrong.log());
-
-    // With a new join token of its environment, it joins again as itself.
-    let mut proc = server.appliance_proc(&state, Some(&server.join_token(&env)), None);
-    let again = server.wait_connected(&mut proc);
-    assert_eq!(again, id, "the appliance id is kept");
-    assert_eq!(server.appliances().len(), appliances_before, "no new appliance");
-    let joins = server.audited("appliance.join", "success");
-    let recovered = joins.iter().find(|r| r["target"] == id.as_str() && r["detail"]["recovered_serial"].is_string());
-    assert!(recovered.is_some(), "the recovery is audited: {joins:#?}");
-    let refused = server.audited("appliance.join", "denied");
-    assert!(refused.iter().any(|r| r["detail"]["code"] == "recovery_other_environment"), "{refused:#?}");
-    proc.stop();
-
-    // Its own audit chain runs on unbroken across the expiry.
-    let log = state.join("audit.jsonl");
-    let out = server.cli(&["audit", "verify", "--file", log.to_str().unwrap()]);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-
-    // A revoked appliance cannot come back under its identity.
-    std::thread::sleep(Duration::from_secs(5));
-    server.ok(&["appliance", "revoke", &id]);
-    let mut revoked = server.appliance_proc(&state, Some(&server.join_token(&env)), None);
-    let status = wait_for(Duration::from_secs(20), "the revoked appliance to be refused", || revoked.exited());
-    assert!(!status.success());
-    assert!(revoked.log().contains("revoked"), "{}", revoked.log());
-    let out = server.audit_verify();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-#[test]
 fn an_aws_proof_signs_the_environment_it_names_and_cannot_be_turned_to_another() {
     let aws = Aws::start();
     let server = Server::start_with(BIN, &["--aws-sts-endpoint", &aws.moto.url]);
@@ -1001,6 +946,44 @@ fn a_kubernetes_appliance_joins_with_a_token_requested_for_its_challenge_and_one
     assert!(log.contains("refused a TokenRequest for airlock/appliance (HTTP 403)"), "{log}");
     assert!(log.contains("cannot create resource") && log.contains("serviceaccounts/token"), "{log}");
     cluster.refuse_token_requests(false);
+
+    // A rule that requires requested tokens, on a control plane that does not: a mounted token of
+    // the service account it names is refused with its own code, audited, and nothing is issued;
+    // a requested one joins.
+    let strict_env = server.create_env("k8s-strict-rule");
+    server.ok(&[
+        "env",
+        "join-rule",
+        "add",
+        &strict_env,
+        "--k8s-issuer",
+        &iss,
+        "--k8s-service-account",
+        "airlock/strict",
+        "--k8s-require-token-request",
+    ]);
+    let audience = airlock_proto::join::server_audience(&fp);
+    let appliances_before = server.appliances().len();
+    let mounted = cluster.mint(&k8s_claims(&iss, &audience, "airlock", "strict", unix_now()));
+    let (status, body) = api.join_by("k8s", &proof(&mounted, &api.challenge()));
+    assert_eq!(status, 401, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--k8s-token-request") && message.contains(&strict_env), "{body}");
+    assert_audited(&server, "k8s_token", &[("mounted, strict rule".into(), "rule_requires_token_request".into())]);
+    assert_eq!(server.appliances().len(), appliances_before, "nothing was issued");
+    // The refused token's jti was not spent: the same token is refused for the same reason, not as replayed.
+    let (_, again) = api.join_by("k8s", &proof(&mounted, &api.challenge()));
+    assert!(again["error"]["message"].as_str().unwrap().contains("--k8s-token-request"), "{again}");
+    let strict_refusals = refusals_of(&server, "k8s_token");
+    let strict_refusals = strict_refusals.iter().filter(|r| r["detail"]["code"] == "rule_requires_token_request");
+    assert_eq!(strict_refusals.count(), 2);
+    let c = api.challenge();
+    let mut claims =
+        k8s_claims(&iss, &airlock_proto::join::challenge_audience(&fp, &c), "airlock", "strict", unix_now());
+    claims.as_object_mut().unwrap().remove("jti");
+    let (status, body) = api.join_by("k8s", &proof(&cluster.mint(&claims), &c));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.appliance(body["appliance_id"].as_str().unwrap())["environment_id"], strict_env.as_str());
 
     // A control plane that requires requested tokens refuses a mounted one, and takes a requested one.
     let strict =

@@ -144,6 +144,8 @@ pub(crate) struct LocalControl {
 }
 
 impl LocalControl {
+    /// On the wall clock (`crate::run_with_clock` passes its own).
+    #[cfg(test)]
     pub(crate) fn new(
         state_dir: &Path,
         policy: Option<VerifiedPolicy>,

@@ -252,7 +252,9 @@ impl AddJoinRule {
         match (&self.aws, &self.gcp, &self.k8s) {
             (Some(aws), None, None) => Ok(RuleSpec::Aws(AwsRule::new(&aws.account, aws.arn_pattern.as_deref())?)),
             (None, Some(gcp), None) => Ok(RuleSpec::Gcp(GcpRule::new(&gcp.project, &gcp.service_account)?)),
-            (None, None, Some(k8s)) => Ok(RuleSpec::K8s(K8sRule::new(&k8s.issuer, &k8s.service_account)?)),
+            (None, None, Some(k8s)) => Ok(RuleSpec::K8s(
+                K8sRule::new(&k8s.issuer, &k8s.service_account)?.requiring_token_request(k8s.require_token_request),
+            )),
             _ => Err(RuleError::Method),
         }
     }
@@ -278,6 +280,11 @@ pub struct K8sRuleView {
     pub issuer: String,
     /// `NAMESPACE/NAME`.
     pub service_account: String,
+    /// Accept only tokens from the TokenRequest API, whose audience binds the join's challenge:
+    /// a mounted token (fixed audience, single use by its `jti`) is refused as
+    /// `rule_requires_token_request`, at a join and at a renewal. Default false.
+    #[serde(default)]
+    pub require_token_request: bool,
 }
 
 /// An AWS rule: the account, and optionally an ARN pattern (`*` matches any run of characters)
@@ -338,6 +345,7 @@ fn rule_view(r: &JoinRule) -> JoinRuleView {
             view.k8s = Some(K8sRuleView {
                 issuer: k8s.issuer().to_owned(),
                 service_account: format!("{}/{}", k8s.namespace(), k8s.service_account()),
+                require_token_request: k8s.requires_token_request(),
             });
         }
     }

@@ -25,7 +25,10 @@
 //! not relied on). A mounted Kubernetes token cannot carry the challenge: it joins once (its
 //! `jti`), and only while its `iat` is younger than `--k8s-max-token-age`; whoever reads it before
 //! its pod uses it can join once in its place within that window (ARCHITECTURE.md says so).
-//! `--k8s-require-token-request` refuses mounted tokens and so closes it.
+//! `--k8s-require-token-request` refuses mounted tokens and so closes it, for every rule; a rule added
+//! with `--k8s-require-token-request` closes it for the service account it names
+//! ([`rules::match_identity`] refuses a mounted token that only such rules name, as
+//! `rule_requires_token_request`, at a join and at a renewal alike).
 //!
 //! At each renewal a platform-joined appliance proves its identity again, by the method it
 //! joined with ([`recheck_at_renewal`]): the challenge is derived from the CSR's new key
@@ -44,7 +47,7 @@ use airlock_proto::join::{PlatformProof, challenge_audience, server_audience};
 
 use self::aws::{AwsRefusal, StsAllowList, StsClient};
 use self::challenges::{ChallengeRefusal, Challenges};
-use self::rules::{JoinRule, PlatformIdentity, RuleMatch};
+use self::rules::{JoinRule, PlatformIdentity, ProofForm, RuleMatch};
 use self::tokens::{TokenId, TokenRefusal};
 use crate::issuer::Expect;
 use crate::state::AppState;
@@ -134,6 +137,9 @@ pub enum PlatformRefusal {
     SeveralEnvironments(PlatformIdentity, usize),
     /// The appliance named this environment, whose rules do not accept it; another environment's do.
     NotNamedEnvironment(PlatformIdentity, airlock_core::EnvironmentId),
+    /// A mounted Kubernetes token, and every rule naming its service account (all of this
+    /// environment) requires a token from the TokenRequest API.
+    RuleRequiresTokenRequest(PlatformIdentity, airlock_core::EnvironmentId),
 }
 
 impl PlatformRefusal {
@@ -147,6 +153,7 @@ impl PlatformRefusal {
             Self::NoRule(_) => "no_matching_rule",
             Self::SeveralEnvironments(..) => "several_environments",
             Self::NotNamedEnvironment(..) => "other_environment",
+            Self::RuleRequiresTokenRequest(..) => "rule_requires_token_request",
         }
     }
 
@@ -173,13 +180,22 @@ impl PlatformRefusal {
                  so it is not joined there either (fix the rules or the appliance's --environment)",
                 describe(id)
             ),
+            Self::RuleRequiresTokenRequest(id, env) => format!(
+                "the join rules of environment {env} that name {} accept only tokens from the TokenRequest API \
+                 (their audience binds the join challenge), and this token is mounted; run the appliance with \
+                 --k8s-token-request",
+                describe(id)
+            ),
         }
     }
 
     /// The identity the platform named, when it got that far.
     pub fn identity(&self) -> Option<&PlatformIdentity> {
         match self {
-            Self::NoRule(id) | Self::SeveralEnvironments(id, _) | Self::NotNamedEnvironment(id, _) => Some(id),
+            Self::NoRule(id)
+            | Self::SeveralEnvironments(id, _)
+            | Self::NotNamedEnvironment(id, _)
+            | Self::RuleRequiresTokenRequest(id, _) => Some(id),
             _ => None,
         }
     }
@@ -226,11 +242,12 @@ impl Freshness<'_> {
     }
 }
 
-/// What a proof proved: who the platform says signed it, the rules that could accept that
-/// identity, a mounted Kubernetes token's single-use id, and the environment that judges it (the
-/// one the join names, or the one an AWS proof signs).
+/// What a proof proved: who the platform says signed it, how the proof was bound to the
+/// attempt, the rules that could accept that identity, a mounted Kubernetes token's single-use
+/// id, and the environment that judges it (the one the join names, or the one an AWS proof signs).
 struct Proved {
     identity: PlatformIdentity,
+    form: ProofForm,
     candidates: Vec<JoinRule>,
     token_id: Option<TokenId>,
     environment: Option<airlock_core::EnvironmentId>,
@@ -268,7 +285,13 @@ async fn prove(
                 Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
             };
             let candidates = state.store.aws_join_rules_for_account(&identity.account).await?;
-            Ok(Ok(Proved { identity: PlatformIdentity::Aws(identity), candidates, token_id: None, environment }))
+            Ok(Ok(Proved {
+                identity: PlatformIdentity::Aws(identity),
+                form: ProofForm::ChallengeBound,
+                candidates,
+                token_id: None,
+                environment,
+            }))
         }
         PlatformProof::Gcp(proof) => {
             if proof.identity_token.len() > tokens::MAX_TOKEN_BYTES {
@@ -290,7 +313,13 @@ async fn prove(
                 Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
             };
             let candidates = state.store.gcp_join_rules_for_project(&identity.project).await?;
-            Ok(Ok(Proved { identity: PlatformIdentity::Gcp(identity), candidates, token_id: None, environment: named }))
+            Ok(Ok(Proved {
+                identity: PlatformIdentity::Gcp(identity),
+                form: ProofForm::ChallengeBound,
+                candidates,
+                token_id: None,
+                environment: named,
+            }))
         }
         PlatformProof::K8s(proof) => {
             // A join's challenge is spent whichever form the token takes: for a mounted token it
@@ -338,7 +367,8 @@ async fn prove(
                 Ok(read) => read,
                 Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
             };
-            Ok(Ok(Proved { identity: PlatformIdentity::K8s(identity), candidates, token_id, environment: named }))
+            let form = if requested { ProofForm::ChallengeBound } else { ProofForm::MountedToken };
+            Ok(Ok(Proved { identity: PlatformIdentity::K8s(identity), form, candidates, token_id, environment: named }))
         }
     }
 }
@@ -351,12 +381,12 @@ pub async fn verify(
     proof: &PlatformProof,
     named: Option<airlock_core::EnvironmentId>,
 ) -> Result<Result<PlatformMatch, PlatformRefusal>, StoreError> {
-    let Proved { identity, candidates, token_id, environment } =
+    let Proved { identity, form, candidates, token_id, environment } =
         match prove(state, proof, Freshness::Join, named).await? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
         };
-    Ok(decide(candidates, identity, token_id, environment))
+    Ok(decide(candidates, identity, form, token_id, environment))
 }
 
 /// The join's decision, once the platform named the identity: exactly one environment, among
@@ -364,22 +394,24 @@ pub async fn verify(
 fn decide(
     candidates: Vec<JoinRule>,
     identity: PlatformIdentity,
+    form: ProofForm,
     token_id: Option<TokenId>,
     named: Option<airlock_core::EnvironmentId>,
 ) -> Result<PlatformMatch, PlatformRefusal> {
     let (judged, elsewhere): (Vec<JoinRule>, Vec<JoinRule>) =
         candidates.into_iter().partition(|r| named.is_none_or(|env| r.environment == env));
-    match rules::match_identity(&judged, &identity) {
+    match rules::match_identity(&judged, &identity, form) {
         RuleMatch::One { tenant, environment, rule } => {
             Ok(PlatformMatch { tenant, environment, rule, identity, token_id })
         }
         RuleMatch::NoRule => match named {
-            Some(env) if !matches!(rules::match_identity(&elsewhere, &identity), RuleMatch::NoRule) => {
+            Some(env) if !matches!(rules::match_identity(&elsewhere, &identity, form), RuleMatch::NoRule) => {
                 Err(PlatformRefusal::NotNamedEnvironment(identity, env))
             }
             _ => Err(PlatformRefusal::NoRule(identity)),
         },
         RuleMatch::SeveralEnvironments(envs) => Err(PlatformRefusal::SeveralEnvironments(identity, envs.len())),
+        RuleMatch::TokenRequestRequired(env) => Err(PlatformRefusal::RuleRequiresTokenRequest(identity, env)),
     }
 }
 
@@ -415,6 +447,7 @@ fn rule_detail(rule: &JoinRule) -> serde_json::Value {
         rules::RuleSpec::K8s(k8s) => {
             detail["k8s_issuer"] = k8s.issuer().into();
             detail["k8s_service_account"] = format!("{}/{}", k8s.namespace(), k8s.service_account()).into();
+            detail["k8s_require_token_request"] = k8s.requires_token_request().into();
         }
     }
     detail
@@ -554,7 +587,7 @@ pub async fn recheck_at_renewal(
     }
     let Ok(key) = crate::ca::csr_public_key(csr_pem) else { return Ok(Err("the renewal CSR is malformed".into())) };
     let renewal = Freshness::Renewal { key: &key };
-    let Proved { identity, candidates, token_id, .. } =
+    let Proved { identity, form, candidates, token_id, .. } =
         match prove(state, &proof, renewal, Some(peer.environment)).await? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r.reason())),
@@ -563,7 +596,7 @@ pub async fn recheck_at_renewal(
     // identity (an AWS account id is no secret) must not make a fleet's renewals fail as ambiguous.
     let own: Vec<_> =
         candidates.into_iter().filter(|r| r.tenant == peer.tenant && r.environment == peer.environment).collect();
-    Ok(match rules::match_identity(&own, &identity) {
+    Ok(match rules::match_identity(&own, &identity, form) {
         RuleMatch::One { tenant, environment, .. } if tenant == peer.tenant && environment == peer.environment => {
             Ok(Some(Reproved { identity, token_id }))
         }
@@ -578,6 +611,7 @@ pub async fn recheck_at_renewal(
         RuleMatch::SeveralEnvironments(envs) => {
             Err(PlatformRefusal::SeveralEnvironments(identity, envs.len()).reason())
         }
+        RuleMatch::TokenRequestRequired(env) => Err(PlatformRefusal::RuleRequiresTokenRequest(identity, env).reason()),
     })
 }
 
@@ -586,7 +620,7 @@ mod tests {
     use airlock_core::id::JoinRuleId;
     use airlock_core::{EnvironmentId, TenantId, Timestamp};
 
-    use super::rules::{AwsIdentity, AwsRule, JoinRule, PlatformIdentity, RuleSpec};
+    use super::rules::{AwsIdentity, AwsRule, JoinRule, PlatformIdentity, ProofForm, RuleSpec};
     use super::{PlatformRefusal, decide};
 
     fn rule(env: EnvironmentId, pattern: &str) -> JoinRule {
@@ -615,21 +649,58 @@ mod tests {
             rule(b, "arn:aws:iam::123456789012:role/airlock-prod"),
         ];
         // Unnamed: two environments accept it, so it is refused as ambiguous.
-        assert!(matches!(decide(both.clone(), prod(), None, None), Err(PlatformRefusal::SeveralEnvironments(_, 2))));
+        assert!(matches!(
+            decide(both.clone(), prod(), ProofForm::ChallengeBound, None, None),
+            Err(PlatformRefusal::SeveralEnvironments(_, 2))
+        ));
         // Named: that environment's rules alone decide.
-        let joined = decide(both.clone(), prod(), None, Some(b)).unwrap();
+        let joined = decide(both.clone(), prod(), ProofForm::ChallengeBound, None, Some(b)).unwrap();
         assert_eq!((joined.environment, joined.rule), (b, both[1].id));
         // Named, but only another environment accepts it: refused, not placed there.
         let only_a = vec![both[0].clone()];
-        let refused = decide(only_a.clone(), prod(), None, Some(b)).unwrap_err();
+        let refused = decide(only_a.clone(), prod(), ProofForm::ChallengeBound, None, Some(b)).unwrap_err();
         assert!(matches!(refused, PlatformRefusal::NotNamedEnvironment(_, env) if env == b));
         assert_eq!(refused.code(), "other_environment");
         assert!(refused.reason().contains(&b.to_string()), "{}", refused.reason());
         // Unnamed, the one environment that accepts it takes it, as before.
-        assert_eq!(decide(only_a.clone(), prod(), None, None).unwrap().environment, a);
+        assert_eq!(decide(only_a.clone(), prod(), ProofForm::ChallengeBound, None, None).unwrap().environment, a);
         // Named, and no environment accepts it: no rule at all.
         let none = vec![rule(a, "arn:aws:iam::123456789012:role/other")];
-        assert!(matches!(decide(none, prod(), None, Some(c)), Err(PlatformRefusal::NoRule(_))));
-        assert!(matches!(decide(only_a, prod(), None, Some(c)), Err(PlatformRefusal::NotNamedEnvironment(..))));
+        assert!(matches!(
+            decide(none, prod(), ProofForm::ChallengeBound, None, Some(c)),
+            Err(PlatformRefusal::NoRule(_))
+        ));
+        assert!(matches!(
+            decide(only_a, prod(), ProofForm::ChallengeBound, None, Some(c)),
+            Err(PlatformRefusal::NotNamedEnvironment(..))
+        ));
+    }
+
+    #[test]
+    fn a_mounted_token_that_only_token_request_rules_name_is_refused_with_its_own_code() {
+        use super::rules::{K8sIdentity, K8sRule};
+        let env = EnvironmentId::from_random(crate::state::random());
+        let iss = "https://cluster.example";
+        let strict = JoinRule {
+            spec: RuleSpec::K8s(K8sRule::new(iss, "airlock/appliance").unwrap().requiring_token_request(true)),
+            ..rule(env, "arn:aws:iam::123456789012:role/x")
+        };
+        let id = PlatformIdentity::K8s(K8sIdentity {
+            issuer: iss.into(),
+            namespace: "airlock".into(),
+            service_account: "appliance".into(),
+            pod: Some("p-0".into()),
+        });
+        let refused = decide(vec![strict.clone()], id.clone(), ProofForm::MountedToken, None, None).unwrap_err();
+        assert!(matches!(&refused, PlatformRefusal::RuleRequiresTokenRequest(_, e) if *e == env));
+        assert_eq!(refused.code(), "rule_requires_token_request");
+        assert_ne!(refused.code(), super::tokens::TokenRefusal::MountedNotAccepted.code(), "told apart from the flag");
+        assert!(refused.reason().contains("--k8s-token-request") && refused.reason().contains(&env.to_string()));
+        assert_eq!(refused.identity(), Some(&id), "the audit names who was refused");
+        // Named or not, the same.
+        let named = decide(vec![strict.clone()], id.clone(), ProofForm::MountedToken, None, Some(env)).unwrap_err();
+        assert_eq!(named.code(), "rule_requires_token_request");
+        let joined = decide(vec![strict.clone()], id, ProofForm::ChallengeBound, None, None).unwrap();
+        assert_eq!((joined.environment, joined.rule), (env, strict.id));
     }
 }

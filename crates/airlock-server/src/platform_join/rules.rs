@@ -45,7 +45,16 @@ impl RuleSpec {
         }
     }
 
-    /// Whether this rule accepts `identity` (a rule of another method never does).
+    /// Whether a proof of this form satisfies the rule: only a Kubernetes rule that requires
+    /// the TokenRequest API refuses a mounted token.
+    pub fn accepts_form(&self, form: ProofForm) -> bool {
+        match self {
+            RuleSpec::K8s(rule) => !(rule.require_token_request && form == ProofForm::MountedToken),
+            RuleSpec::Aws(_) | RuleSpec::Gcp(_) => true,
+        }
+    }
+
+    /// Whether this rule names `identity` (a rule of another method never does).
     pub fn matches(&self, identity: &PlatformIdentity) -> bool {
         match (self, identity) {
             (RuleSpec::Aws(rule), PlatformIdentity::Aws(id)) => rule.matches(id),
@@ -105,12 +114,15 @@ impl GcpRule {
     }
 }
 
-/// A Kubernetes rule: the cluster's service-account issuer, and a namespace and service account.
+/// A Kubernetes rule: the cluster's service-account issuer, and a namespace and service account;
+/// and whether the token must come from the TokenRequest API (its audience binding the join's
+/// challenge), which closes the replay window a mounted token leaves (`super::tokens`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct K8sRule {
     issuer: String,
     namespace: String,
     service_account: String,
+    require_token_request: bool,
 }
 
 impl K8sRule {
@@ -140,7 +152,22 @@ impl K8sRule {
         if !label(namespace, 63, false) || !label(name, 253, true) {
             return Err(RuleError::K8sServiceAccount(short(service_account)));
         }
-        Ok(Self { issuer: issuer.to_owned(), namespace: namespace.to_owned(), service_account: name.to_owned() })
+        Ok(Self {
+            issuer: issuer.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: name.to_owned(),
+            require_token_request: false,
+        })
+    }
+
+    /// The same rule, accepting only tokens from the TokenRequest API when `require` is set.
+    #[must_use]
+    pub fn requiring_token_request(self, require: bool) -> Self {
+        Self { require_token_request: require, ..self }
+    }
+
+    pub fn requires_token_request(&self) -> bool {
+        self.require_token_request
     }
 
     pub fn issuer(&self) -> &str {
@@ -313,10 +340,19 @@ pub struct JoinRule {
     pub created_at: airlock_core::Timestamp,
 }
 
+/// How a proof is bound to this attempt: by the challenge (AWS, GCP, a Kubernetes token from the
+/// TokenRequest API), or only by a mounted Kubernetes token's single-use `jti` and recent `iat`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProofForm {
+    ChallengeBound,
+    MountedToken,
+}
+
 /// The one environment an identity joins, or why none.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RuleMatch {
-    /// Every matching rule names this environment; `rule` is the first of them.
+    /// Every rule naming the identity is of this environment; `rule` is the first of them that
+    /// accepts the proof's form.
     One {
         tenant: TenantId,
         environment: EnvironmentId,
@@ -325,10 +361,15 @@ pub enum RuleMatch {
     NoRule,
     /// Rules of several environments match: refused rather than placed in one at random.
     SeveralEnvironments(Vec<EnvironmentId>),
+    /// The rules naming the identity are all of this environment, and each requires a token from
+    /// the TokenRequest API: a mounted token is refused.
+    TokenRequestRequired(EnvironmentId),
 }
 
-/// Decides which environment `identity` joins, from the candidate `rules`.
-pub fn match_identity(rules: &[JoinRule], identity: &PlatformIdentity) -> RuleMatch {
+/// Decides which environment `identity` joins, from the candidate `rules`, for a proof of `form`.
+/// The environment is decided by the identity alone, so that the form of a proof can never move
+/// an appliance to another environment; then one of that environment's rules must accept the form.
+pub fn match_identity(rules: &[JoinRule], identity: &PlatformIdentity, form: ProofForm) -> RuleMatch {
     let matching: Vec<&JoinRule> = rules.iter().filter(|r| r.spec.matches(identity)).collect();
     let Some(first) = matching.first() else { return RuleMatch::NoRule };
     let mut envs: Vec<EnvironmentId> = matching.iter().map(|r| r.environment).collect();
@@ -337,7 +378,10 @@ pub fn match_identity(rules: &[JoinRule], identity: &PlatformIdentity) -> RuleMa
     if envs.len() > 1 {
         return RuleMatch::SeveralEnvironments(envs);
     }
-    RuleMatch::One { tenant: first.tenant, environment: first.environment, rule: first.id }
+    match matching.iter().find(|r| r.spec.accepts_form(form)) {
+        Some(rule) => RuleMatch::One { tenant: rule.tenant, environment: rule.environment, rule: rule.id },
+        None => RuleMatch::TokenRequestRequired(first.environment),
+    }
 }
 
 /// Whether all of `text` matches `pattern`, where `*` matches any run of characters (also
@@ -407,7 +451,7 @@ mod tests {
     }
 
     fn match_aws(rules: &[JoinRule], id: &AwsIdentity) -> RuleMatch {
-        match_identity(rules, &PlatformIdentity::Aws(id.clone()))
+        match_identity(rules, &PlatformIdentity::Aws(id.clone()), ProofForm::ChallengeBound)
     }
 
     fn with_spec(env: EnvironmentId, spec: RuleSpec) -> JoinRule {
@@ -424,13 +468,15 @@ mod tests {
             with_spec(b, RuleSpec::Gcp(GcpRule::new("prod-2", sa).unwrap())),
             rule(b, "123456789012", None),
         ];
-        assert!(matches!(match_identity(&rules, &gcp), RuleMatch::One { environment, .. } if environment == a));
+        assert!(
+            matches!(match_identity(&rules, &gcp, ProofForm::ChallengeBound), RuleMatch::One { environment, .. } if environment == a)
+        );
         let other = PlatformIdentity::Gcp(GcpIdentity {
             project: "prod-1".into(),
             email: "other@prod-1.iam.gserviceaccount.com".into(),
             sub: "2".into(),
         });
-        assert_eq!(match_identity(&rules, &other), RuleMatch::NoRule);
+        assert_eq!(match_identity(&rules, &other, ProofForm::ChallengeBound), RuleMatch::NoRule);
         let iss = "https://oidc.eks.eu-west-1.amazonaws.com/id/ABC";
         let k8s = |ns: &str, name: &str, issuer: &str| {
             PlatformIdentity::K8s(K8sIdentity {
@@ -441,10 +487,19 @@ mod tests {
             })
         };
         let rules = vec![with_spec(a, RuleSpec::K8s(K8sRule::new(iss, "airlock/appliance").unwrap()))];
-        assert!(matches!(match_identity(&rules, &k8s("airlock", "appliance", iss)), RuleMatch::One { .. }));
-        assert_eq!(match_identity(&rules, &k8s("default", "appliance", iss)), RuleMatch::NoRule);
-        assert_eq!(match_identity(&rules, &k8s("airlock", "other", iss)), RuleMatch::NoRule);
-        assert_eq!(match_identity(&rules, &k8s("airlock", "appliance", "https://other.example")), RuleMatch::NoRule);
+        assert!(matches!(
+            match_identity(&rules, &k8s("airlock", "appliance", iss), ProofForm::MountedToken),
+            RuleMatch::One { .. }
+        ));
+        assert_eq!(
+            match_identity(&rules, &k8s("default", "appliance", iss), ProofForm::MountedToken),
+            RuleMatch::NoRule
+        );
+        assert_eq!(match_identity(&rules, &k8s("airlock", "other", iss), ProofForm::MountedToken), RuleMatch::NoRule);
+        assert_eq!(
+            match_identity(&rules, &k8s("airlock", "appliance", "https://other.example"), ProofForm::MountedToken),
+            RuleMatch::NoRule
+        );
     }
 
     #[test]
@@ -458,6 +513,41 @@ mod tests {
         assert!(K8sRule::new("https://cluster.example", "ns/-sa").is_err());
         assert!(K8sRule::new("https://cluster.example?x=1", "ns/sa").is_err());
         assert!(K8sRule::new("https://cluster.example", "ns/sa.v1").is_ok());
+    }
+
+    #[test]
+    fn a_rule_that_requires_the_token_request_api_refuses_a_mounted_token_without_moving_it_elsewhere() {
+        let (a, b) = (EnvironmentId::from_random(rand()), EnvironmentId::from_random(rand()));
+        let iss = "https://cluster.example";
+        let id = PlatformIdentity::K8s(K8sIdentity {
+            issuer: iss.into(),
+            namespace: "airlock".into(),
+            service_account: "appliance".into(),
+            pod: None,
+        });
+        let strict = K8sRule::new(iss, "airlock/appliance").unwrap().requiring_token_request(true);
+        let lax = K8sRule::new(iss, "airlock/appliance").unwrap();
+        assert!(strict.requires_token_request() && !lax.requires_token_request());
+        let only_strict = vec![with_spec(a, RuleSpec::K8s(strict.clone()))];
+        assert!(matches!(
+            match_identity(&only_strict, &id, ProofForm::ChallengeBound),
+            RuleMatch::One { environment, .. } if environment == a
+        ));
+        assert_eq!(match_identity(&only_strict, &id, ProofForm::MountedToken), RuleMatch::TokenRequestRequired(a));
+        // Another rule of the same environment that does not require it accepts the mounted token, and is the rule named.
+        let both = vec![with_spec(a, RuleSpec::K8s(strict.clone())), with_spec(a, RuleSpec::K8s(lax.clone()))];
+        assert!(matches!(
+            match_identity(&both, &id, ProofForm::MountedToken),
+            RuleMatch::One { rule, .. } if rule == both[1].id
+        ));
+        // A lax rule in another environment does not take the mounted token away from the strict one: ambiguous.
+        let split = vec![with_spec(a, RuleSpec::K8s(strict)), with_spec(b, RuleSpec::K8s(lax))];
+        assert!(matches!(
+            match_identity(&split, &id, ProofForm::MountedToken),
+            RuleMatch::SeveralEnvironments(envs) if envs.len() == 2
+        ));
+        // Other methods' rules never ask for it.
+        assert!(RuleSpec::Aws(AwsRule::new("123456789012", None).unwrap()).accepts_form(ProofForm::MountedToken));
     }
 
     #[test]

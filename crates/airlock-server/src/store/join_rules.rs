@@ -14,7 +14,7 @@ use crate::platform_join::tokens::TokenId;
 const MAX_CANDIDATE_RULES: i64 = 1000;
 
 const COLUMNS: &str = "id, tenant_id, environment_id, method, aws_account, aws_arn_pattern, gcp_project, \
-    gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, created_at";
+    gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, k8s_require_token_request, created_at";
 
 /// Token ids swept per spend: the table shrinks as fast as it grows, without one long delete.
 const TOKEN_ID_SWEEP: i64 = 100;
@@ -44,12 +44,14 @@ fn rule_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JoinRule, StoreError> {
             let issuer: Option<String> = r.try_get("k8s_issuer")?;
             let namespace: Option<String> = r.try_get("k8s_namespace")?;
             let account: Option<String> = r.try_get("k8s_service_account")?;
+            let require_token_request: bool = r.try_get("k8s_require_token_request")?;
             let (Some(issuer), Some(namespace), Some(account)) = (issuer, namespace, account) else {
                 return Err(StoreError::Corrupt("join rule: a Kubernetes rule without its issuer or account".into()));
             };
             RuleSpec::K8s(
                 K8sRule::new(&issuer, &format!("{namespace}/{account}"))
-                    .map_err(|e| StoreError::Corrupt(format!("join rule: {e}")))?,
+                    .map_err(|e| StoreError::Corrupt(format!("join rule: {e}")))?
+                    .requiring_token_request(require_token_request),
             )
         }
         other => return Err(StoreError::Corrupt(format!("join rule: unknown method `{other}`"))),
@@ -140,19 +142,25 @@ impl WriteTx<'_> {
         created_by: &str,
     ) -> Result<(), StoreError> {
         let (mut aws_account, mut aws_pattern, mut gcp_project, mut gcp_account) = (None, None, None, None);
-        let (mut k8s_issuer, mut k8s_namespace, mut k8s_account) = (None, None, None);
+        let (mut k8s_issuer, mut k8s_namespace, mut k8s_account, mut k8s_require_token_request) =
+            (None, None, None, false);
         match &rule.spec {
             RuleSpec::Aws(aws) => (aws_account, aws_pattern) = (Some(aws.account()), aws.arn_pattern()),
             RuleSpec::Gcp(gcp) => (gcp_project, gcp_account) = (Some(gcp.project()), Some(gcp.service_account())),
             RuleSpec::K8s(k8s) => {
-                (k8s_issuer, k8s_namespace, k8s_account) =
-                    (Some(k8s.issuer()), Some(k8s.namespace()), Some(k8s.service_account()));
+                (k8s_issuer, k8s_namespace, k8s_account, k8s_require_token_request) = (
+                    Some(k8s.issuer()),
+                    Some(k8s.namespace()),
+                    Some(k8s.service_account()),
+                    k8s.requires_token_request(),
+                );
             }
         }
         sqlx::query(
             "INSERT INTO join_rules (id, tenant_id, environment_id, method, aws_account, aws_arn_pattern, gcp_project,
-                 gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, created_at, created_by)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, k8s_require_token_request,
+                 created_at, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(rule.id.to_string())
         .bind(scope.tenant().to_string())
@@ -165,6 +173,7 @@ impl WriteTx<'_> {
         .bind(k8s_issuer)
         .bind(k8s_namespace)
         .bind(k8s_account)
+        .bind(k8s_require_token_request)
         .bind(rule.created_at.unix_millis())
         .bind(created_by)
         .execute(&mut *self.tx)
