@@ -681,7 +681,13 @@ mod sign_in {
 
     #[tokio::test]
     async fn a_full_network_tenant_or_server_refuses_a_start_alike_with_when_to_retry_and_audits_the_tenants_own() {
-        let budget = crate::net::anonymous::Budget { per_address: 1, per_network: 2, per_party: 3, total: 4 };
+        let budget = crate::net::anonymous::Budget {
+            per_address: 1,
+            per_network: 2,
+            per_party: 3,
+            reserved_per_party: 0,
+            total: 4,
+        };
         let (api, provider) = api_with_provider_and_budget(false, None, budget).await;
         let acme = tenant(&api).await.to_string();
         let started = |(s, _, v): (StatusCode, HeaderMap, Value)| assert_eq!(s, StatusCode::FOUND, "{v}");
@@ -748,7 +754,13 @@ mod sign_in {
 
     #[tokio::test]
     async fn a_completed_sign_in_proves_its_network_and_a_flood_of_busy_refusals_hides_no_callback_refusal() {
-        let budget = crate::net::anonymous::Budget { per_address: 4, per_network: 8, per_party: 3, total: 100 };
+        let budget = crate::net::anonymous::Budget {
+            per_address: 4,
+            per_network: 8,
+            per_party: 3,
+            reserved_per_party: 0,
+            total: 100,
+        };
         let (api, provider) = api_with_provider_and_budget(false, None, budget).await;
         let acme = tenant(&api).await.to_string();
         // A sign-in from the office, started from 198.51.100.1, completes.
