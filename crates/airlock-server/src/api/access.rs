@@ -4,7 +4,7 @@
 //! The decision is Cedar's ([`crate::authz::Engine`]) on the action's permission and the resource its path names; a handler gets its [`TenantScope`] through [`Authed`] only once it is permitted.
 //! A caller is an API token (`Authorization: Bearer airlock_at_…`) or a signed-in user's session: the `__Host-airlock_session` cookie, or the CLI's `Authorization: Bearer airlock_ss_…`.
 //! A cookie-authenticated unsafe request (not GET or HEAD) must show it comes from this server's own pages: `Origin` equal to the public URL, or `x-airlock-csrf: 1` (which a cross-site form cannot send); else 403 `csrf_refused`, before the session is even looked up.
-//! A user whose roles span workspaces is confined, before the decision, to the workspace the request acts in: the one its path names, or that of the environment, operation or rollout it names, looked up in the tenant (`TenantScope::within_workspace`); a workspace role then counts there and nowhere else.
+//! A user whose roles span workspaces is confined, before the decision, to the workspace the request acts in: the one its path (or a list's query) names, or that of the environment, operation, rollout or appliance it names, looked up in the tenant (`TenantScope::within_workspace`); a workspace role then counts there and nowhere else.
 //! An operation, a rollout or an appliance named by id is a resource of its workspace: a principal confined to a workspace (a workspace token, a user whose roles are all in one) is decided on it with its workspace roles, and the store resolves the id within that workspace, so another workspace's is answered as a missing one (404).
 //! A list across workspaces (`/v1/appliances`, `/v1/operations`) is decided on the workspace its `workspace` query parameter names, read as its handler reads it, else on the tenant; a principal with no role tenant-wide is refused the latter as `workspace_required`.
 //! Step-up: a session exercising identity or token management needs a sign-in within the tenant's `max_age`, else 401 `reauthentication_required` with `x-airlock-login` naming the login URL.
@@ -182,7 +182,11 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
         Ok(ps) => ps.iter().find(|(k, _)| *k == name).map(|(_, v)| v),
         Err(_) => Some(""),
     };
-    let listed = Query::<ListingQuery>::try_from_uri(&parts.uri).map(|Query(q)| q);
+    // Only a list reads the query, so no other request pays for parsing it.
+    let listed = match action.resource_kind() {
+        ResourceKind::Listing => Some(Query::<ListingQuery>::try_from_uri(&parts.uri).map(|Query(q)| q)),
+        _ => None,
+    };
     let target = match action.resource_kind() {
         ResourceKind::Tenant => Some(Target::Tenant),
         ResourceKind::Workspace => param("workspace").map(Target::Workspace),
@@ -192,9 +196,9 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
         ResourceKind::Appliance => param("appliance").map(Target::Appliance),
         // A query that does not parse names no workspace of anyone's (its handler answers 400 for it).
         ResourceKind::Listing => match &listed {
-            Ok(ListingQuery { workspace: Some(ws) }) => Some(Target::Workspace(ws)),
-            Ok(ListingQuery { workspace: None }) => Some(Target::Tenant),
-            Err(_) => Some(Target::Workspace("")),
+            Some(Ok(ListingQuery { workspace: Some(ws) })) => Some(Target::Workspace(ws)),
+            Some(Ok(ListingQuery { workspace: None })) => Some(Target::Tenant),
+            Some(Err(_)) | None => Some(Target::Workspace("")),
         },
     };
     // A user whose roles span workspaces acts in one per request: the one its path or query names, or its
