@@ -8,7 +8,7 @@ use std::time::Duration;
 use airlock_core::audit::{AuditAction, Outcome};
 use airlock_core::id::TokenId;
 use airlock_core::token::{Secret, TokenKind};
-use airlock_core::{EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
+use airlock_core::{ApplianceId, EnvironmentId, OperationId, RolloutId, Timestamp, WorkspaceId};
 
 use crate::authz::{Target, TenantScope};
 use crate::state::{AppState, event, random};
@@ -92,10 +92,11 @@ pub async fn create_join_token(
     Ok(IssuedJoinToken { secret, environment: env.id, expires_at })
 }
 
-/// The workspace a request acts in, as far as its path says: the workspace it names, or the workspace of the
-/// environment, operation or rollout it names (one lookup in the scope's tenant). `None` for a tenant-wide request, or
-/// a resource not found, whether missing, malformed or another tenant's (then only tenant-wide roles apply to it, and
-/// each of those gets the same answer). The API's gate confines a user whose roles span workspaces to it before deciding.
+/// The workspace a request acts in, as far as its path (or a list's query) says: the workspace it names, or the
+/// workspace of the environment, operation, rollout or appliance it names (one lookup in the scope's tenant). `None`
+/// for a tenant-wide request, or a resource not found, whether missing, malformed or another tenant's (then only
+/// tenant-wide roles apply to it, and each of those gets the same answer). The API's gate confines a user whose roles
+/// span workspaces to it before deciding.
 pub async fn workspace_of(
     state: &AppState,
     scope: &TenantScope,
@@ -114,6 +115,10 @@ pub async fn workspace_of(
         },
         Target::Rollout(id) => match id.parse::<RolloutId>() {
             Ok(rollout) => state.store.rollout_workspace(scope, rollout).await,
+            Err(_) => Ok(None),
+        },
+        Target::Appliance(id) => match id.parse::<ApplianceId>() {
+            Ok(appliance) => state.store.appliance_workspace(scope, appliance).await,
             Err(_) => Ok(None),
         },
     }

@@ -374,6 +374,9 @@ enum ApplianceSub {
         /// Only this environment (env_…).
         #[arg(long)]
         env: Option<String>,
+        /// Only this workspace (wsp_…); needed when your roles or token are confined to workspaces.
+        #[arg(long)]
+        workspace: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1406,11 +1409,8 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "appliance")]
         ApplianceSub::Policy { command, state_dir } => appliance_local::policy(command, state_dir).await,
         ApplianceSub::Keys { command, state_dir } => appliance_local::keys(command, state_dir).await,
-        ApplianceSub::List { env, api } => {
-            let path = match &env {
-                Some(e) => format!("/v1/appliances?environment={e}"),
-                None => "/v1/appliances".to_owned(),
-            };
+        ApplianceSub::List { env, workspace, api } => {
+            let path = operations::list_path("/v1/appliances", &[("environment", env), ("workspace", workspace)])?;
             let list: serde_json::Value = api.client()?.get(&path).await?;
             if api.json {
                 terminal::print_json(&list)?;

@@ -76,6 +76,9 @@ enum OpSub {
         /// Only this environment (env_…).
         #[arg(long)]
         env: Option<String>,
+        /// Only this workspace (wsp_…); needed when your roles or token are confined to workspaces.
+        #[arg(long)]
+        workspace: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -109,6 +112,17 @@ fn parse_var(s: &str) -> Result<(String, String), String> {
 }
 
 /// An id for a URL path: the API's ids are letters, digits and `_`.
+/// `path` with a query of the filters given, each value checked as an id-like segment (so none adds a parameter).
+pub(crate) fn list_path(path: &str, filters: &[(&str, Option<String>)]) -> anyhow::Result<String> {
+    let mut query = Vec::new();
+    for (name, value) in filters {
+        if let Some(value) = value {
+            query.push(format!("{name}={}", path_segment(name, value)?));
+        }
+    }
+    Ok(if query.is_empty() { path.to_owned() } else { format!("{path}?{}", query.join("&")) })
+}
+
 pub(crate) fn path_segment(what: &str, s: &str) -> anyhow::Result<String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         bail!("`{s}` is not a valid {what}");
@@ -202,19 +216,9 @@ pub(crate) async fn op(cmd: OpCmd) -> anyhow::Result<ExitCode> {
                 println!("{}", line(op["state"].as_str().unwrap_or_default()));
             }
         }
-        OpSub::List { state, env, api } => {
-            let mut query = Vec::new();
-            if let Some(s) = state {
-                query.push(format!("state={s}"));
-            }
-            if let Some(e) = env {
-                query.push(format!("environment={}", path_segment("environment id", &e)?));
-            }
-            let path = if query.is_empty() {
-                "/v1/operations".to_owned()
-            } else {
-                format!("/v1/operations?{}", query.join("&"))
-            };
+        OpSub::List { state, env, workspace, api } => {
+            let filters = [("state", state.map(|s| s.to_string())), ("environment", env), ("workspace", workspace)];
+            let path = list_path("/v1/operations", &filters)?;
             let list: Value = api.client()?.get(&path).await?;
             if api.json {
                 crate::terminal::print_json(&list)?;

@@ -76,3 +76,32 @@ fn token_create_list_rotate_and_revoke_through_the_cli() {
     }
     assert!(!server.audited("api.authenticate", "denied").is_empty());
 }
+
+#[test]
+fn a_workspace_token_lists_its_workspaces_appliances_and_operations_by_naming_it() {
+    let server = Server::start(BIN);
+    server.create_env("prod");
+    let ws = server.workspace.clone();
+    let secret = server
+        .ok(&["token", "create", "fleet", "--role", "viewer", "--workspace", &ws, "--expires-in", "1d"])
+        .trim()
+        .to_owned();
+    // The tenant's lists are not a workspace token's: it is told to name its workspace.
+    for args in [&["appliance", "list"][..], &["op", "list"]] {
+        let refused = server.cli_as(&secret, args);
+        assert!(!refused.status.success(), "{args:?}");
+        let why = stderr(&refused);
+        assert!(why.contains("HTTP 403") && why.contains("`workspace`"), "{args:?}: {why}");
+    }
+    // Naming it, it lists its own.
+    for args in
+        [&["appliance", "list", "--workspace", &ws, "--json"][..], &["op", "list", "--workspace", &ws, "--json"]]
+    {
+        let listed = server.cli_as(&secret, args);
+        assert!(listed.status.success(), "{args:?}: {}", stderr(&listed));
+    }
+    // A value that would add a parameter is refused before anything is sent.
+    let bad = server.cli_as(&secret, &["op", "list", "--workspace", &format!("{ws}&state=approved")]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("not a valid workspace"), "{}", stderr(&bad));
+}

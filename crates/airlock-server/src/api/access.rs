@@ -4,8 +4,9 @@
 //! The decision is Cedar's ([`crate::authz::Engine`]) on the action's permission and the resource its path names; a handler gets its [`TenantScope`] through [`Authed`] only once it is permitted.
 //! A caller is an API token (`Authorization: Bearer airlock_at_…`) or a signed-in user's session: the `__Host-airlock_session` cookie, or the CLI's `Authorization: Bearer airlock_ss_…`.
 //! A cookie-authenticated unsafe request (not GET or HEAD) must show it comes from this server's own pages: `Origin` equal to the public URL, or `x-airlock-csrf: 1` (which a cross-site form cannot send); else 403 `csrf_refused`, before the session is even looked up.
-//! A user whose roles span workspaces is confined, before the decision, to the workspace the request acts in: the one its path names, or that of the environment, operation or rollout it names, looked up in the tenant (`TenantScope::within_workspace`); a workspace role then counts there and nowhere else.
-//! An operation or a rollout named by id is a resource of its workspace: a principal confined to a workspace (a workspace token, a user whose roles are all in one) is decided on it with its workspace roles, and the store resolves the id within that workspace, so another workspace's is answered as a missing one (404).
+//! A user whose roles span workspaces is confined, before the decision, to the workspace the request acts in: the one its path (or a list's query) names, or that of the environment, operation, rollout or appliance it names, looked up in the tenant (`TenantScope::within_workspace`); a workspace role then counts there and nowhere else.
+//! An operation, a rollout or an appliance named by id is a resource of its workspace: a principal confined to a workspace (a workspace token, a user whose roles are all in one) is decided on it with its workspace roles, and the store resolves the id within that workspace, so another workspace's is answered as a missing one (404).
+//! A list across workspaces (`/v1/appliances`, `/v1/operations`) is decided on the workspace its `workspace` query parameter names, read as its handler reads it, else on the tenant; a principal with no role tenant-wide is refused the latter as `workspace_required`.
 //! Step-up: a session exercising identity or token management needs a sign-in within the tenant's `max_age`, else 401 `reauthentication_required` with `x-airlock-login` naming the login URL.
 //! Refusals are audited (rate limited, `AppState::audit_refusal`): failed authentication on the token's tenant chain if the secret named a known token, else on the system chain; a denied action on the caller's chain.
 
@@ -13,7 +14,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use airlock_core::audit::{AuditAction, Outcome};
-use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Query, RawPathParams, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -181,16 +182,29 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
         Ok(ps) => ps.iter().find(|(k, _)| *k == name).map(|(_, v)| v),
         Err(_) => Some(""),
     };
+    // Only a list reads the query, so no other request pays for parsing it.
+    let listed = match action.resource_kind() {
+        ResourceKind::Listing => Some(Query::<ListingQuery>::try_from_uri(&parts.uri).map(|Query(q)| q)),
+        _ => None,
+    };
     let target = match action.resource_kind() {
         ResourceKind::Tenant => Some(Target::Tenant),
         ResourceKind::Workspace => param("workspace").map(Target::Workspace),
         ResourceKind::Environment => param("environment").map(Target::Environment),
         ResourceKind::Operation => param("id").map(Target::Operation),
         ResourceKind::Rollout => param("rollout").map(Target::Rollout),
+        ResourceKind::Appliance => param("appliance").map(Target::Appliance),
+        // A query that does not parse names no workspace of anyone's (its handler answers 400 for it).
+        ResourceKind::Listing => match &listed {
+            Some(Ok(ListingQuery { workspace: Some(ws) })) => Some(Target::Workspace(ws)),
+            Some(Ok(ListingQuery { workspace: None })) => Some(Target::Tenant),
+            Some(Err(_)) | None => Some(Target::Workspace("")),
+        },
     };
-    // A user whose roles span workspaces acts in one per request: the one its path names, or its environment's,
-    // operation's or rollout's (one lookup; a resource not found leaves only tenant-wide roles, so a missing id, a
-    // malformed one, another tenant's and one of a workspace the user holds no role in are answered alike).
+    // A user whose roles span workspaces acts in one per request: the one its path or query names, or its
+    // environment's, operation's, rollout's or appliance's (one lookup; a resource not found leaves only tenant-wide
+    // roles, so a missing id, a malformed one, another tenant's and one of a workspace the user holds no role in are
+    // answered alike).
     let scope = match target {
         Some(target) if scope.spans_workspaces() => match crate::tenancy::workspace_of(&state, &scope, target).await {
             Ok(Some(ws)) => scope.within_workspace(ws),
@@ -220,8 +234,18 @@ pub(super) async fn gate(State(state): State<Arc<AppState>>, req: Request, next:
     next.run(Request::from_parts(parts, body)).await
 }
 
+/// The query parameter a list across workspaces ([`ResourceKind::Listing`]) is narrowed by; its handler's query has the
+/// same field, parsed by the same extractor, and the store confines the list to the scope's workspace besides.
+#[derive(serde::Deserialize)]
+struct ListingQuery {
+    workspace: Option<String>,
+}
+
 fn forbidden(reason: DenyReason) -> Response {
     let message = match reason {
+        DenyReason::WorkspaceRequired => {
+            "this principal holds roles only in workspaces: name one with the `workspace` query parameter (`?workspace=wsp_…`) to list its own"
+        }
         DenyReason::NotGranted => "no role of this principal grants this action here",
         DenyReason::OutsideTokenActions => "this token's action list does not include this action",
         DenyReason::OutsideTokenWorkspace => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use airlock_core::audit::AuditAction;
 use airlock_core::audit::Outcome;
-use airlock_core::{ApplianceId, EnvironmentId};
+use airlock_core::{ApplianceId, EnvironmentId, WorkspaceId};
 use airlock_proto::join::{JoinChallenge, JoinRequest, JoinResponse};
 use axum::Json;
 use axum::extract::{Query, State};
@@ -109,12 +109,18 @@ pub struct ApplianceList {
 #[derive(Deserialize)]
 pub struct ApplianceQuery {
     environment: Option<String>,
+    /// Read by the gate too (`access::ListingQuery`): the list is decided on this workspace.
+    workspace: Option<String>,
 }
 
-/// List appliances, with live status merged from the gateway.
+/// List appliances, with live status merged from the gateway: the tenant's, or one workspace's. A principal holding
+/// roles only in workspaces (a workspace token) names one of its own.
 #[utoipa::path(get, path = "/v1/appliances", security(("bearer" = [])),
-    params(("environment" = Option<String>, Query, description = "only this environment (env_…)")),
-    responses((status = 200, body = ApplianceList)))]
+    params(("environment" = Option<String>, Query, description = "only this environment (env_…)"),
+        ("workspace" = Option<String>, Query, description = "only this workspace (wsp_…); required of a principal whose roles are all in workspaces")),
+    responses((status = 200, body = ApplianceList),
+        (status = 403, body = ErrorBody, description = "no role here grants it; `workspace_required`: name a workspace of yours"),
+        (status = 404, body = ErrorBody, description = "no such workspace in your tenant")))]
 pub(super) async fn list_appliances(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
@@ -123,7 +129,13 @@ pub(super) async fn list_appliances(
     let result = async {
         let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let env = q.environment.as_deref().map(parse_id::<EnvironmentId>).transpose()?;
-        let rows = state.store.list_appliances(&scope, env).await?;
+        let ws = q.workspace.as_deref().map(parse_id::<WorkspaceId>).transpose()?;
+        if let Some(ws) = ws
+            && !state.store.workspace_exists(&scope, ws).await?
+        {
+            return Err(ApiError::not_found(format!("no workspace {ws} in your tenant")));
+        }
+        let rows = state.store.list_appliances_in(&scope, env, ws).await?;
         let appliances = rows
             .iter()
             .map(|r| {
@@ -167,10 +179,12 @@ pub struct RevokedView {
     pub was_connected: bool,
 }
 
-/// Revoke an appliance: its live stream closes at once and its certificates are refused.
+/// Revoke an appliance: its live stream closes at once and its certificates are refused. An appliance is a resource of
+/// its environment's workspace: a workspace's admin revokes its appliances, and another workspace's is not found.
 #[utoipa::path(post, path = "/v1/appliances/{appliance}/revoke", security(("bearer" = [])),
     params(("appliance" = String, Path, description = "appliance id (apl_…)")),
-    responses((status = 200, body = RevokedView)))]
+    responses((status = 200, body = RevokedView),
+        (status = 404, body = ErrorBody, description = "no such appliance in your tenant (or your workspace)")))]
 pub(super) async fn revoke_appliance(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
@@ -192,7 +206,7 @@ pub(super) async fn revoke_appliance(
 #[utoipa::path(get, path = "/v1/appliances/{appliance}/deployment", security(("bearer" = [])),
     params(("appliance" = String, Path, description = "appliance id (apl_…)")),
     responses((status = 200, body = crate::deployments::DeploymentStatusView),
-        (status = 404, body = ErrorBody, description = "no such appliance in your tenant, or it has not reported yet")))]
+        (status = 404, body = ErrorBody, description = "no such appliance in your tenant (or your workspace), or it has not reported yet")))]
 pub(super) async fn get_deployment_status(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,

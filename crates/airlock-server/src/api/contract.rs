@@ -146,7 +146,7 @@ fn error_response(status: u16) -> Response {
 fn parameter_schema(param: &Parameter) -> Option<Schema> {
     let string = ObjectBuilder::new().schema_type(Type::String);
     let pattern = match (param.parameter_in.clone(), param.name.as_str()) {
-        (ParameterIn::Path, "workspace") => WorkspaceId::PATTERN,
+        (ParameterIn::Path | ParameterIn::Query, "workspace") => WorkspaceId::PATTERN,
         (ParameterIn::Path | ParameterIn::Query, "environment") => EnvironmentId::PATTERN,
         (ParameterIn::Path, "appliance") => ApplianceId::PATTERN,
         (ParameterIn::Path, "id") => OperationId::PATTERN,

@@ -23,9 +23,8 @@ pub struct ErrorDetail {
     /// What went wrong, for programs: `bad_request`, `unauthenticated`, `forbidden`,
     /// `not_found`, `method_not_allowed`, `conflict`, `payload_too_large`,
     /// `unsupported_media_type`, `request_timeout`, `limit_exceeded`, `internal`, `unavailable`,
-    /// `not_ready`, `shedding`, `rate_limited`, `sign_in_busy`, `sign_in_busy_network`, `sign_in_busy_tenant`,
-    /// `sign_in_busy_address`, and the refusals of the authorization decision and of a sign-in. Decide on it and the
-    /// status, never on the message.
+    /// `not_ready`, `shedding`, `rate_limited`, `sign_in_busy`, and the refusals of the authorization decision and of
+    /// a sign-in. Decide on it and the status, never on the message.
     code: &'static str,
     /// For people; it may change.
     message: String,

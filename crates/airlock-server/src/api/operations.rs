@@ -394,13 +394,19 @@ pub(super) async fn request_operation(
 pub(super) struct OperationQuery {
     state: Option<String>,
     environment: Option<String>,
+    /// Read by the gate too (`access::ListingQuery`): the list is decided on this workspace.
+    workspace: Option<String>,
 }
 
-/// List operations, newest first (at most 1000).
+/// List operations, newest first (at most 1000): the tenant's, or one workspace's. A principal holding roles only in
+/// workspaces (a workspace token) names one of its own.
 #[utoipa::path(get, path = "/v1/operations", security(("bearer" = [])),
     params(("state" = Option<String>, Query, description = "only operations in this state"),
-        ("environment" = Option<String>, Query, description = "only this environment (env_…)")),
-    responses((status = 200, body = OperationList)))]
+        ("environment" = Option<String>, Query, description = "only this environment (env_…)"),
+        ("workspace" = Option<String>, Query, description = "only this workspace (wsp_…); required of a principal whose roles are all in workspaces")),
+    responses((status = 200, body = OperationList),
+        (status = 403, body = ErrorBody, description = "no role here grants it; `workspace_required`: name a workspace of yours"),
+        (status = 404, body = ErrorBody, description = "no such workspace in your tenant")))]
 pub(super) async fn list_operations(
     State(state): State<Arc<AppState>>,
     Authed(scope): Authed,
@@ -410,7 +416,13 @@ pub(super) async fn list_operations(
         let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let st = q.state.as_deref().map(parse_state).transpose()?;
         let env = q.environment.as_deref().map(parse_id::<EnvironmentId>).transpose()?;
-        let rows = state.store.list_operations(&scope, st, env, MAX_LIST).await?;
+        let ws = q.workspace.as_deref().map(parse_id::<WorkspaceId>).transpose()?;
+        if let Some(ws) = ws
+            && !state.store.workspace_exists(&scope, ws).await?
+        {
+            return Err(ApiError::not_found(format!("no workspace {ws} in your tenant")));
+        }
+        let rows = state.store.list_operations(&scope, st, env, ws, MAX_LIST).await?;
         Ok(OperationList { operations: rows.iter().map(OperationView::from_row).collect::<Result<_, _>>()? })
     }
     .await;

@@ -318,7 +318,7 @@ pub(super) async fn end_user_sessions(
     responses((status = 302, description = "to the identity provider"),
         (status = 404, body = super::ErrorBody, description = "no identity provider for this tenant"),
         (status = 429, body = super::ErrorBody, headers(("Retry-After" = u64, description = "seconds until a start may succeed")),
-            description = "too many login starts from this address (`rate_limited`), or too many logins in progress from its network (`sign_in_busy_network`), for the tenant (`sign_in_busy_tenant`) or on the server (`sign_in_busy`)"),
+            description = "too many login starts from this address (`rate_limited`), or too many logins in progress (`sign_in_busy`, whichever share is full: its address's, its network's, the tenant's or the server's)"),
         (status = 502, body = super::ErrorBody, description = "the identity provider cannot be used"),
         (status = 503, body = super::ErrorBody, description = "the store failed")))]
 pub(super) async fn login(

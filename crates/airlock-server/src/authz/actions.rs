@@ -21,6 +21,12 @@ pub enum ResourceKind {
     Operation,
     /// The rollout the path names (`{rollout}`), a resource of its workspace, resolved as an operation is.
     Rollout,
+    /// The appliance the path names (`{appliance}`), a resource of its environment's workspace, resolved as an
+    /// operation is.
+    Appliance,
+    /// A list across the tenant's workspaces that its `workspace` query parameter narrows to one: decided on that
+    /// workspace when the query names one, else on the tenant (where a principal of one workspace has no role).
+    Listing,
 }
 
 /// Every permission a role can grant or a scoped token can list. The text is the Cedar action id (`policies/airlock.cedarschema`).
@@ -253,16 +259,16 @@ impl Action {
     /// The table: each action's permission and the kind of resource its path names.
     pub const fn spec(self) -> (Permission, ResourceKind) {
         use Permission as P;
-        use ResourceKind::{Environment, Operation, Rollout, Tenant, Workspace};
+        use ResourceKind::{Appliance, Environment, Listing, Operation, Rollout, Tenant, Workspace};
         match self {
             Action::ListWorkspaces => (P::WorkspacesRead, Tenant),
             Action::ListEnvironments => (P::EnvironmentsRead, Workspace),
             Action::CreateEnvironment => (P::EnvironmentsWrite, Workspace),
             Action::CreateJoinToken => (P::AppliancesEnroll, Environment),
             Action::AddJoinRule | Action::ListJoinRules | Action::RemoveJoinRule => (P::AppliancesEnroll, Environment),
-            Action::ListAppliances => (P::AppliancesRead, Tenant),
-            Action::RevokeAppliance => (P::AppliancesRevoke, Tenant),
-            Action::GetDeploymentStatus => (P::DeploymentsRead, Tenant),
+            Action::ListAppliances => (P::AppliancesRead, Listing),
+            Action::RevokeAppliance => (P::AppliancesRevoke, Appliance),
+            Action::GetDeploymentStatus => (P::DeploymentsRead, Appliance),
             Action::PushTemplate => (P::TemplatesWrite, Workspace),
             Action::ListTemplates => (P::TemplatesRead, Workspace),
             Action::RequestOperation => (P::OperationsRequest, Environment),
@@ -271,7 +277,7 @@ impl Action {
             Action::CreateRollout => (P::RolloutsWrite, Workspace),
             Action::GetRollout => (P::RolloutsRead, Rollout),
             Action::ListRollouts => (P::RolloutsRead, Workspace),
-            Action::ListOperations => (P::OperationsRead, Tenant),
+            Action::ListOperations => (P::OperationsRead, Listing),
             Action::GetOperation => (P::OperationsRead, Operation),
             Action::RelayApproval => (P::OperationsApprove, Operation),
             Action::GetManifest => (P::OperationsRead, Operation),

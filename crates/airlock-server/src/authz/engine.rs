@@ -33,6 +33,9 @@ pub enum Decision {
 /// Why a request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DenyReason {
+    /// A list across workspaces asked of the tenant by a principal holding no role tenant-wide: it lists a workspace
+    /// of its by naming it (`?workspace=`).
+    WorkspaceRequired,
     /// The token is confined to another workspace, or the action is tenant-wide.
     OutsideTokenWorkspace,
     /// The token's action list does not include the permission.
@@ -51,6 +54,7 @@ impl DenyReason {
     /// The stable code the API answers with and the audit records.
     pub const fn code(self) -> &'static str {
         match self {
+            DenyReason::WorkspaceRequired => "workspace_required",
             DenyReason::NotGranted => "not_granted",
             DenyReason::OutsideTokenActions => "outside_token_actions",
             DenyReason::OutsideTokenWorkspace => "outside_token_workspace",
@@ -61,7 +65,9 @@ impl DenyReason {
     }
 
     fn from_annotation(text: &str) -> Option<Self> {
-        [DenyReason::OutsideTokenActions, DenyReason::OutsideTokenWorkspace].into_iter().find(|r| r.code() == text)
+        [DenyReason::WorkspaceRequired, DenyReason::OutsideTokenActions, DenyReason::OutsideTokenWorkspace]
+            .into_iter()
+            .find(|r| r.code() == text)
     }
 }
 
@@ -76,6 +82,8 @@ pub enum Target<'a> {
     Operation(&'a str),
     /// A rollout id as the path gave it, likewise.
     Rollout(&'a str),
+    /// An appliance id as the path gave it, likewise.
+    Appliance(&'a str),
 }
 
 impl Target<'_> {
@@ -86,6 +94,7 @@ impl Target<'_> {
             Target::Environment(_) => ResourceKind::Environment,
             Target::Operation(_) => ResourceKind::Operation,
             Target::Rollout(_) => ResourceKind::Rollout,
+            Target::Appliance(_) => ResourceKind::Appliance,
         }
     }
 }
@@ -137,6 +146,7 @@ struct EntityTypes {
     environment: EntityTypeName,
     operation: EntityTypeName,
     rollout: EntityTypeName,
+    appliance: EntityTypeName,
     token: EntityTypeName,
     user: EntityTypeName,
 }
@@ -187,6 +197,7 @@ impl Engine {
             environment: type_name("Airlock::Environment")?,
             operation: type_name("Airlock::Operation")?,
             rollout: type_name("Airlock::Rollout")?,
+            appliance: type_name("Airlock::Appliance")?,
             token: type_name("Airlock::Token")?,
             user: type_name("Airlock::User")?,
         };
@@ -250,7 +261,11 @@ impl Engine {
     ) -> Decision {
         let id = match target {
             Target::Tenant => "",
-            Target::Workspace(id) | Target::Environment(id) | Target::Operation(id) | Target::Rollout(id) => id,
+            Target::Workspace(id)
+            | Target::Environment(id)
+            | Target::Operation(id)
+            | Target::Rollout(id)
+            | Target::Appliance(id) => id,
         };
         let key = MemoKey {
             kind,
@@ -339,6 +354,7 @@ impl Engine {
             }
             Target::Operation(id) => EntityUid::from_type_name_and_id(self.types.operation.clone(), EntityId::new(id)),
             Target::Rollout(id) => EntityUid::from_type_name_and_id(self.types.rollout.clone(), EntityId::new(id)),
+            Target::Appliance(id) => EntityUid::from_type_name_and_id(self.types.appliance.clone(), EntityId::new(id)),
         };
         let grants = principal.grants;
         let string = |s: &str| RestrictedExpression::new_string(s.to_owned());

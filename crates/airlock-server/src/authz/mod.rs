@@ -77,18 +77,19 @@ impl Grants {
     }
 
     /// The roles that apply on `target`: tenant-wide roles, and roles held in its workspace.
-    /// A workspace role counts on an environment, an operation or a rollout only for a principal confined to that
-    /// workspace, since the store resolves them within the scope's workspace; their paths name no workspace, so a
-    /// user whose roles span workspaces is first confined to the resource's (`api::access`, `tenancy::workspace_of`).
+    /// A workspace role counts on an environment, an operation, a rollout or an appliance only for a principal confined
+    /// to that workspace, since the store resolves them within the scope's workspace; their paths name no workspace, so
+    /// a user whose roles span workspaces is first confined to the resource's (`api::access`, `tenancy::workspace_of`).
     pub fn roles_for<'a>(&'a self, target: Target<'a>) -> impl Iterator<Item = Role> + 'a {
         self.roles
             .iter()
             .filter(move |(_, held_in)| match (held_in, target) {
                 (None, _) => true,
                 (Some(ws), Target::Workspace(id)) => ws.to_string() == id,
-                (Some(ws), Target::Environment(_) | Target::Operation(_) | Target::Rollout(_)) => {
-                    self.workspace == Some(*ws)
-                }
+                (
+                    Some(ws),
+                    Target::Environment(_) | Target::Operation(_) | Target::Rollout(_) | Target::Appliance(_),
+                ) => self.workspace == Some(*ws),
                 (Some(_), Target::Tenant) => false,
             })
             .map(|(role, _)| *role)

@@ -65,6 +65,8 @@ fn target_of(action: Action, ws_text: &str) -> Target<'_> {
         ResourceKind::Environment => Target::Environment("env_x"),
         ResourceKind::Operation => Target::Operation("op_x"),
         ResourceKind::Rollout => Target::Rollout("rol_x"),
+        ResourceKind::Appliance => Target::Appliance("apl_x"),
+        ResourceKind::Listing => Target::Tenant,
     }
 }
 
@@ -115,6 +117,19 @@ fn every_action_is_one_schema_action_whose_request_fits_the_schema() {
             Some(e.schema()),
         );
         assert!(checked.is_ok(), "{action:?}: {checked:?}");
+        // A list across workspaces is asked of the workspace its query names, too.
+        if action.resource_kind() == ResourceKind::Listing {
+            let principal = ApiPrincipal { id: "tok_test", grants: &grants };
+            let request = e.request(tenant(), &principal, action.permission(), Target::Workspace(&w)).unwrap();
+            let checked = cedar_policy::Request::new(
+                request.principal().unwrap().clone(),
+                request.action().unwrap().clone(),
+                request.resource().unwrap().clone(),
+                request.context().unwrap().clone(),
+                Some(e.schema()),
+            );
+            assert!(checked.is_ok(), "{action:?} on a workspace: {checked:?}");
+        }
     }
     for p in Permission::ALL {
         assert_eq!(p.as_str().parse::<Permission>(), Ok(*p));
@@ -209,6 +224,60 @@ fn a_scoped_token_gets_its_role_within_its_actions_and_workspace() {
     ] {
         assert_eq!(e.decide(tenant(), &p, permission, target), Decision::Permit, "{permission}");
     }
+}
+
+#[test]
+fn a_workspace_principal_acts_on_its_appliances_and_lists_its_own_workspace_by_naming_it() {
+    let e = engine();
+    let (own, other) = (ws(1).to_string(), ws(2).to_string());
+    let admin = Grants::token(Role::Admin, Some(ws(1)), None, None);
+    let p = ApiPrincipal { id: "tok_ws_admin", grants: &admin };
+    // An appliance is a resource of its workspace (the store resolves it within the token's): revoking one is an
+    // administrator's, now grantable per workspace.
+    for permission in [Permission::AppliancesRevoke, Permission::DeploymentsRead] {
+        assert_eq!(e.decide(tenant(), &p, permission, Target::Appliance("apl_x")), Decision::Permit, "{permission}");
+    }
+    let viewer = Grants::token(Role::Viewer, Some(ws(1)), None, None);
+    let v = ApiPrincipal { id: "tok_ws_viewer", grants: &viewer };
+    assert_eq!(e.decide(tenant(), &v, Permission::DeploymentsRead, Target::Appliance("apl_x")), Decision::Permit);
+    assert_eq!(
+        e.decide(tenant(), &v, Permission::AppliancesRevoke, Target::Appliance("apl_x")),
+        Decision::Deny(DenyReason::NotGranted)
+    );
+    // The lists across workspaces: its own workspace's when it names it, another's refused as any workspace route
+    // refuses it, and the tenant's refused with the one thing to do about it.
+    for permission in [Permission::AppliancesRead, Permission::OperationsRead] {
+        for who in [&p, &v] {
+            assert_eq!(e.decide(tenant(), who, permission, Target::Workspace(&own)), Decision::Permit);
+            assert_eq!(
+                e.decide(tenant(), who, permission, Target::Workspace(&other)),
+                Decision::Deny(DenyReason::OutsideTokenWorkspace)
+            );
+            assert_eq!(
+                e.decide(tenant(), who, permission, Target::Tenant),
+                Decision::Deny(DenyReason::WorkspaceRequired),
+                "{permission}"
+            );
+        }
+    }
+    // A user whose roles are in several workspaces holds none tenant-wide: told the same.
+    let spread = Grants::user(vec![(Role::Viewer, Some(ws(1))), (Role::Operator, Some(ws(2)))]);
+    let u = ApiPrincipal { id: "ses_spread", grants: &spread };
+    assert_eq!(
+        e.decide(tenant(), &u, Permission::OperationsRead, Target::Tenant),
+        Decision::Deny(DenyReason::WorkspaceRequired)
+    );
+    // A tenant-wide role decides the tenant's list as before: a viewer lists, an auditor is refused by default deny.
+    for (role, expect) in [(Role::Viewer, Decision::Permit), (Role::Auditor, Decision::Deny(DenyReason::NotGranted))] {
+        let grants = Grants::token(role, None, None, None);
+        let t = ApiPrincipal { id: "tok_tenant", grants: &grants };
+        assert_eq!(e.decide(tenant(), &t, Permission::AppliancesRead, Target::Tenant), expect, "{role:?}");
+    }
+    // Only the lists: any other tenant-wide action by a workspace principal stays outside its workspace.
+    assert_eq!(
+        e.decide(tenant(), &p, Permission::WorkspacesRead, Target::Tenant),
+        Decision::Deny(DenyReason::OutsideTokenWorkspace)
+    );
 }
 
 #[test]

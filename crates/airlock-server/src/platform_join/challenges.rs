@@ -23,7 +23,8 @@ use crate::net::anonymous::{Budget, Holder, Holdings, Over};
 /// How long a challenge may be answered.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(60);
 /// What challenges anonymous peers may hold at once. No party: see the module's comment.
-pub const BUDGET: Budget = Budget { per_address: 16, per_network: 128, per_party: 10_000, total: 10_000 };
+pub const BUDGET: Budget =
+    Budget { per_address: 16, per_network: 128, per_party: 10_000, reserved_per_party: 0, total: 10_000 };
 
 /// Why no challenge was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,9 +30,11 @@ pub enum LoginRefusal {
     NoProvider,
     #[error("too many logins from this address; retry in {0:?}")]
     RateLimited(Duration),
-    /// The logins in progress of one level hold their share ([`crate::net::anonymous`]): the newcomer's network, the
-    /// tenant it signs in to, or the server. Retry once the oldest of them expires.
-    #[error("{}; retry in {} s", .level.busy_text(), .retry_after.as_secs().max(1))]
+    /// The logins in progress of one level hold their share ([`crate::net::anonymous`]): the newcomer's address or
+    /// network, the tenant it signs in to, or the server. Retry once the oldest of them expires.
+    /// The answer is the same for every level (`sign_in_busy`): which one is full is the server's log's and, for the
+    /// tenant's own, its audit's ([`busy_level`]), never an anonymous caller's (a full table is other tenants' load).
+    #[error("too many sign-ins are in progress; retry in {} s", .retry_after.as_secs().max(1))]
     Busy { level: Over, retry_after: Duration },
     #[error("no login in progress has this state; start again")]
     UnknownState,
@@ -78,10 +80,7 @@ impl LoginRefusal {
             LoginRefusal::BadRequest(_) => "bad_request",
             LoginRefusal::NoProvider => "not_found",
             LoginRefusal::RateLimited(_) => "rate_limited",
-            LoginRefusal::Busy { level: Over::Address, .. } => "sign_in_busy_address",
-            LoginRefusal::Busy { level: Over::Network, .. } => "sign_in_busy_network",
-            LoginRefusal::Busy { level: Over::Party, .. } => "sign_in_busy_tenant",
-            LoginRefusal::Busy { level: Over::Total, .. } => "sign_in_busy",
+            LoginRefusal::Busy { .. } => "sign_in_busy",
             LoginRefusal::UnknownState => "login_state_unknown",
             LoginRefusal::CookieMismatch => "login_cookie_mismatch",
             LoginRefusal::Expired => "login_expired",
@@ -101,19 +100,13 @@ impl LoginRefusal {
     }
 }
 
-/// What a person reads when a level of the logins in progress is full.
-trait BusyText {
-    fn busy_text(&self) -> &'static str;
-}
-
-impl BusyText for Over {
-    fn busy_text(&self) -> &'static str {
-        match self {
-            Over::Address => "too many logins are in progress from this address",
-            Over::Network => "too many logins are in progress from this network",
-            Over::Party => "too many logins are in progress for this tenant",
-            Over::Total => "too many logins are in progress on this server",
-        }
+/// The level of the logins in progress that was full, as the audit records it (`detail.level`).
+fn busy_level(level: Over) -> &'static str {
+    match level {
+        Over::Address => "address",
+        Over::Network => "network",
+        Over::Party => "tenant",
+        Over::Total => "server",
     }
 }
 
@@ -213,9 +206,9 @@ pub async fn begin(state: &AppState, req: Begin, from: Option<IpAddr>) -> Result
         // Only the tenant's own share being full is the tenant's news: a full network or server says nothing about it,
         // and auditing those on its chain would let anyone fill it. Such a record is limited under its own key, so a
         // flood of them cannot crowd out the records of refused callbacks (MFA missing, issuer mismatch).
-        if let StartRefusal::Busy { level: Over::Party, .. } = refused {
+        if let StartRefusal::Busy { level: level @ Over::Party, .. } = refused {
             let mut ev = event("anonymous", AuditAction::UserLogin, Outcome::Denied);
-            ev.detail = serde_json::json!({ "reason": start_refusal(refused).code() });
+            ev.detail = serde_json::json!({ "reason": start_refusal(refused).code(), "level": busy_level(level) });
             state.audit_refusal_keyed(&req.tenant.to_string(), TENANT_BUSY_LIMITER_KEY, ev).await;
         }
         return Err(start_refusal(refused));

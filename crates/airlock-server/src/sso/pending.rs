@@ -1,8 +1,9 @@
 //! Logins between the redirect to the provider and its callback: in memory, bounded, each for [`super::LOGIN_TTL`].
 //!
 //! Anyone may start a login, so nothing here grows with what an anonymous peer sends; what logins hold is counted by [`crate::net::anonymous`] under [`PendingLogins::BUDGET`].
-//! One source address (an IPv6 /64 counts as one) holds at most 16 logins and a newcomer from it evicts its own oldest; one network (an IPv6 /48, an IPv4 /24) at most 128, one tenant at most 1,000, and all together 10,000 (`Config::sign_in_budget`): past those, new logins are refused until some expire, typed by the level that is full ([`StartRefusal::Busy`]) with when to retry (rounded up to 30 s).
+//! One source address (an IPv6 /64 counts as one) holds at most 16 logins and a newcomer from it evicts its own oldest; one network (an IPv6 /48, an IPv4 /24) at most 128, one tenant at most 1,000, and all together 10,000 beyond the tenants' reserves (`Config::sign_in_budget`): past those, new logins are refused until some expire, typed by the level that is full ([`StartRefusal::Busy`]) with when to retry (rounded up to 30 s).
 //! So a peer holding a /48 (65,536 /64s) takes 128 slots, not the table, and a flood aimed at one tenant's sign-in leaves the other tenants 9,000.
+//! Each tenant's first 8 logins in progress are its own reserve and take no place in the table (`Budget::reserved_per_party`): a table filled by floods aimed at other tenants still lets a tenant nobody flooded sign in, whether or not a sign-in of its ever completed, and evicts no one for it.
 //! A full tenant or table gives way only to a tenant's proven networks (`KnownNetworks`: where a sign-in of that tenant completed in the last 30 days): a start from one evicts the oldest login from a network its tenant does not know.
 //! A login from a known network is never evicted, and a start from an unknown one into a full level evicts nothing: the attacker picks how many networks a flood comes from, so no share by network can protect the people signing in.
 //! Login starts are rate limited per address and per network, so neither can make the table of start counts fill up either.
@@ -122,7 +123,8 @@ pub enum StartRefusal {
 
 impl PendingLogins {
     /// What logins in progress may hold: per address, per network, per tenant and in all.
-    pub const BUDGET: Budget = Budget { per_address: 16, per_network: 128, per_party: 1_000, total: 10_000 };
+    pub const BUDGET: Budget =
+        Budget { per_address: 16, per_network: 128, per_party: 1_000, reserved_per_party: 8, total: 10_000 };
     /// Login starts per address per minute: a person retries a few times, a script flooding the provider is stopped.
     pub const STARTS_PER_MINUTE: u32 = 30;
     /// Login starts per network per minute: an office behind one /24 signs in, a /48 of scripts does not mint start counts.
@@ -310,12 +312,15 @@ impl Inner {
         oldest.is_some_and(|state| self.remove(&state).is_some())
     }
 
-    /// With the table full: evicts the oldest stranger of `tenant`, else of the tenant holding the most that has one.
+    /// With the table full: evicts the oldest stranger of `tenant`, else of the tenant holding the most that has one
+    /// beyond its reserve (a login within a tenant's reserve holds no place in the table, so evicting it frees none).
     fn evict_stranger_anywhere(&mut self, tenant: TenantId, now: Timestamp) -> bool {
         if self.evict_stranger_of(tenant, now) {
             return true;
         }
-        let mut tenants: Vec<(usize, TenantId)> = self.by_tenant.iter().map(|(t, own)| (own.len(), *t)).collect();
+        let reserve = self.held.budget().reserved_per_party;
+        let mut tenants: Vec<(usize, TenantId)> =
+            self.by_tenant.iter().map(|(t, own)| (own.len(), *t)).filter(|(held, _)| *held > reserve).collect();
         tenants.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
         tenants.into_iter().any(|(_, t)| t != tenant && self.evict_stranger_of(t, now))
     }
@@ -614,7 +619,7 @@ mod tests {
 
     #[test]
     fn a_full_level_is_refused_by_name_with_the_time_its_oldest_login_expires() {
-        let budget = Budget { per_address: 2, per_network: 3, per_party: 4, total: 6 };
+        let budget = Budget { per_address: 2, per_network: 3, per_party: 4, reserved_per_party: 0, total: 6 };
         let p = PendingLogins::new(budget);
         let t0 = Timestamp::from_unix_millis(1_000_000);
         let later = |s: u64| t0.saturating_add(Duration::from_secs(s));
@@ -690,7 +695,7 @@ mod tests {
 
     #[test]
     fn a_login_from_a_proven_network_is_never_evicted_and_a_network_proven_elsewhere_or_long_ago_counts_for_nothing() {
-        let budget = Budget { per_address: 4, per_network: 8, per_party: 4, total: 100 };
+        let budget = Budget { per_address: 4, per_network: 8, per_party: 4, reserved_per_party: 0, total: 100 };
         let p = PendingLogins::new(budget);
         let t = Timestamp::from_unix_millis(1_000_000);
         let (acme, globex) = (TenantId::from_random([1; 16]), TenantId::from_random([2; 16]));
@@ -727,7 +732,7 @@ mod tests {
 
     #[test]
     fn a_full_table_lets_a_tenants_proven_network_in_and_refuses_a_tenant_with_none() {
-        let budget = Budget { per_address: 4, per_network: 4, per_party: 8, total: 12 };
+        let budget = Budget { per_address: 4, per_network: 4, per_party: 8, reserved_per_party: 0, total: 12 };
         let p = PendingLogins::new(budget);
         let t = Timestamp::from_unix_millis(1_000_000);
         let later = |s: u64| t.saturating_add(Duration::from_secs(s));
@@ -770,6 +775,63 @@ mod tests {
         let refused = p.insert("fresh".into(), login_for(fresh, "198.51.100.7", t), t).unwrap_err();
         assert!(matches!(refused, StartRefusal::Busy { level: Over::Total, .. }), "{refused:?}");
         assert_eq!(p.len(), 12);
+    }
+
+    /// The gap a proven network cannot close: a tenant whose sign-ins never completed, under a table filled by floods
+    /// aimed at other tenants. Its reserve lets its people in at once; nobody's login is evicted for it, a stranger
+    /// cannot use it to cancel anyone's, and a flood aimed at it holds its reserve and then waits like any other.
+    #[test]
+    fn a_tenant_nobody_flooded_signs_in_under_a_full_table_from_its_reserve_and_cancels_nobody() {
+        let budget = Budget { per_address: 4, per_network: 4, per_party: 8, reserved_per_party: 2, total: 8 };
+        let p = PendingLogins::new(budget);
+        let t = Timestamp::from_unix_millis(1_000_000);
+        let later = |s: u64| t.saturating_add(Duration::from_secs(s));
+        let (flooded, other, quiet) =
+            (TenantId::from_random([1; 16]), TenantId::from_random([2; 16]), TenantId::from_random([3; 16]));
+        // Two flooded tenants hold their reserves and the whole table: 12 logins, 8 of them in the table.
+        for (n, tenant) in [(0, flooded), (1, other)] {
+            for i in 0..6 {
+                let from = format!("10.{n}.{i}.1");
+                p.insert(format!("flood-{n}-{i}"), login_for(tenant, &from, t), t).unwrap();
+            }
+        }
+        let refused = p.insert("more".into(), login_for(flooded, "10.9.0.1", later(1)), later(1)).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Total, .. }), "{refused:?}");
+        // A tenant with no proven network and nothing in progress signs in at once, twice, and nobody's login went.
+        for i in 0..2 {
+            p.insert(format!("quiet-{i}"), login_for(quiet, &format!("198.51.100.{i}"), later(2)), later(2)).unwrap();
+        }
+        assert_eq!(p.len(), 14);
+        for n in 0..2 {
+            for i in 0..6 {
+                assert!(p.take(&format!("flood-{n}-{i}"), Some("cookie"), later(2)).is_ok(), "flood-{n}-{i} stays");
+            }
+        }
+        // (Put back: the table is full again.)
+        for (n, tenant) in [(0, flooded), (1, other)] {
+            for i in 0..6 {
+                let from = format!("10.{n}.{i}.1");
+                p.insert(format!("flood-{n}-{i}"), login_for(tenant, &from, later(2)), later(2)).unwrap();
+            }
+        }
+        // Past its reserve it waits like anyone: a third start from a network it does not know is refused, evicting none.
+        let refused = p.insert("quiet-2".into(), login_for(quiet, "198.51.100.2", later(3)), later(3)).unwrap_err();
+        assert!(matches!(refused, StartRefusal::Busy { level: Over::Total, .. }), "{refused:?}");
+        assert_eq!(p.len(), 14);
+        // A proven network of another tenant evicts a flooded tenant's stranger, never a login within a reserve.
+        let proven = TenantId::from_random([4; 16]);
+        p.sign_in_completed(proven, Some("203.0.113.1".parse().unwrap()), later(3));
+        p.sign_in_completed(quiet, Some("198.51.100.9".parse().unwrap()), later(3));
+        for i in 0..2 {
+            p.insert(format!("proven-{i}"), login_for(proven, &format!("203.0.113.{i}"), later(3)), later(3)).unwrap();
+        }
+        assert_eq!(p.len(), 16, "within its own reserve: nobody evicted");
+        p.insert("proven-2".into(), login_for(proven, "203.0.113.2", later(4)), later(4)).unwrap();
+        p.insert("quiet-3".into(), login_for(quiet, "198.51.100.9", later(4)), later(4)).unwrap();
+        assert_eq!(p.len(), 16, "each evicted one flooded stranger");
+        for i in 0..2 {
+            assert!(p.take(&format!("quiet-{i}"), Some("cookie"), later(4)).is_ok(), "quiet-{i} kept");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Appliances: what joined, with which certificate, when last seen, and whether revoked.
 
-use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, TenantId, Timestamp};
+use airlock_core::{ApplianceId, ApplianceIdentity, EnvironmentId, TenantId, Timestamp, WorkspaceId};
 use sqlx::Row;
 
 use super::{Store, StoreError, WriteTx, opt_ts_col, parse_col, ts_col};
@@ -49,23 +49,40 @@ impl Store {
         rows.iter().map(|r| parse_col(r, "id")).collect()
     }
 
+    /// The scope's appliances (within its workspace if it is confined to one), of `env` if given.
     pub async fn list_appliances(
         &self,
         scope: &TenantScope,
         env: Option<EnvironmentId>,
     ) -> Result<std::sync::Arc<Vec<ApplianceRow>>, StoreError> {
+        self.list_appliances_in(scope, env, None).await
+    }
+
+    /// [`Store::list_appliances`], of the workspace `ws` too if given (a list's `workspace` query parameter): a
+    /// scope confined to another workspace sees none.
+    pub async fn list_appliances_in(
+        &self,
+        scope: &TenantScope,
+        env: Option<EnvironmentId>,
+        ws: Option<WorkspaceId>,
+    ) -> Result<std::sync::Arc<Vec<ApplianceRow>>, StoreError> {
         let generation = self.generation.current();
-        let key = (scope.tenant(), env);
+        let key = (scope.tenant(), env, [scope.workspace(), ws]);
         if let Some(rows) = self.appliance_lists.get(generation, &key) {
             return Ok(rows);
         }
         let rows = sqlx::query(
             "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
                     execution_key_attestation, join_method, join_identity, join_rule_id
-             FROM appliances WHERE tenant_id = $1 AND ($2 IS NULL OR environment_id = $2) ORDER BY joined_at, id",
+             FROM appliances WHERE tenant_id = $1 AND ($2 IS NULL OR environment_id = $2)
+               AND ($3 IS NULL OR environment_id IN (SELECT id FROM environments WHERE tenant_id = $1 AND workspace_id = $3))
+               AND ($4 IS NULL OR environment_id IN (SELECT id FROM environments WHERE tenant_id = $1 AND workspace_id = $4))
+             ORDER BY joined_at, id",
         )
         .bind(scope.tenant().to_string())
         .bind(env.map(|e| e.to_string()))
+        .bind(scope.workspace().map(|w| w.to_string()))
+        .bind(ws.map(|w| w.to_string()))
         .fetch_all(&self.pool)
         .await?;
         let rows = std::sync::Arc::new(rows.iter().map(appliance_from_row).collect::<Result<Vec<_>, _>>()?);
@@ -73,6 +90,8 @@ impl Store {
         Ok(rows)
     }
 
+    /// An appliance of the tenant's, within the scope's workspace if it is confined to one (another's is not found,
+    /// so its existence does not leak).
     pub async fn get_appliance(
         &self,
         scope: &TenantScope,
@@ -81,13 +100,25 @@ impl Store {
         let row = sqlx::query(
             "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
                     execution_key_attestation, join_method, join_identity, join_rule_id
-             FROM appliances WHERE tenant_id = $1 AND id = $2",
+             FROM appliances WHERE tenant_id = $1 AND id = $2
+               AND ($3 IS NULL OR environment_id IN (SELECT id FROM environments WHERE tenant_id = $1 AND workspace_id = $3))",
         )
         .bind(scope.tenant().to_string())
         .bind(id.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(appliance_from_row).transpose()
+    }
+
+    /// The workspace of an appliance the scope sees (its environment's): what the API's gate confines a user whose
+    /// roles span workspaces to before deciding on an appliance.
+    pub async fn appliance_workspace(
+        &self,
+        scope: &TenantScope,
+        id: ApplianceId,
+    ) -> Result<Option<WorkspaceId>, StoreError> {
+        self.workspace_of_row(super::WorkspaceTable::Appliances, scope, &id.to_string()).await
     }
 }
 
@@ -230,20 +261,24 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// Marks an appliance revoked. Returns false if it does not exist in this tenant.
+    /// Marks an appliance revoked. Returns false if it does not exist in this tenant (within the scope's workspace if
+    /// it is confined to one).
     pub async fn revoke_appliance(
         &mut self,
         scope: &TenantScope,
         id: ApplianceId,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE appliances SET revoked_at = COALESCE(revoked_at, $1) WHERE tenant_id = $2 AND id = $3")
-                .bind(now.unix_millis())
-                .bind(scope.tenant().to_string())
-                .bind(id.to_string())
-                .execute(&mut *self.tx)
-                .await?;
+        let done = sqlx::query(
+            "UPDATE appliances SET revoked_at = COALESCE(revoked_at, $1) WHERE tenant_id = $2 AND id = $3
+               AND ($4 IS NULL OR environment_id IN (SELECT id FROM environments WHERE tenant_id = $2 AND workspace_id = $4))",
+        )
+        .bind(now.unix_millis())
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
+        .execute(&mut *self.tx)
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 }

@@ -16,17 +16,20 @@ pub struct StoredDeploymentStatus {
 }
 
 impl Store {
-    /// The appliance's latest report, if it is the tenant's and has reported.
+    /// The appliance's latest report, if it is the tenant's (within the scope's workspace if confined) and has reported.
     pub async fn deployment_status(
         &self,
         scope: &TenantScope,
         appliance: ApplianceId,
     ) -> Result<Option<StoredDeploymentStatus>, StoreError> {
         let row = sqlx::query(
-            "SELECT status, log_tails_sealed FROM deployment_status WHERE tenant_id = $1 AND appliance_id = $2",
+            "SELECT status, log_tails_sealed FROM deployment_status WHERE tenant_id = $1 AND appliance_id = $2
+               AND ($3 IS NULL OR appliance_id IN (SELECT a.id FROM appliances a JOIN environments e ON e.id = a.environment_id
+                                                   WHERE a.tenant_id = $1 AND e.workspace_id = $3))",
         )
         .bind(scope.tenant().to_string())
         .bind(appliance.to_string())
+        .bind(scope.workspace().map(|w| w.to_string()))
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {

@@ -117,11 +117,9 @@ pub struct Store {
     operation_states: read_cache::Generation,
     /// Live API tokens by hash: authentication is on every request.
     api_tokens: read_cache::ReadCache<airlock_core::token::TokenHash, StoredCredential>,
-    /// Appliance lists by tenant and environment filter: the fleet view operators poll.
-    appliance_lists: read_cache::ReadCache<
-        (airlock_core::TenantId, Option<airlock_core::EnvironmentId>),
-        std::sync::Arc<Vec<ApplianceRow>>,
-    >,
+    /// Appliance lists by tenant, environment filter and workspace filters (the scope's, the query's): the fleet view
+    /// operators poll.
+    appliance_lists: read_cache::ReadCache<ApplianceListKey, std::sync::Arc<Vec<ApplianceRow>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -296,11 +294,18 @@ fn conflict(e: sqlx::Error, what: &'static str, name: &str) -> StoreError {
     }
 }
 
+/// What an appliance list is cached by: its tenant, its environment filter, and its workspace filters (the scope's,
+/// the query's).
+type ApplianceListKey =
+    (airlock_core::TenantId, Option<airlock_core::EnvironmentId>, [Option<airlock_core::WorkspaceId>; 2]);
+
 /// A table whose rows belong to one workspace and are named by id in the API.
 #[derive(Clone, Copy)]
 enum WorkspaceTable {
     Operations,
     Rollouts,
+    /// An appliance belongs to its environment's workspace.
+    Appliances,
 }
 
 impl Store {
@@ -318,6 +323,10 @@ impl Store {
             }
             WorkspaceTable::Rollouts => {
                 "SELECT workspace_id FROM rollouts WHERE tenant_id = $1 AND id = $2 AND ($3 IS NULL OR workspace_id = $3)"
+            }
+            WorkspaceTable::Appliances => {
+                "SELECT e.workspace_id FROM appliances a JOIN environments e ON e.id = a.environment_id
+                 WHERE a.tenant_id = $1 AND e.tenant_id = $1 AND a.id = $2 AND ($3 IS NULL OR e.workspace_id = $3)"
             }
         };
         let row = sqlx::query(sql)

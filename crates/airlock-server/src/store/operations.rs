@@ -197,18 +197,20 @@ impl Store {
             .transpose()
     }
 
-    /// Operations of the tenant, newest first, optionally by state and environment.
+    /// Operations of the tenant (within the scope's workspace if it is confined to one), newest first, optionally by
+    /// state, environment and workspace (a list's `workspace` query parameter: a scope confined to another sees none).
     pub async fn list_operations(
         &self,
         scope: &TenantScope,
         state: Option<OperationState>,
         env: Option<EnvironmentId>,
+        ws: Option<WorkspaceId>,
         limit: i64,
     ) -> Result<Vec<OperationRow>, StoreError> {
         let sql = format!(
             "SELECT {OPERATION_COLUMNS} FROM operations
              WHERE tenant_id = $1 AND ($2 IS NULL OR state = $2) AND ($3 IS NULL OR environment_id = $3)
-               AND ($5 IS NULL OR workspace_id = $5)
+               AND ($5 IS NULL OR workspace_id = $5) AND ($6 IS NULL OR workspace_id = $6)
              ORDER BY requested_at DESC, id DESC LIMIT $4"
         );
         let rows = sqlx::query(&sql)
@@ -217,6 +219,7 @@ impl Store {
             .bind(env.map(|e| e.to_string()))
             .bind(limit)
             .bind(scope.workspace().map(|w| w.to_string()))
+            .bind(ws.map(|w| w.to_string()))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(operation_from_row).collect()

@@ -128,7 +128,7 @@ async fn store_hides_other_tenants_templates_and_operations() {
     assert!(store.current_template(&b, wa, "t").await.unwrap().is_none());
     assert!(store.template_version(&b, wa, "t", "aa").await.unwrap().is_none());
     assert!(store.get_operation(&b, op_id(1)).await.unwrap().is_none());
-    assert!(store.list_operations(&b, None, None, 10).await.unwrap().is_empty());
+    assert!(store.list_operations(&b, None, None, None, 10).await.unwrap().is_empty());
     assert!(store.pending_operations(&b, apl_a, &PushFrom::Start, 10).await.unwrap().is_empty());
     assert_eq!(store.pending_operations(&a, apl_a, &PushFrom::Start, 10).await.unwrap().len(), 1);
 
@@ -162,7 +162,7 @@ async fn an_operation_row_the_server_never_wrote_is_an_error_not_a_default() {
         tx.commit().await.unwrap();
         let edit = format!("UPDATE operations SET {column} = $1 WHERE id = $2");
         sqlx::query(&edit).bind(text).bind(id.to_string()).execute(&store.pool).await.unwrap();
-        let listed = store.list_operations(&a, None, None, 10).await;
+        let listed = store.list_operations(&a, None, None, None, 10).await;
         assert!(matches!(&listed, Err(StoreError::Corrupt(m)) if m.contains(column)), "{column}: {listed:?}");
         if column != "id" {
             let got = store.get_operation(&a, id).await;

@@ -41,6 +41,9 @@ fn every_route_has_exactly_one_entry_in_the_action_table() {
                 ResourceKind::Environment => Some("{environment}"),
                 ResourceKind::Operation => Some("{id}"),
                 ResourceKind::Rollout => Some("{rollout}"),
+                ResourceKind::Appliance => Some("{appliance}"),
+                // Its workspace is in the query, not the path.
+                ResourceKind::Listing => None,
             };
             assert!(needs.is_none_or(|p| path.contains(p)), "{method} {path}: {action:?} needs {needs:?}");
         }

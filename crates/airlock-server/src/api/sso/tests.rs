@@ -680,14 +680,28 @@ mod sign_in {
     }
 
     #[tokio::test]
-    async fn a_full_network_tenant_or_server_refuses_a_start_by_name_with_when_to_retry_and_audits_it() {
-        let budget = crate::net::anonymous::Budget { per_address: 1, per_network: 2, per_party: 3, total: 4 };
+    async fn a_full_network_tenant_or_server_refuses_a_start_alike_with_when_to_retry_and_audits_the_tenants_own() {
+        let budget = crate::net::anonymous::Budget {
+            per_address: 1,
+            per_network: 2,
+            per_party: 3,
+            reserved_per_party: 0,
+            total: 4,
+        };
         let (api, provider) = api_with_provider_and_budget(false, None, budget).await;
         let acme = tenant(&api).await.to_string();
         let started = |(s, _, v): (StatusCode, HeaderMap, Value)| assert_eq!(s, StatusCode::FOUND, "{v}");
-        let refused = |(s, h, v): (StatusCode, HeaderMap, Value), code: &str, retry: u64| {
+        // Every level is answered alike: which one is full says nothing to an anonymous caller (a full server is other
+        // tenants' load), only when to retry.
+        let mut messages = std::collections::BTreeSet::new();
+        let mut refused = |(s, h, v): (StatusCode, HeaderMap, Value), retry: u64| {
             assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
-            assert_eq!(v["error"]["code"], code, "{v}");
+            assert_eq!(v["error"]["code"], "sign_in_busy", "{v}");
+            let message = v["error"]["message"].as_str().unwrap().replace(&retry.to_string(), "N");
+            for level in ["network", "tenant", "server", "address"] {
+                assert!(!message.contains(level), "{message}");
+            }
+            messages.insert(message);
             assert_eq!(h[http::header::RETRY_AFTER].to_str().unwrap(), retry.to_string(), "{v}");
             assert!(h.get(http::header::SET_COOKIE).is_none(), "a refused start sets no pre-login cookie");
         };
@@ -696,11 +710,11 @@ mod sign_in {
         api.clock.advance(Duration::from_secs(100));
         started(start_from(&api, &acme, "192.0.2.2").await);
         // (It expires in 500 s, said rounded up to 30 s: the second would tell when the oldest login started.)
-        refused(start_from(&api, &acme, "192.0.2.3").await, "sign_in_busy_network", 510);
+        refused(start_from(&api, &acme, "192.0.2.3").await, 510);
         // The tenant's share: a third login from another network fills it; a fourth, from a network acme does not
         // know, is refused.
         started(start_from(&api, &acme, "198.51.100.1").await);
-        refused(start_from(&api, &acme, "198.51.100.2").await, "sign_in_busy_tenant", 510);
+        refused(start_from(&api, &acme, "198.51.100.2").await, 510);
         // Another tenant takes the table's last place; then the server is full for anyone.
         let dir = api._dir.path();
         let globex =
@@ -711,7 +725,8 @@ mod sign_in {
         let globex = globex.tenant.to_string();
         started(start_from(&api, &globex, "203.0.113.1").await);
         api.clock.advance(Duration::from_secs(50));
-        refused(start_from(&api, &globex, "198.18.0.1").await, "sign_in_busy", 450);
+        refused(start_from(&api, &globex, "198.18.0.1").await, 450);
+        assert_eq!(messages.len(), 1, "{messages:?}");
         // When the oldest login expires, its place is free again.
         api.clock.advance(Duration::from_secs(450));
         started(start_from(&api, &globex, "198.18.0.1").await);
@@ -726,17 +741,26 @@ mod sign_in {
                     .into_iter()
                     .map(Result::unwrap)
                     .filter(|r| r.event.action == AuditAction::UserLogin.as_str())
-                    .map(|r| r.event.detail["reason"].as_str().unwrap_or_default().to_owned())
+                    .map(|r| {
+                        format!("{}/{}", r.event.detail["reason"].as_str().unwrap_or_default(), r.event.detail["level"])
+                    })
                     .collect::<Vec<_>>()
             }
         };
-        assert_eq!(reasons(acme).await, ["sign_in_busy_tenant"]);
+        // The tenant's own audit keeps the level that was full.
+        assert_eq!(reasons(acme).await, ["sign_in_busy/\"tenant\""]);
         assert!(reasons(globex).await.is_empty());
     }
 
     #[tokio::test]
     async fn a_completed_sign_in_proves_its_network_and_a_flood_of_busy_refusals_hides_no_callback_refusal() {
-        let budget = crate::net::anonymous::Budget { per_address: 4, per_network: 8, per_party: 3, total: 100 };
+        let budget = crate::net::anonymous::Budget {
+            per_address: 4,
+            per_network: 8,
+            per_party: 3,
+            reserved_per_party: 0,
+            total: 100,
+        };
         let (api, provider) = api_with_provider_and_budget(false, None, budget).await;
         let acme = tenant(&api).await.to_string();
         // A sign-in from the office, started from 198.51.100.1, completes.
@@ -760,7 +784,7 @@ mod sign_in {
         }
         for i in 3..30 {
             let (s, _, v) = start_from(&api, &acme, &format!("10.0.{i}.1")).await;
-            assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("sign_in_busy_tenant")));
+            assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("sign_in_busy")));
         }
         // The office's network is proven: its next start gets in, the oldest stranger's login gives way.
         let (s, h, v) = start_from(&api, &acme, "198.51.100.77").await;
@@ -782,7 +806,7 @@ mod sign_in {
             .filter(|r| r.event.action == AuditAction::UserLogin.as_str())
             .filter_map(|r| r.event.detail["reason"].as_str().map(str::to_owned))
             .collect();
-        let busy = reasons.iter().filter(|r| *r == "sign_in_busy_tenant").count();
+        let busy = reasons.iter().filter(|r| *r == "sign_in_busy").count();
         assert_eq!(busy, crate::state::RefusalLimiter::PER_SECOND as usize, "{reasons:?}");
         assert!(reasons.iter().any(|r| r == "issuer_mismatch"), "{reasons:?}");
     }
