@@ -137,8 +137,42 @@ pub enum RolloutError {
 }
 
 /// Creates a rollout (its targets: every active appliance of the chosen environments, in
-/// environment order) with its audit record; the driver starts it.
-pub async fn create(state: &AppState, scope: &TenantScope, new: NewRollout) -> Result<RolloutRow, RolloutError> {
+/// environment order) with its audit record, and drives its first round at once.
+///
+/// The first round's targets are stored already deploying under their operation ids, in the
+/// creating transaction, so that round reads nothing back and writes no target again: it is
+/// the same drive a restart makes of targets chosen but never requested. Holding the drive
+/// lock from before the creation means no periodic round drives the rollout in between.
+///
+/// Returns the rollout and its targets as the first round left them (a round that met a store
+/// error is logged and left to the periodic driver, which asks again under the same ids).
+pub async fn create(
+    state: &AppState,
+    scope: &TenantScope,
+    new: NewRollout,
+) -> Result<(RolloutRow, Vec<RolloutTargetRow>), RolloutError> {
+    let _driving = DRIVING.lock().await;
+    // Read before the store is, as in `drive_locked`: nothing this rollout requests exists yet.
+    let version = state.store.operation_states_version();
+    let (mut row, mut targets) = create_unstarted(state, scope, new).await?;
+    let ops = std::collections::HashMap::new();
+    if let Err(e) = drive_read(state, scope, version, &mut row, &mut targets, &ops).await {
+        tracing::warn!(rollout = %row.id, error = %e, "the rollout's first round failed; the driver retries");
+        // What the store holds, rather than what the round meant to store.
+        if let Some(stored) = state.store.rollout(scope, row.id).await? {
+            targets = state.store.rollout_targets(scope, row.id).await?;
+            row = stored;
+        }
+    }
+    Ok((row, targets))
+}
+
+/// [`create`]'s rollout, stored with its first round's targets marked deploying, not yet requested.
+async fn create_unstarted(
+    state: &AppState,
+    scope: &TenantScope,
+    new: NewRollout,
+) -> Result<(RolloutRow, Vec<RolloutTargetRow>), RolloutError> {
     if !(1..=MAX_TARGETS as u32).contains(&new.concurrency) {
         return Err(RolloutError::Concurrency);
     }
@@ -198,6 +232,13 @@ pub async fn create(state: &AppState, scope: &TenantScope, new: NewRollout) -> R
     if targets.is_empty() {
         return Err(RolloutError::NoTargets);
     }
+    // What the first round starts, chosen now (see `create`).
+    let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
+    for i in plan(&states, new.concurrency, new.max_failures).start {
+        let t = &mut targets[i];
+        t.operation_id = Some(OperationId::from_random(random()));
+        t.state = TargetState::Deploying;
+    }
     let row = RolloutRow {
         id: RolloutId::from_random(random()),
         tenant_id: scope.tenant(),
@@ -225,7 +266,7 @@ pub async fn create(state: &AppState, scope: &TenantScope, new: NewRollout) -> R
     tx.audit(&scope.chain(), now, ev).await?;
     tx.commit().await?;
     tracing::info!(rollout = %row.id, targets = targets.len(), "rollout created");
-    Ok(row)
+    Ok((row, targets))
 }
 
 /// Drives every unfinished rollout, every `every`, until `stop`.
@@ -301,12 +342,27 @@ async fn drive_if_moved(state: &AppState, scope: &TenantScope, id: RolloutId) ->
 async fn drive_locked(state: &AppState, scope: &TenantScope, id: RolloutId) -> Result<(), StoreError> {
     // Read before the store is: a change that lands after it makes the next round drive again.
     let version = state.store.operation_states_version();
-    let Some(rollout) = state.store.rollout(scope, id).await? else { return Ok(()) };
+    let Some(mut rollout) = state.store.rollout(scope, id).await? else { return Ok(()) };
     let mut targets = state.store.rollout_targets(scope, id).await?;
-    let now = state.now();
-    let mut changed = Vec::new();
     // Every requested target's operation, in one read.
     let ops = state.store.rollout_operation_states(scope, id).await?;
+    drive_read(state, scope, version, &mut rollout, &mut targets, &ops).await
+}
+
+/// A drive of a rollout already read: its targets and their operations' states (`ops`) as the
+/// store had them once the operation-state `version` was read. Updates `rollout` and `targets`
+/// to what it stored.
+async fn drive_read(
+    state: &AppState,
+    scope: &TenantScope,
+    version: u64,
+    rollout: &mut RolloutRow,
+    targets: &mut [RolloutTargetRow],
+    ops: &std::collections::HashMap<OperationId, (OperationState, Option<i64>)>,
+) -> Result<(), StoreError> {
+    let id = rollout.id;
+    let now = state.now();
+    let mut changed = Vec::new();
     let mut start = Vec::new();
     for (i, t) in targets.iter_mut().enumerate() {
         if t.state != TargetState::Deploying {
@@ -330,7 +386,7 @@ async fn drive_locked(state: &AppState, scope: &TenantScope, id: RolloutId) -> R
     let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
     let next = plan(&states, rollout.concurrency, rollout.max_failures);
     start.extend(&next.start);
-    let settled = start_targets(state, scope, &rollout, &mut targets, &start, now).await;
+    let settled = start_targets(state, scope, rollout, targets, &start, now).await;
     // Started targets were stored as deploying (or left as they were) before their requests;
     // only those whose request was refused changed since.
     changed.extend(start.into_iter().filter(|&i| targets[i].state == TargetState::Failed));
@@ -372,6 +428,8 @@ async fn drive_locked(state: &AppState, scope: &TenantScope, id: RolloutId) -> R
         }
     }
     tx.commit().await?;
+    rollout.state = next.state;
+    rollout.updated_at = now;
     done();
     Ok(())
 }
@@ -392,22 +450,32 @@ async fn start_targets(
         return true;
     }
     let mut requests = Vec::with_capacity(which.len());
+    // Those not yet stored as deploying under their ids (a rollout's first round was, when it
+    // was created; a target asked again after a restart was, before the restart).
+    let mut marking = Vec::new();
     for &i in which {
         let t = &mut targets[i];
+        let stored_already = t.state == TargetState::Deploying && t.operation_id.is_some();
         let id = *t.operation_id.get_or_insert_with(|| OperationId::from_random(random()));
-        t.state = TargetState::Deploying;
-        t.updated_at = now;
+        if !stored_already {
+            t.state = TargetState::Deploying;
+            t.updated_at = now;
+            marking.push(i);
+        }
         requests.push(Target { environment: t.environment_id, appliance: t.appliance_id, id });
     }
     // Stored before the requests, so a restart in between asks again under the same ids.
     let stored = async {
+        if marking.is_empty() {
+            return Ok(());
+        }
         let mut tx = state.store.write().await?;
-        tx.put_rollout_targets(scope, rollout.id, which.iter().map(|&i| &targets[i])).await?;
+        tx.put_rollout_targets(scope, rollout.id, marking.iter().map(|&i| &targets[i])).await?;
         tx.commit().await
     };
     if let Err(e) = stored.await {
         tracing::error!(rollout = %rollout.id, error = %e, "cannot record rollout targets; retrying at the next round");
-        for &i in which {
+        for &i in &marking {
             targets[i].state = TargetState::Pending;
             targets[i].operation_id = None;
         }

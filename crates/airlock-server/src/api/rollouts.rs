@@ -16,7 +16,7 @@ use crate::authz::{Action, TenantScope};
 use crate::releases::DeployableError;
 use crate::rollouts::{NewRollout, RolloutError, RolloutState, TargetState};
 use crate::state::{AppState, event};
-use crate::store::{RolloutRow, StoreError};
+use crate::store::{RolloutRow, RolloutTargetRow, StoreError};
 
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
@@ -95,8 +95,13 @@ pub struct RolloutView {
 
 async fn view(state: &AppState, scope: &TenantScope, r: &RolloutRow) -> Result<RolloutView, StoreError> {
     let targets = state.store.rollout_targets(scope, r.id).await?;
+    Ok(view_of(r, &targets))
+}
+
+/// A rollout with its targets as given.
+fn view_of(r: &RolloutRow, targets: &[RolloutTargetRow]) -> RolloutView {
     let count = |s: TargetState| targets.iter().filter(|t| t.state == s).count();
-    Ok(RolloutView {
+    RolloutView {
         id: r.id.to_string(),
         workspace: r.workspace_id.to_string(),
         release_digest: r.release_digest.clone(),
@@ -123,7 +128,7 @@ async fn view(state: &AppState, scope: &TenantScope, r: &RolloutRow) -> Result<R
             .collect(),
         created_at: r.created_at,
         updated_at: r.updated_at,
-    })
+    }
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -157,13 +162,10 @@ pub(super) async fn create_rollout(
             max_failures: body.max_failures,
             reason: body.reason,
         };
-        let row = crate::rollouts::create(&state, &scope, new).await?;
-        // The first round now rather than at the next tick.
-        if let Err(e) = crate::rollouts::drive(&state, &scope, row.id).await {
-            tracing::warn!(rollout = %row.id, error = %e, "the rollout's first round failed; the driver retries");
-        }
-        let row = state.store.rollout(&scope, row.id).await?.unwrap_or(row);
-        Ok((StatusCode::CREATED, Json(view(&state, &scope, &row).await?)))
+        // Created and its first round driven now rather than at the next tick; answered with
+        // the targets as that round left them, not read back.
+        let (row, targets) = crate::rollouts::create(&state, &scope, new).await?;
+        Ok((StatusCode::CREATED, Json(view_of(&row, &targets))))
     }
     .await;
     let mut ev = event(scope.principal().actor(), Action::CreateRollout.audit_action(), Outcome::Success);

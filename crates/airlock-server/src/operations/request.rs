@@ -256,7 +256,16 @@ pub async fn request_many(
     // Every stored operation, and only those: the others' slots hold why they were not.
     let stored: Vec<&OperationRow> = out.iter().filter_map(|r| r.as_ref().ok()).collect();
     tracing::info!(operations = stored.len(), targets = targets.len(), "operations requested");
-    state.push.requested(scope, &stored).await;
+    // Each workspace's release, for deploys and tasks: the instructions carry it.
+    let releases = prepared
+        .iter()
+        .filter_map(|(ws, p)| {
+            let args = deploy::DeployArgs::from_args(&p.args)
+                .or_else(|| deploy::TaskArgs::from_args(&p.args).map(|t| t.release))?;
+            [deploy::DEPLOY_KIND, deploy::TASK_KIND].contains(&p.kind.as_str()).then_some((*ws, args.release))
+        })
+        .collect();
+    state.push.requested(scope, &stored, releases).await;
     Ok(out)
 }
 
@@ -358,19 +367,22 @@ fn stored(
     let mut ev = event(scope.principal().actor(), action, Outcome::Success);
     ev.target = Some(row.id.to_string());
     ev.workspace = Some(workspace.to_string());
+    // Keys in sorted order, as the chain hashes them: a detail written otherwise is copied
+    // sorted before hashing (serde_json keeps insertion order in this build), 10,000 copies
+    // for a rollout's round.
     ev.detail = serde_json::json!({
-        "environment": statement.environment.to_string(),
         "appliance": request.appliance.to_string(),
-        "template": row.template_name,
-        "template_sha256": row.template_sha256,
-        "phase": request.phase,
-        "data_tags": request.data_tags,
         "command_sha256": row.command_sha256,
-        "request_digest": row.request_digest,
+        "data_tags": request.data_tags,
+        "environment": statement.environment.to_string(),
+        "phase": request.phase,
         "reason": statement.reason,
         // A deploy's or a task's arguments name the release (and task); a template's
         // variables may carry anything, so they stay in the signed request only.
         "release": (deploy::is_deploy(request) || deploy::is_task(request)).then_some(&request.args),
+        "request_digest": row.request_digest,
+        "template": row.template_name,
+        "template_sha256": row.template_sha256,
     });
     (row, ev)
 }

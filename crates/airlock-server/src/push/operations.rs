@@ -55,11 +55,15 @@ impl Pusher {
     /// stream was sent when it was requested, decided or the stream connected, or a push that
     /// stopped on a full queue resumes at the appliance's next message. A new one that finds
     /// the queue full is covered the same way (a resume from the start).
-    pub async fn requested(&self, scope: &TenantScope, ops: &[&OperationRow]) {
+    ///
+    /// `releases`: the digest of the release that this batch's deploys or release tasks name,
+    /// by workspace (as the requester prepared them), so that no request is parsed back to
+    /// find it (10,000 parses for a rollout's round).
+    pub async fn requested(&self, scope: &TenantScope, ops: &[&OperationRow], releases: HashMap<WorkspaceId, String>) {
         self.note_awaiting(
             ops.iter().filter(|op| op.state == OperationState::AwaitingApproval).map(|op| (op.id, op.appliance_id)),
         );
-        let mut payloads = Payloads::default();
+        let mut payloads = Payloads { read: HashMap::new(), releases };
         for &op in ops {
             if !self.send_instruction(scope, op.appliance_id, op, &mut payloads).await {
                 // A no-op when the appliance is not connected: its Welcome pushes everything.
@@ -189,26 +193,27 @@ impl Pusher {
     ) -> Result<Option<Arc<Payload>>, StoreError> {
         use airlock_core::deploy::{DEPLOY_KIND, DeployArgs, TASK_KIND, TaskArgs};
         // A deploy or a release task carries its release; anything else its template.
-        let args = if [DEPLOY_KIND, TASK_KIND].contains(&op.template_name.as_str()) {
-            let request = crate::operations::stored_request(op)?;
-            let args = &request.request.args;
-            match DeployArgs::from_args(args).or_else(|| TaskArgs::from_args(args).map(|t| t.release)) {
-                Some(args) => Some(args),
-                None => return Ok(None),
+        let release = if [DEPLOY_KIND, TASK_KIND].contains(&op.template_name.as_str()) {
+            if let Some(known) = payloads.releases.get(&op.workspace_id) {
+                Some(known.clone())
+            } else {
+                let request = crate::operations::stored_request(op)?;
+                let args = &request.request.args;
+                match DeployArgs::from_args(args).or_else(|| TaskArgs::from_args(args).map(|t| t.release)) {
+                    Some(args) => Some(args.release),
+                    None => return Ok(None),
+                }
             }
         } else {
             None
         };
-        let key = (
-            op.workspace_id,
-            op.template_name.clone(),
-            args.as_ref().map_or_else(|| op.template_sha256.clone(), |a| a.release.clone()),
-        );
-        if let Some(found) = payloads.0.get(&key) {
+        let key =
+            (op.workspace_id, op.template_name.clone(), release.clone().unwrap_or_else(|| op.template_sha256.clone()));
+        if let Some(found) = payloads.read.get(&key) {
             return Ok(found.clone());
         }
-        let found = match args {
-            Some(args) => self.release_payload(scope, op.workspace_id, args.release).await?,
+        let found = match release {
+            Some(release) => self.release_payload(scope, op.workspace_id, release).await?,
             None => self
                 .store
                 .template_version(scope, op.workspace_id, &op.template_name, &op.template_sha256)
@@ -216,7 +221,7 @@ impl Pusher {
                 .map(|t| Payload::Template { manifest_toml: t.manifest_toml, script: t.script }),
         }
         .map(Arc::new);
-        payloads.0.insert(key, found.clone());
+        payloads.read.insert(key, found.clone());
         Ok(found)
     }
 
@@ -251,4 +256,8 @@ enum Payload {
 /// batch of requests for one release reads it (and the release keys) once. Lives for one push
 /// only, so a release key revoked meanwhile is left out of the next push.
 #[derive(Default)]
-struct Payloads(HashMap<(WorkspaceId, String, String), Option<Arc<Payload>>>);
+struct Payloads {
+    read: HashMap<(WorkspaceId, String, String), Option<Arc<Payload>>>,
+    /// The release of the deploys and tasks being pushed, by workspace, when the pusher was told.
+    releases: HashMap<WorkspaceId, String>,
+}

@@ -87,6 +87,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (20, "gcp_k8s_join", include_str!("../../migrations/0020_gcp_k8s_join.sql")),
     (25, "rollout_creators", include_str!("../../migrations/0025_rollout_creators.sql")),
     (26, "session_id_tokens", include_str!("../../migrations/0026_session_id_tokens.sql")),
+    (27, "signer_certificates", include_str!("../../migrations/0027_signer_certificates.sql")),
     (29, "k8s_rule_token_request", include_str!("../../migrations/0029_k8s_rule_token_request.sql")),
 ];
 

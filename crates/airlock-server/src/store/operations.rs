@@ -98,13 +98,18 @@ pub struct ReleaseUpdate<'a> {
     pub output_salt_sealed: Option<&'a [u8]>,
 }
 
+/// The signer's certificate is stored once ([`WriteTx::signer_certificate_id`]); a row written
+/// before that (none are left after migration 0027, but the column stays) carries its own.
 const OPERATION_COLUMNS: &str = "id, workspace_id, environment_id, appliance_id, template_name, template_sha256, state,
-    requested_by, requested_at, updated_at, request_digest, command_sha256, request_envelope, control_plane_cert_pem,
+    requested_by, requested_at, updated_at, request_digest, command_sha256, request_envelope,
+    CASE WHEN signer_certificate_id IS NULL THEN control_plane_cert_pem
+      ELSE (SELECT c.cert_pem FROM signer_certificates c WHERE c.id = operations.signer_certificate_id)
+    END AS control_plane_cert_pem,
     approval_envelope, pre_approval_envelope, execution_envelope, appliance_cert_pem, release_envelope, exit_code,
     output_sha256, output_size, refusal_code, deny_code, refusal_reason, result_at,
     CASE WHEN output_sealed IS NULL THEN 0 ELSE 1 END AS output_stored, output_salt_sealed, appliance_attestation";
 
-/// Rows per multi-row INSERT: 15 parameters each, far below SQLite's limit of 32,766.
+/// Rows per multi-row INSERT: 16 parameters each, far below SQLite's limit of 32,766.
 const INSERT_ROWS: usize = 256;
 
 /// The states in which an operation still waits for the appliance's final result.
@@ -324,11 +329,19 @@ impl WriteTx<'_> {
         // A few multi-row statements rather than one per operation: each statement is a round
         // trip to SQLite's worker thread, which is what bounds a batch.
         let tenant = scope.tenant().to_string();
+        // Each signer's certificate once (a batch has one), by id.
+        let mut certificates: HashMap<&str, i64> = HashMap::new();
+        for op in &rows {
+            if !certificates.contains_key(op.control_plane_cert_pem.as_str()) {
+                let id = self.signer_certificate_id(&op.control_plane_cert_pem).await?;
+                certificates.insert(op.control_plane_cert_pem.as_str(), id);
+            }
+        }
         for chunk in rows.chunks(INSERT_ROWS) {
             let mut insert = sqlx::QueryBuilder::new(
                 "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
                     template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
-                    request_envelope, control_plane_cert_pem) ",
+                    request_envelope, control_plane_cert_pem, signer_certificate_id) ",
             );
             insert.push_values(chunk, |mut row, op| {
                 row.push_bind(op.id.to_string())
@@ -345,12 +358,33 @@ impl WriteTx<'_> {
                     .push_bind(op.request_digest.as_str())
                     .push_bind(op.command_sha256.as_str())
                     .push_bind(op.request_envelope.as_str())
-                    .push_bind(op.control_plane_cert_pem.as_str());
+                    .push_bind("")
+                    .push_bind(certificates.get(op.control_plane_cert_pem.as_str()).copied());
             });
             let first = chunk.first().map(|op| op.id.to_string()).unwrap_or_default();
             insert.build().execute(&mut *self.tx).await.map_err(|e| conflict(e, "operation", &first))?;
         }
         Ok(inserted)
+    }
+
+    /// The id of a signer's certificate, stored first if it is new (the next id after the largest,
+    /// under the write lock).
+    async fn signer_certificate_id(&mut self, cert_pem: &str) -> Result<i64, StoreError> {
+        let known: Option<i64> = sqlx::query_scalar("SELECT id FROM signer_certificates WHERE cert_pem = $1")
+            .bind(cert_pem)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        if let Some(id) = known {
+            return Ok(id);
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO signer_certificates (id, cert_pem)
+             SELECT COALESCE(MAX(id), 0) + 1, $1 FROM signer_certificates RETURNING id",
+        )
+        .bind(cert_pem)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        Ok(id)
     }
 
     /// Whether `op`'s appliance is the tenant's, in its environment and workspace.
@@ -500,7 +534,9 @@ fn operation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OperationRow, Store
         request_digest: r.try_get("request_digest")?,
         command_sha256: r.try_get("command_sha256")?,
         request_envelope: r.try_get("request_envelope")?,
-        control_plane_cert_pem: r.try_get("control_plane_cert_pem")?,
+        control_plane_cert_pem: r
+            .try_get::<Option<String>, _>("control_plane_cert_pem")?
+            .ok_or_else(|| StoreError::Corrupt("operations.signer_certificate_id names no certificate".into()))?,
         approval_envelope: r.try_get("approval_envelope")?,
         pre_approval_envelope: r.try_get("pre_approval_envelope")?,
         execution_envelope: r.try_get("execution_envelope")?,

@@ -377,3 +377,115 @@ async fn a_migration_numbered_below_the_newest_applied_one_is_still_applied() {
     store.close().await;
     Store::open(dir.path(), false, ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"test")).await.unwrap();
 }
+
+#[tokio::test]
+async fn operations_name_their_signers_certificate_stored_once() {
+    let (store, _dir) = store().await;
+    let (a, w, e, apl) = tenant(&store, 10).await;
+    let (b, wb, eb, apl_b) = tenant(&store, 50).await;
+    let rotated =
+        OperationRow { control_plane_cert_pem: "pem of the next key".into(), ..operation_row(op_id(3), w, e, apl) };
+    let mut tx = store.write().await.unwrap();
+    let batch = [operation_row(op_id(1), w, e, apl), operation_row(op_id(2), w, e, apl), rotated];
+    assert_eq!(tx.insert_operations(&a, &batch).await.unwrap(), vec![true; 3]);
+    assert!(tx.insert_operation(&b, &operation_row(op_id(4), wb, eb, apl_b)).await.unwrap());
+    tx.commit().await.unwrap();
+    let certs: Vec<(i64, String)> = sqlx::query_as("SELECT id, cert_pem FROM signer_certificates ORDER BY id")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(certs, vec![(1, "pem".to_owned()), (2, "pem of the next key".to_owned())], "each certificate once");
+    let copies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM operations WHERE control_plane_cert_pem <> ''")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(copies, 0, "no row carries its own copy");
+    for (scope, id, pem) in [(&a, 1, "pem"), (&a, 2, "pem"), (&a, 3, "pem of the next key"), (&b, 4, "pem")] {
+        assert_eq!(store.get_operation(scope, op_id(id)).await.unwrap().unwrap().control_plane_cert_pem, pem);
+    }
+    let listed = store.list_operations(&a, None, None, 10).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|op| op.control_plane_cert_pem.starts_with("pem")));
+
+    // A row naming a certificate that is not there (the database edited with its foreign keys
+    // off) is corrupt, not an empty certificate.
+    let mut conn = store.pool.acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "PRAGMA foreign_keys = OFF; UPDATE operations SET signer_certificate_id = 99 WHERE id = '{}'; PRAGMA foreign_keys = ON;",
+        op_id(1)
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let got = store.get_operation(&a, op_id(1)).await;
+    assert!(matches!(&got, Err(StoreError::Corrupt(m)) if m.contains("signer_certificate_id")), "{got:?}");
+}
+
+#[tokio::test]
+async fn operations_stored_with_their_own_certificate_are_moved_to_one_copy() {
+    // A store at the schema before migration 0027, holding operations signed under two keys
+    // (their appliance not stored: only the operations matter here).
+    let dir = tempfile::tempdir().unwrap();
+    let opts =
+        SqliteConnectOptions::new().filename(dir.path().join(DB_FILE_NAME)).create_if_missing(true).foreign_keys(false);
+    let pool = SqlitePool::connect_with(opts).await.unwrap();
+    sqlx::query("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 < 27) {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
+            .bind(version)
+            .bind(description)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let (t, w, e, apl) = (
+        TenantId::from_random([1; 16]),
+        WorkspaceId::from_random([2; 16]),
+        EnvironmentId::from_random([3; 16]),
+        ApplianceId::from_random([4; 16]),
+    );
+    sqlx::raw_sql(&format!(
+        "INSERT INTO tenants (id, name, created_at) VALUES ('{t}', 'acme', 0);
+         INSERT INTO workspaces (id, tenant_id, name, created_at) VALUES ('{w}', '{t}', 'default', 0);
+         INSERT INTO environments (id, tenant_id, workspace_id, name, created_at) VALUES ('{e}', '{t}', '{w}', 'prod', 0);"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (n, pem) in [(1, "old key's pem"), (2, "new key's pem"), (3, "old key's pem")] {
+        sqlx::query(
+            "INSERT INTO operations (id, tenant_id, workspace_id, environment_id, appliance_id, template_name,
+                template_sha256, state, requested_by, requested_at, updated_at, request_digest, command_sha256,
+                request_envelope, control_plane_cert_pem)
+             VALUES ($1, $2, $3, $4, $5, 't', 'aa', 'awaiting_approval', 'token:x', 0, 0, 'bb', 'cc', '{}', $6)",
+        )
+        .bind(op_id(n).to_string())
+        .bind(t.to_string())
+        .bind(w.to_string())
+        .bind(e.to_string())
+        .bind(apl.to_string())
+        .bind(pem)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+
+    let store = Store::open(dir.path(), false, ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k")).await.unwrap();
+    let scope = TenantScope::for_local_operator(t, TokenId::from_random([5; 16]));
+    for (n, pem) in [(1, "old key's pem"), (2, "new key's pem"), (3, "old key's pem")] {
+        assert_eq!(store.get_operation(&scope, op_id(n)).await.unwrap().unwrap().control_plane_cert_pem, pem);
+    }
+    let (certs, copies): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM signer_certificates), (SELECT COUNT(*) FROM operations WHERE control_plane_cert_pem <> '')",
+    )
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!((certs, copies), (2, 0));
+}
