@@ -403,7 +403,7 @@ async fn operations_name_their_signers_certificate_stored_once() {
     for (scope, id, pem) in [(&a, 1, "pem"), (&a, 2, "pem"), (&a, 3, "pem of the next key"), (&b, 4, "pem")] {
         assert_eq!(store.get_operation(scope, op_id(id)).await.unwrap().unwrap().control_plane_cert_pem, pem);
     }
-    let listed = store.list_operations(&a, None, None, 10).await.unwrap();
+    let listed = store.list_operations(&a, None, None, None, 10).await.unwrap();
     assert_eq!(listed.len(), 3);
     assert!(listed.iter().all(|op| op.control_plane_cert_pem.starts_with("pem")));
 
