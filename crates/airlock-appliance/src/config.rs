@@ -690,6 +690,29 @@ mod tests {
     }
 
     #[test]
+    fn a_join_pins_its_tenant_from_a_flag_the_environment_or_the_file() {
+        let flags = Flags {
+            control_plane: Some("https://x".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/s".into()),
+            join_method: Some("aws".into()),
+            ..Default::default()
+        };
+        let tenant = airlock_core::TenantId::from_random([7; 16]);
+        let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap();
+        assert!(!cfg.join_target().is_pinned(), "unpinned here; the control plane refuses it with the reason");
+        let pinned = Flags { tenant: Some(tenant.to_string()), ..flags.clone() };
+        let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &pinned).unwrap();
+        assert_eq!(cfg.join_target().tenant, Some(tenant));
+        let env = HashMap::from([("AIRLOCK_TENANT".to_owned(), tenant.to_string())]);
+        assert_eq!(ApplianceConfig::resolve(None, &env, &flags).unwrap().join_tenant, Some(tenant));
+        let file = FileConfig { tenant: Some(tenant.to_string()), ..Default::default() };
+        assert_eq!(ApplianceConfig::resolve(Some(file), &HashMap::new(), &flags).unwrap().join_tenant, Some(tenant));
+        let bad = Flags { tenant: Some("acme".into()), ..flags };
+        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &bad), Err(ConfigError::Tenant(_))));
+    }
+
+    #[test]
     fn an_aws_join_is_chosen_by_join_method_and_never_beside_a_token() {
         let flags = Flags {
             control_plane: Some("https://x".into()),
