@@ -52,7 +52,7 @@ pub(super) async fn join(
 /// it. Anyone may ask; each source address holds a few at once, and everyone a bounded number.
 /// The body names the tenant or environment the join will name; the challenge answers a join
 /// naming exactly those (an empty body: none, and such a join is refused).
-#[utoipa::path(post, path = "/v1/join/challenge", request_body(content = Option<JoinChallengeRequest>),
+#[utoipa::path(post, path = "/v1/join/challenge", request_body = JoinChallengeRequest,
     responses((status = 200, body = JoinChallenge),
         (status = 400, body = ErrorBody, description = "the body is not a JoinChallengeRequest"),
         (status = 429, body = ErrorBody, description = "too many challenges outstanding; retry in a minute")))]
