@@ -72,9 +72,9 @@ impl JoinTarget {
     }
 }
 
-/// The body of `POST /v1/join/challenge` (optional): the target the join will pin. The challenge
-/// is bound to it, so a proof that carries the challenge (a GCP token, a requested Kubernetes
-/// token) cannot be presented for another target.
+/// The body of `POST /v1/join/challenge`: the target the join will pin (a tenant, an environment, or
+/// both; one at least). The challenge is bound to it, so a proof that carries the challenge (a GCP
+/// token, a requested Kubernetes token) cannot be presented for another target.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]

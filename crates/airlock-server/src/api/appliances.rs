@@ -50,18 +50,18 @@ pub(super) async fn join(
 
 /// A short-lived, single-use challenge for one platform-identity join: its proof must carry
 /// it. Anyone may ask; each source address holds a few at once, and everyone a bounded number.
-/// The body names the tenant or environment the join will name; the challenge answers a join
-/// naming exactly those (an empty body: none, and such a join is refused).
+/// The body names the tenant or environment the join will name (one of them at least); the
+/// challenge answers a join naming exactly those.
 #[utoipa::path(post, path = "/v1/join/challenge", request_body = JoinChallengeRequest,
     responses((status = 200, body = JoinChallenge),
-        (status = 400, body = ErrorBody, description = "the body is not a JoinChallengeRequest"),
+        (status = 400, body = ErrorBody, description = "the body is not a JoinChallengeRequest, or names neither a tenant nor an environment"),
         (status = 429, body = ErrorBody, description = "too many challenges outstanding; retry in a minute")))]
 pub(super) async fn join_challenge(
     State(state): State<Arc<AppState>>,
     from: Option<axum::Extension<ClientAddr>>,
     body: axum::body::Bytes,
 ) -> Result<Json<JoinChallenge>, ApiError> {
-    // Optional: an appliance that predates targets sends none (and its join is then refused, with a clear reason).
+    // An appliance that predates targets sends no body: read as naming nothing, and refused below with the reason.
     let target = if body.is_empty() {
         JoinTarget::default()
     } else {
@@ -70,6 +70,15 @@ pub(super) async fn join_challenge(
             .target()
             .map_err(ApiError::bad_request)?
     };
+    // A join that names no target is refused, so a challenge for one would only fill the table: refused here already,
+    // with the reason the join would give (an appliance that predates targets sends no body, and learns why).
+    if !target.is_pinned() {
+        let refusal = platform_join::PlatformRefusal::Unpinned;
+        let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
+        ev.detail = serde_json::json!({ "reason": refusal.reason(), "code": refusal.code() });
+        state.audit_refusal(SYSTEM_CHAIN, ev).await;
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "join_target_required", refusal.reason()));
+    }
     let now = state.now();
     let from = from.map(|axum::Extension(ClientAddr(ip))| ip);
     match state.platform.challenges.issue(from, now, random(), target) {
