@@ -25,6 +25,9 @@ pub struct FileConfig {
     pub join_method: Option<String>,
     /// The environment (`env_…`) to join: only its join rules judge the platform identity, and a join token must be its.
     pub environment: Option<String>,
+    /// The tenant (`ten_…`) to join: only its join rules judge the platform identity. A platform join names this
+    /// or `environment`.
+    pub tenant: Option<String>,
     /// The GCE metadata server a GCP join asks (default `http://metadata.google.internal`).
     pub gcp_metadata_url: Option<String>,
     /// The projected service-account token a Kubernetes join reads (default
@@ -113,6 +116,7 @@ pub struct Flags {
     pub join_token: Option<String>,
     pub join_method: Option<String>,
     pub environment: Option<String>,
+    pub tenant: Option<String>,
     pub aws_sts_endpoint: Option<String>,
     pub gcp_metadata_url: Option<String>,
     pub k8s_token_path: Option<PathBuf>,
@@ -165,6 +169,8 @@ pub enum ConfigError {
     Token(#[from] airlock_core::token::TokenParseError),
     #[error("`environment`: {0}")]
     Environment(#[from] airlock_core::id::IdParseError),
+    #[error("`tenant`: {0}")]
+    Tenant(airlock_core::id::IdParseError),
     #[error("`admin_group` must be a group name or a numeric gid, got `{0}`")]
     AdminGroup(String),
     #[error("`audit_checkpoints`: {0}")]
@@ -314,8 +320,10 @@ pub struct ApplianceConfig {
     pub join_token: Option<Secret>,
     /// Join with the host's platform identity instead of a token (never both).
     pub platform_join: Option<PlatformJoinConfig>,
-    /// The environment a join names (`--environment`); `None`: the control plane finds it.
+    /// The environment a join names (`--environment`); `None`: the control plane finds it among the tenant's.
     pub join_environment: Option<airlock_core::EnvironmentId>,
+    /// The tenant a join names (`--tenant`). A platform join names this or `join_environment`, or is refused.
+    pub join_tenant: Option<airlock_core::TenantId>,
     pub state_dir: PathBuf,
     pub max_backoff: Duration,
     pub customer_keys: Vec<PathBuf>,
@@ -342,6 +350,11 @@ pub struct ApplianceConfig {
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
 
 impl ApplianceConfig {
+    /// Where a join is pinned (`--tenant`, `--environment`).
+    pub fn join_target(&self) -> airlock_proto::join::JoinTarget {
+        airlock_proto::join::JoinTarget { tenant: self.join_tenant, environment: self.join_environment }
+    }
+
     pub fn resolve(file: Option<FileConfig>, env: &dyn EnvSource, flags: &Flags) -> Result<Self, ConfigError> {
         let file = file.unwrap_or_default();
         let pick = |flag: &Option<String>, key: &str, file: &Option<String>| {
@@ -439,6 +452,10 @@ impl ApplianceConfig {
         let join_environment = pick(&flags.environment, "AIRLOCK_ENVIRONMENT", &file.environment)
             .map(|e| e.parse::<airlock_core::EnvironmentId>())
             .transpose()?;
+        let join_tenant = pick(&flags.tenant, "AIRLOCK_TENANT", &file.tenant)
+            .map(|t| t.parse::<airlock_core::TenantId>())
+            .transpose()
+            .map_err(ConfigError::Tenant)?;
         let state_dir = flags
             .state_dir
             .clone()
@@ -526,6 +543,7 @@ impl ApplianceConfig {
             join_token,
             platform_join,
             join_environment,
+            join_tenant,
             state_dir,
             max_backoff,
             customer_keys,
@@ -669,6 +687,29 @@ mod tests {
             ApplianceConfig::resolve(Some(file), &HashMap::new(), &flags),
             Err(ConfigError::Dependency(..))
         ));
+    }
+
+    #[test]
+    fn a_join_pins_its_tenant_from_a_flag_the_environment_or_the_file() {
+        let flags = Flags {
+            control_plane: Some("https://x".into()),
+            ca_fingerprint: Some(FP.into()),
+            state_dir: Some("/s".into()),
+            join_method: Some("aws".into()),
+            ..Default::default()
+        };
+        let tenant = airlock_core::TenantId::from_random([7; 16]);
+        let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &flags).unwrap();
+        assert!(!cfg.join_target().is_pinned(), "unpinned here; the control plane refuses it with the reason");
+        let pinned = Flags { tenant: Some(tenant.to_string()), ..flags.clone() };
+        let cfg = ApplianceConfig::resolve(None, &HashMap::new(), &pinned).unwrap();
+        assert_eq!(cfg.join_target().tenant, Some(tenant));
+        let env = HashMap::from([("AIRLOCK_TENANT".to_owned(), tenant.to_string())]);
+        assert_eq!(ApplianceConfig::resolve(None, &env, &flags).unwrap().join_tenant, Some(tenant));
+        let file = FileConfig { tenant: Some(tenant.to_string()), ..Default::default() };
+        assert_eq!(ApplianceConfig::resolve(Some(file), &HashMap::new(), &flags).unwrap().join_tenant, Some(tenant));
+        let bad = Flags { tenant: Some("acme".into()), ..flags };
+        assert!(matches!(ApplianceConfig::resolve(None, &HashMap::new(), &bad), Err(ConfigError::Tenant(_))));
     }
 
     #[test]

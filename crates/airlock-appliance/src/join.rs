@@ -20,8 +20,8 @@ use airlock_core::Fingerprint;
 use airlock_core::certificate;
 use airlock_core::token::Secret;
 use airlock_proto::join::{
-    GcpIdentityProof, JOIN_CHALLENGE_PATH, JOIN_PATH, JoinChallenge, JoinProof, JoinRequest, JoinResponse,
-    K8sTokenProof, PlatformProof,
+    GcpIdentityProof, JOIN_CHALLENGE_PATH, JOIN_PATH, JoinChallenge, JoinChallengeRequest, JoinProof, JoinRequest,
+    JoinResponse, JoinTarget, K8sTokenProof, PlatformProof,
 };
 use rcgen::{CertificateParams, KeyPair};
 
@@ -75,17 +75,16 @@ impl JoinWith<'_> {
 }
 
 /// A proof of this host's platform identity answering `challenge`, for the control plane whose
-/// CA is `server_id` (the pinned fingerprint), naming `environment` where the method can sign it (AWS).
+/// CA is `server_id` (the pinned fingerprint), naming `target` where the method can sign it (AWS; the other
+/// methods' challenge is bound to it by the control plane).
 async fn platform_proof(
     cfg: &PlatformJoinConfig,
     challenge: &str,
     server_id: &str,
-    environment: Option<airlock_core::EnvironmentId>,
+    target: JoinTarget,
 ) -> Result<PlatformProof, ApplianceError> {
     Ok(match cfg {
-        PlatformJoinConfig::Aws(aws) => {
-            PlatformProof::AwsSts(aws::proof(aws, challenge, server_id, environment).await?)
-        }
+        PlatformJoinConfig::Aws(aws) => PlatformProof::AwsSts(aws::proof(aws, challenge, server_id, target).await?),
         PlatformJoinConfig::Gcp { metadata_url } => {
             let audience = airlock_proto::join::challenge_audience(server_id, challenge);
             let identity_token = gcp::identity_token(metadata_url, &audience).await?;
@@ -108,18 +107,25 @@ async fn platform_proof(
 }
 
 /// Joins with `key`, which the caller generated and saved first (see `StateDir::save_pending_join_key`).
-/// With `environment`, only that environment may take it. With `recover` (the expired credentials), keeps their
-/// identity or fails.
+/// With a `target` tenant or environment, only that one may take it (a platform join must name one, or is refused).
+/// With `recover` (the expired credentials), keeps their identity or fails; a platform join that names no target
+/// then names the one its expired certificate does.
 pub(crate) async fn join(
     control_plane: &str,
     pin: Fingerprint,
     with: JoinWith<'_>,
-    environment: Option<airlock_core::EnvironmentId>,
+    target: JoinTarget,
     key: &KeyPair,
     recover: Option<&Credentials>,
 ) -> Result<(Enrolment, String, Credentials), ApplianceError> {
     let csr_pem = csr_for(key, None)?;
     let recover = recover.map(|old| recovery_proof(old, key, pin)).transpose()?;
+    let target = match (&recover, with) {
+        (Some((_, identity)), JoinWith::Platform(_)) if !target.is_pinned() => {
+            JoinTarget { tenant: Some(identity.tenant), environment: Some(identity.environment) }
+        }
+        _ => target,
+    };
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
         .timeout(std::time::Duration::from_secs(30))
@@ -128,12 +134,14 @@ pub(crate) async fn join(
     let proof = match with {
         JoinWith::Token(token) => JoinProof::JoinToken(token.expose().to_owned()),
         JoinWith::Platform(cfg) => {
-            let resp = send(client.post(format!("{control_plane}{JOIN_CHALLENGE_PATH}"))).await?;
+            // The challenge is bound to the target, so a proof carrying it answers a join of that target only.
+            let asked = JoinChallengeRequest::new(target);
+            let resp = send(client.post(format!("{control_plane}{JOIN_CHALLENGE_PATH}")).json(&asked)).await?;
             let challenge: JoinChallenge =
                 resp.json().await.map_err(|e| ApplianceError::Protocol(format!("join challenge: {e}")))?;
             // The server id proved is the CA this appliance pinned: a proof made for a control
             // plane it was not installed for could not be replayed at that one anyway.
-            match platform_proof(cfg, &challenge.challenge, &pin.to_string(), environment).await? {
+            match platform_proof(cfg, &challenge.challenge, &pin.to_string(), target).await? {
                 PlatformProof::AwsSts(p) => JoinProof::AwsSts(p),
                 PlatformProof::Gcp(p) => JoinProof::Gcp(p),
                 PlatformProof::K8s(p) => JoinProof::K8s(p),
@@ -146,7 +154,8 @@ pub(crate) async fn join(
         csr_pem,
         version: airlock_proto::VERSION.to_owned(),
         recover: recover.map(|(proof, _)| proof),
-        environment,
+        environment: target.environment,
+        tenant: target.tenant,
     };
     let resp = send(client.post(format!("{control_plane}{JOIN_PATH}")).json(&body)).await?;
     let joined: JoinResponse =
@@ -200,7 +209,7 @@ pub(crate) async fn renewal_proof(cfg: &PlatformJoinConfig, key: &KeyPair, serve
     use rcgen::PublicKeyData;
     let challenge = airlock_proto::join::renewal_challenge(key.der_bytes());
     // The renewal is judged by the appliance's own environment; nothing to name.
-    match platform_proof(cfg, &challenge, server_id, None).await {
+    match platform_proof(cfg, &challenge, server_id, JoinTarget::default()).await {
         Ok(proof) => serde_json::to_string(&proof).unwrap_or_default(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot prove the host's platform identity for this renewal");

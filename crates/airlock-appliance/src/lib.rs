@@ -199,7 +199,7 @@ async fn recover_identity(
     let key = rcgen::KeyPair::generate().map_err(|e| ApplianceError::Internal(format!("key generation: {e}")))?;
     let mut backoff = backoff::Backoff::new(Duration::from_millis(500), config.max_backoff);
     let (_, _, creds) = loop {
-        match join::join(&config.control_plane, config.ca_fingerprint, with, config.join_environment, &key, Some(&old))
+        match join::join(&config.control_plane, config.ca_fingerprint, with, config.join_target(), &key, Some(&old))
             .await
         {
             Ok(joined) => break joined,
@@ -305,8 +305,7 @@ pub async fn run_with_clock(
         };
         let mut backoff = backoff::Backoff::new(Duration::from_millis(500), config.max_backoff);
         let (enrolment, ca_pem, creds) = loop {
-            match join::join(&config.control_plane, config.ca_fingerprint, with, config.join_environment, &key, None)
-                .await
+            match join::join(&config.control_plane, config.ca_fingerprint, with, config.join_target(), &key, None).await
             {
                 Ok(joined) => break joined,
                 // Only an unreachable control plane is worth retrying: a refusal or a trust

@@ -237,6 +237,7 @@ async fn enrol_one(ctx: &EnrolCtx) -> anyhow::Result<(Enrolled, u64, u64)> {
         version: airlock_proto::VERSION.to_owned(),
         recover: None,
         environment: None,
+        tenant: None,
     };
     let own_client;
     let client = match &ctx.shared_join_client {

@@ -17,7 +17,7 @@
 //!   [`server_audience`] (it cannot carry a challenge), whose freshness the control plane binds by
 //!   its `jti` (single use) and `iat` instead.
 //!
-//! An AWS proof of an appliance that names its environment signs it too ([`ENVIRONMENT_HEADER`]).
+//! An AWS proof signs the tenant and environment the appliance names ([`TENANT_HEADER`], [`ENVIRONMENT_HEADER`]).
 //!
 //! A platform-joined appliance proves its identity again at each certificate renewal, over
 //! its authenticated stream, with the challenge [`renewal_challenge`] derives from its new key
@@ -28,9 +28,13 @@
 //! always did; in code it is the enum [`JoinProof`], and a request with none or several is
 //! refused when read.
 //!
-//! An appliance may name the environment it means to join (`environment`): an identity whose
-//! rules name several environments is then placed in that one, and one that only another
-//! environment's rules accept is refused rather than joined elsewhere.
+//! A platform join pins where it joins ([`JoinTarget`]): its tenant (`tenant`) or its environment
+//! (`environment`), or it is refused. Only the pinned tenant's (or environment's) rules judge the
+//! identity, so another tenant's rule for the same account, project or issuer captures nothing; an
+//! identity whose rules name several of the tenant's environments is placed in the named one, and
+//! one that only another environment's rules accept is refused rather than joined elsewhere. The
+//! challenge is asked for with the same target ([`JoinChallengeRequest`]) and bound to it, and an
+//! AWS proof signs it ([`TENANT_HEADER`], [`ENVIRONMENT_HEADER`]).
 
 use std::collections::BTreeMap;
 
@@ -47,6 +51,64 @@ pub const SERVER_ID_HEADER: &str = "x-airlock-server-id";
 /// names one: the environment is then inside the proof, so whoever replays or relays it cannot
 /// steer the join into another environment, and a request body naming another is refused.
 pub const ENVIRONMENT_HEADER: &str = "x-airlock-environment";
+/// The signed header that names the tenant the appliance means to join (`ten_…`), when it names
+/// one: signed as [`ENVIRONMENT_HEADER`] is, for the same reason.
+pub const TENANT_HEADER: &str = "x-airlock-tenant";
+
+/// Where a platform join is pinned: its tenant, its environment (which implies its tenant), or
+/// both. A platform identity is judged by the pinned tenant's (or environment's) join rules only,
+/// so another tenant's rule naming the same account, project or issuer (none of which is a
+/// secret) cannot capture the appliance. A platform join that pins neither is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JoinTarget {
+    pub tenant: Option<airlock_core::TenantId>,
+    pub environment: Option<airlock_core::EnvironmentId>,
+}
+
+impl JoinTarget {
+    /// Whether it pins anything.
+    pub fn is_pinned(&self) -> bool {
+        self.tenant.is_some() || self.environment.is_some()
+    }
+}
+
+/// The body of `POST /v1/join/challenge`: the target the join will pin (a tenant, an environment, or
+/// both; one at least). The challenge is bound to it, so a proof that carries the challenge (a GCP
+/// token, a requested Kubernetes token) cannot be presented for another target.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JoinChallengeRequest {
+    /// The tenant (`ten_…`) the join will name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The environment (`env_…`) the join will name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+}
+
+impl JoinChallengeRequest {
+    pub fn new(target: JoinTarget) -> Self {
+        Self { tenant: target.tenant.map(|t| t.to_string()), environment: target.environment.map(|e| e.to_string()) }
+    }
+
+    /// The target it names, or why it names none readable.
+    pub fn target(&self) -> Result<JoinTarget, &'static str> {
+        read_target(self.tenant.as_deref(), self.environment.as_deref())
+    }
+}
+
+fn read_target(tenant: Option<&str>, environment: Option<&str>) -> Result<JoinTarget, &'static str> {
+    let tenant = tenant
+        .map(|t| t.parse::<airlock_core::TenantId>())
+        .transpose()
+        .map_err(|_| "`tenant` is not a tenant id (`ten_…`)")?;
+    let environment = environment
+        .map(|e| e.parse::<airlock_core::EnvironmentId>())
+        .transpose()
+        .map_err(|_| "`environment` is not an environment id (`env_…`)")?;
+    Ok(JoinTarget { tenant, environment })
+}
 /// The only body a `GetCallerIdentity` proof may carry.
 pub const GET_CALLER_IDENTITY_BODY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 
@@ -64,6 +126,16 @@ pub struct JoinRequest {
     /// The environment the appliance means to join (`--environment`): a platform identity is then judged by that
     /// environment's join rules only, and a join token must be that environment's.
     pub environment: Option<airlock_core::EnvironmentId>,
+    /// The tenant the appliance means to join (`--tenant`): a platform identity is then judged by that tenant's join
+    /// rules only, and a join token must be that tenant's. A platform join names this or `environment`.
+    pub tenant: Option<airlock_core::TenantId>,
+}
+
+impl JoinRequest {
+    /// Where the join is pinned.
+    pub fn target(&self) -> JoinTarget {
+        JoinTarget { tenant: self.tenant, environment: self.environment }
+    }
 }
 
 /// An appliance whose certificate expired asks to keep its identity (its id, and so its audit
@@ -247,6 +319,10 @@ pub struct JoinRequestWire {
     /// join token must be its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// The tenant (`ten_…`) the appliance means to join: only its join rules judge a platform identity, and a join
+    /// token must be its own. A platform join names `tenant` or `environment`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl TryFrom<JoinRequestWire> for JoinRequest {
@@ -260,12 +336,8 @@ impl TryFrom<JoinRequestWire> for JoinRequest {
             (None, None, None, None) => return Err("a join request needs `join_token`, `aws_sts`, `gcp` or `k8s`"),
             _ => return Err("a join request carries one of `join_token`, `aws_sts`, `gcp` and `k8s`, not several"),
         };
-        let environment = w
-            .environment
-            .map(|e| e.parse::<airlock_core::EnvironmentId>())
-            .transpose()
-            .map_err(|_| "`environment` is not an environment id (`env_…`)")?;
-        Ok(Self { proof, csr_pem: w.csr_pem, version: w.version, recover: w.recover, environment })
+        let JoinTarget { tenant, environment } = read_target(w.tenant.as_deref(), w.environment.as_deref())?;
+        Ok(Self { proof, csr_pem: w.csr_pem, version: w.version, recover: w.recover, environment, tenant })
     }
 }
 
@@ -280,6 +352,7 @@ impl From<JoinRequest> for JoinRequestWire {
             version: r.version,
             recover: r.recover,
             environment: r.environment.map(|e| e.to_string()),
+            tenant: r.tenant.map(|t| t.to_string()),
         };
         match r.proof {
             JoinProof::JoinToken(t) => w.join_token = Some(t),

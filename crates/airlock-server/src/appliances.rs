@@ -62,6 +62,8 @@ pub enum JoinRefusal {
     PlatformUnavailable,
     /// The identity to recover is refused (not ours, not its key, revoked, superseded, elsewhere).
     Recovery,
+    /// A platform join that names neither its tenant nor its environment.
+    Unpinned,
 }
 
 impl JoinRefusal {
@@ -74,6 +76,7 @@ impl JoinRefusal {
             Self::NoEnvironment => "no_environment",
             Self::PlatformUnavailable => "platform_unavailable",
             Self::Recovery => "recovery",
+            Self::Unpinned => "join_target_required",
         }
     }
 }
@@ -102,7 +105,8 @@ pub async fn join(state: &AppState, request: &JoinRequest) -> Result<Joined, Joi
 
 /// Checks a request's recovery proof, if any, against the CSR's key (no I/O).
 fn recovering(state: &AppState, request: &JoinRequest, join_key: &[u8]) -> Result<Option<Recovering>, RecoveryRefusal> {
-    request.recover.as_ref().map(|r| crate::platform_join::recovery::check(&state.ca, r, join_key)).transpose()
+    let now = state.now();
+    request.recover.as_ref().map(|r| crate::platform_join::recovery::check(&state.ca, r, join_key, now)).transpose()
 }
 
 /// Audits a refused recovery on `chain`.
@@ -195,6 +199,16 @@ async fn join_with_token(state: &AppState, token: &str, request: &JoinRequest) -
             return Err(refuse(chain, JoinRefusal::Token, why).await);
         }
     };
+    // A join that names its tenant is for that one only, as for an environment below.
+    if let Some(named) = request.tenant
+        && named != identity.tenant
+    {
+        drop(tx);
+        let why = format!("the join names tenant {named}, and this join token is another tenant's");
+        let detail = serde_json::json!({ "method": "join_token", "code": "other_tenant" });
+        let chain = identity.tenant.to_string();
+        return Err(crate::appliances::refuse(state, chain, JoinRefusal::NoEnvironment, why, detail).await);
+    }
     // A join that names its environment is for that one only; the token stays unspent for the right appliance.
     if let Some(named) = request.environment
         && named != identity.environment
@@ -217,8 +231,8 @@ async fn join_with_token(state: &AppState, token: &str, request: &JoinRequest) -
             let why = RecoveryRefusal::OtherEnvironment;
             return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why).await);
         }
-        Some(r) => match crate::platform_join::recovery::check_stored(&mut tx, r).await? {
-            Ok(()) => Some(r.serial.clone()),
+        Some(r) => match crate::platform_join::recovery::check_stored(&mut tx, r, now).await? {
+            Ok(stored) => Some((r.serial.clone(), stored.join_method)),
             Err(why) => {
                 drop(tx);
                 return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why).await);
@@ -226,7 +240,17 @@ async fn join_with_token(state: &AppState, token: &str, request: &JoinRequest) -
         },
         None => None,
     };
-    let detail = serde_json::json!({ "method": "join_token", "join_token": token.map(|t| t.to_string()) });
+    let mut detail = serde_json::json!({ "method": "join_token", "join_token": token.map(|t| t.to_string()) });
+    // A platform-joined appliance may recover with a join token: the token is an operator's explicit grant for
+    // that very environment (one who has moved the appliance off its platform, or whose platform identity is
+    // gone), and refusing it would strand the appliance with no way back but a new identity. Its renewals stop
+    // proving the platform identity from then on, so the change of method is in the join's audit record.
+    let recovered = recovered.map(|(serial, from)| {
+        if from != "join_token" {
+            detail["method_changed"] = serde_json::json!({ "from": from, "to": "join_token" });
+        }
+        serial
+    });
     let via = JoinVia { method: "join_token", identity: None, rule: None };
     let record = Record::new(retried, recovered);
     issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, record, via, detail }).await
@@ -245,6 +269,7 @@ async fn join_with_platform(
             PlatformRefusal::NoRule(_)
             | PlatformRefusal::SeveralEnvironments(..)
             | PlatformRefusal::NotNamedEnvironment(..) => JoinRefusal::NoEnvironment,
+            PlatformRefusal::Unpinned => JoinRefusal::Unpinned,
             r if r.unavailable() => JoinRefusal::PlatformUnavailable,
             _ => JoinRefusal::Proof,
         };
@@ -268,7 +293,7 @@ async fn join_with_platform(
         Ok(r) => r,
         Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), method, r).await),
     };
-    let matched = match crate::platform_join::verify(state, proof, request.environment).await? {
+    let matched = match crate::platform_join::verify(state, proof, request.target()).await? {
         Ok(m) => m,
         Err(r) => return Err(refused(r).await),
     };
@@ -279,9 +304,26 @@ async fn join_with_platform(
         return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
     }
     let mut tx = state.store.write().await?;
+    let mut method_changed = None;
     let (retry, recovered) = match &recovering {
-        Some(r) => match crate::platform_join::recovery::check_stored(&mut tx, r).await? {
-            Ok(()) => (None, Some((r.identity.appliance, r.serial.clone()))),
+        Some(r) => match crate::platform_join::recovery::check_stored(&mut tx, r, state.now()).await? {
+            // A platform-joined appliance recovers as the identity it joined with, or not at all: another identity
+            // that some rule of its environment accepts (another role of the account) takes nothing over.
+            Ok(stored)
+                if stored.join_method != "join_token"
+                    && crate::platform_join::other_identity(stored.join_identity.as_deref(), &matched.identity)
+                        .is_some() =>
+            {
+                drop(tx);
+                let why = RecoveryRefusal::OtherIdentity;
+                return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
+            }
+            Ok(stored) => {
+                if stored.join_method != method {
+                    method_changed = Some(serde_json::json!({ "from": stored.join_method, "to": method }));
+                }
+                (None, Some((r.identity.appliance, r.serial.clone())))
+            }
             Err(why) => {
                 drop(tx);
                 return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
@@ -308,11 +350,14 @@ async fn join_with_platform(
         return Err(refused(PlatformRefusal::Token(TokenRefusal::Replayed)).await);
     }
     let shown = matched.identity.matched();
-    let detail = serde_json::json!({
+    let mut detail = serde_json::json!({
         "method": method,
         "identity": matched.identity.audit(),
         "join_rule": matched.rule.to_string(),
     });
+    if let Some(changed) = method_changed {
+        detail["method_changed"] = changed;
+    }
     let via = JoinVia { method, identity: Some(&shown), rule: Some(matched.rule) };
     let record = Record::new(retry.is_some(), recovered.map(|(_, serial)| serial));
     issue(state, tx, Issue { identity, join_key: &join_key, csr_pem, version, record, via, detail }).await

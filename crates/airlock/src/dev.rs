@@ -57,6 +57,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode>
         join_token: Some(airlock_core::token::Secret::parse(airlock_core::token::TokenKind::Join, join_token)?),
         platform_join: None,
         join_environment: None,
+        join_tenant: None,
         state_dir: root.join("appliance"),
         max_backoff: Duration::from_secs(5),
         customer_keys: Vec::new(),

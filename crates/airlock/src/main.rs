@@ -421,9 +421,15 @@ struct ApplianceRunArgs {
     #[arg(long)]
     join_method: Option<String>,
     /// The environment (`env_…`) to join: a platform identity is judged by its join rules only (another
-    /// environment's rules accepting it is a refusal), and a join token must be its.
+    /// environment's rules accepting it is a refusal), and a join token must be its. A platform join
+    /// (`--join-method`) needs this or `--tenant`.
     #[arg(long)]
     environment: Option<String>,
+    /// The tenant (`ten_…`) to join: a platform identity is judged by its join rules only, so another
+    /// tenant's rule naming the same account, project or cluster cannot take this appliance. A platform
+    /// join (`--join-method`) needs this or `--environment`.
+    #[arg(long)]
+    tenant: Option<String>,
     /// The STS endpoint an AWS join signs for [default: https://sts.<region>.amazonaws.com].
     #[arg(long)]
     aws_sts_endpoint: Option<String>,
@@ -1318,6 +1324,7 @@ async fn appliance(cmd: ApplianceCmd) -> anyhow::Result<ExitCode> {
                 join_token: args.join_token,
                 join_method: args.join_method,
                 environment: args.environment,
+                tenant: args.tenant,
                 aws_sts_endpoint: args.aws_sts_endpoint,
                 gcp_metadata_url: args.gcp_metadata_url,
                 k8s_token_path: args.k8s_token_path,

@@ -77,6 +77,8 @@ impl InProcess {
             join_token: join_token.map(|t| Secret::parse(TokenKind::Join, t).unwrap()),
             platform_join: None,
             join_environment: None,
+            // A platform join pins its tenant; a token join may name it too.
+            join_tenant: Some(self.cli.tenant.parse().unwrap()),
             state_dir: state.to_owned(),
             max_backoff: Duration::from_secs(1),
             customer_keys: Vec::new(),

@@ -127,22 +127,29 @@ fn csr() -> String {
     rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
 }
 
-/// Talks to the server's API as an appliance that has not joined: pinned to its CA.
+/// Talks to the server's API as an appliance that has not joined: pinned to its CA, and its joins
+/// pinned to `target` (`{"tenant": …}` and/or `{"environment": …}`), its challenges asked for it.
 struct Anonymous {
     rt: tokio::runtime::Runtime,
     http: reqwest::Client,
     url: String,
+    target: Value,
 }
 
 impl Anonymous {
+    /// Joins pinned to the server's first tenant.
     fn new(server: &Server) -> Self {
+        Self::pinned(server, json!({ "tenant": server.tenant }))
+    }
+
+    fn pinned(server: &Server, target: Value) -> Self {
         let pin = server.fingerprint.parse().unwrap();
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(airlock_proto::tls::pinned_client_config(pin))
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap();
-        Self { rt: tokio::runtime::Runtime::new().unwrap(), http, url: server.url.clone() }
+        Self { rt: tokio::runtime::Runtime::new().unwrap(), http, url: server.url.clone(), target }
     }
 
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -154,7 +161,12 @@ impl Anonymous {
     }
 
     fn challenge(&self) -> String {
-        let (status, body) = self.post("/v1/join/challenge", &json!({}));
+        self.challenge_for(&self.target)
+    }
+
+    /// A challenge for a join pinned to `target`.
+    fn challenge_for(&self, target: &Value) -> String {
+        let (status, body) = self.post("/v1/join/challenge", target);
         assert_eq!(status, 200, "{body}");
         body["challenge"].as_str().unwrap().to_owned()
     }
@@ -165,13 +177,21 @@ impl Anonymous {
 
     /// A join with `method`'s proof (`aws_sts`, `gcp`, `k8s`).
     fn join_by(&self, method: &str, proof: &Value) -> (u16, Value) {
-        self.post("/v1/join", &json!({ method: proof, "csr_pem": csr(), "version": "test" }))
+        let mut body = self.target.clone();
+        body[method] = proof.clone();
+        body["csr_pem"] = csr().into();
+        body["version"] = "test".into();
+        self.post("/v1/join", &body)
     }
 }
 
-/// The headers the control plane requires signed, for `challenge`.
+/// The headers the control plane requires signed, for `challenge`, with the tenant a join names (the server's first).
 fn airlock_headers(server: &Server, challenge: &str) -> Value {
-    json!({ "x-airlock-join-challenge": challenge, "x-airlock-server-id": server.fingerprint })
+    json!({
+        "x-airlock-join-challenge": challenge,
+        "x-airlock-server-id": server.fingerprint,
+        "x-airlock-tenant": server.tenant,
+    })
 }
 
 fn add_rule(server: &Server, env: &str, pattern: Option<&str>) -> String {
@@ -189,7 +209,8 @@ fn join_refusals(server: &Server) -> Vec<Value> {
 fn appliance_proc(server: &Server, state: &Path, sts: &str, creds: &Creds) -> airlock_testkit::process::Proc {
     let env = creds.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    server.appliance_proc_with_env(state, None, &["--join-method", "aws", "--aws-sts-endpoint", sts], &env)
+    let args = ["--join-method", "aws", "--aws-sts-endpoint", sts, "--tenant", &server.tenant];
+    server.appliance_proc_with_env(state, None, &args, &env)
 }
 
 /// Asserts a refusal's status and remembers its code, to find its audit record after.
@@ -321,13 +342,14 @@ fn an_appliance_that_names_its_environment_is_judged_by_that_environments_rules_
         let creds = aws.dup.env();
         let creds: Vec<(&str, &str)> = creds.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut args = vec!["--join-method", "aws", "--aws-sts-endpoint", &aws.moto.url];
-        if let Some(env) = env {
-            args.extend(["--environment", env]);
+        match env {
+            Some(env) => args.extend(["--environment", env]),
+            None => args.extend(["--tenant", &server.tenant]),
         }
         server.appliance_proc_with_env(&tmp.path().join(state), None, &args, &creds)
     };
 
-    // Unnamed, the identity is ambiguous and joins nowhere, as before.
+    // Naming only its tenant, the identity is ambiguous and joins nowhere, as before.
     let mut ambiguous = with_env("ambiguous", None);
     let status = wait_for(Duration::from_secs(20), "the ambiguous join to be refused", || ambiguous.exited());
     assert!(!status.success());
@@ -424,6 +446,8 @@ fn an_aws_joined_appliance_proves_its_identity_at_each_renewal_and_is_refused_on
     let server = Server::start_with(BIN, &["--aws-sts-endpoint", &aws.moto.url, "--appliance-cert-lifetime", "6s"]);
     let env = server.create_env("renewing");
     let rule = add_rule(&server, &env, Some(&format!("arn:aws:iam::{ACCOUNT}:role/airlock-prod")));
+    // Another role of the same account is accepted too: it must not keep alive what joined as `airlock-prod`.
+    add_rule(&server, &env, Some(&format!("arn:aws:iam::{ACCOUNT}:role/airlock-dup")));
     let tmp = tempfile::tempdir().unwrap();
     let mut proc = appliance_proc(&server, &tmp.path().join("apl"), &aws.moto.url, &aws.prod);
     let id = server.wait_connected(&mut proc);
@@ -445,6 +469,22 @@ fn an_aws_joined_appliance_proves_its_identity_at_each_renewal_and_is_refused_on
     });
     assert!(refused["detail"]["reason"].as_str().unwrap().contains("airlock-prod"), "{refused}");
     proc.stop();
+
+    // The same key holder, now proving the `airlock-dup` role, which a rule of the environment still accepts: it
+    // joined as `airlock-prod`, so it neither renews (if its certificate is still valid) nor recovers (if not).
+    let mut swapped = appliance_proc(&server, &tmp.path().join("apl"), &aws.moto.url, &aws.dup);
+    let refused = wait_for(Duration::from_secs(30), "the other identity to be refused", || {
+        let renewal = renewals("denied")
+            .into_iter()
+            .find(|r| r["detail"]["reason"].as_str().unwrap_or("").starts_with("identity_changed"));
+        let recovery =
+            refusals_of(&server, "aws_sts").into_iter().find(|r| r["detail"]["code"] == "recovery_other_identity");
+        renewal.or(recovery)
+    });
+    assert!(refused["detail"]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{refused}");
+    let as_dup = |r: &Value| r["detail"]["platform_identity"]["arn"].as_str().unwrap_or("").contains("airlock-dup");
+    assert!(!renewals("success").iter().any(as_dup), "never renewed as the other role");
+    swapped.stop();
 }
 
 const PROJECT: &str = "airlock-prod-1";
@@ -519,7 +559,7 @@ fn an_appliance_joins_with_its_gcp_identity_renews_with_fresh_tokens_and_every_b
     let mut proc = server.appliance_proc_with(
         &tmp.path().join("apl"),
         None,
-        &["--join-method", "gcp", "--gcp-metadata-url", &metadata.url],
+        &["--join-method", "gcp", "--gcp-metadata-url", &metadata.url, "--tenant", &server.tenant],
     );
     let id = server.wait_connected(&mut proc);
     assert_eq!(metadata.refused_without_flavor(), 1, "the appliance sends Metadata-Flavor: Google");
@@ -671,7 +711,7 @@ fn an_appliance_joins_with_its_kubernetes_service_account_once_per_token_and_eve
     let mut proc = server.appliance_proc_with(
         &tmp.path().join("apl"),
         None,
-        &["--join-method", "k8s", "--k8s-token-path", token_file.to_str().unwrap()],
+        &["--join-method", "k8s", "--k8s-token-path", token_file.to_str().unwrap(), "--tenant", &server.tenant],
     );
     let id = server.wait_connected(&mut proc);
     let view = server.appliance(&id);
@@ -806,28 +846,37 @@ fn an_aws_proof_signs_the_environment_it_names_and_cannot_be_turned_to_another()
         }
         botocore_proof(&url, &aws.dup, &headers, &json!({}))
     };
-    let join_in = |proof: &Value, env: Option<&str>| {
-        let mut body = json!({ "aws_sts": proof, "csr_pem": csr(), "version": "test" });
+    // The pin a join names (its tenant, and `env`): the body and the challenge name it alike.
+    let pin = |env: Option<&str>| {
+        let mut target = json!({ "tenant": server.tenant });
         if let Some(env) = env {
-            body["environment"] = env.into();
+            target["environment"] = env.into();
         }
+        target
+    };
+    let ch = |env: Option<&str>| api.challenge_for(&pin(env));
+    let join_in = |proof: &Value, env: Option<&str>| {
+        let mut body = pin(env);
+        body["aws_sts"] = proof.clone();
+        body["csr_pem"] = csr().into();
+        body["version"] = "test".into();
         api.post("/v1/join", &body)
     };
     let appliances_before = server.appliances().len();
     let mut refusals = Vec::new();
 
     // Signed for B, the body naming A: refused by the control plane before anything is sent.
-    let p = signed_for(Some(&b), &api.challenge());
+    let p = signed_for(Some(&b), &ch(Some(&a)));
     expect(&mut refusals, "signed for another environment", join_in(&p, Some(&a)), 401, "environment_mismatch");
     // Signed for B, the header changed to A after signing: the emulator refuses the signature.
-    let mut p = signed_for(Some(&b), &api.challenge());
+    let mut p = signed_for(Some(&b), &ch(Some(&a)));
     p["headers"]["x-airlock-environment"] = a.clone().into();
     expect(&mut refusals, "environment changed after signing", join_in(&p, Some(&a)), 401, "sts_refused");
     // The body names an environment the proof does not sign.
-    let p = signed_for(None, &api.challenge());
+    let p = signed_for(None, &ch(Some(&a)));
     expect(&mut refusals, "environment not signed", join_in(&p, Some(&a)), 401, "environment_unsigned");
     // The environment sent beside the signature, not in it.
-    let c = api.challenge();
+    let c = ch(Some(&a));
     let p =
         botocore_proof(&url, &aws.dup, &airlock_headers(&server, &c), &json!({ "x-airlock-environment": a.clone() }));
     expect(&mut refusals, "environment header unsigned", join_in(&p, Some(&a)), 401, "unsigned_header");
@@ -838,15 +887,112 @@ fn an_aws_proof_signs_the_environment_it_names_and_cannot_be_turned_to_another()
     let reason = mismatch["detail"]["reason"].as_str().unwrap();
     assert!(reason.contains(a.as_str()) && reason.contains(b.as_str()), "{mismatch}");
 
-    // Signed for B with no environment in the body: the signed one narrows the match as a named one would.
-    let (status, body) = join_in(&signed_for(Some(&b), &api.challenge()), None);
+    // Signed for B with no environment in the body (its tenant only): the signed one narrows the match as a named one
+    // would.
+    let (status, body) = join_in(&signed_for(Some(&b), &ch(None)), None);
     assert_eq!(status, 200, "{body}");
     let id = body["appliance_id"].as_str().unwrap().to_owned();
     assert_eq!(server.appliance(&id)["environment_id"], b.as_str());
     // Signed for A and naming A: joins A.
-    let (status, body) = join_in(&signed_for(Some(&a), &api.challenge()), Some(&a));
+    let (status, body) = join_in(&signed_for(Some(&a), &ch(Some(&a))), Some(&a));
     assert_eq!(status, 200, "{body}");
     assert_eq!(server.appliance(body["appliance_id"].as_str().unwrap())["environment_id"], a.as_str());
+    let out = server.audit_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A second tenant on `server`: its id and its admin token.
+fn another_tenant(server: &Server, name: &str) -> (String, String) {
+    let out = Command::new(BIN).args(["server", "tenant", "create", name, "--data-dir"]).arg(&server.data_dir).output();
+    let out = airlock_testkit::e2e::ok(out.unwrap(), "tenant create");
+    let field = |key: &str| out.lines().find_map(|l| l.strip_prefix(key)).unwrap().trim().to_owned();
+    (field("tenant:"), field("admin token:"))
+}
+
+#[test]
+fn a_platform_join_is_pinned_to_its_tenant_and_another_tenants_rule_for_the_same_account_captures_nothing() {
+    let aws = Aws::start();
+    let server = Server::start_with(BIN, &["--aws-sts-endpoint", &aws.moto.url]);
+    let alpha = server.tenant.clone();
+    let (beta, beta_admin) = another_tenant(&server, "beta");
+    // Beta names alpha's account first (an account id is no secret), accepting any of its principals; alpha's own
+    // rule, added after, is not blocked by it.
+    let beta_env = server.cli_as(&beta_admin, &["env", "create", "beta-env"]);
+    let beta_env = airlock_testkit::e2e::ok(beta_env, "env create").trim().to_owned();
+    let added = server.cli_as(&beta_admin, &["env", "join-rule", "add", &beta_env, "--aws-account", ACCOUNT]);
+    airlock_testkit::e2e::ok(added, "beta's join rule");
+    let alpha_env = server.create_env("alpha-env");
+    add_rule(&server, &alpha_env, Some(&format!("arn:aws:iam::{ACCOUNT}:role/airlock-prod")));
+
+    // Alpha's appliance, pinned to alpha, joins alpha's environment whatever beta's rules say.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut proc = appliance_proc(&server, &tmp.path().join("alpha"), &aws.moto.url, &aws.prod);
+    let id = server.wait_connected(&mut proc);
+    assert_eq!(server.appliance(&id)["environment_id"], alpha_env.as_str());
+    proc.stop();
+
+    // The real appliance with no pin is refused with the reason, before anything is issued.
+    let appliances_before = server.appliances().len();
+    let creds = aws.prod.env();
+    let creds: Vec<(&str, &str)> = creds.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["--join-method", "aws", "--aws-sts-endpoint", &aws.moto.url];
+    let mut unpinned = server.appliance_proc_with_env(&tmp.path().join("unpinned"), None, &args, &creds);
+    let status = wait_for(Duration::from_secs(20), "the unpinned join to be refused", || unpinned.exited());
+    assert!(!status.success());
+    assert!(unpinned.log().contains("--tenant"), "{}", unpinned.log());
+
+    let url = format!("{}/", aws.moto.url);
+    let api = Anonymous::new(&server);
+    let sign = |creds: &Creds, signed: &Value, unsigned: &Value| botocore_proof(&url, creds, signed, unsigned);
+    let headers = |challenge: &str, tenant: &str| {
+        json!({ "x-airlock-join-challenge": challenge, "x-airlock-server-id": server.fingerprint,
+            "x-airlock-tenant": tenant })
+    };
+    let mut refusals = Vec::new();
+    // No pin in the body: refused before the challenge is spent, so the same challenge still serves a pinned join.
+    let c = api.challenge();
+    let p = sign(&aws.prod, &headers(&c, &alpha), &json!({}));
+    let unpinned = Anonymous::pinned(&server, json!({}));
+    expect(&mut refusals, "no pin", unpinned.join(&p), 400, "join_target_required");
+    let (status, body) = api.join(&p);
+    assert_eq!(status, 200, "the challenge was not spent by the unpinned join: {body}");
+    let appliances_before = appliances_before + 1;
+    // The tenant sent beside the signature, not in it.
+    let c = api.challenge();
+    let p = sign(
+        &aws.prod,
+        &json!({ "x-airlock-join-challenge": c, "x-airlock-server-id": server.fingerprint }),
+        &json!({ "x-airlock-tenant": alpha }),
+    );
+    expect(&mut refusals, "tenant header unsigned", api.join(&p), 401, "unsigned_header");
+    // Signed for beta, the body naming alpha.
+    let p = sign(&aws.prod, &headers(&api.challenge(), &beta), &json!({}));
+    expect(&mut refusals, "signed for another tenant", api.join(&p), 401, "tenant_mismatch");
+    // The body names alpha, the proof signs no tenant.
+    let c = api.challenge();
+    let p = sign(
+        &aws.prod,
+        &json!({ "x-airlock-join-challenge": c, "x-airlock-server-id": server.fingerprint }),
+        &json!({}),
+    );
+    expect(&mut refusals, "tenant not signed", api.join(&p), 401, "tenant_unsigned");
+    // Signed for beta, the header changed to alpha after signing: the emulator refuses the signature.
+    let mut p = sign(&aws.prod, &headers(&api.challenge(), &beta), &json!({}));
+    p["headers"]["x-airlock-tenant"] = alpha.clone().into();
+    expect(&mut refusals, "tenant changed after signing", api.join(&p), 401, "sts_refused");
+    // A challenge asked for beta, answered by a join pinned to alpha.
+    let c = api.challenge_for(&json!({ "tenant": beta }));
+    let p = sign(&aws.prod, &headers(&c, &alpha), &json!({}));
+    expect(&mut refusals, "challenge of another pin", api.join(&p), 401, "challenge_other_target");
+    // Beta's appliance pinning alpha, with an identity only beta's rule accepts (the `airlock-dup` role): refused, and
+    // not placed in beta either.
+    let p = sign(&aws.dup, &headers(&api.challenge(), &alpha), &json!({}));
+    expect(&mut refusals, "an identity only another tenant accepts", api.join(&p), 403, "no_matching_rule");
+    assert_eq!(server.appliances().len(), appliances_before, "no refusal issued anything");
+    let beta_view = server.cli_as(&beta_admin, &["appliance", "list", "--json"]);
+    let beta_view: Value = serde_json::from_str(&airlock_testkit::e2e::ok(beta_view, "beta's appliances")).unwrap();
+    assert_eq!(beta_view["appliances"].as_array().unwrap().len(), 0, "nothing joined beta");
+    assert_audited(&server, "aws_sts", &refusals);
     let out = server.audit_verify();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -885,6 +1031,8 @@ fn a_kubernetes_appliance_joins_with_a_token_requested_for_its_challenge_and_one
                 &iss,
                 "--k8s-ca-path",
                 ca,
+                "--tenant",
+                &server.tenant,
             ],
         )
     };
@@ -933,6 +1081,17 @@ fn a_kubernetes_appliance_joins_with_a_token_requested_for_its_challenge_and_one
         api.join_by("k8s", &proof(&token, &other)),
         401,
         "token_audience",
+    );
+    // Relayed under another pin than its challenge was asked for: the challenge is bound to its pin, so the token
+    // cannot be steered elsewhere.
+    let c = api.challenge();
+    let steered = Anonymous::pinned(&server, json!({ "tenant": server.tenant, "environment": env }));
+    expect(
+        &mut refusals,
+        "relayed under another pin",
+        steered.join_by("k8s", &proof(&requested(&c), &c)),
+        401,
+        "challenge_other_target",
     );
     assert_eq!(server.appliances().len(), appliances_before, "no refusal issued anything");
     assert_audited(&server, "k8s_token", &refusals);

@@ -6,8 +6,8 @@
 //! which answers with the caller's account and ARN. Its signed headers carry the control
 //! plane's challenge and the CA fingerprint this appliance pinned, so the proof answers one
 //! challenge of one control plane and a captured proof is worth nothing elsewhere or later.
-//! An appliance that names its environment (`--environment`) signs that too, so the proof cannot
-//! be presented for another environment.
+//! An appliance that names its tenant or environment (`--tenant`, `--environment`) signs them too, so
+//! the proof cannot be presented for another.
 //! The credentials themselves never leave the host.
 
 use std::collections::BTreeMap;
@@ -31,12 +31,13 @@ fn failed(why: impl std::fmt::Display) -> ApplianceError {
     ApplianceError::PlatformIdentity(why.to_string())
 }
 
-/// Signs a `GetCallerIdentity` request carrying `challenge`, `server_id` and the `environment` the join names.
+/// Signs a `GetCallerIdentity` request carrying `challenge`, `server_id` and the tenant and environment the join
+/// names (`target`).
 pub(crate) async fn proof(
     cfg: &AwsJoinConfig,
     challenge: &str,
     server_id: &str,
-    environment: Option<airlock_core::EnvironmentId>,
+    target: airlock_proto::join::JoinTarget,
 ) -> Result<AwsStsProof, ApplianceError> {
     let load = async {
         let chain = crate::secrets::aws::Chain::load(cfg.region.as_deref()).await;
@@ -58,7 +59,8 @@ pub(crate) async fn proof(
         (Some(h), None) => h.to_owned(),
         (None, _) => return Err(failed("the STS endpoint has no host")),
     };
-    let environment = environment.map(|e| e.to_string());
+    let environment = target.environment.map(|e| e.to_string());
+    let tenant = target.tenant.map(|t| t.to_string());
     let mut headers = vec![
         ("host", host.as_str()),
         ("content-type", CONTENT_TYPE),
@@ -67,6 +69,9 @@ pub(crate) async fn proof(
     ];
     if let Some(env) = &environment {
         headers.push((ENVIRONMENT_HEADER, env.as_str()));
+    }
+    if let Some(tenant) = &tenant {
+        headers.push((airlock_proto::join::TENANT_HEADER, tenant.as_str()));
     }
     let identity = creds.into();
     let params = aws_sigv4::sign::v4::SigningParams::builder()

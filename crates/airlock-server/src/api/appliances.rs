@@ -6,7 +6,7 @@ use std::sync::Arc;
 use airlock_core::audit::AuditAction;
 use airlock_core::audit::Outcome;
 use airlock_core::{ApplianceId, EnvironmentId, WorkspaceId};
-use airlock_proto::join::{JoinChallenge, JoinRequest, JoinResponse};
+use airlock_proto::join::{JoinChallenge, JoinChallengeRequest, JoinRequest, JoinResponse, JoinTarget};
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -50,16 +50,38 @@ pub(super) async fn join(
 
 /// A short-lived, single-use challenge for one platform-identity join: its proof must carry
 /// it. Anyone may ask; each source address holds a few at once, and everyone a bounded number.
-#[utoipa::path(post, path = "/v1/join/challenge",
+/// The body names the tenant or environment the join will name (one of them at least); the
+/// challenge answers a join naming exactly those.
+#[utoipa::path(post, path = "/v1/join/challenge", request_body = JoinChallengeRequest,
     responses((status = 200, body = JoinChallenge),
+        (status = 400, body = ErrorBody, description = "the body is not a JoinChallengeRequest, or names neither a tenant nor an environment"),
         (status = 429, body = ErrorBody, description = "too many challenges outstanding; retry in a minute")))]
 pub(super) async fn join_challenge(
     State(state): State<Arc<AppState>>,
     from: Option<axum::Extension<ClientAddr>>,
+    body: axum::body::Bytes,
 ) -> Result<Json<JoinChallenge>, ApiError> {
+    // An appliance that predates targets sends no body: read as naming nothing, and refused below with the reason.
+    let target = if body.is_empty() {
+        JoinTarget::default()
+    } else {
+        serde_json::from_slice::<JoinChallengeRequest>(&body)
+            .map_err(|e| ApiError::bad_request(format!("the challenge request is malformed: {e}")))?
+            .target()
+            .map_err(ApiError::bad_request)?
+    };
+    // A join that names no target is refused, so a challenge for one would only fill the table: refused here already,
+    // with the reason the join would give (an appliance that predates targets sends no body, and learns why).
+    if !target.is_pinned() {
+        let refusal = platform_join::PlatformRefusal::Unpinned;
+        let mut ev = event("anonymous", AuditAction::ApplianceJoin, Outcome::Denied);
+        ev.detail = serde_json::json!({ "reason": refusal.reason(), "code": refusal.code() });
+        state.audit_refusal(SYSTEM_CHAIN, ev).await;
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "join_target_required", refusal.reason()));
+    }
     let now = state.now();
     let from = from.map(|axum::Extension(ClientAddr(ip))| ip);
-    match state.platform.challenges.issue(from, now, random()) {
+    match state.platform.challenges.issue(from, now, random(), target) {
         Ok(c) => Ok(Json(JoinChallenge {
             challenge: c.nonce,
             server_id: state.ca.fingerprint().to_string(),
@@ -235,6 +257,9 @@ impl From<JoinError> for ApiError {
             JoinError::Refused { refusal: JoinRefusal::NoEnvironment, reason } => ApiError::forbidden(reason),
             JoinError::Refused { refusal: JoinRefusal::Recovery, reason } => ApiError::forbidden(reason),
             JoinError::Refused { refusal: JoinRefusal::PlatformUnavailable, reason } => ApiError::unavailable(reason),
+            JoinError::Refused { refusal: JoinRefusal::Unpinned, reason } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "join_target_required", reason)
+            }
             JoinError::Store(e) => e.into(),
         }
     }
@@ -373,7 +398,6 @@ fn rule_view(r: &JoinRule) -> JoinRuleView {
     params(("environment" = String, Path, description = "environment id (env_…)")),
     request_body = AddJoinRule,
     responses((status = 201, body = JoinRuleView),
-        (status = 409, body = ErrorBody, description = "another tenant's join rules already name this account, project or issuer"),
         (status = 422, body = ErrorBody, description = "the environment holds as many join rules as it may")))]
 pub(super) async fn add_join_rule(
     State(state): State<Arc<AppState>>,
@@ -447,9 +471,6 @@ impl From<RuleAdminError> for ApiError {
         match e {
             RuleAdminError::Invalid(_) => ApiError::bad_request(e.to_string()),
             RuleAdminError::TooMany(_) => ApiError::limit_exceeded(e.to_string()),
-            RuleAdminError::ClaimedElsewhere(_) => {
-                ApiError::new(StatusCode::CONFLICT, "claimed_elsewhere", e.to_string())
-            }
             RuleAdminError::NoEnvironment(_) | RuleAdminError::NoRule(..) => ApiError::not_found(e.to_string()),
             RuleAdminError::Store(e) => e.into(),
         }

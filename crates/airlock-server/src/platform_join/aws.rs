@@ -6,17 +6,18 @@
 //! control plane may send: the exact `GetCallerIdentity` body, `POST` to `/` of an endpoint on
 //! the allow list ([`StsAllowList`]: the public STS endpoints by default, never an arbitrary
 //! URL), an `sts` credential scope, and signed headers that cover `host`, the challenge and
-//! this control plane's id, whose values it checks, and the environment the appliance named if it
-//! sent one ([`ENVIRONMENT_HEADER`]; [`check_environment`] holds it to the join's). [`StsClient::call`] then sends it, with no
+//! this control plane's id, whose values it checks, and the tenant and environment the appliance
+//! named if it sent them ([`TENANT_HEADER`], [`ENVIRONMENT_HEADER`]; [`check_tenant`] and
+//! [`check_environment`] hold them to the join's). [`StsClient::call`] then sends it, with no
 //! redirect followed, a time limit and a cap on the answer's size, and reads `Account` and
 //! `Arn` from AWS's answer.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use airlock_core::EnvironmentId;
+use airlock_core::{EnvironmentId, TenantId};
 use airlock_proto::join::{
-    AwsStsProof, CHALLENGE_HEADER, ENVIRONMENT_HEADER, GET_CALLER_IDENTITY_BODY, SERVER_ID_HEADER,
+    AwsStsProof, CHALLENGE_HEADER, ENVIRONMENT_HEADER, GET_CALLER_IDENTITY_BODY, SERVER_ID_HEADER, TENANT_HEADER,
 };
 use reqwest::Url;
 
@@ -122,6 +123,10 @@ pub enum AwsRefusal {
     EnvironmentUnsigned(EnvironmentId),
     /// The proof signs one environment and the join names another.
     OtherEnvironment { signed: EnvironmentId, named: EnvironmentId },
+    /// The join names a tenant that the proof does not sign.
+    TenantUnsigned(TenantId),
+    /// The proof signs one tenant and the join names another.
+    OtherTenant { signed: TenantId, named: TenantId },
     /// STS refused the signature or the credentials (its error code).
     StsRefused(String),
     /// STS could not be reached in time.
@@ -139,6 +144,8 @@ impl AwsRefusal {
             Self::OtherServer => "other_server",
             Self::EnvironmentUnsigned(_) => "environment_unsigned",
             Self::OtherEnvironment { .. } => "environment_mismatch",
+            Self::TenantUnsigned(_) => "tenant_unsigned",
+            Self::OtherTenant { .. } => "tenant_mismatch",
             Self::StsRefused(_) => "sts_refused",
             Self::StsUnreachable => "sts_unreachable",
             Self::StsBadAnswer => "sts_bad_answer",
@@ -161,6 +168,12 @@ impl AwsRefusal {
             Self::OtherEnvironment { signed, named } => format!(
                 "the AWS proof was signed for environment {signed}, but the join names environment {named}"
             ),
+            Self::TenantUnsigned(named) => {
+                format!("the join names tenant {named}, but its AWS proof does not sign it (the `{TENANT_HEADER}` header)")
+            }
+            Self::OtherTenant { signed, named } => {
+                format!("the AWS proof was signed for tenant {signed}, but the join names tenant {named}")
+            }
             Self::StsRefused(code) => format!("AWS STS refused the signed request ({code})"),
             Self::StsUnreachable => "AWS STS could not be reached in time; try again".into(),
             Self::StsBadAnswer => "AWS STS answered something that is not a GetCallerIdentity result".into(),
@@ -178,6 +191,8 @@ pub struct CheckedProof {
     pub challenge: String,
     /// The environment the signed [`ENVIRONMENT_HEADER`] names, if the proof signs one.
     pub environment: Option<EnvironmentId>,
+    /// The tenant the signed [`TENANT_HEADER`] names, if the proof signs one.
+    pub tenant: Option<TenantId>,
 }
 
 /// The checks made before anything is sent; `server_id` is this control plane's CA fingerprint.
@@ -256,13 +271,22 @@ pub fn check_proof(proof: &AwsStsProof, allow: &StsAllowList, server_id: &str) -
                 .map_err(|_| malformed("the signed environment is not an environment id (`env_…`)"))?,
         ),
     };
+    let tenant = match headers.get(TENANT_HEADER) {
+        None => None,
+        Some(_) if !auth.signed_headers.iter().any(|h| h == TENANT_HEADER) => {
+            return Err(AwsRefusal::UnsignedHeader(TENANT_HEADER));
+        }
+        Some(t) => {
+            Some(t.parse::<TenantId>().map_err(|_| malformed("the signed tenant is not a tenant id (`ten_…`)"))?)
+        }
+    };
     // Only what AWS reads: the signed headers and the signature. Framing is the client's.
     let send: Vec<(String, String)> = headers
         .into_iter()
         .filter(|(n, _)| n == "authorization" || auth.signed_headers.contains(n))
         .filter(|(n, _)| n != "host" && n != "content-length")
         .collect();
-    Ok(CheckedProof { url, headers: send, challenge, environment })
+    Ok(CheckedProof { url, headers: send, challenge, environment, tenant })
 }
 
 /// Holds the environment a checked proof signs to the one its join names (`named`): a join that
@@ -276,6 +300,19 @@ pub fn check_environment(
     match (signed, named) {
         (Some(signed), Some(named)) if signed != named => Err(AwsRefusal::OtherEnvironment { signed, named }),
         (None, Some(named)) if must_sign => Err(AwsRefusal::EnvironmentUnsigned(named)),
+        (signed, named) => Ok(signed.or(named)),
+    }
+}
+
+/// Holds the tenant a checked proof signs to the one its join names, as [`check_environment`] does.
+pub fn check_tenant(
+    signed: Option<TenantId>,
+    named: Option<TenantId>,
+    must_sign: bool,
+) -> Result<Option<TenantId>, AwsRefusal> {
+    match (signed, named) {
+        (Some(signed), Some(named)) if signed != named => Err(AwsRefusal::OtherTenant { signed, named }),
+        (None, Some(named)) if must_sign => Err(AwsRefusal::TenantUnsigned(named)),
         (signed, named) => Ok(signed.or(named)),
     }
 }

@@ -7,6 +7,9 @@
 //! A challenge is asked for before anything names a tenant (the proof that names one spends it),
 //! and a name the peer chose would be the attacker's to pick, so challenges are split by network
 //! only: filling the table takes [`crate::net::anonymous::Budget::networks_to_fill`] networks.
+//! Each is bound to the target the appliance asked for it with ([`JoinTarget`]: the tenant or
+//! environment its join will pin, chosen by the peer and so no party to split by), and spending it
+//! for another target fails, so a proof that carries the challenge cannot be steered elsewhere.
 //! They live in memory only: a restart forgets them, which costs an appliance one retry, and
 //! nothing an anonymous peer does reaches the store. The limits are per process, as the store is.
 
@@ -16,6 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use airlock_core::Timestamp;
+use airlock_proto::join::JoinTarget;
 use data_encoding::BASE64URL_NOPAD;
 
 use crate::net::anonymous::{Budget, Holder, Holdings, Over};
@@ -43,6 +47,8 @@ pub enum ChallengeRefusal {
     /// Never issued, already answered once, or forgotten by a restart.
     Unknown,
     Expired,
+    /// Asked for with another target than the join that answers it pins.
+    OtherTarget,
 }
 
 /// An issued challenge.
@@ -55,6 +61,8 @@ pub struct Challenge {
 #[derive(Debug)]
 struct Issued {
     expires_at: Timestamp,
+    /// The tenant or environment the join must pin.
+    target: JoinTarget,
     /// Where it counts.
     holder: Holder<()>,
 }
@@ -94,8 +102,15 @@ pub struct Challenges {
 }
 
 impl Challenges {
-    /// Issues a challenge to `from`, unless its address, its network or everyone holds too many.
-    pub fn issue(&self, from: Option<IpAddr>, now: Timestamp, random: [u8; 32]) -> Result<Challenge, ChallengeLimit> {
+    /// Issues a challenge to `from` for a join pinned to `target`, unless its address, its network or everyone holds
+    /// too many.
+    pub fn issue(
+        &self,
+        from: Option<IpAddr>,
+        now: Timestamp,
+        random: [u8; 32],
+        target: JoinTarget,
+    ) -> Result<Challenge, ChallengeLimit> {
         let holder = Holder::new(from, None);
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if t.held.over(&holder).is_some() {
@@ -111,16 +126,23 @@ impl Challenges {
         let nonce = BASE64URL_NOPAD.encode(&random);
         let expires_at = now.saturating_add(CHALLENGE_TTL);
         t.held.add(&holder);
-        t.by_nonce.insert(nonce.clone(), Issued { expires_at, holder });
+        t.by_nonce.insert(nonce.clone(), Issued { expires_at, target, holder });
         Ok(Challenge { nonce, expires_at })
     }
 
     /// Spends `nonce`: the first answer takes it, whatever happens to the join after, so
-    /// neither the challenge nor a proof carrying it is accepted twice.
-    pub fn spend(&self, nonce: &str, now: Timestamp) -> Result<(), ChallengeRefusal> {
+    /// neither the challenge nor a proof carrying it is accepted twice; and only by a join pinned
+    /// to the `target` it was issued for.
+    pub fn spend(&self, nonce: &str, now: Timestamp, target: JoinTarget) -> Result<(), ChallengeRefusal> {
         let issued =
             self.table.lock().unwrap_or_else(|e| e.into_inner()).remove(nonce).ok_or(ChallengeRefusal::Unknown)?;
-        if now >= issued.expires_at { Err(ChallengeRefusal::Expired) } else { Ok(()) }
+        if now >= issued.expires_at {
+            Err(ChallengeRefusal::Expired)
+        } else if issued.target != target {
+            Err(ChallengeRefusal::OtherTarget)
+        } else {
+            Ok(())
+        }
     }
 
     /// Challenges outstanding (expired ones not yet swept included).
@@ -133,6 +155,8 @@ impl Challenges {
 mod tests {
     use super::*;
 
+    const ANY: JoinTarget = JoinTarget { tenant: None, environment: None };
+
     fn r(n: u32) -> [u8; 32] {
         let mut b = [0u8; 32];
         b[..4].copy_from_slice(&n.to_be_bytes());
@@ -143,12 +167,22 @@ mod tests {
     fn a_challenge_is_spent_once_and_expires() {
         let c = Challenges::default();
         let t0 = Timestamp::from_unix_millis(1_000_000);
-        let a = c.issue(None, t0, r(1)).unwrap();
-        assert_eq!(c.spend(&a.nonce, t0), Ok(()));
-        assert_eq!(c.spend(&a.nonce, t0), Err(ChallengeRefusal::Unknown), "replayed");
-        let b = c.issue(None, t0, r(2)).unwrap();
-        assert_eq!(c.spend(&b.nonce, t0.saturating_add(CHALLENGE_TTL)), Err(ChallengeRefusal::Expired));
-        assert_eq!(c.spend("made-up", t0), Err(ChallengeRefusal::Unknown));
+        let a = c.issue(None, t0, r(1), ANY).unwrap();
+        assert_eq!(c.spend(&a.nonce, t0, ANY), Ok(()));
+        assert_eq!(c.spend(&a.nonce, t0, ANY), Err(ChallengeRefusal::Unknown), "replayed");
+        let b = c.issue(None, t0, r(2), ANY).unwrap();
+        assert_eq!(c.spend(&b.nonce, t0.saturating_add(CHALLENGE_TTL), ANY), Err(ChallengeRefusal::Expired));
+        assert_eq!(c.spend("made-up", t0, ANY), Err(ChallengeRefusal::Unknown));
+        // Bound to its target: spent by a join pinned elsewhere, it is refused, and gone.
+        let alpha = JoinTarget { tenant: Some(airlock_core::TenantId::from_random([1; 16])), environment: None };
+        let beta = JoinTarget { tenant: Some(airlock_core::TenantId::from_random([2; 16])), environment: None };
+        let d = c.issue(None, t0, r(3), alpha).unwrap();
+        assert_eq!(c.spend(&d.nonce, t0, beta), Err(ChallengeRefusal::OtherTarget));
+        assert_eq!(c.spend(&d.nonce, t0, alpha), Err(ChallengeRefusal::Unknown), "a refused answer spends it");
+        let e = c.issue(None, t0, r(4), alpha).unwrap();
+        assert_eq!(c.spend(&e.nonce, t0, ANY), Err(ChallengeRefusal::OtherTarget), "nor unpinned");
+        let f = c.issue(None, t0, r(5), alpha).unwrap();
+        assert_eq!(c.spend(&f.nonce, t0, alpha), Ok(()));
         assert_eq!(c.outstanding(), 0);
     }
 
@@ -159,21 +193,24 @@ mod tests {
         let peer: IpAddr = "2001:db8::1".parse().unwrap();
         let same_64: IpAddr = "2001:db8::ffff".parse().unwrap();
         for i in 0..BUDGET.per_address as u32 {
-            c.issue(Some(peer), t0, r(i)).unwrap();
+            c.issue(Some(peer), t0, r(i), ANY).unwrap();
         }
-        assert_eq!(c.issue(Some(same_64), t0, r(999)).unwrap_err(), ChallengeLimit::PerAddress);
+        assert_eq!(c.issue(Some(same_64), t0, r(999), ANY).unwrap_err(), ChallengeLimit::PerAddress);
         // Once they expire, the address is served again.
-        assert!(c.issue(Some(peer), t0.saturating_add(CHALLENGE_TTL), r(1000)).is_ok());
+        assert!(c.issue(Some(peer), t0.saturating_add(CHALLENGE_TTL), r(1000), ANY).is_ok());
         // Many IPv4 networks, each at its share, fill the table.
         let c = Challenges::default();
         for i in 0..BUDGET.total as u32 {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + (i / 16) * 256 + i % 16));
-            c.issue(Some(ip), t0, r(i)).unwrap();
+            c.issue(Some(ip), t0, r(i), ANY).unwrap();
         }
         let newcomer: IpAddr = "192.0.2.1".parse().unwrap();
-        assert_eq!(c.issue(Some(newcomer), t0, r(u32::MAX)).unwrap_err(), ChallengeLimit::Global);
+        assert_eq!(c.issue(Some(newcomer), t0, r(u32::MAX), ANY).unwrap_err(), ChallengeLimit::Global);
         assert_eq!(c.outstanding(), BUDGET.total);
-        assert!(c.issue(Some(newcomer), t0.saturating_add(CHALLENGE_TTL), r(u32::MAX)).is_ok(), "expired ones swept");
+        assert!(
+            c.issue(Some(newcomer), t0.saturating_add(CHALLENGE_TTL), r(u32::MAX), ANY).is_ok(),
+            "expired ones swept"
+        );
         assert_eq!(c.outstanding(), 1);
     }
 
@@ -186,7 +223,7 @@ mod tests {
         for subnet in 0..=u16::MAX {
             let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x48, subnet, 0, 0, 0, 1));
             for k in 0..BUDGET.per_address as u32 {
-                match c.issue(Some(ip), t0, r(u32::from(subnet) << 5 | k)) {
+                match c.issue(Some(ip), t0, r(u32::from(subnet) << 5 | k), ANY) {
                     Ok(_) => issued += 1,
                     Err(limit) => {
                         assert_eq!(limit, ChallengeLimit::PerNetwork);
@@ -198,8 +235,8 @@ mod tests {
         assert_eq!(issued, BUDGET.per_network);
         assert_eq!(c.outstanding(), BUDGET.per_network);
         // An appliance on another /48, or on IPv4, still gets its challenge and can spend it.
-        let elsewhere = c.issue(Some("2001:db8:49::1".parse().unwrap()), t0, r(u32::MAX)).unwrap();
-        assert_eq!(c.spend(&elsewhere.nonce, t0), Ok(()));
-        assert!(c.issue(Some("198.51.100.7".parse().unwrap()), t0, r(u32::MAX - 1)).is_ok());
+        let elsewhere = c.issue(Some("2001:db8:49::1".parse().unwrap()), t0, r(u32::MAX), ANY).unwrap();
+        assert_eq!(c.spend(&elsewhere.nonce, t0, ANY), Ok(()));
+        assert!(c.issue(Some("198.51.100.7".parse().unwrap()), t0, r(u32::MAX - 1), ANY).is_ok());
     }
 }

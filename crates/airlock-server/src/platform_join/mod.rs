@@ -11,13 +11,20 @@
 //!   TokenRequest API) or is the CA fingerprint (mounted) ([`tokens`]), verified through the
 //!   issuer a rule names (discovery, then JWKS).
 //!
+//! A platform join pins where it joins (`airlock_proto::join::JoinTarget`): its tenant (`--tenant`) or its
+//! environment (`--environment`), or it is refused (`join_target_required`) before its challenge is spent.
+//! Account ids, project ids and issuer URLs are no secret, and any tenant may write a rule naming them: so an
+//! identity is matched only against the pinned tenant's [`rules`], and another tenant's rule for the same account
+//! captures nothing (there is no claim on an account across tenants). The challenge is bound to the target it was
+//! asked for with, and an AWS proof signs it, so a relayed proof cannot be steered to another tenant.
 //! [`verify`] spends the challenge (the first answer takes it, so neither a challenge nor a
 //! proof carrying it is accepted twice), asks the platform, and matches the identity against
-//! every environment's [`rules`] with the one decision [`rules::match_identity`]: exactly one
-//! environment must accept it. An appliance that names its environment (`--environment`) is
+//! the pinned tenant's rules with the one decision [`rules::match_identity`]: exactly one
+//! environment must accept it. An appliance that names its environment is
 //! judged by that environment's rules alone: several environments' rules cannot make its join
-//! ambiguous, and an identity only another environment accepts is refused, not placed there. `appliances::join` then issues the certificate as for a token
-//! join, and spends a Kubernetes token's `jti` in the same transaction.
+//! ambiguous, and an identity only another environment accepts is refused, not placed there.
+//! `appliances::join` then issues the certificate as for a token join, and spends a Kubernetes token's `jti` in the
+//! same transaction.
 //!
 //! Replay windows: an AWS or GCP proof, or a Kubernetes token the appliance asked the cluster's
 //! TokenRequest API for (its audience [`challenge_audience`] of the challenge), is good for one
@@ -33,7 +40,9 @@
 //! At each renewal a platform-joined appliance proves its identity again, by the method it
 //! joined with ([`recheck_at_renewal`]): the challenge is derived from the CSR's new key
 //! (`airlock_proto::join::renewal_challenge`), and a rule of its own environment must still
-//! accept it, or the renewal is refused and audited.
+//! accept it, and it must be the identity the appliance joined with (`join_identity`), or the renewal is refused and
+//! audited: removing the rule for one role cuts off that role's appliances even while a rule for another role, which
+//! the same key holder may also have, remains.
 
 pub mod aws;
 pub mod challenges;
@@ -43,7 +52,7 @@ pub mod tokens;
 
 use std::time::Duration;
 
-use airlock_proto::join::{PlatformProof, challenge_audience, server_audience};
+use airlock_proto::join::{JoinTarget, PlatformProof, challenge_audience, server_audience};
 
 use self::aws::{AwsRefusal, StsAllowList, StsClient};
 use self::challenges::{ChallengeRefusal, Challenges};
@@ -125,6 +134,8 @@ pub struct PlatformMatch {
 /// Why a platform proof did not join anything: a code for programs and the audit, a reason for people.
 #[derive(Debug, Clone)]
 pub enum PlatformRefusal {
+    /// The join names neither its tenant nor its environment.
+    Unpinned,
     Challenge(ChallengeRefusal),
     Aws(AwsRefusal),
     /// A GCP or Kubernetes token refused.
@@ -147,6 +158,8 @@ impl PlatformRefusal {
         match self {
             Self::Challenge(ChallengeRefusal::Unknown) => "challenge_unknown",
             Self::Challenge(ChallengeRefusal::Expired) => "challenge_expired",
+            Self::Challenge(ChallengeRefusal::OtherTarget) => "challenge_other_target",
+            Self::Unpinned => "join_target_required",
             Self::Aws(a) => a.code(),
             Self::Token(t) => t.code(),
             Self::NotThisRenewal => "renewal_challenge",
@@ -163,14 +176,22 @@ impl PlatformRefusal {
                 "the join challenge is unknown or was already used; ask for a new one (POST /v1/join/challenge)".into()
             }
             Self::Challenge(ChallengeRefusal::Expired) => "the join challenge expired; ask for a new one".into(),
+            Self::Challenge(ChallengeRefusal::OtherTarget) => {
+                "the join challenge was asked for another tenant or environment than this join names".into()
+            }
+            Self::Unpinned => "a platform join must name its tenant (--tenant ten_…) or its environment \
+                (--environment env_…): an account, project or cluster issuer is no secret, so only the rules of the \
+                tenant the appliance names may accept it"
+                .into(),
             Self::Aws(a) => a.reason(),
             Self::Token(t) => t.reason(),
             Self::NotThisRenewal => {
                 "the renewal's platform proof does not answer this renewal (its challenge is not the new key's)".into()
             }
-            Self::NoRule(id) => {
-                format!("no environment has a join rule for {}; add one with `airlock env join-rule add`", describe(id))
-            }
+            Self::NoRule(id) => format!(
+                "no environment of the tenant the join names has a join rule for {}; add one with `airlock env join-rule add`",
+                describe(id)
+            ),
             Self::SeveralEnvironments(id, n) => format!(
                 "join rules of {n} environments accept {}; an identity must match exactly one environment",
                 describe(id)
@@ -230,10 +251,11 @@ enum Freshness<'a> {
 }
 
 impl Freshness<'_> {
-    fn check(self, state: &AppState, challenge: &str) -> Result<(), PlatformRefusal> {
+    /// `target` is what the join names, which the challenge must have been asked for.
+    fn check(self, state: &AppState, challenge: &str, target: JoinTarget) -> Result<(), PlatformRefusal> {
         match self {
             Freshness::Join => {
-                state.platform.challenges.spend(challenge, state.now()).map_err(PlatformRefusal::Challenge)
+                state.platform.challenges.spend(challenge, state.now(), target).map_err(PlatformRefusal::Challenge)
             }
             Freshness::Renewal { key } => (challenge == airlock_proto::join::renewal_challenge(key))
                 .then_some(())
@@ -244,23 +266,23 @@ impl Freshness<'_> {
 
 /// What a proof proved: who the platform says signed it, how the proof was bound to the
 /// attempt, the rules that could accept that identity, a mounted Kubernetes token's single-use
-/// id, and the environment that judges it (the one the join names, or the one an AWS proof signs).
+/// id, and the target that judges it (the one the join names, narrowed by what an AWS proof signs).
 struct Proved {
     identity: PlatformIdentity,
     form: ProofForm,
     candidates: Vec<JoinRule>,
     token_id: Option<TokenId>,
-    environment: Option<airlock_core::EnvironmentId>,
+    target: JoinTarget,
 }
 
 /// Checks a proof of any method, its freshness, and asks the platform (STS or the issuer) who made it.
-/// `named` is the environment the join names (or a renewing appliance's own); an AWS proof that
-/// signs an environment must sign that one, and a join's named environment must be signed.
+/// `named` is the tenant and environment the join names (or a renewing appliance's own); an AWS proof that
+/// signs either must sign the same, and a join's named ones must be signed.
 async fn prove(
     state: &AppState,
     proof: &PlatformProof,
     fresh: Freshness<'_>,
-    named: Option<airlock_core::EnvironmentId>,
+    named: JoinTarget,
 ) -> Result<Result<Proved, PlatformRefusal>, StoreError> {
     let server_id = state.ca.fingerprint().to_string();
     let now = state.now();
@@ -270,14 +292,19 @@ async fn prove(
                 Ok(c) => c,
                 Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
             };
-            // A join that names its environment must have signed it; a renewal is held to its own environment
-            // already, and need not.
-            let must_sign = matches!(fresh, Freshness::Join) && named.is_some();
-            let environment = match aws::check_environment(checked.environment, named, must_sign) {
+            // A join must have signed the tenant and environment it names; a renewal is held to its own already, and
+            // need not.
+            let must_sign = matches!(fresh, Freshness::Join);
+            let tenant = match aws::check_tenant(checked.tenant, named.tenant, must_sign) {
+                Ok(tenant) => tenant,
+                Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
+            };
+            let environment = match aws::check_environment(checked.environment, named.environment, must_sign) {
                 Ok(env) => env,
                 Err(r) => return Ok(Err(PlatformRefusal::Aws(r))),
             };
-            if let Err(r) = fresh.check(state, &checked.challenge) {
+            let target = JoinTarget { tenant, environment };
+            if let Err(r) = fresh.check(state, &checked.challenge, named) {
                 return Ok(Err(r));
             }
             let identity = match state.platform.sts.call(&checked).await {
@@ -290,14 +317,14 @@ async fn prove(
                 form: ProofForm::ChallengeBound,
                 candidates,
                 token_id: None,
-                environment,
+                target,
             }))
         }
         PlatformProof::Gcp(proof) => {
             if proof.identity_token.len() > tokens::MAX_TOKEN_BYTES {
                 return Ok(Err(PlatformRefusal::Token(TokenRefusal::Malformed("longer than 16 KiB"))));
             }
-            if let Err(r) = fresh.check(state, &proof.challenge) {
+            if let Err(r) = fresh.check(state, &proof.challenge, named) {
                 return Ok(Err(r));
             }
             // The audience binds the token to this control plane and this challenge, exactly.
@@ -318,14 +345,14 @@ async fn prove(
                 form: ProofForm::ChallengeBound,
                 candidates,
                 token_id: None,
-                environment: named,
+                target: named,
             }))
         }
         PlatformProof::K8s(proof) => {
             // A join's challenge is spent whichever form the token takes: for a mounted token it
             // proves nothing, but it paces anonymous attempts, as for the other methods.
             if let Freshness::Join = fresh
-                && let Err(r) = fresh.check(state, &proof.challenge)
+                && let Err(r) = fresh.check(state, &proof.challenge, named)
             {
                 return Ok(Err(r));
             }
@@ -346,7 +373,7 @@ async fn prove(
             let requested = audiences.contains(&bound);
             if requested {
                 if let Freshness::Renewal { .. } = fresh
-                    && let Err(r) = fresh.check(state, &proof.challenge)
+                    && let Err(r) = fresh.check(state, &proof.challenge, named)
                 {
                     return Ok(Err(r));
                 }
@@ -368,38 +395,55 @@ async fn prove(
                 Err(r) => return Ok(Err(PlatformRefusal::Token(r))),
             };
             let form = if requested { ProofForm::ChallengeBound } else { ProofForm::MountedToken };
-            Ok(Ok(Proved { identity: PlatformIdentity::K8s(identity), form, candidates, token_id, environment: named }))
+            Ok(Ok(Proved { identity: PlatformIdentity::K8s(identity), form, candidates, token_id, target: named }))
         }
     }
 }
 
 /// Checks a join's platform proof, spends its challenge, asks the platform who made it, and
-/// finds the one environment that accepts that identity: among all, or only `named`'s rules when
-/// the appliance named its environment.
+/// finds the one environment that accepts that identity among the rules of the tenant the join
+/// names (only the named environment's, when it names one). A join that names neither is refused
+/// before its challenge is spent.
 pub async fn verify(
     state: &AppState,
     proof: &PlatformProof,
-    named: Option<airlock_core::EnvironmentId>,
+    named: JoinTarget,
 ) -> Result<Result<PlatformMatch, PlatformRefusal>, StoreError> {
-    let Proved { identity, form, candidates, token_id, environment } =
+    if !named.is_pinned() {
+        return Ok(Err(PlatformRefusal::Unpinned));
+    }
+    let Proved { identity, form, candidates, token_id, target } =
         match prove(state, proof, Freshness::Join, named).await? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
         };
-    Ok(decide(candidates, identity, form, token_id, environment))
+    Ok(decide(candidates, identity, form, token_id, target))
 }
 
-/// The join's decision, once the platform named the identity: exactly one environment, among
-/// `candidates` or among `named`'s rules alone.
+/// The join's decision, once the platform named the identity: exactly one environment, among the
+/// pinned tenant's `candidates`, or among the named environment's rules alone.
 fn decide(
     candidates: Vec<JoinRule>,
     identity: PlatformIdentity,
     form: ProofForm,
     token_id: Option<TokenId>,
-    named: Option<airlock_core::EnvironmentId>,
+    target: JoinTarget,
 ) -> Result<PlatformMatch, PlatformRefusal> {
-    let (judged, elsewhere): (Vec<JoinRule>, Vec<JoinRule>) =
-        candidates.into_iter().partition(|r| named.is_none_or(|env| r.environment == env));
+    // The tenant named, or the named environment's (whose rules, if it has any for this identity's account, project
+    // or issuer, are among the candidates). Every other tenant's rules are dropped unread: they cannot capture this
+    // appliance, nor make its join ambiguous.
+    let tenant = target.tenant.or_else(|| {
+        let env = target.environment?;
+        candidates.iter().find(|r| r.environment == env).map(|r| r.tenant)
+    });
+    let Some(tenant) = tenant else {
+        return Err(if target.is_pinned() { PlatformRefusal::NoRule(identity) } else { PlatformRefusal::Unpinned });
+    };
+    let named = target.environment;
+    let (judged, elsewhere): (Vec<JoinRule>, Vec<JoinRule>) = candidates
+        .into_iter()
+        .filter(|r| r.tenant == tenant)
+        .partition(|r| named.is_none_or(|env| r.environment == env));
     match rules::match_identity(&judged, &identity, form) {
         RuleMatch::One { tenant, environment, rule } => {
             Ok(PlatformMatch { tenant, environment, rule, identity, token_id })
@@ -426,9 +470,6 @@ pub enum RuleAdminError {
     TooMany(airlock_core::EnvironmentId),
     #[error("no join rule {0} in environment {1}")]
     NoRule(airlock_core::id::JoinRuleId, airlock_core::EnvironmentId),
-    /// Another tenant's rules already name this account, project or issuer.
-    #[error("this {0} is already named by another tenant's join rules; ask the control plane's operator")]
-    ClaimedElsewhere(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -463,17 +504,8 @@ pub async fn add_rule(
     use airlock_core::audit::{AuditAction, Outcome};
     let env =
         state.store.get_environment(scope, environment).await?.ok_or(RuleAdminError::NoEnvironment(environment))?;
-    // First claim wins: an identity another tenant's rules name stays theirs (see `rules::Claim`). Read before the
-    // write lock, so two tenants adding the same claim in the same instant could both pass; the join then refuses
-    // the identity as ambiguous, as before.
-    let (others, what) = match spec.claim() {
-        rules::Claim::AwsAccount(a) => (state.store.aws_join_rules_for_account(a).await?, "AWS account"),
-        rules::Claim::GcpProject(p) => (state.store.gcp_join_rules_for_project(p).await?, "GCP project"),
-        rules::Claim::K8sIssuer(i) => (state.store.k8s_join_rules_for_issuer(i).await?, "Kubernetes issuer"),
-    };
-    if others.iter().any(|r| r.tenant != scope.tenant()) {
-        return Err(RuleAdminError::ClaimedElsewhere(what));
-    }
+    // No claim across tenants: another tenant naming the same account, project or issuer changes nothing for this
+    // one, since a platform join is judged by the rules of the tenant it pins only (see `decide`).
     let now = state.now();
     let rule = JoinRule {
         id: airlock_core::id::JoinRuleId::from_random(crate::state::random()),
@@ -587,11 +619,16 @@ pub async fn recheck_at_renewal(
     }
     let Ok(key) = crate::ca::csr_public_key(csr_pem) else { return Ok(Err("the renewal CSR is malformed".into())) };
     let renewal = Freshness::Renewal { key: &key };
-    let Proved { identity, form, candidates, token_id, .. } =
-        match prove(state, &proof, renewal, Some(peer.environment)).await? {
-            Ok(p) => p,
-            Err(r) => return Ok(Err(r.reason())),
-        };
+    let own_target = JoinTarget { tenant: Some(peer.tenant), environment: Some(peer.environment) };
+    let Proved { identity, form, candidates, token_id, .. } = match prove(state, &proof, renewal, own_target).await? {
+        Ok(p) => p,
+        Err(r) => return Ok(Err(r.reason())),
+    };
+    // The identity it joined with, and no other: a rule still accepting some identity the key holder also has (another
+    // role of the account) must not keep alive an appliance whose own rule was removed.
+    if let Some(refused) = other_identity(row.join_identity.as_deref(), &identity) {
+        return Ok(Err(refused));
+    }
     // Only the appliance's own environment's rules decide its renewal: another tenant's rule naming the same
     // identity (an AWS account id is no secret) must not make a fleet's renewals fail as ambiguous.
     let own: Vec<_> =
@@ -615,18 +652,47 @@ pub async fn recheck_at_renewal(
     })
 }
 
+/// Why a proved identity is not the one an appliance joined with (`recorded`, its `join_identity`), if it is not.
+pub fn other_identity(recorded: Option<&str>, proved: &PlatformIdentity) -> Option<String> {
+    let shown = proved.matched();
+    match recorded {
+        Some(recorded) if recorded == shown => None,
+        Some(recorded) => Some(format!(
+            "identity_changed: this appliance joined as {recorded}, and its proof shows {}; it renews and recovers only \
+             as the identity it joined with",
+            describe(proved)
+        )),
+        None => Some(format!(
+            "identity_changed: no platform identity is recorded for this appliance, and its proof shows {}",
+            describe(proved)
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use airlock_core::id::JoinRuleId;
     use airlock_core::{EnvironmentId, TenantId, Timestamp};
 
+    use airlock_proto::join::JoinTarget;
+
     use super::rules::{AwsIdentity, AwsRule, JoinRule, PlatformIdentity, ProofForm, RuleSpec};
     use super::{PlatformRefusal, decide};
+
+    const ALPHA: [u8; 16] = [1; 16];
+
+    fn tenant(t: [u8; 16]) -> JoinTarget {
+        JoinTarget { tenant: Some(TenantId::from_random(t)), environment: None }
+    }
+
+    fn env(e: EnvironmentId) -> JoinTarget {
+        JoinTarget { tenant: None, environment: Some(e) }
+    }
 
     fn rule(env: EnvironmentId, pattern: &str) -> JoinRule {
         JoinRule {
             id: JoinRuleId::from_random(crate::state::random()),
-            tenant: TenantId::from_random([1; 16]),
+            tenant: TenantId::from_random(ALPHA),
             environment: env,
             spec: RuleSpec::Aws(AwsRule::new("123456789012", Some(pattern)).unwrap()),
             created_at: Timestamp::from_unix_millis(0),
@@ -648,42 +714,102 @@ mod tests {
             rule(a, "arn:aws:iam::123456789012:role/airlock-*"),
             rule(b, "arn:aws:iam::123456789012:role/airlock-prod"),
         ];
-        // Unnamed: two environments accept it, so it is refused as ambiguous.
-        assert!(matches!(
-            decide(both.clone(), prod(), ProofForm::ChallengeBound, None, None),
-            Err(PlatformRefusal::SeveralEnvironments(_, 2))
-        ));
+        // Only the tenant named: two of its environments accept it, so it is refused as ambiguous.
+        let several = decide(both.clone(), prod(), ProofForm::ChallengeBound, None, tenant(ALPHA));
+        assert!(matches!(several, Err(PlatformRefusal::SeveralEnvironments(_, 2))));
         // Named: that environment's rules alone decide.
-        let joined = decide(both.clone(), prod(), ProofForm::ChallengeBound, None, Some(b)).unwrap();
+        let joined = decide(both.clone(), prod(), ProofForm::ChallengeBound, None, env(b)).unwrap();
         assert_eq!((joined.environment, joined.rule), (b, both[1].id));
         // Named, but only another environment accepts it: refused, not placed there.
         let only_a = vec![both[0].clone()];
-        let refused = decide(only_a.clone(), prod(), ProofForm::ChallengeBound, None, Some(b)).unwrap_err();
+        let in_b = JoinTarget { tenant: Some(TenantId::from_random(ALPHA)), environment: Some(b) };
+        let refused = decide(only_a.clone(), prod(), ProofForm::ChallengeBound, None, in_b).unwrap_err();
         assert!(matches!(refused, PlatformRefusal::NotNamedEnvironment(_, env) if env == b));
         assert_eq!(refused.code(), "other_environment");
         assert!(refused.reason().contains(&b.to_string()), "{}", refused.reason());
-        // Unnamed, the one environment that accepts it takes it, as before.
-        assert_eq!(decide(only_a.clone(), prod(), ProofForm::ChallengeBound, None, None).unwrap().environment, a);
+        // Only the tenant named: the one environment of it that accepts it takes it.
+        assert_eq!(
+            decide(only_a.clone(), prod(), ProofForm::ChallengeBound, None, tenant(ALPHA)).unwrap().environment,
+            a
+        );
         // Named, and no environment accepts it: no rule at all.
         let none = vec![rule(a, "arn:aws:iam::123456789012:role/other")];
         assert!(matches!(
-            decide(none, prod(), ProofForm::ChallengeBound, None, Some(c)),
+            decide(none, prod(), ProofForm::ChallengeBound, None, env(c)),
             Err(PlatformRefusal::NoRule(_))
         ));
+        // An environment with no rule for this account: its tenant is unknown here, so no rule either.
         assert!(matches!(
-            decide(only_a, prod(), ProofForm::ChallengeBound, None, Some(c)),
-            Err(PlatformRefusal::NotNamedEnvironment(..))
+            decide(only_a, prod(), ProofForm::ChallengeBound, None, env(c)),
+            Err(PlatformRefusal::NoRule(_))
         ));
+    }
+
+    fn of(t: [u8; 16], r: JoinRule) -> JoinRule {
+        JoinRule { tenant: TenantId::from_random(t), ..r }
+    }
+
+    #[test]
+    fn another_tenants_rule_for_the_same_account_captures_nothing() {
+        const BETA: [u8; 16] = [2; 16];
+        let (alpha_env, beta_env) =
+            (EnvironmentId::from_random(crate::state::random()), EnvironmentId::from_random(crate::state::random()));
+        let alphas = rule(alpha_env, "arn:aws:iam::123456789012:role/airlock-*");
+        // Beta names alpha's account (no secret) with a rule that accepts any of its roles.
+        let betas = of(BETA, rule(beta_env, "arn:aws:iam::123456789012:*"));
+        let both = vec![betas.clone(), alphas.clone()];
+        // Alpha's appliance, pinned to alpha (by tenant or by environment), joins alpha, whatever beta's rules say.
+        assert_eq!(
+            decide(both.clone(), prod(), ProofForm::ChallengeBound, None, tenant(ALPHA)).unwrap().environment,
+            alpha_env
+        );
+        assert_eq!(
+            decide(both.clone(), prod(), ProofForm::ChallengeBound, None, env(alpha_env)).unwrap().environment,
+            alpha_env
+        );
+        // Not ambiguous either: beta's rule is not read.
+        let other_role =
+            PlatformIdentity::Aws(AwsIdentity::from_caller("123456789012", "arn:aws:iam::123456789012:role/billing"));
+        // An identity only beta's rule accepts, pinned to alpha: refused, not placed in beta.
+        let refused =
+            decide(both.clone(), other_role.clone(), ProofForm::ChallengeBound, None, tenant(ALPHA)).unwrap_err();
+        assert!(matches!(refused, PlatformRefusal::NoRule(_)), "{refused:?}");
+        // A tenant and an environment of another tenant: nothing of either.
+        let crossed = JoinTarget { tenant: Some(TenantId::from_random(ALPHA)), environment: Some(beta_env) };
+        assert!(decide(both.clone(), other_role.clone(), ProofForm::ChallengeBound, None, crossed).is_err());
+        // Pinned to beta, beta's rule judges (beta's own appliance, or its operator's choice).
+        assert_eq!(
+            decide(both.clone(), other_role, ProofForm::ChallengeBound, None, tenant(BETA)).unwrap().environment,
+            beta_env
+        );
+        // Pinned to nothing: refused.
+        let unpinned = decide(both, prod(), ProofForm::ChallengeBound, None, JoinTarget::default()).unwrap_err();
+        assert_eq!(unpinned.code(), "join_target_required");
+        assert!(unpinned.reason().contains("--tenant"), "{}", unpinned.reason());
+    }
+
+    #[test]
+    fn a_renewal_proves_the_identity_it_joined_with() {
+        let role = |r: &str| {
+            PlatformIdentity::Aws(AwsIdentity::from_caller(
+                "123456789012",
+                &format!("arn:aws:sts::123456789012:assumed-role/{r}/session-2"),
+            ))
+        };
+        assert_eq!(super::other_identity(Some("arn:aws:iam::123456789012:role/a"), &role("a")), None);
+        let why = super::other_identity(Some("arn:aws:iam::123456789012:role/a"), &role("b")).unwrap();
+        assert!(why.starts_with("identity_changed") && why.contains("role/a") && why.contains("role/b"), "{why}");
+        assert!(super::other_identity(None, &role("a")).is_some(), "nothing recorded is nothing to match");
     }
 
     #[test]
     fn a_mounted_token_that_only_token_request_rules_name_is_refused_with_its_own_code() {
         use super::rules::{K8sIdentity, K8sRule};
-        let env = EnvironmentId::from_random(crate::state::random());
+        let e = EnvironmentId::from_random(crate::state::random());
         let iss = "https://cluster.example";
         let strict = JoinRule {
             spec: RuleSpec::K8s(K8sRule::new(iss, "airlock/appliance").unwrap().requiring_token_request(true)),
-            ..rule(env, "arn:aws:iam::123456789012:role/x")
+            ..rule(e, "arn:aws:iam::123456789012:role/x")
         };
         let id = PlatformIdentity::K8s(K8sIdentity {
             issuer: iss.into(),
@@ -691,16 +817,17 @@ mod tests {
             service_account: "appliance".into(),
             pod: Some("p-0".into()),
         });
-        let refused = decide(vec![strict.clone()], id.clone(), ProofForm::MountedToken, None, None).unwrap_err();
-        assert!(matches!(&refused, PlatformRefusal::RuleRequiresTokenRequest(_, e) if *e == env));
+        let refused =
+            decide(vec![strict.clone()], id.clone(), ProofForm::MountedToken, None, tenant(ALPHA)).unwrap_err();
+        assert!(matches!(&refused, PlatformRefusal::RuleRequiresTokenRequest(_, x) if *x == e));
         assert_eq!(refused.code(), "rule_requires_token_request");
         assert_ne!(refused.code(), super::tokens::TokenRefusal::MountedNotAccepted.code(), "told apart from the flag");
-        assert!(refused.reason().contains("--k8s-token-request") && refused.reason().contains(&env.to_string()));
+        assert!(refused.reason().contains("--k8s-token-request") && refused.reason().contains(&e.to_string()));
         assert_eq!(refused.identity(), Some(&id), "the audit names who was refused");
         // Named or not, the same.
-        let named = decide(vec![strict.clone()], id.clone(), ProofForm::MountedToken, None, Some(env)).unwrap_err();
+        let named = decide(vec![strict.clone()], id.clone(), ProofForm::MountedToken, None, env(e)).unwrap_err();
         assert_eq!(named.code(), "rule_requires_token_request");
-        let joined = decide(vec![strict.clone()], id, ProofForm::ChallengeBound, None, None).unwrap();
-        assert_eq!((joined.environment, joined.rule), (env, strict.id));
+        let joined = decide(vec![strict.clone()], id, ProofForm::ChallengeBound, None, tenant(ALPHA)).unwrap();
+        assert_eq!((joined.environment, joined.rule), (e, strict.id));
     }
 }

@@ -9,7 +9,10 @@
 //! our CA at a moment inside its validity: expiry is what is being recovered from) and that
 //! the signature is its key's; [`check_stored`] then decides, in the join's transaction, that
 //! the appliance exists, is not revoked, and that this is its current or previous certificate
-//! (an older one, perhaps stolen, would fork the identity). The join's own proof (a new join
+//! (an older one, perhaps stolen, would fork the identity). Only an expired certificate recovers (by the injected
+//! clock): a live one renews instead, and recovering it would hand its identity to a new key beside the live one. The
+//! previous certificate (kept for an appliance that missed its renewal's answer) recovers only once the current one
+//! has expired too, so it cannot take the identity back from the holder of the current one. The join's own proof (a new join
 //! token, or a fresh platform proof) must name the certificate's environment: an expired
 //! certificate alone gets nothing.
 
@@ -51,6 +54,12 @@ pub enum RecoveryRefusal {
     Revoked,
     /// Not the appliance's current or previous certificate.
     Superseded,
+    /// The platform proof shows another identity than the one the appliance joined with.
+    OtherIdentity,
+    /// The certificate has not expired: it renews, it does not recover.
+    NotExpired,
+    /// The previous certificate, while the one that replaced it is still valid.
+    CurrentLive,
 }
 
 impl RecoveryRefusal {
@@ -63,6 +72,9 @@ impl RecoveryRefusal {
             Self::Unknown => "recovery_unknown_appliance",
             Self::Revoked => "recovery_revoked",
             Self::Superseded => "recovery_superseded",
+            Self::OtherIdentity => "recovery_other_identity",
+            Self::NotExpired => "recovery_not_expired",
+            Self::CurrentLive => "recovery_current_live",
         }
     }
 
@@ -77,13 +89,26 @@ impl RecoveryRefusal {
             Self::Unknown => "the appliance to recover is unknown",
             Self::Revoked => "the appliance to recover is revoked; it cannot join again under its identity",
             Self::Superseded => "the certificate to recover is not the appliance's current or previous one",
+            Self::OtherIdentity => {
+                "the platform proof shows another identity than the one the appliance to recover joined with"
+            }
+            Self::NotExpired => "the certificate to recover has not expired; a live certificate renews over its stream",
+            Self::CurrentLive => {
+                "the certificate to recover was replaced by one that is still valid; only the appliance's newest \
+                 certificate recovers while that one lives"
+            }
         }
     }
 }
 
-/// Checks a recovery proof without I/O: the certificate is ours and its key signed over this
+/// Checks a recovery proof without I/O: the certificate is ours, has expired by `now`, and its key signed over this
 /// control plane's id and `new_key` (the CSR's public key).
-pub fn check(ca: &CertificateAuthority, proof: &RecoveryProof, new_key: &[u8]) -> Result<Recovering, RecoveryRefusal> {
+pub fn check(
+    ca: &CertificateAuthority,
+    proof: &RecoveryProof,
+    new_key: &[u8],
+    now: airlock_core::Timestamp,
+) -> Result<Recovering, RecoveryRefusal> {
     if proof.certificate_pem.len() > MAX_CERTIFICATE_BYTES || proof.signature.len() > MAX_SIGNATURE_BYTES {
         return Err(RecoveryRefusal::Malformed);
     }
@@ -103,6 +128,9 @@ pub fn check(ca: &CertificateAuthority, proof: &RecoveryProof, new_key: &[u8]) -
     });
     if !signed {
         return Err(RecoveryRefusal::Signature);
+    }
+    if now < peer.not_after {
+        return Err(RecoveryRefusal::NotExpired);
     }
     Ok(Recovering { identity: peer.identity, serial: peer.serial })
 }
@@ -128,8 +156,13 @@ fn issued_by(
 }
 
 /// In the join's transaction: the appliance exists, is not revoked, and the certificate is its
-/// current or previous one.
-pub async fn check_stored(tx: &mut WriteTx<'_>, r: &Recovering) -> Result<Result<(), RecoveryRefusal>, StoreError> {
+/// current one, or its previous one once the current one has expired too (by `now`). Answers what is stored of it
+/// (how it joined, as whom).
+pub async fn check_stored(
+    tx: &mut WriteTx<'_>,
+    r: &Recovering,
+    now: airlock_core::Timestamp,
+) -> Result<Result<crate::store::RenewalState, RecoveryRefusal>, StoreError> {
     let scope = TenantScope::for_appliance(&r.identity);
     let Some(state) = tx.renewal_state(&scope, r.identity.appliance).await? else {
         return Ok(Err(RecoveryRefusal::Unknown));
@@ -140,7 +173,10 @@ pub async fn check_stored(tx: &mut WriteTx<'_>, r: &Recovering) -> Result<Result
     if state.current_serial != r.serial && state.previous_serial.as_deref() != Some(r.serial.as_str()) {
         return Ok(Err(RecoveryRefusal::Superseded));
     }
-    Ok(Ok(()))
+    if state.current_serial != r.serial && now < state.current_not_after {
+        return Ok(Err(RecoveryRefusal::CurrentLive));
+    }
+    Ok(Ok(state))
 }
 
 #[cfg(test)]
@@ -171,36 +207,49 @@ mod tests {
         let cert = ca.sign_join_csr(&csr, &identity, issued_at, Duration::from_secs(60)).unwrap();
         let new = KeyPair::generate().unwrap();
         let fp = ca.fingerprint().to_string();
+        let later = issued_at.saturating_add(Duration::from_secs(3600));
         let proof = |signature: String| RecoveryProof { certificate_pem: cert.pem.clone(), signature };
 
-        let ok = check(&ca, &proof(sign(&old, &fp, &new)), new.der_bytes()).unwrap();
+        let ok = check(&ca, &proof(sign(&old, &fp, &new)), new.der_bytes(), later).unwrap();
+        assert_eq!(
+            check(
+                &ca,
+                &proof(sign(&old, &fp, &new)),
+                new.der_bytes(),
+                issued_at.saturating_add(Duration::from_secs(59))
+            )
+            .unwrap_err(),
+            RecoveryRefusal::NotExpired,
+            "a live certificate renews; it does not recover"
+        );
         assert_eq!((ok.identity, ok.serial), (identity, cert.serial.clone()));
         assert_eq!(
-            check(&other_ca, &proof(sign(&old, &other_ca.fingerprint().to_string(), &new)), new.der_bytes())
+            check(&other_ca, &proof(sign(&old, &other_ca.fingerprint().to_string(), &new)), new.der_bytes(), later)
                 .unwrap_err(),
             RecoveryRefusal::NotOurs,
             "another control plane's CA did not issue it"
         );
         let thief = KeyPair::generate().unwrap();
         assert_eq!(
-            check(&ca, &proof(sign(&thief, &fp, &new)), new.der_bytes()).unwrap_err(),
+            check(&ca, &proof(sign(&thief, &fp, &new)), new.der_bytes(), later).unwrap_err(),
             RecoveryRefusal::Signature,
             "the certificate alone, without its key"
         );
         assert_eq!(
-            check(&ca, &proof(sign(&old, &fp, &new)), thief.der_bytes()).unwrap_err(),
+            check(&ca, &proof(sign(&old, &fp, &new)), thief.der_bytes(), later).unwrap_err(),
             RecoveryRefusal::Signature,
             "a signature hands the identity to the key it names only"
         );
         assert_eq!(
-            check(&ca, &proof(sign(&old, &other_ca.fingerprint().to_string(), &new)), new.der_bytes()).unwrap_err(),
+            check(&ca, &proof(sign(&old, &other_ca.fingerprint().to_string(), &new)), new.der_bytes(), later)
+                .unwrap_err(),
             RecoveryRefusal::Signature,
             "made for another control plane"
         );
-        assert_eq!(check(&ca, &proof("%%".into()), new.der_bytes()).unwrap_err(), RecoveryRefusal::Malformed);
+        assert_eq!(check(&ca, &proof("%%".into()), new.der_bytes(), later).unwrap_err(), RecoveryRefusal::Malformed);
         let garbage = RecoveryProof { certificate_pem: "not a certificate".into(), signature: sign(&old, &fp, &new) };
-        assert_eq!(check(&ca, &garbage, new.der_bytes()).unwrap_err(), RecoveryRefusal::Malformed);
+        assert_eq!(check(&ca, &garbage, new.der_bytes(), later).unwrap_err(), RecoveryRefusal::Malformed);
         let huge = RecoveryProof { certificate_pem: "a".repeat(MAX_CERTIFICATE_BYTES + 1), signature: String::new() };
-        assert_eq!(check(&ca, &huge, new.der_bytes()).unwrap_err(), RecoveryRefusal::Malformed);
+        assert_eq!(check(&ca, &huge, new.der_bytes(), later).unwrap_err(), RecoveryRefusal::Malformed);
     }
 }

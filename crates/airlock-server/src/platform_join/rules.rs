@@ -1,11 +1,12 @@
 //! Join rules: which platform identity joins which environment, and the one matching decision.
 //!
-//! A rule belongs to one environment. An identity is matched against every rule of its
-//! method across tenants (the store narrows AWS rules by account, GCP rules by project and
-//! Kubernetes rules by issuer); it joins only if the rules it matches name exactly one
+//! A rule belongs to one environment. An identity is matched against the rules of its method
+//! of the tenant its join pins (the store narrows AWS rules by account, GCP rules by project and
+//! Kubernetes rules by issuer, `super::decide` to the tenant); it joins only if the rules it matches name exactly one
 //! environment ([`match_identity`], the one decision for every method). No match and several environments are both
-//! refusals: an identity that two customers' environments both accept must not be placed in
-//! either by the order of a query.
+//! refusals: an identity that two environments both accept must not be placed in
+//! either by the order of a query. Rules of different tenants may name the same account, project or issuer: none
+//! is a secret, and no tenant's rule is read for another tenant's join.
 
 use airlock_core::id::JoinRuleId;
 use airlock_core::{EnvironmentId, TenantId};
@@ -36,15 +37,6 @@ impl RuleSpec {
         }
     }
 
-    /// What the rule lays claim to across tenants: an AWS account, a GCP project, a Kubernetes issuer.
-    pub fn claim(&self) -> Claim<'_> {
-        match self {
-            RuleSpec::Aws(rule) => Claim::AwsAccount(&rule.account),
-            RuleSpec::Gcp(rule) => Claim::GcpProject(&rule.project),
-            RuleSpec::K8s(rule) => Claim::K8sIssuer(&rule.issuer),
-        }
-    }
-
     /// Whether a proof of this form satisfies the rule: only a Kubernetes rule that requires
     /// the TokenRequest API refuses a mounted token.
     pub fn accepts_form(&self, form: ProofForm) -> bool {
@@ -54,7 +46,7 @@ impl RuleSpec {
         }
     }
 
-    /// Whether this rule names `identity` (a rule of another method never does).
+    /// Whether this rule accepts `identity` (a rule of another method never does).
     pub fn matches(&self, identity: &PlatformIdentity) -> bool {
         match (self, identity) {
             (RuleSpec::Aws(rule), PlatformIdentity::Aws(id)) => rule.matches(id),
@@ -67,15 +59,6 @@ impl RuleSpec {
             _ => false,
         }
     }
-}
-
-/// What one tenant's rules claim: no other tenant's rule may name it (first claim wins), so that a tenant cannot
-/// make another's appliances ambiguous, nor have them join its own environments.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Claim<'a> {
-    AwsAccount(&'a str),
-    GcpProject(&'a str),
-    K8sIssuer(&'a str),
 }
 
 /// A GCP rule: the project the instance runs in and the service account it runs as, both

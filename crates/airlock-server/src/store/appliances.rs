@@ -40,6 +40,11 @@ pub struct RenewalState {
     pub current_serial: String,
     pub previous_serial: Option<String>,
     pub revoked: bool,
+    /// How it last joined (`join_token`, `aws_sts`, ...), and the platform identity it was matched as.
+    pub join_method: String,
+    pub join_identity: Option<String>,
+    /// When the current certificate expires.
+    pub current_not_after: Timestamp,
 }
 
 impl Store {
@@ -190,7 +195,8 @@ impl WriteTx<'_> {
         id: ApplianceId,
     ) -> Result<Option<RenewalState>, StoreError> {
         let row = sqlx::query(
-            "SELECT cert_serial, previous_serial, revoked_at FROM appliances WHERE tenant_id = $1 AND id = $2",
+            "SELECT cert_serial, previous_serial, revoked_at, join_method, join_identity, cert_not_after FROM appliances \
+             WHERE tenant_id = $1 AND id = $2",
         )
         .bind(scope.tenant().to_string())
         .bind(id.to_string())
@@ -202,6 +208,9 @@ impl WriteTx<'_> {
                 current_serial: r.try_get("cert_serial")?,
                 previous_serial: r.try_get("previous_serial")?,
                 revoked: revoked_at.is_some(),
+                join_method: r.try_get("join_method")?,
+                join_identity: r.try_get("join_identity")?,
+                current_not_after: ts_col(&r, "cert_not_after")?,
             })
         })
         .transpose()

@@ -195,3 +195,31 @@ fn a_signed_environment_narrows_the_join_and_must_agree_with_the_one_it_names() 
 fn proof_without_environment(allow: &StsAllowList) -> Option<EnvironmentId> {
     check_proof(&proof("https://sts.amazonaws.com/", SIGNED), allow, SERVER).unwrap().environment
 }
+
+#[test]
+fn a_signed_tenant_pins_the_join_and_must_agree_with_the_one_it_names() {
+    use airlock_core::TenantId;
+    use airlock_proto::join::TENANT_HEADER;
+    let allow = StsAllowList::default();
+    let url = "https://sts.amazonaws.com/";
+    let (alpha, beta) = (TenantId::from_random([1; 16]), TenantId::from_random([2; 16]));
+    let mut p = proof(url, &format!("{SIGNED};{TENANT_HEADER}"));
+    p.headers.insert(TENANT_HEADER.into(), alpha.to_string());
+    assert_eq!(check_proof(&p, &allow, SERVER).unwrap().tenant, Some(alpha));
+    // Sent but not signed: whoever relays it could change it, so it is refused, not ignored.
+    let mut unsigned = proof(url, SIGNED);
+    unsigned.headers.insert(TENANT_HEADER.into(), alpha.to_string());
+    assert_eq!(check_proof(&unsigned, &allow, SERVER).unwrap_err(), AwsRefusal::UnsignedHeader(TENANT_HEADER));
+    p.headers.insert(TENANT_HEADER.into(), "alpha".into());
+    assert!(matches!(check_proof(&p, &allow, SERVER), Err(AwsRefusal::Malformed(_))));
+    assert_eq!(check_proof(&proof(url, SIGNED), &allow, SERVER).unwrap().tenant, None);
+
+    assert_eq!(check_tenant(Some(alpha), Some(alpha), true), Ok(Some(alpha)));
+    let unsigned = check_tenant(None, Some(beta), true).unwrap_err();
+    assert_eq!((unsigned.code(), unsigned.clone()), ("tenant_unsigned", AwsRefusal::TenantUnsigned(beta)));
+    assert_eq!(check_tenant(None, Some(beta), false), Ok(Some(beta)), "a renewal need not sign its own");
+    let err = check_tenant(Some(alpha), Some(beta), true).unwrap_err();
+    assert_eq!(err, AwsRefusal::OtherTenant { signed: alpha, named: beta });
+    assert_eq!(err.code(), "tenant_mismatch");
+    assert!(err.reason().contains(&alpha.to_string()) && err.reason().contains(&beta.to_string()), "{}", err.reason());
+}
