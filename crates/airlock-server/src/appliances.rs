@@ -115,6 +115,10 @@ async fn refuse_recovery(state: &AppState, chain: String, method: &str, r: Recov
     refuse(state, chain, JoinRefusal::Recovery, r.reason().to_owned(), detail).await
 }
 
+/// How long after a platform join its answer may be asked for again with the same key and
+/// identity (a join token's retry is bounded by the token's own life, 15 minutes, alike).
+const LOST_ANSWER_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// Records a refused join on `chain` and returns the error.
 async fn refuse(
     state: &AppState,
@@ -329,7 +333,34 @@ async fn join_with_platform(
                 return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
             }
         },
-        None => (tx.platform_join_retry(matched.tenant, matched.environment, &join_key).await?, None),
+        None => match tx.platform_join_retry(matched.tenant, matched.environment, &join_key).await? {
+            None => (None, None),
+            // The same key and identity soon after: the answer was lost, the same appliance is answered again.
+            Some(j)
+                if state.now().since(j.joined_at) <= LOST_ANSWER_WINDOW
+                    && crate::platform_join::other_identity(j.identity.as_deref(), &matched.identity).is_none() =>
+            {
+                (Some(j.appliance), None)
+            }
+            // Later, or as another identity: a new certificate for that appliance would outlive its renewals and
+            // recoveries (the key is the one it first joined with), so whoever kept the key could take it over.
+            Some(j) => {
+                drop(tx);
+                let why = format!(
+                    "this key already joined appliance {}; a join is retried with it only as the same identity within                      {} minutes, and a new appliance needs a new key",
+                    j.appliance,
+                    LOST_ANSWER_WINDOW.as_secs() / 60
+                );
+                let detail = serde_json::json!({
+                    "method": method,
+                    "code": "join_key_reused",
+                    "identity": matched.identity.audit(),
+                    "appliance": j.appliance.to_string(),
+                });
+                let chain = matched.tenant.to_string();
+                return Err(refuse(state, chain, JoinRefusal::Proof, why, detail).await);
+            }
+        },
     };
     let identity = ApplianceIdentity {
         trust_domain: state.ca.trust_domain().to_owned(),

@@ -756,6 +756,36 @@ fn an_appliance_joins_with_its_kubernetes_service_account_once_per_token_and_eve
     let another = cluster.mint(&k8s_claims(&iss, &audience, "airlock", "appliance", unix_now()));
     expect(&mut refusals, "replayed challenge", api.join_by("k8s", &proof(&another, &c)), 401, "challenge_unknown");
 
+    // A join whose answer was lost is asked for again with the same key and identity: the same appliance is
+    // answered. The same key proving another identity the environment accepts is refused: the key an appliance
+    // first joined with would otherwise take it over, past its renewals and recoveries.
+    let second_rule = server
+        .ok(&["env", "join-rule", "add", &env, "--k8s-issuer", &iss, "--k8s-service-account", "airlock/appliance2"])
+        .trim()
+        .to_owned();
+    let kept_key = rcgen::KeyPair::generate().unwrap();
+    let kept_csr = rcgen::CertificateParams::default().serialize_request(&kept_key).unwrap().pem().unwrap();
+    let join_with_kept_key = |service_account: &str| {
+        let token = cluster.mint(&k8s_claims(&iss, &audience, "airlock", service_account, unix_now()));
+        let mut body = json!({ "tenant": server.tenant, "csr_pem": kept_csr, "version": "test" });
+        body["k8s"] = proof(&token, &api.challenge());
+        api.post("/v1/join", &body)
+    };
+    let (status, first) = join_with_kept_key("appliance");
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = join_with_kept_key("appliance");
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(first["appliance_id"], again["appliance_id"], "a lost answer is the same appliance");
+    let appliances_before = appliances_before + 1;
+    expect(
+        &mut refusals,
+        "a join key reused as another identity",
+        join_with_kept_key("appliance2"),
+        401,
+        "join_key_reused",
+    );
+    server.ok(&["env", "join-rule", "remove", &env, &second_rule]);
+
     let mut bad = |what: &str, claims: Value, forgery: Option<Forgery>, want: u16, code: &str| {
         let token = match forgery {
             Some(f) => cluster.forge(&claims, f),

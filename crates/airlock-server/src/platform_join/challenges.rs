@@ -1,54 +1,50 @@
 //! Join challenges: short-lived, single-use nonces a platform proof must carry.
 //!
-//! Anyone may ask for one (an appliance has no credential yet), so what they hold is bounded by
-//! [`crate::net::anonymous`]: at most [`BUDGET`]`.per_address` outstanding per source address (an
-//! IPv6 /64 counting as one), `per_network` per IPv6 /48 or IPv4 /24, and `total` in all, about
-//! 100 bytes each; expired ones are dropped whenever a level is full before a request is refused.
-//! A challenge is asked for before anything names a tenant (the proof that names one spends it),
-//! and a name the peer chose would be the attacker's to pick, so challenges are split by network
-//! only: filling the table takes [`crate::net::anonymous::Budget::networks_to_fill`] networks.
-//! Each is bound to the target the appliance asked for it with ([`JoinTarget`]: the tenant or
-//! environment its join will pin, chosen by the peer and so no party to split by), and spending it
-//! for another target fails, so a proof that carries the challenge cannot be steered elsewhere.
-//! They live in memory only: a restart forgets them, which costs an appliance one retry, and
-//! nothing an anonymous peer does reaches the store. The limits are per process, as the store is.
+//! Anyone may ask for one (an appliance has no credential yet), so issuing one keeps nothing:
+//! a challenge is its own record: a random part and its expiry under a MAC with a key this
+//! process drew at start, and a second MAC binding it to the target the appliance asked for it
+//! with ([`JoinTarget`]: the tenant or environment its join will pin). No one can hold
+//! challenges to deny them to others (the table an earlier design kept could be filled from
+//! enough networks), and a proof that carries one cannot be presented for another target.
+//! What is kept is the spent ones, until they expire, so none is answered twice: at most
+//! [`MAX_SPENT`] (about 32 bytes each), which an anonymous peer fills only by answering that
+//! many challenges within [`CHALLENGE_TTL`], each a join request with a valid CSR.
+//! A restart draws a new key and forgets them, which costs an appliance one retry; nothing an
+//! anonymous peer does reaches the store. They are per process, as the key is.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use airlock_core::Timestamp;
 use airlock_proto::join::JoinTarget;
 use data_encoding::BASE64URL_NOPAD;
-
-use crate::net::anonymous::{Budget, Holder, Holdings, Over};
+use ring::hmac;
 
 /// How long a challenge may be answered.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(60);
-/// What challenges anonymous peers may hold at once. No party: see the module's comment.
-pub const BUDGET: Budget =
-    Budget { per_address: 16, per_network: 128, per_party: 10_000, reserved_per_party: 0, total: 10_000 };
+/// The most spent, unexpired challenges remembered; past it, answers wait until some expire.
+pub const MAX_SPENT: usize = 1_000_000;
 
-/// Why no challenge was issued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChallengeLimit {
-    /// This address (an IPv6 /64) holds its share of unexpired challenges.
-    PerAddress,
-    /// This address's network (an IPv6 /48, an IPv4 /24) holds its share.
-    PerNetwork,
-    /// The table of unexpired challenges is full.
-    Global,
-}
+/// Random bytes, expiry (Unix milliseconds, big-endian), the MAC of both, and the MAC binding
+/// them to the target, in that order. The second is shorter: it tells a genuine challenge's
+/// target apart, and forging one still needs the key.
+const RANDOM_BYTES: usize = 16;
+const EXPIRY_BYTES: usize = 8;
+const TAG_BYTES: usize = 16;
+const TARGET_TAG_BYTES: usize = 8;
+const NONCE_BYTES: usize = RANDOM_BYTES + EXPIRY_BYTES + TAG_BYTES + TARGET_TAG_BYTES;
 
 /// Why a challenge was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeRefusal {
-    /// Never issued, already answered once, or forgotten by a restart.
+    /// Never issued by this process, already answered once, or forgotten by a restart.
     Unknown,
     Expired,
     /// Asked for with another target than the join that answers it pins.
     OtherTarget,
+    /// More challenges were answered within their lifetime than are remembered.
+    Busy,
 }
 
 /// An issued challenge.
@@ -58,96 +54,113 @@ pub struct Challenge {
     pub expires_at: Timestamp,
 }
 
-#[derive(Debug)]
-struct Issued {
-    expires_at: Timestamp,
-    /// The tenant or environment the join must pin.
-    target: JoinTarget,
-    /// Where it counts.
-    holder: Holder<()>,
-}
-
-#[derive(Debug)]
-struct Table {
-    by_nonce: HashMap<String, Issued>,
-    held: Holdings<()>,
-}
-
-impl Default for Table {
-    fn default() -> Self {
-        Self { by_nonce: HashMap::new(), held: Holdings::new(BUDGET) }
-    }
-}
-
-impl Table {
-    fn remove(&mut self, nonce: &str) -> Option<Issued> {
-        let issued = self.by_nonce.remove(nonce)?;
-        self.held.remove(&issued.holder);
-        Some(issued)
-    }
-
-    fn prune(&mut self, now: Timestamp) {
-        let expired: Vec<String> =
-            self.by_nonce.iter().filter(|(_, i)| now >= i.expires_at).map(|(n, _)| n.clone()).collect();
-        for nonce in expired {
-            self.remove(&nonce);
-        }
-    }
-}
-
-/// The outstanding challenges.
 #[derive(Debug, Default)]
+struct Spent {
+    /// Random part → expiry (Unix milliseconds).
+    by_random: HashMap<[u8; RANDOM_BYTES], i64>,
+    /// The size at which expired ones are next swept: twice what was left by the last sweep,
+    /// so sweeping costs O(1) per spend.
+    sweep_at: usize,
+}
+
+/// Issues challenges and remembers the spent ones.
+#[derive(Debug)]
 pub struct Challenges {
-    table: Mutex<Table>,
+    key: hmac::Key,
+    spent: Mutex<Spent>,
+}
+
+impl Default for Challenges {
+    fn default() -> Self {
+        Self::with_key(&crate::state::random())
+    }
 }
 
 impl Challenges {
-    /// Issues a challenge to `from` for a join pinned to `target`, unless its address, its network or everyone holds
-    /// too many.
-    pub fn issue(
-        &self,
-        from: Option<IpAddr>,
-        now: Timestamp,
-        random: [u8; 32],
-        target: JoinTarget,
-    ) -> Result<Challenge, ChallengeLimit> {
-        let holder = Holder::new(from, None);
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if t.held.over(&holder).is_some() {
-            // Only when full: a sweep of at most `BUDGET.total` entries, not one per request.
-            t.prune(now);
-            match t.held.over(&holder) {
-                None => {}
-                Some(Over::Address) => return Err(ChallengeLimit::PerAddress),
-                Some(Over::Network) => return Err(ChallengeLimit::PerNetwork),
-                Some(Over::Party | Over::Total) => return Err(ChallengeLimit::Global),
-            }
-        }
-        let nonce = BASE64URL_NOPAD.encode(&random);
+    fn with_key(key: &[u8; 32]) -> Self {
+        Self { key: hmac::Key::new(hmac::HMAC_SHA256, key), spent: Mutex::default() }
+    }
+
+    fn tag(&self, random: &[u8], expiry: &[u8]) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(b"airlock join challenge v1\0");
+        ctx.update(random);
+        ctx.update(expiry);
+        ctx.sign()
+    }
+
+    fn target_tag(&self, random: &[u8], target: JoinTarget) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(b"airlock join challenge target v1\0");
+        ctx.update(random);
+        // Two fields, an absent one empty, ids never holding the separator: no two targets alike.
+        let tenant = target.tenant.map(|t| t.to_string()).unwrap_or_default();
+        let environment = target.environment.map(|e| e.to_string()).unwrap_or_default();
+        ctx.update(tenant.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(environment.as_bytes());
+        ctx.sign()
+    }
+
+    /// Issues a challenge for a join pinned to `target`.
+    pub fn issue(&self, now: Timestamp, random: [u8; 32], target: JoinTarget) -> Challenge {
         let expires_at = now.saturating_add(CHALLENGE_TTL);
-        t.held.add(&holder);
-        t.by_nonce.insert(nonce.clone(), Issued { expires_at, target, holder });
-        Ok(Challenge { nonce, expires_at })
+        let expiry = expires_at.unix_millis().to_be_bytes();
+        let random = &random[..RANDOM_BYTES];
+        let mut nonce = Vec::with_capacity(NONCE_BYTES);
+        nonce.extend_from_slice(random);
+        nonce.extend_from_slice(&expiry);
+        nonce.extend_from_slice(&self.tag(random, &expiry).as_ref()[..TAG_BYTES]);
+        nonce.extend_from_slice(&self.target_tag(random, target).as_ref()[..TARGET_TAG_BYTES]);
+        Challenge { nonce: BASE64URL_NOPAD.encode(&nonce), expires_at }
     }
 
     /// Spends `nonce`: the first answer takes it, whatever happens to the join after, so
     /// neither the challenge nor a proof carrying it is accepted twice; and only by a join pinned
     /// to the `target` it was issued for.
     pub fn spend(&self, nonce: &str, now: Timestamp, target: JoinTarget) -> Result<(), ChallengeRefusal> {
-        let issued =
-            self.table.lock().unwrap_or_else(|e| e.into_inner()).remove(nonce).ok_or(ChallengeRefusal::Unknown)?;
-        if now >= issued.expires_at {
-            Err(ChallengeRefusal::Expired)
-        } else if issued.target != target {
-            Err(ChallengeRefusal::OtherTarget)
-        } else {
-            Ok(())
+        // Decoded only at its exact length: a longer string costs nothing to refuse.
+        if nonce.len() != BASE64URL_NOPAD.encode_len(NONCE_BYTES) {
+            return Err(ChallengeRefusal::Unknown);
+        }
+        let bytes = BASE64URL_NOPAD.decode(nonce.as_bytes()).map_err(|_| ChallengeRefusal::Unknown)?;
+        let (random, rest) = bytes.split_at(RANDOM_BYTES);
+        let (expiry, rest) = rest.split_at(EXPIRY_BYTES);
+        let (tag, target_tag) = rest.split_at(TAG_BYTES);
+        // Compared in the same time wherever the tags differ.
+        use subtle::ConstantTimeEq;
+        let genuine: bool = self.tag(random, expiry).as_ref()[..TAG_BYTES].ct_eq(tag).into();
+        if !genuine {
+            return Err(ChallengeRefusal::Unknown);
+        }
+        let ours: bool = self.target_tag(random, target).as_ref()[..TARGET_TAG_BYTES].ct_eq(target_tag).into();
+        let mut expires = [0u8; EXPIRY_BYTES];
+        expires.copy_from_slice(expiry);
+        let expires = i64::from_be_bytes(expires);
+        if now.unix_millis() >= expires {
+            return Err(ChallengeRefusal::Expired);
+        }
+        let mut key = [0u8; RANDOM_BYTES];
+        key.copy_from_slice(random);
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        if spent.by_random.len() >= spent.sweep_at.max(1024) || spent.by_random.len() >= MAX_SPENT {
+            spent.by_random.retain(|_, e| now.unix_millis() < *e);
+            spent.sweep_at = spent.by_random.len().saturating_mul(2);
+        }
+        if spent.by_random.len() >= MAX_SPENT {
+            return Err(ChallengeRefusal::Busy);
+        }
+        // Spent even when answered for another target: whoever steered it gets no second try.
+        match spent.by_random.insert(key, expires) {
+            Some(_) => Err(ChallengeRefusal::Unknown),
+            None if !ours => Err(ChallengeRefusal::OtherTarget),
+            None => Ok(()),
         }
     }
 
-    /// Challenges outstanding (expired ones not yet swept included).
-    pub fn outstanding(&self) -> usize {
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).by_nonce.len()
+    /// Spent challenges remembered (expired ones not yet swept included).
+    pub fn remembered(&self) -> usize {
+        self.spent.lock().unwrap_or_else(|e| e.into_inner()).by_random.len()
     }
 }
 
@@ -167,76 +180,59 @@ mod tests {
     fn a_challenge_is_spent_once_and_expires() {
         let c = Challenges::default();
         let t0 = Timestamp::from_unix_millis(1_000_000);
-        let a = c.issue(None, t0, r(1), ANY).unwrap();
+        let a = c.issue(t0, r(1), ANY);
         assert_eq!(c.spend(&a.nonce, t0, ANY), Ok(()));
         assert_eq!(c.spend(&a.nonce, t0, ANY), Err(ChallengeRefusal::Unknown), "replayed");
-        let b = c.issue(None, t0, r(2), ANY).unwrap();
+        let b = c.issue(t0, r(2), ANY);
         assert_eq!(c.spend(&b.nonce, t0.saturating_add(CHALLENGE_TTL), ANY), Err(ChallengeRefusal::Expired));
         assert_eq!(c.spend("made-up", t0, ANY), Err(ChallengeRefusal::Unknown));
-        // Bound to its target: spent by a join pinned elsewhere, it is refused, and gone.
+        // Bound to its target: answered by a join pinned elsewhere, or unpinned, it is refused.
         let alpha = JoinTarget { tenant: Some(airlock_core::TenantId::from_random([1; 16])), environment: None };
         let beta = JoinTarget { tenant: Some(airlock_core::TenantId::from_random([2; 16])), environment: None };
-        let d = c.issue(None, t0, r(3), alpha).unwrap();
+        let d = c.issue(t0, r(3), alpha);
         assert_eq!(c.spend(&d.nonce, t0, beta), Err(ChallengeRefusal::OtherTarget));
         assert_eq!(c.spend(&d.nonce, t0, alpha), Err(ChallengeRefusal::Unknown), "a refused answer spends it");
-        let e = c.issue(None, t0, r(4), alpha).unwrap();
+        let e = c.issue(t0, r(4), alpha);
         assert_eq!(c.spend(&e.nonce, t0, ANY), Err(ChallengeRefusal::OtherTarget), "nor unpinned");
-        let f = c.issue(None, t0, r(5), alpha).unwrap();
+        let f = c.issue(t0, r(5), alpha);
         assert_eq!(c.spend(&f.nonce, t0, alpha), Ok(()));
-        assert_eq!(c.outstanding(), 0);
+        assert_eq!(c.remembered(), 4);
     }
 
     #[test]
-    fn one_address_holds_a_few_and_everyone_a_bounded_number() {
+    fn a_forged_or_altered_challenge_or_another_processs_is_refused() {
         let c = Challenges::default();
         let t0 = Timestamp::from_unix_millis(1_000_000);
-        let peer: IpAddr = "2001:db8::1".parse().unwrap();
-        let same_64: IpAddr = "2001:db8::ffff".parse().unwrap();
-        for i in 0..BUDGET.per_address as u32 {
-            c.issue(Some(peer), t0, r(i), ANY).unwrap();
-        }
-        assert_eq!(c.issue(Some(same_64), t0, r(999), ANY).unwrap_err(), ChallengeLimit::PerAddress);
-        // Once they expire, the address is served again.
-        assert!(c.issue(Some(peer), t0.saturating_add(CHALLENGE_TTL), r(1000), ANY).is_ok());
-        // Many IPv4 networks, each at its share, fill the table.
-        let c = Challenges::default();
-        for i in 0..BUDGET.total as u32 {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + (i / 16) * 256 + i % 16));
-            c.issue(Some(ip), t0, r(i), ANY).unwrap();
-        }
-        let newcomer: IpAddr = "192.0.2.1".parse().unwrap();
-        assert_eq!(c.issue(Some(newcomer), t0, r(u32::MAX), ANY).unwrap_err(), ChallengeLimit::Global);
-        assert_eq!(c.outstanding(), BUDGET.total);
-        assert!(
-            c.issue(Some(newcomer), t0.saturating_add(CHALLENGE_TTL), r(u32::MAX), ANY).is_ok(),
-            "expired ones swept"
-        );
-        assert_eq!(c.outstanding(), 1);
+        let a = c.issue(t0, r(1), ANY);
+        let mut bytes = BASE64URL_NOPAD.decode(a.nonce.as_bytes()).unwrap();
+        // A later expiry, written in by the peer.
+        bytes[RANDOM_BYTES] ^= 0x01;
+        assert_eq!(c.spend(&BASE64URL_NOPAD.encode(&bytes), t0, ANY), Err(ChallengeRefusal::Unknown));
+        // Another process (or this one before a restart) drew another key.
+        let other = Challenges::default().issue(t0, r(1), ANY);
+        assert_eq!(c.spend(&other.nonce, t0, ANY), Err(ChallengeRefusal::Unknown));
+        assert_eq!(c.spend(&format!("{}A", a.nonce), t0, ANY), Err(ChallengeRefusal::Unknown), "too long");
+        assert_eq!(c.remembered(), 0, "nothing refused is remembered");
+        assert_eq!(c.spend(&a.nonce, t0, ANY), Ok(()), "the genuine one still answers");
     }
 
     #[test]
-    fn a_slash_48_flood_leaves_challenges_for_everyone_else() {
+    fn issuing_keeps_nothing_and_spent_ones_are_forgotten_once_expired() {
         let c = Challenges::default();
         let t0 = Timestamp::from_unix_millis(1_000_000);
-        // Every /64 of one /48 asks for its full share: only the network's share is issued.
-        let mut issued = 0;
-        for subnet in 0..=u16::MAX {
-            let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x48, subnet, 0, 0, 0, 1));
-            for k in 0..BUDGET.per_address as u32 {
-                match c.issue(Some(ip), t0, r(u32::from(subnet) << 5 | k), ANY) {
-                    Ok(_) => issued += 1,
-                    Err(limit) => {
-                        assert_eq!(limit, ChallengeLimit::PerNetwork);
-                        break;
-                    }
-                }
-            }
+        // However many are asked for, nothing is held: no one can deny challenges to others.
+        let issued: Vec<Challenge> = (0..5_000).map(|i| c.issue(t0, r(i), ANY)).collect();
+        assert_eq!(c.remembered(), 0);
+        for ch in &issued {
+            assert_eq!(c.spend(&ch.nonce, t0, ANY), Ok(()));
         }
-        assert_eq!(issued, BUDGET.per_network);
-        assert_eq!(c.outstanding(), BUDGET.per_network);
-        // An appliance on another /48, or on IPv4, still gets its challenge and can spend it.
-        let elsewhere = c.issue(Some("2001:db8:49::1".parse().unwrap()), t0, r(u32::MAX), ANY).unwrap();
-        assert_eq!(c.spend(&elsewhere.nonce, t0, ANY), Ok(()));
-        assert!(c.issue(Some("198.51.100.7".parse().unwrap()), t0, r(u32::MAX - 1), ANY).is_ok());
+        assert_eq!(c.remembered(), 5_000);
+        // A minute on, those have expired and are swept as new ones are spent.
+        let t1 = t0.saturating_add(CHALLENGE_TTL);
+        for i in 0..5_000 {
+            let ch = c.issue(t1, r(10_000 + i), ANY);
+            assert_eq!(c.spend(&ch.nonce, t1, ANY), Ok(()));
+        }
+        assert!(c.remembered() <= 5_000 + 1, "{}", c.remembered());
     }
 }

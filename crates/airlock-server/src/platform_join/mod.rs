@@ -159,6 +159,7 @@ impl PlatformRefusal {
             Self::Challenge(ChallengeRefusal::Unknown) => "challenge_unknown",
             Self::Challenge(ChallengeRefusal::Expired) => "challenge_expired",
             Self::Challenge(ChallengeRefusal::OtherTarget) => "challenge_other_target",
+            Self::Challenge(ChallengeRefusal::Busy) => "challenge_busy",
             Self::Unpinned => "join_target_required",
             Self::Aws(a) => a.code(),
             Self::Token(t) => t.code(),
@@ -178,6 +179,9 @@ impl PlatformRefusal {
             Self::Challenge(ChallengeRefusal::Expired) => "the join challenge expired; ask for a new one".into(),
             Self::Challenge(ChallengeRefusal::OtherTarget) => {
                 "the join challenge was asked for another tenant or environment than this join names".into()
+            }
+            Self::Challenge(ChallengeRefusal::Busy) => {
+                "more join challenges were answered this minute than this control plane remembers; try again".into()
             }
             Self::Unpinned => "a platform join must name its tenant (--tenant ten_…) or its environment \
                 (--environment env_…): an account, project or cluster issuer is no secret, so only the rules of the \
@@ -227,6 +231,7 @@ impl PlatformRefusal {
             self,
             Self::Aws(AwsRefusal::StsUnreachable)
                 | Self::Token(TokenRefusal::Jwt(crate::issuer::JwtRefusal::IssuerUnreachable))
+                | Self::Challenge(ChallengeRefusal::Busy)
         )
     }
 }

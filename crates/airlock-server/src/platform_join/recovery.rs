@@ -129,7 +129,8 @@ pub fn check(
     if !signed {
         return Err(RecoveryRefusal::Signature);
     }
-    if now < peer.not_after {
+    // A certificate is valid through its notAfter second (RFC 5280), so only past it is it expired.
+    if now <= peer.not_after {
         return Err(RecoveryRefusal::NotExpired);
     }
     Ok(Recovering { identity: peer.identity, serial: peer.serial })
@@ -173,7 +174,7 @@ pub async fn check_stored(
     if state.current_serial != r.serial && state.previous_serial.as_deref() != Some(r.serial.as_str()) {
         return Ok(Err(RecoveryRefusal::Superseded));
     }
-    if state.current_serial != r.serial && now < state.current_not_after {
+    if state.current_serial != r.serial && now <= state.current_not_after {
         return Ok(Err(RecoveryRefusal::CurrentLive));
     }
     Ok(Ok(state))

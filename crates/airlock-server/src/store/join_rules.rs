@@ -124,6 +124,15 @@ impl Store {
     }
 }
 
+/// An appliance that joined with a platform identity, as a join asked again with its key finds it.
+#[derive(Debug, Clone)]
+pub struct PlatformJoined {
+    pub appliance: airlock_core::ApplianceId,
+    pub joined_at: airlock_core::Timestamp,
+    /// The identity it joined as (`PlatformIdentity::matched`), if a platform join recorded one.
+    pub identity: Option<String>,
+}
+
 impl WriteTx<'_> {
     pub async fn count_join_rules(&mut self, scope: &TenantScope, env: EnvironmentId) -> Result<usize, StoreError> {
         let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM join_rules WHERE tenant_id = $1 AND environment_id = $2")
@@ -197,23 +206,32 @@ impl WriteTx<'_> {
         Ok(done.rows_affected() > 0)
     }
 
-    /// The appliance of `env` that joined with `join_key` and is not revoked: a platform join
-    /// asked again with the same key is a join whose answer was lost.
+    /// The appliance of `env` that joined with `join_key` and is not revoked, when it joined and
+    /// as whom: a platform join asked again with the same key may be a join whose answer was lost
+    /// (`appliances::join` decides).
     pub async fn platform_join_retry(
         &mut self,
         tenant: airlock_core::TenantId,
         env: EnvironmentId,
         join_key: &[u8],
-    ) -> Result<Option<airlock_core::ApplianceId>, StoreError> {
+    ) -> Result<Option<PlatformJoined>, StoreError> {
         let row = sqlx::query(
-            "SELECT id FROM appliances WHERE tenant_id = $1 AND environment_id = $2 AND join_key = $3 AND revoked_at IS NULL",
+            "SELECT id, joined_at, join_identity FROM appliances
+             WHERE tenant_id = $1 AND environment_id = $2 AND join_key = $3 AND revoked_at IS NULL",
         )
         .bind(tenant.to_string())
         .bind(env.to_string())
         .bind(join_key)
         .fetch_optional(&mut *self.tx)
         .await?;
-        row.map(|r| parse_col(&r, "id")).transpose()
+        row.map(|r| {
+            Ok(PlatformJoined {
+                appliance: parse_col(&r, "id")?,
+                joined_at: ts_col(&r, "joined_at")?,
+                identity: r.try_get("join_identity")?,
+            })
+        })
+        .transpose()
     }
 
     /// Spends a Kubernetes token's id for `appliance`: false when another appliance used it.
