@@ -109,9 +109,25 @@ fn recovering(state: &AppState, request: &JoinRequest, join_key: &[u8]) -> Resul
     request.recover.as_ref().map(|r| crate::platform_join::recovery::check(&state.ca, r, join_key, now)).transpose()
 }
 
-/// Audits a refused recovery on `chain`.
-async fn refuse_recovery(state: &AppState, chain: String, method: &str, r: RecoveryRefusal) -> JoinError {
-    let detail = serde_json::json!({ "method": method, "code": r.code() });
+/// Audits a refused recovery: once the certificate proved ours and the signature its key's (`of`), on the chain of
+/// the tenant whose appliance it names, with the appliance and serial (that tenant should learn who tried); else on
+/// `chain`.
+async fn refuse_recovery(
+    state: &AppState,
+    chain: String,
+    method: &str,
+    r: RecoveryRefusal,
+    of: Option<&Recovering>,
+) -> JoinError {
+    let mut detail = serde_json::json!({ "method": method, "code": r.code() });
+    let chain = match of {
+        Some(recovering) => {
+            detail["appliance"] = recovering.identity.appliance.to_string().into();
+            detail["recovered_serial"] = recovering.serial.clone().into();
+            recovering.identity.tenant.to_string()
+        }
+        None => chain,
+    };
     refuse(state, chain, JoinRefusal::Recovery, r.reason().to_owned(), detail).await
 }
 
@@ -162,7 +178,7 @@ async fn join_with_token(state: &AppState, token: &str, request: &JoinRequest) -
     };
     let recovering = match recovering(state, request, &join_key) {
         Ok(r) => r,
-        Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), "join_token", r).await),
+        Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), "join_token", r, None).await),
     };
     let fresh = recovering.as_ref().map_or_else(|| ApplianceId::from_random(random()), |r| r.identity.appliance);
     let mut tx = state.store.write().await?;
@@ -233,13 +249,13 @@ async fn join_with_token(state: &AppState, token: &str, request: &JoinRequest) -
         Some(r) if (r.identity.tenant, r.identity.environment) != (identity.tenant, identity.environment) => {
             drop(tx);
             let why = RecoveryRefusal::OtherEnvironment;
-            return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why).await);
+            return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why, Some(r)).await);
         }
         Some(r) => match crate::platform_join::recovery::check_stored(&mut tx, r, now).await? {
             Ok(stored) => Some((r.serial.clone(), stored.join_method)),
             Err(why) => {
                 drop(tx);
-                return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why).await);
+                return Err(refuse_recovery(state, identity.tenant.to_string(), "join_token", why, Some(r)).await);
             }
         },
         None => None,
@@ -295,7 +311,7 @@ async fn join_with_platform(
     };
     let recovering = match recovering(state, request, &join_key) {
         Ok(r) => r,
-        Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), method, r).await),
+        Err(r) => return Err(refuse_recovery(state, SYSTEM_CHAIN.into(), method, r, None).await),
     };
     let matched = match crate::platform_join::verify(state, proof, request.target()).await? {
         Ok(m) => m,
@@ -305,7 +321,7 @@ async fn join_with_platform(
         && (r.identity.tenant, r.identity.environment) != (matched.tenant, matched.environment)
     {
         let why = RecoveryRefusal::OtherEnvironment;
-        return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
+        return Err(refuse_recovery(state, matched.tenant.to_string(), method, why, Some(r)).await);
     }
     let mut tx = state.store.write().await?;
     let mut method_changed = None;
@@ -320,7 +336,7 @@ async fn join_with_platform(
             {
                 drop(tx);
                 let why = RecoveryRefusal::OtherIdentity;
-                return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
+                return Err(refuse_recovery(state, matched.tenant.to_string(), method, why, Some(r)).await);
             }
             Ok(stored) => {
                 if stored.join_method != method {
@@ -330,7 +346,7 @@ async fn join_with_platform(
             }
             Err(why) => {
                 drop(tx);
-                return Err(refuse_recovery(state, matched.tenant.to_string(), method, why).await);
+                return Err(refuse_recovery(state, matched.tenant.to_string(), method, why, Some(r)).await);
             }
         },
         None => match tx.platform_join_retry(matched.tenant, matched.environment, &join_key).await? {
@@ -378,7 +394,10 @@ async fn join_with_platform(
         && !tx.spend_platform_token(token, identity.appliance, state.now()).await?
     {
         drop(tx);
-        return Err(refused(PlatformRefusal::Token(TokenRefusal::Replayed)).await);
+        // The identity is proved and the tenant's rules accept it: a replay of its token is that tenant's to see.
+        let r = PlatformRefusal::Token(TokenRefusal::Replayed);
+        let detail = serde_json::json!({ "method": method, "code": r.code(), "identity": matched.identity.audit() });
+        return Err(refuse(state, matched.tenant.to_string(), JoinRefusal::Proof, r.reason(), detail).await);
     }
     let shown = matched.identity.matched();
     let mut detail = serde_json::json!({

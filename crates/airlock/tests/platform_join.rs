@@ -846,6 +846,10 @@ fn an_appliance_joins_with_its_kubernetes_service_account_once_per_token_and_eve
 
     assert_eq!(server.appliances().len(), appliances_before, "no refusal issued anything");
     assert_audited(&server, "k8s_token", &refusals);
+    // A replayed token's identity is proved: its refusal names it, for the tenant whose rules accept it.
+    let replayed =
+        refusals_of(&server, "k8s_token").into_iter().find(|r| r["detail"]["code"] == "token_replayed").unwrap();
+    assert_eq!(replayed["detail"]["identity"]["service_account"], "appliance", "{replayed}");
 
     // Once no rule accepts it, the appliance's next renewal is refused and audited.
     server.ok(&["env", "join-rule", "remove", &env, &rule]);
