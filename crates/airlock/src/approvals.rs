@@ -150,9 +150,13 @@ struct OperationList {
 
 /// Requests awaiting approval, each checked: one whose command does not match its request's
 /// digest comes back as an error to show instead of the request.
-pub(crate) async fn list_pending(client: &ApiClient) -> anyhow::Result<Vec<anyhow::Result<PendingOperation>>> {
+pub(crate) async fn list_pending(
+    client: &ApiClient,
+    workspace: Option<String>,
+) -> anyhow::Result<Vec<anyhow::Result<PendingOperation>>> {
     let ca = client.pinned_ca_der().await?;
-    let list: OperationList = client.get("/v1/operations?state=awaiting_approval").await?;
+    let filters = [("state", Some("awaiting_approval".to_owned())), ("workspace", workspace)];
+    let list: OperationList = client.get(&crate::operations::list_path("/v1/operations", &filters)?).await?;
     Ok(list.operations.into_iter().map(|op| op.checked(&ca)).collect())
 }
 

@@ -749,6 +749,9 @@ enum CustomerKeysSub {
 enum ApprovalsSub {
     /// List requests awaiting approval, with the exact command each would run.
     List {
+        /// Only this workspace (wsp_…); needed when your roles or token are confined to workspaces.
+        #[arg(long)]
+        workspace: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -984,8 +987,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Customer(CustomerCmd { command: CustomerSub::Approvals { command: ApprovalsSub::List { api } } }) => {
-            let pending = approvals::list_pending(&api.client()?).await?;
+        Command::Customer(CustomerCmd {
+            command: CustomerSub::Approvals { command: ApprovalsSub::List { workspace, api } },
+        }) => {
+            let pending = approvals::list_pending(&api.client()?, workspace).await?;
             if api.json {
                 let ops: Vec<serde_json::Value> = pending
                     .iter()

@@ -87,16 +87,18 @@ fn a_workspace_token_lists_its_workspaces_appliances_and_operations_by_naming_it
         .trim()
         .to_owned();
     // The tenant's lists are not a workspace token's: it is told to name its workspace.
-    for args in [&["appliance", "list"][..], &["op", "list"]] {
+    for args in [&["appliance", "list"][..], &["op", "list"], &["customer", "approvals", "list"]] {
         let refused = server.cli_as(&secret, args);
         assert!(!refused.status.success(), "{args:?}");
         let why = stderr(&refused);
         assert!(why.contains("HTTP 403") && why.contains("`workspace`"), "{args:?}: {why}");
     }
     // Naming it, it lists its own.
-    for args in
-        [&["appliance", "list", "--workspace", &ws, "--json"][..], &["op", "list", "--workspace", &ws, "--json"]]
-    {
+    for args in [
+        &["appliance", "list", "--workspace", &ws, "--json"][..],
+        &["op", "list", "--workspace", &ws, "--json"],
+        &["customer", "approvals", "list", "--workspace", &ws, "--json"],
+    ] {
         let listed = server.cli_as(&secret, args);
         assert!(listed.status.success(), "{args:?}: {}", stderr(&listed));
     }
