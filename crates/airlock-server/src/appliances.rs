@@ -35,7 +35,7 @@ use crate::platform_join::recovery::{Recovering, RecoveryRefusal};
 use crate::platform_join::tokens::TokenRefusal;
 use crate::registry::Kick;
 use crate::state::{AppState, SYSTEM_CHAIN, event, random};
-use crate::store::{JoinVia, RedeemRefusal, StoreError};
+use crate::store::{JoinVia, RedeemRefusal, Renewed, StoreError};
 
 /// An appliance that joined (or whose lost join response was answered again).
 #[derive(Debug)]
@@ -363,7 +363,8 @@ async fn join_with_platform(
             Some(j) => {
                 drop(tx);
                 let why = format!(
-                    "this key already joined appliance {}; a join is retried with it only as the same identity within                      {} minutes, and a new appliance needs a new key",
+                    "this key already joined appliance {}; a join is retried with it only as the same identity \
+                     within {} minutes of that join and before the appliance renews, and a new appliance needs a new key",
                     j.appliance,
                     LOST_ANSWER_WINDOW.as_secs() / 60
                 );
@@ -462,9 +463,13 @@ async fn issue(state: &AppState, mut tx: crate::store::WriteTx<'_>, i: Issue<'_>
     let version: String = version.chars().filter(|c| !c.is_control()).take(64).collect();
     let scope = TenantScope::for_appliance(&identity);
     match &record {
-        Record::LostAnswer => tx.record_renewal(&scope, appliance, &issued.serial, issued.not_after).await?,
+        Record::LostAnswer => {
+            let cert = (issued.serial.as_str(), issued.not_after);
+            tx.record_renewal(&scope, appliance, cert, Renewed::LostJoinAnswer).await?;
+        }
         Record::Recovered(_) => {
-            tx.record_renewal(&scope, appliance, &issued.serial, issued.not_after).await?;
+            let cert = (issued.serial.as_str(), issued.not_after);
+            tx.record_renewal(&scope, appliance, cert, Renewed::HeldCertificate).await?;
             // It proves itself by the method it recovered with from now on, at each renewal.
             tx.record_join_via(&identity, via).await?;
         }

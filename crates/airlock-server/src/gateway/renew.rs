@@ -88,7 +88,8 @@ pub(super) async fn renew_certificate(
             Ok(i) => i,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        tx.record_renewal(scope, peer.identity.appliance, &issued.serial, issued.not_after).await?;
+        let renewed = crate::store::Renewed::HeldCertificate;
+        tx.record_renewal(scope, peer.identity.appliance, (&issued.serial, issued.not_after), renewed).await?;
         let mut ev = event(actor.clone(), AuditAction::ApplianceCertificateRenew, Outcome::Success);
         ev.target = target.clone();
         ev.detail = serde_json::json!({

@@ -130,10 +130,16 @@ pub fn check(
         return Err(RecoveryRefusal::Signature);
     }
     // A certificate is valid through its notAfter second (RFC 5280), so only past it is it expired.
-    if now <= peer.not_after {
+    if now < through_second(peer.not_after) {
         return Err(RecoveryRefusal::NotExpired);
     }
     Ok(Recovering { identity: peer.identity, serial: peer.serial })
+}
+
+/// The first moment a certificate whose notAfter is `not_after` is expired: it is valid through
+/// that whole second (RFC 5280), and its notAfter has no finer part.
+fn through_second(not_after: airlock_core::Timestamp) -> airlock_core::Timestamp {
+    not_after.saturating_add(Duration::from_secs(1))
 }
 
 /// Whether `leaf` chains to `ca` (signature, client-auth usage), checked at a moment inside
@@ -174,7 +180,7 @@ pub async fn check_stored(
     if state.current_serial != r.serial && state.previous_serial.as_deref() != Some(r.serial.as_str()) {
         return Ok(Err(RecoveryRefusal::Superseded));
     }
-    if state.current_serial != r.serial && now <= state.current_not_after {
+    if state.current_serial != r.serial && now < through_second(state.current_not_after) {
         return Ok(Err(RecoveryRefusal::CurrentLive));
     }
     Ok(Ok(state))
@@ -223,6 +229,15 @@ mod tests {
             RecoveryRefusal::NotExpired,
             "a live certificate renews; it does not recover"
         );
+        // Valid through its notAfter second: 999 ms into it, still live; the next second, expired.
+        let not_after = cert.not_after;
+        let within = not_after.saturating_add(Duration::from_millis(999));
+        assert_eq!(
+            check(&ca, &proof(sign(&old, &fp, &new)), new.der_bytes(), within).unwrap_err(),
+            RecoveryRefusal::NotExpired
+        );
+        let past = not_after.saturating_add(Duration::from_secs(1));
+        assert!(check(&ca, &proof(sign(&old, &fp, &new)), new.der_bytes(), past).is_ok());
         assert_eq!((ok.identity, ok.serial), (identity, cert.serial.clone()));
         assert_eq!(
             check(&other_ca, &proof(sign(&old, &other_ca.fingerprint().to_string(), &new)), new.der_bytes(), later)

@@ -127,6 +127,18 @@ impl Store {
     }
 }
 
+/// What a renewal answers, which decides whether the key the appliance joined with may still retry its join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewed {
+    /// A join asked again with its key and identity: its answer may not have arrived, so that key stays on record
+    /// for another retry.
+    LostJoinAnswer,
+    /// An appliance that held a certificate (a renewal over its stream, a recovery): its join's answer reached it,
+    /// so the key it joined with retries nothing from now on. Otherwise whoever kept that key could ask the join
+    /// again and be issued a certificate for the appliance after its key changed.
+    HeldCertificate,
+}
+
 impl WriteTx<'_> {
     /// The environment of `appliance` if it joined with `join_key` and is not revoked: the
     /// only case in which a spent join token may be presented again.
@@ -220,12 +232,21 @@ impl WriteTx<'_> {
         &mut self,
         scope: &TenantScope,
         id: ApplianceId,
-        serial: &str,
-        not_after: Timestamp,
+        issued: (&str, Timestamp),
+        of: Renewed,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE appliances SET previous_serial = cert_serial, cert_serial = $1, cert_not_after = $2 WHERE tenant_id = $3 AND id = $4",
-        )
+        let (serial, not_after) = issued;
+        let sql = match of {
+            Renewed::LostJoinAnswer => {
+                "UPDATE appliances SET previous_serial = cert_serial, cert_serial = $1, cert_not_after = $2 \
+                 WHERE tenant_id = $3 AND id = $4"
+            }
+            Renewed::HeldCertificate => {
+                "UPDATE appliances SET previous_serial = cert_serial, cert_serial = $1, cert_not_after = $2, \
+                 join_key = NULL WHERE tenant_id = $3 AND id = $4"
+            }
+        };
+        sqlx::query(sql)
             .bind(serial)
             .bind(not_after.unix_millis())
             .bind(scope.tenant().to_string())
