@@ -284,7 +284,7 @@ async fn join_with_platform(
 ) -> Result<Joined, JoinError> {
     let (csr_pem, version) = (request.csr_pem.as_str(), request.version.as_str());
     let method = proof.method();
-    let refused = |r: PlatformRefusal| async move {
+    let refused = |crate::platform_join::Refused { refusal: r, judged_by }| async move {
         let refusal = match &r {
             PlatformRefusal::NoRule(_)
             | PlatformRefusal::SeveralEnvironments(..)
@@ -299,7 +299,8 @@ async fn join_with_platform(
             "identity": r.identity().map(|i| i.audit()),
         });
         tracing::info!(code = r.code(), method, "refused a platform join");
-        refuse(state, SYSTEM_CHAIN.into(), refusal, r.reason(), detail).await
+        let chain = judged_by.map_or_else(|| SYSTEM_CHAIN.to_owned(), |t| t.to_string());
+        refuse(state, chain, refusal, r.reason(), detail).await
     };
     // The CSR first: it costs nothing to check, and a bad one should not spend a challenge.
     let join_key = match crate::ca::csr_public_key(csr_pem) {

@@ -324,6 +324,12 @@ fn an_appliance_joins_with_its_aws_role_and_every_bad_proof_is_refused_audited_a
     }
     let wrong = audited.iter().find(|r| r["detail"]["code"] == "no_matching_rule").unwrap();
     assert!(wrong["detail"]["reason"].as_str().unwrap().contains("join-rule add"), "{wrong}");
+    // Judged by the pinned tenant's rules, a refusal is that tenant's to see; one refused before any rule was read is
+    // the system's.
+    let two = audited.iter().find(|r| r["detail"]["code"] == "several_environments").unwrap();
+    assert_eq!(two["chain"], server.tenant.as_str(), "{two}");
+    let stray = audited.iter().find(|r| r["detail"]["code"] == "endpoint_not_allowed").unwrap();
+    assert_eq!(stray["chain"], "system", "{stray}");
     let out = server.audit_verify();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -131,6 +131,22 @@ pub struct PlatformMatch {
     pub token_id: Option<TokenId>,
 }
 
+/// A refused platform join, and the tenant whose rules judged the proved identity, when one did: the refusal is
+/// that tenant's to see (its audit chain), while one refused before any tenant's rules were read (a bad proof, a
+/// spent challenge, a tenant named that has no rule for the identity's account) stays on the system chain, so no
+/// one can make a chain for a tenant id that holds nothing.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub refusal: PlatformRefusal,
+    pub judged_by: Option<airlock_core::TenantId>,
+}
+
+impl From<PlatformRefusal> for Refused {
+    fn from(refusal: PlatformRefusal) -> Self {
+        Self { refusal, judged_by: None }
+    }
+}
+
 /// Why a platform proof did not join anything: a code for programs and the audit, a reason for people.
 #[derive(Debug, Clone)]
 pub enum PlatformRefusal {
@@ -413,16 +429,26 @@ pub async fn verify(
     state: &AppState,
     proof: &PlatformProof,
     named: JoinTarget,
-) -> Result<Result<PlatformMatch, PlatformRefusal>, StoreError> {
+) -> Result<Result<PlatformMatch, Refused>, StoreError> {
     if !named.is_pinned() {
-        return Ok(Err(PlatformRefusal::Unpinned));
+        return Ok(Err(PlatformRefusal::Unpinned.into()));
     }
     let Proved { identity, form, candidates, token_id, target } =
         match prove(state, proof, Freshness::Join, named).await? {
             Ok(p) => p,
-            Err(r) => return Ok(Err(r)),
+            Err(r) => return Ok(Err(r.into())),
         };
-    Ok(decide(candidates, identity, form, token_id, target))
+    let judged_by = judging_tenant(&candidates, target).filter(|t| candidates.iter().any(|r| r.tenant == *t));
+    Ok(decide(candidates, identity, form, token_id, target).map_err(|refusal| Refused { refusal, judged_by }))
+}
+
+/// The tenant whose rules judge a join pinned to `target`: the tenant named, or the named environment's (whose rules,
+/// if it has any for this identity's account, project or issuer, are among the candidates).
+fn judging_tenant(candidates: &[JoinRule], target: JoinTarget) -> Option<airlock_core::TenantId> {
+    target.tenant.or_else(|| {
+        let env = target.environment?;
+        candidates.iter().find(|r| r.environment == env).map(|r| r.tenant)
+    })
 }
 
 /// The join's decision, once the platform named the identity: exactly one environment, among the
@@ -434,14 +460,9 @@ fn decide(
     token_id: Option<TokenId>,
     target: JoinTarget,
 ) -> Result<PlatformMatch, PlatformRefusal> {
-    // The tenant named, or the named environment's (whose rules, if it has any for this identity's account, project
-    // or issuer, are among the candidates). Every other tenant's rules are dropped unread: they cannot capture this
-    // appliance, nor make its join ambiguous.
-    let tenant = target.tenant.or_else(|| {
-        let env = target.environment?;
-        candidates.iter().find(|r| r.environment == env).map(|r| r.tenant)
-    });
-    let Some(tenant) = tenant else {
+    // Every tenant's rules but the judging one's are dropped unread: they cannot capture this appliance, nor make its
+    // join ambiguous.
+    let Some(tenant) = judging_tenant(&candidates, target) else {
         return Err(if target.is_pinned() { PlatformRefusal::NoRule(identity) } else { PlatformRefusal::Unpinned });
     };
     let named = target.environment;

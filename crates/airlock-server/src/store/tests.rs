@@ -63,7 +63,7 @@ async fn store_hides_other_tenants_rows() {
     // Writes through A's scope cannot touch B's rows.
     let mut tx = store.write().await.unwrap();
     assert!(!tx.revoke_appliance(&a, apl_b, now()).await.unwrap());
-    tx.record_renewal(&a, apl_b, ("ff", now()), super::Renewed::HeldCertificate).await.unwrap();
+    tx.record_renewal(&a, apl_b, ("ff", now()), Renewed::HeldCertificate).await.unwrap();
     tx.record_seen(&a, apl_b, "evil", now()).await.unwrap();
     tx.commit().await.unwrap();
     let row = store.get_appliance(&b, apl_b).await.unwrap().unwrap();
@@ -81,10 +81,10 @@ async fn the_key_an_appliance_joined_with_retries_its_join_only_until_it_holds_a
     assert!(tx.platform_join_retry(tenant_id, e, b"key").await.unwrap().is_some());
     assert_eq!(tx.join_retry_environment(tenant_id, apl, b"other").await.unwrap(), None, "another key");
     // Answering a lost join again keeps the key on record: that answer may be lost too.
-    tx.record_renewal(&a, apl, ("01", now()), super::Renewed::LostJoinAnswer).await.unwrap();
+    tx.record_renewal(&a, apl, ("01", now()), Renewed::LostJoinAnswer).await.unwrap();
     assert_eq!(tx.join_retry_environment(tenant_id, apl, b"key").await.unwrap(), Some(e));
     // Once it renews (or recovers) it held its answer: the key it joined with retries nothing more.
-    tx.record_renewal(&a, apl, ("02", now()), super::Renewed::HeldCertificate).await.unwrap();
+    tx.record_renewal(&a, apl, ("02", now()), Renewed::HeldCertificate).await.unwrap();
     assert_eq!(tx.join_retry_environment(tenant_id, apl, b"key").await.unwrap(), None);
     assert!(tx.platform_join_retry(tenant_id, e, b"key").await.unwrap().is_none());
     tx.commit().await.unwrap();
