@@ -7,7 +7,7 @@
 //! challenges to deny them to others (the table an earlier design kept could be filled from
 //! enough networks), and a proof that carries one cannot be presented for another target.
 //! What is kept is the spent ones, until they expire, so none is answered twice: at most
-//! [`MAX_SPENT`] (about 40 bytes each, ordered by expiry so forgetting the expired ones never
+//! [`MAX_SPENT`] (about 50 bytes each, ordered by expiry so forgetting the expired ones never
 //! scans the rest), which an anonymous peer fills only by answering that
 //! many challenges within [`CHALLENGE_TTL`], each a join request with a valid CSR.
 //! A restart draws a new key and forgets them, which costs an appliance one retry; nothing an
@@ -55,11 +55,23 @@ pub struct Challenge {
     pub expires_at: Timestamp,
 }
 
-/// Spent challenges by (expiry in Unix milliseconds, random part): the expiry is in the nonce
-/// under its MAC, so a spend looks its own one up exactly, and the expired ones are the first,
-/// forgotten one by one as spends come (O(log n) each, never a scan of the unexpired: a
-/// refusal when full costs no more than an answer).
-type Spent = BTreeSet<(i64, [u8; RANDOM_BYTES])>;
+/// At most this many expired challenges are forgotten per spend: a spend after a quiet minute
+/// does not stall on the whole set, and since a spend adds at most one, the expired still drain
+/// faster than they come.
+const FORGET_PER_SPEND: usize = 64;
+
+#[derive(Debug, Default)]
+struct Spent {
+    /// By (expiry in Unix milliseconds, random part): the expiry is in the nonce under its MAC,
+    /// so a spend looks its own one up exactly, and the expired ones are the first, forgotten a
+    /// few at a time as spends come (O(log n) each, never a scan of the unexpired: a refusal when
+    /// full costs no more than an answer).
+    by_expiry: BTreeSet<(i64, [u8; RANDOM_BYTES])>,
+    /// The latest time a spend was judged at. Time is never judged earlier than this: a clock
+    /// stepped back (or a request that read it before another took the lock) would otherwise
+    /// accept a spent challenge once it has been forgotten as expired.
+    latest: i64,
+}
 
 /// Issues challenges and remembers the spent ones.
 #[derive(Debug)]
@@ -135,29 +147,35 @@ impl Challenges {
         let mut expires = [0u8; EXPIRY_BYTES];
         expires.copy_from_slice(expiry);
         let expires = i64::from_be_bytes(expires);
-        if now.unix_millis() >= expires {
-            return Err(ChallengeRefusal::Expired);
-        }
         let mut key = [0u8; RANDOM_BYTES];
         key.copy_from_slice(random);
         let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
-        while spent.first().is_some_and(|(e, _)| *e <= now.unix_millis()) {
-            spent.pop_first();
+        // Judged under the lock, at no earlier time than any spend before (see `Spent::latest`).
+        let now = now.unix_millis().max(spent.latest);
+        spent.latest = now;
+        if now >= expires {
+            return Err(ChallengeRefusal::Expired);
         }
-        if spent.contains(&(expires, key)) {
+        for _ in 0..FORGET_PER_SPEND {
+            if spent.by_expiry.first().is_none_or(|(e, _)| *e > now) {
+                break;
+            }
+            spent.by_expiry.pop_first();
+        }
+        if spent.by_expiry.contains(&(expires, key)) {
             return Err(ChallengeRefusal::Unknown);
         }
-        if spent.len() >= MAX_SPENT {
+        if spent.by_expiry.len() >= MAX_SPENT {
             return Err(ChallengeRefusal::Busy);
         }
         // Spent even when answered for another target: whoever steered it gets no second try.
-        spent.insert((expires, key));
+        spent.by_expiry.insert((expires, key));
         if ours { Ok(()) } else { Err(ChallengeRefusal::OtherTarget) }
     }
 
     /// Spent challenges remembered (expired ones not yet forgotten included).
     pub fn remembered(&self) -> usize {
-        self.spent.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.spent.lock().unwrap_or_else(|e| e.into_inner()).by_expiry.len()
     }
 }
 
@@ -180,8 +198,6 @@ mod tests {
         let a = c.issue(t0, r(1), ANY);
         assert_eq!(c.spend(&a.nonce, t0, ANY), Ok(()));
         assert_eq!(c.spend(&a.nonce, t0, ANY), Err(ChallengeRefusal::Unknown), "replayed");
-        let b = c.issue(t0, r(2), ANY);
-        assert_eq!(c.spend(&b.nonce, t0.saturating_add(CHALLENGE_TTL), ANY), Err(ChallengeRefusal::Expired));
         assert_eq!(c.spend("made-up", t0, ANY), Err(ChallengeRefusal::Unknown));
         // Bound to its target: answered by a join pinned elsewhere, or unpinned, it is refused.
         let alpha = JoinTarget { tenant: Some(airlock_core::TenantId::from_random([1; 16])), environment: None };
@@ -194,6 +210,8 @@ mod tests {
         let f = c.issue(t0, r(5), alpha);
         assert_eq!(c.spend(&f.nonce, t0, alpha), Ok(()));
         assert_eq!(c.remembered(), 4);
+        let b = c.issue(t0, r(2), ANY);
+        assert_eq!(c.spend(&b.nonce, t0.saturating_add(CHALLENGE_TTL), ANY), Err(ChallengeRefusal::Expired));
     }
 
     #[test]
@@ -239,7 +257,7 @@ mod tests {
         let t0 = Timestamp::from_unix_millis(1_000_000);
         let later = t0.saturating_add(Duration::from_secs(30));
         // Filled as a flood would fill it (built directly: a million spends would be slow here).
-        c.spent.lock().unwrap().extend((0..MAX_SPENT as u32).map(|i| {
+        c.spent.lock().unwrap().by_expiry.extend((0..MAX_SPENT as u32).map(|i| {
             let mut k = [0u8; RANDOM_BYTES];
             k[..4].copy_from_slice(&i.to_be_bytes());
             // Half expire with t0's challenges, half 30 s later.
@@ -249,11 +267,26 @@ mod tests {
         let a = c.issue(t0, r(u32::MAX), ANY);
         assert_eq!(c.spend(&a.nonce, t0, ANY), Err(ChallengeRefusal::Busy));
         assert_eq!(c.remembered(), MAX_SPENT, "a busy refusal remembers nothing");
-        // Once t0's have expired, that half is forgotten at the next spend, and answers are taken again.
+        // Once t0's have expired, a few are forgotten at each spend, and answers are taken again.
         let t1 = t0.saturating_add(CHALLENGE_TTL);
         let b = c.issue(t1, r(u32::MAX - 1), ANY);
         assert_eq!(c.spend(&b.nonce, t1, ANY), Ok(()));
-        assert_eq!(c.remembered(), MAX_SPENT / 2 + 1);
+        assert_eq!(c.remembered(), MAX_SPENT - FORGET_PER_SPEND + 1);
         assert_eq!(c.spend(&b.nonce, t1, ANY), Err(ChallengeRefusal::Unknown), "and spent once");
+    }
+
+    #[test]
+    fn a_clock_stepped_back_does_not_revive_a_forgotten_challenge() {
+        let c = Challenges::default();
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        let a = c.issue(t0, r(1), ANY);
+        assert_eq!(c.spend(&a.nonce, t0, ANY), Ok(()));
+        // A spend a minute on forgets `a` as expired.
+        let t1 = t0.saturating_add(CHALLENGE_TTL);
+        let b = c.issue(t1, r(2), ANY);
+        assert_eq!(c.spend(&b.nonce, t1, ANY), Ok(()));
+        assert_eq!(c.remembered(), 1);
+        // The clock steps back (or a request read it before the other took the lock): `a` is still expired.
+        assert_eq!(c.spend(&a.nonce, t0, ANY), Err(ChallengeRefusal::Expired));
     }
 }
