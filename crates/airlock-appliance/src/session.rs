@@ -131,7 +131,7 @@ impl Session<'_> {
         heartbeat.reset();
         let mut seq = 0u64;
         let mut pending_key: Option<KeyPair> = None;
-        let mut validity = inspect_cert(&creds.cert_pem).ok().map(|(_, v)| v);
+        let validity = inspect_cert(&creds.cert_pem).ok().map(|(_, v)| v);
         let mut renew_at = validity.map(|v| v.renew_at());
         loop {
             let renew_sleep =
@@ -199,10 +199,16 @@ impl Session<'_> {
                                 continue;
                             };
                             match self.accept_renewal(&r.certificate_pem, &key) {
-                                Ok(next) => {
-                                    tracing::info!(serial = %r.serial, not_after = %Timestamp::from_unix_millis(r.not_after_unix_ms), "certificate renewed");
-                                    renew_at = Some(next.renew_at());
-                                    validity = Some(next);
+                                Ok(_) => {
+                                    tracing::info!(serial = %r.serial, not_after = %Timestamp::from_unix_millis(r.not_after_unix_ms), "certificate renewed; reconnecting with it");
+                                    // Presenting the new certificate is what retires the old one at the
+                                    // control plane (until then it stays usable, in case this answer had
+                                    // been lost), so a copy of the old key stops working now rather than
+                                    // at its expiry. What was in flight resumes on the new connection.
+                                    return Ok(SessionEnd::Dropped {
+                                        reason: "presenting the renewed certificate on a new connection".into(),
+                                        established,
+                                    });
                                 }
                                 Err(e) => {
                                     tracing::error!(error = %e, "refusing renewed certificate");

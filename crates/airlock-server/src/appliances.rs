@@ -468,9 +468,9 @@ async fn issue(state: &AppState, mut tx: crate::store::WriteTx<'_>, i: Issue<'_>
             let cert = (issued.serial.as_str(), issued.not_after);
             tx.record_renewal(&scope, appliance, cert, Renewed::LostJoinAnswer).await?;
         }
-        Record::Recovered(_) => {
+        Record::Recovered(recovered) => {
             let cert = (issued.serial.as_str(), issued.not_after);
-            tx.record_renewal(&scope, appliance, cert, Renewed::HeldCertificate).await?;
+            tx.record_renewal(&scope, appliance, cert, Renewed::Replaced { presented: recovered }).await?;
             // It proves itself by the method it recovered with from now on, at each renewal.
             tx.record_join_via(&identity, via).await?;
         }

@@ -27,6 +27,7 @@ use crate::artifacts::Sha256Hex;
 use crate::authz::TenantScope;
 use crate::registry::Kick;
 use crate::state::{AppState, event};
+use crate::store::CertificateStanding;
 
 /// Chunks read ahead of what the appliance has taken.
 const QUEUED_CHUNKS: usize = 2;
@@ -69,6 +70,9 @@ pub(super) async fn fetch_artifact(
         Some(row) if row.revoked_at.is_some() => {
             let status = airlock_proto::stream_end::revoked(Kick::Revoked.message(id));
             return Err(refuse_stream(state, &scope, "revoked", status).await);
+        }
+        Some(row) if row.certificate_standing(&peer.serial) == CertificateStanding::Superseded => {
+            return Err(refuse_stream(state, &scope, "certificate_superseded", super::superseded()).await);
         }
         Some(row) if row.environment_id == peer.identity.environment => {}
         _ => {

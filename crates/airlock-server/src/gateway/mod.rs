@@ -40,6 +40,7 @@ use crate::metrics::ReasonLabels;
 use crate::registry::{Kick, LiveStatus, Registration};
 use crate::seen::SeenUpdate;
 use crate::state::{AppState, SYSTEM_CHAIN, event};
+use crate::store::CertificateStanding;
 use crate::tls::{PeerCert, handshake_failure_reason, parse_peer_cert};
 
 /// Replies queued for one stream; a peer this far behind is not reading.
@@ -231,6 +232,25 @@ pub struct GatewayService {
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
+/// A certificate replaced by a newer one its appliance has presented, or never its appliance's.
+pub(crate) fn superseded() -> Status {
+    Status::permission_denied("this certificate has been superseded by a newer one; use the newest")
+}
+
+/// Retires the previous certificate of appliance `id`, which presented its current one, `serial`.
+async fn retire_previous(
+    state: &AppState,
+    scope: &TenantScope,
+    id: airlock_core::ApplianceId,
+    serial: &str,
+) -> Result<(), crate::store::StoreError> {
+    let mut tx = state.store.write().await?;
+    tx.retire_previous_certificate(scope, id, serial).await?;
+    tx.commit().await?;
+    tracing::info!(appliance = %id, "the appliance presented its renewed certificate; the one it replaced is retired");
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl ApplianceGateway for GatewayService {
     type SessionStream = SessionStream;
@@ -275,7 +295,22 @@ impl ApplianceGateway for GatewayService {
             }
             // The certificate names a tenant and environment; the stored appliance must match
             // both, so a certificate can never act on another tenant's or environment's rows.
-            Ok(Some(row)) if row.environment_id == peer.identity.environment => {}
+            Ok(Some(row)) if row.environment_id == peer.identity.environment => {
+                match row.certificate_standing(&peer.serial) {
+                    CertificateStanding::Superseded => {
+                        let status = superseded();
+                        return Err(refuse_stream(&state, &scope, "certificate_superseded", status).await);
+                    }
+                    // It holds its renewed certificate: the one it replaced is retired, whoever kept a copy.
+                    CertificateStanding::Current { previous_live: true } => {
+                        if let Err(e) = retire_previous(&state, &scope, id, &peer.serial).await {
+                            tracing::error!(error = %e, "cannot retire a renewed appliance's previous certificate");
+                            return Err(Status::unavailable("control plane store unavailable; retry"));
+                        }
+                    }
+                    CertificateStanding::Current { previous_live: false } | CertificateStanding::Previous => {}
+                }
+            }
             Ok(_) => {
                 let status = Status::permission_denied("unknown appliance for this certificate");
                 return Err(refuse_stream(&state, &scope, "unknown_appliance", status).await);

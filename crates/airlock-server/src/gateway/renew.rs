@@ -88,7 +88,7 @@ pub(super) async fn renew_certificate(
             Ok(i) => i,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let renewed = crate::store::Renewed::HeldCertificate;
+        let renewed = crate::store::Renewed::Replaced { presented: &peer.serial };
         tx.record_renewal(scope, peer.identity.appliance, (&issued.serial, issued.not_after), renewed).await?;
         let mut ev = event(actor.clone(), AuditAction::ApplianceCertificateRenew, Outcome::Success);
         ev.target = target.clone();

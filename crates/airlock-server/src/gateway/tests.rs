@@ -98,6 +98,11 @@ async fn restart(f: Fixture) -> Fixture {
 /// Opens a session with a certificate our CA issues for `identity`; returns the first reply.
 async fn session_as(f: &Fixture, identity: &ApplianceIdentity) -> Result<control_message::Body, tonic::Status> {
     let (channel, _, _) = channel_as(f, identity).await;
+    session_on(channel).await
+}
+
+/// Opens a session on `channel`; returns the first reply.
+async fn session_on(channel: tonic::transport::Channel) -> Result<control_message::Body, tonic::Status> {
     let hello = ApplianceMessage {
         body: Some(appliance_message::Body::Hello(Hello {
             version: "test".into(),
@@ -119,9 +124,22 @@ fn credentials(f: &Fixture, identity: &ApplianceIdentity) -> (rcgen::KeyPair, cr
     (key, issued)
 }
 
-/// A TLS client configuration presenting a certificate our CA issued for `identity`.
-fn mtls_client(f: &Fixture, identity: &ApplianceIdentity) -> Arc<rustls::ClientConfig> {
+/// [`credentials`], recorded as the appliance's current certificate (as its join or recovery would), so the gateway
+/// serves it (a certificate other than its appliance's current or previous one opens nothing).
+async fn recorded_credentials(f: &Fixture, identity: &ApplianceIdentity) -> (rcgen::KeyPair, crate::ca::Issued) {
     let (key, issued) = credentials(f, identity);
+    let scope = TenantScope::for_appliance(identity);
+    let mut tx = f.server.state.store.write().await.unwrap();
+    let recorded = (issued.serial.as_str(), issued.not_after);
+    // Recorded as a lost join's answer is: no earlier certificate is presented.
+    tx.record_renewal(&scope, identity.appliance, recorded, crate::store::Renewed::LostJoinAnswer).await.unwrap();
+    tx.commit().await.unwrap();
+    (key, issued)
+}
+
+/// A TLS client configuration presenting a certificate our CA issued for `identity`, recorded as its current one.
+async fn mtls_client(f: &Fixture, identity: &ApplianceIdentity) -> Arc<rustls::ClientConfig> {
+    let (key, issued) = recorded_credentials(f, identity).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(f.server.ca_pem.as_bytes()).unwrap()).unwrap();
     Arc::new(
@@ -154,7 +172,7 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Durat
 #[tokio::test]
 async fn one_certificate_holds_a_few_gateway_connections_its_newest_displaces_its_oldest_and_each_must_open_a_stream() {
     let f = fixture().await;
-    let connector = tokio_rustls::TlsConnector::from(mtls_client(&f, &f.identity));
+    let connector = tokio_rustls::TlsConnector::from(mtls_client(&f, &f.identity).await);
     let displaced = || {
         let labels = crate::metrics::ConnectionLabels { listener: "gateway", reason: "displaced_by_newer" };
         f.server.state.metrics.connections.closed.get_or_create(&labels).get()
@@ -192,7 +210,7 @@ async fn a_flood_of_silent_connects_does_not_evict_a_handshake_past_its_client_h
     let f = fixture_with(Arc::new(SystemClock), limits).await;
     let addr = f.server.gateway_addr;
     let mut tls =
-        rustls::ClientConnection::new(mtls_client(&f, &f.identity), ServerName::try_from("127.0.0.1").unwrap())
+        rustls::ClientConnection::new(mtls_client(&f, &f.identity).await, ServerName::try_from("127.0.0.1").unwrap())
             .unwrap();
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut out, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
@@ -237,8 +255,13 @@ async fn channel_as(
     f: &Fixture,
     identity: &ApplianceIdentity,
 ) -> (tonic::transport::Channel, rcgen::KeyPair, crate::ca::Issued) {
-    let (key, issued) = credentials(f, identity);
+    let (key, issued) = recorded_credentials(f, identity).await;
+    let channel = channel_with(f, &key, &issued).await;
+    (channel, key, issued)
+}
 
+/// A gateway channel presenting `issued` with its `key`.
+async fn channel_with(f: &Fixture, key: &rcgen::KeyPair, issued: &crate::ca::Issued) -> tonic::transport::Channel {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(f.server.ca_pem.as_bytes()).unwrap()).unwrap();
     let tls = airlock_proto::tls::mtls_client_config(
@@ -250,7 +273,7 @@ async fn channel_as(
     .unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let addr = f.server.gateway_addr;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
@@ -261,8 +284,7 @@ async fn channel_as(
             }
         }))
         .await
-        .unwrap();
-    (channel, key, issued)
+        .unwrap()
 }
 
 #[tokio::test]
@@ -305,6 +327,38 @@ async fn revoked_appliance_is_refused_even_with_a_fresh_certificate() {
     let err = session_as(&f, &f.identity).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(airlock_proto::stream_end::is_revoked(&err), "{err:?}");
+    f.server.shutdown().await;
+}
+
+/// After a renewal, the certificate it replaced opens sessions (its appliance may have missed the answer) only until
+/// the appliance presents the new one; then a kept copy of the old one and its key opens nothing and fetches nothing.
+#[tokio::test]
+async fn a_renewed_appliances_old_certificate_is_retired_once_it_presents_the_new_one() {
+    let f = fixture().await;
+    let scope = TenantScope::for_appliance(&f.identity);
+    let (old_key, old) = recorded_credentials(&f, &f.identity).await;
+    // Renewed from `old` (as `gateway::renew` records it).
+    let (new_key, new) = credentials(&f, &f.identity);
+    let mut tx = f.server.state.store.write().await.unwrap();
+    let renewed = crate::store::Renewed::Replaced { presented: &old.serial };
+    tx.record_renewal(&scope, f.identity.appliance, (&new.serial, new.not_after), renewed).await.unwrap();
+    tx.commit().await.unwrap();
+    let welcome = |r: &Result<control_message::Body, tonic::Status>| matches!(r, Ok(control_message::Body::Welcome(_)));
+    let with_old = session_on(channel_with(&f, &old_key, &old).await).await;
+    assert!(welcome(&with_old), "the renewal's answer may have been lost: {with_old:?}");
+    let with_new = session_on(channel_with(&f, &new_key, &new).await).await;
+    assert!(welcome(&with_new), "{with_new:?}");
+    // The appliance holds the new one: the old one is retired.
+    let old_channel = channel_with(&f, &old_key, &old).await;
+    let refused = session_on(old_channel.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("superseded"), "{refused:?}");
+    assert!(!airlock_proto::stream_end::is_revoked(&refused), "the appliance itself is not revoked");
+    let fetch = airlock_proto::gateway::FetchArtifactRequest { sha256: "00".repeat(32), offset: 0 };
+    let refused = ApplianceGatewayClient::new(old_channel).fetch_artifact(fetch).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let audited = f.server.state.store.audit_records(&f.identity.tenant.to_string()).await.unwrap();
+    assert!(audited.iter().flatten().any(|r| r.event.detail["reason"] == "certificate_superseded"), "{audited:?}");
     f.server.shutdown().await;
 }
 

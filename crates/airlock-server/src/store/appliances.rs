@@ -13,6 +13,8 @@ pub struct ApplianceRow {
     pub joined_at: Timestamp,
     pub version: String,
     pub cert_serial: String,
+    /// The certificate the current one replaced, while still usable ([`CertificateStanding::Previous`]).
+    pub previous_serial: Option<String>,
     pub cert_not_after: Timestamp,
     pub last_seen_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
@@ -77,7 +79,7 @@ impl Store {
             return Ok(rows);
         }
         let rows = sqlx::query(
-            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
+            "SELECT id, environment_id, joined_at, version, cert_serial, previous_serial, cert_not_after, last_seen_at, revoked_at,
                     execution_key_attestation, join_method, join_identity, join_rule_id
              FROM appliances WHERE tenant_id = $1 AND ($2 IS NULL OR environment_id = $2)
                AND ($3 IS NULL OR environment_id IN (SELECT id FROM environments WHERE tenant_id = $1 AND workspace_id = $3))
@@ -103,7 +105,7 @@ impl Store {
         id: ApplianceId,
     ) -> Result<Option<ApplianceRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, environment_id, joined_at, version, cert_serial, cert_not_after, last_seen_at, revoked_at,
+            "SELECT id, environment_id, joined_at, version, cert_serial, previous_serial, cert_not_after, last_seen_at, revoked_at,
                     execution_key_attestation, join_method, join_identity, join_rule_id
              FROM appliances WHERE tenant_id = $1 AND id = $2
                AND ($3 IS NULL OR environment_id IN (SELECT id FROM environments WHERE tenant_id = $1 AND workspace_id = $3))",
@@ -127,16 +129,44 @@ impl Store {
     }
 }
 
-/// What a renewal answers, which decides whether the key the appliance joined with may still retry its join.
+/// What a new certificate for an existing appliance answers, which decides what of its earlier keys and
+/// certificates may still be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Renewed {
+pub enum Renewed<'a> {
     /// A join asked again with its key and identity: its answer may not have arrived, so that key stays on record
     /// for another retry.
     LostJoinAnswer,
-    /// An appliance that held a certificate (a renewal over its stream, a recovery): its join's answer reached it,
-    /// so the key it joined with retries nothing from now on. Otherwise whoever kept that key could ask the join
-    /// again and be issued a certificate for the appliance after its key changed.
-    HeldCertificate,
+    /// A certificate replaced, by a renewal over the stream or a recovery, with the one whose serial is `presented`.
+    /// The appliance held a certificate, so its join's answer reached it, and the key it joined with retries nothing
+    /// from now on (otherwise whoever kept that key could ask the join again after the key changed). The certificate
+    /// presented stays usable as the previous one until the appliance presents the new one
+    /// ([`WriteTx::retire_previous_certificate`]), as this answer may be lost; presented as the previous one, the
+    /// current one never reached the appliance and is dropped.
+    Replaced { presented: &'a str },
+}
+
+/// How a certificate stands for the appliance it names (its serial against the stored ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateStanding {
+    /// The newest; `previous_live` when the one it replaced is still usable (the appliance has not presented this
+    /// one yet).
+    Current { previous_live: bool },
+    /// The one the current one replaced: its appliance may not have received the renewal's answer.
+    Previous,
+    /// Older, or never this appliance's.
+    Superseded,
+}
+
+impl ApplianceRow {
+    pub fn certificate_standing(&self, serial: &str) -> CertificateStanding {
+        if serial == self.cert_serial {
+            CertificateStanding::Current { previous_live: self.previous_serial.is_some() }
+        } else if self.previous_serial.as_deref() == Some(serial) {
+            CertificateStanding::Previous
+        } else {
+            CertificateStanding::Superseded
+        }
+    }
 }
 
 impl WriteTx<'_> {
@@ -233,26 +263,49 @@ impl WriteTx<'_> {
         scope: &TenantScope,
         id: ApplianceId,
         issued: (&str, Timestamp),
-        of: Renewed,
+        of: Renewed<'_>,
     ) -> Result<(), StoreError> {
         let (serial, not_after) = issued;
+        // `$5` is the serial the replaced certificate was presented with; a lost join answer has none.
         let sql = match of {
             Renewed::LostJoinAnswer => {
                 "UPDATE appliances SET previous_serial = cert_serial, cert_serial = $1, cert_not_after = $2 \
                  WHERE tenant_id = $3 AND id = $4"
             }
-            Renewed::HeldCertificate => {
-                "UPDATE appliances SET previous_serial = cert_serial, cert_serial = $1, cert_not_after = $2, \
-                 join_key = NULL WHERE tenant_id = $3 AND id = $4"
+            Renewed::Replaced { .. } => {
+                "UPDATE appliances SET \
+                 previous_serial = CASE WHEN cert_serial = $5 THEN cert_serial ELSE previous_serial END, \
+                 cert_serial = $1, cert_not_after = $2, join_key = NULL WHERE tenant_id = $3 AND id = $4"
             }
         };
-        sqlx::query(sql)
+        let mut query = sqlx::query(sql)
             .bind(serial)
             .bind(not_after.unix_millis())
             .bind(scope.tenant().to_string())
-            .bind(id.to_string())
-            .execute(&mut *self.tx)
-            .await?;
+            .bind(id.to_string());
+        if let Renewed::Replaced { presented } = of {
+            query = query.bind(presented);
+        }
+        query.execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    /// The appliance presented its current certificate `serial`: so it holds it, and the one it replaced is no
+    /// longer usable by anyone (a copy of it and its key, kept by someone, opens no session and renews nothing).
+    pub async fn retire_previous_certificate(
+        &mut self,
+        scope: &TenantScope,
+        id: ApplianceId,
+        serial: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE appliances SET previous_serial = NULL WHERE tenant_id = $1 AND id = $2 AND cert_serial = $3",
+        )
+        .bind(scope.tenant().to_string())
+        .bind(id.to_string())
+        .bind(serial)
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 
@@ -320,6 +373,7 @@ fn appliance_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApplianceRow, Store
         joined_at: ts_col(r, "joined_at")?,
         version: r.try_get("version")?,
         cert_serial: r.try_get("cert_serial")?,
+        previous_serial: r.try_get("previous_serial")?,
         cert_not_after: ts_col(r, "cert_not_after")?,
         last_seen_at: opt_ts_col(r, "last_seen_at")?,
         revoked_at: opt_ts_col(r, "revoked_at")?,

@@ -40,7 +40,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-pub use appliances::{ApplianceRow, JoinVia, RenewalState, Renewed};
+pub use appliances::{ApplianceRow, CertificateStanding, JoinVia, RenewalState, Renewed};
 pub use artifacts::ArtifactRow;
 pub use audit::{HeadTampered, VerifyOptions, verify_all_chains, verify_all_chains_with};
 pub use audit_signing::{AUDIT_KEY_FILE_NAME, CHECKPOINT_FILE_NAME, Pruned, StoredAuditKey};

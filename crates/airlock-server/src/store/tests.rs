@@ -63,7 +63,7 @@ async fn store_hides_other_tenants_rows() {
     // Writes through A's scope cannot touch B's rows.
     let mut tx = store.write().await.unwrap();
     assert!(!tx.revoke_appliance(&a, apl_b, now()).await.unwrap());
-    tx.record_renewal(&a, apl_b, ("ff", now()), Renewed::HeldCertificate).await.unwrap();
+    tx.record_renewal(&a, apl_b, ("ff", now()), Renewed::Replaced { presented: "00" }).await.unwrap();
     tx.record_seen(&a, apl_b, "evil", now()).await.unwrap();
     tx.commit().await.unwrap();
     let row = store.get_appliance(&b, apl_b).await.unwrap().unwrap();
@@ -84,12 +84,53 @@ async fn the_key_an_appliance_joined_with_retries_its_join_only_until_it_holds_a
     tx.record_renewal(&a, apl, ("01", now()), Renewed::LostJoinAnswer).await.unwrap();
     assert_eq!(tx.join_retry_environment(tenant_id, apl, b"key").await.unwrap(), Some(e));
     // Once it renews (or recovers) it held its answer: the key it joined with retries nothing more.
-    tx.record_renewal(&a, apl, ("02", now()), Renewed::HeldCertificate).await.unwrap();
+    tx.record_renewal(&a, apl, ("02", now()), Renewed::Replaced { presented: "01" }).await.unwrap();
     assert_eq!(tx.join_retry_environment(tenant_id, apl, b"key").await.unwrap(), None);
     assert!(tx.platform_join_retry(tenant_id, e, b"key").await.unwrap().is_none());
     tx.commit().await.unwrap();
     let row = store.get_appliance(&a, apl).await.unwrap().unwrap();
     assert_eq!(row.cert_serial, "02");
+}
+
+async fn standing(store: &Store, scope: &TenantScope, id: ApplianceId, serial: &str) -> CertificateStanding {
+    store.get_appliance(scope, id).await.unwrap().unwrap().certificate_standing(serial)
+}
+
+#[tokio::test]
+async fn a_renewed_appliances_previous_certificate_serves_only_until_it_presents_the_new_one() {
+    use CertificateStanding::{Current, Previous, Superseded};
+    let (store, _dir) = store().await;
+    let (a, _w, _e, apl) = tenant(&store, 10).await;
+    assert_eq!(standing(&store, &a, apl, "00").await, Current { previous_live: false });
+    let renew = |from: &'static str, to: &'static str| {
+        let (store, a) = (&store, &a);
+        async move {
+            let mut tx = store.write().await.unwrap();
+            tx.record_renewal(a, apl, (to, now()), Renewed::Replaced { presented: from }).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    renew("00", "01").await;
+    assert_eq!(standing(&store, &a, apl, "01").await, Current { previous_live: true });
+    assert_eq!(standing(&store, &a, apl, "00").await, Previous, "the answer may have been lost");
+    // It was: renewed again from "00", the certificate it never got is dropped and "00" stays the previous one.
+    renew("00", "02").await;
+    assert_eq!(standing(&store, &a, apl, "01").await, Superseded);
+    assert_eq!(standing(&store, &a, apl, "00").await, Previous);
+    // Presenting a certificate that is not the current one retires nothing; presenting the current one does.
+    let retire = |serial: &'static str| {
+        let (store, a) = (&store, &a);
+        async move {
+            let mut tx = store.write().await.unwrap();
+            tx.retire_previous_certificate(a, apl, serial).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    retire("01").await;
+    assert_eq!(standing(&store, &a, apl, "00").await, Previous);
+    retire("02").await;
+    assert_eq!(standing(&store, &a, apl, "00").await, Superseded, "a kept copy of the old one is worth nothing now");
+    assert_eq!(standing(&store, &a, apl, "02").await, Current { previous_live: false });
 }
 
 fn operation_row(id: OperationId, w: WorkspaceId, e: EnvironmentId, a: ApplianceId) -> OperationRow {
