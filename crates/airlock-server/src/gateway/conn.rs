@@ -20,11 +20,16 @@ pub struct GatewayConn {
     pub(super) _hold: ApplianceHold,
 }
 
-/// Verified connections per appliance identity, so one certificate cannot fill the stream pool (which never evicts).
+/// Verified connections per certificate (appliance and serial), so one certificate cannot fill the stream pool (which
+/// never evicts).
 ///
 /// At its cap, a certificate's newest connection cuts its oldest rather than being refused: an
 /// appliance that reconnects over a flaky network leaves dead connections behind, and must not be
-/// locked out until keepalive notices them; a holder of the certificate displaces only its own.
+/// locked out until keepalive notices them; a holder of the certificate displaces only its own (so a kept copy of a
+/// certificate its appliance has since replaced cannot cut the appliance's connections).
+/// One certificate: its appliance and serial.
+pub(super) type CertKey = (airlock_core::ApplianceId, String);
+
 /// One certificate's connections, oldest first: (place, switch).
 type Held = std::collections::VecDeque<(u64, Arc<ConnKill>)>;
 
@@ -32,7 +37,7 @@ type Held = std::collections::VecDeque<(u64, Arc<ConnKill>)>;
 pub struct PerAppliance {
     cap: usize,
     next: std::sync::atomic::AtomicU64,
-    conns: std::sync::Mutex<std::collections::HashMap<airlock_core::ApplianceId, Held>>,
+    conns: std::sync::Mutex<std::collections::HashMap<CertKey, Held>>,
 }
 
 impl PerAppliance {
@@ -40,13 +45,13 @@ impl PerAppliance {
         Arc::new(Self { cap: cap.max(1), next: Default::default(), conns: Default::default() })
     }
 
-    /// A place for one more connection of `id` (cut through `kill`); at the cap, its oldest
+    /// A place for one more connection of certificate `id` (cut through `kill`); at the cap, its oldest
     /// connection is cut to make room. Returns whether one was.
-    pub fn take(self: &Arc<Self>, id: airlock_core::ApplianceId, kill: Arc<ConnKill>) -> (ApplianceHold, bool) {
+    pub fn take(self: &Arc<Self>, id: CertKey, kill: Arc<ConnKill>) -> (ApplianceHold, bool) {
         let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let oldest = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            let mine = conns.entry(id).or_default();
+            let mine = conns.entry(id.clone()).or_default();
             let oldest = if mine.len() >= self.cap { mine.pop_front() } else { None };
             mine.push_back((seq, kill));
             oldest
@@ -60,7 +65,7 @@ impl PerAppliance {
 #[derive(Debug)]
 pub struct ApplianceHold {
     pool: Arc<PerAppliance>,
-    id: airlock_core::ApplianceId,
+    id: CertKey,
     seq: u64,
 }
 

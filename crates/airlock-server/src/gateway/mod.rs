@@ -141,7 +141,8 @@ pub async fn serve(
                     return handshake_refused(&state, addr, "not_an_appliance").await;
                 };
                 let kill = Arc::new(ConnKill::default());
-                let (hold, displaced) = per_appliance.take(peer.identity.appliance, kill.clone());
+                let (hold, displaced) =
+                    per_appliance.take((peer.identity.appliance, peer.serial.clone()), kill.clone());
                 if displaced {
                     state.metrics.connections.closed(LISTENER, "displaced_by_newer");
                 }

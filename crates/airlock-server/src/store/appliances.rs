@@ -140,8 +140,9 @@ pub enum Renewed<'a> {
     /// The appliance held a certificate, so its join's answer reached it, and the key it joined with retries nothing
     /// from now on (otherwise whoever kept that key could ask the join again after the key changed). The certificate
     /// presented stays usable as the previous one until the appliance presents the new one
-    /// ([`WriteTx::retire_previous_certificate`]), as this answer may be lost; presented as the previous one, the
-    /// current one never reached the appliance and is dropped.
+    /// ([`WriteTx::retire_previous_certificate`]), as this answer may be lost. Presented as the previous one (that
+    /// answer was lost), it is replaced once and for all: neither it nor the current one it never received stays
+    /// usable, so a previous certificate renews once, not over and over (a copy of it would mint certificates).
     Replaced { presented: &'a str },
 }
 
@@ -274,7 +275,7 @@ impl WriteTx<'_> {
             }
             Renewed::Replaced { .. } => {
                 "UPDATE appliances SET \
-                 previous_serial = CASE WHEN cert_serial = $5 THEN cert_serial ELSE previous_serial END, \
+                 previous_serial = CASE WHEN cert_serial = $5 THEN cert_serial ELSE NULL END, \
                  cert_serial = $1, cert_not_after = $2, join_key = NULL WHERE tenant_id = $3 AND id = $4"
             }
         };

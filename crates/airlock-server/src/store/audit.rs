@@ -248,8 +248,23 @@ pub async fn verify_all_chains_with(
     Ok(out)
 }
 
+/// How many times a chain's reads are taken again when a running server appended to (or pruned) it meanwhile.
+const CONSISTENT_READ_TRIES: usize = 20;
+
 async fn verify_one(store: &Store, chain: &str, options: &VerifyOptions) -> Result<Result<Head, String>, StoreError> {
-    let rows = store.audit_records(chain).await?;
+    // The records, anchor and head are read in separate statements, and a running server may append between them
+    // (each append writes its record and the head in one transaction; a prune writes the anchor and deletes records):
+    // they are a consistent view only if the head and anchor read after the records are those read before.
+    let mut tries = 0;
+    let (rows, anchor_line, head) = loop {
+        let before = (store.audit_head(chain, options.head_macs).await?, store.audit_anchor(chain).await?);
+        let rows = store.audit_records(chain).await?;
+        let (head, anchor) = (store.audit_head(chain, options.head_macs).await?, store.audit_anchor(chain).await?);
+        tries += 1;
+        if before == (head, anchor.clone()) || tries == CONSISTENT_READ_TRIES {
+            break (rows, anchor, head);
+        }
+    };
     let mut records = Vec::with_capacity(rows.len());
     for row in rows {
         match row {
@@ -264,8 +279,6 @@ async fn verify_one(store: &Store, chain: &str, options: &VerifyOptions) -> Resu
             }
         }
     }
-    let anchor_line = store.audit_anchor(chain).await?;
-    let head = store.audit_head(chain, options.head_macs).await?;
     if records.is_empty() && anchor_line.is_none() && head.is_none() {
         return Ok(Err(format!("chain `{chain}` is missing: its records were deleted and its head is missing too")));
     }

@@ -113,11 +113,7 @@ async fn a_renewed_appliances_previous_certificate_serves_only_until_it_presents
     renew("00", "01").await;
     assert_eq!(standing(&store, &a, apl, "01").await, Current { previous_live: true });
     assert_eq!(standing(&store, &a, apl, "00").await, Previous, "the answer may have been lost");
-    // It was: renewed again from "00", the certificate it never got is dropped and "00" stays the previous one.
-    renew("00", "02").await;
-    assert_eq!(standing(&store, &a, apl, "01").await, Superseded);
-    assert_eq!(standing(&store, &a, apl, "00").await, Previous);
-    // Presenting a certificate that is not the current one retires nothing; presenting the current one does.
+    // Presenting a certificate that is not the current one retires nothing.
     let retire = |serial: &'static str| {
         let (store, a) = (&store, &a);
         async move {
@@ -126,11 +122,19 @@ async fn a_renewed_appliances_previous_certificate_serves_only_until_it_presents
             tx.commit().await.unwrap();
         }
     };
-    retire("01").await;
+    retire("00").await;
     assert_eq!(standing(&store, &a, apl, "00").await, Previous);
-    retire("02").await;
-    assert_eq!(standing(&store, &a, apl, "00").await, Superseded, "a kept copy of the old one is worth nothing now");
+    // It was lost: renewed again from "00", which is then replaced for good with the "01" it never got.
+    renew("00", "02").await;
+    assert_eq!(standing(&store, &a, apl, "01").await, Superseded);
+    assert_eq!(standing(&store, &a, apl, "00").await, Superseded, "a previous certificate renews once");
     assert_eq!(standing(&store, &a, apl, "02").await, Current { previous_live: false });
+    // Renewed from the current one, then presenting the new one retires the one it replaced.
+    renew("02", "03").await;
+    assert_eq!(standing(&store, &a, apl, "02").await, Previous);
+    retire("03").await;
+    assert_eq!(standing(&store, &a, apl, "02").await, Superseded, "a kept copy of the old one is worth nothing now");
+    assert_eq!(standing(&store, &a, apl, "03").await, Current { previous_live: false });
 }
 
 fn operation_row(id: OperationId, w: WorkspaceId, e: EnvironmentId, a: ApplianceId) -> OperationRow {
