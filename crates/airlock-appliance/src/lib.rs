@@ -113,6 +113,10 @@ pub enum ApplianceError {
     )]
     Revoked(String),
     #[error(
+        "this appliance's certificate was replaced by a newer one it no longer holds ({0}); it will not retry. Was the state directory restored from a backup? To enrol again, move it aside and join with a new join token"
+    )]
+    CertificateSuperseded(String),
+    #[error(
         "the appliance certificate expired at {0} while it could not renew; run it again with a new --join-token (or its --join-method) to recover its identity"
     )]
     CertificateExpired(Timestamp),
@@ -403,6 +407,10 @@ pub async fn run_with_clock(
         }
         match session.run(&mut shutdown).await {
             SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Superseded(why) => {
+                tracing::error!(reason = %why, "the control plane refused this certificate as superseded; stopping");
+                return Err(ApplianceError::CertificateSuperseded(why));
+            }
             SessionEnd::Revoked(why) => {
                 tracing::error!(reason = %why, "appliance revoked by the control plane; stopping");
                 state.mark_revoked(&why)?;

@@ -47,6 +47,9 @@ use crate::state_dir::{Credentials, Enrolment, StateDir, Validity, inspect_cert}
 pub(crate) enum SessionEnd {
     /// The control plane revoked this appliance: do not retry on this identity.
     Revoked(String),
+    /// The control plane refused this certificate as replaced by a newer one this appliance no longer holds: retrying
+    /// with it cannot succeed.
+    Superseded(String),
     /// Anything else: retry with backoff. `established` says the stream got as far as Welcome.
     Dropped {
         reason: String,
@@ -414,6 +417,9 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<S> {
 fn classify_status(status: &tonic::Status, established: bool) -> SessionEnd {
     if airlock_proto::stream_end::is_revoked(status) {
         return SessionEnd::Revoked(status.message().to_owned());
+    }
+    if airlock_proto::stream_end::is_superseded(status) {
+        return SessionEnd::Superseded(status.message().to_owned());
     }
     if let Some(end) = tls_alert(status) {
         return end;

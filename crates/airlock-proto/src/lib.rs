@@ -29,6 +29,7 @@ pub mod stream_end {
     /// The metadata key that carries the mark.
     pub const METADATA_KEY: &str = "airlock-stream-end";
     const REVOKED: &str = "revoked";
+    const SUPERSEDED: &str = "superseded";
 
     /// The status that ends a revoked appliance's stream (or refuses to start one): the
     /// appliance stops for good when it sees it.
@@ -40,8 +41,26 @@ pub mod stream_end {
 
     /// Whether the gateway ended the stream because this appliance was revoked.
     pub fn is_revoked(status: &tonic::Status) -> bool {
+        marked(status, REVOKED)
+    }
+
+    /// The status that refuses a certificate its appliance has since replaced (renewed or recovered, and presented
+    /// the new one): whoever presents it holds an old copy (a state directory restored from a backup, say), which
+    /// will never serve again.
+    pub fn superseded(message: impl Into<String>) -> tonic::Status {
+        let mut status = tonic::Status::permission_denied(message);
+        status.metadata_mut().insert(METADATA_KEY, MetadataValue::from_static(SUPERSEDED));
+        status
+    }
+
+    /// Whether the gateway refused the certificate as superseded.
+    pub fn is_superseded(status: &tonic::Status) -> bool {
+        marked(status, SUPERSEDED)
+    }
+
+    fn marked(status: &tonic::Status, mark: &str) -> bool {
         status.code() == tonic::Code::PermissionDenied
-            && status.metadata().get(METADATA_KEY).is_some_and(|v| v.as_bytes() == REVOKED.as_bytes())
+            && status.metadata().get(METADATA_KEY).is_some_and(|v| v.as_bytes() == mark.as_bytes())
     }
 
     #[cfg(test)]
@@ -53,6 +72,9 @@ pub mod stream_end {
             let mut other_code = tonic::Status::unavailable("x");
             other_code.metadata_mut().insert(super::METADATA_KEY, super::MetadataValue::from_static(super::REVOKED));
             assert!(!super::is_revoked(&other_code));
+            assert!(super::is_superseded(&super::superseded("old certificate")));
+            assert!(!super::is_superseded(&super::revoked("appliance revoked")));
+            assert!(!super::is_revoked(&super::superseded("old certificate")));
         }
     }
 }

@@ -235,7 +235,7 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> +
 
 /// A certificate replaced by a newer one its appliance has presented, or never its appliance's.
 pub(crate) fn superseded() -> Status {
-    Status::permission_denied("this certificate has been superseded by a newer one; use the newest")
+    airlock_proto::stream_end::superseded("this certificate has been superseded by a newer one; use the newest")
 }
 
 /// Retires the previous certificate of appliance `id`, which presented its current one, `serial`.

@@ -354,6 +354,7 @@ async fn a_renewed_appliances_old_certificate_is_retired_once_it_presents_the_ne
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("superseded"), "{refused:?}");
     assert!(!airlock_proto::stream_end::is_revoked(&refused), "the appliance itself is not revoked");
+    assert!(airlock_proto::stream_end::is_superseded(&refused), "the appliance is told why, in a form it acts on");
     let fetch = airlock_proto::gateway::FetchArtifactRequest { sha256: "00".repeat(32), offset: 0 };
     let refused = ApplianceGatewayClient::new(old_channel).fetch_artifact(fetch).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
