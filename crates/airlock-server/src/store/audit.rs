@@ -255,15 +255,18 @@ async fn verify_one(store: &Store, chain: &str, options: &VerifyOptions) -> Resu
     // The records, anchor and head are read in separate statements, and a running server may append between them
     // (each append writes its record and the head in one transaction; a prune writes the anchor and deletes records):
     // they are a consistent view only if the head and anchor read after the records are those read before.
-    let mut tries = 0;
-    let (rows, anchor_line, head) = loop {
-        let before = (store.audit_head(chain, options.head_macs).await?, store.audit_anchor(chain).await?);
+    let head_and_anchor = async || -> Result<_, StoreError> {
+        Ok((store.audit_head(chain, options.head_macs).await?, store.audit_anchor(chain).await?))
+    };
+    let mut before = head_and_anchor().await?;
+    let mut tries = 1;
+    let (rows, (head, anchor_line)) = loop {
         let rows = store.audit_records(chain).await?;
-        let (head, anchor) = (store.audit_head(chain, options.head_macs).await?, store.audit_anchor(chain).await?);
-        tries += 1;
-        if before == (head, anchor.clone()) || tries == CONSISTENT_READ_TRIES {
-            break (rows, anchor, head);
+        let after = head_and_anchor().await?;
+        if after == before || tries == CONSISTENT_READ_TRIES {
+            break (rows, after);
         }
+        (before, tries) = (after, tries + 1);
     };
     let mut records = Vec::with_capacity(rows.len());
     for row in rows {
